@@ -1,0 +1,75 @@
+"""Storage engines behind :class:`m3search.Collection`, picked by the location string.
+
+Like ``QdrantClient(":memory:" | path= | url=)``, one facade hands calls to a backend:
+
+=============================  ==============================================================
+location                       engine
+=============================  ==============================================================
+``/some/folder`` (plain path)  :class:`~m3search.engines.qdrant_edge.QdrantEdgeEngine` (embedded)
+``qdrant://host:port/name``    ``m3search.engines.qdrant_remote.QdrantRemoteEngine``
+``qdrant+local://path/name``   ``m3search.engines.qdrant_remote.QdrantRemoteEngine`` (qdrant-client local mode)
+``milvus://host:port/name``    ``m3search.engines.milvus.MilvusEngine``
+``something.db``               ``m3search.engines.milvus.MilvusEngine`` (Milvus Lite file)
+=============================  ==============================================================
+
+Engine modules are imported only when their location is used, so optional clients
+(qdrant-client, pymilvus) stay optional. :func:`register_engine` adds a scheme.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from m3search.engines.base import Engine
+
+__all__ = ["Engine", "register_engine", "resolve_engine", "ENGINES"]
+
+#: scheme -> "module:Class". ``""`` is a plain filesystem path; ``".db"`` a file suffix.
+ENGINES: dict[str, str] = {
+    "": "m3search.engines.qdrant_edge:QdrantEdgeEngine",
+    "qdrant": "m3search.engines.qdrant_remote:QdrantRemoteEngine",
+    "qdrant+local": "m3search.engines.qdrant_remote:QdrantRemoteEngine",
+    "milvus": "m3search.engines.milvus:MilvusEngine",
+    ".db": "m3search.engines.milvus:MilvusEngine",
+}
+
+_EXTRAS = {
+    "qdrant_remote": "pip install 'm3search[qdrant]'",
+    "milvus": "pip install 'm3search[milvus]'",
+}
+
+
+def register_engine(scheme: str, target: str) -> None:
+    """Map a location scheme (``"name"`` for ``name://...``) to ``"module:Class"``."""
+    if ":" not in target:
+        raise ValueError(f"engine target must be 'module:Class', got {target!r}")
+    ENGINES[scheme] = target
+
+
+def location_scheme(location: str | os.PathLike) -> str:
+    """The registry key for a location: URL scheme, ``".db"`` for a file of that suffix, or ``""``."""
+    loc = os.fspath(location)
+    if "://" in loc:
+        return loc.split("://", 1)[0].lower()
+    if loc.endswith(".db"):
+        return ".db"
+    return ""
+
+
+def resolve_engine(location: str | os.PathLike) -> type[Engine]:
+    """The engine class for ``location`` (imported lazily; a missing extra gets an install hint)."""
+    scheme = location_scheme(location)
+    if scheme not in ENGINES:
+        known = ", ".join(f"{s}://" for s in ENGINES if s and not s.startswith("."))
+        raise ValueError(f"unknown collection location scheme {scheme!r} in {os.fspath(location)!r} (known: {known}, or a folder path)")
+    module_name, cls_name = ENGINES[scheme].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        short = module_name.rsplit(".", 1)[-1]
+        hint = _EXTRAS.get(short)
+        if hint and exc.name and not exc.name.startswith("m3search"):
+            raise ImportError(f"the {scheme!r} engine needs {exc.name}: {hint}") from exc
+        raise
+    return getattr(module, cls_name)

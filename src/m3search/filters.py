@@ -1,0 +1,282 @@
+"""Metadata filters: one JSON grammar for Python, the CLI and HTTP, parsed into a small AST.
+
+Why an AST of our own: every engine (Qdrant Edge, a Qdrant server, Milvus) has its own
+filter language, and the filter must run *inside* the engine's candidate queries (not
+after them) so that ``k`` hits still come back. So the grammar is parsed and validated
+once, here, and each engine translates the frozen dataclasses below itself.
+
+Grammar (a JSON object; fields address the document's ``metadata``, dotted paths allowed)::
+
+    {"lang": "en"}                              equality (str, int, float or bool)
+    {"lang": {"eq": "en"}}                      the same, spelled out
+    {"lang": {"in": ["en", "de"]}}              membership (non-empty list of str, or of int)
+    {"year": {"gte": 1990, "lt": 2000}}         numeric range: gt / gte / lt / lte, combinable
+    {"lang": "en", "year": {"gt": 2000}}        several keys in one object = AND
+    {"and": [f, ...]}  {"or": [f, ...]}  {"not": f}
+    {"author.name": "Ada"}                      dotted path into nested metadata
+
+``"and"``, ``"or"`` and ``"not"`` are reserved keys: a metadata field of that name cannot
+be filtered on. ``{}`` and ``None`` mean "no filter" (:func:`parse_filter` returns None).
+
+Semantics (what :func:`matches` implements and engines follow): a missing field never
+satisfies ``eq``/``in``/range, so ``{"not": {"f": 1}}`` keeps documents without ``f``;
+when the stored value is a list, a condition holds if any element satisfies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+__all__ = [
+    "Eq",
+    "In",
+    "Range",
+    "And",
+    "Or",
+    "Not",
+    "Filter",
+    "parse_filter",
+    "to_json",
+    "matches",
+]
+
+Scalar = Union[str, int, float, bool]
+
+RANGE_OPS = ("gt", "gte", "lt", "lte")
+FIELD_OPS = ("eq", "in") + RANGE_OPS
+LOGICAL_KEYS = ("and", "or", "not")
+_SEGMENT = re.compile(r'^[^.\[\]"]+$')
+
+
+@dataclass(frozen=True)
+class Eq:
+    """``field == value``. A float value is compared numerically (engines may map it to a range)."""
+
+    field: str
+    value: Scalar
+
+
+@dataclass(frozen=True)
+class In:
+    """``field`` equals one of ``values`` (a non-empty tuple, all str or all int)."""
+
+    field: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric range; unset bounds are None, at least one is set."""
+
+    field: str
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+
+@dataclass(frozen=True)
+class And:
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Or:
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Not:
+    item: "Filter"
+
+
+Filter = Union[Eq, In, Range, And, Or, Not]
+_NODES = (Eq, In, Range, And, Or, Not)
+
+
+def parse_filter(obj: Any) -> Filter | None:
+    """Validate a filter (dict, JSON string, parsed AST or None) and return its AST.
+
+    Returns None for "no filter" (``None``, ``{}``, ``""``). Raises ValueError (or
+    TypeError for a non-object) whose message names the offending part.
+    """
+    if obj is None:
+        return None
+    if isinstance(obj, _NODES):
+        return obj
+    if isinstance(obj, str):
+        if not obj.strip():
+            return None
+        try:
+            obj = json.loads(obj)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"filter is not valid JSON: {exc}") from None
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"filter must be a JSON object (dict), got {type(obj).__name__}")
+    if not obj:
+        return None
+    return _parse_object(obj, "filter")
+
+
+def _parse_object(obj: Any, where: str) -> Filter:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}: {obj!r}")
+    if not obj:
+        raise ValueError(f"{where}: empty object inside a filter")
+    parts: list[Filter] = []
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: keys must be strings, got {key!r}")
+        if key in ("and", "or"):
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{where}: '{key}' needs a non-empty list of filters, got {value!r}")
+            items = tuple(_parse_object(v, f"{where}.{key}[{i}]") for i, v in enumerate(value))
+            parts.append(items[0] if len(items) == 1 else (And(items) if key == "and" else Or(items)))
+        elif key == "not":
+            parts.append(Not(_parse_object(value, f"{where}.not")))
+        else:
+            parts.append(_parse_field(key, value, where))
+    return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def _check_field(field: str, where: str) -> str:
+    segments = field.split(".")
+    if not field or not all(_SEGMENT.match(s) for s in segments):
+        raise ValueError(
+            f"{where}: invalid field name {field!r} (dotted path of non-empty names without '[', ']' or '\"')"
+        )
+    return field
+
+
+def _check_scalar(value: Any, where: str) -> Scalar:
+    if isinstance(value, bool) or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: value must be finite, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: a list is not a value; use {{'in': [...]}} for membership")
+    raise ValueError(f"{where}: value must be a string, number or boolean, got {type(value).__name__}: {value!r}")
+
+
+def _parse_field(field: str, spec: Any, where: str) -> Filter:
+    _check_field(field, where)
+    at = f"{where}.{field}"
+    if not isinstance(spec, Mapping):
+        return Eq(field, _check_scalar(spec, at))
+    if not spec:
+        raise ValueError(f"{at}: empty operator object (use one of {', '.join(FIELD_OPS)})")
+    unknown = [op for op in spec if op not in FIELD_OPS]
+    if unknown:
+        raise ValueError(f"{at}: unknown operator {unknown[0]!r} (allowed: {', '.join(FIELD_OPS)})")
+    parts: list[Filter] = []
+    if "eq" in spec:
+        parts.append(Eq(field, _check_scalar(spec["eq"], f"{at}.eq")))
+    if "in" in spec:
+        parts.append(In(field, _check_in(spec["in"], f"{at}.in")))
+    bounds = {}
+    for op in RANGE_OPS:
+        if op in spec:
+            b = spec[op]
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+                raise ValueError(f"{at}.{op}: range bound must be a finite number, got {b!r}")
+            bounds[op] = b
+    if "gt" in bounds and "gte" in bounds or "lt" in bounds and "lte" in bounds:
+        raise ValueError(f"{at}: give at most one lower bound (gt/gte) and one upper bound (lt/lte)")
+    if bounds:
+        parts.append(Range(field, **bounds))
+    return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def _check_in(values: Any, where: str) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{where}: 'in' needs a list, got {type(values).__name__}: {values!r}")
+    if not values:
+        raise ValueError(f"{where}: 'in' needs a non-empty list")
+    if all(isinstance(v, str) for v in values):
+        return tuple(values)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return tuple(values)
+    raise ValueError(f"{where}: 'in' values must be all strings or all integers, got {list(values)!r}")
+
+
+def to_json(f: Filter | None) -> dict:
+    """The canonical JSON form of an AST (``parse_filter(to_json(f)) == f``)."""
+    if f is None:
+        return {}
+    if isinstance(f, Eq):
+        return {f.field: {"eq": f.value}}
+    if isinstance(f, In):
+        return {f.field: {"in": list(f.values)}}
+    if isinstance(f, Range):
+        return {f.field: {op: getattr(f, op) for op in RANGE_OPS if getattr(f, op) is not None}}
+    if isinstance(f, And):
+        return {"and": [to_json(x) for x in f.items]}
+    if isinstance(f, Or):
+        return {"or": [to_json(x) for x in f.items]}
+    if isinstance(f, Not):
+        return {"not": to_json(f.item)}
+    raise TypeError(f"not a filter node: {f!r}")
+
+
+_MISSING = object()
+
+
+def _lookup(metadata: Mapping, field: str) -> Any:
+    cur: Any = metadata
+    for seg in field.split("."):
+        if not isinstance(cur, Mapping) or seg not in cur:
+            return _MISSING
+        cur = cur[seg]
+    return cur
+
+
+def _values(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _eq(a: Any, b: Scalar) -> bool:
+    if isinstance(b, bool) or isinstance(a, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(b, str) or isinstance(a, str):
+        return a == b
+    return isinstance(a, (int, float)) and a == b
+
+
+def _in_range(a: Any, r: Range) -> bool:
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        return False
+    return (
+        (r.gt is None or a > r.gt)
+        and (r.gte is None or a >= r.gte)
+        and (r.lt is None or a < r.lt)
+        and (r.lte is None or a <= r.lte)
+    )
+
+
+def matches(f: Filter | None, metadata: Mapping | None) -> bool:
+    """Reference evaluation of a filter on one metadata dict (used by tests and in-memory paths)."""
+    if f is None:
+        return True
+    metadata = metadata or {}
+    if isinstance(f, And):
+        return all(matches(x, metadata) for x in f.items)
+    if isinstance(f, Or):
+        return any(matches(x, metadata) for x in f.items)
+    if isinstance(f, Not):
+        return not matches(f.item, metadata)
+    v = _lookup(metadata, f.field)
+    if v is _MISSING or v is None:
+        return False
+    if isinstance(f, Eq):
+        return any(_eq(x, f.value) for x in _values(v))
+    if isinstance(f, In):
+        return any(_eq(x, y) for x in _values(v) for y in f.values)
+    if isinstance(f, Range):
+        return any(_in_range(x, f) for x in _values(v))
+    raise TypeError(f"not a filter node: {f!r}")
