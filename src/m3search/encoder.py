@@ -1,0 +1,565 @@
+"""BGE-M3's three representations from one forward pass.
+
+:class:`M3Encoder` loads a checkpoint in BAAI/bge-m3's layout (``config.json``, weights,
+``colbert_linear.pt``, ``sparse_linear.pt``, ``tokenizer.json``) and turns texts into an
+:class:`M3Embeddings`: dense vectors, lexical weights as one CSR matrix, and every
+ColBERT token vector in one array with row offsets.
+
+Where it departs from FlagEmbedding's ``BGEM3FlagModel`` on purpose:
+
+* tokenization runs the checkpoint's own ``tokenizer.json`` through the ``tokenizers``
+  library, whatever transformers rebuilds;
+* batches are formed by a token budget over length-sorted inputs, not a fixed count;
+* the default ``max_length`` is the model's position limit (8192 for bge-m3), and every
+  truncation is reported with a :class:`TruncationWarning`;
+* on CPUs with AMX / AVX512-BF16 the forward pass runs in bfloat16 (heads in float32);
+  ``dtype="float32"`` gives results equal to FlagEmbedding's within float rounding;
+* pooling is whole-batch tensor maths: no Python loop per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
+
+__all__ = ["M3Encoder", "M3Embeddings", "TruncationWarning", "ModelLoadError", "DEFAULT_WEIGHTS"]
+
+#: Default fusion weights (dense, sparse, colbert): BGE-M3's paper. FlagEmbedding's default is (1, 1, 1).
+DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
+
+_HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TruncationWarning(UserWarning):
+    """Some inputs were longer than ``max_length`` tokens and were cut."""
+
+
+class ModelLoadError(OSError):
+    """The model could not be found, downloaded, or is not in BGE-M3's layout."""
+
+
+class M3Embeddings:
+    """The three representations of ``n`` texts, as plain arrays.
+
+    * ``dense``: float32 ``(n, hidden)``, L2-normalized [CLS] vectors, or None;
+    * ``sparse``: CSR ``(n, vocab_size)`` float32 lexical weights (special ids and zeros
+      dropped), or None;
+    * ``colbert``: float32 ``(total_tokens, hidden)`` normalized token vectors of every
+      position after [CLS] (``</s>`` included, as FlagEmbedding does), rows of text ``i``
+      at ``colbert[colbert_offsets[i]:colbert_offsets[i + 1]]``, or None;
+    * ``n_tokens``: tokens per text including ``<s>`` and ``</s>``;
+    * ``truncated``: how many texts were cut at ``max_length``.
+    """
+
+    __slots__ = ("dense", "sparse", "colbert", "colbert_offsets", "n_tokens", "truncated", "_id_to_token")
+
+    def __init__(
+        self,
+        dense: np.ndarray | None,
+        sparse: sp.csr_matrix | None,
+        colbert: np.ndarray | None,
+        colbert_offsets: np.ndarray | None,
+        n_tokens: np.ndarray,
+        truncated: int = 0,
+        id_to_token=None,
+    ) -> None:
+        self.dense = dense
+        self.sparse = sparse
+        self.colbert = colbert
+        self.colbert_offsets = colbert_offsets
+        self.n_tokens = n_tokens
+        self.truncated = truncated
+        self._id_to_token = id_to_token
+
+    def __len__(self) -> int:
+        return len(self.n_tokens)
+
+    def __repr__(self) -> str:
+        parts = [f"n={len(self)}"]
+        if self.dense is not None:
+            parts.append(f"dense={self.dense.shape}")
+        if self.sparse is not None:
+            parts.append(f"sparse nnz={self.sparse.nnz}")
+        if self.colbert is not None:
+            parts.append(f"colbert={self.colbert.shape}")
+        return f"M3Embeddings({', '.join(parts)})"
+
+    def __getitem__(self, key) -> "M3Embeddings":
+        """Select texts by int, slice, or index array; returns a new M3Embeddings."""
+        idx = np.arange(len(self))[key]
+        idx = np.atleast_1d(idx).astype(np.int64)
+        colbert = offsets = None
+        if self.colbert is not None:
+            starts, ends = self.colbert_offsets[idx], self.colbert_offsets[idx + 1]
+            lengths = ends - starts
+            offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+            colbert = self.colbert[gather]
+        return M3Embeddings(
+            dense=None if self.dense is None else self.dense[idx],
+            sparse=None if self.sparse is None else self.sparse[idx],
+            colbert=colbert,
+            colbert_offsets=offsets,
+            n_tokens=self.n_tokens[idx],
+            truncated=0,
+            id_to_token=self._id_to_token,
+        )
+
+    @property
+    def lexical_weights(self) -> list[dict[str, float]]:
+        """FlagEmbedding's view: one ``{str(token_id): weight}`` dict per text."""
+        if self.sparse is None:
+            raise ValueError("sparse output was not requested (encode(..., sparse=True))")
+        csr = self.sparse
+        return [
+            dict(zip(map(str, csr.indices[a:b].tolist()), csr.data[a:b].tolist()))
+            for a, b in zip(csr.indptr[:-1], csr.indptr[1:])
+        ]
+
+    @property
+    def colbert_vecs(self) -> list[np.ndarray]:
+        """FlagEmbedding's view: one ``(tokens, hidden)`` array per text (views, no copy)."""
+        if self.colbert is None:
+            raise ValueError("colbert output was not requested (encode(..., colbert=True))")
+        return np.split(self.colbert, self.colbert_offsets[1:-1])
+
+
+def _cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16 makes bf16 matmuls several times faster than fp32 on CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
+    """Pick ``(torch.device, torch.dtype)``: CUDA -> fp16; CPU with bf16 units -> bf16; else fp32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dt = torch.float16
+        elif dev.type == "cpu" and _cpu_has_bf16():
+            dt = torch.bfloat16
+        else:
+            dt = torch.float32
+    elif isinstance(dtype, str) and dtype in names:
+        dt = names[dtype]
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', not {dtype!r}")
+    return dev, dt
+
+
+def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a Hugging Face Hub id, downloaded (with a progress bar)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"model folder {name!r} does not exist (expected a local folder in BAAI/bge-m3's layout "
+            "or a Hugging Face Hub id such as 'BAAI/bge-m3')"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(name, allow_patterns=list(_TOKENIZER_FILES) + list(_HEAD_FILES) + ["config.json", "model.safetensors"])
+        )
+        if not (folder / "model.safetensors").is_file():
+            folder = Path(snapshot_download(name, allow_patterns=["pytorch_model.bin"]))
+        return folder
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise ModelLoadError(
+            f"could not download model {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "If this machine is offline, pass a local folder in BAAI/bge-m3's layout instead, e.g. "
+            "M3Encoder.from_pretrained('/path/to/bge-m3'), `--model /path/to/bge-m3`, or M3SEARCH_MODEL=/path/to/bge-m3"
+        ) from None
+
+
+def model_identity(folder: str | os.PathLike) -> str:
+    """sha256 over config.json, both heads' tensors and tokenizer.json (not the path)."""
+    import torch
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg.pop("_name_or_path", None)
+    cfg.pop("transformers_version", None)
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for name in _HEAD_FILES:
+        state = torch.load(folder / name, map_location="cpu", weights_only=True)
+        for key in sorted(state):
+            h.update(key.encode())
+            h.update(state[key].detach().to(torch.float32).contiguous().numpy().tobytes())
+    h.update((folder / "tokenizer.json").read_bytes())
+    return h.hexdigest()
+
+
+class M3Encoder:
+    """BGE-M3 encoder: dense, lexical and ColBERT outputs from one forward pass.
+
+    Build with :meth:`from_pretrained`. ``encode`` does not change the model's state,
+    so one encoder can serve several threads (tokenization is serialized by a lock).
+    """
+
+    def __init__(self, model, colbert_linear, sparse_linear, tokenizer, *, folder: Path, name_or_path: str,
+                 device, dtype, token_budget: int | None = None) -> None:
+        self.model = model
+        self.colbert_linear = colbert_linear
+        self.sparse_linear = sparse_linear
+        self.tokenizer = tokenizer
+        self.folder = folder
+        self.name_or_path = name_or_path
+        self.device = device
+        self.dtype = dtype
+        cfg = model.config
+        self.hidden_size: int = int(cfg.hidden_size)
+        self.vocab_size: int = int(cfg.vocab_size)
+        # XLM-R positions start after the padding index, so 8194 positions hold 8192 tokens.
+        self.max_length: int = int(cfg.max_position_embeddings) - int(cfg.pad_token_id) - 1
+        self.colbert_dim: int = int(colbert_linear.out_features)
+        self.pad_id: int = int(cfg.pad_token_id)
+        self.special_ids = np.array(
+            sorted({self._token_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")} - {None}), dtype=np.int64
+        )
+        self.token_budget = token_budget or (32768 if device.type == "cuda" else 8192)
+        self._tok_lock = threading.Lock()
+        self._identity: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                        *, token_budget: int | None = None) -> "M3Encoder":
+        """Load a BGE-M3 checkpoint from a local folder or a Hugging Face Hub id.
+
+        ``dtype="auto"`` picks float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16,
+        else float32. ``token_budget`` caps padded tokens per forward batch.
+        """
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        folder = _resolve_folder(name_or_path)
+        missing = [f for f in ("config.json",) + _HEAD_FILES + ("tokenizer.json",) if not (folder / f).is_file()]
+        if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+            missing.append(" or ".join(_WEIGHT_FILES))
+        if missing:
+            raise ModelLoadError(
+                f"{folder} is not a BGE-M3 checkpoint: missing {', '.join(missing)}. "
+                "m3search needs BAAI/bge-m3's layout (config.json, weights, colbert_linear.pt, sparse_linear.pt, "
+                "tokenizer.json); it never falls back to random heads."
+            )
+        dev, dt = resolve_device_dtype(device, dtype)
+        verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the transformer weights in {folder}: {exc}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        model = model.to(device=dev, dtype=dt).eval()
+
+        hidden = int(model.config.hidden_size)
+        heads = []
+        for name, default_out in (("colbert_linear.pt", hidden), ("sparse_linear.pt", 1)):
+            state = torch.load(folder / name, map_location="cpu", weights_only=True)
+            if "weight" not in state or state["weight"].ndim != 2 or state["weight"].shape[1] != hidden:
+                raise ModelLoadError(f"{folder / name} is not a Linear({hidden}, n) state dict")
+            layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)
+            layer.load_state_dict(state)
+            heads.append(layer.to(dev).eval())  # heads stay float32: cheap, and keeps weights exact
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return cls(model, heads[0], heads[1], tokenizer, folder=folder, name_or_path=str(name_or_path),
+                   device=dev, dtype=dt, token_budget=token_budget)
+
+    def _token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    @property
+    def identity(self) -> str:
+        """Stable model identity (hash of config, heads and tokenizer.json) for manifests."""
+        if self._identity is None:
+            self._identity = model_identity(self.folder)
+        return self._identity
+
+    def __repr__(self) -> str:
+        return (f"M3Encoder({self.name_or_path!r}, device={self.device.type}, dtype={str(self.dtype).replace('torch.', '')}, "
+                f"hidden={self.hidden_size}, max_length={self.max_length})")
+
+    # ------------------------------------------------------------ tokenization
+    def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+        """Token ids of each text (specials included), cut at ``max_length``; and how many were cut."""
+        with self._tok_lock:
+            self.tokenizer.enable_truncation(max_length)
+            try:
+                encodings = self.tokenizer.encode_batch(list(texts))
+            finally:
+                self.tokenizer.no_truncation()
+        truncated = sum(1 for e in encodings if e.overflowing)
+        return [e.ids for e in encodings], truncated
+
+    def plan_batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+        """Length-sorted batches whose padded size stays within the token budget.
+
+        Longest first, so the first batch shows the peak memory at once. ``batch_size``
+        additionally caps the number of texts per batch.
+        """
+        order = np.argsort(-lengths, kind="stable")
+        batches, start, n = [], 0, len(order)
+        cap = batch_size or n
+        while start < n:
+            longest = int(lengths[order[start]])
+            size = max(1, min(cap, self.token_budget // max(longest, 1), n - start))
+            batches.append(order[start : start + size])
+            start += size
+        return batches
+
+    # ---------------------------------------------------------------- encoding
+    def encode(
+        self,
+        texts: str | Iterable[str],
+        *,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+        max_length: int | None = 8192,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> M3Embeddings:
+        """Encode texts into the requested representations (a single string = a list of one).
+
+        ``max_length`` is capped at the model's position limit; longer inputs are cut and
+        counted in one :class:`TruncationWarning`. ``batch_size`` caps texts per forward
+        batch on top of the token budget.
+        """
+        import torch
+
+        texts = _check_texts(texts)
+        if not (dense or sparse or colbert):
+            raise ValueError("request at least one of dense, sparse, colbert")
+        max_length = self._check_max_length(max_length)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, not {batch_size!r}")
+
+        ids, truncated = self.tokenize(texts, max_length)
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {len(texts)} input(s) exceeded max_length={max_length} tokens and were truncated",
+                TruncationWarning,
+                stacklevel=2,
+            )
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        n = len(texts)
+
+        dense_out = np.zeros((n, self.hidden_size), np.float32) if dense else None
+        col_offsets = None
+        col_out = None
+        if colbert:
+            col_offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths - 1, out=col_offsets[1:])
+            col_out = np.empty((int(col_offsets[-1]), self.colbert_dim), np.float32)
+        sp_rows, sp_cols, sp_vals = [], [], []
+
+        batches = self.plan_batches(lengths, batch_size)
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=n, desc="encoding", unit="text", leave=False)
+        with torch.inference_mode():
+            for batch in batches:
+                input_ids, mask = self._pad(ids, batch, int(lengths[batch].max()))
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+                if dense:
+                    cls = torch.nn.functional.normalize(hidden[:, 0], dim=-1)
+                    dense_out[batch] = cls.cpu().numpy()
+                if sparse:
+                    r, c, v = self._lexical(hidden, input_ids, mask, batch)
+                    sp_rows.append(r), sp_cols.append(c), sp_vals.append(v)
+                if colbert:
+                    self._colbert_into(col_out, col_offsets, hidden, mask, batch, lengths)
+                if progress is not None:
+                    progress.update(len(batch))
+        if progress is not None:
+            progress.close()
+
+        sparse_out = None
+        if sparse:
+            rows = np.concatenate(sp_rows) if sp_rows else np.zeros(0, np.int64)
+            cols = np.concatenate(sp_cols) if sp_cols else np.zeros(0, np.int64)
+            vals = np.concatenate(sp_vals) if sp_vals else np.zeros(0, np.float32)
+            sparse_out = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.vocab_size), dtype=np.float32)
+            sparse_out.sort_indices()
+        return M3Embeddings(dense_out, sparse_out, col_out, col_offsets, lengths, truncated,
+                            id_to_token=self.convert_id_to_token)
+
+    def _check_max_length(self, max_length: int | None) -> int:
+        if max_length is None:
+            return self.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, not {max_length!r}")
+        return min(int(max_length), self.max_length)
+
+    def _pad(self, ids: list[list[int]], batch: np.ndarray, width: int):
+        import torch
+
+        lens = np.fromiter((len(ids[i]) for i in batch), np.int64, len(batch))
+        arr = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        mask = np.arange(width)[None, :] < lens[:, None]
+        arr[mask] = np.fromiter((t for i in batch for t in ids[i]), np.int64, int(lens.sum()))
+        return (torch.from_numpy(arr).to(self.device), torch.from_numpy(mask.astype(np.int64)).to(self.device))
+
+    def _lexical(self, hidden, input_ids, mask, batch):
+        """relu(sparse_linear(h)), max-pooled per (text, token id), specials and zeros dropped."""
+        import torch
+
+        weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)  # (B, L)
+        keep = mask.bool() & ~torch.isin(input_ids, torch.from_numpy(self.special_ids).to(input_ids.device))
+        keep &= weights > 0
+        w = weights[keep].cpu().numpy()
+        tok = input_ids[keep].cpu().numpy()
+        row = np.broadcast_to(np.asarray(batch)[:, None], keep.shape)[keep.cpu().numpy()]
+        if len(w) == 0:
+            return row.astype(np.int64), tok, w
+        key = row.astype(np.int64) * (self.vocab_size + 1) + tok
+        order = np.lexsort((-w, key))  # within each (row, token) the largest weight first
+        key, w, tok, row = key[order], w[order], tok[order], row[order]
+        first = np.ones(len(key), bool)
+        first[1:] = key[1:] != key[:-1]
+        return row[first].astype(np.int64), tok[first], w[first]
+
+    def _colbert_into(self, out, offsets, hidden, mask, batch, lengths) -> None:
+        """Normalized colbert_linear(h) of every real token after [CLS], written at each text's offset."""
+        import torch
+
+        vecs = self.colbert_linear(hidden[:, 1:])
+        vecs = torch.nn.functional.normalize(vecs, dim=-1)
+        real = mask[:, 1:].bool()
+        flat = vecs[real].cpu().numpy()
+        counts = lengths[batch] - 1
+        dest = np.repeat(offsets[batch] - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(len(flat))
+        out[dest] = flat
+
+    # -------------------------------------------------------------- utilities
+    def convert_id_to_token(self, items):
+        """Readable tokens for token ids or lexical weights.
+
+        An int gives a str; a list of ints a list of str; a ``{id: weight}`` dict gives
+        ``{token: weight}``; a list of dicts a list of dicts (FlagEmbedding's behaviour).
+        """
+        if isinstance(items, dict):
+            return {self.tokenizer.decode([int(k)]): v for k, v in items.items()}
+        if isinstance(items, (int, np.integer)):
+            return self.tokenizer.decode([int(items)])
+        items = list(items)
+        if items and isinstance(items[0], dict):
+            return [self.convert_id_to_token(d) for d in items]
+        return [self.tokenizer.decode([int(i)]) for i in items]
+
+    def compute_score(
+        self,
+        pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        weights: Sequence[float] = DEFAULT_WEIGHTS,
+        *,
+        max_query_length: int = 512,
+        max_passage_length: int | None = 8192,
+        batch_size: int | None = None,
+    ) -> dict[str, list[float] | float]:
+        """Scores of (query, passage) pairs with FlagEmbedding's keys and formulas.
+
+        Keys: ``dense``, ``sparse``, ``colbert``, ``sparse+dense`` =
+        (w_d·dense + w_s·sparse)/(w_d + w_s), ``colbert+sparse+dense`` = weighted mean of all
+        three. ``weights`` = (dense, sparse, colbert), default (0.4, 0.2, 0.4) as in BGE-M3's
+        paper; FlagEmbedding's ``compute_score`` defaults to (1, 1, 1). ColBERT counts only the
+        passage's real tokens (FlagEmbedding's batched version floors at 0 through padding).
+        A single pair gives floats, a list of pairs lists of floats.
+        """
+        single = isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs)
+        pairs = [pairs] if single else list(pairs)
+        if not pairs:
+            raise ValueError("pairs is empty")
+        for p in pairs:
+            if not (isinstance(p, (tuple, list)) and len(p) == 2):
+                raise TypeError(f"each pair must be (query, passage), got {p!r}")
+        w = _check_weights(weights)
+        q = self.encode([p[0] for p in pairs], max_length=max_query_length, batch_size=batch_size)
+        d = self.encode([p[1] for p in pairs], max_length=max_passage_length, batch_size=batch_size)
+        s_dense = pair_dense_scores(q.dense, d.dense)
+        s_sparse = pair_lexical_scores(q.sparse, d.sparse)
+        s_colbert = pair_colbert_scores(q.colbert, q.colbert_offsets, d.colbert, d.colbert_offsets)
+        out = {
+            "colbert": s_colbert,
+            "sparse": s_sparse,
+            "dense": s_dense,
+            "sparse+dense": (w[0] * s_dense + w[1] * s_sparse) / (w[0] + w[1]),
+            "colbert+sparse+dense": (w[0] * s_dense + w[1] * s_sparse + w[2] * s_colbert) / sum(w),
+        }
+        if single:
+            return {k: float(v[0]) for k, v in out.items()}
+        return {k: [float(x) for x in v] for k, v in out.items()}
+
+
+def _check_texts(texts) -> list[str]:
+    if texts is None:
+        raise TypeError("texts must be a string or a list of strings, not None")
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: pass at least one string")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(
+            f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    return texts
+
+
+def _check_weights(weights) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(x) for x in weights)
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), not {weights!r}") from None
+    if len(w) != 3:
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(w)}")
+    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) == 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
+    return w

@@ -1,0 +1,146 @@
+"""BGE-M3's three relevance scores, as whole-array maths.
+
+FlagEmbedding's semantics, exact over real tokens:
+
+* dense: inner product of the normalized [CLS] vectors;
+* lexical (sparse): sum over shared token ids of ``w_q * w_d``;
+* ColBERT: mean over the query's vectors of the max dot product with the document's
+  vectors. FlagEmbedding's *batched* ``compute_score`` pads shorter documents with zero
+  vectors, which floors every best match at 0; here only real tokens count, so the two
+  differ exactly when a query vector's best real match is negative (possible with random
+  weights, essentially never with trained ones). Its per-pair ``colbert_score`` agrees.
+
+Every function takes plain arrays (``(n, d)`` float32, CSR matrices, ragged token arrays
+with ``(n + 1,)`` offsets) and returns a plain ``(n_queries, n_docs)`` float32 array, or
+``(n,)`` for the row-wise ``pair_*`` variants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "dense_scores",
+    "lexical_scores",
+    "colbert_scores",
+    "colbert_score",
+    "pair_dense_scores",
+    "pair_lexical_scores",
+    "pair_colbert_scores",
+    "segment_max",
+]
+
+
+def dense_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """``(nq, d) x (nd, d) -> (nq, nd)`` inner products."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    d = np.ascontiguousarray(docs, dtype=np.float32)
+    return np.atleast_2d(q) @ np.atleast_2d(d).T
+
+
+def lexical_scores(queries: sp.spmatrix, docs: sp.spmatrix) -> np.ndarray:
+    """``(nq, V) x (nd, V) -> (nq, nd)``: sum of ``w_q * w_d`` over shared token ids."""
+    q, d = sp.csr_matrix(queries), sp.csr_matrix(docs)
+    width = max(q.shape[1], d.shape[1])
+    q.resize((q.shape[0], width))
+    d.resize((d.shape[0], width))
+    return np.asarray((q @ d.T).toarray(), dtype=np.float32)
+
+
+def segment_max(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Max over column segments ``[offsets[j], offsets[j+1])`` of a ``(m, T)`` array.
+
+    Empty segments give 0 (an empty document matches nothing).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    out = np.zeros((values.shape[0], len(lengths)), dtype=np.float32)
+    nonempty = lengths > 0
+    if values.shape[1] and nonempty.any():
+        # reduceat needs strictly valid starts; take them only for non-empty segments.
+        out[:, nonempty] = np.maximum.reduceat(values, offsets[:-1][nonempty], axis=1)
+    return out
+
+
+def colbert_scores(
+    q_vecs: np.ndarray, q_offsets: np.ndarray, d_vecs: np.ndarray, d_offsets: np.ndarray
+) -> np.ndarray:
+    """ColBERT late-interaction scores of every query against every document.
+
+    One ``(m_q, T_docs)`` similarity matrix per query (never one per token), a segmented
+    max over each document's tokens, then the mean over the query's vectors.
+    """
+    q_vecs = np.ascontiguousarray(q_vecs, dtype=np.float32)
+    d_vecs = np.ascontiguousarray(d_vecs, dtype=np.float32)
+    q_offsets = np.asarray(q_offsets, dtype=np.int64)
+    n_q, n_d = len(q_offsets) - 1, len(d_offsets) - 1
+    out = np.zeros((n_q, n_d), dtype=np.float32)
+    for i in range(n_q):  # one matmul per query; the token maths is vectorized
+        q = q_vecs[q_offsets[i] : q_offsets[i + 1]]
+        if len(q) == 0:
+            continue
+        out[i] = segment_max(q @ d_vecs.T, d_offsets).mean(axis=0)
+    return out
+
+
+def colbert_score(query: np.ndarray, doc: np.ndarray) -> float:
+    """One pair: mean over query vectors of the max dot product over the doc's vectors."""
+    if len(query) == 0 or len(doc) == 0:
+        return 0.0
+    return float((np.asarray(query, np.float32) @ np.asarray(doc, np.float32).T).max(axis=1).mean())
+
+
+def pair_dense_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """Row-wise dense scores of aligned ``(n, d)`` arrays."""
+    return np.einsum("ij,ij->i", np.asarray(queries, np.float32), np.asarray(docs, np.float32))
+
+
+def pair_lexical_scores(queries: sp.spmatrix, docs: sp.spmatrix) -> np.ndarray:
+    """Row-wise lexical scores of aligned CSR matrices."""
+    q, d = sp.csr_matrix(queries), sp.csr_matrix(docs)
+    width = max(q.shape[1], d.shape[1])
+    q.resize((q.shape[0], width))
+    d.resize((d.shape[0], width))
+    return np.asarray(q.multiply(d).sum(axis=1), dtype=np.float32).ravel()
+
+
+def pair_colbert_scores(
+    q_vecs: np.ndarray, q_offsets: np.ndarray, d_vecs: np.ndarray, d_offsets: np.ndarray
+) -> np.ndarray:
+    """Row-wise ColBERT scores of aligned ragged arrays (pair i = query i, document i).
+
+    Pads both sides into ``(n, L, d)`` blocks and runs one batched matmul; padded
+    document positions are masked to -inf so only real tokens can be the max.
+    """
+    import torch
+
+    q_offsets = np.asarray(q_offsets, np.int64)
+    d_offsets = np.asarray(d_offsets, np.int64)
+    q_len, d_len = np.diff(q_offsets), np.diff(d_offsets)
+    n = len(q_len)
+    if n == 0:
+        return np.zeros(0, np.float32)
+    q = _pad(q_vecs, q_offsets)
+    d = _pad(d_vecs, d_offsets)
+    sims = torch.bmm(torch.from_numpy(q), torch.from_numpy(d).transpose(1, 2))  # (n, Lq, Ld)
+    d_mask = torch.from_numpy(np.arange(d.shape[1])[None, :] < d_len[:, None])
+    sims = sims.masked_fill(~d_mask[:, None, :], float("-inf"))
+    best = sims.max(dim=2).values if d.shape[1] else torch.zeros(q.shape[:2])
+    q_mask = torch.from_numpy(np.arange(q.shape[1])[None, :] < q_len[:, None])
+    best = torch.where(q_mask & torch.isfinite(best), best, torch.zeros(()))
+    denom = torch.from_numpy(np.maximum(q_len, 1).astype(np.float32))
+    return (best.sum(dim=1) / denom).numpy().astype(np.float32)
+
+
+def _pad(vecs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Ragged ``(T, d)`` + offsets -> zero-padded ``(n, L_max, d)`` without a per-row loop."""
+    lengths = np.diff(offsets)
+    n, width = len(lengths), int(lengths.max(initial=0))
+    dim = vecs.shape[1] if vecs.ndim == 2 else 0
+    out = np.zeros((n, width, dim), dtype=np.float32)
+    if lengths.sum():
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(int(lengths.sum())) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        out[rows, cols] = vecs[offsets[0] : offsets[-1]]
+    return out
