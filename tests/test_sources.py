@@ -1,0 +1,108 @@
+"""Source readers: JSONL (BEIR corpus as is), CSV/TSV, folders; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from m3search.sources import Record, count_records, iter_batches, read_source
+
+
+def test_beir_corpus_jsonl_reads_as_is(shared_data):
+    path = shared_data / "cranfield" / "corpus.jsonl"
+    records = list(read_source(path))
+    assert len(records) == 1400 == count_records(path)
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert records[0].id == first["_id"] == "1"
+    assert records[0].text == (first["title"] + " " + first["text"]).strip()
+    assert "_id" not in records[0].metadata and "title" not in records[0].metadata
+    # docs 471 and 995 are empty in cranfield: still valid records with empty text
+    empty = {r.id for r in records if r.text == ""}
+    assert {"471", "995"} <= empty
+
+
+def test_jsonl_fields_and_metadata(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text(
+        '{"id": 7, "body": "hello", "year": 2020, "metadata": {"lang": "en"}}\n'
+        "\n"
+        '{"id": "b", "body": "  world ", "year": 2021}\n',
+        encoding="utf-8",
+    )
+    recs = list(read_source(p, text_fields=["body"]))
+    assert recs == [
+        Record("7", "hello", {"year": 2020, "lang": "en"}),
+        Record("b", "world", {"year": 2021}),
+    ]
+    # custom id field; missing text field named in the error
+    with pytest.raises(ValueError, match="no 'text' field.*--text-field"):
+        list(read_source(p))
+    with pytest.raises(ValueError, match=r"id field 'key' missing"):
+        list(read_source(p, id_field="key", text_fields=["body"]))
+
+
+def test_jsonl_without_ids_numbers_records(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    assert [r.id for r in read_source(p)] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"text": "a"}\n{"text": \n', r"x.jsonl:2: invalid JSON"),
+        ('["a"]\n', "expected a JSON object"),
+        ('{"id": "", "text": "a"}\n', "non-empty"),
+        ('{"id": "a", "text": 5}\n', "must be a string"),
+    ],
+)
+def test_jsonl_bad_input(tmp_path, content, match):
+    p = tmp_path / "x.jsonl"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        list(read_source(p))
+
+
+def test_csv_and_tsv(tmp_path):
+    c = tmp_path / "d.csv"
+    c.write_text('id,title,text,price,zip\nA1,Pump,"a 3.50 pump, red",3.5,007\nA2,,plain,12,10\n', encoding="utf-8")
+    recs = list(read_source(c))
+    assert recs[0] == Record("A1", "Pump a 3.50 pump, red", {"price": 3.5, "zip": "007"})
+    assert recs[1] == Record("A2", "plain", {"price": 12, "zip": 10})
+    t = tmp_path / "d.tsv"
+    t.write_text("doc\tcontent\nx\thello world\n", encoding="utf-8")
+    assert list(read_source(t, id_field="doc", text_fields=["content"])) == [Record("x", "hello world", {})]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\n1,a,extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="more cells"):
+        list(read_source(bad))
+
+
+def test_folder_ids_are_relative_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.md").write_text("# Title\nbody\n", encoding="utf-8")
+    (tmp_path / "sub" / "a.txt").write_text("nested text", encoding="utf-8")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    recs = list(read_source(tmp_path))
+    assert [r.id for r in recs] == ["b.md", "sub/a.txt"]
+    assert recs[0].text == "# Title\nbody" and recs[1].metadata == {"path": "sub/a.txt"}
+    assert count_records(tmp_path) == 2
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+        list(read_source(tmp_path))
+
+
+def test_unknown_sources(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_source(tmp_path / "nope.jsonl")
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown file type"):
+        read_source(tmp_path / "x.parquet")
+
+
+def test_batches_and_duplicates():
+    recs = [Record(str(i), "t") for i in range(5)]
+    assert [len(b) for b in iter_batches(recs, 2)] == [2, 2, 1]
+    with pytest.raises(ValueError, match=r"duplicate ids.*'1'"):
+        list(iter_batches([Record("1", "a"), Record("1", "b")], 10))
