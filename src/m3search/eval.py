@@ -1,0 +1,454 @@
+"""Hybrid evaluation on BEIR-format folders: index once, search every mode, score with trec_eval.
+
+Why a module of its own: the same numbers feed the CLI (``m3search eval``), the
+benchmarks and the tests, so loading, running and scoring are plain library
+functions; the CLI only formats. Metrics come from ``pytrec_eval`` (trec_eval's C
+code: linear-gain nDCG, ties broken by document id descending), not from our own
+formulas. MRR@k is trec_eval's ``recip_rank`` over each ranking cut at ``k`` in
+trec_eval's own order.
+
+A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
+(``_id``, ``text``) and ``qrels/test.tsv`` (``query-id``, ``corpus-id``, ``score``).
+Each document is ``(title + " " + text).strip()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "MODES",
+    "BeirData",
+    "load_beir",
+    "compute_metrics",
+    "evaluate",
+    "format_table",
+    "to_markdown",
+    "plot_results",
+    "write_reports",
+    "default_cache_dir",
+    "reference_table",
+]
+
+#: Every search mode, in report order.
+MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
+#: Recall is reported at this depth (and every mode retrieves at least this many hits).
+RECALL_AT = 100
+_CACHE_VERSION = 1
+
+
+@dataclass
+class BeirData:
+    """A loaded BEIR folder: corpus in file order, queries that have judgments, graded qrels."""
+
+    name: str
+    doc_ids: list[str]
+    doc_texts: list[str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    corpus_sha256: str
+
+
+def _require_pytrec_eval():
+    try:
+        import pytrec_eval
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("evaluation needs pytrec-eval-terrier: pip install 'm3search[eval]'") from None
+    return pytrec_eval
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, split: str = "test") -> BeirData:
+    """Load a BEIR folder. ``queries_dir`` takes the queries from another folder (cross-lingual runs).
+
+    Queries ids must be shared between the folders. The qrels used are those that point
+    into this corpus: ``queries_dir``'s own if its corpus ids are ours (e.g. a folder that
+    holds only translated queries and the original qrels), else ``data_dir``'s.
+    """
+    data_dir = Path(data_dir)
+    corpus_path = data_dir / "corpus.jsonl"
+    if not corpus_path.is_file():
+        raise ValueError(f"{str(data_dir)!r} is not a BEIR folder: corpus.jsonl missing")
+    from .sources import read_jsonl
+
+    doc_ids: list[str] = []
+    doc_texts: list[str] = []
+    for rec in read_jsonl(corpus_path, id_field="_id"):
+        doc_ids.append(rec.id)
+        doc_texts.append(rec.text)  # (title + " " + text).strip(), by sources' default text fields
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"{corpus_path}: duplicate document ids")
+
+    qdir = Path(queries_dir) if queries_dir is not None else data_dir
+    queries_path = qdir / "queries.jsonl"
+    if not queries_path.is_file():
+        raise ValueError(f"{str(qdir)!r}: queries.jsonl missing")
+    all_queries = {rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"])}
+
+    corpus_set = set(doc_ids)
+    candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []
+    candidates.append(data_dir / "qrels" / f"{split}.tsv")
+    qrels: dict[str, dict[str, int]] | None = None
+    for path in candidates:
+        if not path.is_file():
+            continue
+        loaded = _read_qrels(path)
+        docs = {d for rel in loaded.values() for d in rel}
+        if docs and docs <= corpus_set:
+            qrels = loaded
+            break
+    if qrels is None:
+        raise ValueError(
+            f"no qrels/{split}.tsv whose corpus ids are in {corpus_path} (looked at {[str(p) for p in candidates]})"
+        )
+    queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
+    if not queries:
+        raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
+    qrels = {qid: qrels[qid] for qid in queries}
+    return BeirData(
+        name=_dataset_name(data_dir, queries_dir),
+        doc_ids=doc_ids,
+        doc_texts=doc_texts,
+        queries=queries,
+        qrels=qrels,
+        corpus_sha256=_file_sha256(corpus_path),
+    )
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if lineno == 1 and parts[:1] == ["query-id"]:
+                continue
+            if not line.strip():
+                continue
+            if len(parts) != 3:
+                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
+            try:
+                score = int(parts[2])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
+            qrels.setdefault(parts[0], {})[parts[1]] = score
+    return qrels
+
+
+def _dataset_name(data_dir: Path, queries_dir: str | Path | None) -> str:
+    def short(p: Path) -> str:
+        p = p.resolve()
+        return f"{p.parent.name}/{p.name}" if p.parent.name and p.parent.name != "data" else p.name
+
+    name = short(data_dir)
+    if queries_dir is not None and Path(queries_dir).resolve() != data_dir.resolve():
+        name = f"{short(Path(queries_dir))} -> {name}"
+    return name
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    *,
+    k: int = 10,
+    recall_at: int = RECALL_AT,
+) -> dict[str, Any]:
+    """Mean nDCG@k, Recall@recall_at and MRR@k over every judged query (a query without results scores 0).
+
+    ``run`` maps query id -> {doc id: score}; trec_eval re-sorts by score (ties: doc id descending).
+    Returns ``{"ndcg@k": float, "recall@N": float, "mrr@k": float, "per_query": {qid: {...}}}``.
+    """
+    pytrec_eval = _require_pytrec_eval()
+    if k < 1 or recall_at < 1:
+        raise ValueError(f"cutoffs must be >= 1, got k={k}, recall_at={recall_at}")
+    qrels = {q: {d: int(s) for d, s in rel.items()} for q, rel in qrels.items() if rel}
+    if not qrels:
+        raise ValueError("qrels are empty")
+    run = {q: {d: float(s) for d, s in hits.items()} for q, hits in run.items() if q in qrels and hits}
+    names = (f"ndcg@{k}", f"recall@{recall_at}", f"mrr@{k}")
+    per_query = {q: dict.fromkeys(names, 0.0) for q in qrels}
+    if run:
+        full = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{k}", f"recall.{recall_at}"}).evaluate(run)
+        cut = {q: dict(_trec_order(hits)[:k]) for q, hits in run.items()}
+        rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        for q, m in full.items():
+            per_query[q][names[0]] = m[f"ndcg_cut_{k}"]
+            per_query[q][names[1]] = m[f"recall_{recall_at}"]
+        for q, m in rr.items():
+            per_query[q][names[2]] = m["recip_rank"]
+    n = len(per_query)
+    out: dict[str, Any] = {name: math.fsum(pq[name] for pq in per_query.values()) / n for name in names}
+    out["per_query"] = per_query
+    return out
+
+
+def _trec_order(hits: Mapping[str, float]) -> list[tuple[str, float]]:
+    """trec_eval's ranking: score descending, ties by document id descending."""
+    return sorted(hits.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def default_cache_dir() -> Path:
+    """Where eval keeps its indexes: ``$M3SEARCH_CACHE_DIR/eval`` or ``~/.cache/m3search/eval``."""
+    base = os.environ.get("M3SEARCH_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "m3search") / "eval"
+
+
+def evaluate(
+    data_dir: str | Path,
+    *,
+    model: Any = None,
+    modes: Sequence[str] = MODES,
+    fusion: str = "weighted",
+    weights: Sequence[float] | None = None,
+    candidates: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    queries_dir: str | Path | None = None,
+    k: int = 10,
+    cache_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Index ``data_dir``'s corpus (cached), search every judged query in each mode, score the runs.
+
+    ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``$M3SEARCH_MODEL``, else
+    BAAI/bge-m3). The index is cached under ``cache_dir`` keyed by model identity, corpus
+    bytes and encoder dtype, so re-runs with other modes/fusion/candidates only search.
+    Returns a JSON-ready dict (see ``write_reports``), with ``modes[mode]`` holding the means.
+    """
+    from . import M3Encoder
+
+    modes = _check_modes(modes)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    data = load_beir(data_dir, queries_dir=queries_dir)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        name = str(model) if model is not None else os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
+        encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
+    else:
+        encoder = model
+    collection, index_info = _cached_index(data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(),
+                                           batch_size=batch_size, progress=progress)
+    depth = max(k, RECALL_AT)
+    qids = list(data.queries)
+    qtexts = [data.queries[q] for q in qids]
+    results: dict[str, Any] = {
+        "dataset": data.name,
+        "data_dir": str(Path(data_dir).resolve()),
+        "queries_dir": str(Path(queries_dir).resolve()) if queries_dir is not None else None,
+        "model": str(getattr(encoder, "name_or_path", model)),
+        "model_identity": getattr(encoder, "identity", None),
+        "dtype": str(getattr(encoder, "dtype", dtype)).replace("torch.", ""),
+        "device": str(getattr(encoder, "device", device)),
+        "fusion": fusion,
+        "weights": list(weights) if weights is not None else None,
+        "candidates": candidates,
+        "k": k,
+        "recall_at": RECALL_AT,
+        "n_docs": len(data.doc_ids),
+        "n_queries": len(qids),
+        "index": index_info,
+        "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
+        "modes": {},
+    }
+    try:
+        for mode in modes:
+            t0 = time.perf_counter()
+            hit_lists = collection.search_batch(
+                qtexts, k=depth, mode=mode, fusion=fusion, weights=weights, candidates=candidates
+            )
+            seconds = time.perf_counter() - t0
+            run = {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
+            m = compute_metrics(run, data.qrels, k=k, recall_at=RECALL_AT)
+            m.pop("per_query")
+            m["search_seconds"] = round(seconds, 3)
+            m["queries_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else None
+            results["modes"][mode] = m
+    finally:
+        collection.close()
+    return results
+
+
+def _check_modes(modes: Sequence[str] | str) -> list[str]:
+    if isinstance(modes, str):
+        modes = [m.strip() for m in modes.split(",") if m.strip()]
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def _cached_index(data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: int | None, progress: bool):
+    """Open the cached index for (model identity, corpus, dtype), building it when absent or incomplete."""
+    from . import Collection
+
+    dtype = str(getattr(encoder, "dtype", "")).replace("torch.", "")
+    key_src = json.dumps(
+        {"v": _CACHE_VERSION, "model": encoder.identity, "corpus": data.corpus_sha256, "dtype": dtype}, sort_keys=True
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
+    path = cache_dir / f"{slug}-{key}"
+    done = path.with_name(path.name + ".done.json")
+    if path.exists() and done.is_file():
+        info = json.loads(done.read_text())
+        info["cached"] = True
+        return Collection.open(path, model=encoder), info
+    if path.exists():  # an interrupted build: start over
+        shutil.rmtree(path)
+    done.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    collection = Collection.create(path, model=encoder)
+    try:
+        kwargs: dict[str, Any] = {}
+        if batch_size is not None:
+            kwargs["batch_size"] = batch_size
+        collection.add(data.doc_texts, ids=data.doc_ids, **kwargs)
+    except BaseException:
+        collection.close()
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
+    done.write_text(json.dumps(info, indent=2))
+    return collection, info
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Plain-text table for the terminal: one row per mode, one column per metric."""
+    metrics = results["metrics"]
+    rows = [["mode", *metrics, "q/s"]]
+    for mode, m in results["modes"].items():
+        qps = m.get("queries_per_second")
+        rows.append([mode, *(f"{m[x]:.4f}" for x in metrics), f"{qps:.1f}" if qps else "-"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [_title(results)]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def to_markdown(results: Mapping[str, Any]) -> str:
+    """Markdown report: settings, then a mode x metric table."""
+    metrics = results["metrics"]
+    cand = results["candidates"] if results["candidates"] is not None else "default"
+    lines = [
+        f"# m3search eval: {results['dataset']}",
+        "",
+        f"- model: `{results['model']}` (identity `{str(results['model_identity'])[:16]}`), dtype {results['dtype']}",
+        f"- {results['n_docs']} documents, {results['n_queries']} judged queries",
+        f"- fusion: {results['fusion']}, weights: {results['weights'] or 'default'}, candidates: {cand}",
+        "",
+        "| mode | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for mode, m in results["modes"].items():
+        lines.append(f"| {mode} | " + " | ".join(f"{m[x]:.4f}" for x in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Grouped bar chart (modes on x, one bar per metric) as PNG, drawn with matplotlib's Agg backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        raise ImportError("the PNG chart needs matplotlib: pip install 'm3search[eval]'") from None
+    import numpy as np
+
+    modes = list(results["modes"])
+    metrics = results["metrics"]
+    x = np.arange(len(modes))
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(modes) + 2), 4.2))
+    try:
+        for i, metric in enumerate(metrics):
+            vals = [results["modes"][m][metric] for m in modes]
+            bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, vals, width, label=metric)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+        ax.set_xticks(x, modes)
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("score")
+        ax.set_title(_title(results), fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(to_markdown(results), encoding="utf-8")
+    plot_results(results, paths["png"])
+    return paths
+
+
+def _title(results: Mapping[str, Any]) -> str:
+    model = Path(str(results["model"])).name or str(results["model"])
+    cand = results["candidates"] if results["candidates"] is not None else "default"
+    return (
+        f"{results['dataset']} | {model} ({results['dtype']}) | fusion {results['fusion']}, candidates {cand}"
+        f" | {results['n_docs']} docs, {results['n_queries']} queries"
+    )
+
+
+def reference_table(readme: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Parse a model README's reference table: ``{collection: {metric: {mode: value}}}`` (used by checks)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    header: list[str] | None = None
+    for line in Path(readme).read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not line.lstrip().startswith("|"):
+            header = None if not line.strip() else header
+            continue
+        if cells[:2] == ["collection", "metric"]:
+            header = cells[2:]
+            continue
+        if header is None or set(cells[0]) <= {"-"}:
+            continue
+        try:
+            values = [float(c) for c in cells[2:]]
+        except ValueError:
+            continue
+        metric = cells[1].lower()
+        table.setdefault(cells[0], {})[metric] = dict(zip(header, values))
+    return table
+

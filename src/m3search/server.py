@@ -1,0 +1,746 @@
+"""HTTP service: OpenAI-compatible embeddings, all three M3 outputs, and a collection to search.
+
+Why it looks like this: the app is a thin shell over :class:`m3search.M3Encoder` and
+:class:`m3search.Collection` (datasette's rule), built by :func:`create_app` so tests and
+``m3search serve`` run the same code. FastAPI conventions throughout: typed pydantic
+models, the API key as a dependency on every route but ``/health``, the model loaded in
+``lifespan``, blocking inference endpoints as plain ``def`` (they run in the thread pool),
+settings from a cached getter (``get_settings``) that tests override.
+
+Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
+validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
+unknown document -> 404, duplicate ids -> 409, body or batch too large -> 413. A bug
+still answers the same shape with 500 and no stack trace (the log keeps it).
+
+One process owns an embedded collection. ``serve`` records its address in
+``<collection>/server.json`` (pid, host, port, url, whether a key is needed) so the CLI
+can route other commands through this server while it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request, Security
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'm3search[server]'") from None
+
+__all__ = ["Settings", "get_settings", "create_app", "serve", "SERVER_FILE", "read_server_file", "error_body"]
+
+log = logging.getLogger("m3search.server")
+
+#: File beside the collection's lock that tells other processes where its server listens.
+SERVER_FILE = "server.json"
+_MB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. ``from_env`` reads ``M3SEARCH_*`` variables; CLI options override them."""
+
+    collection: str | None = None
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    api_key: str | None = None
+    #: Most texts (or documents, or ids) in one request.
+    max_batch: int = 256
+    #: Largest request body accepted, in bytes.
+    max_body_bytes: int = 16 * _MB
+    #: Largest ``k`` / ``candidates`` a search may ask for.
+    max_k: int = 1000
+    max_candidates: int = 100_000
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "Settings":
+        env = os.environ
+        values: dict[str, Any] = {
+            "collection": env.get("M3SEARCH_COLLECTION") or None,
+            "model": env.get("M3SEARCH_MODEL") or None,
+            "device": env.get("M3SEARCH_DEVICE") or "auto",
+            "dtype": env.get("M3SEARCH_DTYPE") or "auto",
+            "api_key": env.get("M3SEARCH_API_KEY") or None,
+        }
+        for name in ("max_batch", "max_body_bytes"):
+            raw = env.get(f"M3SEARCH_{name.upper()}")
+            if raw:
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"M3SEARCH_{name.upper()} must be an integer, got {raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once (tests swap it via ``app.dependency_overrides``)."""
+    return Settings.from_env()
+
+
+def _settings_of(app: FastAPI) -> Settings:
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def error_body(type_: str, message: str) -> dict:
+    """The one JSON error shape of this API."""
+    return {"error": {"type": type_, "message": message}}
+
+
+_STATUS_TYPES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": desc}
+    for status, desc in [(400, "Bad value"), (401, "Missing or wrong API key"), (413, "Body or batch too large"),
+                         (422, "Malformed request")]
+}
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(
+            error_body(_STATUS_TYPES.get(exc.status_code, "error"), message),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        more = len(exc.errors()) - 5
+        message = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+        return JSONResponse(error_body("invalid_request", message), status_code=422)
+
+    @app.exception_handler(ValueError)
+    @app.exception_handler(TypeError)
+    async def value_error(request: Request, exc: Exception):
+        return JSONResponse(error_body("invalid_request", str(exc)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal server error (see the server log)"), 500)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: refuse bodies over the limit (by Content-Length, else while streaming)."""
+
+    def __init__(self, app, limit: Any):
+        self.app = app
+        self.limit = limit  # int or a callable returning int (resolved per request: settings can be overridden)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit() if callable(self.limit) else self.limit
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await _send_json(send, 413, error_body("too_large", f"request body exceeds the limit of {limit} bytes"))
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge as exc:
+            if not started:
+                await _send_json(send, 413, error_body("too_large", exc.detail))
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (or `Authorization: Bearer`)")
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (what OpenAI clients send)")
+
+
+def require_api_key(
+    settings: Annotated[Settings, Depends(get_settings)],
+    key: Annotated[str | None, Security(_api_key_header)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> None:
+    """401 unless the request carries the configured key (no key configured: open)."""
+    if settings.api_key is None:
+        return
+    given = key or (bearer.credentials if bearer is not None else None)
+    if not given or not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+        raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+# ---------------------------------------------------------------------------------------------- resources
+
+
+@dataclass
+class Resources:
+    """What the app serves: an encoder, and the collection when one was given."""
+
+    encoder: Any
+    collection: Any = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    started: float = field(default_factory=time.time)
+
+    def close(self) -> None:
+        if self.collection is not None:
+            self.collection.close()
+            self.collection = None
+
+
+def load_resources(settings: Settings) -> Resources:
+    """Open the collection (and its encoder) or load a bare encoder, per ``settings``."""
+    if settings.collection:
+        from . import Collection
+
+        collection = Collection.open(settings.collection, model=settings.model)
+        return Resources(encoder=collection.encoder, collection=collection)
+    from . import M3Encoder
+
+    encoder = M3Encoder.from_pretrained(settings.model or "BAAI/bge-m3", device=settings.device, dtype=settings.dtype)
+    return Resources(encoder=encoder)
+
+
+def _resources(request: Request) -> Resources:
+    res = getattr(request.app.state, "resources", None)
+    if res is None:  # pragma: no cover - lifespan always sets it
+        raise HTTPException(503, "the model is not loaded yet")
+    return res
+
+
+def _collection_resources(request: Request) -> Resources:
+    res = _resources(request)
+    if res.collection is None:
+        raise HTTPException(409, "this server has no collection (start it with --collection DIR)")
+    return res
+
+
+ResourcesDep = Annotated[Resources, Depends(_resources)]
+CollectionDep = Annotated[Resources, Depends(_collection_resources)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+TextOrTexts = str | list[str]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's ``/v1/embeddings`` body. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: TextOrTexts = Field(description="A text or a list of texts (token-id arrays are not supported).")
+    model: str = Field("bge-m3", description="Accepted whatever it names: this server serves one model.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(None, description="Must equal the model's size if given (no truncation).")
+    user: str | None = None
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class EmbedRequest(_Strict):
+    input: TextOrTexts
+    dense: bool = True
+    sparse: bool = True
+    colbert: bool = False
+    tokens: bool = Field(False, description="Add readable tokens to each sparse vector.")
+    max_length: int | None = Field(None, ge=2, description="Token cap per text (default: the model's limit).")
+
+
+class SparseVector(BaseModel):
+    indices: list[int]
+    values: list[float]
+    tokens: list[str] | None = None
+
+
+class EmbedItem(BaseModel):
+    index: int
+    n_tokens: int
+    dense: list[float] | None = None
+    sparse: SparseVector | None = None
+    colbert: list[list[float]] | None = None
+
+
+class EmbedResponse(BaseModel):
+    data: list[EmbedItem]
+    model: str
+    usage: Usage
+    truncated: int
+
+
+class DocumentIn(_Strict):
+    id: str | None = Field(None, min_length=1, description="Your id; generated when absent.")
+    text: str
+    metadata: dict[str, Any] | None = None
+
+
+class DocumentsRequest(_Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+    upsert: bool = Field(False, description="Overwrite existing ids (default: an existing id is a 409 error).")
+
+
+class DocumentsResponse(BaseModel):
+    ids: list[str]
+    count: int
+
+
+class DeleteRequest(_Strict):
+    ids: list[str] = Field(min_length=1)
+
+
+class DeleteResponse(BaseModel):
+    deleted: list[str]
+    missing: list[str]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchRequest(_Strict):
+    query: str
+    k: int = Field(10, ge=1)
+    mode: str = "all"
+    fusion: str = "weighted"
+    weights: list[float] | None = Field(None, description="(dense, sparse, colbert)")
+    candidates: int | None = Field(None, ge=1)
+    filter: dict[str, Any] | None = None
+    explain: bool = False
+
+
+class HitOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    score: float
+    scores: dict[str, float | None] = Field(default_factory=dict)
+    text: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _texts(value: TextOrTexts, settings: Settings) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise HTTPException(422, "input is empty: send a string or a non-empty list of strings")
+    _check_batch(len(texts), settings, "texts")
+    return texts
+
+
+def _check_batch(n: int, settings: Settings, what: str) -> None:
+    if n > settings.max_batch:
+        raise HTTPException(413, f"{n} {what} in one request exceed the limit of {settings.max_batch}")
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/inf: map them to None (never reached with valid vectors, but never a 500 either)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def hit_to_dict(hit: Any) -> dict[str, Any]:
+    """A ``Hit`` as plain JSON data (shared with the CLI's ``--json``)."""
+    if hasattr(hit, "to_dict"):
+        d = dict(hit.to_dict())
+    else:
+        d = {k: getattr(hit, k) for k in ("id", "score", "scores", "text", "metadata") if hasattr(hit, k)}
+        for extra in ("explain", "explanation"):
+            value = getattr(hit, extra, None)
+            if value is not None:
+                d[extra] = value
+    d["score"] = float(d["score"])
+    d["scores"] = {k: (None if v is None else float(v)) for k, v in (d.get("scores") or {}).items()}
+    d["metadata"] = d.get("metadata") or {}
+    return _finite(_plain(d))
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars/arrays and dataclasses to JSON-able Python."""
+    import dataclasses
+
+    import numpy as np
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _plain(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def collection_info(collection: Any) -> dict[str, Any]:
+    """``Collection.info()`` when it exists, else the basics (shared with ``m3search info``)."""
+    if hasattr(collection, "info"):
+        return _finite(_plain(collection.info()))
+    return {"path": str(getattr(collection, "path", "")), "count": collection.count()}
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings | None = None, *, resources: Resources | None = None) -> FastAPI:
+    """Build the FastAPI app. ``settings`` overrides ``get_settings``; ``resources`` skips loading."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        res = resources if resources is not None else load_resources(_settings_of(app))
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            app.state.resources = None
+            res.close()
+
+    from . import __version__
+
+    app = FastAPI(
+        title="m3search",
+        version=__version__,
+        summary="BGE-M3 embeddings (dense, sparse, ColBERT) and hybrid search over a collection.",
+        lifespan=lifespan,
+        responses={500: {"model": ErrorResponse, "description": "Internal error (a bug)"}},
+    )
+    if settings is not None:
+        settings.check()
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: _settings_of(app).max_body_bytes)
+    _install_error_handlers(app)
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> Health:
+        """Liveness: answers without an API key."""
+        return Health()
+
+    api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+
+    @api.get("/info", tags=["service"])
+    def info(res: ResourcesDep, settings: SettingsDep) -> dict[str, Any]:
+        """Model, limits and (when served) the collection's counts, sizes and settings."""
+        enc = res.encoder
+        out: dict[str, Any] = {
+            "model": {
+                "name_or_path": str(enc.name_or_path),
+                "identity": enc.identity,
+                "hidden_size": enc.hidden_size,
+                "vocab_size": enc.vocab_size,
+                "max_length": enc.max_length,
+                "device": str(enc.device),
+                "dtype": str(enc.dtype).replace("torch.", ""),
+            },
+            "limits": {"max_batch": settings.max_batch, "max_body_bytes": settings.max_body_bytes,
+                       "max_k": settings.max_k, "max_candidates": settings.max_candidates},
+            "api_key_required": settings.api_key is not None,
+            "uptime_seconds": round(time.time() - res.started, 1),
+            "collection": None,
+        }
+        if res.collection is not None:
+            with res.lock:
+                out["collection"] = collection_info(res.collection)
+        return out
+
+    @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"])
+    def openai_embeddings(body: EmbeddingsRequest, res: ResourcesDep, settings: SettingsDep) -> EmbeddingsResponse:
+        """OpenAI-compatible dense embeddings (existing OpenAI clients work unchanged)."""
+        texts = _texts(body.input, settings)
+        enc = res.encoder
+        if body.dimensions is not None and body.dimensions != enc.hidden_size:
+            raise HTTPException(400, f"dimensions={body.dimensions} is not supported: this model returns {enc.hidden_size}")
+        emb = enc.encode(texts, dense=True, sparse=False, colbert=False)
+        dense = emb.dense.astype("<f4", copy=False)
+        if body.encoding_format == "base64":
+            vectors: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in dense]
+        else:
+            vectors = dense.tolist()
+        tokens = int(emb.n_tokens.sum())
+        return EmbeddingsResponse(
+            data=[EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vectors)],
+            model=body.model,
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    @api.post("/embed", response_model=EmbedResponse, response_model_exclude_none=True, tags=["embeddings"])
+    def embed(body: EmbedRequest, res: ResourcesDep, settings: SettingsDep) -> EmbedResponse:
+        """Dense, sparse (token ids + weights, optionally readable tokens) and ColBERT vectors, each selectable."""
+        texts = _texts(body.input, settings)
+        if not (body.dense or body.sparse or body.colbert):
+            raise HTTPException(400, "request at least one of dense, sparse, colbert")
+        enc = res.encoder
+        emb = enc.encode(texts, dense=body.dense, sparse=body.sparse, colbert=body.colbert,
+                         max_length=body.max_length or enc.max_length)
+        items = []
+        for i in range(len(texts)):
+            item = EmbedItem(index=i, n_tokens=int(emb.n_tokens[i]))
+            if body.dense:
+                item.dense = emb.dense[i].tolist()
+            if body.sparse:
+                row = emb.sparse[i]
+                ids = row.indices.tolist()
+                item.sparse = SparseVector(indices=ids, values=row.data.tolist(),
+                                           tokens=enc.convert_id_to_token(ids) if body.tokens else None)
+            if body.colbert:
+                o = emb.colbert_offsets
+                item.colbert = emb.colbert[o[i]:o[i + 1]].tolist()
+            items.append(item)
+        tokens = int(emb.n_tokens.sum())
+        return EmbedResponse(data=items, model=str(enc.name_or_path), usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+                             truncated=int(emb.truncated))
+
+    @api.post("/documents", response_model=DocumentsResponse, tags=["documents"],
+              responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}})
+    def add_documents(body: DocumentsRequest, res: CollectionDep, settings: SettingsDep) -> DocumentsResponse:
+        """Add documents (409 if an id exists) or, with ``upsert: true``, add or overwrite them."""
+        _check_batch(len(body.documents), settings, "documents")
+        texts = [d.text for d in body.documents]
+        ids = [d.id for d in body.documents]
+        if any(i is None for i in ids) and not all(i is None for i in ids):
+            raise HTTPException(422, "give an id for every document or for none")
+        if ids[0] is not None and len(set(ids)) != len(ids):
+            dups = sorted({i for i in ids if ids.count(i) > 1})
+            raise HTTPException(422, f"duplicate ids in the request: {dups[:10]}")
+        metadata = [d.metadata or {} for d in body.documents]
+        coll = res.collection
+        with res.lock:
+            if not body.upsert and ids[0] is not None:
+                existing = [r.id if hasattr(r, "id") else r for r in coll.get(ids) if r is not None]
+                if existing:
+                    raise HTTPException(409, f"ids already exist: {existing[:10]} (send upsert: true to overwrite)")
+            write = coll.upsert if body.upsert else coll.add
+            out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
+            count = coll.count()
+        new_ids = list(out) if isinstance(out, (list, tuple)) else list(ids)
+        return DocumentsResponse(ids=[str(i) for i in new_ids], count=count)
+
+    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
+    def delete_documents(body: DeleteRequest, res: CollectionDep, settings: SettingsDep) -> DeleteResponse:
+        """Delete by id; unknown ids are reported in ``missing``."""
+        _check_batch(len(body.ids), settings, "ids")
+        with res.lock:
+            out = res.collection.delete(body.ids)
+        return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
+
+    @api.get("/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"],
+             responses={404: {"model": ErrorResponse, "description": "Unknown id"}})
+    def get_document(doc_id: str, res: CollectionDep) -> DocumentOut:
+        """One stored document (text and metadata)."""
+        with res.lock:
+            doc = res.collection.get([doc_id])[0]
+        if doc is None:
+            raise HTTPException(404, f"no document with id {doc_id!r}")
+        if isinstance(doc, dict):
+            return DocumentOut(id=str(doc["id"]), text=doc.get("text") or "", metadata=doc.get("metadata") or {})
+        return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
+
+    @api.post("/search", response_model=SearchResponse, tags=["search"])
+    def search(body: SearchRequest, res: CollectionDep, settings: SettingsDep) -> SearchResponse:
+        """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain)."""
+        if body.k > settings.max_k:
+            raise HTTPException(413, f"k={body.k} exceeds the limit of {settings.max_k}")
+        if body.candidates is not None and body.candidates > settings.max_candidates:
+            raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
+        with res.lock:
+            hits = res.collection.search(
+                body.query, k=body.k, mode=body.mode, fusion=body.fusion,
+                weights=tuple(body.weights) if body.weights is not None else None,
+                candidates=body.candidates, filter=body.filter, explain=body.explain,
+            )
+        return SearchResponse(hits=[HitOut(**hit_to_dict(h)) for h in hits])
+
+    app.include_router(api)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def read_server_file(collection: str | Path) -> dict[str, Any] | None:
+    """The running server's record for ``collection`` (None when absent or unreadable)."""
+    path = Path(collection) / SERVER_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve host {host!r}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          on_ready: Any = None) -> None:
+    """Load the model (and collection), bind ``host:port`` (0 = any free port), serve until SIGINT/SIGTERM.
+
+    Loading happens before uvicorn starts so that "collection in use" or a bad model path
+    is a one-line error, not a lifespan traceback. ``on_ready(url)`` is called once bound.
+    """
+    import uvicorn
+
+    settings.check()
+    resources = load_resources(settings)
+    server_file: Path | None = None
+    try:
+        sock = _bind(host, port)
+        actual = sock.getsockname()[1]
+        url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
+        if settings.collection:
+            server_file = Path(settings.collection) / SERVER_FILE
+            record = {"pid": os.getpid(), "host": host, "port": actual, "url": url,
+                      "api_key_required": settings.api_key is not None, "started": time.time()}
+            tmp = server_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+            os.replace(tmp, server_file)
+        if on_ready is not None:
+            on_ready(url)
+        app = create_app(settings, resources=resources)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if server_file is not None:
+            record = read_server_file(server_file.parent)
+            if record is not None and record.get("pid") == os.getpid():
+                server_file.unlink(missing_ok=True)
+        resources.close()
