@@ -318,6 +318,14 @@ class Engine(ABC):
     def close(self) -> None:
         """Flush and release storage and locks (idempotent)."""
 
+    def optimize(self) -> bool:
+        """Build pending indexes / merge segments now (blocking); True if anything changed.
+
+        Called by the Collection after an ingest call. Engines that index on their own
+        keep this default no-op.
+        """
+        return False
+
     def __enter__(self) -> "Engine":
         return self
 
@@ -352,8 +360,11 @@ class Engine(ABC):
         """The subset of ``ids`` that is stored."""
 
     @abstractmethod
-    def get(self, ids: Sequence[str], *, with_vectors: bool = False) -> list[Record | None]:
-        """Records in input order, None for unknown ids."""
+    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        """Records in input order, None for unknown ids.
+
+        ``with_vectors``: False, True (all three) or a list of names from :data:`MODES`.
+        """
 
     @abstractmethod
     def count(self, filter: Filter | None = None) -> int:

@@ -1,0 +1,410 @@
+"""Embedded engine on Qdrant Edge: one folder, the real Qdrant storage engine in-process.
+
+Why Qdrant Edge: it brings Qdrant's write-ahead log (an ``update()`` is atomic and
+durable when it returns), HNSW, the sparse inverted index, multivector MaxSim and
+payload filters, without a server to start.
+
+Folder layout::
+
+    <path>/manifest.json   the collection manifest (written atomically: tmp + fsync + rename)
+    <path>/owner.pid       pid of the process that holds the collection (for the error message)
+    <path>/shard/          the Qdrant Edge shard (WAL, segments, edge_config.json)
+
+Points: id = UUID5 of the caller's string id (:func:`~m3search.engines.base.point_uuid`);
+payload ``{"id": str, "text": str, "metadata": {...}}``; filters address ``metadata.<field>``.
+Named vectors:
+
+* ``dense``   float32, Dot (vectors are L2-normalized already), HNSW graph;
+* ``sparse``  Qdrant sparse vector (dot product, inverted index);
+* ``colbert`` multivector with MaxSim, NO HNSW graph (``m=0``: token vectors are only
+  read to re-rank candidates), stored as float16 by default and kept on disk
+  (``Memory.Cold``, memory-mapped): at 100k documents of ~136 tokens they would be
+  ~28 GB in float16 at 1024 dims.
+
+ONE PROCESS PER COLLECTION. Qdrant Edge locks its WAL exclusively; a second process (or
+a second open in the same process) gets :class:`CollectionInUseError` naming the
+holder's pid instead of Qdrant's raw ``WouldBlock``. Share a collection between clients
+through one process (the HTTP server), not by opening the folder twice. Within the
+process, Qdrant Edge serves concurrent reads; writes should come from one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+import qdrant_edge as qe
+
+from m3search.engines.base import (
+    MODES,
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    Engine,
+    Hits,
+    PointBatch,
+    QueryVectors,
+    Record,
+    Schema,
+    point_uuid,
+)
+from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+
+__all__ = ["QdrantEdgeEngine", "to_qdrant_filter"]
+
+MANIFEST = "manifest.json"
+PIDFILE = "owner.pid"
+SHARD = "shard"
+_ID_ONLY = qe.PayloadSelector.Include(["id"])
+
+
+def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
+    """Translate the shared filter AST into a Qdrant Edge ``Filter`` over ``metadata.*``."""
+    if f is None:
+        return None
+    node = _condition(f, prefix)
+    return node if isinstance(node, qe.Filter) else qe.Filter(must=[node])
+
+
+def _condition(f: Filter, prefix: str):
+    if isinstance(f, And):
+        return qe.Filter(must=[_condition(x, prefix) for x in f.items])
+    if isinstance(f, Or):
+        return qe.Filter(should=[_condition(x, prefix) for x in f.items])
+    if isinstance(f, Not):
+        return qe.Filter(must_not=[_condition(f.item, prefix)])
+    key = prefix + f.field
+    if isinstance(f, Eq):
+        if isinstance(f.value, float) and not isinstance(f.value, bool):
+            # Qdrant matches keywords, integers and bools; a float equality is a closed range.
+            return qe.FieldCondition(key, range=qe.RangeFloat(gte=f.value, lte=f.value))
+        return qe.FieldCondition(key, match=qe.MatchValue(f.value))
+    if isinstance(f, In):
+        return qe.FieldCondition(key, match=qe.MatchAny(list(f.values)))
+    if isinstance(f, Range):
+        return qe.FieldCondition(key, range=qe.RangeFloat(gte=f.gte, gt=f.gt, lte=f.lte, lt=f.lt))
+    raise TypeError(f"not a filter node: {f!r}")
+
+
+def _fsync_write(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class QdrantEdgeEngine(Engine):
+    """Qdrant Edge shard in a folder (see the module docstring for layout and the lock rule)."""
+
+    name = "qdrant-edge"
+
+    def __init__(self, root: Path, shard: "qe.EdgeShard", schema: Schema, *, hnsw_ef: int | None = None) -> None:
+        self.root = root
+        self.location = str(root)
+        self._shard: qe.EdgeShard | None = shard
+        self.schema = schema
+        self.hnsw_ef = hnsw_ef
+
+    # ------------------------------------------------------------------ lifecycle
+    @staticmethod
+    def _config(schema: Schema) -> "qe.EdgeConfig":
+        dense_hnsw = qe.HnswIndexConfig(m=schema.hnsw_m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000)
+        colbert_dtype = qe.VectorStorageDatatype.Float16 if schema.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
+        return qe.EdgeConfig(
+            vectors={
+                "dense": qe.EdgeVectorParams(
+                    schema.dense_dim,
+                    qe.Distance.Dot,
+                    datatype=qe.VectorStorageDatatype.Float32,
+                    hnsw_config=dense_hnsw,
+                    memory=qe.Memory.Cold if schema.dense_on_disk else qe.Memory.Cached,
+                ),
+                "colbert": qe.EdgeVectorParams(
+                    schema.colbert_dim,
+                    qe.Distance.Dot,
+                    multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
+                    datatype=colbert_dtype,
+                    # m=0: no graph over token vectors; they are read only to re-rank candidates.
+                    hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000),
+                    memory=qe.Memory.Cold if schema.colbert_on_disk else qe.Memory.Cached,
+                ),
+            },
+            sparse_vectors={"sparse": qe.EdgeSparseVectorParams()},
+            hnsw_config=dense_hnsw,
+        )
+
+    @classmethod
+    def exists(cls, location: str, **options: Any) -> bool:
+        return (Path(location) / MANIFEST).is_file()
+
+    @classmethod
+    def create(cls, location: str, schema: Schema, **options: Any) -> "QdrantEdgeEngine":
+        root = Path(location).expanduser()
+        if (root / MANIFEST).is_file():
+            raise CollectionExistsError(f"a collection already exists at {root}")
+        if root.exists() and not root.is_dir():
+            raise CollectionExistsError(f"{root} exists and is not a folder")
+        if root.is_dir() and any(p.name not in (PIDFILE, SHARD) for p in root.iterdir()):
+            raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / SHARD).exists():
+            # Left over by a create that died before its manifest was written: no collection yet.
+            cls._check_not_locked(root)
+            shutil.rmtree(root / SHARD)
+        shard = qe.EdgeShard.create(str(root / SHARD), cls._config(schema))
+        engine = cls(root, shard, schema, **options)
+        engine._write_pid()
+        return engine
+
+    @classmethod
+    def _check_not_locked(cls, root: Path) -> None:
+        try:
+            qe.EdgeShard.load(str(root / SHARD)).close()
+        except Exception as exc:
+            cls._raise_in_use(root, exc)
+            raise
+
+    @classmethod
+    def _raise_in_use(cls, root: Path, exc: BaseException) -> None:
+        if "WouldBlock" not in str(exc):
+            return
+        try:
+            pid = int((root / PIDFILE).read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        who = f"process {pid}" if pid is not None else "another process"
+        raise CollectionInUseError(
+            f"collection at {root} is in use by {who}; a collection is opened by one process at a time "
+            "(stop that process, or send requests to it, e.g. through `m3search serve`)"
+        ) from None
+
+    @classmethod
+    def open(cls, location: str, **options: Any) -> "QdrantEdgeEngine":
+        root = Path(location).expanduser()
+        if not (root / MANIFEST).is_file():
+            if (root / SHARD).is_dir():
+                raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
+            raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        schema = Schema.from_dict(manifest["schema"])
+        try:
+            shard = qe.EdgeShard.load(str(root / SHARD))
+        except Exception as exc:
+            cls._raise_in_use(root, exc)
+            raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
+        engine = cls(root, shard, schema, **options)
+        engine._write_pid()
+        return engine
+
+    def _write_pid(self) -> None:
+        (self.root / PIDFILE).write_text(f"{os.getpid()}\n")
+
+    def close(self) -> None:
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        try:
+            shard.flush()
+        finally:
+            shard.close()
+            try:
+                if (self.root / PIDFILE).read_text().strip() == str(os.getpid()):
+                    (self.root / PIDFILE).unlink()
+            except OSError:
+                pass
+
+    @property
+    def shard(self) -> "qe.EdgeShard":
+        if self._shard is None:
+            raise RuntimeError(f"collection at {self.location} is closed")
+        return self._shard
+
+    def optimize(self) -> bool:
+        """Run Qdrant's segment optimizers (builds the dense HNSW graph); True if anything changed."""
+        return bool(self.shard.optimize())
+
+    # ------------------------------------------------------------------ manifest
+    def read_manifest(self) -> dict | None:
+        p = self.root / MANIFEST
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        _fsync_write(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    # -------------------------------------------------------------------- writes
+    def upsert(self, batch: PointBatch) -> None:
+        batch.validate(self.schema)
+        if not batch.has_vectors:
+            raise ValueError("upsert needs a batch with vectors")
+        sparse = batch.sparse.tocsr()
+        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
+        colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
+        offs = batch.colbert_offsets
+        indptr, indices, data = sparse.indptr, sparse.indices.astype(np.int64), sparse.data.astype(np.float32)
+        points = []
+        for i, doc_id in enumerate(batch.ids):
+            a, b = indptr[i], indptr[i + 1]
+            if offs[i + 1] == offs[i]:
+                raise ValueError(f"document {doc_id!r} has no ColBERT vectors (every encoded text has at least </s>)")
+            vectors = {
+                "dense": dense[i],
+                "sparse": qe.SparseVector(indices[a:b].tolist(), data[a:b].tolist()),
+                "colbert": colbert[offs[i] : offs[i + 1]],
+            }
+            payload = {"id": doc_id, "text": batch.texts[i], "metadata": batch.metadata[i]}
+            points.append(qe.Point(point_uuid(doc_id), vectors, payload))
+        if points:
+            self.shard.update(qe.UpdateOperation.upsert_points(points))  # one WAL record: all or nothing
+
+    def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
+        if len(ids) != len(metadata):
+            raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
+        # One write per distinct metadata value (a single write when all are equal).
+        groups: dict[str, list[str]] = {}
+        for doc_id, meta in zip(ids, metadata):
+            groups.setdefault(json.dumps(meta, sort_keys=True), []).append(point_uuid(doc_id))
+        for key, uuids in groups.items():
+            self.shard.update(qe.UpdateOperation.set_payload(uuids, {"metadata": json.loads(key)}))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if ids:
+            self.shard.update(qe.UpdateOperation.delete_points([point_uuid(i) for i in ids]))
+
+    # --------------------------------------------------------------------- reads
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        back = {point_uuid(i): i for i in ids}
+        found = self.shard.retrieve(list(back), with_payload=False, with_vector=False)
+        return {back[str(r.id)] for r in found}
+
+    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        if not ids:
+            return []
+        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
+        found = self.shard.retrieve([point_uuid(i) for i in ids], with_payload=True, with_vector=vec)
+        by_id = {r.payload["id"]: self._record(r) for r in found}
+        return [by_id.get(i) for i in ids]
+
+    @staticmethod
+    def _record(r) -> Record:
+        p = r.payload
+        rec = Record(p["id"], p.get("text", ""), p.get("metadata") or {})
+        v = r.vector or {}
+        if "dense" in v:
+            rec.dense = np.asarray(v["dense"], dtype=np.float32)
+        if "sparse" in v:
+            s = v["sparse"]
+            rec.sparse = (np.asarray(s.indices, dtype=np.int64), np.asarray(s.values, dtype=np.float32))
+        if "colbert" in v:
+            rec.colbert = np.asarray(v["colbert"], dtype=np.float32)
+        return rec
+
+    def count(self, filter: Filter | None = None) -> int:
+        return int(self.shard.count(qe.CountRequest(exact=True, filter=to_qdrant_filter(filter))))
+
+    def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
+        offset = None
+        while True:
+            records, offset = self.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=batch_size, with_payload=True, with_vector=with_vectors)
+            )
+            if records:
+                yield PointBatch.from_records([self._record(r) for r in records], self.schema.vocab_size)
+            if offset is None or not records:
+                return
+
+    # ------------------------------------------------------------------- queries
+    def _params(self, exact: bool) -> "qe.SearchParams":
+        return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
+
+    def _run(self, requests: list) -> list[list]:
+        if not requests:
+            return []
+        return self.shard.query_batch(qe.QueryBatchRequest(requests))
+
+    @staticmethod
+    def _hits(points) -> Hits:
+        return [(p.payload["id"], float(p.score)) for p in points]
+
+    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+        flt, params = to_qdrant_filter(filter), self._params(exact)
+        reqs = [
+            qe.QueryRequest(limit=k, query=qe.Query.Nearest(row, using="dense"), filter=flt, params=params, with_payload=_ID_ONLY)
+            for row in q
+        ]
+        return [self._hits(r) for r in self._run(reqs)]
+
+    def search_sparse(self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+        q = sp.csr_matrix(q)
+        flt, params = to_qdrant_filter(filter), self._params(exact)
+        out: list[Hits] = [[] for _ in range(q.shape[0])]
+        reqs, rows = [], []
+        for i in range(q.shape[0]):
+            a, b = q.indptr[i], q.indptr[i + 1]
+            if a == b:
+                continue  # an empty query shares no token with anything
+            vec = qe.SparseVector(q.indices[a:b].astype(np.int64).tolist(), q.data[a:b].astype(np.float32).tolist())
+            reqs.append(qe.QueryRequest(limit=k, query=qe.Query.Nearest(vec, using="sparse"), filter=flt, params=params, with_payload=_ID_ONLY))
+            rows.append(i)
+        for i, res in zip(rows, self._run(reqs)):
+            out[i] = self._hits(res)
+        return out
+
+    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
+        """Exact scores where the vectors live: one query per mode, filtered to the candidate ids."""
+        ids = list(ids)
+        n = len(ids)
+        out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
+        if not n:
+            return out
+        pos = {doc_id: j for j, doc_id in enumerate(ids)}
+        only = qe.Filter(must=[qe.HasIdCondition({point_uuid(i) for i in ids})])
+        exact = qe.SearchParams(exact=True)
+        reqs, names = [], []
+        for m in modes:
+            if m == "dense":
+                vec = np.ascontiguousarray(query.dense, dtype=np.float32)
+            elif m == "sparse":
+                if query.sparse_indices is None or len(query.sparse_indices) == 0:
+                    continue
+                vec = qe.SparseVector(np.asarray(query.sparse_indices, np.int64).tolist(), np.asarray(query.sparse_values, np.float32).tolist())
+            elif m == "colbert":
+                vec = np.ascontiguousarray(query.colbert, dtype=np.float32)
+            else:
+                raise ValueError(f"unknown mode {m!r}")
+            reqs.append(qe.QueryRequest(limit=n, query=qe.Query.Nearest(vec, using=m), filter=only, params=exact, with_payload=_ID_ONLY))
+            names.append(m)
+        for m, res in zip(names, self._run(reqs)):
+            arr = out[m]
+            for p in res:
+                arr[pos[p.payload["id"]]] = p.score
+        if "colbert" in out:
+            out["colbert"] /= max(len(query.colbert), 1)  # Qdrant's MaxSim sums; M3 takes the mean
+        if "sparse" in out:
+            # Points sharing no token are not returned: their score is 0 if they exist.
+            missing = np.isnan(out["sparse"])
+            if missing.any():
+                known = next((out[m] for m in ("dense", "colbert") if m in out), None)
+                if known is not None:
+                    exists = ~np.isnan(known)
+                else:
+                    present = self.existing([ids[j] for j in np.flatnonzero(missing)])
+                    exists = np.array([i in present or not missing[j] for j, i in enumerate(ids)])
+                out["sparse"][missing & exists] = 0.0
+        return out

@@ -1,0 +1,114 @@
+"""Score fusion: pure functions over per-mode score arrays of one candidate set.
+
+Why arrays and not ranked lists: every candidate of a search gets all its scores
+computed exactly (no "missing = 0"), so each mode's scores are one float array aligned
+with the candidate ids, and fusion is whole-array maths.
+
+* :func:`weighted` — BGE-M3's formula ``Σ w_m · s_m / Σ w_m`` over the modes used.
+* :func:`rrf` — reciprocal rank fusion, ``Σ w_m / (k + rank_m)`` with 1-based ranks and
+  ``k = 60`` (Cormack et al. 2009). qdrant-client's default constant is 2; ours is
+  stated here and in :data:`RRF_K`.
+* :func:`dbsf` — distribution-based score fusion as in Qdrant: each mode's scores are
+  mapped with ``(s - (μ - 3σ)) / 6σ`` (sample σ; a single candidate or σ = 0 gives 0.5)
+  and the weighted normalized scores are summed.
+
+Ranks and final order break ties by id (ascending), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["RRF_K", "FUSIONS", "weighted", "rrf", "dbsf", "fuse", "contributions", "ranks", "order"]
+
+#: The RRF constant used by m3search (qdrant-client uses 2 by default).
+RRF_K = 60
+
+FUSIONS = ("weighted", "rrf", "dbsf")
+
+
+def _as_arrays(scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    return {m: np.asarray(s, dtype=np.float64) for m, s in scores.items()}
+
+
+def order(ids: Sequence[str], fused: np.ndarray) -> np.ndarray:
+    """Indices sorting candidates by fused score descending, then id ascending."""
+    # lexsort's last key is primary; ids (as a unicode array) break ties.
+    return np.lexsort((np.asarray(list(ids), dtype=str), -np.asarray(fused, np.float64)))
+
+
+def ranks(ids: Sequence[str], s: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate in one mode's list (score desc, then id)."""
+    r = np.empty(len(s), dtype=np.int64)
+    r[order(ids, s)] = np.arange(1, len(s) + 1)
+    return r
+
+
+def weighted(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> np.ndarray:
+    """``Σ w_m · s_m / Σ w_m`` over the modes in ``scores`` (weights must not sum to 0)."""
+    arrs = _as_arrays(scores)
+    total = float(sum(weights[m] for m in arrs))
+    if total <= 0:
+        raise ValueError("the weights of the modes used sum to 0")
+    out = sum(weights[m] * arrs[m] for m in arrs)
+    return np.asarray(out, dtype=np.float64) / total
+
+
+def rrf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str], k: int = RRF_K) -> np.ndarray:
+    """Weighted reciprocal rank fusion over the candidates: ``Σ w_m / (k + rank_m)``."""
+    arrs = _as_arrays(scores)
+    n = len(ids)
+    out = np.zeros(n, dtype=np.float64)
+    for m, s in arrs.items():
+        out += weights[m] / (k + ranks(ids, s))
+    return out
+
+
+def _dbsf_normalize(s: np.ndarray) -> np.ndarray:
+    if len(s) <= 1:
+        return np.full(len(s), 0.5)
+    std = float(np.std(s, ddof=1))
+    if std == 0.0:
+        return np.full(len(s), 0.5)
+    low = float(np.mean(s)) - 3 * std
+    return (s - low) / (6 * std)
+
+
+def dbsf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> np.ndarray:
+    """Distribution-based score fusion (Qdrant's mean ± 3σ normalization), weighted sum."""
+    arrs = _as_arrays(scores)
+    n = len(next(iter(arrs.values()))) if arrs else 0
+    out = np.zeros(n, dtype=np.float64)
+    for m, s in arrs.items():
+        out += weights[m] * _dbsf_normalize(s)
+    return out
+
+
+def fuse(method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]) -> np.ndarray:
+    """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`)."""
+    if method == "weighted":
+        return weighted(scores, weights)
+    if method == "rrf":
+        return rrf(scores, weights, ids)
+    if method == "dbsf":
+        return dbsf(scores, weights)
+    raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")
+
+
+def contributions(
+    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Each mode's additive share of the fused score (they sum to :func:`fuse`'s result, up to rounding)."""
+    arrs = _as_arrays(scores)
+    if method == "weighted":
+        total = float(sum(weights[m] for m in arrs))
+        if total <= 0:
+            raise ValueError("the weights of the modes used sum to 0")
+        return {m: weights[m] * s / total for m, s in arrs.items()}
+    if method == "rrf":
+        return {m: weights[m] / (RRF_K + ranks(ids, s)) for m, s in arrs.items()}
+    if method == "dbsf":
+        return {m: weights[m] * _dbsf_normalize(s) for m, s in arrs.items()}
+    raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")

@@ -1,0 +1,150 @@
+"""Search modes as named presets, and the validated plan of one search call.
+
+Why a separate module: the CLI, the HTTP server and :meth:`Collection.search` all take
+the same ``mode`` / ``fusion`` / ``weights`` / ``k`` / ``candidates`` / ``filter``
+arguments; validating them once here gives every front end the same errors.
+
+Modes (the scenario table of BGE-M3's paper, as presets):
+
+=================  ===============================================  ========================
+mode               when                                             candidates
+=================  ===============================================  ========================
+``dense``          general semantic search, cross-lingual           dense top-k
+``sparse``         keywords, product names, model numbers           sparse top-k
+``colbert``        ColBERT MaxSim re-ranking                        union of dense and sparse
+``dense+sparse``   semantic + keyword                               union of dense and sparse
+``dense+colbert``  legal / precise clause matching                  union of dense and sparse
+``all``            the default: all three                           union of dense and sparse
+=================  ===============================================  ========================
+
+Any ``+``-joined subset of ``dense``, ``sparse``, ``colbert`` is accepted (order does
+not matter, so FlagEmbedding's ``"colbert+sparse+dense"`` works). Re-ranking modes
+(all but ``dense`` and ``sparse``) take the union of the dense and sparse top-
+``candidates`` lists and compute every score of every candidate exactly.
+
+``weights`` is always the 3-tuple (dense, sparse, colbert); entries for modes not in
+``mode`` are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from m3search.engines.base import MODES
+from m3search.filters import Filter, parse_filter
+from m3search.fusion import FUSIONS
+
+__all__ = ["PRESETS", "DEFAULT_WEIGHTS", "DEFAULT_CANDIDATES", "SearchPlan", "parse_mode", "check_weights", "check_query"]
+
+#: Named modes and what they are for (shown by the CLI).
+PRESETS: dict[str, str] = {
+    "dense": "general semantic search, cross-lingual",
+    "sparse": "keywords, product names and model numbers",
+    "colbert": "ColBERT MaxSim re-ranking of dense+sparse candidates",
+    "dense+sparse": "semantic and keyword evidence together",
+    "dense+colbert": "legal / precise clause matching",
+    "all": "dense + sparse + ColBERT (the default)",
+}
+
+#: BGE-M3's paper weights (dense, sparse, colbert).
+DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)
+
+#: Candidates per first-stage list (dense top-C ∪ sparse top-C). Measured on the proxy
+#: model (see README "Choosing candidates"): the union at 100 keeps recall@10 against
+#: an exhaustive oracle at >= 0.99 in `all` mode.
+DEFAULT_CANDIDATES = 100
+
+
+def parse_mode(mode: Any) -> tuple[str, ...]:
+    """``"dense+colbert"`` -> ``("dense", "colbert")`` (canonical order); ValueError if unknown."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a string such as 'all' or 'dense+sparse', not {type(mode).__name__}")
+    name = mode.strip().lower()
+    if name == "all":
+        return MODES
+    parts = [p.strip() for p in name.split("+")]
+    bad = [p for p in parts if p not in MODES]
+    if bad or not parts or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"unknown mode {mode!r}: use one of {', '.join(PRESETS)} (or a '+'-joined subset of dense, sparse, colbert)"
+        )
+    return tuple(m for m in MODES if m in parts)
+
+
+def check_weights(weights: Any) -> tuple[float, float, float]:
+    """Validate the (dense, sparse, colbert) weights: three finite, non-negative numbers."""
+    if weights is None:
+        return DEFAULT_WEIGHTS
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}")
+    if len(weights) != 3:
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}")
+    out = []
+    for name, w in zip(MODES, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weight for {name} must be a finite number, got {w!r}")
+        if w < 0:
+            raise ValueError(f"weight for {name} must not be negative, got {w!r}")
+        out.append(float(w))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def check_query(query: Any) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a string, not {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty")
+    return query
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A validated search request (everything but the query text)."""
+
+    modes: tuple[str, ...]
+    fusion: str
+    weights: tuple[float, float, float]
+    k: int
+    candidates: int
+    filter: Filter | None
+    explain: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        k: Any = 10,
+        mode: Any = "all",
+        fusion: Any = "weighted",
+        weights: Any = None,
+        candidates: Any = None,
+        filter: Any = None,
+        explain: bool = False,
+        default_candidates: int = DEFAULT_CANDIDATES,
+        default_weights: Sequence[float] = DEFAULT_WEIGHTS,
+    ) -> "SearchPlan":
+        modes = parse_mode(mode)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+        w = check_weights(default_weights if weights is None else weights)
+        if sum(w[MODES.index(m)] for m in modes) <= 0:
+            raise ValueError(f"weights {w} give zero total weight to the modes of {mode!r}")
+        k = _positive_int("k", k)
+        c = default_candidates if candidates is None else _positive_int("candidates", candidates)
+        return cls(modes, fusion, w, k, max(c, k), parse_filter(filter), bool(explain))
+
+    @property
+    def reranks(self) -> bool:
+        """True when candidates come from the union of dense and sparse lists."""
+        return self.modes not in (("dense",), ("sparse",))
+
+    def weight_map(self) -> dict[str, float]:
+        return dict(zip(MODES, self.weights))
