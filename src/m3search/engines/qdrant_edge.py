@@ -84,6 +84,10 @@ def _condition(f: Filter, prefix: str):
         if isinstance(f.value, float) and not isinstance(f.value, bool):
             # Qdrant matches keywords, integers and bools; a float equality is a closed range.
             return qe.FieldCondition(key, range=qe.RangeFloat(gte=f.value, lte=f.value))
+        if isinstance(f.value, bool):
+            # qdrant-edge-py 0.9 turns a Python bool into the integer 1/0 (which never matches
+            # a stored JSON boolean); numpy's bool_ reaches Qdrant as a real bool.
+            return qe.FieldCondition(key, match=qe.MatchValue(np.bool_(f.value)))
         return qe.FieldCondition(key, match=qe.MatchValue(f.value))
     if isinstance(f, In):
         return qe.FieldCondition(key, match=qe.MatchAny(list(f.values)))

@@ -1,0 +1,161 @@
+"""The shared filter grammar: parsing, errors, reference semantics, and Qdrant Edge congruence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from m3search.filters import And, Eq, In, Not, Or, Range, matches, parse_filter, to_json
+
+
+def test_shorthand_and_operators():
+    assert parse_filter({"lang": "en"}) == Eq("lang", "en")
+    assert parse_filter({"lang": {"eq": "en"}}) == Eq("lang", "en")
+    assert parse_filter({"n": {"in": [1, 2]}}) == In("n", (1, 2))
+    assert parse_filter({"y": {"gte": 1990, "lt": 2000}}) == Range("y", gte=1990, lt=2000)
+    assert parse_filter({"a": 1, "b": True}) == And((Eq("a", 1), Eq("b", True)))
+    assert parse_filter({"or": [{"a": 1}, {"not": {"b": "x"}}]}) == Or((Eq("a", 1), Not(Eq("b", "x"))))
+    assert parse_filter({"and": [{"a": 1}]}) == Eq("a", 1)
+    assert parse_filter({"x": {"eq": 2, "lt": 5}}) == And((Eq("x", 2), Range("x", lt=5)))
+    assert parse_filter({"author.name": "Ada"}) == Eq("author.name", "Ada")
+
+
+def test_no_filter_and_json_string():
+    assert parse_filter(None) is None
+    assert parse_filter({}) is None
+    assert parse_filter("") is None
+    assert parse_filter('{"lang": "en"}') == Eq("lang", "en")
+    f = Eq("a", 1)
+    assert parse_filter(f) is f
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"x": {"foo": 1}}, "unknown operator 'foo'"),
+        ({"x": {"gt": "a"}}, "finite number"),
+        ({"x": {"gt": True}}, "finite number"),
+        ({"x": {"gt": float("nan")}}, "finite number"),
+        ({"x": {"gt": 1, "gte": 2}}, "at most one lower bound"),
+        ({"x": {"in": []}}, "non-empty"),
+        ({"x": {"in": "ab"}}, "needs a list"),
+        ({"x": {"in": [1, "a"]}}, "all strings or all integers"),
+        ({"x": {"in": [1.5]}}, "all strings or all integers"),
+        ({"x": [1, 2]}, "use {'in'"),
+        ({"x": None}, "string, number or boolean"),
+        ({"x": {}}, "empty operator"),
+        ({"or": []}, "non-empty list"),
+        ({"and": {"a": 1}}, "non-empty list"),
+        ({"not": [{"a": 1}]}, "expected a JSON object"),
+        ({"": 1}, "invalid field name"),
+        ({"a..b": 1}, "invalid field name"),
+        ({"a[]": 1}, "invalid field name"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_malformed_filters_name_the_problem(bad, words):
+    with pytest.raises(ValueError) as exc:
+        parse_filter(bad)
+    assert words in str(exc.value)
+
+
+def test_non_object_is_type_error():
+    with pytest.raises(TypeError):
+        parse_filter([{"a": 1}])
+    with pytest.raises(TypeError):
+        parse_filter(3)
+
+
+def test_json_round_trip():
+    f = parse_filter({"lang": "en", "y": {"gte": 1, "lt": 3.5}, "or": [{"t": {"in": ["a", "b"]}}, {"not": {"n": 2.5}}]})
+    assert parse_filter(json.loads(json.dumps(to_json(f)))) == f
+
+
+def test_reference_semantics():
+    meta = {"lang": "en", "year": 1995, "tags": ["a", "b"], "author": {"name": "Ada"}, "flag": True, "score": 0.5}
+    assert matches(parse_filter({"lang": "en"}), meta)
+    assert matches(parse_filter({"tags": "b"}), meta)  # any element of a list
+    assert matches(parse_filter({"author.name": "Ada"}), meta)
+    assert not matches(parse_filter({"missing": 1}), meta)
+    assert matches(parse_filter({"not": {"missing": 1}}), meta)  # missing field never matches, so not() keeps it
+    assert not matches(parse_filter({"flag": 1}), meta)  # bools are not integers
+    assert matches(parse_filter({"score": 0.5}), meta)
+    assert matches(parse_filter({"year": {"gt": 1990, "lte": 1995}}), meta)
+    assert not matches(parse_filter({"lang": {"gt": 1}}), meta)
+
+
+# ---------------------------------------------------------------- engine congruence
+LANGS = ["en", "de", "fr", "zh"]
+
+
+def random_meta(rng, i):
+    m = {"lang": str(rng.choice(LANGS)), "year": int(rng.integers(1980, 2020)), "score": float(np.round(rng.random(), 2))}
+    if rng.random() < 0.5:
+        m["tags"] = [str(t) for t in rng.choice(["x", "y", "z"], size=int(rng.integers(1, 3)), replace=False)]
+    if rng.random() < 0.3:
+        m["author"] = {"name": str(rng.choice(["Ada", "Alan"]))}
+    if rng.random() < 0.2:
+        m["flag"] = bool(rng.random() < 0.5)
+    if i % 17 == 0:
+        m = {}  # documents without metadata
+    return m
+
+
+FILTERS = [
+    {"lang": "en"},
+    {"lang": {"in": ["de", "fr"]}},
+    {"year": {"gte": 2000}},
+    {"year": {"gt": 1990, "lt": 2000}},
+    {"score": {"lte": 0.25}},
+    {"score": 0.5},
+    {"lang": "zh", "year": {"lt": 2005}},
+    {"or": [{"lang": "en"}, {"year": {"gte": 2015}}]},
+    {"not": {"lang": "en"}},
+    {"not": {"or": [{"lang": "en"}, {"lang": "de"}]}},
+    {"tags": "x"},
+    {"tags": {"in": ["y", "z"]}},
+    {"author.name": "Ada"},
+    {"flag": True},
+    {"flag": False},
+    {"year": 2001.0},
+    {"and": [{"year": {"gte": 1985}}, {"or": [{"tags": "z"}, {"not": {"author.name": "Alan"}}]}]},
+    {"year": {"in": [1990, 1991, 1992]}},
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from m3search.engines.base import PointBatch, Schema
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+
+    rng = np.random.default_rng(0)
+    n, d, vocab = 200, 8, 50
+    schema = Schema(dense_dim=d, colbert_dim=d, vocab_size=vocab)
+    eng = QdrantEdgeEngine.create(str(tmp_path_factory.mktemp("flt") / "c"), schema)
+    eng.write_manifest({"schema": schema.to_dict()})
+    dense = rng.normal(size=(n, d)).astype(np.float32)
+    dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+    sparse = sp.random(n, vocab, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    offs = np.arange(n + 1, dtype=np.int64) * 2
+    colbert = rng.normal(size=(2 * n, d)).astype(np.float32)
+    metas = [random_meta(rng, i) for i in range(n)]
+    ids = [f"p{i}" for i in range(n)]
+    eng.upsert(PointBatch(ids, [""] * n, metas, dense, sparse, colbert, offs))
+    yield eng, ids, metas, dense
+    eng.close()
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=[json.dumps(f) for f in FILTERS])
+def test_qdrant_edge_filter_matches_reference(engine, flt):
+    eng, ids, metas, dense = engine
+    f = parse_filter(flt)
+    want = {i for i, m in zip(ids, metas) if matches(f, m)}
+    assert eng.count(f) == len(want)
+    # Applied inside the query: k hits come back when at least k documents match.
+    hits = eng.search_dense(dense[:1], k=len(ids), filter=f, exact=True)[0]
+    assert {h for h, _ in hits} == want
+    k = min(5, len(want))
+    assert len(eng.search_dense(dense[:1], k=k, filter=f)[0]) == k

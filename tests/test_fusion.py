@@ -1,0 +1,74 @@
+"""Fusion functions: BGE-M3's weighted formula, RRF (k = 60) and DBSF, checked by hand and against qdrant-client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m3search.fusion import RRF_K, contributions, dbsf, fuse, order, ranks, rrf, weighted
+
+W = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
+
+
+def test_weighted_is_bge_m3_formula():
+    s = {"dense": [0.5, 0.7], "sparse": [0.1, 0.0], "colbert": [0.6, 0.2]}
+    np.testing.assert_allclose(weighted(s, W), [(0.4 * 0.5 + 0.2 * 0.1 + 0.4 * 0.6) / 1.0, (0.4 * 0.7 + 0.4 * 0.2) / 1.0])
+    # Only the modes present count in the denominator.
+    np.testing.assert_allclose(weighted({"dense": [0.5], "sparse": [0.1]}, W), [(0.4 * 0.5 + 0.2 * 0.1) / 0.6])
+    with pytest.raises(ValueError, match="sum to 0"):
+        weighted({"sparse": [1.0]}, {"sparse": 0.0})
+
+
+def test_rrf_constant_is_60_and_ranks_are_one_based():
+    assert RRF_K == 60
+    ids = ["a", "b", "c"]
+    s = {"dense": [0.9, 0.8, 0.1], "sparse": [0.0, 0.5, 0.7]}
+    got = rrf(s, {"dense": 1.0, "sparse": 2.0}, ids)
+    want = [1 / 61 + 2 / 63, 1 / 62 + 2 / 62, 1 / 63 + 2 / 61]
+    np.testing.assert_allclose(got, want)
+
+
+def test_ties_break_by_id():
+    ids = ["b", "a", "c", "aa"]
+    fused = np.array([1.0, 1.0, 2.0, 1.0])
+    assert [ids[i] for i in order(ids, fused)] == ["c", "a", "aa", "b"]
+    assert ranks(ids, fused).tolist() == [4, 2, 1, 3]
+
+
+def test_contributions_sum_to_fused():
+    rng = np.random.default_rng(0)
+    ids = [f"d{i}" for i in range(30)]
+    s = {m: rng.random(30) for m in W}
+    for method in ("weighted", "rrf", "dbsf"):
+        parts = contributions(method, s, W, ids)
+        np.testing.assert_allclose(sum(parts.values()), fuse(method, s, W, ids), atol=1e-12)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse("max", s, W, ids)
+
+
+def test_dbsf_degenerate_lists():
+    assert dbsf({"dense": [0.3]}, {"dense": 1.0}).tolist() == [0.5]
+    assert dbsf({"dense": [0.3, 0.3]}, {"dense": 1.0}).tolist() == [0.5, 0.5]
+
+
+def _scored(models, ids, scores):
+    return [models.ScoredPoint(id=i, version=0, score=float(s)) for i, s in sorted(zip(ids, scores), key=lambda t: -t[1])]
+
+
+def test_congruent_with_qdrant_client():
+    """Same numbers as qdrant-client's own fusion (their RRF constant k' = ours + 1: 0-based positions)."""
+    qc = pytest.importorskip("qdrant_client.hybrid.fusion")
+    from qdrant_client.http import models
+
+    rng = np.random.default_rng(1)
+    n = 40
+    ids = list(range(n))
+    s = {"dense": rng.normal(size=n), "sparse": rng.random(n)}
+    ones = {"dense": 1.0, "sparse": 1.0}
+    sids = [str(i) for i in ids]
+    lists = [_scored(models, ids, s[m]) for m in s]
+    ref = {p.id: p.score for p in qc.reciprocal_rank_fusion(lists, limit=n, ranking_constant_k=RRF_K + 1)}
+    np.testing.assert_allclose(rrf(s, ones, sids), [ref[i] for i in ids], rtol=1e-12)
+    lists = [_scored(models, ids, s[m]) for m in s]
+    ref = {p.id: p.score for p in qc.distribution_based_score_fusion(lists, limit=n)}
+    np.testing.assert_allclose(dbsf(s, ones), [ref[i] for i in ids], rtol=1e-9)
