@@ -1,0 +1,200 @@
+"""M3Encoder's structure: batching restores order, pooling semantics, views, errors."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from m3search import M3Encoder, ModelLoadError, TruncationWarning
+from m3search.scoring import (
+    colbert_score,
+    colbert_scores,
+    dense_scores,
+    lexical_scores,
+    pair_colbert_scores,
+    pair_dense_scores,
+    pair_lexical_scores,
+)
+
+TEXTS = [
+    "Aerodynamic heating of a slender body in hypersonic flow.",
+    "",
+    "Die schnelle braune Katze springt über den faulen Hund am Fluss, und der Hund schläft weiter.",
+    "敏捷的棕色狐狸跳过了河边的懒狗。",
+    "short",
+    "الثعلب البني السريع يقفز فوق الكلب الكسول بجانب النهر. " * 12,
+    "the the the the boundary boundary layer",
+]
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_encoder):
+    return tiny_encoder.encode(TEXTS)
+
+
+def test_shapes_and_offsets(tiny_encoder, embedded):
+    n = len(TEXTS)
+    assert embedded.dense.shape == (n, tiny_encoder.hidden_size)
+    assert embedded.dense.dtype == np.float32
+    assert np.allclose(np.linalg.norm(embedded.dense, axis=1), 1, atol=1e-5)
+    assert embedded.sparse.shape == (n, tiny_encoder.vocab_size)
+    assert embedded.colbert_offsets.shape == (n + 1,)
+    # every position after [CLS] is a ColBERT vector, </s> included
+    assert np.array_equal(np.diff(embedded.colbert_offsets), embedded.n_tokens - 1)
+    assert np.allclose(np.linalg.norm(embedded.colbert, axis=1), 1, atol=1e-5)
+    assert embedded.truncated == 0
+
+
+def test_batching_restores_input_order(tiny_encoder, embedded):
+    """Length-sorted, budget-limited batches must give each text what it gets alone."""
+    small_budget = M3Encoder(
+        tiny_encoder.model, tiny_encoder.colbert_linear, tiny_encoder.sparse_linear, tiny_encoder.tokenizer,
+        folder=tiny_encoder.folder, name_or_path="x", device=tiny_encoder.device, dtype=tiny_encoder.dtype,
+        token_budget=64,
+    )
+    assert len(small_budget.plan_batches(embedded.n_tokens)) > 2
+    batched = small_budget.encode(TEXTS, batch_size=2)
+    for i, text in enumerate(TEXTS):
+        alone = tiny_encoder.encode(text)
+        assert np.allclose(batched.dense[i], alone.dense[0], atol=1e-5)
+        assert np.allclose(batched.colbert_vecs[i], alone.colbert_vecs[0], atol=1e-5)
+        a, b = batched.sparse[i], alone.sparse[0]
+        assert np.array_equal(a.indices, b.indices)
+        assert np.allclose(a.data, b.data, atol=1e-5)
+
+
+def test_lexical_weights_are_max_pooled_without_specials(tiny_encoder, embedded):
+    import torch
+
+    text = TEXTS[-1]  # repeated tokens
+    ids = tiny_encoder.tokenizer.encode(text).ids
+    t = torch.tensor([ids])
+    with torch.inference_mode():
+        h = tiny_encoder.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state.float()
+        w = torch.relu(tiny_encoder.sparse_linear(h)).squeeze(-1)[0].numpy()
+    expected: dict[int, float] = {}
+    for tok, weight in zip(ids, w):
+        if tok in (0, 1, 2, 3) or weight <= 0:
+            continue
+        expected[tok] = max(expected.get(tok, 0.0), float(weight))
+    got = embedded.lexical_weights[-1]
+    assert set(got) == {str(k) for k in expected}
+    for k, v in expected.items():
+        assert got[str(k)] == pytest.approx(v, abs=1e-6)
+    assert len(set(ids)) < len(ids), "fixture text should repeat a token"
+    assert embedded.sparse[1].nnz == 0  # the empty string has no lexical weights
+
+
+def test_subset_views(embedded):
+    sub = embedded[[5, 0]]
+    assert len(sub) == 2
+    assert np.array_equal(sub.dense[0], embedded.dense[5])
+    assert np.array_equal(sub.colbert_vecs[1], embedded.colbert_vecs[0])
+    assert (sub.sparse[0] != embedded.sparse[5]).nnz == 0
+    assert len(embedded[2:4]) == 2 and len(embedded[3]) == 1
+
+
+def test_convert_id_to_token(tiny_encoder, embedded):
+    readable = tiny_encoder.convert_id_to_token(embedded.lexical_weights[0])
+    assert all(isinstance(k, str) and k for k in readable)
+    assert sorted(readable.values()) == sorted(embedded.lexical_weights[0].values())
+
+
+def test_scoring_matches_brute_force(embedded):
+    q, d = embedded[[0, 2]], embedded
+    assert np.allclose(dense_scores(q.dense, d.dense), q.dense @ d.dense.T, atol=1e-6)
+    lw_q, lw_d = q.lexical_weights, d.lexical_weights
+    brute = np.array([[sum(w * b.get(t, 0.0) for t, w in a.items()) for b in lw_d] for a in lw_q])
+    assert np.allclose(lexical_scores(q.sparse, d.sparse), brute, atol=1e-6)
+    cb = colbert_scores(q.colbert, q.colbert_offsets, d.colbert, d.colbert_offsets)
+    brute = np.array([[colbert_score(a, b) for b in d.colbert_vecs] for a in q.colbert_vecs])
+    assert np.allclose(cb, brute, atol=1e-6)
+    # row-wise variants agree with the diagonal of the full matrices
+    p = embedded[[1, 3, 5]]
+    assert np.allclose(pair_dense_scores(q.dense[[0, 1, 1]], p.dense), np.diag(dense_scores(q.dense[[0, 1, 1]], p.dense)))
+    assert np.allclose(pair_lexical_scores(q.sparse[[0, 1, 1]], p.sparse), np.diag(lexical_scores(q.sparse[[0, 1, 1]], p.sparse)))
+    qq = q[[0, 1, 1]]
+    full = colbert_scores(qq.colbert, qq.colbert_offsets, p.colbert, p.colbert_offsets)
+    assert np.allclose(pair_colbert_scores(qq.colbert, qq.colbert_offsets, p.colbert, p.colbert_offsets), np.diag(full), atol=1e-6)
+
+
+def test_compute_score_keys_and_weights(tiny_encoder):
+    pairs = [(TEXTS[0], TEXTS[2]), (TEXTS[4], TEXTS[5])]
+    s = tiny_encoder.compute_score(pairs, weights=(1, 2, 3))
+    assert set(s) == {"dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"}
+    for i in range(2):
+        assert s["sparse+dense"][i] == pytest.approx((s["dense"][i] + 2 * s["sparse"][i]) / 3, abs=1e-6)
+        assert s["colbert+sparse+dense"][i] == pytest.approx(
+            (s["dense"][i] + 2 * s["sparse"][i] + 3 * s["colbert"][i]) / 6, abs=1e-6
+        )
+    one = tiny_encoder.compute_score(pairs[0], weights=(1, 2, 3))
+    assert one["dense"] == pytest.approx(s["dense"][0], abs=1e-6)
+    with pytest.raises(ValueError):
+        tiny_encoder.compute_score(pairs, weights=(1, 2))
+    with pytest.raises(ValueError):
+        tiny_encoder.compute_score(pairs, weights=(1, -1, 1))
+
+
+def test_truncation_warns_with_count(tiny_encoder):
+    long = "word " * 5000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tiny_encoder.encode([long, "short", long], max_length=8192)
+    msgs = [w for w in caught if issubclass(w.category, TruncationWarning)]
+    assert len(msgs) == 1 and "2 of 3" in str(msgs[0].message)
+    assert out.n_tokens.max() == tiny_encoder.max_length == 512
+    assert out.truncated == 2
+
+
+@pytest.mark.parametrize("bad,exc", [(None, TypeError), ([], ValueError), (["a", 3], TypeError), (b"x", TypeError), (5, TypeError)])
+def test_bad_texts(tiny_encoder, bad, exc):
+    with pytest.raises(exc):
+        tiny_encoder.encode(bad)
+
+
+def test_bad_arguments(tiny_encoder):
+    with pytest.raises(ValueError):
+        tiny_encoder.encode("x", dense=False, sparse=False, colbert=False)
+    with pytest.raises(ValueError):
+        tiny_encoder.encode("x", max_length=0)
+    with pytest.raises(ValueError):
+        tiny_encoder.encode("x", batch_size=0)
+
+
+def test_missing_heads_is_a_clear_error(tiny_model_path, tmp_path):
+    broken = tmp_path / "no-heads"
+    shutil.copytree(tiny_model_path, broken)
+    (broken / "sparse_linear.pt").unlink()
+    with pytest.raises(ModelLoadError, match="sparse_linear.pt"):
+        M3Encoder.from_pretrained(str(broken), dtype="float32")
+
+
+def test_missing_local_folder_and_offline_hub(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        M3Encoder.from_pretrained(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="local folder"):
+        M3Encoder.from_pretrained("someone/not-cached-model")
+
+
+def test_identity_is_stable_and_path_independent(tiny_encoder, tiny_model_path, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_path, copy)
+    other = M3Encoder.from_pretrained(str(copy), dtype="float32")
+    assert other.identity == tiny_encoder.identity
+    sp_state = __import__("torch").load(copy / "sparse_linear.pt")
+    sp_state["bias"] += 1
+    __import__("torch").save(sp_state, copy / "sparse_linear.pt")
+    assert M3Encoder.from_pretrained(str(copy), dtype="float32").identity != tiny_encoder.identity
+
+
+def test_encode_does_not_change_model_state(tiny_encoder):
+    before = (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype)
+    tiny_encoder.encode(["a", "b"])
+    assert (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype) == before
+    assert isinstance(tiny_encoder.encode("x").sparse, sp.csr_matrix)
