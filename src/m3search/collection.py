@@ -655,6 +655,9 @@ class Collection:
         prod = qw * dw
         idx = np.argsort(-prod, kind="stable")
         tokens = self.encoder.convert_id_to_token([int(t) for t in common[idx]])
+        raw = getattr(getattr(self.encoder, "tokenizer", None), "id_to_token", None)
+        if raw is not None:  # a piece that decodes to whitespace (e.g. "▁") shows as itself
+            tokens = [t if t.strip() else (raw(int(common[i])) or t) for t, i in zip(tokens, idx)]
         return [
             {"token": tok, "token_id": int(common[i]), "query_weight": float(qw[i]), "doc_weight": float(dw[i]), "product": float(prod[i])}
             for tok, i in zip(tokens, idx)

@@ -1,0 +1,243 @@
+"""Collection lifecycle, CRUD, search arguments, bad input and the one-process lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from m3search import Collection, Hit
+from m3search.collection import CollectionExistsError, CollectionInUseError, CollectionNotFoundError, ModelMismatchError
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Retrieval systems combine dense, sparse and multi-vector representations.",
+    "Die schnelle braune Katze springt über den faulen Hund am Fluss.",
+    "Aerodynamic heating of a slender body in hypersonic flow at high Mach number.",
+    "The boundary layer transition depends on the Reynolds number and pressure gradient.",
+    "Prime minister announced new elections after the parliament vote in the capital.",
+    "",
+]
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+META = [{"lang": "de" if i == 2 else "en", "n": i, "topic": "aero" if i in (3, 4) else "misc"} for i in range(len(TEXTS))]
+
+
+@pytest.fixture
+def col(tmp_path, tiny_encoder):
+    c = Collection.create(tmp_path / "col", model=tiny_encoder)
+    c.add(TEXTS, ids=IDS, metadata=META)
+    yield c
+    c.close()
+
+
+def test_create_add_reopen(tmp_path, tiny_encoder, tiny_model_path):
+    path = tmp_path / "c"
+    c = Collection.create(path, model=tiny_encoder, batch_size=2)
+    assert c.add(TEXTS[:3], ids=IDS[:3]) == IDS[:3]
+    generated = c.add(["no id given"])
+    assert len(generated) == 1 and isinstance(generated[0], str)
+    c.close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model"]["identity"] == tiny_encoder.identity
+    assert manifest["schema"]["colbert_dtype"] == "float16"
+    assert manifest["schema"]["dense_dim"] == tiny_encoder.hidden_size
+    assert manifest["settings"]["batch_size"] == 2
+    with Collection.open(path) as c2:  # model=None: the recorded model, loaded lazily
+        assert c2.count() == 4
+        assert c2.search("brown fox", k=1)[0].id == "d0"
+    with Collection.open(path, model=str(tiny_model_path)) as c3:
+        assert c3.count() == 4
+    with pytest.raises(CollectionExistsError):
+        Collection.create(path, model=tiny_encoder)
+
+
+def test_open_with_other_model_is_clear_error(tmp_path, tiny_encoder, tiny_alt_model_path):
+    path = tmp_path / "c"
+    Collection.create(path, model=tiny_encoder).close()
+    with pytest.raises(ModelMismatchError, match="was built with model"):
+        Collection.open(path, model=str(tiny_alt_model_path))
+    # The failed open released the lock.
+    Collection.open(path).close()
+
+
+def test_open_missing_and_model_from_env(tmp_path, tiny_model_path, monkeypatch):
+    with pytest.raises(CollectionNotFoundError, match="no collection"):
+        Collection.open(tmp_path / "nothing")
+    monkeypatch.delenv("M3SEARCH_MODEL", raising=False)
+    with pytest.raises(ValueError, match="M3SEARCH_MODEL"):
+        Collection.create(tmp_path / "x")
+    monkeypatch.setenv("M3SEARCH_MODEL", str(tiny_model_path))
+    with Collection.create(tmp_path / "y", device="cpu", dtype="float32") as c:
+        assert c.manifest["model"]["folder"] == str(tiny_model_path.resolve())
+    with pytest.raises(TypeError, match="unknown collection setting"):
+        Collection.create(tmp_path / "z", colbert_dtyp="float32")
+
+
+def test_add_rejects_existing_ids_and_writes_nothing(col):
+    with pytest.raises(ValueError, match=r"already exist: \['d1'\]") as exc:
+        col.add(["new one", "dup"], ids=["fresh", "d1"])
+    assert "nothing was written" in str(exc.value)
+    assert col.get(["fresh"]) == [None]
+    assert col.count() == len(TEXTS)
+    with pytest.raises(ValueError, match="duplicate ids"):
+        col.add(["a", "b"], ids=["x", "x"])
+    with pytest.raises(ValueError, match="2 texts but 1 ids"):
+        col.add(["a", "b"], ids=["x"])
+    with pytest.raises(TypeError, match="strings"):
+        col.add(["a", 3])
+    with pytest.raises(TypeError, match=r"metadata\[0\]"):
+        col.add(["a"], metadata=["not a dict"])
+    with pytest.raises(ValueError, match="JSON"):
+        col.add(["a"], metadata=[{"x": float("nan")}])
+    assert col.add([]) == []
+    assert col.count() == len(TEXTS)
+
+
+def test_upsert_get_update_delete(col):
+    col.upsert(["replaced text"], ids=["d1"], metadata=[{"lang": "xx"}])
+    r = col.get(["zz", "d1", "d0"])
+    assert r[0] is None and r[1].text == "replaced text" and r[1].metadata == {"lang": "xx"} and r[2].id == "d0"
+    assert col.count() == len(TEXTS)
+    col.update_metadata(["d0", "d2"], {"lang": "fr"})
+    col.update_metadata(["d3", "d4"], [{"k": 1}, {"k": 2}])
+    got = col.get(["d0", "d2", "d3", "d4"])
+    assert [g.metadata for g in got] == [{"lang": "fr"}, {"lang": "fr"}, {"k": 1}, {"k": 2}]
+    assert got[0].text == TEXTS[0]  # text and vectors untouched
+    assert col.search("brown fox", k=1, filter={"lang": "fr"})[0].id == "d0"
+    with pytest.raises(ValueError, match=r"unknown id\(s\): \['nope'\]"):
+        col.update_metadata(["d0", "nope"], {"lang": "de"})
+    assert col.get("d0")[0].metadata == {"lang": "fr"}
+    assert col.delete(["d0", "nope", "d5", "d0"]) == {"deleted": ["d0", "d5"], "missing": ["nope"]}
+    assert col.count() == len(TEXTS) - 2
+    assert col.get(["d0"]) == [None]
+    assert all(h.id not in ("d0", "d5") for h in col.search("brown fox", k=10))
+
+
+def test_empty_text_is_a_document(col):
+    rec = col.get(["d6"])[0]
+    assert rec.text == ""
+    hits = col.search("anything at all", k=len(TEXTS), mode="dense")
+    assert "d6" in [h.id for h in hits]
+    empty = [h for h in hits if h.id == "d6"][0]
+    assert empty.scores["sparse"] == 0.0
+
+
+def test_search_results_shape_and_order(col):
+    hits = col.search("hypersonic flow", k=3)
+    assert len(hits) == 3 and all(isinstance(h, Hit) for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for h in hits:
+        assert set(h.scores) == {"dense", "sparse", "colbert"}
+        assert h.text == TEXTS[int(h.id[1:])] and h.metadata == META[int(h.id[1:])]
+        assert h.explain is None
+    d = hits[0].to_dict()
+    assert json.loads(json.dumps(d))["id"] == hits[0].id
+    batch = col.search_batch(["hypersonic flow", "brown fox"], k=3)
+    assert [h.id for h in batch[0]] == [h.id for h in hits]
+    assert batch[1][0].id == col.search("brown fox", k=1)[0].id
+
+
+def test_weights_change_the_fusion(col):
+    only_dense = col.search("brown fox", k=5, mode="all", weights=(1, 0, 0))
+    for h in only_dense:
+        assert h.score == pytest.approx(h.scores["dense"], abs=1e-6)
+    only_colbert = col.search("brown fox", k=5, mode="dense+colbert", weights=(0, 5, 1))
+    for h in only_colbert:  # the sparse weight is ignored: sparse is not in the mode
+        assert h.score == pytest.approx(h.scores["colbert"], abs=1e-6)
+
+
+def test_filter_inside_candidate_queries(col):
+    hits = col.search("brown fox", k=2, filter={"topic": "aero"})
+    assert {h.id for h in hits} == {"d3", "d4"}  # k hits even though they rank low without the filter
+    assert [h.id for h in col.search("x", k=5, filter={"n": {"in": [1, 2]}}, mode="dense")] != []
+    assert col.count({"lang": "de"}) == 1
+    assert col.search("brown fox", filter={"lang": "none"}) == []
+
+
+def test_explain(col):
+    hits = col.search("brown fox river", k=2, explain=True)
+    ex = hits[0].explain
+    assert ex["fusion"] == "weighted" and ex["modes"] == ["dense", "sparse", "colbert"]
+    assert sum(ex["contributions"].values()) == pytest.approx(hits[0].score, abs=1e-9)
+    toks = ex["matched_tokens"]
+    assert toks and all(isinstance(t["token"], str) and t["token"] for t in toks)
+    assert sum(t["product"] for t in toks) == pytest.approx(hits[0].scores["sparse"], abs=1e-5)
+    assert [t["product"] for t in toks] == sorted((t["product"] for t in toks), reverse=True)
+    assert set(ex["found_by"]) <= {"dense", "sparse"} and ex["found_by"]
+    rrf = col.search("brown fox river", k=2, fusion="rrf", explain=True)[0].explain
+    assert sum(rrf["contributions"].values()) == pytest.approx(col.search("brown fox river", k=1, fusion="rrf")[0].score)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(mode="hybrid"), ValueError, "unknown mode 'hybrid'"),
+        (dict(mode="dense+dense"), ValueError, "unknown mode"),
+        (dict(mode=3), TypeError, "mode must be a string"),
+        (dict(weights=(1, 1)), ValueError, "three numbers"),
+        (dict(weights=(1, -1, 1)), ValueError, "must not be negative"),
+        (dict(weights=(1, float("nan"), 1)), ValueError, "finite"),
+        (dict(weights="abc"), ValueError, "three numbers"),
+        (dict(weights=(0, 1, 0), mode="dense+colbert"), ValueError, "zero total weight"),
+        (dict(k=0), ValueError, "k must be a positive integer"),
+        (dict(k=-3), ValueError, "k must be a positive integer"),
+        (dict(k=2.5), ValueError, "k must be a positive integer"),
+        (dict(candidates=0), ValueError, "candidates must be a positive integer"),
+        (dict(fusion="max"), ValueError, "unknown fusion"),
+        (dict(filter={"x": {"bad": 1}}), ValueError, "unknown operator"),
+    ],
+)
+def test_bad_search_arguments(col, kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        col.search("brown fox", **kwargs)
+
+
+def test_bad_queries(col):
+    with pytest.raises(ValueError, match="query is empty"):
+        col.search("")
+    with pytest.raises(ValueError, match="query is empty"):
+        col.search("   ")
+    with pytest.raises(TypeError, match="query must be a string"):
+        col.search(None)
+    with pytest.raises(TypeError, match="query must be a string"):
+        col.search(["a"])
+    with pytest.raises(TypeError, match="list of strings"):
+        col.search_batch("one string")
+    with pytest.raises(TypeError, match="query must be a string"):
+        col.search_batch(["ok", 5])
+
+
+def test_second_open_in_same_process_is_in_use(col):
+    with pytest.raises(CollectionInUseError, match=f"in use by process {os.getpid()}"):
+        Collection.open(col.location)
+
+
+def _open_in_child(path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from m3search.collection import Collection, CollectionInUseError
+        try:
+            Collection.open({str(path)!r}).close()
+        except CollectionInUseError as exc:
+            print(exc); sys.exit(3)
+        print("opened")
+        """
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_second_process_gets_in_use_error(col):
+    res = _open_in_child(col.location)
+    assert res.returncode == 3, res.stderr
+    assert f"collection at {col.location} is in use by process {os.getpid()}" in res.stdout
+    # The refused process changed nothing: the holder keeps writing and reading.
+    col.add(["after the refused open"], ids=["late"])
+    assert col.get(["late"])[0].text == "after the refused open"
+    col.close()
+    res = _open_in_child(col.location)
+    assert res.returncode == 0 and "opened" in res.stdout, res.stderr + res.stdout
