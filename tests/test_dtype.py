@@ -1,0 +1,133 @@
+"""Reduced precision, length limits and bad input.
+
+* bf16 (what ``dtype="auto"`` picks on AMX / AVX512-BF16 CPUs) vs fp32 on the same model:
+  cosine >= 0.999 for every dense vector and every ColBERT token vector; min and mean
+  are printed (``-s``) and recorded as test properties.
+* ``max_length`` is capped at the model's position table, and over-long input is cut
+  with one warning that counts the cut texts, never an error.
+* bad input raises TypeError / ValueError naming the problem; the empty string is a
+  valid text and comes out as FlagEmbedding's does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from flag_reference import flag_python, lexical_dicts, mixed_texts, run_reference
+
+MIN_COSINE = 0.999
+
+
+def _bf16_vs_fp32(path, texts, max_length, record_property, label):
+    from m3search import M3Encoder
+
+    fp32 = M3Encoder.from_pretrained(str(path), device="cpu", dtype="float32")
+    bf16 = M3Encoder.from_pretrained(str(path), device="cpu", dtype="bfloat16")
+    assert str(bf16.dtype) == "torch.bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation is tested below
+        a = fp32.encode(texts, max_length=max_length)
+        b = bf16.encode(texts, max_length=max_length)
+    np.testing.assert_array_equal(a.colbert_offsets, b.colbert_offsets)
+    dense = np.einsum("ij,ij->i", a.dense, b.dense)  # both L2-normalized
+    colbert = np.einsum("ij,ij->i", a.colbert, b.colbert)
+    # not asserted: how far the lexical weights move (they are not unit vectors)
+    lex = np.abs((a.sparse - b.sparse).toarray()).max()
+    stats = {"dense_min": float(dense.min()), "dense_mean": float(dense.mean()),
+             "colbert_min": float(colbert.min()), "colbert_mean": float(colbert.mean()),
+             "lexical_max_abs_diff": float(lex), "texts": len(texts), "tokens": int(len(colbert))}
+    print(f"\n[{label}] bf16 vs fp32 cosine: " + json.dumps({k: round(v, 6) for k, v in stats.items()}))
+    for k, v in stats.items():
+        record_property(f"{label}_{k}", v)
+    assert dense.min() >= MIN_COSINE, f"dense cosine min {dense.min():.6f}"
+    assert colbert.min() >= MIN_COSINE, f"ColBERT token cosine min {colbert.min():.6f}"
+
+
+def test_bf16_close_to_fp32_tiny(tiny_model_path, shared_data, record_property):
+    _bf16_vs_fp32(tiny_model_path, mixed_texts(shared_data), 512, record_property, "tiny")
+
+
+@pytest.mark.heavy
+def test_bf16_close_to_fp32_proxy(proxy_model_path, shared_data, record_property):
+    """The real-semantics proxy (MiniLM weights through the same pooling path), 300 cranfield texts."""
+    with (shared_data / "cranfield" / "corpus.jsonl").open(encoding="utf-8") as fh:
+        docs = [json.loads(line) for line in fh]
+    texts = [(d["title"] + " " + d["text"]).strip() for d in docs[::4][:300]]
+    _bf16_vs_fp32(proxy_model_path, texts, 512, record_property, "proxy")
+
+
+def test_100k_character_text_is_truncated_with_warning(tiny_encoder):
+    from m3search import TruncationWarning
+
+    long_text = ("Aerodynamic heating of a slender body in hypersonic flow. " * 1800)[:100_000]
+    assert len(long_text) == 100_000
+    with pytest.warns(TruncationWarning, match=r"\b1 of 2 input"):
+        emb = tiny_encoder.encode([long_text, "short text"])  # default max_length 8192, capped at 512
+    assert emb.truncated == 1
+    assert emb.n_tokens.tolist()[0] == tiny_encoder.max_length == 512
+    assert np.isfinite(emb.dense).all() and np.isfinite(emb.colbert).all()
+
+
+@pytest.mark.parametrize("model", ["tiny", "proxy"])
+def test_max_length_capped_at_position_table(model, request):
+    """Asking for 8192 tokens on a 512-position model cuts at 512 with the warning."""
+    from m3search import M3Encoder, TruncationWarning
+
+    if model == "tiny":
+        enc = request.getfixturevalue("tiny_encoder")
+    else:
+        enc = M3Encoder.from_pretrained(str(request.getfixturevalue("proxy_model_path")), device="cpu",
+                                        dtype="float32")
+    assert enc.max_length == 512
+    texts = ["the boundary layer " * 1500, "the boundary layer " * 300, "short"]
+    with pytest.warns(TruncationWarning, match=r"\b2 of 3 input.*max_length=512"):
+        emb = enc.encode(texts, max_length=8192)
+    assert emb.n_tokens.tolist()[:2] == [512, 512] and emb.truncated == 2
+    with pytest.warns(TruncationWarning, match=r"\b1 of 1 input"):
+        scores = enc.compute_score([("boundary layer", texts[0])], max_passage_length=8192)
+    assert np.isfinite(scores["colbert+sparse+dense"])
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (None, TypeError, "None"),
+        ([None], TypeError, "item 0 is NoneType"),
+        (["ok", 3], TypeError, "item 1 is int"),
+        (["ok", b"bytes"], TypeError, "item 1 is bytes"),
+        (b"bytes", TypeError, "bytes"),
+        (42, TypeError, "int"),
+        ([], ValueError, "empty"),
+    ],
+)
+def test_bad_input_raises_clear_error(tiny_encoder, bad, error, message):
+    with pytest.raises(error, match=message):
+        tiny_encoder.encode(bad)
+
+
+def test_bad_max_length_raises(tiny_encoder):
+    for bad in (0, -5, 1.5, "512", True):
+        with pytest.raises(ValueError, match="max_length"):
+            tiny_encoder.encode("text", max_length=bad)
+
+
+def test_empty_string_matches_flagembedding(tiny_model_path, tiny_encoder):
+    """"" is a valid text (<s> </s>): one ColBERT vector (</s>), no lexical weights, as in FlagEmbedding."""
+    python = flag_python()
+    if python is None:
+        pytest.skip("FlagEmbedding reference interpreter (.venv-flag) not found; set M3SEARCH_FLAG_PYTHON")
+    texts = ["", "a short sentence", ""]
+    flag = run_reference({"model": str(tiny_model_path), "texts": texts, "batch_size": 2, "max_length": 512},
+                         python=python)
+    ours = tiny_encoder.encode(texts)
+    assert ours.n_tokens.tolist() == [2, len(ours.colbert_vecs[1]) + 1, 2]
+    np.testing.assert_array_equal(ours.colbert_offsets, flag["colbert_offsets"])
+    assert len(ours.colbert_vecs[0]) == 1
+    assert np.abs(ours.dense - flag["dense"]).max() <= 1e-5
+    assert np.abs(ours.colbert - flag["colbert"]).max() <= 1e-5
+    assert ours.lexical_weights[0] == {} == lexical_dicts(flag)[0]
+    assert {int(k) for k in ours.lexical_weights[1]} == set(lexical_dicts(flag)[1])
