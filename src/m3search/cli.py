@@ -55,7 +55,8 @@ def _emit(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
-def _parse_weights(value: str | None) -> tuple[float, float, float] | None:
+def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, float, float] | None:
+    """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4)."""
     if value is None:
         return None
     try:
@@ -67,7 +68,8 @@ def _parse_weights(value: str | None) -> tuple[float, float, float] | None:
     return weights  # type: ignore[return-value]
 
 
-def _parse_filter(value: str | None) -> dict | None:
+def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
+    """click callback: a JSON object, or @file holding one."""
     if value is None:
         return None
     text = value
@@ -125,6 +127,49 @@ def hit_to_dict(hit: Any) -> dict[str, Any]:
     return d
 
 
+def collection_info(collection: Any) -> dict[str, Any]:
+    """Model, count, bytes on disk per representation and settings of an open collection.
+
+    Uses ``Collection.info()`` when the library has one; otherwise reads the manifest and
+    sizes the engine's files by the representation their folder belongs to.
+    """
+    if hasattr(collection, "info"):
+        return _plain(collection.info())
+    manifest = collection.manifest
+    out: dict[str, Any] = {
+        "location": str(collection.location),
+        "engine": manifest.get("engine"),
+        "count": int(collection.count()),
+        "model": manifest.get("model"),
+        "settings": manifest.get("settings"),
+        "schema": manifest.get("schema"),
+        "created": manifest.get("created"),
+        "schema_version": manifest.get("schema_version"),
+    }
+    if Path(collection.location).is_dir():
+        out["disk_bytes"] = disk_usage(Path(collection.location))
+    return out
+
+
+def disk_usage(root: Path) -> dict[str, int]:
+    """Allocated bytes under ``root`` grouped as dense / sparse / colbert / payload / wal / other, plus total."""
+    groups = dict.fromkeys(("dense", "sparse", "colbert", "payload", "wal", "other", "total"), 0)
+    for dirpath, _, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root).as_posix()
+        group = next((g for g in ("dense", "sparse", "colbert") if f"-{g}" in rel), None)
+        if group is None:
+            group = "payload" if "payload" in rel else "wal" if "/wal" in f"/{rel}" else "other"
+        for name in files:
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            size = getattr(st, "st_blocks", 0) * 512 or st.st_size
+            groups[group] += size
+            groups["total"] += size
+    return groups
+
+
 def _plain(x: Any) -> Any:
     """numpy values and dataclasses to JSON-able Python (for explain details and info dicts)."""
     import dataclasses
@@ -174,9 +219,7 @@ class _Local:
         return int(self.collection.count())
 
     def info(self) -> dict:
-        if hasattr(self.collection, "info"):
-            return _plain(self.collection.info())
-        return {"count": self.count()}
+        return collection_info(self.collection)
 
     def close(self) -> None:
         self.collection.close()
@@ -235,7 +278,8 @@ class _Remote:
         self.client.close()
 
 
-def _open_target(collection: str, *, model: str | None, api_key: str | None, create: bool = False):
+def _open_target(collection: str, *, model: str | None, api_key: str | None, create: bool = False,
+                 device: str = "auto", dtype: str = "auto"):
     """This collection's server if one runs, else the collection opened here (created if ``create``)."""
     path = Path(collection)
     record = _server_record(path)
@@ -243,8 +287,8 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
         url, pid = record.get("url"), record.get("pid")
         import httpx
 
-        try:
-            httpx.get(f"{url}/health", timeout=5.0).raise_for_status()
+        try:  # a server that is still loading its model answers once loaded (the request waits in its backlog)
+            httpx.get(f"{url}/health", timeout=httpx.Timeout(300.0, connect=5.0)).raise_for_status()
         except httpx.HTTPError as exc:
             raise click.ClickException(
                 f"collection {collection} is in use by process {pid} (m3search serve at {url}), "
@@ -260,14 +304,13 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
     from .engines.base import CollectionInUseError, CollectionNotFoundError
 
     try:
-        return _Local(Collection.open(path, model=model))
+        return _Local(Collection.open(path, model=model, device=device, dtype=dtype))
     except CollectionNotFoundError:
         if not create:
             raise
     except CollectionInUseError as exc:
-        raise click.ClickException(f"{exc} (only one process may open an embedded collection; "
-                                   f"run `m3search serve` to share it)") from None
-    return _Local(Collection.create(path, model=model or DEFAULT_MODEL))
+        raise click.ClickException(str(exc)) from None
+    return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -286,6 +329,13 @@ api_key_option = click.option(
     help="API key of a running server (used when the collection is served).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+dtype_option = click.option(
+    "--dtype", envvar="M3SEARCH_DTYPE", show_envvar=True, default="auto", show_default=True, type=click.Choice(DTYPES),
+    help="Encoder dtype (auto: fp16 on CUDA, bf16 on CPUs with bf16 units, else fp32; float32 for exact scores).",
+)
+device_option = click.option("--device", envvar="M3SEARCH_DEVICE", show_envvar=True, default="auto", show_default=True,
+                             help="Encoder device (auto, cpu, cuda, cuda:1, ...).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -302,9 +352,11 @@ def main() -> None:
 @click.option("--text-field", "text_fields", multiple=True,
               help="Text field(s), joined with a space; repeat for several [default: title + text].")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Documents per write.")
+@dtype_option
+@device_option
 @api_key_option
 @json_option
-def index(source, collection, model, id_field, text_fields, batch_size, api_key, as_json):
+def index(source, collection, model, id_field, text_fields, batch_size, dtype, device, api_key, as_json):
     """Index SOURCE (JSONL, CSV/TSV or a folder of .txt/.md) into the collection.
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
@@ -316,7 +368,7 @@ def index(source, collection, model, id_field, text_fields, batch_size, api_key,
 
         records = read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
         t0 = time.perf_counter()
-        target = _open_target(collection, model=model, api_key=api_key, create=True)
+        target = _open_target(collection, model=model, api_key=api_key, create=True, device=device, dtype=dtype)
         try:
             if isinstance(target, _Remote):
                 target.info()
@@ -347,23 +399,25 @@ def index(source, collection, model, id_field, text_fields, batch_size, api_key,
 @click.option("--mode", default="all", show_default=True, type=click.Choice(MODES), help="Search mode.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS), help="Fusion method.")
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
-@click.option("--weights", default=None, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
+@click.option("--weights", default=None, callback=_parse_weights,
+              help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
 @click.option("--candidates", default=None, type=click.IntRange(1),
               help="Dense and sparse candidates per query for re-ranking modes [default: the collection's].")
-@click.option("--filter", "filter_", default=None,
+@click.option("--filter", "filter_", default=None, callback=_parse_filter,
               help='Metadata filter as JSON (or @file), e.g. \'{"year": {"gte": 2000}}\'.')
 @click.option("--explain", is_flag=True, help="Show matched tokens and each mode's contribution.")
+@dtype_option
+@device_option
 @api_key_option
 @json_option
-def search(query, collection, model, mode, fusion, k, weights, candidates, filter_, explain, api_key, as_json):
+def search(query, collection, model, mode, fusion, k, weights, candidates, filter_, explain, dtype, device, api_key,
+           as_json):
     """Search the collection for QUERY."""
-    weights_t = _parse_weights(weights)
-    filter_obj = _parse_filter(filter_)
     with _errors():
-        target = _open_target(collection, model=model, api_key=api_key)
+        target = _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype)
         try:
-            hits = target.search(query, k=k, mode=mode, fusion=fusion, weights=weights_t, candidates=candidates,
-                                 filter=filter_obj, explain=explain)
+            hits = target.search(query, k=k, mode=mode, fusion=fusion, weights=weights, candidates=candidates,
+                                 filter=filter_, explain=explain)
         finally:
             target.close()
     if as_json:
@@ -440,9 +494,8 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
               help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
 @click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(0.001), help="Largest body.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Encoder dtype when no collection is served.")
-@click.option("--device", default="auto", show_default=True, help="Encoder device (auto, cpu, cuda, ...).")
+@dtype_option
+@device_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype, device, log_level):
@@ -478,11 +531,12 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
 @model_option
 @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated modes.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
-@click.option("--weights", default=None, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
+@click.option("--weights", default=None, callback=_parse_weights,
+              help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
 @click.option("--candidates", default=None, type=click.IntRange(1),
               help="Dense and sparse candidates per query [default: the collection's default].")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--device", default="auto", show_default=True)
+@dtype_option
+@device_option
 @click.option("--queries", "queries_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.")
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
@@ -495,11 +549,10 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
 def eval_(data_dir, model, modes, fusion, weights, candidates, dtype, device, queries_dir, k, out_dir, cache_dir,
           batch_size, as_json):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
-    weights_t = _parse_weights(weights)
     with _errors():
         from .eval import evaluate, format_table, write_reports
 
-        results = evaluate(data_dir, model=model, modes=modes, fusion=fusion, weights=weights_t,
+        results = evaluate(data_dir, model=model, modes=modes, fusion=fusion, weights=weights,
                            candidates=candidates, dtype=dtype, device=device, queries_dir=queries_dir, k=k,
                            cache_dir=cache_dir, batch_size=batch_size)
         if out_dir is None:

@@ -261,32 +261,55 @@ def require_api_key(
 # ---------------------------------------------------------------------------------------------- resources
 
 
-@dataclass
 class Resources:
-    """What the app serves: an encoder, and the collection when one was given."""
+    """What the app serves: the collection when one was given, and an encoder (the collection's)."""
 
-    encoder: Any
-    collection: Any = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    started: float = field(default_factory=time.time)
+    def __init__(self, *, encoder: Any = None, collection: Any = None):
+        self._encoder = encoder
+        self.collection = collection
+        self.lock = threading.RLock()  # add-or-409 checks and writes happen under it
+        self.started = time.time()
+        self.server_file: Path | None = None  # removed on close (uvicorn re-raises SIGTERM after shutdown)
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None and self.collection is not None:
+            self._encoder = self.collection.encoder  # loads the model recorded in the manifest
+        return self._encoder
 
     def close(self) -> None:
+        if self.server_file is not None:
+            record = read_server_file(self.server_file.parent)
+            if record is not None and record.get("pid") == os.getpid():
+                self.server_file.unlink(missing_ok=True)
+            self.server_file = None
         if self.collection is not None:
             self.collection.close()
             self.collection = None
 
 
-def load_resources(settings: Settings) -> Resources:
-    """Open the collection (and its encoder) or load a bare encoder, per ``settings``."""
+def open_resources(settings: Settings) -> Resources:
+    """Open the collection (fast: takes the lock) or load a bare encoder, per ``settings``."""
     if settings.collection:
         from . import Collection
 
-        collection = Collection.open(settings.collection, model=settings.model)
-        return Resources(encoder=collection.encoder, collection=collection)
+        return Resources(collection=Collection.open(settings.collection, model=settings.model,
+                                                    device=settings.device, dtype=settings.dtype))
     from . import M3Encoder
 
     encoder = M3Encoder.from_pretrained(settings.model or "BAAI/bge-m3", device=settings.device, dtype=settings.dtype)
     return Resources(encoder=encoder)
+
+
+def load_resources(settings: Settings) -> Resources:
+    """:func:`open_resources`, then load the model too, so the first request does not wait for it."""
+    res = open_resources(settings)
+    try:
+        res.encoder
+    except BaseException:
+        res.close()
+        raise
+    return res
 
 
 def _resources(request: Request) -> Resources:
@@ -464,48 +487,6 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def hit_to_dict(hit: Any) -> dict[str, Any]:
-    """A ``Hit`` as plain JSON data (shared with the CLI's ``--json``)."""
-    if hasattr(hit, "to_dict"):
-        d = dict(hit.to_dict())
-    else:
-        d = {k: getattr(hit, k) for k in ("id", "score", "scores", "text", "metadata") if hasattr(hit, k)}
-        for extra in ("explain", "explanation"):
-            value = getattr(hit, extra, None)
-            if value is not None:
-                d[extra] = value
-    d["score"] = float(d["score"])
-    d["scores"] = {k: (None if v is None else float(v)) for k, v in (d.get("scores") or {}).items()}
-    d["metadata"] = d.get("metadata") or {}
-    return _finite(_plain(d))
-
-
-def _plain(x: Any) -> Any:
-    """numpy scalars/arrays and dataclasses to JSON-able Python."""
-    import dataclasses
-
-    import numpy as np
-
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(dataclasses.asdict(x))
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
-def collection_info(collection: Any) -> dict[str, Any]:
-    """``Collection.info()`` when it exists, else the basics (shared with ``m3search info``)."""
-    if hasattr(collection, "info"):
-        return _finite(_plain(collection.info()))
-    return {"path": str(getattr(collection, "path", "")), "count": collection.count()}
-
-
 # ---------------------------------------------------------------------------------------------- app
 
 
@@ -523,6 +504,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             res.close()
 
     from . import __version__
+    from .cli import collection_info, hit_to_dict
 
     app = FastAPI(
         title="m3search",
@@ -565,8 +547,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             "collection": None,
         }
         if res.collection is not None:
-            with res.lock:
-                out["collection"] = collection_info(res.collection)
+            out["collection"] = _finite(collection_info(res.collection))
         return out
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"])
@@ -653,8 +634,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
              responses={404: {"model": ErrorResponse, "description": "Unknown id"}})
     def get_document(doc_id: str, res: CollectionDep) -> DocumentOut:
         """One stored document (text and metadata)."""
-        with res.lock:
-            doc = res.collection.get([doc_id])[0]
+        doc = res.collection.get([doc_id])[0]
         if doc is None:
             raise HTTPException(404, f"no document with id {doc_id!r}")
         if isinstance(doc, dict):
@@ -668,13 +648,12 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             raise HTTPException(413, f"k={body.k} exceeds the limit of {settings.max_k}")
         if body.candidates is not None and body.candidates > settings.max_candidates:
             raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
-        with res.lock:
-            hits = res.collection.search(
-                body.query, k=body.k, mode=body.mode, fusion=body.fusion,
-                weights=tuple(body.weights) if body.weights is not None else None,
-                candidates=body.candidates, filter=body.filter, explain=body.explain,
-            )
-        return SearchResponse(hits=[HitOut(**hit_to_dict(h)) for h in hits])
+        hits = res.collection.search(
+            body.query, k=body.k, mode=body.mode, fusion=body.fusion,
+            weights=tuple(body.weights) if body.weights is not None else None,
+            candidates=body.candidates, filter=body.filter, explain=body.explain,
+        )
+        return SearchResponse(hits=[HitOut(**_finite(hit_to_dict(h))) for h in hits])
 
     app.include_router(api)
     return app
@@ -711,36 +690,39 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           on_ready: Any = None) -> None:
-    """Load the model (and collection), bind ``host:port`` (0 = any free port), serve until SIGINT/SIGTERM.
+    """Bind ``host:port`` (0 = any free port), open the collection, load the model, serve until SIGINT/SIGTERM.
 
-    Loading happens before uvicorn starts so that "collection in use" or a bad model path
-    is a one-line error, not a lifespan traceback. ``on_ready(url)`` is called once bound.
+    Order matters: the address is recorded in ``<collection>/server.json`` as soon as the
+    collection is locked, so other commands find the server (their requests wait in the
+    listen backlog while the model loads) instead of an unexplained lock. Loading happens
+    before uvicorn starts so that a bad model or a held collection is a one-line error, not
+    a lifespan traceback. ``on_ready(url)`` is called when requests are about to be served.
     """
     import uvicorn
 
     settings.check()
-    resources = load_resources(settings)
-    server_file: Path | None = None
+    sock = _bind(host, port)
+    resources: Resources | None = None
     try:
-        sock = _bind(host, port)
         actual = sock.getsockname()[1]
         url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
+        resources = open_resources(settings)
         if settings.collection:
             server_file = Path(settings.collection) / SERVER_FILE
             record = {"pid": os.getpid(), "host": host, "port": actual, "url": url,
                       "api_key_required": settings.api_key is not None, "started": time.time()}
-            tmp = server_file.with_suffix(".json.tmp")
+            tmp = server_file.with_name(SERVER_FILE + ".tmp")
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
             os.replace(tmp, server_file)
+            resources.server_file = server_file
+        resources.encoder  # load the model now
         if on_ready is not None:
             on_ready(url)
         app = create_app(settings, resources=resources)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        if server_file is not None:
-            record = read_server_file(server_file.parent)
-            if record is not None and record.get("pid") == os.getpid():
-                server_file.unlink(missing_ok=True)
-        resources.close()
+        if resources is not None:
+            resources.close()
+        sock.close()

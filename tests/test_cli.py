@@ -1,0 +1,319 @@
+"""The real ``m3search`` console script in subprocesses: index -> search -> delete -> search on cranfield.
+
+Rankings are checked against an exhaustive oracle from the same fp32 tiny model
+(dense mode: HNSW is exact below Qdrant's full-scan threshold), so these tests fail
+if the CLI mixes up ids, scores, order or deletions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BIN = Path(sys.executable).with_name("m3search")
+N_DOCS = 200
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed console script (``python -m m3search`` if it is not installed)."""
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    full_env.update({"M3SEARCH_DTYPE": "float32", **(env or {})})  # fp32: scores comparable to the oracle
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"m3search {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def one_json(proc: subprocess.CompletedProcess) -> dict:
+    """--json promises exactly one JSON object on stdout."""
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout[:2000]
+    obj = json.loads(lines[0])
+    assert isinstance(obj, dict)
+    return obj
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data) -> Path:
+    src = shared_data / "cranfield" / "corpus.jsonl"
+    out = tmp_path_factory.mktemp("cli-corpus") / "corpus.jsonl"
+    with open(src, encoding="utf-8") as f:
+        out.write_text("".join(next(f) for _ in range(N_DOCS)), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_texts(corpus) -> tuple[list[str], list[str]]:
+    docs = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    return [d["_id"] for d in docs], [(d["title"] + " " + d["text"]).strip() for d in docs]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, corpus, tiny_model_path) -> Path:
+    """A collection indexed by the CLI (module-shared; tests that change it restore it)."""
+    coll = tmp_path_factory.mktemp("cli-coll") / "coll"
+    out = one_json(cli("index", str(corpus), "--collection", str(coll), "--model", str(tiny_model_path), "--json"))
+    assert out["indexed"] == N_DOCS and out["count"] == N_DOCS and out["via"] == "local"
+    return coll
+
+
+def _dense_oracle(tiny_encoder, corpus_texts, query):
+    ids, texts = corpus_texts
+    from m3search.scoring import dense_scores
+
+    d = tiny_encoder.encode(texts, sparse=False, colbert=False).dense
+    q = tiny_encoder.encode([query], sparse=False, colbert=False, max_length=512).dense
+    s = dense_scores(q, d)[0]
+    order = sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
+    return [ids[i] for i in order], {ids[i]: float(s[i]) for i in order}
+
+
+def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder, tiny_model_path):
+    query = "pressure distribution on a wing in supersonic flow"
+    order, score = _dense_oracle(tiny_encoder, corpus_texts, query)
+
+    res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
+    hits = res["hits"]
+    assert [h["id"] for h in hits] == order[:5]
+    for h in hits:
+        assert set(h) >= {"id", "score", "scores", "text", "metadata"}
+        assert h["score"] == pytest.approx(score[h["id"]], abs=1e-4)
+        assert h["scores"]["dense"] == pytest.approx(score[h["id"]], abs=1e-4)
+        assert set(h["scores"]) == {"dense", "sparse", "colbert"}
+    assert hits[0]["text"] == corpus_texts[1][corpus_texts[0].index(hits[0]["id"])]
+
+    # default mode `all`, weighted: score = 0.4 d + 0.2 s + 0.4 c of the reported per-mode scores
+    res_all = one_json(cli("search", query, "-c", str(indexed), "--json"))["hits"]
+    assert len(res_all) == 10
+    for h in res_all:
+        s = h["scores"]
+        assert h["score"] == pytest.approx(0.4 * s["dense"] + 0.2 * s["sparse"] + 0.4 * s["colbert"], abs=1e-5)
+    assert [h["score"] for h in res_all] == sorted((h["score"] for h in res_all), reverse=True)
+
+    gone = order[:2]
+    out = one_json(cli("delete", *gone, "does-not-exist", "--collection", str(indexed), "--json"))
+    assert out == {"deleted": gone, "missing": ["does-not-exist"]}
+    res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
+    assert [h["id"] for h in res["hits"]] == order[2:7]
+    info = one_json(cli("info", "--collection", str(indexed), "--json"))
+    assert info["count"] == N_DOCS - 2
+
+    # re-running index on the same source upserts: the deleted documents come back, nothing doubles
+    out = one_json(cli("index", str(corpus), "--collection", str(indexed), "--json"))
+    assert out["indexed"] == N_DOCS and out["count"] == N_DOCS
+    res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
+    assert [h["id"] for h in res["hits"]] == order[:5]
+
+
+def test_text_output_and_info(indexed, tiny_encoder):
+    proc = cli("search", "boundary layer", "-c", str(indexed), "-k", "3")
+    lines = proc.stdout.splitlines()
+    assert lines[0].lstrip().startswith("1.") and "dense" in lines[0] and "colbert" in lines[0]
+    assert sum(1 for ln in lines if ln.lstrip()[:2] in ("1.", "2.", "3.")) == 3
+    info = one_json(cli("info", "-c", str(indexed), "--json"))
+    assert info["model"]["identity"] == tiny_encoder.identity
+    assert info["served_by"] is None
+    disk = info["disk_bytes"]
+    assert disk["total"] == sum(v for k, v in disk.items() if k != "total")
+    assert disk["colbert"] > disk["dense"] > 0 and disk["sparse"] > 0
+    text = cli("info", "-c", str(indexed)).stdout
+    assert "identity:" in text and "disk_bytes:" in text
+
+
+def test_explain_and_filters_from_csv(tmp_path, tiny_model_path):
+    src = tmp_path / "products.csv"
+    src.write_text(
+        "id,text,brand,price\n"
+        "p1,Stainless steel water pump model X200,acme,120\n"
+        "p2,Cast iron water pump model X200 for wells,bolt,80\n"
+        "p3,Garden hose with brass fittings,acme,25\n",
+        encoding="utf-8",
+    )
+    coll = tmp_path / "coll"
+    cli("index", str(src), "-c", str(coll), "-m", str(tiny_model_path))
+    res = one_json(cli("search", "water pump X200", "-c", str(coll), "--filter", '{"brand": "acme"}', "--json"))
+    assert {h["id"] for h in res["hits"]} == {"p1", "p3"}
+    assert all(h["metadata"]["brand"] == "acme" for h in res["hits"])
+    res = one_json(cli("search", "pump", "-c", str(coll), "--filter", '{"price": {"lt": 100}}', "--json"))
+    assert {h["id"] for h in res["hits"]} == {"p2", "p3"}
+    fpath = tmp_path / "f.json"
+    fpath.write_text('{"or": [{"brand": "bolt"}, {"price": {"gte": 100}}]}')
+    res = one_json(cli("search", "pump", "-c", str(coll), "--filter", f"@{fpath}", "--explain", "--json"))
+    assert {h["id"] for h in res["hits"]} == {"p1", "p2"}
+    ex = res["hits"][0]["explain"]
+    assert set(ex["contributions"]) == {"dense", "sparse", "colbert"}
+    assert sum(ex["contributions"].values()) == pytest.approx(res["hits"][0]["score"], abs=1e-5)
+    assert any(t["token"].strip() for t in ex["matched_tokens"])
+    # rrf with explicit weights and candidates
+    res = one_json(cli("search", "pump", "-c", str(coll), "--fusion", "rrf", "--weights", "1,1,0",
+                       "--candidates", "50", "--mode", "dense+sparse", "--json"))
+    assert len(res["hits"]) == 3
+
+
+def test_folder_source_ids_are_paths(tmp_path, tiny_model_path):
+    docs = tmp_path / "docs"
+    (docs / "guides").mkdir(parents=True)
+    (docs / "readme.md").write_text("# Intro\nHybrid retrieval with dense and sparse vectors.")
+    (docs / "guides" / "install.txt").write_text("Install the package with pip.")
+    coll = tmp_path / "coll"
+    out = one_json(cli("index", str(docs), "-c", str(coll), "-m", str(tiny_model_path), "--json"))
+    assert out["count"] == 2
+    hits = one_json(cli("search", "Install the package with pip.", "-c", str(coll), "--mode", "sparse", "--json"))["hits"]
+    assert hits[0]["id"] == "guides/install.txt"
+    assert {h["id"] for h in hits} <= {"guides/install.txt", "readme.md"}
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["search", "x", "-c", "<missing>"], 1, "no collection at"),
+        (["search", "x", "-c", "<coll>", "--weights", "1,2"], 2, "Invalid value for '--weights'"),
+        (["search", "x", "-c", "<coll>", "--filter", "{bad"], 2, "Invalid value for '--filter'"),
+        (["search", "x", "-c", "<coll>", "--filter", '{"a": {"near": 1}}'], 1, "unknown operator 'near'"),
+        (["search", "x", "-c", "<coll>", "--mode", "fuzzy"], 2, "Invalid value for '--mode'"),
+        (["search", "   ", "-c", "<coll>"], 1, "query is empty"),
+        (["search", "x", "-c", "<coll>", "--k", "0"], 2, "Invalid value for '--k'"),
+        (["index", "<empty>/nope.parquet", "-c", "<coll>"], 2, "does not exist"),
+        (["index", "<bad_jsonl>", "-c", "<coll>"], 1, "bad.jsonl:2: invalid JSON"),
+        (["search", "x", "-c", "<coll>", "-m", "<other_model>"], 1, "identity"),
+        (["eval", "<empty>", "-m", "<model>"], 1, "not a BEIR folder"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args, code, message, indexed, tmp_path, tiny_model_path,
+                                               tiny_alt_model_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "1", "text": "a"}\n{"_id": \n')
+    (tmp_path / "empty").mkdir()
+    fill = {"<missing>": tmp_path / "none", "<coll>": indexed, "<empty>": tmp_path / "empty", "<bad_jsonl>": bad,
+            "<other_model>": tiny_alt_model_path, "<model>": tiny_model_path}
+    for key, value in fill.items():
+        args = [a.replace(key, str(value)) for a in args]
+    proc = cli(*args, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_is_fast_and_lazy():
+    code = (
+        "import sys; from click.testing import CliRunner; from m3search.cli import main\n"
+        "for cmd in ([], ['index'], ['search'], ['serve'], ['eval'], ['info'], ['delete']):\n"
+        "    r = CliRunner().invoke(main, cmd + ['--help']); assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'qdrant_edge', 'pytrec_eval', 'matplotlib') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    t0 = time.perf_counter()
+    proc = cli("--help")
+    assert time.perf_counter() - t0 < 5
+    for command in ("index", "search", "serve", "eval", "info", "delete"):
+        assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "m3search", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "0.1.0" in proc.stdout
+
+
+HOLD = """
+import sys, time
+from m3search import Collection
+c = Collection.open(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_collection_in_use_by_another_process(indexed, corpus):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["search", "x"], ["info"], ["delete", "1"], ["index", str(corpus)]):
+            proc = cli(*args, "-c", str(indexed), check=False)
+            assert proc.returncode == 1
+            assert f"in use by process {holder.pid}" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def _start_server(args: list[str], coll: Path, env: dict | None = None, timeout: float = 120) -> tuple[subprocess.Popen, dict]:
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    log = open(coll.parent / "server.log", "w")
+    proc = subprocess.Popen(cmd + ["serve", "-c", str(coll), "--port", "0", "--log-level", "warning", *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    import httpx
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("server exited: " + (coll.parent / "server.log").read_text()[-3000:])
+        try:
+            record = json.loads((coll / "server.json").read_text())
+            if httpx.get(record["url"] + "/health", timeout=30).status_code == 200:
+                return proc, record
+        except (OSError, ValueError, httpx.HTTPError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encoder, tmp_path):
+    proc, record = _start_server(["--api-key", "s3cret", "--dtype", "float32"], indexed)
+    try:
+        assert record["pid"] == proc.pid and record["api_key_required"] is True
+        # without the key: a clear message naming the server
+        p = cli("search", "x", "-c", str(indexed), check=False)
+        assert p.returncode == 1 and f"served by process {proc.pid}" in p.stderr and "API key" in p.stderr
+        env = {"M3SEARCH_API_KEY": "s3cret"}
+        query = "heat transfer in laminar flow"
+        order, score = _dense_oracle(tiny_encoder, corpus_texts, query)
+        hits = one_json(cli("search", query, "-c", str(indexed), "--mode", "dense", "-k", "3", "--json", env=env))["hits"]
+        assert [h["id"] for h in hits] == order[:3]
+        assert hits[0]["score"] == pytest.approx(score[order[0]], abs=1e-4)
+        info = one_json(cli("info", "-c", str(indexed), "--json", env=env))
+        assert info["count"] == N_DOCS and str(proc.pid) in info["served_by"]
+        src = tmp_path / "extra.jsonl"
+        src.write_text('{"_id": "extra-1", "text": "a note on hypersonic heat transfer", "year": 2024}\n')
+        out = one_json(cli("index", str(src), "-c", str(indexed), "--json", env=env))
+        assert out["count"] == N_DOCS + 1 and "server" in out["via"]
+        assert one_json(cli("delete", "extra-1", "-c", str(indexed), "--json", env=env)) == {"deleted": ["extra-1"], "missing": []}
+        # wrong key: the server's 401 message comes through
+        p = cli("info", "-c", str(indexed), env={"M3SEARCH_API_KEY": "nope"}, check=False)
+        assert p.returncode == 1 and "wrong API key" in p.stderr
+        # a second server on the same collection is refused with the first one's address
+        p = cli("serve", "-c", str(indexed), "--port", "0", check=False)
+        assert p.returncode == 1 and f"already served by process {proc.pid} at {record['url']}" in p.stderr
+    finally:
+        _stop(proc)
+    assert not (indexed / "server.json").exists()  # removed on shutdown
+    assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
+
+
+def test_stale_server_record_is_ignored(indexed):
+    """A server killed with -9 leaves server.json behind; its pid is dead, so commands open the folder."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (indexed / "server.json").write_text(json.dumps({"pid": dead.pid, "url": "http://127.0.0.1:9", "port": 9}))
+    try:
+        assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
+    finally:
+        (indexed / "server.json").unlink()
