@@ -1,0 +1,816 @@
+"""Milvus engine: a collection on a Milvus server (``milvus://host:port/name``) or in a
+Milvus Lite file (``path/to/file.db``), through pymilvus.
+
+Why Milvus: users who already run it can keep one vector database. We pin
+``pymilvus>=2.5,<2.6`` and ``milvus-lite>=2.5,<2.6`` on purpose: milvus-lite 2.5 is the
+real C++ Milvus engine (segcore, the same index code as the server) started as a
+subprocess per ``.db`` file; milvus-lite 3.x is a Python rewrite, so testing against it
+would not test Milvus. (milvus-lite 2.5 needs ``setuptools<80`` for ``pkg_resources``.)
+
+Layout. A collection ``NAME`` is three Milvus collections (Milvus Lite files hold one,
+named ``m3search``):
+
+``NAME`` (one row per document)
+    ``pk`` INT64 primary key = the first 8 bytes of the id's UUID5
+    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), so lookups never embed
+    caller strings in a Milvus expression; ``doc_id`` VARCHAR (the caller's id; a hash
+    collision is detected on write and refused); ``text`` VARCHAR (<= 65,535 UTF-8
+    bytes, Milvus's VARCHAR limit); ``meta`` JSON (the metadata); ``kinds`` JSON (the
+    type of every metadata path, used by filters, below); ``dense`` FLOAT_VECTOR
+    (inner product; FLAT index on Milvus Lite, HNSW on a server); ``sparse``
+    SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no pruning:
+    ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact); ``gen``
+    INT64 (the document's ColBERT generation) and ``ntok`` INT32 (its token count).
+``NAME_colbert`` (one row per ColBERT token vector)
+    ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (= ``pk``);
+    ``pos`` INT32; ``vec`` FLOAT_VECTOR or FLOAT16_VECTOR (``Schema.colbert_dtype``;
+    FLAT index, never searched).
+``NAME_manifest``
+    the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
+    no ``alter_collection_properties``, so collection properties cannot hold it).
+
+ColBERT representation. Milvus >= 2.6.4 can store a list of vectors per row and
+compute MaxSim; Milvus Lite 2.5 (and servers before 2.6.4) cannot. Token vectors in a
+companion collection, fetched for the candidates by ``gen`` and scored in NumPy
+(mean over query tokens of the max dot product), work on both and give exact scores.
+Dense and sparse candidate scores are also recomputed in NumPy from the fetched
+vectors, so every candidate gets all three scores exactly.
+
+Writes. Milvus has no multi-row transactions, so ``upsert`` orders its steps: (1) insert
+the batch's token rows under fresh ``gen`` values, (2) upsert all document rows in one
+request (each points at its new ``gen``), (3) delete the documents' other token rows.
+A crash before (2) leaves only unreachable token rows (removed by the next write of
+those ids); after (2) every document row is complete. One request is atomic on a
+single-shard collection (Milvus Lite, or ``shards=1``); a batch larger than
+``max_request_bytes`` is split, and with several shards a crash can keep part of a
+batch (never part of a document). Deletes remove document rows first, then tokens.
+
+Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
+``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
+Milvus Lite 2.5 has no ``not`` operator ("unsupported expr proto node"), so negations
+are pushed down to the leaves (De Morgan) and each negated leaf is written positively
+with the help of ``kinds`` (``kinds["f"] != "n"`` is true when ``f`` is missing or not a
+number). Two things cannot be expressed that way and raise ValueError instead of
+returning wrong hits: a negated condition on a field that holds a list in some document
+(Milvus Lite; a server gets ``not (...)``), and a numeric range over list elements
+(any Milvus: JSON range comparisons ignore arrays). Filter strings cannot contain
+control characters (Milvus Lite's expression parser has no escapes for them).
+
+Other Milvus limits: a search returns at most 16,384 hits (``k`` and ``candidates``
+are capped there); ids are at most 4,096 UTF-8 bytes; ``exact=True`` only changes
+anything on HNSW (a server), where it raises ``ef`` to the maximum.
+
+Connection: ``milvus://host:port/name`` (``milvus+https://`` isn't a registered scheme:
+pass ``engine_options={"secure": True}``); a token from ``engine_options["token"]`` or
+the ``MILVUS_TOKEN`` environment variable (``user:password`` or an API key). Every call
+has a ``timeout`` (default 60 s) so pymilvus's own retries end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from m3search.engines.base import (
+    MODES,
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    Engine,
+    Hits,
+    PointBatch,
+    QueryVectors,
+    Record,
+    Schema,
+    point_uuid,
+)
+from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+from m3search.scoring import colbert_scores
+
+try:
+    from pymilvus import DataType, MilvusClient, MilvusException
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"the Milvus engine needs pymilvus: pip install 'm3search[milvus]' ({exc})") from exc
+
+__all__ = ["MilvusEngine", "to_milvus_expr", "parse_milvus_location", "metadata_kinds"]
+
+#: Milvus's cap on ``limit`` (+ offset) of one search or query.
+MAX_RESULTS = 16384
+TEXT_MAX_BYTES = 65535
+ID_MAX_BYTES = 4096
+LITE_COLLECTION = "m3search"
+#: Milvus Lite's transport slows down sharply above ~1 MB per message; reads and token
+#: inserts are chunked to this many bytes (document rows of one batch go in one request).
+CHUNK_BYTES = 1 << 19
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+_LITE_FILE = re.compile(r"^[A-Za-z0-9.\-_]{1,36}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MANIFEST_KEY = "manifest"
+
+
+# ------------------------------------------------------------------------- helpers
+def parse_milvus_location(location: str) -> tuple[str, str, bool]:
+    """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
+    loc = os.fspath(location)
+    if loc.lower().startswith("milvus://"):
+        rest = loc[len("milvus://"):]
+        host, _, name = rest.partition("/")
+        name = name.strip("/")
+        if not host or not name:
+            raise ValueError(f"Milvus location must be milvus://host:port/name, got {loc!r}")
+        if ":" not in host:
+            host += ":19530"
+        if not _NAME.match(name):
+            raise ValueError(f"Milvus collection name {name!r} must be letters, digits and '_' (not starting with a digit)")
+        return f"http://{host}", name, False
+    if not loc.endswith(".db"):
+        raise ValueError(f"not a Milvus location: {loc!r} (milvus://host:port/name or a .db file)")
+    path = Path(loc).expanduser().absolute()
+    if not _LITE_FILE.match(path.name):
+        raise ValueError(
+            f"Milvus Lite file name {path.name!r} must match [A-Za-z0-9.-_] and be at most 36 characters (a milvus-lite limit)"
+        )
+    return str(path), LITE_COLLECTION, True
+
+
+def _pk(doc_id: str) -> int:
+    """Signed 64-bit primary key of a caller id (first 8 bytes of its UUID5)."""
+    return int.from_bytes(uuid.UUID(point_uuid(doc_id)).bytes[:8], "big", signed=True)
+
+
+def _lit(s: str, what: str = "string") -> str:
+    """A Milvus expression string literal (only ``\\\\`` and ``\\"`` escapes exist)."""
+    if _CONTROL.search(s):
+        raise ValueError(f"Milvus filters cannot contain control characters; {what} {s!r} has one")
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _num(v: float | int) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return _lit(v, "value")
+    return _num(v)
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "z"
+    if isinstance(v, bool):
+        return "b"
+    if isinstance(v, (int, float)):
+        return "n"
+    if isinstance(v, str):
+        return "s"
+    if isinstance(v, (list, tuple)):
+        return "l"
+    return "o"
+
+
+def metadata_kinds(meta: dict, prefix: str = "") -> dict[str, str]:
+    """``{dotted path: type code}`` for every path a filter can address (z null, b bool,
+    n number, s string, l list, o object)."""
+    out: dict[str, str] = {}
+    for key, value in meta.items():
+        path = prefix + key
+        out[path] = _kind(value)
+        if isinstance(value, dict):
+            out.update(metadata_kinds(value, path + "."))
+    return out
+
+
+def _ints(xs: Sequence[int]) -> str:
+    return "[" + ",".join(str(int(x)) for x in xs) + "]"
+
+
+class _ExprBuilder:
+    """Negation-normal-form translation of a filter AST (see the module docstring)."""
+
+    def __init__(self, has_lists: Callable[[str], bool], allow_not: bool) -> None:
+        self.has_lists = has_lists
+        self.allow_not = allow_not
+
+    @staticmethod
+    def path(field: str) -> str:
+        return "meta" + "".join(f"[{_lit(seg, 'field name')}]" for seg in field.split("."))
+
+    @staticmethod
+    def kinds(field: str) -> str:
+        return f"kinds[{_lit(field, 'field name')}]"
+
+    def build(self, f: Filter, neg: bool = False) -> str:
+        if isinstance(f, Not):
+            return self.build(f.item, not neg)
+        if isinstance(f, (And, Or)):
+            joiner = " and " if isinstance(f, And) != neg else " or "
+            return "(" + joiner.join(self.build(x, neg) for x in f.items) + ")"
+        if isinstance(f, Range):
+            return self._range(f, neg)
+        pos = self._positive(f)
+        if not neg:
+            return pos
+        if self.has_lists(f.field):
+            if self.allow_not:
+                return f"(not {pos})"
+            raise ValueError(
+                f"Milvus Lite cannot negate a condition on metadata field {f.field!r}: some documents hold a list "
+                "there and Milvus Lite has no NOT operator (use a Milvus server, or a positive filter)"
+            )
+        p, k = self.path(f.field), self.kinds(f.field)
+        if isinstance(f, Eq):
+            return f'({k} != "l" and {p} != {_scalar(f.value)})'
+        return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in f.values)}])'
+
+    def _positive(self, f: Filter) -> str:
+        p = self.path(f.field)
+        if isinstance(f, Eq):
+            v = f.value
+            # json_contains compares list elements; a float literal matches both 1 and 1.0.
+            elem = _num(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else _scalar(v)
+            return f"({p} == {_scalar(v)} or json_contains({p}, {elem}))"
+        if isinstance(f, In):
+            vals = ", ".join(_scalar(v) for v in f.values)
+            elems = ", ".join(_num(float(v)) if isinstance(v, int) else _scalar(v) for v in f.values)
+            return f"({p} in [{vals}] or json_contains_any({p}, [{elems}]))"
+        raise TypeError(f"not a filter node: {f!r}")
+
+    def _range(self, f: Range, neg: bool) -> str:
+        if self.has_lists(f.field):
+            raise ValueError(
+                f"Milvus cannot range-filter metadata field {f.field!r}: some documents hold a list there and "
+                "Milvus range comparisons ignore JSON arrays"
+            )
+        p = self.path(f.field)
+        ops = [(f.gt, ">", "<="), (f.gte, ">=", "<"), (f.lt, "<", ">="), (f.lte, "<=", ">")]
+        if not neg:
+            return "(" + " and ".join(f"{p} {op} {_num(b)}" for b, op, _ in ops if b is not None) + ")"
+        alts = [f'{self.kinds(f.field)} != "n"'] + [f"{p} {nop} {_num(b)}" for b, _, nop in ops if b is not None]
+        return "(" + " or ".join(alts) + ")"
+
+
+def to_milvus_expr(
+    f: Filter | None, has_lists: Callable[[str], bool] = lambda field: False, *, allow_not: bool = False
+) -> str:
+    """Milvus boolean expression for a filter AST ("" for no filter).
+
+    ``has_lists(field)`` says whether some stored document holds a list at ``field``;
+    ``allow_not`` lets negations of such fields use Milvus's ``not`` (servers only).
+    """
+    if f is None:
+        return ""
+    return _ExprBuilder(has_lists, allow_not).build(f)
+
+
+def _is_lite_lock_error(exc: BaseException) -> bool:
+    return "Open local milvus failed" in str(exc)
+
+
+# -------------------------------------------------------------------------- engine
+class MilvusEngine(Engine):
+    """A collection in Milvus or Milvus Lite (layout and limits in the module docstring)."""
+
+    name = "milvus"
+
+    def __init__(
+        self, client: "MilvusClient", location: str, uri: str, collection: str, lite: bool, schema: Schema,
+        *, timeout: float = 60.0, max_request_bytes: int = 48 << 20,
+    ) -> None:
+        self._client: MilvusClient | None = client
+        self.location = location
+        self.uri = uri
+        self.collection = collection
+        self.tokens = f"{collection}_colbert"
+        self.meta_collection = f"{collection}_manifest"
+        self.lite = lite
+        self.schema = schema
+        self.timeout = timeout
+        self.max_request_bytes = max_request_bytes
+        self._vec_dtype = np.float16 if schema.colbert_dtype == "float16" else np.float32
+
+    # ---------------------------------------------------------------- connection
+    @classmethod
+    def _connect(cls, location: str, *, create_file: bool, token: str | None = None, secure: bool = False,
+                 timeout: float = 60.0) -> tuple["MilvusClient", str, str, bool]:
+        uri, name, lite = parse_milvus_location(location)
+        if lite:
+            if not Path(uri).parent.is_dir():
+                raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
+            if not create_file and not Path(uri).is_file():
+                raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+            try:
+                client = MilvusClient(uri, timeout=timeout)
+            except Exception as exc:
+                if _is_lite_lock_error(exc):
+                    raise CollectionInUseError(
+                        f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
+                        "open it from one process, e.g. through `m3search serve`)"
+                    ) from None
+                raise
+            return client, uri, name, True
+        if secure:
+            uri = "https://" + uri[len("http://"):]
+        token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
+        try:
+            client = MilvusClient(uri, token=token, timeout=timeout)
+        except MilvusException as exc:
+            raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from None
+        return client, uri, name, False
+
+    @classmethod
+    def exists(cls, location: str, **options: Any) -> bool:
+        uri, name, lite = parse_milvus_location(location)
+        if lite and not Path(uri).is_file():
+            return False
+        client, uri, name, lite = cls._connect(location, create_file=False, **options)
+        try:
+            return bool(client.has_collection(name, timeout=options.get("timeout", 60.0)))
+        finally:
+            cls._release(client, uri, lite)
+
+    @staticmethod
+    def _release(client: "MilvusClient", uri: str, lite: bool) -> None:
+        client.close()
+        if lite:
+            # pymilvus keeps one milvus-lite subprocess per file for the whole process;
+            # stop it so the file lock is released when the collection is closed.
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
+
+    @classmethod
+    def create(cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any) -> "MilvusEngine":
+        client, uri, name, lite = cls._connect(location, create_file=True, **options)
+        timeout = options.get("timeout", 60.0)
+        try:
+            if client.has_collection(name, timeout=timeout):
+                raise CollectionExistsError(f"Milvus collection {name!r} already exists at {uri}")
+            engine = cls(client, location, uri, name, lite, schema, timeout=timeout,
+                         **{k: v for k, v in options.items() if k == "max_request_bytes"})
+            engine._create_collections(shards=shards, replicas=replicas)
+        except BaseException:
+            cls._release(client, uri, lite)
+            raise
+        return engine
+
+    def _create_collections(self, *, shards: int, replicas: int) -> None:
+        c, s, t = self.client, self.schema, self.timeout
+        extra: dict[str, Any] = {"consistency_level": "Strong"}
+        if not self.lite:
+            extra["num_shards"] = int(shards)
+        main = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search documents")
+        main.add_field("pk", DataType.INT64, is_primary=True)
+        main.add_field("doc_id", DataType.VARCHAR, max_length=ID_MAX_BYTES)
+        main.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        main.add_field("meta", DataType.JSON)
+        main.add_field("kinds", DataType.JSON)
+        main.add_field("dense", DataType.FLOAT_VECTOR, dim=s.dense_dim)
+        main.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        main.add_field("gen", DataType.INT64)
+        main.add_field("ntok", DataType.INT32)
+        idx = c.prepare_index_params()
+        if self.lite or s.hnsw_m == 0:
+            idx.add_index("dense", index_type="FLAT", metric_type="IP")
+        else:
+            idx.add_index("dense", index_type="HNSW", metric_type="IP", params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct})
+        idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
+        c.create_collection(self.collection, schema=main, index_params=idx, timeout=t, **extra)
+
+        tok = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors")
+        tok.add_field("tid", DataType.INT64, is_primary=True)
+        tok.add_field("gen", DataType.INT64)
+        tok.add_field("doc", DataType.INT64)
+        tok.add_field("pos", DataType.INT32)
+        vtype = DataType.FLOAT16_VECTOR if s.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
+        tok.add_field("vec", vtype, dim=s.colbert_dim)
+        idx = c.prepare_index_params()
+        idx.add_index("vec", index_type="FLAT", metric_type="IP")
+        idx.add_index("gen", index_type="INVERTED")
+        idx.add_index("doc", index_type="INVERTED")
+        c.create_collection(self.tokens, schema=tok, index_params=idx, timeout=t, **extra)
+
+        man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
+        man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        man.add_field("value", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        man.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
+        idx = c.prepare_index_params()
+        idx.add_index("v", index_type="FLAT", metric_type="L2")
+        c.create_collection(self.meta_collection, schema=man, index_params=idx, timeout=t, consistency_level="Strong")
+        if not self.lite and replicas > 1:
+            for name in (self.collection, self.tokens):
+                c.release_collection(name, timeout=t)
+                c.load_collection(name, replica_number=int(replicas), timeout=t)
+
+    @classmethod
+    def open(cls, location: str, **options: Any) -> "MilvusEngine":
+        client, uri, name, lite = cls._connect(location, create_file=False, **options)
+        timeout = options.get("timeout", 60.0)
+        try:
+            if not client.has_collection(name, timeout=timeout):
+                raise CollectionNotFoundError(f"no Milvus collection {name!r} at {uri}")
+            raw = cls._read_manifest(client, f"{name}_manifest", timeout)
+            if raw is None:
+                raise CollectionNotFoundError(f"Milvus collection {name!r} at {uri} has no m3search manifest")
+            schema = Schema.from_dict(raw["schema"])
+            engine = cls(client, location, uri, name, lite, schema, timeout=timeout,
+                         **{k: v for k, v in options.items() if k == "max_request_bytes"})
+            engine._check_layout()
+        except BaseException:
+            cls._release(client, uri, lite)
+            raise
+        return engine
+
+    def _check_layout(self) -> None:
+        """Refuse a collection whose fields do not match the manifest's schema."""
+        want = {"dense": (DataType.FLOAT_VECTOR, self.schema.dense_dim), "sparse": (DataType.SPARSE_FLOAT_VECTOR, None)}
+        vtype = DataType.FLOAT16_VECTOR if self.schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
+        for coll, fields in ((self.collection, want), (self.tokens, {"vec": (vtype, self.schema.colbert_dim)})):
+            if not self.client.has_collection(coll, timeout=self.timeout):
+                raise ValueError(f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection")
+            desc = {f["name"]: f for f in self.client.describe_collection(coll, timeout=self.timeout)["fields"]}
+            for fname, (ftype, dim) in fields.items():
+                f = desc.get(fname)
+                got_dim = None if f is None else f.get("params", {}).get("dim")
+                if f is None or f["type"] != ftype or (dim is not None and int(got_dim) != dim):
+                    raise ValueError(
+                        f"Milvus collection {coll!r} does not match the manifest's schema: field {fname!r} should be "
+                        f"{ftype.name}{'' if dim is None else f'({dim})'}, found "
+                        f"{'nothing' if f is None else f['type'].name + ('' if got_dim is None else f'({got_dim})')}"
+                    )
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        client, self._client = self._client, None
+        self._release(client, self.uri, self.lite)
+
+    @property
+    def client(self) -> "MilvusClient":
+        if self._client is None:
+            raise RuntimeError(f"collection at {self.location} is closed")
+        return self._client
+
+    # ------------------------------------------------------------------ manifest
+    @staticmethod
+    def _read_manifest(client: "MilvusClient", coll: str, timeout: float) -> dict | None:
+        if not client.has_collection(coll, timeout=timeout):
+            return None
+        rows = client.query(coll, filter=f'key == "{_MANIFEST_KEY}"', output_fields=["value"], limit=1, timeout=timeout)
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def read_manifest(self) -> dict | None:
+        return self._read_manifest(self.client, self.meta_collection, self.timeout)
+
+    def write_manifest(self, manifest: dict) -> None:
+        value = json.dumps(manifest, sort_keys=True)
+        if len(value.encode("utf-8")) > TEXT_MAX_BYTES:
+            raise ValueError(f"manifest is {len(value.encode())} bytes; Milvus stores at most {TEXT_MAX_BYTES}")
+        self.client.upsert(self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout)
+
+    # -------------------------------------------------------------------- writes
+    def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:
+        return list(self.client.query(coll, filter=expr, output_fields=fields, limit=limit, timeout=self.timeout))
+
+    def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
+        per = max(1, min(MAX_RESULTS, CHUNK_BYTES // max(row_bytes, 1)))
+        out: list[dict] = []
+        for a in range(0, len(pks), per):
+            chunk = pks[a : a + per]
+            out += self._query(self.collection, f"pk in {_ints(chunk)}", fields, len(chunk))
+        return out
+
+    def _row_bytes(self, vectors: Sequence[str]) -> int:
+        b = 256
+        if "dense" in vectors:
+            b += 4 * self.schema.dense_dim + 64
+        if "sparse" in vectors:
+            b += 2048
+        return b
+
+    def _token_rows(self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray) -> list[dict]:
+        """Token rows of a batch (one dict per token; the vectors are numpy rows)."""
+        lens = np.diff(offsets)
+        tok_gen = np.repeat(gens, lens).tolist()
+        tok_doc = np.repeat(doc_pks, lens).tolist()
+        pos = (np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lens)).tolist()
+        vecs = np.ascontiguousarray(colbert, dtype=self._vec_dtype)
+        return [{"gen": g, "doc": d, "pos": p, "vec": v} for g, d, p, v in zip(tok_gen, tok_doc, pos, vecs)]
+
+    def _insert_chunked(self, coll: str, rows: list[dict], row_bytes: int) -> None:
+        per = max(1, CHUNK_BYTES // row_bytes)
+        for a in range(0, len(rows), per):
+            self.client.insert(coll, rows[a : a + per], timeout=self.timeout)
+
+    def upsert(self, batch: PointBatch) -> None:
+        batch.validate(self.schema)
+        if not batch.has_vectors:
+            raise ValueError("upsert needs a batch with vectors")
+        n = len(batch)
+        if n == 0:
+            return
+        texts_b = [t.encode("utf-8") for t in batch.texts]
+        long_ids = [i for i in batch.ids if len(i.encode("utf-8")) > ID_MAX_BYTES]
+        if long_ids:
+            raise ValueError(f"ids longer than {ID_MAX_BYTES} UTF-8 bytes cannot be stored in Milvus: {long_ids[:3]}")
+        too_long = [batch.ids[i] for i, t in enumerate(texts_b) if len(t) > TEXT_MAX_BYTES]
+        if too_long:
+            raise ValueError(
+                f"texts longer than {TEXT_MAX_BYTES} UTF-8 bytes (Milvus's VARCHAR limit) cannot be stored: ids {too_long[:10]}"
+            )
+        pks = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
+        old = {r["pk"]: r for r in self._rows_by_pk(pks.tolist(), ["pk", "doc_id", "gen"])}
+        clash = [(r["doc_id"], batch.ids[j]) for j, p in enumerate(pks.tolist()) if (r := old.get(p)) and r["doc_id"] != batch.ids[j]]
+        if clash:
+            raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
+        rng = np.random.default_rng()
+        gens = rng.integers(1, 2**62, size=n, dtype=np.int64)
+        offsets = np.asarray(batch.colbert_offsets, dtype=np.int64)
+        if np.any(np.diff(offsets) == 0):
+            empty = [batch.ids[j] for j in np.flatnonzero(np.diff(offsets) == 0)]
+            raise ValueError(f"documents {empty[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
+        # (1) token rows under fresh generations: invisible until the document rows point at them
+        tok_bytes = self.schema.colbert_dim * np.dtype(self._vec_dtype).itemsize + 48
+        self._insert_chunked(self.tokens, self._token_rows(gens, pks, offsets, batch.colbert), tok_bytes)
+        # (2) every document row of the batch in one request (split only beyond max_request_bytes)
+        sparse = batch.sparse.tocsr()
+        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
+        rows, sizes = [], []
+        for j, doc_id in enumerate(batch.ids):
+            a, b = sparse.indptr[j], sparse.indptr[j + 1]
+            meta = batch.metadata[j] or {}
+            rows.append({
+                "pk": int(pks[j]), "doc_id": doc_id, "text": batch.texts[j], "meta": meta, "kinds": metadata_kinds(meta),
+                "dense": dense[j], "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
+                "gen": int(gens[j]), "ntok": int(offsets[j + 1] - offsets[j]),
+            })
+            sizes.append(len(texts_b[j]) + 4 * dense.shape[1] + 12 * (b - a) + 256)
+        start, acc = 0, 0
+        for j, size in enumerate(sizes + [self.max_request_bytes + 1]):
+            if j == n or (acc + size > self.max_request_bytes and j > start):
+                self.client.upsert(self.collection, rows[start:j], timeout=self.timeout)
+                start, acc = j, 0
+            acc += size
+        # (3) older generations (and orphans of interrupted writes) of these documents
+        for a in range(0, n, 4096):
+            self.client.delete(
+                self.tokens, filter=f"doc in {_ints(pks[a:a + 4096])} and gen not in {_ints(gens[a:a + 4096])}", timeout=self.timeout
+            )
+
+    def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
+        if len(ids) != len(metadata):
+            raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
+        if not ids:
+            return
+        # Milvus 2.5 has no partial update: rewrite the document rows (tokens untouched).
+        fields = ["pk", "doc_id", "text", "dense", "sparse", "gen", "ntok"]
+        rows = {r["doc_id"]: r for r in self._rows_by_pk([_pk(i) for i in ids], fields, self._row_bytes(MODES))}
+        out = []
+        for doc_id, meta in zip(ids, metadata):
+            r = rows.get(doc_id)
+            if r is None:
+                raise ValueError(f"unknown id {doc_id!r}; no metadata was changed")
+            r = {f: r[f] for f in fields}
+            r["dense"] = np.asarray(r["dense"], dtype=np.float32)
+            r["meta"], r["kinds"] = meta, metadata_kinds(meta)
+            out.append(r)
+        self.client.upsert(self.collection, out, timeout=self.timeout)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        pks = [_pk(i) for i in ids]
+        for a in range(0, len(pks), 4096):
+            chunk = _ints(pks[a : a + 4096])
+            self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
+            self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+
+    # --------------------------------------------------------------------- reads
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        wanted = set(ids)
+        return {r["doc_id"] for r in self._rows_by_pk([_pk(i) for i in ids], ["doc_id"]) if r["doc_id"] in wanted}
+
+    @staticmethod
+    def _modes(with_vectors: bool | Sequence[str]) -> tuple[str, ...]:
+        if with_vectors is True:
+            return MODES
+        if not with_vectors:
+            return ()
+        bad = [m for m in with_vectors if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
+        return tuple(with_vectors)
+
+    def _fetch(self, ids: Sequence[str], vectors: Sequence[str], payload: bool = True) -> list[dict | None]:
+        """Document rows in input order (None for unknown ids), with ``colbert`` arrays if asked."""
+        fields = ["doc_id", "gen", "ntok"] + (["text", "meta"] if payload else [])
+        fields += [v for v in ("dense", "sparse") if v in vectors]
+        rows = self._rows_by_pk([_pk(i) for i in ids], fields, self._row_bytes(vectors))
+        by_id = {r["doc_id"]: r for r in rows}
+        out = [by_id.get(i) for i in ids]
+        if "colbert" in vectors:
+            present = [r for r in out if r is not None]
+            mats = self._colbert_of([r["gen"] for r in present], [r["ntok"] for r in present])
+            for r, m in zip(present, mats):
+                r["colbert"] = m
+        return out
+
+    def _colbert_of(self, gens: Sequence[int], ntoks: Sequence[int]) -> list[np.ndarray]:
+        """Token matrices (float32, in token order) of the given generations."""
+        if not gens:
+            return []
+        itemsize = np.dtype(self._vec_dtype).itemsize
+        per_query = max(1, min(MAX_RESULTS, CHUNK_BYTES // (self.schema.colbert_dim * itemsize + 48)))
+        got_gen, got_pos, got_vec = [], [], []
+        a = 0
+        while a < len(gens):
+            b, total = a, 0
+            while b < len(gens) and (b == a or total + ntoks[b] <= per_query):
+                total += ntoks[b]
+                b += 1
+            chunk = list(gens[a:b])
+            # A single document longer than one query's worth of rows is read in position slices.
+            step = per_query
+            for lo in range(0, total, step) if b - a == 1 and total > per_query else [None]:
+                expr = f"gen in {_ints(chunk)}" + ("" if lo is None else f" and pos >= {lo} and pos < {lo + step}")
+                rows = self._query(self.tokens, expr, ["gen", "pos", "vec"], min(total, step) if lo is not None else total)
+                got_gen += [r["gen"] for r in rows]
+                got_pos += [r["pos"] for r in rows]
+                got_vec += [r["vec"] for r in rows]
+            a = b
+        vecs = self._decode_vectors(got_vec)
+        order_of = {g: j for j, g in enumerate(gens)}
+        doc = np.array([order_of[g] for g in got_gen], dtype=np.int64)
+        pos = np.asarray(got_pos, dtype=np.int64)
+        order = np.lexsort((pos, doc))
+        vecs, doc = vecs[order], doc[order]
+        counts = np.bincount(doc, minlength=len(gens))
+        if not np.array_equal(counts, np.asarray(ntoks)):
+            bad = [int(g) for g, c, t in zip(gens, counts, ntoks) if c != t]
+            raise RuntimeError(f"Milvus collection {self.collection!r}: ColBERT token rows missing for generations {bad[:5]}")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [vecs[bounds[j] : bounds[j + 1]] for j in range(len(gens))]
+
+    def _decode_vectors(self, raw: list) -> np.ndarray:
+        d = self.schema.colbert_dim
+        if not raw:
+            return np.zeros((0, d), dtype=np.float32)
+        if self._vec_dtype == np.float16:
+            # pymilvus returns FLOAT16_VECTOR rows as [bytes]
+            buf = b"".join(r[0] if isinstance(r, list) else bytes(r) for r in raw)
+            return np.frombuffer(buf, dtype=np.float16).reshape(-1, d).astype(np.float32)
+        return np.asarray(raw, dtype=np.float32).reshape(-1, d)
+
+    @staticmethod
+    def _sparse_pair(s: dict) -> tuple[np.ndarray, np.ndarray]:
+        if not s:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        idx = np.fromiter(s.keys(), dtype=np.int64, count=len(s))
+        val = np.fromiter(s.values(), dtype=np.float32, count=len(s))
+        order = np.argsort(idx)
+        return idx[order], val[order]
+
+    def _record(self, r: dict) -> Record:
+        rec = Record(r["doc_id"], r.get("text", ""), r.get("meta") or {})
+        if "dense" in r:
+            rec.dense = np.asarray(r["dense"], dtype=np.float32)
+        if "sparse" in r:
+            rec.sparse = self._sparse_pair(r["sparse"])
+        if "colbert" in r:
+            rec.colbert = r["colbert"]
+        return rec
+
+    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        if not ids:
+            return []
+        rows = self._fetch(list(ids), self._modes(with_vectors))
+        return [None if r is None else self._record(r) for r in rows]
+
+    def count(self, filter: Filter | None = None) -> int:
+        expr = self._expr(filter)
+        rows = self.client.query(self.collection, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
+        return int(rows[0]["count(*)"])
+
+    def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        vectors = MODES if with_vectors else ()
+        fields = ["doc_id", "text", "meta", "gen", "ntok"] + [v for v in ("dense", "sparse") if v in vectors]
+        step = max(1, min(batch_size, CHUNK_BYTES // self._row_bytes(vectors)))
+        it = self.client.query_iterator(self.collection, batch_size=step, filter="", output_fields=fields, timeout=self.timeout)
+        pending: list[dict] = []
+        try:
+            while True:
+                page = it.next()
+                pending += list(page)
+                while len(pending) >= batch_size or (not page and pending):
+                    chunk, pending = pending[:batch_size], pending[batch_size:]
+                    yield self._batch(chunk, vectors)
+                if not page:
+                    return
+        finally:
+            it.close()
+
+    def _batch(self, rows: list[dict], vectors: Sequence[str]) -> PointBatch:
+        if "colbert" in vectors:
+            for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
+                r["colbert"] = m
+        return PointBatch.from_records([self._record(r) for r in rows], self.schema.vocab_size)
+
+    # ------------------------------------------------------------------- queries
+    def _has_lists(self, field: str) -> bool:
+        rows = self.client.query(
+            self.collection, filter=f'kinds[{_lit(field, "field name")}] == "l"', output_fields=["pk"], limit=1, timeout=self.timeout
+        )
+        return bool(rows)
+
+    def _expr(self, filter: Filter | None) -> str:
+        return to_milvus_expr(filter, self._has_lists, allow_not=not self.lite)
+
+    @staticmethod
+    def _limit(k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        return int(min(k, MAX_RESULTS))
+
+    def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
+        res = self.client.search(
+            self.collection, data=data, anns_field=field, limit=self._limit(k), filter=expr,
+            output_fields=["doc_id"], search_params=params, timeout=self.timeout,
+        )
+        return [[(h["entity"]["doc_id"], float(h["distance"])) for h in hits] for hits in res]
+
+    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+        params: dict[str, Any] = {"metric_type": "IP"}
+        if not self.lite and self.schema.hnsw_m > 0:
+            params["params"] = {"ef": 32768 if exact else max(self._limit(k), 64)}
+        return self._search(list(q), "dense", k, self._expr(filter), params)
+
+    def search_sparse(self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+        q = sp.csr_matrix(q)
+        out: list[Hits] = [[] for _ in range(q.shape[0])]
+        rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
+        if not rows:
+            return out
+        data = [
+            dict(zip(q.indices[q.indptr[i] : q.indptr[i + 1]].tolist(), q.data[q.indptr[i] : q.indptr[i + 1]].astype(np.float32).tolist()))
+            for i in rows
+        ]
+        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+        for i, hits in zip(rows, self._search(data, "sparse", k, self._expr(filter), params)):
+            out[i] = hits
+        return out
+
+    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
+        """Exact scores from the fetched vectors (NumPy), see the module docstring."""
+        ids = list(ids)
+        modes = tuple(modes)
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}")
+        n = len(ids)
+        out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
+        if not n or not modes:
+            return out
+        rows = self._fetch(ids, modes, payload=False)
+        present = np.array([r is not None for r in rows])
+        got = [r for r in rows if r is not None]
+        if not got:
+            return out
+        if "dense" in modes:
+            D = np.asarray([r["dense"] for r in got], dtype=np.float32)
+            out["dense"][present] = D @ np.asarray(query.dense, dtype=np.float32)
+        if "sparse" in modes:
+            pairs = [self._sparse_pair(r["sparse"]) for r in got]
+            lens = [len(p[0]) for p in pairs]
+            indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            ind = np.concatenate([p[0] for p in pairs]) if indptr[-1] else np.zeros(0, np.int64)
+            val = np.concatenate([p[1] for p in pairs]) if indptr[-1] else np.zeros(0, np.float32)
+            qi = np.asarray(query.sparse_indices if query.sparse_indices is not None else [], dtype=np.int64)
+            qv = np.asarray(query.sparse_values if query.sparse_values is not None else [], dtype=np.float32)
+            width = int(max(ind.max(initial=-1), qi.max(initial=-1)) + 1)
+            docs = sp.csr_matrix((val, ind, indptr), shape=(len(got), width))
+            qvec = np.zeros(width, dtype=np.float32)
+            np.add.at(qvec, qi, qv)
+            out["sparse"][present] = docs @ qvec
+        if "colbert" in modes:
+            mats = [r["colbert"] for r in got]
+            offs = np.concatenate([[0], np.cumsum([len(m) for m in mats])]).astype(np.int64)
+            q = np.asarray(query.colbert, dtype=np.float32)
+            out["colbert"][present] = colbert_scores(q, np.array([0, len(q)]), np.concatenate(mats), offs)[0]
+        return out
