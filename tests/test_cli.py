@@ -90,14 +90,6 @@ def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder,
         assert set(h["scores"]) == {"dense", "sparse", "colbert"}
     assert hits[0]["text"] == corpus_texts[1][corpus_texts[0].index(hits[0]["id"])]
 
-    # default mode `all`, weighted: score = 0.4 d + 0.2 s + 0.4 c of the reported per-mode scores
-    res_all = one_json(cli("search", query, "-c", str(indexed), "--json"))["hits"]
-    assert len(res_all) == 10
-    for h in res_all:
-        s = h["scores"]
-        assert h["score"] == pytest.approx(0.4 * s["dense"] + 0.2 * s["sparse"] + 0.4 * s["colbert"], abs=1e-5)
-    assert [h["score"] for h in res_all] == sorted((h["score"] for h in res_all), reverse=True)
-
     gone = order[:2]
     out = one_json(cli("delete", *gone, "does-not-exist", "--collection", str(indexed), "--json"))
     assert out == {"deleted": gone, "missing": ["does-not-exist"]}
@@ -105,20 +97,6 @@ def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder,
     assert [h["id"] for h in res["hits"]] == order[2:7]
     info = one_json(cli("info", "--collection", str(indexed), "--json"))
     assert info["count"] == N_DOCS - 2
-
-    # re-running index on the same source upserts: the deleted documents come back, nothing doubles
-    out = one_json(cli("index", str(corpus), "--collection", str(indexed), "--json"))
-    assert out["indexed"] == N_DOCS and out["count"] == N_DOCS
-    res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
-    assert [h["id"] for h in res["hits"]] == order[:5]
-
-
-def test_text_output_and_info(indexed, tiny_encoder):
-    proc = cli("search", "boundary layer", "-c", str(indexed), "-k", "3")
-    lines = proc.stdout.splitlines()
-    assert lines[0].lstrip().startswith("1.") and "dense" in lines[0] and "colbert" in lines[0]
-    assert sum(1 for ln in lines if ln.lstrip()[:2] in ("1.", "2.", "3.")) == 3
-    info = one_json(cli("info", "-c", str(indexed), "--json"))
     assert info["model"]["identity"] == tiny_encoder.identity
     assert info["served_by"] is None
     disk = info["disk_bytes"]
@@ -127,7 +105,38 @@ def test_text_output_and_info(indexed, tiny_encoder):
     text = cli("info", "-c", str(indexed)).stdout
     assert "identity:" in text and "disk_bytes:" in text
 
+    # restore the two documents from a source holding them (index upserts into the existing collection)
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    back = corpus.parent / "back.jsonl"
+    back.write_text("\n".join(ln for ln in lines if json.loads(ln)["_id"] in gone) + "\n", encoding="utf-8")
+    out = one_json(cli("index", str(back), "--collection", str(indexed), "--json"))
+    assert out["indexed"] == 2 and out["count"] == N_DOCS
 
+
+@pytest.mark.heavy
+def test_reindex_upserts_and_text_output(indexed, corpus, corpus_texts, tiny_encoder):
+    query = "pressure distribution on a wing in supersonic flow"
+    order, _ = _dense_oracle(tiny_encoder, corpus_texts, query)
+    cli("delete", *order[:2], "-c", str(indexed))
+    # re-running index on the same source upserts: deleted documents come back, nothing doubles
+    out = one_json(cli("index", str(corpus), "--collection", str(indexed), "--json"))
+    assert out["indexed"] == N_DOCS and out["count"] == N_DOCS
+    res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
+    assert [h["id"] for h in res["hits"]] == order[:5]
+    # default mode `all`, weighted: score = 0.4 d + 0.2 s + 0.4 c of the reported per-mode scores
+    res_all = one_json(cli("search", query, "-c", str(indexed), "--json"))["hits"]
+    assert len(res_all) == 10
+    for h in res_all:
+        s = h["scores"]
+        assert h["score"] == pytest.approx(0.4 * s["dense"] + 0.2 * s["sparse"] + 0.4 * s["colbert"], abs=1e-5)
+    assert [h["score"] for h in res_all] == sorted((h["score"] for h in res_all), reverse=True)
+    proc = cli("search", "boundary layer", "-c", str(indexed), "-k", "3")
+    lines = proc.stdout.splitlines()
+    assert lines[0].lstrip().startswith("1.") and "dense" in lines[0] and "colbert" in lines[0]
+    assert sum(1 for ln in lines if ln.lstrip()[:2] in ("1.", "2.", "3.")) == 3
+
+
+@pytest.mark.heavy
 def test_explain_and_filters_from_csv(tmp_path, tiny_model_path):
     src = tmp_path / "products.csv"
     src.write_text(
@@ -158,6 +167,7 @@ def test_explain_and_filters_from_csv(tmp_path, tiny_model_path):
     assert len(res["hits"]) == 3
 
 
+@pytest.mark.heavy
 def test_folder_source_ids_are_paths(tmp_path, tiny_model_path):
     docs = tmp_path / "docs"
     (docs / "guides").mkdir(parents=True)
