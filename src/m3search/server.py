@@ -48,6 +48,9 @@ __all__ = ["Settings", "get_settings", "create_app", "serve", "SERVER_FILE", "re
 
 log = logging.getLogger("m3search.server")
 
+#: Hard ceilings of the request schema (settings may set lower limits).
+MAX_K = 10_000
+MAX_CANDIDATES = 100_000
 #: File beside the collection's lock that tells other processes where its server listens.
 SERVER_FILE = "server.json"
 _MB = 1 << 20
@@ -432,14 +435,20 @@ class DocumentOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+_MODE_PATTERN = r"^(all|(dense|sparse|colbert)(\+(dense|sparse|colbert)){0,2})$"
+
+
 class SearchRequest(_Strict):
-    query: str
-    k: int = Field(10, ge=1)
-    mode: str = "all"
-    fusion: str = "weighted"
-    weights: list[float] | None = Field(None, description="(dense, sparse, colbert)")
-    candidates: int | None = Field(None, ge=1)
-    filter: dict[str, Any] | None = None
+    query: str = Field(min_length=1)
+    k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
+    mode: str = Field("all", pattern=_MODE_PATTERN,
+                      description="dense, sparse, colbert, dense+sparse, dense+colbert or all.")
+    fusion: Literal["weighted", "rrf", "dbsf"] = "weighted"
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4).")
+    candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
+                                   description="Per first-stage list in re-ranking modes (default: the collection's).")
+    filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
 
 

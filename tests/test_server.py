@@ -1,0 +1,314 @@
+"""The real HTTP server (uvicorn in a subprocess on a loopback port the OS picks), called over HTTP.
+
+Covers the OpenAI route through the ``openai`` client, ``/embed`` against the library's
+own outputs, the document lifecycle, search against an exhaustive oracle, the API key,
+the limits, the one error shape, and a schemathesis fuzz run with zero 5xx responses.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-key-123"
+N_DOCS = 60
+MAX_BATCH = 16
+MAX_BODY_MB = 0.25
+
+
+def _start(args: list[str], workdir: Path, collection: Path | None = None, timeout: float = 180):
+    """Start `python -m m3search serve ... --port 0`; return (process, base url) once /health answers."""
+    log_path = workdir / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    proc = subprocess.Popen([sys.executable, "-m", "m3search", "serve", "--port", "0", "--log-level", "warning", *args],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("server exited:\n" + log_path.read_text()[-3000:])
+        if url is None:
+            if collection is not None:
+                try:
+                    url = json.loads((collection / "server.json").read_text())["url"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            else:
+                for line in log_path.read_text().splitlines():
+                    if "m3search: serving" in line:
+                        url = line.split(" at ")[1].split()[0]
+        if url is not None:
+            try:
+                if httpx.get(url + "/health", timeout=30).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not come up:\n" + log_path.read_text()[-3000:])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def docs(shared_data) -> tuple[list[str], list[str]]:
+    ids, texts = [], []
+    with open(shared_data / "cranfield" / "corpus.jsonl", encoding="utf-8") as f:
+        for _, line in zip(range(N_DOCS), f):
+            d = json.loads(line)
+            ids.append(d["_id"])
+            texts.append((d["title"] + " " + d["text"]).strip())
+    return ids, texts
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_path, docs):
+    """A served collection (fp32 tiny model, API key, small limits)."""
+    from m3search import Collection
+
+    work = tmp_path_factory.mktemp("server")
+    coll = work / "coll"
+    with Collection.create(coll, model=str(tiny_model_path), dtype="float32") as c:
+        c.add(docs[1], ids=docs[0], metadata=[{"n": i, "half": "a" if i < N_DOCS // 2 else "b"} for i in range(N_DOCS)])
+    proc, url = _start(["-c", str(coll), "--dtype", "float32", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
+                        "--max-body-mb", str(MAX_BODY_MB)], work, collection=coll)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    try:
+        yield client
+    finally:
+        client.close()
+        _stop(proc)
+
+
+def _is_error(r, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert body["error"]["message"] and "Traceback" not in r.text
+    return body["error"]
+
+
+def test_health_open_everything_else_needs_the_key(server):
+    bare = httpx.Client(base_url=str(server.base_url), timeout=30)
+    assert bare.get("/health").json() == {"status": "ok"}
+    for method, path in [("GET", "/info"), ("POST", "/v1/embeddings"), ("POST", "/embed"), ("POST", "/search"),
+                         ("POST", "/documents"), ("DELETE", "/documents"), ("GET", "/documents/1")]:
+        err = _is_error(bare.request(method, path, json={}), 401)
+        assert err["type"] == "unauthorized"
+    _is_error(bare.get("/info", headers={"Authorization": "Bearer wrong"}), 401)
+    assert bare.get("/info", headers={"X-API-Key": KEY}).status_code == 200
+    info = server.get("/info").json()
+    assert info["api_key_required"] is True and info["collection"]["count"] == N_DOCS
+    assert info["limits"]["max_batch"] == MAX_BATCH and info["model"]["dtype"] == "float32"
+    assert server.get("/docs").status_code == 200 and "/v1/embeddings" in server.get("/openapi.json").json()["paths"]
+
+
+def test_openai_client_gets_our_dense_vectors(server, tiny_encoder):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=str(server.base_url).rstrip("/") + "/v1", api_key=KEY, max_retries=0)
+    texts = ["The boundary layer separates.", "Die Grenzschicht löst sich ab.", ""]
+    ref = tiny_encoder.encode(texts, sparse=False, colbert=False)
+    out = client.embeddings.create(model="text-embedding-3-small", input=texts)  # the client asks for base64
+    assert out.model == "text-embedding-3-small"
+    got = np.array([d.embedding for d in out.data], dtype=np.float32)
+    np.testing.assert_allclose(got, ref.dense, atol=1e-6)
+    assert [d.index for d in out.data] == [0, 1, 2]
+    assert out.usage.prompt_tokens == out.usage.total_tokens == int(ref.n_tokens.sum())
+    single = client.embeddings.create(model="x", input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(single.data[0].embedding, ref.dense[0], atol=1e-6)
+
+
+def test_openai_wire_format(server, tiny_encoder):
+    r = server.post("/v1/embeddings", json={"input": ["a b c"], "model": "bge-m3", "encoding_format": "base64"})
+    body = r.json()
+    assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, tiny_encoder.encode(["a b c"], sparse=False, colbert=False).dense[0], atol=1e-6)
+    _is_error(server.post("/v1/embeddings", json={"input": [[1, 2, 3]]}), 422)  # token arrays: not supported
+    err = _is_error(server.post("/v1/embeddings", json={"input": "x", "dimensions": 8}), 400)
+    assert "dimensions" in err["message"]
+
+
+def test_embed_returns_all_three_outputs(server, tiny_encoder):
+    texts = ["hybrid retrieval with sparse weights", "ColBERT late interaction"]
+    ref = tiny_encoder.encode(texts)
+    body = server.post("/embed", json={"input": texts, "colbert": True, "tokens": True}).json()
+    assert body["usage"]["prompt_tokens"] == int(ref.n_tokens.sum()) and body["truncated"] == 0
+    for i, item in enumerate(body["data"]):
+        assert item["index"] == i and item["n_tokens"] == int(ref.n_tokens[i])
+        np.testing.assert_allclose(item["dense"], ref.dense[i], atol=1e-6)
+        row = ref.sparse[i]
+        assert item["sparse"]["indices"] == row.indices.tolist()
+        np.testing.assert_allclose(item["sparse"]["values"], row.data, atol=1e-6)
+        assert item["sparse"]["tokens"] == tiny_encoder.convert_id_to_token(row.indices.tolist())
+        o = ref.colbert_offsets
+        np.testing.assert_allclose(np.array(item["colbert"]), ref.colbert[o[i]:o[i + 1]], atol=1e-6)
+    only = server.post("/embed", json={"input": "x", "dense": False, "sparse": True}).json()["data"][0]
+    assert set(only) == {"index", "n_tokens", "sparse"} and "tokens" not in only["sparse"]
+    _is_error(server.post("/embed", json={"input": "x", "dense": False, "sparse": False}), 400)
+
+
+def test_documents_lifecycle_and_search(server, tiny_encoder, docs):
+    new = [{"id": "new-1", "text": "Wie funktioniert die Grenzschicht?", "metadata": {"lang": "de", "n": 1000}},
+           {"id": "new/2", "text": "boundary layer control by suction", "metadata": {"lang": "en", "n": 1001}}]
+    r = server.post("/documents", json={"documents": new})
+    assert r.status_code == 200 and r.json() == {"ids": ["new-1", "new/2"], "count": N_DOCS + 2}
+    err = _is_error(server.post("/documents", json={"documents": new[:1]}), 409)
+    assert "new-1" in err["message"]
+    changed = {**new[0], "text": "Grenzschicht und Absaugung", "metadata": {"lang": "de", "n": 7}}
+    assert server.post("/documents", json={"documents": [changed], "upsert": True}).json()["count"] == N_DOCS + 2
+    got = server.get("/documents/new-1").json()
+    assert got == {"id": "new-1", "text": "Grenzschicht und Absaugung", "metadata": {"lang": "de", "n": 7}}
+    assert server.get("/documents/new/2").json()["text"] == new[1]["text"]  # ids with slashes
+    _is_error(server.get("/documents/nope"), 404)
+
+    # search: dense mode equals the exhaustive oracle over the stored texts
+    from m3search.scoring import dense_scores
+
+    ids = docs[0] + ["new-1", "new/2"]
+    texts = docs[1] + [changed["text"], new[1]["text"]]
+    query = "suction control of the boundary layer"
+    s = dense_scores(tiny_encoder.encode([query], sparse=False, colbert=False).dense,
+                     tiny_encoder.encode(texts, sparse=False, colbert=False).dense)[0]
+    order = sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
+    hits = server.post("/search", json={"query": query, "mode": "dense", "k": 5}).json()["hits"]
+    assert [h["id"] for h in hits] == [ids[i] for i in order[:5]]
+    np.testing.assert_allclose([h["score"] for h in hits], [s[i] for i in order[:5]], atol=1e-4)
+
+    # every Collection.search argument passes through
+    body = {"query": query, "k": 3, "mode": "dense+sparse", "fusion": "rrf", "weights": [1, 1, 0],
+            "candidates": 20, "filter": {"lang": {"in": ["de", "en"]}}, "explain": True}
+    hits = server.post("/search", json=body).json()["hits"]
+    assert {h["id"] for h in hits} == {"new-1", "new/2"}
+    assert hits[0]["explain"]["fusion"] == "rrf" and set(hits[0]["explain"]["contributions"]) == {"dense", "sparse"}
+    hits = server.post("/search", json={"query": query, "filter": {"half": "b", "n": {"gte": 50}}}).json()["hits"]
+    assert sorted(h["metadata"]["n"] for h in hits) == list(range(50, N_DOCS))
+
+    out = server.request("DELETE", "/documents", json={"ids": ["new-1", "new/2", "ghost"]}).json()
+    assert out == {"deleted": ["new-1", "new/2"], "missing": ["ghost"]}
+    assert server.get("/info").json()["collection"]["count"] == N_DOCS
+
+
+@pytest.mark.parametrize(
+    "method, path, payload, status",
+    [
+        ("POST", "/search", {"query": "x", "k": 0}, 422),
+        ("POST", "/search", {"query": "x", "mode": "fuzzy"}, 422),
+        ("POST", "/search", {"query": "x", "mode": "dense+dense"}, 400),
+        ("POST", "/search", {"query": "x", "weights": [1, 2]}, 422),
+        ("POST", "/search", {"query": "x", "weights": [-1, 0, 0]}, 422),
+        ("POST", "/search", {"query": "x", "weights": [0, 0, 0]}, 400),
+        ("POST", "/search", {"query": "  "}, 400),
+        ("POST", "/search", {"query": "x", "fusion": "max"}, 422),
+        ("POST", "/search", {"query": "x", "filter": {"a": {"near": 1}}}, 400),
+        ("POST", "/search", {"query": "x", "k": 10**6}, 422),
+        ("POST", "/search", {"query": "x", "k": 5000}, 413),
+        ("POST", "/search", {"query": "x", "surprise": 1}, 422),
+        ("POST", "/search", [1, 2], 422),
+        ("POST", "/embed", {"input": []}, 422),
+        ("POST", "/embed", {"input": ["x"] * (MAX_BATCH + 1)}, 413),
+        ("POST", "/embed", {"input": "x", "max_length": 1}, 422),
+        ("POST", "/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 422),
+        ("POST", "/v1/embeddings", {"input": "x" * int(MAX_BODY_MB * 2**20)}, 413),
+        ("POST", "/documents", {"documents": []}, 422),
+        ("POST", "/documents", {"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, 422),
+        ("POST", "/documents", {"documents": [{"id": "", "text": "x"}]}, 422),
+        ("POST", "/documents", {"documents": [{"id": "a", "text": "x"}, {"text": "y"}]}, 422),
+        ("POST", "/documents", {"documents": [{"text": "x", "metadata": [1]}]}, 422),
+        ("DELETE", "/documents", {"ids": []}, 422),
+        ("GET", "/nowhere", None, 404),
+        ("PUT", "/search", {}, 405),
+    ],
+)
+def test_bad_requests_get_4xx_with_one_error_shape(server, method, path, payload, status):
+    _is_error(server.request(method, path, json=payload), status)
+
+
+def test_malformed_and_oversized_bodies(server):
+    _is_error(server.post("/search", content=b'{"query": ', headers={"Content-Type": "application/json"}), 422)
+    _is_error(server.post("/search", content=b"query=x", headers={"Content-Type": "text/plain"}), 422)
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        for _ in range(40):
+            yield b" " * 10_000
+
+    _is_error(server.post("/search", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+
+
+def test_embeddings_only_server_and_refusals(tmp_path, tiny_model_path):
+    proc, url = _start(["--model", str(tiny_model_path), "--dtype", "float32"], tmp_path)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        c = httpx.Client(base_url=url, timeout=60)
+        assert c.get("/info").json()["collection"] is None  # no key configured: open
+        assert len(c.post("/v1/embeddings", json={"input": "x"}).json()["data"][0]["embedding"]) == 64
+        err = _is_error(c.post("/search", json={"query": "x"}), 409)
+        assert "no collection" in err["message"]
+    finally:
+        _stop(proc)
+
+
+def _schemathesis(url: str, max_examples: int, phases: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    st = Path(sys.executable).with_name("schemathesis")
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (pip install schemathesis)")
+    return subprocess.run(
+        [str(st), "run", f"{url}/openapi.json", "--checks", "not_a_server_error", "-n", str(max_examples),
+         "--phases", phases, "-H", f"Authorization: Bearer {KEY}", "--no-color", "--seed", "1",
+         "--generation-database", "none", "--request-timeout", "60", *extra],
+        capture_output=True, text=True, timeout=900,
+    )
+
+
+def _check_fuzz(proc: subprocess.CompletedProcess) -> None:
+    import re
+
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    m = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 100, proc.stdout[-3000:]
+    assert "Server error" not in proc.stdout and "not_a_server_error" not in proc.stdout
+
+
+@pytest.fixture()
+def fuzz_server(tmp_path, tiny_model_path, docs):
+    from m3search import Collection
+
+    coll = tmp_path / "coll"
+    with Collection.create(coll, model=str(tiny_model_path), dtype="float32") as c:
+        c.add(docs[1][:20], ids=docs[0][:20])
+    proc, url = _start(["-c", str(coll), "--dtype", "float32", "--api-key", KEY, "--max-batch", "8"], tmp_path,
+                       collection=coll)
+    try:
+        yield url
+    finally:
+        _stop(proc)
+
+
+def test_schemathesis_finds_no_server_error(fuzz_server):
+    """Schema-driven fuzzing of every operation (coverage + fuzzing phases, 10 examples each): zero 5xx."""
+    proc = _schemathesis(fuzz_server, 10, "coverage,fuzzing")
+    _check_fuzz(proc)
+
+
+@pytest.mark.heavy
+def test_schemathesis_long_run(fuzz_server):
+    """Longer run with the stateful phase (links between operations), 100 examples per operation."""
+    proc = _schemathesis(fuzz_server, 100, "examples,coverage,fuzzing,stateful")
+    _check_fuzz(proc)
