@@ -98,3 +98,146 @@ def test_reference_table_parses_proxy_readme(proxy_model_path):
     assert set(ref) == {"cranfield", "time", "xquad-r/en"}
     assert ref["cranfield"]["ndcg@10"]["all"] == 0.3864
     assert set(ref["time"]["recall@100"]) == set(MODES)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+BIN = Path(sys.executable).with_name("m3search")
+N_SUBSET = 200
+
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cran_subset(tmp_path_factory, shared_data) -> Path:
+    """A BEIR folder: cranfield's first 200 documents and the queries judged on them."""
+    src = shared_data / "cranfield"
+    out = tmp_path_factory.mktemp("cran-subset") / "cranfield-200"
+    (out / "qrels").mkdir(parents=True)
+    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:N_SUBSET]
+    (out / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keep = {json.loads(ln)["_id"] for ln in lines}
+    qrels = (src / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()
+    rows = [r for r in qrels[1:] if r.split("\t")[1] in keep]
+    (out / "qrels" / "test.tsv").write_text("\n".join([qrels[0], *rows]) + "\n", encoding="utf-8")
+    qids = {r.split("\t")[0] for r in rows}
+    queries = [ln for ln in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+               if json.loads(ln)["_id"] in qids]
+    (out / "queries.jsonl").write_text("\n".join(queries) + "\n", encoding="utf-8")
+    return out
+
+
+def _check_reports(out: Path, results: dict, modes=MODES) -> None:
+    assert json.loads((out / "results.json").read_text()) == results
+    md = (out / "results.md").read_text()
+    for mode in modes:
+        assert f"| {mode} | " in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(results["modes"]) == list(modes)
+    for m in results["modes"].values():
+        for metric in ("ndcg@10", "recall@100", "mrr@10"):
+            assert 0.0 <= m[metric] <= 1.0
+
+
+def test_eval_cli_outputs_cache_and_dense_oracle(cran_subset, tmp_path, tiny_model_path, tiny_encoder):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["eval", str(cran_subset), "--model", str(tiny_model_path), "--dtype", "float32", "--out", str(out),
+            "--cache-dir", str(cache)]
+    first = _cli(*args, "--json")
+    results = json.loads(first.stdout)
+    results.pop("reports")
+    _check_reports(out, results)
+    assert results["n_docs"] == N_SUBSET and results["index"]["cached"] is False
+    assert results["model_identity"] == tiny_encoder.identity and results["dtype"] == "float32"
+
+    # the dense run equals an exhaustive oracle scored by the same trec_eval code
+    from m3search.scoring import dense_scores
+
+    data = load_beir(cran_subset)
+    qids = list(data.queries)
+    s = dense_scores(
+        tiny_encoder.encode([data.queries[q] for q in qids], sparse=False, colbert=False, max_length=512).dense,
+        tiny_encoder.encode(data.doc_texts, sparse=False, colbert=False).dense,
+    )
+    run = {}
+    for i, q in enumerate(qids):
+        top = sorted(range(len(data.doc_ids)), key=lambda j: (-s[i, j], data.doc_ids[j]))[:100]
+        run[q] = {data.doc_ids[j]: float(s[i, j]) for j in top}
+    oracle = compute_metrics(run, data.qrels)
+    for metric in ("ndcg@10", "recall@100", "mrr@10"):
+        assert results["modes"]["dense"][metric] == pytest.approx(oracle[metric], abs=1e-6)
+
+    # second run: the cached index is reused, the table goes to stdout, same numbers
+    second = _cli(*args, "--modes", "sparse,all")
+    assert "sparse" in second.stdout and "ndcg@10" in second.stdout and "dense+colbert" not in second.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert again["index"]["cached"] is True and list(again["modes"]) == ["sparse", "all"]
+    for mode in ("sparse", "all"):
+        assert again["modes"][mode]["ndcg@10"] == results["modes"][mode]["ndcg@10"]
+
+
+@pytest.mark.heavy
+def test_eval_cli_full_cranfield_tiny(shared_data, tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    proc = _cli("eval", str(shared_data / "cranfield"), "--model", str(tiny_model_path), "--out", str(out),
+                "--cache-dir", str(tmp_path / "cache"))
+    results = json.loads((out / "results.json").read_text())
+    _check_reports(out, results)
+    assert results["n_docs"] == 1400 and results["n_queries"] == 225
+    assert all(mode in proc.stdout for mode in MODES)
+
+
+# ---------------------------------------------------------------------------------------------- proxy model
+
+PROXY_SETS = ["cranfield", "time", "xquad-r/en"]
+
+
+@pytest.fixture(scope="module")
+def proxy_encoder(proxy_model_path):
+    from m3search import M3Encoder
+
+    return M3Encoder.from_pretrained(str(proxy_model_path), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def proxy_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("proxy-cache")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", PROXY_SETS)
+def test_proxy_exhaustive_reproduces_reference_table(name, shared_data, proxy_model_path, proxy_encoder, proxy_cache,
+                                                     tmp_path):
+    """candidates >= corpus size: every mode within 0.002 of the README's exhaustive table (nDCG@10, Recall@100)."""
+    from m3search.eval import evaluate, write_reports
+
+    ref = reference_table(proxy_model_path / "README.md")[name]
+    results = evaluate(shared_data / name, model=proxy_encoder, candidates=5000, cache_dir=proxy_cache)
+    write_reports(results, tmp_path)
+    assert results["n_docs"] <= 5000
+    for mode in MODES:
+        for metric in ("ndcg@10", "recall@100"):
+            got, want = results["modes"][mode][metric], ref[metric][mode]
+            assert abs(got - want) <= 0.002, f"{name} {mode} {metric}: {got:.4f} vs reference {want:.4f}"
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", PROXY_SETS)
+def test_proxy_default_settings_loss(name, shared_data, proxy_model_path, proxy_encoder, proxy_cache):
+    """Default candidates: report each mode's loss against the exhaustive table; nDCG@10 loss < 0.005."""
+    from m3search.eval import evaluate
+
+    ref = reference_table(proxy_model_path / "README.md")[name]
+    results = evaluate(shared_data / name, model=proxy_encoder, cache_dir=proxy_cache)
+    lines = []
+    for mode in MODES:
+        loss = {m: ref[m][mode] - results["modes"][mode][m] for m in ("ndcg@10", "recall@100")}
+        lines.append(f"{name} {mode}: nDCG@10 loss {loss['ndcg@10']:+.4f}, Recall@100 loss {loss['recall@100']:+.4f}")
+        assert loss["ndcg@10"] < 0.005, lines[-1]
+    print("\n".join(lines))
