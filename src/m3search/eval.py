@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,9 @@ def evaluate(
         t0 = time.perf_counter()
         query_emb = collection.encoder.encode(qtexts, max_length=collection.settings["query_max_length"])
         results["query_encode_seconds"] = round(time.perf_counter() - t0, 3)
-        for mode in modes:
+        from tqdm import tqdm
+
+        for mode in tqdm(modes, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True):
             t0 = time.perf_counter()
             hit_lists = collection.search_batch(
                 qtexts, k=depth, mode=mode, fusion=fusion, weights=weights, candidates=candidates,
@@ -334,7 +337,7 @@ def _cached_index(data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: 
         kwargs: dict[str, Any] = {}
         if batch_size is not None:
             kwargs["batch_size"] = batch_size
-        collection.add(data.doc_texts, ids=data.doc_ids, **kwargs)
+        collection.add(data.doc_texts, ids=data.doc_ids, show_progress=None if progress else False, **kwargs)
     except BaseException:
         collection.close()
         shutil.rmtree(path, ignore_errors=True)
