@@ -173,3 +173,39 @@ def test_float16_storage_keeps_rankings(col16, corpus, mode):
             worst = max(worst, abs(h.score - fused[ids.index(h.id)]))
     print(f"\nfloat16 ColBERT storage, mode={mode}: largest fused-score error {worst:.2e}")
     assert worst < 2e-3
+
+
+def test_engine_score_equals_numpy_fallback(col32, corpus):
+    """Qdrant Edge's in-engine candidate scoring == the pure-NumPy reference (score_records)."""
+    from m3search.engines.base import QueryVectors, score_records
+
+    texts, ids, emb, queries, qemb, oracle = corpus
+    eng = col32.engine
+    cand = ids[::7] + ["not-stored"]
+    recs = eng.get(cand, with_vectors=True)
+    assert recs[-1] is None
+    for qi in range(3):
+        qv = QueryVectors.from_embeddings(qemb, qi)
+        got, ref = eng.score(cand, qv), score_records(recs, qv)
+        for m in MODES:
+            assert np.isnan(got[m][-1]) and np.isnan(ref[m][-1])
+            np.testing.assert_allclose(got[m][:-1], ref[m][:-1], atol=1e-5)
+            np.testing.assert_allclose(got[m][:-1], oracle[m][qi, [ids.index(c) for c in cand[:-1]]], atol=1e-5)
+
+
+def test_iter_batches_round_trips_vectors(col32, corpus):
+    texts, ids, emb, *_ = corpus
+    seen = {}
+    for batch in col32.engine.iter_batches(64):
+        batch.validate(col32.schema)
+        for i, doc_id in enumerate(batch.ids):
+            seen[doc_id] = (batch.texts[i], batch.dense[i], batch.sparse_row(i), batch.colbert_rows(i))
+    assert sorted(seen) == sorted(ids)
+    for j in (0, 1, len(ids) - 1):
+        text, dense, (si, sv), colb = seen[ids[j]]
+        assert text == texts[j]
+        np.testing.assert_array_equal(dense, emb.dense[j])
+        row = emb.sparse[j]
+        np.testing.assert_array_equal(si, row.indices)
+        np.testing.assert_array_equal(sv, row.data)
+        np.testing.assert_array_equal(colb, emb.colbert[emb.colbert_offsets[j] : emb.colbert_offsets[j + 1]])
