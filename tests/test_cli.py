@@ -320,10 +320,19 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
 
 def test_stale_server_record_is_ignored(indexed):
     """A server killed with -9 leaves server.json behind; its pid is dead, so commands open the folder."""
+    import socket
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (indexed / "server.json").write_text(json.dumps({"pid": dead.pid, "url": "http://127.0.0.1:9", "port": 9}))
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     try:
+        (indexed / "server.json").write_text(json.dumps({"pid": dead.pid, "url": url, "port": port}))
+        assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
+        # pid alive but nothing listening (pid reused after a kill -9): the free lock decides
+        (indexed / "server.json").write_text(json.dumps({"pid": os.getpid(), "url": url, "port": port}))
         assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
     finally:
         (indexed / "server.json").unlink()

@@ -283,6 +283,7 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
     """This collection's server if one runs, else the collection opened here (created if ``create``)."""
     path = Path(collection)
     record = _server_record(path)
+    not_answering = None
     if record is not None:
         url, pid = record.get("url"), record.get("pid")
         import httpx
@@ -290,10 +291,11 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
         try:  # a server that is still loading its model answers once loaded (the request waits in its backlog)
             httpx.get(f"{url}/health", timeout=httpx.Timeout(300.0, connect=5.0)).raise_for_status()
         except httpx.HTTPError as exc:
-            raise click.ClickException(
-                f"collection {collection} is in use by process {pid} (m3search serve at {url}), "
-                f"which does not answer ({exc}); wait for it or stop it"
-            ) from None
+            # Nobody listening: a stale record whose pid was reused, or a server that is stopping.
+            # Opening the folder below tells which (the lock is free, or "in use" is reported).
+            not_answering = f"m3search serve at {url} (pid {pid}) does not answer: {exc}"
+            record = None
+    if record is not None:
         if record.get("api_key_required") and not api_key:
             raise click.ClickException(
                 f"collection {collection} is served by process {pid} at {url}, which needs an API key: "
@@ -309,7 +311,7 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
         if not create:
             raise
     except CollectionInUseError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc}" + (f"; {not_answering}" if not_answering else "")) from None
     return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype))
 
 
