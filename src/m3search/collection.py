@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -46,7 +46,7 @@ from m3search.engines.base import (
     Record,
     Schema,
 )
-from m3search.filters import Filter, parse_filter
+from m3search.filters import parse_filter
 from m3search.fusion import contributions, order, ranks
 from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan, check_query, check_weights
 
@@ -612,7 +612,6 @@ class Collection:
         extra = self._engine.score(top_ids, qv, rest) if rest else {}
         all_scores = {m: (scores[m][top] if m in scores else extra[m]) for m in MODES}
         records = self._engine.get(top_ids, with_vectors=["sparse"] if plan.explain else False)
-        sources = None
         if plan.explain:
             dense_ids, sparse_ids = {i for i, _ in dense_hits}, {i for i, _ in sparse_hits}
             mode_ranks = {m: ranks(cand, s)[top] for m, s in scores.items()}
