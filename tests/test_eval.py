@@ -230,7 +230,7 @@ def test_proxy_exhaustive_reproduces_reference_table(name, shared_data, proxy_mo
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", PROXY_SETS)
 def test_proxy_default_settings_loss(name, shared_data, proxy_model_path, proxy_encoder, proxy_cache):
-    """Default candidates: report each mode's loss against the exhaustive table; nDCG@10 loss < 0.005."""
+    """Default candidates (200): each mode's loss against the exhaustive table; nDCG@10 loss < 0.005."""
     from m3search.eval import evaluate
 
     ref = reference_table(proxy_model_path / "README.md")[name]

@@ -535,8 +535,8 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
 @click.option("--weights", default=None, callback=_parse_weights,
               help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
-@click.option("--candidates", default=None, type=click.IntRange(1),
-              help="Dense and sparse candidates per query [default: the collection's default].")
+@click.option("--candidates", default=200, show_default=True, type=click.IntRange(1),
+              help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).")
 @dtype_option
 @device_option
 @click.option("--queries", "queries_dir", default=None, type=click.Path(exists=True, file_okay=False),
