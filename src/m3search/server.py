@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,8 +51,7 @@ log = logging.getLogger("m3search.server")
 #: Hard ceilings of the request schema (settings may set lower limits).
 MAX_K = 10_000
 MAX_CANDIDATES = 100_000
-#: File beside the collection's lock that tells other processes where its server listens.
-SERVER_FILE = "server.json"
+from .cli import SERVER_FILE  # noqa: E402  (file beside the collection's lock: where its server listens)
 _MB = 1 << 20
 
 
