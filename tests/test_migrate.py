@@ -1,0 +1,148 @@
+"""Migration between engines without re-encoding: embedded -> Qdrant (local mode) ->
+embedded gives identical search results, and an interrupted migration never leaves a
+destination that opens as a collection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m3search.collection import Collection
+from m3search.engines.base import CollectionExistsError, CollectionNotFoundError
+from m3search.migrate import migrate
+from m3search.testing import BUILTIN_TEXTS
+
+MODES = ["dense", "sparse", "colbert", "dense+sparse", "all"]
+
+
+def corpus(n: int = 90):
+    rng = np.random.default_rng(5)
+    words = " ".join(BUILTIN_TEXTS).split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(2, 40)))) for _ in range(n - 2)] + ["", ""]
+    ids = [f"m{i}" for i in range(n)]
+    meta = [{"i": i, "lang": ["en", "de"][i % 2], "nested": {"k": i % 4}} for i in range(n)]
+    return texts, ids, meta
+
+
+def snapshot(col: Collection, queries) -> list:
+    """Every mode's hits (ids, fused and per-mode scores, payloads) for the queries."""
+    out = []
+    for mode in MODES:
+        for hits in col.search_batch(queries, k=15, mode=mode):
+            out.append([(h.id, h.score, h.scores, h.text, h.metadata) for h in hits])
+    hits = col.search(queries[0], k=10, filter={"lang": "de", "nested.k": {"in": [1, 2]}})
+    out.append([(h.id, h.score, h.scores, h.text, h.metadata) for h in hits])
+    return out
+
+
+def close_to(before: list, after: list, tol: float = 1e-4) -> None:
+    """Same hits in the same order (a swap only between scores within 1e-6), scores within ``tol``."""
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x[0] == y[0] or abs(x[1] - y[1]) <= 1e-6, (x[:2], y[:2])
+            assert abs(x[1] - y[1]) <= tol
+
+
+def identical(before: list, after: list) -> None:
+    """The same hits in the same order with the same texts and metadata; scores may differ
+    in the last float32 bit because Qdrant Edge's segment layout (write batches, optimizer
+    runs) changes its summation order."""
+    assert [[(h[0], h[3], h[4]) for h in hits] for hits in after] == [[(h[0], h[3], h[4]) for h in hits] for hits in before]
+    close_to(before, after, tol=1e-6)
+
+
+def stored(col: Collection) -> dict:
+    """id -> (text, metadata, dense, sparse, colbert) as bytes, for bit-exact comparison."""
+    out = {}
+    for batch in col.engine.iter_batches(50):
+        for i, doc_id in enumerate(batch.ids):
+            ind, val = batch.sparse_row(i)
+            out[doc_id] = (batch.texts[i], repr(batch.metadata[i]), batch.dense[i].tobytes(), ind.tobytes(),
+                           val.tobytes(), batch.colbert_rows(i).tobytes())
+    return out
+
+
+@pytest.fixture
+def source(tmp_path, tiny_encoder):
+    texts, ids, meta = corpus()
+    col = Collection.create(tmp_path / "src", model=tiny_encoder)  # defaults: float16 ColBERT storage
+    col.add(texts, ids=ids, metadata=meta, batch_size=32)
+    queries = [" ".join(texts[i].split()[:4]) or "x" for i in (1, 7, 30)] + ["zzqx"]
+    before = snapshot(col, queries)
+    manifest = col.manifest
+    col.close()
+    return tmp_path / "src", queries, before, manifest
+
+
+def test_embedded_to_qdrant_local_and_back_is_identical(tmp_path, tiny_encoder, source):
+    pytest.importorskip("qdrant_client")
+    src, queries, before, manifest = source
+    mid = f"qdrant+local://{tmp_path}/qstore/docs"
+    back = tmp_path / "back"
+
+    info = migrate(src, mid, batch_size=25)
+    assert info["copied"] == 90 and (info["src_engine"], info["dst_engine"]) == ("qdrant-edge", "qdrant")
+    with Collection.open(mid, model=tiny_encoder) as col:
+        assert col.count() == 90
+        assert col.manifest["model"] == manifest["model"] and col.manifest["schema"] == manifest["schema"]
+        assert col.manifest["engine"] == "qdrant" and col.manifest["migrated_from"]["engine"] == "qdrant-edge"
+        close_to(before, snapshot(col, queries))  # another engine: its own score kernels
+
+    migrate(mid, back, batch_size=40)
+    with Collection.open(back, model=tiny_encoder) as col:
+        assert col.manifest["engine"] == "qdrant-edge" and col.manifest["settings"] == manifest["settings"]
+        after = snapshot(col, queries)
+        identical(before, after)
+        assert col.get(["m0", "m88"])[1].text == ""
+        back_vectors = stored(col)
+    with Collection.open(src, model=tiny_encoder) as col:
+        assert stored(col) == back_vectors  # every stored vector came back bit for bit
+
+
+def test_embedded_to_milvus_lite(tmp_path, tiny_encoder, source):
+    pytest.importorskip("pymilvus")
+    src, queries, before, manifest = source
+    dst = str(tmp_path / "m.db")
+    migrate(src, dst, batch_size=64)
+    with Collection.open(dst, model=tiny_encoder) as col:
+        after = snapshot(col, queries)
+    close_to(before, after)  # Milvus scores in NumPy, Qdrant Edge in its own kernels
+
+
+def test_interrupted_migration_leaves_no_collection(tmp_path, tiny_encoder, source, monkeypatch):
+    src, queries, before, manifest = source
+    dst = tmp_path / "partial"
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+
+    real, calls = QdrantEdgeEngine.upsert, []
+
+    def failing(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert", failing)
+    with pytest.raises(OSError, match="simulated"):
+        migrate(src, dst, batch_size=30)
+    with pytest.raises(CollectionNotFoundError):
+        Collection.open(dst, model=tiny_encoder)
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert", real)
+    assert migrate(src, dst, batch_size=30)["copied"] == 90  # the rerun replaces the partial folder
+    with Collection.open(dst, model=tiny_encoder) as col:
+        identical(before, snapshot(col, queries))
+
+
+def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
+    src, *_ = source
+    Collection.create(tmp_path / "taken", model=tiny_encoder).close()
+    with pytest.raises(CollectionExistsError):
+        migrate(src, tmp_path / "taken")
+    with pytest.raises(ValueError, match="same location"):
+        migrate(src, str(src))
+    with pytest.raises(CollectionNotFoundError):
+        migrate(tmp_path / "nothing", tmp_path / "dst")
+    with pytest.raises(ValueError, match="batch_size"):
+        migrate(src, tmp_path / "dst", batch_size=0)
