@@ -251,6 +251,28 @@ def test_stored_records_round_trip(cols, corpus):
         assert seen == {d: int(o[j + 1] - o[j]) for j, d in enumerate(ids)}, engine
 
 
+def test_qdrant_server_side_scoring_matches_local_scoring(cols, corpus):
+    """Local mode scores candidates in NumPy; the server path (exact queries filtered to
+    the candidate ids, MaxSim divided by the query length) must give the same numbers."""
+    needs("qdrant-local")
+    from m3search.engines.base import QueryVectors
+
+    texts, ids, meta, emb, queries, qemb, oracle = corpus
+    eng = cols["qdrant-local"].engine
+    cand = ids[::3] + ["no-such-id"]
+    for qi in (0, len(queries) - 1):  # the last query shares no token with the corpus
+        qv = QueryVectors.from_embeddings(qemb, qi)
+        local = eng.score(cand, qv)
+        eng.server_scoring = True
+        try:
+            server = eng.score(cand, qv)
+        finally:
+            eng.server_scoring = False
+        for m in MODES:
+            np.testing.assert_allclose(server[m], local[m], atol=1e-5, equal_nan=True)
+            assert np.isnan(server[m][-1]) and np.isnan(local[m][-1])
+
+
 # --------------------------------------------------------------------------- filters
 FILTERS = [
     {"lang": "en"},

@@ -39,7 +39,11 @@ Local mode (``qdrant+local://PATH/name``; the last segment is the collection nam
 them all in memory: for tests and small collections. It locks ``PATH`` (a second
 process gets CollectionInUseError) and ignores float16 storage, so token vectors are
 rounded to float16 on our side before they are sent: local mode and a server then
-score the same values. No Qdrant server binary can be installed on the machines this
+score the same values. Its filtered queries score every stored point before filtering,
+so in local mode candidates are scored in NumPy from their fetched vectors
+(``score_records``); a server scores them itself (one ``exact`` query per mode
+filtered to the candidate ids, as the embedded engine does). ``server_scoring=True``
+runs the server path in local mode too (the tests check both agree). No Qdrant server binary can be installed on the machines this
 project is tested on: the test suite covers the server code path only through local
 mode, which speaks the same client API.
 """
@@ -69,6 +73,7 @@ from m3search.engines.base import (
     Record,
     Schema,
     point_uuid,
+    score_records,
 )
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
 
@@ -122,7 +127,12 @@ def parse_qdrant_location(location: str) -> tuple[str, str, str]:
 
 # ----------------------------------------------------------------------------- filters
 def to_client_filter(f: Filter | None, prefix: str = "metadata.") -> qm.Filter | None:
-    """The shared filter AST as a qdrant-client ``Filter`` (same mapping as Qdrant Edge)."""
+    """The shared filter AST as a qdrant-client ``Filter``.
+
+    Qdrant Edge's mapping, plus: an integer equality (or ``in`` over integers) also
+    matches the equal float (``{"n": 2}`` finds a stored ``2.0``, as
+    :func:`m3search.filters.matches` says), through a ``[v, v]`` range next to the match.
+    """
     if f is None:
         return None
     node = _condition(f, prefix)
@@ -199,6 +209,7 @@ class QdrantRemoteEngine(Engine):
     def __init__(
         self, client: "QdrantClient", location: str, collection: str, schema: Schema, *, local: bool, where: str,
         retries: int = 5, backoff: float = 0.5, max_request_bytes: int = 16 << 20, hnsw_ef: int | None = None,
+        server_scoring: bool | None = None,
     ) -> None:
         self._client: QdrantClient | None = client
         self.location = location
@@ -210,9 +221,13 @@ class QdrantRemoteEngine(Engine):
         self.backoff = backoff
         self.max_request_bytes = max_request_bytes
         self.hnsw_ef = hnsw_ef
+        # Local mode computes a filtered MaxSim over EVERY stored point before filtering
+        # (seconds per query at a few hundred documents); there, candidates are scored
+        # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
+        self.server_scoring = (not local) if server_scoring is None else bool(server_scoring)
 
     # ----------------------------------------------------------------- connection
-    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef")
+    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring")
     _CLIENT_OPTS = ("api_key", "https", "prefer_grpc", "timeout")
 
     @classmethod
@@ -533,12 +548,15 @@ class QdrantRemoteEngine(Engine):
         return out
 
     def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
-        """Exact scores where the vectors live: one query per mode, filtered to the candidates, ``exact=True``."""
+        """Exact scores where the vectors live: one query per mode, filtered to the candidates, ``exact=True``
+        (local mode: NumPy over the candidates' fetched vectors, see ``server_scoring``)."""
         ids = list(ids)
         n = len(ids)
         out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
         if not n:
             return out
+        if not self.server_scoring:
+            return score_records(self.get(ids, with_vectors=list(modes)), query, modes)
         pos = {doc_id: j for j, doc_id in enumerate(ids)}
         only = qm.Filter(must=[qm.HasIdCondition(has_id=[point_uuid(i) for i in ids])])
         exact = self._params(True)
