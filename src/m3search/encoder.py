@@ -263,6 +263,7 @@ class M3Encoder:
         else float32. ``token_budget`` caps padded tokens per forward batch.
         """
         import torch
+        import transformers
         from tokenizers import Tokenizer
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -283,7 +284,9 @@ class M3Encoder:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+            # Load straight into the target dtype: no transient fp32 copy of a bf16/fp16 model.
+            dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, **{dtype_kw: dt})
         except Exception as exc:
             raise ModelLoadError(f"could not load the transformer weights in {folder}: {exc}") from None
         finally:
