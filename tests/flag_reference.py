@@ -20,7 +20,8 @@ Request (JSON)::
      "scores": [                                                     # compute_score jobs (optional)
         {"name": "b1", "pairs": [[q, p], ...], "batch_size": 1,
          "max_query_length": 64, "max_passage_length": 512,
-         "weights": [0.4, 0.2, 0.4] | null}]}                        # null = FlagEmbedding's default
+         "weights": [0.4, 0.2, 0.4] | null}],                        # null = FlagEmbedding's default
+     "also": [{"prefix": "other_", "model": ..., "scores": [...]}]}  # more models, one process
 
 Output (``.npz``): ``dense`` (n, hidden); ``colbert`` (total, hidden) with
 ``colbert_offsets`` (n + 1); lexical weights as ``lex_ids`` / ``lex_values`` (ids sorted
@@ -126,16 +127,10 @@ def _flatten_lexical(weights: list[dict[str, float]]) -> tuple[np.ndarray, np.nd
     return np.asarray(ids, np.int64), np.asarray(vals, np.float32), np.asarray(offsets, np.int64)
 
 
-def _main(request_path: str, out_path: str) -> None:
-    import FlagEmbedding
-    import torch
-    import transformers
-    from FlagEmbedding import BGEM3FlagModel
-
-    request = json.loads(Path(request_path).read_text(encoding="utf-8"))
+def _run_one(request: dict[str, Any], BGEM3FlagModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     t0 = time.perf_counter()
     model = BGEM3FlagModel(request["model"], use_fp16=False, devices="cpu")
-    load_s = time.perf_counter() - t0
+    meta: dict[str, Any] = {"load_s": time.perf_counter() - t0}
 
     # Record each transformer forward call's padded shape and real-token count.
     calls: list[list[int]] = []
@@ -147,13 +142,7 @@ def _main(request_path: str, out_path: str) -> None:
 
     model.model.model.register_forward_pre_hook(_hook, with_kwargs=True)
 
-    out: dict[str, Any] = {}
-    meta: dict[str, Any] = {
-        "flagembedding": FlagEmbedding.__version__ if hasattr(FlagEmbedding, "__version__") else "1.4.2",
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "load_s": load_s,
-    }
+    out: dict[str, np.ndarray] = {}
     texts = request.get("texts")
     if texts is not None:
         t0 = time.perf_counter()
@@ -174,9 +163,10 @@ def _main(request_path: str, out_path: str) -> None:
         out["colbert_offsets"] = np.concatenate([[0], np.cumsum([len(c) for c in colbert])]).astype(np.int64)
         out["lex_ids"], out["lex_values"], out["lex_offsets"] = _flatten_lexical(enc["lexical_weights"])
 
-    meta["score_calls"] = {}
+    meta["score_calls"], meta["score_s"] = {}, {}
     for job in request.get("scores", []):
         weights = job.get("weights")
+        t0 = time.perf_counter()
         scores = model.compute_score(
             [tuple(p) for p in job["pairs"]],
             batch_size=int(job["batch_size"]),
@@ -184,11 +174,33 @@ def _main(request_path: str, out_path: str) -> None:
             max_passage_length=int(job["max_passage_length"]),
             weights_for_different_modes=list(weights) if weights is not None else None,
         )
+        meta["score_s"][job["name"]] = time.perf_counter() - t0
         meta["score_calls"][job["name"]] = list(calls)
         calls.clear()
         for key in SCORE_KEYS:
             out[f"score_{job['name']}_{key}"] = np.asarray(scores[key], np.float64)
+    return out, meta
 
+
+def _main(request_path: str, out_path: str) -> None:
+    """Run the request, then each of its ``also`` sub-requests (other models, same process:
+    FlagEmbedding's import is the slow part), whose keys get the sub-request's ``prefix``."""
+    import FlagEmbedding
+    import torch
+    import transformers
+    from FlagEmbedding import BGEM3FlagModel
+
+    request = json.loads(Path(request_path).read_text(encoding="utf-8"))
+    out, meta = _run_one(request, BGEM3FlagModel)
+    meta.update(
+        flagembedding=getattr(FlagEmbedding, "__version__", "1.4.2"),
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+    )
+    for sub in request.get("also", []):
+        sub_out, sub_meta = _run_one(sub, BGEM3FlagModel)
+        out.update({sub["prefix"] + k: v for k, v in sub_out.items()})
+        meta[sub["prefix"]] = sub_meta
     out["meta"] = np.asarray(json.dumps(meta))
     np.savez(out_path, **out)
 
