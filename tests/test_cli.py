@@ -318,6 +318,19 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
     assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
 
 
+def test_migrate_copies_without_reencoding(indexed, tmp_path):
+    if not (Path(__file__).parents[1] / "src" / "m3search" / "migrate.py").exists():
+        pytest.skip("m3search.migrate is not there")
+    dst = tmp_path / "copy"
+    out = one_json(cli("migrate", str(indexed), str(dst), "--batch-size", "64", "--json"))
+    assert out["copied"] == N_DOCS
+    src_info = one_json(cli("info", "-c", str(indexed), "--json"))
+    dst_info = one_json(cli("info", "-c", str(dst), "--json"))
+    assert dst_info["count"] == N_DOCS and dst_info["model"] == src_info["model"]
+    p = cli("migrate", str(indexed), str(dst), check=False)  # destination exists: refused, one line
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("Error:")
+
+
 def test_stale_server_record_is_ignored(indexed):
     """A server killed with -9 leaves server.json behind; its pid is dead, so commands open the folder."""
     import socket

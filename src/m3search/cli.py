@@ -574,13 +574,18 @@ if (Path(__file__).with_name("migrate.py")).exists():
     @main.command()
     @click.argument("src")
     @click.argument("dst")
+    @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1),
+                  help="Documents per read and per atomic write.")
     @json_option
-    def migrate(src, dst, as_json):
-        """Copy a collection to another location or engine (SRC and DST are folders or URLs)."""
+    def migrate(src, dst, batch_size, as_json):
+        """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
+
+        Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
+        """
         with _errors():
             from .migrate import migrate as run_migrate
 
-            out = run_migrate(src, dst)
+            out = run_migrate(src, dst, batch_size=batch_size)
         out = _plain(out) if isinstance(out, dict) else {"result": _plain(out)}
         if as_json:
             _emit(out)
