@@ -99,8 +99,10 @@ def run(args) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     model = S.build_model(work / "model")
     qemb, _ = S.planted_queries(S.SyntheticCorpus(args.seed, 0, args.docs), min(args.queries, args.docs), args.seed)
+    from m3search.plan import DEFAULT_CANDIDATES
+
     res: dict[str, Any] = {
-        "docs": args.docs, "queries": len(qemb), "engines": {},
+        "docs": args.docs, "queries": len(qemb), "engines": {}, "candidates": DEFAULT_CANDIDATES,
         "started": _dt.datetime.now().astimezone().isoformat(timespec="minutes"), "loadavg_start": list(os.getloadavg()),
     }
     for name in args.engines:
@@ -128,7 +130,8 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     lines = [
         f"Same synthetic corpus in each engine: {res['docs']} documents of bge-m3's shapes (1024-d dense, 60-150 sparse "
         f"terms, 16-256 ColBERT tokens, float16 ColBERT storage), {res['queries']} planted queries, one query per call, "
-        f"k=10, default candidates. `python benchmarks/engines.py {' '.join(argv)}`, {res['started']}, "
+        f"k=10, default candidates ({res.get('candidates', 200)} per first-stage list). "
+        f"`python benchmarks/engines.py {' '.join(argv)}`, {res['started']}, "
         f"load average {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f} on 2 shared cores.",
         "",
         "| engine | ingest docs/s | " + " | ".join(f"{m} p50 ms" for m in MODES) + " | `all` top-10 = Edge's |",
@@ -143,11 +146,12 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
         "p95 ms: " + "; ".join(f"{n}: " + ", ".join(f"{m} {e['modes'][m]['p95_ms']:.0f}" for m in MODES) for n, e in engines.items()) + ".",
         "",
         "qdrant-local is qdrant-client's local mode standing in for a Qdrant server (none can be installed here). "
-        "It returns stored vectors as Python lists, so re-ranking ~200 candidates of ~136 tokens pulls ~28M floats "
-        "through Python per query (and its filtered queries score every point, so the server path is no faster "
-        "there); a server scores the candidates itself. milvus-lite is Milvus Lite 2.5: the candidates' token "
-        "vectors (~55 MB of float16 per re-ranking query here) come back at its ~15-50 MB/s. Both are "
-        "development stand-ins; neither predicts a server cluster's latency. All engines return the same top 10.",
+        "It returns stored vectors as Python lists, so re-ranking the candidate union (up to 400 documents of ~136 "
+        "tokens; here most of the corpus) pulls tens of millions of floats through Python per query (and its "
+        "filtered queries score every point, so the server path is no faster there); a server scores the "
+        "candidates itself. milvus-lite is Milvus Lite 2.5: the candidates' token vectors (~0.28 MB of float16 per "
+        "document) come back at its ~15-50 MB/s. Both are development stand-ins; neither predicts a server "
+        "cluster's latency. All engines return the same top 10.",
         "",
     ]
     return "\n".join(lines)
