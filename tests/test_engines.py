@@ -305,10 +305,6 @@ FILTERS = [
 @pytest.mark.parametrize("spec", FILTERS, ids=[str(f) for f in FILTERS])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_filters_follow_reference_semantics(request, cols, corpus, engine, spec):
-    if engine == "qdrant-edge" and spec in ({"score": 2}, {"not": {"score": 2}}):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "qdrant_edge maps an int equality to MatchValue, which misses a stored 2.0 "
-            "(qdrant_remote adds a [v, v] range; the same fix belongs in qdrant_edge.to_qdrant_filter)")))
     texts, ids, meta, emb, queries, qemb, oracle = corpus
     col = cols[engine]
     flt = parse_filter(spec)

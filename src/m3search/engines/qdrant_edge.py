@@ -88,6 +88,12 @@ def _condition(f: Filter, prefix: str):
             # qdrant-edge-py 0.9 turns a Python bool into the integer 1/0 (which never matches
             # a stored JSON boolean); numpy's bool_ reaches Qdrant as a real bool.
             return qe.FieldCondition(key, match=qe.MatchValue(np.bool_(f.value)))
+        if isinstance(f.value, (int, np.integer)):
+            # MatchValue(2) misses a stored 2.0, which the grammar counts as equal: add the [v, v] range.
+            return qe.Filter(should=[
+                qe.FieldCondition(key, match=qe.MatchValue(f.value)),
+                qe.FieldCondition(key, range=qe.RangeFloat(gte=float(f.value), lte=float(f.value))),
+            ])
         return qe.FieldCondition(key, match=qe.MatchValue(f.value))
     if isinstance(f, In):
         return qe.FieldCondition(key, match=qe.MatchAny(list(f.values)))
