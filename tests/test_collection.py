@@ -241,3 +241,18 @@ def test_second_process_gets_in_use_error(col):
     col.close()
     res = _open_in_child(col.location)
     assert res.returncode == 0 and "opened" in res.stdout, res.stderr + res.stdout
+
+
+def test_shards_and_replicas_are_for_distributed_engines(tiny_encoder, tmp_path):
+    from m3search import Collection
+
+    with pytest.raises(ValueError, match="shards and replicas apply to qdrant://"):
+        Collection.create(tmp_path / "edge", model=tiny_encoder, shards=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        Collection.create(f"qdrant+local://{tmp_path}/q/c", model=tiny_encoder, replicas=0)
+    col = Collection.create(f"qdrant+local://{tmp_path}/q/c", model=tiny_encoder, shards=2, replicas=1)
+    try:
+        col.add(["sharded text"], ids=["a"])
+        assert col.count() == 1
+    finally:
+        col.close()

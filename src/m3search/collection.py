@@ -178,9 +178,14 @@ class Collection:
         device: str = "auto",
         dtype: str = "auto",
         engine_options: dict | None = None,
+        shards: int | None = None,
+        replicas: int | None = None,
         **settings: Any,
     ) -> "Collection":
         """Create an empty collection at ``path`` for ``model`` (default: ``$M3SEARCH_MODEL``).
+
+        ``shards`` / ``replicas`` apply to distributed engines (``qdrant://`` locations); the
+        embedded engine is one shard and refuses them.
 
         ``model`` is a name/path or an :class:`~m3search.M3Encoder`. Settings:
         ``colbert_dtype`` ("float16" default, or "float32" for exact ColBERT scores),
@@ -195,6 +200,12 @@ class Collection:
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
         engine_cls = resolve_engine(path)
         location = os.fspath(path)
+        engine_options = dict(engine_options or {})
+        for key, value in (("shards", shards), ("replicas", replicas)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                engine_options[key] = value
         if engine_cls.exists(location, **(engine_options or {})):
             raise CollectionExistsError(f"a collection already exists at {location}; use Collection.open")
         encoder = cls._load_encoder(model, device, dtype)

@@ -163,6 +163,12 @@ class QdrantEdgeEngine(Engine):
 
     @classmethod
     def create(cls, location: str, schema: Schema, **options: Any) -> "QdrantEdgeEngine":
+        unknown = set(options) - {"hnsw_ef"}
+        if unknown:
+            raise ValueError(
+                f"the embedded engine does not take {sorted(unknown)} (one folder, one shard); "
+                "shards and replicas apply to qdrant:// locations"
+            )
         root = Path(location).expanduser()
         if (root / MANIFEST).is_file():
             raise CollectionExistsError(f"a collection already exists at {root}")
