@@ -179,7 +179,8 @@ def report(res: dict[str, Any]) -> str:
             r = next((r for r in rows if r["collection"] == name and r["mode"] == "all" and r["C"] == c), None)
             cells.append(f"{r['recall']:.4f} / {r['ndcg_diff']:+.4f}" if r else "")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    verdict = (f"the smallest C with recall@10 >= {TARGET_RECALL} in `all` on every collection is **{chosen}**"
+    tried = ", ".join(str(c) for c in sorted({r["C"] for r in rows}))
+    verdict = (f"the smallest C tried ({tried}) with recall@10 >= {TARGET_RECALL} in `all` on every collection is **{chosen}**"
                if chosen else f"no C reached recall@10 >= {TARGET_RECALL} in `all` on every collection")
     lines.append(f"\nRule: {verdict}; `plan.DEFAULT_CANDIDATES` is {DEFAULT_CANDIDATES}"
                  f"{' (agrees)' if chosen == DEFAULT_CANDIDATES else ' (DIFFERS: revisit the default)'}.")

@@ -500,6 +500,9 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     for m in MODES:
         cells = " | ".join(f"{s['latency']['modes'][m]['p50_ms']:.1f} | {s['latency']['modes'][m]['p95_ms']:.1f}" for s in res["stages"])
         lines.append(f"| {m} | {cells} |")
+    lines.append("\nEach mode is a separate pass of the same queries, minutes apart, on cores shared with other jobs: "
+                 "differences of a few tens of percent between modes or sizes can be contention, not the code "
+                 "(the per-query comparison below interleaves its three contenders to cancel that).")
     lines.append("\nOurs vs Qdrant Edge's native hybrid query (ONE request: prefetch dense top-C + sparse top-C, "
                  "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query. "
                  "`all` = exact dense, sparse and ColBERT scores of every candidate + weighted fusion (the target: "
