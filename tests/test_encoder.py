@@ -99,9 +99,14 @@ def test_subset_views(embedded):
 
 
 def test_convert_id_to_token(tiny_encoder, embedded):
-    readable = tiny_encoder.convert_id_to_token(embedded.lexical_weights[0])
-    assert all(isinstance(k, str) and k for k in readable)
-    assert sorted(readable.values()) == sorted(embedded.lexical_weights[0].values())
+    weights = embedded.lexical_weights[0]
+    readable = tiny_encoder.convert_id_to_token(weights)
+    # FlagEmbedding's rule: each id decodes on its own (two ids may decode alike, e.g. "▁" -> "")
+    expected = {tiny_encoder.tokenizer.decode([int(i)]): w for i, w in weights.items()}
+    assert readable == expected
+    ids = [int(i) for i in weights]
+    assert tiny_encoder.convert_id_to_token(ids) == [tiny_encoder.tokenizer.decode([i]) for i in ids]
+    assert tiny_encoder.convert_id_to_token(ids[0]) == tiny_encoder.tokenizer.decode([ids[0]])
 
 
 def test_scoring_matches_brute_force(embedded):
@@ -127,12 +132,13 @@ def test_compute_score_keys_and_weights(tiny_encoder):
     s = tiny_encoder.compute_score(pairs, weights=(1, 2, 3))
     assert set(s) == {"dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"}
     for i in range(2):
-        assert s["sparse+dense"][i] == pytest.approx((s["dense"][i] + 2 * s["sparse"][i]) / 3, abs=1e-6)
+        # float32 arithmetic: relative tolerance (sparse scores of random heads can be ~20)
+        assert s["sparse+dense"][i] == pytest.approx((s["dense"][i] + 2 * s["sparse"][i]) / 3, rel=1e-6, abs=1e-6)
         assert s["colbert+sparse+dense"][i] == pytest.approx(
-            (s["dense"][i] + 2 * s["sparse"][i] + 3 * s["colbert"][i]) / 6, abs=1e-6
+            (s["dense"][i] + 2 * s["sparse"][i] + 3 * s["colbert"][i]) / 6, rel=1e-6, abs=1e-6
         )
     one = tiny_encoder.compute_score(pairs[0], weights=(1, 2, 3))
-    assert one["dense"] == pytest.approx(s["dense"][0], abs=1e-6)
+    assert one["dense"] == pytest.approx(s["dense"][0], rel=1e-6, abs=1e-6)
     with pytest.raises(ValueError):
         tiny_encoder.compute_score(pairs, weights=(1, 2))
     with pytest.raises(ValueError):

@@ -36,13 +36,16 @@ def snapshot(col: Collection, queries) -> list:
 
 
 def close_to(before: list, after: list, tol: float = 1e-4) -> None:
-    """Same hits in the same order (a swap only between scores within 1e-6), scores within ``tol``."""
+    """Same hits in the same order (a swap only between near-equal scores), scores within
+    ``tol`` relative to max(1, |score|): float32 scores are compared, and the sparse scores of
+    random heads reach ~30, where one ulp is 4e-6."""
     assert len(before) == len(after)
     for a, b in zip(before, after):
         assert len(a) == len(b)
         for x, y in zip(a, b):
-            assert x[0] == y[0] or abs(x[1] - y[1]) <= 1e-6, (x[:2], y[:2])
-            assert abs(x[1] - y[1]) <= tol
+            scale = max(1.0, abs(x[1]))
+            assert x[0] == y[0] or abs(x[1] - y[1]) <= 1e-6 * scale, (x[:2], y[:2])
+            assert abs(x[1] - y[1]) <= tol * scale
 
 
 def identical(before: list, after: list) -> None:
