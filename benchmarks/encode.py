@@ -498,14 +498,15 @@ def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, loa
 
 
 def write_results(report: str) -> None:
-    section = f"{START}\n## Encode throughput (`benchmarks/encode.py`)\n\n{report}{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
+    """Replace this benchmark's marked section (or append it), leaving other sections as they are."""
+    section = f"{START}\n## Encode throughput (`benchmarks/encode.py`)\n\n{report}{END}"
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
     if START in text and END in text:
         before, rest = text.split(START, 1)
         _, after = rest.split(END, 1)
-        text = before + section + after.lstrip("\n")
+        text = before + section + after
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS.write_text(text, encoding="utf-8")
 
 
