@@ -469,7 +469,7 @@ def extrapolate(res: dict[str, Any], target: int, ram_bytes: int, reserve: int) 
         f"linearly); ColBERT storage {colbert_per_doc * target / 1e9:.1f} GB against ~{cache / 1e9:.0f} GB of page cache "
         f"(the whole machine less the reserve and the RAM-resident parts; less when other jobs run), so "
         f"~{miss:.0%} of candidate reads miss: <= {2 * res['candidates']} candidates x {colbert_per_doc / 1e3:.0f} KB at the "
-        f"measured {res['disk_read_mb_s']:.0f} MB/s uncached read = +{io_ms:.0f} ms. Estimated p50: ours `all` ~{ours:.0f} ms, "
+        f"measured {res['disk_read_mb_s']:.0f} MB/s uncached read{' (' + res['disk_probe'] + ')' if res.get('disk_probe') else ''} = +{io_ms:.0f} ms. Estimated p50: ours `all` ~{ours:.0f} ms, "
         f"native ~{native:.0f} ms, ratio ~{ours / native:.2f}x (the shared I/O cost pulls it towards 1).",
     ]
 
@@ -537,8 +537,9 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
         f"{cap['ram_bytes_per_doc']:,.0f} B/doc -> {cap['max_docs_ram'] / 1e6:.1f} M documents in {_mem_gib():.0f} GiB "
         f"less 4 GiB for the process, model and OS; on disk {cap['disk_bytes_per_doc']:,.0f} B/doc (ColBERT dominates) -> "
         f"{cap['max_docs_disk'] / 1e3:,.0f}k documents on the whole {res['disk_total_bytes'] / 2**30:.0f} GiB disk "
-        f"({cap_free / 1e3:,.0f}k with the space free at the end of this run). So the disk, not RAM, bounds "
-        f"this machine: about {min(cap['max_docs_disk'], cap['max_docs_ram']) / 1e3:,.0f}k documents of ~136 tokens. "
+        f"({cap_free / 1e3:,.0f}k with the space free at the end of this run, which other jobs share). So the disk, "
+        f"not RAM, bounds this machine: at most ~{min(cap['max_docs_disk'], cap['max_docs_ram']) / 1e3:,.0f}k documents "
+        f"of ~136 tokens with the whole disk, ~{min(cap_free, cap['max_docs_ram']) / 1e3:,.0f}k today. "
         "Beyond the page cache ColBERT re-ranking reads ~2 KB per candidate token from disk per query."
     )
     if res.get("stopped_before"):
@@ -546,6 +547,7 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     if n < 100_000:
         if "disk_read_mb_s" not in res:  # results from before the probe existed: measure it now
             res["disk_read_mb_s"] = disk_read_mb_s(Path(tempfile.gettempdir()))
+            res["disk_probe"] = "measured when this report was built, after the run"
         lines += extrapolate(res, 100_000, int(_mem_gib() * 2**30), 4 * 2**30)
     return "\n".join(lines) + "\n"
 
