@@ -269,9 +269,10 @@ class QdrantEdgeEngine(Engine):
         sparse = batch.sparse.tocsr()
         offs = batch.colbert_offsets.tolist()
         indptr = sparse.indptr.tolist()
-        # Python lists cross into Rust ~1.6x faster than NumPy views (measured, qdrant-edge-py 0.9).
-        dense = np.asarray(batch.dense, dtype=np.float32).tolist()
-        colbert = np.asarray(batch.colbert, dtype=np.float32).tolist()
+        # NumPy rows cross into Rust faster than Python lists: 80-85 vs 42-65 docs/s for 128-doc
+        # batches of 1024-d x 16-256 tokens, alternating runs on an idle machine (qdrant-edge-py 0.9).
+        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
+        colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
         indices, data = sparse.indices.tolist(), sparse.data.astype(np.float32).tolist()
         points = []
         for i, doc_id in enumerate(batch.ids):
