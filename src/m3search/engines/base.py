@@ -61,6 +61,7 @@ __all__ = [
     "CollectionExistsError",
     "point_uuid",
     "score_records",
+    "finish_maxsim_scores",
 ]
 
 #: Version of the stored layout (payload keys, vector names, manifest keys). Bump on change.
@@ -401,3 +402,25 @@ class Engine(ABC):
         Returns ``{mode: float64 array aligned with ids}`` for each mode in ``modes``
         (semantics in the module docstring; NaN for ids that are not stored).
         """
+
+
+def finish_maxsim_scores(out: dict[str, np.ndarray], ids: Sequence[str], query: "QueryVectors", existing) -> dict[str, np.ndarray]:
+    """Turn raw Qdrant candidate scores (NaN = not returned) into M3 scores, in place.
+
+    Qdrant's MaxSim sums over query vectors, M3 takes the mean; and a sparse query does
+    not return points sharing no token with it, whose exact score is 0 if they exist.
+    ``existing(ids) -> set`` is only called when no dense/colbert score proves existence.
+    """
+    if "colbert" in out:
+        out["colbert"] /= max(len(query.colbert), 1)
+    if "sparse" in out:
+        missing = np.isnan(out["sparse"])
+        if missing.any():
+            known = next((out[m] for m in ("dense", "colbert") if m in out), None)
+            if known is not None:
+                exists = ~np.isnan(known)
+            else:
+                present = existing([ids[j] for j in np.flatnonzero(missing)])
+                exists = np.array([(i in present) or not missing[j] for j, i in enumerate(ids)])
+            out["sparse"][missing & exists] = 0.0
+    return out

@@ -52,6 +52,7 @@ from m3search.engines.base import (
     QueryVectors,
     Record,
     Schema,
+    finish_maxsim_scores,
     point_uuid,
 )
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
@@ -413,17 +414,4 @@ class QdrantEdgeEngine(Engine):
             arr = out[m]
             for p in res:
                 arr[pos[p.payload["id"]]] = p.score
-        if "colbert" in out:
-            out["colbert"] /= max(len(query.colbert), 1)  # Qdrant's MaxSim sums; M3 takes the mean
-        if "sparse" in out:
-            # Points sharing no token are not returned: their score is 0 if they exist.
-            missing = np.isnan(out["sparse"])
-            if missing.any():
-                known = next((out[m] for m in ("dense", "colbert") if m in out), None)
-                if known is not None:
-                    exists = ~np.isnan(known)
-                else:
-                    present = self.existing([ids[j] for j in np.flatnonzero(missing)])
-                    exists = np.array([i in present or not missing[j] for j, i in enumerate(ids)])
-                out["sparse"][missing & exists] = 0.0
-        return out
+        return finish_maxsim_scores(out, ids, query, self.existing)
