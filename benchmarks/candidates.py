@@ -43,8 +43,9 @@ import numpy as np
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
+from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-START, END = "<!-- candidates.py:start -->", "<!-- candidates.py:end -->"
 SHARED = Path(os.environ.get("M3SEARCH_SHARED", REPO.parent / "shared"))
 RERANK_MODES = ("colbert", "dense+sparse", "dense+colbert", "all")
 TARGET_RECALL = 0.99
@@ -189,15 +190,7 @@ def report(res: dict[str, Any]) -> str:
 
 def write_results(body: str) -> None:
     """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    section = f"{START}\n## Default candidates (`benchmarks/candidates.py`)\n\n{body}{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        text = before + section + after.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
+    write_section("candidates.py", "Default candidates (`benchmarks/candidates.py`)", body, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> None:

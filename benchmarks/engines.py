@@ -47,8 +47,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 RESULTS = HERE / "RESULTS.md"
-START, END = "<!-- engines.py:start -->", "<!-- engines.py:end -->"
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
 ENGINES = {
     "qdrant-edge": lambda d: str(d / "edge"),
@@ -159,15 +160,7 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
 
 def write_results(body: str) -> None:
     """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    section = f"{START}\n## Engines (`benchmarks/engines.py`)\n\n{body}{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        text = before + section + after.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
+    write_section("engines.py", "Engines (`benchmarks/engines.py`)", body, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,8 +63,9 @@ import numpy as np
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
+from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-START, END = "<!-- search.py:start -->", "<!-- search.py:end -->"
 
 DIM = 1024
 VOCAB = 250_002  # bge-m3's vocabulary (ids 0-3 are special and never weighted)
@@ -558,15 +559,7 @@ def _mem_gib() -> float:
 
 def write_results(section_body: str) -> None:
     """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    section = f"{START}\n## Search (`benchmarks/search.py`)\n\n{section_body}{END}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        text = before + section + after.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
+    write_section("search.py", "Search (`benchmarks/search.py`)", section_body, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> None:
