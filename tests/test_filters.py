@@ -99,6 +99,7 @@ def random_meta(rng, i):
         m["author"] = {"name": str(rng.choice(["Ada", "Alan"]))}
     if rng.random() < 0.2:
         m["flag"] = bool(rng.random() < 0.5)
+    m["n"] = i % 5 if i % 2 else float(i % 5)  # integral values stored as int and as float
     if i % 17 == 0:
         m = {}  # documents without metadata
     return m
@@ -123,6 +124,9 @@ FILTERS = [
     {"year": 2001.0},
     {"and": [{"year": {"gte": 1985}}, {"or": [{"tags": "z"}, {"not": {"author.name": "Alan"}}]}]},
     {"year": {"in": [1990, 1991, 1992]}},
+    {"n": 2},  # matches the stored 2 and 2.0
+    {"n": {"in": [1, 3]}},  # likewise for membership
+    {"not": {"n": {"in": [2]}}},
 ]
 
 

@@ -55,7 +55,8 @@ from m3search.engines.base import (
     finish_maxsim_scores,
     point_uuid,
 )
-from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+from m3search.engines.qdrant_filter import to_qdrant
+from m3search.filters import Filter
 
 __all__ = ["QdrantEdgeEngine", "to_qdrant_filter"]
 
@@ -65,42 +66,35 @@ SHARD = "shard"
 _ID_ONLY = qe.PayloadSelector.Include(["id"])
 
 
-def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
-    """Translate the shared filter AST into a Qdrant Edge ``Filter`` over ``metadata.*``."""
-    if f is None:
-        return None
-    node = _condition(f, prefix)
-    return node if isinstance(node, qe.Filter) else qe.Filter(must=[node])
+class _EdgeDialect:
+    """qdrant-edge-py's filter classes (see :mod:`m3search.engines.qdrant_filter`)."""
 
+    filter = staticmethod(qe.Filter)
 
-def _condition(f: Filter, prefix: str):
-    if isinstance(f, And):
-        return qe.Filter(must=[_condition(x, prefix) for x in f.items])
-    if isinstance(f, Or):
-        return qe.Filter(should=[_condition(x, prefix) for x in f.items])
-    if isinstance(f, Not):
-        return qe.Filter(must_not=[_condition(f.item, prefix)])
-    key = prefix + f.field
-    if isinstance(f, Eq):
-        if isinstance(f.value, float) and not isinstance(f.value, bool):
-            # Qdrant matches keywords, integers and bools; a float equality is a closed range.
-            return qe.FieldCondition(key, range=qe.RangeFloat(gte=f.value, lte=f.value))
-        if isinstance(f.value, bool):
+    @staticmethod
+    def is_filter(node: Any) -> bool:
+        return isinstance(node, qe.Filter)
+
+    @staticmethod
+    def match(key: str, value: Any) -> qe.FieldCondition:
+        if isinstance(value, bool):
             # qdrant-edge-py 0.9 turns a Python bool into the integer 1/0 (which never matches
             # a stored JSON boolean); numpy's bool_ reaches Qdrant as a real bool.
-            return qe.FieldCondition(key, match=qe.MatchValue(np.bool_(f.value)))
-        if isinstance(f.value, (int, np.integer)):
-            # MatchValue(2) misses a stored 2.0, which the grammar counts as equal: add the [v, v] range.
-            return qe.Filter(should=[
-                qe.FieldCondition(key, match=qe.MatchValue(f.value)),
-                qe.FieldCondition(key, range=qe.RangeFloat(gte=float(f.value), lte=float(f.value))),
-            ])
-        return qe.FieldCondition(key, match=qe.MatchValue(f.value))
-    if isinstance(f, In):
-        return qe.FieldCondition(key, match=qe.MatchAny(list(f.values)))
-    if isinstance(f, Range):
-        return qe.FieldCondition(key, range=qe.RangeFloat(gte=f.gte, gt=f.gt, lte=f.lte, lt=f.lt))
-    raise TypeError(f"not a filter node: {f!r}")
+            value = np.bool_(value)
+        return qe.FieldCondition(key, match=qe.MatchValue(value))
+
+    @staticmethod
+    def match_any(key: str, values: list) -> qe.FieldCondition:
+        return qe.FieldCondition(key, match=qe.MatchAny(values))
+
+    @staticmethod
+    def range(key: str, **bounds: float | None) -> qe.FieldCondition:
+        return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
+
+
+def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
+    """The shared filter AST as a Qdrant Edge ``Filter`` over ``metadata.*``."""
+    return to_qdrant(f, _EdgeDialect, prefix)
 
 
 def _fsync_write(path: Path, data: str) -> None:

@@ -76,7 +76,8 @@ from m3search.engines.base import (
     point_uuid,
     score_records,
 )
-from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+from m3search.engines.qdrant_filter import to_qdrant
+from m3search.filters import Filter
 
 try:
     from qdrant_client import QdrantClient
@@ -127,48 +128,31 @@ def parse_qdrant_location(location: str) -> tuple[str, str, str]:
 
 
 # ----------------------------------------------------------------------------- filters
+class _ClientDialect:
+    """qdrant-client's filter models (see :mod:`m3search.engines.qdrant_filter`)."""
+
+    filter = staticmethod(qm.Filter)
+
+    @staticmethod
+    def is_filter(node: Any) -> bool:
+        return isinstance(node, qm.Filter)
+
+    @staticmethod
+    def match(key: str, value: Any) -> qm.FieldCondition:
+        return qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
+
+    @staticmethod
+    def match_any(key: str, values: list) -> qm.FieldCondition:
+        return qm.FieldCondition(key=key, match=qm.MatchAny(any=values))
+
+    @staticmethod
+    def range(key: str, **bounds: float | None) -> qm.FieldCondition:
+        return qm.FieldCondition(key=key, range=qm.Range(**bounds))
+
+
 def to_client_filter(f: Filter | None, prefix: str = "metadata.") -> qm.Filter | None:
-    """The shared filter AST as a qdrant-client ``Filter``.
-
-    Qdrant Edge's mapping, plus: an integer equality (or ``in`` over integers) also
-    matches the equal float (``{"n": 2}`` finds a stored ``2.0``, as
-    :func:`m3search.filters.matches` says), through a ``[v, v]`` range next to the match.
-    """
-    if f is None:
-        return None
-    node = _condition(f, prefix)
-    return node if isinstance(node, qm.Filter) else qm.Filter(must=[node])
-
-
-def _condition(f: Filter, prefix: str):
-    if isinstance(f, And):
-        return qm.Filter(must=[_condition(x, prefix) for x in f.items])
-    if isinstance(f, Or):
-        return qm.Filter(should=[_condition(x, prefix) for x in f.items])
-    if isinstance(f, Not):
-        return qm.Filter(must_not=[_condition(f.item, prefix)])
-    key = prefix + f.field
-    if isinstance(f, Eq):
-        v = f.value
-        if isinstance(v, float):
-            # Qdrant matches keywords, integers and bools; a float equality is a closed range.
-            return qm.FieldCondition(key=key, range=qm.Range(gte=v, lte=v))
-        if isinstance(v, int) and not isinstance(v, bool):
-            # MatchValue(1) misses a stored 1.0, which the filter grammar counts as equal.
-            return qm.Filter(should=[qm.FieldCondition(key=key, match=qm.MatchValue(value=v)), _point(key, v)])
-        return qm.FieldCondition(key=key, match=qm.MatchValue(value=v))
-    if isinstance(f, In):
-        cond = qm.FieldCondition(key=key, match=qm.MatchAny(any=list(f.values)))
-        if isinstance(f.values[0], str):
-            return cond
-        return qm.Filter(should=[cond] + [_point(key, v) for v in f.values])
-    if isinstance(f, Range):
-        return qm.FieldCondition(key=key, range=qm.Range(gt=f.gt, gte=f.gte, lt=f.lt, lte=f.lte))
-    raise TypeError(f"not a filter node: {f!r}")
-
-
-def _point(key: str, v: int) -> qm.FieldCondition:
-    return qm.FieldCondition(key=key, range=qm.Range(gte=v, lte=v))
+    """The shared filter AST as a qdrant-client ``Filter`` (same mapping as Qdrant Edge)."""
+    return to_qdrant(f, _ClientDialect, prefix)
 
 
 # ---------------------------------------------------------------------------- retries

@@ -1,0 +1,71 @@
+"""The filter AST (:mod:`m3search.filters`) in Qdrant's condition language, for both clients.
+
+Qdrant Edge (``qdrant_edge``) and a Qdrant server (``qdrant_client.models``) speak the same
+filter language with different Python classes and keyword spellings. What the grammar
+means in Qdrant terms is decided once, here; each engine supplies a :class:`Dialect` that
+only builds its client's objects. The mapping:
+
+* ``and`` / ``or`` / ``not`` -> ``Filter(must=...)`` / ``Filter(should=...)`` / ``Filter(must_not=...)``.
+* A float equality -> the closed range ``[v, v]`` (Qdrant matches keywords, integers and
+  bools, not floats).
+* An integer equality or ``in`` over integers -> the match OR one ``[v, v]`` range per
+  value, because the grammar counts a stored ``2.0`` equal to ``2`` (see
+  :func:`m3search.filters.matches`) and Qdrant's integer match does not.
+* Strings and bools -> plain matches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+
+__all__ = ["Dialect", "to_qdrant"]
+
+
+class Dialect(Protocol):
+    """Builds one client library's filter objects."""
+
+    def filter(self, *, must: list | None = None, should: list | None = None, must_not: list | None = None) -> Any: ...
+
+    def is_filter(self, node: Any) -> bool: ...
+
+    def match(self, key: str, value: Any) -> Any: ...
+
+    def match_any(self, key: str, values: Sequence[Any]) -> Any: ...
+
+    def range(self, key: str, *, gt: float | None = None, gte: float | None = None,
+              lt: float | None = None, lte: float | None = None) -> Any: ...
+
+
+def to_qdrant(f: Filter | None, dialect: Dialect, prefix: str = "metadata.") -> Any:
+    """``f`` as the dialect's top-level ``Filter`` over ``prefix + field`` (None for no filter)."""
+    if f is None:
+        return None
+    node = _condition(f, dialect, prefix)
+    return node if dialect.is_filter(node) else dialect.filter(must=[node])
+
+
+def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
+    if isinstance(f, And):
+        return d.filter(must=[_condition(x, d, prefix) for x in f.items])
+    if isinstance(f, Or):
+        return d.filter(should=[_condition(x, d, prefix) for x in f.items])
+    if isinstance(f, Not):
+        return d.filter(must_not=[_condition(f.item, d, prefix)])
+    key = prefix + f.field
+    if isinstance(f, Eq):
+        v = f.value
+        if isinstance(v, float):
+            return d.range(key, gte=v, lte=v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return d.filter(should=[d.match(key, v), d.range(key, gte=float(v), lte=float(v))])
+        return d.match(key, v)
+    if isinstance(f, In):
+        cond = d.match_any(key, list(f.values))
+        if isinstance(f.values[0], str):
+            return cond
+        return d.filter(should=[cond] + [d.range(key, gte=float(v), lte=float(v)) for v in f.values])
+    if isinstance(f, Range):
+        return d.range(key, gt=f.gt, gte=f.gte, lt=f.lt, lte=f.lte)
+    raise TypeError(f"not a filter node: {f!r}")
