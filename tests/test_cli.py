@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 BIN = Path(sys.executable).with_name("m3search")
@@ -179,6 +178,18 @@ def test_folder_source_ids_are_paths(tmp_path, tiny_model_path):
     hits = one_json(cli("search", "Install the package with pip.", "-c", str(coll), "--mode", "sparse", "--json"))["hits"]
     assert hits[0]["id"] == "guides/install.txt"
     assert {h["id"] for h in hits} <= {"guides/install.txt", "readme.md"}
+
+
+def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
+    """Long documents across several write batches: one summary line, no Python warning form."""
+    src = tmp_path / "long.jsonl"
+    lines = [json.dumps({"id": str(i), "text": "hypersonic flow " * (2000 if i % 2 else 3)}) for i in range(5)]
+    src.write_text("\n".join(lines) + "\n")
+    proc = cli("index", str(src), "-c", str(tmp_path / "coll"), "-m", str(tiny_model_path), "--batch-size", "2", "--json")
+    assert one_json(proc)["count"] == 5
+    warned = [ln for ln in proc.stderr.splitlines() if "exceeded max_length" in ln]
+    assert warned == ["Warning: 2 of 5 documents exceeded max_length=512 tokens; only their first tokens are indexed"]
+    assert "TruncationWarning" not in proc.stderr
 
 
 @pytest.mark.parametrize(

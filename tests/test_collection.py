@@ -256,3 +256,23 @@ def test_shards_and_replicas_are_for_distributed_engines(tiny_encoder, tmp_path)
         assert col.count() == 1
     finally:
         col.close()
+
+
+def test_truncation_is_reported_once_per_call(tmp_path, tiny_encoder):
+    import warnings
+
+    from m3search import TruncationWarning
+
+    c = Collection.create(tmp_path / "short", model=tiny_encoder, max_length=16, batch_size=2)
+    try:
+        texts = [TEXTS[3] * 4, "short", TEXTS[4] * 4, TEXTS[1] * 4, "tiny"]  # 3 long ones in 3 batches
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c.add(texts)
+        trunc = [w for w in caught if issubclass(w.category, TruncationWarning)]
+        assert len(trunc) == 1, [str(w.message) for w in trunc]
+        assert "3 of 5 document(s) exceeded max_length=16" in str(trunc[0].message)
+        assert trunc[0].filename == __file__  # points at the caller's line
+        assert c.count() == 5
+    finally:
+        c.close()

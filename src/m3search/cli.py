@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -200,16 +201,8 @@ class _Local:
         return [hit_to_dict(h) for h in self.collection.search(query, **kwargs)]
 
     def upsert(self, records: Sequence[Any]) -> None:
-        kwargs = {}
-        import inspect
-
-        params = inspect.signature(self.collection.upsert).parameters
-        if "show_progress" in params:
-            kwargs["show_progress"] = False
-        elif "progress" in params:
-            kwargs["progress"] = False
         self.collection.upsert([r.text for r in records], ids=[r.id for r in records],
-                               metadata=[r.metadata for r in records], **kwargs)
+                               metadata=[r.metadata for r in records], show_progress=False)
 
     def delete(self, ids: Sequence[str]) -> dict:
         out = self.collection.delete(list(ids))
@@ -278,6 +271,25 @@ class _Remote:
         self.client.close()
 
 
+@contextlib.contextmanager
+def _truncation_summary() -> Iterator[dict]:
+    """One "N of M documents were truncated" line for a whole file, not one per batch
+    (the caller counts M in the yielded ``{"documents": M}``)."""
+    from .encoder import TruncationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        tally = {"documents": 0}
+        yield tally
+    cut = [w.message for w in caught if isinstance(w.message, TruncationWarning)]
+    for w in caught:
+        if not isinstance(w.message, TruncationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if cut:
+        click.echo(f"Warning: {sum(m.count for m in cut)} of {tally['documents']} documents exceeded max_length={cut[0].max_length} tokens; "
+                   "only their first tokens are indexed", err=True)
+
+
 def _open_target(collection: str, *, model: str | None, api_key: str | None, create: bool = False,
                  device: str = "auto", dtype: str = "auto"):
     """This collection's server if one runs, else the collection opened here (created if ``create``)."""
@@ -344,6 +356,9 @@ device_option = click.option("--device", envvar="M3SEARCH_DEVICE", show_envvar=T
 @click.version_option(package_name="m3search", prog_name="m3search")
 def main() -> None:
     """BGE-M3 hybrid retrieval: dense + sparse + ColBERT from one forward pass, indexed, searched, fused."""
+    # Warnings (e.g. truncated documents) as one "Warning: ..." line each, not Python's
+    # two-line file:line form, which looks like a crash in a terminal.
+    warnings.formatwarning = lambda message, *_args, **_kw: f"Warning: {message}\n"
 
 
 @main.command()
@@ -377,10 +392,11 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
                 batch_size = min(batch_size, int(target.limits.get("max_batch", batch_size)))
             n = 0
             with tqdm(total=count_records(source), unit="doc", desc="index", file=sys.stderr,
-                      disable=None, dynamic_ncols=True) as bar:
+                      disable=None, dynamic_ncols=True) as bar, _truncation_summary() as tally:
                 for batch in iter_batches(records, batch_size):
                     target.upsert(batch)
                     n += len(batch)
+                    tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
         finally:

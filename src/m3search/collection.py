@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -463,13 +464,16 @@ class Collection:
                 from tqdm.auto import tqdm
 
                 progress = tqdm(total=n, desc="indexing", unit="doc", file=sys.stderr)
+            truncated = 0
             try:
                 for start in range(0, n, bs):
                     end = min(start + bs, n)
                     if embeddings is not None:
                         emb = embeddings[start:end]
                     else:
-                        emb = self.encoder.encode(texts[start:end], max_length=self.settings["max_length"])
+                        emb = self.encoder.encode(texts[start:end], max_length=self.settings["max_length"],
+                                                  warn_truncation=False)
+                        truncated += emb.truncated
                     batch = PointBatch(
                         ids[start:end], texts[start:end], meta[start:end],
                         emb.dense, emb.sparse, emb.colbert, emb.colbert_offsets,
@@ -480,6 +484,18 @@ class Collection:
             finally:
                 if progress is not None:
                     progress.close()
+                if truncated:  # one line for the whole call, not one per batch
+                    from m3search.encoder import TruncationWarning
+
+                    limit = min(self.settings["max_length"], self.encoder.max_length)
+                    warnings.warn(
+                        TruncationWarning(
+                            f"{truncated} of {n} document(s) exceeded max_length={limit} tokens; "
+                            "only their first tokens are indexed",
+                            truncated, n, limit,
+                        ),
+                        stacklevel=3,
+                    )
             self._engine.optimize()
         return ids
 

@@ -43,7 +43,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 class TruncationWarning(UserWarning):
-    """Some inputs were longer than ``max_length`` tokens and were cut."""
+    """Some inputs were longer than ``max_length`` tokens and were cut.
+
+    Carries the numbers too (``count`` cut of ``total``, at ``max_length``), so a caller
+    that encodes in chunks (the CLI indexing a file) can add them up into one report.
+    """
+
+    def __init__(self, message: str, count: int = 0, total: int = 0, max_length: int = 0) -> None:
+        super().__init__(message)
+        self.count, self.total, self.max_length = count, total, max_length
 
 
 class ModelLoadError(OSError):
@@ -363,12 +371,14 @@ class M3Encoder:
         max_length: int | None = 8192,
         batch_size: int | None = None,
         show_progress: bool = False,
+        warn_truncation: bool = True,
     ) -> M3Embeddings:
         """Encode texts into the requested representations (a single string = a list of one).
 
         ``max_length`` is capped at the model's position limit; longer inputs are cut and
-        counted in one :class:`TruncationWarning`. ``batch_size`` caps texts per forward
-        batch on top of the token budget.
+        counted in one :class:`TruncationWarning` (``warn_truncation=False``: only in the
+        result's ``truncated``, for callers that encode in chunks and report once).
+        ``batch_size`` caps texts per forward batch on top of the token budget.
         """
         import torch
 
@@ -380,10 +390,12 @@ class M3Encoder:
             raise ValueError(f"batch_size must be a positive integer or None, not {batch_size!r}")
 
         ids, truncated = self.tokenize(texts, max_length)
-        if truncated:
+        if truncated and warn_truncation:
             warnings.warn(
-                f"{truncated} of {len(texts)} input(s) exceeded max_length={max_length} tokens and were truncated",
-                TruncationWarning,
+                TruncationWarning(
+                    f"{truncated} of {len(texts)} input(s) exceeded max_length={max_length} tokens and were truncated",
+                    truncated, len(texts), max_length,
+                ),
                 stacklevel=2,
             )
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
