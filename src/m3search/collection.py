@@ -509,7 +509,9 @@ class Collection:
         """Replace the metadata of existing documents without re-encoding.
 
         ``metadata``: one dict for all ``ids``, or a list of dicts. Unknown ids raise
-        ValueError and nothing is changed.
+        ValueError and nothing is changed. Atomicity: one dict for all ids is one durable
+        engine write; with a list, each distinct dict is one write (Qdrant's payload update
+        takes one value per call), so a crash part-way leaves some documents updated.
         """
         ids = list(dict.fromkeys(_as_id_list(ids)))
         meta = _check_metadata([metadata] * len(ids) if isinstance(metadata, dict) else metadata, len(ids))
