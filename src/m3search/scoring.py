@@ -64,23 +64,43 @@ def segment_max(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def colbert_scores(
-    q_vecs: np.ndarray, q_offsets: np.ndarray, d_vecs: np.ndarray, d_offsets: np.ndarray
+    q_vecs: np.ndarray,
+    q_offsets: np.ndarray,
+    d_vecs: np.ndarray,
+    d_offsets: np.ndarray,
+    *,
+    block_elems: int = 1 << 25,
 ) -> np.ndarray:
     """ColBERT late-interaction scores of every query against every document.
 
-    One ``(m_q, T_docs)`` similarity matrix per query (never one per token), a segmented
-    max over each document's tokens, then the mean over the query's vectors.
+    All queries' vectors in one matmul against a block of documents' tokens (blocks keep
+    the ``(query tokens, doc tokens)`` similarity matrix under ``block_elems`` floats,
+    128 MiB by default), a segmented max over each document's tokens, then a segmented
+    mean over each query's vectors. One large matmul instead of one per query.
     """
     q_vecs = np.ascontiguousarray(q_vecs, dtype=np.float32)
     d_vecs = np.ascontiguousarray(d_vecs, dtype=np.float32)
     q_offsets = np.asarray(q_offsets, dtype=np.int64)
-    n_q, n_d = len(q_offsets) - 1, len(d_offsets) - 1
+    d_offsets = np.asarray(d_offsets, dtype=np.int64)
+    q_len = np.diff(q_offsets)
+    n_q, n_d = len(q_len), len(d_offsets) - 1
     out = np.zeros((n_q, n_d), dtype=np.float32)
-    for i in range(n_q):  # one matmul per query; the token maths is vectorized
-        q = q_vecs[q_offsets[i] : q_offsets[i + 1]]
-        if len(q) == 0:
-            continue
-        out[i] = segment_max(q @ d_vecs.T, d_offsets).mean(axis=0)
+    live = q_len > 0  # an empty query scores 0 against everything
+    if not live.any() or n_d == 0:
+        return out
+    q_all = q_vecs[q_offsets[0] : q_offsets[-1]]
+    q_starts = q_offsets[:-1][live] - q_offsets[0]
+    tokens_per_block = max(1, block_elems // max(len(q_all), 1))
+    j0 = 0
+    while j0 < n_d:
+        t0 = d_offsets[j0]
+        j1 = int(np.searchsorted(d_offsets, t0 + tokens_per_block, side="right")) - 1
+        j1 = min(max(j1, j0 + 1), n_d)
+        sims = q_all @ d_vecs[t0 : d_offsets[j1]].T
+        best = segment_max(sims, d_offsets[j0 : j1 + 1] - t0)  # (query tokens, docs in block)
+        sums = np.add.reduceat(best.astype(np.float64), q_starts, axis=0)
+        out[live, j0:j1] = sums / q_len[live, None]
+        j0 = j1
     return out
 
 
