@@ -622,7 +622,9 @@ class Collection:
         weights = plan.weight_map()
         if plan.reranks:
             cand = list(dict.fromkeys([i for i, _ in dense_hits] + [i for i, _ in sparse_hits]))
-            scores = self._engine.score(cand, qv, plan.modes)
+            # The first-stage hits' own scores are exact: only the other candidates need them.
+            known = {m: dict(h) for m, h in (("dense", dense_hits), ("sparse", sparse_hits)) if m in plan.modes and h}
+            scores = self._engine.score(cand, qv, plan.modes, known=known)
             keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
             if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
                 cand = [c for c, ok in zip(cand, keep) if ok]

@@ -37,6 +37,7 @@ Contract every engine keeps:
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
@@ -89,9 +90,21 @@ class CollectionExistsError(FileExistsError):
     """``create`` was asked for a location that already holds a collection."""
 
 
+_NS_BYTES = ID_NAMESPACE.bytes
+
+
 def point_uuid(id: str) -> str:
-    """Deterministic UUID5 of a caller id (same in every engine and process)."""
-    return str(uuid.uuid5(ID_NAMESPACE, id))
+    """Deterministic UUID5 of a caller id (same in every engine and process).
+
+    Equal to ``str(uuid.uuid5(ID_NAMESPACE, id))`` (RFC 4122: SHA-1 of namespace + name,
+    version and variant bits set), without building ``UUID`` objects: it runs for every
+    candidate of every query, where ``uuid.uuid5`` cost ~3 ms per query at 400 candidates.
+    """
+    h = bytearray(hashlib.sha1(_NS_BYTES + id.encode("utf-8")).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 @dataclass(frozen=True)
@@ -396,12 +409,49 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
+    def score(
+        self,
+        ids: Sequence[str],
+        query: QueryVectors,
+        modes: Sequence[str] = MODES,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Exact scores of the given points for one query.
 
         Returns ``{mode: float64 array aligned with ids}`` for each mode in ``modes``
         (semantics in the module docstring; NaN for ids that are not stored).
+        ``known``: ``{mode: {id: score}}`` that the caller already holds exactly (the
+        first-stage hits); an engine may return those instead of recomputing them.
         """
+
+
+def prefill_known(
+    ids: Sequence[str], modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """Score arrays (NaN) with the caller's already-exact scores filled in, and per mode the
+    positions still to compute.
+
+    Why: the first-stage lists already hold exact dense scores of the dense candidates
+    and exact sparse scores of the sparse ones; re-scoring them would repeat the work.
+    """
+    if known and "colbert" in known:
+        raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
+    out = {m: np.full(len(ids), np.nan, dtype=np.float64) for m in modes}
+    todo: dict[str, list[int]] = {}
+    for m in modes:
+        have = (known or {}).get(m)
+        if not have:
+            todo[m] = list(range(len(ids)))
+            continue
+        arr, need = out[m], []
+        for j, doc_id in enumerate(ids):
+            v = have.get(doc_id)
+            if v is None:
+                need.append(j)
+            else:
+                arr[j] = v
+        todo[m] = need
+    return out, todo
 
 
 def finish_maxsim_scores(out: dict[str, np.ndarray], ids: Sequence[str], query: "QueryVectors", existing) -> dict[str, np.ndarray]:

@@ -78,7 +78,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -815,8 +815,18 @@ class MilvusEngine(Engine):
             out[i] = hits
         return out
 
-    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
-        """Exact scores from the fetched vectors (NumPy), see the module docstring."""
+    def score(
+        self,
+        ids: Sequence[str],
+        query: QueryVectors,
+        modes: Sequence[str] = MODES,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Exact scores from the fetched vectors (NumPy), see the module docstring.
+
+        ``known`` is not used: the vectors are fetched for ColBERT anyway, and the dense
+        and sparse products over them cost less than splitting the fetch.
+        """
         ids = list(ids)
         modes = tuple(modes)
         bad = [m for m in modes if m not in MODES]

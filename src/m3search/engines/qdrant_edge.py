@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -54,6 +54,7 @@ from m3search.engines.base import (
     Schema,
     finish_maxsim_scores,
     point_uuid,
+    prefill_known,
 )
 from m3search.engines.qdrant_filter import to_qdrant
 from m3search.filters import Filter
@@ -380,18 +381,26 @@ class QdrantEdgeEngine(Engine):
             out[i] = self._hits(res)
         return out
 
-    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
-        """Exact scores where the vectors live: one query per mode, filtered to the candidate ids."""
+    def score(
+        self,
+        ids: Sequence[str],
+        query: QueryVectors,
+        modes: Sequence[str] = MODES,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Exact scores where the vectors live: one query per mode (all in one batch call),
+        each filtered to the candidates whose score in that mode is not ``known``."""
         ids = list(ids)
-        n = len(ids)
-        out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
-        if not n:
+        out, todo = prefill_known(ids, modes, known)
+        if not ids:
             return out
-        pos = {doc_id: j for j, doc_id in enumerate(ids)}
-        only = qe.Filter(must=[qe.HasIdCondition({point_uuid(i) for i in ids})])
+        uuids: dict[int, str] = {}
         exact = qe.SearchParams(exact=True)
         reqs, names = [], []
         for m in modes:
+            need = todo[m]
+            if not need:
+                continue
             if m == "dense":
                 vec = np.ascontiguousarray(query.dense, dtype=np.float32)
             elif m == "sparse":
@@ -402,10 +411,15 @@ class QdrantEdgeEngine(Engine):
                 vec = np.ascontiguousarray(query.colbert, dtype=np.float32)
             else:
                 raise ValueError(f"unknown mode {m!r}")
-            reqs.append(qe.QueryRequest(limit=n, query=qe.Query.Nearest(vec, using=m), filter=only, params=exact, with_payload=_ID_ONLY))
+            for j in need:
+                if j not in uuids:
+                    uuids[j] = point_uuid(ids[j])
+            only = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
+            reqs.append(qe.QueryRequest(limit=len(need), query=qe.Query.Nearest(vec, using=m), filter=only, params=exact, with_payload=False))
             names.append(m)
+        pos = {u: j for j, u in uuids.items()}  # no payload read: points come back by UUID
         for m, res in zip(names, self._run(reqs)):
             arr = out[m]
             for p in res:
-                arr[pos[p.payload["id"]]] = p.score
+                arr[pos[str(p.id)]] = p.score
         return finish_maxsim_scores(out, ids, query, self.existing)

@@ -56,7 +56,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -74,6 +74,7 @@ from m3search.engines.base import (
     Schema,
     finish_maxsim_scores,
     point_uuid,
+    prefill_known,
     score_records,
 )
 from m3search.engines.qdrant_filter import to_qdrant
@@ -532,21 +533,36 @@ class QdrantRemoteEngine(Engine):
             out[i] = self._hits(res)
         return out
 
-    def score(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> dict[str, np.ndarray]:
-        """Exact scores where the vectors live: one query per mode, filtered to the candidates, ``exact=True``
-        (local mode: NumPy over the candidates' fetched vectors, see ``server_scoring``)."""
+    def score(
+        self,
+        ids: Sequence[str],
+        query: QueryVectors,
+        modes: Sequence[str] = MODES,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Exact scores where the vectors live: one query per mode, filtered to the candidates
+        whose score in that mode is not ``known``, ``exact=True`` (local mode: NumPy over
+        the candidates' fetched vectors, see ``server_scoring``)."""
         ids = list(ids)
-        n = len(ids)
-        out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
-        if not n:
-            return out
         if not self.server_scoring:
-            return score_records(self.get(ids, with_vectors=list(modes)), query, modes)
-        pos = {doc_id: j for j, doc_id in enumerate(ids)}
-        only = qm.Filter(must=[qm.HasIdCondition(has_id=[point_uuid(i) for i in ids])])
+            out, todo = prefill_known(ids, modes, known)
+            need = sorted({j for m in modes for j in todo[m]})
+            if need:
+                got = score_records(self.get([ids[j] for j in need], with_vectors=list(modes)), query, modes)
+                for m in modes:
+                    fill = np.isnan(out[m][need])
+                    out[m][np.asarray(need)[fill]] = got[m][fill]
+            return out
+        out, todo = prefill_known(ids, modes, known)
+        if not ids:
+            return out
+        uuids: dict[int, str] = {}
         exact = self._params(True)
         reqs, names = [], []
         for m in modes:
+            need = todo[m]
+            if not need:
+                continue
             if m == "dense":
                 vec: Any = np.asarray(query.dense, dtype=np.float32).tolist()
             elif m == "sparse":
@@ -558,10 +574,15 @@ class QdrantRemoteEngine(Engine):
                 vec = np.asarray(query.colbert, dtype=np.float32).tolist()
             else:
                 raise ValueError(f"unknown mode {m!r}")
-            reqs.append(qm.QueryRequest(query=vec, using=m, limit=n, filter=only, params=exact, with_payload=["id"]))
+            for j in need:
+                if j not in uuids:
+                    uuids[j] = point_uuid(ids[j])
+            only = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
+            reqs.append(qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False))
             names.append(m)
+        pos = {u: j for j, u in uuids.items()}  # no payload read: points come back by UUID
         for m, res in zip(names, self._run(reqs)):
             arr = out[m]
             for p in res:
-                arr[pos[p.payload["id"]]] = p.score
+                arr[pos[str(p.id)]] = p.score
         return finish_maxsim_scores(out, ids, query, self.existing)
