@@ -43,9 +43,8 @@ import numpy as np
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
-from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from results import publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SHARED = Path(os.environ.get("M3SEARCH_SHARED", REPO.parent / "shared"))
 RERANK_MODES = ("colbert", "dense+sparse", "dense+colbert", "all")
 TARGET_RECALL = 0.99
@@ -188,9 +187,7 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(body: str) -> None:
-    """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    write_section("candidates.py", "Default candidates (`benchmarks/candidates.py`)", body, RESULTS)
+TITLE = "Default candidates (`benchmarks/candidates.py`)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,11 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
-    text = report(res)
-    print("\n" + text)
-    if not args.no_write:
-        write_results(text)
-        print(f"[candidates.py] wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    publish("candidates.py", TITLE, report(res), no_write=args.no_write)
 
 
 if __name__ == "__main__":

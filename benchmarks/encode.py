@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
+from results import publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 XQUAD_LANGS = ("en", "de", "es", "ru", "zh", "ar")
-START, END = "<!-- encode.py:start -->", "<!-- encode.py:end -->"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -388,8 +388,6 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.worker_out).write_text(json.dumps(result))
         return
 
-    import numpy as np  # noqa: F401  (fail early if the orchestrating venv lacks it)
-
     load_before = _loadavg()
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     flag_py = _flag_python()
@@ -426,10 +424,7 @@ def main(argv: list[str] | None = None) -> None:
 
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     report = render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, load_before)
-    print(report)
-    if not args.no_write:
-        write_results(report)
-        print(f"[encode.py] wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    publish("encode.py", "Encode throughput (`benchmarks/encode.py`)", report, no_write=args.no_write)
 
 
 def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, load_before) -> str:
@@ -495,19 +490,6 @@ def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, loa
         "",
     ]
     return "\n".join(head + lines + [""] + notes) + "\n"
-
-
-def write_results(report: str) -> None:
-    """Replace this benchmark's marked section (or append it), leaving other sections as they are."""
-    section = f"{START}\n## Encode throughput (`benchmarks/encode.py`)\n\n{report}{END}"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -47,9 +46,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from results import publish, run_or_replay  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = HERE / "RESULTS.md"
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
 ENGINES = {
     "qdrant-edge": lambda d: str(d / "edge"),
@@ -158,9 +156,7 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(body: str) -> None:
-    """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    write_section("engines.py", "Engines (`benchmarks/engines.py`)", body, RESULTS)
+TITLE = "Engines (`benchmarks/engines.py`)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,19 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     ap.add_argument("--report-from", default=None, help="rebuild the report from a --json file instead of running")
     args = ap.parse_args(argv)
-    if args.report_from:
-        res = json.loads(Path(args.report_from).read_text())
-        argv = res.get("argv", argv)
-    else:
-        res = run(args)
-        res["argv"] = argv
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
-    text = report(res, argv)
-    print("\n" + text)
-    if not args.no_write:
-        write_results(text)
-        print(f"[engines.py] wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    res = run_or_replay(args, argv, run)
+    publish("engines.py", TITLE, report(res, res["argv"]), no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -20,3 +23,27 @@ def write_section(script: str, title: str, body: str, path: Path = RESULTS) -> N
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def run_or_replay(args: Any, argv: list[str], run: Callable[[Any], dict]) -> dict:
+    """Measure (``run(args)``, raw numbers saved to ``--json``) or reload a saved ``--report-from`` run.
+
+    Why: a long measurement is run once; its report can be rebuilt later without re-measuring.
+    """
+    if getattr(args, "report_from", None):
+        res = json.loads(Path(args.report_from).read_text())
+        res.setdefault("argv", argv)
+        return res
+    res = run(args)
+    res["argv"] = argv
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def publish(script: str, title: str, text: str, *, no_write: bool, path: Path = RESULTS) -> None:
+    """Print the report; unless ``no_write``, put it in this script's section of RESULTS.md."""
+    print("\n" + text)
+    if not no_write:
+        write_section(script, title, text, path)
+        print(f"[{script}] wrote {path.name}", file=sys.stderr)

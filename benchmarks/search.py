@@ -63,9 +63,8 @@ import numpy as np
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
-from results import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from results import publish, run_or_replay  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 DIM = 1024
 VOCAB = 250_002  # bge-m3's vocabulary (ids 0-3 are special and never weighted)
@@ -557,9 +556,7 @@ def _mem_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def write_results(section_body: str) -> None:
-    """Replace this script's section of RESULTS.md (others' sections are kept as they are)."""
-    write_section("search.py", "Search (`benchmarks/search.py`)", section_body, RESULTS)
+TITLE = "Search (`benchmarks/search.py`)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -577,21 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     ap.add_argument("--report-from", default=None, help="rebuild the report from a --json file instead of running")
     args = ap.parse_args(argv)
-    if args.report_from:
-        res = json.loads(Path(args.report_from).read_text())
-        argv = res.get("argv", argv)
-    else:
-        res = run(args)
-        res["argv"] = argv
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
-    text = report(res, argv)
+    res = run_or_replay(args, argv, run)
+    text = report(res, res["argv"])
     if args.report_from:  # keep what the report measured (the disk probe) with the results
         Path(args.report_from).write_text(json.dumps(res, indent=2))
-    print("\n" + text)
-    if not args.no_write:
-        write_results(text)
-        print(f"[search.py] wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    publish("search.py", TITLE, text, no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,9 @@ class Collection:
     def optimize(self) -> bool:
         """Build pending indexes now (the dense HNSW graph); also run after every ingest call."""
         with self._lock:
-            return self._engine.optimize()
+            changed = self._engine.optimize()
+            self._engine.flush()
+            return changed
 
     # -------------------------------------------------------------------- model
     @staticmethod
@@ -497,6 +499,7 @@ class Collection:
                         stacklevel=3,
                     )
             self._engine.optimize()
+            self._engine.flush()
         return ids
 
     def _existing(self, ids: Sequence[str]) -> set[str]:

@@ -621,14 +621,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         coll = res.collection
         with res.lock:
             if not body.upsert and ids[0] is not None:
-                existing = [r.id if hasattr(r, "id") else r for r in coll.get(ids) if r is not None]
+                existing = [r.id for r in coll.get(ids) if r is not None]
                 if existing:
                     raise HTTPException(409, f"ids already exist: {existing[:10]} (send upsert: true to overwrite)")
             write = coll.upsert if body.upsert else coll.add
             out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
             count = coll.count()
-        new_ids = list(out) if isinstance(out, (list, tuple)) else list(ids)
-        return DocumentsResponse(ids=[str(i) for i in new_ids], count=count)
+        return DocumentsResponse(ids=list(out), count=count)
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
     def delete_documents(body: DeleteRequest, res: CollectionDep, settings: SettingsDep) -> DeleteResponse:
@@ -645,8 +644,6 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         doc = res.collection.get([doc_id])[0]
         if doc is None:
             raise HTTPException(404, f"no document with id {doc_id!r}")
-        if isinstance(doc, dict):
-            return DocumentOut(id=str(doc["id"]), text=doc.get("text") or "", metadata=doc.get("metadata") or {})
         return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
 
     @api.post("/search", response_model=SearchResponse, tags=["search"])

@@ -332,6 +332,13 @@ class Engine(ABC):
     def close(self) -> None:
         """Flush and release storage and locks (idempotent)."""
 
+    def flush(self) -> None:
+        """Persist everything written so far to the engine's main storage (blocking).
+
+        Called by the Collection at the end of an ingest call. Engines that persist on
+        their own keep this default no-op.
+        """
+
     def optimize(self) -> bool:
         """Build pending indexes / merge segments now (blocking); True if anything changed.
 
