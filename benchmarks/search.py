@@ -36,8 +36,8 @@ ingest, extrapolated from the rate so far, would end after the deadline.
 
 Usage (repository root, project venv)::
 
-    nice -n 10 python benchmarks/search.py --sizes 10000            # ~15 min on 2 loaded cores
-    nice -n 10 python benchmarks/search.py --sizes 10000 30000 100000 --deadline-min 30
+    python benchmarks/search.py --sizes 10000            # ~5 min on 2 idle cores
+    python benchmarks/search.py --sizes 10000 30000 100000 --deadline-min 120   # ~45 min, ~30 GB of disk
     python benchmarks/search.py --sizes 500 --queries 10 --no-write # smoke run
 
 Writes its section of ``benchmarks/RESULTS.md`` (between ``search.py`` markers) and the
