@@ -276,3 +276,24 @@ def test_truncation_is_reported_once_per_call(tmp_path, tiny_encoder):
         assert c.count() == 5
     finally:
         c.close()
+
+
+def test_pool_in_one_request_equals_the_two_first_stage_lists(col):
+    """Qdrant Edge gathers a re-ranking pool with its ColBERT scores in one prefetch request;
+    it must equal dense top-C ∪ sparse top-C scored separately (the engine-neutral path)."""
+    from m3search.engines.base import Engine, QueryVectors
+
+    queries = ["brown fox river", "boundary layer Reynolds number", "Katze Hund"]
+    emb = col.encoder.encode(queries, max_length=512)
+    qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
+    one = col.engine.candidates_batch(emb.dense, emb.sparse, qvs, 3, exact=True, colbert=True)
+    two = Engine.candidates_batch(col.engine, emb.dense, emb.sparse, qvs, 3, exact=True)
+    for q, a, b, qv in zip(queries, one, two, qvs):
+        assert a.colbert is not None and b.colbert is None
+        assert sorted(a.ids) == sorted(b.ids)
+        want = col.engine.score(b.ids, qv, ("colbert",))["colbert"]
+        got = dict(zip(a.ids, a.colbert))
+        assert [got[i] for i in b.ids] == pytest.approx(want, abs=1e-6)
+        # explain's found_by, derived from the pool's scores, names the lists that held each hit
+        for h in col.search_batch([q], k=3, mode="all", candidates=3, explain=True, exact=True)[0]:
+            assert set(h.explain["found_by"]) == {m for m in ("dense", "sparse") if h.id in b.found_by[m]}

@@ -43,6 +43,7 @@ from m3search.engines.base import (
     CollectionNotFoundError,
     Engine,
     PointBatch,
+    Pool,
     QueryVectors,
     Record,
     Schema,
@@ -607,35 +608,37 @@ class Collection:
             emb = query_embeddings
         else:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
-        depth = plan.candidates if plan.reranks else plan.k
-        dense_lists = sparse_lists = None
-        if "dense" in plan.modes or plan.reranks:
-            dense_lists = self._engine.search_dense(emb.dense, depth, plan.filter, exact=exact)
-        if "sparse" in plan.modes or plan.reranks:
-            sparse_lists = self._engine.search_sparse(emb.sparse, depth, plan.filter, exact=exact)
-        return [
-            self._finish(plan, QueryVectors.from_embeddings(emb, i),
-                         dense_lists[i] if dense_lists is not None else [],
-                         sparse_lists[i] if sparse_lists is not None else [])
-            for i in range(len(queries))
-        ]
+        qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
+        if plan.reranks:
+            pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter,
+                                                  exact=exact, colbert="colbert" in plan.modes)
+            return [self._finish(plan, qv, pool) for qv, pool in zip(qvs, pools)]
+        if plan.modes == ("dense",):
+            lists = self._engine.search_dense(emb.dense, plan.k, plan.filter, exact=exact)
+        else:
+            lists = self._engine.search_sparse(emb.sparse, plan.k, plan.filter, exact=exact)
+        return [self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}))
+                for qv, hits in zip(qvs, lists)]
 
-    def _finish(self, plan: SearchPlan, qv: QueryVectors, dense_hits: list, sparse_hits: list) -> list[Hit]:
+    def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
         """Score candidates exactly, fuse, take the top k, fill in all scores and payloads."""
         weights = plan.weight_map()
+        cand = pool.ids
         if plan.reranks:
-            cand = list(dict.fromkeys([i for i, _ in dense_hits] + [i for i, _ in sparse_hits]))
-            # The first-stage hits' own scores are exact: only the other candidates need them.
-            known = {m: dict(h) for m, h in (("dense", dense_hits), ("sparse", sparse_hits)) if m in plan.modes and h}
-            scores = self._engine.score(cand, qv, plan.modes, known=known)
+            # Scores the pool already carries are exact: only the rest is computed.
+            have_colbert = pool.colbert is not None and "colbert" in plan.modes
+            need = [m for m in plan.modes if not (m == "colbert" and have_colbert)]
+            scores = self._engine.score(cand, qv, need, known=pool.known) if need else {}
+            if have_colbert:
+                scores["colbert"] = np.asarray(pool.colbert, dtype=np.float64)
+            scores = {m: scores[m] for m in plan.modes}
             keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
             if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
                 cand = [c for c, ok in zip(cand, keep) if ok]
                 scores = {m: s[keep] for m, s in scores.items()}
         else:
-            lst = dense_hits if plan.modes == ("dense",) else sparse_hits
-            cand = [i for i, _ in lst]
-            scores = {plan.modes[0]: np.array([s for _, s in lst], dtype=np.float64)}
+            m = plan.modes[0]
+            scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
         if not cand:
             return []
         parts = contributions(plan.fusion, scores, weights, cand)
@@ -647,7 +650,7 @@ class Collection:
         all_scores = {m: (scores[m][top] if m in scores else extra[m]) for m in MODES}
         records = self._engine.get(top_ids, with_vectors=["sparse"] if plan.explain else False)
         if plan.explain:
-            dense_ids, sparse_ids = {i for i, _ in dense_hits}, {i for i, _ in sparse_hits}
+            found_by = self._found_by(plan, qv, pool, cand, scores)
             mode_ranks = {m: ranks(cand, s)[top] for m, s in scores.items()}
         hits = []
         for r, (j, doc_id) in enumerate(zip(top, top_ids)):
@@ -662,7 +665,7 @@ class Collection:
                 scores={m: float(all_scores[m][r]) for m in MODES},
             )
             if plan.explain:
-                sources = [name for name, s in (("dense", dense_ids), ("sparse", sparse_ids)) if doc_id in s]
+                sources = [name for name in ("dense", "sparse") if doc_id in found_by[name]]
                 hit.explain = {
                     "fusion": plan.fusion,
                     "modes": list(plan.modes),
@@ -675,6 +678,28 @@ class Collection:
                 }
             hits.append(hit)
         return hits
+
+    def _found_by(self, plan: SearchPlan, qv: QueryVectors, pool: Pool, cand: list[str],
+                  scores: dict[str, np.ndarray]) -> dict[str, set[str]]:
+        """Which first-stage list (dense / sparse top-C) held each candidate (for explain).
+
+        When the engine gathered the pool in one request it did not say; every member of
+        a top-C list is in the pool, so that list is the pool's top C by that score.
+        """
+        if not plan.reranks:
+            return {m: set(cand) if m in plan.modes else set() for m in ("dense", "sparse")}
+        if pool.found_by is not None:
+            return pool.found_by
+        have = {m: scores[m] for m in ("dense", "sparse") if m in scores}
+        rest = [m for m in ("dense", "sparse") if m not in have]
+        if rest:
+            have.update(self._engine.score(cand, qv, rest))
+        out = {}
+        for m, s in have.items():
+            live = np.flatnonzero(s > 0) if m == "sparse" else np.arange(len(cand))  # sparse lists hold overlaps only
+            best = order([cand[j] for j in live], s[live])[: plan.candidates]
+            out[m] = {cand[live[j]] for j in best}
+        return out
 
     def _matched_tokens(self, qv: QueryVectors, rec: Record) -> list[dict]:
         """Shared lexical tokens, readable, with query and document weights (largest product first)."""

@@ -269,6 +269,22 @@ class QueryVectors:
         return cls(dense, si, sv, col)
 
 
+@dataclass
+class Pool:
+    """One query's re-ranking candidates: the union of its dense and sparse top-C lists.
+
+    ``known``: exact scores already in hand (``{mode: {id: score}}``, the first-stage hits'
+    own scores); ``colbert``: exact M3 ColBERT scores aligned with ``ids`` when the engine
+    computed them while gathering the pool (None otherwise); ``found_by``: which
+    first-stage list held each id (None when the engine did not report it).
+    """
+
+    ids: list[str]
+    known: dict[str, dict[str, float]] = field(default_factory=dict)
+    colbert: np.ndarray | None = None
+    found_by: dict[str, set[str]] | None = None
+
+
 def score_records(records: Sequence[Record | None], query: QueryVectors, modes: Iterable[str] = MODES) -> dict[str, np.ndarray]:
     """Exact per-mode scores of fetched records (with vectors) for one query; NaN for None records.
 
@@ -414,6 +430,33 @@ class Engine(ABC):
 
         Documents sharing no token with the query score 0 and need not be returned.
         """
+
+    def candidates_batch(
+        self,
+        dense: np.ndarray,
+        sparse: sp.csr_matrix,
+        queries: Sequence[QueryVectors],
+        depth: int,
+        filter: Filter | None = None,
+        *,
+        exact: bool = False,
+        colbert: bool = False,
+    ) -> list[Pool]:
+        """The re-ranking pool of each query: dense top-``depth`` ∪ sparse top-``depth``.
+
+        ``colbert=True`` says the caller will need the pool's ColBERT scores; an engine that
+        can compute them while gathering the pool (Qdrant: prefetch + MaxSim in one request)
+        returns them in :attr:`Pool.colbert`. This default runs the two first-stage
+        searches and returns the hits' own scores as ``known``.
+        """
+        dense_lists = self.search_dense(dense, depth, filter, exact=exact)
+        sparse_lists = self.search_sparse(sparse, depth, filter, exact=exact)
+        pools = []
+        for d, s in zip(dense_lists, sparse_lists):
+            ids = list(dict.fromkeys([i for i, _ in d] + [i for i, _ in s]))
+            pools.append(Pool(ids, {"dense": dict(d), "sparse": dict(s)},
+                              found_by={"dense": {i for i, _ in d}, "sparse": {i for i, _ in s}}))
+        return pools
 
     @abstractmethod
     def score(

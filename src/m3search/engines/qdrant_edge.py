@@ -59,6 +59,7 @@ from m3search.engines.base import (
     Record,
     Schema,
     finish_maxsim_scores,
+    Pool,
     point_uuid,
     prefill_known,
 )
@@ -417,6 +418,39 @@ class QdrantEdgeEngine(Engine):
         for i, res in zip(rows, self._run(reqs)):
             out[i] = self._hits(res)
         return out
+
+    def candidates_batch(
+        self,
+        dense: np.ndarray,
+        sparse: sp.csr_matrix,
+        queries: Sequence[QueryVectors],
+        depth: int,
+        filter: Filter | None = None,
+        *,
+        exact: bool = False,
+        colbert: bool = False,
+    ) -> list[Pool]:
+        """With ``colbert``: ONE request per query, Qdrant's prefetch of dense top-``depth``
+        and sparse top-``depth`` re-scored by MaxSim over their whole union (limit 2 x depth),
+        so the pool and its exact ColBERT scores cost what Qdrant's own hybrid query costs."""
+        if not colbert:
+            return super().candidates_batch(dense, sparse, queries, depth, filter, exact=exact)
+        flt, params = to_qdrant_filter(filter), self._params(exact)
+        reqs = []
+        for qv in queries:
+            pre = [qe.Prefetch(limit=depth, query=qe.Query.Nearest(np.ascontiguousarray(qv.dense, dtype=np.float32), using="dense"),
+                               params=params, filter=flt)]
+            if qv.sparse_indices is not None and len(qv.sparse_indices):
+                vec = qe.SparseVector(np.asarray(qv.sparse_indices, np.int64).tolist(), np.asarray(qv.sparse_values, np.float32).tolist())
+                pre.append(qe.Prefetch(limit=depth, query=qe.Query.Nearest(vec, using="sparse"), params=params, filter=flt))
+            reqs.append(qe.QueryRequest(limit=2 * depth, prefetches=pre, with_payload=_ID_ONLY,
+                                        query=qe.Query.Nearest(np.ascontiguousarray(qv.colbert, dtype=np.float32), using="colbert")))
+        pools = []
+        for qv, res in zip(queries, self._run(reqs)):
+            ids = [p.payload["id"] for p in res]
+            maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
+            pools.append(Pool(ids, colbert=maxsim / max(len(qv.colbert), 1)))  # Qdrant sums, M3 averages
+        return pools
 
     def score(
         self,
