@@ -466,6 +466,7 @@ class QdrantEdgeEngine(Engine):
         if not ids:
             return out
         uuids: dict[int, str] = {}
+        filters: dict[tuple, qe.Filter] = {}
         exact = qe.SearchParams(exact=True)
         reqs, names = [], []
         for m in modes:
@@ -482,10 +483,13 @@ class QdrantEdgeEngine(Engine):
                 vec = np.ascontiguousarray(query.colbert, dtype=np.float32)
             else:
                 raise ValueError(f"unknown mode {m!r}")
-            for j in need:
-                if j not in uuids:
-                    uuids[j] = point_uuid(ids[j])
-            only = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
+            key = tuple(need)
+            only = filters.get(key)
+            if only is None:  # one filter object per distinct candidate set (~0.5 ms each at 400 ids)
+                for j in need:
+                    if j not in uuids:
+                        uuids[j] = point_uuid(ids[j])
+                only = filters[key] = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
             reqs.append(qe.QueryRequest(limit=len(need), query=qe.Query.Nearest(vec, using=m), filter=only, params=exact, with_payload=False))
             names.append(m)
         pos = {u: j for j, u in uuids.items()}  # no payload read: points come back by UUID
