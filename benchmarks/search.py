@@ -534,7 +534,9 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     lines.append(f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/search.py', *argv])}`. "
                  f"Synthetic bge-m3 shapes (1024-d; sparse 60-150 Zipf terms of 250k; 16-256 ColBERT tokens), "
                  f"default collection settings (float16 ColBERT on disk), k=10, candidates={res['candidates']}, "
-                 "one query per call, no encoding.\n")
+                 "one query per call, no encoding."
+                 + (f" Raw numbers: `{res['raw_file']}` (this section is rebuilt from it with `--report-from`)."
+                    if res.get("raw_file") else "") + "\n")
     lines.append("Ingest (through `Collection.add` with precomputed embeddings, 128 docs per atomic write):\n")
     lines.append("| documents (stage) | docs/s writing | optimize s | docs/s incl. optimize |")
     lines.append("|---|---|---|---|")
@@ -569,25 +571,31 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     for r in res.get("remeasured", []):
         L = r["latency"]
         a, cb, nv = L["ours_all"], L["ours_colbert"], L["native"]
-        lines.append(f"| {r['documents']:,}, re-measured {r['started']} at `{r['commit'][:7]}` (load "
+        lines.append(f"| {r['documents']:,}, re-measured{' (fresh)' if r.get('source') else ''} {r['started']} at `{r['commit'][:7]}` (load "
                      f"`{' '.join(f'{x:.1f}' for x in r['loadavg'])}`) | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | "
                      f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} | {a['ratio_p50']:.2f}x ({a['ratio_mean']:.2f}x) | "
                      f"{cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | {cb['ratio_p50']:.2f}x ({cb['ratio_mean']:.2f}x) | "
                      f"{a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | {nv['planted_at_1']:.2f} / - |")
     if res.get("remeasured"):
-        lines.append("\nRe-measured rows: the same kept collection and queries, latency only (`--remeasure`), with the "
-                     "code of the named commit; the per-mode table above is from the original run.")
+        lines.append("\nRe-measured rows: the same queries, latency only, with the code of the named commit; the "
+                     "per-mode table above is from the original run. On the kept collection (`--remeasure`) or, "
+                     "where a row says so, on a fresh collection of the same seeded data: "
+                     + "; ".join(sorted({r["source"] for r in res["remeasured"] if r.get("source")})) + ".")
     touched = [(r["documents"], r["latency"]["first_touch"]) for r in res["stages"] + res.get("remeasured", [])
                if "first_touch" in r["latency"]]
     if touched:
-        lines.append("\nEach query's three timed runs follow one untimed native run that pulls the candidates' ColBERT "
-                     "pages into the page cache (all three read the same pages), so the ratio compares compute. That "
+        lines.append("\nIn rows with a first-touch time, each query's three timed runs follow one untimed native run "
+                     "that pulls the candidates' ColBERT pages into the page cache (all three read the same pages), so "
+                     "the ratio compares compute; rows without one (older runs) had no such warm-up, and whichever "
+                     "contender ran first paid the disk reads, which at 100,000 documents made the ratio swing. That "
                      "first touch: " + "; ".join(f"{n:,} docs p50 {ft['p50_ms']:.0f} ms, p95 {ft['p95_ms']:.0f} ms"
                                                 for n, ft in touched)
                      + " — it is paid once per query by whichever runs first, so cold, the ratio tends to 1.")
     lines.append("\nOn synthetic vectors only the planted document is a real match; ranks 2-10 are near-ties of random "
                  "vectors, so recall@10 between two different ranking functions (`all` vs MaxSim alone) is low by "
                  "construction; against our `colbert` mode (same function, same candidates) it checks equivalence.")
+    for note in res.get("notes", []):  # observations made beside the script while it ran (who, how: in the note)
+        lines.append("\n" + note)
     last = res["stages"][-1]
     n = last["documents"]
     lines.append(f"\nBytes per document at {n:,} documents (allocated size of the engine's files / documents; "
