@@ -85,7 +85,8 @@ def _check(path, texts, emb, acknowledged: set[int]) -> int:
             # k = everything: the pool's texts repeat every POOL // BATCH batches, so after ~130 batches
             # more than 2 x BATCH stored documents tie at score 1.0 with this one.
             hits = col.search_batch(["q"], k=col.count(), mode="dense", query_embeddings=emb[np.array([r])], exact=True)[0]
-            assert f"b{b}-0" in {h.id for h in hits}
+            mine = {h.id: h.score for h in hits}
+            assert mine[f"b{b}-0"] == pytest.approx(hits[0].score, abs=1e-5)  # its own vector: a top score
             hits = col.search_batch(["q"], k=col.count(), mode="sparse", query_embeddings=emb[np.array([r])])[0]
             if emb.sparse[r].nnz:
                 assert f"b{b}-0" in {h.id for h in hits}
