@@ -504,6 +504,44 @@ def prefill_known(
     return out, todo
 
 
+def scoring_jobs(
+    ids: Sequence[str], query: "QueryVectors", modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None
+) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]], dict[int, str]]:
+    """What an engine that scores candidates where the vectors live (Qdrant) still has to ask.
+
+    Returns the score arrays (``known`` filled in, NaN elsewhere), the ``(mode, positions)``
+    queries to run, each filtered to those candidates, and the point UUID of every position
+    a query needs (results come back by UUID, no payload read). An empty sparse query is
+    not run: nothing shares a token with it (:func:`finish_maxsim_scores` sets the zeros).
+    """
+    out, todo = prefill_known(ids, modes, known)
+    jobs: list[tuple[str, tuple[int, ...]]] = []
+    uuids: dict[int, str] = {}
+    for m in modes:
+        need = todo[m]
+        if not need:
+            continue
+        if m == "sparse" and (query.sparse_indices is None or len(query.sparse_indices) == 0):
+            continue
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}")
+        for j in need:
+            if j not in uuids:
+                uuids[j] = point_uuid(ids[j])
+        jobs.append((m, tuple(need)))
+    return out, jobs, uuids
+
+
+def fill_by_uuid(out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], results: Sequence[Sequence[Any]],
+                 uuids: Mapping[int, str]) -> None:
+    """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions."""
+    pos = {u: j for j, u in uuids.items()}
+    for (m, _), res in zip(jobs, results):
+        arr = out[m]
+        for p in res:
+            arr[pos[str(p.id)]] = p.score
+
+
 def finish_maxsim_scores(out: dict[str, np.ndarray], ids: Sequence[str], query: "QueryVectors", existing) -> dict[str, np.ndarray]:
     """Turn raw Qdrant candidate scores (NaN = not returned) into M3 scores, in place.
 

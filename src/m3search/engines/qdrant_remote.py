@@ -72,10 +72,12 @@ from m3search.engines.base import (
     QueryVectors,
     Record,
     Schema,
+    fill_by_uuid,
     finish_maxsim_scores,
     point_uuid,
     prefill_known,
     score_records,
+    scoring_jobs,
 )
 from m3search.engines.qdrant_filter import to_qdrant
 from m3search.filters import Filter
@@ -553,36 +555,21 @@ class QdrantRemoteEngine(Engine):
                     fill = np.isnan(out[m][need])
                     out[m][np.asarray(need)[fill]] = got[m][fill]
             return out
-        out, todo = prefill_known(ids, modes, known)
+        out, jobs, uuids = scoring_jobs(ids, query, modes, known)
         if not ids:
             return out
-        uuids: dict[int, str] = {}
         exact = self._params(True)
-        reqs, names = [], []
-        for m in modes:
-            need = todo[m]
-            if not need:
-                continue
-            if m == "dense":
-                vec: Any = np.asarray(query.dense, dtype=np.float32).tolist()
-            elif m == "sparse":
-                if query.sparse_indices is None or len(query.sparse_indices) == 0:
-                    continue
-                vec = qm.SparseVector(indices=np.asarray(query.sparse_indices, np.int64).tolist(),
-                                      values=np.asarray(query.sparse_values, np.float32).tolist())
-            elif m == "colbert":
-                vec = np.asarray(query.colbert, dtype=np.float32).tolist()
+        filters: dict[tuple, qm.Filter] = {}  # one per distinct candidate set
+        reqs = []
+        for m, need in jobs:
+            if m == "sparse":
+                vec: Any = qm.SparseVector(indices=np.asarray(query.sparse_indices, np.int64).tolist(),
+                                           values=np.asarray(query.sparse_values, np.float32).tolist())
             else:
-                raise ValueError(f"unknown mode {m!r}")
-            for j in need:
-                if j not in uuids:
-                    uuids[j] = point_uuid(ids[j])
-            only = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
+                vec = np.asarray(query.dense if m == "dense" else query.colbert, dtype=np.float32).tolist()
+            only = filters.get(need)
+            if only is None:
+                only = filters[need] = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
             reqs.append(qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False))
-            names.append(m)
-        pos = {u: j for j, u in uuids.items()}  # no payload read: points come back by UUID
-        for m, res in zip(names, self._run(reqs)):
-            arr = out[m]
-            for p in res:
-                arr[pos[str(p.id)]] = p.score
+        fill_by_uuid(out, jobs, self._run(reqs), uuids)
         return finish_maxsim_scores(out, ids, query, self.existing)
