@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from m3search import Collection, Hit
+from m3search.engines.base import MODES
 from m3search.collection import CollectionExistsError, CollectionInUseError, CollectionNotFoundError, ModelMismatchError
 
 TEXTS = [
@@ -290,10 +291,35 @@ def test_pool_in_one_request_equals_the_two_first_stage_lists(col):
     two = Engine.candidates_batch(col.engine, emb.dense, emb.sparse, qvs, 3, exact=True)
     for q, a, b, qv in zip(queries, one, two, qvs):
         assert a.colbert is not None and b.colbert is None
-        assert sorted(a.ids) == sorted(b.ids)
+        assert a.ids is None and len(a.keys) == len(b.ids)  # keys only: ids are read for hits
+        a_ids = [r.id for r in col.engine.get_by_keys(a.keys)]
+        assert sorted(a_ids) == sorted(b.ids)
+        # scoring by key equals scoring by id
+        by_key = col.engine.score(None, qv, MODES, keys=a.keys)
+        by_id = col.engine.score(a_ids, qv, MODES)
+        for m in MODES:
+            assert by_key[m] == pytest.approx(by_id[m], abs=1e-6)
         want = col.engine.score(b.ids, qv, ("colbert",))["colbert"]
-        got = dict(zip(a.ids, a.colbert))
+        got = dict(zip(a_ids, a.colbert))
         assert [got[i] for i in b.ids] == pytest.approx(want, abs=1e-6)
         # explain's found_by, derived from the pool's scores, names the lists that held each hit
         for h in col.search_batch([q], k=3, mode="all", candidates=3, explain=True, exact=True)[0]:
             assert set(h.explain["found_by"]) == {m for m in ("dense", "sparse") if h.id in b.found_by[m]}
+
+
+@pytest.mark.parametrize("mode", ["all", "colbert", "dense+sparse"])
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "dbsf"])
+def test_ties_at_the_cut_go_by_id(tmp_path, tiny_encoder, mode, fusion):
+    """Twelve copies of one text tie exactly; k=5 must return the five smallest ids, in id
+    order, whichever of the twelve the engine lists first (ids are read only for the
+    hits, so the cut must keep every candidate tied with the k-th score)."""
+    copies = [f"t{i:02d}" for i in (7, 3, 11, 0, 9, 5, 1, 10, 2, 8, 6, 4)]  # inserted out of order
+    with Collection.create(tmp_path / "c", model=tiny_encoder) as c:
+        others = [i for i in range(6) if i != 1]
+        c.add([TEXTS[i] for i in others], ids=[IDS[i] for i in others])
+        c.add([TEXTS[1]] * len(copies), ids=copies)
+        hits = c.search(TEXTS[1], k=5, mode=mode, fusion=fusion, candidates=50)
+        scores = {h.id: h.score for h in c.search(TEXTS[1], k=20, mode=mode, fusion=fusion, candidates=50)}
+    if fusion != "rrf":  # rrf's per-mode ranks break ties by id, so the copies' scores differ
+        assert {scores[i] for i in copies} == {max(scores.values())}
+    assert [h.id for h in hits] == sorted(copies)[:5]

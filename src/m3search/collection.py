@@ -623,32 +623,44 @@ class Collection:
     def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
         """Score candidates exactly, fuse, take the top k, fill in all scores and payloads."""
         weights = plan.weight_map()
-        cand = pool.ids
+        cand, keys, colbert = pool.ids, pool.keys, pool.colbert
+        if cand is None and (plan.fusion == "rrf" or plan.explain):
+            # rrf's per-mode ranks and explain's found_by break ties by id over the whole pool
+            found = [r.id if r is not None else None for r in self._engine.get_by_keys(keys)]
+            alive = [j for j, i in enumerate(found) if i is not None]  # None: deleted meanwhile
+            cand, keys = [found[j] for j in alive], [keys[j] for j in alive]
+            colbert = None if colbert is None else np.asarray(colbert)[alive]
         if plan.reranks:
             # Scores the pool already carries are exact: only the rest is computed.
-            have_colbert = pool.colbert is not None and "colbert" in plan.modes
+            have_colbert = colbert is not None and "colbert" in plan.modes
             need = [m for m in plan.modes if not (m == "colbert" and have_colbert)]
-            scores = self._engine.score(cand, qv, need, known=pool.known) if need else {}
+            scores = self._engine.score(cand, qv, need, known=pool.known, keys=keys) if need else {}
             if have_colbert:
-                scores["colbert"] = np.asarray(pool.colbert, dtype=np.float64)
+                scores["colbert"] = np.asarray(colbert, dtype=np.float64)
             scores = {m: scores[m] for m in plan.modes}
-            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
+            n = len(keys if cand is None else cand)
+            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if n else np.zeros(0, bool)
             if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
-                cand = [c for c, ok in zip(cand, keep) if ok]
+                cand = None if cand is None else [c for c, ok in zip(cand, keep) if ok]
+                keys = None if keys is None else [c for c, ok in zip(keys, keep) if ok]
                 scores = {m: s[keep] for m, s in scores.items()}
         else:
             m = plan.modes[0]
             scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
-        if not cand:
+        if not (cand if cand is not None else keys):
             return []
         parts = contributions(plan.fusion, scores, weights, cand)
         fused = np.sum(list(parts.values()), axis=0)
-        top = order(cand, fused)[: plan.k]
-        top_ids = [cand[j] for j in top]
+        vectors = ["sparse"] if plan.explain else False
+        if cand is None:
+            top, top_ids, records = self._top_by_key(fused, keys, plan.k, vectors)
+        else:
+            top = order(cand, fused)[: plan.k]
+            top_ids = [cand[j] for j in top]
+            records = self._engine.get(top_ids, with_vectors=vectors)
         rest = [m for m in MODES if m not in scores]
         extra = self._engine.score(top_ids, qv, rest) if rest else {}
         all_scores = {m: (scores[m][top] if m in scores else extra[m]) for m in MODES}
-        records = self._engine.get(top_ids, with_vectors=["sparse"] if plan.explain else False)
         if plan.explain:
             found_by = self._found_by(plan, qv, pool, cand, scores)
             mode_ranks = {m: ranks(cand, s)[top] for m, s in scores.items()}
@@ -678,6 +690,21 @@ class Collection:
                 }
             hits.append(hit)
         return hits
+
+    def _top_by_key(self, fused: np.ndarray, keys: list[Any], k: int,
+                    vectors: bool | list[str]) -> tuple[np.ndarray, list[str], list[Record]]:
+        """The k best of a keyed pool, ids read only for them: the records of every candidate
+        scoring at least the k-th best score (ties at the cut included, so the "then id"
+        order is exact), then ordered by score and id."""
+        n = len(keys)
+        sel = np.flatnonzero(fused >= np.partition(fused, n - k)[n - k]) if n > k else np.arange(n)
+        recs = self._engine.get_by_keys([keys[j] for j in sel], with_vectors=vectors)
+        live = [(j, r) for j, r in zip(sel.tolist(), recs) if r is not None]  # None: deleted meanwhile
+        if not live:
+            return np.zeros(0, np.int64), [], []
+        ids = [r.id for _, r in live]
+        best = order(ids, fused[[j for j, _ in live]])[:k]
+        return np.array([live[b][0] for b in best]), [ids[b] for b in best], [live[b][1] for b in best]
 
     def _found_by(self, plan: SearchPlan, qv: QueryVectors, pool: Pool, cand: list[str],
                   scores: dict[str, np.ndarray]) -> dict[str, set[str]]:

@@ -821,12 +821,16 @@ class MilvusEngine(Engine):
         query: QueryVectors,
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
+        *,
+        keys: Sequence[Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Exact scores from the fetched vectors (NumPy), see the module docstring.
 
         ``known`` is not used: the vectors are fetched for ColBERT anyway, and the dense
         and sparse products over them cost less than splitting the fetch.
         """
+        if keys is not None:
+            raise NotImplementedError(f"{type(self).__name__} scores by id (its pools carry no keys)")
         ids = list(ids)
         modes = tuple(modes)
         bad = [m for m in modes if m not in MODES]

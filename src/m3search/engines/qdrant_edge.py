@@ -358,6 +358,17 @@ class QdrantEdgeEngine(Engine):
         by_id = {r.payload["id"]: self._record(r) for r in found}
         return [by_id.get(i) for i in ids]
 
+    def get_by_keys(self, keys: Sequence[Any], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        if not keys:
+            return []
+        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
+        found = self.shard.retrieve(list(keys), with_payload=True, with_vector=vec)
+        by_key = {r.id: self._record(r) for r in found}
+        return [by_key.get(k) for k in keys]
+
+    def _existing_keys(self, keys: Sequence[Any]) -> set[Any]:
+        return {r.id for r in self.shard.retrieve(list(keys), with_payload=False, with_vector=False)} if keys else set()
+
     @staticmethod
     def _record(r) -> Record:
         p = r.payload
@@ -437,7 +448,8 @@ class QdrantEdgeEngine(Engine):
     ) -> list[Pool]:
         """With ``colbert``: ONE request per query, Qdrant's prefetch of dense top-``depth``
         and sparse top-``depth`` re-scored by MaxSim over their whole union (limit 2 x depth),
-        so the pool and its exact ColBERT scores cost what Qdrant's own hybrid query costs."""
+        so the pool and its exact ColBERT scores cost what Qdrant's own hybrid query costs.
+        The pool holds point keys, not ids (no payload read, see :class:`Pool`)."""
         if not colbert:
             return super().candidates_batch(dense, sparse, queries, depth, filter, exact=exact)
         flt, params = to_qdrant_filter(filter), self._params(exact)
@@ -448,27 +460,29 @@ class QdrantEdgeEngine(Engine):
             if qv.sparse_indices is not None and len(qv.sparse_indices):
                 pre.append(qe.Prefetch(limit=depth, query=qe.Query.Nearest(self._query_vector(qv, "sparse"), using="sparse"),
                                        params=params, filter=flt))
-            reqs.append(qe.QueryRequest(limit=2 * depth, prefetches=pre, with_payload=_ID_ONLY,
+            reqs.append(qe.QueryRequest(limit=2 * depth, prefetches=pre, with_payload=False,
                                         query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert")))
         pools = []
         for qv, res in zip(queries, self._run(reqs)):
-            ids = [p.payload["id"] for p in res]
+            keys = [p.id for p in res]  # uuid.UUID as returned: str() would cost 0.6 us each
             maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
-            pools.append(Pool(ids, colbert=maxsim / max(len(qv.colbert), 1)))  # Qdrant sums, M3 averages
+            pools.append(Pool(None, colbert=maxsim / max(len(qv.colbert), 1), keys=keys))  # Qdrant sums, M3 averages
         return pools
 
     def score(
         self,
-        ids: Sequence[str],
+        ids: Sequence[str] | None,
         query: QueryVectors,
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
+        *,
+        keys: Sequence[Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Exact scores where the vectors live: one query per mode (all in one batch call),
         each filtered to the candidates whose score in that mode is not ``known``."""
-        ids = list(ids)
-        out, jobs, uuids = scoring_jobs(ids, query, modes, known)
-        if not ids:
+        ids = list(ids) if ids is not None else None
+        out, jobs, uuids = scoring_jobs(ids, query, modes, known, keys)
+        if not (ids if ids is not None else keys):
             return out
         exact = qe.SearchParams(exact=True)
         filters: dict[tuple, qe.Filter] = {}  # one per distinct candidate set (~0.5 ms each at 400 ids)
@@ -480,6 +494,8 @@ class QdrantEdgeEngine(Engine):
             reqs.append(qe.QueryRequest(limit=len(need), query=qe.Query.Nearest(self._query_vector(query, m), using=m),
                                         filter=only, params=exact, with_payload=False))
         fill_by_uuid(out, jobs, self._run(reqs), uuids)
+        if ids is None:
+            return finish_maxsim_scores(out, list(keys), query, self._existing_keys)
         return finish_maxsim_scores(out, ids, query, self.existing)
 
     @staticmethod

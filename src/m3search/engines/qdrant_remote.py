@@ -541,10 +541,14 @@ class QdrantRemoteEngine(Engine):
         query: QueryVectors,
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
+        *,
+        keys: Sequence[Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Exact scores where the vectors live: one query per mode, filtered to the candidates
         whose score in that mode is not ``known``, ``exact=True`` (local mode: NumPy over
         the candidates' fetched vectors, see ``server_scoring``)."""
+        if keys is not None:
+            raise NotImplementedError(f"{type(self).__name__} scores by id (its pools carry no keys)")
         ids = list(ids)
         if not self.server_scoring:
             out, todo = prefill_known(ids, modes, known)
