@@ -265,21 +265,34 @@ def native_request(qe, qv, c: int, k: int):
     return qe.QueryRequest(limit=k, prefetches=pre, query=qe.Query.Nearest(qv.colbert, using="colbert"), with_payload=True)
 
 
-def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int) -> dict[str, Any]:
+def _ratios(o: dict) -> str:
+    """p50 ratio (ratio of means) [median of per-query ratios; rows before it was kept show -]."""
+    paired = f"{o['ratio_paired_median']:.2f}x" if "ratio_paired_median" in o else "-"
+    return f"{o['ratio_p50']:.2f}x ({o['ratio_mean']:.2f}x) [{paired}]"
+
+
+def _rounds(latency: dict) -> str:
+    n = latency.get("rounds", 1)
+    return f", {n} rounds" if n > 1 else ""
+
+
+def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int = 3) -> dict[str, Any]:
     """p50/p95 ms per mode, then ours-all vs the native query alternating, with recall@10."""
     import qdrant_edge as qe
 
     from m3search.engines.base import QueryVectors
 
     nq = len(qemb)
+    # Each query's embeddings are cut out before any timing, as the native query's vectors are.
+    per_query = [qemb[i] for i in range(nq)]
     out: dict[str, Any] = {"modes": {}}
     for i in range(min(n_warm, nq)):
-        col.search_batch(["q"], mode="all", query_embeddings=qemb[i])
+        col.search_batch(["q"], mode="all", query_embeddings=per_query[i])
     for mode in MODES:
         times = []
         for i in range(nq):
             t = time.perf_counter()
-            col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=qemb[i])
+            col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])
             times.append((time.perf_counter() - t) * 1000)
         out["modes"][mode] = {"p50_ms": _pct(times, 50), "p95_ms": _pct(times, 95), "mean_ms": float(np.mean(times))}
         print(f"    {mode:14s} p50 {out['modes'][mode]['p50_ms']:8.1f} ms   p95 {out['modes'][mode]['p95_ms']:8.1f} ms", flush=True)
@@ -295,14 +308,15 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int) -> dict[str
         t = time.perf_counter()
         shard.query(native_request(qe, qv, c, 10))
         first_touch.append((time.perf_counter() - t) * 1000)
-        for name in names[i % 3 :] + names[: i % 3]:  # rotate who runs first (what stays: CPU caches)
-            t = time.perf_counter()
-            if name == "native":
-                res[name] = [p.payload["id"] for p in shard.query(native_request(qe, qv, c, 10))]
-            else:
-                mode = name.split("_")[1]
-                res[name] = [h.id for h in col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=qemb[i])[0]]
-            times[name].append((time.perf_counter() - t) * 1000)
+        for r in range(rounds):  # each round rotates who runs first (what stays: CPU caches)
+            for name in names[(i + r) % 3 :] + names[: (i + r) % 3]:
+                t = time.perf_counter()
+                if name == "native":
+                    res[name] = [p.payload["id"] for p in shard.query(native_request(qe, qv, c, 10))]
+                else:
+                    mode = name.split("_")[1]
+                    res[name] = [h.id for h in col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])[0]]
+                times[name].append((time.perf_counter() - t) * 1000)
         rec_all.append(len(set(res["ours_all"]) & set(res["native"])) / 10)
         rec_colbert.append(len(set(res["ours_colbert"]) & set(res["native"])) / 10)
         native_at_1.append(res["native"][:1] == [f"d{src[i]}"])
@@ -311,6 +325,10 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int) -> dict[str
     for name in ("ours_all", "ours_colbert"):
         out[name]["ratio_p50"] = out[name]["p50_ms"] / out["native"]["p50_ms"]
         out[name]["ratio_mean"] = out[name]["mean_ms"] / out["native"]["mean_ms"]
+        # Paired: each query against itself (query costs vary 3x with their token counts).
+        per_q = np.asarray(times[name]).reshape(nq, rounds).mean(1) / np.asarray(times["native"]).reshape(nq, rounds).mean(1)
+        out[name]["ratio_paired_median"] = float(np.median(per_q))
+    out["rounds"] = rounds
     out["ours_all"]["native_recall_at_10"] = float(np.mean(rec_all))
     out["ours_colbert"]["native_recall_at_10"] = float(np.mean(rec_colbert))
     out["native"]["planted_at_1"] = float(np.mean(native_at_1))
@@ -321,7 +339,8 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int) -> dict[str
         o = out[name]
         print(
             f"    {name} {o['p50_ms']:.1f} ms p50 vs native {out['native']['p50_ms']:.1f} ms -> {o['ratio_p50']:.2f}x "
-            f"(mean {o['ratio_mean']:.2f}x); native recall@10 vs {name} {o['native_recall_at_10']:.3f}",
+            f"(mean {o['ratio_mean']:.2f}x, per-query median {o['ratio_paired_median']:.2f}x); "
+            f"native recall@10 vs {name} {o['native_recall_at_10']:.3f}",
             flush=True,
         )
     return out
@@ -394,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.shard.flush()
         stage["bytes"] = storage_bytes(path)
-        stage["latency"] = measure_latency(col, qemb, src, args.warmup, c)
+        stage["latency"] = measure_latency(col, qemb, src, args.warmup, c, args.rounds)
         hits = col.search_batch(["q"] * len(qemb), mode="all", candidates=c, query_embeddings=qemb)
         stage["planted_doc_at_1"] = float(np.mean([bool(h) and h[0].id == f"d{s}" for h, s in zip(hits, src)]))
         stage["rss_mib"] = _rss_mib()
@@ -433,7 +452,7 @@ def remeasure(args: argparse.Namespace) -> dict[str, Any]:
         qemb, src = planted_queries(corpus, min(args.queries, len(corpus)), args.seed)
         del corpus
         started = _dt.datetime.now().astimezone().isoformat(timespec="minutes")
-        latency = measure_latency(col, qemb, src, args.warmup, res["candidates"])
+        latency = measure_latency(col, qemb, src, args.warmup, res["candidates"], args.rounds)
         n = col.count()
     finally:
         col.close()
@@ -554,27 +573,28 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
                  "differences of a few tens of percent between modes or sizes can be contention, not the code "
                  "(the per-query comparison below interleaves its three contenders to cancel that).")
     lines.append("\nOurs vs Qdrant Edge's native hybrid query (ONE request: prefetch dense top-C + sparse top-C, "
-                 "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query. "
+                 "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query "
+                 "(rows with N rounds: each query timed N times per contender, rotating who goes first). "
                  "`all` = exact dense, sparse and ColBERT scores of every candidate + weighted fusion (the target: "
                  "<= 1.2x native); `colbert` = our mode with the native query's ranking function:\n")
-    lines.append("| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native p50 (mean) | "
-                 "ours `colbert` p50 / p95 ms | `colbert` / native p50 (mean) | native recall@10 vs `all` / vs `colbert` | "
+    lines.append("| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native: p50 (mean) [per-query median] | "
+                 "ours `colbert` p50 / p95 ms | `colbert` / native: p50 (mean) [per-query median] | native recall@10 vs `all` / vs `colbert` | "
                  "planted doc at rank 1: native / `all` |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for s in res["stages"]:
         L = s["latency"]
         a, cb, nv = L["ours_all"], L["ours_colbert"], L["native"]
-        lines.append(f"| {s['documents']:,} | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | {a['p50_ms']:.1f} / {a['p95_ms']:.1f} | "
-                     f"{a['ratio_p50']:.2f}x ({a['ratio_mean']:.2f}x) | {cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | "
-                     f"{cb['ratio_p50']:.2f}x ({cb['ratio_mean']:.2f}x) | {a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | "
+        lines.append(f"| {s['documents']:,}{_rounds(L)} | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | {a['p50_ms']:.1f} / {a['p95_ms']:.1f} | "
+                     f"{_ratios(a)} | {cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | "
+                     f"{_ratios(cb)} | {a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | "
                      f"{nv['planted_at_1']:.2f} / {s['planted_doc_at_1']:.2f} |")
     for r in res.get("remeasured", []):
         L = r["latency"]
         a, cb, nv = L["ours_all"], L["ours_colbert"], L["native"]
-        lines.append(f"| {r['documents']:,}, re-measured{' (fresh)' if r.get('source') else ''} {r['started']} at `{r['commit'][:7]}` (load "
+        lines.append(f"| {r['documents']:,}, re-measured{' (fresh)' if r.get('source') else ''}{_rounds(L)} {r['started']} at `{r['commit'][:7]}` (load "
                      f"`{' '.join(f'{x:.1f}' for x in r['loadavg'])}`) | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | "
-                     f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} | {a['ratio_p50']:.2f}x ({a['ratio_mean']:.2f}x) | "
-                     f"{cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | {cb['ratio_p50']:.2f}x ({cb['ratio_mean']:.2f}x) | "
+                     f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} | {_ratios(a)} | "
+                     f"{cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | {_ratios(cb)} | "
                      f"{a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | {nv['planted_at_1']:.2f} / - |")
     if res.get("remeasured"):
         lines.append("\nRe-measured rows: the same queries, latency only, with the code of the named commit; the "
@@ -584,7 +604,7 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     touched = [(r["documents"], r["latency"]["first_touch"]) for r in res["stages"] + res.get("remeasured", [])
                if "first_touch" in r["latency"]]
     if touched:
-        lines.append("\nIn rows with a first-touch time, each query's three timed runs follow one untimed native run "
+        lines.append("\nIn rows with a first-touch time, each query's timed runs follow one untimed native run "
                      "that pulls the candidates' ColBERT pages into the page cache (all three read the same pages), so "
                      "the ratio compares compute; rows without one (older runs) had no such warm-up, and whichever "
                      "contender ran first paid the disk reads, which at 100,000 documents made the ratio swing. That "
@@ -640,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000], help="corpus sizes (checkpoints of one growing collection)")
     ap.add_argument("--queries", type=int, default=100, help="queries per mode and size")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each contender per query in the ours-vs-native comparison")
     ap.add_argument("--candidates", type=int, default=None, help="default: the collection's (plan.DEFAULT_CANDIDATES)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline-min", type=float, default=30.0, help="skip a stage whose ingest would end after this")

@@ -98,6 +98,19 @@ def test_subset_views(embedded):
     assert len(embedded[2:4]) == 2 and len(embedded[3]) == 1
 
 
+@pytest.mark.parametrize("key", [0, 1, 3, -1, slice(2, 5), slice(0, None), [2, 3, 4], slice(1, 6, 2), [4, 2]])
+def test_subsets_by_slice_equal_fancy_indexing(embedded, key):
+    """Runs of rows take a slicing shortcut; every field must equal the general gather."""
+    want_rows = np.atleast_1d(np.arange(len(embedded))[key])
+    got = embedded[key]
+    assert np.array_equal(got.n_tokens, embedded.n_tokens[want_rows])
+    assert np.array_equal(got.dense, embedded.dense[want_rows])
+    assert (got.sparse != embedded.sparse[want_rows]).nnz == 0 and got.sparse.shape == (len(want_rows), embedded.sparse.shape[1])
+    assert len(got.colbert_vecs) == len(want_rows)
+    for a, r in zip(got.colbert_vecs, want_rows):
+        assert np.array_equal(a, embedded.colbert_vecs[r])
+
+
 def test_convert_id_to_token(tiny_encoder, embedded):
     weights = embedded.lexical_weights[0]
     readable = tiny_encoder.convert_id_to_token(weights)

@@ -560,14 +560,17 @@ def fill_by_uuid(out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], re
                  uuids: Mapping[int, Any]) -> None:
     """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions.
 
-    ``uuids`` holds strings (derived from ids) or the engine's own id objects (pool keys);
-    returned ids are compared in that form.
+    ``uuids`` holds strings (derived from ids) or ``uuid.UUID`` objects (Qdrant Edge's pool
+    keys, compared by their 128-bit ``.int``: hashing a UUID is a Python-level call, and
+    this runs for every candidate of every query).
     """
-    pos = {u: j for j, u in uuids.items()}
-    as_str = isinstance(next(iter(pos), ""), str)
+    if isinstance(next(iter(uuids.values()), ""), str):
+        pos, key = {u: j for j, u in uuids.items()}, str
+    else:
+        pos, key = {u.int: j for j, u in uuids.items()}, None
     for (m, _), res in zip(jobs, results):
         if res:
-            at = [pos[str(p.id)] for p in res] if as_str else [pos[p.id] for p in res]
+            at = [pos[str(p.id)] for p in res] if key is str else [pos[p.id.int] for p in res]
             out[m][at] = [p.score for p in res]
 
 
