@@ -502,4 +502,7 @@ class QdrantEdgeEngine(Engine):
     def _query_vector(query: QueryVectors, mode: str):
         if mode == "sparse":
             return _sparse_vector(query.sparse_indices, query.sparse_values)
-        return np.ascontiguousarray(query.dense if mode == "dense" else query.colbert, dtype=np.float32)
+        if mode == "dense":
+            return np.ascontiguousarray(query.dense, dtype=np.float32)
+        # qdrant-edge takes nested lists of a multivector in half the time of a 2-D array (0.45 vs 0.98 ms at 11 x 1024)
+        return np.asarray(query.colbert, dtype=np.float32).tolist()
