@@ -638,8 +638,7 @@ class Collection:
             if have_colbert:
                 scores["colbert"] = np.asarray(colbert, dtype=np.float64)
             scores = {m: scores[m] for m in plan.modes}
-            n = len(keys if cand is None else cand)
-            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if n else np.zeros(0, bool)
+            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if (cand or keys) else np.zeros(0, bool)
             if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
                 cand = None if cand is None else [c for c, ok in zip(cand, keep) if ok]
                 keys = None if keys is None else [c for c, ok in zip(keys, keep) if ok]
@@ -647,7 +646,7 @@ class Collection:
         else:
             m = plan.modes[0]
             scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
-        if not (cand if cand is not None else keys):
+        if not (cand or keys):
             return []
         parts = contributions(plan.fusion, scores, weights, cand)
         fused = np.sum(list(parts.values()), axis=0)

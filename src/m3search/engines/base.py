@@ -523,7 +523,7 @@ def prefill_known(
 def scoring_jobs(
     ids: Sequence[str] | None, query: "QueryVectors", modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None,
     keys: Sequence[Any] | None = None,
-) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]], dict[int, str]]:
+) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]], dict[int, Any]]:
     """What an engine that scores candidates where the vectors live (Qdrant) still has to ask.
 
     Returns the score arrays (``known`` filled in, NaN elsewhere), the ``(mode, positions)``
@@ -540,7 +540,7 @@ def scoring_jobs(
         ids = keys
     out, todo = prefill_known(ids, modes, known)
     jobs: list[tuple[str, tuple[int, ...]]] = []
-    uuids: dict[int, str] = {}
+    uuids: dict[int, Any] = {}  # str UUIDs from ids, or the engine's own key objects
     for m in modes:
         need = todo[m]
         if not need:
@@ -564,13 +564,11 @@ def fill_by_uuid(out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], re
     keys, compared by their 128-bit ``.int``: hashing a UUID is a Python-level call, and
     this runs for every candidate of every query).
     """
-    if isinstance(next(iter(uuids.values()), ""), str):
-        pos, key = {u: j for j, u in uuids.items()}, str
-    else:
-        pos, key = {u.int: j for j, u in uuids.items()}, None
+    as_str = isinstance(next(iter(uuids.values()), ""), str)
+    pos = {(u if as_str else u.int): j for j, u in uuids.items()}
     for (m, _), res in zip(jobs, results):
         if res:
-            at = [pos[str(p.id)] for p in res] if key is str else [pos[p.id.int] for p in res]
+            at = [pos[str(p.id)] for p in res] if as_str else [pos[p.id.int] for p in res]
             out[m][at] = [p.score for p in res]
 
 
