@@ -266,9 +266,10 @@ def native_request(qe, qv, c: int, k: int):
 
 
 def _ratios(o: dict) -> str:
-    """p50 ratio (ratio of means) [median of per-query ratios; rows before it was kept show -]."""
+    """p50 ratio (ratio of means) [median of per-query ratios] {ratio of mean CPU times}; '-' where a run predates it."""
     paired = f"{o['ratio_paired_median']:.2f}x" if "ratio_paired_median" in o else "-"
-    return f"{o['ratio_p50']:.2f}x ({o['ratio_mean']:.2f}x) [{paired}]"
+    cpu = f"{o['ratio_cpu_mean']:.2f}x" if "ratio_cpu_mean" in o else "-"
+    return f"{o['ratio_p50']:.2f}x ({o['ratio_mean']:.2f}x) [{paired}] {{{cpu}}}"
 
 
 def _rounds(latency: dict) -> str:
@@ -299,6 +300,9 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
     shard = col.engine.shard
     names = ["ours_all", "ours_colbert", "native"]
     times: dict[str, list[float]] = {n: [] for n in names}
+    # CPU time of this process (all its threads, Qdrant's included) per call: the cost itself,
+    # which other jobs on the cores inflate far less than they inflate wall time.
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     rec_all, rec_colbert, native_at_1, first_touch = [], [], [], []
     for i in range(nq):
         qv = QueryVectors.from_embeddings(qemb, i)
@@ -310,19 +314,22 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
         first_touch.append((time.perf_counter() - t) * 1000)
         for r in range(rounds):  # each round rotates who runs first (what stays: CPU caches)
             for name in names[(i + r) % 3 :] + names[: (i + r) % 3]:
-                t = time.perf_counter()
+                t, t_cpu = time.perf_counter(), time.process_time()
                 if name == "native":
                     res[name] = [p.payload["id"] for p in shard.query(native_request(qe, qv, c, 10))]
                 else:
                     mode = name.split("_")[1]
                     res[name] = [h.id for h in col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])[0]]
                 times[name].append((time.perf_counter() - t) * 1000)
+                cpu[name].append((time.process_time() - t_cpu) * 1000)
         rec_all.append(len(set(res["ours_all"]) & set(res["native"])) / 10)
         rec_colbert.append(len(set(res["ours_colbert"]) & set(res["native"])) / 10)
         native_at_1.append(res["native"][:1] == [f"d{src[i]}"])
     for name in names:
-        out[name] = {"p50_ms": _pct(times[name], 50), "p95_ms": _pct(times[name], 95), "mean_ms": float(np.mean(times[name]))}
+        out[name] = {"p50_ms": _pct(times[name], 50), "p95_ms": _pct(times[name], 95), "mean_ms": float(np.mean(times[name])),
+                     "cpu_mean_ms": float(np.mean(cpu[name]))}
     for name in ("ours_all", "ours_colbert"):
+        out[name]["ratio_cpu_mean"] = out[name]["cpu_mean_ms"] / out["native"]["cpu_mean_ms"]
         out[name]["ratio_p50"] = out[name]["p50_ms"] / out["native"]["p50_ms"]
         out[name]["ratio_mean"] = out[name]["mean_ms"] / out["native"]["mean_ms"]
         # Paired: each query against itself (query costs vary 3x with their token counts).
@@ -339,7 +346,8 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
         o = out[name]
         print(
             f"    {name} {o['p50_ms']:.1f} ms p50 vs native {out['native']['p50_ms']:.1f} ms -> {o['ratio_p50']:.2f}x "
-            f"(mean {o['ratio_mean']:.2f}x, per-query median {o['ratio_paired_median']:.2f}x); "
+            f"(mean {o['ratio_mean']:.2f}x, per-query median {o['ratio_paired_median']:.2f}x, "
+            f"CPU time {o['cpu_mean_ms']:.1f} vs {out['native']['cpu_mean_ms']:.1f} ms -> {o['ratio_cpu_mean']:.2f}x); "
             f"native recall@10 vs {name} {o['native_recall_at_10']:.3f}",
             flush=True,
         )
@@ -569,16 +577,19 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     for m in MODES:
         cells = " | ".join(f"{s['latency']['modes'][m]['p50_ms']:.1f} | {s['latency']['modes'][m]['p95_ms']:.1f}" for s in res["stages"])
         lines.append(f"| {m} | {cells} |")
-    lines.append("\nEach mode is a separate pass of the same queries, minutes apart, on cores shared with other jobs: "
-                 "differences of a few tens of percent between modes or sizes can be contention, not the code "
+    lines.append("\nEach mode is a separate pass of the same queries, minutes apart: "
+                 "where other jobs share the cores (see the load averages), differences of a few tens of percent between "
+                 "modes or sizes can be contention, not the code "
                  "(the per-query comparison below interleaves its three contenders to cancel that).")
     lines.append("\nOurs vs Qdrant Edge's native hybrid query (ONE request: prefetch dense top-C + sparse top-C, "
                  "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query "
                  "(rows with N rounds: each query timed N times per contender, rotating who goes first). "
                  "`all` = exact dense, sparse and ColBERT scores of every candidate + weighted fusion (the target: "
-                 "<= 1.2x native); `colbert` = our mode with the native query's ranking function:\n")
-    lines.append("| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native: p50 (mean) [per-query median] | "
-                 "ours `colbert` p50 / p95 ms | `colbert` / native: p50 (mean) [per-query median] | native recall@10 vs `all` / vs `colbert` | "
+                 "<= 1.2x native); `colbert` = our mode with the native query's ranking function. In braces: mean CPU "
+                 "time of the process per query (every thread, Qdrant's included), ours / native: the cost itself, "
+                 "which contention from other jobs inflates far less than wall time:\n")
+    lines.append("| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native: p50 (mean) [per-query median] {CPU time} | "
+                 "ours `colbert` p50 / p95 ms | `colbert` / native: p50 (mean) [per-query median] {CPU time} | native recall@10 vs `all` / vs `colbert` | "
                  "planted doc at rank 1: native / `all` |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for s in res["stages"]:
