@@ -39,6 +39,7 @@ import fcntl
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -351,12 +352,8 @@ class QdrantEdgeEngine(Engine):
         return {back[str(r.id)] for r in found}
 
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        if not ids:
-            return []
-        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
-        found = self.shard.retrieve([point_uuid(i) for i in ids], with_payload=True, with_vector=vec)
-        by_id = {r.payload["id"]: self._record(r) for r in found}
-        return [by_id.get(i) for i in ids]
+        # Qdrant Edge hands point ids back as uuid.UUID: ask by the same objects to match them.
+        return self.get_by_keys([uuid.UUID(point_uuid(i)) for i in ids], with_vectors=with_vectors)
 
     def get_by_keys(self, keys: Sequence[Any], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
         if not keys:
