@@ -15,7 +15,7 @@ COLLECTION ?= runs/demo-collection
 QUERY      ?= what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft
 FLAG_VENV  ?= .venv-flag
 
-.PHONY: install demo test test-heavy flag-venv clean
+.PHONY: install demo test test-heavy lint flag-venv clean
 
 install: $(VENV)/.installed
 
@@ -44,7 +44,12 @@ demo: install
 	$(BIN)/m3search search "$(QUERY)" --collection $(COLLECTION) --k 5 --mode sparse --explain
 	$(BIN)/m3search info --collection $(COLLECTION)
 
-test: install flag-venv
+# Lint + format check (ruff, configured in pyproject.toml), then the default suite.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install flag-venv lint
 	$(BIN)/python -m pytest -q
 
 # Slow checks (real-model evaluation, kill -9 loops, fuzzing): CI's second step.

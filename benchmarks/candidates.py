@@ -67,8 +67,18 @@ def encode_cached(enc, name: str, texts: list[str], cache: Path | None, **kw):
     e = enc.encode(texts, **kw)
     print(f"  encoded {name}: {len(texts)} texts in {time.perf_counter() - t:.0f} s", flush=True)
     if f is not None:
-        np.savez(f, dense=e.dense, d=e.sparse.data, i=e.sparse.indices, p=e.sparse.indptr, s=np.array(e.sparse.shape),
-                 c=e.colbert, o=e.colbert_offsets, n=e.n_tokens, count=len(texts))
+        np.savez(
+            f,
+            dense=e.dense,
+            d=e.sparse.data,
+            i=e.sparse.indices,
+            p=e.sparse.indptr,
+            s=np.array(e.sparse.shape),
+            c=e.colbert,
+            o=e.colbert_offsets,
+            n=e.n_tokens,
+            count=len(texts),
+        )
     return e
 
 
@@ -129,10 +139,24 @@ def measure_collection(name: str, enc, cands: list[int], args: argparse.Namespac
                 run = {q: {h.id: h.score for h in hits} for q, hits in zip(qids, res)}
                 recall = float(np.mean([len(set(r) & set(o)) / 10 for r, o in zip(run.values(), oracle)]))
                 ndcg = compute_metrics(run, qrels)["ndcg@10"]
-                rows.append({"collection": name, "mode": mode, "C": c, "recall": recall, "ndcg": ndcg,
-                             "oracle_ndcg": base, "ndcg_diff": ndcg - base, "ms_per_query": ms, "queries": len(qids)})
-                print(f"  {name:11s} {mode:13s} C={c:4d} recall@10 {recall:.4f} nDCG@10 {ndcg:.4f} "
-                      f"(oracle {base:.4f}, {ndcg - base:+.4f}) {ms:6.1f} ms/query", flush=True)
+                rows.append(
+                    {
+                        "collection": name,
+                        "mode": mode,
+                        "C": c,
+                        "recall": recall,
+                        "ndcg": ndcg,
+                        "oracle_ndcg": base,
+                        "ndcg_diff": ndcg - base,
+                        "ms_per_query": ms,
+                        "queries": len(qids),
+                    }
+                )
+                print(
+                    f"  {name:11s} {mode:13s} C={c:4d} recall@10 {recall:.4f} nDCG@10 {ndcg:.4f} "
+                    f"(oracle {base:.4f}, {ndcg - base:+.4f}) {ms:6.1f} ms/query",
+                    flush=True,
+                )
     finally:
         col.close()
         shutil.rmtree(path, ignore_errors=True)
@@ -146,9 +170,16 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | N
         for c in sorted({r["C"] for r in rows}):
             rs = [r for r in rows if r["mode"] == mode and r["C"] == c]
             if rs:
-                out.append({"mode": mode, "C": c, "recall_mean": float(np.mean([r["recall"] for r in rs])),
-                            "recall_min": min(r["recall"] for r in rs), "ndcg_diff_worst": min(r["ndcg_diff"] for r in rs),
-                            "ms_per_query": float(np.mean([r["ms_per_query"] for r in rs]))})
+                out.append(
+                    {
+                        "mode": mode,
+                        "C": c,
+                        "recall_mean": float(np.mean([r["recall"] for r in rs])),
+                        "recall_min": min(r["recall"] for r in rs),
+                        "ndcg_diff_worst": min(r["ndcg_diff"] for r in rs),
+                        "ms_per_query": float(np.mean([r["ms_per_query"] for r in rs])),
+                    }
+                )
     ok = [s["C"] for s in out if s["mode"] == "all" and s["recall_min"] >= TARGET_RECALL]
     return out, (min(ok) if ok else None)
 
@@ -168,8 +199,10 @@ def report(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for s in summary:
-        lines.append(f"| {s['mode']} | {s['C']} | {s['recall_mean']:.4f} | {s['recall_min']:.4f} | "
-                     f"{s['ndcg_diff_worst']:+.4f} | {s['ms_per_query']:.1f} |")
+        lines.append(
+            f"| {s['mode']} | {s['C']} | {s['recall_mean']:.4f} | {s['recall_min']:.4f} | "
+            f"{s['ndcg_diff_worst']:+.4f} | {s['ms_per_query']:.1f} |"
+        )
     lines.append("\nPer collection, mode `all` (recall@10 / nDCG@10 diff):\n")
     lines.append("| C | " + " | ".join(cols) + " |")
     lines.append("|---" * (len(cols) + 1) + "|")
@@ -180,10 +213,15 @@ def report(res: dict[str, Any]) -> str:
             cells.append(f"{r['recall']:.4f} / {r['ndcg_diff']:+.4f}" if r else "")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     tried = ", ".join(str(c) for c in sorted({r["C"] for r in rows}))
-    verdict = (f"the smallest C tried ({tried}) with recall@10 >= {TARGET_RECALL} in `all` on every collection is **{chosen}**"
-               if chosen else f"no C reached recall@10 >= {TARGET_RECALL} in `all` on every collection")
-    lines.append(f"\nRule: {verdict}; `plan.DEFAULT_CANDIDATES` is {DEFAULT_CANDIDATES}"
-                 f"{' (agrees)' if chosen == DEFAULT_CANDIDATES else ' (DIFFERS: revisit the default)'}.")
+    verdict = (
+        f"the smallest C tried ({tried}) with recall@10 >= {TARGET_RECALL} in `all` on every collection is **{chosen}**"
+        if chosen
+        else f"no C reached recall@10 >= {TARGET_RECALL} in `all` on every collection"
+    )
+    lines.append(
+        f"\nRule: {verdict}; `plan.DEFAULT_CANDIDATES` is {DEFAULT_CANDIDATES}"
+        f"{' (agrees)' if chosen == DEFAULT_CANDIDATES else ' (DIFFERS: revisit the default)'}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -216,10 +254,15 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     summary, chosen = summarize(rows)
     res = {
-        "started": started, "finished": _dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+        "started": started,
+        "finished": _dt.datetime.now().astimezone().isoformat(timespec="minutes"),
         "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/candidates.py", *argv]),
-        "loadavg_end": list(os.getloadavg()), "dtype": str(enc.dtype).replace("torch.", ""),
-        "max_queries": args.max_queries, "rows": rows, "summary": summary, "chosen": chosen,
+        "loadavg_end": list(os.getloadavg()),
+        "dtype": str(enc.dtype).replace("torch.", ""),
+        "max_queries": args.max_queries,
+        "rows": rows,
+        "summary": summary,
+        "chosen": chosen,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

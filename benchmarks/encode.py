@@ -183,6 +183,7 @@ def worker_m3search(args: argparse.Namespace) -> dict[str, Any]:
     calls: list[list[int]] = []
     backbone = _find_backbone(enc)
     if backbone is not None:
+
         def _hook(_module, fargs, kwargs):
             mask = kwargs.get("attention_mask")
             ids = kwargs.get("input_ids", fargs[0] if fargs else None)
@@ -202,8 +203,9 @@ def worker_m3search(args: argparse.Namespace) -> dict[str, Any]:
     load0 = _loadavg()
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
-    emb = enc.encode(texts, dense=True, sparse=True, colbert=True, max_length=args.max_length,
-                     batch_size=args.batch_size)
+    emb = enc.encode(
+        texts, dense=True, sparse=True, colbert=True, max_length=args.max_length, batch_size=args.batch_size
+    )
     encode_s = time.perf_counter() - t0
     cpu_s = _cpu_s() - cpu0
     lengths = np.asarray(emb.n_tokens, np.int64)
@@ -265,8 +267,14 @@ def worker_flag(args: argparse.Namespace) -> dict[str, Any]:
 
     def _pre(_module, _args, kwargs):
         mask = kwargs["attention_mask"]
-        calls.append({"shape": [int(mask.shape[0]), int(mask.shape[1])], "tokens": int(mask.sum()),
-                      "t0": time.perf_counter(), "c0": _cpu_s()})
+        calls.append(
+            {
+                "shape": [int(mask.shape[0]), int(mask.shape[1])],
+                "tokens": int(mask.sum()),
+                "t0": time.perf_counter(),
+                "c0": _cpu_s(),
+            }
+        )
 
     def _post(_module, _args, _kwargs, _output):
         calls[-1]["t1"] = time.perf_counter()
@@ -279,8 +287,14 @@ def worker_flag(args: argparse.Namespace) -> dict[str, Any]:
     load0 = _loadavg()
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
-    out = model.encode(texts, batch_size=args.flag_batch_size, max_length=args.max_length,
-                       return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    out = model.encode(
+        texts,
+        batch_size=args.flag_batch_size,
+        max_length=args.max_length,
+        return_dense=True,
+        return_sparse=True,
+        return_colbert_vecs=True,
+    )
     total_s = time.perf_counter() - t0
     cpu_s = _cpu_s() - cpu0
     # The first forward is the probe; everything after it is the steady-state pass.
@@ -319,12 +333,23 @@ WORKERS = {"build": worker_build, "peak": worker_peak, "m3search": worker_m3sear
 def _run_worker(python: Path, name: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(out),
-           "--model", str(args.model), "--max-length", str(args.max_length), *extra]
+    cmd = [
+        str(python),
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--worker-out",
+        str(out),
+        "--model",
+        str(args.model),
+        "--max-length",
+        str(args.max_length),
+        *extra,
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     print(f"[encode.py] running {name} {' '.join(extra)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(out.read_text())
@@ -358,8 +383,10 @@ def _lscpu() -> str:
     fields = dict(re.findall(r"^([^:]+):\s+(.*)$", text, re.M))
     flags = fields.get("Flags", "").split()
     isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2") if f in flags]
-    return (f"{fields.get('Model name', '?')}, {fields.get('CPU(s)', '?')} CPUs "
-            f"({fields.get('Hypervisor vendor', 'bare metal')} VM), {', '.join(isa)}")
+    return (
+        f"{fields.get('Model name', '?')}, {fields.get('CPU(s)', '?')} CPUs "
+        f"({fields.get('Hypervisor vendor', 'bare metal')} VM), {', '.join(isa)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,12 +401,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=40, help="short queries, cranfield + xquad-r (default 40)")
     ap.add_argument("--max-length", type=int, default=8192, help="same cut on both sides (default 8192)")
     ap.add_argument("--batch-size", type=int, default=None, help="m3search batch_size (default: its token budget)")
-    ap.add_argument("--flag-batch-size", type=int, default=32,
-                    help="FlagEmbedding batch_size (default 32; its own default 256 pads 256 of the longest "
-                         "texts into its probe batch, which needs > 20 GB of attention scores here)")
+    ap.add_argument(
+        "--flag-batch-size",
+        type=int,
+        default=32,
+        help="FlagEmbedding batch_size (default 32; its own default 256 pads 256 of the longest "
+        "texts into its probe batch, which needs > 20 GB of attention scores here)",
+    )
     ap.add_argument("--peak-window", type=float, default=1.0, help=argparse.SUPPRESS)
-    ap.add_argument("--skip", action="append", default=[], choices=["flag", "float32", "auto"],
-                    help="leave a side out (repeatable)")
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=["flag", "float32", "auto"], help="leave a side out (repeatable)"
+    )
     ap.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -451,17 +483,22 @@ def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, loa
         )
     notes = []
     for r in rows:
-        extra = (f"probe batch {r['probe_shape'][0]}×{r['probe_shape'][1]} ({r['probe_tokens']:,} real tokens) "
-                 f"{r['probe_s']:.1f} s, not counted" if r["side"] == "FlagEmbedding"
-                 else f"untimed warm-up (8 texts) {r['warmup_s']:.1f} s")
+        extra = (
+            f"probe batch {r['probe_shape'][0]}×{r['probe_shape'][1]} ({r['probe_tokens']:,} real tokens) "
+            f"{r['probe_s']:.1f} s, not counted"
+            if r["side"] == "FlagEmbedding"
+            else f"untimed warm-up (8 texts) {r['warmup_s']:.1f} s"
+        )
         notes.append(
             f"- {r['side']} {r['dtype']}: load {r['load_s']:.1f} s, RSS after load {r['rss_loaded_kib'] / 2**20:.2f} GiB; "
             f"{extra}; {len(r['calls'])} forward calls; load average during encode "
             f"{r['loadavg_before'][0]:.2f} → {r['loadavg_after'][0]:.2f}"
         )
     if len({r["tokens"] for r in rows}) > 1:
-        notes.append("- WARNING: the sides counted different token totals: " +
-                     ", ".join(f"{r['side']} {r['dtype']} {r['tokens']}" for r in rows))
+        notes.append(
+            "- WARNING: the sides counted different token totals: "
+            + ", ".join(f"{r['side']} {r['dtype']} {r['tokens']}" for r in rows)
+        )
     cmd = "python benchmarks/encode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     qs = sorted(lengths)
     pct = (lambda p: qs[min(len(qs) - 1, int(p * len(qs)))]) if qs else (lambda p: 0)
@@ -472,7 +509,8 @@ def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, loa
         f"Model: random weights, full bge-m3 shape ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, FFN {cfg['intermediate_size']}, vocab {cfg['vocab_size']:,}, "
         f"positions {cfg['max_position_embeddings']:,})"
-        + (f", built in {build['build_s']:.0f} s" if build else "") + ".",
+        + (f", built in {build['build_s']:.0f} s" if build else "")
+        + ".",
         f"Corpus: {len(texts)} texts ({args.cranfield} cranfield abstracts, {args.xquad} xquad-r sentences × "
         f"{len(XQUAD_LANGS)} languages, {args.queries} queries); tokens per text min {qs[0] if qs else 0}, "
         f"median {pct(0.5)}, p95 {pct(0.95)}, max {qs[-1] if qs else 0}; max_length {args.max_length} on both sides; "

@@ -74,8 +74,13 @@ def run_engine(name: str, location: str, model: Path, args, qemb) -> dict[str, A
         col.add([""] * args.docs, ids=[f"d{i}" for i in range(args.docs)], embeddings=corpus, show_progress=False)
         ingest = time.perf_counter() - t - corpus.gen_s
         del corpus
-        out: dict[str, Any] = {"location": location, "ingest_s": ingest, "docs_per_s": args.docs / ingest,
-                               "tokens_per_s": tokens / ingest, "modes": {}}
+        out: dict[str, Any] = {
+            "location": location,
+            "ingest_s": ingest,
+            "docs_per_s": args.docs / ingest,
+            "tokens_per_s": tokens / ingest,
+            "modes": {},
+        }
         print(f"[engines.py] {name}: ingest {out['docs_per_s']:.0f} docs/s ({ingest:.1f} s)", flush=True)
         for i in range(min(args.warmup, len(qemb))):
             col.search_batch(["q"], mode="all", query_embeddings=qemb[i])
@@ -86,8 +91,13 @@ def run_engine(name: str, location: str, model: Path, args, qemb) -> dict[str, A
                 col.search_batch(["q"], mode=mode, query_embeddings=qemb[i])
                 times.append((time.perf_counter() - t) * 1000)
             out["modes"][mode] = {"p50_ms": _pct(times, 50), "p95_ms": _pct(times, 95)}
-            print(f"    {mode:14s} p50 {out['modes'][mode]['p50_ms']:9.1f} ms   p95 {out['modes'][mode]['p95_ms']:9.1f} ms", flush=True)
-        out["top10_all"] = [[h.id for h in hits] for hits in col.search_batch(["q"] * len(qemb), mode="all", query_embeddings=qemb)]
+            print(
+                f"    {mode:14s} p50 {out['modes'][mode]['p50_ms']:9.1f} ms   p95 {out['modes'][mode]['p95_ms']:9.1f} ms",
+                flush=True,
+            )
+        out["top10_all"] = [
+            [h.id for h in hits] for hits in col.search_batch(["q"] * len(qemb), mode="all", query_embeddings=qemb)
+        ]
     finally:
         col.close()
     return out
@@ -101,8 +111,12 @@ def run(args) -> dict[str, Any]:
     from m3search.plan import DEFAULT_CANDIDATES
 
     res: dict[str, Any] = {
-        "docs": args.docs, "queries": len(qemb), "engines": {}, "candidates": DEFAULT_CANDIDATES,
-        "started": _dt.datetime.now().astimezone().isoformat(timespec="minutes"), "loadavg_start": list(os.getloadavg()),
+        "docs": args.docs,
+        "queries": len(qemb),
+        "engines": {},
+        "candidates": DEFAULT_CANDIDATES,
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+        "loadavg_start": list(os.getloadavg()),
     }
     for name in args.engines:
         folder = work / name
@@ -139,10 +153,18 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     for name, e in engines.items():
         cells = [f"{e['modes'][m]['p50_ms']:.1f}" for m in MODES]
         overlap = e.get("top10_overlap_with_edge")
-        lines.append(f"| {name} | {e['docs_per_s']:.0f} | " + " | ".join(cells) + f" | {'' if overlap is None else f'{overlap:.3f}'} |")
+        lines.append(
+            f"| {name} | {e['docs_per_s']:.0f} | "
+            + " | ".join(cells)
+            + f" | {'' if overlap is None else f'{overlap:.3f}'} |"
+        )
     lines += [
         "",
-        "p95 ms: " + "; ".join(f"{n}: " + ", ".join(f"{m} {e['modes'][m]['p95_ms']:.0f}" for m in MODES) for n, e in engines.items()) + ".",
+        "p95 ms: "
+        + "; ".join(
+            f"{n}: " + ", ".join(f"{m} {e['modes'][m]['p95_ms']:.0f}" for m in MODES) for n, e in engines.items()
+        )
+        + ".",
         "",
         "qdrant-local is qdrant-client's local mode standing in for a Qdrant server (none can be installed here). "
         "It returns stored vectors as Python lists, so re-ranking the candidate union (up to 400 documents of ~136 "

@@ -68,7 +68,6 @@ import scipy.sparse as sp
 REPO = Path(__file__).resolve().parents[1]
 from results import publish, run_or_replay  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-
 DIM = 1024
 VOCAB = 250_002  # bge-m3's vocabulary (ids 0-3 are special and never weighted)
 ZIPF_S = 1.1
@@ -143,7 +142,9 @@ class SyntheticCorpus:
         rng = np.random.default_rng([seed, 0, start])
         self.seed, self.start = seed, start
         self.dense = _normalize(rng.standard_normal((n, DIM), dtype=np.float32))
-        self.sparse = sparse_rows(rng, Zipf(np.random.default_rng([seed, 9])), rng.integers(DOC_TERMS[0], DOC_TERMS[1] + 1, n))
+        self.sparse = sparse_rows(
+            rng, Zipf(np.random.default_rng([seed, 9])), rng.integers(DOC_TERMS[0], DOC_TERMS[1] + 1, n)
+        )
         self.lengths = rng.integers(DOC_TOKENS[0], DOC_TOKENS[1] + 1, n)
         self.colbert_offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         # Shape-only stand-in (no memory): Collection checks that ColBERT output is present.
@@ -159,7 +160,9 @@ class SyntheticCorpus:
         idx = np.arange(len(self))[key]
         col = np.concatenate([doc_tokens(self.seed, self.start + int(i), int(self.lengths[i])) for i in idx])
         lens = self.lengths[idx]
-        out = self._M3(self.dense[idx], self.sparse[idx], col, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), lens + 1)
+        out = self._M3(
+            self.dense[idx], self.sparse[idx], col, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), lens + 1
+        )
         self.gen_s += time.perf_counter() - t
         return out
 
@@ -189,7 +192,9 @@ def planted_queries(corpus: SyntheticCorpus, n: int, seed: int):
     for j, i in enumerate(src):
         d = doc_tokens(corpus.seed, corpus.start + int(i), int(corpus.lengths[i]))
         half = lens[j] // 2
-        copied = d[rng.integers(0, len(d), half)] + 0.3 / np.sqrt(DIM) * rng.standard_normal((half, DIM), dtype=np.float32)
+        copied = d[rng.integers(0, len(d), half)] + 0.3 / np.sqrt(DIM) * rng.standard_normal(
+            (half, DIM), dtype=np.float32
+        )
         toks.append(_normalize(np.concatenate([copied, rng.standard_normal((lens[j] - half, DIM), dtype=np.float32)])))
     offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return M3Embeddings(dense, sparse, np.concatenate(toks), offs, lens + 1), corpus.start + src
@@ -204,8 +209,13 @@ def build_model(folder: Path) -> Path:
 
     if not (folder / "config.json").is_file():
         build_random_model(
-            folder, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=16, intermediate_size=64,
-            vocab_size=VOCAB, tokenizer_vocab=2000,
+            folder,
+            hidden_size=DIM,
+            num_hidden_layers=1,
+            num_attention_heads=16,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            tokenizer_vocab=2000,
         )
     return folder
 
@@ -247,7 +257,9 @@ def disk_read_mb_s(folder: Path, mib: int = 512) -> float:
     (about one document's ColBERT vectors, 136 x 2 KiB)."""
     f = folder / "disk-probe.bin"
     try:
-        subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mib}", "oflag=direct"], check=True, capture_output=True)
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mib}", "oflag=direct"], check=True, capture_output=True
+        )
         t = time.perf_counter()
         subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=256k", "iflag=direct"], check=True, capture_output=True)
         return mib * 2**20 / (time.perf_counter() - t) / 1e6
@@ -265,7 +277,9 @@ def native_request(qe, qv, c: int, k: int):
     if len(qv.sparse_indices):
         vec = qe.SparseVector(qv.sparse_indices.tolist(), qv.sparse_values.tolist())
         pre.append(qe.Prefetch(limit=c, query=qe.Query.Nearest(vec, using="sparse")))
-    return qe.QueryRequest(limit=k, prefetches=pre, query=qe.Query.Nearest(qv.colbert, using="colbert"), with_payload=True)
+    return qe.QueryRequest(
+        limit=k, prefetches=pre, query=qe.Query.Nearest(qv.colbert, using="colbert"), with_payload=True
+    )
 
 
 def _ratios(o: dict) -> str:
@@ -299,7 +313,10 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
             col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])
             times.append((time.perf_counter() - t) * 1000)
         out["modes"][mode] = {"p50_ms": _pct(times, 50), "p95_ms": _pct(times, 95), "mean_ms": float(np.mean(times))}
-        print(f"    {mode:14s} p50 {out['modes'][mode]['p50_ms']:8.1f} ms   p95 {out['modes'][mode]['p95_ms']:8.1f} ms", flush=True)
+        print(
+            f"    {mode:14s} p50 {out['modes'][mode]['p50_ms']:8.1f} ms   p95 {out['modes'][mode]['p95_ms']:8.1f} ms",
+            flush=True,
+        )
     shard = col.engine.shard
     names = ["ours_all", "ours_colbert", "native"]
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -322,29 +339,44 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
                     res[name] = [p.payload["id"] for p in shard.query(native_request(qe, qv, c, 10))]
                 else:
                     mode = name.split("_")[1]
-                    res[name] = [h.id for h in col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])[0]]
+                    res[name] = [
+                        h.id for h in col.search_batch(["q"], mode=mode, candidates=c, query_embeddings=per_query[i])[0]
+                    ]
                 times[name].append((time.perf_counter() - t) * 1000)
                 cpu[name].append((time.process_time() - t_cpu) * 1000)
         rec_all.append(len(set(res["ours_all"]) & set(res["native"])) / 10)
         rec_colbert.append(len(set(res["ours_colbert"]) & set(res["native"])) / 10)
         native_at_1.append(res["native"][:1] == [f"d{src[i]}"])
     for name in names:
-        out[name] = {"p50_ms": _pct(times[name], 50), "p95_ms": _pct(times[name], 95), "mean_ms": float(np.mean(times[name])),
-                     "cpu_mean_ms": float(np.mean(cpu[name]))}
+        out[name] = {
+            "p50_ms": _pct(times[name], 50),
+            "p95_ms": _pct(times[name], 95),
+            "mean_ms": float(np.mean(times[name])),
+            "cpu_mean_ms": float(np.mean(cpu[name])),
+        }
     for name in ("ours_all", "ours_colbert"):
         out[name]["ratio_cpu_mean"] = out[name]["cpu_mean_ms"] / out["native"]["cpu_mean_ms"]
         out[name]["ratio_p50"] = out[name]["p50_ms"] / out["native"]["p50_ms"]
         out[name]["ratio_mean"] = out[name]["mean_ms"] / out["native"]["mean_ms"]
         # Paired: each query against itself (query costs vary 3x with their token counts).
-        per_q = np.asarray(times[name]).reshape(nq, rounds).mean(1) / np.asarray(times["native"]).reshape(nq, rounds).mean(1)
+        per_q = np.asarray(times[name]).reshape(nq, rounds).mean(1) / np.asarray(times["native"]).reshape(
+            nq, rounds
+        ).mean(1)
         out[name]["ratio_paired_median"] = float(np.median(per_q))
     out["rounds"] = rounds
     out["ours_all"]["native_recall_at_10"] = float(np.mean(rec_all))
     out["ours_colbert"]["native_recall_at_10"] = float(np.mean(rec_colbert))
     out["native"]["planted_at_1"] = float(np.mean(native_at_1))
-    out["first_touch"] = {"p50_ms": _pct(first_touch, 50), "p95_ms": _pct(first_touch, 95), "mean_ms": float(np.mean(first_touch))}
-    print(f"    first touch (native, untimed in the comparison) p50 {out['first_touch']['p50_ms']:.1f} ms "
-          f"p95 {out['first_touch']['p95_ms']:.1f} ms", flush=True)
+    out["first_touch"] = {
+        "p50_ms": _pct(first_touch, 50),
+        "p95_ms": _pct(first_touch, 95),
+        "mean_ms": float(np.mean(first_touch)),
+    }
+    print(
+        f"    first touch (native, untimed in the comparison) p50 {out['first_touch']['p50_ms']:.1f} ms "
+        f"p95 {out['first_touch']['p95_ms']:.1f} ms",
+        flush=True,
+    )
     for name in ("ours_all", "ours_colbert"):
         o = out[name]
         print(
@@ -382,7 +414,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     engine.optimize = timed_optimize  # Collection.add calls it once at its end
     c = args.candidates or col.settings["candidates"]
-    results: dict[str, Any] = {"candidates": c, "stages": [], "started": _dt.datetime.now().astimezone().isoformat(timespec="minutes")}
+    results: dict[str, Any] = {
+        "candidates": c,
+        "stages": [],
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+    }
     if args.idle:
         results["idle"] = True
     deadline = time.monotonic() + args.deadline_min * 60
@@ -391,7 +427,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for size in sorted(args.sizes):
         todo = size - n_done
         if rate is not None and time.monotonic() + todo / rate > deadline:
-            print(f"[search.py] stopping before {size}: ~{todo / rate / 60:.0f} min of ingest left exceeds the deadline", flush=True)
+            print(
+                f"[search.py] stopping before {size}: ~{todo / rate / 60:.0f} min of ingest left exceeds the deadline",
+                flush=True,
+            )
             results["stopped_before"] = size
             break
         corpus = SyntheticCorpus(args.seed, n_done, todo)
@@ -469,11 +508,19 @@ def remeasure(args: argparse.Namespace) -> dict[str, Any]:
         n = col.count()
     finally:
         col.close()
-    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
-    res.setdefault("remeasured", []).append({
-        "documents": n, "latency": latency, "started": started, "commit": commit[:120],
-        "loadavg": list(os.getloadavg()), "argv": sys.argv[1:],
-    })
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+    ).stdout.strip()
+    res.setdefault("remeasured", []).append(
+        {
+            "documents": n,
+            "latency": latency,
+            "started": started,
+            "commit": commit[:120],
+            "loadavg": list(os.getloadavg()),
+            "argv": sys.argv[1:],
+        }
+    )
     Path(args.json).write_text(json.dumps(res, indent=2))
     return res
 
@@ -523,7 +570,11 @@ def extrapolate(res: dict[str, Any], target: int, ram_bytes: int, reserve: int) 
     def slope(mode: str) -> float:
         if b["documents"] == a["documents"]:
             return 0.0
-        return max(0.0, (b["latency"]["modes"][mode]["p50_ms"] - a["latency"]["modes"][mode]["p50_ms"]) / (b["documents"] - a["documents"]))
+        return max(
+            0.0,
+            (b["latency"]["modes"][mode]["p50_ms"] - a["latency"]["modes"][mode]["p50_ms"])
+            / (b["documents"] - a["documents"]),
+        )
 
     grow = (slope("dense") + slope("sparse")) * (target - b["documents"])
     cap = capacity(b, ram_bytes, reserve, res["disk_total_bytes"])
@@ -554,11 +605,15 @@ def _load_note(res: dict[str, Any]) -> str:
     (whoever runs it knows whether other jobs shared the machine) records that none did.
     """
     if res.get("idle"):
-        return ("no other job ran on the machine during this run: load above 1 is the benchmark's own ingest, "
-                "optimize and two-thread Qdrant searches.")
+        return (
+            "no other job ran on the machine during this run: load above 1 is the benchmark's own ingest, "
+            "optimize and two-thread Qdrant searches."
+        )
     if max(s["loadavg"][0] for s in res["stages"]) >= 2.0:
-        return ("the cores may have been shared with other jobs, so absolute times can be inflated by contention "
-                "(treat them as upper bounds; ratios measured in the same run are fairer than absolute numbers).")
+        return (
+            "the cores may have been shared with other jobs, so absolute times can be inflated by contention "
+            "(treat them as upper bounds; ratios measured in the same run are fairer than absolute numbers)."
+        )
     return "no other job competed for the 2 cores (ratios measured in the same run are still the fairest comparison)."
 
 
@@ -567,86 +622,128 @@ def report(res: dict[str, Any], argv: list[str]) -> str:
     lscpu = subprocess.run("lscpu | head -20", shell=True, capture_output=True, text=True).stdout
     cpu = [ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith(("Model name", "CPU(s)"))]
     load = " / ".join(f"{s['documents']:,} docs: `{' '.join(f'{x:.1f}' for x in s['loadavg'])}`" for s in res["stages"])
-    lines.append(f"Run {res['started']} to {res['finished']} on {cpu[1]} ({cpu[0]} CPUs), {_mem_gib():.0f} GiB RAM, "
-                 f"no GPU. Load average (1/5/15 min) when each size was measured: {load} — {_load_note(res)}")
-    lines.append(f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/search.py', *argv])}`. "
-                 f"Synthetic bge-m3 shapes (1024-d; sparse 60-150 Zipf terms of 250k; 16-256 ColBERT tokens), "
-                 f"default collection settings (float16 ColBERT on disk), k=10, candidates={res['candidates']}, "
-                 "one query per call, no encoding."
-                 + (f" Raw numbers: `{res['raw_file']}` (this section is rebuilt from it with `--report-from`)."
-                    if res.get("raw_file") else "") + "\n")
+    lines.append(
+        f"Run {res['started']} to {res['finished']} on {cpu[1]} ({cpu[0]} CPUs), {_mem_gib():.0f} GiB RAM, "
+        f"no GPU. Load average (1/5/15 min) when each size was measured: {load} — {_load_note(res)}"
+    )
+    lines.append(
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/search.py', *argv])}`. "
+        f"Synthetic bge-m3 shapes (1024-d; sparse 60-150 Zipf terms of 250k; 16-256 ColBERT tokens), "
+        f"default collection settings (float16 ColBERT on disk), k=10, candidates={res['candidates']}, "
+        "one query per call, no encoding."
+        + (
+            f" Raw numbers: `{res['raw_file']}` (this section is rebuilt from it with `--report-from`)."
+            if res.get("raw_file")
+            else ""
+        )
+        + "\n"
+    )
     lines.append("Ingest (through `Collection.add` with precomputed embeddings, 128 docs per atomic write):\n")
     lines.append("| documents (stage) | docs/s writing | optimize s | docs/s incl. optimize |")
     lines.append("|---|---|---|---|")
     for s in res["stages"]:
-        lines.append(f"| {s['documents'] - s['added']:,} -> {s['documents']:,} | {s['docs_per_s_write']:.0f} | "
-                     f"{s['optimize_s']:.0f} | {s['docs_per_s_incl_optimize']:.0f} |")
+        lines.append(
+            f"| {s['documents'] - s['added']:,} -> {s['documents']:,} | {s['docs_per_s_write']:.0f} | "
+            f"{s['optimize_s']:.0f} | {s['docs_per_s_incl_optimize']:.0f} |"
+        )
     lines.append("\nLatency per query (ms):\n")
     head = "| mode | " + " | ".join(f"{s['documents']:,} p50 | {s['documents']:,} p95" for s in res["stages"]) + " |"
     lines.append(head)
     lines.append("|---" * (1 + 2 * len(res["stages"])) + "|")
     for m in MODES:
-        cells = " | ".join(f"{s['latency']['modes'][m]['p50_ms']:.1f} | {s['latency']['modes'][m]['p95_ms']:.1f}" for s in res["stages"])
+        cells = " | ".join(
+            f"{s['latency']['modes'][m]['p50_ms']:.1f} | {s['latency']['modes'][m]['p95_ms']:.1f}"
+            for s in res["stages"]
+        )
         lines.append(f"| {m} | {cells} |")
-    lines.append("\nEach mode is a separate pass of the same queries, minutes apart: "
-                 "where other jobs share the cores (see the load averages), differences of a few tens of percent between "
-                 "modes or sizes can be contention, not the code "
-                 "(the per-query comparison below interleaves its three contenders to cancel that).")
-    lines.append("\nOurs vs Qdrant Edge's native hybrid query (ONE request: prefetch dense top-C + sparse top-C, "
-                 "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query "
-                 "(rows with N rounds: each query timed N times per contender, rotating who goes first). "
-                 "`all` = exact dense, sparse and ColBERT scores of every candidate + weighted fusion (the target: "
-                 "<= 1.2x native); `colbert` = our mode with the native query's ranking function. In braces: mean CPU "
-                 "time of the process per query (every thread, Qdrant's included), ours / native: the cost itself, "
-                 "which contention from other jobs inflates far less than wall time:\n")
-    lines.append("| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native: p50 (mean) [per-query median] {CPU time} | "
-                 "ours `colbert` p50 / p95 ms | `colbert` / native: p50 (mean) [per-query median] {CPU time} | native recall@10 vs `all` / vs `colbert` | "
-                 "planted doc at rank 1: native / `all` |")
+    lines.append(
+        "\nEach mode is a separate pass of the same queries, minutes apart: "
+        "where other jobs share the cores (see the load averages), differences of a few tens of percent between "
+        "modes or sizes can be contention, not the code "
+        "(the per-query comparison below interleaves its three contenders to cancel that)."
+    )
+    lines.append(
+        "\nOurs vs Qdrant Edge's native hybrid query (ONE request: prefetch dense top-C + sparse top-C, "
+        "MaxSim re-rank on `colbert`, payload returned), same data, same run, the three rotating per query "
+        "(rows with N rounds: each query timed N times per contender, rotating who goes first). "
+        "`all` = exact dense, sparse and ColBERT scores of every candidate + weighted fusion (the target: "
+        "<= 1.2x native); `colbert` = our mode with the native query's ranking function. In braces: mean CPU "
+        "time of the process per query (every thread, Qdrant's included), ours / native: the cost itself, "
+        "which contention from other jobs inflates far less than wall time:\n"
+    )
+    lines.append(
+        "| documents | native p50 / p95 ms | ours `all` p50 / p95 ms | `all` / native: p50 (mean) [per-query median] {CPU time} | "
+        "ours `colbert` p50 / p95 ms | `colbert` / native: p50 (mean) [per-query median] {CPU time} | native recall@10 vs `all` / vs `colbert` | "
+        "planted doc at rank 1: native / `all` |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     for s in res["stages"]:
         L = s["latency"]
         a, cb, nv = L["ours_all"], L["ours_colbert"], L["native"]
-        lines.append(f"| {s['documents']:,}{_rounds(L)} | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | {a['p50_ms']:.1f} / {a['p95_ms']:.1f} | "
-                     f"{_ratios(a)} | {cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | "
-                     f"{_ratios(cb)} | {a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | "
-                     f"{nv['planted_at_1']:.2f} / {s['planted_doc_at_1']:.2f} |")
+        lines.append(
+            f"| {s['documents']:,}{_rounds(L)} | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | {a['p50_ms']:.1f} / {a['p95_ms']:.1f} | "
+            f"{_ratios(a)} | {cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | "
+            f"{_ratios(cb)} | {a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | "
+            f"{nv['planted_at_1']:.2f} / {s['planted_doc_at_1']:.2f} |"
+        )
     for r in res.get("remeasured", []):
         L = r["latency"]
         a, cb, nv = L["ours_all"], L["ours_colbert"], L["native"]
-        lines.append(f"| {r['documents']:,}, re-measured{' (fresh)' if r.get('source') else ''}{_rounds(L)} {r['started']} at `{r['commit'][:7]}` (load "
-                     f"`{' '.join(f'{x:.1f}' for x in r['loadavg'])}`) | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | "
-                     f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} | {_ratios(a)} | "
-                     f"{cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | {_ratios(cb)} | "
-                     f"{a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | {nv['planted_at_1']:.2f} / - |")
+        lines.append(
+            f"| {r['documents']:,}, re-measured{' (fresh)' if r.get('source') else ''}{_rounds(L)} {r['started']} at `{r['commit'][:7]}` (load "
+            f"`{' '.join(f'{x:.1f}' for x in r['loadavg'])}`) | {nv['p50_ms']:.1f} / {nv['p95_ms']:.1f} | "
+            f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} | {_ratios(a)} | "
+            f"{cb['p50_ms']:.1f} / {cb['p95_ms']:.1f} | {_ratios(cb)} | "
+            f"{a['native_recall_at_10']:.3f} / {cb['native_recall_at_10']:.3f} | {nv['planted_at_1']:.2f} / - |"
+        )
     if res.get("remeasured"):
         fresh = sorted({r["source"] for r in res["remeasured"] if r.get("source")})
-        lines.append("\nRe-measured rows: the same queries, latency only, with the code of the named commit; the "
-                     "per-mode table above is from the original run. On the kept collection (`--remeasure`)"
-                     + (", or, where a row says so, on a fresh collection of the same seeded data: " + "; ".join(fresh)
-                        if fresh else "") + ".")
-    touched = [(r["documents"], r["latency"]["first_touch"]) for r in res["stages"] + res.get("remeasured", [])
-               if "first_touch" in r["latency"]]
+        lines.append(
+            "\nRe-measured rows: the same queries, latency only, with the code of the named commit; the "
+            "per-mode table above is from the original run. On the kept collection (`--remeasure`)"
+            + (
+                ", or, where a row says so, on a fresh collection of the same seeded data: " + "; ".join(fresh)
+                if fresh
+                else ""
+            )
+            + "."
+        )
+    touched = [
+        (r["documents"], r["latency"]["first_touch"])
+        for r in res["stages"] + res.get("remeasured", [])
+        if "first_touch" in r["latency"]
+    ]
     if touched:
-        lines.append("\nIn rows with a first-touch time, each query's timed runs follow one untimed native run "
-                     "that pulls the candidates' ColBERT pages into the page cache (all three read the same pages), so "
-                     "the ratio compares compute; rows without one (older runs) had no such warm-up, and whichever "
-                     "contender ran first paid the disk reads, which at 100,000 documents made the ratio swing. That "
-                     "first touch: " + "; ".join(f"{n:,} docs p50 {ft['p50_ms']:.0f} ms, p95 {ft['p95_ms']:.0f} ms"
-                                                for n, ft in touched)
-                     + " — it is paid once per query by whichever runs first, so cold, the ratio tends to 1.")
-    lines.append("\nOn synthetic vectors only the planted document is a real match; ranks 2-10 are near-ties of random "
-                 "vectors, so recall@10 between two different ranking functions (`all` vs MaxSim alone) is low by "
-                 "construction; against our `colbert` mode (same function, same candidates) it checks equivalence.")
+        lines.append(
+            "\nIn rows with a first-touch time, each query's timed runs follow one untimed native run "
+            "that pulls the candidates' ColBERT pages into the page cache (all three read the same pages), so "
+            "the ratio compares compute; rows without one (older runs) had no such warm-up, and whichever "
+            "contender ran first paid the disk reads, which at 100,000 documents made the ratio swing. That "
+            "first touch: "
+            + "; ".join(f"{n:,} docs p50 {ft['p50_ms']:.0f} ms, p95 {ft['p95_ms']:.0f} ms" for n, ft in touched)
+            + " — it is paid once per query by whichever runs first, so cold, the ratio tends to 1."
+        )
+    lines.append(
+        "\nOn synthetic vectors only the planted document is a real match; ranks 2-10 are near-ties of random "
+        "vectors, so recall@10 between two different ranking functions (`all` vs MaxSim alone) is low by "
+        "construction; against our `colbert` mode (same function, same candidates) it checks equivalence."
+    )
     for note in res.get("notes", []):  # observations made beside the script while it ran (who, how: in the note)
         lines.append("\n" + note)
     last = res["stages"][-1]
     n = last["documents"]
-    lines.append(f"\nBytes per document at {n:,} documents (allocated size of the engine's files / documents; "
-                 f"mean {last['tokens_added'] / last['added']:.0f} ColBERT tokens per document):\n")
+    lines.append(
+        f"\nBytes per document at {n:,} documents (allocated size of the engine's files / documents; "
+        f"mean {last['tokens_added'] / last['added']:.0f} ColBERT tokens per document):\n"
+    )
     lines.append("| component | bytes/doc | where it lives |")
     lines.append("|---|---|---|")
     for k, v in last["bytes"].items():
-        where = "disk (mmap, read per candidate)" if k.startswith("ColBERT") else ("disk" if k in ("write-ahead log", "total (folder)") else "RAM (Cached) / mmap")
+        where = (
+            "disk (mmap, read per candidate)"
+            if k.startswith("ColBERT")
+            else ("disk" if k in ("write-ahead log", "total (folder)") else "RAM (Cached) / mmap")
+        )
         lines.append(f"| {k} | {v / n:,.0f} | {where} |")
     cap = capacity(last, int(_mem_gib() * 2**30), 4 * 2**30, res["disk_total_bytes"])
     cap_free = res["disk_free_bytes"] / cap["disk_bytes_per_doc"] + n
@@ -680,22 +777,32 @@ TITLE = "Search (`benchmarks/search.py`)"
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000], help="corpus sizes (checkpoints of one growing collection)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000], help="corpus sizes (checkpoints of one growing collection)"
+    )
     ap.add_argument("--queries", type=int, default=100, help="queries per mode and size")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each contender per query in the ours-vs-native comparison")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="timed runs of each contender per query in the ours-vs-native comparison"
+    )
     ap.add_argument("--candidates", type=int, default=None, help="default: the collection's (plan.DEFAULT_CANDIDATES)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline-min", type=float, default=30.0, help="skip a stage whose ingest would end after this")
     ap.add_argument("--workdir", default=None, help="folder for the model and collection (default: a new temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the collection folder")
-    ap.add_argument("--idle", action="store_true",
-                    help="declare that no other job shares the machine during the run (worded so in the report)")
+    ap.add_argument(
+        "--idle",
+        action="store_true",
+        help="declare that no other job shares the machine during the run (worded so in the report)",
+    )
     ap.add_argument("--json", default=None, help="also write raw results here")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     ap.add_argument("--report-from", default=None, help="rebuild the report from a --json file instead of running")
-    ap.add_argument("--remeasure", action="store_true",
-                    help="latency only, on the collection a --keep run left in --workdir; appended to its --json")
+    ap.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="latency only, on the collection a --keep run left in --workdir; appended to its --json",
+    )
     args = ap.parse_args(argv)
     if args.remeasure:
         if not (args.workdir and args.json):

@@ -70,7 +70,10 @@ def run_reference(request: dict[str, Any], *, python: Path | None = None, timeou
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         proc = subprocess.run(
             [str(python), str(Path(__file__).resolve()), str(req), str(out)],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"FlagEmbedding reference failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -83,7 +86,7 @@ def run_reference(request: dict[str, Any], *, python: Path | None = None, timeou
 def lexical_dicts(result: dict[str, Any]) -> list[dict[int, float]]:
     """Rebuild FlagEmbedding's per-text lexical weights as ``{token_id: weight}`` dicts."""
     o, ids, vals = result["lex_offsets"], result["lex_ids"], result["lex_values"]
-    return [dict(zip(ids[o[i]:o[i + 1]].tolist(), vals[o[i]:o[i + 1]].tolist())) for i in range(len(o) - 1)]
+    return [dict(zip(ids[o[i] : o[i + 1]].tolist(), vals[o[i] : o[i + 1]].tolist())) for i in range(len(o) - 1)]
 
 
 def mixed_texts(data: Path) -> list[str]:
@@ -93,6 +96,7 @@ def mixed_texts(data: Path) -> list[str]:
     short queries, three long concatenations (past 512 tokens, so truncation is
     compared too; one mixes all six scripts) and an empty string.
     """
+
     def docs(path: Path, n: int) -> list[str]:
         with path.open(encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh]

@@ -161,8 +161,23 @@ def test_explain_and_filters_from_csv(tmp_path, tiny_model_path):
     assert sum(ex["contributions"].values()) == pytest.approx(res["hits"][0]["score"], abs=1e-5)
     assert any(t["token"].strip() for t in ex["matched_tokens"])
     # rrf with explicit weights and candidates
-    res = one_json(cli("search", "pump", "-c", str(coll), "--fusion", "rrf", "--weights", "1,1,0",
-                       "--candidates", "50", "--mode", "dense+sparse", "--json"))
+    res = one_json(
+        cli(
+            "search",
+            "pump",
+            "-c",
+            str(coll),
+            "--fusion",
+            "rrf",
+            "--weights",
+            "1,1,0",
+            "--candidates",
+            "50",
+            "--mode",
+            "dense+sparse",
+            "--json",
+        )
+    )
     assert len(res["hits"]) == 3
 
 
@@ -175,7 +190,9 @@ def test_folder_source_ids_are_paths(tmp_path, tiny_model_path):
     coll = tmp_path / "coll"
     out = one_json(cli("index", str(docs), "-c", str(coll), "-m", str(tiny_model_path), "--json"))
     assert out["count"] == 2
-    hits = one_json(cli("search", "Install the package with pip.", "-c", str(coll), "--mode", "sparse", "--json"))["hits"]
+    hits = one_json(cli("search", "Install the package with pip.", "-c", str(coll), "--mode", "sparse", "--json"))[
+        "hits"
+    ]
     assert hits[0]["id"] == "guides/install.txt"
     assert {h["id"] for h in hits} <= {"guides/install.txt", "readme.md"}
 
@@ -185,7 +202,9 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
     src = tmp_path / "long.jsonl"
     lines = [json.dumps({"id": str(i), "text": "hypersonic flow " * (2000 if i % 2 else 3)}) for i in range(5)]
     src.write_text("\n".join(lines) + "\n")
-    proc = cli("index", str(src), "-c", str(tmp_path / "coll"), "-m", str(tiny_model_path), "--batch-size", "2", "--json")
+    proc = cli(
+        "index", str(src), "-c", str(tmp_path / "coll"), "-m", str(tiny_model_path), "--batch-size", "2", "--json"
+    )
     assert one_json(proc)["count"] == 5
     warned = [ln for ln in proc.stderr.splitlines() if "exceeded max_length" in ln]
     assert warned == ["Warning: 2 of 5 documents exceeded max_length=512 tokens; only their first tokens are indexed"]
@@ -208,13 +227,20 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
         (["eval", "<empty>", "-m", "<model>"], 1, "not a BEIR folder"),
     ],
 )
-def test_errors_are_one_line_without_traceback(args, code, message, indexed, tmp_path, tiny_model_path,
-                                               tiny_alt_model_path):
+def test_errors_are_one_line_without_traceback(
+    args, code, message, indexed, tmp_path, tiny_model_path, tiny_alt_model_path
+):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"_id": "1", "text": "a"}\n{"_id": \n')
     (tmp_path / "empty").mkdir()
-    fill = {"<missing>": tmp_path / "none", "<coll>": indexed, "<empty>": tmp_path / "empty", "<bad_jsonl>": bad,
-            "<other_model>": tiny_alt_model_path, "<model>": tiny_model_path}
+    fill = {
+        "<missing>": tmp_path / "none",
+        "<coll>": indexed,
+        "<empty>": tmp_path / "empty",
+        "<bad_jsonl>": bad,
+        "<other_model>": tiny_alt_model_path,
+        "<model>": tiny_model_path,
+    }
     for key, value in fill.items():
         args = [a.replace(key, str(value)) for a in args]
     proc = cli(*args, check=False)
@@ -266,11 +292,17 @@ def test_collection_in_use_by_another_process(indexed, corpus):
         holder.wait(10)
 
 
-def _start_server(args: list[str], coll: Path, env: dict | None = None, timeout: float = 120) -> tuple[subprocess.Popen, dict]:
+def _start_server(
+    args: list[str], coll: Path, env: dict | None = None, timeout: float = 120
+) -> tuple[subprocess.Popen, dict]:
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     log = open(coll.parent / "server.log", "w")
-    proc = subprocess.Popen(cmd + ["serve", "-c", str(coll), "--port", "0", "--log-level", "warning", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd + ["serve", "-c", str(coll), "--port", "0", "--log-level", "warning", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.monotonic() + timeout
     import httpx
 
@@ -307,7 +339,9 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
         env = {"M3SEARCH_API_KEY": "s3cret"}
         query = "heat transfer in laminar flow"
         order, score = _dense_oracle(tiny_encoder, corpus_texts, query)
-        hits = one_json(cli("search", query, "-c", str(indexed), "--mode", "dense", "-k", "3", "--json", env=env))["hits"]
+        hits = one_json(cli("search", query, "-c", str(indexed), "--mode", "dense", "-k", "3", "--json", env=env))[
+            "hits"
+        ]
         assert [h["id"] for h in hits] == order[:3]
         assert hits[0]["score"] == pytest.approx(score[order[0]], abs=1e-4)
         info = one_json(cli("info", "-c", str(indexed), "--json", env=env))
@@ -316,7 +350,10 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
         src.write_text('{"_id": "extra-1", "text": "a note on hypersonic heat transfer", "year": 2024}\n')
         out = one_json(cli("index", str(src), "-c", str(indexed), "--json", env=env))
         assert out["count"] == N_DOCS + 1 and "server" in out["via"]
-        assert one_json(cli("delete", "extra-1", "-c", str(indexed), "--json", env=env)) == {"deleted": ["extra-1"], "missing": []}
+        assert one_json(cli("delete", "extra-1", "-c", str(indexed), "--json", env=env)) == {
+            "deleted": ["extra-1"],
+            "missing": [],
+        }
         # wrong key: the server's 401 message comes through
         p = cli("info", "-c", str(indexed), env={"M3SEARCH_API_KEY": "nope"}, check=False)
         assert p.returncode == 1 and "wrong API key" in p.stderr

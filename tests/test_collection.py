@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from m3search import Collection, Hit
-from m3search.engines.base import MODES
 from m3search.collection import CollectionExistsError, CollectionInUseError, CollectionNotFoundError, ModelMismatchError
+from m3search.engines.base import MODES
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -24,7 +24,9 @@ TEXTS = [
     "",
 ]
 IDS = [f"d{i}" for i in range(len(TEXTS))]
-META = [{"lang": "de" if i == 2 else "en", "n": i, "topic": "aero" if i in (3, 4) else "misc"} for i in range(len(TEXTS))]
+META = [
+    {"lang": "de" if i == 2 else "en", "n": i, "topic": "aero" if i in (3, 4) else "misc"} for i in range(len(TEXTS))
+]
 
 
 @pytest.fixture
@@ -170,7 +172,9 @@ def test_explain(col):
     assert [t["product"] for t in toks] == sorted((t["product"] for t in toks), reverse=True)
     assert set(ex["found_by"]) <= {"dense", "sparse"} and ex["found_by"]
     rrf = col.search("brown fox river", k=2, fusion="rrf", explain=True)[0].explain
-    assert sum(rrf["contributions"].values()) == pytest.approx(col.search("brown fox river", k=1, fusion="rrf")[0].score)
+    assert sum(rrf["contributions"].values()) == pytest.approx(
+        col.search("brown fox river", k=1, fusion="rrf")[0].score
+    )
 
 
 @pytest.mark.parametrize(

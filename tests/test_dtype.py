@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from flag_reference import mixed_texts
 
 MIN_COSINE = 0.999
@@ -37,9 +36,15 @@ def _bf16_vs_fp32(path, texts, max_length, record_property, label):
     colbert = np.einsum("ij,ij->i", a.colbert, b.colbert)
     # not asserted: how far the lexical weights move (they are not unit vectors)
     lex = np.abs((a.sparse - b.sparse).toarray()).max()
-    stats = {"dense_min": float(dense.min()), "dense_mean": float(dense.mean()),
-             "colbert_min": float(colbert.min()), "colbert_mean": float(colbert.mean()),
-             "lexical_max_abs_diff": float(lex), "texts": len(texts), "tokens": int(len(colbert))}
+    stats = {
+        "dense_min": float(dense.min()),
+        "dense_mean": float(dense.mean()),
+        "colbert_min": float(colbert.min()),
+        "colbert_mean": float(colbert.mean()),
+        "lexical_max_abs_diff": float(lex),
+        "texts": len(texts),
+        "tokens": int(len(colbert)),
+    }
     print(f"\n[{label}] bf16 vs fp32 cosine: " + json.dumps({k: round(v, 6) for k, v in stats.items()}))
     for k, v in stats.items():
         record_property(f"{label}_{k}", v)
@@ -80,8 +85,7 @@ def test_max_length_capped_at_position_table(model, request):
     if model == "tiny":
         enc = request.getfixturevalue("tiny_encoder")
     else:
-        enc = M3Encoder.from_pretrained(str(request.getfixturevalue("proxy_model_path")), device="cpu",
-                                        dtype="float32")
+        enc = M3Encoder.from_pretrained(str(request.getfixturevalue("proxy_model_path")), device="cpu", dtype="float32")
     assert enc.max_length == 512
     texts = ["the boundary layer " * 1500, "the boundary layer " * 300, "short"]
     with pytest.warns(TruncationWarning, match=r"\b2 of 3 input.*max_length=512"):
@@ -116,7 +120,7 @@ def test_bad_max_length_raises(tiny_encoder):
 
 
 def test_empty_string_is_valid(tiny_encoder):
-    """"" encodes as <s> </s>: one ColBERT vector (</s>), no lexical weights, a unit dense vector.
+    """ "" encodes as <s> </s>: one ColBERT vector (</s>), no lexical weights, a unit dense vector.
     Equality with FlagEmbedding's output: ``test_parity.py::test_empty_string_parity``."""
     emb = tiny_encoder.encode(["", "a short sentence", ""])
     assert emb.n_tokens[[0, 2]].tolist() == [2, 2]

@@ -60,8 +60,18 @@ def pool(tiny_encoder, tmp_path_factory):
     emb = tiny_encoder.encode(texts)
     f = tmp_path_factory.mktemp("pool") / "pool.npz"
     s = emb.sparse
-    np.savez(f, texts=json.dumps(texts), dense=emb.dense, sp_data=s.data, sp_indices=s.indices, sp_indptr=s.indptr,
-             sp_shape=np.array(s.shape), colbert=emb.colbert, offsets=emb.colbert_offsets, n_tokens=emb.n_tokens)
+    np.savez(
+        f,
+        texts=json.dumps(texts),
+        dense=emb.dense,
+        sp_data=s.data,
+        sp_indices=s.indices,
+        sp_indptr=s.indptr,
+        sp_shape=np.array(s.shape),
+        colbert=emb.colbert,
+        offsets=emb.colbert_offsets,
+        n_tokens=emb.n_tokens,
+    )
     return texts, emb, f
 
 
@@ -84,7 +94,9 @@ def _check(path, texts, emb, acknowledged: set[int]) -> int:
             r = rows[0]
             # k = everything: the pool's texts repeat every POOL // BATCH batches, so after ~130 batches
             # more than 2 x BATCH stored documents tie at score 1.0 with this one.
-            hits = col.search_batch(["q"], k=col.count(), mode="dense", query_embeddings=emb[np.array([r])], exact=True)[0]
+            hits = col.search_batch(
+                ["q"], k=col.count(), mode="dense", query_embeddings=emb[np.array([r])], exact=True
+            )[0]
             mine = {h.id: h.score for h in hits}
             assert mine[f"b{b}-0"] == pytest.approx(hits[0].score, abs=1e-5)  # its own vector: a top score
             hits = col.search_batch(["q"], k=col.count(), mode="sparse", query_embeddings=emb[np.array([r])])[0]
@@ -104,7 +116,9 @@ def _kill_rounds(path, encoder, pool, rounds: int) -> None:
     for _ in range(rounds):
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(path), str(pool_file), str(start), str(BATCH)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         line = child.stdout.readline()
         assert line.strip() == "ready", child.stderr.read()

@@ -52,8 +52,14 @@ def test_shapes_and_offsets(tiny_encoder, embedded):
 def test_batching_restores_input_order(tiny_encoder, embedded):
     """Length-sorted, budget-limited batches must give each text what it gets alone."""
     small_budget = M3Encoder(
-        tiny_encoder.model, tiny_encoder.colbert_linear, tiny_encoder.sparse_linear, tiny_encoder.tokenizer,
-        folder=tiny_encoder.folder, name_or_path="x", device=tiny_encoder.device, dtype=tiny_encoder.dtype,
+        tiny_encoder.model,
+        tiny_encoder.colbert_linear,
+        tiny_encoder.sparse_linear,
+        tiny_encoder.tokenizer,
+        folder=tiny_encoder.folder,
+        name_or_path="x",
+        device=tiny_encoder.device,
+        dtype=tiny_encoder.dtype,
         token_budget=64,
     )
     assert len(small_budget.plan_batches(embedded.n_tokens)) > 2
@@ -105,7 +111,10 @@ def test_subsets_by_slice_equal_fancy_indexing(embedded, key):
     got = embedded[key]
     assert np.array_equal(got.n_tokens, embedded.n_tokens[want_rows])
     assert np.array_equal(got.dense, embedded.dense[want_rows])
-    assert (got.sparse != embedded.sparse[want_rows]).nnz == 0 and got.sparse.shape == (len(want_rows), embedded.sparse.shape[1])
+    assert (got.sparse != embedded.sparse[want_rows]).nnz == 0 and got.sparse.shape == (
+        len(want_rows),
+        embedded.sparse.shape[1],
+    )
     assert len(got.colbert_vecs) == len(want_rows)
     for a, r in zip(got.colbert_vecs, want_rows):
         assert np.array_equal(a, embedded.colbert_vecs[r])
@@ -133,11 +142,17 @@ def test_scoring_matches_brute_force(embedded):
     assert np.allclose(cb, brute, atol=1e-6)
     # row-wise variants agree with the diagonal of the full matrices
     p = embedded[[1, 3, 5]]
-    assert np.allclose(pair_dense_scores(q.dense[[0, 1, 1]], p.dense), np.diag(dense_scores(q.dense[[0, 1, 1]], p.dense)))
-    assert np.allclose(pair_lexical_scores(q.sparse[[0, 1, 1]], p.sparse), np.diag(lexical_scores(q.sparse[[0, 1, 1]], p.sparse)))
+    assert np.allclose(
+        pair_dense_scores(q.dense[[0, 1, 1]], p.dense), np.diag(dense_scores(q.dense[[0, 1, 1]], p.dense))
+    )
+    assert np.allclose(
+        pair_lexical_scores(q.sparse[[0, 1, 1]], p.sparse), np.diag(lexical_scores(q.sparse[[0, 1, 1]], p.sparse))
+    )
     qq = q[[0, 1, 1]]
     full = colbert_scores(qq.colbert, qq.colbert_offsets, p.colbert, p.colbert_offsets)
-    assert np.allclose(pair_colbert_scores(qq.colbert, qq.colbert_offsets, p.colbert, p.colbert_offsets), np.diag(full), atol=1e-6)
+    assert np.allclose(
+        pair_colbert_scores(qq.colbert, qq.colbert_offsets, p.colbert, p.colbert_offsets), np.diag(full), atol=1e-6
+    )
 
 
 def test_compute_score_keys_and_weights(tiny_encoder):
@@ -169,7 +184,9 @@ def test_truncation_warns_with_count(tiny_encoder):
     assert out.truncated == 2
 
 
-@pytest.mark.parametrize("bad,exc", [(None, TypeError), ([], ValueError), (["a", 3], TypeError), (b"x", TypeError), (5, TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc", [(None, TypeError), ([], ValueError), (["a", 3], TypeError), (b"x", TypeError), (5, TypeError)]
+)
 def test_bad_texts(tiny_encoder, bad, exc):
     with pytest.raises(exc):
         tiny_encoder.encode(bad)

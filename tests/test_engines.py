@@ -109,7 +109,9 @@ def corpus(tiny_encoder):
     oracle = {
         "dense": dense_scores(qemb.dense, emb.dense).astype(np.float64),
         "sparse": lexical_scores(qemb.sparse, emb.sparse).astype(np.float64),
-        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(np.float64),
+        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(
+            np.float64
+        ),
     }
     assert emb.sparse[N_DOCS - 6].nnz == 0 and emb.sparse[N_DOCS - 5].nnz == 0  # the empty documents
     return texts, ids, meta, emb, queries, qemb, oracle
@@ -171,14 +173,18 @@ def check_ranking(got_ids, fused, ids, want, tie_tol=1e-6):
     assert len(got) == len(want), (len(got), len(want))
     for r, (g, e) in enumerate(zip(got, want)):
         if g != e:
-            assert abs(fused[g] - fused[e]) <= tie_tol, f"rank {r}: got {ids[g]!r} ({fused[g]:.6f}), want {ids[e]!r} ({fused[e]:.6f})"
+            assert abs(fused[g] - fused[e]) <= tie_tol, (
+                f"rank {r}: got {ids[g]!r} ({fused[g]:.6f}), want {ids[e]!r} ({fused[e]:.6f})"
+            )
 
 
 # -------------------------------------------------------------------- exactness
 # Engines differ in their first-stage lists (``dense``, ``sparse``) and in candidate
 # scoring (every hit of every mode carries all three scores, checked below); the other
 # modes only recombine those in the collection, so they run in the heavy suite.
-EXACT_MODES = ["dense", "sparse", "all"] + [pytest.param(m, marks=pytest.mark.heavy) for m in ALL_MODES if m not in ("dense", "sparse", "all")]
+EXACT_MODES = ["dense", "sparse", "all"] + [
+    pytest.param(m, marks=pytest.mark.heavy) for m in ALL_MODES if m not in ("dense", "sparse", "all")
+]
 
 
 @pytest.mark.parametrize("mode", EXACT_MODES)
@@ -204,7 +210,8 @@ def test_every_mode_equals_oracle(cols, corpus, engine, mode):
 _FAST = [("all", "weighted"), ("all", "rrf")]
 CASES = _FAST + [
     pytest.param(m, f, marks=pytest.mark.heavy)
-    for m, f in [(m, "weighted") for m in ALL_MODES] + [("all", "dbsf"), ("dense+sparse", "rrf"), ("dense+sparse", "dbsf")]
+    for m, f in [(m, "weighted") for m in ALL_MODES]
+    + [("all", "dbsf"), ("dense+sparse", "rrf"), ("dense+sparse", "dbsf")]
     if (m, f) not in _FAST
 ]
 
@@ -217,7 +224,9 @@ def test_engines_return_same_hits(cols, corpus, mode, fusion):
     results = {}
     for engine in ENGINES:
         needs(engine)
-        results[engine] = cols[engine].search_batch(queries, k=K, mode=mode, fusion=fusion, candidates=60, query_embeddings=qemb)
+        results[engine] = cols[engine].search_batch(
+            queries, k=K, mode=mode, fusion=fusion, candidates=60, query_embeddings=qemb
+        )
     ref = results["qdrant-edge"]
     for engine in ENGINES[1:]:
         for qi, (a, b) in enumerate(zip(ref, results[engine])):
@@ -246,7 +255,9 @@ def test_stored_records_round_trip(cols, corpus):
             np.testing.assert_allclose(rec.dense, emb.dense[j], atol=1e-7)
             row = emb.sparse[j]
             np.testing.assert_array_equal(np.sort(rec.sparse[0]), np.sort(row.indices))
-            np.testing.assert_allclose(rec.sparse[1][np.argsort(rec.sparse[0])], row.data[np.argsort(row.indices)], atol=1e-7)
+            np.testing.assert_allclose(
+                rec.sparse[1][np.argsort(rec.sparse[0])], row.data[np.argsort(row.indices)], atol=1e-7
+            )
             o = emb.colbert_offsets
             np.testing.assert_allclose(rec.colbert, emb.colbert[o[j] : o[j + 1]], atol=1e-7)
         seen = {}
@@ -312,8 +323,9 @@ def test_filters_follow_reference_semantics(request, cols, corpus, engine, spec)
     assert col.count(spec) == int(allowed.sum())
     k = 8
     # dense+sparse: the filter acts in both candidate queries (ColBERT reads add nothing here)
-    hits = col.search_batch(queries[:2], k=k, mode="dense+sparse", filter=spec, candidates=len(texts), exact=True,
-                            query_embeddings=qemb[:2])
+    hits = col.search_batch(
+        queries[:2], k=k, mode="dense+sparse", filter=spec, candidates=len(texts), exact=True, query_embeddings=qemb[:2]
+    )
     for qi, h in enumerate(hits):
         fused = fused_oracle(oracle, qi, "dense+sparse", "weighted", ids)
         check_ranking([x.id for x in h], fused, ids, expected(fused, ids, k, allowed=allowed))
@@ -331,8 +343,14 @@ def test_milvus_filter_expressions():
     pytest.importorskip("pymilvus")
     from m3search.engines.milvus import to_milvus_expr
 
-    assert to_milvus_expr(parse_filter({"a.b": "x\"y"})) == '(meta["a"]["b"] == "x\\"y" or json_contains(meta["a"]["b"], "x\\"y"))'
-    assert to_milvus_expr(parse_filter({"not": {"n": {"gt": 1, "lte": 2}}})) == '(kinds["n"] != "n" or meta["n"] <= 1 or meta["n"] > 2)'
+    assert (
+        to_milvus_expr(parse_filter({"a.b": 'x"y'}))
+        == '(meta["a"]["b"] == "x\\"y" or json_contains(meta["a"]["b"], "x\\"y"))'
+    )
+    assert (
+        to_milvus_expr(parse_filter({"not": {"n": {"gt": 1, "lte": 2}}}))
+        == '(kinds["n"] != "n" or meta["n"] <= 1 or meta["n"] > 2)'
+    )
     assert "not" not in to_milvus_expr(parse_filter({"not": {"and": [{"a": 1}, {"not": {"b": True}}]}}))
     with pytest.raises(ValueError, match="control characters"):
         to_milvus_expr(parse_filter({"a": "line\nbreak"}))
@@ -398,9 +416,13 @@ def test_float16_storage_engines_agree(tmp_path_factory, tiny_encoder, corpus):
         for qi, hits in enumerate(res):
             check_ranking([h.id for h in hits], ref16[qi], ids, expected(ref16[qi], ids, K), tie_tol=TOL)
         worst16[engine] = max(abs(h.scores["colbert"] - ref16[qi, pos[h.id]]) for qi, hs in enumerate(res) for h in hs)
-        worst[engine] = max(abs(h.scores["colbert"] - oracle["colbert"][qi, pos[h.id]]) for qi, hs in enumerate(res) for h in hs)
-    print("\nfloat16 ColBERT storage, largest error vs rounded / fp32 oracle:",
-          {e: f"{worst16[e]:.1e} / {worst[e]:.1e}" for e in worst})
+        worst[engine] = max(
+            abs(h.scores["colbert"] - oracle["colbert"][qi, pos[h.id]]) for qi, hs in enumerate(res) for h in hs
+        )
+    print(
+        "\nfloat16 ColBERT storage, largest error vs rounded / fp32 oracle:",
+        {e: f"{worst16[e]:.1e} / {worst[e]:.1e}" for e in worst},
+    )
     assert max(worst16.values()) <= TOL
     assert max(worst.values()) < 2e-3
 
@@ -428,8 +450,13 @@ def test_qdrant_schema_mismatch_is_a_clear_error(tmp_path, tiny_encoder):
     meta = client.get_collection("col").config.metadata
     client.delete_collection("col")
     client.create_collection(  # same manifest, but a 32-d dense vector and no sparse vector
-        "col", vectors_config={"dense": qm.VectorParams(size=32, distance=qm.Distance.DOT),
-                               "colbert": qm.VectorParams(size=64, distance=qm.Distance.DOT)}, metadata=meta)
+        "col",
+        vectors_config={
+            "dense": qm.VectorParams(size=32, distance=qm.Distance.DOT),
+            "colbert": qm.VectorParams(size=64, distance=qm.Distance.DOT),
+        },
+        metadata=meta,
+    )
     client.close()
     with pytest.raises(ValueError, match="does not match its m3search schema.*'dense' is 32-d.*MaxSim.*sparse"):
         Collection.open(loc)
@@ -441,8 +468,11 @@ def test_qdrant_retries_transient_failures_and_splits_requests(tmp_path, tiny_en
 
     from m3search.engines import qdrant_remote
 
-    col = Collection.create(location("qdrant-local", tmp_path), model=tiny_encoder,
-                            engine_options={"backoff": 0.0, "retries": 2, "max_request_bytes": 40_000})
+    col = Collection.create(
+        location("qdrant-local", tmp_path),
+        model=tiny_encoder,
+        engine_options={"backoff": 0.0, "retries": 2, "max_request_bytes": 40_000},
+    )
     try:
         client = col.engine.client
         real, calls = client.upsert, []
@@ -458,10 +488,16 @@ def test_qdrant_retries_transient_failures_and_splits_requests(tmp_path, tiny_en
         col.add(texts, ids=[str(i) for i in range(30)])
         assert col.count() == 30
         assert len(calls) > 3 and max(calls) < 30  # split into several requests, first one retried twice
-        monkeypatch.setattr(client, "upsert", lambda *a, **kw: (_ for _ in ()).throw(UnexpectedResponse(400, "Bad Request", b"bad", None)))
+        monkeypatch.setattr(
+            client,
+            "upsert",
+            lambda *a, **kw: (_ for _ in ()).throw(UnexpectedResponse(400, "Bad Request", b"bad", None)),
+        )
         with pytest.raises(UnexpectedResponse):  # not transient: raised at once
             col.add(["x"], ids=["x"])
-        monkeypatch.setattr(client, "upsert", lambda *a, **kw: (_ for _ in ()).throw(UnexpectedResponse(503, "Unavailable", b"", None)))
+        monkeypatch.setattr(
+            client, "upsert", lambda *a, **kw: (_ for _ in ()).throw(UnexpectedResponse(503, "Unavailable", b"", None))
+        )
         with pytest.raises(ConnectionError, match="upload failed after 3 attempts"):
             col.add(["x"], ids=["x"])
     finally:
@@ -481,7 +517,9 @@ def test_qdrant_create_passes_shards_and_replicas(tmp_path, tiny_encoder, monkey
         return real(self, name, **kw)
 
     monkeypatch.setattr(QdrantClient, "create_collection", spy)
-    Collection.create(location("qdrant-local", tmp_path), model=tiny_encoder, engine_options={"shards": 3, "replicas": 2}).close()
+    Collection.create(
+        location("qdrant-local", tmp_path), model=tiny_encoder, engine_options={"shards": 3, "replicas": 2}
+    ).close()
     assert seen["shard_number"] == 3 and seen["replication_factor"] == 2
     assert seen["vectors_config"]["colbert"].hnsw_config.m == 0
 

@@ -127,8 +127,9 @@ def cran_subset(tmp_path_factory, shared_data) -> Path:
     rows = [r for r in qrels[1:] if r.split("\t")[1] in keep]
     (out / "qrels" / "test.tsv").write_text("\n".join([qrels[0], *rows]) + "\n", encoding="utf-8")
     qids = {r.split("\t")[0] for r in rows}
-    queries = [ln for ln in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()
-               if json.loads(ln)["_id"] in qids]
+    queries = [
+        ln for ln in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines() if json.loads(ln)["_id"] in qids
+    ]
     (out / "queries.jsonl").write_text("\n".join(queries) + "\n", encoding="utf-8")
     return out
 
@@ -147,8 +148,18 @@ def _check_reports(out: Path, results: dict, modes=MODES) -> None:
 
 def test_eval_cli_outputs_cache_and_dense_oracle(cran_subset, tmp_path, tiny_model_path, tiny_encoder):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["eval", str(cran_subset), "--model", str(tiny_model_path), "--dtype", "float32", "--out", str(out),
-            "--cache-dir", str(cache)]
+    args = [
+        "eval",
+        str(cran_subset),
+        "--model",
+        str(tiny_model_path),
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     first = _cli(*args, "--json")
     results = json.loads(first.stdout)
     results.pop("reports")
@@ -185,8 +196,16 @@ def test_eval_cli_outputs_cache_and_dense_oracle(cran_subset, tmp_path, tiny_mod
 @pytest.mark.heavy
 def test_eval_cli_full_cranfield_tiny(shared_data, tmp_path, tiny_model_path):
     out = tmp_path / "out"
-    proc = _cli("eval", str(shared_data / "cranfield"), "--model", str(tiny_model_path), "--out", str(out),
-                "--cache-dir", str(tmp_path / "cache"))
+    proc = _cli(
+        "eval",
+        str(shared_data / "cranfield"),
+        "--model",
+        str(tiny_model_path),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     results = json.loads((out / "results.json").read_text())
     _check_reports(out, results)
     assert results["n_docs"] == 1400 and results["n_queries"] == 225
@@ -212,8 +231,9 @@ def proxy_cache(tmp_path_factory):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", PROXY_SETS)
-def test_proxy_exhaustive_reproduces_reference_table(name, shared_data, proxy_model_path, proxy_encoder, proxy_cache,
-                                                     tmp_path):
+def test_proxy_exhaustive_reproduces_reference_table(
+    name, shared_data, proxy_model_path, proxy_encoder, proxy_cache, tmp_path
+):
     """candidates >= corpus size: every mode within 0.002 of the README's exhaustive table (nDCG@10, Recall@100)."""
     from m3search.eval import evaluate, write_reports
 

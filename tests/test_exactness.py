@@ -55,7 +55,9 @@ def corpus(tiny_encoder):
     oracle = {
         "dense": dense_scores(qemb.dense, emb.dense).astype(np.float64),
         "sparse": lexical_scores(qemb.sparse, emb.sparse).astype(np.float64),
-        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(np.float64),
+        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(
+            np.float64
+        ),
     }
     return texts, ids, emb, queries, qemb, oracle
 
@@ -116,7 +118,9 @@ def check_ranking(hits, fused, ids, expected, tie_tol: float) -> None:
     assert len(got) == len(expected), (len(got), len(expected))
     for r, (g, e) in enumerate(zip(got, expected)):
         if g != e:
-            assert abs(fused[g] - fused[e]) <= tie_tol, f"rank {r}: got {ids[g]} ({fused[g]:.6f}), want {ids[e]} ({fused[e]:.6f})"
+            assert abs(fused[g] - fused[e]) <= tie_tol, (
+                f"rank {r}: got {ids[g]} ({fused[g]:.6f}), want {ids[e]} ({fused[e]:.6f})"
+            )
 
 
 def test_oracle_scorers_agree_with_compute_score(tiny_encoder, corpus):
@@ -149,8 +153,15 @@ def test_float32_storage_equals_oracle(col32, corpus, mode):
 @pytest.mark.parametrize("mode", ["dense+sparse", "all"])
 def test_rank_fusions_equal_oracle(col32, corpus, mode, fusion):
     texts, ids, emb, queries, qemb, oracle = corpus
-    hits_all = col32.search_batch(queries[:-1], k=K, mode=mode, fusion=fusion, candidates=len(texts), exact=True,
-                                  query_embeddings=qemb[: len(queries) - 1])
+    hits_all = col32.search_batch(
+        queries[:-1],
+        k=K,
+        mode=mode,
+        fusion=fusion,
+        candidates=len(texts),
+        exact=True,
+        query_embeddings=qemb[: len(queries) - 1],
+    )
     for qi, hits in enumerate(hits_all):
         fused = oracle_fused(oracle, qi, mode, fusion, ids)
         # RRF ranks are integers, so its ties are exact; DBSF carries float32 score noise.

@@ -90,7 +90,9 @@ def encode(model_path, corpus: Corpus, dtype: str, timings: dict[str, float]):
     return enc, demb, qemb
 
 
-def exhaustive_colbert(qv: np.ndarray, qo: np.ndarray, dv: np.ndarray, do: np.ndarray, tokens: int = 8192) -> np.ndarray:
+def exhaustive_colbert(
+    qv: np.ndarray, qo: np.ndarray, dv: np.ndarray, do: np.ndarray, tokens: int = 8192
+) -> np.ndarray:
     """``scoring.colbert_scores`` computed in blocks: ~1k query vectors x ~8k document tokens per matmul.
 
     Same maths (max over each document's tokens with ``scoring.segment_max``, mean over
@@ -188,16 +190,23 @@ def default_run(proxy_model_path, corpus, tmp_path_factory):
     scores = oracle_scores(qemb, demb)
     timings["oracle scores"] = time.perf_counter() - t
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    return {"dtype": str(enc.dtype).replace("torch.", ""), "dense": demb.dense, "scores": scores,
-            "results": results, "qids": qids}
+    return {
+        "dtype": str(enc.dtype).replace("torch.", ""),
+        "dense": demb.dense,
+        "scores": scores,
+        "results": results,
+        "qids": qids,
+    }
 
 
 def test_default_settings_match_exhaustive_oracle(corpus, default_run):
     scores, results, qids = default_run["scores"], default_run["results"], default_run["qids"]
     row_of = {q: i for i, q in enumerate(qids)}
     col_of = {d: j for j, d in enumerate(corpus.doc_ids)}
-    lines = [f"\nfidelity at defaults ({default_run['dtype']} encoding, float16 ColBERT storage): "
-             "nDCG@10 engine / oracle, recall@10 vs oracle"]
+    lines = [
+        f"\nfidelity at defaults ({default_run['dtype']} encoding, float16 ColBERT storage): "
+        "nDCG@10 engine / oracle, recall@10 vs oracle"
+    ]
     failures = []
     for mode in MODES:
         s = fuse(scores, mode)
@@ -216,7 +225,9 @@ def test_default_settings_match_exhaustive_oracle(corpus, default_run):
                 got = sum(1 for d in run[q] if eligible[i, col_of[d]] and s[i, col_of[d]] >= tenth)
                 recalls.append(min(got, len(orun[q])) / len(orun[q]))
             recall = float(np.mean(recalls))
-            lines.append(f"  {name:11s} {mode:13s} nDCG@10 {ours:.4f} / {best:.4f} ({ours - best:+.4f})  recall@10 {recall:.4f}")
+            lines.append(
+                f"  {name:11s} {mode:13s} nDCG@10 {ours:.4f} / {best:.4f} ({ours - best:+.4f})  recall@10 {recall:.4f}"
+            )
             if abs(ours - best) > NDCG_TOLERANCE:
                 failures.append(f"{name} {mode}: nDCG@10 {ours:.4f} vs oracle {best:.4f}")
             if mode == "all" and recall < ALL_RECALL_TARGET:
@@ -239,8 +250,10 @@ def test_bf16_against_fp32_encoding(proxy_model_path, corpus, default_run, share
     row_of = {q: i for i, q in enumerate(qids)}
     in_col = {name: np.asarray([c == name for c in corpus.doc_collection]) for name in COLLECTIONS}
     cos = np.sum(dense32 * default_run["dense"], axis=1)
-    lines = [f"\nbf16 ({default_run['dtype']}) vs fp32 encoding, exhaustive oracle nDCG@10 on the combined corpus "
-             f"(fp32 / bf16 / diff); dense cosine fp32·bf16 min {cos.min():.5f}, mean {cos.mean():.6f}"]
+    lines = [
+        f"\nbf16 ({default_run['dtype']}) vs fp32 encoding, exhaustive oracle nDCG@10 on the combined corpus "
+        f"(fp32 / bf16 / diff); dense cosine fp32·bf16 min {cos.min():.5f}, mean {cos.mean():.6f}"
+    ]
     own: dict[str, dict[str, float]] = {}
     for mode in MODES:
         f32, f16 = fuse(s32, mode), fuse(s16, mode)
@@ -255,7 +268,9 @@ def test_bf16_against_fp32_encoding(proxy_model_path, corpus, default_run, share
             # The README's setting: each collection's own documents only, every query, fp32.
             sub = f32[rows][:, in_col[name]]
             ids = [d for d, ok in zip(corpus.doc_ids, in_col[name]) if ok]
-            own.setdefault(name, {})[mode] = ndcg10(dict(zip(corpus.qids[name], oracle_top10(sub, ids, e32[rows][:, in_col[name]]))), qrels)
+            own.setdefault(name, {})[mode] = ndcg10(
+                dict(zip(corpus.qids[name], oracle_top10(sub, ids, e32[rows][:, in_col[name]]))), qrels
+            )
     print("\n".join(lines))
     ref = reference_table(proxy_model_path / "README.md")
     bad = []

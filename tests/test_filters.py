@@ -92,7 +92,11 @@ LANGS = ["en", "de", "fr", "zh"]
 
 
 def random_meta(rng, i):
-    m = {"lang": str(rng.choice(LANGS)), "year": int(rng.integers(1980, 2020)), "score": float(np.round(rng.random(), 2))}
+    m = {
+        "lang": str(rng.choice(LANGS)),
+        "year": int(rng.integers(1980, 2020)),
+        "score": float(np.round(rng.random(), 2)),
+    }
     if rng.random() < 0.5:
         m["tags"] = [str(t) for t in rng.choice(["x", "y", "z"], size=int(rng.integers(1, 3)), replace=False)]
     if rng.random() < 0.3:

@@ -12,7 +12,9 @@ W = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
 
 def test_weighted_is_bge_m3_formula():
     s = {"dense": [0.5, 0.7], "sparse": [0.1, 0.0], "colbert": [0.6, 0.2]}
-    np.testing.assert_allclose(weighted(s, W), [(0.4 * 0.5 + 0.2 * 0.1 + 0.4 * 0.6) / 1.0, (0.4 * 0.7 + 0.4 * 0.2) / 1.0])
+    np.testing.assert_allclose(
+        weighted(s, W), [(0.4 * 0.5 + 0.2 * 0.1 + 0.4 * 0.6) / 1.0, (0.4 * 0.7 + 0.4 * 0.2) / 1.0]
+    )
     # Only the modes present count in the denominator.
     np.testing.assert_allclose(weighted({"dense": [0.5], "sparse": [0.1]}, W), [(0.4 * 0.5 + 0.2 * 0.1) / 0.6])
     with pytest.raises(ValueError, match="sum to 0"):
@@ -52,7 +54,9 @@ def test_dbsf_degenerate_lists():
 
 
 def _scored(models, ids, scores):
-    return [models.ScoredPoint(id=i, version=0, score=float(s)) for i, s in sorted(zip(ids, scores), key=lambda t: -t[1])]
+    return [
+        models.ScoredPoint(id=i, version=0, score=float(s)) for i, s in sorted(zip(ids, scores), key=lambda t: -t[1])
+    ]
 
 
 def test_congruent_with_qdrant_client():

@@ -52,7 +52,9 @@ def identical(before: list, after: list) -> None:
     """The same hits in the same order with the same texts and metadata; scores may differ
     in the last float32 bit because Qdrant Edge's segment layout (write batches, optimizer
     runs) changes its summation order."""
-    assert [[(h[0], h[3], h[4]) for h in hits] for hits in after] == [[(h[0], h[3], h[4]) for h in hits] for hits in before]
+    assert [[(h[0], h[3], h[4]) for h in hits] for hits in after] == [
+        [(h[0], h[3], h[4]) for h in hits] for hits in before
+    ]
     close_to(before, after, tol=1e-6)
 
 
@@ -62,8 +64,14 @@ def stored(col: Collection) -> dict:
     for batch in col.engine.iter_batches(50):
         for i, doc_id in enumerate(batch.ids):
             ind, val = batch.sparse_row(i)
-            out[doc_id] = (batch.texts[i], repr(batch.metadata[i]), batch.dense[i].tobytes(), ind.tobytes(),
-                           val.tobytes(), batch.colbert_rows(i).tobytes())
+            out[doc_id] = (
+                batch.texts[i],
+                repr(batch.metadata[i]),
+                batch.dense[i].tobytes(),
+                ind.tobytes(),
+                val.tobytes(),
+                batch.colbert_rows(i).tobytes(),
+            )
     return out
 
 

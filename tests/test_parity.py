@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flag_reference import SCORE_KEYS, flag_python, lexical_dicts, mixed_texts, run_reference
 
 TOL = 1e-5
@@ -88,8 +87,10 @@ def centered_model_path(tiny_model_path, tmp_path_factory, texts) -> Path:
     tok.enable_truncation(MAX_LENGTH)
     model = AutoModel.from_pretrained(str(path), add_pooling_layer=False).eval()
     with torch.inference_mode():
-        states = [model(input_ids=torch.tensor([e.ids])).last_hidden_state[0, 1:]
-                  for e in tok.encode_batch([t for t in texts if t])]
+        states = [
+            model(input_ids=torch.tensor([e.ids])).last_hidden_state[0, 1:]
+            for e in tok.encode_batch([t for t in texts if t])
+        ]
     mean_h = torch.cat(states).mean(0)
     head = torch.load(path / "colbert_linear.pt", weights_only=True)
     head["bias"] = -(head["weight"] @ mean_h)
@@ -112,11 +113,16 @@ def flag(tiny_model_path, centered_model_path, texts, pairs) -> dict:
     for job in jobs:
         job.setdefault("pairs", pairs)
         job.update(max_query_length=Q_LEN, max_passage_length=P_LEN)
-    centered = {"prefix": "centered_", "model": str(centered_model_path),
-                "scores": [dict(jobs[-1], name="batched")]}
+    centered = {"prefix": "centered_", "model": str(centered_model_path), "scores": [dict(jobs[-1], name="batched")]}
     return run_reference(
-        {"model": str(tiny_model_path), "texts": texts, "batch_size": FLAG_BATCH, "max_length": MAX_LENGTH,
-         "scores": jobs, "also": [centered]},
+        {
+            "model": str(tiny_model_path),
+            "texts": texts,
+            "batch_size": FLAG_BATCH,
+            "max_length": MAX_LENGTH,
+            "scores": jobs,
+            "also": [centered],
+        },
         python=python,
     )
 
@@ -167,12 +173,12 @@ def test_colbert_parity(flag, ours):
 
 
 def test_empty_string_parity(flag, ours, texts):
-    """"" is a valid text (<s> </s>): the same dense vector, one ColBERT vector (</s>), no lexical weights."""
+    """ "" is a valid text (<s> </s>): the same dense vector, one ColBERT vector (</s>), no lexical weights."""
     i = texts.index("")
     assert ours.n_tokens[i] == 2 and len(ours.colbert_vecs[i]) == 1
     o = flag["colbert_offsets"]
     assert o[i + 1] - o[i] == 1
-    assert np.abs(ours.colbert_vecs[i] - flag["colbert"][o[i]:o[i + 1]]).max() <= TOL
+    assert np.abs(ours.colbert_vecs[i] - flag["colbert"][o[i] : o[i + 1]]).max() <= TOL
     assert np.abs(ours.dense[i] - flag["dense"][i]).max() <= TOL
     assert ours.lexical_weights[i] == {} == lexical_dicts(flag)[i]
 
@@ -184,8 +190,9 @@ def _scores(flag: dict, name: str) -> dict[str, np.ndarray]:
 def test_compute_score_parity_unpadded(flag, tiny_encoder, pairs):
     """FlagEmbedding with batch_size=1 pads nothing: every key matches, same weights on both sides."""
     with pytest.warns(UserWarning, match="truncated"):
-        ours = tiny_encoder.compute_score([tuple(p) for p in pairs], weights=WEIGHTS,
-                                          max_query_length=Q_LEN, max_passage_length=P_LEN)
+        ours = tiny_encoder.compute_score(
+            [tuple(p) for p in pairs], weights=WEIGHTS, max_query_length=Q_LEN, max_passage_length=P_LEN
+        )
     ref = _scores(flag, "b1")
     assert set(ours) == set(SCORE_KEYS)
     for key in SCORE_KEYS:
@@ -224,22 +231,25 @@ def test_compute_score_batched_colbert_floor(model, request, pairs):
     if model == "tiny":
         enc = request.getfixturevalue("tiny_encoder")
     else:
-        flag = {k[len("centered_"):]: v for k, v in flag.items() if k.startswith("centered_")}
-        enc = M3Encoder.from_pretrained(str(request.getfixturevalue("centered_model_path")), device="cpu",
-                                        dtype="float32")
+        flag = {k[len("centered_") :]: v for k, v in flag.items() if k.startswith("centered_")}
+        enc = M3Encoder.from_pretrained(
+            str(request.getfixturevalue("centered_model_path")), device="cpu", dtype="float32"
+        )
     qs, ds = [p[0] for p in pairs], [p[1] for p in pairs]
     with pytest.warns(UserWarning, match="truncated"):
         q = enc.encode(qs, max_length=Q_LEN)
         d = enc.encode(ds, max_length=P_LEN)
-        ours = enc.compute_score([tuple(p) for p in pairs], weights=WEIGHTS,
-                                 max_query_length=Q_LEN, max_passage_length=P_LEN)
+        ours = enc.compute_score(
+            [tuple(p) for p in pairs], weights=WEIGHTS, max_query_length=Q_LEN, max_passage_length=P_LEN
+        )
     ref = _scores(flag, "batched")
     for key in ("dense", "sparse", "sparse+dense"):
         assert np.abs(np.asarray(ours[key]) - ref[key]).max() <= TOL, key
 
     n = len(pairs)
-    batch_max = np.array([d.n_tokens[(i // SCORE_BATCH) * SCORE_BATCH:(i // SCORE_BATCH + 1) * SCORE_BATCH].max()
-                          for i in range(n)])
+    batch_max = np.array(
+        [d.n_tokens[(i // SCORE_BATCH) * SCORE_BATCH : (i // SCORE_BATCH + 1) * SCORE_BATCH].max() for i in range(n)]
+    )
     padded = d.n_tokens < batch_max
     exact, floored = np.empty(n), np.empty(n)
     negative = 0
@@ -255,9 +265,11 @@ def test_compute_score_batched_colbert_floor(model, request, pairs):
     assert np.abs(ref["colbert+sparse+dense"] - fused_ref).max() <= TOL
 
     differ = np.abs(np.asarray(ours["colbert"]) - ref["colbert"]) > TOL
-    print(f"\n[{model}] ColBERT, FlagEmbedding batched (batch {SCORE_BATCH}) vs m3search: {differ.sum()} of {n} "
-          f"pairs differ; {padded.sum()} documents padded, {negative} pairs with a negative best match; "
-          f"max |diff| {np.abs(exact - floored).max():.4f}")
+    print(
+        f"\n[{model}] ColBERT, FlagEmbedding batched (batch {SCORE_BATCH}) vs m3search: {differ.sum()} of {n} "
+        f"pairs differ; {padded.sum()} documents padded, {negative} pairs with a negative best match; "
+        f"max |diff| {np.abs(exact - floored).max():.4f}"
+    )
     # Every difference is a padded document whose best real match was negative somewhere.
     assert not (differ & ~padded).any()
     if model == "centered":
@@ -297,7 +309,9 @@ def test_tokenizer_follows_tokenizer_json(tiny_alt_model_path, tiny_model_path, 
     hf_x = AutoTokenizer.from_pretrained(str(tiny_model_path))
     file_x = Tokenizer.from_file(str(tiny_model_path / "tokenizer.json"))
     file_x.enable_truncation(MAX_LENGTH)
-    assert hf_x(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"] == [e.ids for e in file_x.encode_batch(texts)]
+    assert hf_x(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"] == [
+        e.ids for e in file_x.encode_batch(texts)
+    ]
 
 
 @pytest.mark.heavy
@@ -315,9 +329,22 @@ def test_proxy_model_parity(proxy_model_path, shared_data):
         queries = [json.loads(line)["text"] for line in fh][:40]
     pairs = [[q, texts[(7 * i) % len(texts)]] for i, q in enumerate(queries)]
     flag = run_reference(
-        {"model": str(proxy_model_path), "texts": texts, "batch_size": 16, "max_length": MAX_LENGTH,
-         "scores": [dict(name="b1", pairs=pairs, batch_size=1, weights=list(WEIGHTS),
-                         max_query_length=Q_LEN, max_passage_length=P_LEN)]},
+        {
+            "model": str(proxy_model_path),
+            "texts": texts,
+            "batch_size": 16,
+            "max_length": MAX_LENGTH,
+            "scores": [
+                dict(
+                    name="b1",
+                    pairs=pairs,
+                    batch_size=1,
+                    weights=list(WEIGHTS),
+                    max_query_length=Q_LEN,
+                    max_passage_length=P_LEN,
+                )
+            ],
+        },
         python=python,
     )
     enc = M3Encoder.from_pretrained(str(proxy_model_path), device="cpu", dtype="float32")
@@ -330,7 +357,8 @@ def test_proxy_model_parity(proxy_model_path, shared_data):
     for r, g in zip(ref, ours.lexical_weights):
         assert set(g) == {str(k) for k in r}
         assert all(abs(v - g[str(k)]) <= TOL for k, v in r.items())
-    scores = enc.compute_score([tuple(p) for p in pairs], weights=WEIGHTS, max_query_length=Q_LEN,
-                               max_passage_length=P_LEN)
+    scores = enc.compute_score(
+        [tuple(p) for p in pairs], weights=WEIGHTS, max_query_length=Q_LEN, max_passage_length=P_LEN
+    )
     for key in SCORE_KEYS:
         assert np.abs(np.asarray(scores[key]) - flag[f"score_b1_{key}"]).max() <= TOL, key

@@ -30,8 +30,12 @@ def _start(args: list[str], workdir: Path, collection: Path | None = None, timeo
     """Start `python -m m3search serve ... --port 0`; return (process, base url) once /health answers."""
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
-    proc = subprocess.Popen([sys.executable, "-m", "m3search", "serve", "--port", "0", "--log-level", "warning", *args],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m3search", "serve", "--port", "0", "--log-level", "warning", *args],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.monotonic() + timeout
     url = None
     while time.monotonic() < deadline:
@@ -87,8 +91,22 @@ def server(tmp_path_factory, tiny_model_path, docs):
     coll = work / "coll"
     with Collection.create(coll, model=str(tiny_model_path), dtype="float32") as c:
         c.add(docs[1], ids=docs[0], metadata=[{"n": i, "half": "a" if i < N_DOCS // 2 else "b"} for i in range(N_DOCS)])
-    proc, url = _start(["-c", str(coll), "--dtype", "float32", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
-                        "--max-body-mb", str(MAX_BODY_MB)], work, collection=coll)
+    proc, url = _start(
+        [
+            "-c",
+            str(coll),
+            "--dtype",
+            "float32",
+            "--api-key",
+            KEY,
+            "--max-batch",
+            str(MAX_BATCH),
+            "--max-body-mb",
+            str(MAX_BODY_MB),
+        ],
+        work,
+        collection=coll,
+    )
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     try:
         yield client
@@ -108,8 +126,15 @@ def _is_error(r, status: int) -> dict:
 def test_health_open_everything_else_needs_the_key(server):
     bare = httpx.Client(base_url=str(server.base_url), timeout=30)
     assert bare.get("/health").json() == {"status": "ok"}
-    for method, path in [("GET", "/info"), ("POST", "/v1/embeddings"), ("POST", "/embed"), ("POST", "/search"),
-                         ("POST", "/documents"), ("DELETE", "/documents"), ("GET", "/documents/1")]:
+    for method, path in [
+        ("GET", "/info"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/embed"),
+        ("POST", "/search"),
+        ("POST", "/documents"),
+        ("DELETE", "/documents"),
+        ("GET", "/documents/1"),
+    ]:
         err = _is_error(bare.request(method, path, json={}), 401)
         assert err["type"] == "unauthorized"
     _is_error(bare.get("/info", headers={"Authorization": "Bearer wrong"}), 401)
@@ -159,15 +184,17 @@ def test_embed_returns_all_three_outputs(server, tiny_encoder):
         np.testing.assert_allclose(item["sparse"]["values"], row.data, atol=1e-6)
         assert item["sparse"]["tokens"] == tiny_encoder.convert_id_to_token(row.indices.tolist())
         o = ref.colbert_offsets
-        np.testing.assert_allclose(np.array(item["colbert"]), ref.colbert[o[i]:o[i + 1]], atol=1e-6)
+        np.testing.assert_allclose(np.array(item["colbert"]), ref.colbert[o[i] : o[i + 1]], atol=1e-6)
     only = server.post("/embed", json={"input": "x", "dense": False, "sparse": True}).json()["data"][0]
     assert set(only) == {"index", "n_tokens", "sparse"} and "tokens" not in only["sparse"]
     _is_error(server.post("/embed", json={"input": "x", "dense": False, "sparse": False}), 400)
 
 
 def test_documents_lifecycle_and_search(server, tiny_encoder, docs):
-    new = [{"id": "new-1", "text": "Wie funktioniert die Grenzschicht?", "metadata": {"lang": "de", "n": 1000}},
-           {"id": "new/2", "text": "boundary layer control by suction", "metadata": {"lang": "en", "n": 1001}}]
+    new = [
+        {"id": "new-1", "text": "Wie funktioniert die Grenzschicht?", "metadata": {"lang": "de", "n": 1000}},
+        {"id": "new/2", "text": "boundary layer control by suction", "metadata": {"lang": "en", "n": 1001}},
+    ]
     r = server.post("/documents", json={"documents": new})
     assert r.status_code == 200 and r.json() == {"ids": ["new-1", "new/2"], "count": N_DOCS + 2}
     err = _is_error(server.post("/documents", json={"documents": new[:1]}), 409)
@@ -185,16 +212,26 @@ def test_documents_lifecycle_and_search(server, tiny_encoder, docs):
     ids = docs[0] + ["new-1", "new/2"]
     texts = docs[1] + [changed["text"], new[1]["text"]]
     query = "suction control of the boundary layer"
-    s = dense_scores(tiny_encoder.encode([query], sparse=False, colbert=False).dense,
-                     tiny_encoder.encode(texts, sparse=False, colbert=False).dense)[0]
+    s = dense_scores(
+        tiny_encoder.encode([query], sparse=False, colbert=False).dense,
+        tiny_encoder.encode(texts, sparse=False, colbert=False).dense,
+    )[0]
     order = sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
     hits = server.post("/search", json={"query": query, "mode": "dense", "k": 5}).json()["hits"]
     assert [h["id"] for h in hits] == [ids[i] for i in order[:5]]
     np.testing.assert_allclose([h["score"] for h in hits], [s[i] for i in order[:5]], atol=1e-4)
 
     # every Collection.search argument passes through
-    body = {"query": query, "k": 3, "mode": "dense+sparse", "fusion": "rrf", "weights": [1, 1, 0],
-            "candidates": 20, "filter": {"lang": {"in": ["de", "en"]}}, "explain": True}
+    body = {
+        "query": query,
+        "k": 3,
+        "mode": "dense+sparse",
+        "fusion": "rrf",
+        "weights": [1, 1, 0],
+        "candidates": 20,
+        "filter": {"lang": {"in": ["de", "en"]}},
+        "explain": True,
+    }
     hits = server.post("/search", json=body).json()["hits"]
     assert {h["id"] for h in hits} == {"new-1", "new/2"}
     assert hits[0]["explain"]["fusion"] == "rrf" and set(hits[0]["explain"]["contributions"]) == {"dense", "sparse"}
@@ -270,10 +307,30 @@ def _schemathesis(url: str, max_examples: int, phases: str, extra: list[str] = (
     if not st.exists():
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
     return subprocess.run(
-        [str(st), "run", f"{url}/openapi.json", "--checks", "not_a_server_error", "-n", str(max_examples),
-         "--phases", phases, "-H", f"Authorization: Bearer {KEY}", "--no-color", "--seed", "1",
-         "--generation-database", "none", "--request-timeout", "60", *extra],
-        capture_output=True, text=True, timeout=900,
+        [
+            str(st),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            str(max_examples),
+            "--phases",
+            phases,
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--no-color",
+            "--seed",
+            "1",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "60",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -293,8 +350,9 @@ def fuzz_server(tmp_path, tiny_model_path, docs):
     coll = tmp_path / "coll"
     with Collection.create(coll, model=str(tiny_model_path), dtype="float32") as c:
         c.add(docs[1][:20], ids=docs[0][:20])
-    proc, url = _start(["-c", str(coll), "--dtype", "float32", "--api-key", KEY, "--max-batch", "8"], tmp_path,
-                       collection=coll)
+    proc, url = _start(
+        ["-c", str(coll), "--dtype", "float32", "--api-key", KEY, "--max-batch", "8"], tmp_path, collection=coll
+    )
     try:
         yield url
     finally:

@@ -21,8 +21,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import click
 
@@ -84,7 +85,7 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON ({exc.msg} at char {exc.pos}): {text!r}") from None
     if not isinstance(obj, dict):
-        raise click.BadParameter("a filter is a JSON object, e.g. '{\"lang\": \"en\"}'")
+        raise click.BadParameter('a filter is a JSON object, e.g. \'{"lang": "en"}\'')
     return obj
 
 
@@ -201,8 +202,12 @@ class _Local:
         return [hit_to_dict(h) for h in self.collection.search(query, **kwargs)]
 
     def upsert(self, records: Sequence[Any]) -> None:
-        self.collection.upsert([r.text for r in records], ids=[r.id for r in records],
-                               metadata=[r.metadata for r in records], show_progress=False)
+        self.collection.upsert(
+            [r.text for r in records],
+            ids=[r.id for r in records],
+            metadata=[r.metadata for r in records],
+            show_progress=False,
+        )
 
     def delete(self, ids: Sequence[str]) -> dict:
         out = self.collection.delete(list(ids))
@@ -286,12 +291,22 @@ def _truncation_summary() -> Iterator[dict]:
         if not isinstance(w.message, TruncationWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if cut:
-        click.echo(f"Warning: {sum(m.count for m in cut)} of {tally['documents']} documents exceeded max_length={cut[0].max_length} tokens; "
-                   "only their first tokens are indexed", err=True)
+        click.echo(
+            f"Warning: {sum(m.count for m in cut)} of {tally['documents']} documents exceeded max_length={cut[0].max_length} tokens; "
+            "only their first tokens are indexed",
+            err=True,
+        )
 
 
-def _open_target(collection: str, *, model: str | None, api_key: str | None, create: bool = False,
-                 device: str = "auto", dtype: str = "auto"):
+def _open_target(
+    collection: str,
+    *,
+    model: str | None,
+    api_key: str | None,
+    create: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+):
     """This collection's server if one runs, else the collection opened here (created if ``create``)."""
     path = Path(collection)
     record = _server_record(path)
@@ -331,25 +346,48 @@ def _open_target(collection: str, *, model: str | None, api_key: str | None, cre
 
 
 collection_option = click.option(
-    "--collection", "-c", required=True, envvar="M3SEARCH_COLLECTION", show_envvar=True,
-    type=click.Path(file_okay=False), help="Collection folder.",
+    "--collection",
+    "-c",
+    required=True,
+    envvar="M3SEARCH_COLLECTION",
+    show_envvar=True,
+    type=click.Path(file_okay=False),
+    help="Collection folder.",
 )
 model_option = click.option(
-    "--model", "-m", envvar="M3SEARCH_MODEL", show_envvar=True, default=None,
+    "--model",
+    "-m",
+    envvar="M3SEARCH_MODEL",
+    show_envvar=True,
+    default=None,
     help=f"Model name or folder [default: the collection's model; for new ones {DEFAULT_MODEL}].",
 )
 api_key_option = click.option(
-    "--api-key", envvar="M3SEARCH_API_KEY", show_envvar=True, default=None,
+    "--api-key",
+    envvar="M3SEARCH_API_KEY",
+    show_envvar=True,
+    default=None,
     help="API key of a running server (used when the collection is served).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
-    "--dtype", envvar="M3SEARCH_DTYPE", show_envvar=True, default="auto", show_default=True, type=click.Choice(DTYPES),
+    "--dtype",
+    envvar="M3SEARCH_DTYPE",
+    show_envvar=True,
+    default="auto",
+    show_default=True,
+    type=click.Choice(DTYPES),
     help="Encoder dtype (auto: fp16 on CUDA, bf16 on CPUs with bf16 units, else fp32; float32 for exact scores).",
 )
-device_option = click.option("--device", envvar="M3SEARCH_DEVICE", show_envvar=True, default="auto", show_default=True,
-                             help="Encoder device (auto, cpu, cuda, cuda:1, ...).")
+device_option = click.option(
+    "--device",
+    envvar="M3SEARCH_DEVICE",
+    show_envvar=True,
+    default="auto",
+    show_default=True,
+    help="Encoder device (auto, cpu, cuda, cuda:1, ...).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -366,8 +404,12 @@ def main() -> None:
 @collection_option
 @model_option
 @click.option("--id-field", default=None, help="Id field (default: _id or id, else the record number).")
-@click.option("--text-field", "text_fields", multiple=True,
-              help="Text field(s), joined with a space; repeat for several [default: title + text].")
+@click.option(
+    "--text-field",
+    "text_fields",
+    multiple=True,
+    help="Text field(s), joined with a space; repeat for several [default: title + text].",
+)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Documents per write.")
 @dtype_option
 @device_option
@@ -391,8 +433,17 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
                 target.info()
                 batch_size = min(batch_size, int(target.limits.get("max_batch", batch_size)))
             n = 0
-            with tqdm(total=count_records(source), unit="doc", desc="index", file=sys.stderr,
-                      disable=None, dynamic_ncols=True) as bar, _truncation_summary() as tally:
+            with (
+                tqdm(
+                    total=count_records(source),
+                    unit="doc",
+                    desc="index",
+                    file=sys.stderr,
+                    disable=None,
+                    dynamic_ncols=True,
+                ) as bar,
+                _truncation_summary() as tally,
+            ):
                 for batch in iter_batches(records, batch_size):
                     target.upsert(batch)
                     n += len(batch)
@@ -402,8 +453,13 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
         finally:
             target.close()
         seconds = time.perf_counter() - t0
-    result = {"collection": str(collection), "indexed": n, "count": total, "seconds": round(seconds, 3),
-              "via": target.via}
+    result = {
+        "collection": str(collection),
+        "indexed": n,
+        "count": total,
+        "seconds": round(seconds, 3),
+        "via": target.via,
+    }
     if as_json:
         _emit(result)
     else:
@@ -417,25 +473,44 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
 @click.option("--mode", default="all", show_default=True, type=click.Choice(MODES), help="Search mode.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS), help="Fusion method.")
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
-@click.option("--weights", default=None, callback=_parse_weights,
-              help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
-@click.option("--candidates", default=None, type=click.IntRange(1),
-              help="Dense and sparse candidates per query for re-ranking modes [default: the collection's].")
-@click.option("--filter", "filter_", default=None, callback=_parse_filter,
-              help='Metadata filter as JSON (or @file), e.g. \'{"year": {"gte": 2000}}\'.')
+@click.option(
+    "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
+)
+@click.option(
+    "--candidates",
+    default=None,
+    type=click.IntRange(1),
+    help="Dense and sparse candidates per query for re-ranking modes [default: the collection's].",
+)
+@click.option(
+    "--filter",
+    "filter_",
+    default=None,
+    callback=_parse_filter,
+    help='Metadata filter as JSON (or @file), e.g. \'{"year": {"gte": 2000}}\'.',
+)
 @click.option("--explain", is_flag=True, help="Show matched tokens and each mode's contribution.")
 @dtype_option
 @device_option
 @api_key_option
 @json_option
-def search(query, collection, model, mode, fusion, k, weights, candidates, filter_, explain, dtype, device, api_key,
-           as_json):
+def search(
+    query, collection, model, mode, fusion, k, weights, candidates, filter_, explain, dtype, device, api_key, as_json
+):
     """Search the collection for QUERY."""
     with _errors():
         target = _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype)
         try:
-            hits = target.search(query, k=k, mode=mode, fusion=fusion, weights=weights, candidates=candidates,
-                                 filter=filter_, explain=explain)
+            hits = target.search(
+                query,
+                k=k,
+                mode=mode,
+                fusion=fusion,
+                weights=weights,
+                candidates=candidates,
+                filter=filter_,
+                explain=explain,
+            )
         finally:
             target.close()
     if as_json:
@@ -471,7 +546,9 @@ def delete(ids, collection, api_key, as_json):
     if as_json:
         _emit(out)
     else:
-        click.echo(f"deleted {len(out['deleted'])}" + (f"; not found: {', '.join(out['missing'])}" if out["missing"] else ""))
+        click.echo(
+            f"deleted {len(out['deleted'])}" + (f"; not found: {', '.join(out['missing'])}" if out["missing"] else "")
+        )
 
 
 @main.command()
@@ -499,23 +576,42 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
             click.echo(" " * indent + f"{key}:")
             _print_tree(value, indent + 2)
         else:
-            click.echo(" " * indent + f"{key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}")
+            click.echo(
+                " " * indent
+                + f"{key}: {json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}"
+            )
 
 
 @main.command()
-@click.option("--collection", "-c", envvar="M3SEARCH_COLLECTION", show_envvar=True, default=None,
-              type=click.Path(file_okay=False), help="Collection to serve (without one: embeddings only).")
+@click.option(
+    "--collection",
+    "-c",
+    envvar="M3SEARCH_COLLECTION",
+    show_envvar=True,
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Collection to serve (without one: embeddings only).",
+)
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
-@click.option("--api-key", envvar="M3SEARCH_API_KEY", show_envvar=True, default=None,
-              help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health.")
+@click.option(
+    "--api-key",
+    envvar="M3SEARCH_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health.",
+)
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
 @click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(0.001), help="Largest body.")
 @dtype_option
 @device_option
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
 def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype, device, log_level):
     """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     with _errors():
@@ -525,14 +621,23 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
             record = _server_record(Path(collection))
             if record is not None:
                 raise click.ClickException(
-                    f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}")
+                    f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"
+                )
             if not Path(collection).is_dir():
                 raise click.ClickException(f"collection {collection} does not exist (create it with `m3search index`)")
         from .engines.base import CollectionInUseError
-        from .server import Settings, serve as run_server
+        from .server import Settings
+        from .server import serve as run_server
 
-        settings = Settings(collection=collection, model=model, device=device, dtype=dtype, api_key=api_key,
-                            max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)))
+        settings = Settings(
+            collection=collection,
+            model=model,
+            device=device,
+            dtype=dtype,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_body_bytes=int(max_body_mb * (1 << 20)),
+        )
         what = f"collection {collection}" if collection else f"model {model}"
 
         def ready(url: str) -> None:
@@ -549,30 +654,75 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
 @model_option
 @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated modes.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
-@click.option("--weights", default=None, callback=_parse_weights,
-              help="dense,sparse,colbert weights [default: 0.4,0.2,0.4].")
-@click.option("--candidates", default=200, show_default=True, type=click.IntRange(1),
-              help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).")
+@click.option(
+    "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
+)
+@click.option(
+    "--candidates",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).",
+)
 @dtype_option
 @device_option
-@click.option("--queries", "queries_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.")
+@click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
+)
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Report folder [default: ./m3search-eval/<dataset>].")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].")
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Report folder [default: ./m3search-eval/<dataset>].",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
+)
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
 @json_option
-def eval_(data_dir, model, modes, fusion, weights, candidates, dtype, device, queries_dir, k, out_dir, cache_dir,
-          batch_size, as_json):
+def eval_(
+    data_dir,
+    model,
+    modes,
+    fusion,
+    weights,
+    candidates,
+    dtype,
+    device,
+    queries_dir,
+    k,
+    out_dir,
+    cache_dir,
+    batch_size,
+    as_json,
+):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
     with _errors():
         from .eval import evaluate, format_table, write_reports
 
-        results = evaluate(data_dir, model=model, modes=modes, fusion=fusion, weights=weights,
-                           candidates=candidates, dtype=dtype, device=device, queries_dir=queries_dir, k=k,
-                           cache_dir=cache_dir, batch_size=batch_size)
+        results = evaluate(
+            data_dir,
+            model=model,
+            modes=modes,
+            fusion=fusion,
+            weights=weights,
+            candidates=candidates,
+            dtype=dtype,
+            device=device,
+            queries_dir=queries_dir,
+            k=k,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+        )
         if out_dir is None:
             slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))
             out_dir = Path("m3search-eval") / slug
@@ -590,8 +740,13 @@ if (Path(__file__).with_name("migrate.py")).exists():
     @main.command()
     @click.argument("src")
     @click.argument("dst")
-    @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1),
-                  help="Documents per read and per atomic write.")
+    @click.option(
+        "--batch-size",
+        default=256,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Documents per read and per atomic write.",
+    )
     @json_option
     def migrate(src, dst, batch_size, as_json):
         """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).

@@ -27,10 +27,11 @@ import sys
 import threading
 import uuid
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class Collection:
         shards: int | None = None,
         replicas: int | None = None,
         **settings: Any,
-    ) -> "Collection":
+    ) -> Collection:
         """Create an empty collection at ``path`` for ``model`` (default: ``$M3SEARCH_MODEL``).
 
         ``shards`` / ``replicas`` apply to distributed engines (``qdrant://`` locations); the
@@ -260,7 +261,7 @@ class Collection:
         device: str = "auto",
         dtype: str = "auto",
         engine_options: dict | None = None,
-    ) -> "Collection":
+    ) -> Collection:
         """Open an existing collection.
 
         ``model=None`` uses the model recorded in the manifest (its folder, its name, then
@@ -290,7 +291,7 @@ class Collection:
     def close(self) -> None:
         self._engine.close()
 
-    def __enter__(self) -> "Collection":
+    def __enter__(self) -> Collection:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -366,10 +367,19 @@ class Collection:
                 return self._encoder
             rec = self._manifest["model"]
             spec = self._model_spec
-            tries = [spec] if spec is not None else [rec.get("folder"), rec.get("name_or_path"), os.environ.get("M3SEARCH_MODEL")]
+            tries = (
+                [spec]
+                if spec is not None
+                else [rec.get("folder"), rec.get("name_or_path"), os.environ.get("M3SEARCH_MODEL")]
+            )
             errors = []
             for cand in [t for t in dict.fromkeys(tries) if t]:
-                if isinstance(cand, str) and spec is None and not Path(cand).expanduser().is_dir() and cand.count("/") != 1:
+                if (
+                    isinstance(cand, str)
+                    and spec is None
+                    and not Path(cand).expanduser().is_dir()
+                    and cand.count("/") != 1
+                ):
                     errors.append(f"{cand!r}: not found")
                     continue
                 try:
@@ -474,12 +484,18 @@ class Collection:
                     if embeddings is not None:
                         emb = embeddings[start:end]
                     else:
-                        emb = self.encoder.encode(texts[start:end], max_length=self.settings["max_length"],
-                                                  warn_truncation=False)
+                        emb = self.encoder.encode(
+                            texts[start:end], max_length=self.settings["max_length"], warn_truncation=False
+                        )
                         truncated += emb.truncated
                     batch = PointBatch(
-                        ids[start:end], texts[start:end], meta[start:end],
-                        emb.dense, emb.sparse, emb.colbert, emb.colbert_offsets,
+                        ids[start:end],
+                        texts[start:end],
+                        meta[start:end],
+                        emb.dense,
+                        emb.sparse,
+                        emb.colbert,
+                        emb.colbert_offsets,
                     )
                     self._engine.upsert(batch)  # one atomic, durable write per batch
                     if progress is not None:
@@ -495,7 +511,9 @@ class Collection:
                         TruncationWarning(
                             f"{truncated} of {n} document(s) exceeded max_length={limit} tokens; "
                             "only their first tokens are indexed",
-                            truncated, n, limit,
+                            truncated,
+                            n,
+                            limit,
                         ),
                         stacklevel=3,
                     )
@@ -571,8 +589,15 @@ class Collection:
         """
         check_query(query)
         return self.search_batch(
-            [query], k=k, mode=mode, fusion=fusion, weights=weights, candidates=candidates,
-            filter=filter, explain=explain, exact=exact,
+            [query],
+            k=k,
+            mode=mode,
+            fusion=fusion,
+            weights=weights,
+            candidates=candidates,
+            filter=filter,
+            explain=explain,
+            exact=exact,
         )[0]
 
     def search_batch(
@@ -597,8 +622,15 @@ class Collection:
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
         plan = SearchPlan.build(
-            k=k, mode=mode, fusion=fusion, weights=weights, candidates=candidates, filter=filter, explain=explain,
-            default_candidates=self.settings["candidates"], default_weights=self.settings["weights"],
+            k=k,
+            mode=mode,
+            fusion=fusion,
+            weights=weights,
+            candidates=candidates,
+            filter=filter,
+            explain=explain,
+            default_candidates=self.settings["candidates"],
+            default_weights=self.settings["weights"],
         )
         if not queries:
             return []
@@ -610,15 +642,18 @@ class Collection:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
         qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
         if plan.reranks:
-            pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter,
-                                                  exact=exact, colbert="colbert" in plan.modes)
+            pools = self._engine.candidates_batch(
+                emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, exact=exact, colbert="colbert" in plan.modes
+            )
             return [self._finish(plan, qv, pool) for qv, pool in zip(qvs, pools)]
         if plan.modes == ("dense",):
             lists = self._engine.search_dense(emb.dense, plan.k, plan.filter, exact=exact)
         else:
             lists = self._engine.search_sparse(emb.sparse, plan.k, plan.filter, exact=exact)
-        return [self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}))
-                for qv, hits in zip(qvs, lists)]
+        return [
+            self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}))
+            for qv, hits in zip(qvs, lists)
+        ]
 
     def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
         """Score candidates exactly, fuse, take the top k, fill in all scores and payloads."""
@@ -690,8 +725,9 @@ class Collection:
             hits.append(hit)
         return hits
 
-    def _top_by_key(self, fused: np.ndarray, keys: list[Any], k: int,
-                    vectors: bool | list[str]) -> tuple[np.ndarray, list[str], list[Record]]:
+    def _top_by_key(
+        self, fused: np.ndarray, keys: list[Any], k: int, vectors: bool | list[str]
+    ) -> tuple[np.ndarray, list[str], list[Record]]:
         """The k best of a keyed pool, ids read only for them: the records of every candidate
         scoring at least the k-th best score (ties at the cut included, so the "then id"
         order is exact), then ordered by score and id."""
@@ -705,8 +741,9 @@ class Collection:
         best = order(ids, fused[[j for j, _ in live]])[:k]
         return np.array([live[b][0] for b in best]), [ids[b] for b in best], [live[b][1] for b in best]
 
-    def _found_by(self, plan: SearchPlan, qv: QueryVectors, pool: Pool, cand: list[str],
-                  scores: dict[str, np.ndarray]) -> dict[str, set[str]]:
+    def _found_by(
+        self, plan: SearchPlan, qv: QueryVectors, pool: Pool, cand: list[str], scores: dict[str, np.ndarray]
+    ) -> dict[str, set[str]]:
         """Which first-stage list (dense / sparse top-C) held each candidate (for explain).
 
         When the engine gathered the pool in one request it did not say; every member of
@@ -743,7 +780,13 @@ class Collection:
         if raw is not None:  # a piece that decodes to whitespace (e.g. "▁") shows as itself
             tokens = [t if t.strip() else (raw(int(common[i])) or t) for t, i in zip(tokens, idx)]
         return [
-            {"token": tok, "token_id": int(common[i]), "query_weight": float(qw[i]), "doc_weight": float(dw[i]), "product": float(prod[i])}
+            {
+                "token": tok,
+                "token_id": int(common[i]),
+                "query_weight": float(qw[i]),
+                "doc_weight": float(dw[i]),
+                "product": float(prod[i]),
+            }
             for tok, i in zip(tokens, idx)
         ]
 

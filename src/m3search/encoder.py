@@ -24,8 +24,8 @@ import json
 import os
 import threading
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -104,7 +104,7 @@ class M3Embeddings:
             parts.append(f"colbert={self.colbert.shape}")
         return f"M3Embeddings({', '.join(parts)})"
 
-    def __getitem__(self, key) -> "M3Embeddings":
+    def __getitem__(self, key) -> M3Embeddings:
         """Select texts by int, slice, or index array; returns a new M3Embeddings."""
         idx = np.arange(len(self))[key]
         idx = np.atleast_1d(idx).astype(np.int64)
@@ -128,7 +128,7 @@ class M3Embeddings:
             id_to_token=self._id_to_token,
         )
 
-    def _rows(self, a: int, b: int) -> "M3Embeddings":
+    def _rows(self, a: int, b: int) -> M3Embeddings:
         """Rows a..b-1 by slicing (no copies of the fancy-indexing kind; scipy's row indexing
         costs ~0.3 ms, which a per-query search pays)."""
         sparse = None
@@ -188,8 +188,14 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype == "auto":
         if dev.type == "cuda":
             dt = torch.float16
@@ -221,7 +227,9 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         folder = Path(
-            snapshot_download(name, allow_patterns=list(_TOKENIZER_FILES) + list(_HEAD_FILES) + ["config.json", "model.safetensors"])
+            snapshot_download(
+                name, allow_patterns=list(_TOKENIZER_FILES) + list(_HEAD_FILES) + ["config.json", "model.safetensors"]
+            )
         )
         if not (folder / "model.safetensors").is_file():
             folder = Path(snapshot_download(name, allow_patterns=["pytorch_model.bin"]))
@@ -260,8 +268,19 @@ class M3Encoder:
     so one encoder can serve several threads (tokenization is serialized by a lock).
     """
 
-    def __init__(self, model, colbert_linear, sparse_linear, tokenizer, *, folder: Path, name_or_path: str,
-                 device, dtype, token_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        colbert_linear,
+        sparse_linear,
+        tokenizer,
+        *,
+        folder: Path,
+        name_or_path: str,
+        device,
+        dtype,
+        token_budget: int | None = None,
+    ) -> None:
         self.model = model
         self.colbert_linear = colbert_linear
         self.sparse_linear = sparse_linear
@@ -286,8 +305,14 @@ class M3Encoder:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                        *, token_budget: int | None = None) -> "M3Encoder":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        token_budget: int | None = None,
+    ) -> M3Encoder:
         """Load a BGE-M3 checkpoint from a local folder or a Hugging Face Hub id.
 
         ``dtype="auto"`` picks float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16,
@@ -328,7 +353,7 @@ class M3Encoder:
 
         hidden = int(model.config.hidden_size)
         heads = []
-        for name, default_out in (("colbert_linear.pt", hidden), ("sparse_linear.pt", 1)):
+        for name in ("colbert_linear.pt", "sparse_linear.pt"):
             state = torch.load(folder / name, map_location="cpu", weights_only=True)
             if "weight" not in state or state["weight"].ndim != 2 or state["weight"].shape[1] != hidden:
                 raise ModelLoadError(f"{folder / name} is not a Linear({hidden}, n) state dict")
@@ -338,8 +363,17 @@ class M3Encoder:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        return cls(model, heads[0], heads[1], tokenizer, folder=folder, name_or_path=str(name_or_path),
-                   device=dev, dtype=dt, token_budget=token_budget)
+        return cls(
+            model,
+            heads[0],
+            heads[1],
+            tokenizer,
+            folder=folder,
+            name_or_path=str(name_or_path),
+            device=dev,
+            dtype=dt,
+            token_budget=token_budget,
+        )
 
     def _token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
@@ -352,8 +386,10 @@ class M3Encoder:
         return self._identity
 
     def __repr__(self) -> str:
-        return (f"M3Encoder({self.name_or_path!r}, device={self.device.type}, dtype={str(self.dtype).replace('torch.', '')}, "
-                f"hidden={self.hidden_size}, max_length={self.max_length})")
+        return (
+            f"M3Encoder({self.name_or_path!r}, device={self.device.type}, dtype={str(self.dtype).replace('torch.', '')}, "
+            f"hidden={self.hidden_size}, max_length={self.max_length})"
+        )
 
     # ------------------------------------------------------------ tokenization
     def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
@@ -417,7 +453,9 @@ class M3Encoder:
             warnings.warn(
                 TruncationWarning(
                     f"{truncated} of {len(texts)} input(s) exceeded max_length={max_length} tokens and were truncated",
-                    truncated, len(texts), max_length,
+                    truncated,
+                    len(texts),
+                    max_length,
                 ),
                 stacklevel=2,
             )
@@ -463,8 +501,9 @@ class M3Encoder:
             vals = np.concatenate(sp_vals) if sp_vals else np.zeros(0, np.float32)
             sparse_out = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.vocab_size), dtype=np.float32)
             sparse_out.sort_indices()
-        return M3Embeddings(dense_out, sparse_out, col_out, col_offsets, lengths, truncated,
-                            id_to_token=self.convert_id_to_token)
+        return M3Embeddings(
+            dense_out, sparse_out, col_out, col_offsets, lengths, truncated, id_to_token=self.convert_id_to_token
+        )
 
     def _check_max_length(self, max_length: int | None) -> int:
         if max_length is None:

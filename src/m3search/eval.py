@@ -21,9 +21,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
 
@@ -260,8 +261,9 @@ def evaluate(
         encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
     else:
         encoder = model
-    collection, index_info = _cached_index(data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(),
-                                           batch_size=batch_size, progress=progress)
+    collection, index_info = _cached_index(
+        data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(), batch_size=batch_size, progress=progress
+    )
     depth = max(k, RECALL_AT)
     qids = list(data.queries)
     qtexts = [data.queries[q] for q in qids]
@@ -295,7 +297,12 @@ def evaluate(
         for mode in tqdm(modes, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True):
             t0 = time.perf_counter()
             hit_lists = collection.search_batch(
-                qtexts, k=depth, mode=mode, fusion=fusion, weights=weights, candidates=candidates,
+                qtexts,
+                k=depth,
+                mode=mode,
+                fusion=fusion,
+                weights=weights,
+                candidates=candidates,
                 query_embeddings=query_emb,
             )
             seconds = time.perf_counter() - t0
@@ -469,4 +476,3 @@ def reference_table(readme: str | Path) -> dict[str, dict[str, dict[str, float]]
         metric = cells[1].lower()
         table.setdefault(cells[0], {})[metric] = dict(zip(header, values))
     return table
-

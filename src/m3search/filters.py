@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 __all__ = [
     "Eq",
@@ -44,7 +45,7 @@ __all__ = [
     "matches",
 ]
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 FIELD_OPS = ("eq", "in") + RANGE_OPS
@@ -91,10 +92,10 @@ class Or:
 
 @dataclass(frozen=True)
 class Not:
-    item: "Filter"
+    item: Filter
 
 
-Filter = Union[Eq, In, Range, And, Or, Not]
+Filter = Eq | In | Range | And | Or | Not
 _NODES = (Eq, In, Range, And, Or, Not)
 
 

@@ -17,7 +17,7 @@ Ranks and final order break ties by id (ascending), so results are deterministic
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -56,7 +56,9 @@ def weighted(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]
     return np.asarray(out, dtype=np.float64) / total
 
 
-def rrf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str], k: int = RRF_K) -> np.ndarray:
+def rrf(
+    scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str], k: int = RRF_K
+) -> np.ndarray:
     """Weighted reciprocal rank fusion over the candidates: ``Σ w_m / (k + rank_m)``."""
     arrs = _as_arrays(scores)
     n = len(ids)
@@ -86,7 +88,9 @@ def dbsf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) ->
     return out
 
 
-def fuse(method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]) -> np.ndarray:
+def fuse(
+    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]
+) -> np.ndarray:
     """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`)."""
     if method == "weighted":
         return weighted(scores, weights)

@@ -29,14 +29,23 @@ not matter, so FlagEmbedding's ``"colbert+sparse+dense"`` works). Re-ranking mod
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from m3search.engines.base import MODES
 from m3search.filters import Filter, parse_filter
 from m3search.fusion import FUSIONS
 
-__all__ = ["PRESETS", "DEFAULT_WEIGHTS", "DEFAULT_CANDIDATES", "SearchPlan", "parse_mode", "check_weights", "check_query"]
+__all__ = [
+    "PRESETS",
+    "DEFAULT_WEIGHTS",
+    "DEFAULT_CANDIDATES",
+    "SearchPlan",
+    "parse_mode",
+    "check_weights",
+    "check_query",
+]
 
 #: Named modes and what they are for (shown by the CLI).
 PRESETS: dict[str, str] = {
@@ -83,7 +92,9 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}")
     if len(weights) != 3:
-        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}")
+        raise ValueError(
+            f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}"
+        )
     out = []
     for name, w in zip(MODES, weights):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
@@ -133,7 +144,7 @@ class SearchPlan:
         explain: bool = False,
         default_candidates: int = DEFAULT_CANDIDATES,
         default_weights: Sequence[float] = DEFAULT_WEIGHTS,
-    ) -> "SearchPlan":
+    ) -> SearchPlan:
         modes = parse_mode(mode)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")

@@ -52,6 +52,7 @@ log = logging.getLogger("m3search.server")
 MAX_K = 10_000
 MAX_CANDIDATES = 100_000
 from .cli import SERVER_FILE  # noqa: E402  (file beside the collection's lock: where its server listens)
+
 _MB = 1 << 20
 
 
@@ -76,7 +77,7 @@ class Settings:
     max_candidates: int = 100_000
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "Settings":
+    def from_env(cls, **overrides: Any) -> Settings:
         env = os.environ
         values: dict[str, Any] = {
             "collection": env.get("M3SEARCH_COLLECTION") or None,
@@ -147,8 +148,12 @@ class ErrorResponse(BaseModel):
 
 _ERRORS = {
     status: {"model": ErrorResponse, "description": desc}
-    for status, desc in [(400, "Bad value"), (401, "Missing or wrong API key"), (413, "Body or batch too large"),
-                         (422, "Malformed request")]
+    for status, desc in [
+        (400, "Bad value"),
+        (401, "Missing or wrong API key"),
+        (413, "Body or batch too large"),
+        (422, "Malformed request"),
+    ]
 }
 
 
@@ -206,7 +211,9 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
-                return await _send_json(send, 413, error_body("too_large", f"request body exceeds the limit of {limit} bytes"))
+                return await _send_json(
+                    send, 413, error_body("too_large", f"request body exceeds the limit of {limit} bytes")
+                )
         received = 0
 
         async def limited_receive():
@@ -235,8 +242,13 @@ class BodyLimitMiddleware:
 
 async def _send_json(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -256,8 +268,11 @@ def require_api_key(
         return
     given = key or (bearer.credentials if bearer is not None else None)
     if not given or not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-        raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 # ---------------------------------------------------------------------------------------------- resources
@@ -295,8 +310,11 @@ def open_resources(settings: Settings) -> Resources:
     if settings.collection:
         from . import Collection
 
-        return Resources(collection=Collection.open(settings.collection, model=settings.model,
-                                                    device=settings.device, dtype=settings.dtype))
+        return Resources(
+            collection=Collection.open(
+                settings.collection, model=settings.model, device=settings.device, dtype=settings.dtype
+            )
+        )
     from . import M3Encoder
 
     encoder = M3Encoder.from_pretrained(settings.model or "BAAI/bge-m3", device=settings.device, dtype=settings.dtype)
@@ -307,7 +325,7 @@ def load_resources(settings: Settings) -> Resources:
     """:func:`open_resources`, then load the model too, so the first request does not wait for it."""
     res = open_resources(settings)
     try:
-        res.encoder
+        _ = res.encoder  # load the model before serving
     except BaseException:
         res.close()
         raise
@@ -350,7 +368,8 @@ class EmbeddingsRequest(BaseModel):
     input: TextOrTexts = Field(description="A text or a list of texts (token-id arrays are not supported).")
     model: str = Field("bge-m3", description="Accepted whatever it names: this server serves one model.")
     encoding_format: Literal["float", "base64"] = Field(
-        "float", description="`base64`: little-endian float32 bytes, base64-encoded.")
+        "float", description="`base64`: little-endian float32 bytes, base64-encoded."
+    )
     dimensions: int | None = Field(None, description="Must equal the model's size if given (no truncation).")
     user: str | None = None
 
@@ -440,13 +459,19 @@ _MODE_PATTERN = r"^(all|(dense|sparse|colbert)(\+(dense|sparse|colbert)){0,2})$"
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
-    mode: str = Field("all", pattern=_MODE_PATTERN,
-                      description="dense, sparse, colbert, dense+sparse, dense+colbert or all.")
+    mode: str = Field(
+        "all", pattern=_MODE_PATTERN, description="dense, sparse, colbert, dense+sparse, dense+colbert or all."
+    )
     fusion: Literal["weighted", "rrf", "dbsf"] = "weighted"
     weights: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4).")
-    candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
-                                   description="Per first-stage list in re-ranking modes (default: the collection's).")
+        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4)."
+    )
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CANDIDATES,
+        description="Per first-stage list in re-ranking modes (default: the collection's).",
+    )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
 
@@ -548,8 +573,12 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                 "device": str(enc.device),
                 "dtype": str(enc.dtype).replace("torch.", ""),
             },
-            "limits": {"max_batch": settings.max_batch, "max_body_bytes": settings.max_body_bytes,
-                       "max_k": settings.max_k, "max_candidates": settings.max_candidates},
+            "limits": {
+                "max_batch": settings.max_batch,
+                "max_body_bytes": settings.max_body_bytes,
+                "max_k": settings.max_k,
+                "max_candidates": settings.max_candidates,
+            },
             "api_key_required": settings.api_key is not None,
             "uptime_seconds": round(time.time() - res.started, 1),
             "collection": None,
@@ -564,7 +593,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         texts = _texts(body.input, settings)
         enc = res.encoder
         if body.dimensions is not None and body.dimensions != enc.hidden_size:
-            raise HTTPException(400, f"dimensions={body.dimensions} is not supported: this model returns {enc.hidden_size}")
+            raise HTTPException(
+                400, f"dimensions={body.dimensions} is not supported: this model returns {enc.hidden_size}"
+            )
         emb = enc.encode(texts, dense=True, sparse=False, colbert=False)
         dense = emb.dense.astype("<f4", copy=False)
         if body.encoding_format == "base64":
@@ -585,8 +616,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         if not (body.dense or body.sparse or body.colbert):
             raise HTTPException(400, "request at least one of dense, sparse, colbert")
         enc = res.encoder
-        emb = enc.encode(texts, dense=body.dense, sparse=body.sparse, colbert=body.colbert,
-                         max_length=body.max_length or enc.max_length)
+        emb = enc.encode(
+            texts,
+            dense=body.dense,
+            sparse=body.sparse,
+            colbert=body.colbert,
+            max_length=body.max_length or enc.max_length,
+        )
         items = []
         for i in range(len(texts)):
             item = EmbedItem(index=i, n_tokens=int(emb.n_tokens[i]))
@@ -595,18 +631,27 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             if body.sparse:
                 row = emb.sparse[i]
                 ids = row.indices.tolist()
-                item.sparse = SparseVector(indices=ids, values=row.data.tolist(),
-                                           tokens=enc.convert_id_to_token(ids) if body.tokens else None)
+                item.sparse = SparseVector(
+                    indices=ids, values=row.data.tolist(), tokens=enc.convert_id_to_token(ids) if body.tokens else None
+                )
             if body.colbert:
                 o = emb.colbert_offsets
-                item.colbert = emb.colbert[o[i]:o[i + 1]].tolist()
+                item.colbert = emb.colbert[o[i] : o[i + 1]].tolist()
             items.append(item)
         tokens = int(emb.n_tokens.sum())
-        return EmbedResponse(data=items, model=str(enc.name_or_path), usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
-                             truncated=int(emb.truncated))
+        return EmbedResponse(
+            data=items,
+            model=str(enc.name_or_path),
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+            truncated=int(emb.truncated),
+        )
 
-    @api.post("/documents", response_model=DocumentsResponse, tags=["documents"],
-              responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}})
+    @api.post(
+        "/documents",
+        response_model=DocumentsResponse,
+        tags=["documents"],
+        responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}},
+    )
     def add_documents(body: DocumentsRequest, res: CollectionDep, settings: SettingsDep) -> DocumentsResponse:
         """Add documents (409 if an id exists) or, with ``upsert: true``, add or overwrite them."""
         _check_batch(len(body.documents), settings, "documents")
@@ -637,8 +682,12 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             out = res.collection.delete(body.ids)
         return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
 
-    @api.get("/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"],
-             responses={404: {"model": ErrorResponse, "description": "Unknown id"}})
+    @api.get(
+        "/documents/{doc_id:path}",
+        response_model=DocumentOut,
+        tags=["documents"],
+        responses={404: {"model": ErrorResponse, "description": "Unknown id"}},
+    )
     def get_document(doc_id: str, res: CollectionDep) -> DocumentOut:
         """One stored document (text and metadata)."""
         doc = res.collection.get([doc_id])[0]
@@ -654,9 +703,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         if body.candidates is not None and body.candidates > settings.max_candidates:
             raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
         hits = res.collection.search(
-            body.query, k=body.k, mode=body.mode, fusion=body.fusion,
+            body.query,
+            k=body.k,
+            mode=body.mode,
+            fusion=body.fusion,
             weights=tuple(body.weights) if body.weights is not None else None,
-            candidates=body.candidates, filter=body.filter, explain=body.explain,
+            candidates=body.candidates,
+            filter=body.filter,
+            explain=body.explain,
         )
         return SearchResponse(hits=[HitOut(**_finite(hit_to_dict(h))) for h in hits])
 
@@ -693,8 +747,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          on_ready: Any = None) -> None:
+def serve(
+    settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready: Any = None
+) -> None:
     """Bind ``host:port`` (0 = any free port), open the collection, load the model, serve until SIGINT/SIGTERM.
 
     Order matters: the address is recorded in ``<collection>/server.json`` as soon as the
@@ -715,13 +770,19 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_
         resources = open_resources(settings)
         if settings.collection:
             server_file = Path(settings.collection) / SERVER_FILE
-            record = {"pid": os.getpid(), "host": host, "port": actual, "url": url,
-                      "api_key_required": settings.api_key is not None, "started": time.time()}
+            record = {
+                "pid": os.getpid(),
+                "host": host,
+                "port": actual,
+                "url": url,
+                "api_key_required": settings.api_key is not None,
+                "started": time.time(),
+            }
             tmp = server_file.with_name(SERVER_FILE + ".tmp")
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
             os.replace(tmp, server_file)
             resources.server_file = server_file
-        resources.encoder  # load the model now
+        _ = resources.encoder  # load the model now
         if on_ready is not None:
             on_ready(url)
         app = create_app(settings, resources=resources)

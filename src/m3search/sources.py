@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 __all__ = ["Record", "read_source", "read_jsonl", "read_table", "read_folder", "iter_batches", "count_records"]
 

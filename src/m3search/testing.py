@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
@@ -172,8 +173,13 @@ def build_random_model(
     tok.save(str(path / "tokenizer.json"))
     model_max = max_position_embeddings - 2
     special = {
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-        "pad_token": "<pad>", "cls_token": "<s>", "mask_token": MASK_TOKEN,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "cls_token": "<s>",
+        "mask_token": MASK_TOKEN,
     }
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (path / "tokenizer_config.json").write_text(

@@ -62,7 +62,9 @@ def resolve_engine(location: str | os.PathLike) -> type[Engine]:
     scheme = location_scheme(location)
     if scheme not in ENGINES:
         known = ", ".join(f"{s}://" for s in ENGINES if s and not s.startswith("."))
-        raise ValueError(f"unknown collection location scheme {scheme!r} in {os.fspath(location)!r} (known: {known}, or a folder path)")
+        raise ValueError(
+            f"unknown collection location scheme {scheme!r} in {os.fspath(location)!r} (known: {known}, or a folder path)"
+        )
     module_name, cls_name = ENGINES[scheme].split(":")
     try:
         module = importlib.import_module(module_name)

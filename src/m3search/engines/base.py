@@ -40,8 +40,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -140,7 +141,7 @@ class Schema:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Schema":
+    def from_dict(cls, d: Mapping[str, Any]) -> Schema:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -210,7 +211,7 @@ class PointBatch:
         return self.colbert[o[i] : o[i + 1]]
 
     @classmethod
-    def from_records(cls, records: Sequence["Record"], vocab_size: int) -> "PointBatch":
+    def from_records(cls, records: Sequence[Record], vocab_size: int) -> PointBatch:
         """Stack records (with vectors) back into a batch (used by engines' ``iter_batches``)."""
         ids = [r.id for r in records]
         texts = [r.text for r in records]
@@ -221,7 +222,9 @@ class PointBatch:
         lens = [len(r.sparse[0]) for r in records]
         indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         ind = np.concatenate([r.sparse[0] for r in records]).astype(np.int64) if indptr[-1] else np.zeros(0, np.int64)
-        val = np.concatenate([r.sparse[1] for r in records]).astype(np.float32) if indptr[-1] else np.zeros(0, np.float32)
+        val = (
+            np.concatenate([r.sparse[1] for r in records]).astype(np.float32) if indptr[-1] else np.zeros(0, np.float32)
+        )
         sparse = sp.csr_matrix((val, ind, indptr), shape=(len(records), vocab_size))
         offs = np.concatenate([[0], np.cumsum([len(r.colbert) for r in records])]).astype(np.int64)
         colbert = np.concatenate([r.colbert for r in records]).astype(np.float32, copy=False)
@@ -254,7 +257,7 @@ class QueryVectors:
     colbert: np.ndarray | None = None
 
     @classmethod
-    def from_embeddings(cls, emb: Any, i: int = 0) -> "QueryVectors":
+    def from_embeddings(cls, emb: Any, i: int = 0) -> QueryVectors:
         """Row ``i`` of an :class:`m3search.M3Embeddings` (fields that were not computed stay None)."""
         dense = None if emb.dense is None else np.ascontiguousarray(emb.dense[i], dtype=np.float32)
         si = sv = None
@@ -292,7 +295,9 @@ class Pool:
     keys: list[Any] | None = None
 
 
-def score_records(records: Sequence[Record | None], query: QueryVectors, modes: Iterable[str] = MODES) -> dict[str, np.ndarray]:
+def score_records(
+    records: Sequence[Record | None], query: QueryVectors, modes: Iterable[str] = MODES
+) -> dict[str, np.ndarray]:
     """Exact per-mode scores of fetched records (with vectors) for one query; NaN for None records.
 
     The reference semantics of :meth:`Engine.score`, and the fallback for engines that
@@ -338,12 +343,12 @@ class Engine(ABC):
     # --- lifecycle -------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def create(cls, location: str, schema: Schema, **options: Any) -> "Engine":
+    def create(cls, location: str, schema: Schema, **options: Any) -> Engine:
         """Create empty storage at ``location`` (CollectionExistsError if one is there)."""
 
     @classmethod
     @abstractmethod
-    def open(cls, location: str, **options: Any) -> "Engine":
+    def open(cls, location: str, **options: Any) -> Engine:
         """Open existing storage (CollectionNotFoundError if none; CollectionInUseError if locked)."""
 
     @classmethod
@@ -355,7 +360,7 @@ class Engine(ABC):
     def close(self) -> None:
         """Flush and release storage and locks (idempotent)."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 (an optional hook, a no-op by default)
         """Persist everything written so far to the engine's main storage (blocking).
 
         Called by the Collection at the end of an ingest call. Engines that persist on
@@ -370,7 +375,7 @@ class Engine(ABC):
         """
         return False
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -425,9 +430,7 @@ class Engine(ABC):
 
     # --- queries ---------------------------------------------------------------------
     @abstractmethod
-    def search_dense(
-        self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False
-    ) -> list[Hits]:
+    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         """Top-k by dense dot product for each row of ``q`` (float32 ``(nq, d)``).
 
         Returns one ``[(id, score), ...]`` list per query, best first. ``exact=True``
@@ -466,8 +469,13 @@ class Engine(ABC):
         pools = []
         for d, s in zip(dense_lists, sparse_lists):
             ids = list(dict.fromkeys([i for i, _ in d] + [i for i, _ in s]))
-            pools.append(Pool(ids, {"dense": dict(d), "sparse": dict(s)},
-                              found_by={"dense": {i for i, _ in d}, "sparse": {i for i, _ in s}}))
+            pools.append(
+                Pool(
+                    ids,
+                    {"dense": dict(d), "sparse": dict(s)},
+                    found_by={"dense": {i for i, _ in d}, "sparse": {i for i, _ in s}},
+                )
+            )
         return pools
 
     @abstractmethod
@@ -521,7 +529,10 @@ def prefill_known(
 
 
 def scoring_jobs(
-    ids: Sequence[str] | None, query: "QueryVectors", modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None,
+    ids: Sequence[str] | None,
+    query: QueryVectors,
+    modes: Sequence[str],
+    known: Mapping[str, Mapping[str, float]] | None,
     keys: Sequence[Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]], dict[int, Any]]:
     """What an engine that scores candidates where the vectors live (Qdrant) still has to ask.
@@ -556,8 +567,12 @@ def scoring_jobs(
     return out, jobs, uuids
 
 
-def fill_by_uuid(out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], results: Sequence[Sequence[Any]],
-                 uuids: Mapping[int, Any]) -> None:
+def fill_by_uuid(
+    out: dict[str, np.ndarray],
+    jobs: Sequence[tuple[str, Any]],
+    results: Sequence[Sequence[Any]],
+    uuids: Mapping[int, Any],
+) -> None:
     """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions.
 
     ``uuids`` holds strings (derived from ids) or ``uuid.UUID`` objects (Qdrant Edge's pool
@@ -572,7 +587,9 @@ def fill_by_uuid(out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], re
             out[m][at] = [p.score for p in res]
 
 
-def finish_maxsim_scores(out: dict[str, np.ndarray], ids: Sequence[str], query: "QueryVectors", existing) -> dict[str, np.ndarray]:
+def finish_maxsim_scores(
+    out: dict[str, np.ndarray], ids: Sequence[str], query: QueryVectors, existing
+) -> dict[str, np.ndarray]:
     """Turn raw Qdrant candidate scores (NaN = not returned) into M3 scores, in place.
 
     Qdrant's MaxSim sums over query vectors, M3 takes the mean; and a sparse query does

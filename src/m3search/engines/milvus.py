@@ -76,9 +76,10 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -131,7 +132,7 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
     if loc.lower().startswith("milvus://"):
-        rest = loc[len("milvus://"):]
+        rest = loc[len("milvus://") :]
         host, _, name = rest.partition("/")
         name = name.strip("/")
         if not host or not name:
@@ -139,7 +140,9 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
         if ":" not in host:
             host += ":19530"
         if not _NAME.match(name):
-            raise ValueError(f"Milvus collection name {name!r} must be letters, digits and '_' (not starting with a digit)")
+            raise ValueError(
+                f"Milvus collection name {name!r} must be letters, digits and '_' (not starting with a digit)"
+            )
         return f"http://{host}", name, False
     if not loc.endswith(".db"):
         raise ValueError(f"not a Milvus location: {loc!r} (milvus://host:port/name or a .db file)")
@@ -296,8 +299,16 @@ class MilvusEngine(Engine):
     name = "milvus"
 
     def __init__(
-        self, client: "MilvusClient", location: str, uri: str, collection: str, lite: bool, schema: Schema,
-        *, timeout: float = 60.0, max_request_bytes: int = 48 << 20,
+        self,
+        client: MilvusClient,
+        location: str,
+        uri: str,
+        collection: str,
+        lite: bool,
+        schema: Schema,
+        *,
+        timeout: float = 60.0,
+        max_request_bytes: int = 48 << 20,
     ) -> None:
         self._client: MilvusClient | None = client
         self.location = location
@@ -315,8 +326,9 @@ class MilvusEngine(Engine):
 
     # ---------------------------------------------------------------- connection
     @classmethod
-    def _connect(cls, location: str, *, create_file: bool, token: str | None = None, secure: bool = False,
-                 timeout: float = 60.0) -> tuple["MilvusClient", str, str, bool]:
+    def _connect(
+        cls, location: str, *, create_file: bool, token: str | None = None, secure: bool = False, timeout: float = 60.0
+    ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
             if not Path(uri).parent.is_dir():
@@ -334,7 +346,7 @@ class MilvusEngine(Engine):
                 raise
             return client, uri, name, True
         if secure:
-            uri = "https://" + uri[len("http://"):]
+            uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         try:
             client = MilvusClient(uri, token=token, timeout=timeout)
@@ -369,7 +381,7 @@ class MilvusEngine(Engine):
             cls._release(client, uri, lite)
 
     @staticmethod
-    def _release(client: "MilvusClient", uri: str, lite: bool) -> None:
+    def _release(client: MilvusClient, uri: str, lite: bool) -> None:
         client.close()
         if lite:
             # pymilvus keeps one milvus-lite subprocess per file for the whole process;
@@ -379,7 +391,9 @@ class MilvusEngine(Engine):
             server_manager_instance.release_server(uri)
 
     @classmethod
-    def create(cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any) -> "MilvusEngine":
+    def create(
+        cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any
+    ) -> MilvusEngine:
         connect, opts = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=True, **connect)
         try:
@@ -411,11 +425,18 @@ class MilvusEngine(Engine):
         if self.lite or s.hnsw_m == 0:
             idx.add_index("dense", index_type="FLAT", metric_type="IP")
         else:
-            idx.add_index("dense", index_type="HNSW", metric_type="IP", params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct})
+            idx.add_index(
+                "dense",
+                index_type="HNSW",
+                metric_type="IP",
+                params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct},
+            )
         idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
         c.create_collection(self.collection, schema=main, index_params=idx, timeout=t, **extra)
 
-        tok = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors")
+        tok = MilvusClient.create_schema(
+            auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors"
+        )
         tok.add_field("tid", DataType.INT64, is_primary=True)
         tok.add_field("gen", DataType.INT64)
         tok.add_field("doc", DataType.INT64)
@@ -441,7 +462,7 @@ class MilvusEngine(Engine):
                 c.load_collection(name, replica_number=int(replicas), timeout=t)
 
     @classmethod
-    def open(cls, location: str, **options: Any) -> "MilvusEngine":
+    def open(cls, location: str, **options: Any) -> MilvusEngine:
         connect, opts = cls._split_options({k: v for k, v in options.items() if k not in ("shards", "replicas")})
         client, uri, name, lite = cls._connect(location, create_file=False, **connect)
         try:
@@ -462,9 +483,14 @@ class MilvusEngine(Engine):
         """Refuse a collection whose fields do not match the manifest's schema."""
         want = {"dense": (DataType.FLOAT_VECTOR, self.schema.dense_dim), "sparse": (DataType.SPARSE_FLOAT_VECTOR, None)}
         vtype = DataType.FLOAT16_VECTOR if self.schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
-        for coll, fields in ((self.collection, want), (self.tokens, {"vec": (vtype, self.block * self.schema.colbert_dim)})):
+        for coll, fields in (
+            (self.collection, want),
+            (self.tokens, {"vec": (vtype, self.block * self.schema.colbert_dim)}),
+        ):
             if not self.client.has_collection(coll, timeout=self.timeout):
-                raise ValueError(f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection")
+                raise ValueError(
+                    f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
+                )
             desc = {f["name"]: f for f in self.client.describe_collection(coll, timeout=self.timeout)["fields"]}
             for fname, (ftype, dim) in fields.items():
                 f = desc.get(fname)
@@ -483,14 +509,14 @@ class MilvusEngine(Engine):
         self._release(client, self.uri, self.lite)
 
     @property
-    def client(self) -> "MilvusClient":
+    def client(self) -> MilvusClient:
         if self._client is None:
             raise RuntimeError(f"collection at {self.location} is closed")
         return self._client
 
     # ------------------------------------------------------------------ manifest
     @staticmethod
-    def _read_manifest(client: "MilvusClient", coll: str, timeout: float) -> dict | None:
+    def _read_manifest(client: MilvusClient, coll: str, timeout: float) -> dict | None:
         if not client.has_collection(coll, timeout=timeout):
             return None
         rows = client.query(coll, filter=f'key == "{_MANIFEST_KEY}"', output_fields=["value"], limit=1, timeout=timeout)
@@ -503,7 +529,9 @@ class MilvusEngine(Engine):
         value = json.dumps(manifest, sort_keys=True)
         if len(value.encode("utf-8")) > TEXT_MAX_BYTES:
             raise ValueError(f"manifest is {len(value.encode())} bytes; Milvus stores at most {TEXT_MAX_BYTES}")
-        self.client.upsert(self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout)
+        self.client.upsert(
+            self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout
+        )
 
     # -------------------------------------------------------------------- writes
     def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:
@@ -525,7 +553,9 @@ class MilvusEngine(Engine):
             b += 2048
         return b
 
-    def _token_rows(self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray) -> list[dict]:
+    def _token_rows(
+        self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray
+    ) -> list[dict]:
         """Block rows of a batch: each document's tokens in blocks of ``self.block``, zero-padded."""
         B, d = self.block, self.schema.colbert_dim
         lens = np.diff(offsets)
@@ -564,7 +594,11 @@ class MilvusEngine(Engine):
             )
         pks = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
         old = {r["pk"]: r for r in self._rows_by_pk(pks.tolist(), ["pk", "doc_id", "gen"])}
-        clash = [(r["doc_id"], batch.ids[j]) for j, p in enumerate(pks.tolist()) if (r := old.get(p)) and r["doc_id"] != batch.ids[j]]
+        clash = [
+            (r["doc_id"], batch.ids[j])
+            for j, p in enumerate(pks.tolist())
+            if (r := old.get(p)) and r["doc_id"] != batch.ids[j]
+        ]
         if clash:
             raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
         rng = np.random.default_rng()
@@ -582,11 +616,19 @@ class MilvusEngine(Engine):
         for j, doc_id in enumerate(batch.ids):
             a, b = sparse.indptr[j], sparse.indptr[j + 1]
             meta = batch.metadata[j] or {}
-            rows.append({
-                "pk": int(pks[j]), "doc_id": doc_id, "text": batch.texts[j], "meta": meta, "kinds": metadata_kinds(meta),
-                "dense": dense[j], "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
-                "gen": int(gens[j]), "ntok": int(offsets[j + 1] - offsets[j]),
-            })
+            rows.append(
+                {
+                    "pk": int(pks[j]),
+                    "doc_id": doc_id,
+                    "text": batch.texts[j],
+                    "meta": meta,
+                    "kinds": metadata_kinds(meta),
+                    "dense": dense[j],
+                    "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
+                    "gen": int(gens[j]),
+                    "ntok": int(offsets[j + 1] - offsets[j]),
+                }
+            )
             sizes.append(len(texts_b[j]) + 4 * dense.shape[1] + 12 * (b - a) + 256)
         start, acc = 0, 0
         for j, size in enumerate(sizes + [self.max_request_bytes + 1]):
@@ -597,7 +639,9 @@ class MilvusEngine(Engine):
         # (3) older generations (and orphans of interrupted writes) of these documents
         for a in range(0, n, 4096):
             self.client.delete(
-                self.tokens, filter=f"doc in {_ints(pks[a:a + 4096])} and gen not in {_ints(gens[a:a + 4096])}", timeout=self.timeout
+                self.tokens,
+                filter=f"doc in {_ints(pks[a : a + 4096])} and gen not in {_ints(gens[a : a + 4096])}",
+                timeout=self.timeout,
             )
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
@@ -682,7 +726,10 @@ class MilvusEngine(Engine):
             if total <= per_query:
                 reads.append((expr, total))
             else:  # one document with more blocks than one query returns: read it in slices
-                reads += [(f"{expr} and blk >= {lo} and blk < {lo + per_query}", per_query) for lo in range(0, total, per_query)]
+                reads += [
+                    (f"{expr} and blk >= {lo} and blk < {lo + per_query}", per_query)
+                    for lo in range(0, total, per_query)
+                ]
             a = b
         fields = ["gen", "blk", "vec"]
         if len(reads) == 1:
@@ -699,7 +746,9 @@ class MilvusEngine(Engine):
         counts = np.bincount(doc, minlength=len(gens))
         if not np.array_equal(counts, np.asarray(nblk)):
             bad = [int(g) for g, c, t in zip(gens, counts, nblk) if c != t]
-            raise RuntimeError(f"Milvus collection {self.collection!r}: ColBERT blocks missing for generations {bad[:5]}")
+            raise RuntimeError(
+                f"Milvus collection {self.collection!r}: ColBERT blocks missing for generations {bad[:5]}"
+            )
         blocks = self._decode_vectors([got_vec[i] for i in order]).reshape(-1, d)  # (sum blocks * B, d)
         starts = np.concatenate([[0], np.cumsum(nblk)])[:-1] * B
         return [blocks[s : s + int(t)] for s, t in zip(starts, ntoks)]
@@ -750,7 +799,9 @@ class MilvusEngine(Engine):
         vectors = MODES if with_vectors else ()
         fields = ["doc_id", "text", "meta", "gen", "ntok"] + [v for v in ("dense", "sparse") if v in vectors]
         step = max(1, min(batch_size, CHUNK_BYTES // self._row_bytes(vectors)))
-        it = self.client.query_iterator(self.collection, batch_size=step, filter="", output_fields=fields, timeout=self.timeout)
+        it = self.client.query_iterator(
+            self.collection, batch_size=step, filter="", output_fields=fields, timeout=self.timeout
+        )
         pending: list[dict] = []
         try:
             while True:
@@ -773,7 +824,11 @@ class MilvusEngine(Engine):
     # ------------------------------------------------------------------- queries
     def _has_lists(self, field: str) -> bool:
         rows = self.client.query(
-            self.collection, filter=f'kinds[{_lit(field, "field name")}] == "l"', output_fields=["pk"], limit=1, timeout=self.timeout
+            self.collection,
+            filter=f'kinds[{_lit(field, "field name")}] == "l"',
+            output_fields=["pk"],
+            limit=1,
+            timeout=self.timeout,
         )
         return bool(rows)
 
@@ -788,8 +843,14 @@ class MilvusEngine(Engine):
 
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
         res = self.client.search(
-            self.collection, data=data, anns_field=field, limit=self._limit(k), filter=expr,
-            output_fields=["doc_id"], search_params=params, timeout=self.timeout,
+            self.collection,
+            data=data,
+            anns_field=field,
+            limit=self._limit(k),
+            filter=expr,
+            output_fields=["doc_id"],
+            search_params=params,
+            timeout=self.timeout,
         )
         return [[(h["entity"]["doc_id"], float(h["distance"])) for h in hits] for hits in res]
 
@@ -800,14 +861,21 @@ class MilvusEngine(Engine):
             params["params"] = {"ef": 32768 if exact else max(self._limit(k), 64)}
         return self._search(list(q), "dense", k, self._expr(filter), params)
 
-    def search_sparse(self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+    def search_sparse(
+        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
+    ) -> list[Hits]:
         q = sp.csr_matrix(q)
         out: list[Hits] = [[] for _ in range(q.shape[0])]
         rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
         if not rows:
             return out
         data = [
-            dict(zip(q.indices[q.indptr[i] : q.indptr[i + 1]].tolist(), q.data[q.indptr[i] : q.indptr[i + 1]].astype(np.float32).tolist()))
+            dict(
+                zip(
+                    q.indices[q.indptr[i] : q.indptr[i + 1]].tolist(),
+                    q.data[q.indptr[i] : q.indptr[i + 1]].astype(np.float32).tolist(),
+                )
+            )
             for i in rows
         ]
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}

@@ -40,13 +40,13 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-
 import qdrant_edge as qe
+import scipy.sparse as sp
 
 from m3search.engines.base import (
     MODES,
@@ -56,10 +56,10 @@ from m3search.engines.base import (
     Engine,
     Hits,
     PointBatch,
+    Pool,
     QueryVectors,
     Record,
     Schema,
-    Pool,
     fill_by_uuid,
     finish_maxsim_scores,
     point_uuid,
@@ -157,8 +157,9 @@ class QdrantEdgeEngine(Engine):
 
     name = "qdrant-edge"
 
-    def __init__(self, root: Path, shard: "qe.EdgeShard", schema: Schema, *, lock: int | None = None,
-                 hnsw_ef: int | None = None) -> None:
+    def __init__(
+        self, root: Path, shard: qe.EdgeShard, schema: Schema, *, lock: int | None = None, hnsw_ef: int | None = None
+    ) -> None:
         self.root = root
         self._lock_fd = lock
         self.location = str(root)
@@ -169,9 +170,13 @@ class QdrantEdgeEngine(Engine):
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
-    def _config(schema: Schema) -> "qe.EdgeConfig":
-        dense_hnsw = qe.HnswIndexConfig(m=schema.hnsw_m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000)
-        colbert_dtype = qe.VectorStorageDatatype.Float16 if schema.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
+    def _config(schema: Schema) -> qe.EdgeConfig:
+        dense_hnsw = qe.HnswIndexConfig(
+            m=schema.hnsw_m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
+        )
+        colbert_dtype = (
+            qe.VectorStorageDatatype.Float16 if schema.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
+        )
         return qe.EdgeConfig(
             vectors={
                 "dense": qe.EdgeVectorParams(
@@ -187,7 +192,9 @@ class QdrantEdgeEngine(Engine):
                     multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
                     datatype=colbert_dtype,
                     # m=0: no graph over token vectors; they are read only to re-rank candidates.
-                    hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000),
+                    hnsw_config=qe.HnswIndexConfig(
+                        m=0, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
+                    ),
                     memory=qe.Memory.Cold if schema.colbert_on_disk else qe.Memory.Cached,
                 ),
             },
@@ -200,7 +207,7 @@ class QdrantEdgeEngine(Engine):
         return (Path(location) / MANIFEST).is_file()
 
     @classmethod
-    def create(cls, location: str, schema: Schema, **options: Any) -> "QdrantEdgeEngine":
+    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:
         unknown = set(options) - {"hnsw_ef"}
         if unknown:
             raise ValueError(
@@ -229,7 +236,7 @@ class QdrantEdgeEngine(Engine):
         return engine
 
     @classmethod
-    def open(cls, location: str, **options: Any) -> "QdrantEdgeEngine":
+    def open(cls, location: str, **options: Any) -> QdrantEdgeEngine:
         root = Path(location).expanduser()
         if not (root / MANIFEST).is_file():
             if (root / SHARD).is_dir():
@@ -270,7 +277,7 @@ class QdrantEdgeEngine(Engine):
                 self._lock_fd = None
 
     @property
-    def shard(self) -> "qe.EdgeShard":
+    def shard(self) -> qe.EdgeShard:
         if self._shard is None:
             raise RuntimeError(f"collection at {self.location} is closed")
         return self._shard
@@ -395,7 +402,7 @@ class QdrantEdgeEngine(Engine):
                 return
 
     # ------------------------------------------------------------------- queries
-    def _params(self, exact: bool) -> "qe.SearchParams":
+    def _params(self, exact: bool) -> qe.SearchParams:
         return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
     def _run(self, requests: list) -> list[list]:
@@ -411,12 +418,16 @@ class QdrantEdgeEngine(Engine):
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
         flt, params = to_qdrant_filter(filter), self._params(exact)
         reqs = [
-            qe.QueryRequest(limit=k, query=qe.Query.Nearest(row, using="dense"), filter=flt, params=params, with_payload=_ID_ONLY)
+            qe.QueryRequest(
+                limit=k, query=qe.Query.Nearest(row, using="dense"), filter=flt, params=params, with_payload=_ID_ONLY
+            )
             for row in q
         ]
         return [self._hits(r) for r in self._run(reqs)]
 
-    def search_sparse(self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+    def search_sparse(
+        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
+    ) -> list[Hits]:
         q = sp.csr_matrix(q)
         flt, params = to_qdrant_filter(filter), self._params(exact)
         out: list[Hits] = [[] for _ in range(q.shape[0])]
@@ -426,7 +437,15 @@ class QdrantEdgeEngine(Engine):
             if a == b:
                 continue  # an empty query shares no token with anything
             vec = _sparse_vector(q.indices[a:b], q.data[a:b])
-            reqs.append(qe.QueryRequest(limit=k, query=qe.Query.Nearest(vec, using="sparse"), filter=flt, params=params, with_payload=_ID_ONLY))
+            reqs.append(
+                qe.QueryRequest(
+                    limit=k,
+                    query=qe.Query.Nearest(vec, using="sparse"),
+                    filter=flt,
+                    params=params,
+                    with_payload=_ID_ONLY,
+                )
+            )
             rows.append(i)
         for i, res in zip(rows, self._run(reqs)):
             out[i] = self._hits(res)
@@ -452,13 +471,31 @@ class QdrantEdgeEngine(Engine):
         flt, params = to_qdrant_filter(filter), self._params(exact)
         reqs = []
         for qv in queries:
-            pre = [qe.Prefetch(limit=depth, query=qe.Query.Nearest(self._query_vector(qv, "dense"), using="dense"),
-                               params=params, filter=flt)]
+            pre = [
+                qe.Prefetch(
+                    limit=depth,
+                    query=qe.Query.Nearest(self._query_vector(qv, "dense"), using="dense"),
+                    params=params,
+                    filter=flt,
+                )
+            ]
             if qv.sparse_indices is not None and len(qv.sparse_indices):
-                pre.append(qe.Prefetch(limit=depth, query=qe.Query.Nearest(self._query_vector(qv, "sparse"), using="sparse"),
-                                       params=params, filter=flt))
-            reqs.append(qe.QueryRequest(limit=2 * depth, prefetches=pre, with_payload=False,
-                                        query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert")))
+                pre.append(
+                    qe.Prefetch(
+                        limit=depth,
+                        query=qe.Query.Nearest(self._query_vector(qv, "sparse"), using="sparse"),
+                        params=params,
+                        filter=flt,
+                    )
+                )
+            reqs.append(
+                qe.QueryRequest(
+                    limit=2 * depth,
+                    prefetches=pre,
+                    with_payload=False,
+                    query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert"),
+                )
+            )
         pools = []
         for qv, res in zip(queries, self._run(reqs)):
             keys = [p.id for p in res]  # uuid.UUID as returned: str() would cost 0.6 us each
@@ -488,8 +525,15 @@ class QdrantEdgeEngine(Engine):
             only = filters.get(need)
             if only is None:
                 only = filters[need] = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
-            reqs.append(qe.QueryRequest(limit=len(need), query=qe.Query.Nearest(self._query_vector(query, m), using=m),
-                                        filter=only, params=exact, with_payload=False))
+            reqs.append(
+                qe.QueryRequest(
+                    limit=len(need),
+                    query=qe.Query.Nearest(self._query_vector(query, m), using=m),
+                    filter=only,
+                    params=exact,
+                    with_payload=False,
+                )
+            )
         fill_by_uuid(out, jobs, self._run(reqs), uuids)
         if ids is None:
             return finish_maxsim_scores(out, list(keys), query, self._existing_keys)

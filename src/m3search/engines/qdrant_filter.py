@@ -16,7 +16,8 @@ only builds its client's objects. The mapping:
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
 
@@ -34,8 +35,15 @@ class Dialect(Protocol):
 
     def match_any(self, key: str, values: Sequence[Any]) -> Any: ...
 
-    def range(self, key: str, *, gt: float | None = None, gte: float | None = None,
-              lt: float | None = None, lte: float | None = None) -> Any: ...
+    def range(
+        self,
+        key: str,
+        *,
+        gt: float | None = None,
+        gte: float | None = None,
+        lt: float | None = None,
+        lte: float | None = None,
+    ) -> Any: ...
 
 
 def to_qdrant(f: Filter | None, dialect: Dialect, prefix: str = "metadata.") -> Any:

@@ -55,8 +55,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -168,7 +169,11 @@ def _transient(exc: BaseException) -> bool:
         import grpc
 
         if isinstance(exc, grpc.RpcError):
-            return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
     except ImportError:  # pragma: no cover
         pass
     return isinstance(exc, (ConnectionError, TimeoutError))
@@ -195,8 +200,18 @@ class QdrantRemoteEngine(Engine):
     name = "qdrant"
 
     def __init__(
-        self, client: "QdrantClient", location: str, collection: str, schema: Schema, *, local: bool, where: str,
-        retries: int = 5, backoff: float = 0.5, max_request_bytes: int = 16 << 20, hnsw_ef: int | None = None,
+        self,
+        client: QdrantClient,
+        location: str,
+        collection: str,
+        schema: Schema,
+        *,
+        local: bool,
+        where: str,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_request_bytes: int = 16 << 20,
+        hnsw_ef: int | None = None,
         server_scoring: bool | None = None,
     ) -> None:
         self._client: QdrantClient | None = client
@@ -224,10 +239,13 @@ class QdrantRemoteEngine(Engine):
         if unknown:
             allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + ("shards", "replicas"))
             raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
-        return ({k: options[k] for k in cls._ENGINE_OPTS if k in options}, {k: options[k] for k in cls._CLIENT_OPTS if k in options})
+        return (
+            {k: options[k] for k in cls._ENGINE_OPTS if k in options},
+            {k: options[k] for k in cls._CLIENT_OPTS if k in options},
+        )
 
     @classmethod
-    def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple["QdrantClient", str, bool, str]:
+    def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple[QdrantClient, str, bool, str]:
         kind, target, name = parse_qdrant_location(location)
         if kind == "local":
             if must_exist and not (Path(target) / "meta.json").is_file():
@@ -245,20 +263,28 @@ class QdrantRemoteEngine(Engine):
         https = bool(client_opts.get("https", False))
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
-        if api_key and not https and not target.split(":")[0] in ("localhost", "127.0.0.1"):
+        if api_key and not https and target.split(":")[0] not in ("localhost", "127.0.0.1"):
             import warnings
 
-            warnings.warn(f"sending a Qdrant API key over plain http to {url}; pass engine_options={{'https': True}}", stacklevel=4)
+            warnings.warn(
+                f"sending a Qdrant API key over plain http to {url}; pass engine_options={{'https': True}}",
+                stacklevel=4,
+            )
         client = QdrantClient(
-            url=url, api_key=api_key, prefer_grpc=bool(client_opts.get("prefer_grpc", False)),
-            timeout=int(client_opts.get("timeout", 60)), check_compatibility=False,
+            url=url,
+            api_key=api_key,
+            prefer_grpc=bool(client_opts.get("prefer_grpc", False)),
+            timeout=int(client_opts.get("timeout", 60)),
+            check_compatibility=False,
         )
         try:
             client.get_collections()
         except Exception as exc:
             client.close()
             if isinstance(exc, UnexpectedResponse) and exc.status_code in (401, 403):
-                raise PermissionError(f"Qdrant at {url} refused the API key (HTTP {exc.status_code}); set QDRANT_API_KEY") from None
+                raise PermissionError(
+                    f"Qdrant at {url} refused the API key (HTTP {exc.status_code}); set QDRANT_API_KEY"
+                ) from None
             raise ConnectionError(f"cannot reach Qdrant at {url}: {exc}") from None
         return client, name, False, url
 
@@ -279,11 +305,15 @@ class QdrantRemoteEngine(Engine):
         s = self.schema
         return {
             "dense": qm.VectorParams(
-                size=s.dense_dim, distance=qm.Distance.DOT, datatype=qm.Datatype.FLOAT32, on_disk=s.dense_on_disk,
+                size=s.dense_dim,
+                distance=qm.Distance.DOT,
+                datatype=qm.Datatype.FLOAT32,
+                on_disk=s.dense_on_disk,
                 hnsw_config=qm.HnswConfigDiff(m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=10000),
             ),
             "colbert": qm.VectorParams(
-                size=s.colbert_dim, distance=qm.Distance.DOT,
+                size=s.colbert_dim,
+                distance=qm.Distance.DOT,
                 multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
                 # m=0: no graph over token vectors; they are read only to re-rank candidates.
                 hnsw_config=qm.HnswConfigDiff(m=0, ef_construct=s.hnsw_ef_construct, full_scan_threshold=10000),
@@ -293,8 +323,9 @@ class QdrantRemoteEngine(Engine):
         }
 
     @classmethod
-    def create(cls, location: str, schema: Schema, *, shards: int | None = None, replicas: int | None = None,
-               **options: Any) -> "QdrantRemoteEngine":
+    def create(
+        cls, location: str, schema: Schema, *, shards: int | None = None, replicas: int | None = None, **options: Any
+    ) -> QdrantRemoteEngine:
         engine_opts, client_opts = cls._split_options(options)
         client, name, local, where = cls._connect(location, client_opts, must_exist=False)
         engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
@@ -306,13 +337,17 @@ class QdrantRemoteEngine(Engine):
                     client.delete_collection(name)  # a create that died before writing its manifest
                 else:
                     raise CollectionExistsError(f"Qdrant collection {name!r} already exists at {where}")
-            engine._call("create collection", lambda: client.create_collection(
-                name,
-                vectors_config=engine._vectors_config(),
-                sparse_vectors_config={"sparse": qm.SparseVectorParams(index=qm.SparseIndexParams(on_disk=False))},
-                shard_number=shards, replication_factor=replicas,
-                metadata={SCHEMA_KEY: schema.to_dict()},
-            ))
+            engine._call(
+                "create collection",
+                lambda: client.create_collection(
+                    name,
+                    vectors_config=engine._vectors_config(),
+                    sparse_vectors_config={"sparse": qm.SparseVectorParams(index=qm.SparseIndexParams(on_disk=False))},
+                    shard_number=shards,
+                    replication_factor=replicas,
+                    metadata={SCHEMA_KEY: schema.to_dict()},
+                ),
+            )
             if SCHEMA_KEY not in (client.get_collection(name).config.metadata or {}):
                 client.delete_collection(name)
                 raise RuntimeError(
@@ -325,7 +360,7 @@ class QdrantRemoteEngine(Engine):
         return engine
 
     @classmethod
-    def open(cls, location: str, **options: Any) -> "QdrantRemoteEngine":
+    def open(cls, location: str, **options: Any) -> QdrantRemoteEngine:
         engine_opts, client_opts = cls._split_options(options)
         client, name, local, where = cls._connect(location, client_opts, must_exist=True)
         try:
@@ -334,7 +369,11 @@ class QdrantRemoteEngine(Engine):
             info = client.get_collection(name)
             meta = info.config.metadata or {}
             if META_KEY not in meta:
-                what = "an incomplete m3search collection (no manifest)" if SCHEMA_KEY in meta else "not an m3search collection"
+                what = (
+                    "an incomplete m3search collection (no manifest)"
+                    if SCHEMA_KEY in meta
+                    else "not an m3search collection"
+                )
                 raise CollectionNotFoundError(f"Qdrant collection {name!r} at {where} is {what}")
             schema = Schema.from_dict(meta[META_KEY]["schema"])
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
@@ -358,13 +397,16 @@ class QdrantRemoteEngine(Engine):
             if got.size != want[vname].size or got.distance != qm.Distance.DOT:
                 problems.append(f"{vname!r} is {got.size}-d {got.distance}, expected {want[vname].size}-d Dot")
         col = vectors.get("colbert") if isinstance(vectors, dict) else None
-        if col is not None and (col.multivector_config is None or col.multivector_config.comparator != qm.MultiVectorComparator.MAX_SIM):
+        if col is not None and (
+            col.multivector_config is None or col.multivector_config.comparator != qm.MultiVectorComparator.MAX_SIM
+        ):
             problems.append("'colbert' is not a MaxSim multivector")
         if "sparse" not in sparse:
             problems.append("no 'sparse' sparse vector")
         if problems:
             raise ValueError(
-                f"Qdrant collection {self.collection!r} at {self.where} does not match its m3search schema: " + "; ".join(problems)
+                f"Qdrant collection {self.collection!r} at {self.where} does not match its m3search schema: "
+                + "; ".join(problems)
             )
 
     def close(self) -> None:
@@ -374,7 +416,7 @@ class QdrantRemoteEngine(Engine):
         client.close()
 
     @property
-    def client(self) -> "QdrantClient":
+    def client(self) -> QdrantClient:
         if self._client is None:
             raise RuntimeError(f"collection at {self.location} is closed")
         return self._client
@@ -408,7 +450,9 @@ class QdrantRemoteEngine(Engine):
                 raise ValueError(f"document {doc_id!r} has no ColBERT vectors (every encoded text has at least </s>)")
             vec = {
                 "dense": dense[i].tolist(),
-                "sparse": qm.SparseVector(indices=sparse.indices[a:b].tolist(), values=sparse.data[a:b].astype(np.float32).tolist()),
+                "sparse": qm.SparseVector(
+                    indices=sparse.indices[a:b].tolist(), values=sparse.data[a:b].astype(np.float32).tolist()
+                ),
                 "colbert": colbert[offs[i] : offs[i + 1]].tolist(),
             }
             payload = {"id": doc_id, "text": batch.texts[i], "metadata": batch.metadata[i] or {}}
@@ -427,7 +471,9 @@ class QdrantRemoteEngine(Engine):
             if j == len(points) or (acc + size > self.max_request_bytes and j > start):
                 chunk = points[start:j]
                 if chunk:
-                    self._call("upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True))
+                    self._call(
+                        "upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True)
+                    )
                 start, acc = j, 0
             acc += size
 
@@ -442,7 +488,10 @@ class QdrantRemoteEngine(Engine):
             for key, uuids in groups.items()
         ]
         if ops:  # one request: applied together
-            self._call("set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True))
+            self._call(
+                "set metadata",
+                lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True),
+            )
 
     def delete(self, ids: Sequence[str]) -> None:
         if ids:
@@ -454,7 +503,10 @@ class QdrantRemoteEngine(Engine):
         if not ids:
             return set()
         back = {point_uuid(i): i for i in ids}
-        found = self._call("retrieve", lambda: self.client.retrieve(self.collection, ids=list(back), with_payload=False, with_vectors=False))
+        found = self._call(
+            "retrieve",
+            lambda: self.client.retrieve(self.collection, ids=list(back), with_payload=False, with_vectors=False),
+        )
         return {back[str(r.id)] for r in found}
 
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
@@ -462,7 +514,9 @@ class QdrantRemoteEngine(Engine):
             return []
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
         uuids = [point_uuid(i) for i in ids]
-        found = self._call("retrieve", lambda: self.client.retrieve(self.collection, ids=uuids, with_payload=True, with_vectors=vec))
+        found = self._call(
+            "retrieve", lambda: self.client.retrieve(self.collection, ids=uuids, with_payload=True, with_vectors=vec)
+        )
         by_id = {r.payload["id"]: self._record(r) for r in found}
         return [by_id.get(i) for i in ids]
 
@@ -487,8 +541,12 @@ class QdrantRemoteEngine(Engine):
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
         offset = None
         while True:
-            records, offset = self._call("scroll", lambda off=offset: self.client.scroll(
-                self.collection, limit=batch_size, offset=off, with_payload=True, with_vectors=with_vectors))
+            records, offset = self._call(
+                "scroll",
+                lambda off=offset: self.client.scroll(
+                    self.collection, limit=batch_size, offset=off, with_payload=True, with_vectors=with_vectors
+                ),
+            )
             if records:
                 yield PointBatch.from_records([self._record(r) for r in records], self.schema.vocab_size)
             if offset is None or not records:
@@ -519,7 +577,9 @@ class QdrantRemoteEngine(Engine):
         ]
         return [self._hits(r) for r in self._run(reqs)]
 
-    def search_sparse(self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+    def search_sparse(
+        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
+    ) -> list[Hits]:
         q = sp.csr_matrix(q)
         flt, params = to_client_filter(filter), self._params(exact)
         out: list[Hits] = [[] for _ in range(q.shape[0])]
@@ -529,7 +589,9 @@ class QdrantRemoteEngine(Engine):
             if a == b:
                 continue  # an empty query shares no token with anything
             vec = qm.SparseVector(indices=q.indices[a:b].tolist(), values=q.data[a:b].astype(np.float32).tolist())
-            reqs.append(qm.QueryRequest(query=vec, using="sparse", limit=k, filter=flt, params=params, with_payload=["id"]))
+            reqs.append(
+                qm.QueryRequest(query=vec, using="sparse", limit=k, filter=flt, params=params, with_payload=["id"])
+            )
             rows.append(i)
         for i, res in zip(rows, self._run(reqs)):
             out[i] = self._hits(res)
@@ -567,13 +629,17 @@ class QdrantRemoteEngine(Engine):
         reqs = []
         for m, need in jobs:
             if m == "sparse":
-                vec: Any = qm.SparseVector(indices=np.asarray(query.sparse_indices, np.int64).tolist(),
-                                           values=np.asarray(query.sparse_values, np.float32).tolist())
+                vec: Any = qm.SparseVector(
+                    indices=np.asarray(query.sparse_indices, np.int64).tolist(),
+                    values=np.asarray(query.sparse_values, np.float32).tolist(),
+                )
             else:
                 vec = np.asarray(query.dense if m == "dense" else query.colbert, dtype=np.float32).tolist()
             only = filters.get(need)
             if only is None:
                 only = filters[need] = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
-            reqs.append(qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False))
+            reqs.append(
+                qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False)
+            )
         fill_by_uuid(out, jobs, self._run(reqs), uuids)
         return finish_maxsim_scores(out, ids, query, self.existing)
