@@ -96,7 +96,8 @@ def test_add_rejects_existing_ids_and_writes_nothing(col):
         col.add(["a"], metadata=["not a dict"])
     with pytest.raises(ValueError, match="JSON"):
         col.add(["a"], metadata=[{"x": float("nan")}])
-    assert col.add([]) == []
+    with pytest.raises(ValueError, match="texts is empty"):
+        col.add([])
     assert col.count() == len(TEXTS)
 
 

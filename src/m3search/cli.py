@@ -27,10 +27,10 @@ from typing import Any
 
 import click
 
-MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
-FUSIONS = ("weighted", "rrf", "dbsf")
+from . import serverfile
+from .plan import DEFAULT_CANDIDATES, FUSIONS, PRESETS
+
 DEFAULT_MODEL = "BAAI/bge-m3"
-SERVER_FILE = "server.json"  # written by m3search.server.serve beside the collection's lock
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -89,104 +89,6 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
     return obj
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _server_record(collection: Path) -> dict[str, Any] | None:
-    """The live server's record for ``collection``; None if absent, unreadable or its process is gone."""
-    try:
-        record = json.loads((collection / SERVER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not _pid_alive(record.get("pid")) or record.get("pid") == os.getpid():
-        return None
-    return record
-
-
-def hit_to_dict(hit: Any) -> dict[str, Any]:
-    """A search hit as plain JSON data: ``{"id", "score", "scores", "text", "metadata"[, "explain"]}``."""
-    if isinstance(hit, dict):
-        return hit
-    d: dict[str, Any] = {
-        "id": hit.id,
-        "score": float(hit.score),
-        "scores": {k: (None if v is None else float(v)) for k, v in (hit.scores or {}).items()},
-        "text": hit.text,
-        "metadata": hit.metadata or {},
-    }
-    explain = getattr(hit, "explain", None)
-    if explain is not None:
-        d["explain"] = _plain(explain)
-    return d
-
-
-def collection_info(collection: Any) -> dict[str, Any]:
-    """Model, count, bytes on disk per representation and settings of an open collection.
-
-    Uses ``Collection.info()`` when the library has one; otherwise reads the manifest and
-    sizes the engine's files by the representation their folder belongs to.
-    """
-    if hasattr(collection, "info"):
-        return _plain(collection.info())
-    manifest = collection.manifest
-    out: dict[str, Any] = {
-        "location": str(collection.location),
-        "engine": manifest.get("engine"),
-        "count": int(collection.count()),
-        "model": manifest.get("model"),
-        "settings": manifest.get("settings"),
-        "schema": manifest.get("schema"),
-        "created": manifest.get("created"),
-        "schema_version": manifest.get("schema_version"),
-    }
-    if Path(collection.location).is_dir():
-        out["disk_bytes"] = disk_usage(Path(collection.location))
-    return out
-
-
-def disk_usage(root: Path) -> dict[str, int]:
-    """Allocated bytes under ``root`` grouped as dense / sparse / colbert / payload / wal / other, plus total."""
-    groups = dict.fromkeys(("dense", "sparse", "colbert", "payload", "wal", "other", "total"), 0)
-    for dirpath, _, files in os.walk(root):
-        rel = Path(dirpath).relative_to(root).as_posix()
-        group = next((g for g in ("dense", "sparse", "colbert") if f"-{g}" in rel), None)
-        if group is None:
-            group = "payload" if "payload" in rel else "wal" if "/wal" in f"/{rel}" else "other"
-        for name in files:
-            try:
-                st = os.stat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            size = getattr(st, "st_blocks", 0) * 512 or st.st_size
-            groups[group] += size
-            groups["total"] += size
-    return groups
-
-
-def _plain(x: Any) -> Any:
-    """numpy values and dataclasses to JSON-able Python (for explain details and info dicts)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(dataclasses.asdict(x))
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if hasattr(x, "tolist"):  # numpy arrays and scalars
-        return x.tolist()
-    return x
-
-
 # ---------------------------------------------------------------------------------------------- targets
 
 
@@ -199,7 +101,7 @@ class _Local:
         self.collection = collection
 
     def search(self, query: str, **kwargs: Any) -> list[dict]:
-        return [hit_to_dict(h) for h in self.collection.search(query, **kwargs)]
+        return [h.to_dict() for h in self.collection.search(query, **kwargs)]
 
     def upsert(self, records: Sequence[Any]) -> None:
         self.collection.upsert(
@@ -217,7 +119,7 @@ class _Local:
         return int(self.collection.count())
 
     def info(self) -> dict:
-        return collection_info(self.collection)
+        return self.collection.info()
 
     def close(self) -> None:
         self.collection.close()
@@ -309,7 +211,7 @@ def _open_target(
 ):
     """This collection's server if one runs, else the collection opened here (created if ``create``)."""
     path = Path(collection)
-    record = _server_record(path)
+    record = serverfile.live(path)
     not_answering = None
     if record is not None:
         url, pid = record.get("url"), record.get("pid")
@@ -470,7 +372,7 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
 @click.argument("query")
 @collection_option
 @model_option
-@click.option("--mode", default="all", show_default=True, type=click.Choice(MODES), help="Search mode.")
+@click.option("--mode", default="all", show_default=True, type=click.Choice(list(PRESETS)), help="Search mode.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS), help="Fusion method.")
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
 @click.option(
@@ -519,15 +421,67 @@ def search(
     if not hits:
         click.echo("no hits")
     for rank, h in enumerate(hits, 1):
-        parts = " ".join(f"{m} {v:.4f}" for m, v in (h.get("scores") or {}).items() if v is not None)
-        click.echo(f"{rank:>3}. {h['score']:.4f}  {h['id']}" + (f"  [{parts}]" if parts else ""))
-        text = " ".join((h.get("text") or "").split())
-        if text:
-            click.echo(f"     {text[:200]}{'...' if len(text) > 200 else ''}")
-        if h.get("metadata"):
-            click.echo(f"     metadata: {json.dumps(h['metadata'], ensure_ascii=False)[:200]}")
-        if explain and h.get("explain") is not None:
-            click.echo(f"     explain: {json.dumps(h['explain'], ensure_ascii=False)[:600]}")
+        click.echo("\n".join(format_hit(rank, h)))
+
+
+#: Terminal output is laid out for this many columns.
+WIDTH = 100
+#: Matched tokens listed per hit in the terminal (``--json`` has them all).
+SHOW_TOKENS = 8
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH) -> list[str]:
+    """One hit (``Hit.to_dict()`` form) as terminal lines no wider than ``width``.
+
+    Rank, fused score, id and the three exact scores; the text and metadata clipped to
+    one line each; with ``explain``, a table of each mode's score, weight, contribution
+    to the fused score and rank among the candidates, then the matched lexical tokens
+    with their query and document weights (largest product first).
+    """
+    pad = " " * 5
+    scores = "  ".join(f"{m} {v:.4f}" for m, v in (hit.get("scores") or {}).items() if v is not None)
+    head = f"{rank:>3}. {hit['score']:.4f}  "
+    lines = [_clip(head + str(hit["id"]), width - len(scores) - 2) + (f"  {scores}" if scores else "")]
+    text = " ".join((hit.get("text") or "").split())
+    if text:
+        lines.append(pad + _clip(text, width - len(pad)))
+    if hit.get("metadata"):
+        lines.append(pad + _clip("metadata: " + json.dumps(hit["metadata"], ensure_ascii=False), width - len(pad)))
+    ex = hit.get("explain")
+    if not ex:
+        return lines
+    modes = ex.get("modes") or list(ex.get("contributions") or {})
+    found = ", ".join(ex.get("found_by") or []) or "-"
+    lines.append(
+        f"{pad}{ex.get('fusion')} fusion of {len(modes)} mode(s) over {ex.get('candidates')} candidates;"
+        f" found by {found}"
+    )
+    lines.append(f"{pad}  {'mode':<8} {'score':>8} {'weight':>7} {'contribution':>13} {'rank':>6}")
+    for m in modes:
+        score = (hit.get("scores") or {}).get(m)
+        lines.append(
+            f"{pad}  {m:<8} {'-' if score is None else format(score, '.4f'):>8} "
+            f"{ex['weights'][m]:>7.2f} {ex['contributions'][m]:>13.4f} {ex['ranks'][m]:>6}"
+        )
+    lines.append(f"{pad}  {'fused':<8} {'':>8} {'':>7} {hit['score']:>13.4f}")
+    tokens = ex.get("matched_tokens") or []
+    if not tokens:
+        lines.append(f"{pad}no lexical (sparse) token in common with the query")
+        return lines
+    lines.append(f"{pad}matched tokens (query weight x document weight = sparse contribution):")
+    lines.append(f"{pad}  {'token':<20} {'query':>8} {'document':>9} {'product':>9}")
+    for t in tokens[:SHOW_TOKENS]:
+        lines.append(
+            f"{pad}  {_clip(str(t['token']), 20):<20} {t['query_weight']:>8.4f} {t['doc_weight']:>9.4f}"
+            f" {t['product']:>9.4f}"
+        )
+    if len(tokens) > SHOW_TOKENS:
+        lines.append(f"{pad}  ... {len(tokens) - SHOW_TOKENS} more (--json lists all)")
+    return lines
 
 
 @main.command()
@@ -618,7 +572,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
         if collection is None and model is None:
             model = DEFAULT_MODEL
         if collection is not None:
-            record = _server_record(Path(collection))
+            record = serverfile.live(collection)
             if record is not None:
                 raise click.ClickException(
                     f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"
@@ -652,14 +606,14 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
 @main.command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated modes.")
+@click.option("--modes", default=",".join(PRESETS), show_default=True, help="Comma-separated modes.")
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
 @click.option(
     "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
 )
 @click.option(
     "--candidates",
-    default=200,
+    default=DEFAULT_CANDIDATES,
     show_default=True,
     type=click.IntRange(1),
     help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).",
@@ -735,33 +689,30 @@ def eval_(
         click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
 
 
-if (Path(__file__).with_name("migrate.py")).exists():
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Documents per read and per atomic write.",
+)
+@json_option
+def migrate(src, dst, batch_size, as_json):
+    """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
-    @main.command()
-    @click.argument("src")
-    @click.argument("dst")
-    @click.option(
-        "--batch-size",
-        default=256,
-        show_default=True,
-        type=click.IntRange(1),
-        help="Documents per read and per atomic write.",
-    )
-    @json_option
-    def migrate(src, dst, batch_size, as_json):
-        """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
+    Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
+    """
+    with _errors():
+        from .migrate import migrate as run_migrate
 
-        Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
-        """
-        with _errors():
-            from .migrate import migrate as run_migrate
-
-            out = run_migrate(src, dst, batch_size=batch_size)
-        out = _plain(out) if isinstance(out, dict) else {"result": _plain(out)}
-        if as_json:
-            _emit(out)
-        else:
-            _print_tree(out)
+        out = run_migrate(src, dst, batch_size=batch_size)
+    if as_json:
+        _emit(out)
+    else:
+        _print_tree(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,11 +37,7 @@ import numpy as np
 
 from m3search.engines import resolve_engine
 from m3search.engines.base import (
-    MODES,
     SCHEMA_VERSION,
-    CollectionExistsError,
-    CollectionInUseError,
-    CollectionNotFoundError,
     Engine,
     PointBatch,
     Pool,
@@ -49,9 +45,25 @@ from m3search.engines.base import (
     Record,
     Schema,
 )
+from m3search.errors import (
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    DuplicateIdError,
+    ModelMismatchError,
+    UnknownIdError,
+)
 from m3search.filters import parse_filter
 from m3search.fusion import contributions, order, ranks
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan, check_query, check_weights
+from m3search.plan import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_WEIGHTS,
+    MODES,
+    SearchPlan,
+    check_query,
+    check_texts,
+    check_weights,
+)
 
 __all__ = [
     "Collection",
@@ -74,10 +86,6 @@ _SETTINGS_DEFAULTS = {
 _SCHEMA_SETTINGS = ("colbert_dtype", "colbert_on_disk", "dense_on_disk", "hnsw_m", "hnsw_ef_construct")
 
 
-class ModelMismatchError(ValueError):
-    """The model given does not match the one the collection was built with."""
-
-
 @dataclass
 class Hit:
     """One search result.
@@ -94,11 +102,30 @@ class Hit:
     scores: dict[str, float]
     explain: dict | None = None
 
-    def to_dict(self) -> dict:
-        d = {"id": self.id, "score": self.score, "text": self.text, "metadata": self.metadata, "scores": self.scores}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (what ``--json`` and the HTTP API send):
+        ``{"id", "score", "scores", "text", "metadata"[, "explain"]}``."""
+        d: dict[str, Any] = {
+            "id": self.id,
+            "score": float(self.score),
+            "scores": {m: (None if v is None else float(v)) for m, v in (self.scores or {}).items()},
+            "text": self.text,
+            "metadata": self.metadata or {},
+        }
         if self.explain is not None:
-            d["explain"] = self.explain
+            d["explain"] = _plain(self.explain)
         return d
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars and arrays inside nested dicts/lists as plain Python (JSON-able)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    return x
 
 
 def _now() -> str:
@@ -115,18 +142,6 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
     if bad:
         raise TypeError(f"{name} must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
     return ids
-
-
-def _check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    if texts is None or isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
-    texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return texts
 
 
 def _check_metadata(metadata: Any, n: int) -> list[dict]:
@@ -312,6 +327,26 @@ class Collection:
     def engine(self) -> Engine:
         return self._engine
 
+    def info(self) -> dict[str, Any]:
+        """What ``m3search info`` and ``GET /info`` show: location, engine, count, model,
+        settings, schema, dates and, where the engine can tell, ``disk_bytes`` per part
+        (dense / sparse / colbert / payload / wal / other / total)."""
+        m = self.manifest  # a copy
+        out: dict[str, Any] = {
+            "location": str(self.location),
+            "engine": m.get("engine"),
+            "count": int(self.count()),
+            "model": m.get("model"),
+            "settings": m.get("settings"),
+            "schema": m.get("schema"),
+            "created": m.get("created"),
+            "schema_version": m.get("schema_version"),
+        }
+        disk = self._engine.disk_usage()
+        if disk is not None:
+            out["disk_bytes"] = disk
+        return _plain(out)
+
     def optimize(self) -> bool:
         """Build pending indexes now (the dense HNSW graph); also run after every ingest call."""
         with self._lock:
@@ -412,8 +447,9 @@ class Collection:
     ) -> list[str]:
         """Encode and store new documents; returns their ids (generated when ``ids`` is None).
 
-        Raises ValueError, writing nothing, if any id already exists. Each batch of
-        ``batch_size`` documents is encoded and written as one atomic unit.
+        Raises :class:`~m3search.errors.DuplicateIdError` (a ValueError), writing nothing, if any
+        id already exists; an empty list is a ValueError. Each batch of ``batch_size`` documents
+        is encoded and written as one atomic unit.
         ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding).
         """
         return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, overwrite=False)
@@ -432,7 +468,7 @@ class Collection:
         return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, overwrite=True)
 
     def _ingest(self, texts, ids, metadata, embeddings, batch_size, show_progress, *, overwrite: bool) -> list[str]:
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         n = len(texts)
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(n)]
@@ -459,16 +495,15 @@ class Collection:
         bs = self.settings["batch_size"] if batch_size is None else batch_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
-        if n == 0:
-            return []
         with self._lock:
             if not overwrite:
                 present = self._existing(ids)
                 taken = [i for i in ids if i in present]
                 if taken:
-                    raise ValueError(
+                    raise DuplicateIdError(
                         f"{len(taken)} id(s) already exist: {taken[:10]}{' ...' if len(taken) > 10 else ''}; "
-                        "nothing was written (use upsert to overwrite)"
+                        "nothing was written (use upsert to overwrite)",
+                        taken,
                     )
             progress = None
             if show_progress is None:
@@ -531,8 +566,8 @@ class Collection:
         """Replace the metadata of existing documents without re-encoding.
 
         ``metadata``: one dict for all ``ids``, or a list of dicts. Unknown ids raise
-        ValueError and nothing is changed. Atomicity: one dict for all ids is one durable
-        engine write; with a list, each distinct dict is one write (Qdrant's payload update
+        :class:`~m3search.errors.UnknownIdError` and nothing is changed. Atomicity: one dict for all
+        ids is one durable engine write; with a list, each distinct dict is one write (Qdrant's payload update
         takes one value per call), so a crash part-way leaves some documents updated.
         """
         ids = list(dict.fromkeys(_as_id_list(ids)))
@@ -541,7 +576,7 @@ class Collection:
             present = self._existing(ids)
             missing = [i for i in ids if i not in present]
             if missing:
-                raise ValueError(f"unknown id(s): {missing[:10]}; no metadata was changed")
+                raise UnknownIdError(f"unknown id(s): {missing[:10]}; no metadata was changed", missing)
             self._engine.set_metadata(ids, meta)
 
     def delete(self, ids: str | Sequence[str]) -> dict[str, list[str]]:

@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .plan import DEFAULT_WEIGHTS, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 
 __all__ = ["M3Encoder", "M3Embeddings", "TruncationWarning", "ModelLoadError", "DEFAULT_WEIGHTS"]
-
-#: Default fusion weights (dense, sparse, colbert): BGE-M3's paper. FlagEmbedding's default is (1, 1, 1).
-DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 
 _HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -441,7 +439,7 @@ class M3Encoder:
         """
         import torch
 
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         if not (dense or sparse or colbert):
             raise ValueError("request at least one of dense, sparse, colbert")
         max_length = self._check_max_length(max_length)
@@ -593,7 +591,7 @@ class M3Encoder:
         for p in pairs:
             if not (isinstance(p, (tuple, list)) and len(p) == 2):
                 raise TypeError(f"each pair must be (query, passage), got {p!r}")
-        w = _check_weights(weights)
+        w = check_weights(weights)
         q = self.encode([p[0] for p in pairs], max_length=max_query_length, batch_size=batch_size)
         d = self.encode([p[1] for p in pairs], max_length=max_passage_length, batch_size=batch_size)
         s_dense = pair_dense_scores(q.dense, d.dense)
@@ -609,34 +607,3 @@ class M3Encoder:
         if single:
             return {k: float(v[0]) for k, v in out.items()}
         return {k: [float(x) for x in v] for k, v in out.items()}
-
-
-def _check_texts(texts) -> list[str]:
-    if texts is None:
-        raise TypeError("texts must be a string or a list of strings, not None")
-    if isinstance(texts, str):
-        return [texts]
-    if isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: pass at least one string")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(
-            f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
-            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-        )
-    return texts
-
-
-def _check_weights(weights) -> tuple[float, float, float]:
-    try:
-        w = tuple(float(x) for x in weights)
-    except (TypeError, ValueError):
-        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), not {weights!r}") from None
-    if len(w) != 3:
-        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {len(w)}")
-    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) == 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
-    return w

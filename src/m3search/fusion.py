@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from m3search.plan import FUSIONS
+
 __all__ = ["RRF_K", "FUSIONS", "weighted", "rrf", "dbsf", "fuse", "contributions", "ranks", "order"]
 
 #: The RRF constant used by m3search (qdrant-client uses 2 by default).
 RRF_K = 60
-
-FUSIONS = ("weighted", "rrf", "dbsf")
 
 
 def _as_arrays(scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:

@@ -29,23 +29,27 @@ not matter, so FlagEmbedding's ``"colbert+sparse+dense"`` works). Re-ranking mod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from m3search.engines.base import MODES
 from m3search.filters import Filter, parse_filter
-from m3search.fusion import FUSIONS
 
 __all__ = [
+    "MODES",
     "PRESETS",
+    "FUSIONS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_CANDIDATES",
     "SearchPlan",
     "parse_mode",
     "check_weights",
     "check_query",
+    "check_texts",
 ]
+
+#: The three representations, in the order weights are given (engines name their vectors so).
+MODES: tuple[str, str, str] = ("dense", "sparse", "colbert")
 
 #: Named modes and what they are for (shown by the CLI).
 PRESETS: dict[str, str] = {
@@ -57,7 +61,10 @@ PRESETS: dict[str, str] = {
     "all": "dense + sparse + ColBERT (the default)",
 }
 
-#: BGE-M3's paper weights (dense, sparse, colbert).
+#: Fusion methods (:mod:`m3search.fusion`): BGE-M3's weighted sum, reciprocal rank, distribution-based.
+FUSIONS: tuple[str, ...] = ("weighted", "rrf", "dbsf")
+
+#: BGE-M3's paper weights (dense, sparse, colbert); FlagEmbedding's ``compute_score`` defaults to (1, 1, 1).
 DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)
 
 #: Candidates per first-stage list (dense top-C ∪ sparse top-C). Measured on the proxy
@@ -86,7 +93,11 @@ def parse_mode(mode: Any) -> tuple[str, ...]:
 
 
 def check_weights(weights: Any) -> tuple[float, float, float]:
-    """Validate the (dense, sparse, colbert) weights: three finite, non-negative numbers."""
+    """Validate the (dense, sparse, colbert) weights: three finite, non-negative numbers, not all zero.
+
+    All-zero weights are refused here (they fuse nothing, in any mode); whether the modes
+    of one search get a positive total is :meth:`SearchPlan.build`'s check.
+    """
     if weights is None:
         return DEFAULT_WEIGHTS
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
@@ -102,15 +113,41 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
         if w < 0:
             raise ValueError(f"weight for {name} must not be negative, got {w!r}")
         out.append(float(w))
+    if not any(out):
+        raise ValueError(f"weights must not all be zero, got {list(weights)!r}")
     return tuple(out)  # type: ignore[return-value]
 
 
 def check_query(query: Any) -> str:
+    """A query is a non-blank string."""
     if not isinstance(query, str):
         raise TypeError(f"query must be a string, not {type(query).__name__}")
     if not query.strip():
         raise ValueError("query is empty")
     return query
+
+
+def check_texts(texts: Any) -> list[str]:
+    """A string or an iterable of strings, as a non-empty list (encoder and collection alike).
+
+    An empty list is an error, not a no-op: it almost always means the caller read the
+    wrong field or file, and the encoder could not give it a shape anyway. The empty
+    *string* is a valid text (a document without lexical weights).
+    """
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None or isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: pass at least one string")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(
+            f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    return texts
 
 
 def _positive_int(name: str, v: Any) -> int:

@@ -26,7 +26,6 @@ import math
 import os
 import secrets
 import socket
-import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,14 +43,17 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'm3search[server]'") from None
 
-__all__ = ["Settings", "get_settings", "create_app", "serve", "SERVER_FILE", "read_server_file", "error_body"]
+from . import serverfile
+from .errors import DuplicateIdError, M3SearchError, UnknownIdError
+from .plan import FUSIONS, MODES, PRESETS
+
+__all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
 
 log = logging.getLogger("m3search.server")
 
 #: Hard ceilings of the request schema (settings may set lower limits).
 MAX_K = 10_000
 MAX_CANDIDATES = 100_000
-from .cli import SERVER_FILE  # noqa: E402  (file beside the collection's lock: where its server listens)
 
 _MB = 1 << 20
 
@@ -137,6 +139,11 @@ _STATUS_TYPES = {
 }
 
 
+#: The library's typed errors as HTTP statuses: the one place they are mapped (anything else
+#: the library rejects with ValueError / TypeError is a 400).
+_ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdError: 404}
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -182,10 +189,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
         return JSONResponse(error_body("invalid_request", message), status_code=422)
 
+    @app.exception_handler(M3SearchError)
     @app.exception_handler(ValueError)
     @app.exception_handler(TypeError)
-    async def value_error(request: Request, exc: Exception):
-        return JSONResponse(error_body("invalid_request", str(exc)), status_code=400)
+    async def library_error(request: Request, exc: Exception):
+        status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc)), status_code=status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition
@@ -284,9 +293,8 @@ class Resources:
     def __init__(self, *, encoder: Any = None, collection: Any = None):
         self._encoder = encoder
         self.collection = collection
-        self.lock = threading.RLock()  # add-or-409 checks and writes happen under it
         self.started = time.time()
-        self.server_file: Path | None = None  # removed on close (uvicorn re-raises SIGTERM after shutdown)
+        self.server_record: Path | None = None  # the collection whose server record we wrote; removed on close
 
     @property
     def encoder(self) -> Any:
@@ -295,11 +303,9 @@ class Resources:
         return self._encoder
 
     def close(self) -> None:
-        if self.server_file is not None:
-            record = read_server_file(self.server_file.parent)
-            if record is not None and record.get("pid") == os.getpid():
-                self.server_file.unlink(missing_ok=True)
-            self.server_file = None
+        if self.server_record is not None:  # uvicorn re-raises SIGTERM after shutdown: remove it here
+            serverfile.remove(self.server_record)
+            self.server_record = None
         if self.collection is not None:
             self.collection.close()
             self.collection = None
@@ -453,16 +459,14 @@ class DocumentOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-_MODE_PATTERN = r"^(all|(dense|sparse|colbert)(\+(dense|sparse|colbert)){0,2})$"
+_MODE_PATTERN = rf"^(all|({'|'.join(MODES)})(\+({'|'.join(MODES)})){{0,2}})$"
 
 
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
-    mode: str = Field(
-        "all", pattern=_MODE_PATTERN, description="dense, sparse, colbert, dense+sparse, dense+colbert or all."
-    )
-    fusion: Literal["weighted", "rrf", "dbsf"] = "weighted"
+    mode: str = Field("all", pattern=_MODE_PATTERN, description=f"{', '.join(PRESETS)} (or any '+'-joined subset).")
+    fusion: Literal[FUSIONS] = "weighted"  # type: ignore[valid-type]
     weights: list[Annotated[float, Field(ge=0)]] | None = Field(
         None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4)."
     )
@@ -537,7 +541,6 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             res.close()
 
     from . import __version__
-    from .cli import collection_info, hit_to_dict
 
     app = FastAPI(
         title="m3search",
@@ -584,7 +587,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             "collection": None,
         }
         if res.collection is not None:
-            out["collection"] = _finite(collection_info(res.collection))
+            out["collection"] = _finite(res.collection.info())
         return out
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"])
@@ -664,22 +667,15 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             raise HTTPException(422, f"duplicate ids in the request: {dups[:10]}")
         metadata = [d.metadata or {} for d in body.documents]
         coll = res.collection
-        with res.lock:
-            if not body.upsert and ids[0] is not None:
-                existing = [r.id for r in coll.get(ids) if r is not None]
-                if existing:
-                    raise HTTPException(409, f"ids already exist: {existing[:10]} (send upsert: true to overwrite)")
-            write = coll.upsert if body.upsert else coll.add
-            out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
-            count = coll.count()
-        return DocumentsResponse(ids=list(out), count=count)
+        write = coll.upsert if body.upsert else coll.add  # add: DuplicateIdError (409) when an id exists
+        out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
+        return DocumentsResponse(ids=list(out), count=coll.count())
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
     def delete_documents(body: DeleteRequest, res: CollectionDep, settings: SettingsDep) -> DeleteResponse:
         """Delete by id; unknown ids are reported in ``missing``."""
         _check_batch(len(body.ids), settings, "ids")
-        with res.lock:
-            out = res.collection.delete(body.ids)
+        out = res.collection.delete(body.ids)
         return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
 
     @api.get(
@@ -692,7 +688,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         """One stored document (text and metadata)."""
         doc = res.collection.get([doc_id])[0]
         if doc is None:
-            raise HTTPException(404, f"no document with id {doc_id!r}")
+            raise UnknownIdError(f"no document with id {doc_id!r}", [doc_id])
         return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
 
     @api.post("/search", response_model=SearchResponse, tags=["search"])
@@ -712,22 +708,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             filter=body.filter,
             explain=body.explain,
         )
-        return SearchResponse(hits=[HitOut(**_finite(hit_to_dict(h))) for h in hits])
+        return SearchResponse(hits=[HitOut(**_finite(h.to_dict())) for h in hits])
 
     app.include_router(api)
     return app
 
 
 # ---------------------------------------------------------------------------------------------- serving
-
-
-def read_server_file(collection: str | Path) -> dict[str, Any] | None:
-    """The running server's record for ``collection`` (None when absent or unreadable)."""
-    path = Path(collection) / SERVER_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -769,19 +756,10 @@ def serve(
         url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
         resources = open_resources(settings)
         if settings.collection:
-            server_file = Path(settings.collection) / SERVER_FILE
-            record = {
-                "pid": os.getpid(),
-                "host": host,
-                "port": actual,
-                "url": url,
-                "api_key_required": settings.api_key is not None,
-                "started": time.time(),
-            }
-            tmp = server_file.with_name(SERVER_FILE + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-            os.replace(tmp, server_file)
-            resources.server_file = server_file
+            serverfile.write(
+                settings.collection, host=host, port=actual, url=url, api_key_required=settings.api_key is not None
+            )
+            resources.server_record = Path(settings.collection)
         _ = resources.encoder  # load the model now
         if on_ready is not None:
             on_ready(url)

@@ -38,16 +38,20 @@ Contract every engine keeps:
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
+from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
+from m3search.plan import MODES  # the three representations, in the order weights are given
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -62,6 +66,7 @@ __all__ = [
     "CollectionNotFoundError",
     "CollectionExistsError",
     "point_uuid",
+    "allocated_bytes",
     "score_records",
     "finish_maxsim_scores",
 ]
@@ -69,26 +74,12 @@ __all__ = [
 #: Version of the stored layout (payload keys, vector names, manifest keys). Bump on change.
 SCHEMA_VERSION = 1
 
-#: The three representations, in the order weights are given.
-MODES = ("dense", "sparse", "colbert")
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
 ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")
 
 #: Per-query ranked list: ``[(id, score), ...]``, best first.
 Hits = list
-
-
-class CollectionInUseError(RuntimeError):
-    """Another process holds the collection's storage (one process per embedded collection)."""
-
-
-class CollectionNotFoundError(FileNotFoundError):
-    """No collection at this location."""
-
-
-class CollectionExistsError(FileExistsError):
-    """``create`` was asked for a location that already holds a collection."""
 
 
 _NS_BYTES = ID_NAMESPACE.bytes
@@ -328,6 +319,19 @@ def score_records(
     return out
 
 
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated on disk for a file or everything under a folder (sparse files count as stored)."""
+    files = [path] if path.is_file() else (Path(d) / f for d, _, names in os.walk(path) for f in names)
+    total = 0
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:  # removed while walking
+            continue
+        total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return total
+
+
 class Engine(ABC):
     """A storage backend. Implementations register a location scheme in :mod:`m3search.engines`.
 
@@ -374,6 +378,12 @@ class Engine(ABC):
         keep this default no-op.
         """
         return False
+
+    def disk_usage(self) -> dict[str, int] | None:
+        """Bytes on disk, ``{"total": n}`` at least, or None when the storage is not local
+        (a server). Engines that know their layout also split it by part (dense, sparse, ...)."""
+        root = Path(self.location)
+        return {"total": allocated_bytes(root)} if root.exists() else None
 
     def __enter__(self) -> Engine:
         return self

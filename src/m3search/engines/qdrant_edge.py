@@ -60,6 +60,7 @@ from m3search.engines.base import (
     QueryVectors,
     Record,
     Schema,
+    allocated_bytes,
     fill_by_uuid,
     finish_maxsim_scores,
     point_uuid,
@@ -296,6 +297,22 @@ class QdrantEdgeEngine(Engine):
         """
         self.shard.flush()
         self._unflushed = 0
+
+    def disk_usage(self) -> dict[str, int]:
+        """Allocated bytes by part, from Qdrant's segment layout: ``vector_storage-<name>`` /
+        ``vector_index-<name>`` folders are dense / sparse / colbert, ``payload_*`` the
+        texts and metadata, ``wal`` the write-ahead log; the rest (manifest, lock, id
+        trackers) is ``other``; plus ``total``."""
+        parts = dict.fromkeys((*MODES, "payload", "wal", "other", "total"), 0)
+        for dirpath, _, names in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root).parts
+            part = next((m for m in MODES for d in rel if d.endswith(f"-{m}")), None)
+            if part is None:
+                part = "payload" if any(d.startswith("payload_") for d in rel) else "wal" if "wal" in rel else "other"
+            size = sum(allocated_bytes(Path(dirpath) / n) for n in names)
+            parts[part] += size
+            parts["total"] += size
+        return parts
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:

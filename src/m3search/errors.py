@@ -1,0 +1,61 @@
+"""Typed errors of the m3search library.
+
+Why typed: callers (the CLI, the HTTP service, your code) tell "this id is taken" from
+"this id does not exist" from "someone else holds the collection" by class, not by
+parsing messages. Each one also subclasses the built-in error it used to be
+(``ValueError``, ``LookupError``, ``FileNotFoundError``, ...), so ``except ValueError``
+code keeps working. The HTTP service maps them to statuses in one place
+(``m3search.server._ERROR_STATUS``: 409 duplicate, 404 unknown).
+
+This module imports nothing, so every layer (engines included) can raise these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "M3SearchError",
+    "DuplicateIdError",
+    "UnknownIdError",
+    "CollectionInUseError",
+    "CollectionNotFoundError",
+    "CollectionExistsError",
+    "ModelMismatchError",
+]
+
+
+class M3SearchError(Exception):
+    """Base class of the errors m3search raises on purpose."""
+
+
+class DuplicateIdError(M3SearchError, ValueError):
+    """``add`` was given ids that are already stored (nothing was written; use ``upsert``)."""
+
+    def __init__(self, message: str, ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.ids = list(ids or [])
+
+
+class UnknownIdError(M3SearchError, ValueError, LookupError):
+    """An operation needs ids that are not stored (nothing was changed)."""
+
+    def __init__(self, message: str, ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.ids = list(ids or [])
+
+    __str__ = ValueError.__str__  # LookupError/KeyError-style quoting of the message is not wanted
+
+
+class CollectionInUseError(M3SearchError, RuntimeError):
+    """Another process holds the collection's storage (one process per embedded collection)."""
+
+
+class CollectionNotFoundError(M3SearchError, FileNotFoundError):
+    """No collection at this location."""
+
+
+class CollectionExistsError(M3SearchError, FileExistsError):
+    """``create`` was asked for a location that already holds a collection."""
+
+
+class ModelMismatchError(M3SearchError, ValueError):
+    """The model given does not match the one the collection was built with."""
