@@ -9,8 +9,8 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Model: BAAI/bge-m3 (downloaded on first use) unless M3SEARCH_MODEL or MODEL names another id or a local folder.
 MODEL      ?= $(or $(M3SEARCH_MODEL),BAAI/bge-m3)
-# A real BEIR-format corpus (corpus.jsonl, queries.jsonl, qrels/test.tsv).
-DATA       ?= ../shared/data/cranfield
+# A real corpus shipped with the repository: 300 Cranfield abstracts in BEIR format (source, licence: data/README.md).
+DATA       ?= data/cranfield-demo
 COLLECTION ?= runs/demo-collection
 QUERY      ?= what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft
 FLAG_VENV  ?= .venv-flag
@@ -37,11 +37,11 @@ $(FLAG_VENV)/.installed:
 	$(FLAG_VENV)/bin/python -m pip install -q "FlagEmbedding==1.4.2" "transformers>=4.44,<5"
 	touch $@
 
-# Main job: index a real corpus, search it, and evaluate every search mode on its judged queries.
+# Main job: index a real corpus, search it (then again with --explain: per-mode scores, matched tokens), show what is stored.
 demo: install
 	$(BIN)/m3search index $(DATA)/corpus.jsonl --collection $(COLLECTION) --model "$(MODEL)"
 	$(BIN)/m3search search "$(QUERY)" --collection $(COLLECTION) --k 5
-	$(BIN)/m3search search "$(QUERY)" --collection $(COLLECTION) --k 5 --mode sparse --explain
+	$(BIN)/m3search search "$(QUERY)" --collection $(COLLECTION) --k 3 --explain
 	$(BIN)/m3search info --collection $(COLLECTION)
 
 # Lint + format check (ruff, configured in pyproject.toml), then the default suite.

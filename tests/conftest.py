@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("M3SEARCH_SHARED", REPO.parent / "shared"))
 PROXY_MODEL = SHARED / "models" / "bge-m3-proxy"
 DATA = SHARED / "data"
+#: Shipped with the repository (data/README.md): tests that only need "a real corpus" use it,
+#: so they run on a fresh clone without ../shared.
+DEMO_DATA = REPO / "data" / "cranfield-demo"
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +47,19 @@ def tiny_encoder(tiny_model_path):
 @pytest.fixture(scope="session")
 def proxy_model_path() -> Path:
     if not (PROXY_MODEL / "config.json").is_file():
-        pytest.skip(f"real-semantics proxy model not found at {PROXY_MODEL}")
+        pytest.skip(f"real-semantics proxy model not found at {PROXY_MODEL} (set M3SEARCH_SHARED; CI has it)")
     return PROXY_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    """The 300-document Cranfield subset in data/cranfield-demo (BEIR format, always present)."""
+    assert (DEMO_DATA / "corpus.jsonl").is_file(), f"the shipped demo corpus is missing: {DEMO_DATA}"
+    return DEMO_DATA
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (DATA / "cranfield" / "corpus.jsonl").is_file():
-        pytest.skip(f"evaluation data not found at {DATA}")
+        pytest.skip(f"evaluation data not found at {DATA} (set M3SEARCH_SHARED; CI has it)")
     return DATA

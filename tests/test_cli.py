@@ -41,8 +41,8 @@ def one_json(proc: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data) -> Path:
-    src = shared_data / "cranfield" / "corpus.jsonl"
+def corpus(tmp_path_factory, demo_data) -> Path:
+    src = demo_data / "corpus.jsonl"
     out = tmp_path_factory.mktemp("cli-corpus") / "corpus.jsonl"
     with open(src, encoding="utf-8") as f:
         out.write_text("".join(next(f) for _ in range(N_DOCS)), encoding="utf-8")

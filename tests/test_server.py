@@ -72,9 +72,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def docs(shared_data) -> tuple[list[str], list[str]]:
+def docs(demo_data) -> tuple[list[str], list[str]]:
     ids, texts = [], []
-    with open(shared_data / "cranfield" / "corpus.jsonl", encoding="utf-8") as f:
+    with open(demo_data / "corpus.jsonl", encoding="utf-8") as f:
         for _, line in zip(range(N_DOCS), f):
             d = json.loads(line)
             ids.append(d["_id"])

@@ -233,10 +233,12 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
             folder = Path(snapshot_download(name, allow_patterns=["pytorch_model.bin"]))
         return folder
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        reason = " ".join(str(exc).split())  # hub errors span several lines
         raise ModelLoadError(
-            f"could not download model {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "If this machine is offline, pass a local folder in BAAI/bge-m3's layout instead, e.g. "
-            "M3Encoder.from_pretrained('/path/to/bge-m3'), `--model /path/to/bge-m3`, or M3SEARCH_MODEL=/path/to/bge-m3"
+            f"could not download model {name!r} from the Hugging Face Hub ({type(exc).__name__}: {reason[:300]}). "
+            "Offline? Use a local folder in BAAI/bge-m3's layout: set M3SEARCH_MODEL=/path/to/bge-m3 "
+            "(or pass --model /path/to/bge-m3 to the CLI, MODEL=/path/to/bge-m3 to make, "
+            "M3Encoder.from_pretrained('/path/to/bge-m3') in Python)"
         ) from None
 
 

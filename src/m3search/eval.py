@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
+from m3search.plan import PRESETS
 
 __all__ = [
     "MODES",
@@ -42,8 +43,8 @@ __all__ = [
     "reference_table",
 ]
 
-#: Every search mode, in report order.
-MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
+#: Every named search mode (:data:`m3search.plan.PRESETS`), in report order.
+MODES = tuple(PRESETS)
 #: Recall is reported at this depth (and every mode retrieves at least this many hits).
 RECALL_AT = 100
 #: Default candidates per first-stage list for eval: the collection's default (BGE-M3's paper re-ranks the

@@ -1,0 +1,153 @@
+"""The HTTP surface in-process: ``TestClient(create_app(...))``, no subprocess, no port.
+
+Beside ``test_server.py`` (the real ``m3search serve`` over loopback), these tests reach
+inside the app the way FastAPI's docs say tests should: settings swapped through
+``app.dependency_overrides[get_settings]``, resources handed to ``create_app``, the
+lifespan entered with ``with TestClient(app)``. They check what only an in-process test
+can see cheaply: the typed library errors and their one status mapping, that the
+server's answers are the library's own ``Hit.to_dict()`` / ``Collection.info()``, that
+concurrent adds of one id give exactly one 409 (the collection's lock, not a second one
+in the server), and that the lifespan releases the collection.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from m3search import Collection  # noqa: E402
+from m3search.errors import (  # noqa: E402
+    CollectionInUseError,
+    DuplicateIdError,
+    M3SearchError,
+    ModelMismatchError,
+    UnknownIdError,
+)
+from m3search.server import _ERROR_STATUS, Resources, Settings, create_app, get_settings  # noqa: E402
+
+TEXTS = [
+    "The boundary layer separates at high angles of attack.",
+    "Hypersonic flow heats the leading edge of a slender wing.",
+    "Die Grenzschicht löst sich bei großem Anstellwinkel ab.",
+    "Pressure distribution on a swept wing in supersonic flow.",
+    "Aeroelastic models of heated high speed aircraft.",
+]
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, tiny_encoder):
+    path = tmp_path_factory.mktemp("http") / "coll"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(TEXTS, ids=IDS, metadata=[{"n": i} for i in range(len(TEXTS))])
+    return path
+
+
+@pytest.fixture()
+def app_and_collection(stored, tiny_encoder):
+    """An app over the stored collection (restored to its 5 documents afterwards)."""
+    col = Collection.open(stored, model=tiny_encoder)
+    app = create_app(Settings(collection=str(stored), max_batch=8), resources=Resources(collection=col))
+    with TestClient(app) as client:
+        yield app, client, col
+    with Collection.open(stored, model=tiny_encoder) as again:  # the lifespan closed `col`
+        extra = [i for i in again.get(IDS + ["x1", "x2", "race"]) if i is not None and i.id not in IDS]
+        again.delete([r.id for r in extra])
+
+
+def _error(r, status: int, type_: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["error"]["type"] == type_ and set(body) == {"error"}
+    return body["error"]["message"]
+
+
+def test_typed_errors_are_mapped_in_one_place():
+    assert _ERROR_STATUS == {DuplicateIdError: 409, UnknownIdError: 404}
+    # the typed errors stay the built-in kinds older callers catch
+    assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
+    assert issubclass(UnknownIdError, ValueError) and issubclass(ModelMismatchError, ValueError)
+    assert issubclass(CollectionInUseError, RuntimeError) and issubclass(DuplicateIdError, M3SearchError)
+    assert str(UnknownIdError("no document with id 'x'")) == "no document with id 'x'"  # no KeyError quoting
+
+
+def test_library_errors_become_409_and_404(app_and_collection):
+    _, client, col = app_and_collection
+    with pytest.raises(DuplicateIdError) as exc:
+        col.add(["again"], ids=["d0"])
+    assert exc.value.ids == ["d0"]
+    msg = _error(client.post("/documents", json={"documents": [{"id": "d0", "text": "again"}]}), 409, "conflict")
+    assert "d0" in msg and "nothing was written" in msg
+    assert col.get("d0")[0].text == TEXTS[0]
+    msg = _error(client.get("/documents/ghost"), 404, "not_found")
+    assert "ghost" in msg
+    with pytest.raises(UnknownIdError) as exc:
+        col.update_metadata(["d1", "ghost"], {"n": 9})
+    assert exc.value.ids == ["ghost"] and col.get("d1")[0].metadata == {"n": 1}
+    _error(client.post("/search", json={"query": "x", "weights": [0, 0, 0]}), 400, "invalid_request")
+
+
+def test_concurrent_adds_of_one_id_give_one_409(app_and_collection):
+    """The collection's own lock decides; the server no longer re-checks under a second one."""
+    _, client, col = app_and_collection
+    statuses: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def post(i: int) -> None:
+        barrier.wait()
+        r = client.post("/documents", json={"documents": [{"id": "race", "text": f"writer {i}"}]})
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(statuses) == [200, 409, 409, 409]
+    assert col.count() == len(TEXTS) + 1
+
+
+def test_answers_are_the_library_objects(app_and_collection):
+    _, client, col = app_and_collection
+    body = {"query": "boundary layer separation", "k": 3, "explain": True}
+    hits = client.post("/search", json=body).json()["hits"]
+    assert hits == [h.to_dict() for h in col.search(**body)]
+    assert set(hits[0]["explain"]) >= {"contributions", "weights", "ranks", "matched_tokens"}
+    info = client.get("/info").json()["collection"]
+    assert info == col.info()
+    assert info["count"] == len(TEXTS) and set(info) >= {"count", "disk_bytes", "settings", "schema", "model"}
+    parts = info["disk_bytes"]
+    assert set(parts) == {"dense", "sparse", "colbert", "payload", "wal", "other", "total"}
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total") and parts["colbert"] > 0
+
+
+def test_settings_are_swapped_through_dependency_overrides(app_and_collection):
+    """What FastAPI's docs prescribe, and what server.py says tests do."""
+    app, client, _ = app_and_collection
+    assert client.post("/embed", json={"input": ["a"] * 8}).status_code == 200
+    app.dependency_overrides[get_settings] = lambda: Settings(api_key="k2", max_batch=2)
+    try:
+        _error(client.get("/info"), 401, "unauthorized")
+        headers = {"Authorization": "Bearer k2"}
+        assert client.get("/info", headers=headers).json()["limits"]["max_batch"] == 2
+        _error(client.post("/embed", json={"input": ["a"] * 3}, headers=headers), 413, "too_large")
+        assert client.get("/health").status_code == 200  # open whatever the key
+    finally:
+        app.dependency_overrides[get_settings] = lambda: Settings(max_batch=8)
+    assert client.post("/embed", json={"input": ["a"] * 8}).status_code == 200
+
+
+def test_lifespan_opens_from_settings_and_releases_the_collection(stored, tiny_model_path):
+    """Without resources, the lifespan opens the collection named by the settings, and closes it."""
+    app = create_app(Settings(collection=str(stored), model=str(tiny_model_path), dtype="float32"))
+    with TestClient(app) as client:
+        assert client.get("/info").json()["collection"]["count"] == len(TEXTS)
+        with pytest.raises(CollectionInUseError):
+            Collection.open(stored)
+    Collection.open(stored).close()  # released on exit
