@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,6 +136,83 @@ def test_reindex_upserts_and_text_output(indexed, corpus, corpus_texts, tiny_enc
     assert sum(1 for ln in lines if ln.lstrip()[:2] in ("1.", "2.", "3.")) == 3
 
 
+def test_explain_is_an_aligned_table_at_100_columns(indexed):
+    """The terminal form of --explain carries the same numbers as --json, laid out for people."""
+    query = "boundary layer transition on a flat plate"
+    args = ("search", query, "-c", str(indexed), "-k", "3", "--explain")
+    full = one_json(cli(*args, "--json"))["hits"]
+    lines = cli(*args).stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 100
+    assert not any(ln.lstrip().startswith(("{", "explain:")) for ln in lines)  # no raw JSON
+    heads = [i for i, ln in enumerate(lines) if ln[:5].strip().rstrip(".").isdigit()]
+    assert len(heads) == 3
+    for n, (hit, start) in enumerate(zip(full, heads)):
+        block = lines[start : heads[n + 1] if n + 1 < len(heads) else len(lines)]
+        assert str(hit["id"]) in block[0] and f"{hit['score']:.4f}" in block[0]
+        ex = hit["explain"]
+        header = next(i for i, ln in enumerate(block) if ln.split()[:2] == ["mode", "score"])
+        ends = [m.end() for m in re.finditer(r"\S+", block[header])][1:]  # right edges of the columns
+        for row, mode in zip(block[header + 1 :], ex["modes"]):
+            assert row.split() == [
+                mode,
+                f"{hit['scores'][mode]:.4f}",
+                f"{ex['weights'][mode]:.2f}",
+                f"{ex['contributions'][mode]:.4f}",
+                str(ex["ranks"][mode]),
+            ]
+            assert [m.end() for m in re.finditer(r"\S+", row)][1:] == ends  # right-aligned under the headers
+        assert block[header + 1 + len(ex["modes"])].split() == ["fused", f"{hit['score']:.4f}"]
+        tokens = ex["matched_tokens"]
+        if tokens:
+            n = min(len(tokens), 8)  # the block ends with n token rows, then "... more" if any
+            rows = block[len(block) - n - (len(tokens) > 8) :][:n]
+            shown = [ln.split()[-3:] for ln in rows]
+            want = [[f"{t['query_weight']:.4f}", f"{t['doc_weight']:.4f}", f"{t['product']:.4f}"] for t in tokens]
+            assert shown == want[:8]
+            assert any(f"{len(tokens) - 8} more" in ln for ln in block) == (len(tokens) > 8)
+        else:
+            assert any("no lexical" in ln for ln in block)
+
+
+def test_format_hit_clips_long_fields_to_the_width():
+    from m3search.cli import format_hit
+
+    hit = {
+        "id": "x" * 150,
+        "score": 0.5,
+        "scores": {"dense": 0.5, "sparse": 0.0, "colbert": 0.5},
+        "text": "word " * 100,
+        "metadata": {"k": "v" * 200},
+        "explain": {
+            "fusion": "rrf",
+            "modes": ["dense", "colbert"],
+            "weights": {"dense": 1.0, "colbert": 1.0},
+            "contributions": {"dense": 1 / 61, "colbert": 1 / 62},
+            "ranks": {"dense": 1, "colbert": 2},
+            "candidates": 400,
+            "found_by": ["dense"],
+            "matched_tokens": [
+                {"token": "▁" + "t" * 40, "token_id": 5, "query_weight": 0.1, "doc_weight": 0.2, "product": 0.02}
+            ]
+            * 10,
+        },
+    }
+    lines = format_hit(12, hit)
+    assert max(map(len, lines)) <= 100 and all(ln.endswith("...") for ln in lines[:3] if len(ln) == 100)
+    assert lines[0].startswith(" 12. 0.5000  xxx") and lines[0].endswith("colbert 0.5000")
+    assert any("2 more (--json lists all)" in ln for ln in lines)
+    assert max(map(len, format_hit(1, hit, width=80))) <= 80
+
+
+def test_offline_without_a_model_says_what_to_set(tmp_path, corpus):
+    """No hub and no local model: one line that names M3SEARCH_MODEL; nothing is created."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = cli("index", str(corpus), "-c", str(tmp_path / "coll"), env=env, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "BAAI/bge-m3" in proc.stderr and "set M3SEARCH_MODEL=/path/to/bge-m3" in proc.stderr
+    assert not (tmp_path / "coll").exists()
+
+
 @pytest.mark.heavy
 def test_explain_and_filters_from_csv(tmp_path, tiny_model_path):
     src = tmp_path / "products.csv"
@@ -252,7 +330,7 @@ def test_errors_are_one_line_without_traceback(
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"
-        "for cmd in ([], ['index'], ['search'], ['serve'], ['eval'], ['info'], ['delete']):\n"
+        "for cmd in ([], ['index'], ['search'], ['serve'], ['eval'], ['info'], ['delete'], ['migrate']):\n"
         "    r = CliRunner().invoke(main, cmd + ['--help']); assert r.exit_code == 0, r.output\n"
         "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'qdrant_edge', 'pytrec_eval', 'matplotlib') if m in sys.modules]\n"
         "print(heavy)"

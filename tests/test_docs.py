@@ -1,0 +1,167 @@
+"""The README and docs/usage.md cannot silently go stale (datasette's tests/test_docs.py habit).
+
+Every ``m3search`` command line in their code blocks must name a real command and real
+options; every "``--option`` ... default N" must be the CLI's default; the mode and fusion
+lists, the paper weights, the RRF constant and the candidates default must be the code's
+constants; every ``M3SEARCH_*`` variable must be read somewhere in the code; every HTTP
+route in the docs must exist; the Makefile targets and the demo corpus the README
+promises must be there.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from m3search.cli import main
+from m3search.fusion import RRF_K
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, FUSIONS, PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = {name: (REPO / name).read_text(encoding="utf-8") for name in ("README.md", "docs/usage.md")}
+
+
+def code_blocks(text: str, langs: tuple[str, ...] = ("bash", "sh", "")) -> list[str]:
+    """Fenced blocks in these languages (a line-by-line walk: a closing fence never opens one)."""
+    blocks, lang, lines = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip(), []
+            else:
+                if lang in langs:
+                    blocks.append("\n".join(lines) + "\n")
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return blocks
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """``m3search ...`` invocations in the bash blocks (continuations joined, comments dropped)."""
+    out = []
+    for block in code_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("m3search "):
+                out.append(shlex.split(line.rstrip("&").strip(), comments=True))
+    return out
+
+
+def options_of(command: click.Command) -> dict[str, click.Parameter]:
+    return {opt: p for p in command.params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("-")}
+
+
+@pytest.mark.parametrize("doc", sorted(DOCS))
+def test_every_documented_command_and_option_exists(doc):
+    lines = command_lines(DOCS[doc])
+    assert len(lines) >= 5, f"{doc}: expected m3search examples"
+    for argv in lines:
+        name = argv[1]
+        if name.startswith("-"):
+            assert name in ("--help", "-h", "--version"), argv
+            continue
+        assert name in main.commands, f"{doc}: `m3search {name}` is not a command ({' '.join(argv)})"
+        known = options_of(main.commands[name]) | {"--help": None, "-h": None}
+        for word in argv[2:]:
+            if word.startswith("-") and not re.fullmatch(r"-\d.*", word):
+                assert word.split("=")[0] in known, f"{doc}: `m3search {name}` has no option {word}"
+
+
+def _format_default(value) -> set[str]:
+    if isinstance(value, float) and value.is_integer():
+        return {str(value), str(int(value))}
+    return {str(value)}
+
+
+@pytest.mark.parametrize("doc", sorted(DOCS))
+def test_documented_option_defaults_are_the_cli_defaults(doc):
+    found = 0
+    pattern = r"`(--[a-z][a-z-]*)[^`]*`[^`\n]{0,80}?\bdefaults?(?: to|:)? `?([0-9][0-9.,]*[0-9]|[0-9])`?"
+    for option, stated in re.findall(pattern, DOCS[doc]):
+        defaults = {
+            fmt
+            for cmd in main.commands.values()
+            for opt, p in options_of(cmd).items()
+            if opt == option and p.default is not None
+            for fmt in _format_default(p.default)
+        }
+        if option in ("--weights",):
+            defaults = {",".join(f"{w:g}" for w in DEFAULT_WEIGHTS)}
+        assert stated in defaults, f"{doc}: says {option} defaults to {stated}; the CLI's default is {defaults}"
+        found += 1
+    if doc == "docs/usage.md":
+        assert found >= 4  # the pattern still finds what it is meant to
+
+
+def test_candidates_default_everywhere_is_the_plan_constant():
+    for doc, text in DOCS.items():
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        for sentence in re.split(r"(?<=[.])\s", prose):
+            if "candidates" in sentence.lower():
+                for n in re.findall(r"\bdefaults?(?: to| is|:)? \(?(\d+)\b(?![.,]\d)", sentence):
+                    assert int(n) == DEFAULT_CANDIDATES, f"{doc}: {' '.join(sentence.split())!r}"
+    assert f"default candidates ({DEFAULT_CANDIDATES})" in DOCS["README.md"]
+    assert main.commands["eval"].params[[p.name for p in main.commands["eval"].params].index("candidates")].default == (
+        DEFAULT_CANDIDATES
+    )
+
+
+def test_mode_and_fusion_lists_and_constants():
+    usage = DOCS["docs/usage.md"]
+    modes = re.search(r"`--mode ([a-z+|]+)`", usage).group(1).split("|")
+    assert modes == list(PRESETS)
+    fusions = re.search(r"`--fusion ([a-z|]+)`", usage).group(1).split("|")
+    assert fusions == list(FUSIONS)
+    readme = DOCS["README.md"]
+    assert f"rrf` (k = {RRF_K}" in readme
+    w = ", ".join(f"{x:g}" for x in DEFAULT_WEIGHTS)
+    assert f"`({w})`" in readme and f"default `{w.replace(', ', ',')}`" in usage
+    assert list(
+        main.commands["search"].params[[p.name for p in main.commands["search"].params].index("mode")].type.choices
+    ) == list(PRESETS)
+
+
+def test_environment_variables_exist_in_the_code():
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "src" / "m3search").rglob("*.py"))
+    code += "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").glob("*.py"))
+    code += (REPO / "Makefile").read_text(encoding="utf-8")
+    for doc, text in DOCS.items():
+        for var in set(re.findall(r"\bM3SEARCH_[A-Z_]+\b", text)):
+            # server.Settings.from_env reads M3SEARCH_<FIELD> for its integer fields by name
+            by_field = 'f"M3SEARCH_{name.upper()}"' in code and f'"{var[len("M3SEARCH_") :].lower()}"' in code
+            assert var in code or by_field, f"{doc} mentions {var}, which nothing reads"
+
+
+def test_documented_routes_exist():
+    pytest.importorskip("fastapi")
+    from m3search.server import Settings, create_app
+
+    paths = create_app(Settings()).openapi()["paths"]
+    routes = {(m.upper(), path) for path, ops in paths.items() for m in ops} | {
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+    }
+    table = re.findall(r"^\| `(GET|POST|DELETE|PUT) (/[^`]*)`", DOCS["docs/usage.md"], flags=re.M)
+    assert len(table) >= 7
+    for method, path in table:
+        path = path.replace("{id}", "{doc_id}")
+        assert (method, path) in routes, f"docs/usage.md lists {method} {path}; the app has no such route"
+    for method, path in re.findall(r"\b(GET|POST|DELETE) (/[a-z0-9/{}]+)", DOCS["README.md"]):
+        assert (method, path.replace("{id}", "{doc_id}")) in routes, f"README lists {method} {path}"
+
+
+def test_quick_start_needs_nothing_beside_the_clone():
+    readme = DOCS["README.md"]
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo", "test", "test-heavy"):
+        assert f"make {target}" in readme and re.search(rf"^{target}:", makefile, flags=re.M), target
+    data = re.search(r"^DATA\s*\?=\s*(\S+)", makefile, flags=re.M).group(1)
+    assert not data.startswith(".."), "make demo must not need a folder outside the clone"
+    assert (REPO / data / "corpus.jsonl").is_file() and (REPO / data / "queries.jsonl").is_file()
+    assert data in readme and (REPO / "data" / "README.md").is_file()
+    assert "licen" in (REPO / "data" / "README.md").read_text(encoding="utf-8").lower()
