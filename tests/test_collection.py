@@ -157,7 +157,11 @@ def test_weights_change_the_fusion(col):
 def test_filter_inside_candidate_queries(col):
     hits = col.search("brown fox", k=2, filter={"topic": "aero"})
     assert {h.id for h in hits} == {"d3", "d4"}  # k hits even though they rank low without the filter
-    assert [h.id for h in col.search("x", k=5, filter={"n": {"in": [1, 2]}}, mode="dense")] != []
+    hits = col.search("x", k=5, filter={"n": {"in": [1, 2]}}, mode="dense")
+    assert sorted(h.id for h in hits) == ["d1", "d2"]  # every match and only matches, though k = 5
+    unfiltered = {h.id: h.score for h in col.search("x", k=len(TEXTS), mode="dense")}
+    assert [h.id for h in hits] == sorted(["d1", "d2"], key=lambda i: (-unfiltered[i], i))
+    assert all(h.score == pytest.approx(unfiltered[h.id], abs=1e-6) for h in hits)
     assert col.count({"lang": "de"}) == 1
     assert col.search("brown fox", filter={"lang": "none"}) == []
 

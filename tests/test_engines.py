@@ -26,18 +26,15 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import ALL_MODES, check_ranking, fused_oracle, oracle_scores, random_corpus, random_queries
+from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
-from m3search.engines.base import MODES
 from m3search.filters import matches, parse_filter
-from m3search.fusion import RRF_K
-from m3search.scoring import colbert_scores, dense_scores, lexical_scores
-from m3search.testing import BUILTIN_TEXTS
+from m3search.plan import MODES
+from m3search.scoring import colbert_scores
 
 ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
-ALL_MODES = ["dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all"]
-PARTS = {"all": MODES, **{m: tuple(m.split("+")) for m in ALL_MODES if m != "all"}}
-WEIGHTS = dict(zip(MODES, (0.4, 0.2, 0.4)))
 N_DOCS = 160
 K = 20
 TOL = 1e-4
@@ -61,13 +58,6 @@ def location(engine: str, folder) -> str:
 
 
 # ---------------------------------------------------------------------------- corpus
-def make_corpus(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    words = " ".join(BUILTIN_TEXTS).split()
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 50)))) for _ in range(n - 6)]
-    return texts + ["", "", texts[0], texts[1], BUILTIN_TEXTS[0], BUILTIN_TEXTS[0]]  # empties and exact ties
-
-
 def make_ids(n: int) -> list[str]:
     ids = [f"doc{i:04d}" for i in range(n)]
     ids[3], ids[7], ids[11] = 'quo"te\\slash', "new\nline\ttab", "ünï-😀"  # need escaping in filter languages
@@ -93,26 +83,14 @@ def make_metadata(n: int) -> list[dict]:
     return out
 
 
-def make_queries(seed: int = 1) -> list[str]:
-    rng = np.random.default_rng(seed)
-    words = " ".join(BUILTIN_TEXTS).split()
-    return [" ".join(rng.choice(words, size=int(rng.integers(1, 9)))) for _ in range(5)] + ["zzqx"]
-
-
 @pytest.fixture(scope="module")
 def corpus(tiny_encoder):
-    texts = make_corpus(N_DOCS)
+    texts = random_corpus(N_DOCS, max_words=50)
     ids, meta = make_ids(N_DOCS), make_metadata(N_DOCS)
     emb = tiny_encoder.encode(texts)
-    queries = make_queries()
+    queries = random_queries(5)
     qemb = tiny_encoder.encode(queries, max_length=512)
-    oracle = {
-        "dense": dense_scores(qemb.dense, emb.dense).astype(np.float64),
-        "sparse": lexical_scores(qemb.sparse, emb.sparse).astype(np.float64),
-        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(
-            np.float64
-        ),
-    }
+    oracle = oracle_scores(qemb, emb)
     assert emb.sparse[N_DOCS - 6].nnz == 0 and emb.sparse[N_DOCS - 5].nnz == 0  # the empty documents
     return texts, ids, meta, emb, queries, qemb, oracle
 
@@ -138,44 +116,6 @@ def cols(tmp_path_factory, tiny_encoder, corpus):
     yield Lazy()
     for col in built.values():
         col.close()
-
-
-# --------------------------------------------------------------------------- oracle
-def fused_oracle(oracle, qi, mode, fusion, ids):
-    parts = PARTS[mode]
-    if fusion == "weighted":
-        return sum(WEIGHTS[m] * oracle[m][qi] for m in parts) / sum(WEIGHTS[m] for m in parts)
-    out = np.zeros(len(ids))
-    for m in parts:
-        s = oracle[m][qi]
-        if fusion == "rrf":
-            rank = np.empty(len(ids))
-            rank[sorted(range(len(ids)), key=lambda j: (-s[j], ids[j]))] = np.arange(1, len(ids) + 1)
-            out += WEIGHTS[m] / (RRF_K + rank)
-        else:
-            mu, sd = s.mean(), s.std(ddof=1)
-            out += WEIGHTS[m] * (s - (mu - 3 * sd)) / (6 * sd)
-    return out
-
-
-def expected(fused, ids, k, allowed=None, positive_only=False):
-    order = sorted(range(len(ids)), key=lambda j: (-fused[j], ids[j]))
-    if allowed is not None:
-        order = [j for j in order if allowed[j]]
-    if positive_only:
-        order = [j for j in order if fused[j] > 0]
-    return order[:k]
-
-
-def check_ranking(got_ids, fused, ids, want, tie_tol=1e-6):
-    pos = {d: j for j, d in enumerate(ids)}
-    got = [pos[h] for h in got_ids]
-    assert len(got) == len(want), (len(got), len(want))
-    for r, (g, e) in enumerate(zip(got, want)):
-        if g != e:
-            assert abs(fused[g] - fused[e]) <= tie_tol, (
-                f"rank {r}: got {ids[g]!r} ({fused[g]:.6f}), want {ids[e]!r} ({fused[e]:.6f})"
-            )
 
 
 # -------------------------------------------------------------------- exactness

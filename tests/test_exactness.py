@@ -16,49 +16,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import ALL_MODES, check_ranking, expected_ranking, oracle_scores, random_corpus, random_queries
+from helpers import fused_oracle as oracle_fused
 
 from m3search.collection import Collection
-from m3search.engines.base import MODES
-from m3search.fusion import RRF_K
-from m3search.scoring import colbert_scores, dense_scores, lexical_scores
-from m3search.testing import BUILTIN_TEXTS
+from m3search.plan import DEFAULT_WEIGHTS as WEIGHTS
+from m3search.plan import MODES
 
 N_DOCS = 300
-ALL_MODES = ["dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all"]
-MODE_PARTS = {"all": MODES, **{m: tuple(m.split("+")) for m in ALL_MODES if m != "all"}}
-WEIGHTS = (0.4, 0.2, 0.4)
 K = 25
-
-
-def make_corpus(n: int, seed: int = 0) -> list[str]:
-    """Random word sequences over the built-in multilingual sentences (+ empties and duplicates)."""
-    rng = np.random.default_rng(seed)
-    words = " ".join(BUILTIN_TEXTS).split()
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 60)))) for _ in range(n - 6)]
-    texts += ["", "", texts[0], texts[1], BUILTIN_TEXTS[0], BUILTIN_TEXTS[0]]  # exact ties by design
-    return texts
-
-
-def make_queries(n: int = 12, seed: int = 1) -> list[str]:
-    rng = np.random.default_rng(seed)
-    words = " ".join(BUILTIN_TEXTS).split()
-    return [" ".join(rng.choice(words, size=int(rng.integers(1, 9)))) for _ in range(n)] + ["zzqx"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tiny_encoder):
-    texts = make_corpus(N_DOCS)
+    texts = random_corpus(N_DOCS, max_words=60)
     ids = [f"doc{i:04d}" for i in range(len(texts))]
     emb = tiny_encoder.encode(texts)
-    queries = make_queries()
+    queries = random_queries(12)
     qemb = tiny_encoder.encode(queries, max_length=512)
-    oracle = {
-        "dense": dense_scores(qemb.dense, emb.dense).astype(np.float64),
-        "sparse": lexical_scores(qemb.sparse, emb.sparse).astype(np.float64),
-        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(
-            np.float64
-        ),
-    }
+    oracle = oracle_scores(qemb, emb)
     return texts, ids, emb, queries, qemb, oracle
 
 
@@ -83,46 +59,6 @@ def col16(tmp_path_factory, tiny_encoder, corpus):
     col.close()
 
 
-def oracle_fused(oracle, qi: int, mode: str, fusion: str, ids: list[str]) -> np.ndarray:
-    """Exhaustive fusion over the whole corpus, written independently of m3search.fusion."""
-    parts = MODE_PARTS[mode]
-    w = dict(zip(MODES, WEIGHTS))
-    if fusion == "weighted":
-        return sum(w[m] * oracle[m][qi] for m in parts) / sum(w[m] for m in parts)
-    out = np.zeros(len(ids))
-    for m in parts:
-        s = oracle[m][qi]
-        if fusion == "rrf":
-            order = sorted(range(len(ids)), key=lambda j: (-s[j], ids[j]))
-            rank = np.empty(len(ids))
-            rank[order] = np.arange(1, len(ids) + 1)
-            out += w[m] / (RRF_K + rank)
-        else:  # dbsf
-            mu, sd = s.mean(), s.std(ddof=1)
-            out += w[m] * (s - (mu - 3 * sd)) / (6 * sd)
-    return out
-
-
-def expected_ranking(fused: np.ndarray, ids: list[str], k: int, positive_only: bool = False) -> list[int]:
-    order = sorted(range(len(ids)), key=lambda j: (-fused[j], ids[j]))
-    if positive_only:
-        order = [j for j in order if fused[j] > 0]
-    return order[:k]
-
-
-def check_ranking(hits, fused, ids, expected, tie_tol: float) -> None:
-    """Same ids in the same order; a position may differ only between oracle scores within ``tie_tol``."""
-    pos = {d: j for j, d in enumerate(ids)}
-    got = [pos[h.id] for h in hits]
-    assert len(set(got)) == len(got)
-    assert len(got) == len(expected), (len(got), len(expected))
-    for r, (g, e) in enumerate(zip(got, expected)):
-        if g != e:
-            assert abs(fused[g] - fused[e]) <= tie_tol, (
-                f"rank {r}: got {ids[g]} ({fused[g]:.6f}), want {ids[e]} ({fused[e]:.6f})"
-            )
-
-
 def test_oracle_scorers_agree_with_compute_score(tiny_encoder, corpus):
     texts, ids, emb, queries, qemb, oracle = corpus
     rng = np.random.default_rng(3)
@@ -140,7 +76,7 @@ def test_float32_storage_equals_oracle(col32, corpus, mode):
     for qi, hits in enumerate(hits_all):
         fused = oracle_fused(oracle, qi, mode, "weighted", ids)
         expected = expected_ranking(fused, ids, K, positive_only=(mode == "sparse"))
-        check_ranking(hits, fused, ids, expected, tie_tol=1e-6)
+        check_ranking([h.id for h in hits], fused, ids, expected, tie_tol=1e-6)
         for h in hits:
             j = ids.index(h.id)
             assert abs(h.score - fused[j]) <= 1e-4
@@ -166,7 +102,7 @@ def test_rank_fusions_equal_oracle(col32, corpus, mode, fusion):
         fused = oracle_fused(oracle, qi, mode, fusion, ids)
         # RRF ranks are integers, so its ties are exact; DBSF carries float32 score noise.
         expected = expected_ranking(fused, ids, K)
-        check_ranking(hits, fused, ids, expected, tie_tol=1e-9 if fusion == "rrf" else 1e-6)
+        check_ranking([h.id for h in hits], fused, ids, expected, tie_tol=1e-9 if fusion == "rrf" else 1e-6)
         for h in hits:
             assert abs(h.score - fused[ids.index(h.id)]) <= 1e-4
 
@@ -179,7 +115,7 @@ def test_float16_storage_keeps_rankings(col16, corpus, mode):
     for qi, hits in enumerate(hits_all):
         fused = oracle_fused(oracle, qi, mode, "weighted", ids)
         expected = expected_ranking(fused, ids, K, positive_only=(mode == "sparse"))
-        check_ranking(hits, fused, ids, expected, tie_tol=2e-3)
+        check_ranking([h.id for h in hits], fused, ids, expected, tie_tol=2e-3)
         for h in hits:
             worst = max(worst, abs(h.score - fused[ids.index(h.id)]))
     print(f"\nfloat16 ColBERT storage, mode={mode}: largest fused-score error {worst:.2e}")

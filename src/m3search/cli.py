@@ -661,8 +661,9 @@ def eval_(
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
     with _errors():
-        from .eval import evaluate, format_table, write_reports
+        from .eval import check_installed, evaluate, format_table, write_reports
 
+        check_installed()
         results = evaluate(
             data_dir,
             model=model,

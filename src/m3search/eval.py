@@ -75,6 +75,15 @@ def _require_pytrec_eval():
     return pytrec_eval
 
 
+def check_installed() -> None:
+    """Fail before any encoding when the ``eval`` extra is missing (metrics and the PNG chart need it)."""
+    import importlib.util
+
+    _require_pytrec_eval()
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the PNG chart needs matplotlib: pip install 'm3search[eval]'")
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -253,6 +262,7 @@ def evaluate(
     """
     from . import M3Encoder
 
+    _require_pytrec_eval()  # before encoding a corpus whose runs could not be scored
     modes = _check_modes(modes)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

@@ -1,0 +1,106 @@
+"""Test helpers shared by the exactness suites (test_exactness.py, test_engines.py):
+a random corpus with built-in traps, the exhaustive oracle, the reference fusion and the
+tie-tolerant ranking check. One copy, so a fix to the oracle reaches every suite.
+
+The oracle is written independently of :mod:`m3search.fusion` and :mod:`m3search.collection`:
+whole-corpus score matrices from :mod:`m3search.scoring` (itself checked against
+``compute_score``), fused by the formulas as the README states them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from m3search.fusion import RRF_K
+from m3search.plan import DEFAULT_WEIGHTS, MODES, PRESETS
+from m3search.scoring import colbert_scores, dense_scores, lexical_scores
+from m3search.testing import BUILTIN_TEXTS
+
+#: Every named mode, and the representations each one fuses.
+ALL_MODES = list(PRESETS)
+MODE_PARTS: dict[str, tuple[str, ...]] = {"all": MODES, **{m: tuple(m.split("+")) for m in ALL_MODES if m != "all"}}
+
+
+def random_corpus(n: int, seed: int = 0, max_words: int = 60) -> list[str]:
+    """``n`` random word sequences over the built-in multilingual sentences; the last six are
+    traps: two empty documents, two duplicates of earlier texts and a duplicated sentence
+    (exact score ties by design)."""
+    rng = np.random.default_rng(seed)
+    words = " ".join(BUILTIN_TEXTS).split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, max_words)))) for _ in range(n - 6)]
+    return texts + ["", "", texts[0], texts[1], BUILTIN_TEXTS[0], BUILTIN_TEXTS[0]]
+
+
+def random_queries(n: int, seed: int = 1) -> list[str]:
+    """``n`` short random queries plus one that shares no token with anything (``"zzqx"``)."""
+    rng = np.random.default_rng(seed)
+    words = " ".join(BUILTIN_TEXTS).split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 9)))) for _ in range(n)] + ["zzqx"]
+
+
+def oracle_scores(qemb, emb) -> dict[str, np.ndarray]:
+    """Exhaustive (n_queries, n_docs) float64 score matrices of the three representations."""
+    return {
+        "dense": dense_scores(qemb.dense, emb.dense).astype(np.float64),
+        "sparse": lexical_scores(qemb.sparse, emb.sparse).astype(np.float64),
+        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, emb.colbert, emb.colbert_offsets).astype(
+            np.float64
+        ),
+    }
+
+
+def fused_oracle(
+    oracle: Mapping[str, np.ndarray],
+    qi: int,
+    mode: str,
+    fusion: str,
+    ids: Sequence[str],
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+) -> np.ndarray:
+    """Exhaustive fusion of query ``qi`` over the whole corpus: BGE-M3's weighted mean, RRF
+    (1-based ranks by score then id, constant ``RRF_K``) or DBSF (mean ± 3 sample sigma)."""
+    parts = MODE_PARTS[mode]
+    w = dict(zip(MODES, weights))
+    if fusion == "weighted":
+        return sum(w[m] * oracle[m][qi] for m in parts) / sum(w[m] for m in parts)
+    out = np.zeros(len(ids))
+    for m in parts:
+        s = oracle[m][qi]
+        if fusion == "rrf":
+            rank = np.empty(len(ids))
+            rank[sorted(range(len(ids)), key=lambda j: (-s[j], ids[j]))] = np.arange(1, len(ids) + 1)
+            out += w[m] / (RRF_K + rank)
+        else:  # dbsf
+            mu, sd = s.mean(), s.std(ddof=1)
+            out += w[m] * (s - (mu - 3 * sd)) / (6 * sd)
+    return out
+
+
+def expected_ranking(
+    fused: np.ndarray, ids: Sequence[str], k: int, allowed: Sequence[bool] | None = None, positive_only: bool = False
+) -> list[int]:
+    """Corpus positions of the top ``k`` by fused score, then id (optionally only ``allowed`` / > 0)."""
+    order = sorted(range(len(ids)), key=lambda j: (-fused[j], ids[j]))
+    if allowed is not None:
+        order = [j for j in order if allowed[j]]
+    if positive_only:
+        order = [j for j in order if fused[j] > 0]
+    return order[:k]
+
+
+def check_ranking(
+    got_ids: Sequence[str], fused: np.ndarray, ids: Sequence[str], want: Sequence[int], tie_tol: float = 1e-6
+) -> None:
+    """Same documents in the same order, no repeats; a position may differ only between
+    documents whose oracle scores are within ``tie_tol`` (a tie at storage precision)."""
+    pos = {d: j for j, d in enumerate(ids)}
+    got = [pos[h] for h in got_ids]
+    assert len(set(got)) == len(got), f"repeated hits: {got_ids}"
+    assert len(got) == len(want), (len(got), len(want))
+    for r, (g, e) in enumerate(zip(got, want)):
+        if g != e:
+            assert abs(fused[g] - fused[e]) <= tie_tol, (
+                f"rank {r}: got {ids[g]!r} ({fused[g]:.6f}), want {ids[e]!r} ({fused[e]:.6f})"
+            )
