@@ -198,8 +198,16 @@ def test_format_hit_clips_long_fields_to_the_width():
         },
     }
     lines = format_hit(12, hit)
-    assert max(map(len, lines)) <= 100 and all(ln.endswith("...") for ln in lines[:3] if len(ln) == 100)
-    assert lines[0].startswith(" 12. 0.5000  xxx") and lines[0].endswith("colbert 0.5000")
+    assert max(map(len, lines)) <= 100
+    assert lines[0].startswith(" 12. 0.5000  xxx") and lines[0].endswith(
+        "...  dense 0.5000  sparse 0.0000  colbert 0.5000"
+    )
+    assert (
+        len(lines[1]) == 100
+        and lines[1].endswith("...")
+        and lines[2].startswith("     metadata: ")
+        and lines[2].endswith("vvv...")
+    )
     assert any("2 more (--json lists all)" in ln for ln in lines)
     assert max(map(len, format_hit(1, hit, width=80))) <= 80
 
