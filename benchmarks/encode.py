@@ -482,7 +482,6 @@ def run_long(args: argparse.Namespace) -> None:
     """``--long N``: time and peak RSS of one N-token document, m3search vs FlagEmbedding (issue 11, point 5)."""
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="m3long-"))
-    own_model = args.model is None
     args.model = Path(args.model) if args.model else tmp / "bge-m3-random"
     args.max_length = args.long
     me, rows, build = Path(sys.executable), [], None
@@ -502,7 +501,7 @@ def run_long(args: argparse.Namespace) -> None:
             if args.json:  # after every side: a run stopped early keeps what it measured
                 Path(args.json).write_text(json.dumps({"cfg": cfg, "build": build, "rows": rows}))
     finally:
-        shutil.rmtree(tmp if own_model else corpus, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the model lives there only when --model was not given
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     gib = 2**20
     lines = [

@@ -178,3 +178,17 @@ def test_windows_batch_within_the_token_budget(tiny_encoder, windowed):
     assert np.allclose(e.dense, w.dense, atol=1e-5)
     assert np.array_equal(e.colbert_offsets, w.colbert_offsets) and np.allclose(e.colbert, w.colbert, atol=1e-5)
     assert np.array_equal(e.sparse.indices, w.sparse.indices) and np.allclose(e.sparse.data, w.sparse.data, atol=1e-5)
+
+
+def test_iter_windows_pieces_add_up_to_encode_windows(tiny_encoder, windowed):
+    pieces = list(tiny_encoder.iter_windows(TEXTS, window=24, stride=15, max_windows=3, chunk_tokens=50))
+    whole = tiny_encoder.encode_windows(TEXTS, window=24, stride=15, max_windows=3)
+    assert len(pieces) > 3
+    assert all(int(p.embeddings.n_tokens.sum()) < 50 + 24 for p in pieces)
+    assert [p.cut for p in pieces] == [whole.cut] + [0] * (len(pieces) - 1) and whole.cut > 0
+    assert np.array_equal(np.concatenate([p.doc for p in pieces]), whole.doc)
+    assert np.array_equal(np.concatenate([p.spans for p in pieces]), whole.spans)
+    assert np.allclose(np.concatenate([p.embeddings.dense for p in pieces]), whole.embeddings.dense, atol=1e-5)
+    assert np.allclose(np.concatenate([p.embeddings.colbert for p in pieces]), whole.embeddings.colbert, atol=1e-5)
+    with pytest.raises(ValueError, match="stride=0"):  # at the call, not at the first piece
+        tiny_encoder.iter_windows(TEXTS, window=24, stride=0)

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -484,15 +484,24 @@ class M3Encoder:
                 stacklevel=2,
             )
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        emb = self._encode_rows(
-            lengths,
-            lambda batch, width: self._pad(ids, batch, width),
-            dense=dense,
-            sparse=sparse,
-            colbert=colbert,
-            batch_size=batch_size,
-            progress=show_progress and "text",
-        )
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="encoding", unit="text", leave=False)
+        try:
+            emb = self._encode_rows(
+                lengths,
+                lambda batch, width: self._pad(ids, batch, width),
+                dense=dense,
+                sparse=sparse,
+                colbert=colbert,
+                batch_size=batch_size,
+                bar=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
         emb.truncated = truncated
         return emb
 
@@ -515,37 +524,98 @@ class M3Encoder:
         model's ``max_length``; so a window holds ``window - 2`` content tokens. Window ``k``
         of a text starts at content token ``k * stride``; the windows of a text end with the
         first one that reaches its last token, so consecutive windows share
-        ``overlap = window - 2 - stride`` content tokens (``stride = window - 2``: no overlap).
-        A text of at most ``window - 2`` tokens is one window, whose embeddings are exactly
-        what :meth:`encode` gives for it. ``max_windows`` keeps the first windows of each text
-        (None: all); how many texts lost windows is ``cut`` (no warning: the caller asked).
+        ``overlap = window - 2 - stride`` content tokens (``stride = window - 2``: no overlap;
+        the last window may be shorter). A text of at most ``window - 2`` tokens is one
+        window, whose embeddings are exactly what :meth:`encode` gives for it. ``max_windows``
+        keeps the first windows of each text (None: all); how many texts lost windows is
+        ``cut`` (no warning: the caller asked for the cap and reports it).
 
         Each text is tokenised once; all windows of all texts share the length-sorted,
-        token-budget batching of :meth:`encode`, so working memory is bounded by
-        ``token_budget`` however long a text is. ``show_progress=None`` shows a bar when
-        stderr is a terminal and the windows hold more than one batch's token budget.
+        token-budget batching of :meth:`encode`, so the forward pass's memory is bounded by
+        ``token_budget`` however long a text is (the outputs are not: see
+        :meth:`iter_windows`). ``show_progress=None`` shows a bar when stderr is a terminal
+        and the windows hold more than one batch's token budget.
+        """
+        chunks = self.iter_windows(
+            texts,
+            window=window,
+            stride=stride,
+            max_windows=max_windows,
+            chunk_tokens=None,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            dense=dense,
+            sparse=sparse,
+            colbert=colbert,
+        )
+        return next(chunks)
+
+    def iter_windows(
+        self,
+        texts: str | Iterable[str],
+        *,
+        window: int,
+        stride: int,
+        max_windows: int | None = None,
+        chunk_tokens: int | None = 1 << 18,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+    ) -> Iterator[WindowedEmbeddings]:
+        """:meth:`encode_windows` in pieces of consecutive windows of about ``chunk_tokens``
+        tokens each (None: one piece), so a caller can store a huge text's windows with
+        memory bounded by the piece, not the text (ColBERT keeps a vector per token: a
+        10 MB text is gigabytes of them). ``doc`` and ``spans`` refer to the whole input;
+        ``cut`` is counted once, in the first piece.
         """
         texts = _check_texts(texts)
         _check_request(dense, sparse, colbert, batch_size)
         n_specials = len(self._prefix) + len(self._suffix)
         check_windows(window, stride, max_windows, max_length=self.max_length, n_specials=n_specials)
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)):
+            raise ValueError(f"chunk_tokens must be an integer or None, not {chunk_tokens!r}")
         content, bounds, spans_of = self._tokenize_content(texts)
         plan = plan_windows(np.diff(bounds), int(window) - n_specials, int(stride), max_windows)
         spans = spans_of(plan.doc, plan.start, plan.length)
-        del spans_of  # the tokenizer's encodings: the largest object for a huge text
+        del spans_of  # holds the tokenizer's encodings: the largest object for a huge text
         lengths = plan.length + n_specials
-        auto_bar = sys.stderr.isatty() and int(lengths.sum()) > self.token_budget  # more than one batch
         source = bounds[plan.doc] + plan.start  # each window's first content token in ``content``
-        emb = self._encode_rows(
-            lengths,
-            lambda batch, width: self._pad_windows(content, source[batch], plan.length[batch], width),
-            dense=dense,
-            sparse=sparse,
-            colbert=colbert,
-            batch_size=batch_size,
-            progress="window" if show_progress or (show_progress is None and auto_bar) else None,
+        total = int(lengths.sum())
+        edges = [0, len(lengths)]
+        if chunk_tokens is not None and total > chunk_tokens:
+            ends = np.searchsorted(np.cumsum(lengths), np.arange(chunk_tokens, total, chunk_tokens), side="left") + 1
+            edges = [0, *np.unique(ends[ends < len(lengths)]).tolist(), len(lengths)]
+        show = show_progress or (show_progress is None and sys.stderr.isatty() and total > self.token_budget)
+        return self._window_chunks(
+            content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size
         )
-        return WindowedEmbeddings(emb, plan.doc, spans, plan.cut)
+
+    def _window_chunks(self, content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size):
+        """The generator behind :meth:`iter_windows` (apart, so bad arguments fail at the call)."""
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(lengths), desc="encoding", unit="window", leave=False)
+        try:
+            for a, b in zip(edges[:-1], edges[1:]):
+                emb = self._encode_rows(
+                    lengths[a:b],
+                    lambda batch, width, a=a: self._pad_windows(
+                        content, source[a + batch], plan.length[a + batch], width
+                    ),
+                    dense=dense,
+                    sparse=sparse,
+                    colbert=colbert,
+                    batch_size=batch_size,
+                    bar=bar,
+                )
+                yield WindowedEmbeddings(emb, plan.doc[a:b], spans[a:b], plan.cut if a == 0 else 0)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _encode_rows(
         self,
@@ -556,12 +626,13 @@ class M3Encoder:
         sparse: bool,
         colbert: bool,
         batch_size: int | None,
-        progress: str | None,
+        bar=None,
     ) -> M3Embeddings:
         """Run rows of ``lengths`` tokens through the model in token-budget batches.
 
         ``fill(batch, width)`` gives the padded ``(input_ids, attention_mask)`` of the rows in
-        ``batch``; outputs land at each row's place, so the result is in row order.
+        ``batch``; outputs land at each row's place, so the result is in row order. ``bar``: a
+        tqdm bar advanced by rows.
         """
         import torch
 
@@ -576,11 +647,6 @@ class M3Encoder:
         sp_rows, sp_cols, sp_vals = [], [], []
 
         batches = self.plan_batches(lengths, batch_size)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="encoding", unit=progress, leave=False)
         with torch.inference_mode():
             for batch in batches:
                 input_ids, mask = fill(batch, int(lengths[batch].max()))
@@ -595,8 +661,6 @@ class M3Encoder:
                     self._colbert_into(col_out, col_offsets, hidden, mask, batch, lengths)
                 if bar is not None:
                     bar.update(len(batch))
-        if bar is not None:
-            bar.close()
 
         sparse_out = None
         if sparse:
