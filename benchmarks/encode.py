@@ -324,7 +324,82 @@ def worker_flag(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-WORKERS = {"build": worker_build, "peak": worker_peak, "m3search": worker_m3search, "flag": worker_flag}
+def worker_long_m3search(args: argparse.Namespace) -> dict[str, Any]:
+    """One long text, one ``encode`` call; peak RSS over it (the model's own memory excluded by the reset)."""
+    from m3search import M3Encoder
+
+    texts = _read_texts(args.corpus)
+    enc = M3Encoder.from_pretrained(args.model, device="cpu", dtype=args.dtype)
+    enc.encode(["a short warm-up text"])
+    rss_loaded = _rss_now_kib()
+    peak_load = _reset_peak_rss()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    emb = enc.encode(texts, max_length=args.max_length, warn_truncation=False)
+    encode_s = time.perf_counter() - t0
+    return {
+        "side": "m3search",
+        "dtype": str(enc.dtype).replace("torch.", ""),
+        "attention": enc.model.config._attn_implementation,
+        "token_budget": enc.token_budget,
+        "encode_s": encode_s,
+        "cpu_s": _cpu_s() - cpu0,
+        "tokens": int(emb.n_tokens.sum()),
+        "forwards": 1,
+        "rss_loaded_kib": rss_loaded,
+        "peak_rss_load_kib": peak_load,
+        **_usage(),
+    }
+
+
+def worker_long_flag(args: argparse.Namespace) -> dict[str, Any]:
+    """FlagEmbedding on the same text; its probe forward (same shape) is timed apart by hooks."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    texts = _read_texts(args.corpus)
+    model = BGEM3FlagModel(args.model, use_fp16=False, devices="cpu")
+    model.encode(["a short warm-up text"], return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    backbone = model.model.model
+    calls: list[list[float]] = []
+    backbone.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()]))
+    backbone.register_forward_hook(lambda *_: calls[-1].append(time.perf_counter()))
+    rss_loaded = _rss_now_kib()
+    peak_load = _reset_peak_rss()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    out = model.encode(
+        texts,
+        batch_size=1,
+        max_length=args.max_length,
+        return_dense=True,
+        return_sparse=True,
+        return_colbert_vecs=True,
+    )
+    total_s = time.perf_counter() - t0
+    forward_s = [b - a for a, b in calls]
+    return {
+        "side": "FlagEmbedding",
+        "dtype": str(next(backbone.parameters()).dtype).replace("torch.", ""),
+        "attention": backbone.config._attn_implementation,
+        "total_s": total_s,
+        # the first forward is the batch-size probe when there is a second one
+        "encode_s": total_s - (forward_s[0] if len(forward_s) > 1 else 0.0),
+        "forward_s": forward_s,
+        "cpu_s": _cpu_s() - cpu0,
+        "tokens": sum(len(c) + 1 for c in out["colbert_vecs"]),
+        "forwards": len(calls),
+        "rss_loaded_kib": rss_loaded,
+        "peak_rss_load_kib": peak_load,
+        **_usage(),
+    }
+
+
+WORKERS = {
+    "build": worker_build,
+    "peak": worker_peak,
+    "m3search": worker_m3search,
+    "flag": worker_flag,
+    "long-m3search": worker_long_m3search,
+    "long-flag": worker_long_flag,
+}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -389,6 +464,78 @@ def _lscpu() -> str:
     )
 
 
+def long_text(data: Path, tokenizer_json: Path, n_tokens: int) -> str:
+    """Cranfield abstracts joined until the model's tokenizer gives more than ``n_tokens`` tokens
+    (both sides then cut at ``max_length``, so both encode exactly the same ids)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    docs, text = _read_jsonl(data / "cranfield" / "corpus.jsonl"), ""
+    for i in range(0, len(docs), 16):
+        text = " ".join(docs[: i + 16])
+        if len(tok.encode(text).ids) > n_tokens:
+            return text
+    raise SystemExit(f"cranfield holds fewer than {n_tokens} tokens")
+
+
+def run_long(args: argparse.Namespace) -> None:
+    """``--long N``: time and peak RSS of one N-token document, m3search vs FlagEmbedding (issue 11, point 5)."""
+    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="m3long-"))
+    args.model = Path(args.model) if args.model else tmp / "bge-m3-random"
+    args.max_length = args.long
+    me, rows, build = Path(sys.executable), [], None
+    try:
+        if not (args.model / "config.json").is_file():
+            build = _run_worker(me, "build", args, [])
+        cfg = json.loads((args.model / "config.json").read_text())
+        corpus = tmp / "long.json"
+        corpus.write_text(json.dumps([long_text(_shared_data(), args.model / "tokenizer.json", args.long)]))
+        common = ["--corpus", str(corpus)]
+        sides = [(me, "long-m3search", ["--dtype", "auto"]), (_flag_python(), "long-flag", [])]
+        sides.append((me, "long-m3search", ["--dtype", "float32"]))
+        for python, worker, extra in sides:
+            if (extra[1] if extra else "flag") in args.skip:
+                continue
+            rows.append(_run_worker(python, worker, args, common + extra))
+            if args.json:  # after every side: a run stopped early keeps what it measured
+                Path(args.json).write_text(json.dumps({"cfg": cfg, "build": build, "rows": rows}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the model lives there only when --model was not given
+    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    gib = 2**20
+    lines = [
+        f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Machine: {_lscpu()}, "
+        "shared with other jobs (load below; wall times are noisy, CPU seconds steadier).",
+        f"Command: `nice -n 5 python benchmarks/encode.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`.",
+        f"Model: random weights, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"positions {cfg['max_position_embeddings']:,})"
+        + (f", built in {build['build_s']:.0f} s" if build else "")
+        + f". Input: one document of cranfield text cut at max_length {args.long} on both sides; dense + sparse + "
+        "ColBERT. Each side in its own process, after loading and a short warm-up; peak RSS from getrusage after "
+        "resetting the peak (clear_refs), so it is the largest RSS during the encode call, model included; "
+        "'working memory' = that peak minus RSS before the call.",
+        "",
+        "| side | dtype | attention | tokens | forward passes | encode s | CPU s | peak RSS | working memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        passes = r["forwards"]
+        note = f"{passes}" + (f" (probe {r['forward_s'][0]:.0f} s, not counted)" if passes > 1 else "")
+        lines.append(
+            f"| {r['side']} | {r['dtype']} | {r['attention']} | {r['tokens']:,} | {note} | {r['encode_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | {r['peak_rss_kib'] / gib:.2f} GiB | "
+            f"{(r['peak_rss_kib'] - r['rss_loaded_kib']) / gib:.2f} GiB |"
+        )
+    lines += ["", f"Load: before `{uptime_before}`; after `{uptime_after}`.", ""]
+    publish(
+        "encode.py long",
+        f"Long input: one {args.long:,}-token document (`benchmarks/encode.py --long`)",
+        "\n".join(lines),
+        no_write=args.no_write,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -413,11 +560,18 @@ def main(argv: list[str] | None = None) -> None:
         "--skip", action="append", default=[], choices=["flag", "float32", "auto"], help="leave a side out (repeatable)"
     )
     ap.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
+    ap.add_argument("--json", help="--long: also write the raw numbers here, after every side")
+    ap.add_argument(
+        "--long", type=int, metavar="TOKENS", help="instead: time and peak RSS of ONE document of TOKENS tokens"
+    )
     args = ap.parse_args(argv)
 
     if args.worker:
         result = WORKERS[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
+        return
+    if args.long:
+        run_long(args)
         return
 
     load_before = _loadavg()
@@ -506,7 +660,7 @@ def render(args, texts, cfg, build, peak, rows, uptime_before, uptime_after, loa
         f"Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}. Machine: {_lscpu()}; "
         f"torch threads {peak['threads']}, torch {peak['torch']}.",
         f"Command: `nice -n 5 {cmd.strip()}`.",
-        f"Model: random weights, full bge-m3 shape ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"Model: random weights, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, FFN {cfg['intermediate_size']}, vocab {cfg['vocab_size']:,}, "
         f"positions {cfg['max_position_embeddings']:,})"
         + (f", built in {build['build_s']:.0f} s" if build else "")

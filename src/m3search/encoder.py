@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,16 @@ import scipy.sparse as sp
 
 from .plan import DEFAULT_WEIGHTS, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
+from .windows import check_windows, plan_windows
 
-__all__ = ["M3Encoder", "M3Embeddings", "TruncationWarning", "ModelLoadError", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "M3Encoder",
+    "M3Embeddings",
+    "WindowedEmbeddings",
+    "TruncationWarning",
+    "ModelLoadError",
+    "DEFAULT_WEIGHTS",
+]
 
 _HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -164,6 +174,24 @@ class M3Embeddings:
         if self.colbert is None:
             raise ValueError("colbert output was not requested (encode(..., colbert=True))")
         return np.split(self.colbert, self.colbert_offsets[1:-1])
+
+
+@dataclass(frozen=True)
+class WindowedEmbeddings:
+    """Embeddings of texts split into token windows (:meth:`M3Encoder.encode_windows`).
+
+    * ``embeddings``: one row per window, all windows of all texts, in text order;
+    * ``doc``: int64 ``(n_windows,)`` index of the text each window belongs to;
+    * ``spans``: int64 ``(n_windows, 2)`` character ``[start, end)`` of each window in its
+      text, from the tokenizer's offsets (first token's start to last token's end;
+      ``[0, 0)`` for a text without tokens);
+    * ``cut``: how many texts lost windows to ``max_windows``.
+    """
+
+    embeddings: M3Embeddings
+    doc: np.ndarray
+    spans: np.ndarray
+    cut: int
 
 
 def _cpu_has_bf16() -> bool:
@@ -300,6 +328,7 @@ class M3Encoder:
             sorted({self._token_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")} - {None}), dtype=np.int64
         )
         self.token_budget = token_budget or (32768 if device.type == "cuda" else 8192)
+        self._prefix, self._suffix = _template_specials(tokenizer)
         self._tok_lock = threading.Lock()
         self._identity: str | None = None
 
@@ -439,14 +468,10 @@ class M3Encoder:
         result's ``truncated``, for callers that encode in chunks and report once).
         ``batch_size`` caps texts per forward batch on top of the token budget.
         """
-        import torch
 
         texts = check_texts(texts)
-        if not (dense or sparse or colbert):
-            raise ValueError("request at least one of dense, sparse, colbert")
+        _check_request(dense, sparse, colbert, batch_size)
         max_length = self._check_max_length(max_length)
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, not {batch_size!r}")
 
         ids, truncated = self.tokenize(texts, max_length)
         if truncated and warn_truncation:
@@ -460,8 +485,159 @@ class M3Encoder:
                 stacklevel=2,
             )
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        n = len(texts)
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
 
+            bar = tqdm(total=len(texts), desc="encoding", unit="text", leave=False)
+        try:
+            emb = self._encode_rows(
+                lengths,
+                lambda batch, width: self._pad(ids, batch, width),
+                dense=dense,
+                sparse=sparse,
+                colbert=colbert,
+                batch_size=batch_size,
+                bar=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        emb.truncated = truncated
+        return emb
+
+    def encode_windows(
+        self,
+        texts: str | Iterable[str],
+        *,
+        window: int,
+        stride: int,
+        max_windows: int | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+    ) -> WindowedEmbeddings:
+        """Encode every text as overlapping token windows, each with the model's own specials.
+
+        ``window`` counts tokens *including* the specials (``<s>`` and ``</s>``), at most the
+        model's ``max_length``; so a window holds ``window - 2`` content tokens. Window ``k``
+        of a text starts at content token ``k * stride``; the windows of a text end with the
+        first one that reaches its last token, so consecutive windows share
+        ``overlap = window - 2 - stride`` content tokens (``stride = window - 2``: no overlap;
+        the last window may be shorter). A text of at most ``window - 2`` tokens is one
+        window, whose embeddings are exactly what :meth:`encode` gives for it. ``max_windows``
+        keeps the first windows of each text (None: all); how many texts lost windows is
+        ``cut`` (no warning: the caller asked for the cap and reports it).
+
+        Each text is tokenised once; all windows of all texts share the length-sorted,
+        token-budget batching of :meth:`encode`, so the forward pass's memory is bounded by
+        ``token_budget`` however long a text is (the outputs are not: see
+        :meth:`iter_windows`). ``show_progress=None`` shows a bar when stderr is a terminal
+        and the windows hold more than one batch's token budget.
+        """
+        chunks = self.iter_windows(
+            texts,
+            window=window,
+            stride=stride,
+            max_windows=max_windows,
+            chunk_tokens=None,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            dense=dense,
+            sparse=sparse,
+            colbert=colbert,
+        )
+        return next(chunks)
+
+    def iter_windows(
+        self,
+        texts: str | Iterable[str],
+        *,
+        window: int,
+        stride: int,
+        max_windows: int | None = None,
+        chunk_tokens: int | None = 1 << 18,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+    ) -> Iterator[WindowedEmbeddings]:
+        """:meth:`encode_windows` in pieces of consecutive windows of about ``chunk_tokens``
+        tokens each (None: one piece), so a caller can store a huge text's windows with
+        memory bounded by the piece, not the text (ColBERT keeps a vector per token: a
+        10 MB text is gigabytes of them). ``doc`` and ``spans`` refer to the whole input;
+        ``cut`` is counted once, in the first piece.
+        """
+        texts = check_texts(texts)
+        _check_request(dense, sparse, colbert, batch_size)
+        n_specials = len(self._prefix) + len(self._suffix)
+        check_windows(window, stride, max_windows, max_length=self.max_length, n_specials=n_specials)
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)):
+            raise ValueError(f"chunk_tokens must be an integer or None, not {chunk_tokens!r}")
+        content, bounds, spans_of = self._tokenize_content(texts)
+        plan = plan_windows(np.diff(bounds), int(window) - n_specials, int(stride), max_windows)
+        spans = spans_of(plan.doc, plan.start, plan.length)
+        del spans_of  # holds the tokenizer's encodings: the largest object for a huge text
+        lengths = plan.length + n_specials
+        source = bounds[plan.doc] + plan.start  # each window's first content token in ``content``
+        total = int(lengths.sum())
+        edges = [0, len(lengths)]
+        if chunk_tokens is not None and total > chunk_tokens:
+            ends = np.searchsorted(np.cumsum(lengths), np.arange(chunk_tokens, total, chunk_tokens), side="left") + 1
+            edges = [0, *np.unique(ends[ends < len(lengths)]).tolist(), len(lengths)]
+        show = show_progress or (show_progress is None and sys.stderr.isatty() and total > self.token_budget)
+        return self._window_chunks(
+            content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size
+        )
+
+    def _window_chunks(self, content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size):
+        """The generator behind :meth:`iter_windows` (apart, so bad arguments fail at the call)."""
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(lengths), desc="encoding", unit="window", leave=False)
+        try:
+            for a, b in zip(edges[:-1], edges[1:]):
+                emb = self._encode_rows(
+                    lengths[a:b],
+                    lambda batch, width, a=a: self._pad_windows(
+                        content, source[a + batch], plan.length[a + batch], width
+                    ),
+                    dense=dense,
+                    sparse=sparse,
+                    colbert=colbert,
+                    batch_size=batch_size,
+                    bar=bar,
+                )
+                yield WindowedEmbeddings(emb, plan.doc[a:b], spans[a:b], plan.cut if a == 0 else 0)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _encode_rows(
+        self,
+        lengths: np.ndarray,
+        fill: Callable,
+        *,
+        dense: bool,
+        sparse: bool,
+        colbert: bool,
+        batch_size: int | None,
+        bar=None,
+    ) -> M3Embeddings:
+        """Run rows of ``lengths`` tokens through the model in token-budget batches.
+
+        ``fill(batch, width)`` gives the padded ``(input_ids, attention_mask)`` of the rows in
+        ``batch``; outputs land at each row's place, so the result is in row order. ``bar``: a
+        tqdm bar advanced by rows.
+        """
+        import torch
+
+        n = len(lengths)
         dense_out = np.zeros((n, self.hidden_size), np.float32) if dense else None
         col_offsets = None
         col_out = None
@@ -472,14 +648,9 @@ class M3Encoder:
         sp_rows, sp_cols, sp_vals = [], [], []
 
         batches = self.plan_batches(lengths, batch_size)
-        progress = None
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=n, desc="encoding", unit="text", leave=False)
         with torch.inference_mode():
             for batch in batches:
-                input_ids, mask = self._pad(ids, batch, int(lengths[batch].max()))
+                input_ids, mask = fill(batch, int(lengths[batch].max()))
                 hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
                 if dense:
                     cls = torch.nn.functional.normalize(hidden[:, 0], dim=-1)
@@ -489,10 +660,8 @@ class M3Encoder:
                     sp_rows.append(r), sp_cols.append(c), sp_vals.append(v)
                 if colbert:
                     self._colbert_into(col_out, col_offsets, hidden, mask, batch, lengths)
-                if progress is not None:
-                    progress.update(len(batch))
-        if progress is not None:
-            progress.close()
+                if bar is not None:
+                    bar.update(len(batch))
 
         sparse_out = None
         if sparse:
@@ -502,8 +671,34 @@ class M3Encoder:
             sparse_out = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.vocab_size), dtype=np.float32)
             sparse_out.sort_indices()
         return M3Embeddings(
-            dense_out, sparse_out, col_out, col_offsets, lengths, truncated, id_to_token=self.convert_id_to_token
+            dense_out, sparse_out, col_out, col_offsets, lengths, 0, id_to_token=self.convert_id_to_token
         )
+
+    def _tokenize_content(self, texts: list[str]):
+        """Content token ids of every text (no specials, no truncation), concatenated.
+
+        Returns ``(content, bounds, spans_of)``: text ``i``'s ids are
+        ``content[bounds[i]:bounds[i + 1]]``; ``spans_of(doc, start, length)`` gives the
+        character spans of token ranges from the tokenizer's offsets (two lookups per range,
+        so no per-token offsets list is built, which matters for a 10 MB text).
+        """
+        with self._tok_lock:
+            self.tokenizer.no_truncation()
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        bounds = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in ids], out=bounds[1:])
+        content = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        del ids
+
+        def spans_of(doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+            spans = np.zeros((len(doc), 2), dtype=np.int64)
+            for row in np.flatnonzero(length > 0).tolist():
+                e, a = encodings[doc[row]], int(start[row])
+                spans[row] = e.token_to_chars(a)[0], e.token_to_chars(a + int(length[row]) - 1)[1]
+            return spans
+
+        return content, bounds, spans_of
 
     def _check_max_length(self, max_length: int | None) -> int:
         if max_length is None:
@@ -520,6 +715,21 @@ class M3Encoder:
         mask = np.arange(width)[None, :] < lens[:, None]
         arr[mask] = np.fromiter((t for i in batch for t in ids[i]), np.int64, int(lens.sum()))
         return (torch.from_numpy(arr).to(self.device), torch.from_numpy(mask.astype(np.int64)).to(self.device))
+
+    def _pad_windows(self, content: np.ndarray, source: np.ndarray, length: np.ndarray, width: int):
+        """Padded ids of windows: specials around ``content[source[i]:source[i] + length[i]]``."""
+        import torch
+
+        n_rows, p = len(source), len(self._prefix)
+        arr = np.full((n_rows, width), self.pad_id, dtype=np.int64)
+        arr[:, :p] = self._prefix
+        first = np.cumsum(length) - length  # each row's first slot in the flat gather
+        within = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(first, length)
+        arr[np.repeat(np.arange(n_rows), length), p + within] = content[np.repeat(source, length) + within]
+        for j, tok in enumerate(self._suffix):
+            arr[np.arange(n_rows), p + length + j] = tok
+        mask = np.arange(width)[None, :] < (length + p + len(self._suffix))[:, None]
+        return torch.from_numpy(arr).to(self.device), torch.from_numpy(mask.astype(np.int64)).to(self.device)
 
     def _lexical(self, hidden, input_ids, mask, batch):
         """relu(sparse_linear(h)), max-pooled per (text, token id), specials and zeros dropped."""
@@ -609,3 +819,20 @@ class M3Encoder:
         if single:
             return {k: float(v[0]) for k, v in out.items()}
         return {k: [float(x) for x in v] for k, v in out.items()}
+
+
+def _template_specials(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a text (``<s>``, ``</s>``)."""
+    probe = tokenizer.encode("a")
+    mask = probe.special_tokens_mask
+    content = [i for i, m in enumerate(mask) if not m]
+    if not content:
+        raise ModelLoadError("the tokenizer gives no content token for the text 'a'; cannot place its special tokens")
+    return probe.ids[: content[0]], probe.ids[content[-1] + 1 :]
+
+
+def _check_request(dense: bool, sparse: bool, colbert: bool, batch_size: int | None) -> None:
+    if not (dense or sparse or colbert):
+        raise ValueError("request at least one of dense, sparse, colbert")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, not {batch_size!r}")
