@@ -17,6 +17,14 @@ PROXY_MODEL = SHARED / "models" / "bge-m3-proxy"
 DATA = SHARED / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _encode_windows():
+    """The encoder's windowing (issue 11 part B) through a local stand-in until it is merged."""
+    from windowing import install
+
+    install()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """Random XLM-R (hidden 64, 2 layers, 514 positions, ~4k vocab), initializer_range 0.2."""
