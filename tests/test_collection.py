@@ -12,7 +12,6 @@ import pytest
 
 from m3search import Collection, Hit
 from m3search.collection import CollectionExistsError, CollectionInUseError, CollectionNotFoundError, ModelMismatchError
-from m3search.engines.base import MODES
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -563,7 +563,9 @@ class Collection:
                     else:
                         truncated, limit = cut, self.settings["max_windows"]
                         what = f"exceeded max_windows={limit} windows; only their first windows are indexed"
-                    warnings.warn(TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit), stacklevel=3)
+                    warnings.warn(
+                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit), stacklevel=3
+                    )
             self._engine.optimize()
             self._engine.flush()
         return ids

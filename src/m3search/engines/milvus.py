@@ -584,7 +584,9 @@ class MilvusEngine(Engine):
         if n == 0:
             return
         if batch.window_offsets[-1] != n:
-            raise ValueError("the Milvus engine stores one window per document (create the collection with max_windows=1)")
+            raise ValueError(
+                "the Milvus engine stores one window per document (create the collection with max_windows=1)"
+            )
         texts_b = [t.encode("utf-8") for t in batch.texts]
         long_ids = [i for i in batch.ids if len(i.encode("utf-8")) > ID_MAX_BYTES]
         if long_ids:

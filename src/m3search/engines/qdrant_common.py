@@ -158,10 +158,15 @@ class QdrantEngine(Engine):
             found = self.existing(ids)
             return np.array([1 if i in found else 0 for i in ids], dtype=np.int64)
         back = {point_uuid(i): i for i in ids}
-        got = {back[str(r.id)]: int((r.payload or {}).get("windows", 1)) for r in self._retrieve(list(back), ["windows"], False)}
+        got = {
+            back[str(r.id)]: int((r.payload or {}).get("windows", 1))
+            for r in self._retrieve(list(back), ["windows"], False)
+        }
         return np.array([got.get(i, 0) for i in ids], dtype=np.int64)
 
-    def _points(self, batch: PointBatch, old: Mapping[str, int]) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
+    def _points(
+        self, batch: PointBatch, old: Mapping[str, int]
+    ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
         """Window points of ``batch`` (+ tombstones past each document's new window count), their
         approximate JSON sizes, and the tombstones' ids."""
         sparse = batch.sparse.tocsr()
@@ -221,7 +226,9 @@ class QdrantEngine(Engine):
         counts = self.window_counts(ids) if self.max_windows > 1 else np.ones(len(ids), np.int64)
         groups: dict[str, list[str]] = {}  # one write per distinct metadata value
         for doc_id, meta, n in zip(ids, metadata, counts.tolist()):
-            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(window_uuid(doc_id, w) for w in range(max(n, 1)))
+            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(
+                window_uuid(doc_id, w) for w in range(max(n, 1))
+            )
         if groups:
             self._set_payload(groups)
 
@@ -301,7 +308,9 @@ class QdrantEngine(Engine):
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
         q = sp.csr_matrix(q)
-        rows = [(q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]) for i in range(q.shape[0])]
+        rows = [
+            (q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]) for i in range(q.shape[0])
+        ]
         live = [i for i, (ind, _) in enumerate(rows) if len(ind)]  # an empty query shares no token with anything
         out: list[Hits] = [[] for _ in rows]
         for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact) if live else []):

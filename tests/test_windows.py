@@ -1,0 +1,336 @@
+"""Documents of several windows, on every engine that stores them (Qdrant Edge, qdrant-client
+local mode); Milvus refuses them clearly.
+
+The corpus holds documents of 1, 2 and 3 windows of 16 tokens (stride 12) of the tiny
+model. A document's score in each mode must be the maximum of the oracle scores of its
+windows (each window encoded on its own), every write that changes a document's number of
+windows must leave no orphan window (the raw point count and exact searches prove it),
+and a kill -9 during such a write leaves the old or the new document whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from m3search.collection import Collection
+from m3search.engines.base import MODES
+from m3search.scoring import colbert_scores, dense_scores, lexical_scores
+from m3search.testing import BUILTIN_TEXTS
+
+ENGINES = ["qdrant-edge", "qdrant-local"]
+WINDOW, STRIDE = 16, 12
+TOL = 1e-4
+
+
+def location(engine: str, folder) -> str:
+    if engine == "qdrant-edge":
+        return str(folder / "col")
+    if engine == "qdrant-local":
+        pytest.importorskip("qdrant_client")
+        return f"qdrant+local://{folder}/store/col"
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    return str(folder / "col.db")
+
+
+def n_windows(encoder, text: str) -> int:
+    return len(encoder.encode_windows([text], window=WINDOW, stride=STRIDE).doc)
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_encoder):
+    """30 documents: 10 each of 1, 2 and 3 windows; 4 queries."""
+    rng = np.random.default_rng(3)
+    words = " ".join(BUILTIN_TEXTS).split()
+    buckets: dict[int, list[str]] = {1: [], 2: [], 3: []}
+    while any(len(b) < 10 for b in buckets.values()):
+        t = " ".join(rng.choice(words, size=int(rng.integers(3, 36))))
+        b = buckets.get(n_windows(tiny_encoder, t))
+        if b is not None and len(b) < 10:
+            b.append(t)
+    texts = buckets[1] + buckets[2] + buckets[3]  # documents 0-9: one window, 10-19: two, 20-29: three
+    ids = [f"d{i:02d}" for i in range(len(texts))]
+    meta = [{"i": i, "even": i % 2 == 0} for i in range(len(texts))]
+    queries = [" ".join(rng.choice(words, size=int(rng.integers(2, 7)))) for _ in range(4)]
+    win = tiny_encoder.encode_windows(texts, window=WINDOW, stride=STRIDE)
+    qemb = tiny_encoder.encode(queries, max_length=512)
+    e = win.embeddings
+    per_window = {
+        "dense": dense_scores(qemb.dense, e.dense),
+        "sparse": lexical_scores(qemb.sparse, e.sparse),
+        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, e.colbert, e.colbert_offsets),
+    }
+    oracle = {
+        m: np.stack([s[:, win.doc == d].max(axis=1) for d in range(len(texts))], 1) for m, s in per_window.items()
+    }
+    return texts, ids, meta, queries, qemb, win, per_window, oracle
+
+
+def create(engine, folder, encoder, **settings):
+    return Collection.create(
+        location(engine, folder), model=encoder, colbert_dtype="float32", window=WINDOW, stride=STRIDE, **settings
+    )
+
+
+def raw_points(col) -> int:
+    """Every stored point (windows and tombstones alike)."""
+    return col.engine._count(None, docs_only=False)
+
+
+def vector_points(col, doc_id: str) -> int:
+    """Points of ``doc_id`` that a vector query can return (an exact scan over everything)."""
+    probe = np.ones(col.schema.dense_dim, np.float32)
+    hits = col.engine._nearest("dense", [probe], 10_000, None, True)[0]
+    return sum(1 for p in hits if p.payload["id"] == doc_id)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpus, engine):
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        col.add(texts, ids=ids, metadata=meta, batch_size=7)
+        counts = np.bincount(win.doc)
+        assert col.count() == len(texts) and raw_points(col) == counts.sum()
+        assert col.count({"even": True}) == 15
+        assert col.engine.window_counts(ids).tolist() == counts.tolist()
+        recs = col.get(ids)
+        assert [r.text for r in recs] == texts and [r.metadata for r in recs] == meta
+        for mode in ("dense", "sparse", "colbert", "all"):
+            hits = col.search_batch(
+                queries, k=len(texts), mode=mode, candidates=len(texts), exact=True, query_embeddings=qemb
+            )
+            for qi, hs in enumerate(hits):
+                if mode != "sparse":
+                    assert len(hs) == len(texts)  # every document once, however many windows it has
+                assert len({h.id for h in hs}) == len(hs)
+                for h in hs:
+                    j = ids.index(h.id)
+                    for m in MODES:
+                        assert abs(h.scores[m] - oracle[m][qi, j]) <= TOL, (mode, m, h.id)
+                    # the best window: the one whose (weighted) scores are highest, with its span
+                    rows = np.flatnonzero(win.doc == j)
+                    if mode == "all":
+                        w = col.settings["weights"]
+                        total = sum(wt * per_window[m][qi, rows] for wt, m in zip(w, MODES))
+                    else:
+                        total = per_window[mode][qi, rows]
+                    best = rows[int(np.argmax(total))]
+                    assert (h.window["start"], h.window["end"]) == tuple(win.spans[best]), (mode, h.id)
+                    assert h.passage == texts[j][win.spans[best][0] : win.spans[best][1]]
+                scores = [h.score for h in hs]
+                assert scores == sorted(scores, reverse=True)
+        # k documents come back even when the first windows listed belong to few documents
+        assert len(col.search(queries[0], k=25, mode="dense")) == 25
+    finally:
+        col.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rewrites_that_change_the_window_count_leave_no_orphan(tmp_path, tiny_encoder, corpus, engine):
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    three = texts[20]  # 3 windows
+    one = texts[0]  # 1 window
+    assert n_windows(tiny_encoder, three) == 3 and n_windows(tiny_encoder, one) == 1
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        col.add([three, texts[10]], ids=["x", "y"])  # 3 + 2 windows
+        assert raw_points(col) == 5 and vector_points(col, "x") == 3
+        col.upsert([one], ids=["x"])  # 3 -> 1: two windows must go
+        assert col.count() == 2 and raw_points(col) == 3 and vector_points(col, "x") == 1
+        assert col.get("x")[0].text == one and col.get("x")[0].windows == 1
+        col.update_metadata("y", {"tag": "t"})
+        assert col.count({"tag": "t"}) == 1
+        hit = {h.id: h for h in col.search(one, k=2, mode="all", exact=True)}["x"]
+        want = tiny_encoder.encode([one])
+        assert hit.scores["dense"] == pytest.approx(
+            float(dense_scores(tiny_encoder.encode([one], max_length=512).dense, want.dense)[0, 0]), abs=TOL
+        )
+        col.upsert([three], ids=["x"])  # 1 -> 3
+        assert raw_points(col) == 5 and vector_points(col, "x") == 3 and col.get("x")[0].windows == 3
+        col.delete(["x"])
+        assert col.count() == 1 and raw_points(col) == 2 and vector_points(col, "x") == 0
+        assert col.get("x") == [None]
+        assert [h.id for h in col.search(three, k=5, mode="all")] == ["y"]
+        assert col.get("y")[0].metadata == {"tag": "t"}
+    finally:
+        col.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_iter_batches_and_migration_keep_windows(tmp_path, tiny_encoder, corpus, engine):
+    from m3search.migrate import migrate
+
+    texts, ids, meta, *_ = corpus
+    src = create(engine, tmp_path / "a", tiny_encoder)
+    try:
+        src.add(texts, ids=ids, metadata=meta)
+        batches = list(src.engine.iter_batches(8))
+        assert sum(len(b) for b in batches) == len(texts)
+        for b in batches:
+            b.validate(src.schema)
+            for i, doc_id in enumerate(b.ids):
+                j = ids.index(doc_id)
+                assert b.doc_spans(i) == [list(s) for s in corpus[5].spans[corpus[5].doc == j]]
+        before = src.search(texts[25], k=10, mode="all", exact=True)
+    finally:
+        src.close()
+    dst = location("qdrant-edge" if engine != "qdrant-edge" else "qdrant-local", tmp_path / "b")
+    migrate(location(engine, tmp_path / "a"), dst)
+    with Collection.open(dst, model=tiny_encoder) as col:
+        assert col.count() == len(texts) and raw_points(col) == len(corpus[5].doc)
+        after = col.search(texts[25], k=10, mode="all", exact=True)
+        assert [(h.id, h.window) for h in after] == [(h.id, h.window) for h in before]
+        assert [h.score for h in after] == pytest.approx([h.score for h in before], abs=TOL)
+
+
+def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The private switch: weighted fusion per window, then each document's best window."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "WINDOW_RULE", "fuse")
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        w = dict(zip(MODES, col.settings["weights"]))
+        hits = col.search_batch(queries, k=10, mode="all", candidates=30, exact=True, query_embeddings=qemb)
+        for qi, hs in enumerate(hits):
+            fused_w = sum(w[m] * per_window[m][qi] for m in MODES) / sum(w.values())
+            for h in hs:
+                assert h.score == pytest.approx(fused_w[win.doc == ids.index(h.id)].max(), abs=TOL)
+
+
+def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
+    with pytest.raises(ValueError, match="must be larger than stride"):
+        Collection.create(tmp_path / "a", model=tiny_encoder, window=64, stride=64)
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        Collection.create(tmp_path / "b", model=tiny_encoder, window=1024)
+    with pytest.raises(ValueError, match="stride must be a positive integer"):
+        Collection.create(tmp_path / "c", model=tiny_encoder, stride=0)
+    with pytest.raises(ValueError, match="max_windows must be a positive integer"):
+        Collection.create(tmp_path / "d", model=tiny_encoder, max_windows=0)
+    with Collection.create(tmp_path / "e", model=tiny_encoder) as col:
+        assert (col.settings["window"], col.settings["stride"], col.settings["max_windows"]) == (512, 384, None)
+        assert col.manifest["settings"]["window"] == 512
+
+
+def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
+    from m3search import TruncationWarning
+
+    texts, ids, *_ = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder, max_windows=2) as col:
+        with pytest.warns(TruncationWarning, match="10 of 30 document.s. exceeded max_windows=2"):
+            col.add(texts, ids=ids)
+        assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
+
+
+def test_milvus_stores_one_window(tmp_path, tiny_encoder):
+    loc = location("milvus-lite", tmp_path)
+    with pytest.raises(ValueError, match="one window per document: max_windows must be 1"):
+        Collection.create(loc, model=tiny_encoder, max_windows=3)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        assert col.settings["max_windows"] == 1
+
+
+def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
+    """A schema-1 collection (no window settings, points without window keys) keeps cutting long texts."""
+    import json
+
+    texts, ids, *_ = corpus
+    path = tmp_path / "old"
+    with Collection.create(path, model=tiny_encoder, max_length=16) as col:
+        col.add(texts[:3], ids=ids[:3])
+    m = json.loads((path / "manifest.json").read_text())
+    for key in ("window", "stride", "max_windows"):
+        del m["settings"][key]
+    del m["max_windows_stored"]
+    m["schema_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.settings["max_windows"] == 1
+        col.add(texts[20:23], ids=ids[20:23])  # long ones: cut, one window each
+        assert col.count() == 6 and raw_points(col) == 6
+        assert col.search(texts[1], k=1, mode="all", exact=True)[0].id == ids[1]
+
+
+# ------------------------------------------------------------------ crash safety
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, scipy.sparse as sp
+    from m3search.engines import resolve_engine
+    from m3search.engines.base import PointBatch
+
+    path, f = sys.argv[1], sys.argv[2]
+    z = np.load(f, allow_pickle=True)
+    versions = list(z["versions"])
+    eng = resolve_engine(path).open(path)
+    print("ready", flush=True)
+    i = 0
+    while True:
+        v = versions[i % len(versions)]
+        sparse = sp.csr_matrix((v["sp_data"], v["sp_indices"], v["sp_indptr"]), shape=tuple(v["sp_shape"]))
+        eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], v["offsets"],
+                              np.array([0, len(v["dense"])]), v["spans"]))
+        print("done", i, flush=True)
+        i += 1
+    """
+)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("engine", ["qdrant-edge"])
+def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
+    """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
+    moments; the reopened document is one version whole (text, window count, window vectors)."""
+    texts = [corpus[0][20], corpus[0][0], corpus[0][10]]  # 3, 1, 2 windows
+    versions = []
+    for t in texts:
+        w = tiny_encoder.encode_windows([t], window=WINDOW, stride=STRIDE)
+        e = w.embeddings
+        versions.append(
+            {
+                "text": t,
+                "dense": e.dense,
+                "sp_data": e.sparse.data,
+                "sp_indices": e.sparse.indices,
+                "sp_indptr": e.sparse.indptr,
+                "sp_shape": np.array(e.sparse.shape),
+                "colbert": e.colbert,
+                "offsets": e.colbert_offsets,
+                "spans": w.spans,
+            }
+        )
+    f = tmp_path / "versions.npz"
+    np.savez(f, versions=np.array(versions, dtype=object))
+    loc = location(engine, tmp_path)
+    with create(engine, tmp_path, tiny_encoder) as col:
+        col.add([texts[0], corpus[0][11]], ids=["x", "y"])  # max_windows_stored = 3
+    rng = np.random.default_rng(0)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    seen = set()
+    for _ in range(12):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, loc, str(f)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        with Collection.open(loc) as col:
+            rec = col.get("x")[0]
+            v = next(v for v in versions if v["text"] == rec.text)
+            n = len(v["dense"])
+            seen.add(n)
+            assert rec.windows == n and col.count() == 2
+            assert vector_points(col, "x") == n  # no window of another version answers a query
+            got = col.engine.get_windows(["x"])[0]
+            np.testing.assert_allclose(np.stack([r.dense for r in got]), v["dense"], atol=1e-6)
+            assert {r.metadata["v"] for r in got} == {rec.metadata["v"]} if "v" in rec.metadata else True
+    assert len(seen) >= 2  # the kills landed on different versions
