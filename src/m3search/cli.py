@@ -688,6 +688,12 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
+@click.option(
+    "--max-windows",
+    default=None,
+    type=click.IntRange(1),
+    help="Windows per document (1: cut long texts) [default: all].",
+)
 @json_option
 def eval_(
     data_dir,
@@ -703,6 +709,7 @@ def eval_(
     out_dir,
     cache_dir,
     batch_size,
+    max_windows,
     as_json,
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
@@ -722,6 +729,7 @@ def eval_(
             k=k,
             cache_dir=cache_dir,
             batch_size=batch_size,
+            settings=None if max_windows is None else {"max_windows": max_windows},
         )
         if out_dir is None:
             slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))

@@ -1,0 +1,71 @@
+"""Long documents: windows vs truncation (max_windows=1), and the two window-scoring rules.
+
+For each BEIR folder, two cached indexes of the same corpus with the proxy model (512
+positions): every window (the collection default: window 512, stride 384) and one window
+(max_windows=1, today's truncation). Every mode is searched on both in the same run; on
+the first folder the windowed index is searched again with "fuse per window, then max"
+(the private ``m3search.collection.WINDOW_RULE`` switch). Prints one Markdown table.
+
+    PYTHONPATH=src python benchmarks/windows.py ../shared/data/time ../shared/data/cranfield \
+        ../shared/data/xquad-r/en --cache-dir /tmp/m3s-windows
+
+Until issue 11 part B lands, the encoder's windowing is the test stand-in (tests/windowing.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["dense", "sparse", "colbert", "all"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="+")
+    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "bge-m3-proxy"))
+    ap.add_argument("--cache-dir", default="/tmp/m3s-windows")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from windowing import install
+
+    install()
+    import m3search.collection as collection
+    from m3search import M3Encoder
+    from m3search.eval import evaluate, load_beir
+
+    encoder = M3Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
+    rows = []
+    for k, folder in enumerate(args.data):
+        data = load_beir(folder)
+        lengths = np.array([len(x) for x in encoder.tokenize(data.doc_texts, 10**9)[0]])
+        cut = int((lengths > encoder.max_length).sum())
+        runs = [("truncation", {"max_windows": 1}, "max"), ("windows", {}, "max")]
+        if k == 0:
+            runs.append(("windows, fuse then max", {}, "fuse"))
+        for label, settings, rule in runs:
+            collection.WINDOW_RULE = rule
+            t0 = time.perf_counter()
+            res = evaluate(
+                folder, model=encoder, modes=MODES, cache_dir=args.cache_dir, settings=settings, progress=False
+            )
+            print(f"{folder} {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            rows.append((Path(folder).name if "xquad" not in folder else "xquad-r/en", cut, len(lengths), label, res))
+    collection.WINDOW_RULE = "max"
+    print("| data | docs cut at 512 | index | " + " | ".join(f"{m} nDCG@10 / R@100" for m in MODES) + " |")
+    print("|---|---|---|" + "---|" * len(MODES))
+    for name, cut, n, label, res in rows:
+        cells = [f"{res['modes'][m]['ndcg@10']:.4f} / {res['modes'][m]['recall@100']:.4f}" for m in MODES]
+        print(f"| {name} | {cut}/{n} | {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
