@@ -334,3 +334,22 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
             np.testing.assert_allclose(np.stack([r.dense for r in got]), v["dense"], atol=1e-6)
             assert {r.metadata["v"] for r in got} == {rec.metadata["v"]} if "v" in rec.metadata else True
     assert len(seen) >= 2  # the kills landed on different versions
+
+
+def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
+    from click.testing import CliRunner
+
+    from m3search.cli import hit_to_dict, main
+    from m3search.server import HitOut
+
+    texts, ids, *_ = corpus
+    path = tmp_path / "c"
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts[20:], ids=ids[20:])  # three windows each
+        hit = col.search(texts[21][-40:], k=1, mode="sparse")[0]
+        out = HitOut(**hit_to_dict(hit))
+        assert out.window == hit.window and 0 <= hit.window["start"] < hit.window["end"] <= len(hit.text)
+    r = CliRunner().invoke(main, ["search", texts[21][-40:], "--collection", str(path), "-k", "1", "--mode", "sparse"])
+    assert r.exit_code == 0, r.output
+    span = " ".join(hit.passage.split())
+    assert f"...[{span[:200]}" in r.output and f"chars {hit.window['start']}-{hit.window['end']} of" in r.output

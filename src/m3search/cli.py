@@ -113,7 +113,7 @@ def _server_record(collection: Path) -> dict[str, Any] | None:
 
 
 def hit_to_dict(hit: Any) -> dict[str, Any]:
-    """A search hit as plain JSON data: ``{"id", "score", "scores", "text", "metadata"[, "explain"]}``."""
+    """A search hit as plain JSON data: ``{"id", "score", "scores", "text", "metadata", "window"[, "explain"]}``."""
     if isinstance(hit, dict):
         return hit
     d: dict[str, Any] = {
@@ -122,6 +122,7 @@ def hit_to_dict(hit: Any) -> dict[str, Any]:
         "scores": {k: (None if v is None else float(v)) for k, v in (hit.scores or {}).items()},
         "text": hit.text,
         "metadata": hit.metadata or {},
+        "window": getattr(hit, "window", None),
     }
     explain = getattr(hit, "explain", None)
     if explain is not None:
@@ -521,8 +522,12 @@ def search(
     for rank, h in enumerate(hits, 1):
         parts = " ".join(f"{m} {v:.4f}" for m, v in (h.get("scores") or {}).items() if v is not None)
         click.echo(f"{rank:>3}. {h['score']:.4f}  {h['id']}" + (f"  [{parts}]" if parts else ""))
-        text = " ".join((h.get("text") or "").split())
-        if text:
+        window, full = h.get("window"), h.get("text") or ""
+        if window and (window["start"] > 0 or window["end"] < len(full)):  # a long document: its best window
+            span = " ".join(full[window["start"] : window["end"]].split())
+            where = f"chars {window['start']}-{window['end']} of {len(full)}"
+            click.echo(f"     ...[{span[:200]}{'...' if len(span) > 200 else ''}]...  ({where})")
+        elif text := " ".join(full.split()):
             click.echo(f"     {text[:200]}{'...' if len(text) > 200 else ''}")
         if h.get("metadata"):
             click.echo(f"     metadata: {json.dumps(h['metadata'], ensure_ascii=False)[:200]}")
