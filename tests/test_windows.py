@@ -343,7 +343,7 @@ def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
     from m3search.server import HitOut
 
     texts, ids, *_ = corpus
-    path = tmp_path / "c"
+    path = tmp_path / "col"
     with create("qdrant-edge", tmp_path, tiny_encoder) as col:
         col.add(texts[20:], ids=ids[20:])  # three windows each
         hit = col.search(texts[21][-40:], k=1, mode="sparse")[0]
@@ -353,3 +353,78 @@ def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
     assert r.exit_code == 0, r.output
     span = " ".join(hit.passage.split())
     assert f"...[{span[:200]}" in r.output and f"chars {hit.window['start']}-{hit.window['end']} of" in r.output
+
+
+# ------------------------------------------------------------ Qdrant server limit
+LIMIT = 64 * 6  # floats per multivector: six 64-d token vectors (the tiny model's 1,048,576)
+
+
+def enforce_server_limit(engine, limit: int) -> None:
+    """Make qdrant-client local mode reject a long multivector as a Qdrant server does
+    (HTTP 400, validation error; release builds check MAX_MULTIVECTOR_FLATTENED_LEN)."""
+    import httpx
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    real = engine.client.upsert
+
+    def upsert(collection_name, points, **kw):
+        for p in points:
+            for name, v in (p.vector or {}).items():
+                if isinstance(v, list) and v and isinstance(v[0], list) and len(v) * len(v[0]) > limit:
+                    msg = f"Validation error in JSON body: [points[].vector.{name}: multivector too large ({len(v) * len(v[0])} > {limit})]"
+                    raise UnexpectedResponse(400, "Bad Request", msg.encode(), httpx.Headers())
+        return real(collection_name, points, **kw)
+
+    engine.client.upsert = upsert
+
+
+def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encoder, corpus):
+    """Windows of up to 15 tokens against a limit of 6 tokens: 1-3 parts each. Scores equal
+    the embedded engine's (whole-window MaxSim), and rewrites and deletes leave no part behind."""
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    loc = location("qdrant-local", tmp_path / "q")
+    # without parts, the stand-in refuses the write as a server would
+    col = Collection.create(loc, model=tiny_encoder, colbert_dtype="float32", window=WINDOW, stride=STRIDE)
+    col.engine.multivector_limit = None
+    enforce_server_limit(col.engine, LIMIT)
+    with pytest.raises(UnexpectedResponse, match="multivector too large"):
+        col.add(texts[:2], ids=ids[:2])
+    col.close()
+    col = Collection.open(loc, model=tiny_encoder, engine_options={"multivector_limit": LIMIT})
+    ref = create("qdrant-edge", tmp_path / "e", tiny_encoder)
+    try:
+        enforce_server_limit(col.engine, LIMIT)
+        col.add(texts, ids=ids, metadata=meta, batch_size=8)
+        ref.add(texts, ids=ids, metadata=meta, batch_size=8)
+        assert col.count() == len(texts) and col.engine._layout([ids[25]])[0][0] > 1
+        for server_scoring in (False, True):
+            col.engine.server_scoring = server_scoring
+            for mode in ("colbert", "all"):
+                a = col.search_batch(queries, k=10, mode=mode, candidates=30, exact=True, query_embeddings=qemb)
+                b = ref.search_batch(queries, k=10, mode=mode, candidates=30, exact=True, query_embeddings=qemb)
+                for qi, (ha, hb) in enumerate(zip(a, b)):
+                    assert [h.id for h in ha] == [h.id for h in hb]
+                    for x, y in zip(ha, hb):
+                        assert x.window == y.window
+                        for m in MODES:
+                            assert x.scores[m] == pytest.approx(y.scores[m], abs=TOL)
+                            assert x.scores[m] == pytest.approx(oracle[m][qi, ids.index(x.id)], abs=TOL)
+        # migration out of parts gives the windows back whole
+        got = col.engine.get_windows([ids[25]])[0]
+        rows = np.flatnonzero(win.doc == 25)
+        e = win.embeddings
+        for r, j in zip(got, rows):
+            np.testing.assert_allclose(r.colbert, e.colbert[e.colbert_offsets[j] : e.colbert_offsets[j + 1]], atol=1e-6)
+        points, before = raw_points(col), col.engine._layout([ids[25]])[0]
+        col.upsert([texts[0]], ids=[ids[25]])  # 3 windows in parts -> 1 window
+        after = col.engine._layout([ids[25]])[0]
+        assert len(before) == 3 and len(after) == 1
+        assert col.count() == len(texts) and raw_points(col) == points - sum(before) + sum(after)
+        col.delete(ids[20:])
+        col.delete(ids[:20])
+        assert col.count() == 0 and raw_points(col) == 0
+    finally:
+        col.close()
+        ref.close()

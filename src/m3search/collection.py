@@ -573,7 +573,7 @@ class Collection:
     def _note_windows(self, batch: PointBatch) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
         (engines read that many window points per document on delete; 1 skips all window work)."""
-        most = int(np.diff(batch.window_offsets).max(initial=1))
+        most = self._engine.stored_units(batch)
         if most > self._manifest.get("max_windows_stored", 1):
             self._manifest["max_windows_stored"] = most
             self._engine.write_manifest(self._manifest)

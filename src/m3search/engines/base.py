@@ -496,6 +496,11 @@ class Engine(ABC):
         A document stored before with more windows than now must not keep any of them visible.
         """
 
+    def stored_units(self, batch: PointBatch) -> int:
+        """Most storage rows one document of ``batch`` takes (the Collection records the maximum in the
+        manifest before writing, as :attr:`max_windows`). Default: its windows."""
+        return int(np.diff(batch.window_offsets).max(initial=1))
+
     @abstractmethod
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         """Replace the metadata of existing documents (vectors and text untouched), atomically."""

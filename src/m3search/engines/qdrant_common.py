@@ -19,6 +19,16 @@ Point layout (schema version 2). A document of ``n`` windows is ``n`` points:
 
 A version-1 point (no ``window`` / ``windows`` keys) reads as window 0 of 1.
 
+Parts. A Qdrant server rejects a multivector of more than 1,048,576 floats
+(``MAX_MULTIVECTOR_FLATTENED_LEN`` in qdrant ``lib/common/common/src/validation.rs``: 1,023
+tokens at 1024-d). An engine with a :attr:`QdrantEngine.multivector_limit` stores a longer
+window as ``P`` points: the window point carries dense, sparse and the first token vectors,
+part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "metadata", "window": w, "part": p}``)
+the next ones. Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
+window's ColBERT score is then computed in NumPy over ALL its parts' token vectors (per
+query token the maximum over every token of the window: per-point MaxSim sums do not add
+up to it).
+
 Crash rule (kill -9 during a multi-window upsert). Qdrant writes one request atomically
 (Qdrant Edge: one WAL record; a server: one request per shard). A document re-written
 with FEWER windows keeps no stale window: the same write overwrites each old window past
@@ -70,6 +80,11 @@ def window_uuid(doc_id: str, window: int) -> str:
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
+def part_uuid(doc_id: str, window: int, part: int) -> str:
+    """Point id of part ``part >= 1`` of a window (see Parts in the module docstring)."""
+    return window_uuid(f"{window}\x00{doc_id}", part) if part else window_uuid(doc_id, window)
+
+
 def record_from_point(r: Any) -> Record:
     """A stored point (either client's record: ``.payload``, ``.vector``) as a :class:`Record`."""
     p = r.payload or {}
@@ -101,6 +116,8 @@ class QdrantEngine(Engine):
     """The Engine protocol over Qdrant points (see the module docstring); subclasses supply the client hooks."""
 
     windowed = True
+    #: Most floats of one point's multivector (None: no limit); longer windows are stored as parts.
+    multivector_limit: int | None = None
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
@@ -154,21 +171,36 @@ class QdrantEngine(Engine):
     # ------------------------------------------------------------------- windows
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
         """How many windows each stored document has (0: not stored); no read when no document has two."""
+        return np.array([len(p) for p in self._layout(ids)], dtype=np.int64)
+
+    def _layout(self, ids: Sequence[str]) -> list[list[int]]:
+        """Per document, the part count of each window ([] when not stored): one read of window 0."""
         if self.max_windows <= 1:
             found = self.existing(ids)
-            return np.array([1 if i in found else 0 for i in ids], dtype=np.int64)
+            return [[1] if i in found else [] for i in ids]
         back = {point_uuid(i): i for i in ids}
-        got = {
-            back[str(r.id)]: int((r.payload or {}).get("windows", 1))
-            for r in self._retrieve(list(back), ["windows"], False)
-        }
-        return np.array([got.get(i, 0) for i in ids], dtype=np.int64)
+        got = {}
+        for r in self._retrieve(list(back), ["windows", "parts"], False):
+            p = r.payload or {}
+            got[back[str(r.id)]] = p.get("parts") or [1] * int(p.get("windows", 1))
+        return [got.get(i, []) for i in ids]
+
+    def _n_parts(self, n_tokens: int) -> int:
+        if self.multivector_limit is None:
+            return 1
+        return max(1, -(-n_tokens // max(1, self.multivector_limit // self.schema.colbert_dim)))
+
+    def stored_units(self, batch: PointBatch) -> int:
+        """Most points one document of ``batch`` takes (its windows, and the parts of long ones)."""
+        co, wo = batch.colbert_offsets, batch.window_offsets
+        units = [self._n_parts(int(co[j + 1] - co[j])) for j in range(int(wo[-1]))]
+        return max((sum(units[wo[i] : wo[i + 1]]) for i in range(len(batch))), default=1)
 
     def _points(
-        self, batch: PointBatch, old: Mapping[str, int]
+        self, batch: PointBatch, old: Mapping[str, list[int]]
     ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
-        """Window points of ``batch`` (+ tombstones past each document's new window count), their
-        approximate JSON sizes, and the tombstones' ids."""
+        """Window (and part) points of ``batch``, tombstones over every old point past the new
+        layout, their approximate JSON sizes, and the tombstones' ids."""
         sparse = batch.sparse.tocsr()
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
@@ -177,32 +209,43 @@ class QdrantEngine(Engine):
             colbert = colbert.astype(np.float16).astype(np.float32)
         co, ip = batch.colbert_offsets, sparse.indptr
         wo = batch.window_offsets
+        per = None if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
         points, sizes, tombs = [], [], []
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
+            parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
             for w in range(n):
                 j = wo[i] + w
                 if co[j + 1] == co[j]:
                     raise ValueError(f"document {doc_id!r} has a window without ColBERT vectors")
+                tokens = colbert[co[j] : co[j + 1]]
                 vec = {
                     "dense": dense[j],
                     "sparse": (sparse.indices[ip[j] : ip[j + 1]], sparse.data[ip[j] : ip[j + 1]].astype(np.float32)),
-                    "colbert": colbert[co[j] : co[j + 1]],
+                    "colbert": tokens if parts[w] == 1 else tokens[:per],
                 }
                 if w == 0:
                     payload = {"id": doc_id, "text": batch.texts[i], "metadata": meta}
                     if n > 1:
                         payload.update(windows=n, spans=batch.doc_spans(i))
+                    if max(parts) > 1:
+                        payload["parts"] = parts
                 else:
                     payload = {"id": doc_id, "metadata": meta, "window": w}
                 points.append((window_uuid(doc_id, w), vec, payload))
-                n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + (co[j + 1] - co[j]) * colbert.shape[1]
+                n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
                 text = len(batch.texts[i].encode("utf-8")) * 2 if w == 0 else 0
                 sizes.append(14 * int(n_floats) + text + 512)
-            for w in range(n, old.get(doc_id, 0)):
-                tombs.append(window_uuid(doc_id, w))
-                points.append((tombs[-1], None, {"id": doc_id, "window": w}))
-                sizes.append(256)
+                for p in range(1, parts[w]):
+                    chunk = tokens[p * per : (p + 1) * per]
+                    part = {"id": doc_id, "metadata": meta, "window": w, "part": p}
+                    points.append((part_uuid(doc_id, w, p), {"colbert": chunk}, part))
+                    sizes.append(14 * chunk.size + 512)
+            for w, was in enumerate(old.get(doc_id, [])):  # old points past the new layout
+                for p in range(parts[w] if w < n else 0, was):
+                    tombs.append(part_uuid(doc_id, w, p))
+                    points.append((tombs[-1], None, {"id": doc_id, "window": w, "part": p}))
+                    sizes.append(256)
         return points, sizes, tombs
 
     # -------------------------------------------------------------------- writes
@@ -210,10 +253,10 @@ class QdrantEngine(Engine):
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        old: dict[str, int] = {}
-        if self.max_windows > 1:  # only then can a stored document have windows past the new count
-            old = dict(zip(batch.ids, self.window_counts(batch.ids).tolist()))
-        self.max_windows = max(self.max_windows, int(np.diff(batch.window_offsets).max(initial=1)))
+        old: dict[str, list[int]] = {}
+        if self.max_windows > 1:  # only then can a stored document have points past the new layout
+            old = dict(zip(batch.ids, self._layout(batch.ids)))
+        self.max_windows = max(self.max_windows, self.stored_units(batch))
         points, sizes, tombs = self._points(batch, old)
         if points:
             self._write(points, sizes)  # old or new documents whole
@@ -223,20 +266,22 @@ class QdrantEngine(Engine):
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
-        counts = self.window_counts(ids) if self.max_windows > 1 else np.ones(len(ids), np.int64)
+        layout = self._layout(ids) if self.max_windows > 1 else [[1]] * len(ids)
         groups: dict[str, list[str]] = {}  # one write per distinct metadata value
-        for doc_id, meta, n in zip(ids, metadata, counts.tolist()):
-            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(
-                window_uuid(doc_id, w) for w in range(max(n, 1))
-            )
+        for doc_id, meta, parts in zip(ids, metadata, layout):
+            uuids = [part_uuid(doc_id, w, p) for w, n in enumerate(parts or [1]) for p in range(n)]
+            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(uuids)
         if groups:
             self._set_payload(groups)
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Every point a document may have: all windows up to the most any document had
-        (this also removes tombstones left by a crash), in one write."""
+        """Every point a document may have: all windows (and parts) up to the most points any
+        document had (this also removes tombstones left by a crash), in one write."""
         if ids:
-            self._delete_points([window_uuid(i, w) for i in ids for w in range(self.max_windows)])
+            n = self.max_windows
+            parts = n if self.multivector_limit is not None else 1
+            uuids = dict.fromkeys(part_uuid(i, w, p) for i in ids for w in range(n) for p in range(parts))
+            self._delete_points(list(uuids))
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -254,16 +299,25 @@ class QdrantEngine(Engine):
         return [by_id.get(i) for i in ids]
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
-        """All window records of each document, in window order ([] for unknown ids)."""
+        """All window records of each document, in window order ([] for unknown ids); a window
+        stored in parts comes back whole (its token vectors concatenated)."""
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
-        counts = self.window_counts(ids)
-        uuids = [window_uuid(i, w) for i, n in zip(ids, counts.tolist()) for w in range(n)]
+        layout = self._layout(ids)
+        uuids = [part_uuid(i, w, p) for i, parts in zip(ids, layout) for w, n in enumerate(parts) for p in range(n)]
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
-        out, at = [], 0
-        for n in counts.tolist():
-            recs = [by_uuid.get(u) for u in uuids[at : at + n]]
-            at += n
-            out.append([record_from_point(r) for r in recs if r is not None])
+        out = []
+        for doc_id, parts in zip(ids, layout):
+            recs = []
+            for w, n in enumerate(parts):
+                r = by_uuid.get(window_uuid(doc_id, w))
+                if r is None:
+                    continue
+                rec = record_from_point(r)
+                if n > 1 and rec.colbert is not None:
+                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p)]).colbert for p in range(1, n)]
+                    rec.colbert = np.concatenate([rec.colbert, *more])
+                recs.append(rec)
+            out.append(recs)
         return out
 
     def count(self, filter: Filter | None = None) -> int:
@@ -339,10 +393,14 @@ class QdrantEngine(Engine):
         if known and "colbert" in known:
             raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
         if self.max_windows <= 1:
-            counts = np.ones(len(ids), np.int64)
+            counts, layout = np.ones(len(ids), np.int64), None
         else:
-            counts = np.maximum(self.window_counts(ids), 1)  # a missing document: one NaN window
+            layout = self._layout(ids)
+            counts = np.maximum([len(p) for p in layout], 1)  # a missing document: one NaN window
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        split = []  # (position, doc id, window) of windows stored in parts: whole-window MaxSim below
+        if layout is not None and "colbert" in modes:
+            split = [(offsets[d] + w, ids[d], w) for d, ps in enumerate(layout) for w, n in enumerate(ps) if n > 1]
         uuids = [window_uuid(i, w) for i, n in zip(ids, counts.tolist()) for w in range(n)]
         out = {m: np.full(len(uuids), np.nan) for m in modes}
         todo: dict[str, list[int]] = {}
@@ -357,11 +415,22 @@ class QdrantEngine(Engine):
                 else:
                     out[m][offsets[i]] = v
             todo[m] = need
+        if split:
+            skip = {j for j, _, _ in split}
+            todo["colbert"] = [j for j in todo["colbert"] if j not in skip]
         if uuids and any(todo.values()):
             got = self._exact_scores(uuids, todo, query)
             for m in modes:
                 if todo[m]:
                     out[m][todo[m]] = got[m][todo[m]]
+        if split:  # per query token the maximum over EVERY token of the window, all parts together
+            recs = self.get_windows(list(dict.fromkeys(d for _, d, _ in split)), with_vectors=["colbert"])
+            tokens = {(r.id, k): r.colbert for rs in recs for k, r in enumerate(rs)}
+            q = np.asarray(query.colbert, dtype=np.float32)
+            for j, doc_id, w in split:
+                t = tokens.get((doc_id, w))
+                if t is not None and len(q):
+                    out["colbert"][j] = float((q @ t.T).max(axis=1).mean())
         return WindowScores(offsets, out)
 
 

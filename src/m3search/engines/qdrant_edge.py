@@ -102,8 +102,8 @@ def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter |
 
 def _docs_only(flt: qe.Filter | None) -> qe.Filter:
     """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
-    not_first = qe.FieldCondition("window", range=qe.RangeFloat(gte=1))
-    return qe.Filter(must=[flt] if flt is not None else None, must_not=[not_first])
+    later = [qe.FieldCondition(key, range=qe.RangeFloat(gte=1)) for key in ("window", "part")]
+    return qe.Filter(must=[flt] if flt is not None else None, must_not=later)
 
 
 def _sparse_vector(indices: np.ndarray, values: np.ndarray) -> qe.SparseVector:
@@ -308,7 +308,7 @@ class QdrantEdgeEngine(QdrantEngine):
         # batches of 1024-d x 16-256 tokens, alternating runs on an idle machine (qdrant-edge-py 0.9).
         out = []
         for uid, vec, payload in points:
-            if vec is not None:
+            if vec is not None and "sparse" in vec:
                 ind, val = vec["sparse"]
                 vec = {**vec, "sparse": qe.SparseVector(ind.tolist(), val.tolist())}
             out.append(qe.Point(uid, vec or {}, payload))

@@ -56,7 +56,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["QdrantRemoteEngine", "to_client_filter", "parse_qdrant_location"]
 
+#: A Qdrant server rejects a longer multivector (MAX_MULTIVECTOR_FLATTENED_LEN, qdrant
+#: lib/common/common/src/validation.rs); longer windows are stored as parts (see qdrant_common).
+MAX_MULTIVECTOR_FLOATS = 1_048_576
 META_KEY = "m3search"
 SCHEMA_KEY = "m3search_schema"
 DEFAULT_COLLECTION = "m3search"
@@ -204,6 +207,7 @@ class QdrantRemoteEngine(QdrantEngine):
         max_request_bytes: int = 16 << 20,
         hnsw_ef: int | None = None,
         server_scoring: bool | None = None,
+        multivector_limit: int | None = MAX_MULTIVECTOR_FLOATS,
     ) -> None:
         self._client: QdrantClient | None = client
         self.location = location
@@ -219,9 +223,11 @@ class QdrantRemoteEngine(QdrantEngine):
         # (seconds per query at a few hundred documents); there, candidates are scored
         # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
         self.server_scoring = (not local) if server_scoring is None else bool(server_scoring)
+        # Local mode stands in for a server, so it splits long windows into parts just the same.
+        self.multivector_limit = multivector_limit
 
     # ----------------------------------------------------------------- connection
-    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring")
+    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring", "multivector_limit")
     _CLIENT_OPTS = ("api_key", "https", "prefer_grpc", "timeout")
 
     @classmethod
@@ -433,11 +439,9 @@ class QdrantRemoteEngine(QdrantEngine):
         structs = []
         for uid, vec, payload in points:
             if vec is not None:
-                ind, val = vec["sparse"]
                 vec = {
-                    "dense": vec["dense"].tolist(),
-                    "sparse": qm.SparseVector(indices=ind.tolist(), values=val.tolist()),
-                    "colbert": vec["colbert"].tolist(),
+                    k: (qm.SparseVector(indices=v[0].tolist(), values=v[1].tolist()) if k == "sparse" else v.tolist())
+                    for k, v in vec.items()
                 }
             structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
         start, acc = 0, 0
@@ -449,6 +453,14 @@ class QdrantRemoteEngine(QdrantEngine):
                 start, acc = j, 0
             if j < len(structs):
                 acc += sizes[j]
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Documents stored as several points: every point carrying their id, by filter, in one
+        request (windows, parts and tombstones alike)."""
+        if self.max_windows <= 1 or not ids:
+            return super().delete(ids)
+        sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=list(ids)))]))
+        self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def _delete_points(self, uuids: list[str]) -> None:
         sel = qm.PointIdsList(points=uuids)
@@ -548,5 +560,5 @@ def _vector(v: Any, mode: str) -> Any:
 
 def _docs_only(flt: qm.Filter | None) -> qm.Filter:
     """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
-    not_first = qm.FieldCondition(key="window", range=qm.Range(gte=1))
-    return qm.Filter(must=[flt] if flt is not None else None, must_not=[not_first])
+    later = [qm.FieldCondition(key=key, range=qm.Range(gte=1)) for key in ("window", "part")]
+    return qm.Filter(must=[flt] if flt is not None else None, must_not=later)
