@@ -1,221 +1,66 @@
-"""Long documents as token windows: which overlap, and how a document's score comes from its windows.
+"""Long documents: windows vs truncation (max_windows=1), and the two window-scoring rules.
 
-What it measures, and why this way:
+For each BEIR folder, two cached indexes of the same corpus with the proxy model (512
+positions): every window (the collection default: window 512, stride 384) and one window
+(max_windows=1, today's truncation). Every mode is searched on both in the same run; on
+the first folder the windowed index is searched again with "fuse per window, then max"
+(the private ``m3search.collection.WINDOW_RULE`` switch). Prints one Markdown table.
 
-* Each configuration encodes the corpus with :meth:`M3Encoder.encode_windows` (one
-  window = truncation, as today; then windows of the model's full length with 0, 64, 128,
-  256 content tokens of overlap, unless ``--overlaps`` says otherwise).
-* No store: every query is scored exactly against every window (``m3search.scoring``:
-  dense, lexical, ColBERT), so the numbers measure the windows, not an index.
-* Two rules turn window scores into a document score, both measured:
-  ``max``: per mode, the document's score is its best window's; fused modes fuse those
-  maxima. ``fuse-max``: fuse per window, then take the best window. Single modes are the
-  same under both rules. Fusion is BGE-M3's weighted sum with m3search's default weights.
-* Metrics are trec_eval's (``m3search.eval.compute_metrics``): nDCG@10 and Recall@100.
-  The truncation row in fp32 reproduces the proxy model's reference table.
+    PYTHONPATH=src python benchmarks/windows.py ../shared/data/time ../shared/data/cranfield \
+        ../shared/data/xquad-r/en --cache-dir /tmp/m3s-windows
 
-Usage (from the repository root, with the project venv)::
-
-    nice -n 5 python benchmarks/windows.py                       # time, writes RESULTS.md
-    python benchmarks/windows.py --data ../shared/data/cranfield --no-write
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-from results import publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-RULES = ("max", "fuse-max")
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["dense", "sparse", "colbert", "all"]
 
 
-def _mode_scores(q, w) -> dict[str, np.ndarray]:
-    """``(n_queries, n_windows)`` exact scores per single mode."""
-    from m3search.scoring import colbert_scores, dense_scores, lexical_scores
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="+")
+    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "bge-m3-proxy"))
+    ap.add_argument("--cache-dir", default="/tmp/m3s-windows")
+    args = ap.parse_args()
 
-    return {
-        "dense": dense_scores(q.dense, w.dense),
-        "sparse": lexical_scores(q.sparse, w.sparse),
-        "colbert": colbert_scores(q.colbert, q.colbert_offsets, w.colbert, w.colbert_offsets),
-    }
-
-
-def doc_scores(per_window: dict[str, np.ndarray], doc_bounds: np.ndarray, rule: str) -> dict[str, np.ndarray]:
-    """Document scores of every mode of ``m3search.eval.MODES`` under ``rule``."""
-    from m3search.engines.base import MODES as SINGLE
-    from m3search.eval import MODES
-    from m3search.fusion import weighted
-    from m3search.plan import DEFAULT_WEIGHTS, parse_mode
-    from m3search.scoring import segment_max
-
-    weights = dict(zip(SINGLE, DEFAULT_WEIGHTS))
-    per_doc = {m: segment_max(s, doc_bounds) for m, s in per_window.items()}
-    out = {}
-    for mode in MODES:
-        parts = parse_mode(mode)
-        if len(parts) == 1:
-            out[mode] = per_doc[mode]
-        elif rule == "max":
-            out[mode] = weighted({m: per_doc[m] for m in parts}, weights)
-        else:
-            fused = weighted({m: per_window[m] for m in parts}, weights).astype(np.float32)
-            out[mode] = segment_max(fused, doc_bounds)
-    return out
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
+    import m3search.collection as collection
     from m3search import M3Encoder
-    from m3search.eval import compute_metrics, load_beir
+    from m3search.eval import evaluate, load_beir
 
-    data = load_beir(args.data)
-    enc = M3Encoder.from_pretrained(args.model, device="cpu", dtype=args.dtype)
-    window = args.window or enc.max_length
-    qids = list(data.queries)
-    q = enc.encode([data.queries[i] for i in qids], max_length=512)
-    n_content = np.array(
-        [len(e.ids) for e in enc.tokenizer.encode_batch(data.doc_texts, add_special_tokens=False)], np.int64
-    )
-    # A document that fits one window is that same window in every configuration: encoded once, with truncation.
-    long_docs = np.flatnonzero(n_content > window - 2)
-    res: dict[str, Any] = {
-        "dataset": data.name,
-        "n_docs": len(data.doc_ids),
-        "n_queries": len(qids),
-        "longer_than_window": len(long_docs),
-        "model": str(args.model),
-        "dtype": str(enc.dtype).replace("torch.", ""),
-        "rows": [],
-    }
-    configs = [("truncation (1 window)", window - 2, 1)] + [
-        (f"overlap {o}", window - 2 - o, None) for o in args.overlaps
-    ]
-    base_scores = None
-    for name, stride, max_windows in configs:
-        texts = data.doc_texts if max_windows == 1 else [data.doc_texts[i] for i in long_docs]
-        t0 = time.perf_counter()
-        w = enc.encode_windows(texts, window=window, stride=stride, max_windows=max_windows)
-        encode_s = time.perf_counter() - t0
-        bounds = np.searchsorted(w.doc, np.arange(len(texts) + 1))
-        per_window = _mode_scores(q, w.embeddings)
-        row = {
-            "config": name,
-            "window": window,
-            "stride": stride,
-            "windows": len(w.doc) + (0 if max_windows == 1 else len(data.doc_ids) - len(long_docs)),
-            "encoded_tokens": int(w.embeddings.n_tokens.sum()),
-            "cut": w.cut,
-            "encode_s": encode_s,
-            "metrics": {},
-        }
-        for rule in RULES if max_windows is None else RULES[:1]:
-            scores = doc_scores(per_window, bounds, rule)
-            if base_scores is None:
-                base_scores = scores
-            else:  # long documents from their windows, the others as encoded once
-                scores = {m: _put(base_scores[m], long_docs, s) for m, s in scores.items()}
-            for mode, sc in scores.items():
-                if rule != "max" and "+" not in mode and mode != "all":
-                    continue
-                run_ = {qid: dict(zip(data.doc_ids, sc[i].tolist())) for i, qid in enumerate(qids)}
-                m = compute_metrics(run_, data.qrels, k=10, recall_at=100)
-                row["metrics"][f"{rule}:{mode}"] = (m["ndcg@10"], m["recall@100"])
-        res["rows"].append(row)
-        if args.json:  # after every configuration: a long run stopped early keeps what it measured
-            Path(args.json).write_text(json.dumps(res, indent=2))
-        print(f"[windows.py] {name}: {len(w.doc)} windows encoded, {encode_s:.0f} s", file=sys.stderr, flush=True)
-    return res
-
-
-def _put(base: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = base.copy()
-    out[:, cols] = values
-    return out
-
-
-def render(res: dict[str, Any], argv: list[str], date: str, uptime: str) -> str:
-    from m3search.eval import MODES
-
-    base = res["rows"][0]["metrics"]
-    head = (
-        f"{date}, {_lscpu()}, machine shared with other jobs (timings noisy). Command: "
-        f"`nice -n 5 python benchmarks/windows.py {' '.join(argv)}`. Model `{res['model']}` ({res['dtype']}), "
-        f"{res['dataset']}: {res['n_docs']} documents ({res['longer_than_window']} longer than one window), "
-        f"{res['n_queries']} queries; every query scored exactly against every window; nDCG@10 / Recall@100, "
-        "in brackets the change against truncation.\n"
-    )
-    lines = [head, "| configuration | rule | " + " | ".join(MODES) + " | windows | tokens encoded | encode s |"]
-    lines.append("|---" * (len(MODES) + 5) + "|")
-    for row in res["rows"]:
-        for rule in RULES:
-            cells = []
-            for mode in MODES:
-                key = f"{rule}:{mode}"
-                if key not in row["metrics"]:
-                    cells.append("=" if rule != "max" and f"max:{mode}" in row["metrics"] else "")
-                    continue
-                nd, rc = row["metrics"][key]
-                b_nd, b_rc = base[f"max:{mode}"]
-                delta = f" ({nd - b_nd:+.4f} / {rc - b_rc:+.4f})" if row is not res["rows"][0] else ""
-                cells.append(f"{nd:.4f} / {rc:.4f}{delta}")
-            if not any(c not in ("", "=") for c in cells):
-                continue
-            lines.append(
-                f"| {row['config']} (stride {row['stride']}) | {rule} | " + " | ".join(cells) + " | "
-                f"{row['windows']} | {row['encoded_tokens']:,} | {row['encode_s']:.0f} |"
+    encoder = M3Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
+    rows = []
+    for k, folder in enumerate(args.data):
+        data = load_beir(folder)
+        lengths = np.array([len(x) for x in encoder.tokenize(data.doc_texts, 10**9)[0]])
+        cut = int((lengths > encoder.max_length).sum())
+        runs = [("truncation", {"max_windows": 1}, "max"), ("windows", {}, "max")]
+        if k == 0:
+            runs.append(("windows, fuse then max", {}, "fuse"))
+        for label, settings, rule in runs:
+            collection.WINDOW_RULE = rule
+            t0 = time.perf_counter()
+            res = evaluate(
+                folder, model=encoder, modes=MODES, cache_dir=args.cache_dir, settings=settings, progress=False
             )
-    lines += [
-        "",
-        "`max`: per mode, a document scores as its best window, fused modes fuse those maxima; `fuse-max`: fuse each "
-        "window's scores, then the best window (`=`: single modes are the same under both rules). Documents that "
-        "fit one window are encoded once (with truncation) and reused by every configuration; 'tokens encoded' and "
-        "'encode s' count only what each configuration encoded itself. "
-        f"Load: `{uptime}`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _lscpu() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "?"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "time"), help="BEIR folder (time)")
-    ap.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "bge-m3-proxy"))
-    ap.add_argument("--dtype", default="auto", help="encoder dtype (float32 reproduces the reference table; slower)")
-    ap.add_argument("--window", type=int, default=None, help="tokens per window incl. specials (default: model's)")
-    ap.add_argument("--overlaps", type=int, nargs="+", default=[0, 128, 64, 256], help="overlaps in tokens")
-    ap.add_argument("--json", help="also write the raw numbers here")
-    ap.add_argument("--report-from", help="rebuild the report from a --json file instead of measuring")
-    ap.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
-    args = ap.parse_args(argv)
-    from results import run_or_replay
-
-    res = run_or_replay(args, argv, run)
-    res.setdefault("date", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    res.setdefault("uptime", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    if args.json and not args.report_from:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    text = render(res, res["argv"], res["date"], res["uptime"])
-    publish("windows.py", "Long documents as windows (`benchmarks/windows.py`)", text, no_write=args.no_write)
+            print(f"{folder} {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            rows.append((Path(folder).name if "xquad" not in folder else "xquad-r/en", cut, len(lengths), label, res))
+    collection.WINDOW_RULE = "max"
+    print("| data | docs cut at 512 | index | " + " | ".join(f"{m} nDCG@10 / R@100" for m in MODES) + " |")
+    print("|---|---|---|" + "---|" * len(MODES))
+    for name, cut, n, label, res in rows:
+        cells = [f"{res['modes'][m]['ndcg@10']:.4f} / {res['modes'][m]['recall@100']:.4f}" for m in MODES]
+        print(f"| {name} | {cut}/{n} | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -1,194 +1,430 @@
-"""Token windows: the plan (text -> windows), argument checks, and M3Encoder.encode_windows."""
+"""Documents of several windows, on every engine that stores them (Qdrant Edge, qdrant-client
+local mode); Milvus refuses them clearly.
+
+The corpus holds documents of 1, 2 and 3 windows of 16 tokens (stride 12) of the tiny
+model. A document's score in each mode must be the maximum of the oracle scores of its
+windows (each window encoded on its own), every write that changes a document's number of
+windows must leave no orphan window (the raw point count and exact searches prove it),
+and a kill -9 during such a write leaves the old or the new document whole.
+"""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 
-from m3search import M3Encoder
-from m3search.windows import check_windows, plan_windows
+from m3search.collection import Collection
+from m3search.engines.base import MODES
+from m3search.scoring import colbert_scores, dense_scores, lexical_scores
+from m3search.testing import BUILTIN_TEXTS
 
-TEXTS = [
-    "Aerodynamic heating of a slender body in hypersonic flow.",
-    "",
-    "Die schnelle braune Katze springt über den faulen Hund am Fluss, und der Hund schläft weiter.",
-    "敏捷的棕色狐狸跳过了河边的懒狗。" * 9,
-    "short",
-    "الثعلب البني السريع يقفز فوق الكلب الكسول بجانب النهر. " * 12,
-    "the the the the boundary boundary layer " * 20,
-]
+ENGINES = ["qdrant-edge", "qdrant-local"]
+WINDOW, STRIDE = 16, 12
+TOL = 1e-4
 
 
-def _reference_plan(n: int, span: int, stride: int, max_windows: int | None) -> list[tuple[int, int]]:
-    """(start, length) of each window, written the obvious way."""
-    out, start = [], 0
-    while True:
-        out.append((start, min(start + span, n) - start))
-        if start + span >= n:
-            break
-        start += stride
-    return out if max_windows is None else out[:max_windows]
+def location(engine: str, folder) -> str:
+    if engine == "qdrant-edge":
+        return str(folder / "col")
+    if engine == "qdrant-local":
+        pytest.importorskip("qdrant_client")
+        return f"qdrant+local://{folder}/store/col"
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    return str(folder / "col.db")
 
 
-@pytest.mark.parametrize("span,stride,max_windows", [(1, 1, None), (5, 5, None), (5, 2, None), (8, 3, 2), (6, 6, 1)])
-def test_plan_matches_reference(span, stride, max_windows):
-    lengths = np.array([0, 1, 4, 5, 6, 7, 12, 13, 40])
-    plan = plan_windows(lengths, span, stride, max_windows)
-    want = [(d, s, n) for d, L in enumerate(lengths) for s, n in _reference_plan(int(L), span, stride, max_windows)]
-    assert list(zip(plan.doc.tolist(), plan.start.tolist(), plan.length.tolist())) == want
-    full = [len(_reference_plan(int(L), span, stride, None)) for L in lengths]
-    assert plan.cut == sum(c > (max_windows or c) for c in full)
-
-
-def test_plan_covers_every_token_with_the_stated_overlap():
-    span, stride = 10, 7
-    lengths = np.array([3, 10, 11, 17, 18, 100])
-    plan = plan_windows(lengths, span, stride)
-    for d, n in enumerate(lengths):
-        rows = plan.doc == d
-        starts, lens = plan.start[rows], plan.length[rows]
-        covered = np.zeros(n, bool)
-        for s, m in zip(starts, lens):
-            covered[s : s + m] = True
-        assert covered.all()
-        assert (np.diff(starts) == stride).all()
-        assert (lens[:-1] == span).all() and starts[-1] + lens[-1] == n
-        if len(starts) > 1:  # the overlap stated in the docs: span - stride, the last pair may share more
-            assert starts[0] + lens[0] - starts[1] == span - stride
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(window=2, stride=1), "window=2"),
-        (dict(window=600, stride=10), "window=600.*512 positions"),
-        (dict(window=64, stride=0), "stride=0"),
-        (dict(window=64, stride=63), "stride=63"),
-        (dict(window=64, stride=8, max_windows=0), "max_windows"),
-        (dict(window=64.0, stride=8), "window"),
-        (dict(window=64, stride=True), "stride"),
-    ],
-)
-def test_bad_window_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        check_windows(**kwargs, max_length=512)
-
-
-def test_overlap_zero_is_allowed():
-    check_windows(64, 62, max_length=512)  # windows abut: no token skipped, none shared
-
-
-def test_encode_windows_rejects_bad_arguments(tiny_encoder):
-    with pytest.raises(ValueError, match="window=513"):
-        tiny_encoder.encode_windows(["x"], window=513, stride=8)
-    with pytest.raises(ValueError, match="stride=100"):
-        tiny_encoder.encode_windows(["x"], window=64, stride=100)
-
-
-def test_one_window_texts_equal_encode_bit_for_bit(tiny_encoder):
-    """A text that fits in one window gives exactly what encode() gives (same ids, same batches)."""
-    want = tiny_encoder.encode(TEXTS)
-    got = tiny_encoder.encode_windows(TEXTS, window=tiny_encoder.max_length, stride=16)
-    assert np.array_equal(got.doc, np.arange(len(TEXTS))) and got.cut == 0
-    e = got.embeddings
-    assert np.array_equal(e.n_tokens, want.n_tokens)
-    assert np.array_equal(e.dense, want.dense)
-    assert np.array_equal(e.colbert_offsets, want.colbert_offsets) and np.array_equal(e.colbert, want.colbert)
-    assert np.array_equal(e.sparse.indptr, want.sparse.indptr)
-    assert np.array_equal(e.sparse.indices, want.sparse.indices) and np.array_equal(e.sparse.data, want.sparse.data)
-
-
-def _content(encoder: M3Encoder, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = encoder.tokenizer.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets
+def n_windows(encoder, text: str) -> int:
+    return len(encoder.encode_windows([text], window=WINDOW, stride=STRIDE).doc)
 
 
 @pytest.fixture(scope="module")
-def windowed(tiny_encoder):
-    return tiny_encoder.encode_windows(TEXTS, window=24, stride=15)
+def corpus(tiny_encoder):
+    """30 documents: 10 each of 1, 2 and 3 windows; 4 queries."""
+    rng = np.random.default_rng(3)
+    words = " ".join(BUILTIN_TEXTS).split()
+    buckets: dict[int, list[str]] = {1: [], 2: [], 3: []}
+    while any(len(b) < 10 for b in buckets.values()):
+        t = " ".join(rng.choice(words, size=int(rng.integers(3, 36))))
+        b = buckets.get(n_windows(tiny_encoder, t))
+        if b is not None and len(b) < 10:
+            b.append(t)
+    texts = buckets[1] + buckets[2] + buckets[3]  # documents 0-9: one window, 10-19: two, 20-29: three
+    ids = [f"d{i:02d}" for i in range(len(texts))]
+    meta = [{"i": i, "even": i % 2 == 0} for i in range(len(texts))]
+    queries = [" ".join(rng.choice(words, size=int(rng.integers(2, 7)))) for _ in range(4)]
+    win = tiny_encoder.encode_windows(texts, window=WINDOW, stride=STRIDE)
+    qemb = tiny_encoder.encode(queries, max_length=512)
+    e = win.embeddings
+    per_window = {
+        "dense": dense_scores(qemb.dense, e.dense),
+        "sparse": lexical_scores(qemb.sparse, e.sparse),
+        "colbert": colbert_scores(qemb.colbert, qemb.colbert_offsets, e.colbert, e.colbert_offsets),
+    }
+    oracle = {
+        m: np.stack([s[:, win.doc == d].max(axis=1) for d in range(len(texts))], 1) for m, s in per_window.items()
+    }
+    return texts, ids, meta, queries, qemb, win, per_window, oracle
 
 
-def test_windows_hold_the_text_tokens_with_the_model_specials(tiny_encoder, windowed):
-    """Each window row is the model's output for <s> + its slice of content ids + </s>."""
-    import torch
-
-    span, stride = 22, 15
-    for d, text in enumerate(TEXTS):
-        ids, _ = _content(tiny_encoder, text)
-        rows = np.flatnonzero(windowed.doc == d)
-        ref = _reference_plan(len(ids), span, stride, None)
-        assert len(rows) == len(ref)
-        for row, (s, n) in zip(rows, ref):
-            window_ids = [0] + ids[s : s + n] + [2]
-            assert windowed.embeddings.n_tokens[row] == len(window_ids)
-            t = torch.tensor([window_ids])
-            with torch.inference_mode():
-                h = tiny_encoder.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state.float()
-            cls = torch.nn.functional.normalize(h[0, 0], dim=-1).numpy()
-            assert np.allclose(windowed.embeddings.dense[row], cls, atol=1e-5)
-    assert len(windowed.embeddings) > len(TEXTS)  # the fixture does split texts
-
-
-def test_spans_are_character_offsets_of_the_window_tokens(tiny_encoder, windowed):
-    span, stride = 22, 15
-    for d, text in enumerate(TEXTS):
-        ids, offsets = _content(tiny_encoder, text)
-        rows = np.flatnonzero(windowed.doc == d)
-        for row, (s, n) in zip(rows, _reference_plan(len(ids), span, stride, None)):
-            want = (offsets[s][0], offsets[s + n - 1][1]) if n else (0, 0)
-            assert tuple(windowed.spans[row]) == want
-            assert 0 <= want[0] <= want[1] <= len(text)  # characters, not bytes (Chinese, Arabic)
-    assert windowed.spans.dtype == np.int64 and windowed.spans.shape == (len(windowed.doc), 2)
-    assert windowed.doc.dtype == np.int64
-
-
-def test_max_windows_keeps_the_first_windows_and_counts_cut_texts(tiny_encoder, windowed):
-    capped = tiny_encoder.encode_windows(TEXTS, window=24, stride=15, max_windows=2)
-    per_doc = np.bincount(windowed.doc, minlength=len(TEXTS))
-    assert capped.cut == int((per_doc > 2).sum()) > 0
-    keep = np.concatenate([np.flatnonzero(windowed.doc == d)[:2] for d in range(len(TEXTS))])
-    assert np.array_equal(capped.doc, windowed.doc[keep])
-    assert np.array_equal(capped.spans, windowed.spans[keep])
-    assert np.allclose(capped.embeddings.dense, windowed.embeddings.dense[keep], atol=1e-5)
-
-
-def test_windows_batch_within_the_token_budget(tiny_encoder, windowed):
-    """Small budget: many batches, same rows in text order."""
-    small = M3Encoder(
-        tiny_encoder.model,
-        tiny_encoder.colbert_linear,
-        tiny_encoder.sparse_linear,
-        tiny_encoder.tokenizer,
-        folder=tiny_encoder.folder,
-        name_or_path="x",
-        device=tiny_encoder.device,
-        dtype=tiny_encoder.dtype,
-        token_budget=48,
+def create(engine, folder, encoder, **settings):
+    return Collection.create(
+        location(engine, folder), model=encoder, colbert_dtype="float32", window=WINDOW, stride=STRIDE, **settings
     )
-    shapes = []
-    hook = small.model.register_forward_pre_hook(
-        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
-    )
+
+
+def raw_points(col) -> int:
+    """Every stored point (windows and tombstones alike)."""
+    return col.engine._count(None, docs_only=False)
+
+
+def vector_points(col, doc_id: str) -> int:
+    """Points of ``doc_id`` that a vector query can return (an exact scan over everything)."""
+    probe = np.ones(col.schema.dense_dim, np.float32)
+    hits = col.engine._nearest("dense", [probe], 10_000, None, True)[0]
+    return sum(1 for p in hits if p.payload["id"] == doc_id)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpus, engine):
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    col = create(engine, tmp_path, tiny_encoder)
     try:
-        got = small.encode_windows(TEXTS, window=24, stride=15, show_progress=False)
+        col.add(texts, ids=ids, metadata=meta, batch_size=7)
+        counts = np.bincount(win.doc)
+        assert col.count() == len(texts) and raw_points(col) == counts.sum()
+        assert col.count({"even": True}) == 15
+        assert col.engine.window_counts(ids).tolist() == counts.tolist()
+        recs = col.get(ids)
+        assert [r.text for r in recs] == texts and [r.metadata for r in recs] == meta
+        for mode in ("dense", "sparse", "colbert", "all"):
+            hits = col.search_batch(
+                queries, k=len(texts), mode=mode, candidates=len(texts), exact=True, query_embeddings=qemb
+            )
+            for qi, hs in enumerate(hits):
+                if mode != "sparse":
+                    assert len(hs) == len(texts)  # every document once, however many windows it has
+                assert len({h.id for h in hs}) == len(hs)
+                for h in hs:
+                    j = ids.index(h.id)
+                    for m in MODES:
+                        assert abs(h.scores[m] - oracle[m][qi, j]) <= TOL, (mode, m, h.id)
+                    # the best window: the one whose (weighted) scores are highest, with its span
+                    rows = np.flatnonzero(win.doc == j)
+                    if mode == "all":
+                        w = col.settings["weights"]
+                        total = sum(wt * per_window[m][qi, rows] for wt, m in zip(w, MODES))
+                    else:
+                        total = per_window[mode][qi, rows]
+                    best = rows[int(np.argmax(total))]
+                    assert (h.window["start"], h.window["end"]) == tuple(win.spans[best]), (mode, h.id)
+                    assert h.passage == texts[j][win.spans[best][0] : win.spans[best][1]]
+                scores = [h.score for h in hs]
+                assert scores == sorted(scores, reverse=True)
+        # k documents come back even when the first windows listed belong to few documents
+        assert len(col.search(queries[0], k=25, mode="dense")) == 25
     finally:
-        hook.remove()
-    assert len(shapes) > 3 and all(b * w <= 48 for b, w in shapes)
-    e, w = got.embeddings, windowed.embeddings
-    assert np.allclose(e.dense, w.dense, atol=1e-5)
-    assert np.array_equal(e.colbert_offsets, w.colbert_offsets) and np.allclose(e.colbert, w.colbert, atol=1e-5)
-    assert np.array_equal(e.sparse.indices, w.sparse.indices) and np.allclose(e.sparse.data, w.sparse.data, atol=1e-5)
+        col.close()
 
 
-def test_iter_windows_pieces_add_up_to_encode_windows(tiny_encoder, windowed):
-    pieces = list(tiny_encoder.iter_windows(TEXTS, window=24, stride=15, max_windows=3, chunk_tokens=50))
-    whole = tiny_encoder.encode_windows(TEXTS, window=24, stride=15, max_windows=3)
-    assert len(pieces) > 3
-    assert all(int(p.embeddings.n_tokens.sum()) < 50 + 24 for p in pieces)
-    assert [p.cut for p in pieces] == [whole.cut] + [0] * (len(pieces) - 1) and whole.cut > 0
-    assert np.array_equal(np.concatenate([p.doc for p in pieces]), whole.doc)
-    assert np.array_equal(np.concatenate([p.spans for p in pieces]), whole.spans)
-    assert np.allclose(np.concatenate([p.embeddings.dense for p in pieces]), whole.embeddings.dense, atol=1e-5)
-    assert np.allclose(np.concatenate([p.embeddings.colbert for p in pieces]), whole.embeddings.colbert, atol=1e-5)
-    with pytest.raises(ValueError, match="stride=0"):  # at the call, not at the first piece
-        tiny_encoder.iter_windows(TEXTS, window=24, stride=0)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rewrites_that_change_the_window_count_leave_no_orphan(tmp_path, tiny_encoder, corpus, engine):
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    three = texts[20]  # 3 windows
+    one = texts[0]  # 1 window
+    assert n_windows(tiny_encoder, three) == 3 and n_windows(tiny_encoder, one) == 1
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        col.add([three, texts[10]], ids=["x", "y"])  # 3 + 2 windows
+        assert raw_points(col) == 5 and vector_points(col, "x") == 3
+        col.upsert([one], ids=["x"])  # 3 -> 1: two windows must go
+        assert col.count() == 2 and raw_points(col) == 3 and vector_points(col, "x") == 1
+        assert col.get("x")[0].text == one and col.get("x")[0].windows == 1
+        col.update_metadata("y", {"tag": "t"})
+        assert col.count({"tag": "t"}) == 1
+        hit = {h.id: h for h in col.search(one, k=2, mode="all", exact=True)}["x"]
+        want = tiny_encoder.encode([one])
+        assert hit.scores["dense"] == pytest.approx(
+            float(dense_scores(tiny_encoder.encode([one], max_length=512).dense, want.dense)[0, 0]), abs=TOL
+        )
+        col.upsert([three], ids=["x"])  # 1 -> 3
+        assert raw_points(col) == 5 and vector_points(col, "x") == 3 and col.get("x")[0].windows == 3
+        col.delete(["x"])
+        assert col.count() == 1 and raw_points(col) == 2 and vector_points(col, "x") == 0
+        assert col.get("x") == [None]
+        assert [h.id for h in col.search(three, k=5, mode="all")] == ["y"]
+        assert col.get("y")[0].metadata == {"tag": "t"}
+    finally:
+        col.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_iter_batches_and_migration_keep_windows(tmp_path, tiny_encoder, corpus, engine):
+    from m3search.migrate import migrate
+
+    texts, ids, meta, *_ = corpus
+    src = create(engine, tmp_path / "a", tiny_encoder)
+    try:
+        src.add(texts, ids=ids, metadata=meta)
+        batches = list(src.engine.iter_batches(8))
+        assert sum(len(b) for b in batches) == len(texts)
+        for b in batches:
+            b.validate(src.schema)
+            for i, doc_id in enumerate(b.ids):
+                j = ids.index(doc_id)
+                assert b.doc_spans(i) == [list(s) for s in corpus[5].spans[corpus[5].doc == j]]
+        before = src.search(texts[25], k=10, mode="all", exact=True)
+    finally:
+        src.close()
+    dst = location("qdrant-edge" if engine != "qdrant-edge" else "qdrant-local", tmp_path / "b")
+    migrate(location(engine, tmp_path / "a"), dst)
+    with Collection.open(dst, model=tiny_encoder) as col:
+        assert col.count() == len(texts) and raw_points(col) == len(corpus[5].doc)
+        after = col.search(texts[25], k=10, mode="all", exact=True)
+        assert [(h.id, h.window) for h in after] == [(h.id, h.window) for h in before]
+        assert [h.score for h in after] == pytest.approx([h.score for h in before], abs=TOL)
+
+
+def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The private switch: weighted fusion per window, then each document's best window."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "WINDOW_RULE", "fuse")
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        w = dict(zip(MODES, col.settings["weights"]))
+        hits = col.search_batch(queries, k=10, mode="all", candidates=30, exact=True, query_embeddings=qemb)
+        for qi, hs in enumerate(hits):
+            fused_w = sum(w[m] * per_window[m][qi] for m in MODES) / sum(w.values())
+            for h in hs:
+                assert h.score == pytest.approx(fused_w[win.doc == ids.index(h.id)].max(), abs=TOL)
+
+
+def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
+    with pytest.raises(ValueError, match="must be larger than stride"):
+        Collection.create(tmp_path / "a", model=tiny_encoder, window=64, stride=64)
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        Collection.create(tmp_path / "b", model=tiny_encoder, window=1024)
+    with pytest.raises(ValueError, match="stride must be a positive integer"):
+        Collection.create(tmp_path / "c", model=tiny_encoder, stride=0)
+    with pytest.raises(ValueError, match="max_windows must be a positive integer"):
+        Collection.create(tmp_path / "d", model=tiny_encoder, max_windows=0)
+    with Collection.create(tmp_path / "e", model=tiny_encoder) as col:
+        assert (col.settings["window"], col.settings["stride"], col.settings["max_windows"]) == (512, 384, None)
+        assert col.manifest["settings"]["window"] == 512
+
+
+def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
+    from m3search import TruncationWarning
+
+    texts, ids, *_ = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder, max_windows=2) as col:
+        with pytest.warns(TruncationWarning, match="10 of 30 document.s. exceeded max_windows=2"):
+            col.add(texts, ids=ids)
+        assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
+
+
+def test_milvus_stores_one_window(tmp_path, tiny_encoder):
+    loc = location("milvus-lite", tmp_path)
+    with pytest.raises(ValueError, match="one window per document: max_windows must be 1"):
+        Collection.create(loc, model=tiny_encoder, max_windows=3)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        assert col.settings["max_windows"] == 1
+
+
+def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
+    """A schema-1 collection (no window settings, points without window keys) keeps cutting long texts."""
+    import json
+
+    texts, ids, *_ = corpus
+    path = tmp_path / "old"
+    with Collection.create(path, model=tiny_encoder, max_length=16) as col:
+        col.add(texts[:3], ids=ids[:3])
+    m = json.loads((path / "manifest.json").read_text())
+    for key in ("window", "stride", "max_windows"):
+        del m["settings"][key]
+    del m["max_windows_stored"]
+    m["schema_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.settings["max_windows"] == 1
+        col.add(texts[20:23], ids=ids[20:23])  # long ones: cut, one window each
+        assert col.count() == 6 and raw_points(col) == 6
+        assert col.search(texts[1], k=1, mode="all", exact=True)[0].id == ids[1]
+
+
+# ------------------------------------------------------------------ crash safety
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, scipy.sparse as sp
+    from m3search.engines import resolve_engine
+    from m3search.engines.base import PointBatch
+
+    path, f = sys.argv[1], sys.argv[2]
+    z = np.load(f, allow_pickle=True)
+    versions = list(z["versions"])
+    eng = resolve_engine(path).open(path)
+    print("ready", flush=True)
+    i = 0
+    while True:
+        v = versions[i % len(versions)]
+        sparse = sp.csr_matrix((v["sp_data"], v["sp_indices"], v["sp_indptr"]), shape=tuple(v["sp_shape"]))
+        eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], v["offsets"],
+                              np.array([0, len(v["dense"])]), v["spans"]))
+        print("done", i, flush=True)
+        i += 1
+    """
+)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("engine", ["qdrant-edge"])
+def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
+    """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
+    moments; the reopened document is one version whole (text, window count, window vectors)."""
+    texts = [corpus[0][20], corpus[0][0], corpus[0][10]]  # 3, 1, 2 windows
+    versions = []
+    for t in texts:
+        w = tiny_encoder.encode_windows([t], window=WINDOW, stride=STRIDE)
+        e = w.embeddings
+        versions.append(
+            {
+                "text": t,
+                "dense": e.dense,
+                "sp_data": e.sparse.data,
+                "sp_indices": e.sparse.indices,
+                "sp_indptr": e.sparse.indptr,
+                "sp_shape": np.array(e.sparse.shape),
+                "colbert": e.colbert,
+                "offsets": e.colbert_offsets,
+                "spans": w.spans,
+            }
+        )
+    f = tmp_path / "versions.npz"
+    np.savez(f, versions=np.array(versions, dtype=object))
+    loc = location(engine, tmp_path)
+    with create(engine, tmp_path, tiny_encoder) as col:
+        col.add([texts[0], corpus[0][11]], ids=["x", "y"])  # max_windows_stored = 3
+    rng = np.random.default_rng(0)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    seen = set()
+    for _ in range(12):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, loc, str(f)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        with Collection.open(loc) as col:
+            rec = col.get("x")[0]
+            v = next(v for v in versions if v["text"] == rec.text)
+            n = len(v["dense"])
+            seen.add(n)
+            assert rec.windows == n and col.count() == 2
+            assert vector_points(col, "x") == n  # no window of another version answers a query
+            got = col.engine.get_windows(["x"])[0]
+            np.testing.assert_allclose(np.stack([r.dense for r in got]), v["dense"], atol=1e-6)
+            assert {r.metadata["v"] for r in got} == {rec.metadata["v"]} if "v" in rec.metadata else True
+    assert len(seen) >= 2  # the kills landed on different versions
+
+
+def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
+    from click.testing import CliRunner
+
+    from m3search.cli import hit_to_dict, main
+    from m3search.server import HitOut
+
+    texts, ids, *_ = corpus
+    path = tmp_path / "col"
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts[20:], ids=ids[20:])  # three windows each
+        hit = col.search(texts[21][-40:], k=1, mode="sparse")[0]
+        out = HitOut(**hit_to_dict(hit))
+        assert out.window == hit.window and 0 <= hit.window["start"] < hit.window["end"] <= len(hit.text)
+    r = CliRunner().invoke(main, ["search", texts[21][-40:], "--collection", str(path), "-k", "1", "--mode", "sparse"])
+    assert r.exit_code == 0, r.output
+    span = " ".join(hit.passage.split())
+    assert f"...[{span[:200]}" in r.output and f"chars {hit.window['start']}-{hit.window['end']} of" in r.output
+
+
+# ------------------------------------------------------------ Qdrant server limit
+LIMIT = 64 * 6  # floats per multivector: six 64-d token vectors (the tiny model's 1,048,576)
+
+
+def enforce_server_limit(engine, limit: int) -> None:
+    """Make qdrant-client local mode reject a long multivector as a Qdrant server does
+    (HTTP 400, validation error; release builds check MAX_MULTIVECTOR_FLATTENED_LEN)."""
+    import httpx
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    real = engine.client.upsert
+
+    def upsert(collection_name, points, **kw):
+        for p in points:
+            for name, v in (p.vector or {}).items():
+                if isinstance(v, list) and v and isinstance(v[0], list) and len(v) * len(v[0]) > limit:
+                    msg = f"Validation error in JSON body: [points[].vector.{name}: multivector too large ({len(v) * len(v[0])} > {limit})]"
+                    raise UnexpectedResponse(400, "Bad Request", msg.encode(), httpx.Headers())
+        return real(collection_name, points, **kw)
+
+    engine.client.upsert = upsert
+
+
+def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encoder, corpus):
+    """Windows of up to 15 tokens against a limit of 6 tokens: 1-3 parts each. Scores equal
+    the embedded engine's (whole-window MaxSim), and rewrites and deletes leave no part behind."""
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    loc = location("qdrant-local", tmp_path / "q")
+    # without parts, the stand-in refuses the write as a server would
+    col = Collection.create(loc, model=tiny_encoder, colbert_dtype="float32", window=WINDOW, stride=STRIDE)
+    col.engine.multivector_limit = None
+    enforce_server_limit(col.engine, LIMIT)
+    with pytest.raises(UnexpectedResponse, match="multivector too large"):
+        col.add(texts[:2], ids=ids[:2])
+    col.close()
+    col = Collection.open(loc, model=tiny_encoder, engine_options={"multivector_limit": LIMIT})
+    ref = create("qdrant-edge", tmp_path / "e", tiny_encoder)
+    try:
+        enforce_server_limit(col.engine, LIMIT)
+        col.add(texts, ids=ids, metadata=meta, batch_size=8)
+        ref.add(texts, ids=ids, metadata=meta, batch_size=8)
+        assert col.count() == len(texts) and col.engine._layout([ids[25]])[0][0] > 1
+        for server_scoring in (False, True):
+            col.engine.server_scoring = server_scoring
+            for mode in ("colbert", "all"):
+                a = col.search_batch(queries, k=10, mode=mode, candidates=30, exact=True, query_embeddings=qemb)
+                b = ref.search_batch(queries, k=10, mode=mode, candidates=30, exact=True, query_embeddings=qemb)
+                for qi, (ha, hb) in enumerate(zip(a, b)):
+                    assert [h.id for h in ha] == [h.id for h in hb]
+                    for x, y in zip(ha, hb):
+                        assert x.window == y.window
+                        for m in MODES:
+                            assert x.scores[m] == pytest.approx(y.scores[m], abs=TOL)
+                            assert x.scores[m] == pytest.approx(oracle[m][qi, ids.index(x.id)], abs=TOL)
+        # migration out of parts gives the windows back whole
+        got = col.engine.get_windows([ids[25]])[0]
+        rows = np.flatnonzero(win.doc == 25)
+        e = win.embeddings
+        for r, j in zip(got, rows):
+            np.testing.assert_allclose(r.colbert, e.colbert[e.colbert_offsets[j] : e.colbert_offsets[j + 1]], atol=1e-6)
+        points, before = raw_points(col), col.engine._layout([ids[25]])[0]
+        col.upsert([texts[0]], ids=[ids[25]])  # 3 windows in parts -> 1 window
+        after = col.engine._layout([ids[25]])[0]
+        assert len(before) == 3 and len(after) == 1
+        assert col.count() == len(texts) and raw_points(col) == points - sum(before) + sum(after)
+        col.delete(ids[20:])
+        col.delete(ids[:20])
+        assert col.count() == 0 and raw_points(col) == 0
+    finally:
+        col.close()
+        ref.close()

@@ -446,8 +446,12 @@ def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH) -> list[str]:
     scores = "  ".join(f"{m} {v:.4f}" for m, v in (hit.get("scores") or {}).items() if v is not None)
     head = f"{rank:>3}. {hit['score']:.4f}  "
     lines = [_clip(head + str(hit["id"]), width - len(scores) - 2) + (f"  {scores}" if scores else "")]
-    text = " ".join((hit.get("text") or "").split())
-    if text:
+    full, window = hit.get("text") or "", hit.get("window")
+    if window and (window["start"] > 0 or window["end"] < len(full)):  # a long document: its best window
+        where = f"  (chars {window['start']}-{window['end']} of {len(full)})"
+        span = " ".join(full[window["start"] : window["end"]].split())
+        lines.append(pad + "[" + _clip(span, width - len(pad) - len(where) - 2) + "]" + where)
+    elif text := " ".join(full.split()):
         lines.append(pad + _clip(text, width - len(pad)))
     if hit.get("metadata"):
         lines.append(pad + _clip("metadata: " + json.dumps(hit["metadata"], ensure_ascii=False), width - len(pad)))
@@ -642,6 +646,12 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
+@click.option(
+    "--max-windows",
+    default=None,
+    type=click.IntRange(1),
+    help="Windows per document (1: cut long texts) [default: all].",
+)
 @json_option
 def eval_(
     data_dir,
@@ -657,6 +667,7 @@ def eval_(
     out_dir,
     cache_dir,
     batch_size,
+    max_windows,
     as_json,
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
@@ -677,6 +688,7 @@ def eval_(
             k=k,
             cache_dir=cache_dir,
             batch_size=batch_size,
+            settings=None if max_windows is None else {"max_windows": max_windows},
         )
         if out_dir is None:
             slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))

@@ -10,6 +10,11 @@ Guarantees:
 
 * Each ingest batch is one engine write: after a crash (kill -9) a batch is either fully
   present or absent. ``add`` rejects a call whose ids already exist before writing anything.
+* Long documents: a text longer than ``window`` tokens is stored as overlapping windows
+  (``window`` tokens, one every ``stride``; at most ``max_windows``). A document's score
+  in each mode is its best window's; fusion then ranks documents. A hit names the window
+  that matched best (:attr:`Hit.window`, character offsets). ``max_windows=1`` is the
+  one-window behaviour of m3search before windows: the rest of a long text is cut.
 * Re-ranking modes take the union of the dense and sparse top-``candidates`` lists and
   compute every score of every candidate exactly (no "missing = 0").
 * The manifest records the model identity (hash of config, heads and tokenizer.json),
@@ -44,6 +49,7 @@ from m3search.engines.base import (
     QueryVectors,
     Record,
     Schema,
+    WindowScores,
 )
 from m3search.errors import (
     CollectionExistsError,
@@ -82,7 +88,15 @@ _SETTINGS_DEFAULTS = {
     "batch_size": 128,  # documents per encode + engine write
     "candidates": DEFAULT_CANDIDATES,
     "weights": list(DEFAULT_WEIGHTS),
+    "window": None,  # tokens per window (default: the document max_length, capped at the model's positions)
+    "stride": None,  # tokens between window starts (default: window - DEFAULT_OVERLAP)
+    "max_windows": None,  # windows per document at most (None: all; 1: cut like before windows)
 }
+#: Default tokens shared by consecutive windows (a sentence or two on both sides of a cut).
+DEFAULT_OVERLAP = 128
+#: How a windowed document's score is formed: "max" (per-mode maximum over windows, then fusion
+#: over documents) or "fuse" (fusion per window, then the maximum); private, for measurement.
+WINDOW_RULE = "max"
 _SCHEMA_SETTINGS = ("colbert_dtype", "colbert_on_disk", "dense_on_disk", "hnsw_m", "hnsw_ef_construct")
 
 
@@ -91,8 +105,10 @@ class Hit:
     """One search result.
 
     ``score`` is the fused score; ``scores`` holds the exact ``dense``, ``sparse`` and
-    ``colbert`` scores of this document for the query (whatever the mode); ``explain``
-    is filled when ``search(..., explain=True)``.
+    ``colbert`` scores of this document for the query (whatever the mode; a long document's
+    are its best window's in each mode); ``window`` is the ``{"start", "end"}`` character
+    span of the window that matched best (the whole text for a one-window document);
+    ``explain`` is filled when ``search(..., explain=True)``.
     """
 
     id: str
@@ -101,6 +117,12 @@ class Hit:
     metadata: dict
     scores: dict[str, float]
     explain: dict | None = None
+    window: dict[str, int] | None = None
+
+    @property
+    def passage(self) -> str:
+        """The text of the best window."""
+        return self.text if self.window is None else self.text[self.window["start"] : self.window["end"]]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (what ``--json`` and the HTTP API send):
@@ -112,6 +134,8 @@ class Hit:
             "text": self.text,
             "metadata": self.metadata or {},
         }
+        if self.window is not None:
+            d["window"] = self.window
         if self.explain is not None:
             d["explain"] = _plain(self.explain)
         return d
@@ -180,7 +204,11 @@ class Collection:
         self._encoder = None
         self._lock = threading.RLock()
         self.schema: Schema = engine.schema
-        self.settings: dict = {**_SETTINGS_DEFAULTS, **manifest.get("settings", {})}
+        stored = manifest.get("settings", {})
+        self.settings: dict = {**_SETTINGS_DEFAULTS, **stored}
+        if "max_windows" not in stored:  # made before windows: keeps cutting long texts
+            self.settings["max_windows"] = 1
+        engine.max_windows = max(engine.max_windows, int(manifest.get("max_windows_stored", 1)))
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -210,7 +238,10 @@ class Collection:
         ``colbert_on_disk`` (True), ``dense_on_disk`` (False), ``hnsw_m`` (16),
         ``hnsw_ef_construct`` (100), ``max_length`` (8192), ``query_max_length`` (512),
         ``batch_size`` (128 documents per write), ``candidates`` (search default),
-        ``weights`` (search default).
+        ``weights`` (search default), ``window`` (tokens per window of a long text: default
+        ``max_length``, at most the model's positions), ``stride`` (tokens from one window's
+        start to the next: default ``window - 128``), ``max_windows`` (None: every window;
+        1: one window, the rest cut as before windows existed).
         """
         unknown = set(settings) - set(_SCHEMA_SETTINGS) - set(_SETTINGS_DEFAULTS)
         if unknown:
@@ -233,6 +264,7 @@ class Collection:
             v = run[key]
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        run.update(_window_settings(run, encoder.max_length, engine_cls))
         schema = Schema(
             dense_dim=encoder.hidden_size,
             colbert_dim=encoder.colbert_dim,
@@ -256,6 +288,7 @@ class Collection:
             },
             "schema": schema.to_dict(),
             "settings": run,
+            "max_windows_stored": 1,
         }
         engine = engine_cls.create(location, schema, **(engine_options or {}))
         try:
@@ -490,6 +523,8 @@ class Collection:
         if embeddings is not None:
             if len(embeddings) != n:
                 raise ValueError(f"{n} texts but embeddings for {len(embeddings)}")
+            if hasattr(embeddings, "doc"):
+                raise TypeError("embeddings must be M3Embeddings with one row per text (windows are encoded here)")
             if embeddings.dense is None or embeddings.sparse is None or embeddings.colbert is None:
                 raise ValueError("embeddings must hold dense, sparse and colbert outputs")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
@@ -512,17 +547,29 @@ class Collection:
                 from tqdm.auto import tqdm
 
                 progress = tqdm(total=n, desc="indexing", unit="doc", file=sys.stderr)
-            truncated = 0
+            truncated = cut = 0
             try:
                 for start in range(0, n, bs):
                     end = min(start + bs, n)
                     if embeddings is not None:
                         emb = embeddings[start:end]
-                    else:
+                        windows = spans = None
+                    elif self.settings["max_windows"] == 1:
+                        # one window, the text's start, as before windows
                         emb = self.encoder.encode(
                             texts[start:end], max_length=self.settings["max_length"], warn_truncation=False
                         )
                         truncated += emb.truncated
+                        windows = spans = None
+                    else:
+                        win = self.encoder.encode_windows(
+                            texts[start:end],
+                            window=self.settings["window"],
+                            stride=self.settings["stride"],
+                            max_windows=self.settings["max_windows"],
+                        )
+                        emb, spans, cut = win.embeddings, win.spans, cut + win.cut
+                        windows = np.searchsorted(win.doc, np.arange(end - start + 1)).astype(np.int64)
                     batch = PointBatch(
                         ids[start:end],
                         texts[start:end],
@@ -531,30 +578,40 @@ class Collection:
                         emb.sparse,
                         emb.colbert,
                         emb.colbert_offsets,
+                        windows,
+                        spans,
                     )
+                    self._note_windows(batch)
                     self._engine.upsert(batch)  # one atomic, durable write per batch
                     if progress is not None:
                         progress.update(end - start)
             finally:
                 if progress is not None:
                     progress.close()
-                if truncated:  # one line for the whole call, not one per batch
+                if truncated or cut:  # one line for the whole call, not one per batch
                     from m3search.encoder import TruncationWarning
 
-                    limit = min(self.settings["max_length"], self.encoder.max_length)
+                    if truncated:
+                        limit = min(self.settings["max_length"], self.encoder.max_length)
+                        what = f"exceeded max_length={limit} tokens; only their first tokens are indexed"
+                    else:
+                        truncated, limit = cut, self.settings["max_windows"]
+                        what = f"exceeded max_windows={limit} windows; only their first windows are indexed"
                     warnings.warn(
-                        TruncationWarning(
-                            f"{truncated} of {n} document(s) exceeded max_length={limit} tokens; "
-                            "only their first tokens are indexed",
-                            truncated,
-                            n,
-                            limit,
-                        ),
-                        stacklevel=3,
+                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit), stacklevel=3
                     )
             self._engine.optimize()
             self._engine.flush()
         return ids
+
+    def _note_windows(self, batch: PointBatch) -> None:
+        """Record in the manifest, BEFORE the write, the most windows a stored document may have
+        (engines read that many window points per document on delete; 1 skips all window work)."""
+        most = self._engine.stored_units(batch)
+        if most > self._manifest.get("max_windows_stored", 1):
+            self._manifest["max_windows_stored"] = most
+            self._engine.write_manifest(self._manifest)
+        self._engine.max_windows = max(self._engine.max_windows, most)
 
     def _existing(self, ids: Sequence[str]) -> set[str]:
         out: set[str] = set()
@@ -691,45 +748,55 @@ class Collection:
         ]
 
     def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
-        """Score candidates exactly, fuse, take the top k, fill in all scores and payloads."""
+        """Score candidate documents exactly, fuse, take the top k, fill in all scores, best windows, payloads."""
         weights = plan.weight_map()
-        cand, keys, colbert = pool.ids, pool.keys, pool.colbert
-        if cand is None and (plan.fusion == "rrf" or plan.explain):
-            # rrf's per-mode ranks and explain's found_by break ties by id over the whole pool
-            found = [r.id if r is not None else None for r in self._engine.get_by_keys(keys)]
-            alive = [j for j, i in enumerate(found) if i is not None]  # None: deleted meanwhile
-            cand, keys = [found[j] for j in alive], [keys[j] for j in alive]
-            colbert = None if colbert is None else np.asarray(colbert)[alive]
+        cand = pool.ids
+        windowed = self._engine.max_windows > 1
+        ws: WindowScores | None = None
         if plan.reranks:
-            # Scores the pool already carries are exact: only the rest is computed.
-            have_colbert = colbert is not None and "colbert" in plan.modes
-            need = [m for m in plan.modes if not (m == "colbert" and have_colbert)]
-            scores = self._engine.score(cand, qv, need, known=pool.known, keys=keys) if need else {}
-            if have_colbert:
-                scores["colbert"] = np.asarray(colbert, dtype=np.float64)
+            if windowed:  # every window of every candidate: the best window and "fuse" need them all
+                ws = self._engine.score_windows(cand, qv, plan.modes)
+                scores = ws.doc_max()
+            else:  # scores the pool already carries are exact: only the rest is computed
+                have_colbert = pool.colbert is not None and "colbert" in plan.modes
+                need = [m for m in plan.modes if not (m == "colbert" and have_colbert)]
+                scores = self._engine.score(cand, qv, need, known=pool.known) if need else {}
+                if have_colbert:
+                    scores["colbert"] = np.asarray(pool.colbert, dtype=np.float64)
             scores = {m: scores[m] for m in plan.modes}
-            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if (cand or keys) else np.zeros(0, bool)
+            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
             if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
-                cand = None if cand is None else [c for c, ok in zip(cand, keep) if ok]
-                keys = None if keys is None else [c for c, ok in zip(keys, keep) if ok]
+                cand = [c for c, ok in zip(cand, keep) if ok]
                 scores = {m: s[keep] for m, s in scores.items()}
+                ws = None if ws is None else _select_docs(ws, np.flatnonzero(keep))
         else:
             m = plan.modes[0]
             scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
-        if not (cand or keys):
+        if not cand:
             return []
-        parts = contributions(plan.fusion, scores, weights, cand)
-        fused = np.sum(list(parts.values()), axis=0)
-        vectors = ["sparse"] if plan.explain else False
-        if cand is None:
-            top, top_ids, records = self._top_by_key(fused, keys, plan.k, vectors)
+        if ws is not None and WINDOW_RULE == "fuse":  # fusion per window, then each document's best window
+            o = ws.windows
+            labels = [f"{cand[d]}\x00{w:09d}" for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
+            wparts = contributions(plan.fusion, {m: ws.scores[m] for m in plan.modes}, weights, labels)
+            fused = np.maximum.reduceat(np.sum(list(wparts.values()), axis=0), o[:-1])
+            parts = {m: np.maximum.reduceat(p, o[:-1]) for m, p in wparts.items()}  # for explain
         else:
-            top = order(cand, fused)[: plan.k]
-            top_ids = [cand[j] for j in top]
-            records = self._engine.get(top_ids, with_vectors=vectors)
-        rest = [m for m in MODES if m not in scores]
-        extra = self._engine.score(top_ids, qv, rest) if rest else {}
-        all_scores = {m: (scores[m][top] if m in scores else extra[m]) for m in MODES}
+            parts = contributions(plan.fusion, scores, weights, cand)
+            fused = np.sum(list(parts.values()), axis=0)
+        vectors = ["sparse"] if plan.explain else False
+        top = order(cand, fused)[: plan.k]
+        top_ids = [cand[j] for j in top]
+        records = self._engine.get(top_ids, with_vectors=vectors)
+        if windowed:  # the top documents' windows in every mode: all their scores and their best window
+            top_ws = self._engine.score_windows(top_ids, qv, MODES)
+            top_max = top_ws.doc_max()
+            all_scores = {m: (scores[m][top] if m in scores else top_max[m]) for m in MODES}
+            best = _best_windows(top_ws, plan.modes, weights)
+        else:
+            rest = [m for m in MODES if m not in scores]
+            extra = self._engine.score(top_ids, qv, rest) if rest else {}
+            all_scores = {m: (scores[m][top] if m in scores else extra[m]) for m in MODES}
+            best = [0] * len(top_ids)
         if plan.explain:
             found_by = self._found_by(plan, qv, pool, cand, scores)
             mode_ranks = {m: ranks(cand, s)[top] for m, s in scores.items()}
@@ -738,15 +805,20 @@ class Collection:
             rec = records[r]
             if rec is None:  # deleted concurrently
                 continue
+            spans = rec.window_spans
+            start, end = spans[min(best[r], len(spans) - 1)]
             hit = Hit(
                 id=doc_id,
                 score=float(fused[j]),
                 text=rec.text,
                 metadata=rec.metadata,
                 scores={m: float(all_scores[m][r]) for m in MODES},
+                window={"start": int(start), "end": int(end)},
             )
             if plan.explain:
                 sources = [name for name in ("dense", "sparse") if doc_id in found_by[name]]
+                if best[r]:  # the lexical match shown is the best window's
+                    rec = self._engine.get_windows([doc_id], with_vectors=["sparse"])[0][best[r]]
                 hit.explain = {
                     "fusion": plan.fusion,
                     "modes": list(plan.modes),
@@ -756,25 +828,10 @@ class Collection:
                     "candidates": len(cand),
                     "found_by": sources,
                     "matched_tokens": self._matched_tokens(qv, rec),
+                    "window": best[r],
                 }
             hits.append(hit)
         return hits
-
-    def _top_by_key(
-        self, fused: np.ndarray, keys: list[Any], k: int, vectors: bool | list[str]
-    ) -> tuple[np.ndarray, list[str], list[Record]]:
-        """The k best of a keyed pool, ids read only for them: the records of every candidate
-        scoring at least the k-th best score (ties at the cut included, so the "then id"
-        order is exact), then ordered by score and id."""
-        n = len(keys)
-        sel = np.flatnonzero(fused >= np.partition(fused, n - k)[n - k]) if n > k else np.arange(n)
-        recs = self._engine.get_by_keys([keys[j] for j in sel], with_vectors=vectors)
-        live = [(j, r) for j, r in zip(sel.tolist(), recs) if r is not None]  # None: deleted meanwhile
-        if not live:
-            return np.zeros(0, np.int64), [], []
-        ids = [r.id for _, r in live]
-        best = order(ids, fused[[j for j, _ in live]])[:k]
-        return np.array([live[b][0] for b in best]), [ids[b] for b in best], [live[b][1] for b in best]
 
     def _found_by(
         self, plan: SearchPlan, qv: QueryVectors, pool: Pool, cand: list[str], scores: dict[str, np.ndarray]
@@ -826,7 +883,53 @@ class Collection:
         ]
 
 
+def _select_docs(ws: WindowScores, docs: np.ndarray) -> WindowScores:
+    """The window scores of the documents at positions ``docs`` only."""
+    o = ws.windows
+    rows = np.concatenate([np.arange(o[d], o[d + 1]) for d in docs]) if len(docs) else np.zeros(0, np.int64)
+    counts = np.diff(o)[docs]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return WindowScores(offsets, {m: s[rows] for m, s in ws.scores.items()})
+
+
+def _window_settings(run: dict, positions: int, engine_cls: type[Engine]) -> dict:
+    """``window`` / ``stride`` / ``max_windows`` resolved and checked (clear errors at creation)."""
+    window, stride, cap = run["window"], run["stride"], run["max_windows"]
+    if window is None:
+        window = min(run["max_length"], positions)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 8:
+        raise ValueError(f"window must be an integer of at least 8 tokens, got {window!r}")
+    if window > positions:
+        raise ValueError(f"window={window} tokens exceeds the model's {positions} positions")
+    if stride is None:
+        stride = max(1, window - min(DEFAULT_OVERLAP, window // 4))
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer (tokens between window starts), got {stride!r}")
+    if window <= stride:
+        raise ValueError(
+            f"window ({window}) must be larger than stride ({stride}): consecutive windows must overlap, "
+            "or text at a window boundary is seen by no window whole"
+        )
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_windows must be a positive integer or None, got {cap!r}")
+    if not engine_cls.windowed:
+        if cap not in (None, 1):
+            raise ValueError(f"the {engine_cls.name} engine stores one window per document: max_windows must be 1")
+        cap = 1
+    return {"window": window, "stride": stride, "max_windows": cap}
+
+
 def _version() -> str:
     from m3search import __version__
 
     return __version__
+
+
+def _best_windows(ws: WindowScores, modes: Sequence[str], weights: dict[str, float]) -> list[int]:
+    """Each document's best window: the highest weighted sum of the modes' per-window scores
+    (a window's fused score under the weighted formula; rank-based fusions use it too)."""
+    total = np.zeros(int(ws.windows[-1]))
+    for m in modes:
+        total += (weights.get(m, 1.0) if len(modes) > 1 else 1.0) * np.nan_to_num(ws.scores[m], nan=-np.inf)
+    o = ws.windows
+    return [int(np.argmax(total[o[d] : o[d + 1]])) for d in range(len(o) - 1)]

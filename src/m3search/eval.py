@@ -250,8 +250,12 @@ def evaluate(
     cache_dir: str | Path | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Index ``data_dir``'s corpus (cached), search every judged query in each mode, score the runs.
+
+    ``settings``: collection settings of the index (e.g. ``{"max_windows": 1}`` to cut long
+    texts instead of windowing them); part of the cache key.
 
     ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``$M3SEARCH_MODEL``, else
     BAAI/bge-m3). ``candidates``: per first-stage list in re-ranking modes (default 200, see
@@ -273,7 +277,12 @@ def evaluate(
     else:
         encoder = model
     collection, index_info = _cached_index(
-        data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(), batch_size=batch_size, progress=progress
+        data,
+        encoder,
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        batch_size=batch_size,
+        progress=progress,
+        settings=dict(settings or {}),
     )
     depth = max(k, RECALL_AT)
     qids = list(data.queries)
@@ -338,13 +347,22 @@ def _check_modes(modes: Sequence[str] | str) -> list[str]:
     return modes
 
 
-def _cached_index(data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: int | None, progress: bool):
-    """Open the cached index for (model identity, corpus, dtype), building it when absent or incomplete."""
+def _cached_index(
+    data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: int | None, progress: bool, settings: dict
+):
+    """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
     from . import Collection
 
     dtype = str(getattr(encoder, "dtype", "")).replace("torch.", "")
     key_src = json.dumps(
-        {"v": _CACHE_VERSION, "model": encoder.identity, "corpus": data.corpus_sha256, "dtype": dtype}, sort_keys=True
+        {
+            "v": _CACHE_VERSION,
+            "model": encoder.identity,
+            "corpus": data.corpus_sha256,
+            "dtype": dtype,
+            "settings": settings,
+        },
+        sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
@@ -359,7 +377,7 @@ def _cached_index(data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: 
     done.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    collection = Collection.create(path, model=encoder)
+    collection = Collection.create(path, model=encoder, **settings)
     try:
         kwargs: dict[str, Any] = {}
         if batch_size is not None:

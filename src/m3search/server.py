@@ -487,6 +487,9 @@ class HitOut(BaseModel):
     scores: dict[str, float | None] = Field(default_factory=dict)
     text: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    window: dict[str, int] | None = Field(
+        default=None, description="Character [start, end) of the document's best-matching window."
+    )
 
 
 class SearchResponse(BaseModel):

@@ -6,7 +6,9 @@ answers three kinds of query. Qdrant Edge (embedded, the default), a Qdrant serv
 Milvus are one module each. The Collection is the only caller; engines never encode,
 never fuse and never see a model.
 
-Data model. A point is ``(id: str, text: str, metadata: dict, dense, sparse, colbert)``:
+Data model. A DOCUMENT ``(id: str, text: str, metadata: dict)`` is stored as one or more
+WINDOWS (a text longer than the model reads is encoded as overlapping token windows; a
+text that fits is one window). Each window has its own three representations:
 
 * ``dense``   float32 ``(dense_dim,)``, L2-normalized; similarity = dot product.
 * ``sparse``  lexical weights over the vocabulary; similarity = sum over shared token
@@ -15,20 +17,29 @@ Data model. A point is ``(id: str, text: str, metadata: dict, dense, sparse, col
   = FlagEmbedding's: MEAN over query vectors of the max dot product over document
   vectors. Qdrant's MaxSim is a SUM, so a Qdrant engine divides by the query length.
 
-Batches travel as :class:`PointBatch` (arrays for a whole batch: ``dense (n, d)``, a CSR
-``sparse (n, vocab)``, ``colbert (T, d)`` plus ``colbert_offsets (n + 1,)``), which is the
-layout :class:`m3search.M3Embeddings` already has.
+A document's score in a mode is the MAXIMUM over its windows (a one-window document
+scores exactly as before windows existed). Ids, text and metadata are per document:
+every method takes and returns DOCUMENT ids; how windows map to storage rows is the
+engine's business (Qdrant: one point per window, see :mod:`.qdrant_common`).
+
+Batches travel as :class:`PointBatch` (arrays for a whole batch, one row per window:
+``dense (w, d)``, a CSR ``sparse (w, vocab)``, ``colbert (T, d)`` plus ``colbert_offsets
+(w + 1,)``, and ``windows (n + 1,)`` saying which rows belong to which document), which
+is the layout :class:`m3search.M3Embeddings` already has.
 
 Contract every engine keeps:
 
 * ``upsert(batch)`` is ATOMIC and DURABLE per call: after a crash (kill -9) a batch is
-  either fully present or absent. The Collection writes each ingest batch with one call.
+  either fully present or absent, and a re-written document is its old or its new set of
+  windows, never a mix (no window of the old version stays visible to count, search or
+  get). The Collection writes each ingest batch with one call.
 * Filters (:mod:`m3search.filters` AST) address the document metadata and run inside
   the engine's queries, so ``k`` hits come back even when few documents match.
-* ``score(ids, query)`` computes EXACT scores of given candidates (no HNSW, no
-  "missing = 0" shortcuts other than sparse-without-overlap = 0). Engines do it where the
-  vectors live when they can (Qdrant: a query filtered to the candidate ids with
-  ``exact=True``); :func:`score_records` is the pure-NumPy fallback over fetched vectors.
+* ``score_windows(ids, query)`` computes EXACT scores of every window of given candidate
+  documents (no HNSW, no "missing = 0" shortcuts other than sparse-without-overlap = 0);
+  ``score`` is their per-document maximum. Engines do it where the vectors live when they
+  can (Qdrant: a query filtered to the candidates' points with ``exact=True``);
+  :func:`score_records` is the pure-NumPy fallback over fetched vectors.
 * The manifest is a JSON-able dict the Collection owns; where it is kept is the engine's
   business (embedded: a file in the folder; remote: collection metadata or a reserved point).
 * One writer: an embedded engine locks its storage exclusively and raises
@@ -65,14 +76,17 @@ __all__ = [
     "CollectionInUseError",
     "CollectionNotFoundError",
     "CollectionExistsError",
+    "Pool",
+    "WindowScores",
     "point_uuid",
     "allocated_bytes",
     "score_records",
-    "finish_maxsim_scores",
 ]
 
 #: Version of the stored layout (payload keys, vector names, manifest keys). Bump on change.
-SCHEMA_VERSION = 1
+#: 2: a document may be several windows (payload ``window`` / ``windows`` / ``spans``,
+#: manifest ``max_windows_stored``); a version-1 point reads as window 0 of 1.
+SCHEMA_VERSION = 2
 
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
@@ -142,11 +156,15 @@ class Schema:
 
 @dataclass
 class PointBatch:
-    """A batch of documents with all three representations, as whole-batch arrays.
+    """A batch of documents with all three representations of each window, as whole-batch arrays.
 
-    ``dense`` float32 ``(n, dense_dim)``; ``sparse`` CSR float32 ``(n, vocab_size)``;
-    ``colbert`` float32 ``(T, colbert_dim)`` with ``colbert_offsets`` int64 ``(n + 1,)``
-    (doc i = ``colbert[o[i]:o[i+1]]``). Vectors are None in batches read without vectors.
+    Per document: ``ids``, ``texts``, ``metadata``. Per window (row): ``dense`` float32
+    ``(w, dense_dim)``; ``sparse`` CSR float32 ``(w, vocab_size)``; ``colbert`` float32
+    ``(T, colbert_dim)`` with ``colbert_offsets`` int64 ``(w + 1,)`` (window j =
+    ``colbert[o[j]:o[j+1]]``). ``windows`` int64 ``(n + 1,)``: document i owns rows
+    ``windows[i]:windows[i+1]`` (None: one window per document, row i); ``spans`` int64
+    ``(w, 2)``: each window's character ``[start, end)`` in its text (None: the whole text).
+    Vectors are None in batches read without vectors.
     """
 
     ids: list[str]
@@ -156,6 +174,8 @@ class PointBatch:
     sparse: sp.csr_matrix | None = None
     colbert: np.ndarray | None = None
     colbert_offsets: np.ndarray | None = None
+    windows: np.ndarray | None = None
+    spans: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -163,6 +183,20 @@ class PointBatch:
     @property
     def has_vectors(self) -> bool:
         return self.dense is not None
+
+    @property
+    def window_offsets(self) -> np.ndarray:
+        """``(n + 1,)`` row offsets of each document's windows."""
+        if self.windows is None:
+            return np.arange(len(self.ids) + 1, dtype=np.int64)
+        return np.asarray(self.windows, dtype=np.int64)
+
+    def doc_spans(self, i: int) -> list[list[int]]:
+        """Character ``[start, end)`` of each window of document i."""
+        o = self.window_offsets
+        if self.spans is None:
+            return [[0, len(self.texts[i])] for _ in range(o[i], o[i + 1])]
+        return [[int(a), int(b)] for a, b in self.spans[o[i] : o[i + 1]]]
 
     def validate(self, schema: Schema | None = None) -> None:
         """Check lengths, shapes and dtypes (raises ValueError naming the mismatch)."""
@@ -172,12 +206,18 @@ class PointBatch:
         if len(set(self.ids)) != n:
             dup = sorted({i for i in self.ids if self.ids.count(i) > 1})
             raise ValueError(f"duplicate ids in one batch: {dup[:10]}")
+        w = self.window_offsets
+        if w.shape != (n + 1,) or w[0] != 0 or np.any(np.diff(w) < 1):
+            raise ValueError("windows must be (n + 1,), start at 0 and give every document at least one window")
+        if self.spans is not None and np.shape(self.spans) != (int(w[-1]), 2):
+            raise ValueError(f"spans must be ({int(w[-1])}, 2), got {np.shape(self.spans)}")
         if not self.has_vectors:
             return
+        n = int(w[-1])  # rows are windows
         if self.sparse is None or self.colbert is None or self.colbert_offsets is None:
             raise ValueError("a batch with vectors needs dense, sparse, colbert and colbert_offsets")
         if self.dense.ndim != 2 or self.dense.shape[0] != n:
-            raise ValueError(f"dense must be (n={n}, d), got {self.dense.shape}")
+            raise ValueError(f"dense must be (windows={n}, d), got {self.dense.shape}")
         if self.sparse.shape[0] != n:
             raise ValueError(f"sparse must have {n} rows, got {self.sparse.shape}")
         o = self.colbert_offsets
@@ -191,24 +231,30 @@ class PointBatch:
             if self.sparse.shape[1] > schema.vocab_size:
                 raise ValueError(f"sparse width {self.sparse.shape[1]} > vocab size {schema.vocab_size}")
 
-    def sparse_row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices int64, values float32)`` of document i."""
+    def sparse_row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices int64, values float32)`` of window row j."""
         s = self.sparse
-        a, b = s.indptr[i], s.indptr[i + 1]
+        a, b = s.indptr[j], s.indptr[j + 1]
         return s.indices[a:b].astype(np.int64), s.data[a:b].astype(np.float32)
 
-    def colbert_rows(self, i: int) -> np.ndarray:
+    def colbert_rows(self, j: int) -> np.ndarray:
+        """Token vectors of window row j (document j when every document is one window)."""
         o = self.colbert_offsets
-        return self.colbert[o[i] : o[i + 1]]
+        return self.colbert[o[j] : o[j + 1]]
 
     @classmethod
     def from_records(cls, records: Sequence[Record], vocab_size: int) -> PointBatch:
-        """Stack records (with vectors) back into a batch (used by engines' ``iter_batches``)."""
-        ids = [r.id for r in records]
-        texts = [r.text for r in records]
-        meta = [r.metadata for r in records]
+        """Stack window records back into a batch (engines' ``iter_batches``): records come
+        document by document, each document's window 0 first (it carries text and metadata)."""
+        starts = [j for j, r in enumerate(records) if r.window == 0]
+        docs = [records[j] for j in starts]
+        windows = np.asarray(starts + [len(records)], dtype=np.int64)
+        spans = np.asarray([s for d in docs for s in d.window_spans], dtype=np.int64).reshape(-1, 2)
+        ids = [r.id for r in docs]
+        texts = [r.text for r in docs]
+        meta = [r.metadata for r in docs]
         if not records or records[0].dense is None:
-            return cls(ids, texts, meta)
+            return cls(ids, texts, meta, windows=windows, spans=spans)
         dense = np.stack([r.dense for r in records]).astype(np.float32, copy=False)
         lens = [len(r.sparse[0]) for r in records]
         indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -219,12 +265,17 @@ class PointBatch:
         sparse = sp.csr_matrix((val, ind, indptr), shape=(len(records), vocab_size))
         offs = np.concatenate([[0], np.cumsum([len(r.colbert) for r in records])]).astype(np.int64)
         colbert = np.concatenate([r.colbert for r in records]).astype(np.float32, copy=False)
-        return cls(ids, texts, meta, dense, sparse, colbert, offs)
+        return cls(ids, texts, meta, dense, sparse, colbert, offs, windows, spans)
 
 
 @dataclass
 class Record:
-    """One stored document; vectors only when asked for (``get(..., with_vectors=True)``)."""
+    """One stored document (``window`` 0), or one window of it when read for its vectors.
+
+    Vectors only when asked for (``get(..., with_vectors=True)``: window 0's). ``spans``:
+    character ``[start, end)`` of each of the document's windows (None: one window, the
+    whole text).
+    """
 
     id: str
     text: str
@@ -232,6 +283,17 @@ class Record:
     dense: np.ndarray | None = None
     sparse: tuple[np.ndarray, np.ndarray] | None = None  # (indices int64, values float32)
     colbert: np.ndarray | None = None
+    spans: list[list[int]] | None = None
+    window: int = 0
+
+    @property
+    def windows(self) -> int:
+        """How many windows the document is stored as."""
+        return len(self.spans) if self.spans else 1
+
+    @property
+    def window_spans(self) -> list[list[int]]:
+        return self.spans if self.spans else [[0, len(self.text)]]
 
 
 @dataclass
@@ -265,31 +327,56 @@ class QueryVectors:
 
 @dataclass
 class Pool:
-    """One query's re-ranking candidates: the union of its dense and sparse top-C lists.
+    """One query's re-ranking candidates (documents): the union of its dense and sparse top-C lists.
 
-    ``known``: exact scores already in hand (``{mode: {id: score}}``, the first-stage hits'
-    own scores); ``colbert``: exact M3 ColBERT scores aligned with the pool when the engine
-    computed them while gathering it (None otherwise); ``found_by``: which first-stage list
-    held each id (None when the engine did not report it).
-
-    ``keys``: the engine's own point keys (opaque, hashable), aligned with the pool, when the engine returned
-    those instead of the caller's ids (``ids`` is then None). Why: a caller id lives in the
-    payload, and Qdrant Edge reads a payload per point (at 100k documents its pool request
-    took 62 ms with the 400 candidates' ids, 57 ms without), while fusion needs ids only
-    for the hits. :meth:`Engine.score` and :meth:`Engine.get_by_keys` take such keys.
+    ``known``: exact document scores already in hand (``{mode: {id: score}}``, the
+    first-stage hits' own scores: a document's best window in a list is its best window
+    in that mode, so these are exact maxima); ``colbert``: exact M3 ColBERT document
+    scores aligned with ``ids`` when the engine computed them while gathering the pool
+    (NaN where it could not, None when it did not try); ``found_by``: which first-stage
+    list held each id (None when the engine did not report it).
     """
 
-    ids: list[str] | None
+    ids: list[str]
     known: dict[str, dict[str, float]] = field(default_factory=dict)
     colbert: np.ndarray | None = None
     found_by: dict[str, set[str]] | None = None
-    keys: list[Any] | None = None
+
+
+@dataclass
+class WindowScores:
+    """Exact per-window scores of candidate documents for one query.
+
+    ``windows`` int64 ``(n + 1,)``: document i's windows are entries ``windows[i]:windows[i+1]``
+    of every array in ``scores`` (``{mode: float64 (w,)}``, NaN for a document that is not
+    stored). :meth:`doc_max` is the per-mode document score.
+    """
+
+    windows: np.ndarray
+    scores: dict[str, np.ndarray]
+
+    @classmethod
+    def one_each(cls, scores: dict[str, np.ndarray]) -> WindowScores:
+        n = len(next(iter(scores.values()))) if scores else 0
+        return cls(np.arange(n + 1, dtype=np.int64), scores)
+
+    def doc_max(self) -> dict[str, np.ndarray]:
+        """Per mode, each document's best window score (NaN only when all its windows are NaN)."""
+        w = self.windows
+        if len(w) - 1 == w[-1]:  # one window each
+            return {m: s.copy() for m, s in self.scores.items()}
+        out = {}
+        for m, s in self.scores.items():
+            filled = np.where(np.isnan(s), -np.inf, s)
+            best = np.maximum.reduceat(filled, w[:-1]) if len(s) else np.zeros(0)
+            out[m] = np.where(np.isneginf(best), np.nan, best)
+        return out
 
 
 def score_records(
     records: Sequence[Record | None], query: QueryVectors, modes: Iterable[str] = MODES
 ) -> dict[str, np.ndarray]:
-    """Exact per-mode scores of fetched records (with vectors) for one query; NaN for None records.
+    """Exact per-mode scores of fetched window records (with vectors) for one query; NaN for None records.
 
     The reference semantics of :meth:`Engine.score`, and the fallback for engines that
     cannot score candidates where the vectors live.
@@ -335,14 +422,25 @@ def allocated_bytes(path: Path) -> int:
 class Engine(ABC):
     """A storage backend. Implementations register a location scheme in :mod:`m3search.engines`.
 
-    All ids are the caller's strings. Methods taking ``ids`` accept any sequence of str.
+    To write one: implement the abstract methods below (each docstring is the contract;
+    the module docstring has the data model and guarantees). All ids are the caller's
+    DOCUMENT ids (str). An engine that stores one window per document sets
+    ``windowed = False`` (the Collection then caps documents at one window) and may ignore
+    :attr:`PointBatch.windows`; :meth:`score_windows` then defaults to :meth:`score`.
+    Test it by adding its location to ``tests/test_engines.py`` (the same suite runs on every
+    engine).
     """
 
     #: Short name shown in manifests and errors ("qdrant-edge", "qdrant", "milvus").
     name: ClassVar[str] = "engine"
+    #: Whether a document may be stored as several windows.
+    windowed: ClassVar[bool] = False
 
     location: str
     schema: Schema
+    #: Most windows any stored document has had (the manifest's ``max_windows_stored``, kept
+    #: by the Collection; raised by :meth:`upsert`). 1 lets engines skip all window work.
+    max_windows: int = 1
 
     # --- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -403,15 +501,23 @@ class Engine(ABC):
     # --- writes ----------------------------------------------------------------------
     @abstractmethod
     def upsert(self, batch: PointBatch) -> None:
-        """Insert or overwrite every point of ``batch`` in ONE atomic, durable write."""
+        """Insert or REPLACE every document of ``batch`` (all its windows) in ONE atomic, durable write.
+
+        A document stored before with more windows than now must not keep any of them visible.
+        """
+
+    def stored_units(self, batch: PointBatch) -> int:
+        """Most storage rows one document of ``batch`` takes (the Collection records the maximum in the
+        manifest before writing, as :attr:`max_windows`). Default: its windows."""
+        return int(np.diff(batch.window_offsets).max(initial=1))
 
     @abstractmethod
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
-        """Replace the metadata of existing points (vectors and text untouched), atomically."""
+        """Replace the metadata of existing documents (vectors and text untouched), atomically."""
 
     @abstractmethod
     def delete(self, ids: Sequence[str]) -> None:
-        """Delete the points that exist among ``ids`` (unknown ids are ignored)."""
+        """Delete the documents (all windows) that exist among ``ids`` (unknown ids are ignored)."""
 
     # --- reads -----------------------------------------------------------------------
     @abstractmethod
@@ -420,28 +526,29 @@ class Engine(ABC):
 
     @abstractmethod
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        """Records in input order, None for unknown ids.
+        """Documents in input order (whole text, metadata, window spans), None for unknown ids.
 
-        ``with_vectors``: False, True (all three) or a list of names from :data:`MODES`.
+        ``with_vectors``: False, True (all three) or a list of names from :data:`MODES`; the
+        vectors are those of window 0.
         """
 
-    def get_by_keys(self, keys: Sequence[Any], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        """:meth:`get` by the engine's point keys (:attr:`Pool.keys`); needed only by engines
-        whose :meth:`candidates_batch` returns keyed pools."""
-        raise NotImplementedError(f"{type(self).__name__} does not return keyed pools")
+    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
+        """All window records of each document, in window order ([] for unknown ids). Default
+        for one-window engines: the document's own record."""
+        return [[r] if r is not None else [] for r in self.get(ids, with_vectors=with_vectors)]
 
     @abstractmethod
     def count(self, filter: Filter | None = None) -> int:
-        """Number of stored points (matching ``filter``), exact."""
+        """Number of stored documents (matching ``filter``), exact."""
 
     @abstractmethod
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
-        """Every stored point, in batches (for export and migration between engines)."""
+        """Every stored document with all its windows, in batches (export, migration between engines)."""
 
     # --- queries ---------------------------------------------------------------------
     @abstractmethod
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
-        """Top-k by dense dot product for each row of ``q`` (float32 ``(nq, d)``).
+        """Top-k DOCUMENTS by dense dot product (best window) for each row of ``q`` (float32 ``(nq, d)``).
 
         Returns one ``[(id, score), ...]`` list per query, best first. ``exact=True``
         forces a full scan instead of the ANN index.
@@ -451,7 +558,7 @@ class Engine(ABC):
     def search_sparse(
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
-        """Top-k by sparse dot product for each row of ``q`` (CSR ``(nq, vocab)``).
+        """Top-k documents by sparse dot product (best window) for each row of ``q`` (CSR ``(nq, vocab)``).
 
         Documents sharing no token with the query score 0 and need not be returned.
         """
@@ -467,7 +574,7 @@ class Engine(ABC):
         exact: bool = False,
         colbert: bool = False,
     ) -> list[Pool]:
-        """The re-ranking pool of each query: dense top-``depth`` ∪ sparse top-``depth``.
+        """The re-ranking pool of each query: dense top-``depth`` ∪ sparse top-``depth`` documents.
 
         ``colbert=True`` says the caller will need the pool's ColBERT scores; an engine that
         can compute them while gathering the pool (Qdrant: prefetch + MaxSim in one request)
@@ -491,131 +598,20 @@ class Engine(ABC):
     @abstractmethod
     def score(
         self,
-        ids: Sequence[str] | None,
+        ids: Sequence[str],
         query: QueryVectors,
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
-        *,
-        keys: Sequence[Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Exact scores of the given points for one query.
+        """Exact document scores (per mode, the maximum over the document's windows) for one query.
 
         Returns ``{mode: float64 array aligned with ids}`` for each mode in ``modes``
         (semantics in the module docstring; NaN for ids that are not stored).
         ``known``: ``{mode: {id: score}}`` that the caller already holds exactly (the
         first-stage hits); an engine may return those instead of recomputing them.
-        ``keys``: the points' engine keys (:attr:`Pool.keys`), used instead of ``ids``
-        (which may then be None) by engines that return keyed pools.
         """
 
-
-def prefill_known(
-    ids: Sequence[str], modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None
-) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
-    """Score arrays (NaN) with the caller's already-exact scores filled in, and per mode the
-    positions still to compute.
-
-    Why: the first-stage lists already hold exact dense scores of the dense candidates
-    and exact sparse scores of the sparse ones; re-scoring them would repeat the work.
-    """
-    if known and "colbert" in known:
-        raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
-    out = {m: np.full(len(ids), np.nan, dtype=np.float64) for m in modes}
-    todo: dict[str, list[int]] = {}
-    for m in modes:
-        have = (known or {}).get(m)
-        if not have:
-            todo[m] = list(range(len(ids)))
-            continue
-        arr, need = out[m], []
-        for j, doc_id in enumerate(ids):
-            v = have.get(doc_id)
-            if v is None:
-                need.append(j)
-            else:
-                arr[j] = v
-        todo[m] = need
-    return out, todo
-
-
-def scoring_jobs(
-    ids: Sequence[str] | None,
-    query: QueryVectors,
-    modes: Sequence[str],
-    known: Mapping[str, Mapping[str, float]] | None,
-    keys: Sequence[Any] | None = None,
-) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple[int, ...]]], dict[int, Any]]:
-    """What an engine that scores candidates where the vectors live (Qdrant) still has to ask.
-
-    Returns the score arrays (``known`` filled in, NaN elsewhere), the ``(mode, positions)``
-    queries to run, each filtered to those candidates, and the point UUID of every position
-    a query needs (results come back by UUID, no payload read): ``keys`` when given (then
-    ``ids`` may be None), else derived from ``ids``. An empty sparse query is not run:
-    nothing shares a token with it (:func:`finish_maxsim_scores` sets the zeros).
-    """
-    if ids is None:
-        if keys is None:
-            raise ValueError("score needs ids or keys")
-        if known:
-            raise ValueError("known scores are keyed by id: pass ids with them")
-        ids = keys
-    out, todo = prefill_known(ids, modes, known)
-    jobs: list[tuple[str, tuple[int, ...]]] = []
-    uuids: dict[int, Any] = {}  # str UUIDs from ids, or the engine's own key objects
-    for m in modes:
-        need = todo[m]
-        if not need:
-            continue
-        if m == "sparse" and (query.sparse_indices is None or len(query.sparse_indices) == 0):
-            continue
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}")
-        for j in need:
-            if j not in uuids:
-                uuids[j] = keys[j] if keys is not None else point_uuid(ids[j])
-        jobs.append((m, tuple(need)))
-    return out, jobs, uuids
-
-
-def fill_by_uuid(
-    out: dict[str, np.ndarray],
-    jobs: Sequence[tuple[str, Any]],
-    results: Sequence[Sequence[Any]],
-    uuids: Mapping[int, Any],
-) -> None:
-    """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions.
-
-    ``uuids`` holds strings (derived from ids) or ``uuid.UUID`` objects (Qdrant Edge's pool
-    keys, compared by their 128-bit ``.int``: hashing a UUID is a Python-level call, and
-    this runs for every candidate of every query).
-    """
-    as_str = isinstance(next(iter(uuids.values()), ""), str)
-    pos = {(u if as_str else u.int): j for j, u in uuids.items()}
-    for (m, _), res in zip(jobs, results):
-        if res:
-            at = [pos[str(p.id)] for p in res] if as_str else [pos[p.id.int] for p in res]
-            out[m][at] = [p.score for p in res]
-
-
-def finish_maxsim_scores(
-    out: dict[str, np.ndarray], ids: Sequence[str], query: QueryVectors, existing
-) -> dict[str, np.ndarray]:
-    """Turn raw Qdrant candidate scores (NaN = not returned) into M3 scores, in place.
-
-    Qdrant's MaxSim sums over query vectors, M3 takes the mean; and a sparse query does
-    not return points sharing no token with it, whose exact score is 0 if they exist.
-    ``existing(ids) -> set`` is only called when no dense/colbert score proves existence.
-    """
-    if "colbert" in out:
-        out["colbert"] /= max(len(query.colbert), 1)
-    if "sparse" in out:
-        missing = np.isnan(out["sparse"])
-        if missing.any():
-            known = next((out[m] for m in ("dense", "colbert") if m in out), None)
-            if known is not None:
-                exists = ~np.isnan(known)
-            else:
-                present = existing([ids[j] for j in np.flatnonzero(missing)])
-                exists = np.array([(i in present) or not missing[j] for j, i in enumerate(ids)])
-            out["sparse"][missing & exists] = 0.0
-    return out
+    def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
+        """Exact scores of EVERY window of the given documents (for the best window of a hit
+        and window-level fusion). Default for one-window engines: :meth:`score`."""
+        return WindowScores.one_each(self.score(list(ids), query, modes))

@@ -583,6 +583,10 @@ class MilvusEngine(Engine):
         n = len(batch)
         if n == 0:
             return
+        if batch.window_offsets[-1] != n:
+            raise ValueError(
+                "the Milvus engine stores one window per document (create the collection with max_windows=1)"
+            )
         texts_b = [t.encode("utf-8") for t in batch.texts]
         long_ids = [i for i in batch.ids if len(i.encode("utf-8")) > ID_MAX_BYTES]
         if long_ids:
@@ -889,16 +893,12 @@ class MilvusEngine(Engine):
         query: QueryVectors,
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
-        *,
-        keys: Sequence[Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Exact scores from the fetched vectors (NumPy), see the module docstring.
 
         ``known`` is not used: the vectors are fetched for ColBERT anyway, and the dense
         and sparse products over them cost less than splitting the fetch.
         """
-        if keys is not None:
-            raise NotImplementedError(f"{type(self).__name__} scores by id (its pools carry no keys)")
         ids = list(ids)
         modes = tuple(modes)
         bad = [m for m in modes if m not in MODES]

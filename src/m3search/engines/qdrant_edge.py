@@ -11,9 +11,8 @@ Folder layout::
     <path>/owner.pid       pid of that process (for the error message)
     <path>/shard/          the Qdrant Edge shard (WAL, segments, edge_config.json)
 
-Points: id = UUID5 of the caller's string id (:func:`~m3search.engines.base.point_uuid`);
-payload ``{"id": str, "text": str, "metadata": {...}}``; filters address ``metadata.<field>``.
-Named vectors:
+Points: one per window of a document (layout and crash rule in
+:mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``. Named vectors:
 
 * ``dense``   float32, Dot (vectors are L2-normalized already), HNSW graph;
 * ``sparse``  Qdrant sparse vector (dot product, inverted index);
@@ -39,8 +38,7 @@ import fcntl
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +47,18 @@ import qdrant_edge as qe
 import scipy.sparse as sp
 
 from m3search.engines.base import (
-    MODES,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
-    Engine,
-    Hits,
-    PointBatch,
     Pool,
     QueryVectors,
-    Record,
     Schema,
     allocated_bytes,
-    fill_by_uuid,
-    finish_maxsim_scores,
-    point_uuid,
-    scoring_jobs,
 )
+from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.qdrant_filter import to_qdrant
 from m3search.filters import Filter
+from m3search.plan import MODES
 
 __all__ = ["QdrantEdgeEngine", "to_qdrant_filter"]
 
@@ -109,6 +100,12 @@ class _EdgeDialect:
 def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
     """The shared filter AST as a Qdrant Edge ``Filter`` over ``metadata.*``."""
     return to_qdrant(f, _EdgeDialect, prefix)
+
+
+def _docs_only(flt: qe.Filter | None) -> qe.Filter:
+    """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
+    later = [qe.FieldCondition(key, range=qe.RangeFloat(gte=1)) for key in ("window", "part")]
+    return qe.Filter(must=[flt] if flt is not None else None, must_not=later)
 
 
 def _sparse_vector(indices: np.ndarray, values: np.ndarray) -> qe.SparseVector:
@@ -153,7 +150,7 @@ def _fsync_write(path: Path, data: str) -> None:
         os.close(dfd)
 
 
-class QdrantEdgeEngine(Engine):
+class QdrantEdgeEngine(QdrantEngine):
     """Qdrant Edge shard in a folder (see the module docstring for layout and the lock rule)."""
 
     name = "qdrant-edge"
@@ -254,6 +251,7 @@ class QdrantEdgeEngine(Engine):
                 raise _in_use(root) from None
             raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
         engine = cls(root, shard, schema, lock=lock, **options)
+        engine.max_windows = int(manifest.get("max_windows_stored", 1))
         engine._write_pid()
         return engine
 
@@ -322,101 +320,76 @@ class QdrantEdgeEngine(Engine):
     def write_manifest(self, manifest: dict) -> None:
         _fsync_write(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    # -------------------------------------------------------------------- writes
-    def upsert(self, batch: PointBatch) -> None:
-        batch.validate(self.schema)
-        if not batch.has_vectors:
-            raise ValueError("upsert needs a batch with vectors")
-        sparse = batch.sparse.tocsr()
-        offs = batch.colbert_offsets.tolist()
-        indptr = sparse.indptr.tolist()
+    # -------------------------------------------------------------- client hooks
+    def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
         # NumPy rows cross into Rust faster than Python lists: 80-85 vs 42-65 docs/s for 128-doc
         # batches of 1024-d x 16-256 tokens, alternating runs on an idle machine (qdrant-edge-py 0.9).
-        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
-        colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
-        indices, data = sparse.indices.tolist(), sparse.data.astype(np.float32).tolist()
-        points = []
-        for i, doc_id in enumerate(batch.ids):
-            a, b = indptr[i], indptr[i + 1]
-            if offs[i + 1] == offs[i]:
-                raise ValueError(f"document {doc_id!r} has no ColBERT vectors (every encoded text has at least </s>)")
-            vectors = {
-                "dense": dense[i],
-                "sparse": qe.SparseVector(indices[a:b], data[a:b]),
-                "colbert": colbert[offs[i] : offs[i + 1]],
-            }
-            payload = {"id": doc_id, "text": batch.texts[i], "metadata": batch.metadata[i]}
-            points.append(qe.Point(point_uuid(doc_id), vectors, payload))
-        if points:
-            self.shard.update(qe.UpdateOperation.upsert_points(points))  # one WAL record: all or nothing
-            self._unflushed += dense.nbytes + colbert.nbytes + 8 * len(data)
-            if self._unflushed >= WAL_FLUSH_BYTES:  # bound the WAL during long ingests
-                self.flush()
+        out = []
+        for uid, vec, payload in points:
+            if vec is not None and "sparse" in vec:
+                ind, val = vec["sparse"]
+                vec = {**vec, "sparse": qe.SparseVector(ind.tolist(), val.tolist())}
+            out.append(qe.Point(uid, vec or {}, payload))
+        self.shard.update(qe.UpdateOperation.upsert_points(out))  # one WAL record: all or nothing
+        self._unflushed += sum(sizes) // 3  # ~bytes of float32 vectors
+        if self._unflushed >= WAL_FLUSH_BYTES:  # bound the WAL during long ingests
+            self.flush()
 
-    def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
-        if len(ids) != len(metadata):
-            raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
-        # One write per distinct metadata value (a single write when all are equal).
-        groups: dict[str, list[str]] = {}
-        for doc_id, meta in zip(ids, metadata):
-            groups.setdefault(json.dumps(meta, sort_keys=True), []).append(point_uuid(doc_id))
+    def _delete_points(self, uuids: list[str]) -> None:
+        self.shard.update(qe.UpdateOperation.delete_points(uuids))
+
+    def _set_payload(self, groups: dict[str, list[str]]) -> None:
         for key, uuids in groups.items():
             self.shard.update(qe.UpdateOperation.set_payload(uuids, {"metadata": json.loads(key)}))
 
-    def delete(self, ids: Sequence[str]) -> None:
-        if ids:
-            self.shard.update(qe.UpdateOperation.delete_points([point_uuid(i) for i in ids]))
-
-    # --------------------------------------------------------------------- reads
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        back = {point_uuid(i): i for i in ids}
-        found = self.shard.retrieve(list(back), with_payload=False, with_vector=False)
-        return {back[str(r.id)] for r in found}
-
-    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        # Qdrant Edge hands point ids back as uuid.UUID: ask by the same objects to match them.
-        return self.get_by_keys([uuid.UUID(point_uuid(i)) for i in ids], with_vectors=with_vectors)
-
-    def get_by_keys(self, keys: Sequence[Any], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        if not keys:
+    def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
+        if not uuids:
             return []
-        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
-        found = self.shard.retrieve(list(keys), with_payload=True, with_vector=vec)
-        by_key = {r.id: self._record(r) for r in found}
-        return [by_key.get(k) for k in keys]
+        sel = payload if isinstance(payload, bool) else qe.PayloadSelector.Include(payload)
+        return self.shard.retrieve(uuids, with_payload=sel, with_vector=vectors)
 
-    def _existing_keys(self, keys: Sequence[Any]) -> set[Any]:
-        return {r.id for r in self.shard.retrieve(list(keys), with_payload=False, with_vector=False)} if keys else set()
+    def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
+        flt = _docs_only(None) if docs_only else None
+        return self.shard.scroll(
+            qe.ScrollRequest(offset=offset, limit=limit, filter=flt, with_payload=True, with_vector=with_vectors)
+        )
 
-    @staticmethod
-    def _record(r) -> Record:
-        p = r.payload
-        rec = Record(p["id"], p.get("text", ""), p.get("metadata") or {})
-        v = r.vector or {}
-        if "dense" in v:
-            rec.dense = np.asarray(v["dense"], dtype=np.float32)
-        if "sparse" in v:
-            s = v["sparse"]
-            rec.sparse = (np.asarray(s.indices, dtype=np.int64), np.asarray(s.values, dtype=np.float32))
-        if "colbert" in v:
-            rec.colbert = np.asarray(v["colbert"], dtype=np.float32)
-        return rec
+    def _count(self, filter: Filter | None, docs_only: bool) -> int:
+        flt = to_qdrant_filter(filter)
+        return int(self.shard.count(qe.CountRequest(exact=True, filter=_docs_only(flt) if docs_only else flt)))
 
-    def count(self, filter: Filter | None = None) -> int:
-        return int(self.shard.count(qe.CountRequest(exact=True, filter=to_qdrant_filter(filter))))
-
-    def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
-        offset = None
-        while True:
-            records, offset = self.shard.scroll(
-                qe.ScrollRequest(offset=offset, limit=batch_size, with_payload=True, with_vector=with_vectors)
+    def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
+        flt, params = to_qdrant_filter(filter), self._params(exact)
+        reqs = [
+            qe.QueryRequest(
+                limit=limit,
+                query=qe.Query.Nearest(v if mode == "dense" else _sparse_vector(*v), using=mode),
+                filter=flt,
+                params=params,
+                with_payload=_ID_ONLY,
             )
-            if records:
-                yield PointBatch.from_records([self._record(r) for r in records], self.schema.vocab_size)
-            if offset is None or not records:
-                return
+            for v in vectors
+        ]
+        return self._run(reqs)
+
+    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
+        exact = qe.SearchParams(exact=True)
+        filters: dict[tuple, qe.Filter] = {}  # one per distinct candidate set (~0.5 ms each at 400 ids)
+        reqs = []
+        for m, need in jobs:
+            only = filters.get(need)
+            if only is None:
+                only = filters[need] = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
+            reqs.append(
+                qe.QueryRequest(
+                    limit=len(need),
+                    query=qe.Query.Nearest(self._query_vector(query, m), using=m),
+                    filter=only,
+                    params=exact,
+                    with_payload=False,
+                )
+            )
+        return self._run(reqs)
 
     # ------------------------------------------------------------------- queries
     def _params(self, exact: bool) -> qe.SearchParams:
@@ -426,47 +399,6 @@ class QdrantEdgeEngine(Engine):
         if not requests:
             return []
         return self.shard.query_batch(qe.QueryBatchRequest(requests))
-
-    @staticmethod
-    def _hits(points) -> Hits:
-        return [(p.payload["id"], float(p.score)) for p in points]
-
-    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
-        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
-        flt, params = to_qdrant_filter(filter), self._params(exact)
-        reqs = [
-            qe.QueryRequest(
-                limit=k, query=qe.Query.Nearest(row, using="dense"), filter=flt, params=params, with_payload=_ID_ONLY
-            )
-            for row in q
-        ]
-        return [self._hits(r) for r in self._run(reqs)]
-
-    def search_sparse(
-        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
-    ) -> list[Hits]:
-        q = sp.csr_matrix(q)
-        flt, params = to_qdrant_filter(filter), self._params(exact)
-        out: list[Hits] = [[] for _ in range(q.shape[0])]
-        reqs, rows = [], []
-        for i in range(q.shape[0]):
-            a, b = q.indptr[i], q.indptr[i + 1]
-            if a == b:
-                continue  # an empty query shares no token with anything
-            vec = _sparse_vector(q.indices[a:b], q.data[a:b])
-            reqs.append(
-                qe.QueryRequest(
-                    limit=k,
-                    query=qe.Query.Nearest(vec, using="sparse"),
-                    filter=flt,
-                    params=params,
-                    with_payload=_ID_ONLY,
-                )
-            )
-            rows.append(i)
-        for i, res in zip(rows, self._run(reqs)):
-            out[i] = self._hits(res)
-        return out
 
     def candidates_batch(
         self,
@@ -482,8 +414,8 @@ class QdrantEdgeEngine(Engine):
         """With ``colbert``: ONE request per query, Qdrant's prefetch of dense top-``depth``
         and sparse top-``depth`` re-scored by MaxSim over their whole union (limit 2 x depth),
         so the pool and its exact ColBERT scores cost what Qdrant's own hybrid query costs.
-        The pool holds point keys, not ids (no payload read, see :class:`Pool`)."""
-        if not colbert:
+        Only while every document is one window (a window's MaxSim is then its document's)."""
+        if not colbert or self.max_windows > 1:
             return super().candidates_batch(dense, sparse, queries, depth, filter, exact=exact)
         flt, params = to_qdrant_filter(filter), self._params(exact)
         reqs = []
@@ -509,52 +441,16 @@ class QdrantEdgeEngine(Engine):
                 qe.QueryRequest(
                     limit=2 * depth,
                     prefetches=pre,
-                    with_payload=False,
+                    with_payload=_ID_ONLY,
                     query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert"),
                 )
             )
         pools = []
         for qv, res in zip(queries, self._run(reqs)):
-            keys = [p.id for p in res]  # uuid.UUID as returned: str() would cost 0.6 us each
+            ids = [p.payload["id"] for p in res]
             maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
-            pools.append(Pool(None, colbert=maxsim / max(len(qv.colbert), 1), keys=keys))  # Qdrant sums, M3 averages
+            pools.append(Pool(ids, colbert=maxsim / max(len(qv.colbert), 1)))  # Qdrant sums, M3 averages
         return pools
-
-    def score(
-        self,
-        ids: Sequence[str] | None,
-        query: QueryVectors,
-        modes: Sequence[str] = MODES,
-        known: Mapping[str, Mapping[str, float]] | None = None,
-        *,
-        keys: Sequence[Any] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Exact scores where the vectors live: one query per mode (all in one batch call),
-        each filtered to the candidates whose score in that mode is not ``known``."""
-        ids = list(ids) if ids is not None else None
-        out, jobs, uuids = scoring_jobs(ids, query, modes, known, keys)
-        if not (ids if ids is not None else keys):
-            return out
-        exact = qe.SearchParams(exact=True)
-        filters: dict[tuple, qe.Filter] = {}  # one per distinct candidate set (~0.5 ms each at 400 ids)
-        reqs = []
-        for m, need in jobs:
-            only = filters.get(need)
-            if only is None:
-                only = filters[need] = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
-            reqs.append(
-                qe.QueryRequest(
-                    limit=len(need),
-                    query=qe.Query.Nearest(self._query_vector(query, m), using=m),
-                    filter=only,
-                    params=exact,
-                    with_payload=False,
-                )
-            )
-        fill_by_uuid(out, jobs, self._run(reqs), uuids)
-        if ids is None:
-            return finish_maxsim_scores(out, list(keys), query, self._existing_keys)
-        return finish_maxsim_scores(out, ids, query, self.existing)
 
     @staticmethod
     def _query_vector(query: QueryVectors, mode: str):

@@ -9,8 +9,8 @@ queries return the same hits, and ``m3search migrate`` copies points between the
 * sparse vector ``sparse`` (dot product, inverted index);
 * ``colbert``: multivector, MaxSim comparator, NO HNSW graph (``HnswConfigDiff(m=0)``),
   float16 or float32 (``Schema.colbert_dtype``), on disk by default;
-* point id = UUID5 of the caller's id; payload ``{"id", "text", "metadata"}``; filters
-  address ``metadata.<field>``.
+* one point per window of a document (layout and crash rule in
+  :mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``.
 
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
@@ -21,8 +21,9 @@ server that drops collection metadata (older than 1.16) is refused with a clear 
 
 Writes: each point is written whole (vectors and payload in one point). A batch goes
 in requests of at most ``max_request_bytes`` (16 MiB of JSON by default, under Qdrant's
-32 MiB request limit); each request is atomic per shard (Qdrant's WAL), so a batch that
-fits one request on a one-shard collection is all-or-nothing. Transient failures
+32 MiB request limit), never splitting a document's windows; each request is atomic per
+shard (Qdrant's WAL), so a batch that fits one request on a one-shard collection is
+all-or-nothing (on several shards a document's windows may land on different shards). Transient failures
 (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE) are retried with
 exponential backoff (``retries``, ``backoff`` seconds doubling, capped at 30 s); upserts
 are idempotent, so a retry never duplicates. Other errors are raised at once.
@@ -55,31 +56,21 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import scipy.sparse as sp
 
 from m3search.engines.base import (
-    MODES,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
-    Engine,
-    Hits,
-    PointBatch,
     QueryVectors,
-    Record,
     Schema,
-    fill_by_uuid,
-    finish_maxsim_scores,
-    point_uuid,
-    prefill_known,
     score_records,
-    scoring_jobs,
 )
+from m3search.engines.qdrant_common import QdrantEngine, record_from_point
 from m3search.engines.qdrant_filter import to_qdrant
 from m3search.filters import Filter
 
@@ -92,6 +83,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["QdrantRemoteEngine", "to_client_filter", "parse_qdrant_location"]
 
+#: A Qdrant server rejects a longer multivector (MAX_MULTIVECTOR_FLATTENED_LEN, qdrant
+#: lib/common/common/src/validation.rs); longer windows are stored as parts (see qdrant_common).
+MAX_MULTIVECTOR_FLOATS = 1_048_576
 META_KEY = "m3search"
 SCHEMA_KEY = "m3search_schema"
 DEFAULT_COLLECTION = "m3search"
@@ -194,7 +188,7 @@ def _with_retries(call: Callable[[], T], *, what: str, where: str, retries: int,
 
 
 # ----------------------------------------------------------------------------- engine
-class QdrantRemoteEngine(Engine):
+class QdrantRemoteEngine(QdrantEngine):
     """A collection on a Qdrant server (or qdrant-client local mode); see the module docstring."""
 
     name = "qdrant"
@@ -213,6 +207,7 @@ class QdrantRemoteEngine(Engine):
         max_request_bytes: int = 16 << 20,
         hnsw_ef: int | None = None,
         server_scoring: bool | None = None,
+        multivector_limit: int | None = MAX_MULTIVECTOR_FLOATS,
     ) -> None:
         self._client: QdrantClient | None = client
         self.location = location
@@ -228,9 +223,11 @@ class QdrantRemoteEngine(Engine):
         # (seconds per query at a few hundred documents); there, candidates are scored
         # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
         self.server_scoring = (not local) if server_scoring is None else bool(server_scoring)
+        # Local mode stands in for a server, so it splits long windows into parts just the same.
+        self.multivector_limit = multivector_limit
 
     # ----------------------------------------------------------------- connection
-    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring")
+    _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring", "multivector_limit")
     _CLIENT_OPTS = ("api_key", "https", "prefer_grpc", "timeout")
 
     @classmethod
@@ -377,6 +374,7 @@ class QdrantRemoteEngine(Engine):
                 raise CollectionNotFoundError(f"Qdrant collection {name!r} at {where} is {what}")
             schema = Schema.from_dict(meta[META_KEY]["schema"])
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
+            engine.max_windows = int(meta[META_KEY].get("max_windows_stored", 1))
             engine._check_schema(info)
         except BaseException:
             client.close()
@@ -434,212 +432,133 @@ class QdrantRemoteEngine(Engine):
         value = json.loads(json.dumps(manifest))
         self._call("write manifest", lambda: self.client.update_collection(self.collection, metadata={META_KEY: value}))
 
-    # -------------------------------------------------------------------- writes
-    def _points(self, batch: PointBatch) -> tuple[list[qm.PointStruct], list[int]]:
-        sparse = batch.sparse.tocsr()
-        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
-        colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
-        if self.schema.colbert_dtype == "float16":
-            # Local mode keeps float32 whatever the datatype: round here so every Qdrant scores the same values.
-            colbert = colbert.astype(np.float16).astype(np.float32)
-        offs = batch.colbert_offsets
-        points, sizes = [], []
-        for i, doc_id in enumerate(batch.ids):
-            a, b = sparse.indptr[i], sparse.indptr[i + 1]
-            if offs[i + 1] == offs[i]:
-                raise ValueError(f"document {doc_id!r} has no ColBERT vectors (every encoded text has at least </s>)")
-            vec = {
-                "dense": dense[i].tolist(),
-                "sparse": qm.SparseVector(
-                    indices=sparse.indices[a:b].tolist(), values=sparse.data[a:b].astype(np.float32).tolist()
-                ),
-                "colbert": colbert[offs[i] : offs[i + 1]].tolist(),
-            }
-            payload = {"id": doc_id, "text": batch.texts[i], "metadata": batch.metadata[i] or {}}
-            points.append(qm.PointStruct(id=point_uuid(doc_id), vector=vec, payload=payload))
-            n_floats = dense.shape[1] + 2 * (b - a) + (offs[i + 1] - offs[i]) * colbert.shape[1]
-            sizes.append(14 * int(n_floats) + len(batch.texts[i].encode("utf-8")) * 2 + 512)  # JSON bytes, generously
-        return points, sizes
-
-    def upsert(self, batch: PointBatch) -> None:
-        batch.validate(self.schema)
-        if not batch.has_vectors:
-            raise ValueError("upsert needs a batch with vectors")
-        points, sizes = self._points(batch)
+    # -------------------------------------------------------------- client hooks
+    def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
+        """Requests of at most ``max_request_bytes``, cut only between documents (a window > 0
+        or a tombstone stays with the window 0 before it)."""
+        structs = []
+        for uid, vec, payload in points:
+            if vec is not None:
+                vec = {
+                    k: (qm.SparseVector(indices=v[0].tolist(), values=v[1].tolist()) if k == "sparse" else v.tolist())
+                    for k, v in vec.items()
+                }
+            structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
         start, acc = 0, 0
-        for j, size in enumerate(sizes + [self.max_request_bytes + 1]):
-            if j == len(points) or (acc + size > self.max_request_bytes and j > start):
-                chunk = points[start:j]
-                if chunk:
-                    self._call(
-                        "upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True)
-                    )
+        for j in range(len(structs) + 1):
+            doc_start = j == len(structs) or "window" not in points[j][2]
+            if doc_start and j > start and (j == len(structs) or acc + sizes[j] > self.max_request_bytes):
+                chunk = structs[start:j]
+                self._call("upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True))
                 start, acc = j, 0
-            acc += size
+            if j < len(structs):
+                acc += sizes[j]
 
-    def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
-        if len(ids) != len(metadata):
-            raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
-        groups: dict[str, list[str]] = {}
-        for doc_id, meta in zip(ids, metadata):
-            groups.setdefault(json.dumps(meta, sort_keys=True), []).append(point_uuid(doc_id))
+    def delete(self, ids: Sequence[str]) -> None:
+        """Documents stored as several points: every point carrying their id, by filter, in one
+        request (windows, parts and tombstones alike)."""
+        if self.max_windows <= 1 or not ids:
+            return super().delete(ids)
+        sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=list(ids)))]))
+        self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
+
+    def _delete_points(self, uuids: list[str]) -> None:
+        sel = qm.PointIdsList(points=uuids)
+        self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
+
+    def _set_payload(self, groups: dict[str, list[str]]) -> None:
         ops = [
             qm.SetPayloadOperation(set_payload=qm.SetPayload(payload={"metadata": json.loads(key)}, points=uuids))
             for key, uuids in groups.items()
         ]
-        if ops:  # one request: applied together
-            self._call(
-                "set metadata",
-                lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True),
-            )
-
-    def delete(self, ids: Sequence[str]) -> None:
-        if ids:
-            sel = qm.PointIdsList(points=[point_uuid(i) for i in ids])
-            self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
-
-    # --------------------------------------------------------------------- reads
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        back = {point_uuid(i): i for i in ids}
-        found = self._call(
-            "retrieve",
-            lambda: self.client.retrieve(self.collection, ids=list(back), with_payload=False, with_vectors=False),
+        self._call(  # one request: applied together
+            "set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True)
         )
-        return {back[str(r.id)] for r in found}
 
-    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        if not ids:
+    def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
+        if not uuids:
             return []
-        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
-        uuids = [point_uuid(i) for i in ids]
-        found = self._call(
-            "retrieve", lambda: self.client.retrieve(self.collection, ids=uuids, with_payload=True, with_vectors=vec)
+        return self._call(
+            "retrieve",
+            lambda: self.client.retrieve(self.collection, ids=uuids, with_payload=payload, with_vectors=vectors),
         )
-        by_id = {r.payload["id"]: self._record(r) for r in found}
-        return [by_id.get(i) for i in ids]
 
-    @staticmethod
-    def _record(r: Any) -> Record:
-        p = r.payload or {}
-        rec = Record(p["id"], p.get("text", ""), p.get("metadata") or {})
-        v = r.vector if isinstance(r.vector, dict) else {}
-        if "dense" in v:
-            rec.dense = np.asarray(v["dense"], dtype=np.float32)
-        if "sparse" in v:
-            s = v["sparse"]
-            rec.sparse = (np.asarray(s.indices, dtype=np.int64), np.asarray(s.values, dtype=np.float32))
-        if "colbert" in v:
-            rec.colbert = np.asarray(v["colbert"], dtype=np.float32)
-        return rec
+    def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
+        flt = _docs_only(None) if docs_only else None
+        return self._call(
+            "scroll",
+            lambda: self.client.scroll(
+                self.collection,
+                scroll_filter=flt,
+                limit=limit,
+                offset=offset,
+                with_payload=True,
+                with_vectors=with_vectors,
+            ),
+        )
 
-    def count(self, filter: Filter | None = None) -> int:
+    def _count(self, filter: Filter | None, docs_only: bool) -> int:
         flt = to_client_filter(filter)
+        flt = _docs_only(flt) if docs_only else flt
         return int(self._call("count", lambda: self.client.count(self.collection, count_filter=flt, exact=True)).count)
 
-    def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
-        offset = None
-        while True:
-            records, offset = self._call(
-                "scroll",
-                lambda off=offset: self.client.scroll(
-                    self.collection, limit=batch_size, offset=off, with_payload=True, with_vectors=with_vectors
-                ),
-            )
-            if records:
-                yield PointBatch.from_records([self._record(r) for r in records], self.schema.vocab_size)
-            if offset is None or not records:
-                return
-
-    # ------------------------------------------------------------------- queries
     def _run(self, requests: list) -> list[list]:
         if not requests:
             return []
         res = self._call("query", lambda: self.client.query_batch_points(self.collection, requests=requests))
         return [r.points for r in res]
 
-    @staticmethod
-    def _hits(points: Any) -> Hits:
-        return [(p.payload["id"], float(p.score)) for p in points]
-
     def _params(self, exact: bool) -> qm.SearchParams | None:
         if self.local:  # local mode always scans exactly (and warns about any params)
             return None
         return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
-    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
-        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+    def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
         flt, params = to_client_filter(filter), self._params(exact)
         reqs = [
-            qm.QueryRequest(query=row.tolist(), using="dense", limit=k, filter=flt, params=params, with_payload=["id"])
-            for row in q
-        ]
-        return [self._hits(r) for r in self._run(reqs)]
-
-    def search_sparse(
-        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
-    ) -> list[Hits]:
-        q = sp.csr_matrix(q)
-        flt, params = to_client_filter(filter), self._params(exact)
-        out: list[Hits] = [[] for _ in range(q.shape[0])]
-        reqs, rows = [], []
-        for i in range(q.shape[0]):
-            a, b = q.indptr[i], q.indptr[i + 1]
-            if a == b:
-                continue  # an empty query shares no token with anything
-            vec = qm.SparseVector(indices=q.indices[a:b].tolist(), values=q.data[a:b].astype(np.float32).tolist())
-            reqs.append(
-                qm.QueryRequest(query=vec, using="sparse", limit=k, filter=flt, params=params, with_payload=["id"])
+            qm.QueryRequest(
+                query=_vector(v, mode), using=mode, limit=limit, filter=flt, params=params, with_payload=["id"]
             )
-            rows.append(i)
-        for i, res in zip(rows, self._run(reqs)):
-            out[i] = self._hits(res)
-        return out
+            for v in vectors
+        ]
+        return self._run(reqs)
 
-    def score(
-        self,
-        ids: Sequence[str],
-        query: QueryVectors,
-        modes: Sequence[str] = MODES,
-        known: Mapping[str, Mapping[str, float]] | None = None,
-        *,
-        keys: Sequence[Any] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Exact scores where the vectors live: one query per mode, filtered to the candidates
-        whose score in that mode is not ``known``, ``exact=True`` (local mode: NumPy over
-        the candidates' fetched vectors, see ``server_scoring``)."""
-        if keys is not None:
-            raise NotImplementedError(f"{type(self).__name__} scores by id (its pools carry no keys)")
-        ids = list(ids)
-        if not self.server_scoring:
-            out, todo = prefill_known(ids, modes, known)
-            need = sorted({j for m in modes for j in todo[m]})
-            if need:
-                got = score_records(self.get([ids[j] for j in need], with_vectors=list(modes)), query, modes)
-                for m in modes:
-                    fill = np.isnan(out[m][need])
-                    out[m][np.asarray(need)[fill]] = got[m][fill]
-            return out
-        out, jobs, uuids = scoring_jobs(ids, query, modes, known)
-        if not ids:
-            return out
+    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
         exact = self._params(True)
         filters: dict[tuple, qm.Filter] = {}  # one per distinct candidate set
         reqs = []
         for m, need in jobs:
-            if m == "sparse":
-                vec: Any = qm.SparseVector(
-                    indices=np.asarray(query.sparse_indices, np.int64).tolist(),
-                    values=np.asarray(query.sparse_values, np.float32).tolist(),
-                )
-            else:
-                vec = np.asarray(query.dense if m == "dense" else query.colbert, dtype=np.float32).tolist()
+            vec = _vector((query.sparse_indices, query.sparse_values) if m == "sparse" else getattr(query, m), m)
             only = filters.get(need)
             if only is None:
                 only = filters[need] = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
             reqs.append(
                 qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False)
             )
-        fill_by_uuid(out, jobs, self._run(reqs), uuids)
-        return finish_maxsim_scores(out, ids, query, self.existing)
+        return self._run(reqs)
+
+    def _exact_scores(self, uuids: list[str], todo: dict[str, list[int]], query: QueryVectors) -> dict[str, np.ndarray]:
+        """Local mode: NumPy over the candidates' fetched vectors (see ``server_scoring``)."""
+        if self.server_scoring:
+            return super()._exact_scores(uuids, todo, query)
+        modes = list(todo)
+        need = sorted({j for m in modes for j in todo[m]})
+        by_uuid = {str(r.id): record_from_point(r) for r in self._retrieve([uuids[j] for j in need], True, modes)}
+        got = score_records([by_uuid.get(uuids[j]) for j in need], query, modes)
+        out = {m: np.full(len(uuids), np.nan) for m in modes}
+        for m in modes:
+            out[m][need] = got[m]
+        return out
+
+
+def _vector(v: Any, mode: str) -> Any:
+    if mode == "sparse":
+        ind, val = v
+        return qm.SparseVector(indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist())
+    return np.asarray(v, dtype=np.float32).tolist()
+
+
+def _docs_only(flt: qm.Filter | None) -> qm.Filter:
+    """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
+    later = [qm.FieldCondition(key=key, range=qm.Range(gte=1)) for key in ("window", "part")]
+    return qm.Filter(must=[flt] if flt is not None else None, must_not=later)

@@ -1,0 +1,455 @@
+"""What both Qdrant engines share: the point layout of a document's windows, and every
+engine method that does not depend on the client (Qdrant Edge in-process, or
+qdrant-client for a server / local mode).
+
+Why one module: the two engines store the same points and ask the same questions; they
+differ only in the client classes that carry a request. :class:`QdrantEngine` implements
+the :class:`~m3search.engines.base.Engine` protocol over seven small client hooks
+(``_retrieve``, ``_write``, ``_delete_points``, ``_set_payload``, ``_scroll``, ``_count``,
+``_nearest``, ``_exact_scores``).
+
+Point layout (schema version 2). A document of ``n`` windows is ``n`` points:
+
+* window 0: id = :func:`~m3search.engines.base.point_uuid` of the caller's id (as in
+  version 1, so a one-window document is exactly the point it always was); payload
+  ``{"id", "text", "metadata"}`` plus, when ``n > 1``, ``"windows": n`` and ``"spans"``
+  (character ``[start, end)`` of every window);
+* window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "metadata", "window": w}``
+  (metadata on every window: filters run inside the vector queries).
+
+A version-1 point (no ``window`` / ``windows`` keys) reads as window 0 of 1.
+
+Parts. A Qdrant server rejects a multivector of more than 1,048,576 floats
+(``MAX_MULTIVECTOR_FLATTENED_LEN`` in qdrant ``lib/common/common/src/validation.rs``: 1,023
+tokens at 1024-d). An engine with a :attr:`QdrantEngine.multivector_limit` stores a longer
+window as ``P`` points: the window point carries dense, sparse and the first token vectors,
+part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "metadata", "window": w, "part": p}``)
+the next ones. Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
+window's ColBERT score is then computed in NumPy over ALL its parts' token vectors (per
+query token the maximum over every token of the window: per-point MaxSim sums do not add
+up to it).
+
+Crash rule (kill -9 during a multi-window upsert). Qdrant writes one request atomically
+(Qdrant Edge: one WAL record; a server: one request per shard). A document re-written
+with FEWER windows keeps no stale window: the same write overwrites each old window past
+the new count with a TOMBSTONE, a point with no vectors (no vector query can return it)
+and ``window >= 1`` (counting documents counts window-0 points only). The tombstones are
+deleted by a second write; a crash before it leaves them invisible, and the document's
+next delete removes them. So every write shows the old or the new document whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from m3search.engines.base import (
+    MODES,
+    Engine,
+    Hits,
+    PointBatch,
+    QueryVectors,
+    Record,
+    WindowScores,
+    point_uuid,
+)
+from m3search.filters import Filter
+
+__all__ = ["QdrantEngine", "window_uuid", "record_from_point"]
+
+#: Namespace of window points past the first (window 0 keeps the caller id's point_uuid).
+WINDOW_NAMESPACE = uuid.UUID("0c3e5b1d-41a7-5e2f-8d6a-9b4c2f1e7a53").bytes
+#: First-stage queries on a windowed collection over-fetch windows to find k documents.
+OVERFETCH = 2
+
+
+def window_uuid(doc_id: str, window: int) -> str:
+    """Point id of a document's window (UUID5; window 0 is :func:`point_uuid` of the id)."""
+    if window == 0:
+        return point_uuid(doc_id)
+    h = bytearray(hashlib.sha1(WINDOW_NAMESPACE + f"{window}\x00{doc_id}".encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def part_uuid(doc_id: str, window: int, part: int) -> str:
+    """Point id of part ``part >= 1`` of a window (see Parts in the module docstring)."""
+    return window_uuid(f"{window}\x00{doc_id}", part) if part else window_uuid(doc_id, window)
+
+
+def record_from_point(r: Any) -> Record:
+    """A stored point (either client's record: ``.payload``, ``.vector``) as a :class:`Record`."""
+    p = r.payload or {}
+    rec = Record(p["id"], p.get("text", ""), p.get("metadata") or {}, spans=p.get("spans"), window=p.get("window", 0))
+    v = r.vector if isinstance(r.vector, dict) else {}
+    if "dense" in v:
+        rec.dense = np.asarray(v["dense"], dtype=np.float32)
+    if "sparse" in v:
+        s = v["sparse"]
+        rec.sparse = (np.asarray(s.indices, dtype=np.int64), np.asarray(s.values, dtype=np.float32))
+    if "colbert" in v:
+        rec.colbert = np.asarray(v["colbert"], dtype=np.float32)
+    return rec
+
+
+def collapse(points: Sequence[Any], k: int) -> Hits:
+    """Scored window points (best first) as the best ``k`` documents: first window of each id."""
+    out: dict[str, float] = {}
+    for p in points:
+        doc = p.payload["id"]
+        if doc not in out:
+            out[doc] = float(p.score)
+            if len(out) == k:
+                break
+    return list(out.items())
+
+
+class QdrantEngine(Engine):
+    """The Engine protocol over Qdrant points (see the module docstring); subclasses supply the client hooks."""
+
+    windowed = True
+    #: Most floats of one point's multivector (None: no limit); longer windows are stored as parts.
+    multivector_limit: int | None = None
+
+    # ----------------------------------------------------------------- client hooks
+    def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
+        """Stored points among ``uuids`` (any order): objects with ``.id``, ``.payload``, ``.vector``."""
+        raise NotImplementedError
+
+    def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
+        """Upsert ``(uuid, vectors or None for a tombstone, payload)`` points atomically (see module)."""
+        raise NotImplementedError
+
+    def _delete_points(self, uuids: list[str]) -> None:
+        raise NotImplementedError
+
+    def _set_payload(self, groups: dict[str, list[str]]) -> None:
+        """Set ``{"metadata": json.loads(key)}`` on each group's points (one request where possible)."""
+        raise NotImplementedError
+
+    def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
+        raise NotImplementedError
+
+    def _count(self, filter: Filter | None, docs_only: bool) -> int:
+        raise NotImplementedError
+
+    def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
+        """One nearest-window query per vector (``mode`` dense: float32 rows; sparse: ``(indices, values)``),
+        scored points carrying ``payload["id"]``, best first."""
+        raise NotImplementedError
+
+    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
+        """Per job ``(mode, positions)``: one ``exact`` query of that mode filtered to the points
+        ``uuids[j]`` for j in positions (limit = their number); scored points, in job order."""
+        raise NotImplementedError
+
+    def _exact_scores(self, uuids: list[str], todo: dict[str, list[int]], query: QueryVectors) -> dict[str, np.ndarray]:
+        """M3 scores of the points ``uuids[j]`` for ``j in todo[mode]`` (NaN: not stored), computed
+        where the vectors live; engines that cannot do that override this with :func:`score_records`."""
+        out = {m: np.full(len(uuids), np.nan) for m in todo}
+        jobs = score_jobs(todo, query)
+        fill_by_uuid(out, jobs, self._exact_queries(jobs, uuids, query), uuids)
+        if "colbert" in out:
+            out["colbert"] /= max(len(query.colbert), 1)  # Qdrant's MaxSim sums over query vectors, M3 averages
+        if "sparse" in out:  # a sparse query does not return points sharing no token with it: 0 if they exist
+            need = [j for j in todo["sparse"] if np.isnan(out["sparse"][j])]
+            proof = [out[m] for m in ("dense", "colbert") if m in out]
+            unsure = [j for j in need if not any(np.isfinite(p[j]) for p in proof)]
+            stored = {str(r.id) for r in self._retrieve([uuids[j] for j in unsure], False, False)} if unsure else set()
+            zero = [j for j in need if any(np.isfinite(p[j]) for p in proof) or uuids[j] in stored]
+            out["sparse"][zero] = 0.0
+        return out
+
+    # ------------------------------------------------------------------- windows
+    def window_counts(self, ids: Sequence[str]) -> np.ndarray:
+        """How many windows each stored document has (0: not stored); no read when no document has two."""
+        return np.array([len(p) for p in self._layout(ids)], dtype=np.int64)
+
+    def _layout(self, ids: Sequence[str]) -> list[list[int]]:
+        """Per document, the part count of each window ([] when not stored): one read of window 0."""
+        if self.max_windows <= 1:
+            found = self.existing(ids)
+            return [[1] if i in found else [] for i in ids]
+        back = {point_uuid(i): i for i in ids}
+        got = {}
+        for r in self._retrieve(list(back), ["windows", "parts"], False):
+            p = r.payload or {}
+            got[back[str(r.id)]] = p.get("parts") or [1] * int(p.get("windows", 1))
+        return [got.get(i, []) for i in ids]
+
+    def _n_parts(self, n_tokens: int) -> int:
+        if self.multivector_limit is None:
+            return 1
+        return max(1, -(-n_tokens // max(1, self.multivector_limit // self.schema.colbert_dim)))
+
+    def stored_units(self, batch: PointBatch) -> int:
+        """Most points one document of ``batch`` takes (its windows, and the parts of long ones)."""
+        co, wo = batch.colbert_offsets, batch.window_offsets
+        units = [self._n_parts(int(co[j + 1] - co[j])) for j in range(int(wo[-1]))]
+        return max((sum(units[wo[i] : wo[i + 1]]) for i in range(len(batch))), default=1)
+
+    def _points(
+        self, batch: PointBatch, old: Mapping[str, list[int]]
+    ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
+        """Window (and part) points of ``batch``, tombstones over every old point past the new
+        layout, their approximate JSON sizes, and the tombstones' ids."""
+        sparse = batch.sparse.tocsr()
+        dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
+        colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
+        if self.schema.colbert_dtype == "float16":
+            # qdrant-client local mode keeps float32 whatever the datatype: round here so every Qdrant scores alike
+            colbert = colbert.astype(np.float16).astype(np.float32)
+        co, ip = batch.colbert_offsets, sparse.indptr
+        wo = batch.window_offsets
+        per = None if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
+        points, sizes, tombs = [], [], []
+        for i, doc_id in enumerate(batch.ids):
+            n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
+            parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
+            for w in range(n):
+                j = wo[i] + w
+                if co[j + 1] == co[j]:
+                    raise ValueError(f"document {doc_id!r} has a window without ColBERT vectors")
+                tokens = colbert[co[j] : co[j + 1]]
+                vec = {
+                    "dense": dense[j],
+                    "sparse": (sparse.indices[ip[j] : ip[j + 1]], sparse.data[ip[j] : ip[j + 1]].astype(np.float32)),
+                    "colbert": tokens if parts[w] == 1 else tokens[:per],
+                }
+                if w == 0:
+                    payload = {"id": doc_id, "text": batch.texts[i], "metadata": meta}
+                    if n > 1:
+                        payload.update(windows=n, spans=batch.doc_spans(i))
+                    if max(parts) > 1:
+                        payload["parts"] = parts
+                else:
+                    payload = {"id": doc_id, "metadata": meta, "window": w}
+                points.append((window_uuid(doc_id, w), vec, payload))
+                n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
+                text = len(batch.texts[i].encode("utf-8")) * 2 if w == 0 else 0
+                sizes.append(14 * int(n_floats) + text + 512)
+                for p in range(1, parts[w]):
+                    chunk = tokens[p * per : (p + 1) * per]
+                    part = {"id": doc_id, "metadata": meta, "window": w, "part": p}
+                    points.append((part_uuid(doc_id, w, p), {"colbert": chunk}, part))
+                    sizes.append(14 * chunk.size + 512)
+            for w, was in enumerate(old.get(doc_id, [])):  # old points past the new layout
+                for p in range(parts[w] if w < n else 0, was):
+                    tombs.append(part_uuid(doc_id, w, p))
+                    points.append((tombs[-1], None, {"id": doc_id, "window": w, "part": p}))
+                    sizes.append(256)
+        return points, sizes, tombs
+
+    # -------------------------------------------------------------------- writes
+    def upsert(self, batch: PointBatch) -> None:
+        batch.validate(self.schema)
+        if not batch.has_vectors:
+            raise ValueError("upsert needs a batch with vectors")
+        old: dict[str, list[int]] = {}
+        if self.max_windows > 1:  # only then can a stored document have points past the new layout
+            old = dict(zip(batch.ids, self._layout(batch.ids)))
+        self.max_windows = max(self.max_windows, self.stored_units(batch))
+        points, sizes, tombs = self._points(batch, old)
+        if points:
+            self._write(points, sizes)  # old or new documents whole
+        if tombs:
+            self._delete_points(tombs)  # a crash before this leaves invisible tombstones
+
+    def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
+        if len(ids) != len(metadata):
+            raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
+        layout = self._layout(ids) if self.max_windows > 1 else [[1]] * len(ids)
+        groups: dict[str, list[str]] = {}  # one write per distinct metadata value
+        for doc_id, meta, parts in zip(ids, metadata, layout):
+            uuids = [part_uuid(doc_id, w, p) for w, n in enumerate(parts or [1]) for p in range(n)]
+            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(uuids)
+        if groups:
+            self._set_payload(groups)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Every point a document may have: all windows (and parts) up to the most points any
+        document had (this also removes tombstones left by a crash), in one write."""
+        if ids:
+            n = self.max_windows
+            parts = n if self.multivector_limit is not None else 1
+            uuids = dict.fromkeys(part_uuid(i, w, p) for i in ids for w in range(n) for p in range(parts))
+            self._delete_points(list(uuids))
+
+    # --------------------------------------------------------------------- reads
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        back = {point_uuid(i): i for i in ids}
+        return {back[str(r.id)] for r in self._retrieve(list(back), False, False)}
+
+    def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        if not ids:
+            return []
+        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
+        found = self._retrieve([point_uuid(i) for i in ids], True, vec)
+        by_id = {r.payload["id"]: record_from_point(r) for r in found}
+        return [by_id.get(i) for i in ids]
+
+    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
+        """All window records of each document, in window order ([] for unknown ids); a window
+        stored in parts comes back whole (its token vectors concatenated)."""
+        vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
+        layout = self._layout(ids)
+        uuids = [part_uuid(i, w, p) for i, parts in zip(ids, layout) for w, n in enumerate(parts) for p in range(n)]
+        by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
+        out = []
+        for doc_id, parts in zip(ids, layout):
+            recs = []
+            for w, n in enumerate(parts):
+                r = by_uuid.get(window_uuid(doc_id, w))
+                if r is None:
+                    continue
+                rec = record_from_point(r)
+                if n > 1 and rec.colbert is not None:
+                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p)]).colbert for p in range(1, n)]
+                    rec.colbert = np.concatenate([rec.colbert, *more])
+                recs.append(rec)
+            out.append(recs)
+        return out
+
+    def count(self, filter: Filter | None = None) -> int:
+        return self._count(filter, docs_only=self.max_windows > 1)
+
+    def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
+        offset, windowed = None, self.max_windows > 1
+        while True:
+            raw, offset = self._scroll(offset, batch_size, windowed, with_vectors)
+            if raw:
+                docs = [record_from_point(r) for r in raw]
+                if windowed and with_vectors and any(d.windows > 1 for d in docs):
+                    recs = [w for ws in self.get_windows([d.id for d in docs], with_vectors=True) for w in ws]
+                else:
+                    recs = docs
+                yield PointBatch.from_records(recs, self.schema.vocab_size)
+            if offset is None or not raw:
+                return
+
+    # ------------------------------------------------------------------- queries
+    def _search(self, mode: str, rows: list[Any], k: int, filter: Filter | None, exact: bool) -> list[Hits]:
+        """Top-k documents: windows best first, each document at its best window. A windowed
+        collection asks for more windows until k distinct documents (or all there are) come back."""
+        limit = k if self.max_windows <= 1 else OVERFETCH * k
+        out: list[Hits | None] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        while todo:
+            res = self._nearest(mode, [rows[i] for i in todo], limit, filter, exact)
+            again = []
+            for i, pts in zip(todo, res):
+                out[i] = collapse(pts, k)
+                if len(out[i]) < k and len(pts) == limit:
+                    again.append(i)
+            todo, limit = again, limit * 2
+        return out
+
+    def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+        return self._search("dense", list(q), k, filter, exact)
+
+    def search_sparse(
+        self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
+    ) -> list[Hits]:
+        q = sp.csr_matrix(q)
+        rows = [
+            (q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]) for i in range(q.shape[0])
+        ]
+        live = [i for i, (ind, _) in enumerate(rows) if len(ind)]  # an empty query shares no token with anything
+        out: list[Hits] = [[] for _ in rows]
+        for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact) if live else []):
+            out[i] = hits
+        return out
+
+    def score(
+        self,
+        ids: Sequence[str],
+        query: QueryVectors,
+        modes: Sequence[str] = MODES,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        return self._score(list(ids), query, modes, known).doc_max()
+
+    def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
+        return self._score(list(ids), query, modes, None)
+
+    def _score(
+        self, ids: list[str], query: QueryVectors, modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None
+    ) -> WindowScores:
+        """Every window of each candidate, exact; ``known`` document scores fill one-window documents."""
+        for m in modes:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}")
+        if known and "colbert" in known:
+            raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
+        if self.max_windows <= 1:
+            counts, layout = np.ones(len(ids), np.int64), None
+        else:
+            layout = self._layout(ids)
+            counts = np.maximum([len(p) for p in layout], 1)  # a missing document: one NaN window
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        split = []  # (position, doc id, window) of windows stored in parts: whole-window MaxSim below
+        if layout is not None and "colbert" in modes:
+            split = [(offsets[d] + w, ids[d], w) for d, ps in enumerate(layout) for w, n in enumerate(ps) if n > 1]
+        uuids = [window_uuid(i, w) for i, n in zip(ids, counts.tolist()) for w in range(n)]
+        out = {m: np.full(len(uuids), np.nan) for m in modes}
+        todo: dict[str, list[int]] = {}
+        single = counts == 1
+        for m in modes:
+            have = (known or {}).get(m) or {}
+            need = []
+            for i, doc_id in enumerate(ids):
+                v = have.get(doc_id) if single[i] else None
+                if v is None:
+                    need.extend(range(offsets[i], offsets[i + 1]))
+                else:
+                    out[m][offsets[i]] = v
+            todo[m] = need
+        if split:
+            skip = {j for j, _, _ in split}
+            todo["colbert"] = [j for j in todo["colbert"] if j not in skip]
+        if uuids and any(todo.values()):
+            got = self._exact_scores(uuids, todo, query)
+            for m in modes:
+                if todo[m]:
+                    out[m][todo[m]] = got[m][todo[m]]
+        if split:  # per query token the maximum over EVERY token of the window, all parts together
+            recs = self.get_windows(list(dict.fromkeys(d for _, d, _ in split)), with_vectors=["colbert"])
+            tokens = {(r.id, k): r.colbert for rs in recs for k, r in enumerate(rs)}
+            q = np.asarray(query.colbert, dtype=np.float32)
+            for j, doc_id, w in split:
+                t = tokens.get((doc_id, w))
+                if t is not None and len(q):
+                    out["colbert"][j] = float((q @ t.T).max(axis=1).mean())
+        return WindowScores(offsets, out)
+
+
+def score_jobs(todo: Mapping[str, list[int]], query: QueryVectors) -> list[tuple[str, tuple[int, ...]]]:
+    """The ``(mode, positions)`` exact queries still to run; an empty sparse query is not run:
+    nothing shares a token with it (:func:`finish_maxsim_scores` sets the zeros)."""
+    jobs = []
+    for m, need in todo.items():
+        if not need or (m == "sparse" and (query.sparse_indices is None or len(query.sparse_indices) == 0)):
+            continue
+        jobs.append((m, tuple(need)))
+    return jobs
+
+
+def fill_by_uuid(
+    out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], results: Sequence[Sequence[Any]], uuids: Sequence[str]
+) -> None:
+    """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions."""
+    pos = {u: j for j, u in enumerate(uuids)}
+    for (m, _), res in zip(jobs, results):
+        if res:
+            out[m][[pos[str(p.id)] for p in res]] = [p.score for p in res]
