@@ -339,7 +339,7 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
 def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
     from click.testing import CliRunner
 
-    from m3search.cli import hit_to_dict, main
+    from m3search.cli import main
     from m3search.server import HitOut
 
     texts, ids, *_ = corpus
@@ -347,12 +347,12 @@ def test_cli_and_http_show_the_best_window(tmp_path, tiny_encoder, corpus):
     with create("qdrant-edge", tmp_path, tiny_encoder) as col:
         col.add(texts[20:], ids=ids[20:])  # three windows each
         hit = col.search(texts[21][-40:], k=1, mode="sparse")[0]
-        out = HitOut(**hit_to_dict(hit))
+        out = HitOut(**hit.to_dict())
         assert out.window == hit.window and 0 <= hit.window["start"] < hit.window["end"] <= len(hit.text)
     r = CliRunner().invoke(main, ["search", texts[21][-40:], "--collection", str(path), "-k", "1", "--mode", "sparse"])
     assert r.exit_code == 0, r.output
     span = " ".join(hit.passage.split())
-    assert f"...[{span[:200]}" in r.output and f"chars {hit.window['start']}-{hit.window['end']} of" in r.output
+    assert f"[{span[:40]}" in r.output and f"chars {hit.window['start']}-{hit.window['end']} of" in r.output
 
 
 # ------------------------------------------------------------ Qdrant server limit
