@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).with_name("m3search")
@@ -65,20 +66,25 @@ def indexed(tmp_path_factory, corpus, tiny_model_path) -> Path:
     return coll
 
 
-def _dense_oracle(tiny_encoder, corpus_texts, query):
+def _dense_oracle(tiny_encoder, corpus_texts, query, collection):
+    """Exact dense ranking: each document scores its best window, windows as the collection made them."""
     ids, texts = corpus_texts
     from m3search.scoring import dense_scores
 
-    d = tiny_encoder.encode(texts, sparse=False, colbert=False).dense
+    settings = json.loads((Path(collection) / "manifest.json").read_text())["settings"]
+    w = tiny_encoder.encode_windows(
+        texts, window=settings["window"], stride=settings["stride"], sparse=False, colbert=False
+    )
     q = tiny_encoder.encode([query], sparse=False, colbert=False, max_length=512).dense
-    s = dense_scores(q, d)[0]
+    s = np.full(len(ids), -np.inf)
+    np.maximum.at(s, w.doc, dense_scores(q, w.embeddings.dense)[0])
     order = sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
     return [ids[i] for i in order], {ids[i]: float(s[i]) for i in order}
 
 
 def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder, tiny_model_path):
     query = "pressure distribution on a wing in supersonic flow"
-    order, score = _dense_oracle(tiny_encoder, corpus_texts, query)
+    order, score = _dense_oracle(tiny_encoder, corpus_texts, query, indexed)
 
     res = one_json(cli("search", query, "--collection", str(indexed), "--mode", "dense", "--k", "5", "--json"))
     hits = res["hits"]
@@ -116,7 +122,7 @@ def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder,
 @pytest.mark.heavy
 def test_reindex_upserts_and_text_output(indexed, corpus, corpus_texts, tiny_encoder):
     query = "pressure distribution on a wing in supersonic flow"
-    order, _ = _dense_oracle(tiny_encoder, corpus_texts, query)
+    order, _ = _dense_oracle(tiny_encoder, corpus_texts, query, indexed)
     cli("delete", *order[:2], "-c", str(indexed))
     # re-running index on the same source upserts: deleted documents come back, nothing doubles
     out = one_json(cli("index", str(corpus), "--collection", str(indexed), "--json"))
@@ -288,13 +294,21 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
     src = tmp_path / "long.jsonl"
     lines = [json.dumps({"id": str(i), "text": "hypersonic flow " * (2000 if i % 2 else 3)}) for i in range(5)]
     src.write_text("\n".join(lines) + "\n")
+    for cap, line in (
+        ("1", "Warning: 2 of 5 documents exceeded max_length=512 tokens; only their first tokens are indexed"),
+        ("3", "Warning: 2 of 5 documents exceeded max_windows=3 windows; only their first windows are indexed"),
+    ):
+        coll = tmp_path / f"coll-{cap}"
+        args = ("-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "2", "--max-windows", cap, "--json")
+        proc = cli("index", str(src), *args)
+        assert one_json(proc)["count"] == 5
+        warned = [ln for ln in proc.stderr.splitlines() if "exceeded max_" in ln]
+        assert warned == [line]
+        assert "TruncationWarning" not in proc.stderr
     proc = cli(
-        "index", str(src), "-c", str(tmp_path / "coll"), "-m", str(tiny_model_path), "--batch-size", "2", "--json"
+        "index", str(src), "-c", str(tmp_path / "coll-1"), "-m", str(tiny_model_path), "--max-windows", "2", check=False
     )
-    assert one_json(proc)["count"] == 5
-    warned = [ln for ln in proc.stderr.splitlines() if "exceeded max_length" in ln]
-    assert warned == ["Warning: 2 of 5 documents exceeded max_length=512 tokens; only their first tokens are indexed"]
-    assert "TruncationWarning" not in proc.stderr
+    assert proc.returncode == 2 and "exists with max_windows=1" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -424,7 +438,7 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
         assert p.returncode == 1 and f"served by process {proc.pid}" in p.stderr and "API key" in p.stderr
         env = {"M3SEARCH_API_KEY": "s3cret"}
         query = "heat transfer in laminar flow"
-        order, score = _dense_oracle(tiny_encoder, corpus_texts, query)
+        order, score = _dense_oracle(tiny_encoder, corpus_texts, query, indexed)
         hits = one_json(cli("search", query, "-c", str(indexed), "--mode", "dense", "-k", "3", "--json", env=env))[
             "hits"
         ]

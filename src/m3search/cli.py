@@ -192,10 +192,12 @@ def _truncation_summary() -> Iterator[dict]:
     for w in caught:
         if not isinstance(w.message, TruncationWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    if cut:
+    for unit, limit in dict.fromkeys((m.unit, m.max_length) for m in cut):
+        count = sum(m.count for m in cut if (m.unit, m.max_length) == (unit, limit))
+        setting = "max_length" if unit == "tokens" else "max_windows"
         click.echo(
-            f"Warning: {sum(m.count for m in cut)} of {tally['documents']} documents exceeded max_length={cut[0].max_length} tokens; "
-            "only their first tokens are indexed",
+            f"Warning: {count} of {tally['documents']} documents exceeded {setting}={limit} {unit}; "
+            f"only their first {unit} are indexed",
             err=True,
         )
 
@@ -208,8 +210,10 @@ def _open_target(
     create: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    settings: dict[str, Any] | None = None,
 ):
-    """This collection's server if one runs, else the collection opened here (created if ``create``)."""
+    """This collection's server if one runs, else the collection opened here (created if ``create``,
+    with ``settings``; an existing collection whose settings differ from them is an error)."""
     path = Path(collection)
     record = serverfile.live(path)
     not_answering = None
@@ -230,18 +234,38 @@ def _open_target(
                 f"collection {collection} is served by process {pid} at {url}, which needs an API key: "
                 "pass --api-key or set M3SEARCH_API_KEY"
             )
-        return _Remote(record, api_key)
+        target = _Remote(record, api_key)
+        _check_settings(target.info().get("settings") or {}, settings, collection)
+        return target
     from . import Collection
     from .engines.base import CollectionInUseError, CollectionNotFoundError
 
     try:
-        return _Local(Collection.open(path, model=model, device=device, dtype=dtype))
+        col = Collection.open(path, model=model, device=device, dtype=dtype)
     except CollectionNotFoundError:
         if not create:
             raise
     except CollectionInUseError as exc:
         raise click.ClickException(f"{exc}" + (f"; {not_answering}" if not_answering else "")) from None
-    return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype))
+    else:
+        try:
+            _check_settings(col.settings, settings, collection)
+        except BaseException:
+            col.close()
+            raise
+        return _Local(col)
+    return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})))
+
+
+def _check_settings(have: dict[str, Any], want: dict[str, Any] | None, collection: str) -> None:
+    """Settings fixed at creation (window, stride, max_windows) cannot change on an existing collection."""
+    differ = {k: v for k, v in (want or {}).items() if have.get(k) != v}
+    if differ:
+        now = ", ".join(f"{k}={have.get(k)}" for k in differ)
+        raise click.UsageError(
+            f"collection {collection} exists with {now}; these are set when a collection is created "
+            "(index into a new collection to use other values)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -313,11 +337,43 @@ def main() -> None:
     help="Text field(s), joined with a space; repeat for several [default: title + text].",
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Documents per write.")
+@click.option(
+    "--window",
+    default=None,
+    type=click.IntRange(8),
+    help="New collection: tokens per window, specials included [default: the model's positions].",
+)
+@click.option(
+    "--stride",
+    default=None,
+    type=click.IntRange(1),
+    help="New collection: tokens from one window's start to the next [default: window - 128].",
+)
+@click.option(
+    "--max-windows",
+    default=None,
+    type=click.IntRange(1),
+    help="New collection: windows per document at most; 1 cuts long texts as before windows [default: all].",
+)
 @dtype_option
 @device_option
 @api_key_option
 @json_option
-def index(source, collection, model, id_field, text_fields, batch_size, dtype, device, api_key, as_json):
+def index(
+    source,
+    collection,
+    model,
+    id_field,
+    text_fields,
+    batch_size,
+    window,
+    stride,
+    max_windows,
+    dtype,
+    device,
+    api_key,
+    as_json,
+):
     """Index SOURCE (JSONL, CSV/TSV or a folder of .txt/.md) into the collection.
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
@@ -329,7 +385,12 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
 
         records = read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
         t0 = time.perf_counter()
-        target = _open_target(collection, model=model, api_key=api_key, create=True, device=device, dtype=dtype)
+        layout = {
+            k: v for k, v in (("window", window), ("stride", stride), ("max_windows", max_windows)) if v is not None
+        }
+        target = _open_target(
+            collection, model=model, api_key=api_key, create=True, device=device, dtype=dtype, settings=layout
+        )
         try:
             if isinstance(target, _Remote):
                 target.info()

@@ -592,13 +592,14 @@ class Collection:
                     from m3search.encoder import TruncationWarning
 
                     if truncated:
-                        limit = min(self.settings["max_length"], self.encoder.max_length)
+                        limit, unit = min(self.settings["max_length"], self.encoder.max_length), "tokens"
                         what = f"exceeded max_length={limit} tokens; only their first tokens are indexed"
                     else:
-                        truncated, limit = cut, self.settings["max_windows"]
+                        truncated, limit, unit = cut, self.settings["max_windows"], "windows"
                         what = f"exceeded max_windows={limit} windows; only their first windows are indexed"
                     warnings.warn(
-                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit), stacklevel=3
+                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit, unit),
+                        stacklevel=3,
                     )
             self._engine.optimize()
             self._engine.flush()

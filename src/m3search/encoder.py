@@ -51,15 +51,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 class TruncationWarning(UserWarning):
-    """Some inputs were longer than ``max_length`` tokens and were cut.
+    """Some inputs were longer than ``max_length`` tokens (or ``max_windows`` windows) and were cut.
 
     Carries the numbers too (``count`` cut of ``total``, at ``max_length``), so a caller
     that encodes in chunks (the CLI indexing a file) can add them up into one report.
     """
 
-    def __init__(self, message: str, count: int = 0, total: int = 0, max_length: int = 0) -> None:
+    def __init__(self, message: str, count: int = 0, total: int = 0, max_length: int = 0, unit: str = "tokens") -> None:
         super().__init__(message)
         self.count, self.total, self.max_length = count, total, max_length
+        #: "tokens": cut at ``max_length`` tokens; "windows": capped at ``max_length`` windows (``max_windows``).
+        self.unit = unit
 
 
 class ModelLoadError(OSError):
