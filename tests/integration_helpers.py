@@ -34,8 +34,9 @@ def make_collection(path, encoder, *, docs: bool = True):
 
 
 @contextmanager
-def served(collection):
-    """An :class:`M3SearchClient` talking to the real app (in-process ASGI, no socket) over ``collection``."""
+def served(collection, *, api_key: str | None = None, **settings):
+    """An :class:`M3SearchClient` talking to the real app (in-process ASGI, no socket) over ``collection``;
+    ``settings``: server :class:`~m3search.server.Settings` such as ``max_batch``."""
     from fastapi.testclient import TestClient
 
     from m3search.client import M3SearchClient
@@ -45,9 +46,12 @@ def served(collection):
         def close(self) -> None:  # the test owns the collection: the app must not close it
             pass
 
-    app = create_app(Settings(collection=str(collection.location)), resources=Borrowed(collection=collection))
+    app = create_app(
+        Settings(collection=str(collection.location), api_key=api_key, **settings),
+        resources=Borrowed(collection=collection),
+    )
     with TestClient(app, base_url="http://m3search.test") as http:
-        yield M3SearchClient("http://m3search.test", http_client=http)
+        yield M3SearchClient("http://m3search.test", api_key=api_key, http_client=http)
 
 
 def same_hits(got: list[tuple[str, float]], want: list) -> None:

@@ -248,3 +248,43 @@ def test_missing_framework_gives_the_install_hint(monkeypatch):
     monkeypatch.delitem(sys.modules, "m3search.integrations.langchain", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'm3search\[langchain\]'"):
         import m3search.integrations.langchain  # noqa: F401
+
+
+def test_best_passage_reported_by_the_collection_reaches_the_metadata(col, monkeypatch):
+    """A hit that names its best passage (collections with windows do) hands it on unchanged."""
+    search = col.search
+
+    def with_passage(*a, **kw):
+        hits = search(*a, **kw)
+        for h in hits:
+            h.passage = {"start": 0, "end": 10, "text": h.text[:10]}
+        return hits
+
+    monkeypatch.setattr(col, "search", with_passage)
+    doc = M3SearchRetriever(collection=col, k=1).invoke(QUERIES[0])[0]
+    assert doc.metadata["m3search"]["passage"] == {"start": 0, "end": 10, "text": doc.page_content[:10]}
+
+
+def test_delete_all_takes_several_rounds(tmp_path, tiny_encoder, monkeypatch):
+    from m3search.integrations import _backend
+
+    monkeypatch.setattr(_backend, "_ROUND", 3)  # 8 documents: rounds of 3, 3, 2, then an empty search
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
+    store.add_texts(TEXTS, META, ids=IDS)
+    store.delete()
+    assert store.collection.count() == 0
+    store.collection.close()
+
+
+def test_vector_store_on_an_engine_url(tmp_path, tiny_encoder):
+    pytest.importorskip("qdrant_client")
+    store = M3SearchVectorStore(location=f"qdrant+local://{tmp_path}/q/lc", model=tiny_encoder, mode="dense+sparse")
+    try:
+        store.add_texts(TEXTS, META, ids=IDS)
+        got = store.similarity_search_with_score(QUERIES[0], k=3, filter={"topic": "flow"})
+        want = store.collection.search(QUERIES[0], k=3, mode="dense+sparse", filter={"topic": "flow"})
+        same_hits([(d.id, s) for d, s in got], want)
+        store.delete(IDS[:2])
+        assert store.collection.count() == len(IDS) - 2
+    finally:
+        store.collection.close()
