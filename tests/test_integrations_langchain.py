@@ -288,3 +288,16 @@ def test_vector_store_on_an_engine_url(tmp_path, tiny_encoder):
         assert store.collection.count() == len(IDS) - 2
     finally:
         store.collection.close()
+
+
+def test_store_options_that_would_be_ignored_raise(col, tmp_path, tiny_encoder):
+    with pytest.raises(TypeError, match="apply only when"):
+        M3SearchVectorStore(col, candidates=10, colbert_dtype="float16")
+    with pytest.raises(TypeError, match="has its model"):
+        M3SearchVectorStore(col, model=tiny_encoder)
+    with pytest.raises(TypeError, match="api_key"):
+        M3SearchVectorStore(col, api_key="k")
+    with pytest.raises(ValueError, match="exactly one"):
+        M3SearchVectorStore()
+    with pytest.raises(TypeError, match="apply only when creating"):
+        M3SearchVectorStore(location=col.location, colbert_dtype="float16")

@@ -37,6 +37,14 @@ def open_backend(
     """
     if (collection is None) == (location is None):
         raise ValueError("give exactly one of collection= (a Collection or M3SearchClient) and location=")
+    location = None if location is None else os.fspath(location)
+    remote = location is not None and location.startswith(("http://", "https://"))
+    if create_settings and (collection is not None or remote):
+        raise TypeError(f"collection settings {sorted(create_settings)} apply only when a location is created")
+    if model is not None and (collection is not None or remote):
+        raise TypeError("model= applies to a collection location; a Collection or a server has its model")
+    if api_key is not None and not remote:
+        raise TypeError("api_key= applies to an http(s):// server location")
     if collection is not None:
         missing = [m for m in ("search", "upsert", "delete", "get") if not callable(getattr(collection, m, None))]
         if missing:
@@ -44,14 +52,17 @@ def open_backend(
                 f"collection must be an m3search Collection or M3SearchClient, not {type(collection).__name__}"
             )
         return collection
-    location = os.fspath(location)
-    if location.startswith(("http://", "https://")):
+    if remote:
         from m3search.client import M3SearchClient
 
         return M3SearchClient(location, api_key=api_key)
     from m3search import Collection
 
     if Collection.exists(location):
+        if create_settings:
+            raise TypeError(
+                f"a collection exists at {location}: settings {sorted(create_settings)} apply only when creating one"
+            )
         return Collection.open(location, model=model)
     return Collection.create(location, model=model, **create_settings)
 
