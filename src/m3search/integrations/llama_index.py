@@ -165,7 +165,11 @@ class M3SearchEmbedding(BaseEmbedding):
     def __init__(
         self, model_name: str | None = None, *, encoder: Any = None, collection: Any = None, **kwargs: Any
     ) -> None:
-        given = [n for n, v in (("model_name", model_name), ("encoder", encoder), ("collection", collection)) if v is not None]
+        given = [
+            n
+            for n, v in (("model_name", model_name), ("encoder", encoder), ("collection", collection))
+            if v is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give one of model_name, encoder, collection (got {', '.join(given)})")
         if encoder is not None:  # recorded, so that to_dict / from_dict reload the same model the same way
