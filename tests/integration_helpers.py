@@ -5,6 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
+#: every mode with BGE-M3's weighted fusion, and the rank-based fusions on re-ranking modes
+RANKING_CASES = [(m, "weighted") for m in MODES] + [("all", "rrf"), ("dense+sparse", "rrf"), ("all", "dbsf")]
 
 TEXTS = [
     "the boundary layer of a wing at high speed",

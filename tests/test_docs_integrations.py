@@ -50,6 +50,7 @@ def test_llama_index_example(tmp_path, monkeypatch, capsys, tiny_model_path):
     assert "left: 4" in out
 
 
+@pytest.mark.heavy  # a server subprocess (~30 s on a loaded machine); the client paths run in the default suite
 def test_http_example(tmp_path, monkeypatch, capsys, tiny_encoder):
     """The HTTP example against a real `m3search serve` (subprocess, a loopback port the OS picks)."""
     pytest.importorskip("langchain_core")
