@@ -278,6 +278,8 @@ def _index_round_trip(store, col):
     assert col.get(nodes_of["doc2"][:1]) == [None]
     store.delete_nodes(filters=MetadataFilters(filters=[F(key="year", value=1954)]))
     assert col.get(nodes_of["doc4"]) == [None] * len(nodes_of["doc4"])
+    only = store.query(VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=10, doc_ids=["doc6"]))
+    assert sorted(only.ids) == sorted(nodes_of["doc6"])
     kept = store.get_nodes(nodes_of["doc6"])
     assert [x.node_id for x in kept] == nodes_of["doc6"] and all(x.ref_doc_id == "doc6" for x in kept)
     store.clear()
