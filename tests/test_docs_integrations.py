@@ -62,7 +62,9 @@ def test_http_example(tmp_path, monkeypatch, capsys, tiny_encoder):
     path = tmp_path / "served"
     with Collection.create(path, model=tiny_encoder) as col:
         col.add(["reset your password in settings", "refunds take five days"], ids=["faq-1", "faq-2"])
-    proc, url = _start(["--collection", str(path)], tmp_path, collection=path)
+    proc, url = _start(
+        ["--collection", str(path)], tmp_path, collection=path, timeout=600
+    )  # loaded machines start slowly
     try:
         code = _examples()["Through `m3search serve`"].replace(SERVER_URL, url)
         out = _run(code, tmp_path, monkeypatch, capsys, tiny_encoder.name_or_path)
