@@ -1,0 +1,233 @@
+"""A collection served by ``m3search serve``, used from Python over HTTP.
+
+Why: a RAG application should not have to load the model (GBs, seconds) in each of its
+processes, and an embedded collection admits one process anyway. :class:`M3SearchClient`
+speaks the server's routes and answers with the library's own types (:class:`~m3search.Hit`,
+:class:`~m3search.collection.Record`), so code written against :class:`~m3search.Collection`
+(the LangChain and LlamaIndex integrations among it) runs against a server unchanged.
+
+Requests larger than the server's ``max_batch`` are split; each part is one server write,
+so a failure part-way leaves the earlier parts stored (an embedded ``Collection.add``
+batch has the same grain). Errors keep the library's types: a bad value or an existing id
+is ``ValueError``, a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["M3SearchClient"]
+
+_DEFAULT_MAX_BATCH = 256  # the server's default; /info tells the real one
+
+
+class M3SearchClient:
+    """Talk to ``m3search serve`` at ``url``.
+
+    >>> client = M3SearchClient("http://127.0.0.1:8000", api_key="secret")   # doctest: +SKIP
+    >>> [h.id for h in client.search("boundary layer", k=3, mode="all")]       # doctest: +SKIP
+
+    ``http_client``: an ``httpx.Client`` to use instead of a new one (tests pass FastAPI's
+    ``TestClient``; applications may pass one with their own timeouts or proxies).
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        http_client: Any = None,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ImportError("M3SearchClient needs httpx: pip install 'm3search[server]'") from None
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if http_client is None:
+            http_client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
+        elif headers:
+            http_client.headers.update(headers)
+        self._http = http_client
+        self._max_batch: int | None = None
+
+    def __repr__(self) -> str:
+        return f"M3SearchClient({self.url!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> M3SearchClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------- transport
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"m3search server at {self.url} did not answer: {exc}") from None
+        if response.status_code < 400:
+            return response.json()
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:300]
+        message = f"m3search server {self.url}: {message} (HTTP {response.status_code})"
+        if response.status_code == 401:
+            raise PermissionError(message)
+        if response.status_code == 404:
+            raise KeyError(message)
+        if response.status_code < 500:
+            raise ValueError(message)
+        raise RuntimeError(message)
+
+    @property
+    def max_batch(self) -> int:
+        """Most texts / documents / ids per request, as the server reports it."""
+        if self._max_batch is None:
+            self._max_batch = int(self.info().get("limits", {}).get("max_batch", _DEFAULT_MAX_BATCH))
+        return self._max_batch
+
+    def _chunks(self, n: int) -> range:
+        return range(0, n, self.max_batch)
+
+    # ---------------------------------------------------------------------- reads
+    def info(self) -> dict:
+        """``GET /info``: model, limits, and the served collection's counts and settings."""
+        return self._call("GET", "/info")
+
+    def count(self, filter: Any = None) -> int:
+        """Number of documents. The HTTP API counts the whole collection only."""
+        if filter:
+            raise ValueError("counting with a filter is not available over HTTP (GET /info counts all documents)")
+        collection = self.info().get("collection")
+        if collection is None:
+            raise ValueError(f"the server at {self.url} serves no collection (start it with --collection DIR)")
+        return int(collection.get("count", 0))
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def get(self, ids: str | Sequence[str]) -> list:
+        """Stored documents in input order; None for unknown ids (one ``GET /documents/{id}`` each)."""
+        from urllib.parse import quote
+
+        from m3search.collection import Record, _as_id_list
+
+        out: list[Record | None] = []
+        for doc_id in _as_id_list(ids):
+            try:
+                d = self._call("GET", f"/documents/{quote(doc_id, safe='')}")
+            except KeyError:
+                out.append(None)
+                continue
+            out.append(Record(id=d["id"], text=d["text"], metadata=d.get("metadata") or {}))
+        return out
+
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        mode: str = "all",
+        fusion: str = "weighted",
+        weights: Sequence[float] | None = None,
+        candidates: int | None = None,
+        filter: Any = None,
+        explain: bool = False,
+    ) -> list:
+        """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`."""
+        from m3search.collection import Hit
+        from m3search.filters import parse_filter, to_json
+
+        body: dict[str, Any] = {"query": query, "k": k, "mode": mode, "fusion": fusion, "explain": explain}
+        if weights is not None:
+            body["weights"] = list(weights)
+        if candidates is not None:
+            body["candidates"] = candidates
+        parsed = parse_filter(filter)  # the library's errors, before any request
+        if parsed is not None:
+            body["filter"] = to_json(parsed)
+        hits = []
+        for h in self._call("POST", "/search", json=body)["hits"]:
+            hit = Hit(
+                id=h["id"],
+                score=h["score"],
+                text=h.get("text") or "",
+                metadata=h.get("metadata") or {},
+                scores=h.get("scores") or {},
+                explain=h.get("explain"),
+            )
+            for key, value in h.items():  # fields a newer server adds (e.g. the best passage) stay readable
+                if not hasattr(hit, key):
+                    setattr(hit, key, value)
+            hits.append(hit)
+        return hits
+
+    # ---------------------------------------------------------------------- writes
+    def add(
+        self, texts: str | Sequence[str], ids: Sequence[str] | None = None, metadata: Sequence[dict] | None = None
+    ) -> list[str]:
+        """``POST /documents``: new documents (an existing id is a ValueError); returns the ids."""
+        return self._write(texts, ids, metadata, upsert=False)
+
+    def upsert(
+        self, texts: str | Sequence[str], ids: Sequence[str] | None = None, metadata: Sequence[dict] | None = None
+    ) -> list[str]:
+        """``POST /documents`` with ``upsert: true``: add or overwrite; returns the ids."""
+        return self._write(texts, ids, metadata, upsert=True)
+
+    def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
+        from m3search.collection import _as_id_list, _check_metadata, _check_texts
+
+        texts = _check_texts(texts)
+        meta = _check_metadata(metadata, len(texts))
+        if ids is not None:
+            ids = _as_id_list(ids)
+            if len(ids) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+        out: list[str] = []
+        for a in self._chunks(len(texts)):
+            docs = [
+                {"text": t, "metadata": m, **({"id": ids[a + j]} if ids is not None else {})}
+                for j, (t, m) in enumerate(zip(texts[a : a + self.max_batch], meta[a : a + self.max_batch]))
+            ]
+            out += self._call("POST", "/documents", json={"documents": docs, "upsert": upsert})["ids"]
+        return out
+
+    def delete(self, ids: str | Sequence[str]) -> dict[str, list[str]]:
+        """``DELETE /documents``; returns ``{"deleted": [...], "missing": [...]}``."""
+        from m3search.collection import _as_id_list
+
+        ids = list(dict.fromkeys(_as_id_list(ids)))
+        out: dict[str, list[str]] = {"deleted": [], "missing": []}
+        for a in self._chunks(len(ids)):
+            part = self._call("DELETE", "/documents", json={"ids": ids[a : a + self.max_batch]})
+            out["deleted"] += part["deleted"]
+            out["missing"] += part["missing"]
+        return out
+
+    # ---------------------------------------------------------------------- embeddings
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Dense vectors ``(n, d)`` float32 from ``POST /v1/embeddings`` (base64 on the wire)."""
+        from m3search.collection import _check_texts
+
+        texts = _check_texts(texts)
+        rows: list[np.ndarray] = []
+        for a in self._chunks(len(texts)):
+            data = self._call(
+                "POST", "/v1/embeddings", json={"input": texts[a : a + self.max_batch], "encoding_format": "base64"}
+            )["data"]
+            for item in sorted(data, key=lambda d: d["index"]):
+                rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)

@@ -1,0 +1,304 @@
+"""LangChain: BGE-M3 hybrid search over an m3search collection, as LangChain's own interfaces.
+
+* :class:`M3SearchEmbeddings` -- ``Embeddings``: BGE-M3's dense vector, for any LangChain vector store.
+* :class:`M3SearchRetriever` -- ``BaseRetriever`` over a collection: every mode, fusion, weights, filter.
+* :class:`M3SearchVectorStore` -- ``VectorStore`` backed by a collection (folder, engine URL, or a
+  running ``m3search serve``): add, upsert by id, delete, get by id, search, ``as_retriever``.
+
+The collection encodes and scores with its own model (dense + sparse + ColBERT from one pass), so
+no LangChain ``Embeddings`` drives the store. Retrieved documents carry the fused score, the three
+per-mode scores and, when the collection reports one, the best passage under
+``metadata["m3search"]``. Async methods run the blocking work in a thread (``run_in_executor``).
+Options the store cannot honour (MMR, relevance scores of fused modes, search by vector) raise
+``NotImplementedError`` naming what to use instead; unknown keyword arguments raise ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+try:
+    from langchain_core.callbacks import CallbackManagerForRetrieverRun
+    from langchain_core.documents import Document
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
+    from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "m3search.integrations.langchain needs langchain-core: pip install 'm3search[langchain]'"
+    ) from None
+
+from m3search.integrations._backend import (
+    SCORES_KEY,
+    check_search_args,
+    delete_matching,
+    dense_vectors,
+    hit_details,
+    open_backend,
+)
+
+__all__ = ["M3SearchEmbeddings", "M3SearchRetriever", "M3SearchVectorStore"]
+
+_SEARCH_ARGS = ("k", "mode", "fusion", "weights", "candidates", "filter")
+
+
+def _search_args(defaults: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Per-call search arguments over the object's defaults; anything else is an error, never ignored."""
+    overrides = {k: v for k, v in overrides.items() if k != "verbose"}  # LangChain's invoke passes it through
+    unknown = sorted(set(overrides) - set(_SEARCH_ARGS))
+    if unknown:
+        raise TypeError(f"{where} got unsupported argument(s) {unknown}; it takes {', '.join(_SEARCH_ARGS)}")
+    return {**defaults, **overrides}
+
+
+def _document(hit: Any, details: bool) -> Document:
+    metadata = dict(hit.metadata)
+    if details:
+        metadata[SCORES_KEY] = hit_details(hit)
+    return Document(page_content=hit.text, metadata=metadata, id=hit.id)
+
+
+class M3SearchEmbeddings(BaseModel, Embeddings):
+    """BGE-M3's dense vector (normalized [CLS]) as LangChain ``Embeddings``.
+
+    Give one source: ``model_name`` (a hub id or local folder in bge-m3's layout, loaded on
+    first use; default ``$M3SEARCH_MODEL``), ``encoder`` (an :class:`~m3search.M3Encoder`),
+    or ``collection`` (a :class:`~m3search.Collection`, whose model is used, or an
+    :class:`~m3search.client.M3SearchClient`, whose server encodes via ``/v1/embeddings``).
+    BGE-M3 uses no query instruction, so queries and documents are encoded alike.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
+
+    model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    encoder: Any = None
+    collection: Any = None
+    _source: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> M3SearchEmbeddings:
+        given = [n for n in ("model_name", "encoder", "collection") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of model_name, encoder, collection (got {', '.join(given)})")
+        if not given and not os.environ.get("M3SEARCH_MODEL"):
+            raise ValueError("no model given: pass model_name=, encoder= or collection=, or set M3SEARCH_MODEL")
+        return self
+
+    def _backend(self) -> Any:
+        if self._source is None:
+            if self.collection is not None:
+                self._source = self.collection
+            elif self.encoder is not None:
+                self._source = self.encoder
+            else:
+                from m3search import M3Encoder
+
+                name = self.model_name or os.environ["M3SEARCH_MODEL"]
+                self._source = M3Encoder.from_pretrained(name, device=self.device, dtype=self.dtype)
+        return self._source
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        return dense_vectors(self._backend(), texts).astype(float).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+class M3SearchRetriever(BaseRetriever):
+    """Hybrid search over a collection, as a LangChain retriever.
+
+    ``collection``: a :class:`~m3search.Collection` or an :class:`~m3search.client.M3SearchClient`.
+    ``k``, ``mode`` (dense, sparse, colbert, dense+sparse, dense+colbert, all), ``fusion``
+    (weighted, rrf, dbsf), ``weights`` (dense, sparse, colbert), ``candidates`` and ``filter``
+    (m3search's filter grammar) are those of :meth:`m3search.Collection.search`, and each can be
+    overridden per call: ``retriever.invoke("query", k=3, filter={"year": {"gte": 2020}})``.
+    The ranking is exactly ``Collection.search``'s; each document's ``metadata["m3search"]``
+    holds ``id``, ``score`` (fused), ``scores`` (dense, sparse, colbert) and any best passage.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    collection: Any
+    k: int = 4
+    mode: str = "all"
+    fusion: str = "weighted"
+    weights: tuple[float, float, float] | None = None
+    candidates: int | None = None
+    filter: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> M3SearchRetriever:
+        open_backend(self.collection)  # type check
+        check_search_args(self.k, self.mode, self.fusion, self.weights, self.candidates, self.filter)
+        return self
+
+    def _defaults(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _SEARCH_ARGS}
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        args = _search_args(self._defaults(), kwargs, type(self).__name__)
+        return [_document(h, details=True) for h in self.collection.search(query, **args)]
+
+
+class M3SearchVectorStore(VectorStore):
+    """A LangChain ``VectorStore`` whose documents live in an m3search collection.
+
+    ``collection``: a :class:`~m3search.Collection` or :class:`~m3search.client.M3SearchClient`;
+    or ``location``: a folder or engine URL (``qdrant://``, ``milvus://``, ``*.db``), opened if it
+    holds a collection, else created for ``model``; or ``http(s)://...`` of a running
+    ``m3search serve`` (``api_key`` for it). ``mode``, ``fusion``, ``weights`` and ``candidates``
+    are the search defaults, each overridable per call.
+
+    Writes are upserts by id (LangChain's contract: adding an existing id replaces it). Scores
+    returned by ``similarity_search_with_score`` are m3search's fused scores, higher is better.
+    """
+
+    def __init__(
+        self,
+        collection: Any = None,
+        *,
+        location: str | os.PathLike | None = None,
+        model: Any = None,
+        api_key: str | None = None,
+        mode: str = "all",
+        fusion: str = "weighted",
+        weights: Sequence[float] | None = None,
+        candidates: int | None = None,
+        **create_settings: Any,
+    ) -> None:
+        self.collection = open_backend(collection, location, model=model, api_key=api_key, **create_settings)
+        check_search_args(4, mode, fusion, weights, candidates, None)
+        self.mode, self.fusion, self.candidates = mode, fusion, candidates
+        self.weights = None if weights is None else tuple(weights)
+
+    def __repr__(self) -> str:
+        return f"M3SearchVectorStore({self.collection!r}, mode={self.mode!r}, fusion={self.fusion!r})"
+
+    @property
+    def embeddings(self) -> Embeddings:
+        """The collection's model as dense ``Embeddings`` (for code that asks a store for its embedder)."""
+        return M3SearchEmbeddings(collection=self.collection)
+
+    # --------------------------------------------------------------------- writes
+    def add_texts(
+        self,
+        texts: Iterable[str],
+        metadatas: list[dict] | None = None,
+        *,
+        ids: list[str | None] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Encode and store ``texts`` (upsert by id); ids missing or None are generated."""
+        if kwargs:
+            raise TypeError(f"add_texts got unsupported argument(s) {sorted(kwargs)}")
+        texts = list(texts)
+        if ids is None:
+            ids = [None] * len(texts)
+        elif len(ids) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+        ids = [i if i else uuid.uuid4().hex for i in ids]
+        if not texts:
+            return []
+        return list(self.collection.upsert(texts, ids=ids, metadata=metadatas))
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
+        """Delete by id (unknown ids are ignored); ``ids=None`` deletes every document."""
+        if kwargs:
+            raise TypeError(f"delete got unsupported argument(s) {sorted(kwargs)}")
+        if ids is None:
+            delete_matching(self.collection, None)
+        elif ids:
+            self.collection.delete(list(ids))
+        return True
+
+    # --------------------------------------------------------------------- reads
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        return [
+            Document(page_content=r.text, metadata=r.metadata, id=r.id) for r in self.collection.get(list(ids)) if r
+        ]
+
+    def _search(self, query: str, k: int, kwargs: dict[str, Any]) -> list[Any]:
+        defaults = {"mode": self.mode, "fusion": self.fusion, "weights": self.weights, "candidates": self.candidates}
+        args = _search_args({**defaults, "filter": None}, {**kwargs, "k": k}, type(self).__name__)
+        return self.collection.search(query, **args)
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        """The ``k`` best documents; ``filter``, ``mode``, ``fusion``, ``weights``, ``candidates`` per call."""
+        return [_document(h, details=False) for h in self._search(query, k, kwargs)]
+
+    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
+        """Documents with m3search's fused score (higher is more similar)."""
+        return [(_document(h, details=False), float(h.score)) for h in self._search(query, k, kwargs)]
+
+    def _select_relevance_score_fn(self):
+        if self.mode == "dense":  # cosine similarity of normalized vectors: LangChain's 1 - cosine distance
+            return lambda score: score
+        raise NotImplementedError(
+            f"relevance scores in [0, 1] exist for mode='dense' (cosine) only; mode={self.mode!r} fuses "
+            "unbounded scores: use similarity_search_with_score, or a store with mode='dense'"
+        )
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        raise NotImplementedError(
+            "M3SearchVectorStore searches by query text (its model encodes all three representations); "
+            "use similarity_search(query)"
+        )
+
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, **kwargs: Any):
+        raise NotImplementedError(
+            "maximal marginal relevance (MMR) is not implemented by M3SearchVectorStore; "
+            "use similarity search (search_type='similarity')"
+        )
+
+    def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any):
+        self.max_marginal_relevance_search("", k)
+
+    async def amax_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, **kwargs: Any):
+        self.max_marginal_relevance_search(query, k)
+
+    def as_retriever(self, **kwargs: Any) -> VectorStoreRetriever:
+        """LangChain's ``VectorStoreRetriever`` over this store (``search_type='mmr'`` raises at once)."""
+        if kwargs.get("search_type") == "mmr":
+            self.max_marginal_relevance_search("", 1)
+        return super().as_retriever(**kwargs)
+
+    # --------------------------------------------------------------------- constructors
+    @classmethod
+    def from_texts(
+        cls,
+        texts: list[str],
+        embedding: Embeddings | None = None,
+        metadatas: list[dict] | None = None,
+        *,
+        ids: list[str] | None = None,
+        collection: Any = None,
+        location: str | os.PathLike | None = None,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> M3SearchVectorStore:
+        """A store over ``collection`` / ``location`` (see the class), with ``texts`` added.
+
+        ``embedding`` may be an :class:`M3SearchEmbeddings` (its model creates a new collection)
+        or None; another ``Embeddings`` is an error, since the collection encodes with BGE-M3.
+        """
+        if embedding is not None:
+            if not isinstance(embedding, M3SearchEmbeddings):
+                raise ValueError(
+                    f"M3SearchVectorStore encodes with its collection's BGE-M3 model; got {type(embedding).__name__} "
+                    "(pass M3SearchEmbeddings, or embedding=None and model=...)"
+                )
+            if model is None and collection is None:
+                model = embedding.encoder or embedding.model_name or os.environ.get("M3SEARCH_MODEL")
+        store = cls(collection, location=location, model=model, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store

@@ -1,0 +1,63 @@
+"""Shared by the LangChain and LlamaIndex integration tests: a small corpus and an in-process server."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+MODES = ("dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "all")
+#: every mode with BGE-M3's weighted fusion, and the rank-based fusions on re-ranking modes
+RANKING_CASES = [(m, "weighted") for m in MODES] + [("all", "rrf"), ("dense+sparse", "rrf"), ("all", "dbsf")]
+
+TEXTS = [
+    "the boundary layer of a wing at high speed",
+    "transition from laminar to turbulent flow",
+    "heat transfer in supersonic flow over a flat plate",
+    "aeroelastic models of heated high speed aircraft",
+    "pressure distribution on a cone in hypersonic flow",
+    "buckling of thin cylindrical shells under axial load",
+    "vortex shedding behind a circular cylinder",
+    "skin friction measurements in a wind tunnel",
+]
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+META = [
+    {"year": 1950 + 3 * i, "topic": ["flow", "structures"][i % 2], "tags": ["a", "b"] if i % 3 == 0 else ["c"]}
+    for i in range(len(TEXTS))
+]
+QUERIES = ["boundary layer transition", "supersonic heat transfer", "shells buckling load"]
+
+
+def make_collection(path, encoder, *, docs: bool = True):
+    from m3search import Collection
+
+    col = Collection.create(path, model=encoder, colbert_dtype="float32")
+    if docs:
+        col.add(TEXTS, ids=IDS, metadata=META)
+    return col
+
+
+@contextmanager
+def served(collection, *, api_key: str | None = None, **settings):
+    """An :class:`M3SearchClient` talking to the real app (in-process ASGI, no socket) over ``collection``;
+    ``settings``: server :class:`~m3search.server.Settings` such as ``max_batch``."""
+    from fastapi.testclient import TestClient
+
+    from m3search.client import M3SearchClient
+    from m3search.server import Resources, Settings, create_app
+
+    class Borrowed(Resources):
+        def close(self) -> None:  # the test owns the collection: the app must not close it
+            pass
+
+    app = create_app(
+        Settings(collection=str(collection.location), api_key=api_key, **settings),
+        resources=Borrowed(collection=collection),
+    )
+    with TestClient(app, base_url="http://m3search.test") as http:
+        yield M3SearchClient("http://m3search.test", api_key=api_key, http_client=http)
+
+
+def same_hits(got: list[tuple[str, float]], want: list) -> None:
+    """Ids in the same order, fused scores equal (float32 round trip over JSON is exact for Python floats)."""
+    assert [i for i, _ in got] == [h.id for h in want]
+    for (_, s), h in zip(got, want):
+        assert abs(s - h.score) <= 1e-9 * max(1.0, abs(h.score))

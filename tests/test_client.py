@@ -1,0 +1,73 @@
+"""M3SearchClient against the real app: the same answers as the Collection it serves, requests split
+at the server's max_batch, and the library's error types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from integration_helpers import IDS, META, MODES, QUERIES, TEXTS, make_collection, same_hits, served  # noqa: E402
+
+from m3search.client import M3SearchClient  # noqa: E402
+
+
+@pytest.fixture
+def col(tmp_path, tiny_encoder):
+    c = make_collection(tmp_path / "col", tiny_encoder)
+    yield c
+    c.close()
+
+
+def test_reads_equal_the_collection(col, tiny_encoder):
+    with served(col, max_batch=3) as client:
+        assert client.max_batch == 3 and client.count() == len(TEXTS) == len(client)
+        for mode in MODES:
+            for fusion in ("weighted", "rrf"):
+                want = col.search(QUERIES[0], k=4, mode=mode, fusion=fusion, filter={"topic": "flow"})
+                got = client.search(QUERIES[0], k=4, mode=mode, fusion=fusion, filter={"topic": "flow"})
+                same_hits([(h.id, h.score) for h in got], want)
+                assert [(h.text, h.metadata, h.scores) for h in got] == [(h.text, h.metadata, h.scores) for h in want]
+        explained = client.search(QUERIES[0], k=1, explain=True)[0]
+        assert explained.explain["modes"] == ["dense", "sparse", "colbert"]
+        recs = client.get([IDS[1], "nope", IDS[0]])
+        assert recs[1] is None and [(r.id, r.text, r.metadata) for r in (recs[0], recs[2])] == [
+            (IDS[1], TEXTS[1], META[1]),
+            (IDS[0], TEXTS[0], META[0]),
+        ]
+        want = tiny_encoder.encode(TEXTS, sparse=False, colbert=False).dense
+        np.testing.assert_allclose(client.embed(TEXTS), want, atol=1e-6)  # 8 texts in 3 requests
+
+
+def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
+    with served(col, max_batch=2) as client:
+        ids = client.add([f"new text {i}" for i in range(5)], ids=[f"n{i}" for i in range(5)])
+        assert ids == [f"n{i}" for i in range(5)] and col.count() == len(TEXTS) + 5
+        assert client.upsert(["changed"], ids=["n0"], metadata=[{"year": 1}]) == ["n0"]
+        assert col.get("n0")[0].metadata == {"year": 1}
+        generated = client.add(["no id given"])
+        assert len(generated) == 1 and col.get(generated)[0].text == "no id given"
+        out = client.delete([f"n{i}" for i in range(5)] + ["missing"])
+        assert out == {"deleted": [f"n{i}" for i in range(5)], "missing": ["missing"]}
+        assert col.count() == len(TEXTS) + 1
+
+
+def test_errors_keep_the_library_types(col):
+    with served(col) as client:
+        with pytest.raises(ValueError, match="already exist"):
+            client.add(["x"], ids=[IDS[0]])
+        with pytest.raises(ValueError, match="unknown operator"):  # checked before any request
+            client.search("q", filter={"year": {"between": 1}})
+        with pytest.raises(ValueError, match="HTTP 422"):
+            client.search("q", mode="bm25")
+        with pytest.raises(ValueError, match="filter is not available over HTTP"):
+            client.count(filter={"year": 1950})
+        with pytest.raises(TypeError, match="strings"):
+            client.add([1, 2])
+    with served(col, api_key="secret") as client:
+        client._http.headers["Authorization"] = "Bearer wrong"
+        with pytest.raises(PermissionError, match="API key"):
+            client.search("q")
+    with pytest.raises(ConnectionError, match="did not answer"):
+        M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
