@@ -144,6 +144,7 @@ def collection_info(collection: Any) -> dict[str, Any]:
         "count": int(collection.count()),
         "model": manifest.get("model"),
         "settings": manifest.get("settings"),
+        "tuning": manifest.get("tuning"),  # how `m3search tune` chose the search defaults (None: built-in)
         "schema": manifest.get("schema"),
         "created": manifest.get("created"),
         "schema_version": manifest.get("schema_version"),
@@ -470,11 +471,16 @@ def index(source, collection, model, id_field, text_fields, batch_size, dtype, d
 @click.argument("query")
 @collection_option
 @model_option
-@click.option("--mode", default="all", show_default=True, type=click.Choice(MODES), help="Search mode.")
-@click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS), help="Fusion method.")
+@click.option("--mode", default=None, type=click.Choice(MODES), help="Search mode [default: the collection's, all].")
+@click.option(
+    "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
+)
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
 @click.option(
-    "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
+    "--weights",
+    default=None,
+    callback=_parse_weights,
+    help="dense,sparse,colbert weights [default: the collection's, 0.4,0.2,0.4].",
 )
 @click.option(
     "--candidates",

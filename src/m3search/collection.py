@@ -51,7 +51,7 @@ from m3search.engines.base import (
 )
 from m3search.filters import parse_filter
 from m3search.fusion import contributions, order, ranks
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan, check_query, check_weights
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan, check_query, check_weights, parse_mode
 
 __all__ = [
     "Collection",
@@ -70,6 +70,14 @@ _SETTINGS_DEFAULTS = {
     "batch_size": 128,  # documents per encode + engine write
     "candidates": DEFAULT_CANDIDATES,
     "weights": list(DEFAULT_WEIGHTS),
+}
+#: What a search request may leave out: the built-in values, which ``m3search tune`` may replace per collection
+#: (``settings`` of the manifest; see :meth:`Collection.set_search_defaults`).
+SEARCH_DEFAULTS = {
+    "mode": "all",
+    "fusion": "weighted",
+    "weights": list(DEFAULT_WEIGHTS),
+    "candidates": DEFAULT_CANDIDATES,
 }
 _SCHEMA_SETTINGS = ("colbert_dtype", "colbert_on_disk", "dense_on_disk", "hnsw_m", "hnsw_ef_construct")
 
@@ -165,7 +173,7 @@ class Collection:
         self._encoder = None
         self._lock = threading.RLock()
         self.schema: Schema = engine.schema
-        self.settings: dict = {**_SETTINGS_DEFAULTS, **manifest.get("settings", {})}
+        self.settings: dict = {**SEARCH_DEFAULTS, **_SETTINGS_DEFAULTS, **manifest.get("settings", {})}
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -571,8 +579,8 @@ class Collection:
         query: str,
         *,
         k: int = 10,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
@@ -585,7 +593,9 @@ class Collection:
         :mod:`m3search.plan`). ``fusion``: weighted (BGE-M3's formula), rrf (k = 60) or
         dbsf. ``weights``: (dense, sparse, colbert). ``candidates``: per first-stage list
         in re-ranking modes. ``filter``: :mod:`m3search.filters` grammar. ``exact``:
-        full scan instead of HNSW for the dense list.
+        full scan instead of HNSW for the dense list. ``mode``, ``fusion``, ``weights`` and
+        ``candidates`` left out (None) take the collection's defaults (all, weighted,
+        (0.4, 0.2, 0.4), 200 unless ``m3search tune`` stored others; see :meth:`search_defaults`).
         """
         check_query(query)
         return self.search_batch(
@@ -605,8 +615,8 @@ class Collection:
         queries: Sequence[str],
         *,
         k: int = 10,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
@@ -621,6 +631,7 @@ class Collection:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
+        mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,
             mode=mode,
@@ -654,6 +665,99 @@ class Collection:
             self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}))
             for qv, hits in zip(qvs, lists)
         ]
+
+    # ------------------------------------------------------------ search defaults
+    def search_defaults(self) -> dict[str, Any]:
+        """What a search request falls back to: ``{"mode", "fusion", "weights", "candidates"}``."""
+        return {key: json.loads(json.dumps(self.settings[key])) for key in SEARCH_DEFAULTS}
+
+    def set_search_defaults(self, setting: dict[str, Any] | None, *, tuning: dict | None = None) -> dict[str, Any]:
+        """Store the search defaults in the manifest; ``None`` restores the built-in ones.
+
+        ``setting``: ``{"mode", "fusion", "weights", "candidates"}`` (what ``m3search tune``
+        chose); ``tuning``: how it was chosen (kept in the manifest, shown by ``info``).
+        Why one manifest write: it is atomic in every engine, so an interrupted call leaves
+        the manifest as it was. Stored documents are never touched.
+        """
+        if setting is None:
+            new = dict(SEARCH_DEFAULTS)
+        else:
+            if set(setting) != set(SEARCH_DEFAULTS):
+                raise ValueError(
+                    f"a search setting has exactly the keys {sorted(SEARCH_DEFAULTS)}, got {sorted(setting)}"
+                )
+            plan = SearchPlan.build(**setting)  # the errors a search request with these values would get
+            new = {
+                "mode": "all" if plan.modes == MODES else "+".join(plan.modes),
+                "fusion": plan.fusion,
+                "weights": list(plan.weights),
+                "candidates": plan.candidates,
+            }
+        with self._lock:
+            manifest = self.manifest
+            manifest.setdefault("settings", {}).update(new)
+            manifest.pop("tuning", None)
+            if setting is not None:
+                manifest["tuning"] = json.loads(json.dumps(tuning or {}))
+            self._engine.write_manifest(manifest)
+            self._manifest = manifest
+            self.settings = {**self.settings, **new}
+        return dict(new)
+
+    def _request_defaults(self, mode: Any, fusion: Any, weights: Any) -> tuple[Any, Any, Any]:
+        """A request's omitted mode / fusion / weights, from the collection's defaults.
+
+        Tuned fusion and weights belong to the tuned mode: a request that names another mode
+        gets the built-in ones (weights fitted to dense+colbert give sparse zero weight).
+        """
+        s = self.settings
+        mode = s["mode"] if mode is None else mode
+        own = "tuning" not in self._manifest or parse_mode(mode) == parse_mode(s["mode"])
+        if fusion is None:
+            fusion = s["fusion"] if own else SEARCH_DEFAULTS["fusion"]
+        if weights is None:
+            weights = s["weights"] if own else SEARCH_DEFAULTS["weights"]
+        return mode, fusion, weights
+
+    def candidate_scores(
+        self,
+        queries: Sequence[str],
+        *,
+        candidates: int,
+        filter: Any = None,
+        query_embeddings: Any = None,
+    ) -> list[tuple[list[str], dict[str, np.ndarray]]]:
+        """Each query's re-ranking pool (dense top-``candidates`` ∪ sparse top-``candidates``):
+        its ids and the exact ``dense`` / ``sparse`` / ``colbert`` score of every member.
+
+        Why: every search setting of a re-ranking mode ranks a subset of this pool with these
+        scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tune`).
+        """
+        queries = [check_query(q) for q in queries]
+        plan = SearchPlan.build(k=1, candidates=candidates, filter=filter, default_weights=DEFAULT_WEIGHTS)
+        if not queries:
+            return []
+        emb = query_embeddings
+        if emb is None:
+            emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
+        elif len(emb) != len(queries):
+            raise ValueError(f"{len(queries)} queries but embeddings for {len(emb)}")
+        qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
+        pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, colbert=True)
+        out = []
+        for qv, pool in zip(qvs, pools):
+            cand, keys, colbert = pool.ids, pool.keys, pool.colbert
+            if cand is None:  # a keyed pool: ids from the payloads (None: deleted meanwhile)
+                found = [r.id if r is not None else None for r in self._engine.get_by_keys(keys)]
+                alive = [j for j, i in enumerate(found) if i is not None]
+                cand, keys = [found[j] for j in alive], [keys[j] for j in alive]
+                colbert = None if colbert is None else np.asarray(colbert)[alive]
+            need = list(MODES) if colbert is None else ["dense", "sparse"]
+            scores = self._engine.score(cand, qv, need, known=pool.known, keys=keys) if cand else {}
+            scores = {m: np.asarray(scores.get(m, colbert if m == "colbert" else ()), np.float64) for m in MODES}
+            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
+            out.append(([c for c, ok in zip(cand, keep) if ok], {m: s[keep] for m, s in scores.items()}))
+        return out
 
     def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
         """Score candidates exactly, fuse, take the top k, fill in all scores and payloads."""

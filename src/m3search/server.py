@@ -459,12 +459,17 @@ _MODE_PATTERN = r"^(all|(dense|sparse|colbert)(\+(dense|sparse|colbert)){0,2})$"
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
-    mode: str = Field(
-        "all", pattern=_MODE_PATTERN, description="dense, sparse, colbert, dense+sparse, dense+colbert or all."
+    # mode / fusion / weights / candidates left out: the collection's defaults (`m3search tune` may set them)
+    mode: str | None = Field(
+        None,
+        pattern=_MODE_PATTERN,
+        description="dense, sparse, colbert, dense+sparse, dense+colbert or all (default: the collection's, all).",
     )
-    fusion: Literal["weighted", "rrf", "dbsf"] = "weighted"
+    fusion: Literal["weighted", "rrf", "dbsf"] | None = Field(
+        None, description="weighted, rrf or dbsf (default: the collection's, weighted)."
+    )
     weights: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4)."
+        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default: the collection's."
     )
     candidates: int | None = Field(
         None,

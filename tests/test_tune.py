@@ -1,0 +1,151 @@
+"""m3search.tune: cached-array settings equal real searches and pytrec_eval; honest choice; stored defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3search.engines.base import MODES
+from m3search.eval import compute_metrics
+from m3search.fusion import fuse, order
+from m3search.tune import (
+    DEFAULT_SETTING,
+    ScoreCache,
+    Setting,
+    choose,
+    cross_validate,
+    evaluate_settings,
+    paired_bootstrap,
+    parse_metric,
+    settings_grid,
+)
+
+# ---------------------------------------------------------------------------------------------- synthetic pools
+
+
+def _synthetic(seed: int, n_queries: int = 12, pool: int = 60, ties: bool = False):
+    """Random pools with exact per-mode scores, graded qrels (some judged docs outside the pool)."""
+    rng = np.random.default_rng(seed)
+    qids = [f"q{i}" for i in range(n_queries)]
+    pools, qrels = [], {}
+    for q in qids:
+        n = int(rng.integers(pool // 2, pool + 1))
+        ids = [f"d{j}" for j in rng.choice(10 * pool, size=n, replace=False)]
+        s = {m: rng.normal(size=n) for m in MODES}
+        s["sparse"] = np.maximum(s["sparse"], 0)  # many zeros: no shared token
+        if ties:
+            s = {m: np.round(v, 1) for m, v in s.items()}
+        pools.append((ids, s))
+        judged = rng.choice(n, size=6, replace=False)
+        qrels[q] = {ids[j]: int(rng.integers(0, 4)) for j in judged}
+        qrels[q][f"x{q}"] = 2  # relevant, never retrieved
+    return qids, pools, qrels
+
+
+def _reference_run(ids, s, setting: Setting, k: int, depth: int) -> dict[str, float]:
+    """What Collection.search does, in plain Python: pool at depth, fuse, order by score then id."""
+    if setting.mode in ("dense", "sparse"):
+        live = [j for j in range(len(ids)) if setting.mode == "dense" or s["sparse"][j] > 0]
+        sc = np.array([s[setting.mode][j] for j in live])
+        top = order([ids[j] for j in live], sc)[:k]
+        return {ids[live[t]]: float(sc[t]) for t in top}
+    c = max(setting.candidates, k)
+    dense = order(ids, s["dense"])[:c]
+    live = [j for j in range(len(ids)) if s["sparse"][j] > 0]
+    sparse = [live[t] for t in order([ids[j] for j in live], s["sparse"][live])[:c]]
+    members = sorted(set(dense.tolist()) | set(sparse))
+    cand = [ids[j] for j in members]
+    used = [m for m, w in zip(MODES, setting.weights) if w > 0]
+    fused = fuse(setting.fusion, {m: s[m][members] for m in used}, dict(zip(MODES, setting.weights)), cand)
+    return {cand[t]: float(fused[t]) for t in order(cand, fused)[:k]}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("metric", ["ndcg@10", "recall@20", "mrr@10"])
+def test_cached_settings_equal_fusion_and_pytrec_eval(ties, metric):
+    qids, pools, qrels = _synthetic(3 + ties, ties=ties)
+    cache = ScoreCache.from_pools(qids, pools, qrels, depth=40)
+    rng = np.random.default_rng(0)
+    grid = [s for s in settings_grid(0.25, candidates=(5, 20, 40)) if s.mode in ("dense", "sparse") or s.candidates <= 40]
+    picked = [grid[i] for i in rng.choice(len(grid), size=40, replace=False)] + grid[:3]
+    got = evaluate_settings(cache, picked, metric)
+    name, k = parse_metric(metric)
+    key = {"ndcg": f"ndcg@{k}", "recall": f"recall@{k}", "mrr": f"mrr@{k}"}[name]
+    for i, setting in enumerate(picked):
+        run = {q: _reference_run(ids, s, setting, k, 40) for q, (ids, s) in zip(qids, pools)}
+        want = compute_metrics(run, qrels, k=k, recall_at=k)["per_query"]
+        np.testing.assert_allclose(got[i], [want[q][key] for q in qids], atol=1e-12, err_msg=str(setting))
+
+
+def test_grid_holds_defaults_first_presets_and_no_duplicates():
+    grid = settings_grid()
+    assert grid[0] == DEFAULT_SETTING and len(set(grid)) == len(grid)
+    modes = {s.mode for s in grid}
+    assert modes == {"dense", "sparse", "colbert", "dense+sparse", "dense+colbert", "sparse+colbert", "all"}
+    assert all(abs(sum(s.weights) - 1) < 1e-12 for s in grid)
+    assert {s.fusion for s in grid if s.mode == "all"} == {"weighted", "rrf", "dbsf"}
+    assert {s.candidates for s in grid if s.mode == "all"} == {50, 100, 200, 400}
+    assert sum(s.mode == "dense" for s in grid) == 1  # no re-ranking: one setting whatever fusion / depth
+    with pytest.raises(ValueError, match="divide 1"):
+        settings_grid(0.3)
+
+
+def test_parse_metric_errors():
+    assert parse_metric("NDCG@10") == ("ndcg", 10)
+    for bad in ("ndcg", "map@10", "ndcg@0", "recall@x"):
+        with pytest.raises(ValueError, match="unknown metric"):
+            parse_metric(bad)
+
+
+def test_choice_is_cross_validated_deterministic_and_adopted_only_beyond_noise():
+    rng = np.random.default_rng(1)
+    grid = settings_grid(0.5, candidates=(50,))
+    base = rng.uniform(0.2, 0.6, size=60)
+    e = rng.normal(0, 0.05, size=(len(grid), 60))
+    noise = base + e - e.mean(1, keepdims=True)  # no setting better than the defaults over all queries
+    noise[0] = base
+    out = choose(noise, grid, folds=5)
+    assert out == choose(noise, grid, folds=5)  # fixed seeds
+    # each fold's winner on the other folds was lucky there: held out, the choice does not beat the defaults
+    assert not out["adopted"] and out["setting"] == DEFAULT_SETTING
+    lo, hi = out["cv"]["interval"]
+    assert lo <= out["cv"]["gain"] <= hi and lo <= 0
+    assert any(c != DEFAULT_SETTING.to_dict() for c in out["cv"]["fold_choices"])
+
+    better = noise.copy()
+    better[4] = base + 0.1 + rng.normal(0, 0.01, size=60)
+    out = choose(better, grid, folds=5)
+    assert out["adopted"] and out["setting"] == grid[4] and out["cv"]["interval"][0] > 0
+    assert all(c == grid[4].to_dict() for c in out["cv"]["fold_choices"])
+    assert out["cv"]["tuned"] == pytest.approx(better[4].mean())
+
+
+def test_cross_validation_scores_each_fold_with_the_other_folds_choice():
+    # setting 1 wins on queries 0-4, setting 2 on 5-9: held-out scores must not use the fold's own winner
+    per_query = np.zeros((3, 10))
+    per_query[1, :5] = 1.0
+    per_query[2, 5:] = 1.0
+    per_query[2, 5] = 5.0  # setting 2 best overall, but not when query 5's fold is held out? (it still is)
+    cv = cross_validate(per_query, folds=10, seed=0)
+    # leave-one-out: the held-out query is scored by the winner of the other nine
+    for q in range(10):
+        others = np.delete(per_query, q, axis=1).mean(1)
+        assert cv["per_query"][q] == per_query[int(np.argmax(others)), q]
+    with pytest.raises(ValueError, match="fewer than the 11 folds"):
+        cross_validate(per_query, folds=11)
+
+
+def test_paired_bootstrap():
+    a = np.array([0.5, 0.6, 0.7, 0.8])
+    lo, hi = paired_bootstrap(a, a - 0.1)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    lo, hi = paired_bootstrap(np.array([1.0, 0.0, 1.0, 0.0]), np.array([0.0, 1.0, 0.0, 1.0]))
+    assert lo < 0 < hi
+    with pytest.raises(ValueError, match="no queries"):
+        paired_bootstrap(np.array([]), np.array([]))
