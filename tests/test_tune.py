@@ -149,3 +149,63 @@ def test_paired_bootstrap():
     assert lo < 0 < hi
     with pytest.raises(ValueError, match="no queries"):
         paired_bootstrap(np.array([]), np.array([]))
+
+
+# ---------------------------------------------------------------------------------------------- on a collection
+
+N_DOCS = 150
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory, shared_data) -> Path:
+    """cranfield's first 150 documents and the queries judged on them (a BEIR folder)."""
+    src = shared_data / "cranfield"
+    out = tmp_path_factory.mktemp("tune-beir") / "cran150"
+    (out / "qrels").mkdir(parents=True)
+    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:N_DOCS]
+    (out / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keep = {json.loads(ln)["_id"] for ln in lines}
+    qrels = (src / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()
+    rows = [r for r in qrels[1:] if r.split("\t")[1] in keep]
+    (out / "qrels" / "test.tsv").write_text("\n".join([qrels[0], *rows]) + "\n", encoding="utf-8")
+    qids = {r.split("\t")[0] for r in rows}
+    queries = [ln for ln in (src / "queries.jsonl").read_text().splitlines() if json.loads(ln)["_id"] in qids]
+    (out / "queries.jsonl").write_text("\n".join(queries) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, beir, tiny_encoder) -> Path:
+    from m3search import Collection
+    from m3search.eval import load_beir
+
+    data = load_beir(beir)
+    path = tmp_path_factory.mktemp("tune-col") / "col"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(data.doc_texts, ids=data.doc_ids, show_progress=False)
+    return path
+
+
+def test_cached_settings_equal_real_searches(indexed, beir, tiny_encoder):
+    """The per-query metric of a setting from the cached pool equals searching with it (then pytrec_eval)."""
+    from m3search import Collection
+    from m3search.eval import load_beir
+
+    data = load_beir(beir)
+    qids = list(data.queries)
+    texts = [data.queries[q] for q in qids]
+    grid = settings_grid(0.25, candidates=(5, 20, 50))
+    rng = np.random.default_rng(2)
+    picked = [grid[0], grid[1], grid[2]] + [grid[i] for i in rng.choice(np.arange(3, len(grid)), 12, replace=False)]
+    picked = [s if s.mode in ("dense", "sparse") else Setting(s.mode, s.fusion, s.weights, min(s.candidates, 50)) for s in picked]
+    with Collection.open(indexed, model=tiny_encoder) as col:
+        emb = col.encoder.encode(texts, max_length=col.settings["query_max_length"])
+        cache = ScoreCache.build(col, dict(zip(qids, texts)), data.qrels, depth=200, query_embeddings=emb)
+        got = evaluate_settings(cache, picked, "ndcg@10")
+        for i, s in enumerate(picked):
+            hits = col.search_batch(
+                texts, k=10, mode=s.mode, fusion=s.fusion, weights=s.weights, candidates=s.candidates, query_embeddings=emb
+            )
+            run = {q: {h.id: h.score for h in hs} for q, hs in zip(qids, hits)}
+            want = compute_metrics(run, data.qrels)["per_query"]
+            np.testing.assert_allclose(got[i], [want[q]["ndcg@10"] for q in qids], atol=1e-9, err_msg=str(s))

@@ -741,6 +741,83 @@ def eval_(
         click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
 
 
+@main.command("tune")
+@click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
+)
+@click.option(
+    "--collection",
+    "-c",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Tune this collection (it must hold the judged documents) and store the setting as its search defaults "
+    "[default: eval's cached index of DATA_DIR, nothing stored].",
+)
+@model_option
+@click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
+@click.option("--reset", is_flag=True, help="Restore --collection's built-in search defaults (no DATA_DIR).")
+@dtype_option
+@device_option
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
+)
+@json_option
+def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype, device, cache_dir, as_json):
+    """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
+
+    The tuned setting is adopted only when its cross-validated gain over the defaults is positive beyond the
+    paired bootstrap's 95% interval; with --collection it becomes the defaults of every search that does not
+    say otherwise (library, CLI, HTTP).
+    """
+    with _errors():
+        if reset:
+            if collection is None or data_dir is not None:
+                raise click.UsageError("--reset takes --collection and no DATA_DIR")
+            from . import Collection
+
+            with Collection.open(collection) as col:
+                out = {**col.set_search_defaults(None), "reset": True, "collection": str(collection)}
+        else:
+            if data_dir is None:
+                raise click.UsageError("missing DATA_DIR (a BEIR folder with queries.jsonl and qrels/test.tsv)")
+            from .tune import tune
+
+            out = tune(
+                data_dir,
+                queries_dir=queries_dir,
+                collection=collection,
+                save=collection is not None,
+                model=model,
+                dtype=dtype,
+                device=device,
+                cache_dir=cache_dir,
+                metric=metric,
+                folds=folds,
+            )
+    if as_json:
+        _emit(out)
+    elif reset:
+        click.echo(
+            f"{collection}: search defaults reset to mode {out['mode']}, fusion {out['fusion']}, "
+            f"weights {out['weights']}, candidates {out['candidates']}"
+        )
+    else:
+        click.echo(out["summary"])
+        click.echo(
+            f"setting: mode {out['mode']}, fusion {out['fusion']}, weights {out['weights']}, candidates {out['candidates']}"
+            + (f" (stored as the search defaults of {collection})" if out.get("saved") else "")
+        )
+
+
 if (Path(__file__).with_name("migrate.py")).exists():
 
     @main.command()
