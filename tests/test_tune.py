@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +69,9 @@ def test_cached_settings_equal_fusion_and_pytrec_eval(ties, metric):
     qids, pools, qrels = _synthetic(3 + ties, ties=ties)
     cache = ScoreCache.from_pools(qids, pools, qrels, depth=40)
     rng = np.random.default_rng(0)
-    grid = [s for s in settings_grid(0.25, candidates=(5, 20, 40)) if s.mode in ("dense", "sparse") or s.candidates <= 40]
+    grid = [
+        s for s in settings_grid(0.25, candidates=(5, 20, 40)) if s.mode in ("dense", "sparse") or s.candidates <= 40
+    ]
     picked = [grid[i] for i in rng.choice(len(grid), size=40, replace=False)] + grid[:3]
     got = evaluate_settings(cache, picked, metric)
     name, k = parse_metric(metric)
@@ -197,15 +196,198 @@ def test_cached_settings_equal_real_searches(indexed, beir, tiny_encoder):
     grid = settings_grid(0.25, candidates=(5, 20, 50))
     rng = np.random.default_rng(2)
     picked = [grid[0], grid[1], grid[2]] + [grid[i] for i in rng.choice(np.arange(3, len(grid)), 12, replace=False)]
-    picked = [s if s.mode in ("dense", "sparse") else Setting(s.mode, s.fusion, s.weights, min(s.candidates, 50)) for s in picked]
+    picked = [
+        s if s.mode in ("dense", "sparse") else Setting(s.mode, s.fusion, s.weights, min(s.candidates, 50))
+        for s in picked
+    ]
     with Collection.open(indexed, model=tiny_encoder) as col:
         emb = col.encoder.encode(texts, max_length=col.settings["query_max_length"])
         cache = ScoreCache.build(col, dict(zip(qids, texts)), data.qrels, depth=200, query_embeddings=emb)
         got = evaluate_settings(cache, picked, "ndcg@10")
         for i, s in enumerate(picked):
             hits = col.search_batch(
-                texts, k=10, mode=s.mode, fusion=s.fusion, weights=s.weights, candidates=s.candidates, query_embeddings=emb
+                texts,
+                k=10,
+                mode=s.mode,
+                fusion=s.fusion,
+                weights=s.weights,
+                candidates=s.candidates,
+                query_embeddings=emb,
             )
             run = {q: {h.id: h.score for h in hs} for q, hs in zip(qids, hits)}
             want = compute_metrics(run, data.qrels)["per_query"]
             np.testing.assert_allclose(got[i], [want[q]["ndcg@10"] for q in qids], atol=1e-9, err_msg=str(s))
+
+
+# ---------------------------------------------------------------------------------------------- stored defaults
+
+TUNED = {"mode": "dense+colbert", "fusion": "rrf", "weights": [0.7, 0.0, 0.3], "candidates": 30}
+
+
+@pytest.fixture()
+def small(tmp_path, tiny_encoder) -> Path:
+    from m3search import Collection
+
+    texts = [f"document {i} about {w}" for i, w in enumerate(["wings", "flow", "heat", "boundary layers"] * 10)]
+    path = tmp_path / "small"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(texts, ids=[f"d{i}" for i in range(len(texts))], show_progress=False)
+    return path
+
+
+def _ranked(hits) -> list[tuple[str, float]]:
+    return [
+        (h.id if hasattr(h, "id") else h["id"], round(h.score if hasattr(h, "score") else h["score"], 9)) for h in hits
+    ]
+
+
+def test_search_defaults_stored_used_reset_and_atomic(small, tiny_encoder):
+    from m3search import Collection
+
+    with Collection.open(small, model=tiny_encoder) as col:
+        before_docs = [(r.id, r.text) for r in col.get([f"d{i}" for i in range(40)])]
+        builtin = col.search_defaults()
+        assert builtin == {"mode": "all", "fusion": "weighted", "weights": [0.4, 0.2, 0.4], "candidates": 200}
+        plain = _ranked(col.search("heat flow", k=8))
+        col.set_search_defaults(TUNED, tuning={"metric": "ndcg@10"})
+    with Collection.open(small, model=tiny_encoder) as col:  # stored: another process sees it
+        assert col.search_defaults() == TUNED and col.manifest["tuning"] == {"metric": "ndcg@10"}
+        tuned = _ranked(col.search("heat flow", k=8))
+        explicit = dict(TUNED, weights=tuple(TUNED["weights"]))
+        assert tuned == _ranked(col.search("heat flow", k=8, **explicit)) and tuned != plain
+        # a request's own arguments win; another mode gets the built-in fusion and weights, not the tuned ones
+        assert _ranked(col.search("heat flow", k=8, mode="all", fusion="weighted", weights=(0.4, 0.2, 0.4))) == plain
+        assert _ranked(col.search("heat flow", k=8, mode="sparse")) == _ranked(
+            col.search("heat flow", k=8, mode="sparse", fusion="weighted", weights=(0.4, 0.2, 0.4))
+        )
+        # an interrupted write leaves the manifest (file and memory) as it was
+        manifest_file = small / "manifest.json"
+        raw = manifest_file.read_bytes()
+
+        def crash(manifest):
+            raise KeyboardInterrupt
+
+        original, col.engine.write_manifest = col.engine.write_manifest, crash
+        with pytest.raises(KeyboardInterrupt):
+            col.set_search_defaults(None)
+        col.engine.write_manifest = original
+        assert manifest_file.read_bytes() == raw and col.search_defaults() == TUNED
+        with pytest.raises(ValueError, match="unknown mode"):
+            col.set_search_defaults(dict(TUNED, mode="bogus"))
+        with pytest.raises(ValueError, match="exactly the keys"):
+            col.set_search_defaults({"mode": "all"})
+        assert manifest_file.read_bytes() == raw
+        col.set_search_defaults(None)
+        assert col.search_defaults() == builtin and "tuning" not in col.manifest
+        assert _ranked(col.search("heat flow", k=8)) == plain
+        assert [(r.id, r.text) for r in col.get([f"d{i}" for i in range(40)])] == before_docs
+
+
+def test_http_search_falls_through_to_the_collection_defaults(small, tiny_encoder, tiny_model_path):
+    from fastapi.testclient import TestClient
+
+    from m3search import Collection
+    from m3search.server import Settings, create_app
+
+    with Collection.open(small, model=tiny_encoder) as col:
+        col.set_search_defaults(TUNED, tuning={})
+        want = _ranked(col.search("heat flow", k=5))
+        builtin = _ranked(col.search("heat flow", k=5, mode="all", fusion="weighted", weights=(0.4, 0.2, 0.4)))
+    app = create_app(Settings(collection=str(small), model=str(tiny_model_path), dtype="float32", device="cpu"))
+    with TestClient(app) as client:
+        r = client.post("/search", json={"query": "heat flow", "k": 5})
+        assert r.status_code == 200 and _ranked(r.json()["hits"]) == want
+        r = client.post("/search", json={"query": "heat flow", "k": 5, "mode": "all"})
+        assert _ranked(r.json()["hits"]) == builtin  # a request's own mode: built-in fusion and weights
+        info = client.get("/info").json()
+        assert info["collection"]["settings"]["mode"] == "dense+colbert"
+
+
+# ---------------------------------------------------------------------------------------------- CLI and bad input
+
+
+def _run(*args: str):
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_path):
+    out = _run("tune", str(beir), "--collection", str(indexed), "--folds", "3", "--json")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert {"mode", "fusion", "weights", "candidates", "cv", "adopted", "best"} <= set(res)
+    cv = res["cv"]
+    assert cv["folds"] == 3 and len(cv["fold_choices"]) == 3 and cv["interval"][0] <= cv["gain"] <= cv["interval"][1]
+    assert res["adopted"] == (cv["interval"][0] > 0 and res["best"] != DEFAULT_SETTING.to_dict())
+    # fixed seeds: the same input gives the same choice and the same CV numbers
+    again = json.loads(_run("tune", str(beir), "--collection", str(indexed), "--folds", "3", "--json").output)
+    assert {k: again[k] for k in ("mode", "fusion", "weights", "candidates", "cv")} == {
+        k: res[k] for k in ("mode", "fusion", "weights", "candidates", "cv")
+    }
+    info = json.loads(_run("info", "--collection", str(indexed), "--json").output)
+    assert {k: info["settings"][k] for k in ("mode", "fusion", "weights", "candidates")} == {
+        k: res[k] for k in ("mode", "fusion", "weights", "candidates")
+    }
+    assert info["tuning"]["cv"] == res["cv"]
+    ev = _run(
+        "eval",
+        str(beir),
+        "--model",
+        str(tiny_model_path),
+        "--dtype",
+        "float32",
+        "--modes",
+        "all",
+        "--collection",
+        str(indexed),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "ev"),
+    )
+    assert ev.exit_code == 0, ev.output
+    assert "tuned" in ev.output and f"mode {res['mode']}" in ev.output
+    out = _run("tune", "--reset", "--collection", str(indexed), "--json")
+    assert out.exit_code == 0 and json.loads(out.output)["mode"] == "all"
+    info = json.loads(_run("info", "--collection", str(indexed), "--json").output)
+    assert info["tuning"] is None and info["settings"]["weights"] == [0.4, 0.2, 0.4]
+
+
+def _beir(root: Path, queries: dict[str, str], qrels: list[str], docs=("d1", "d2", "d3")) -> Path:
+    root.mkdir()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": f"text {d}"}) + "\n" for d in docs))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in qrels))
+    return root
+
+
+@pytest.mark.parametrize(
+    "queries, qrels, folds, message",
+    [
+        ({"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t1"], 5, "2 judged queries are fewer than the 5 folds"),
+        ({"q1": "a"}, [], 2, "test.tsv is empty"),
+        ({"q1": "a"}, ["q1\tnope\t1"], 2, r"judges 1 document id\(s\) absent from the corpus: \['nope'\]"),
+        ({"q9": "a"}, ["q1\td1\t1"], 2, "no judged query of qrels/test.tsv is in"),
+        ({"q1": "a", "q2": "b"}, ["q1\td1\t0", "q2\td2\t0"], 2, "has a relevant"),
+    ],
+)
+def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries, qrels, folds, message):
+    from m3search.tune import tune
+
+    data = _beir(tmp_path / "beir", queries, qrels)
+    with pytest.raises(ValueError, match=message):
+        tune(data, collection=small, model=tiny_encoder, folds=folds)
+    out = _run("tune", str(data), "--collection", str(small), "--folds", str(folds))
+    assert out.exit_code == 1 and "Traceback" not in out.output
+
+
+def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):
+    from m3search.tune import tune
+
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\tx1\t1", "q2\td2\t1"], docs=("x1", "d2"))
+    with pytest.raises(ValueError, match=r"1 of 2 judged document id\(s\) are not in the collection .*\['x1'\]"):
+        tune(data, collection=small, model=tiny_encoder, folds=2)

@@ -694,6 +694,14 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
+@click.option(
+    "--collection",
+    "-c",
+    "tuned_collection",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Also evaluate this collection's search defaults (set by `m3search tune`) as the row 'tuned'.",
+)
 @json_option
 def eval_(
     data_dir,
@@ -709,6 +717,7 @@ def eval_(
     out_dir,
     cache_dir,
     batch_size,
+    tuned_collection,
     as_json,
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
@@ -728,6 +737,7 @@ def eval_(
             k=k,
             cache_dir=cache_dir,
             batch_size=batch_size,
+            collection=tuned_collection,
         )
         if out_dir is None:
             slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))

@@ -675,7 +675,8 @@ class Collection:
         """Store the search defaults in the manifest; ``None`` restores the built-in ones.
 
         ``setting``: ``{"mode", "fusion", "weights", "candidates"}`` (what ``m3search tune``
-        chose); ``tuning``: how it was chosen (kept in the manifest, shown by ``info``).
+        chose); ``tuning``: how it was chosen, or why the defaults were kept (kept in the
+        manifest, shown by ``info``; None removes it).
         Why one manifest write: it is atomic in every engine, so an interrupted call leaves
         the manifest as it was. Stored documents are never touched.
         """
@@ -697,8 +698,8 @@ class Collection:
             manifest = self.manifest
             manifest.setdefault("settings", {}).update(new)
             manifest.pop("tuning", None)
-            if setting is not None:
-                manifest["tuning"] = json.loads(json.dumps(tuning or {}))
+            if tuning is not None:
+                manifest["tuning"] = json.loads(json.dumps(tuning))
             self._engine.write_manifest(manifest)
             self._manifest = manifest
             self.settings = {**self.settings, **new}
