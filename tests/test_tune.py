@@ -152,14 +152,14 @@ def test_paired_bootstrap():
 
 # ---------------------------------------------------------------------------------------------- on a collection
 
-N_DOCS = 150
+N_DOCS = 60
 
 
 @pytest.fixture(scope="module")
 def beir(tmp_path_factory, shared_data) -> Path:
-    """cranfield's first 150 documents and the queries judged on them (a BEIR folder)."""
+    """cranfield's first 60 documents and the queries judged on them (a BEIR folder)."""
     src = shared_data / "cranfield"
-    out = tmp_path_factory.mktemp("tune-beir") / "cran150"
+    out = tmp_path_factory.mktemp("tune-beir") / "cran60"
     (out / "qrels").mkdir(parents=True)
     lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:N_DOCS]
     (out / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
