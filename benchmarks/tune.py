@@ -17,7 +17,8 @@ CPU time (the process's, all threads), for the "< 2x one eval" target.
 
 Usage (repository root; ~15 min on 2 shared cores when the indexes are cached)::
 
-    nice -n 5 python benchmarks/tune.py --timing
+    nice -n 5 python benchmarks/tune.py --timing --json /tmp/tune.json
+    python benchmarks/tune.py --report-from /tmp/tune.json        # rebuild the report without re-measuring
     python benchmarks/tune.py --cases time --max-queries 40 --no-write
 """
 
@@ -190,7 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timing", action="store_true", help="also time one eval and one tune of cranfield")
     ap.add_argument("--json", default=None, help="also write raw results here")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
+    ap.add_argument("--report-from", default=None, help="rebuild the report from a saved --json run")
     args = ap.parse_args(argv)
+    if args.report_from:
+        publish("tune.py", TITLE, report(json.loads(Path(args.report_from).read_text())), no_write=args.no_write)
+        return
 
     from m3search import M3Encoder
 
