@@ -39,7 +39,7 @@ def _synthetic(seed: int, n_queries: int = 12, pool: int = 60, ties: bool = Fals
         if ties:
             s = {m: np.round(v, 1) for m, v in s.items()}
         pools.append((ids, s))
-        judged = rng.choice(n, size=6, replace=False)
+        judged = rng.choice(n, size=12, replace=False)  # more than k=10: the ideal list is cut
         qrels[q] = {ids[j]: int(rng.integers(0, 4)) for j in judged}
         qrels[q][f"x{q}"] = 2  # relevant, never retrieved
     return qids, pools, qrels

@@ -133,8 +133,8 @@ class ScoreCache:
     candidates; ``idrank``: each candidate's place among its pool's ids (sorted), for the
     "then id" tie-breaks; ``dense_rank`` / ``sparse_rank``: 0-based place in the dense /
     sparse first-stage list (a sparse list holds only documents sharing a token with the
-    query); ``gains``: the qrels grade of each candidate; ``grades``: each query's judged
-    grades, best first (the ideal ranking).
+    query); ``gains``: the qrels grade of each candidate; ``grades``: ``(Q, G)`` each query's
+    judged grades, best first (the ideal ranking), padded with 0.
     """
 
     qids: list[str]
@@ -145,7 +145,7 @@ class ScoreCache:
     dense_rank: np.ndarray
     sparse_rank: np.ndarray
     gains: np.ndarray
-    grades: list[np.ndarray]
+    grades: np.ndarray
 
     @classmethod
     def build(
@@ -194,22 +194,11 @@ class ScoreCache:
         np.put_along_axis(sparse_rank, _sort_desc(sparse, idrank), np.arange(big)[None, :], axis=-1)
         sparse_rank[~np.isfinite(sparse)] = big  # not in the sparse list at any depth
         dense_rank[~valid] = big
-        grades = [np.sort(np.array([g for g in qrels.get(qid, {}).values()], float))[::-1] for qid in qids]
+        judged = [sorted(qrels.get(qid, {}).values(), reverse=True) for qid in qids]
+        grades = np.zeros((q, max(map(len, judged), default=0) or 1))  # padding 0: no gain, not relevant
+        for i, g in enumerate(judged):
+            grades[i, : len(g)] = g
         return cls(list(qids), depth, scores, valid, idrank, dense_rank, sparse_rank, gains, grades)
-
-    def subset(self, rows: Sequence[int] | np.ndarray) -> ScoreCache:
-        rows = np.asarray(rows)
-        return ScoreCache(
-            [self.qids[r] for r in rows],
-            self.depth,
-            self.scores[:, rows],
-            self.valid[rows],
-            self.idrank[rows],
-            self.dense_rank[rows],
-            self.sparse_rank[rows],
-            self.gains[rows],
-            [self.grades[r] for r in rows],
-        )
 
 
 # ---------------------------------------------------------------------------------------------- metric
@@ -231,11 +220,12 @@ def _metric_of_top(cache: ScoreCache, top: np.ndarray, fused: np.ndarray, metric
     if name == "ndcg":
         disc = 1.0 / np.log2(np.arange(2, gain.shape[-1] + 2))
         dcg = (np.maximum(gain, 0) * disc).sum(-1)
-        ideal = np.array([(np.maximum(g[:k], 0) * disc[: len(g[:k])]).sum() for g in cache.grades])
+        best = np.maximum(cache.grades[:, :k], 0)  # the ideal ranking, cut at k
+        ideal = (best / np.log2(np.arange(2, best.shape[1] + 2))).sum(-1)
         return np.divide(dcg, ideal, out=np.zeros_like(dcg), where=ideal > 0)
     rel = (gain >= 1) & hit
     if name == "recall":
-        n_rel = np.array([(g >= 1).sum() for g in cache.grades], float)
+        n_rel = (cache.grades >= 1).sum(-1).astype(float)
         return np.divide(rel.sum(-1), n_rel, out=np.zeros(rel.shape[:2]), where=n_rel > 0)
     first = np.argmax(rel, axis=-1)
     return np.where(rel.any(-1), 1.0 / (first + 1), 0.0)
