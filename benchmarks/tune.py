@@ -3,7 +3,7 @@
 Protocol, per collection (proxy model, eval's cached index at the collection defaults):
 
 * the judged queries (at most ``--max-queries``, a fixed-seed sample) are split in two halves A and B
-  (fixed seed); the pool of every query is scored once (:class:`m3search.tune.ScoreCache`) and
+  (fixed seed); the pool of every query is scored once (:class:`m3search.tuning.ScoreCache`) and
   every setting of the grid evaluated on it (nDCG@10 and Recall@100 per query);
 * tune on A exactly as ``m3search tune`` does (5-fold CV inside A, paired bootstrap, adopt only if
   the interval's lower bound > 0, else keep the defaults), then score the adopted setting and the
@@ -54,7 +54,7 @@ SEED = 0
 
 def measure_case(name: str, enc: Any, args: argparse.Namespace) -> dict[str, Any]:
     from m3search.eval import _cached_index, default_cache_dir, load_beir
-    from m3search.tune import ScoreCache, choose, evaluate_settings, paired_bootstrap, settings_grid
+    from m3search.tuning import ScoreCache, choose, evaluate_settings, paired_bootstrap, settings_grid
 
     corpus, queries = CASES[name]
     data = load_beir(SHARED / "data" / corpus, queries_dir=SHARED / "data" / queries if queries else None)
@@ -109,7 +109,7 @@ def measure_case(name: str, enc: Any, args: argparse.Namespace) -> dict[str, Any
 def timing(enc: Any) -> dict[str, Any]:
     """One eval (six modes) and one tune of cranfield, side by side (index cached for both)."""
     from m3search.eval import evaluate
-    from m3search.tune import tune
+    from m3search.tuning import tune
 
     data = SHARED / "data" / "cranfield"
     out = {}

@@ -1,4 +1,4 @@
-"""m3search.tune: cached-array settings equal real searches and pytrec_eval; honest choice; stored defaults."""
+"""m3search.tuning: cached-array settings equal real searches and pytrec_eval; honest choice; stored defaults."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from m3search.engines.base import MODES
 from m3search.eval import compute_metrics
 from m3search.fusion import fuse, order
-from m3search.tune import (
+from m3search.tuning import (
     DEFAULT_SETTING,
     ScoreCache,
     Setting,
@@ -376,7 +376,7 @@ def _beir(root: Path, queries: dict[str, str], qrels: list[str], docs=("d1", "d2
     ],
 )
 def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries, qrels, folds, message):
-    from m3search.tune import tune
+    from m3search.tuning import tune
 
     data = _beir(tmp_path / "beir", queries, qrels)
     with pytest.raises(ValueError, match=message):
@@ -386,8 +386,15 @@ def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries
 
 
 def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):
-    from m3search.tune import tune
+    from m3search.tuning import tune
 
     data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\tx1\t1", "q2\td2\t1"], docs=("x1", "d2"))
     with pytest.raises(ValueError, match=r"1 of 2 judged document id\(s\) are not in the collection .*\['x1'\]"):
         tune(data, collection=small, model=tiny_encoder, folds=2)
+
+
+def test_library_entry_point():
+    import m3search
+    import m3search.tuning
+
+    assert m3search.tune is m3search.tuning.tune and callable(m3search.tune)

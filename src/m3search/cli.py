@@ -799,7 +799,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
         else:
             if data_dir is None:
                 raise click.UsageError("missing DATA_DIR (a BEIR folder with queries.jsonl and qrels/test.tsv)")
-            from .tune import tune
+            from .tuning import tune
 
             out = tune(
                 data_dir,

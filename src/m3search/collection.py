@@ -732,7 +732,7 @@ class Collection:
         its ids and the exact ``dense`` / ``sparse`` / ``colbert`` score of every member.
 
         Why: every search setting of a re-ranking mode ranks a subset of this pool with these
-        scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tune`).
+        scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tuning`).
         """
         queries = [check_query(q) for q in queries]
         plan = SearchPlan.build(k=1, candidates=candidates, filter=filter, default_weights=DEFAULT_WEIGHTS)
