@@ -195,7 +195,7 @@ def test_cached_settings_equal_real_searches(indexed, beir, tiny_encoder):
     texts = [data.queries[q] for q in qids]
     grid = settings_grid(0.25, candidates=(5, 20, 50))
     rng = np.random.default_rng(2)
-    picked = [grid[0], grid[1], grid[2]] + [grid[i] for i in rng.choice(np.arange(3, len(grid)), 12, replace=False)]
+    picked = [grid[0], grid[1], grid[2]] + [grid[i] for i in rng.choice(np.arange(3, len(grid)), 7, replace=False)]
     picked = [
         s if s.mode in ("dense", "sparse") else Setting(s.mode, s.fusion, s.weights, min(s.candidates, 50))
         for s in picked
