@@ -194,12 +194,16 @@ def test_cached_settings_equal_real_searches(indexed, beir, tiny_encoder):
     qids = list(data.queries)
     texts = [data.queries[q] for q in qids]
     grid = settings_grid(0.25, candidates=(5, 20, 50))
-    rng = np.random.default_rng(2)
-    picked = [grid[0], grid[1], grid[2]] + [grid[i] for i in rng.choice(np.arange(3, len(grid)), 7, replace=False)]
-    picked = [
-        s if s.mode in ("dense", "sparse") else Setting(s.mode, s.fusion, s.weights, min(s.candidates, 50))
-        for s in picked
+    picked = grid[:3] + [  # defaults, dense, sparse; then every fusion, mode mix and depth at least once
+        Setting("all", "rrf", (0.25, 0.25, 0.5), 20),
+        Setting("all", "dbsf", (0.5, 0.25, 0.25), 5),
+        Setting("all", "weighted", (0.25, 0.5, 0.25), 50),
+        Setting("colbert", "weighted", (0.0, 0.0, 1.0), 20),
+        Setting("dense+sparse", "weighted", (0.75, 0.25, 0.0), 5),
+        Setting("dense+colbert", "dbsf", (0.5, 0.0, 0.5), 50),
+        Setting("sparse+colbert", "rrf", (0.0, 0.25, 0.75), 20),
     ]
+    assert all(p in grid for p in picked)
     with Collection.open(indexed, model=tiny_encoder) as col:
         emb = col.encoder.encode(texts, max_length=col.settings["query_max_length"])
         cache = ScoreCache.build(col, dict(zip(qids, texts)), data.qrels, depth=200, query_embeddings=emb)
