@@ -15,6 +15,7 @@ _EXPORTS = {
     "ModelLoadError": "m3search.encoder",
     "Collection": "m3search.collection",
     "Hit": "m3search.collection",
+    "tune": "m3search.tuning",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -433,11 +433,18 @@ def index(
 @click.argument("query")
 @collection_option
 @model_option
-@click.option("--mode", default="all", show_default=True, type=click.Choice(list(PRESETS)), help="Search mode.")
-@click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS), help="Fusion method.")
+@click.option(
+    "--mode", default=None, type=click.Choice(list(PRESETS)), help="Search mode [default: the collection's, all]."
+)
+@click.option(
+    "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
+)
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
 @click.option(
-    "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
+    "--weights",
+    default=None,
+    callback=_parse_weights,
+    help="dense,sparse,colbert weights [default: the collection's, 0.4,0.2,0.4].",
 )
 @click.option(
     "--candidates",
@@ -713,6 +720,14 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
     type=click.IntRange(1),
     help="Windows per document (1: cut long texts) [default: all].",
 )
+@click.option(
+    "--collection",
+    "-c",
+    "tuned_collection",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Also evaluate this collection's search defaults (set by `m3search tune`) as the row 'tuned'.",
+)
 @json_option
 def eval_(
     data_dir,
@@ -729,6 +744,7 @@ def eval_(
     cache_dir,
     batch_size,
     max_windows,
+    tuned_collection,
     as_json,
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
@@ -750,6 +766,7 @@ def eval_(
             cache_dir=cache_dir,
             batch_size=batch_size,
             settings=None if max_windows is None else {"max_windows": max_windows},
+            collection=tuned_collection,
         )
         if out_dir is None:
             slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))
@@ -761,6 +778,83 @@ def eval_(
     else:
         click.echo(format_table(results))
         click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
+
+
+@main.command("tune")
+@click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
+)
+@click.option(
+    "--collection",
+    "-c",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Tune this collection (it must hold the judged documents) and store the setting as its search defaults "
+    "[default: eval's cached index of DATA_DIR, nothing stored].",
+)
+@model_option
+@click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
+@click.option("--reset", is_flag=True, help="Restore --collection's built-in search defaults (no DATA_DIR).")
+@dtype_option
+@device_option
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
+)
+@json_option
+def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype, device, cache_dir, as_json):
+    """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
+
+    The tuned setting is adopted only when its cross-validated gain over the defaults is positive beyond the
+    paired bootstrap's 95% interval; with --collection it becomes the defaults of every search that does not
+    say otherwise (library, CLI, HTTP).
+    """
+    with _errors():
+        if reset:
+            if collection is None or data_dir is not None:
+                raise click.UsageError("--reset takes --collection and no DATA_DIR")
+            from . import Collection
+
+            with Collection.open(collection) as col:
+                out = {**col.set_search_defaults(None), "reset": True, "collection": str(collection)}
+        else:
+            if data_dir is None:
+                raise click.UsageError("missing DATA_DIR (a BEIR folder with queries.jsonl and qrels/test.tsv)")
+            from .tuning import tune
+
+            out = tune(
+                data_dir,
+                queries_dir=queries_dir,
+                collection=collection,
+                save=collection is not None,
+                model=model,
+                dtype=dtype,
+                device=device,
+                cache_dir=cache_dir,
+                metric=metric,
+                folds=folds,
+            )
+    if as_json:
+        _emit(out)
+    elif reset:
+        click.echo(
+            f"{collection}: search defaults reset to mode {out['mode']}, fusion {out['fusion']}, "
+            f"weights {out['weights']}, candidates {out['candidates']}"
+        )
+    else:
+        click.echo(out["summary"])
+        click.echo(
+            f"setting: mode {out['mode']}, fusion {out['fusion']}, weights {out['weights']}, candidates {out['candidates']}"
+            + (f" (stored as the search defaults of {collection})" if out.get("saved") else "")
+        )
 
 
 @main.command()

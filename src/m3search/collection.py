@@ -69,6 +69,7 @@ from m3search.plan import (
     check_query,
     check_texts,
     check_weights,
+    parse_mode,
 )
 
 __all__ = [
@@ -97,6 +98,14 @@ DEFAULT_OVERLAP = 128
 #: How a windowed document's score is formed: "max" (per-mode maximum over windows, then fusion
 #: over documents) or "fuse" (fusion per window, then the maximum); private, for measurement.
 WINDOW_RULE = "max"
+#: What a search request may leave out: the built-in values, which ``m3search tune`` may replace per collection
+#: (``settings`` of the manifest; see :meth:`Collection.set_search_defaults`).
+SEARCH_DEFAULTS = {
+    "mode": "all",
+    "fusion": "weighted",
+    "weights": list(DEFAULT_WEIGHTS),
+    "candidates": DEFAULT_CANDIDATES,
+}
 _SCHEMA_SETTINGS = ("colbert_dtype", "colbert_on_disk", "dense_on_disk", "hnsw_m", "hnsw_ef_construct")
 
 
@@ -205,7 +214,7 @@ class Collection:
         self._lock = threading.RLock()
         self.schema: Schema = engine.schema
         stored = manifest.get("settings", {})
-        self.settings: dict = {**_SETTINGS_DEFAULTS, **stored}
+        self.settings: dict = {**SEARCH_DEFAULTS, **_SETTINGS_DEFAULTS, **stored}
         if "max_windows" not in stored:  # made before windows: keeps cutting long texts
             self.settings["max_windows"] = 1
         engine.max_windows = max(engine.max_windows, int(manifest.get("max_windows_stored", 1)))
@@ -371,6 +380,7 @@ class Collection:
             "count": int(self.count()),
             "model": m.get("model"),
             "settings": m.get("settings"),
+            "tuning": m.get("tuning"),  # how `m3search tune` chose the search defaults (None: built-in)
             "schema": m.get("schema"),
             "created": m.get("created"),
             "schema_version": m.get("schema_version"),
@@ -664,8 +674,8 @@ class Collection:
         query: str,
         *,
         k: int = 10,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
@@ -678,7 +688,9 @@ class Collection:
         :mod:`m3search.plan`). ``fusion``: weighted (BGE-M3's formula), rrf (k = 60) or
         dbsf. ``weights``: (dense, sparse, colbert). ``candidates``: per first-stage list
         in re-ranking modes. ``filter``: :mod:`m3search.filters` grammar. ``exact``:
-        full scan instead of HNSW for the dense list.
+        full scan instead of HNSW for the dense list. ``mode``, ``fusion``, ``weights`` and
+        ``candidates`` left out (None) take the collection's defaults (all, weighted,
+        (0.4, 0.2, 0.4), 200 unless ``m3search tune`` stored others; see :meth:`search_defaults`).
         """
         check_query(query)
         return self.search_batch(
@@ -698,8 +710,8 @@ class Collection:
         queries: Sequence[str],
         *,
         k: int = 10,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
@@ -714,6 +726,7 @@ class Collection:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
+        mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,
             mode=mode,
@@ -748,30 +761,124 @@ class Collection:
             for qv, hits in zip(qvs, lists)
         ]
 
+    # ------------------------------------------------------------ search defaults
+    def search_defaults(self) -> dict[str, Any]:
+        """What a search request falls back to: ``{"mode", "fusion", "weights", "candidates"}``."""
+        return {key: json.loads(json.dumps(self.settings[key])) for key in SEARCH_DEFAULTS}
+
+    def set_search_defaults(self, setting: dict[str, Any] | None, *, tuning: dict | None = None) -> dict[str, Any]:
+        """Store the search defaults in the manifest; ``None`` restores the built-in ones.
+
+        ``setting``: ``{"mode", "fusion", "weights", "candidates"}`` (what ``m3search tune``
+        chose); ``tuning``: how it was chosen, or why the defaults were kept (kept in the
+        manifest, shown by ``info``; None removes it).
+        Why one manifest write: it is atomic in every engine, so an interrupted call leaves
+        the manifest as it was. Stored documents are never touched.
+        """
+        if setting is None:
+            new = dict(SEARCH_DEFAULTS)
+        else:
+            if set(setting) != set(SEARCH_DEFAULTS):
+                raise ValueError(
+                    f"a search setting has exactly the keys {sorted(SEARCH_DEFAULTS)}, got {sorted(setting)}"
+                )
+            plan = SearchPlan.build(**setting)  # the errors a search request with these values would get
+            new = {
+                "mode": "all" if plan.modes == MODES else "+".join(plan.modes),
+                "fusion": plan.fusion,
+                "weights": list(plan.weights),
+                "candidates": plan.candidates,
+            }
+        with self._lock:
+            manifest = self.manifest
+            manifest.setdefault("settings", {}).update(new)
+            manifest.pop("tuning", None)
+            if tuning is not None:
+                manifest["tuning"] = json.loads(json.dumps(tuning))
+            self._engine.write_manifest(manifest)
+            self._manifest = manifest
+            self.settings = {**self.settings, **new}
+        return dict(new)
+
+    def _request_defaults(self, mode: Any, fusion: Any, weights: Any) -> tuple[Any, Any, Any]:
+        """A request's omitted mode / fusion / weights, from the collection's defaults.
+
+        Tuned fusion and weights belong to the tuned mode: a request that names another mode
+        gets the built-in ones (weights fitted to dense+colbert give sparse zero weight).
+        """
+        s = self.settings
+        mode = s["mode"] if mode is None else mode
+        own = "tuning" not in self._manifest or parse_mode(mode) == parse_mode(s["mode"])
+        if fusion is None:
+            fusion = s["fusion"] if own else SEARCH_DEFAULTS["fusion"]
+        if weights is None:
+            weights = s["weights"] if own else SEARCH_DEFAULTS["weights"]
+        return mode, fusion, weights
+
+    def candidate_scores(
+        self,
+        queries: Sequence[str],
+        *,
+        candidates: int,
+        filter: Any = None,
+        query_embeddings: Any = None,
+    ) -> list[tuple[list[str], dict[str, np.ndarray]]]:
+        """Each query's re-ranking pool (dense top-``candidates`` ∪ sparse top-``candidates``):
+        its ids and the exact ``dense`` / ``sparse`` / ``colbert`` score of every member.
+
+        Why: every search setting of a re-ranking mode ranks a subset of this pool with these
+        scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tuning`).
+        """
+        queries = [check_query(q) for q in queries]
+        plan = SearchPlan.build(k=1, candidates=candidates, filter=filter, default_weights=DEFAULT_WEIGHTS)
+        if not queries:
+            return []
+        emb = query_embeddings
+        if emb is None:
+            emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
+        elif len(emb) != len(queries):
+            raise ValueError(f"{len(queries)} queries but embeddings for {len(emb)}")
+        qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
+        pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, colbert=True)
+        out = []
+        for qv, pool in zip(qvs, pools):
+            cand, scores, _ = self._pool_scores(qv, pool, MODES)
+            out.append((cand, scores))
+        return out
+
+    def _pool_scores(
+        self, qv: QueryVectors, pool: Pool, modes: Sequence[str]
+    ) -> tuple[list[str], dict[str, np.ndarray], WindowScores | None]:
+        """Exact ``modes`` scores of a re-ranking pool's documents (per mode, the best window's),
+        with every window's scores when documents have several windows (the best window and
+        the "fuse" rule need them). Candidates deleted between the pool and the scoring
+        (a concurrent delete) are dropped."""
+        cand, ws = pool.ids, None
+        if self._engine.max_windows > 1:
+            ws = self._engine.score_windows(cand, qv, modes)
+            scores = ws.doc_max()
+        else:  # scores the pool already carries are exact: only the rest is computed
+            have_colbert = pool.colbert is not None and "colbert" in modes
+            need = [m for m in modes if not (m == "colbert" and have_colbert)]
+            scores = self._engine.score(cand, qv, need, known=pool.known) if need else {}
+            if have_colbert:
+                scores["colbert"] = np.asarray(pool.colbert, dtype=np.float64)
+        scores = {m: np.asarray(scores[m], dtype=np.float64) for m in modes}
+        keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
+        if not keep.all():
+            cand = [c for c, ok in zip(cand, keep) if ok]
+            scores = {m: s[keep] for m, s in scores.items()}
+            ws = None if ws is None else _select_docs(ws, np.flatnonzero(keep))
+        return cand, scores, ws
+
     def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
         """Score candidate documents exactly, fuse, take the top k, fill in all scores, best windows, payloads."""
         weights = plan.weight_map()
-        cand = pool.ids
         windowed = self._engine.max_windows > 1
-        ws: WindowScores | None = None
         if plan.reranks:
-            if windowed:  # every window of every candidate: the best window and "fuse" need them all
-                ws = self._engine.score_windows(cand, qv, plan.modes)
-                scores = ws.doc_max()
-            else:  # scores the pool already carries are exact: only the rest is computed
-                have_colbert = pool.colbert is not None and "colbert" in plan.modes
-                need = [m for m in plan.modes if not (m == "colbert" and have_colbert)]
-                scores = self._engine.score(cand, qv, need, known=pool.known) if need else {}
-                if have_colbert:
-                    scores["colbert"] = np.asarray(pool.colbert, dtype=np.float64)
-            scores = {m: scores[m] for m in plan.modes}
-            keep = np.all([np.isfinite(s) for s in scores.values()], axis=0) if cand else np.zeros(0, bool)
-            if not keep.all():  # a candidate vanished between the two queries (concurrent delete)
-                cand = [c for c, ok in zip(cand, keep) if ok]
-                scores = {m: s[keep] for m, s in scores.items()}
-                ws = None if ws is None else _select_docs(ws, np.flatnonzero(keep))
+            cand, scores, ws = self._pool_scores(qv, pool, plan.modes)
         else:
-            m = plan.modes[0]
+            m, cand, ws = plan.modes[0], pool.ids, None
             scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
         if not cand:
             return []

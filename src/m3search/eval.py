@@ -118,18 +118,25 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []
     candidates.append(data_dir / "qrels" / f"{split}.tsv")
     qrels: dict[str, dict[str, int]] | None = None
+    problems = []  # why each qrels file was not used, for the error
     for path in candidates:
         if not path.is_file():
+            problems.append(f"{path} does not exist")
             continue
         loaded = _read_qrels(path)
         docs = {d for rel in loaded.values() for d in rel}
         if docs and docs <= corpus_set:
             qrels = loaded
             break
-    if qrels is None:
-        raise ValueError(
-            f"no qrels/{split}.tsv whose corpus ids are in {corpus_path} (looked at {[str(p) for p in candidates]})"
+        absent = sorted(docs - corpus_set)
+        problems.append(
+            f"{path} is empty"
+            if not docs
+            else f"{path} judges {len(absent)} document id(s) absent from the corpus: {absent[:5]}"
+            + (" ..." if len(absent) > 5 else "")
         )
+    if qrels is None:
+        raise ValueError(f"no qrels/{split}.tsv whose corpus ids are in {corpus_path}: " + "; ".join(problems))
     queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
     if not queries:
         raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
@@ -251,11 +258,14 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = True,
     settings: Mapping[str, Any] | None = None,
+    collection: str | Path | None = None,
 ) -> dict[str, Any]:
     """Index ``data_dir``'s corpus (cached), search every judged query in each mode, score the runs.
 
     ``settings``: collection settings of the index (e.g. ``{"max_windows": 1}`` to cut long
     texts instead of windowing them); part of the cache key.
+    ``collection``: also evaluate that collection's search defaults (what ``m3search tune``
+    stored) as the row ``tuned``, beside the fixed presets.
 
     ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``$M3SEARCH_MODEL``, else
     BAAI/bge-m3). ``candidates``: per first-stage list in re-ranking modes (default 200, see
@@ -271,12 +281,13 @@ def evaluate(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     data = load_beir(data_dir, queries_dir=queries_dir)
+    tuned = _search_defaults_of(collection) if collection is not None else None
     if model is None or isinstance(model, (str, os.PathLike)):
         name = str(model) if model is not None else os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
         encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
     else:
         encoder = model
-    collection, index_info = _cached_index(
+    index, index_info = _cached_index(
         data,
         encoder,
         Path(cache_dir) if cache_dir else default_cache_dir(),
@@ -297,7 +308,7 @@ def evaluate(
         "device": str(getattr(encoder, "device", device)),
         "fusion": fusion,
         "weights": list(weights) if weights is not None else None,
-        "candidates": candidates if candidates is not None else collection.settings.get("candidates"),
+        "candidates": candidates if candidates is not None else index.settings.get("candidates"),
         "candidates_default": candidates is None,
         "k": k,
         "recall_at": RECALL_AT,
@@ -307,24 +318,24 @@ def evaluate(
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
         "modes": {},
     }
+    runs: list[tuple[str, dict[str, Any]]] = [
+        (mode, {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}) for mode in modes
+    ]
+    if tuned is not None:
+        results["tuned"] = tuned
+        runs.append(("tuned", tuned["setting"]))
     try:
         # Encode the queries once for every mode (as search_batch would, with the collection's query length).
         t0 = time.perf_counter()
-        query_emb = collection.encoder.encode(qtexts, max_length=collection.settings["query_max_length"])
+        query_emb = index.encoder.encode(qtexts, max_length=index.settings["query_max_length"])
         results["query_encode_seconds"] = round(time.perf_counter() - t0, 3)
         from tqdm import tqdm
 
-        for mode in tqdm(modes, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True):
+        for mode, setting in tqdm(
+            runs, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True
+        ):
             t0 = time.perf_counter()
-            hit_lists = collection.search_batch(
-                qtexts,
-                k=depth,
-                mode=mode,
-                fusion=fusion,
-                weights=weights,
-                candidates=candidates,
-                query_embeddings=query_emb,
-            )
+            hit_lists = index.search_batch(qtexts, k=depth, query_embeddings=query_emb, **setting)
             seconds = time.perf_counter() - t0
             run = {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
             m = compute_metrics(run, data.qrels, k=k, recall_at=RECALL_AT)
@@ -333,8 +344,16 @@ def evaluate(
             m["queries_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else None
             results["modes"][mode] = m
     finally:
-        collection.close()
+        index.close()
     return results
+
+
+def _search_defaults_of(location: str | Path) -> dict[str, Any]:
+    """A collection's search defaults and how they were chosen (``m3search tune``), for the ``tuned`` row."""
+    from . import Collection
+
+    with Collection.open(location) as col:
+        return {"collection": str(location), "setting": col.search_defaults(), "tuning": col.manifest.get("tuning")}
 
 
 def _check_modes(modes: Sequence[str] | str) -> list[str]:
@@ -348,7 +367,13 @@ def _check_modes(modes: Sequence[str] | str) -> list[str]:
 
 
 def _cached_index(
-    data: BeirData, encoder: Any, cache_dir: Path, *, batch_size: int | None, progress: bool, settings: dict
+    data: BeirData,
+    encoder: Any,
+    cache_dir: Path,
+    *,
+    batch_size: int | None,
+    progress: bool,
+    settings: Mapping[str, Any] | None = None,
 ):
     """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
     from . import Collection
@@ -408,7 +433,18 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if results.get("tuned"):
+        lines.append(_tuned_line(results["tuned"]))
     return "\n".join(lines)
+
+
+def _tuned_line(tuned: Mapping[str, Any]) -> str:
+    s = tuned["setting"]
+    how = "tuned by m3search tune" if tuned.get("tuning") else "built-in, not tuned"
+    return (
+        f"tuned = {tuned['collection']}'s search defaults ({how}): mode {s['mode']}, fusion {s['fusion']}, "
+        f"weights {s['weights']}, candidates {s['candidates']}"
+    )
 
 
 def to_markdown(results: Mapping[str, Any]) -> str:
@@ -427,6 +463,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     ]
     for mode, m in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(f"{m[x]:.4f}" for x in metrics) + " |")
+    if results.get("tuned"):
+        lines += ["", f"- {_tuned_line(results['tuned'])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -465,10 +465,17 @@ _MODE_PATTERN = rf"^(all|({'|'.join(MODES)})(\+({'|'.join(MODES)})){{0,2}})$"
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
-    mode: str = Field("all", pattern=_MODE_PATTERN, description=f"{', '.join(PRESETS)} (or any '+'-joined subset).")
-    fusion: Literal[FUSIONS] = "weighted"  # type: ignore[valid-type]
+    # mode / fusion / weights / candidates left out: the collection's defaults (`m3search tune` may set them)
+    mode: str | None = Field(
+        None,
+        pattern=_MODE_PATTERN,
+        description=f"{', '.join(PRESETS)} (or any '+'-joined subset); default: the collection's (all).",
+    )
+    fusion: Literal[FUSIONS] | None = Field(  # type: ignore[valid-type]
+        None, description=f"{', '.join(FUSIONS)} (default: the collection's, weighted)."
+    )
     weights: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4)."
+        None, min_length=3, max_length=3, description="(dense, sparse, colbert); default: the collection's."
     )
     candidates: int | None = Field(
         None,
