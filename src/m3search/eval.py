@@ -378,6 +378,7 @@ def _cached_index(
     """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
     from . import Collection
 
+    settings = dict(settings or {})
     dtype = str(getattr(encoder, "dtype", "")).replace("torch.", "")
     key_src = json.dumps(
         {
