@@ -104,3 +104,14 @@ def check_ranking(
             assert abs(fused[g] - fused[e]) <= tie_tol, (
                 f"rank {r}: got {ids[g]!r} ({fused[g]:.6f}), want {ids[e]!r} ({fused[e]:.6f})"
             )
+
+
+def dense_doc_scores(encoder, queries: list[str], texts: list[str], window: int = 512, stride: int = 384) -> np.ndarray:
+    """Exact dense scores ``(n_queries, n_texts)`` as a windowed collection ranks documents: each
+    text scores its best window (collection defaults for 512 positions: window 512, stride 384)."""
+    from m3search.scoring import dense_scores
+
+    w = encoder.encode_windows(texts, window=window, stride=stride, sparse=False, colbert=False)
+    q = encoder.encode(queries, sparse=False, colbert=False, max_length=512).dense
+    starts = np.searchsorted(w.doc, np.arange(len(texts)))  # a text's windows are consecutive
+    return np.maximum.reduceat(dense_scores(q, w.embeddings.dense), starts, axis=1)

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 BIN = Path(sys.executable).with_name("m3search")
@@ -68,16 +67,11 @@ def indexed(tmp_path_factory, corpus, tiny_model_path) -> Path:
 
 def _dense_oracle(tiny_encoder, corpus_texts, query, collection):
     """Exact dense ranking: each document scores its best window, windows as the collection made them."""
-    ids, texts = corpus_texts
-    from m3search.scoring import dense_scores
+    from helpers import dense_doc_scores
 
+    ids, texts = corpus_texts
     settings = json.loads((Path(collection) / "manifest.json").read_text())["settings"]
-    w = tiny_encoder.encode_windows(
-        texts, window=settings["window"], stride=settings["stride"], sparse=False, colbert=False
-    )
-    q = tiny_encoder.encode([query], sparse=False, colbert=False, max_length=512).dense
-    s = np.full(len(ids), -np.inf)
-    np.maximum.at(s, w.doc, dense_scores(q, w.embeddings.dense)[0])
+    s = dense_doc_scores(tiny_encoder, [query], texts, settings["window"], settings["stride"])[0]
     order = sorted(range(len(ids)), key=lambda i: (-s[i], ids[i]))
     return [ids[i] for i in order], {ids[i]: float(s[i]) for i in order}
 

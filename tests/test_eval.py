@@ -168,14 +168,11 @@ def test_eval_cli_outputs_cache_and_dense_oracle(cran_subset, tmp_path, tiny_mod
     assert results["model_identity"] == tiny_encoder.identity and results["dtype"] == "float32"
 
     # the dense run equals an exhaustive oracle scored by the same trec_eval code
-    from m3search.scoring import dense_scores
+    from helpers import dense_doc_scores
 
     data = load_beir(cran_subset)
     qids = list(data.queries)
-    s = dense_scores(
-        tiny_encoder.encode([data.queries[q] for q in qids], sparse=False, colbert=False, max_length=512).dense,
-        tiny_encoder.encode(data.doc_texts, sparse=False, colbert=False).dense,
-    )
+    s = dense_doc_scores(tiny_encoder, [data.queries[q] for q in qids], data.doc_texts)  # best window per document
     run = {}
     for i, q in enumerate(qids):
         top = sorted(range(len(data.doc_ids)), key=lambda j: (-s[i, j], data.doc_ids[j]))[:100]
