@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .batching import BACKGROUND, Batcher, ClientGone, QueueFull, RequestTimeout
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import check_query
+from .tei import make_router as tei_router
 
 __all__ = ["Settings", "get_settings", "create_app", "serve", "SERVER_FILE", "read_server_file", "error_body"]
 
@@ -787,6 +788,15 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api)
+    app.include_router(
+        tei_router(
+            encode=_encode,
+            texts_of=_texts,
+            resources_dep=ResourcesDep,
+            settings_dep=SettingsDep,
+            dependencies=[Depends(require_api_key)],
+        )
+    )
     return app
 
 
