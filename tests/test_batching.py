@@ -157,10 +157,13 @@ def test_async_waiter_cancels_when_the_client_goes(tiny_encoder):
         slow.gate.set()
         await asyncio.wrap_future(blocker.future)
         got = await b.encode_async(["kept"], gone=lambda: asyncio.sleep(60))
-        with pytest.raises(RequestTimeout):
-            slow.gate.clear()
+        slow.gate.clear()
+        holder = b.submit(["holder"])
+        await asyncio.sleep(0.05)  # the worker holds 'holder' at the gate: 'too slow' cannot start
+        with pytest.raises(RequestTimeout, match="not started"):
             await b.encode_async(["too slow"], timeout=0.05)
         slow.gate.set()
+        await asyncio.wrap_future(holder.future)
         return got
 
     with Batcher(slow) as b:
@@ -168,7 +171,14 @@ def test_async_waiter_cancels_when_the_client_goes(tiny_encoder):
         _same(got, tiny_encoder.encode(["kept"]))
         time.sleep(0.1)
         assert b.depth == 0
-    assert not any("abandoned" in c for c in slow.calls)
+    assert not any("abandoned" in c or "too slow" in c for c in slow.calls)
+
+
+def test_a_started_request_is_not_cut_off_by_its_timeout(tiny_encoder):
+    slow = SlowEncoder(tiny_encoder, delay=0.1)
+    with Batcher(slow, background_tokens=8) as b:
+        texts = [f"passage {i}" for i in range(6)]  # several rounds of 0.1 s each
+        _same(b.encode(texts, priority=BACKGROUND, timeout=0.05), tiny_encoder.encode(texts))
 
 
 def test_a_failing_request_fails_alone_and_the_worker_goes_on(tiny_encoder):

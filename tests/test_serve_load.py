@@ -76,13 +76,14 @@ def test_full_queue_is_429_with_retry_after_and_timeout_is_503(tiny_encoder):
     slow.gate.clear()
     with serving(Resources(encoder=slow), max_queue=3, request_timeout=1.5) as (url, _):
         with ThreadPoolExecutor(2) as pool:
-            held = pool.submit(httpx.post, url + "/v1/embeddings", json={"input": ["a", "b", "c"]}, timeout=30)
-            time.sleep(0.3)
-            r = httpx.post(url + "/v1/embeddings", json={"input": "one more"}, timeout=30)
+            held = pool.submit(httpx.post, url + "/v1/embeddings", json={"input": ["a", "b"]}, timeout=30)
+            time.sleep(0.3)  # the worker holds it at the gate
+            r = httpx.post(url + "/v1/embeddings", json={"input": ["c", "d"]}, timeout=30)
             assert "queued" in _error(r, 429)["message"] and int(r.headers["Retry-After"]) >= 1
-            r = held.result()  # the gate stays shut: it times out
-            assert "within" in _error(r, 503)["message"] and r.headers["Retry-After"] == "1"
-        slow.gate.set()
+            r = httpx.post(url + "/v1/embeddings", json={"input": "c"}, timeout=30)  # fits, but cannot start
+            assert "not started within" in _error(r, 503)["message"] and r.headers["Retry-After"] == "1"
+            slow.gate.set()
+            assert held.result().status_code == 200  # started before its timeout: not cut off
         assert httpx.post(url + "/v1/embeddings", json={"input": "after"}, timeout=30).status_code == 200
         metrics = httpx.get(url + "/metrics", timeout=10).text
     assert 'route="/v1/embeddings",status="429"} 1.0' in metrics

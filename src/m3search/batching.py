@@ -19,8 +19,9 @@ splits by token budget), then hands each caller its own rows.
   served several, the worker waits for as many to arrive again, but never longer than
   ``max_wait`` and half of the last round's duration.
 * **Backpressure.** At most ``max_queue`` texts are in the system; beyond it ``submit``
-  raises :class:`QueueFull` with a retry hint. Each request has a deadline; a request
-  cancelled (its client left) or past its deadline is dropped before it is encoded.
+  raises :class:`QueueFull` with a retry hint. A request must start within its timeout (a
+  large ingest that started is not cut off); one cancelled (its client left) or too late
+  to start is dropped before it is encoded, and a cancelled one is dropped between rounds.
 * **Failures stay local.** If a round fails, each of its requests is encoded again on its
   own, so only the request that fails alone gets the error; the worker goes on.
 
@@ -63,7 +64,7 @@ class QueueFull(Exception):
 
 
 class RequestTimeout(TimeoutError):
-    """The request was not encoded within its timeout."""
+    """The request's encoding did not start within its timeout (once started, it runs to the end)."""
 
 
 class ClientGone(Exception):
@@ -104,7 +105,7 @@ class Batcher:
     """Dynamic batching over one :class:`~m3search.M3Encoder` (see the module docstring).
 
     ``max_queue``: most texts waiting or in flight. ``timeout``: default seconds a request
-    may take in all. ``max_wait``: longest coalescing wait, seconds. ``interactive_tokens``
+    may wait for its encoding to start. ``max_wait``: longest coalescing wait, seconds. ``interactive_tokens``
     / ``background_tokens``: real tokens per round (default: the encoder's token budget /
     1024).
     """
@@ -115,7 +116,7 @@ class Batcher:
         *,
         max_queue: int = 2048,
         timeout: float = 60.0,
-        max_wait: float = 0.02,
+        max_wait: float = 0.05,
         interactive_tokens: int | None = None,
         background_tokens: int = 1024,
         observer: BatchObserver | None = None,
@@ -195,10 +196,12 @@ class Batcher:
         """Blocking :meth:`submit` + wait (``timeout`` as in submit)."""
         req = self.submit(texts, **kwargs)
         try:
-            return req.future.result(timeout=max(0.0, req.deadline - time.monotonic()))
+            req.future.result(timeout=max(0.0, req.deadline - time.monotonic()))
         except TimeoutError:
-            req.cancel()
-            raise RequestTimeout(f"not encoded within {self.timeout:g} s") from None
+            if not req.taken:
+                req.cancel()
+                raise self._timeout_error() from None
+        return req.future.result()
 
     async def encode_async(
         self, texts: Sequence[str], *, gone: Callable[[], Awaitable[Any]] | None = None, **kwargs: Any
@@ -208,11 +211,13 @@ class Batcher:
         req = self.submit(texts, **kwargs)
         result = asyncio.wrap_future(req.future)
         watch = asyncio.ensure_future(gone()) if gone is not None else None
+        waits = {result} if watch is None else {result, watch}
         try:
-            waits = {result} if watch is None else {result, watch}
             done, _ = await asyncio.wait(
                 waits, timeout=max(0.0, req.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
             )
+            if not done and req.taken:  # started in time: it runs to the end
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             req.cancel()
             raise
@@ -224,7 +229,10 @@ class Batcher:
         req.cancel()
         if watch is not None and watch in done:
             raise ClientGone("the client disconnected")
-        raise RequestTimeout(f"not encoded within {self.timeout:g} s")
+        raise self._timeout_error()
+
+    def _timeout_error(self) -> RequestTimeout:
+        return RequestTimeout(f"not started within {self.timeout:g} s: the server is busy")
 
     @property
     def depth(self) -> int:
@@ -295,9 +303,9 @@ class Batcher:
     def _serve_one_round(self) -> None:
         now = time.monotonic()
         for queue in self._ready.values():  # drop cancelled and expired requests before they cost work
-            for req in [r for r in queue if r.cancelled or r.deadline <= now]:
+            for req in [r for r in queue if r.cancelled or (r.deadline <= now and not r.taken)]:
                 queue.remove(req)
-                self._fail(req, None if req.cancelled else RequestTimeout("not encoded within its timeout"))
+                self._fail(req, None if req.cancelled else self._timeout_error())
         priority = next((p for p in _PRIORITIES if self._ready[p]), None)
         if priority is None:
             return

@@ -83,7 +83,7 @@ class Settings:
     max_candidates: int = 100_000
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = 2048
-    #: Seconds a request may wait for its encoding (beyond it: 503).
+    #: Seconds a request may wait for its encoding to start (beyond it: 503).
     request_timeout: float = 60.0
 
     @classmethod
