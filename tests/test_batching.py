@@ -175,10 +175,11 @@ def test_async_waiter_cancels_when_the_client_goes(tiny_encoder):
 
 
 def test_a_started_request_is_not_cut_off_by_its_timeout(tiny_encoder):
-    slow = SlowEncoder(tiny_encoder, delay=0.1)
+    slow = SlowEncoder(tiny_encoder, delay=0.3)
     with Batcher(slow, background_tokens=8) as b:
-        texts = [f"passage {i}" for i in range(6)]  # several rounds of 0.1 s each
-        _same(b.encode(texts, priority=BACKGROUND, timeout=0.05), tiny_encoder.encode(texts))
+        texts = [f"passage {i}" for i in range(5)]  # a round each: 1.5 s in all, starts at once (idle worker)
+        _same(b.encode(texts, priority=BACKGROUND, timeout=0.6), tiny_encoder.encode(texts))
+    assert len(slow.calls) == 5
 
 
 def test_a_failing_request_fails_alone_and_the_worker_goes_on(tiny_encoder):

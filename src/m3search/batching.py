@@ -8,8 +8,10 @@ rounds and encodes each round with :meth:`M3Encoder.encode` (which sorts by leng
 splits by token budget), then hands each caller its own rows.
 
 * **Priorities.** ``INTERACTIVE`` work (queries, embedding requests) always goes before
-  ``BACKGROUND`` work (document ingest). Background rounds are small (``background_tokens``)
-  so a query that arrives during an ingest waits for at most one small forward pass.
+  ``BACKGROUND`` work (document ingest). Background rounds are sized by time: as many tokens
+  as the worker encodes in ``background_round`` seconds (measured as it goes, capped by
+  ``background_tokens``), so a query that arrives during an ingest waits for at most about
+  that long, on a fast machine or a slow one.
 * **Rounds.** Within a priority, requests are served oldest first; a round takes texts in
   that order (a large request may be split over several rounds) up to a token budget, and
   only requests with the same ``max_length`` share a round. The outputs computed are the
@@ -106,8 +108,8 @@ class Batcher:
 
     ``max_queue``: most texts waiting or in flight. ``timeout``: default seconds a request
     may wait for its encoding to start. ``max_wait``: longest coalescing wait, seconds. ``interactive_tokens``
-    / ``background_tokens``: real tokens per round (default: the encoder's token budget /
-    1024).
+    / ``background_tokens``: most real tokens per round (default: the encoder's token budget /
+    1024). ``background_round``: target seconds of one background round.
     """
 
     def __init__(
@@ -119,10 +121,13 @@ class Batcher:
         max_wait: float = 0.05,
         interactive_tokens: int | None = None,
         background_tokens: int = 1024,
+        background_round: float = 0.05,
         observer: BatchObserver | None = None,
     ) -> None:
-        if max_queue < 1 or timeout <= 0 or max_wait < 0 or background_tokens < 1:
-            raise ValueError("max_queue and background_tokens must be >= 1, timeout > 0 and max_wait >= 0")
+        if max_queue < 1 or timeout <= 0 or max_wait < 0 or background_tokens < 1 or background_round <= 0:
+            raise ValueError(
+                "max_queue and background_tokens must be >= 1, timeout and background_round > 0, max_wait >= 0"
+            )
         self.encoder = encoder
         self.max_queue = int(max_queue)
         self.timeout = float(timeout)
@@ -140,6 +145,8 @@ class Batcher:
         self._expect = 1  # requests in the last round: how many to wait for when idle
         self._last_round = 0.0  # seconds the last round took
         self._rate = 0.0  # texts per second, moving average (for Retry-After)
+        self.background_round = float(background_round)
+        self._token_rate = 0.0  # tokens per second, moving average (sizes background rounds)
         self._thread = threading.Thread(target=self._run, name="m3search-batcher", daemon=True)
         self._thread.start()
 
@@ -312,6 +319,8 @@ class Batcher:
         queue = self._ready[priority]
         max_length = queue[0].max_length
         budget = self.budgets[priority]
+        if priority == BACKGROUND and self._token_rate > 0:
+            budget = max(1, min(budget, int(self._token_rate * self.background_round)))
         round_: list[tuple[_Request, int, int]] = []
         tokens = 0
         for req in queue:
@@ -339,6 +348,8 @@ class Batcher:
         if seconds > 0:
             rate = n_texts / seconds
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+            token_rate = tokens / seconds
+            self._token_rate = token_rate if self._token_rate == 0 else 0.8 * self._token_rate + 0.2 * token_rate
         if self.observer is not None:
             self.observer.round_done(priority, len(round_), n_texts, tokens, seconds)
 
