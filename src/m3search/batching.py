@@ -16,10 +16,11 @@ splits by token budget), then hands each caller its own rows.
   that order (a large request may be split over several rounds) up to a token budget, and
   only requests with the same ``max_length`` share a round. The outputs computed are the
   union of what the round's requests asked for; each request gets only its own.
-* **Adaptive coalescing.** When the worker is idle and the last round served one request,
-  a new request starts at once (no added latency for a lone client). When the last round
-  served several, the worker waits for as many to arrive again, but never longer than
-  ``max_wait`` and half of the last round's duration.
+* **Adaptive coalescing.** When the worker is idle and recent rounds served one request,
+  a new request starts at once (no added latency for a lone client). When they served
+  several, the worker waits for as many to arrive again (the estimate jumps up with a big
+  round and decays over about a dozen), but never longer than ``max_wait`` and half of
+  the last round's duration.
 * **Backpressure.** At most ``max_queue`` texts are in the system; beyond it ``submit``
   raises :class:`QueueFull` with a retry hint. A request must start within its timeout (a
   large ingest that started is not cut off); one cancelled (its client left) or too late
@@ -142,7 +143,7 @@ class Batcher:
         self._load = 0  # texts submitted and not finished (under _cond)
         self._closed = False
         self._ready: dict[int, deque[_Request]] = {p: deque() for p in _PRIORITIES}  # worker-private
-        self._expect = 1  # requests in the last round: how many to wait for when idle
+        self._expect = 1  # recent requests per round: how many to wait for when idle
         self._last_round = 0.0  # seconds the last round took
         self._rate = 0.0  # texts per second, moving average (for Retry-After)
         self.background_round = float(background_round)
@@ -343,8 +344,8 @@ class Batcher:
         seconds = time.monotonic() - started
         n_texts = sum(b - a for _, a, b in round_)
         self._last_round = seconds
-        if priority == INTERACTIVE:
-            self._expect = len(round_)
+        if priority == INTERACTIVE:  # concurrency estimate: jumps up at once, decays over ~a dozen rounds
+            self._expect = max(len(round_), int(self._expect * 0.9))
         if seconds > 0:
             rate = n_texts / seconds
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
