@@ -35,8 +35,9 @@ from typing import Annotated, Any, Literal
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request, Security
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
@@ -44,8 +45,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'm3search[server]'") from None
 
 from . import serverfile
+from .batching import Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import DuplicateIdError, M3SearchError, UnknownIdError
-from .plan import FUSIONS, MODES, PRESETS
+from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from .plan import FUSIONS, MODES, PRESETS, check_query
+from .tei import make_router as tei_router
 
 __all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
 
@@ -77,6 +81,10 @@ class Settings:
     #: Largest ``k`` / ``candidates`` a search may ask for.
     max_k: int = 1000
     max_candidates: int = 100_000
+    #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
+    max_queue: int = 2048
+    #: Seconds a request may wait for its encoding to start (beyond it: 503).
+    request_timeout: float = 60.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -88,7 +96,7 @@ class Settings:
             "dtype": env.get("M3SEARCH_DTYPE") or "auto",
             "api_key": env.get("M3SEARCH_API_KEY") or None,
         }
-        for name in ("max_batch", "max_body_bytes"):
+        for name in ("max_batch", "max_body_bytes", "max_queue"):
             raw = env.get(f"M3SEARCH_{name.upper()}")
             if raw:
                 try:
@@ -101,9 +109,11 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates"):
+        for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty")
 
@@ -136,6 +146,9 @@ _STATUS_TYPES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    429: "overloaded",
+    499: "client_closed_request",
+    503: "unavailable",
 }
 
 
@@ -188,6 +201,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         more = len(exc.errors()) - 5
         message = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
         return JSONResponse(error_body("invalid_request", message), status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull):
+        headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse(error_body("overloaded", str(exc)), status_code=429, headers=headers)
+
+    @app.exception_handler(RequestTimeout)
+    async def timed_out(request: Request, exc: RequestTimeout):
+        return JSONResponse(error_body("unavailable", f"request {exc}"), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):  # nobody reads it: for the log and metrics
+        return JSONResponse(error_body("client_closed_request", str(exc)), status_code=499)
 
     @app.exception_handler(M3SearchError)
     @app.exception_handler(ValueError)
@@ -405,6 +431,9 @@ class EmbedRequest(_Strict):
     colbert: bool = False
     tokens: bool = Field(False, description="Add readable tokens to each sparse vector.")
     max_length: int | None = Field(None, ge=2, description="Token cap per text (default: the model's limit).")
+    colbert_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: each text's (tokens, dim) float32 matrix, row-major little-endian bytes."
+    )
 
 
 class SparseVector(BaseModel):
@@ -418,7 +447,7 @@ class EmbedItem(BaseModel):
     n_tokens: int
     dense: list[float] | None = None
     sparse: SparseVector | None = None
-    colbert: list[list[float]] | None = None
+    colbert: list[list[float]] | str | None = None
 
 
 class EmbedResponse(BaseModel):
@@ -523,6 +552,21 @@ def _check_batch(n: int, settings: Settings, what: str) -> None:
         raise HTTPException(413, f"{n} {what} in one request exceed the limit of {settings.max_batch}")
 
 
+async def _encode(request: Request, texts: list[str], **options: Any):
+    """Encode through the app's batching worker; the work is cancelled if the client disconnects."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return await request.app.state.batcher.encode_async(texts, gone=gone, **options)
+
+
+def _b64(rows: Any) -> str:
+    """Little-endian float32 bytes, base64 (a fifth of the JSON floats' size)."""
+    return base64.b64encode(rows.astype("<f4", copy=False).tobytes()).decode("ascii")
+
+
 def _finite(x: Any) -> Any:
     """JSON has no NaN/inf: map them to None (never reached with valid vectors, but never a 500 either)."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -544,9 +588,12 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     async def lifespan(app: FastAPI):
         res = resources if resources is not None else load_resources(_settings_of(app))
         app.state.resources = res
+        s = _settings_of(app)
+        app.state.batcher = Batcher(res.encoder, max_queue=s.max_queue, timeout=s.request_timeout, observer=metrics)
         try:
             yield
         finally:
+            app.state.batcher.close()
             app.state.resources = None
             res.close()
 
@@ -563,6 +610,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         settings.check()
         app.dependency_overrides[get_settings] = lambda: settings
     app.add_middleware(BodyLimitMiddleware, limit=lambda: _settings_of(app).max_body_bytes)
+    metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
 
     @app.get("/health", response_model=Health, tags=["service"])
@@ -591,6 +640,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                 "max_body_bytes": settings.max_body_bytes,
                 "max_k": settings.max_k,
                 "max_candidates": settings.max_candidates,
+                "max_queue": settings.max_queue,
+                "request_timeout": settings.request_timeout,
             },
             "api_key_required": settings.api_key is not None,
             "uptime_seconds": round(time.time() - res.started, 1),
@@ -601,7 +652,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         return out
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"])
-    def openai_embeddings(body: EmbeddingsRequest, res: ResourcesDep, settings: SettingsDep) -> EmbeddingsResponse:
+    async def openai_embeddings(
+        body: EmbeddingsRequest, request: Request, res: ResourcesDep, settings: SettingsDep
+    ) -> EmbeddingsResponse:
         """OpenAI-compatible dense embeddings (existing OpenAI clients work unchanged)."""
         texts = _texts(body.input, settings)
         enc = res.encoder
@@ -609,10 +662,10 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             raise HTTPException(
                 400, f"dimensions={body.dimensions} is not supported: this model returns {enc.hidden_size}"
             )
-        emb = enc.encode(texts, dense=True, sparse=False, colbert=False)
+        emb = await _encode(request, texts, dense=True, sparse=False, colbert=False)
         dense = emb.dense.astype("<f4", copy=False)
         if body.encoding_format == "base64":
-            vectors: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in dense]
+            vectors: list[Any] = [_b64(row) for row in dense]
         else:
             vectors = dense.tolist()
         tokens = int(emb.n_tokens.sum())
@@ -623,18 +676,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         )
 
     @api.post("/embed", response_model=EmbedResponse, response_model_exclude_none=True, tags=["embeddings"])
-    def embed(body: EmbedRequest, res: ResourcesDep, settings: SettingsDep) -> EmbedResponse:
+    async def embed(body: EmbedRequest, request: Request, res: ResourcesDep, settings: SettingsDep) -> EmbedResponse:
         """Dense, sparse (token ids + weights, optionally readable tokens) and ColBERT vectors, each selectable."""
         texts = _texts(body.input, settings)
         if not (body.dense or body.sparse or body.colbert):
             raise HTTPException(400, "request at least one of dense, sparse, colbert")
         enc = res.encoder
-        emb = enc.encode(
-            texts,
-            dense=body.dense,
-            sparse=body.sparse,
-            colbert=body.colbert,
-            max_length=body.max_length or enc.max_length,
+        emb = await _encode(
+            request, texts, dense=body.dense, sparse=body.sparse, colbert=body.colbert, max_length=body.max_length
         )
         items = []
         for i in range(len(texts)):
@@ -649,7 +698,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                 )
             if body.colbert:
                 o = emb.colbert_offsets
-                item.colbert = emb.colbert[o[i] : o[i + 1]].tolist()
+                rows = emb.colbert[o[i] : o[i + 1]]
+                item.colbert = _b64(rows) if body.colbert_format == "base64" else rows.tolist()
             items.append(item)
         tokens = int(emb.n_tokens.sum())
         return EmbedResponse(
@@ -665,7 +715,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         tags=["documents"],
         responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}},
     )
-    def add_documents(body: DocumentsRequest, res: CollectionDep, settings: SettingsDep) -> DocumentsResponse:
+    async def add_documents(
+        body: DocumentsRequest, request: Request, res: CollectionDep, settings: SettingsDep
+    ) -> DocumentsResponse:
         """Add documents (409 if an id exists) or, with ``upsert: true``, add or overwrite them."""
         _check_batch(len(body.documents), settings, "documents")
         texts = [d.text for d in body.documents]
@@ -677,9 +729,15 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             raise HTTPException(422, f"duplicate ids in the request: {dups[:10]}")
         metadata = [d.metadata or {} for d in body.documents]
         coll = res.collection
-        write = coll.upsert if body.upsert else coll.add  # add: DuplicateIdError (409) when an id exists
-        out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
-        return DocumentsResponse(ids=list(out), count=coll.count())
+
+        def store() -> DocumentsResponse:
+            write = coll.upsert if body.upsert else coll.add  # add: DuplicateIdError (409) when an id exists
+            out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
+            return DocumentsResponse(ids=list(out), count=coll.count())
+
+        # The collection encodes documents itself: it splits long texts into windows, which the batching
+        # worker's one-row-per-text rounds do not do, so ingest runs in the thread pool beside the worker.
+        return await run_in_threadpool(store)
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
     def delete_documents(body: DeleteRequest, res: CollectionDep, settings: SettingsDep) -> DeleteResponse:
@@ -702,14 +760,16 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
 
     @api.post("/search", response_model=SearchResponse, tags=["search"])
-    def search(body: SearchRequest, res: CollectionDep, settings: SettingsDep) -> SearchResponse:
+    async def search(
+        body: SearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
+    ) -> SearchResponse:
         """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain)."""
         if body.k > settings.max_k:
             raise HTTPException(413, f"k={body.k} exceeds the limit of {settings.max_k}")
         if body.candidates is not None and body.candidates > settings.max_candidates:
             raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
-        hits = res.collection.search(
-            body.query,
+        coll = res.collection
+        options = dict(
             k=body.k,
             mode=body.mode,
             fusion=body.fusion,
@@ -718,9 +778,27 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             filter=body.filter,
             explain=body.explain,
         )
+        check_query(body.query)
+        coll.search_batch([], **options)  # checks every option (no query: no work) before the query is queued
+        emb = await _encode(request, [body.query], max_length=coll.settings["query_max_length"])
+        hits = (await run_in_threadpool(coll.search_batch, [body.query], query_embeddings=emb, **options))[0]
         return SearchResponse(hits=[HitOut(**_finite(h.to_dict())) for h in hits])
 
+    @api.get("/metrics", tags=["service"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, latency per route, queue depth, batch sizes, tokens."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     app.include_router(api)
+    app.include_router(
+        tei_router(
+            encode=_encode,
+            texts_of=_texts,
+            resources_dep=ResourcesDep,
+            settings_dep=SettingsDep,
+            dependencies=[Depends(require_api_key)],
+        )
+    )
     return app
 
 

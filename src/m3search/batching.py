@@ -1,0 +1,447 @@
+"""One inference worker for many callers: dynamic batching with priorities and a bounded queue.
+
+Why: an encoder called from many threads at once runs many small forward passes that
+fight over the same cores (each with all of torch's threads), while one forward pass over
+the same texts batched together costs little more than one alone. So every caller
+submits its texts here and waits on a future; one worker thread turns what is waiting into
+rounds and encodes each round with :meth:`M3Encoder.encode` (which sorts by length and
+splits by token budget), then hands each caller its own rows.
+
+* **Priorities.** ``INTERACTIVE`` work (queries, embedding requests) always goes before
+  ``BACKGROUND`` work (document ingest). Background rounds are sized by time: as many tokens
+  as the worker encodes in ``background_round`` seconds (measured as it goes, capped by
+  ``background_tokens``), so a query that arrives during an ingest waits for at most about
+  that long, on a fast machine or a slow one.
+* **Rounds.** Within a priority, requests are served oldest first; a round takes texts in
+  that order (a large request may be split over several rounds) up to a token budget, and
+  only requests with the same ``max_length`` share a round. The outputs computed are the
+  union of what the round's requests asked for; each request gets only its own.
+* **Adaptive coalescing.** When the worker is idle and recent rounds served one request,
+  a new request starts at once (no added latency for a lone client). When they served
+  several, the worker waits for as many to arrive again (the estimate jumps up with a big
+  round and decays over about a dozen), but never longer than ``max_wait`` and half of
+  the last round's duration.
+* **Backpressure.** At most ``max_queue`` texts are in the system; beyond it ``submit``
+  raises :class:`QueueFull` with a retry hint. A request must start within its timeout (a
+  large ingest that started is not cut off); one cancelled (its client left) or too late
+  to start is dropped before it is encoded, and a cancelled one is dropped between rounds.
+* **Failures stay local.** If a round fails, each of its requests is encoded again on its
+  own, so only the request that fails alone gets the error; the worker goes on.
+
+Torch: the worker is the only thread that runs the model, with torch's intra-op threads
+(one per core by default), so concurrent requests never oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from .encoder import M3Embeddings
+
+__all__ = ["Batcher", "QueueFull", "RequestTimeout", "ClientGone", "INTERACTIVE", "BACKGROUND", "concat_embeddings"]
+
+log = logging.getLogger("m3search.batching")
+
+INTERACTIVE, BACKGROUND = 0, 1
+_PRIORITIES = (INTERACTIVE, BACKGROUND)
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` texts already; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(TimeoutError):
+    """The request's encoding did not start within its timeout (once started, it runs to the end)."""
+
+
+class ClientGone(Exception):
+    """The caller stopped waiting (its HTTP client disconnected); its work was cancelled."""
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (``m3search.metrics`` implements it for Prometheus)."""
+
+    def queue_depth(self, texts: int) -> None: ...
+
+    def round_done(self, priority: int, requests: int, texts: int, tokens: int, seconds: float) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    texts: list[str]
+    outputs: tuple[bool, bool, bool]  # dense, sparse, colbert
+    max_length: int
+    priority: int
+    deadline: float
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+    lengths: np.ndarray | None = None  # token counts, set by the worker
+    truncated: int = 0
+    taken: int = 0  # texts handed to rounds so far (always a prefix)
+    parts: list[M3Embeddings] = field(default_factory=list)
+    done: int = 0  # texts encoded so far
+    finished: bool = False  # its texts no longer count against max_queue
+
+    def cancel(self) -> None:
+        """Stop this request costing work: dropped before (or between) its rounds."""
+        self.cancelled = True
+        self.future.cancel()
+
+
+class Batcher:
+    """Dynamic batching over one :class:`~m3search.M3Encoder` (see the module docstring).
+
+    ``max_queue``: most texts waiting or in flight. ``timeout``: default seconds a request
+    may wait for its encoding to start. ``max_wait``: longest coalescing wait, seconds. ``interactive_tokens``
+    / ``background_tokens``: most real tokens per round (default: the encoder's token budget /
+    1024). ``background_round``: target seconds of one background round.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        *,
+        max_queue: int = 2048,
+        timeout: float = 60.0,
+        max_wait: float = 0.05,
+        interactive_tokens: int | None = None,
+        background_tokens: int = 1024,
+        background_round: float = 0.05,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_queue < 1 or timeout <= 0 or max_wait < 0 or background_tokens < 1 or background_round <= 0:
+            raise ValueError(
+                "max_queue and background_tokens must be >= 1, timeout and background_round > 0, max_wait >= 0"
+            )
+        self.encoder = encoder
+        self.max_queue = int(max_queue)
+        self.timeout = float(timeout)
+        self.max_wait = float(max_wait)
+        self.budgets = {
+            INTERACTIVE: int(interactive_tokens or encoder.token_budget),
+            BACKGROUND: int(background_tokens),
+        }
+        self.observer = observer
+        self._cond = threading.Condition()
+        self._inbox: list[_Request] = []  # shared with submitters (under _cond)
+        self._load = 0  # texts submitted and not finished (under _cond)
+        self._closed = False
+        self._ready: dict[int, deque[_Request]] = {p: deque() for p in _PRIORITIES}  # worker-private
+        self._expect = 1  # recent requests per round: how many to wait for when idle
+        self._last_round = 0.0  # seconds the last round took
+        self._rate = 0.0  # texts per second, moving average (for Retry-After)
+        self.background_round = float(background_round)
+        self._token_rate = 0.0  # tokens per second, moving average (sizes background rounds)
+        self._thread = threading.Thread(target=self._run, name="m3search-batcher", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------- callers
+    def submit(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+        max_length: int | None = None,
+        priority: int = INTERACTIVE,
+        timeout: float | None = None,
+    ) -> _Request:
+        """Queue texts; the returned ticket's ``future`` gives their :class:`M3Embeddings`.
+
+        Raises :class:`QueueFull` when the queue is full (an empty queue takes any size).
+        """
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a non-empty list of strings")
+        if not (dense or sparse or colbert):
+            raise ValueError("request at least one of dense, sparse, colbert")
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be one of {_PRIORITIES}, not {priority!r}")
+        limit = self.encoder.max_length
+        if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 2):
+            raise ValueError(f"max_length must be an integer >= 2, not {max_length!r}")
+        req = _Request(
+            texts=texts,
+            outputs=(bool(dense), bool(sparse), bool(colbert)),
+            max_length=limit if max_length is None else min(int(max_length), limit),
+            priority=priority,
+            deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+        )
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if self._load and self._load + len(texts) > self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {self._load} texts are queued (limit {self.max_queue}); retry later",
+                    retry_after=self._retry_after(),
+                )
+            self._load += len(texts)
+            self._inbox.append(req)
+            self._cond.notify()
+            load = self._load
+        if self.observer is not None:
+            self.observer.queue_depth(load)
+        return req
+
+    def encode(self, texts: Sequence[str], **kwargs: Any) -> M3Embeddings:
+        """Blocking :meth:`submit` + wait (``timeout`` as in submit)."""
+        req = self.submit(texts, **kwargs)
+        try:
+            req.future.result(timeout=max(0.0, req.deadline - time.monotonic()))
+        except TimeoutError:
+            if not req.taken:
+                req.cancel()
+                raise self._timeout_error() from None
+        return req.future.result()
+
+    async def encode_async(
+        self, texts: Sequence[str], *, gone: Callable[[], Awaitable[Any]] | None = None, **kwargs: Any
+    ) -> M3Embeddings:
+        """:meth:`submit` + await. ``gone()`` is awaited alongside: when it returns first (the
+        client disconnected), the request is cancelled and :class:`ClientGone` raised."""
+        req = self.submit(texts, **kwargs)
+        result = asyncio.wrap_future(req.future)
+        watch = asyncio.ensure_future(gone()) if gone is not None else None
+        waits = {result} if watch is None else {result, watch}
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=max(0.0, req.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done and req.taken:  # started in time: it runs to the end
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if result in done:
+            return result.result()
+        req.cancel()
+        if watch is not None and watch in done:
+            raise ClientGone("the client disconnected")
+        raise self._timeout_error()
+
+    def _timeout_error(self) -> RequestTimeout:
+        return RequestTimeout(f"not started within {self.timeout:g} s: the server is busy")
+
+    @property
+    def depth(self) -> int:
+        """Texts submitted and not yet finished."""
+        with self._cond:
+            return self._load
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still waiting fail with RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self._load / self._rate)) if self._rate > 0 else 1
+
+    # ---------------------------------------------------------------------------- worker
+    def _run(self) -> None:
+        while True:
+            new, closing = self._collect()
+            if closing:
+                break
+            try:
+                self._admit(new)
+                self._serve_one_round()
+            except Exception:  # pragma: no cover - a bug in the bookkeeping: keep serving
+                log.exception("batching worker error")
+        leftover = [r for q in self._ready.values() for r in q] + self._inbox
+        for req in leftover:
+            self._fail(req, RuntimeError("the server is shutting down"))
+
+    def _collect(self) -> tuple[list[_Request], bool]:
+        """Wait for work (coalescing when the last round served several requests); take the inbox."""
+        busy = any(self._ready.values())
+        with self._cond:
+            while not self._inbox and not busy and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return [], True
+            if not busy and self._expect > 1:
+                end = time.monotonic() + min(self.max_wait, self._last_round / 2)
+                while len(self._inbox) < self._expect and not self._closed:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            new, self._inbox = self._inbox, []
+        return new, False
+
+    def _admit(self, new: list[_Request]) -> None:
+        """Tokenize new requests (lengths for the token budget, truncation counts) and queue them."""
+        for req in new:
+            try:
+                ids, req.truncated = self.encoder.tokenize(req.texts, req.max_length)
+                req.lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            self._ready[req.priority].append(req)
+
+    def _serve_one_round(self) -> None:
+        now = time.monotonic()
+        for queue in self._ready.values():  # drop cancelled and expired requests before they cost work
+            for req in [r for r in queue if r.cancelled or (r.deadline <= now and not r.taken)]:
+                queue.remove(req)
+                self._fail(req, None if req.cancelled else self._timeout_error())
+        priority = next((p for p in _PRIORITIES if self._ready[p]), None)
+        if priority is None:
+            return
+        queue = self._ready[priority]
+        max_length = queue[0].max_length
+        budget = self.budgets[priority]
+        if priority == BACKGROUND and self._token_rate > 0:
+            budget = max(1, min(budget, int(self._token_rate * self.background_round)))
+        round_: list[tuple[_Request, int, int]] = []
+        tokens = 0
+        for req in queue:
+            if req.max_length != max_length:
+                continue
+            a = b = req.taken
+            while b < len(req.texts) and (tokens == 0 or tokens + req.lengths[b] <= budget):
+                tokens += int(req.lengths[b])
+                b += 1
+            if b > a:
+                round_.append((req, a, b))
+                req.taken = b
+            if tokens >= budget:
+                break
+        for req, _, _ in round_:
+            if req.taken == len(req.texts):
+                queue.remove(req)
+        started = time.monotonic()
+        self._encode_round(round_)
+        seconds = time.monotonic() - started
+        n_texts = sum(b - a for _, a, b in round_)
+        self._last_round = seconds
+        if priority == INTERACTIVE:  # concurrency estimate: jumps up at once, decays over ~a dozen rounds
+            self._expect = max(len(round_), int(self._expect * 0.9))
+        if seconds > 0:
+            rate = n_texts / seconds
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+            token_rate = tokens / seconds
+            self._token_rate = token_rate if self._token_rate == 0 else 0.8 * self._token_rate + 0.2 * token_rate
+        if self.observer is not None:
+            self.observer.round_done(priority, len(round_), n_texts, tokens, seconds)
+
+    def _encode_round(self, round_: list[tuple[_Request, int, int]]) -> None:
+        texts = [t for req, a, b in round_ for t in req.texts[a:b]]
+        outputs = [any(req.outputs[i] for req, _, _ in round_) for i in range(3)]
+        try:
+            emb = self._forward(texts, outputs, round_[0][0].max_length)
+        except Exception as exc:
+            if len(round_) == 1:
+                self._fail(round_[0][0], exc)
+                return
+            # Isolate the failure: each request again on its own, so only a failing one fails.
+            for piece in round_:
+                self._encode_round([piece])
+            return
+        start = 0
+        for req, a, b in round_:
+            self._deliver(req, emb[start : start + b - a])
+            start += b - a
+
+    def _forward(self, texts: list[str], outputs: list[bool], max_length: int) -> M3Embeddings:
+        dense, sparse, colbert = outputs
+        return self.encoder.encode(
+            texts, dense=dense, sparse=sparse, colbert=colbert, max_length=max_length, warn_truncation=False
+        )
+
+    def _deliver(self, req: _Request, part: M3Embeddings) -> None:
+        if req.future.done():  # cancelled (or failed) while its round ran
+            self._finish(req)
+            return
+        req.parts.append(part)
+        req.done += len(part)
+        if req.done < len(req.texts):
+            return
+        emb = concat_embeddings(req.parts)
+        req.parts = []
+        dense, sparse, colbert = req.outputs
+        if not dense:
+            emb.dense = None
+        if not sparse:
+            emb.sparse = None
+        if not colbert:
+            emb.colbert = emb.colbert_offsets = None
+        emb.truncated = req.truncated
+        self._finish(req)
+        if req.future.set_running_or_notify_cancel():
+            req.future.set_result(emb)
+
+    def _fail(self, req: _Request, exc: BaseException | None) -> None:
+        """Finish ``req`` with ``exc`` (None: it was cancelled) and drop its remaining texts."""
+        req.taken = len(req.texts)
+        req.parts = []
+        for queue in self._ready.values():
+            if req in queue:
+                queue.remove(req)
+        self._finish(req)
+        if exc is None:
+            req.future.cancel()
+        elif not req.future.done() and req.future.set_running_or_notify_cancel():
+            req.future.set_exception(exc)
+
+    def _finish(self, req: _Request) -> None:
+        """Release the request's share of the queue bound (exactly once)."""
+        if req.finished:
+            return
+        req.finished = True
+        with self._cond:
+            self._load -= len(req.texts)
+            load = self._load
+        if self.observer is not None:
+            self.observer.queue_depth(load)
+
+
+def concat_embeddings(parts: Sequence[M3Embeddings]) -> M3Embeddings:
+    """Rows of several :class:`M3Embeddings` (same outputs) as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    colbert = offsets = None
+    if first.colbert is not None:
+        colbert = np.concatenate([p.colbert for p in parts])
+        counts = np.concatenate([np.diff(p.colbert_offsets) for p in parts])
+        offsets = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+    return M3Embeddings(
+        dense=None if first.dense is None else np.concatenate([p.dense for p in parts]),
+        sparse=None if first.sparse is None else sp.vstack([p.sparse for p in parts], format="csr"),
+        colbert=colbert,
+        colbert_offsets=offsets,
+        n_tokens=np.concatenate([p.n_tokens for p in parts]),
+        truncated=sum(p.truncated for p in parts),
+        id_to_token=first._id_to_token,
+    )

@@ -1,0 +1,175 @@
+"""Hugging Face text-embeddings-inference (TEI) routes, mounted under ``/tei``.
+
+Why a prefix: m3search's own ``/embed`` and ``/info`` answer other bodies than TEI's
+routes of the same names, and both are in use. Under ``/tei`` every TEI route keeps its
+exact name and shape, so a TEI client only needs its base URL set to
+``http://HOST:PORT/tei`` (``POST /tei`` itself is TEI's root route, which embeds, as
+huggingface_hub's ``InferenceClient(model=URL).feature_extraction`` calls it).
+
+What each route returns with BGE-M3: ``/embed`` the dense [CLS] vectors; ``/embed_sparse``
+the lexical weights as ``{index, value}`` pairs (index = token id); ``/embed_all`` each
+text's ColBERT token vectors; ``/tokenize`` tokens with character offsets; ``/info`` TEI's
+model description. Differences, refused with 400 rather than ignored: ``normalize: false``
+(vectors are always normalized), ``truncation_direction: "Left"``, ``prompt_name``, a
+``dimensions`` other than the model's. As in TEI, an input over the model's token limit is
+refused (413) unless ``truncate: true``. Errors keep this server's one error shape.
+"""
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+__all__ = ["make_router", "PREFIX"]
+
+PREFIX = "/tei"
+
+
+class TeiRequest(BaseModel):
+    """TEI's common body. Unknown fields (e.g. huggingface_hub's ``parameters``) are ignored, as TEI does."""
+
+    model_config = ConfigDict(extra="ignore")
+    inputs: str | list[str] = Field(description="A text or a list of texts (token-id arrays are not supported).")
+    truncate: bool | None = Field(None, description="Cut inputs over the token limit instead of refusing them.")
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = None
+
+
+class TeiEmbedRequest(TeiRequest):
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+class TeiTokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class SparseValue(BaseModel):
+    index: int
+    value: float
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) -> APIRouter:
+    """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server)."""
+    router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies)
+
+    async def prepared(body: TeiRequest, res, settings) -> tuple[list[str], int]:
+        texts = texts_of(body.inputs, settings)
+        if body.prompt_name is not None:
+            raise HTTPException(400, "prompt_name is not supported: BGE-M3 uses no prompts")
+        if body.truncation_direction.lower() == "left":
+            raise HTTPException(400, 'truncation_direction "Left" is not supported (inputs are cut at the end)')
+        enc = res.encoder
+        if not body.truncate:
+            ids, cut = await run_in_threadpool(enc.tokenize, texts, enc.max_length)
+            if cut:
+                longest = max(len(x) for x in ids)
+                raise HTTPException(
+                    413,
+                    f"{cut} input(s) exceed the limit of {enc.max_length} tokens (send truncate: true to cut them); "
+                    f"longest at least {longest} tokens",
+                )
+        return texts, enc.max_length
+
+    async def embed(body: TeiEmbedRequest, request: Request, res: resources_dep, settings: settings_dep):
+        if not body.normalize:
+            raise HTTPException(400, "normalize: false is not supported: BGE-M3's dense vectors are normalized")
+        enc = res.encoder
+        if body.dimensions is not None and body.dimensions != enc.hidden_size:
+            raise HTTPException(
+                400, f"dimensions={body.dimensions} is not supported: this model returns {enc.hidden_size}"
+            )
+        texts, _ = await prepared(body, res, settings)
+        emb = await encode(request, texts, dense=True, sparse=False, colbert=False)
+        return emb.dense.tolist()
+
+    embed_doc = "TEI `/embed`: one dense vector per input."
+    router.add_api_route(
+        "", embed, methods=["POST"], response_model=list[list[float]], summary="TEI root", description=embed_doc
+    )
+    router.add_api_route("/embed", embed, methods=["POST"], response_model=list[list[float]], description=embed_doc)
+
+    @router.post("/embed_sparse", response_model=list[list[SparseValue]])
+    async def embed_sparse(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
+        """TEI `/embed_sparse`: lexical weights as `{index: token id, value: weight}` pairs per input."""
+        texts, _ = await prepared(body, res, settings)
+        emb = await encode(request, texts, dense=False, sparse=True, colbert=False)
+        csr = emb.sparse
+        return [
+            [{"index": i, "value": v} for i, v in zip(csr.indices[a:b].tolist(), csr.data[a:b].tolist())]
+            for a, b in zip(csr.indptr[:-1].tolist(), csr.indptr[1:].tolist())
+        ]
+
+    @router.post("/embed_all", response_model=list[list[list[float]]])
+    async def embed_all(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
+        """TEI `/embed_all`: each input's token vectors (BGE-M3's ColBERT vectors, every token after [CLS])."""
+        texts, _ = await prepared(body, res, settings)
+        emb = await encode(request, texts, dense=False, sparse=False, colbert=True)
+        return [v.tolist() for v in emb.colbert_vecs]
+
+    @router.post("/tokenize", response_model=list[list[SimpleToken]])
+    async def tokenize(body: TeiTokenizeRequest, res: resources_dep, settings: settings_dep) -> Any:
+        """TEI `/tokenize`: tokens with their character offsets in the input (specials have none)."""
+        texts = texts_of(body.inputs, settings)
+        enc = res.encoder
+        special = set(enc.special_ids.tolist())
+
+        def run() -> list[list[dict]]:
+            with enc._tok_lock:  # the tokenizer's truncation setting is shared state
+                encodings = enc.tokenizer.encode_batch(texts, add_special_tokens=body.add_special_tokens)
+            out = []
+            for text, e in zip(texts, encodings):
+                tokens = []
+                for tid, tok, (a, b) in zip(e.ids, e.tokens, e.offsets):
+                    is_special = tid in special
+                    tokens.append(
+                        {
+                            "id": tid,
+                            "text": tok if is_special else text[a:b],
+                            "special": is_special,
+                            "start": None if is_special else a,
+                            "stop": None if is_special else b,
+                        }
+                    )
+                out.append(tokens)
+            return out
+
+        return await run_in_threadpool(run)
+
+    @router.get("/info")
+    def info(res: resources_dep, settings: settings_dep) -> dict[str, Any]:
+        """TEI `/info`: the model and this server's limits, in TEI's field names."""
+        from . import __version__
+
+        enc = res.encoder
+        return {
+            "model_id": str(enc.name_or_path),
+            "model_sha": enc.identity,
+            "model_dtype": str(enc.dtype).replace("torch.", ""),
+            "model_type": {"embedding": {"pooling": "cls"}},
+            "max_concurrent_requests": settings.max_queue,
+            "max_input_length": enc.max_length,
+            "max_batch_tokens": enc.token_budget,
+            "max_batch_requests": None,
+            "max_client_batch_size": settings.max_batch,
+            "auto_truncate": False,
+            "tokenization_workers": 1,
+            "version": f"m3search {__version__}",
+            "sha": None,
+            "docker_label": None,
+        }
+
+    return router
