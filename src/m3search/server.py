@@ -9,7 +9,8 @@ settings from a cached getter (``get_settings``) that tests override.
 
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
-unknown document -> 404, duplicate ids -> 409, body or batch too large -> 413. A bug
+unknown document -> 404, duplicate ids -> 409, body, batch, ``k``, ``candidates`` or filter over
+its limit -> 413. Request models are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug
 still answers the same shape with 500 and no stack trace (the log keeps it).
 
 One process owns an embedded collection. ``serve`` records its address in
@@ -48,10 +49,9 @@ __all__ = ["Settings", "get_settings", "create_app", "serve", "SERVER_FILE", "re
 
 log = logging.getLogger("m3search.server")
 
-#: Hard ceilings of the request schema (settings may set lower limits).
-MAX_K = 10_000
-MAX_CANDIDATES = 100_000
 from .cli import SERVER_FILE  # noqa: E402  (file beside the collection's lock: where its server listens)
+from .filters import FilterTooComplexError  # noqa: E402
+from .plan import MAX_CANDIDATES, MAX_K, LimitExceededError, check_limit  # noqa: E402
 
 _MB = 1 << 20
 
@@ -176,11 +176,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         parts = []
         for err in exc.errors()[:5]:
+            if err.get("type") == "json_invalid":  # loc is ("body", char offset)
+                where = err.get("loc", ())[-1]
+                reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+                parts.append(f"body is not valid JSON: {reason} at character {where}")
+                continue
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         more = len(exc.errors()) - 5
         message = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
         return JSONResponse(error_body("invalid_request", message), status_code=422)
+
+    @app.exception_handler(LimitExceededError)
+    @app.exception_handler(FilterTooComplexError)
+    async def over_limit(request: Request, exc: Exception):
+        return JSONResponse(error_body("too_large", str(exc)), status_code=413)
 
     @app.exception_handler(ValueError)
     @app.exception_handler(TypeError)
@@ -355,7 +365,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; no coercion (``true`` is not 1, ``"yes"`` is not true, ``1.0`` is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 TextOrTexts = str | list[str]
@@ -364,7 +376,7 @@ TextOrTexts = str | list[str]
 class EmbeddingsRequest(BaseModel):
     """OpenAI's ``/v1/embeddings`` body. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     input: TextOrTexts = Field(description="A text or a list of texts (token-id arrays are not supported).")
     model: str = Field("bge-m3", description="Accepted whatever it names: this server serves one model.")
     encoding_format: Literal["float", "base64"] = Field(
@@ -458,19 +470,18 @@ _MODE_PATTERN = r"^(all|(dense|sparse|colbert)(\+(dense|sparse|colbert)){0,2})$"
 
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
-    k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
+    k: int = Field(10, ge=1, description=f"Hits to return (at most {MAX_K}; the server may set a lower limit: 413).")
     mode: str = Field(
         "all", pattern=_MODE_PATTERN, description="dense, sparse, colbert, dense+sparse, dense+colbert or all."
     )
     fusion: Literal["weighted", "rrf", "dbsf"] = "weighted"
-    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None, min_length=3, max_length=3, description="(dense, sparse, colbert); default (0.4, 0.2, 0.4)."
     )
     candidates: int | None = Field(
         None,
         ge=1,
-        le=MAX_CANDIDATES,
-        description="Per first-stage list in re-ranking modes (default: the collection's).",
+        description=f"Per first-stage list in re-ranking modes (default: the collection's; at most {MAX_CANDIDATES}).",
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
@@ -698,10 +709,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     @api.post("/search", response_model=SearchResponse, tags=["search"])
     def search(body: SearchRequest, res: CollectionDep, settings: SettingsDep) -> SearchResponse:
         """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain)."""
-        if body.k > settings.max_k:
-            raise HTTPException(413, f"k={body.k} exceeds the limit of {settings.max_k}")
-        if body.candidates is not None and body.candidates > settings.max_candidates:
-            raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
+        check_limit("k", body.k, settings.max_k)
+        if body.candidates is not None:
+            check_limit("candidates", body.candidates, settings.max_candidates)
         hits = res.collection.search(
             body.query,
             k=body.k,
