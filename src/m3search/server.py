@@ -166,6 +166,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "There was an error parsing the body"
+            message = "body is not valid JSON: nested too deeply"
+        elif isinstance(exc.__cause__, ValueError):  # e.g. an integer of more than 4300 digits
+            message = f"body is not valid JSON: {' '.join(str(exc.__cause__).split())[:200]}"
         return JSONResponse(
             error_body(_STATUS_TYPES.get(exc.status_code, "error"), message),
             status_code=exc.status_code,
