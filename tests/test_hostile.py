@@ -85,7 +85,9 @@ def test_int64_edges_filter_exactly(col):
     "flt, words",
     [
         ({"or": [{f"f{i}": i} for i in range(MAX_FILTER_CONDITIONS + 1)]}, "at most 64 field conditions"),
-        ({"n": {"in": list(range(MAX_IN_VALUES + 1))}}, f"at most {MAX_IN_VALUES} values"),
+        ({"n": {"in": [str(i) for i in range(MAX_IN_VALUES + 1)]}}, f"at most {MAX_IN_VALUES} values"),
+        ({"n": {"in": list(range(MAX_FILTER_CONDITIONS + 1))}}, "one per value"),
+        ({"n": {"in": list(range(MAX_FILTER_CONDITIONS))}, "m": 1}, "at most 64 field conditions"),
         ({"x": {"eq": 1, "gt": 0}, "and": [{"y": 1}] * (MAX_FILTER_CONDITIONS - 1)}, "at most 64"),
     ],
 )
@@ -106,6 +108,8 @@ def test_filter_depth_limit_and_the_largest_allowed_filter(client, col):
     assert "nested too deeply" in _error(client.post("/search", content=very_deep, headers=JSON), 400)
     widest = {"or": [{"n": i} for i in range(MAX_FILTER_CONDITIONS)]}
     assert col.count(widest) == len(DOCS)  # the limit itself is accepted and correct
+    assert col.count({"lang": {"in": [str(i) for i in range(MAX_IN_VALUES - 1)] + ["en"]}}) == len(DOCS)
+    assert col.count({"n": {"in": list(range(MAX_FILTER_CONDITIONS))}}) == len(DOCS)
     # An AST built in Python is held to the same limits.
     from m3search.filters import Eq, Or
 

@@ -19,8 +19,9 @@ Grammar (a JSON object; fields address the document's ``metadata``, dotted paths
 be filtered on. ``{}`` and ``None`` mean "no filter" (:func:`parse_filter` returns None).
 
 Limits (checked here, before any engine sees a filter; :class:`FilterTooComplexError`):
-at most :data:`MAX_FILTER_CONDITIONS` field conditions, :data:`MAX_IN_VALUES` values per
-``in`` and :data:`MAX_FILTER_DEPTH` levels of ``and``/``or``/``not``. Why: an engine checks
+at most :data:`MAX_FILTER_CONDITIONS` field conditions (an ``in`` over strings is one, over
+integers one per value), :data:`MAX_IN_VALUES` values per ``in`` and :data:`MAX_FILTER_DEPTH`
+levels of ``and``/``or``/``not``. Why: an engine checks
 each condition against each candidate's stored payload, so a filter's cost is conditions
 times stored bytes (benchmarks/RESULTS.md, "Filter cost"); the limits bound the work one
 request can ask for. Integers must fit in int64 (what engines store, see
@@ -162,12 +163,12 @@ class _Parser:
     def __init__(self) -> None:
         self.conditions = 0
 
-    def _count(self, where: str) -> None:
-        self.conditions += 1
+    def _count(self, where: str, n: int = 1) -> None:
+        self.conditions += n
         if self.conditions > MAX_FILTER_CONDITIONS:
             raise FilterTooComplexError(
                 f"{where}: a filter may hold at most {MAX_FILTER_CONDITIONS} field conditions "
-                "(for many values of one field use {'in': [...]})"
+                "(an 'in' over integers counts one per value)"
             )
 
     @staticmethod
@@ -184,9 +185,9 @@ class _Parser:
         elif isinstance(f, Not):
             self.check_ast(f.item, depth + 1)
         else:
-            self._count("filter")
             if isinstance(f, In):
                 _check_in(f.values, f"filter.{f.field}.in")
+            self._count("filter", _weight(f))
 
     def object(self, obj: Any, where: str, depth: int) -> Filter:
         if not isinstance(obj, Mapping):
@@ -225,8 +226,9 @@ class _Parser:
             self._count(at)
             parts.append(Eq(field, _check_scalar(spec["eq"], f"{at}.eq")))
         if "in" in spec:
-            self._count(at)
-            parts.append(In(field, _check_in(spec["in"], f"{at}.in")))
+            node = In(field, _check_in(spec["in"], f"{at}.in"))
+            self._count(at, _weight(node))
+            parts.append(node)
         bounds = {}
         for op in RANGE_OPS:
             if op in spec:
@@ -237,6 +239,12 @@ class _Parser:
             self._count(at)
             parts.append(Range(field, **bounds))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def _weight(f: Filter) -> int:
+    """Conditions a leaf costs: an ``in`` over integers is checked value by value (a stored 2.0
+    equals 2, so engines add a numeric range per value), any other leaf is one condition."""
+    return len(f.values) if isinstance(f, In) and not isinstance(f.values[0], str) else 1
 
 
 def _short(value: Any, limit: int = 80) -> str:
