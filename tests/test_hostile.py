@@ -311,3 +311,14 @@ def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
         assert words in json.loads(proc.stdout)["error"]["message"]
     proc = cli("search", "q", "-c", str(coll), "-k", "1000000000")
     assert proc.returncode == 1 and f"exceeds the limit of {MAX_K}" in _one_error_line(proc)
+
+
+def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    record = {"pid": os.getpid(), "url": "http://127.0.0.1:9", "host": "127.0.0.1", "port": 9}
+    (served / "server.json").write_text(json.dumps(record))  # a live pid: this test process
+    proc = cli("migrate", str(served), str(tmp_path / "copy"), "--json")
+    line = _one_error_line(proc)
+    assert proc.returncode == 1 and f"served by process {os.getpid()}" in line and "stop that server" in line
+    assert "m3search serve" not in line and json.loads(proc.stdout)["error"]["exit_code"] == 1
