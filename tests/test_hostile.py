@@ -322,3 +322,33 @@ def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
     line = _one_error_line(proc)
     assert proc.returncode == 1 and f"served by process {os.getpid()}" in line and "stop that server" in line
     assert "m3search serve" not in line and json.loads(proc.stdout)["error"]["exit_code"] == 1
+
+
+def test_index_failing_mid_write_says_what_was_written(tmp_path, tiny_model_path, monkeypatch):
+    """A write that fails after pass 1 (disk, engine, server) reports the records written; a rerun finishes."""
+    from click.testing import CliRunner
+
+    from m3search import cli as cli_module
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"_id": str(i), "text": f"text {i}"}) + "\n" for i in range(1, 301)))
+    coll = tmp_path / "coll"
+    real, calls = cli_module._Local.upsert, []
+
+    def failing(self, records):
+        calls.append(len(records))
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        return real(self, records)
+
+    monkeypatch.setattr(cli_module._Local, "upsert", failing)
+    args = ["index", str(src), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "100", "--dtype", "float32"]
+    out = CliRunner().invoke(cli_module.main, args)
+    assert out.exit_code == 1
+    assert f"No space left on device; the first 200 records of {src} were written; run the same command" in out.output
+    with Collection.open(coll) as c:
+        assert c.count() == 200
+    monkeypatch.setattr(cli_module._Local, "upsert", real)
+    assert CliRunner().invoke(cli_module.main, args).exit_code == 0
+    with Collection.open(coll) as c:
+        assert c.count() == 300
