@@ -120,13 +120,20 @@ def storable(v, depth: int = 0) -> bool:
 
 
 def same(a, b) -> bool:
-    """Equal with the same JSON types (1 is not 1.0, True is not 1)."""
+    """Equal with the same JSON types (1 is not 1.0, True is not 1).
+
+    Floats: equal or 1 ULP apart. Qdrant Edge's payload storage changes ~10 % of float64 values
+    by one ULP (test_hostile.py::test_qdrant_edge_float_metadata_round_trip records it, strict
+    xfail): this campaign checks everything else exactly and that defect separately.
+    """
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == b or math.nextafter(a, b) == b
     return a == b
 
 
@@ -200,6 +207,7 @@ def check_filter(world, flt) -> None:
 def check_metadata(world, meta) -> None:
     col, _, _, emb, client = world
     CASES["metadata"] += 1
+    col.delete(["probe"])
     before = col.count()
     meta = {} if meta is None else meta  # None means "no metadata" (documented)
     ok = isinstance(meta, dict) and storable(meta)
@@ -212,8 +220,11 @@ def check_metadata(world, meta) -> None:
         assert ok, meta
         assert same(col.get(["probe"])[0].metadata, meta)
         col.delete(["probe"])
-    # The same value through HTTP (JSON cannot carry NaN/inf in strict encoders: send it as Python does).
+    # The same value through HTTP, as Python's json sends it (NaN as NaN; a surrogate pair as \\ud8xx\\udcxx,
+    # which JSON decodes to one valid character: the server sees what json.loads gives back).
     body = json.dumps({"documents": [{"id": "probe", "text": "probe", "metadata": meta}], "upsert": True})
+    meta = json.loads(json.dumps(meta))
+    ok = isinstance(meta, dict) and storable(meta)
     r = client.post("/documents", content=body, headers=JSON)
     assert r.status_code < 500 and "Traceback" not in r.text, r.text
     if r.status_code == 200:

@@ -352,3 +352,25 @@ def test_index_failing_mid_write_says_what_was_written(tmp_path, tiny_model_path
     assert CliRunner().invoke(cli_module.main, args).exit_code == 0
     with Collection.open(coll) as c:
         assert c.count() == 300
+
+
+def test_filter_fields_qdrant_cannot_parse_unquoted(col):
+    col.upsert(["odd"], ids=["odd"], metadata=[{":": 1, "x y": "q", "m": {"k:1": 2}, "é": 3}])
+    try:
+        assert col.count({":": 1}) == col.count({"x y": "q"}) == col.count({"m.k:1": 2}) == col.count({"é": 3}) == 1
+    finally:
+        col.delete(["odd"])
+
+
+@pytest.mark.xfail(strict=True, reason="Qdrant Edge's payload storage changes ~10 % of float64 values by 1 ULP")
+def test_qdrant_edge_float_metadata_round_trip(col):
+    """Found by the campaign: 0.1 + 0.2-style and uniform random floats come back 1 ULP off
+    (~10 % of them; RESULTS.md 'Hostile input'). Recorded here so the day it is fixed, this fails."""
+    import numpy as np
+
+    values = [float(x) for x in np.random.default_rng(1).random(200)]
+    col.upsert(["floats"], ids=["floats"], metadata=[{"v": values}])
+    try:
+        assert col.get(["floats"])[0].metadata["v"] == values
+    finally:
+        col.delete(["floats"])

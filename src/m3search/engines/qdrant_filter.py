@@ -22,12 +22,15 @@ conditions is faster; :mod:`m3search.filters` caps how many one filter may hold.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
 
 __all__ = ["Dialect", "to_qdrant"]
+
+_PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
 
 class Dialect(Protocol):
@@ -60,6 +63,12 @@ def to_qdrant(f: Filter | None, dialect: Dialect, prefix: str = "metadata.") -> 
     return node if dialect.is_filter(node) else dialect.filter(must=[node])
 
 
+def _json_path(field: str) -> str:
+    """``field`` as a Qdrant JSON path: segments other than plain names are quoted (``a."x:y"``), since
+    Qdrant's path parser refuses ``:``, spaces and the like unquoted (the grammar excludes ``"``)."""
+    return ".".join(seg if _PLAIN.fullmatch(seg) else f'"{seg}"' for seg in field.split("."))
+
+
 def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
     if isinstance(f, And):
         return d.filter(must=[_condition(x, d, prefix) for x in f.items])
@@ -67,7 +76,7 @@ def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
         return d.filter(should=[_condition(x, d, prefix) for x in f.items])
     if isinstance(f, Not):
         return d.filter(must_not=[_condition(f.item, d, prefix)])
-    key = prefix + f.field
+    key = prefix + _json_path(f.field)
     if isinstance(f, Eq):
         v = f.value
         if isinstance(v, float):
