@@ -122,9 +122,10 @@ def storable(v, depth: int = 0) -> bool:
 def same(a, b) -> bool:
     """Equal with the same JSON types (1 is not 1.0, True is not 1).
 
-    Floats: equal or 1 ULP apart. Qdrant Edge's payload storage changes ~10 % of float64 values
-    by one ULP (test_hostile.py::test_qdrant_edge_float_metadata_round_trip records it, strict
-    xfail): this campaign checks everything else exactly and that defect separately.
+    Floats: equal or at most 2 ULP apart. Qdrant Edge's payload storage changes ~10 % of float64
+    values by 1-2 ULP (benchmarks/float_roundtrip.py; test_hostile.py::
+    test_qdrant_edge_float_metadata_round_trip records it as a strict xfail): this campaign checks
+    everything else exactly and that defect separately.
     """
     if type(a) is not type(b):
         return False
@@ -133,7 +134,7 @@ def same(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, float):
-        return a == b or math.nextafter(a, b) == b
+        return a == b or abs(a - b) <= 2 * math.ulp(max(abs(a), abs(b)))
     return a == b
 
 

@@ -143,7 +143,7 @@ def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None) -> 
     Only values every engine stores exactly are accepted: strings (valid Unicode), bools,
     None, finite floats, integers within int64 (larger ones came back as floats), and
     objects / lists of them up to :data:`MAX_METADATA_DEPTH` levels. Returns deep copies.
-    Known gap: Qdrant Edge returns ~10 % of floats one ULP off (benchmarks/RESULTS.md, "Hostile input").
+    Known gap: Qdrant Edge returns ~10 % of floats 1-2 ULP off (benchmarks/RESULTS.md, "Hostile input").
     """
     if metadata is None:
         return [{} for _ in range(n)]
