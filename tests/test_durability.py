@@ -25,7 +25,7 @@ from m3search.testing import BUILTIN_TEXTS
 
 BATCH = 16
 POOL = 64
-ROUNDS = 20
+ROUNDS = 50  # issue 12: 50 kill -9 rounds in the heavy suite
 
 CHILD = textwrap.dedent(
     """

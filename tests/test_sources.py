@@ -89,7 +89,7 @@ def test_folder_ids_are_relative_paths(tmp_path):
     assert recs[0].text == "# Title\nbody" and recs[1].metadata == {"path": "sub/a.txt"}
     assert count_records(tmp_path) == 2
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin1.txt:1: not UTF-8 text .*byte 0xe9, byte 3 of the file"):
         list(read_source(tmp_path))
 
 
@@ -106,3 +106,77 @@ def test_batches_and_duplicates():
     assert [len(b) for b in iter_batches(recs, 2)] == [2, 2, 1]
     with pytest.raises(ValueError, match=r"duplicate ids.*'1'"):
         list(iter_batches([Record("1", "a"), Record("1", "b")], 10))
+
+
+# ---------------------------------------------------------------- messages name the place (issue 12)
+
+
+def test_bad_byte_names_file_line_and_offset(tmp_path):
+    p = tmp_path / "c.jsonl"
+    good = '{"_id": "%d", "text": "t"}\n'
+    body = "".join(good % i for i in range(1, 280)).encode()
+    p.write_bytes(body + b'{"_id": "280", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError) as exc:
+        list(read_source(p))
+    msg = str(exc.value)
+    assert msg.startswith("c.jsonl:280: not UTF-8 text") and "0xe9" in msg
+    assert f"column 28, byte {len(body) + 27} of the file" in msg
+
+
+def test_bad_byte_in_csv_names_line(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_bytes(b'id,text\n1,"two\nlines"\n2,caf\xe9\n')
+    with pytest.raises(ValueError, match=r"c.csv:4: not UTF-8"):
+        list(read_source(p))
+
+
+def test_csv_record_errors_name_the_physical_line(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text('id,text\n1,"two\nlines"\n2,a,extra\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c.csv:4 \(record 2\): more cells"):
+        list(read_source(p))
+
+
+def test_lone_surrogate_names_line_and_document(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"_id": "a", "text": "ok"}\n{"_id": "b", "text": "x\\ud800y"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: text of document 'b': not valid Unicode.*character 1"):
+        list(read_source(p))
+    p.write_text('{"_id": "a", "text": "ok", "tag": "\\udfff"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: metadata of document 'a'.tag: not valid Unicode"):
+        list(read_source(p))
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"_id": "a", "text": "t", "n": 18446744073709551616}', "metadata of document 'a'.n: integer out of range"),
+        ('{"_id": "a", "text": "t", "m": {"k": [1, -9223372036854775809]}}', "'a'.m.k[1]: integer out of range"),
+        ('{"_id": "a", "text": "t", "n": ' + "9" * 5000 + "}", "invalid JSON"),
+        ('{"_id": "a", "text": "t", "n": NaN}', "is not a JSON number"),
+        ("[" * 100000, "invalid JSON"),
+    ],
+)
+def test_unstorable_values_are_refused_with_their_field(tmp_path, line, words):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"_id": "ok", "text": "t"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as exc:
+        list(read_source(p))
+    assert str(exc.value).startswith("c.jsonl:2: ") and words in str(exc.value)
+
+
+def test_int64_edges_are_kept(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"_id": "a", "text": "t", "lo": -9223372036854775808, "hi": 9223372036854775807}\n')
+    assert list(read_source(p))[0].metadata == {"lo": -(2**63), "hi": 2**63 - 1}
+
+
+def test_check_source_reads_to_the_end_without_keeping(tmp_path):
+    from m3search.sources import check_source
+
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(f'{{"_id": "{i}", "text": "t"}}\n' for i in range(7)))
+    assert check_source(read_source(p), 3) == 7
+    p.write_text(p.read_text() + '{"_id": \n')
+    with pytest.raises(ValueError, match="c.jsonl:8: invalid JSON"):
+        check_source(read_source(p), 3)

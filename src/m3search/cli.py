@@ -5,8 +5,10 @@ done by :mod:`m3search.collection`, :mod:`m3search.server` and :mod:`m3search.ev
 imported only when its command runs, so ``m3search --help`` starts fast.
 
 Output: human-readable text on stdout, progress bars on stderr, and with ``--json``
-exactly one JSON object on stdout. Errors end the command with a one-line message
-(exit code 1) instead of a traceback; set ``M3SEARCH_DEBUG=1`` to see the traceback.
+exactly one JSON object on stdout. Errors end the command with one ``Error: ...`` line on
+stderr (exit code 1; 2 for a bad option) instead of a traceback, and with ``--json`` also
+``{"error": {"type", "message", "exit_code"}}`` on stdout; set ``M3SEARCH_DEBUG=1`` to see the
+traceback.
 
 One process owns an embedded collection. While ``m3search serve`` holds one, it records
 its address in ``<collection>/server.json``; ``search``, ``index``, ``delete`` and ``info``
@@ -46,10 +48,27 @@ def _errors() -> Iterator[None]:
     except Exception as exc:
         if os.environ.get("M3SEARCH_DEBUG"):
             raise
-        message = str(exc) or type(exc).__name__
+        message = " ".join((str(exc) or type(exc).__name__).split())  # one line, whatever the library said
         if not isinstance(exc, (ValueError, TypeError, OSError, ImportError, RuntimeError, LookupError)):
             message = f"{type(exc).__name__}: {message} (set M3SEARCH_DEBUG=1 for the traceback)"
         raise click.ClickException(message) from None
+
+
+class _Main(click.Group):
+    """The command group; with ``--json`` among the arguments, an error is also a JSON object on stdout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["m3search.json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.meta.get("m3search.json"):
+                kind = "usage" if isinstance(exc, click.UsageError) else "error"
+                _emit({"error": {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code}})
+            raise
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -65,9 +84,18 @@ def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, floa
         weights = tuple(float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
-    if len(weights) != 3:
-        raise click.BadParameter(f"expected three numbers (dense,sparse,colbert), got {len(weights)}")
-    return weights  # type: ignore[return-value]
+    from .plan import check_weights  # the library's rule, as a usage error (exit 2)
+
+    try:
+        return check_weights(weights)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _divisor_at_most(size: int, limit: int) -> int:
+    """The largest divisor of ``size`` not above ``limit``: batches of it nest in batches of ``size``,
+    so the duplicate-id check of the first pass (over ``size``) covers every smaller write."""
+    return next(d for d in range(min(size, limit), 0, -1) if size % d == 0)
 
 
 def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
@@ -316,7 +344,7 @@ device_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="m3search", prog_name="m3search")
 def main() -> None:
     """BGE-M3 hybrid retrieval: dense + sparse + ColBERT from one forward pass, indexed, searched, fused."""
@@ -377,25 +405,30 @@ def index(
     """Index SOURCE (JSONL, CSV/TSV or a folder of .txt/.md) into the collection.
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
+
+    The whole source is read and checked before the first write, so a bad record leaves the collection as it was.
     """
     with _errors():
         from tqdm import tqdm
 
-        from .sources import count_records, iter_batches, read_source
+        from .sources import check_source, count_records, iter_batches, read_source
 
-        records = read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
+        def records():
+            return read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
+
         t0 = time.perf_counter()
+        check_source(records(), batch_size)  # pass 1: every record parsed and checked, none kept
         layout = {
             k: v for k, v in (("window", window), ("stride", stride), ("max_windows", max_windows)) if v is not None
         }
         target = _open_target(
             collection, model=model, api_key=api_key, create=True, device=device, dtype=dtype, settings=layout
         )
+        n = 0
         try:
             if isinstance(target, _Remote):
                 target.info()
-                batch_size = min(batch_size, int(target.limits.get("max_batch", batch_size)))
-            n = 0
+                batch_size = _divisor_at_most(batch_size, int(target.limits.get("max_batch", batch_size)))
             with (
                 tqdm(
                     total=count_records(source),
@@ -407,12 +440,20 @@ def index(
                 ) as bar,
                 _truncation_summary() as tally,
             ):
-                for batch in iter_batches(records, batch_size):
+                for batch in iter_batches(records(), batch_size):
                     target.upsert(batch)
                     n += len(batch)
                     tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
+        except Exception as exc:  # pass 2 failed (engine, disk, server): say exactly what is in the collection
+            if os.environ.get("M3SEARCH_DEBUG"):
+                raise
+            message = " ".join((str(exc) or type(exc).__name__).split())
+            done = f"the first {n} records of {source} were written" if n else "nothing was written"
+            raise click.ClickException(
+                f"{message}; {done}; run the same command again to finish (it overwrites by id)"
+            ) from None
         finally:
             target.close()
         seconds = time.perf_counter() - t0
@@ -874,6 +915,14 @@ def migrate(src, dst, batch_size, as_json):
     Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
     """
     with _errors():
+        for end in (src, dst):
+            record = serverfile.live(Path(end))
+            if record is not None:
+                raise click.ClickException(
+                    f"collection {end} is served by process {record.get('pid')} at {record.get('url')}; "
+                    "migrate opens the folder itself: stop that server (Ctrl-C, or kill "
+                    f"{record.get('pid')}), run migrate, then serve again"
+                )
         from .migrate import migrate as run_migrate
 
         out = run_migrate(src, dst, batch_size=batch_size)

@@ -27,6 +27,7 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -59,7 +60,7 @@ from m3search.errors import (
     ModelMismatchError,
     UnknownIdError,
 )
-from m3search.filters import parse_filter
+from m3search.filters import INT64_MAX, INT64_MIN, parse_filter
 from m3search.fusion import contributions, order, ranks
 from m3search.plan import (
     DEFAULT_CANDIDATES,
@@ -67,6 +68,7 @@ from m3search.plan import (
     MODES,
     SearchPlan,
     check_query,
+    check_text,
     check_texts,
     check_weights,
     parse_mode,
@@ -174,10 +176,24 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
     bad = [i for i in ids if not isinstance(i, str)]
     if bad:
         raise TypeError(f"{name} must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+    for i in ids:
+        check_text(i, f"id {i!r}")
     return ids
 
 
-def _check_metadata(metadata: Any, n: int) -> list[dict]:
+#: Deepest nesting of objects and lists in one document's metadata. Qdrant stores deeper
+#: values but then fails to read *any* payload back (serde_json's recursion limit, 128).
+MAX_METADATA_DEPTH = 32
+
+
+def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None) -> list[dict]:
+    """One plain-JSON dict per document, or an error naming the document and field.
+
+    Only values every engine stores exactly are accepted: strings (valid Unicode), bools,
+    None, finite floats, integers within int64 (larger ones came back as floats), and
+    objects / lists of them up to :data:`MAX_METADATA_DEPTH` levels. Returns deep copies.
+    Known gap: Qdrant Edge returns ~10 % of floats 1-2 ULP off (benchmarks/RESULTS.md, "Hostile input").
+    """
     if metadata is None:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
@@ -187,15 +203,39 @@ def _check_metadata(metadata: Any, n: int) -> list[dict]:
         raise ValueError(f"{n} texts but {len(metadata)} metadata entries")
     out = []
     for i, m in enumerate(metadata):
+        where = f"metadata of document {ids[i]!r}" if ids is not None else f"metadata[{i}]"
         if m is None:
             m = {}
-        if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):
-            raise TypeError(f"metadata[{i}] must be a dict with string keys, got {m!r}")
-        try:
-            out.append(json.loads(json.dumps(m, allow_nan=False)))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"metadata[{i}] is not JSON-serializable: {exc}") from None
+        if not isinstance(m, dict):
+            raise TypeError(f"{where} must be a dict with string keys, got {type(m).__name__}")
+        out.append(_metadata_value(m, where, 0))
     return out
+
+
+def _metadata_value(v: Any, where: str, depth: int) -> Any:
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        return check_text(v, where)
+    if isinstance(v, int):
+        if not INT64_MIN <= v <= INT64_MAX:
+            shown = str(v) if abs(v) < 10**30 else "an integer of more than 30 digits"
+            raise ValueError(f"{where}: integer out of range (must fit in 64 bits: -2**63 .. 2**63-1), got {shown}")
+        return int(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: {v!r} is not a JSON number (use a finite float or a string)")
+        return float(v)
+    if isinstance(v, (dict, list, tuple)):
+        if depth >= MAX_METADATA_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels")
+        if isinstance(v, dict):
+            bad = next((k for k in v if not isinstance(k, str)), None)
+            if bad is not None:
+                raise TypeError(f"{where}: keys must be strings, got {bad!r}")
+            return {check_text(k, where): _metadata_value(x, f"{where}.{k}", depth + 1) for k, x in v.items()}
+        return [_metadata_value(x, f"{where}[{j}]", depth + 1) for j, x in enumerate(v)]
+    raise TypeError(f"{where}: {type(v).__name__} is not a JSON value (str, int, float, bool, None, dict, list)")
 
 
 class Collection:
@@ -513,6 +553,7 @@ class Collection:
     def _ingest(self, texts, ids, metadata, embeddings, batch_size, show_progress, *, overwrite: bool) -> list[str]:
         texts = check_texts(texts)
         n = len(texts)
+        named = ids is not None  # errors name the caller's ids, else the position
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(n)]
         else:
@@ -529,7 +570,9 @@ class Collection:
                         dup.append(x)
                     seen.add(x)
                 raise ValueError(f"duplicate ids in one call: {dup[:10]}")
-        meta = _check_metadata(metadata, n)
+        for i, (doc_id, text) in enumerate(zip(ids, texts)):  # the tokenizer's own error names neither
+            check_text(text, f"text of document {doc_id!r}" if named else f"texts[{i}]")
+        meta = _check_metadata(metadata, n, ids if named else None)
         if embeddings is not None:
             if len(embeddings) != n:
                 raise ValueError(f"{n} texts but embeddings for {len(embeddings)}")
@@ -639,7 +682,7 @@ class Collection:
         takes one value per call), so a crash part-way leaves some documents updated.
         """
         ids = list(dict.fromkeys(_as_id_list(ids)))
-        meta = _check_metadata([metadata] * len(ids) if isinstance(metadata, dict) else metadata, len(ids))
+        meta = _check_metadata([metadata] * len(ids) if isinstance(metadata, dict) else metadata, len(ids), ids)
         with self._lock:
             present = self._existing(ids)
             missing = [i for i in ids if i not in present]

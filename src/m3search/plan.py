@@ -41,10 +41,14 @@ __all__ = [
     "FUSIONS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_CANDIDATES",
+    "MAX_K",
+    "MAX_CANDIDATES",
+    "LimitExceededError",
     "SearchPlan",
     "parse_mode",
     "check_weights",
     "check_query",
+    "check_text",
     "check_texts",
 ]
 
@@ -75,6 +79,15 @@ DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)
 #: collection (also the paper's choice); query time grows about linearly with C.
 DEFAULT_CANDIDATES = 200
 
+#: Most hits one search may ask for (library, CLI and HTTP; a server may set a lower limit).
+MAX_K = 10_000
+#: Most candidates per first-stage list.
+MAX_CANDIDATES = 100_000
+
+
+class LimitExceededError(ValueError):
+    """``k`` or ``candidates`` above its limit (HTTP answers 413, like any other size limit)."""
+
 
 def parse_mode(mode: Any) -> tuple[str, ...]:
     """``"dense+colbert"`` -> ``("dense", "colbert")`` (canonical order); ValueError if unknown."""
@@ -101,15 +114,19 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     if weights is None:
         return DEFAULT_WEIGHTS
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}")
+        raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"[:200])
     if len(weights) != 3:
         raise ValueError(
             f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}"
         )
     out = []
     for name, w in zip(MODES, weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"weight for {name} must be a finite number, got {w!r}")
+        try:
+            ok = not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w)
+        except OverflowError:  # an int too large for a float
+            ok = False
+        if not ok:
+            raise ValueError(f"weight for {name} must be a finite number, got {w!r}"[:200])
         if w < 0:
             raise ValueError(f"weight for {name} must not be negative, got {w!r}")
         out.append(float(w))
@@ -124,6 +141,7 @@ def check_query(query: Any) -> str:
         raise TypeError(f"query must be a string, not {type(query).__name__}")
     if not query.strip():
         raise ValueError("query is empty")
+    check_text(query, "query")
     return query
 
 
@@ -150,9 +168,28 @@ def check_texts(texts: Any) -> list[str]:
     return texts
 
 
-def _positive_int(name: str, v: Any) -> int:
+def check_text(text: str, what: str) -> str:
+    """``text`` if UTF-8 can encode it; a lone surrogate (JSON ``"\\ud800"``) is a ValueError naming ``what``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what}: not valid Unicode text (lone surrogate {text[exc.start]!r} at character {exc.start})"
+        ) from None
+    return text
+
+
+def _positive_int(name: str, v: Any, limit: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        raise ValueError(f"{name} must be a positive integer, got {v!r}"[:200])
+    return check_limit(name, v, limit)
+
+
+def check_limit(name: str, v: int, limit: int) -> int:
+    """``v`` if it is at most ``limit``, else :class:`LimitExceededError` (the message stays short)."""
+    if v > limit:
+        shown = str(v) if v < 10**30 else "a number with more than 30 digits"
+        raise LimitExceededError(f"{name}={shown} exceeds the limit of {limit}")
     return v
 
 
@@ -183,14 +220,16 @@ class SearchPlan:
         default_weights: Sequence[float] = DEFAULT_WEIGHTS,
     ) -> SearchPlan:
         modes = parse_mode(mode)
-        if fusion not in FUSIONS:
+        if not isinstance(explain, bool):
+            raise TypeError(f"explain must be true or false, not {type(explain).__name__}")
+        if not isinstance(fusion, str) or fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         w = check_weights(default_weights if weights is None else weights)
         if sum(w[MODES.index(m)] for m in modes) <= 0:
             raise ValueError(f"weights {w} give zero total weight to the modes of {mode!r}")
-        k = _positive_int("k", k)
-        c = default_candidates if candidates is None else _positive_int("candidates", candidates)
-        return cls(modes, fusion, w, k, max(c, k), parse_filter(filter), bool(explain))
+        k = _positive_int("k", k, MAX_K)
+        c = default_candidates if candidates is None else _positive_int("candidates", candidates, MAX_CANDIDATES)
+        return cls(modes, fusion, w, k, max(c, k), parse_filter(filter), explain)
 
     @property
     def reranks(self) -> bool:

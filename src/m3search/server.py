@@ -9,7 +9,8 @@ settings from a cached getter (``get_settings``) that tests override.
 
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
-unknown document -> 404, duplicate ids -> 409, body or batch too large -> 413. A bug
+unknown document -> 404, duplicate ids -> 409, body, batch, ``k``, ``candidates`` or filter over
+its limit -> 413. Request models are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug
 still answers the same shape with 500 and no stack trace (the log keeps it).
 
 One process owns an embedded collection. ``serve`` records its address in
@@ -47,17 +48,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import DuplicateIdError, M3SearchError, UnknownIdError
+from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
-from .plan import FUSIONS, MODES, PRESETS, check_query
+from .plan import FUSIONS, MAX_CANDIDATES, MAX_K, MODES, PRESETS, LimitExceededError, check_limit, check_query
 from .tei import make_router as tei_router
 
 __all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
 
 log = logging.getLogger("m3search.server")
 
-#: Hard ceilings of the request schema (settings may set lower limits).
-MAX_K = 10_000
-MAX_CANDIDATES = 100_000
 
 _MB = 1 << 20
 
@@ -186,6 +185,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "There was an error parsing the body"
+            message = "body is not valid JSON: nested too deeply"
+        elif isinstance(exc.__cause__, ValueError):  # e.g. an integer of more than 4300 digits
+            message = f"body is not valid JSON: {' '.join(str(exc.__cause__).split())[:200]}"
         return JSONResponse(
             error_body(_STATUS_TYPES.get(exc.status_code, "error"), message),
             status_code=exc.status_code,
@@ -196,11 +199,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         parts = []
         for err in exc.errors()[:5]:
+            if err.get("type") == "json_invalid":  # loc is ("body", char offset)
+                where = err.get("loc", ())[-1]
+                reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+                parts.append(f"body is not valid JSON: {reason} at character {where}")
+                continue
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         more = len(exc.errors()) - 5
         message = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
         return JSONResponse(error_body("invalid_request", message), status_code=422)
+
+    @app.exception_handler(LimitExceededError)
+    @app.exception_handler(FilterTooComplexError)
+    async def over_limit(request: Request, exc: Exception):
+        return JSONResponse(error_body("too_large", str(exc)), status_code=413)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull):
@@ -387,7 +400,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; no coercion (``true`` is not 1, ``"yes"`` is not true, ``1.0`` is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 TextOrTexts = str | list[str]
@@ -396,7 +411,7 @@ TextOrTexts = str | list[str]
 class EmbeddingsRequest(BaseModel):
     """OpenAI's ``/v1/embeddings`` body. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     input: TextOrTexts = Field(description="A text or a list of texts (token-id arrays are not supported).")
     model: str = Field("bge-m3", description="Accepted whatever it names: this server serves one model.")
     encoding_format: Literal["float", "base64"] = Field(
@@ -493,7 +508,7 @@ _MODE_PATTERN = rf"^(all|({'|'.join(MODES)})(\+({'|'.join(MODES)})){{0,2}})$"
 
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
-    k: int = Field(10, ge=1, le=MAX_K, description="Hits to return (the server may set a lower limit).")
+    k: int = Field(10, ge=1, description=f"Hits to return (at most {MAX_K}; the server may set a lower limit: 413).")
     # mode / fusion / weights / candidates left out: the collection's defaults (`m3search tune` may set them)
     mode: str | None = Field(
         None,
@@ -503,14 +518,13 @@ class SearchRequest(_Strict):
     fusion: Literal[FUSIONS] | None = Field(  # type: ignore[valid-type]
         None, description=f"{', '.join(FUSIONS)} (default: the collection's, weighted)."
     )
-    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None, min_length=3, max_length=3, description="(dense, sparse, colbert); default: the collection's."
     )
     candidates: int | None = Field(
         None,
         ge=1,
-        le=MAX_CANDIDATES,
-        description="Per first-stage list in re-ranking modes (default: the collection's).",
+        description=f"Per first-stage list in re-ranking modes (default: the collection's; at most {MAX_CANDIDATES}).",
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
@@ -764,10 +778,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         body: SearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> SearchResponse:
         """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain)."""
-        if body.k > settings.max_k:
-            raise HTTPException(413, f"k={body.k} exceeds the limit of {settings.max_k}")
-        if body.candidates is not None and body.candidates > settings.max_candidates:
-            raise HTTPException(413, f"candidates={body.candidates} exceeds the limit of {settings.max_candidates}")
+        check_limit("k", body.k, settings.max_k)
+        if body.candidates is not None:
+            check_limit("candidates", body.candidates, settings.max_candidates)
         coll = res.collection
         options = dict(
             k=body.k,

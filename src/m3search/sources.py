@@ -13,6 +13,12 @@ Field rules (JSONL and CSV alike):
 * text: the ``--text-field`` values joined with a space and stripped; by default
   ``title`` and ``text`` (BEIR's ``(title + " " + text).strip()``), or ``text`` alone.
 * metadata: every other field. A ``metadata`` object (BEIR's corpus has one) is merged in.
+
+Every record is checked as it is read, by the collection's own rules (text and metadata
+values it can store exactly), and an error names the place: ``file:line`` (the physical
+line, also for a byte that is not UTF-8), the field, and the document id. So reading a
+source to its end, as :func:`check_source` does, proves that writing it will not fail on
+its content: ``m3search index`` does that before its first write.
 """
 
 from __future__ import annotations
@@ -25,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Record", "read_source", "read_jsonl", "read_table", "read_folder", "iter_batches", "count_records"]
+__all__ = [
+    "Record",
+    "read_source",
+    "read_jsonl",
+    "read_table",
+    "read_folder",
+    "iter_batches",
+    "count_records",
+    "check_source",
+]
 
 #: File suffixes read from a folder source.
 FOLDER_SUFFIXES = (".txt", ".md")
@@ -87,20 +102,44 @@ def read_jsonl(
 ) -> Iterator[Record]:
     """JSON Lines, one object per line; blank lines are skipped."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        number = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            number += 1
-            where = f"{path.name}:{lineno}"
+    number = 0
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        number += 1
+        where = f"{path.name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield _to_record(obj, number, where, id_field, text_fields)
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, read as bytes so that a bad byte names its line.
+
+    A UTF-8 BOM is skipped; line endings are kept (the csv module needs them).
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield _to_record(obj, number, where, id_field, text_fields)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path.name}:{lineno}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}, byte {offset + e.start} of the file)"
+                ) from None
+            offset += len(raw)
+            yield lineno, line
 
 
 def read_table(
@@ -109,16 +148,18 @@ def read_table(
     """CSV (comma) or TSV (tab) with a header row. Integer/decimal metadata cells become numbers."""
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter)
+    try:
         if not reader.fieldnames:
             raise ValueError(f"{path.name}: empty file (a header row is required)")
         for number, row in enumerate(reader, 1):
-            where = f"{path.name}: record {number}"
+            where = f"{path.name}:{reader.line_num} (record {number})"
             if None in row:
                 raise ValueError(f"{where}: more cells than header columns")
             obj = {k: ("" if v is None else v) for k, v in row.items()}
             yield _to_record(obj, number, where, id_field, text_fields, cells=True)
+    except csv.Error as e:
+        raise ValueError(f"{path.name}:{reader.line_num}: invalid {path.suffix[1:].upper()} ({e})") from None
 
 
 def read_folder(path: str | Path) -> Iterator[Record]:
@@ -126,11 +167,25 @@ def read_folder(path: str | Path) -> Iterator[Record]:
     path = Path(path)
     for file in _folder_files(path):
         rel = file.relative_to(path).as_posix()
+        raw = file.read_bytes()
         try:
-            text = file.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{rel}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        yield Record(id=rel, text=text.strip(), metadata={"path": rel})
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(
+                f"{rel}:{line}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x}, byte {e.start} of the file)"
+            ) from None
+        text = text.replace("\r\n", "\n").replace("\r", "\n").strip()  # as read_text's universal newlines
+        yield _checked(Record(id=rel, text=text, metadata={"path": rel}), rel)
+
+
+def check_source(records: Iterable[Record], batch_size: int) -> int:
+    """Read every record (and batch) to the end, keeping none; returns how many there are.
+
+    The first pass of ``m3search index``: any error it raises would have stopped the
+    write pass part-way, so running it first means an error leaves the collection as it was.
+    """
+    return sum(len(batch) for batch in iter_batches(records, batch_size))
 
 
 def iter_batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -212,7 +267,21 @@ def _to_record(
             metadata.update(v)
         else:
             metadata[k] = _parse_number(v) if cells else v
-    return Record(id=doc_id, text=text, metadata=metadata)
+    return _checked(Record(id=doc_id, text=text, metadata=metadata), where)
+
+
+def _checked(rec: Record, where: str) -> Record:
+    """``rec`` if the collection will take it; else ValueError/TypeError prefixed with ``where``."""
+    from m3search.collection import _check_metadata
+    from m3search.plan import check_text
+
+    try:
+        check_text(rec.id, "id")
+        check_text(rec.text, f"text of document {rec.id!r}")
+        rec.metadata = _check_metadata([rec.metadata], 1, [rec.id])[0]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return rec
 
 
 def _parse_number(value: str) -> Any:

@@ -8,20 +8,29 @@ only builds its client's objects. The mapping:
 * ``and`` / ``or`` / ``not`` -> ``Filter(must=...)`` / ``Filter(should=...)`` / ``Filter(must_not=...)``.
 * A float equality -> the closed range ``[v, v]`` (Qdrant matches keywords, integers and
   bools, not floats).
-* An integer equality or ``in`` over integers -> the match OR one ``[v, v]`` range per
-  value, because the grammar counts a stored ``2.0`` equal to ``2`` (see
-  :func:`m3search.filters.matches`) and Qdrant's integer match does not.
+* An integer equality -> the range ``[v, v]`` alone, which holds for a stored ``2`` and
+  ``2.0`` alike (the grammar counts them equal, see :func:`m3search.filters.matches`):
+  one condition, so one payload read per point, not two. Beyond 2**53, where float64
+  is not exact, the integer match alone.
+* ``in`` over integers -> the match OR one ``[v, v]`` range per value exact in float64.
 * Strings and bools -> plain matches.
+
+Cost: Qdrant Edge reads a point's whole payload (text included) once per condition
+that no payload index answers (benchmarks/RESULTS.md, "Filter cost"), so fewer
+conditions is faster; :mod:`m3search.filters` caps how many one filter may hold.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
 
 __all__ = ["Dialect", "to_qdrant"]
+
+_PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
 
 class Dialect(Protocol):
@@ -54,6 +63,12 @@ def to_qdrant(f: Filter | None, dialect: Dialect, prefix: str = "metadata.") -> 
     return node if dialect.is_filter(node) else dialect.filter(must=[node])
 
 
+def _json_path(field: str) -> str:
+    """``field`` as a Qdrant JSON path: segments other than plain names are quoted (``a."x:y"``), since
+    Qdrant's path parser refuses ``:``, spaces and the like unquoted (the grammar excludes ``"``)."""
+    return ".".join(seg if _PLAIN.fullmatch(seg) else f'"{seg}"' for seg in field.split("."))
+
+
 def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
     if isinstance(f, And):
         return d.filter(must=[_condition(x, d, prefix) for x in f.items])
@@ -61,19 +76,20 @@ def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
         return d.filter(should=[_condition(x, d, prefix) for x in f.items])
     if isinstance(f, Not):
         return d.filter(must_not=[_condition(f.item, d, prefix)])
-    key = prefix + f.field
+    key = prefix + _json_path(f.field)
     if isinstance(f, Eq):
         v = f.value
         if isinstance(v, float):
             return d.range(key, gte=v, lte=v)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return d.filter(should=[d.match(key, v), d.range(key, gte=float(v), lte=float(v))])
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) <= FLOAT_EXACT_INT:
+            return d.range(key, gte=float(v), lte=float(v))
         return d.match(key, v)
     if isinstance(f, In):
         cond = d.match_any(key, list(f.values))
-        if isinstance(f.values[0], str):
+        exact = [v for v in f.values if isinstance(v, int) and abs(v) <= FLOAT_EXACT_INT]
+        if isinstance(f.values[0], str) or not exact:
             return cond
-        return d.filter(should=[cond] + [d.range(key, gte=float(v), lte=float(v)) for v in f.values])
+        return d.filter(should=[cond] + [d.range(key, gte=float(v), lte=float(v)) for v in exact])
     if isinstance(f, Range):
         return d.range(key, gt=f.gt, gte=f.gte, lt=f.lt, lte=f.lte)
     raise TypeError(f"not a filter node: {f!r}")
