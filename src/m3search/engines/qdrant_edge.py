@@ -435,12 +435,16 @@ class QdrantEdgeEngine(Engine):
     def _params(self, exact: bool) -> qe.SearchParams:
         return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
-    def _colbert_params(self, exact: bool = True) -> qe.SearchParams:
-        """MaxSim search params: with a quantized copy, score on it and rescore (or not) as the schema says."""
+    def _colbert_params(self) -> qe.SearchParams:
+        """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
+        makes Qdrant ignore quantization (measured, qdrant-edge 0.9); the token vectors have no
+        graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
+        the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
+        """
         if self.schema.colbert_quantization is None:
-            return qe.SearchParams(exact=exact)
+            return qe.SearchParams(exact=True)
         return qe.SearchParams(
-            exact=exact, quantization=qe.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
+            exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
         )
 
     def _run(self, requests: list) -> list[list]:
@@ -530,7 +534,7 @@ class QdrantEdgeEngine(Engine):
                 qe.QueryRequest(
                     limit=2 * depth,
                     prefetches=pre,
-                    params=self._colbert_params(exact=False),
+                    params=self._colbert_params(),
                     with_payload=False,
                     query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert"),
                 )

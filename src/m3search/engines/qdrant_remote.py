@@ -600,11 +600,12 @@ class QdrantRemoteEngine(Engine):
         return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
     def _colbert_params(self) -> qm.SearchParams | None:
-        """MaxSim params: with a quantized copy, score on it and rescore (or not) as the schema says."""
+        """MaxSim params: with a quantized copy, score on it (``exact=False``: Qdrant ignores quantization
+        in exact searches; no graph, so every candidate is still scanned) and rescore as the schema says."""
         if self.local or self.schema.colbert_quantization is None:
             return self._params(True)
         return qm.SearchParams(
-            exact=True, quantization=qm.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
+            exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
         )
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
