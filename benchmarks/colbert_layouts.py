@@ -142,6 +142,33 @@ def top10(scores: np.ndarray) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:10].tolist())
 
 
+# --------------------------------------------------------------------------- results file
+
+
+class Sink:
+    """The raw JSON file, updated after every measured row (a run stopped by its time limit keeps its rows)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+
+    def load(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+
+    def add(self, key: str, value: Any) -> None:
+        if self.path is None:
+            return
+        res = self.load()
+        if isinstance(value, dict) and not {"layout", "kind", "collection"} & set(value):
+            res[key] = {**res.get(key, {}), **value}
+        elif isinstance(value, dict):
+            res.setdefault(key, []).append(value)
+        else:
+            res[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, self.path)
+
+
 # --------------------------------------------------------------------------- layouts
 
 
@@ -289,9 +316,11 @@ def run_layout(name: str, pf: int, corpus: Corpus, pooled: Pooled, queries, orac
     return row
 
 
-def run_synthetic(args) -> dict[str, Any]:
+def run_synthetic(args, sink: Sink) -> dict[str, Any]:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    sink.add("docs", args.docs)
+    sink.add("queries", args.queries)
     t = time.perf_counter()
     corpus = Corpus(args.docs, args.seed, cache)
     print(f"corpus: {len(corpus)} docs, {corpus.offsets[-1]} tokens ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -304,6 +333,7 @@ def run_synthetic(args) -> dict[str, Any]:
         for pf in args.pool:
             pooled = Pooled(corpus, pf, cache)
             pooling[pf] = {"docs_per_s": len(corpus) / pooled.pool_s if pooled.pool_s else None}
+            sink.add("pooling", {str(pf): pooling[pf]})
             for kind in ("f16", "i8") if args.numpy else ():
                 lat, agree = [], []
                 for (q, cand), otop in zip(queries, oracle_top):
@@ -320,9 +350,11 @@ def run_synthetic(args) -> dict[str, Any]:
                         "top10_agreement": float(np.mean(agree)),
                     }
                 )
+                sink.add("numpy", numpy_rows[-1])
                 print(f"  numpy {kind} pool {pf}: p50 {numpy_rows[-1]['p50_ms']:.1f} ms, top-10 {np.mean(agree):.3f}")
             for name in args.layouts:
                 rows.append(run_layout(name, pf, corpus, pooled, queries, oracle_top, work))
+                sink.add("synthetic", rows[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"synthetic": rows, "numpy": numpy_rows, "pooling": pooling, "docs": args.docs, "queries": args.queries}
@@ -333,7 +365,7 @@ def run_synthetic(args) -> dict[str, Any]:
 FIDELITY_MODES = ("colbert", "all")
 
 
-def run_fidelity(args) -> dict[str, Any]:
+def run_fidelity(args, sink: Sink) -> dict[str, Any]:
     from candidates import encode_cached
 
     from m3search import Collection, M3Encoder
@@ -365,6 +397,7 @@ def run_fidelity(args) -> dict[str, Any]:
                     ndcg = compute_metrics(run, qrels)["ndcg@10"]
                     recall = float(np.mean([len(a & b) / 10 for a, b in zip(tops, ref[mode])]))
                     out.append({"collection": name, "layout": layout, "mode": mode, "ndcg": ndcg, "recall": recall})
+                    sink.add("fidelity", out[-1])
                     print(f"  {name} {layout:24s} {mode:13s} nDCG@10 {ndcg:.4f} recall@10 vs float32 {recall:.4f}")
             finally:
                 col.close()
@@ -501,23 +534,25 @@ def main(argv: list[str] | None = None) -> None:
             no_write=args.no_write,
         )
         return
+    sink = Sink(args.append or args.json)
+    if args.json and not args.append and sink.path.is_file():
+        sink.path.unlink()
+    started = {
+        "dates": [_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+        "loads": [" ".join(f"{x:.1f}" for x in os.getloadavg())],
+        "commands": ["python benchmarks/colbert_layouts.py " + shlex.join(argv)],
+    }
+    old = sink.load()
+    for k, v in started.items():
+        sink.add(k, old.get(k, []) + v)
+    sink.add("machine", _lscpu())
     res: dict[str, Any] = {}
     if args.layouts or args.numpy:
-        res = merge(res, run_synthetic(args))
+        res = merge(res, run_synthetic(args, sink))
     if args.fidelity:
-        res = merge(res, run_fidelity(args))
-    res["dates"] = [_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]
-    res["loads"] = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
-    res["machine"] = _lscpu()
-    res["commands"] = ["python benchmarks/colbert_layouts.py " + shlex.join(argv)]
-    target = args.append or args.json
-    if target:
-        if args.append and Path(args.append).is_file():
-            old = json.loads(Path(args.append).read_text())
-            for k in ("dates", "loads", "commands"):
-                res[k] = old.get(k, []) + res[k]
-            res = merge({k: v for k, v in old.items() if k not in ("dates", "loads", "commands")}, res)
-        Path(target).write_text(json.dumps(res, indent=2))
+        res = merge(res, run_fidelity(args, sink))
+    if sink.path is not None:
+        res = sink.load()
     print("\n" + report(res))
 
 
