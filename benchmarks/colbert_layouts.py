@@ -71,6 +71,7 @@ DIM = 1024
 TOPICS, WORDS_PER_TOPIC, DOC_WORDS = 64, 256, 24
 DOC_LEN = (96, 176)
 QUERY_TOKENS, CANDIDATES = 32, 400
+RUN_STARTED = time.strftime("%H:%M", time.gmtime())  # rows of one run share it: compare times within a run
 WORD_NOISE = 0.6  # token = word + noise of this norm, normalized (cosine to its word ~0.86)
 
 
@@ -295,6 +296,7 @@ def run_layout(name: str, pf: int, corpus: Corpus, pooled: Pooled, queries, orac
         shutil.rmtree(root, ignore_errors=True)
     tokens = int(corpus.offsets[-1])
     row = {
+        "run": RUN_STARTED,
         "layout": name,
         "pool": pf,
         "stored_tokens_per_doc": float(pooled.offsets[-1] / n),
@@ -446,13 +448,13 @@ def report(res: dict[str, Any]) -> str:
             "Bytes are everything the engine keeps for the colbert vector, per ORIGINAL token; RAM = the quantized "
             "copy. A quantization without `+rescore` returns scores of the quantized copy.",
             "",
-            "| layout | pool | vectors/doc | B/token disk | bits/dim | RAM B/token | ingest docs/s | optimize s "
+            "| run (UTC) | layout | pool | vectors/doc | B/token disk | bits/dim | RAM B/token | ingest docs/s | optimize s "
             "| MaxSim p50 ms | p95 ms | top-10 vs float32 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in syn:
             lines.append(
-                f"| {r['layout']} | {r['pool']} | {r['stored_tokens_per_doc']:.0f} | {r['bytes_per_token']:.0f} "
+                f"| {r.get('run', '')} | {r['layout']} | {r['pool']} | {r['stored_tokens_per_doc']:.0f} | {r['bytes_per_token']:.0f} "
                 f"| {r['bits_per_dim']:.2f} | {r['ram_bytes_per_token']:.0f} | {r['ingest_docs_s']:.0f} "
                 f"| {r['optimize_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['top10_agreement']:.3f} |"
             )
@@ -461,7 +463,9 @@ def report(res: dict[str, Any]) -> str:
         lines.append(
             "Token pooling speed (`pool_tokens`, 128-document batches): "
             + ", ".join(
-                f"factor {pf}: {v['docs_per_s']:.0f} docs/s" for pf, v in res["pooling"].items() if v["docs_per_s"]
+                f"factor {pf}: {v['docs_per_s']:.0f} docs/s"
+                for pf, v in res["pooling"].items()
+                if v["docs_per_s"] and str(pf) != "1"
             )
             + "."
         )
