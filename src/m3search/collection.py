@@ -73,6 +73,7 @@ from m3search.plan import (
     check_weights,
     parse_mode,
 )
+from m3search.pooling import pool_tokens
 
 __all__ = [
     "Collection",
@@ -108,7 +109,16 @@ SEARCH_DEFAULTS = {
     "weights": list(DEFAULT_WEIGHTS),
     "candidates": DEFAULT_CANDIDATES,
 }
-_SCHEMA_SETTINGS = ("colbert_dtype", "colbert_on_disk", "dense_on_disk", "hnsw_m", "hnsw_ef_construct")
+_SCHEMA_SETTINGS = (
+    "colbert_dtype",
+    "colbert_on_disk",
+    "dense_on_disk",
+    "hnsw_m",
+    "hnsw_ef_construct",
+    "colbert_quantization",
+    "colbert_rescore",
+    "colbert_pool_factor",
+)
 
 
 @dataclass
@@ -283,7 +293,11 @@ class Collection:
         embedded engine is one shard and refuses them.
 
         ``model`` is a name/path or an :class:`~m3search.M3Encoder`. Settings:
-        ``colbert_dtype`` ("float16" default, or "float32" for exact ColBERT scores),
+        ``colbert_dtype`` ("float16" default, "float32" for exact ColBERT scores, or a lossy
+        "turbo16" / "turbo8" / "turbo4" codec), ``colbert_quantization`` (None, or a quantized
+        copy scored in RAM, see :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS`),
+        ``colbert_rescore`` (True: rescore on the stored vectors), ``colbert_pool_factor``
+        (1; k keeps ``ceil(n / k)`` token vectors per document, :mod:`m3search.pooling`),
         ``colbert_on_disk`` (True), ``dense_on_disk`` (False), ``hnsw_m`` (16),
         ``hnsw_ef_construct`` (100), ``max_length`` (8192), ``query_max_length`` (512),
         ``batch_size`` (128 documents per write), ``candidates`` (search default),
@@ -623,14 +637,16 @@ class Collection:
                         )
                         emb, spans, cut = win.embeddings, win.spans, cut + win.cut
                         windows = np.searchsorted(win.doc, np.arange(end - start + 1)).astype(np.int64)
+                    # Token pooling happens here, once per window, before the write (queries are untouched).
+                    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, self.schema.colbert_pool_factor)
                     batch = PointBatch(
                         ids[start:end],
                         texts[start:end],
                         meta[start:end],
                         emb.dense,
                         emb.sparse,
-                        emb.colbert,
-                        emb.colbert_offsets,
+                        colbert,
+                        offsets,
                         windows,
                         spans,
                     )

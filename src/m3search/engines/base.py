@@ -63,10 +63,13 @@ import scipy.sparse as sp
 from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
 from m3search.plan import MODES  # the three representations, in the order weights are given
+from m3search.pooling import check_pool_factor
 
 __all__ = [
     "SCHEMA_VERSION",
     "MODES",
+    "COLBERT_DTYPES",
+    "COLBERT_QUANTIZATIONS",
     "Schema",
     "PointBatch",
     "Record",
@@ -85,8 +88,36 @@ __all__ = [
 
 #: Version of the stored layout (payload keys, vector names, manifest keys). Bump on change.
 #: 2: a document may be several windows (payload ``window`` / ``windows`` / ``spans``,
-#: manifest ``max_windows_stored``); a version-1 point reads as window 0 of 1.
+#: manifest ``max_windows_stored``; a version-1 point reads as window 0 of 1), and ColBERT codecs
+#: and token pooling (``colbert_quantization``, ``colbert_rescore``, ``colbert_pool_factor``,
+#: turbo storage types; a version-1 manifest reads as their defaults).
 SCHEMA_VERSION = 2
+
+#: Storage types of ColBERT token vectors (Qdrant's ``VectorStorageDatatype``): float32 and
+#: float16 are the lossless references; turbo16 / turbo8 / turbo4 are Qdrant's TurboQuant
+#: codecs (16, 8 and 4 bits per component). Qdrant's uint8 is absent on purpose: it stores
+#: integer components 0-255, so unit-length token vectors would be stored as zeros.
+COLBERT_DTYPES = ("float32", "float16", "turbo16", "turbo8", "turbo4")
+
+#: Quantized copies of the token vectors an engine may keep next to the stored ones (built
+#: when segments are optimized) and score candidates on: binary (1, 1.5, 2 bits per
+#: component), TurboQuant (1-8 bits), scalar int8, product quantization (compression x4-x64).
+COLBERT_QUANTIZATIONS = (
+    "binary1",
+    "binary1.5",
+    "binary2",
+    "turbo1",
+    "turbo1.5",
+    "turbo2",
+    "turbo4",
+    "turbo8",
+    "int8",
+    "pq4",
+    "pq8",
+    "pq16",
+    "pq32",
+    "pq64",
+)
 
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
@@ -117,10 +148,15 @@ def point_uuid(id: str) -> str:
 class Schema:
     """Shapes and storage choices fixed at creation (recorded in the manifest).
 
-    ``colbert_dtype``: storage type of token vectors, ``"float16"`` (default: half the
-    bytes, score error ~1e-3) or ``"float32"`` (exact). ``colbert_on_disk``: token vectors
-    are only read for re-ranking candidates, and at scale exceed RAM, so they live on disk
-    (memory-mapped) by default.
+    ``colbert_dtype``: storage type of token vectors (:data:`COLBERT_DTYPES`), ``"float16"``
+    (default: half the bytes, score error ~1e-3), ``"float32"`` (exact) or a lossy turbo
+    codec. ``colbert_on_disk``: token vectors are only read for re-ranking candidates, and at
+    scale exceed RAM, so they live on disk (memory-mapped) by default.
+    ``colbert_quantization``: None, or a quantized copy (:data:`COLBERT_QUANTIZATIONS`) kept in
+    RAM and used to score candidates; ``colbert_rescore`` then says whether the engine rescores
+    them on the stored vectors (True: the stored vectors' scores are returned) or returns the
+    quantized scores (False). ``colbert_pool_factor``: documents keep ``ceil(n / factor)``
+    token vectors (:mod:`m3search.pooling`; 1 = every token).
     """
 
     dense_dim: int
@@ -131,16 +167,40 @@ class Schema:
     dense_on_disk: bool = False
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
+    colbert_quantization: str | None = None
+    colbert_rescore: bool = True
+    colbert_pool_factor: int = 1
 
     def __post_init__(self) -> None:
         for name in ("dense_dim", "colbert_dim", "vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"Schema.{name} must be a positive integer, got {v!r}")
-        if self.colbert_dtype not in ("float16", "float32"):
-            raise ValueError(f"colbert_dtype must be 'float16' or 'float32', got {self.colbert_dtype!r}")
+        if self.colbert_dtype == "uint8":
+            raise ValueError(
+                "colbert_dtype 'uint8' stores integer components 0-255 (Qdrant's Uint8), which turns unit-length "
+                f"token vectors into zeros; for 8 bits per component use 'turbo8'. Choose one of {COLBERT_DTYPES}"
+            )
+        if self.colbert_dtype not in COLBERT_DTYPES:
+            raise ValueError(f"colbert_dtype must be one of {COLBERT_DTYPES}, got {self.colbert_dtype!r}")
+        if self.colbert_quantization is not None and self.colbert_quantization not in COLBERT_QUANTIZATIONS:
+            raise ValueError(
+                f"colbert_quantization must be None or one of {COLBERT_QUANTIZATIONS}, got {self.colbert_quantization!r}"
+            )
+        if not isinstance(self.colbert_rescore, bool):
+            raise ValueError(f"colbert_rescore must be True or False, got {self.colbert_rescore!r}")
+        check_pool_factor(self.colbert_pool_factor)
         if self.hnsw_m < 0 or self.hnsw_ef_construct <= 0:
             raise ValueError("hnsw_m must be >= 0 and hnsw_ef_construct > 0")
+
+    @property
+    def colbert_lossless(self) -> bool:
+        """Whether ColBERT scores are computed on every token's float16/float32 vector (today's layouts)."""
+        return (
+            self.colbert_dtype in ("float32", "float16")
+            and (self.colbert_quantization is None or self.colbert_rescore)
+            and self.colbert_pool_factor == 1
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

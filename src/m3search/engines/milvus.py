@@ -394,6 +394,12 @@ class MilvusEngine(Engine):
     def create(
         cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any
     ) -> MilvusEngine:
+        if schema.colbert_dtype not in ("float16", "float32") or schema.colbert_quantization is not None:
+            raise ValueError(
+                f"Milvus stores ColBERT token vectors as float16 or float32 only; colbert_dtype="
+                f"{schema.colbert_dtype!r}, colbert_quantization={schema.colbert_quantization!r} cannot be honoured "
+                "(use a Qdrant location for the turbo codecs and quantization; colbert_pool_factor works everywhere)"
+            )
         connect, opts = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=True, **connect)
         try:

@@ -19,7 +19,9 @@ Points: one per window of a document (layout and crash rule in
 * ``colbert`` multivector with MaxSim, NO HNSW graph (``m=0``: token vectors are only
   read to re-rank candidates), stored as float16 by default and kept on disk
   (``Memory.Cold``, memory-mapped): at 100k documents of ~136 tokens they would be
-  ~28 GB in float16 at 1024 dims.
+  ~28 GB in float16 at 1024 dims. ``Schema.colbert_dtype`` may pick a TurboQuant storage
+  codec instead, and ``Schema.colbert_quantization`` adds a quantized copy in RAM that
+  MaxSim queries score on (``QuantizationSearchParams(rescore=Schema.colbert_rescore)``).
 
 ONE PROCESS PER COLLECTION. The holder keeps an exclusive ``flock`` on ``<path>/lock``
 (released by the kernel when the process dies, even by kill -9); a second process (or a
@@ -69,6 +71,36 @@ SHARD = "shard"
 _ID_ONLY = qe.PayloadSelector.Include(["id"])
 #: Flush (persist segments, truncate the WAL) after this many vector bytes written.
 WAL_FLUSH_BYTES = 1 << 30
+
+
+_COLBERT_DTYPES = {
+    "float32": qe.VectorStorageDatatype.Float32,
+    "float16": qe.VectorStorageDatatype.Float16,
+    "turbo16": qe.VectorStorageDatatype.Turbo16,
+    "turbo8": qe.VectorStorageDatatype.Turbo8,
+    "turbo4": qe.VectorStorageDatatype.Turbo4,
+}
+
+
+def _quantization(name: str | None):
+    """Qdrant Edge's quantization config for a :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS` name.
+
+    The quantized copy is kept in RAM (``Memory.Cached``): it is what candidates are scored
+    on, while the stored vectors stay where ``colbert_on_disk`` puts them. Qdrant builds it
+    when a segment is optimized (the Collection optimizes after every ingest call).
+    """
+    if name is None:
+        return None
+    ram = qe.Memory.Cached
+    if name.startswith("binary"):
+        enc = {"1": "OneBit", "1.5": "OneAndHalfBits", "2": "TwoBits"}[name[len("binary") :]]
+        return qe.BinaryQuantizationConfig(encoding=getattr(qe.BinaryQuantizationEncoding, enc), memory=ram)
+    if name.startswith("turbo"):
+        bits = "Bits" + name[len("turbo") :].replace(".", "_")
+        return qe.TurboQuantQuantizationConfig(bits=getattr(qe.TurboQuantBitSize, bits), memory=ram)
+    if name == "int8":
+        return qe.ScalarQuantizationConfig(qe.ScalarType.Int8, memory=ram)
+    return qe.ProductQuantizationConfig(getattr(qe.CompressionRatio, "X" + name[len("pq") :]), memory=ram)
 
 
 class _EdgeDialect:
@@ -172,9 +204,6 @@ class QdrantEdgeEngine(QdrantEngine):
         dense_hnsw = qe.HnswIndexConfig(
             m=schema.hnsw_m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
         )
-        colbert_dtype = (
-            qe.VectorStorageDatatype.Float16 if schema.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
-        )
         return qe.EdgeConfig(
             vectors={
                 "dense": qe.EdgeVectorParams(
@@ -188,7 +217,8 @@ class QdrantEdgeEngine(QdrantEngine):
                     schema.colbert_dim,
                     qe.Distance.Dot,
                     multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
-                    datatype=colbert_dtype,
+                    datatype=_COLBERT_DTYPES[schema.colbert_dtype],
+                    quantization_config=_quantization(schema.colbert_quantization),
                     # m=0: no graph over token vectors; they are read only to re-rank candidates.
                     hnsw_config=qe.HnswIndexConfig(
                         m=0, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
@@ -373,7 +403,7 @@ class QdrantEdgeEngine(QdrantEngine):
         return self._run(reqs)
 
     def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
-        exact = qe.SearchParams(exact=True)
+        exact, colbert_params = qe.SearchParams(exact=True), self._colbert_params()
         filters: dict[tuple, qe.Filter] = {}  # one per distinct candidate set (~0.5 ms each at 400 ids)
         reqs = []
         for m, need in jobs:
@@ -385,7 +415,7 @@ class QdrantEdgeEngine(QdrantEngine):
                     limit=len(need),
                     query=qe.Query.Nearest(self._query_vector(query, m), using=m),
                     filter=only,
-                    params=exact,
+                    params=colbert_params if m == "colbert" else exact,
                     with_payload=False,
                 )
             )
@@ -394,6 +424,18 @@ class QdrantEdgeEngine(QdrantEngine):
     # ------------------------------------------------------------------- queries
     def _params(self, exact: bool) -> qe.SearchParams:
         return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
+
+    def _colbert_params(self) -> qe.SearchParams:
+        """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
+        makes Qdrant ignore quantization (measured, qdrant-edge 0.9); the token vectors have no
+        graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
+        the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
+        """
+        if self.schema.colbert_quantization is None:
+            return qe.SearchParams(exact=True)
+        return qe.SearchParams(
+            exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
+        )
 
     def _run(self, requests: list) -> list[list]:
         if not requests:
@@ -441,6 +483,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 qe.QueryRequest(
                     limit=2 * depth,
                     prefetches=pre,
+                    params=self._colbert_params(),
                     with_payload=_ID_ONLY,
                     query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert"),
                 )

@@ -8,7 +8,8 @@ queries return the same hits, and ``m3search migrate`` copies points between the
 * named vector ``dense``: float32, Dot, HNSW (``Schema.hnsw_m`` / ``hnsw_ef_construct``);
 * sparse vector ``sparse`` (dot product, inverted index);
 * ``colbert``: multivector, MaxSim comparator, NO HNSW graph (``HnswConfigDiff(m=0)``),
-  float16 or float32 (``Schema.colbert_dtype``), on disk by default;
+  float16 or float32 (``Schema.colbert_dtype``; on a server also the turbo codecs and a
+  quantized copy, ``Schema.colbert_quantization``, as in the embedded engine), on disk by default;
 * one point per window of a document (layout and crash rule in
   :mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``.
 
@@ -92,6 +93,27 @@ DEFAULT_COLLECTION = "m3search"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 T = TypeVar("T")
+
+
+def _quantization(name: str | None) -> qm.QuantizationConfig | None:
+    """qdrant-client's config for a :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS` name (kept in RAM,
+    like the embedded engine's)."""
+    if name is None:
+        return None
+    if name.startswith("binary"):
+        enc = {"1": "ONE_BIT", "1.5": "ONE_AND_HALF_BITS", "2": "TWO_BITS"}[name[len("binary") :]]
+        return qm.BinaryQuantization(
+            binary=qm.BinaryQuantizationConfig(encoding=qm.BinaryQuantizationEncoding[enc], always_ram=True)
+        )
+    if name.startswith("turbo"):
+        bits = "BITS" + name[len("turbo") :].replace(".", "_")
+        return qm.TurboQuantization(
+            turbo=qm.TurboQuantQuantizationConfig(bits=qm.TurboQuantBitSize[bits], always_ram=True)
+        )
+    if name == "int8":
+        return qm.ScalarQuantization(scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, always_ram=True))
+    ratio = qm.CompressionRatio["X" + name[len("pq") :]]
+    return qm.ProductQuantization(product=qm.ProductQuantizationConfig(compression=ratio, always_ram=True))
 
 
 def parse_qdrant_location(location: str) -> tuple[str, str, str]:
@@ -314,7 +336,8 @@ class QdrantRemoteEngine(QdrantEngine):
                 multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
                 # m=0: no graph over token vectors; they are read only to re-rank candidates.
                 hnsw_config=qm.HnswConfigDiff(m=0, ef_construct=s.hnsw_ef_construct, full_scan_threshold=10000),
-                datatype=qm.Datatype.FLOAT16 if s.colbert_dtype == "float16" else qm.Datatype.FLOAT32,
+                datatype=qm.Datatype(s.colbert_dtype),
+                quantization_config=_quantization(s.colbert_quantization),
                 on_disk=s.colbert_on_disk,
             ),
         }
@@ -324,6 +347,14 @@ class QdrantRemoteEngine(QdrantEngine):
         cls, location: str, schema: Schema, *, shards: int | None = None, replicas: int | None = None, **options: Any
     ) -> QdrantRemoteEngine:
         engine_opts, client_opts = cls._split_options(options)
+        if parse_qdrant_location(location)[0] == "local" and (
+            schema.colbert_dtype not in ("float16", "float32") or schema.colbert_quantization is not None
+        ):
+            raise ValueError(
+                "qdrant-client local mode keeps float32 vectors and scores them in NumPy: it cannot honour "
+                f"colbert_dtype={schema.colbert_dtype!r} / colbert_quantization={schema.colbert_quantization!r} "
+                "(a Qdrant server or the embedded engine can)"
+            )
         client, name, local, where = cls._connect(location, client_opts, must_exist=False)
         engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
         try:
@@ -513,6 +544,15 @@ class QdrantRemoteEngine(QdrantEngine):
             return None
         return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
+    def _colbert_params(self) -> qm.SearchParams | None:
+        """MaxSim params: with a quantized copy, score on it (``exact=False``: Qdrant ignores quantization
+        in exact searches; no graph, so every candidate is still scanned) and rescore as the schema says."""
+        if self.local or self.schema.colbert_quantization is None:
+            return self._params(True)
+        return qm.SearchParams(
+            exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
+        )
+
     def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
         flt, params = to_client_filter(filter), self._params(exact)
         reqs = [
@@ -532,8 +572,9 @@ class QdrantRemoteEngine(QdrantEngine):
             only = filters.get(need)
             if only is None:
                 only = filters[need] = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
+            params = exact if m != "colbert" else self._colbert_params()
             reqs.append(
-                qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=exact, with_payload=False)
+                qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=params, with_payload=False)
             )
         return self._run(reqs)
 

@@ -1,0 +1,221 @@
+"""ColBERT layouts: storage types, quantized copies and token pooling as collection settings.
+
+* bad names, pool factor < 1 and options an engine cannot honour fail BEFORE anything is
+  written; a version-1 manifest (no layout keys) still opens as float16, unpooled;
+* the settings reach the engine: the manifest records them, Qdrant Edge's config carries
+  them, and after ``add`` (which optimizes) the quantized copy exists on disk, so what is
+  searched is the layout asked for;
+* scores: a lossy storage type stays close to exact MaxSim; a quantized copy without
+  rescoring changes the scores, with rescoring it returns the stored vectors' scores;
+  a pooled collection stores ceil(n / factor) vectors per document and its ColBERT scores
+  are MaxSim over exactly those vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from m3search import Collection
+from m3search.engines.base import COLBERT_DTYPES, COLBERT_QUANTIZATIONS, SCHEMA_VERSION, Schema
+from m3search.pooling import pool_tokens
+
+TEXTS = [
+    "token pooling clusters the vectors of one document",
+    "quantized copies are built when segments are optimized",
+    "the quick brown fox jumps over the lazy dog near the river bank",
+    "storage codecs trade bytes for fidelity in late interaction retrieval",
+    "a short one",
+    "hierarchical clustering with ward linkage merges the closest tokens first and keeps their mean",
+]
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+QUERY = "clustering token vectors"
+
+
+def _schema(**kw) -> Schema:
+    return Schema(dense_dim=8, colbert_dim=8, vocab_size=10, **kw)
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"colbert_dtype": "bfloat16"}, "colbert_dtype must be one of"),
+        ({"colbert_dtype": "uint8"}, "turns unit-length token vectors into zeros"),
+        ({"colbert_quantization": "binary3"}, "colbert_quantization must be None or one of"),
+        ({"colbert_quantization": ""}, "colbert_quantization must be None or one of"),
+        ({"colbert_pool_factor": 0}, "colbert_pool_factor must be an integer >= 1"),
+        ({"colbert_pool_factor": 2.0}, "colbert_pool_factor must be an integer >= 1"),
+        ({"colbert_rescore": "yes"}, "colbert_rescore must be True or False"),
+    ],
+)
+def test_schema_rejects_bad_layouts(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _schema(**kw)
+
+
+def test_every_named_layout_is_accepted():
+    for dtype in COLBERT_DTYPES:
+        for quant in (None, *COLBERT_QUANTIZATIONS):
+            s = _schema(colbert_dtype=dtype, colbert_quantization=quant, colbert_pool_factor=2)
+            assert Schema.from_dict(s.to_dict()) == s
+
+
+def test_lossless_means_todays_layouts():
+    assert _schema().colbert_lossless and _schema(colbert_dtype="float32").colbert_lossless
+    assert _schema(colbert_quantization="binary1", colbert_rescore=True).colbert_lossless
+    assert not _schema(colbert_quantization="binary1", colbert_rescore=False).colbert_lossless
+    assert not _schema(colbert_dtype="turbo8").colbert_lossless
+    assert not _schema(colbert_pool_factor=2).colbert_lossless
+
+
+@pytest.mark.parametrize(
+    "settings", [{"colbert_dtype": "uint8"}, {"colbert_pool_factor": 0}, {"colbert_quantization": "pq3"}]
+)
+def test_collection_create_writes_nothing_on_bad_layout(tmp_path, tiny_encoder, settings):
+    with pytest.raises(ValueError):
+        Collection.create(tmp_path / "col", model=tiny_encoder, **settings)
+    assert not (tmp_path / "col").exists()
+
+
+def test_milvus_refuses_lossy_codecs_before_writing(tmp_path, tiny_encoder):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    for settings in ({"colbert_dtype": "turbo4"}, {"colbert_quantization": "binary2"}):
+        with pytest.raises(ValueError, match="Milvus stores ColBERT token vectors as float16 or float32 only"):
+            Collection.create(tmp_path / "col.db", model=tiny_encoder, **settings)
+        assert not (tmp_path / "col.db").exists()
+
+
+def test_qdrant_local_mode_refuses_lossy_codecs_before_writing(tmp_path, tiny_encoder):
+    pytest.importorskip("qdrant_client")
+    with pytest.raises(ValueError, match="local mode .* cannot honour"):
+        Collection.create(f"qdrant+local://{tmp_path}/store/col", model=tiny_encoder, colbert_dtype="turbo8")
+    assert not (tmp_path / "store").exists()
+
+
+def test_pool_factor_works_on_every_engine(tmp_path, tiny_encoder):
+    """Pooling happens in the Collection, so an engine without codecs (qdrant local mode) honours it."""
+    pytest.importorskip("qdrant_client")
+    with Collection.create(f"qdrant+local://{tmp_path}/store/col", model=tiny_encoder, colbert_pool_factor=2) as col:
+        col.add(TEXTS, ids=IDS)
+        emb = tiny_encoder.encode(TEXTS)
+        stored = col.engine.get(IDS, with_vectors=["colbert"])
+        assert [len(r.colbert) for r in stored] == [math.ceil(n / 2) for n in np.diff(emb.colbert_offsets)]
+
+
+# ------------------------------------------------------------------------ manifests
+def test_version_1_manifest_opens_as_float16_unpooled(tmp_path, tiny_encoder):
+    path = tmp_path / "col"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(TEXTS, ids=IDS)
+        before = [(h.id, h.scores["colbert"]) for h in col.search(QUERY, k=3, mode="colbert")]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["schema_version"] == SCHEMA_VERSION == 2
+    m["schema_version"] = 1
+    for key in ("colbert_quantization", "colbert_rescore", "colbert_pool_factor"):
+        del m["schema"][key]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "float16" and col.schema.colbert_pool_factor == 1
+        assert col.schema.colbert_quantization is None and col.schema.colbert_lossless
+        assert [(h.id, h.scores["colbert"]) for h in col.search(QUERY, k=3, mode="colbert")] == before
+        col.add(["one more"], ids=["x"])  # and it still takes writes, unpooled
+        assert (
+            len(col.engine.get(["x"], with_vectors=["colbert"])[0].colbert)
+            == tiny_encoder.encode(["one more"]).n_tokens[0] - 1
+        )
+
+
+# ------------------------------------------------------------------- engine behaviour
+def _exact_colbert(q: np.ndarray, d: np.ndarray) -> float:
+    return float((q @ d.T).max(axis=1).mean())
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_encoder):
+    return tiny_encoder.encode(TEXTS), tiny_encoder.encode([QUERY], max_length=512)
+
+
+def _colbert_scores(col: Collection, qemb) -> dict[str, float]:
+    hits = col.search_batch([QUERY], k=len(TEXTS), mode="colbert", query_embeddings=qemb)[0]
+    return {h.id: h.scores["colbert"] for h in hits}
+
+
+def _exact(emb, qemb) -> dict[str, float]:
+    q = qemb.colbert[: qemb.colbert_offsets[1]]
+    o = emb.colbert_offsets
+    return {i: _exact_colbert(q, emb.colbert[o[j] : o[j + 1]]) for j, i in enumerate(IDS)}
+
+
+def _quantized_files(path) -> list:
+    return list((path / "shard" / "segments").glob("*/vector_storage-colbert/quantized*"))
+
+
+def test_edge_config_and_manifest_record_the_layout(tmp_path, tiny_encoder, embeddings):
+    emb, _ = embeddings
+    path = tmp_path / "col"
+    settings = {"colbert_dtype": "turbo8", "colbert_quantization": "binary2", "colbert_rescore": False}
+    with Collection.create(path, model=tiny_encoder, colbert_pool_factor=2, **settings) as col:
+        col.add(TEXTS, ids=IDS, embeddings=emb)
+        # the quantized copy is on disk after add (which optimizes; appendable segments keep one too)
+        assert any(f.name.startswith("quantized") and "data" in f.name for f in _quantized_files(path))
+    cfg = json.loads((path / "shard" / "edge_config.json").read_text())["vectors"]["colbert"]
+    assert cfg["datatype"] == "turbo8" and cfg["quantization_config"]["binary"]["encoding"] == "two_bits"
+    m = json.loads((path / "manifest.json").read_text())["schema"]
+    assert {k: m[k] for k in settings} == settings and m["colbert_pool_factor"] == 2
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "turbo8" and col.schema.colbert_pool_factor == 2
+
+
+def test_lossy_storage_stays_close_to_exact(tmp_path, tiny_encoder, embeddings):
+    emb, qemb = embeddings
+    want = _exact(emb, qemb)
+    for dtype, tol in (("turbo16", 1e-3), ("turbo8", 2e-2)):
+        with Collection.create(tmp_path / dtype, model=tiny_encoder, colbert_dtype=dtype) as col:
+            col.add(TEXTS, ids=IDS, embeddings=emb)
+            got = _colbert_scores(col, qemb)
+        assert set(got) == set(IDS)
+        err = max(abs(got[i] - want[i]) for i in IDS)
+        assert 1e-7 < err < tol, (dtype, err)  # lossy (the codec is applied), but close
+
+
+def test_quantized_copy_is_scored_unless_rescored(tmp_path, tiny_encoder, embeddings):
+    emb, qemb = embeddings
+    want = _exact(emb, qemb)
+    got = {}
+    for rescore in (False, True):
+        path = tmp_path / f"rescore-{rescore}"
+        with Collection.create(
+            path, model=tiny_encoder, colbert_quantization="binary1", colbert_rescore=rescore
+        ) as col:
+            col.add(TEXTS, ids=IDS, embeddings=emb)
+            got[rescore] = _colbert_scores(col, qemb)
+            # the pool request (one Qdrant query with prefetches) and score() agree
+            s = col.engine.score(IDS, col_query(qemb), ["colbert"])["colbert"]
+            np.testing.assert_allclose(s, [got[rescore][i] for i in IDS], atol=1e-5)
+    assert max(abs(got[True][i] - want[i]) for i in IDS) < 2e-3  # float16 storage, rescored
+    assert max(abs(got[False][i] - want[i]) for i in IDS) > 1e-2  # 1-bit codes: visibly different
+
+
+def col_query(qemb):
+    from m3search.engines.base import QueryVectors
+
+    return QueryVectors.from_embeddings(qemb, 0)
+
+
+def test_pooled_collection_scores_the_pooled_vectors(tmp_path, tiny_encoder, embeddings):
+    emb, qemb = embeddings
+    pooled, offs = pool_tokens(emb.colbert, emb.colbert_offsets, 3)
+    q = qemb.colbert[: qemb.colbert_offsets[1]]
+    want = {i: _exact_colbert(q, pooled[offs[j] : offs[j + 1]]) for j, i in enumerate(IDS)}
+    with Collection.create(tmp_path / "col", model=tiny_encoder, colbert_dtype="float32", colbert_pool_factor=3) as col:
+        col.add(TEXTS, ids=IDS, embeddings=emb)
+        stored = col.engine.get(IDS, with_vectors=["colbert"])
+        assert [len(r.colbert) for r in stored] == [math.ceil(n / 3) for n in np.diff(emb.colbert_offsets)]
+        np.testing.assert_allclose(np.concatenate([r.colbert for r in stored]), pooled, atol=1e-6)
+        got = _colbert_scores(col, qemb)
+    assert max(abs(got[i] - want[i]) for i in IDS) < 1e-5
