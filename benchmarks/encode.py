@@ -137,7 +137,8 @@ def worker_build(args: argparse.Namespace) -> dict[str, Any]:
     from m3search.testing import BGE_M3_SHAPE, build_random_model
 
     t0 = time.perf_counter()
-    build_random_model(args.model, **BGE_M3_SHAPE, seed=0)
+    shape = {**BGE_M3_SHAPE, **({"num_hidden_layers": args.layers} if args.layers else {})}
+    build_random_model(args.model, **shape, seed=0)
     return {"build_s": time.perf_counter() - t0, **_usage()}
 
 
@@ -487,7 +488,7 @@ def run_long(args: argparse.Namespace) -> None:
     me, rows, build = Path(sys.executable), [], None
     try:
         if not (args.model / "config.json").is_file():
-            build = _run_worker(me, "build", args, [])
+            build = _run_worker(me, "build", args, ["--layers", str(args.layers)] if args.layers else [])
         cfg = json.loads((args.model / "config.json").read_text())
         corpus = tmp / "long.json"
         corpus.write_text(json.dumps([long_text(_shared_data(), args.model / "tokenizer.json", args.long)]))
@@ -561,6 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
     ap.add_argument("--json", help="--long: also write the raw numbers here, after every side")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        help="build the model with this many layers instead of 24 (inference frees each layer's activations, so "
+        "peak memory is per layer and time scales with the layers)",
+    )
     ap.add_argument(
         "--long", type=int, metavar="TOKENS", help="instead: time and peak RSS of ONE document of TOKENS tokens"
     )

@@ -16,8 +16,8 @@ What it measures, and why this way:
 
 Usage (from the repository root, with the project venv)::
 
-    nice -n 5 python benchmarks/windows.py                       # time, writes RESULTS.md
-    python benchmarks/windows.py --data ../shared/data/cranfield --no-write
+    nice -n 5 python benchmarks/window_overlap.py                       # time, writes RESULTS.md
+    python benchmarks/window_overlap.py --data ../shared/data/cranfield --no-write
 """
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["rows"].append(row)
         if args.json:  # after every configuration: a long run stopped early keeps what it measured
             Path(args.json).write_text(json.dumps(res, indent=2))
-        print(f"[windows.py] {name}: {len(w.doc)} windows encoded, {encode_s:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"[window_overlap.py] {name}: {len(w.doc)} windows encoded, {encode_s:.0f} s", file=sys.stderr, flush=True
+        )
     return res
 
 
@@ -148,7 +150,7 @@ def render(res: dict[str, Any], argv: list[str], date: str, uptime: str) -> str:
     base = res["rows"][0]["metrics"]
     head = (
         f"{date}, {_lscpu()}, machine shared with other jobs (timings noisy). Command: "
-        f"`nice -n 5 python benchmarks/windows.py {' '.join(argv)}`. Model `{res['model']}` ({res['dtype']}), "
+        f"`nice -n 5 python benchmarks/window_overlap.py {' '.join(argv)}`. Model `{res['model']}` ({res['dtype']}), "
         f"{res['dataset']}: {res['n_docs']} documents ({res['longer_than_window']} longer than one window), "
         f"{res['n_queries']} queries; every query scored exactly against every window; nDCG@10 / Recall@100, "
         "in brackets the change against truncation.\n"
@@ -214,7 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json and not args.report_from:
         Path(args.json).write_text(json.dumps(res, indent=2))
     text = render(res, res["argv"], res["date"], res["uptime"])
-    publish("windows.py", "Long documents as windows (`benchmarks/windows.py`)", text, no_write=args.no_write)
+    publish(
+        "window_overlap.py",
+        "Long documents as windows: overlap and score rule (`benchmarks/window_overlap.py`)",
+        text,
+        no_write=args.no_write,
+    )
 
 
 if __name__ == "__main__":
