@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                 break
         total_s = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        measured = dict(windows=windows, tokens=tokens, pieces=n_pieces, rss_loaded=rss_loaded, peak=peak)
+        measured.update(rss_tokenised=rss_tokenised, rss_pieces=rss_pieces, tokenised_s=tokenised_s, total_s=total_s)
+        print(json.dumps(measured), flush=True)  # before the re-tokenisation below, which a shared machine may kill
         n_content = len(enc.tokenizer.encode(text, add_special_tokens=False).ids)  # after the peak is read
     planned = len(plan_windows(np.array([n_content]), args.window - 2, args.stride).doc)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
