@@ -535,15 +535,16 @@ def render_long(res: dict[str, Any], n_tokens: int) -> str:
         note = f"{passes}" + (f" (probe {r['forward_s'][0]:.0f} s, not counted)" if passes > 1 else "")
         lines.append(
             f"| {r['side']} | {r['dtype']} | {r['attention']} | {r['tokens']:,} | {note} | {r['encode_s']:.0f} | "
-            f"{r['cpu_s']:.0f} | {r['peak_rss_kib'] / gib:.2f} GiB | "
+            f"{r['cpu_s']:.0f}{' (all passes)' if passes > 1 else ''} | {r['peak_rss_kib'] / gib:.2f} GiB | "
             f"{(r['peak_rss_kib'] - r['rss_loaded_kib']) / gib:.2f} GiB |"
         )
     if layers != 24:
         lines += [
             "",
             f"Only {layers} of bge-m3's 24 layers (machine time): in inference each layer's activations are freed "
-            f"before the next, so the working memory is that of the 24-layer model, and its time is about "
-            f"{24 / layers:.0f}× the encode s and CPU s above.",
+            "before the next, so the 24-layer model's working memory should be about the same (not measured), "
+            f"and its time about {24 / layers:.0f}× the encode s and CPU s above. RSS counts only the touched "
+            "pages of memory-mapped weights, so 'RSS loaded' differs between the sides by how they load.",
         ]
     lines += ["", f"Load: before `{res.get('uptime_before', '?')}`; after `{res.get('uptime_after', '?')}`.", ""]
     return "\n".join(lines)
