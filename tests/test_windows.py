@@ -209,12 +209,14 @@ def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
 
 
 def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
-    with pytest.raises(ValueError, match="must be larger than stride"):
+    with pytest.raises(ValueError, match="stride=64 is larger than window - 2 specials"):
         Collection.create(tmp_path / "a", model=tiny_encoder, window=64, stride=64)
-    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+    with pytest.raises(ValueError, match="window=1024 is larger than the model's 512 positions"):
         Collection.create(tmp_path / "b", model=tiny_encoder, window=1024)
-    with pytest.raises(ValueError, match="stride must be a positive integer"):
+    with pytest.raises(ValueError, match="stride=0 must be at least 1 token"):
         Collection.create(tmp_path / "c", model=tiny_encoder, stride=0)
+    with pytest.raises(ValueError, match="window must be an integer"):
+        Collection.create(tmp_path / "c2", model=tiny_encoder, window="64")
     with pytest.raises(ValueError, match="max_windows must be a positive integer"):
         Collection.create(tmp_path / "d", model=tiny_encoder, max_windows=0)
     with Collection.create(tmp_path / "e", model=tiny_encoder) as col:

@@ -74,6 +74,7 @@ from m3search.plan import (
     parse_mode,
 )
 from m3search.pooling import pool_tokens
+from m3search.windows import check_windows
 
 __all__ = [
     "Collection",
@@ -1060,25 +1061,17 @@ def _select_docs(ws: WindowScores, docs: np.ndarray) -> WindowScores:
 
 
 def _window_settings(run: dict, positions: int, engine_cls: type[Engine]) -> dict:
-    """``window`` / ``stride`` / ``max_windows`` resolved and checked (clear errors at creation)."""
+    """``window`` / ``stride`` / ``max_windows`` resolved and checked (clear errors at creation).
+
+    Defaults: windows of the model's full length (or ``max_length``), consecutive windows sharing
+    about ``DEFAULT_OVERLAP`` tokens (benchmarks/RESULTS.md, window_overlap.py: overlap 64-128 did best on TIME).
+    """
     window, stride, cap = run["window"], run["stride"], run["max_windows"]
     if window is None:
         window = min(run["max_length"], positions)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 8:
-        raise ValueError(f"window must be an integer of at least 8 tokens, got {window!r}")
-    if window > positions:
-        raise ValueError(f"window={window} tokens exceeds the model's {positions} positions")
-    if stride is None:
+    if stride is None and isinstance(window, int) and not isinstance(window, bool):
         stride = max(1, window - min(DEFAULT_OVERLAP, window // 4))
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer (tokens between window starts), got {stride!r}")
-    if window <= stride:
-        raise ValueError(
-            f"window ({window}) must be larger than stride ({stride}): consecutive windows must overlap, "
-            "or text at a window boundary is seen by no window whole"
-        )
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise ValueError(f"max_windows must be a positive integer or None, got {cap!r}")
+    check_windows(window, stride, cap, max_length=positions)  # the encoder's own rule: no text skipped
     if not engine_cls.windowed:
         if cap not in (None, 1):
             raise ValueError(f"the {engine_cls.name} engine stores one window per document: max_windows must be 1")

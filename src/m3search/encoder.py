@@ -14,7 +14,10 @@ Where it departs from FlagEmbedding's ``BGEM3FlagModel`` on purpose:
   truncation is reported with a :class:`TruncationWarning`;
 * on CPUs with AMX / AVX512-BF16 the forward pass runs in bfloat16 (heads in float32);
   ``dtype="float32"`` gives results equal to FlagEmbedding's within float rounding;
-* pooling is whole-batch tensor maths: no Python loop per token.
+* pooling is whole-batch tensor maths: no Python loop per token;
+* a text longer than the model reads can be encoded whole as overlapping token windows
+  (:meth:`M3Encoder.encode_windows`, planned in :mod:`m3search.windows`), each with the
+  model's own specials, instead of being cut.
 """
 
 from __future__ import annotations
@@ -539,7 +542,7 @@ class M3Encoder:
         :meth:`iter_windows`). ``show_progress=None`` shows a bar when stderr is a terminal
         and the windows hold more than one batch's token budget.
         """
-        chunks = self.iter_windows(
+        (whole,) = self.iter_windows(
             texts,
             window=window,
             stride=stride,
@@ -551,7 +554,7 @@ class M3Encoder:
             sparse=sparse,
             colbert=colbert,
         )
-        return next(chunks)
+        return whole
 
     def iter_windows(
         self,
