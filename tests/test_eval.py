@@ -235,7 +235,10 @@ def test_proxy_exhaustive_reproduces_reference_table(
     from m3search.eval import evaluate, write_reports
 
     ref = reference_table(proxy_model_path / "README.md")[name]
-    results = evaluate(shared_data / name, model=proxy_encoder, candidates=5000, cache_dir=proxy_cache)
+    # the reference table cuts documents at 512 tokens: one window each (max_windows=1)
+    results = evaluate(
+        shared_data / name, model=proxy_encoder, candidates=5000, cache_dir=proxy_cache, settings={"max_windows": 1}
+    )
     write_reports(results, tmp_path)
     assert results["n_docs"] <= 5000
     for mode in MODES:
@@ -251,7 +254,7 @@ def test_proxy_default_settings_loss(name, shared_data, proxy_model_path, proxy_
     from m3search.eval import evaluate
 
     ref = reference_table(proxy_model_path / "README.md")[name]
-    results = evaluate(shared_data / name, model=proxy_encoder, cache_dir=proxy_cache)
+    results = evaluate(shared_data / name, model=proxy_encoder, cache_dir=proxy_cache, settings={"max_windows": 1})
     lines = []
     for mode in MODES:
         loss = {m: ref[m][mode] - results["modes"][mode][m] for m in ("ndcg@10", "recall@100")}

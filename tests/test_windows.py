@@ -430,3 +430,34 @@ def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encode
     finally:
         col.close()
         ref.close()
+
+
+def test_passage_search_returns_windows(tmp_path, tiny_encoder, corpus):
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids, metadata=meta)
+        w = dict(zip(MODES, col.settings["weights"]))
+        for mode in ("dense", "all"):
+            hits = col.search_batch(
+                queries, k=10, mode=mode, candidates=30, exact=True, query_embeddings=qemb, group="passage"
+            )
+            for qi, hs in enumerate(hits):
+                if mode == "dense":
+                    fused = per_window["dense"][qi]
+                else:
+                    fused = sum(w[m] * per_window[m][qi] for m in MODES) / sum(w.values())
+                best = np.sort(fused)[::-1][:10]
+                assert [h.score for h in hs] == pytest.approx(best, abs=TOL)  # the 10 best windows of all
+                for h in hs:
+                    j = ids.index(h.id)
+                    row = next(
+                        r
+                        for r in np.flatnonzero(win.doc == j)
+                        if tuple(win.spans[r]) == (h.window["start"], h.window["end"])
+                    )
+                    assert h.text == texts[j][win.spans[row][0] : win.spans[row][1]] and h.metadata == meta[j]
+                    assert h.score == pytest.approx(fused[row], abs=TOL)
+                    for m in MODES:
+                        assert h.scores[m] == pytest.approx(per_window[m][qi, row], abs=TOL)
+        with pytest.raises(ValueError, match="group must be"):
+            col.search(queries[0], group="chapter")

@@ -741,6 +741,7 @@ class Collection:
         filter: Any = None,
         explain: bool = False,
         exact: bool = False,
+        group: str = "document",
     ) -> list[Hit]:
         """Search one query; hits ordered by fused score descending, then id.
 
@@ -751,6 +752,10 @@ class Collection:
         full scan instead of HNSW for the dense list. ``mode``, ``fusion``, ``weights`` and
         ``candidates`` left out (None) take the collection's defaults (all, weighted,
         (0.4, 0.2, 0.4), 200 unless ``m3search tune`` stored others; see :meth:`search_defaults`).
+        ``group``: "document" (one hit per
+        document, at its best window) or "passage" (one hit per window: ``text`` is the
+        window's text, ``window`` its offsets in document ``id``; the windows of the
+        candidate documents are fused and ranked).
         """
         check_query(query)
         return self.search_batch(
@@ -763,6 +768,7 @@ class Collection:
             filter=filter,
             explain=explain,
             exact=exact,
+            group=group,
         )[0]
 
     def search_batch(
@@ -778,6 +784,7 @@ class Collection:
         explain: bool = False,
         exact: bool = False,
         query_embeddings: Any = None,
+        group: str = "document",
     ) -> list[list[Hit]]:
         """:meth:`search` for several queries (one encoder pass, batched first-stage queries).
 
@@ -786,6 +793,10 @@ class Collection:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
+        if group not in ("document", "passage"):
+            raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
+        if group == "passage" and explain:
+            raise ValueError("explain is given for documents only (group='document')")
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,
@@ -811,13 +822,13 @@ class Collection:
             pools = self._engine.candidates_batch(
                 emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, exact=exact, colbert="colbert" in plan.modes
             )
-            return [self._finish(plan, qv, pool) for qv, pool in zip(qvs, pools)]
+            return [self._finish(plan, qv, pool, group) for qv, pool in zip(qvs, pools)]
         if plan.modes == ("dense",):
             lists = self._engine.search_dense(emb.dense, plan.k, plan.filter, exact=exact)
         else:
             lists = self._engine.search_sparse(emb.sparse, plan.k, plan.filter, exact=exact)
         return [
-            self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}))
+            self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}), group)
             for qv, hits in zip(qvs, lists)
         ]
 
@@ -931,8 +942,10 @@ class Collection:
             ws = None if ws is None else _select_docs(ws, np.flatnonzero(keep))
         return cand, scores, ws
 
-    def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool) -> list[Hit]:
+    def _finish(self, plan: SearchPlan, qv: QueryVectors, pool: Pool, group: str = "document") -> list[Hit]:
         """Score candidate documents exactly, fuse, take the top k, fill in all scores, best windows, payloads."""
+        if group == "passage":
+            return self._passages(plan, qv, pool.ids)
         weights = plan.weight_map()
         windowed = self._engine.max_windows > 1
         if plan.reranks:
@@ -999,6 +1012,44 @@ class Collection:
                     "window": best[r],
                 }
             hits.append(hit)
+        return hits
+
+    def _passages(self, plan: SearchPlan, qv: QueryVectors, cand: list[str]) -> list[Hit]:
+        """Every window of the candidate documents scored exactly, fused over windows, the top k windows.
+
+        Exact for the single-mode searches: a window among the k best belongs to a document
+        among the k best (its best window scores at least as much)."""
+        if not cand:
+            return []
+        ws = self._engine.score_windows(cand, qv, MODES)
+        o = ws.windows
+        where = [(d, w) for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
+        live = np.flatnonzero(np.all([np.isfinite(ws.scores[m]) for m in plan.modes], axis=0))
+        if not len(live):
+            return []
+        labels = [f"{cand[where[j][0]]}\x00{where[j][1]:09d}" for j in live]
+        parts = contributions(plan.fusion, {m: ws.scores[m][live] for m in plan.modes}, plan.weight_map(), labels)
+        fused = np.sum(list(parts.values()), axis=0)
+        top = order(labels, fused)[: plan.k]
+        docs = list(dict.fromkeys(cand[where[live[t]][0]] for t in top))
+        recs = dict(zip(docs, self._engine.get(docs)))
+        hits = []
+        for t in top:
+            d, w = where[live[t]]
+            rec = recs.get(cand[d])
+            if rec is None:  # deleted concurrently
+                continue
+            start, end = rec.window_spans[min(w, rec.windows - 1)]
+            hits.append(
+                Hit(
+                    id=cand[d],
+                    score=float(fused[t]),
+                    text=rec.text[start:end],
+                    metadata=rec.metadata,
+                    scores={m: float(ws.scores[m][live[t]]) for m in MODES},
+                    window={"start": int(start), "end": int(end)},
+                )
+            )
         return hits
 
     def _found_by(

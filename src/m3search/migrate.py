@@ -80,6 +80,8 @@ def migrate(
             target.optimize()
             out = dict(manifest)
             out["engine"] = dst_cls.name
+            # the destination may need more points per document (a Qdrant server stores long windows in parts)
+            out["max_windows_stored"] = max(int(out.get("max_windows_stored", 1)), target.max_windows)
             out["migrated_from"] = {
                 "location": src,
                 "engine": src_cls.name,
