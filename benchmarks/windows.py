@@ -37,7 +37,8 @@ def main() -> None:
     from m3search.eval import evaluate, load_beir
 
     encoder = M3Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
-    rows = []
+    print("| data | docs cut at 512 | index | " + " | ".join(f"{m} nDCG@10 / R@100" for m in MODES) + " |")
+    print("|---|---|---|" + "---|" * len(MODES), flush=True)
     for k, folder in enumerate(args.data):
         data = load_beir(folder)
         lengths = np.array([len(x) for x in encoder.tokenize(data.doc_texts, 10**9)[0]])
@@ -52,13 +53,10 @@ def main() -> None:
                 folder, model=encoder, modes=MODES, cache_dir=args.cache_dir, settings=settings, progress=False
             )
             print(f"{folder} {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            rows.append((Path(folder).name if "xquad" not in folder else "xquad-r/en", cut, len(lengths), label, res))
+            name = Path(folder).name if "xquad" not in folder else "xquad-r/en"
+            cells = [f"{res['modes'][m]['ndcg@10']:.4f} / {res['modes'][m]['recall@100']:.4f}" for m in MODES]
+            print(f"| {name} | {cut}/{len(lengths)} | {label} | " + " | ".join(cells) + " |", flush=True)  # row by row
     collection.WINDOW_RULE = "max"
-    print("| data | docs cut at 512 | index | " + " | ".join(f"{m} nDCG@10 / R@100" for m in MODES) + " |")
-    print("|---|---|---|" + "---|" * len(MODES))
-    for name, cut, n, label, res in rows:
-        cells = [f"{res['modes'][m]['ndcg@10']:.4f} / {res['modes'][m]['recall@100']:.4f}" for m in MODES]
-        print(f"| {name} | {cut}/{n} | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
