@@ -258,19 +258,13 @@ def test_missing_framework_gives_the_install_hint(monkeypatch):
         import m3search.integrations.langchain  # noqa: F401
 
 
-def test_best_passage_reported_by_the_collection_reaches_the_metadata(col, monkeypatch):
-    """A hit that names its best passage (collections with windows do) hands it on unchanged."""
-    search = col.search
-
-    def with_passage(*a, **kw):
-        hits = search(*a, **kw)
-        for h in hits:
-            h.passage = {"start": 0, "end": 10, "text": h.text[:10]}
-        return hits
-
-    monkeypatch.setattr(col, "search", with_passage)
+def test_best_passage_reported_by_the_collection_reaches_the_metadata(col):
+    """The collection's best window of each hit (offsets and its text) reaches the document's metadata unchanged."""
+    hit = col.search(QUERIES[0], k=1)[0]
     doc = M3SearchRetriever(collection=col, k=1).invoke(QUERIES[0])[0]
-    assert doc.metadata["m3search"]["passage"] == {"start": 0, "end": 10, "text": doc.page_content[:10]}
+    meta = doc.metadata["m3search"]
+    assert meta["window"] == hit.window and set(hit.window) == {"start", "end"}
+    assert meta["passage"] == doc.page_content[hit.window["start"] : hit.window["end"]] == hit.passage
 
 
 def test_delete_all_takes_several_rounds(tmp_path, tiny_encoder, monkeypatch):

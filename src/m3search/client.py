@@ -188,9 +188,10 @@ class M3SearchClient:
         return self._write(texts, ids, metadata, upsert=True)
 
     def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
-        from m3search.collection import _as_id_list, _check_metadata, _check_texts
+        from m3search.collection import _as_id_list, _check_metadata
+        from m3search.plan import check_texts
 
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         meta = _check_metadata(metadata, len(texts))
         if ids is not None:
             ids = _as_id_list(ids)
@@ -220,9 +221,9 @@ class M3SearchClient:
     # ---------------------------------------------------------------------- embeddings
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Dense vectors ``(n, d)`` float32 from ``POST /v1/embeddings`` (base64 on the wire)."""
-        from m3search.collection import _check_texts
+        from m3search.plan import check_texts
 
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         rows: list[np.ndarray] = []
         for a in self._chunks(len(texts)):
             data = self._call(
