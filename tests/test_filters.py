@@ -167,3 +167,11 @@ def test_qdrant_edge_filter_matches_reference(engine, flt):
     assert {h for h, _ in hits} == want
     k = min(5, len(want))
     assert len(eng.search_dense(dense[:1], k=k, filter=f)[0]) == k
+
+
+def test_field_names_qdrant_cannot_address_are_refused():
+    """Found by the heavy hypothesis campaign: a backslash in a field name reached Qdrant Edge as an
+    unparsable JSON path (ValueError from deep inside the engine); it is refused at parse time now."""
+    for bad in ("a\\", "x.\\y", 'q"', "a[0]"):
+        with pytest.raises(ValueError, match="invalid field name"):
+            parse_filter({bad: 1})

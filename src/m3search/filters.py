@@ -67,7 +67,7 @@ Scalar = str | int | float | bool
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 FIELD_OPS = ("eq", "in") + RANGE_OPS
 LOGICAL_KEYS = ("and", "or", "not")
-_SEGMENT = re.compile(r'^[^.\[\]"]+$')
+_SEGMENT = re.compile(r'^[^.\[\]"\\]+$')  # Qdrant's JSON paths cannot address '[', ']', '"' or '\'
 
 #: Most field conditions (eq / in / range leaves) in one filter.
 MAX_FILTER_CONDITIONS = 64
@@ -257,7 +257,7 @@ def _check_field(field: str, where: str) -> str:
     segments = field.split(".")
     if not field or not all(_SEGMENT.match(s) for s in segments) or not _encodable(field):
         raise ValueError(
-            f"{where}: invalid field name {_short(field)} (dotted path of non-empty names without '[', ']' or '\"')"
+            f"{where}: invalid field name {_short(field)} (dotted path of non-empty names without '[', ']', '\"' or '\\\\')"
         )
     return field
 
