@@ -122,7 +122,7 @@ def part_uuid(doc_id: str, window: int, part: int) -> str:
 
 def record_from_point(r: Any) -> Record:
     """A stored point (either client's record: ``.payload``, ``.vector``) as a :class:`Record`
-    (a head with text points gets its text from :meth:`QdrantEngine._join_texts`)."""
+    (a head with text points gets its text from :meth:`QdrantEngine._records`)."""
     p = r.payload or {}
     if "meta" in p:
         meta = json.loads(p["meta"])
@@ -307,7 +307,7 @@ class QdrantEngine(Engine):
                     payload = {"id": doc_id, **self._meta(meta, False), "window": w}
                 points.append((window_uuid(doc_id, w), vec, payload))
                 n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
-                text_bytes = len(text.encode("utf-8")) * 2 if w == 0 else 0
+                text_bytes = len(text.encode("utf-8")) * 2 if w == 0 and not chunks else 0
                 sizes.append(14 * int(n_floats) + text_bytes + 512)
                 for p in range(1, parts[w]):
                     chunk = tokens[p * per : (p + 1) * per]
