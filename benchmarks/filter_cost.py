@@ -14,7 +14,8 @@ of ``--reps``:
 
 * ``count`` with the costliest filter the limits allow (``MAX_FILTER_CONDITIONS`` equality
   conditions over fields no document has: every condition is evaluated on every point);
-* ``search`` (mode dense, exact) with the same filter;
+* ``search`` (mode dense, exact) with the same filter, and the engine's part of it alone
+  (``search_dense`` with the query vector ready: the library's search also encodes the query);
 * the GIL: a pure-Python loop's rate while that count runs in a thread, vs alone.
 
     PYTHONPATH=src python benchmarks/filter_cost.py [--docs 50] [--big-mb 0 5 15]
@@ -69,11 +70,15 @@ def gil(fn) -> tuple[float, float]:
 
 
 def measure(col, flt: dict, reps: int) -> dict:
+    from m3search.filters import parse_filter
+
     assert col.count(flt) == 0 and col.count({"n": 3}) == 1
     alone, during = gil(lambda: col.count(flt))
+    q, ast = col.encoder.encode(["pumps"]).dense, parse_filter(flt)
     return {
         "count_s": round(best(lambda: col.count(flt), reps), 4),
         "search_s": round(best(lambda: col.search("pumps", k=10, mode="dense", filter=flt, exact=True), reps), 4),
+        "engine_search_s": round(best(lambda: col.engine.search_dense(q, 10, ast, exact=True), reps), 4),
         "loop_alone_per_s": round(alone),
         "loop_during_count_per_s": round(during),
     }
@@ -104,10 +109,13 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{args.docs} short documents + one big one; filter: {MAX_FILTER_CONDITIONS} equality conditions")
-    print(f"{'layout':>6} {'big MB':>6} {'count s':>8} {'search s':>8} {'loop/s alone':>13} {'loop/s during':>13}")
+    print(
+        f"{'layout':>6} {'big MB':>6} {'count s':>8} {'search s':>8} {'engine s':>8} "
+        f"{'loop/s alone':>13} {'loop/s during':>13}"
+    )
     for r in rows:
         print(
-            f"{r['layout']:>6} {r['big_mb']:>6} {r['count_s']:>8.4f} {r['search_s']:>8.4f} "
+            f"{r['layout']:>6} {r['big_mb']:>6} {r['count_s']:>8.4f} {r['search_s']:>8.4f} {r['engine_search_s']:>8.4f} "
             f"{r['loop_alone_per_s']:>13} {r['loop_during_count_per_s']:>13}"
         )
 
