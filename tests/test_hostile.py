@@ -460,6 +460,13 @@ def test_schema_2_collection_opens_searches_and_takes_writes(tmp_path, tiny_enco
         payload = c.engine.shard.retrieve([point_uuid("x")], with_payload=True, with_vector=False)[0].payload
         assert set(payload) == {"id", "text", "metadata"}
         assert c.count({"lang": "en"}) == len(DOCS) // 2 + 2 and c.count() == len(DOCS) + 1
+        counts = [c.count(f) for f in filters]
+    from m3search.migrate import migrate
+
+    migrate(path, tmp_path / "new")  # the way to the schema-3 layout
+    with Collection.open(tmp_path / "new", model=tiny_encoder) as c:
+        assert c.engine.layout == 3 and c.manifest["schema_version"] == 3
+        assert [c.count(f) for f in filters] == counts and c.get(["d3"])[0].metadata == metas[3]
 
 
 # ------------------------------------------------------------------------------ time limit
