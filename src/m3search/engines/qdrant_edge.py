@@ -12,7 +12,7 @@ Folder layout::
     <path>/shard/          the Qdrant Edge shard (WAL, segments, edge_config.json)
 
 Points: one per window of a document (layout and crash rule in
-:mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``. Named vectors:
+:mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there). Named vectors:
 
 * ``dense``   float32, Dot (vectors are L2-normalized already), HNSW graph;
 * ``sparse``  Qdrant sparse vector (dot product, inverted index);

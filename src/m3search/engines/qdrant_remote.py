@@ -11,7 +11,7 @@ queries return the same hits, and ``m3search migrate`` copies points between the
   float16 or float32 (``Schema.colbert_dtype``; on a server also the turbo codecs and a
   quantized copy, ``Schema.colbert_quantization``, as in the embedded engine), on disk by default;
 * one point per window of a document (layout and crash rule in
-  :mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``.
+  :mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there).
 
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
