@@ -22,8 +22,8 @@ Limits (checked here, before any engine sees a filter; :class:`FilterTooComplexE
 at most :data:`MAX_FILTER_CONDITIONS` field conditions (an ``in`` over strings is one, over
 integers one per value), :data:`MAX_IN_VALUES` values per ``in`` and :data:`MAX_FILTER_DEPTH`
 levels of ``and``/``or``/``not``. Why: an engine may check
-each condition against each candidate's stored payload (Milvus, Qdrant collections made
-before schema 3), so a filter's cost is up to conditions times stored bytes
+each condition against each candidate's stored payload (Qdrant collections made before
+schema 3 do), so a filter's cost may be conditions times stored bytes
 (benchmarks/RESULTS.md, "Hostile input"); the limits bound the work one request can ask for. Integers must fit in int64 (what engines store, see
 :func:`m3search.collection._check_metadata`); a 400-digit bound is refused, not an overflow.
 
