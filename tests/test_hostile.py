@@ -586,3 +586,24 @@ def test_kill_during_rewrites_of_a_long_text_leaves_it_whole(tmp_path, tiny_enco
                 [text, "another"]
             )
     assert len(seen) >= 2  # the kills landed on different versions
+
+
+def test_nested_filters_follow_the_grammar_on_odd_metadata(tmp_path, tiny_encoder):
+    """Where one nested condition could differ from flat ones: arrays of objects, nested arrays,
+    nulls inside arrays, empty lists and objects, ``not`` over each (filters.matches decides)."""
+    metas = [
+        {"authors": [{"name": "Ada"}]},
+        {"authors": {"name": "Ada"}},
+        {"a": [[1, 2]]},
+        {"a": [1, [2]]},
+        {"x": None},
+        {"x": [None, 1]},
+        {},
+        {"e": []},
+        {"o": {}},
+    ]
+    flts = [{"authors.name": "Ada"}, {"a": 2}, {"a": 1}, {"x": 1}, {"x": {"gte": 0}}, {"e": {"in": [1]}}, {"o.k": 1}]
+    with Collection.create(tmp_path / "c", model=tiny_encoder) as c:
+        c.add([f"t{i}" for i in range(len(metas))], ids=[str(i) for i in range(len(metas))], metadata=metas)
+        for f in flts + [{"not": f} for f in flts]:
+            assert c.count(f) == sum(matches(parse_filter(f), m) for m in metas), f
