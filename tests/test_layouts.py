@@ -114,7 +114,7 @@ def test_version_1_manifest_opens_as_float16_unpooled(tmp_path, tiny_encoder):
         col.add(TEXTS, ids=IDS)
         before = [(h.id, h.scores["colbert"]) for h in col.search(QUERY, k=3, mode="colbert")]
     m = json.loads((path / "manifest.json").read_text())
-    assert m["schema_version"] == SCHEMA_VERSION == 2
+    assert m["schema_version"] == SCHEMA_VERSION == 3
     m["schema_version"] = 1
     for key in ("colbert_quantization", "colbert_rescore", "colbert_pool_factor"):
         del m["schema"][key]

@@ -671,6 +671,13 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
 @click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(0.001), help="Largest body.")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
+)
 @dtype_option
 @device_option
 @click.option(
@@ -679,7 +686,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
-def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype, device, log_level):
+def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeout, dtype, device, log_level):
     """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     with _errors():
         if collection is None and model is None:
@@ -704,6 +711,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, dtype,
             api_key=api_key,
             max_batch=max_batch,
             max_body_bytes=int(max_body_mb * (1 << 20)),
+            search_timeout=timeout,
         )
         what = f"collection {collection}" if collection else f"model {model}"
 

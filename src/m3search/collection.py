@@ -67,6 +67,7 @@ from m3search.plan import (
     DEFAULT_WEIGHTS,
     MODES,
     SearchPlan,
+    check_deadline,
     check_query,
     check_text,
     check_texts,
@@ -817,6 +818,7 @@ class Collection:
             emb = query_embeddings
         else:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
+        check_deadline("the first-stage search")
         qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
         if plan.reranks:
             pools = self._engine.candidates_batch(
@@ -955,6 +957,7 @@ class Collection:
             scores = {m: np.array([pool.known[m][i] for i in cand], dtype=np.float64)}
         if not cand:
             return []
+        check_deadline("fusion")
         if ws is not None and WINDOW_RULE == "fuse":  # fusion per window, then each document's best window
             o = ws.windows
             labels = [f"{cand[d]}\x00{w:09d}" for d in range(len(cand)) for w in range(o[d + 1] - o[d])]

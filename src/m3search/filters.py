@@ -21,10 +21,10 @@ be filtered on. ``{}`` and ``None`` mean "no filter" (:func:`parse_filter` retur
 Limits (checked here, before any engine sees a filter; :class:`FilterTooComplexError`):
 at most :data:`MAX_FILTER_CONDITIONS` field conditions (an ``in`` over strings is one, over
 integers one per value), :data:`MAX_IN_VALUES` values per ``in`` and :data:`MAX_FILTER_DEPTH`
-levels of ``and``/``or``/``not``. Why: an engine checks
-each condition against each candidate's stored payload, so a filter's cost is conditions
-times stored bytes (benchmarks/RESULTS.md, "Filter cost"); the limits bound the work one
-request can ask for. Integers must fit in int64 (what engines store, see
+levels of ``and``/``or``/``not``. Why: an engine may check
+each condition against each candidate's stored payload (Qdrant collections made before
+schema 3 do), so a filter's cost may be conditions times stored bytes
+(benchmarks/RESULTS.md, "Hostile input"); the limits bound the work one request can ask for. Integers must fit in int64 (what engines store, see
 :func:`m3search.collection._check_metadata`); a 400-digit bound is refused, not an overflow.
 
 Semantics (what :func:`matches` implements and engines follow): a missing field never

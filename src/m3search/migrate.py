@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from m3search.engines import resolve_engine
-from m3search.engines.base import CollectionExistsError, CollectionNotFoundError
+from m3search.engines.base import SCHEMA_VERSION, CollectionExistsError, CollectionNotFoundError
 
 __all__ = ["migrate"]
 
@@ -80,6 +80,7 @@ def migrate(
             target.optimize()
             out = dict(manifest)
             out["engine"] = dst_cls.name
+            out["schema_version"] = SCHEMA_VERSION  # the destination's points are written in this version's layout
             # the destination may need more points per document (a Qdrant server stores long windows in parts)
             out["max_windows_stored"] = max(int(out.get("max_windows_stored", 1)), target.max_windows)
             out["migrated_from"] = {

@@ -29,7 +29,10 @@ not matter, so FlagEmbedding's ``"colbert+sparse+dense"`` works). Re-ranking mod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,10 @@ __all__ = [
     "MAX_K",
     "MAX_CANDIDATES",
     "LimitExceededError",
+    "DeadlineExceeded",
+    "DEFAULT_SEARCH_TIMEOUT",
+    "deadline",
+    "check_deadline",
     "SearchPlan",
     "parse_mode",
     "check_weights",
@@ -78,6 +85,37 @@ DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)
 #: oracle's from C=50 on. 200 is the smallest tried that keeps recall >= 0.99 on every
 #: collection (also the paper's choice); query time grows about linearly with C.
 DEFAULT_CANDIDATES = 200
+
+#: Seconds one HTTP search may take before it stops at its next stage (``serve --timeout``).
+DEFAULT_SEARCH_TIMEOUT = 30.0
+
+_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)
+
+
+class DeadlineExceeded(TimeoutError):
+    """A search ran past its time limit. Raised by :func:`check_deadline` at the next stage
+    boundary (encoding, each engine request, scoring, fusion): the work ends there, not only
+    the wait. One engine request is not interrupted (Qdrant Edge holds the interpreter for it)."""
+
+
+@contextmanager
+def deadline(seconds: float | None, *, since: float | None = None) -> Iterator[None]:
+    """Searches run inside this block (this thread or context) stop ``seconds`` after ``since``
+    (a ``time.monotonic()`` value; default: now)."""
+    start = time.monotonic() if since is None else since
+    token = _DEADLINE.set(None if seconds is None else (start + seconds, seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_deadline(stage: str) -> None:
+    """Raise :class:`DeadlineExceeded` if the current :func:`deadline` has passed (else nothing)."""
+    d = _DEADLINE.get()
+    if d is not None and time.monotonic() > d[0]:
+        raise DeadlineExceeded(f"search stopped before {stage}: it ran over its time limit of {d[1]:g} s")
+
 
 #: Most hits one search may ask for (library, CLI and HTTP; a server may set a lower limit).
 MAX_K = 10_000

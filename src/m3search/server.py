@@ -50,7 +50,19 @@ from .batching import Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import DuplicateIdError, M3SearchError, UnknownIdError
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
-from .plan import FUSIONS, MAX_CANDIDATES, MAX_K, MODES, PRESETS, LimitExceededError, check_limit, check_query
+from .plan import (
+    DEFAULT_SEARCH_TIMEOUT,
+    FUSIONS,
+    MAX_CANDIDATES,
+    MAX_K,
+    MODES,
+    PRESETS,
+    DeadlineExceeded,
+    LimitExceededError,
+    check_limit,
+    check_query,
+    deadline,
+)
 from .tei import make_router as tei_router
 
 __all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
@@ -84,6 +96,8 @@ class Settings:
     max_queue: int = 2048
     #: Seconds a request may wait for its encoding to start (beyond it: 503).
     request_timeout: float = 60.0
+    #: Seconds one search may take, from arrival to answer (beyond it: 504, the work stops at its next stage).
+    search_timeout: float = DEFAULT_SEARCH_TIMEOUT
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -111,8 +125,9 @@ class Settings:
         for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        for name in ("request_timeout", "search_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty")
 
@@ -148,6 +163,7 @@ _STATUS_TYPES = {
     429: "overloaded",
     499: "client_closed_request",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -223,6 +239,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestTimeout)
     async def timed_out(request: Request, exc: RequestTimeout):
         return JSONResponse(error_body("unavailable", f"request {exc}"), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def over_time(request: Request, exc: DeadlineExceeded):
+        return JSONResponse(error_body("timeout", str(exc)), status_code=504)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):  # nobody reads it: for the log and metrics
@@ -656,6 +676,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                 "max_candidates": settings.max_candidates,
                 "max_queue": settings.max_queue,
                 "request_timeout": settings.request_timeout,
+                "search_timeout": settings.search_timeout,
             },
             "api_key_required": settings.api_key is not None,
             "uptime_seconds": round(time.time() - res.started, 1),
@@ -793,8 +814,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         )
         check_query(body.query)
         coll.search_batch([], **options)  # checks every option (no query: no work) before the query is queued
+        started = time.monotonic()  # the encoding's wait and work count too
         emb = await _encode(request, [body.query], max_length=coll.settings["query_max_length"])
-        hits = (await run_in_threadpool(coll.search_batch, [body.query], query_embeddings=emb, **options))[0]
+
+        def run() -> list:
+            with deadline(settings.search_timeout, since=started):
+                return coll.search_batch([body.query], query_embeddings=emb, **options)[0]
+
+        hits = await run_in_threadpool(run)
         return SearchResponse(hits=[HitOut(**_finite(h.to_dict())) for h in hits])
 
     @api.get("/metrics", tags=["service"], response_class=Response)

@@ -91,7 +91,9 @@ __all__ = [
 #: manifest ``max_windows_stored``; a version-1 point reads as window 0 of 1), and ColBERT codecs
 #: and token pooling (``colbert_quantization``, ``colbert_rescore``, ``colbert_pool_factor``,
 #: turbo storage types; a version-1 manifest reads as their defaults).
-SCHEMA_VERSION = 2
+#: 3: Qdrant point layout with metadata as a one-element array and long texts on vector-less
+#: points (engines/qdrant_common.py; schema 1-2 collections keep their layout).
+SCHEMA_VERSION = 3
 
 #: Storage types of ColBERT token vectors (Qdrant's ``VectorStorageDatatype``): float32 and
 #: float16 are the lossless references; turbo16 / turbo8 / turbo4 are Qdrant's TurboQuant

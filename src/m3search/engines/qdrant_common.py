@@ -8,23 +8,41 @@ the :class:`~m3search.engines.base.Engine` protocol over seven small client hook
 (``_retrieve``, ``_write``, ``_delete_points``, ``_set_payload``, ``_scroll``, ``_count``,
 ``_nearest``, ``_exact_scores``).
 
-Point layout (schema version 2). A document of ``n`` windows is ``n`` points:
+Point layout (schema version 3). A document of ``n`` windows is ``n`` points (plus, for a
+long text, text points):
 
-* window 0: id = :func:`~m3search.engines.base.point_uuid` of the caller's id (as in
-  version 1, so a one-window document is exactly the point it always was); payload
-  ``{"id", "text", "metadata"}`` plus, when ``n > 1``, ``"windows": n`` and ``"spans"``
-  (character ``[start, end)`` of every window);
-* window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "metadata", "window": w}``
-  (metadata on every window: filters run inside the vector queries).
+* window 0 (the HEAD): id = :func:`~m3search.engines.base.point_uuid` of the caller's id;
+  payload ``{"id", "m": [metadata], "meta": <metadata as JSON text>}``, the text as
+  ``"text"`` when it has at most :data:`TEXT_CHUNK` characters, else ``"chunks": c``; plus,
+  when ``n > 1``, ``"windows": n`` and ``"spans"`` (character ``[start, end)`` of every window);
+* window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "m": [metadata], "window": w}``
+  (metadata on every window: filters run inside the vector queries);
+* text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}``
+  holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``: :meth:`QdrantEngine.get`
+  joins them.
 
-A version-1 point (no ``window`` / ``windows`` keys) reads as window 0 of 1.
+Why: Qdrant Edge deserializes a point's whole payload once per filter condition no payload
+index answers (benchmarks/RESULTS.md, "Hostile input"). A filter is sent as ``HasVector("dense")``
+(answered without reading payloads, false for text points) and then ONE nested condition over
+``"m"`` (:func:`~m3search.engines.qdrant_filter.engine_filter`): one read per vector point, of
+at most :data:`TEXT_CHUNK` characters of text plus the metadata, however large the documents.
+``"meta"`` is what :meth:`get` returns: Qdrant's payload storage parses floats back with a
+best-effort parser (serde_json without ``float_roundtrip``), which moves ~10-25 % of float64
+values by 1-2 ULP; JSON text comes back exactly. Filters evaluate the parsed ``"m"`` values
+(documented in docs/usage.md, "Filters").
+
+Schema 1-2 layout (collections written before schema 3; read and written as they are, see
+:meth:`QdrantEngine._stored_layout`): window 0 ``{"id", "text", "metadata"}`` (+ ``windows`` /
+``spans`` / ``parts``), window ``w > 0`` ``{"id", "metadata", "window": w}``; filters as flat
+conditions over ``metadata.<field>``; a version-1 point (no ``window`` / ``windows`` keys)
+reads as window 0 of 1. ``m3search migrate`` copies one into the schema-3 layout.
 
 Parts. A Qdrant server rejects a multivector of more than 1,048,576 floats
 (``MAX_MULTIVECTOR_FLATTENED_LEN`` in qdrant ``lib/common/common/src/validation.rs``: 1,023
 tokens at 1024-d). An engine with a :attr:`QdrantEngine.multivector_limit` stores a longer
 window as ``P`` points: the window point carries dense, sparse and the first token vectors,
 part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "metadata", "window": w, "part": p}``)
-the next ones. Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
+the next ones (payload ``{"id", "m", "window": w, "part": p}`` in schema 3). Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
 window's ColBERT score is then computed in NumPy over ALL its parts' token vectors (per
 query token the maximum over every token of the window: per-point MaxSim sums do not add
 up to it).
@@ -35,7 +53,9 @@ with FEWER windows keeps no stale window: the same write overwrites each old win
 the new count with a TOMBSTONE, a point with no vectors (no vector query can return it)
 and ``window >= 1`` (counting documents counts window-0 points only). The tombstones are
 deleted by a second write; a crash before it leaves them invisible, and the document's
-next delete removes them. So every write shows the old or the new document whole.
+next delete removes them. Text points of the old version past the new chunk count are
+tombstoned alike (the head's ``chunks`` names the ones that count). So every write shows the
+old or the new document whole.
 """
 
 from __future__ import annotations
@@ -61,10 +81,16 @@ from m3search.engines.base import (
 )
 from m3search.filters import Filter
 
-__all__ = ["QdrantEngine", "window_uuid", "record_from_point"]
+__all__ = ["QdrantEngine", "window_uuid", "text_uuid", "record_from_point", "TEXT_CHUNK", "LAYOUT"]
 
 #: Namespace of window points past the first (window 0 keeps the caller id's point_uuid).
 WINDOW_NAMESPACE = uuid.UUID("0c3e5b1d-41a7-5e2f-8d6a-9b4c2f1e7a53").bytes
+#: Namespace of text points.
+TEXT_NAMESPACE = uuid.UUID("5d1f0b6e-2c4a-5b7e-9f3d-1a8c6e2b4d70").bytes
+#: Most characters of text on one point: a longer text is split into text points (see module).
+TEXT_CHUNK = 16_384
+#: Point layout written by this version (the schema version that introduced it); 2 = schema 1-2.
+LAYOUT = 3
 #: First-stage queries on a windowed collection over-fetch windows to find k documents.
 OVERFETCH = 2
 
@@ -73,7 +99,16 @@ def window_uuid(doc_id: str, window: int) -> str:
     """Point id of a document's window (UUID5; window 0 is :func:`point_uuid` of the id)."""
     if window == 0:
         return point_uuid(doc_id)
-    h = bytearray(hashlib.sha1(WINDOW_NAMESPACE + f"{window}\x00{doc_id}".encode()).digest()[:16])
+    return _uuid5(WINDOW_NAMESPACE, f"{window}\x00{doc_id}")
+
+
+def text_uuid(doc_id: str, chunk: int) -> str:
+    """Point id of text point ``chunk`` of a document (see the module docstring)."""
+    return _uuid5(TEXT_NAMESPACE, f"{chunk}\x00{doc_id}")
+
+
+def _uuid5(namespace: bytes, name: str) -> str:
+    h = bytearray(hashlib.sha1(namespace + name.encode()).digest()[:16])
     h[6] = (h[6] & 0x0F) | 0x50
     h[8] = (h[8] & 0x3F) | 0x80
     x = h.hex()
@@ -86,9 +121,14 @@ def part_uuid(doc_id: str, window: int, part: int) -> str:
 
 
 def record_from_point(r: Any) -> Record:
-    """A stored point (either client's record: ``.payload``, ``.vector``) as a :class:`Record`."""
+    """A stored point (either client's record: ``.payload``, ``.vector``) as a :class:`Record`
+    (a head with text points gets its text from :meth:`QdrantEngine._records`)."""
     p = r.payload or {}
-    rec = Record(p["id"], p.get("text", ""), p.get("metadata") or {}, spans=p.get("spans"), window=p.get("window", 0))
+    if "meta" in p:
+        meta = json.loads(p["meta"])
+    else:
+        meta = p["m"][0] if "m" in p else p.get("metadata") or {}
+    rec = Record(p["id"], p.get("text", ""), meta, spans=p.get("spans"), window=p.get("window", 0))
     v = r.vector if isinstance(r.vector, dict) else {}
     if "dense" in v:
         rec.dense = np.asarray(v["dense"], dtype=np.float32)
@@ -98,6 +138,11 @@ def record_from_point(r: Any) -> Record:
     if "colbert" in v:
         rec.colbert = np.asarray(v["colbert"], dtype=np.float32)
     return rec
+
+
+def is_head(payload: Mapping) -> bool:
+    """True for a document's window-0 point (every other point has ``window`` or ``chunk``)."""
+    return "window" not in payload and "chunk" not in payload
 
 
 def collapse(points: Sequence[Any], k: int) -> Hits:
@@ -118,6 +163,8 @@ class QdrantEngine(Engine):
     windowed = True
     #: Most floats of one point's multivector (None: no limit); longer windows are stored as parts.
     multivector_limit: int | None = None
+    #: Point layout of this collection: :data:`LAYOUT` when created, the stored one when opened.
+    layout: int = LAYOUT
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
@@ -131,8 +178,12 @@ class QdrantEngine(Engine):
     def _delete_points(self, uuids: list[str]) -> None:
         raise NotImplementedError
 
-    def _set_payload(self, groups: dict[str, list[str]]) -> None:
-        """Set ``{"metadata": json.loads(key)}`` on each group's points (one request where possible)."""
+    def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
+        """Set each ``payload``'s keys on its points (one request where possible)."""
+        raise NotImplementedError
+
+    def _filter(self, f: Filter | None, docs_only: bool = False) -> Any:
+        """The client's filter (:func:`~m3search.engines.qdrant_filter.engine_filter` in this layout)."""
         raise NotImplementedError
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
@@ -168,6 +219,13 @@ class QdrantEngine(Engine):
             out["sparse"][zero] = 0.0
         return out
 
+    def _stored_layout(self) -> int:
+        """The layout of the stored points: a head with ``metadata`` is schema 1-2 (kept as it is:
+        filters and writes follow it); an empty collection takes :data:`LAYOUT`."""
+        self.layout = LAYOUT  # the scroll's filter: heads of either layout have a dense vector
+        heads, _ = self._scroll(None, 1, True, False)
+        return 2 if heads and "metadata" in (heads[0].payload or {}) else LAYOUT
+
     # ------------------------------------------------------------------- windows
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
         """How many windows each stored document has (0: not stored); no read when no document has two."""
@@ -178,12 +236,17 @@ class QdrantEngine(Engine):
         if self.max_windows <= 1:
             found = self.existing(ids)
             return [[1] if i in found else [] for i in ids]
+        stored = self._stored(ids)
+        return [stored[i][0] if i in stored else [] for i in ids]
+
+    def _stored(self, ids: Sequence[str]) -> dict[str, tuple[list[int], int]]:
+        """Stored documents among ``ids``: their windows' part counts and text point count."""
         back = {point_uuid(i): i for i in ids}
         got = {}
-        for r in self._retrieve(list(back), ["windows", "parts"], False):
+        for r in self._retrieve(list(back), ["windows", "parts", "chunks"], False):
             p = r.payload or {}
-            got[back[str(r.id)]] = p.get("parts") or [1] * int(p.get("windows", 1))
-        return [got.get(i, []) for i in ids]
+            got[back[str(r.id)]] = (p.get("parts") or [1] * int(p.get("windows", 1)), int(p.get("chunks", 0)))
+        return got
 
     def _n_parts(self, n_tokens: int) -> int:
         if self.multivector_limit is None:
@@ -196,11 +259,17 @@ class QdrantEngine(Engine):
         units = [self._n_parts(int(co[j + 1] - co[j])) for j in range(int(wo[-1]))]
         return max((sum(units[wo[i] : wo[i + 1]]) for i in range(len(batch))), default=1)
 
+    def _meta(self, meta: dict, head: bool) -> dict:
+        """The metadata keys of a point's payload in this collection's layout."""
+        if self.layout < 3:
+            return {"metadata": meta}
+        return {"m": [meta], "meta": json.dumps(meta)} if head else {"m": [meta]}
+
     def _points(
-        self, batch: PointBatch, old: Mapping[str, list[int]]
+        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int]]
     ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
-        """Window (and part) points of ``batch``, tombstones over every old point past the new
-        layout, their approximate JSON sizes, and the tombstones' ids."""
+        """Window (part and text) points of ``batch``, tombstones over every old point past the
+        new layout, their approximate JSON sizes, and the tombstones' ids."""
         sparse = batch.sparse.tocsr()
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
@@ -214,6 +283,9 @@ class QdrantEngine(Engine):
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
             parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
+            text, chunks = batch.texts[i], 0
+            if self.layout >= 3 and len(text) > TEXT_CHUNK:
+                chunks = -(-len(text) // TEXT_CHUNK)
             for w in range(n):
                 j = wo[i] + w
                 if co[j + 1] == co[j]:
@@ -225,27 +297,37 @@ class QdrantEngine(Engine):
                     "colbert": tokens if parts[w] == 1 else tokens[:per],
                 }
                 if w == 0:
-                    payload = {"id": doc_id, "text": batch.texts[i], "metadata": meta}
+                    payload = {"id": doc_id, **self._meta(meta, True)}
+                    payload.update({"chunks": chunks} if chunks else {"text": text})
                     if n > 1:
                         payload.update(windows=n, spans=batch.doc_spans(i))
                     if max(parts) > 1:
                         payload["parts"] = parts
                 else:
-                    payload = {"id": doc_id, "metadata": meta, "window": w}
+                    payload = {"id": doc_id, **self._meta(meta, False), "window": w}
                 points.append((window_uuid(doc_id, w), vec, payload))
                 n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
-                text = len(batch.texts[i].encode("utf-8")) * 2 if w == 0 else 0
-                sizes.append(14 * int(n_floats) + text + 512)
+                text_bytes = len(text.encode("utf-8")) * 2 if w == 0 and not chunks else 0
+                sizes.append(14 * int(n_floats) + text_bytes + 512)
                 for p in range(1, parts[w]):
                     chunk = tokens[p * per : (p + 1) * per]
-                    part = {"id": doc_id, "metadata": meta, "window": w, "part": p}
+                    part = {"id": doc_id, **self._meta(meta, False), "window": w, "part": p}
                     points.append((part_uuid(doc_id, w, p), {"colbert": chunk}, part))
                     sizes.append(14 * chunk.size + 512)
-            for w, was in enumerate(old.get(doc_id, [])):  # old points past the new layout
+            for c in range(chunks):
+                piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
+                points.append((text_uuid(doc_id, c), None, {"id": doc_id, "chunk": c, "text": piece}))
+                sizes.append(2 * len(piece.encode("utf-8")) + 256)
+            was_parts, was_chunks = old.get(doc_id, ([], 0))
+            for w, was in enumerate(was_parts):  # old points past the new layout
                 for p in range(parts[w] if w < n else 0, was):
                     tombs.append(part_uuid(doc_id, w, p))
                     points.append((tombs[-1], None, {"id": doc_id, "window": w, "part": p}))
                     sizes.append(256)
+            for c in range(chunks, was_chunks):
+                tombs.append(text_uuid(doc_id, c))
+                points.append((tombs[-1], None, {"id": doc_id, "chunk": c}))
+                sizes.append(256)
         return points, sizes, tombs
 
     # -------------------------------------------------------------------- writes
@@ -253,9 +335,9 @@ class QdrantEngine(Engine):
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        old: dict[str, list[int]] = {}
-        if self.max_windows > 1:  # only then can a stored document have points past the new layout
-            old = dict(zip(batch.ids, self._layout(batch.ids)))
+        old: dict[str, tuple[list[int], int]] = {}
+        if self.max_windows > 1 or self.layout >= 3:  # a stored document may have points past the new layout
+            old = self._stored(batch.ids)
         self.max_windows = max(self.max_windows, self.stored_units(batch))
         points, sizes, tombs = self._points(batch, old)
         if points:
@@ -267,12 +349,16 @@ class QdrantEngine(Engine):
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         layout = self._layout(ids) if self.max_windows > 1 else [[1]] * len(ids)
-        groups: dict[str, list[str]] = {}  # one write per distinct metadata value
+        groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one write per distinct payload
         for doc_id, meta, parts in zip(ids, metadata, layout):
-            uuids = [part_uuid(doc_id, w, p) for w, n in enumerate(parts or [1]) for p in range(n)]
-            groups.setdefault(json.dumps(meta, sort_keys=True), []).extend(uuids)
+            key = json.dumps(meta, sort_keys=True)
+            for w, n in enumerate(parts or [1]):
+                for p in range(n):
+                    head = w == 0 and p == 0
+                    payload = self._meta(meta, head)
+                    groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p))
         if groups:
-            self._set_payload(groups)
+            self._set_payload(list(groups.values()))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every point a document may have: all windows (and parts) up to the most points any
@@ -281,6 +367,10 @@ class QdrantEngine(Engine):
             n = self.max_windows
             parts = n if self.multivector_limit is not None else 1
             uuids = dict.fromkeys(part_uuid(i, w, p) for i in ids for w in range(n) for p in range(parts))
+            if self.layout >= 3:  # the text points the heads name
+                uuids.update(
+                    dict.fromkeys(text_uuid(i, c) for i, (_, k) in self._stored(ids).items() for c in range(k))
+                )
             self._delete_points(list(uuids))
 
     # --------------------------------------------------------------------- reads
@@ -295,8 +385,19 @@ class QdrantEngine(Engine):
             return []
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
         found = self._retrieve([point_uuid(i) for i in ids], True, vec)
-        by_id = {r.payload["id"]: record_from_point(r) for r in found}
+        by_id = {r.id: r for r in self._records(found)}
         return [by_id.get(i) for i in ids]
+
+    def _records(self, heads: Sequence[Any]) -> list[Record]:
+        """Head points as records, each with its whole text (text points joined: one read)."""
+        recs = [record_from_point(r) for r in heads]
+        want = [(rec, int(r.payload.get("chunks", 0))) for rec, r in zip(recs, heads) if r.payload.get("chunks")]
+        if want:
+            uuids = [text_uuid(rec.id, c) for rec, k in want for c in range(k)]
+            got = {str(r.id): r.payload["text"] for r in self._retrieve(uuids, True, False)}
+            for rec, k in want:
+                rec.text = "".join(got[text_uuid(rec.id, c)] for c in range(k))
+        return recs
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
         """All window records of each document, in window order ([] for unknown ids); a window
@@ -305,6 +406,8 @@ class QdrantEngine(Engine):
         layout = self._layout(ids)
         uuids = [part_uuid(i, w, p) for i, parts in zip(ids, layout) for w, n in enumerate(parts) for p in range(n)]
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
+        heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
+        texts = {r.id: r.text for r in self._records(heads)}
         out = []
         for doc_id, parts in zip(ids, layout):
             recs = []
@@ -313,6 +416,8 @@ class QdrantEngine(Engine):
                 if r is None:
                     continue
                 rec = record_from_point(r)
+                if w == 0:
+                    rec.text = texts[doc_id]
                 if n > 1 and rec.colbert is not None:
                     more = [record_from_point(by_uuid[part_uuid(doc_id, w, p)]).colbert for p in range(1, n)]
                     rec.colbert = np.concatenate([rec.colbert, *more])
@@ -321,14 +426,19 @@ class QdrantEngine(Engine):
         return out
 
     def count(self, filter: Filter | None = None) -> int:
-        return self._count(filter, docs_only=self.max_windows > 1)
+        return self._count(filter, docs_only=self._docs_only)
+
+    @property
+    def _docs_only(self) -> bool:
+        """Whether a count or scroll must skip points that are not documents (windows, text points)."""
+        return self.max_windows > 1 or self.layout >= 3
 
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
         offset, windowed = None, self.max_windows > 1
         while True:
-            raw, offset = self._scroll(offset, batch_size, windowed, with_vectors)
+            raw, offset = self._scroll(offset, batch_size, self._docs_only, with_vectors)
             if raw:
-                docs = [record_from_point(r) for r in raw]
+                docs = self._records(raw)
                 if windowed and with_vectors and any(d.windows > 1 for d in docs):
                     recs = [w for ws in self.get_windows([d.id for d in docs], with_vectors=True) for w in ws]
                 else:

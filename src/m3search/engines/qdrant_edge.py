@@ -12,7 +12,7 @@ Folder layout::
     <path>/shard/          the Qdrant Edge shard (WAL, segments, edge_config.json)
 
 Points: one per window of a document (layout and crash rule in
-:mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``. Named vectors:
+:mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there). Named vectors:
 
 * ``dense``   float32, Dot (vectors are L2-normalized already), HNSW graph;
 * ``sparse``  Qdrant sparse vector (dot product, inverted index);
@@ -58,9 +58,9 @@ from m3search.engines.base import (
     allocated_bytes,
 )
 from m3search.engines.qdrant_common import QdrantEngine
-from m3search.engines.qdrant_filter import to_qdrant
+from m3search.engines.qdrant_filter import engine_filter, to_qdrant
 from m3search.filters import Filter
-from m3search.plan import MODES
+from m3search.plan import MODES, check_deadline
 
 __all__ = ["QdrantEdgeEngine", "to_qdrant_filter"]
 
@@ -125,19 +125,21 @@ class _EdgeDialect:
         return qe.FieldCondition(key, match=qe.MatchAny(values))
 
     @staticmethod
+    def has_vector(name: str) -> qe.HasVectorCondition:
+        return qe.HasVectorCondition(name)
+
+    @staticmethod
+    def nested(key: str, filter: qe.Filter) -> qe.NestedCondition:
+        return qe.NestedCondition(key, filter)
+
+    @staticmethod
     def range(key: str, **bounds: float | None) -> qe.FieldCondition:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
 def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
-    """The shared filter AST as a Qdrant Edge ``Filter`` over ``metadata.*``."""
+    """The shared filter AST as flat Qdrant Edge conditions over ``prefix + field``."""
     return to_qdrant(f, _EdgeDialect, prefix)
-
-
-def _docs_only(flt: qe.Filter | None) -> qe.Filter:
-    """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
-    later = [qe.FieldCondition(key, range=qe.RangeFloat(gte=1)) for key in ("window", "part")]
-    return qe.Filter(must=[flt] if flt is not None else None, must_not=later)
 
 
 def _sparse_vector(indices: np.ndarray, values: np.ndarray) -> qe.SparseVector:
@@ -283,6 +285,7 @@ class QdrantEdgeEngine(QdrantEngine):
         engine = cls(root, shard, schema, lock=lock, **options)
         engine.max_windows = int(manifest.get("max_windows_stored", 1))
         engine._write_pid()
+        engine.layout = engine._stored_layout()
         return engine
 
     def _write_pid(self) -> None:
@@ -368,28 +371,31 @@ class QdrantEdgeEngine(QdrantEngine):
     def _delete_points(self, uuids: list[str]) -> None:
         self.shard.update(qe.UpdateOperation.delete_points(uuids))
 
-    def _set_payload(self, groups: dict[str, list[str]]) -> None:
-        for key, uuids in groups.items():
-            self.shard.update(qe.UpdateOperation.set_payload(uuids, {"metadata": json.loads(key)}))
+    def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
+        for payload, uuids in ops:
+            self.shard.update(qe.UpdateOperation.set_payload(uuids, payload))
+
+    def _filter(self, f: Filter | None, docs_only: bool = False) -> qe.Filter | None:
+        return engine_filter(f, _EdgeDialect, nested=self.layout >= 3, docs_only=docs_only)
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:
             return []
+        check_deadline("reading points")
         sel = payload if isinstance(payload, bool) else qe.PayloadSelector.Include(payload)
         return self.shard.retrieve(uuids, with_payload=sel, with_vector=vectors)
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
-        flt = _docs_only(None) if docs_only else None
+        flt = self._filter(None, docs_only)
         return self.shard.scroll(
             qe.ScrollRequest(offset=offset, limit=limit, filter=flt, with_payload=True, with_vector=with_vectors)
         )
 
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
-        flt = to_qdrant_filter(filter)
-        return int(self.shard.count(qe.CountRequest(exact=True, filter=_docs_only(flt) if docs_only else flt)))
+        return int(self.shard.count(qe.CountRequest(exact=True, filter=self._filter(filter, docs_only))))
 
     def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
-        flt, params = to_qdrant_filter(filter), self._params(exact)
+        flt, params = self._filter(filter), self._params(exact)
         reqs = [
             qe.QueryRequest(
                 limit=limit,
@@ -440,6 +446,7 @@ class QdrantEdgeEngine(QdrantEngine):
     def _run(self, requests: list) -> list[list]:
         if not requests:
             return []
+        check_deadline("an engine query")
         return self.shard.query_batch(qe.QueryBatchRequest(requests))
 
     def candidates_batch(
@@ -459,7 +466,7 @@ class QdrantEdgeEngine(QdrantEngine):
         Only while every document is one window (a window's MaxSim is then its document's)."""
         if not colbert or self.max_windows > 1:
             return super().candidates_batch(dense, sparse, queries, depth, filter, exact=exact)
-        flt, params = to_qdrant_filter(filter), self._params(exact)
+        flt, params = self._filter(filter), self._params(exact)
         reqs = []
         for qv in queries:
             pre = [

@@ -15,9 +15,16 @@ only builds its client's objects. The mapping:
 * ``in`` over integers -> the match OR one ``[v, v]`` range per value exact in float64.
 * Strings and bools -> plain matches.
 
-Cost: Qdrant Edge reads a point's whole payload (text included) once per condition
-that no payload index answers (benchmarks/RESULTS.md, "Filter cost"), so fewer
-conditions is faster; :mod:`m3search.filters` caps how many one filter may hold.
+Cost: Qdrant Edge reads a point's whole payload once per condition that no payload index
+answers (benchmarks/RESULTS.md, "Hostile input"). So in the schema-3 layout
+(:mod:`~m3search.engines.qdrant_common`) every filter is sent as ONE condition,
+``NestedCondition("m", <the filter over bare field names>)`` over the metadata stored as a
+one-element array: one payload read per point, whatever the number of conditions (a nested
+filter is evaluated per array element; with exactly one element that is the filter on the
+metadata object, ``not`` and missing fields included). It comes after ``HasVector("dense")``,
+which Qdrant answers without reading the payload, so the vector-less points that hold long
+texts are never read by a filter. Collections of the schema-1/2 layout (``"metadata": {...}``)
+get the flat conditions over ``metadata.<field>`` they always got.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Protocol
 
 from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
 
-__all__ = ["Dialect", "to_qdrant"]
+__all__ = ["Dialect", "to_qdrant", "engine_filter"]
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
@@ -41,6 +48,10 @@ class Dialect(Protocol):
     def is_filter(self, node: Any) -> bool: ...
 
     def match(self, key: str, value: Any) -> Any: ...
+
+    def has_vector(self, name: str) -> Any: ...
+
+    def nested(self, key: str, filter: Any) -> Any: ...
 
     def match_any(self, key: str, values: Sequence[Any]) -> Any: ...
 
@@ -61,6 +72,27 @@ def to_qdrant(f: Filter | None, dialect: Dialect, prefix: str = "metadata.") -> 
         return None
     node = _condition(f, dialect, prefix)
     return node if dialect.is_filter(node) else dialect.filter(must=[node])
+
+
+def engine_filter(f: Filter | None, dialect: Dialect, *, nested: bool, docs_only: bool = False) -> Any:
+    """The filter a query, count or scroll sends (None: none needed).
+
+    ``nested``: the schema-3 layout (``has_vector("dense")`` first, then one nested condition);
+    otherwise flat conditions over ``metadata.*``. ``docs_only``: one point per document (window 0:
+    no ``window`` / ``part`` key >= 1; in schema 3 also not a text point, which has no vectors).
+    """
+    if not nested:
+        flt = to_qdrant(f, dialect)
+        if not docs_only:
+            return flt
+        later = [dialect.range(key, gte=1) for key in ("window", "part")]
+        return dialect.filter(must=[flt] if flt is not None else None, must_not=later)
+    if f is None and not docs_only:
+        return None
+    inner = [] if f is None else [dialect.nested("m", to_qdrant(f, dialect, prefix=""))]
+    if docs_only:  # part points have no dense vector: has_vector excludes them too
+        inner = [dialect.filter(must=inner or None, must_not=[dialect.range("window", gte=1)])]
+    return dialect.filter(must=[dialect.has_vector("dense"), *inner])
 
 
 def _json_path(field: str) -> str:

@@ -11,7 +11,7 @@ queries return the same hits, and ``m3search migrate`` copies points between the
   float16 or float32 (``Schema.colbert_dtype``; on a server also the turbo codecs and a
   quantized copy, ``Schema.colbert_quantization``, as in the embedded engine), on disk by default;
 * one point per window of a document (layout and crash rule in
-  :mod:`~m3search.engines.qdrant_common`); filters address ``metadata.<field>``.
+  :mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there).
 
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
@@ -71,9 +71,10 @@ from m3search.engines.base import (
     Schema,
     score_records,
 )
-from m3search.engines.qdrant_common import QdrantEngine, record_from_point
-from m3search.engines.qdrant_filter import to_qdrant
+from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point
+from m3search.engines.qdrant_filter import engine_filter, to_qdrant
 from m3search.filters import Filter
+from m3search.plan import check_deadline
 
 try:
     from qdrant_client import QdrantClient
@@ -166,12 +167,20 @@ class _ClientDialect:
         return qm.FieldCondition(key=key, match=qm.MatchAny(any=values))
 
     @staticmethod
+    def has_vector(name: str) -> qm.HasVectorCondition:
+        return qm.HasVectorCondition(has_vector=name)
+
+    @staticmethod
+    def nested(key: str, filter: qm.Filter) -> qm.NestedCondition:
+        return qm.NestedCondition(nested=qm.Nested(key=key, filter=filter))
+
+    @staticmethod
     def range(key: str, **bounds: float | None) -> qm.FieldCondition:
         return qm.FieldCondition(key=key, range=qm.Range(**bounds))
 
 
 def to_client_filter(f: Filter | None, prefix: str = "metadata.") -> qm.Filter | None:
-    """The shared filter AST as a qdrant-client ``Filter`` (same mapping as Qdrant Edge)."""
+    """The shared filter AST as flat qdrant-client conditions (same mapping as Qdrant Edge)."""
     return to_qdrant(f, _ClientDialect, prefix)
 
 
@@ -407,6 +416,7 @@ class QdrantRemoteEngine(QdrantEngine):
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
             engine.max_windows = int(meta[META_KEY].get("max_windows_stored", 1))
             engine._check_schema(info)
+            engine.layout = engine._stored_layout()
         except BaseException:
             client.close()
             raise
@@ -451,6 +461,7 @@ class QdrantRemoteEngine(QdrantEngine):
         return self._client
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        check_deadline(what)
         return _with_retries(fn, what=what, where=self.where, retries=self.retries, backoff=self.backoff)
 
     # ------------------------------------------------------------------ manifest
@@ -465,8 +476,8 @@ class QdrantRemoteEngine(QdrantEngine):
 
     # -------------------------------------------------------------- client hooks
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
-        """Requests of at most ``max_request_bytes``, cut only between documents (a window > 0
-        or a tombstone stays with the window 0 before it)."""
+        """Requests of at most ``max_request_bytes``, cut only between documents (every other
+        point of a document, tombstones included, stays with its head before it)."""
         structs = []
         for uid, vec, payload in points:
             if vec is not None:
@@ -477,7 +488,7 @@ class QdrantRemoteEngine(QdrantEngine):
             structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
         start, acc = 0, 0
         for j in range(len(structs) + 1):
-            doc_start = j == len(structs) or "window" not in points[j][2]
+            doc_start = j == len(structs) or is_head(points[j][2])
             if doc_start and j > start and (j == len(structs) or acc + sizes[j] > self.max_request_bytes):
                 chunk = structs[start:j]
                 self._call("upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True))
@@ -497,14 +508,16 @@ class QdrantRemoteEngine(QdrantEngine):
         sel = qm.PointIdsList(points=uuids)
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
-    def _set_payload(self, groups: dict[str, list[str]]) -> None:
+    def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
         ops = [
-            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload={"metadata": json.loads(key)}, points=uuids))
-            for key, uuids in groups.items()
+            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=payload, points=uuids)) for payload, uuids in ops
         ]
         self._call(  # one request: applied together
             "set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True)
         )
+
+    def _filter(self, f: Filter | None, docs_only: bool = False) -> qm.Filter | None:
+        return engine_filter(f, _ClientDialect, nested=self.layout >= 3, docs_only=docs_only)
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:
@@ -515,7 +528,7 @@ class QdrantRemoteEngine(QdrantEngine):
         )
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
-        flt = _docs_only(None) if docs_only else None
+        flt = self._filter(None, docs_only)
         return self._call(
             "scroll",
             lambda: self.client.scroll(
@@ -529,8 +542,7 @@ class QdrantRemoteEngine(QdrantEngine):
         )
 
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
-        flt = to_client_filter(filter)
-        flt = _docs_only(flt) if docs_only else flt
+        flt = self._filter(filter, docs_only)
         return int(self._call("count", lambda: self.client.count(self.collection, count_filter=flt, exact=True)).count)
 
     def _run(self, requests: list) -> list[list]:
@@ -554,7 +566,7 @@ class QdrantRemoteEngine(QdrantEngine):
         )
 
     def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
-        flt, params = to_client_filter(filter), self._params(exact)
+        flt, params = self._filter(filter), self._params(exact)
         reqs = [
             qm.QueryRequest(
                 query=_vector(v, mode), using=mode, limit=limit, filter=flt, params=params, with_payload=["id"]
@@ -597,9 +609,3 @@ def _vector(v: Any, mode: str) -> Any:
         ind, val = v
         return qm.SparseVector(indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist())
     return np.asarray(v, dtype=np.float32).tolist()
-
-
-def _docs_only(flt: qm.Filter | None) -> qm.Filter:
-    """``flt`` restricted to window-0 points (one per document; version-1 points have no ``window``)."""
-    later = [qm.FieldCondition(key=key, range=qm.Range(gte=1)) for key in ("window", "part")]
-    return qm.Filter(must=[flt] if flt is not None else None, must_not=later)
