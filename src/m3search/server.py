@@ -4,8 +4,10 @@ Why it looks like this: the app is a thin shell over :class:`m3search.M3Encoder`
 :class:`m3search.Collection` (datasette's rule), built by :func:`create_app` so tests and
 ``m3search serve`` run the same code. FastAPI conventions throughout: typed pydantic
 models, the API key as a dependency on every route but ``/health``, the model loaded in
-``lifespan``, blocking inference endpoints as plain ``def`` (they run in the thread pool),
-settings from a cached getter (``get_settings``) that tests override.
+``lifespan``, settings from a cached getter (``get_settings``) that tests override. Every
+forward pass runs on one batching worker (:mod:`m3search.batching`): embedding and search
+requests at interactive priority, ``/documents`` ingest (windows included, through the
+collection's :class:`~m3search.batching.BatchedEncoder`) in background rounds behind them.
 
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
