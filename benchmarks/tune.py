@@ -260,14 +260,10 @@ UNION_TITLE = "Tuning at ~10k documents: one tune vs one eval (`benchmarks/tune.
 
 def report_union(res: dict[str, Any]) -> str:
     u = res["union"]
-    load = (
-        " ".join(f"{x:.1f}" for x in res["loadavg_start"])
-        + " at start, "
-        + " ".join(f"{x:.1f}" for x in res["loadavg_end"])
-    )
+    start, end = (" ".join(f"{x:.1f}" for x in res[key]) for key in ("loadavg_start", "loadavg_end"))
     return (
         f"Run {res['started']} to {res['finished']} (UTC); command `{res['command']}`; {res['cpu']}; machine shared "
-        f"with other jobs (load average `{load}` at end). Proxy model ({res['dtype']}). One BEIR folder under /tmp "
+        f"with other jobs (load average `{start}` at start, `{end}` at end). Proxy model ({res['dtype']}). One BEIR folder under /tmp "
         f"with every document of ../shared/data ({u['documents']:,}: cranfield, time, xquad-r ar/de/en/es/ru/zh; ids "
         f"prefixed by collection) and {u['queries']} judged queries (cranfield's 225 + 75 of xquad-r/en, fixed seed). "
         "Index built once cold into eval's cache, then one `evaluate` (six modes) and one `tune` (default grid, "
