@@ -354,3 +354,12 @@ def test_batched_encoder_is_refused_by_a_collection_of_another_model(tiny_alt_mo
     with _collection(tmp_path / "c", tiny_encoder) as coll, Batcher(other) as b:
         with pytest.raises(ModelMismatchError):
             coll.use_encoder(BatchedEncoder(b))
+
+
+def test_a_failing_job_fails_alone_and_the_worker_goes_on(tiny_encoder):
+    with Batcher(tiny_encoder) as b:
+        with pytest.raises(ZeroDivisionError):
+            b.result(b.submit_job(lambda: 1 / 0))
+        assert b.result(b.submit_job(lambda: ("ok", 0, 0), priority=INTERACTIVE)) == "ok"
+        _same(b.encode(["after"]), tiny_encoder.encode(["after"]))
+        assert b.depth == 0
