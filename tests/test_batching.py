@@ -17,6 +17,7 @@ import pytest
 from m3search.batching import (
     BACKGROUND,
     INTERACTIVE,
+    BatchedEncoder,
     Batcher,
     ClientGone,
     QueueFull,
@@ -33,12 +34,17 @@ TEXTS = [
 ]
 
 
+WINDOWS = "<windows>"
+
+
 class SlowEncoder:
     """Wraps the tiny encoder: records every forward call, optionally slow or failing on a marker text."""
 
     def __init__(self, enc, delay: float = 0.0, poison: str | None = None):
         self.enc, self.delay, self.poison = enc, delay, poison
-        self.calls: list[list[str]] = []
+        self.calls: list[list] = []
+        self.threads: list[str] = []  # the thread of each call
+        self.piece_started = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
 
@@ -48,11 +54,32 @@ class SlowEncoder:
     def encode(self, texts, **kw):
         self.gate.wait(10)
         self.calls.append(list(texts))
+        self.threads.append(threading.current_thread().name)
         if self.delay:
             time.sleep(self.delay)
         if self.poison is not None and self.poison in texts:
             raise ValueError(f"poisoned input {self.poison!r}")
         return self.enc.encode(texts, **kw)
+
+    def iter_windows(self, texts, **kw):
+        """Each piece's forward pass is recorded as one call ``[WINDOWS, tokens]``, gated and slowed."""
+        pieces = self.enc.iter_windows(texts, **kw)
+
+        def slowed():
+            for piece in pieces:
+                self.piece_started.set()
+                self.gate.wait(10)
+                self.calls.append([WINDOWS, int(piece.embeddings.n_tokens.sum())])
+                self.threads.append(threading.current_thread().name)
+                if self.delay:
+                    time.sleep(self.delay)
+                yield piece
+
+        return slowed()
+
+    def encode_windows(self, texts, **kw):
+        (whole,) = self.iter_windows(texts, chunk_tokens=None, **kw)
+        return whole
 
 
 def _same(a, b) -> None:
@@ -235,3 +262,104 @@ def test_bad_arguments_are_refused_before_queueing(tiny_encoder):
 def test_concat_embeddings_matches_one_encode(tiny_encoder):
     whole = tiny_encoder.encode(TEXTS)
     _same(concat_embeddings([whole[0:2], whole[2:3], whole[3:5]]), whole)
+
+
+# ------------------------------------------------------------------ a collection's ingest through the worker
+
+LONG = [
+    " ".join(f"{w}{i}" for w in ("boundary", "layer", "shock", "wave", "heat", "flux") * (3 + i % 4)) for i in range(8)
+]
+QUERIES = ["boundary layer", "shock wave heat", "flux"]
+
+
+def _collection(path, encoder, **settings):
+    from m3search import Collection
+
+    return Collection.create(path, model=encoder, colbert_dtype="float32", window=16, stride=12, **settings)
+
+
+def test_a_query_overtakes_a_queued_windowed_ingest_and_the_ingest_stores_what_add_stores(tiny_encoder, tmp_path):
+    with _collection(tmp_path / "ref", tiny_encoder) as ref:
+        ref.add(LONG, ids=[f"d{i}" for i in range(len(LONG))])
+        expected = {(q, m): ref.search(q, mode=m, k=5) for q in QUERIES for m in ("all", "dense", "sparse", "colbert")}
+        ref_windows = [len(ref.engine.get_windows([f"d{i}"])[0]) for i in range(len(LONG))]
+    assert max(ref_windows) > 3  # long documents: several windows, so several pieces
+
+    slow = SlowEncoder(tiny_encoder, delay=0.02)
+    slow.gate.clear()
+    with _collection(tmp_path / "served", tiny_encoder) as coll, Batcher(slow, background_tokens=40) as b:
+        coll.use_encoder(BatchedEncoder(b))
+        ingest = threading.Thread(target=coll.add, args=(LONG,), kwargs={"ids": [f"d{i}" for i in range(len(LONG))]})
+        ingest.start()
+        assert slow.piece_started.wait(10)  # the worker holds the ingest's first piece at the gate
+        query = b.submit(["the query"], priority=INTERACTIVE)
+        slow.gate.set()
+        query.future.result(10)
+        assert ingest.is_alive(), "the ingest finished before the query was answered"
+        ingest.join(60)
+        assert not ingest.is_alive()
+        pieces = [c[1] for c in slow.calls if c[0] == WINDOWS]
+        assert len(pieces) > 4 and max(pieces) <= 40 + 16  # round-sized pieces (a window may overhang the budget)
+        assert slow.calls.index(["the query"]) == 1  # right after the piece that had started
+        assert set(slow.threads) == {"m3search-batcher"}  # every forward pass on the one worker
+        assert [len(coll.engine.get_windows([f"d{i}"])[0]) for i in range(len(LONG))] == ref_windows
+        for (q, m), want in expected.items():
+            got = coll.search(q, mode=m, k=5)
+            assert [h.id for h in got] == [h.id for h in want], (q, m)
+            assert [h.window for h in got] == [h.window for h in want], (q, m)
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+        assert b.depth == 0
+
+
+def test_one_window_collections_ingest_through_the_worker_too(tiny_encoder, tmp_path):
+    texts = ["first document on flow", "second document " * 40]
+    with _collection(tmp_path / "ref", tiny_encoder, max_windows=1, max_length=16) as ref:
+        with pytest.warns(UserWarning, match="1 of 2 document"):
+            ref.add(texts, ids=["a", "b"])
+        want = ref.search("document flow", k=2)
+    slow = SlowEncoder(tiny_encoder)
+    with _collection(tmp_path / "served", tiny_encoder, max_windows=1, max_length=16) as coll, Batcher(slow) as b:
+        coll.use_encoder(BatchedEncoder(b))
+        with pytest.warns(UserWarning, match="1 of 2 document"):  # the cut is still reported once
+            coll.add(texts, ids=["a", "b"])
+        got = coll.search("document flow", k=2)
+    assert slow.calls[0] == texts and slow.threads[0] == "m3search-batcher"
+    assert [h.id for h in got] == [h.id for h in want]
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
+def test_an_ingest_waits_for_room_instead_of_failing_half_way(tiny_encoder):
+    slow = SlowEncoder(tiny_encoder)
+    slow.gate.clear()
+    with Batcher(slow, max_queue=2) as b:
+        held = b.submit(["one", "two"])  # fills the queue
+        with pytest.raises(QueueFull):
+            b.submit(["three"], priority=BACKGROUND)
+        out = []
+        t = threading.Thread(target=lambda: out.append(BatchedEncoder(b).encode(["three"])))
+        t.start()
+        time.sleep(0.1)
+        assert not out  # waiting for room, not failed
+        slow.gate.set()
+        held.future.result(10)
+        t.join(10)
+    _same(out[0], tiny_encoder.encode(["three"]))
+
+
+def test_batched_encoder_is_refused_by_a_collection_of_another_model(tiny_alt_model_path, tiny_encoder, tmp_path):
+    from m3search import M3Encoder
+    from m3search.errors import ModelMismatchError
+
+    other = M3Encoder.from_pretrained(str(tiny_alt_model_path), dtype="float32")
+    with _collection(tmp_path / "c", tiny_encoder) as coll, Batcher(other) as b:
+        with pytest.raises(ModelMismatchError):
+            coll.use_encoder(BatchedEncoder(b))
+
+
+def test_a_failing_job_fails_alone_and_the_worker_goes_on(tiny_encoder):
+    with Batcher(tiny_encoder) as b:
+        with pytest.raises(ZeroDivisionError):
+            b.result(b.submit_job(lambda: 1 / 0))
+        assert b.result(b.submit_job(lambda: ("ok", 0, 0), priority=INTERACTIVE)) == "ok"
+        _same(b.encode(["after"]), tiny_encoder.encode(["after"]))
+        assert b.depth == 0

@@ -337,3 +337,29 @@ def test_from_documents_through_a_storage_context(tmp_path, tiny_encoder):
         same_hits([(n.node.node_id, n.score) for n in got], col.search(QUERIES[0], k=2))
     finally:
         store.client.close()
+
+
+# ------------------------------------------------------------------------------ a tuned collection's defaults
+
+
+def test_a_tuned_collections_defaults_reach_the_retriever_and_the_store(tmp_path, tiny_encoder):
+    tuned_setting = {"mode": "sparse", "fusion": "weighted", "weights": [0.4, 0.2, 0.4], "candidates": 50}
+    with make_collection(tmp_path / "tuned", tiny_encoder) as tuned:
+        tuned.set_search_defaults(tuned_setting, tuning={"why": "test"})
+        builtin = {q: [h.id for h in tuned.search(q, k=5, mode="all", fusion="weighted")] for q in QUERIES}
+        want = {q: tuned.search(q, k=5) for q in QUERIES}
+        assert any([h.id for h in want[q]] != builtin[q] for q in QUERIES)  # the tuned mode ranks differently
+        with served(tuned) as client:
+            for backend in (tuned, client):
+                store = M3SearchVectorStore(backend)
+                for q in QUERIES:
+                    nodes = M3SearchRetriever(backend, k=5).retrieve(q)
+                    same_hits([(n.node.node_id, n.score) for n in nodes], want[q])
+                    res = store.query(VectorStoreQuery(query_str=q, similarity_top_k=5))
+                    same_hits(list(zip(res.ids, res.similarities)), want[q])
+                    explicit = M3SearchRetriever(backend, k=5, mode="all", fusion="weighted").retrieve(q)
+                    assert [n.node.node_id for n in explicit] == builtin[q]  # an explicit argument still wins
+                    res = M3SearchVectorStore(backend, mode="all").query(
+                        VectorStoreQuery(query_str=q, similarity_top_k=5)
+                    )
+                    assert res.ids == builtin[q]

@@ -20,7 +20,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_batching import SlowEncoder  # noqa: E402
+from test_batching import WINDOWS, SlowEncoder  # noqa: E402
 
 from m3search.server import Resources, Settings, create_app  # noqa: E402
 
@@ -158,8 +158,10 @@ def test_search_and_documents_through_the_batcher(collection, tiny_encoder):
         assert len(slow.calls) == calls, "a refused request reached the encoder"
         r = httpx.post(url + "/documents", json={"documents": [{"id": "new", "text": "brand new text"}]}, timeout=30)
         assert r.status_code == 200 and r.json()["count"] == 21
+        assert slow.calls[-1][0] == WINDOWS and slow.threads[-1] == "m3search-batcher"  # ingest on the worker
         stored = httpx.get(url + "/documents/new", timeout=30).json()
         assert stored["text"] == "brand new text"
+    assert coll.encoder is slow  # the app gave the collection its own encoder back
 
 
 def test_embed_colbert_as_base64(tiny_encoder):

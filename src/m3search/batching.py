@@ -27,6 +27,10 @@ splits by token budget), then hands each caller its own rows.
   to start is dropped before it is encoded, and a cancelled one is dropped between rounds.
 * **Failures stay local.** If a round fails, each of its requests is encoded again on its
   own, so only the request that fails alone gets the error; the worker goes on.
+* **Jobs.** :meth:`Batcher.submit_job` runs a callable on the worker as a round of its own,
+  at its priority: how a long document's windows go through the one worker, one piece of
+  about a round's tokens per job (:class:`BatchedEncoder`, which the server gives its
+  collection, so ``/documents`` is scheduled behind queries like any other ingest).
 
 Torch: the worker is the only thread that runs the model, with torch's intra-op threads
 (one per core by default), so concurrent requests never oversubscribe the cores.
@@ -39,8 +43,9 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,9 +53,20 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from .encoder import M3Embeddings
+from .encoder import M3Embeddings, TruncationWarning, WindowedEmbeddings
+from .plan import check_texts
 
-__all__ = ["Batcher", "QueueFull", "RequestTimeout", "ClientGone", "INTERACTIVE", "BACKGROUND", "concat_embeddings"]
+__all__ = [
+    "Batcher",
+    "BatchedEncoder",
+    "QueueFull",
+    "RequestTimeout",
+    "ClientGone",
+    "INTERACTIVE",
+    "BACKGROUND",
+    "concat_embeddings",
+    "concat_windows",
+]
 
 log = logging.getLogger("m3search.batching")
 
@@ -97,6 +113,12 @@ class _Request:
     parts: list[M3Embeddings] = field(default_factory=list)
     done: int = 0  # texts encoded so far
     finished: bool = False  # its texts no longer count against max_queue
+    job: Callable[[], tuple[Any, int, int]] | None = None  # a job instead of texts (see Batcher.submit_job)
+
+    @property
+    def size(self) -> int:
+        """What it counts against ``max_queue``: its texts (a job: 1)."""
+        return len(self.texts) or 1
 
     def cancel(self) -> None:
         """Stop this request costing work: dropped before (or between) its rounds."""
@@ -177,22 +199,46 @@ class Batcher:
         limit = self.encoder.max_length
         if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 2):
             raise ValueError(f"max_length must be an integer >= 2, not {max_length!r}")
-        req = _Request(
-            texts=texts,
-            outputs=(bool(dense), bool(sparse), bool(colbert)),
-            max_length=limit if max_length is None else min(int(max_length), limit),
-            priority=priority,
-            deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+        return self._enqueue(
+            _Request(
+                texts=texts,
+                outputs=(bool(dense), bool(sparse), bool(colbert)),
+                max_length=limit if max_length is None else min(int(max_length), limit),
+                priority=priority,
+                deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+            )
         )
+
+    def submit_job(
+        self, job: Callable[[], tuple[Any, int, int]], *, priority: int = BACKGROUND, timeout: float | None = None
+    ) -> _Request:
+        """Queue ``job`` to run on the worker as a round of its own (nothing else in its forward
+        passes), after all waiting work of a higher priority. ``job()`` returns ``(value, rows,
+        tokens)``: the ticket's result and what it encoded (metrics, background round sizing).
+        Keep a job to about one round (:meth:`round_tokens`): queries wait for it to end."""
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be one of {_PRIORITIES}, not {priority!r}")
+        return self._enqueue(
+            _Request(
+                texts=[],
+                outputs=(True, True, True),
+                max_length=0,
+                priority=priority,
+                deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+                job=job,
+            )
+        )
+
+    def _enqueue(self, req: _Request) -> _Request:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            if self._load and self._load + len(texts) > self.max_queue:
+            if self._load and self._load + req.size > self.max_queue:
                 raise QueueFull(
                     f"the server is busy: {self._load} texts are queued (limit {self.max_queue}); retry later",
                     retry_after=self._retry_after(),
                 )
-            self._load += len(texts)
+            self._load += req.size
             self._inbox.append(req)
             self._cond.notify()
             load = self._load
@@ -200,9 +246,20 @@ class Batcher:
             self.observer.queue_depth(load)
         return req
 
+    def round_tokens(self, priority: int) -> int:
+        """Most real tokens in one round at ``priority`` now (background: about ``background_round``
+        seconds of the worker's measured rate, at most ``background_tokens``)."""
+        budget = self.budgets[priority]
+        if priority == BACKGROUND and self._token_rate > 0:
+            budget = max(1, min(budget, int(self._token_rate * self.background_round)))
+        return budget
+
     def encode(self, texts: Sequence[str], **kwargs: Any) -> M3Embeddings:
         """Blocking :meth:`submit` + wait (``timeout`` as in submit)."""
-        req = self.submit(texts, **kwargs)
+        return self.result(self.submit(texts, **kwargs))
+
+    def result(self, req: _Request) -> Any:
+        """Wait for a ticket: :class:`RequestTimeout` if it did not start within its timeout."""
         try:
             req.future.result(timeout=max(0.0, req.deadline - time.monotonic()))
         except TimeoutError:
@@ -300,6 +357,9 @@ class Batcher:
     def _admit(self, new: list[_Request]) -> None:
         """Tokenize new requests (lengths for the token budget, truncation counts) and queue them."""
         for req in new:
+            if req.job is not None:
+                self._ready[req.priority].append(req)
+                continue
             try:
                 ids, req.truncated = self.encoder.tokenize(req.texts, req.max_length)
                 req.lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
@@ -318,14 +378,15 @@ class Batcher:
         if priority is None:
             return
         queue = self._ready[priority]
+        if queue[0].job is not None:
+            self._run_job(queue.popleft())
+            return
         max_length = queue[0].max_length
-        budget = self.budgets[priority]
-        if priority == BACKGROUND and self._token_rate > 0:
-            budget = max(1, min(budget, int(self._token_rate * self.background_round)))
+        budget = self.round_tokens(priority)
         round_: list[tuple[_Request, int, int]] = []
         tokens = 0
         for req in queue:
-            if req.max_length != max_length:
+            if req.max_length != max_length or req.job is not None:
                 continue
             a = b = req.taken
             while b < len(req.texts) and (tokens == 0 or tokens + req.lengths[b] <= budget):
@@ -341,18 +402,33 @@ class Batcher:
                 queue.remove(req)
         started = time.monotonic()
         self._encode_round(round_)
-        seconds = time.monotonic() - started
-        n_texts = sum(b - a for _, a, b in round_)
+        self._round_done(priority, len(round_), sum(b - a for _, a, b in round_), tokens, time.monotonic() - started)
+
+    def _run_job(self, req: _Request) -> None:
+        req.taken = 1
+        started = time.monotonic()
+        try:
+            value, n_texts, tokens = req.job()
+        except Exception as exc:
+            self._fail(req, exc)
+            return
+        self._round_done(req.priority, 1, n_texts, tokens, time.monotonic() - started)
+        self._finish(req)
+        if req.future.set_running_or_notify_cancel():
+            req.future.set_result(value)
+
+    def _round_done(self, priority: int, requests: int, n_texts: int, tokens: int, seconds: float) -> None:
+        """Update the estimates that size the next rounds, and report the round."""
         self._last_round = seconds
         if priority == INTERACTIVE:  # concurrency estimate: jumps up at once, decays over ~a dozen rounds
-            self._expect = max(len(round_), int(self._expect * 0.9))
+            self._expect = max(requests, int(self._expect * 0.9))
         if seconds > 0:
             rate = n_texts / seconds
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
             token_rate = tokens / seconds
             self._token_rate = token_rate if self._token_rate == 0 else 0.8 * self._token_rate + 0.2 * token_rate
         if self.observer is not None:
-            self.observer.round_done(priority, len(round_), n_texts, tokens, seconds)
+            self.observer.round_done(priority, requests, n_texts, tokens, seconds)
 
     def _encode_round(self, round_: list[tuple[_Request, int, int]]) -> None:
         texts = [t for req, a, b in round_ for t in req.texts[a:b]]
@@ -419,7 +495,7 @@ class Batcher:
             return
         req.finished = True
         with self._cond:
-            self._load -= len(req.texts)
+            self._load -= req.size
             load = self._load
         if self.observer is not None:
             self.observer.queue_depth(load)
@@ -445,3 +521,117 @@ def concat_embeddings(parts: Sequence[M3Embeddings]) -> M3Embeddings:
         truncated=sum(p.truncated for p in parts),
         id_to_token=first._id_to_token,
     )
+
+
+def concat_windows(parts: Sequence[WindowedEmbeddings]) -> WindowedEmbeddings:
+    """Consecutive pieces of one :meth:`~m3search.M3Encoder.iter_windows` call as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return WindowedEmbeddings(
+        concat_embeddings([p.embeddings for p in parts]),
+        np.concatenate([p.doc for p in parts]),
+        np.concatenate([p.spans for p in parts]),
+        sum(p.cut for p in parts),
+    )
+
+
+class BatchedEncoder:
+    """An encoder whose forward passes all run on a :class:`Batcher`'s worker, at one priority.
+
+    Why: a :class:`~m3search.Collection` encodes the documents it adds itself (windows
+    included); given this encoder (``Collection.use_encoder``), its ingest is scheduled
+    behind queries in token-budget rounds instead of competing with them for the cores, and
+    what it stores is what it would store with the encoder itself. ``encode`` is an ordinary
+    batched request; the windows of ``iter_windows``/``encode_windows`` are tokenized in the
+    calling thread, then encoded one piece of :meth:`Batcher.round_tokens` tokens per worker
+    job (the next piece queued while the caller stores the last), so a long document holds
+    the worker for one round at a time. Everything else is the wrapped encoder's.
+
+    An ingest in progress is a write its caller waits for: rather than fail half-way (some
+    batches stored), its requests wait for room when the queue is full and may wait up to
+    ``timeout`` seconds to start.
+    """
+
+    def __init__(self, batcher: Batcher, priority: int = BACKGROUND, timeout: float = 24 * 3600.0) -> None:
+        self.batcher, self.priority, self.timeout = batcher, priority, timeout
+
+    def _submit(self, submit: Callable[..., _Request], *args: Any, **kwargs: Any) -> _Request:
+        while True:
+            try:
+                return submit(*args, priority=self.priority, timeout=self.timeout, **kwargs)
+            except QueueFull as exc:
+                time.sleep(min(exc.retry_after, 1.0))
+
+    def __getattr__(self, name: str) -> Any:  # identity, max_length, tokenizer, ...: the model's
+        return getattr(self.batcher.encoder, name)
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = True,
+        colbert: bool = True,
+        max_length: int | None = None,
+        warn_truncation: bool = True,
+    ) -> M3Embeddings:
+        """:meth:`M3Encoder.encode <m3search.M3Encoder.encode>` through the worker."""
+        texts = check_texts(texts)
+        emb = self.batcher.result(
+            self._submit(self.batcher.submit, texts, dense=dense, sparse=sparse, colbert=colbert, max_length=max_length)
+        )
+        if emb.truncated and warn_truncation:
+            limit = min(max_length or self.max_length, self.max_length)
+            warnings.warn(
+                TruncationWarning(
+                    f"{emb.truncated} of {len(texts)} input(s) exceeded max_length={limit} tokens and were truncated",
+                    emb.truncated,
+                    len(texts),
+                    limit,
+                ),
+                stacklevel=2,
+            )
+        return emb
+
+    def iter_windows(
+        self, texts: str | Sequence[str], *, chunk_tokens: int | None = 1 << 18, **options: Any
+    ) -> Iterator[WindowedEmbeddings]:
+        """:meth:`M3Encoder.iter_windows <m3search.M3Encoder.iter_windows>` through the worker:
+        the same pieces of about ``chunk_tokens`` tokens (None: one), encoded a round at a time."""
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)):
+            raise ValueError(f"chunk_tokens must be an integer or None, not {chunk_tokens!r}")
+        rounds = self.batcher.encoder.iter_windows(
+            texts, chunk_tokens=self.batcher.round_tokens(self.priority), **options
+        )  # tokenizes and checks the arguments here, in the caller's thread
+        return self._regroup(rounds, chunk_tokens)
+
+    def encode_windows(self, texts: str | Sequence[str], **options: Any) -> WindowedEmbeddings:
+        """:meth:`M3Encoder.encode_windows <m3search.M3Encoder.encode_windows>` through the worker."""
+        (whole,) = self.iter_windows(texts, chunk_tokens=None, **options)
+        return whole
+
+    def _regroup(self, rounds: Iterator[WindowedEmbeddings], chunk_tokens: int | None) -> Iterator[WindowedEmbeddings]:
+        def step() -> tuple[WindowedEmbeddings | None, int, int]:
+            piece = next(rounds, None)
+            if piece is None:
+                return None, 0, 0
+            return piece, len(piece.doc), int(piece.embeddings.n_tokens.sum())
+
+        ticket = self._submit(self.batcher.submit_job, step)
+        held: list[WindowedEmbeddings] = []
+        tokens = 0
+        try:
+            while True:
+                piece = self.batcher.result(ticket)
+                if piece is None:
+                    break
+                ticket = self._submit(self.batcher.submit_job, step)  # encoded while the caller stores
+                held.append(piece)
+                tokens += int(piece.embeddings.n_tokens.sum())
+                if chunk_tokens is not None and tokens >= chunk_tokens:
+                    yield concat_windows(held)
+                    held, tokens = [], 0
+            if held:
+                yield concat_windows(held)
+        finally:
+            ticket.cancel()  # the caller stopped early: the next piece costs no work

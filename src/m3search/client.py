@@ -115,6 +115,17 @@ class M3SearchClient:
             raise ValueError(f"the server at {self.url} serves no collection (start it with --collection DIR)")
         return int(collection.get("count", 0))
 
+    def search_defaults(self) -> dict[str, Any]:
+        """What a search without mode / fusion / weights / candidates uses: the served collection's
+        defaults (as :meth:`m3search.Collection.search_defaults`), from ``GET /info``."""
+        from m3search.collection import SEARCH_DEFAULTS
+
+        collection = self.info().get("collection")
+        if collection is None:
+            raise ValueError(f"the server at {self.url} serves no collection (start it with --collection DIR)")
+        settings = collection.get("settings") or {}
+        return {key: settings.get(key, value) for key, value in SEARCH_DEFAULTS.items()}
+
     def __len__(self) -> int:
         return self.count()
 
@@ -139,22 +150,22 @@ class M3SearchClient:
         query: str,
         *,
         k: int = 10,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
         explain: bool = False,
     ) -> list:
-        """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`."""
+        """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`
+        (mode, fusion, weights, candidates left None: the served collection's defaults)."""
         from m3search.collection import Hit
         from m3search.filters import parse_filter, to_json
 
-        body: dict[str, Any] = {"query": query, "k": k, "mode": mode, "fusion": fusion, "explain": explain}
-        if weights is not None:
-            body["weights"] = list(weights)
-        if candidates is not None:
-            body["candidates"] = candidates
+        body: dict[str, Any] = {"query": query, "k": k, "explain": explain}
+        for key, value in (("mode", mode), ("fusion", fusion), ("weights", weights), ("candidates", candidates)):
+            if value is not None:  # left out: the server applies the collection's defaults
+                body[key] = list(value) if key == "weights" else value
         parsed = parse_filter(filter)  # the library's errors, before any request
         if parsed is not None:
             body["filter"] = to_json(parsed)

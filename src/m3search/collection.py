@@ -491,6 +491,14 @@ class Collection:
         if ident != want:
             raise self._mismatch(f"model {os.fspath(model)!r}", ident)
 
+    def use_encoder(self, encoder: Any) -> None:
+        """Encode with ``encoder`` from now on: this collection's model behind another scheduler
+        (the server passes a :class:`~m3search.batching.BatchedEncoder`, so ingest is batched
+        behind queries on its one worker). A different model is refused."""
+        if encoder.identity != self._manifest["model"]["identity"]:
+            raise self._mismatch("the encoder", encoder.identity)
+        self._encoder = encoder
+
     @property
     def encoder(self):
         """The M3Encoder (loaded on first use for collections opened with ``model=None``)."""

@@ -4,8 +4,10 @@ Why it looks like this: the app is a thin shell over :class:`m3search.M3Encoder`
 :class:`m3search.Collection` (datasette's rule), built by :func:`create_app` so tests and
 ``m3search serve`` run the same code. FastAPI conventions throughout: typed pydantic
 models, the API key as a dependency on every route but ``/health``, the model loaded in
-``lifespan``, blocking inference endpoints as plain ``def`` (they run in the thread pool),
-settings from a cached getter (``get_settings``) that tests override.
+``lifespan``, settings from a cached getter (``get_settings``) that tests override. Every
+forward pass runs on one batching worker (:mod:`m3search.batching`): embedding and search
+requests at interactive priority, ``/documents`` ingest (windows included, through the
+collection's :class:`~m3search.batching.BatchedEncoder`) in background rounds behind them.
 
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
@@ -46,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'm3search[server]'") from None
 
 from . import serverfile
-from .batching import Batcher, ClientGone, QueueFull, RequestTimeout
+from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import DuplicateIdError, M3SearchError, UnknownIdError
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
@@ -624,9 +626,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         app.state.resources = res
         s = _settings_of(app)
         app.state.batcher = Batcher(res.encoder, max_queue=s.max_queue, timeout=s.request_timeout, observer=metrics)
+        if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
+            res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
         try:
             yield
         finally:
+            if res.collection is not None:
+                res.collection.use_encoder(res.encoder)
             app.state.batcher.close()
             app.state.resources = None
             res.close()
@@ -770,8 +776,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             out = write(texts, ids=None if ids[0] is None else ids, metadata=metadata)
             return DocumentsResponse(ids=list(out), count=coll.count())
 
-        # The collection encodes documents itself: it splits long texts into windows, which the batching
-        # worker's one-row-per-text rounds do not do, so ingest runs in the thread pool beside the worker.
+        # The collection encodes (windows included) through the batching worker at ingest priority
+        # (its encoder is a BatchedEncoder, see lifespan); this thread only waits and writes.
         return await run_in_threadpool(store)
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])

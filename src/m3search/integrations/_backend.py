@@ -73,11 +73,27 @@ def is_remote(backend: Any) -> bool:
     return isinstance(backend, M3SearchClient)
 
 
-def check_search_args(k: int, mode: str, fusion: str, weights: Any, candidates: Any, filter: Any) -> None:
-    """Validate search arguments when a retriever is built, with the library's own errors."""
+def check_search_args(k: int, mode: str | None, fusion: str | None, weights: Any, candidates: Any, filter: Any) -> None:
+    """Validate search arguments when a retriever is built, with the library's own errors.
+
+    ``None`` (mode, fusion, weights, candidates) is the collection's default at search time,
+    which ``m3search tune`` may have set; the values given are checked against the built-in ones.
+    """
     from m3search.plan import SearchPlan
 
-    SearchPlan.build(k=k, mode=mode, fusion=fusion, weights=weights, candidates=candidates, filter=filter)
+    SearchPlan.build(
+        k=k,
+        mode="all" if mode is None else mode,
+        fusion="weighted" if fusion is None else fusion,
+        weights=weights,
+        candidates=candidates,
+        filter=filter,
+    )
+
+
+def default_mode(backend: Any) -> str:
+    """The mode a search without one uses: the collection's default (tuned or built-in)."""
+    return backend.search_defaults()["mode"]
 
 
 def hit_details(hit: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from m3search.integrations._backend import (
     SCORES_KEY,
     check_search_args,
+    default_mode,
     delete_matching,
     dense_vectors,
     hit_details,
@@ -120,6 +121,8 @@ class M3SearchRetriever(BaseRetriever):
     (weighted, rrf, dbsf), ``weights`` (dense, sparse, colbert), ``candidates`` and ``filter``
     (m3search's filter grammar) are those of :meth:`m3search.Collection.search`, and each can be
     overridden per call: ``retriever.invoke("query", k=3, filter={"year": {"gte": 2020}})``.
+    ``mode``, ``fusion``, ``weights``, ``candidates`` left None are the collection's defaults
+    (those ``m3search tune`` stored, else all / weighted / (0.4, 0.2, 0.4) / 200).
     The ranking is exactly ``Collection.search``'s; each document's ``metadata["m3search"]``
     holds ``id``, ``score`` (fused), ``scores`` (dense, sparse, colbert) and any best passage.
     """
@@ -128,8 +131,8 @@ class M3SearchRetriever(BaseRetriever):
 
     collection: Any
     k: int = 4
-    mode: str = "all"
-    fusion: str = "weighted"
+    mode: str | None = None
+    fusion: str | None = None
     weights: tuple[float, float, float] | None = None
     candidates: int | None = None
     filter: dict[str, Any] | None = None
@@ -157,7 +160,8 @@ class M3SearchVectorStore(VectorStore):
     or ``location``: a folder or engine URL (``qdrant://``, ``milvus://``, ``*.db``), opened if it
     holds a collection, else created for ``model``; or ``http(s)://...`` of a running
     ``m3search serve`` (``api_key`` for it). ``mode``, ``fusion``, ``weights`` and ``candidates``
-    are the search defaults, each overridable per call.
+    are the search defaults, each overridable per call; None (the default) is the collection's
+    own (tuned by ``m3search tune``, else built-in).
 
     Writes are upserts by id (LangChain's contract: adding an existing id replaces it). Scores
     returned by ``similarity_search_with_score`` are m3search's fused scores, higher is better.
@@ -170,8 +174,8 @@ class M3SearchVectorStore(VectorStore):
         location: str | os.PathLike | None = None,
         model: Any = None,
         api_key: str | None = None,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         **create_settings: Any,
@@ -241,10 +245,11 @@ class M3SearchVectorStore(VectorStore):
         return [(_document(h, details=False), float(h.score)) for h in self._search(query, k, kwargs)]
 
     def _select_relevance_score_fn(self):
-        if self.mode == "dense":  # cosine similarity of normalized vectors: LangChain's 1 - cosine distance
+        mode = default_mode(self.collection) if self.mode is None else self.mode
+        if mode == "dense":  # cosine similarity of normalized vectors: LangChain's 1 - cosine distance
             return lambda score: score
         raise NotImplementedError(
-            f"relevance scores in [0, 1] exist for mode='dense' (cosine) only; mode={self.mode!r} fuses "
+            f"relevance scores in [0, 1] exist for mode='dense' (cosine) only; mode={mode!r} fuses "
             "unbounded scores: use similarity_search_with_score, or a store with mode='dense'"
         )
 

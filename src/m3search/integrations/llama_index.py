@@ -226,6 +226,8 @@ class M3SearchRetriever(BaseRetriever):
     ``k`` (LlamaIndex's ``similarity_top_k``, default 2), ``mode``, ``fusion``, ``weights``,
     ``candidates`` are those of :meth:`m3search.Collection.search`; ``filter`` is m3search's filter
     grammar or LlamaIndex ``MetadataFilters``. The ranking is exactly ``Collection.search``'s.
+    ``mode``, ``fusion``, ``weights``, ``candidates`` left None are the collection's defaults
+    (those ``m3search tune`` stored, else all / weighted / (0.4, 0.2, 0.4) / 200).
     """
 
     def __init__(
@@ -233,8 +235,8 @@ class M3SearchRetriever(BaseRetriever):
         collection: Any,
         *,
         k: int = DEFAULT_SIMILARITY_TOP_K,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         filter: Any = None,
@@ -276,7 +278,8 @@ class M3SearchVectorStore(BasePydanticVectorStore):
     ``collection``: a :class:`~m3search.Collection` or :class:`~m3search.client.M3SearchClient`;
     or ``location``: a folder or engine URL (opened if it holds a collection, else created for
     ``model``), or ``http(s)://...`` of a running ``m3search serve`` (``api_key`` for it).
-    ``mode``, ``fusion``, ``weights`` and ``candidates`` are the search defaults.
+    ``mode``, ``fusion``, ``weights`` and ``candidates`` are the search defaults (None: the
+    collection's own, tuned by ``m3search tune`` or built-in).
 
     Query modes: ``default`` and ``hybrid`` search with ``mode``; ``sparse`` and ``text_search``
     with m3search's sparse (lexical) mode; ``hybrid`` with ``alpha`` weighs dense ``alpha`` and
@@ -287,8 +290,8 @@ class M3SearchVectorStore(BasePydanticVectorStore):
     stores_text: bool = True
     is_embedding_query: bool = False
     flat_metadata: bool = False
-    mode: str = "all"
-    fusion: str = "weighted"
+    mode: str | None = None
+    fusion: str | None = None
     weights: tuple[float, float, float] | None = None
     candidates: int | None = None
     _collection: Any = PrivateAttr(default=None)
@@ -300,8 +303,8 @@ class M3SearchVectorStore(BasePydanticVectorStore):
         location: str | os.PathLike | None = None,
         model: Any = None,
         api_key: str | None = None,
-        mode: str = "all",
-        fusion: str = "weighted",
+        mode: str | None = None,
+        fusion: str | None = None,
         weights: Sequence[float] | None = None,
         candidates: int | None = None,
         **create_settings: Any,
