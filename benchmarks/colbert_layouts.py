@@ -510,19 +510,10 @@ def run_fidelity(args, sink: Sink) -> dict[str, Any]:
     enc = M3Encoder.from_pretrained(str(SHARED / "models" / "bge-m3-proxy"), device="cpu", dtype="float32")
     out = []
     for name in args.fidelity:
-        # "xquad-r/en>de": the English questions against the German corpus (cross-lingual; query ids are shared)
-        corpus_name, _, other = name.partition(">")
-        if other:
-            corpus_name = f"{corpus_name.rsplit('/', 1)[0]}/{other}"
-            data = load_beir(SHARED / "data" / corpus_name, queries_dir=SHARED / "data" / name.partition(">")[0])
-        else:
-            data = load_beir(SHARED / "data" / corpus_name)
-        qids = [q for q in data.queries if data.qrels.get(q)][: args.max_queries]
-        qtexts = [data.queries[q] for q in qids]
-        qrels = {q: data.qrels[q] for q in qids}
-        cache = Path(args.cache)
-        emb = encode_cached(enc, f"{corpus_name}-docs", data.doc_texts, cache)
-        qemb = encode_cached(enc, f"{name.partition('>')[0]}-queries-{len(qids)}", qtexts, cache, max_length=512)
+        if args.encode_only:  # fill the embedding cache (its own run: encoding is the slow part on a busy machine)
+            _fidelity_data(name, args, enc, encode_cached, load_beir)
+            continue
+        data, qids, qtexts, qrels, emb, qemb = _fidelity_data(name, args, enc, encode_cached, load_beir)
         # The float32 layout's top 10 per query: measured once per (collection, queries), kept in the raw file.
         key = f"{name}:{len(qids)}"
         ref = {m: [set(t) for t in tops] for m, tops in sink.load().get("fidelity_ref", {}).get(key, {}).items()}
@@ -572,6 +563,24 @@ def run_fidelity(args, sink: Sink) -> dict[str, Any]:
                 col.close()
                 shutil.rmtree(path.parent, ignore_errors=True)
     return {"fidelity": out}
+
+
+def _fidelity_data(name: str, args, enc, encode_cached, load_beir):
+    """``(data, qids, qtexts, qrels, doc embeddings, query embeddings)`` of one fidelity collection."""
+    # "xquad-r/en>de": the English questions against the German corpus (cross-lingual; query ids are shared)
+    corpus_name, _, other = name.partition(">")
+    if other:
+        corpus_name = f"{corpus_name.rsplit('/', 1)[0]}/{other}"
+        data = load_beir(SHARED / "data" / corpus_name, queries_dir=SHARED / "data" / name.partition(">")[0])
+    else:
+        data = load_beir(SHARED / "data" / corpus_name)
+    qids = [q for q in data.queries if data.qrels.get(q)][: args.max_queries]
+    qtexts = [data.queries[q] for q in qids]
+    qrels = {q: data.qrels[q] for q in qids}
+    cache = Path(args.cache)
+    emb = encode_cached(enc, f"{corpus_name}-docs", data.doc_texts, cache)
+    qemb = encode_cached(enc, f"{name.partition('>')[0]}-queries-{len(qids)}", qtexts, cache, max_length=512)
+    return data, qids, qtexts, qrels, emb, qemb
 
 
 # --------------------------------------------------------------------------- report
@@ -635,6 +644,41 @@ def report(res: dict[str, Any]) -> str:
         ]
         for r in res["numpy"]:
             lines.append(f"| {r['kind']} | {r['pool']} | {r['p50_ms']:.1f} | {r['top10_agreement']:.3f} |")
+        lines.append("")
+    if res.get("search"):
+        lines += [
+            f"### `all` through the Collection ({res.get('search_docs')} synthetic bge-m3-shaped documents, "
+            "k = 10, warm)",
+            "",
+            "Depth = candidates per first-stage list (the union is re-ranked); ColBERT B/doc from `info()`'s "
+            "disk_bytes; top-10 = agreement of `all` with the float32 layout at the same depth (random token "
+            "vectors: a timing set, fidelity is measured on the proxy below).",
+            "",
+            "| run (UTC) | layout | depth | all p50 ms | all p95 ms | dense+sparse p50 ms | top-10 vs float32 "
+            "| ColBERT B/doc | ingest docs/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["search"]:
+            agree = "" if r.get("top10_vs_float32") is None else f"{r['top10_vs_float32']:.3f}"
+            lines.append(
+                f"| {r.get('run', '')} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+                f"| {r['dense_sparse_p50_ms']:.1f} | {agree} | {r['colbert_bytes_per_doc']:,.0f} "
+                f"| {r['ingest_docs_s']:.0f} |"
+            )
+        lines.append("")
+    if res.get("search_numpy"):
+        lines += [
+            "MaxSim of the same candidates: the engine's (`engine.score`, one query) vs ONE NumPy matrix product "
+            "over the token vectors fetched from the engine (`engine.get`):",
+            "",
+            "| layout | depth | candidates | engine p50 ms | fetch p50 ms | product p50 ms | max abs score diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["search_numpy"]:
+            lines.append(
+                f"| {r['layout']} | {r['depth']} | {r['candidates']} | {r['engine_p50_ms']:.1f} "
+                f"| {r['fetch_p50_ms']:.1f} | {r['matmul_p50_ms']:.1f} | {r['max_abs_diff']:.1e} |"
+            )
         lines.append("")
     fid = res.get("fidelity", [])
     if fid:
@@ -722,6 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fidelity", nargs="*", default=[], help="proxy-model collections under ../shared/data")
     ap.add_argument("--fidelity-layouts", nargs="*", default=["float16", "turbo8", "turbo4@2", "turbo8@2"])
     ap.add_argument("--max-queries", type=int, default=1000)
+    ap.add_argument("--encode-only", action="store_true", help="only fill the --cache with --fidelity embeddings")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "m3-layouts-cache"))
     ap.add_argument("--work", default=None, help="folder for the collections (default: system temp)")
     ap.add_argument("--json", help="write the raw numbers here")
