@@ -404,11 +404,12 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
                 for q in queries[:3]:  # warm: the pages of the first candidates
                     col.search_batch(["q"], mode="all", query_embeddings=q)
                 for depth in args.depths:
-                    lat, tops = [], []
+                    lat, cpu, tops = [], [], []
                     for q in queries:
-                        t = time.perf_counter()
+                        t, c = time.perf_counter(), time.process_time()
                         hits = col.search_batch(["q"], mode="all", candidates=depth, query_embeddings=q)[0]
                         lat.append((time.perf_counter() - t) * 1000)
+                        cpu.append((time.process_time() - c) * 1000)  # all threads; other jobs inflate it less
                         tops.append({h.id for h in hits})
                     if base == "float32" and int(pf or 1) == 1:
                         ref[depth] = tops
@@ -429,6 +430,7 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
                             "colbert_bytes_per_doc": disk.get("colbert", 0) / n,
                             "p50_ms": float(np.percentile(lat, 50)),
                             "p95_ms": float(np.percentile(lat, 95)),
+                            "cpu_p50_ms": float(np.percentile(cpu, 50)),
                             "dense_sparse_p50_ms": float(np.percentile(ds, 50)),
                             "top10_vs_float32": agree,
                             "run": RUN_STARTED,
@@ -494,6 +496,87 @@ def numpy_versus_engine(col, queries, depths, layout: str, sink: Sink) -> list[d
             flush=True,
         )
     return out
+
+
+# --------------------------------------------------------------------------- ingest: how vectors reach Rust
+
+
+def run_ingest_ab(args, sink: Sink) -> dict[str, Any]:
+    """Engine writes (``QdrantEdgeEngine.upsert``, 128-document batches of search.py's synthetic bge-m3
+    shapes, float16 ColBERT) with the vectors handed to ``qe.Point`` as NumPy arrays (the code before
+    2026-12-03) or as ``tolist()`` lists (now), alternating rounds; docs per wall second and per CPU
+    second of the process (all threads: the steadier number on a shared machine)."""
+    import qdrant_edge as qe
+    import search as S
+
+    from m3search.engines import qdrant_edge as QE
+    from m3search.engines.base import PointBatch, Schema
+
+    def write_numpy(self, points, sizes) -> None:
+        out = []
+        for uid, vec, payload in points:
+            if vec is not None and "sparse" in vec:
+                ind, val = vec["sparse"]
+                vec = {**vec, "sparse": qe.SparseVector(ind.tolist(), val.tolist())}
+            out.append(qe.Point(uid, vec or {}, payload))
+        self.shard.update(qe.UpdateOperation.upsert_points(out))
+        self._unflushed += sum(sizes) // 3
+        if self._unflushed >= QE.WAL_FLUSH_BYTES:
+            self.flush()
+
+    n, bs = args.ingest_ab, 128
+    corpus = S.SyntheticCorpus(args.seed, 0, n)
+    batches = []
+    for a in range(0, n, bs):
+        e = corpus[a : a + bs]
+        ids = [f"d{i}" for i in range(a, a + len(e))]
+        batches.append(PointBatch(ids, [""] * len(e), [{}] * len(e), e.dense, e.sparse, e.colbert, e.colbert_offsets))
+    schema = Schema(dense_dim=S.DIM, colbert_dim=S.DIM, vocab_size=S.VOCAB)
+    variants = {"numpy arrays (before)": write_numpy, "tolist (now)": QE.QdrantEdgeEngine._write}
+    rows = {name: [] for name in variants}
+    work = Path(tempfile.mkdtemp(prefix="m3-ingest-ab-", dir=args.work))
+    try:
+        for _ in range(args.rounds):
+            for name, write in variants.items():
+                root = work / "col"
+                with _patched(QE.QdrantEdgeEngine, "_write", write):
+                    eng = QE.QdrantEdgeEngine.create(str(root), schema)
+                    t, c = time.perf_counter(), time.process_time()
+                    for b in batches:
+                        eng.upsert(b)
+                    wall, cpu = time.perf_counter() - t, time.process_time() - c
+                    eng.close()
+                shutil.rmtree(root, ignore_errors=True)
+                rows[name].append((n / wall, n / cpu))
+                print(f"  {name:22s} {n / wall:6.1f} docs/s, {n / cpu:6.1f} docs per CPU-second", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = [
+        {
+            "variant": name,
+            "docs": n,
+            "rounds": len(v),
+            "docs_s": float(np.median([a for a, _ in v])),
+            "docs_cpu_s": float(np.median([b for _, b in v])),
+        }
+        for name, v in rows.items()
+    ]
+    for r in out:
+        sink.add("ingest_ab", r | {"kind": "ingest"})
+    return {"ingest_ab": out}
+
+
+class _patched:
+    """``setattr`` for a ``with`` block."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.value, self.old = obj, name, value, getattr(obj, name)
+
+    def __enter__(self) -> None:
+        setattr(self.obj, self.name, self.value)
+
+    def __exit__(self, *exc: Any) -> None:
+        setattr(self.obj, self.name, self.old)
 
 
 # --------------------------------------------------------------------------- fidelity (proxy model)
@@ -654,16 +737,28 @@ def report(res: dict[str, Any]) -> str:
             "disk_bytes; top-10 = agreement of `all` with the float32 layout at the same depth (random token "
             "vectors: a timing set, fidelity is measured on the proxy below).",
             "",
-            "| run (UTC) | layout | depth | all p50 ms | all p95 ms | dense+sparse p50 ms | top-10 vs float32 "
-            "| ColBERT B/doc | ingest docs/s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run (UTC) | layout | depth | all p50 ms | all p95 ms | all CPU p50 ms | dense+sparse p50 ms "
+            "| top-10 vs float32 | ColBERT B/doc | ingest docs/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["search"]:
             agree = "" if r.get("top10_vs_float32") is None else f"{r['top10_vs_float32']:.3f}"
             lines.append(
                 f"| {r.get('run', '')} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
-                f"| {r['dense_sparse_p50_ms']:.1f} | {agree} | {r['colbert_bytes_per_doc']:,.0f} "
+                f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {agree} | {r['colbert_bytes_per_doc']:,.0f} "
                 f"| {r['ingest_docs_s']:.0f} |"
+            )
+        lines.append("")
+    if res.get("ingest_ab"):
+        lines += [
+            "Ingest, engine writes only (128-document batches, float16 ColBERT, medians of alternating rounds):",
+            "",
+            "| vectors handed to qe.Point as | documents | rounds | docs/s (wall) | docs per CPU-second |",
+            "|---|---|---|---|---|",
+        ]
+        for r in res["ingest_ab"]:
+            lines.append(
+                f"| {r['variant']} | {r['docs']} | {r['rounds']} | {r['docs_s']:.1f} | {r['docs_cpu_s']:.1f} |"
             )
         lines.append("")
     if res.get("search_numpy"):
@@ -763,6 +858,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depths", type=int, nargs="+", default=[50, 100, 200], help="candidates per first-stage list")
     ap.add_argument("--numpy-layouts", nargs="*", default=["float16"], help="--search layouts also timed in NumPy")
     ap.add_argument("--numpy-queries", type=int, default=5)
+    ap.add_argument("--ingest-ab", type=int, default=0, help="documents for the ingest A/B (0: skip)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ingest A/B")
     ap.add_argument("--fidelity", nargs="*", default=[], help="proxy-model collections under ../shared/data")
     ap.add_argument("--fidelity-layouts", nargs="*", default=["float16", "turbo8", "turbo4@2", "turbo8@2"])
     ap.add_argument("--max-queries", type=int, default=1000)
@@ -774,17 +871,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-from", help="only render the report of this raw JSON file")
     ap.add_argument("--notes", help="a paragraph appended to the report (the recommendation)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default="colbert_layouts.py", help="RESULTS.md section key (one per round)")
+    ap.add_argument("--title", default="ColBERT layouts: storage x quantization x pooling")
     args = ap.parse_args(argv)
     if args.report_from:
         res = json.loads(Path(args.report_from).read_text())
         if args.notes:
             res["notes"] = args.notes
-        publish(
-            "colbert_layouts.py",
-            "ColBERT layouts: storage x quantization x pooling",
-            report(res),
-            no_write=args.no_write,
-        )
+        publish(args.section, args.title, report(res), no_write=args.no_write)
         return
     sink = Sink(args.append or args.json)
     if args.json and not args.append and sink.path.is_file():
@@ -803,6 +897,8 @@ def main(argv: list[str] | None = None) -> None:
         res = merge(res, run_synthetic(args, sink))
     if args.search:
         res = merge(res, run_search(args, sink))
+    if args.ingest_ab:
+        res = merge(res, run_ingest_ab(args, sink))
     if args.fidelity:
         res = merge(res, run_fidelity(args, sink))
     if sink.path is not None:
