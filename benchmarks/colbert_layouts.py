@@ -730,21 +730,20 @@ def report(res: dict[str, Any]) -> str:
         lines.append("")
     if res.get("search"):
         lines += [
-            f"### `all` through the Collection ({res.get('search_docs')} synthetic bge-m3-shaped documents, "
-            "k = 10, warm)",
+            "### `all` through the Collection (synthetic bge-m3-shaped documents, k = 10, warm)",
             "",
             "Depth = candidates per first-stage list (the union is re-ranked); ColBERT B/doc from `info()`'s "
             "disk_bytes; top-10 = agreement of `all` with the float32 layout at the same depth (random token "
             "vectors: a timing set, fidelity is measured on the proxy below).",
             "",
-            "| run (UTC) | layout | depth | all p50 ms | all p95 ms | all CPU p50 ms | dense+sparse p50 ms "
+            "| run (UTC) | docs | layout | depth | all p50 ms | all p95 ms | all CPU p50 ms | dense+sparse p50 ms "
             "| top-10 vs float32 | ColBERT B/doc | ingest docs/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["search"]:
             agree = "" if r.get("top10_vs_float32") is None else f"{r['top10_vs_float32']:.3f}"
             lines.append(
-                f"| {r.get('run', '')} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
+                f"| {r.get('run', '')} | {r['docs']} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
                 f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {agree} | {r['colbert_bytes_per_doc']:,.0f} "
                 f"| {r['ingest_docs_s']:.0f} |"
             )
