@@ -263,7 +263,8 @@ def _open_target(
                 "pass --api-key or set M3SEARCH_API_KEY"
             )
         target = _Remote(record, api_key)
-        _check_settings(target.info().get("settings") or {}, settings, collection)
+        info = target.info()
+        _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
         return target
     from . import Collection
     from .engines.base import CollectionInUseError, CollectionNotFoundError
@@ -277,7 +278,7 @@ def _open_target(
         raise click.ClickException(f"{exc}" + (f"; {not_answering}" if not_answering else "")) from None
     else:
         try:
-            _check_settings(col.settings, settings, collection)
+            _check_settings(_fixed(col.settings, col.schema.to_dict()), settings, collection)
         except BaseException:
             col.close()
             raise
@@ -285,14 +286,22 @@ def _open_target(
     return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})))
 
 
+def _fixed(settings: dict[str, Any] | None, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """What a collection fixed at creation: its settings and its ColBERT layout."""
+    from .migrate import layout_of
+
+    return {**(settings or {}), **layout_of(schema or {})}
+
+
 def _check_settings(have: dict[str, Any], want: dict[str, Any] | None, collection: str) -> None:
-    """Settings fixed at creation (window, stride, max_windows) cannot change on an existing collection."""
+    """Settings fixed at creation (window, stride, max_windows, the ColBERT layout) cannot change on an
+    existing collection."""
     differ = {k: v for k, v in (want or {}).items() if have.get(k) != v}
     if differ:
         now = ", ".join(f"{k}={have.get(k)}" for k in differ)
         raise click.UsageError(
             f"collection {collection} exists with {now}; these are set when a collection is created "
-            "(index into a new collection to use other values)"
+            "(index into a new collection to use other values; `m3search migrate` converts a layout)"
         )
 
 
@@ -344,6 +353,51 @@ device_option = click.option(
 )
 
 
+def layout_options(f: Any) -> Any:
+    """``--colbert-dtype``, ``--colbert-quantization``, ``--[no-]colbert-rescore``, ``--colbert-pool-factor``."""
+    options = [
+        click.option(
+            "--colbert-dtype",
+            default=None,
+            help="ColBERT storage type: float16 (the default, lossless in practice), float32 (exact) or a lossy "
+            "codec turbo16 / turbo8 / turbo4 (Qdrant only).",
+        ),
+        click.option(
+            "--colbert-quantization",
+            default=None,
+            help="A quantized copy of the token vectors in RAM, scored first (Qdrant only): binary1, binary1.5, "
+            "binary2, turbo1-turbo8, int8, pq4-pq64; 'none' for no copy [default: none].",
+        ),
+        click.option(
+            "--colbert-rescore/--no-colbert-rescore",
+            default=None,
+            help="With a quantized copy: rescore candidates on the stored vectors [default: rescore].",
+        ),
+        click.option(
+            "--colbert-pool-factor",
+            default=None,
+            type=click.IntRange(1),
+            help="Token pooling: keep ceil(n / factor) vectors per document (1: every token) [default: 1].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _layout_settings(**given: Any) -> dict[str, Any]:
+    """The layout options that were given, checked by the library's rules (bad names: a usage error, exit 2)."""
+    from .migrate import check_layout
+
+    layout = {k: v for k, v in given.items() if v is not None}
+    if str(layout.get("colbert_quantization", "")).lower() == "none":
+        layout["colbert_quantization"] = None
+    try:
+        return check_layout(layout)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="m3search", prog_name="m3search")
 def main() -> None:
@@ -383,6 +437,7 @@ def main() -> None:
     type=click.IntRange(1),
     help="New collection: windows per document at most; 1 cuts long texts as before windows [default: all].",
 )
+@layout_options
 @dtype_option
 @device_option
 @api_key_option
@@ -397,6 +452,10 @@ def index(
     window,
     stride,
     max_windows,
+    colbert_dtype,
+    colbert_quantization,
+    colbert_rescore,
+    colbert_pool_factor,
     dtype,
     device,
     api_key,
@@ -407,7 +466,16 @@ def index(
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
 
     The whole source is read and checked before the first write, so a bad record leaves the collection as it was.
+
+    The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
+    one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
+    layout = _layout_settings(
+        colbert_dtype=colbert_dtype,
+        colbert_quantization=colbert_quantization,
+        colbert_rescore=colbert_rescore,
+        colbert_pool_factor=colbert_pool_factor,
+    )
     with _errors():
         from tqdm import tqdm
 
@@ -418,11 +486,17 @@ def index(
 
         t0 = time.perf_counter()
         check_source(records(), batch_size)  # pass 1: every record parsed and checked, none kept
-        layout = {
+        fixed = {
             k: v for k, v in (("window", window), ("stride", stride), ("max_windows", max_windows)) if v is not None
         }
         target = _open_target(
-            collection, model=model, api_key=api_key, create=True, device=device, dtype=dtype, settings=layout
+            collection,
+            model=model,
+            api_key=api_key,
+            create=True,
+            device=device,
+            dtype=dtype,
+            settings={**fixed, **layout},
         )
         n = 0
         try:
@@ -916,12 +990,23 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
     type=click.IntRange(1),
     help="Documents per read and per atomic write.",
 )
+@layout_options
 @json_option
-def migrate(src, dst, batch_size, as_json):
+def migrate(src, dst, batch_size, colbert_dtype, colbert_quantization, colbert_rescore, colbert_pool_factor, as_json):
     """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
     Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
+
+    The --colbert-* options give DST another ColBERT layout, made from SRC's stored vectors (a layout is
+    fixed at creation: migrate, check DST, then replace SRC with it). DST's manifest is written last, so an
+    interrupted migration leaves no collection at DST and SRC unchanged.
     """
+    layout = _layout_settings(
+        colbert_dtype=colbert_dtype,
+        colbert_quantization=colbert_quantization,
+        colbert_rescore=colbert_rescore,
+        colbert_pool_factor=colbert_pool_factor,
+    )
     with _errors():
         for end in (src, dst):
             record = serverfile.live(Path(end))
@@ -933,7 +1018,7 @@ def migrate(src, dst, batch_size, as_json):
                 )
         from .migrate import migrate as run_migrate
 
-        out = run_migrate(src, dst, batch_size=batch_size)
+        out = run_migrate(src, dst, batch_size=batch_size, layout=layout)
     if as_json:
         _emit(out)
     else:

@@ -437,7 +437,7 @@ class Collection:
             "model": m.get("model"),
             "settings": m.get("settings"),
             "tuning": m.get("tuning"),  # how `m3search tune` chose the search defaults (None: built-in)
-            "schema": m.get("schema"),
+            "schema": self.schema.to_dict(),  # every layout key, also for manifests older than the key
             "created": m.get("created"),
             "schema_version": m.get("schema_version"),
         }

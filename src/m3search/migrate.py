@@ -16,10 +16,20 @@ ColBERT vectors stored as float16 come out as float32 copies of the same values,
 float16 -> float16 migration is exact, and float16 -> float32 keeps the rounded values.
 The source must not be written to while it is copied (an embedded source is locked by
 this process anyway).
+
+Changing the ColBERT layout (``layout``: :data:`LAYOUT_SETTINGS`): a collection's layout is
+fixed at creation (the engine's vector configuration), so a new layout means a new
+collection: migrate into it, check it, then swap the folders. The stored token vectors are
+re-stored under the new layout (the engine encodes them with its codec) and, for a pool
+factor, pooled here from the stored vectors (:func:`m3search.pooling.pool_tokens`, the
+function ``Collection.add`` calls), so nothing is re-encoded. What cannot be recovered is
+refused: a pooled source keeps only cluster means, so another pool factor needs the texts
+re-indexed. A lossy source (turbo codecs) migrated to float16/float32 keeps its lossy values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -27,9 +37,48 @@ from datetime import datetime, timezone
 from typing import Any
 
 from m3search.engines import resolve_engine
-from m3search.engines.base import SCHEMA_VERSION, CollectionExistsError, CollectionNotFoundError
+from m3search.engines.base import (
+    SCHEMA_VERSION,
+    CollectionExistsError,
+    CollectionNotFoundError,
+    PointBatch,
+    Schema,
+)
+from m3search.pooling import pool_tokens
 
-__all__ = ["migrate"]
+__all__ = ["migrate", "LAYOUT_SETTINGS", "check_layout", "layout_of"]
+
+#: The ColBERT layout settings a migration may change (see :class:`~m3search.engines.base.Schema`).
+LAYOUT_SETTINGS = ("colbert_dtype", "colbert_quantization", "colbert_rescore", "colbert_pool_factor")
+
+
+def layout_of(schema: Schema | dict) -> dict[str, Any]:
+    """The :data:`LAYOUT_SETTINGS` of a schema (or its manifest dict; absent keys take the defaults)."""
+    d = schema.to_dict() if isinstance(schema, Schema) else dict(schema)
+    defaults = {f.name: f.default for f in dataclasses.fields(Schema)}
+    return {k: d.get(k, defaults[k]) for k in LAYOUT_SETTINGS}
+
+
+def check_layout(layout: dict[str, Any]) -> dict[str, Any]:
+    """``layout`` if its keys are :data:`LAYOUT_SETTINGS` and its values valid (unknown names,
+    pool factor < 1: ValueError, from :class:`Schema`'s own checks)."""
+    unknown = set(layout) - set(LAYOUT_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown layout setting(s) {sorted(unknown)}; allowed: {', '.join(LAYOUT_SETTINGS)}")
+    Schema(dense_dim=1, colbert_dim=1, vocab_size=1, **layout)
+    return layout
+
+
+def _target_schema(source: Schema, layout: dict[str, Any], src: str) -> Schema:
+    """The destination's schema: the source's with ``layout`` applied, checked (ValueError) before any write."""
+    schema = Schema(**{**source.to_dict(), **layout})
+    if source.colbert_pool_factor > 1 and schema.colbert_pool_factor != source.colbert_pool_factor:
+        raise ValueError(
+            f"{src} is pooled with colbert_pool_factor={source.colbert_pool_factor}: it keeps cluster means, not "
+            f"its tokens' vectors, so colbert_pool_factor={schema.colbert_pool_factor} cannot be made from it; "
+            "re-index the texts into a new collection instead"
+        )
+    return schema
 
 
 def migrate(
@@ -40,20 +89,30 @@ def migrate(
     src_options: dict | None = None,
     dst_options: dict | None = None,
     show_progress: bool | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the collection at ``src_location`` to a new one at ``dst_location``.
 
     ``batch_size``: documents per read and per (atomic) destination write.
     ``src_options`` / ``dst_options``: engine options (e.g. ``{"shards": 3}`` for a new
-    Qdrant collection, ``{"api_key": ...}``). Returns ``{"copied", "seconds", "src",
-    "dst", "src_engine", "dst_engine"}``. Raises CollectionExistsError if the destination
-    exists, CollectionNotFoundError if the source does not.
+    Qdrant collection, ``{"api_key": ...}``). ``layout``: ColBERT layout settings of the
+    destination (:data:`LAYOUT_SETTINGS`, e.g. ``{"colbert_dtype": "turbo4",
+    "colbert_pool_factor": 2}``); the rest is the source's. Returns ``{"copied", "seconds",
+    "src", "dst", "src_engine", "dst_engine", "layout"}``. Raises CollectionExistsError if
+    the destination exists, CollectionNotFoundError if the source does not, ValueError for a
+    layout the destination cannot have (before anything is written).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    layout = check_layout(dict(layout or {}))
     src, dst = os.fspath(src_location), os.fspath(dst_location)
     remote = "://" in src or "://" in dst
     if (src == dst) if remote else os.path.abspath(src) == os.path.abspath(dst):
+        if layout:
+            raise ValueError(
+                f"the ColBERT layout of {src!r} cannot change in place (it is fixed when a collection is created): "
+                "migrate into a new location, check it, then replace the old collection with it"
+            )
         raise ValueError(f"source and destination are the same location: {src!r}")
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
@@ -66,10 +125,12 @@ def migrate(
         manifest = source.read_manifest()
         if not manifest:
             raise CollectionNotFoundError(f"{src} has no m3search manifest")
+        schema = _target_schema(source.schema, layout, src)
+        pool = schema.colbert_pool_factor if source.schema.colbert_pool_factor == 1 else 1
         total = source.count()
-        target = dst_cls.create(dst, source.schema, **dst_options)
+        target = dst_cls.create(dst, schema, **dst_options)  # refuses a layout this engine cannot honour
         try:
-            copied = _copy(source, target, total, batch_size, show_progress)
+            copied = _copy(source, target, total, batch_size, show_progress, pool)
             found = target.count()
             if found != total or copied != total:
                 raise RuntimeError(
@@ -80,7 +141,8 @@ def migrate(
             target.optimize()
             out = dict(manifest)
             out["engine"] = dst_cls.name
-            out["schema_version"] = SCHEMA_VERSION  # the destination's points are written in this version's layout
+            # the destination's points are written in this version's layout, with the layout asked for
+            out["schema"], out["schema_version"] = schema.to_dict(), SCHEMA_VERSION
             # the destination may need more points per document (a Qdrant server stores long windows in parts)
             out["max_windows_stored"] = max(int(out.get("max_windows_stored", 1)), target.max_windows)
             out["migrated_from"] = {
@@ -88,6 +150,7 @@ def migrate(
                 "engine": src_cls.name,
                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "documents": total,
+                "layout": layout_of(source.schema),
             }
             target.write_manifest(out)  # last: only a complete copy becomes a collection
         finally:
@@ -101,10 +164,21 @@ def migrate(
         "dst": dst,
         "src_engine": src_cls.name,
         "dst_engine": dst_cls.name,
+        "layout": layout_of(schema),
     }
 
 
-def _copy(source: Any, target: Any, total: int, batch_size: int, show_progress: bool | None) -> int:
+def _pooled(batch: PointBatch, pool_factor: int) -> PointBatch:
+    """``batch`` with each window's stored token vectors pooled (a new batch; the input is not changed)."""
+    if pool_factor == 1 or batch.colbert is None:
+        return batch
+    colbert, offsets = pool_tokens(batch.colbert, batch.colbert_offsets, pool_factor)
+    return dataclasses.replace(batch, colbert=colbert, colbert_offsets=offsets)
+
+
+def _copy(
+    source: Any, target: Any, total: int, batch_size: int, show_progress: bool | None, pool_factor: int = 1
+) -> int:
     progress = None
     if show_progress is None:
         show_progress = total > batch_size and sys.stderr.isatty()
@@ -115,7 +189,7 @@ def _copy(source: Any, target: Any, total: int, batch_size: int, show_progress: 
     copied = 0
     try:
         for batch in source.iter_batches(batch_size, with_vectors=True):
-            target.upsert(batch)  # one atomic write per batch
+            target.upsert(_pooled(batch, pool_factor))  # one atomic write per batch
             copied += len(batch)
             if progress is not None:
                 progress.update(len(batch))

@@ -355,13 +355,16 @@ class QdrantEdgeEngine(QdrantEngine):
 
     # -------------------------------------------------------------- client hooks
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
-        # NumPy rows cross into Rust faster than Python lists: 80-85 vs 42-65 docs/s for 128-doc
-        # batches of 1024-d x 16-256 tokens, alternating runs on an idle machine (qdrant-edge-py 0.9).
+        # Vectors cross into Rust as Python lists made by ``ndarray.tolist()`` (C): pyo3 reads a NumPy
+        # array element by element through NumPy scalars, ~1.8x the CPU per point (9.1 vs 5.1 ms for
+        # 136 x 1024 tokens, alternating rounds, qdrant-edge-py 0.9; benchmarks/RESULTS.md, ColBERT layouts).
         out = []
         for uid, vec, payload in points:
-            if vec is not None and "sparse" in vec:
-                ind, val = vec["sparse"]
-                vec = {**vec, "sparse": qe.SparseVector(ind.tolist(), val.tolist())}
+            if vec is not None:
+                vec = {
+                    k: qe.SparseVector(v[0].tolist(), v[1].tolist()) if k == "sparse" else v.tolist()
+                    for k, v in vec.items()
+                }
             out.append(qe.Point(uid, vec or {}, payload))
         self.shard.update(qe.UpdateOperation.upsert_points(out))  # one WAL record: all or nothing
         self._unflushed += sum(sizes) // 3  # ~bytes of float32 vectors
