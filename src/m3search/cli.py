@@ -930,7 +930,9 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
     help="BEIR only: fraction of judged queries held out and scored before/after.",
 )
 @click.option("--token-budget", default=None, type=click.IntRange(1), help="Padded tokens per batch.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Less memory, about 30% more time.")
+@click.option(
+    "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time."
+)
 @dtype_option
 @device_option
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Index cache (mining, held-out).")

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from .errors import M3SearchError
+from .plan import MODES
 
 __all__ = [
     "MODES",
@@ -69,8 +70,6 @@ __all__ = [
     "finetune",
 ]
 
-#: The modes a model is trained in, in FlagEmbedding's order.
-MODES = ("dense", "sparse", "colbert")
 #: FlagEmbedding's ``ensemble_score``: the teacher of self-distillation (paper: w1, w2, w3).
 ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 #: Weight of each mode's contrastive and distillation terms (paper: lambda1..3; sparse learns slowly).
@@ -509,6 +508,15 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneInputError("lr and temperature must be > 0 and warmup in [0, 1)")
 
 
+def _check_installed() -> None:
+    """Fail before training when the ``finetune`` extra is missing (loss.png and held-out metrics need it)."""
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", "pytrec_eval") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"fine-tuning needs {', '.join(missing)}: pip install 'm3search[finetune]'")
+
+
 def finetune(
     data: str | os.PathLike,
     *,
@@ -558,6 +566,7 @@ def finetune(
         passage_max_length, token_budget, self_distill, gradient_checkpointing, holdout, seed, max_steps,
     )  # fmt: skip
     _check_config(cfg)
+    _check_installed()
     out = Path(out)
     if out.exists():
         raise FinetuneInputError(f"output folder {str(out)!r} exists; choose a new --out (nothing is overwritten)")
@@ -791,7 +800,7 @@ def _heldout_metrics(data: Any, encoder: Any, cache: Path, progress: bool) -> di
         texts = [data.queries[q] for q in qids]
         emb = index.encoder.encode(texts, max_length=index.settings["query_max_length"])
         out = {}
-        for mode in ("dense", "sparse", "colbert", "all"):
+        for mode in (*MODES, "all"):
             hits = index.search_batch(texts, k=RECALL_AT, mode=mode, query_embeddings=emb)
             run = {q: {h.id: float(h.score) for h in hs} for q, hs in zip(qids, hits)}
             m = compute_metrics(run, data.qrels, k=10, recall_at=RECALL_AT)
