@@ -399,3 +399,31 @@ def test_cli_finetune(tmp_path, tiny_model_path):
     assert again.exit_code == 2 and "exists" in again.output and "Traceback" not in again.output
     bad = runner.invoke(main, [*args, "--out", str(tmp_path / "o2"), "--model", str(tmp_path)])
     assert bad.exit_code == 2 and "not a BGE-M3 checkpoint" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------- heavy
+
+
+@pytest.mark.heavy
+def test_flagembedding_loads_the_output(tmp_path, tiny_model_path):
+    """FlagEmbedding's BGEM3FlagModel loads a fine-tuned folder and encodes exactly as M3Encoder does (fp32)."""
+    from flag_reference import flag_python, lexical_dicts, run_reference
+
+    from m3search import M3Encoder
+
+    python = flag_python()
+    if python is None:
+        pytest.skip("FlagEmbedding reference interpreter not found (set M3SEARCH_FLAG_PYTHON)")
+    _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(8)))
+    out = tmp_path / "out"
+    texts = list(BUILTIN_TEXTS)
+    flag = run_reference({"model": str(out), "texts": texts, "batch_size": 4, "max_length": 512}, python=python)
+    ours = M3Encoder.from_pretrained(str(out), device="cpu", dtype="float32").encode(texts, max_length=512)
+    base = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32").encode(texts)
+    assert np.abs(flag["dense"] - base.dense).max() > 1e-4, "FlagEmbedding read the base weights, not the output"
+    assert np.abs(flag["dense"] - ours.dense).max() <= 1e-5
+    np.testing.assert_array_equal(flag["colbert_offsets"], ours.colbert_offsets)
+    assert np.abs(flag["colbert"] - ours.colbert).max() <= 1e-5
+    for ref, got in zip(lexical_dicts(flag), ours.lexical_weights):
+        assert set(got) == {str(k) for k in ref}
+        assert all(abs(v - got[str(k)]) <= 1e-5 for k, v in ref.items())
