@@ -389,12 +389,13 @@ def test_cli_finetune(tmp_path, tiny_model_path):
     from m3search.cli import main
 
     data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
-    args = ["finetune", str(data), "--model", str(tiny_model_path), "--dtype", "float32", "--negatives", "1"]
+    args = ["finetune", str(data), "--model", str(tiny_model_path), "--dtype", "bfloat16", "--negatives", "1"]
     runner = CliRunner()
     ok = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--json", "--epochs", "1"])
     assert ok.exit_code == 0, ok.output
     report = json.loads(ok.stdout)
     assert report["steps"] == 1 and report["out"] == str(tmp_path / "out")
+    assert report["autocast"] == "bfloat16" and math.isfinite(report["epochs"][0]["mean_loss"]["total"])
     again = runner.invoke(main, [*args, "--out", str(tmp_path / "out")])
     assert again.exit_code == 2 and "exists" in again.output and "Traceback" not in again.output
     bad = runner.invoke(main, [*args, "--out", str(tmp_path / "o2"), "--model", str(tmp_path)])

@@ -247,20 +247,25 @@ class M3Trainable(torch.nn.Module):
 
     def token_weights(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) relu(sparse_linear(h)), 0 at padding and special ids."""
-        w = torch.relu(self.sparse_linear(hidden.float())).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = torch.relu(self.sparse_linear(hidden.float())).squeeze(-1)
         return w * (mask.bool() & ~torch.isin(ids, self.special_ids))
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]) -> dict[str, torch.Tensor]:
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with torch.autocast(hidden.device.type, enabled=False):  # heads and scores in float32, as M3Encoder does
+            return self._heads(hidden.float(), ids, mask, modes)
+
+    def _heads(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]):
         out: dict[str, torch.Tensor] = {}
         if "dense" in modes:
-            out["dense"] = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1)
+            out["dense"] = torch.nn.functional.normalize(hidden[:, 0], dim=-1)
         if "sparse" in modes:
             w = self.token_weights(hidden, ids, mask)
             base = torch.zeros(ids.shape[0], self.vocab_size, dtype=w.dtype, device=w.device)
             out["sparse"] = base.scatter_reduce(1, ids, w, reduce="amax", include_self=True)
         if "colbert" in modes:
-            vecs = self.colbert_linear(hidden[:, 1:].float())
+            vecs = self.colbert_linear(hidden[:, 1:])
             out["colbert"] = torch.nn.functional.normalize(vecs, dim=-1)
             out["colbert_mask"] = mask[:, 1:].bool()
         return out
