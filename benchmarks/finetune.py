@@ -127,12 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-dir", default="/tmp/m3s-finetune-bench", help="work folder: models, cache, reports")
     parser.add_argument("--report-from", default=None, help="a --json-dir of an earlier run: report only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--rerun", action="store_true", help="measure cases whose report is already in --json-dir")
     args = parser.parse_args(argv)
     work = Path(args.report_from or args.json_dir)
     work.mkdir(parents=True, exist_ok=True)
     meta_path = work / "meta.json"
-    if args.report_from:
-        meta = json.loads(meta_path.read_text())
+    if args.report_from or (meta_path.is_file() and not args.rerun):
+        meta = json.loads(meta_path.read_text())  # the first run's settings; cases already measured are kept
+        asked = {"lr": args.lr, "negatives": args.negatives, "batch_size": args.batch_size}
+        if not args.report_from and any(meta[k] != v for k, v in asked.items()):
+            parser.error(f"{work} holds runs with other settings ({meta}); use --rerun or another --json-dir")
     else:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         fields = dict(line.split(":", 1) for line in cpu.splitlines() if ":" in line)
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = []
     for name in names:
         path = work / f"report-{''.join(c if c.isalnum() else '-' for c in name)}.json"
-        if not args.report_from:
+        if not args.report_from and (args.rerun or not path.is_file()):
             print(f"[finetune] {name} ...", file=sys.stderr, flush=True)
             report = run_case(name, args, work)
             hist = json.loads((Path(report["out"]) / "report.json").read_text())["history"]

@@ -566,10 +566,23 @@ def finetune(
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
     cfg = FinetuneConfig(
-        tuple(m for m in MODES if m in modes) + tuple(m for m in modes if m not in MODES),
-        epochs, lr, batch_size, negatives, temperature, warmup, weight_decay, query_max_length,
-        passage_max_length, token_budget, self_distill, gradient_checkpointing, holdout, seed, max_steps,
-    )  # fmt: skip
+        modes=tuple(m for m in MODES if m in modes) + tuple(m for m in modes if m not in MODES),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        negatives=negatives,
+        temperature=temperature,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        query_max_length=query_max_length,
+        passage_max_length=passage_max_length,
+        token_budget=token_budget,
+        self_distill=self_distill,
+        gradient_checkpointing=gradient_checkpointing,
+        holdout=holdout,
+        seed=seed,
+        max_steps=max_steps,
+    )
     _check_config(cfg)
     _check_installed()
     out = Path(out)
@@ -635,7 +648,10 @@ def finetune(
         report["autocast"] = str(amp_dtype).replace("torch.", "")
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and amp_dtype == torch.float16)
 
-    steps_per_epoch = len(_epoch_batches(plan, negatives, batch_size, budget, seed, 0))
+    first_epoch = _epoch_batches(plan, negatives, batch_size, budget, seed, 0)
+    steps_per_epoch = len(first_epoch)
+    report["queries_per_batch"] = round(len(examples) / steps_per_epoch, 2)  # the token budget may cap batch_size
+    report["token_budget"] = budget
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     warm = max(1, int(total_steps * warmup)) if warmup else 0
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
@@ -744,8 +760,8 @@ def finetune(
             raise SparseCollapseError(
                 f"the sparse head collapsed in epoch {epoch + 1}: {stats['nonzero']:.1%} of probe tokens keep a "
                 f"nonzero weight (before training {before['nonzero']:.1%}), max {stats['max']:.4g} "
-                f"(before {before['max']:.4g}); nothing was written to {out}. Lower --lr, or leave sparse out "
-                "with --modes dense,colbert"
+                f"(before {before['max']:.4g}); nothing was written to {out}. Delete {work} and lower --lr, or "
+                "leave sparse out with --modes dense,colbert"
             )
         save_checkpoint()
 
