@@ -1,4 +1,4 @@
-"""The ``m3search`` command: index, search, serve, eval, info, delete (and migrate).
+"""The ``m3search`` command: index, search, serve, eval, tune, finetune, info, delete (and migrate).
 
 A thin shell over the library (datasette's rule): options are parsed here, the work is
 done by :mod:`m3search.collection`, :mod:`m3search.server` and :mod:`m3search.eval`, each
@@ -978,6 +978,98 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
             f"setting: mode {out['mode']}, fusion {out['fusion']}, weights {out['weights']}, candidates {out['candidates']}"
             + (f" (stored as the search defaults of {collection})" if out.get("saved") else "")
         )
+
+
+@main.command("finetune")
+@click.argument("data", type=click.Path(exists=True))
+@click.option(
+    "--model",
+    "-m",
+    envvar="M3SEARCH_MODEL",
+    show_envvar=True,
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Base model name or folder (bge-m3's layout).",
+)
+@click.option("--out", "-o", required=True, type=click.Path(), help="New folder for the fine-tuned model.")
+@click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual training.",
+)
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Queries per batch (at most).")
+@click.option("--negatives", default=7, show_default=True, type=click.IntRange(0), help="Hard negatives per query.")
+@click.option("--modes", default="dense,sparse,colbert", show_default=True, help="Modes to train (a subset).")
+@click.option(
+    "--holdout",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="BEIR only: fraction of judged queries held out and scored before/after.",
+)
+@click.option("--token-budget", default=None, type=click.IntRange(1), help="Padded tokens per batch.")
+@click.option(
+    "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time."
+)
+@dtype_option
+@device_option
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Index cache (mining, held-out).")
+@json_option
+def finetune_(
+    data,
+    model,
+    out,
+    queries_dir,
+    epochs,
+    lr,
+    batch_size,
+    negatives,
+    modes,
+    holdout,
+    token_budget,
+    gradient_checkpointing,
+    dtype,
+    device,
+    cache_dir,
+    as_json,
+):
+    """Fine-tune a BGE-M3 model on DATA (a BEIR folder or FlagEmbedding JSONL) into --out, bge-m3's layout.
+
+    Rerun the same command after an interruption to continue from the last checkpoint.
+    """
+    with _errors():
+        from .finetune import FinetuneInputError, finetune, summary
+
+        try:
+            report = finetune(
+                data,
+                model=model,
+                out=out,
+                queries_dir=queries_dir,
+                modes=modes,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                negatives=negatives,
+                holdout=holdout,
+                token_budget=token_budget,
+                gradient_checkpointing=gradient_checkpointing,
+                dtype=dtype,
+                device=device,
+                cache_dir=cache_dir,
+            )
+        except FinetuneInputError as exc:
+            error = click.ClickException(" ".join(str(exc).split()))
+            error.exit_code = 2  # bad input, found before training
+            raise error from None
+    if as_json:
+        _emit({k: v for k, v in report.items() if k != "history"})
+    else:
+        click.echo("\n".join(summary(report)))
 
 
 @main.command()

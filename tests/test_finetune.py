@@ -1,0 +1,430 @@
+"""m3search.finetune: the unified loss against the paper's formulas, data checks, resume, export.
+
+The parity test computes BGE-M3's objective (arXiv 2402.03216, section 3.3, with FlagEmbedding's
+weights) a second time from scratch: each text through the transformer alone (no padding), the
+three scores as plain loops over tokens, InfoNCE and the distillation term written out. Loss
+terms and the weights after one SGD step must agree with the library's batched version.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3search.finetune import (
+    ENSEMBLE_WEIGHTS,
+    LOSS_WEIGHTS,
+    MODES,
+    Example,
+    FinetuneInputError,
+    M3Trainable,
+    SparseCollapseError,
+    _batch_tensors,
+    _plan,
+    finetune,
+    read_beir_examples,
+    read_jsonl_examples,
+    training_step,
+    unified_loss,
+)
+from m3search.testing import BUILTIN_TEXTS
+
+TEMPERATURE = 0.2
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def _reference_reps(net, token_ids: list[int], special: set[int]):
+    """One text through the transformer alone: [CLS] vector, {token: weight}, ColBERT vectors."""
+    ids = torch.tensor([token_ids])
+    hidden = net.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+    cls = hidden[0] / torch.sqrt((hidden[0] ** 2).sum())
+    lexical: dict[int, torch.Tensor] = {}
+    for pos, tok in enumerate(token_ids):
+        if tok in special:
+            continue
+        w = torch.relu(net.sparse_linear.weight[0] @ hidden[pos] + net.sparse_linear.bias[0])
+        lexical[tok] = w if tok not in lexical else torch.maximum(lexical[tok], w)
+    vecs = []
+    for pos in range(1, len(token_ids)):
+        v = net.colbert_linear.weight @ hidden[pos] + net.colbert_linear.bias
+        vecs.append(v / torch.sqrt((v**2).sum()))
+    return cls, lexical, vecs
+
+
+def _reference_scores(q, p) -> dict[str, torch.Tensor]:
+    q_cls, q_lex, q_vecs = q
+    p_cls, p_lex, p_vecs = p
+    dense = sum(a * b for a, b in zip(q_cls, p_cls))
+    sparse = sum((q_lex[t] * p_lex[t] for t in q_lex if t in p_lex), torch.zeros(()))
+    colbert = sum(max((qv * pv).sum() for pv in p_vecs) for qv in q_vecs) / len(q_vecs)
+    return {"dense": dense, "sparse": sparse, "colbert": colbert}
+
+
+def _log_softmax(row: list[torch.Tensor]) -> list[torch.Tensor]:
+    top = max(float(x.detach()) for x in row)
+    log_z = top + torch.log(sum(torch.exp(x - top) for x in row))
+    return [x - log_z for x in row]
+
+
+def _reference_loss(net, tokenizer, queries: list[str], passages: list[str], targets: list[int], special: set[int]):
+    """Every term of the unified loss, from the paper's formulas, one number at a time."""
+    q_reps = [_reference_reps(net, tokenizer.encode(t).ids, special) for t in queries]
+    p_reps = [_reference_reps(net, tokenizer.encode(t).ids, special) for t in passages]
+    s = [[_reference_scores(q, p) for p in p_reps] for q in q_reps]
+    n = len(queries)
+    logits = {m: [[s[i][j][m] / TEMPERATURE for j in range(len(passages))] for i in range(n)] for m in MODES}
+    logits["ensemble"] = [
+        [sum(ENSEMBLE_WEIGHTS[m] * logits[m][i][j] for m in MODES) for j in range(len(passages))] for i in range(n)
+    ]
+    terms = {k: -sum(_log_softmax(logits[k][i])[targets[i]] for i in range(n)) / n for k in logits}
+    for m in MODES:
+        total = 0
+        for i in range(n):
+            teacher = [torch.exp(x).detach() for x in _log_softmax(logits["ensemble"][i])]
+            total = total - sum(t * x for t, x in zip(teacher, _log_softmax(logits[m][i])))
+        terms[f"distill_{m}"] = total / n
+    contrastive = (sum(LOSS_WEIGHTS[m] * terms[m] for m in MODES) + terms["ensemble"]) / 4
+    distill = sum(LOSS_WEIGHTS[m] * terms[f"distill_{m}"] for m in MODES) / 3
+    terms["total"] = (contrastive + distill) / 2
+    return terms
+
+
+def test_one_step_matches_the_papers_formulas(tiny_model_path):
+    """Loss terms and SGD-updated weights of one step equal a loop-by-loop reference (fp32, no dropout)."""
+    from m3search import M3Encoder
+
+    enc = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32")
+    texts = list(BUILTIN_TEXTS)
+    examples = [
+        Example("fox and dog by the river", [texts[0]], [texts[3], texts[7]]),
+        Example("hypersonic flow heating", [texts[8]], [texts[1], texts[4]]),
+    ]
+    plan = _plan(enc, examples, 64, 256)
+    groups = np.array([[plan.positives[0][0], *plan.negatives[0]], [plan.positives[1][0], *plan.negatives[1]]])
+    batch = _batch_tensors(enc, plan, np.array([0, 1]), groups)
+    assert batch[2].shape[1] > min(len(plan.passages.ids[i]) for i in groups.ravel()), "no padding: a weak test"
+
+    net = M3Trainable(enc).eval()  # eval: no dropout, so both sides see the same function
+    ref_net = copy.deepcopy(net)
+    ours = training_step(net, batch, MODES, temperature=TEMPERATURE, self_distill=True)
+    passages = [t for e in examples for t in [*e.positives, *e.negatives]]
+    special = set(enc.special_ids.tolist())
+    ref = _reference_loss(ref_net, enc.tokenizer, [e.query for e in examples], passages, [0, 3], special)
+    assert set(ours) == set(ref)
+    for key in ref:
+        assert float(ours[key].detach()) == pytest.approx(float(ref[key].detach()), rel=1e-5, abs=1e-5), key
+    assert 0.05 < float(ref["total"].detach()) < 50, "a degenerate loss would make the comparison weak"
+
+    for model, loss in ((net, ours["total"]), (ref_net, ref["total"])):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = 0.0
+    before = M3Trainable(M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32"))
+    for (name, a), b, c in zip(net.named_parameters(), ref_net.parameters(), before.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)
+        moved = max(moved, float((a - c).abs().max()))
+    assert moved > 1e-3, "the step did not change the weights: the comparison could not fail"
+
+
+# ---------------------------------------------------------------------------------------------- loss options
+
+
+def _random_scores(n_q=3, n_p=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.rand(n_q, n_p, generator=g) for m in MODES}
+
+
+def test_single_mode_is_plain_infonce():
+    scores = _random_scores()
+    targets = torch.tensor([0, 3, 6])
+    terms = unified_loss({"dense": scores["dense"]}, targets, temperature=0.05)
+    expected = torch.nn.functional.cross_entropy(scores["dense"] / 0.05, targets)
+    assert set(terms) == {"dense", "total"}
+    assert float(terms["total"]) == pytest.approx(float(expected))
+
+
+def test_two_modes_keep_ensemble_and_distillation():
+    scores = _random_scores()
+    targets = torch.tensor([0, 3, 6])
+    terms = unified_loss({m: scores[m] for m in ("dense", "colbert")}, targets, temperature=0.05)
+    assert set(terms) == {"dense", "colbert", "ensemble", "distill_dense", "distill_colbert", "total"}
+    contrastive = (terms["dense"] + terms["colbert"] + terms["ensemble"]) / 3
+    assert float(terms["total"]) == pytest.approx(
+        float((contrastive + (terms["distill_dense"] + terms["distill_colbert"]) / 2) / 2)
+    )
+    no_kd = unified_loss({m: scores[m] for m in ("dense", "colbert")}, targets, temperature=0.05, self_distill=False)
+    assert float(no_kd["total"]) == pytest.approx(float(contrastive))
+
+
+def test_excluded_passages_do_not_count_as_negatives():
+    """Query 0's other judged positive (column 4) leaves its softmax: changing its score changes nothing."""
+    scores = _random_scores()
+    targets = torch.tensor([0, 3, 6])
+    exclude = torch.zeros(3, 9, dtype=torch.bool)
+    exclude[0, 4] = True
+    a = unified_loss(scores, targets, exclude=exclude)
+    bumped = {m: s.clone() for m, s in scores.items()}
+    for s in bumped.values():
+        s[0, 4] += 5.0
+    b = unified_loss(bumped, targets, exclude=exclude)
+    c = unified_loss(bumped, targets)
+    assert all(math.isfinite(float(v)) for v in a.values())
+    assert float(a["total"]) == pytest.approx(float(b["total"]))
+    assert float(c["total"]) > float(a["total"]) + 0.1  # without the mask it would have hurt
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _train_rows(n=12):
+    t = BUILTIN_TEXTS
+    return [{"query": t[i % 10][:32], "pos": [t[i % 10]], "neg": [t[(i + 3) % 10], t[(i + 5) % 10]]} for i in range(n)]
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    with pytest.raises(FinetuneInputError, match=r"train.jsonl:2: query 'q2' has no positive"):
+        read_jsonl_examples(
+            _jsonl(tmp_path / "train.jsonl", [{"query": "q1", "pos": ["a"]}, {"query": "q2", "pos": []}])
+        )
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "pos": ["a"]}\n{oops\n')
+    with pytest.raises(FinetuneInputError, match=r"bad.jsonl:2: invalid JSON"):
+        read_jsonl_examples(tmp_path / "bad.jsonl")
+    with pytest.raises(FinetuneInputError, match='"neg" must be a list of strings'):
+        read_jsonl_examples(_jsonl(tmp_path / "neg.jsonl", [{"query": "q", "pos": ["a"], "neg": "b"}]))
+
+
+def _beir(folder: Path, n_docs=24, n_queries=8, qrels=None) -> Path:
+    folder.mkdir()
+    t = BUILTIN_TEXTS
+    docs = [{"_id": f"d{i}", "title": "", "text": f"{t[i % 10]} number {i}"} for i in range(n_docs)]
+    _jsonl(folder / "corpus.jsonl", docs)
+    _jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": t[i % 10][:30]} for i in range(n_queries)])
+    (folder / "qrels").mkdir()
+    rows = qrels or [(f"q{i}", f"d{i}", 1) for i in range(n_queries)] + [("q0", "d10", 2)]
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in rows)
+    )
+    return folder
+
+
+def test_beir_bad_input_is_refused(tmp_path):
+    with pytest.raises(FinetuneInputError, match="absent from the corpus"):
+        read_beir_examples(_beir(tmp_path / "a", qrels=[("q0", "d0", 1), ("q1", "nope", 1)]))
+    with pytest.raises(FinetuneInputError, match=r"1 judged query has no positive .*\['q1'\]"):
+        read_beir_examples(_beir(tmp_path / "b", qrels=[("q0", "d0", 1), ("q1", "d1", 0)]))
+
+
+def test_holdout_split_is_fixed_and_disjoint(tmp_path):
+    folder = _beir(tmp_path / "beir", n_queries=8)
+    a = read_beir_examples(folder, holdout=0.5, seed=3)
+    b = read_beir_examples(folder, holdout=0.5, seed=3)
+    assert list(a.data.queries) == list(b.data.queries) and len(a.data.queries) == 4
+    assert not set(a.data.queries) & set(a.heldout.queries)
+    assert {e.qid for e in a.examples} == set(a.data.queries)
+    for e in a.examples:  # every judged positive (score > 0), in document-id order
+        n = int(e.qid[1:])
+        expected = [f"{BUILTIN_TEXTS[i % 10]} number {i}" for i in ([0, 10] if n == 0 else [n])]
+        assert e.positives == expected and e.negatives == []
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _run(tmp_path, model, data, out="out", **kw):
+    kw = {"epochs": 1, "batch_size": 4, "negatives": 2, "lr": 1e-4, "dtype": "float32", "progress": False, **kw}
+    return finetune(data, model=model, out=tmp_path / out, cache_dir=tmp_path / "cache", **kw)
+
+
+def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
+    from m3search import Collection, M3Encoder
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows())
+    report = _run(tmp_path, tiny_model_path, data, epochs=2)
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert (out / "loss.png").stat().st_size > 1000
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["steps"] == report["steps"] == 6 and len(saved["epochs"]) == 2
+    assert {"mean", "max", "nonzero"} <= set(saved["epochs"][0]["sparse_weights"])
+    assert saved["epochs"][0]["peak_memory_mib"] > 0
+    assert not (tmp_path / "out.partial").exists()
+
+    base = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32")
+    tuned = M3Encoder.from_pretrained(str(out), device="cpu", dtype="float32")
+    assert tuned.identity != base.identity
+    a, b = base.encode(BUILTIN_TEXTS[:3]), tuned.encode(BUILTIN_TEXTS[:3])
+    assert np.abs(a.dense - b.dense).max() > 1e-4
+    with Collection.create(tmp_path / "col", model=tuned) as col:
+        col.add(list(BUILTIN_TEXTS), ids=[f"d{i}" for i in range(10)])
+        assert col.search(BUILTIN_TEXTS[0], k=1)[0].id == "d0"
+
+
+def test_bad_input_is_refused_before_training(tmp_path, tiny_model_path):
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FinetuneInputError, match="exists"):
+        _run(tmp_path, tiny_model_path, data, out="taken")
+    not_m3 = tmp_path / "not-m3"
+    not_m3.mkdir()
+    (not_m3 / "config.json").write_text("{}")
+    with pytest.raises(FinetuneInputError, match="not a BGE-M3 checkpoint"):
+        _run(tmp_path, not_m3, data)
+    with pytest.raises(FinetuneInputError, match="unknown mode"):
+        _run(tmp_path, tiny_model_path, data, modes="dense,lexical")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
+    from m3search import finetune as ft
+    from m3search.eval import evaluate
+
+    mined = {}
+    real = ft.mine_negatives
+
+    def spy(split, *args, **kwargs):
+        real(split, *args, **kwargs)
+        mined.update({e.qid: (e.positives, e.negatives) for e in split.examples})
+
+    monkeypatch.setattr(ft, "mine_negatives", spy)
+    folder = _beir(tmp_path / "beir")
+    report = _run(tmp_path, tiny_model_path, folder, holdout=0.5, modes="dense,colbert")
+    assert report["n_train_queries"] == 4 and report["n_heldout_queries"] == 4
+    assert set(report["heldout_before"]) == set(report["heldout_after"]) == {"dense", "sparse", "colbert", "all"}
+    assert "sparse" not in report["epochs"][0]["mean_loss"]
+    text_of = {f"d{i}": f"{BUILTIN_TEXTS[i % 10]} number {i}" for i in range(24)}
+    for qid, (pos, negs) in mined.items():
+        assert len(negs) == 2 and not set(negs) & set(pos)
+        assert text_of[f"d{qid[1:]}"] in pos
+    # `m3search eval` loads the output as any model folder.
+    results = evaluate(
+        folder, model=str(tmp_path / "out"), modes=["dense"], cache_dir=tmp_path / "cache", progress=False
+    )
+    assert 0.0 <= results["modes"]["dense"]["ndcg@10"] <= 1.0
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, monkeypatch):
+    """Killed in step 3 of 4 (epoch 2; checkpoint every step): the rerun continues and ends where one run ends."""
+    from safetensors.torch import load_file
+
+    from m3search import finetune as ft
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+    _run(tmp_path, tiny_model_path, data, out="straight", epochs=2, checkpoint_every=1)
+
+    real, calls = ft.training_step, {"n": 0}
+
+    def dies_at_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "training_step", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(ft, "training_step", real)
+    with pytest.raises(FinetuneInputError, match="different run"):
+        _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1, lr=2e-4)
+    report = _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    assert report["resumed_at_step"] == 2 and report["steps"] == 4
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "out" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
+    from m3search import finetune as ft
+
+    real, calls = ft._sparse_stats, {"n": 0}
+
+    def collapses(*args):
+        calls["n"] += 1
+        stats = real(*args)
+        return stats if calls["n"] == 1 else {**stats, "nonzero": 0.001, "max": 1e-3}
+
+    monkeypatch.setattr(ft, "_sparse_stats", collapses)
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    with pytest.raises(SparseCollapseError, match="sparse head collapsed in epoch 1.*--modes dense,colbert"):
+        _run(tmp_path, tiny_model_path, data)
+    assert not (tmp_path / "out").exists()
+    # Without sparse among the trained modes, the same numbers do not stop the run.
+    _run(tmp_path, tiny_model_path, data, modes="dense,colbert")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failed_export_leaves_no_folder(tmp_path, tiny_model_path, monkeypatch):
+    from m3search import finetune as ft
+
+    def fails(report, folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ft, "write_report", fails)
+    with pytest.raises(OSError, match="disk full"):
+        _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(4)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+
+
+def test_cli_finetune(tmp_path, tiny_model_path):
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    args = ["finetune", str(data), "--model", str(tiny_model_path), "--dtype", "bfloat16", "--negatives", "1"]
+    runner = CliRunner()
+    ok = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--json", "--epochs", "1"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    assert report["steps"] == 1 and report["out"] == str(tmp_path / "out")
+    assert report["autocast"] == "bfloat16" and math.isfinite(report["epochs"][0]["mean_loss"]["total"])
+    again = runner.invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert again.exit_code == 2 and "exists" in again.output and "Traceback" not in again.output
+    bad = runner.invoke(main, [*args, "--out", str(tmp_path / "o2"), "--model", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a BGE-M3 checkpoint" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------- heavy
+
+
+@pytest.mark.heavy
+def test_flagembedding_loads_the_output(tmp_path, tiny_model_path):
+    """FlagEmbedding's BGEM3FlagModel loads a fine-tuned folder and encodes exactly as M3Encoder does (fp32)."""
+    from flag_reference import flag_python, lexical_dicts, run_reference
+
+    from m3search import M3Encoder
+
+    python = flag_python()
+    if python is None:
+        pytest.skip("FlagEmbedding reference interpreter not found (set M3SEARCH_FLAG_PYTHON)")
+    _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(8)))
+    out = tmp_path / "out"
+    texts = list(BUILTIN_TEXTS)
+    flag = run_reference({"model": str(out), "texts": texts, "batch_size": 4, "max_length": 512}, python=python)
+    ours = M3Encoder.from_pretrained(str(out), device="cpu", dtype="float32").encode(texts, max_length=512)
+    base = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32").encode(texts)
+    assert np.abs(flag["dense"] - base.dense).max() > 1e-4, "FlagEmbedding read the base weights, not the output"
+    assert np.abs(flag["dense"] - ours.dense).max() <= 1e-5
+    np.testing.assert_array_equal(flag["colbert_offsets"], ours.colbert_offsets)
+    assert np.abs(flag["colbert"] - ours.colbert).max() <= 1e-5
+    for ref, got in zip(lexical_dicts(flag), ours.lexical_weights):
+        assert set(got) == {str(k) for k in ref}
+        assert all(abs(v - got[str(k)]) <= 1e-5 for k, v in ref.items())
