@@ -30,6 +30,10 @@ def main() -> None:
     ap.add_argument("data", nargs="+")
     ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "bge-m3-proxy"))
     ap.add_argument("--cache-dir", default="/tmp/m3s-windows")
+    ap.add_argument(
+        "--colbert-document", action="store_true", help="every folder: also ColBERT over all of a document's windows"
+    )
+    ap.add_argument("--only", action="append", help="run only the index rows whose label starts with this")
     args = ap.parse_args()
 
     import m3search.collection as collection
@@ -43,11 +47,15 @@ def main() -> None:
         data = load_beir(folder)
         lengths = np.array([len(x) for x in encoder.tokenize(data.doc_texts, 10**9)[0]])
         cut = int((lengths > encoder.max_length).sum())
-        runs = [("truncation", {"max_windows": 1}, "max"), ("windows", {}, "max")]
-        if k == 0:
-            runs.append(("windows, fuse then max", {}, "fuse"))
-        for label, settings, rule in runs:
-            collection.WINDOW_RULE = rule
+        runs = [("truncation", {"max_windows": 1}, "max", "window"), ("windows", {}, "max", "window")]
+        if k == 0 or args.colbert_document:
+            runs.append(("windows, ColBERT over the whole document", {}, "max", "document"))
+        if k == 0 and not args.colbert_document:
+            runs.append(("windows, fuse then max", {}, "fuse", "window"))
+        for label, settings, rule, colbert_rule in runs:
+            if args.only and not any(label.startswith(x) for x in args.only):
+                continue
+            collection.WINDOW_RULE, collection.COLBERT_RULE = rule, colbert_rule
             t0 = time.perf_counter()
             res = evaluate(
                 folder, model=encoder, modes=MODES, cache_dir=args.cache_dir, settings=settings, progress=False
@@ -56,7 +64,7 @@ def main() -> None:
             name = Path(folder).name if "xquad" not in folder else "xquad-r/en"
             cells = [f"{res['modes'][m]['ndcg@10']:.4f} / {res['modes'][m]['recall@100']:.4f}" for m in MODES]
             print(f"| {name} | {cut}/{len(lengths)} | {label} | " + " | ".join(cells) + " |", flush=True)  # row by row
-    collection.WINDOW_RULE = "max"
+    collection.WINDOW_RULE, collection.COLBERT_RULE = "max", "window"
 
 
 if __name__ == "__main__":

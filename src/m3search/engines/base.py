@@ -303,6 +303,37 @@ class PointBatch:
         return self.colbert[o[j] : o[j + 1]]
 
     @classmethod
+    def join(cls, batches: Sequence[PointBatch], *, one_document: bool = False) -> PointBatch:
+        """Batches with vectors as one: their documents in order, or (``one_document``) the pieces
+        of ONE document (one-document batches of its consecutive windows, as :meth:`Engine.upsert_long` gets)."""
+        if not batches:
+            raise ValueError("no batches to join")
+        rows = np.cumsum([0] + [int(b.window_offsets[-1]) for b in batches])
+        tokens = np.cumsum([0] + [len(b.colbert) for b in batches])
+        offsets = np.concatenate([[0], *[b.colbert_offsets[1:] + t for b, t in zip(batches, tokens)]])
+        if one_document:
+            ids, texts, meta, windows = batches[0].ids, batches[0].texts, batches[0].metadata, [0, rows[-1]]
+        else:
+            ids = [i for b in batches for i in b.ids]
+            texts = [t for b in batches for t in b.texts]
+            meta = [m for b in batches for m in b.metadata]
+            windows = np.concatenate([[0], *[b.window_offsets[1:] + r for b, r in zip(batches, rows)]])
+        spans = [
+            b.spans if b.spans is not None else [s for i in range(len(b)) for s in b.doc_spans(i)] for b in batches
+        ]
+        return cls(
+            ids,
+            texts,
+            meta,
+            np.concatenate([b.dense for b in batches]),
+            sp.vstack([b.sparse for b in batches], format="csr"),
+            np.concatenate([b.colbert for b in batches]),
+            offsets.astype(np.int64),
+            np.asarray(windows, dtype=np.int64),
+            np.concatenate(spans).astype(np.int64).reshape(-1, 2),
+        )
+
+    @classmethod
     def from_records(cls, records: Sequence[Record], vocab_size: int) -> PointBatch:
         """Stack window records back into a batch (engines' ``iter_batches``): records come
         document by document, each document's window 0 first (it carries text and metadata)."""
@@ -565,6 +596,17 @@ class Engine(ABC):
 
         A document stored before with more windows than now must not keep any of them visible.
         """
+
+    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+        """Insert or replace ONE document whose windows arrive in pieces (one-document batches of
+        consecutive windows, window 0 in the first), so memory is bounded by a piece, not the text.
+
+        Contract: count, get and search never see part of the new version; after a crash the
+        document is its old version or absent, never a mix. This default holds every piece and
+        makes one :meth:`upsert` (memory: the whole document); Qdrant removes the old version,
+        then writes windows first and the head window (text, metadata, spans) last.
+        """
+        self.upsert(PointBatch.join(list(pieces), one_document=True))
 
     def stored_units(self, batch: PointBatch) -> int:
         """Most storage rows one document of ``batch`` takes (the Collection records the maximum in the
