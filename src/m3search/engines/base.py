@@ -64,6 +64,7 @@ from m3search.errors import CollectionExistsError, CollectionInUseError, Collect
 from m3search.filters import Filter
 from m3search.plan import MODES  # the three representations, in the order weights are given
 from m3search.pooling import check_pool_factor
+from m3search.scoring import colbert_scores
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -473,27 +474,27 @@ def score_records(
     cannot score candidates where the vectors live.
     """
     modes = tuple(modes)
-    n = len(records)
-    out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
+    out = {m: np.full(len(records), np.nan, dtype=np.float64) for m in modes}
     present = [i for i, r in enumerate(records) if r is not None]
-    if not present:
+    got = [records[i] for i in present]
+    if not got:
         return out
     if "dense" in modes:
-        D = np.stack([records[i].dense for i in present]).astype(np.float32)
-        out["dense"][present] = D @ query.dense.astype(np.float32)
+        out["dense"][present] = np.stack([r.dense for r in got]).astype(np.float32) @ query.dense.astype(np.float32)
     if "sparse" in modes:
-        q = dict(zip(query.sparse_indices.tolist(), query.sparse_values.tolist()))
-        qi = np.asarray(sorted(q), dtype=np.int64)
-        qv = np.asarray([q[t] for t in qi.tolist()], dtype=np.float64)
-        for i in present:
-            di, dv = records[i].sparse
-            common, a, b = np.intersect1d(qi, di, assume_unique=False, return_indices=True)
-            out["sparse"][i] = float(np.dot(qv[a], dv[b].astype(np.float64))) if len(common) else 0.0
+        indptr = np.concatenate([[0], np.cumsum([len(r.sparse[0]) for r in got])]).astype(np.int64)
+        ind = np.concatenate([np.zeros(0, np.int64)] + [r.sparse[0] for r in got]).astype(np.int64)
+        val = np.concatenate([np.zeros(0)] + [r.sparse[1] for r in got]).astype(np.float64)
+        qi = np.asarray(query.sparse_indices if query.sparse_indices is not None else [], dtype=np.int64)
+        width = int(max(ind.max(initial=-1), qi.max(initial=-1)) + 1)
+        q = np.zeros(width)
+        q[qi] = np.asarray(query.sparse_values if query.sparse_values is not None else [], dtype=np.float64)
+        out["sparse"][present] = sp.csr_matrix((val, ind, indptr), shape=(len(got), width)) @ q
     if "colbert" in modes:
-        Q = query.colbert.astype(np.float32)
-        for i in present:
-            d = records[i].colbert.astype(np.float32)
-            out["colbert"][i] = float((Q @ d.T).max(axis=1).mean()) if len(d) and len(Q) else 0.0
+        q = np.asarray(query.colbert, dtype=np.float32)
+        offsets = np.concatenate([[0], np.cumsum([len(r.colbert) for r in got])]).astype(np.int64)
+        tokens = np.concatenate([r.colbert for r in got]).astype(np.float32, copy=False)
+        out["colbert"][present] = colbert_scores(q, np.array([0, len(q)]), tokens, offsets)[0]
     return out
 
 
