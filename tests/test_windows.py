@@ -208,6 +208,28 @@ def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
                 assert h.score == pytest.approx(fused_w[win.doc == ids.index(h.id)].max(), abs=TOL)
 
 
+def test_whole_document_colbert_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The private switch: a document's ColBERT score is MaxSim over the tokens of all its windows."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "COLBERT_RULE", "document")
+    e = win.embeddings
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        hits = col.search_batch(queries, k=30, mode="colbert", candidates=30, exact=True, query_embeddings=qemb)
+        for qi, hs in enumerate(hits):
+            q = qemb.colbert[qemb.colbert_offsets[qi] : qemb.colbert_offsets[qi + 1]]
+            assert len(hs) == 30
+            for h in hs:
+                rows = np.flatnonzero(win.doc == ids.index(h.id))
+                tokens = np.concatenate([e.colbert[e.colbert_offsets[r] : e.colbert_offsets[r + 1]] for r in rows])
+                assert h.scores["colbert"] == pytest.approx(float((q @ tokens.T).max(axis=1).mean()), abs=TOL)
+                assert (
+                    h.scores["colbert"] >= oracle["colbert"][qi, ids.index(h.id)] - TOL
+                )  # never below the best window
+
+
 def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
     with pytest.raises(ValueError, match="stride=64 is larger than window - 2 specials"):
         Collection.create(tmp_path / "a", model=tiny_encoder, window=64, stride=64)
