@@ -10,6 +10,10 @@ Guarantees:
 
 * Each ingest batch is one engine write: after a crash (kill -9) a batch is either fully
   present or absent. ``add`` rejects a call whose ids already exist before writing anything.
+  Memory is bounded: windows are encoded and written in pieces of :data:`PIECE_BYTES` of
+  output (a batch whose windows hold more is several writes, each atomic, each document
+  whole); a document longer than a piece is written piece by piece (``Engine.upsert_long``)
+  and appears when complete; a crash leaves it absent (removed again before the next write).
 * Long documents: a text longer than ``window`` tokens is stored as overlapping windows
   (``window`` tokens, one every ``stride``; at most ``max_windows``). A document's score
   in each mode is its best window's; fusion then ranks documents. A hit names the window
@@ -688,13 +692,13 @@ class Collection:
         whole: list[PointBatch] = []
         cut = 0
         for first, last, batch, piece_cut in slices:
-            cut += piece_cut
+            cut += piece_cut or 0
+            if whole and (piece_cut is not None or not (first and last)):  # a new piece, or a long document
+                self._write(PointBatch.join(whole))
+                whole = []
             if first and last:
                 whole.append(batch)
                 continue
-            if whole:  # what came before, so documents stay in order
-                self._write(PointBatch.join(whole))
-                whole = []
 
             def rest(sl: PointBatch = batch, last: bool = last):  # the pieces of one document, noted before each write
                 done = 0
@@ -704,7 +708,7 @@ class Collection:
                     yield sl
                     if last:
                         return
-                    _, last, sl, _ = next(slices)
+                    _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
 
             self._set_pending([batch.ids[0]])  # a crash before the end leaves windows without a head: cleared later
             self._engine.upsert_long(rest())
@@ -1169,8 +1173,8 @@ def _vectors(emb: Any, pool_factor: int = 1) -> tuple:
 def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], pool_factor: int):
     """A piece of :meth:`M3Encoder.iter_windows` output cut by document:
     ``(first, last, one-document PointBatch, cut)`` per document in it, ``first`` / ``last``
-    saying whether the slice holds the document's first / last window (``cut``: the piece's,
-    on its first slice)."""
+    saying whether the slice holds the document's first / last window (``cut``: the piece's
+    on its first slice, None on the others)."""
     doc, e = piece.doc, piece.embeddings
     bounds = np.flatnonzero(np.diff(doc)) + 1
     for k, (a, b) in enumerate(zip([0, *bounds.tolist()], [*bounds.tolist(), len(doc)])):
@@ -1180,7 +1184,7 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
             [ids[d]], [texts[d]], [meta[d]], *_vectors(rows, pool_factor), np.array([0, b - a]), piece.spans[a:b]
         )
         first, last = piece.index[a] == 0, piece.index[b - 1] == piece.count[d] - 1
-        yield bool(first), bool(last), batch, piece.cut if k == 0 else 0
+        yield bool(first), bool(last), batch, piece.cut if k == 0 else None
 
 
 def _document_maxsim(engine: Engine, ids: list[str], qv: QueryVectors) -> np.ndarray:
