@@ -208,6 +208,28 @@ def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
                 assert h.score == pytest.approx(fused_w[win.doc == ids.index(h.id)].max(), abs=TOL)
 
 
+def test_whole_document_colbert_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The private switch: a document's ColBERT score is MaxSim over the tokens of all its windows."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "COLBERT_RULE", "document")
+    e = win.embeddings
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        hits = col.search_batch(queries, k=30, mode="colbert", candidates=30, exact=True, query_embeddings=qemb)
+        for qi, hs in enumerate(hits):
+            q = qemb.colbert[qemb.colbert_offsets[qi] : qemb.colbert_offsets[qi + 1]]
+            assert len(hs) == 30
+            for h in hs:
+                rows = np.flatnonzero(win.doc == ids.index(h.id))
+                tokens = np.concatenate([e.colbert[e.colbert_offsets[r] : e.colbert_offsets[r + 1]] for r in rows])
+                assert h.scores["colbert"] == pytest.approx(float((q @ tokens.T).max(axis=1).mean()), abs=TOL)
+                assert (
+                    h.scores["colbert"] >= oracle["colbert"][qi, ids.index(h.id)] - TOL
+                )  # never below the best window
+
+
 def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
     with pytest.raises(ValueError, match="stride=64 is larger than window - 2 specials"):
         Collection.create(tmp_path / "a", model=tiny_encoder, window=64, stride=64)
@@ -461,3 +483,84 @@ def test_passage_search_returns_windows(tmp_path, tiny_encoder, corpus):
                         assert h.scores[m] == pytest.approx(per_window[m][qi, row], abs=TOL)
         with pytest.raises(ValueError, match="group must be"):
             col.search(queries[0], group="chapter")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_documents_longer_than_a_piece_are_streamed_and_stored_whole(
+    tmp_path, tiny_encoder, corpus, engine, monkeypatch
+):
+    """With pieces of ~one window, three-window documents go through Engine.upsert_long: stored
+    exactly as a one-write batch stores them (windows, spans, vectors, counts, scores)."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    ref = create(engine, tmp_path / "ref", tiny_encoder)
+    ref.add(texts, ids=ids, metadata=meta)
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~20 tokens a piece
+    calls = []
+    col = create(engine, tmp_path / "col", tiny_encoder)
+    monkeypatch.setattr(
+        col.engine, "upsert_long", lambda pieces, f=col.engine.upsert_long: calls.append(1) or f(pieces)
+    )
+    try:
+        col.add(texts, ids=ids, metadata=meta, batch_size=12)
+        assert len(calls) >= 10  # every document of more than one window spans pieces
+        assert col.count() == ref.count() == len(texts) and raw_points(col) == raw_points(ref)
+        assert col.manifest["max_windows_stored"] == 3
+        for a, b in zip(col.engine.get_windows(ids), ref.engine.get_windows(ids)):
+            assert [(r.window, r.spans, r.metadata) for r in a] == [(r.window, r.spans, r.metadata) for r in b]
+            # the same windows encoded in other batches (other padding): equal to float32 rounding
+            np.testing.assert_allclose(np.stack([r.dense for r in a]), np.stack([r.dense for r in b]), atol=1e-5)
+            np.testing.assert_allclose(
+                np.concatenate([r.colbert for r in a]), np.concatenate([r.colbert for r in b]), atol=1e-5
+            )
+        got = col.search_batch(queries, k=10, mode="all", exact=True, query_embeddings=qemb)
+        want = ref.search_batch(queries, k=10, mode="all", exact=True, query_embeddings=qemb)
+        assert [[(h.id, h.window) for h in hs] for hs in got] == [[(h.id, h.window) for h in hs] for hs in want]
+        col.upsert([texts[20], texts[0]], ids=[ids[0], ids[20]])  # 1 -> 3 windows streamed, 3 -> 1 in a batch
+        assert col.count() == len(texts) and raw_points(col) == raw_points(ref)
+        assert [r.windows for r in col.get([ids[0], ids[20]])] == [3, 1]
+    finally:
+        col.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """upsert_long writes window 0 last: stopped before it, the document is absent to count, get
+    and every search, and writing it again leaves no stray window."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        col.add([texts[10]], ids=["y"])
+        real = col.engine._write
+
+        def crash(points, sizes):
+            if any(p[2].get("window", 0) == 0 and "part" not in p[2] and p[2]["id"] == "x" for p in points):
+                raise KeyboardInterrupt("killed")
+            real(points, sizes)
+
+        monkeypatch.setattr(col.engine, "_write", crash)
+        with pytest.raises(KeyboardInterrupt):
+            col.add([texts[20]], ids=["x"])
+        assert vector_points(col, "x") == 2  # windows 1 and 2 were written
+        assert col.count() == 1 and col.get("x") == [None] and col.engine.existing(["x"]) == set()
+        for mode in ("dense", "sparse", "colbert", "all"):
+            assert all(h.id == "y" for h in col.search(texts[20], k=5, mode=mode, exact=True))
+        monkeypatch.setattr(col.engine, "_write", real)
+        assert col.manifest["pending"] == ["x"]
+        col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
+        assert vector_points(col, "x") == 1 and raw_points(col) == 3 and col.count() == 2
+    finally:
+        col.close()
+
+
+def test_a_long_text_shows_window_progress(tmp_path, tiny_encoder, corpus, capsys):
+    texts = corpus[0]
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add([" ".join(texts)], ids=["long"], show_progress=True)
+        assert "window" in capsys.readouterr().err
+        assert col.get("long")[0].windows > 3

@@ -10,6 +10,10 @@ Guarantees:
 
 * Each ingest batch is one engine write: after a crash (kill -9) a batch is either fully
   present or absent. ``add`` rejects a call whose ids already exist before writing anything.
+  Memory is bounded: windows are encoded and written in pieces of :data:`PIECE_BYTES` of
+  output (a batch whose windows hold more is several writes, each atomic, each document
+  whole); a document longer than a piece is written piece by piece (``Engine.upsert_long``)
+  and appears when complete; a crash leaves it absent (removed again before the next write).
 * Long documents: a text longer than ``window`` tokens is stored as overlapping windows
   (``window`` tokens, one every ``stride``; at most ``max_windows``). A document's score
   in each mode is its best window's; fusion then ranks documents. A hit names the window
@@ -103,6 +107,12 @@ DEFAULT_OVERLAP = 128
 #: How a windowed document's score is formed: "max" (per-mode maximum over windows, then fusion
 #: over documents) or "fuse" (fusion per window, then the maximum); private, for measurement.
 WINDOW_RULE = "max"
+#: A windowed document's ColBERT score: "window" (its best window's MaxSim) or "document" (per query
+#: token the maximum over the tokens of ALL its windows); private, for measurement (benchmarks/windows.py).
+COLBERT_RULE = "window"
+#: Bytes of ColBERT output (float32) encoded and written at a time by an ingest call: a batch whose
+#: windows hold more is written in pieces, and a longer document through ``Engine.upsert_long``.
+PIECE_BYTES = 256 << 20
 #: What a search request may leave out: the built-in values, which ``m3search tune`` may replace per collection
 #: (``settings`` of the manifest; see :meth:`Collection.set_search_defaults`).
 SEARCH_DEFAULTS = {
@@ -608,6 +618,7 @@ class Collection:
         if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
         with self._lock:
+            self._clear_pending()
             if not overwrite:
                 present = self._existing(ids)
                 taken = [i for i in ids if i in present]
@@ -617,7 +628,7 @@ class Collection:
                         "nothing was written (use upsert to overwrite)",
                         taken,
                     )
-            progress = None
+            progress, windows_progress = None, show_progress
             if show_progress is None:
                 show_progress = n > bs and sys.stderr.isatty()
             if show_progress:
@@ -628,40 +639,17 @@ class Collection:
             try:
                 for start in range(0, n, bs):
                     end = min(start + bs, n)
-                    if embeddings is not None:
-                        emb = embeddings[start:end]
-                        windows = spans = None
-                    elif self.settings["max_windows"] == 1:
-                        # one window, the text's start, as before windows
-                        emb = self.encoder.encode(
-                            texts[start:end], max_length=self.settings["max_length"], warn_truncation=False
-                        )
-                        truncated += emb.truncated
-                        windows = spans = None
+                    if embeddings is None and self.settings["max_windows"] != 1:
+                        cut += self._write_windows(ids[start:end], texts[start:end], meta[start:end], windows_progress)
                     else:
-                        win = self.encoder.encode_windows(
-                            texts[start:end],
-                            window=self.settings["window"],
-                            stride=self.settings["stride"],
-                            max_windows=self.settings["max_windows"],
-                        )
-                        emb, spans, cut = win.embeddings, win.spans, cut + win.cut
-                        windows = np.searchsorted(win.doc, np.arange(end - start + 1)).astype(np.int64)
-                    # Token pooling happens here, once per window, before the write (queries are untouched).
-                    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, self.schema.colbert_pool_factor)
-                    batch = PointBatch(
-                        ids[start:end],
-                        texts[start:end],
-                        meta[start:end],
-                        emb.dense,
-                        emb.sparse,
-                        colbert,
-                        offsets,
-                        windows,
-                        spans,
-                    )
-                    self._note_windows(batch)
-                    self._engine.upsert(batch)  # one atomic, durable write per batch
+                        emb = embeddings[start:end] if embeddings is not None else None
+                        if emb is None:  # one window, the text's start, as before windows
+                            emb = self.encoder.encode(
+                                texts[start:end], max_length=self.settings["max_length"], warn_truncation=False
+                            )
+                            truncated += emb.truncated
+                        vectors = _vectors(emb, self.schema.colbert_pool_factor)
+                        self._write(PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors))
                     if progress is not None:
                         progress.update(end - start)
             finally:
@@ -684,10 +672,78 @@ class Collection:
             self._engine.flush()
         return ids
 
-    def _note_windows(self, batch: PointBatch) -> None:
+    def _write(self, batch: PointBatch) -> None:
+        """One atomic, durable engine write, after noting its window count."""
+        self._note_windows(self._engine.stored_units(batch))
+        self._engine.upsert(batch)
+
+    def _write_windows(self, ids: list[str], texts: list[str], meta: list[dict], show: bool | None) -> int:
+        """Encode texts as windows in pieces of about PIECE_BYTES of output and store them; returns
+        how many texts lost windows to ``max_windows``.
+
+        Documents whole within a piece are written with that piece (one write: the whole batch
+        when it fits one piece). A document spanning pieces goes to :meth:`Engine.upsert_long`
+        piece by piece, so a 10 MB text never has all its windows' vectors in memory at once.
+        """
+        s = self.settings
+        per_token = 4 * self.schema.colbert_dim
+        pieces = self.encoder.iter_windows(
+            texts,
+            window=s["window"],
+            stride=s["stride"],
+            max_windows=s["max_windows"],
+            chunk_tokens=max(s["window"], PIECE_BYTES // per_token),
+            show_progress=show,
+        )
+        slices = (
+            sl for piece in pieces for sl in _doc_slices(piece, ids, texts, meta, self.schema.colbert_pool_factor)
+        )
+        whole: list[PointBatch] = []
+        cut = 0
+        for first, last, batch, piece_cut in slices:
+            cut += piece_cut or 0
+            if whole and (piece_cut is not None or not (first and last)):  # a new piece, or a long document
+                self._write(PointBatch.join(whole))
+                whole = []
+            if first and last:
+                whole.append(batch)
+                continue
+
+            def rest(sl: PointBatch = batch, last: bool = last):  # the pieces of one document, noted before each write
+                done = 0
+                while True:
+                    done += self._engine.stored_units(sl)
+                    self._note_windows(done)
+                    yield sl
+                    if last:
+                        return
+                    _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
+
+            self._set_pending([batch.ids[0]])  # a crash before the end leaves windows without a head: cleared later
+            self._engine.upsert_long(rest())
+            self._set_pending([])
+        if whole:
+            self._write(PointBatch.join(whole))
+        return cut
+
+    def _set_pending(self, ids: list[str]) -> None:
+        """Record (or clear) in the manifest the document being written by ``upsert_long``."""
+        if ids or self._manifest.get("pending"):
+            self._manifest["pending"] = ids
+            self._engine.write_manifest(self._manifest)
+
+    def _clear_pending(self) -> None:
+        """After a crash during a long write: remove that document's stray windows (it has no head,
+        so it is not stored), before anything else is written."""
+        pending = self._manifest.get("pending") or []
+        stray = [i for i in pending if i not in self._engine.existing(pending)]
+        if stray:
+            self._engine.delete(stray)
+        self._set_pending([])
+
+    def _note_windows(self, most: int) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
         (engines read that many window points per document on delete; 1 skips all window work)."""
-        most = self._engine.stored_units(batch)
         if most > self._manifest.get("max_windows_stored", 1):
             self._manifest["max_windows_stored"] = most
             self._engine.write_manifest(self._manifest)
@@ -720,6 +776,7 @@ class Collection:
         """Delete documents; returns ``{"deleted": [...], "missing": [...]}`` in input order."""
         ids = list(dict.fromkeys(_as_id_list(ids)))
         with self._lock:
+            self._clear_pending()
             present = self._existing(ids)
             deleted = [i for i in ids if i in present]
             self._engine.delete(deleted)
@@ -938,6 +995,10 @@ class Collection:
         if self._engine.max_windows > 1:
             ws = self._engine.score_windows(cand, qv, modes)
             scores = ws.doc_max()
+            if COLBERT_RULE == "document" and "colbert" in modes:
+                multi = np.flatnonzero(np.diff(ws.windows) > 1)
+                if len(multi):
+                    scores["colbert"][multi] = _document_maxsim(self._engine, [cand[d] for d in multi], qv)
         else:  # scores the pool already carries are exact: only the rest is computed
             have_colbert = pool.colbert is not None and "colbert" in modes
             need = [m for m in modes if not (m == "colbert" and have_colbert)]
@@ -1111,6 +1172,42 @@ class Collection:
             }
             for tok, i in zip(tokens, idx)
         ]
+
+
+def _vectors(emb: Any, pool_factor: int = 1) -> tuple:
+    """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
+    before the write (queries are untouched)."""
+    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor)
+    return emb.dense, emb.sparse, colbert, offsets
+
+
+def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], pool_factor: int):
+    """A piece of :meth:`M3Encoder.iter_windows` output cut by document:
+    ``(first, last, one-document PointBatch, cut)`` per document in it, ``first`` / ``last``
+    saying whether the slice holds the document's first / last window (``cut``: the piece's
+    on its first slice, None on the others)."""
+    doc, e = piece.doc, piece.embeddings
+    bounds = np.flatnonzero(np.diff(doc)) + 1
+    for k, (a, b) in enumerate(zip([0, *bounds.tolist()], [*bounds.tolist(), len(doc)])):
+        d = int(doc[a])
+        rows = e[a:b]
+        batch = PointBatch(
+            [ids[d]], [texts[d]], [meta[d]], *_vectors(rows, pool_factor), np.array([0, b - a]), piece.spans[a:b]
+        )
+        first, last = piece.index[a] == 0, piece.index[b - 1] == piece.count[d] - 1
+        yield bool(first), bool(last), batch, piece.cut if k == 0 else None
+
+
+def _document_maxsim(engine: Engine, ids: list[str], qv: QueryVectors) -> np.ndarray:
+    """Whole-document ColBERT MaxSim: per query token the best match over every window's tokens."""
+    from m3search.scoring import colbert_scores
+
+    recs = engine.get_windows(ids, with_vectors=["colbert"])
+    mats = [np.concatenate([r.colbert for r in rs]) if rs else np.zeros((0, len(qv.colbert[0]))) for rs in recs]
+    offsets = np.concatenate([[0], np.cumsum([len(m) for m in mats])]).astype(np.int64)
+    q = np.asarray(qv.colbert, dtype=np.float32)
+    out = colbert_scores(q, np.array([0, len(q)]), np.concatenate(mats).astype(np.float32), offsets)[0]
+    return np.where(offsets[1:] > offsets[:-1], out, np.nan)
 
 
 def _select_docs(ws: WindowScores, docs: np.ndarray) -> WindowScores:

@@ -190,13 +190,18 @@ class WindowedEmbeddings:
     * ``spans``: int64 ``(n_windows, 2)`` character ``[start, end)`` of each window in its
       text, from the tokenizer's offsets (first token's start to last token's end;
       ``[0, 0)`` for a text without tokens);
-    * ``cut``: how many texts lost windows to ``max_windows``.
+    * ``cut``: how many texts lost windows to ``max_windows``;
+    * ``index``: int64 ``(n_windows,)`` each window's number within its text, and ``count``:
+      int64 ``(n_texts,)`` how many windows each text has in all, so a consumer of
+      :meth:`M3Encoder.iter_windows` knows where a text's windows begin and end across pieces.
     """
 
     embeddings: M3Embeddings
     doc: np.ndarray
     spans: np.ndarray
     cut: int
+    index: np.ndarray | None = None
+    count: np.ndarray | None = None
 
 
 def _cpu_has_bf16() -> bool:
@@ -594,13 +599,16 @@ class M3Encoder:
             ends = np.searchsorted(np.cumsum(lengths), np.arange(chunk_tokens, total, chunk_tokens), side="left") + 1
             edges = [0, *np.unique(ends[ends < len(lengths)]).tolist(), len(lengths)]
         show = show_progress or (show_progress is None and sys.stderr.isatty() and total > self.token_budget)
+        count = np.bincount(plan.doc, minlength=len(texts)).astype(np.int64)
+        index = np.arange(len(plan.doc), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
         return self._window_chunks(
-            content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size
+            content, source, lengths, plan, (spans, index, count), edges, show, dense, sparse, colbert, batch_size
         )
 
-    def _window_chunks(self, content, source, lengths, plan, spans, edges, show, dense, sparse, colbert, batch_size):
+    def _window_chunks(self, content, source, lengths, plan, where, edges, show, dense, sparse, colbert, batch_size):
         """The generator behind :meth:`iter_windows` (apart, so bad arguments fail at the call)."""
         bar = None
+        spans, index, count = where
         if show:
             from tqdm.auto import tqdm
 
@@ -618,7 +626,8 @@ class M3Encoder:
                     batch_size=batch_size,
                     bar=bar,
                 )
-                yield WindowedEmbeddings(emb, plan.doc[a:b], spans[a:b], plan.cut if a == 0 else 0)
+                cut = plan.cut if a == 0 else 0
+                yield WindowedEmbeddings(emb, plan.doc[a:b], spans[a:b], cut, index[a:b], count)
         finally:
             if bar is not None:
                 bar.close()

@@ -64,6 +64,7 @@ from m3search.errors import CollectionExistsError, CollectionInUseError, Collect
 from m3search.filters import Filter
 from m3search.plan import MODES  # the three representations, in the order weights are given
 from m3search.pooling import check_pool_factor
+from m3search.scoring import colbert_scores
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -305,6 +306,37 @@ class PointBatch:
         return self.colbert[o[j] : o[j + 1]]
 
     @classmethod
+    def join(cls, batches: Sequence[PointBatch], *, one_document: bool = False) -> PointBatch:
+        """Batches with vectors as one: their documents in order, or (``one_document``) the pieces
+        of ONE document (one-document batches of its consecutive windows, as :meth:`Engine.upsert_long` gets)."""
+        if not batches:
+            raise ValueError("no batches to join")
+        rows = np.cumsum([0] + [int(b.window_offsets[-1]) for b in batches])
+        tokens = np.cumsum([0] + [len(b.colbert) for b in batches])
+        offsets = np.concatenate([[0], *[b.colbert_offsets[1:] + t for b, t in zip(batches, tokens)]])
+        if one_document:
+            ids, texts, meta, windows = batches[0].ids, batches[0].texts, batches[0].metadata, [0, rows[-1]]
+        else:
+            ids = [i for b in batches for i in b.ids]
+            texts = [t for b in batches for t in b.texts]
+            meta = [m for b in batches for m in b.metadata]
+            windows = np.concatenate([[0], *[b.window_offsets[1:] + r for b, r in zip(batches, rows)]])
+        spans = [
+            b.spans if b.spans is not None else [s for i in range(len(b)) for s in b.doc_spans(i)] for b in batches
+        ]
+        return cls(
+            ids,
+            texts,
+            meta,
+            np.concatenate([b.dense for b in batches]),
+            sp.vstack([b.sparse for b in batches], format="csr"),
+            np.concatenate([b.colbert for b in batches]),
+            offsets.astype(np.int64),
+            np.asarray(windows, dtype=np.int64),
+            np.concatenate(spans).astype(np.int64).reshape(-1, 2),
+        )
+
+    @classmethod
     def from_records(cls, records: Sequence[Record], vocab_size: int) -> PointBatch:
         """Stack window records back into a batch (engines' ``iter_batches``): records come
         document by document, each document's window 0 first (it carries text and metadata)."""
@@ -444,27 +476,27 @@ def score_records(
     cannot score candidates where the vectors live.
     """
     modes = tuple(modes)
-    n = len(records)
-    out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
+    out = {m: np.full(len(records), np.nan, dtype=np.float64) for m in modes}
     present = [i for i, r in enumerate(records) if r is not None]
-    if not present:
+    got = [records[i] for i in present]
+    if not got:
         return out
     if "dense" in modes:
-        D = np.stack([records[i].dense for i in present]).astype(np.float32)
-        out["dense"][present] = D @ query.dense.astype(np.float32)
+        out["dense"][present] = np.stack([r.dense for r in got]).astype(np.float32) @ query.dense.astype(np.float32)
     if "sparse" in modes:
-        q = dict(zip(query.sparse_indices.tolist(), query.sparse_values.tolist()))
-        qi = np.asarray(sorted(q), dtype=np.int64)
-        qv = np.asarray([q[t] for t in qi.tolist()], dtype=np.float64)
-        for i in present:
-            di, dv = records[i].sparse
-            common, a, b = np.intersect1d(qi, di, assume_unique=False, return_indices=True)
-            out["sparse"][i] = float(np.dot(qv[a], dv[b].astype(np.float64))) if len(common) else 0.0
+        indptr = np.concatenate([[0], np.cumsum([len(r.sparse[0]) for r in got])]).astype(np.int64)
+        ind = np.concatenate([np.zeros(0, np.int64)] + [r.sparse[0] for r in got]).astype(np.int64)
+        val = np.concatenate([np.zeros(0)] + [r.sparse[1] for r in got]).astype(np.float64)
+        qi = np.asarray(query.sparse_indices if query.sparse_indices is not None else [], dtype=np.int64)
+        width = int(max(ind.max(initial=-1), qi.max(initial=-1)) + 1)
+        q = np.zeros(width)
+        q[qi] = np.asarray(query.sparse_values if query.sparse_values is not None else [], dtype=np.float64)
+        out["sparse"][present] = sp.csr_matrix((val, ind, indptr), shape=(len(got), width)) @ q
     if "colbert" in modes:
-        Q = query.colbert.astype(np.float32)
-        for i in present:
-            d = records[i].colbert.astype(np.float32)
-            out["colbert"][i] = float((Q @ d.T).max(axis=1).mean()) if len(d) and len(Q) else 0.0
+        q = np.asarray(query.colbert, dtype=np.float32)
+        offsets = np.concatenate([[0], np.cumsum([len(r.colbert) for r in got])]).astype(np.int64)
+        tokens = np.concatenate([r.colbert for r in got]).astype(np.float32, copy=False)
+        out["colbert"][present] = colbert_scores(q, np.array([0, len(q)]), tokens, offsets)[0]
     return out
 
 
@@ -567,6 +599,17 @@ class Engine(ABC):
 
         A document stored before with more windows than now must not keep any of them visible.
         """
+
+    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+        """Insert or replace ONE document whose windows arrive in pieces (one-document batches of
+        consecutive windows, window 0 in the first), so memory is bounded by a piece, not the text.
+
+        Contract: count, get and search never see part of the new version; after a crash the
+        document is its old version or absent, never a mix. This default holds every piece and
+        makes one :meth:`upsert` (memory: the whole document); Qdrant removes the old version,
+        then writes windows first and the head window (text, metadata, spans) last.
+        """
+        self.upsert(PointBatch.join(list(pieces), one_document=True))
 
     def stored_units(self, batch: PointBatch) -> int:
         """Most storage rows one document of ``batch`` takes (the Collection records the maximum in the

@@ -96,9 +96,9 @@ from m3search.engines.base import (
     Record,
     Schema,
     point_uuid,
+    score_records,
 )
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
-from m3search.scoring import colbert_scores
 
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
@@ -900,44 +900,13 @@ class MilvusEngine(Engine):
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Exact scores from the fetched vectors (NumPy), see the module docstring.
+        """Exact scores from the fetched vectors (:func:`score_records`), see the module docstring.
 
         ``known`` is not used: the vectors are fetched for ColBERT anyway, and the dense
         and sparse products over them cost less than splitting the fetch.
         """
-        ids = list(ids)
-        modes = tuple(modes)
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}")
-        n = len(ids)
-        out = {m: np.full(n, np.nan, dtype=np.float64) for m in modes}
-        if not n or not modes:
-            return out
-        rows = self._fetch(ids, modes, payload=False)
-        present = np.array([r is not None for r in rows])
-        got = [r for r in rows if r is not None]
-        if not got:
-            return out
-        if "dense" in modes:
-            D = np.asarray([r["dense"] for r in got], dtype=np.float32)
-            out["dense"][present] = D @ np.asarray(query.dense, dtype=np.float32)
-        if "sparse" in modes:
-            pairs = [self._sparse_pair(r["sparse"]) for r in got]
-            lens = [len(p[0]) for p in pairs]
-            indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            ind = np.concatenate([p[0] for p in pairs]) if indptr[-1] else np.zeros(0, np.int64)
-            val = np.concatenate([p[1] for p in pairs]) if indptr[-1] else np.zeros(0, np.float32)
-            qi = np.asarray(query.sparse_indices if query.sparse_indices is not None else [], dtype=np.int64)
-            qv = np.asarray(query.sparse_values if query.sparse_values is not None else [], dtype=np.float32)
-            width = int(max(ind.max(initial=-1), qi.max(initial=-1)) + 1)
-            docs = sp.csr_matrix((val, ind, indptr), shape=(len(got), width))
-            qvec = np.zeros(width, dtype=np.float32)
-            np.add.at(qvec, qi, qv)
-            out["sparse"][present] = docs @ qvec
-        if "colbert" in modes:
-            mats = [r["colbert"] for r in got]
-            offs = np.concatenate([[0], np.cumsum([len(m) for m in mats])]).astype(np.int64)
-            q = np.asarray(query.colbert, dtype=np.float32)
-            out["colbert"][present] = colbert_scores(q, np.array([0, len(q)]), np.concatenate(mats), offs)[0]
-        return out
+        rows = self._fetch(list(ids), tuple(modes), payload=False) if len(ids) and len(modes) else [None] * len(ids)
+        return score_records([None if r is None else self._record(r) for r in rows], query, modes)

@@ -56,6 +56,15 @@ deleted by a second write; a crash before it leaves them invisible, and the docu
 next delete removes them. Text points of the old version past the new chunk count are
 tombstoned alike (the head's ``chunks`` names the ones that count). So every write shows the
 old or the new document whole.
+
+Long writes (:meth:`QdrantEngine.upsert_long`: a document whose windows exceed one ingest
+piece, written with memory bounded by the piece). The old version is deleted first, then
+each piece's windows ``w >= 1`` are written as they are encoded, and window 0 last. Until
+then no window-0 point exists: count and get do not see the document, and a window that a
+vector query returns belongs to no stored document (the Collection drops it, as it drops a
+concurrently deleted one). A crash leaves the document absent (not old, never a mix); the
+Collection records the document being written in its manifest and removes its stray windows
+before its next write (the manifest's window count is raised before each piece).
 """
 
 from __future__ import annotations
@@ -63,7 +72,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -266,10 +275,11 @@ class QdrantEngine(Engine):
         return {"m": [meta], "meta": json.dumps(meta)} if head else {"m": [meta]}
 
     def _points(
-        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int]]
+        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int]], first: int = 0
     ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
         """Window (part and text) points of ``batch``, tombstones over every old point past the
-        new layout, their approximate JSON sizes, and the tombstones' ids."""
+        new layout, their approximate JSON sizes, and the tombstones' ids. ``first``: the window
+        number of the batch's first window (a piece of a long document, :meth:`upsert_long`)."""
         sparse = batch.sparse.tocsr()
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
@@ -284,10 +294,10 @@ class QdrantEngine(Engine):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
             parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
             text, chunks = batch.texts[i], 0
-            if self.layout >= 3 and len(text) > TEXT_CHUNK:
+            if self.layout >= 3 and len(text) > TEXT_CHUNK and first == 0:  # text points go with the head's piece
                 chunks = -(-len(text) // TEXT_CHUNK)
             for w in range(n):
-                j = wo[i] + w
+                j, g = wo[i] + w, first + w
                 if co[j + 1] == co[j]:
                     raise ValueError(f"document {doc_id!r} has a window without ColBERT vectors")
                 tokens = colbert[co[j] : co[j + 1]]
@@ -296,7 +306,7 @@ class QdrantEngine(Engine):
                     "sparse": (sparse.indices[ip[j] : ip[j + 1]], sparse.data[ip[j] : ip[j + 1]].astype(np.float32)),
                     "colbert": tokens if parts[w] == 1 else tokens[:per],
                 }
-                if w == 0:
+                if g == 0:
                     payload = {"id": doc_id, **self._meta(meta, True)}
                     payload.update({"chunks": chunks} if chunks else {"text": text})
                     if n > 1:
@@ -304,15 +314,15 @@ class QdrantEngine(Engine):
                     if max(parts) > 1:
                         payload["parts"] = parts
                 else:
-                    payload = {"id": doc_id, **self._meta(meta, False), "window": w}
-                points.append((window_uuid(doc_id, w), vec, payload))
+                    payload = {"id": doc_id, **self._meta(meta, False), "window": g}
+                points.append((window_uuid(doc_id, g), vec, payload))
                 n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
-                text_bytes = len(text.encode("utf-8")) * 2 if w == 0 and not chunks else 0
+                text_bytes = len(text.encode("utf-8")) * 2 if g == 0 and not chunks else 0
                 sizes.append(14 * int(n_floats) + text_bytes + 512)
                 for p in range(1, parts[w]):
                     chunk = tokens[p * per : (p + 1) * per]
-                    part = {"id": doc_id, **self._meta(meta, False), "window": w, "part": p}
-                    points.append((part_uuid(doc_id, w, p), {"colbert": chunk}, part))
+                    part = {"id": doc_id, **self._meta(meta, False), "window": g, "part": p}
+                    points.append((part_uuid(doc_id, g, p), {"colbert": chunk}, part))
                     sizes.append(14 * chunk.size + 512)
             for c in range(chunks):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
@@ -344,6 +354,42 @@ class QdrantEngine(Engine):
             self._write(points, sizes)  # old or new documents whole
         if tombs:
             self._delete_points(tombs)  # a crash before this leaves invisible tombstones
+
+    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+        """Long Writes (module docstring): the old version is deleted, each piece's windows
+        written as it comes, window 0 (the head: text, metadata, every window's span and parts) last."""
+        head, spans, parts, done = None, [], [], 0
+        for piece in pieces:
+            piece.validate(self.schema)
+            if not piece.has_vectors or len(piece) != 1:
+                raise ValueError("upsert_long takes one-document pieces with vectors")
+            if head is None:
+                self.delete(piece.ids)  # the old version, or windows of a write a crash interrupted
+            self.max_windows = max(self.max_windows, done + self.stored_units(piece))
+            points, sizes, _ = self._points(piece, {}, first=len(spans))
+            co = piece.colbert_offsets
+            parts += [self._n_parts(int(co[j + 1] - co[j])) for j in range(len(co) - 1)]
+            spans += piece.doc_spans(0)
+            done += self.stored_units(piece)
+            if head is None:
+                head, points, sizes = (points[0], sizes[0]), points[1:], sizes[1:]
+            limit, start, acc = getattr(self, "max_request_bytes", None) or sum(sizes), 0, 0
+            for j in range(len(points) + 1):  # requests cut between windows: none is visible yet
+                if j == len(points) or (j > start and "part" not in points[j][2] and acc + sizes[j] > limit):
+                    if j > start:
+                        self._write(points[start:j], sizes[start:j])
+                    start, acc = j, 0
+                if j < len(points):
+                    acc += sizes[j]
+        if head is None:
+            raise ValueError("upsert_long needs at least one piece")
+        (uid, vec, payload), size = head
+        if len(spans) > 1:
+            payload.update(windows=len(spans), spans=spans)
+        payload.pop("parts", None)
+        if max(parts) > 1:
+            payload["parts"] = parts
+        self._write([(uid, vec, payload)], [size + 16 * len(spans)])  # the document appears whole
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         if len(ids) != len(metadata):
