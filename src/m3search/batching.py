@@ -532,6 +532,8 @@ def concat_windows(parts: Sequence[WindowedEmbeddings]) -> WindowedEmbeddings:
         np.concatenate([p.doc for p in parts]),
         np.concatenate([p.spans for p in parts]),
         sum(p.cut for p in parts),
+        None if parts[0].index is None else np.concatenate([p.index for p in parts]),
+        parts[0].count,  # per text of the whole call, the same array in every piece
     )
 
 
