@@ -22,15 +22,13 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from test_batching import WINDOWS, SlowEncoder  # noqa: E402
 
-from m3search.server import Resources, Settings, create_app  # noqa: E402
+from m3search.server import Resources, Settings, _bind, create_app  # noqa: E402
 
 
 @contextmanager
 def serving(resources: Resources, **settings):
     app = create_app(Settings(**settings), resources=resources)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock = _bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -50,6 +48,41 @@ def _error(r, status: int) -> dict:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
     return body["error"]
+
+
+def _accepted_nodelay(listener: socket.socket) -> int:
+    """TCP_NODELAY of the connection asyncio accepts on ``listener`` (as uvicorn serves it)."""
+    import asyncio
+
+    async def main() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        port = listener.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    return asyncio.run(main())
+
+
+def test_served_connections_do_not_wait_for_delayed_acks():
+    """Nagle's algorithm off on every accepted connection: uvicorn writes a response's headers
+    and body separately, and with Nagle on the body waits for the client's delayed ACK (+40 ms
+    on every small response, measured: /health 44 ms -> 1.6 ms, /v1/embeddings 64 -> 22 ms)."""
+    plain = socket.socket()  # what the server used to bind: proto 0, so asyncio left Nagle on
+    plain.bind(("127.0.0.1", 0))
+    plain.listen(8)
+    assert _accepted_nodelay(plain) == 0
+    assert _accepted_nodelay(_bind("127.0.0.1", 0)) != 0
 
 
 def test_concurrent_clients_are_batched_and_get_their_own_rows(tiny_encoder):
