@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from m3search import M3Encoder, ModelLoadError, TruncationWarning
+from m3search.encoder import FORWARD_TOKENS
 from m3search.scoring import (
     colbert_score,
     colbert_scores,
@@ -47,6 +48,46 @@ def test_shapes_and_offsets(tiny_encoder, embedded):
     assert np.array_equal(np.diff(embedded.colbert_offsets), embedded.n_tokens - 1)
     assert np.allclose(np.linalg.norm(embedded.colbert, axis=1), 1, atol=1e-5)
     assert embedded.truncated == 0
+
+
+def _plan_cost(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    return sum(FORWARD_TOKENS + len(b) * int(lengths[b].max()) for b in batches)
+
+
+def test_batch_plan_is_the_cheapest_within_the_budget(tiny_encoder):
+    """Every text once, each batch within the token budget, and no cheaper split of the sorted
+    lengths exists (brute force over every cut of small random inputs)."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(1, 9))
+        lengths = rng.integers(1, 600, n)
+        budget = int(rng.integers(600, 3000))
+        tiny_encoder.token_budget, saved = budget, tiny_encoder.token_budget
+        try:
+            batches = tiny_encoder.plan_batches(lengths)
+        finally:
+            tiny_encoder.token_budget = saved
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+        assert all(len(b) * lengths[b].max() <= budget or len(b) == 1 for b in batches)
+        order = np.argsort(-lengths, kind="stable")
+        best = min(
+            _plan_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
+            for r in range(n)
+            for cuts in combinations(range(1, n), r)
+            if all((b - a) * lengths[order[a]] <= budget or b - a == 1 for a, b in zip((0, *cuts), (*cuts, n)))
+        )
+        assert _plan_cost(lengths, batches) == best
+
+
+def test_batch_plan_does_not_pad_short_texts_to_a_long_one(tiny_encoder):
+    """One 480-token passage and fifteen of 100 tokens: filling the budget would pad all sixteen to
+    480 (7,680 tokens for 1,980 real ones); the plan encodes the long one apart."""
+    lengths = np.array([100] * 7 + [480] + [100] * 8)
+    batches = tiny_encoder.plan_batches(lengths)
+    assert [len(b) for b in batches] == [1, 15] and batches[0].tolist() == [7]
+    assert [len(b) for b in tiny_encoder.plan_batches(np.full(16, 20))] == [16]  # short queries: one pass
 
 
 def test_batching_restores_input_order(tiny_encoder, embedded):

@@ -299,6 +299,12 @@ def model_identity(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+#: What one more forward pass costs, in padded tokens (the batch planner's exchange rate):
+#: proxy model, bf16, 2 cores: a query alone 27 ms of CPU vs 9.8 ms in a batch of 32 (~17 ms
+#: a pass), one padded token ~0.29 ms (passages of ~190 tokens batched: 55 ms each).
+FORWARD_TOKENS = 64
+
+
 class M3Encoder:
     """BGE-M3 encoder: dense, lexical and ColBERT outputs from one forward pass.
 
@@ -443,20 +449,38 @@ class M3Encoder:
         return [e.ids for e in encodings], truncated
 
     def plan_batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
-        """Length-sorted batches whose padded size stays within the token budget.
+        """Length-sorted batches whose padded size stays within the token budget, cut where
+        padding would cost more than another forward pass.
 
-        Longest first, so the first batch shows the peak memory at once. ``batch_size``
-        additionally caps the number of texts per batch.
+        Why not just fill each batch to the budget: a batch is padded to its longest text, so
+        a batch of mixed passages (cranfield: 50-480 tokens) computes ~2x its real tokens, and
+        measured on the proxy model 16 such passages in one batch cost 144 ms CPU each against
+        72 ms one by one. The cut points minimise (padded tokens + ``FORWARD_TOKENS`` per
+        batch) by dynamic programming over the sorted lengths (exact, one vectorised step
+        per text). Longest first, so the first batch shows the peak memory at once.
+        ``batch_size`` additionally caps the number of texts per batch.
         """
+        lengths = np.asarray(lengths, dtype=np.int64)
         order = np.argsort(-lengths, kind="stable")
-        batches, start, n = [], 0, len(order)
-        cap = batch_size or n
-        while start < n:
-            longest = int(lengths[order[start]])
-            size = max(1, min(cap, self.token_budget // max(longest, 1), n - start))
-            batches.append(order[start : start + size])
-            start += size
-        return batches
+        n = len(order)
+        if n == 0:
+            return []
+        width = np.maximum(lengths[order], 1)
+        cap = np.minimum(np.maximum(self.token_budget // width, 1), batch_size or n)
+        best = np.full(n + 1, np.inf)  # best[j]: least cost of batching the first j texts
+        best[0] = 0.0
+        cut = np.zeros(n + 1, np.int64)  # cut[j]: where the last batch of that plan starts
+        for i in range(n):  # batches [i, i + m): padded to width[i], the longest of them
+            m = int(min(cap[i], n - i))
+            cost = best[i] + FORWARD_TOKENS + width[i] * np.arange(1, m + 1)
+            better = cost < best[i + 1 : i + m + 1]
+            best[i + 1 : i + m + 1][better] = cost[better]
+            cut[i + 1 : i + m + 1][better] = i
+        ends = [n]
+        while ends[-1] > 0:
+            ends.append(int(cut[ends[-1]]))
+        ends.reverse()
+        return [order[a:b] for a, b in zip(ends[:-1], ends[1:])]
 
     # ---------------------------------------------------------------- encoding
     def encode(
