@@ -319,6 +319,27 @@ def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_mod
     assert 0.0 <= results["modes"]["dense"]["ndcg@10"] <= 1.0
 
 
+def test_dense_only_output_is_not_taken_for_its_base(tmp_path, tiny_model_path):
+    """Dense-only training leaves both heads as they were; the output must still have its own identity
+    (eval's index cache, manifests), and the held-out "after" must be measured with the tuned documents."""
+    from m3search import M3Encoder
+    from m3search.finetune import WEIGHTS_KEY, _heldout_metrics
+
+    folder = _beir(tmp_path / "beir")
+    report = _run(tmp_path, tiny_model_path, folder, holdout=0.5, modes="dense", lr=1e-3, epochs=3)
+    out = tmp_path / "out"
+    for head in ("sparse_linear.pt", "colbert_linear.pt"):
+        a, b = (torch.load(f / head, weights_only=True) for f in (out, tiny_model_path))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert len(json.loads((out / "config.json").read_text())[WEIGHTS_KEY]) == 64
+    tuned = M3Encoder.from_pretrained(str(out), device="cpu", dtype="float32")
+    assert tuned.identity != M3Encoder.from_pretrained(str(tiny_model_path), device="cpu").identity
+    split = read_beir_examples(folder, holdout=0.5)
+    fresh = _heldout_metrics(split.heldout, tuned, tmp_path / "fresh-cache", progress=False)
+    assert report["heldout_after"] == fresh
+    assert fresh["dense"] != report["heldout_before"]["dense"]  # training changed the ranking: a real check
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, monkeypatch):
     """Killed in step 3 of 4 (epoch 2; checkpoint every step): the rerun continues and ends where one run ends."""
     from safetensors.torch import load_file

@@ -799,10 +799,22 @@ def finetune(
     return report
 
 
+#: config.json key holding the sha256 of the exported transformer weights. Why: a model's identity (eval's index
+#: cache, collection manifests) hashes config, heads and tokenizer but not the transformer body, so a dense-only
+#: fine-tune (heads untouched) would otherwise pass for its base model and reuse the base model's indexes.
+WEIGHTS_KEY = "m3search_weights_sha256"
+
+
 def export_model(net: Any, base_folder: Path, folder: Path) -> Path:
     """Write ``net`` in bge-m3's layout: config.json + model.safetensors, both heads, the tokenizer files."""
+    import hashlib
+
     folder.mkdir(parents=True)
     net.model.save_pretrained(str(folder), safe_serialization=True)
+    with open(folder / "model.safetensors", "rb") as fh:
+        weights_sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, WEIGHTS_KEY: weights_sha256}, indent=2) + "\n")
     torch.save({k: v.detach().cpu() for k, v in net.colbert_linear.state_dict().items()}, folder / "colbert_linear.pt")
     torch.save({k: v.detach().cpu() for k, v in net.sparse_linear.state_dict().items()}, folder / "sparse_linear.pt")
     for name in _COPIED_FILES:
