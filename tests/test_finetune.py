@@ -263,7 +263,7 @@ def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["steps"] == report["steps"] == 6 and len(saved["epochs"]) == 2
     assert {"mean", "max", "nonzero"} <= set(saved["epochs"][0]["sparse_weights"])
-    assert saved["epochs"][0]["peak_memory_mib"] > 0
+    assert saved["epochs"][0]["peak_memory_mib"] > 0 and saved["epochs"][0]["cpu_seconds"] > 0
     assert not (tmp_path / "out.partial").exists()
 
     base = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32")
