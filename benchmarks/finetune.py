@@ -120,7 +120,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             message = json.loads(proc.stdout)["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            message = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            message = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a rerun starts over, not resumes
         return {**base, "failed": message}
     report = {**json.loads(proc.stdout), **base}
@@ -148,7 +148,7 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "half of the judged queries not trained on (`--holdout 0.5`, seed 0, split by query id).",
         "",
         f"Run: `PYTHONPATH=src nice -n 5 python benchmarks/finetune.py {meta['argv']}`; raw reports in "
-        "`benchmarks/raw/finetune/`. The command of each case:",
+        f"`{meta['raw']}`. The command of each case:",
         "",
         *[f"* {r['case']}: `{r['command']}`" for r in reports],
         "",
@@ -173,7 +173,11 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         m = r.get("measured", {})
         head = f"| {r['case']} | {m.get('start', '?')} | {m.get('load_start', '?')} -> {m.get('load_end', '?')} |"
         if "timed_out" in r or "failed" in r:
-            why = f"timed out after {r['timed_out']} s" if "timed_out" in r else f"failed: {r['failed']}"
+            why = (
+                f"timed out after {r['timed_out']} s"
+                if "timed_out" in r
+                else "failed: " + r["failed"].replace("|", "/")
+            )
             lines.append(f"{head} {why} (no result) | | | | | | | |")
             continue
         e, ends = r["epochs"][-1], r["loss_ends"]
@@ -231,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         fields = dict(line.split(":", 1) for line in cpu.splitlines() if ":" in line)
         model = fields.get("Model name", "?").strip()
         meta = {"cpu": f"{model}, {fields.get('CPU(s)', '?').strip()} CPUs (`lscpu`)", **settings}
+    meta["raw"] = str(raw.resolve().relative_to(REPO)) if raw.resolve().is_relative_to(REPO) else str(raw)
     meta["argv"] = shlex.join(sys.argv[1:] if argv is None else argv) if not args.report_from else meta.get("argv")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     reports = []
