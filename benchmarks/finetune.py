@@ -81,24 +81,31 @@ def shared_positives(corpus: str, queries: str | None) -> float:
     return sum(any(s > 0 and d in trained for d, s in rel.items()) for rel in held.values()) / len(held)
 
 
-def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One ``m3search finetune`` process; a case that runs past ``--timeout`` is reported as such."""
+def case_command(name: str, args: argparse.Namespace) -> tuple[list[str], Path]:
+    """The ``m3search finetune`` command line of one case and its output folder."""
     corpus, queries = CASES[name]
     work = Path(args.work)
     out = work / f"model-{_slug(name)}"
-    shutil.rmtree(out, ignore_errors=True)  # this script's own earlier output (a killed run's .partial resumes)
     cmd = [sys.executable, "-m", "m3search.cli", "finetune", str(SHARED / "data" / corpus), "--model", args.model]
     cmd += ["--out", str(out), "--holdout", "0.5", "--epochs", "1", "--lr", str(args.lr), "--json"]
-    cmd += [
-        "--negatives",
-        str(args.negatives),
-        "--batch-size",
-        str(args.batch_size),
-        "--cache-dir",
-        str(work / "cache"),
-    ]
-    if queries:
-        cmd += ["--queries", str(SHARED / "data" / queries)]
+    cmd += ["--negatives", str(args.negatives), "--batch-size", str(args.batch_size)]
+    cmd += ["--cache-dir", str(work / "cache")] + (["--queries", str(SHARED / "data" / queries)] if queries else [])
+    return cmd, out
+
+
+def finish(name: str, report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Add what the table needs beyond the CLI's report: loss-curve ends and the shared-positive share."""
+    totals = [h["total"] for h in json.loads((out / "report.json").read_text())["history"]]
+    n = min(LOSS_WINDOW, len(totals))
+    report["loss_ends"] = {"steps": n, "first": sum(totals[:n]) / n, "last": sum(totals[-n:]) / n}
+    report["heldout_positive_trained_share"] = shared_positives(*CASES[name])
+    return report
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``m3search finetune`` process; a case that runs past ``--timeout`` is reported as such."""
+    cmd, out = case_command(name, args)
+    shutil.rmtree(out, ignore_errors=True)  # this script's own earlier output (a killed run's .partial resumes)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     measured: dict[str, Any] = {"start": _now(), "load_start": round(os.getloadavg()[0], 1)}
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -123,12 +130,21 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
             message = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a rerun starts over, not resumes
         return {**base, "failed": message}
-    report = {**json.loads(proc.stdout), **base}
-    totals = [h["total"] for h in json.loads((out / "report.json").read_text())["history"]]
-    n = min(LOSS_WINDOW, len(totals))
-    report["loss_ends"] = {"steps": n, "first": sum(totals[:n]) / n, "last": sum(totals[-n:]) / n}
-    report["heldout_positive_trained_share"] = shared_positives(corpus, queries)
-    return report
+    return finish(name, {**json.loads(proc.stdout), **base}, out)
+
+
+def adopt_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A case whose finetune process finished but was not collected by this script (its driver was stopped so
+    that ``--timeout`` would not kill a run slowed by other jobs): the report from the model folder, start time
+    derived from it; the whole command's CPU seconds and load average were not recorded."""
+    cmd, out = case_command(name, args)
+    report = {k: v for k, v in json.loads((out / "report.json").read_text()).items() if k != "history"}
+    start = _dt.datetime.fromtimestamp(
+        (out / "report.json").stat().st_mtime - report["total_seconds"], _dt.timezone.utc
+    )
+    measured = {"start": start.strftime("%Y-%m-%d %H:%M UTC"), "wall_seconds": report["total_seconds"], "adopted": True}
+    base = {"case": name, "command": shlex.join(["m3search", *cmd[3:]]), "measured": measured, "out": str(out)}
+    return finish(name, {**report, **base}, out)
 
 
 def _arrow(a: float, b: float, fmt: str) -> str:
@@ -183,7 +199,7 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         e, ends = r["epochs"][-1], r["loss_ends"]
         lines.append(
             f"{head} {r['steps']} | {r['queries_per_batch']} | {e['seconds']:.0f} | {e.get('cpu_seconds', '?')} | "
-            f"{e['peak_memory_mib']:.0f} | {r['mining_seconds']:.0f} | {m['wall_seconds']:.0f} ({m['cpu_seconds']:.0f}) "
+            f"{e['peak_memory_mib']:.0f} | {r['mining_seconds']:.0f} | {m['wall_seconds']:.0f} ({m.get('cpu_seconds', '?')}) "
             f"| {_arrow(ends['first'], ends['last'], '.3f')} ({ends['steps']} steps each) |"
         )
     lines += [
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-from", default=None, help="a --raw folder of an earlier run: report only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--rerun", action="store_true", help="measure cases whose report is already in --raw")
+    parser.add_argument("--adopt", action="store_true", help="collect finished model folders in --work, no runs")
     args = parser.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(names) - set(CASES))
@@ -241,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     reports = []
     for name in names:
         path = raw / f"{_slug(name)}.json"
-        if not args.report_from and (args.rerun or not path.is_file()):
+        if args.adopt:
+            if (Path(args.work) / f"model-{_slug(name)}" / "report.json").is_file():
+                path.write_text(json.dumps(adopt_case(name, args), indent=2) + "\n")
+        elif not args.report_from and (args.rerun or not path.is_file()):
             print(f"[finetune] {name} ... ({_now()})", file=sys.stderr, flush=True)
             path.write_text(json.dumps(run_case(name, args), indent=2) + "\n")
         if path.is_file():
