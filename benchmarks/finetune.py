@@ -200,7 +200,7 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"{head} {r['steps']} | {r['queries_per_batch']} | {e['seconds']:.0f} | {e.get('cpu_seconds', '?')} | "
             f"{e['peak_memory_mib']:.0f} | {r['mining_seconds']:.0f} | {m['wall_seconds']:.0f} ({m.get('cpu_seconds', '?')}) "
-            f"| {_arrow(ends['first'], ends['last'], '.3f')} ({ends['steps']} steps each) |"
+            f"| {_arrow(ends['first'], ends['last'], '.3f')} ({ends['steps']} step{'s' * (ends['steps'] > 1)} each) |"
         )
     lines += [
         "",
