@@ -263,7 +263,7 @@ def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["steps"] == report["steps"] == 6 and len(saved["epochs"]) == 2
     assert {"mean", "max", "nonzero"} <= set(saved["epochs"][0]["sparse_weights"])
-    assert saved["epochs"][0]["peak_memory_mib"] > 0
+    assert saved["epochs"][0]["peak_memory_mib"] > 0 and saved["epochs"][0]["cpu_seconds"] > 0
     assert not (tmp_path / "out.partial").exists()
 
     base = M3Encoder.from_pretrained(str(tiny_model_path), device="cpu", dtype="float32")
@@ -317,6 +317,27 @@ def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_mod
         folder, model=str(tmp_path / "out"), modes=["dense"], cache_dir=tmp_path / "cache", progress=False
     )
     assert 0.0 <= results["modes"]["dense"]["ndcg@10"] <= 1.0
+
+
+def test_dense_only_output_is_not_taken_for_its_base(tmp_path, tiny_model_path):
+    """Dense-only training leaves both heads as they were; the output must still have its own identity
+    (eval's index cache, manifests), and the held-out "after" must be measured with the tuned documents."""
+    from m3search import M3Encoder
+    from m3search.finetune import WEIGHTS_KEY, _heldout_metrics
+
+    folder = _beir(tmp_path / "beir")
+    report = _run(tmp_path, tiny_model_path, folder, holdout=0.5, modes="dense", lr=1e-3, epochs=3)
+    out = tmp_path / "out"
+    for head in ("sparse_linear.pt", "colbert_linear.pt"):
+        a, b = (torch.load(f / head, weights_only=True) for f in (out, tiny_model_path))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert len(json.loads((out / "config.json").read_text())[WEIGHTS_KEY]) == 64
+    tuned = M3Encoder.from_pretrained(str(out), device="cpu", dtype="float32")
+    assert tuned.identity != M3Encoder.from_pretrained(str(tiny_model_path), device="cpu").identity
+    split = read_beir_examples(folder, holdout=0.5)
+    fresh = _heldout_metrics(split.heldout, tuned, tmp_path / "fresh-cache", progress=False)
+    assert report["heldout_after"] == fresh
+    assert fresh["dense"] != report["heldout_before"]["dense"]  # training changed the ranking: a real check
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, monkeypatch):

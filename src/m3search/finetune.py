@@ -664,7 +664,7 @@ def finetune(
     )
 
     fingerprint = {"config": asdict(cfg), "base": report["base_identity"], "data": report["data"]}
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "history": [], "epochs": [], "seconds": 0.0}
+    state: dict[str, Any] = dict(step=0, epoch=0, batch=0, history=[], epochs=[], seconds=0.0, cpu_seconds=0.0)
     checkpoint = work / "checkpoint.pt"
     if checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
@@ -677,7 +677,7 @@ def finetune(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
+        state = {"cpu_seconds": 0.0, **saved["state"]}  # (a checkpoint written before cpu_seconds)
         report["resumed_at_step"] = state["step"]
     work.mkdir(exist_ok=True)
 
@@ -704,7 +704,7 @@ def finetune(
         batches = _epoch_batches(plan, negatives, batch_size, budget, seed, epoch)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(
             total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
             file=sys.stderr, disable=None if progress else True,
@@ -737,11 +737,13 @@ def finetune(
                 bar.set_postfix(loss=f"{values['total']:.4f}")
                 if checkpoint_every and state["step"] % checkpoint_every == 0:
                     state["seconds"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
+                    state["cpu_seconds"] += time.process_time() - c0
+                    t0, c0 = time.perf_counter(), time.process_time()
                     save_checkpoint()
         finally:
             bar.close()
         state["seconds"] += time.perf_counter() - t0
+        state["cpu_seconds"] += time.process_time() - c0
         done = state["batch"]
         stats = _sparse_stats(net, trainee, probe, autocast)
         state["epochs"].append(
@@ -749,12 +751,13 @@ def finetune(
                 "epoch": epoch + 1,
                 "steps": done,
                 "seconds": round(state["seconds"], 2),
+                "cpu_seconds": round(state["cpu_seconds"], 2),  # all threads: the cost on a shared machine
                 "peak_memory_mib": round(_peak_memory_mib(dev), 1),
                 "mean_loss": {k: v / max(1, done) for k, v in sums.items()},
                 "sparse_weights": stats,
             }
         )
-        state.update(epoch=epoch + 1, batch=0, seconds=0.0)
+        state.update(epoch=epoch + 1, batch=0, seconds=0.0, cpu_seconds=0.0)
         if "sparse" in cfg.modes and _collapsed(stats, state["sparse_before"]):
             before = state["sparse_before"]
             raise SparseCollapseError(
@@ -799,10 +802,22 @@ def finetune(
     return report
 
 
+#: config.json key holding the sha256 of the exported transformer weights. Why: a model's identity (eval's index
+#: cache, collection manifests) hashes config, heads and tokenizer but not the transformer body, so a dense-only
+#: fine-tune (heads untouched) would otherwise pass for its base model and reuse the base model's indexes.
+WEIGHTS_KEY = "m3search_weights_sha256"
+
+
 def export_model(net: Any, base_folder: Path, folder: Path) -> Path:
     """Write ``net`` in bge-m3's layout: config.json + model.safetensors, both heads, the tokenizer files."""
+    import hashlib
+
     folder.mkdir(parents=True)
     net.model.save_pretrained(str(folder), safe_serialization=True)
+    with open(folder / "model.safetensors", "rb") as fh:
+        weights_sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, WEIGHTS_KEY: weights_sha256}, indent=2) + "\n")
     torch.save({k: v.detach().cpu() for k, v in net.colbert_linear.state_dict().items()}, folder / "colbert_linear.pt")
     torch.save({k: v.detach().cpu() for k, v in net.sparse_linear.state_dict().items()}, folder / "sparse_linear.pt")
     for name in _COPIED_FILES:
