@@ -1,5 +1,4 @@
-"""Documents of several windows, on every engine that stores them (Qdrant Edge, qdrant-client
-local mode); Milvus refuses them clearly.
+"""Documents of several windows, on every engine: Qdrant Edge, qdrant-client local mode, Milvus Lite.
 
 The corpus holds documents of 1, 2 and 3 windows of 16 tokens (stride 12) of the tiny
 model. A document's score in each mode must be the maximum of the oracle scores of its
@@ -25,7 +24,7 @@ from m3search.engines.base import MODES
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
-ENGINES = ["qdrant-edge", "qdrant-local"]
+ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
 WINDOW, STRIDE = 16, 12
 TOL = 1e-4
 
@@ -81,14 +80,29 @@ def create(engine, folder, encoder, **settings):
 
 
 def raw_points(col) -> int:
-    """Every stored point (windows and tombstones alike)."""
-    return col.engine._count(None, docs_only=False)
+    """Every stored point, or Milvus row (windows and tombstones alike)."""
+    eng = col.engine
+    if eng.name == "milvus":
+        return int(eng.client.query(eng.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+    return eng._count(None, docs_only=False)
 
 
 def vector_points(col, doc_id: str) -> int:
-    """Points of ``doc_id`` that a vector query can return (an exact scan over everything)."""
+    """Points (Milvus: rows) of ``doc_id`` that a vector query can return (an exact scan over everything)."""
     probe = np.ones(col.schema.dense_dim, np.float32)
-    hits = col.engine._nearest("dense", [probe], 10_000, None, True)[0]
+    eng = col.engine
+    if eng.name == "milvus":  # the engine's own search restriction, without its grouping by document
+        hits = eng.client.search(
+            eng.collection,
+            data=[probe],
+            anns_field="dense",
+            limit=10_000,
+            filter=eng._where("", "live"),
+            output_fields=["doc_id"],
+            search_params={"metric_type": "IP"},
+        )[0]
+        return sum(1 for h in hits if h["entity"]["doc_id"] == doc_id)
+    hits = eng._nearest("dense", [probe], 10_000, None, True)[0]
     return sum(1 for p in hits if p.payload["id"] == doc_id)
 
 
@@ -256,12 +270,13 @@ def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
         assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
 
 
-def test_milvus_stores_one_window(tmp_path, tiny_encoder):
-    loc = location("milvus-lite", tmp_path)
-    with pytest.raises(ValueError, match="one window per document: max_windows must be 1"):
-        Collection.create(loc, model=tiny_encoder, max_windows=3)
-    with Collection.create(loc, model=tiny_encoder) as col:
-        assert col.settings["max_windows"] == 1
+def test_milvus_takes_window_settings(tmp_path, tiny_encoder):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Collection.create(location("milvus-lite", tmp_path / "a"), model=tiny_encoder) as col:
+        assert (col.settings["window"], col.settings["max_windows"]) == (512, None)
+    with Collection.create(location("milvus-lite", tmp_path / "b"), model=tiny_encoder, max_windows=3) as col:
+        assert col.settings["max_windows"] == 3
 
 
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
@@ -536,21 +551,29 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
     col = create(engine, tmp_path, tiny_encoder)
     try:
         col.add([texts[10]], ids=["y"])
-        real = col.engine._write
+        eng = col.engine
+        hook = "upsert" if eng.name == "milvus" else "_write"
+        target = eng.client if eng.name == "milvus" else eng
+        real = getattr(target, hook)
 
-        def crash(points, sizes):
-            if any(p[2].get("window", 0) == 0 and "part" not in p[2] and p[2]["id"] == "x" for p in points):
+        def is_head(p):  # x's window 0: a Qdrant point (uuid, vectors, payload) or a Milvus row
+            if isinstance(p, dict):
+                return p.get("doc_id") == "x" and p.get("win") == 0
+            return p[2].get("window", 0) == 0 and "part" not in p[2] and p[2]["id"] == "x"
+
+        def crash(*a, **kw):
+            if any(is_head(p) for p in a[1 if eng.name == "milvus" else 0]):
                 raise KeyboardInterrupt("killed")
-            real(points, sizes)
+            return real(*a, **kw)
 
-        monkeypatch.setattr(col.engine, "_write", crash)
+        monkeypatch.setattr(target, hook, crash)
         with pytest.raises(KeyboardInterrupt):
             col.add([texts[20]], ids=["x"])
         assert vector_points(col, "x") == 2  # windows 1 and 2 were written
         assert col.count() == 1 and col.get("x") == [None] and col.engine.existing(["x"]) == set()
         for mode in ("dense", "sparse", "colbert", "all"):
             assert all(h.id == "y" for h in col.search(texts[20], k=5, mode=mode, exact=True))
-        monkeypatch.setattr(col.engine, "_write", real)
+        monkeypatch.setattr(target, hook, real)
         assert col.manifest["pending"] == ["x"]
         col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
         assert vector_points(col, "x") == 1 and raw_points(col) == 3 and col.count() == 2
