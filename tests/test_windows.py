@@ -37,6 +37,7 @@ def location(engine: str, folder) -> str:
         return f"qdrant+local://{folder}/store/col"
     pytest.importorskip("pymilvus")
     pytest.importorskip("milvus_lite")
+    folder.mkdir(parents=True, exist_ok=True)  # a Milvus Lite file's folder must exist
     return str(folder / "col.db")
 
 
@@ -113,6 +114,7 @@ def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpu
     try:
         col.add(texts, ids=ids, metadata=meta, batch_size=7)
         counts = np.bincount(win.doc)
+        assert col.settings["max_windows"] is None  # every window, on every engine
         assert col.count() == len(texts) and raw_points(col) == counts.sum()
         assert col.count({"even": True}) == 15
         assert col.engine.window_counts(ids).tolist() == counts.tolist()
@@ -270,13 +272,50 @@ def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
         assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
 
 
-def test_milvus_takes_window_settings(tmp_path, tiny_encoder):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with Collection.create(location("milvus-lite", tmp_path / "a"), model=tiny_encoder) as col:
-        assert (col.settings["window"], col.settings["max_windows"]) == (512, None)
-    with Collection.create(location("milvus-lite", tmp_path / "b"), model=tiny_encoder, max_windows=3) as col:
-        assert col.settings["max_windows"] == 3
+def test_milvus_rewrite_stopped_at_each_step_shows_one_version(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The Milvus write order (engines/milvus.py, "Writes"): a 3-window document rewritten as one
+    window, stopped before its rows request (the old version whole) and after it, before the
+    leftovers' removal (the new version whole: the tombstones are invisible to count, get and
+    search); the document's next delete removes them."""
+    texts = corpus[0]
+    three, one = texts[20], texts[0]
+    col = create("milvus-lite", tmp_path, tiny_encoder)
+    eng = col.engine
+    try:
+        col.add([three, texts[10]], ids=["x", "y"])
+        upsert, delete = eng.client.upsert, eng.client.delete
+
+        def no_rows(coll, *a, **kw):
+            if coll == eng.collection:
+                raise KeyboardInterrupt("killed before the rows request")
+            return upsert(coll, *a, **kw)
+
+        monkeypatch.setattr(eng.client, "upsert", no_rows)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([one], ids=["x"])
+        monkeypatch.setattr(eng.client, "upsert", upsert)
+        rec = col.get("x")[0]
+        assert (rec.text, rec.windows, vector_points(col, "x"), col.count()) == (three, 3, 3, 2)
+
+        def stop(*a, **kw):
+            raise KeyboardInterrupt("killed before the leftovers' removal")
+
+        monkeypatch.setattr(eng.client, "delete", stop)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([one], ids=["x"])
+        monkeypatch.setattr(eng.client, "delete", delete)
+        rec = col.get("x")[0]
+        assert (rec.text, rec.windows, vector_points(col, "x"), col.count()) == (one, 1, 1, 2)
+        assert raw_points(col) == 1 + 2 + 2  # x's window, y's two windows, two tombstones
+        assert [len(w) for w in eng.get_windows(["x", "y"])] == [1, 2]
+        want = tiny_encoder.encode([one], max_length=WINDOW)
+        q = tiny_encoder.encode([three], max_length=512)
+        hit = {h.id: h for h in col.search(three, k=5, mode="dense", exact=True)}["x"]
+        assert hit.score == pytest.approx(float(dense_scores(q.dense, want.dense)[0, 0]), abs=TOL)
+        col.delete(["x"])
+        assert raw_points(col) == 2 and col.count() == 1 and col.get("x") == [None]
+    finally:
+        col.close()
 
 
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
@@ -325,8 +364,22 @@ CHILD = textwrap.dedent(
 )
 
 
+def reopen(loc: str, deadline: float = 30.0) -> Collection:
+    """Open after a kill -9: Milvus Lite's server process lets the file go a moment after its owner died."""
+    from m3search.errors import CollectionInUseError
+
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return Collection.open(loc)
+        except CollectionInUseError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.heavy
-@pytest.mark.parametrize("engine", ["qdrant-edge"])
+@pytest.mark.parametrize("engine", ["qdrant-edge", "milvus-lite"])
 def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
     """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
     moments; the reopened document is one version whole (text, window count, window vectors)."""
@@ -362,7 +415,7 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
         time.sleep(float(rng.uniform(0.05, 0.6)))
         child.send_signal(signal.SIGKILL)
         child.wait()
-        with Collection.open(loc) as col:
+        with reopen(loc) as col:
             rec = col.get("x")[0]
             v = next(v for v in versions if v["text"] == rec.text)
             n = len(v["dense"])
