@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from m3search.collection import Collection
-from m3search.engines.base import MODES
+from m3search.engines.base import MODES, PointBatch
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
@@ -316,6 +316,49 @@ def test_milvus_rewrite_stopped_at_each_step_shows_one_version(tmp_path, tiny_en
         assert raw_points(col) == 2 and col.count() == 1 and col.get("x") == [None]
     finally:
         col.close()
+
+
+def test_milvus_collection_made_before_windows_keeps_its_layout(tmp_path, tiny_encoder, corpus):
+    """A Milvus collection written before windows (one row per document, no doc/win/spans fields, manifest
+    max_windows 1) opens, reads and writes as it is; a multi-window write is refused clearly."""
+    from pymilvus import DataType, MilvusClient
+
+    texts, ids, *_ = corpus
+    loc = location("milvus-lite", tmp_path)
+    with create("milvus-lite", tmp_path, tiny_encoder, max_windows=1) as col:
+        eng, dim = col.engine, col.schema.dense_dim
+        eng.client.drop_collection(eng.collection)  # the main collection as the previous version made it
+        old = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        old.add_field("pk", DataType.INT64, is_primary=True)
+        old.add_field("doc_id", DataType.VARCHAR, max_length=4096)
+        old.add_field("text", DataType.VARCHAR, max_length=65535)
+        for name in ("meta", "kinds"):
+            old.add_field(name, DataType.JSON)
+        old.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+        old.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        old.add_field("gen", DataType.INT64)
+        old.add_field("ntok", DataType.INT32)
+        idx = eng.client.prepare_index_params()
+        idx.add_index("dense", index_type="FLAT", metric_type="IP")
+        idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
+        eng.client.create_collection(eng.collection, schema=old, index_params=idx, consistency_level="Strong")
+    with Collection.open(loc, model=tiny_encoder) as col:
+        assert not col.engine.window_rows and col.settings["max_windows"] == 1
+        col.add(texts[18:23], ids=ids[18:23])  # long ones cut to one window, as before
+        col.upsert(texts[:2], ids=ids[19:21])
+        col.update_metadata(ids[20], {"tag": "t"})
+        col.delete(ids[22])
+        assert col.count() == 4 == raw_points(col) and col.count({"tag": "t"}) == 1
+        assert col.get(ids[19])[0].text == texts[0] and col.get(ids[19])[0].windows == 1
+        assert col.search(texts[1], k=1, mode="all", exact=True)[0].id == ids[20]
+        assert [len(w) for w in col.engine.get_windows(ids[18:23])] == [1, 1, 1, 1, 0]
+        win = tiny_encoder.encode_windows([texts[25]], window=WINDOW, stride=STRIDE)
+        e = win.embeddings
+        batch = PointBatch(["z"], [texts[25]], [{}], e.dense, e.sparse, e.colbert, e.colbert_offsets,
+                           np.array([0, len(e.dense)]), win.spans)  # fmt: skip
+        with pytest.raises(ValueError, match="created before documents could have several windows"):
+            col.engine.upsert(batch)
+        assert col.count() == 4
 
 
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
