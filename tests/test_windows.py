@@ -318,6 +318,41 @@ def test_milvus_rewrite_stopped_at_each_step_shows_one_version(tmp_path, tiny_en
         col.close()
 
 
+def test_milvus_texts_over_the_varchar_limit_are_stored_whole(tmp_path, tiny_encoder, corpus):
+    """A text over Milvus's 65,535-byte VARCHAR is kept in NAME_text rows (cut between characters) and
+    comes back whole from get, search and iter_batches; rewrites, metadata updates and deletes keep no
+    stale text row."""
+    from m3search import TruncationWarning
+    from m3search.engines.milvus import _text_parts
+
+    parts = _text_parts("aé😀b" * 10, limit=5)
+    assert "".join(parts) == "aé😀b" * 10 and max(len(t.encode()) for t in parts) <= 5
+    texts = corpus[0]
+    unit = " ".join(texts[20:23]) + " é😀 "
+    long = unit * (70_000 // len(unit.encode()) + 1)
+    assert len(long.encode()) > 65_535
+    with create("milvus-lite", tmp_path, tiny_encoder, max_windows=2) as col:
+        eng = col.engine
+
+        def text_rows() -> int:
+            return int(eng.client.query(eng.texts, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+        with pytest.warns(TruncationWarning):
+            col.add([long, texts[0]], ids=["long", "short"])
+        assert col.get("long")[0].text == long and text_rows() == 2
+        hit = col.search(texts[20], k=1, mode="all", exact=True)[0]
+        assert hit.id == "long" and hit.text == long and hit.window["end"] < 200  # one of its two windows
+        assert {t for b in eng.iter_batches(8) for t in b.texts} == {long, texts[0]}
+        col.update_metadata("long", {"a": 1})
+        assert col.get("long")[0].text == long and text_rows() == 2
+        col.upsert([texts[1]], ids=["long"])
+        assert col.get("long")[0].text == texts[1] and text_rows() == 0
+        with pytest.warns(TruncationWarning):
+            col.upsert([long], ids=["long"])
+        col.delete(["long"])
+        assert text_rows() == 0 and col.count() == 1
+
+
 def test_milvus_collection_made_before_windows_keeps_its_layout(tmp_path, tiny_encoder, corpus):
     """A Milvus collection written before windows (one row per document, no doc/win/spans fields, manifest
     max_windows 1) opens, reads and writes as it is; a multi-window write is refused clearly."""

@@ -7,7 +7,7 @@ real C++ Milvus engine (segcore, the same index code as the server) started as a
 subprocess per ``.db`` file; milvus-lite 3.x is a Python rewrite, so testing against it
 would not test Milvus. (milvus-lite 2.5 needs ``setuptools<80`` for ``pkg_resources``.)
 
-Layout. A collection ``NAME`` is three Milvus collections (Milvus Lite files hold one,
+Layout. A collection ``NAME`` is four Milvus collections (Milvus Lite files hold one,
 named ``m3search``):
 
 ``NAME`` (one row per WINDOW of a document: a document of ``n`` windows is ``n`` rows)
@@ -17,8 +17,9 @@ named ``m3search``):
     Milvus expression; ``doc`` INT64 (the head's ``pk``: every row of a document) and
     ``win`` INT32 (window number, -1 for a tombstone, below), both INVERTED-indexed;
     ``doc_id`` VARCHAR (the caller's id; a hash collision is detected on write and
-    refused); ``text`` VARCHAR (the whole text on the head, "" elsewhere; <= 65,535 UTF-8
-    bytes, Milvus's VARCHAR limit); ``spans`` JSON (on the head of a document of several
+    refused); ``text`` VARCHAR (the whole text on the head when it fits Milvus's VARCHAR
+    limit of 65,535 UTF-8 bytes, else "" and ``tparts`` INT32 says how many ``NAME_text``
+    rows hold it; "" on other windows); ``spans`` JSON (on the head of a document of several
     windows: every window's character ``[start, end)``; else ``[]``); ``meta`` JSON (the
     metadata, on EVERY window: filters run inside the vector queries); ``kinds`` JSON (the
     type of every metadata path, used by filters, below); ``dense`` FLOAT_VECTOR
@@ -29,7 +30,8 @@ named ``m3search``):
     Every query reads ``win >= 0`` (windows), counts read ``win == 0`` (documents);
     first-stage searches group by ``doc`` (Milvus's grouping search: each document once,
     at its best window). A collection created before windows has no ``doc`` / ``win`` /
-    ``spans`` (one row per document): it is read and written as it is, one window each.
+    ``spans`` / ``tparts`` nor ``NAME_text`` (one row per document, texts up to a VARCHAR): it
+    is read and written as it is, one window each.
 ``NAME_colbert`` (ColBERT token vectors, packed: one row per block of ``B`` tokens)
     ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (the head's ``pk``);
     ``blk`` INT32 (block number); ``vec`` FLOAT_VECTOR or FLOAT16_VECTOR
@@ -38,6 +40,10 @@ named ``m3search``):
     last block zero-padded (FLAT index, never searched). Packing matters because
     Milvus's cost per row dominates small rows: Milvus Lite returned 64-d float32 rows at
     ~4 MB/s, 2 KiB rows at ~13 MB/s and 8 KiB rows at ~50 MB/s (measured here).
+``NAME_text`` (texts longer than a VARCHAR)
+    ``tid`` INT64 auto id; ``gen`` INT64 (the head window's generation: invisible until the
+    head row points at it, like token rows); ``doc`` INT64; ``part`` INT32; ``text`` VARCHAR
+    (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector Milvus requires.
 ``NAME_manifest``
     the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
     no ``alter_collection_properties``, so collection properties cannot hold it).
@@ -61,12 +67,12 @@ log under one timestamp, and a Strong-consistency read sees all of them or none;
 documents no atomicity across shards or for a proxy failing mid-request.
 
 Writes (``upsert``), in this order: (0) read the documents' stored rows (refusing a key
-collision); (1) insert the new windows' token rows under fresh ``gen`` values (no row points
-at them yet: invisible); (2) upsert each document's rows in ONE request: its new windows, and
+collision); (1) insert the new windows' token rows (and long texts' ``NAME_text`` rows) under
+fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows in ONE request: its new windows, and
 a TOMBSTONE over every old window past the new count (same ``pk``, ``win = -1``, zero
 vectors: no query, count or get reads it); documents are grouped into requests under
-``max_request_bytes``, never split; (3) delete the tombstones and the token rows of other
-generations. So, when our process is killed (and on one shard), every document is its old
+``max_request_bytes``, never split; (3) delete the tombstones and the token and text rows of
+other generations. So, when our process is killed (and on one shard), every document is its old
 or its new version whole, never a mix: before (2) the old rows are untouched, after it the
 new ones are complete; leftovers of (1) and (3) are invisible and removed by the document's
 next write or delete. Weaker, stated as it is: if the Milvus Lite process itself dies inside
@@ -253,6 +259,40 @@ def metadata_kinds(meta: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _text_parts(text: str, limit: int = TEXT_MAX_BYTES) -> list[str]:
+    """``text`` in pieces of at most ``limit`` UTF-8 bytes, cut between characters (one piece when it fits)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return [text]
+    out, a = [], 0
+    while a < len(data):
+        b = min(a + limit, len(data))
+        while b < len(data) and data[b] & 0xC0 == 0x80:  # not inside a character
+            b -= 1
+        out.append(data[a:b].decode("utf-8"))
+        a = b
+    return out
+
+
+def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> list[tuple[str, int]]:
+    """``(expression, limit)`` queries reading the rows of generations ``gens`` (``sizes[i]`` rows each,
+    numbered by the field ``unit``), at most ``per`` rows a query: small ones grouped, a large one sliced."""
+    reads: list[tuple[str, int]] = []
+    a = 0
+    while a < len(gens):
+        b, total = a, 0
+        while b < len(gens) and (b == a or total + sizes[b] <= per):
+            total += sizes[b]
+            b += 1
+        expr = f"gen in {_ints(gens[a:b])}"
+        if total <= per:
+            reads.append((expr, total))
+        else:  # one generation with more rows than one query returns: read it in slices
+            reads += [(f"{expr} and {unit} >= {lo} and {unit} < {lo + per}", per) for lo in range(0, total, per)]
+        a = b
+    return reads
+
+
 def _ints(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(int(x)) for x in xs) + "]"
 
@@ -365,6 +405,7 @@ class MilvusEngine(Engine):
         self.uri = uri
         self.collection = collection
         self.tokens = f"{collection}_colbert"
+        self.texts = f"{collection}_text"
         self.meta_collection = f"{collection}_manifest"
         self.lite = lite
         self.schema = schema
@@ -376,7 +417,7 @@ class MilvusEngine(Engine):
         #: Whether rows are windows (``doc`` / ``win`` / ``spans`` fields); False for a collection created
         #: before windows (every row a whole document), which open() detects.
         self.window_rows = True
-        self._fields: tuple[str, ...] = (*self._LEGACY_FIELDS, "doc", "win", "spans")
+        self._fields: tuple[str, ...] = (*self._LEGACY_FIELDS, "doc", "win", "spans", "tparts")
 
     # ---------------------------------------------------------------- connection
     @classmethod
@@ -476,6 +517,7 @@ class MilvusEngine(Engine):
         main.add_field("doc", DataType.INT64)  # the document's key (its window 0's pk)
         main.add_field("win", DataType.INT32)  # window number; -1: tombstone
         main.add_field("spans", DataType.JSON)  # window 0: every window's [start, end) when there are several
+        main.add_field("tparts", DataType.INT32)  # window 0: 0 = text inline, else its number of NAME_text rows
         main.add_field("doc_id", DataType.VARCHAR, max_length=ID_MAX_BYTES)
         main.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         main.add_field("meta", DataType.JSON)
@@ -514,6 +556,19 @@ class MilvusEngine(Engine):
         idx.add_index("doc", index_type="INVERTED")
         c.create_collection(self.tokens, schema=tok, index_params=idx, timeout=t, **extra)
 
+        txt = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search long texts")
+        txt.add_field("tid", DataType.INT64, is_primary=True)
+        txt.add_field("gen", DataType.INT64)
+        txt.add_field("doc", DataType.INT64)
+        txt.add_field("part", DataType.INT32)
+        txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
+        idx = c.prepare_index_params()
+        idx.add_index("v", index_type="FLAT", metric_type="L2")
+        idx.add_index("gen", index_type="INVERTED")
+        idx.add_index("doc", index_type="INVERTED")
+        c.create_collection(self.texts, schema=txt, index_params=idx, timeout=t, **extra)
+
         man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
         man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
         man.add_field("value", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
@@ -522,7 +577,7 @@ class MilvusEngine(Engine):
         idx.add_index("v", index_type="FLAT", metric_type="L2")
         c.create_collection(self.meta_collection, schema=man, index_params=idx, timeout=t, consistency_level="Strong")
         if not self.lite and replicas > 1:
-            for name in (self.collection, self.tokens):
+            for name in (self.collection, self.tokens, self.texts):
                 c.release_collection(name, timeout=t)
                 c.load_collection(name, replica_number=int(replicas), timeout=t)
 
@@ -570,6 +625,10 @@ class MilvusEngine(Engine):
                         f"{ftype.name}{'' if dim is None else f'({dim})'}, found "
                         f"{'nothing' if f is None else f['type'].name + ('' if got_dim is None else f'({got_dim})')}"
                     )
+        if self.window_rows and not self.client.has_collection(self.texts, timeout=self.timeout):
+            raise ValueError(
+                f"Milvus collection {self.texts!r} is missing: {self.collection!r} is not a complete m3search collection"
+            )
 
     def close(self) -> None:
         if self._client is None:
@@ -604,15 +663,12 @@ class MilvusEngine(Engine):
 
     # ------------------------------------------------------------------- rows
     def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:
-        """Rows matching ``expr``; ``limit`` is the caller's bound, and reaching it reads on with an iterator
-        (so a stale bound, e.g. another writer's longer documents, costs time, never rows)."""
-        limit = max(1, limit)
-        rows = list(
-            self.client.query(
-                coll, filter=expr, output_fields=fields, limit=min(limit, MAX_RESULTS), timeout=self.timeout
-            )
-        )
-        if len(rows) < min(limit, MAX_RESULTS):
+        """Every row matching ``expr``; ``limit`` is the caller's bound on their number, and a row past it
+        reads on with an iterator (so a stale bound, e.g. another writer's longer documents, costs time,
+        never rows)."""
+        ask = min(max(1, limit) + 1, MAX_RESULTS)
+        rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
+        if len(rows) < ask:
             return rows
         it = self.client.query_iterator(
             coll, batch_size=max(1, min(MAX_RESULTS, limit)), filter=expr, output_fields=fields, timeout=self.timeout
@@ -661,14 +717,17 @@ class MilvusEngine(Engine):
             )
         return out
 
-    def _windows_of(self, heads: Sequence[int], fields: list[str], vectors: Sequence[str] = ()) -> list[list[dict]]:
+    def _windows_of(
+        self, heads: Sequence[int], fields: list[str], vectors: Sequence[str] = (), whole_text: bool = True
+    ) -> list[list[dict]]:
         """Per document, its window rows in window order ([] when it has no head: not stored, or the
-        windows of an interrupted long write), with ``colbert`` matrices if asked."""
+        windows of an interrupted long write), with ``colbert`` matrices if asked, and the head's whole
+        text (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``)."""
         want = list(
             dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
         )
         if self.window_rows:
-            want.append("spans")
+            want += ["spans", "tparts"]
         by_doc: dict[int, dict[int, dict]] = {}
         for r in self._doc_rows(list(heads), want, self._row_bytes(vectors)):
             by_doc.setdefault(r["doc"], {})[r["win"]] = r
@@ -680,6 +739,8 @@ class MilvusEngine(Engine):
             out.append([rows[w] for w in range(n) if w in rows])
         if "colbert" in vectors:
             self._attach_colbert([r for rows in out for r in rows])
+        if "text" in fields and whole_text:
+            self._fill_texts([rows[0] for rows in out if rows])
         return out
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
@@ -735,9 +796,10 @@ class MilvusEngine(Engine):
         if long_ids:
             raise ValueError(f"ids longer than {ID_MAX_BYTES} UTF-8 bytes cannot be stored in Milvus: {long_ids[:3]}")
         too_long = [i for i, t in zip(batch.ids, batch.texts) if len(t.encode("utf-8")) > TEXT_MAX_BYTES]
-        if too_long:
+        if too_long and not self.window_rows:
             raise ValueError(
-                f"texts longer than {TEXT_MAX_BYTES} UTF-8 bytes (Milvus's VARCHAR limit) cannot be stored: ids {too_long[:10]}"
+                f"texts longer than {TEXT_MAX_BYTES} UTF-8 bytes (Milvus's VARCHAR limit) cannot be stored in a Milvus "
+                f"collection created before windows (`m3search migrate` it to a new location): ids {too_long[:10]}"
             )
         empty = np.flatnonzero(np.diff(batch.colbert_offsets) == 0)
         if len(empty):
@@ -766,19 +828,27 @@ class MilvusEngine(Engine):
         self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
     ) -> tuple[list[list[dict]], list[int]]:
         """Each document's window rows (window ``first + j`` for its row j; text on window 0 only,
-        metadata on every window: filters run inside the vector queries) and their approximate sizes."""
+        metadata on every window: filters run inside the vector queries) and their approximate sizes.
+        A text over Milvus's VARCHAR limit is INSERTED here into ``NAME_text`` under the head's
+        generation (invisible until the head row that points at it is written)."""
         sparse, wo, co = batch.sparse.tocsr(), batch.window_offsets, batch.colbert_offsets
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
-        docs, sizes = [], []
+        docs, sizes, text_rows = [], [], []
         for i, doc_id in enumerate(batch.ids):
             meta = batch.metadata[i] or {}
+            parts = _text_parts(batch.texts[i]) if first == 0 else [""]
+            if len(parts) > 1:  # the text goes to NAME_text, under the head window's generation
+                text_rows += [
+                    {"gen": int(gens[wo[i]]), "doc": int(heads[i]), "part": c, "text": t, "v": [0.0, 0.0]}
+                    for c, t in enumerate(parts)
+                ]
             kinds, spans = metadata_kinds(meta), batch.doc_spans(i)
             rows, size = [], 0
             meta_bytes = len(json.dumps(meta)) * 2
             for j in range(int(wo[i]), int(wo[i + 1])):
                 a, b = sparse.indptr[j], sparse.indptr[j + 1]
                 w = first + j - int(wo[i])
-                text = batch.texts[i] if w == 0 else ""
+                text = parts[0] if w == 0 and len(parts) == 1 else ""
                 row = {
                     "pk": int(pks[j]),
                     "doc_id": doc_id,
@@ -792,10 +862,13 @@ class MilvusEngine(Engine):
                 }
                 if self.window_rows:
                     row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 and len(spans) > 1 else [])
+                    row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
                 rows.append(row)
                 size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256
             docs.append(rows)
             sizes.append(size + (16 * len(spans) if len(spans) > 1 else 0))
+        if text_rows:
+            self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
         return docs, sizes
 
     def _tombstone(self, pk: int, head: int, doc_id: str) -> dict:
@@ -810,6 +883,7 @@ class MilvusEngine(Engine):
             "meta": {},
             "kinds": {},
             "spans": [],
+            "tparts": 0,
             "dense": np.zeros(self.schema.dense_dim, dtype=np.float32),
             "sparse": {},
             "gen": 0,
@@ -867,7 +941,8 @@ class MilvusEngine(Engine):
             if self.window_rows:
                 self.client.delete(self.collection, filter=f"doc in {chunk} and win < 0", timeout=self.timeout)
             keep = _ints(gens[offsets[a] : offsets[b]])
-            self.client.delete(self.tokens, filter=f"doc in {chunk} and gen not in {keep}", timeout=self.timeout)
+            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
+                self.client.delete(coll, filter=f"doc in {chunk} and gen not in {keep}", timeout=self.timeout)
 
     def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
         """Long writes (module docstring): the old version deleted, each piece's windows written as it
@@ -914,10 +989,10 @@ class MilvusEngine(Engine):
             return
         fields = [
             f
-            for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans")
+            for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans", "tparts")
             if f in self._fields
         ]
-        docs = self._windows_of([_pk(i) for i in ids], fields, ("dense", "sparse"))
+        docs = self._windows_of([_pk(i) for i in ids], fields, ("dense", "sparse"), whole_text=False)
         out = []
         for doc_id, meta, rows in zip(ids, metadata, docs):
             if not rows:
@@ -939,7 +1014,8 @@ class MilvusEngine(Engine):
             self.client.delete(
                 self.collection, filter=f"{'doc' if self.window_rows else 'pk'} in {chunk}", timeout=self.timeout
             )
-            self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
+                self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -960,8 +1036,27 @@ class MilvusEngine(Engine):
         return tuple(with_vectors)
 
     def _attach_colbert(self, rows: list[dict]) -> None:
+        """Each row's token matrix as ``row["colbert"]`` (a row listed twice, for a repeated id, read once)."""
+        rows = list({id(r): r for r in rows}.values())
         for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
             r["colbert"] = m
+
+    def _fill_texts(self, heads: list[dict]) -> None:
+        """The whole text of heads whose text is in ``NAME_text`` rows (joined in part order)."""
+        heads = [r for r in {id(r): r for r in heads}.values() if r.get("tparts")]
+        if not heads:
+            return
+        per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
+        parts = {}
+        for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
+            parts.update(
+                {
+                    (r["gen"], r["part"]): r["text"]
+                    for r in self._query(self.texts, expr, ["gen", "part", "text"], limit)
+                }
+            )
+        for r in heads:
+            r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
     @property
     def _block_bytes(self) -> int:
@@ -973,23 +1068,7 @@ class MilvusEngine(Engine):
             return []
         B, d = self.block, self.schema.colbert_dim
         nblk = [-(-int(t) // B) for t in ntoks]
-        per_query = max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes))
-        reads: list[tuple[str, int]] = []  # (expression, limit)
-        a = 0
-        while a < len(gens):
-            b, total = a, 0
-            while b < len(gens) and (b == a or total + nblk[b] <= per_query):
-                total += nblk[b]
-                b += 1
-            expr = f"gen in {_ints(gens[a:b])}"
-            if total <= per_query:
-                reads.append((expr, total))
-            else:  # one document with more blocks than one query returns: read it in slices
-                reads += [
-                    (f"{expr} and blk >= {lo} and blk < {lo + per_query}", per_query)
-                    for lo in range(0, total, per_query)
-                ]
-            a = b
+        reads = _reads(gens, nblk, max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes)), "blk")
         fields = ["gen", "blk", "vec"]
         if len(reads) == 1:
             pages = [self._query(self.tokens, reads[0][0], fields, reads[0][1])]
@@ -1049,7 +1128,7 @@ class MilvusEngine(Engine):
             "meta",
             "gen",
             "ntok",
-            *(["spans"] if self.window_rows else []),
+            *(["spans", "tparts"] if self.window_rows else []),
             *[v for v in ("dense", "sparse") if v in vectors],
         ]
 
@@ -1063,6 +1142,7 @@ class MilvusEngine(Engine):
         out = [by_id.get(i) for i in ids]
         if "colbert" in vectors:
             self._attach_colbert([r for r in out if r is not None])
+        self._fill_texts([r for r in out if r is not None])
         return [None if r is None else self._record(r) for r in out]
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
@@ -1109,6 +1189,7 @@ class MilvusEngine(Engine):
             rows = heads
             if "colbert" in vectors:
                 self._attach_colbert(rows)
+            self._fill_texts(rows)
         return PointBatch.from_records([self._record(r) for r in rows], self.schema.vocab_size)
 
     # ------------------------------------------------------------------- queries
