@@ -146,6 +146,10 @@ def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpu
                 assert scores == sorted(scores, reverse=True)
         # k documents come back even when the first windows listed belong to few documents
         assert len(col.search(queries[0], k=25, mode="dense")) == 25
+        # the metadata filter acts on every window inside the first stage: k matching documents
+        for mode in ("dense", "sparse", "all"):
+            hs = col.search(queries[0], k=5, mode=mode, filter={"even": True}, exact=True)
+            assert (len(hs) == 5 or mode == "sparse") and all(h.metadata["even"] for h in hs), mode
     finally:
         col.close()
 
