@@ -62,25 +62,27 @@ row or none) and an upsert request as TWO: the old keys' delete, then the insert
 process dies, a request Lite has received still runs to its end (Lite serves its calls before
 it exits on losing our file lock) and one it has not received is not applied; if the Lite
 process itself dies between its two transactions, that request's rows are gone (deleted, not
-re-inserted). A Milvus server writes one upsert request's deletes and inserts to the shard's
-log under one timestamp, and a Strong-consistency read sees all of them or none; Milvus
+re-inserted). A Milvus server writes one upsert request's deletes and inserts to the shards'
+logs under one timestamp, and a Strong-consistency read sees all of them or none; Milvus
 documents no atomicity across shards or for a proxy failing mid-request.
 
 Writes (``upsert``), in this order: (0) read the documents' stored rows (refusing a key
 collision); (1) insert the new windows' token rows (and long texts' ``NAME_text`` rows) under
-fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows in ONE request: its new windows, and
-a TOMBSTONE over every old window past the new count (same ``pk``, ``win = -1``, zero
-vectors: no query, count or get reads it); documents are grouped into requests under
-``max_request_bytes``, never split; (3) delete the tombstones and the token and text rows of
-other generations. So, when our process is killed (and on one shard), every document is its old
-or its new version whole, never a mix: before (2) the old rows are untouched, after it the
-new ones are complete; leftovers of (1) and (3) are invisible and removed by the document's
-next write or delete. Weaker, stated as it is: if the Milvus Lite process itself dies inside
-request (2), that request's documents are ABSENT (old rows deleted, new not inserted), and a
-reader concurrent with request (2) on Lite can see them absent for its duration. On a server
-the rule rests on one request being applied whole or not at all, which Milvus does not
-document: a server failing mid-request may keep part of it, and with several shards a
-document's rows (different keys) go to different shards (``shards=1`` keeps them on one log).
+fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows
+in ONE request: its new windows, and a TOMBSTONE over every old window past the new count
+(same ``pk``, ``win = -1``, zero vectors: no query, count or get reads it); documents are
+grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones and
+the token and text rows of other generations. So, when OUR process is killed (Milvus Lite, or
+a server applying each request whole), every document is its old or its new version whole,
+never a mix: before (2) its old rows are untouched, after it the new ones are complete;
+leftovers of (1) and (3) are invisible and removed by the document's next write or delete
+(tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in a
+loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
+that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a
+reader concurrent with request (2) can see them absent for its duration. On a server the
+rule rests on a request being applied whole or not at all, which Milvus does not document: a
+server failing mid-request may keep part of it, and a document's rows (different keys) are
+routed to different shards unless the collection has one (``shards=1``).
 
 Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
 piece, written with memory bounded by the piece): the old version is deleted, each piece's
