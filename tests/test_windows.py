@@ -1,5 +1,4 @@
-"""Documents of several windows, on every engine that stores them (Qdrant Edge, qdrant-client
-local mode); Milvus refuses them clearly.
+"""Documents of several windows, on every engine: Qdrant Edge, qdrant-client local mode, Milvus Lite.
 
 The corpus holds documents of 1, 2 and 3 windows of 16 tokens (stride 12) of the tiny
 model. A document's score in each mode must be the maximum of the oracle scores of its
@@ -21,11 +20,11 @@ import numpy as np
 import pytest
 
 from m3search.collection import Collection
-from m3search.engines.base import MODES
+from m3search.engines.base import MODES, PointBatch
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
-ENGINES = ["qdrant-edge", "qdrant-local"]
+ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
 WINDOW, STRIDE = 16, 12
 TOL = 1e-4
 
@@ -38,6 +37,7 @@ def location(engine: str, folder) -> str:
         return f"qdrant+local://{folder}/store/col"
     pytest.importorskip("pymilvus")
     pytest.importorskip("milvus_lite")
+    folder.mkdir(parents=True, exist_ok=True)  # a Milvus Lite file's folder must exist
     return str(folder / "col.db")
 
 
@@ -81,14 +81,29 @@ def create(engine, folder, encoder, **settings):
 
 
 def raw_points(col) -> int:
-    """Every stored point (windows and tombstones alike)."""
-    return col.engine._count(None, docs_only=False)
+    """Every stored point, or Milvus row (windows and tombstones alike)."""
+    eng = col.engine
+    if eng.name == "milvus":
+        return int(eng.client.query(eng.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+    return eng._count(None, docs_only=False)
 
 
 def vector_points(col, doc_id: str) -> int:
-    """Points of ``doc_id`` that a vector query can return (an exact scan over everything)."""
+    """Points (Milvus: rows) of ``doc_id`` that a vector query can return (an exact scan over everything)."""
     probe = np.ones(col.schema.dense_dim, np.float32)
-    hits = col.engine._nearest("dense", [probe], 10_000, None, True)[0]
+    eng = col.engine
+    if eng.name == "milvus":  # the engine's own search restriction, without its grouping by document
+        hits = eng.client.search(
+            eng.collection,
+            data=[probe],
+            anns_field="dense",
+            limit=10_000,
+            filter=eng._where("", "live"),
+            output_fields=["doc_id"],
+            search_params={"metric_type": "IP"},
+        )[0]
+        return sum(1 for h in hits if h["entity"]["doc_id"] == doc_id)
+    hits = eng._nearest("dense", [probe], 10_000, None, True)[0]
     return sum(1 for p in hits if p.payload["id"] == doc_id)
 
 
@@ -99,6 +114,7 @@ def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpu
     try:
         col.add(texts, ids=ids, metadata=meta, batch_size=7)
         counts = np.bincount(win.doc)
+        assert col.settings["max_windows"] is None  # every window, on every engine
         assert col.count() == len(texts) and raw_points(col) == counts.sum()
         assert col.count({"even": True}) == 15
         assert col.engine.window_counts(ids).tolist() == counts.tolist()
@@ -130,6 +146,10 @@ def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpu
                 assert scores == sorted(scores, reverse=True)
         # k documents come back even when the first windows listed belong to few documents
         assert len(col.search(queries[0], k=25, mode="dense")) == 25
+        # the metadata filter acts on every window inside the first stage: k matching documents
+        for mode in ("dense", "sparse", "all"):
+            hs = col.search(queries[0], k=5, mode=mode, filter={"even": True}, exact=True)
+            assert (len(hs) == 5 or mode == "sparse") and all(h.metadata["even"] for h in hs), mode
     finally:
         col.close()
 
@@ -256,12 +276,128 @@ def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
         assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
 
 
-def test_milvus_stores_one_window(tmp_path, tiny_encoder):
+def test_milvus_rewrite_stopped_at_each_step_shows_one_version(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The Milvus write order (engines/milvus.py, "Writes"): a 3-window document rewritten as one
+    window, stopped before its rows request (the old version whole) and after it, before the
+    leftovers' removal (the new version whole: the tombstones are invisible to count, get and
+    search); the document's next delete removes them."""
+    texts = corpus[0]
+    three, one = texts[20], texts[0]
+    col = create("milvus-lite", tmp_path, tiny_encoder)
+    eng = col.engine
+    try:
+        col.add([three, texts[10]], ids=["x", "y"])
+        upsert, delete = eng.client.upsert, eng.client.delete
+
+        def no_rows(coll, *a, **kw):
+            if coll == eng.collection:
+                raise KeyboardInterrupt("killed before the rows request")
+            return upsert(coll, *a, **kw)
+
+        monkeypatch.setattr(eng.client, "upsert", no_rows)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([one], ids=["x"])
+        monkeypatch.setattr(eng.client, "upsert", upsert)
+        rec = col.get("x")[0]
+        assert (rec.text, rec.windows, vector_points(col, "x"), col.count()) == (three, 3, 3, 2)
+
+        def stop(*a, **kw):
+            raise KeyboardInterrupt("killed before the leftovers' removal")
+
+        monkeypatch.setattr(eng.client, "delete", stop)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([one], ids=["x"])
+        monkeypatch.setattr(eng.client, "delete", delete)
+        rec = col.get("x")[0]
+        assert (rec.text, rec.windows, vector_points(col, "x"), col.count()) == (one, 1, 1, 2)
+        assert raw_points(col) == 1 + 2 + 2  # x's window, y's two windows, two tombstones
+        assert [len(w) for w in eng.get_windows(["x", "y"])] == [1, 2]
+        want = tiny_encoder.encode([one], max_length=WINDOW)
+        q = tiny_encoder.encode([three], max_length=512)
+        hit = {h.id: h for h in col.search(three, k=5, mode="dense", exact=True)}["x"]
+        assert hit.score == pytest.approx(float(dense_scores(q.dense, want.dense)[0, 0]), abs=TOL)
+        col.delete(["x"])
+        assert raw_points(col) == 2 and col.count() == 1 and col.get("x") == [None]
+    finally:
+        col.close()
+
+
+def test_milvus_texts_over_the_varchar_limit_are_stored_whole(tmp_path, tiny_encoder, corpus):
+    """A text over Milvus's 65,535-byte VARCHAR is kept in NAME_text rows (cut between characters) and
+    comes back whole from get, search and iter_batches; rewrites, metadata updates and deletes keep no
+    stale text row."""
+    from m3search import TruncationWarning
+    from m3search.engines.milvus import _text_parts
+
+    parts = _text_parts("aé😀b" * 10, limit=5)
+    assert "".join(parts) == "aé😀b" * 10 and max(len(t.encode()) for t in parts) <= 5
+    texts = corpus[0]
+    unit = " ".join(texts[20:23]) + " é😀 "
+    long = unit * (70_000 // len(unit.encode()) + 1)
+    assert len(long.encode()) > 65_535
+    with create("milvus-lite", tmp_path, tiny_encoder, max_windows=2) as col:
+        eng = col.engine
+
+        def text_rows() -> int:
+            return int(eng.client.query(eng.texts, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+        with pytest.warns(TruncationWarning):
+            col.add([long, texts[0]], ids=["long", "short"])
+        assert col.get("long")[0].text == long and text_rows() == 2
+        hit = col.search(texts[20], k=1, mode="all", exact=True)[0]
+        assert hit.id == "long" and hit.text == long and hit.window["end"] < 200  # one of its two windows
+        assert {t for b in eng.iter_batches(8) for t in b.texts} == {long, texts[0]}
+        col.update_metadata("long", {"a": 1})
+        assert col.get("long")[0].text == long and text_rows() == 2
+        col.upsert([texts[1]], ids=["long"])
+        assert col.get("long")[0].text == texts[1] and text_rows() == 0
+        with pytest.warns(TruncationWarning):
+            col.upsert([long], ids=["long"])
+        col.delete(["long"])
+        assert text_rows() == 0 and col.count() == 1
+
+
+def test_milvus_collection_made_before_windows_keeps_its_layout(tmp_path, tiny_encoder, corpus):
+    """A Milvus collection written before windows (one row per document, no doc/win/spans fields, manifest
+    max_windows 1) opens, reads and writes as it is; a multi-window write is refused clearly."""
+    from pymilvus import DataType, MilvusClient
+
+    texts, ids, *_ = corpus
     loc = location("milvus-lite", tmp_path)
-    with pytest.raises(ValueError, match="one window per document: max_windows must be 1"):
-        Collection.create(loc, model=tiny_encoder, max_windows=3)
-    with Collection.create(loc, model=tiny_encoder) as col:
-        assert col.settings["max_windows"] == 1
+    with create("milvus-lite", tmp_path, tiny_encoder, max_windows=1) as col:
+        eng, dim = col.engine, col.schema.dense_dim
+        eng.client.drop_collection(eng.collection)  # the main collection as the previous version made it
+        old = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        old.add_field("pk", DataType.INT64, is_primary=True)
+        old.add_field("doc_id", DataType.VARCHAR, max_length=4096)
+        old.add_field("text", DataType.VARCHAR, max_length=65535)
+        for name in ("meta", "kinds"):
+            old.add_field(name, DataType.JSON)
+        old.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+        old.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        old.add_field("gen", DataType.INT64)
+        old.add_field("ntok", DataType.INT32)
+        idx = eng.client.prepare_index_params()
+        idx.add_index("dense", index_type="FLAT", metric_type="IP")
+        idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
+        eng.client.create_collection(eng.collection, schema=old, index_params=idx, consistency_level="Strong")
+    with Collection.open(loc, model=tiny_encoder) as col:
+        assert not col.engine.window_rows and col.settings["max_windows"] == 1
+        col.add(texts[18:23], ids=ids[18:23])  # long ones cut to one window, as before
+        col.upsert(texts[:2], ids=ids[19:21])
+        col.update_metadata(ids[20], {"tag": "t"})
+        col.delete(ids[22])
+        assert col.count() == 4 == raw_points(col) and col.count({"tag": "t"}) == 1
+        assert col.get(ids[19])[0].text == texts[0] and col.get(ids[19])[0].windows == 1
+        assert col.search(texts[1], k=1, mode="all", exact=True)[0].id == ids[20]
+        assert [len(w) for w in col.engine.get_windows(ids[18:23])] == [1, 1, 1, 1, 0]
+        win = tiny_encoder.encode_windows([texts[25]], window=WINDOW, stride=STRIDE)
+        e = win.embeddings
+        batch = PointBatch(["z"], [texts[25]], [{}], e.dense, e.sparse, e.colbert, e.colbert_offsets,
+                           np.array([0, len(e.dense)]), win.spans)  # fmt: skip
+        with pytest.raises(ValueError, match="created before documents could have several windows"):
+            col.engine.upsert(batch)
+        assert col.count() == 4
 
 
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
@@ -297,7 +433,12 @@ CHILD = textwrap.dedent(
     z = np.load(f, allow_pickle=True)
     versions = list(z["versions"])
     eng = resolve_engine(path).open(path)
-    print("ready", flush=True)
+    try:  # Milvus Lite's server processes: the parent waits for them to exit after the kill
+        from milvus_lite.server_manager import server_manager_instance as lite
+        pids = [s._p.pid for s in lite._servers.values() if s._p is not None]
+    except ImportError:
+        pids = []
+    print("ready", *pids, flush=True)
     i = 0
     while True:
         v = versions[i % len(versions)]
@@ -310,8 +451,36 @@ CHILD = textwrap.dedent(
 )
 
 
+def gone(pids: list[str], deadline: float = 30.0) -> None:
+    """Wait until the processes ``pids`` have exited (Milvus Lite's server finishes its calls, then exits)."""
+    end = time.monotonic() + deadline
+    for pid in pids:
+        while time.monotonic() < end:
+            try:
+                state = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0]
+            except OSError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.05)
+
+
+def reopen(loc: str, deadline: float = 30.0) -> Collection:
+    """Open after a kill -9: Milvus Lite's server process lets the file go a moment after its owner died."""
+    from m3search.errors import CollectionInUseError
+
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return Collection.open(loc)
+        except CollectionInUseError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.heavy
-@pytest.mark.parametrize("engine", ["qdrant-edge"])
+@pytest.mark.parametrize("engine", ["qdrant-edge", "milvus-lite"])
 def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
     """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
     moments; the reopened document is one version whole (text, window count, window vectors)."""
@@ -341,13 +510,16 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
     rng = np.random.default_rng(0)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     seen = set()
+    pause = (0.05, 0.6) if engine != "milvus-lite" else (0.3, 4.0)  # a Milvus Lite rewrite takes longer
     for _ in range(12):
         child = subprocess.Popen([sys.executable, "-c", CHILD, loc, str(f)], stdout=subprocess.PIPE, text=True, env=env)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(float(rng.uniform(0.05, 0.6)))
+        ready, *servers = child.stdout.readline().split()
+        assert ready == "ready"
+        time.sleep(float(rng.uniform(*pause)))
         child.send_signal(signal.SIGKILL)
         child.wait()
-        with Collection.open(loc) as col:
+        gone(servers)
+        with reopen(loc) as col:
             rec = col.get("x")[0]
             v = next(v for v in versions if v["text"] == rec.text)
             n = len(v["dense"])
@@ -536,21 +708,29 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
     col = create(engine, tmp_path, tiny_encoder)
     try:
         col.add([texts[10]], ids=["y"])
-        real = col.engine._write
+        eng = col.engine
+        hook = "upsert" if eng.name == "milvus" else "_write"
+        target = eng.client if eng.name == "milvus" else eng
+        real = getattr(target, hook)
 
-        def crash(points, sizes):
-            if any(p[2].get("window", 0) == 0 and "part" not in p[2] and p[2]["id"] == "x" for p in points):
+        def is_head(p):  # x's window 0: a Qdrant point (uuid, vectors, payload) or a Milvus row
+            if isinstance(p, dict):
+                return p.get("doc_id") == "x" and p.get("win") == 0
+            return p[2].get("window", 0) == 0 and "part" not in p[2] and p[2]["id"] == "x"
+
+        def crash(*a, **kw):
+            if any(is_head(p) for p in a[1 if eng.name == "milvus" else 0]):
                 raise KeyboardInterrupt("killed")
-            real(points, sizes)
+            return real(*a, **kw)
 
-        monkeypatch.setattr(col.engine, "_write", crash)
+        monkeypatch.setattr(target, hook, crash)
         with pytest.raises(KeyboardInterrupt):
             col.add([texts[20]], ids=["x"])
         assert vector_points(col, "x") == 2  # windows 1 and 2 were written
         assert col.count() == 1 and col.get("x") == [None] and col.engine.existing(["x"]) == set()
         for mode in ("dense", "sparse", "colbert", "all"):
             assert all(h.id == "y" for h in col.search(texts[20], k=5, mode=mode, exact=True))
-        monkeypatch.setattr(col.engine, "_write", real)
+        monkeypatch.setattr(target, hook, real)
         assert col.manifest["pending"] == ["x"]
         col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
         assert vector_points(col, "x") == 1 and raw_points(col) == 3 and col.count() == 2

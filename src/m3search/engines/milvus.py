@@ -7,28 +7,43 @@ real C++ Milvus engine (segcore, the same index code as the server) started as a
 subprocess per ``.db`` file; milvus-lite 3.x is a Python rewrite, so testing against it
 would not test Milvus. (milvus-lite 2.5 needs ``setuptools<80`` for ``pkg_resources``.)
 
-Layout. A collection ``NAME`` is three Milvus collections (Milvus Lite files hold one,
+Layout. A collection ``NAME`` is four Milvus collections (Milvus Lite files hold one,
 named ``m3search``):
 
-``NAME`` (one row per document)
-    ``pk`` INT64 primary key = the first 8 bytes of the id's UUID5
-    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), so lookups never embed
-    caller strings in a Milvus expression; ``doc_id`` VARCHAR (the caller's id; a hash
-    collision is detected on write and refused); ``text`` VARCHAR (<= 65,535 UTF-8
-    bytes, Milvus's VARCHAR limit); ``meta`` JSON (the metadata); ``kinds`` JSON (the
+``NAME`` (one row per WINDOW of a document: a document of ``n`` windows is ``n`` rows)
+    ``pk`` INT64 primary key: window 0 (the HEAD) = the first 8 bytes of the id's UUID5
+    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a
+    salted hash of ``(w, id)`` (:func:`_wpk`), so lookups never embed caller strings in a
+    Milvus expression; ``doc`` INT64 (the head's ``pk``: every row of a document) and
+    ``win`` INT32 (window number, -1 for a tombstone, below), both INVERTED-indexed;
+    ``doc_id`` VARCHAR (the caller's id; a hash collision is detected on write and
+    refused); ``text`` VARCHAR (the whole text on the head when it fits Milvus's VARCHAR
+    limit of 65,535 UTF-8 bytes, else "" and ``tparts`` INT32 says how many ``NAME_text``
+    rows hold it; "" on other windows); ``spans`` JSON (on the head of a document of several
+    windows: every window's character ``[start, end)``; else ``[]``); ``meta`` JSON (the
+    metadata, on EVERY window: filters run inside the vector queries); ``kinds`` JSON (the
     type of every metadata path, used by filters, below); ``dense`` FLOAT_VECTOR
     (inner product; FLAT index on Milvus Lite, HNSW on a server); ``sparse``
     SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no pruning:
     ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact); ``gen``
-    INT64 (the document's ColBERT generation) and ``ntok`` INT32 (its token count).
+    INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
+    Every query reads ``win >= 0`` (windows), counts read ``win == 0`` (documents);
+    first-stage searches group by ``doc`` (Milvus's grouping search: each document once,
+    at its best window). A collection created before windows has no ``doc`` / ``win`` /
+    ``spans`` / ``tparts`` nor ``NAME_text`` (one row per document, texts up to a VARCHAR): it
+    is read and written as it is, one window each.
 ``NAME_colbert`` (ColBERT token vectors, packed: one row per block of ``B`` tokens)
-    ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (= ``pk``);
+    ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (the head's ``pk``);
     ``blk`` INT32 (block number); ``vec`` FLOAT_VECTOR or FLOAT16_VECTOR
     (``Schema.colbert_dtype``) of ``B * colbert_dim`` values: ``B`` consecutive token
     vectors (``B = max(1, 8 KiB // bytes per token)``: 4 for bge-m3 at float16), the
     last block zero-padded (FLAT index, never searched). Packing matters because
     Milvus's cost per row dominates small rows: Milvus Lite returned 64-d float32 rows at
     ~4 MB/s, 2 KiB rows at ~13 MB/s and 8 KiB rows at ~50 MB/s (measured here).
+``NAME_text`` (texts longer than a VARCHAR)
+    ``tid`` INT64 auto id; ``gen`` INT64 (the head window's generation: invisible until the
+    head row points at it, like token rows); ``doc`` INT64; ``part`` INT32; ``text`` VARCHAR
+    (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector Milvus requires.
 ``NAME_manifest``
     the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
     no ``alter_collection_properties``, so collection properties cannot hold it).
@@ -40,14 +55,42 @@ companion collection, fetched for the candidates by ``gen`` and scored in NumPy
 Dense and sparse candidate scores are also recomputed in NumPy from the fetched
 vectors, so every candidate gets all three scores exactly.
 
-Writes. Milvus has no multi-row transactions, so ``upsert`` orders its steps: (1) insert
-the batch's token rows under fresh ``gen`` values, (2) upsert all document rows in one
-request (each points at its new ``gen``), (3) delete the documents' other token rows.
-A crash before (2) leaves only unreachable token rows (removed by the next write of
-those ids); after (2) every document row is complete. One request is atomic on a
-single-shard collection (Milvus Lite, or ``shards=1``); a batch larger than
-``max_request_bytes`` is split, and with several shards a crash can keep part of a
-batch (never part of a document). Deletes remove document rows first, then tokens.
+What Milvus guarantees for a multi-row write. Milvus has no transactions; an upsert
+request replaces rows by primary key. Milvus Lite 2.5 (its source: ``MilvusProxy::Upsert``,
+``Storage::Insert`` / ``Delete``) commits an insert request as ONE SQLite transaction (every
+row or none) and an upsert request as TWO: the old keys' delete, then the insert. When our
+process dies, a request Lite has received still runs to its end (Lite serves its calls before
+it exits on losing our file lock) and one it has not received is not applied; if the Lite
+process itself dies between its two transactions, that request's rows are gone (deleted, not
+re-inserted). A Milvus server writes one upsert request's deletes and inserts to the shards'
+logs under one timestamp, and a Strong-consistency read sees all of them or none; Milvus
+documents no atomicity across shards or for a proxy failing mid-request.
+
+Writes (``upsert``), in this order: (0) read the documents' stored rows (refusing a key
+collision); (1) insert the new windows' token rows (and long texts' ``NAME_text`` rows) under
+fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows
+in ONE request: its new windows, and a TOMBSTONE over every old window past the new count
+(same ``pk``, ``win = -1``, zero vectors: no query, count or get reads it); documents are
+grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones and
+the token and text rows of other generations. So, when OUR process is killed (Milvus Lite, or
+a server applying each request whole), every document is its old or its new version whole,
+never a mix: before (2) its old rows are untouched, after it the new ones are complete;
+leftovers of (1) and (3) are invisible and removed by the document's next write or delete
+(tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in a
+loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
+that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a
+reader concurrent with request (2) can see them absent for its duration. On a server the
+rule rests on a request being applied whole or not at all, which Milvus does not document: a
+server failing mid-request may keep part of it, and a document's rows (different keys) are
+routed to different shards unless the collection has one (``shards=1``).
+
+Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
+piece, written with memory bounded by the piece): the old version is deleted, each piece's
+windows ``w >= 1`` are written as they are encoded (token rows first), and the head last.
+Until then no head exists: count and get do not see the document, and a window a search
+returns belongs to no stored document (the Collection drops it). A crash leaves the document
+absent (not old, never a mix); the Collection records the document being written in its
+manifest and removes its stray windows before its next write.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
@@ -72,11 +115,12 @@ has a ``timeout`` (default 60 s) so pymilvus's own retries end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,6 +139,7 @@ from m3search.engines.base import (
     QueryVectors,
     Record,
     Schema,
+    WindowScores,
     point_uuid,
     score_records,
 )
@@ -125,6 +170,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _LITE_FILE = re.compile(r"^[A-Za-z0-9.\-_]{1,36}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MANIFEST_KEY = "manifest"
+#: Salt of window rows' keys past window 0.
+_WINDOW_SALT = b"m3search-milvus-window\x00"
 
 
 # ------------------------------------------------------------------------- helpers
@@ -155,8 +202,16 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
 
 
 def _pk(doc_id: str) -> int:
-    """Signed 64-bit primary key of a caller id (first 8 bytes of its UUID5)."""
+    """Signed 64-bit primary key of a caller id (first 8 bytes of its UUID5): its window 0's row."""
     return int.from_bytes(uuid.UUID(point_uuid(doc_id)).bytes[:8], "big", signed=True)
+
+
+def _wpk(doc_id: str, window: int) -> int:
+    """Primary key of a document's window row (window 0: :func:`_pk`, the key rows had before windows)."""
+    if window == 0:
+        return _pk(doc_id)
+    digest = hashlib.sha1(_WINDOW_SALT + f"{window}\x00{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _lit(s: str, what: str = "string") -> str:
@@ -204,6 +259,40 @@ def metadata_kinds(meta: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(metadata_kinds(value, path + "."))
     return out
+
+
+def _text_parts(text: str, limit: int = TEXT_MAX_BYTES) -> list[str]:
+    """``text`` in pieces of at most ``limit`` UTF-8 bytes, cut between characters (one piece when it fits)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return [text]
+    out, a = [], 0
+    while a < len(data):
+        b = min(a + limit, len(data))
+        while b < len(data) and data[b] & 0xC0 == 0x80:  # not inside a character
+            b -= 1
+        out.append(data[a:b].decode("utf-8"))
+        a = b
+    return out
+
+
+def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> list[tuple[str, int]]:
+    """``(expression, limit)`` queries reading the rows of generations ``gens`` (``sizes[i]`` rows each,
+    numbered by the field ``unit``), at most ``per`` rows a query: small ones grouped, a large one sliced."""
+    reads: list[tuple[str, int]] = []
+    a = 0
+    while a < len(gens):
+        b, total = a, 0
+        while b < len(gens) and (b == a or total + sizes[b] <= per):
+            total += sizes[b]
+            b += 1
+        expr = f"gen in {_ints(gens[a:b])}"
+        if total <= per:
+            reads.append((expr, total))
+        else:  # one generation with more rows than one query returns: read it in slices
+            reads += [(f"{expr} and {unit} >= {lo} and {unit} < {lo + per}", per) for lo in range(0, total, per)]
+        a = b
+    return reads
 
 
 def _ints(xs: Sequence[int]) -> str:
@@ -297,6 +386,9 @@ class MilvusEngine(Engine):
     """A collection in Milvus or Milvus Lite (layout and limits in the module docstring)."""
 
     name = "milvus"
+    windowed = True
+    #: Main-collection fields written before documents could have several windows (one row per document).
+    _LEGACY_FIELDS = ("pk", "doc_id", "text", "meta", "kinds", "dense", "sparse", "gen", "ntok")
 
     def __init__(
         self,
@@ -315,6 +407,7 @@ class MilvusEngine(Engine):
         self.uri = uri
         self.collection = collection
         self.tokens = f"{collection}_colbert"
+        self.texts = f"{collection}_text"
         self.meta_collection = f"{collection}_manifest"
         self.lite = lite
         self.schema = schema
@@ -323,6 +416,10 @@ class MilvusEngine(Engine):
         self._vec_dtype = np.float16 if schema.colbert_dtype == "float16" else np.float32
         # tokens per block row; open() checks it against the stored vector width
         self.block = max(1, BLOCK_BYTES // (schema.colbert_dim * np.dtype(self._vec_dtype).itemsize))
+        #: Whether rows are windows (``doc`` / ``win`` / ``spans`` fields); False for a collection created
+        #: before windows (every row a whole document), which open() detects.
+        self.window_rows = True
+        self._fields: tuple[str, ...] = (*self._LEGACY_FIELDS, "doc", "win", "spans", "tparts")
 
     # ---------------------------------------------------------------- connection
     @classmethod
@@ -419,6 +516,10 @@ class MilvusEngine(Engine):
             extra["num_shards"] = int(shards)
         main = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search documents")
         main.add_field("pk", DataType.INT64, is_primary=True)
+        main.add_field("doc", DataType.INT64)  # the document's key (its window 0's pk)
+        main.add_field("win", DataType.INT32)  # window number; -1: tombstone
+        main.add_field("spans", DataType.JSON)  # window 0: every window's [start, end) when there are several
+        main.add_field("tparts", DataType.INT32)  # window 0: 0 = text inline, else its number of NAME_text rows
         main.add_field("doc_id", DataType.VARCHAR, max_length=ID_MAX_BYTES)
         main.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         main.add_field("meta", DataType.JSON)
@@ -438,6 +539,8 @@ class MilvusEngine(Engine):
                 params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct},
             )
         idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
+        idx.add_index("doc", index_type="INVERTED")
+        idx.add_index("win", index_type="INVERTED")
         c.create_collection(self.collection, schema=main, index_params=idx, timeout=t, **extra)
 
         tok = MilvusClient.create_schema(
@@ -455,6 +558,19 @@ class MilvusEngine(Engine):
         idx.add_index("doc", index_type="INVERTED")
         c.create_collection(self.tokens, schema=tok, index_params=idx, timeout=t, **extra)
 
+        txt = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search long texts")
+        txt.add_field("tid", DataType.INT64, is_primary=True)
+        txt.add_field("gen", DataType.INT64)
+        txt.add_field("doc", DataType.INT64)
+        txt.add_field("part", DataType.INT32)
+        txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
+        idx = c.prepare_index_params()
+        idx.add_index("v", index_type="FLAT", metric_type="L2")
+        idx.add_index("gen", index_type="INVERTED")
+        idx.add_index("doc", index_type="INVERTED")
+        c.create_collection(self.texts, schema=txt, index_params=idx, timeout=t, **extra)
+
         man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
         man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
         man.add_field("value", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
@@ -463,7 +579,7 @@ class MilvusEngine(Engine):
         idx.add_index("v", index_type="FLAT", metric_type="L2")
         c.create_collection(self.meta_collection, schema=man, index_params=idx, timeout=t, consistency_level="Strong")
         if not self.lite and replicas > 1:
-            for name in (self.collection, self.tokens):
+            for name in (self.collection, self.tokens, self.texts):
                 c.release_collection(name, timeout=t)
                 c.load_collection(name, replica_number=int(replicas), timeout=t)
 
@@ -480,6 +596,7 @@ class MilvusEngine(Engine):
             schema = Schema.from_dict(raw["schema"])
             engine = cls(client, location, uri, name, lite, schema, **opts)
             engine._check_layout()
+            engine.max_windows = max(1, int(raw.get("max_windows_stored", 1)))
         except BaseException:
             cls._release(client, uri, lite)
             raise
@@ -498,6 +615,9 @@ class MilvusEngine(Engine):
                     f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
                 )
             desc = {f["name"]: f for f in self.client.describe_collection(coll, timeout=self.timeout)["fields"]}
+            if coll == self.collection:
+                self._fields = tuple(desc)
+                self.window_rows = "win" in desc
             for fname, (ftype, dim) in fields.items():
                 f = desc.get(fname)
                 got_dim = None if f is None else f.get("params", {}).get("dim")
@@ -507,6 +627,10 @@ class MilvusEngine(Engine):
                         f"{ftype.name}{'' if dim is None else f'({dim})'}, found "
                         f"{'nothing' if f is None else f['type'].name + ('' if got_dim is None else f'({got_dim})')}"
                     )
+        if self.window_rows and not self.client.has_collection(self.texts, timeout=self.timeout):
+            raise ValueError(
+                f"Milvus collection {self.texts!r} is missing: {self.collection!r} is not a complete m3search collection"
+            )
 
     def close(self) -> None:
         if self._client is None:
@@ -539,9 +663,25 @@ class MilvusEngine(Engine):
             self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout
         )
 
-    # -------------------------------------------------------------------- writes
+    # ------------------------------------------------------------------- rows
     def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:
-        return list(self.client.query(coll, filter=expr, output_fields=fields, limit=limit, timeout=self.timeout))
+        """Every row matching ``expr``; ``limit`` is the caller's bound on their number, and a row past it
+        reads on with an iterator (so a stale bound, e.g. another writer's longer documents, costs time,
+        never rows)."""
+        ask = min(max(1, limit) + 1, MAX_RESULTS)
+        rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
+        if len(rows) < ask:
+            return rows
+        it = self.client.query_iterator(
+            coll, batch_size=max(1, min(MAX_RESULTS, limit)), filter=expr, output_fields=fields, timeout=self.timeout
+        )
+        rows = []
+        try:
+            while page := it.next():
+                rows += page
+        finally:
+            it.close()
+        return rows
 
     def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
         per = max(1, min(MAX_RESULTS, CHUNK_BYTES // max(row_bytes, 1)))
@@ -551,6 +691,66 @@ class MilvusEngine(Engine):
             out += self._query(self.collection, f"pk in {_ints(chunk)}", fields, len(chunk))
         return out
 
+    def _where(self, expr: str, rows: str) -> str:
+        """``expr`` restricted to ``rows``: "live" (windows a query may return: no tombstone) or "heads"
+        (window 0: one row per document). Rows written before windows are all heads."""
+        if not self.window_rows:
+            return expr
+        cond = "win >= 0" if rows == "live" else "win == 0"
+        return f"{cond} and ({expr})" if expr else cond
+
+    def _doc_rows(self, heads: Sequence[int], fields: list[str], row_bytes: int = 64, live: bool = True) -> list[dict]:
+        """Rows of the documents ``heads`` (their live windows; ``live=False``: tombstones and stray windows
+        too), any order, each with ``doc`` and ``win``."""
+        if not self.window_rows:
+            rows = self._rows_by_pk(heads, [f for f in fields if f in self._fields] + ["pk"], row_bytes)
+            for r in rows:
+                r["doc"], r["win"] = r["pk"], 0
+            return rows
+        fields = list(dict.fromkeys([*fields, "doc", "win"]))
+        per_doc = max(1, self.max_windows)  # rows per document at most (one per window key)
+        step = max(1, min(MAX_RESULTS // per_doc, CHUNK_BYTES // max(row_bytes * per_doc, 1)))
+        out: list[dict] = []
+        for a in range(0, len(heads), step):
+            chunk = heads[a : a + step]
+            expr = f"doc in {_ints(chunk)}"
+            out += self._query(
+                self.collection, self._where(expr, "live") if live else expr, fields, len(chunk) * per_doc
+            )
+        return out
+
+    def _windows_of(
+        self, heads: Sequence[int], fields: list[str], vectors: Sequence[str] = (), whole_text: bool = True
+    ) -> list[list[dict]]:
+        """Per document, its window rows in window order ([] when it has no head: not stored, or the
+        windows of an interrupted long write), with ``colbert`` matrices if asked, and the head's whole
+        text (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``)."""
+        want = list(
+            dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
+        )
+        if self.window_rows:
+            want += ["spans", "tparts"]
+        by_doc: dict[int, dict[int, dict]] = {}
+        for r in self._doc_rows(list(heads), want, self._row_bytes(vectors)):
+            by_doc.setdefault(r["doc"], {})[r["win"]] = r
+        out = []
+        for h in heads:
+            rows = by_doc.get(h, {})
+            head = rows.get(0)
+            n = max(1, len(head.get("spans") or [])) if head is not None else 0
+            out.append([rows[w] for w in range(n) if w in rows])
+        if "colbert" in vectors:
+            self._attach_colbert([r for rows in out for r in rows])
+        if "text" in fields and whole_text:
+            self._fill_texts([rows[0] for rows in out if rows])
+        return out
+
+    def window_counts(self, ids: Sequence[str]) -> np.ndarray:
+        """How many windows each stored document has (0: not stored)."""
+        fields = ["doc_id"] + (["spans"] if self.window_rows else [])
+        heads = {r["doc_id"]: r for r in self._rows_by_pk([_pk(i) for i in ids], fields)}
+        return np.array([max(1, len(heads[i].get("spans") or [])) if i in heads else 0 for i in ids], dtype=np.int64)
+
     def _row_bytes(self, vectors: Sequence[str]) -> int:
         b = 256
         if "dense" in vectors:
@@ -559,10 +759,11 @@ class MilvusEngine(Engine):
             b += 2048
         return b
 
+    # -------------------------------------------------------------------- writes
     def _token_rows(
         self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray
     ) -> list[dict]:
-        """Block rows of a batch: each document's tokens in blocks of ``self.block``, zero-padded."""
+        """Block rows of a batch: each window's tokens in blocks of ``self.block``, zero-padded."""
         B, d = self.block, self.schema.colbert_dim
         lens = np.diff(offsets)
         nblk = -(-lens // B)  # ceil
@@ -582,105 +783,241 @@ class MilvusEngine(Engine):
         for a in range(0, len(rows), per):
             self.client.insert(coll, rows[a : a + per], timeout=self.timeout)
 
-    def upsert(self, batch: PointBatch) -> None:
+    def _check_batch(self, batch: PointBatch) -> None:
+        """What Milvus cannot store, refused before anything is written."""
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        n = len(batch)
-        if n == 0:
-            return
-        if batch.window_offsets[-1] != n:
+        if not self.window_rows and batch.window_offsets[-1] != len(batch):
             raise ValueError(
-                "the Milvus engine stores one window per document (create the collection with max_windows=1)"
+                f"the Milvus collection {self.collection!r} was created before documents could have several windows "
+                "(one row per document): long documents are cut to one window there; `m3search migrate` it to a "
+                "new location to store them as windows"
             )
-        texts_b = [t.encode("utf-8") for t in batch.texts]
         long_ids = [i for i in batch.ids if len(i.encode("utf-8")) > ID_MAX_BYTES]
         if long_ids:
             raise ValueError(f"ids longer than {ID_MAX_BYTES} UTF-8 bytes cannot be stored in Milvus: {long_ids[:3]}")
-        too_long = [batch.ids[i] for i, t in enumerate(texts_b) if len(t) > TEXT_MAX_BYTES]
-        if too_long:
+        too_long = [i for i, t in zip(batch.ids, batch.texts) if len(t.encode("utf-8")) > TEXT_MAX_BYTES]
+        if too_long and not self.window_rows:
             raise ValueError(
-                f"texts longer than {TEXT_MAX_BYTES} UTF-8 bytes (Milvus's VARCHAR limit) cannot be stored: ids {too_long[:10]}"
+                f"texts longer than {TEXT_MAX_BYTES} UTF-8 bytes (Milvus's VARCHAR limit) cannot be stored in a Milvus "
+                f"collection created before windows (`m3search migrate` it to a new location): ids {too_long[:10]}"
             )
-        pks = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
-        old = {r["pk"]: r for r in self._rows_by_pk(pks.tolist(), ["pk", "doc_id", "gen"])}
-        clash = [
-            (r["doc_id"], batch.ids[j])
-            for j, p in enumerate(pks.tolist())
-            if (r := old.get(p)) and r["doc_id"] != batch.ids[j]
-        ]
+        empty = np.flatnonzero(np.diff(batch.colbert_offsets) == 0)
+        if len(empty):
+            owner = np.searchsorted(batch.window_offsets, empty, side="right") - 1
+            ids = list(dict.fromkeys(batch.ids[int(o)] for o in owner))
+            raise ValueError(f"documents {ids[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
+
+    def _stored_rows(self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]) -> dict[int, list[int]]:
+        """Per document head, the keys of its stored LIVE window rows; refuses (before any write) a 64-bit
+        key that another document's row holds."""
+        want = dict(zip(heads, ids))
+        rows = self._doc_rows(heads, ["pk", "doc_id"], live=False)
+        extra = sorted(set(pks) - set(heads))  # window keys past 0: another document's row could hold one
+        if extra and self.window_rows:
+            rows += self._rows_by_pk(extra, ["pk", "doc_id", "doc", "win"])
+        clash = [(r["doc_id"], want.get(r["doc"], "?")) for r in rows if r["doc_id"] != want.get(r["doc"])]
         if clash:
             raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
-        rng = np.random.default_rng()
-        gens = rng.integers(1, 2**62, size=n, dtype=np.int64)
-        offsets = np.asarray(batch.colbert_offsets, dtype=np.int64)
-        if np.any(np.diff(offsets) == 0):
-            empty = [batch.ids[j] for j in np.flatnonzero(np.diff(offsets) == 0)]
-            raise ValueError(f"documents {empty[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
-        # (1) token rows under fresh generations: invisible until the document rows point at them
-        self._insert_chunked(self.tokens, self._token_rows(gens, pks, offsets, batch.colbert), self._block_bytes)
-        # (2) every document row of the batch in one request (split only beyond max_request_bytes)
-        sparse = batch.sparse.tocsr()
+        live: dict[int, list[int]] = {}
+        for r in rows:
+            if r["win"] >= 0 and r["doc"] in want:
+                live.setdefault(r["doc"], []).append(r["pk"])
+        return live
+
+    def _rows(
+        self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
+    ) -> tuple[list[list[dict]], list[int]]:
+        """Each document's window rows (window ``first + j`` for its row j; text on window 0 only,
+        metadata on every window: filters run inside the vector queries) and their approximate sizes.
+        A text over Milvus's VARCHAR limit is INSERTED here into ``NAME_text`` under the head's
+        generation (invisible until the head row that points at it is written)."""
+        sparse, wo, co = batch.sparse.tocsr(), batch.window_offsets, batch.colbert_offsets
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
-        rows, sizes = [], []
-        for j, doc_id in enumerate(batch.ids):
-            a, b = sparse.indptr[j], sparse.indptr[j + 1]
-            meta = batch.metadata[j] or {}
-            rows.append(
-                {
+        docs, sizes, text_rows = [], [], []
+        for i, doc_id in enumerate(batch.ids):
+            meta = batch.metadata[i] or {}
+            parts = _text_parts(batch.texts[i]) if first == 0 else [""]
+            if len(parts) > 1:  # the text goes to NAME_text, under the head window's generation
+                text_rows += [
+                    {"gen": int(gens[wo[i]]), "doc": int(heads[i]), "part": c, "text": t, "v": [0.0, 0.0]}
+                    for c, t in enumerate(parts)
+                ]
+            kinds, spans = metadata_kinds(meta), batch.doc_spans(i)
+            rows, size = [], 0
+            meta_bytes = len(json.dumps(meta)) * 2
+            for j in range(int(wo[i]), int(wo[i + 1])):
+                a, b = sparse.indptr[j], sparse.indptr[j + 1]
+                w = first + j - int(wo[i])
+                text = parts[0] if w == 0 and len(parts) == 1 else ""
+                row = {
                     "pk": int(pks[j]),
                     "doc_id": doc_id,
-                    "text": batch.texts[j],
+                    "text": text,
                     "meta": meta,
-                    "kinds": metadata_kinds(meta),
+                    "kinds": kinds,
                     "dense": dense[j],
                     "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
                     "gen": int(gens[j]),
-                    "ntok": int(offsets[j + 1] - offsets[j]),
+                    "ntok": int(co[j + 1] - co[j]),
                 }
-            )
-            sizes.append(len(texts_b[j]) + 4 * dense.shape[1] + 12 * (b - a) + 256)
+                if self.window_rows:
+                    row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 and len(spans) > 1 else [])
+                    row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
+                rows.append(row)
+                size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256
+            docs.append(rows)
+            sizes.append(size + (16 * len(spans) if len(spans) > 1 else 0))
+        if text_rows:
+            self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
+        return docs, sizes
+
+    def _tombstone(self, pk: int, head: int, doc_id: str) -> dict:
+        """A row over an old window past a document's new window count: no query returns it (``win`` -1,
+        zero vectors), and no count or get reads it."""
+        return {
+            "pk": int(pk),
+            "doc": int(head),
+            "win": -1,
+            "doc_id": doc_id,
+            "text": "",
+            "meta": {},
+            "kinds": {},
+            "spans": [],
+            "tparts": 0,
+            "dense": np.zeros(self.schema.dense_dim, dtype=np.float32),
+            "sparse": {},
+            "gen": 0,
+            "ntok": 0,
+        }
+
+    def _upsert_docs(self, docs: list[list[dict]], sizes: list[int]) -> None:
+        """Every row of each document in ONE request; documents grouped under ``max_request_bytes``."""
         start, acc = 0, 0
-        for j, size in enumerate(sizes + [self.max_request_bytes + 1]):
-            if j == n or (acc + size > self.max_request_bytes and j > start):
-                self.client.upsert(self.collection, rows[start:j], timeout=self.timeout)
+        for j, size in enumerate([*sizes, self.max_request_bytes + 1]):
+            if j == len(docs) or (acc + size > self.max_request_bytes and j > start):
+                rows = [r for d in docs[start:j] for r in d]
+                if rows:
+                    self.client.upsert(self.collection, rows, timeout=self.timeout)
                 start, acc = j, 0
             acc += size
-        # (3) older generations (and orphans of interrupted writes) of these documents
-        for a in range(0, n, 4096):
-            self.client.delete(
+
+    def _new_gens(self, n: int) -> np.ndarray:
+        return np.random.default_rng().integers(1, 2**62, size=n, dtype=np.int64)
+
+    def upsert(self, batch: PointBatch) -> None:
+        """Writes (module docstring): token rows, then each document's rows and tombstones in one request,
+        then the leftovers' removal."""
+        self._check_batch(batch)
+        if not len(batch):
+            return
+        heads = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
+        counts = np.diff(batch.window_offsets)
+        pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
+        live = self._stored_rows(batch.ids, heads.tolist(), pks)
+        self.max_windows = max(self.max_windows, int(counts.max()))
+        gens = self._new_gens(len(pks))
+        # (1) token rows under fresh generations: invisible until a window row points at them
+        self._insert_chunked(
+            self.tokens,
+            self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
+            self._block_bytes,
+        )
+        # (2) each document's new rows, with tombstones over its old windows past the new count, in one request
+        docs, sizes = self._rows(batch, heads, pks, gens)
+        for i, rows in enumerate(docs):
+            new = {r["pk"] for r in rows}
+            for pk in live.get(int(heads[i]), []):
+                if pk not in new:
+                    rows.append(self._tombstone(pk, heads[i], batch.ids[i]))
+                    sizes[i] += 4 * self.schema.dense_dim + 256
+        self._upsert_docs(docs, sizes)
+        # (3) the tombstones, and the token rows of older generations (and of interrupted writes)
+        self._remove_leftovers(heads, gens, batch.window_offsets)
+
+    def _remove_leftovers(self, heads: np.ndarray, gens: np.ndarray, offsets: np.ndarray) -> None:
+        for a in range(0, len(heads), 1024):
+            b = min(a + 1024, len(heads))
+            chunk = _ints(heads[a:b])
+            if self.window_rows:
+                self.client.delete(self.collection, filter=f"doc in {chunk} and win < 0", timeout=self.timeout)
+            keep = _ints(gens[offsets[a] : offsets[b]])
+            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
+                self.client.delete(coll, filter=f"doc in {chunk} and gen not in {keep}", timeout=self.timeout)
+
+    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+        """Long writes (module docstring): the old version deleted, each piece's windows written as it
+        comes (token rows first), window 0 (text, metadata, every window's span) last."""
+        if not self.window_rows:
+            return super().upsert_long(pieces)
+        head, spans = None, []
+        for piece in pieces:
+            self._check_batch(piece)
+            if len(piece) != 1:
+                raise ValueError("upsert_long takes one-document pieces with vectors")
+            doc_id, first = piece.ids[0], len(spans)
+            h = _pk(doc_id)
+            if head is None:
+                self._stored_rows([doc_id], [h], [])  # refuses a key collision before deleting anything
+                self.delete([doc_id])  # the old version, or windows of a write a crash interrupted
+            n = int(piece.window_offsets[-1])
+            pks = [_wpk(doc_id, first + w) for w in range(n)]
+            self.max_windows = max(self.max_windows, first + n)
+            gens = self._new_gens(n)
+            self._insert_chunked(
                 self.tokens,
-                filter=f"doc in {_ints(pks[a : a + 4096])} and gen not in {_ints(gens[a : a + 4096])}",
-                timeout=self.timeout,
+                self._token_rows(gens, np.full(n, h), piece.colbert_offsets, piece.colbert),
+                self._block_bytes,
             )
+            (rows,), (size,) = self._rows(piece, np.array([h]), pks, gens, first=first)
+            if head is None:
+                head, rows = rows[0], rows[1:]
+            spans += piece.doc_spans(0)
+            per = max(1, len(rows) * self.max_request_bytes // max(size, 1))  # windows may go in several requests
+            for a in range(0, len(rows), per):
+                self.client.upsert(self.collection, rows[a : a + per], timeout=self.timeout)
+        if head is None:
+            raise ValueError("upsert_long needs at least one piece")
+        head["spans"] = spans if len(spans) > 1 else []
+        self.client.upsert(self.collection, [head], timeout=self.timeout)  # the document appears whole
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
+        """Rewrites every window row of the documents in one request (Milvus 2.5 has no partial update;
+        token rows untouched)."""
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         if not ids:
             return
-        # Milvus 2.5 has no partial update: rewrite the document rows (tokens untouched).
-        fields = ["pk", "doc_id", "text", "dense", "sparse", "gen", "ntok"]
-        rows = {r["doc_id"]: r for r in self._rows_by_pk([_pk(i) for i in ids], fields, self._row_bytes(MODES))}
+        fields = [
+            f
+            for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans", "tparts")
+            if f in self._fields
+        ]
+        docs = self._windows_of([_pk(i) for i in ids], fields, ("dense", "sparse"), whole_text=False)
         out = []
-        for doc_id, meta in zip(ids, metadata):
-            r = rows.get(doc_id)
-            if r is None:
+        for doc_id, meta, rows in zip(ids, metadata, docs):
+            if not rows:
                 raise ValueError(f"unknown id {doc_id!r}; no metadata was changed")
-            r = {f: r[f] for f in fields}
-            r["dense"] = np.asarray(r["dense"], dtype=np.float32)
-            r["meta"], r["kinds"] = meta, metadata_kinds(meta)
-            out.append(r)
+            for r in rows:
+                r = {f: r[f] for f in fields}
+                r["dense"] = np.asarray(r["dense"], dtype=np.float32)
+                r["meta"], r["kinds"] = meta, metadata_kinds(meta)
+                out.append(r)
         self.client.upsert(self.collection, out, timeout=self.timeout)
 
     def delete(self, ids: Sequence[str]) -> None:
+        """Every row of the documents (windows, tombstones, strays), then their token rows."""
         if not ids:
             return
-        pks = [_pk(i) for i in ids]
-        for a in range(0, len(pks), 4096):
-            chunk = _ints(pks[a : a + 4096])
-            self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
-            self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+        heads = [_pk(i) for i in ids]
+        for a in range(0, len(heads), 4096):
+            chunk = _ints(heads[a : a + 4096])
+            self.client.delete(
+                self.collection, filter=f"{'doc' if self.window_rows else 'pk'} in {chunk}", timeout=self.timeout
+            )
+            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
+                self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -700,19 +1037,28 @@ class MilvusEngine(Engine):
             raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
         return tuple(with_vectors)
 
-    def _fetch(self, ids: Sequence[str], vectors: Sequence[str], payload: bool = True) -> list[dict | None]:
-        """Document rows in input order (None for unknown ids), with ``colbert`` arrays if asked."""
-        fields = ["doc_id", "gen", "ntok"] + (["text", "meta"] if payload else [])
-        fields += [v for v in ("dense", "sparse") if v in vectors]
-        rows = self._rows_by_pk([_pk(i) for i in ids], fields, self._row_bytes(vectors))
-        by_id = {r["doc_id"]: r for r in rows}
-        out = [by_id.get(i) for i in ids]
-        if "colbert" in vectors:
-            present = [r for r in out if r is not None]
-            mats = self._colbert_of([r["gen"] for r in present], [r["ntok"] for r in present])
-            for r, m in zip(present, mats):
-                r["colbert"] = m
-        return out
+    def _attach_colbert(self, rows: list[dict]) -> None:
+        """Each row's token matrix as ``row["colbert"]`` (a row listed twice, for a repeated id, read once)."""
+        rows = list({id(r): r for r in rows}.values())
+        for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
+            r["colbert"] = m
+
+    def _fill_texts(self, heads: list[dict]) -> None:
+        """The whole text of heads whose text is in ``NAME_text`` rows (joined in part order)."""
+        heads = [r for r in {id(r): r for r in heads}.values() if r.get("tparts")]
+        if not heads:
+            return
+        per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
+        parts = {}
+        for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
+            parts.update(
+                {
+                    (r["gen"], r["part"]): r["text"]
+                    for r in self._query(self.texts, expr, ["gen", "part", "text"], limit)
+                }
+            )
+        for r in heads:
+            r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
     @property
     def _block_bytes(self) -> int:
@@ -724,23 +1070,7 @@ class MilvusEngine(Engine):
             return []
         B, d = self.block, self.schema.colbert_dim
         nblk = [-(-int(t) // B) for t in ntoks]
-        per_query = max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes))
-        reads: list[tuple[str, int]] = []  # (expression, limit)
-        a = 0
-        while a < len(gens):
-            b, total = a, 0
-            while b < len(gens) and (b == a or total + nblk[b] <= per_query):
-                total += nblk[b]
-                b += 1
-            expr = f"gen in {_ints(gens[a:b])}"
-            if total <= per_query:
-                reads.append((expr, total))
-            else:  # one document with more blocks than one query returns: read it in slices
-                reads += [
-                    (f"{expr} and blk >= {lo} and blk < {lo + per_query}", per_query)
-                    for lo in range(0, total, per_query)
-                ]
-            a = b
+        reads = _reads(gens, nblk, max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes)), "blk")
         fields = ["gen", "blk", "vec"]
         if len(reads) == 1:
             pages = [self._query(self.tokens, reads[0][0], fields, reads[0][1])]
@@ -783,7 +1113,8 @@ class MilvusEngine(Engine):
         return idx[order], val[order]
 
     def _record(self, r: dict) -> Record:
-        rec = Record(r["doc_id"], r.get("text", ""), r.get("meta") or {})
+        spans = r.get("spans") or None
+        rec = Record(r["doc_id"], r.get("text", ""), r.get("meta") or {}, spans=spans, window=r.get("win", 0))
         if "dense" in r:
             rec.dense = np.asarray(r["dense"], dtype=np.float32)
         if "sparse" in r:
@@ -792,14 +1123,37 @@ class MilvusEngine(Engine):
             rec.colbert = r["colbert"]
         return rec
 
+    def _head_fields(self, vectors: Sequence[str]) -> list[str]:
+        return [
+            "doc_id",
+            "text",
+            "meta",
+            "gen",
+            "ntok",
+            *(["spans", "tparts"] if self.window_rows else []),
+            *[v for v in ("dense", "sparse") if v in vectors],
+        ]
+
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
+        """Documents (window 0's row: text, metadata, every window's span; vectors of window 0)."""
         if not ids:
             return []
-        rows = self._fetch(list(ids), self._modes(with_vectors))
-        return [None if r is None else self._record(r) for r in rows]
+        vectors = self._modes(with_vectors)
+        rows = self._rows_by_pk([_pk(i) for i in ids], self._head_fields(vectors), self._row_bytes(vectors))
+        by_id = {r["doc_id"]: r for r in rows}
+        out = [by_id.get(i) for i in ids]
+        if "colbert" in vectors:
+            self._attach_colbert([r for r in out if r is not None])
+        self._fill_texts([r for r in out if r is not None])
+        return [None if r is None else self._record(r) for r in out]
+
+    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
+        vectors = self._modes(with_vectors)
+        docs = self._windows_of([_pk(i) for i in ids], ["text", "meta"], vectors)
+        return [[self._record(r) for r in rows] for rows in docs]
 
     def count(self, filter: Filter | None = None) -> int:
-        expr = self._expr(filter)
+        expr = self._where(self._expr(filter), "heads")
         rows = self.client.query(self.collection, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
         return int(rows[0]["count(*)"])
 
@@ -807,10 +1161,13 @@ class MilvusEngine(Engine):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         vectors = MODES if with_vectors else ()
-        fields = ["doc_id", "text", "meta", "gen", "ntok"] + [v for v in ("dense", "sparse") if v in vectors]
         step = max(1, min(batch_size, CHUNK_BYTES // self._row_bytes(vectors)))
         it = self.client.query_iterator(
-            self.collection, batch_size=step, filter="", output_fields=fields, timeout=self.timeout
+            self.collection,
+            batch_size=step,
+            filter=self._where("", "heads"),
+            output_fields=self._head_fields(vectors),
+            timeout=self.timeout,
         )
         pending: list[dict] = []
         try:
@@ -825,10 +1182,16 @@ class MilvusEngine(Engine):
         finally:
             it.close()
 
-    def _batch(self, rows: list[dict], vectors: Sequence[str]) -> PointBatch:
-        if "colbert" in vectors:
-            for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
-                r["colbert"] = m
+    def _batch(self, heads: list[dict], vectors: Sequence[str]) -> PointBatch:
+        """Stored documents as a batch: every window when vectors are asked for, else the heads."""
+        if vectors and any(len(r.get("spans") or []) > 1 for r in heads):
+            docs = self._windows_of([_pk(r["doc_id"]) for r in heads], ["text", "meta"], vectors)
+            rows = [r for d in docs for r in d]
+        else:
+            rows = heads
+            if "colbert" in vectors:
+                self._attach_colbert(rows)
+            self._fill_texts(rows)
         return PointBatch.from_records([self._record(r) for r in rows], self.schema.vocab_size)
 
     # ------------------------------------------------------------------- queries
@@ -852,15 +1215,18 @@ class MilvusEngine(Engine):
         return int(min(k, MAX_RESULTS))
 
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
+        """Top-k DOCUMENTS: Milvus's grouping search returns each document once, at its best window."""
+        group = {"group_by_field": "doc"} if self.window_rows else {}
         res = self.client.search(
             self.collection,
             data=data,
             anns_field=field,
             limit=self._limit(k),
-            filter=expr,
+            filter=self._where(expr, "live"),
             output_fields=["doc_id"],
             search_params=params,
             timeout=self.timeout,
+            **group,
         )
         return [[(h["entity"]["doc_id"], float(h["distance"])) for h in hits] for hits in res]
 
@@ -900,13 +1266,21 @@ class MilvusEngine(Engine):
         modes: Sequence[str] = MODES,
         known: Mapping[str, Mapping[str, float]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Exact scores from the fetched vectors (:func:`score_records`), see the module docstring.
+        """Per mode, each document's best window (:meth:`score_windows`). ``known`` is not used: the
+        vectors are fetched for ColBERT anyway, and the dense and sparse products over them cost less
+        than splitting the fetch."""
+        return self.score_windows(ids, query, modes).doc_max()
 
-        ``known`` is not used: the vectors are fetched for ColBERT anyway, and the dense
-        and sparse products over them cost less than splitting the fetch.
-        """
+    def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
+        """Exact scores of every window of the documents, from the fetched vectors (:func:`score_records`);
+        a document that is not stored is one NaN window."""
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}")
-        rows = self._fetch(list(ids), tuple(modes), payload=False) if len(ids) and len(modes) else [None] * len(ids)
-        return score_records([None if r is None else self._record(r) for r in rows], query, modes)
+        ids = list(ids)
+        docs = self._windows_of([_pk(i) for i in ids], [], tuple(modes)) if ids and modes else [[] for _ in ids]
+        records: list[Record | None] = []
+        for rows in docs:
+            records += [self._record(r) for r in rows] or [None]
+        offsets = np.concatenate([[0], np.cumsum([max(1, len(rows)) for rows in docs])]).astype(np.int64)
+        return WindowScores(offsets, score_records(records, query, modes))
