@@ -40,11 +40,11 @@ Parts. A Qdrant server rejects a multivector of more than 1,048,576 floats
 (``MAX_MULTIVECTOR_FLATTENED_LEN`` in qdrant ``lib/common/common/src/validation.rs``: 1,023
 tokens at 1024-d). An engine with a :attr:`QdrantEngine.multivector_limit` stores a longer
 window as ``P`` points: the window point carries dense, sparse and the first token vectors,
-part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "metadata", "window": w, "part": p}``)
-the next ones (payload ``{"id", "m", "window": w, "part": p}`` in schema 3). Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
-window's ColBERT score is then computed in NumPy over ALL its parts' token vectors (per
-query token the maximum over every token of the window: per-point MaxSim sums do not add
-up to it).
+part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "m", "window": w, "part": p}``;
+``"metadata"`` for ``"m"`` in schema 1-2) the next ones. Window 0 records every window's part
+count (``"parts": [P0, P1, ...]``). A window's ColBERT score is then computed in NumPy over
+ALL its parts' token vectors (per query token the maximum over every token of the window:
+per-point MaxSim sums do not add up to it).
 
 Crash rule (kill -9 during a multi-window upsert). Qdrant writes one request atomically
 (Qdrant Edge: one WAL record; a server: one request per shard). A document re-written
@@ -155,8 +155,8 @@ def collapse(points: Sequence[Any], k: int) -> Hits:
 
 
 def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None) -> Iterator[slice]:
-    """Consecutive slices of points for requests of at most ``limit`` bytes (None: one request),
-    cut only before a point where ``cut`` is True (a point larger than ``limit`` goes alone)."""
+    """Consecutive slices of points for requests of about ``limit`` bytes at most (None: one request),
+    cut only before a point where ``cut`` is True (so a request may exceed ``limit`` until the next cut)."""
     start, acc = 0, 0
     for j, size in enumerate(sizes):
         if limit is not None and j > start and cut[j] and acc + size > limit:
