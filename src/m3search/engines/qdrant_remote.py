@@ -1,17 +1,10 @@
 """Qdrant server / cluster engine through qdrant-client: ``qdrant://host:port/name``, and
 qdrant-client's local mode ``qdrant+local://PATH/name`` (same client API, no server).
 
-Why: a collection that outgrows one machine moves to a Qdrant cluster unchanged. The
-schema is the embedded engine's (:mod:`m3search.engines.qdrant_edge`), so the same
-queries return the same hits, and ``m3search migrate`` copies points between them:
-
-* named vector ``dense``: float32, Dot, HNSW (``Schema.hnsw_m`` / ``hnsw_ef_construct``);
-* sparse vector ``sparse`` (dot product, inverted index);
-* ``colbert``: multivector, MaxSim comparator, NO HNSW graph (``HnswConfigDiff(m=0)``),
-  float16 or float32 (``Schema.colbert_dtype``; on a server also the turbo codecs and a
-  quantized copy, ``Schema.colbert_quantization``, as in the embedded engine), on disk by default;
-* one point per window of a document (layout and crash rule in
-  :mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there).
+Why: a collection that outgrows one machine moves to a Qdrant cluster unchanged. Vectors
+and points are the embedded engine's (named vectors in :mod:`~m3search.engines.qdrant_edge`;
+point layout, filters and crash rule in :mod:`~m3search.engines.qdrant_common`), so the same
+queries return the same hits, and ``m3search migrate`` copies points between them.
 
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
