@@ -316,16 +316,19 @@ class QdrantEngine(Engine):
             got[back[str(r.id)]] = (p.get("parts") or [1] * int(p.get("windows", 1)), int(p.get("chunks", 0)))
         return got
 
-    def _n_parts(self, n_tokens: int) -> int:
-        if self.multivector_limit is None:
-            return 1
-        return max(1, -(-n_tokens // max(1, self.multivector_limit // self.schema.colbert_dim)))
+    @property
+    def _per_point(self) -> int:
+        """Most token vectors on one point (Parts in the module docstring; no limit: all)."""
+        return 2**62 if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
+
+    def _parts(self, batch: PointBatch) -> list[int]:
+        """How many points each window (row) of ``batch`` takes: its token vectors cut every :attr:`_per_point`."""
+        return np.maximum(1, -(-np.diff(batch.colbert_offsets) // self._per_point)).tolist()
 
     def stored_units(self, batch: PointBatch) -> int:
         """Most points one document of ``batch`` takes (its windows, and the parts of long ones)."""
-        co, wo = batch.colbert_offsets, batch.window_offsets
-        units = [self._n_parts(int(co[j + 1] - co[j])) for j in range(int(wo[-1]))]
-        return max((sum(units[wo[i] : wo[i + 1]]) for i in range(len(batch))), default=1)
+        units, wo = self._parts(batch), batch.window_offsets
+        return max((sum(units[a:b]) for a, b in zip(wo[:-1], wo[1:])), default=1)
 
     def _meta(self, meta: dict, head: bool) -> dict:
         """The metadata keys of a point's payload in this collection's layout."""
@@ -346,12 +349,11 @@ class QdrantEngine(Engine):
             # qdrant-client local mode keeps float32 whatever the datatype: round here so every Qdrant scores alike
             colbert = colbert.astype(np.float16).astype(np.float32)
         co, ip = batch.colbert_offsets, sparse.indptr
-        wo = batch.window_offsets
-        per = None if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
+        wo, per, window_parts = batch.window_offsets, self._per_point, self._parts(batch)
         points, sizes, tombs = [], [], []
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
-            parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
+            parts = window_parts[wo[i] : wo[i + 1]]
             text, chunks = batch.texts[i], 0
             if self.layout >= 3 and len(text) > TEXT_CHUNK and first == 0:  # text points go with the head's piece
                 chunks = -(-len(text) // TEXT_CHUNK)
@@ -426,8 +428,7 @@ class QdrantEngine(Engine):
                 self.delete(piece.ids)  # the old version, or windows of a write a crash interrupted
             self.max_windows = max(self.max_windows, done + self.stored_units(piece))
             points, sizes, _ = self._points(piece, {}, first=len(spans))
-            co = piece.colbert_offsets
-            parts += [self._n_parts(int(co[j + 1] - co[j])) for j in range(len(co) - 1)]
+            parts += self._parts(piece)
             spans += piece.doc_spans(0)
             done += self.stored_units(piece)
             if head is None:
