@@ -24,8 +24,9 @@ arrays, one row per window, ``windows`` saying which rows are whose) and come ba
 
 Writing an engine: subclass :class:`Engine`, implement its abstract methods (each docstring
 is the contract), register a location scheme (:func:`m3search.engines.register_engine`) and
-add the location to ``tests/test_engines.py``: the same suite runs on every engine. Every
-method keeps these rules:
+add the location to ``tests/test_engines.py``: the same suite runs on every engine. The
+smallest complete engine (a dict of records, the abstract methods only) is ``MemoryEngine``
+in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 
 1. Per document. Methods take and return the caller's DOCUMENT ids (str); ids, text and
    metadata are per document; how windows map to storage rows is the engine's business
