@@ -1,49 +1,52 @@
-"""The engine protocol: what a storage backend must do for :class:`m3search.Collection`.
+"""The engine protocol: what a storage backend must do for :class:`m3search.Collection`, and
+the data shapes every engine shares.
 
-Why a protocol of our own: the collection (ids, manifest, encoding, modes, fusion,
-explain) is the same whatever stores the vectors; an engine only stores points and
-answers three kinds of query. Qdrant Edge (embedded, the default), a Qdrant server and
-Milvus are one module each. The Collection is the only caller; engines never encode,
-never fuse and never see a model.
+Why a protocol of our own: the collection (ids, manifest, encoding, modes, fusion, explain)
+is the same whatever stores the vectors; an engine stores documents and answers three kinds
+of query. Qdrant Edge (embedded, the default), a Qdrant server and Milvus are one module
+each. The Collection is the only caller; engines never encode, never fuse, never see a model.
 
 Data model. A DOCUMENT ``(id: str, text: str, metadata: dict)`` is stored as one or more
-WINDOWS (a text longer than the model reads is encoded as overlapping token windows; a
-text that fits is one window). Each window has its own three representations:
+WINDOWS (a text longer than the model reads is encoded as overlapping token windows; a text
+that fits is one window), each with three representations:
 
 * ``dense``   float32 ``(dense_dim,)``, L2-normalized; similarity = dot product.
-* ``sparse``  lexical weights over the vocabulary; similarity = sum over shared token
-  ids of ``w_q * w_d`` (no shared token: 0).
-* ``colbert`` float32 ``(n_tokens, colbert_dim)`` normalized token vectors; similarity
-  = FlagEmbedding's: MEAN over query vectors of the max dot product over document
-  vectors. Qdrant's MaxSim is a SUM, so a Qdrant engine divides by the query length.
+* ``sparse``  lexical weights over the vocabulary; similarity = sum over shared token ids of
+  ``w_q * w_d`` (no shared token: 0).
+* ``colbert`` float32 ``(n_tokens, colbert_dim)`` normalized token vectors; similarity =
+  FlagEmbedding's: MEAN over query vectors of the best dot product over the window's vectors
+  (Qdrant's MaxSim is a SUM, so a Qdrant engine divides by the query length).
 
-A document's score in a mode is the MAXIMUM over its windows (a one-window document
-scores exactly as before windows existed). Ids, text and metadata are per document:
-every method takes and returns DOCUMENT ids; how windows map to storage rows is the
-engine's business (Qdrant: one point per window, see :mod:`.qdrant_common`).
+A document's score in a mode is the MAXIMUM over its windows, so a one-window document
+scores exactly as before windows existed. Documents travel as :class:`PointBatch` (whole-batch
+arrays, one row per window, ``windows`` saying which rows are whose) and come back as
+:class:`Record`; queries as :class:`QueryVectors`.
 
-Batches travel as :class:`PointBatch` (arrays for a whole batch, one row per window:
-``dense (w, d)``, a CSR ``sparse (w, vocab)``, ``colbert (T, d)`` plus ``colbert_offsets
-(w + 1,)``, and ``windows (n + 1,)`` saying which rows belong to which document), which
-is the layout :class:`m3search.M3Embeddings` already has.
+Writing an engine: subclass :class:`Engine`, implement its abstract methods (each docstring
+is the contract), register a location scheme (:func:`m3search.engines.register_engine`) and
+add the location to ``tests/test_engines.py``: the same suite runs on every engine. The
+smallest complete engine (a dict of records, the abstract methods only) is ``MemoryEngine``
+in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 
-Contract every engine keeps:
-
-* ``upsert(batch)`` is ATOMIC and DURABLE per call: after a crash (kill -9) a batch is
-  either fully present or absent, and a re-written document is its old or its new set of
-  windows, never a mix (no window of the old version stays visible to count, search or
-  get). The Collection writes each ingest batch with one call.
-* Filters (:mod:`m3search.filters` AST) address the document metadata and run inside
-  the engine's queries, so ``k`` hits come back even when few documents match.
-* ``score_windows(ids, query)`` computes EXACT scores of every window of given candidate
-  documents (no HNSW, no "missing = 0" shortcuts other than sparse-without-overlap = 0);
-  ``score`` is their per-document maximum. Engines do it where the vectors live when they
-  can (Qdrant: a query filtered to the candidates' points with ``exact=True``);
-  :func:`score_records` is the pure-NumPy fallback over fetched vectors.
-* The manifest is a JSON-able dict the Collection owns; where it is kept is the engine's
-  business (embedded: a file in the folder; remote: collection metadata or a reserved point).
-* One writer: an embedded engine locks its storage exclusively and raises
-  :class:`CollectionInUseError` when another process holds it.
+1. Per document. Methods take and return the caller's DOCUMENT ids (str); ids, text and
+   metadata are per document; how windows map to storage rows is the engine's business
+   (Qdrant: one point per window, :mod:`.qdrant_common`).
+2. Windows. An engine that keeps ``windowed = False`` stores one window per document (the
+   Collection never gives it more) and may ignore :attr:`PointBatch.windows`; the hooks
+   ``get_windows``, ``score_windows``, ``stored_units`` and ``upsert_long`` have defaults for it.
+3. Crash rule. ``upsert`` is ONE atomic, durable write: after kill -9 a batch is fully there
+   or absent, and a re-written document is its old or its new set of windows, never a mix (no
+   old window stays visible to count, search or get). ``upsert_long`` may leave the document
+   absent, never mixed.
+4. Exactness. ``score`` / ``score_windows`` are EXACT (no ANN, no "missing = 0" beyond a
+   sparse window sharing no token with the query); the defaults compute them in NumPy
+   (:func:`score_records`) over fetched vectors, an engine may compute them where the vectors
+   live. ``search_*`` may use an ANN index unless ``exact=True``.
+5. Filters (:mod:`m3search.filters` AST) address the document metadata and run INSIDE the
+   engine's queries and counts, so ``k`` hits come back even when few documents match.
+6. One writer. An embedded engine locks its storage exclusively and raises
+   :class:`CollectionInUseError` when another process holds it. The manifest is a JSON-able
+   dict the Collection owns; where it is kept is the engine's business.
 """
 
 from __future__ import annotations
@@ -106,22 +109,9 @@ COLBERT_DTYPES = ("float32", "float16", "turbo16", "turbo8", "turbo4")
 #: when segments are optimized) and score candidates on: binary (1, 1.5, 2 bits per
 #: component), TurboQuant (1-8 bits), scalar int8, product quantization (compression x4-x64).
 COLBERT_QUANTIZATIONS = (
-    "binary1",
-    "binary1.5",
-    "binary2",
-    "turbo1",
-    "turbo1.5",
-    "turbo2",
-    "turbo4",
-    "turbo8",
-    "int8",
-    "pq4",
-    "pq8",
-    "pq16",
-    "pq32",
-    "pq64",
+    *("binary1", "binary1.5", "binary2", "turbo1", "turbo1.5", "turbo2", "turbo4", "turbo8"),
+    *("int8", "pq4", "pq8", "pq16", "pq32", "pq64"),
 )
-
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
 ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")
@@ -130,17 +120,14 @@ ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")
 Hits = list
 
 
-_NS_BYTES = ID_NAMESPACE.bytes
+def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:
+    """Deterministic UUID5 of a caller id (same in every engine and process), in ``namespace``.
 
-
-def point_uuid(id: str) -> str:
-    """Deterministic UUID5 of a caller id (same in every engine and process).
-
-    Equal to ``str(uuid.uuid5(ID_NAMESPACE, id))`` (RFC 4122: SHA-1 of namespace + name,
-    version and variant bits set), without building ``UUID`` objects: it runs for every
+    Equal to ``str(uuid.uuid5(uuid.UUID(bytes=namespace), id))`` (RFC 4122: SHA-1 of namespace
+    + name, version and variant bits set), without building ``UUID`` objects: it runs for every
     candidate of every query, where ``uuid.uuid5`` cost ~3 ms per query at 400 candidates.
     """
-    h = bytearray(hashlib.sha1(_NS_BYTES + id.encode("utf-8")).digest()[:16])
+    h = bytearray(hashlib.sha1(namespace + id.encode("utf-8")).digest()[:16])
     h[6] = (h[6] & 0x0F) | 0x50
     h[8] = (h[8] & 0x3F) | 0x80
     x = h.hex()
@@ -449,11 +436,6 @@ class WindowScores:
     windows: np.ndarray
     scores: dict[str, np.ndarray]
 
-    @classmethod
-    def one_each(cls, scores: dict[str, np.ndarray]) -> WindowScores:
-        n = len(next(iter(scores.values()))) if scores else 0
-        return cls(np.arange(n + 1, dtype=np.int64), scores)
-
     def doc_max(self) -> dict[str, np.ndarray]:
         """Per mode, each document's best window score (NaN only when all its windows are NaN)."""
         w = self.windows
@@ -514,26 +496,23 @@ def allocated_bytes(path: Path) -> int:
 
 
 class Engine(ABC):
-    """A storage backend. Implementations register a location scheme in :mod:`m3search.engines`.
+    """A storage backend (module docstring: data model and the rules every method keeps).
 
-    To write one: implement the abstract methods below (each docstring is the contract;
-    the module docstring has the data model and guarantees). All ids are the caller's
-    DOCUMENT ids (str). An engine that stores one window per document sets
-    ``windowed = False`` (the Collection then caps documents at one window) and may ignore
-    :attr:`PointBatch.windows`; :meth:`score_windows` then defaults to :meth:`score`.
-    Test it by adding its location to ``tests/test_engines.py`` (the same suite runs on every
-    engine).
+    Required: the abstract methods. Optional hooks have defaults that hold the contract for
+    an engine that stores one window per document and answers exact scores from fetched
+    vectors; override them where the engine can do better (windows, scoring where the
+    vectors live, one-request candidate pools).
     """
 
     #: Short name shown in manifests and errors ("qdrant-edge", "qdrant", "milvus").
     name: ClassVar[str] = "engine"
-    #: Whether a document may be stored as several windows.
+    #: Whether a document may be stored as several windows (False: the Collection caps it at one).
     windowed: ClassVar[bool] = False
 
     location: str
     schema: Schema
-    #: Most windows any stored document has had (the manifest's ``max_windows_stored``, kept
-    #: by the Collection; raised by :meth:`upsert`). 1 lets engines skip all window work.
+    #: Most storage rows any stored document has had (the manifest's ``max_windows_stored``, kept
+    #: by the Collection from :meth:`stored_units`). 1 lets engines skip all window work.
     max_windows: int = 1
 
     # --- lifecycle -------------------------------------------------------------------
@@ -557,18 +536,12 @@ class Engine(ABC):
         """Flush and release storage and locks (idempotent)."""
 
     def flush(self) -> None:  # noqa: B027 (an optional hook, a no-op by default)
-        """Persist everything written so far to the engine's main storage (blocking).
-
-        Called by the Collection at the end of an ingest call. Engines that persist on
-        their own keep this default no-op.
-        """
+        """Persist everything written so far to the engine's main storage (blocking); called at the
+        end of an ingest call. Default: nothing (the engine persists on its own)."""
 
     def optimize(self) -> bool:
-        """Build pending indexes / merge segments now (blocking); True if anything changed.
-
-        Called by the Collection after an ingest call. Engines that index on their own
-        keep this default no-op.
-        """
+        """Build pending indexes / merge segments now (blocking); True if anything changed. Called
+        after an ingest call. Default: nothing (the engine indexes on its own)."""
         return False
 
     def disk_usage(self) -> dict[str, int] | None:
@@ -576,12 +549,6 @@ class Engine(ABC):
         (a server). Engines that know their layout also split it by part (dense, sparse, ...)."""
         root = Path(self.location)
         return {"total": allocated_bytes(root)} if root.exists() else None
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # --- manifest --------------------------------------------------------------------
     @abstractmethod
@@ -605,9 +572,8 @@ class Engine(ABC):
         consecutive windows, window 0 in the first), so memory is bounded by a piece, not the text.
 
         Contract: count, get and search never see part of the new version; after a crash the
-        document is its old version or absent, never a mix. This default holds every piece and
-        makes one :meth:`upsert` (memory: the whole document); Qdrant removes the old version,
-        then writes windows first and the head window (text, metadata, spans) last.
+        document is its old version or absent, never a mix. Default: every piece held, then one
+        :meth:`upsert` (memory: the whole document).
         """
         self.upsert(PointBatch.join(list(pieces), one_document=True))
 
@@ -626,16 +592,16 @@ class Engine(ABC):
 
     # --- reads -----------------------------------------------------------------------
     @abstractmethod
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        """The subset of ``ids`` that is stored."""
-
-    @abstractmethod
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
         """Documents in input order (whole text, metadata, window spans), None for unknown ids.
 
         ``with_vectors``: False, True (all three) or a list of names from :data:`MODES`; the
         vectors are those of window 0.
         """
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` that is stored. Default: :meth:`get` (reads the texts too)."""
+        return {r.id for r in self.get(list(ids)) if r is not None}
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
         """All window records of each document, in window order ([] for unknown ids). Default
@@ -683,8 +649,8 @@ class Engine(ABC):
 
         ``colbert=True`` says the caller will need the pool's ColBERT scores; an engine that
         can compute them while gathering the pool (Qdrant: prefetch + MaxSim in one request)
-        returns them in :attr:`Pool.colbert`. This default runs the two first-stage
-        searches and returns the hits' own scores as ``known``.
+        returns them in :attr:`Pool.colbert`. Default: the two first-stage searches, the
+        hits' own scores as ``known``.
         """
         dense_lists = self.search_dense(dense, depth, filter, exact=exact)
         sparse_lists = self.search_sparse(sparse, depth, filter, exact=exact)
@@ -700,7 +666,6 @@ class Engine(ABC):
             )
         return pools
 
-    @abstractmethod
     def score(
         self,
         ids: Sequence[str],
@@ -710,13 +675,17 @@ class Engine(ABC):
     ) -> dict[str, np.ndarray]:
         """Exact document scores (per mode, the maximum over the document's windows) for one query.
 
-        Returns ``{mode: float64 array aligned with ids}`` for each mode in ``modes``
-        (semantics in the module docstring; NaN for ids that are not stored).
-        ``known``: ``{mode: {id: score}}`` that the caller already holds exactly (the
-        first-stage hits); an engine may return those instead of recomputing them.
+        Returns ``{mode: float64 array aligned with ids}`` for each mode in ``modes`` (NaN for
+        ids that are not stored). ``known``: ``{mode: {id: score}}`` that the caller already
+        holds exactly (the first-stage hits); an engine may return those instead of
+        recomputing them. Default: the per-document maximum of :meth:`score_windows`.
         """
+        return self.score_windows(ids, query, modes).doc_max()
 
     def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
-        """Exact scores of EVERY window of the given documents (for the best window of a hit
-        and window-level fusion). Default for one-window engines: :meth:`score`."""
-        return WindowScores.one_each(self.score(list(ids), query, modes))
+        """Exact scores of EVERY window of the given documents (the best window of a hit, window-level
+        fusion). Default: :func:`score_records` over :meth:`get_windows`' vectors (a document that is
+        not stored: one NaN window)."""
+        recs = self.get_windows(list(ids), with_vectors=list(modes))
+        offsets = np.cumsum([0] + [max(len(rs), 1) for rs in recs], dtype=np.int64)
+        return WindowScores(offsets, score_records([r for rs in recs for r in rs or [None]], query, modes))

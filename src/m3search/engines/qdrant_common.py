@@ -4,9 +4,8 @@ qdrant-client for a server / local mode).
 
 Why one module: the two engines store the same points and ask the same questions; they
 differ only in the client classes that carry a request. :class:`QdrantEngine` implements
-the :class:`~m3search.engines.base.Engine` protocol over seven small client hooks
-(``_retrieve``, ``_write``, ``_delete_points``, ``_set_payload``, ``_scroll``, ``_count``,
-``_nearest``, ``_exact_scores``).
+the :class:`~m3search.engines.base.Engine` protocol over small client hooks that only build
+and send one client's objects (listed at the top of the class).
 
 Point layout (schema version 3). A document of ``n`` windows is ``n`` points (plus, for a
 long text, text points):
@@ -41,11 +40,11 @@ Parts. A Qdrant server rejects a multivector of more than 1,048,576 floats
 (``MAX_MULTIVECTOR_FLATTENED_LEN`` in qdrant ``lib/common/common/src/validation.rs``: 1,023
 tokens at 1024-d). An engine with a :attr:`QdrantEngine.multivector_limit` stores a longer
 window as ``P`` points: the window point carries dense, sparse and the first token vectors,
-part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "metadata", "window": w, "part": p}``)
-the next ones (payload ``{"id", "m", "window": w, "part": p}`` in schema 3). Window 0 records every window's part count (``"parts": [P0, P1, ...]``). A
-window's ColBERT score is then computed in NumPy over ALL its parts' token vectors (per
-query token the maximum over every token of the window: per-point MaxSim sums do not add
-up to it).
+part ``p >= 1`` (id :func:`part_uuid`, payload ``{"id", "m", "window": w, "part": p}``;
+``"metadata"`` for ``"m"`` in schema 1-2) the next ones. Window 0 records every window's part
+count (``"parts": [P0, P1, ...]``). A window's ColBERT score is then computed in NumPy over
+ALL its parts' token vectors (per query token the maximum over every token of the window:
+per-point MaxSim sums do not add up to it).
 
 Crash rule (kill -9 during a multi-window upsert). Qdrant writes one request atomically
 (Qdrant Edge: one WAL record; a server: one request per shard). A document re-written
@@ -69,7 +68,6 @@ before its next write (the manifest's window count is raised before each piece).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -88,13 +86,13 @@ from m3search.engines.base import (
     WindowScores,
     point_uuid,
 )
+from m3search.engines.qdrant_filter import engine_filter
 from m3search.filters import Filter
 
 __all__ = ["QdrantEngine", "window_uuid", "text_uuid", "record_from_point", "TEXT_CHUNK", "LAYOUT"]
 
-#: Namespace of window points past the first (window 0 keeps the caller id's point_uuid).
+#: Namespaces of window points past the first (window 0 keeps the caller id's point_uuid) and of text points.
 WINDOW_NAMESPACE = uuid.UUID("0c3e5b1d-41a7-5e2f-8d6a-9b4c2f1e7a53").bytes
-#: Namespace of text points.
 TEXT_NAMESPACE = uuid.UUID("5d1f0b6e-2c4a-5b7e-9f3d-1a8c6e2b4d70").bytes
 #: Most characters of text on one point: a longer text is split into text points (see module).
 TEXT_CHUNK = 16_384
@@ -106,22 +104,12 @@ OVERFETCH = 2
 
 def window_uuid(doc_id: str, window: int) -> str:
     """Point id of a document's window (UUID5; window 0 is :func:`point_uuid` of the id)."""
-    if window == 0:
-        return point_uuid(doc_id)
-    return _uuid5(WINDOW_NAMESPACE, f"{window}\x00{doc_id}")
+    return point_uuid(f"{window}\x00{doc_id}", WINDOW_NAMESPACE) if window else point_uuid(doc_id)
 
 
 def text_uuid(doc_id: str, chunk: int) -> str:
     """Point id of text point ``chunk`` of a document (see the module docstring)."""
-    return _uuid5(TEXT_NAMESPACE, f"{chunk}\x00{doc_id}")
-
-
-def _uuid5(namespace: bytes, name: str) -> str:
-    h = bytearray(hashlib.sha1(namespace + name.encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    return point_uuid(f"{chunk}\x00{doc_id}", TEXT_NAMESPACE)
 
 
 def part_uuid(doc_id: str, window: int, part: int) -> str:
@@ -166,6 +154,19 @@ def collapse(points: Sequence[Any], k: int) -> Hits:
     return list(out.items())
 
 
+def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None) -> Iterator[slice]:
+    """Consecutive slices of points for requests of about ``limit`` bytes at most (None: one request),
+    cut only before a point where ``cut`` is True (so a request may exceed ``limit`` until the next cut)."""
+    start, acc = 0, 0
+    for j, size in enumerate(sizes):
+        if limit is not None and j > start and cut[j] and acc + size > limit:
+            yield slice(start, j)
+            start, acc = j, 0
+        acc += size
+    if start < len(sizes):
+        yield slice(start, len(sizes))
+
+
 class QdrantEngine(Engine):
     """The Engine protocol over Qdrant points (see the module docstring); subclasses supply the client hooks."""
 
@@ -174,6 +175,11 @@ class QdrantEngine(Engine):
     multivector_limit: int | None = None
     #: Point layout of this collection: :data:`LAYOUT` when created, the stored one when opened.
     layout: int = LAYOUT
+
+    #: Requests of one write stay under this many bytes of JSON (None: no limit; see :func:`split_requests`).
+    max_request_bytes: int | None = None
+    #: The client's filter classes (:class:`~m3search.engines.qdrant_filter.Dialect`).
+    _dialect: Any = None
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
@@ -191,32 +197,80 @@ class QdrantEngine(Engine):
         """Set each ``payload``'s keys on its points (one request where possible)."""
         raise NotImplementedError
 
-    def _filter(self, f: Filter | None, docs_only: bool = False) -> Any:
-        """The client's filter (:func:`~m3search.engines.qdrant_filter.engine_filter` in this layout)."""
-        raise NotImplementedError
-
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
 
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
         raise NotImplementedError
 
+    def _run(self, requests: list) -> list[list]:
+        """Run query requests in one batch: per request, its scored points, best first."""
+        raise NotImplementedError
+
+    def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> Any:
+        """A nearest-point query request on the ``mode`` vector (payload: only ``"id"``, or none)."""
+        raise NotImplementedError
+
+    def _vector(self, mode: str, v: Any) -> Any:
+        """A query vector in the client's form (dense / colbert: float32 array; sparse: ``(indices, values)``)."""
+        raise NotImplementedError
+
+    def _has_ids(self, uuids: list[str]) -> Any:
+        """A filter matching exactly the points ``uuids``."""
+        raise NotImplementedError
+
+    def _params(self, exact: bool) -> Any:
+        """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan)."""
+        raise NotImplementedError
+
+    def _quantized_params(self, rescore: bool) -> Any:
+        """Search params that score on the quantized copy (``rescore``: again on the stored vectors)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------- requests over the hooks
+    def _filter(self, f: Filter | None, docs_only: bool = False) -> Any:
+        """The client's filter (:func:`~m3search.engines.qdrant_filter.engine_filter` in this layout)."""
+        return engine_filter(f, self._dialect, nested=self.layout >= 3, docs_only=docs_only)
+
+    def _query_vector(self, query: QueryVectors, mode: str) -> Any:
+        return self._vector(
+            mode, (query.sparse_indices, query.sparse_values) if mode == "sparse" else getattr(query, mode)
+        )
+
+    def _colbert_params(self) -> Any:
+        """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
+        makes Qdrant ignore quantization (measured, qdrant-edge 0.9); the token vectors have no
+        graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
+        the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
+        """
+        if self.schema.colbert_quantization is None:
+            return self._params(True)
+        return self._quantized_params(self.schema.colbert_rescore)
+
     def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
         """One nearest-window query per vector (``mode`` dense: float32 rows; sparse: ``(indices, values)``),
         scored points carrying ``payload["id"]``, best first."""
-        raise NotImplementedError
-
-    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
-        """Per job ``(mode, positions)``: one ``exact`` query of that mode filtered to the points
-        ``uuids[j]`` for j in positions (limit = their number); scored points, in job order."""
-        raise NotImplementedError
+        flt, params = self._filter(filter), self._params(exact)
+        return self._run([self._request(mode, self._vector(mode, v), limit, flt, params, True) for v in vectors])
 
     def _exact_scores(self, uuids: list[str], todo: dict[str, list[int]], query: QueryVectors) -> dict[str, np.ndarray]:
         """M3 scores of the points ``uuids[j]`` for ``j in todo[mode]`` (NaN: not stored), computed
-        where the vectors live; engines that cannot do that override this with :func:`score_records`."""
+        where the vectors live: per mode, one ``exact`` query filtered to those points (limit = their
+        number); engines that cannot do that override this with :func:`score_records`."""
         out = {m: np.full(len(uuids), np.nan) for m in todo}
-        jobs = score_jobs(todo, query)
-        fill_by_uuid(out, jobs, self._exact_queries(jobs, uuids, query), uuids)
+        no_tokens = query.sparse_indices is None or len(query.sparse_indices) == 0  # shares no token: all 0
+        jobs = [(m, tuple(need)) for m, need in todo.items() if need and not (m == "sparse" and no_tokens)]
+        exact, colbert, only = self._params(True), self._colbert_params(), {}
+        reqs = []
+        for m, need in jobs:
+            if need not in only:  # one filter per distinct candidate set (~0.5 ms each at 400 ids)
+                only[need] = self._has_ids([uuids[j] for j in need])
+            params = colbert if m == "colbert" else exact
+            reqs.append(self._request(m, self._query_vector(query, m), len(need), only[need], params, False))
+        pos = {u: j for j, u in enumerate(uuids)}
+        for (m, _), res in zip(jobs, self._run(reqs)):
+            if res:
+                out[m][[pos[str(p.id)] for p in res]] = [p.score for p in res]
         if "colbert" in out:
             out["colbert"] /= max(len(query.colbert), 1)  # Qdrant's MaxSim sums over query vectors, M3 averages
         if "sparse" in out:  # a sparse query does not return points sharing no token with it: 0 if they exist
@@ -227,6 +281,11 @@ class QdrantEngine(Engine):
             zero = [j for j in need if any(np.isfinite(p[j]) for p in proof) or uuids[j] in stored]
             out["sparse"][zero] = 0.0
         return out
+
+    def _opened(self, max_windows_stored: int) -> None:
+        """State read once when a collection is opened: the window count and the point layout."""
+        self.max_windows = max_windows_stored
+        self.layout = self._stored_layout()
 
     def _stored_layout(self) -> int:
         """The layout of the stored points: a head with ``metadata`` is schema 1-2 (kept as it is:
@@ -257,16 +316,19 @@ class QdrantEngine(Engine):
             got[back[str(r.id)]] = (p.get("parts") or [1] * int(p.get("windows", 1)), int(p.get("chunks", 0)))
         return got
 
-    def _n_parts(self, n_tokens: int) -> int:
-        if self.multivector_limit is None:
-            return 1
-        return max(1, -(-n_tokens // max(1, self.multivector_limit // self.schema.colbert_dim)))
+    @property
+    def _per_point(self) -> int:
+        """Most token vectors on one point (Parts in the module docstring; no limit: all)."""
+        return 2**62 if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
+
+    def _parts(self, batch: PointBatch) -> list[int]:
+        """How many points each window (row) of ``batch`` takes: its token vectors cut every :attr:`_per_point`."""
+        return np.maximum(1, -(-np.diff(batch.colbert_offsets) // self._per_point)).tolist()
 
     def stored_units(self, batch: PointBatch) -> int:
         """Most points one document of ``batch`` takes (its windows, and the parts of long ones)."""
-        co, wo = batch.colbert_offsets, batch.window_offsets
-        units = [self._n_parts(int(co[j + 1] - co[j])) for j in range(int(wo[-1]))]
-        return max((sum(units[wo[i] : wo[i + 1]]) for i in range(len(batch))), default=1)
+        units, wo = self._parts(batch), batch.window_offsets
+        return max((sum(units[a:b]) for a, b in zip(wo[:-1], wo[1:])), default=1)
 
     def _meta(self, meta: dict, head: bool) -> dict:
         """The metadata keys of a point's payload in this collection's layout."""
@@ -287,12 +349,11 @@ class QdrantEngine(Engine):
             # qdrant-client local mode keeps float32 whatever the datatype: round here so every Qdrant scores alike
             colbert = colbert.astype(np.float16).astype(np.float32)
         co, ip = batch.colbert_offsets, sparse.indptr
-        wo = batch.window_offsets
-        per = None if self.multivector_limit is None else max(1, self.multivector_limit // self.schema.colbert_dim)
+        wo, per, window_parts = batch.window_offsets, self._per_point, self._parts(batch)
         points, sizes, tombs = [], [], []
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
-            parts = [self._n_parts(int(co[wo[i] + w + 1] - co[wo[i] + w])) for w in range(n)]
+            parts = window_parts[wo[i] : wo[i + 1]]
             text, chunks = batch.texts[i], 0
             if self.layout >= 3 and len(text) > TEXT_CHUNK and first == 0:  # text points go with the head's piece
                 chunks = -(-len(text) // TEXT_CHUNK)
@@ -367,20 +428,14 @@ class QdrantEngine(Engine):
                 self.delete(piece.ids)  # the old version, or windows of a write a crash interrupted
             self.max_windows = max(self.max_windows, done + self.stored_units(piece))
             points, sizes, _ = self._points(piece, {}, first=len(spans))
-            co = piece.colbert_offsets
-            parts += [self._n_parts(int(co[j + 1] - co[j])) for j in range(len(co) - 1)]
+            parts += self._parts(piece)
             spans += piece.doc_spans(0)
             done += self.stored_units(piece)
             if head is None:
                 head, points, sizes = (points[0], sizes[0]), points[1:], sizes[1:]
-            limit, start, acc = getattr(self, "max_request_bytes", None) or sum(sizes), 0, 0
-            for j in range(len(points) + 1):  # requests cut between windows: none is visible yet
-                if j == len(points) or (j > start and "part" not in points[j][2] and acc + sizes[j] > limit):
-                    if j > start:
-                        self._write(points[start:j], sizes[start:j])
-                    start, acc = j, 0
-                if j < len(points):
-                    acc += sizes[j]
+            cut = ["part" not in payload for _, _, payload in points]  # between windows: none is visible yet
+            for r in split_requests(sizes, cut, self.max_request_bytes):
+                self._write(points[r], sizes[r])
         if head is None:
             raise ValueError("upsert_long needs at least one piece")
         (uid, vec, payload), size = head
@@ -588,24 +643,3 @@ class QdrantEngine(Engine):
                 if t is not None and len(q):
                     out["colbert"][j] = float((q @ t.T).max(axis=1).mean())
         return WindowScores(offsets, out)
-
-
-def score_jobs(todo: Mapping[str, list[int]], query: QueryVectors) -> list[tuple[str, tuple[int, ...]]]:
-    """The ``(mode, positions)`` exact queries still to run; an empty sparse query is not run:
-    nothing shares a token with it (:func:`finish_maxsim_scores` sets the zeros)."""
-    jobs = []
-    for m, need in todo.items():
-        if not need or (m == "sparse" and (query.sparse_indices is None or len(query.sparse_indices) == 0)):
-            continue
-        jobs.append((m, tuple(need)))
-    return jobs
-
-
-def fill_by_uuid(
-    out: dict[str, np.ndarray], jobs: Sequence[tuple[str, Any]], results: Sequence[Sequence[Any]], uuids: Sequence[str]
-) -> None:
-    """Write each job's returned point scores (``.id``, ``.score``) into ``out`` at their positions."""
-    pos = {u: j for j, u in enumerate(uuids)}
-    for (m, _), res in zip(jobs, results):
-        if res:
-            out[m][[pos[str(p.id)] for p in res]] = [p.score for p in res]

@@ -58,11 +58,10 @@ from m3search.engines.base import (
     allocated_bytes,
 )
 from m3search.engines.qdrant_common import QdrantEngine
-from m3search.engines.qdrant_filter import engine_filter, to_qdrant
 from m3search.filters import Filter
 from m3search.plan import MODES, check_deadline
 
-__all__ = ["QdrantEdgeEngine", "to_qdrant_filter"]
+__all__ = ["QdrantEdgeEngine"]
 
 MANIFEST = "manifest.json"
 PIDFILE = "owner.pid"
@@ -137,15 +136,6 @@ class _EdgeDialect:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
-def to_qdrant_filter(f: Filter | None, prefix: str = "metadata.") -> qe.Filter | None:
-    """The shared filter AST as flat Qdrant Edge conditions over ``prefix + field``."""
-    return to_qdrant(f, _EdgeDialect, prefix)
-
-
-def _sparse_vector(indices: np.ndarray, values: np.ndarray) -> qe.SparseVector:
-    return qe.SparseVector(np.asarray(indices, np.int64).tolist(), np.asarray(values, np.float32).tolist())
-
-
 def _in_use(root: Path) -> CollectionInUseError:
     try:
         pid = int((root / PIDFILE).read_text().strip())
@@ -188,6 +178,7 @@ class QdrantEdgeEngine(QdrantEngine):
     """Qdrant Edge shard in a folder (see the module docstring for layout and the lock rule)."""
 
     name = "qdrant-edge"
+    _dialect = _EdgeDialect
 
     def __init__(
         self, root: Path, shard: qe.EdgeShard, schema: Schema, *, lock: int | None = None, hnsw_ef: int | None = None
@@ -283,9 +274,8 @@ class QdrantEdgeEngine(QdrantEngine):
                 raise _in_use(root) from None
             raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
         engine = cls(root, shard, schema, lock=lock, **options)
-        engine.max_windows = int(manifest.get("max_windows_stored", 1))
         engine._write_pid()
-        engine.layout = engine._stored_layout()
+        engine._opened(int(manifest.get("max_windows_stored", 1)))
         return engine
 
     def _write_pid(self) -> None:
@@ -378,9 +368,6 @@ class QdrantEdgeEngine(QdrantEngine):
         for payload, uuids in ops:
             self.shard.update(qe.UpdateOperation.set_payload(uuids, payload))
 
-    def _filter(self, f: Filter | None, docs_only: bool = False) -> qe.Filter | None:
-        return engine_filter(f, _EdgeDialect, nested=self.layout >= 3, docs_only=docs_only)
-
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:
             return []
@@ -397,61 +384,35 @@ class QdrantEdgeEngine(QdrantEngine):
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
         return int(self.shard.count(qe.CountRequest(exact=True, filter=self._filter(filter, docs_only))))
 
-    def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
-        flt, params = self._filter(filter), self._params(exact)
-        reqs = [
-            qe.QueryRequest(
-                limit=limit,
-                query=qe.Query.Nearest(v if mode == "dense" else _sparse_vector(*v), using=mode),
-                filter=flt,
-                params=params,
-                with_payload=_ID_ONLY,
-            )
-            for v in vectors
-        ]
-        return self._run(reqs)
-
-    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
-        exact, colbert_params = qe.SearchParams(exact=True), self._colbert_params()
-        filters: dict[tuple, qe.Filter] = {}  # one per distinct candidate set (~0.5 ms each at 400 ids)
-        reqs = []
-        for m, need in jobs:
-            only = filters.get(need)
-            if only is None:
-                only = filters[need] = qe.Filter(must=[qe.HasIdCondition({uuids[j] for j in need})])
-            reqs.append(
-                qe.QueryRequest(
-                    limit=len(need),
-                    query=qe.Query.Nearest(self._query_vector(query, m), using=m),
-                    filter=only,
-                    params=colbert_params if m == "colbert" else exact,
-                    with_payload=False,
-                )
-            )
-        return self._run(reqs)
-
-    # ------------------------------------------------------------------- queries
-    def _params(self, exact: bool) -> qe.SearchParams:
-        return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-
-    def _colbert_params(self) -> qe.SearchParams:
-        """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
-        makes Qdrant ignore quantization (measured, qdrant-edge 0.9); the token vectors have no
-        graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
-        the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
-        """
-        if self.schema.colbert_quantization is None:
-            return qe.SearchParams(exact=True)
-        return qe.SearchParams(
-            exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
-        )
-
     def _run(self, requests: list) -> list[list]:
         if not requests:
             return []
         check_deadline("an engine query")
         return self.shard.query_batch(qe.QueryBatchRequest(requests))
 
+    def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qe.QueryRequest:
+        payload = _ID_ONLY if with_id else False
+        query = qe.Query.Nearest(vector, using=mode)
+        return qe.QueryRequest(limit=limit, query=query, filter=filter, params=params, with_payload=payload)
+
+    def _vector(self, mode: str, v: Any) -> Any:
+        if mode == "sparse":
+            return qe.SparseVector(np.asarray(v[0], np.int64).tolist(), np.asarray(v[1], np.float32).tolist())
+        if mode == "dense":
+            return np.ascontiguousarray(v, dtype=np.float32)
+        # qdrant-edge takes nested lists of a multivector in half the time of a 2-D array (0.45 vs 0.98 ms at 11 x 1024)
+        return np.asarray(v, dtype=np.float32).tolist()
+
+    def _has_ids(self, uuids: list[str]) -> qe.Filter:
+        return qe.Filter(must=[qe.HasIdCondition(set(uuids))])
+
+    def _params(self, exact: bool) -> qe.SearchParams:
+        return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
+
+    def _quantized_params(self, rescore: bool) -> qe.SearchParams:
+        return qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=rescore))
+
+    # ------------------------------------------------------------------- queries
     def candidates_batch(
         self,
         dense: np.ndarray,
@@ -472,30 +433,16 @@ class QdrantEdgeEngine(QdrantEngine):
         flt, params = self._filter(filter), self._params(exact)
         reqs = []
         for qv in queries:
-            pre = [
-                qe.Prefetch(
-                    limit=depth,
-                    query=qe.Query.Nearest(self._query_vector(qv, "dense"), using="dense"),
-                    params=params,
-                    filter=flt,
-                )
-            ]
-            if qv.sparse_indices is not None and len(qv.sparse_indices):
-                pre.append(
-                    qe.Prefetch(
-                        limit=depth,
-                        query=qe.Query.Nearest(self._query_vector(qv, "sparse"), using="sparse"),
-                        params=params,
-                        filter=flt,
-                    )
-                )
+            first = ("dense", "sparse") if qv.sparse_indices is not None and len(qv.sparse_indices) else ("dense",)
+            near = {m: qe.Query.Nearest(self._query_vector(qv, m), using=m) for m in (*first, "colbert")}
+            pre = [qe.Prefetch(limit=depth, query=near[m], params=params, filter=flt) for m in first]
             reqs.append(
                 qe.QueryRequest(
                     limit=2 * depth,
                     prefetches=pre,
                     params=self._colbert_params(),
                     with_payload=_ID_ONLY,
-                    query=qe.Query.Nearest(self._query_vector(qv, "colbert"), using="colbert"),
+                    query=near["colbert"],
                 )
             )
         pools = []
@@ -504,12 +451,3 @@ class QdrantEdgeEngine(QdrantEngine):
             maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
             pools.append(Pool(ids, colbert=maxsim / max(len(qv.colbert), 1)))  # Qdrant sums, M3 averages
         return pools
-
-    @staticmethod
-    def _query_vector(query: QueryVectors, mode: str):
-        if mode == "sparse":
-            return _sparse_vector(query.sparse_indices, query.sparse_values)
-        if mode == "dense":
-            return np.ascontiguousarray(query.dense, dtype=np.float32)
-        # qdrant-edge takes nested lists of a multivector in half the time of a 2-D array (0.45 vs 0.98 ms at 11 x 1024)
-        return np.asarray(query.colbert, dtype=np.float32).tolist()

@@ -1,17 +1,10 @@
 """Qdrant server / cluster engine through qdrant-client: ``qdrant://host:port/name``, and
 qdrant-client's local mode ``qdrant+local://PATH/name`` (same client API, no server).
 
-Why: a collection that outgrows one machine moves to a Qdrant cluster unchanged. The
-schema is the embedded engine's (:mod:`m3search.engines.qdrant_edge`), so the same
-queries return the same hits, and ``m3search migrate`` copies points between them:
-
-* named vector ``dense``: float32, Dot, HNSW (``Schema.hnsw_m`` / ``hnsw_ef_construct``);
-* sparse vector ``sparse`` (dot product, inverted index);
-* ``colbert``: multivector, MaxSim comparator, NO HNSW graph (``HnswConfigDiff(m=0)``),
-  float16 or float32 (``Schema.colbert_dtype``; on a server also the turbo codecs and a
-  quantized copy, ``Schema.colbert_quantization``, as in the embedded engine), on disk by default;
-* one point per window of a document (layout and crash rule in
-  :mod:`~m3search.engines.qdrant_common`); filters are one nested condition over ``m`` (see there).
+Why: a collection that outgrows one machine moves to a Qdrant cluster unchanged. Vectors
+and points are the embedded engine's (named vectors in :mod:`~m3search.engines.qdrant_edge`;
+point layout, filters and crash rule in :mod:`~m3search.engines.qdrant_common`), so the same
+queries return the same hits, and ``m3search migrate`` copies points between them.
 
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
@@ -71,8 +64,7 @@ from m3search.engines.base import (
     Schema,
     score_records,
 )
-from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point
-from m3search.engines.qdrant_filter import engine_filter, to_qdrant
+from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point, split_requests
 from m3search.filters import Filter
 from m3search.plan import check_deadline
 
@@ -83,7 +75,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"the Qdrant server engine needs qdrant-client: pip install 'm3search[qdrant]' ({exc})") from exc
 
-__all__ = ["QdrantRemoteEngine", "to_client_filter", "parse_qdrant_location"]
+__all__ = ["QdrantRemoteEngine", "parse_qdrant_location"]
 
 #: A Qdrant server rejects a longer multivector (MAX_MULTIVECTOR_FLATTENED_LEN, qdrant
 #: lib/common/common/src/validation.rs); longer windows are stored as parts (see qdrant_common).
@@ -179,11 +171,6 @@ class _ClientDialect:
         return qm.FieldCondition(key=key, range=qm.Range(**bounds))
 
 
-def to_client_filter(f: Filter | None, prefix: str = "metadata.") -> qm.Filter | None:
-    """The shared filter AST as flat qdrant-client conditions (same mapping as Qdrant Edge)."""
-    return to_qdrant(f, _ClientDialect, prefix)
-
-
 # ---------------------------------------------------------------------------- retries
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ResponseHandlingException):  # connection refused/reset, timeouts
@@ -223,6 +210,7 @@ class QdrantRemoteEngine(QdrantEngine):
     """A collection on a Qdrant server (or qdrant-client local mode); see the module docstring."""
 
     name = "qdrant"
+    _dialect = _ClientDialect
 
     def __init__(
         self,
@@ -414,9 +402,8 @@ class QdrantRemoteEngine(QdrantEngine):
                 raise CollectionNotFoundError(f"Qdrant collection {name!r} at {where} is {what}")
             schema = Schema.from_dict(meta[META_KEY]["schema"])
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
-            engine.max_windows = int(meta[META_KEY].get("max_windows_stored", 1))
             engine._check_schema(info)
-            engine.layout = engine._stored_layout()
+            engine._opened(int(meta[META_KEY].get("max_windows_stored", 1)))
         except BaseException:
             client.close()
             raise
@@ -486,15 +473,8 @@ class QdrantRemoteEngine(QdrantEngine):
                     for k, v in vec.items()
                 }
             structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
-        start, acc = 0, 0
-        for j in range(len(structs) + 1):
-            doc_start = j == len(structs) or is_head(points[j][2])
-            if doc_start and j > start and (j == len(structs) or acc + sizes[j] > self.max_request_bytes):
-                chunk = structs[start:j]
-                self._call("upload", lambda chunk=chunk: self.client.upsert(self.collection, points=chunk, wait=True))
-                start, acc = j, 0
-            if j < len(structs):
-                acc += sizes[j]
+        for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
+            self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Documents stored as several points: every point carrying their id, by filter, in one
@@ -515,9 +495,6 @@ class QdrantRemoteEngine(QdrantEngine):
         self._call(  # one request: applied together
             "set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True)
         )
-
-    def _filter(self, f: Filter | None, docs_only: bool = False) -> qm.Filter | None:
-        return engine_filter(f, _ClientDialect, nested=self.layout >= 3, docs_only=docs_only)
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:
@@ -556,39 +533,27 @@ class QdrantRemoteEngine(QdrantEngine):
             return None
         return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
 
-    def _colbert_params(self) -> qm.SearchParams | None:
-        """MaxSim params: with a quantized copy, score on it (``exact=False``: Qdrant ignores quantization
-        in exact searches; no graph, so every candidate is still scanned) and rescore as the schema says."""
-        if self.local or self.schema.colbert_quantization is None:
-            return self._params(True)
-        return qm.SearchParams(
-            exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=self.schema.colbert_rescore)
+    def _quantized_params(self, rescore: bool) -> qm.SearchParams | None:
+        if self.local:  # local mode always scans exactly (and warns about any params)
+            return None
+        return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
+
+    def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
+        payload = ["id"] if with_id else False
+        return qm.QueryRequest(
+            query=vector, using=mode, limit=limit, filter=filter, params=params, with_payload=payload
         )
 
-    def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
-        flt, params = self._filter(filter), self._params(exact)
-        reqs = [
-            qm.QueryRequest(
-                query=_vector(v, mode), using=mode, limit=limit, filter=flt, params=params, with_payload=["id"]
+    def _vector(self, mode: str, v: Any) -> Any:
+        if mode == "sparse":
+            ind, val = v
+            return qm.SparseVector(
+                indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist()
             )
-            for v in vectors
-        ]
-        return self._run(reqs)
+        return np.asarray(v, dtype=np.float32).tolist()
 
-    def _exact_queries(self, jobs: list[tuple[str, tuple[int, ...]]], uuids: list[str], query: QueryVectors) -> list:
-        exact = self._params(True)
-        filters: dict[tuple, qm.Filter] = {}  # one per distinct candidate set
-        reqs = []
-        for m, need in jobs:
-            vec = _vector((query.sparse_indices, query.sparse_values) if m == "sparse" else getattr(query, m), m)
-            only = filters.get(need)
-            if only is None:
-                only = filters[need] = qm.Filter(must=[qm.HasIdCondition(has_id=[uuids[j] for j in need])])
-            params = exact if m != "colbert" else self._colbert_params()
-            reqs.append(
-                qm.QueryRequest(query=vec, using=m, limit=len(need), filter=only, params=params, with_payload=False)
-            )
-        return self._run(reqs)
+    def _has_ids(self, uuids: list[str]) -> qm.Filter:
+        return qm.Filter(must=[qm.HasIdCondition(has_id=uuids)])
 
     def _exact_scores(self, uuids: list[str], todo: dict[str, list[int]], query: QueryVectors) -> dict[str, np.ndarray]:
         """Local mode: NumPy over the candidates' fetched vectors (see ``server_scoring``)."""
@@ -602,10 +567,3 @@ class QdrantRemoteEngine(QdrantEngine):
         for m in modes:
             out[m][need] = got[m]
         return out
-
-
-def _vector(v: Any, mode: str) -> Any:
-    if mode == "sparse":
-        ind, val = v
-        return qm.SparseVector(indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist())
-    return np.asarray(v, dtype=np.float32).tolist()
