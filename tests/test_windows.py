@@ -71,6 +71,15 @@ def corpus(tiny_encoder):
     oracle = {
         m: np.stack([s[:, win.doc == d].max(axis=1) for d in range(len(texts))], 1) for m, s in per_window.items()
     }
+    # ColBERT over the whole document: MaxSim against the tokens of all its windows at once
+    tokens = [
+        np.concatenate(
+            [e.colbert[e.colbert_offsets[r] : e.colbert_offsets[r + 1]] for r in np.flatnonzero(win.doc == d)]
+        )
+        for d in range(len(texts))
+    ]
+    doc_offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+    oracle["colbert_document"] = colbert_scores(qemb.colbert, qemb.colbert_offsets, np.concatenate(tokens), doc_offsets)
     return texts, ids, meta, queries, qemb, win, per_window, oracle
 
 
@@ -228,26 +237,56 @@ def test_fuse_then_max_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
                 assert h.score == pytest.approx(fused_w[win.doc == ids.index(h.id)].max(), abs=TOL)
 
 
-def test_whole_document_colbert_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
-    """The private switch: a document's ColBERT score is MaxSim over the tokens of all its windows."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_whole_document_colbert_rule(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """A windowed document's ColBERT score is MaxSim over the tokens of ALL its windows, in every
+    mode's hits and in the fusion, computed where the vectors live (no token vector is fetched)."""
     import m3search.collection as collection
 
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
     monkeypatch.setattr(collection, "COLBERT_RULE", "document")
-    e = win.embeddings
+    doc = oracle["colbert_document"]
+    assert (doc - oracle["colbert"] > 1e-3).any()  # the rule matters on this corpus
+    with create(engine, tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        col.engine.server_scoring = True  # qdrant-local: the server's path (queries, not fetched vectors)
+        fetch = col.engine.get_windows
+
+        def no_token_vectors(doc_ids, *, with_vectors=True):
+            assert with_vectors is not True and "colbert" not in (with_vectors or ()), "token vectors fetched"
+            return fetch(doc_ids, with_vectors=with_vectors)
+
+        monkeypatch.setattr(col.engine, "get_windows", no_token_vectors)
+        w = dict(zip(MODES, col.settings["weights"]))
+        for mode in ("colbert", "all", "dense"):
+            hits = col.search_batch(queries, k=30, mode=mode, candidates=30, exact=True, query_embeddings=qemb)
+            for qi, hs in enumerate(hits):
+                assert len(hs) == 30
+                for h in hs:
+                    j = ids.index(h.id)
+                    assert h.scores["colbert"] == pytest.approx(doc[qi, j], abs=TOL), (mode, h.id)
+                    assert h.scores["colbert"] >= oracle["colbert"][qi, j] - TOL  # never below the best window
+                    if mode == "all":
+                        parts = (w["dense"] * oracle["dense"][qi, j], w["sparse"] * oracle["sparse"][qi, j])
+                        fused = (sum(parts) + w["colbert"] * doc[qi, j]) / sum(w.values())
+                        assert h.score == pytest.approx(fused, abs=TOL)
+                if mode == "colbert":
+                    assert [h.id for h in hs] == [ids[j] for j in np.lexsort((ids, -doc[qi]))]
+
+
+def test_best_window_colbert_rule(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """The private switch COLBERT_RULE = "window": a document's ColBERT score is its best window's."""
+    import m3search.collection as collection
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    monkeypatch.setattr(collection, "COLBERT_RULE", "window")
     with create("qdrant-edge", tmp_path, tiny_encoder) as col:
         col.add(texts, ids=ids)
         hits = col.search_batch(queries, k=30, mode="colbert", candidates=30, exact=True, query_embeddings=qemb)
         for qi, hs in enumerate(hits):
-            q = qemb.colbert[qemb.colbert_offsets[qi] : qemb.colbert_offsets[qi + 1]]
             assert len(hs) == 30
             for h in hs:
-                rows = np.flatnonzero(win.doc == ids.index(h.id))
-                tokens = np.concatenate([e.colbert[e.colbert_offsets[r] : e.colbert_offsets[r + 1]] for r in rows])
-                assert h.scores["colbert"] == pytest.approx(float((q @ tokens.T).max(axis=1).mean()), abs=TOL)
-                assert (
-                    h.scores["colbert"] >= oracle["colbert"][qi, ids.index(h.id)] - TOL
-                )  # never below the best window
+                assert h.scores["colbert"] == pytest.approx(oracle["colbert"][qi, ids.index(h.id)], abs=TOL)
 
 
 def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):

@@ -108,7 +108,8 @@ DEFAULT_OVERLAP = 128
 #: over documents) or "fuse" (fusion per window, then the maximum); private, for measurement.
 WINDOW_RULE = "max"
 #: A windowed document's ColBERT score: "window" (its best window's MaxSim) or "document" (per query
-#: token the maximum over the tokens of ALL its windows); private, for measurement (benchmarks/windows.py).
+#: token the maximum over the tokens of ALL its windows). Private, for measurement: on TIME "document"
+#: lost nDCG@10 (colbert 0.708 -> 0.675) for +0.003 Recall@100 at ~10x the ColBERT cost (benchmarks/RESULTS.md).
 COLBERT_RULE = "window"
 #: Bytes of ColBERT output (float32) encoded and written at a time by an ingest call: a batch whose
 #: windows hold more is written in pieces, and a longer document through ``Engine.upsert_long``.
@@ -994,11 +995,7 @@ class Collection:
         cand, ws = pool.ids, None
         if self._engine.max_windows > 1:
             ws = self._engine.score_windows(cand, qv, modes)
-            scores = ws.doc_max()
-            if COLBERT_RULE == "document" and "colbert" in modes:
-                multi = np.flatnonzero(np.diff(ws.windows) > 1)
-                if len(multi):
-                    scores["colbert"][multi] = _document_maxsim(self._engine, [cand[d] for d in multi], qv)
+            scores = _doc_scores(self._engine, cand, qv, ws)
         else:  # scores the pool already carries are exact: only the rest is computed
             have_colbert = pool.colbert is not None and "colbert" in modes
             need = [m for m in modes if not (m == "colbert" and have_colbert)]
@@ -1042,7 +1039,7 @@ class Collection:
         records = self._engine.get(top_ids, with_vectors=vectors)
         if windowed:  # the top documents' windows in every mode: all their scores and their best window
             top_ws = self._engine.score_windows(top_ids, qv, MODES)
-            top_max = top_ws.doc_max()
+            top_max = _doc_scores(self._engine, top_ids, qv, top_ws, skip=tuple(scores))
             all_scores = {m: (scores[m][top] if m in scores else top_max[m]) for m in MODES}
             best = _best_windows(top_ws, plan.modes, weights)
         else:
@@ -1198,16 +1195,34 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
         yield bool(first), bool(last), batch, piece.cut if k == 0 else None
 
 
-def _document_maxsim(engine: Engine, ids: list[str], qv: QueryVectors) -> np.ndarray:
-    """Whole-document ColBERT MaxSim: per query token the best match over every window's tokens."""
-    from m3search.scoring import colbert_scores
+def _doc_scores(
+    engine: Engine, ids: list[str], qv: QueryVectors, ws: WindowScores, skip: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Per mode, each document's score from its windows' (``ws``): the best window's, except
+    ColBERT under the ``"document"`` rule, MaxSim over all the document's tokens (not for ``skip``)."""
+    scores = ws.doc_max()
+    if COLBERT_RULE == "document" and "colbert" in scores and "colbert" not in skip and len(qv.colbert):
+        multi = np.flatnonzero(np.diff(ws.windows) > 1)
+        if len(multi):
+            scores["colbert"][multi] = _document_maxsim(engine, [ids[d] for d in multi], qv)
+    return scores
 
-    recs = engine.get_windows(ids, with_vectors=["colbert"])
-    mats = [np.concatenate([r.colbert for r in rs]) if rs else np.zeros((0, len(qv.colbert[0]))) for rs in recs]
-    offsets = np.concatenate([[0], np.cumsum([len(m) for m in mats])]).astype(np.int64)
+
+def _document_maxsim(engine: Engine, ids: list[str], qv: QueryVectors) -> np.ndarray:
+    """Whole-document ColBERT: per query token its best match over the tokens of EVERY window of the
+    document, then FlagEmbedding's mean over query tokens (NaN for a document that is not stored).
+
+    Why one-token queries: a token's best match in a document is the maximum over its windows of
+    its best match in each window, and the engine's exact MaxSim of a ONE-token query is exactly
+    that per-window best match. So one ``score_windows`` call per query token gives the exact score
+    where the vectors live, without fetching any token vector (the engine returns them as nested
+    lists: 50-100x slower, see benchmarks/RESULTS.md).
+    """
     q = np.asarray(qv.colbert, dtype=np.float32)
-    out = colbert_scores(q, np.array([0, len(q)]), np.concatenate(mats).astype(np.float32), offsets)[0]
-    return np.where(offsets[1:] > offsets[:-1], out, np.nan)
+    best = np.empty((len(q), len(ids)))
+    for t in range(len(q)):
+        best[t] = engine.score_windows(ids, QueryVectors(colbert=q[t : t + 1]), ["colbert"]).doc_max()["colbert"]
+    return best.mean(axis=0)
 
 
 def _select_docs(ws: WindowScores, docs: np.ndarray) -> WindowScores:
