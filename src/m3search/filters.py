@@ -30,8 +30,9 @@ schema 3 do), so a filter's cost may be conditions times stored bytes
 Semantics (what :func:`matches` implements and engines follow): a missing field never
 satisfies ``eq``/``in``/range, so ``{"not": {"f": 1}}`` keeps documents without ``f``;
 when the stored value is a list, a condition holds if any element satisfies it. Numbers
-compare by value (a stored ``2.0`` equals ``2``), except that an integer beyond 2**53 (where
-float64 loses exactness) equals only integers; ranges compare in float64, as engines do.
+compare by value (a stored ``2.0`` equals ``2``), except that an integer from 2**53 on (where
+float64 stops telling neighbours apart: 2**53 + 1 rounds to 2**53) equals only integers; ranges
+compare in float64, as engines do.
 """
 
 from __future__ import annotations
@@ -363,7 +364,7 @@ def _eq(a: Any, b: Scalar) -> bool:
         return False
     if isinstance(a, float) != isinstance(b, float):  # int vs float: only where float64 is exact
         i = b if isinstance(b, int) else a
-        if abs(i) > FLOAT_EXACT_INT:
+        if abs(i) >= FLOAT_EXACT_INT:
             return False
     return a == b
 

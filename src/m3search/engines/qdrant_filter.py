@@ -10,8 +10,8 @@ only builds its client's objects. The mapping:
   bools, not floats).
 * An integer equality -> the range ``[v, v]`` alone, which holds for a stored ``2`` and
   ``2.0`` alike (the grammar counts them equal, see :func:`m3search.filters.matches`):
-  one condition, so one payload read per point, not two. Beyond 2**53, where float64
-  is not exact, the integer match alone.
+  one condition, so one payload read per point, not two. From 2**53 on, where float64
+  is not exact (a stored 2**53 + 1 would fall in the range [2**53, 2**53]), the integer match alone.
 * ``in`` over integers -> the match OR one ``[v, v]`` range per value exact in float64.
 * Strings and bools -> plain matches.
 
@@ -113,12 +113,12 @@ def _condition(f: Filter, d: Dialect, prefix: str) -> Any:
         v = f.value
         if isinstance(v, float):
             return d.range(key, gte=v, lte=v)
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) <= FLOAT_EXACT_INT:
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) < FLOAT_EXACT_INT:
             return d.range(key, gte=float(v), lte=float(v))
         return d.match(key, v)
     if isinstance(f, In):
         cond = d.match_any(key, list(f.values))
-        exact = [v for v in f.values if isinstance(v, int) and abs(v) <= FLOAT_EXACT_INT]
+        exact = [v for v in f.values if isinstance(v, int) and abs(v) < FLOAT_EXACT_INT]
         if isinstance(f.values[0], str) or not exact:
             return cond
         return d.filter(should=[cond] + [d.range(key, gte=float(v), lte=float(v)) for v in exact])
