@@ -862,7 +862,6 @@ def _bind(host: str, port: int) -> socket.socket:
     # then body) waits for the client's delayed ACK: +40 ms on every small response.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(addr)
     except OSError as exc:
