@@ -115,3 +115,19 @@ def dense_doc_scores(encoder, queries: list[str], texts: list[str], window: int 
     q = encoder.encode(queries, sparse=False, colbert=False, max_length=512).dense
     starts = np.searchsorted(w.doc, np.arange(len(texts)))  # a text's windows are consecutive
     return np.maximum.reduceat(dense_scores(q, w.embeddings.dense), starts, axis=1)
+
+
+def fail_second_upsert(monkeypatch) -> None:
+    """Make Qdrant Edge's second upsert raise OSError("disk full (simulated)"): a migration
+    interrupted after its first batch was written (the destination must then not exist)."""
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+
+    real, calls = QdrantEdgeEngine.upsert, []
+
+    def failing(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert", failing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import fail_second_upsert
 
 from m3search.collection import Collection
 from m3search.engines.base import CollectionExistsError, CollectionNotFoundError
@@ -125,22 +126,12 @@ def test_embedded_to_milvus_lite(tmp_path, tiny_encoder, source):
 def test_interrupted_migration_leaves_no_collection(tmp_path, tiny_encoder, source, monkeypatch):
     src, queries, before, manifest = source
     dst = tmp_path / "partial"
-    from m3search.engines.qdrant_edge import QdrantEdgeEngine
-
-    real, calls = QdrantEdgeEngine.upsert, []
-
-    def failing(self, batch):
-        calls.append(len(batch))
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real(self, batch)
-
-    monkeypatch.setattr(QdrantEdgeEngine, "upsert", failing)
+    fail_second_upsert(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         migrate(src, dst, batch_size=30)
     with pytest.raises(CollectionNotFoundError):
         Collection.open(dst, model=tiny_encoder)
-    monkeypatch.setattr(QdrantEdgeEngine, "upsert", real)
+    monkeypatch.undo()  # the real upsert again
     assert migrate(src, dst, batch_size=30)["copied"] == 90  # the rerun replaces the partial folder
     with Collection.open(dst, model=tiny_encoder) as col:
         identical(before, snapshot(col, queries))

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fail_second_upsert
 
 from m3search.collection import Collection
 from m3search.engines.base import CollectionNotFoundError
@@ -121,24 +122,14 @@ def test_pooled_source_cannot_be_repooled(tmp_path, tiny_encoder, source):
 
 
 def test_interrupted_layout_migration_leaves_no_collection(tmp_path, tiny_encoder, source, monkeypatch):
-    from m3search.engines.qdrant_edge import QdrantEdgeEngine
-
-    real, calls = QdrantEdgeEngine.upsert, []
-
-    def failing(self, batch):
-        calls.append(len(batch))
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real(self, batch)
-
-    monkeypatch.setattr(QdrantEdgeEngine, "upsert", failing)
+    fail_second_upsert(monkeypatch)
     layout = {"colbert_dtype": "turbo4", "colbert_pool_factor": 2}
     with pytest.raises(OSError, match="simulated"):
         migrate(source, tmp_path / "dst", batch_size=16, layout=layout)
     with pytest.raises(CollectionNotFoundError):
         Collection.open(tmp_path / "dst", model=tiny_encoder)
     assert len(colbert_scores(source, tiny_encoder)) == len(IDS)  # the source is intact
-    monkeypatch.setattr(QdrantEdgeEngine, "upsert", real)
+    monkeypatch.undo()  # the real upsert again
     assert migrate(source, tmp_path / "dst", batch_size=16, layout=layout)["copied"] == len(IDS)
     with Collection.open(tmp_path / "dst", model=tiny_encoder) as col:
         assert col.count() == len(IDS) and col.schema.colbert_dtype == "turbo4"
