@@ -562,6 +562,7 @@ class Collection:
         embeddings: Any = None,
         batch_size: int | None = None,
         show_progress: bool | None = None,
+        optimize: bool = True,
     ) -> list[str]:
         """Encode and store new documents; returns their ids (generated when ``ids`` is None).
 
@@ -569,8 +570,11 @@ class Collection:
         id already exists; an empty list is a ValueError. Each batch of ``batch_size`` documents
         is encoded and written as one atomic unit.
         ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding).
+        ``optimize=False`` leaves building indexes to a later :meth:`optimize` (search stays exact
+        meanwhile): for many small ingest calls, where optimizing after each one costs more than the
+        writes (the server defers it until ingest pauses).
         """
-        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, overwrite=False)
+        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, optimize, overwrite=False)
 
     def upsert(
         self,
@@ -581,11 +585,14 @@ class Collection:
         embeddings: Any = None,
         batch_size: int | None = None,
         show_progress: bool | None = None,
+        optimize: bool = True,
     ) -> list[str]:
         """Like :meth:`add`, but documents with existing ids are overwritten."""
-        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, overwrite=True)
+        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, optimize, overwrite=True)
 
-    def _ingest(self, texts, ids, metadata, embeddings, batch_size, show_progress, *, overwrite: bool) -> list[str]:
+    def _ingest(
+        self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, *, overwrite: bool
+    ) -> list[str]:
         texts = check_texts(texts)
         n = len(texts)
         named = ids is not None  # errors name the caller's ids, else the position
@@ -669,7 +676,8 @@ class Collection:
                         TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit, unit),
                         stacklevel=3,
                     )
-            self._engine.optimize()
+            if optimize:
+                self._engine.optimize()
             self._engine.flush()
         return ids
 
