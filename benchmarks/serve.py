@@ -18,7 +18,8 @@ What it measures, and why this way:
 * ``--baseline REV``: the same cells against the server of git revision REV (its ``src``
   extracted to a temporary folder), one server after the other on the same collection, so
   the ratios compare runs side by side.
-* ``--soak S``: 64 clients on ``/search`` for S seconds: statuses, p99, server RSS before/after.
+* ``--soak S``: 64 clients on ``/search`` for S seconds in two halves: statuses, p99, server RSS
+  before, half way and after.
 * ``--ingest N``: query latency on ``/search`` (one client) idle, then while another client
   sends N documents to ``/documents`` in requests of 64 (ids new, so the collection grows),
   then for 10 s after it (the server builds its deferred indexes then).
@@ -269,14 +270,23 @@ def _print_row(r: dict) -> None:
 
 
 def _soak(url: str, pid: int, args, queries: list[str]) -> dict:
-    before = _rss_mb(pid)
-    row = asyncio.run(
-        _load(url, "search", queries, clients=64, batch=1, seconds=args.soak, max_requests=10**9, pid=pid)
-    )
-    after = _rss_mb(pid)
-    row.update(size="query", kind="soak", rss_before_mb=before, rss_after_mb=after)
+    """64 clients on /search for ``--soak`` seconds, in two halves: RSS before, between and after, so
+    "flat" is the second half's growth (the first half includes warming caches and allocator pools)."""
+    rss = [_rss_mb(pid)]
+    halves = []
+    for _ in range(2):
+        halves.append(
+            asyncio.run(
+                _load(url, "search", queries, clients=64, batch=1, seconds=args.soak / 2, max_requests=10**9, pid=pid)
+            )
+        )
+        rss.append(_rss_mb(pid))
+    lat = halves[0]["requests"], halves[1]["requests"]
+    row = {**halves[1], "first_half": halves[0], "requests_per_half": lat}
+    row.update(size="query", kind="soak", rss_before_mb=rss[0], rss_mid_mb=rss[1], rss_after_mb=rss[2])
+    _print_row({**halves[0], "size": "query", "kind": "soak 1/2"})
     _print_row(row)
-    print(f"  soak RSS {before:.0f} -> {after:.0f} MB", flush=True)
+    print(f"  soak RSS {rss[0]:.0f} -> {rss[1]:.0f} (half way) -> {rss[2]:.0f} MB", flush=True)
     return row
 
 
