@@ -158,7 +158,7 @@ class Batcher:
         max_wait: float = 0.05,
         interactive_tokens: int | None = None,
         background_tokens: int = 1024,
-        background_round: float = 0.03,
+        background_round: float = 0.02,
         max_defer: float = 1.0,
         observer: BatchObserver | None = None,
     ) -> None:
