@@ -4,7 +4,8 @@ What it measures, and why this way:
 
 * A real server (``python -m m3search serve`` in a subprocess on a port the OS picks) over
   a collection of cranfield documents, encoded by the given model (default: the proxy).
-  Clients are closed-loop asyncio tasks (httpx) in this process: each sends a request,
+  Clients are closed-loop asyncio tasks in this process, one keep-alive connection each
+  (``_Conn``: a few lines of HTTP/1.1, cheaper than httpx): each sends a request,
   waits for the answer, sends the next. Every cell is bounded by ``--seconds`` and
   ``--max-requests``; responses are checked for status only (parsing them would measure
   the client).
@@ -17,9 +18,11 @@ What it measures, and why this way:
 * ``--baseline REV``: the same cells against the server of git revision REV (its ``src``
   extracted to a temporary folder), one server after the other on the same collection, so
   the ratios compare runs side by side.
-* ``--soak S``: 64 clients on ``/search`` for S seconds: statuses, p99, server RSS before/after.
+* ``--soak S``: 64 clients on ``/search`` for S seconds in two halves: statuses, p99, server RSS
+  before, half way and after.
 * ``--ingest N``: query latency on ``/search`` (one client) idle, then while another client
-  sends N documents to ``/documents`` in requests of 64 (ids new, so the collection grows).
+  sends N documents to ``/documents`` in requests of 64 (ids new, so the collection grows),
+  then for 10 s after it (the server builds its deferred indexes then).
 
 Usage (repository root, project venv)::
 
@@ -118,6 +121,40 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class _Conn:
+    """A keep-alive HTTP/1.1 connection that sends JSON POSTs and reads status + body: the
+    least CPU a client can spend per request (like wrk), because the clients share the two cores
+    with the server being measured. httpx cost 1.8-3 ms CPU per request here (0.2-0.35 of a core at
+    16 clients, 1/16 of that for the one-client bound, so it biased the ratio); this costs ~0.1 ms."""
+
+    def __init__(self, url: str) -> None:
+        u = httpx.URL(url)
+        self.host, self.port = u.host, u.port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict) -> int:
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        request = (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(request)
+        headers = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(headers[9:12])
+        lower = headers.lower()
+        i = lower.find(b"content-length:")
+        if i < 0:  # uvicorn always sends a length for these routes; anything else is a bug here
+            raise RuntimeError(f"response without Content-Length: {headers[:200]!r}")
+        await self.reader.readexactly(int(lower[i + 15 : lower.index(b"\r\n", i)]))
+        return status
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
 async def _load(
     url: str,
     route: str,
@@ -136,23 +173,27 @@ async def _load(
     end = time.perf_counter() + seconds
 
     async def one(worker: int) -> None:
-        # One client (one connection) per worker: a shared httpx pool scans its connections on
-        # every request, which cost this process ~13 ms CPU per request at 64 clients (0.8 of a
-        # core on a 2-core machine, taken from the server being measured); alone, ~1 ms.
+        # One connection per client (a shared httpx pool scanned its connections on every request:
+        # ~13 ms CPU per request at 64 clients, taken from the server being measured).
         nonlocal sent
         i = worker * 7919
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        conn = _Conn(url)
+        try:
             while time.perf_counter() < end and sent < max_requests:
                 sent += 1
                 texts = [pool[(i + j) % len(pool)] for j in range(batch)]
                 i += batch
                 t0 = time.perf_counter()
                 try:
-                    status = (await client.post(ROUTES[route], json=_body(route, texts))).status_code
-                except httpx.HTTPError as exc:  # a timeout on an overloaded machine is a result, not a crash
+                    status = await asyncio.wait_for(conn.post(ROUTES[route], _body(route, texts)), 300)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:  # a result, not a crash
                     status = type(exc).__name__
+                    await conn.close()
+                    conn = _Conn(url)
                 lat.append(time.perf_counter() - t0)
                 statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            await conn.close()
 
     t0, cpu0, own0 = time.perf_counter(), _cpu_s(pid) if pid else 0.0, time.process_time()
     await asyncio.gather(*(one(w) for w in range(clients)))
@@ -229,14 +270,23 @@ def _print_row(r: dict) -> None:
 
 
 def _soak(url: str, pid: int, args, queries: list[str]) -> dict:
-    before = _rss_mb(pid)
-    row = asyncio.run(
-        _load(url, "search", queries, clients=64, batch=1, seconds=args.soak, max_requests=10**9, pid=pid)
-    )
-    after = _rss_mb(pid)
-    row.update(size="query", kind="soak", rss_before_mb=before, rss_after_mb=after)
+    """64 clients on /search for ``--soak`` seconds, in two halves: RSS before, between and after, so
+    "flat" is the second half's growth (the first half includes warming caches and allocator pools)."""
+    rss = [_rss_mb(pid)]
+    halves = []
+    for _ in range(2):
+        halves.append(
+            asyncio.run(
+                _load(url, "search", queries, clients=64, batch=1, seconds=args.soak / 2, max_requests=10**9, pid=pid)
+            )
+        )
+        rss.append(_rss_mb(pid))
+    lat = halves[0]["requests"], halves[1]["requests"]
+    row = {**halves[1], "first_half": halves[0], "requests_per_half": lat}
+    row.update(size="query", kind="soak", rss_before_mb=rss[0], rss_mid_mb=rss[1], rss_after_mb=rss[2])
+    _print_row({**halves[0], "size": "query", "kind": "soak 1/2"})
     _print_row(row)
-    print(f"  soak RSS {before:.0f} -> {after:.0f} MB", flush=True)
+    print(f"  soak RSS {rss[0]:.0f} -> {rss[1]:.0f} (half way) -> {rss[2]:.0f} MB", flush=True)
     return row
 
 
@@ -259,13 +309,13 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         ingest_time = time.perf_counter() - t0
         done.set()
 
-    async def query(client: httpx.AsyncClient, stop) -> list[float]:
+    async def query(conn: _Conn, stop) -> list[float]:
         lat, i = [], 0
         while not stop():
             t0 = time.perf_counter()
             try:
-                status = (await client.post("/search", json=_body("search", [queries[i % len(queries)]]))).status_code
-            except httpx.HTTPError as exc:
+                status = await conn.post("/search", _body("search", [queries[i % len(queries)]]))
+            except (OSError, asyncio.IncompleteReadError) as exc:
                 status = type(exc).__name__
             lat.append(time.perf_counter() - t0)
             if status != 200:
@@ -273,13 +323,19 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
             i += 1
         return lat
 
+    conn = _Conn(url)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         t_end = time.perf_counter() + args.seconds
-        idle = await query(client, lambda: time.perf_counter() > t_end)
+        idle = await query(conn, lambda: time.perf_counter() > t_end)
         task = asyncio.create_task(ingest(client))
         await asyncio.sleep(0.5)  # the ingest is under way
-        busy = await query(client, done.is_set)
+        busy = await query(conn, done.is_set)
         await task
+        # After the ingest: the server builds the indexes it deferred (DeferredOptimize) once ingest
+        # has paused, so these queries run beside that build, then on the grown collection.
+        t_end = time.perf_counter() + max(args.seconds, 10.0)
+        after = await query(conn, lambda: time.perf_counter() > t_end)
+    await conn.close()
     pct = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
     out = {
         "docs": args.ingest,
@@ -291,12 +347,16 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         "busy_p50_ms": pct(busy, 50),
         "busy_p95_ms": pct(busy, 95),
         "busy_queries": len(busy),
+        "after_p50_ms": pct(after, 50),
+        "after_p95_ms": pct(after, 95),
+        "after_max_ms": pct(after, 100),
         "query_failures": [str(x) for x in failed],
     }
     print(
         f"  ingest {args.ingest} docs in {ingest_time:.1f} s ({out['ingest_docs_per_s']:.1f}/s) {out['ingest_statuses']}; "
         f"/search p50/p95 idle {out['idle_p50_ms']:.1f}/{out['idle_p95_ms']:.1f} ms, during ingest "
-        f"{out['busy_p50_ms']:.1f}/{out['busy_p95_ms']:.1f} ms ({len(busy)} queries)",
+        f"{out['busy_p50_ms']:.1f}/{out['busy_p95_ms']:.1f} ms ({len(busy)} queries), after "
+        f"{out['after_p50_ms']:.1f}/{out['after_p95_ms']:.1f} ms (max {out['after_max_ms']:.0f})",
         flush=True,
     )
     return out

@@ -363,3 +363,44 @@ def test_a_failing_job_fails_alone_and_the_worker_goes_on(tiny_encoder):
         assert b.result(b.submit_job(lambda: ("ok", 0, 0), priority=INTERACTIVE)) == "ok"
         _same(b.encode(["after"]), tiny_encoder.encode(["after"]))
         assert b.depth == 0
+
+
+def test_no_background_round_starts_while_a_query_is_in_flight(tiny_encoder):
+    """A query's whole handling (its search too, not only its encoding) keeps ingest rounds off the cores."""
+    slow = SlowEncoder(tiny_encoder)
+    with Batcher(slow, max_defer=30) as b:
+        with b.foreground():
+            ingest = b.submit(["a passage to ingest"], priority=BACKGROUND)
+            query = b.encode(["the query"])  # interactive work still runs
+            time.sleep(0.3)
+            assert not ingest.future.done()
+            assert [c for c in slow.calls if "a passage to ingest" in c] == []
+        ingest.future.result(10)  # released: it runs at once
+    _same(query, tiny_encoder.encode(["the query"]))
+
+
+def test_background_work_waits_at_most_max_defer(tiny_encoder):
+    """A steady stream of queries slows an ingest down but never stops it."""
+    with Batcher(SlowEncoder(tiny_encoder), max_defer=0.2) as b:
+        with b.foreground():
+            t0 = time.monotonic()
+            b.encode(["a passage"], priority=BACKGROUND)
+            waited = time.monotonic() - t0
+            assert 0.15 < waited < 5
+            t0 = time.monotonic()
+            b.wait_background_turn()  # the clock restarted: a full max_defer again
+            assert 0.15 < time.monotonic() - t0 < 5
+
+
+def test_batched_encoder_hands_over_ingest_batches_between_queries(tiny_encoder):
+    """The caller of a background BatchedEncoder writes what it gets: not while a query is in flight."""
+    with Batcher(SlowEncoder(tiny_encoder), max_defer=30) as b:
+        enc = BatchedEncoder(b)
+        got: list = []
+        with b.foreground():
+            t = threading.Thread(target=lambda: got.append(enc.encode(["a passage"])))
+            t.start()
+            time.sleep(0.3)
+            assert got == []
+        t.join(10)
+        assert len(got) == 1

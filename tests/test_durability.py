@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     from m3search.collection import Collection
     from m3search.encoder import M3Embeddings
 
-    path, pool_file, start, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    path, pool_file, start, batch, optimize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     z = np.load(pool_file)
     texts = json.loads(str(z["texts"]))
     emb = M3Embeddings(z["dense"], sp.csr_matrix((z["sp_data"], z["sp_indices"], z["sp_indptr"]), shape=tuple(z["sp_shape"])),
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent(
     while True:
         rows = [(b * batch + j) % len(texts) for j in range(batch)]
         col.add([texts[r] for r in rows], ids=[f"b{b}-{j}" for j in range(batch)],
-                metadata=[{"batch": b, "row": r} for r in rows], embeddings=emb[np.array(rows)])
+                metadata=[{"batch": b, "row": r} for r in rows], embeddings=emb[np.array(rows)], optimize=optimize)
         print(f"done {b}", flush=True)
         b += 1
     """
@@ -107,7 +107,7 @@ def _check(path, texts, emb, acknowledged: set[int]) -> int:
         return max(present, default=-1) + 1
 
 
-def _kill_rounds(path, encoder, pool, rounds: int) -> None:
+def _kill_rounds(path, encoder, pool, rounds: int, optimize: bool = True) -> None:
     texts, emb, pool_file = pool
     Collection.create(path, model=encoder).close()
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
@@ -115,7 +115,7 @@ def _kill_rounds(path, encoder, pool, rounds: int) -> None:
     start = 0
     for _ in range(rounds):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path), str(pool_file), str(start), str(BATCH)],
+            [sys.executable, "-c", CHILD, str(path), str(pool_file), str(start), str(BATCH), str(int(optimize))],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -135,6 +135,12 @@ def _kill_rounds(path, encoder, pool, rounds: int) -> None:
 def test_kill_9_smoke(tmp_path, tiny_encoder, pool):
     """Three kills: the default suite's quick version of the heavy test below."""
     _kill_rounds(tmp_path / "col", tiny_encoder, pool, rounds=3)
+
+
+def test_kill_9_keeps_writes_acknowledged_without_optimize_or_flush(tmp_path, tiny_encoder, pool):
+    """``add(optimize=False)`` (the server's ingest) neither optimizes nor flushes: what it acknowledged
+    lives only in the write-ahead log, which must survive the kill."""
+    _kill_rounds(tmp_path / "col", tiny_encoder, pool, rounds=5, optimize=False)
 
 
 @pytest.mark.heavy

@@ -13,6 +13,7 @@ in the server), and that the lifespan releases the collection.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from m3search import Collection  # noqa: E402
+from m3search.batching import Batcher  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
     DuplicateIdError,
@@ -29,7 +31,7 @@ from m3search.errors import (  # noqa: E402
     ModelMismatchError,
     UnknownIdError,
 )
-from m3search.server import _ERROR_STATUS, Resources, Settings, create_app, get_settings  # noqa: E402
+from m3search.server import _ERROR_STATUS, DeferredOptimize, Resources, Settings, create_app, get_settings  # noqa: E402
 
 TEXTS = [
     "The boundary layer separates at high angles of attack.",
@@ -151,3 +153,50 @@ def test_lifespan_opens_from_settings_and_releases_the_collection(stored, tiny_m
         with pytest.raises(CollectionInUseError):
             Collection.open(stored)
     Collection.open(stored).close()  # released on exit
+
+
+def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monkeypatch):
+    """/documents neither optimizes nor flushes per request (Qdrant Edge holds the GIL for both, so every
+    query would stall); the app's DeferredOptimize does it once ingest has paused, and at shutdown."""
+    app, client, col = app_and_collection
+    calls: list[str] = []
+    monkeypatch.setattr(col._engine, "optimize", lambda: calls.append("optimize") or False)
+    monkeypatch.setattr(col._engine, "flush", lambda: calls.append("flush"))
+    indexer = app.state.indexer
+    indexer.idle = 0.5
+    for i in (1, 2):
+        r = client.post("/documents", json={"documents": [{"id": f"x{i}", "text": f"new text {i}"}]})
+        assert r.status_code == 200
+    assert calls == []  # not per request
+    assert client.post("/search", json={"query": "new text 2", "k": 1}).json()["hits"][0]["id"] == "x2"
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls == ["optimize", "flush"]  # once, for both requests
+    time.sleep(0.7)
+    assert calls == ["optimize", "flush"]  # nothing pending: nothing more
+
+
+def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
+    """``every`` bounds what stays unindexed during continuous ingest; close() optimizes what is pending."""
+
+    class Fake:
+        runs = 0
+
+        def optimize(self):
+            self.runs += 1
+
+    fake = Fake()
+    with Batcher(tiny_encoder) as b:
+        indexer = DeferredOptimize(fake, b, idle=60, every=10)
+        indexer.wrote(4)
+        time.sleep(0.2)
+        assert fake.runs == 0  # neither idle long enough nor 10 documents
+        indexer.wrote(6)
+        deadline = time.monotonic() + 10
+        while not fake.runs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.runs == 1
+        indexer.wrote(1)
+        indexer.close()
+        assert fake.runs == 2

@@ -16,6 +16,14 @@ splits by token budget), then hands each caller its own rows.
   that order (a large request may be split over several rounds) up to a token budget, and
   only requests with the same ``max_length`` share a round. The outputs computed are the
   union of what the round's requests asked for; each request gets only its own.
+* **Queries first, end to end.** A query is more than its encoding: the server marks its
+  whole handling (encoding, engine search, fusion) with :meth:`Batcher.foreground`, and no
+  background round or job starts while one is in flight (nor does :class:`BatchedEncoder`
+  hand an ingest its next batch to write), so an ingest runs in the gaps between queries
+  instead of sharing the cores with their searches. A query then waits for at most the one
+  background round (or write) already running. Background work deferred for longer than
+  ``max_defer`` seconds runs one round anyway, so a steady stream of queries slows an
+  ingest down but never stops it.
 * **Adaptive coalescing.** When the worker is idle and recent rounds served one request,
   a new request starts at once (no added latency for a lone client). When they served
   several, the worker waits until HALF as many are waiting (the estimate jumps up with a big
@@ -51,6 +59,7 @@ import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -136,7 +145,8 @@ class Batcher:
     ``max_queue``: most texts waiting or in flight. ``timeout``: default seconds a request
     may wait for its encoding to start. ``max_wait``: longest coalescing wait, seconds. ``interactive_tokens``
     / ``background_tokens``: most real tokens per round (default: the encoder's token budget /
-    1024). ``background_round``: target seconds of one background round.
+    1024). ``background_round``: target seconds of one background round. ``max_defer``: longest
+    seconds background work waits for in-flight :meth:`foreground` requests before one round runs anyway.
     """
 
     def __init__(
@@ -148,13 +158,16 @@ class Batcher:
         max_wait: float = 0.05,
         interactive_tokens: int | None = None,
         background_tokens: int = 1024,
-        background_round: float = 0.05,
+        background_round: float = 0.02,
+        max_defer: float = 1.0,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_queue < 1 or timeout <= 0 or max_wait < 0 or background_tokens < 1 or background_round <= 0:
             raise ValueError(
                 "max_queue and background_tokens must be >= 1, timeout and background_round > 0, max_wait >= 0"
             )
+        if max_defer < 0:
+            raise ValueError("max_defer must be >= 0")
         self.encoder = encoder
         self.max_queue = int(max_queue)
         self.timeout = float(timeout)
@@ -173,6 +186,9 @@ class Batcher:
         self._last_round = 0.0  # seconds the last round took
         self._rate = 0.0  # texts per second, moving average (for Retry-After)
         self.background_round = float(background_round)
+        self.max_defer = float(max_defer)
+        self._foreground = 0  # interactive requests in flight, encoding to response (under _cond)
+        self._deferred_since: float | None = None  # when background work first waited for them (under _cond)
         self._token_rate = 0.0  # tokens per second, moving average (sizes background rounds)
         self._thread = threading.Thread(target=self._run, name="m3search-batcher", daemon=True)
         self._thread.start()
@@ -244,11 +260,47 @@ class Batcher:
                 )
             self._load += req.size
             self._inbox.append(req)
-            self._cond.notify()
+            self._cond.notify_all()  # the worker, wherever it waits (ingest threads may wait too)
             load = self._load
         if self.observer is not None:
             self.observer.queue_depth(load)
         return req
+
+    @contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Mark an interactive request in flight for its whole handling (not only its encoding):
+        background rounds, jobs and ingest writes wait until none is (see the module docstring)."""
+        with self._cond:
+            self._foreground += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._foreground -= 1
+                if not self._foreground:
+                    self._cond.notify_all()
+
+    def wait_background_turn(self) -> None:
+        """Block until no :meth:`foreground` request is in flight, or background work has waited
+        ``max_defer`` seconds (then it takes its turn and the clock restarts). Ingest writes call it."""
+        self._wait_turn(yield_to_inbox=False)
+
+    def _wait_turn(self, *, yield_to_inbox: bool) -> bool:
+        """Wait for in-flight foreground requests, at most ``max_defer`` counted from when background
+        work first waited; False (and the clock kept) if ``yield_to_inbox`` and new work came in."""
+        with self._cond:
+            while self._foreground and not self._closed and not (yield_to_inbox and self._inbox):
+                now = time.monotonic()
+                if self._deferred_since is None:
+                    self._deferred_since = now
+                left = self._deferred_since + self.max_defer - now
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if yield_to_inbox and self._inbox and not self._closed:
+                return False
+            self._deferred_since = None
+            return True
 
     def round_tokens(self, priority: int) -> int:
         """Most real tokens in one round at ``priority`` now (background: about ``background_round``
@@ -313,7 +365,7 @@ class Batcher:
         """Stop the worker; requests still waiting fail with RuntimeError."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
 
     def __enter__(self) -> Batcher:
@@ -381,6 +433,8 @@ class Batcher:
         priority = next((p for p in _PRIORITIES if self._ready[p]), None)
         if priority is None:
             return
+        if priority == BACKGROUND and not self._wait_turn(yield_to_inbox=True):
+            return  # interactive work arrived while waiting: collect it first
         queue = self._ready[priority]
         if queue[0].job is not None:
             self._run_job(queue.popleft())
@@ -553,6 +607,9 @@ class BatchedEncoder:
     job (the next piece queued while the caller stores the last), so a long document holds
     the worker for one round at a time. Everything else is the wrapped encoder's.
 
+    At background priority, what it returns is handed over only when no query is in flight
+    (:meth:`Batcher.wait_background_turn`): the caller's engine write is background work too.
+
     An ingest in progress is a write its caller waits for: rather than fail half-way (some
     batches stored), its requests wait for room when the queue is full and may wait up to
     ``timeout`` seconds to start.
@@ -567,6 +624,10 @@ class BatchedEncoder:
                 return submit(*args, priority=self.priority, timeout=self.timeout, **kwargs)
             except QueueFull as exc:
                 time.sleep(min(exc.retry_after, 1.0))
+
+    def _turn(self) -> None:
+        if self.priority == BACKGROUND:
+            self.batcher.wait_background_turn()
 
     def __getattr__(self, name: str) -> Any:  # identity, max_length, tokenizer, ...: the model's
         return getattr(self.batcher.encoder, name)
@@ -586,6 +647,7 @@ class BatchedEncoder:
         emb = self.batcher.result(
             self._submit(self.batcher.submit, texts, dense=dense, sparse=sparse, colbert=colbert, max_length=max_length)
         )
+        self._turn()  # the caller writes what it gets: not while a query is in flight
         if emb.truncated and warn_truncation:
             limit = min(max_length or self.max_length, self.max_length)
             warnings.warn(
@@ -635,9 +697,11 @@ class BatchedEncoder:
                 held.append(piece)
                 tokens += int(piece.embeddings.n_tokens.sum())
                 if chunk_tokens is not None and tokens >= chunk_tokens:
+                    self._turn()
                     yield concat_windows(held)
                     held, tokens = [], 0
             if held:
+                self._turn()
                 yield concat_windows(held)
         finally:
             ticket.cancel()  # the caller stopped early: the next piece costs no work

@@ -1,0 +1,73 @@
+"""Is a forward pass slower in a thread other than the one that loaded the model? (issue 13)
+
+Found while measuring the server's one-client latency (2026-12-03): the proxy's forward pass for one query
+took ~6-8 ms wall in the main thread (and in a thread that had itself loaded the model) but ~11-15 ms in any
+other thread, with the same CPU time (~13 ms: the second core idles). The server's batching worker is such
+another thread. Cause not found yet (not the weights' memory: re-cloning them in the thread does not help;
+not torch.set_num_threads; OMP_WAIT_POLICY=PASSIVE makes the main thread as slow as the others).
+
+Prints wall and CPU ms per forward pass of one query (proxy model), per calling thread::
+
+    python benchmarks/thread_forward.py [--model PATH] [--seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+SHARED = Path(os.environ.get("M3SEARCH_SHARED", REPO.parent / "shared"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(SHARED / "models" / "bge-m3-proxy"))
+    p.add_argument("--seconds", type=float, default=2.0)
+    args = p.parse_args()
+    import torch
+
+    from m3search import M3Encoder
+
+    query = json.loads((SHARED / "data" / "cranfield" / "queries.jsonl").open().readline())["text"]
+    models: dict[str, M3Encoder] = {}
+
+    def timed(label: str, enc: M3Encoder) -> None:
+        ids = torch.tensor([enc.tokenize([query], 64)[0][0]])
+        mask = torch.ones_like(ids)
+        t0, c0, k = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - t0 < args.seconds:
+            with torch.inference_mode():
+                enc.model(input_ids=ids, attention_mask=mask)
+            k += 1
+        wall, cpu = (time.perf_counter() - t0) / k * 1000, (time.process_time() - c0) / k * 1000
+        print(f"| {label} | {wall:.2f} | {cpu:.2f} |", flush=True)
+
+    def in_thread(fn) -> None:
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    print("| model loaded by -> forward called from | wall ms | CPU ms |\n|---|---|---|")
+    models["main"] = M3Encoder.from_pretrained(args.model)
+    timed("main -> main", models["main"])
+    in_thread(lambda: timed("main -> another thread", models["main"]))
+
+    def load_here() -> None:
+        models["thread"] = M3Encoder.from_pretrained(args.model)
+        timed("a thread -> the same thread", models["thread"])
+
+    in_thread(load_here)
+    timed("a thread -> main", models["thread"])
+    in_thread(lambda: timed("a thread -> a third thread", models["thread"]))
+
+
+if __name__ == "__main__":
+    main()
