@@ -468,7 +468,7 @@ CHILD = textwrap.dedent(
     from m3search.engines import resolve_engine
     from m3search.engines.base import PointBatch
 
-    path, f = sys.argv[1], sys.argv[2]
+    path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)
     versions = list(z["versions"])
     eng = resolve_engine(path).open(path)
@@ -482,8 +482,16 @@ CHILD = textwrap.dedent(
     while True:
         v = versions[i % len(versions)]
         sparse = sp.csr_matrix((v["sp_data"], v["sp_indices"], v["sp_indptr"]), shape=tuple(v["sp_shape"]))
-        eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], v["offsets"],
-                              np.array([0, len(v["dense"])]), v["spans"]))
+        o, n = v["offsets"], len(v["dense"])
+        if long:  # one window a piece, as the Collection streams a document longer than a piece
+            eng.upsert_long(
+                PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"][j : j + 1], sparse[j : j + 1],
+                           v["colbert"][o[j] : o[j + 1]], o[j : j + 2] - o[j], np.array([0, 1]), v["spans"][j : j + 1])
+                for j in range(n)
+            )
+        else:
+            eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], o,
+                                  np.array([0, n]), v["spans"]))
         print("done", i, flush=True)
         i += 1
     """
@@ -519,10 +527,14 @@ def reopen(loc: str, deadline: float = 30.0) -> Collection:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("engine", ["qdrant-edge", "milvus-lite"])
-def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
-    """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
-    moments; the reopened document is one version whole (text, window count, window vectors)."""
+@pytest.mark.parametrize(
+    "engine,write",
+    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long")],
+)
+def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine, write):
+    """A child rewrites one document alternately as 3, 1 and 2 windows (in one upsert, or streamed
+    through upsert_long one window a piece); kill -9 at random moments; the reopened document is one
+    version whole (text, window count, window vectors, what a query finds)."""
     texts = [corpus[0][20], corpus[0][0], corpus[0][10]]  # 3, 1, 2 windows
     versions = []
     for t in texts:
@@ -551,7 +563,9 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
     seen = set()
     pause = (0.05, 0.6) if engine != "milvus-lite" else (0.3, 4.0)  # a Milvus Lite rewrite takes longer
     for _ in range(12):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, loc, str(f)], stdout=subprocess.PIPE, text=True, env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, loc, str(f), write], stdout=subprocess.PIPE, text=True, env=env
+        )
         ready, *servers = child.stdout.readline().split()
         assert ready == "ready"
         time.sleep(float(rng.uniform(*pause)))
@@ -564,9 +578,13 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
             n = len(v["dense"])
             seen.add(n)
             assert rec.windows == n and col.count() == 2
-            assert vector_points(col, "x") == n  # no window of another version answers a query
             got = col.engine.get_windows(["x"])[0]
             np.testing.assert_allclose(np.stack([r.dense for r in got]), v["dense"], atol=1e-6)
+            if write == "batch":
+                assert vector_points(col, "x") == n  # no window of another version answers a query
+            for probe in v["dense"]:  # a query finds x at its best window of THIS version (a long write's
+                hits = dict(col.engine.search_dense(probe[None], 2, exact=True)[0])  # strays are ignored)
+                assert hits["x"] == pytest.approx(float((v["dense"] @ probe).max()), abs=1e-5)
             assert {r.metadata["v"] for r in got} == {rec.metadata["v"]} if "v" in rec.metadata else True
     assert len(seen) >= 2  # the kills landed on different versions
 

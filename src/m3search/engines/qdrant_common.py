@@ -333,11 +333,6 @@ class QdrantEngine(Engine):
             got[back[str(r.id)]] = (parts, int(p.get("chunks", 0)), int(p.get("gen", 0)))
         return got
 
-    def _point_ids(self, doc_id: str, parts: Sequence[int], chunks: int, gen: int) -> list[str]:
-        """Every point of one version of a document but its head (windows, parts, text points)."""
-        ids = [part_uuid(doc_id, w, p, gen) for w, n in enumerate(parts) for p in range(n)][1:]
-        return ids + [text_uuid(doc_id, c, gen) for c in range(chunks)]
-
     @property
     def _per_point(self) -> int:
         """Most token vectors on one point (Parts in the module docstring; no limit: all)."""
