@@ -97,7 +97,8 @@ __all__ = [
 #: and token pooling (``colbert_quantization``, ``colbert_rescore``, ``colbert_pool_factor``,
 #: turbo storage types; a version-1 manifest reads as their defaults).
 #: 3: Qdrant point layout with metadata as a one-element array and long texts on vector-less
-#: points (engines/qdrant_common.py; schema 1-2 collections keep their layout).
+#: points (engines/qdrant_common.py; schema 1-2 collections keep their layout); a document
+#: re-written by a long write keeps its non-head points under a generation (``"gen"``, same module).
 SCHEMA_VERSION = 3
 
 #: Storage types of ColBERT token vectors (Qdrant's ``VectorStorageDatatype``): float32 and

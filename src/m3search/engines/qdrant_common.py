@@ -410,15 +410,10 @@ class QdrantEngine(Engine):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
                 points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece}))
                 sizes.append(2 * len(piece.encode("utf-8")) + 256)
-            for w, was in enumerate(was_parts):  # old points past the new layout
-                for p in range(parts[w] if w < n else 0, was):
-                    tombs.append(part_uuid(doc_id, w, p, g_id))
-                    points.append((tombs[-1], None, {"id": doc_id, "window": w, "part": p}))
-                    sizes.append(256)
-            for c in range(chunks, was_chunks):
-                tombs.append(text_uuid(doc_id, c, g_id))
-                points.append((tombs[-1], None, {"id": doc_id, "chunk": c}))
-                sizes.append(256)
+            dead = self._tombstones(doc_id, was_parts, was_chunks, g_id, parts, chunks)  # past the new layout
+            points += dead
+            sizes += [256] * len(dead)
+            tombs += [t[0] for t in dead]
         return points, sizes, tombs
 
     # -------------------------------------------------------------------- writes
@@ -482,14 +477,19 @@ class QdrantEngine(Engine):
         n, parts = self.max_windows, self.max_windows if self.multivector_limit is not None else 1
         return [part_uuid(doc_id, w, p, gen) for w in range(n) for p in range(parts)][1:]
 
-    def _tombstones(self, doc_id: str, parts: Sequence[int], chunks: int, gen: int) -> list[tuple[str, None, dict]]:
-        """Vector-less points over every point of a stored version but its head (windows, parts, text)."""
+    def _tombstones(
+        self, doc_id: str, parts: Sequence[int], chunks: int, gen: int, kept: Sequence[int] = (), kept_chunks: int = 0
+    ) -> list[tuple[str, None, dict]]:
+        """Vector-less points over the points of a stored version (its windows' ``parts``, ``chunks`` text
+        points, generation ``gen``) that a new version's (``kept`` parts per window, ``kept_chunks``) do
+        not overwrite; never over the head."""
         out = [
             (part_uuid(doc_id, w, p, gen), None, {"id": doc_id, "window": w, "part": p})
             for w, n in enumerate(parts)
-            for p in range(n)
-        ][1:]
-        return out + [(text_uuid(doc_id, c, gen), None, {"id": doc_id, "chunk": c}) for c in range(chunks)]
+            for p in range(kept[w] if w < len(kept) else 0, n)
+            if w or p
+        ]
+        return out + [(text_uuid(doc_id, c, gen), None, {"id": doc_id, "chunk": c}) for c in range(kept_chunks, chunks)]
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         if len(ids) != len(metadata):
