@@ -468,7 +468,7 @@ CHILD = textwrap.dedent(
     from m3search.engines import resolve_engine
     from m3search.engines.base import PointBatch
 
-    path, f = sys.argv[1], sys.argv[2]
+    path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)
     versions = list(z["versions"])
     eng = resolve_engine(path).open(path)
@@ -482,8 +482,16 @@ CHILD = textwrap.dedent(
     while True:
         v = versions[i % len(versions)]
         sparse = sp.csr_matrix((v["sp_data"], v["sp_indices"], v["sp_indptr"]), shape=tuple(v["sp_shape"]))
-        eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], v["offsets"],
-                              np.array([0, len(v["dense"])]), v["spans"]))
+        o, n = v["offsets"], len(v["dense"])
+        if long:  # one window a piece, as the Collection streams a document longer than a piece
+            eng.upsert_long(
+                PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"][j : j + 1], sparse[j : j + 1],
+                           v["colbert"][o[j] : o[j + 1]], o[j : j + 2] - o[j], np.array([0, 1]), v["spans"][j : j + 1])
+                for j in range(n)
+            )
+        else:
+            eng.upsert(PointBatch(["x"], [v["text"]], [{"v": i}], v["dense"], sparse, v["colbert"], o,
+                                  np.array([0, n]), v["spans"]))
         print("done", i, flush=True)
         i += 1
     """
@@ -519,10 +527,14 @@ def reopen(loc: str, deadline: float = 30.0) -> Collection:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("engine", ["qdrant-edge", "milvus-lite"])
-def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine):
-    """A child rewrites one document alternately as 3, 1 and 2 windows; kill -9 at random
-    moments; the reopened document is one version whole (text, window count, window vectors)."""
+@pytest.mark.parametrize(
+    "engine,write",
+    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long")],
+)
+def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine, write):
+    """A child rewrites one document alternately as 3, 1 and 2 windows (in one upsert, or streamed
+    through upsert_long one window a piece); kill -9 at random moments; the reopened document is one
+    version whole (text, window count, window vectors, what a query finds)."""
     texts = [corpus[0][20], corpus[0][0], corpus[0][10]]  # 3, 1, 2 windows
     versions = []
     for t in texts:
@@ -551,7 +563,9 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
     seen = set()
     pause = (0.05, 0.6) if engine != "milvus-lite" else (0.3, 4.0)  # a Milvus Lite rewrite takes longer
     for _ in range(12):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, loc, str(f)], stdout=subprocess.PIPE, text=True, env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, loc, str(f), write], stdout=subprocess.PIPE, text=True, env=env
+        )
         ready, *servers = child.stdout.readline().split()
         assert ready == "ready"
         time.sleep(float(rng.uniform(*pause)))
@@ -564,9 +578,13 @@ def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_
             n = len(v["dense"])
             seen.add(n)
             assert rec.windows == n and col.count() == 2
-            assert vector_points(col, "x") == n  # no window of another version answers a query
             got = col.engine.get_windows(["x"])[0]
             np.testing.assert_allclose(np.stack([r.dense for r in got]), v["dense"], atol=1e-6)
+            if write == "batch":
+                assert vector_points(col, "x") == n  # no window of another version answers a query
+            for probe in v["dense"]:  # a query finds x at its best window of THIS version (a long write's
+                hits = dict(col.engine.search_dense(probe[None], 2, exact=True)[0])  # strays are ignored)
+                assert hits["x"] == pytest.approx(float((v["dense"] @ probe).max()), abs=1e-5)
             assert {r.metadata["v"] for r in got} == {rec.metadata["v"]} if "v" in rec.metadata else True
     assert len(seen) >= 2  # the kills landed on different versions
 
@@ -633,7 +651,7 @@ def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encode
         enforce_server_limit(col.engine, LIMIT)
         col.add(texts, ids=ids, metadata=meta, batch_size=8)
         ref.add(texts, ids=ids, metadata=meta, batch_size=8)
-        assert col.count() == len(texts) and col.engine._layout([ids[25]])[0][0] > 1
+        assert col.count() == len(texts) and col.engine._layout([ids[25]])[0][0][0] > 1
         for server_scoring in (False, True):
             col.engine.server_scoring = server_scoring
             for mode in ("colbert", "all"):
@@ -652,9 +670,9 @@ def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encode
         e = win.embeddings
         for r, j in zip(got, rows):
             np.testing.assert_allclose(r.colbert, e.colbert[e.colbert_offsets[j] : e.colbert_offsets[j + 1]], atol=1e-6)
-        points, before = raw_points(col), col.engine._layout([ids[25]])[0]
+        points, before = raw_points(col), col.engine._layout([ids[25]])[0][0]
         col.upsert([texts[0]], ids=[ids[25]])  # 3 windows in parts -> 1 window
-        after = col.engine._layout([ids[25]])[0]
+        after = col.engine._layout([ids[25]])[0][0]
         assert len(before) == 3 and len(after) == 1
         assert col.count() == len(texts) and raw_points(col) == points - sum(before) + sum(after)
         col.delete(ids[20:])
@@ -773,6 +791,75 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
         assert col.manifest["pending"] == ["x"]
         col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
         assert vector_points(col, "x") == 1 and raw_points(col) == 3 and col.count() == 2
+    finally:
+        col.close()
+
+
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+@pytest.mark.parametrize("stop", ["between pieces", "at the switch"])
+def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
+    tmp_path, tiny_encoder, corpus, engine, stop, monkeypatch
+):
+    """Over a stored document, upsert_long writes the new windows under the next generation and
+    switches with one write of the head: stopped before it, count, get, get_windows and every search
+    give the OLD document whole; the next write leaves no stray point."""
+    import m3search.collection as collection
+    from m3search.engines.qdrant_common import is_head
+
+    texts, ids, meta, queries, qemb, *_ = corpus
+    old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    probes = [queries[0], new, old]
+    col = create(engine, tmp_path / "col", tiny_encoder)
+    try:
+        col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
+        eng = col.engine
+
+        def snapshot(c):
+            ws = c.engine.get_windows(["x"])[0]
+            hits = [
+                [(h.id, h.window, round(h.score, 5)) for h in c.search(q, k=5, mode=m, exact=True)]
+                for q in probes
+                for m in ("dense", "sparse", "colbert", "all")
+            ]
+            return c.count(), c.count({"v": 1}), c.get("x")[0], np.stack([r.dense for r in ws]), hits
+
+        before = snapshot(col)
+        assert before[2].windows == 3
+        real, writes = eng._write, []
+
+        def crash(points, sizes):
+            mine = [p for p in points if p[2]["id"] == "x"]
+            writes.append(any(is_head(p[2]) for p in mine))
+            if stop == "at the switch" and writes[-1] or stop == "between pieces" and len(writes) == 2:
+                raise KeyboardInterrupt("killed")
+            return real(points, sizes)
+
+        monkeypatch.setattr(eng, "_write", crash)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([new], ids=["x"], metadata=[{"v": 2}])
+        monkeypatch.setattr(eng, "_write", real)
+        assert not any(writes[:-1]) and writes[-1] == (stop == "at the switch")  # stopped where meant, head unwritten
+        assert vector_points(col, "x") > 3  # new windows were written, and a query ignores them
+        col.close()
+        col = Collection.open(location(engine, tmp_path / "col"), model=tiny_encoder)
+        after = snapshot(col)
+        assert after[:2] == before[:2] and after[4] == before[4]
+        assert (after[2].text, after[2].metadata, after[2].windows) == (old, {"v": 1}, 3)
+        np.testing.assert_array_equal(after[3], before[3])
+        col.upsert([new], ids=["x"], metadata=[{"v": 2}])  # again, to the end: the new version whole
+        ref = create(engine, tmp_path / "ref", tiny_encoder)
+        try:
+            ref.add([texts[10], new], ids=["y", "x"], metadata=[{"v": 0}, {"v": 2}])
+            got, want = snapshot(col), snapshot(ref)
+            assert got[:2] == want[:2] and got[4] == want[4] and got[2].text == new
+            np.testing.assert_allclose(got[3], want[3], atol=1e-5)
+            assert raw_points(col) == raw_points(ref)  # no old, stray or tombstone point left
+            col.delete("x")
+            ref.delete("x")
+            assert raw_points(col) == raw_points(ref) == 2 and col.count() == 1  # y's two windows
+        finally:
+            ref.close()
     finally:
         col.close()
 

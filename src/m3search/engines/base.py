@@ -36,8 +36,9 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
    ``get_windows``, ``score_windows``, ``stored_units`` and ``upsert_long`` have defaults for it.
 3. Crash rule. ``upsert`` is ONE atomic, durable write: after kill -9 a batch is fully there
    or absent, and a re-written document is its old or its new set of windows, never a mix (no
-   old window stays visible to count, search or get). ``upsert_long`` may leave the document
-   absent, never mixed.
+   old window stays visible to count, search or get). ``upsert_long`` keeps that rule, or at
+   least leaves the document absent, never mixed (the default and the Qdrant engines keep the
+   old version; Milvus leaves it absent).
 4. Exactness. ``score`` / ``score_windows`` are EXACT (no ANN, no "missing = 0" beyond a
    sparse window sharing no token with the query); the defaults compute them in NumPy
    (:func:`score_records`) over fetched vectors, an engine may compute them where the vectors
@@ -96,7 +97,8 @@ __all__ = [
 #: and token pooling (``colbert_quantization``, ``colbert_rescore``, ``colbert_pool_factor``,
 #: turbo storage types; a version-1 manifest reads as their defaults).
 #: 3: Qdrant point layout with metadata as a one-element array and long texts on vector-less
-#: points (engines/qdrant_common.py; schema 1-2 collections keep their layout).
+#: points (engines/qdrant_common.py; schema 1-2 collections keep their layout); a document
+#: re-written by a long write keeps its non-head points under a generation (``"gen"``, same module).
 SCHEMA_VERSION = 3
 
 #: Storage types of ColBERT token vectors (Qdrant's ``VectorStorageDatatype``): float32 and
@@ -572,8 +574,8 @@ class Engine(ABC):
         consecutive windows, window 0 in the first), so memory is bounded by a piece, not the text.
 
         Contract: count, get and search never see part of the new version; after a crash the
-        document is its old version or absent, never a mix. Default: every piece held, then one
-        :meth:`upsert` (memory: the whole document).
+        document is its old version (or, where the engine says so, absent), never a mix. Default:
+        every piece held, then one :meth:`upsert` (memory: the whole document).
         """
         self.upsert(PointBatch.join(list(pieces), one_document=True))
 

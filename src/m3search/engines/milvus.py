@@ -120,7 +120,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -1259,21 +1259,11 @@ class MilvusEngine(Engine):
             out[i] = hits
         return out
 
-    def score(
-        self,
-        ids: Sequence[str],
-        query: QueryVectors,
-        modes: Sequence[str] = MODES,
-        known: Mapping[str, Mapping[str, float]] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Per mode, each document's best window (:meth:`score_windows`). ``known`` is not used: the
-        vectors are fetched for ColBERT anyway, and the dense and sparse products over them cost less
-        than splitting the fetch."""
-        return self.score_windows(ids, query, modes).doc_max()
-
     def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
         """Exact scores of every window of the documents, from the fetched vectors (:func:`score_records`);
-        a document that is not stored is one NaN window."""
+        a document that is not stored is one NaN window. ``score`` is the base's (their per-document
+        maximum): ``known`` is not used, as the vectors are fetched for ColBERT anyway, and the dense
+        and sparse products over them cost less than splitting the fetch."""
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}")

@@ -57,13 +57,18 @@ tombstoned alike (the head's ``chunks`` names the ones that count). So every wri
 old or the new document whole.
 
 Long writes (:meth:`QdrantEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece). The old version is deleted first, then
-each piece's windows ``w >= 1`` are written as they are encoded, and window 0 last. Until
-then no window-0 point exists: count and get do not see the document, and a window that a
-vector query returns belongs to no stored document (the Collection drops it, as it drops a
-concurrently deleted one). A crash leaves the document absent (not old, never a mix); the
-Collection records the document being written in its manifest and removes its stray windows
-before its next write (the manifest's window count is raised before each piece).
+piece, written with memory bounded by the piece). Over a stored document, every point but the
+head is written under the NEXT GENERATION ``g`` (ids :func:`part_uuid` / :func:`text_uuid` with
+``g``, payload ``"gen": g``) as each piece is encoded; no read follows those ids until the head
+names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
+(:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen``). The
+switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
+with tombstones over every point of the old version; the tombstones are deleted after. A crash
+before the switch leaves the old version whole (its stray points of generation ``g`` are deleted
+by the document's next long write or delete). A document not stored is written in generation 0,
+window 0 last: a crash leaves it absent, and the Collection, which records it in its manifest,
+removes its stray windows before its next write (the manifest's window count is raised before
+each piece).
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ __all__ = ["QdrantEngine", "window_uuid", "text_uuid", "record_from_point", "TEX
 #: Namespaces of window points past the first (window 0 keeps the caller id's point_uuid) and of text points.
 WINDOW_NAMESPACE = uuid.UUID("0c3e5b1d-41a7-5e2f-8d6a-9b4c2f1e7a53").bytes
 TEXT_NAMESPACE = uuid.UUID("5d1f0b6e-2c4a-5b7e-9f3d-1a8c6e2b4d70").bytes
+#: Namespace of the points of a generation ``g > 0`` (Long writes in the module docstring).
+GEN_NAMESPACE = uuid.UUID("a4e2c7f1-9b3d-5e60-8c1a-7f2b4d6e9a15").bytes
 #: Most characters of text on one point: a longer text is split into text points (see module).
 TEXT_CHUNK = 16_384
 #: Point layout written by this version (the schema version that introduced it); 2 = schema 1-2.
@@ -102,19 +109,27 @@ LAYOUT = 3
 OVERFETCH = 2
 
 
-def window_uuid(doc_id: str, window: int) -> str:
-    """Point id of a document's window (UUID5; window 0 is :func:`point_uuid` of the id)."""
-    return point_uuid(f"{window}\x00{doc_id}", WINDOW_NAMESPACE) if window else point_uuid(doc_id)
+def window_uuid(doc_id: str, window: int, gen: int = 0) -> str:
+    """Point id of a document's window (UUID5; window 0 is :func:`point_uuid` of the id in every generation)."""
+    return part_uuid(doc_id, window, 0, gen)
 
 
-def text_uuid(doc_id: str, chunk: int) -> str:
+def text_uuid(doc_id: str, chunk: int, gen: int = 0) -> str:
     """Point id of text point ``chunk`` of a document (see the module docstring)."""
+    if gen:
+        return point_uuid(f"{gen}\x00t{chunk}\x00{doc_id}", GEN_NAMESPACE)
     return point_uuid(f"{chunk}\x00{doc_id}", TEXT_NAMESPACE)
 
 
-def part_uuid(doc_id: str, window: int, part: int) -> str:
-    """Point id of part ``part >= 1`` of a window (see Parts in the module docstring)."""
-    return window_uuid(f"{window}\x00{doc_id}", part) if part else window_uuid(doc_id, window)
+def part_uuid(doc_id: str, window: int, part: int, gen: int = 0) -> str:
+    """Point id of part ``part`` of a window (see Parts and Long writes in the module docstring)."""
+    if not window and not part:
+        return point_uuid(doc_id)  # the head: the one point a long write switches
+    if gen:
+        return point_uuid(f"{gen}\x00{window}\x00{part}\x00{doc_id}", GEN_NAMESPACE)
+    if part:
+        return point_uuid(f"{part}\x00{window}\x00{doc_id}", WINDOW_NAMESPACE)
+    return point_uuid(f"{window}\x00{doc_id}", WINDOW_NAMESPACE)
 
 
 def record_from_point(r: Any) -> Record:
@@ -297,23 +312,25 @@ class QdrantEngine(Engine):
     # ------------------------------------------------------------------- windows
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
         """How many windows each stored document has (0: not stored); no read when no document has two."""
-        return np.array([len(p) for p in self._layout(ids)], dtype=np.int64)
+        return np.array([len(p) for p, _ in self._layout(ids)], dtype=np.int64)
 
-    def _layout(self, ids: Sequence[str]) -> list[list[int]]:
-        """Per document, the part count of each window ([] when not stored): one read of window 0."""
-        if self.max_windows <= 1:
+    def _layout(self, ids: Sequence[str]) -> list[tuple[list[int], int]]:
+        """Per document, the part count of each window ([] when not stored) and its generation: one
+        read of window 0."""
+        if self.max_windows <= 1:  # one window each: no long write happened (generation 0)
             found = self.existing(ids)
-            return [[1] if i in found else [] for i in ids]
+            return [([1] if i in found else [], 0) for i in ids]
         stored = self._stored(ids)
-        return [stored[i][0] if i in stored else [] for i in ids]
+        return [stored[i][::2] if i in stored else ([], 0) for i in ids]
 
-    def _stored(self, ids: Sequence[str]) -> dict[str, tuple[list[int], int]]:
-        """Stored documents among ``ids``: their windows' part counts and text point count."""
+    def _stored(self, ids: Sequence[str]) -> dict[str, tuple[list[int], int, int]]:
+        """Stored documents among ``ids``: their windows' part counts, text point count and generation."""
         back = {point_uuid(i): i for i in ids}
         got = {}
-        for r in self._retrieve(list(back), ["windows", "parts", "chunks"], False):
+        for r in self._retrieve(list(back), ["windows", "parts", "chunks", "gen"], False):
             p = r.payload or {}
-            got[back[str(r.id)]] = (p.get("parts") or [1] * int(p.get("windows", 1)), int(p.get("chunks", 0)))
+            parts = p.get("parts") or [1] * int(p.get("windows", 1))
+            got[back[str(r.id)]] = (parts, int(p.get("chunks", 0)), int(p.get("gen", 0)))
         return got
 
     @property
@@ -337,11 +354,12 @@ class QdrantEngine(Engine):
         return {"m": [meta], "meta": json.dumps(meta)} if head else {"m": [meta]}
 
     def _points(
-        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int]], first: int = 0
+        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int, int]], first: int = 0, gen: int | None = None
     ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
         """Window (part and text) points of ``batch``, tombstones over every old point past the
         new layout, their approximate JSON sizes, and the tombstones' ids. ``first``: the window
-        number of the batch's first window (a piece of a long document, :meth:`upsert_long`)."""
+        number of the batch's first window, ``gen``: the generation written (a piece of a long
+        document, :meth:`upsert_long`; None: each document's stored one)."""
         sparse = batch.sparse.tocsr()
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         colbert = np.ascontiguousarray(batch.colbert, dtype=np.float32)
@@ -353,6 +371,9 @@ class QdrantEngine(Engine):
         points, sizes, tombs = [], [], []
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
+            was_parts, was_chunks, was_gen = old.get(doc_id, ([], 0, 0))
+            g_id = was_gen if gen is None else gen
+            tag = {"gen": g_id} if g_id else {}  # a long write's points (search checks them against the head)
             parts = window_parts[wo[i] : wo[i + 1]]
             text, chunks = batch.texts[i], 0
             if self.layout >= 3 and len(text) > TEXT_CHUNK and first == 0:  # text points go with the head's piece
@@ -368,37 +389,31 @@ class QdrantEngine(Engine):
                     "colbert": tokens if parts[w] == 1 else tokens[:per],
                 }
                 if g == 0:
-                    payload = {"id": doc_id, **self._meta(meta, True)}
+                    payload = {"id": doc_id, **self._meta(meta, True), **tag}
                     payload.update({"chunks": chunks} if chunks else {"text": text})
                     if n > 1:
                         payload.update(windows=n, spans=batch.doc_spans(i))
                     if max(parts) > 1:
                         payload["parts"] = parts
                 else:
-                    payload = {"id": doc_id, **self._meta(meta, False), "window": g}
-                points.append((window_uuid(doc_id, g), vec, payload))
+                    payload = {"id": doc_id, **self._meta(meta, False), "window": g, **tag}
+                points.append((window_uuid(doc_id, g, g_id), vec, payload))
                 n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
                 text_bytes = len(text.encode("utf-8")) * 2 if g == 0 and not chunks else 0
                 sizes.append(14 * int(n_floats) + text_bytes + 512)
                 for p in range(1, parts[w]):
                     chunk = tokens[p * per : (p + 1) * per]
-                    part = {"id": doc_id, **self._meta(meta, False), "window": g, "part": p}
-                    points.append((part_uuid(doc_id, g, p), {"colbert": chunk}, part))
+                    part = {"id": doc_id, **self._meta(meta, False), "window": g, "part": p, **tag}
+                    points.append((part_uuid(doc_id, g, p, g_id), {"colbert": chunk}, part))
                     sizes.append(14 * chunk.size + 512)
             for c in range(chunks):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
-                points.append((text_uuid(doc_id, c), None, {"id": doc_id, "chunk": c, "text": piece}))
+                points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece}))
                 sizes.append(2 * len(piece.encode("utf-8")) + 256)
-            was_parts, was_chunks = old.get(doc_id, ([], 0))
-            for w, was in enumerate(was_parts):  # old points past the new layout
-                for p in range(parts[w] if w < n else 0, was):
-                    tombs.append(part_uuid(doc_id, w, p))
-                    points.append((tombs[-1], None, {"id": doc_id, "window": w, "part": p}))
-                    sizes.append(256)
-            for c in range(chunks, was_chunks):
-                tombs.append(text_uuid(doc_id, c))
-                points.append((tombs[-1], None, {"id": doc_id, "chunk": c}))
-                sizes.append(256)
+            dead = self._tombstones(doc_id, was_parts, was_chunks, g_id, parts, chunks)  # past the new layout
+            points += dead
+            sizes += [256] * len(dead)
+            tombs += [t[0] for t in dead]
         return points, sizes, tombs
 
     # -------------------------------------------------------------------- writes
@@ -406,7 +421,7 @@ class QdrantEngine(Engine):
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        old: dict[str, tuple[list[int], int]] = {}
+        old: dict[str, tuple[list[int], int, int]] = {}
         if self.max_windows > 1 or self.layout >= 3:  # a stored document may have points past the new layout
             old = self._stored(batch.ids)
         self.max_windows = max(self.max_windows, self.stored_units(batch))
@@ -417,23 +432,30 @@ class QdrantEngine(Engine):
             self._delete_points(tombs)  # a crash before this leaves invisible tombstones
 
     def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
-        """Long Writes (module docstring): the old version is deleted, each piece's windows
-        written as it comes, window 0 (the head: text, metadata, every window's span and parts) last."""
-        head, spans, parts, done = None, [], [], 0
+        """Long writes (module docstring): each piece's points written as it comes under the next
+        generation, then ONE write of the head (text, metadata, every window's span and parts, the
+        generation) with tombstones over the old version's points: the switch."""
+        head, spans, parts, done, old, gen = None, [], [], 0, None, 0
         for piece in pieces:
             piece.validate(self.schema)
             if not piece.has_vectors or len(piece) != 1:
                 raise ValueError("upsert_long takes one-document pieces with vectors")
+            doc_id = piece.ids[0]
             if head is None:
-                self.delete(piece.ids)  # the old version, or windows of a write a crash interrupted
+                old = self._stored([doc_id]).get(doc_id)
+                if old is None:  # nothing to keep: generation 0, over the windows of an interrupted write
+                    self.delete([doc_id])
+                else:  # the old version stays whole until the switch; points of an interrupted write go
+                    gen = old[2] + 1
+                    self._delete_points(self._slots(doc_id, gen))
             self.max_windows = max(self.max_windows, done + self.stored_units(piece))
-            points, sizes, _ = self._points(piece, {}, first=len(spans))
+            points, sizes, _ = self._points(piece, {}, first=len(spans), gen=gen)
             parts += self._parts(piece)
             spans += piece.doc_spans(0)
             done += self.stored_units(piece)
             if head is None:
                 head, points, sizes = (points[0], sizes[0]), points[1:], sizes[1:]
-            cut = ["part" not in payload for _, _, payload in points]  # between windows: none is visible yet
+            cut = ["part" not in payload for _, _, payload in points]  # between windows: none is read yet
             for r in split_requests(sizes, cut, self.max_request_bytes):
                 self._write(points[r], sizes[r])
         if head is None:
@@ -444,34 +466,57 @@ class QdrantEngine(Engine):
         payload.pop("parts", None)
         if max(parts) > 1:
             payload["parts"] = parts
-        self._write([(uid, vec, payload)], [size + 16 * len(spans)])  # the document appears whole
+        tombs = self._tombstones(doc_id, *old) if old else []
+        self._write([(uid, vec, payload), *tombs], [size + 16 * len(spans)] + [256] * len(tombs))  # the switch
+        if tombs:
+            self._delete_points([t[0] for t in tombs])  # a crash before this leaves invisible tombstones
+
+    def _slots(self, doc_id: str, gen: int) -> list[str]:
+        """Every point id but the head's that a version of generation ``gen`` may have had: all windows
+        (and parts) up to the most points any document had."""
+        n, parts = self.max_windows, self.max_windows if self.multivector_limit is not None else 1
+        return [part_uuid(doc_id, w, p, gen) for w in range(n) for p in range(parts)][1:]
+
+    def _tombstones(
+        self, doc_id: str, parts: Sequence[int], chunks: int, gen: int, kept: Sequence[int] = (), kept_chunks: int = 0
+    ) -> list[tuple[str, None, dict]]:
+        """Vector-less points over the points of a stored version (its windows' ``parts``, ``chunks`` text
+        points, generation ``gen``) that a new version's (``kept`` parts per window, ``kept_chunks``) do
+        not overwrite; never over the head."""
+        out = [
+            (part_uuid(doc_id, w, p, gen), None, {"id": doc_id, "window": w, "part": p})
+            for w, n in enumerate(parts)
+            for p in range(kept[w] if w < len(kept) else 0, n)
+            if w or p
+        ]
+        return out + [(text_uuid(doc_id, c, gen), None, {"id": doc_id, "chunk": c}) for c in range(kept_chunks, chunks)]
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
-        layout = self._layout(ids) if self.max_windows > 1 else [[1]] * len(ids)
+        layout = self._layout(ids) if self.max_windows > 1 else [([1], 0)] * len(ids)
         groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one write per distinct payload
-        for doc_id, meta, parts in zip(ids, metadata, layout):
+        for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
             key = json.dumps(meta, sort_keys=True)
             for w, n in enumerate(parts or [1]):
                 for p in range(n):
                     head = w == 0 and p == 0
                     payload = self._meta(meta, head)
-                    groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p))
+                    groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p, gen))
         if groups:
             self._set_payload(list(groups.values()))
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Every point a document may have: all windows (and parts) up to the most points any
-        document had (this also removes tombstones left by a crash), in one write."""
+        """Every point a document may have, in one write: all windows (and parts) up to the most points
+        any document had, in its generation and the next (points of an interrupted long write), and the
+        text points its head names (this also removes tombstones left by a crash)."""
         if ids:
-            n = self.max_windows
-            parts = n if self.multivector_limit is not None else 1
-            uuids = dict.fromkeys(part_uuid(i, w, p) for i in ids for w in range(n) for p in range(parts))
-            if self.layout >= 3:  # the text points the heads name
-                uuids.update(
-                    dict.fromkeys(text_uuid(i, c) for i, (_, k) in self._stored(ids).items() for c in range(k))
-                )
+            stored = self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {}
+            uuids = dict.fromkeys(point_uuid(i) for i in ids)
+            for i in ids:
+                _, chunks, gen = stored.get(i, ([], 0, 0))
+                uuids.update(dict.fromkeys(self._slots(i, gen) + self._slots(i, gen + 1)))
+                uuids.update(dict.fromkeys(text_uuid(i, c, gen) for c in range(chunks)))
             self._delete_points(list(uuids))
 
     # --------------------------------------------------------------------- reads
@@ -492,12 +537,16 @@ class QdrantEngine(Engine):
     def _records(self, heads: Sequence[Any]) -> list[Record]:
         """Head points as records, each with its whole text (text points joined: one read)."""
         recs = [record_from_point(r) for r in heads]
-        want = [(rec, int(r.payload.get("chunks", 0))) for rec, r in zip(recs, heads) if r.payload.get("chunks")]
+        want = [
+            (rec, r.payload["chunks"], r.payload.get("gen", 0))
+            for rec, r in zip(recs, heads)
+            if r.payload.get("chunks")
+        ]
         if want:
-            uuids = [text_uuid(rec.id, c) for rec, k in want for c in range(k)]
+            uuids = [text_uuid(rec.id, c, g) for rec, k, g in want for c in range(k)]
             got = {str(r.id): r.payload["text"] for r in self._retrieve(uuids, True, False)}
-            for rec, k in want:
-                rec.text = "".join(got[text_uuid(rec.id, c)] for c in range(k))
+            for rec, k, g in want:
+                rec.text = "".join(got[text_uuid(rec.id, c, g)] for c in range(k))
         return recs
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
@@ -505,22 +554,22 @@ class QdrantEngine(Engine):
         stored in parts comes back whole (its token vectors concatenated)."""
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
         layout = self._layout(ids)
-        uuids = [part_uuid(i, w, p) for i, parts in zip(ids, layout) for w, n in enumerate(parts) for p in range(n)]
+        uuids = [part_uuid(i, w, p, g) for i, (ps, g) in zip(ids, layout) for w, n in enumerate(ps) for p in range(n)]
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
         heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
         texts = {r.id: r.text for r in self._records(heads)}
         out = []
-        for doc_id, parts in zip(ids, layout):
+        for doc_id, (parts, g) in zip(ids, layout):
             recs = []
             for w, n in enumerate(parts):
-                r = by_uuid.get(window_uuid(doc_id, w))
+                r = by_uuid.get(window_uuid(doc_id, w, g))
                 if r is None:
                     continue
                 rec = record_from_point(r)
                 if w == 0:
                     rec.text = texts[doc_id]
                 if n > 1 and rec.colbert is not None:
-                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p)]).colbert for p in range(1, n)]
+                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p, g)]).colbert for p in range(1, n)]
                     rec.colbert = np.concatenate([rec.colbert, *more])
                 recs.append(rec)
             out.append(recs)
@@ -558,12 +607,21 @@ class QdrantEngine(Engine):
         while todo:
             res = self._nearest(mode, [rows[i] for i in todo], limit, filter, exact)
             again = []
-            for i, pts in zip(todo, res):
+            for i, pts, raw in zip(todo, self._committed(res), res):
                 out[i] = collapse(pts, k)
-                if len(out[i]) < k and len(pts) == limit:
+                if len(out[i]) < k and len(raw) == limit:
                     again.append(i)
             todo, limit = again, limit * 2
         return out
+
+    def _committed(self, results: list[list]) -> list[list]:
+        """The scored points without those of a generation their document's head does not name (a long
+        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation."""
+        tagged = {p.payload["id"] for pts in results for p in pts if p.payload.get("gen")}
+        if not tagged:
+            return results
+        live = {d: g for d, (_, _, g) in self._stored(list(tagged)).items()}
+        return [[p for p in pts if p.payload.get("gen", 0) in (0, live.get(p.payload["id"]))] for pts in results]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
@@ -604,15 +662,15 @@ class QdrantEngine(Engine):
         if known and "colbert" in known:
             raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
         if self.max_windows <= 1:
-            counts, layout = np.ones(len(ids), np.int64), None
+            counts, layout, gens = np.ones(len(ids), np.int64), None, [0] * len(ids)
         else:
-            layout = self._layout(ids)
+            layout, gens = zip(*self._layout(ids)) if ids else ((), ())
             counts = np.maximum([len(p) for p in layout], 1)  # a missing document: one NaN window
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         split = []  # (position, doc id, window) of windows stored in parts: whole-window MaxSim below
         if layout is not None and "colbert" in modes:
             split = [(offsets[d] + w, ids[d], w) for d, ps in enumerate(layout) for w, n in enumerate(ps) if n > 1]
-        uuids = [window_uuid(i, w) for i, n in zip(ids, counts.tolist()) for w in range(n)]
+        uuids = [window_uuid(i, w, g) for i, n, g in zip(ids, counts.tolist(), gens) for w in range(n)]
         out = {m: np.full(len(uuids), np.nan) for m in modes}
         todo: dict[str, list[int]] = {}
         single = counts == 1

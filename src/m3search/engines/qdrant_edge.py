@@ -67,7 +67,7 @@ MANIFEST = "manifest.json"
 PIDFILE = "owner.pid"
 LOCKFILE = "lock"
 SHARD = "shard"
-_ID_ONLY = qe.PayloadSelector.Include(["id"])
+_ID_ONLY = qe.PayloadSelector.Include(["id", "gen"])  # gen: see QdrantEngine._committed
 #: Flush (persist segments, truncate the WAL) after this many vector bytes written.
 WAL_FLUSH_BYTES = 1 << 30
 
