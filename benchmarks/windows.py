@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--fuse", action="store_true", help="first folder: also fuse per window, then max")
     ap.add_argument("--candidates", type=int, default=200, help="re-ranking pool depth per first-stage list")
     ap.add_argument("--no-truncation", action="store_true", help="leave the truncation row out")
+    ap.add_argument("--no-default", action="store_true", help="leave the default-stride windows row out")
     ap.add_argument("--modes", nargs="+", default=MODES, help="modes to evaluate (default: dense sparse colbert all)")
     ap.add_argument(
         "--diagnose",
@@ -98,7 +99,7 @@ def main() -> None:
         lengths = np.array([len(x) for x in encoder.tokenize(data.doc_texts, 10**9)[0]])
         cut = int((lengths > encoder.max_length).sum())
         runs = [] if args.no_truncation else [("truncation", {"max_windows": 1}, "max", "window")]
-        for stride in [None, *args.stride]:
+        for stride in ([] if args.no_default else [None]) + args.stride:
             label, settings = ("windows", {}) if stride is None else (f"windows, stride {stride}", {"stride": stride})
             runs += [(label, settings, "max", rule) for rule in args.rules]
             if k == 0 and args.fuse and stride is None:
