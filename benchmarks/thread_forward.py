@@ -3,8 +3,11 @@
 Found while measuring the server's one-client latency (2026-12-03): the proxy's forward pass for one query
 took ~6-8 ms wall in the main thread (and in a thread that had itself loaded the model) but ~11-15 ms in any
 other thread, with the same CPU time (~13 ms: the second core idles). The server's batching worker is such
-another thread. Cause not found yet (not the weights' memory: re-cloning them in the thread does not help;
-not torch.set_num_threads; OMP_WAIT_POLICY=PASSIVE makes the main thread as slow as the others).
+another thread. Cause (found 2026-12-03, per-thread CPU ticks): libgomp stops spin-waiting between parallel
+regions once the OpenMP threads of all pools outnumber the cores, and the loading thread's idle pool counts;
+the calling thread's OpenMP worker then sleeps and wakes at each of the forward's short regions
+(OMP_WAIT_POLICY=PASSIVE does the same to every thread). The last rows release the loading thread's pool
+(m3search.batching.release_openmp_pool, what Batcher does) and call from another thread again.
 
 Prints wall and CPU ms per forward pass of one query (proxy model), per calling thread::
 
@@ -67,6 +70,11 @@ def main() -> None:
     in_thread(load_here)
     timed("a thread -> main", models["thread"])
     in_thread(lambda: timed("a thread -> a third thread", models["thread"]))
+
+    from m3search.batching import release_openmp_pool
+
+    released = release_openmp_pool()  # main's pool (it ran forwards above)
+    in_thread(lambda: timed(f"main -> another thread, main's pool released ({released})", models["main"]))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ batching must not change a single number (beyond float rounding of different pad
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from m3search.batching import (
     QueueFull,
     RequestTimeout,
     concat_embeddings,
+    release_openmp_pool,
 )
 
 TEXTS = [
@@ -404,3 +406,37 @@ def test_batched_encoder_hands_over_ingest_batches_between_queries(tiny_encoder)
             assert got == []
         t.join(10)
         assert len(got) == 1
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see libgomp and threads")
+def test_release_openmp_pool_lets_the_callers_idle_openmp_threads_exit():
+    """Its why (a loading thread's idle pool halves the worker's speed) is measured in
+    benchmarks/thread_forward.py; here: the pool it frees is really gone."""
+    import torch
+
+    if "libgomp" not in open("/proc/self/maps").read() or torch.get_num_threads() < 2:
+        pytest.skip("torch here does not run a libgomp pool of 2+ threads")
+    seen: dict[str, object] = {}
+
+    def in_a_fresh_thread() -> None:  # its own pool: the test's main thread keeps its own
+        before = _os_threads()
+        x = torch.randn(256, 512)
+        for _ in range(3):
+            x @ torch.randn(512, 512)  # a parallel region: this thread's pool of workers starts
+        seen["with_pool"] = _os_threads() - before
+        seen["released"] = release_openmp_pool()
+        deadline = time.monotonic() + 2.0  # the freed threads exit on their own schedule
+        while _os_threads() - before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["after"] = _os_threads() - before
+
+    t = threading.Thread(target=in_a_fresh_thread)
+    t.start()
+    t.join()
+    assert seen["with_pool"] >= 1, seen
+    assert seen["released"] is True
+    assert seen["after"] == 0, seen

@@ -45,7 +45,9 @@ splits by token budget), then hands each caller its own rows.
   collection, so ``/documents`` is scheduled behind queries like any other ingest).
 
 Torch: the worker is the only thread that runs the model, with torch's intra-op threads
-(one per core by default), so concurrent requests never oversubscribe the cores.
+(one per core by default), so concurrent requests never oversubscribe the cores. The thread
+that builds the batcher (the one that loaded the model) gives its idle OpenMP threads back
+(:func:`release_openmp_pool`), or every forward pass on the worker runs at half speed.
 """
 
 from __future__ import annotations
@@ -85,6 +87,31 @@ log = logging.getLogger("m3search.batching")
 
 INTERACTIVE, BACKGROUND = 0, 1
 _PRIORITIES = (INTERACTIVE, BACKGROUND)
+
+
+def release_openmp_pool() -> bool:
+    """Let the calling thread's idle OpenMP worker threads exit (libgomp only; a no-op elsewhere).
+
+    Why: libgomp counts the worker threads of every thread that ever ran a parallel region, and
+    once they outnumber the cores it stops spin-waiting between regions (about a hundred spins
+    instead of ~300,000), so each of a forward pass's hundreds of short regions sleeps and wakes
+    its threads. A model loaded in one thread (torch's parallel copies) and run in another is
+    exactly that case: one proxy query took 4.0 ms in the loading thread, 10.1 ms on the worker,
+    and 4.0 ms on the worker once the loading thread had released its pool (2 cores;
+    benchmarks/thread_forward.py). Call it outside any parallel region; the calling thread gets a
+    new pool if it runs torch again. Returns whether a libgomp was found and called.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:  # the libgomp torch loaded (its file name varies by wheel)
+            paths = {line.split(None, 5)[-1].strip() for line in f if "libgomp" in line}
+        lib = ctypes.CDLL(min(paths)) if paths else None
+        if lib is None or not hasattr(lib, "omp_pause_resource_all"):
+            return False
+        return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft: frees this thread's idle pool
+    except OSError:
+        return False
 
 
 class QueueFull(Exception):
@@ -190,6 +217,7 @@ class Batcher:
         self._foreground = 0  # interactive requests in flight, encoding to response (under _cond)
         self._deferred_since: float | None = None  # when background work first waited for them (under _cond)
         self._token_rate = 0.0  # tokens per second, moving average (sizes background rounds)
+        release_openmp_pool()  # this thread loaded the model: its idle OpenMP threads would slow the worker's
         self._thread = threading.Thread(target=self._run, name="m3search-batcher", daemon=True)
         self._thread.start()
 
