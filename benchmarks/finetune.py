@@ -52,6 +52,8 @@ CASES = {
     "xquad-r/de": ("xquad-r/de", None),
     "xquad-r/zh": ("xquad-r/zh", None),
     "xquad-r/es": ("xquad-r/es", None),
+    "xquad-r/ar": ("xquad-r/ar", None),
+    "xquad-r/ru": ("xquad-r/ru", None),
 }
 MODES = ("dense", "sparse", "colbert", "all")
 LOSS_WINDOW = 10  # steps averaged at each end of the loss curve (one step's loss is one batch's: noisy)
@@ -107,7 +109,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd, out = case_command(name, args)
     shutil.rmtree(out, ignore_errors=True)  # this script's own earlier output (a killed run's .partial resumes)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    measured: dict[str, Any] = {"start": _now(), "load_start": round(os.getloadavg()[0], 1)}
+    measured: dict[str, Any] = {"start": _now(), "machine": _machine(), "load_start": round(os.getloadavg()[0], 1)}
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     base = {"case": name, "command": shlex.join(["m3search", *cmd[3:]]), "measured": measured}
@@ -151,10 +153,18 @@ def _arrow(a: float, b: float, fmt: str) -> str:
     return f"{a:{fmt}} -> {b:{fmt}}"
 
 
+def _machine() -> str:
+    """The CPU, as ``lscpu`` names it: cases may be measured on different machines (times compare within one)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
+
+
 def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     done = [r for r in reports if "timed_out" not in r and "failed" not in r]
     lines = [
-        f"Machine: {meta['cpu']}, **shared with other engineers' jobs** (load average per case in the second table: "
+        f"Machine: {meta['cpu']} unless the second table names another (per case), **shared with other jobs** "
+        "(load average per case in the second table: "
         "times are noisy, CPU seconds less so, metrics not at all). **No GPU was lent to this task**, so the GPU run "
         f"of the same command is not measured. Base model {meta['model']} (the proxy: all-MiniLM-L6-v2 in bge-m3's "
         "layout, English only, 384-d), bf16 "
@@ -181,13 +191,14 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| case | started | load avg start -> end | steps | queries / step | epoch wall s | epoch CPU s | "
+        "| case | started | machine | load avg start -> end | steps | queries / step | epoch wall s | epoch CPU s | "
         "peak RSS MiB | mining s | whole command wall s (CPU s) | mean loss, first -> last steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         m = r.get("measured", {})
-        head = f"| {r['case']} | {m.get('start', '?')} | {m.get('load_start', '?')} -> {m.get('load_end', '?')} |"
+        machine = m.get("machine", meta["cpu"].replace(" (`lscpu`)", ""))
+        head = f"| {r['case']} | {m.get('start', '?')} | {machine} | {m.get('load_start', '?')} -> {m.get('load_end', '?')} |"
         if "timed_out" in r or "failed" in r:
             why = (
                 f"timed out after {r['timed_out']} s"
@@ -248,10 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report_from and any(meta[k] != v for k, v in settings.items()):
             parser.error(f"{raw} holds runs with other settings ({meta}); use another --raw")
     else:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in cpu.splitlines() if ":" in line)
-        model = fields.get("Model name", "?").strip()
-        meta = {"cpu": f"{model}, {fields.get('CPU(s)', '?').strip()} CPUs (`lscpu`)", **settings}
+        meta = {"cpu": f"{_machine()} (`lscpu`)", **settings}
     meta["raw"] = str(raw.resolve().relative_to(REPO)) if raw.resolve().is_relative_to(REPO) else str(raw)
     meta["argv"] = shlex.join(sys.argv[1:] if argv is None else argv) if not args.report_from else meta.get("argv")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
