@@ -153,6 +153,12 @@ def _arrow(a: float, b: float, fmt: str) -> str:
     return f"{a:{fmt}} -> {b:{fmt}}"
 
 
+def _runs(meta: dict[str, Any]) -> list[str]:
+    """The command lines that measured into a raw folder (older folders hold one, as a string)."""
+    argv = meta.get("argv") or []
+    return [argv] if isinstance(argv, str) else list(argv)
+
+
 def _machine() -> str:
     """The CPU, as ``lscpu`` names it: cases may be measured on different machines (times compare within one)."""
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -173,7 +179,9 @@ def to_markdown(reports: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "temperature 0.02, all three modes + self-distillation, every training query used (no cap). Held-out = the "
         "half of the judged queries not trained on (`--holdout 0.5`, seed 0, split by query id).",
         "",
-        f"Run: `PYTHONPATH=src nice -n 5 python benchmarks/finetune.py {meta['argv']}`; raw reports in "
+        "Runs: "
+        + ", then ".join(f"`PYTHONPATH=src nice -n 5 python benchmarks/finetune.py {a}`" for a in _runs(meta))
+        + f"; raw reports in "
         f"`{meta['raw']}`. The command of each case:",
         "",
         *[f"* {r['case']}: `{r['command']}`" for r in reports],
@@ -261,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         meta = {"cpu": f"{_machine()} (`lscpu`)", **settings}
     meta["raw"] = str(raw.resolve().relative_to(REPO)) if raw.resolve().is_relative_to(REPO) else str(raw)
-    meta["argv"] = shlex.join(sys.argv[1:] if argv is None else argv) if not args.report_from else meta.get("argv")
+    if not args.report_from:  # every invocation that measured into this folder, in order
+        this = shlex.join(sys.argv[1:] if argv is None else argv)
+        meta["argv"] = [*(a for a in _runs(meta) if a != this), this]
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     reports = []
     for name in names:
