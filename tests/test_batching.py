@@ -408,35 +408,51 @@ def test_batched_encoder_hands_over_ingest_batches_between_queries(tiny_encoder)
         assert len(got) == 1
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _threads_named(name: str) -> set[str]:
+    """This process's OS threads (ids) called ``name``: a new thread inherits its creator's name."""
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == name:
+                    found.add(tid)
+        except OSError:  # exited meanwhile
+            pass
+    return found
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see libgomp and threads")
 def test_release_openmp_pool_lets_the_callers_idle_openmp_threads_exit():
     """Its why (a loading thread's idle pool halves the worker's speed) is measured in
-    benchmarks/thread_forward.py; here: the pool it frees is really gone."""
+    benchmarks/thread_forward.py; here: the pool it frees is really gone. The pool's threads
+    are told apart from other tests' threads by name (they inherit the name of the thread
+    that started them, which names itself first)."""
+    import ctypes
+
     import torch
 
     if "libgomp" not in open("/proc/self/maps").read() or torch.get_num_threads() < 2:
         pytest.skip("torch here does not run a libgomp pool of 2+ threads")
+    name = "m3s-omp-test"
     seen: dict[str, object] = {}
 
     def in_a_fresh_thread() -> None:  # its own pool: the test's main thread keeps its own
-        before = _os_threads()
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME, this thread only
+        me = str(threading.get_native_id())
         x = torch.randn(256, 512)
         for _ in range(3):
             x @ torch.randn(512, 512)  # a parallel region: this thread's pool of workers starts
-        seen["with_pool"] = _os_threads() - before
+        pool = _threads_named(name) - {me}
+        seen["pool"] = len(pool)
         seen["released"] = release_openmp_pool()
-        deadline = time.monotonic() + 2.0  # the freed threads exit on their own schedule
-        while _os_threads() - before and time.monotonic() < deadline:
+        deadline = time.monotonic() + 5.0  # the freed threads exit on their own schedule
+        while _threads_named(name) & pool and time.monotonic() < deadline:
             time.sleep(0.01)
-        seen["after"] = _os_threads() - before
+        seen["left"] = len(_threads_named(name) & pool)
 
     t = threading.Thread(target=in_a_fresh_thread)
     t.start()
     t.join()
-    assert seen["with_pool"] >= 1, seen
+    assert seen["pool"] >= 1, seen
     assert seen["released"] is True
-    assert seen["after"] == 0, seen
+    assert seen["left"] == 0, seen
