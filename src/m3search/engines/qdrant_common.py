@@ -472,10 +472,11 @@ class QdrantEngine(Engine):
             self._delete_points([t[0] for t in tombs])  # a crash before this leaves invisible tombstones
 
     def _slots(self, doc_id: str, gen: int) -> list[str]:
-        """Every point id but the head's that a version of generation ``gen`` may have had: all windows
-        (and parts) up to the most points any document had."""
+        """Every point id but the head's that a version of generation ``gen`` may have had: windows and
+        parts within the most points any document had (``max_windows``): part ``p`` of window ``w``
+        exists only in a document of at least ``w + p + 1`` points, so ``w + p < max_windows``."""
         n, parts = self.max_windows, self.max_windows if self.multivector_limit is not None else 1
-        return [part_uuid(doc_id, w, p, gen) for w in range(n) for p in range(parts)][1:]
+        return [part_uuid(doc_id, w, p, gen) for w in range(n) for p in range(min(parts, n - w))][1:]
 
     def _tombstones(
         self, doc_id: str, parts: Sequence[int], chunks: int, gen: int, kept: Sequence[int] = (), kept_chunks: int = 0
