@@ -9,7 +9,8 @@ the calling thread's OpenMP worker then sleeps and wakes at each of the forward'
 (OMP_WAIT_POLICY=PASSIVE does the same to every thread). The last rows release the loading thread's pool
 (m3search.batching.release_openmp_pool, what Batcher does) and call from another thread again.
 
-Prints wall and CPU ms per forward pass of one query (proxy model), per calling thread::
+Prints wall and CPU ms per forward pass of one query (proxy model), per calling thread, then the
+latency of one query through a Batcher with and without the release::
 
     python benchmarks/thread_forward.py [--model PATH] [--seconds 2]
 """
@@ -75,6 +76,24 @@ def main() -> None:
 
     released = release_openmp_pool()  # main's pool (it ran forwards above)
     in_thread(lambda: timed(f"main -> another thread, main's pool released ({released})", models["main"]))
+
+    # The server's case: one query at a time through a Batcher built in main, without and with its release.
+    import m3search.batching as batching
+
+    queries = [json.loads(line)["text"] for line in (SHARED / "data" / "cranfield" / "queries.jsonl").open()][:200]
+    print("\n| through a Batcher built in main (200 queries, one at a time) | p50 ms | p95 ms |\n|---|---|---|")
+    for label, release in (("pool kept (release patched out)", lambda: False), ("pool released", release_openmp_pool)):
+        models["main"].encode(queries[:4])  # main runs torch again: its pool is back
+        batching.release_openmp_pool = release
+        with batching.Batcher(models["main"]) as b:
+            lat = []
+            for q in queries:
+                t0 = time.perf_counter()
+                b.submit([q]).future.result()
+                lat.append((time.perf_counter() - t0) * 1000)
+        batching.release_openmp_pool = release_openmp_pool
+        lat.sort()
+        print(f"| {label} | {lat[len(lat) // 2]:.2f} | {lat[int(len(lat) * 0.95)]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
