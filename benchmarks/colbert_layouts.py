@@ -174,10 +174,14 @@ class Sink:
 
 
 def parse_layout(name: str) -> dict[str, Any]:
+    """``DTYPE[/QUANTIZATION[+rescore]][:ram]``; ``:ram`` keeps the token vectors in memory
+    (``colbert_on_disk=False``: Qdrant reads them in when the collection opens)."""
+    name, ram = name.removesuffix(":ram"), name.endswith(":ram")
     dtype, _, quant = name.partition("/")
     rescore = quant.endswith("+rescore")
     quant = quant.removesuffix("+rescore") or None
-    return {"colbert_dtype": dtype, "colbert_quantization": quant, "colbert_rescore": rescore}
+    out = {"colbert_dtype": dtype, "colbert_quantization": quant, "colbert_rescore": rescore}
+    return out | ({"colbert_on_disk": False} if ram else {})
 
 
 def _du(paths: list[Path]) -> int:
@@ -387,7 +391,7 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
     qemb, _ = S.planted_queries(S.SyntheticCorpus(args.seed, 0, n), args.queries, args.seed)
     queries = [qemb[i] for i in range(args.queries)]
     sink.add("search_docs", n)
-    rows, numpy_rows, ref = [], [], {}
+    rows, numpy_rows, cold_rows, ref = [], [], [], {}
     work = Path(tempfile.mkdtemp(prefix="m3-layouts-search-", dir=args.work))
     try:
         for layout in args.search:
@@ -397,12 +401,17 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
             try:
                 corpus = S.SyntheticCorpus(args.seed, 0, n)
                 t = time.perf_counter()
-                col.add([""] * n, ids=[f"d{i}" for i in range(n)], embeddings=corpus, show_progress=False)
+                col.add(
+                    [""] * n, ids=[f"d{i}" for i in range(n)], embeddings=corpus, show_progress=False, optimize=False
+                )
                 ingest = n / (time.perf_counter() - t - corpus.gen_s)
                 del corpus
+                t = time.perf_counter()
+                col.optimize()  # builds the quantized copies and the dense graph: what is searched below
+                optimize_s = time.perf_counter() - t
                 disk = col.info().get("disk_bytes", {})
-                for q in queries[:3]:  # warm: the pages of the first candidates
-                    col.search_batch(["q"], mode="all", query_embeddings=q)
+                for q in queries:  # warm: every timed query's candidates touched once (first touch: --cold)
+                    col.search_batch(["q"], mode="all", candidates=max(args.depths), query_embeddings=q)
                 for depth in args.depths:
                     lat, cpu, tops = [], [], []
                     for q in queries:
@@ -427,6 +436,7 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
                             "depth": depth,
                             "docs": n,
                             "ingest_docs_s": ingest,
+                            "optimize_s": optimize_s,
                             "colbert_bytes_per_doc": disk.get("colbert", 0) / n,
                             "p50_ms": float(np.percentile(lat, 50)),
                             "p95_ms": float(np.percentile(lat, 95)),
@@ -445,12 +455,68 @@ def run_search(args, sink: Sink) -> dict[str, Any]:
                     )
                 if layout in args.numpy_layouts:
                     numpy_rows += numpy_versus_engine(col, queries[: args.numpy_queries], args.depths, layout, sink)
+                if args.cold:
+                    col.close()
+                    col = None
+                    for depth in args.depths:
+                        cold = {"layout": layout, "depth": depth, "docs": n, "run": RUN_STARTED}
+                        cold.update(cold_queries(path, enc, queries[-args.cold :], depth))
+                        sink.add("search_cold", cold)
+                        cold_rows.append(cold)
+                        print(f"  {layout:14s} depth {depth:4d}: cold {cold}", flush=True)
             finally:
-                col.close()
+                if col is not None:
+                    col.close()
                 shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"search": rows, "search_numpy": numpy_rows}
+    return {"search": rows, "search_numpy": numpy_rows, "search_cold": cold_rows}
+
+
+def evict_page_cache(folder: Path) -> int:
+    """Drop ``folder``'s files from the page cache (``posix_fadvise(DONTNEED)``; no root needed). Pages
+    still mapped by a process are kept, so call it with the collection closed. Returns the bytes advised."""
+    n = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            f = os.path.join(dirpath, name)
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return n
+
+
+def cold_queries(path: Path, enc, queries, depth: int) -> dict[str, float]:
+    """``all`` on a cold page cache: per query, the collection closed, its files evicted, re-opened
+    (timed apart), then ONE query timed: what the first query after a restart, or one whose
+    candidates were pushed out of memory, costs. ``reopened``: the same without the eviction (the
+    first query's own start-up cost, pages cached)."""
+    from m3search import Collection
+
+    out: dict[str, float] = {"cold_queries": len(queries)}
+    for evict, name in ((True, "cold"), (False, "reopened")):
+        lat, opened = [], []
+        for q in queries:
+            if evict:
+                evict_page_cache(path)
+            t = time.perf_counter()
+            col = Collection.open(path, model=enc)
+            opened.append((time.perf_counter() - t) * 1000)
+            try:
+                t = time.perf_counter()
+                col.search_batch(["q"], mode="all", candidates=depth, query_embeddings=q)
+                lat.append((time.perf_counter() - t) * 1000)
+            finally:
+                col.close()
+        out |= {f"{name}_p50_ms": float(np.percentile(lat, 50)), f"{name}_p95_ms": float(np.percentile(lat, 95))}
+        out[f"{name}_open_p50_ms"] = float(np.percentile(opened, 50))
+    return out
 
 
 def numpy_versus_engine(col, queries, depths, layout: str, sink: Sink) -> list[dict[str, Any]]:
@@ -737,15 +803,20 @@ def report(res: dict[str, Any]) -> str:
             "vectors: a timing set, fidelity is measured on the proxy below).",
             "",
             "| run (UTC) | docs | layout | depth | all p50 ms | all p95 ms | all CPU p50 ms | dense+sparse p50 ms "
-            "| top-10 vs float32 | ColBERT B/doc | ingest docs/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| cold all p50 / p95 ms | reopened all p50 ms | top-10 vs float32 | ColBERT B/doc | ingest docs/s | optimize s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        colds = {(c["run"], c["docs"], c["layout"], c["depth"]): c for c in res.get("search_cold", [])}
         for r in res["search"]:
             agree = "" if r.get("top10_vs_float32") is None else f"{r['top10_vs_float32']:.3f}"
+            c = colds.get((r.get("run"), r["docs"], r["layout"], r["depth"]))
+            cold = f"{c['cold_p50_ms']:.1f} / {c['cold_p95_ms']:.1f}" if c else ""
+            reopened = f"{c['reopened_p50_ms']:.1f}" if c and "reopened_p50_ms" in c else ""
+            opt = f"{r['optimize_s']:.1f}" if "optimize_s" in r else ""
             lines.append(
                 f"| {r.get('run', '')} | {r['docs']} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
-                f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {agree} | {r['colbert_bytes_per_doc']:,.0f} "
-                f"| {r['ingest_docs_s']:.0f} |"
+                f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {cold} | {reopened} | {agree} "
+                f"| {r['colbert_bytes_per_doc']:,.0f} | {r['ingest_docs_s']:.0f} | {opt} |"
             )
         lines.append("")
     if res.get("ingest_ab"):
@@ -857,6 +928,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depths", type=int, nargs="+", default=[50, 100, 200], help="candidates per first-stage list")
     ap.add_argument("--numpy-layouts", nargs="*", default=["float16"], help="--search layouts also timed in NumPy")
     ap.add_argument("--numpy-queries", type=int, default=5)
+    ap.add_argument("--cold", type=int, default=0, help="--search: cold-cache queries per depth (0: skip)")
     ap.add_argument("--ingest-ab", type=int, default=0, help="documents for the ingest A/B (0: skip)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ingest A/B")
     ap.add_argument("--fidelity", nargs="*", default=[], help="proxy-model collections under ../shared/data")
