@@ -803,7 +803,7 @@ def report(res: dict[str, Any]) -> str:
             "vectors: a timing set, fidelity is measured on the proxy below).",
             "",
             "| run (UTC) | docs | layout | depth | all p50 ms | all p95 ms | all CPU p50 ms | dense+sparse p50 ms "
-            "| cold all p50 / p95 ms | reopened all p50 ms | top-10 vs float32 | ColBERT B/doc | ingest docs/s | optimize s |",
+            "| cold all p50 / p95 ms | cold open ms | top-10 vs float32 | ColBERT B/doc | ingest docs/s | optimize s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         colds = {(c["run"], c["docs"], c["layout"], c["depth"]): c for c in res.get("search_cold", [])}
@@ -811,11 +811,11 @@ def report(res: dict[str, Any]) -> str:
             agree = "" if r.get("top10_vs_float32") is None else f"{r['top10_vs_float32']:.3f}"
             c = colds.get((r.get("run"), r["docs"], r["layout"], r["depth"]))
             cold = f"{c['cold_p50_ms']:.1f} / {c['cold_p95_ms']:.1f}" if c else ""
-            reopened = f"{c['reopened_p50_ms']:.1f}" if c and "reopened_p50_ms" in c else ""
+            opened = f"{c['cold_open_p50_ms']:.0f}" if c and "cold_open_p50_ms" in c else ""
             opt = f"{r['optimize_s']:.1f}" if "optimize_s" in r else ""
             lines.append(
                 f"| {r.get('run', '')} | {r['docs']} | {r['layout']} | {r['depth']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
-                f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {cold} | {reopened} | {agree} "
+                f"| {r.get('cpu_p50_ms', float('nan')):.1f} | {r['dense_sparse_p50_ms']:.1f} | {cold} | {opened} | {agree} "
                 f"| {r['colbert_bytes_per_doc']:,.0f} | {r['ingest_docs_s']:.0f} | {opt} |"
             )
         lines.append("")

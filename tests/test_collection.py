@@ -45,7 +45,7 @@ def test_create_add_reopen(tmp_path, tiny_encoder, tiny_model_path):
     c.close()
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["identity"] == tiny_encoder.identity
-    assert manifest["schema"]["colbert_dtype"] == "float16"
+    assert manifest["schema"]["colbert_dtype"] == "turbo8"  # the embedded engine's default layout
     assert manifest["schema"]["dense_dim"] == tiny_encoder.hidden_size
     assert manifest["settings"]["batch_size"] == 2
     with Collection.open(path) as c2:  # model=None: the recorded model, loaded lazily

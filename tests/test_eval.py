@@ -235,9 +235,11 @@ def test_proxy_exhaustive_reproduces_reference_table(
     from m3search.eval import evaluate, write_reports
 
     ref = reference_table(proxy_model_path / "README.md")[name]
-    # the reference table cuts documents at 512 tokens: one window each (max_windows=1)
+    # the reference table cuts documents at 512 tokens: one window each (max_windows=1); it scores float32
+    # token vectors, so the lossless float16 storage (the default turbo8 is measured by the next test)
+    settings = {"max_windows": 1, "colbert_dtype": "float16"}
     results = evaluate(
-        shared_data / name, model=proxy_encoder, candidates=5000, cache_dir=proxy_cache, settings={"max_windows": 1}
+        shared_data / name, model=proxy_encoder, candidates=5000, cache_dir=proxy_cache, settings=settings
     )
     write_reports(results, tmp_path)
     assert results["n_docs"] <= 5000

@@ -3,7 +3,8 @@
 One collection of 3,003 real texts (cranfield 1,400 + time 423 + xquad-r/en 1,180; ids
 prefixed by collection because they collide), encoded once with the real-semantics proxy
 model at the DEFAULT dtype (bf16 on this CPU) and ingested at the default settings
-(float16 ColBERT storage, HNSW for dense, candidates = plan.DEFAULT_CANDIDATES). The
+(the embedded engine's turbo8 ColBERT storage, HNSW for dense, candidates =
+plan.DEFAULT_CANDIDATES). The
 oracle scores every query against every document with :mod:`m3search.scoring` from the
 SAME embeddings and fuses with the same weights. Per collection and mode:
 
@@ -180,7 +181,7 @@ def default_run(proxy_model_path, corpus, tmp_path_factory):
     enc, demb, qemb = encode(proxy_model_path, corpus, "auto", timings)
     col = Collection.create(tmp_path_factory.mktemp("fidelity") / "col", model=enc)
     try:
-        assert col.schema.colbert_dtype == "float16"  # the default storage is what is measured
+        assert col.schema.colbert_dtype == "turbo8"  # the default storage is what is measured
         t = time.perf_counter()
         col.add(corpus.doc_texts, ids=corpus.doc_ids, embeddings=demb, show_progress=False)
         timings["ingest"] = time.perf_counter() - t

@@ -97,6 +97,22 @@ def test_qdrant_local_mode_refuses_lossy_codecs_before_writing(tmp_path, tiny_en
     assert not (tmp_path / "store").exists()
 
 
+def test_default_layout_per_engine(tmp_path, tiny_encoder):
+    """A new collection that names no storage type gets its engine's: turbo8 embedded (measured:
+    benchmarks/RESULTS.md, "ColBERT layouts"), float16 where the engine (or qdrant local mode) stores
+    no turbo codec; an explicit one always wins."""
+    pytest.importorskip("qdrant_client")
+    pytest.importorskip("pymilvus")
+    with Collection.create(tmp_path / "edge", model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "turbo8" and not col.schema.colbert_lossless
+    with Collection.create(tmp_path / "edge16", model=tiny_encoder, colbert_dtype="float16") as col:
+        assert col.schema.colbert_dtype == "float16" and col.schema.colbert_lossless
+    with Collection.create(f"qdrant+local://{tmp_path}/store/col", model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "float16"
+    with Collection.create(tmp_path / "m.db", model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "float16"
+
+
 def test_pool_factor_works_on_every_engine(tmp_path, tiny_encoder):
     """Pooling happens in the Collection, so an engine without codecs (qdrant local mode) honours it."""
     pytest.importorskip("qdrant_client")
@@ -110,7 +126,7 @@ def test_pool_factor_works_on_every_engine(tmp_path, tiny_encoder):
 # ------------------------------------------------------------------------ manifests
 def test_version_1_manifest_opens_as_float16_unpooled(tmp_path, tiny_encoder):
     path = tmp_path / "col"
-    with Collection.create(path, model=tiny_encoder) as col:
+    with Collection.create(path, model=tiny_encoder, colbert_dtype="float16") as col:  # version 1 stored float16
         col.add(TEXTS, ids=IDS)
         before = [(h.id, h.scores["colbert"]) for h in col.search(QUERY, k=3, mode="colbert")]
     m = json.loads((path / "manifest.json").read_text())

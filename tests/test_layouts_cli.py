@@ -93,7 +93,7 @@ def test_migrate_converts_the_layout(tmp_path, corpus, tiny_model_path):
     assert got["copied"] == len(DOCS) and got["layout"]["colbert_dtype"] == "turbo4"
     info = json.loads(run("info", "-c", dst, "--json")[1])
     assert info["count"] == len(DOCS) and info["schema"]["colbert_pool_factor"] == 2
-    assert json.loads(run("info", "-c", src, "--json")[1])["schema"]["colbert_dtype"] == "float16"
+    assert json.loads(run("info", "-c", src, "--json")[1])["schema"]["colbert_dtype"] == "turbo8"  # the default
     code, out, err = run("search", "quick brown fox", "-c", dst, "--json")
     assert code == 0 and json.loads(out)["hits"][0]["id"] == "d2"
     code, out, err = run("migrate", src, src, "--colbert-dtype", "turbo4")

@@ -79,7 +79,7 @@ def stored(col: Collection) -> dict:
 @pytest.fixture
 def source(tmp_path, tiny_encoder):
     texts, ids, meta = corpus()
-    col = Collection.create(tmp_path / "src", model=tiny_encoder)  # defaults: float16 ColBERT storage
+    col = Collection.create(tmp_path / "src", model=tiny_encoder, colbert_dtype="float16")  # what every engine stores
     col.add(texts, ids=ids, metadata=meta, batch_size=32)
     queries = [" ".join(texts[i].split()[:4]) or "x" for i in (1, 7, 30)] + ["zzqx"]
     before = snapshot(col, queries)
@@ -121,6 +121,22 @@ def test_embedded_to_milvus_lite(tmp_path, tiny_encoder, source):
     with Collection.open(dst, model=tiny_encoder) as col:
         after = snapshot(col, queries)
     close_to(before, after)  # Milvus scores in NumPy, Qdrant Edge in its own kernels
+
+
+def test_default_embedded_collection_to_milvus_needs_float16(tmp_path, tiny_encoder):
+    """The embedded engine's default layout (turbo8) is one Milvus cannot store: the error says how to
+    convert, nothing is written, and converting works."""
+    pytest.importorskip("pymilvus")
+    src, dst = tmp_path / "src", tmp_path / "m.db"
+    with Collection.create(src, model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "turbo8"
+        col.add(["alpha beta", "gamma delta"], ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"stores ColBERT as 'turbo8'.*--colbert-dtype float16"):
+        migrate(src, dst)
+    assert not dst.exists()
+    assert migrate(src, dst, layout={"colbert_dtype": "float16"})["copied"] == 2
+    with Collection.open(dst, model=tiny_encoder) as col:
+        assert col.schema.colbert_dtype == "float16" and col.search("gamma delta", k=1)[0].id == "b"
 
 
 def test_interrupted_migration_leaves_no_collection(tmp_path, tiny_encoder, source, monkeypatch):

@@ -33,7 +33,7 @@ def source(tmp_path, tiny_encoder):
     words = " ".join(BUILTIN_TEXTS).split()
     texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 30)))) for _ in IDS]
     path = tmp_path / "src"
-    with Collection.create(path, model=tiny_encoder) as col:  # today's default: float16, unpooled
+    with Collection.create(path, model=tiny_encoder, colbert_dtype="float16") as col:  # the lossless layout, unpooled
         col.add(texts, ids=IDS, metadata=[{"i": i} for i in range(len(IDS))], batch_size=16)
     return path
 

@@ -359,8 +359,9 @@ def layout_options(f: Any) -> Any:
         click.option(
             "--colbert-dtype",
             default=None,
-            help="ColBERT storage type: float16 (the default, lossless in practice), float32 (exact) or a lossy "
-            "codec turbo16 / turbo8 / turbo4 (Qdrant only).",
+            help="ColBERT storage type: float32 (exact), float16 (lossless in practice) or a lossy codec turbo16 / "
+            "turbo8 / turbo4 (Qdrant only) [default: turbo8 on the embedded engine, float16 on a Qdrant server and "
+            "Milvus].",
         ),
         click.option(
             "--colbert-quantization",

@@ -306,8 +306,9 @@ class Collection:
         embedded engine is one shard and refuses them.
 
         ``model`` is a name/path or an :class:`~m3search.M3Encoder`. Settings:
-        ``colbert_dtype`` ("float16" default, "float32" for exact ColBERT scores, or a lossy
-        "turbo16" / "turbo8" / "turbo4" codec), ``colbert_quantization`` (None, or a quantized
+        ``colbert_dtype`` (default: the engine's, "turbo8" on the embedded engine and "float16"
+        elsewhere; "float32" for exact ColBERT scores, "float16" for ~1e-3, or a lossy "turbo16" /
+        "turbo8" / "turbo4" codec), ``colbert_quantization`` (None, or a quantized
         copy scored in RAM, see :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS`),
         ``colbert_rescore`` (True: rescore on the stored vectors), ``colbert_pool_factor``
         (1; k keeps ``ceil(n / k)`` token vectors per document, :mod:`m3search.pooling`),
@@ -341,6 +342,7 @@ class Collection:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
         run.update(_window_settings(run, encoder.max_length, engine_cls))
+        settings.setdefault("colbert_dtype", engine_cls.default_colbert_dtype)
         schema = Schema(
             dense_dim=encoder.hidden_size,
             colbert_dim=encoder.colbert_dim,

@@ -128,7 +128,15 @@ def migrate(
         schema = _target_schema(source.schema, layout, src)
         pool = schema.colbert_pool_factor if source.schema.colbert_pool_factor == 1 else 1
         total = source.count()
-        target = dst_cls.create(dst, schema, **dst_options)  # refuses a layout this engine cannot honour
+        try:
+            target = dst_cls.create(dst, schema, **dst_options)  # refuses a layout this engine cannot honour
+        except ValueError as exc:
+            if "colbert_dtype" in layout or schema.colbert_dtype in ("float16", "float32"):
+                raise
+            raise ValueError(
+                f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}: convert it on the way with "
+                "layout={'colbert_dtype': 'float16'} (CLI: --colbert-dtype float16)"
+            ) from None
         try:
             copied = _copy(source, target, total, batch_size, show_progress, pool)
             found = target.count()

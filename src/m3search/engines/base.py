@@ -141,8 +141,9 @@ class Schema:
     """Shapes and storage choices fixed at creation (recorded in the manifest).
 
     ``colbert_dtype``: storage type of token vectors (:data:`COLBERT_DTYPES`), ``"float16"``
-    (default: half the bytes, score error ~1e-3), ``"float32"`` (exact) or a lossy turbo
-    codec. ``colbert_on_disk``: token vectors are only read for re-ranking candidates, and at
+    (score error ~1e-3; the default here, so manifests written before the field existed read
+    as float16; a new collection gets its engine's :attr:`Engine.default_colbert_dtype`),
+    ``"float32"`` (exact) or a lossy turbo codec. ``colbert_on_disk``: token vectors are only read for re-ranking candidates, and at
     scale exceed RAM, so they live on disk (memory-mapped) by default.
     ``colbert_quantization``: None, or a quantized copy (:data:`COLBERT_QUANTIZATIONS`) kept in
     RAM and used to score candidates; ``colbert_rescore`` then says whether the engine rescores
@@ -510,6 +511,9 @@ class Engine(ABC):
     name: ClassVar[str] = "engine"
     #: Whether a document may be stored as several windows (False: the Collection caps it at one).
     windowed: ClassVar[bool] = False
+    #: ColBERT storage type of a new collection that names none (chosen per engine by measurement:
+    #: benchmarks/RESULTS.md, "ColBERT layouts"); a collection keeps the one its manifest records.
+    default_colbert_dtype: ClassVar[str] = "float16"
 
     location: str
     schema: Schema
