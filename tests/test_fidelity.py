@@ -199,6 +199,7 @@ def default_run(proxy_model_path, corpus, tmp_path_factory):
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return {
         "dtype": str(enc.dtype).replace("torch.", ""),
+        "colbert_dtype": col.schema.colbert_dtype,
         "dense": demb.dense,
         "scores": scores,
         "results": results,
@@ -211,7 +212,7 @@ def test_default_settings_match_exhaustive_oracle(corpus, default_run):
     row_of = {q: i for i, q in enumerate(qids)}
     col_of = {d: j for j, d in enumerate(corpus.doc_ids)}
     lines = [
-        f"\nfidelity at defaults ({default_run['dtype']} encoding, float16 ColBERT storage): "
+        f"\nfidelity at defaults ({default_run['dtype']} encoding, {default_run['colbert_dtype']} ColBERT storage): "
         "nDCG@10 engine / oracle, recall@10 vs oracle"
     ]
     failures = []
