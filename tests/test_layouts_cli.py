@@ -100,3 +100,23 @@ def test_migrate_converts_the_layout(tmp_path, corpus, tiny_model_path):
     assert code == 1 and "cannot change in place" in err
     code, out, err = run("migrate", src, str(tmp_path / "m.db"), "--colbert-dtype", "turbo4")
     assert code == 1 and "cannot be honoured" in err and not (tmp_path / "m.db").exists()
+
+
+def test_colbert_in_ram_is_a_layout_setting(tmp_path, corpus, tiny_model_path):
+    """--colbert-in-ram: Qdrant keeps the token vectors in memory (read at open); fixed at creation, changed by
+    migrate like the other layout settings."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    assert run("index", str(corpus), "-c", src, "-m", str(tiny_model_path), "--colbert-in-ram")[0] == 0
+
+    def memory(path: str) -> str:
+        return json.loads((tmp_path / path / "shard" / "edge_config.json").read_text())["vectors"]["colbert"]["memory"]
+
+    assert memory("src") == "cached"
+    assert json.loads(run("info", "-c", src, "--json")[1])["schema"]["colbert_on_disk"] is False
+    code, _, err = run("index", str(corpus), "-c", src, "--colbert-on-disk")
+    assert code != 0 and "colbert_on_disk" in err  # fixed at creation
+    code, out, err = run("migrate", src, dst, "--colbert-on-disk", "--json")
+    assert code == 0, err
+    assert memory("dst") == "cold" and json.loads(out)["layout"]["colbert_on_disk"] is True
+    code, out, err = run("search", "quick brown fox", "-c", dst, "--json")
+    assert code == 0 and json.loads(out)["hits"][0]["id"] == "d2"

@@ -354,7 +354,8 @@ device_option = click.option(
 
 
 def layout_options(f: Any) -> Any:
-    """``--colbert-dtype``, ``--colbert-quantization``, ``--[no-]colbert-rescore``, ``--colbert-pool-factor``."""
+    """``--colbert-dtype``, ``--colbert-quantization``, ``--[no-]colbert-rescore``, ``--colbert-pool-factor``,
+    ``--colbert-in-ram/--colbert-on-disk``."""
     options = [
         click.option(
             "--colbert-dtype",
@@ -379,6 +380,13 @@ def layout_options(f: Any) -> Any:
             default=None,
             type=click.IntRange(1),
             help="Token pooling: keep ceil(n / factor) vectors per document (1: every token) [default: 1].",
+        ),
+        click.option(
+            "--colbert-in-ram/--colbert-on-disk",
+            "colbert_in_ram",
+            default=None,
+            help="Keep the token vectors in memory, read when the collection opens (Qdrant; first queries after a "
+            "start are then not cold), or memory-map them from disk [default: on disk].",
         ),
     ]
     for option in reversed(options):
@@ -457,6 +465,7 @@ def index(
     colbert_quantization,
     colbert_rescore,
     colbert_pool_factor,
+    colbert_in_ram,
     dtype,
     device,
     api_key,
@@ -476,6 +485,7 @@ def index(
         colbert_quantization=colbert_quantization,
         colbert_rescore=colbert_rescore,
         colbert_pool_factor=colbert_pool_factor,
+        colbert_on_disk=None if colbert_in_ram is None else not colbert_in_ram,
     )
     with _errors():
         from tqdm import tqdm
@@ -1085,7 +1095,17 @@ def finetune_(
 )
 @layout_options
 @json_option
-def migrate(src, dst, batch_size, colbert_dtype, colbert_quantization, colbert_rescore, colbert_pool_factor, as_json):
+def migrate(
+    src,
+    dst,
+    batch_size,
+    colbert_dtype,
+    colbert_quantization,
+    colbert_rescore,
+    colbert_pool_factor,
+    colbert_in_ram,
+    as_json,
+):
     """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
     Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
@@ -1099,6 +1119,7 @@ def migrate(src, dst, batch_size, colbert_dtype, colbert_quantization, colbert_r
         colbert_quantization=colbert_quantization,
         colbert_rescore=colbert_rescore,
         colbert_pool_factor=colbert_pool_factor,
+        colbert_on_disk=None if colbert_in_ram is None else not colbert_in_ram,
     )
     with _errors():
         for end in (src, dst):

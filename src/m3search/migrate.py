@@ -49,7 +49,7 @@ from m3search.pooling import pool_tokens
 __all__ = ["migrate", "LAYOUT_SETTINGS", "check_layout", "layout_of"]
 
 #: The ColBERT layout settings a migration may change (see :class:`~m3search.engines.base.Schema`).
-LAYOUT_SETTINGS = ("colbert_dtype", "colbert_quantization", "colbert_rescore", "colbert_pool_factor")
+LAYOUT_SETTINGS = ("colbert_dtype", "colbert_quantization", "colbert_rescore", "colbert_pool_factor", "colbert_on_disk")
 
 
 def layout_of(schema: Schema | dict) -> dict[str, Any]:
