@@ -17,11 +17,14 @@ Points: one per window of a document (layout and crash rule in
 * ``dense``   float32, Dot (vectors are L2-normalized already), HNSW graph;
 * ``sparse``  Qdrant sparse vector (dot product, inverted index);
 * ``colbert`` multivector with MaxSim, NO HNSW graph (``m=0``: token vectors are only
-  read to re-rank candidates), stored as float16 by default and kept on disk
-  (``Memory.Cold``, memory-mapped): at 100k documents of ~136 tokens they would be
-  ~28 GB in float16 at 1024 dims. ``Schema.colbert_dtype`` may pick a TurboQuant storage
-  codec instead, and ``Schema.colbert_quantization`` adds a quantized copy in RAM that
-  MaxSim queries score on (``QuantizationSearchParams(rescore=Schema.colbert_rescore)``).
+  read to re-rank candidates), stored as TurboQuant 8-bit (``turbo8``) by default (a
+  collection that names ``colbert_dtype`` gets that: float16, float32, turbo16, turbo4) and
+  kept on disk (``Memory.Cold``, memory-mapped; ``Memory.Cached``, read at open, when
+  ``colbert_on_disk`` is False): at 100k documents of ~136 tokens they are ~14 GB in turbo8,
+  ~28 GB in float16, at 1024 dims. ``Schema.colbert_quantization`` adds a quantized copy in
+  RAM that MaxSim queries score on (``QuantizationSearchParams(rescore=Schema.colbert_rescore)``).
+  Closing the shard drops its files from the page cache (Qdrant's doing, measured with
+  ``fincore``): a new process's first queries read their candidates from disk.
 
 ONE PROCESS PER COLLECTION. The holder keeps an exclusive ``flock`` on ``<path>/lock``
 (released by the kernel when the process dies, even by kill -9); a second process (or a
