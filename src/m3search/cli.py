@@ -394,10 +394,13 @@ def layout_options(f: Any) -> Any:
     return f
 
 
-def _layout_settings(**given: Any) -> dict[str, Any]:
-    """The layout options that were given, checked by the library's rules (bad names: a usage error, exit 2)."""
+def _layout_settings(colbert_in_ram: bool | None = None, **given: Any) -> dict[str, Any]:
+    """The layout options that were given, checked by the library's rules (bad names: a usage error, exit 2);
+    ``--colbert-in-ram/--colbert-on-disk`` is the setting ``colbert_on_disk`` said the other way round."""
     from .migrate import check_layout
 
+    if colbert_in_ram is not None:
+        given["colbert_on_disk"] = not colbert_in_ram
     layout = {k: v for k, v in given.items() if v is not None}
     if str(layout.get("colbert_quantization", "")).lower() == "none":
         layout["colbert_quantization"] = None
@@ -485,7 +488,7 @@ def index(
         colbert_quantization=colbert_quantization,
         colbert_rescore=colbert_rescore,
         colbert_pool_factor=colbert_pool_factor,
-        colbert_on_disk=None if colbert_in_ram is None else not colbert_in_ram,
+        colbert_in_ram=colbert_in_ram,
     )
     with _errors():
         from tqdm import tqdm
@@ -1119,7 +1122,7 @@ def migrate(
         colbert_quantization=colbert_quantization,
         colbert_rescore=colbert_rescore,
         colbert_pool_factor=colbert_pool_factor,
-        colbert_on_disk=None if colbert_in_ram is None else not colbert_in_ram,
+        colbert_in_ram=colbert_in_ram,
     )
     with _errors():
         for end in (src, dst):
