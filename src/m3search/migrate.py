@@ -38,6 +38,7 @@ from typing import Any
 
 from m3search.engines import resolve_engine
 from m3search.engines.base import (
+    LOSSLESS_COLBERT_DTYPES,
     SCHEMA_VERSION,
     CollectionExistsError,
     CollectionNotFoundError,
@@ -131,7 +132,7 @@ def migrate(
         try:
             target = dst_cls.create(dst, schema, **dst_options)  # refuses a layout this engine cannot honour
         except ValueError as exc:
-            if "colbert_dtype" in layout or schema.colbert_dtype in ("float16", "float32"):
+            if "colbert_dtype" in layout or schema.colbert_dtype in LOSSLESS_COLBERT_DTYPES:
                 raise
             raise ValueError(
                 f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}: convert it on the way with "

@@ -106,6 +106,8 @@ SCHEMA_VERSION = 3
 #: codecs (16, 8 and 4 bits per component). Qdrant's uint8 is absent on purpose: it stores
 #: integer components 0-255, so unit-length token vectors would be stored as zeros.
 COLBERT_DTYPES = ("float32", "float16", "turbo16", "turbo8", "turbo4")
+#: The lossless ones: what every engine can store (Milvus and qdrant-client's local mode store nothing else).
+LOSSLESS_COLBERT_DTYPES = COLBERT_DTYPES[:2]
 
 #: Quantized copies of the token vectors an engine may keep next to the stored ones (built
 #: when segments are optimized) and score candidates on: binary (1, 1.5, 2 bits per
@@ -143,8 +145,9 @@ class Schema:
     ``colbert_dtype``: storage type of token vectors (:data:`COLBERT_DTYPES`), ``"float16"``
     (score error ~1e-3; the default here, so manifests written before the field existed read
     as float16; a new collection gets its engine's :attr:`Engine.default_colbert_dtype`),
-    ``"float32"`` (exact) or a lossy turbo codec. ``colbert_on_disk``: token vectors are only read for re-ranking candidates, and at
-    scale exceed RAM, so they live on disk (memory-mapped) by default.
+    ``"float32"`` (exact) or a lossy turbo codec. ``colbert_on_disk``: token vectors are only
+    read for re-ranking candidates, and at scale exceed RAM, so they live on disk
+    (memory-mapped) by default.
     ``colbert_quantization``: None, or a quantized copy (:data:`COLBERT_QUANTIZATIONS`) kept in
     RAM and used to score candidates; ``colbert_rescore`` then says whether the engine rescores
     them on the stored vectors (True: the stored vectors' scores are returned) or returns the
@@ -190,7 +193,7 @@ class Schema:
     def colbert_lossless(self) -> bool:
         """Whether ColBERT scores are computed on every token's float16/float32 vector (today's layouts)."""
         return (
-            self.colbert_dtype in ("float32", "float16")
+            self.colbert_dtype in LOSSLESS_COLBERT_DTYPES
             and (self.colbert_quantization is None or self.colbert_rescore)
             and self.colbert_pool_factor == 1
         )

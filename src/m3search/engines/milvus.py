@@ -129,6 +129,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines.base import (
+    LOSSLESS_COLBERT_DTYPES,
     MODES,
     CollectionExistsError,
     CollectionInUseError,
@@ -491,7 +492,7 @@ class MilvusEngine(Engine):
     def create(
         cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any
     ) -> MilvusEngine:
-        if schema.colbert_dtype not in ("float16", "float32") or schema.colbert_quantization is not None:
+        if schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None:
             raise ValueError(
                 f"Milvus stores ColBERT token vectors as float16 or float32 only; colbert_dtype="
                 f"{schema.colbert_dtype!r}, colbert_quantization={schema.colbert_quantization!r} cannot be honoured "

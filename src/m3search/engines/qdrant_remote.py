@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from m3search.engines.base import (
+    LOSSLESS_COLBERT_DTYPES,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
@@ -345,7 +346,7 @@ class QdrantRemoteEngine(QdrantEngine):
     ) -> QdrantRemoteEngine:
         engine_opts, client_opts = cls._split_options(options)
         if parse_qdrant_location(location)[0] == "local" and (
-            schema.colbert_dtype not in ("float16", "float32") or schema.colbert_quantization is not None
+            schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None
         ):
             raise ValueError(
                 "qdrant-client local mode keeps float32 vectors and scores them in NumPy: it cannot honour "
