@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from m3search import M3Encoder, ModelLoadError, TruncationWarning
-from m3search.encoder import FORWARD_TOKENS
+from m3search.encoder import FORWARD_TOKENS, PAD_MULTIPLE
 from m3search.scoring import (
     colbert_score,
     colbert_scores,
@@ -50,13 +50,13 @@ def test_shapes_and_offsets(tiny_encoder, embedded):
     assert embedded.truncated == 0
 
 
-def _plan_cost(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
-    return sum(FORWARD_TOKENS + len(b) * int(lengths[b].max()) for b in batches)
+def _plan_cost(enc, lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    return sum(FORWARD_TOKENS + len(b) * int(enc.padded_width(lengths[b].max())) for b in batches)
 
 
 def test_batch_plan_is_the_cheapest_within_the_budget(tiny_encoder):
     """Every text once, each batch within the token budget, and no cheaper split of the sorted
-    lengths exists (brute force over every cut of small random inputs)."""
+    lengths exists (brute force over every cut of small random inputs; widths as padded)."""
     from itertools import combinations
 
     rng = np.random.default_rng(0)
@@ -70,15 +70,36 @@ def test_batch_plan_is_the_cheapest_within_the_budget(tiny_encoder):
         finally:
             tiny_encoder.token_budget = saved
         assert sorted(np.concatenate(batches).tolist()) == list(range(n))
-        assert all(len(b) * lengths[b].max() <= budget or len(b) == 1 for b in batches)
+        width = tiny_encoder.padded_width
+        assert all(len(b) * width(lengths[b].max()) <= budget or len(b) == 1 for b in batches)
         order = np.argsort(-lengths, kind="stable")
         best = min(
-            _plan_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
+            _plan_cost(tiny_encoder, lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
             for r in range(n)
             for cuts in combinations(range(1, n), r)
-            if all((b - a) * lengths[order[a]] <= budget or b - a == 1 for a, b in zip((0, *cuts), (*cuts, n)))
+            if all((b - a) * width(lengths[order[a]]) <= budget or b - a == 1 for a, b in zip((0, *cuts), (*cuts, n)))
         )
-        assert _plan_cost(lengths, batches) == best
+        assert _plan_cost(tiny_encoder, lengths, batches) == best
+
+
+def test_forward_widths_come_from_a_few_shapes(tiny_encoder, monkeypatch):
+    """Every forward pass is padded to a multiple of PAD_MULTIPLE (or the model's length): the
+    CPU kernels torch keeps per input shape must not grow with every text length a server meets."""
+    widths = []
+    forward = tiny_encoder.model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder.model, "forward", spy)
+    texts = [" ".join(["word"] * n) for n in (1, 5, 17, 18, 40, 90)]
+    out = tiny_encoder.encode(texts)
+    assert widths and all(w % PAD_MULTIPLE == 0 or w == tiny_encoder.max_length for w in widths)
+    assert len(set(widths)) < len(set(out.n_tokens.tolist()))  # texts of different lengths share a shape
+    alone = [tiny_encoder.encode([t]) for t in texts]  # padding changes no output
+    assert np.allclose(out.dense, np.concatenate([a.dense for a in alone]), atol=1e-5)
+    assert np.allclose(out.colbert, np.concatenate([a.colbert for a in alone]), atol=1e-5)
 
 
 def test_batch_plan_does_not_pad_short_texts_to_a_long_one(tiny_encoder):
