@@ -268,8 +268,17 @@ def test_concat_embeddings_matches_one_encode(tiny_encoder):
 
 # ------------------------------------------------------------------ a collection's ingest through the worker
 
+#: Letters, not digits, tell the documents (and the repeats within one) apart: the tiny model's
+#: tokenizer has no digits when it is trained without ../shared, so "boundary0" and "boundary4" were
+#: the same tokens there, the documents tied, and which of them came first was float noise.
+_TAG = "abcdefgh"
 LONG = [
-    " ".join(f"{w}{i}" for w in ("boundary", "layer", "shock", "wave", "heat", "flux") * (3 + i % 4)) for i in range(8)
+    " ".join(
+        f"{w}{_TAG[i]}{_TAG[r]}"
+        for r in range(3 + i % 4)
+        for w in ("boundary", "layer", "shock", "wave", "heat", "flux")
+    )
+    for i in range(8)
 ]
 QUERIES = ["boundary layer", "shock wave heat", "flux"]
 
@@ -281,6 +290,10 @@ def _collection(path, encoder, **settings):
 
 
 def test_a_query_overtakes_a_queued_windowed_ingest_and_the_ingest_stores_what_add_stores(tiny_encoder, tmp_path):
+    # rankings are compared in order, so no two documents (nor two windows of one) may be the same tokens:
+    # LONG's words are all different, and none is <unk>
+    (tokens,), _ = tiny_encoder.tokenize([" ".join(LONG)], 100_000)
+    assert tiny_encoder.tokenizer.token_to_id("<unk>") not in tokens, "the tiny tokenizer cannot spell LONG"
     with _collection(tmp_path / "ref", tiny_encoder) as ref:
         ref.add(LONG, ids=[f"d{i}" for i in range(len(LONG))])
         expected = {(q, m): ref.search(q, mode=m, k=5) for q in QUERIES for m in ("all", "dense", "sparse", "colbert")}
@@ -314,7 +327,9 @@ def test_a_query_overtakes_a_queued_windowed_ingest_and_the_ingest_stores_what_a
 
 
 def test_one_window_collections_ingest_through_the_worker_too(tiny_encoder, tmp_path):
-    texts = ["first document on flow", "second document " * 40]
+    texts = ["document on flow", "second document " * 40]
+    lengths = [len(ids) for ids in tiny_encoder.tokenize(texts, 100_000)[0]]
+    assert lengths[0] <= 16 < lengths[1], lengths  # one text fits max_length, the other is cut
     with _collection(tmp_path / "ref", tiny_encoder, max_windows=1, max_length=16) as ref:
         with pytest.warns(UserWarning, match="1 of 2 document"):
             ref.add(texts, ids=["a", "b"])

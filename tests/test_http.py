@@ -155,20 +155,25 @@ def test_lifespan_opens_from_settings_and_releases_the_collection(stored, tiny_m
     Collection.open(stored).close()  # released on exit
 
 
-def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monkeypatch):
+def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monkeypatch, tiny_encoder):
     """/documents neither optimizes nor flushes per request (Qdrant Edge holds the GIL for both, so every
     query would stall); the app's DeferredOptimize does it once ingest has paused, and at shutdown."""
     app, client, col = app_and_collection
+    # words, not digits: the tiny tokenizer trained without ../shared has no digits ("new text 1" and
+    # "new text 2" were the same tokens there: they tied, and /search answered x1)
+    texts = {"x1": "new text one", "x2": "new text two"}
+    one, two = tiny_encoder.tokenize(list(texts.values()), 64)[0]
+    assert one != two, "the tiny tokenizer cannot tell the two documents apart"
     calls: list[str] = []
     monkeypatch.setattr(col._engine, "optimize", lambda: calls.append("optimize") or False)
     monkeypatch.setattr(col._engine, "flush", lambda: calls.append("flush"))
     indexer = app.state.indexer
     indexer.idle = 0.5
-    for i in (1, 2):
-        r = client.post("/documents", json={"documents": [{"id": f"x{i}", "text": f"new text {i}"}]})
+    for id_, text in texts.items():
+        r = client.post("/documents", json={"documents": [{"id": id_, "text": text}]})
         assert r.status_code == 200
     assert calls == []  # not per request
-    assert client.post("/search", json={"query": "new text 2", "k": 1}).json()["hits"][0]["id"] == "x2"
+    assert client.post("/search", json={"query": texts["x2"], "k": 1}).json()["hits"][0]["id"] == "x2"
     deadline = time.monotonic() + 10
     while not calls and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -23,6 +23,7 @@ from integration_helpers import (
     make_collection,
     same_hits,
     served,
+    told_apart,
 )  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.embeddings import Embeddings  # noqa: E402
@@ -313,9 +314,9 @@ TUNED = {"mode": "sparse", "fusion": "weighted", "weights": [0.4, 0.2, 0.4], "ca
 def test_a_tuned_collections_defaults_reach_the_retriever_and_the_store(tmp_path, tiny_encoder):
     with make_collection(tmp_path / "tuned", tiny_encoder) as tuned:
         tuned.set_search_defaults(TUNED, tuning={"why": "test"})
-        builtin = {q: [h.id for h in tuned.search(q, k=5, mode="all", fusion="weighted")] for q in QUERIES}
+        builtin = {q: tuned.search(q, k=5, mode="all", fusion="weighted") for q in QUERIES}
         want = {q: tuned.search(q, k=5) for q in QUERIES}
-        assert any([h.id for h in want[q]] != builtin[q] for q in QUERIES)  # the tuned mode ranks differently
+        assert all(told_apart(want[q], builtin[q]) for q in QUERIES)  # the tuned mode scores differently
         with served(tuned) as client:
             for backend in (tuned, client):
                 retriever = M3SearchRetriever(collection=backend, k=5)
@@ -326,9 +327,12 @@ def test_a_tuned_collections_defaults_reach_the_retriever_and_the_store(tmp_path
                     same_hits([(d.id, s) for d, s in store.similarity_search_with_score(q, k=5)], want[q])
                     # an explicit argument still wins, at construction and per call
                     explicit = M3SearchRetriever(collection=backend, k=5, mode="all", fusion="weighted")
-                    assert [d.id for d in explicit.invoke(q)] == builtin[q]
-                    assert [d.id for d in retriever.invoke(q, mode="all")] == builtin[q]
-                    assert [d.id for d in store.similarity_search(q, k=5, mode="all")] == builtin[q]
+                    same_hits([(d.id, d.metadata["m3search"]["score"]) for d in explicit.invoke(q)], builtin[q])
+                    docs = retriever.invoke(q, mode="all")
+                    same_hits([(d.id, d.metadata["m3search"]["score"]) for d in docs], builtin[q])
+                    assert [d.id for d in store.similarity_search(q, k=5, mode="all")] == [h.id for h in builtin[q]]
+                    scored = store.similarity_search_with_score(q, k=5, mode="all")
+                    same_hits([(d.id, s) for d, s in scored], builtin[q])
             assert client.search_defaults() == tuned.search_defaults()
         tuned.set_search_defaults({**TUNED, "mode": "dense"})  # relevance scores follow the tuned mode
         assert M3SearchVectorStore(tuned).similarity_search_with_relevance_scores(QUERIES[0], k=2)
