@@ -12,29 +12,29 @@ named ``m3search``):
 
 ``NAME`` (one row per WINDOW of a document: a document of ``n`` windows is ``n`` rows)
     ``pk`` INT64 primary key: window 0 (the HEAD) = the first 8 bytes of the id's UUID5
-    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a
-    salted hash of ``(w, id)`` in slot 0, of ``(slot, w, id)`` in slots 1 and 2 (:func:`_wpk`;
+    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a salted
+    hash of ``(w, id)`` in slot 0, of ``(slot, w, id)`` in slots 1 and 2 (:func:`_wpk`;
     slots: "Long writes", below), so lookups never embed caller strings in a Milvus
     expression; ``doc`` INT64 (the row's SLOT value, :func:`_slot_key`: the head's ``pk`` in
-    slot 0, where every row was before slots; a salted hash of ``(slot, id)`` in slots 1 and 2;
-    the head's ``doc`` names its document's slot) and ``win`` INT32 (window number, -1 for a
-    tombstone, below), both INVERTED-indexed;
-    ``doc_id`` VARCHAR (the caller's id; a hash collision is detected on write and
-    refused); ``text`` VARCHAR (the whole text on the head when it fits Milvus's VARCHAR
-    limit of 65,535 UTF-8 bytes, else "" and ``tparts`` INT32 says how many ``NAME_text``
-    rows hold it; "" on other windows); ``spans`` JSON (on the head of a document of several
-    windows: every window's character ``[start, end)``; else ``[]``); ``meta`` JSON (the
-    metadata, on EVERY window: filters run inside the vector queries); ``kinds`` JSON (the
-    type of every metadata path, used by filters, below); ``dense`` FLOAT_VECTOR
-    (inner product; FLAT index on Milvus Lite, HNSW on a server); ``sparse``
-    SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no pruning:
-    ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact); ``gen``
-    INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
+    slot 0, where every row was before slots; a salted hash of ``(slot, id)`` in slots 1 and
+    2; the head's ``doc`` names its document's slot) and ``win`` INT32 (window number, -1
+    for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
+    hash collision is detected on write and refused); ``text`` VARCHAR (the whole text on
+    the head when it fits Milvus's VARCHAR limit of 65,535 UTF-8 bytes, else "" and
+    ``tparts`` INT32 says how many ``NAME_text`` rows hold it; "" on other windows);
+    ``spans`` JSON (on the head of a document of several windows: every window's character
+    ``[start, end)``; else ``[]``); ``meta`` JSON (the metadata, on EVERY window: filters
+    run inside the vector queries); ``kinds`` JSON (the type of every metadata path, used by
+    filters, below); ``dense`` FLOAT_VECTOR (inner product; FLAT index on Milvus Lite, HNSW
+    on a server); ``sparse`` SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no
+    pruning: ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact);
+    ``gen`` INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
     Every query reads ``win >= 0`` (windows), counts read ``win == 0`` (documents);
     first-stage searches group by ``doc`` (Milvus's grouping search: each document's slot
-    once, at its best window; a slot its head does not name is dropped). A collection created before windows has no ``doc`` / ``win`` /
-    ``spans`` / ``tparts`` nor ``NAME_text`` (one row per document, texts up to a VARCHAR): it
-    is read and written as it is, one window each.
+    once, at its best window; a slot its head does not name is dropped). A collection
+    created before windows has no ``doc`` / ``win`` / ``spans`` / ``tparts`` nor
+    ``NAME_text`` (one row per document, texts up to a VARCHAR): it is read and written as
+    it is, one window each.
 ``NAME_colbert`` (ColBERT token vectors, packed: one row per block of ``B`` tokens)
     ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (its window row's);
     ``blk`` INT32 (block number); ``vec`` FLOAT_VECTOR or FLOAT16_VECTOR
@@ -45,8 +45,9 @@ named ``m3search``):
     ~4 MB/s, 2 KiB rows at ~13 MB/s and 8 KiB rows at ~50 MB/s (measured here).
 ``NAME_text`` (texts longer than a VARCHAR)
     ``tid`` INT64 auto id; ``gen`` INT64 (the head window's generation: invisible until the
-    head row points at it, like token rows); ``doc`` INT64 (the head's); ``part`` INT32; ``text`` VARCHAR
-    (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector Milvus requires.
+    head row points at it, like token rows); ``doc`` INT64 (the head's); ``part`` INT32;
+    ``text`` VARCHAR (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector
+    Milvus requires.
 ``NAME_manifest``
     the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
     no ``alter_collection_properties``, so collection properties cannot hold it).
@@ -70,51 +71,52 @@ logs under one timestamp, and a Strong-consistency read sees all of them or none
 documents no atomicity across shards or for a proxy failing mid-request.
 
 Writes (``upsert``, in slot 0), in this order: (0) read the documents' stored rows, of every
-slot (refusing a key collision); (1) insert the new windows' token rows (and long texts' ``NAME_text`` rows) under
-fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows
-in ONE request: its new windows, and a TOMBSTONE over every old slot-0 window past the new
-count (same ``pk``, ``win = -1``, zero vectors: no query, count or get reads it; rows of
-slots 1 and 2 need none: the new head names slot 0); documents are grouped into requests
-under ``max_request_bytes``, never split; (3) delete the tombstones, the token and text rows
-of other generations, and the rows of slots 1 and 2 of the documents that had some. So, when OUR process is killed (Milvus Lite, or
-a server applying each request whole), every document is its old or its new version whole,
-never a mix: before (2) its old rows are untouched, after it the new ones are complete;
-leftovers of (1) and (3) are invisible and removed by the document's next write or delete
-(tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in a
-loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
-that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a
-reader concurrent with request (2) can see them absent for its duration. On a server the
-rule rests on a request being applied whole or not at all, which Milvus does not document: a
-server failing mid-request may keep part of it, and a document's rows (different keys) are
-routed to different shards unless the collection has one (``shards=1``).
+slot (refusing a key collision); (1) insert the new windows' token rows (and long texts'
+``NAME_text`` rows) under fresh ``gen`` values (no row points at them yet: invisible); (2)
+upsert each document's rows in ONE request: its new windows, and a TOMBSTONE over every old
+slot-0 window past the new count (same ``pk``, ``win = -1``, zero vectors: no query, count
+or get reads it; rows of slots 1 and 2 need none: the new head names slot 0); documents are
+grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones,
+the token and text rows of other generations, and the rows of slots 1 and 2 of the documents
+that had some. So, when OUR process is killed (Milvus Lite, or a server applying each
+request whole), every document is its old or its new version whole, never a mix: before (2)
+its old rows are untouched, after it the new ones are complete; leftovers of (1) and (3) are
+invisible and removed by the document's next write or delete (tests/test_windows.py stops a
+rewrite at each step, and kills a writer with SIGKILL in a loop). Weaker, stated as it is:
+if the Milvus Lite process itself dies inside request (2), that request's documents are
+ABSENT (old rows deleted, new not inserted), and on Lite a reader concurrent with request
+(2) can see them absent for its duration. On a server the rule rests on a request being
+applied whole or not at all, which Milvus does not document: a server failing mid-request
+may keep part of it, and a document's rows (different keys) are routed to different shards
+unless the collection has one (``shards=1``).
 
 Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece). A document's rows are in one of three SLOTS,
-told apart by ``doc``: ``upsert`` writes slot 0, ``upsert_long`` slot 1, or slot 2 when the
-stored version is in slot 1. The head (the same ``pk`` in every slot) names the slot that is
-its document: count, get and existing read heads; the reads of a document's windows
-(get_windows, score_windows, set_metadata, iter_batches) ask for the three slots' ``doc``
-values at once and keep the head's; a search hit outside slot 0 costs one read of its head
-and is dropped unless the head names its slot (a query that lost hits asks again for more),
-while a slot-0 hit is taken as it is, so no write leaves a live slot-0 row its head does not
-name. In this order: (0) read the head (refusing a key collision) and delete every row, token
-and text row of the slots but the stored one (an interrupted write's, hidden); (1) each
-piece's windows ``w >= 1``, as they are encoded (token rows first), in the new slot: hidden;
-(2) the SWITCH, ONE request: the new head (text, metadata, every window's span, ``doc`` =
-the new slot) and, when the old version is in slot 0, a tombstone over each of its windows
-``w >= 1`` (an old version in slot 1 or 2 needs none: the head hides it); (3) delete the rows,
-token and text rows of the other slots. So, when our process is killed (as for ``upsert``,
-above), a long write over a stored document leaves the old version whole before (2) and the
-new one whole after it; the stray rows of (1) and (3) are hidden, and removed by the
-document's next write (``upsert``'s step 3, ``upsert_long``'s step 0) or delete. A document
-not stored has no head until (2): a crash leaves it absent, and the Collection, which records
-the document being written in its manifest, removes its stray rows before its next write.
-When the switch does not fit ``max_request_bytes`` (an old version in slot 0 with more
-windows than fit as tombstones of ``4 * dense_dim + 256`` bytes: ~11,500 at 1,024-d under
-the default 48 MiB), the old version's slot-0 rows, head included, are deleted in one request
-just before the head is written: a crash between the two leaves the document ABSENT, as for
-a document not stored (never a mix). Weaker, as for ``upsert``: if the Milvus Lite process
-itself dies inside request (2), the document is absent.
+piece, written with memory bounded by the piece). A document's rows are in one of three
+SLOTS, told apart by ``doc``: ``upsert`` writes slot 0, ``upsert_long`` slot 1, or slot 2
+when the stored version is in slot 1. The head (the same ``pk`` in every slot) names the
+slot that is its document: count, get and existing read heads; the reads of a document's
+windows (get_windows, score_windows, set_metadata, iter_batches) ask for the three slots'
+``doc`` values at once and keep the head's; a search hit outside slot 0 costs one read of
+its head and is dropped unless the head names its slot (a query that lost hits asks again
+for more), while a slot-0 hit is taken as it is, so no write leaves a live slot-0 row its
+head does not name. In this order: (0) read the head (refusing a key collision) and delete
+every row, token and text row of the slots but the stored one (an interrupted write's,
+hidden); (1) each piece's windows ``w >= 1``, as they are encoded (token rows first), in the
+new slot: hidden; (2) the SWITCH, ONE request: the new head (text, metadata, every window's
+span, ``doc`` = the new slot) and, when the old version is in slot 0, a tombstone over each
+of its windows ``w >= 1`` (an old version in slot 1 or 2 needs none: the head hides it); (3)
+delete the rows, token and text rows of the other slots. So, when our process is killed (as
+for ``upsert``, above), a long write over a stored document leaves the old version whole
+before (2) and the new one whole after it; the stray rows of (1) and (3) are hidden, and
+removed by the document's next write (``upsert``'s step 3, ``upsert_long``'s step 0) or
+delete. A document not stored has no head until (2): a crash leaves it absent, and the
+Collection, which records the document being written in its manifest, removes its stray rows
+before its next write. When the switch does not fit ``max_request_bytes`` (an old version in
+slot 0 with more windows than fit as tombstones of ``4 * dense_dim + 256`` bytes: ~11,500 at
+1,024-d under the default 48 MiB), the old version's slot-0 rows, head included, are deleted
+in one request just before the head is written: a crash between the two leaves the document
+ABSENT, as for a document not stored (never a mix). Weaker, as for ``upsert``: if the Milvus
+Lite process itself dies inside request (2), the document is absent.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
