@@ -1360,6 +1360,9 @@ class MilvusEngine(Engine):
         out: list[Hits] = [[] for _ in data]
         todo, limit = list(range(len(data))), k
         while todo:
+            ef = params.get("params", {}).get("ef")
+            if ef is not None and ef < limit:  # HNSW (a server) needs ef >= limit
+                params = {**params, "params": {**params["params"], "ef": limit}}
             res = self.client.search(
                 self.collection,
                 data=[data[i] for i in todo],
