@@ -529,7 +529,7 @@ def reopen(loc: str, deadline: float = 30.0) -> Collection:
 @pytest.mark.heavy
 @pytest.mark.parametrize(
     "engine,write",
-    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long")],
+    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long"), ("milvus-lite", "long")],
 )
 def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine, write):
     """A child rewrites one document alternately as 3, 1 and 2 windows (in one upsert, or streamed
