@@ -296,6 +296,24 @@ def test_milvus_filter_expressions():
         to_milvus_expr(parse_filter({"a": "line\nbreak"}))
 
 
+def test_milvus_keys_are_those_stored_collections_hold():
+    """Row keys are part of the stored layout: the head's is the first 8 bytes of the id's UUID5 and a
+    window's a fixed hash, as collections already written hold them (values pinned); slots 1 and 2 (long
+    writes) have keys of their own but the head's."""
+    pytest.importorskip("pymilvus")
+    import uuid
+
+    from m3search.engines.base import point_uuid
+    from m3search.engines.milvus import _pk, _slot_keys, _wpk
+
+    for doc_id in ["x", "d00", "é€😀 id", "a" * 300]:
+        assert _pk(doc_id) == int.from_bytes(uuid.UUID(point_uuid(doc_id)).bytes[:8], "big", signed=True)
+        assert _wpk(doc_id, 0, 1) == _wpk(doc_id, 0, 2) == _slot_keys(doc_id)[0] == _pk(doc_id)
+        keys = _slot_keys(doc_id) + [_wpk(doc_id, w, s) for w in (1, 2) for s in range(3)]
+        assert len(set(keys)) == len(keys)
+    assert (_pk("x"), _wpk("x", 0), _wpk("x", 1)) == (-7852439790244310166, -7852439790244310166, 6224255388276491760)
+
+
 # ---------------------------------------------------------------------------- writes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_writes_and_reopen(tmp_path, tiny_encoder, engine):

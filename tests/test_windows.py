@@ -529,7 +529,7 @@ def reopen(loc: str, deadline: float = 30.0) -> Collection:
 @pytest.mark.heavy
 @pytest.mark.parametrize(
     "engine,write",
-    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long")],
+    [("qdrant-edge", "batch"), ("milvus-lite", "batch"), ("qdrant-edge", "long"), ("milvus-lite", "long")],
 )
 def test_kill_during_multi_window_upsert_leaves_a_whole_document(tmp_path, tiny_encoder, corpus, engine, write):
     """A child rewrites one document alternately as 3, 1 and 2 windows (in one upsert, or streamed
@@ -795,56 +795,87 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
         col.close()
 
 
-@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+def long_write_hook(eng, stop):
+    """``(target, name, real, hook, writes)``: ``hook`` replaces for the engine's row writes (Qdrant: ``_write``;
+    Milvus: ``client.upsert`` into the main collection) that records, per write holding rows of "x",
+    whether x's head is among them, and raises KeyboardInterrupt (a kill) when ``stop(writes)``."""
+    from m3search.engines.qdrant_common import is_head
+
+    milvus = eng.name == "milvus"
+    target, name = (eng.client, "upsert") if milvus else (eng, "_write")
+    real, writes = getattr(target, name), []
+
+    def hook(*a, **kw):
+        if milvus and a[0] != eng.collection:
+            return real(*a, **kw)
+        if milvus:
+            mine = [r for r in a[1] if r["doc_id"] == "x"]
+            head = any(r["win"] == 0 for r in mine)
+        else:
+            mine = [p for p in a[0] if p[2]["id"] == "x"]
+            head = any(is_head(p[2]) for p in mine)
+        if mine:
+            writes.append(head)
+            if stop(writes):
+                raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    return target, name, real, hook, writes
+
+
+@pytest.mark.parametrize(
+    "engine,old_write",  # how the old version was written: one batch, or streamed (upsert_long)
+    [("qdrant-edge", "long"), ("qdrant-local", "long"), ("milvus-lite", "batch"), ("milvus-lite", "long")],
+)
 @pytest.mark.parametrize("stop", ["between pieces", "at the switch"])
 def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
-    tmp_path, tiny_encoder, corpus, engine, stop, monkeypatch
+    tmp_path, tiny_encoder, corpus, engine, old_write, stop, monkeypatch
 ):
-    """Over a stored document, upsert_long writes the new windows under the next generation and
-    switches with one write of the head: stopped before it, count, get, get_windows and every search
-    give the OLD document whole; the next write leaves no stray point."""
+    """Over a stored document, upsert_long writes the new windows apart from the old ones (Qdrant:
+    under the next generation; Milvus: in the other slot) and switches with one write of the head:
+    stopped before it, count, get, get_windows and every search give the OLD document whole; the
+    next write leaves no stray point."""
     import m3search.collection as collection
-    from m3search.engines.qdrant_common import is_head
 
     texts, ids, meta, queries, qemb, *_ = corpus
     old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
-    probes = [queries[0], new, old]
+    probes = [queries[0], new, old, new]
     col = create(engine, tmp_path / "col", tiny_encoder)
     try:
-        col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
+        if old_write == "batch":  # Milvus: slot 0, whose old windows the switch tombstones
+            col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        if old_write == "long":  # Milvus: slot 1, the new version goes to slot 2
+            col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
         eng = col.engine
 
         def snapshot(c):
             ws = c.engine.get_windows(["x"])[0]
             hits = [
-                [(h.id, h.window, round(h.score, 5)) for h in c.search(q, k=5, mode=m, exact=True)]
-                for q in probes
+                [(h.id, h.window, round(h.score, 5)) for h in c.search(q, k=k, mode=m, exact=True)]
+                for q, k in zip(probes, (5, 5, 5, 1))  # k=1: a dropped hit must not leave the answer empty
                 for m in ("dense", "sparse", "colbert", "all")
             ]
-            return c.count(), c.count({"v": 1}), c.get("x")[0], np.stack([r.dense for r in ws]), hits
+            stored = sorted(  # what a migration reads: windows per id
+                (i, int(n)) for b in c.engine.iter_batches(4) for i, n in zip(b.ids, np.diff(b.window_offsets))
+            )
+            return c.count(), c.count({"v": 1}), c.get("x")[0], np.stack([r.dense for r in ws]), hits, stored
 
         before = snapshot(col)
         assert before[2].windows == 3
-        real, writes = eng._write, []
-
-        def crash(points, sizes):
-            mine = [p for p in points if p[2]["id"] == "x"]
-            writes.append(any(is_head(p[2]) for p in mine))
-            if stop == "at the switch" and writes[-1] or stop == "between pieces" and len(writes) == 2:
-                raise KeyboardInterrupt("killed")
-            return real(points, sizes)
-
-        monkeypatch.setattr(eng, "_write", crash)
+        target, name, real, crash, writes = long_write_hook(
+            eng, lambda w: w[-1] if stop == "at the switch" else len(w) == 2
+        )
+        monkeypatch.setattr(target, name, crash)
         with pytest.raises(KeyboardInterrupt):
             col.upsert([new], ids=["x"], metadata=[{"v": 2}])
-        monkeypatch.setattr(eng, "_write", real)
+        monkeypatch.setattr(target, name, real)
         assert not any(writes[:-1]) and writes[-1] == (stop == "at the switch")  # stopped where meant, head unwritten
         assert vector_points(col, "x") > 3  # new windows were written, and a query ignores them
         col.close()
         col = Collection.open(location(engine, tmp_path / "col"), model=tiny_encoder)
         after = snapshot(col)
-        assert after[:2] == before[:2] and after[4] == before[4]
+        assert after[:2] == before[:2] and after[4:] == before[4:]
         assert (after[2].text, after[2].metadata, after[2].windows) == (old, {"v": 1}, 3)
         np.testing.assert_array_equal(after[3], before[3])
         col.upsert([new], ids=["x"], metadata=[{"v": 2}])  # again, to the end: the new version whole
@@ -852,14 +883,49 @@ def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
         try:
             ref.add([texts[10], new], ids=["y", "x"], metadata=[{"v": 0}, {"v": 2}])
             got, want = snapshot(col), snapshot(ref)
-            assert got[:2] == want[:2] and got[4] == want[4] and got[2].text == new
+            assert got[:2] == want[:2] and got[4:] == want[4:] and got[2].text == new
             np.testing.assert_allclose(got[3], want[3], atol=1e-5)
             assert raw_points(col) == raw_points(ref)  # no old, stray or tombstone point left
+            col.update_metadata("x", {"v": 3})  # every window of the version the head names
+            assert col.count({"v": 3}) == 1 and raw_points(col) == raw_points(ref)
+            assert [r.metadata for r in col.engine.get_windows(["x"])[0]] == [{"v": 3}] * got[2].windows
             col.delete("x")
             ref.delete("x")
             assert raw_points(col) == raw_points(ref) == 2 and col.count() == 1  # y's two windows
         finally:
             ref.close()
+    finally:
+        col.close()
+
+
+def test_milvus_switch_over_the_request_limit_deletes_the_old_version_first(
+    tmp_path, tiny_encoder, corpus, monkeypatch
+):
+    """A long overwrite of a document stored in slot 0 whose switch (head + tombstones over the old
+    windows) exceeds ``max_request_bytes`` deletes the old version first: stopped at the switch, the
+    document is ABSENT (never a mix; its new windows hidden), and the next write leaves no stray row."""
+    import m3search.collection as collection
+
+    texts = corpus[0]
+    old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
+    col = create("milvus-lite", tmp_path, tiny_encoder)
+    try:
+        col.add([texts[10], old], ids=["y", "x"])  # one batch: slot 0
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        eng = col.engine
+        eng.max_request_bytes = 1  # no switch fits (window rows go one a request)
+        target, name, real, crash, writes = long_write_hook(eng, lambda w: w[-1])
+        monkeypatch.setattr(target, name, crash)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([new], ids=["x"])
+        monkeypatch.setattr(target, name, real)
+        assert writes[-1] and not any(writes[:-1]) and vector_points(col, "x") == len(writes) - 1
+        assert col.count() == 1 and col.get("x") == [None] and eng.get_windows(["x"]) == [[]]
+        for mode in ("dense", "sparse", "colbert", "all"):
+            assert all(h.id == "y" for h in col.search(new, k=5, mode=mode, exact=True))
+        col.upsert([new], ids=["x"])
+        n = col.get("x")[0].windows
+        assert n > 3 and col.count() == 2 and vector_points(col, "x") == n and raw_points(col) == 2 + n
     finally:
         col.close()
 

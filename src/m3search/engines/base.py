@@ -37,8 +37,9 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 3. Crash rule. ``upsert`` is ONE atomic, durable write: after kill -9 a batch is fully there
    or absent, and a re-written document is its old or its new set of windows, never a mix (no
    old window stays visible to count, search or get). ``upsert_long`` keeps that rule, or at
-   least leaves the document absent, never mixed (the default and the Qdrant engines keep the
-   old version; Milvus leaves it absent).
+   least leaves the document absent, never mixed (the default, the Qdrant and the Milvus
+   engines keep the old version; Milvus leaves it absent only when its switch exceeds one
+   request, :mod:`.milvus`).
 4. Exactness. ``score`` / ``score_windows`` are EXACT (no ANN, no "missing = 0" beyond a
    sparse window sharing no token with the query); the defaults compute them in NumPy
    (:func:`score_records`) over fetched vectors, an engine may compute them where the vectors

@@ -12,28 +12,31 @@ named ``m3search``):
 
 ``NAME`` (one row per WINDOW of a document: a document of ``n`` windows is ``n`` rows)
     ``pk`` INT64 primary key: window 0 (the HEAD) = the first 8 bytes of the id's UUID5
-    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a
-    salted hash of ``(w, id)`` (:func:`_wpk`), so lookups never embed caller strings in a
-    Milvus expression; ``doc`` INT64 (the head's ``pk``: every row of a document) and
-    ``win`` INT32 (window number, -1 for a tombstone, below), both INVERTED-indexed;
-    ``doc_id`` VARCHAR (the caller's id; a hash collision is detected on write and
-    refused); ``text`` VARCHAR (the whole text on the head when it fits Milvus's VARCHAR
-    limit of 65,535 UTF-8 bytes, else "" and ``tparts`` INT32 says how many ``NAME_text``
-    rows hold it; "" on other windows); ``spans`` JSON (on the head of a document of several
-    windows: every window's character ``[start, end)``; else ``[]``); ``meta`` JSON (the
-    metadata, on EVERY window: filters run inside the vector queries); ``kinds`` JSON (the
-    type of every metadata path, used by filters, below); ``dense`` FLOAT_VECTOR
-    (inner product; FLAT index on Milvus Lite, HNSW on a server); ``sparse``
-    SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no pruning:
-    ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact); ``gen``
-    INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
+    (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a salted
+    hash of ``(w, id)`` in slot 0, of ``(slot, w, id)`` in slots 1 and 2 (:func:`_wpk`;
+    slots: "Long writes", below), so lookups never embed caller strings in a Milvus
+    expression; ``doc`` INT64 (the row's SLOT value, :func:`_slot_key`: the head's ``pk`` in
+    slot 0, where every row was before slots; a salted hash of ``(slot, id)`` in slots 1 and
+    2; the head's ``doc`` names its document's slot) and ``win`` INT32 (window number, -1
+    for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
+    hash collision is detected on write and refused); ``text`` VARCHAR (the whole text on
+    the head when it fits Milvus's VARCHAR limit of 65,535 UTF-8 bytes, else "" and
+    ``tparts`` INT32 says how many ``NAME_text`` rows hold it; "" on other windows);
+    ``spans`` JSON (on the head of a document of several windows: every window's character
+    ``[start, end)``; else ``[]``); ``meta`` JSON (the metadata, on EVERY window: filters
+    run inside the vector queries); ``kinds`` JSON (the type of every metadata path, used by
+    filters, below); ``dense`` FLOAT_VECTOR (inner product; FLAT index on Milvus Lite, HNSW
+    on a server); ``sparse`` SPARSE_FLOAT_VECTOR (SPARSE_INVERTED_INDEX, inner product, no
+    pruning: ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact);
+    ``gen`` INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
     Every query reads ``win >= 0`` (windows), counts read ``win == 0`` (documents);
-    first-stage searches group by ``doc`` (Milvus's grouping search: each document once,
-    at its best window). A collection created before windows has no ``doc`` / ``win`` /
-    ``spans`` / ``tparts`` nor ``NAME_text`` (one row per document, texts up to a VARCHAR): it
-    is read and written as it is, one window each.
+    first-stage searches group by ``doc`` (Milvus's grouping search: each document's slot
+    once, at its best window; a slot its head does not name is dropped). A collection
+    created before windows has no ``doc`` / ``win`` / ``spans`` / ``tparts`` nor
+    ``NAME_text`` (one row per document, texts up to a VARCHAR): it is read and written as
+    it is, one window each.
 ``NAME_colbert`` (ColBERT token vectors, packed: one row per block of ``B`` tokens)
-    ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (the head's ``pk``);
+    ``tid`` INT64 auto id; ``gen`` INT64 (INVERTED index); ``doc`` INT64 (its window row's);
     ``blk`` INT32 (block number); ``vec`` FLOAT_VECTOR or FLOAT16_VECTOR
     (``Schema.colbert_dtype``) of ``B * colbert_dim`` values: ``B`` consecutive token
     vectors (``B = max(1, 8 KiB // bytes per token)``: 4 for bge-m3 at float16), the
@@ -42,8 +45,9 @@ named ``m3search``):
     ~4 MB/s, 2 KiB rows at ~13 MB/s and 8 KiB rows at ~50 MB/s (measured here).
 ``NAME_text`` (texts longer than a VARCHAR)
     ``tid`` INT64 auto id; ``gen`` INT64 (the head window's generation: invisible until the
-    head row points at it, like token rows); ``doc`` INT64; ``part`` INT32; ``text`` VARCHAR
-    (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector Milvus requires.
+    head row points at it, like token rows); ``doc`` INT64 (the head's); ``part`` INT32;
+    ``text`` VARCHAR (at most 65,535 UTF-8 bytes, cut between characters); ``v`` a 2-d vector
+    Milvus requires.
 ``NAME_manifest``
     the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
     no ``alter_collection_properties``, so collection properties cannot hold it).
@@ -66,31 +70,53 @@ re-inserted). A Milvus server writes one upsert request's deletes and inserts to
 logs under one timestamp, and a Strong-consistency read sees all of them or none; Milvus
 documents no atomicity across shards or for a proxy failing mid-request.
 
-Writes (``upsert``), in this order: (0) read the documents' stored rows (refusing a key
-collision); (1) insert the new windows' token rows (and long texts' ``NAME_text`` rows) under
-fresh ``gen`` values (no row points at them yet: invisible); (2) upsert each document's rows
-in ONE request: its new windows, and a TOMBSTONE over every old window past the new count
-(same ``pk``, ``win = -1``, zero vectors: no query, count or get reads it); documents are
-grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones and
-the token and text rows of other generations. So, when OUR process is killed (Milvus Lite, or
-a server applying each request whole), every document is its old or its new version whole,
-never a mix: before (2) its old rows are untouched, after it the new ones are complete;
-leftovers of (1) and (3) are invisible and removed by the document's next write or delete
-(tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in a
-loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
-that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a
-reader concurrent with request (2) can see them absent for its duration. On a server the
-rule rests on a request being applied whole or not at all, which Milvus does not document: a
-server failing mid-request may keep part of it, and a document's rows (different keys) are
-routed to different shards unless the collection has one (``shards=1``).
+Writes (``upsert``, in slot 0), in this order: (0) read the documents' stored rows, of every
+slot (refusing a key collision); (1) insert the new windows' token rows (and long texts'
+``NAME_text`` rows) under fresh ``gen`` values (no row points at them yet: invisible); (2)
+upsert each document's rows in ONE request: its new windows, and a TOMBSTONE over every old
+slot-0 window past the new count (same ``pk``, ``win = -1``, zero vectors: no query, count
+or get reads it; rows of slots 1 and 2 need none: the new head names slot 0); documents are
+grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones,
+the token and text rows of other generations, and the rows of slots 1 and 2 of the documents
+that had some. So, when OUR process is killed (Milvus Lite, or a server applying each
+request whole), every document is its old or its new version whole, never a mix: before (2)
+its old rows are untouched, after it the new ones are complete; leftovers of (1) and (3) are
+invisible and removed by the document's next write or delete (tests/test_windows.py stops a
+rewrite at each step, and kills a writer with SIGKILL in a loop). Weaker, stated as it is:
+if the Milvus Lite process itself dies inside request (2), that request's documents are
+ABSENT (old rows deleted, new not inserted), and on Lite a reader concurrent with request
+(2) can see them absent for its duration. On a server the rule rests on a request being
+applied whole or not at all, which Milvus does not document: a server failing mid-request
+may keep part of it, and a document's rows (different keys) are routed to different shards
+unless the collection has one (``shards=1``).
 
 Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece): the old version is deleted, each piece's
-windows ``w >= 1`` are written as they are encoded (token rows first), and the head last.
-Until then no head exists: count and get do not see the document, and a window a search
-returns belongs to no stored document (the Collection drops it). A crash leaves the document
-absent (not old, never a mix); the Collection records the document being written in its
-manifest and removes its stray windows before its next write.
+piece, written with memory bounded by the piece). A document's rows are in one of three
+SLOTS, told apart by ``doc``: ``upsert`` writes slot 0, ``upsert_long`` slot 1, or slot 2
+when the stored version is in slot 1. The head (the same ``pk`` in every slot) names the
+slot that is its document: count, get and existing read heads; the reads of a document's
+windows (get_windows, score_windows, set_metadata, iter_batches) ask for the three slots'
+``doc`` values at once and keep the head's; a search hit outside slot 0 costs one read of
+its head and is dropped unless the head names its slot (a query that lost hits asks again
+for more), while a slot-0 hit is taken as it is, so no write leaves a live slot-0 row its
+head does not name. In this order: (0) read the head (refusing a key collision) and delete
+every row, token and text row of the slots but the stored one (an interrupted write's,
+hidden); (1) each piece's windows ``w >= 1``, as they are encoded (token rows first), in the
+new slot: hidden; (2) the SWITCH, ONE request: the new head (text, metadata, every window's
+span, ``doc`` = the new slot) and, when the old version is in slot 0, a tombstone over each
+of its windows ``w >= 1`` (an old version in slot 1 or 2 needs none: the head hides it); (3)
+delete the rows, token and text rows of the other slots. So, when our process is killed (as
+for ``upsert``, above), a long write over a stored document leaves the old version whole
+before (2) and the new one whole after it; the stray rows of (1) and (3) are hidden, and
+removed by the document's next write (``upsert``'s step 3, ``upsert_long``'s step 0) or
+delete. A document not stored has no head until (2): a crash leaves it absent, and the
+Collection, which records the document being written in its manifest, removes its stray rows
+before its next write. When the switch does not fit ``max_request_bytes`` (an old version in
+slot 0 with more windows than fit as tombstones of ``4 * dense_dim + 256`` bytes: ~11,500 at
+1,024-d under the default 48 MiB), the old version's slot-0 rows, head included, are deleted
+in one request just before the head is written: a crash between the two leaves the document
+ABSENT, as for a document not stored (never a mix). Weaker, as for ``upsert``: if the Milvus
+Lite process itself dies inside request (2), the document is absent.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
@@ -119,7 +145,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,6 +154,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines.base import (
+    ID_NAMESPACE,
     LOSSLESS_COLBERT_DTYPES,
     MODES,
     CollectionExistsError,
@@ -141,7 +167,6 @@ from m3search.engines.base import (
     Record,
     Schema,
     WindowScores,
-    point_uuid,
     score_records,
 )
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
@@ -173,6 +198,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MANIFEST_KEY = "manifest"
 #: Salt of window rows' keys past window 0.
 _WINDOW_SALT = b"m3search-milvus-window\x00"
+#: Namespace of the ids' UUID5 (:func:`_pk`).
+_ID_NAMESPACE = ID_NAMESPACE.bytes
+#: Salt of the ``doc`` values of slots 1 and 2, and of their window rows' keys (Long writes, module docstring).
+_SLOT_SALT = b"m3search-milvus-slot\x00"
+#: Versions a document's rows can be written in: slot 0 (``upsert``), slots 1 and 2 (``upsert_long``, alternately).
+SLOTS = 3
 
 
 # ------------------------------------------------------------------------- helpers
@@ -203,15 +234,36 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
 
 
 def _pk(doc_id: str) -> int:
-    """Signed 64-bit primary key of a caller id (first 8 bytes of its UUID5): its window 0's row."""
-    return int.from_bytes(uuid.UUID(point_uuid(doc_id)).bytes[:8], "big", signed=True)
+    """Signed 64-bit primary key of a caller id: its window 0's row. The first 8 bytes of its UUID5
+    (:func:`~m3search.engines.base.point_uuid`), computed without building the UUID (searches run it
+    for every hit)."""
+    h = bytearray(hashlib.sha1(_ID_NAMESPACE + doc_id.encode("utf-8")).digest()[:8])
+    h[6] = (h[6] & 0x0F) | 0x50  # the UUID's version bits
+    return int.from_bytes(h, "big", signed=True)
 
 
-def _wpk(doc_id: str, window: int) -> int:
-    """Primary key of a document's window row (window 0: :func:`_pk`, the key rows had before windows)."""
+def _slot_key(doc_id: str, slot: int) -> int:
+    """The ``doc`` value of a document's rows written in ``slot`` (0: :func:`_pk`, the value rows had before slots)."""
+    if slot == 0:
+        return _pk(doc_id)
+    digest = hashlib.sha1(_SLOT_SALT + f"d{slot}\x00{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _slot_keys(doc_id: str) -> list[int]:
+    """The ``doc`` values a document's rows can hold, slot 0 first."""
+    return [_slot_key(doc_id, s) for s in range(SLOTS)]
+
+
+def _wpk(doc_id: str, window: int, slot: int = 0) -> int:
+    """Primary key of a document's window row in ``slot`` (window 0: :func:`_pk` in every slot; slot 0:
+    the keys rows had before slots)."""
     if window == 0:
         return _pk(doc_id)
-    digest = hashlib.sha1(_WINDOW_SALT + f"{window}\x00{doc_id}".encode()).digest()
+    if slot == 0:
+        digest = hashlib.sha1(_WINDOW_SALT + f"{window}\x00{doc_id}".encode()).digest()
+    else:
+        digest = hashlib.sha1(_SLOT_SALT + f"w{slot}\x00{window}\x00{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
@@ -700,10 +752,20 @@ class MilvusEngine(Engine):
         cond = "win >= 0" if rows == "live" else "win == 0"
         return f"{cond} and ({expr})" if expr else cond
 
-    def _doc_rows(self, heads: Sequence[int], fields: list[str], row_bytes: int = 64, live: bool = True) -> list[dict]:
-        """Rows of the documents ``heads`` (their live windows; ``live=False``: tombstones and stray windows
-        too), any order, each with ``doc`` and ``win``."""
+    def _doc_rows(
+        self,
+        docs: Sequence[Sequence[int]],
+        fields: list[str],
+        row_bytes: int = 64,
+        live: bool = True,
+        with_heads: bool = False,
+    ) -> list[dict]:
+        """Rows whose ``doc`` is one of the values ``docs`` lists per document (its slots' values, or its
+        head's key alone): their live windows (``live=False``: tombstones and stray windows too), any
+        order, each with ``doc`` and ``win``; ``with_heads``: also the rows whose ``pk`` is a document's
+        first value (its head, in any slot)."""
         if not self.window_rows:
+            heads = [d[0] for d in docs]
             rows = self._rows_by_pk(heads, [f for f in fields if f in self._fields] + ["pk"], row_bytes)
             for r in rows:
                 r["doc"], r["win"] = r["pk"], 0
@@ -712,32 +774,43 @@ class MilvusEngine(Engine):
         per_doc = max(1, self.max_windows)  # rows per document at most (one per window key)
         step = max(1, min(MAX_RESULTS // per_doc, CHUNK_BYTES // max(row_bytes * per_doc, 1)))
         out: list[dict] = []
-        for a in range(0, len(heads), step):
-            chunk = heads[a : a + step]
-            expr = f"doc in {_ints(chunk)}"
+        for a in range(0, len(docs), step):
+            chunk = docs[a : a + step]
+            expr = f"doc in {_ints([v for d in chunk for v in d])}"
+            if with_heads:
+                expr += f" or pk in {_ints([d[0] for d in chunk])}"
             out += self._query(
                 self.collection, self._where(expr, "live") if live else expr, fields, len(chunk) * per_doc
             )
         return out
 
     def _windows_of(
-        self, heads: Sequence[int], fields: list[str], vectors: Sequence[str] = (), whole_text: bool = True
+        self, ids: Sequence[str], fields: list[str], vectors: Sequence[str] = (), whole_text: bool = True
     ) -> list[list[dict]]:
-        """Per document, its window rows in window order ([] when it has no head: not stored, or the
-        windows of an interrupted long write), with ``colbert`` matrices if asked, and the head's whole
-        text (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``)."""
+        """Per document, its window rows in window order: those of the slot its head names ([] when it
+        has no head: not stored, or the windows of an interrupted long write), with ``colbert`` matrices
+        if asked, and the head's whole text (``whole_text``; False: the stored field, "" for a text kept
+        in ``NAME_text``)."""
         want = list(
             dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
         )
         if self.window_rows:
             want += ["spans", "tparts"]
+        uniq = list(dict.fromkeys(ids))
+        docs = [_slot_keys(i) if self.window_rows else [_pk(i)] for i in uniq]
+        owner = {v: i for i, d in zip(uniq, docs) for v in d}
         by_doc: dict[int, dict[int, dict]] = {}
-        for r in self._doc_rows(list(heads), want, self._row_bytes(vectors)):
+        heads: dict[str, dict] = {}
+        for r in self._doc_rows(docs, want, self._row_bytes(vectors)):
+            if r["doc_id"] != owner.get(r["doc"]):
+                continue  # another document's row under a colliding 64-bit value: not this one's
             by_doc.setdefault(r["doc"], {})[r["win"]] = r
+            if r["win"] == 0:
+                heads[r["doc_id"]] = r
         out = []
-        for h in heads:
-            rows = by_doc.get(h, {})
-            head = rows.get(0)
+        for i in ids:
+            head = heads.get(i)
+            rows = by_doc.get(head["doc"], {}) if head is not None else {}  # the head's slot only
             n = max(1, len(head.get("spans") or [])) if head is not None else 0
             out.append([rows[w] for w in range(n) if w in rows])
         if "colbert" in vectors:
@@ -810,22 +883,35 @@ class MilvusEngine(Engine):
             ids = list(dict.fromkeys(batch.ids[int(o)] for o in owner))
             raise ValueError(f"documents {ids[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
 
-    def _stored_rows(self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]) -> dict[int, list[int]]:
-        """Per document head, the keys of its stored LIVE window rows; refuses (before any write) a 64-bit
-        key that another document's row holds."""
-        want = dict(zip(heads, ids))
-        rows = self._doc_rows(heads, ["pk", "doc_id"], live=False)
+    def _stored_rows(
+        self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]
+    ) -> tuple[dict[int, list[int]], set[str]]:
+        """Per document head, the keys of its stored LIVE rows in slot 0 (those a rewrite in slot 0 must
+        overwrite or tombstone: rows of slots 1 and 2 are hidden by the new head, module docstring), and
+        the documents that have rows in slots 1 or 2; refuses (before any write) a 64-bit key that another
+        document's row holds."""
+        docs = [_slot_keys(i) if self.window_rows else [h] for i, h in zip(ids, heads)]
+        want = {v: i for i, d in zip(ids, docs) for v in d}
+        rows = self._doc_rows(docs, ["pk", "doc_id"], live=False, with_heads=True)
         extra = sorted(set(pks) - set(heads))  # window keys past 0: another document's row could hold one
         if extra and self.window_rows:
             rows += self._rows_by_pk(extra, ["pk", "doc_id", "doc", "win"])
-        clash = [(r["doc_id"], want.get(r["doc"], "?")) for r in rows if r["doc_id"] != want.get(r["doc"])]
+        # a row's owner: the document its ``doc`` names, else the one whose head key it has; a window key
+        # past 0 held by another document's row is a collision
+        owner = [want.get(r["doc"], want.get(r["pk"], "?")) for r in rows]
+        clash = [(r["doc_id"], o) for r, o in zip(rows, owner) if r["doc_id"] != o]
         if clash:
             raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
         live: dict[int, list[int]] = {}
+        slotted: set[str] = set()
+        first = set(heads)
         for r in rows:
-            if r["win"] >= 0 and r["doc"] in want:
-                live.setdefault(r["doc"], []).append(r["pk"])
-        return live
+            if r["doc"] in first:
+                if r["win"] >= 0:
+                    live.setdefault(r["doc"], []).append(r["pk"])
+            elif r["doc"] in want:
+                slotted.add(r["doc_id"])
+        return live, slotted
 
     def _rows(
         self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
@@ -916,7 +1002,7 @@ class MilvusEngine(Engine):
         heads = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
-        live = self._stored_rows(batch.ids, heads.tolist(), pks)
+        live, slotted = self._stored_rows(batch.ids, heads.tolist(), pks)
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         # (1) token rows under fresh generations: invisible until a window row points at them
@@ -934,46 +1020,85 @@ class MilvusEngine(Engine):
                     rows.append(self._tombstone(pk, heads[i], batch.ids[i]))
                     sizes[i] += 4 * self.schema.dense_dim + 256
         self._upsert_docs(docs, sizes)
-        # (3) the tombstones, and the token rows of older generations (and of interrupted writes)
-        self._remove_leftovers(heads, gens, batch.window_offsets)
+        # (3) the tombstones, the token rows of older generations, the rows of slots 1 and 2 (a long-written
+        # version, now hidden by the new head, or an interrupted long write's)
+        self._remove_leftovers(batch.ids, heads, gens, batch.window_offsets, slotted)
 
-    def _remove_leftovers(self, heads: np.ndarray, gens: np.ndarray, offsets: np.ndarray) -> None:
+    def _remove_leftovers(
+        self, ids: Sequence[str], heads: np.ndarray, gens: np.ndarray, offsets: np.ndarray, slotted: set[str]
+    ) -> None:
+        """Step (3) of ``upsert``: tombstones, token and text rows of other generations, and every row of
+        slots 1 and 2 of the documents that had some (``slotted``)."""
         for a in range(0, len(heads), 1024):
             b = min(a + 1024, len(heads))
             chunk = _ints(heads[a:b])
+            other = [_slot_key(i, s) for i in ids[a:b] if i in slotted for s in range(1, SLOTS)]
+            slots = f" or doc in {_ints(other)}" if other else ""  # ("and" binds first)
             if self.window_rows:
-                self.client.delete(self.collection, filter=f"doc in {chunk} and win < 0", timeout=self.timeout)
+                self.client.delete(self.collection, filter=f"doc in {chunk} and win < 0{slots}", timeout=self.timeout)
             keep = _ints(gens[offsets[a] : offsets[b]])
             for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
-                self.client.delete(coll, filter=f"doc in {chunk} and gen not in {keep}", timeout=self.timeout)
+                self.client.delete(coll, filter=f"doc in {chunk} and gen not in {keep}{slots}", timeout=self.timeout)
+
+    def _head_row(self, doc_id: str) -> dict | None:
+        """A document's stored head (``doc``: the slot it names; ``spans``), None when not stored; refuses a
+        head key another document holds."""
+        rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "win", "spans"])
+        if rows and rows[0]["doc_id"] != doc_id:
+            raise ValueError(
+                f"id hash collision in Milvus (64-bit key): {(rows[0]['doc_id'], doc_id)}; nothing was written"
+            )
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _slot_of(doc_id: str, doc: int) -> int:
+        keys = _slot_keys(doc_id)
+        if doc not in keys:
+            raise RuntimeError(f"the head row of {doc_id!r} names no slot of it (doc {doc}): not an m3search row")
+        return keys.index(doc)
+
+    def _drop_slots(self, doc_id: str, keep: int | None) -> None:
+        """Every row (windows, tombstones; token and text rows) of a document's slots but ``keep``
+        (None: all of them)."""
+        other = _ints([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
+        for coll in (self.collection, self.tokens, self.texts):
+            self.client.delete(coll, filter=f"doc in {other}", timeout=self.timeout)
 
     def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
-        """Long writes (module docstring): the old version deleted, each piece's windows written as it
-        comes (token rows first), window 0 (text, metadata, every window's span) last."""
+        """Long writes (module docstring): each piece's windows written as it comes (token rows first) in
+        the slot the stored head does not name, then ONE request (the switch): window 0 (text,
+        metadata, every window's span, the new slot) with tombstones over the old version's slot-0 rows;
+        then the other slots' rows removed."""
         if not self.window_rows:
             return super().upsert_long(pieces)
-        head, spans = None, []
+        head, spans, head_size = None, [], 0
+        doc_id, slot, key, old, cur = "", 0, 0, None, None
         for piece in pieces:
             self._check_batch(piece)
-            if len(piece) != 1:
+            if len(piece) != 1 or head is not None and piece.ids[0] != doc_id:
                 raise ValueError("upsert_long takes one-document pieces with vectors")
-            doc_id, first = piece.ids[0], len(spans)
-            h = _pk(doc_id)
+            first = len(spans)
             if head is None:
-                self._stored_rows([doc_id], [h], [])  # refuses a key collision before deleting anything
-                self.delete([doc_id])  # the old version, or windows of a write a crash interrupted
+                doc_id = piece.ids[0]
+                old = self._head_row(doc_id)
+                cur = None if old is None else self._slot_of(doc_id, old["doc"])
+                slot = 2 if cur == 1 else 1  # never the stored version's slot, never slot 0 (read without a check)
+                key = _slot_key(doc_id, slot)
+                self._drop_slots(doc_id, keep=cur)  # an interrupted write's rows (hidden), or a document's strays
             n = int(piece.window_offsets[-1])
-            pks = [_wpk(doc_id, first + w) for w in range(n)]
+            pks = [_wpk(doc_id, first + w, slot) for w in range(n)]
             self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
             self._insert_chunked(
                 self.tokens,
-                self._token_rows(gens, np.full(n, h), piece.colbert_offsets, piece.colbert),
+                self._token_rows(gens, np.full(n, key), piece.colbert_offsets, piece.colbert),
                 self._block_bytes,
             )
-            (rows,), (size,) = self._rows(piece, np.array([h]), pks, gens, first=first)
+            (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
+                meta_bytes = 2 * len(json.dumps(head["meta"]))
+                head_size = 2 * len(head["text"]) + 4 * len(head["dense"]) + 12 * len(head["sparse"]) + meta_bytes + 256
             spans += piece.doc_spans(0)
             per = max(1, len(rows) * self.max_request_bytes // max(size, 1))  # windows may go in several requests
             for a in range(0, len(rows), per):
@@ -981,7 +1106,16 @@ class MilvusEngine(Engine):
         if head is None:
             raise ValueError("upsert_long needs at least one piece")
         head["spans"] = spans if len(spans) > 1 else []
-        self.client.upsert(self.collection, [head], timeout=self.timeout)  # the document appears whole
+        switch = [head]
+        if cur == 0:  # rows of slot 0 are read without a look at their head: the old ones are tombstoned
+            h, n_old = _pk(doc_id), max(1, len(old["spans"] or []))
+            switch += [self._tombstone(_wpk(doc_id, w), h, doc_id) for w in range(1, n_old)]
+            if head_size + 16 * len(spans) + (n_old - 1) * (4 * self.schema.dense_dim + 256) > self.max_request_bytes:
+                # too many for one request: the old version is deleted first (a crash here leaves it absent)
+                self.client.delete(self.collection, filter=f"doc == {h}", timeout=self.timeout)
+                switch = [head]
+        self.client.upsert(self.collection, switch, timeout=self.timeout)  # the switch: the new version whole
+        self._drop_slots(doc_id, keep=slot)  # the old version's rows, tombstones, token and text rows
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         """Rewrites every window row of the documents in one request (Milvus 2.5 has no partial update;
@@ -995,7 +1129,7 @@ class MilvusEngine(Engine):
             for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans", "tparts")
             if f in self._fields
         ]
-        docs = self._windows_of([_pk(i) for i in ids], fields, ("dense", "sparse"), whole_text=False)
+        docs = self._windows_of(ids, fields, ("dense", "sparse"), whole_text=False)
         out = []
         for doc_id, meta, rows in zip(ids, metadata, docs):
             if not rows:
@@ -1008,16 +1142,18 @@ class MilvusEngine(Engine):
         self.client.upsert(self.collection, out, timeout=self.timeout)
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Every row of the documents (windows, tombstones, strays), then their token rows."""
+        """Every row of the documents in every slot (windows, tombstones, strays), then their token and
+        text rows."""
         if not ids:
             return
-        heads = [_pk(i) for i in ids]
-        for a in range(0, len(heads), 4096):
-            chunk = _ints(heads[a : a + 4096])
-            self.client.delete(
-                self.collection, filter=f"{'doc' if self.window_rows else 'pk'} in {chunk}", timeout=self.timeout
-            )
-            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
+        for a in range(0, len(ids), 4096):
+            if not self.window_rows:
+                chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
+                self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
+                self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+                continue
+            chunk = _ints([v for i in ids[a : a + 4096] for v in _slot_keys(i)])
+            for coll in (self.collection, self.tokens, self.texts):
                 self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
 
     # --------------------------------------------------------------------- reads
@@ -1150,7 +1286,7 @@ class MilvusEngine(Engine):
 
     def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
         vectors = self._modes(with_vectors)
-        docs = self._windows_of([_pk(i) for i in ids], ["text", "meta"], vectors)
+        docs = self._windows_of(ids, ["text", "meta"], vectors)
         return [[self._record(r) for r in rows] for rows in docs]
 
     def count(self, filter: Filter | None = None) -> int:
@@ -1186,7 +1322,7 @@ class MilvusEngine(Engine):
     def _batch(self, heads: list[dict], vectors: Sequence[str]) -> PointBatch:
         """Stored documents as a batch: every window when vectors are asked for, else the heads."""
         if vectors and any(len(r.get("spans") or []) > 1 for r in heads):
-            docs = self._windows_of([_pk(r["doc_id"]) for r in heads], ["text", "meta"], vectors)
+            docs = self._windows_of([r["doc_id"] for r in heads], ["text", "meta"], vectors)
             rows = [r for d in docs for r in d]
         else:
             rows = heads
@@ -1216,20 +1352,49 @@ class MilvusEngine(Engine):
         return int(min(k, MAX_RESULTS))
 
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
-        """Top-k DOCUMENTS: Milvus's grouping search returns each document once, at its best window."""
+        """Top-k DOCUMENTS: Milvus's grouping search returns each group (``doc``: a document's slot) once, at
+        its best window; a group its document's head does not name is dropped (:meth:`_committed`), and a
+        query that lost hits so asks again for more."""
+        k = self._limit(k)
         group = {"group_by_field": "doc"} if self.window_rows else {}
-        res = self.client.search(
-            self.collection,
-            data=data,
-            anns_field=field,
-            limit=self._limit(k),
-            filter=self._where(expr, "live"),
-            output_fields=["doc_id"],
-            search_params=params,
-            timeout=self.timeout,
-            **group,
-        )
-        return [[(h["entity"]["doc_id"], float(h["distance"])) for h in hits] for hits in res]
+        out: list[Hits] = [[] for _ in data]
+        todo, limit = list(range(len(data))), k
+        while todo:
+            ef = params.get("params", {}).get("ef")
+            if ef is not None and ef < limit:  # HNSW (a server) needs ef >= limit
+                params = {**params, "params": {**params["params"], "ef": limit}}
+            res = self.client.search(
+                self.collection,
+                data=[data[i] for i in todo],
+                anns_field=field,
+                limit=limit,
+                filter=self._where(expr, "live"),
+                output_fields=["doc_id", "doc"] if self.window_rows else ["doc_id"],
+                search_params=params,
+                timeout=self.timeout,
+                **group,
+            )
+            again = []
+            for i, hits, raw in zip(todo, self._committed(res), res):
+                out[i] = hits[:k]
+                if len(hits) < k and len(raw) == limit and limit < MAX_RESULTS:
+                    again.append(i)
+            todo, limit = again, min(2 * limit, MAX_RESULTS)
+        return out
+
+    def _committed(self, results: list) -> list[Hits]:
+        """The hits without those of a slot their document's head does not name (a long write not switched
+        yet, or interrupted; a version replaced): a hit in slot 0 (``doc`` = its head's key) is its
+        document's (module docstring, "Long writes"); the others cost one read of their heads."""
+        hits = [[(h["entity"]["doc_id"], float(h["distance"]), h["entity"].get("doc")) for h in r] for r in results]
+        if not self.window_rows:
+            return [[(i, d) for i, d, _ in r] for r in hits]
+        heads = {i: _pk(i) for i in {i for r in hits for i, _, _ in r}}
+        tagged = sorted({i for r in hits for i, _, doc in r if doc != heads[i]})
+        named = {}
+        if tagged:
+            named = {h["doc_id"]: h["doc"] for h in self._rows_by_pk([heads[i] for i in tagged], ["doc_id", "doc"])}
+        return [[(i, d) for i, d, doc in r if doc == heads[i] or named.get(i) == doc] for r in hits]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
@@ -1269,7 +1434,7 @@ class MilvusEngine(Engine):
         if bad:
             raise ValueError(f"unknown mode(s) {bad}")
         ids = list(ids)
-        docs = self._windows_of([_pk(i) for i in ids], [], tuple(modes)) if ids and modes else [[] for _ in ids]
+        docs = self._windows_of(ids, [], tuple(modes)) if ids and modes else [[] for _ in ids]
         records: list[Record | None] = []
         for rows in docs:
             records += [self._record(r) for r in rows] or [None]
