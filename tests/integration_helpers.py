@@ -57,7 +57,8 @@ def served(collection, *, api_key: str | None = None, **settings):
 
 
 def told_apart(a: list, b: list) -> bool:
-    """Whether :func:`same_hits` can tell two hit lists apart: other ids, or a score off by more than it allows.
+    """Whether two hit lists differ clearly: other ids, or a score off by more than 1e-6 relative (1000x the
+    tolerance of :func:`same_hits`, so float noise between two runs of one ranking never counts).
 
     Ids alone may not do: without ../shared, the tiny model's tokenizer (trained on a few built-in
     sentences) makes sparse dominate the fused score, so "all" and "sparse" rank alike there."""
