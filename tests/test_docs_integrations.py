@@ -32,6 +32,14 @@ def _run(code: str, tmp_path, monkeypatch, capsys, model) -> str:
     return capsys.readouterr().out
 
 
+def _assert_filtered(out: str) -> None:
+    """The filtered query's hits (the lines before "top:") are 2023+ entries only: faq-1, faq-2, faq-4.
+    With a random model any of them may rank first; which one does is the proxy test's business."""
+    head = out.split("\ntop:")[0].splitlines()
+    assert len(head) == 2 and all(line.split()[0] in {"faq-1", "faq-2", "faq-4"} for line in head), out
+    assert re.search(r"^top: faq-[124]$", out, flags=re.M), out
+
+
 def test_the_doc_has_one_example_per_framework():
     assert {"LangChain", "LlamaIndex", "Through `m3search serve`"} <= set(_examples())
 
@@ -39,14 +47,14 @@ def test_the_doc_has_one_example_per_framework():
 def test_langchain_example(tmp_path, monkeypatch, capsys, tiny_model_path):
     pytest.importorskip("langchain_core")
     out = _run(_examples()["LangChain"], tmp_path, monkeypatch, capsys, tiny_model_path)
-    assert re.search(r"^top: faq-[14]$", out, flags=re.M), out  # the filter keeps 2023+ entries
+    _assert_filtered(out)
     assert "left: 4" in out
 
 
 def test_llama_index_example(tmp_path, monkeypatch, capsys, tiny_model_path):
     pytest.importorskip("llama_index.core")
     out = _run(_examples()["LlamaIndex"], tmp_path, monkeypatch, capsys, tiny_model_path)
-    assert re.search(r"^top: faq-[14]$", out, flags=re.M), out
+    _assert_filtered(out)
     assert "left: 4" in out
 
 
