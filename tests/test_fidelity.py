@@ -41,9 +41,12 @@ XQUAD_QUERIES = 300
 NDCG_TOLERANCE = 0.005
 ALL_RECALL_TARGET = 0.99
 #: bf16 vs fp32 encoding: largest allowed change of oracle nDCG@10 per collection and mode (measured: 0.0040),
-#: smallest allowed dense cosine (measured: 0.99992).
+#: smallest allowed dense cosine per document and over all (measured: min 0.99992 before batches were padded to
+#: 16 tokens, 0.999896 after, one document of 3,003 below 0.9999: bf16 rounds differently per kernel shape; mean
+#: 0.999973 both ways; benchmarks/RESULTS.md "Server memory: per-shape kernels").
 BF16_MAX_NDCG_SHIFT = 0.01
-BF16_MIN_DENSE_COSINE = 0.9999
+BF16_MIN_DENSE_COSINE = 0.9998
+BF16_MEAN_DENSE_COSINE = 0.99995
 
 
 @dataclass
@@ -283,8 +286,10 @@ def test_bf16_against_fp32_encoding(proxy_model_path, corpus, default_run, share
             )
     print("\n".join(lines))
     # The bf16 side (measured 2026-11-27, benchmarks/RESULTS.md: nDCG@10 moved -0.0021 .. +0.0040, dense cosine
-    # min 0.99992): bounds with room for other CPUs' bf16 kernels, tight enough to catch a broken bf16 path.
-    assert cos.min() >= BF16_MIN_DENSE_COSINE, f"bf16 dense cosine min {cos.min():.5f}"
+    # min 0.99992, 0.99990 since padding): bounds with room for other CPUs' bf16 kernels, tight enough to catch a
+    # broken bf16 path (the mean, 0.99997, is what one bad kernel moves).
+    assert cos.min() >= BF16_MIN_DENSE_COSINE, f"bf16 dense cosine min {cos.min():.6f}"
+    assert cos.mean() >= BF16_MEAN_DENSE_COSINE, f"bf16 dense cosine mean {cos.mean():.6f}"
     worst = max(moved, key=lambda key: abs(moved[key]))
     assert abs(moved[worst]) <= BF16_MAX_NDCG_SHIFT, f"bf16 moves oracle nDCG@10 by {moved[worst]:+.4f} ({worst})"
     ref = reference_table(proxy_model_path / "README.md")
