@@ -151,6 +151,12 @@ def _settings_of(app: FastAPI) -> Settings:
     return app.dependency_overrides.get(get_settings, get_settings)()
 
 
+async def _request_settings(request: Request) -> Settings:
+    """``get_settings`` (or its override) as a dependency that runs on the event loop: a plain ``def``
+    dependency costs a thread-pool hop per request, and this one is a dict lookup."""
+    return _settings_of(request.app)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -335,8 +341,8 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (what OpenAI clients send)")
 
 
-def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
+async def require_api_key(
+    settings: Annotated[Settings, Depends(_request_settings)],
     key: Annotated[str | None, Security(_api_key_header)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
 ) -> None:
@@ -471,15 +477,19 @@ def load_resources(settings: Settings) -> Resources:
     return res
 
 
-def _resources(request: Request) -> Resources:
+def _loaded(request: Request) -> Resources:
     res = getattr(request.app.state, "resources", None)
     if res is None:  # pragma: no cover - lifespan always sets it
         raise HTTPException(503, "the model is not loaded yet")
     return res
 
 
-def _collection_resources(request: Request) -> Resources:
-    res = _resources(request)
+async def _resources(request: Request) -> Resources:  # async: no thread-pool hop for an attribute read
+    return _loaded(request)
+
+
+async def _collection_resources(request: Request) -> Resources:
+    res = _loaded(request)
     if res.collection is None:
         raise HTTPException(409, "this server has no collection (start it with --collection DIR)")
     return res
@@ -487,7 +497,7 @@ def _collection_resources(request: Request) -> Resources:
 
 ResourcesDep = Annotated[Resources, Depends(_resources)]
 CollectionDep = Annotated[Resources, Depends(_collection_resources)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_request_settings)]
 
 
 # ---------------------------------------------------------------------------------------------- models
