@@ -114,6 +114,28 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _rounds(url: str) -> dict[str, float]:
+    """The batching worker's totals from /metrics: interactive rounds, texts in them, seconds spent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"rounds": 0.0, "texts": 0.0, "seconds": 0.0}
+    try:
+        text = httpx.get(url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return out
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("priority") != "interactive":
+                continue
+            if s.name == "m3search_batch_texts_count":
+                out["rounds"] = s.value
+            elif s.name == "m3search_batch_texts_sum":
+                out["texts"] = s.value
+            elif s.name == "m3search_batch_seconds_sum":
+                out["seconds"] = s.value
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -195,9 +217,11 @@ async def _load(
         finally:
             await conn.close()
 
+    rounds0 = await asyncio.to_thread(_rounds, url) if pid else {}
     t0, cpu0, own0 = time.perf_counter(), _cpu_s(pid) if pid else 0.0, time.process_time()
     await asyncio.gather(*(one(w) for w in range(clients)))
     wall, cpu = time.perf_counter() - t0, (_cpu_s(pid) - cpu0) if pid else float("nan")
+    rounds = {k: v - rounds0[k] for k, v in (await asyncio.to_thread(_rounds, url)).items()} if pid else {}
     own = time.process_time() - own0  # the clients' CPU: taken from the same cores as the server's
     ok = statuses.get(200, 0)
     ms = np.array(lat) * 1000 if lat else np.array([np.nan])
@@ -214,6 +238,9 @@ async def _load(
         "p99_ms": float(np.percentile(ms, 99)),
         "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
         "wall_s": wall,
+        # the batching worker: texts per interactive round, and the share of wall time it spent in rounds
+        "texts_per_round": rounds["texts"] / rounds["rounds"] if rounds.get("rounds") else float("nan"),
+        "worker_busy": rounds["seconds"] / wall if rounds else float("nan"),
     }
 
 
@@ -264,6 +291,7 @@ def _print_row(r: dict) -> None:
         f"{r['texts_per_s']:8.1f} texts/s  cpu {r.get('server_cpu_ms_per_text', float('nan')):6.1f} ms/text  "
         f"client cpu {r.get('client_cpu_ms_per_request', float('nan')):5.1f} ms/req  "
         f"p50 {r['p50_ms']:7.1f}  p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms  "
+        f"texts/round {r.get('texts_per_round', float('nan')):5.1f}  worker busy {r.get('worker_busy', float('nan')):4.0%}  "
         f"{r['statuses']}",
         flush=True,
     )

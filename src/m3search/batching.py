@@ -26,13 +26,14 @@ splits by token budget), then hands each caller its own rows.
   ingest down but never stops it.
 * **Adaptive coalescing.** When the worker is idle and recent rounds served one request,
   a new request starts at once (no added latency for a lone client). When they served
-  several, the worker waits until HALF as many are waiting (the estimate jumps up with a big
+  several, the worker waits until as many are waiting (the estimate jumps up with a big
   round and decays over about a dozen), but never longer than ``max_wait`` and half of
-  the last round's duration. Half, not all: closed-loop clients then settle into two groups,
-  one being encoded while the other's answers and next requests cross the network, so the
-  worker is not idle while a whole round's clients come back (measured with 16 clients on
-  2 cores: worker busy 0.69 -> 0.90 of the time, texts/s 66 % -> 82 % of one client sending
-  16 texts per request; benchmarks/RESULTS.md, serving).
+  the last round's duration. All of them, not half: waiting for half split closed-loop
+  clients into two groups of half-size rounds (16 clients on 2 cores: 8.8 texts per round),
+  and a forward pass over 8 short texts costs 1.2x per text what one over 16 does; waiting
+  for all of them leaves the worker idle ~20 % of the time while answers and next requests
+  cross the event loop, and still serves more (16 clients: 78 % -> 82 % of one client sending
+  16 texts per request; 4 clients +40 %; benchmarks/RESULTS.md, serving round 7).
 * **Backpressure.** At most ``max_queue`` texts are in the system; beyond it ``submit``
   raises :class:`QueueFull` with a retry hint. A request must start within its timeout (a
   large ingest that started is not cut off); one cancelled (its client left) or too late
@@ -430,7 +431,7 @@ class Batcher:
                 return [], True
             if not busy and self._expect > 1:
                 end = time.monotonic() + min(self.max_wait, self._last_round / 2)
-                while len(self._inbox) < max(1, self._expect // 2) and not self._closed:
+                while len(self._inbox) < self._expect and not self._closed:
                     left = end - time.monotonic()
                     if left <= 0:
                         break

@@ -4,7 +4,7 @@ Why it looks like this: the app is a thin shell over :class:`m3search.M3Encoder`
 :class:`m3search.Collection` (datasette's rule), built by :func:`create_app` so tests and
 ``m3search serve`` run the same code. FastAPI conventions throughout: typed pydantic
 models, the API key as a dependency on every route but ``/health``, the model loaded in
-``lifespan``, settings from a cached getter (``get_settings``) that tests override. Every
+``lifespan``, settings from ``create_app``'s argument or a getter (``get_settings``) that tests override. Every
 forward pass runs on one batching worker (:mod:`m3search.batching`): embedding and search
 requests at interactive priority, ``/documents`` ingest (windows included, through the
 collection's :class:`~m3search.batching.BatchedEncoder`) in background rounds behind them,
@@ -148,7 +148,11 @@ def get_settings() -> Settings:
 
 
 def _settings_of(app: FastAPI) -> Settings:
-    return app.dependency_overrides.get(get_settings, get_settings)()
+    """A test's override of ``get_settings``, else the settings given to ``create_app``, else the environment's."""
+    override = app.dependency_overrides.get(get_settings)
+    if override is not None:
+        return override()
+    return app.state.settings if app.state.settings is not None else get_settings()
 
 
 async def _request_settings(request: Request) -> Settings:
@@ -736,7 +740,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     )
     if settings is not None:
         settings.check()
-        app.dependency_overrides[get_settings] = lambda: settings
+    # Kept on the app, not in dependency_overrides: with any override installed FastAPI rebuilds
+    # every dependency's signature on every request (py-spy: 12 % of the event loop's time).
+    app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, limit=lambda: _settings_of(app).max_body_bytes)
     metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
