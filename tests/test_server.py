@@ -367,3 +367,15 @@ def test_schemathesis_long_run(fuzz_server):
     """Longer run with the stateful phase (links between operations), 100 examples per operation."""
     proc = _schemathesis(fuzz_server, 100, "examples,coverage,fuzzing,stateful")
     _check_fuzz(proc)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
+    """``serve`` caps glibc's arenas (memory flat under load) but never overrides MALLOC_ARENA_MAX."""
+    code = "from m3search.server import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    kept = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True, check=True
+    )
+    assert (capped.stdout.strip(), kept.stdout.strip()) == ("True", "False")

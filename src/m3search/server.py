@@ -978,6 +978,26 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process (``mallopt(M_ARENA_MAX, n)``; a no-op off glibc, or when
+    ``MALLOC_ARENA_MAX`` is set, which wins).
+
+    Why: glibc gives each thread that allocates concurrently an arena of its own (up to 8 per core),
+    and a server's request, worker and engine threads fragment them, so its memory creeps up under
+    steady load (benchmarks/RESULTS.md, serving rounds 5 and 7). Call it before the threads start.
+    """
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(getattr(libc, "mallopt", None)) and libc.mallopt(-8, n) == 1  # -8: M_ARENA_MAX
+    except OSError:
+        return False
+
+
 def serve(
     settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready: Any = None
 ) -> None:
@@ -992,6 +1012,7 @@ def serve(
     import uvicorn
 
     settings.check()
+    limit_malloc_arenas()
     sock = _bind(host, port)
     resources: Resources | None = None
     try:
