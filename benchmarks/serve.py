@@ -398,13 +398,17 @@ def _baseline_src(rev: str, tmp: Path) -> Path:
     return out / "src"
 
 
-def _index(src: Path, coll: Path, model: str, ids: list[str], docs: list[str], tmp: Path) -> None:
+def _index(
+    src: Path, coll: Path, model: str, ids: list[str], docs: list[str], tmp: Path, colbert_dtype: str | None = None
+) -> None:
     """Index the documents with the code under ``src`` (a subprocess, that revision's package)."""
     data = tmp / "docs.json"
-    data.write_text(json.dumps({"ids": ids, "docs": docs}))
+    data.write_text(
+        json.dumps({"ids": ids, "docs": docs, "layout": {"colbert_dtype": colbert_dtype} if colbert_dtype else {}})
+    )
     code = (
         "import json, sys; from m3search import Collection; d = json.load(open(sys.argv[3]));"
-        "c = Collection.create(sys.argv[1], model=sys.argv[2]); c.add(d['docs'], ids=d['ids']); c.close()"
+        "c = Collection.create(sys.argv[1], model=sys.argv[2], **d['layout']); c.add(d['docs'], ids=d['ids']); c.close()"
     )
     env = {**os.environ, "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-c", code, str(coll), model, str(data)], check=True, env=env)
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline", default=None, help="git revision whose server runs the same cells first")
     p.add_argument("--soak", type=float, default=60.0, help="seconds of 64 clients on /search (0: skip)")
     p.add_argument("--ingest", type=int, default=2000, help="documents ingested during the query test (0: skip)")
+    p.add_argument("--colbert-dtype", default=None, help="ColBERT storage of the collection (default: the engine's)")
     p.add_argument("--json", default=None, help="write the raw numbers here")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             # cannot open a newer manifest, and the ingest test grows the collection.
             coll = tmp / f"coll{n}"
             t0 = time.perf_counter()
-            _index(src, coll, args.model, ids, docs, tmp)
+            _index(src, coll, args.model, ids, docs, tmp, args.colbert_dtype)
             print(f"server: {name} (indexed {len(docs)} documents in {time.perf_counter() - t0:.1f} s)", flush=True)
             proc, url = _start(src, coll, args.model, tmp)
             try:
