@@ -168,18 +168,27 @@ def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monk
     monkeypatch.setattr(col._engine, "optimize", lambda: calls.append("optimize") or False)
     monkeypatch.setattr(col._engine, "flush", lambda: calls.append("flush"))
     indexer = app.state.indexer
-    indexer.idle = 0.5
+    indexer.idle = 1.0
+
+    def unindexed() -> float:
+        line = next(
+            x for x in client.get("/metrics").text.splitlines() if x.startswith("m3search_unindexed_documents ")
+        )
+        return float(line.split()[1])
+
     for id_, text in texts.items():
         r = client.post("/documents", json={"documents": [{"id": id_, "text": text}]})
         assert r.status_code == 200
     assert calls == []  # not per request
+    assert unindexed() == 2  # the operator sees what waits for its index
     assert client.post("/search", json={"query": texts["x2"], "k": 1}).json()["hits"][0]["id"] == "x2"
     deadline = time.monotonic() + 10
     while not calls and time.monotonic() < deadline:
         time.sleep(0.05)
     assert calls == ["optimize", "flush"]  # once, for both requests
-    time.sleep(0.7)
+    time.sleep(1.2)
     assert calls == ["optimize", "flush"]  # nothing pending: nothing more
+    assert unindexed() == 0
 
 
 def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
@@ -191,9 +200,9 @@ def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
         def optimize(self):
             self.runs += 1
 
-    fake = Fake()
+    fake, pending = Fake(), []
     with Batcher(tiny_encoder) as b:
-        indexer = DeferredOptimize(fake, b, idle=60, every=10)
+        indexer = DeferredOptimize(fake, b, idle=60, every=10, on_pending=pending.append)
         indexer.wrote(4)
         time.sleep(0.2)
         assert fake.runs == 0  # neither idle long enough nor 10 documents
@@ -205,3 +214,4 @@ def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
         indexer.wrote(1)
         indexer.close()
         assert fake.runs == 2
+        assert pending == [4, 10, 0, 1, 0]  # what the m3search_unindexed_documents gauge is set to

@@ -6,7 +6,7 @@ default global registry would refuse the second set of metric names.
 What is measured: requests by route template, method and status (so errors by status
 come free); latency histograms per route; texts waiting in the batching queue; per round
 of the batching worker, the requests and texts it served, its tokens and its duration
-(tokens/s = ``rate(m3search_tokens_total[1m])``).
+(tokens/s = ``rate(m3search_tokens_total[1m])``); documents written but not yet indexed.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ class Metrics:
         )
         self.tokens = Counter("m3search_tokens", "Tokens encoded", ["priority"], registry=r)
         self.texts = Counter("m3search_texts", "Texts encoded", ["priority"], registry=r)
+        self.unindexed = Gauge(
+            "m3search_unindexed_documents",
+            "Documents written through /documents whose indexes are not built yet (searched by a scan until then)",
+            registry=r,
+        )
 
     # BatchObserver
     def queue_depth(self, texts: int) -> None:
