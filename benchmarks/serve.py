@@ -22,7 +22,11 @@ What it measures, and why this way:
   before, half way and after.
 * ``--ingest N``: query latency on ``/search`` (one client) idle, then while another client
   sends N documents to ``/documents`` in requests of 64 (ids new, so the collection grows),
-  then for 10 s after it (the server builds its deferred indexes then).
+  then for 10 s after it (the server builds its deferred indexes then), then idle again on the
+  grown collection once ``m3search_unindexed_documents`` is 0. Search cost grows with the
+  collection (sparse postings, the unindexed scan), so the during/idle ratio is given twice:
+  against idle before (the target as written: 200 documents) and, per quarter of the ingest,
+  the last quarter against idle at the final size (sizes within 25 %).
 
 Usage (repository root, project venv)::
 
@@ -134,6 +138,28 @@ def _rounds(url: str) -> dict[str, float]:
             elif s.name == "m3search_batch_seconds_sum":
                 out["seconds"] = s.value
     return out
+
+
+def _unindexed(url: str) -> float | None:
+    """The server's ``m3search_unindexed_documents`` gauge (None: a server without it)."""
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("m3search_unindexed_documents "):
+            return float(line.split()[1])
+    return None
+
+
+async def _indexes_built(url: str, limit: float = 600.0) -> float:
+    """Wait until the server has built the indexes it deferred; seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        left = await asyncio.to_thread(_unindexed, url)
+        if left is None:  # an older server: give its deferred optimize a fixed time
+            await asyncio.sleep(30)
+            break
+        if left == 0:
+            break
+        await asyncio.sleep(0.5)
+    return time.perf_counter() - t0
 
 
 def _rss_mb(pid: int) -> float:
@@ -337,7 +363,7 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         ingest_time = time.perf_counter() - t0
         done.set()
 
-    async def query(conn: _Conn, stop) -> list[float]:
+    async def query(conn: _Conn, stop, when: list[float] | None = None) -> list[float]:
         lat, i = [], 0
         while not stop():
             t0 = time.perf_counter()
@@ -346,6 +372,8 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
             except (OSError, asyncio.IncompleteReadError) as exc:
                 status = type(exc).__name__
             lat.append(time.perf_counter() - t0)
+            if when is not None:
+                when.append(t0)
             if status != 200:
                 failed.append(status)
             i += 1
@@ -357,14 +385,23 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         idle = await query(conn, lambda: time.perf_counter() > t_end)
         task = asyncio.create_task(ingest(client))
         await asyncio.sleep(0.5)  # the ingest is under way
-        busy = await query(conn, done.is_set)
+        started, when = time.perf_counter(), []
+        busy = await query(conn, done.is_set, when)
         await task
         # After the ingest: the server builds the indexes it deferred (DeferredOptimize) once ingest
         # has paused, so these queries run beside that build, then on the grown collection.
         t_end = time.perf_counter() + max(args.seconds, 10.0)
         after = await query(conn, lambda: time.perf_counter() > t_end)
+        waited = await _indexes_built(url)
+        for q in queries[:3]:  # first touch of the new segments, not counted
+            await conn.post("/search", _body("search", [q]))
+        t_end = time.perf_counter() + args.seconds
+        final = await query(conn, lambda: time.perf_counter() > t_end)
     await conn.close()
     pct = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
+    span = max(when[-1] - started, 1e-9) if when else 1.0
+    quarter = np.minimum(((np.array(when) - started) / span * 4).astype(int), 3)
+    quarters = [pct(np.array(busy)[quarter == q], 95) if (quarter == q).any() else float("nan") for q in range(4)]
     out = {
         "docs": args.ingest,
         "ingest_s": ingest_time,
@@ -378,6 +415,12 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         "after_p50_ms": pct(after, 50),
         "after_p95_ms": pct(after, 95),
         "after_max_ms": pct(after, 100),
+        "busy_p95_ms_by_quarter": quarters,
+        "indexes_built_after_s": waited,
+        "final_idle_p50_ms": pct(final, 50),
+        "final_idle_p95_ms": pct(final, 95),
+        "p95_during_over_idle": pct(busy, 95) / pct(idle, 95),
+        "p95_last_quarter_over_final_idle": quarters[3] / pct(final, 95),
         "query_failures": [str(x) for x in failed],
     }
     print(
@@ -385,6 +428,13 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         f"/search p50/p95 idle {out['idle_p50_ms']:.1f}/{out['idle_p95_ms']:.1f} ms, during ingest "
         f"{out['busy_p50_ms']:.1f}/{out['busy_p95_ms']:.1f} ms ({len(busy)} queries), after "
         f"{out['after_p50_ms']:.1f}/{out['after_p95_ms']:.1f} ms (max {out['after_max_ms']:.0f})",
+        flush=True,
+    )
+    print(
+        f"  during-ingest p95 by quarter {' / '.join(f'{x:.1f}' for x in quarters)} ms; indexes built "
+        f"{waited:.0f} s later; idle on the final collection p50/p95 {out['final_idle_p50_ms']:.1f}/"
+        f"{out['final_idle_p95_ms']:.1f} ms. p95 during / idle before {out['p95_during_over_idle']:.2f}x; "
+        f"last quarter / idle at the final size {out['p95_last_quarter_over_final_idle']:.2f}x",
         flush=True,
     )
     return out
