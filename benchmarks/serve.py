@@ -118,34 +118,34 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rounds(url: str) -> dict[str, float]:
-    """The batching worker's totals from /metrics: interactive rounds, texts in them, seconds spent."""
+def _samples(url: str) -> list:
+    """The server's /metrics samples, parsed by prometheus-client ([] when it cannot be read)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {"rounds": 0.0, "texts": 0.0, "seconds": 0.0}
     try:
         text = httpx.get(url + "/metrics", timeout=30).text
     except httpx.HTTPError:
-        return out
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.labels.get("priority") != "interactive":
-                continue
-            if s.name == "m3search_batch_texts_count":
-                out["rounds"] = s.value
-            elif s.name == "m3search_batch_texts_sum":
-                out["texts"] = s.value
-            elif s.name == "m3search_batch_seconds_sum":
-                out["seconds"] = s.value
+        return []
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def _rounds(url: str) -> dict[str, float]:
+    """The batching worker's totals from /metrics: interactive rounds, texts in them, seconds spent."""
+    names = {
+        "m3search_batch_texts_count": "rounds",
+        "m3search_batch_texts_sum": "texts",
+        "m3search_batch_seconds_sum": "seconds",
+    }
+    out = dict.fromkeys(names.values(), 0.0)
+    for s in _samples(url):
+        if s.labels.get("priority") == "interactive" and s.name in names:
+            out[names[s.name]] = s.value
     return out
 
 
 def _unindexed(url: str) -> float | None:
     """The server's ``m3search_unindexed_documents`` gauge (None: a server without it)."""
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("m3search_unindexed_documents "):
-            return float(line.split()[1])
-    return None
+    return next((s.value for s in _samples(url) if s.name == "m3search_unindexed_documents"), None)
 
 
 async def _indexes_built(url: str, limit: float = 600.0) -> float:
