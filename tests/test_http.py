@@ -189,6 +189,38 @@ def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monk
     time.sleep(1.2)
     assert calls == ["optimize", "flush"]  # nothing pending: nothing more
     assert unindexed() == 0
+    assert "m3search_index_build_seconds_count 1.0" in client.get("/metrics").text.splitlines()
+
+
+def test_deferred_optimize_waits_for_ingest_requests_in_progress(tiny_encoder):
+    """A request still writing is ingest, not a pause: no build while one is in progress, however
+    long it takes (a build per request stalled queries and left them cold reads); one once it ended."""
+
+    class Fake:
+        runs = 0
+
+        def optimize(self):
+            self.runs += 1
+
+    fake, built = Fake(), []
+    with Batcher(tiny_encoder) as b:
+        indexer = DeferredOptimize(fake, b, idle=0.1, on_built=built.append)
+        indexer.wrote(3)  # an earlier request ended...
+        with indexer.writing(5):  # ...and the next one is writing for 5 idle periods
+            time.sleep(0.5)
+            assert fake.runs == 0
+        deadline = time.monotonic() + 10
+        while not fake.runs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.runs == 1 and len(built) == 1 and built[0] >= 0
+        with pytest.raises(RuntimeError):  # a failed request still counts what it may have written
+            with indexer.writing(2):
+                raise RuntimeError("engine")
+        deadline = time.monotonic() + 10
+        while fake.runs < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.runs == 2
+        indexer.close()
 
 
 def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):

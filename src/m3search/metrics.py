@@ -6,7 +6,8 @@ default global registry would refuse the second set of metric names.
 What is measured: requests by route template, method and status (so errors by status
 come free); latency histograms per route; texts waiting in the batching queue; per round
 of the batching worker, the requests and texts it served, its tokens and its duration
-(tokens/s = ``rate(m3search_tokens_total[1m])``); documents written but not yet indexed.
+(tokens/s = ``rate(m3search_tokens_total[1m])``); documents written but not yet indexed, and
+the deferred index builds (count and seconds).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class Metrics:
         self.unindexed = Gauge(
             "m3search_unindexed_documents",
             "Documents written through /documents whose indexes are not built yet (searched by a scan until then)",
+            registry=r,
+        )
+        self.index_builds = Histogram(
+            "m3search_index_build_seconds",
+            "Deferred index builds of documents written through /documents, and their duration",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
 
