@@ -23,7 +23,9 @@ What it measures, and why this way:
 * ``--ingest N``: query latency on ``/search`` (one client) idle, then while another client
   sends N documents to ``/documents`` in requests of 64 (ids new, so the collection grows),
   then for 10 s after it (the server builds its deferred indexes then), then idle again on the
-  grown collection once ``m3search_unindexed_documents`` is 0. Search cost grows with the
+  grown collection once ``m3search_unindexed_documents`` is 0. Each idle phase follows one uncounted
+  pass over the queries (idle is a warm server's latency, not first reads from disk); the index
+  builds the server ran during the ingest are counted (``m3search_index_build_seconds``). Search cost grows with the
   collection (sparse postings, the unindexed scan), so the during/idle ratio is given twice:
   against idle before (the target as written: 200 documents) and, per quarter of the ingest,
   the last quarter against idle at the final size (sizes within 25 %).
@@ -146,6 +148,14 @@ def _rounds(url: str) -> dict[str, float]:
 def _unindexed(url: str) -> float | None:
     """The server's ``m3search_unindexed_documents`` gauge (None: a server without it)."""
     return next((s.value for s in _samples(url) if s.name == "m3search_unindexed_documents"), None)
+
+
+def _builds(url: str) -> tuple[float, float]:
+    """The server's deferred index builds so far: (count, seconds); NaN for a server without the metric."""
+    found = {s.name: s.value for s in _samples(url) if s.name.startswith("m3search_index_build_seconds_")}
+    return found.get("m3search_index_build_seconds_count", np.nan), found.get(
+        "m3search_index_build_seconds_sum", np.nan
+    )
 
 
 async def _indexes_built(url: str, limit: float = 600.0) -> float:
@@ -379,22 +389,29 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
             i += 1
         return lat
 
+    async def warm() -> None:
+        """One pass over every query, not counted: idle latency is a warm server's, not first reads'."""
+        for q in queries:
+            await conn.post("/search", _body("search", [q]))
+
     conn = _Conn(url)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await warm()
         t_end = time.perf_counter() + args.seconds
         idle = await query(conn, lambda: time.perf_counter() > t_end)
+        builds0 = await asyncio.to_thread(_builds, url)
         task = asyncio.create_task(ingest(client))
         await asyncio.sleep(0.5)  # the ingest is under way
         started, when = time.perf_counter(), []
         busy = await query(conn, done.is_set, when)
         await task
+        builds = [b - a for a, b in zip(builds0, await asyncio.to_thread(_builds, url))]
         # After the ingest: the server builds the indexes it deferred (DeferredOptimize) once ingest
         # has paused, so these queries run beside that build, then on the grown collection.
         t_end = time.perf_counter() + max(args.seconds, 10.0)
         after = await query(conn, lambda: time.perf_counter() > t_end)
         waited = await _indexes_built(url)
-        for q in queries[:3]:  # first touch of the new segments, not counted
-            await conn.post("/search", _body("search", [q]))
+        await warm()
         t_end = time.perf_counter() + args.seconds
         final = await query(conn, lambda: time.perf_counter() > t_end)
     await conn.close()
@@ -412,6 +429,8 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
         "busy_p50_ms": pct(busy, 50),
         "busy_p95_ms": pct(busy, 95),
         "busy_queries": len(busy),
+        "index_builds_during": builds[0],
+        "index_build_s_during": builds[1],
         "after_p50_ms": pct(after, 50),
         "after_p95_ms": pct(after, 95),
         "after_max_ms": pct(after, 100),
@@ -426,7 +445,8 @@ async def _ingest_and_query(url: str, args, queries: list[str], docs: list[str])
     print(
         f"  ingest {args.ingest} docs in {ingest_time:.1f} s ({out['ingest_docs_per_s']:.1f}/s) {out['ingest_statuses']}; "
         f"/search p50/p95 idle {out['idle_p50_ms']:.1f}/{out['idle_p95_ms']:.1f} ms, during ingest "
-        f"{out['busy_p50_ms']:.1f}/{out['busy_p95_ms']:.1f} ms ({len(busy)} queries), after "
+        f"{out['busy_p50_ms']:.1f}/{out['busy_p95_ms']:.1f} ms ({len(busy)} queries; {builds[0]:.0f} index builds "
+        f"in it, {builds[1]:.1f} s), after "
         f"{out['after_p50_ms']:.1f}/{out['after_p95_ms']:.1f} ms (max {out['after_max_ms']:.0f})",
         flush=True,
     )
