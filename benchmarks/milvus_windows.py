@@ -80,7 +80,9 @@ def write(col, corpus: S.SyntheticCorpus, docs: int, windows: int) -> float:
 def run_engine(name: str, location: str, model: Path, args, qemb) -> dict[str, Any]:
     from m3search.collection import Collection
 
-    col = Collection.create(location, model=str(model), device="cpu", dtype="float32")
+    # float16 on both: Milvus stores nothing else, and Qdrant Edge's default (turbo8) would make the
+    # agreement check compare codecs instead of engines
+    col = Collection.create(location, model=str(model), device="cpu", dtype="float32", colbert_dtype="float16")
     try:
         corpus = S.SyntheticCorpus(args.seed, 0, args.docs * args.windows)
         ingest = write(col, corpus, args.docs, args.windows)
