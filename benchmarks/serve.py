@@ -25,8 +25,8 @@ What it measures, and why this way:
   then for 10 s after it (the server builds its deferred indexes then), then idle again on the
   grown collection once ``m3search_unindexed_documents`` is 0. Each idle phase follows one uncounted
   pass over the queries (idle is a warm server's latency, not first reads from disk); the index
-  builds the server ran during the ingest are counted (``m3search_index_build_seconds``). Search cost grows with the
-  collection (sparse postings, the unindexed scan), so the during/idle ratio is given twice:
+  builds the server ran during the ingest are counted (``m3search_index_build_seconds``). Search
+  cost grows with the collection (sparse postings, the unindexed scan), so the during/idle ratio is given twice:
   against idle before (the target as written: 200 documents) and, per quarter of the ingest,
   the last quarter against idle at the final size (sizes within 25 %).
 
@@ -152,10 +152,8 @@ def _unindexed(url: str) -> float | None:
 
 def _builds(url: str) -> tuple[float, float]:
     """The server's deferred index builds so far: (count, seconds); NaN for a server without the metric."""
-    found = {s.name: s.value for s in _samples(url) if s.name.startswith("m3search_index_build_seconds_")}
-    return found.get("m3search_index_build_seconds_count", np.nan), found.get(
-        "m3search_index_build_seconds_sum", np.nan
-    )
+    found = {s.name: s.value for s in _samples(url)}
+    return tuple(found.get(f"m3search_index_build_seconds_{part}", np.nan) for part in ("count", "sum"))
 
 
 async def _indexes_built(url: str, limit: float = 600.0) -> float:

@@ -192,33 +192,39 @@ def test_documents_defer_optimizing_until_ingest_pauses(app_and_collection, monk
     assert "m3search_index_build_seconds_count 1.0" in client.get("/metrics").text.splitlines()
 
 
+class _Optimized:
+    """A collection stand-in for DeferredOptimize: counts its builds."""
+
+    runs = 0
+
+    def optimize(self) -> None:
+        self.runs += 1
+
+
+def _wait_runs(fake: _Optimized, n: int) -> None:
+    """Wait (at most 10 s) for DeferredOptimize's thread to have run ``n`` builds."""
+    deadline = time.monotonic() + 10
+    while fake.runs < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_deferred_optimize_waits_for_ingest_requests_in_progress(tiny_encoder):
     """A request still writing is ingest, not a pause: no build while one is in progress, however
     long it takes (a build per request stalled queries and left them cold reads); one once it ended."""
 
-    class Fake:
-        runs = 0
-
-        def optimize(self):
-            self.runs += 1
-
-    fake, built = Fake(), []
+    fake, built = _Optimized(), []
     with Batcher(tiny_encoder) as b:
         indexer = DeferredOptimize(fake, b, idle=0.1, on_built=built.append)
         indexer.wrote(3)  # an earlier request ended...
         with indexer.writing(5):  # ...and the next one is writing for 5 idle periods
             time.sleep(0.5)
             assert fake.runs == 0
-        deadline = time.monotonic() + 10
-        while not fake.runs and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_runs(fake, 1)
         assert fake.runs == 1 and len(built) == 1 and built[0] >= 0
         with pytest.raises(RuntimeError):  # a failed request still counts what it may have written
             with indexer.writing(2):
                 raise RuntimeError("engine")
-        deadline = time.monotonic() + 10
-        while fake.runs < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_runs(fake, 2)
         assert fake.runs == 2
         indexer.close()
 
@@ -226,22 +232,14 @@ def test_deferred_optimize_waits_for_ingest_requests_in_progress(tiny_encoder):
 def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
     """``every`` bounds what stays unindexed during continuous ingest; close() optimizes what is pending."""
 
-    class Fake:
-        runs = 0
-
-        def optimize(self):
-            self.runs += 1
-
-    fake, pending = Fake(), []
+    fake, pending = _Optimized(), []
     with Batcher(tiny_encoder) as b:
         indexer = DeferredOptimize(fake, b, idle=60, every=10, on_pending=pending.append)
         indexer.wrote(4)
         time.sleep(0.2)
         assert fake.runs == 0  # neither idle long enough nor 10 documents
         indexer.wrote(6)
-        deadline = time.monotonic() + 10
-        while not fake.runs and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_runs(fake, 1)
         assert fake.runs == 1
         indexer.wrote(1)
         indexer.close()
