@@ -21,12 +21,14 @@ BIN = Path(sys.executable).with_name("m3search")
 N_DOCS = 200
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, env: dict | None = None, timeout: float = 300, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed console script (``python -m m3search`` if it is not installed)."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
     full_env.update({"M3SEARCH_DTYPE": "float32", **(env or {})})  # fp32: scores comparable to the oracle
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"m3search {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -491,3 +493,49 @@ def test_stale_server_record_is_ignored(indexed):
         assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
     finally:
         (indexed / "server.json").unlink()
+
+
+@pytest.mark.parametrize("kind", ["qdrant+local", "milvus-lite"])
+def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_path, kind):
+    """``-c`` is a location, not only a folder. Once it went through path handling, which turned
+    ``qdrant+local://PATH/x`` into an embedded collection in a folder ``qdrant+local:`` (indexing
+    "succeeded" into the wrong engine) and refused to reopen an existing Milvus Lite ``file.db``."""
+    if kind == "qdrant+local":
+        pytest.importorskip("qdrant_client")
+        location, engine = f"qdrant+local://{tmp_path / 'store'}/docs", "qdrant"
+    else:
+        pytest.importorskip("pymilvus")
+        pytest.importorskip("milvus_lite")
+        location, engine = "col.db", "milvus"
+    head = tmp_path / "head.jsonl"
+    head.write_text("".join(corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:20]), encoding="utf-8")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    first = one_json(cli("index", str(head), "-c", location, "-m", str(tiny_model_path), "--json", cwd=work))
+    again = one_json(cli("index", str(head), "-c", location, "--json", cwd=work))  # opens what the first made
+    assert first["count"] == again["count"] == 20 and again["collection"] == location
+    info = one_json(cli("info", "-c", location, "--json", cwd=work))
+    assert info["engine"] == engine and info["count"] == 20 and info["served_by"] is None
+    hits = one_json(cli("search", "wing", "-c", location, "--mode", "dense", "--json", cwd=work))["hits"]
+    assert len(hits) == 10
+    made = {p.name for p in work.iterdir()}
+    assert made == ({"col.db"} if kind == "milvus-lite" else set()), made  # no folder named after the scheme
+    p = cli("serve", "-c", location.replace("docs", "nothing").replace("col.db", "none.db"), check=False, cwd=work)
+    assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_server_records_live_where_a_process_owns_the_collection(tmp_path):
+    """A folder keeps its record inside, a Milvus Lite file beside it; a server location has none (no process
+    owns it, so nothing is written for it and every command opens it itself)."""
+    from m3search import serverfile
+
+    assert serverfile.record_path(tmp_path / "coll") == tmp_path / "coll" / "server.json"
+    assert serverfile.record_path(str(tmp_path / "a.db")) == tmp_path / "a.db.server.json"
+    for remote in ("qdrant://localhost:6333/x", "qdrant+local:///tmp/q/x", "milvus://h:19530/x"):
+        assert serverfile.record_path(remote) is None
+        assert serverfile.write(remote, host="h", port=1, url="u", api_key_required=False) is None
+        assert serverfile.read(remote) is None
+    written = serverfile.write(str(tmp_path / "a.db"), host="h", port=1, url="u", api_key_required=False)
+    assert written == tmp_path / "a.db.server.json" and serverfile.read(str(tmp_path / "a.db"))["url"] == "u"
+    serverfile.remove(str(tmp_path / "a.db"))
+    assert not written.exists()

@@ -4,6 +4,8 @@ modules (top-level or lazy imports alike), and one definition of each shared con
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "m3search"
@@ -60,8 +62,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle():
     graph = import_graph()
     assert "m3search.cli" not in graph["m3search.server"] and "m3search.server" in graph["m3search.cli"]
-    assert graph["m3search.serverfile"] == set()  # the running-server record needs nothing of ours
+    assert graph["m3search.serverfile"] == {"m3search.engines"}  # the running-server record: the location rules only
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_location_rules_load_nothing_heavy():
+    """The CLI reads a collection's location (which engine, where a server record lives) before it
+    loads anything: m3search.engines and m3search.serverfile import no engine, NumPy or client."""
+    code = (
+        "import sys, m3search.serverfile; print(sorted(m for m in sys.modules if m.startswith(('m3search', 'numpy'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "['m3search', 'm3search.engines', 'm3search.serverfile']"
 
 
 def test_the_cycle_finder_finds_cycles():

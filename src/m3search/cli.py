@@ -242,8 +242,7 @@ def _open_target(
 ):
     """This collection's server if one runs, else the collection opened here (created if ``create``,
     with ``settings``; an existing collection whose settings differ from them is an error)."""
-    path = Path(collection)
-    record = serverfile.live(path)
+    record = serverfile.live(collection)
     not_answering = None
     if record is not None:
         url, pid = record.get("url"), record.get("pid")
@@ -270,7 +269,7 @@ def _open_target(
     from .engines.base import CollectionInUseError, CollectionNotFoundError
 
     try:
-        col = Collection.open(path, model=model, device=device, dtype=dtype)
+        col = Collection.open(collection, model=model, device=device, dtype=dtype)
     except CollectionNotFoundError:
         if not create:
             raise
@@ -283,7 +282,9 @@ def _open_target(
             col.close()
             raise
         return _Local(col)
-    return _Local(Collection.create(path, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})))
+    return _Local(
+        Collection.create(collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {}))
+    )
 
 
 def _fixed(settings: dict[str, Any] | None, schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -308,14 +309,18 @@ def _check_settings(have: dict[str, Any], want: dict[str, Any] | None, collectio
 # ---------------------------------------------------------------------------------------------- commands
 
 
+#: Help of every --collection: a location is a folder or an engine URL, so it is a plain string (click.Path
+#: would turn qdrant://host/name into the folder qdrant:/host/name and refuse an existing Milvus Lite file).
+COLLECTION_HELP = "Collection: a folder, qdrant://host:port/name, milvus://host:port/name or a Milvus Lite file.db."
+
 collection_option = click.option(
     "--collection",
     "-c",
     required=True,
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
-    type=click.Path(file_okay=False),
-    help="Collection folder.",
+    metavar="LOCATION",
+    help=COLLECTION_HELP,
 )
 model_option = click.option(
     "--model",
@@ -744,8 +749,8 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
     default=None,
-    type=click.Path(file_okay=False),
-    help="Collection to serve (without one: embeddings only).",
+    metavar="LOCATION",
+    help=f"{COLLECTION_HELP} Served (without one: embeddings only).",
 )
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
@@ -785,7 +790,9 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
                 raise click.ClickException(
                     f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"
                 )
-            if not Path(collection).is_dir():
+            from . import Collection
+
+            if not Collection.exists(collection):
                 raise click.ClickException(f"collection {collection} does not exist (create it with `m3search index`)")
         from .engines.base import CollectionInUseError
         from .server import Settings
@@ -862,7 +869,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     "-c",
     "tuned_collection",
     default=None,
-    type=click.Path(exists=True, file_okay=False),
+    metavar="LOCATION",
     help="Also evaluate this collection's search defaults (set by `m3search tune`) as the row 'tuned'.",
 )
 @json_option
@@ -930,7 +937,7 @@ def eval_(
     "--collection",
     "-c",
     default=None,
-    type=click.Path(file_okay=False),
+    metavar="LOCATION",
     help="Tune this collection (it must hold the judged documents) and store the setting as its search defaults "
     "[default: eval's cached index of DATA_DIR, nothing stored].",
 )
@@ -1126,7 +1133,7 @@ def migrate(
     )
     with _errors():
         for end in (src, dst):
-            record = serverfile.live(Path(end))
+            record = serverfile.live(end)
             if record is not None:
                 raise click.ClickException(
                     f"collection {end} is served by process {record.get('pid')} at {record.get('url')}; "

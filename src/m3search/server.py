@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 try:
@@ -373,7 +372,7 @@ class Resources:
         self._encoder = encoder
         self.collection = collection
         self.started = time.time()
-        self.server_record: Path | None = None  # the collection whose server record we wrote; removed on close
+        self.server_record: str | None = None  # the collection whose server record we wrote; removed on close
 
     @property
     def encoder(self) -> Any:
@@ -1066,11 +1065,10 @@ def serve(
         url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
         resources = open_resources(settings)
-        if settings.collection:
-            serverfile.write(
-                settings.collection, host=host, port=actual, url=url, api_key_required=settings.api_key is not None
-            )
-            resources.server_record = Path(settings.collection)
+        if settings.collection and serverfile.write(
+            settings.collection, host=host, port=actual, url=url, api_key_required=settings.api_key is not None
+        ):
+            resources.server_record = settings.collection
         _ = resources.encoder  # load the model now
         if on_ready is not None:
             on_ready(url)

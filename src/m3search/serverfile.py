@@ -1,10 +1,11 @@
-"""The running-server record: ``<collection>/server.json``.
+"""The running-server record: ``<collection>/server.json`` (``<file>.db.server.json`` beside a Milvus Lite file).
 
-Why a file: one process owns an embedded collection. While ``m3search serve`` holds
-one, it writes its address here, so the other CLI commands send their work to that
-server instead of failing on the lock. The server writes and removes the record
-(:mod:`m3search.server`); the CLI reads it (:mod:`m3search.cli`). Neither imports the
-other: both import this module, which needs only the standard library.
+Why a file: one process owns an embedded collection (a folder, or a Milvus Lite file).
+While ``m3search serve`` holds one, it writes its address here, so the other CLI commands
+send their work to that server instead of failing on the lock. A server location
+(``qdrant://``, ``milvus://``, ...) has no record: no process owns it, every command opens
+it itself. The server writes and removes the record (:mod:`m3search.server`); the CLI reads
+it (:mod:`m3search.cli`). Neither imports the other: both import this module.
 
 Record: ``{"pid", "host", "port", "url", "api_key_required", "started"}``.
 """
@@ -17,16 +18,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SERVER_FILE", "read", "live", "write", "remove"]
+from .engines import location_scheme
+
+__all__ = ["SERVER_FILE", "record_path", "read", "live", "write", "remove"]
 
 #: File name beside the collection's lock.
 SERVER_FILE = "server.json"
 
 
+def record_path(collection: str | os.PathLike) -> Path | None:
+    """Where ``collection``'s record lives; None for a server location (no process owns it)."""
+    loc = os.fspath(collection)
+    scheme = location_scheme(loc)
+    if scheme == "":
+        return Path(loc) / SERVER_FILE
+    if scheme == ".db":
+        return Path(f"{loc}.{SERVER_FILE}")
+    return None
+
+
 def read(collection: str | os.PathLike) -> dict[str, Any] | None:
-    """The record as written, or None when absent or unreadable."""
+    """The record as written, or None when absent, unreadable or not kept for this location."""
+    path = record_path(collection)
+    if path is None:
+        return None
     try:
-        record = json.loads((Path(collection) / SERVER_FILE).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -40,9 +57,12 @@ def live(collection: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
-def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_key_required: bool) -> Path:
-    """Record this process as the collection's server (atomically: tmp + rename); returns the path."""
-    path = Path(collection) / SERVER_FILE
+def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_key_required: bool) -> Path | None:
+    """Record this process as the collection's server (atomically: tmp + rename); returns the path
+    (None: a server location, nothing written)."""
+    path = record_path(collection)
+    if path is None:
+        return None
     record = {
         "pid": os.getpid(),
         "host": host,
@@ -51,7 +71,7 @@ def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_
         "api_key_required": api_key_required,
         "started": time.time(),
     }
-    tmp = path.with_name(SERVER_FILE + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     os.replace(tmp, path)
     return path
@@ -60,8 +80,9 @@ def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_
 def remove(collection: str | os.PathLike) -> None:
     """Delete the record if this process wrote it (a successor's record is left alone)."""
     record = read(collection)
-    if record is not None and record.get("pid") == os.getpid():
-        (Path(collection) / SERVER_FILE).unlink(missing_ok=True)
+    path = record_path(collection)
+    if record is not None and path is not None and record.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -13,17 +13,21 @@ location                       engine
 =============================  ==============================================================
 
 Engine modules are imported only when their location is used, so optional clients
-(qdrant-client, pymilvus) stay optional. :func:`register_engine` adds a scheme.
+(qdrant-client, pymilvus) stay optional, and this module needs only the standard library
+(the CLI reads locations before it loads anything). :func:`register_engine` adds a scheme;
+the protocol is :class:`m3search.engines.base.Engine`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
-from m3search.engines.base import Engine
+if TYPE_CHECKING:
+    from m3search.engines.base import Engine
 
-__all__ = ["Engine", "register_engine", "resolve_engine", "ENGINES"]
+__all__ = ["register_engine", "resolve_engine", "location_scheme", "ENGINES"]
 
 #: scheme -> "module:Class". ``""`` is a plain filesystem path; ``".db"`` a file suffix.
 ENGINES: dict[str, str] = {
