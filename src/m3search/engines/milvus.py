@@ -145,6 +145,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -171,6 +172,8 @@ from m3search.engines.base import (
 )
 from m3search.filters import And, Eq, Filter, In, Not, Or, Range
 
+# milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
