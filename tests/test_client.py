@@ -71,3 +71,23 @@ def test_errors_keep_the_library_types(col):
             client.search("q")
     with pytest.raises(ConnectionError, match="did not answer"):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
+
+
+def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):
+    """A hit's best window and a passage search cross HTTP as the library gives them, and any stored id can
+    be read back: "." and ".." (dot segments a URL would drop) and one with a line break."""
+    from m3search import Collection
+
+    long_text = " ".join(TEXTS) * 6  # several 64-token windows
+    with Collection.create(tmp_path / "w", model=tiny_encoder, colbert_dtype="float32", window=64) as col:
+        col.add([long_text, TEXTS[0], "x", "y", "z"], ids=["long", "short", ".", "..", "new\nline"])
+        with served(col) as client:
+            for group in ("document", "passage"):
+                want = col.search(QUERIES[0], k=4, group=group)
+                got = client.search(QUERIES[0], k=4, group=group)
+                assert [(h.id, h.window, h.text, h.passage) for h in got] == [
+                    (h.id, h.window, h.text, h.passage) for h in want
+                ]
+                assert all(h.window is not None for h in got)
+            assert any(h.id == "long" and len(h.passage) < len(h.text) for h in client.search(QUERIES[0], k=5))
+            assert [r.text for r in client.get([".", "..", "new\nline"])] == ["x", "y", "z"]

@@ -166,6 +166,31 @@ def test_embed_requests_are_strict(client):
     assert "dimensions" in _error(client.post("/v1/embeddings", json={"input": "x", "dimensions": True}), 422)
 
 
+def test_embedding_routes_name_a_lone_surrogate(client):
+    """Every route that encodes says which input is not text, not the tokenizer's type error."""
+    body = '{"input": ["ok", "\\ud800"]}'
+    for route in ("/embed", "/v1/embeddings"):
+        msg = _error(client.post(route, content=body, headers=JSON), 400)
+        assert msg.startswith("input[1]: not valid Unicode text (lone surrogate"), msg
+    for route in ("/tei/embed", "/tei/tokenize"):
+        msg = _error(client.post(route, content='{"inputs": ["ok", "\\ud800"]}', headers=JSON), 400)
+        assert "input[1]: not valid Unicode text" in msg, msg
+
+
+def test_weights_whose_sum_overflows_are_refused(client):
+    """Fusion divides by the weights' sum: 3 x 1e308 is inf, which once made every score 0 (hits in id order)."""
+    msg = _error(client.post("/search", json={"query": "q", "weights": [1e308, 1e308, 1e308]}), 400)
+    assert "sum must be a finite number" in msg
+
+
+def test_an_api_key_no_client_can_send_is_refused_at_start():
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Settings(api_key="sécret").check()
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Settings(api_key="a\nb").check()
+    Settings(api_key="s3cret-Key_1").check()
+
+
 def test_library_is_as_strict(col):
     with pytest.raises(ValueError, match="k must be a positive integer"):
         col.search("q", k=True)

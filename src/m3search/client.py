@@ -138,7 +138,8 @@ class M3SearchClient:
         out: list[Record | None] = []
         for doc_id in _as_id_list(ids):
             try:
-                d = self._call("GET", f"/documents/{quote(doc_id, safe='')}")
+                # dots escaped too: an id "." or ".." would otherwise be a dot segment, removed from the path
+                d = self._call("GET", f"/documents/{quote(doc_id, safe='').replace('.', '%2E')}")
             except KeyError:
                 out.append(None)
                 continue
@@ -156,13 +157,14 @@ class M3SearchClient:
         candidates: int | None = None,
         filter: Any = None,
         explain: bool = False,
+        group: str = "document",
     ) -> list:
         """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`
         (mode, fusion, weights, candidates left None: the served collection's defaults)."""
         from m3search.collection import Hit
         from m3search.filters import parse_filter, to_json
 
-        body: dict[str, Any] = {"query": query, "k": k, "explain": explain}
+        body: dict[str, Any] = {"query": query, "k": k, "explain": explain, "group": group}
         for key, value in (("mode", mode), ("fusion", fusion), ("weights", weights), ("candidates", candidates)):
             if value is not None:  # left out: the server applies the collection's defaults
                 body[key] = list(value) if key == "weights" else value
@@ -178,8 +180,9 @@ class M3SearchClient:
                 metadata=h.get("metadata") or {},
                 scores=h.get("scores") or {},
                 explain=h.get("explain"),
+                window=h.get("window"),
             )
-            for key, value in h.items():  # fields a newer server adds (e.g. the best passage) stay readable
+            for key, value in h.items():  # fields a newer server adds stay readable
                 if not hasattr(hit, key):
                     setattr(hit, key, value)
             hits.append(hit)

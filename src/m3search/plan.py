@@ -170,6 +170,8 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
         out.append(float(w))
     if not any(out):
         raise ValueError(f"weights must not all be zero, got {list(weights)!r}")
+    if not math.isfinite(sum(out)):  # fusion divides by the sum: inf would make every score 0
+        raise ValueError(f"weights are relative and their sum must be a finite number: scale {out!r} down")
     return tuple(out)  # type: ignore[return-value]
 
 

@@ -46,6 +46,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.convertors import PathConvertor, register_url_convertor
     from starlette.exceptions import HTTPException
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("the HTTP server needs FastAPI and uvicorn: pip install 'm3search[server]'") from None
@@ -66,6 +67,7 @@ from .plan import (
     LimitExceededError,
     check_limit,
     check_query,
+    check_text,
     deadline,
 )
 from .tei import make_router as tei_router
@@ -139,6 +141,9 @@ class Settings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            # HTTP header values are bytes that clients send as ASCII: any other key could never be matched
+            raise ValueError("the API key must be printable ASCII (clients send it in an HTTP header)")
 
 
 @lru_cache
@@ -340,6 +345,15 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- auth
+
+
+class _IdConvertor(PathConvertor):
+    """Any document id in a path, line breaks included (Starlette's ``path`` stops at one)."""
+
+    regex = "[\\s\\S]*"
+
+
+register_url_convertor("m3search_id", _IdConvertor())
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (or `Authorization: Bearer`)")
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (what OpenAI clients send)")
@@ -678,6 +692,9 @@ class SearchRequest(_Strict):
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
+    group: Literal["document", "passage"] = Field(
+        "document", description="document: documents with their best window; passage: the best windows themselves."
+    )
 
 
 class HitOut(BaseModel):
@@ -708,7 +725,7 @@ def _texts(value: TextOrTexts, settings: Settings) -> list[str]:
     if not texts:
         raise HTTPException(422, "input is empty: send a string or a non-empty list of strings")
     _check_batch(len(texts), settings, "texts")
-    return texts
+    return [check_text(t, f"input[{i}]") for i, t in enumerate(texts)]
 
 
 def _check_batch(n: int, settings: Settings, what: str) -> None:
@@ -939,7 +956,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
 
     @api.get(
-        "/documents/{doc_id:path}",
+        "/documents/{doc_id:m3search_id}",
         response_model=DocumentOut,
         tags=["documents"],
         responses={404: {"model": ErrorResponse, "description": "Unknown id"}},
@@ -955,7 +972,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     async def search(
         body: SearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> SearchResponse:
-        """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain)."""
+        """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain, group)."""
         check_limit("k", body.k, settings.max_k)
         if body.candidates is not None:
             check_limit("candidates", body.candidates, settings.max_candidates)
@@ -968,6 +985,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             candidates=body.candidates,
             filter=body.filter,
             explain=body.explain,
+            group=body.group,
         )
         check_query(body.query)
         coll.search_batch([], **options)  # checks every option (no query: no work) before the query is queued
