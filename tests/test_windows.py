@@ -315,6 +315,18 @@ def test_max_windows_caps_and_warns(tmp_path, tiny_encoder, corpus):
         assert col.engine.window_counts(ids).max() == 2 and col.count() == 30
 
 
+def test_one_window_is_the_window_asked_for(tmp_path, tiny_encoder, corpus):
+    """max_windows=1 cuts each text at ``window`` tokens (not at max_length: the window was once ignored)."""
+    from m3search import TruncationWarning
+
+    texts, ids, *_ = corpus
+    with Collection.create(tmp_path / "one", model=tiny_encoder, window=32, max_windows=1) as col:
+        with pytest.warns(TruncationWarning, match="exceeded max_length=32 tokens"):
+            col.add(texts, ids=ids)
+        stored = col.engine.get(ids, with_vectors=True)
+        assert max(len(r.colbert) for r in stored) == 31  # 32 positions, minus [CLS]
+
+
 def test_milvus_rewrite_stopped_at_each_step_shows_one_version(tmp_path, tiny_encoder, corpus, monkeypatch):
     """The Milvus write order (engines/milvus.py, "Writes"): a 3-window document rewritten as one
     window, stopped before its rows request (the old version whole) and after it, before the
@@ -707,6 +719,7 @@ def test_passage_search_returns_windows(tmp_path, tiny_encoder, corpus):
                         if tuple(win.spans[r]) == (h.window["start"], h.window["end"])
                     )
                     assert h.text == texts[j][win.spans[row][0] : win.spans[row][1]] and h.metadata == meta[j]
+                    assert h.passage == h.text  # the passage hit's text is its window already
                     assert h.score == pytest.approx(fused[row], abs=TOL)
                     for m in MODES:
                         assert h.scores[m] == pytest.approx(per_window[m][qi, row], abs=TOL)
@@ -757,14 +770,16 @@ def test_documents_longer_than_a_piece_are_streamed_and_stored_whole(
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """upsert_long writes window 0 last: stopped before it, the document is absent to count, get
-    and every search, and writing it again leaves no stray window."""
+    and every search (its stray windows take no place among the k hits), and writing it again
+    leaves no stray window."""
     import m3search.collection as collection
 
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
     monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
     col = create(engine, tmp_path, tiny_encoder)
     try:
-        col.add([texts[10]], ids=["y"])
+        col.add([texts[10], texts[1], texts[2]], ids=["y", "y1", "y2"])
+        before = raw_points(col)
         eng = col.engine
         hook = "upsert" if eng.name == "milvus" else "_write"
         target = eng.client if eng.name == "milvus" else eng
@@ -784,13 +799,18 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
         with pytest.raises(KeyboardInterrupt):
             col.add([texts[20]], ids=["x"])
         assert vector_points(col, "x") == 2  # windows 1 and 2 were written
-        assert col.count() == 1 and col.get("x") == [None] and col.engine.existing(["x"]) == set()
+        assert col.count() == 3 and col.get("x") == [None] and col.engine.existing(["x"]) == set()
         for mode in ("dense", "sparse", "colbert", "all"):
-            assert all(h.id == "y" for h in col.search(texts[20], k=5, mode=mode, exact=True))
+            for exact in (True, False):
+                got = sorted(h.id for h in col.search(texts[20], k=3, mode=mode, exact=exact))
+                if mode == "sparse":  # only documents sharing a token with the query
+                    assert set(got) <= {"y", "y1", "y2"}, got
+                else:
+                    assert got == ["y", "y1", "y2"], (mode, exact)
         monkeypatch.setattr(target, hook, real)
         assert col.manifest["pending"] == ["x"]
         col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
-        assert vector_points(col, "x") == 1 and raw_points(col) == 3 and col.count() == 2
+        assert vector_points(col, "x") == 1 and raw_points(col) == before + 1 and col.count() == 4
     finally:
         col.close()
 

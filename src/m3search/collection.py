@@ -155,8 +155,10 @@ class Hit:
 
     @property
     def passage(self) -> str:
-        """The text of the best window."""
-        return self.text if self.window is None else self.text[self.window["start"] : self.window["end"]]
+        """The text of the best window (a ``group="passage"`` hit's ``text`` is already that window's)."""
+        if self.window is None or len(self.text) == self.window["end"] - self.window["start"]:
+            return self.text  # a passage hit; or a document hit whose window is its whole text (start 0)
+        return self.text[self.window["start"] : self.window["end"]]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (what ``--json`` and the HTTP API send):
@@ -649,6 +651,7 @@ class Collection:
 
                 progress = tqdm(total=n, desc="indexing", unit="doc", file=sys.stderr)
             truncated = cut = 0
+            one = min(self.settings["max_length"], self.settings["window"] or self.settings["max_length"])
             try:
                 for start in range(0, n, bs):
                     end = min(start + bs, n)
@@ -657,9 +660,7 @@ class Collection:
                     else:
                         emb = embeddings[start:end] if embeddings is not None else None
                         if emb is None:  # one window, the text's start, as before windows
-                            emb = self.encoder.encode(
-                                texts[start:end], max_length=self.settings["max_length"], warn_truncation=False
-                            )
+                            emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
                         vectors = _vectors(emb, self.schema.colbert_pool_factor)
                         self._write(PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors))
@@ -672,7 +673,7 @@ class Collection:
                     from m3search.encoder import TruncationWarning
 
                     if truncated:
-                        limit, unit = min(self.settings["max_length"], self.encoder.max_length), "tokens"
+                        limit, unit = min(one, self.encoder.max_length), "tokens"
                         what = f"exceeded max_length={limit} tokens; only their first tokens are indexed"
                     else:
                         truncated, limit, unit = cut, self.settings["max_windows"], "windows"

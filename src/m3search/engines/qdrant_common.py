@@ -65,10 +65,10 @@ names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
 switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
 with tombstones over every point of the old version; the tombstones are deleted after. A crash
 before the switch leaves the old version whole (its stray points of generation ``g`` are deleted
-by the document's next long write or delete). A document not stored is written in generation 0,
-window 0 last: a crash leaves it absent, and the Collection, which records it in its manifest,
-removes its stray windows before its next write (the manifest's window count is raised before
-each piece).
+by the document's next long write or delete). A document not stored is written the same way in
+generation 1: a crash leaves it absent, its stray points hidden from every query (no head names
+them) until its next write or delete removes them (the manifest's window count, which bounds the
+ids to remove, is raised before each piece).
 """
 
 from __future__ import annotations
@@ -443,8 +443,9 @@ class QdrantEngine(Engine):
             doc_id = piece.ids[0]
             if head is None:
                 old = self._stored([doc_id]).get(doc_id)
-                if old is None:  # nothing to keep: generation 0, over the windows of an interrupted write
-                    self.delete([doc_id])
+                if old is None:  # nothing to keep: generation 1 (hidden until its head names it), over
+                    self.delete([doc_id])  # the points of an interrupted write (generations 0 and 1)
+                    gen = 1
                 else:  # the old version stays whole until the switch; points of an interrupted write go
                     gen = old[2] + 1
                     self._delete_points(self._slots(doc_id, gen))
