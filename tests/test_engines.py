@@ -314,6 +314,25 @@ def test_milvus_keys_are_those_stored_collections_hold():
     assert (_pk("x"), _wpk("x", 0), _wpk("x", 1)) == (-7852439790244310166, -7852439790244310166, 6224255388276491760)
 
 
+def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, tiny_encoder):
+    """pymilvus shares one connection per URI: closing any client closed it for every other handle, so
+    ``Collection.exists`` (the integrations call it) broke an open collection. The file's lock still goes
+    with the last handle: another process opens it then."""
+    needs("milvus-lite")
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "one.db")
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(["a text"], ids=["a"])
+        assert Collection.exists(path)
+        Collection.open(path, model=tiny_encoder).close()
+        assert col.count() == 1 and col.get("a")[0].text == "a text"
+    code = f"from m3search import Collection; c = Collection.open({path!r}); print(c.count()); c.close()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- writes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_writes_and_reopen(tmp_path, tiny_encoder, engine):

@@ -145,6 +145,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -209,7 +211,18 @@ _SLOT_SALT = b"m3search-milvus-slot\x00"
 SLOTS = 3
 
 
+#: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
+_LITE_USERS: dict[str, int] = {}
+_LITE_LOCK = threading.Lock()
+
+
 # ------------------------------------------------------------------------- helpers
+def _alias() -> str:
+    """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
+    for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
+    return f"m3search-{uuid.uuid4().hex}"
+
+
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
@@ -489,7 +502,9 @@ class MilvusEngine(Engine):
             if not create_file and not Path(uri).is_file():
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
             try:
-                client = MilvusClient(uri, timeout=timeout)
+                with _LITE_LOCK:
+                    client = MilvusClient(uri, timeout=timeout, alias=_alias())
+                    _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
             except Exception as exc:
                 if _is_lite_lock_error(exc):
                     raise CollectionInUseError(
@@ -502,7 +517,7 @@ class MilvusEngine(Engine):
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         try:
-            client = MilvusClient(uri, token=token, timeout=timeout)
+            client = MilvusClient(uri, token=token, timeout=timeout, alias=_alias())
         except MilvusException as exc:
             raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from None
         return client, uri, name, False
@@ -537,11 +552,15 @@ class MilvusEngine(Engine):
     def _release(client: MilvusClient, uri: str, lite: bool) -> None:
         client.close()
         if lite:
-            # pymilvus keeps one milvus-lite subprocess per file for the whole process;
-            # stop it so the file lock is released when the collection is closed.
+            # pymilvus keeps one milvus-lite subprocess per file for the whole process; stop it when the
+            # last client of this process lets go (so the file lock is released), not under another's feet
             from milvus_lite.server_manager import server_manager_instance
 
-            server_manager_instance.release_server(uri)
+            with _LITE_LOCK:
+                _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
+                if _LITE_USERS[uri] <= 0:
+                    del _LITE_USERS[uri]
+                    server_manager_instance.release_server(uri)
 
     @classmethod
     def create(
