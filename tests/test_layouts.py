@@ -215,6 +215,8 @@ def test_quantized_copy_is_scored_unless_rescored(tmp_path, tiny_encoder, embedd
             np.testing.assert_allclose(s, [got[rescore][i] for i in IDS], atol=1e-5)
     assert max(abs(got[True][i] - want[i]) for i in IDS) < 2e-3  # float16 storage, rescored
     assert max(abs(got[False][i] - want[i]) for i in IDS) > 1e-2  # 1-bit codes: visibly different
+    # ... but on the other modes' [-1, 1] scale (fraction of agreeing signs), not Qdrant's raw d - 2 * hamming
+    assert all(-1.0 <= got[False][i] <= 1.0 for i in IDS) and max(got[False].values()) > 0.1
 
 
 def col_query(qemb):

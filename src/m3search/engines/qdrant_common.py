@@ -262,6 +262,17 @@ class QdrantEngine(Engine):
             return self._params(True)
         return self._quantized_params(self.schema.colbert_rescore)
 
+    def _maxsim_scale(self, query: QueryVectors) -> float:
+        """Qdrant's MaxSim score to M3's: Qdrant sums over query vectors, M3 averages. Binary codes scored
+        without rescoring give each token pair ``d - 2 * hamming`` (in [-d, d]): divided by ``d`` too, the
+        fraction of agreeing signs, on the [-1, 1] scale of the other modes (not a cosine: fusion still
+        weighs it like one)."""
+        scale = 1.0 / max(len(query.colbert), 1)
+        q = self.schema.colbert_quantization
+        if q is not None and q.startswith("binary") and not self.schema.colbert_rescore:
+            scale /= self.schema.colbert_dim
+        return scale
+
     def _nearest(self, mode: str, vectors: list[Any], limit: int, filter: Filter | None, exact: bool) -> list[list]:
         """One nearest-window query per vector (``mode`` dense: float32 rows; sparse: ``(indices, values)``),
         scored points carrying ``payload["id"]``, best first."""
@@ -287,7 +298,7 @@ class QdrantEngine(Engine):
             if res:
                 out[m][[pos[str(p.id)] for p in res]] = [p.score for p in res]
         if "colbert" in out:
-            out["colbert"] /= max(len(query.colbert), 1)  # Qdrant's MaxSim sums over query vectors, M3 averages
+            out["colbert"] *= self._maxsim_scale(query)
         if "sparse" in out:  # a sparse query does not return points sharing no token with it: 0 if they exist
             need = [j for j in todo["sparse"] if np.isnan(out["sparse"][j])]
             proof = [out[m] for m in ("dense", "colbert") if m in out]

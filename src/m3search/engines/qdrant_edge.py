@@ -455,5 +455,5 @@ class QdrantEdgeEngine(QdrantEngine):
         for qv, res in zip(queries, self._run(reqs)):
             ids = [p.payload["id"] for p in res]
             maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
-            pools.append(Pool(ids, colbert=maxsim / max(len(qv.colbert), 1)))  # Qdrant sums, M3 averages
+            pools.append(Pool(ids, colbert=maxsim * self._maxsim_scale(qv)))
         return pools
