@@ -271,6 +271,17 @@ def test_filters_follow_reference_semantics(request, cols, corpus, engine, spec)
         check_ranking([x.id for x in h], fused, ids, expected(fused, ids, k, allowed=allowed))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_key_with_a_dot_is_not_the_nested_path(tmp_path, tiny_encoder, engine):
+    """A filter's "a.b" is key b inside a; a stored key "a.b" is not it (Milvus's type index once took it for it)."""
+    needs(engine)
+    meta = [{"a.b": 5}, {"a": {"b": 5}}, {"a.b": [1, 2]}, {"a": {"b": 0}}]
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add(["w", "x", "y", "z"], ids=list("wxyz"), metadata=meta)
+        for spec in ({"a.b": 5}, {"not": {"a.b": {"gt": 1}}}, {"a.b": {"gte": 0}}, {"not": {"a.b": 5}}):
+            assert col.count(spec) == sum(matches(parse_filter(spec), m) for m in meta), spec
+
+
 @pytest.mark.parametrize("spec", [{"not": {"tags": "x"}}, {"tags": {"gte": 1}}, {"not": {"tags": {"in": ["t1"]}}}])
 def test_milvus_lite_refuses_filters_it_cannot_express(cols, spec):
     """Lists in metadata: no NOT on Milvus Lite, no ranges over arrays in Milvus: clear errors, no wrong hits."""

@@ -320,9 +320,12 @@ def _kind(v: Any) -> str:
 
 def metadata_kinds(meta: dict, prefix: str = "") -> dict[str, str]:
     """``{dotted path: type code}`` for every path a filter can address (z null, b bool,
-    n number, s string, l list, o object)."""
+    n number, s string, l list, o object). A key holding a dot is no such path (a filter's
+    ``"a.b"`` means key b inside a): recorded, it would pass for the nested one."""
     out: dict[str, str] = {}
     for key, value in meta.items():
+        if "." in key:
+            continue
         path = prefix + key
         out[path] = _kind(value)
         if isinstance(value, dict):
