@@ -318,7 +318,7 @@ def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_path):
+def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_path, monkeypatch):
     out = _run("tune", str(beir), "--collection", str(indexed), "--folds", "3", "--json")
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
@@ -336,11 +336,10 @@ def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_pa
         k: res[k] for k in ("mode", "fusion", "weights", "candidates")
     }
     assert info["tuning"]["cv"] == res["cv"]
+    monkeypatch.delenv("M3SEARCH_MODEL", raising=False)  # no --model: the collection's own (its defaults are for it)
     ev = _run(
         "eval",
         str(beir),
-        "--model",
-        str(tiny_model_path),
         "--dtype",
         "float32",
         "--modes",

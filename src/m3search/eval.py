@@ -267,8 +267,8 @@ def evaluate(
     ``collection``: also evaluate that collection's search defaults (what ``m3search tune``
     stored) as the row ``tuned``, beside the fixed presets.
 
-    ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``$M3SEARCH_MODEL``, else
-    BAAI/bge-m3). ``candidates``: per first-stage list in re-ranking modes (default 200, see
+    ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``collection``'s model when one is
+    given, else ``$M3SEARCH_MODEL``, else BAAI/bge-m3). ``candidates``: per first-stage list in re-ranking modes (default 200, see
     ``DEFAULT_CANDIDATES``; None = the collection's own default). The index is cached under
     ``cache_dir`` keyed by model identity, corpus bytes and encoder dtype, so re-runs with
     other modes/fusion/candidates only search.
@@ -281,11 +281,13 @@ def evaluate(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     data = load_beir(data_dir, queries_dir=queries_dir)
-    tuned = _search_defaults_of(collection) if collection is not None else None
-    if model is None or isinstance(model, (str, os.PathLike)):
+    tuned = encoder = None
+    if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
+        tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
+    if encoder is None and (model is None or isinstance(model, (str, os.PathLike))):
         name = str(model) if model is not None else os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
         encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
-    else:
+    elif encoder is None:
         encoder = model
     index, index_info = _cached_index(
         data,
@@ -348,12 +350,16 @@ def evaluate(
     return results
 
 
-def _search_defaults_of(location: str | Path) -> dict[str, Any]:
-    """A collection's search defaults and how they were chosen (``m3search tune``), for the ``tuned`` row."""
+def _search_defaults_of(
+    location: str | Path, *, load_model: bool = False, device: str = "auto", dtype: str = "auto"
+) -> tuple[dict[str, Any], Any]:
+    """A collection's search defaults and how they were chosen (``m3search tune``), for the ``tuned`` row;
+    and, with ``load_model``, its encoder (None without)."""
     from . import Collection
 
-    with Collection.open(location) as col:
-        return {"collection": str(location), "setting": col.search_defaults(), "tuning": col.manifest.get("tuning")}
+    with Collection.open(location, device=device, dtype=dtype) as col:
+        tuned = {"collection": str(location), "setting": col.search_defaults(), "tuning": col.manifest.get("tuning")}
+        return tuned, (col.encoder if load_model else None)
 
 
 def _check_modes(modes: Sequence[str] | str) -> list[str]:
