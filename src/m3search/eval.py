@@ -274,8 +274,6 @@ def evaluate(
     other modes/fusion/candidates only search.
     Returns a JSON-ready dict (see ``write_reports``), with ``modes[mode]`` holding the means.
     """
-    from . import M3Encoder
-
     _require_pytrec_eval()  # before encoding a corpus whose runs could not be scored
     modes = _check_modes(modes)
     if k < 1:
@@ -284,11 +282,8 @@ def evaluate(
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
         tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
-    if encoder is None and (model is None or isinstance(model, (str, os.PathLike))):
-        name = str(model) if model is not None else os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
-        encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
-    elif encoder is None:
-        encoder = model
+    if encoder is None:
+        encoder = load_encoder(model, device=device, dtype=dtype)
     index, index_info = _cached_index(
         data,
         encoder,
@@ -348,6 +343,17 @@ def evaluate(
     finally:
         index.close()
     return results
+
+
+def load_encoder(model: Any, *, device: str = "auto", dtype: str = "auto") -> Any:
+    """``model`` as an encoder: a loaded one as it is, a name or folder loaded (None: ``$M3SEARCH_MODEL``,
+    else BAAI/bge-m3). What eval and tune index with when no collection names its model."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        return model
+    from . import M3Encoder
+
+    name = str(model) if model is not None else os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
+    return M3Encoder.from_pretrained(name, device=device, dtype=dtype)
 
 
 def _search_defaults_of(

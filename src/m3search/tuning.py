@@ -421,7 +421,7 @@ def tune(
     when nothing beat them) as ``collection``'s search defaults. Returns ``{"mode", "fusion",
     "weights", "candidates", "adopted", "best", "cv": {...}, ...}``.
     """
-    from m3search.eval import _cached_index, default_cache_dir, load_beir
+    from m3search.eval import _cached_index, default_cache_dir, load_beir, load_encoder
 
     parse_metric(metric)
     if save and collection is None:
@@ -442,12 +442,7 @@ def tune(
     info: dict[str, Any] = {}
     try:
         if col is None:
-            from m3search import M3Encoder
-
-            encoder = model
-            if model is None or isinstance(model, (str, Path)):
-                name = str(model) if model is not None else _env_model()
-                encoder = M3Encoder.from_pretrained(name, device=device, dtype=dtype)
+            encoder = load_encoder(model, device=device, dtype=dtype)
             col, info = _cached_index(
                 data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(), batch_size=None, progress=progress
             )
@@ -491,12 +486,6 @@ def tune(
         if col is not None:
             col.close()
     return out
-
-
-def _env_model() -> str:
-    import os
-
-    return os.environ.get("M3SEARCH_MODEL") or "BAAI/bge-m3"
 
 
 def _open(location: str | Path, model: Any, dtype: str, device: str) -> Any:
