@@ -362,10 +362,10 @@ def _eq(a: Any, b: Scalar) -> bool:
         return a == b
     if not isinstance(a, (int, float)):
         return False
-    if isinstance(a, float) != isinstance(b, float):  # int vs float: only where float64 is exact
-        i = b if isinstance(b, int) else a
-        if abs(i) >= FLOAT_EXACT_INT:
-            return False
+    if isinstance(b, float):  # a float filter value compares in float64, as engines' ranges do
+        return float(a) == b
+    if isinstance(a, float) and abs(b) >= FLOAT_EXACT_INT:  # from 2**53 on an integer equals only integers
+        return False
     return a == b
 
 

@@ -172,7 +172,7 @@ from m3search.engines.base import (
     WindowScores,
     score_records,
 )
-from m3search.filters import And, Eq, Filter, In, Not, Or, Range
+from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -296,6 +296,15 @@ def _num(v: float | int) -> str:
     return repr(float(v))
 
 
+def _element(v: Any) -> str:
+    """``v`` as a json_contains literal: that compares list elements, and a float literal matches 1 and 1.0
+    alike (in float64), an integer literal only integers, exactly. So integers below 2**53 go as floats,
+    integers from 2**53 on (where float64 merges neighbours) as themselves (:func:`m3search.filters.matches`)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) < FLOAT_EXACT_INT:
+        return _num(float(v))
+    return _scalar(v)
+
+
 def _scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -413,13 +422,10 @@ class _ExprBuilder:
         p = self.path(f.field)
         if isinstance(f, Eq):
             v = f.value
-            # json_contains compares list elements; a float literal matches both 1 and 1.0.
-            elem = _num(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else _scalar(v)
-            return f"({p} == {_scalar(v)} or json_contains({p}, {elem}))"
+            return f"({p} == {_scalar(v)} or json_contains({p}, {_element(v)}))"
         if isinstance(f, In):
             vals = ", ".join(_scalar(v) for v in f.values)
-            elems = ", ".join(_num(float(v)) if isinstance(v, int) else _scalar(v) for v in f.values)
-            return f"({p} in [{vals}] or json_contains_any({p}, [{elems}]))"
+            return f"({p} in [{vals}] or json_contains_any({p}, [{', '.join(_element(v) for v in f.values)}]))"
         raise TypeError(f"not a filter node: {f!r}")
 
     def _range(self, f: Range, neg: bool) -> str:
