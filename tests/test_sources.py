@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from m3search.sources import Record, count_records, iter_batches, read_source
+from m3search.sources import Record, check_source, count_records, iter_batches, read_source
 
 
 def test_beir_corpus_jsonl_reads_as_is(shared_data):
@@ -180,3 +180,49 @@ def test_check_source_reads_to_the_end_without_keeping(tmp_path):
     p.write_text(p.read_text() + '{"_id": \n')
     with pytest.raises(ValueError, match="c.jsonl:8: invalid JSON"):
         check_source(read_source(p), 3)
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [  # read leniently, the first swallowed every later record; the second dropped the quotes from the text
+        ("q.tsv", 'id\ttext\n1\t"To be or not to be\n2\tsecond\n3\tthird\n', r"q.tsv:2: .*quote .* never closed"),
+        ("q.csv", 'id,text\n1,ok\n2,"To be\n3,third\n', r"q.csv:3: .*never closed"),
+        ("s.tsv", 'id\ttext\n1\t"Hello," she said\n', r"s.tsv:2: .*quoted as a whole"),
+        ("cr.csv", "id,text\r1,a\r2,b\r", r"cr.csv:1: .*bare carriage return"),
+        ("dh.csv", "id,text,text\n1,a,b\n", r"dh.csv:1: header names column\(s\) \['text'\] more than once"),
+    ],
+)
+def test_tables_refuse_what_they_would_misread(tmp_path, name, content, match):
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8", newline="")
+    with pytest.raises(ValueError, match=match):
+        list(read_source(p))
+
+
+def test_well_quoted_cells_still_read(tmp_path):
+    p = tmp_path / "ok.csv"
+    p.write_text('id,text\n1,"a, ""quoted"" line\nand the next"\n2,plain\n', encoding="utf-8")
+    assert [(r.id, r.text) for r in read_source(p)] == [("1", 'a, "quoted" line\nand the next'), ("2", "plain")]
+
+
+def test_integers_beyond_int64_in_cells_stay_text(tmp_path):
+    """A 24-digit code (ISBN-like) refused the whole file as an out-of-range integer."""
+    p = tmp_path / "isbn.csv"
+    p.write_text("id,text,code,n\n1,a,978014300723400000000000,9223372036854775807\n", encoding="utf-8")
+    (rec,) = read_source(p)
+    assert rec.metadata == {"code": "978014300723400000000000", "n": 9223372036854775807}
+
+
+def test_folder_files_lose_their_bom(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello bom")
+    assert [r.text for r in read_source(tmp_path)] == ["hello bom"]
+
+
+def test_check_source_finds_duplicates_across_batches(tmp_path):
+    """The write pass checks one batch at a time: a repeat in a later batch silently replaced the first."""
+    p = tmp_path / "dup.jsonl"
+    rows = [{"id": f"d{i}", "text": "x"} for i in range(5)] + [{"id": "d0", "text": "replacement"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for size in (2, 3, 100):
+        with pytest.raises(ValueError, match=r"duplicate ids in source: \['d0'\]"):
+            check_source(read_source(p), size)

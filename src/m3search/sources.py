@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m3search.filters import INT64_MAX, INT64_MIN
+
 __all__ = [
     "Record",
     "read_source",
@@ -145,21 +147,44 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 def read_table(
     path: str | Path, *, id_field: str | None = None, text_fields: Sequence[str] | None = None
 ) -> Iterator[Record]:
-    """CSV (comma) or TSV (tab) with a header row. Integer/decimal metadata cells become numbers."""
+    """CSV (comma) or TSV (tab) with a header row. Integer/decimal metadata cells become numbers.
+
+    Quoting is strict: an unclosed quote or a field that starts with a quote it does not close is an
+    error naming the record's first line (read leniently, either swallowed every later record or
+    dropped the quotes from the text).
+    """
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter)
+    kind = path.suffix[1:].upper()
+    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True)
+    start = 1  # first line of the record being read
     try:
         if not reader.fieldnames:
             raise ValueError(f"{path.name}: empty file (a header row is required)")
+        dup = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+        if dup:
+            raise ValueError(f"{path.name}:1: header names column(s) {dup} more than once")
+        start = reader.line_num + 1
         for number, row in enumerate(reader, 1):
-            where = f"{path.name}:{reader.line_num} (record {number})"
+            where = f"{path.name}:{start} (record {number})"
             if None in row:
                 raise ValueError(f"{where}: more cells than header columns")
             obj = {k: ("" if v is None else v) for k, v in row.items()}
             yield _to_record(obj, number, where, id_field, text_fields, cells=True)
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise ValueError(f"{path.name}:{reader.line_num}: invalid {path.suffix[1:].upper()} ({e})") from None
+        raise ValueError(f"{path.name}:{start}: invalid {kind} ({_csv_problem(str(e))})") from None
+
+
+def _csv_problem(message: str) -> str:
+    """The csv module's message, said in terms of the file."""
+    if "unexpected end of data" in message:
+        return "a quote opened in this record is never closed"
+    if "expected after" in message:
+        return 'a field that starts with a double quote must be quoted as a whole, inner quotes doubled ("")'
+    if "new-line character seen in unquoted field" in message:
+        return "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
+    return message
 
 
 def read_folder(path: str | Path) -> Iterator[Record]:
@@ -169,7 +194,7 @@ def read_folder(path: str | Path) -> Iterator[Record]:
         rel = file.relative_to(path).as_posix()
         raw = file.read_bytes()
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a BOM is not text (as in JSONL and CSV)
         except UnicodeDecodeError as e:
             line = raw.count(b"\n", 0, e.start) + 1
             raise ValueError(
@@ -184,8 +209,15 @@ def check_source(records: Iterable[Record], batch_size: int) -> int:
 
     The first pass of ``m3search index``: any error it raises would have stopped the
     write pass part-way, so running it first means an error leaves the collection as it was.
+    Ids are checked across the whole source (the write pass sees one batch at a time, where a
+    repeated id would silently replace the first document).
     """
-    return sum(len(batch) for batch in iter_batches(records, batch_size))
+    seen: set[str] = set()
+    n = 0
+    for batch in iter_batches(records, batch_size):
+        _check_unique(batch, seen)
+        n += len(batch)
+    return n
 
 
 def iter_batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -204,8 +236,9 @@ def iter_batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]
         yield batch
 
 
-def _check_unique(batch: list[Record]) -> None:
-    seen: set[str] = set()
+def _check_unique(batch: list[Record], seen: set[str] | None = None) -> None:
+    """Duplicate ids in ``batch``, or between it and the ids in ``seen`` (which it then joins), are an error."""
+    seen = set() if seen is None else seen
     dups = {r.id for r in batch if r.id in seen or seen.add(r.id)}
     if dups:
         raise ValueError(f"duplicate ids in source: {sorted(dups)[:10]}")
@@ -285,9 +318,9 @@ def _checked(rec: Record, where: str) -> Record:
 
 
 def _parse_number(value: str) -> Any:
-    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x') stays a string."""
-    if _INT_RE.fullmatch(value):
-        return int(value)
+    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x', integers beyond int64) stays a string."""
+    if _INT_RE.fullmatch(value) and INT64_MIN <= (n := int(value)) <= INT64_MAX:  # else a code (ISBN, ...): text
+        return n
     if _FLOAT_RE.fullmatch(value):
         return float(value)
     return value
