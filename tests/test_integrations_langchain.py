@@ -339,3 +339,66 @@ def test_a_tuned_collections_defaults_reach_the_retriever_and_the_store(tmp_path
         tuned.set_search_defaults(None)
         with pytest.raises(NotImplementedError, match="mode='all'"):
             M3SearchVectorStore(tuned).similarity_search_with_relevance_scores(QUERIES[0], k=2)
+
+
+def test_relevance_scores_follow_the_search_actually_run(tmp_path, tiny_encoder):
+    """The relevance function looked only at the store's mode: a per-call mode or any fusion but weighted
+    gave unbounded scores (RRF 0.0066 for a cosine of 0.80) as if they were relevances in [0, 1]."""
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)  # mode "all"
+    try:
+        store.add_texts(TEXTS, META, ids=IDS)
+        got = store.similarity_search_with_relevance_scores(QUERIES[0], k=3, mode="dense")
+        want = store.collection.search(QUERIES[0], k=3, mode="dense")
+        assert [(d.id, s) for d, s in got] == [(h.id, h.score) for h in want]
+        for store_args, call_args in [
+            ({"mode": "dense", "fusion": "rrf"}, {}),
+            ({"mode": "dense"}, {"mode": "sparse"}),
+        ]:
+            with pytest.raises(NotImplementedError, match="fusion='weighted'"):
+                M3SearchVectorStore(store.collection, **store_args).similarity_search_with_relevance_scores(
+                    QUERIES[0], k=3, **call_args
+                )
+        retriever = M3SearchVectorStore(store.collection, mode="dense").as_retriever(
+            search_type="similarity_score_threshold", search_kwargs={"score_threshold": 0.5, "fusion": "dbsf"}
+        )
+        with pytest.raises(NotImplementedError, match="fusion='dbsf'"):
+            retriever.invoke(QUERIES[0])
+    finally:
+        store.collection.close()
+
+
+def test_a_bad_search_argument_creates_no_collection(tmp_path, tiny_encoder):
+    with pytest.raises(ValueError, match="unknown mode"):
+        M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder, mode="bogus")
+    assert not (tmp_path / "c").exists()
+
+
+def test_from_texts_with_embeddings_over_a_collection(tmp_path, tiny_encoder):
+    """The docstring's 'its model creates a new collection' failed with 'no model given' for an embedding
+    made from a collection; without a location it now stores into that collection."""
+    from m3search import Collection
+
+    with Collection.create(tmp_path / "a", model=tiny_encoder) as col:
+        emb = M3SearchEmbeddings(collection=col)
+        store = M3SearchVectorStore.from_texts(TEXTS[:2], emb, ids=IDS[:2])
+        assert store.collection is col and col.count() == 2
+        new = M3SearchVectorStore.from_texts(TEXTS, emb, META, ids=IDS, location=tmp_path / "b")
+        try:
+            assert new.collection.count() == len(TEXTS)
+            assert new.collection.manifest["model"] == col.manifest["model"]
+        finally:
+            new.collection.close()
+
+
+def test_delete_all_over_a_server_with_a_lower_max_k(col):
+    """Rounds of k=1000 failed with HTTP 413 on a server whose max_k is lower."""
+    store_col = col
+    ids = [f"tmp-{i}" for i in range(5)]
+    with served(store_col, max_k=3) as client:
+        store = M3SearchVectorStore(client)
+        before = client.count()
+        store.add_texts([f"temporary text {i}" for i in ids], [{"tmp": 1}] * 5, ids=ids)
+        from m3search.integrations._backend import delete_matching
+
+        assert sorted(delete_matching(client, {"tmp": 1})) == ids
+        assert client.count() == before

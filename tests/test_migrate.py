@@ -102,6 +102,14 @@ def test_embedded_to_qdrant_local_and_back_is_identical(tmp_path, tiny_encoder, 
         assert col.manifest["engine"] == "qdrant" and col.manifest["migrated_from"]["engine"] == "qdrant-edge"
         close_to(before, snapshot(col, queries))  # another engine: its own score kernels
 
+    # into another collection of the same local folder (one qdrant-client per folder and process: this
+    # failed with "in use by another process", the lock being the source's own client)
+    twin = f"qdrant+local://{tmp_path}/qstore/twin"
+    assert migrate(mid, twin, batch_size=40)["copied"] == 90
+    with Collection.open(twin, model=tiny_encoder) as col, Collection.open(mid, model=tiny_encoder) as first:
+        assert col.count() == first.count() == 90
+        close_to(before, snapshot(col, queries))
+
     migrate(mid, back, batch_size=40)
     with Collection.open(back, model=tiny_encoder) as col:
         assert col.manifest["engine"] == "qdrant-edge" and col.manifest["settings"] == manifest["settings"]

@@ -49,7 +49,9 @@ import json
 import os
 import random
 import re
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,6 +174,47 @@ class _ClientDialect:
         return qm.FieldCondition(key=key, range=qm.Range(**bounds))
 
 
+# ---------------------------------------------------------------------------- local mode
+#: qdrant-client's local mode locks its folder per client, so two collections of one folder (a migration
+#: between them, an existence check beside an open collection) share one client per process. Weak values:
+#: a client no engine holds any more is collected (and closed) as before; ``_USERS`` counts its engines.
+_LOCAL: weakref.WeakValueDictionary[str, QdrantClient] = weakref.WeakValueDictionary()
+_USERS = "_m3search_users"
+_LOCAL_LOCK = threading.Lock()
+
+
+def _local_client(target: str) -> QdrantClient:
+    key = str(Path(target).resolve())
+    with _LOCAL_LOCK:
+        client = _LOCAL.get(key)
+        if client is None:
+            try:
+                client = QdrantClient(path=target, force_disable_check_same_thread=True)
+            except RuntimeError as exc:
+                if "already accessed" in str(exc):
+                    raise CollectionInUseError(
+                        f"Qdrant local storage {target} is in use by another process (local mode locks its folder; "
+                        "use a Qdrant server for several processes)"
+                    ) from None
+                raise
+            setattr(client, _USERS, 0)
+            _LOCAL[key] = client
+        setattr(client, _USERS, getattr(client, _USERS) + 1)
+        return client
+
+
+def _release(client: QdrantClient) -> None:
+    """Close ``client``, or for a shared local one, drop one user (closed with the last)."""
+    with _LOCAL_LOCK:
+        users = getattr(client, _USERS, 1) - 1
+        if users > 0:
+            setattr(client, _USERS, users)
+            return
+        for key in [k for k, c in _LOCAL.items() if c is client]:
+            del _LOCAL[key]
+    client.close()
+
+
 # ---------------------------------------------------------------------------- retries
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ResponseHandlingException):  # connection refused/reset, timeouts
@@ -267,16 +310,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if kind == "local":
             if must_exist and not (Path(target) / "meta.json").is_file():
                 raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
-            try:
-                client = QdrantClient(path=target, force_disable_check_same_thread=True)
-            except RuntimeError as exc:
-                if "already accessed" in str(exc):
-                    raise CollectionInUseError(
-                        f"Qdrant local storage {target} is in use by another process (local mode locks its folder; "
-                        "use a Qdrant server for several processes)"
-                    ) from None
-                raise
-            return client, name, True, target
+            return _local_client(target), name, True, target
         https = bool(client_opts.get("https", False))
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
@@ -316,7 +350,7 @@ class QdrantRemoteEngine(QdrantEngine):
         try:
             return bool(client.collection_exists(name))
         finally:
-            client.close()
+            _release(client)
 
     def _vectors_config(self) -> dict[str, qm.VectorParams]:
         s = self.schema
@@ -381,7 +415,7 @@ class QdrantRemoteEngine(QdrantEngine):
                     "(needs Qdrant >= 1.16)"
                 )
         except BaseException:
-            client.close()
+            _release(client)
             raise
         return engine
 
@@ -406,7 +440,7 @@ class QdrantRemoteEngine(QdrantEngine):
             engine._check_schema(info)
             engine._opened(int(meta[META_KEY].get("max_windows_stored", 1)))
         except BaseException:
-            client.close()
+            _release(client)
             raise
         return engine
 
@@ -440,7 +474,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if self._client is None:
             return
         client, self._client = self._client, None
-        client.close()
+        _release(client)
 
     @property
     def client(self) -> QdrantClient:

@@ -17,7 +17,7 @@ import numpy as np
 #: Key of the metadata entry that carries m3search's scores (and best passage) on retrieved documents.
 SCORES_KEY = "m3search"
 
-#: Ids removed per round by :func:`delete_matching` (the server's default ``max_k``).
+#: Ids removed per round by :func:`delete_matching` (the server's default ``max_k``; a server set lower says so).
 _ROUND = 1000
 
 
@@ -91,11 +91,6 @@ def check_search_args(k: int, mode: str | None, fusion: str | None, weights: Any
     )
 
 
-def default_mode(backend: Any) -> str:
-    """The mode a search without one uses: the collection's default (tuned or built-in)."""
-    return backend.search_defaults()["mode"]
-
-
 def hit_details(hit: Any) -> dict[str, Any]:
     """The ``m3search`` metadata entry of a retrieved document: fused score, per-mode scores,
     and the best passage / window when the collection reports one."""
@@ -124,9 +119,9 @@ def delete_matching(backend: Any, filter: Any) -> list[str]:
     """
     gone: list[str] = []
     seen: set[str] = set()
-    extra = {} if is_remote(backend) else {"exact": True}
+    extra, k = ({}, min(_ROUND, _max_k(backend))) if is_remote(backend) else ({"exact": True}, _ROUND)
     while True:
-        hits = backend.search("*", k=_ROUND, mode="dense", filter=filter, **extra)
+        hits = backend.search("*", k=k, mode="dense", filter=filter, **extra)
         ids = [h.id for h in hits if h.id not in seen]
         if not ids:
             if hits:
@@ -135,3 +130,8 @@ def delete_matching(backend: Any, filter: Any) -> list[str]:
         backend.delete(ids)
         seen.update(ids)
         gone += ids
+
+
+def _max_k(client: Any) -> int:
+    """The largest ``k`` the server takes (``GET /info``'s limits)."""
+    return int(client.info().get("limits", {}).get("max_k", _ROUND))

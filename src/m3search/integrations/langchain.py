@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 try:
@@ -35,10 +35,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 from m3search.integrations._backend import (
     SCORES_KEY,
     check_search_args,
-    default_mode,
     delete_matching,
     dense_vectors,
     hit_details,
+    is_remote,
     open_backend,
 )
 
@@ -180,8 +180,8 @@ class M3SearchVectorStore(VectorStore):
         candidates: int | None = None,
         **create_settings: Any,
     ) -> None:
+        check_search_args(4, mode, fusion, weights, candidates, None)  # before a location is created
         self.collection = open_backend(collection, location, model=model, api_key=api_key, **create_settings)
-        check_search_args(4, mode, fusion, weights, candidates, None)
         self.mode, self.fusion, self.candidates = mode, fusion, candidates
         self.weights = None if weights is None else tuple(weights)
 
@@ -244,14 +244,28 @@ class M3SearchVectorStore(VectorStore):
         """Documents with m3search's fused score (higher is more similar)."""
         return [(_document(h, details=False), float(h.score)) for h in self._search(query, k, kwargs)]
 
-    def _select_relevance_score_fn(self):
-        mode = default_mode(self.collection) if self.mode is None else self.mode
-        if mode == "dense":  # cosine similarity of normalized vectors: LangChain's 1 - cosine distance
+    def _relevance_fn(self, kwargs: dict[str, Any]) -> Callable[[float], float]:
+        """Scores -> relevance in [0, 1] for a search with ``kwargs``: the cosine itself for dense mode
+        with weighted fusion (LangChain's 1 - cosine distance); any other mode or fusion has no bound."""
+        defaults = self.collection.search_defaults()
+        mode = kwargs.get("mode") or self.mode or defaults["mode"]
+        fusion = kwargs.get("fusion") or self.fusion or defaults["fusion"]
+        if mode == "dense" and fusion == "weighted":
             return lambda score: score
         raise NotImplementedError(
-            f"relevance scores in [0, 1] exist for mode='dense' (cosine) only; mode={mode!r} fuses "
-            "unbounded scores: use similarity_search_with_score, or a store with mode='dense'"
+            f"relevance scores in [0, 1] exist for mode='dense' with fusion='weighted' (cosine) only; mode={mode!r}, "
+            f"fusion={fusion!r} gives unbounded scores: use similarity_search_with_score, or mode='dense'"
         )
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return self._relevance_fn({})
+
+    def _similarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        """Relevance of the search actually run: a per-call ``mode`` / ``fusion`` decides, not only the store's."""
+        fn = self._relevance_fn(kwargs)
+        return [(doc, fn(score)) for doc, score in self.similarity_search_with_score(query, k, **kwargs)]
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
         raise NotImplementedError(
@@ -293,8 +307,10 @@ class M3SearchVectorStore(VectorStore):
     ) -> M3SearchVectorStore:
         """A store over ``collection`` / ``location`` (see the class), with ``texts`` added.
 
-        ``embedding`` may be an :class:`M3SearchEmbeddings` (its model creates a new collection)
-        or None; another ``Embeddings`` is an error, since the collection encodes with BGE-M3.
+        ``embedding`` may be an :class:`M3SearchEmbeddings` or None; another ``Embeddings`` is an
+        error, since the collection encodes with BGE-M3. Without ``collection`` / ``location``, an
+        embedding over a collection stores into that collection; with a new ``location``, the
+        embedding's model (its encoder, its collection's, or its ``model_name``) creates it.
         """
         if embedding is not None:
             if not isinstance(embedding, M3SearchEmbeddings):
@@ -302,8 +318,21 @@ class M3SearchVectorStore(VectorStore):
                     f"M3SearchVectorStore encodes with its collection's BGE-M3 model; got {type(embedding).__name__} "
                     "(pass M3SearchEmbeddings, or embedding=None and model=...)"
                 )
-            if model is None and collection is None:
-                model = embedding.encoder or embedding.model_name or os.environ.get("M3SEARCH_MODEL")
+            if collection is None and location is None and embedding.collection is not None:
+                collection = embedding.collection
+            elif model is None and collection is None:
+                model = _model_of(embedding)
         store = cls(collection, location=location, model=model, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
+
+
+def _model_of(embedding: M3SearchEmbeddings) -> Any:
+    """What creates a collection with ``embedding``'s model (None: nothing given, the caller's error says so)."""
+    if embedding.collection is not None:
+        if is_remote(embedding.collection):
+            raise ValueError(
+                "an M3SearchEmbeddings over a server has no local model to create a collection with: pass model="
+            )
+        return embedding.collection.encoder
+    return embedding.encoder or embedding.model_name or os.environ.get("M3SEARCH_MODEL") or None
