@@ -21,6 +21,7 @@ from m3search.tuning import (
     paired_bootstrap,
     parse_metric,
     settings_grid,
+    tune,
 )
 
 # ---------------------------------------------------------------------------------------------- synthetic pools
@@ -401,3 +402,55 @@ def test_library_entry_point():
     import m3search.tuning
 
     assert m3search.tune is m3search.tuning.tune and callable(m3search.tune)
+
+
+def test_tune_measures_against_and_keeps_the_collections_own_defaults(indexed, beir, tiny_encoder, tmp_path):
+    """A tune that kept "the defaults" reset a collection's own (tuned or chosen) defaults to the built-in
+    ones, and compared the grid with the built-in setting, not with what the collection's searches used."""
+    import shutil
+
+    from m3search import Collection
+    from m3search.eval import load_beir
+
+    path = tmp_path / "own"
+    shutil.copytree(indexed, path)
+    own = {"mode": "sparse+colbert", "fusion": "dbsf", "weights": [0.0, 0.3, 0.7], "candidates": 5}
+    with Collection.open(path, model=tiny_encoder) as col:
+        col.set_search_defaults(own, tuning=None)
+        assert col.search_defaults() == own  # a depth below k = 10 is kept as given (it was raised to 10)
+        data = load_beir(beir)
+        qids = [q for q, rel in data.qrels.items() if any(g > 0 for g in rel.values())]
+        hits = col.search_batch([data.queries[q] for q in qids], k=10)
+        real = compute_metrics({q: {h.id: h.score for h in hs} for q, hs in zip(qids, hits)}, data.qrels)
+    out = tune(beir, collection=path, model=tiny_encoder, save=True, folds=3, progress=False, candidates=(5, 20))
+    assert out["default"] == {**own, "weights": [0.0, 0.3, 0.7]}
+    assert out["cv"]["default"] == pytest.approx(np.mean([real["per_query"][q]["ndcg@10"] for q in qids]), abs=1e-12)
+    with Collection.open(path, model=tiny_encoder) as col:
+        kept = {k: out[k] for k in ("mode", "fusion", "weights", "candidates")}
+        assert col.search_defaults() == kept
+        if not out["adopted"]:
+            assert kept == own
+
+
+def test_pools_are_as_deep_as_the_metric_cuts(indexed, beir, tiny_encoder, monkeypatch):
+    """recall@1000 was scored on 400-deep pools while a search returns 1000 per list: every setting
+    scored wrong, silently. The pool now covers the cutoff, and a too-shallow cache is an error."""
+    from m3search import Collection, tuning
+    from m3search.eval import load_beir
+
+    depths = []
+    build = tuning.ScoreCache.build.__func__
+
+    def spy(cls, *args, **kwargs):
+        depths.append(kwargs["depth"])
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(tuning.ScoreCache, "build", classmethod(spy))
+    tune(beir, collection=indexed, model=tiny_encoder, metric="recall@700", folds=3, progress=False)
+    assert depths == [700]
+    data = load_beir(beir)
+    with Collection.open(indexed, model=tiny_encoder) as col:
+        qs = dict(list(data.queries.items())[:3])
+        cache = ScoreCache.build(col, qs, data.qrels, depth=20)
+    with pytest.raises(ValueError, match="recall@30 needs lists of 20 or fewer"):
+        evaluate_settings(cache, [Setting("dense", "weighted", (1.0, 0.0, 0.0), 5)], "recall@30")

@@ -935,7 +935,8 @@ class Collection:
                 raise ValueError(
                     f"a search setting has exactly the keys {sorted(SEARCH_DEFAULTS)}, got {sorted(setting)}"
                 )
-            plan = SearchPlan.build(**setting)  # the errors a search request with these values would get
+            # the errors a search request with these values would get (k=1: a depth below 10 is kept as given)
+            plan = SearchPlan.build(**setting, k=1)
             new = {
                 "mode": "all" if plan.modes == MODES else "+".join(plan.modes),
                 "fusion": plan.fusion,

@@ -33,7 +33,7 @@ import numpy as np
 
 from m3search.engines.base import MODES
 from m3search.fusion import FUSIONS, RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan
 
 __all__ = [
     "CANDIDATE_GRID",
@@ -81,6 +81,14 @@ class Setting:
 DEFAULT_SETTING = Setting("all", "weighted", DEFAULT_WEIGHTS, DEFAULT_CANDIDATES)
 
 
+def setting_of(defaults: Mapping[str, Any]) -> Setting:
+    """A collection's search defaults as a :class:`Setting`, with zero weight on the modes its mode leaves
+    out (the grid's form: a setting's weights say which scores it fuses)."""
+    modes = SearchPlan.build(mode=defaults["mode"], weights=defaults["weights"], k=1).modes
+    weights = tuple(float(w) if m in modes else 0.0 for m, w in zip(MODES, defaults["weights"]))
+    return Setting(defaults["mode"], defaults["fusion"], weights, int(defaults["candidates"]))
+
+
 def parse_metric(metric: str) -> tuple[str, int]:
     """``"ndcg@10"`` -> ``("ndcg", 10)``; also ``recall@K`` and ``mrr@K``."""
     name, _, cut = str(metric).strip().lower().partition("@")
@@ -98,17 +106,23 @@ _SINGLE_LISTS = {"dense": (1.0, 0.0, 0.0), "sparse": (0.0, 1.0, 0.0)}
 
 
 def settings_grid(
-    step: float = WEIGHT_STEP, candidates: Sequence[int] = CANDIDATE_GRID, fusions: Sequence[str] = FUSIONS
+    step: float = WEIGHT_STEP,
+    candidates: Sequence[int] = CANDIDATE_GRID,
+    fusions: Sequence[str] = FUSIONS,
+    baseline: Setting = DEFAULT_SETTING,
 ) -> list[Setting]:
-    """Every setting tried, the defaults first: weights over the simplex (zero weights = fewer
-    modes) x fusion x candidate depth, without duplicates (``dense`` and ``sparse`` alone do not
-    re-rank, so fusion and depth do not matter to them; ``colbert`` alone ranks alike in every fusion)."""
+    """Every setting tried, ``baseline`` (what searches use now) first, then the built-in defaults: weights
+    over the simplex (zero weights = fewer modes) x fusion x candidate depth, without duplicates (``dense``
+    and ``sparse`` alone do not re-rank, so fusion and depth do not matter to them; ``colbert`` alone ranks
+    alike in every fusion)."""
     n = round(1 / step)
     if n < 1 or not math.isclose(n * step, 1.0):
         raise ValueError(f"step must divide 1, got {step}")
     simplex = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
     # dense / sparse alone keep the default depth: it does not change their ranking
-    out = [DEFAULT_SETTING] + [Setting(m, "weighted", w, DEFAULT_CANDIDATES) for m, w in _SINGLE_LISTS.items()]
+    out = [baseline, DEFAULT_SETTING] + [
+        Setting(m, "weighted", w, DEFAULT_CANDIDATES) for m, w in _SINGLE_LISTS.items()
+    ]
     for c in sorted(candidates):
         out.append(Setting("colbert", "weighted", (0.0, 0.0, 1.0), c))
         for fusion in fusions:
@@ -283,9 +297,9 @@ def evaluate_settings(
     out = np.zeros((len(settings), len(cache.qids)))
     if not len(cache.qids):
         return out
-    too_deep = [s for s in settings if s.candidates > cache.depth and s.mode not in _SINGLE_LISTS]
+    too_deep = [s for s in settings if (k if s.mode in _SINGLE_LISTS else max(s.candidates, k)) > cache.depth]
     if too_deep:
-        raise ValueError(f"setting {too_deep[0]} needs candidates <= the cached depth {cache.depth}")
+        raise ValueError(f"setting {too_deep[0]} with {metric} needs lists of {cache.depth} or fewer")
     groups: dict[tuple[str, int], list[int]] = {}
     for i, s in enumerate(settings):
         if s.mode in _SINGLE_LISTS:  # no re-ranking: the top k of one list
@@ -366,17 +380,16 @@ def choose(
     bootstrap: int = BOOTSTRAP,
     confidence: float = CONFIDENCE,
 ) -> dict[str, Any]:
-    """Cross-validate the choice, compare it with the defaults (settings[0]) on the same folds,
-    and adopt the best setting on all queries only if the interval's lower bound is above 0."""
-    if settings[0] != DEFAULT_SETTING:
-        raise ValueError("settings[0] must be the defaults")
+    """Cross-validate the choice, compare it with the defaults in use (``settings[0]``, see
+    :func:`settings_grid`) on the same folds, and adopt the best setting on all queries only if
+    the interval's lower bound is above 0."""
     cv = cross_validate(per_query, folds, seed)
     default = per_query[0]
     lo, hi = paired_bootstrap(cv["per_query"], default, n=bootstrap, confidence=confidence, seed=seed)
     best = settings[_best(per_query)]
-    adopted = lo > 0 and best != DEFAULT_SETTING
+    adopted = lo > 0 and best != settings[0]
     return {
-        "setting": best if adopted else DEFAULT_SETTING,
+        "setting": best if adopted else settings[0],
         "adopted": adopted,
         "best": best,
         "cv": {
@@ -436,11 +449,14 @@ def tune(
             f"{len(judged)} judged queries are fewer than the {folds} folds; use --folds {max(2, len(judged))} or more queries"
         )
     queries = {q: data.queries[q] for q in judged}
-    settings = settings_grid(step, candidates)
-    depth = max(*candidates, DEFAULT_CANDIDATES)  # the defaults are always scored
     col = _open(collection, model, dtype, device) if collection is not None else None
     info: dict[str, Any] = {}
     try:
+        # the baseline is what the collection's searches use now (tuned before, or set at creation)
+        baseline = DEFAULT_SETTING if col is None else setting_of(col.search_defaults())
+        settings = settings_grid(step, candidates, baseline=baseline)
+        # every setting's pool, and the metric's cutoff (a search returns max(candidates, k) per list)
+        depth = max(*candidates, baseline.candidates, DEFAULT_CANDIDATES, parse_metric(metric)[1])
         if col is None:
             encoder = load_encoder(model, device=device, dtype=dtype)
             col, info = _cached_index(
@@ -461,7 +477,7 @@ def tune(
             **chosen.to_dict(),
             "adopted": result["adopted"],
             "best": result["best"].to_dict(),
-            "default": DEFAULT_SETTING.to_dict(),
+            "default": baseline.to_dict(),
             "metric": metric,
             "cv": result["cv"],
             "best_in_sample": result["best_in_sample"],
@@ -480,7 +496,7 @@ def tune(
         if save:
             tuning = {k: out[k] for k in ("metric", "cv", "adopted", "best", "dataset", "n_queries")}
             tuning["tuned_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            col.set_search_defaults(chosen.to_dict() if out["adopted"] else None, tuning=tuning)
+            col.set_search_defaults(chosen.to_dict(), tuning=tuning)  # not adopted: the baseline, kept
             out["saved"] = True
     finally:
         if col is not None:
@@ -517,6 +533,6 @@ def _summary(out: Mapping[str, Any]) -> str:
     best = Setting(out["best"]["mode"], out["best"]["fusion"], tuple(out["best"]["weights"]), out["best"]["candidates"])
     if out["adopted"]:
         return f"{head}\nadopted: {best}"
-    if best == DEFAULT_SETTING:
+    if out["best"] == out["default"]:
         return f"{head}\nthe defaults are the best setting: keeping them"
     return f"{head}\nbest setting {best} does not beat the defaults beyond noise: keeping the defaults"
