@@ -57,6 +57,21 @@ def test_create_add_reopen(tmp_path, tiny_encoder, tiny_model_path):
         Collection.create(path, model=tiny_encoder)
 
 
+def test_create_never_removes_a_users_files(tmp_path, tiny_encoder):
+    """A folder holding only a subfolder named "shard" was taken for a dead create's leftover and deleted."""
+    user = tmp_path / "mydata"
+    (user / "shard").mkdir(parents=True)
+    (user / "shard" / "thesis.tex").write_text("precious")
+    with pytest.raises(CollectionExistsError, match="not empty"):
+        Collection.create(user, model=tiny_encoder)
+    assert (user / "shard" / "thesis.tex").read_text() == "precious"
+    # what a create killed before its manifest leaves (lock file, shard) is still taken over
+    Collection.create(tmp_path / "dead", model=tiny_encoder).close()
+    (tmp_path / "dead" / "manifest.json").unlink()
+    with Collection.create(tmp_path / "dead", model=tiny_encoder) as c:
+        assert c.count() == 0
+
+
 def test_open_with_other_model_is_clear_error(tmp_path, tiny_encoder, tiny_alt_model_path):
     path = tmp_path / "c"
     Collection.create(path, model=tiny_encoder).close()

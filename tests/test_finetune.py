@@ -289,6 +289,12 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny_model_path):
     with pytest.raises(FinetuneInputError, match="unknown mode"):
         _run(tmp_path, tiny_model_path, data, modes="dense,lexical")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # a folder at <out>.partial that is not a checkpoint folder was reused, then deleted with its files
+    (tmp_path / "mine.partial").mkdir()
+    (tmp_path / "mine.partial" / "notes.txt").write_text("precious")
+    with pytest.raises(FinetuneInputError, match="not this command's checkpoint folder"):
+        _run(tmp_path, tiny_model_path, data, out="mine")
+    assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "precious"
 
 
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):

@@ -472,6 +472,10 @@ def _peak_memory_mib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
+#: What ``<out>.partial`` may hold: the checkpoint, and its temporary copy while one is written.
+_WORK_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -591,6 +595,11 @@ def finetune(
     if not out.parent.is_dir():
         raise FinetuneInputError(f"the parent of the output folder, {str(out.parent)!r}, does not exist")
     work = out.with_name(out.name + ".partial")
+    if work.exists() and (not work.is_dir() or any(p.name not in _WORK_FILES for p in work.iterdir())):
+        raise FinetuneInputError(
+            f"{str(work)!r} exists and is not this command's checkpoint folder (it holds other files; it is removed "
+            "when training ends): move it away, or choose another --out"
+        )
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     data = Path(data)
 
@@ -665,7 +674,7 @@ def finetune(
 
     fingerprint = {"config": asdict(cfg), "base": report["base_identity"], "data": report["data"]}
     state: dict[str, Any] = dict(step=0, epoch=0, batch=0, history=[], epochs=[], seconds=0.0, cpu_seconds=0.0)
-    checkpoint = work / "checkpoint.pt"
+    checkpoint = work / _WORK_FILES[0]
     if checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
         if saved["fingerprint"] != fingerprint:

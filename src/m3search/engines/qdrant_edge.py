@@ -246,13 +246,15 @@ class QdrantEdgeEngine(QdrantEngine):
             raise CollectionExistsError(f"a collection already exists at {root}")
         if root.exists() and not root.is_dir():
             raise CollectionExistsError(f"{root} exists and is not a folder")
-        if root.is_dir() and any(p.name not in (PIDFILE, LOCKFILE, SHARD) for p in root.iterdir()):
+        # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
+        # a folder without our lock file holds someone else's files, whatever their names
+        leftovers = (PIDFILE, LOCKFILE, SHARD) if (root / LOCKFILE).is_file() else ()
+        if root.is_dir() and any(p.name not in leftovers for p in root.iterdir()):
             raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:
-            if (root / SHARD).exists():
-                # Left over by a create that died before its manifest was written: no collection yet.
+            if (root / SHARD).exists():  # a leftover (above)
                 shutil.rmtree(root / SHARD)
             shard = qe.EdgeShard.create(str(root / SHARD), cls._config(schema))
         except BaseException:
