@@ -315,6 +315,7 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
         (["search", "x", "-c", "<coll>", "--filter", "{bad"], 2, "Invalid value for '--filter'"),
         (["search", "x", "-c", "<coll>", "--filter", '{"a": {"near": 1}}'], 1, "unknown operator 'near'"),
         (["search", "x", "-c", "<coll>", "--mode", "fuzzy"], 2, "Invalid value for '--mode'"),
+        (["search", "x", "-c", "<coll>", "--filter", "@<latin1>"], 2, "is not UTF-8 text"),
         (["search", "   ", "-c", "<coll>"], 1, "query is empty"),
         (["search", "x", "-c", "<coll>", "--k", "0"], 2, "Invalid value for '--k'"),
         (["index", "<empty>/nope.parquet", "-c", "<coll>"], 2, "does not exist"),
@@ -328,6 +329,7 @@ def test_errors_are_one_line_without_traceback(
 ):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"_id": "1", "text": "a"}\n{"_id": \n')
+    (tmp_path / "f.json").write_bytes(b'{"a": "caf\xe9"}')
     (tmp_path / "empty").mkdir()
     fill = {
         "<missing>": tmp_path / "none",
@@ -336,6 +338,7 @@ def test_errors_are_one_line_without_traceback(
         "<bad_jsonl>": bad,
         "<other_model>": tiny_alt_model_path,
         "<model>": tiny_model_path,
+        "<latin1>": tmp_path / "f.json",
     }
     for key, value in fill.items():
         args = [a.replace(key, str(value)) for a in args]
@@ -475,7 +478,7 @@ def test_migrate_copies_without_reencoding(indexed, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("Error:")
 
 
-def test_stale_server_record_is_ignored(indexed):
+def test_stale_server_record_is_ignored(indexed, tmp_path):
     """A server killed with -9 leaves server.json behind; its pid is dead, so commands open the folder."""
     import socket
 
@@ -491,6 +494,9 @@ def test_stale_server_record_is_ignored(indexed):
         # pid alive but nothing listening (pid reused after a kill -9): the free lock decides
         (indexed / "server.json").write_text(json.dumps({"pid": os.getpid(), "url": url, "port": port}))
         assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
+        # migrate (and serve) believed such a record: "served by process N" for good (pid 1 in a container)
+        out = one_json(cli("migrate", str(indexed), str(tmp_path / "copy"), "--json"))
+        assert out["copied"] == one_json(cli("info", "-c", str(indexed), "--json"))["count"]
     finally:
         (indexed / "server.json").unlink()
 
@@ -539,3 +545,10 @@ def test_server_records_live_where_a_process_owns_the_collection(tmp_path):
     assert written == tmp_path / "a.db.server.json" and serverfile.read(str(tmp_path / "a.db"))["url"] == "u"
     serverfile.remove(str(tmp_path / "a.db"))
     assert not written.exists()
+
+
+def test_search_takes_every_mode_tune_may_store(indexed):
+    """--mode took only the presets: 'sparse+colbert', which tune may choose and store, was refused."""
+    for mode in ("sparse+colbert", "colbert+dense", "all"):
+        hits = one_json(cli("search", "pump", "-c", str(indexed), "--mode", mode, "--json"))
+        assert hits, mode

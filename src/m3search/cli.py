@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from . import serverfile
-from .plan import DEFAULT_CANDIDATES, FUSIONS, PRESETS
+from .plan import DEFAULT_CANDIDATES, FUSIONS, PRESETS, parse_mode
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 
@@ -105,9 +105,11 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
     text = value
     if value.startswith("@"):
         try:
-            text = Path(value[1:]).read_text(encoding="utf-8")
+            text = Path(value[1:]).read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise click.BadParameter(f"cannot read filter file {value[1:]!r}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(f"filter file {value[1:]!r} is not UTF-8 text (byte {exc.start})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -117,7 +119,36 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
     return obj
 
 
+def _parse_mode(ctx: Any, param: Any, value: str | None) -> str | None:
+    """click callback: a preset or any '+'-joined modes (what ``m3search tune`` may choose and store)."""
+    if value is None:
+        return None
+    try:
+        parse_mode(value)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- targets
+
+
+def _answering(collection: str) -> dict[str, Any] | None:
+    """The record of a server running for ``collection``, or None. A record whose pid is alive but where
+    nobody listens is stale (the server was killed with -9 and its pid reused, e.g. pid 1 in a container);
+    whatever opens the collection next finds out from its lock whether a process still holds it."""
+    record = serverfile.live(collection)
+    if record is None:
+        return None
+    import httpx
+
+    try:
+        httpx.get(f"{record.get('url')}/health", timeout=httpx.Timeout(5.0))
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        return None
+    except httpx.HTTPError:  # listening but slow (loading its model): a server
+        pass
+    return record
 
 
 class _Local:
@@ -568,7 +599,10 @@ def index(
 @collection_option
 @model_option
 @click.option(
-    "--mode", default=None, type=click.Choice(list(PRESETS)), help="Search mode [default: the collection's, all]."
+    "--mode",
+    default=None,
+    callback=_parse_mode,
+    help=f"Search mode: {', '.join(PRESETS)}, or any '+'-joined modes (sparse+colbert) [default: the collection's, all].",
 )
 @click.option(
     "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
@@ -785,7 +819,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
         if collection is None and model is None:
             model = DEFAULT_MODEL
         if collection is not None:
-            record = serverfile.live(collection)
+            record = _answering(collection)
             if record is not None:
                 raise click.ClickException(
                     f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"
@@ -1133,7 +1167,7 @@ def migrate(
     )
     with _errors():
         for end in (src, dst):
-            record = serverfile.live(end)
+            record = _answering(end)
             if record is not None:
                 raise click.ClickException(
                     f"collection {end} is served by process {record.get('pid')} at {record.get('url')}; "
