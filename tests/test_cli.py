@@ -428,7 +428,9 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encoder, tmp_path):
+def test_commands_route_through_running_server(
+    indexed, corpus_texts, tiny_encoder, tmp_path, tiny_model_path, tiny_alt_model_path
+):
     proc, record = _start_server(["--api-key", "s3cret", "--dtype", "float32"], indexed)
     try:
         assert record["pid"] == proc.pid and record["api_key_required"] is True
@@ -445,6 +447,15 @@ def test_commands_route_through_running_server(indexed, corpus_texts, tiny_encod
         assert hits[0]["score"] == pytest.approx(score[order[0]], abs=1e-4)
         info = one_json(cli("info", "-c", str(indexed), "--json", env=env))
         assert info["count"] == N_DOCS and str(proc.pid) in info["served_by"]
+        # how THIS process would encode does not apply through the server: an error, not silently ignored
+        same = one_json(cli("search", query, "-c", str(indexed), "-m", str(tiny_model_path), "--json", env=env))
+        assert same["hits"]
+        for opts, says in (
+            (["-m", str(tiny_alt_model_path)], "stop the server to use another model"),
+            (["--dtype", "bfloat16"], "--dtype bfloat16 applies to a collection opened here"),
+        ):
+            p = cli("search", query, "-c", str(indexed), *opts, env=env, check=False)
+            assert p.returncode == 1 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
         src = tmp_path / "extra.jsonl"
         src.write_text('{"_id": "extra-1", "text": "a note on hypersonic heat transfer", "year": 2024}\n')
         out = one_json(cli("index", str(src), "-c", str(indexed), "--json", env=env))

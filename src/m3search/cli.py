@@ -133,6 +133,31 @@ def _parse_mode(ctx: Any, param: Any, value: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------- targets
 
 
+def _check_served_model(served: dict[str, Any], model: str | None, dtype: str, device: str, where: str) -> None:
+    """``--model`` / ``--dtype`` / ``--device`` name how THIS process encodes; through a server they would be
+    ignored silently (a served search in float32 "for exact scores" ran in the server's bf16), so a value the
+    server does not match is an error."""
+    if model:
+        from .encoder import model_identity
+
+        same = (
+            model_identity(model) == served.get("identity")
+            if Path(model).is_dir() and (Path(model) / "config.json").is_file()
+            else model == served.get("name_or_path")
+        )
+        if not same:
+            raise click.ClickException(
+                f"{where} with model {served.get('name_or_path')}, not {model}: stop the server to use another model "
+                "here, or leave --model out (M3SEARCH_MODEL too)"
+            )
+    for name, asked, actual in (("dtype", dtype, served.get("dtype")), ("device", device, served.get("device"))):
+        if asked not in (None, "auto") and not str(actual).startswith(asked):
+            raise click.ClickException(
+                f"{where} with {name} {actual}; --{name} {asked} applies to a collection opened here: stop the "
+                f"server, or leave --{name} out"
+            )
+
+
 def _answering(collection: str) -> dict[str, Any] | None:
     """The record of a server running for ``collection``, or None. A record whose pid is alive but where
     nobody listens is stale (the server was killed with -9 and its pid reused, e.g. pid 1 in a container);
@@ -227,7 +252,7 @@ class _Remote:
 
     def info(self) -> dict:
         out = self._call("GET", "/info")
-        self.limits = out.get("limits") or {}
+        self.limits, self.model = out.get("limits") or {}, out.get("model") or {}
         return out.get("collection") or {}
 
     def count(self) -> int:
@@ -294,6 +319,7 @@ def _open_target(
             )
         target = _Remote(record, api_key)
         info = target.info()
+        _check_served_model(target.model, model, dtype, device, f"collection {collection} is served by process {pid}")
         _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
         return target
     from . import Collection
@@ -477,7 +503,7 @@ def main() -> None:
     "--stride",
     default=None,
     type=click.IntRange(1),
-    help="New collection: tokens from one window's start to the next [default: window - 128].",
+    help="New collection: tokens from one window's start to the next [default: window - min(128, window // 4)].",
 )
 @click.option(
     "--max-windows",

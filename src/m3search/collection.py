@@ -319,7 +319,7 @@ class Collection:
         ``batch_size`` (128 documents per write), ``candidates`` (search default),
         ``weights`` (search default), ``window`` (tokens per window of a long text: default
         ``max_length``, at most the model's positions), ``stride`` (tokens from one window's
-        start to the next: default ``window - 128``), ``max_windows`` (None: every window;
+        start to the next: default ``window - min(128, window // 4)``), ``max_windows`` (None: every window;
         1: one window, the rest cut as before windows existed).
         """
         unknown = set(settings) - set(_SCHEMA_SETTINGS) - set(_SETTINGS_DEFAULTS)
