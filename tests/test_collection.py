@@ -340,3 +340,20 @@ def test_ties_at_the_cut_go_by_id(tmp_path, tiny_encoder, mode, fusion):
     if fusion != "rrf":  # rrf's per-mode ranks break ties by id, so the copies' scores differ
         assert {scores[i] for i in copies} == {max(scores.values())}
     assert [h.id for h in hits] == sorted(copies)[:5]
+
+
+@pytest.mark.parametrize(
+    "text", ["{}", '{"schema": ', "[]", '{"schema": {"dense_dim": 0}}', "\xff", "no model"], ids=lambda t: t[:9]
+)
+def test_a_damaged_manifest_says_so(tmp_path, tiny_encoder, text):
+    """A hand-edited or truncated manifest gave "Error: 'schema'" or the JSON parser's words."""
+    path = tmp_path / "c"
+    Collection.create(path, model=tiny_encoder).close()
+    manifest = path / "manifest.json"
+    if text == "no model":
+        good = json.loads(manifest.read_text())
+        del good["model"]
+        text = json.dumps(good)
+    manifest.write_text(text, encoding="latin-1")
+    with pytest.raises(ValueError, match="manifest.* is damaged"):
+        Collection.open(path, model=tiny_encoder)

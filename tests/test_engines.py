@@ -30,6 +30,7 @@ from helpers import ALL_MODES, check_ranking, fused_oracle, oracle_scores, rando
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
+from m3search.errors import CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
 from m3search.scoring import colbert_scores
@@ -372,6 +373,17 @@ def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, ti
     code = f"from m3search import Collection; c = Collection.open({path!r}); print(c.count()); c.close()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-2000:]
+
+
+def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
+    """A notes.db of the user's was reported "in use by another process" (milvus-lite's open failed); untouched."""
+    needs("milvus-lite")
+    path = tmp_path / "notes.db"
+    path.write_text("my notes")
+    for call in (lambda: Collection.create(str(path), model=tiny_encoder), lambda: Collection.open(str(path))):
+        with pytest.raises(CollectionNotFoundError, match="is not a Milvus Lite file"):
+            call()
+    assert path.read_text() == "my notes"
 
 
 # ---------------------------------------------------------------------------- writes

@@ -407,6 +407,8 @@ class Collection:
                     f"collection at {location} has schema version {manifest['schema_version']}; "
                     f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
                 )
+            if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
+                raise ValueError(f"the manifest of the collection at {location} is damaged (no model record)")
             col = cls(engine, manifest, model)
             col._device, col._dtype = device, dtype
             if model is not None:

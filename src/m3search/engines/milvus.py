@@ -510,6 +510,10 @@ class MilvusEngine(Engine):
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
             if not create_file and not Path(uri).is_file():
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+            if Path(uri).is_file() and Path(uri).stat().st_size:
+                with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
+                    if fh.read(16) != b"SQLite format 3\x00":
+                        raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
             try:
                 with _LITE_LOCK:
                     client = MilvusClient(uri, timeout=timeout, alias=_alias())

@@ -162,6 +162,22 @@ def _lock(root: Path) -> int:
     return fd
 
 
+def _load_manifest(root: Path) -> dict:
+    """The manifest, or an error saying it is damaged (a hand edit, a disk fault) rather than the JSON
+    parser's or a KeyError's words."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(root, str(exc)) from None
+    if not isinstance(manifest, dict):
+        raise _damaged(root, f"a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def _damaged(root: Path, why: str) -> ValueError:
+    return ValueError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
+
+
 def _fsync_write(path: Path, data: str) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -271,8 +287,13 @@ class QdrantEdgeEngine(QdrantEngine):
             if (root / SHARD).is_dir():
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        schema = Schema.from_dict(manifest["schema"])
+        manifest = _load_manifest(root)
+        try:
+            schema = Schema.from_dict(manifest["schema"])
+        except KeyError:
+            raise _damaged(root, "no schema") from None
+        except (TypeError, ValueError) as exc:
+            raise _damaged(root, f"schema: {exc}") from None
         lock = _lock(root)
         try:
             shard = qe.EdgeShard.load(str(root / SHARD))
@@ -345,8 +366,7 @@ class QdrantEdgeEngine(QdrantEngine):
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:
-        p = self.root / MANIFEST
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return _load_manifest(self.root) if (self.root / MANIFEST).is_file() else None
 
     def write_manifest(self, manifest: dict) -> None:
         _fsync_write(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
