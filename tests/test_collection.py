@@ -357,3 +357,26 @@ def test_a_damaged_manifest_says_so(tmp_path, tiny_encoder, text):
     manifest.write_text(text, encoding="latin-1")
     with pytest.raises(ValueError, match="manifest.* is damaged"):
         Collection.open(path, model=tiny_encoder)
+
+
+def test_query_embeddings_are_checked_against_the_collection(col, tiny_encoder, tiny_alt_model_path):
+    """A dense-only encode failed deep inside the engine ("failed to extract enum Helper"), another model's
+    vectors raised Qdrant's dimension error, and in sparse mode silently matched nothing."""
+    import numpy as np
+
+    from m3search import M3Encoder
+
+    q = ["alpha beta"]
+    partial = tiny_encoder.encode(q, dense=True, sparse=False, colbert=False)
+    with pytest.raises(ValueError, match="query_embeddings lack sparse, colbert"):
+        col.search_batch(q, mode="dense", query_embeddings=partial)
+    other = M3Encoder.from_pretrained(str(tiny_alt_model_path), dtype="float32", device="cpu")
+    if other.hidden_size == tiny_encoder.hidden_size:  # same shapes: build a mismatched one by hand
+        emb = tiny_encoder.encode(q)
+        emb.dense = np.zeros((1, tiny_encoder.hidden_size + 1), np.float32)
+    else:
+        emb = other.encode(q)
+    with pytest.raises(ValueError, match="do not come from this collection's model"):
+        col.search_batch(q, mode="sparse", query_embeddings=emb)
+    full = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
+    assert [h.id for h in col.search_batch(q, query_embeddings=full)[0]] == [h.id for h in col.search(q[0])]

@@ -895,9 +895,7 @@ class Collection:
         if not queries:
             return []
         if query_embeddings is not None:
-            if len(query_embeddings) != len(queries):
-                raise ValueError(f"{len(queries)} queries but embeddings for {len(query_embeddings)}")
-            emb = query_embeddings
+            emb = self._check_query_embeddings(query_embeddings, len(queries))
         else:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
         check_deadline("the first-stage search")
@@ -915,6 +913,26 @@ class Collection:
             self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}), group)
             for qv, hits in zip(qvs, lists)
         ]
+
+    def _check_query_embeddings(self, emb: Any, n: int) -> Any:
+        """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries.
+        Why: another model's (or a partial encode's) vectors failed deep in the engine, or matched nothing."""
+        if len(emb) != n:
+            raise ValueError(f"{n} queries but embeddings for {len(emb)}")
+        missing = [name for name in ("dense", "sparse", "colbert") if getattr(emb, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"query_embeddings lack {', '.join(missing)}: every hit carries all three scores, so encode "
+                "queries with dense, sparse and colbert"
+            )
+        s = self.schema
+        got = (emb.dense.shape[1], emb.colbert.shape[1], emb.sparse.shape[1])
+        if got[0] != s.dense_dim or got[1] != s.colbert_dim or got[2] > s.vocab_size:
+            raise ValueError(
+                f"query_embeddings do not come from this collection's model (dense {got[0]}, colbert {got[1]}, "
+                f"vocabulary {got[2]}; the collection: {s.dense_dim}, {s.colbert_dim}, {s.vocab_size})"
+            )
+        return emb
 
     # ------------------------------------------------------------ search defaults
     def search_defaults(self) -> dict[str, Any]:
@@ -992,8 +1010,8 @@ class Collection:
         emb = query_embeddings
         if emb is None:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
-        elif len(emb) != len(queries):
-            raise ValueError(f"{len(queries)} queries but embeddings for {len(emb)}")
+        else:
+            emb = self._check_query_embeddings(emb, len(queries))
         qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
         pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, colbert=True)
         out = []
