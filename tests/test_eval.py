@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_load_beir_errors(tmp_path):
     (tmp_path / "qrels").mkdir()
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tother\t1\n")
     with pytest.raises(ValueError, match="no qrels/test.tsv whose corpus ids"):
+        load_beir(tmp_path)
+
+
+def _beir_folder(folder: Path, queries: str = '{"_id": "q1", "text": "x"}\n') -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "x"}\n')
+    (folder / "queries.jsonl").write_text(queries)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return folder
+
+
+def test_load_beir_qrels_bom_and_bad_bytes(tmp_path):
+    qrels = _beir_folder(tmp_path) / "qrels" / "test.tsv"
+    qrels.write_bytes(b"\xef\xbb\xbf" + qrels.read_bytes().replace(b"\n", b"\r\n"))  # as Windows tools save it
+    assert load_beir(tmp_path).qrels == {"q1": {"d1": 1}}
+    qrels.write_bytes(b"query-id\tcorpus-id\tscore\nq1\td\xe9\t1\n")  # Latin-1
+    with pytest.raises(ValueError, match=rf"{re.escape(str(qrels))}:2: not UTF-8 text"):
         load_beir(tmp_path)
 
 

@@ -152,21 +152,23 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """Read as corpus and queries are (``sources._utf8_lines``): a BOM is skipped, a bad byte names its line."""
+    from .sources import _utf8_lines
+
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if lineno == 1 and parts[:1] == ["query-id"]:
-                continue
-            if not line.strip():
-                continue
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
-            try:
-                score = int(parts[2])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
-            qrels.setdefault(parts[0], {})[parts[1]] = score
+    for lineno, line in _utf8_lines(path, name=str(path)):
+        parts = line.rstrip("\r\n").split("\t")
+        if lineno == 1 and parts[:1] == ["query-id"]:
+            continue
+        if not line.strip():
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
+        try:
+            score = int(parts[2])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
+        qrels.setdefault(parts[0], {})[parts[1]] = score
     return qrels
 
 

@@ -123,10 +123,11 @@ def read_jsonl(
         yield _to_record(obj, number, where, id_field, text_fields)
 
 
-def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file, read as bytes so that a bad byte names its line.
 
-    A UTF-8 BOM is skipped; line endings are kept (the csv module needs them).
+    A UTF-8 BOM is skipped; line endings are kept (the csv module needs them). ``name``: the
+    file as errors name it (default: its file name).
     """
     offset = 0
     with open(path, "rb") as f:
@@ -137,7 +138,7 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path.name}:{lineno}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x} at column "
+                    f"{name or path.name}:{lineno}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x} at column "
                     f"{e.start + 1}, byte {offset + e.start} of the file)"
                 ) from None
             offset += len(raw)
