@@ -111,6 +111,15 @@ def test_load_beir_qrels_bom_and_bad_bytes(tmp_path):
         load_beir(tmp_path)
 
 
+def test_load_beir_refuses_an_empty_judged_query(tmp_path):
+    queries = '{"_id": "q0", "text": ""}\n\n{"_id": "q1", "text": " \\t "}\n'  # q0 is not judged: not used
+    queries_path = _beir_folder(tmp_path, queries) / "queries.jsonl"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(queries_path))}:3: query 'q1': query is empty$"):
+        load_beir(tmp_path)
+    queries_path.write_text('{"_id": "q0", "text": ""}\n{"_id": "q1", "text": "x"}\n')
+    assert load_beir(tmp_path).queries == {"q1": "x"}
+
+
 def test_reference_table_parses_proxy_readme(proxy_model_path):
     ref = reference_table(proxy_model_path / "README.md")
     assert set(ref) == {"cranfield", "time", "xquad-r/en"}

@@ -141,6 +141,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     if not queries:
         raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
     qrels = {qid: qrels[qid] for qid in queries}
+    _check_queries(queries_path, queries)
     return BeirData(
         name=_dataset_name(data_dir, queries_dir),
         doc_ids=doc_ids,
@@ -149,6 +150,21 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
         qrels=qrels,
         corpus_sha256=_file_sha256(corpus_path),
     )
+
+
+def _check_queries(path: Path, queries: Mapping[str, str]) -> None:
+    """Refuse a judged query that no search accepts (an empty text) now, naming it, not after indexing the corpus."""
+    from .plan import check_query
+
+    for qid, text in queries.items():
+        try:
+            check_query(text)
+        except ValueError as e:
+            from .sources import _utf8_lines
+
+            # the line of the record that holds it (the last with this id: it is the one loaded)
+            lineno = max(n for n, line in _utf8_lines(path) if line.strip() and str(json.loads(line)["_id"]) == qid)
+            raise ValueError(f"{path}:{lineno}: query {qid!r}: {e}") from None
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
