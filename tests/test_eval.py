@@ -61,6 +61,15 @@ def test_metrics_match_hand_computed_values():
     assert m12["per_query"]["q1"]["recall@2"] == 0.5
 
 
+def test_mrr_cuts_in_trec_eval_order():
+    # trec_eval holds scores as C floats: these two tie, and 'b' (doc id descending) ranks first for every metric
+    run = {"q": {"b": 0.5, "a": 0.5 + 1e-10, "c": 0.25}}
+    pq = compute_metrics(run, {"q": {"a": 1}}, k=1)["per_query"]["q"]
+    assert pq["ndcg@1"] == pq["mrr@1"] == 0.0
+    pq = compute_metrics(run, {"q": {"a": 1}}, k=2)["per_query"]["q"]
+    assert pq["mrr@2"] == 0.5 and pq["ndcg@2"] == pytest.approx(1 / math.log2(3))
+
+
 def test_metrics_bad_input():
     with pytest.raises(ValueError, match="qrels are empty"):
         compute_metrics({"q": {"d": 1.0}}, {})

@@ -219,7 +219,7 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """Mean nDCG@k, Recall@recall_at and MRR@k over every judged query (a query without results scores 0).
 
-    ``run`` maps query id -> {doc id: score}; trec_eval re-sorts by score (ties: doc id descending).
+    ``run`` maps query id -> {doc id: score}; trec_eval re-sorts by score as float32 (ties: doc id descending).
     Returns ``{"ndcg@k": float, "recall@N": float, "mrr@k": float, "per_query": {qid: {...}}}``.
     """
     pytrec_eval = _require_pytrec_eval()
@@ -247,8 +247,14 @@ def compute_metrics(
 
 
 def _trec_order(hits: Mapping[str, float]) -> list[tuple[str, float]]:
-    """trec_eval's ranking: score descending, ties by document id descending."""
-    return sorted(hits.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+    """trec_eval's ranking: score descending, ties by document id descending.
+
+    trec_eval keeps scores as C floats, so scores equal in float32 tie (as ``tuning`` models it):
+    cutting in float64 order would give MRR@k another top k than nDCG@k's.
+    """
+    import numpy as np
+
+    return sorted(hits.items(), key=lambda kv: (np.float32(kv[1]), kv[0]), reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------- running
