@@ -226,6 +226,33 @@ def test_eval_cli_outputs_cache_and_dense_oracle(cran_subset, tmp_path, tiny_mod
         assert again["modes"][mode]["ndcg@10"] == results["modes"][mode]["ndcg@10"]
 
 
+def test_evaluate_zero_weights(tmp_path, tiny_encoder):
+    from m3search.eval import evaluate
+    from m3search.testing import BUILTIN_TEXTS
+
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(BUILTIN_TEXTS)]
+    (data / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (data / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": t[:24]}) + "\n" for i, t in enumerate(BUILTIN_TEXTS[:4]))
+    )
+    (data / "qrels" / "test.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(4)))
+    cache = tmp_path / "cache"
+    # every mode of dense+sparse has zero weight: refused before the corpus is indexed
+    with pytest.raises(ValueError, match=r"weights \(0.0, 0.0, 1.0\) give every mode of 'dense\+sparse' zero weight"):
+        evaluate(data, model=tiny_encoder, weights=(0, 0, 1), cache_dir=cache, progress=False)
+    assert not cache.exists()
+    # tune's weights (1, 0, 1): sparse alone ranks as with any positive weight (rrf would rank by id at weight 0)
+    single = ["dense", "sparse", "colbert"]
+    run = dict(model=tiny_encoder, fusion="rrf", cache_dir=cache, progress=False)
+    zero = evaluate(data, modes=[*single, "dense+colbert"], weights=(1, 0, 1), **run)
+    one = evaluate(data, modes=single, weights=(1, 1, 1), **run)
+    for mode in single:
+        assert zero["modes"][mode]["ndcg@10"] == one["modes"][mode]["ndcg@10"]
+    assert zero["modes"]["sparse"]["mrr@10"] > 0.5 and zero["weights"] == [1, 0, 1]
+
+
 @pytest.mark.heavy
 def test_eval_cli_full_cranfield_tiny(shared_data, tmp_path, tiny_model_path):
     out = tmp_path / "out"

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
-from m3search.plan import PRESETS
+from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
+from m3search.plan import MODES as REPRESENTATIONS
 
 __all__ = [
     "MODES",
@@ -302,6 +303,11 @@ def evaluate(
     modes = _check_modes(modes)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    depth = max(k, RECALL_AT)
+    default_weights = dict(settings or {}).get("weights", DEFAULT_WEIGHTS)
+    runs: list[tuple[str, dict[str, Any]]] = [
+        (mode, _mode_setting(mode, fusion, weights, candidates, depth, default_weights)) for mode in modes
+    ]
     data = load_beir(data_dir, queries_dir=queries_dir)
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
@@ -316,7 +322,6 @@ def evaluate(
         progress=progress,
         settings=dict(settings or {}),
     )
-    depth = max(k, RECALL_AT)
     qids = list(data.queries)
     qtexts = [data.queries[q] for q in qids]
     results: dict[str, Any] = {
@@ -339,9 +344,6 @@ def evaluate(
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
         "modes": {},
     }
-    runs: list[tuple[str, dict[str, Any]]] = [
-        (mode, {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}) for mode in modes
-    ]
     if tuned is not None:
         results["tuned"] = tuned
         runs.append(("tuned", tuned["setting"]))
@@ -367,6 +369,32 @@ def evaluate(
     finally:
         index.close()
     return results
+
+
+def _mode_setting(
+    mode: str,
+    fusion: str,
+    weights: Sequence[float] | None,
+    candidates: int | None,
+    k: int,
+    default_weights: Sequence[float],
+) -> dict[str, Any]:
+    """One mode's search arguments, checked as its search will check them: before the corpus is indexed.
+
+    Zero weights are legitimate (tune chooses them). A single mode ranks alike under any positive weight,
+    so a zero one is taken as 1 there; a preset whose modes all have zero weight fuses nothing: an error.
+    """
+    w = check_weights(default_weights if weights is None else weights)
+    used = [REPRESENTATIONS.index(m) for m in parse_mode(mode)]
+    if len(used) == 1 and w[used[0]] == 0:
+        weights = w = tuple(1.0 if i == used[0] else x for i, x in enumerate(w))
+    if not any(w[i] for i in used):
+        raise ValueError(
+            f"weights {w} give every mode of {mode!r} zero weight: leave {mode!r} out of the modes evaluated "
+            f"(--modes) or give one of its modes a weight"
+        )
+    SearchPlan.build(k=k, mode=mode, fusion=fusion, weights=w, candidates=candidates)
+    return {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
 
 
 def load_encoder(model: Any, *, device: str = "auto", dtype: str = "auto") -> Any:
