@@ -208,6 +208,15 @@ def test_jsonl_errors_name_the_line(tmp_path):
         read_jsonl_examples(_jsonl(tmp_path / "neg.jsonl", [{"query": "q", "pos": ["a"], "neg": "b"}]))
 
 
+def test_jsonl_bom_and_bad_bytes(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"query": "q1", "pos": ["a"]}\r\n{"query": "q2", "pos": ["b"]}\r\n')
+    assert [(e.query, e.positives) for e in read_jsonl_examples(path)] == [("q1", ["a"]), ("q2", ["b"])]
+    path.write_bytes(b'{"query": "q1", "pos": ["a"]}\n{"query": "caf\xe9", "pos": ["b"]}\n')  # Latin-1
+    with pytest.raises(FinetuneInputError, match=r"train.jsonl:2: not UTF-8 text"):
+        read_jsonl_examples(path)
+
+
 def _beir(folder: Path, n_docs=24, n_queries=8, qrels=None) -> Path:
     folder.mkdir()
     t = BUILTIN_TEXTS

@@ -108,31 +108,43 @@ class Example:
 
 
 def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
-    """FlagEmbedding's training format: one ``{"query": str, "pos": [str], "neg": [str]}`` per line."""
+    """FlagEmbedding's training format: one ``{"query": str, "pos": [str], "neg": [str]}`` per line.
+
+    Read as ``m3search index`` reads JSONL (``sources._utf8_lines``): a UTF-8 BOM is skipped, a bad byte names its line.
+    """
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FinetuneInputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"].strip():
-                raise FinetuneInputError(f'{where}: expected an object with a non-empty string "query"')
-            pos, neg = obj.get("pos", []), obj.get("neg", [])
-            for name, texts in (("pos", pos), ("neg", neg)):
-                if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                    raise FinetuneInputError(f'{where}: "{name}" must be a list of strings')
-            pos = [t for t in pos if t.strip()]
-            if not pos:
-                raise FinetuneInputError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
-            examples.append(Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno)))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FinetuneInputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            raise FinetuneInputError(f'{where}: expected an object with a non-empty string "query"')
+        pos, neg = obj.get("pos", []), obj.get("neg", [])
+        for name, texts in (("pos", pos), ("neg", neg)):
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise FinetuneInputError(f'{where}: "{name}" must be a list of strings')
+        pos = [t for t in pos if t.strip()]
+        if not pos:
+            raise FinetuneInputError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
+        examples.append(Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno)))
     if not examples:
         raise FinetuneInputError(f"{path}: no training examples")
     return examples
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``sources._utf8_lines``, its error (a byte that is not UTF-8, named by file:line) a FinetuneInputError."""
+    from .sources import _utf8_lines
+
+    try:
+        yield from _utf8_lines(path)
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
 
 
 @dataclass
