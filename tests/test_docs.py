@@ -121,9 +121,8 @@ def test_mode_and_fusion_lists_and_constants():
     assert f"rrf` (k = {RRF_K}" in readme
     w = ", ".join(f"{x:g}" for x in DEFAULT_WEIGHTS)
     assert f"`({w})`" in readme and f"default `{w.replace(', ', ',')}`" in usage
-    assert list(
-        main.commands["search"].params[[p.name for p in main.commands["search"].params].index("mode")].type.choices
-    ) == list(PRESETS)
+    mode_option = next(p for p in main.commands["search"].params if p.name == "mode")
+    assert ", ".join(PRESETS) in mode_option.help
 
 
 def test_environment_variables_exist_in_the_code():

@@ -375,6 +375,22 @@ def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, ti
     assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ties_at_the_cut_go_by_id_like_the_order_within(tmp_path, tiny_encoder, engine):
+    """Duplicate documents tie; the engine's own order chose which one a top-k cut kept, so search(k=1)
+    returned a document that search(k=2) ranked second (paging disagreed with itself)."""
+    needs(engine)
+    texts = ["alpha beta gamma"] * 4 + ["delta epsilon"]
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add(texts, ids=["d", "c", "b", "a", "x"])
+        for mode in ("dense", "sparse"):
+            for exact in (False, True):
+                one, two, three = (
+                    [h.id for h in col.search("alpha beta gamma", k=k, mode=mode, exact=exact)] for k in (1, 2, 3)
+                )
+                assert (one, two, three) == (["a"], ["a", "b"], ["a", "b", "c"]), (mode, exact)
+
+
 def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
     """A notes.db of the user's was reported "in use by another process" (milvus-lite's open failed); untouched."""
     needs("milvus-lite")

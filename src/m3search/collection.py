@@ -91,6 +91,9 @@ __all__ = [
     "CollectionExistsError",
 ]
 
+#: Most hits one list is asked for to see past ties at a top-k cut (Milvus's own limit on one search).
+_TIED_MAX = 16_384
+
 MANIFEST_FORMAT = "m3search-collection"
 _SETTINGS_DEFAULTS = {
     "max_length": 8192,  # document tokens (capped at the model's position limit)
@@ -905,14 +908,28 @@ class Collection:
                 emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, exact=exact, colbert="colbert" in plan.modes
             )
             return [self._finish(plan, qv, pool, group) for qv, pool in zip(qvs, pools)]
-        if plan.modes == ("dense",):
-            lists = self._engine.search_dense(emb.dense, plan.k, plan.filter, exact=exact)
-        else:
-            lists = self._engine.search_sparse(emb.sparse, plan.k, plan.filter, exact=exact)
+        lists = self._one_list(plan.modes[0], emb, plan.k, plan.filter, exact)
         return [
             self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}), group)
             for qv, hits in zip(qvs, lists)
         ]
+
+    def _one_list(self, mode: str, emb: Any, k: int, filter: Any, exact: bool) -> list[list[tuple[str, float]]]:
+        """Each query's top ``k`` of the dense or sparse list, ties at the cut broken by id ascending as fusion
+        orders the rest. Why: the engine's own order among equal scores (duplicate documents) made
+        ``search(k=1)`` return a hit that ``search(k=2)`` ranks second. One extra hit is asked for; while it
+        ties the k-th, more (up to ``_TIED_MAX``, beyond which the engine's order stands)."""
+        search, rows = (
+            (self._engine.search_dense, emb.dense) if mode == "dense" else (self._engine.search_sparse, emb.sparse)
+        )
+        out = []
+        for i, hits in enumerate(search(rows, k + 1, filter, exact=exact)):
+            n = k + 1
+            while len(hits) == n < _TIED_MAX and hits[k - 1][1] == hits[-1][1]:
+                n = min(2 * n, _TIED_MAX)
+                hits = search(rows[i : i + 1], n, filter, exact=exact)[0]
+            out.append(sorted(hits, key=lambda h: (-h[1], h[0]))[:k])
+        return out
 
     def _check_query_embeddings(self, emb: Any, n: int) -> Any:
         """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries.
