@@ -305,6 +305,10 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
         "index", str(src), "-c", str(tmp_path / "coll-1"), "-m", str(tiny_model_path), "--max-windows", "2", check=False
     )
     assert proc.returncode == 2 and "exists with max_windows=1" in proc.stderr
+    # one window shorter than max_length: the window cut them, and the line says so (it said max_length=64)
+    args = ("-c", str(tmp_path / "coll-w"), "-m", str(tiny_model_path), "--window", "64", "--max-windows", "1")
+    proc = cli("index", str(src), *args)
+    assert "Warning: 2 of 5 documents exceeded window=64 tokens; only their first tokens are indexed" in proc.stderr
 
 
 @pytest.mark.parametrize(

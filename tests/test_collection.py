@@ -380,3 +380,18 @@ def test_query_embeddings_are_checked_against_the_collection(col, tiny_encoder, 
         col.search_batch(q, mode="sparse", query_embeddings=emb)
     full = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
     assert [h.id for h in col.search_batch(q, query_embeddings=full)[0]] == [h.id for h in col.search(q[0])]
+
+
+def test_a_device_that_is_not_here_is_named_not_blamed_on_the_model(tmp_path, tiny_encoder):
+    """--device cuda on a CPU machine said "cannot load the model of collection ...: Torch not compiled with
+    CUDA enabled. Pass model=<path> to Collection.open": the advice of a missing model."""
+    import torch
+
+    from m3search.encoder import DeviceError
+
+    Collection.create(tmp_path / "c", model=tiny_encoder).close()
+    bad = ["foo"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with Collection.open(tmp_path / "c", device=device) as col:
+            with pytest.raises(DeviceError, match=f"device {device!r}"):
+                col.search("wing")

@@ -276,9 +276,8 @@ def _truncation_summary() -> Iterator[dict]:
     for w in caught:
         if not isinstance(w.message, TruncationWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    for unit, limit in dict.fromkeys((m.unit, m.max_length) for m in cut):
-        count = sum(m.count for m in cut if (m.unit, m.max_length) == (unit, limit))
-        setting = "max_length" if unit == "tokens" else "max_windows"
+    for unit, limit, setting in dict.fromkeys((m.unit, m.max_length, m.setting) for m in cut):
+        count = sum(m.count for m in cut if (m.unit, m.max_length, m.setting) == (unit, limit, setting))
         click.echo(
             f"Warning: {count} of {tally['documents']} documents exceeded {setting}={limit} {unit}; "
             f"only their first {unit} are indexed",

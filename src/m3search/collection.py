@@ -527,6 +527,8 @@ class Collection:
         with self._lock:
             if self._encoder is not None:
                 return self._encoder
+            from m3search.encoder import DeviceError
+
             rec = self._manifest["model"]
             spec = self._model_spec
             tries = (
@@ -546,6 +548,8 @@ class Collection:
                     continue
                 try:
                     enc = self._load_encoder(cand, getattr(self, "_device", "auto"), getattr(self, "_dtype", "auto"))
+                except DeviceError:  # the same at every location: not the model's fault
+                    raise
                 except Exception as exc:  # try the next recorded location
                     errors.append(f"{cand!r}: {exc}")
                     continue
@@ -679,12 +683,14 @@ class Collection:
 
                     if truncated:
                         limit, unit = min(one, self.encoder.max_length), "tokens"
-                        what = f"exceeded max_length={limit} tokens; only their first tokens are indexed"
+                        reach = min(self.settings["max_length"], self.encoder.max_length)
+                        name = "window" if limit < reach else "max_length"  # the setting that cut them
+                        what = f"exceeded {name}={limit} tokens; only their first tokens are indexed"
                     else:
-                        truncated, limit, unit = cut, self.settings["max_windows"], "windows"
+                        truncated, limit, unit, name = cut, self.settings["max_windows"], "windows", "max_windows"
                         what = f"exceeded max_windows={limit} windows; only their first windows are indexed"
                     warnings.warn(
-                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit, unit),
+                        TruncationWarning(f"{truncated} of {n} document(s) {what}", truncated, n, limit, unit, name),
                         stacklevel=3,
                     )
             if optimize:

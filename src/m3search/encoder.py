@@ -60,11 +60,25 @@ class TruncationWarning(UserWarning):
     that encodes in chunks (the CLI indexing a file) can add them up into one report.
     """
 
-    def __init__(self, message: str, count: int = 0, total: int = 0, max_length: int = 0, unit: str = "tokens") -> None:
+    def __init__(
+        self,
+        message: str,
+        count: int = 0,
+        total: int = 0,
+        max_length: int = 0,
+        unit: str = "tokens",
+        setting: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.count, self.total, self.max_length = count, total, max_length
         #: "tokens": cut at ``max_length`` tokens; "windows": capped at ``max_length`` windows (``max_windows``).
         self.unit = unit
+        #: The setting whose value cut them (a collection of one window cuts at ``window`` when it is shorter).
+        self.setting = setting or ("max_length" if unit == "tokens" else "max_windows")
+
+
+class DeviceError(ValueError):
+    """The device asked for does not exist here (a setting of this process, not of the model)."""
 
 
 class ModelLoadError(OSError):
@@ -223,7 +237,12 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r}: this torch has no CUDA device (use 'cpu' or 'auto')")
     names = {
         "float32": torch.float32,
         "fp32": torch.float32,
