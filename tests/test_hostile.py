@@ -346,11 +346,28 @@ def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
 
 
 def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    record = {"pid": os.getpid(), "url": "http://127.0.0.1:9", "host": "127.0.0.1", "port": 9}
-    (served / "server.json").write_text(json.dumps(record))  # a live pid: this test process
-    proc = cli("migrate", str(served), str(tmp_path / "copy"), "--json")
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):  # a server that answers: the record is believed
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        served = tmp_path / "served"
+        served.mkdir()
+        port = httpd.server_address[1]
+        record = {"pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "host": "127.0.0.1", "port": port}
+        (served / "server.json").write_text(json.dumps(record))  # a live pid: this test process
+        proc = cli("migrate", str(served), str(tmp_path / "copy"), "--json")
+    finally:
+        httpd.shutdown()
     line = _one_error_line(proc)
     assert proc.returncode == 1 and f"served by process {os.getpid()}" in line and "stop that server" in line
     assert "m3search serve" not in line and json.loads(proc.stdout)["error"]["exit_code"] == 1

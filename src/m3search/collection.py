@@ -942,7 +942,7 @@ class Collection:
         Why: another model's (or a partial encode's) vectors failed deep in the engine, or matched nothing."""
         if len(emb) != n:
             raise ValueError(f"{n} queries but embeddings for {len(emb)}")
-        missing = [name for name in ("dense", "sparse", "colbert") if getattr(emb, name, None) is None]
+        missing = [name for name in MODES if getattr(emb, name, None) is None]
         if missing:
             raise ValueError(
                 f"query_embeddings lack {', '.join(missing)}: every hit carries all three scores, so encode "
