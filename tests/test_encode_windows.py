@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -192,3 +194,42 @@ def test_iter_windows_pieces_add_up_to_encode_windows(tiny_encoder, windowed):
     assert np.allclose(np.concatenate([p.embeddings.colbert for p in pieces]), whole.embeddings.colbert, atol=1e-5)
     with pytest.raises(ValueError, match="stride=0"):  # at the call, not at the first piece
         tiny_encoder.iter_windows(TEXTS, window=24, stride=0)
+
+
+def test_encoder_entry_points_name_bad_text_and_arguments(tiny_encoder):
+    """Lone surrogates reached the tokenizer ("TextEncodeInput must be Union[...]"); chunk_tokens=0 divided by zero."""
+    for call in (
+        lambda: tiny_encoder.encode(["ok", "ab\ud800cd"]),
+        lambda: tiny_encoder.encode_windows(["ok", "ab\ud800cd"], window=16, stride=10),
+        lambda: list(tiny_encoder.iter_windows(["ok", "ab\ud800cd"], window=16, stride=10)),
+    ):
+        with pytest.raises(ValueError, match=r"texts\[1\]: not valid Unicode"):
+            call()
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
+        tiny_encoder.iter_windows(["word " * 100], window=16, stride=10, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("settings", [{"window": 6}, {"max_length": 6}, {"max_length": 6, "max_windows": 1}])
+def test_small_windows_get_a_default_stride_that_fits(tmp_path, tiny_encoder, settings):
+    """The default stride took its overlap from the window, specials included: window < 8 was refused."""
+    from m3search import Collection
+
+    with Collection.create(tmp_path / "c", model=tiny_encoder, **settings) as col:
+        assert col.settings["stride"] <= col.settings["window"] - 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # max_windows=1 cuts the text: warned, as it should be
+            col.add(["word " * 40], ids=["a"])
+        assert col.count() == 1
+
+
+def test_numpy_integers_as_window_settings(tmp_path, tiny_encoder):
+    """np.int64 window: 'stride must be an integer, not None'; np.int64 stride: the manifest write failed
+    (not JSON) after the shard was made."""
+    from m3search import Collection
+
+    for settings in ({"window": np.int64(64)}, {"window": 64, "stride": np.int64(40), "max_windows": np.int64(2)}):
+        path = tmp_path / f"c{len(settings)}"
+        with Collection.create(path, model=tiny_encoder, **settings) as col:
+            assert type(col.settings["window"]) is int and type(col.settings["stride"]) is int
+        with Collection.open(path, model=tiny_encoder) as col:
+            assert col.settings["window"] == 64

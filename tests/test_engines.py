@@ -376,6 +376,25 @@ def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, ti
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_cut_documents_window_is_the_part_that_was_read(tmp_path, tiny_encoder, engine):
+    """max_windows=1 cuts a long text at the window; its hit's window and passage were the whole text
+    (a RAG prompt got text the model never read)."""
+    needs(engine)
+    long = " ".join(f"word{i}" for i in range(200))
+    want = tiny_encoder.encode_windows([long], window=32, stride=20, max_windows=1).spans.tolist()
+    assert want[0][1] < len(long)
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder, window=32, max_windows=1) as col:
+        with pytest.warns(UserWarning, match="exceeded window=32 tokens"):
+            col.add([long, "short doc"], ids=["long", "short"])
+        for group in ("document", "passage"):
+            hits = {h.id: h for h in col.search("word5", k=2, group=group)}
+            assert [hits["long"].window["start"], hits["long"].window["end"]] == want[0], group
+            assert hits["long"].passage == long[: want[0][1]]
+            assert hits["short"].passage == "short doc" and hits["short"].window == {"start": 0, "end": 9}
+        assert col.get("long")[0].text == long  # the text itself is stored whole
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_ties_at_the_cut_go_by_id_like_the_order_within(tmp_path, tiny_encoder, engine):
     """Duplicate documents tie; the engine's own order chose which one a top-k cut kept, so search(k=1)
     returned a document that search(k=2) ranked second (paging disagreed with itself)."""

@@ -321,7 +321,7 @@ def test_one_window_is_the_window_asked_for(tmp_path, tiny_encoder, corpus):
 
     texts, ids, *_ = corpus
     with Collection.create(tmp_path / "one", model=tiny_encoder, window=32, max_windows=1) as col:
-        with pytest.warns(TruncationWarning, match="exceeded max_length=32 tokens"):
+        with pytest.warns(TruncationWarning, match="exceeded window=32 tokens"):
             col.add(texts, ids=ids)
         stored = col.engine.get(ids, with_vectors=True)
         assert max(len(r.colbert) for r in stored) == 31  # 32 positions, minus [CLS]

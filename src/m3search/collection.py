@@ -668,11 +668,14 @@ class Collection:
                         cut += self._write_windows(ids[start:end], texts[start:end], meta[start:end], windows_progress)
                     else:
                         emb = embeddings[start:end] if embeddings is not None else None
+                        spans = None
                         if emb is None:  # one window, the text's start, as before windows
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
+                            spans = self._read_spans(texts[start:end], one) if emb.truncated else None
                         vectors = _vectors(emb, self.schema.colbert_pool_factor)
-                        self._write(PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors))
+                        batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
+                        self._write(batch)
                     if progress is not None:
                         progress.update(end - start)
             finally:
@@ -919,6 +922,18 @@ class Collection:
             self._finish(plan, qv, Pool([i for i, _ in hits], {plan.modes[0]: dict(hits)}), group)
             for qv, hits in zip(qvs, lists)
         ]
+
+    def _read_spans(self, texts: Sequence[str], limit: int) -> np.ndarray:
+        """Character ``[start, end)`` of what a one-window write reads of each text: the whole text, or up to
+        its last token kept when it was cut at ``limit`` tokens. Why: a hit's ``window`` / ``passage`` of a
+        cut document was the whole text, most of which the model never read."""
+        spans = np.array([[0, len(t)] for t in texts], dtype=np.int64)
+        _, bounds, spans_of = self.encoder._tokenize_content(list(texts))
+        keep = min(limit, self.encoder.max_length) - 2  # content tokens: <s> and </s> take two
+        cut = np.flatnonzero(np.diff(bounds) > keep)
+        if len(cut):
+            spans[cut, 1] = spans_of(cut, np.zeros(len(cut), np.int64), np.full(len(cut), keep))[:, 1]
+        return spans
 
     def _one_list(self, mode: str, emb: Any, k: int, filter: Any, exact: bool) -> list[list[tuple[str, float]]]:
         """Each query's top ``k`` of the dense or sparse list, ties at the cut broken by id ascending as fusion
@@ -1301,14 +1316,16 @@ def _window_settings(run: dict, positions: int, engine_cls: type[Engine]) -> dic
     window, stride, cap = run["window"], run["stride"], run["max_windows"]
     if window is None:
         window = min(run["max_length"], positions)
-    if stride is None and isinstance(window, int) and not isinstance(window, bool):
-        stride = max(1, window - min(DEFAULT_OVERLAP, window // 4))
+    if stride is None and isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        # at most the window's content tokens (window - 2 specials): below 12 tokens the overlap is 0
+        stride = min(max(1, window - min(DEFAULT_OVERLAP, window // 4)), max(1, window - 2))
     check_windows(window, stride, cap, max_length=positions)  # the encoder's own rule: no text skipped
     if not engine_cls.windowed:
         if cap not in (None, 1):
             raise ValueError(f"the {engine_cls.name} engine stores one window per document: max_windows must be 1")
         cap = 1
-    return {"window": window, "stride": stride, "max_windows": cap}
+    # plain ints: they go into the manifest (JSON), and NumPy integers are not JSON
+    return {"window": int(window), "stride": int(stride), "max_windows": None if cap is None else int(cap)}
 
 
 def _version() -> str:

@@ -640,8 +640,10 @@ class M3Encoder:
         _check_request(dense, sparse, colbert, batch_size)
         n_specials = len(self._prefix) + len(self._suffix)
         check_windows(window, stride, max_windows, max_length=self.max_length, n_specials=n_specials)
-        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)):
-            raise ValueError(f"chunk_tokens must be an integer or None, not {chunk_tokens!r}")
+        if chunk_tokens is not None and (
+            isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+        ):
+            raise ValueError(f"chunk_tokens must be a positive integer or None, not {chunk_tokens!r}")
         content, bounds, spans_of = self._tokenize_content(texts)
         plan = plan_windows(np.diff(bounds), int(window) - n_specials, int(stride), max_windows)
         spans = spans_of(plan.doc, plan.start, plan.length)

@@ -205,6 +205,8 @@ def check_texts(texts: Any) -> list[str]:
             f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         )
+    for i, t in enumerate(texts):  # a lone surrogate: the tokenizer's own error names no text
+        check_text(t, f"texts[{i}]")
     return texts
 
 

@@ -985,7 +985,8 @@ class MilvusEngine(Engine):
                     "ntok": int(co[j + 1] - co[j]),
                 }
                 if self.window_rows:
-                    row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 and len(spans) > 1 else [])
+                    cut = spans != [[0, len(batch.texts[i])]]  # one window, not the whole text
+                    row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 and (len(spans) > 1 or cut) else [])
                     row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
                 rows.append(row)
                 size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256

@@ -13,7 +13,8 @@ long text, text points):
 * window 0 (the HEAD): id = :func:`~m3search.engines.base.point_uuid` of the caller's id;
   payload ``{"id", "m": [metadata], "meta": <metadata as JSON text>}``, the text as
   ``"text"`` when it has at most :data:`TEXT_CHUNK` characters, else ``"chunks": c``; plus,
-  when ``n > 1``, ``"windows": n`` and ``"spans"`` (character ``[start, end)`` of every window);
+  when ``n > 1``, ``"windows": n`` and ``"spans"`` (character ``[start, end)`` of every window; also
+  ``"spans"`` alone for one window that is not the whole text, as when ``max_windows=1`` cut it);
 * window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "m": [metadata], "window": w}``
   (metadata on every window: filters run inside the vector queries);
 * text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}``
@@ -404,6 +405,8 @@ class QdrantEngine(Engine):
                     payload.update({"chunks": chunks} if chunks else {"text": text})
                     if n > 1:
                         payload.update(windows=n, spans=batch.doc_spans(i))
+                    elif batch.spans is not None and batch.doc_spans(i) != [[0, len(text)]]:
+                        payload["spans"] = batch.doc_spans(i)  # one window, not the whole text (a cut)
                     if max(parts) > 1:
                         payload["parts"] = parts
                 else:
