@@ -115,6 +115,48 @@ def test_concurrent_adds_of_one_id_give_one_409(app_and_collection):
     assert col.count() == len(TEXTS) + 1
 
 
+def test_writes_waiting_on_a_long_ingest_leave_health_and_search_answering(app_and_collection):
+    """Deletes waiting on the collection's lock (held by a long ingest) each took a worker thread: 40 took them
+    all, and /health and /search hung for the ingest's whole length (12 minutes in the review's run)."""
+    _, client, col = app_and_collection
+    release, waiting = threading.Event(), []
+    real = col.delete
+
+    def slow_delete(ids):  # the first delete stands in for a long ingest holding the lock
+        waiting.append(ids)
+        release.wait(60)
+        return real(ids)
+
+    col.delete = slow_delete
+    try:
+        deletes = [
+            threading.Thread(target=client.request, args=("DELETE", "/documents"), kwargs={"json": {"ids": [f"n{i}"]}})
+            for i in range(45)
+        ]
+        for t in deletes:
+            t.start()
+        time.sleep(1.0)
+        answered: dict[str, int] = {}
+        probes = [
+            threading.Thread(target=lambda: answered.update(health=client.get("/health").status_code)),
+            threading.Thread(
+                target=lambda: answered.update(
+                    search=client.post("/search", json={"query": "wing", "k": 2}).status_code
+                )
+            ),
+        ]
+        for t in probes:
+            t.start()
+        for t in probes:
+            t.join(30)
+        assert answered == {"health": 200, "search": 200} and len(waiting) == 1  # one write at a time holds a thread
+    finally:
+        release.set()
+        for t in deletes:
+            t.join(60)
+        col.delete = real
+
+
 def test_answers_are_the_library_objects(app_and_collection):
     _, client, col = app_and_collection
     body = {"query": "boundary layer separation", "k": 3, "explain": True}

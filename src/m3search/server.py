@@ -24,6 +24,7 @@ can route other commands through this server while it runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -774,6 +775,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         s = _settings_of(app)
         app.state.batcher = Batcher(res.encoder, max_queue=s.max_queue, timeout=s.request_timeout, observer=metrics)
         app.state.indexer = None
+        # Writes wait their turn here, in the event loop: a write waiting on the collection's lock in a
+        # worker thread holds that thread, and 40 waiting deletes took every one (/health, /search hung).
+        app.state.write_gate = asyncio.Lock()
         if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
             res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
             app.state.indexer = DeferredOptimize(
@@ -813,8 +817,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     _install_error_handlers(app)
 
     @app.get("/health", response_model=Health, tags=["service"])
-    def health() -> Health:
-        """Liveness: answers without an API key."""
+    async def health() -> Health:
+        """Liveness: answers without an API key, in the event loop (no worker thread: it answers while
+        every thread is busy)."""
         return Health()
 
     api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
@@ -946,13 +951,17 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         # The collection encodes (windows included) through the batching worker at ingest priority
         # (its encoder is a BatchedEncoder, see lifespan); this thread only waits and writes, in
         # small batches, each when no query is in flight; indexes are built when ingest pauses.
-        return await run_in_threadpool(store)
+        async with request.app.state.write_gate:
+            return await run_in_threadpool(store)
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
-    def delete_documents(body: DeleteRequest, res: CollectionDep, settings: SettingsDep) -> DeleteResponse:
+    async def delete_documents(
+        body: DeleteRequest, request: Request, res: CollectionDep, settings: SettingsDep
+    ) -> DeleteResponse:
         """Delete by id; unknown ids are reported in ``missing``."""
         _check_batch(len(body.ids), settings, "ids")
-        out = res.collection.delete(body.ids)
+        async with request.app.state.write_gate:  # one write at a time holds a thread (see lifespan)
+            out = await run_in_threadpool(res.collection.delete, body.ids)
         return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
 
     @api.get(
