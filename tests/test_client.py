@@ -11,6 +11,7 @@ pytest.importorskip("fastapi")
 from integration_helpers import IDS, META, MODES, QUERIES, TEXTS, make_collection, same_hits, served  # noqa: E402
 
 from m3search.client import M3SearchClient  # noqa: E402
+from m3search.errors import DuplicateIdError  # noqa: E402
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
 
 def test_errors_keep_the_library_types(col):
     with served(col) as client:
-        with pytest.raises(ValueError, match="already exist"):
+        with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)
             client.add(["x"], ids=[IDS[0]])
         with pytest.raises(ValueError, match="unknown operator"):  # checked before any request
             client.search("q", filter={"year": {"between": 1}})
@@ -91,3 +92,27 @@ def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):
                 assert all(h.window is not None for h in got)
             assert any(h.id == "long" and len(h.passage) < len(h.text) for h in client.search(QUERIES[0], k=5))
             assert [r.text for r in client.get([".", "..", "new\nline"])] == ["x", "y", "z"]
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after():
+    """429 (queue full: nothing was done) came out as ValueError, a bad value, with no retry."""
+    import httpx
+
+    answers = iter([429, 429, 200] + [429] * 10)
+    seen = []
+
+    def handler(request):
+        status = next(answers)
+        seen.append(status)
+        if status == 429:
+            return httpx.Response(
+                429, headers={"Retry-After": "0"}, json={"error": {"type": "overloaded", "message": "busy"}}
+            )
+        return httpx.Response(200, json={"data": [{"embedding": [1.0, 0.0]}]})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://m3")
+    client = M3SearchClient("http://m3", http_client=http, retries=2)
+    assert client._call("GET", "/info") == {"data": [{"embedding": [1.0, 0.0]}]} and seen == [429, 429, 200]
+    with pytest.raises(RuntimeError, match=r"busy \(HTTP 429\)"):
+        client._call("GET", "/info")
+    assert seen[3:] == [429, 429, 429]  # the first ask and 2 retries

@@ -287,3 +287,14 @@ def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):
         indexer.close()
         assert fake.runs == 2
         assert pending == [4, 10, 0, 1, 0]  # what the m3search_unindexed_documents gauge is set to
+
+
+def test_tei_tokenize_marks_specials_as_the_tokenizer_does(app_and_collection):
+    """<unk> was marked special and lost its offsets: the text it stands for could not be located (TEI
+    uses the tokenizer's special-tokens mask)."""
+    _, client, col = app_and_collection
+    unk = col.encoder.tokenizer.token_to_id("<unk>")
+    tokens = client.post("/tei/tokenize", json={"inputs": "wing \U0001f600"}).json()[0]
+    unknown = [t for t in tokens if t["id"] == unk]
+    assert unknown and all(not t["special"] and t["text"] == "\U0001f600" and t["start"] == 5 for t in unknown)
+    assert tokens[0]["special"] and tokens[-1]["special"] and tokens[0]["start"] is None  # <s> and </s>

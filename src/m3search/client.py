@@ -8,21 +8,35 @@ speaks the server's routes and answers with the library's own types (:class:`~m3
 
 Requests larger than the server's ``max_batch`` are split; each part is one server write,
 so a failure part-way leaves the earlier parts stored (an embedded ``Collection.add``
-batch has the same grain). Errors keep the library's types: a bad value or an existing id
-is ``ValueError``, a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
+batch has the same grain). Errors keep the library's types: a bad value is ``ValueError``, an
+existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
+``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
+A server that is busy (429: its queue is full, nothing was done) is asked again after its
+``Retry-After``, ``retries`` times, then ``RuntimeError``.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from m3search.errors import DuplicateIdError
+
 __all__ = ["M3SearchClient"]
 
 _DEFAULT_MAX_BATCH = 256  # the server's default; /info tells the real one
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait before asking a busy server again (its ``Retry-After``, within 0.05-30 s)."""
+    try:
+        return min(30.0, max(0.05, float(value)))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 class M3SearchClient:
@@ -42,6 +56,7 @@ class M3SearchClient:
         api_key: str | None = None,
         timeout: float = 600.0,
         http_client: Any = None,
+        retries: int = 3,
     ) -> None:
         try:
             import httpx
@@ -55,6 +70,7 @@ class M3SearchClient:
             http_client.headers.update(headers)
         self._http = http_client
         self._max_batch: int | None = None
+        self.retries = retries
 
     def __repr__(self) -> str:
         return f"M3SearchClient({self.url!r})"
@@ -72,10 +88,14 @@ class M3SearchClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
 
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise ConnectionError(f"m3search server at {self.url} did not answer: {exc}") from None
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise ConnectionError(f"m3search server at {self.url} did not answer: {exc}") from None
+            if response.status_code != 429 or attempt == self.retries:
+                break
+            time.sleep(_retry_after(response.headers.get("Retry-After")))  # 429: nothing was done, safe to resend
         if response.status_code < 400:
             return response.json()
         try:
@@ -87,7 +107,9 @@ class M3SearchClient:
             raise PermissionError(message)
         if response.status_code == 404:
             raise KeyError(message)
-        if response.status_code < 500:
+        if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
+            raise DuplicateIdError(message)
+        if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)
 

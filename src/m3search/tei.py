@@ -125,7 +125,6 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
         """TEI `/tokenize`: tokens with their character offsets in the input (specials have none)."""
         texts = texts_of(body.inputs, settings)
         enc = res.encoder
-        special = set(enc.special_ids.tolist())
 
         def run() -> list[list[dict]]:
             with enc._tok_lock:  # the tokenizer's truncation setting is shared state
@@ -133,8 +132,9 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
             out = []
             for text, e in zip(texts, encodings):
                 tokens = []
-                for tid, tok, (a, b) in zip(e.ids, e.tokens, e.offsets):
-                    is_special = tid in special
+                # the tokenizer's own mask, as TEI: <unk> stands for text (its offsets kept), not a special
+                for tid, tok, (a, b), mask in zip(e.ids, e.tokens, e.offsets, e.special_tokens_mask):
+                    is_special = bool(mask)
                     tokens.append(
                         {
                             "id": tid,
