@@ -609,7 +609,7 @@ class Collection:
     def _ingest(
         self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, *, overwrite: bool
     ) -> list[str]:
-        texts = check_texts(texts)
+        texts = check_texts(texts, unicode=False)  # checked below, naming each document
         n = len(texts)
         named = ids is not None  # errors name the caller's ids, else the position
         if ids is None:

@@ -185,8 +185,9 @@ def check_query(query: Any) -> str:
     return query
 
 
-def check_texts(texts: Any) -> list[str]:
+def check_texts(texts: Any, *, unicode: bool = True) -> list[str]:
     """A string or an iterable of strings, as a non-empty list (encoder and collection alike).
+    ``unicode=False``: the caller checks each text itself (a collection names the document's id).
 
     An empty list is an error, not a no-op: it almost always means the caller read the
     wrong field or file, and the encoder could not give it a shape anyway. The empty
@@ -205,7 +206,7 @@ def check_texts(texts: Any) -> list[str]:
             f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         )
-    for i, t in enumerate(texts):  # a lone surrogate: the tokenizer's own error names no text
+    for i, t in enumerate(texts if unicode else ()):  # a lone surrogate: the tokenizer's own error names no text
         check_text(t, f"texts[{i}]")
     return texts
 
