@@ -567,3 +567,16 @@ def test_search_takes_every_mode_tune_may_store(indexed):
     for mode in ("sparse+colbert", "colbert+dense", "all"):
         hits = one_json(cli("search", "pump", "-c", str(indexed), "--mode", mode, "--json"))
         assert hits, mode
+
+
+def test_a_hub_id_matches_the_model_its_collection_recorded():
+    """A server loads a Hub model from its snapshot folder, so its name_or_path is that folder: the Hub id a
+    user sets (M3SEARCH_MODEL=BAAI/bge-m3) was refused as another model. The collection's record counts too."""
+    import click
+
+    from m3search.cli import _check_served_model
+
+    served = {"name_or_path": "/cache/hub/models--BAAI--bge-m3/snapshots/5617", "identity": "abc"}
+    _check_served_model(served, "BAAI/bge-m3", "auto", "auto", "served", recorded="BAAI/bge-m3")
+    with pytest.raises(click.ClickException, match="not other/model"):
+        _check_served_model(served, "other/model", "auto", "auto", "served", recorded="BAAI/bge-m3")

@@ -133,17 +133,20 @@ def _parse_mode(ctx: Any, param: Any, value: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------- targets
 
 
-def _check_served_model(served: dict[str, Any], model: str | None, dtype: str, device: str, where: str) -> None:
+def _check_served_model(
+    served: dict[str, Any], model: str | None, dtype: str, device: str, where: str, recorded: str | None = None
+) -> None:
     """``--model`` / ``--dtype`` / ``--device`` name how THIS process encodes; through a server they would be
     ignored silently (a served search in float32 "for exact scores" ran in the server's bf16), so a value the
-    server does not match is an error."""
+    server does not match is an error. A folder is compared by identity; a Hub id with the name the server
+    loaded or the one the collection recorded (a server loads a Hub model from its local snapshot folder)."""
     if model:
         from .encoder import model_identity
 
         same = (
             model_identity(model) == served.get("identity")
             if Path(model).is_dir() and (Path(model) / "config.json").is_file()
-            else model == served.get("name_or_path")
+            else model in (served.get("name_or_path"), recorded)
         )
         if not same:
             raise click.ClickException(
@@ -318,7 +321,9 @@ def _open_target(
             )
         target = _Remote(record, api_key)
         info = target.info()
-        _check_served_model(target.model, model, dtype, device, f"collection {collection} is served by process {pid}")
+        recorded = (info.get("model") or {}).get("name_or_path")  # the collection's manifest record
+        where = f"collection {collection} is served by process {pid}"
+        _check_served_model(target.model, model, dtype, device, where, recorded)
         _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
         return target
     from . import Collection

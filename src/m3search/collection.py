@@ -91,8 +91,9 @@ __all__ = [
     "CollectionExistsError",
 ]
 
-#: Most hits one list is asked for to see past ties at a top-k cut (Milvus's own limit on one search).
-_TIED_MAX = 16_384
+#: Hits past the k-th a list is asked for once when the (k+1)-th ties the k-th (duplicate documents): ties
+#: among more documents than this keep the engine's order beyond it (bounded work, one batched request).
+_TIE_LOOKAHEAD = 64
 
 MANIFEST_FORMAT = "m3search-collection"
 _SETTINGS_DEFAULTS = {
@@ -938,19 +939,18 @@ class Collection:
     def _one_list(self, mode: str, emb: Any, k: int, filter: Any, exact: bool) -> list[list[tuple[str, float]]]:
         """Each query's top ``k`` of the dense or sparse list, ties at the cut broken by id ascending as fusion
         orders the rest. Why: the engine's own order among equal scores (duplicate documents) made
-        ``search(k=1)`` return a hit that ``search(k=2)`` ranks second. One extra hit is asked for; while it
-        ties the k-th, more (up to ``_TIED_MAX``, beyond which the engine's order stands)."""
+        ``search(k=1)`` return a hit that ``search(k=2)`` ranks second. One extra hit is asked for; the queries
+        whose extra hit ties the k-th are asked again, together, for ``_TIE_LOOKAHEAD`` more."""
         search, rows = (
             (self._engine.search_dense, emb.dense) if mode == "dense" else (self._engine.search_sparse, emb.sparse)
         )
-        out = []
-        for i, hits in enumerate(search(rows, k + 1, filter, exact=exact)):
-            n = k + 1
-            while len(hits) == n < _TIED_MAX and hits[k - 1][1] == hits[-1][1]:
-                n = min(2 * n, _TIED_MAX)
-                hits = search(rows[i : i + 1], n, filter, exact=exact)[0]
-            out.append(sorted(hits, key=lambda h: (-h[1], h[0]))[:k])
-        return out
+        lists = search(rows, k + 1, filter, exact=exact)
+        tied = [i for i, h in enumerate(lists) if len(h) == k + 1 and h[k - 1][1] == h[k][1]]
+        if tied:
+            again = search(rows[tied], k + _TIE_LOOKAHEAD, filter, exact=exact)
+            for i, hits in zip(tied, again):
+                lists[i] = hits
+        return [sorted(hits, key=lambda h: (-h[1], h[0]))[:k] for hits in lists]
 
     def _check_query_embeddings(self, emb: Any, n: int) -> Any:
         """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries.
