@@ -69,7 +69,7 @@ class M3SearchClient:
         elif headers:
             http_client.headers.update(headers)
         self._http = http_client
-        self._max_batch: int | None = None
+        self._limits: dict[str, Any] | None = None
         self.retries = retries
 
     def __repr__(self) -> str:
@@ -114,11 +114,16 @@ class M3SearchClient:
         raise RuntimeError(message)
 
     @property
+    def limits(self) -> dict[str, Any]:
+        """The server's limits (``max_batch``, ``max_k``, ...), from ``GET /info``, read once."""
+        if self._limits is None:
+            self._limits = dict(self.info().get("limits", {}))
+        return self._limits
+
+    @property
     def max_batch(self) -> int:
         """Most texts / documents / ids per request, as the server reports it."""
-        if self._max_batch is None:
-            self._max_batch = int(self.info().get("limits", {}).get("max_batch", _DEFAULT_MAX_BATCH))
-        return self._max_batch
+        return int(self.limits.get("max_batch", _DEFAULT_MAX_BATCH))
 
     def _chunks(self, n: int) -> range:
         return range(0, n, self.max_batch)

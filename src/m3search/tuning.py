@@ -33,7 +33,7 @@ import numpy as np
 
 from m3search.engines.base import MODES
 from m3search.fusion import FUSIONS, RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, SearchPlan
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, parse_mode
 
 __all__ = [
     "CANDIDATE_GRID",
@@ -84,7 +84,7 @@ DEFAULT_SETTING = Setting("all", "weighted", DEFAULT_WEIGHTS, DEFAULT_CANDIDATES
 def setting_of(defaults: Mapping[str, Any]) -> Setting:
     """A collection's search defaults as a :class:`Setting`, with zero weight on the modes its mode leaves
     out (the grid's form: a setting's weights say which scores it fuses)."""
-    modes = SearchPlan.build(mode=defaults["mode"], weights=defaults["weights"], k=1).modes
+    modes = parse_mode(defaults["mode"])
     weights = tuple(float(w) if m in modes else 0.0 for m, w in zip(MODES, defaults["weights"]))
     return Setting(defaults["mode"], defaults["fusion"], weights, int(defaults["candidates"]))
 

@@ -255,6 +255,13 @@ class PointBatch:
             return [[0, len(self.texts[i])] for _ in range(o[i], o[i + 1])]
         return [[int(a), int(b)] for a, b in self.spans[o[i] : o[i + 1]]]
 
+    def recorded_spans(self, i: int) -> list[list[int]] | None:
+        """The window spans storage keeps for document i: every window's when there are several, the one
+        window's when it is not the whole text (cut at ``max_windows=1``); None when it is the whole text
+        (what a record without spans means, :attr:`Record.window_spans`)."""
+        spans = self.doc_spans(i)
+        return spans if len(spans) > 1 or spans != [[0, len(self.texts[i])]] else None
+
     def validate(self, schema: Schema | None = None) -> None:
         """Check lengths, shapes and dtypes (raises ValueError naming the mismatch)."""
         n = len(self.ids)

@@ -966,7 +966,7 @@ class MilvusEngine(Engine):
                     {"gen": int(gens[wo[i]]), "doc": int(heads[i]), "part": c, "text": t, "v": [0.0, 0.0]}
                     for c, t in enumerate(parts)
                 ]
-            kinds, spans = metadata_kinds(meta), batch.doc_spans(i)
+            kinds, spans = metadata_kinds(meta), batch.recorded_spans(i) or []
             rows, size = [], 0
             meta_bytes = len(json.dumps(meta)) * 2
             for j in range(int(wo[i]), int(wo[i + 1])):
@@ -985,13 +985,12 @@ class MilvusEngine(Engine):
                     "ntok": int(co[j + 1] - co[j]),
                 }
                 if self.window_rows:
-                    cut = spans != [[0, len(batch.texts[i])]]  # one window, not the whole text
-                    row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 and (len(spans) > 1 or cut) else [])
+                    row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 else [])
                     row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
                 rows.append(row)
                 size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256
             docs.append(rows)
-            sizes.append(size + (16 * len(spans) if len(spans) > 1 else 0))
+            sizes.append(size + 16 * len(spans))
         if text_rows:
             self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
         return docs, sizes

@@ -404,9 +404,9 @@ class QdrantEngine(Engine):
                     payload = {"id": doc_id, **self._meta(meta, True), **tag}
                     payload.update({"chunks": chunks} if chunks else {"text": text})
                     if n > 1:
-                        payload.update(windows=n, spans=batch.doc_spans(i))
-                    elif batch.spans is not None and batch.doc_spans(i) != [[0, len(text)]]:
-                        payload["spans"] = batch.doc_spans(i)  # one window, not the whole text (a cut)
+                        payload["windows"] = n
+                    if (spans := batch.recorded_spans(i)) is not None:
+                        payload["spans"] = spans
                     if max(parts) > 1:
                         payload["parts"] = parts
                 else:

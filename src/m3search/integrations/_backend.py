@@ -119,7 +119,9 @@ def delete_matching(backend: Any, filter: Any) -> list[str]:
     """
     gone: list[str] = []
     seen: set[str] = set()
-    extra, k = ({}, min(_ROUND, _max_k(backend))) if is_remote(backend) else ({"exact": True}, _ROUND)
+    extra, k = {"exact": True}, _ROUND
+    if is_remote(backend):  # a server searches as it is set up, and may take less than _ROUND at once
+        extra, k = {}, min(_ROUND, int(backend.limits.get("max_k", _ROUND)))
     while True:
         hits = backend.search("*", k=k, mode="dense", filter=filter, **extra)
         ids = [h.id for h in hits if h.id not in seen]
@@ -130,8 +132,3 @@ def delete_matching(backend: Any, filter: Any) -> list[str]:
         backend.delete(ids)
         seen.update(ids)
         gone += ids
-
-
-def _max_k(client: Any) -> int:
-    """The largest ``k`` the server takes (``GET /info``'s limits)."""
-    return int(client.info().get("limits", {}).get("max_k", _ROUND))
