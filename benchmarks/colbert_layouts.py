@@ -259,8 +259,8 @@ def _uuid_ids(n: int) -> list[str]:
 
 
 def run_layout(name: str, pf: int, corpus: Corpus, pooled: Pooled, queries, oracle_top, work: Path) -> dict[str, Any]:
-    from m3search.engines.base import PointBatch, QueryVectors, Schema
     from m3search.engines.qdrant_edge import QdrantEdgeEngine
+    from m3search.engines.shapes import PointBatch, QueryVectors, Schema
 
     schema = Schema(dense_dim=4, colbert_dim=DIM, vocab_size=16, colbert_pool_factor=pf, **parse_layout(name))
     root = work / f"{name.replace('/', '_')}-p{pf}"
@@ -521,7 +521,7 @@ def cold_queries(path: Path, enc, queries, depth: int) -> dict[str, float]:
 
 def numpy_versus_engine(col, queries, depths, layout: str, sink: Sink) -> list[dict[str, Any]]:
     """The same candidates' MaxSim by the engine and by one NumPy matrix product over fetched vectors."""
-    from m3search.engines.base import QueryVectors
+    from m3search.engines.shapes import QueryVectors
 
     out = []
     for depth in depths:
@@ -576,7 +576,7 @@ def run_ingest_ab(args, sink: Sink) -> dict[str, Any]:
     import search as S
 
     from m3search.engines import qdrant_edge as QE
-    from m3search.engines.base import PointBatch, Schema
+    from m3search.engines.shapes import PointBatch, Schema
 
     def write_numpy(self, points, sizes) -> None:
         out = []

@@ -54,7 +54,7 @@ def stored_rows(col) -> int:
 
 def write(col, corpus: S.SyntheticCorpus, docs: int, windows: int) -> float:
     """All documents, ``windows`` rows each; returns seconds spent writing (not generating)."""
-    from m3search.engines.base import PointBatch
+    from m3search.engines.shapes import PointBatch
 
     spent = 0.0
     for a in range(0, docs, BATCH):

@@ -298,7 +298,7 @@ def measure_latency(col, qemb, src: np.ndarray, n_warm: int, c: int, rounds: int
     """p50/p95 ms per mode, then ours-all vs the native query alternating, with recall@10."""
     import qdrant_edge as qe
 
-    from m3search.engines.base import QueryVectors
+    from m3search.engines.shapes import QueryVectors
 
     nq = len(qemb)
     # Each query's embeddings are cut out before any timing, as the native query's vectors are.

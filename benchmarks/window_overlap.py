@@ -52,10 +52,10 @@ def _mode_scores(q, w) -> dict[str, np.ndarray]:
 
 def doc_scores(per_window: dict[str, np.ndarray], doc_bounds: np.ndarray, rule: str) -> dict[str, np.ndarray]:
     """Document scores of every mode of ``m3search.eval.MODES`` under ``rule``."""
-    from m3search.engines.base import MODES as SINGLE
     from m3search.eval import MODES
     from m3search.fusion import weighted
     from m3search.plan import DEFAULT_WEIGHTS, parse_mode
+    from m3search.plan import MODES as SINGLE
     from m3search.scoring import segment_max
 
     weights = dict(zip(SINGLE, DEFAULT_WEIGHTS))

@@ -305,7 +305,8 @@ def test_truncation_is_reported_once_per_call(tmp_path, tiny_encoder):
 def test_pool_in_one_request_equals_the_two_first_stage_lists(col):
     """Qdrant Edge gathers a re-ranking pool with its ColBERT scores in one prefetch request;
     it must equal dense top-C ∪ sparse top-C scored separately (the engine-neutral path)."""
-    from m3search.engines.base import Engine, QueryVectors
+    from m3search.engines.base import Engine
+    from m3search.engines.shapes import QueryVectors
 
     queries = ["brown fox river", "boundary layer Reynolds number", "Katze Hund"]
     emb = col.encoder.encode(queries, max_length=512)

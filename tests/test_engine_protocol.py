@@ -17,19 +17,11 @@ from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
 from m3search.engines import ENGINES, register_engine
-from m3search.engines.base import (
-    MODES,
-    CollectionExistsError,
-    CollectionNotFoundError,
-    Engine,
-    Hits,
-    PointBatch,
-    QueryVectors,
-    Record,
-    Schema,
-    score_records,
-)
+from m3search.engines.base import Engine
+from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, Schema, score_records
+from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.filters import Filter, matches
+from m3search.plan import MODES
 
 N_DOCS, K, TOL = 60, 10, 1e-4
 

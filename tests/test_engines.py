@@ -214,7 +214,7 @@ def test_qdrant_server_side_scoring_matches_local_scoring(cols, corpus):
     """Local mode scores candidates in NumPy; the server path (exact queries filtered to
     the candidate ids, MaxSim divided by the query length) must give the same numbers."""
     needs("qdrant-local")
-    from m3search.engines.base import QueryVectors
+    from m3search.engines.shapes import QueryVectors
 
     texts, ids, meta, emb, queries, qemb, oracle = corpus
     eng = cols["qdrant-local"].engine
@@ -651,7 +651,7 @@ def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     try:
         code = textwrap.dedent(f"""
             from m3search.engines import resolve_engine
-            from m3search.engines.base import CollectionInUseError
+            from m3search.errors import CollectionInUseError
             try:
                 resolve_engine({loc!r}).open({loc!r})
             except CollectionInUseError as exc:

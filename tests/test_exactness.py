@@ -124,7 +124,7 @@ def test_float16_storage_keeps_rankings(col16, corpus, mode):
 
 def test_engine_score_equals_numpy_fallback(col32, corpus):
     """Qdrant Edge's in-engine candidate scoring == the pure-NumPy reference (score_records)."""
-    from m3search.engines.base import QueryVectors, score_records
+    from m3search.engines.shapes import QueryVectors, score_records
 
     texts, ids, emb, queries, qemb, oracle = corpus
     eng = col32.engine

@@ -136,8 +136,8 @@ FILTERS = [
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from m3search.engines.base import PointBatch, Schema
     from m3search.engines.qdrant_edge import QdrantEdgeEngine
+    from m3search.engines.shapes import PointBatch, Schema
 
     rng = np.random.default_rng(0)
     n, d, vocab = 200, 8, 50

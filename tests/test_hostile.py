@@ -572,7 +572,7 @@ _TEXT_CHILD = """
 import sys
 import numpy as np
 from m3search.engines import resolve_engine
-from m3search.engines.base import PointBatch
+from m3search.engines.shapes import PointBatch
 
 path, f = sys.argv[1], sys.argv[2]
 z = np.load(f, allow_pickle=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from m3search import Collection
-from m3search.engines.base import COLBERT_DTYPES, COLBERT_QUANTIZATIONS, SCHEMA_VERSION, Schema
+from m3search.engines.shapes import COLBERT_DTYPES, COLBERT_QUANTIZATIONS, SCHEMA_VERSION, Schema
 from m3search.pooling import pool_tokens
 
 TEXTS = [
@@ -220,7 +220,7 @@ def test_quantized_copy_is_scored_unless_rescored(tmp_path, tiny_encoder, embedd
 
 
 def col_query(qemb):
-    from m3search.engines.base import QueryVectors
+    from m3search.engines.shapes import QueryVectors
 
     return QueryVectors.from_embeddings(qemb, 0)
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import fail_second_upsert
 
 from m3search.collection import Collection
-from m3search.engines.base import CollectionExistsError, CollectionNotFoundError
+from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.migrate import migrate
 from m3search.testing import BUILTIN_TEXTS
 

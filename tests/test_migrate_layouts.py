@@ -19,7 +19,7 @@ import pytest
 from helpers import fail_second_upsert
 
 from m3search.collection import Collection
-from m3search.engines.base import CollectionNotFoundError
+from m3search.errors import CollectionNotFoundError
 from m3search.migrate import migrate
 from m3search.pooling import pool_tokens
 from m3search.testing import BUILTIN_TEXTS

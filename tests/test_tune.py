@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3search.engines.base import MODES
 from m3search.eval import compute_metrics
 from m3search.fusion import fuse, order
+from m3search.plan import MODES
 from m3search.tuning import (
     DEFAULT_SETTING,
     ScoreCache,

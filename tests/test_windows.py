@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from m3search.collection import Collection
-from m3search.engines.base import MODES, PointBatch
+from m3search.engines.shapes import PointBatch
+from m3search.plan import MODES
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
@@ -478,7 +479,7 @@ CHILD = textwrap.dedent(
     import sys
     import numpy as np, scipy.sparse as sp
     from m3search.engines import resolve_engine
-    from m3search.engines.base import PointBatch
+    from m3search.engines.shapes import PointBatch
 
     path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)

@@ -327,7 +327,7 @@ def _open_target(
         _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
         return target
     from . import Collection
-    from .engines.base import CollectionInUseError, CollectionNotFoundError
+    from .errors import CollectionInUseError, CollectionNotFoundError
 
     try:
         col = Collection.open(collection, model=model, device=device, dtype=dtype)
@@ -858,7 +858,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
 
             if not Collection.exists(collection):
                 raise click.ClickException(f"collection {collection} does not exist (create it with `m3search index`)")
-        from .engines.base import CollectionInUseError
+        from .errors import CollectionInUseError
         from .server import Settings
         from .server import serve as run_server
 

@@ -46,16 +46,8 @@ from typing import Any
 import numpy as np
 
 from m3search.engines import resolve_engine
-from m3search.engines.base import (
-    SCHEMA_VERSION,
-    Engine,
-    PointBatch,
-    Pool,
-    QueryVectors,
-    Record,
-    Schema,
-    WindowScores,
-)
+from m3search.engines.base import Engine
+from m3search.engines.shapes import SCHEMA_VERSION, PointBatch, Pool, QueryVectors, Record, Schema, WindowScores
 from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
@@ -315,7 +307,7 @@ class Collection:
         ``colbert_dtype`` (default: the engine's, "turbo8" on the embedded engine and "float16"
         elsewhere; "float32" for exact ColBERT scores, "float16" for ~1e-3, or a lossy "turbo16" /
         "turbo8" / "turbo4" codec), ``colbert_quantization`` (None, or a quantized
-        copy scored in RAM, see :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS`),
+        copy scored in RAM, see :data:`~m3search.engines.shapes.COLBERT_QUANTIZATIONS`),
         ``colbert_rescore`` (True: rescore on the stored vectors), ``colbert_pool_factor``
         (1; k keeps ``ceil(n / k)`` token vectors per document, :mod:`m3search.pooling`),
         ``colbert_on_disk`` (True), ``dense_on_disk`` (False), ``hnsw_m`` (16),

@@ -37,19 +37,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from m3search.engines import resolve_engine
-from m3search.engines.base import (
-    LOSSLESS_COLBERT_DTYPES,
-    SCHEMA_VERSION,
-    CollectionExistsError,
-    CollectionNotFoundError,
-    PointBatch,
-    Schema,
-)
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema
+from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.pooling import pool_tokens
 
 __all__ = ["migrate", "LAYOUT_SETTINGS", "check_layout", "layout_of"]
 
-#: The ColBERT layout settings a migration may change (see :class:`~m3search.engines.base.Schema`).
+#: The ColBERT layout settings a migration may change (see :class:`~m3search.engines.shapes.Schema`).
 LAYOUT_SETTINGS = ("colbert_dtype", "colbert_quantization", "colbert_rescore", "colbert_pool_factor", "colbert_on_disk")
 
 

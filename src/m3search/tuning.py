@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from m3search.engines.base import MODES
 from m3search.fusion import FUSIONS, RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, parse_mode
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, MODES, parse_mode
 
 __all__ = [
     "CANDIDATE_GRID",

@@ -156,14 +156,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import (
-    ID_NAMESPACE,
+from m3search.engines.base import ID_NAMESPACE, Engine
+from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
-    MODES,
-    CollectionExistsError,
-    CollectionInUseError,
-    CollectionNotFoundError,
-    Engine,
     Hits,
     PointBatch,
     QueryVectors,
@@ -172,7 +167,9 @@ from m3search.engines.base import (
     WindowScores,
     score_records,
 )
+from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
+from m3search.plan import MODES
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)

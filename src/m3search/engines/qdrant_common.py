@@ -82,18 +82,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import (
-    MODES,
-    Engine,
-    Hits,
-    PointBatch,
-    QueryVectors,
-    Record,
-    WindowScores,
-    point_uuid,
-)
+from m3search.engines.base import Engine, point_uuid
 from m3search.engines.qdrant_filter import engine_filter
+from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, WindowScores
 from m3search.filters import Filter
+from m3search.plan import MODES
 
 __all__ = ["QdrantEngine", "window_uuid", "text_uuid", "record_from_point", "TEXT_CHUNK", "LAYOUT"]
 

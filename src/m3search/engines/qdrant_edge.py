@@ -51,16 +51,10 @@ import numpy as np
 import qdrant_edge as qe
 import scipy.sparse as sp
 
-from m3search.engines.base import (
-    CollectionExistsError,
-    CollectionInUseError,
-    CollectionNotFoundError,
-    Pool,
-    QueryVectors,
-    Schema,
-    allocated_bytes,
-)
+from m3search.engines.base import allocated_bytes
 from m3search.engines.qdrant_common import QdrantEngine
+from m3search.engines.shapes import Pool, QueryVectors, Schema
+from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
 from m3search.plan import MODES, check_deadline
 
@@ -85,7 +79,7 @@ _COLBERT_DTYPES = {
 
 
 def _quantization(name: str | None):
-    """Qdrant Edge's quantization config for a :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS` name.
+    """Qdrant Edge's quantization config for a :data:`~m3search.engines.shapes.COLBERT_QUANTIZATIONS` name.
 
     The quantized copy is kept in RAM (``Memory.Cached``): it is what candidates are scored
     on, while the stored vectors stay where ``colbert_on_disk`` puts them. Qdrant builds it

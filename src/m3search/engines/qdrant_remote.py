@@ -58,16 +58,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from m3search.engines.base import (
-    LOSSLESS_COLBERT_DTYPES,
-    CollectionExistsError,
-    CollectionInUseError,
-    CollectionNotFoundError,
-    QueryVectors,
-    Schema,
-    score_records,
-)
 from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point, split_requests
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
+from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
 from m3search.plan import check_deadline
 
@@ -92,7 +85,7 @@ T = TypeVar("T")
 
 
 def _quantization(name: str | None) -> qm.QuantizationConfig | None:
-    """qdrant-client's config for a :data:`~m3search.engines.base.COLBERT_QUANTIZATIONS` name (kept in RAM,
+    """qdrant-client's config for a :data:`~m3search.engines.shapes.COLBERT_QUANTIZATIONS` name (kept in RAM,
     like the embedded engine's)."""
     if name is None:
         return None
