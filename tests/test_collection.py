@@ -213,6 +213,7 @@ def test_explain(col):
         (dict(candidates=0), ValueError, "candidates must be a positive integer"),
         (dict(fusion="max"), ValueError, "unknown fusion"),
         (dict(filter={"x": {"bad": 1}}), ValueError, "unknown operator"),
+        (dict(exact=1), TypeError, "exact must be true or false"),
     ],
 )
 def test_bad_search_arguments(col, kwargs, exc, words):
@@ -415,3 +416,80 @@ def test_many_tied_duplicates_cost_one_more_request(tmp_path, tiny_encoder):
         hits = col.search_batch(["N/A"] * 5, k=3, mode="dense", exact=True)
         assert calls == [(5, 4), (5, 3 + 64)]
         assert all([h.id for h in hs] == ["d0001", "d0002", "d0003"] for hs in hits)  # d0000: the real one
+
+
+def test_numpy_integers_are_integers(col):
+    import numpy as np
+
+    assert [h.id for h in col.search("brown fox", k=np.int64(2), candidates=np.int32(5))] == [
+        h.id for h in col.search("brown fox", k=2, candidates=5)
+    ]
+    col.upsert(TEXTS[:2], ids=IDS[:2], batch_size=np.int64(1))
+
+
+def test_stored_weights_that_zero_a_mode_never_fail_a_request(tmp_path, tiny_encoder):
+    """A default that gives the requested modes zero weight gives way to the built-in weights (a request's own
+    weights are still checked): whether a tuning record is present or not."""
+    with Collection.create(tmp_path / "c", model=tiny_encoder, weights=(1, 0, 1)) as c:
+        c.add(TEXTS, ids=IDS)
+        assert [h.id for h in c.search("brown fox", mode="sparse")][:1] == ["d0"]
+        setting = {"mode": "dense+colbert", "fusion": "weighted", "weights": [1, 0, 1], "candidates": 100}
+        for tuning in (None, {"how": "by hand"}):
+            c.set_search_defaults(setting, tuning=tuning)
+            assert c.search("brown fox", mode="sparse")[0].id == "d0"
+            assert len(c.search("brown fox", mode="dense+sparse", k=3)) == 3
+        with pytest.raises(ValueError, match="zero total weight"):
+            c.search("brown fox", mode="sparse", weights=(1, 0, 1))
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        (dict(query_max_length=1), "query_max_length must be an integer >= 2"),
+        (dict(max_length=1), "max_length must be an integer >= 2"),
+        (dict(hnsw_m=1.5), "hnsw_m must be an integer >= 0"),
+        (dict(hnsw_ef_construct="100"), "hnsw_ef_construct must be an integer >= 1"),
+        (dict(colbert_on_disk="no"), "colbert_on_disk must be True or False"),
+        (dict(dense_on_disk=1), "dense_on_disk must be True or False"),
+    ],
+)
+def test_settings_a_collection_could_not_use_are_refused_at_creation(tmp_path, tiny_encoder, setting, words):
+    with pytest.raises(ValueError, match=words):
+        Collection.create(tmp_path / "c", model=tiny_encoder, **setting)
+    assert not (tmp_path / "c").exists()
+
+
+def test_precomputed_embeddings_must_be_finite(col, tiny_encoder):
+    for part in ("dense", "sparse", "colbert"):
+        emb = tiny_encoder.encode(["a new text", "another"])
+        values = emb.sparse.data if part == "sparse" else getattr(emb, part)
+        values[0] = float("nan")
+        with pytest.raises(ValueError, match=f"embeddings.{part} holds NaN"):
+            col.add(["a new text", "another"], ids=["n1", "n2"], embeddings=emb)
+    assert col.get(["n1", "n2"]) == [None, None]
+
+
+def test_update_metadata_with_a_repeated_id(col):
+    with pytest.raises(ValueError, match="duplicate ids in one call: \\['d1'\\]"):
+        col.update_metadata(["d1", "d1"], [{"a": 1}, {"a": 2}])
+    col.update_metadata(["d1", "d1"], {"a": 3})  # one dict for all: the repeat is harmless
+    assert col.get("d1")[0].metadata == {"a": 3}
+
+
+def test_explain_while_a_hit_loses_its_best_window(tmp_path, tiny_encoder):
+    """The best window found by scoring may be gone when explain reads it (a concurrent upsert): the hit is
+    explained from what is stored, not an IndexError."""
+    filler = "Prime minister announced new elections after the parliament vote in the capital. " * 3
+    with Collection.create(tmp_path / "w", model=tiny_encoder, window=16, stride=10) as c:
+        c.add([filler + "fox river fox river dog", "gamma delta"], ids=["long", "other"])
+        assert c.search("fox river", k=1, explain=True)[0].explain["window"] > 0
+        read = c._engine.get_windows
+
+        def rewritten_meanwhile(*args, **kwargs):
+            c._engine.get_windows = read
+            c.upsert(["fox river"], ids=["long"])
+            return read(*args, **kwargs)
+
+        c._engine.get_windows = rewritten_meanwhile
+        hit = c.search("fox river", k=1, explain=True)[0]
+        assert hit.id == "long" and "matched_tokens" in hit.explain

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import threading
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -188,6 +190,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _check_unique(ids: list[str]) -> None:
+    if len(set(ids)) != len(ids):
+        dup = [i for i, c in Counter(ids).items() if c > 1]
+        raise ValueError(f"duplicate ids in one call: {dup[:10]}")
+
+
 def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
     if isinstance(ids, str):
         return [ids]
@@ -335,10 +343,10 @@ class Collection:
         encoder = cls._load_encoder(model, device, dtype)
         run = {**_SETTINGS_DEFAULTS, **{k: v for k, v in settings.items() if k in _SETTINGS_DEFAULTS}}
         run["weights"] = list(check_weights(run["weights"]))
-        for key in ("max_length", "query_max_length", "batch_size", "candidates"):
-            v = run[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        for key, least in (("max_length", 2), ("query_max_length", 2), ("batch_size", 1), ("candidates", 1)):
+            v = run[key]  # a token limit holds [CLS] and [SEP] at least (the encoder's own check)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {v!r}")
         run.update(_window_settings(run, encoder.max_length, engine_cls))
         settings.setdefault("colbert_dtype", engine_cls.default_colbert_dtype)
         schema = Schema(
@@ -614,13 +622,7 @@ class Collection:
             empty = [i for i, x in enumerate(ids) if not x]
             if empty:
                 raise ValueError(f"ids must be non-empty strings; item {empty[0]} is empty")
-            if len(set(ids)) != n:
-                seen, dup = set(), []
-                for x in ids:
-                    if x in seen and x not in dup:
-                        dup.append(x)
-                    seen.add(x)
-                raise ValueError(f"duplicate ids in one call: {dup[:10]}")
+            _check_unique(ids)
         for i, (doc_id, text) in enumerate(zip(ids, texts)):  # the tokenizer's own error names neither
             check_text(text, f"text of document {doc_id!r}" if named else f"texts[{i}]")
         meta = _check_metadata(metadata, n, ids if named else None)
@@ -631,9 +633,14 @@ class Collection:
                 raise TypeError("embeddings must be M3Embeddings with one row per text (windows are encoded here)")
             if embeddings.dense is None or embeddings.sparse is None or embeddings.colbert is None:
                 raise ValueError("embeddings must hold dense, sparse and colbert outputs")
+            parts = {"dense": embeddings.dense, "sparse": embeddings.sparse.data, "colbert": embeddings.colbert}
+            for name, values in parts.items():
+                if not np.isfinite(values).all():  # a NaN dense score drops a document from every list
+                    raise ValueError(f"embeddings.{name} holds NaN or infinite values; nothing was written")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
+        bs = int(bs)
         with self._lock:
             self._clear_pending()
             if not overwrite:
@@ -785,8 +792,13 @@ class Collection:
         ids is one durable engine write; with a list, each distinct dict is one write (Qdrant's payload update
         takes one value per call), so a crash part-way leaves some documents updated.
         """
-        ids = list(dict.fromkeys(_as_id_list(ids)))
-        meta = _check_metadata([metadata] * len(ids) if isinstance(metadata, dict) else metadata, len(ids), ids)
+        ids = _as_id_list(ids)
+        if isinstance(metadata, dict):
+            ids = list(dict.fromkeys(ids))
+            metadata = [metadata] * len(ids)
+        else:  # which of two dicts would a repeated id keep?
+            _check_unique(ids)
+        meta = _check_metadata(metadata, len(ids), ids)
         with self._lock:
             present = self._existing(ids)
             missing = [i for i in ids if i not in present]
@@ -885,6 +897,8 @@ class Collection:
             raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
         if group == "passage" and explain:
             raise ValueError("explain is given for documents only (group='document')")
+        if not isinstance(exact, bool):  # as explain (plan.py)
+            raise TypeError(f"exact must be true or false, not {type(exact).__name__}")
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,
@@ -1008,15 +1022,20 @@ class Collection:
         """A request's omitted mode / fusion / weights, from the collection's defaults.
 
         Tuned fusion and weights belong to the tuned mode: a request that names another mode
-        gets the built-in ones (weights fitted to dense+colbert give sparse zero weight).
+        gets the built-in ones (weights fitted to dense+colbert give sparse zero weight). A
+        default never fails a request: stored weights that give the requested modes zero total
+        give way to the built-in ones.
         """
         s = self.settings
         mode = s["mode"] if mode is None else mode
-        own = "tuning" not in self._manifest or parse_mode(mode) == parse_mode(s["mode"])
+        modes = parse_mode(mode)
+        own = "tuning" not in self._manifest or modes == parse_mode(s["mode"])
         if fusion is None:
             fusion = s["fusion"] if own else SEARCH_DEFAULTS["fusion"]
         if weights is None:
             weights = s["weights"] if own else SEARCH_DEFAULTS["weights"]
+            if sum(weights[MODES.index(m)] for m in modes) <= 0:
+                weights = SEARCH_DEFAULTS["weights"]
         return mode, fusion, weights
 
     def candidate_scores(
@@ -1132,8 +1151,9 @@ class Collection:
             )
             if plan.explain:
                 sources = [name for name in ("dense", "sparse") if doc_id in found_by[name]]
-                if best[r]:  # the lexical match shown is the best window's
-                    rec = self._engine.get_windows([doc_id], with_vectors=["sparse"])[0][best[r]]
+                if best[r]:  # the lexical match shown is the best window's (if a concurrent write left it)
+                    wins = self._engine.get_windows([doc_id], with_vectors=["sparse"])[0]
+                    rec = wins[best[r]] if best[r] < len(wins) else rec
                 hit.explain = {
                     "fusion": plan.fusion,
                     "modes": list(plan.modes),

@@ -29,6 +29,7 @@ not matter, so FlagEmbedding's ``"colbert+sparse+dense"`` works). Re-ranking mod
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -223,9 +224,9 @@ def check_text(text: str, what: str) -> str:
 
 
 def _positive_int(name: str, v: Any, limit: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:  # NumPy integers too
         raise ValueError(f"{name} must be a positive integer, got {v!r}"[:200])
-    return check_limit(name, v, limit)
+    return check_limit(name, int(v), limit)
 
 
 def check_limit(name: str, v: int, limit: int) -> int:

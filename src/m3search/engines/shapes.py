@@ -105,10 +105,15 @@ class Schema:
     colbert_pool_factor: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dense_dim", "colbert_dim", "vocab_size"):
+        least = {"dense_dim": 1, "colbert_dim": 1, "vocab_size": 1, "hnsw_m": 0, "hnsw_ef_construct": 1}
+        for name, low in least.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"Schema.{name} must be a positive integer, got {v!r}")
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+            object.__setattr__(self, name, int(v))  # JSON and the engines' clients take Python ints
+        for name in ("colbert_on_disk", "dense_on_disk", "colbert_rescore"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.colbert_dtype == "uint8":
             raise ValueError(
                 "colbert_dtype 'uint8' stores integer components 0-255 (Qdrant's Uint8), which turns unit-length "
@@ -120,11 +125,7 @@ class Schema:
             raise ValueError(
                 f"colbert_quantization must be None or one of {COLBERT_QUANTIZATIONS}, got {self.colbert_quantization!r}"
             )
-        if not isinstance(self.colbert_rescore, bool):
-            raise ValueError(f"colbert_rescore must be True or False, got {self.colbert_rescore!r}")
         check_pool_factor(self.colbert_pool_factor)
-        if self.hnsw_m < 0 or self.hnsw_ef_construct <= 0:
-            raise ValueError("hnsw_m must be >= 0 and hnsw_ef_construct > 0")
 
     @property
     def colbert_lossless(self) -> bool:
