@@ -195,6 +195,32 @@ def test_rewrites_that_change_the_window_count_leave_no_orphan(tmp_path, tiny_en
         col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_second_client_sees_the_long_documents_of_another(tmp_path, tiny_encoder, corpus, engine):
+    """Two clients of one server collection: A opened while every document was one window, B then stores
+    a 3-window document. A's metadata update reaches every window, A scores it as B does, and A's
+    delete leaves none of its windows (A used to trust the window bound it read at open: 1)."""
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add(texts[:2], ids=["s1", "s2"], metadata=[{"lang": "en"}] * 2)
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        b.add([texts[20]], ids=["x"], metadata=[{"lang": "en"}])
+        q = texts[20]
+        assert a.search(q, k=1)[0].scores == pytest.approx(b.search(q, k=1)[0].scores, abs=TOL)
+        assert a.search(q, k=1)[0].window == b.search(q, k=1)[0].window
+        a.update_metadata(["x"], {"lang": "de"})
+        assert b.count({"lang": "en"}) == 2 and [h.id for h in b.search(q, k=3, filter={"lang": "de"})] == ["x"]
+        a.delete(["x"])
+        assert vector_points(b, "x") == 0 and raw_points(b) == 2
+        assert sorted(h.id for h in b.search(q, k=3, mode="dense")) == ["s1", "s2"]
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_iter_batches_and_migration_keep_windows(tmp_path, tiny_encoder, corpus, engine):
     from m3search.migrate import migrate

@@ -642,6 +642,7 @@ class Collection:
             raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
         bs = int(bs)
         with self._lock:
+            self._sync()
             self._clear_pending()
             if not overwrite:
                 present = self._existing(ids)
@@ -770,6 +771,16 @@ class Collection:
             self._engine.delete(stray)
         self._set_pending([])
 
+    def _sync(self) -> None:
+        """On storage other clients write (a server), the window bound they may have raised: engines read
+        that many points per document, and a stale 1 would treat another client's long documents as one
+        window (stale metadata on their windows, windows left behind by a delete, window 0 scored alone)."""
+        if self._engine.shared:
+            stored = int((self._engine.read_manifest() or {}).get("max_windows_stored", 1))
+            if stored > self._manifest.get("max_windows_stored", 1):
+                self._manifest["max_windows_stored"] = stored
+            self._engine.max_windows = max(self._engine.max_windows, stored)
+
     def _note_windows(self, most: int) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
         (engines read that many window points per document on delete; 1 skips all window work)."""
@@ -800,6 +811,7 @@ class Collection:
             _check_unique(ids)
         meta = _check_metadata(metadata, len(ids), ids)
         with self._lock:
+            self._sync()
             present = self._existing(ids)
             missing = [i for i in ids if i not in present]
             if missing:
@@ -810,6 +822,7 @@ class Collection:
         """Delete documents; returns ``{"deleted": [...], "missing": [...]}`` in input order."""
         ids = list(dict.fromkeys(_as_id_list(ids)))
         with self._lock:
+            self._sync()
             self._clear_pending()
             present = self._existing(ids)
             deleted = [i for i in ids if i in present]
@@ -918,6 +931,7 @@ class Collection:
         else:
             emb = self.encoder.encode(queries, max_length=self.settings["query_max_length"])
         check_deadline("the first-stage search")
+        self._sync()
         qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
         if plan.reranks:
             pools = self._engine.candidates_batch(
@@ -1062,6 +1076,7 @@ class Collection:
         else:
             emb = self._check_query_embeddings(emb, len(queries))
         qvs = [QueryVectors.from_embeddings(emb, i) for i in range(len(queries))]
+        self._sync()
         pools = self._engine.candidates_batch(emb.dense, emb.sparse, qvs, plan.candidates, plan.filter, colbert=True)
         out = []
         for qv, pool in zip(qvs, pools):

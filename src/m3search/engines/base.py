@@ -37,6 +37,9 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 6. One writer. An embedded engine locks its storage exclusively and raises
    :class:`CollectionInUseError` when another process holds it. The manifest is a JSON-able
    dict the Collection owns; where it is kept is the engine's business.
+7. Shared storage. An engine whose storage other clients write at the same time (a server)
+   sets :attr:`shared`: the Collection then re-reads the manifest's window bound
+   (:attr:`max_windows`) before each call, since another client may have stored longer documents.
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class Engine(ABC):
     #: ColBERT storage type of a new collection that names none (chosen per engine by measurement:
     #: benchmarks/RESULTS.md, "ColBERT layouts"); a collection keeps the one its manifest records.
     default_colbert_dtype: ClassVar[str] = "float16"
+    #: Whether other clients may write this storage while it is open (rule 7).
+    shared: bool = False
 
     location: str
     schema: Schema

@@ -168,7 +168,7 @@ from m3search.engines.shapes import (
     score_records,
 )
 from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
-from m3search.filters import FLOAT_EXACT_INT, And, Eq, Filter, In, Not, Or, Range
+from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
 from m3search.plan import MODES
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
@@ -289,6 +289,8 @@ def _lit(s: str, what: str = "string") -> str:
 
 def _num(v: float | int) -> str:
     if isinstance(v, int):
+        if v == INT64_MIN:  # Milvus's parser reads it as -(2**63 - 1): it would match its neighbour
+            raise ValueError(f"Milvus filters cannot hold the integer {v} (-2**63): Milvus reads it as {v + 1}")
         return str(v)
     return repr(float(v))
 
@@ -300,6 +302,16 @@ def _element(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) < FLOAT_EXACT_INT:
         return _num(float(v))
     return _scalar(v)
+
+
+def _wide(v: Any) -> bool:
+    """An integer float64 cannot tell from its neighbours: Milvus's ``in`` compares it exactly, its ``==`` does not."""
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) >= FLOAT_EXACT_INT
+
+
+def _check_field(field: str) -> None:
+    if "/" in field:  # Milvus turns a JSON key into a JSON-pointer path, where "/" separates keys
+        raise ValueError(f"Milvus filters cannot address metadata field names with '/': {field!r}")
 
 
 def _scalar(v: Any) -> str:
@@ -386,10 +398,12 @@ class _ExprBuilder:
 
     @staticmethod
     def path(field: str) -> str:
+        _check_field(field)
         return "meta" + "".join(f"[{_lit(seg, 'field name')}]" for seg in field.split("."))
 
     @staticmethod
     def kinds(field: str) -> str:
+        _check_field(field)
         return f"kinds[{_lit(field, 'field name')}]"
 
     def build(self, f: Filter, neg: bool = False) -> str:
@@ -411,15 +425,18 @@ class _ExprBuilder:
                 "there and Milvus Lite has no NOT operator (use a Milvus server, or a positive filter)"
             )
         p, k = self.path(f.field), self.kinds(f.field)
-        if isinstance(f, Eq):
+        if isinstance(f, Eq) and not _wide(f.value):
             return f'({k} != "l" and {p} != {_scalar(f.value)})'
+        if isinstance(f, Eq):
+            return f'({k} != "l" and {p} not in [{_scalar(f.value)}])'
         return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in f.values)}])'
 
     def _positive(self, f: Filter) -> str:
         p = self.path(f.field)
         if isinstance(f, Eq):
             v = f.value
-            return f"({p} == {_scalar(v)} or json_contains({p}, {_element(v)}))"
+            test = f"{p} in [{_scalar(v)}]" if _wide(v) else f"{p} == {_scalar(v)}"  # `==` compares in float64
+            return f"({test} or json_contains({p}, {_element(v)}))"
         if isinstance(f, In):
             vals = ", ".join(_scalar(v) for v in f.values)
             return f"({p} in [{vals}] or json_contains_any({p}, [{', '.join(_element(v) for v in f.values)}]))"
@@ -485,6 +502,7 @@ class MilvusEngine(Engine):
         self.texts = f"{collection}_text"
         self.meta_collection = f"{collection}_manifest"
         self.lite = lite
+        self.shared = True  # other clients of the server (or handles on the file in this process)
         self.schema = schema
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes

@@ -376,6 +376,7 @@ class QdrantEngine(Engine):
         points, sizes, tombs = [], [], []
         for i, doc_id in enumerate(batch.ids):
             n, meta = int(wo[i + 1] - wo[i]), batch.metadata[i] or {}
+            meta_bytes = len(json.dumps(meta))  # every point carries it ("m"); the head twice more ("meta", escaped)
             was_parts, was_chunks, was_gen = old.get(doc_id, ([], 0, 0))
             g_id = was_gen if gen is None else gen
             tag = {"gen": g_id} if g_id else {}  # a long write's points (search checks them against the head)
@@ -407,12 +408,12 @@ class QdrantEngine(Engine):
                 points.append((window_uuid(doc_id, g, g_id), vec, payload))
                 n_floats = dense.shape[1] + 2 * (ip[j + 1] - ip[j]) + len(vec["colbert"]) * colbert.shape[1]
                 text_bytes = len(text.encode("utf-8")) * 2 if g == 0 and not chunks else 0
-                sizes.append(14 * int(n_floats) + text_bytes + 512)
+                sizes.append(14 * int(n_floats) + text_bytes + meta_bytes * (3 if g == 0 else 1) + 512)
                 for p in range(1, parts[w]):
                     chunk = tokens[p * per : (p + 1) * per]
                     part = {"id": doc_id, **self._meta(meta, False), "window": g, "part": p, **tag}
                     points.append((part_uuid(doc_id, g, p, g_id), {"colbert": chunk}, part))
-                    sizes.append(14 * chunk.size + 512)
+                    sizes.append(14 * chunk.size + meta_bytes + 512)
             for c in range(chunks):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
                 points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece}))
@@ -504,16 +505,19 @@ class QdrantEngine(Engine):
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         layout = self._layout(ids) if self.max_windows > 1 else [([1], 0)] * len(ids)
-        groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one write per distinct payload
-        for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
-            key = json.dumps(meta, sort_keys=True)
-            for w, n in enumerate(parts or [1]):
-                for p in range(n):
-                    head = w == 0 and p == 0
-                    payload = self._meta(meta, head)
-                    groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p, gen))
-        if groups:
-            self._set_payload(list(groups.values()))
+        keys = [json.dumps(meta, sort_keys=True) for meta in metadata]
+        # requests of at most max_request_bytes, each holding all the points of its documents
+        sizes = [(3 + sum(parts or [1])) * (len(key) + 64) for key, (parts, _) in zip(keys, layout)]
+        for r in split_requests(sizes, [True] * len(ids), self.max_request_bytes):
+            groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one operation per distinct payload
+            for doc_id, meta, key, (parts, gen) in zip(ids[r], metadata[r], keys[r], layout[r]):
+                for w, n in enumerate(parts or [1]):
+                    for p in range(n):
+                        head = w == 0 and p == 0
+                        payload = self._meta(meta, head)
+                        groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p, gen))
+            if groups:
+                self._set_payload(list(groups.values()))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every point a document may have, in one write: all windows (and parts) up to the most points

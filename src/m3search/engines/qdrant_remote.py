@@ -270,6 +270,7 @@ class QdrantRemoteEngine(QdrantEngine):
         self.collection = collection
         self.schema = schema
         self.local = local
+        self.shared = True  # a server's collection has other clients (local mode: other handles in this process)
         self.where = where
         self.retries = retries
         self.backoff = backoff
@@ -505,10 +506,10 @@ class QdrantRemoteEngine(QdrantEngine):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Documents stored as several points: every point carrying their id, by filter, in one
-        request (windows, parts and tombstones alike)."""
-        if self.max_windows <= 1 or not ids:
-            return super().delete(ids)
+        """Every point carrying the documents' ids, by filter, in one request (windows, parts, text points
+        and tombstones alike): right whatever window bound this client holds (other clients write too)."""
+        if not ids:
+            return
         sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=list(ids)))]))
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
