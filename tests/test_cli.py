@@ -580,3 +580,15 @@ def test_a_hub_id_matches_the_model_its_collection_recorded():
     _check_served_model(served, "BAAI/bge-m3", "auto", "auto", "served", recorded="BAAI/bge-m3")
     with pytest.raises(click.ClickException, match="not other/model"):
         _check_served_model(served, "other/model", "auto", "auto", "served", recorded="BAAI/bge-m3")
+
+
+def test_finetune_creates_the_parent_folders_of_out(tmp_path, tiny_model_path):
+    """`index` creates a new collection's parent folders; `finetune --out runs/cran-ft` stopped with "the parent of
+    the output folder, 'runs', does not exist" in a fresh clone. Here it goes on to check the data (which is bad, so
+    nothing is trained)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": []}\n', encoding="utf-8")
+    p = cli("finetune", str(data), "-m", str(tiny_model_path), "--out", "runs/deeper/ft", check=False, cwd=tmp_path)
+    assert "parent of the output folder" not in p.stderr, p.stderr
+    assert p.returncode == 2 and "positive" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "runs" / "deeper").is_dir() and not (tmp_path / "runs" / "deeper" / "ft").exists()

@@ -164,3 +164,56 @@ def test_quick_start_needs_nothing_beside_the_clone():
     assert (REPO / data / "corpus.jsonl").is_file() and (REPO / data / "queries.jsonl").is_file()
     assert data in readme and (REPO / "data" / "README.md").is_file()
     assert "licen" in (REPO / "data" / "README.md").read_text(encoding="utf-8").lower()
+
+
+def test_the_commands_said_to_read_m3search_collection_are_those_that_do():
+    """usage.md said every command's -c could come from M3SEARCH_COLLECTION; eval and tune do not read it."""
+    reads = {
+        name
+        for name, cmd in main.commands.items()
+        for p in cmd.params
+        if "--collection" in getattr(p, "opts", ()) and p.envvar == "M3SEARCH_COLLECTION"
+    }
+    for doc, pattern in (
+        ("docs/usage.md", r"`--collection/-c` can come from `M3SEARCH_COLLECTION` for ([^;]+);"),
+        ("README.md", r"`M3SEARCH_COLLECTION`, read by ([^)]+)\)"),
+    ):
+        said = set(re.findall(r"`([a-z]+)`", re.search(pattern, DOCS[doc]).group(1)))
+        assert said == reads, f"{doc}: names {sorted(said)}; these read it: {sorted(reads)}"
+
+
+def test_the_delete_example_is_true_of_the_demo_corpus():
+    """usage.md's delete example answered 'deleted' for id 486, which the demo corpus does not hold."""
+    import json
+
+    line = next(ln for ln in DOCS["docs/usage.md"].splitlines() if ln.startswith("m3search delete "))
+    command, answer = line.split("  #")
+    answer = json.loads(answer)
+    ids = shlex.split(command)[2:]
+    ids = ids[: ids.index("-c")]
+    corpus = {json.loads(ln)["_id"] for ln in (REPO / "data/cranfield-demo/corpus.jsonl").open(encoding="utf-8")}
+    assert answer == {
+        "deleted": [i for i in ids if i in corpus],
+        "missing": [i for i in ids if i not in corpus],
+    }
+    assert answer["deleted"] and answer["missing"]
+
+
+def test_the_filter_nesting_limit_is_stated_exactly():
+    """usage.md said 16 levels of and/or/not; the limit counts the field condition too, so 15 operators nest."""
+    from m3search.filters import parse_filter
+
+    levels, operators = map(
+        int,
+        re.search(
+            r"(\d+) levels of nesting counting the field condition itself \(so at most (\d+)\s+nested",
+            DOCS["docs/usage.md"],
+        ).groups(),
+    )
+    assert operators == levels - 1
+    nested = {"year": {"gte": 1}}
+    for i in range(operators):
+        nested = {"not": nested} if i % 3 == 0 else {("and", "or")[i % 2]: [nested]}
+    parse_filter(nested)
+    with pytest.raises(ValueError, match=f"at most {levels} levels"):
+        parse_filter({"not": nested})

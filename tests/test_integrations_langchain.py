@@ -148,6 +148,17 @@ def test_retriever_per_call_overrides_and_bad_arguments(col):
         M3SearchRetriever(collection="not a collection")
 
 
+def test_unknown_keyword_arguments_raise_type_error(col):
+    """Not pydantic's ValidationError (a ValueError): the same TypeError as the store and the methods."""
+    with pytest.raises(TypeError, match=r"M3SearchRetriever got unexpected keyword argument\(s\) \['foo'\]"):
+        M3SearchRetriever(collection=col, foo=1)
+    with pytest.raises(TypeError, match=r"M3SearchEmbeddings got unexpected keyword argument\(s\) \['foo'\]"):
+        M3SearchEmbeddings(collection=col, foo=1)
+    with pytest.raises(TypeError, match="foo"):
+        M3SearchVectorStore(col, foo=1)
+    assert M3SearchRetriever(collection=col, k=2, tags=["t"]).tags == ["t"]  # LangChain's own fields pass
+
+
 def test_async_retrieval_does_not_block_the_event_loop(col, monkeypatch):
     """While a (slowed) search runs, other coroutines keep running."""
     search = col.search

@@ -84,6 +84,19 @@ def test_embedding_is_the_encoders_dense_vector(tiny_encoder, col):
         M3SearchEmbedding(encoder=tiny_encoder, collection=col)
 
 
+def test_unknown_keyword_arguments_raise_type_error(col):
+    """BaseEmbedding's pydantic config ignores extra fields: a misspelt option was dropped silently."""
+    with pytest.raises(TypeError, match=r"\['embed_batch_sise', 'modee'\]"):
+        M3SearchEmbedding(collection=col, embed_batch_sise=5, modee="sparse")
+    with pytest.raises(TypeError, match="foo"):
+        M3SearchEmbedding("some/model", foo=1)
+    assert M3SearchEmbedding(collection=col, embed_batch_size=5).embed_batch_size == 5  # its own fields pass
+    with pytest.raises(TypeError, match="foo"):
+        M3SearchRetriever(col, foo=1)
+    with pytest.raises(TypeError, match="foo"):
+        M3SearchVectorStore(col, foo=1)
+
+
 # ------------------------------------------------------------------------------ retriever
 
 

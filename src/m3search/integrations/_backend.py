@@ -67,6 +67,19 @@ def open_backend(
     return Collection.create(location, model=model, **create_settings)
 
 
+def refuse_unknown(model_cls: Any, given: dict[str, Any]) -> None:
+    """Keyword arguments a pydantic-based constructor does not know raise ``TypeError``, as a Python
+    function's do: left to pydantic they would be ignored (LlamaIndex's models) or raise a
+    ``ValidationError``, a ``ValueError`` (``extra="forbid"``)."""
+    known = set()
+    for name, field in model_cls.model_fields.items():
+        known.add(name)
+        known.update(a for a in (field.alias, field.validation_alias) if isinstance(a, str))
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"{model_cls.__name__} got unexpected keyword argument(s) {unknown}")
+
+
 def is_remote(backend: Any) -> bool:
     from m3search.client import M3SearchClient
 

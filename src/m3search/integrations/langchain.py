@@ -40,6 +40,7 @@ from m3search.integrations._backend import (
     hit_details,
     is_remote,
     open_backend,
+    refuse_unknown,
 )
 
 __all__ = ["M3SearchEmbeddings", "M3SearchRetriever", "M3SearchVectorStore"]
@@ -81,6 +82,10 @@ class M3SearchEmbeddings(BaseModel, Embeddings):
     encoder: Any = None
     collection: Any = None
     _source: Any = PrivateAttr(default=None)
+
+    def __init__(self, **data: Any) -> None:
+        refuse_unknown(type(self), data)  # TypeError, not pydantic's ValidationError (a ValueError)
+        super().__init__(**data)
 
     @model_validator(mode="after")
     def _one_source(self) -> M3SearchEmbeddings:
@@ -136,6 +141,10 @@ class M3SearchRetriever(BaseRetriever):
     weights: tuple[float, float, float] | None = None
     candidates: int | None = None
     filter: dict[str, Any] | None = None
+
+    def __init__(self, **data: Any) -> None:
+        refuse_unknown(type(self), data)  # TypeError, not pydantic's ValidationError (a ValueError)
+        super().__init__(**data)
 
     @model_validator(mode="after")
     def _check(self) -> M3SearchRetriever:

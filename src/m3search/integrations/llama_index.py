@@ -50,6 +50,7 @@ from m3search.integrations._backend import (
     dense_vectors,
     hit_details,
     open_backend,
+    refuse_unknown,
 )
 
 __all__ = ["M3SearchEmbedding", "M3SearchRetriever", "M3SearchVectorStore", "to_m3search_filter"]
@@ -172,6 +173,7 @@ class M3SearchEmbedding(BaseEmbedding):
         ]
         if len(given) > 1:
             raise ValueError(f"give one of model_name, encoder, collection (got {', '.join(given)})")
+        refuse_unknown(type(self), kwargs)  # BaseEmbedding would ignore them (extra="ignore")
         if encoder is not None:  # recorded, so that to_dict / from_dict reload the same model the same way
             model_name = str(encoder.name_or_path)
             kwargs.setdefault("dtype", str(encoder.dtype).replace("torch.", ""))
