@@ -387,6 +387,34 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("dies_in, at_call", [("training_step", 4), ("_sparse_stats", 2)])
+def test_resumed_run_reports_the_epochs_mean_loss(tmp_path, tiny_model_path, monkeypatch, dies_in, at_call):
+    """Killed mid-epoch 2 (step 4), or after epoch 1's last step checkpoint but before its end: the report's
+    per-epoch mean losses are those of one uninterrupted run (not the resumed part over all steps, nor empty)."""
+    from m3search import finetune as ft
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+    straight = _run(tmp_path, tiny_model_path, data, out="straight", epochs=2, checkpoint_every=1)
+    real, calls = getattr(ft, dies_in), {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, dies_in, dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    monkeypatch.setattr(ft, dies_in, real)
+    resumed = _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    assert resumed["resumed_at_step"] in (2, 3)
+    for a, b in zip(straight["epochs"], resumed["epochs"], strict=True):
+        assert b["steps"] == a["steps"] == 2
+        assert set(b["mean_loss"]) == set(a["mean_loss"]) and "total" in a["mean_loss"]
+        assert b["mean_loss"] == pytest.approx(a["mean_loss"], rel=1e-5)
+
+
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 

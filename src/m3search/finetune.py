@@ -474,6 +474,14 @@ def _sparse_stats(net: Any, encoder: Any, probe: _Tokenized, autocast: Any) -> d
     return {"mean": float(w.mean()), "max": float(w.max()), "nonzero": float((w > 0).float().mean())}
 
 
+def _mean_loss(history: Sequence[Mapping[str, float]], epoch: int) -> dict[str, float]:
+    """Each loss term's mean over the epoch's steps, from the checkpointed history: a resumed epoch
+    counts the steps run before the interruption too."""
+    rows = [h for h in history if h["epoch"] == epoch]
+    keys = [k for k in rows[0] if k not in ("step", "epoch")] if rows else []
+    return {k: sum(h[k] for h in rows) / len(rows) for k in keys}
+
+
 def _collapsed(stats: Mapping[str, float], before: Mapping[str, float]) -> bool:
     return stats["max"] == 0.0 or stats["nonzero"] < COLLAPSE_RATIO * before["nonzero"]
 
@@ -730,7 +738,6 @@ def finetune(
             total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
             file=sys.stderr, disable=None if progress else True,
         )  # fmt: skip
-        sums: dict[str, float] = {}
         try:
             for b in range(state["batch"], len(batches)):
                 if state["step"] >= total_steps:
@@ -750,8 +757,6 @@ def finetune(
                 if not math.isfinite(values["total"]):
                     raise RuntimeError(f"the loss is {values['total']} at step {state['step']}: lower --lr")
                 state["history"].append({"step": state["step"], "epoch": epoch, **values})
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
                 state["step"] += 1
                 state["batch"] = b + 1
                 bar.update(1)
@@ -774,7 +779,7 @@ def finetune(
                 "seconds": round(state["seconds"], 2),
                 "cpu_seconds": round(state["cpu_seconds"], 2),  # all threads: the cost on a shared machine
                 "peak_memory_mib": round(_peak_memory_mib(dev), 1),
-                "mean_loss": {k: v / max(1, done) for k, v in sums.items()},
+                "mean_loss": _mean_loss(state["history"], epoch),
                 "sparse_weights": stats,
             }
         )
