@@ -415,6 +415,29 @@ def test_resumed_run_reports_the_epochs_mean_loss(tmp_path, tiny_model_path, mon
         assert b["mean_loss"] == pytest.approx(a["mean_loss"], rel=1e-5)
 
 
+def test_every_epoch_runs_all_its_batches(tmp_path, tiny_model_path, tiny_encoder):
+    """Each epoch packs a new order under the token budget, so epoch 2 can need more batches than epoch 1:
+    it runs them all (the step count was epoch 1's times the epochs, which cut epoch 2 short)."""
+    from m3search.finetune import _epoch_batches
+
+    t = BUILTIN_TEXTS
+    rows = [
+        {"query": t[i % 10][:20], "pos": [" ".join([t[i % 10]] * (1 + (i * 7) % 4))], "neg": [t[(i + 3) % 10]]}
+        for i in range(12)
+    ]
+    plan = _plan(tiny_encoder, [Example(r["query"], r["pos"], r["neg"]) for r in rows], 64, 256)
+
+    def counts(budget: int) -> list[int]:
+        return [len(_epoch_batches(plan, 1, 4, budget, 0, e)) for e in range(2)]
+
+    budget = next((b for b in range(200, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
+    assert budget is not None, "no token budget gives epoch 2 more batches: a weak test"
+    report = _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), epochs=2, negatives=1,
+                  token_budget=budget)  # fmt: skip
+    assert [e["steps"] for e in report["epochs"]] == counts(budget)
+    assert report["steps"] == sum(counts(budget))
+
+
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 

@@ -677,11 +677,12 @@ def finetune(
         report["autocast"] = str(amp_dtype).replace("torch.", "")
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and amp_dtype == torch.float16)
 
-    first_epoch = _epoch_batches(plan, negatives, batch_size, budget, seed, 0)
-    steps_per_epoch = len(first_epoch)
-    report["queries_per_batch"] = round(len(examples) / steps_per_epoch, 2)  # the token budget may cap batch_size
+    # Every epoch's batches up front: each packs a new order under the token budget, so their counts differ.
+    schedule = [_epoch_batches(plan, negatives, batch_size, budget, seed, e) for e in range(epochs)]
+    n_batches = sum(len(b) for b in schedule)
+    report["queries_per_batch"] = round(len(examples) * epochs / n_batches, 2)  # the token budget may cap batch_size
     report["token_budget"] = budget
-    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    total_steps = n_batches if max_steps is None else min(max_steps, n_batches)
     warm = max(1, int(total_steps * warmup)) if warmup else 0
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in net.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
@@ -730,7 +731,7 @@ def finetune(
         torch.manual_seed(seed)  # dropout; a resumed run restores the saved generator instead
     while state["epoch"] < epochs and state["step"] < total_steps:
         epoch = state["epoch"]
-        batches = _epoch_batches(plan, negatives, batch_size, budget, seed, epoch)
+        batches = schedule[epoch]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0, c0 = time.perf_counter(), time.process_time()
