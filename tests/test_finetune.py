@@ -438,6 +438,42 @@ def test_every_epoch_runs_all_its_batches(tmp_path, tiny_model_path, tiny_encode
     assert report["steps"] == sum(counts(budget))
 
 
+def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_model_path, monkeypatch):
+    """``torch.load(map_location=device)`` puts the saved generator state on the GPU, where
+    ``torch.set_rng_state`` refuses it. On a CPU-only machine: the state comes back as an object standing for
+    a tensor on another device (only its ``.cpu()`` is a tensor), so the resume must use ``.cpu()``."""
+    from m3search import finetune as ft
+
+    class OnDevice:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+        def cpu(self) -> torch.Tensor:
+            return self.tensor
+
+    real_load, real_step, calls = torch.load, ft.training_step, {"n": 0}
+
+    def load(*args, **kwargs):
+        obj = real_load(*args, **kwargs)
+        if isinstance(obj, dict) and "torch_rng" in obj:
+            obj["torch_rng"] = OnDevice(obj["torch_rng"])
+        return obj
+
+    def dies_at_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+    monkeypatch.setattr(ft, "training_step", real_step)
+    monkeypatch.setattr(torch, "load", load)
+    assert _run(tmp_path, tiny_model_path, data, checkpoint_every=1)["resumed_at_step"] == 1
+
+
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 

@@ -496,6 +496,14 @@ def _peak_memory_mib(device: Any) -> float:
 _WORK_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
 
 
+def _set_rng_states(saved: Mapping[str, Any], device: torch.device) -> None:
+    """Restore the checkpoint's random generators. ``.cpu()``: loading with ``map_location`` moved the saved
+    states to ``device``, and the setters take CPU byte tensors only (a resume on CUDA failed there)."""
+    torch.set_rng_state(saved["torch_rng"].cpu())
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -706,7 +714,7 @@ def finetune(
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        _set_rng_states(saved, dev)
         state = {"cpu_seconds": 0.0, **saved["state"]}  # (a checkpoint written before cpu_seconds)
         report["resumed_at_step"] = state["step"]
     work.mkdir(exist_ok=True)
@@ -718,6 +726,7 @@ def finetune(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,  # dropout on the GPU
             "state": state,
         }
         _save_atomic(payload, checkpoint)
