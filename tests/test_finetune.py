@@ -474,6 +474,34 @@ def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_
     assert _run(tmp_path, tiny_model_path, data, checkpoint_every=1)["resumed_at_step"] == 1
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "beir"])
+def test_resume_refuses_changed_data_at_the_same_path(tmp_path, tiny_model_path, monkeypatch, kind):
+    """The checkpoint names the data's content, not only its path: a JSONL line edited, or a BEIR corpus
+    document (not judged: it only changes the mined negatives) edited, is a different run."""
+    from m3search import finetune as ft
+
+    if kind == "jsonl":
+        data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+        changed = data.read_text().replace(BUILTIN_TEXTS[1], BUILTIN_TEXTS[1] + " Edited.", 1)
+    else:
+        data = _beir(tmp_path / "beir")
+        changed = (data / "corpus.jsonl").read_text().replace("number 20", "number twenty")
+    real, calls = ft.training_step, {"n": 0}
+
+    def dies_at_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+    (data if kind == "jsonl" else data / "corpus.jsonl").write_text(changed)
+    with pytest.raises(FinetuneInputError, match="holds a checkpoint of a different run"):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+
+
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 

@@ -37,6 +37,7 @@ Where it differs, on purpose:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -235,6 +236,15 @@ def mine_negatives(
             pool = [h.id for h in ranked if h.id not in judged_pos]
         picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False) if pool else []
         example.negatives = [text_of[pool[i]] for i in sorted(picked)]
+
+
+def _data_sha256(examples: Sequence[Example], corpus_sha256: str | None) -> str:
+    """The training data's content: every example as read and the corpus that negatives are mined from.
+    Why: a resume checks it, so the same path holding other data is a different run, not a continuation."""
+    h = hashlib.sha256((corpus_sha256 or "").encode())
+    for e in examples:
+        h.update(json.dumps(asdict(e), ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -652,6 +662,7 @@ def finetune(
         "base_model": str(model),
         "base_identity": base.identity,
         "data": str(data.resolve()),
+        "data_sha256": _data_sha256(examples, split.data.corpus_sha256 if split else None),  # before mining
         "queries_dir": str(Path(queries_dir).resolve()) if queries_dir else None,
         "config": asdict(cfg),
         "device": str(dev),
@@ -702,6 +713,7 @@ def finetune(
     )
 
     fingerprint = {"config": asdict(cfg), "base": report["base_identity"], "data": report["data"]}
+    fingerprint["data_sha256"] = report["data_sha256"]
     state: dict[str, Any] = dict(step=0, epoch=0, batch=0, history=[], epochs=[], seconds=0.0, cpu_seconds=0.0)
     checkpoint = work / _WORK_FILES[0]
     if checkpoint.is_file():
@@ -846,8 +858,6 @@ WEIGHTS_KEY = "m3search_weights_sha256"
 
 def export_model(net: Any, base_folder: Path, folder: Path) -> Path:
     """Write ``net`` in bge-m3's layout: config.json + model.safetensors, both heads, the tokenizer files."""
-    import hashlib
-
     folder.mkdir(parents=True)
     net.model.save_pretrained(str(folder), safe_serialization=True)
     with open(folder / "model.safetensors", "rb") as fh:
