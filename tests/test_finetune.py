@@ -183,6 +183,24 @@ def test_excluded_passages_do_not_count_as_negatives():
     assert float(c["total"]) > float(a["total"]) + 0.1  # without the mask it would have hurt
 
 
+def test_a_query_on_several_lines_never_takes_its_own_positives_as_negatives(tiny_encoder):
+    """FlagEmbedding data often has one line per positive: each line's positive is a judged positive of the
+    same query on the other line, so it leaves that row's softmax too (the column of another query stays)."""
+    t = BUILTIN_TEXTS
+    examples = [
+        Example("what is a fox", [t[0]], [t[5]]),
+        Example("what is a fox", [t[1]], [t[6]]),
+        Example("hypersonic flow heating", [t[8]], [t[7]]),
+    ]
+    plan = _plan(tiny_encoder, examples, 64, 256)
+    groups = np.array([[plan.positives[i][0], *plan.negatives[i]] for i in range(3)])
+    exclude = _batch_tensors(tiny_encoder, plan, np.arange(3), groups)[5].numpy()
+    expected = np.zeros((3, 6), dtype=bool)
+    expected[0, 2] = expected[1, 0] = True  # each fox line's positive is the other line's excluded column
+    np.testing.assert_array_equal(exclude, expected)
+
+
+# ---------------------------------------------------------------------------------------------- data
 # ---------------------------------------------------------------------------------------------- data
 
 

@@ -27,7 +27,8 @@ Where it differs, on purpose:
   vectors floor every best match at 0), as :mod:`m3search.scoring` does at search time;
 * a passage that is a judged positive of a query is never that query's negative (it is
   masked out of the query's softmax), so two queries sharing a positive in one batch do
-  not push each other's answers away;
+  not push each other's answers away; a query text on several lines (one per positive)
+  counts as one query;
 * the lexical weights are pooled with ``scatter_reduce`` into ``(batch, vocab)``, not a
   ``(batch, tokens, vocab)`` tensor (bge-m3's vocabulary is 250,002 ids);
 * self-distillation is on by default (the paper's recipe; FlagEmbedding's flag is off);
@@ -367,12 +368,17 @@ def _tokenize(encoder: Any, texts: list[str], max_length: int) -> _Tokenized:
 
 @dataclass
 class _Plan:
-    """The training data as indices: query i's positives and negatives are indices into ``passages``."""
+    """The training data as indices: query i's positives and negatives are indices into ``passages``.
+
+    ``judged[i]``: every positive of query i's text, over all its examples (FlagEmbedding data often has one
+    line per positive): none of them is ever query i's negative.
+    """
 
     queries: _Tokenized
     passages: _Tokenized
     positives: list[list[int]]
     negatives: list[list[int]]
+    judged: list[set[int]]
 
 
 def _plan(encoder: Any, examples: list[Example], query_max_length: int, passage_max_length: int) -> _Plan:
@@ -387,11 +393,15 @@ def _plan(encoder: Any, examples: list[Example], query_max_length: int, passage_
 
     positives = [[idx(t) for t in e.positives] for e in examples]
     negatives = [[idx(t) for t in e.negatives] for e in examples]
+    judged: dict[str, set[int]] = {}
+    for e, pos in zip(examples, positives):
+        judged.setdefault(e.query, set()).update(pos)
     return _Plan(
         _tokenize(encoder, [e.query for e in examples], query_max_length),
         _tokenize(encoder, texts, passage_max_length),
         positives,
         negatives,
+        [judged[e.query] for e in examples],
     )
 
 
@@ -413,7 +423,7 @@ def _epoch_batches(
         if negatives == 0:
             chosen: list[int] = []
         elif not negs:
-            others = np.setdiff1d(np.arange(n_passages), plan.positives[i])
+            others = np.setdiff1d(np.arange(n_passages), sorted(plan.judged[i]))
             chosen = rng.choice(others, size=negatives, replace=len(others) < negatives).tolist() if len(others) else []
             chosen = chosen or [pos] * negatives  # a one-passage data set: nothing else to contrast with
         else:
@@ -444,7 +454,7 @@ def _batch_tensors(encoder: Any, plan: _Plan, queries: np.ndarray, groups: np.nd
     width = groups.shape[1]
     targets = torch.arange(len(queries), device=q_ids.device) * width
     # Query i's judged positives are not its negatives, wherever they sit in the batch (the target stays).
-    exclude = np.array([[int(p) in set(plan.positives[i]) for p in flat] for i in queries])
+    exclude = np.array([[int(p) in plan.judged[i] for p in flat] for i in queries])
     exclude[np.arange(len(queries)), np.arange(len(queries)) * width] = False
     return q_ids, q_mask, p_ids, p_mask, targets, torch.from_numpy(exclude).to(q_ids.device)
 
