@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from m3search.finetune import (
+    _EXPORT_FILES,
     ENSEMBLE_WEIGHTS,
     LOSS_WEIGHTS,
     MODES,
@@ -287,6 +288,7 @@ def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
         p.name for p in out.iterdir()
     }
     assert (out / "loss.png").stat().st_size > 1000
+    assert {p.name for p in out.iterdir()} <= set(_EXPORT_FILES)  # what a later run may clean up as its own
     saved = json.loads((out / "report.json").read_text())
     assert saved["steps"] == report["steps"] == 6 and len(saved["epochs"]) == 2
     assert {"mean", "max", "nonzero"} <= set(saved["epochs"][0]["sparse_weights"])
@@ -550,6 +552,70 @@ def test_a_failed_export_leaves_no_folder(tmp_path, tiny_model_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(4)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+
+
+def test_output_that_appears_during_training_is_left_and_the_model_kept(tmp_path, tiny_model_path, monkeypatch):
+    """--out created while the model was written (here empty, which a POSIX rename would silently replace):
+    that folder is left as it is, the trained model stays where the message says, and the CLI does not call it
+    bad input found before training (exit 2)."""
+    from click.testing import CliRunner
+
+    from m3search import finetune as ft
+    from m3search.cli import main
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    real = ft.write_report
+
+    def also_makes_out(report, folder):
+        real(report, folder)
+        (tmp_path / "out").mkdir()
+
+    monkeypatch.setattr(ft, "write_report", also_makes_out)
+    with pytest.raises(FileExistsError, match="appeared while training ran"):
+        _run(tmp_path, tiny_model_path, data)
+    assert list((tmp_path / "out").iterdir()) == []
+    kept = tmp_path / "out.partial" / "export"
+    assert (kept / "model.safetensors").is_file() and (kept / "report.json").is_file()
+
+    (tmp_path / "out").rmdir()  # the same command again: the model exported anew from the checkpoint
+    args = ["finetune", str(data), "--model", str(tiny_model_path), "--dtype", "float32", "--negatives", "2"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "4", "--lr", "1e-4", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "appeared while training ran" in result.output, result.output
+    assert str(kept) in " ".join(result.output.split()) and (kept / "model.safetensors").is_file()
+
+
+def test_a_run_killed_while_exporting_leaves_nothing_behind_once_rerun(tmp_path, tiny_model_path):
+    """A hard kill during export (no cleanup runs) leaves a full model copy; the rerun removes it, then keeps
+    only the output. A folder there that is not this command's is refused, not deleted."""
+    import os
+    import subprocess
+    import sys
+
+    import m3search
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    script = (
+        "import os\n"
+        "from m3search import finetune as ft\n"
+        "ft.write_report = lambda report, folder: os._exit(3)\n"
+        f"ft.finetune({str(data)!r}, model={str(tiny_model_path)!r}, out={str(tmp_path / 'out')!r}, batch_size=4,"
+        " negatives=2, lr=1e-4, dtype='float32', progress=False)\n"
+    )
+    src = str(Path(m3search.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+    assert (tmp_path / "out.partial" / "export" / "model.safetensors").is_file()  # the killed export's copy
+
+    (tmp_path / "out.partial" / "export" / "notes.txt").write_text("not ours")
+    with pytest.raises(FinetuneInputError, match="not this command's checkpoint folder"):
+        _run(tmp_path, tiny_model_path, data)
+    assert (tmp_path / "out.partial" / "export" / "notes.txt").read_text() == "not ours"
+    (tmp_path / "out.partial" / "export" / "notes.txt").unlink()
+
+    _run(tmp_path, tiny_model_path, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.jsonl"]
 
 
 def test_cli_finetune(tmp_path, tiny_model_path):

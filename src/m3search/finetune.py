@@ -38,6 +38,7 @@ Where it differs, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,6 +65,7 @@ __all__ = [
     "Example",
     "FinetuneInputError",
     "SparseCollapseError",
+    "OutputTakenError",
     "read_jsonl_examples",
     "read_beir_examples",
     "M3Trainable",
@@ -94,6 +96,11 @@ class FinetuneInputError(M3SearchError, ValueError):
 
 class SparseCollapseError(M3SearchError, RuntimeError):
     """The sparse head's weights collapsed towards zero during training."""
+
+
+class OutputTakenError(M3SearchError, FileExistsError):
+    """The output folder appeared while training ran: it was left as it is, the trained model kept (the message
+    says where)."""
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -463,8 +470,6 @@ def training_step(
     net: Any, batch: tuple, modes: Sequence[str], *, temperature: float, self_distill: bool, autocast: Any = None
 ) -> dict[str, Any]:
     """Forward both sides, score, and return every loss term (``total`` carries the graph)."""
-    import contextlib
-
     q_ids, q_mask, p_ids, p_mask, targets, exclude = batch
     with autocast or contextlib.nullcontext():
         q = net.encode(q_ids, q_mask, modes)
@@ -478,8 +483,6 @@ def training_step(
 
 def _sparse_stats(net: Any, encoder: Any, probe: _Tokenized, autocast: Any) -> dict[str, float]:
     """Mean, max and nonzero fraction of the sparse head's weights over the probe passages' real tokens."""
-    import contextlib
-
     was_training = net.training
     net.eval()
     weights = []
@@ -512,8 +515,54 @@ def _peak_memory_mib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
-#: What ``<out>.partial`` may hold: the checkpoint, and its temporary copy while one is written.
+#: What ``<out>.partial`` may hold: the checkpoint, its temporary copy while one is written, and
+#: ``export/``, the model being written (renamed to ``<out>`` when complete).
 _WORK_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
+_EXPORT_DIR = "export"
+#: What ``<out>.partial/export`` may hold: the files :func:`export_model` and :func:`write_report` write.
+_EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "colbert_linear.pt",
+    "sparse_linear.pt",
+    *_COPIED_FILES,
+    "report.json",
+    "loss.png",
+)
+
+
+def _is_work_folder(work: Path) -> bool:
+    """Whether ``work`` holds only what this command writes there, so it may be reused and deleted.
+    Why by name: a folder of the user's that happens to be called ``<out>.partial`` must never be deleted."""
+    if not work.is_dir():
+        return False
+    for p in work.iterdir():
+        if p.name == _EXPORT_DIR and p.is_dir() and not p.is_symlink():
+            if any(q.name not in _EXPORT_FILES for q in p.iterdir()):
+                return False
+        elif p.name not in _WORK_FILES:
+            return False
+    return True
+
+
+def _publish(folder: Path, out: Path) -> None:
+    """Rename the finished model ``folder`` to ``out``, never over anything there. Why ``mkdir`` first: a POSIX
+    rename silently replaces an empty directory, so one created at ``out`` meanwhile would be taken over;
+    ``mkdir`` claims the name atomically, and the rename then replaces only the empty folder made here."""
+    try:
+        out.mkdir()
+    except FileExistsError:
+        raise OutputTakenError(
+            f"output folder {str(out)!r} appeared while training ran and was left as it is; the trained model is "
+            f"in {str(folder)!r}: move it where you want it (or move {str(out)!r} away and run the same command "
+            "again: it exports the model again from the checkpoint)"
+        ) from None
+    try:
+        os.rename(folder, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only while it is still the empty folder made here
+        raise
 
 
 def _set_rng_states(saved: Mapping[str, Any], device: torch.device) -> None:
@@ -643,7 +692,7 @@ def finetune(
     if not out.parent.is_dir():
         raise FinetuneInputError(f"the parent of the output folder, {str(out.parent)!r}, does not exist")
     work = out.with_name(out.name + ".partial")
-    if work.exists() and (not work.is_dir() or any(p.name not in _WORK_FILES for p in work.iterdir())):
+    if work.exists() and not _is_work_folder(work):
         raise FinetuneInputError(
             f"{str(work)!r} exists and is not this command's checkpoint folder (it holds other files; it is removed "
             "when training ends): move it away, or choose another --out"
@@ -838,23 +887,22 @@ def finetune(
     net.eval()
     if gradient_checkpointing:
         net.model.gradient_checkpointing_disable()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # In the checkpoint folder, under a fixed name: a run killed while exporting leaves its copy there, and the
+    # next run of the command (or deleting that folder) removes it.
+    export = work / _EXPORT_DIR
+    shutil.rmtree(export, ignore_errors=True)  # a killed export's (checked as this command's at the start)
     try:
-        export_model(net, trainee.folder, tmp)
+        export_model(net, trainee.folder, export)
         if split is not None and split.heldout is not None:
-            tuned = M3Encoder.from_pretrained(tmp, device=device, dtype=dtype)
+            tuned = M3Encoder.from_pretrained(export, device=device, dtype=dtype)
             report["heldout_after"] = _heldout_metrics(split.heldout, tuned, cache, progress)
             del tuned
         report["total_seconds"] = round(time.perf_counter() - started, 2)
-        write_report(report, tmp)
-        if out.exists():
-            raise FinetuneInputError(f"output folder {str(out)!r} appeared during training; the model is in {tmp}")
-        os.rename(tmp, out)
+        write_report(report, export)
     except BaseException:
-        if not out.exists() or tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(export, ignore_errors=True)
         raise
+    _publish(export, out)
     shutil.rmtree(work, ignore_errors=True)
     report["out"] = str(out)
     return report
