@@ -257,6 +257,25 @@ def test_beir_bad_input_is_refused(tmp_path):
         read_beir_examples(_beir(tmp_path / "b", qrels=[("q0", "d0", 1), ("q1", "d1", 0)]))
 
 
+def test_beir_positives_without_text_are_dropped_and_counted(tmp_path):
+    """A judged document with no text is left out of the positives (as JSONL's empty ones are), counted for the
+    report; a query left without a positive is refused, as a JSONL line would be."""
+    folder = _beir(tmp_path / "beir", qrels=[("q0", "d0", 1), ("q0", "d10", 1), ("q1", "d1", 1)])
+    corpus = (folder / "corpus.jsonl").read_text().splitlines(keepends=True)
+    corpus[0] = json.dumps({"_id": "d0", "title": "", "text": " "}) + "\n"
+    (folder / "corpus.jsonl").write_text("".join(corpus))
+    split = read_beir_examples(folder)
+    assert [(e.qid, e.positives) for e in split.examples] == [
+        ("q0", [f"{BUILTIN_TEXTS[0]} number 10"]),
+        ("q1", [f"{BUILTIN_TEXTS[1]} number 1"]),
+    ]
+    assert split.empty_positives_dropped == 1
+    corpus[10] = json.dumps({"_id": "d10", "title": "", "text": ""}) + "\n"
+    (folder / "corpus.jsonl").write_text("".join(corpus))
+    with pytest.raises(FinetuneInputError, match=r"1 judged query has only positives with no text.*\['q0'\]"):
+        read_beir_examples(folder)
+
+
 def test_holdout_split_is_fixed_and_disjoint(tmp_path):
     folder = _beir(tmp_path / "beir", n_queries=8)
     a = read_beir_examples(folder, holdout=0.5, seed=3)
@@ -341,6 +360,7 @@ def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_mod
     folder = _beir(tmp_path / "beir")
     report = _run(tmp_path, tiny_model_path, folder, holdout=0.5, modes="dense,colbert")
     assert report["n_train_queries"] == 4 and report["n_heldout_queries"] == 4
+    assert report["empty_positives_dropped"] == 0
     assert set(report["heldout_before"]) == set(report["heldout_after"]) == {"dense", "sparse", "colbert", "all"}
     assert "sparse" not in report["epochs"][0]["mean_loss"]
     text_of = {f"d{i}": f"{BUILTIN_TEXTS[i % 10]} number {i}" for i in range(24)}

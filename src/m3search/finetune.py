@@ -163,6 +163,7 @@ class BeirSplit:
     data: Any  # eval.BeirData of the training queries
     heldout: Any | None  # eval.BeirData of the held-out queries (same corpus), or None
     examples: list[Example]
+    empty_positives_dropped: int = 0  # judged positives with no text, left out as JSONL's are
 
 
 def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
@@ -213,11 +214,16 @@ def read_beir_examples(
         )
 
     text_of = dict(zip(data.doc_ids, data.doc_texts))
-    examples = [
-        Example(data.queries[q], [text_of[d] for d, s in sorted(data.qrels[q].items()) if s > 0], qid=q)
-        for q in train_ids
-    ]
-    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples)
+    judged = {q: [text_of[d] for d, s in sorted(data.qrels[q].items()) if s > 0] for q in train_ids}
+    examples = [Example(data.queries[q], [t for t in judged[q] if t.strip()], qid=q) for q in train_ids]
+    only_empty = [e.qid for e in examples if not e.positives]
+    if only_empty:
+        raise FinetuneInputError(
+            f"{len(only_empty)} judged quer{'y has' if len(only_empty) == 1 else 'ies have'} only positives with "
+            f"no text in corpus.jsonl: {only_empty[:5]}"
+        )
+    dropped = sum(len(judged[q]) for q in train_ids) - sum(len(e.positives) for e in examples)
+    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples, dropped)
 
 
 def mine_negatives(
@@ -733,6 +739,7 @@ def finetune(
         mine_t0 = time.perf_counter()
         mine_negatives(split, base, negatives, cache_dir=cache, seed=seed, progress=progress)
         report["mining_seconds"] = round(time.perf_counter() - mine_t0, 2)
+        report["empty_positives_dropped"] = split.empty_positives_dropped
         if split.heldout is not None:
             report["n_heldout_queries"] = len(split.heldout.queries)
             report["heldout_before"] = _heldout_metrics(split.heldout, base, cache, progress)
