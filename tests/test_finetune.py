@@ -345,6 +345,20 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny_model_path):
     assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize(
+    "rows, settings",
+    [
+        ([{"query": "q", "pos": ["only passage"]}], {}),  # one query, nothing else to draw negatives from
+        (_train_rows(4), {"negatives": 0, "batch_size": 1}),  # every batch: one query and its positive
+    ],
+)
+def test_a_run_with_nothing_to_contrast_is_refused(tmp_path, tiny_model_path, rows, settings):
+    """Every loss would be exactly 0: refused before training, nothing written (it wrote the base model back)."""
+    with pytest.raises(FinetuneInputError, match="nothing to contrast"):
+        _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
     from m3search.eval import evaluate

@@ -459,6 +459,16 @@ def _epoch_batches(
     return [(np.array([i for i, _ in b]), np.array([g for _, g in b])) for b in batches]
 
 
+def _has_contrast(plan: _Plan, schedule: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]) -> bool:
+    """Whether some query of some batch has a passage that is not its judged positive to score against.
+    Why: with none, every loss is exactly 0 and a run would write its base model back as "fine-tuned"."""
+    return any(
+        any(int(p) not in plan.judged[i] for i in queries for p in groups.reshape(-1))
+        for batches in schedule
+        for queries, groups in batches
+    )
+
+
 def _batch_tensors(encoder: Any, plan: _Plan, queries: np.ndarray, groups: np.ndarray):
     """Padded tensors of one batch, the positive column of each query and its exclusion mask."""
     flat = groups.reshape(-1)
@@ -765,6 +775,12 @@ def finetune(
     # Every epoch's batches up front: each packs a new order under the token budget, so their counts differ.
     schedule = [_epoch_batches(plan, negatives, batch_size, budget, seed, e) for e in range(epochs)]
     n_batches = sum(len(b) for b in schedule)
+    if not _has_contrast(plan, schedule):
+        raise FinetuneInputError(
+            "nothing to contrast: no batch holds a passage besides its queries' judged positives (one query and "
+            "no other passage, or --negatives 0 with one query per batch), so every loss would be 0 and training "
+            "would change nothing; give more queries, hard negatives (--negatives) or a larger --batch-size"
+        )
     report["queries_per_batch"] = round(len(examples) * epochs / n_batches, 2)  # the token budget may cap batch_size
     report["token_budget"] = budget
     total_steps = n_batches if max_steps is None else min(max_steps, n_batches)
