@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from m3search.finetune import (
+    _EXPORT_FILES,
     ENSEMBLE_WEIGHTS,
     LOSS_WEIGHTS,
     MODES,
@@ -183,6 +184,24 @@ def test_excluded_passages_do_not_count_as_negatives():
     assert float(c["total"]) > float(a["total"]) + 0.1  # without the mask it would have hurt
 
 
+def test_a_query_on_several_lines_never_takes_its_own_positives_as_negatives(tiny_encoder):
+    """FlagEmbedding data often has one line per positive: each line's positive is a judged positive of the
+    same query on the other line, so it leaves that row's softmax too (the column of another query stays)."""
+    t = BUILTIN_TEXTS
+    examples = [
+        Example("what is a fox", [t[0]], [t[5]]),
+        Example("what is a fox", [t[1]], [t[6]]),
+        Example("hypersonic flow heating", [t[8]], [t[7]]),
+    ]
+    plan = _plan(tiny_encoder, examples, 64, 256)
+    groups = np.array([[plan.positives[i][0], *plan.negatives[i]] for i in range(3)])
+    exclude = _batch_tensors(tiny_encoder, plan, np.arange(3), groups)[5].numpy()
+    expected = np.zeros((3, 6), dtype=bool)
+    expected[0, 2] = expected[1, 0] = True  # each fox line's positive is the other line's excluded column
+    np.testing.assert_array_equal(exclude, expected)
+
+
+# ---------------------------------------------------------------------------------------------- data
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -238,6 +257,25 @@ def test_beir_bad_input_is_refused(tmp_path):
         read_beir_examples(_beir(tmp_path / "b", qrels=[("q0", "d0", 1), ("q1", "d1", 0)]))
 
 
+def test_beir_positives_without_text_are_dropped_and_counted(tmp_path):
+    """A judged document with no text is left out of the positives (as JSONL's empty ones are), counted for the
+    report; a query left without a positive is refused, as a JSONL line would be."""
+    folder = _beir(tmp_path / "beir", qrels=[("q0", "d0", 1), ("q0", "d10", 1), ("q1", "d1", 1)])
+    corpus = (folder / "corpus.jsonl").read_text().splitlines(keepends=True)
+    corpus[0] = json.dumps({"_id": "d0", "title": "", "text": " "}) + "\n"
+    (folder / "corpus.jsonl").write_text("".join(corpus))
+    split = read_beir_examples(folder)
+    assert [(e.qid, e.positives) for e in split.examples] == [
+        ("q0", [f"{BUILTIN_TEXTS[0]} number 10"]),
+        ("q1", [f"{BUILTIN_TEXTS[1]} number 1"]),
+    ]
+    assert split.empty_positives_dropped == 1
+    corpus[10] = json.dumps({"_id": "d10", "title": "", "text": ""}) + "\n"
+    (folder / "corpus.jsonl").write_text("".join(corpus))
+    with pytest.raises(FinetuneInputError, match=r"1 judged query has only positives with no text.*\['q0'\]"):
+        read_beir_examples(folder)
+
+
 def test_holdout_split_is_fixed_and_disjoint(tmp_path):
     folder = _beir(tmp_path / "beir", n_queries=8)
     a = read_beir_examples(folder, holdout=0.5, seed=3)
@@ -269,6 +307,7 @@ def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
         p.name for p in out.iterdir()
     }
     assert (out / "loss.png").stat().st_size > 1000
+    assert {p.name for p in out.iterdir()} <= set(_EXPORT_FILES)  # what a later run may clean up as its own
     saved = json.loads((out / "report.json").read_text())
     assert saved["steps"] == report["steps"] == 6 and len(saved["epochs"]) == 2
     assert {"mean", "max", "nonzero"} <= set(saved["epochs"][0]["sparse_weights"])
@@ -306,6 +345,20 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny_model_path):
     assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize(
+    "rows, settings",
+    [
+        ([{"query": "q", "pos": ["only passage"]}], {}),  # one query, nothing else to draw negatives from
+        (_train_rows(4), {"negatives": 0, "batch_size": 1}),  # every batch: one query and its positive
+    ],
+)
+def test_a_run_with_nothing_to_contrast_is_refused(tmp_path, tiny_model_path, rows, settings):
+    """Every loss would be exactly 0: refused before training, nothing written (it wrote the base model back)."""
+    with pytest.raises(FinetuneInputError, match="nothing to contrast"):
+        _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
     from m3search.eval import evaluate
@@ -321,6 +374,7 @@ def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_mod
     folder = _beir(tmp_path / "beir")
     report = _run(tmp_path, tiny_model_path, folder, holdout=0.5, modes="dense,colbert")
     assert report["n_train_queries"] == 4 and report["n_heldout_queries"] == 4
+    assert report["empty_positives_dropped"] == 0
     assert set(report["heldout_before"]) == set(report["heldout_after"]) == {"dense", "sparse", "colbert", "all"}
     assert "sparse" not in report["epochs"][0]["mean_loss"]
     text_of = {f"d{i}": f"{BUILTIN_TEXTS[i % 10]} number {i}" for i in range(24)}
@@ -387,6 +441,121 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("dies_in, at_call", [("training_step", 4), ("_sparse_stats", 2)])
+def test_resumed_run_reports_the_epochs_mean_loss(tmp_path, tiny_model_path, monkeypatch, dies_in, at_call):
+    """Killed mid-epoch 2 (step 4), or after epoch 1's last step checkpoint but before its end: the report's
+    per-epoch mean losses are those of one uninterrupted run (not the resumed part over all steps, nor empty)."""
+    from m3search import finetune as ft
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+    straight = _run(tmp_path, tiny_model_path, data, out="straight", epochs=2, checkpoint_every=1)
+    real, calls = getattr(ft, dies_in), {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, dies_in, dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    monkeypatch.setattr(ft, dies_in, real)
+    resumed = _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
+    assert resumed["resumed_at_step"] in (2, 3)
+    for a, b in zip(straight["epochs"], resumed["epochs"], strict=True):
+        assert b["steps"] == a["steps"] == 2
+        assert set(b["mean_loss"]) == set(a["mean_loss"]) and "total" in a["mean_loss"]
+        assert b["mean_loss"] == pytest.approx(a["mean_loss"], rel=1e-5)
+
+
+def test_every_epoch_runs_all_its_batches(tmp_path, tiny_model_path, tiny_encoder):
+    """Each epoch packs a new order under the token budget, so epoch 2 can need more batches than epoch 1:
+    it runs them all (the step count was epoch 1's times the epochs, which cut epoch 2 short)."""
+    from m3search.finetune import _epoch_batches
+
+    t = BUILTIN_TEXTS
+    rows = [
+        {"query": t[i % 10][:20], "pos": [" ".join([t[i % 10]] * (1 + (i * 7) % 4))], "neg": [t[(i + 3) % 10]]}
+        for i in range(12)
+    ]
+    plan = _plan(tiny_encoder, [Example(r["query"], r["pos"], r["neg"]) for r in rows], 64, 256)
+
+    def counts(budget: int) -> list[int]:
+        return [len(_epoch_batches(plan, 1, 4, budget, 0, e)) for e in range(2)]
+
+    budget = next((b for b in range(200, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
+    assert budget is not None, "no token budget gives epoch 2 more batches: a weak test"
+    report = _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), epochs=2, negatives=1,
+                  token_budget=budget)  # fmt: skip
+    assert [e["steps"] for e in report["epochs"]] == counts(budget)
+    assert report["steps"] == sum(counts(budget))
+
+
+def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_model_path, monkeypatch):
+    """``torch.load(map_location=device)`` puts the saved generator state on the GPU, where
+    ``torch.set_rng_state`` refuses it. On a CPU-only machine: the state comes back as an object standing for
+    a tensor on another device (only its ``.cpu()`` is a tensor), so the resume must use ``.cpu()``."""
+    from m3search import finetune as ft
+
+    class OnDevice:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+        def cpu(self) -> torch.Tensor:
+            return self.tensor
+
+    real_load, real_step, calls = torch.load, ft.training_step, {"n": 0}
+
+    def load(*args, **kwargs):
+        obj = real_load(*args, **kwargs)
+        if isinstance(obj, dict) and "torch_rng" in obj:
+            obj["torch_rng"] = OnDevice(obj["torch_rng"])
+        return obj
+
+    def dies_at_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+    monkeypatch.setattr(ft, "training_step", real_step)
+    monkeypatch.setattr(torch, "load", load)
+    assert _run(tmp_path, tiny_model_path, data, checkpoint_every=1)["resumed_at_step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "beir"])
+def test_resume_refuses_changed_data_at_the_same_path(tmp_path, tiny_model_path, monkeypatch, kind):
+    """The checkpoint names the data's content, not only its path: a JSONL line edited, or a BEIR corpus
+    document (not judged: it only changes the mined negatives) edited, is a different run."""
+    from m3search import finetune as ft
+
+    if kind == "jsonl":
+        data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
+        changed = data.read_text().replace(BUILTIN_TEXTS[1], BUILTIN_TEXTS[1] + " Edited.", 1)
+    else:
+        data = _beir(tmp_path / "beir")
+        changed = (data / "corpus.jsonl").read_text().replace("number 20", "number twenty")
+    real, calls = ft.training_step, {"n": 0}
+
+    def dies_at_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+    (data if kind == "jsonl" else data / "corpus.jsonl").write_text(changed)
+    with pytest.raises(FinetuneInputError, match="holds a checkpoint of a different run"):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+
+
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 
@@ -417,6 +586,70 @@ def test_a_failed_export_leaves_no_folder(tmp_path, tiny_model_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(4)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+
+
+def test_output_that_appears_during_training_is_left_and_the_model_kept(tmp_path, tiny_model_path, monkeypatch):
+    """--out created while the model was written (here empty, which a POSIX rename would silently replace):
+    that folder is left as it is, the trained model stays where the message says, and the CLI does not call it
+    bad input found before training (exit 2)."""
+    from click.testing import CliRunner
+
+    from m3search import finetune as ft
+    from m3search.cli import main
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    real = ft.write_report
+
+    def also_makes_out(report, folder):
+        real(report, folder)
+        (tmp_path / "out").mkdir()
+
+    monkeypatch.setattr(ft, "write_report", also_makes_out)
+    with pytest.raises(FileExistsError, match="appeared while training ran"):
+        _run(tmp_path, tiny_model_path, data)
+    assert list((tmp_path / "out").iterdir()) == []
+    kept = tmp_path / "out.partial" / "export"
+    assert (kept / "model.safetensors").is_file() and (kept / "report.json").is_file()
+
+    (tmp_path / "out").rmdir()  # the same command again: the model exported anew from the checkpoint
+    args = ["finetune", str(data), "--model", str(tiny_model_path), "--dtype", "float32", "--negatives", "2"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "4", "--lr", "1e-4", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "appeared while training ran" in result.output, result.output
+    assert str(kept) in " ".join(result.output.split()) and (kept / "model.safetensors").is_file()
+
+
+def test_a_run_killed_while_exporting_leaves_nothing_behind_once_rerun(tmp_path, tiny_model_path):
+    """A hard kill during export (no cleanup runs) leaves a full model copy; the rerun removes it, then keeps
+    only the output. A folder there that is not this command's is refused, not deleted."""
+    import os
+    import subprocess
+    import sys
+
+    import m3search
+
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    script = (
+        "import os\n"
+        "from m3search import finetune as ft\n"
+        "ft.write_report = lambda report, folder: os._exit(3)\n"
+        f"ft.finetune({str(data)!r}, model={str(tiny_model_path)!r}, out={str(tmp_path / 'out')!r}, batch_size=4,"
+        " negatives=2, lr=1e-4, dtype='float32', progress=False)\n"
+    )
+    src = str(Path(m3search.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+    assert (tmp_path / "out.partial" / "export" / "model.safetensors").is_file()  # the killed export's copy
+
+    (tmp_path / "out.partial" / "export" / "notes.txt").write_text("not ours")
+    with pytest.raises(FinetuneInputError, match="not this command's checkpoint folder"):
+        _run(tmp_path, tiny_model_path, data)
+    assert (tmp_path / "out.partial" / "export" / "notes.txt").read_text() == "not ours"
+    (tmp_path / "out.partial" / "export" / "notes.txt").unlink()
+
+    _run(tmp_path, tiny_model_path, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.jsonl"]
 
 
 def test_cli_finetune(tmp_path, tiny_model_path):

@@ -27,7 +27,8 @@ Where it differs, on purpose:
   vectors floor every best match at 0), as :mod:`m3search.scoring` does at search time;
 * a passage that is a judged positive of a query is never that query's negative (it is
   masked out of the query's softmax), so two queries sharing a positive in one batch do
-  not push each other's answers away;
+  not push each other's answers away; a query text on several lines (one per positive)
+  counts as one query;
 * the lexical weights are pooled with ``scatter_reduce`` into ``(batch, vocab)``, not a
   ``(batch, tokens, vocab)`` tensor (bge-m3's vocabulary is 250,002 ids);
 * self-distillation is on by default (the paper's recipe; FlagEmbedding's flag is off);
@@ -37,6 +38,8 @@ Where it differs, on purpose:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -62,6 +65,7 @@ __all__ = [
     "Example",
     "FinetuneInputError",
     "SparseCollapseError",
+    "OutputTakenError",
     "read_jsonl_examples",
     "read_beir_examples",
     "M3Trainable",
@@ -92,6 +96,11 @@ class FinetuneInputError(M3SearchError, ValueError):
 
 class SparseCollapseError(M3SearchError, RuntimeError):
     """The sparse head's weights collapsed towards zero during training."""
+
+
+class OutputTakenError(M3SearchError, FileExistsError):
+    """The output folder appeared while training ran: it was left as it is, the trained model kept (the message
+    says where)."""
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -154,6 +163,7 @@ class BeirSplit:
     data: Any  # eval.BeirData of the training queries
     heldout: Any | None  # eval.BeirData of the held-out queries (same corpus), or None
     examples: list[Example]
+    empty_positives_dropped: int = 0  # judged positives with no text, left out as JSONL's are
 
 
 def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
@@ -204,11 +214,16 @@ def read_beir_examples(
         )
 
     text_of = dict(zip(data.doc_ids, data.doc_texts))
-    examples = [
-        Example(data.queries[q], [text_of[d] for d, s in sorted(data.qrels[q].items()) if s > 0], qid=q)
-        for q in train_ids
-    ]
-    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples)
+    judged = {q: [text_of[d] for d, s in sorted(data.qrels[q].items()) if s > 0] for q in train_ids}
+    examples = [Example(data.queries[q], [t for t in judged[q] if t.strip()], qid=q) for q in train_ids]
+    only_empty = [e.qid for e in examples if not e.positives]
+    if only_empty:
+        raise FinetuneInputError(
+            f"{len(only_empty)} judged quer{'y has' if len(only_empty) == 1 else 'ies have'} only positives with "
+            f"no text in corpus.jsonl: {only_empty[:5]}"
+        )
+    dropped = sum(len(judged[q]) for q in train_ids) - sum(len(e.positives) for e in examples)
+    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples, dropped)
 
 
 def mine_negatives(
@@ -235,6 +250,15 @@ def mine_negatives(
             pool = [h.id for h in ranked if h.id not in judged_pos]
         picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False) if pool else []
         example.negatives = [text_of[pool[i]] for i in sorted(picked)]
+
+
+def _data_sha256(examples: Sequence[Example], corpus_sha256: str | None) -> str:
+    """The training data's content: every example as read and the corpus that negatives are mined from.
+    Why: a resume checks it, so the same path holding other data is a different run, not a continuation."""
+    h = hashlib.sha256((corpus_sha256 or "").encode())
+    for e in examples:
+        h.update(json.dumps(asdict(e), ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -357,12 +381,17 @@ def _tokenize(encoder: Any, texts: list[str], max_length: int) -> _Tokenized:
 
 @dataclass
 class _Plan:
-    """The training data as indices: query i's positives and negatives are indices into ``passages``."""
+    """The training data as indices: query i's positives and negatives are indices into ``passages``.
+
+    ``judged[i]``: every positive of query i's text, over all its examples (FlagEmbedding data often has one
+    line per positive): none of them is ever query i's negative.
+    """
 
     queries: _Tokenized
     passages: _Tokenized
     positives: list[list[int]]
     negatives: list[list[int]]
+    judged: list[set[int]]
 
 
 def _plan(encoder: Any, examples: list[Example], query_max_length: int, passage_max_length: int) -> _Plan:
@@ -377,11 +406,15 @@ def _plan(encoder: Any, examples: list[Example], query_max_length: int, passage_
 
     positives = [[idx(t) for t in e.positives] for e in examples]
     negatives = [[idx(t) for t in e.negatives] for e in examples]
+    judged: dict[str, set[int]] = {}
+    for e, pos in zip(examples, positives):
+        judged.setdefault(e.query, set()).update(pos)
     return _Plan(
         _tokenize(encoder, [e.query for e in examples], query_max_length),
         _tokenize(encoder, texts, passage_max_length),
         positives,
         negatives,
+        [judged[e.query] for e in examples],
     )
 
 
@@ -403,7 +436,7 @@ def _epoch_batches(
         if negatives == 0:
             chosen: list[int] = []
         elif not negs:
-            others = np.setdiff1d(np.arange(n_passages), plan.positives[i])
+            others = np.setdiff1d(np.arange(n_passages), sorted(plan.judged[i]))
             chosen = rng.choice(others, size=negatives, replace=len(others) < negatives).tolist() if len(others) else []
             chosen = chosen or [pos] * negatives  # a one-passage data set: nothing else to contrast with
         else:
@@ -426,6 +459,16 @@ def _epoch_batches(
     return [(np.array([i for i, _ in b]), np.array([g for _, g in b])) for b in batches]
 
 
+def _has_contrast(plan: _Plan, schedule: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]) -> bool:
+    """Whether some query of some batch has a passage that is not its judged positive to score against.
+    Why: with none, every loss is exactly 0 and a run would write its base model back as "fine-tuned"."""
+    return any(
+        any(int(p) not in plan.judged[i] for i in queries for p in groups.reshape(-1))
+        for batches in schedule
+        for queries, groups in batches
+    )
+
+
 def _batch_tensors(encoder: Any, plan: _Plan, queries: np.ndarray, groups: np.ndarray):
     """Padded tensors of one batch, the positive column of each query and its exclusion mask."""
     flat = groups.reshape(-1)
@@ -434,7 +477,7 @@ def _batch_tensors(encoder: Any, plan: _Plan, queries: np.ndarray, groups: np.nd
     width = groups.shape[1]
     targets = torch.arange(len(queries), device=q_ids.device) * width
     # Query i's judged positives are not its negatives, wherever they sit in the batch (the target stays).
-    exclude = np.array([[int(p) in set(plan.positives[i]) for p in flat] for i in queries])
+    exclude = np.array([[int(p) in plan.judged[i] for p in flat] for i in queries])
     exclude[np.arange(len(queries)), np.arange(len(queries)) * width] = False
     return q_ids, q_mask, p_ids, p_mask, targets, torch.from_numpy(exclude).to(q_ids.device)
 
@@ -443,8 +486,6 @@ def training_step(
     net: Any, batch: tuple, modes: Sequence[str], *, temperature: float, self_distill: bool, autocast: Any = None
 ) -> dict[str, Any]:
     """Forward both sides, score, and return every loss term (``total`` carries the graph)."""
-    import contextlib
-
     q_ids, q_mask, p_ids, p_mask, targets, exclude = batch
     with autocast or contextlib.nullcontext():
         q = net.encode(q_ids, q_mask, modes)
@@ -458,8 +499,6 @@ def training_step(
 
 def _sparse_stats(net: Any, encoder: Any, probe: _Tokenized, autocast: Any) -> dict[str, float]:
     """Mean, max and nonzero fraction of the sparse head's weights over the probe passages' real tokens."""
-    import contextlib
-
     was_training = net.training
     net.eval()
     weights = []
@@ -474,6 +513,14 @@ def _sparse_stats(net: Any, encoder: Any, probe: _Tokenized, autocast: Any) -> d
     return {"mean": float(w.mean()), "max": float(w.max()), "nonzero": float((w > 0).float().mean())}
 
 
+def _mean_loss(history: Sequence[Mapping[str, float]], epoch: int) -> dict[str, float]:
+    """Each loss term's mean over the epoch's steps, from the checkpointed history: a resumed epoch
+    counts the steps run before the interruption too."""
+    rows = [h for h in history if h["epoch"] == epoch]
+    keys = [k for k in rows[0] if k not in ("step", "epoch")] if rows else []
+    return {k: sum(h[k] for h in rows) / len(rows) for k in keys}
+
+
 def _collapsed(stats: Mapping[str, float], before: Mapping[str, float]) -> bool:
     return stats["max"] == 0.0 or stats["nonzero"] < COLLAPSE_RATIO * before["nonzero"]
 
@@ -484,8 +531,62 @@ def _peak_memory_mib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
-#: What ``<out>.partial`` may hold: the checkpoint, and its temporary copy while one is written.
+#: What ``<out>.partial`` may hold: the checkpoint, its temporary copy while one is written, and
+#: ``export/``, the model being written (renamed to ``<out>`` when complete).
 _WORK_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
+_EXPORT_DIR = "export"
+#: What ``<out>.partial/export`` may hold: the files :func:`export_model` and :func:`write_report` write.
+_EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "colbert_linear.pt",
+    "sparse_linear.pt",
+    *_COPIED_FILES,
+    "report.json",
+    "loss.png",
+)
+
+
+def _is_work_folder(work: Path) -> bool:
+    """Whether ``work`` holds only what this command writes there, so it may be reused and deleted.
+    Why by name: a folder of the user's that happens to be called ``<out>.partial`` must never be deleted."""
+    if not work.is_dir():
+        return False
+    for p in work.iterdir():
+        if p.name == _EXPORT_DIR and p.is_dir() and not p.is_symlink():
+            if any(q.name not in _EXPORT_FILES for q in p.iterdir()):
+                return False
+        elif p.name not in _WORK_FILES:
+            return False
+    return True
+
+
+def _publish(folder: Path, out: Path) -> None:
+    """Rename the finished model ``folder`` to ``out``, never over anything there. Why ``mkdir`` first: a POSIX
+    rename silently replaces an empty directory, so one created at ``out`` meanwhile would be taken over;
+    ``mkdir`` claims the name atomically, and the rename then replaces only the empty folder made here."""
+    try:
+        out.mkdir()
+    except FileExistsError:
+        raise OutputTakenError(
+            f"output folder {str(out)!r} appeared while training ran and was left as it is; the trained model is "
+            f"in {str(folder)!r}: move it where you want it (or move {str(out)!r} away and run the same command "
+            "again: it exports the model again from the checkpoint)"
+        ) from None
+    try:
+        os.rename(folder, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only while it is still the empty folder made here
+        raise
+
+
+def _set_rng_states(saved: Mapping[str, Any], device: torch.device) -> None:
+    """Restore the checkpoint's random generators. ``.cpu()``: loading with ``map_location`` moved the saved
+    states to ``device``, and the setters take CPU byte tensors only (a resume on CUDA failed there)."""
+    torch.set_rng_state(saved["torch_rng"].cpu())
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -607,7 +708,7 @@ def finetune(
     if not out.parent.is_dir():
         raise FinetuneInputError(f"the parent of the output folder, {str(out.parent)!r}, does not exist")
     work = out.with_name(out.name + ".partial")
-    if work.exists() and (not work.is_dir() or any(p.name not in _WORK_FILES for p in work.iterdir())):
+    if work.exists() and not _is_work_folder(work):
         raise FinetuneInputError(
             f"{str(work)!r} exists and is not this command's checkpoint folder (it holds other files; it is removed "
             "when training ends): move it away, or choose another --out"
@@ -636,6 +737,7 @@ def finetune(
         "base_model": str(model),
         "base_identity": base.identity,
         "data": str(data.resolve()),
+        "data_sha256": _data_sha256(examples, split.data.corpus_sha256 if split else None),  # before mining
         "queries_dir": str(Path(queries_dir).resolve()) if queries_dir else None,
         "config": asdict(cfg),
         "device": str(dev),
@@ -647,6 +749,7 @@ def finetune(
         mine_t0 = time.perf_counter()
         mine_negatives(split, base, negatives, cache_dir=cache, seed=seed, progress=progress)
         report["mining_seconds"] = round(time.perf_counter() - mine_t0, 2)
+        report["empty_positives_dropped"] = split.empty_positives_dropped
         if split.heldout is not None:
             report["n_heldout_queries"] = len(split.heldout.queries)
             report["heldout_before"] = _heldout_metrics(split.heldout, base, cache, progress)
@@ -669,11 +772,18 @@ def finetune(
         report["autocast"] = str(amp_dtype).replace("torch.", "")
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and amp_dtype == torch.float16)
 
-    first_epoch = _epoch_batches(plan, negatives, batch_size, budget, seed, 0)
-    steps_per_epoch = len(first_epoch)
-    report["queries_per_batch"] = round(len(examples) / steps_per_epoch, 2)  # the token budget may cap batch_size
+    # Every epoch's batches up front: each packs a new order under the token budget, so their counts differ.
+    schedule = [_epoch_batches(plan, negatives, batch_size, budget, seed, e) for e in range(epochs)]
+    n_batches = sum(len(b) for b in schedule)
+    if not _has_contrast(plan, schedule):
+        raise FinetuneInputError(
+            "nothing to contrast: no batch holds a passage besides its queries' judged positives (one query and "
+            "no other passage, or --negatives 0 with one query per batch), so every loss would be 0 and training "
+            "would change nothing; give more queries, hard negatives (--negatives) or a larger --batch-size"
+        )
+    report["queries_per_batch"] = round(len(examples) * epochs / n_batches, 2)  # the token budget may cap batch_size
     report["token_budget"] = budget
-    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    total_steps = n_batches if max_steps is None else min(max_steps, n_batches)
     warm = max(1, int(total_steps * warmup)) if warmup else 0
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in net.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
@@ -685,6 +795,7 @@ def finetune(
     )
 
     fingerprint = {"config": asdict(cfg), "base": report["base_identity"], "data": report["data"]}
+    fingerprint["data_sha256"] = report["data_sha256"]
     state: dict[str, Any] = dict(step=0, epoch=0, batch=0, history=[], epochs=[], seconds=0.0, cpu_seconds=0.0)
     checkpoint = work / _WORK_FILES[0]
     if checkpoint.is_file():
@@ -697,7 +808,7 @@ def finetune(
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        _set_rng_states(saved, dev)
         state = {"cpu_seconds": 0.0, **saved["state"]}  # (a checkpoint written before cpu_seconds)
         report["resumed_at_step"] = state["step"]
     work.mkdir(exist_ok=True)
@@ -709,6 +820,7 @@ def finetune(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,  # dropout on the GPU
             "state": state,
         }
         _save_atomic(payload, checkpoint)
@@ -722,7 +834,7 @@ def finetune(
         torch.manual_seed(seed)  # dropout; a resumed run restores the saved generator instead
     while state["epoch"] < epochs and state["step"] < total_steps:
         epoch = state["epoch"]
-        batches = _epoch_batches(plan, negatives, batch_size, budget, seed, epoch)
+        batches = schedule[epoch]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -730,7 +842,6 @@ def finetune(
             total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
             file=sys.stderr, disable=None if progress else True,
         )  # fmt: skip
-        sums: dict[str, float] = {}
         try:
             for b in range(state["batch"], len(batches)):
                 if state["step"] >= total_steps:
@@ -750,8 +861,6 @@ def finetune(
                 if not math.isfinite(values["total"]):
                     raise RuntimeError(f"the loss is {values['total']} at step {state['step']}: lower --lr")
                 state["history"].append({"step": state["step"], "epoch": epoch, **values})
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
                 state["step"] += 1
                 state["batch"] = b + 1
                 bar.update(1)
@@ -774,7 +883,7 @@ def finetune(
                 "seconds": round(state["seconds"], 2),
                 "cpu_seconds": round(state["cpu_seconds"], 2),  # all threads: the cost on a shared machine
                 "peak_memory_mib": round(_peak_memory_mib(dev), 1),
-                "mean_loss": {k: v / max(1, done) for k, v in sums.items()},
+                "mean_loss": _mean_loss(state["history"], epoch),
                 "sparse_weights": stats,
             }
         )
@@ -801,23 +910,22 @@ def finetune(
     net.eval()
     if gradient_checkpointing:
         net.model.gradient_checkpointing_disable()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # In the checkpoint folder, under a fixed name: a run killed while exporting leaves its copy there, and the
+    # next run of the command (or deleting that folder) removes it.
+    export = work / _EXPORT_DIR
+    shutil.rmtree(export, ignore_errors=True)  # a killed export's (checked as this command's at the start)
     try:
-        export_model(net, trainee.folder, tmp)
+        export_model(net, trainee.folder, export)
         if split is not None and split.heldout is not None:
-            tuned = M3Encoder.from_pretrained(tmp, device=device, dtype=dtype)
+            tuned = M3Encoder.from_pretrained(export, device=device, dtype=dtype)
             report["heldout_after"] = _heldout_metrics(split.heldout, tuned, cache, progress)
             del tuned
         report["total_seconds"] = round(time.perf_counter() - started, 2)
-        write_report(report, tmp)
-        if out.exists():
-            raise FinetuneInputError(f"output folder {str(out)!r} appeared during training; the model is in {tmp}")
-        os.rename(tmp, out)
+        write_report(report, export)
     except BaseException:
-        if not out.exists() or tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(export, ignore_errors=True)
         raise
+    _publish(export, out)
     shutil.rmtree(work, ignore_errors=True)
     report["out"] = str(out)
     return report
@@ -831,8 +939,6 @@ WEIGHTS_KEY = "m3search_weights_sha256"
 
 def export_model(net: Any, base_folder: Path, folder: Path) -> Path:
     """Write ``net`` in bge-m3's layout: config.json + model.safetensors, both heads, the tokenizer files."""
-    import hashlib
-
     folder.mkdir(parents=True)
     net.model.save_pretrained(str(folder), safe_serialization=True)
     with open(folder / "model.safetensors", "rb") as fh:
