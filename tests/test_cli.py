@@ -591,4 +591,4 @@ def test_finetune_creates_the_parent_folders_of_out(tmp_path, tiny_model_path):
     p = cli("finetune", str(data), "-m", str(tiny_model_path), "--out", "runs/deeper/ft", check=False, cwd=tmp_path)
     assert "parent of the output folder" not in p.stderr, p.stderr
     assert p.returncode == 2 and "positive" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert (tmp_path / "runs" / "deeper").is_dir() and not (tmp_path / "runs" / "deeper" / "ft").exists()
+    assert not (tmp_path / "runs").exists()  # made when training starts, not for bad input

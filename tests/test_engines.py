@@ -341,10 +341,13 @@ def test_milvus_filter_expressions():
         with pytest.raises(ValueError, match="field names with '/'"):
             to_milvus_expr(parse_filter(spec))
     # Milvus's parser reads -2**63 as -(2**63 - 1), which matched the neighbour
-    for spec in ({"f": -(2**63)}, {"f": {"in": [1, -(2**63)]}}, {"f": {"lte": -(2**63)}}):
+    for spec in ({"f": -(2**63)}, {"f": {"in": [1, -(2**63)]}}, {"not": {"f": -(2**63)}}):
         with pytest.raises(ValueError, match="-2\\*\\*63"):
             to_milvus_expr(parse_filter(spec))
     assert to_milvus_expr(parse_filter({"n": 2**60 + 1})).startswith('(meta["n"] in [1152921504606846977] or')
+    # as a range bound (compared in float64) -2**63 is exact as a float: "no lower bound" filters keep working
+    assert to_milvus_expr(parse_filter({"x": {"gte": -(2**63)}})) == '(meta["x"] >= -9.223372036854776e+18)'
+    assert "-9.223372036854776e+18" in to_milvus_expr(parse_filter({"not": {"x": {"gt": -(2**63), "lt": 1}}}))
 
 
 def test_milvus_keys_are_those_stored_collections_hold():
@@ -606,6 +609,9 @@ def test_qdrant_requests_stay_under_the_limit_with_large_metadata(tmp_path, tiny
         assert {n for n, _ in sent} == {"upsert", "update"}
         assert max(size for _, size in sent) <= limit, sent
         assert col.get("d7")[0].metadata == {"summary": "7 " + "x" * 20_000} and col.count({"notes": "é"}) == 0
+        sent.clear()
+        col.update_metadata(ids, {"tag": "x" * 2000})  # one dict for all: one request while it fits
+        assert [n for n, _ in sent] == ["update"], sent
     finally:
         col.close()
 

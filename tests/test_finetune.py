@@ -554,6 +554,12 @@ def test_resume_refuses_changed_data_at_the_same_path(tmp_path, tiny_model_path,
     (data if kind == "jsonl" else data / "corpus.jsonl").write_text(changed)
     with pytest.raises(FinetuneInputError, match="holds a checkpoint of a different run"):
         _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
+    checkpoint = tmp_path / "out.partial" / "checkpoint.pt"  # as an m3search before the data hash wrote it
+    saved = torch.load(checkpoint, weights_only=False)
+    del saved["fingerprint"]["data_sha256"]
+    torch.save(saved, checkpoint)
+    with pytest.raises(FinetuneInputError, match="written by an earlier m3search.*delete that folder"):
+        _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
 
 
 def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeypatch):
@@ -586,6 +592,21 @@ def test_a_failed_export_leaves_no_folder(tmp_path, tiny_model_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", _train_rows(4)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial", "train.jsonl"]
+
+
+def test_missing_parents_of_out_are_made_when_training_starts(tmp_path, tiny_model_path):
+    """As index makes a collection's folders: ``--out runs/deeper/ft`` in a fresh clone. Bad input leaves no
+    folder behind, and a file on the way is refused as input, before anything is made."""
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    _run(tmp_path, tiny_model_path, data, out="runs/deeper/ft")
+    assert (tmp_path / "runs" / "deeper" / "ft" / "model.safetensors").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FinetuneInputError, match="'.*afile' is a file, not a folder"):
+        _run(tmp_path, tiny_model_path, data, out="afile/ft")
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"query": "q", "pos": []}])
+    with pytest.raises(FinetuneInputError):
+        _run(tmp_path, tiny_model_path, bad, out="other/ft")
+    assert not (tmp_path / "other").exists()
 
 
 def test_output_that_appears_during_training_is_left_and_the_model_kept(tmp_path, tiny_model_path, monkeypatch):

@@ -90,7 +90,10 @@ def test_unknown_keyword_arguments_raise_type_error(col):
         M3SearchEmbedding(collection=col, embed_batch_sise=5, modee="sparse")
     with pytest.raises(TypeError, match="foo"):
         M3SearchEmbedding("some/model", foo=1)
-    assert M3SearchEmbedding(collection=col, embed_batch_size=5).embed_batch_size == 5  # its own fields pass
+    e = M3SearchEmbedding(collection=col, embed_batch_size=5)
+    assert e.embed_batch_size == 5  # its own fields pass, and pydantic's round trip (its dump adds class_name)
+    assert M3SearchEmbedding.model_validate(e.model_dump()).embed_batch_size == 5
+    assert M3SearchEmbedding.model_validate_json(e.model_dump_json()).model_name == e.model_name
     with pytest.raises(TypeError, match="foo"):
         M3SearchRetriever(col, foo=1)
     with pytest.raises(TypeError, match="foo"):

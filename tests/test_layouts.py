@@ -3,8 +3,9 @@
 * bad names, pool factor < 1 and options an engine cannot honour fail BEFORE anything is
   written; a version-1 manifest (no layout keys) still opens as float16, unpooled;
 * the settings reach the engine: the manifest records them, Qdrant Edge's config carries
-  them, and after ``add`` (which optimizes) the quantized copy exists on disk, so what is
-  searched is the layout asked for;
+  them, and after ``add`` (which optimizes) a binary or TurboQuant copy exists on disk, so what
+  is searched is the layout asked for (Qdrant builds int8 and product-quantized copies only for
+  segments it indexes, so small collections and new writes are scored on the stored vectors);
 * scores: a lossy storage type stays close to exact MaxSim; a quantized copy without
   rescoring changes the scores, with rescoring it returns the stored vectors' scores;
   a pooled collection stores ceil(n / factor) vectors per document and its ColBERT scores
@@ -146,6 +147,46 @@ def test_version_1_manifest_opens_as_float16_unpooled(tmp_path, tiny_encoder):
         )
 
 
+def test_layout_values_earlier_versions_stored_are_read(tmp_path, tiny_encoder):
+    """Before the schema's type checks, create stored flags and counts as given (0 for False, 100.0 for 100):
+    such a collection opens and searches as before, while create refuses those values."""
+    path = tmp_path / "col"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add(TEXTS, ids=IDS)
+        before = [h.id for h in col.search(QUERY, k=3)]
+    m = json.loads((path / "manifest.json").read_text())
+    m["schema"].update(colbert_on_disk=1, dense_on_disk=0, colbert_rescore=1, hnsw_ef_construct=100.0)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.schema.colbert_on_disk is True and col.schema.dense_on_disk is False
+        assert col.schema.hnsw_ef_construct == 100 and type(col.schema.hnsw_ef_construct) is int
+        assert [h.id for h in col.search(QUERY, k=3)] == before
+    with pytest.raises(ValueError, match="dense_on_disk must be True or False"):
+        Schema(dense_dim=4, colbert_dim=4, vocab_size=10, dense_on_disk=0)
+    with pytest.raises(ValueError, match="colbert_on_disk must be True or False"):
+        Schema.from_dict({"dense_dim": 4, "colbert_dim": 4, "vocab_size": 10, "colbert_on_disk": 2})
+
+
+@pytest.mark.parametrize("quantization", ["binary1.5", "binary2"])
+def test_unrescored_multi_bit_binary_is_refused_for_new_collections(tmp_path, tiny_encoder, quantization):
+    """Qdrant Edge 0.9 scores these on a data-dependent scale once a segment is optimized, and as binary1
+    in the segment that takes new writes: the last written documents ranked first. Rescored they are fine."""
+    with pytest.raises(ValueError, match="needs colbert_rescore=True"):
+        Collection.create(tmp_path / "c", model=tiny_encoder, colbert_quantization=quantization, colbert_rescore=False)
+    assert not (tmp_path / "c").exists()
+    Collection.create(tmp_path / "c", model=tiny_encoder, colbert_quantization=quantization).close()
+    s = Schema(dense_dim=4, colbert_dim=4, vocab_size=10, colbert_quantization=quantization, colbert_rescore=False)
+    assert Schema.from_dict(s.to_dict()) == s  # a collection made so before still opens
+
+
+def test_a_numpy_pool_factor_is_an_int(tmp_path, tiny_encoder):
+    """It used to pass the check and then fail writing the manifest, after the storage was made."""
+    with Collection.create(tmp_path / "c", model=tiny_encoder, colbert_pool_factor=np.int64(2)) as col:
+        assert type(col.schema.colbert_pool_factor) is int and col.schema.colbert_pool_factor == 2
+        col.add(TEXTS, ids=IDS)
+        assert col.search(QUERY, k=1)
+
+
 # ------------------------------------------------------------------- engine behaviour
 def _exact_colbert(q: np.ndarray, d: np.ndarray) -> float:
     return float((q @ d.T).max(axis=1).mean())
@@ -174,7 +215,7 @@ def _quantized_files(path) -> list:
 def test_edge_config_and_manifest_record_the_layout(tmp_path, tiny_encoder, embeddings):
     emb, _ = embeddings
     path = tmp_path / "col"
-    settings = {"colbert_dtype": "turbo8", "colbert_quantization": "binary2", "colbert_rescore": False}
+    settings = {"colbert_dtype": "turbo8", "colbert_quantization": "binary2", "colbert_rescore": True}
     with Collection.create(path, model=tiny_encoder, colbert_pool_factor=2, **settings) as col:
         col.add(TEXTS, ids=IDS, embeddings=emb)
         # the quantized copy is on disk after add (which optimizes; appendable segments keep one too)

@@ -161,6 +161,43 @@ def test_interrupted_migration_leaves_no_collection(tmp_path, tiny_encoder, sour
         identical(before, snapshot(col, queries))
 
 
+def test_interrupted_migration_to_a_server_says_what_to_remove(tmp_path, tiny_encoder, source, monkeypatch):
+    """A server collection (here qdrant-client's local mode) cannot be cleaned up by the rerun as a folder is:
+    the rerun says the collection there is incomplete and how to remove it, not merely that one exists."""
+    pytest.importorskip("qdrant_client")
+    from m3search.engines.qdrant_remote import QdrantRemoteEngine
+
+    src, *_ = source
+    dst = f"qdrant+local://{tmp_path}/store/col"
+    real, calls = QdrantRemoteEngine.upsert, []
+
+    def failing(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(QdrantRemoteEngine, "upsert", failing)
+    layout = {"colbert_dtype": "float16"}
+    with pytest.raises(OSError, match="simulated"):
+        migrate(src, dst, batch_size=30, layout=layout)
+    monkeypatch.undo()
+    with pytest.raises(CollectionExistsError, match="incomplete.*interrupted migrate or create. Remove it"):
+        migrate(src, dst, batch_size=30, layout=layout)
+
+
+def test_a_quantized_copy_the_destination_cannot_keep_is_named_in_the_hint(tmp_path, tiny_encoder):
+    pytest.importorskip("pymilvus")
+    src, dst = tmp_path / "src", tmp_path / "m.db"
+    with Collection.create(src, model=tiny_encoder, colbert_quantization="binary1") as col:
+        col.add(["alpha beta", "gamma delta"], ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"--colbert-dtype float16 --colbert-quantization none"):
+        migrate(src, dst)
+    with pytest.raises(ValueError, match=r"\(CLI: --colbert-quantization none\)"):
+        migrate(src, dst, layout={"colbert_dtype": "float16"})
+    assert migrate(src, dst, layout={"colbert_dtype": "float16", "colbert_quantization": None})["copied"] == 2
+
+
 def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
     src, *_ = source
     Collection.create(tmp_path / "taken", model=tiny_encoder).close()

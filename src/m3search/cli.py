@@ -1129,7 +1129,6 @@ def finetune_(
     with _errors():
         from .finetune import FinetuneInputError, finetune, summary
 
-        Path(out).parent.mkdir(parents=True, exist_ok=True)  # as index creates a new collection's parent folders
         try:
             report = finetune(
                 data,

@@ -354,7 +354,7 @@ class Collection:
             colbert_dim=encoder.colbert_dim,
             vocab_size=encoder.vocab_size,
             **{k: v for k, v in settings.items() if k in _SCHEMA_SETTINGS},
-        )
+        ).check_new()
         manifest = {
             "format": MANIFEST_FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -836,7 +836,9 @@ class Collection:
 
     def count(self, filter: Any = None) -> int:
         """Number of documents (matching ``filter``)."""
-        return self._engine.count(parse_filter(filter))
+        f = parse_filter(filter)
+        self._sync()  # an older layout counts points unless the bound says windows exist
+        return self._engine.count(f)
 
     def __len__(self) -> int:
         return self.count()

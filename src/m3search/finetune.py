@@ -705,8 +705,9 @@ def finetune(
     out = Path(out)
     if out.exists():
         raise FinetuneInputError(f"output folder {str(out)!r} exists; choose a new --out (nothing is overwritten)")
-    if not out.parent.is_dir():
-        raise FinetuneInputError(f"the parent of the output folder, {str(out.parent)!r}, does not exist")
+    above = next(a for a in out.parents if a.exists())  # missing folders are made when training starts
+    if not above.is_dir():
+        raise FinetuneInputError(f"the output folder's parent {str(above)!r} is a file, not a folder")
     work = out.with_name(out.name + ".partial")
     if work.exists() and not _is_work_folder(work):
         raise FinetuneInputError(
@@ -800,6 +801,11 @@ def finetune(
     checkpoint = work / _WORK_FILES[0]
     if checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
+        if "data_sha256" not in saved["fingerprint"]:  # written before checkpoints recorded the data
+            raise FinetuneInputError(
+                f"{work} holds a checkpoint written by an earlier m3search, which cannot be resumed by this one; "
+                "delete that folder to start over"
+            )
         if saved["fingerprint"] != fingerprint:
             raise FinetuneInputError(
                 f"{work} holds a checkpoint of a different run (other settings, data or base model); "
@@ -811,7 +817,7 @@ def finetune(
         _set_rng_states(saved, dev)
         state = {"cpu_seconds": 0.0, **saved["state"]}  # (a checkpoint written before cpu_seconds)
         report["resumed_at_step"] = state["step"]
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)  # and --out's missing parents, as index makes a collection's
 
     def save_checkpoint() -> None:
         payload = {

@@ -60,13 +60,13 @@ def check_layout(layout: dict[str, Any]) -> dict[str, Any]:
     unknown = set(layout) - set(LAYOUT_SETTINGS)
     if unknown:
         raise ValueError(f"unknown layout setting(s) {sorted(unknown)}; allowed: {', '.join(LAYOUT_SETTINGS)}")
-    Schema(dense_dim=1, colbert_dim=1, vocab_size=1, **layout)
+    Schema(dense_dim=1, colbert_dim=1, vocab_size=1, **layout).check_new()
     return layout
 
 
 def _target_schema(source: Schema, layout: dict[str, Any], src: str) -> Schema:
     """The destination's schema: the source's with ``layout`` applied, checked (ValueError) before any write."""
-    schema = Schema(**{**source.to_dict(), **layout})
+    schema = Schema(**{**source.to_dict(), **layout}).check_new()
     if source.colbert_pool_factor > 1 and schema.colbert_pool_factor != source.colbert_pool_factor:
         raise ValueError(
             f"{src} is pooled with colbert_pool_factor={source.colbert_pool_factor}: it keeps cluster means, not "
@@ -112,6 +112,13 @@ def migrate(
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
+        try:
+            dst_cls.open(dst, **dst_options).close()
+        except CollectionNotFoundError as exc:  # what an interrupted migrate or create leaves on a server
+            raise CollectionExistsError(
+                f"{exc}: left by an interrupted migrate or create. Remove it (a Qdrant server: DELETE "
+                "/collections/NAME; a Milvus Lite file: delete the file), then run again"
+            ) from None
         raise CollectionExistsError(f"a collection already exists at {dst}; migrate into a new location")
 
     started = time.perf_counter()
@@ -126,11 +133,18 @@ def migrate(
         try:
             target = dst_cls.create(dst, schema, **dst_options)  # refuses a layout this engine cannot honour
         except ValueError as exc:
-            if "colbert_dtype" in layout or schema.colbert_dtype in LOSSLESS_COLBERT_DTYPES:
+            change = {}  # what the destination cannot keep, and was not asked to change
+            if "colbert_dtype" not in layout and schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES:
+                change["colbert_dtype"] = ("float16", "--colbert-dtype float16")
+            if "colbert_quantization" not in layout and schema.colbert_quantization is not None:
+                change["colbert_quantization"] = (None, "--colbert-quantization none")
+            if not change:
                 raise
             raise ValueError(
-                f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}: convert it on the way with "
-                "layout={'colbert_dtype': 'float16'} (CLI: --colbert-dtype float16)"
+                f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}"
+                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}: convert it "
+                f"on the way with layout={ {k: v for k, (v, _) in change.items()} } "
+                f"(CLI: {' '.join(flag for _, flag in change.values())})"
             ) from None
         try:
             copied = _copy(source, target, total, batch_size, show_progress, pool)

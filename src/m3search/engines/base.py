@@ -65,10 +65,27 @@ from m3search.engines.shapes import (
     WindowScores,
     score_records,
 )
+from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
 from m3search.plan import MODES  # the three representations, in the order weights are given
 
-__all__ = ["ID_NAMESPACE", "Engine", "point_uuid", "allocated_bytes"]
+__all__ = [  # and, for an engine's author, the shapes and errors its methods take and raise
+    "ID_NAMESPACE",
+    "Engine",
+    "point_uuid",
+    "allocated_bytes",
+    "Schema",
+    "PointBatch",
+    "Record",
+    "QueryVectors",
+    "Pool",
+    "WindowScores",
+    "Hits",
+    "score_records",
+    "CollectionExistsError",
+    "CollectionInUseError",
+    "CollectionNotFoundError",
+]
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
 ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")

@@ -287,10 +287,13 @@ def _lit(s: str, what: str = "string") -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _num(v: float | int) -> str:
+def _num(v: float | int, *, bound: bool = False) -> str:
+    """A number literal; ``bound``: a range bound, which Milvus compares in float64 anyway."""
     if isinstance(v, int):
+        if v == INT64_MIN and bound:  # the parser cannot read it as an integer; as a float it is exact
+            return repr(float(v))
         if v == INT64_MIN:  # Milvus's parser reads it as -(2**63 - 1): it would match its neighbour
-            raise ValueError(f"Milvus filters cannot hold the integer {v} (-2**63): Milvus reads it as {v + 1}")
+            raise ValueError(f"Milvus filters cannot match the integer {v} (-2**63): Milvus reads it as {v + 1}")
         return str(v)
     return repr(float(v))
 
@@ -451,8 +454,9 @@ class _ExprBuilder:
         p = self.path(f.field)
         ops = [(f.gt, ">", "<="), (f.gte, ">=", "<"), (f.lt, "<", ">="), (f.lte, "<=", ">")]
         if not neg:
-            return "(" + " and ".join(f"{p} {op} {_num(b)}" for b, op, _ in ops if b is not None) + ")"
-        alts = [f'{self.kinds(f.field)} != "n"'] + [f"{p} {nop} {_num(b)}" for b, _, nop in ops if b is not None]
+            return "(" + " and ".join(f"{p} {op} {_num(b, bound=True)}" for b, op, _ in ops if b is not None) + ")"
+        alts = [f'{self.kinds(f.field)} != "n"']
+        alts += [f"{p} {nop} {_num(b, bound=True)}" for b, _, nop in ops if b is not None]
         return "(" + " or ".join(alts) + ")"
 
 

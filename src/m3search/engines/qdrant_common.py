@@ -505,19 +505,22 @@ class QdrantEngine(Engine):
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         layout = self._layout(ids) if self.max_windows > 1 else [([1], 0)] * len(ids)
-        keys = [json.dumps(meta, sort_keys=True) for meta in metadata]
-        # requests of at most max_request_bytes, each holding all the points of its documents
-        sizes = [(3 + sum(parts or [1])) * (len(key) + 64) for key, (parts, _) in zip(keys, layout)]
-        for r in split_requests(sizes, [True] * len(ids), self.max_request_bytes):
-            groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one operation per distinct payload
-            for doc_id, meta, key, (parts, gen) in zip(ids[r], metadata[r], keys[r], layout[r]):
-                for w, n in enumerate(parts or [1]):
-                    for p in range(n):
-                        head = w == 0 and p == 0
-                        payload = self._meta(meta, head)
-                        groups.setdefault((key, head), (payload, []))[1].append(part_uuid(doc_id, w, p, gen))
-            if groups:
-                self._set_payload(list(groups.values()))
+        limit = self.max_request_bytes
+        groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one operation per distinct payload
+        size = 0  # the request's JSON: each distinct payload once (a head's ~3 times: "m" and "meta"), ~40 B an id
+        for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
+            key = json.dumps(meta, sort_keys=True)
+            points = [(w, p) for w, n in enumerate(parts or [1]) for p in range(n)]
+            kinds = {(key, True): 3 * len(key), **({(key, False): len(key)} if len(points) > 1 else {})}
+            if limit is not None and groups and size + 40 * len(points) + sum(kinds.values()) > limit:
+                self._set_payload(list(groups.values()))  # a document's points stay in one request
+                groups, size = {}, 0
+            size += 40 * len(points) + sum(v for k, v in kinds.items() if k not in groups)
+            for w, p in points:
+                head = w == 0 and p == 0
+                groups.setdefault((key, head), (self._meta(meta, head), []))[1].append(part_uuid(doc_id, w, p, gen))
+        if groups:
+            self._set_payload(list(groups.values()))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every point a document may have, in one write: all windows (and parts) up to the most points

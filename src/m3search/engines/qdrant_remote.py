@@ -506,10 +506,11 @@ class QdrantRemoteEngine(QdrantEngine):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Every point carrying the documents' ids, by filter, in one request (windows, parts, text points
-        and tombstones alike): right whatever window bound this client holds (other clients write too)."""
-        if not ids:
-            return
+        """Documents stored as several points: every point carrying their id, by filter, in one
+        request (windows, parts and tombstones alike). Else by point id (a filter on ``id`` scans every
+        point); the bound is current, as the Collection re-reads it before each call (``shared``)."""
+        if self.max_windows <= 1 or not ids:
+            return super().delete(ids)
         sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=list(ids)))]))
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 

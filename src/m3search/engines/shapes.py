@@ -88,7 +88,9 @@ class Schema:
     ``colbert_quantization``: None, or a quantized copy (:data:`COLBERT_QUANTIZATIONS`) kept in
     RAM and used to score candidates; ``colbert_rescore`` then says whether the engine rescores
     them on the stored vectors (True: the stored vectors' scores are returned) or returns the
-    quantized scores (False). ``colbert_pool_factor``: documents keep ``ceil(n / factor)``
+    quantized scores (False); Qdrant Edge builds ``int8`` and ``pq*`` copies only for the segments it
+    indexes (large ones), so until then, and for new writes, candidates are scored on the stored
+    vectors. ``colbert_pool_factor``: documents keep ``ceil(n / factor)``
     token vectors (:mod:`m3search.pooling`; 1 = every token).
     """
 
@@ -125,7 +127,20 @@ class Schema:
             raise ValueError(
                 f"colbert_quantization must be None or one of {COLBERT_QUANTIZATIONS}, got {self.colbert_quantization!r}"
             )
-        check_pool_factor(self.colbert_pool_factor)
+        object.__setattr__(self, "colbert_pool_factor", check_pool_factor(self.colbert_pool_factor))
+
+    def check_new(self) -> Schema:
+        """Itself, if a NEW collection may have this layout (an existing one opens as it was made).
+
+        Unrescored ``binary1.5`` / ``binary2`` scores are refused: Qdrant Edge 0.9 scores them on a
+        data-dependent scale in optimized segments and as ``binary1`` in the segment that takes new
+        writes, so the last written documents ranked first (benchmarks/RESULTS.md)."""
+        if self.colbert_quantization in ("binary1.5", "binary2") and not self.colbert_rescore:
+            raise ValueError(
+                f"colbert_quantization={self.colbert_quantization!r} needs colbert_rescore=True: its raw scores are "
+                "on no fixed scale; for unrescored binary scores use 'binary1'"
+            )
+        return self
 
     @property
     def colbert_lossless(self) -> bool:
@@ -145,7 +160,14 @@ class Schema:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown schema keys {sorted(unknown)} (written by a newer m3search?)")
-        return cls(**dict(d))
+        d = dict(d)
+        for f in fields(cls):  # what earlier versions stored as given: 0 / 1 for a flag, 100.0 for a count
+            v = d.get(f.name)
+            if f.type == "bool" and type(v) is int and v in (0, 1):
+                d[f.name] = bool(v)
+            elif f.type == "int" and type(v) is float and v.is_integer():
+                d[f.name] = int(v)
+        return cls(**d)
 
 
 #: Per-query ranked list: ``[(id, score), ...]``, best first.

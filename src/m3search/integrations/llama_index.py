@@ -173,6 +173,7 @@ class M3SearchEmbedding(BaseEmbedding):
         ]
         if len(given) > 1:
             raise ValueError(f"give one of model_name, encoder, collection (got {', '.join(given)})")
+        kwargs.pop("class_name", None)  # what LlamaIndex's own serializer adds to every dump (model_validate)
         refuse_unknown(type(self), kwargs)  # BaseEmbedding would ignore them (extra="ignore")
         if encoder is not None:  # recorded, so that to_dict / from_dict reload the same model the same way
             model_name = str(encoder.name_or_path)
