@@ -493,3 +493,40 @@ def test_explain_while_a_hit_loses_its_best_window(tmp_path, tiny_encoder):
         c._engine.get_windows = rewritten_meanwhile
         hit = c.search("fox river", k=1, explain=True)[0]
         assert hit.id == "long" and "matched_tokens" in hit.explain
+
+
+def test_a_failure_after_the_lock_releases_it(tmp_path, tiny_encoder, monkeypatch):
+    """Disk full writing the owner's pid at open: the error, and this process does not keep the lock (every
+    later open said 'in use by another process')."""
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+
+    Collection.create(tmp_path / "c", model=tiny_encoder).close()
+    real = QdrantEdgeEngine._write_pid
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(QdrantEdgeEngine, "_write_pid", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        Collection.open(tmp_path / "c", model=tiny_encoder)
+    monkeypatch.setattr(QdrantEdgeEngine, "_write_pid", real)
+    Collection.open(tmp_path / "c", model=tiny_encoder).close()
+
+
+def test_a_create_that_failed_writing_its_manifest_can_be_retried(tmp_path, tiny_encoder, monkeypatch):
+    import m3search.engines.qdrant_edge as qe_mod
+
+    real, calls = os.fsync, []
+
+    def full_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(qe_mod.os, "fsync", full_once)
+    with pytest.raises(OSError, match="No space"):
+        Collection.create(tmp_path / "c", model=tiny_encoder)
+    assert not (tmp_path / "c" / "manifest.json.tmp").exists()
+    monkeypatch.setattr(qe_mod.os, "fsync", real)
+    Collection.create(tmp_path / "c", model=tiny_encoder).close()

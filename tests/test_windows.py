@@ -842,6 +842,79 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
         col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+def test_an_interrupted_long_write_leaves_nothing_once_cleared(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """A long write of a long text stopped after its first piece: its windows AND its text points (which no
+    head names) go when the next write clears it, so deleting the document then leaves no point behind."""
+    import m3search.collection as collection
+    import m3search.engines.qdrant_common as qc
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+    monkeypatch.setattr(qc, "TEXT_CHUNK", 40)  # the text is kept on text points
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        col.add([texts[1]], ids=["y"])
+        before = raw_points(col)
+        real, calls = col.engine._write, []
+
+        def stops_at_second(*a, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(col.engine, "_write", stops_at_second)
+        with pytest.raises(KeyboardInterrupt):
+            col.add([texts[29]], ids=["x"])
+        monkeypatch.setattr(col.engine, "_write", real)
+        col.add([texts[0]], ids=["x"])
+        col.delete(["x"])
+        assert col.count() == 1 and raw_points(col) == before
+    finally:
+        col.close()
+
+
+def test_a_failed_manifest_write_is_written_again(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """Disk full while recording the window bound: the add fails, and its retry records the bound (it was held
+    in memory as if stored, so after a reopen a delete left the long document's windows searchable)."""
+    texts, *_ = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        loc = col.location
+        col.add(texts[:2], ids=["a", "b"])
+        real = col.engine.write_manifest
+
+        def disk_full(manifest):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(col.engine, "write_manifest", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            col.add([texts[20]], ids=["x"])
+        monkeypatch.setattr(col.engine, "write_manifest", real)
+        col.add([texts[20]], ids=["x"])
+    with Collection.open(loc, model=tiny_encoder) as col:
+        assert col.manifest["max_windows_stored"] == 3
+        col.delete(["x"])
+        assert raw_points(col) == 2 and vector_points(col, "x") == 0
+
+
+def test_one_metadata_dict_is_one_operation_per_document(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """Qdrant Edge writes each payload operation on its own: the head's and the other windows' payloads as two
+    operations let a kill between them leave a document half updated (filters matched its old metadata)."""
+    texts, *_ = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add([texts[20], texts[0]], ids=["x", "y"], metadata=[{"lang": "en"}] * 2)
+        ops = []
+        real = col.engine._set_payload
+        monkeypatch.setattr(col.engine, "_set_payload", lambda o: (ops.append(len(o)), real(o))[1])
+        col.update_metadata(["x", "y"], {"lang": "de"})
+        assert ops == [1]
+        assert col.count({"lang": "en"}) == 0 and {h.id for h in col.search(texts[20], filter={"lang": "de"})} == {
+            "x",
+            "y",
+        }
+
+
 def long_write_hook(eng, stop):
     """``(target, name, real, hook, writes)``: ``hook`` replaces for the engine's row writes (Qdrant: ``_write``;
     Milvus: ``client.upsert`` into the main collection) that records, per write holding rows of "x",

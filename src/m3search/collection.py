@@ -759,8 +759,7 @@ class Collection:
     def _set_pending(self, ids: list[str]) -> None:
         """Record (or clear) in the manifest the document being written by ``upsert_long``."""
         if ids or self._manifest.get("pending"):
-            self._manifest["pending"] = ids
-            self._engine.write_manifest(self._manifest)
+            self._write_manifest({**self._manifest, "pending": ids})
 
     def _clear_pending(self) -> None:
         """After a crash during a long write: remove that document's stray windows (it has no head,
@@ -768,7 +767,7 @@ class Collection:
         pending = self._manifest.get("pending") or []
         stray = [i for i in pending if i not in self._engine.existing(pending)]
         if stray:
-            self._engine.delete(stray)
+            self._engine.purge(stray)
         self._set_pending([])
 
     def _sync(self) -> None:
@@ -785,9 +784,14 @@ class Collection:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
         (engines read that many window points per document on delete; 1 skips all window work)."""
         if most > self._manifest.get("max_windows_stored", 1):
-            self._manifest["max_windows_stored"] = most
-            self._engine.write_manifest(self._manifest)
+            self._write_manifest({**self._manifest, "max_windows_stored": most})
         self._engine.max_windows = max(self._engine.max_windows, most)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        """Write, then hold: a failed write (disk full) leaves the held manifest what is on disk, so a retry
+        writes it again (a bound held but never stored let a later delete leave windows behind)."""
+        self._engine.write_manifest(manifest)
+        self._manifest = manifest
 
     def _existing(self, ids: Sequence[str]) -> set[str]:
         out: set[str] = set()

@@ -218,6 +218,11 @@ class Engine(ABC):
     def delete(self, ids: Sequence[str]) -> None:
         """Delete the documents (all windows) that exist among ``ids`` (unknown ids are ignored)."""
 
+    def purge(self, ids: Sequence[str]) -> None:
+        """Delete the documents and every row an interrupted write of theirs left (crash recovery, rare:
+        may scan the storage). Default: :meth:`delete`."""
+        self.delete(ids)
+
     # --- reads -----------------------------------------------------------------------
     @abstractmethod
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:

@@ -16,7 +16,8 @@ long text, text points):
   when ``n > 1``, ``"windows": n`` and ``"spans"`` (character ``[start, end)`` of every window; also
   ``"spans"`` alone for one window that is not the whole text, as when ``max_windows=1`` cut it);
 * window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "m": [metadata], "window": w}``
-  (metadata on every window: filters run inside the vector queries);
+  (metadata on every window: filters run inside the vector queries; a metadata update sets the head's
+  ``"m"`` and ``"meta"`` on every point, so that one dict is one operation);
 * text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}``
   holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``: :meth:`QdrantEngine.get`
   joins them.
@@ -205,6 +206,16 @@ class QdrantEngine(Engine):
     def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
         """Set each ``payload``'s keys on its points (one request where possible)."""
         raise NotImplementedError
+
+    def _delete_documents(self, ids: list[str]) -> None:
+        """Delete every point whose payload ``id`` is among ``ids`` (by filter: a scan where ``id`` has no index)."""
+        raise NotImplementedError
+
+    def purge(self, ids: Sequence[str]) -> None:
+        """Every point of the documents, whatever generation an interrupted long write gave it (text points
+        included, which no head names)."""
+        if ids:
+            self._delete_documents(list(ids))
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
@@ -506,19 +517,18 @@ class QdrantEngine(Engine):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         layout = self._layout(ids) if self.max_windows > 1 else [([1], 0)] * len(ids)
         limit = self.max_request_bytes
-        groups: dict[tuple[str, bool], tuple[dict, list[str]]] = {}  # one operation per distinct payload
-        size = 0  # the request's JSON: each distinct payload once (a head's ~3 times: "m" and "meta"), ~40 B an id
+        groups: dict[str, tuple[dict, list[str]]] = {}  # one operation per distinct payload
+        size = 0  # the request's JSON: each distinct payload once (~3 times its JSON: "m" and "meta"), ~40 B an id
         for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
             key = json.dumps(meta, sort_keys=True)
-            points = [(w, p) for w, n in enumerate(parts or [1]) for p in range(n)]
-            kinds = {(key, True): 3 * len(key), **({(key, False): len(key)} if len(points) > 1 else {})}
-            if limit is not None and groups and size + 40 * len(points) + sum(kinds.values()) > limit:
+            points = [part_uuid(doc_id, w, p, gen) for w, n in enumerate(parts or [1]) for p in range(n)]
+            if limit is not None and groups and size + 40 * len(points) + 3 * len(key) > limit:
                 self._set_payload(list(groups.values()))  # a document's points stay in one request
                 groups, size = {}, 0
-            size += 40 * len(points) + sum(v for k, v in kinds.items() if k not in groups)
-            for w, p in points:
-                head = w == 0 and p == 0
-                groups.setdefault((key, head), (self._meta(meta, head), []))[1].append(part_uuid(doc_id, w, p, gen))
+            size += 40 * len(points) + (3 * len(key) if key not in groups else 0)
+            # the head's payload on every point: one operation per distinct dict, so a document is never half
+            # updated (Qdrant Edge writes each operation on its own)
+            groups.setdefault(key, (self._meta(meta, True), []))[1].extend(points)
         if groups:
             self._set_payload(list(groups.values()))
 

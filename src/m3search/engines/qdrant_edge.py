@@ -39,6 +39,7 @@ process, Qdrant Edge serves concurrent reads; writes should come from one thread
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -175,11 +176,15 @@ def _damaged(root: Path, why: str) -> ValueError:
 def _fsync_write(path: Path, data: str) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full: no half-written file left for the next create to refuse
+        raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -258,7 +263,7 @@ class QdrantEdgeEngine(QdrantEngine):
             raise CollectionExistsError(f"{root} exists and is not a folder")
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
         # a folder without our lock file holds someone else's files, whatever their names
-        leftovers = (PIDFILE, LOCKFILE, SHARD) if (root / LOCKFILE).is_file() else ()
+        leftovers = (PIDFILE, LOCKFILE, SHARD, MANIFEST + ".tmp") if (root / LOCKFILE).is_file() else ()
         if root.is_dir() and any(p.name not in leftovers for p in root.iterdir()):
             raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +276,7 @@ class QdrantEdgeEngine(QdrantEngine):
             os.close(lock)
             raise
         engine = cls(root, shard, schema, lock=lock, **options)
-        engine._write_pid()
+        engine._started()
         return engine
 
     @classmethod
@@ -297,9 +302,20 @@ class QdrantEdgeEngine(QdrantEngine):
                 raise _in_use(root) from None
             raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
         engine = cls(root, shard, schema, lock=lock, **options)
-        engine._write_pid()
-        engine._opened(int(manifest.get("max_windows_stored", 1)))
+        engine._started(int(manifest.get("max_windows_stored", 1)))
         return engine
+
+    def _started(self, max_windows_stored: int | None = None) -> None:
+        """The owner's pid written (and, on open, the stored state read), or the shard and lock released:
+        a failure here (disk full) must not leave this process holding a collection nobody can open."""
+        try:
+            self._write_pid()
+            if max_windows_stored is not None:
+                self._opened(max_windows_stored)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.close()
+            raise
 
     def _write_pid(self) -> None:
         (self.root / PIDFILE).write_text(f"{os.getpid()}\n")
@@ -389,6 +405,10 @@ class QdrantEdgeEngine(QdrantEngine):
     def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
         for payload, uuids in ops:
             self.shard.update(qe.UpdateOperation.set_payload(uuids, payload))
+
+    def _delete_documents(self, ids: list[str]) -> None:
+        f = qe.Filter(must=[qe.FieldCondition("id", match=qe.MatchAny(ids))])
+        self.shard.update(qe.UpdateOperation.delete_points_by_filter(f))
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:

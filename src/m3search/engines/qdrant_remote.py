@@ -511,7 +511,10 @@ class QdrantRemoteEngine(QdrantEngine):
         point); the bound is current, as the Collection re-reads it before each call (``shared``)."""
         if self.max_windows <= 1 or not ids:
             return super().delete(ids)
-        sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=list(ids)))]))
+        self._delete_documents(list(ids))
+
+    def _delete_documents(self, ids: list[str]) -> None:
+        sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=ids))]))
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def _delete_points(self, uuids: list[str]) -> None:
