@@ -612,6 +612,10 @@ def test_qdrant_requests_stay_under_the_limit_with_large_metadata(tmp_path, tiny
         sent.clear()
         col.update_metadata(ids, {"tag": "x" * 2000})  # one dict for all: one request while it fits
         assert [n for n, _ in sent] == ["update"], sent
+        sent.clear()
+        col.engine.max_request_bytes = 2_000  # small dicts, one each: the operations' own JSON counts too
+        col.update_metadata(ids, [{"i": i} for i in range(len(ids))])
+        assert len(sent) > 1 and max(size for _, size in sent) <= 2_000, sent
     finally:
         col.close()
 

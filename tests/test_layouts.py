@@ -155,16 +155,17 @@ def test_layout_values_earlier_versions_stored_are_read(tmp_path, tiny_encoder):
         col.add(TEXTS, ids=IDS)
         before = [h.id for h in col.search(QUERY, k=3)]
     m = json.loads((path / "manifest.json").read_text())
-    m["schema"].update(colbert_on_disk=1, dense_on_disk=0, colbert_rescore=1, hnsw_ef_construct=100.0)
+    m["schema"].update(colbert_on_disk=1, dense_on_disk=None, colbert_rescore=1, hnsw_ef_construct=100.0)
     (path / "manifest.json").write_text(json.dumps(m))
     with Collection.open(path, model=tiny_encoder) as col:
-        assert col.schema.colbert_on_disk is True and col.schema.dense_on_disk is False
+        assert col.schema.colbert_on_disk is True and col.schema.dense_on_disk is False  # None: read as falsy then
         assert col.schema.hnsw_ef_construct == 100 and type(col.schema.hnsw_ef_construct) is int
         assert [h.id for h in col.search(QUERY, k=3)] == before
+    assert Schema.from_dict({"dense_dim": 4, "colbert_dim": 4, "vocab_size": 10}).colbert_on_disk is True  # default
     with pytest.raises(ValueError, match="dense_on_disk must be True or False"):
         Schema(dense_dim=4, colbert_dim=4, vocab_size=10, dense_on_disk=0)
     with pytest.raises(ValueError, match="colbert_on_disk must be True or False"):
-        Schema.from_dict({"dense_dim": 4, "colbert_dim": 4, "vocab_size": 10, "colbert_on_disk": 2})
+        Schema.from_dict({"dense_dim": 4, "colbert_dim": 4, "vocab_size": 10, "colbert_on_disk": "no"})
 
 
 @pytest.mark.parametrize("quantization", ["binary1.5", "binary2"])

@@ -186,6 +186,13 @@ def test_interrupted_migration_to_a_server_says_what_to_remove(tmp_path, tiny_en
         migrate(src, dst, batch_size=30, layout=layout)
 
 
+def test_an_existing_destination_in_use_is_still_said_to_exist(tmp_path, tiny_encoder, source):
+    src, *_ = source
+    with Collection.create(tmp_path / "held", model=tiny_encoder):  # open here: in use
+        with pytest.raises(CollectionExistsError, match="already exists"):
+            migrate(src, tmp_path / "held")
+
+
 def test_a_quantized_copy_the_destination_cannot_keep_is_named_in_the_hint(tmp_path, tiny_encoder):
     pytest.importorskip("pymilvus")
     src, dst = tmp_path / "src", tmp_path / "m.db"

@@ -112,13 +112,16 @@ def migrate(
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
-        try:
-            dst_cls.open(dst, **dst_options).close()
-        except CollectionNotFoundError as exc:  # what an interrupted migrate or create leaves on a server
-            raise CollectionExistsError(
-                f"{exc}: left by an interrupted migrate or create. Remove it (a Qdrant server: DELETE "
-                "/collections/NAME; a Milvus Lite file: delete the file), then run again"
-            ) from None
+        if dst_cls.name != "qdrant-edge":  # its exists() means a manifest; elsewhere a partial collection can be there
+            try:
+                dst_cls.open(dst, **dst_options).close()
+            except CollectionNotFoundError as exc:  # what an interrupted migrate or create leaves there
+                raise CollectionExistsError(
+                    f"{exc}: left by an interrupted migrate or create. Remove it (a Qdrant server: DELETE "
+                    "/collections/NAME; a Milvus Lite file: delete the file), then run again"
+                ) from None
+            except Exception:  # in use, or another version's: it is there, which is what to say
+                pass
         raise CollectionExistsError(f"a collection already exists at {dst}; migrate into a new location")
 
     started = time.perf_counter()

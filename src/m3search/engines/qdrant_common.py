@@ -522,10 +522,11 @@ class QdrantEngine(Engine):
         for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
             key = json.dumps(meta, sort_keys=True)
             points = [part_uuid(doc_id, w, p, gen) for w, n in enumerate(parts or [1]) for p in range(n)]
-            if limit is not None and groups and size + 40 * len(points) + 3 * len(key) > limit:
+            payload = 3 * len(key) + 96  # "m", "meta" (escaped) and the operation's own JSON
+            if limit is not None and groups and size + 40 * len(points) + payload > limit:
                 self._set_payload(list(groups.values()))  # a document's points stay in one request
                 groups, size = {}, 0
-            size += 40 * len(points) + (3 * len(key) if key not in groups else 0)
+            size += 40 * len(points) + (payload if key not in groups else 0)
             # the head's payload on every point: one operation per distinct dict, so a document is never half
             # updated (Qdrant Edge writes each operation on its own)
             groups.setdefault(key, (self._meta(meta, True), []))[1].extend(points)

@@ -162,8 +162,12 @@ class Schema:
             raise ValueError(f"unknown schema keys {sorted(unknown)} (written by a newer m3search?)")
         d = dict(d)
         for f in fields(cls):  # what earlier versions stored as given: 0 / 1 for a flag, 100.0 for a count
-            v = d.get(f.name)
-            if f.type == "bool" and type(v) is int and v in (0, 1):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in ("colbert_on_disk", "dense_on_disk") and (v is None or type(v) in (int, float)):
+                d[f.name] = bool(v)  # as the engines read them then (truthiness)
+            elif f.type == "bool" and type(v) is int and v in (0, 1):
                 d[f.name] = bool(v)
             elif f.type == "int" and type(v) is float and v.is_integer():
                 d[f.name] = int(v)
