@@ -117,12 +117,13 @@ def dense_doc_scores(encoder, queries: list[str], texts: list[str], window: int 
     return np.maximum.reduceat(dense_scores(q, w.embeddings.dense), starts, axis=1)
 
 
-def fail_second_upsert(monkeypatch) -> None:
-    """Make Qdrant Edge's second upsert raise OSError("disk full (simulated)"): a migration
-    interrupted after its first batch was written (the destination must then not exist)."""
+def fail_second_upsert(monkeypatch, engine_cls=None) -> None:
+    """Make an engine's (default: Qdrant Edge's) second upsert raise OSError("disk full (simulated)"): a
+    migration interrupted after its first batch was written (the destination must then not exist)."""
     from m3search.engines.qdrant_edge import QdrantEdgeEngine
 
-    real, calls = QdrantEdgeEngine.upsert, []
+    engine_cls = engine_cls or QdrantEdgeEngine
+    real, calls = engine_cls.upsert, []
 
     def failing(self, batch):
         calls.append(len(batch))
@@ -130,4 +131,4 @@ def fail_second_upsert(monkeypatch) -> None:
             raise OSError("disk full (simulated)")
         return real(self, batch)
 
-    monkeypatch.setattr(QdrantEdgeEngine, "upsert", failing)
+    monkeypatch.setattr(engine_cls, "upsert", failing)

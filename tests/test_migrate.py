@@ -169,15 +169,7 @@ def test_interrupted_migration_to_a_server_says_what_to_remove(tmp_path, tiny_en
 
     src, *_ = source
     dst = f"qdrant+local://{tmp_path}/store/col"
-    real, calls = QdrantRemoteEngine.upsert, []
-
-    def failing(self, batch):
-        calls.append(len(batch))
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real(self, batch)
-
-    monkeypatch.setattr(QdrantRemoteEngine, "upsert", failing)
+    fail_second_upsert(monkeypatch, QdrantRemoteEngine)
     layout = {"colbert_dtype": "float16"}
     with pytest.raises(OSError, match="simulated"):
         migrate(src, dst, batch_size=30, layout=layout)
