@@ -207,6 +207,8 @@ def test_a_second_client_sees_the_long_documents_of_another(tmp_path, tiny_encod
         a.add(texts[:2], ids=["s1", "s2"], metadata=[{"lang": "en"}] * 2)
         b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
         b.add([texts[20]], ids=["x"], metadata=[{"lang": "en"}])
+        a.set_search_defaults({"mode": "all", "fusion": "weighted", "weights": [1, 1, 1], "candidates": 50})
+        assert a.engine.read_manifest()["max_windows_stored"] == 3  # not written back as the 1 A opened with
         q = texts[20]
         assert a.search(q, k=1)[0].scores == pytest.approx(b.search(q, k=1)[0].scores, abs=TOL)
         assert a.search(q, k=1)[0].window == b.search(q, k=1)[0].window

@@ -1028,6 +1028,7 @@ class Collection:
                 "candidates": plan.candidates,
             }
         with self._lock:
+            self._sync()  # on a server: not writing back an older window bound than another client stored
             manifest = self.manifest
             manifest.setdefault("settings", {}).update(new)
             manifest.pop("tuning", None)
