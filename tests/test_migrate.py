@@ -174,8 +174,10 @@ def test_interrupted_migration_to_a_server_says_what_to_remove(tmp_path, tiny_en
     with pytest.raises(OSError, match="simulated"):
         migrate(src, dst, batch_size=30, layout=layout)
     monkeypatch.undo()
-    with pytest.raises(CollectionExistsError, match="incomplete.*interrupted migrate or create. Remove it"):
+    with pytest.raises(CollectionExistsError, match="incomplete.*interrupted create or migrate. Remove it"):
         migrate(src, dst, batch_size=30, layout=layout)
+    with pytest.raises(CollectionExistsError, match="incomplete.*Remove it"):  # and not "use Collection.open"
+        Collection.create(dst, model=tiny_encoder)
 
 
 def test_an_existing_destination_in_use_is_still_said_to_exist(tmp_path, tiny_encoder, source):

@@ -223,6 +223,53 @@ def test_a_second_client_sees_the_long_documents_of_another(tmp_path, tiny_encod
             b.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """Two clients of one server collection. B, opened before A tuned the search defaults, raises the window
+    bound: A's defaults and tuning record stay (B wrote its whole older copy back). A's long write stops
+    part-way: B's long writes keep A's pending mark, and a client opened later clears A's stray windows."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    a = create(engine, tmp_path, tiny_encoder)
+    b = c = None
+    try:
+        a.add(texts[:2], ids=["s1", "s2"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        tuned = {"mode": "dense", "fusion": "rrf", "weights": [1, 1, 1], "candidates": 50}
+        a.set_search_defaults(tuned, tuning={"by": "a"})
+        b.add([texts[20]], ids=["x"])  # b's first long document: b records the bound
+        stored = a.engine.read_manifest()
+        assert stored["settings"]["mode"] == "dense" and stored["tuning"] == {"by": "a"}
+        assert stored["max_windows_stored"] == 3
+
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+        real = a.engine.upsert_long
+
+        def stops(pieces):  # the first piece written, then killed
+            def first_only():
+                it = iter(pieces)
+                yield next(it)
+                raise KeyboardInterrupt("killed")
+
+            real(first_only())
+
+        monkeypatch.setattr(a.engine, "upsert_long", stops)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        monkeypatch.setattr(a.engine, "upsert_long", real)
+        b.add([texts[28]], ids=["M"])  # another long write, by b
+        assert "L" in a.engine.read_manifest()["pending"]  # b kept a's mark
+        assert vector_points(b, "L") > 0 and b.get("L") == [None]  # stray windows, no document
+        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        c.add([texts[0]], ids=["z"])
+        assert "L" not in a.engine.read_manifest()["pending"] and vector_points(c, "L") == 0
+    finally:
+        for col in (a, b, c):
+            if col is not None:
+                col.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_iter_batches_and_migration_keep_windows(tmp_path, tiny_encoder, corpus, engine):
     from m3search.migrate import migrate

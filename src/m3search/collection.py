@@ -39,7 +39,7 @@ import threading
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.engines import resolve_engine
+from m3search.engines import resolve_engine, taken
 from m3search.engines.base import Engine
 from m3search.engines.shapes import SCHEMA_VERSION, PointBatch, Pool, QueryVectors, Record, Schema, WindowScores
 from m3search.errors import (
@@ -278,6 +278,10 @@ class Collection:
     def __init__(self, engine: Engine, manifest: dict, model: Any = None) -> None:
         self._engine = engine
         self._manifest = manifest
+        #: Long writes that an earlier run left pending (cleared by this client's first write), and this
+        #: client's own that stopped part-way; never another client's, which may still be writing.
+        self._stale_pending: list[str] = list(manifest.get("pending") or [])
+        self._own_pending: set[str] = set()
         self._model_spec = model
         self._encoder = None
         self._lock = threading.RLock()
@@ -339,7 +343,7 @@ class Collection:
                     raise ValueError(f"{key} must be a positive integer, got {value!r}")
                 engine_options[key] = value
         if engine_cls.exists(location, **(engine_options or {})):
-            raise CollectionExistsError(f"a collection already exists at {location}; use Collection.open")
+            raise taken(engine_cls, location, engine_options or {})
         encoder = cls._load_encoder(model, device, dtype)
         run = {**_SETTINGS_DEFAULTS, **{k: v for k, v in settings.items() if k in _SETTINGS_DEFAULTS}}
         run["weights"] = list(check_weights(run["weights"]))
@@ -749,26 +753,38 @@ class Collection:
                         return
                     _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
 
-            self._set_pending([batch.ids[0]])  # a crash before the end leaves windows without a head: cleared later
+            self._mark_pending(batch.ids[0], True)  # a crash before the end leaves windows without a head
             self._engine.upsert_long(rest())
-            self._set_pending([])
+            self._mark_pending(batch.ids[0], False)
         if whole:
             self._write(PointBatch.join(whole))
         return cut
 
-    def _set_pending(self, ids: list[str]) -> None:
-        """Record (or clear) in the manifest the document being written by ``upsert_long``."""
-        if ids or self._manifest.get("pending"):
-            self._write_manifest({**self._manifest, "pending": ids})
+    def _mark_pending(self, doc_id: str, writing: bool) -> None:
+        """Record in the manifest that a long write of ``doc_id`` is under way (or done): its stray windows are
+        cleared by the next write if it stops part-way."""
+        if writing:
+            self._own_pending.add(doc_id)
+
+        def edit(manifest: dict) -> None:
+            others = [i for i in manifest.get("pending") or [] if i != doc_id]
+            manifest["pending"] = sorted([*others, doc_id]) if writing else others
+
+        self._write_manifest(edit)
+        if not writing:
+            self._own_pending.discard(doc_id)
 
     def _clear_pending(self) -> None:
         """After a crash during a long write: remove that document's stray windows (it has no head,
         so it is not stored), before anything else is written."""
-        pending = self._manifest.get("pending") or []
+        pending = sorted({*self._stale_pending, *self._own_pending})
+        if not pending:
+            return
         stray = [i for i in pending if i not in self._engine.existing(pending)]
         if stray:
             self._engine.purge(stray)
-        self._set_pending([])
+        self._write_manifest(lambda m: m.update(pending=[i for i in m.get("pending") or [] if i not in pending]))
+        self._stale_pending, self._own_pending = [], set()
 
     def _sync(self) -> None:
         """On storage other clients write (a server), the window bound they may have raised: engines read
@@ -784,12 +800,17 @@ class Collection:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
         (engines read that many window points per document on delete; 1 skips all window work)."""
         if most > self._manifest.get("max_windows_stored", 1):
-            self._write_manifest({**self._manifest, "max_windows_stored": most})
+            self._write_manifest(lambda m: m.update(max_windows_stored=max(m.get("max_windows_stored", 1), most)))
         self._engine.max_windows = max(self._engine.max_windows, most)
 
-    def _write_manifest(self, manifest: dict) -> None:
-        """Write, then hold: a failed write (disk full) leaves the held manifest what is on disk, so a retry
-        writes it again (a bound held but never stored let a later delete leave windows behind)."""
+    def _write_manifest(self, edit: Callable[[dict], Any]) -> None:
+        """``edit`` applied to the manifest, written, then held. Where other clients write it too (``shared``),
+        the stored manifest is edited, so only the keys this client changes are its own (a whole held copy
+        wrote back another client's older settings, tuning and pending writes). A failed write (disk full)
+        leaves the held manifest what is stored, so a retry writes it again."""
+        base = (self._engine.read_manifest() if self._engine.shared else None) or self._manifest
+        manifest = json.loads(json.dumps(base))
+        edit(manifest)
         self._engine.write_manifest(manifest)
         self._manifest = manifest
 
@@ -1027,15 +1048,17 @@ class Collection:
                 "weights": list(plan.weights),
                 "candidates": plan.candidates,
             }
-        with self._lock:
-            self._sync()  # on a server: not writing back an older window bound than another client stored
-            manifest = self.manifest
+        record = None if tuning is None else json.loads(json.dumps(tuning))
+
+        def edit(manifest: dict) -> None:
             manifest.setdefault("settings", {}).update(new)
             manifest.pop("tuning", None)
-            if tuning is not None:
-                manifest["tuning"] = json.loads(json.dumps(tuning))
-            self._engine.write_manifest(manifest)
-            self._manifest = manifest
+            if record is not None:
+                manifest["tuning"] = record
+
+        with self._lock:
+            self._sync()  # on a server: the window bound another client stored, for this client too
+            self._write_manifest(edit)  # the stored manifest edited, not this client's copy written back
             self.settings = {**self.settings, **new}
         return dict(new)
 

@@ -36,9 +36,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from m3search.engines import resolve_engine
+from m3search.engines import resolve_engine, taken
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema
-from m3search.errors import CollectionExistsError, CollectionNotFoundError
+from m3search.errors import CollectionNotFoundError
 from m3search.pooling import pool_tokens
 
 __all__ = ["migrate", "LAYOUT_SETTINGS", "check_layout", "layout_of"]
@@ -112,17 +112,7 @@ def migrate(
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
-        if dst_cls.name != "qdrant-edge":  # its exists() means a manifest; elsewhere a partial collection can be there
-            try:
-                dst_cls.open(dst, **dst_options).close()
-            except CollectionNotFoundError as exc:  # what an interrupted migrate or create leaves there
-                raise CollectionExistsError(
-                    f"{exc}: left by an interrupted migrate or create. Remove it (a Qdrant server: DELETE "
-                    "/collections/NAME; a Milvus Lite file: delete the file), then run again"
-                ) from None
-            except Exception:  # in use, or another version's: it is there, which is what to say
-                pass
-        raise CollectionExistsError(f"a collection already exists at {dst}; migrate into a new location")
+        raise taken(dst_cls, dst, dst_options)
 
     started = time.perf_counter()
     source = src_cls.open(src, **src_options)

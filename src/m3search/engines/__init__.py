@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from m3search.engines.base import Engine
 
-__all__ = ["register_engine", "resolve_engine", "location_scheme", "ENGINES"]
+__all__ = ["register_engine", "resolve_engine", "location_scheme", "taken", "ENGINES"]
 
 #: scheme -> "module:Class". ``""`` is a plain filesystem path; ``".db"`` a file suffix.
 ENGINES: dict[str, str] = {
@@ -79,3 +79,22 @@ def resolve_engine(location: str | os.PathLike) -> type[Engine]:
             raise ImportError(f"the {scheme!r} engine needs {exc.name}: {hint}") from exc
         raise
     return getattr(module, cls_name)
+
+
+def taken(engine_cls: type[Engine], location: str, options: dict) -> Exception:
+    """The error for creating a collection where ``exists`` found one. On a server (any engine but the
+    embedded one, whose ``exists`` means a manifest) it may be what an interrupted create or migrate left:
+    that is said, with how to remove it, rather than "use it" (opening it fails)."""
+    from m3search.errors import CollectionExistsError, CollectionNotFoundError
+
+    if engine_cls.name != "qdrant-edge":
+        try:
+            engine_cls.open(location, **options).close()
+        except CollectionNotFoundError as exc:
+            return CollectionExistsError(
+                f"{exc}: left by an interrupted create or migrate. Remove it (a Qdrant server: DELETE "
+                "/collections/NAME; qdrant+local: its folder; a Milvus Lite file: the file), then run again"
+            )
+        except Exception:  # in use, or another version's: it is there, which is what to say
+            pass
+    return CollectionExistsError(f"a collection already exists at {location}")
