@@ -288,10 +288,9 @@ def _lit(s: str, what: str = "string") -> str:
 
 
 def _num(v: float | int, *, bound: bool = False) -> str:
-    """A number literal; ``bound``: a range bound, which Milvus compares in float64 anyway."""
-    if isinstance(v, int):
-        if v == INT64_MIN and bound:  # the parser cannot read it as an integer; as a float it is exact
-            return repr(float(v))
+    """A number literal; ``bound``: a range bound, sent as a float so that Milvus compares in float64 as
+    the rule says (an integer bound it compares exactly: {lt: 2**53 + 1} matched 2**53 there alone)."""
+    if isinstance(v, int) and not bound:
         if v == INT64_MIN:  # Milvus's parser reads it as -(2**63 - 1): it would match its neighbour
             raise ValueError(f"Milvus filters cannot match the integer {v} (-2**63): Milvus reads it as {v + 1}")
         return str(v)
