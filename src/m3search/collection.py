@@ -38,7 +38,6 @@ import sys
 import threading
 import uuid
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -71,6 +70,7 @@ from m3search.plan import (
     check_texts,
     check_weights,
     parse_mode,
+    repeated,
 )
 from m3search.pooling import pool_tokens
 from m3search.windows import check_windows
@@ -191,8 +191,7 @@ def _now() -> str:
 
 
 def _check_unique(ids: list[str]) -> None:
-    if len(set(ids)) != len(ids):
-        dup = [i for i, c in Counter(ids).items() if c > 1]
+    if dup := repeated(ids):
         raise ValueError(f"duplicate ids in one call: {dup[:10]}")
 
 

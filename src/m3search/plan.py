@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -58,6 +59,7 @@ __all__ = [
     "check_query",
     "check_text",
     "check_texts",
+    "repeated",
 ]
 
 #: The three representations, in the order weights are given (engines name their vectors so).
@@ -174,6 +176,11 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     if not math.isfinite(sum(out)):  # fusion divides by the sum: inf would make every score 0
         raise ValueError(f"weights are relative and their sum must be a finite number: scale {out!r} down")
     return tuple(out)  # type: ignore[return-value]
+
+
+def repeated(ids: Sequence[str]) -> list[str]:
+    """The ids that occur more than once, in first-seen order (one pass: batches hold thousands)."""
+    return [i for i, n in Counter(ids).items() if n > 1]
 
 
 def check_query(query: Any) -> str:

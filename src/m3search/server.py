@@ -70,6 +70,7 @@ from .plan import (
     check_query,
     check_text,
     deadline,
+    repeated,
 )
 from .tei import make_router as tei_router
 
@@ -928,8 +929,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         ids = [d.id for d in body.documents]
         if any(i is None for i in ids) and not all(i is None for i in ids):
             raise HTTPException(422, "give an id for every document or for none")
-        if ids[0] is not None and len(set(ids)) != len(ids):
-            dups = sorted({i for i in ids if ids.count(i) > 1})
+        if ids[0] is not None and (dups := sorted(repeated(ids))):
             raise HTTPException(422, f"duplicate ids in the request: {dups[:10]}")
         metadata = [d.metadata or {} for d in body.documents]
         coll = res.collection

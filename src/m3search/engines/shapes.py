@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.plan import MODES  # the three representations, in the order weights are given
+from m3search.plan import MODES, repeated  # MODES: the three representations, in the order weights are given
 from m3search.pooling import check_pool_factor
 from m3search.scoring import colbert_scores
 
@@ -234,8 +234,7 @@ class PointBatch:
         n = len(self.ids)
         if len(self.texts) != n or len(self.metadata) != n:
             raise ValueError(f"batch has {n} ids, {len(self.texts)} texts, {len(self.metadata)} metadata")
-        if len(set(self.ids)) != n:
-            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})
+        if dup := sorted(repeated(self.ids)):
             raise ValueError(f"duplicate ids in one batch: {dup[:10]}")
         w = self.window_offsets
         if w.shape != (n + 1,) or w[0] != 0 or np.any(np.diff(w) < 1):
