@@ -82,12 +82,12 @@ def resolve_engine(location: str | os.PathLike) -> type[Engine]:
 
 
 def taken(engine_cls: type[Engine], location: str, options: dict) -> Exception:
-    """The error for creating a collection where ``exists`` found one. On a server (any engine but the
-    embedded one, whose ``exists`` means a manifest) it may be what an interrupted create or migrate left:
-    that is said, with how to remove it, rather than "use it" (opening it fails)."""
+    """The error for creating a collection where ``exists`` found one. On a server (``Engine.shared``; the
+    embedded engine clears what its own interrupted create left) it may be what an interrupted create or
+    migrate left: that is said, with how to remove it, rather than "use it" (opening it fails)."""
     from m3search.errors import CollectionExistsError, CollectionNotFoundError
 
-    if engine_cls.name != "qdrant-edge":
+    if engine_cls.shared:
         try:
             engine_cls.open(location, **options).close()
         except CollectionNotFoundError as exc:

@@ -134,8 +134,9 @@ class Engine(ABC):
     #: ColBERT storage type of a new collection that names none (chosen per engine by measurement:
     #: benchmarks/RESULTS.md, "ColBERT layouts"); a collection keeps the one its manifest records.
     default_colbert_dtype: ClassVar[str] = "float16"
-    #: Whether other clients may write this storage while it is open (rule 7).
-    shared: bool = False
+    #: Whether other clients may write this storage while it is open (rule 7): a server's. Such storage
+    #: may also hold what an interrupted create left, which only the server can remove.
+    shared: ClassVar[bool] = False
 
     location: str
     schema: Schema

@@ -482,6 +482,7 @@ class MilvusEngine(Engine):
 
     name = "milvus"
     windowed = True
+    shared = True  # other clients of the server (or handles on the file in this process)
     #: Main-collection fields written before documents could have several windows (one row per document).
     _LEGACY_FIELDS = ("pk", "doc_id", "text", "meta", "kinds", "dense", "sparse", "gen", "ntok")
 
@@ -505,7 +506,6 @@ class MilvusEngine(Engine):
         self.texts = f"{collection}_text"
         self.meta_collection = f"{collection}_manifest"
         self.lite = lite
-        self.shared = True  # other clients of the server (or handles on the file in this process)
         self.schema = schema
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes

@@ -247,6 +247,7 @@ class QdrantRemoteEngine(QdrantEngine):
     """A collection on a Qdrant server (or qdrant-client local mode); see the module docstring."""
 
     name = "qdrant"
+    shared = True  # a server's collection has other clients (local mode: other handles in this process)
     _dialect = _ClientDialect
 
     def __init__(
@@ -270,7 +271,6 @@ class QdrantRemoteEngine(QdrantEngine):
         self.collection = collection
         self.schema = schema
         self.local = local
-        self.shared = True  # a server's collection has other clients (local mode: other handles in this process)
         self.where = where
         self.retries = retries
         self.backoff = backoff
