@@ -812,6 +812,7 @@ class Collection:
         edit(manifest)
         self._engine.write_manifest(manifest)
         self._manifest = manifest
+        self._engine.max_windows = max(self._engine.max_windows, int(manifest.get("max_windows_stored", 1)))
 
     def _existing(self, ids: Sequence[str]) -> set[str]:
         out: set[str] = set()
@@ -1056,8 +1057,7 @@ class Collection:
                 manifest["tuning"] = record
 
         with self._lock:
-            self._sync()  # on a server: the window bound another client stored, for this client too
-            self._write_manifest(edit)  # the stored manifest edited, not this client's copy written back
+            self._write_manifest(edit)  # on a server the stored manifest is edited (another client's bound kept)
             self.settings = {**self.settings, **new}
         return dict(new)
 
