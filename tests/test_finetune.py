@@ -297,6 +297,23 @@ def _run(tmp_path, model, data, out="out", **kw):
     return finetune(data, model=model, out=tmp_path / out, cache_dir=tmp_path / "cache", **kw)
 
 
+def _killed_at(monkeypatch, name: str, call: int):
+    """Make ``finetune.<name>`` raise KeyboardInterrupt at its ``call``-th call (an interrupted run); returns the
+    real function, to put back."""
+    from m3search import finetune as ft
+
+    real, calls = getattr(ft, name), {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, name, dies)
+    return real
+
+
 def test_jsonl_run_writes_a_model_every_part_loads(tmp_path, tiny_model_path):
     from m3search import Collection, M3Encoder
 
@@ -418,15 +435,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_path, 
     data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
     _run(tmp_path, tiny_model_path, data, out="straight", epochs=2, checkpoint_every=1)
 
-    real, calls = ft.training_step, {"n": 0}
-
-    def dies_at_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ft, "training_step", dies_at_third)
+    real = _killed_at(monkeypatch, "training_step", 3)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "checkpoint.pt").is_file()
@@ -449,15 +458,7 @@ def test_resumed_run_reports_the_epochs_mean_loss(tmp_path, tiny_model_path, mon
 
     data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
     straight = _run(tmp_path, tiny_model_path, data, out="straight", epochs=2, checkpoint_every=1)
-    real, calls = getattr(ft, dies_in), {"n": 0}
-
-    def dies(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ft, dies_in, dies)
+    real = _killed_at(monkeypatch, dies_in, at_call)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny_model_path, data, epochs=2, checkpoint_every=1)
     monkeypatch.setattr(ft, dies_in, real)
@@ -505,7 +506,7 @@ def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_
         def cpu(self) -> torch.Tensor:
             return self.tensor
 
-    real_load, real_step, calls = torch.load, ft.training_step, {"n": 0}
+    real_load = torch.load
 
     def load(*args, **kwargs):
         obj = real_load(*args, **kwargs)
@@ -513,14 +514,8 @@ def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_
             obj["torch_rng"] = OnDevice(obj["torch_rng"])
         return obj
 
-    def dies_at_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
     data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
-    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    real_step = _killed_at(monkeypatch, "training_step", 2)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
     monkeypatch.setattr(ft, "training_step", real_step)
@@ -532,7 +527,6 @@ def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_
 def test_resume_refuses_changed_data_at_the_same_path(tmp_path, tiny_model_path, monkeypatch, kind):
     """The checkpoint names the data's content, not only its path: a JSONL line edited, or a BEIR corpus
     document (not judged: it only changes the mined negatives) edited, is a different run."""
-    from m3search import finetune as ft
 
     if kind == "jsonl":
         data = _jsonl(tmp_path / "train.jsonl", _train_rows(8))
@@ -540,15 +534,7 @@ def test_resume_refuses_changed_data_at_the_same_path(tmp_path, tiny_model_path,
     else:
         data = _beir(tmp_path / "beir")
         changed = (data / "corpus.jsonl").read_text().replace("number 20", "number twenty")
-    real, calls = ft.training_step, {"n": 0}
-
-    def dies_at_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ft, "training_step", dies_at_second)
+    _killed_at(monkeypatch, "training_step", 2)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tiny_model_path, data, checkpoint_every=1)
     (data if kind == "jsonl" else data / "corpus.jsonl").write_text(changed)
