@@ -471,3 +471,33 @@ def test_release_openmp_pool_lets_the_callers_idle_openmp_threads_exit():
     assert seen["pool"] >= 1, seen
     assert seen["released"] is True
     assert seen["left"] == 0, seen
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ((True, False, True), (True, False, False)),  # /embed with colbert, then a dense-only /v1/embeddings
+        ((True, True, False), (False, True, False)),  # TEI /embed, then /embed_sparse
+    ],
+)
+def test_a_request_split_over_rounds_shared_with_other_outputs_gets_its_own(tiny_encoder, first, second):
+    """The long request shares its first round with one that asked for an output it did not: that round
+    computes it, its later rounds do not, and its parts must still join (it used to hang, counted)."""
+    texts = [f"the flow of air over the wing {i} " * 20 for i in range(12)]
+    slow = SlowEncoder(tiny_encoder)
+    slow.gate.clear()  # hold the worker until both are queued
+    with Batcher(slow, interactive_tokens=256, max_wait=0) as b:
+        short = b.submit(["short text"], dense=first[0], sparse=first[1], colbert=first[2])
+        long = b.submit(texts, dense=second[0], sparse=second[1], colbert=second[2])
+        slow.gate.set()
+        short.future.result(30)
+        got = long.future.result(30)
+        assert b.depth == 0
+    assert len(slow.calls) > 2, "the long request was not split over several rounds"
+    want = tiny_encoder.encode(texts, dense=second[0], sparse=second[1], colbert=second[2])
+    assert (got.dense is None) == (not second[0]) and (got.sparse is None) == (not second[1])
+    assert got.colbert is None and got.colbert_offsets is None
+    if second[0]:
+        np.testing.assert_allclose(got.dense, want.dense, atol=1e-5)
+    if second[1]:
+        np.testing.assert_allclose(got.sparse.toarray(), want.sparse.toarray(), atol=1e-5)

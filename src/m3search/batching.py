@@ -532,7 +532,11 @@ class Batcher:
             return
         start = 0
         for req, a, b in round_:
-            self._deliver(req, emb[start : start + b - a])
+            try:
+                self._deliver(req, emb[start : start + b - a])  # a new object per request (slices)
+            except Exception as exc:  # a bookkeeping bug fails its request, never leaves it waiting
+                log.exception("batching worker error")
+                self._fail(req, exc)
             start += b - a
 
     def _forward(self, texts: list[str], outputs: list[bool], max_length: int) -> M3Embeddings:
@@ -545,19 +549,21 @@ class Batcher:
         if req.future.done():  # cancelled (or failed) while its round ran
             self._finish(req)
             return
+        # A round computes every output any of its requests asked for: keep this request's own, so
+        # that the parts of a request split over rounds that others shared differently still concatenate.
+        dense, sparse, colbert = req.outputs
+        if not dense:
+            part.dense = None
+        if not sparse:
+            part.sparse = None
+        if not colbert:
+            part.colbert = part.colbert_offsets = None
         req.parts.append(part)
         req.done += len(part)
         if req.done < len(req.texts):
             return
         emb = concat_embeddings(req.parts)
         req.parts = []
-        dense, sparse, colbert = req.outputs
-        if not dense:
-            emb.dense = None
-        if not sparse:
-            emb.sparse = None
-        if not colbert:
-            emb.colbert = emb.colbert_offsets = None
         emb.truncated = req.truncated
         self._finish(req)
         if req.future.set_running_or_notify_cancel():
