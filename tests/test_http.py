@@ -23,7 +23,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from m3search import Collection  # noqa: E402
-from m3search.batching import Batcher  # noqa: E402
+from m3search.batching import INTERACTIVE, Batcher  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
     DuplicateIdError,
@@ -298,3 +298,25 @@ def test_tei_tokenize_marks_specials_as_the_tokenizer_does(app_and_collection):
     unknown = [t for t in tokens if t["id"] == unk]
     assert unknown and all(not t["special"] and t["text"] == "\U0001f600" and t["start"] == 5 for t in unknown)
     assert tokens[0]["special"] and tokens[-1]["special"] and tokens[0]["start"] is None  # <s> and </s>
+
+
+def test_a_search_waiting_for_the_encoder_stops_at_its_time_limit(stored, tiny_encoder):
+    """The search's time limit bounds its wait for the encoder too (it used to wait for the queue's
+    request_timeout, and answer 504 only after its query had been encoded anyway)."""
+    col = Collection.open(stored, model=tiny_encoder)
+    app = create_app(Settings(collection=str(stored), search_timeout=0.5), resources=Resources(collection=col))
+    gate = threading.Event()
+    with TestClient(app) as client:
+        batcher = app.state.batcher
+        held = batcher.submit_job(lambda: (gate.wait(30), 0, 0), priority=INTERACTIVE)  # the worker is busy
+        while not held.taken:
+            time.sleep(0.01)
+        t = time.monotonic()
+        try:
+            r = client.post("/search", json={"query": "boundary layer", "k": 2})
+            waited = time.monotonic() - t
+        finally:
+            gate.set()
+        assert "0.5 s" in _error(r, 504, "timeout")
+        assert waited < 5, waited
+        assert client.post("/search", json={"query": "boundary layer", "k": 2}).status_code == 200

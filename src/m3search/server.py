@@ -1005,7 +1005,19 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                 return coll.search_batch([body.query], query_embeddings=emb, **options)[0]
 
         with request.app.state.batcher.foreground():  # no ingest round or write starts until the hits are ready
-            emb = await _encode(request, [body.query], max_length=coll.settings["query_max_length"])
+            try:  # the search's time limit bounds the wait for the encoder too
+                emb = await _encode(
+                    request,
+                    [body.query],
+                    max_length=coll.settings["query_max_length"],
+                    timeout=min(settings.request_timeout, settings.search_timeout),
+                )
+            except RequestTimeout:
+                if settings.request_timeout < settings.search_timeout:
+                    raise  # the server's queue bound came first: 503, busy
+                raise DeadlineExceeded(
+                    f"search stopped before encoding: it ran over its time limit of {settings.search_timeout:g} s"
+                ) from None
             hits = await run_in_threadpool(run, emb)
         return SearchResponse(hits=[HitOut(**_finite(h.to_dict())) for h in hits])
 
