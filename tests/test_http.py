@@ -300,6 +300,17 @@ def test_tei_tokenize_marks_specials_as_the_tokenizer_does(app_and_collection):
     assert tokens[0]["special"] and tokens[-1]["special"] and tokens[0]["start"] is None  # <s> and </s>
 
 
+def test_tei_tokenize_refuses_prompt_name_like_embed_and_health_answers_head(app_and_collection):
+    """/tei/tokenize ignored prompt_name (the docstring says refused, as /tei/embed does); HEAD /health (load
+    balancers, curl -I) answered 405."""
+    _, client, _ = app_and_collection
+    body = {"inputs": "a", "prompt_name": "query"}
+    for route in ("/tei/embed", "/tei/tokenize"):
+        assert "prompt_name" in _error(client.post(route, json=body), 400, "invalid_request"), route
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+
+
 def test_a_search_waiting_for_the_encoder_stops_at_its_time_limit(stored, tiny_encoder):
     """The search's time limit bounds its wait for the encoder too (it used to wait for the queue's
     request_timeout, and answer 504 only after its query had been encoded anyway)."""

@@ -817,7 +817,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
 
-    @app.get("/health", response_model=Health, tags=["service"])
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=Health, tags=["service"])  # HEAD: probes
     async def health() -> Health:
         """Liveness: answers without an API key, in the event loop (no worker thread: it answers while
         every thread is busy)."""

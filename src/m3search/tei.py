@@ -66,10 +66,13 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
     """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server)."""
     router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies)
 
+    def no_prompt(body: TeiRequest | TeiTokenizeRequest) -> None:
+        if body.prompt_name is not None:  # refused, not ignored: the caller expects the prompt applied
+            raise HTTPException(400, "prompt_name is not supported: BGE-M3 uses no prompts")
+
     async def prepared(body: TeiRequest, res, settings) -> tuple[list[str], int]:
         texts = texts_of(body.inputs, settings)
-        if body.prompt_name is not None:
-            raise HTTPException(400, "prompt_name is not supported: BGE-M3 uses no prompts")
+        no_prompt(body)
         if body.truncation_direction.lower() == "left":
             raise HTTPException(400, 'truncation_direction "Left" is not supported (inputs are cut at the end)')
         enc = res.encoder
@@ -124,6 +127,7 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
     async def tokenize(body: TeiTokenizeRequest, res: resources_dep, settings: settings_dep) -> Any:
         """TEI `/tokenize`: tokens with their character offsets in the input (specials have none)."""
         texts = texts_of(body.inputs, settings)
+        no_prompt(body)
         enc = res.encoder
 
         def run() -> list[list[dict]]:
