@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from m3search import M3Encoder, ModelLoadError, TruncationWarning
-from m3search.encoder import FORWARD_TOKENS, PAD_MULTIPLE
+from m3search.encoder import FORWARD_TOKENS, PAD_MULTIPLE, DeviceError
 from m3search.scoring import (
     colbert_score,
     colbert_scores,
@@ -261,6 +261,49 @@ def test_bad_arguments(tiny_encoder):
         tiny_encoder.encode("x", max_length=0)
     with pytest.raises(ValueError):
         tiny_encoder.encode("x", batch_size=0)
+
+
+def test_counts_and_sizes_share_one_check(tiny_encoder, tiny_model_path):
+    """NumPy integers were refused as batch_size but taken as max_length, True the reverse; token_budget 0
+    became the default, -1 one text per pass, "x" a NumPy error at the first encode (a review's finds)."""
+    ref = tiny_encoder.encode(["a b c", "d"], max_length=8)
+    got = tiny_encoder.encode(["a b c", "d"], max_length=np.int64(8), batch_size=np.int64(1))
+    np.testing.assert_allclose(got.dense, ref.dense, atol=1e-5)
+    for kwargs in ({"batch_size": True}, {"max_length": True}, {"max_length": 3.7}, {"batch_size": 2.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be"):
+            tiny_encoder.encode("x", **kwargs)
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
+        next(tiny_encoder.iter_windows(["x"], window=16, stride=8, chunk_tokens=0))
+    for budget in (0, -1, "x", 1.5):
+        with pytest.raises(ValueError, match="token_budget must be a positive integer"):
+            M3Encoder.from_pretrained(tiny_model_path, device="cpu", dtype="float32", token_budget=budget)
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_devices_torch_names_but_the_encoder_cannot_use_are_refused(tiny_model_path, device):
+    """'meta' was taken and failed at the first encode (Tensor.item() on meta tensors); mps and xla gave
+    a bare RuntimeError from torch."""
+    with pytest.raises(DeviceError, match="not supported"):
+        M3Encoder.from_pretrained(tiny_model_path, device=device, dtype="float32")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_encoder):
+    """-1 raised OverflowError inside tokenizers; an id past the vocabulary decoded to ''."""
+    for bad in (-1, tiny_encoder.vocab_size, [3, -2], {tiny_encoder.vocab_size + 5: 0.5}):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tiny_encoder.convert_id_to_token(bad)
+
+
+def test_the_batcher_checks_max_length_and_chunk_tokens_as_the_encoder_does(tiny_encoder):
+    """max_length=3.7 encoded at 3 tokens, "5" failed in the truncation warning; chunk_tokens=0 was taken."""
+    from m3search.batching import BatchedEncoder, Batcher
+
+    with Batcher(tiny_encoder) as b:
+        for bad in (3.7, "5", float("nan")):
+            with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+                b.submit(["x"], max_length=bad)
+        with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
+            BatchedEncoder(b).iter_windows(["x"], window=16, stride=8, chunk_tokens=0)
 
 
 def test_missing_heads_is_a_clear_error(tiny_model_path, tmp_path):

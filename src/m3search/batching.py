@@ -70,7 +70,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .encoder import M3Embeddings, TruncationWarning, WindowedEmbeddings
-from .plan import check_texts
+from .plan import check_int, check_texts
 
 __all__ = [
     "Batcher",
@@ -246,8 +246,8 @@ class Batcher:
         if priority not in _PRIORITIES:
             raise ValueError(f"priority must be one of {_PRIORITIES}, not {priority!r}")
         limit = self.encoder.max_length
-        if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 2):
-            raise ValueError(f"max_length must be an integer >= 2, not {max_length!r}")
+        if max_length is not None:
+            check_int("max_length", max_length, 2)
         return self._enqueue(
             _Request(
                 texts=texts,
@@ -701,8 +701,8 @@ class BatchedEncoder:
     ) -> Iterator[WindowedEmbeddings]:
         """:meth:`M3Encoder.iter_windows <m3search.M3Encoder.iter_windows>` through the worker:
         the same pieces of about ``chunk_tokens`` tokens (None: one), encoded a round at a time."""
-        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)):
-            raise ValueError(f"chunk_tokens must be an integer or None, not {chunk_tokens!r}")
+        if chunk_tokens is not None:
+            check_int("chunk_tokens", chunk_tokens)
         rounds = self.batcher.encoder.iter_windows(
             texts, chunk_tokens=self.batcher.round_tokens(self.priority), **options
         )  # tokenizes and checks the arguments here, in the caller's thread

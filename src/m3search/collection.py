@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import threading
@@ -65,6 +64,7 @@ from m3search.plan import (
     MODES,
     SearchPlan,
     check_deadline,
+    check_int,
     check_query,
     check_text,
     check_texts,
@@ -338,9 +338,7 @@ class Collection:
         engine_options = dict(engine_options or {})
         for key, value in (("shards", shards), ("replicas", replicas)):
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
-                engine_options[key] = value
+                engine_options[key] = check_int(key, value)
         if engine_cls.exists(location, **(engine_options or {})):
             raise taken(engine_cls, location, engine_options or {})
         encoder = cls._load_encoder(model, device, dtype)
@@ -641,9 +639,7 @@ class Collection:
                 if not np.isfinite(values).all():  # a NaN dense score drops a document from every list
                     raise ValueError(f"embeddings.{name} holds NaN or infinite values; nothing was written")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
-        bs = int(bs)
+        bs = check_int("batch_size", bs)
         with self._lock:
             self._sync()
             self._clear_pending()

@@ -31,11 +31,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from .plan import DEFAULT_WEIGHTS, check_texts, check_weights
+from .plan import DEFAULT_WEIGHTS, check_int, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 from .windows import check_windows, plan_windows
 
@@ -241,6 +242,8 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise DeviceError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):  # torch names more (meta, mps, xla): the encoder runs on these two
+        raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: this torch has no CUDA device (use 'cpu' or 'auto')")
     names = {
@@ -370,7 +373,8 @@ class M3Encoder:
         self.special_ids = np.array(
             sorted({self._token_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")} - {None}), dtype=np.int64
         )
-        self.token_budget = token_budget or (32768 if device.type == "cuda" else 8192)
+        default_budget = 32768 if device.type == "cuda" else 8192
+        self.token_budget = default_budget if token_budget is None else check_int("token_budget", token_budget)
         self._prefix, self._suffix = _template_specials(tokenizer)
         self._tok_lock = threading.Lock()
         self._identity: str | None = None
@@ -640,10 +644,8 @@ class M3Encoder:
         _check_request(dense, sparse, colbert, batch_size)
         n_specials = len(self._prefix) + len(self._suffix)
         check_windows(window, stride, max_windows, max_length=self.max_length, n_specials=n_specials)
-        if chunk_tokens is not None and (
-            isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
-        ):
-            raise ValueError(f"chunk_tokens must be a positive integer or None, not {chunk_tokens!r}")
+        if chunk_tokens is not None:
+            check_int("chunk_tokens", chunk_tokens)
         content, bounds, spans_of = self._tokenize_content(texts)
         plan = plan_windows(np.diff(bounds), int(window) - n_specials, int(stride), max_windows)
         spans = spans_of(plan.doc, plan.start, plan.length)
@@ -774,9 +776,7 @@ class M3Encoder:
     def _check_max_length(self, max_length: int | None) -> int:
         if max_length is None:
             return self.max_length
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2, not {max_length!r}")
-        return min(int(max_length), self.max_length)
+        return min(check_int("max_length", max_length, 2), self.max_length)
 
     def _pad(self, ids: list[list[int]], batch: np.ndarray, width: int):
         import torch
@@ -841,13 +841,19 @@ class M3Encoder:
         ``{token: weight}``; a list of dicts a list of dicts (FlagEmbedding's behaviour).
         """
         if isinstance(items, dict):
-            return {self.tokenizer.decode([int(k)]): v for k, v in items.items()}
+            return {self._token_text(k): v for k, v in items.items()}
         if isinstance(items, (int, np.integer)):
-            return self.tokenizer.decode([int(items)])
+            return self._token_text(items)
         items = list(items)
         if items and isinstance(items[0], dict):
             return [self.convert_id_to_token(d) for d in items]
-        return [self.tokenizer.decode([int(i)]) for i in items]
+        return [self._token_text(i) for i in items]
+
+    def _token_text(self, token_id: Any) -> str:
+        i = int(token_id)
+        if not 0 <= i < self.vocab_size:  # the tokenizer overflows below 0 and answers '' above
+            raise ValueError(f"token id {i} is outside the vocabulary (0 to {self.vocab_size - 1})")
+        return self.tokenizer.decode([i])
 
     def compute_score(
         self,
@@ -905,5 +911,5 @@ def _template_specials(tokenizer) -> tuple[list[int], list[int]]:
 def _check_request(dense: bool, sparse: bool, colbert: bool, batch_size: int | None) -> None:
     if not (dense or sparse or colbert):
         raise ValueError("request at least one of dense, sparse, colbert")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, not {batch_size!r}")
+    if batch_size is not None:
+        check_int("batch_size", batch_size)

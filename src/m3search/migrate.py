@@ -39,6 +39,7 @@ from typing import Any
 from m3search.engines import resolve_engine, taken
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema
 from m3search.errors import CollectionNotFoundError
+from m3search.plan import check_int
 from m3search.pooling import pool_tokens
 
 __all__ = ["migrate", "LAYOUT_SETTINGS", "check_layout", "layout_of"]
@@ -97,8 +98,7 @@ def migrate(
     the destination exists, CollectionNotFoundError if the source does not, ValueError for a
     layout the destination cannot have (before anything is written).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     layout = check_layout(dict(layout or {}))
     src, dst = os.fspath(src_location), os.fspath(dst_location)
     remote = "://" in src or "://" in dst

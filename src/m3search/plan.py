@@ -230,10 +230,17 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def check_int(name: str, v: Any, minimum: int = 1) -> int:
+    """``v`` as an ``int`` when it is an integer (NumPy's too; not a bool, not a float) of at least
+    ``minimum``, else ValueError naming ``name``: the one check for every count and size argument."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {v!r}"[:200])
+    return int(v)
+
+
 def _positive_int(name: str, v: Any, limit: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:  # NumPy integers too
-        raise ValueError(f"{name} must be a positive integer, got {v!r}"[:200])
-    return check_limit(name, int(v), limit)
+    return check_limit(name, check_int(name, v), limit)
 
 
 def check_limit(name: str, v: int, limit: int) -> int:

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .plan import check_int
+
 __all__ = ["WindowPlan", "check_windows", "plan_windows"]
 
 
@@ -44,10 +46,8 @@ def check_windows(window, stride, max_windows=None, *, max_length: int, n_specia
     for name, value in (("window", window), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, not {value!r}")
-    if max_windows is not None and (
-        isinstance(max_windows, bool) or not isinstance(max_windows, (int, np.integer)) or max_windows < 1
-    ):
-        raise ValueError(f"max_windows must be a positive integer or None, not {max_windows!r}")
+    if max_windows is not None:
+        check_int("max_windows", max_windows)
     if window < n_specials + 1:
         raise ValueError(f"window={window} leaves no room for text: it counts the model's {n_specials} special tokens")
     if window > max_length:
