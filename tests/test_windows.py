@@ -1067,6 +1067,69 @@ def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
         col.close()
 
 
+def stored_rows(col) -> tuple[int, ...]:
+    """:func:`raw_points`, and on Milvus the token and text rows too."""
+    eng = col.engine
+    if eng.name != "milvus":
+        return (raw_points(col),)
+    count = [eng.client.query(c, filter="", output_fields=["count(*)"])[0]["count(*)"] for c in (eng.tokens, eng.texts)]
+    return (raw_points(col), *count)
+
+
+@pytest.mark.parametrize(
+    "engine,old_write",  # how the old version was written: one batch, or streamed (upsert_long)
+    [("qdrant-edge", "long"), ("qdrant-local", "long"), ("milvus-lite", "batch"), ("milvus-lite", "long")],
+)
+def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
+    tmp_path, tiny_encoder, corpus, engine, old_write, monkeypatch
+):
+    """Stopped after its switch, before the old version's leftovers are deleted (Qdrant: the tombstones over
+    the old generation, which no later write or delete of the document names; Milvus: the tombstones over
+    slot 0, or the old slot's rows): the new version is whole, and the next write, of another document,
+    removes the leftovers as it clears the pending long write (Qdrant: the texts on text points, tombstoned
+    too, and the new version's kept)."""
+    import m3search.collection as collection
+    import m3search.engines.qdrant_common as qc
+
+    texts = corpus[0]
+    old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
+    monkeypatch.setattr(qc, "TEXT_CHUNK", 40)
+    col = create(engine, tmp_path / "col", tiny_encoder)
+    ref = create(engine, tmp_path / "ref", tiny_encoder)
+    try:
+        if old_write == "batch":  # Milvus: slot 0, whose old windows the switch tombstones
+            col.add([texts[10], old], ids=["y", "x"])
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        if old_write == "long":
+            col.add([texts[10], old], ids=["y", "x"])
+        eng = col.engine
+        target, name, real, hook, writes = long_write_hook(eng, lambda w: False)
+        removal = "_drop_slots" if eng.name == "milvus" else "_delete_points"
+        real_removal = getattr(eng, removal)
+
+        def stops(*a, **kw):  # the removal after the switch (x's head written) is killed
+            if writes and writes[-1]:
+                raise KeyboardInterrupt("killed")
+            return real_removal(*a, **kw)
+
+        monkeypatch.setattr(target, name, hook)
+        monkeypatch.setattr(eng, removal, stops)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([new], ids=["x"])
+        monkeypatch.setattr(eng, removal, real_removal)
+        monkeypatch.setattr(target, name, real)
+        ref.add([texts[10], new], ids=["y", "x"])
+        assert col.get("x")[0].text == new and col.count() == 2  # switched: the new version
+        assert raw_points(col) > raw_points(ref)  # and the old version's leftovers
+        col.add([texts[0]], ids=["z"])
+        ref.add([texts[0]], ids=["z"])
+        assert stored_rows(col) == stored_rows(ref) and col.count() == 3
+        assert col.manifest["pending"] == [] and col.get("x")[0].text == new
+    finally:
+        col.close()
+        ref.close()
+
+
 def test_milvus_switch_over_the_request_limit_deletes_the_old_version_first(
     tmp_path, tiny_encoder, corpus, monkeypatch
 ):

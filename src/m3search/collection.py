@@ -774,14 +774,18 @@ class Collection:
             self._own_pending.discard(doc_id)
 
     def _clear_pending(self) -> None:
-        """After a crash during a long write: remove that document's stray windows (it has no head,
-        so it is not stored), before anything else is written."""
+        """After a crash during a long write, before anything else is written: remove that document's stray
+        windows when it has no head (it is not stored), else what the write left beside the version its
+        head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones)."""
         pending = sorted({*self._stale_pending, *self._own_pending})
         if not pending:
             return
-        stray = [i for i in pending if i not in self._engine.existing(pending)]
+        stored = self._engine.existing(pending)
+        stray = [i for i in pending if i not in stored]
         if stray:
             self._engine.purge(stray)
+        if stored:
+            self._engine.tidy(sorted(stored))
         self._write_manifest(lambda m: m.update(pending=[i for i in m.get("pending") or [] if i not in pending]))
         self._stale_pending, self._own_pending = [], set()
 

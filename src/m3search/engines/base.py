@@ -224,6 +224,12 @@ class Engine(ABC):
         may scan the storage). Default: :meth:`delete`."""
         self.delete(ids)
 
+    def tidy(self, ids: Sequence[str]) -> None:
+        """Remove what an interrupted long write left beside STORED documents, hidden from every read (crash
+        recovery, rare: may scan the storage), such as the tombstones of a write stopped after its switch.
+        Default: nothing (an engine whose ``upsert_long`` leaves nothing behind)."""
+        return None
+
     # --- reads -----------------------------------------------------------------------
     @abstractmethod
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
