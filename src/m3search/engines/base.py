@@ -39,7 +39,8 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
    dict the Collection owns; where it is kept is the engine's business.
 7. Shared storage. An engine whose storage other clients write at the same time (a server)
    sets :attr:`shared`: the Collection then re-reads the manifest's window bound
-   (:attr:`max_windows`) before each call, since another client may have stored longer documents.
+   (:attr:`max_windows`) before each call, since another client may have stored longer documents,
+   and takes another client's pending long write for a crashed one's only when its lease has run out.
 """
 
 from __future__ import annotations
