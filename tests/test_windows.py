@@ -98,6 +98,11 @@ def raw_points(col) -> int:
     return eng._count(None, docs_only=False)
 
 
+def pending(col) -> list[str]:
+    """The ids of the long writes the stored manifest records as under way."""
+    return [m["id"] for m in col.engine.read_manifest()["pending"]]
+
+
 def vector_points(col, doc_id: str) -> int:
     """Points (Milvus: rows) of ``doc_id`` that a vector query can return (an exact scan over everything)."""
     probe = np.ones(col.schema.dense_dim, np.float32)
@@ -227,7 +232,9 @@ def test_a_second_client_sees_the_long_documents_of_another(tmp_path, tiny_encod
 def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """Two clients of one server collection. B, opened before A tuned the search defaults, raises the window
     bound: A's defaults and tuning record stay (B wrote its whole older copy back). A's long write stops
-    part-way: B's long writes keep A's pending mark, and a client opened later clears A's stray windows."""
+    part-way: B's long writes keep A's pending mark, and so does a client opened later while A's mark is
+    within its lease (A may still be writing); once it is older, that client's next write clears A's stray
+    windows."""
     import m3search.collection as collection
 
     texts, *_ = corpus
@@ -259,15 +266,87 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
             a.add([texts[29]], ids=["L"])
         monkeypatch.setattr(a.engine, "upsert_long", real)
         b.add([texts[28]], ids=["M"])  # another long write, by b
-        assert "L" in a.engine.read_manifest()["pending"]  # b kept a's mark
+        assert pending(a) == ["L"]  # b kept a's mark
         assert vector_points(b, "L") > 0 and b.get("L") == [None]  # stray windows, no document
         c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
         c.add([texts[0]], ids=["z"])
-        assert "L" not in a.engine.read_manifest()["pending"] and vector_points(c, "L") == 0
+        assert pending(a) == ["L"] and vector_points(c, "L") > 0
+        monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
+        c.add([texts[1]], ids=["z2"])
+        assert pending(a) == [] and vector_points(c, "L") == 0
     finally:
         for col in (a, b, c):
             if col is not None:
                 col.close()
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """Two clients of one server collection: B opens while A's long write is under way (its windows written
+    so far have no head yet) and writes. B took A's pending mark for a crashed run's and removed those
+    windows: A's document lost them. A's mark is live (its lease renewed): B leaves it alone."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        real = a.engine.upsert_long
+
+        def meanwhile(pieces):
+            def two_then_b():  # a's first two pieces written (window 1; the head comes last), then b
+                nonlocal b
+                it = iter(pieces)
+                yield next(it)
+                yield next(it)
+                b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+                b.add([texts[1]], ids=["t"])
+                yield from it
+
+            real(two_then_b())
+
+        monkeypatch.setattr(a.engine, "upsert_long", meanwhile)
+        a.add([texts[29]], ids=["L"])
+        assert b is not None and a.get("L")[0].windows == 3
+        assert [r.window for r in a.engine.get_windows(["L"])[0]] == [0, 1, 2] and vector_points(a, "L") == 3
+        assert b.count() == 3 and pending(a) == []
+    finally:
+        for col in (a, b):
+            if col is not None:
+                col.close()
+
+
+def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
+    and the next write, on a server collection too, clears those long writes' stray windows."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        real = a.engine.upsert_long
+
+        def stops(pieces):  # two pieces written (window 1; the head comes last), then killed
+            def two():
+                it = iter(pieces)
+                yield next(it)
+                yield next(it)
+                raise KeyboardInterrupt("killed")
+
+            real(two())
+
+        monkeypatch.setattr(a.engine, "upsert_long", stops)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        manifest = a.engine.read_manifest()
+        manifest["pending"] = ["L"]  # as an older version recorded it
+        a.engine.write_manifest(manifest)
+    with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as c:
+        assert vector_points(c, "L") > 0
+        c.add([texts[0]], ids=["z"])
+        assert c.engine.read_manifest()["pending"] == [] and vector_points(c, "L") == 0 and c.count() == 1
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -884,7 +963,7 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
                 else:
                     assert got == ["y", "y1", "y2"], (mode, exact)
         monkeypatch.setattr(target, hook, real)
-        assert col.manifest["pending"] == ["x"]
+        assert [m["id"] for m in col.manifest["pending"]] == ["x"]
         col.add([texts[0]], ids=["x"])  # one window now: the two stray windows go
         assert vector_points(col, "x") == 1 and raw_points(col) == before + 1 and col.count() == 4
     finally:
@@ -1065,6 +1144,69 @@ def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
             ref.close()
     finally:
         col.close()
+
+
+def stored_rows(col) -> tuple[int, ...]:
+    """:func:`raw_points`, and on Milvus the token and text rows too."""
+    eng = col.engine
+    if eng.name != "milvus":
+        return (raw_points(col),)
+    count = [eng.client.query(c, filter="", output_fields=["count(*)"])[0]["count(*)"] for c in (eng.tokens, eng.texts)]
+    return (raw_points(col), *count)
+
+
+@pytest.mark.parametrize(
+    "engine,old_write",  # how the old version was written: one batch, or streamed (upsert_long)
+    [("qdrant-edge", "long"), ("qdrant-local", "long"), ("milvus-lite", "batch"), ("milvus-lite", "long")],
+)
+def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
+    tmp_path, tiny_encoder, corpus, engine, old_write, monkeypatch
+):
+    """Stopped after its switch, before the old version's leftovers are deleted (Qdrant: the tombstones over
+    the old generation, which no later write or delete of the document names; Milvus: the tombstones over
+    slot 0, or the old slot's rows): the new version is whole, and the next write, of another document,
+    removes the leftovers as it clears the pending long write (Qdrant: the texts on text points, tombstoned
+    too, and the new version's kept)."""
+    import m3search.collection as collection
+    import m3search.engines.qdrant_common as qc
+
+    texts = corpus[0]
+    old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
+    monkeypatch.setattr(qc, "TEXT_CHUNK", 40)
+    col = create(engine, tmp_path / "col", tiny_encoder)
+    ref = create(engine, tmp_path / "ref", tiny_encoder)
+    try:
+        if old_write == "batch":  # Milvus: slot 0, whose old windows the switch tombstones
+            col.add([texts[10], old], ids=["y", "x"])
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        if old_write == "long":
+            col.add([texts[10], old], ids=["y", "x"])
+        eng = col.engine
+        target, name, real, hook, writes = long_write_hook(eng, lambda w: False)
+        removal = "_drop_slots" if eng.name == "milvus" else "_delete_points"
+        real_removal = getattr(eng, removal)
+
+        def stops(*a, **kw):  # the removal after the switch (x's head written) is killed
+            if writes and writes[-1]:
+                raise KeyboardInterrupt("killed")
+            return real_removal(*a, **kw)
+
+        monkeypatch.setattr(target, name, hook)
+        monkeypatch.setattr(eng, removal, stops)
+        with pytest.raises(KeyboardInterrupt):
+            col.upsert([new], ids=["x"])
+        monkeypatch.setattr(eng, removal, real_removal)
+        monkeypatch.setattr(target, name, real)
+        ref.add([texts[10], new], ids=["y", "x"])
+        assert col.get("x")[0].text == new and col.count() == 2  # switched: the new version
+        assert raw_points(col) > raw_points(ref)  # and the old version's leftovers
+        col.add([texts[0]], ids=["z"])
+        ref.add([texts[0]], ids=["z"])
+        assert stored_rows(col) == stored_rows(ref) and col.count() == 3
+        assert col.manifest["pending"] == [] and col.get("x")[0].text == new
+    finally:
+        col.close()
+        ref.close()
 
 
 def test_milvus_switch_over_the_request_limit_deletes_the_old_version_first(

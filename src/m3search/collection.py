@@ -13,7 +13,8 @@ Guarantees:
   Memory is bounded: windows are encoded and written in pieces of :data:`PIECE_BYTES` of
   output (a batch whose windows hold more is several writes, each atomic, each document
   whole); a document longer than a piece is written piece by piece (``Engine.upsert_long``)
-  and appears when complete; a crash leaves it absent (removed again before the next write).
+  and appears when complete; a crash leaves it absent (removed again before the next write; on a server,
+  where other clients may be writing, once the writer's lease :data:`PENDING_LEASE_S` has run out).
 * Long documents: a text longer than ``window`` tokens is stored as overlapping windows
   (``window`` tokens, one every ``stride``; at most ``max_windows``). A document's score
   in each mode is its best window's; fusion then ranks documents. A hit names the window
@@ -35,6 +36,7 @@ import math
 import os
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -112,6 +114,13 @@ COLBERT_RULE = "window"
 #: Bytes of ColBERT output (float32) encoded and written at a time by an ingest call: a batch whose
 #: windows hold more is written in pieces, and a longer document through ``Engine.upsert_long``.
 PIECE_BYTES = 256 << 20
+#: Seconds a long write's pending mark holds on storage other clients write (``Engine.shared``): the
+#: writer refreshes its mark before each piece, so another client takes a mark for a crashed writer's
+#: (and removes what it left) only when it is older than this. Why so long: a piece (PIECE_BYTES of
+#: output) can take tens of minutes to encode on a small CPU, and clients' clocks may differ; too short
+#: would remove a live writer's windows, while too long only keeps a crashed one's hidden leftovers
+#: stored a while longer.
+PENDING_LEASE_S = 6 * 3600
 #: What a search request may leave out: the built-in values, which ``m3search tune`` may replace per collection
 #: (``settings`` of the manifest; see :meth:`Collection.set_search_defaults`).
 SEARCH_DEFAULTS = {
@@ -266,6 +275,11 @@ def _metadata_value(v: Any, where: str, depth: int) -> Any:
     raise TypeError(f"{where}: {type(v).__name__} is not a JSON value (str, int, float, bool, None, dict, list)")
 
 
+def _marked(mark: Any) -> str:
+    """The document id of a pending mark (:meth:`Collection._mark_pending`; a plain id: one written before leases)."""
+    return mark if isinstance(mark, str) else mark["id"]
+
+
 class Collection:
     """A BGE-M3 hybrid collection. Build with :meth:`create` or :meth:`open`.
 
@@ -277,10 +291,8 @@ class Collection:
     def __init__(self, engine: Engine, manifest: dict, model: Any = None) -> None:
         self._engine = engine
         self._manifest = manifest
-        #: Long writes that an earlier run left pending (cleared by this client's first write), and this
-        #: client's own that stopped part-way; never another client's, which may still be writing.
-        self._stale_pending: list[str] = list(manifest.get("pending") or [])
-        self._own_pending: set[str] = set()
+        #: This client's name on its pending marks (:meth:`_mark_pending`).
+        self._client = uuid.uuid4().hex
         self._model_spec = model
         self._encoder = None
         self._lock = threading.RLock()
@@ -741,6 +753,8 @@ class Collection:
             def rest(sl: PointBatch = batch, last: bool = last):  # the pieces of one document, noted before each write
                 done = 0
                 while True:
+                    if done and self._engine.shared:
+                        self._mark_pending(sl.ids[0], True)  # the lease, renewed
                     done += self._engine.stored_units(sl)
                     self._note_windows(done)
                     yield sl
@@ -756,40 +770,61 @@ class Collection:
         return cut
 
     def _mark_pending(self, doc_id: str, writing: bool) -> None:
-        """Record in the manifest that a long write of ``doc_id`` is under way (or done): its stray windows are
-        cleared by the next write if it stops part-way."""
-        if writing:
-            self._own_pending.add(doc_id)
+        """Record in the manifest that this client's long write of ``doc_id`` is under way, as of now (again:
+        renewed), or done: if it stops part-way, the next write clears what it left (:meth:`_clear_pending`)."""
+        mark = {"id": doc_id, "client": self._client, "at": time.time()}
 
         def edit(manifest: dict) -> None:
-            others = [i for i in manifest.get("pending") or [] if i != doc_id]
-            manifest["pending"] = sorted([*others, doc_id]) if writing else others
+            others = [m for m in manifest.get("pending") or [] if not self._mine(m, doc_id)]
+            manifest["pending"] = [*others, mark] if writing else others
 
         self._write_manifest(edit)
-        if not writing:
-            self._own_pending.discard(doc_id)
+
+    def _mine(self, mark: Any, doc_id: str) -> bool:
+        """Whether a pending mark is this client's for ``doc_id``."""
+        return isinstance(mark, dict) and mark.get("id") == doc_id and mark.get("client") == self._client
+
+    def _stale(self, mark: Any, now: float) -> bool:
+        """Whether a pending mark is a stopped write's: any mark where no other client writes, this client's
+        own (its writes hold the lock: one in the manifest stopped), one without a client (written before
+        leases), or another client's not renewed for :data:`PENDING_LEASE_S`; never a live writer's."""
+        if not self._engine.shared or not isinstance(mark, dict) or mark.get("client") == self._client:
+            return True
+        return now - float(mark.get("at", 0)) > PENDING_LEASE_S
 
     def _clear_pending(self) -> None:
-        """After a crash during a long write: remove that document's stray windows (it has no head,
-        so it is not stored), before anything else is written."""
-        pending = sorted({*self._stale_pending, *self._own_pending})
-        if not pending:
+        """After a crash during a long write, before anything else is written: remove that document's stray
+        windows when it has no head (it is not stored), else what the write left beside the version its
+        head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones).
+        Not for a document another client is writing now (its mark is live): its windows are not strays, and
+        a stopped write's mark of it stays for a later write."""
+        marks, now = self._manifest.get("pending") or [], time.time()
+        live = {m["id"] for m in marks if not self._stale(m, now)}
+        stale = [m for m in marks if self._stale(m, now) and _marked(m) not in live]
+        if not stale:
             return
-        stray = [i for i in pending if i not in self._engine.existing(pending)]
+        pending = sorted({_marked(m) for m in stale})
+        stored = self._engine.existing(pending)
+        stray = [i for i in pending if i not in stored]
         if stray:
             self._engine.purge(stray)
-        self._write_manifest(lambda m: m.update(pending=[i for i in m.get("pending") or [] if i not in pending]))
-        self._stale_pending, self._own_pending = [], set()
+        if stored:
+            self._engine.tidy(sorted(stored))
+        self._write_manifest(lambda m: m.update(pending=[x for x in m.get("pending") or [] if x not in stale]))
 
     def _sync(self) -> None:
-        """On storage other clients write (a server), the window bound they may have raised: engines read
-        that many points per document, and a stale 1 would treat another client's long documents as one
-        window (stale metadata on their windows, windows left behind by a delete, window 0 scored alone)."""
+        """On storage other clients write (a server), their pending marks, and the window bound they may have
+        raised: engines read that many points per document, and a stale 1 would treat another client's long
+        documents as one window (stale metadata on their windows, windows left behind by a delete, window 0
+        scored alone)."""
         if self._engine.shared:
-            stored = int((self._engine.read_manifest() or {}).get("max_windows_stored", 1))
+            manifest = self._engine.read_manifest() or {}
+            stored = int(manifest.get("max_windows_stored", 1))
             if stored > self._manifest.get("max_windows_stored", 1):
                 self._manifest["max_windows_stored"] = stored
             self._engine.max_windows = max(self._engine.max_windows, stored)
+            if "pending" in manifest or "pending" in self._manifest:  # other clients' long writes (_clear_pending)
+                self._manifest["pending"] = manifest.get("pending") or []
 
     def _note_windows(self, most: int) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have

@@ -39,7 +39,8 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
    dict the Collection owns; where it is kept is the engine's business.
 7. Shared storage. An engine whose storage other clients write at the same time (a server)
    sets :attr:`shared`: the Collection then re-reads the manifest's window bound
-   (:attr:`max_windows`) before each call, since another client may have stored longer documents.
+   (:attr:`max_windows`) before each call, since another client may have stored longer documents,
+   and takes another client's pending long write for a crashed one's only when its lease has run out.
 """
 
 from __future__ import annotations
@@ -223,6 +224,12 @@ class Engine(ABC):
         """Delete the documents and every row an interrupted write of theirs left (crash recovery, rare:
         may scan the storage). Default: :meth:`delete`."""
         self.delete(ids)
+
+    def tidy(self, ids: Sequence[str]) -> None:
+        """Remove what an interrupted long write left beside STORED documents, hidden from every read (crash
+        recovery, rare: may scan the storage), such as the tombstones of a write stopped after its switch.
+        Default: nothing (an engine whose ``upsert_long`` leaves nothing behind)."""
+        return None
 
     # --- reads -----------------------------------------------------------------------
     @abstractmethod

@@ -109,7 +109,8 @@ delete the rows, token and text rows of the other slots. So, when our process is
 for ``upsert``, above), a long write over a stored document leaves the old version whole
 before (2) and the new one whole after it; the stray rows of (1) and (3) are hidden, and
 removed by the document's next write (``upsert``'s step 3, ``upsert_long``'s step 0) or
-delete. A document not stored has no head until (2): a crash leaves it absent, and the
+delete, and after a crash by the Collection's next write, which runs step (3) for the documents its
+manifest records as being written (:meth:`MilvusEngine.tidy`). A document not stored has no head until (2): a crash leaves it absent, and the
 Collection, which records the document being written in its manifest, removes its stray rows
 before its next write. When the switch does not fit ``max_request_bytes`` (an old version in
 slot 0 with more windows than fit as tombstones of ``4 * dense_dim + 256`` bytes: ~11,500 at
@@ -1116,6 +1117,16 @@ class MilvusEngine(Engine):
         other = _ints([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
         for coll in (self.collection, self.tokens, self.texts):
             self.client.delete(coll, filter=f"doc in {other}", timeout=self.timeout)
+
+    def tidy(self, ids: Sequence[str]) -> None:
+        """Step (3) of ``upsert_long`` for stored documents whose long write stopped before it: every row
+        (tombstones, the old version's windows), token and text row of the slots their head does not name."""
+        if not self.window_rows or not ids:
+            return
+        heads = {r["doc_id"]: r["doc"] for r in self._rows_by_pk([_pk(i) for i in ids], ["doc_id", "doc"])}
+        for doc_id in dict.fromkeys(ids):
+            if doc_id in heads:  # (a head under a colliding key is another document's: left alone)
+                self._drop_slots(doc_id, keep=self._slot_of(doc_id, heads[doc_id]))
 
     def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
         """Long writes (module docstring): each piece's windows written as it comes (token rows first) in

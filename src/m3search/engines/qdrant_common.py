@@ -66,6 +66,9 @@ names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
 (:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen``). The
 switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
 with tombstones over every point of the old version; the tombstones are deleted after. A crash
+between the two leaves them, invisible, under ids of the old generation that no later write or delete
+of the document names: the Collection, which records the document being written in its manifest,
+deletes them before its next write (:meth:`QdrantEngine.tidy`, by filter). A crash
 before the switch leaves the old version whole (its stray points of generation ``g`` are deleted
 by the document's next long write or delete). A document not stored is written the same way in
 generation 1: a crash leaves it absent, its stray points hidden from every query (no head names
@@ -207,15 +210,31 @@ class QdrantEngine(Engine):
         """Set each ``payload``'s keys on its points (one request where possible)."""
         raise NotImplementedError
 
-    def _delete_documents(self, ids: list[str]) -> None:
-        """Delete every point whose payload ``id`` is among ``ids`` (by filter: a scan where ``id`` has no index)."""
+    def _delete_where(self, filter: Any) -> None:
+        """Delete every point the client's ``filter`` matches."""
         raise NotImplementedError
+
+    def _delete_documents(self, ids: list[str], tombstones_only: bool = False) -> None:
+        """Delete every point whose payload ``id`` is among ``ids`` (by filter: a scan where ``id`` has no
+        index); ``tombstones_only``: their tombstones alone (no vector, no text: text points have no vector)."""
+        d = self._dialect
+        if not tombstones_only:
+            return self._delete_where(d.filter(must=[d.match_any("id", ids)]))
+        dead = d.filter(must=[d.match_any("id", ids), d.is_empty("text")], must_not=[d.has_vector("colbert")])
+        self._delete_where(dead)
 
     def purge(self, ids: Sequence[str]) -> None:
         """Every point of the documents, whatever generation an interrupted long write gave it (text points
         included, which no head names)."""
         if ids:
             self._delete_documents(list(ids))
+
+    def tidy(self, ids: Sequence[str]) -> None:
+        """The tombstones of stored documents: a long write stopped after its switch leaves those over the
+        old generation, which no later write or delete of the document names (their ids are the old
+        generation's). Deleting a tombstone is always safe: no read follows one, even mid-write."""
+        if ids:
+            self._delete_documents(list(ids), tombstones_only=True)
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError

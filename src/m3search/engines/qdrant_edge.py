@@ -126,6 +126,10 @@ class _EdgeDialect:
         return qe.HasVectorCondition(name)
 
     @staticmethod
+    def is_empty(key: str) -> qe.IsEmptyCondition:
+        return qe.IsEmptyCondition(key)
+
+    @staticmethod
     def nested(key: str, filter: qe.Filter) -> qe.NestedCondition:
         return qe.NestedCondition(key, filter)
 
@@ -406,9 +410,8 @@ class QdrantEdgeEngine(QdrantEngine):
         for payload, uuids in ops:
             self.shard.update(qe.UpdateOperation.set_payload(uuids, payload))
 
-    def _delete_documents(self, ids: list[str]) -> None:
-        f = qe.Filter(must=[qe.FieldCondition("id", match=qe.MatchAny(ids))])
-        self.shard.update(qe.UpdateOperation.delete_points_by_filter(f))
+    def _delete_where(self, filter: qe.Filter) -> None:
+        self.shard.update(qe.UpdateOperation.delete_points_by_filter(filter))
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
         if not uuids:

@@ -159,6 +159,10 @@ class _ClientDialect:
         return qm.HasVectorCondition(has_vector=name)
 
     @staticmethod
+    def is_empty(key: str) -> qm.IsEmptyCondition:
+        return qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))
+
+    @staticmethod
     def nested(key: str, filter: qm.Filter) -> qm.NestedCondition:
         return qm.NestedCondition(nested=qm.Nested(key=key, filter=filter))
 
@@ -513,8 +517,8 @@ class QdrantRemoteEngine(QdrantEngine):
             return super().delete(ids)
         self._delete_documents(list(ids))
 
-    def _delete_documents(self, ids: list[str]) -> None:
-        sel = qm.FilterSelector(filter=qm.Filter(must=[qm.FieldCondition(key="id", match=qm.MatchAny(any=ids))]))
+    def _delete_where(self, filter: qm.Filter) -> None:
+        sel = qm.FilterSelector(filter=filter)
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def _delete_points(self, uuids: list[str]) -> None:
