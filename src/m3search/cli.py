@@ -501,7 +501,7 @@ def main() -> None:
     "--window",
     default=None,
     type=click.IntRange(8),
-    help="New collection: tokens per window, specials included [default: the model's positions].",
+    help="New collection: tokens per window, specials included [default: the model's positions, or the collection's max_length when set lower].",
 )
 @click.option(
     "--stride",

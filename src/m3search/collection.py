@@ -148,7 +148,8 @@ class Hit:
     ``score`` is the fused score; ``scores`` holds the exact ``dense``, ``sparse`` and
     ``colbert`` scores of this document for the query (whatever the mode; a long document's
     are its best window's in each mode); ``window`` is the ``{"start", "end"}`` character
-    span of the window that matched best (the whole text for a one-window document);
+    span of the best-matching window's tokens (for a one-window document, its text from the first
+    token to the last: leading and trailing spaces fall outside);
     ``explain`` is filled when ``search(..., explain=True)``.
     """
 
