@@ -530,3 +530,75 @@ def test_a_create_that_failed_writing_its_manifest_can_be_retried(tmp_path, tiny
     assert not (tmp_path / "c" / "manifest.json.tmp").exists()
     monkeypatch.setattr(qe_mod.os, "fsync", real)
     Collection.create(tmp_path / "c", model=tiny_encoder).close()
+
+
+def test_a_nearly_full_disk_refuses_writes_and_keeps_what_is_stored(tmp_path, tiny_encoder, monkeypatch):
+    """Qdrant Edge writes through mmap: on a full disk the process died by SIGBUS. Each write (add, upsert, delete,
+    update_metadata, optimize, create) now checks the free space first and refuses with InsufficientStorageError,
+    writing nothing; the collection reopens with every earlier document. The free space is simulated: the check's
+    one call reports what the test says."""
+    import m3search.engines.qdrant_edge as qe_mod
+    from m3search.errors import InsufficientStorageError, M3SearchError
+
+    free = {"bytes": 1 << 40}
+    monkeypatch.setattr(qe_mod, "free_bytes", lambda path: free["bytes"])
+    c = Collection.create(tmp_path / "c", model=tiny_encoder)
+    c.add(TEXTS, ids=IDS, metadata=META)
+    free["bytes"] = qe_mod.DISK_RESERVE + (64 << 10)  # room for a small write, not for a large one
+    c.add(["one more short text"], ids=["small"])
+    many = [f"{TEXTS[i % 6]} again, copy {i}" for i in range(300)]
+    with pytest.raises(
+        InsufficientStorageError, match=r"not enough free disk for writing \d+ points at .*: 128\.1 MiB"
+    ):
+        c.add(many, ids=[f"m{i}" for i in range(300)])
+    free["bytes"] = qe_mod.DISK_RESERVE - 1  # below the reserve: every kind of write is refused
+    attempts = [
+        lambda: c.add(["another"], ids=["x"]),
+        lambda: c.upsert(["changed"], ids=["d0"]),
+        lambda: c.update_metadata(["d1"], [{"lang": "fr"}]),
+        lambda: c.delete(["d2"]),
+        c.optimize,
+        lambda: Collection.create(tmp_path / "other", model=tiny_encoder),
+    ]
+    for attempt in attempts:
+        with pytest.raises(
+            InsufficientStorageError, match=r"MiB free, about .* MiB needed .* stored documents are intact"
+        ):
+            attempt()
+    err = pytest.raises(InsufficientStorageError, c.delete, ["d2"]).value
+    assert isinstance(err, OSError) and isinstance(err, M3SearchError)
+    assert c.count() == len(TEXTS) + 1 and c.search(TEXTS[0], k=1)[0].id == "d0"
+    c.close()
+    monkeypatch.undo()
+    with Collection.open(tmp_path / "c", model=tiny_encoder) as again:
+        assert again.count() == len(TEXTS) + 1
+        stored = again.get([*IDS, "small", "x", "m0"])
+        assert [r.text for r in stored[: len(TEXTS)]] == TEXTS and [r.metadata for r in stored[: len(TEXTS)]] == META
+        assert stored[len(TEXTS)].text == "one more short text" and stored[-2:] == [None, None]
+    assert not (tmp_path / "other" / "manifest.json").exists()
+    Collection.create(tmp_path / "other", model=tiny_encoder).close()  # the refused create left nothing in the way
+
+
+def test_qdrants_own_refusal_to_optimize_is_the_same_error(col, monkeypatch):
+    """Qdrant refuses an optimize itself when the disk has less than twice the segments it rebuilds; that
+    refusal (a bare Exception from Qdrant Edge, its words as measured on a full tmpfs) is the same typed error."""
+    from m3search.errors import InsufficientStorageError
+
+    engine = col._engine
+    real = engine._shard
+
+    class Full:
+        def optimize(self):
+            raise Exception(
+                "Service runtime error: Not enough space available for optimization, needed: 9.22 MiB, "
+                "available: 4.33 MiB"
+            )
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(engine, "_shard", Full())
+    with pytest.raises(InsufficientStorageError, match=r"needed: 9\.22 MiB, available: 4\.33 MiB.* intact"):
+        col.optimize()
+    monkeypatch.undo()
+    assert col.count() == len(TEXTS) and col.optimize() in (True, False)

@@ -235,6 +235,17 @@ def test_compute_score_keys_and_weights(tiny_encoder):
         tiny_encoder.compute_score(pairs, weights=(1, -1, 1))
 
 
+def test_compute_score_refuses_a_mean_without_weight(tiny_encoder):
+    """Weights (0, 0, 1) gave 'sparse+dense' = 0/0 = NaN (FlagEmbedding's formula); refused as a search in those
+    modes is, naming the key. Zero weight on one of its modes is a plain mean."""
+    pairs = [(TEXTS[0], TEXTS[2])]
+    with pytest.raises(ValueError, match=r"zero total weight to the modes of 'dense\+sparse'.*'sparse\+dense'"):
+        tiny_encoder.compute_score(pairs, weights=(0, 0, 1))
+    s = tiny_encoder.compute_score(pairs, weights=(0, 1, 1))
+    assert s["sparse+dense"][0] == pytest.approx(s["sparse"][0], rel=1e-6, abs=1e-6)
+    assert s["colbert+sparse+dense"][0] == pytest.approx((s["sparse"][0] + s["colbert"][0]) / 2, rel=1e-6, abs=1e-6)
+
+
 def test_truncation_warns_with_count(tiny_encoder):
     long = "word " * 5000
     with warnings.catch_warnings(record=True) as caught:

@@ -376,6 +376,30 @@ def test_a_run_with_nothing_to_contrast_is_refused(tmp_path, tiny_model_path, ro
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
 
 
+@pytest.mark.parametrize(
+    "corpus, settings",
+    [
+        ({"n_docs": 1, "n_queries": 1, "qrels": [("q0", "d0", 1)]}, {}),  # the corpus is the query's positive
+        ({}, {"negatives": 0, "batch_size": 1, "holdout": 0.5}),  # mining adds nothing; one query per batch
+    ],
+)
+def test_beir_with_nothing_to_contrast_is_refused_before_mining(
+    tmp_path, tiny_model_path, monkeypatch, corpus, settings
+):
+    """Whether a BEIR run has anything to contrast is known from the input when mining cannot add a negative:
+    refused before mining and the held-out evaluation (each encodes the corpus), as JSONL is refused."""
+    from m3search import finetune as ft
+
+    calls = []
+    for name in ("mine_negatives", "_heldout_metrics"):
+        real = getattr(ft, name)
+        monkeypatch.setattr(ft, name, lambda *a, _name=name, _real=real, **kw: calls.append(_name) or _real(*a, **kw))
+    with pytest.raises(FinetuneInputError, match="nothing to contrast"):
+        _run(tmp_path, tiny_model_path, _beir(tmp_path / "beir", **corpus), **settings)
+    assert calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beir"]
+
+
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
     from m3search.eval import evaluate

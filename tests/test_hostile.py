@@ -403,6 +403,44 @@ def test_index_failing_mid_write_says_what_was_written(tmp_path, tiny_model_path
         assert c.count() == 300
 
 
+def test_index_on_a_nearly_full_disk_says_so_and_what_was_written(tmp_path, tiny_model_path, monkeypatch):
+    """The embedded engine's refusal of a write on a nearly full disk (it died by SIGBUS) ends `index` with its
+    message and the records written before; a rerun with room finishes (free space simulated)."""
+    from click.testing import CliRunner
+
+    import m3search.engines.qdrant_edge as qe_mod
+    from m3search import cli as cli_module
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"_id": str(i), "text": f"text {i}"}) + "\n" for i in range(1, 301)))
+    coll = tmp_path / "coll"
+    free, real, calls = {"bytes": 1 << 40}, cli_module._Local.upsert, []
+
+    def filling(self, records):
+        calls.append(len(records))
+        if len(calls) == 3:
+            free["bytes"] = 1 << 20
+        return real(self, records)
+
+    monkeypatch.setattr(qe_mod, "free_bytes", lambda path: free["bytes"])
+    monkeypatch.setattr(cli_module._Local, "upsert", filling)
+    args = ["index", str(src), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "100", "--dtype", "float32"]
+    out = CliRunner().invoke(cli_module.main, [*args, "--json"])
+    assert out.exit_code == 1
+    error = json.loads(out.stdout.splitlines()[0])["error"]
+    assert error["message"].startswith(f"not enough free disk for writing 100 points at {coll}: 1.0 MiB free")
+    assert (
+        f"stored documents are intact: free some space and try again; the first 200 records of {src}"
+        in error["message"]
+    )
+    free["bytes"] = 1 << 40
+    with Collection.open(coll) as c:
+        assert c.count() == 200
+    assert CliRunner().invoke(cli_module.main, args).exit_code == 0
+    with Collection.open(coll) as c:
+        assert c.count() == 300
+
+
 def test_filter_fields_qdrant_cannot_parse_unquoted(col):
     col.upsert(["odd"], ids=["odd"], metadata=[{":": 1, "x y": "q", "m": {"k:1": 2}, "é": 3}])
     try:

@@ -27,6 +27,7 @@ from m3search.batching import INTERACTIVE, Batcher  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
     DuplicateIdError,
+    InsufficientStorageError,
     M3SearchError,
     ModelMismatchError,
     UnknownIdError,
@@ -71,7 +72,7 @@ def _error(r, status: int, type_: str) -> str:
 
 
 def test_typed_errors_are_mapped_in_one_place():
-    assert _ERROR_STATUS == {DuplicateIdError: 409, UnknownIdError: 404}
+    assert _ERROR_STATUS == {DuplicateIdError: 409, UnknownIdError: 404, InsufficientStorageError: 507}
     # the typed errors stay the built-in kinds older callers catch
     assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
     assert issubclass(UnknownIdError, ValueError) and issubclass(ModelMismatchError, ValueError)
@@ -93,6 +94,23 @@ def test_library_errors_become_409_and_404(app_and_collection):
         col.update_metadata(["d1", "ghost"], {"n": 9})
     assert exc.value.ids == ["ghost"] and col.get("d1")[0].metadata == {"n": 1}
     _error(client.post("/search", json={"query": "x", "weights": [0, 0, 0]}), 400, "invalid_request")
+
+
+def test_a_nearly_full_disk_is_507(app_and_collection, monkeypatch):
+    """The embedded engine refuses writes on a nearly full disk (it died by SIGBUS): 507, its message, nothing
+    written (free space simulated, see tests/test_collection.py)."""
+    import m3search.engines.qdrant_edge as qe_mod
+
+    _, client, col = app_and_collection
+    monkeypatch.setattr(qe_mod, "free_bytes", lambda path: 1 << 20)
+    r = client.post("/documents", json={"documents": [{"id": "x1", "text": "no room"}]})
+    assert "not enough free disk for writing" in _error(r, 507, "insufficient_storage")
+    r = client.request("DELETE", "/documents", json={"ids": ["d1"]})
+    assert "not enough free disk for deleting" in _error(r, 507, "insufficient_storage")
+    monkeypatch.undo()
+    assert col.count() == len(TEXTS) and col.get("x1") == [None] and col.get("d1")[0].text == TEXTS[1]
+    spec = client.get("/openapi.json").json()["paths"]["/documents"]
+    assert "507" in spec["post"]["responses"] and "507" in spec["delete"]["responses"]
 
 
 def test_concurrent_adds_of_one_id_give_one_409(app_and_collection):
@@ -269,6 +287,34 @@ def test_deferred_optimize_waits_for_ingest_requests_in_progress(tiny_encoder):
         _wait_runs(fake, 2)
         assert fake.runs == 2
         indexer.close()
+
+
+def test_a_failed_deferred_optimize_waits_for_the_next_write(tiny_encoder, caplog):
+    """A build refused for disk space was retried at once, in a loop that logged a traceback as fast as it
+    could; now it is logged once, in one line, and tried again after the next write (and at close)."""
+
+    class Full(_Optimized):
+        def optimize(self) -> None:
+            self.runs += 1
+            raise InsufficientStorageError("not enough free disk for optimizing at /c: 1.0 MiB free")
+
+    fake = Full()
+    with Batcher(tiny_encoder) as b, caplog.at_level("ERROR", logger="m3search.server"):
+        indexer = DeferredOptimize(fake, b, idle=0.01)
+        indexer.wrote(1)
+        _wait_runs(fake, 1)
+        time.sleep(0.3)  # 30 idle periods
+        assert fake.runs == 1
+        indexer.wrote(1)
+        _wait_runs(fake, 2)
+        time.sleep(0.1)
+        assert fake.runs == 2
+        indexer.close()
+        assert fake.runs == 3  # what is pending, at close
+    assert [r.getMessage() for r in caplog.records] == [
+        "optimizing the collection failed: not enough free disk for optimizing at /c: 1.0 MiB free"
+    ] * 3
+    assert all(r.exc_info is None for r in caplog.records)
 
 
 def test_deferred_optimize_runs_during_long_ingest_and_at_close(tiny_encoder):

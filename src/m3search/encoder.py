@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .plan import DEFAULT_WEIGHTS, check_int, check_texts, check_weights
+from .plan import DEFAULT_WEIGHTS, check_int, check_mode_total, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 from .windows import check_windows, plan_windows
 
@@ -871,7 +871,9 @@ class M3Encoder:
         three. ``weights`` = (dense, sparse, colbert), default (0.4, 0.2, 0.4) as in BGE-M3's
         paper; FlagEmbedding's ``compute_score`` defaults to (1, 1, 1). ColBERT counts only the
         passage's real tokens (FlagEmbedding's batched version floors at 0 through padding).
-        A single pair gives floats, a list of pairs lists of floats.
+        Weights that give a returned mean zero total (all zero, or zero dense and sparse weight:
+        ``sparse+dense`` would be 0/0, NaN in FlagEmbedding) are refused with ValueError, as a search
+        in those modes is. A single pair gives floats, a list of pairs lists of floats.
         """
         single = isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs)
         pairs = [pairs] if single else list(pairs)
@@ -881,6 +883,8 @@ class M3Encoder:
             if not (isinstance(p, (tuple, list)) and len(p) == 2):
                 raise TypeError(f"each pair must be (query, passage), got {p!r}")
         w = check_weights(weights)
+        hint = ": compute_score returns their weighted mean 'sparse+dense'; give dense or sparse a weight"
+        check_mode_total(w, "dense+sparse", hint=f"{hint} (the 'colbert' key is ColBERT alone)")
         q = self.encode([p[0] for p in pairs], max_length=max_query_length, batch_size=batch_size)
         d = self.encode([p[1] for p in pairs], max_length=max_passage_length, batch_size=batch_size)
         s_dense = pair_dense_scores(q.dense, d.dense)

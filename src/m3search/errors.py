@@ -5,7 +5,7 @@ Why typed: callers (the CLI, the HTTP service, your code) tell "this id is taken
 parsing messages. Each one also subclasses the built-in error it used to be
 (``ValueError``, ``LookupError``, ``FileNotFoundError``, ...), so ``except ValueError``
 code keeps working. The HTTP service maps them to statuses in one place
-(``m3search.server._ERROR_STATUS``: 409 duplicate, 404 unknown).
+(``m3search.server._ERROR_STATUS``: 409 duplicate, 404 unknown, 507 insufficient storage).
 
 This module imports nothing, so every layer (engines included) can raise these.
 """
@@ -20,6 +20,7 @@ __all__ = [
     "CollectionNotFoundError",
     "CollectionExistsError",
     "ModelMismatchError",
+    "InsufficientStorageError",
 ]
 
 
@@ -59,3 +60,9 @@ class CollectionExistsError(M3SearchError, FileExistsError):
 
 class ModelMismatchError(M3SearchError, ValueError):
     """The model given does not match the one the collection was built with."""
+
+
+class InsufficientStorageError(M3SearchError, OSError):
+    """Too little free disk for a write: refused before it started, so nothing of it was stored and what was
+    stored before stays whole. Raised by the embedded engine, which would otherwise die by SIGBUS (it writes
+    through memory-mapped files); free some space and try again."""

@@ -459,6 +459,32 @@ def _epoch_batches(
     return [(np.array([i for i, _ in b]), np.array([g for _, g in b])) for b in batches]
 
 
+def _contrasting_batches(
+    encoder: Any, examples: list[Example], cfg: FinetuneConfig, token_budget: int
+) -> tuple[_Plan, list[list[tuple[np.ndarray, np.ndarray]]]]:
+    """The data as indices and every epoch's batches (each epoch packs a new order under the token budget, so
+    their counts differ); refused when no batch has anything to contrast (:func:`_has_contrast`)."""
+    plan = _plan(encoder, examples, cfg.query_max_length, cfg.passage_max_length)
+    schedule = [
+        _epoch_batches(plan, cfg.negatives, cfg.batch_size, token_budget, cfg.seed, e) for e in range(cfg.epochs)
+    ]
+    if not _has_contrast(plan, schedule):
+        raise FinetuneInputError(
+            "nothing to contrast: no batch holds a passage besides its queries' judged positives (one query and "
+            "no other passage, or --negatives 0 with one query per batch), so every loss would be 0 and training "
+            "would change nothing; give more queries, hard negatives (--negatives) or a larger --batch-size"
+        )
+    return plan, schedule
+
+
+def _mining_adds_nothing(split: BeirSplit, negatives: int) -> bool:
+    """Whether :func:`mine_negatives` leaves every example as read: no negatives asked, or no training query has a
+    corpus document besides its judged positives. Then the data to train on is known before mining (which encodes
+    the whole corpus), and so is whether it has anything to contrast."""
+    n_docs = len(split.data.doc_ids)  # load_beir refuses judged ids absent from the corpus
+    return negatives == 0 or all(sum(s > 0 for s in split.data.qrels[e.qid].values()) >= n_docs for e in split.examples)
+
+
 def _has_contrast(plan: _Plan, schedule: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]) -> bool:
     """Whether some query of some batch has a passage that is not its judged positive to score against.
     Why: with none, every loss is exactly 0 and a run would write its base model back as "fine-tuned"."""
@@ -733,6 +759,11 @@ def finetune(
     except ModelLoadError as e:
         raise FinetuneInputError(f"base model: {e}") from None
     dev, amp_dtype = base.device, base.dtype
+    # Data that cannot train is refused before mining when mining cannot change it (JSONL is never mined). The
+    # trainee below tokenizes alike (same checkpoint) and has this budget: the same device's default unless given.
+    known = None
+    if split is None or _mining_adds_nothing(split, negatives):
+        known = _contrasting_batches(base, examples, cfg, token_budget or base.token_budget)
 
     report: dict[str, Any] = {
         "base_model": str(model),
@@ -762,7 +793,7 @@ def finetune(
     net = M3Trainable(trainee)
     if gradient_checkpointing:
         net.model.gradient_checkpointing_enable()
-    plan = _plan(trainee, examples, query_max_length, passage_max_length)
+    plan, schedule = known or _contrasting_batches(trainee, examples, cfg, budget)
     probe_ids = sorted({p[0] for p in plan.positives})[:_PROBE_PASSAGES]
     probe = _Tokenized([plan.passages.ids[i] for i in probe_ids], plan.passages.lengths[probe_ids])
     autocast = None
@@ -773,15 +804,7 @@ def finetune(
         report["autocast"] = str(amp_dtype).replace("torch.", "")
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and amp_dtype == torch.float16)
 
-    # Every epoch's batches up front: each packs a new order under the token budget, so their counts differ.
-    schedule = [_epoch_batches(plan, negatives, batch_size, budget, seed, e) for e in range(epochs)]
     n_batches = sum(len(b) for b in schedule)
-    if not _has_contrast(plan, schedule):
-        raise FinetuneInputError(
-            "nothing to contrast: no batch holds a passage besides its queries' judged positives (one query and "
-            "no other passage, or --negatives 0 with one query per batch), so every loss would be 0 and training "
-            "would change nothing; give more queries, hard negatives (--negatives) or a larger --batch-size"
-        )
     report["queries_per_batch"] = round(len(examples) * epochs / n_batches, 2)  # the token budget may cap batch_size
     report["token_budget"] = budget
     total_steps = n_batches if max_steps is None else min(max_steps, n_batches)

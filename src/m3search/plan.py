@@ -56,6 +56,7 @@ __all__ = [
     "SearchPlan",
     "parse_mode",
     "check_weights",
+    "check_mode_total",
     "check_query",
     "check_text",
     "check_texts",
@@ -150,7 +151,7 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     """Validate the (dense, sparse, colbert) weights: three finite, non-negative numbers, not all zero.
 
     All-zero weights are refused here (they fuse nothing, in any mode); whether the modes
-    of one search get a positive total is :meth:`SearchPlan.build`'s check.
+    of one search get a positive total is :func:`check_mode_total`'s.
     """
     if weights is None:
         return DEFAULT_WEIGHTS
@@ -181,6 +182,12 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
 def repeated(ids: Sequence[str]) -> list[str]:
     """The ids that occur more than once, in first-seen order (one pass: batches hold thousands)."""
     return [i for i, n in Counter(ids).items() if n > 1]
+
+
+def check_mode_total(weights: tuple[float, float, float], mode: str, hint: str = "") -> None:
+    """Refuse checked ``weights`` that give every mode of ``mode`` zero weight: their weighted mean is 0/0."""
+    if sum(weights[MODES.index(m)] for m in parse_mode(mode)) <= 0:
+        raise ValueError(f"weights {weights} give zero total weight to the modes of {mode!r}{hint}")
 
 
 def check_query(query: Any) -> str:
@@ -283,8 +290,7 @@ class SearchPlan:
         if not isinstance(fusion, str) or fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         w = check_weights(default_weights if weights is None else weights)
-        if sum(w[MODES.index(m)] for m in modes) <= 0:
-            raise ValueError(f"weights {w} give zero total weight to the modes of {mode!r}")
+        check_mode_total(w, mode)
         k = _positive_int("k", k, MAX_K)
         c = default_candidates if candidates is None else _positive_int("candidates", candidates, MAX_CANDIDATES)
         return cls(modes, fusion, w, k, max(c, k), parse_filter(filter), explain)

@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
-from .errors import DuplicateIdError, M3SearchError, UnknownIdError
+from .errors import DuplicateIdError, InsufficientStorageError, M3SearchError, UnknownIdError
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
@@ -190,12 +190,13 @@ _STATUS_TYPES = {
     499: "client_closed_request",
     503: "unavailable",
     504: "timeout",
+    507: "insufficient_storage",
 }
 
 
 #: The library's typed errors as HTTP statuses: the one place they are mapped (anything else
 #: the library rejects with ValueError / TypeError is a 400).
-_ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdError: 404}
+_ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdError: 404, InsufficientStorageError: 507}
 
 
 class ErrorDetail(BaseModel):
@@ -206,6 +207,9 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorDetail
 
+
+#: A write the embedded engine refuses because the disk is nearly full (:class:`InsufficientStorageError`).
+_NO_SPACE = {507: {"model": ErrorResponse, "description": "Too little free disk for the write (embedded collection)"}}
 
 _ERRORS = {
     status: {"model": ErrorResponse, "description": desc}
@@ -418,7 +422,9 @@ class DeferredOptimize:
     6.5 documents/s), a build per request, each followed by cold reads of the rebuilt token vectors.
     ``on_pending`` is told the documents written but not yet indexed whenever that changes (the
     ``m3search_unindexed_documents`` gauge: an operator, or a benchmark, sees when the build is done);
-    ``on_built`` the seconds of each build (``m3search_index_build_seconds``).
+    ``on_built`` the seconds of each build (``m3search_index_build_seconds``). A build that fails
+    (a nearly full disk) is logged and tried again after the next write or at close, not at once:
+    retried at once, it failed in a loop that logged as fast as it could.
     """
 
     def __init__(
@@ -437,6 +443,7 @@ class DeferredOptimize:
         self._pending = 0  # documents written since the last optimize started
         self._writing = 0  # ingest requests in progress
         self._last = 0.0  # monotonic time the last ingest request ended
+        self._failed = False  # the last build failed: none until the next write
         self._closed = False
         self.runs = 0
         self._thread = threading.Thread(target=self._run, name="m3search-optimize", daemon=True)
@@ -460,6 +467,7 @@ class DeferredOptimize:
         with self._cond:
             self._pending += documents
             self._last = time.monotonic()
+            self._failed = False
             self._cond.notify_all()
             self._report()
 
@@ -469,7 +477,7 @@ class DeferredOptimize:
 
     def _due(self) -> float:
         """Seconds until an optimize is due (0: now; inf: nothing pending)."""
-        if not self._pending:
+        if not self._pending or self._failed:
             return math.inf
         if self._pending >= self.every:
             return 0.0
@@ -489,12 +497,17 @@ class DeferredOptimize:
             self._optimize(done)
 
     def _optimize(self, done: int) -> None:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         try:
             self.collection.optimize()
             self.runs += 1
-        except Exception:  # pragma: no cover - the next ingest (or close) tries again
-            log.exception("optimizing the collection failed")
+        except Exception as exc:  # the next ingest (or close) tries again
+            if isinstance(exc, InsufficientStorageError):  # its message says all: no traceback
+                log.error("optimizing the collection failed: %s", exc)
+            else:
+                log.exception("optimizing the collection failed")
+            with self._cond:
+                self._failed = self._last <= started  # a write since: due as usual
             return
         if self.on_built is not None:
             self.on_built(time.perf_counter() - t0)
@@ -918,7 +931,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         "/documents",
         response_model=DocumentsResponse,
         tags=["documents"],
-        responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}},
+        responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}, **_NO_SPACE},
     )
     async def add_documents(
         body: DocumentsRequest, request: Request, res: CollectionDep, settings: SettingsDep
@@ -954,7 +967,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         async with request.app.state.write_gate:
             return await run_in_threadpool(store)
 
-    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"])
+    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_NO_SPACE)
     async def delete_documents(
         body: DeleteRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> DeleteResponse:

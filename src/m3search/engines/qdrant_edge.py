@@ -55,7 +55,12 @@ import scipy.sparse as sp
 from m3search.engines.base import allocated_bytes
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
-from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
+from m3search.errors import (
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    InsufficientStorageError,
+)
 from m3search.filters import Filter
 from m3search.plan import MODES, check_deadline
 
@@ -68,6 +73,13 @@ SHARD = "shard"
 _ID_ONLY = qe.PayloadSelector.Include(["id", "gen"])  # gen: see QdrantEngine._committed
 #: Flush (persist segments, truncate the WAL) after this many vector bytes written.
 WAL_FLUSH_BYTES = 1 << 30
+#: Free disk a write needs: DISK_SAFETY x its bytes (vectors as float32 and payload, ``_write``'s estimate; the WAL
+#: record and the segment storage each take up to that once; measured on tmpfs: 1.3x with turbo8, 1.9x with float32
+#: ColBERT) + DISK_RESERVE, kept for what is not proportional to a write: an optimize's new segment allocates its
+#: ColBERT and sparse storage in 32 MiB files (whole on tmpfs: 68 MB at peak to optimize 11 MB of segments), which
+#: Qdrant's own check (twice the size of the segments it rebuilds) leaves out; new WAL files, flush, manifest.
+DISK_SAFETY = 3
+DISK_RESERVE = 128 << 20
 
 
 _COLBERT_DTYPES = {
@@ -177,6 +189,29 @@ def _damaged(root: Path, why: str) -> ValueError:
     return ValueError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
 
 
+def free_bytes(path: Path) -> int:
+    """Free disk space where ``path`` is (what an unprivileged process may use)."""
+    return shutil.disk_usage(path).free
+
+
+def _check_free(root: Path, what: str, nbytes: int = 0) -> None:
+    """Refuse ``what`` unless the disk has room for ``nbytes`` written (DISK_SAFETY and DISK_RESERVE).
+
+    Why: Qdrant Edge writes through memory-mapped files, so a write that meets a full disk kills the
+    process with SIGBUS instead of raising (the collection reopens intact, but the caller learns nothing
+    and loses its process). One statvfs call per write batch.
+    """
+    need = DISK_SAFETY * nbytes + DISK_RESERVE
+    free = free_bytes(root)
+    if free < need:
+        mib = 1 << 20
+        raise InsufficientStorageError(
+            f"not enough free disk for {what} at {root}: {free / mib:.1f} MiB free, about {need / mib:.1f} MiB "
+            f"needed ({DISK_SAFETY} x ~{nbytes / mib:.1f} MiB written + {DISK_RESERVE // mib} MiB reserve); "
+            "refused before it started, stored documents are intact: free some space and try again"
+        )
+
+
 def _fsync_write(path: Path, data: str) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -275,6 +310,7 @@ class QdrantEdgeEngine(QdrantEngine):
         try:
             if (root / SHARD).exists():  # a leftover (above)
                 shutil.rmtree(root / SHARD)
+            _check_free(root, "creating a collection")
             shard = qe.EdgeShard.create(str(root / SHARD), cls._config(schema))
         except BaseException:
             os.close(lock)
@@ -348,8 +384,23 @@ class QdrantEdgeEngine(QdrantEngine):
         return self._shard
 
     def optimize(self) -> bool:
-        """Run Qdrant's segment optimizers (builds the dense HNSW graph); True if anything changed."""
-        return bool(self.shard.optimize())
+        """Run Qdrant's segment optimizers (builds the dense HNSW graph); True if anything changed.
+
+        Qdrant refuses an optimization itself when the disk has less than twice the size of the segments
+        it rebuilds (when it can measure both); that refusal becomes :class:`InsufficientStorageError`, and
+        only the reserve is checked here, for what its check leaves out (its temporary segment, the flush).
+        """
+        shard = self.shard
+        _check_free(self.root, "optimizing")
+        try:
+            return bool(shard.optimize())
+        except Exception as exc:
+            if "Not enough space available for optimization" not in str(exc):
+                raise
+            raise InsufficientStorageError(
+                f"not enough free disk for optimizing at {self.root} ({exc}); stored documents are intact and "
+                "searchable, unoptimized: free some space and optimize again"
+            ) from None
 
     def flush(self) -> None:
         """Persist the segments and truncate the write-ahead log.
@@ -390,6 +441,8 @@ class QdrantEdgeEngine(QdrantEngine):
         # Vectors cross into Rust as Python lists made by ``ndarray.tolist()`` (C): pyo3 reads a NumPy
         # array element by element through NumPy scalars, ~1.8x the CPU per point (9.1 vs 5.1 ms for
         # 136 x 1024 tokens, alternating rounds, qdrant-edge-py 0.9; benchmarks/RESULTS.md, ColBERT layouts).
+        nbytes = sum(sizes) // 3  # ~bytes of float32 vectors and payload
+        _check_free(self.root, f"writing {len(points)} points", nbytes)
         out = []
         for uid, vec, payload in points:
             if vec is not None:
@@ -399,18 +452,21 @@ class QdrantEdgeEngine(QdrantEngine):
                 }
             out.append(qe.Point(uid, vec or {}, payload))
         self.shard.update(qe.UpdateOperation.upsert_points(out))  # one WAL record: all or nothing
-        self._unflushed += sum(sizes) // 3  # ~bytes of float32 vectors
+        self._unflushed += nbytes
         if self._unflushed >= WAL_FLUSH_BYTES:  # bound the WAL during long ingests
             self.flush()
 
     def _delete_points(self, uuids: list[str]) -> None:
+        _check_free(self.root, f"deleting {len(uuids)} points")
         self.shard.update(qe.UpdateOperation.delete_points(uuids))
 
     def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
+        _check_free(self.root, "updating metadata", sum(len(json.dumps(p, default=str)) * len(u) for p, u in ops))
         for payload, uuids in ops:
             self.shard.update(qe.UpdateOperation.set_payload(uuids, payload))
 
     def _delete_where(self, filter: qe.Filter) -> None:
+        _check_free(self.root, "deleting documents")
         self.shard.update(qe.UpdateOperation.delete_points_by_filter(filter))
 
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
