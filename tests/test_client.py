@@ -54,6 +54,34 @@ def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
         assert col.count() == len(TEXTS) + 1
 
 
+@pytest.mark.filterwarnings("ignore:.*exceeded max_length")
+def test_writes_are_split_at_the_servers_body_limit(tmp_path, tiny_encoder):
+    """The client cut writes by count (max_batch) only: documents the embedded collection takes failed
+    with 413, after the earlier parts of the call were stored. It now cuts by bytes too, and a
+    document that fits in no request is refused, naming it, before anything is sent."""
+    sent = []
+    with make_collection(tmp_path / "c", tiny_encoder, docs=False) as col:
+        with served(col, max_body_bytes=20_000, max_batch=8) as client:
+            client._http.event_hooks["request"].append(lambda r: r.method != "GET" and sent.append(len(r.content)))
+            texts = [f"short {i}" for i in range(8)] + [f"long {i} " + "wing flow " * 600 for i in range(4)]
+            ids = [f"m{i}" for i in range(12)]
+            assert client.upsert(texts, ids=ids) == ids and col.count() == 12
+            assert len(sent) == 3 and max(sent) <= 20_000  # 8 short (max_batch), 3 x 6 KB, 1 x 6 KB
+            assert [r.text for r in col.get(ids)] == texts
+            sent.clear()
+            with pytest.raises(ValueError, match=r"document 'big' is [\d,]+ bytes as JSON.*max_body_bytes 20,000"):
+                client.add(["fine", "x" * 25_000], ids=["ok", "big"])
+            with pytest.raises(ValueError, match=r"texts\[1\] is"):
+                client.embed(["fine", "x" * 25_000])
+            assert sent == [] and col.count() == 12  # nothing was sent, not even the first part
+            texts = ["y " * 6_000, "z " * 6_000, "w"]
+            want = tiny_encoder.encode(texts, sparse=False, colbert=False).dense
+            np.testing.assert_allclose(client.embed(texts), want, atol=1e-6)
+            assert len(sent) == 2 and max(sent) <= 20_000
+            sent.clear()  # sizes are UTF-8 bytes as sent: 2 x 12 KB, not 2 x 6,000 characters in one request
+            assert len(client.add(["é" * 6_000, "é" * 6_000])) == 2 and len(sent) == 2
+
+
 def test_errors_keep_the_library_types(col):
     with served(col) as client:
         with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)

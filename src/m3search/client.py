@@ -6,9 +6,10 @@ speaks the server's routes and answers with the library's own types (:class:`~m3
 :class:`~m3search.collection.Record`), so code written against :class:`~m3search.Collection`
 (the LangChain and LlamaIndex integrations among it) runs against a server unchanged.
 
-Requests larger than the server's ``max_batch`` are split; each part is one server write,
-so a failure part-way leaves the earlier parts stored (an embedded ``Collection.add``
-batch has the same grain). Errors keep the library's types: a bad value is ``ValueError``, an
+Requests larger than the server's ``max_batch`` (items) or ``max_body_bytes`` (JSON body) are
+split; each part is one server write, so a failure part-way leaves the earlier parts stored (an
+embedded ``Collection.add`` batch has the same grain). A document too large for any request is
+refused before anything is sent. Errors keep the library's types: a bad value is ``ValueError``, an
 existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
 ``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
@@ -18,8 +19,9 @@ A server that is busy (429: its queue is full, nothing was done) is asked again 
 from __future__ import annotations
 
 import base64
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,14 @@ from m3search.errors import DuplicateIdError
 
 __all__ = ["M3SearchClient"]
 
-_DEFAULT_MAX_BATCH = 256  # the server's default; /info tells the real one
+_DEFAULT_MAX_BATCH = 256  # the server's defaults; /info tells the real ones
+_DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as the request body sent (what the server's ``max_body_bytes`` counts): one
+    serialization for both sending and measuring, so the split is exact."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _retry_after(value: str | None) -> float:
@@ -88,6 +97,9 @@ class M3SearchClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
 
+        if "json" in kwargs:
+            kwargs["content"] = _json_bytes(kwargs.pop("json"))
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Content-Type": "application/json"}
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
@@ -125,8 +137,36 @@ class M3SearchClient:
         """Most texts / documents / ids per request, as the server reports it."""
         return int(self.limits.get("max_batch", _DEFAULT_MAX_BATCH))
 
-    def _chunks(self, n: int) -> range:
-        return range(0, n, self.max_batch)
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body, in bytes, as the server reports it."""
+        return int(self.limits.get("max_body_bytes", _DEFAULT_MAX_BODY_BYTES))
+
+    def _parts(self, items: list, envelope: dict[str, Any], key: str, name: Callable[[int], str]) -> list[list]:
+        """``items`` cut into consecutive parts, each sent as ``{**envelope, key: part}`` within the
+        server's ``max_batch`` and ``max_body_bytes`` (a count alone let 256 documents of 70 KB
+        fail with 413, after earlier parts were stored). An item that fits in no request is a
+        ``ValueError`` naming it (``name(i)``), raised before anything is sent."""
+        batch, limit = self.max_batch, self.max_body_bytes
+        base = len(_json_bytes({**envelope, key: []}))
+        parts: list[list] = []
+        part: list = []
+        size = base
+        for i, item in enumerate(items):
+            n = len(_json_bytes(item))
+            if base + n > limit:
+                raise ValueError(
+                    f"{name(i)} is {n:,} bytes as JSON: more than the server at {self.url} accepts in one request "
+                    f"(max_body_bytes {limit:,}); nothing was sent"
+                )
+            if part and (len(part) >= batch or size + 1 + n > limit):  # + 1: the comma
+                parts.append(part)
+                part, size = [], base
+            size += n + (1 if part else 0)
+            part.append(item)
+        if part:
+            parts.append(part)
+        return parts
 
     # ---------------------------------------------------------------------- reads
     def info(self) -> dict:
@@ -238,13 +278,15 @@ class M3SearchClient:
             ids = _as_id_list(ids)
             if len(ids) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+        docs = [
+            {"text": t, "metadata": m, **({"id": ids[j]} if ids is not None else {})}
+            for j, (t, m) in enumerate(zip(texts, meta))
+        ]
+        envelope = {"upsert": upsert}
+        name = (lambda j: f"document {ids[j]!r}") if ids is not None else (lambda j: f"document {j} (texts[{j}])")
         out: list[str] = []
-        for a in self._chunks(len(texts)):
-            docs = [
-                {"text": t, "metadata": m, **({"id": ids[a + j]} if ids is not None else {})}
-                for j, (t, m) in enumerate(zip(texts[a : a + self.max_batch], meta[a : a + self.max_batch]))
-            ]
-            out += self._call("POST", "/documents", json={"documents": docs, "upsert": upsert})["ids"]
+        for part in self._parts(docs, envelope, "documents", name):
+            out += self._call("POST", "/documents", json={**envelope, "documents": part})["ids"]
         return out
 
     def delete(self, ids: str | Sequence[str]) -> dict[str, list[str]]:
@@ -253,10 +295,10 @@ class M3SearchClient:
 
         ids = list(dict.fromkeys(_as_id_list(ids)))
         out: dict[str, list[str]] = {"deleted": [], "missing": []}
-        for a in self._chunks(len(ids)):
-            part = self._call("DELETE", "/documents", json={"ids": ids[a : a + self.max_batch]})
-            out["deleted"] += part["deleted"]
-            out["missing"] += part["missing"]
+        for part in self._parts(ids, {}, "ids", lambda j: f"id {ids[j][:80]!r}"):
+            answer = self._call("DELETE", "/documents", json={"ids": part})
+            out["deleted"] += answer["deleted"]
+            out["missing"] += answer["missing"]
         return out
 
     # ---------------------------------------------------------------------- embeddings
@@ -266,10 +308,9 @@ class M3SearchClient:
 
         texts = check_texts(texts)
         rows: list[np.ndarray] = []
-        for a in self._chunks(len(texts)):
-            data = self._call(
-                "POST", "/v1/embeddings", json={"input": texts[a : a + self.max_batch], "encoding_format": "base64"}
-            )["data"]
+        envelope = {"encoding_format": "base64"}
+        for part in self._parts(texts, envelope, "input", lambda j: f"texts[{j}]"):
+            data = self._call("POST", "/v1/embeddings", json={**envelope, "input": part})["data"]
             for item in sorted(data, key=lambda d: d["index"]):
                 rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
