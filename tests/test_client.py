@@ -102,6 +102,19 @@ def test_errors_keep_the_library_types(col):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
 
 
+def test_only_the_unknown_id_answer_reads_as_missing(col):
+    """Every 404 read as "unknown id": a client at a wrong base URL (".../v1", the base OpenAI clients
+    get) had get() answer None for every id, silently. Only the server's unknown-id answer (it names the
+    ids) means missing; any other 404 says there is no m3search API at the URL."""
+    with served(col) as client:
+        assert [r and r.id for r in client.get([IDS[0], "nope"])] == [IDS[0], None]
+        client._http.base_url = "http://m3search.test/v1"
+        wrong = M3SearchClient("http://m3search.test/v1", http_client=client._http)
+        for call in (lambda: wrong.get(IDS[:2]), lambda: wrong.search("q")):
+            with pytest.raises(ConnectionError, match=r"no m3search API at http://m3search.test/v1: .* HTTP 404"):
+                call()
+
+
 def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):
     """A hit's best window and a passage search cross HTTP as the library gives them, and any stored id can
     be read back: "." and ".." (dot segments a URL would drop) and one with a line break."""

@@ -11,7 +11,8 @@ split; each part is one server write, so a failure part-way leaves the earlier p
 embedded ``Collection.add`` batch has the same grain). A document too large for any request is
 refused before anything is sent. Errors keep the library's types: a bad value is ``ValueError``, an
 existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
-``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
+``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
+as is a URL that answers 404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``.
 """
@@ -111,13 +112,20 @@ class M3SearchClient:
         if response.status_code < 400:
             return response.json()
         try:
-            message = response.json()["error"]["message"]
+            error = response.json()["error"]
+            message = str(error["message"])
         except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
+            error, message = {}, response.text[:300]
+        if response.status_code == 404 and not isinstance(error.get("ids"), list):
+            # only the server's unknown-id answer names ids; any other 404 (a wrong base URL such as
+            # ".../v1", another service) must not read as "no such document"
+            raise ConnectionError(
+                f"no m3search API at {self.url}: {method} {path} answered HTTP 404 ({' '.join(message.split())[:200]})"
+            )
         message = f"m3search server {self.url}: {message} (HTTP {response.status_code})"
         if response.status_code == 401:
             raise PermissionError(message)
-        if response.status_code == 404:
+        if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
         if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
             raise DuplicateIdError(message)
