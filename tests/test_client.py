@@ -82,6 +82,16 @@ def test_writes_are_split_at_the_servers_body_limit(tmp_path, tiny_encoder):
             assert len(client.add(["é" * 6_000, "é" * 6_000])) == 2 and len(sent) == 2
 
 
+def test_duplicate_ids_in_different_parts_are_refused_before_anything_is_sent(col):
+    """Duplicates were checked per part (by the server) only: split over max_batch parts, an upsert kept the
+    last text silently and an add stored the first part before its 409."""
+    with served(col, max_batch=2) as client:
+        for write in (client.upsert, client.add):
+            with pytest.raises(ValueError, match=r"duplicate ids in one call: \['a'\]"):
+                write(["first", "second", "third"], ids=["a", "b", "a"])
+            assert col.get(["a", "b"]) == [None, None]
+
+
 def test_errors_keep_the_library_types(col):
     with served(col) as client:
         with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)

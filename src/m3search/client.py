@@ -277,7 +277,7 @@ class M3SearchClient:
         return self._write(texts, ids, metadata, upsert=True)
 
     def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
-        from m3search.collection import _as_id_list, _check_metadata
+        from m3search.collection import _as_id_list, _check_metadata, _check_unique
         from m3search.plan import check_texts
 
         texts = check_texts(texts)
@@ -286,6 +286,7 @@ class M3SearchClient:
             ids = _as_id_list(ids)
             if len(ids) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+            _check_unique(ids)  # the whole call, as Collection does: the server sees one part at a time
         docs = [
             {"text": t, "metadata": m, **({"id": ids[j]} if ids is not None else {})}
             for j, (t, m) in enumerate(zip(texts, meta))
