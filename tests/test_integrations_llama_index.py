@@ -232,6 +232,10 @@ def test_filter_mapping_is_the_grammar():
         (F(key="year", value="1950", operator=">"), "compares numbers"),
         (F(key="year", value=[1950], operator="=="), "takes one value"),
         (F(key="year", value=[1950.5, 1951.5], operator="in"), "all strings or all integers"),
+        # m3search's logical keys: {"not": {"eq": 2}} was a different, always-true filter
+        (F(key="not", value=2), "on 'not': the name is reserved"),
+        (F(key="and", value=[1, 2], operator="any"), "on 'and': the name is reserved"),
+        (F(key="or", value=1, operator="!="), "on 'or': the name is reserved"),
     ],
 )
 def test_unsupported_filters_raise_value_error(col, bad, match):

@@ -63,8 +63,15 @@ _UNSUPPORTED_HINT = "supported: ==, !=, >, >=, <, <=, in, nin, any, all, contain
 
 
 def _leaf(f: MetadataFilter) -> dict:
+    from m3search.filters import LOGICAL_KEYS
+
     key, op, value = f.key, FilterOperator(f.operator), f.value
     many = isinstance(value, list)
+    if key in LOGICAL_KEYS:  # {"not": {"eq": 2}} would parse as a logical "not", a different filter
+        raise ValueError(
+            f"filter on {key!r}: the name is reserved in m3search filters ({', '.join(LOGICAL_KEYS)}), "
+            "so a metadata field of that name cannot be filtered on"
+        )
     if value is None:
         raise ValueError(f"filter on {key!r}: a None value cannot be matched (m3search filters have no null)")
     if op in (FilterOperator.EQ, FilterOperator.NE, FilterOperator.CONTAINS):
@@ -93,7 +100,8 @@ def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
     to ``in`` and ``contains`` to ``eq`` (a condition on a list-valued field holds when an element
     satisfies it), ``all`` to an ``and`` of ``eq``; conditions ``and`` / ``or`` / ``not`` (none
     of the filters holds) nest. ``!=`` and ``nin`` hold for documents without the field, as in
-    LlamaIndex's own store. Text match and ``is_empty`` raise ``ValueError``.
+    LlamaIndex's own store. Text match, ``is_empty`` and a field named ``and`` / ``or`` / ``not``
+    (m3search's logical keys) raise ``ValueError``.
     """
     from m3search.filters import parse_filter
 
