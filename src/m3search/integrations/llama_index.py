@@ -98,7 +98,8 @@ def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
 
     ``==`` / ``!=`` / ``>`` / ``>=`` / ``<`` / ``<=`` / ``in`` / ``nin`` map one to one, ``any``
     to ``in`` and ``contains`` to ``eq`` (a condition on a list-valued field holds when an element
-    satisfies it), ``all`` to an ``and`` of ``eq``; conditions ``and`` / ``or`` / ``not`` (none
+    satisfies it), ``all`` to an ``and`` of ``eq``: on a string field these test equality, not
+    substrings as LlamaIndex's reference filter does (engines have no substring match); conditions ``and`` / ``or`` / ``not`` (none
     of the filters holds) nest. ``!=`` and ``nin`` hold for documents without the field, as in
     LlamaIndex's own store. Text match, ``is_empty`` and a field named ``and`` / ``or`` / ``not``
     (m3search's logical keys) raise ``ValueError``.
