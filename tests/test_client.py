@@ -167,3 +167,26 @@ def test_a_busy_server_is_asked_again_after_its_retry_after():
     with pytest.raises(RuntimeError, match=r"busy \(HTTP 429\)"):
         client._call("GET", "/info")
     assert seen[3:] == [429, 429, 429]  # the first ask and 2 retries
+
+
+def test_bad_retries_and_answers_that_are_not_the_api_get_clear_errors():
+    """retries=-1 failed in the first request with UnboundLocalError, 2.5 with range()'s TypeError; a 200 with
+    an HTML body (a proxy's login page) with a JSONDecodeError from inside json."""
+    import httpx
+
+    def client(handler, **kwargs):
+        http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://m3")
+        return M3SearchClient("http://m3", http_client=http, **kwargs)
+
+    def hits(request):
+        return httpx.Response(200, json={"hits": []})
+
+    for bad, error in [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)]:
+        with pytest.raises(error, match="retries must be an integer >= 0"):
+            client(hits, retries=bad)
+    assert client(hits, retries=np.int64(0)).search("q") == []
+    for answer in (httpx.Response(200, text="<html>login</html>"), httpx.Response(200, json=["not", "an object"])):
+        with pytest.raises(
+            ConnectionError, match=r"no m3search API at http://m3: POST http://m3/search answered HTTP 200"
+        ):
+            client(lambda request, answer=answer: answer).search("q")

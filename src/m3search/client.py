@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,6 +73,11 @@ class M3SearchClient:
             import httpx
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError("M3SearchClient needs httpx: pip install 'm3search[server]'") from None
+        # checked here: a bad value failed deep inside the first request (-1: UnboundLocalError, 2.5: range)
+        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+            raise TypeError(f"retries must be an integer >= 0, not {type(retries).__name__}")
+        if retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries}")
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if http_client is None:
@@ -80,7 +86,7 @@ class M3SearchClient:
             http_client.headers.update(headers)
         self._http = http_client
         self._limits: dict[str, Any] | None = None
-        self.retries = retries
+        self.retries = int(retries)
 
     def __repr__(self) -> str:
         return f"M3SearchClient({self.url!r})"
@@ -110,7 +116,13 @@ class M3SearchClient:
                 break
             time.sleep(_retry_after(response.headers.get("Retry-After")))  # 429: nothing was done, safe to resend
         if response.status_code < 400:
-            return response.json()
+            try:
+                answer = response.json()
+            except ValueError:  # e.g. a proxy's HTML login page
+                answer = None
+            if not isinstance(answer, dict):  # every answer of this API is a JSON object
+                raise self._not_the_api(response, "not a JSON object")
+            return answer
         try:
             error = response.json()["error"]
             message = str(error["message"])
@@ -119,9 +131,7 @@ class M3SearchClient:
         if response.status_code == 404 and not isinstance(error.get("ids"), list):
             # only the server's unknown-id answer names ids; any other 404 (a wrong base URL such as
             # ".../v1", another service) must not read as "no such document"
-            raise ConnectionError(
-                f"no m3search API at {self.url}: {method} {path} answered HTTP 404 ({' '.join(message.split())[:200]})"
-            )
+            raise self._not_the_api(response, "not the API's unknown-id answer")
         message = f"m3search server {self.url}: {message} (HTTP {response.status_code})"
         if response.status_code == 401:
             raise PermissionError(message)
@@ -132,6 +142,15 @@ class M3SearchClient:
         if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)
+
+    def _not_the_api(self, response: Any, why: str) -> ConnectionError:
+        """The error for an answer the m3search API never gives: the URL serves something else."""
+        request, text = response.request, " ".join(response.text.split())[:200]
+        kind = response.headers.get("content-type", "no content type")
+        return ConnectionError(
+            f"no m3search API at {self.url}: {request.method} {request.url} answered HTTP {response.status_code} "
+            f"({kind}: {text!r}), {why}"
+        )
 
     @property
     def limits(self) -> dict[str, Any]:
