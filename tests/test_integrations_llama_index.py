@@ -84,6 +84,27 @@ def test_embedding_is_the_encoders_dense_vector(tiny_encoder, col):
         M3SearchEmbedding(encoder=tiny_encoder, collection=col)
 
 
+def test_an_embedding_over_a_server_survives_to_dict(col, tiny_encoder, monkeypatch):
+    """Its model_name is the server's URL, which from_dict then tried to load as a model folder
+    (ModelLoadError); an http(s) model_name now means a client of that server."""
+    import m3search.client
+
+    want = tiny_encoder.encode(TEXTS[:1], sparse=False, colbert=False).dense
+    with served(col) as client:
+        d = M3SearchEmbedding(collection=client).to_dict()
+        assert d["model_name"] == client.url == "http://m3search.test"
+        opened = []  # the in-process server has no socket: a client made for its URL is the served one
+
+        def at(url, **kwargs):
+            opened.append(url)
+            return client
+
+        monkeypatch.setattr(m3search.client, "M3SearchClient", at)
+        again = M3SearchEmbedding.from_dict(d)
+        np.testing.assert_allclose(again.get_query_embedding(TEXTS[0]), want[0], atol=1e-6)
+        assert opened == [client.url]
+
+
 def test_unknown_keyword_arguments_raise_type_error(col):
     """BaseEmbedding's pydantic config ignores extra fields: a misspelt option was dropped silently."""
     with pytest.raises(TypeError, match=r"\['embed_batch_sise', 'modee'\]"):

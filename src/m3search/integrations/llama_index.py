@@ -49,6 +49,7 @@ from m3search.integrations._backend import (
     delete_matching,
     dense_vectors,
     hit_details,
+    is_server_url,
     open_backend,
     refuse_unknown,
 )
@@ -163,9 +164,12 @@ class M3SearchEmbedding(BaseEmbedding):
     """BGE-M3's dense vector (normalized [CLS]) as a LlamaIndex embedding.
 
     Give one source: ``model_name`` (a hub id or local folder in bge-m3's layout, loaded on
-    first use; default ``$M3SEARCH_MODEL``), ``encoder`` (an :class:`~m3search.M3Encoder`), or
-    ``collection`` (a :class:`~m3search.Collection`, or an :class:`~m3search.client.M3SearchClient`
-    whose server encodes). Queries and documents are encoded alike (BGE-M3 has no instruction).
+    first use, or the ``http(s)://`` URL of a running ``m3search serve``; default
+    ``$M3SEARCH_MODEL``), ``encoder`` (an :class:`~m3search.M3Encoder`), or ``collection`` (a
+    :class:`~m3search.Collection`, or an :class:`~m3search.client.M3SearchClient` whose server
+    encodes; recorded as its URL, so ``to_dict`` / ``from_dict`` reach the same server, without
+    the API key, which is not serialized). Queries and documents are encoded alike (BGE-M3 has
+    no instruction).
     """
 
     device: str = "auto"
@@ -204,7 +208,10 @@ class M3SearchEmbedding(BaseEmbedding):
         if self._source is None:
             from m3search import M3Encoder
 
-            self._source = M3Encoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype)
+            if is_server_url(self.model_name):  # a client's URL (from_dict): not a model folder to load
+                self._source = open_backend(location=self.model_name)
+            else:
+                self._source = M3Encoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype)
         return self._source
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
