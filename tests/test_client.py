@@ -105,9 +105,12 @@ def test_errors_keep_the_library_types(col):
         with pytest.raises(TypeError, match="strings"):
             client.add([1, 2])
     with served(col, api_key="secret") as client:
-        client._http.headers["Authorization"] = "Bearer wrong"
+        assert client.search("q", k=1)
         with pytest.raises(PermissionError, match="API key"):
-            client.search("q")
+            M3SearchClient(client.url, api_key="wrong", http_client=client._http).search("q")
+        assert "authorization" not in client._http.headers  # the key goes with each request, not into a borrowed client
+        with pytest.raises(PermissionError, match="API key"):
+            M3SearchClient(client.url, http_client=client._http).search("q")  # so a client without one has none
     with pytest.raises(ConnectionError, match="did not answer"):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
 

@@ -79,11 +79,10 @@ class M3SearchClient:
         if retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries}")
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # sent with each request: a caller's http_client is borrowed, its own headers are not ours to change
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if http_client is None:
-            http_client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
-        elif headers:
-            http_client.headers.update(headers)
+            http_client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
         self._http = http_client
         self._limits: dict[str, Any] | None = None
         self.retries = int(retries)
@@ -104,9 +103,10 @@ class M3SearchClient:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
 
+        kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth}
         if "json" in kwargs:
             kwargs["content"] = _json_bytes(kwargs.pop("json"))
-            kwargs["headers"] = {**kwargs.get("headers", {}), "Content-Type": "application/json"}
+            kwargs["headers"]["Content-Type"] = "application/json"
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
