@@ -193,3 +193,30 @@ def test_bad_retries_and_answers_that_are_not_the_api_get_clear_errors():
             ConnectionError, match=r"no m3search API at http://m3: POST http://m3/search answered HTTP 200"
         ):
             client(lambda request, answer=answer: answer).search("q")
+
+
+def test_a_timed_out_read_is_asked_again_a_write_is_not():
+    """503 (the encoding did not start within the server's request_timeout; Retry-After: 1) came out as
+    RuntimeError with no retry. A read (search, get, embed) is asked again like a 429; a write is not:
+    the server does not promise that a write timed out before storing any of its documents."""
+    import httpx
+
+    seen = []
+
+    def handler(request):
+        seen.append(request.url.path)
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"limits": {"max_batch": 8, "max_body_bytes": 1 << 20}})
+        if len(seen) % 3 != 0:  # two 503s, then an answer
+            body = {"error": {"type": "unavailable", "message": "request not started within 60 s"}}
+            return httpx.Response(503, headers={"Retry-After": "0"}, json=body)
+        return httpx.Response(200, json={"hits": []} if request.url.path == "/search" else {"ids": ["a"]})
+
+    client = M3SearchClient(
+        "http://m3", http_client=httpx.Client(transport=httpx.MockTransport(handler), base_url="http://m3"), retries=2
+    )
+    assert client.search("q") == [] and seen == ["/search"] * 3
+    seen.clear()
+    with pytest.raises(RuntimeError, match=r"not started within 60 s \(HTTP 503\)"):
+        client.upsert(["x"], ids=["a"])
+    assert seen == ["/info", "/documents"]  # one write, not resent

@@ -14,7 +14,8 @@ existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as fro
 ``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
 as is a URL that answers 404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
-``Retry-After``, ``retries`` times, then ``RuntimeError``.
+``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
+read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
 """
 
 from __future__ import annotations
@@ -100,21 +101,28 @@ class M3SearchClient:
         self.close()
 
     # ---------------------------------------------------------------------- transport
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+        """One API call; busy answers are asked again after their ``Retry-After``, ``retries`` times:
+        429 (the queue was full: nothing was done) always; 503 (the encoding did not start in time)
+        only for an ``idempotent`` call (GET, search, embed), since a write may have stored part of
+        its documents before the batch that timed out."""
         import httpx
 
         kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth}
         if "json" in kwargs:
             kwargs["content"] = _json_bytes(kwargs.pop("json"))
             kwargs["headers"]["Content-Type"] = "application/json"
+        idempotent = idempotent or method == "GET"
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 raise ConnectionError(f"m3search server at {self.url} did not answer: {exc}") from None
-            if response.status_code != 429 or attempt == self.retries:
+            status = response.status_code
+            busy = status == 429 or (status == 503 and idempotent and "Retry-After" in response.headers)
+            if not busy or attempt == self.retries:
                 break
-            time.sleep(_retry_after(response.headers.get("Retry-After")))  # 429: nothing was done, safe to resend
+            time.sleep(_retry_after(response.headers.get("Retry-After")))
         if response.status_code < 400:
             try:
                 answer = response.json()
@@ -266,7 +274,7 @@ class M3SearchClient:
         if parsed is not None:
             body["filter"] = to_json(parsed)
         hits = []
-        for h in self._call("POST", "/search", json=body)["hits"]:
+        for h in self._call("POST", "/search", json=body, idempotent=True)["hits"]:
             hit = Hit(
                 id=h["id"],
                 score=h["score"],
@@ -338,7 +346,7 @@ class M3SearchClient:
         rows: list[np.ndarray] = []
         envelope = {"encoding_format": "base64"}
         for part in self._parts(texts, envelope, "input", lambda j: f"texts[{j}]"):
-            data = self._call("POST", "/v1/embeddings", json={**envelope, "input": part})["data"]
+            data = self._call("POST", "/v1/embeddings", json={**envelope, "input": part}, idempotent=True)["data"]
             for item in sorted(data, key=lambda d: d["index"]):
                 rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
