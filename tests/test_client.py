@@ -54,6 +54,44 @@ def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
         assert col.count() == len(TEXTS) + 1
 
 
+@pytest.mark.filterwarnings("ignore:.*exceeded max_length")
+def test_writes_are_split_at_the_servers_body_limit(tmp_path, tiny_encoder):
+    """The client cut writes by count (max_batch) only: documents the embedded collection takes failed
+    with 413, after the earlier parts of the call were stored. It now cuts by bytes too, and a
+    document that fits in no request is refused, naming it, before anything is sent."""
+    sent = []
+    with make_collection(tmp_path / "c", tiny_encoder, docs=False) as col:
+        with served(col, max_body_bytes=20_000, max_batch=8) as client:
+            client._http.event_hooks["request"].append(lambda r: r.method != "GET" and sent.append(len(r.content)))
+            texts = [f"short {i}" for i in range(8)] + [f"long {i} " + "wing flow " * 600 for i in range(4)]
+            ids = [f"m{i}" for i in range(12)]
+            assert client.upsert(texts, ids=ids) == ids and col.count() == 12
+            assert len(sent) == 3 and max(sent) <= 20_000  # 8 short (max_batch), 3 x 6 KB, 1 x 6 KB
+            assert [r.text for r in col.get(ids)] == texts
+            sent.clear()
+            with pytest.raises(ValueError, match=r"document 'big' is [\d,]+ bytes as JSON.*max_body_bytes 20,000"):
+                client.add(["fine", "x" * 25_000], ids=["ok", "big"])
+            with pytest.raises(ValueError, match=r"texts\[1\] is"):
+                client.embed(["fine", "x" * 25_000])
+            assert sent == [] and col.count() == 12  # nothing was sent, not even the first part
+            texts = ["y " * 6_000, "z " * 6_000, "w"]
+            want = tiny_encoder.encode(texts, sparse=False, colbert=False).dense
+            np.testing.assert_allclose(client.embed(texts), want, atol=1e-6)
+            assert len(sent) == 2 and max(sent) <= 20_000
+            sent.clear()  # sizes are UTF-8 bytes as sent: 2 x 12 KB, not 2 x 6,000 characters in one request
+            assert len(client.add(["é" * 6_000, "é" * 6_000])) == 2 and len(sent) == 2
+
+
+def test_duplicate_ids_in_different_parts_are_refused_before_anything_is_sent(col):
+    """Duplicates were checked per part (by the server) only: split over max_batch parts, an upsert kept the
+    last text silently and an add stored the first part before its 409."""
+    with served(col, max_batch=2) as client:
+        for write in (client.upsert, client.add):
+            with pytest.raises(ValueError, match=r"duplicate ids in one call: \['a'\]"):
+                write(["first", "second", "third"], ids=["a", "b", "a"])
+            assert col.get(["a", "b"]) == [None, None]
+
+
 def test_errors_keep_the_library_types(col):
     with served(col) as client:
         with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)
@@ -67,11 +105,27 @@ def test_errors_keep_the_library_types(col):
         with pytest.raises(TypeError, match="strings"):
             client.add([1, 2])
     with served(col, api_key="secret") as client:
-        client._http.headers["Authorization"] = "Bearer wrong"
+        assert client.search("q", k=1)
         with pytest.raises(PermissionError, match="API key"):
-            client.search("q")
+            M3SearchClient(client.url, api_key="wrong", http_client=client._http).search("q")
+        assert "authorization" not in client._http.headers  # the key goes with each request, not into a borrowed client
+        with pytest.raises(PermissionError, match="API key"):
+            M3SearchClient(client.url, http_client=client._http).search("q")  # so a client without one has none
     with pytest.raises(ConnectionError, match="did not answer"):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
+
+
+def test_only_the_unknown_id_answer_reads_as_missing(col):
+    """Every 404 read as "unknown id": a client at a wrong base URL (".../v1", the base OpenAI clients
+    get) had get() answer None for every id, silently. Only the server's unknown-id answer (it names the
+    ids) means missing; any other 404 says there is no m3search API at the URL."""
+    with served(col) as client:
+        assert [r and r.id for r in client.get([IDS[0], "nope"])] == [IDS[0], None]
+        client._http.base_url = "http://m3search.test/v1"
+        wrong = M3SearchClient("http://m3search.test/v1", http_client=client._http)
+        for call in (lambda: wrong.get(IDS[:2]), lambda: wrong.search("q")):
+            with pytest.raises(ConnectionError, match=r"no m3search API at http://m3search.test/v1: .* HTTP 404"):
+                call()
 
 
 def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):
@@ -116,3 +170,53 @@ def test_a_busy_server_is_asked_again_after_its_retry_after():
     with pytest.raises(RuntimeError, match=r"busy \(HTTP 429\)"):
         client._call("GET", "/info")
     assert seen[3:] == [429, 429, 429]  # the first ask and 2 retries
+
+
+def test_bad_retries_and_answers_that_are_not_the_api_get_clear_errors():
+    """retries=-1 failed in the first request with UnboundLocalError, 2.5 with range()'s TypeError; a 200 with
+    an HTML body (a proxy's login page) with a JSONDecodeError from inside json."""
+    import httpx
+
+    def client(handler, **kwargs):
+        http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://m3")
+        return M3SearchClient("http://m3", http_client=http, **kwargs)
+
+    def hits(request):
+        return httpx.Response(200, json={"hits": []})
+
+    for bad, error in [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)]:
+        with pytest.raises(error, match="retries must be an integer >= 0"):
+            client(hits, retries=bad)
+    assert client(hits, retries=np.int64(0)).search("q") == []
+    for answer in (httpx.Response(200, text="<html>login</html>"), httpx.Response(200, json=["not", "an object"])):
+        with pytest.raises(
+            ConnectionError, match=r"no m3search API at http://m3: POST http://m3/search answered HTTP 200"
+        ):
+            client(lambda request, answer=answer: answer).search("q")
+
+
+def test_a_timed_out_read_is_asked_again_a_write_is_not():
+    """503 (the encoding did not start within the server's request_timeout; Retry-After: 1) came out as
+    RuntimeError with no retry. A read (search, get, embed) is asked again like a 429; a write is not:
+    the server does not promise that a write timed out before storing any of its documents."""
+    import httpx
+
+    seen = []
+
+    def handler(request):
+        seen.append(request.url.path)
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"limits": {"max_batch": 8, "max_body_bytes": 1 << 20}})
+        if len(seen) % 3 != 0:  # two 503s, then an answer
+            body = {"error": {"type": "unavailable", "message": "request not started within 60 s"}}
+            return httpx.Response(503, headers={"Retry-After": "0"}, json=body)
+        return httpx.Response(200, json={"hits": []} if request.url.path == "/search" else {"ids": ["a"]})
+
+    client = M3SearchClient(
+        "http://m3", http_client=httpx.Client(transport=httpx.MockTransport(handler), base_url="http://m3"), retries=2
+    )
+    assert client.search("q") == [] and seen == ["/search"] * 3
+    seen.clear()
+    with pytest.raises(RuntimeError, match=r"not started within 60 s \(HTTP 503\)"):
+        client.upsert(["x"], ids=["a"])
+    assert seen == ["/info", "/documents"]  # one write, not resent

@@ -90,6 +90,11 @@ def test_library_errors_become_409_and_404(app_and_collection):
     assert col.get("d0")[0].text == TEXTS[0]
     msg = _error(client.get("/documents/ghost"), 404, "not_found")
     assert "ghost" in msg
+    # the ids tell an unknown id from an unknown route (both 404) without reading the message
+    assert client.get("/documents/ghost").json()["error"]["ids"] == ["ghost"]
+    assert "ids" not in client.get("/no/such/route").json()["error"]
+    conflict = client.post("/documents", json={"documents": [{"id": "d0", "text": "again"}]})
+    assert conflict.json()["error"]["ids"] == ["d0"]
     with pytest.raises(UnknownIdError) as exc:
         col.update_metadata(["d1", "ghost"], {"n": 9})
     assert exc.value.ids == ["ghost"] and col.get("d1")[0].metadata == {"n": 1}

@@ -378,6 +378,25 @@ def test_relevance_scores_follow_the_search_actually_run(tmp_path, tiny_encoder)
         store.collection.close()
 
 
+def test_async_relevance_scores_follow_the_search_actually_run(tmp_path, tiny_encoder):
+    """Only the sync path looked at the per-call mode: the async one took the store-wide function, so
+    mode='dense' on an 'all' store raised, and mode='all' on a dense store passed fused scores (3.9) off as
+    relevances in [0, 1] (a score_threshold retriever then kept everything)."""
+    with make_collection(tmp_path / "c", tiny_encoder) as col:  # mode "all"
+        store = M3SearchVectorStore(col)
+        got = asyncio.run(store.asimilarity_search_with_relevance_scores(QUERIES[0], k=3, mode="dense"))
+        want = store.similarity_search_with_relevance_scores(QUERIES[0], k=3, mode="dense")
+        assert [(d.id, s) for d, s in got] == [(d.id, s) for d, s in want]
+        dense = M3SearchVectorStore(col, mode="dense")
+        with pytest.raises(NotImplementedError, match="mode='all'"):
+            asyncio.run(dense.asimilarity_search_with_relevance_scores(QUERIES[0], k=3, mode="all"))
+        retriever = dense.as_retriever(
+            search_type="similarity_score_threshold", search_kwargs={"score_threshold": 0.5, "fusion": "rrf"}
+        )
+        with pytest.raises(NotImplementedError, match="fusion='rrf'"):
+            asyncio.run(retriever.ainvoke(QUERIES[0]))
+
+
 def test_a_bad_search_argument_creates_no_collection(tmp_path, tiny_encoder):
     with pytest.raises(ValueError, match="unknown mode"):
         M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder, mode="bogus")

@@ -84,6 +84,27 @@ def test_embedding_is_the_encoders_dense_vector(tiny_encoder, col):
         M3SearchEmbedding(encoder=tiny_encoder, collection=col)
 
 
+def test_an_embedding_over_a_server_survives_to_dict(col, tiny_encoder, monkeypatch):
+    """Its model_name is the server's URL, which from_dict then tried to load as a model folder
+    (ModelLoadError); an http(s) model_name now means a client of that server."""
+    import m3search.client
+
+    want = tiny_encoder.encode(TEXTS[:1], sparse=False, colbert=False).dense
+    with served(col) as client:
+        d = M3SearchEmbedding(collection=client).to_dict()
+        assert d["model_name"] == client.url == "http://m3search.test"
+        opened = []  # the in-process server has no socket: a client made for its URL is the served one
+
+        def at(url, **kwargs):
+            opened.append(url)
+            return client
+
+        monkeypatch.setattr(m3search.client, "M3SearchClient", at)
+        again = M3SearchEmbedding.from_dict(d)
+        np.testing.assert_allclose(again.get_query_embedding(TEXTS[0]), want[0], atol=1e-6)
+        assert opened == [client.url]
+
+
 def test_unknown_keyword_arguments_raise_type_error(col):
     """BaseEmbedding's pydantic config ignores extra fields: a misspelt option was dropped silently."""
     with pytest.raises(TypeError, match=r"\['embed_batch_sise', 'modee'\]"):
@@ -223,6 +244,24 @@ def test_filter_mapping_is_the_grammar():
     assert to_m3search_filter(MetadataFilters(filters=[])) is None
 
 
+def test_contains_any_all_on_a_string_field_are_equality_as_documented(col):
+    """Where m3search departs from LlamaIndex's reference on purpose (docs/integrations.md): on a string
+    field, contains / any / all test equality, where build_metadata_filter_fn tests substrings."""
+    metadata = {**dict(zip(IDS, META)), "bare": {"year": 1999}}  # topic: "flow" or "structures"
+    store = M3SearchVectorStore(col, mode="dense")
+    for op, value, want in [
+        ("contains", "low", set()),
+        ("any", ["low", "struct"], set()),
+        ("all", ["fl", "ow"], set()),
+        ("contains", "flow", {i for i, m in metadata.items() if m.get("topic") == "flow"}),
+    ]:
+        filters = MetadataFilters(filters=[F(key="topic", value=value, operator=op)])
+        res = store.query(VectorStoreQuery(query_str="flow", similarity_top_k=50, filters=filters))
+        assert set(res.ids) == want, (op, value)
+        if not want:  # the reference matches substrings here: the documented difference
+            assert _oracle(filters, metadata), (op, value)
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -232,6 +271,10 @@ def test_filter_mapping_is_the_grammar():
         (F(key="year", value="1950", operator=">"), "compares numbers"),
         (F(key="year", value=[1950], operator="=="), "takes one value"),
         (F(key="year", value=[1950.5, 1951.5], operator="in"), "all strings or all integers"),
+        # m3search's logical keys: {"not": {"eq": 2}} was a different, always-true filter
+        (F(key="not", value=2), "on 'not': the name is reserved"),
+        (F(key="and", value=[1, 2], operator="any"), "on 'and': the name is reserved"),
+        (F(key="or", value=1, operator="!="), "on 'or': the name is reserved"),
     ],
 )
 def test_unsupported_filters_raise_value_error(col, bad, match):

@@ -6,20 +6,25 @@ speaks the server's routes and answers with the library's own types (:class:`~m3
 :class:`~m3search.collection.Record`), so code written against :class:`~m3search.Collection`
 (the LangChain and LlamaIndex integrations among it) runs against a server unchanged.
 
-Requests larger than the server's ``max_batch`` are split; each part is one server write,
-so a failure part-way leaves the earlier parts stored (an embedded ``Collection.add``
-batch has the same grain). Errors keep the library's types: a bad value is ``ValueError``, an
+Requests larger than the server's ``max_batch`` (items) or ``max_body_bytes`` (JSON body) are
+split; each part is one server write, so a failure part-way leaves the earlier parts stored (an
+embedded ``Collection.add`` batch has the same grain). A document too large for any request is
+refused before anything is sent. Errors keep the library's types: a bad value is ``ValueError``, an
 existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
-``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``.
+``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
+as is a URL that answers 404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
-``Retry-After``, ``retries`` times, then ``RuntimeError``.
+``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
+read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +33,14 @@ from m3search.errors import DuplicateIdError
 
 __all__ = ["M3SearchClient"]
 
-_DEFAULT_MAX_BATCH = 256  # the server's default; /info tells the real one
+_DEFAULT_MAX_BATCH = 256  # the server's defaults; /info tells the real ones
+_DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as the request body sent (what the server's ``max_body_bytes`` counts): one
+    serialization for both sending and measuring, so the split is exact."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _retry_after(value: str | None) -> float:
@@ -62,15 +74,19 @@ class M3SearchClient:
             import httpx
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError("M3SearchClient needs httpx: pip install 'm3search[server]'") from None
+        # checked here: a bad value failed deep inside the first request (-1: UnboundLocalError, 2.5: range)
+        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+            raise TypeError(f"retries must be an integer >= 0, not {type(retries).__name__}")
+        if retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries}")
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # sent with each request: a caller's http_client is borrowed, its own headers are not ours to change
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if http_client is None:
-            http_client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
-        elif headers:
-            http_client.headers.update(headers)
+            http_client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
         self._http = http_client
         self._limits: dict[str, Any] | None = None
-        self.retries = retries
+        self.retries = int(retries)
 
     def __repr__(self) -> str:
         return f"M3SearchClient({self.url!r})"
@@ -85,33 +101,64 @@ class M3SearchClient:
         self.close()
 
     # ---------------------------------------------------------------------- transport
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+        """One API call; busy answers are asked again after their ``Retry-After``, ``retries`` times:
+        429 (the queue was full: nothing was done) always; 503 (the encoding did not start in time)
+        only for an ``idempotent`` call (GET, search, embed), since a write may have stored part of
+        its documents before the batch that timed out."""
         import httpx
 
+        kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth}
+        if "json" in kwargs:
+            kwargs["content"] = _json_bytes(kwargs.pop("json"))
+            kwargs["headers"]["Content-Type"] = "application/json"
+        idempotent = idempotent or method == "GET"
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 raise ConnectionError(f"m3search server at {self.url} did not answer: {exc}") from None
-            if response.status_code != 429 or attempt == self.retries:
+            status = response.status_code
+            busy = status == 429 or (status == 503 and idempotent and "Retry-After" in response.headers)
+            if not busy or attempt == self.retries:
                 break
-            time.sleep(_retry_after(response.headers.get("Retry-After")))  # 429: nothing was done, safe to resend
+            time.sleep(_retry_after(response.headers.get("Retry-After")))
         if response.status_code < 400:
-            return response.json()
+            try:
+                answer = response.json()
+            except ValueError:  # e.g. a proxy's HTML login page
+                answer = None
+            if not isinstance(answer, dict):  # every answer of this API is a JSON object
+                raise self._not_the_api(response, "not a JSON object")
+            return answer
         try:
-            message = response.json()["error"]["message"]
+            error = response.json()["error"]
+            message = str(error["message"])
         except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
+            error, message = {}, response.text[:300]
+        if response.status_code == 404 and not isinstance(error.get("ids"), list):
+            # only the server's unknown-id answer names ids; any other 404 (a wrong base URL such as
+            # ".../v1", another service) must not read as "no such document"
+            raise self._not_the_api(response, "not the API's unknown-id answer")
         message = f"m3search server {self.url}: {message} (HTTP {response.status_code})"
         if response.status_code == 401:
             raise PermissionError(message)
-        if response.status_code == 404:
+        if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
         if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
             raise DuplicateIdError(message)
         if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)
+
+    def _not_the_api(self, response: Any, why: str) -> ConnectionError:
+        """The error for an answer the m3search API never gives: the URL serves something else."""
+        request, text = response.request, " ".join(response.text.split())[:200]
+        kind = response.headers.get("content-type", "no content type")
+        return ConnectionError(
+            f"no m3search API at {self.url}: {request.method} {request.url} answered HTTP {response.status_code} "
+            f"({kind}: {text!r}), {why}"
+        )
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -125,8 +172,36 @@ class M3SearchClient:
         """Most texts / documents / ids per request, as the server reports it."""
         return int(self.limits.get("max_batch", _DEFAULT_MAX_BATCH))
 
-    def _chunks(self, n: int) -> range:
-        return range(0, n, self.max_batch)
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body, in bytes, as the server reports it."""
+        return int(self.limits.get("max_body_bytes", _DEFAULT_MAX_BODY_BYTES))
+
+    def _parts(self, items: list, envelope: dict[str, Any], key: str, name: Callable[[int], str]) -> list[list]:
+        """``items`` cut into consecutive parts, each sent as ``{**envelope, key: part}`` within the
+        server's ``max_batch`` and ``max_body_bytes`` (a count alone let 256 documents of 70 KB
+        fail with 413, after earlier parts were stored). An item that fits in no request is a
+        ``ValueError`` naming it (``name(i)``), raised before anything is sent."""
+        batch, limit = self.max_batch, self.max_body_bytes
+        base = len(_json_bytes({**envelope, key: []}))
+        parts: list[list] = []
+        part: list = []
+        size = base
+        for i, item in enumerate(items):
+            n = len(_json_bytes(item))
+            if base + n > limit:
+                raise ValueError(
+                    f"{name(i)} is {n:,} bytes as JSON: more than the server at {self.url} accepts in one request "
+                    f"(max_body_bytes {limit:,}); nothing was sent"
+                )
+            if part and (len(part) >= batch or size + 1 + n > limit):  # + 1: the comma
+                parts.append(part)
+                part, size = [], base
+            size += n + (1 if part else 0)
+            part.append(item)
+        if part:
+            parts.append(part)
+        return parts
 
     # ---------------------------------------------------------------------- reads
     def info(self) -> dict:
@@ -199,7 +274,7 @@ class M3SearchClient:
         if parsed is not None:
             body["filter"] = to_json(parsed)
         hits = []
-        for h in self._call("POST", "/search", json=body)["hits"]:
+        for h in self._call("POST", "/search", json=body, idempotent=True)["hits"]:
             hit = Hit(
                 id=h["id"],
                 score=h["score"],
@@ -229,7 +304,7 @@ class M3SearchClient:
         return self._write(texts, ids, metadata, upsert=True)
 
     def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
-        from m3search.collection import _as_id_list, _check_metadata
+        from m3search.collection import _as_id_list, _check_metadata, _check_unique
         from m3search.plan import check_texts
 
         texts = check_texts(texts)
@@ -238,13 +313,16 @@ class M3SearchClient:
             ids = _as_id_list(ids)
             if len(ids) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+            _check_unique(ids)  # the whole call, as Collection does: the server sees one part at a time
+        docs = [
+            {"text": t, "metadata": m, **({"id": ids[j]} if ids is not None else {})}
+            for j, (t, m) in enumerate(zip(texts, meta))
+        ]
+        envelope = {"upsert": upsert}
+        name = (lambda j: f"document {ids[j]!r}") if ids is not None else (lambda j: f"document {j} (texts[{j}])")
         out: list[str] = []
-        for a in self._chunks(len(texts)):
-            docs = [
-                {"text": t, "metadata": m, **({"id": ids[a + j]} if ids is not None else {})}
-                for j, (t, m) in enumerate(zip(texts[a : a + self.max_batch], meta[a : a + self.max_batch]))
-            ]
-            out += self._call("POST", "/documents", json={"documents": docs, "upsert": upsert})["ids"]
+        for part in self._parts(docs, envelope, "documents", name):
+            out += self._call("POST", "/documents", json={**envelope, "documents": part})["ids"]
         return out
 
     def delete(self, ids: str | Sequence[str]) -> dict[str, list[str]]:
@@ -253,10 +331,10 @@ class M3SearchClient:
 
         ids = list(dict.fromkeys(_as_id_list(ids)))
         out: dict[str, list[str]] = {"deleted": [], "missing": []}
-        for a in self._chunks(len(ids)):
-            part = self._call("DELETE", "/documents", json={"ids": ids[a : a + self.max_batch]})
-            out["deleted"] += part["deleted"]
-            out["missing"] += part["missing"]
+        for part in self._parts(ids, {}, "ids", lambda j: f"id {ids[j][:80]!r}"):
+            answer = self._call("DELETE", "/documents", json={"ids": part})
+            out["deleted"] += answer["deleted"]
+            out["missing"] += answer["missing"]
         return out
 
     # ---------------------------------------------------------------------- embeddings
@@ -266,10 +344,9 @@ class M3SearchClient:
 
         texts = check_texts(texts)
         rows: list[np.ndarray] = []
-        for a in self._chunks(len(texts)):
-            data = self._call(
-                "POST", "/v1/embeddings", json={"input": texts[a : a + self.max_batch], "encoding_format": "base64"}
-            )["data"]
+        envelope = {"encoding_format": "base64"}
+        for part in self._parts(texts, envelope, "input", lambda j: f"texts[{j}]"):
+            data = self._call("POST", "/v1/embeddings", json={**envelope, "input": part}, idempotent=True)["data"]
             for item in sorted(data, key=lambda d: d["index"]):
                 rows.append(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"))
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)

@@ -171,9 +171,14 @@ async def _request_settings(request: Request) -> Settings:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def error_body(type_: str, message: str) -> dict:
-    """The one JSON error shape of this API."""
-    return {"error": {"type": type_, "message": message}}
+def error_body(type_: str, message: str, ids: list[str] | None = None) -> dict:
+    """The one JSON error shape of this API. ``ids``: the ids a library id error (unknown: 404,
+    already stored: 409) is about, so a client tells "no such document" from "no such route"
+    (both 404) without reading the message."""
+    detail: dict[str, Any] = {"type": type_, "message": message}
+    if ids is not None:
+        detail["ids"] = list(ids)
+    return {"error": detail}
 
 
 _STATUS_TYPES = {
@@ -202,6 +207,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdErr
 class ErrorDetail(BaseModel):
     type: str
     message: str
+    ids: list[str] | None = Field(None, description="The ids an unknown-id (404) or existing-id (409) error is about.")
 
 
 class ErrorResponse(BaseModel):
@@ -283,7 +289,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TypeError)
     async def library_error(request: Request, exc: Exception):
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc)), status_code=status)
+        ids = exc.ids if isinstance(exc, tuple(_ERROR_STATUS)) else None  # DuplicateIdError, UnknownIdError
+        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition

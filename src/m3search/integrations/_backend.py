@@ -38,7 +38,7 @@ def open_backend(
     if (collection is None) == (location is None):
         raise ValueError("give exactly one of collection= (a Collection or M3SearchClient) and location=")
     location = None if location is None else os.fspath(location)
-    remote = location is not None and location.startswith(("http://", "https://"))
+    remote = location is not None and is_server_url(location)
     if create_settings and (collection is not None or remote):
         raise TypeError(f"collection settings {sorted(create_settings)} apply only when a location is created")
     if model is not None and (collection is not None or remote):
@@ -65,6 +65,11 @@ def open_backend(
             )
         return Collection.open(location, model=model)
     return Collection.create(location, model=model, **create_settings)
+
+
+def is_server_url(location: str) -> bool:
+    """Whether ``location`` names a running ``m3search serve`` (``http(s)://...``), not a collection."""
+    return location.startswith(("http://", "https://"))
 
 
 def refuse_unknown(model_cls: Any, given: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ try:
     from langchain_core.documents import Document
     from langchain_core.embeddings import Embeddings
     from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables.config import run_in_executor
     from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
     from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 except ImportError:  # pragma: no cover - depends on the environment
@@ -275,6 +276,13 @@ class M3SearchVectorStore(VectorStore):
         """Relevance of the search actually run: a per-call ``mode`` / ``fusion`` decides, not only the store's."""
         fn = self._relevance_fn(kwargs)
         return [(doc, fn(score)) for doc, score in self.similarity_search_with_score(query, k, **kwargs)]
+
+    async def _asimilarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        """The sync method in a thread: LangChain's base async path takes the store-wide
+        ``_select_relevance_score_fn()`` and would pass fused scores of a per-call mode off as relevances."""
+        return await run_in_executor(None, self._similarity_search_with_relevance_scores, query, k, **kwargs)
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
         raise NotImplementedError(

@@ -49,6 +49,7 @@ from m3search.integrations._backend import (
     delete_matching,
     dense_vectors,
     hit_details,
+    is_server_url,
     open_backend,
     refuse_unknown,
 )
@@ -63,8 +64,15 @@ _UNSUPPORTED_HINT = "supported: ==, !=, >, >=, <, <=, in, nin, any, all, contain
 
 
 def _leaf(f: MetadataFilter) -> dict:
+    from m3search.filters import LOGICAL_KEYS
+
     key, op, value = f.key, FilterOperator(f.operator), f.value
     many = isinstance(value, list)
+    if key in LOGICAL_KEYS:  # {"not": {"eq": 2}} would parse as a logical "not", a different filter
+        raise ValueError(
+            f"filter on {key!r}: the name is reserved in m3search filters ({', '.join(LOGICAL_KEYS)}), "
+            "so a metadata field of that name cannot be filtered on"
+        )
     if value is None:
         raise ValueError(f"filter on {key!r}: a None value cannot be matched (m3search filters have no null)")
     if op in (FilterOperator.EQ, FilterOperator.NE, FilterOperator.CONTAINS):
@@ -91,9 +99,11 @@ def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
 
     ``==`` / ``!=`` / ``>`` / ``>=`` / ``<`` / ``<=`` / ``in`` / ``nin`` map one to one, ``any``
     to ``in`` and ``contains`` to ``eq`` (a condition on a list-valued field holds when an element
-    satisfies it), ``all`` to an ``and`` of ``eq``; conditions ``and`` / ``or`` / ``not`` (none
+    satisfies it), ``all`` to an ``and`` of ``eq``: on a string field these test equality, not
+    substrings as LlamaIndex's reference filter does (engines have no substring match); conditions ``and`` / ``or`` / ``not`` (none
     of the filters holds) nest. ``!=`` and ``nin`` hold for documents without the field, as in
-    LlamaIndex's own store. Text match and ``is_empty`` raise ``ValueError``.
+    LlamaIndex's own store. Text match, ``is_empty`` and a field named ``and`` / ``or`` / ``not``
+    (m3search's logical keys) raise ``ValueError``.
     """
     from m3search.filters import parse_filter
 
@@ -154,9 +164,12 @@ class M3SearchEmbedding(BaseEmbedding):
     """BGE-M3's dense vector (normalized [CLS]) as a LlamaIndex embedding.
 
     Give one source: ``model_name`` (a hub id or local folder in bge-m3's layout, loaded on
-    first use; default ``$M3SEARCH_MODEL``), ``encoder`` (an :class:`~m3search.M3Encoder`), or
-    ``collection`` (a :class:`~m3search.Collection`, or an :class:`~m3search.client.M3SearchClient`
-    whose server encodes). Queries and documents are encoded alike (BGE-M3 has no instruction).
+    first use, or the ``http(s)://`` URL of a running ``m3search serve``; default
+    ``$M3SEARCH_MODEL``), ``encoder`` (an :class:`~m3search.M3Encoder`), or ``collection`` (a
+    :class:`~m3search.Collection`, or an :class:`~m3search.client.M3SearchClient` whose server
+    encodes; recorded as its URL, so ``to_dict`` / ``from_dict`` reach the same server, without
+    the API key, which is not serialized). Queries and documents are encoded alike (BGE-M3 has
+    no instruction).
     """
 
     device: str = "auto"
@@ -195,7 +208,10 @@ class M3SearchEmbedding(BaseEmbedding):
         if self._source is None:
             from m3search import M3Encoder
 
-            self._source = M3Encoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype)
+            if is_server_url(self.model_name):  # a client's URL (from_dict): not a model folder to load
+                self._source = open_backend(location=self.model_name)
+            else:
+                self._source = M3Encoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype)
         return self._source
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
