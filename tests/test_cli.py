@@ -435,7 +435,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_commands_route_through_running_server(
     indexed, corpus_texts, tiny_encoder, tmp_path, tiny_model_path, tiny_alt_model_path
 ):
-    proc, record = _start_server(["--api-key", "s3cret", "--dtype", "float32"], indexed)
+    proc, record = _start_server(["--api-key", "s3cret", "--dtype", "float32", "--max-body-mb", "1"], indexed)
     try:
         assert record["pid"] == proc.pid and record["api_key_required"] is True
         # without the key: a clear message naming the server
@@ -464,6 +464,12 @@ def test_commands_route_through_running_server(
         src.write_text('{"_id": "extra-1", "text": "a note on hypersonic heat transfer", "year": 2024}\n')
         out = one_json(cli("index", str(src), "-c", str(indexed), "--json", env=env))
         assert out["count"] == N_DOCS + 1 and "server" in out["via"]
+        # a batch over the server's body limit (1 MB here) is sent in parts: it got 413 (cli's own writer)
+        big = tmp_path / "big.jsonl"
+        big.write_text("".join(json.dumps({"_id": f"big-{i}", "text": f"wing {i} " * 40_000}) + "\n" for i in range(4)))
+        out = one_json(cli("index", str(big), "-c", str(indexed), "--json", env=env))
+        assert out["indexed"] == 4 and out["count"] == N_DOCS + 5, out
+        cli("delete", *[f"big-{i}" for i in range(4)], "-c", str(indexed), env=env)
         assert one_json(cli("delete", "extra-1", "-c", str(indexed), "--json", env=env)) == {
             "deleted": ["extra-1"],
             "missing": [],

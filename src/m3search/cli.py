@@ -222,6 +222,10 @@ class _Remote:
         self.pid = record.get("pid")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(600.0, connect=5.0))
+        from .client import M3SearchClient
+
+        # writes go through the library client: it cuts them under the server's count and body limits
+        self.writer = M3SearchClient(self.url, http_client=self.client)
         self.via = f"server {self.url} (pid {self.pid})"
         self.limits: dict[str, Any] = {}
 
@@ -247,8 +251,9 @@ class _Remote:
         return self._call("POST", "/search", json=body)["hits"]
 
     def upsert(self, records: Sequence[Any]) -> None:
-        docs = [{"id": r.id, "text": r.text, "metadata": r.metadata} for r in records]
-        self._call("POST", "/documents", json={"documents": docs, "upsert": True})
+        self.writer.upsert(
+            [r.text for r in records], ids=[r.id for r in records], metadata=[r.metadata for r in records]
+        )
 
     def delete(self, ids: Sequence[str]) -> dict:
         return self._call("DELETE", "/documents", json={"ids": list(ids)})
