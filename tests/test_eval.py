@@ -326,3 +326,53 @@ def test_proxy_default_settings_loss(name, shared_data, proxy_model_path, proxy_
         lines.append(f"{name} {mode}: nDCG@10 loss {loss['ndcg@10']:+.4f}, Recall@100 loss {loss['recall@100']:+.4f}")
         assert loss["ndcg@10"] < 0.005, lines[-1]
     print("\n".join(lines))
+
+
+def _word_beir(folder: Path, n_docs: int = 60, n_queries: int = 12) -> Path:
+    """A BEIR folder of seeded random word documents; query i takes words of document i, judging it and the next."""
+    import random
+
+    from m3search.testing import BUILTIN_TEXTS
+
+    rng = random.Random(7)
+    words = sorted({w for t in BUILTIN_TEXTS for w in re.findall(r"[a-z]+", t.lower())})
+    texts = [" ".join(rng.choices(words, k=12)) for _ in range(n_docs)]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": " ".join(texts[i].split()[:4])}) + "\n" for i in range(n_queries))
+    )
+    rows = [f"q{i}\td{j}\t{2 if j == i else 1}\n" for i in range(n_queries) for j in (i, i + 1)]
+    (folder / "qrels" / "test.tsv").write_text("".join(rows))
+    return folder
+
+
+def test_evaluate_small_candidates_scores_the_search_a_user_runs(tmp_path, tiny_encoder):
+    """candidates=1 and k=2: nDCG@2 / MRR@2 are those of search(k=2, candidates=1) (a pool of 2 per list), not of
+    the depth-100 search (a pool of 100 per list); Recall@100 is search(k=100, candidates=1)'s, and says so."""
+    from m3search import Collection
+    from m3search.eval import evaluate, to_markdown
+
+    data = _word_beir(tmp_path / "data")
+    modes = ["dense", "colbert", "dense+sparse", "all"]
+    res = evaluate(data, model=tiny_encoder, modes=modes, candidates=1, k=2, cache_dir=tmp_path / "c", progress=False)
+    beir = load_beir(data)
+    qids = list(beir.queries)
+    with Collection.open(res["index"]["path"], model=tiny_encoder) as col:
+        differs = False
+        for mode in modes:
+
+            def run(k, mode=mode):
+                hits = col.search_batch([beir.queries[q] for q in qids], k=k, mode=mode, candidates=1)
+                return {q: {h.id: h.score for h in hs} for q, hs in zip(qids, hits)}
+
+            user, deep = compute_metrics(run(2), beir.qrels, k=2), compute_metrics(run(100), beir.qrels, k=2)
+            differs |= user["ndcg@2"] != deep["ndcg@2"]
+            assert res["modes"][mode]["ndcg@2"] == pytest.approx(user["ndcg@2"], abs=1e-12), mode
+            assert res["modes"][mode]["mrr@2"] == pytest.approx(user["mrr@2"], abs=1e-12), mode
+            assert res["modes"][mode]["recall@100"] == pytest.approx(deep["recall@100"], abs=1e-12), mode
+    assert differs  # the fixture tells the two searches apart
+    assert "recall_candidates" not in res["modes"]["dense"] and res["modes"]["all"]["recall_candidates"] == 100
+    assert "recall@100 comes from search(k=100)" in to_markdown(res)

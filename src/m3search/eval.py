@@ -354,21 +354,45 @@ def evaluate(
         results["query_encode_seconds"] = round(time.perf_counter() - t0, 3)
         from tqdm import tqdm
 
+        def _run(hit_lists: list) -> dict[str, dict[str, float]]:
+            return {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
+
         for mode, setting in tqdm(
             runs, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True
         ):
             t0 = time.perf_counter()
-            hit_lists = index.search_batch(qtexts, k=depth, query_embeddings=query_emb, **setting)
+            pools = _pool_sizes(setting["mode"], setting["candidates"], index.settings["candidates"], k)
+            if pools is None:  # one search at depth max(k, RECALL_AT) ranks as both would
+                top = recall = _run(index.search_batch(qtexts, k=depth, query_embeddings=query_emb, **setting))
+            else:
+                top = _run(index.search_batch(qtexts, k=k, query_embeddings=query_emb, **setting))
+                recall = _run(index.search_batch(qtexts, k=RECALL_AT, query_embeddings=query_emb, **setting))
             seconds = time.perf_counter() - t0
-            run = {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
-            m = compute_metrics(run, data.qrels, k=k, recall_at=RECALL_AT)
+            m = compute_metrics(top, data.qrels, k=k, recall_at=RECALL_AT)
             m.pop("per_query")
+            if pools is not None:  # Recall@100 as search(k=100) gives it: its pool is max(candidates, 100)
+                m[f"recall@{RECALL_AT}"] = compute_metrics(recall, data.qrels, k=k)[f"recall@{RECALL_AT}"]
+                m["recall_candidates"] = pools[1]
             m["search_seconds"] = round(seconds, 3)
             m["queries_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else None
             results["modes"][mode] = m
     finally:
         index.close()
     return results
+
+
+def _pool_sizes(mode: str, candidates: int | None, default_candidates: int, k: int) -> tuple[int, int] | None:
+    """The re-ranking pools (per first-stage list) of ``search(k=k)`` and ``search(k=RECALL_AT)`` in ``mode``,
+    when they differ; None when one search at depth ``max(k, RECALL_AT)`` ranks as both.
+
+    Why: a search re-ranks ``max(candidates, k)`` per list, so a depth-100 search with ``candidates=10``
+    re-ranks 100; nDCG@k taken from it would not be what ``search(k=k, candidates=10)`` returns.
+    """
+    if parse_mode(mode) in (("dense",), ("sparse",)):  # no pool: a top-k list whose head does not depend on k
+        return None
+    c = default_candidates if candidates is None else candidates
+    top, recall = max(c, k), max(c, RECALL_AT)
+    return None if top == recall == max(c, k, RECALL_AT) else (top, recall)
 
 
 def _mode_setting(
@@ -500,7 +524,22 @@ def format_table(results: Mapping[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     if results.get("tuned"):
         lines.append(_tuned_line(results["tuned"]))
+    if _recall_note(results):
+        lines.append(_recall_note(results))
     return "\n".join(lines)
+
+
+def _recall_note(results: Mapping[str, Any]) -> str | None:
+    """Which search Recall@N came from, where it is not the one nDCG@k and MRR@k came from."""
+    deeper = {mode: m["recall_candidates"] for mode, m in results["modes"].items() if m.get("recall_candidates")}
+    if not deeper:
+        return None
+    at = results.get("recall_at", RECALL_AT)
+    pools = ", ".join(f"{mode} {c}" for mode, c in deeper.items())
+    return (
+        f"recall@{at} comes from search(k={at}), which re-ranks max(candidates, {at}) per list ({pools}); "
+        f"ndcg and mrr from search(k={results['k']}) with the candidates stated"
+    )
 
 
 def _tuned_line(tuned: Mapping[str, Any]) -> str:
@@ -530,6 +569,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {mode} | " + " | ".join(f"{m[x]:.4f}" for x in metrics) + " |")
     if results.get("tuned"):
         lines += ["", f"- {_tuned_line(results['tuned'])}"]
+    if _recall_note(results):
+        lines += ["", f"- {_recall_note(results)}"]
     return "\n".join(lines) + "\n"
 
 
