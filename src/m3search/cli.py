@@ -1008,7 +1008,9 @@ def eval_(
 @model_option
 @click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
-@click.option("--reset", is_flag=True, help="Restore --collection's built-in search defaults (no DATA_DIR).")
+@click.option(
+    "--reset", is_flag=True, help="Restore --collection's search defaults from before its first tuning (no DATA_DIR)."
+)
 @dtype_option
 @device_option
 @click.option(

@@ -495,7 +495,8 @@ def tune(
         if save:
             tuning = {k: out[k] for k in ("metric", "cv", "adopted", "best", "dataset", "n_queries")}
             tuning["tuned_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            col.set_search_defaults(chosen.to_dict(), tuning=tuning)  # not adopted: the baseline, kept
+            # not adopted: the defaults in use are stored again as they are (the searches use what they used)
+            col.set_search_defaults(chosen.to_dict() if out["adopted"] else col.search_defaults(), tuning=tuning)
             out["saved"] = True
     finally:
         if col is not None:
