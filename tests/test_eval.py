@@ -77,6 +77,24 @@ def test_metrics_bad_input():
         compute_metrics({"q": {"d": 1.0}}, {"q": {"d": 1}}, k=0)
 
 
+def test_grades_outside_the_bound_are_refused_naming_where(tmp_path):
+    """Grades reached trec_eval unchecked: 2**32 wrapped to 0 (a relevant document at rank 1 scored 0), 10**8 took
+    800 MB and 2**31 was killed for memory. Now |grade| <= MAX_GRADE, checked in load_beir (file and line, before
+    any indexing) and compute_metrics (query and document)."""
+    from m3search.eval import MAX_GRADE
+
+    run = {"q": {"a": 1.0, "b": 2.0}}
+    for grade in (MAX_GRADE, -MAX_GRADE):
+        compute_metrics(run, {"q": {"a": grade, "b": 1}})
+    for grade in (2**32, MAX_GRADE + 1, -MAX_GRADE - 1):
+        with pytest.raises(ValueError, match=rf"query 'q', document 'a': relevance {grade} is outside -1000 .. 1000"):
+            compute_metrics(run, {"q": {"a": grade, "b": 1}})
+    qrels = _beir_folder(tmp_path) / "qrels" / "test.tsv"
+    qrels.write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t{MAX_GRADE + 1}\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(qrels))}:3: relevance 1001 is outside"):
+        load_beir(tmp_path)
+
+
 def test_load_beir_and_cross_lingual(shared_data):
     en = load_beir(shared_data / "xquad-r" / "en")
     assert len(en.doc_ids) == 1180 and len(en.queries) == 1190

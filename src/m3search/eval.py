@@ -53,6 +53,10 @@ RECALL_AT = 100
 #: 0.0000 in every mode at 200 (0.0008 at 100), Recall@100 at most 0.009 (0.024 at 100, where the re-ranked
 #: pool is barely larger than the 100 hits that recall is computed on).
 DEFAULT_CANDIDATES = PLAN_DEFAULT_CANDIDATES
+#: Largest relevance grade accepted (and smallest: ``-MAX_GRADE``). Why a bound: trec_eval sizes arrays by the
+#: grade (10**8 took 800 MB, 2**31 was killed for memory) and keeps it as a C int (2**32 wrapped to 0); graded
+#: judgements in use stay within single digits.
+MAX_GRADE = 1000
 _CACHE_VERSION = 1
 
 
@@ -185,8 +189,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
             score = int(parts[2])
         except ValueError:
             raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
+        _check_grade(score, f"{path}:{lineno}")
         qrels.setdefault(parts[0], {})[parts[1]] = score
     return qrels
+
+
+def _check_grade(grade: int, where: str) -> None:
+    """Refuse a relevance grade outside ``[-MAX_GRADE, MAX_GRADE]`` (see :data:`MAX_GRADE`), naming ``where``."""
+    if not -MAX_GRADE <= grade <= MAX_GRADE:
+        raise ValueError(f"{where}: relevance {grade} is outside -{MAX_GRADE} .. {MAX_GRADE}")
 
 
 def _dataset_name(data_dir: Path, queries_dir: str | Path | None) -> str:
@@ -227,6 +238,9 @@ def compute_metrics(
     if k < 1 or recall_at < 1:
         raise ValueError(f"cutoffs must be >= 1, got k={k}, recall_at={recall_at}")
     qrels = {q: {d: int(s) for d, s in rel.items()} for q, rel in qrels.items() if rel}
+    for q, rel in qrels.items():
+        for d, grade in rel.items():
+            _check_grade(grade, f"query {q!r}, document {d!r}")
     if not qrels:
         raise ValueError("qrels are empty")
     run = {q: {d: float(s) for d, s in hits.items()} for q, hits in run.items() if q in qrels and hits}
