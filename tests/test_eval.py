@@ -394,3 +394,57 @@ def test_evaluate_small_candidates_scores_the_search_a_user_runs(tmp_path, tiny_
     assert differs  # the fixture tells the two searches apart
     assert "recall_candidates" not in res["modes"]["dense"] and res["modes"]["all"]["recall_candidates"] == 100
     assert "recall@100 comes from search(k=100)" in to_markdown(res)
+
+
+def test_cache_build_waits_for_another_and_deletes_nothing(tmp_path, tiny_encoder):
+    """A second eval of a dataset whose index another process was building took the folder for an interrupted
+    build and deleted it (both runs then failed). Now builds hold a lock beside the cache entry: the second waits,
+    then uses the finished index."""
+    import fcntl
+    import threading
+
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    col.close()
+    path = Path(info["path"])
+    done = path.with_name(path.name + ".done.json")
+    done.unlink()  # as another process sees it while building: its folder, no .done.json yet
+    marker = path / "still-building"
+    marker.write_text("")
+    with open(path.with_name(path.name + ".lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # the other process's lock (flock: per open file, also in-process)
+        got: dict = {}
+        second = threading.Thread(
+            target=lambda: got.update(r=_cached_index(data, tiny_encoder, cache, batch_size=None, progress=False))
+        )
+        second.start()
+        second.join(3)
+        assert second.is_alive() and marker.exists()  # waiting; the other build untouched
+        done.write_text(json.dumps(info))  # the other build finishes
+    second.join(120)
+    col, again = got["r"]
+    col.close()
+    assert again["cached"] is True and marker.exists()
+
+
+def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
+    """A truncated <key>.done.json (a build killed while writing it) failed every later run with "Expecting
+    value: line 1 column 1 (char 0)", naming no file. Now it counts as an unfinished build: rebuilt."""
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    col.close()
+    done = Path(info["path"] + ".done.json")
+    done.write_text("")
+    col, again = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    with col:
+        assert again["cached"] is False and col.count() == 12
+    assert json.loads(done.read_text())["key"] == info["key"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [Path(info["path"]).name, done.name, done.name[:-9] + "lock"]
+    )

@@ -14,6 +14,7 @@ Each document is ``(title + " " + text).strip()``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -496,28 +497,71 @@ def _cached_index(
     slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
     path = cache_dir / f"{slug}-{key}"
     done = path.with_name(path.name + ".done.json")
-    if path.exists() and done.is_file():
-        info = json.loads(done.read_text())
-        info["cached"] = True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock"), progress=progress):
+        info = _read_done(done) if path.exists() else None
+        if info is not None:
+            info["cached"] = True
+            return Collection.open(path, model=encoder), info
+        # absent, or a build that stopped part-way (no readable .done.json): start over. Nobody else is
+        # building it (the lock), so its folder and any temporary one left by a killed build can go.
+        done.unlink(missing_ok=True)
+        for old in [path, *cache_dir.glob(f"{path.name}.tmp-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+        building = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        t0 = time.perf_counter()
+        try:
+            with Collection.create(building, model=encoder, **settings) as collection:
+                kwargs: dict[str, Any] = {}
+                if batch_size is not None:
+                    kwargs["batch_size"] = batch_size
+                collection.add(data.doc_texts, ids=data.doc_ids, show_progress=None if progress else False, **kwargs)
+            os.replace(building, path)  # complete or absent under its final name
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
+        _write_atomic(done, json.dumps(info, indent=2))
         return Collection.open(path, model=encoder), info
-    if path.exists():  # an interrupted build: start over
-        shutil.rmtree(path)
-    done.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    collection = Collection.create(path, model=encoder, **settings)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, saying so). Why: two evals (or eval and
+    tune) of one dataset deleted each other's index being built; the second now waits for the first."""
+    import fcntl
+
+    with open(lock_path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process building or opening {lock_path.stem} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_done(done: Path) -> dict[str, Any] | None:
+    """A finished build's record, or None when there is none or it cannot be read (a build cut short while
+    writing it: rebuilt, rather than failing every later run with the JSON parser's words)."""
     try:
-        kwargs: dict[str, Any] = {}
-        if batch_size is not None:
-            kwargs["batch_size"] = batch_size
-        collection.add(data.doc_texts, ids=data.doc_ids, show_progress=None if progress else False, **kwargs)
-    except BaseException:
-        collection.close()
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
-    done.write_text(json.dumps(info, indent=2))
-    return collection, info
+        info = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename it over ``path``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- reports
