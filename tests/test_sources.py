@@ -226,3 +226,19 @@ def test_check_source_finds_duplicates_across_batches(tmp_path):
     for size in (2, 3, 100):
         with pytest.raises(ValueError, match=r"duplicate ids in source: \['d0'\]"):
             check_source(read_source(p), size)
+
+
+@pytest.mark.parametrize("name, sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_table_cells_longer_than_the_csv_default_limit_are_read(tmp_path, name, sep):
+    """A cell over 131072 characters (the csv module's default field limit) was refused; JSONL took the same text."""
+    import csv
+
+    default = csv.field_size_limit(131072)  # as a fresh process starts
+    try:
+        text = "word " * 40000  # 200,000 characters
+        path = tmp_path / name
+        path.write_text(f"id{sep}text\n1{sep}{text}\n")
+        [rec] = list(read_source(path))
+        assert rec.id == "1" and rec.text == text.strip()
+    finally:
+        csv.field_size_limit(max(default, csv.field_size_limit()))

@@ -50,6 +50,9 @@ _DEFAULT_ID_FIELDS = ("_id", "id")
 _DEFAULT_TEXT_FIELDS = ("title", "text")
 _INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
 _FLOAT_RE = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+([eE][-+]?[0-9]+)?")
+#: Longest CSV/TSV cell read (the csv module's default, 131072 characters, refused texts JSONL takes).
+#: 2**31 - 1: the largest value ``csv.field_size_limit`` takes on every platform (a C long).
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -157,6 +160,8 @@ def read_table(
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     kind = path.suffix[1:].upper()
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:  # process-wide: raised, never lowered
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True)
     start = 1  # first line of the record being read
     try:
