@@ -101,6 +101,16 @@ def test_unknown_sources(tmp_path):
         read_source(tmp_path / "x.parquet")
 
 
+def test_a_beir_folder_is_refused_naming_its_corpus(tmp_path):
+    """A BEIR folder given as a folder source indexed only its README.md and reported success."""
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    (tmp_path / "README.md").write_text("about this data set")
+    corpus = str(tmp_path / "corpus.jsonl")
+    with pytest.raises(ValueError, match=f"is a BEIR folder \\(it holds corpus.jsonl\\): pass '{corpus}'"):
+        read_source(tmp_path)
+    assert [r.id for r in read_source(corpus)] == ["d1"]
+
+
 def test_batches_and_duplicates():
     recs = [Record(str(i), "t") for i in range(5)]
     assert [len(b) for b in iter_batches(recs, 2)] == [2, 2, 1]

@@ -73,6 +73,11 @@ def read_source(
     """Yield the records of ``path``; the reader is chosen by suffix (or folder)."""
     path = Path(path)
     if path.is_dir():
+        if (path / "corpus.jsonl").is_file():  # read as a folder, only its README.md was indexed
+            raise ValueError(
+                f"{str(path)!r} is a BEIR folder (it holds corpus.jsonl): pass {str(path / 'corpus.jsonl')!r}; "
+                "a folder source is read as its .txt/.md files"
+            )
         if id_field or text_fields:
             raise ValueError("--id-field/--text-field do not apply to a folder source (id = relative path)")
         return read_folder(path)
