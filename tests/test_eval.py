@@ -448,3 +448,21 @@ def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [Path(info["path"]).name, done.name, done.name[:-9] + "lock"]
     )
+
+
+def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
+    """An --out that cannot be written was found only after indexing and searching every mode."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=2)
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "cache"
+    args = ["eval", str(data), "-m", str(tiny_model_path), "--modes", "dense", "--cache-dir", str(cache)]
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "file" / "reports")])
+    assert got.exit_code == 1 and "cannot write reports into" in got.output and "is not a folder" in got.output
+    assert not cache.exists()  # refused before the corpus was indexed
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "new" / "reports"), "--json"])
+    assert got.exit_code == 0, got.output
+    assert (tmp_path / "new" / "reports" / "results.json").is_file()

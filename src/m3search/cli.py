@@ -957,9 +957,10 @@ def eval_(
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
     with _errors():
-        from .eval import check_installed, evaluate, format_table, write_reports
+        from .eval import check_installed, evaluate, format_table, report_dir, write_reports
 
         check_installed()
+        out_dir = report_dir(out_dir, data_dir, queries_dir)
         results = evaluate(
             data_dir,
             model=model,
@@ -976,9 +977,6 @@ def eval_(
             settings=None if max_windows is None else {"max_windows": max_windows},
             collection=tuned_collection,
         )
-        if out_dir is None:
-            slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))
-            out_dir = Path("m3search-eval") / slug
         paths = write_reports(results, out_dir)
     results["reports"] = {k_: str(v) for k_, v in paths.items()}
     if as_json:

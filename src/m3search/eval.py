@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -664,6 +665,32 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: str | Path | None = None) -> Path:
+    """The report folder (default ``m3search-eval/<dataset>``), checked to be creatable and writable; nothing
+    is created (:func:`write_reports` does that).
+
+    Why before :func:`evaluate`: an unwritable or odd ``--out`` was found only after indexing and searching.
+    The check makes (and removes) a temporary folder in the nearest existing one.
+    """
+    if out_dir is None:
+        name = _dataset_name(Path(data_dir), queries_dir)
+        out_dir = Path("m3search-eval") / "".join(
+            c if c.isalnum() or c in "-_" else "-" for c in name.replace(" -> ", "--")
+        )
+    out = Path(out_dir)
+    there = out
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise ValueError(f"cannot write reports into {str(out)!r}: {str(there)!r} is not a folder")
+    try:
+        with tempfile.TemporaryDirectory(dir=there):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write reports into {str(out)!r} ({there}: {e.strerror or e})") from None
+    return out
 
 
 def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
