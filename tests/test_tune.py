@@ -377,6 +377,7 @@ def _beir(root: Path, queries: dict[str, str], qrels: list[str], docs=("d1", "d2
         ({"q1": "a"}, ["q1\tnope\t1"], 2, r"judges 1 document id\(s\) absent from the corpus: \['nope'\]"),
         ({"q9": "a"}, ["q1\td1\t1"], 2, "no judged query of qrels/test.tsv is in"),
         ({"q1": "a", "q2": "b"}, ["q1\td1\t0", "q2\td2\t0"], 2, "has a relevant"),
+        ({"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t0"], 2, "has 1 query with a relevant .* at least 2$"),
     ],
 )
 def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries, qrels, folds, message):

@@ -443,6 +443,10 @@ def tune(
     judged = {q: rel for q, rel in data.qrels.items() if any(g > 0 for g in rel.values())}
     if not judged:
         raise ValueError(f"no query of {data.name} has a relevant (grade > 0) judgement to tune on")
+    if len(judged) < 2:  # cross-validation holds out at least one query per fold, and --folds is at least 2
+        raise ValueError(
+            f"{data.name} has {len(judged)} query with a relevant (grade > 0) judgement; tuning needs at least 2"
+        )
     if len(judged) < folds:
         raise ValueError(
             f"{len(judged)} judged queries are fewer than the {folds} folds; use --folds {max(2, len(judged))} or more queries"
