@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ __all__ = [
 #: File suffixes read from a folder source.
 FOLDER_SUFFIXES = (".txt", ".md")
 _DEFAULT_ID_FIELDS = ("_id", "id")
+_NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
+#: What csv.DictReader puts in the columns a short row lacks (told apart from an empty cell).
+_MISSING = object()
 _DEFAULT_TEXT_FIELDS = ("title", "text")
 _INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
 _FLOAT_RE = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+([eE][-+]?[0-9]+)?")
@@ -121,11 +125,15 @@ def read_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            if number == 1 and line.lstrip().startswith("["):
+                raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
             raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
         except ValueError as e:  # e.g. an integer of more than 4300 digits
             raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+        if number == 1 and isinstance(obj, list):
+            raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         yield _to_record(obj, number, where, id_field, text_fields)
@@ -167,7 +175,7 @@ def read_table(
     kind = path.suffix[1:].upper()
     if csv.field_size_limit() < CSV_FIELD_LIMIT:  # process-wide: raised, never lowered
         csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True)
+    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True, restval=_MISSING)
     start = 1  # first line of the record being read
     try:
         if not reader.fieldnames:
@@ -180,7 +188,10 @@ def read_table(
             where = f"{path.name}:{start} (record {number})"
             if None in row:
                 raise ValueError(f"{where}: more cells than header columns")
-            obj = {k: ("" if v is None else v) for k, v in row.items()}
+            if _MISSING in row.values():  # as an extra cell is: a misread row, not empty cells
+                n = sum(v is not _MISSING for v in row.values())
+                raise ValueError(f"{where}: fewer cells than header columns ({n} of {len(row)})")
+            obj = dict(row)
             yield _to_record(obj, number, where, id_field, text_fields, cells=True)
             start = reader.line_num + 1
     except csv.Error as e:
@@ -329,9 +340,10 @@ def _checked(rec: Record, where: str) -> Record:
 
 
 def _parse_number(value: str) -> Any:
-    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x', integers beyond int64) stays a string."""
+    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x', integers beyond int64, decimals beyond
+    float's range such as '1.0e999') stays a string."""
     if _INT_RE.fullmatch(value) and INT64_MIN <= (n := int(value)) <= INT64_MAX:  # else a code (ISBN, ...): text
         return n
-    if _FLOAT_RE.fullmatch(value):
-        return float(value)
+    if _FLOAT_RE.fullmatch(value) and math.isfinite(x := float(value)):  # inf is not storable: text, as above
+        return x
     return value
