@@ -138,6 +138,16 @@ def test_load_beir_qrels_bom_and_bad_bytes(tmp_path):
         load_beir(tmp_path)
 
 
+def test_load_beir_ignores_metadata_it_never_stores(tmp_path):
+    """A corpus whose metadata held a value no collection stores (an integer beyond int64) was refused, though
+    eval indexes no metadata."""
+    corpus = _beir_folder(tmp_path) / "corpus.jsonl"
+    corpus.write_text('{"_id": "d1", "title": "", "text": "x", "metadata": {"doi": 123456789012345678901234}}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "x", "n": 1e999}\n')
+    data = load_beir(tmp_path)
+    assert data.doc_texts == ["x"] and data.queries == {"q1": "x"}
+
+
 def test_load_beir_refuses_an_empty_judged_query(tmp_path):
     queries = '{"_id": "q0", "text": ""}\n\n{"_id": "q1", "text": " \\t "}\n'  # q0 is not judged: not used
     queries_path = _beir_folder(tmp_path, queries) / "queries.jsonl"

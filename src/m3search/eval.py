@@ -109,7 +109,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
 
     doc_ids: list[str] = []
     doc_texts: list[str] = []
-    for rec in read_jsonl(corpus_path, id_field="_id"):
+    for rec in read_jsonl(corpus_path, id_field="_id", metadata=False):  # eval stores no metadata
         doc_ids.append(rec.id)
         doc_texts.append(rec.text)  # (title + " " + text).strip(), by sources' default text fields
     if len(set(doc_ids)) != len(doc_ids):
@@ -119,7 +119,9 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     queries_path = qdir / "queries.jsonl"
     if not queries_path.is_file():
         raise ValueError(f"{str(qdir)!r}: queries.jsonl missing")
-    all_queries = {rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"])}
+    all_queries = {
+        rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
+    }
 
     corpus_set = set(doc_ids)
     candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []

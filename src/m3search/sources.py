@@ -112,9 +112,17 @@ def count_records(path: str | Path) -> int | None:
 
 
 def read_jsonl(
-    path: str | Path, *, id_field: str | None = None, text_fields: Sequence[str] | None = None
+    path: str | Path,
+    *,
+    id_field: str | None = None,
+    text_fields: Sequence[str] | None = None,
+    metadata: bool = True,
 ) -> Iterator[Record]:
-    """JSON Lines, one object per line; blank lines are skipped."""
+    """JSON Lines, one object per line; blank lines are skipped.
+
+    ``metadata=False``: records carry none, and none is checked (eval stores no metadata: a value no
+    collection stores, e.g. an integer beyond int64, refused a corpus it would never write).
+    """
     path = Path(path)
     number = 0
     for lineno, line in _utf8_lines(path):
@@ -136,7 +144,7 @@ def read_jsonl(
             raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        yield _to_record(obj, number, where, id_field, text_fields)
+        yield _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
 
 
 def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
@@ -278,6 +286,7 @@ def _to_record(
     id_field: str | None,
     text_fields: Sequence[str] | None,
     cells: bool = False,
+    metadata: bool = True,
 ) -> Record:
     # id
     if id_field is not None:
@@ -314,15 +323,15 @@ def _to_record(
     text = " ".join(parts).strip()
     # metadata: everything else
     used = set(keys) | ({id_key} if id_key else set())
-    metadata: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     for k, v in obj.items():
-        if k in used:
+        if k in used or not metadata:
             continue
         if k == "metadata" and isinstance(v, dict):
-            metadata.update(v)
+            meta.update(v)
         else:
-            metadata[k] = _parse_number(v) if cells else v
-    return _checked(Record(id=doc_id, text=text, metadata=metadata), where)
+            meta[k] = _parse_number(v) if cells else v
+    return _checked(Record(id=doc_id, text=text, metadata=meta), where)
 
 
 def _checked(rec: Record, where: str) -> Record:
