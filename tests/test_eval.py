@@ -476,3 +476,23 @@ def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
     got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "new" / "reports"), "--json"])
     assert got.exit_code == 0, got.output
     assert (tmp_path / "new" / "reports" / "results.json").is_file()
+
+
+def test_eval_split_scores_another_qrels_file(tmp_path, tiny_model_path):
+    """load_beir(split=) was not exposed: a BEIR set with only qrels/dev.tsv could not be evaluated."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=3)
+    (data / "qrels" / "test.tsv").rename(data / "qrels" / "dev.tsv")
+    args = ["eval", str(data), "-m", str(tiny_model_path), "--modes", "dense", "--cache-dir", str(tmp_path / "c")]
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o1")])
+    assert got.exit_code == 1 and "no qrels/test.tsv" in got.output
+    got = CliRunner().invoke(main, [*args, "--split", "dev", "--out", str(tmp_path / "o2"), "--json"])
+    assert got.exit_code == 0, got.output
+    res = json.loads(got.output)
+    assert res["split"] == "dev" and res["n_queries"] == 3
+    assert "(qrels/dev.tsv)" in (tmp_path / "o2" / "results.md").read_text()
+    with pytest.raises(ValueError, match="split must be a qrels file name"):
+        load_beir(data, split="../qrels/dev")

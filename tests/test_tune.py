@@ -354,6 +354,7 @@ def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_pa
     )
     assert ev.exit_code == 0, ev.output
     assert "tuned" in ev.output and f"mode {res['mode']}" in ev.output
+    assert "IN-SAMPLE: tuned on these judged queries" in ev.output  # tuned on what it is scored on: said
     out = _run("tune", "--reset", "--collection", str(indexed), "--json")
     assert out.exit_code == 0 and json.loads(out.output)["mode"] == "all"
     info = json.loads(_run("info", "--collection", str(indexed), "--json").output)
@@ -388,6 +389,20 @@ def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries
         tune(data, collection=small, model=tiny_encoder, folds=folds)
     out = _run("tune", str(data), "--collection", str(small), "--folds", str(folds))
     assert out.exit_code == 1 and "Traceback" not in out.output
+
+
+def test_tune_split_takes_another_qrels_file(tmp_path, small, tiny_encoder):
+    """A BEIR set with only qrels/dev.tsv could not be tuned on (load_beir's split was not exposed)."""
+    from m3search.tuning import tune
+
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t1"])
+    (data / "qrels" / "test.tsv").rename(data / "qrels" / "dev.tsv")
+    with pytest.raises(ValueError, match="no qrels/test.tsv"):
+        tune(data, collection=small, model=tiny_encoder, folds=2, progress=False)
+    out = tune(data, collection=small, model=tiny_encoder, folds=2, split="dev", progress=False)
+    assert out["split"] == "dev" and out["n_queries"] == 2
+    got = _run("tune", str(data), "--collection", str(small), "--folds", "2", "--split", "dev", "--json")
+    assert got.exit_code == 0 and json.loads(got.output)["split"] == "dev"
 
 
 def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):

@@ -399,6 +399,12 @@ api_key_option = click.option(
     help="API key of a running server (used when the collection is served).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+split_option = click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Judgements used: qrels/<SPLIT>.tsv of the BEIR folder (e.g. dev).",
+)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
     "--dtype",
@@ -907,6 +913,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     type=click.Path(exists=True, file_okay=False),
     help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
 )
+@split_option
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
 @click.option(
     "--out",
@@ -947,6 +954,7 @@ def eval_(
     dtype,
     device,
     queries_dir,
+    split,
     k,
     out_dir,
     cache_dir,
@@ -976,6 +984,7 @@ def eval_(
             batch_size=batch_size,
             settings=None if max_windows is None else {"max_windows": max_windows},
             collection=tuned_collection,
+            split=split,
         )
         paths = write_reports(results, out_dir)
     results["reports"] = {k_: str(v) for k_, v in paths.items()}
@@ -1006,6 +1015,7 @@ def eval_(
 @model_option
 @click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
+@split_option
 @click.option(
     "--reset", is_flag=True, help="Restore --collection's search defaults from before its first tuning (no DATA_DIR)."
 )
@@ -1018,7 +1028,7 @@ def eval_(
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
 @json_option
-def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype, device, cache_dir, as_json):
+def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset, dtype, device, cache_dir, as_json):
     """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
 
     The tuned setting is adopted only when its cross-validated gain over the defaults is positive beyond the
@@ -1049,6 +1059,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
                 cache_dir=cache_dir,
                 metric=metric,
                 folds=folds,
+                split=split,
             )
     if as_json:
         _emit(out)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -102,6 +103,8 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     holds only translated queries and the original qrels), else ``data_dir``'s.
     """
     data_dir = Path(data_dir)
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", split):
+        raise ValueError(f"split must be a qrels file name such as 'test' or 'dev' (qrels/<split>.tsv), got {split!r}")
     corpus_path = data_dir / "corpus.jsonl"
     if not corpus_path.is_file():
         raise ValueError(f"{str(data_dir)!r} is not a BEIR folder: corpus.jsonl missing")
@@ -302,8 +305,11 @@ def evaluate(
     progress: bool = True,
     settings: Mapping[str, Any] | None = None,
     collection: str | Path | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Index ``data_dir``'s corpus (cached), search every judged query in each mode, score the runs.
+
+    ``split``: the judgements scored, ``qrels/<split>.tsv`` (e.g. ``dev`` where a set has no test split).
 
     ``settings``: collection settings of the index (e.g. ``{"max_windows": 1}`` to cut long
     texts instead of windowing them); part of the cache key.
@@ -326,7 +332,7 @@ def evaluate(
     runs: list[tuple[str, dict[str, Any]]] = [
         (mode, _mode_setting(mode, fusion, weights, candidates, depth, default_weights)) for mode in modes
     ]
-    data = load_beir(data_dir, queries_dir=queries_dir)
+    data = load_beir(data_dir, queries_dir=queries_dir, split=split)
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
         tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
@@ -358,11 +364,13 @@ def evaluate(
         "recall_at": RECALL_AT,
         "n_docs": len(data.doc_ids),
         "n_queries": len(qids),
+        "split": split,
         "index": index_info,
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
         "modes": {},
     }
     if tuned is not None:
+        tuned["in_sample"] = _in_sample(tuned.get("tuning"), results)
         results["tuned"] = tuned
         runs.append(("tuned", tuned["setting"]))
     try:
@@ -460,6 +468,19 @@ def _search_defaults_of(
     with Collection.open(location, device=device, dtype=dtype) as col:
         tuned = {"collection": str(location), "setting": col.search_defaults(), "tuning": col.manifest.get("tuning")}
         return tuned, (col.encoder if load_model else None)
+
+
+def _in_sample(tuning: Mapping[str, Any] | None, results: Mapping[str, Any]) -> bool:
+    """Whether the collection's defaults were tuned on the judged queries being evaluated (the row then
+    overstates what they give on other queries). A tuning recorded before folders were kept is compared by
+    dataset name (and taken as the test split)."""
+    if not tuning:
+        return False
+    if tuning.get("split", "test") != results["split"]:
+        return False
+    if "data_dir" in tuning:
+        return tuning["data_dir"] == results["data_dir"] and tuning.get("queries_dir") == results["queries_dir"]
+    return tuning.get("dataset") == results["dataset"]
 
 
 def _check_modes(modes: Sequence[str] | str) -> list[str]:
@@ -606,10 +627,13 @@ def _recall_note(results: Mapping[str, Any]) -> str | None:
 def _tuned_line(tuned: Mapping[str, Any]) -> str:
     s = tuned["setting"]
     how = "tuned by m3search tune" if tuned.get("tuning") else "built-in, not tuned"
-    return (
+    line = (
         f"tuned = {tuned['collection']}'s search defaults ({how}): mode {s['mode']}, fusion {s['fusion']}, "
         f"weights {s['weights']}, candidates {s['candidates']}"
     )
+    if tuned.get("in_sample"):
+        line += "; IN-SAMPLE: tuned on these judged queries, so the row overstates what it gives on others"
+    return line
 
 
 def to_markdown(results: Mapping[str, Any]) -> str:
@@ -620,7 +644,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         f"# m3search eval: {results['dataset']}",
         "",
         f"- model: `{results['model']}` (identity `{str(results['model_identity'])[:16]}`), dtype {results['dtype']}",
-        f"- {results['n_docs']} documents, {results['n_queries']} judged queries",
+        f"- {results['n_docs']} documents, {results['n_queries']} judged queries "
+        f"(qrels/{results.get('split', 'test')}.tsv)",
         f"- fusion: {results['fusion']}, weights: {results['weights'] or 'default'}, candidates: {cand}",
         "",
         "| mode | " + " | ".join(metrics) + " |",
