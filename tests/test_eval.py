@@ -77,6 +77,24 @@ def test_metrics_bad_input():
         compute_metrics({"q": {"d": 1.0}}, {"q": {"d": 1}}, k=0)
 
 
+def test_grades_outside_the_bound_are_refused_naming_where(tmp_path):
+    """Grades reached trec_eval unchecked: 2**32 wrapped to 0 (a relevant document at rank 1 scored 0), 10**8 took
+    800 MB and 2**31 was killed for memory. Now |grade| <= MAX_GRADE, checked in load_beir (file and line, before
+    any indexing) and compute_metrics (query and document)."""
+    from m3search.eval import MAX_GRADE
+
+    run = {"q": {"a": 1.0, "b": 2.0}}
+    for grade in (MAX_GRADE, -MAX_GRADE):
+        compute_metrics(run, {"q": {"a": grade, "b": 1}})
+    for grade in (2**32, MAX_GRADE + 1, -MAX_GRADE - 1):
+        with pytest.raises(ValueError, match=rf"query 'q', document 'a': relevance {grade} is outside -1000 .. 1000"):
+            compute_metrics(run, {"q": {"a": grade, "b": 1}})
+    qrels = _beir_folder(tmp_path) / "qrels" / "test.tsv"
+    qrels.write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t{MAX_GRADE + 1}\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(qrels))}:3: relevance 1001 is outside"):
+        load_beir(tmp_path)
+
+
 def test_load_beir_and_cross_lingual(shared_data):
     en = load_beir(shared_data / "xquad-r" / "en")
     assert len(en.doc_ids) == 1180 and len(en.queries) == 1190
@@ -118,6 +136,16 @@ def test_load_beir_qrels_bom_and_bad_bytes(tmp_path):
     qrels.write_bytes(b"query-id\tcorpus-id\tscore\nq1\td\xe9\t1\n")  # Latin-1
     with pytest.raises(ValueError, match=rf"{re.escape(str(qrels))}:2: not UTF-8 text"):
         load_beir(tmp_path)
+
+
+def test_load_beir_ignores_metadata_it_never_stores(tmp_path):
+    """A corpus whose metadata held a value no collection stores (an integer beyond int64) was refused, though
+    eval indexes no metadata."""
+    corpus = _beir_folder(tmp_path) / "corpus.jsonl"
+    corpus.write_text('{"_id": "d1", "title": "", "text": "x", "metadata": {"doi": 123456789012345678901234}}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "x", "n": 1e999}\n')
+    data = load_beir(tmp_path)
+    assert data.doc_texts == ["x"] and data.queries == {"q1": "x"}
 
 
 def test_load_beir_refuses_an_empty_judged_query(tmp_path):
@@ -326,3 +354,145 @@ def test_proxy_default_settings_loss(name, shared_data, proxy_model_path, proxy_
         lines.append(f"{name} {mode}: nDCG@10 loss {loss['ndcg@10']:+.4f}, Recall@100 loss {loss['recall@100']:+.4f}")
         assert loss["ndcg@10"] < 0.005, lines[-1]
     print("\n".join(lines))
+
+
+def _word_beir(folder: Path, n_docs: int = 60, n_queries: int = 12) -> Path:
+    """A BEIR folder of seeded random word documents; query i takes words of document i, judging it and the next."""
+    import random
+
+    from m3search.testing import BUILTIN_TEXTS
+
+    rng = random.Random(7)
+    words = sorted({w for t in BUILTIN_TEXTS for w in re.findall(r"[a-z]+", t.lower())})
+    texts = [" ".join(rng.choices(words, k=12)) for _ in range(n_docs)]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": " ".join(texts[i].split()[:4])}) + "\n" for i in range(n_queries))
+    )
+    rows = [f"q{i}\td{j}\t{2 if j == i else 1}\n" for i in range(n_queries) for j in (i, i + 1)]
+    (folder / "qrels" / "test.tsv").write_text("".join(rows))
+    return folder
+
+
+def test_evaluate_small_candidates_scores_the_search_a_user_runs(tmp_path, tiny_encoder):
+    """candidates=1 and k=2: nDCG@2 / MRR@2 are those of search(k=2, candidates=1) (a pool of 2 per list), not of
+    the depth-100 search (a pool of 100 per list); Recall@100 is search(k=100, candidates=1)'s, and says so."""
+    from m3search import Collection
+    from m3search.eval import evaluate, to_markdown
+
+    data = _word_beir(tmp_path / "data")
+    modes = ["dense", "colbert", "dense+sparse", "all"]
+    res = evaluate(data, model=tiny_encoder, modes=modes, candidates=1, k=2, cache_dir=tmp_path / "c", progress=False)
+    beir = load_beir(data)
+    qids = list(beir.queries)
+    with Collection.open(res["index"]["path"], model=tiny_encoder) as col:
+        differs = False
+        for mode in modes:
+
+            def run(k, mode=mode):
+                hits = col.search_batch([beir.queries[q] for q in qids], k=k, mode=mode, candidates=1)
+                return {q: {h.id: h.score for h in hs} for q, hs in zip(qids, hits)}
+
+            user, deep = compute_metrics(run(2), beir.qrels, k=2), compute_metrics(run(100), beir.qrels, k=2)
+            differs |= user["ndcg@2"] != deep["ndcg@2"]
+            assert res["modes"][mode]["ndcg@2"] == pytest.approx(user["ndcg@2"], abs=1e-12), mode
+            assert res["modes"][mode]["mrr@2"] == pytest.approx(user["mrr@2"], abs=1e-12), mode
+            assert res["modes"][mode]["recall@100"] == pytest.approx(deep["recall@100"], abs=1e-12), mode
+    assert differs  # the fixture tells the two searches apart
+    assert "recall_candidates" not in res["modes"]["dense"] and res["modes"]["all"]["recall_candidates"] == 100
+    assert "recall@100 comes from search(k=100)" in to_markdown(res)
+
+
+def test_cache_build_waits_for_another_and_deletes_nothing(tmp_path, tiny_encoder):
+    """A second eval of a dataset whose index another process was building took the folder for an interrupted
+    build and deleted it (both runs then failed). Now builds hold a lock beside the cache entry: the second waits,
+    then uses the finished index."""
+    import fcntl
+    import threading
+
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    col.close()
+    path = Path(info["path"])
+    done = path.with_name(path.name + ".done.json")
+    done.unlink()  # as another process sees it while building: its folder, no .done.json yet
+    marker = path / "still-building"
+    marker.write_text("")
+    with open(path.with_name(path.name + ".lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # the other process's lock (flock: per open file, also in-process)
+        got: dict = {}
+        second = threading.Thread(
+            target=lambda: got.update(r=_cached_index(data, tiny_encoder, cache, batch_size=None, progress=False))
+        )
+        second.start()
+        second.join(3)
+        assert second.is_alive() and marker.exists()  # waiting; the other build untouched
+        done.write_text(json.dumps(info))  # the other build finishes
+    second.join(120)
+    col, again = got["r"]
+    col.close()
+    assert again["cached"] is True and marker.exists()
+
+
+def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
+    """A truncated <key>.done.json (a build killed while writing it) failed every later run with "Expecting
+    value: line 1 column 1 (char 0)", naming no file. Now it counts as an unfinished build: rebuilt."""
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    col.close()
+    done = Path(info["path"] + ".done.json")
+    done.write_text("")
+    col, again = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    with col:
+        assert again["cached"] is False and col.count() == 12
+    assert json.loads(done.read_text())["key"] == info["key"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [Path(info["path"]).name, done.name, done.name[:-9] + "lock"]
+    )
+
+
+def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
+    """An --out that cannot be written was found only after indexing and searching every mode."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=2)
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "cache"
+    args = ["eval", str(data), "-m", str(tiny_model_path), "--modes", "dense", "--cache-dir", str(cache)]
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "file" / "reports")])
+    assert got.exit_code == 1 and "cannot write reports into" in got.output and "is not a folder" in got.output
+    assert not cache.exists()  # refused before the corpus was indexed
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "new" / "reports"), "--json"])
+    assert got.exit_code == 0, got.output
+    assert (tmp_path / "new" / "reports" / "results.json").is_file()
+
+
+def test_eval_split_scores_another_qrels_file(tmp_path, tiny_model_path):
+    """load_beir(split=) was not exposed: a BEIR set with only qrels/dev.tsv could not be evaluated."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=3)
+    (data / "qrels" / "test.tsv").rename(data / "qrels" / "dev.tsv")
+    args = ["eval", str(data), "-m", str(tiny_model_path), "--modes", "dense", "--cache-dir", str(tmp_path / "c")]
+    got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o1")])
+    assert got.exit_code == 1 and "no qrels/test.tsv" in got.output
+    got = CliRunner().invoke(main, [*args, "--split", "dev", "--out", str(tmp_path / "o2"), "--json"])
+    assert got.exit_code == 0, got.output
+    res = json.loads(got.output)
+    assert res["split"] == "dev" and res["n_queries"] == 3
+    assert "(qrels/dev.tsv)" in (tmp_path / "o2" / "results.md").read_text()
+    with pytest.raises(ValueError, match="split must be a qrels file name"):
+        load_beir(data, split="../qrels/dev")

@@ -52,7 +52,10 @@ def test_jsonl_without_ids_numbers_records(tmp_path):
     "content, match",
     [
         ('{"text": "a"}\n{"text": \n', r"x.jsonl:2: invalid JSON"),
-        ('["a"]\n', "expected a JSON object"),
+        ('{"text": "a"}\n["a"]\n', r"x.jsonl:2: expected a JSON object, got list"),
+        # a pretty-printed .json array said "invalid JSON (Expecting value at column 1)"
+        ('[\n  {"text": "a"}\n]\n', r"^x.jsonl:1: expected JSON Lines \(one object per line\), not a JSON array$"),
+        ('[{"text": "a"}]\n', r"^x.jsonl:1: expected JSON Lines \(one object per line\), not a JSON array$"),
         ('{"id": "", "text": "a"}\n', "non-empty"),
         ('{"id": "a", "text": 5}\n', "must be a string"),
     ],
@@ -99,6 +102,16 @@ def test_unknown_sources(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown file type"):
         read_source(tmp_path / "x.parquet")
+
+
+def test_a_beir_folder_is_refused_naming_its_corpus(tmp_path):
+    """A BEIR folder given as a folder source indexed only its README.md and reported success."""
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    (tmp_path / "README.md").write_text("about this data set")
+    corpus = str(tmp_path / "corpus.jsonl")
+    with pytest.raises(ValueError, match=f"is a BEIR folder \\(it holds corpus.jsonl\\): pass '{corpus}'"):
+        read_source(tmp_path)
+    assert [r.id for r in read_source(corpus)] == ["d1"]
 
 
 def test_batches_and_duplicates():
@@ -190,6 +203,13 @@ def test_check_source_reads_to_the_end_without_keeping(tmp_path):
         ("s.tsv", 'id\ttext\n1\t"Hello," she said\n', r"s.tsv:2: .*quoted as a whole"),
         ("cr.csv", "id,text\r1,a\r2,b\r", r"cr.csv:1: .*bare carriage return"),
         ("dh.csv", "id,text,text\n1,a,b\n", r"dh.csv:1: header names column\(s\) \['text'\] more than once"),
+        # a short row was padded with empty cells (a long one is an error): both are misread rows
+        (
+            "sh.csv",
+            "id,text,price\n1,a,3\n2,b\n",
+            r"^sh.csv:3 \(record 2\): fewer cells than header columns \(2 of 3\)$",
+        ),
+        ("sh.tsv", "id\ttext\tprice\n1\ta\n", r"^sh.tsv:2 \(record 1\): fewer cells than header columns \(2 of 3\)$"),
     ],
 )
 def test_tables_refuse_what_they_would_misread(tmp_path, name, content, match):
@@ -213,6 +233,13 @@ def test_integers_beyond_int64_in_cells_stay_text(tmp_path):
     assert rec.metadata == {"code": "978014300723400000000000", "n": 9223372036854775807}
 
 
+def test_decimals_beyond_float_range_in_cells_stay_text(tmp_path):
+    """'1.0e999' became inf, which no collection stores: the whole source was refused."""
+    p = tmp_path / "big.csv"
+    p.write_text("id,text,x,y\n1,a,1.0e999,-2.5e308\n2,b,1.5e3,0.25\n", encoding="utf-8")
+    assert [r.metadata for r in read_source(p)] == [{"x": "1.0e999", "y": "-2.5e308"}, {"x": 1500.0, "y": 0.25}]
+
+
 def test_folder_files_lose_their_bom(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello bom")
     assert [r.text for r in read_source(tmp_path)] == ["hello bom"]
@@ -226,3 +253,19 @@ def test_check_source_finds_duplicates_across_batches(tmp_path):
     for size in (2, 3, 100):
         with pytest.raises(ValueError, match=r"duplicate ids in source: \['d0'\]"):
             check_source(read_source(p), size)
+
+
+@pytest.mark.parametrize("name, sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_table_cells_longer_than_the_csv_default_limit_are_read(tmp_path, name, sep):
+    """A cell over 131072 characters (the csv module's default field limit) was refused; JSONL took the same text."""
+    import csv
+
+    default = csv.field_size_limit(131072)  # as a fresh process starts
+    try:
+        text = "word " * 40000  # 200,000 characters
+        path = tmp_path / name
+        path.write_text(f"id{sep}text\n1{sep}{text}\n")
+        [rec] = list(read_source(path))
+        assert rec.id == "1" and rec.text == text.strip()
+    finally:
+        csv.field_size_limit(max(default, csv.field_size_limit()))

@@ -354,6 +354,7 @@ def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_pa
     )
     assert ev.exit_code == 0, ev.output
     assert "tuned" in ev.output and f"mode {res['mode']}" in ev.output
+    assert "IN-SAMPLE: tuned on these judged queries" in ev.output  # tuned on what it is scored on: said
     out = _run("tune", "--reset", "--collection", str(indexed), "--json")
     assert out.exit_code == 0 and json.loads(out.output)["mode"] == "all"
     info = json.loads(_run("info", "--collection", str(indexed), "--json").output)
@@ -377,6 +378,7 @@ def _beir(root: Path, queries: dict[str, str], qrels: list[str], docs=("d1", "d2
         ({"q1": "a"}, ["q1\tnope\t1"], 2, r"judges 1 document id\(s\) absent from the corpus: \['nope'\]"),
         ({"q9": "a"}, ["q1\td1\t1"], 2, "no judged query of qrels/test.tsv is in"),
         ({"q1": "a", "q2": "b"}, ["q1\td1\t0", "q2\td2\t0"], 2, "has a relevant"),
+        ({"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t0"], 2, "has 1 query with a relevant .* at least 2$"),
     ],
 )
 def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries, qrels, folds, message):
@@ -387,6 +389,20 @@ def test_tune_bad_input_names_the_problem(tmp_path, small, tiny_encoder, queries
         tune(data, collection=small, model=tiny_encoder, folds=folds)
     out = _run("tune", str(data), "--collection", str(small), "--folds", str(folds))
     assert out.exit_code == 1 and "Traceback" not in out.output
+
+
+def test_tune_split_takes_another_qrels_file(tmp_path, small, tiny_encoder):
+    """A BEIR set with only qrels/dev.tsv could not be tuned on (load_beir's split was not exposed)."""
+    from m3search.tuning import tune
+
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t1"])
+    (data / "qrels" / "test.tsv").rename(data / "qrels" / "dev.tsv")
+    with pytest.raises(ValueError, match="no qrels/test.tsv"):
+        tune(data, collection=small, model=tiny_encoder, folds=2, progress=False)
+    out = tune(data, collection=small, model=tiny_encoder, folds=2, split="dev", progress=False)
+    assert out["split"] == "dev" and out["n_queries"] == 2
+    got = _run("tune", str(data), "--collection", str(small), "--folds", "2", "--split", "dev", "--json")
+    assert got.exit_code == 0 and json.loads(got.output)["split"] == "dev"
 
 
 def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):
@@ -454,3 +470,43 @@ def test_pools_are_as_deep_as_the_metric_cuts(indexed, beir, tiny_encoder, monke
         cache = ScoreCache.build(col, qs, data.qrels, depth=20)
     with pytest.raises(ValueError, match="recall@30 needs lists of 20 or fewer"):
         evaluate_settings(cache, [Setting("dense", "weighted", (1.0, 0.0, 0.0), 5)], "recall@30")
+
+
+def test_a_kept_tuning_changes_no_search_and_other_modes_keep_the_creation_defaults(
+    beir, tiny_encoder, tmp_path, monkeypatch
+):
+    """A tune that kept the defaults still wrote a tuning record, after which a request in another mode than the
+    stored one got the built-in weights (0.4, 0.2, 0.4) instead of those the collection was created with. Now a
+    kept tune changes no search; an adopted one leaves other modes the creation-time fusion and weights; --reset
+    restores the creation-time defaults."""
+    from m3search import Collection, tuning
+    from m3search.eval import load_beir
+
+    data = load_beir(beir)
+    path = tmp_path / "own"
+    own = {"mode": "all", "fusion": "weighted", "weights": [0.1, 0.9, 0.0], "candidates": 200}
+    with Collection.create(path, model=tiny_encoder, weights=own["weights"]) as col:
+        col.add(data.doc_texts, ids=data.doc_ids, show_progress=False)
+    queries = list(data.queries.values())[:5]
+
+    def searches() -> list:
+        with Collection.open(path, model=tiny_encoder) as col:
+            return [_ranked(col.search(q, k=8, mode=m)) for q in queries for m in ("dense+sparse", "all", "sparse")]
+
+    before = searches()
+    with Collection.open(path, model=tiny_encoder) as col:  # the creation weights are what a request gets
+        assert before[0] == _ranked(col.search(queries[0], k=8, mode="dense+sparse", weights=(0.1, 0.9, 0.0)))
+        assert before[0] != _ranked(col.search(queries[0], k=8, mode="dense+sparse", weights=(0.4, 0.2, 0.4)))
+    monkeypatch.setattr(tuning, "paired_bootstrap", lambda *a, **kw: (-1.0, 1.0))  # nothing beats the defaults
+    out = tune(beir, collection=path, model=tiny_encoder, save=True, folds=3, progress=False, candidates=(5, 20))
+    assert not out["adopted"] and out["saved"]
+    assert searches() == before
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.search_defaults() == own and col.manifest["tuning"]["adopted"] is False
+        col.set_search_defaults(TUNED, tuning={"adopted": True})  # as an adopted tune stores it
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert _ranked(col.search(queries[0], k=8, mode="dense+sparse")) == before[0]
+    assert _run("tune", "--reset", "--collection", str(path), "--json").exit_code == 0
+    with Collection.open(path, model=tiny_encoder) as col:
+        assert col.search_defaults() == own and "tuning" not in col.manifest
+    assert searches() == before

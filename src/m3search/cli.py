@@ -404,6 +404,12 @@ api_key_option = click.option(
     help="API key of a running server (used when the collection is served).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+split_option = click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Judgements used: qrels/<SPLIT>.tsv of the BEIR folder (e.g. dev).",
+)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
     "--dtype",
@@ -912,6 +918,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     type=click.Path(exists=True, file_okay=False),
     help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
 )
+@split_option
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
 @click.option(
     "--out",
@@ -952,6 +959,7 @@ def eval_(
     dtype,
     device,
     queries_dir,
+    split,
     k,
     out_dir,
     cache_dir,
@@ -962,9 +970,10 @@ def eval_(
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
     with _errors():
-        from .eval import check_installed, evaluate, format_table, write_reports
+        from .eval import check_installed, evaluate, format_table, report_dir, write_reports
 
         check_installed()
+        out_dir = report_dir(out_dir, data_dir, queries_dir)
         results = evaluate(
             data_dir,
             model=model,
@@ -980,10 +989,8 @@ def eval_(
             batch_size=batch_size,
             settings=None if max_windows is None else {"max_windows": max_windows},
             collection=tuned_collection,
+            split=split,
         )
-        if out_dir is None:
-            slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in results["dataset"].replace(" -> ", "--"))
-            out_dir = Path("m3search-eval") / slug
         paths = write_reports(results, out_dir)
     results["reports"] = {k_: str(v) for k_, v in paths.items()}
     if as_json:
@@ -1013,7 +1020,10 @@ def eval_(
 @model_option
 @click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
-@click.option("--reset", is_flag=True, help="Restore --collection's built-in search defaults (no DATA_DIR).")
+@split_option
+@click.option(
+    "--reset", is_flag=True, help="Restore --collection's search defaults from before its first tuning (no DATA_DIR)."
+)
 @dtype_option
 @device_option
 @click.option(
@@ -1023,7 +1033,7 @@ def eval_(
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
 @json_option
-def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype, device, cache_dir, as_json):
+def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset, dtype, device, cache_dir, as_json):
     """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
 
     The tuned setting is adopted only when its cross-validated gain over the defaults is positive beyond the
@@ -1054,6 +1064,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, reset, dtype,
                 cache_dir=cache_dir,
                 metric=metric,
                 folds=folds,
+                split=split,
             )
     if as_json:
         _emit(out)

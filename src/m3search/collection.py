@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,6 +129,20 @@ SEARCH_DEFAULTS = {
     "weights": list(DEFAULT_WEIGHTS),
     "candidates": DEFAULT_CANDIDATES,
 }
+
+
+def _search_base(manifest: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The search defaults a collection had before ``m3search tune`` stored any (``manifest["search_base"]``):
+    its stored ones while it was never tuned; the built-in ones for a collection tuned before the base was kept.
+    ``settings``: the held settings, standing for the manifest's (which may lack keys, then built-in)."""
+    if "search_base" in manifest:
+        return dict(manifest["search_base"])
+    if "tuning" in manifest:
+        return dict(SEARCH_DEFAULTS)
+    held = {**SEARCH_DEFAULTS, **manifest.get("settings", {}), **(settings or {})}
+    return {key: json.loads(json.dumps(held[key])) for key in SEARCH_DEFAULTS}
+
+
 _SCHEMA_SETTINGS = (
     "colbert_dtype",
     "colbert_on_disk",
@@ -1057,58 +1071,66 @@ class Collection:
         return {key: json.loads(json.dumps(self.settings[key])) for key in SEARCH_DEFAULTS}
 
     def set_search_defaults(self, setting: dict[str, Any] | None, *, tuning: dict | None = None) -> dict[str, Any]:
-        """Store the search defaults in the manifest; ``None`` restores the built-in ones.
+        """Store the search defaults in the manifest; ``None`` restores the ones the collection had before
+        its first tuning (those it was created with; the built-in ones where they were not kept).
 
         ``setting``: ``{"mode", "fusion", "weights", "candidates"}`` (what ``m3search tune``
         chose); ``tuning``: how it was chosen, or why the defaults were kept (kept in the
         manifest, shown by ``info``; None removes it).
+        The defaults in use before the first call are kept in the manifest (``search_base``): a request in
+        another mode than the stored one falls back to their fusion and weights (:meth:`_request_defaults`).
         Why one manifest write: it is atomic in every engine, so an interrupted call leaves
         the manifest as it was. Stored documents are never touched.
         """
-        if setting is None:
-            new = dict(SEARCH_DEFAULTS)
-        else:
+        if setting is not None:
             if set(setting) != set(SEARCH_DEFAULTS):
                 raise ValueError(
                     f"a search setting has exactly the keys {sorted(SEARCH_DEFAULTS)}, got {sorted(setting)}"
                 )
             # the errors a search request with these values would get (k=1: a depth below 10 is kept as given)
             plan = SearchPlan.build(**setting, k=1)
-            new = {
+            setting = {
                 "mode": "all" if plan.modes == MODES else "+".join(plan.modes),
                 "fusion": plan.fusion,
                 "weights": list(plan.weights),
                 "candidates": plan.candidates,
             }
         record = None if tuning is None else json.loads(json.dumps(tuning))
+        new: dict[str, Any] = {}
 
         def edit(manifest: dict) -> None:
+            base = _search_base(manifest)
+            new.clear()
+            new.update(setting if setting is not None else base)
             manifest.setdefault("settings", {}).update(new)
             manifest.pop("tuning", None)
+            manifest.pop("search_base", None)
+            if setting is not None:
+                manifest["search_base"] = base
             if record is not None:
                 manifest["tuning"] = record
 
         with self._lock:
             self._write_manifest(edit)  # on a server the stored manifest is edited (another client's bound kept)
             self.settings = {**self.settings, **new}
-        return dict(new)
+        return json.loads(json.dumps(new))
 
     def _request_defaults(self, mode: Any, fusion: Any, weights: Any) -> tuple[Any, Any, Any]:
         """A request's omitted mode / fusion / weights, from the collection's defaults.
 
         Tuned fusion and weights belong to the tuned mode: a request that names another mode
-        gets the built-in ones (weights fitted to dense+colbert give sparse zero weight). A
-        default never fails a request: stored weights that give the requested modes zero total
-        give way to the built-in ones.
+        gets those the collection had before tuning (:func:`_search_base`; weights fitted to
+        dense+colbert give sparse zero weight). A default never fails a request: weights that
+        give the requested modes zero total give way to the built-in ones.
         """
         s = self.settings
         mode = s["mode"] if mode is None else mode
         modes = parse_mode(mode)
-        own = "tuning" not in self._manifest or modes == parse_mode(s["mode"])
+        own = s if modes == parse_mode(s["mode"]) else _search_base(self._manifest, s)
         if fusion is None:
-            fusion = s["fusion"] if own else SEARCH_DEFAULTS["fusion"]
+            fusion = own["fusion"]
         if weights is None:
-            weights = s["weights"] if own else SEARCH_DEFAULTS["weights"]
+            weights = own["weights"]
             if sum(weights[MODES.index(m)] for m in modes) <= 0:
                 weights = SEARCH_DEFAULTS["weights"]
         return mode, fusion, weights

@@ -14,14 +14,17 @@ Each document is ``(title + " " + text).strip()``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,10 @@ RECALL_AT = 100
 #: 0.0000 in every mode at 200 (0.0008 at 100), Recall@100 at most 0.009 (0.024 at 100, where the re-ranked
 #: pool is barely larger than the 100 hits that recall is computed on).
 DEFAULT_CANDIDATES = PLAN_DEFAULT_CANDIDATES
+#: Largest relevance grade accepted (and smallest: ``-MAX_GRADE``). Why a bound: trec_eval sizes arrays by the
+#: grade (10**8 took 800 MB, 2**31 was killed for memory) and keeps it as a C int (2**32 wrapped to 0); graded
+#: judgements in use stay within single digits.
+MAX_GRADE = 1000
 _CACHE_VERSION = 1
 
 
@@ -96,6 +103,8 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     holds only translated queries and the original qrels), else ``data_dir``'s.
     """
     data_dir = Path(data_dir)
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", split):
+        raise ValueError(f"split must be a qrels file name such as 'test' or 'dev' (qrels/<split>.tsv), got {split!r}")
     corpus_path = data_dir / "corpus.jsonl"
     if not corpus_path.is_file():
         raise ValueError(f"{str(data_dir)!r} is not a BEIR folder: corpus.jsonl missing")
@@ -103,7 +112,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
 
     doc_ids: list[str] = []
     doc_texts: list[str] = []
-    for rec in read_jsonl(corpus_path, id_field="_id"):
+    for rec in read_jsonl(corpus_path, id_field="_id", metadata=False):  # eval stores no metadata
         doc_ids.append(rec.id)
         doc_texts.append(rec.text)  # (title + " " + text).strip(), by sources' default text fields
     if len(set(doc_ids)) != len(doc_ids):
@@ -113,7 +122,9 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     queries_path = qdir / "queries.jsonl"
     if not queries_path.is_file():
         raise ValueError(f"{str(qdir)!r}: queries.jsonl missing")
-    all_queries = {rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"])}
+    all_queries = {
+        rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
+    }
 
     corpus_set = set(doc_ids)
     candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []
@@ -185,8 +196,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
             score = int(parts[2])
         except ValueError:
             raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
+        _check_grade(score, f"{path}:{lineno}")
         qrels.setdefault(parts[0], {})[parts[1]] = score
     return qrels
+
+
+def _check_grade(grade: int, where: str) -> None:
+    """Refuse a relevance grade outside ``[-MAX_GRADE, MAX_GRADE]`` (see :data:`MAX_GRADE`), naming ``where``."""
+    if not -MAX_GRADE <= grade <= MAX_GRADE:
+        raise ValueError(f"{where}: relevance {grade} is outside -{MAX_GRADE} .. {MAX_GRADE}")
 
 
 def _dataset_name(data_dir: Path, queries_dir: str | Path | None) -> str:
@@ -227,6 +245,9 @@ def compute_metrics(
     if k < 1 or recall_at < 1:
         raise ValueError(f"cutoffs must be >= 1, got k={k}, recall_at={recall_at}")
     qrels = {q: {d: int(s) for d, s in rel.items()} for q, rel in qrels.items() if rel}
+    for q, rel in qrels.items():
+        for d, grade in rel.items():
+            _check_grade(grade, f"query {q!r}, document {d!r}")
     if not qrels:
         raise ValueError("qrels are empty")
     run = {q: {d: float(s) for d, s in hits.items()} for q, hits in run.items() if q in qrels and hits}
@@ -284,8 +305,11 @@ def evaluate(
     progress: bool = True,
     settings: Mapping[str, Any] | None = None,
     collection: str | Path | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Index ``data_dir``'s corpus (cached), search every judged query in each mode, score the runs.
+
+    ``split``: the judgements scored, ``qrels/<split>.tsv`` (e.g. ``dev`` where a set has no test split).
 
     ``settings``: collection settings of the index (e.g. ``{"max_windows": 1}`` to cut long
     texts instead of windowing them); part of the cache key.
@@ -308,7 +332,7 @@ def evaluate(
     runs: list[tuple[str, dict[str, Any]]] = [
         (mode, _mode_setting(mode, fusion, weights, candidates, depth, default_weights)) for mode in modes
     ]
-    data = load_beir(data_dir, queries_dir=queries_dir)
+    data = load_beir(data_dir, queries_dir=queries_dir, split=split)
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
         tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
@@ -340,11 +364,13 @@ def evaluate(
         "recall_at": RECALL_AT,
         "n_docs": len(data.doc_ids),
         "n_queries": len(qids),
+        "split": split,
         "index": index_info,
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
         "modes": {},
     }
     if tuned is not None:
+        tuned["in_sample"] = _in_sample(tuned.get("tuning"), results)
         results["tuned"] = tuned
         runs.append(("tuned", tuned["setting"]))
     try:
@@ -354,21 +380,45 @@ def evaluate(
         results["query_encode_seconds"] = round(time.perf_counter() - t0, 3)
         from tqdm import tqdm
 
+        def _run(hit_lists: list) -> dict[str, dict[str, float]]:
+            return {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
+
         for mode, setting in tqdm(
             runs, desc="search", unit="mode", file=sys.stderr, disable=None if progress else True
         ):
             t0 = time.perf_counter()
-            hit_lists = index.search_batch(qtexts, k=depth, query_embeddings=query_emb, **setting)
+            pools = _pool_sizes(setting["mode"], setting["candidates"], index.settings["candidates"], k)
+            if pools is None:  # one search at depth max(k, RECALL_AT) ranks as both would
+                top = recall = _run(index.search_batch(qtexts, k=depth, query_embeddings=query_emb, **setting))
+            else:
+                top = _run(index.search_batch(qtexts, k=k, query_embeddings=query_emb, **setting))
+                recall = _run(index.search_batch(qtexts, k=RECALL_AT, query_embeddings=query_emb, **setting))
             seconds = time.perf_counter() - t0
-            run = {q: {h.id: float(h.score) for h in hits} for q, hits in zip(qids, hit_lists)}
-            m = compute_metrics(run, data.qrels, k=k, recall_at=RECALL_AT)
+            m = compute_metrics(top, data.qrels, k=k, recall_at=RECALL_AT)
             m.pop("per_query")
+            if pools is not None:  # Recall@100 as search(k=100) gives it: its pool is max(candidates, 100)
+                m[f"recall@{RECALL_AT}"] = compute_metrics(recall, data.qrels, k=k)[f"recall@{RECALL_AT}"]
+                m["recall_candidates"] = pools[1]
             m["search_seconds"] = round(seconds, 3)
             m["queries_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else None
             results["modes"][mode] = m
     finally:
         index.close()
     return results
+
+
+def _pool_sizes(mode: str, candidates: int | None, default_candidates: int, k: int) -> tuple[int, int] | None:
+    """The re-ranking pools (per first-stage list) of ``search(k=k)`` and ``search(k=RECALL_AT)`` in ``mode``,
+    when they differ; None when one search at depth ``max(k, RECALL_AT)`` ranks as both.
+
+    Why: a search re-ranks ``max(candidates, k)`` per list, so a depth-100 search with ``candidates=10``
+    re-ranks 100; nDCG@k taken from it would not be what ``search(k=k, candidates=10)`` returns.
+    """
+    if parse_mode(mode) in (("dense",), ("sparse",)):  # no pool: a top-k list whose head does not depend on k
+        return None
+    c = default_candidates if candidates is None else candidates
+    top, recall = max(c, k), max(c, RECALL_AT)
+    return None if top == recall == max(c, k, RECALL_AT) else (top, recall)
 
 
 def _mode_setting(
@@ -420,6 +470,19 @@ def _search_defaults_of(
         return tuned, (col.encoder if load_model else None)
 
 
+def _in_sample(tuning: Mapping[str, Any] | None, results: Mapping[str, Any]) -> bool:
+    """Whether the collection's defaults were tuned on the judged queries being evaluated (the row then
+    overstates what they give on other queries). A tuning recorded before folders were kept is compared by
+    dataset name (and taken as the test split)."""
+    if not tuning:
+        return False
+    if tuning.get("split", "test") != results["split"]:
+        return False
+    if "data_dir" in tuning:
+        return tuning["data_dir"] == results["data_dir"] and tuning.get("queries_dir") == results["queries_dir"]
+    return tuning.get("dataset") == results["dataset"]
+
+
 def _check_modes(modes: Sequence[str] | str) -> list[str]:
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
@@ -458,28 +521,71 @@ def _cached_index(
     slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
     path = cache_dir / f"{slug}-{key}"
     done = path.with_name(path.name + ".done.json")
-    if path.exists() and done.is_file():
-        info = json.loads(done.read_text())
-        info["cached"] = True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock"), progress=progress):
+        info = _read_done(done) if path.exists() else None
+        if info is not None:
+            info["cached"] = True
+            return Collection.open(path, model=encoder), info
+        # absent, or a build that stopped part-way (no readable .done.json): start over. Nobody else is
+        # building it (the lock), so its folder and any temporary one left by a killed build can go.
+        done.unlink(missing_ok=True)
+        for old in [path, *cache_dir.glob(f"{path.name}.tmp-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+        building = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        t0 = time.perf_counter()
+        try:
+            with Collection.create(building, model=encoder, **settings) as collection:
+                kwargs: dict[str, Any] = {}
+                if batch_size is not None:
+                    kwargs["batch_size"] = batch_size
+                collection.add(data.doc_texts, ids=data.doc_ids, show_progress=None if progress else False, **kwargs)
+            os.replace(building, path)  # complete or absent under its final name
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
+        _write_atomic(done, json.dumps(info, indent=2))
         return Collection.open(path, model=encoder), info
-    if path.exists():  # an interrupted build: start over
-        shutil.rmtree(path)
-    done.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    collection = Collection.create(path, model=encoder, **settings)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, saying so). Why: two evals (or eval and
+    tune) of one dataset deleted each other's index being built; the second now waits for the first."""
+    import fcntl
+
+    with open(lock_path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process building or opening {lock_path.stem} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_done(done: Path) -> dict[str, Any] | None:
+    """A finished build's record, or None when there is none or it cannot be read (a build cut short while
+    writing it: rebuilt, rather than failing every later run with the JSON parser's words)."""
     try:
-        kwargs: dict[str, Any] = {}
-        if batch_size is not None:
-            kwargs["batch_size"] = batch_size
-        collection.add(data.doc_texts, ids=data.doc_ids, show_progress=None if progress else False, **kwargs)
-    except BaseException:
-        collection.close()
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
-    done.write_text(json.dumps(info, indent=2))
-    return collection, info
+        info = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename it over ``path``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -500,16 +606,34 @@ def format_table(results: Mapping[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     if results.get("tuned"):
         lines.append(_tuned_line(results["tuned"]))
+    if _recall_note(results):
+        lines.append(_recall_note(results))
     return "\n".join(lines)
+
+
+def _recall_note(results: Mapping[str, Any]) -> str | None:
+    """Which search Recall@N came from, where it is not the one nDCG@k and MRR@k came from."""
+    deeper = {mode: m["recall_candidates"] for mode, m in results["modes"].items() if m.get("recall_candidates")}
+    if not deeper:
+        return None
+    at = results.get("recall_at", RECALL_AT)
+    pools = ", ".join(f"{mode} {c}" for mode, c in deeper.items())
+    return (
+        f"recall@{at} comes from search(k={at}), which re-ranks max(candidates, {at}) per list ({pools}); "
+        f"ndcg and mrr from search(k={results['k']}) with the candidates stated"
+    )
 
 
 def _tuned_line(tuned: Mapping[str, Any]) -> str:
     s = tuned["setting"]
     how = "tuned by m3search tune" if tuned.get("tuning") else "built-in, not tuned"
-    return (
+    line = (
         f"tuned = {tuned['collection']}'s search defaults ({how}): mode {s['mode']}, fusion {s['fusion']}, "
         f"weights {s['weights']}, candidates {s['candidates']}"
     )
+    if tuned.get("in_sample"):
+        line += "; IN-SAMPLE: tuned on these judged queries, so the row overstates what it gives on others"
+    return line
 
 
 def to_markdown(results: Mapping[str, Any]) -> str:
@@ -520,7 +644,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         f"# m3search eval: {results['dataset']}",
         "",
         f"- model: `{results['model']}` (identity `{str(results['model_identity'])[:16]}`), dtype {results['dtype']}",
-        f"- {results['n_docs']} documents, {results['n_queries']} judged queries",
+        f"- {results['n_docs']} documents, {results['n_queries']} judged queries "
+        f"(qrels/{results.get('split', 'test')}.tsv)",
         f"- fusion: {results['fusion']}, weights: {results['weights'] or 'default'}, candidates: {cand}",
         "",
         "| mode | " + " | ".join(metrics) + " |",
@@ -530,6 +655,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {mode} | " + " | ".join(f"{m[x]:.4f}" for x in metrics) + " |")
     if results.get("tuned"):
         lines += ["", f"- {_tuned_line(results['tuned'])}"]
+    if _recall_note(results):
+        lines += ["", f"- {_recall_note(results)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -565,6 +692,32 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: str | Path | None = None) -> Path:
+    """The report folder (default ``m3search-eval/<dataset>``), checked to be creatable and writable; nothing
+    is created (:func:`write_reports` does that).
+
+    Why before :func:`evaluate`: an unwritable or odd ``--out`` was found only after indexing and searching.
+    The check makes (and removes) a temporary folder in the nearest existing one.
+    """
+    if out_dir is None:
+        name = _dataset_name(Path(data_dir), queries_dir)
+        out_dir = Path("m3search-eval") / "".join(
+            c if c.isalnum() or c in "-_" else "-" for c in name.replace(" -> ", "--")
+        )
+    out = Path(out_dir)
+    there = out
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise ValueError(f"cannot write reports into {str(out)!r}: {str(there)!r} is not a folder")
+    try:
+        with tempfile.TemporaryDirectory(dir=there):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write reports into {str(out)!r} ({there}: {e.strerror or e})") from None
+    return out
 
 
 def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +48,15 @@ __all__ = [
 #: File suffixes read from a folder source.
 FOLDER_SUFFIXES = (".txt", ".md")
 _DEFAULT_ID_FIELDS = ("_id", "id")
+_NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
+#: What csv.DictReader puts in the columns a short row lacks (told apart from an empty cell).
+_MISSING = object()
 _DEFAULT_TEXT_FIELDS = ("title", "text")
 _INT_RE = re.compile(r"-?(0|[1-9][0-9]*)")
 _FLOAT_RE = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+([eE][-+]?[0-9]+)?")
+#: Longest CSV/TSV cell read (the csv module's default, 131072 characters, refused texts JSONL takes).
+#: 2**31 - 1: the largest value ``csv.field_size_limit`` takes on every platform (a C long).
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -70,6 +77,11 @@ def read_source(
     """Yield the records of ``path``; the reader is chosen by suffix (or folder)."""
     path = Path(path)
     if path.is_dir():
+        if (path / "corpus.jsonl").is_file():  # read as a folder, only its README.md was indexed
+            raise ValueError(
+                f"{str(path)!r} is a BEIR folder (it holds corpus.jsonl): pass {str(path / 'corpus.jsonl')!r}; "
+                "a folder source is read as its .txt/.md files"
+            )
         if id_field or text_fields:
             raise ValueError("--id-field/--text-field do not apply to a folder source (id = relative path)")
         return read_folder(path)
@@ -100,9 +112,17 @@ def count_records(path: str | Path) -> int | None:
 
 
 def read_jsonl(
-    path: str | Path, *, id_field: str | None = None, text_fields: Sequence[str] | None = None
+    path: str | Path,
+    *,
+    id_field: str | None = None,
+    text_fields: Sequence[str] | None = None,
+    metadata: bool = True,
 ) -> Iterator[Record]:
-    """JSON Lines, one object per line; blank lines are skipped."""
+    """JSON Lines, one object per line; blank lines are skipped.
+
+    ``metadata=False``: records carry none, and none is checked (eval stores no metadata: a value no
+    collection stores, e.g. an integer beyond int64, refused a corpus it would never write).
+    """
     path = Path(path)
     number = 0
     for lineno, line in _utf8_lines(path):
@@ -113,14 +133,18 @@ def read_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            if number == 1 and line.lstrip().startswith("["):
+                raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
             raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
         except ValueError as e:  # e.g. an integer of more than 4300 digits
             raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+        if number == 1 and isinstance(obj, list):
+            raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        yield _to_record(obj, number, where, id_field, text_fields)
+        yield _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
 
 
 def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
@@ -157,7 +181,9 @@ def read_table(
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     kind = path.suffix[1:].upper()
-    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True)
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:  # process-wide: raised, never lowered
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True, restval=_MISSING)
     start = 1  # first line of the record being read
     try:
         if not reader.fieldnames:
@@ -170,7 +196,10 @@ def read_table(
             where = f"{path.name}:{start} (record {number})"
             if None in row:
                 raise ValueError(f"{where}: more cells than header columns")
-            obj = {k: ("" if v is None else v) for k, v in row.items()}
+            if _MISSING in row.values():  # as an extra cell is: a misread row, not empty cells
+                n = sum(v is not _MISSING for v in row.values())
+                raise ValueError(f"{where}: fewer cells than header columns ({n} of {len(row)})")
+            obj = dict(row)
             yield _to_record(obj, number, where, id_field, text_fields, cells=True)
             start = reader.line_num + 1
     except csv.Error as e:
@@ -257,6 +286,7 @@ def _to_record(
     id_field: str | None,
     text_fields: Sequence[str] | None,
     cells: bool = False,
+    metadata: bool = True,
 ) -> Record:
     # id
     if id_field is not None:
@@ -293,15 +323,15 @@ def _to_record(
     text = " ".join(parts).strip()
     # metadata: everything else
     used = set(keys) | ({id_key} if id_key else set())
-    metadata: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     for k, v in obj.items():
-        if k in used:
+        if k in used or not metadata:
             continue
         if k == "metadata" and isinstance(v, dict):
-            metadata.update(v)
+            meta.update(v)
         else:
-            metadata[k] = _parse_number(v) if cells else v
-    return _checked(Record(id=doc_id, text=text, metadata=metadata), where)
+            meta[k] = _parse_number(v) if cells else v
+    return _checked(Record(id=doc_id, text=text, metadata=meta), where)
 
 
 def _checked(rec: Record, where: str) -> Record:
@@ -319,9 +349,10 @@ def _checked(rec: Record, where: str) -> Record:
 
 
 def _parse_number(value: str) -> Any:
-    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x', integers beyond int64) stays a string."""
+    """'42' -> 42, '3.5' -> 3.5; anything else (incl. '007', '1e3x', integers beyond int64, decimals beyond
+    float's range such as '1.0e999') stays a string."""
     if _INT_RE.fullmatch(value) and INT64_MIN <= (n := int(value)) <= INT64_MAX:  # else a code (ISBN, ...): text
         return n
-    if _FLOAT_RE.fullmatch(value):
-        return float(value)
+    if _FLOAT_RE.fullmatch(value) and math.isfinite(x := float(value)):  # inf is not storable: text, as above
+        return x
     return value

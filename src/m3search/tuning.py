@@ -425,8 +425,11 @@ def tune(
     step: float = WEIGHT_STEP,
     candidates: Sequence[int] = CANDIDATE_GRID,
     progress: bool = True,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Choose mode, fusion, weights and candidates for BEIR-judged queries (see the module docstring).
+
+    ``split``: the judgements tuned on, ``qrels/<split>.tsv`` (e.g. ``dev``, keeping ``test`` for eval).
 
     Searches ``collection`` when given (it must hold the judged documents), else eval's cached
     index of ``data_dir``'s corpus. ``save=True`` stores the adopted setting (or the defaults,
@@ -439,10 +442,14 @@ def tune(
     if save and collection is None:
         raise ValueError("save=True needs a collection to store the setting in")
     t_start = time.perf_counter()
-    data = load_beir(data_dir, queries_dir=queries_dir)
+    data = load_beir(data_dir, queries_dir=queries_dir, split=split)
     judged = {q: rel for q, rel in data.qrels.items() if any(g > 0 for g in rel.values())}
     if not judged:
         raise ValueError(f"no query of {data.name} has a relevant (grade > 0) judgement to tune on")
+    if len(judged) < 2:  # cross-validation holds out at least one query per fold, and --folds is at least 2
+        raise ValueError(
+            f"{data.name} has {len(judged)} query with a relevant (grade > 0) judgement; tuning needs at least 2"
+        )
     if len(judged) < folds:
         raise ValueError(
             f"{len(judged)} judged queries are fewer than the {folds} folds; use --folds {max(2, len(judged))} or more queries"
@@ -481,6 +488,9 @@ def tune(
             "cv": result["cv"],
             "best_in_sample": result["best_in_sample"],
             "dataset": data.name,
+            "data_dir": str(Path(data_dir).resolve()),
+            "queries_dir": str(Path(queries_dir).resolve()) if queries_dir is not None else None,
+            "split": split,
             "n_queries": len(queries),
             "n_settings": len(settings),
             "collection": str(collection) if collection is not None else info.get("path"),
@@ -493,9 +503,13 @@ def tune(
         }
         out["summary"] = _summary(out)
         if save:
-            tuning = {k: out[k] for k in ("metric", "cv", "adopted", "best", "dataset", "n_queries")}
+            tuning = {
+                k: out[k]
+                for k in ("metric", "cv", "adopted", "best", "dataset", "data_dir", "queries_dir", "split", "n_queries")
+            }
             tuning["tuned_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            col.set_search_defaults(chosen.to_dict(), tuning=tuning)  # not adopted: the baseline, kept
+            # not adopted: the defaults in use are stored again as they are (the searches use what they used)
+            col.set_search_defaults(chosen.to_dict() if out["adopted"] else col.search_defaults(), tuning=tuning)
             out["saved"] = True
     finally:
         if col is not None:
