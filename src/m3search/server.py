@@ -289,7 +289,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TypeError)
     async def library_error(request: Request, exc: Exception):
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        ids = exc.ids if isinstance(exc, tuple(_ERROR_STATUS)) else None  # DuplicateIdError, UnknownIdError
+        ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError)) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
     @app.exception_handler(Exception)
