@@ -733,6 +733,30 @@ def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
         col.close()
 
 
+def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
+    """Only the first intruder was refused: its failed milvus-lite start unlinked the holder's lock file on
+    the way out, and the second process started its own server on the same file."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    code = textwrap.dedent(f"""
+        from m3search.engines import resolve_engine
+        from m3search.errors import CollectionInUseError
+        try:
+            resolve_engine({loc!r}).open({loc!r}).close()
+            print("OPENED")
+        except CollectionInUseError as exc:
+            print("IN USE:", exc)
+    """)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["held"], ids=["h"])
+        for intruder in (1, 2):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert "IN USE:" in out.stdout, (intruder, out.stdout + out.stderr[-2000:])
+        assert col.count() == 1
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
+
+
 def test_point_uuid_is_rfc4122_uuid5():
     """The hand-rolled UUID5 (hot path) equals the standard library's for any string."""
     import uuid

@@ -45,6 +45,7 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import uuid
@@ -75,6 +76,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "Engine",
     "point_uuid",
     "allocated_bytes",
+    "lock_exclusive",
     "Schema",
     "PointBatch",
     "Record",
@@ -117,6 +119,20 @@ def allocated_bytes(path: Path) -> int:
             continue
         total += getattr(st, "st_blocks", 0) * 512 or st.st_size
     return total
+
+
+def lock_exclusive(path: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing): its fd, or None when another
+    open file description (another process, or another open in this one) holds it. The file is never
+    deleted: unlinking a lock file lets the next process lock a new file of the same name while the holder
+    still has the old one (how milvus-lite's own lock let a second process in). Closing the fd releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Engine(ABC):

@@ -157,7 +157,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import ID_NAMESPACE, Engine
+from m3search.engines.base import ID_NAMESPACE, Engine, lock_exclusive
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -211,6 +211,8 @@ SLOTS = 3
 
 #: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
 _LITE_USERS: dict[str, int] = {}
+#: This process's fd of each open Lite file's m3search lock (:func:`_lite_lock_path`), closed with the last user.
+_LITE_FDS: dict[str, int] = {}
 _LITE_LOCK = threading.Lock()
 
 
@@ -219,6 +221,14 @@ def _alias() -> str:
     """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
     for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
     return f"m3search-{uuid.uuid4().hex}"
+
+
+def _lite_lock_path(uri: str) -> Path:
+    """m3search's own lock beside a Milvus Lite file (``<dir>/.<name>.m3search-lock``). milvus-lite's lock
+    alone stops only the first other process: that process's refused server, on its way out, unlinks the
+    ``.<name>.lock`` it never held, and the next process then starts a second server on the same file."""
+    path = Path(uri)
+    return path.with_name(f".{path.name}.m3search-lock")
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -533,17 +543,27 @@ class MilvusEngine(Engine):
                 with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
                     if fh.read(16) != b"SQLite format 3\x00":
                         raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-            try:
-                with _LITE_LOCK:
+            in_use = CollectionInUseError(
+                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
+                "open it from one process, e.g. through `m3search serve`)"
+            )
+            with _LITE_LOCK:
+                fd = None
+                if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
+                    fd = lock_exclusive(_lite_lock_path(uri))
+                    if fd is None:
+                        raise in_use
+                try:
                     client = MilvusClient(uri, timeout=timeout, alias=_alias())
-                    _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            except Exception as exc:
-                if _is_lite_lock_error(exc):
-                    raise CollectionInUseError(
-                        f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
-                        "open it from one process, e.g. through `m3search serve`)"
-                    ) from None
-                raise
+                except Exception as exc:
+                    if fd is not None:
+                        os.close(fd)
+                    if _is_lite_lock_error(exc):  # a holder without our lock (an older m3search)
+                        raise in_use from None
+                    raise
+                if fd is not None:
+                    _LITE_FDS[uri] = fd
+                _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
             return client, uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
@@ -592,7 +612,12 @@ class MilvusEngine(Engine):
                 _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
                 if _LITE_USERS[uri] <= 0:
                     del _LITE_USERS[uri]
-                    server_manager_instance.release_server(uri)
+                    try:
+                        server_manager_instance.release_server(uri)
+                    finally:
+                        fd = _LITE_FDS.pop(uri, None)
+                        if fd is not None:
+                            os.close(fd)  # releases our lock, after the server (and its file lock) is gone
 
     @classmethod
     def create(
