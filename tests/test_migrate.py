@@ -4,6 +4,8 @@ destination that opens as a collection."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import fail_second_upsert
@@ -210,3 +212,26 @@ def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
         migrate(tmp_path / "nothing", tmp_path / "dst")
     with pytest.raises(ValueError, match="batch_size"):
         migrate(src, tmp_path / "dst", batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"schema_version": 99}, ValueError, "schema version 99; this m3search reads up to"),
+        ({"schema_version": "x"}, ValueError, r"damaged \(schema_version 'x' is not an integer\)"),
+        ({"schema_version": None}, ValueError, r"damaged \(schema_version None is not an integer\)"),
+        ({"format": "other"}, CollectionNotFoundError, "has no m3search manifest"),
+        ({"model": None}, ValueError, r"damaged \(no model record\)"),
+    ],
+)
+def test_migrate_refuses_what_open_refuses(tmp_path, source, change, error, match):
+    """migrate skipped Collection.open's manifest checks: a newer schema version was copied and relabelled
+    with this version's, a damaged manifest copied as it was; open's int() gave a raw message for 'x'."""
+    src, *_ = source
+    path = src / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(error, match=match):
+        Collection.open(src)
+    with pytest.raises(error, match=match):
+        migrate(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

@@ -49,7 +49,17 @@ import numpy as np
 
 from m3search.engines import resolve_engine, taken
 from m3search.engines.base import Engine
-from m3search.engines.shapes import SCHEMA_VERSION, PointBatch, Pool, QueryVectors, Record, Schema, WindowScores
+from m3search.engines.shapes import (
+    MANIFEST_FORMAT,
+    SCHEMA_VERSION,
+    PointBatch,
+    Pool,
+    QueryVectors,
+    Record,
+    Schema,
+    WindowScores,
+    check_manifest,
+)
 from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
@@ -91,7 +101,6 @@ __all__ = [
 #: among more documents than this keep the engine's order beyond it (bounded work, one batched request).
 _TIE_LOOKAHEAD = 64
 
-MANIFEST_FORMAT = "m3search-collection"
 _SETTINGS_DEFAULTS = {
     "max_length": 8192,  # document tokens (capped at the model's position limit)
     "query_max_length": 512,  # FlagEmbedding's default for queries
@@ -417,15 +426,7 @@ class Collection:
         engine = resolve_engine(location).open(location, **(engine_options or {}))
         try:
             manifest = engine.read_manifest()
-            if not manifest or manifest.get("format") != MANIFEST_FORMAT:
-                raise CollectionNotFoundError(f"{location} has no m3search manifest")
-            if int(manifest.get("schema_version", 0)) > SCHEMA_VERSION:
-                raise ValueError(
-                    f"collection at {location} has schema version {manifest['schema_version']}; "
-                    f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
-                )
-            if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
-                raise ValueError(f"the manifest of the collection at {location} is damaged (no model record)")
+            check_manifest(manifest, location)
             col = cls(engine, manifest, model)
             col._device, col._dtype = device, dtype
             if model is not None:

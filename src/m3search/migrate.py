@@ -37,8 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from m3search.engines import resolve_engine, taken
-from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema
-from m3search.errors import CollectionNotFoundError
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema, check_manifest
 from m3search.plan import check_int
 from m3search.pooling import pool_tokens
 
@@ -117,9 +116,7 @@ def migrate(
     started = time.perf_counter()
     source = src_cls.open(src, **src_options)
     try:
-        manifest = source.read_manifest()
-        if not manifest:
-            raise CollectionNotFoundError(f"{src} has no m3search manifest")
+        manifest = check_manifest(source.read_manifest(), src)  # what Collection.open would refuse is not copied
         schema = _target_schema(source.schema, layout, src)
         pool = schema.colbert_pool_factor if source.schema.colbert_pool_factor == 1 else 1
         total = source.count()
