@@ -757,6 +757,22 @@ def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
     assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
 
 
+def test_allocated_bytes_counts_no_blocks_for_a_file_with_none(tmp_path):
+    """A sparse file with no allocated block was counted at its apparent size (``0 * 512 or st_size``), so
+    info's disk_bytes overstated disk use."""
+    from m3search.engines.base import allocated_bytes
+
+    hole = tmp_path / "sparse"
+    with open(hole, "wb") as fh:
+        fh.truncate(1 << 20)
+    if hole.stat().st_blocks:
+        pytest.skip("this file system allocates blocks for a hole")
+    written = tmp_path / "written"
+    written.write_bytes(b"x" * 10000)
+    assert allocated_bytes(hole) == 0
+    assert allocated_bytes(tmp_path) == allocated_bytes(written) == written.stat().st_blocks * 512 >= 10000
+
+
 def test_point_uuid_is_rfc4122_uuid5():
     """The hand-rolled UUID5 (hot path) equals the standard library's for any string."""
     import uuid

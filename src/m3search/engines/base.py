@@ -109,7 +109,9 @@ def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:
 
 
 def allocated_bytes(path: Path) -> int:
-    """Bytes allocated on disk for a file or everything under a folder (sparse files count as stored)."""
+    """Bytes allocated on disk for a file or everything under a folder: what ``du`` counts, so a sparse file
+    (a preallocated segment, a mmap) counts only its written blocks, none when it has none. The apparent size
+    stands in only where the platform has no ``st_blocks``."""
     files = [path] if path.is_file() else (Path(d) / f for d, _, names in os.walk(path) for f in names)
     total = 0
     for f in files:
@@ -117,7 +119,8 @@ def allocated_bytes(path: Path) -> int:
             st = f.stat()
         except OSError:  # removed while walking
             continue
-        total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+        blocks = getattr(st, "st_blocks", None)
+        total += st.st_size if blocks is None else blocks * 512
     return total
 
 
