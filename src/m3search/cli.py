@@ -1165,7 +1165,7 @@ def finetune_(
     default=256,
     show_default=True,
     type=click.IntRange(1),
-    help="Documents per read and per atomic write.",
+    help="Documents per read of ids; vectors are copied in groups of at most ~256 MiB (PIECE_BYTES).",
 )
 @layout_options
 @json_option
