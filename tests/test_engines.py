@@ -453,6 +453,24 @@ def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
     assert path.read_text() == "my notes"
 
 
+def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_encoder):
+    """A read-only command on someone's SQLite app.db added milvus-lite's tables to it."""
+    needs("milvus-lite")
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE users(name)")
+    con.execute("INSERT INTO users VALUES ('ada')")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    for call in (lambda: Collection.open(str(path)), lambda: Collection.create(str(path), model=tiny_encoder)):
+        with pytest.raises(CollectionNotFoundError, match="is an SQLite database, not a Milvus Lite file"):
+            call()
+    assert path.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------- writes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_writes_and_reopen(tmp_path, tiny_encoder, engine):

@@ -146,6 +146,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import threading
 import uuid
 import warnings
@@ -221,6 +222,20 @@ def _alias() -> str:
     """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
     for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
     return f"m3search-{uuid.uuid4().hex}"
+
+
+def _lite_tables(uri: str) -> bool:
+    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
+    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command."""
+    try:
+        con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return not tables or "collection_meta" in tables
 
 
 def _lite_lock_path(uri: str) -> Path:
@@ -543,6 +558,10 @@ class MilvusEngine(Engine):
                 with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
                     if fh.read(16) != b"SQLite format 3\x00":
                         raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+                if not _lite_tables(uri):
+                    raise CollectionNotFoundError(
+                        f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
+                    )
             in_use = CollectionInUseError(
                 f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
                 "open it from one process, e.g. through `m3search serve`)"
