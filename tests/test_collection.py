@@ -530,3 +530,13 @@ def test_a_create_that_failed_writing_its_manifest_can_be_retried(tmp_path, tiny
     assert not (tmp_path / "c" / "manifest.json.tmp").exists()
     monkeypatch.setattr(qe_mod.os, "fsync", real)
     Collection.create(tmp_path / "c", model=tiny_encoder).close()
+
+
+def test_a_model_folder_that_is_not_a_checkpoint_is_named_so(tmp_path, tiny_encoder):
+    """Opening a collection with --model <a folder that is no model> gave "[Errno 2] ... config.json"."""
+    from m3search.encoder import ModelLoadError
+
+    Collection.create(tmp_path / "col", model=tiny_encoder).close()
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ModelLoadError, match="notes is not a BGE-M3 checkpoint: missing config.json"):
+        Collection.open(tmp_path / "col", model=str(tmp_path / "notes"))
