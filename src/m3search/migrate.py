@@ -130,11 +130,14 @@ def migrate(
                 change["colbert_dtype"] = ("float16", "--colbert-dtype float16")
             if "colbert_quantization" not in layout and schema.colbert_quantization is not None:
                 change["colbert_quantization"] = (None, "--colbert-quantization none")
+            if "colbert_on_disk" not in layout and not schema.colbert_on_disk:
+                change["colbert_on_disk"] = (True, "--colbert-on-disk")
             if not change:
                 raise
             raise ValueError(
                 f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}"
-                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}: convert it "
+                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}"
+                f"{' in memory' if not schema.colbert_on_disk else ''}: convert it "
                 f"on the way with layout={ {k: v for k, (v, _) in change.items()} } "
                 f"(CLI: {' '.join(flag for _, flag in change.values())})"
             ) from None

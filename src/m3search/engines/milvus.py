@@ -648,6 +648,11 @@ class MilvusEngine(Engine):
                 f"{schema.colbert_dtype!r}, colbert_quantization={schema.colbert_quantization!r} cannot be honoured "
                 "(use a Qdrant location for the turbo codecs and quantization; colbert_pool_factor works everywhere)"
             )
+        if not schema.colbert_on_disk:  # recorded and shown by info, it would change nothing here
+            raise ValueError(
+                "Milvus keeps ColBERT token vectors where its server puts them (read per candidate); "
+                "colbert_on_disk=False cannot be honoured (use a Qdrant location to keep them in memory)"
+            )
         connect, opts = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=True, **connect)
         try:
