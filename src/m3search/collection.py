@@ -232,21 +232,22 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
 MAX_METADATA_DEPTH = 32
 
 
-def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None) -> list[dict]:
+def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None, per: str = "text") -> list[dict]:
     """One plain-JSON dict per document, or an error naming the document and field.
 
     Only values every engine stores exactly are accepted: strings (valid Unicode), bools,
     None, finite floats, integers within int64 (larger ones came back as floats), and
     objects / lists of them up to :data:`MAX_METADATA_DEPTH` levels. Returns deep copies.
     Known gap: Qdrant Edge returns ~10 % of floats 1-2 ULP off (benchmarks/RESULTS.md, "Hostile input").
+    ``per``: what the caller counts in ``n`` (texts for add, ids for update_metadata), for the messages.
     """
     if metadata is None:
         return [{} for _ in range(n)]
-    if isinstance(metadata, dict):
-        raise TypeError("metadata must be a list with one dict per text (or None)")
+    if isinstance(metadata, (dict, str, bytes)):  # a string is a sequence too: of characters, not dicts
+        raise TypeError(f"metadata must be a list with one dict per {per} (or None), not a {type(metadata).__name__}")
     metadata = list(metadata)
     if len(metadata) != n:
-        raise ValueError(f"{n} texts but {len(metadata)} metadata entries")
+        raise ValueError(f"{n} {per}s but {len(metadata)} metadata entries")
     out = []
     for i, m in enumerate(metadata):
         where = f"metadata of document {ids[i]!r}" if ids is not None else f"metadata[{i}]"
@@ -866,7 +867,7 @@ class Collection:
             metadata = [metadata] * len(ids)
         else:  # which of two dicts would a repeated id keep?
             _check_unique(ids)
-        meta = _check_metadata(metadata, len(ids), ids)
+        meta = _check_metadata(metadata, len(ids), ids, per="id")
         with self._lock:
             self._sync()
             present = self._existing(ids)
