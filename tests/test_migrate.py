@@ -217,6 +217,10 @@ def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
         migrate(src, tmp_path / "taken")
     with pytest.raises(ValueError, match="same location"):
         migrate(src, str(src))
+    for inside in (src / "sub", src / "sub" / "m.db", tmp_path / "x" / ".." / "src" / "copy"):  # nested in the source
+        with pytest.raises(ValueError, match="is inside the source"):
+            migrate(src, inside)
+        assert not inside.exists()
     with pytest.raises(CollectionNotFoundError):
         migrate(tmp_path / "nothing", tmp_path / "dst")
     with pytest.raises(ValueError, match="batch_size"):

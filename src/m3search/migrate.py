@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from m3search.engines import resolve_engine, taken
@@ -110,6 +111,8 @@ def migrate(
                 "migrate into a new location, check it, then replace the old collection with it"
             )
         raise ValueError(f"source and destination are the same location: {src!r}")
+    if not remote and Path(dst).resolve().is_relative_to(Path(src).resolve()):  # the copy would be in what it copies
+        raise ValueError(f"the destination {dst!r} is inside the source {src!r}; choose a location outside it")
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
