@@ -546,7 +546,8 @@ def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_pa
     hits = one_json(cli("search", "wing", "-c", location, "--mode", "dense", "--json", cwd=work))["hits"]
     assert len(hits) == 10
     made = {p.name for p in work.iterdir()}
-    assert made == ({"col.db"} if kind == "milvus-lite" else set()), made  # no folder named after the scheme
+    lite = {"col.db", ".col.db.m3search-lock"}  # the file and its holder's lock (kept: docs/usage.md)
+    assert made == (lite if kind == "milvus-lite" else set()), made  # no folder named after the scheme
     p = cli("serve", "-c", location.replace("docs", "nothing").replace("col.db", "none.db"), check=False, cwd=work)
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
@@ -598,3 +599,34 @@ def test_finetune_creates_the_parent_folders_of_out(tmp_path, tiny_model_path):
     assert "parent of the output folder" not in p.stderr, p.stderr
     assert p.returncode == 2 and "positive" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()  # made when training starts, not for bad input
+
+
+def test_ctrl_c_keeps_the_json_error_and_the_resume_hint(tmp_path, corpus, tiny_model_path):
+    """Ctrl-C printed click's bare 'Aborted!': no JSON object under --json (only ClickException was turned
+    into one) and, during index, not the resume hint every other failure gets."""
+
+    def run(patch: str, *args: str) -> subprocess.CompletedProcess:
+        """The CLI with ``patch`` applied first (KeyboardInterrupt where Ctrl-C would land)."""
+        code = (
+            "import sys\nfrom m3search.collection import Collection\nfrom m3search.cli import main\n"
+            f"{patch}\nmain(sys.argv[1:], prog_name='m3search')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    col = tmp_path / "col"
+    second_upsert = (
+        "calls = []\norig = Collection.upsert\n"
+        "def upsert(self, *a, **k):\n    calls.append(1)\n    if len(calls) == 2:\n        raise KeyboardInterrupt\n"
+        "    return orig(self, *a, **k)\nCollection.upsert = upsert"
+    )
+    args = ("index", str(corpus), "-c", str(col), "--model", str(tiny_model_path), "--batch-size", "50")
+    proc = run(second_upsert, *args, "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = one_json(proc)["error"]["message"]
+    assert message.startswith("interrupted; the first 50 records of") and "run the same command again" in message
+    assert "run the same command again" in proc.stderr.splitlines()[-1]
+    opening = "def stop(*a, **k):\n    raise KeyboardInterrupt\nCollection.open = stop"
+    proc = run(opening, "info", "-c", str(col), "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert one_json(proc) == {"error": {"type": "error", "message": "interrupted", "exit_code": 1}}

@@ -602,3 +602,26 @@ def test_qdrants_own_refusal_to_optimize_is_the_same_error(col, monkeypatch):
         col.optimize()
     monkeypatch.undo()
     assert col.count() == len(TEXTS) and col.optimize() in (True, False)
+
+
+def test_a_model_folder_that_is_not_a_checkpoint_is_named_so(tmp_path, tiny_encoder):
+    """Opening a collection with --model <a folder that is no model> gave "[Errno 2] ... config.json"."""
+    from m3search.encoder import ModelLoadError
+
+    Collection.create(tmp_path / "col", model=tiny_encoder).close()
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ModelLoadError, match="notes is not a BGE-M3 checkpoint: missing config.json"):
+        Collection.open(tmp_path / "col", model=str(tmp_path / "notes"))
+
+
+def test_update_metadata_refuses_a_string_and_counts_ids(tmp_path, tiny_encoder):
+    """update_metadata took a str as a sequence (one "dict" per character) and spoke of texts it has none of."""
+    with Collection.create(tmp_path / "col", model=tiny_encoder) as col:
+        col.add(["alpha", "beta"], ids=["a", "b"])
+        with pytest.raises(TypeError, match="one dict per id .*not a str"):
+            col.update_metadata(["a", "b"], "ab")
+        with pytest.raises(ValueError, match="^2 ids but 1 metadata entries$"):
+            col.update_metadata(["a", "b"], [{"x": 1}])
+        with pytest.raises(TypeError, match="one dict per text .*not a str"):
+            col.add(["gamma", "delta"], ids=["c", "d"], metadata="cd")
+        assert [r.metadata for r in col.get(["a", "b"])] == [{}, {}] and col.count() == 2

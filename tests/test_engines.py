@@ -453,6 +453,24 @@ def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
     assert path.read_text() == "my notes"
 
 
+def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_encoder):
+    """A read-only command on someone's SQLite app.db added milvus-lite's tables to it."""
+    needs("milvus-lite")
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE users(name)")
+    con.execute("INSERT INTO users VALUES ('ada')")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    for call in (lambda: Collection.open(str(path)), lambda: Collection.create(str(path), model=tiny_encoder)):
+        with pytest.raises(CollectionNotFoundError, match="is an SQLite database, not a Milvus Lite file"):
+            call()
+    assert path.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------- writes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_writes_and_reopen(tmp_path, tiny_encoder, engine):
@@ -731,6 +749,46 @@ def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
         assert "IN USE:" in out.stdout and "in use by another process" in out.stdout, out.stdout + out.stderr
     finally:
         col.close()
+
+
+def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
+    """Only the first intruder was refused: its failed milvus-lite start unlinked the holder's lock file on
+    the way out, and the second process started its own server on the same file."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    code = textwrap.dedent(f"""
+        from m3search.engines import resolve_engine
+        from m3search.errors import CollectionInUseError
+        try:
+            resolve_engine({loc!r}).open({loc!r}).close()
+            print("OPENED")
+        except CollectionInUseError as exc:
+            print("IN USE:", exc)
+    """)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["held"], ids=["h"])
+        for intruder in (1, 2):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert "IN USE:" in out.stdout, (intruder, out.stdout + out.stderr[-2000:])
+        assert col.count() == 1
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
+
+
+def test_allocated_bytes_counts_no_blocks_for_a_file_with_none(tmp_path):
+    """A sparse file with no allocated block was counted at its apparent size (``0 * 512 or st_size``), so
+    info's disk_bytes overstated disk use."""
+    from m3search.engines.base import allocated_bytes
+
+    hole = tmp_path / "sparse"
+    with open(hole, "wb") as fh:
+        fh.truncate(1 << 20)
+    if hole.stat().st_blocks:
+        pytest.skip("this file system allocates blocks for a hole")
+    written = tmp_path / "written"
+    written.write_bytes(b"x" * 10000)
+    assert allocated_bytes(hole) == 0
+    assert allocated_bytes(tmp_path) == allocated_bytes(written) == written.stat().st_blocks * 512 >= 10000
 
 
 def test_point_uuid_is_rfc4122_uuid5():

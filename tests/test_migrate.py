@@ -4,6 +4,8 @@ destination that opens as a collection."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import fail_second_upsert
@@ -74,6 +76,15 @@ def stored(col: Collection) -> dict:
                 batch.colbert_rows(i).tobytes(),
             )
     return out
+
+
+def windows(col: Collection, ids: list[str]) -> list:
+    """Per document, every window's text, metadata, spans and vectors as bytes (bit-exact comparison)."""
+    return [
+        [(r.text, repr(r.metadata), r.spans, r.dense.tobytes(), r.colbert.astype(np.float32).tobytes(), r.sparse[0].tobytes(),
+          r.sparse[1].tobytes()) for r in doc]
+        for doc in col.engine.get_windows(ids, with_vectors=True)
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -206,7 +217,87 @@ def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
         migrate(src, tmp_path / "taken")
     with pytest.raises(ValueError, match="same location"):
         migrate(src, str(src))
+    for inside in (src / "sub", src / "sub" / "m.db", tmp_path / "x" / ".." / "src" / "copy"):  # nested in the source
+        with pytest.raises(ValueError, match="is inside the source"):
+            migrate(src, inside)
+        assert not inside.exists()
     with pytest.raises(CollectionNotFoundError):
         migrate(tmp_path / "nothing", tmp_path / "dst")
     with pytest.raises(ValueError, match="batch_size"):
         migrate(src, tmp_path / "dst", batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"schema_version": 99}, ValueError, "schema version 99; this m3search reads up to"),
+        ({"schema_version": "x"}, ValueError, r"damaged \(schema_version 'x' is not an integer\)"),
+        ({"schema_version": None}, ValueError, r"damaged \(schema_version None is not an integer\)"),
+        ({"format": "other"}, CollectionNotFoundError, "has no m3search manifest"),
+        ({"model": None}, ValueError, r"damaged \(no model record\)"),
+    ],
+)
+def test_migrate_refuses_what_open_refuses(tmp_path, source, change, error, match):
+    """migrate skipped Collection.open's manifest checks: a newer schema version was copied and relabelled
+    with this version's, a damaged manifest copied as it was; open's int() gave a raw message for 'x'."""
+    src, *_ = source
+    path = src / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(error, match=match):
+        Collection.open(src)
+    with pytest.raises(error, match=match):
+        migrate(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_migrate_holds_a_piece_of_vectors_at_a_time(tmp_path, tiny_encoder, monkeypatch):
+    """migrate read and wrote whole batches with all their windows' vectors (memory grew with batch_size x
+    document length, no bound); it now reads and writes about PIECE_BYTES of token vectors at a time, a
+    larger document through upsert_long, and the copy is the same."""
+    import m3search.collection
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+
+    src = tmp_path / "src"
+    with Collection.create(src, model=tiny_encoder, colbert_dtype="float16", window=16, stride=12) as col:
+        texts = [" ".join(BUILTIN_TEXTS[i % len(BUILTIN_TEXTS)] for i in range(k, k + n)) for k, n in
+                 [(0, 1), (1, 1), (2, 9), (3, 1), (4, 2), (5, 1)]]  # fmt: skip
+        ids = [f"d{i}" for i in range(len(texts))]
+        col.add(texts, ids=ids)
+        before = windows(col, ids)
+    per_token = 4 * col.schema.colbert_dim
+    piece = 100 * per_token  # a few short documents, a fraction of the long one
+    tokens = [sum(len(w[4]) // per_token for w in doc) for doc in before]
+    assert max(tokens) > 3 * 100 and sorted(tokens)[-2] < 100, tokens  # the long one spans pieces
+    monkeypatch.setattr(m3search.collection, "PIECE_BYTES", piece)
+    seen: dict[str, list[int]] = {"read": [], "write": [], "long": []}
+    orig_get, orig_upsert, orig_long = (
+        QdrantEdgeEngine.get_windows,
+        QdrantEdgeEngine.upsert,
+        QdrantEdgeEngine.upsert_long,
+    )
+
+    def get_windows(self, ids, **kw):
+        out = orig_get(self, ids, **kw)
+        seen["read"].append(sum(len(r.colbert) for ws in out for r in ws if r.colbert is not None) * per_token)
+        return out
+
+    def upsert(self, batch):
+        seen["write"].append(len(batch.colbert) * per_token)
+        return orig_upsert(self, batch)
+
+    def upsert_long(self, pieces):
+        def note(p):
+            seen["long"].append(p.ids[0])
+            seen["write"].append(len(p.colbert) * per_token)
+            return p
+
+        return orig_long(self, (note(p) for p in pieces))
+
+    monkeypatch.setattr(QdrantEdgeEngine, "get_windows", get_windows)
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert", upsert)
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert_long", upsert_long)
+    assert migrate(src, tmp_path / "dst", batch_size=256)["copied"] == len(texts)
+    assert max(seen["write"]) <= piece and max(seen["read"]) <= 4 * piece and seen["long"].count("d2") >= 4, seen
+    monkeypatch.undo()
+    with Collection.open(tmp_path / "dst") as copy:
+        assert windows(copy, ids) == before

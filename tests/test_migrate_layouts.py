@@ -97,6 +97,7 @@ def test_float16_to_float32_is_exact(tmp_path, tiny_encoder, source):
         ("new", {"colbert_dim": 4}, "unknown layout setting"),
         ("new.db", {"colbert_dtype": "turbo4"}, "Milvus stores ColBERT token vectors as float16 or float32 only"),
         ("new.db", {"colbert_quantization": "binary1"}, "cannot be honoured"),
+        ("new.db", {"colbert_on_disk": False}, "colbert_on_disk=False cannot be honoured"),  # was recorded, no effect
         ("src", {"colbert_dtype": "turbo4"}, "cannot change in place"),
     ],
 )
@@ -106,6 +107,18 @@ def test_bad_layouts_write_nothing(tmp_path, tiny_encoder, source, dst, layout, 
         migrate(source, tmp_path / dst, layout=layout)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no destination folder or file appeared
     assert len(colbert_scores(source, tiny_encoder)) == len(IDS)
+
+
+def test_an_in_memory_source_to_milvus_is_told_the_flag(tmp_path, tiny_encoder):
+    """Milvus recorded colbert_on_disk=False (and info showed it) though it changes nothing there; it is
+    refused like a quantization, and migrate names the flag that converts it."""
+    pytest.importorskip("pymilvus")
+    src = tmp_path / "ram"
+    with Collection.create(src, model=tiny_encoder, colbert_dtype="float16", colbert_on_disk=False) as col:
+        col.add(["alpha beta", "gamma delta"], ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"in memory: convert it .*\(CLI: --colbert-on-disk\)"):
+        migrate(src, tmp_path / "m.db")
+    assert migrate(src, tmp_path / "m.db", layout={"colbert_on_disk": True})["copied"] == 2
 
 
 def test_pooled_source_cannot_be_repooled(tmp_path, tiny_encoder, source):

@@ -69,6 +69,10 @@ class _Main(click.Group):
                 kind = "usage" if isinstance(exc, click.UsageError) else "error"
                 _emit({"error": {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code}})
             raise
+        except (click.Abort, KeyboardInterrupt):  # Ctrl-C: click says "Aborted!" and exits 1
+            if ctx.meta.get("m3search.json"):
+                _emit({"error": {"type": "error", "message": "interrupted", "exit_code": 1}})
+            raise
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -611,10 +615,14 @@ def index(
                     tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
-        except Exception as exc:  # pass 2 failed (engine, disk, server): say exactly what is in the collection
+        except (Exception, KeyboardInterrupt) as exc:  # pass 2 failed or was stopped: say what is in the collection
             if os.environ.get("M3SEARCH_DEBUG"):
                 raise
-            message = " ".join((str(exc) or type(exc).__name__).split())
+            message = (
+                "interrupted"
+                if isinstance(exc, KeyboardInterrupt)
+                else " ".join((str(exc) or type(exc).__name__).split())
+            )
             done = f"the first {n} records of {source} were written" if n else "nothing was written"
             raise click.ClickException(
                 f"{message}; {done}; run the same command again to finish (it overwrites by id)"
@@ -1181,7 +1189,7 @@ def finetune_(
     default=256,
     show_default=True,
     type=click.IntRange(1),
-    help="Documents per read and per atomic write.",
+    help="Documents per read of ids; vectors are copied in groups of at most ~256 MiB (PIECE_BYTES).",
 )
 @layout_options
 @json_option

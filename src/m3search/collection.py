@@ -49,7 +49,17 @@ import numpy as np
 
 from m3search.engines import resolve_engine, taken
 from m3search.engines.base import Engine
-from m3search.engines.shapes import SCHEMA_VERSION, PointBatch, Pool, QueryVectors, Record, Schema, WindowScores
+from m3search.engines.shapes import (
+    MANIFEST_FORMAT,
+    SCHEMA_VERSION,
+    PointBatch,
+    Pool,
+    QueryVectors,
+    Record,
+    Schema,
+    WindowScores,
+    check_manifest,
+)
 from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
@@ -91,7 +101,6 @@ __all__ = [
 #: among more documents than this keep the engine's order beyond it (bounded work, one batched request).
 _TIE_LOOKAHEAD = 64
 
-MANIFEST_FORMAT = "m3search-collection"
 _SETTINGS_DEFAULTS = {
     "max_length": 8192,  # document tokens (capped at the model's position limit)
     "query_max_length": 512,  # FlagEmbedding's default for queries
@@ -238,21 +247,22 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
 MAX_METADATA_DEPTH = 32
 
 
-def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None) -> list[dict]:
+def _check_metadata(metadata: Any, n: int, ids: Sequence[str] | None = None, per: str = "text") -> list[dict]:
     """One plain-JSON dict per document, or an error naming the document and field.
 
     Only values every engine stores exactly are accepted: strings (valid Unicode), bools,
     None, finite floats, integers within int64 (larger ones came back as floats), and
     objects / lists of them up to :data:`MAX_METADATA_DEPTH` levels. Returns deep copies.
     Known gap: Qdrant Edge returns ~10 % of floats 1-2 ULP off (benchmarks/RESULTS.md, "Hostile input").
+    ``per``: what the caller counts in ``n`` (texts for add, ids for update_metadata), for the messages.
     """
     if metadata is None:
         return [{} for _ in range(n)]
-    if isinstance(metadata, dict):
-        raise TypeError("metadata must be a list with one dict per text (or None)")
+    if isinstance(metadata, (dict, str, bytes)):  # a string is a sequence too: of characters, not dicts
+        raise TypeError(f"metadata must be a list with one dict per {per} (or None), not a {type(metadata).__name__}")
     metadata = list(metadata)
     if len(metadata) != n:
-        raise ValueError(f"{n} texts but {len(metadata)} metadata entries")
+        raise ValueError(f"{n} {per}s but {len(metadata)} metadata entries")
     out = []
     for i, m in enumerate(metadata):
         where = f"metadata of document {ids[i]!r}" if ids is not None else f"metadata[{i}]"
@@ -432,15 +442,7 @@ class Collection:
         engine = resolve_engine(location).open(location, **(engine_options or {}))
         try:
             manifest = engine.read_manifest()
-            if not manifest or manifest.get("format") != MANIFEST_FORMAT:
-                raise CollectionNotFoundError(f"{location} has no m3search manifest")
-            if int(manifest.get("schema_version", 0)) > SCHEMA_VERSION:
-                raise ValueError(
-                    f"collection at {location} has schema version {manifest['schema_version']}; "
-                    f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
-                )
-            if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
-                raise ValueError(f"the manifest of the collection at {location} is damaged (no model record)")
+            check_manifest(manifest, location)
             col = cls(engine, manifest, model)
             col._device, col._dtype = device, dtype
             if model is not None:
@@ -880,7 +882,7 @@ class Collection:
             metadata = [metadata] * len(ids)
         else:  # which of two dicts would a repeated id keep?
             _check_unique(ids)
-        meta = _check_metadata(metadata, len(ids), ids)
+        meta = _check_metadata(metadata, len(ids), ids, per="id")
         with self._lock:
             self._sync()
             present = self._existing(ids)

@@ -302,11 +302,26 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
         ) from None
 
 
+def _check_checkpoint(folder: Path) -> Path:
+    """``folder`` if it has BAAI/bge-m3's files, else ModelLoadError naming the missing ones (not the
+    OSError of the first file read: a collection's ``--model`` check reads them before any load)."""
+    missing = [f for f in ("config.json",) + _HEAD_FILES + ("tokenizer.json",) if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+        missing.append(" or ".join(_WEIGHT_FILES))
+    if missing:
+        raise ModelLoadError(
+            f"{folder} is not a BGE-M3 checkpoint: missing {', '.join(missing)}. "
+            "m3search needs BAAI/bge-m3's layout (config.json, weights, colbert_linear.pt, sparse_linear.pt, "
+            "tokenizer.json); it never falls back to random heads."
+        )
+    return folder
+
+
 def model_identity(folder: str | os.PathLike) -> str:
     """sha256 over config.json, both heads' tensors and tokenizer.json (not the path)."""
     import torch
 
-    folder = Path(folder)
+    folder = _check_checkpoint(Path(folder))
     h = hashlib.sha256()
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg.pop("_name_or_path", None)
@@ -400,16 +415,7 @@ class M3Encoder:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
-        folder = _resolve_folder(name_or_path)
-        missing = [f for f in ("config.json",) + _HEAD_FILES + ("tokenizer.json",) if not (folder / f).is_file()]
-        if not any((folder / f).is_file() for f in _WEIGHT_FILES):
-            missing.append(" or ".join(_WEIGHT_FILES))
-        if missing:
-            raise ModelLoadError(
-                f"{folder} is not a BGE-M3 checkpoint: missing {', '.join(missing)}. "
-                "m3search needs BAAI/bge-m3's layout (config.json, weights, colbert_linear.pt, sparse_linear.pt, "
-                "tokenizer.json); it never falls back to random heads."
-            )
+        folder = _check_checkpoint(_resolve_folder(name_or_path))
         dev, dt = resolve_device_dtype(device, dtype)
         verbosity = hf_logging.get_verbosity()
         bars = hf_logging.is_progress_bar_enabled()

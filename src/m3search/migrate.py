@@ -33,12 +33,13 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from m3search.engines import resolve_engine, taken
-from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Schema
-from m3search.errors import CollectionNotFoundError
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Record, Schema, check_manifest
 from m3search.plan import check_int
 from m3search.pooling import pool_tokens
 
@@ -89,7 +90,8 @@ def migrate(
 ) -> dict[str, Any]:
     """Copy the collection at ``src_location`` to a new one at ``dst_location``.
 
-    ``batch_size``: documents per read and per (atomic) destination write.
+    ``batch_size``: documents per read of ids; their vectors are read and written in groups of about
+    ``PIECE_BYTES`` of token vectors (a larger document through the engine's long write).
     ``src_options`` / ``dst_options``: engine options (e.g. ``{"shards": 3}`` for a new
     Qdrant collection, ``{"api_key": ...}``). ``layout``: ColBERT layout settings of the
     destination (:data:`LAYOUT_SETTINGS`, e.g. ``{"colbert_dtype": "turbo4",
@@ -109,6 +111,8 @@ def migrate(
                 "migrate into a new location, check it, then replace the old collection with it"
             )
         raise ValueError(f"source and destination are the same location: {src!r}")
+    if not remote and Path(dst).resolve().is_relative_to(Path(src).resolve()):  # the copy would be in what it copies
+        raise ValueError(f"the destination {dst!r} is inside the source {src!r}; choose a location outside it")
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
@@ -117,9 +121,7 @@ def migrate(
     started = time.perf_counter()
     source = src_cls.open(src, **src_options)
     try:
-        manifest = source.read_manifest()
-        if not manifest:
-            raise CollectionNotFoundError(f"{src} has no m3search manifest")
+        manifest = check_manifest(source.read_manifest(), src)  # what Collection.open would refuse is not copied
         schema = _target_schema(source.schema, layout, src)
         pool = schema.colbert_pool_factor if source.schema.colbert_pool_factor == 1 else 1
         total = source.count()
@@ -131,11 +133,14 @@ def migrate(
                 change["colbert_dtype"] = ("float16", "--colbert-dtype float16")
             if "colbert_quantization" not in layout and schema.colbert_quantization is not None:
                 change["colbert_quantization"] = (None, "--colbert-quantization none")
+            if "colbert_on_disk" not in layout and not schema.colbert_on_disk:
+                change["colbert_on_disk"] = (True, "--colbert-on-disk")
             if not change:
                 raise
             raise ValueError(
                 f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}"
-                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}: convert it "
+                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}"
+                f"{' in memory' if not schema.colbert_on_disk else ''}: convert it "
                 f"on the way with layout={ {k: v for k, (v, _) in change.items()} } "
                 f"(CLI: {' '.join(flag for _, flag in change.values())})"
             ) from None
@@ -189,6 +194,17 @@ def _pooled(batch: PointBatch, pool_factor: int) -> PointBatch:
 def _copy(
     source: Any, target: Any, total: int, batch_size: int, show_progress: bool | None, pool_factor: int = 1
 ) -> int:
+    """Copy every document, about :data:`~m3search.collection.PIECE_BYTES` of token vectors at a time (what
+    ingest holds): the ids first (a read without vectors), then the vectors of groups of documents estimated
+    to fit a piece, written in groups that do (a larger document through :meth:`Engine.upsert_long`, in
+    pieces of its windows). Reading whole batches of ``batch_size`` documents with every window held ~6.6
+    bytes of memory per stored byte of the batch, without bound.
+
+    The estimate: a window's tokens are at most its characters + 3 for text the model cut into windows, but
+    not for vectors given with ``add(embeddings=...)``; so it is the larger of that and the most tokens of a
+    window read so far, and the first read is one document."""
+    from m3search import collection  # PIECE_BYTES, read at the call (one definition, beside ingest's)
+
     progress = None
     if show_progress is None:
         show_progress = total > batch_size and sys.stderr.isatty()
@@ -196,14 +212,70 @@ def _copy(
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total, desc="migrating", unit="doc", file=sys.stderr)
+    piece = collection.PIECE_BYTES
+    per_token = 4 * source.schema.colbert_dim  # float32, as read
+    most = 0  # tokens of the longest window read so far
+
+    def copy_group(ids: list[str]) -> None:
+        nonlocal most
+        docs = [ws for ws in source.get_windows(ids, with_vectors=True) if ws]
+        most = max([most, *(len(r.colbert) for ws in docs for r in ws)])
+        whole: list[Record] = []
+        held = 0
+        for ws in docs:
+            size = sum(len(r.colbert) for r in ws) * per_token
+            if whole and held + size > piece:
+                target.upsert(_pooled(PointBatch.from_records(whole, source.schema.vocab_size), pool_factor))
+                whole, held = [], 0
+            if size > piece:
+                target.upsert_long(_pooled(p, pool_factor) for p in _window_pieces(ws, piece, per_token, source.schema))
+            else:
+                whole += ws
+                held += size
+        if whole:
+            target.upsert(_pooled(PointBatch.from_records(whole, source.schema.vocab_size), pool_factor))
+
     copied = 0
     try:
-        for batch in source.iter_batches(batch_size, with_vectors=True):
-            target.upsert(_pooled(batch, pool_factor))  # one atomic write per batch
-            copied += len(batch)
+        for heads in source.iter_batches(batch_size, with_vectors=False):
+            group: list[str] = []
+            held = 0
+            for doc in source.get(heads.ids):  # every window's span (a batch without vectors has heads only)
+                if doc is None:
+                    continue  # deleted meanwhile: the count check after the copy says so
+                size = sum(max(b - a + 3, most) for a, b in doc.window_spans) * per_token
+                if group and (held + size > piece or not most):
+                    copy_group(group)
+                    group, held = [], 0
+                group.append(doc.id)
+                held += size
+            if group:
+                copy_group(group)
+            copied += len(heads)
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(len(heads))
     finally:
         if progress is not None:
             progress.close()
     return copied
+
+
+def _window_pieces(recs: list[Record], piece: int, per_token: int, schema: Schema) -> Iterator[PointBatch]:
+    """One document's window records as one-document batches of consecutive windows of about ``piece``
+    bytes of token vectors each (at least one window), window 0 first: what ``upsert_long`` takes."""
+    head = recs[0]
+    start, held = 0, 0
+    for j, rec in enumerate(recs):
+        size = len(rec.colbert) * per_token
+        if j > start and held + size > piece:
+            yield _piece(head, recs[start:j], schema)
+            start, held = j, 0
+        held += size
+    yield _piece(head, recs[start:], schema)
+
+
+def _piece(head: Record, windows: list[Record], schema: Schema) -> PointBatch:
+    """Consecutive windows of ``head``'s document as a one-document batch (its text, metadata, their spans)."""
+    spans = [head.window_spans[w.window] for w in windows]
+    first = dataclasses.replace(windows[0], window=0, text=head.text, metadata=head.metadata, spans=spans)
+    return PointBatch.from_records([first, *windows[1:]], schema.vocab_size)

@@ -45,6 +45,7 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import uuid
@@ -75,6 +76,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "Engine",
     "point_uuid",
     "allocated_bytes",
+    "lock_exclusive",
     "Schema",
     "PointBatch",
     "Record",
@@ -107,7 +109,9 @@ def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:
 
 
 def allocated_bytes(path: Path) -> int:
-    """Bytes allocated on disk for a file or everything under a folder (sparse files count as stored)."""
+    """Bytes allocated on disk for a file or everything under a folder: what ``du`` counts, so a sparse file
+    (a preallocated segment, a mmap) counts only its written blocks, none when it has none. The apparent size
+    stands in only where the platform has no ``st_blocks``."""
     files = [path] if path.is_file() else (Path(d) / f for d, _, names in os.walk(path) for f in names)
     total = 0
     for f in files:
@@ -115,8 +119,23 @@ def allocated_bytes(path: Path) -> int:
             st = f.stat()
         except OSError:  # removed while walking
             continue
-        total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+        blocks = getattr(st, "st_blocks", None)
+        total += st.st_size if blocks is None else blocks * 512
     return total
+
+
+def lock_exclusive(path: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing): its fd, or None when another
+    open file description (another process, or another open in this one) holds it. The file is never
+    deleted: unlinking a lock file lets the next process lock a new file of the same name while the holder
+    still has the old one (how milvus-lite's own lock let a second process in). Closing the fd releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Engine(ABC):

@@ -146,6 +146,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import threading
 import uuid
 import warnings
@@ -157,7 +158,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import ID_NAMESPACE, Engine
+from m3search.engines.base import ID_NAMESPACE, Engine, lock_exclusive
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -211,6 +212,8 @@ SLOTS = 3
 
 #: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
 _LITE_USERS: dict[str, int] = {}
+#: This process's fd of each open Lite file's m3search lock (:func:`_lite_lock_path`), closed with the last user.
+_LITE_FDS: dict[str, int] = {}
 _LITE_LOCK = threading.Lock()
 
 
@@ -219,6 +222,28 @@ def _alias() -> str:
     """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
     for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
     return f"m3search-{uuid.uuid4().hex}"
+
+
+def _lite_tables(uri: str) -> bool:
+    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
+    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command."""
+    try:
+        con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return not tables or "collection_meta" in tables
+
+
+def _lite_lock_path(uri: str) -> Path:
+    """m3search's own lock beside a Milvus Lite file (``<dir>/.<name>.m3search-lock``). milvus-lite's lock
+    alone stops only the first other process: that process's refused server, on its way out, unlinks the
+    ``.<name>.lock`` it never held, and the next process then starts a second server on the same file."""
+    path = Path(uri)
+    return path.with_name(f".{path.name}.m3search-lock")
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -533,17 +558,31 @@ class MilvusEngine(Engine):
                 with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
                     if fh.read(16) != b"SQLite format 3\x00":
                         raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-            try:
-                with _LITE_LOCK:
+                if not _lite_tables(uri):
+                    raise CollectionNotFoundError(
+                        f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
+                    )
+            in_use = CollectionInUseError(
+                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
+                "open it from one process, e.g. through `m3search serve`)"
+            )
+            with _LITE_LOCK:
+                fd = None
+                if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
+                    fd = lock_exclusive(_lite_lock_path(uri))
+                    if fd is None:
+                        raise in_use
+                try:
                     client = MilvusClient(uri, timeout=timeout, alias=_alias())
-                    _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            except Exception as exc:
-                if _is_lite_lock_error(exc):
-                    raise CollectionInUseError(
-                        f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
-                        "open it from one process, e.g. through `m3search serve`)"
-                    ) from None
-                raise
+                except Exception as exc:
+                    if fd is not None:
+                        os.close(fd)
+                    if _is_lite_lock_error(exc):  # a holder without our lock (an older m3search)
+                        raise in_use from None
+                    raise
+                if fd is not None:
+                    _LITE_FDS[uri] = fd
+                _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
             return client, uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
@@ -592,7 +631,12 @@ class MilvusEngine(Engine):
                 _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
                 if _LITE_USERS[uri] <= 0:
                     del _LITE_USERS[uri]
-                    server_manager_instance.release_server(uri)
+                    try:
+                        server_manager_instance.release_server(uri)
+                    finally:
+                        fd = _LITE_FDS.pop(uri, None)
+                        if fd is not None:
+                            os.close(fd)  # releases our lock, after the server (and its file lock) is gone
 
     @classmethod
     def create(
@@ -603,6 +647,11 @@ class MilvusEngine(Engine):
                 f"Milvus stores ColBERT token vectors as float16 or float32 only; colbert_dtype="
                 f"{schema.colbert_dtype!r}, colbert_quantization={schema.colbert_quantization!r} cannot be honoured "
                 "(use a Qdrant location for the turbo codecs and quantization; colbert_pool_factor works everywhere)"
+            )
+        if not schema.colbert_on_disk:  # recorded and shown by info, it would change nothing here
+            raise ValueError(
+                "Milvus keeps ColBERT token vectors where its server puts them (read per candidate); "
+                "colbert_on_disk=False cannot be honoured (use a Qdrant location to keep them in memory)"
             )
         connect, opts = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=True, **connect)

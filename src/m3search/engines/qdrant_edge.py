@@ -40,7 +40,6 @@ process, Qdrant Edge serves concurrent reads; writes should come from one thread
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -52,7 +51,7 @@ import numpy as np
 import qdrant_edge as qe
 import scipy.sparse as sp
 
-from m3search.engines.base import allocated_bytes
+from m3search.engines.base import allocated_bytes, lock_exclusive
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (
@@ -164,12 +163,9 @@ def _in_use(root: Path) -> CollectionInUseError:
 
 def _lock(root: Path) -> int:
     """Take the collection's exclusive lock (non-blocking) or raise CollectionInUseError; returns the fd."""
-    fd = os.open(root / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise _in_use(root) from None
+    fd = lock_exclusive(root / LOCKFILE)
+    if fd is None:
+        raise _in_use(root)
     return fd
 
 

@@ -29,12 +29,15 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3search.errors import CollectionNotFoundError
 from m3search.plan import MODES, repeated  # MODES: the three representations, in the order weights are given
 from m3search.pooling import check_pool_factor
 from m3search.scoring import colbert_scores
 
 __all__ = [
     "SCHEMA_VERSION",
+    "MANIFEST_FORMAT",
+    "check_manifest",
     "COLBERT_DTYPES",
     "LOSSLESS_COLBERT_DTYPES",
     "COLBERT_QUANTIZATIONS",
@@ -57,6 +60,33 @@ __all__ = [
 #: points (engines/qdrant_common.py; schema 1-2 collections keep their layout); a document
 #: re-written by a long write keeps its non-head points under a generation (``"gen"``, same module).
 SCHEMA_VERSION = 3
+
+#: The manifest's ``format``: what marks stored data as an m3search collection.
+MANIFEST_FORMAT = "m3search-collection"
+
+
+def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping[str, Any]:
+    """``manifest`` if this m3search can read the collection it describes. The one check before anything
+    reads a collection (``Collection.open``, so ``info``, and ``migrate``, which would otherwise copy what
+    it cannot read and relabel it with this version): CollectionNotFoundError without an m3search
+    manifest, ValueError for a newer schema version, or a damaged one (a version that is not an integer,
+    no model record)."""
+    if not manifest or manifest.get("format") != MANIFEST_FORMAT:
+        raise CollectionNotFoundError(f"{location} has no m3search manifest")
+    version = manifest.get("schema_version", 0)  # absent in the first manifests
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(
+            f"the manifest of the collection at {location} is damaged (schema_version {version!r} is not an integer)"
+        )
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"collection at {location} has schema version {version}; "
+            f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
+        )
+    if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
+        raise ValueError(f"the manifest of the collection at {location} is damaged (no model record)")
+    return manifest
+
 
 #: Storage types of ColBERT token vectors (Qdrant's ``VectorStorageDatatype``): float32 and
 #: float16 are the lossless references; turbo16 / turbo8 / turbo4 are Qdrant's TurboQuant
