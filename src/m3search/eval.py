@@ -504,6 +504,7 @@ def _cached_index(
 ):
     """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
     from . import Collection
+    from .engines.base import write_durably
 
     settings = dict(settings or {})
     dtype = str(getattr(encoder, "dtype", "")).replace("torch.", "")
@@ -545,7 +546,7 @@ def _cached_index(
             shutil.rmtree(building, ignore_errors=True)
             raise
         info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
-        _write_atomic(done, json.dumps(info, indent=2))
+        write_durably(done, json.dumps(info, indent=2))
         return Collection.open(path, model=encoder), info
 
 
@@ -576,16 +577,6 @@ def _read_done(done: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename it over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- reports

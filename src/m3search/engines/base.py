@@ -77,6 +77,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "point_uuid",
     "allocated_bytes",
     "lock_exclusive",
+    "write_durably",
     "Schema",
     "PointBatch",
     "Record",
@@ -136,6 +137,25 @@ def lock_exclusive(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def write_durably(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full: no half-written file left for the next create to refuse
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Engine(ABC):

@@ -51,7 +51,7 @@ import numpy as np
 import qdrant_edge as qe
 import scipy.sparse as sp
 
-from m3search.engines.base import allocated_bytes, lock_exclusive
+from m3search.engines.base import allocated_bytes, lock_exclusive, write_durably
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (
@@ -206,25 +206,6 @@ def _check_free(root: Path, what: str, nbytes: int = 0) -> None:
             f"needed ({DISK_SAFETY} x ~{nbytes / mib:.1f} MiB written + {DISK_RESERVE // mib} MiB reserve); "
             "refused before it started, stored documents are intact: free some space and try again"
         )
-
-
-def _fsync_write(path: Path, data: str) -> None:
-    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # disk full: no half-written file left for the next create to refuse
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class QdrantEdgeEngine(QdrantEngine):
@@ -430,7 +411,7 @@ class QdrantEdgeEngine(QdrantEngine):
         return _load_manifest(self.root) if (self.root / MANIFEST).is_file() else None
 
     def write_manifest(self, manifest: dict) -> None:
-        _fsync_write(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_durably(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     # -------------------------------------------------------------- client hooks
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
