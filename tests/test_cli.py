@@ -470,6 +470,9 @@ def test_commands_route_through_running_server(
         out = one_json(cli("index", str(big), "-c", str(indexed), "--json", env=env))
         assert out["indexed"] == 4 and out["count"] == N_DOCS + 5, out
         cli("delete", *[f"big-{i}" for i in range(4)], "-c", str(indexed), env=env)
+        # more ids than the server's --max-batch (256) in one delete: sent in parts (it got 413 too)
+        many = [f"absent-{i}" for i in range(300)]
+        assert one_json(cli("delete", *many, "-c", str(indexed), "--json", env=env)) == {"deleted": [], "missing": many}
         assert one_json(cli("delete", "extra-1", "-c", str(indexed), "--json", env=env)) == {
             "deleted": ["extra-1"],
             "missing": [],

@@ -228,7 +228,7 @@ class _Remote:
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(600.0, connect=5.0))
         from .client import M3SearchClient
 
-        # writes go through the library client: it cuts them under the server's count and body limits
+        # writes and deletes go through the library client: it cuts them under the server's count and body limits
         self.writer = M3SearchClient(self.url, http_client=self.client)
         self.via = f"server {self.url} (pid {self.pid})"
         self.limits: dict[str, Any] = {}
@@ -260,7 +260,7 @@ class _Remote:
         )
 
     def delete(self, ids: Sequence[str]) -> dict:
-        return self._call("DELETE", "/documents", json={"ids": list(ids)})
+        return self.writer.delete(list(ids))
 
     def info(self) -> dict:
         out = self._call("GET", "/info")
