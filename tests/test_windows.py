@@ -122,6 +122,22 @@ def vector_points(col, doc_id: str) -> int:
     return sum(1 for p in hits if p.payload["id"] == doc_id)
 
 
+def stop_long_writes(monkeypatch, col) -> None:
+    """``col``'s long writes stop (KeyboardInterrupt) after two pieces: window 1 written, the head (last) not."""
+    real = col.engine.upsert_long
+
+    def stops(pieces):
+        def two():
+            it = iter(pieces)
+            yield next(it)
+            yield next(it)
+            raise KeyboardInterrupt("stopped")
+
+        real(two())
+
+    monkeypatch.setattr(col.engine, "upsert_long", stops)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpus, engine):
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
@@ -269,13 +285,98 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
         assert pending(a) == ["L"]  # b kept a's mark
         assert vector_points(b, "L") > 0 and b.get("L") == [None]  # stray windows, no document
         c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        c.add([texts[0]], ids=["z"])
-        assert pending(a) == ["L"] and vector_points(c, "L") > 0
-        monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
-        c.add([texts[1]], ids=["z2"])
-        assert pending(a) == [] and vector_points(c, "L") == 0
+        with monkeypatch.context() as server:  # as on a server, where other processes write: the lease decides
+            server.setattr(type(c.engine), "process_store", None)
+            c.add([texts[0]], ids=["z"])
+            assert pending(a) == ["L"] and vector_points(c, "L") > 0
+            server.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
+            c.add([texts[1]], ids=["z2"])
+            assert pending(a) == [] and vector_points(c, "L") == 0
     finally:
         for col in (a, b, c):
+            if col is not None:
+                col.close()
+
+
+_KILLED_DURING_A_LONG_WRITE = """
+import os, signal, sys
+import m3search.collection as collection
+from m3search.collection import Collection
+
+location, model, text = sys.argv[1:]
+col = Collection.open(location, model=model, dtype="float32")
+collection.PIECE_BYTES = 20 * 4 * col.schema.colbert_dim  # ~one window a piece
+real = col.engine.upsert_long
+
+def killed(pieces):
+    def two():  # two pieces written (window 1; the head comes last), then kill -9
+        it = iter(pieces)
+        yield next(it)
+        yield next(it)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real(two())
+
+col.engine.upsert_long = killed
+col.add([text], ids=["L"])
+"""
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.heavy)])  # ~22 s
+def test_a_long_write_killed_in_another_process_is_cleared_by_the_next_write(
+    tmp_path, tiny_model_path, tiny_encoder, corpus, engine
+):
+    """Milvus Lite and local mode lock their storage against other processes, so a pending mark whose client
+    is no open handle of this process is a dead writer's. A child killed (-9) part-way through a long write
+    left windows without a head and its mark: the next open and write cleared them at once, not 6 hours
+    (``PENDING_LEASE_S``) later, as on a server."""
+    texts, *_ = corpus
+    with create(engine, tmp_path, tiny_encoder) as a:
+        a.add([texts[0]], ids=["s"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [location(engine, tmp_path), str(tiny_model_path), texts[29]]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_DURING_A_LONG_WRITE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    with Collection.open(location(engine, tmp_path), model=tiny_encoder) as c:
+        assert pending(c) == ["L"] and vector_points(c, "L") > 0 and c.get("L") == [None]  # the killed write's
+        c.add([texts[1]], ids=["z"])
+        assert pending(c) == [] and vector_points(c, "L") == 0
+        assert c.count() == 2 and raw_points(c) == 2
+        assert {h.id for h in c.search(texts[29], k=10, mode="all", exact=True)} == {"s", "z"}
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_live_handle_s_long_write_is_left_alone_in_its_process(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """Two handles of one Milvus Lite file or local-mode folder in one process: A's long write stopped part-way
+    (A may yet write again, as if still under way). B's writes keep A's mark and windows however old the mark
+    is; once A is closed, B's next write clears them."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # every mark older than the lease
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        left = vector_points(b, "L")
+        b.add([texts[1]], ids=["t"])
+        assert pending(b) == ["L"] and vector_points(b, "L") == left > 0
+        a.close()
+        b.add([texts[2]], ids=["u"])
+        assert pending(b) == [] and vector_points(b, "L") == 0 and b.count() == 3
+    finally:
+        for col in (a, b):
             if col is not None:
                 col.close()
 
