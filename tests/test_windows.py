@@ -419,6 +419,29 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
                 col.close()
 
 
+def test_each_pending_mark_is_judged_once_per_write(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """A write's recovery (``_clear_pending``) asked ``_stale`` twice about every pending mark, once to find
+    the live ones and again for the stopped ones: once is enough, and one answer cannot disagree with itself."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])  # a's mark, live: a is open
+        with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
+            asked, real = [], Collection._stale
+
+            def counted(self, mark, now):
+                asked.append(mark["id"])
+                return real(self, mark, now)
+
+            monkeypatch.setattr(Collection, "_stale", counted)
+            b.add([texts[0]], ids=["s"])
+            assert asked == ["L"] and pending(b) == ["L"]
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

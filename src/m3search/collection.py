@@ -826,15 +826,21 @@ class Collection:
             return mark.get("client") not in _LIVE_CLIENTS.get(store, ())
         return now - float(mark.get("at", 0)) > PENDING_LEASE_S
 
+    def _stopped(self, marks: list) -> list:
+        """The pending marks of stopped writes (:meth:`_stale`, asked once per mark), less those of a document
+        that a live mark names too."""
+        now = time.time()
+        stale = [self._stale(m, now) for m in marks]
+        live = {_marked(m) for m, s in zip(marks, stale) if not s}
+        return [m for m, s in zip(marks, stale) if s and _marked(m) not in live]
+
     def _clear_pending(self) -> None:
         """After a crash during a long write, before anything else is written: remove that document's stray
         windows when it has no head (it is not stored), else what the write left beside the version its
         head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones).
         Not for a document another client is writing now (its mark is live): its windows are not strays, and
         a stopped write's mark of it stays for a later write."""
-        marks, now = self._manifest.get("pending") or [], time.time()
-        live = {m["id"] for m in marks if not self._stale(m, now)}
-        stale = [m for m in marks if self._stale(m, now) and _marked(m) not in live]
+        stale = self._stopped(self._manifest.get("pending") or [])
         if not stale:
             return
         pending = sorted({_marked(m) for m in stale})
