@@ -442,6 +442,54 @@ def test_each_pending_mark_is_judged_once_per_write(tmp_path, tiny_encoder, corp
             assert asked == ["L"] and pending(b) == ["L"]
 
 
+@pytest.mark.parametrize("engine, server", [("qdrant-local", False), ("milvus-lite", False), ("qdrant-local", True)])
+def test_a_long_write_begun_during_another_client_s_recovery_is_left_alone(
+    tmp_path, tiny_encoder, corpus, engine, server, monkeypatch
+):
+    """A's long write of L stopped long ago (A is closed). C's next write clears what it left; meanwhile, after
+    C read the marks and before it purged, B begins writing L anew (B's mark, then its first windows). C took
+    L for a stray still and removed B's windows: B's document would have lacked them. Re-reading the marks
+    right before purging, C sees B's live mark and leaves L to it. ``server``: as on a server (the lease
+    rule)."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = c = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        manifest = a.engine.read_manifest()  # A stopped longer ago than the lease
+        manifest["pending"] = [{**m, "at": m["at"] - collection.PENDING_LEASE_S - 1} for m in manifest["pending"]]
+        a.engine.write_manifest(manifest)
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        a.close()
+        if server:
+            monkeypatch.setattr(type(c.engine), "process_store", None)
+        stop_long_writes(monkeypatch, b)
+        real, began = c.engine.existing, []
+
+        def b_begins(ids):  # C's recovery asks whether L is stored: B begins its long write of L first
+            if "L" in ids and not began:
+                with pytest.raises(KeyboardInterrupt):  # (stopped with two pieces written: as if still under way)
+                    b.add([texts[28]], ids=["L"])
+                began.append(vector_points(b, "L"))
+            return real(ids)
+
+        monkeypatch.setattr(c.engine, "existing", b_begins)
+        c.add([texts[1]], ids=["t"])
+        assert began[0] > 0 and vector_points(c, "L") == began[0]  # B's windows, whole
+        assert [m["client"] for m in c.engine.read_manifest()["pending"]] == [b._client]
+    finally:
+        for col in (a, b, c):
+            if col is not None:
+                col.close()
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

@@ -839,12 +839,19 @@ class Collection:
         windows when it has no head (it is not stored), else what the write left beside the version its
         head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones).
         Not for a document another client is writing now (its mark is live): its windows are not strays, and
-        a stopped write's mark of it stays for a later write."""
+        a stopped write's mark of it stays for a later write. Where others write, the marks are read again
+        right before removing anything: one may have begun writing such a document since (its mark comes
+        before its first window)."""
         stale = self._stopped(self._manifest.get("pending") or [])
         if not stale:
             return
         pending = sorted({_marked(m) for m in stale})
         stored = self._engine.existing(pending)
+        if self._engine.shared:
+            self._sync()
+            stale = [m for m in self._stopped(self._manifest.get("pending") or []) if _marked(m) in pending]
+            pending = sorted({_marked(m) for m in stale})
+            stored &= set(pending)
         stray = [i for i in pending if i not in stored]
         if stray:
             self._engine.purge(stray)
