@@ -794,6 +794,8 @@ def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, c
     (path / "manifest.json").write_text(json.dumps(m))
     with Collection.open(path, model=tiny_encoder) as col:
         assert col.settings["max_windows"] == 1
+        shown = col.info()["settings"]  # what `m3search info` shows: the settings in force
+        assert (shown["max_windows"], shown["window"], shown["stride"]) == (1, None, None)
         col.add(texts[20:23], ids=ids[20:23])  # long ones: cut, one window each
         assert col.count() == 6 and raw_points(col) == 6
         assert col.search(texts[1], k=1, mode="all", exact=True)[0].id == ids[1]

@@ -499,7 +499,7 @@ class Collection:
             "engine": m.get("engine"),
             "count": int(self.count()),
             "model": m.get("model"),
-            "settings": m.get("settings"),
+            "settings": self._shown_settings(m.get("settings") or {}),
             "tuning": m.get("tuning"),  # how `m3search tune` chose the search defaults (None: built-in)
             "schema": self.schema.to_dict(),  # every layout key, also for manifests older than the key
             "created": m.get("created"),
@@ -509,6 +509,11 @@ class Collection:
         if disk is not None:
             out["disk_bytes"] = disk
         return _plain(out)
+
+    def _shown_settings(self, stored: dict) -> dict:
+        """The manifest's settings, with the value in force for any setting it predates (a collection made
+        before windows shows ``max_windows`` 1: it cuts long texts)."""
+        return {**stored, **{k: self.settings[k] for k in _SETTINGS_DEFAULTS if k not in stored}}
 
     def optimize(self) -> bool:
         """Build pending indexes now (the dense HNSW graph); also run after every ingest call."""
