@@ -554,19 +554,14 @@ def _cached_index(
 def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, saying so). Why: two evals (or eval and
     tune) of one dataset deleted each other's index being built; the second now waits for the first."""
-    import fcntl
+    from .engines.base import lock_exclusive
 
-    with open(lock_path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"waiting for another process building or opening {lock_path.stem} ...", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    waiting = f"waiting for another process building or opening {lock_path.stem} ..." if progress else None
+    fd = lock_exclusive(lock_path, wait=True, waiting=waiting)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_done(done: Path) -> dict[str, Any] | None:
