@@ -489,6 +489,47 @@ def test_commands_route_through_running_server(
     assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
 
 
+def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
+    """Every search option and the text output through a server: the CLI shows the server's own hits,
+    unchanged (JSON) and laid out as a local search's (text); a request the server refuses is one line
+    naming it."""
+    import httpx
+
+    from m3search.cli import format_hit
+
+    proc, record = _start_server(["--dtype", "float32"], indexed)
+    try:
+        src = tmp_path / "extra.jsonl"
+        src.write_text('{"_id": "extra-1", "text": "a note on hypersonic heat transfer", "year": 2024}\n')
+        cli("index", str(src), "-c", str(indexed))
+        query = "heat transfer in laminar flow"
+        for body, opts in (
+            (
+                {"k": 3, "mode": "all", "fusion": "rrf", "weights": [0.5, 0.2, 0.3], "candidates": 20, "explain": True},
+                ["-k", "3", "--mode", "all", "--fusion", "rrf", "--weights", "0.5,0.2,0.3", "--candidates", "20"]
+                + ["--explain"],
+            ),
+            ({"k": 5, "filter": {"year": 2024}}, ["-k", "5", "--filter", '{"year": 2024}']),
+        ):
+            served = httpx.post(record["url"] + "/search", json={"query": query, **body}, timeout=60).json()["hits"]
+            assert served
+            hits = one_json(cli("search", query, "-c", str(indexed), *opts, "--json"))["hits"]
+            assert hits == served
+            text = cli("search", query, "-c", str(indexed), *opts).stdout
+            assert text == "".join(line + "\n" for rank, h in enumerate(served, 1) for line in format_hit(rank, h))
+        # the server refuses k above its max_k (1,000): its message, on one line, naming it
+        p = cli("search", query, "-c", str(indexed), "-k", "5000", check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert (
+            record["url"] in p.stderr
+            and "exceeds the limit of 1000" in p.stderr
+            and len(p.stderr.strip().splitlines()) == 1
+        )
+        cli("delete", "extra-1", "-c", str(indexed))
+    finally:
+        _stop(proc)
+
+
 def test_migrate_copies_without_reencoding(indexed, tmp_path):
     if not (Path(__file__).parents[1] / "src" / "m3search" / "migrate.py").exists():
         pytest.skip("m3search.migrate is not there")

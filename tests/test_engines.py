@@ -775,6 +775,33 @@ def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
     assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
 
 
+def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
+    """One flock helper serves the collection locks (refused at once: None) and eval's cache lock (with
+    ``wait``: blocks until the holder lets go, after printing the caller's message, only when it must wait)."""
+    import os
+    import threading
+
+    from m3search.engines.base import lock_exclusive
+
+    path = tmp_path / "lock"
+    held = lock_exclusive(path, wait=True, waiting="not said: the lock is free")
+    assert held is not None and lock_exclusive(path) is None  # another open file description: refused at once
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(fd=lock_exclusive(path, wait=True, waiting="waiting here")))
+    waiter.start()
+    waiter.join(1)
+    assert waiter.is_alive() and not got
+    os.close(held)
+    waiter.join(30)
+    assert got["fd"] is not None and lock_exclusive(path) is None  # the waiter holds it now
+    os.close(got["fd"])
+    err = capfd.readouterr().err
+    assert err.count("waiting here") == 1 and "not said" not in err
+    free = lock_exclusive(path)
+    assert free is not None
+    os.close(free)
+
+
 def test_allocated_bytes_counts_no_blocks_for_a_file_with_none(tmp_path):
     """A sparse file with no allocated block was counted at its apparent size (``0 * 512 or st_size``), so
     info's disk_bytes overstated disk use."""

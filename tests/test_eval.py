@@ -440,6 +440,59 @@ def test_cache_build_waits_for_another_and_deletes_nothing(tmp_path, tiny_encode
     assert again["cached"] is True and marker.exists()
 
 
+def test_cached_index_in_use_by_another_eval_is_waited_for(tmp_path, tiny_encoder, capfd):
+    """A second eval of a corpus, started while the first was searching its cached index, failed "in use"
+    (the build lock is let go once the index is open; the index's own lock is held for the searches). Now it
+    waits for the first to close it, saying so, as it waits for a build. This process holding it: still the
+    error (waiting would never end)."""
+    import threading
+
+    from m3search.errors import CollectionInUseError
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    with pytest.raises(CollectionInUseError, match="in use by process"):
+        _cached_index(data, tiny_encoder, cache, batch_size=None, progress=True)
+    col.close()
+    # the first eval, searching in another process until told to stop
+    code = (
+        "import sys; from m3search import Collection\n"
+        f"col = Collection.open({info['path']!r})\n"
+        "print('HELD', flush=True); sys.stdin.readline(); col.close(); print('CLOSED', flush=True)\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline().strip() == "HELD", first.stderr.read()[-2000:]
+        got: dict = {}
+
+        def second() -> None:
+            try:
+                got["r"] = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=True)
+            except Exception as exc:  # the old code: CollectionInUseError at once
+                got["error"] = exc
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(3)
+        assert waiter.is_alive() and not got, got  # waiting for the first
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "CLOSED"
+        waiter.join(60)
+    finally:
+        first.kill()
+        first.wait(10)
+    assert "r" in got, got
+    col, again = got["r"]
+    with col:
+        assert again["cached"] is True and col.count() == 12
+    assert f"waiting for another process using {Path(info['path']).name} ..." in capfd.readouterr().err
+
+
 def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
     """A truncated <key>.done.json (a build killed while writing it) failed every later run with "Expecting
     value: line 1 column 1 (char 0)", naming no file. Now it counts as an unfinished build: rebuilt."""

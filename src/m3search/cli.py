@@ -217,53 +217,32 @@ class _Local:
 
 
 class _Remote:
-    """A collection held by a running ``m3search serve``, reached over HTTP."""
+    """A collection held by a running ``m3search serve``, reached over HTTP through the library's
+    :class:`~m3search.client.M3SearchClient` (one HTTP client in the package: its writes are cut under the
+    server's count and body limits, busy answers are asked again, and its errors name the server)."""
 
     def __init__(self, record: dict[str, Any], api_key: str | None):
-        import httpx
+        from .client import M3SearchClient
 
         self.url = record["url"]
         self.pid = record.get("pid")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(600.0, connect=5.0))
-        from .client import M3SearchClient
-
-        # writes and deletes go through the library client: it cuts them under the server's count and body limits
-        self.writer = M3SearchClient(self.url, http_client=self.client)
+        self.client = M3SearchClient(self.url, api_key=api_key)
         self.via = f"server {self.url} (pid {self.pid})"
         self.limits: dict[str, Any] = {}
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        import httpx
-
-        try:
-            response = self.client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"the server at {self.url} (pid {self.pid}) failed to answer: {exc}") from None
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:300]
-            raise click.ClickException(f"server {self.url}: {message}")
-        return response.json()
-
     def search(self, query: str, **kwargs: Any) -> list[dict]:
-        body = {"query": query, **{k: v for k, v in kwargs.items() if v is not None}}
-        if "weights" in body:
-            body["weights"] = list(body["weights"])
-        return self._call("POST", "/search", json=body)["hits"]
+        return [h.to_dict() for h in self.client.search(query, **kwargs)]
 
     def upsert(self, records: Sequence[Any]) -> None:
-        self.writer.upsert(
+        self.client.upsert(
             [r.text for r in records], ids=[r.id for r in records], metadata=[r.metadata for r in records]
         )
 
     def delete(self, ids: Sequence[str]) -> dict:
-        return self.writer.delete(list(ids))
+        return self.client.delete(list(ids))
 
     def info(self) -> dict:
-        out = self._call("GET", "/info")
+        out = self.client.info()
         self.limits, self.model = out.get("limits") or {}, out.get("model") or {}
         return out.get("collection") or {}
 

@@ -527,7 +527,7 @@ def _cached_index(
         info = _read_done(done) if path.exists() else None
         if info is not None:
             info["cached"] = True
-            return Collection.open(path, model=encoder), info
+            return _open_cached(path, encoder, progress=progress), info
         # absent, or a build that stopped part-way (no readable .done.json): start over. Nobody else is
         # building it (the lock), so its folder and any temporary one left by a killed build can go.
         done.unlink(missing_ok=True)
@@ -550,23 +550,34 @@ def _cached_index(
         return Collection.open(path, model=encoder), info
 
 
+def _open_cached(path: Path, encoder: Any, *, progress: bool) -> Any:
+    """The finished cached index at ``path``, opened; while another process (an eval, tune or finetune of the
+    same corpus) is searching it, waited for, saying so, as for a build. Why: a second eval started during
+    the first one's searches failed "in use" (the build lock is let go once the index is open). Called with
+    the build lock held, so no other eval takes the index between the wait and the open."""
+    from . import Collection
+    from .engines.qdrant_edge import wait_until_free
+    from .errors import CollectionInUseError
+
+    while True:
+        try:
+            return Collection.open(path, model=encoder)
+        except CollectionInUseError:
+            wait_until_free(path, f"waiting for another process using {path.name} ..." if progress else None)
+
+
 @contextlib.contextmanager
 def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, saying so). Why: two evals (or eval and
     tune) of one dataset deleted each other's index being built; the second now waits for the first."""
-    import fcntl
+    from .engines.base import lock_exclusive
 
-    with open(lock_path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"waiting for another process building or opening {lock_path.stem} ...", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    waiting = f"waiting for another process building or opening {lock_path.stem} ..." if progress else None
+    fd = lock_exclusive(lock_path, wait=True, waiting=waiting)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_done(done: Path) -> dict[str, Any] | None:

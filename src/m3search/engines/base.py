@@ -52,6 +52,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -129,17 +130,28 @@ def allocated_bytes(path: Path) -> int:
     return total
 
 
-def lock_exclusive(path: Path) -> int | None:
-    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing): its fd, or None when another
-    open file description (another process, or another open in this one) holds it. The file is never
-    deleted: unlinking a lock file lets the next process lock a new file of the same name while the holder
-    still has the old one (how milvus-lite's own lock let a second process in). Closing the fd releases it."""
+def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its fd, or None when another open file
+    description (another process, or another open in this one) holds it. With ``wait``, a held lock is waited
+    for instead (``waiting``, if given, printed to stderr first, so a caller that blocks says why) and the fd
+    is always returned: one helper for the collection locks that refuse at once and eval's cache lock that
+    queues. The file is never deleted: unlinking a lock file lets the next process lock a new file of the
+    same name while the holder still has the old one (how milvus-lite's own lock let a second process in).
+    Closing the fd releases it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:  # Ctrl-C while waiting: no fd left open
         os.close(fd)
-        return None
+        raise
     return fd
 
 

@@ -149,11 +149,16 @@ class _EdgeDialect:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
-def _in_use(root: Path) -> CollectionInUseError:
+def _holder(root: Path) -> int | None:
+    """The pid the process holding the collection wrote, or None when there is none to read."""
     try:
-        pid = int((root / PIDFILE).read_text().strip())
+        return int((root / PIDFILE).read_text().strip())
     except (OSError, ValueError):
-        pid = None
+        return None
+
+
+def _in_use(root: Path) -> CollectionInUseError:
+    pid = _holder(root)
     who = f"process {pid}" if pid is not None else "another process"
     return CollectionInUseError(
         f"collection at {root} is in use by {who}; a collection is opened by one process at a time "
@@ -167,6 +172,16 @@ def _lock(root: Path) -> int:
     if fd is None:
         raise _in_use(root)
     return fd
+
+
+def wait_until_free(root: Path, waiting: str | None = None) -> None:
+    """Block until no process holds the collection at ``root`` (``waiting`` printed first if it must wait),
+    for a caller that would rather queue than get :class:`CollectionInUseError` (eval's cached index). The
+    lock is let go at once: whoever opens the collection next takes it as usual. Held by this very process,
+    it is :class:`CollectionInUseError` still: that wait would never end."""
+    if _holder(root) == os.getpid():
+        raise _in_use(root)
+    os.close(lock_exclusive(root / LOCKFILE, wait=True, waiting=waiting))
 
 
 def _load_manifest(root: Path) -> dict:
