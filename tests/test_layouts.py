@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from m3search import Collection
-from m3search.engines.shapes import COLBERT_DTYPES, COLBERT_QUANTIZATIONS, SCHEMA_VERSION, Schema
+from m3search.engines.shapes import COLBERT_DTYPES, COLBERT_QUANTIZATIONS, CREATED_SCHEMA_VERSION, Schema
 from m3search.pooling import pool_tokens
 
 TEXTS = [
@@ -131,7 +131,7 @@ def test_version_1_manifest_opens_as_float16_unpooled(tmp_path, tiny_encoder):
         col.add(TEXTS, ids=IDS)
         before = [(h.id, h.scores["colbert"]) for h in col.search(QUERY, k=3, mode="colbert")]
     m = json.loads((path / "manifest.json").read_text())
-    assert m["schema_version"] == SCHEMA_VERSION == 3
+    assert m["schema_version"] == CREATED_SCHEMA_VERSION == 3
     m["schema_version"] = 1
     for key in ("colbert_quantization", "colbert_rescore", "colbert_pool_factor"):
         del m["schema"][key]

@@ -1421,3 +1421,35 @@ def test_a_long_text_shows_window_progress(tmp_path, tiny_encoder, corpus, capsy
         col.add([" ".join(texts)], ids=["long"], show_progress=True)
         assert "window" in capsys.readouterr().err
         assert col.get("long")[0].windows > 3
+
+
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
+    tmp_path, tiny_encoder, corpus, engine, monkeypatch
+):
+    """A document written in pieces leaves points with a generation and pending marks with a lease, which an
+    m3search reading up to schema 3 misread (wrong hits, a delete that left the document; a TypeError on its
+    next write). That write raises the collection to schema 4, which they refuse; a collection without one
+    stays at 3, readable by them, and so does its migrated copy."""
+    import m3search.collection as collection
+    import m3search.engines.shapes as shapes
+    from m3search.migrate import migrate
+
+    texts, *_ = corpus
+    with create(engine, tmp_path, tiny_encoder) as col:
+        col.add(texts[:2], ids=["s1", "s2"])
+        assert col.engine.read_manifest()["schema_version"] == 3
+        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        col.add([texts[29]], ids=["L"])
+        stored = col.engine.read_manifest()
+        assert stored["schema_version"] == 4 and stored["pending"] == [] and col.count() == 3
+    with monkeypatch.context() as older:  # an m3search that reads up to 3 refuses it with its own clear error
+        older.setattr(shapes, "SCHEMA_VERSION", 3)
+        with pytest.raises(ValueError, match="schema version 4; this m3search reads up to 3"):
+            shapes.check_manifest(stored, "col")
+    with Collection.open(location(engine, tmp_path), model=tiny_encoder) as col:  # this one reads it
+        assert col.get("L")[0].text == texts[29]
+    monkeypatch.setattr(collection, "PIECE_BYTES", 256 << 20)
+    assert migrate(location(engine, tmp_path), str(tmp_path / "copy"))["copied"] == 3  # whole documents only
+    with Collection.open(tmp_path / "copy", model=tiny_encoder) as copy:
+        assert copy.engine.read_manifest()["schema_version"] == 3 and copy.get("L")[0].text == texts[29]

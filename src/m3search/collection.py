@@ -51,6 +51,7 @@ import numpy as np
 from m3search.engines import resolve_engine, taken
 from m3search.engines.base import Engine
 from m3search.engines.shapes import (
+    CREATED_SCHEMA_VERSION,
     MANIFEST_FORMAT,
     SCHEMA_VERSION,
     PointBatch,
@@ -405,7 +406,7 @@ class Collection:
         ).check_new()
         manifest = {
             "format": MANIFEST_FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": CREATED_SCHEMA_VERSION,
             "engine": engine_cls.name,
             "created": _now(),
             "m3search_version": _version(),
@@ -826,6 +827,8 @@ class Collection:
         def edit(manifest: dict) -> None:
             others = [m for m in manifest.get("pending") or [] if not self._mine(m, doc_id)]
             manifest["pending"] = [*others, mark] if writing else others
+            # before the first piece: older releases must refuse what they would misread (shapes.SCHEMA_VERSION)
+            manifest["schema_version"] = max(int(manifest.get("schema_version") or 0), SCHEMA_VERSION)
 
         self._write_manifest(edit)
 

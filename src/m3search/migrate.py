@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from m3search.engines import resolve_engine, taken
-from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, SCHEMA_VERSION, PointBatch, Record, Schema, check_manifest
+from m3search.engines.shapes import (
+    CREATED_SCHEMA_VERSION,
+    LOSSLESS_COLBERT_DTYPES,
+    SCHEMA_VERSION,
+    PointBatch,
+    Record,
+    Schema,
+    check_manifest,
+)
 from m3search.plan import check_int
 from m3search.pooling import pool_tokens
 
@@ -145,7 +153,7 @@ def migrate(
                 f"(CLI: {' '.join(flag for _, flag in change.values())})"
             ) from None
         try:
-            copied = _copy(source, target, total, batch_size, show_progress, pool)
+            copied, in_pieces = _copy(source, target, total, batch_size, show_progress, pool)
             found = target.count()
             if found != total or copied != total:
                 raise RuntimeError(
@@ -156,8 +164,10 @@ def migrate(
             target.optimize()
             out = dict(manifest)
             out["engine"] = dst_cls.name
-            # the destination's points are written in this version's layout, with the layout asked for
-            out["schema"], out["schema_version"] = schema.to_dict(), SCHEMA_VERSION
+            # the destination's points are written in this version's layout, with the layout asked for (and
+            # in the one older releases cannot read only if a document was written in pieces)
+            version = SCHEMA_VERSION if in_pieces else CREATED_SCHEMA_VERSION
+            out["schema"], out["schema_version"], out["pending"] = schema.to_dict(), version, []
             # the destination may need more points per document (a Qdrant server stores long windows in parts)
             out["max_windows_stored"] = max(int(out.get("max_windows_stored", 1)), target.max_windows)
             out["migrated_from"] = {
@@ -193,8 +203,8 @@ def _pooled(batch: PointBatch, pool_factor: int) -> PointBatch:
 
 def _copy(
     source: Any, target: Any, total: int, batch_size: int, show_progress: bool | None, pool_factor: int = 1
-) -> int:
-    """Copy every document, about :data:`~m3search.collection.PIECE_BYTES` of token vectors at a time (what
+) -> tuple[int, bool]:
+    """Copy every document (returns how many, and whether one was written in pieces), about :data:`~m3search.collection.PIECE_BYTES` of token vectors at a time (what
     ingest holds): the ids first (a read without vectors), then the vectors of groups of documents estimated
     to fit a piece, written in groups that do (a larger document through :meth:`Engine.upsert_long`, in
     pieces of its windows). Reading whole batches of ``batch_size`` documents with every window held ~6.6
@@ -215,9 +225,10 @@ def _copy(
     piece = collection.PIECE_BYTES
     per_token = 4 * source.schema.colbert_dim  # float32, as read
     most = 0  # tokens of the longest window read so far
+    in_pieces = False
 
     def copy_group(ids: list[str]) -> None:
-        nonlocal most
+        nonlocal most, in_pieces
         docs = [ws for ws in source.get_windows(ids, with_vectors=True) if ws]
         most = max([most, *(len(r.colbert) for ws in docs for r in ws)])
         whole: list[Record] = []
@@ -228,6 +239,7 @@ def _copy(
                 target.upsert(_pooled(PointBatch.from_records(whole, source.schema.vocab_size), pool_factor))
                 whole, held = [], 0
             if size > piece:
+                in_pieces = True
                 target.upsert_long(_pooled(p, pool_factor) for p in _window_pieces(ws, piece, per_token, source.schema))
             else:
                 whole += ws
@@ -257,7 +269,7 @@ def _copy(
     finally:
         if progress is not None:
             progress.close()
-    return copied
+    return copied, in_pieces
 
 
 def _window_pieces(recs: list[Record], piece: int, per_token: int, schema: Schema) -> Iterator[PointBatch]:

@@ -36,6 +36,7 @@ from m3search.scoring import colbert_scores
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CREATED_SCHEMA_VERSION",
     "MANIFEST_FORMAT",
     "check_manifest",
     "COLBERT_DTYPES",
@@ -59,7 +60,15 @@ __all__ = [
 #: 3: Qdrant point layout with metadata as a one-element array and long texts on vector-less
 #: points (engines/qdrant_common.py; schema 1-2 collections keep their layout); a document
 #: re-written by a long write keeps its non-head points under a generation (``"gen"``, same module).
-SCHEMA_VERSION = 3
+#: 4: a document has been written in pieces (``Engine.upsert_long``): its points carry a generation
+#: (Qdrant) or a slot (Milvus) and the manifest's pending marks are ``{"id", "client", "at"}``, which
+#: m3search releases reading up to 3 misread (wrong hits, a delete that leaves the document) or fail on
+#: (a TypeError on their next write). Raised by the first such write, not at creation, so a collection
+#: without one stays readable by them (:data:`CREATED_SCHEMA_VERSION`).
+SCHEMA_VERSION = 4
+#: The version a collection is created (or migrated) with, until its first write in pieces raises it to
+#: :data:`SCHEMA_VERSION`.
+CREATED_SCHEMA_VERSION = 3
 
 #: The manifest's ``format``: what marks stored data as an m3search collection.
 MANIFEST_FORMAT = "m3search-collection"
