@@ -115,6 +115,22 @@ def test_add_rejects_existing_ids_and_writes_nothing(col):
     assert col.count() == len(TEXTS)
 
 
+def test_an_ingest_asked_to_stop_stops_between_batches_and_names_what_it_wrote(tmp_path, tiny_encoder):
+    """``stop`` (how a server shutting down ends a long write) is asked before each batch: the batches before it
+    are stored whole, the rest not at all, and the error names the documents written."""
+    from m3search.errors import IngestInterrupted
+
+    c = Collection.create(tmp_path / "col", model=tiny_encoder)
+    asked = []
+    with pytest.raises(IngestInterrupted) as exc:
+        c.upsert(TEXTS, ids=IDS, metadata=META, batch_size=2, stop=lambda: asked.append(1) or len(asked) > 2)
+    assert exc.value.ids == IDS[:4] and exc.value.total == len(TEXTS)
+    assert "after 4 of 7 documents" in str(exc.value)
+    assert c.count() == 4
+    assert [d.text if d else None for d in c.get(IDS)] == TEXTS[:4] + [None] * 3
+    c.close()
+
+
 def test_upsert_get_update_delete(col):
     col.upsert(["replaced text"], ids=["d1"], metadata=[{"lang": "xx"}])
     r = col.get(["zz", "d1", "d0"])

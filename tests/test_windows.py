@@ -122,6 +122,22 @@ def vector_points(col, doc_id: str) -> int:
     return sum(1 for p in hits if p.payload["id"] == doc_id)
 
 
+def stop_long_writes(monkeypatch, col) -> None:
+    """``col``'s long writes stop (KeyboardInterrupt) after two pieces: window 1 written, the head (last) not."""
+    real = col.engine.upsert_long
+
+    def stops(pieces):
+        def two():
+            it = iter(pieces)
+            yield next(it)
+            yield next(it)
+            raise KeyboardInterrupt("stopped")
+
+        real(two())
+
+    monkeypatch.setattr(col.engine, "upsert_long", stops)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpus, engine):
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
@@ -269,13 +285,98 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
         assert pending(a) == ["L"]  # b kept a's mark
         assert vector_points(b, "L") > 0 and b.get("L") == [None]  # stray windows, no document
         c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        c.add([texts[0]], ids=["z"])
-        assert pending(a) == ["L"] and vector_points(c, "L") > 0
-        monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
-        c.add([texts[1]], ids=["z2"])
-        assert pending(a) == [] and vector_points(c, "L") == 0
+        with monkeypatch.context() as server:  # as on a server, where other processes write: the lease decides
+            server.setattr(type(c.engine), "process_store", None)
+            c.add([texts[0]], ids=["z"])
+            assert pending(a) == ["L"] and vector_points(c, "L") > 0
+            server.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
+            c.add([texts[1]], ids=["z2"])
+            assert pending(a) == [] and vector_points(c, "L") == 0
     finally:
         for col in (a, b, c):
+            if col is not None:
+                col.close()
+
+
+_KILLED_DURING_A_LONG_WRITE = """
+import os, signal, sys
+import m3search.collection as collection
+from m3search.collection import Collection
+
+location, model, text = sys.argv[1:]
+col = Collection.open(location, model=model, dtype="float32")
+collection.PIECE_BYTES = 20 * 4 * col.schema.colbert_dim  # ~one window a piece
+real = col.engine.upsert_long
+
+def killed(pieces):
+    def two():  # two pieces written (window 1; the head comes last), then kill -9
+        it = iter(pieces)
+        yield next(it)
+        yield next(it)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real(two())
+
+col.engine.upsert_long = killed
+col.add([text], ids=["L"])
+"""
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.heavy)])  # ~22 s
+def test_a_long_write_killed_in_another_process_is_cleared_by_the_next_write(
+    tmp_path, tiny_model_path, tiny_encoder, corpus, engine
+):
+    """Milvus Lite and local mode lock their storage against other processes, so a pending mark whose client
+    is no open handle of this process is a dead writer's. A child killed (-9) part-way through a long write
+    left windows without a head and its mark: the next open and write cleared them at once, not 6 hours
+    (``PENDING_LEASE_S``) later, as on a server."""
+    texts, *_ = corpus
+    with create(engine, tmp_path, tiny_encoder) as a:
+        a.add([texts[0]], ids=["s"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [location(engine, tmp_path), str(tiny_model_path), texts[29]]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_DURING_A_LONG_WRITE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    with Collection.open(location(engine, tmp_path), model=tiny_encoder) as c:
+        assert pending(c) == ["L"] and vector_points(c, "L") > 0 and c.get("L") == [None]  # the killed write's
+        c.add([texts[1]], ids=["z"])
+        assert pending(c) == [] and vector_points(c, "L") == 0
+        assert c.count() == 2 and raw_points(c) == 2
+        assert {h.id for h in c.search(texts[29], k=10, mode="all", exact=True)} == {"s", "z"}
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_live_handle_s_long_write_is_left_alone_in_its_process(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """Two handles of one Milvus Lite file or local-mode folder in one process: A's long write stopped part-way
+    (A may yet write again, as if still under way). B's writes keep A's mark and windows however old the mark
+    is; once A is closed, B's next write clears them."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # every mark older than the lease
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        left = vector_points(b, "L")
+        b.add([texts[1]], ids=["t"])
+        assert pending(b) == ["L"] and vector_points(b, "L") == left > 0
+        a.close()
+        b.add([texts[2]], ids=["u"])
+        assert pending(b) == [] and vector_points(b, "L") == 0 and b.count() == 3
+    finally:
+        for col in (a, b):
             if col is not None:
                 col.close()
 
@@ -314,6 +415,77 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
         assert b.count() == 3 and pending(a) == []
     finally:
         for col in (a, b):
+            if col is not None:
+                col.close()
+
+
+def test_each_pending_mark_is_judged_once_per_write(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """A write's recovery (``_clear_pending``) asked ``_stale`` twice about every pending mark, once to find
+    the live ones and again for the stopped ones: once is enough, and one answer cannot disagree with itself."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])  # a's mark, live: a is open
+        with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
+            asked, real = [], Collection._stale
+
+            def counted(self, mark, now):
+                asked.append(mark["id"])
+                return real(self, mark, now)
+
+            monkeypatch.setattr(Collection, "_stale", counted)
+            b.add([texts[0]], ids=["s"])
+            assert asked == ["L"] and pending(b) == ["L"]
+
+
+@pytest.mark.parametrize("engine, server", [("qdrant-local", False), ("milvus-lite", False), ("qdrant-local", True)])
+def test_a_long_write_begun_during_another_client_s_recovery_is_left_alone(
+    tmp_path, tiny_encoder, corpus, engine, server, monkeypatch
+):
+    """A's long write of L stopped long ago (A is closed). C's next write clears what it left; meanwhile, after
+    C read the marks and before it purged, B begins writing L anew (B's mark, then its first windows). C took
+    L for a stray still and removed B's windows: B's document would have lacked them. Re-reading the marks
+    right before purging, C sees B's live mark and leaves L to it. ``server``: as on a server (the lease
+    rule)."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = c = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        manifest = a.engine.read_manifest()  # A stopped longer ago than the lease
+        manifest["pending"] = [{**m, "at": m["at"] - collection.PENDING_LEASE_S - 1} for m in manifest["pending"]]
+        a.engine.write_manifest(manifest)
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        a.close()
+        if server:
+            monkeypatch.setattr(type(c.engine), "process_store", None)
+        stop_long_writes(monkeypatch, b)
+        real, began = c.engine.existing, []
+
+        def b_begins(ids):  # C's recovery asks whether L is stored: B begins its long write of L first
+            if "L" in ids and not began:
+                with pytest.raises(KeyboardInterrupt):  # (stopped with two pieces written: as if still under way)
+                    b.add([texts[28]], ids=["L"])
+                began.append(vector_points(b, "L"))
+            return real(ids)
+
+        monkeypatch.setattr(c.engine, "existing", b_begins)
+        c.add([texts[1]], ids=["t"])
+        assert began[0] > 0 and vector_points(c, "L") == began[0]  # B's windows, whole
+        assert [m["client"] for m in c.engine.read_manifest()["pending"]] == [b._client]
+    finally:
+        for col in (a, b, c):
             if col is not None:
                 col.close()
 

@@ -14,7 +14,7 @@ Guarantees:
   output (a batch whose windows hold more is several writes, each atomic, each document
   whole); a document longer than a piece is written piece by piece (``Engine.upsert_long``)
   and appears when complete; a crash leaves it absent (removed again before the next write; on a server,
-  where other clients may be writing, once the writer's lease :data:`PENDING_LEASE_S` has run out).
+  where other processes may be writing, once the writer's lease :data:`PENDING_LEASE_S` has run out).
 * Long documents: a text longer than ``window`` tokens is stored as overlapping windows
   (``window`` tokens, one every ``stride``; at most ``max_windows``). A document's score
   in each mode is its best window's; fusion then ranks documents. A hit names the window
@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +66,7 @@ from m3search.errors import (
     CollectionInUseError,
     CollectionNotFoundError,
     DuplicateIdError,
+    IngestInterrupted,
     ModelMismatchError,
     UnknownIdError,
 )
@@ -130,6 +132,9 @@ PIECE_BYTES = 256 << 20
 #: would remove a live writer's windows, while too long only keeps a crashed one's hidden leftovers
 #: stored a while longer.
 PENDING_LEASE_S = 6 * 3600
+#: The client names (``Collection._client``) of this process's open handles, per storage that only this
+#: process writes (``Engine.process_store``): there, a pending mark of any other client is a dead writer's.
+_LIVE_CLIENTS: dict[str, set[str]] = {}
 #: What a search request may leave out: the built-in values, which ``m3search tune`` may replace per collection
 #: (``settings`` of the manifest; see :meth:`Collection.set_search_defaults`).
 SEARCH_DEFAULTS = {
@@ -318,6 +323,11 @@ class Collection:
         self._manifest = manifest
         #: This client's name on its pending marks (:meth:`_mark_pending`).
         self._client = uuid.uuid4().hex
+        store = engine.process_store
+        live = set() if store is None else _LIVE_CLIENTS.setdefault(store, set())  # (None: no one asks)
+        live.add(self._client)
+        #: Drops this client from its storage's open handles: at close, or when the handle is collected unclosed.
+        self._unlive = weakref.finalize(self, live.discard, self._client)
         self._model_spec = model
         self._encoder = None
         self._lock = threading.RLock()
@@ -453,7 +463,10 @@ class Collection:
         return col
 
     def close(self) -> None:
-        self._engine.close()
+        try:
+            self._engine.close()
+        finally:
+            self._unlive()
 
     def __enter__(self) -> Collection:
         return self
@@ -607,6 +620,7 @@ class Collection:
         batch_size: int | None = None,
         show_progress: bool | None = None,
         optimize: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> list[str]:
         """Encode and store new documents; returns their ids (generated when ``ids`` is None).
 
@@ -620,8 +634,13 @@ class Collection:
         scanned), and what was written is in the engine's write-ahead log, so a killed process keeps it
         (tests/test_durability.py); Qdrant Edge holds the GIL while it optimizes or flushes (measured:
         2.1 s and 0.07-0.5 s at 2,000 proxy documents), which is why a server must not do it per request.
+        ``stop``: asked before each batch; once it returns true the call raises
+        :class:`~m3search.errors.IngestInterrupted` naming the documents written (whole) so far, the rest
+        unwritten: how a server shutting down ends a long write between two batches instead of mid-way.
         """
-        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, optimize, overwrite=False)
+        return self._ingest(
+            texts, ids, metadata, embeddings, batch_size, show_progress, optimize, stop, overwrite=False
+        )
 
     def upsert(
         self,
@@ -633,12 +652,13 @@ class Collection:
         batch_size: int | None = None,
         show_progress: bool | None = None,
         optimize: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> list[str]:
         """Like :meth:`add`, but documents with existing ids are overwritten."""
-        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, optimize, overwrite=True)
+        return self._ingest(texts, ids, metadata, embeddings, batch_size, show_progress, optimize, stop, overwrite=True)
 
     def _ingest(
-        self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, *, overwrite: bool
+        self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, stop, *, overwrite: bool
     ) -> list[str]:
         texts = check_texts(texts, unicode=False)  # checked below, naming each document
         n = len(texts)
@@ -692,6 +712,13 @@ class Collection:
             one = min(self.settings["max_length"], self.settings["window"] or self.settings["max_length"])
             try:
                 for start in range(0, n, bs):
+                    if stop is not None and stop():
+                        raise IngestInterrupted(
+                            f"stopped on request after {start} of {n} documents: the first {start} were written "
+                            "whole, the others not at all",
+                            ids[:start],
+                            n,
+                        )
                     end = min(start + bs, n)
                     if embeddings is None and self.settings["max_windows"] != 1:
                         cut += self._write_windows(ids[start:end], texts[start:end], meta[start:end], windows_progress)
@@ -804,24 +831,42 @@ class Collection:
     def _stale(self, mark: Any, now: float) -> bool:
         """Whether a pending mark is a stopped write's: any mark where no other client writes, this client's
         own (its writes hold the lock: one in the manifest stopped), one without a client (written before
-        leases), or another client's not renewed for :data:`PENDING_LEASE_S`; never a live writer's."""
+        leases), on storage only this process writes (``Engine.process_store``) one of no open handle here
+        (its process died), or another client's not renewed for :data:`PENDING_LEASE_S`; never a live
+        writer's."""
         if not self._engine.shared or not isinstance(mark, dict) or mark.get("client") == self._client:
             return True
+        store = self._engine.process_store
+        if store is not None:
+            return mark.get("client") not in _LIVE_CLIENTS.get(store, ())
         return now - float(mark.get("at", 0)) > PENDING_LEASE_S
+
+    def _stopped(self, marks: list) -> list:
+        """The pending marks of stopped writes (:meth:`_stale`, asked once per mark), less those of a document
+        that a live mark names too."""
+        now = time.time()
+        stale = [self._stale(m, now) for m in marks]
+        live = {_marked(m) for m, s in zip(marks, stale) if not s}
+        return [m for m, s in zip(marks, stale) if s and _marked(m) not in live]
 
     def _clear_pending(self) -> None:
         """After a crash during a long write, before anything else is written: remove that document's stray
         windows when it has no head (it is not stored), else what the write left beside the version its
         head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones).
         Not for a document another client is writing now (its mark is live): its windows are not strays, and
-        a stopped write's mark of it stays for a later write."""
-        marks, now = self._manifest.get("pending") or [], time.time()
-        live = {m["id"] for m in marks if not self._stale(m, now)}
-        stale = [m for m in marks if self._stale(m, now) and _marked(m) not in live]
+        a stopped write's mark of it stays for a later write. Where others write, the marks are read again
+        right before removing anything: one may have begun writing such a document since (its mark comes
+        before its first window)."""
+        stale = self._stopped(self._manifest.get("pending") or [])
         if not stale:
             return
         pending = sorted({_marked(m) for m in stale})
         stored = self._engine.existing(pending)
+        if self._engine.shared:
+            self._sync()
+            stale = [m for m in self._stopped(self._manifest.get("pending") or []) if _marked(m) in pending]
+            pending = sorted({_marked(m) for m in stale})
+            stored &= set(pending)
         stray = [i for i in pending if i not in stored]
         if stray:
             self._engine.purge(stray)

@@ -21,6 +21,7 @@ __all__ = [
     "CollectionExistsError",
     "ModelMismatchError",
     "InsufficientStorageError",
+    "IngestInterrupted",
 ]
 
 
@@ -66,3 +67,13 @@ class InsufficientStorageError(M3SearchError, OSError):
     """Too little free disk for a write: refused before it started, so nothing of it was stored and what was
     stored before stays whole. Raised by the embedded engine, which would otherwise die by SIGBUS (it writes
     through memory-mapped files); free some space and try again."""
+
+
+class IngestInterrupted(M3SearchError, RuntimeError):
+    """An ``add`` / ``upsert`` asked to stop (its ``stop`` callable, e.g. a server shutting down) stopped between
+    two of its batches: ``ids`` (the first of the call's ids, in order) were written whole, the others not at all."""
+
+    def __init__(self, message: str, ids: list[str], total: int) -> None:
+        super().__init__(message)
+        self.ids = list(ids)
+        self.total = total

@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
-from .errors import DuplicateIdError, InsufficientStorageError, M3SearchError, UnknownIdError
+from .errors import DuplicateIdError, IngestInterrupted, InsufficientStorageError, M3SearchError, UnknownIdError
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
@@ -207,7 +207,11 @@ _ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdErr
 class ErrorDetail(BaseModel):
     type: str
     message: str
-    ids: list[str] | None = Field(None, description="The ids an unknown-id (404) or existing-id (409) error is about.")
+    ids: list[str] | None = Field(
+        None,
+        description="The ids an unknown-id (404) or existing-id (409) error is about; for a write stopped by "
+        "the server shutting down (503), the documents it wrote.",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -275,6 +279,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestTimeout)
     async def timed_out(request: Request, exc: RequestTimeout):
         return JSONResponse(error_body("unavailable", f"request {exc}"), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(IngestInterrupted)
+    async def shutting_down(request: Request, exc: IngestInterrupted):
+        written = len(exc.ids)
+        done = (
+            f"the first {written} of {exc.total} documents were written (error.ids)"
+            if written
+            else "no document was written"
+        )
+        message = f"the server is shutting down; {done}, the others not at all: send them again once it is back"
+        return JSONResponse(error_body("unavailable", message, exc.ids), status_code=503)
 
     @app.exception_handler(DeadlineExceeded)
     async def over_time(request: Request, exc: DeadlineExceeded):
@@ -523,8 +538,12 @@ class DeferredOptimize:
             self._report()
 
     def close(self) -> None:
-        """Stop the thread; optimize what is still pending (the collection is left as an ingest call leaves it)."""
+        """Wait for the ingest requests in progress to end (the server's shutdown asked them to stop at their
+        next batch: the collection must not close under them, nor its encoder change), stop the thread, then
+        optimize what is still pending (the collection is left as an ingest call leaves it)."""
         with self._cond:
+            while self._writing:
+                self._cond.wait()
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
@@ -799,6 +818,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         # Writes wait their turn here, in the event loop: a write waiting on the collection's lock in a
         # worker thread holds that thread, and 40 waiting deletes took every one (/health, /search hung).
         app.state.write_gate = asyncio.Lock()
+        app.state.stopping.clear()
         if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
             res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
             app.state.indexer = DeferredOptimize(
@@ -810,8 +830,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         try:
             yield
         finally:
-            if app.state.indexer is not None:
-                app.state.indexer.close()
+            app.state.stopping.set()  # (already set by serve's signal handler) a write in progress stops
+            if app.state.indexer is not None:  # waits for it: uvicorn may have cancelled its request, not its thread
+                await run_in_threadpool(app.state.indexer.close)
             if res.collection is not None:
                 res.collection.use_encoder(res.encoder)
             app.state.batcher.close()
@@ -829,6 +850,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     )
     if settings is not None:
         settings.check()
+    #: Set when the server begins to shut down: ``/documents`` writes stop at their next batch (IngestInterrupted).
+    app.state.stopping = threading.Event()
     # Kept on the app, not in dependency_overrides: with any override installed FastAPI rebuilds
     # every dependency's signature on every request (py-spy: 12 % of the event loop's time).
     app.state.settings = settings
@@ -968,6 +991,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                     metadata=metadata,
                     batch_size=INGEST_WRITE_BATCH,
                     optimize=False,
+                    stop=request.app.state.stopping.is_set,  # shutdown: IngestInterrupted (503) at the next batch
                 )
             return DocumentsResponse(ids=list(out), count=coll.count())
 
@@ -1105,6 +1129,44 @@ def limit_malloc_arenas(n: int = 2) -> bool:
         return False
 
 
+def _uvicorn_server() -> type:
+    """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app at SIGTERM / Ctrl-C, and exiting 0 after a clean stop.
+
+        Why: uvicorn tells an app nothing until the requests in progress have ended or, ``timeout_graceful_shutdown``
+        later, been cancelled: a client then got uvicorn's plain-text 500 while its write went on in its thread.
+        ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503.
+        """
+
+        def __init__(self, config: Any, stopping: threading.Event) -> None:
+            super().__init__(config)
+            self.stopping = stopping
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.stopping.set()
+            super().handle_exit(sig, frame)
+
+        def run(self, sockets: list[socket.socket] | None = None) -> None:
+            """Around uvicorn's run, SIGINT / SIGTERM go to :meth:`handle_exit` too: uvicorn raises the signal it
+            stopped for again once its own handlers are gone, and with Python's back, that killed the process by
+            SIGTERM (Ctrl-C: "Aborted!", exit 1) after a clean stop. A stop asked for is a success: exit 0."""
+            if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+                return super().run(sockets=sockets)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                super().run(sockets=sockets)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def serve(
     settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready: Any = None
 ) -> None:
@@ -1115,6 +1177,8 @@ def serve(
     listen backlog while the model loads) instead of an unexplained lock. Loading happens
     before uvicorn starts so that a bad model or a held collection is a one-line error, not
     a lifespan traceback. ``on_ready(url)`` is called when requests are about to be served.
+    At SIGINT / SIGTERM no new request is taken; a ``/documents`` write in progress stops at its next batch
+    (503 naming the documents it wrote), the collection closes after it, and this returns (exit 0).
     """
     import uvicorn
 
@@ -1136,7 +1200,7 @@ def serve(
             on_ready(url)
         app = create_app(settings, resources=resources)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
-        uvicorn.Server(config).run(sockets=[sock])
+        _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
     finally:
         if resources is not None:
             resources.close()

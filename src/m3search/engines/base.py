@@ -41,6 +41,10 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
    sets :attr:`shared`: the Collection then re-reads the manifest's window bound
    (:attr:`max_windows`) before each call, since another client may have stored longer documents,
    and takes another client's pending long write for a crashed one's only when its lease has run out.
+   Where those clients can only be other handles in this process (the storage is locked against other
+   processes: Milvus Lite's file, qdrant-client local mode's folder), the engine names the storage in
+   :attr:`process_store`: a pending long write of a client that is no open handle of this process on it
+   is then a crashed one's at once (a process killed part-way), with no lease to wait for.
 """
 
 from __future__ import annotations
@@ -183,6 +187,12 @@ class Engine(ABC):
     #: Most storage rows any stored document has had (the manifest's ``max_windows_stored``, kept
     #: by the Collection from :meth:`stored_units`). 1 lets engines skip all window work.
     max_windows: int = 1
+
+    @property
+    def process_store(self) -> str | None:
+        """For ``shared`` storage that only this process can write (locked against other processes), a name
+        of it, the same for every handle on it (rule 7); None where other processes may write (a server)."""
+        return None
 
     # --- lifecycle -------------------------------------------------------------------
     @classmethod

@@ -788,6 +788,11 @@ class MilvusEngine(Engine):
                 f"Milvus collection {self.texts!r} is missing: {self.collection!r} is not a complete m3search collection"
             )
 
+    @property
+    def process_store(self) -> str | None:
+        """Milvus Lite's file is locked against other processes (``_connect``); a server is not."""
+        return f"{Path(self.uri).resolve()}/{self.collection}" if self.lite else None
+
     def close(self) -> None:
         if self._client is None:
             return

@@ -480,6 +480,11 @@ class QdrantRemoteEngine(QdrantEngine):
                 + "; ".join(problems)
             )
 
+    @property
+    def process_store(self) -> str | None:
+        """Local mode's folder is locked against other processes (``_local_client``); a server is not."""
+        return f"{Path(self.where).resolve()}/{self.collection}" if self.local else None
+
     def close(self) -> None:
         if self._client is None:
             return
