@@ -407,6 +407,38 @@ def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, ti
     assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-2000:]
 
 
+def test_qdrant_local_handles_used_from_two_threads(tmp_path, tiny_encoder):
+    """Two handles of one qdrant+local folder share one local client, which is not thread-safe: two threads
+    storing search defaults at once failed with FileNotFoundError from qdrant-client (its meta.json.tmp
+    renamed twice). Each call on the shared client now holds its lock."""
+    import threading
+
+    needs("qdrant-local")
+    loc = f"qdrant+local://{tmp_path}/store/col"
+    Collection.create(loc, model=tiny_encoder).close()
+    handles = [Collection.open(loc, model=tiny_encoder) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def tune(col: Collection, mode: str) -> None:
+        try:
+            for _ in range(150):
+                col.set_search_defaults({"mode": mode, "fusion": "weighted", "weights": [1, 1, 1], "candidates": 50})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=tune, args=(h, m)) for h, m in zip(handles, ["dense", "sparse"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert handles[0].engine.read_manifest()["settings"]["mode"] in ("dense", "sparse")
+    finally:
+        for h in handles:
+            h.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_cut_documents_window_is_the_part_that_was_read(tmp_path, tiny_encoder, engine):
     """max_windows=1 cuts a long text at the window; its hit's window and passage were the whole text

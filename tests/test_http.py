@@ -31,6 +31,7 @@ from m3search.errors import (  # noqa: E402
     M3SearchError,
     ModelMismatchError,
     UnknownIdError,
+    WriteConflictError,
 )
 from m3search.server import _ERROR_STATUS, DeferredOptimize, Resources, Settings, create_app, get_settings  # noqa: E402
 
@@ -72,7 +73,12 @@ def _error(r, status: int, type_: str) -> str:
 
 
 def test_typed_errors_are_mapped_in_one_place():
-    assert _ERROR_STATUS == {DuplicateIdError: 409, UnknownIdError: 404, InsufficientStorageError: 507}
+    assert _ERROR_STATUS == {
+        DuplicateIdError: 409,
+        WriteConflictError: 409,
+        UnknownIdError: 404,
+        InsufficientStorageError: 507,
+    }
     # the typed errors stay the built-in kinds older callers catch
     assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
     assert issubclass(UnknownIdError, ValueError) and issubclass(ModelMismatchError, ValueError)

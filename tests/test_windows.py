@@ -490,6 +490,84 @@ def test_a_long_write_begun_during_another_client_s_recovery_is_left_alone(
                 col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_document_another_client_is_writing_is_not_written_or_deleted(
+    tmp_path, tiny_encoder, corpus, engine, monkeypatch
+):
+    """Two clients of one server collection: while A's long write of X is under way (its mark live), B's
+    write and B's delete of X are refused with WriteConflictError, changing nothing. Both used to go
+    through: on Qdrant the two writes shared a generation's point ids (X's text A's, its windows partly
+    B's), on Milvus a slot, and every later search failed ("ColBERT blocks missing"); a delete meanwhile
+    left the head naming windows that were gone. X ends as A's version, whole, and B writes it after."""
+    import m3search.collection as collection
+    from m3search.errors import WriteConflictError
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    refused = []
+    try:
+        a.add([texts[25]], ids=["X"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        real = a.engine.upsert_long
+
+        def meanwhile(pieces):
+            def two_then_b():  # a's first two pieces written, then b
+                it = iter(pieces)
+                yield next(it)
+                yield next(it)
+                for attempt in (lambda: b.upsert([texts[28]], ids=["X"]), lambda: b.delete(["X"])):
+                    with pytest.raises(WriteConflictError, match="being written by another client") as err:
+                        attempt()
+                    refused.append(err.value.ids)
+                b.add([texts[1]], ids=["t"])  # other ids are written as before
+                yield from it
+
+            real(two_then_b())
+
+        monkeypatch.setattr(a.engine, "upsert_long", meanwhile)
+        a.upsert([texts[29]], ids=["X"])
+        assert refused == [["X"], ["X"]]
+        doc = b.get("X")[0]
+        assert doc.text == texts[29] and doc.windows == 3 and vector_points(b, "X") == 3
+        for mode in MODES + ("all",):
+            assert b.search(texts[29], k=5, mode=mode)[0].id == "X"
+        b.upsert([texts[28]], ids=["X"])  # the write has ended: no conflict
+        assert b.get("X")[0].text == texts[28] and vector_points(b, "X") == n_windows(tiny_encoder, texts[28])
+        assert b.delete(["X"])["deleted"] == ["X"] and b.count() == 1
+    finally:
+        for col in (a, b):
+            if col is not None:
+                col.close()
+
+
+def test_a_long_writer_that_finds_another_writers_mark_withdraws(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """Two clients of one server collection start long writes of X at once: B's mark lands after A checked
+    the marks and before A's own. A finds it beside its own, removes its mark and raises WriteConflictError
+    without writing a window (both used to write X's next generation, over each other's points)."""
+    import m3search.collection as collection
+    from m3search.errors import WriteConflictError
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        a.add([texts[25]], ids=["X"])
+        with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
+            real = a._clear_pending
+
+            def then_b_marks() -> None:  # right after a's marks were read for this call
+                real()
+                b._mark_pending("X", True)
+
+            monkeypatch.setattr(a, "_clear_pending", then_b_marks)
+            before = raw_points(a)
+            with pytest.raises(WriteConflictError):
+                a.upsert([texts[29]], ids=["X"])
+            assert [m["client"] for m in a.engine.read_manifest()["pending"]] == [b._client]
+            assert raw_points(a) == before and a.get("X")[0].text == texts[25]
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

@@ -70,6 +70,7 @@ from m3search.errors import (
     IngestInterrupted,
     ModelMismatchError,
     UnknownIdError,
+    WriteConflictError,
 )
 from m3search.filters import INT64_MAX, INT64_MIN, parse_filter
 from m3search.fusion import contributions, order, ranks
@@ -698,6 +699,7 @@ class Collection:
         with self._lock:
             self._sync()
             self._clear_pending()
+            self._refuse_others_writes(ids, "written")
             if not overwrite:
                 present = self._existing(ids)
                 taken = [i for i in ids if i in present]
@@ -813,6 +815,11 @@ class Collection:
                     _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
 
             self._mark_pending(batch.ids[0], True)  # a crash before the end leaves windows without a head
+            try:  # another client may have begun writing it between this call's check and this mark
+                self._refuse_others_writes([batch.ids[0]], "written")
+            except WriteConflictError:
+                self._mark_pending(batch.ids[0], False)
+                raise
             self._engine.upsert_long(rest())
             self._mark_pending(batch.ids[0], False)
         if whole:
@@ -915,6 +922,26 @@ class Collection:
         self._manifest = manifest
         self._engine.max_windows = max(self._engine.max_windows, int(manifest.get("max_windows_stored", 1)))
 
+    def _refuse_others_writes(self, ids: Sequence[str], what: str) -> None:
+        """Raise :class:`WriteConflictError` when another client's live pending mark (as of the last
+        :meth:`_sync`) names one of ``ids``: its long write of that document is under way, and a second write
+        or a delete of it meanwhile could leave the document mixed (the other's switch over this one's
+        windows). Only on storage other clients write (``Engine.shared``); elsewhere every mark is stale."""
+        now, wanted = time.time(), set(ids)
+        busy = {
+            _marked(m)
+            for m in self._manifest.get("pending") or []
+            if _marked(m) in wanted and not self._stale(m, now)  # (this client's own marks are stale)
+        }
+        if busy:
+            taken = [i for i in ids if i in busy]
+            raise WriteConflictError(
+                f"{len(taken)} id(s) are being written by another client of this collection: "
+                f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; nothing was {what} (retry when that write has "
+                f"ended; a stopped writer's mark expires after {PENDING_LEASE_S} s)",
+                taken,
+            )
+
     def _existing(self, ids: Sequence[str]) -> set[str]:
         out: set[str] = set()
         for a in range(0, len(ids), 1000):
@@ -950,6 +977,7 @@ class Collection:
         with self._lock:
             self._sync()
             self._clear_pending()
+            self._refuse_others_writes(ids, "deleted")
             present = self._existing(ids)
             deleted = [i for i in ids if i in present]
             self._engine.delete(deleted)

@@ -5,7 +5,7 @@ Why typed: callers (the CLI, the HTTP service, your code) tell "this id is taken
 parsing messages. Each one also subclasses the built-in error it used to be
 (``ValueError``, ``LookupError``, ``FileNotFoundError``, ...), so ``except ValueError``
 code keeps working. The HTTP service maps them to statuses in one place
-(``m3search.server._ERROR_STATUS``: 409 duplicate, 404 unknown, 507 insufficient storage).
+(``m3search.server._ERROR_STATUS``: 409 duplicate or write conflict, 404 unknown, 507 insufficient storage).
 
 This module imports nothing, so every layer (engines included) can raise these.
 """
@@ -21,6 +21,7 @@ __all__ = [
     "CollectionExistsError",
     "ModelMismatchError",
     "InsufficientStorageError",
+    "WriteConflictError",
     "IngestInterrupted",
 ]
 
@@ -67,6 +68,16 @@ class InsufficientStorageError(M3SearchError, OSError):
     """Too little free disk for a write: refused before it started, so nothing of it was stored and what was
     stored before stays whole. Raised by the embedded engine, which would otherwise die by SIGBUS (it writes
     through memory-mapped files); free some space and try again."""
+
+
+class WriteConflictError(M3SearchError, RuntimeError):
+    """A write or delete of ids that another client of the same server collection is writing now (its long
+    write's pending mark is live): refused before anything was changed, because two clients writing one
+    document at once could leave it mixed. Retry once that write has ended."""
+
+    def __init__(self, message: str, ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.ids = list(ids or [])
 
 
 class IngestInterrupted(M3SearchError, RuntimeError):

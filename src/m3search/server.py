@@ -13,7 +13,7 @@ written in small batches between queries; its indexes are built when ingest paus
 
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
-unknown document -> 404, duplicate ids -> 409, body, batch, ``k``, ``candidates`` or filter over
+unknown document -> 404, duplicate ids or ids another client is writing -> 409, body, batch, ``k``, ``candidates`` or filter over
 its limit -> 413. Request models are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug
 still answers the same shape with 500 and no stack trace (the log keeps it).
 
@@ -54,7 +54,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
-from .errors import DuplicateIdError, IngestInterrupted, InsufficientStorageError, M3SearchError, UnknownIdError
+from .errors import (
+    DuplicateIdError,
+    IngestInterrupted,
+    InsufficientStorageError,
+    M3SearchError,
+    UnknownIdError,
+    WriteConflictError,
+)
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
@@ -201,7 +208,12 @@ _STATUS_TYPES = {
 
 #: The library's typed errors as HTTP statuses: the one place they are mapped (anything else
 #: the library rejects with ValueError / TypeError is a 400).
-_ERROR_STATUS: dict[type[Exception], int] = {DuplicateIdError: 409, UnknownIdError: 404, InsufficientStorageError: 507}
+_ERROR_STATUS: dict[type[Exception], int] = {
+    DuplicateIdError: 409,
+    WriteConflictError: 409,
+    UnknownIdError: 404,
+    InsufficientStorageError: 507,
+}
 
 
 class ErrorDetail(BaseModel):
@@ -304,7 +316,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TypeError)
     async def library_error(request: Request, exc: Exception):
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError)) else None
+        ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError, WriteConflictError)) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
     @app.exception_handler(Exception)

@@ -53,6 +53,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,6 +178,10 @@ class _ClientDialect:
 #: a client no engine holds any more is collected (and closed) as before; ``_USERS`` counts its engines.
 _LOCAL: weakref.WeakValueDictionary[str, QdrantClient] = weakref.WeakValueDictionary()
 _USERS = "_m3search_users"
+#: The shared local client's own lock (an attribute of the client, like ``_USERS``): qdrant-client's local
+#: mode is not thread-safe (two threads' collection updates both rename its ``meta.json.tmp``:
+#: FileNotFoundError), and the handles sharing it may be used from different threads.
+_CALLS = "_m3search_calls"
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -195,9 +200,16 @@ def _local_client(target: str) -> QdrantClient:
                     ) from None
                 raise
             setattr(client, _USERS, 0)
+            setattr(client, _CALLS, threading.RLock())
             _LOCAL[key] = client
         setattr(client, _USERS, getattr(client, _USERS) + 1)
         return client
+
+
+def _serialized(client: QdrantClient) -> AbstractContextManager:
+    """What a call on ``client`` is made under: a shared local client's lock (one call at a time), else nothing
+    (a server client is thread-safe)."""
+    return getattr(client, _CALLS, None) or nullcontext()
 
 
 def _release(client: QdrantClient) -> None:
@@ -487,7 +499,13 @@ class QdrantRemoteEngine(QdrantEngine):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         check_deadline(what)
-        return _with_retries(fn, what=what, where=self.where, retries=self.retries, backoff=self.backoff)
+        client = self.client
+
+        def once() -> T:
+            with _serialized(client):
+                return fn()
+
+        return _with_retries(once, what=what, where=self.where, retries=self.retries, backoff=self.backoff)
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:
