@@ -11,7 +11,7 @@ pytest.importorskip("fastapi")
 from integration_helpers import IDS, META, MODES, QUERIES, TEXTS, make_collection, same_hits, served  # noqa: E402
 
 from m3search.client import M3SearchClient  # noqa: E402
-from m3search.errors import DuplicateIdError  # noqa: E402
+from m3search.errors import DuplicateIdError, WriteConflictError  # noqa: E402
 
 
 @pytest.fixture
@@ -92,10 +92,18 @@ def test_duplicate_ids_in_different_parts_are_refused_before_anything_is_sent(co
             assert col.get(["a", "b"]) == [None, None]
 
 
-def test_errors_keep_the_library_types(col):
+def test_errors_keep_the_library_types(col, monkeypatch):
+    def conflict(ids, what):
+        raise WriteConflictError(f"1 id(s) are being written by another client of this collection: {ids}", ids)
+
     with served(col) as client:
         with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)
             client.add(["x"], ids=[IDS[0]])
+        with monkeypatch.context() as busy:  # another client of a server collection is writing the id
+            busy.setattr(col, "_refuse_others_writes", conflict)
+            with pytest.raises(WriteConflictError, match="being written by another client") as err:
+                client.upsert(["x"], ids=[IDS[0]])
+            assert err.value.ids == [IDS[0]]
         with pytest.raises(ValueError, match="unknown operator"):  # checked before any request
             client.search("q", filter={"year": {"between": 1}})
         with pytest.raises(ValueError, match="HTTP 422"):

@@ -11,7 +11,8 @@ split; each part is one server write, so a failure part-way leaves the earlier p
 embedded ``Collection.add`` batch has the same grain). A document too large for any request is
 refused before anything is sent. Errors keep the library's types: a bad value is ``ValueError``, an
 existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
-``Collection.add``), a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
+``Collection.add``), an id another client of a server collection is writing
+:class:`~m3search.errors.WriteConflictError`, a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
 as is a URL that answers 404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.errors import DuplicateIdError
+from m3search.errors import DuplicateIdError, WriteConflictError
 
 __all__ = ["M3SearchClient"]
 
@@ -147,6 +148,8 @@ class M3SearchClient:
             raise KeyError(message)
         if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
             raise DuplicateIdError(message)
+        if response.status_code == 409 and "being written by another client" in message:  # and its other 409
+            raise WriteConflictError(message, error.get("ids") if isinstance(error.get("ids"), list) else None)
         if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)
