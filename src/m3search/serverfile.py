@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engines import location_scheme
+from .engines import lite_file, location_scheme
 
 __all__ = ["SERVER_FILE", "record_path", "read", "live", "write", "remove"]
 
@@ -33,7 +33,7 @@ def record_path(collection: str | os.PathLike) -> Path | None:
     if scheme == "":
         return Path(loc) / SERVER_FILE
     if scheme == ".db":
-        return Path(f"{loc}.{SERVER_FILE}")
+        return Path(f"{lite_file(loc)}.{SERVER_FILE}")
     return None
 
 

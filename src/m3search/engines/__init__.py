@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from m3search.engines.base import Engine
 
-__all__ = ["register_engine", "resolve_engine", "location_scheme", "taken", "ENGINES"]
+__all__ = ["register_engine", "resolve_engine", "location_scheme", "lite_file", "taken", "ENGINES"]
 
 #: scheme -> "module:Class". ``""`` is a plain filesystem path; ``".db"`` a file suffix.
 ENGINES: dict[str, str] = {
@@ -59,6 +60,13 @@ def location_scheme(location: str | os.PathLike) -> str:
     if loc.endswith(".db"):
         return ".db"
     return ""
+
+
+def lite_file(location: str | os.PathLike) -> Path:
+    """A Milvus Lite location's file, absolute, symlinks resolved. The one-process lock, this process's
+    count of the file's clients and the server record are all named after it: named after the path as
+    given, a link to the file (or to its folder) was another file to them, and let a second process in."""
+    return Path(os.fspath(location)).expanduser().resolve()
 
 
 def resolve_engine(location: str | os.PathLike) -> type[Engine]:

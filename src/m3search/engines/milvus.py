@@ -158,6 +158,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3search.engines import lite_file
 from m3search.engines.base import ID_NAMESPACE, Engine, lock_exclusive
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
@@ -264,7 +265,7 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
         return f"http://{host}", name, False
     if not loc.endswith(".db"):
         raise ValueError(f"not a Milvus location: {loc!r} (milvus://host:port/name or a .db file)")
-    path = Path(loc).expanduser().absolute()
+    path = lite_file(loc)
     if not _LITE_FILE.match(path.name):
         raise ValueError(
             f"Milvus Lite file name {path.name!r} must match [A-Za-z0-9.-_] and be at most 36 characters (a milvus-lite limit)"
