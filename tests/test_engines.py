@@ -780,14 +780,15 @@ def test_milvus_lite_through_a_symlink_is_the_same_file(tmp_path):
     the path as given: a link to the file, or into its folder, was another file to them."""
     needs("milvus-lite")
     from m3search import serverfile
-    from m3search.engines.milvus import _lite_lock_path, parse_milvus_location
+    from m3search.engines import lite_lock_path
+    from m3search.engines.milvus import parse_milvus_location
 
     real = str(tmp_path / "real.db")
     (tmp_path / "link.db").symlink_to(real)
     (tmp_path / "dirlink").symlink_to(tmp_path)
     for other in (str(tmp_path / "link.db"), str(tmp_path / "dirlink" / "real.db")):
         assert parse_milvus_location(other)[0] == parse_milvus_location(real)[0]
-        assert _lite_lock_path(parse_milvus_location(other)[0]) == _lite_lock_path(parse_milvus_location(real)[0])
+        assert lite_lock_path(parse_milvus_location(other)[0]) == lite_lock_path(parse_milvus_location(real)[0])
         assert serverfile.record_path(other) == serverfile.record_path(real)
 
 

@@ -179,8 +179,21 @@ def _answering(collection: str) -> dict[str, Any] | None:
     except (httpx.ConnectError, httpx.ConnectTimeout):
         return None
     except httpx.HTTPError:  # listening but slow (loading its model): a server
-        pass
-    return record
+        return record
+    try:  # asked without a key: a server that needs one is believed (this only refuses, it sends nothing)
+        answer = httpx.get(f"{record.get('url')}/info", timeout=httpx.Timeout(5.0))
+        served = answer.json().get("collection_identity") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return record
+    return None if answer.status_code == 200 and _serves_another(record, served, collection) else record
+
+
+def _serves_another(record: dict[str, Any], served: Any, collection: str) -> bool:
+    """Whether the server at a record's address serves another collection than ``collection`` (``served``: its
+    ``GET /info`` ``collection_identity``). The record matched the collection (serverfile.live), but after a
+    kill -9 its pid and its port can both be reused, the port by another m3search serve. A record from before
+    records named their collection (its server's /info names none) was vouched for by the held lock."""
+    return "identity" in record and served != serverfile.identity(collection)
 
 
 class _Local:
@@ -232,6 +245,7 @@ class _Remote:
         self.writer = M3SearchClient(self.url, http_client=self.client)
         self.via = f"server {self.url} (pid {self.pid})"
         self.limits: dict[str, Any] = {}
+        self.collection_identity: Any = None
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
@@ -265,6 +279,7 @@ class _Remote:
     def info(self) -> dict:
         out = self._call("GET", "/info")
         self.limits, self.model = out.get("limits") or {}, out.get("model") or {}
+        self.collection_identity = out.get("collection_identity")
         return out.get("collection") or {}
 
     def count(self) -> int:
@@ -330,11 +345,15 @@ def _open_target(
             )
         target = _Remote(record, api_key)
         info = target.info()
-        recorded = (info.get("model") or {}).get("name_or_path")  # the collection's manifest record
-        where = f"collection {collection} is served by process {pid}"
-        _check_served_model(target.model, model, dtype, device, where, recorded)
-        _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
-        return target
+        if _serves_another(record, target.collection_identity, collection):  # nothing is sent to it
+            target.close()
+            not_answering = f"the server at {url} (pid {pid}) serves another collection"
+        else:
+            recorded = (info.get("model") or {}).get("name_or_path")  # the collection's manifest record
+            where = f"collection {collection} is served by process {pid}"
+            _check_served_model(target.model, model, dtype, device, where, recorded)
+            _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
+            return target
     from . import Collection
     from .errors import CollectionInUseError, CollectionNotFoundError
 
