@@ -471,6 +471,13 @@ def test_commands_route_through_running_server(
         out = one_json(cli("index", str(big), "-c", str(indexed), "--json", env=env))
         assert out["indexed"] == 4 and out["count"] == N_DOCS + 5, out
         cli("delete", *[f"big-{i}" for i in range(4)], "-c", str(indexed), env=env)
+        # one document over the body limit can never be sent: "run the same command again to finish" never would
+        huge = tmp_path / "huge.jsonl"
+        huge.write_text(json.dumps({"_id": "huge", "text": "wing " * 250_000}) + "\n")
+        p = cli("index", str(huge), "-c", str(indexed), env=env, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert "document 'huge' is" in p.stderr and "nothing was written" in p.stderr, p.stderr
+        assert "serve with a larger --max-body-mb" in p.stderr, p.stderr
         # more ids than the server's --max-batch (256) in one delete: sent in parts (it got 413 too)
         many = [f"absent-{i}" for i in range(300)]
         assert one_json(cli("delete", *many, "-c", str(indexed), "--json", env=env)) == {"deleted": [], "missing": many}

@@ -642,10 +642,17 @@ def index(
                 if isinstance(exc, KeyboardInterrupt)
                 else " ".join((str(exc) or type(exc).__name__).split())
             )
+            from .errors import RequestTooLargeError
+
             done = f"the first {n} records of {source} were written" if n else "nothing was written"
-            raise click.ClickException(
-                f"{message}; {done}; run the same command again to finish (it overwrites by id)"
-            ) from None
+            # a document over the server's body limit fails the same way every time: running again cannot finish
+            again = (
+                "that document never fits in a request to this server: serve with a larger --max-body-mb (or "
+                "stop the server and index here), then run the same command again to finish"
+                if isinstance(exc, RequestTooLargeError)
+                else "run the same command again to finish (it overwrites by id)"
+            )
+            raise click.ClickException(f"{message}; {done}; {again}") from None
         finally:
             target.close()
         seconds = time.perf_counter() - t0

@@ -21,6 +21,7 @@ __all__ = [
     "CollectionExistsError",
     "ModelMismatchError",
     "InsufficientStorageError",
+    "RequestTooLargeError",
 ]
 
 
@@ -66,3 +67,9 @@ class InsufficientStorageError(M3SearchError, OSError):
     """Too little free disk for a write: refused before it started, so nothing of it was stored and what was
     stored before stays whole. Raised by the embedded engine, which would otherwise die by SIGBUS (it writes
     through memory-mapped files); free some space and try again."""
+
+
+class RequestTooLargeError(M3SearchError, ValueError):
+    """One document (or text) is larger as JSON than a server accepts in one request (``max_body_bytes``): it
+    can never be sent to that server as it is, so trying again cannot help; nothing of it was sent. Raised by
+    :class:`m3search.client.M3SearchClient` before the request."""
