@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -470,6 +471,13 @@ def test_commands_route_through_running_server(
         out = one_json(cli("index", str(big), "-c", str(indexed), "--json", env=env))
         assert out["indexed"] == 4 and out["count"] == N_DOCS + 5, out
         cli("delete", *[f"big-{i}" for i in range(4)], "-c", str(indexed), env=env)
+        # one document over the body limit can never be sent: "run the same command again to finish" never would
+        huge = tmp_path / "huge.jsonl"
+        huge.write_text(json.dumps({"_id": "huge", "text": "wing " * 250_000}) + "\n")
+        p = cli("index", str(huge), "-c", str(indexed), env=env, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert "document 'huge' is" in p.stderr and "nothing was written" in p.stderr, p.stderr
+        assert "serve with a larger --max-body-mb" in p.stderr, p.stderr
         # more ids than the server's --max-batch (256) in one delete: sent in parts (it got 413 too)
         many = [f"absent-{i}" for i in range(300)]
         assert one_json(cli("delete", *many, "-c", str(indexed), "--json", env=env)) == {"deleted": [], "missing": many}
@@ -477,6 +485,15 @@ def test_commands_route_through_running_server(
             "deleted": ["extra-1"],
             "missing": [],
         }
+        # a copy of the served folder (cp -r, a backup) carries server.json along: its commands, this delete
+        # among them, went to the ORIGINAL's server
+        backup = tmp_path / "backup"
+        shutil.copytree(indexed, backup)
+        first = corpus_texts[0][0]
+        assert one_json(cli("delete", first, "-c", str(backup), "--json", env=env))["deleted"] == [first]
+        copy = one_json(cli("info", "-c", str(backup), "--json", env=env))
+        assert copy["served_by"] is None and copy["count"] == N_DOCS - 1
+        assert one_json(cli("info", "-c", str(indexed), "--json", env=env))["count"] == N_DOCS
         # wrong key: the server's 401 message comes through
         p = cli("info", "-c", str(indexed), env={"M3SEARCH_API_KEY": "nope"}, check=False)
         assert p.returncode == 1 and "wrong API key" in p.stderr
@@ -564,6 +581,101 @@ def test_stale_server_record_is_ignored(indexed, tmp_path):
         assert out["copied"] == one_json(cli("info", "-c", str(indexed), "--json"))["count"]
     finally:
         (indexed / "server.json").unlink()
+
+
+class _FakeServer:
+    """An HTTP server at a record's address that answers /health and /info as an m3search serve of the
+    collection ``identity`` names, and notes every request it gets."""
+
+    def __init__(self, identity):
+        import http.server
+        import threading
+
+        self.identity, self.requests = identity, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                fake.requests.append((self.command, self.path))
+                if self.command == "GET" and self.path in ("/health", "/info"):
+                    body = {"status": "ok"}
+                    if self.path == "/info":
+                        body = {"model": {}, "limits": {}, "collection": {"count": 999}}
+                        if fake.identity is not None:  # an older server's /info names no collection
+                            body["collection_identity"] = fake.identity
+                    data, code = json.dumps(body).encode(), 200
+                else:
+                    data, code = b'{"error": {"message": "not for this test"}}', 500
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PUT = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_record_is_believed_for_its_own_collection_only(indexed, tmp_path):
+    """A record names the folder it was written for, and the server at its address must serve that folder:
+    after a kill -9, the record's pid and its port can both be reused (the port by another m3search serve),
+    and every command, deletes included, went to that other server."""
+    from m3search import serverfile
+
+    st = os.stat(indexed)
+    here = [st.st_dev, st.st_ino]  # what names a collection: its folder's inode
+    fake = _FakeServer(identity=here)
+    try:
+        # this test process's pid: alive; written as a server writes it
+        serverfile.write(str(indexed), host="127.0.0.1", port=fake.port, url=fake.url, api_key_required=False)
+        assert fake.url in one_json(cli("info", "-c", str(indexed), "--json"))["served_by"]  # its own: believed
+        fake.identity = [here[0], here[1] + 1]  # the address now answers for another collection
+        fake.requests.clear()
+        info = one_json(cli("info", "-c", str(indexed), "--json"))
+        assert info["served_by"] is None and info["count"] == N_DOCS
+        out = one_json(cli("delete", "no-such-id", "-c", str(indexed), "--json"))
+        assert out == {"deleted": [], "missing": ["no-such-id"]}
+        assert one_json(cli("migrate", str(indexed), str(tmp_path / "copy"), "--json"))["copied"] == N_DOCS
+        assert all(method == "GET" and path in ("/health", "/info") for method, path in fake.requests), fake.requests
+    finally:
+        (indexed / "server.json").unlink()
+        fake.close()
+
+
+def test_an_older_record_is_believed_only_while_the_collection_is_held(indexed, tmp_path):
+    """A record from before records named their collection (a server started by an older m3search): a copy of
+    its folder is held by nobody, so the copy's commands stay here; while the folder is held, its server is
+    believed (ignoring it would turn that server's users away with "in use")."""
+    fake = _FakeServer(identity=None)
+    backup = tmp_path / "backup"
+    shutil.copytree(indexed, backup)
+    record = {"pid": os.getpid(), "host": "127.0.0.1", "port": fake.port, "url": fake.url, "api_key_required": False}
+    try:
+        for coll in (indexed, backup):
+            (coll / "server.json").write_text(json.dumps(record))
+        info = one_json(cli("info", "-c", str(backup), "--json"))
+        assert info["served_by"] is None and info["count"] == N_DOCS
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            assert fake.url in one_json(cli("info", "-c", str(indexed), "--json"))["served_by"]
+        finally:
+            holder.kill()
+            holder.wait(10)
+    finally:
+        (indexed / "server.json").unlink()
+        fake.close()
 
 
 @pytest.mark.parametrize("kind", ["qdrant+local", "milvus-lite"])

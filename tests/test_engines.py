@@ -834,6 +834,47 @@ def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
     os.close(free)
 
 
+def test_milvus_lite_through_a_symlink_is_the_same_file(tmp_path):
+    """m3search's lock, this process's client count (keyed on the uri) and the server record were named after
+    the path as given: a link to the file, or into its folder, was another file to them."""
+    needs("milvus-lite")
+    from m3search import serverfile
+    from m3search.engines import lite_lock_path
+    from m3search.engines.milvus import parse_milvus_location
+
+    real = str(tmp_path / "real.db")
+    (tmp_path / "link.db").symlink_to(real)
+    (tmp_path / "dirlink").symlink_to(tmp_path)
+    for other in (str(tmp_path / "link.db"), str(tmp_path / "dirlink" / "real.db")):
+        assert parse_milvus_location(other)[0] == parse_milvus_location(real)[0]
+        assert lite_lock_path(parse_milvus_location(other)[0]) == lite_lock_path(parse_milvus_location(real)[0])
+        assert serverfile.record_path(other) == serverfile.record_path(real)
+
+
+@pytest.mark.heavy  # ~25 s: two processes start Milvus Lite
+def test_milvus_lite_refuses_other_processes_through_a_symlink(tmp_path, tiny_encoder):
+    """Through a link to the file another process found no lock of ours; milvus-lite refused the first such
+    open but unlinked its own lock on the way out, so the second ran a second Milvus Lite on the held file."""
+    needs("milvus-lite")
+    real, link = tmp_path / "real.db", tmp_path / "link.db"
+    link.symlink_to(real)
+    code = textwrap.dedent(f"""
+        from m3search.engines import resolve_engine
+        from m3search.errors import CollectionInUseError
+        try:
+            resolve_engine({str(link)!r}).open({str(link)!r}).close()
+            print("OPENED")
+        except CollectionInUseError as exc:
+            print("IN USE:", exc)
+    """)
+    with Collection.create(str(real), model=tiny_encoder) as col:
+        col.add(["held"], ids=["h"])
+        for intruder in (1, 2):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert "IN USE:" in out.stdout, (intruder, out.stdout + out.stderr[-2000:])
+        assert col.count() == 1
+
+
 def test_allocated_bytes_counts_no_blocks_for_a_file_with_none(tmp_path):
     """A sparse file with no allocated block was counted at its apparent size (``0 * 512 or st_size``), so
     info's disk_bytes overstated disk use."""

@@ -349,6 +349,8 @@ def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
     import http.server
     import threading
 
+    from m3search import serverfile
+
     class Health(http.server.BaseHTTPRequestHandler):  # a server that answers: the record is believed
         def do_GET(self):
             self.send_response(200)
@@ -364,6 +366,7 @@ def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
         served.mkdir()
         port = httpd.server_address[1]
         record = {"pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "host": "127.0.0.1", "port": port}
+        record["identity"] = serverfile.identity(served)  # the record names the folder it was written for
         (served / "server.json").write_text(json.dumps(record))  # a live pid: this test process
         proc = cli("migrate", str(served), str(tmp_path / "copy"), "--json")
     finally:

@@ -179,8 +179,21 @@ def _answering(collection: str) -> dict[str, Any] | None:
     except (httpx.ConnectError, httpx.ConnectTimeout):
         return None
     except httpx.HTTPError:  # listening but slow (loading its model): a server
-        pass
-    return record
+        return record
+    try:  # asked without a key: a server that needs one is believed (this only refuses, it sends nothing)
+        answer = httpx.get(f"{record.get('url')}/info", timeout=httpx.Timeout(5.0))
+        served = answer.json().get("collection_identity") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return record
+    return None if answer.status_code == 200 and _serves_another(record, served, collection) else record
+
+
+def _serves_another(record: dict[str, Any], served: Any, collection: str) -> bool:
+    """Whether the server at a record's address serves another collection than ``collection`` (``served``: its
+    ``GET /info`` ``collection_identity``). The record matched the collection (serverfile.live), but after a
+    kill -9 its pid and its port can both be reused, the port by another m3search serve. A record from before
+    records named their collection (its server's /info names none) was vouched for by the held lock."""
+    return "identity" in record and served != serverfile.identity(collection)
 
 
 class _Local:
@@ -229,6 +242,7 @@ class _Remote:
         self.client = M3SearchClient(self.url, api_key=api_key)
         self.via = f"server {self.url} (pid {self.pid})"
         self.limits: dict[str, Any] = {}
+        self.collection_identity: Any = None
 
     def search(self, query: str, **kwargs: Any) -> list[dict]:
         return [h.to_dict() for h in self.client.search(query, **kwargs)]
@@ -244,6 +258,7 @@ class _Remote:
     def info(self) -> dict:
         out = self.client.info()
         self.limits, self.model = out.get("limits") or {}, out.get("model") or {}
+        self.collection_identity = out.get("collection_identity")
         return out.get("collection") or {}
 
     def count(self) -> int:
@@ -309,11 +324,15 @@ def _open_target(
             )
         target = _Remote(record, api_key)
         info = target.info()
-        recorded = (info.get("model") or {}).get("name_or_path")  # the collection's manifest record
-        where = f"collection {collection} is served by process {pid}"
-        _check_served_model(target.model, model, dtype, device, where, recorded)
-        _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
-        return target
+        if _serves_another(record, target.collection_identity, collection):  # nothing is sent to it
+            target.close()
+            not_answering = f"the server at {url} (pid {pid}) serves another collection"
+        else:
+            recorded = (info.get("model") or {}).get("name_or_path")  # the collection's manifest record
+            where = f"collection {collection} is served by process {pid}"
+            _check_served_model(target.model, model, dtype, device, where, recorded)
+            _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
+            return target
     from . import Collection
     from .errors import CollectionInUseError, CollectionNotFoundError
 
@@ -602,10 +621,17 @@ def index(
                 if isinstance(exc, KeyboardInterrupt)
                 else " ".join((str(exc) or type(exc).__name__).split())
             )
+            from .errors import RequestTooLargeError
+
             done = f"the first {n} records of {source} were written" if n else "nothing was written"
-            raise click.ClickException(
-                f"{message}; {done}; run the same command again to finish (it overwrites by id)"
-            ) from None
+            # a document over the server's body limit fails the same way every time: running again cannot finish
+            again = (
+                "that document never fits in a request to this server: serve with a larger --max-body-mb (or "
+                "stop the server and index here), then run the same command again to finish"
+                if isinstance(exc, RequestTooLargeError)
+                else "run the same command again to finish (it overwrites by id)"
+            )
+            raise click.ClickException(f"{message}; {done}; {again}") from None
         finally:
             target.close()
         seconds = time.perf_counter() - t0

@@ -9,11 +9,12 @@ speaks the server's routes and answers with the library's own types (:class:`~m3
 Requests larger than the server's ``max_batch`` (items) or ``max_body_bytes`` (JSON body) are
 split; each part is one server write, so a failure part-way leaves the earlier parts stored (an
 embedded ``Collection.add`` batch has the same grain). A document too large for any request is
-refused before anything is sent. Errors keep the library's types: a bad value is ``ValueError``, an
-existing id :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from
-``Collection.add``), an id another client of a server collection is writing
-:class:`~m3search.errors.WriteConflictError`, a wrong key ``PermissionError``, an unreachable server ``ConnectionError``,
-as is a URL that answers 404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
+refused before anything is sent (:class:`~m3search.errors.RequestTooLargeError`, a ``ValueError``).
+Errors keep the library's types: a bad value is ``ValueError``, an existing id
+:class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
+another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
+wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a URL that answers
+404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
 read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.errors import DuplicateIdError, WriteConflictError
+from m3search.errors import DuplicateIdError, RequestTooLargeError, WriteConflictError
 
 __all__ = ["M3SearchClient"]
 
@@ -184,7 +185,7 @@ class M3SearchClient:
         """``items`` cut into consecutive parts, each sent as ``{**envelope, key: part}`` within the
         server's ``max_batch`` and ``max_body_bytes`` (a count alone let 256 documents of 70 KB
         fail with 413, after earlier parts were stored). An item that fits in no request is a
-        ``ValueError`` naming it (``name(i)``), raised before anything is sent."""
+        :class:`~m3search.errors.RequestTooLargeError` (a ``ValueError``) naming it (``name(i)``), raised before anything is sent."""
         batch, limit = self.max_batch, self.max_body_bytes
         base = len(_json_bytes({**envelope, key: []}))
         parts: list[list] = []
@@ -193,7 +194,7 @@ class M3SearchClient:
         for i, item in enumerate(items):
             n = len(_json_bytes(item))
             if base + n > limit:
-                raise ValueError(
+                raise RequestTooLargeError(
                     f"{name(i)} is {n:,} bytes as JSON: more than the server at {self.url} accepts in one request "
                     f"(max_body_bytes {limit:,}); nothing was sent"
                 )

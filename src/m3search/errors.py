@@ -23,6 +23,7 @@ __all__ = [
     "InsufficientStorageError",
     "WriteConflictError",
     "IngestInterrupted",
+    "RequestTooLargeError",
 ]
 
 
@@ -88,3 +89,9 @@ class IngestInterrupted(M3SearchError, RuntimeError):
         super().__init__(message)
         self.ids = list(ids)
         self.total = total
+
+
+class RequestTooLargeError(M3SearchError, ValueError):
+    """One document (or text) is larger as JSON than a server accepts in one request (``max_body_bytes``): it
+    can never be sent to that server as it is, so trying again cannot help; nothing of it was sent. Raised by
+    :class:`m3search.client.M3SearchClient` before the request."""

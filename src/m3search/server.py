@@ -427,6 +427,9 @@ class Resources:
         self.collection = collection
         self.started = time.time()
         self.server_record: str | None = None  # the collection whose server record we wrote; removed on close
+        #: the served folder's or file's (st_dev, st_ino), taken when opened: GET /info reports it, so the CLI
+        #: checks that the server at a record's address serves the collection it was asked for
+        self.collection_identity = serverfile.identity(collection.location) if collection is not None else None
 
     @property
     def encoder(self) -> Any:
@@ -909,6 +912,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             "api_key_required": settings.api_key is not None,
             "uptime_seconds": round(time.time() - res.started, 1),
             "collection": None,
+            "collection_identity": res.collection_identity,
         }
         if res.collection is not None:
             out["collection"] = _finite(res.collection.info())

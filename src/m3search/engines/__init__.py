@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from m3search.engines.base import Engine
 
-__all__ = ["register_engine", "resolve_engine", "location_scheme", "taken", "ENGINES"]
+__all__ = [
+    "register_engine",
+    "resolve_engine",
+    "location_scheme",
+    "lite_file",
+    "holder_lock_path",
+    "lite_lock_path",
+    "taken",
+    "ENGINES",
+    "FOLDER_LOCK",
+]
 
 #: scheme -> "module:Class". ``""`` is a plain filesystem path; ``".db"`` a file suffix.
 ENGINES: dict[str, str] = {
@@ -37,6 +48,9 @@ ENGINES: dict[str, str] = {
     "milvus": "m3search.engines.milvus:MilvusEngine",
     ".db": "m3search.engines.milvus:MilvusEngine",
 }
+
+#: The file in an embedded collection's folder that its holder keeps flock()ed (engines.qdrant_edge).
+FOLDER_LOCK = "lock"
 
 _EXTRAS = {
     "qdrant_remote": "pip install 'm3search[qdrant]'",
@@ -59,6 +73,32 @@ def location_scheme(location: str | os.PathLike) -> str:
     if loc.endswith(".db"):
         return ".db"
     return ""
+
+
+def lite_file(location: str | os.PathLike) -> Path:
+    """A Milvus Lite location's file, absolute, symlinks resolved. The one-process lock, this process's
+    count of the file's clients and the server record are all named after it: named after the path as
+    given, a link to the file (or to its folder) was another file to them, and let a second process in."""
+    return Path(os.fspath(location)).expanduser().resolve()
+
+
+def holder_lock_path(location: str | os.PathLike) -> Path | None:
+    """The file the process holding an embedded collection keeps flock()ed: ``<folder>/lock``, or
+    ``.<name>.m3search-lock`` beside a Milvus Lite file; None for a server location (no process holds it)."""
+    scheme = location_scheme(location)
+    if scheme == "":
+        return Path(os.fspath(location)) / FOLDER_LOCK
+    if scheme == ".db":
+        return lite_lock_path(location)
+    return None
+
+
+def lite_lock_path(location: str | os.PathLike) -> Path:
+    """m3search's own lock beside a Milvus Lite file (``<dir>/.<name>.m3search-lock``). milvus-lite's lock
+    alone stops only the first other process: that process's refused server, on its way out, unlinks the
+    ``.<name>.lock`` it never held, and the next process then starts a second server on the same file."""
+    path = lite_file(location)
+    return path.with_name(f".{path.name}.m3search-lock")
 
 
 def resolve_engine(location: str | os.PathLike) -> type[Engine]:

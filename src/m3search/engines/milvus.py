@@ -158,6 +158,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from m3search.engines import lite_file, lite_lock_path
 from m3search.engines.base import ID_NAMESPACE, Engine, lock_exclusive
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
@@ -212,7 +213,7 @@ SLOTS = 3
 
 #: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
 _LITE_USERS: dict[str, int] = {}
-#: This process's fd of each open Lite file's m3search lock (:func:`_lite_lock_path`), closed with the last user.
+#: This process's fd of each open Lite file's m3search lock (:func:`m3search.engines.lite_lock_path`), closed with the last user.
 _LITE_FDS: dict[str, int] = {}
 _LITE_LOCK = threading.Lock()
 
@@ -238,14 +239,6 @@ def _lite_tables(uri: str) -> bool:
     return not tables or "collection_meta" in tables
 
 
-def _lite_lock_path(uri: str) -> Path:
-    """m3search's own lock beside a Milvus Lite file (``<dir>/.<name>.m3search-lock``). milvus-lite's lock
-    alone stops only the first other process: that process's refused server, on its way out, unlinks the
-    ``.<name>.lock`` it never held, and the next process then starts a second server on the same file."""
-    path = Path(uri)
-    return path.with_name(f".{path.name}.m3search-lock")
-
-
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
@@ -264,7 +257,7 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
         return f"http://{host}", name, False
     if not loc.endswith(".db"):
         raise ValueError(f"not a Milvus location: {loc!r} (milvus://host:port/name or a .db file)")
-    path = Path(loc).expanduser().absolute()
+    path = lite_file(loc)
     if not _LITE_FILE.match(path.name):
         raise ValueError(
             f"Milvus Lite file name {path.name!r} must match [A-Za-z0-9.-_] and be at most 36 characters (a milvus-lite limit)"
@@ -569,7 +562,7 @@ class MilvusEngine(Engine):
             with _LITE_LOCK:
                 fd = None
                 if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
-                    fd = lock_exclusive(_lite_lock_path(uri))
+                    fd = lock_exclusive(lite_lock_path(uri))
                     if fd is None:
                         raise in_use
                 try:

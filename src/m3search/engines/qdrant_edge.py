@@ -51,6 +51,7 @@ import numpy as np
 import qdrant_edge as qe
 import scipy.sparse as sp
 
+from m3search.engines import FOLDER_LOCK
 from m3search.engines.base import allocated_bytes, lock_exclusive, write_durably
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
@@ -67,7 +68,7 @@ __all__ = ["QdrantEdgeEngine"]
 
 MANIFEST = "manifest.json"
 PIDFILE = "owner.pid"
-LOCKFILE = "lock"
+LOCKFILE = FOLDER_LOCK
 SHARD = "shard"
 _ID_ONLY = qe.PayloadSelector.Include(["id", "gen"])  # gen: see QdrantEngine._committed
 #: Flush (persist segments, truncate the WAL) after this many vector bytes written.
