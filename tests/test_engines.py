@@ -849,6 +849,10 @@ def test_milvus_lite_through_a_symlink_is_the_same_file(tmp_path):
         assert parse_milvus_location(other)[0] == parse_milvus_location(real)[0]
         assert lite_lock_path(parse_milvus_location(other)[0]) == lite_lock_path(parse_milvus_location(real)[0])
         assert serverfile.record_path(other) == serverfile.record_path(real)
+    (tmp_path / "a.milvus").touch()  # a link to a file milvus-lite cannot open: our error, not pymilvus's
+    (tmp_path / "odd.db").symlink_to(tmp_path / "a.milvus")
+    with pytest.raises(ValueError, match=r"'a.milvus' \('.*odd.db' links to it\) must end in .db"):
+        parse_milvus_location(str(tmp_path / "odd.db"))
 
 
 @pytest.mark.heavy  # ~25 s: two processes start Milvus Lite

@@ -257,10 +257,12 @@ def parse_milvus_location(location: str) -> tuple[str, str, bool]:
         return f"http://{host}", name, False
     if not loc.endswith(".db"):
         raise ValueError(f"not a Milvus location: {loc!r} (milvus://host:port/name or a .db file)")
-    path = lite_file(loc)
-    if not _LITE_FILE.match(path.name):
+    path = lite_file(loc)  # milvus-lite opens the file itself, so its own lock is the file's too
+    if not _LITE_FILE.match(path.name) or path.suffix != ".db":
+        link = f" ({loc!r} links to it)" if path.name != Path(loc).name else ""
         raise ValueError(
-            f"Milvus Lite file name {path.name!r} must match [A-Za-z0-9.-_] and be at most 36 characters (a milvus-lite limit)"
+            f"Milvus Lite file name {path.name!r}{link} must end in .db, match [A-Za-z0-9.-_] and be at most 36 "
+            "characters (a milvus-lite limit)"
         )
     return str(path), LITE_COLLECTION, True
 
