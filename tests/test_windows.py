@@ -568,6 +568,75 @@ def test_a_long_writer_that_finds_another_writers_mark_withdraws(tmp_path, tiny_
             assert raw_points(a) == before and a.get("X")[0].text == texts[25]
 
 
+def test_a_mark_lost_to_another_writers_at_the_same_moment_withdraws_the_write(
+    tmp_path, tiny_encoder, corpus, monkeypatch
+):
+    """B's and A's marks of X written at the same moment: A writes its mark from a manifest read before B's
+    mark, so the stored marks keep only A's. B's check after its mark read its own copy, so both went on
+    writing X (B's windows then had no mark: never cleared if B crashed). B now reads the stored marks, finds
+    its own gone and withdraws without writing a window."""
+    import m3search.collection as collection
+    from m3search.errors import WriteConflictError
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        a.add([texts[25]], ids=["X"])
+        with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
+            older = a.engine.read_manifest()  # a's copy, read before b's mark
+            real = b.engine.write_manifest
+
+            def then_a_writes_its_mark(manifest):
+                real(manifest)
+                if any(m["client"] == b._client for m in manifest.get("pending") or []) and not hasattr(b, "lost"):
+                    b.lost = True
+                    real({**older, "pending": [{"id": "X", "client": a._client, "at": time.time()}]})
+
+            monkeypatch.setattr(b.engine, "write_manifest", then_a_writes_its_mark)
+            before = raw_points(b)
+            with pytest.raises(WriteConflictError, match="at the same moment; 'X' was not written"):
+                b.upsert([texts[29]], ids=["X"])
+            assert [m["client"] for m in b.engine.read_manifest()["pending"]] == [a._client]
+            assert raw_points(b) == before and b.get("X")[0].text == texts[25]
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_long_write_that_failed_blocks_no_other_client(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """A's long overwrite of X fails part-way with an error (not a crash) and A stays open: its mark stayed
+    live, so every other client's write or delete of X was refused (on a server for the 6 h lease). A marks
+    its write stopped: B writes X, and the leftovers are cleared."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add([texts[25]], ids=["X"])
+        real = a.engine.upsert_long
+
+        def fails(pieces):
+            def first_only():
+                it = iter(pieces)
+                yield next(it)
+                raise RuntimeError("the encoder failed")
+
+            real(first_only())
+
+        monkeypatch.setattr(a.engine, "upsert_long", fails)
+        with pytest.raises(RuntimeError, match="the encoder failed"):
+            a.upsert([texts[29]], ids=["X"])
+        monkeypatch.setattr(a.engine, "upsert_long", real)
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        b.upsert([texts[28]], ids=["X"])
+        assert b.get("X")[0].text == texts[28] and b.engine.read_manifest()["pending"] == []
+        assert b.delete(["X"]) and b.count() == 0 and raw_points(b) == 0
+    finally:
+        for col in (a, b):
+            if col is not None:
+                col.close()
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

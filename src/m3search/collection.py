@@ -31,6 +31,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -814,22 +815,36 @@ class Collection:
                         return
                     _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
 
-            self._mark_pending(batch.ids[0], True)  # a crash before the end leaves windows without a head
-            try:  # another client may have begun writing it between this call's check and this mark
-                self._refuse_others_writes([batch.ids[0]], "written")
+            doc = batch.ids[0]
+            self._mark_pending(doc, True)  # a crash before the end leaves windows without a head
+            try:  # another client may have begun writing it since this call's check: the STORED marks say
+                self._sync()
+                outcome = f"{doc!r} was not written (documents before it in this call may have been)"
+                if self._engine.shared and not any(self._mine(m, doc) for m in self._manifest.get("pending") or []):
+                    raise WriteConflictError(  # two marks written at once: the manifest kept the other's
+                        f"another client of this collection began writing {doc!r} at the same moment; {outcome}",
+                        [doc],
+                    )
+                self._refuse_others_writes([doc], "written", outcome)
             except WriteConflictError:
-                self._mark_pending(batch.ids[0], False)
+                self._mark_pending(doc, False)
                 raise
-            self._engine.upsert_long(rest())
-            self._mark_pending(batch.ids[0], False)
+            try:
+                self._engine.upsert_long(rest())
+            except Exception:  # failed, not crashed: other clients must not wait out a lease for it
+                with contextlib.suppress(Exception):  # (the write's own error is the one to report)
+                    self._mark_pending(doc, True, stopped=True)
+                raise
+            self._mark_pending(doc, False)
         if whole:
             self._write(PointBatch.join(whole))
         return cut
 
-    def _mark_pending(self, doc_id: str, writing: bool) -> None:
+    def _mark_pending(self, doc_id: str, writing: bool, *, stopped: bool = False) -> None:
         """Record in the manifest that this client's long write of ``doc_id`` is under way, as of now (again:
-        renewed), or done: if it stops part-way, the next write clears what it left (:meth:`_clear_pending`)."""
-        mark = {"id": doc_id, "client": self._client, "at": time.time()}
+        renewed), or done: if it stops part-way, the next write clears what it left (:meth:`_clear_pending`).
+        ``stopped``: it failed part-way (an error, not a crash), so its mark is no live writer's to anyone."""
+        mark = {"id": doc_id, "client": self._client, "at": time.time(), **({"stopped": True} if stopped else {})}
 
         def edit(manifest: dict) -> None:
             others = [m for m in manifest.get("pending") or [] if not self._mine(m, doc_id)]
@@ -847,9 +862,11 @@ class Collection:
         """Whether a pending mark is a stopped write's: any mark where no other client writes, this client's
         own (its writes hold the lock: one in the manifest stopped), one without a client (written before
         leases), on storage only this process writes (``Engine.process_store``) one of no open handle here
-        (its process died), or another client's not renewed for :data:`PENDING_LEASE_S`; never a live
-        writer's."""
+        (its process died), one its writer marked stopped (it failed), or another client's not renewed for
+        :data:`PENDING_LEASE_S`; never a live writer's."""
         if not self._engine.shared or not isinstance(mark, dict) or mark.get("client") == self._client:
+            return True
+        if mark.get("stopped"):
             return True
         store = self._engine.process_store
         if store is not None:
@@ -922,11 +939,12 @@ class Collection:
         self._manifest = manifest
         self._engine.max_windows = max(self._engine.max_windows, int(manifest.get("max_windows_stored", 1)))
 
-    def _refuse_others_writes(self, ids: Sequence[str], what: str) -> None:
+    def _refuse_others_writes(self, ids: Sequence[str], what: str, outcome: str | None = None) -> None:
         """Raise :class:`WriteConflictError` when another client's live pending mark (as of the last
         :meth:`_sync`) names one of ``ids``: its long write of that document is under way, and a second write
         or a delete of it meanwhile could leave the document mixed (the other's switch over this one's
-        windows). Only on storage other clients write (``Engine.shared``); elsewhere every mark is stale."""
+        windows). Only on storage other clients write (``Engine.shared``); elsewhere every mark is stale.
+        ``outcome``: what the error says of the call (default: nothing was ``what``)."""
         now, wanted = time.time(), set(ids)
         busy = {
             _marked(m)
@@ -937,7 +955,7 @@ class Collection:
             taken = [i for i in ids if i in busy]
             raise WriteConflictError(
                 f"{len(taken)} id(s) are being written by another client of this collection: "
-                f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; nothing was {what} (retry when that write has "
+                f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; {outcome or f'nothing was {what}'} (retry when that write has "
                 f"ended; a stopped writer's mark expires after {PENDING_LEASE_S} s)",
                 taken,
             )
