@@ -122,20 +122,22 @@ def vector_points(col, doc_id: str) -> int:
     return sum(1 for p in hits if p.payload["id"] == doc_id)
 
 
-def stop_long_writes(monkeypatch, col) -> None:
-    """``col``'s long writes stop (KeyboardInterrupt) after two pieces: window 1 written, the head (last) not."""
+def stop_long_writes(monkeypatch, col, pieces: int = 2, error: BaseException | None = None):
+    """``col``'s long writes stop after ``pieces`` pieces (2: window 1 written, the head, last, not), raising
+    ``error`` (default KeyboardInterrupt: a crash, as far as the write can tell). Returns the real method."""
     real = col.engine.upsert_long
 
-    def stops(pieces):
-        def two():
-            it = iter(pieces)
-            yield next(it)
-            yield next(it)
-            raise KeyboardInterrupt("stopped")
+    def stops(parts):
+        def some():
+            it = iter(parts)
+            for _ in range(pieces):
+                yield next(it)
+            raise error or KeyboardInterrupt("stopped")
 
-        real(two())
+        real(some())
 
     monkeypatch.setattr(col.engine, "upsert_long", stops)
+    return real
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -267,17 +269,7 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
         assert stored["max_windows_stored"] == 3
 
         monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
-        real = a.engine.upsert_long
-
-        def stops(pieces):  # the first piece written, then killed
-            def first_only():
-                it = iter(pieces)
-                yield next(it)
-                raise KeyboardInterrupt("killed")
-
-            real(first_only())
-
-        monkeypatch.setattr(a.engine, "upsert_long", stops)
+        real = stop_long_writes(monkeypatch, a, pieces=1)  # the first piece written, then killed
         with pytest.raises(KeyboardInterrupt):
             a.add([texts[29]], ids=["L"])
         monkeypatch.setattr(a.engine, "upsert_long", real)
@@ -613,17 +605,7 @@ def test_a_long_write_that_failed_blocks_no_other_client(tmp_path, tiny_encoder,
     b = None
     try:
         a.add([texts[25]], ids=["X"])
-        real = a.engine.upsert_long
-
-        def fails(pieces):
-            def first_only():
-                it = iter(pieces)
-                yield next(it)
-                raise RuntimeError("the encoder failed")
-
-            real(first_only())
-
-        monkeypatch.setattr(a.engine, "upsert_long", fails)
+        real = stop_long_writes(monkeypatch, a, pieces=1, error=RuntimeError("the encoder failed"))
         with pytest.raises(RuntimeError, match="the encoder failed"):
             a.upsert([texts[29]], ids=["X"])
         monkeypatch.setattr(a.engine, "upsert_long", real)
@@ -645,18 +627,7 @@ def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encod
     texts, *_ = corpus
     monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
     with create("qdrant-local", tmp_path, tiny_encoder) as a:
-        real = a.engine.upsert_long
-
-        def stops(pieces):  # two pieces written (window 1; the head comes last), then killed
-            def two():
-                it = iter(pieces)
-                yield next(it)
-                yield next(it)
-                raise KeyboardInterrupt("killed")
-
-            real(two())
-
-        monkeypatch.setattr(a.engine, "upsert_long", stops)
+        stop_long_writes(monkeypatch, a)  # two pieces written (window 1; the head comes last), then killed
         with pytest.raises(KeyboardInterrupt):
             a.add([texts[29]], ids=["L"])
         manifest = a.engine.read_manifest()
