@@ -93,7 +93,7 @@ def test_duplicate_ids_in_different_parts_are_refused_before_anything_is_sent(co
 
 
 def test_errors_keep_the_library_types(col, monkeypatch):
-    def conflict(ids, what):
+    def conflict(ids, outcome):
         raise WriteConflictError(f"1 id(s) are being written by another client of this collection: {ids}", ids)
 
     with served(col) as client:

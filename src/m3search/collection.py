@@ -700,7 +700,7 @@ class Collection:
         with self._lock:
             self._sync()
             self._clear_pending()
-            self._refuse_others_writes(ids, "written")
+            self._refuse_others_writes(ids, "nothing was written")
             if not overwrite:
                 present = self._existing(ids)
                 taken = [i for i in ids if i in present]
@@ -825,7 +825,7 @@ class Collection:
                         f"another client of this collection began writing {doc!r} at the same moment; {outcome}",
                         [doc],
                     )
-                self._refuse_others_writes([doc], "written", outcome)
+                self._refuse_others_writes([doc], outcome)
             except WriteConflictError:
                 self._mark_pending(doc, False)
                 raise
@@ -939,12 +939,12 @@ class Collection:
         self._manifest = manifest
         self._engine.max_windows = max(self._engine.max_windows, int(manifest.get("max_windows_stored", 1)))
 
-    def _refuse_others_writes(self, ids: Sequence[str], what: str, outcome: str | None = None) -> None:
+    def _refuse_others_writes(self, ids: Sequence[str], outcome: str) -> None:
         """Raise :class:`WriteConflictError` when another client's live pending mark (as of the last
         :meth:`_sync`) names one of ``ids``: its long write of that document is under way, and a second write
         or a delete of it meanwhile could leave the document mixed (the other's switch over this one's
         windows). Only on storage other clients write (``Engine.shared``); elsewhere every mark is stale.
-        ``outcome``: what the error says of the call (default: nothing was ``what``)."""
+        ``outcome``: what the error says became of the call ("nothing was written")."""
         now, wanted = time.time(), set(ids)
         busy = {
             _marked(m)
@@ -955,7 +955,7 @@ class Collection:
             taken = [i for i in ids if i in busy]
             raise WriteConflictError(
                 f"{len(taken)} id(s) are being written by another client of this collection: "
-                f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; {outcome or f'nothing was {what}'} (retry when that write has "
+                f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; {outcome} (retry when that write has "
                 f"ended; a stopped writer's mark expires after {PENDING_LEASE_S} s)",
                 taken,
             )
@@ -995,7 +995,7 @@ class Collection:
         with self._lock:
             self._sync()
             self._clear_pending()
-            self._refuse_others_writes(ids, "deleted")
+            self._refuse_others_writes(ids, "nothing was deleted")
             present = self._existing(ids)
             deleted = [i for i in ids if i in present]
             self._engine.delete(deleted)

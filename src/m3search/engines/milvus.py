@@ -786,7 +786,7 @@ class MilvusEngine(Engine):
     @property
     def process_store(self) -> str | None:
         """Milvus Lite's file is locked against other processes (``_connect``); a server is not."""
-        return f"{Path(self.uri).resolve()}/{self.collection}" if self.lite else None
+        return f"{self.uri}/{self.collection}" if self.lite else None  # (uri: the resolved file, lite_file)
 
     def close(self) -> None:
         if self._client is None:

@@ -68,7 +68,6 @@ __all__ = ["QdrantEdgeEngine"]
 
 MANIFEST = "manifest.json"
 PIDFILE = "owner.pid"
-LOCKFILE = FOLDER_LOCK
 SHARD = "shard"
 _ID_ONLY = qe.PayloadSelector.Include(["id", "gen"])  # gen: see QdrantEngine._committed
 #: Flush (persist segments, truncate the WAL) after this many vector bytes written.
@@ -169,7 +168,7 @@ def _in_use(root: Path) -> CollectionInUseError:
 
 def _lock(root: Path) -> int:
     """Take the collection's exclusive lock (non-blocking) or raise CollectionInUseError; returns the fd."""
-    fd = lock_exclusive(root / LOCKFILE)
+    fd = lock_exclusive(root / FOLDER_LOCK)
     if fd is None:
         raise _in_use(root)
     return fd
@@ -182,7 +181,7 @@ def wait_until_free(root: Path, waiting: str | None = None) -> None:
     it is :class:`CollectionInUseError` still: that wait would never end."""
     if _holder(root) == os.getpid():
         raise _in_use(root)
-    os.close(lock_exclusive(root / LOCKFILE, wait=True, waiting=waiting))
+    os.close(lock_exclusive(root / FOLDER_LOCK, wait=True, waiting=waiting))
 
 
 def _load_manifest(root: Path) -> dict:
@@ -295,7 +294,7 @@ class QdrantEdgeEngine(QdrantEngine):
             raise CollectionExistsError(f"{root} exists and is not a folder")
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
         # a folder without our lock file holds someone else's files, whatever their names
-        leftovers = (PIDFILE, LOCKFILE, SHARD, MANIFEST + ".tmp") if (root / LOCKFILE).is_file() else ()
+        leftovers = (PIDFILE, FOLDER_LOCK, SHARD, MANIFEST + ".tmp") if (root / FOLDER_LOCK).is_file() else ()
         if root.is_dir() and any(p.name not in leftovers for p in root.iterdir()):
             raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
