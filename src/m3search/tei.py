@@ -62,9 +62,13 @@ class SimpleToken(BaseModel):
     stop: int | None
 
 
-def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) -> APIRouter:
-    """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server)."""
-    router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies)
+def make_router(
+    *, encode, texts_of, resources_dep, settings_dep, dependencies, responses, encoding_responses
+) -> APIRouter:
+    """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server).
+    ``responses``: every route's error statuses in the OpenAPI schema; ``encoding_responses``: those of the routes
+    that encode (their texts wait in the server's queue)."""
+    router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies, responses=responses)
 
     def no_prompt(body: TeiRequest | TeiTokenizeRequest) -> None:
         if body.prompt_name is not None:  # refused, not ignored: the caller expects the prompt applied
@@ -100,12 +104,18 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
         return emb.dense.tolist()
 
     embed_doc = "TEI `/embed`: one dense vector per input."
-    router.add_api_route(
-        "", embed, methods=["POST"], response_model=list[list[float]], summary="TEI root", description=embed_doc
-    )
-    router.add_api_route("/embed", embed, methods=["POST"], response_model=list[list[float]], description=embed_doc)
+    for path, summary in (("", "TEI root"), ("/embed", None)):
+        router.add_api_route(
+            path,
+            embed,
+            methods=["POST"],
+            response_model=list[list[float]],
+            summary=summary,
+            description=embed_doc,
+            responses=encoding_responses,
+        )
 
-    @router.post("/embed_sparse", response_model=list[list[SparseValue]])
+    @router.post("/embed_sparse", response_model=list[list[SparseValue]], responses=encoding_responses)
     async def embed_sparse(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
         """TEI `/embed_sparse`: lexical weights as `{index: token id, value: weight}` pairs per input."""
         texts, _ = await prepared(body, res, settings)
@@ -116,7 +126,7 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
             for a, b in zip(csr.indptr[:-1].tolist(), csr.indptr[1:].tolist())
         ]
 
-    @router.post("/embed_all", response_model=list[list[list[float]]])
+    @router.post("/embed_all", response_model=list[list[list[float]]], responses=encoding_responses)
     async def embed_all(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
         """TEI `/embed_all`: each input's token vectors (BGE-M3's ColBERT vectors, every token after [CLS])."""
         texts, _ = await prepared(body, res, settings)
