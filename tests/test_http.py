@@ -434,6 +434,18 @@ def test_tei_tokenize_marks_specials_as_the_tokenizer_does(app_and_collection):
     assert tokens[0]["special"] and tokens[-1]["special"] and tokens[0]["start"] is None  # <s> and </s>
 
 
+def test_tei_tokenize_offsets_are_utf8_bytes_as_teis(app_and_collection):
+    """TEI gives a token's start / stop as byte offsets into the UTF-8 input (the Rust tokenizers' encode); ours
+    were the Python tokenizer's character offsets: past the first non-ASCII character, a TEI client slicing the
+    bytes it sent got another span."""
+    _, client, _ = app_and_collection
+    text = "Übergröße café 東京 \U0001f600"
+    data = text.encode("utf-8")
+    tokens = [t for t in client.post("/tei/tokenize", json={"inputs": text}).json()[0] if not t["special"]]
+    assert tokens and all(data[t["start"] : t["stop"]] == t["text"].encode("utf-8") for t in tokens), tokens
+    assert tokens[-1]["stop"] == len(data) and tokens[-1]["text"] == "\U0001f600"
+
+
 def test_tei_tokenize_refuses_prompt_name_like_embed_and_health_answers_head(app_and_collection):
     """/tei/tokenize ignored prompt_name (the docstring says refused, as /tei/embed does); HEAD /health (load
     balancers, curl -I) answered 405."""

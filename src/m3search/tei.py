@@ -8,7 +8,8 @@ huggingface_hub's ``InferenceClient(model=URL).feature_extraction`` calls it).
 
 What each route returns with BGE-M3: ``/embed`` the dense [CLS] vectors; ``/embed_sparse``
 the lexical weights as ``{index, value}`` pairs (index = token id); ``/embed_all`` each
-text's ColBERT token vectors; ``/tokenize`` tokens with character offsets; ``/info`` TEI's
+text's ColBERT token vectors; ``/tokenize`` tokens with UTF-8 byte offsets, as TEI's (the Rust
+tokenizers' ``encode`` gives byte offsets; Python's, character offsets); ``/info`` TEI's
 model description. Differences, refused with 400 rather than ignored: ``normalize: false``
 (vectors are always normalized), ``truncation_direction: "Left"``, ``prompt_name``, a
 ``dimensions`` other than the model's. As in TEI, an input over the model's token limit is
@@ -17,6 +18,7 @@ refused (413) unless ``truncate: true``. Errors keep this server's one error sha
 
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,8 +60,15 @@ class SimpleToken(BaseModel):
     id: int
     text: str
     special: bool
-    start: int | None
-    stop: int | None
+    start: int | None = Field(description="UTF-8 byte offset in the input where the token starts (TEI's unit).")
+    stop: int | None = Field(description="UTF-8 byte offset in the input where the token ends.")
+
+
+def _byte_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character offset of ``text`` (``len(text) + 1`` of them)."""
+    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    sizes = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate(([0], np.cumsum(sizes)))
 
 
 def make_router(
@@ -135,7 +144,7 @@ def make_router(
 
     @router.post("/tokenize", response_model=list[list[SimpleToken]])
     async def tokenize(body: TeiTokenizeRequest, res: resources_dep, settings: settings_dep) -> Any:
-        """TEI `/tokenize`: tokens with their character offsets in the input (specials have none)."""
+        """TEI `/tokenize`: tokens with their UTF-8 byte offsets in the input, as TEI (specials have none)."""
         texts = texts_of(body.inputs, settings)
         no_prompt(body)
         enc = res.encoder
@@ -146,6 +155,7 @@ def make_router(
             out = []
             for text, e in zip(texts, encodings):
                 tokens = []
+                at = _byte_offsets(text).tolist()  # the tokenizer's offsets are characters
                 # the tokenizer's own mask, as TEI: <unk> stands for text (its offsets kept), not a special
                 for tid, tok, (a, b), mask in zip(e.ids, e.tokens, e.offsets, e.special_tokens_mask):
                     is_special = bool(mask)
@@ -154,8 +164,8 @@ def make_router(
                             "id": tid,
                             "text": tok if is_special else text[a:b],
                             "special": is_special,
-                            "start": None if is_special else a,
-                            "stop": None if is_special else b,
+                            "start": None if is_special else at[a],
+                            "stop": None if is_special else at[b],
                         }
                     )
                 out.append(tokens)
