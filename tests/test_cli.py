@@ -7,6 +7,7 @@ if the CLI mixes up ids, scores, order or deletions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -382,18 +383,25 @@ time.sleep(120)
 """
 
 
-def test_collection_in_use_by_another_process(indexed, corpus):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _holding(collection: Path):
+    """Another process holds ``collection`` (opened, its lock taken) while the block runs; yields that process."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(collection)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_collection_in_use_by_another_process(indexed, corpus):
+    with _holding(indexed) as holder:
         for args in (["search", "x"], ["info"], ["delete", "1"], ["index", str(corpus)]):
             proc = cli(*args, "-c", str(indexed), check=False)
             assert proc.returncode == 1
             assert f"in use by process {holder.pid}" in proc.stderr, proc.stderr
             assert "Traceback" not in proc.stderr
-    finally:
-        holder.kill()
-        holder.wait(10)
 
 
 def _start_server(
@@ -671,13 +679,8 @@ def test_an_older_record_is_believed_only_while_the_collection_is_held(indexed, 
             (coll / "server.json").write_text(json.dumps(record))
         info = one_json(cli("info", "-c", str(backup), "--json"))
         assert info["served_by"] is None and info["count"] == N_DOCS
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline().strip() == "held"
+        with _holding(indexed):
             assert fake.url in one_json(cli("info", "-c", str(indexed), "--json"))["served_by"]
-        finally:
-            holder.kill()
-            holder.wait(10)
     finally:
         (indexed / "server.json").unlink()
         fake.close()
@@ -701,14 +704,9 @@ def test_a_keyed_servers_record_is_checked_with_the_key_or_by_the_lock(indexed, 
         p = cli("serve", "-c", str(indexed), "--api-key", "k", "--port", "0", check=False)
         assert p.returncode == 1 and f"already served by process {os.getpid()}" in p.stderr, p.stderr
         assert fake.keys[-1] == "Bearer k"
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
-        try:  # without the key, a held collection is served: migrate is refused, naming the server
-            assert holder.stdout.readline().strip() == "held"
+        with _holding(indexed):  # without the key, a held collection is served: migrate is refused, naming it
             p = cli("migrate", str(indexed), str(tmp_path / "copy2"), check=False)
             assert p.returncode == 1 and f"is served by process {os.getpid()}" in p.stderr, p.stderr
-        finally:
-            holder.kill()
-            holder.wait(10)
     finally:
         (indexed / "server.json").unlink()
         fake.close()
