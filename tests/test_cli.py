@@ -7,6 +7,7 @@ if the CLI mixes up ids, scores, order or deletions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -382,18 +383,25 @@ time.sleep(120)
 """
 
 
-def test_collection_in_use_by_another_process(indexed, corpus):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _holding(collection: Path):
+    """Another process holds ``collection`` (opened, its lock taken) while the block runs; yields that process."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(collection)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_collection_in_use_by_another_process(indexed, corpus):
+    with _holding(indexed) as holder:
         for args in (["search", "x"], ["info"], ["delete", "1"], ["index", str(corpus)]):
             proc = cli(*args, "-c", str(indexed), check=False)
             assert proc.returncode == 1
             assert f"in use by process {holder.pid}" in proc.stderr, proc.stderr
             assert "Traceback" not in proc.stderr
-    finally:
-        holder.kill()
-        holder.wait(10)
 
 
 def _start_server(
@@ -585,19 +593,24 @@ def test_stale_server_record_is_ignored(indexed, tmp_path):
 
 class _FakeServer:
     """An HTTP server at a record's address that answers /health and /info as an m3search serve of the
-    collection ``identity`` names, and notes every request it gets."""
+    collection ``identity`` names (``api_key``: /info needs it, as a server started with one), and notes every
+    request it gets (``keys``: the key each /info was sent with)."""
 
-    def __init__(self, identity):
+    def __init__(self, identity, api_key=None):
         import http.server
         import threading
 
-        self.identity, self.requests = identity, []
+        self.identity, self.requests, self.keys = identity, [], []
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _answer(self):
                 fake.requests.append((self.command, self.path))
-                if self.command == "GET" and self.path in ("/health", "/info"):
+                if self.path == "/info":
+                    fake.keys.append(self.headers.get("Authorization"))
+                if api_key and self.path == "/info" and self.headers.get("Authorization") != f"Bearer {api_key}":
+                    data, code = b'{"error": {"type": "unauthorized", "message": "missing or wrong API key"}}', 401
+                elif self.command == "GET" and self.path in ("/health", "/info"):
                     body = {"status": "ok"}
                     if self.path == "/info":
                         body = {"model": {}, "limits": {}, "collection": {"count": 999}}
@@ -666,13 +679,34 @@ def test_an_older_record_is_believed_only_while_the_collection_is_held(indexed, 
             (coll / "server.json").write_text(json.dumps(record))
         info = one_json(cli("info", "-c", str(backup), "--json"))
         assert info["served_by"] is None and info["count"] == N_DOCS
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(indexed)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline().strip() == "held"
+        with _holding(indexed):
             assert fake.url in one_json(cli("info", "-c", str(indexed), "--json"))["served_by"]
-        finally:
-            holder.kill()
-            holder.wait(10)
+    finally:
+        (indexed / "server.json").unlink()
+        fake.close()
+
+
+def test_a_keyed_servers_record_is_checked_with_the_key_or_by_the_lock(indexed, tmp_path):
+    """The check of a record's server (serve, migrate) asked GET /info without a key: a server started with one
+    answered 401 and was believed unchecked, so a stale record whose port another keyed m3search serve had
+    taken (after a kill -9) kept migrate and serve out of a free collection for good. The key the command has
+    is sent now; without it, the collection's lock tells whether a process serves it."""
+    from m3search import serverfile
+
+    st = os.stat(indexed)
+    here = [st.st_dev, st.st_ino]
+    fake = _FakeServer(identity=[here[0], here[1] + 1], api_key="k")  # serves another collection
+    try:
+        serverfile.write(str(indexed), host="127.0.0.1", port=fake.port, url=fake.url, api_key_required=True)
+        out = one_json(cli("migrate", str(indexed), str(tmp_path / "copy"), "--json"))  # no key: the lock is free
+        assert out["copied"] == N_DOCS and fake.keys == [None]
+        fake.identity = here  # the record's own server, asked with the key serve was given
+        p = cli("serve", "-c", str(indexed), "--api-key", "k", "--port", "0", check=False)
+        assert p.returncode == 1 and f"already served by process {os.getpid()}" in p.stderr, p.stderr
+        assert fake.keys[-1] == "Bearer k"
+        with _holding(indexed):  # without the key, a held collection is served: migrate is refused, naming it
+            p = cli("migrate", str(indexed), str(tmp_path / "copy2"), check=False)
+            assert p.returncode == 1 and f"is served by process {os.getpid()}" in p.stderr, p.stderr
     finally:
         (indexed / "server.json").unlink()
         fake.close()

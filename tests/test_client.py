@@ -126,14 +126,37 @@ def test_errors_keep_the_library_types(col, monkeypatch):
 def test_only_the_unknown_id_answer_reads_as_missing(col):
     """Every 404 read as "unknown id": a client at a wrong base URL (".../v1", the base OpenAI clients
     get) had get() answer None for every id, silently. Only the server's unknown-id answer (it names the
-    ids) means missing; any other 404 says there is no m3search API at the URL."""
+    ids) means missing; any other 404 is a ConnectionError saying what answered."""
     with served(col) as client:
         assert [r and r.id for r in client.get([IDS[0], "nope"])] == [IDS[0], None]
         client._http.base_url = "http://m3search.test/v1"
         wrong = M3SearchClient("http://m3search.test/v1", http_client=client._http)
         for call in (lambda: wrong.get(IDS[:2]), lambda: wrong.search("q")):
-            with pytest.raises(ConnectionError, match=r"no m3search API at http://m3search.test/v1: .* HTTP 404"):
+            with pytest.raises(
+                ConnectionError, match=r"/v1/\S+ answered 'Not Found' \(HTTP 404\).* not the server's root"
+            ):
                 call()
+
+
+def test_an_older_servers_unknown_id_answer_says_so():
+    """A server from before the unknown-id answer named its ids (error.ids) answers an unknown id with a 404 in
+    the API's error shape and no ids; get() raised "no m3search API at URL" (checked against a server of
+    12f46a1^), though the URL serves the m3search API. The error now names the route and its answer, and says
+    the server may be older than this client."""
+    import httpx
+
+    def older(request):
+        if request.url.path == "/documents/d0":
+            return httpx.Response(200, json={"id": "d0", "text": "t", "metadata": {}})
+        return httpx.Response(404, json={"error": {"type": "not_found", "message": "no document with id 'ghost'"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(older), base_url="http://m3")
+    client = M3SearchClient("http://m3", http_client=http)
+    assert client.get("d0")[0].text == "t"
+    with pytest.raises(ConnectionError) as err:
+        client.get(["d0", "ghost"])
+    assert "GET http://m3/documents/ghost answered \"no document with id 'ghost'\" (HTTP 404)" in str(err.value)
+    assert "the server is older than this client" in str(err.value)
 
 
 def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):

@@ -23,16 +23,18 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from m3search import Collection  # noqa: E402
-from m3search.batching import INTERACTIVE, Batcher  # noqa: E402
+from m3search.batching import INTERACTIVE, Batcher, QueueFull, RequestTimeout  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
     DuplicateIdError,
+    IngestInterrupted,
     InsufficientStorageError,
     M3SearchError,
     ModelMismatchError,
     UnknownIdError,
     WriteConflictError,
 )
+from m3search.plan import DeadlineExceeded  # noqa: E402
 from m3search.server import _ERROR_STATUS, DeferredOptimize, Resources, Settings, create_app, get_settings  # noqa: E402
 
 TEXTS = [
@@ -122,6 +124,81 @@ def test_a_nearly_full_disk_is_507(app_and_collection, monkeypatch):
     assert col.count() == len(TEXTS) and col.get("x1") == [None] and col.get("d1")[0].text == TEXTS[1]
     spec = client.get("/openapi.json").json()["paths"]["/documents"]
     assert "507" in spec["post"]["responses"] and "507" in spec["delete"]["responses"]
+
+
+#: A valid request to each route of the schema (a route added without one fails the schema test below).
+REQUESTS = {
+    ("GET", "/health"): ("/health", None),
+    ("GET", "/info"): ("/info", None),
+    ("GET", "/metrics"): ("/metrics", None),
+    ("GET", "/documents/{doc_id}"): ("/documents/ghost", None),  # unknown: 404
+    ("POST", "/documents"): ("/documents", {"documents": [{"id": "x1", "text": "a new note"}]}),
+    ("DELETE", "/documents"): ("/documents", {"ids": ["x2"]}),
+    ("POST", "/search"): ("/search", {"query": "boundary layer", "k": 2}),
+    ("POST", "/v1/embeddings"): ("/v1/embeddings", {"input": ["boundary layer"]}),
+    ("POST", "/embed"): ("/embed", {"input": ["boundary layer"]}),
+    ("GET", "/tei/info"): ("/tei/info", None),
+    **{("POST", f"/tei{r}"): (f"/tei{r}", {"inputs": "wing"}) for r in ("", "/embed", "/embed_sparse", "/embed_all")},
+    ("POST", "/tei/tokenize"): ("/tei/tokenize", {"inputs": "wing"}),
+}
+#: What each collection method the server calls may raise (the library's typed errors, and a search's deadline).
+FAULTS = {
+    "add": (DuplicateIdError, WriteConflictError, IngestInterrupted, InsufficientStorageError),
+    "delete": (WriteConflictError, InsufficientStorageError),
+    "search_batch": (DeadlineExceeded,),
+}
+
+
+def _raising(exc: Exception):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+def _check_declared(client, *, body: bool = True) -> set[int]:
+    """Send each route its request; every error answer's status must be declared in the route's OpenAPI entry,
+    in the one error shape. Returns the error statuses seen."""
+    paths = client.get("/openapi.json").json()["paths"]
+    routes = {(method.upper(), path): op for path, ops in paths.items() for method, op in ops.items()}
+    assert set(routes) == set(REQUESTS)
+    seen = set()
+    for (method, path), op in routes.items():
+        url, json_body = REQUESTS[method, path]
+        r = client.request(method, url, json=json_body if body else [])
+        if r.status_code >= 400:
+            seen.add(r.status_code)
+            assert str(r.status_code) in op["responses"], (method, path, r.status_code, r.text)
+            assert op["responses"][str(r.status_code)]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorResponse"
+            }
+            assert set(r.json()["error"]) <= {"type", "message", "ids"}, r.text
+    return seen
+
+
+def test_every_error_a_route_returns_is_in_its_openapi_entry(app_and_collection, tiny_encoder, monkeypatch):
+    """The schema listed 409 and 507 for POST /documents and 507 for DELETE: not their 409 for an id another
+    client is writing, nor 503 for a write stopped by a shutdown, nor any route's 429 / 503 (queue) or /search's
+    504, nor the TEI routes' 400 / 401 / 413 / 422. Each route's errors are now declared from one table."""
+    app, client, col = app_and_collection
+    assert _check_declared(client) == {404}
+    assert _check_declared(client, body=False) == {404, 422}  # a malformed body
+    for fault in (QueueFull("full", 1), RequestTimeout("timed out")):
+        with monkeypatch.context() as m:
+            m.setattr(app.state.batcher, "encode_async", _raising(fault))
+            assert _check_declared(client) > {404}
+    assert set(_ERROR_STATUS) - {UnknownIdError} <= {cls for faults in FAULTS.values() for cls in faults}
+    for method, faults in FAULTS.items():
+        for cls in faults:
+            with monkeypatch.context() as m:
+                m.setattr(
+                    col, method, _raising(cls("injected", [], 1) if cls is IngestInterrupted else cls("injected"))
+                )
+                assert _check_declared(client) > {404}, (method, cls)
+    with TestClient(create_app(Settings(api_key="k"), resources=Resources(encoder=tiny_encoder))) as bare:
+        assert _check_declared(bare) == {401}
+        bare.headers["Authorization"] = "Bearer k"
+        assert _check_declared(bare) == {409}  # no collection served
 
 
 def test_concurrent_adds_of_one_id_give_one_409(app_and_collection):
@@ -355,6 +432,18 @@ def test_tei_tokenize_marks_specials_as_the_tokenizer_does(app_and_collection):
     unknown = [t for t in tokens if t["id"] == unk]
     assert unknown and all(not t["special"] and t["text"] == "\U0001f600" and t["start"] == 5 for t in unknown)
     assert tokens[0]["special"] and tokens[-1]["special"] and tokens[0]["start"] is None  # <s> and </s>
+
+
+def test_tei_tokenize_offsets_are_utf8_bytes_as_teis(app_and_collection):
+    """TEI gives a token's start / stop as byte offsets into the UTF-8 input (the Rust tokenizers' encode); ours
+    were the Python tokenizer's character offsets: past the first non-ASCII character, a TEI client slicing the
+    bytes it sent got another span."""
+    _, client, _ = app_and_collection
+    text = "Übergröße café 東京 \U0001f600"
+    data = text.encode("utf-8")
+    tokens = [t for t in client.post("/tei/tokenize", json={"inputs": text}).json()[0] if not t["special"]]
+    assert tokens and all(data[t["start"] : t["stop"]] == t["text"].encode("utf-8") for t in tokens), tokens
+    assert tokens[-1]["stop"] == len(data) and tokens[-1]["text"] == "\U0001f600"
 
 
 def test_tei_tokenize_refuses_prompt_name_like_embed_and_health_answers_head(app_and_collection):

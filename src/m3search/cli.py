@@ -165,10 +165,13 @@ def _check_served_model(
             )
 
 
-def _answering(collection: str) -> dict[str, Any] | None:
+def _answering(collection: str, api_key: str | None = None) -> dict[str, Any] | None:
     """The record of a server running for ``collection``, or None. A record whose pid is alive but where
     nobody listens is stale (the server was killed with -9 and its pid reused, e.g. pid 1 in a container);
-    whatever opens the collection next finds out from its lock whether a process still holds it."""
+    whatever opens the collection next finds out from its lock whether a process still holds it. The server's
+    ``GET /info`` names the collection it serves; it is asked with ``api_key``. A server that needs another key
+    answers 401 (it was believed, unchecked: a stale record whose port another keyed server had taken kept
+    migrate and serve out of a free collection); then the collection's lock tells whether a process serves it."""
     record = serverfile.live(collection)
     if record is None:
         return None
@@ -180,11 +183,14 @@ def _answering(collection: str) -> dict[str, Any] | None:
         return None
     except httpx.HTTPError:  # listening but slow (loading its model): a server
         return record
-    try:  # asked without a key: a server that needs one is believed (this only refuses, it sends nothing)
-        answer = httpx.get(f"{record.get('url')}/info", timeout=httpx.Timeout(5.0))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        answer = httpx.get(f"{record.get('url')}/info", headers=headers, timeout=httpx.Timeout(5.0))
         served = answer.json().get("collection_identity") if answer.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError):
         return record
+    if answer.status_code == 401:
+        return record if serverfile.held(collection) else None
     return None if answer.status_code == 200 and _serves_another(record, served, collection) else record
 
 
@@ -873,7 +879,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
         if collection is None and model is None:
             model = DEFAULT_MODEL
         if collection is not None:
-            record = _answering(collection)
+            record = _answering(collection, api_key)
             if record is not None:
                 raise click.ClickException(
                     f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"

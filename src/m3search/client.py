@@ -13,8 +13,9 @@ refused before anything is sent (:class:`~m3search.errors.RequestTooLargeError`,
 Errors keep the library's types: a bad value is ``ValueError``, an existing id
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
 another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
-wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a URL that answers
-404 but not as the m3search API does (a wrong base URL such as ``.../v1``).
+wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a 404 that is not the
+API's unknown-id answer (it names the ids): a wrong base URL such as ``.../v1``, or a server older than
+this client (its unknown-id answer named none); the message says which route answered what.
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
 read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
@@ -140,8 +141,16 @@ class M3SearchClient:
             error, message = {}, response.text[:300]
         if response.status_code == 404 and not isinstance(error.get("ids"), list):
             # only the server's unknown-id answer names ids; any other 404 (a wrong base URL such as
-            # ".../v1", another service) must not read as "no such document"
-            raise self._not_the_api(response, "not the API's unknown-id answer")
+            # ".../v1", another service, an older server) must not read as "no such document"
+            if not error:
+                raise self._not_the_api(response, "not the API's unknown-id answer")
+            request = response.request
+            raise ConnectionError(
+                f"m3search server {self.url}: {request.method} {request.url} answered {message!r} (HTTP 404) without "
+                "the ids of the API's unknown-id answer (error.ids), so a missing document cannot be told from a "
+                f"missing route: {self.url} is not the server's root (e.g. it ends in /v1), or the server is older "
+                "than this client (upgrade it)"
+            )
         message = f"m3search server {self.url}: {message} (HTTP {response.status_code})"
         if response.status_code == 401:
             raise PermissionError(message)

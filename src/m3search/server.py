@@ -14,8 +14,9 @@ written in small batches between queries; its indexes are built when ingest paus
 Errors have one shape everywhere, ``{"error": {"type": ..., "message": ...}}``: request
 validation -> 422, bad values caught by the library -> 400, unknown API key -> 401,
 unknown document -> 404, duplicate ids or ids another client is writing -> 409, body, batch, ``k``, ``candidates`` or filter over
-its limit -> 413. Request models are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug
-still answers the same shape with 500 and no stack trace (the log keeps it).
+its limit -> 413; each route's OpenAPI entry lists the statuses it returns (``_errors``). Request models
+are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug still answers the same shape with
+500 and no stack trace (the log keeps it).
 
 One process owns an embedded collection. ``serve`` records its address in
 ``<collection>/server.json`` (pid, host, port, url, whether a key is needed) so the CLI
@@ -230,18 +231,34 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-#: A write the embedded engine refuses because the disk is nearly full (:class:`InsufficientStorageError`).
-_NO_SPACE = {507: {"model": ErrorResponse, "description": "Too little free disk for the write (embedded collection)"}}
-
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": desc}
-    for status, desc in [
-        (400, "Bad value"),
-        (401, "Missing or wrong API key"),
-        (413, "Body or batch too large"),
-        (422, "Malformed request"),
-    ]
+#: What each error status means in this API, in the one error shape: a route declares the statuses it returns
+#: (``_errors``), and the OpenAPI schema describes them from here.
+_ERROR_MEANINGS = {
+    400: "Bad value",
+    401: "Missing or wrong API key",
+    404: "Unknown document id (`error.ids` names it)",
+    409: "Conflict: an id already exists (add; use upsert), another client is writing one of the ids (nothing was "
+    "changed: retry once its write has ended; `error.ids` names them), or this server serves no collection",
+    413: "Body, batch, input, `k`, `candidates` or filter over its limit",
+    422: "Malformed request",
+    429: "Queue full, nothing was done: retry after `Retry-After`",
+    500: "Internal error (a bug)",
+    503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down, and a write "
+    "stopped between its batches (`error.ids`: the documents written, each whole; the others were not)",
+    504: "The search ran over its time limit",
+    507: "Too little free disk for the write (embedded collection)",
 }
+#: What a route that encodes may return beyond every route's errors: its texts wait in the batching queue.
+_ENCODING = (429, 503)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's error statuses (each ``ErrorResponse``, described once above)."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+#: Every API route's errors (the TEI routes' too).
+_ERRORS = _errors(400, 401, 413, 422)
 
 
 class _BodyTooLarge(HTTPException):
@@ -861,7 +878,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         version=__version__,
         summary="BGE-M3 embeddings (dense, sparse, ColBERT) and hybrid search over a collection.",
         lifespan=lifespan,
-        responses={500: {"model": ErrorResponse, "description": "Internal error (a bug)"}},
+        responses=_errors(500),
     )
     if settings is not None:
         settings.check()
@@ -918,7 +935,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             out["collection"] = _finite(res.collection.info())
         return out
 
-    @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"])
+    @api.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["embeddings"], responses=_errors(*_ENCODING))
     async def openai_embeddings(
         body: EmbeddingsRequest, request: Request, res: ResourcesDep, settings: SettingsDep
     ) -> EmbeddingsResponse:
@@ -942,7 +959,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
-    @api.post("/embed", response_model=EmbedResponse, response_model_exclude_none=True, tags=["embeddings"])
+    @api.post(
+        "/embed",
+        response_model=EmbedResponse,
+        response_model_exclude_none=True,
+        tags=["embeddings"],
+        responses=_errors(*_ENCODING),
+    )
     async def embed(body: EmbedRequest, request: Request, res: ResourcesDep, settings: SettingsDep) -> EmbedResponse:
         """Dense, sparse (token ids + weights, optionally readable tokens) and ColBERT vectors, each selectable."""
         texts = _texts(body.input, settings)
@@ -980,7 +1003,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         "/documents",
         response_model=DocumentsResponse,
         tags=["documents"],
-        responses={409: {"model": ErrorResponse, "description": "An id exists (use upsert)"}, **_NO_SPACE},
+        responses=_errors(409, 503, 507),
     )
     async def add_documents(
         body: DocumentsRequest, request: Request, res: CollectionDep, settings: SettingsDep
@@ -1017,7 +1040,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         async with request.app.state.write_gate:
             return await run_in_threadpool(store)
 
-    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_NO_SPACE)
+    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_errors(409, 507))
     async def delete_documents(
         body: DeleteRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> DeleteResponse:
@@ -1031,7 +1054,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         "/documents/{doc_id:m3search_id}",
         response_model=DocumentOut,
         tags=["documents"],
-        responses={404: {"model": ErrorResponse, "description": "Unknown id"}},
+        responses=_errors(404, 409),
     )
     def get_document(doc_id: str, res: CollectionDep) -> DocumentOut:
         """One stored document (text and metadata)."""
@@ -1040,7 +1063,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             raise UnknownIdError(f"no document with id {doc_id!r}", [doc_id])
         return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
 
-    @api.post("/search", response_model=SearchResponse, tags=["search"])
+    @api.post("/search", response_model=SearchResponse, tags=["search"], responses=_errors(409, *_ENCODING, 504))
     async def search(
         body: SearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> SearchResponse:
@@ -1097,6 +1120,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             resources_dep=ResourcesDep,
             settings_dep=SettingsDep,
             dependencies=[Depends(require_api_key)],
+            responses=_ERRORS,
+            encoding_responses=_errors(*_ENCODING),
         )
     )
     return app

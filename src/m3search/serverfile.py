@@ -26,7 +26,7 @@ from typing import Any
 
 from .engines import holder_lock_path, lite_file, location_scheme
 
-__all__ = ["SERVER_FILE", "record_path", "identity", "read", "live", "write", "remove"]
+__all__ = ["SERVER_FILE", "record_path", "identity", "read", "live", "held", "write", "remove"]
 
 #: File name beside the collection's lock.
 SERVER_FILE = "server.json"
@@ -79,7 +79,7 @@ def live(collection: str | os.PathLike) -> dict[str, Any] | None:
     if record is None or record.get("pid") == os.getpid() or not _pid_alive(record.get("pid")):
         return None
     if "identity" not in record:
-        return record if _held(collection) else None
+        return record if held(collection) else None
     here = identity(collection)
     return record if here is not None and record["identity"] == here else None
 
@@ -114,7 +114,7 @@ def remove(collection: str | os.PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
-def _held(collection: str | os.PathLike) -> bool:
+def held(collection: str | os.PathLike) -> bool:
     """Whether a process holds the collection's lock (a shared probe, so the file is neither created nor kept)."""
     path = holder_lock_path(collection)
     if path is None:

@@ -8,7 +8,8 @@ huggingface_hub's ``InferenceClient(model=URL).feature_extraction`` calls it).
 
 What each route returns with BGE-M3: ``/embed`` the dense [CLS] vectors; ``/embed_sparse``
 the lexical weights as ``{index, value}`` pairs (index = token id); ``/embed_all`` each
-text's ColBERT token vectors; ``/tokenize`` tokens with character offsets; ``/info`` TEI's
+text's ColBERT token vectors; ``/tokenize`` tokens with UTF-8 byte offsets, as TEI's (the Rust
+tokenizers' ``encode`` gives byte offsets; Python's, character offsets); ``/info`` TEI's
 model description. Differences, refused with 400 rather than ignored: ``normalize: false``
 (vectors are always normalized), ``truncation_direction: "Left"``, ``prompt_name``, a
 ``dimensions`` other than the model's. As in TEI, an input over the model's token limit is
@@ -17,6 +18,7 @@ refused (413) unless ``truncate: true``. Errors keep this server's one error sha
 
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,13 +60,24 @@ class SimpleToken(BaseModel):
     id: int
     text: str
     special: bool
-    start: int | None
-    stop: int | None
+    start: int | None = Field(description="UTF-8 byte offset in the input where the token starts (TEI's unit).")
+    stop: int | None = Field(description="UTF-8 byte offset in the input where the token ends.")
 
 
-def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) -> APIRouter:
-    """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server)."""
-    router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies)
+def _byte_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character offset of ``text`` (``len(text) + 1`` of them)."""
+    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    sizes = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate(([0], np.cumsum(sizes)))
+
+
+def make_router(
+    *, encode, texts_of, resources_dep, settings_dep, dependencies, responses, encoding_responses
+) -> APIRouter:
+    """The TEI routes over the server's own helpers (passed in: this module imports nothing of the server).
+    ``responses``: every route's error statuses in the OpenAPI schema; ``encoding_responses``: those of the routes
+    that encode (their texts wait in the server's queue)."""
+    router = APIRouter(prefix=PREFIX, tags=["tei"], dependencies=dependencies, responses=responses)
 
     def no_prompt(body: TeiRequest | TeiTokenizeRequest) -> None:
         if body.prompt_name is not None:  # refused, not ignored: the caller expects the prompt applied
@@ -100,12 +113,18 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
         return emb.dense.tolist()
 
     embed_doc = "TEI `/embed`: one dense vector per input."
-    router.add_api_route(
-        "", embed, methods=["POST"], response_model=list[list[float]], summary="TEI root", description=embed_doc
-    )
-    router.add_api_route("/embed", embed, methods=["POST"], response_model=list[list[float]], description=embed_doc)
+    for path, summary in (("", "TEI root"), ("/embed", None)):
+        router.add_api_route(
+            path,
+            embed,
+            methods=["POST"],
+            response_model=list[list[float]],
+            summary=summary,
+            description=embed_doc,
+            responses=encoding_responses,
+        )
 
-    @router.post("/embed_sparse", response_model=list[list[SparseValue]])
+    @router.post("/embed_sparse", response_model=list[list[SparseValue]], responses=encoding_responses)
     async def embed_sparse(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
         """TEI `/embed_sparse`: lexical weights as `{index: token id, value: weight}` pairs per input."""
         texts, _ = await prepared(body, res, settings)
@@ -116,7 +135,7 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
             for a, b in zip(csr.indptr[:-1].tolist(), csr.indptr[1:].tolist())
         ]
 
-    @router.post("/embed_all", response_model=list[list[list[float]]])
+    @router.post("/embed_all", response_model=list[list[list[float]]], responses=encoding_responses)
     async def embed_all(body: TeiRequest, request: Request, res: resources_dep, settings: settings_dep) -> Any:
         """TEI `/embed_all`: each input's token vectors (BGE-M3's ColBERT vectors, every token after [CLS])."""
         texts, _ = await prepared(body, res, settings)
@@ -125,7 +144,7 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
 
     @router.post("/tokenize", response_model=list[list[SimpleToken]])
     async def tokenize(body: TeiTokenizeRequest, res: resources_dep, settings: settings_dep) -> Any:
-        """TEI `/tokenize`: tokens with their character offsets in the input (specials have none)."""
+        """TEI `/tokenize`: tokens with their UTF-8 byte offsets in the input, as TEI (specials have none)."""
         texts = texts_of(body.inputs, settings)
         no_prompt(body)
         enc = res.encoder
@@ -136,6 +155,7 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
             out = []
             for text, e in zip(texts, encodings):
                 tokens = []
+                at = _byte_offsets(text).tolist()  # the tokenizer's offsets are characters
                 # the tokenizer's own mask, as TEI: <unk> stands for text (its offsets kept), not a special
                 for tid, tok, (a, b), mask in zip(e.ids, e.tokens, e.offsets, e.special_tokens_mask):
                     is_special = bool(mask)
@@ -144,8 +164,8 @@ def make_router(*, encode, texts_of, resources_dep, settings_dep, dependencies) 
                             "id": tid,
                             "text": tok if is_special else text[a:b],
                             "special": is_special,
-                            "start": None if is_special else a,
-                            "stop": None if is_special else b,
+                            "start": None if is_special else at[a],
+                            "stop": None if is_special else at[b],
                         }
                     )
                 out.append(tokens)
