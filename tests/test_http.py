@@ -457,6 +457,21 @@ def test_tei_tokenize_refuses_prompt_name_like_embed_and_health_answers_head(app
     assert head.status_code == 200 and head.content == b""
 
 
+def test_token_id_inputs_are_refused_saying_so(app_and_collection):
+    """OpenAI clients send tiktoken ids unasked (LangChain's OpenAIEmbeddings): the refusal named only
+    pydantic's 'input.str: Input should be a valid string; input.list[str].0: ...'."""
+    _, client, _ = app_and_collection
+    for route, body in [
+        ("/v1/embeddings", {"input": [[9906, 1917]], "model": "bge-m3"}),
+        ("/v1/embeddings", {"input": [9906, 1917]}),
+        ("/tei/embed", {"inputs": [[9906, 1917]]}),
+        ("/tei/tokenize", {"inputs": [9906]}),
+    ]:
+        message = _error(client.post(route, json=body), 422, "invalid_request")
+        assert "token-id arrays are not supported" in message and "check_embedding_ctx_length" in message, route
+    assert client.post("/v1/embeddings", json={"input": ["a", "b"]}).status_code == 200
+
+
 def test_a_search_waiting_for_the_encoder_stops_at_its_time_limit(stored, tiny_encoder):
     """The search's time limit bounds its wait for the encoder too (it used to wait for the queue's
     request_timeout, and answer 504 only after its query had been encoded anyway)."""

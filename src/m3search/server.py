@@ -80,6 +80,7 @@ from .plan import (
     deadline,
     repeated,
 )
+from .tei import TextOrTexts
 from .tei import make_router as tei_router
 
 __all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
@@ -640,9 +641,6 @@ class _Strict(BaseModel):
     """Unknown fields refused; no coercion (``true`` is not 1, ``"yes"`` is not true, ``1.0`` is not an int)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-TextOrTexts = str | list[str]
 
 
 class EmbeddingsRequest(BaseModel):

@@ -16,24 +16,41 @@ model description. Differences, refused with 400 rather than ignored: ``normaliz
 refused (413) unless ``truncate: true``. Errors keep this server's one error shape.
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-__all__ = ["make_router", "PREFIX"]
+__all__ = ["make_router", "PREFIX", "TextOrTexts"]
 
 PREFIX = "/tei"
+
+
+def _no_token_ids(value: Any) -> Any:
+    """Token-id arrays (OpenAI's and TEI's other input form) name ids of another tokenizer: refused with a
+    message saying so, since OpenAI clients send them unasked (LangChain's ``OpenAIEmbeddings`` tokenizes
+    with tiktoken unless ``check_embedding_ctx_length=False``)."""
+    items = value if isinstance(value, list) else ()
+    if any(isinstance(x, int) or (isinstance(x, list) and any(isinstance(y, int) for y in x)) for x in items):
+        raise ValueError(
+            "token-id arrays are not supported: send texts (for LangChain's OpenAIEmbeddings, set "
+            "check_embedding_ctx_length=False)"
+        )
+    return value
+
+
+#: A request's text input: one text or a list of texts.
+TextOrTexts = Annotated[str | list[str], BeforeValidator(_no_token_ids)]
 
 
 class TeiRequest(BaseModel):
     """TEI's common body. Unknown fields (e.g. huggingface_hub's ``parameters``) are ignored, as TEI does."""
 
     model_config = ConfigDict(extra="ignore")
-    inputs: str | list[str] = Field(description="A text or a list of texts (token-id arrays are not supported).")
+    inputs: TextOrTexts = Field(description="A text or a list of texts (token-id arrays are not supported).")
     truncate: bool | None = Field(None, description="Cut inputs over the token limit instead of refusing them.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = None
@@ -46,7 +63,7 @@ class TeiEmbedRequest(TeiRequest):
 
 class TeiTokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    inputs: str | list[str]
+    inputs: TextOrTexts
     add_special_tokens: bool = True
     prompt_name: str | None = None
 
