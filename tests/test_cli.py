@@ -712,6 +712,25 @@ def test_a_keyed_servers_record_is_checked_with_the_key_or_by_the_lock(indexed, 
         fake.close()
 
 
+def test_a_stale_keyed_record_does_not_ask_search_info_delete_for_a_key(indexed):
+    """search, info and delete without a key stopped at a keyed server's record with "needs an API key" even
+    when nobody held the collection (a stale record after a kill -9, its port taken by another keyed server)."""
+    from m3search import serverfile
+
+    fake = _FakeServer(identity=None, api_key="k")
+    try:
+        serverfile.write(str(indexed), host="127.0.0.1", port=fake.port, url=fake.url, api_key_required=True)
+        info = one_json(cli("info", "-c", str(indexed), "--json"))
+        assert info["served_by"] is None and info["count"] == N_DOCS
+        assert one_json(cli("delete", "no-such-id", "-c", str(indexed), "--json"))["missing"] == ["no-such-id"]
+        with _holding(indexed):  # held: it is served, and the key is what is missing
+            p = cli("info", "-c", str(indexed), check=False)
+            assert p.returncode == 1 and "needs an API key" in p.stderr, p.stderr
+    finally:
+        (indexed / "server.json").unlink()
+        fake.close()
+
+
 @pytest.mark.parametrize("kind", ["qdrant+local", "milvus-lite"])
 def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_path, kind):
     """``-c`` is a location, not only a folder. Once it went through path handling, which turned
