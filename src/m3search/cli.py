@@ -1222,7 +1222,8 @@ def migrate(
 ):
     """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
-    Examples: runs/cran -> qdrant://localhost:6333/cran, runs/cran -> runs/cran.db (Milvus Lite).
+    Examples: runs/cran -> qdrant://localhost:6333/cran; runs/cran -> runs/cran.db --colbert-dtype float16
+    (Milvus Lite, which has no turbo codecs).
 
     The --colbert-* options give DST another ColBERT layout, made from SRC's stored vectors (a layout is
     fixed at creation: migrate, check DST, then replace SRC with it). DST's manifest is written last, so an
