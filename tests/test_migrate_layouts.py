@@ -121,6 +121,17 @@ def test_an_in_memory_source_to_milvus_is_told_the_flag(tmp_path, tiny_encoder):
     assert migrate(src, tmp_path / "m.db", layout={"colbert_on_disk": True})["copied"] == 2
 
 
+def test_the_refusal_names_the_sources_layout_not_the_one_asked(tmp_path, tiny_encoder):
+    """With the dtype converted but the in-memory flag left, the message said the source 'stores ColBERT as
+    float16' (the destination's dtype) when it stores turbo8."""
+    pytest.importorskip("pymilvus")
+    src = tmp_path / "ram"
+    with Collection.create(src, model=tiny_encoder, colbert_dtype="turbo8", colbert_on_disk=False) as col:
+        col.add(["alpha beta", "gamma delta"], ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"stores ColBERT as 'turbo8' in memory: .*\(CLI: --colbert-on-disk\)"):
+        migrate(src, tmp_path / "m.db", layout={"colbert_dtype": "float16"})
+
+
 def test_pooled_source_cannot_be_repooled(tmp_path, tiny_encoder, source):
     migrate(source, tmp_path / "p2", layout={"colbert_pool_factor": 2})
     with pytest.raises(ValueError, match="re-index the texts"):

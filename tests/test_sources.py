@@ -52,6 +52,8 @@ def test_jsonl_without_ids_numbers_records(tmp_path):
     "content, match",
     [
         ('{"text": "a"}\n{"text": \n', r"x.jsonl:2: invalid JSON"),
+        # an error at a line's end said column 1 (the line was parsed with its line break)
+        ('{"_id": "b", "text": "y"\r\n', r"x.jsonl:1: invalid JSON \(Expecting ',' delimiter at column 25\)"),
         ('{"text": "a"}\n["a"]\n', r"x.jsonl:2: expected a JSON object, got list"),
         # a pretty-printed .json array said "invalid JSON (Expecting value at column 1)"
         ('[\n  {"text": "a"}\n]\n', r"^x.jsonl:1: expected JSON Lines \(one object per line\), not a JSON array$"),

@@ -145,10 +145,11 @@ def migrate(
                 change["colbert_on_disk"] = (True, "--colbert-on-disk")
             if not change:
                 raise
+            stored = source.schema  # (``schema`` is the destination's: the source's with the layout asked)
             raise ValueError(
-                f"{exc}. {src} stores ColBERT as {schema.colbert_dtype!r}"
-                f"{f' with a {schema.colbert_quantization!r} copy' if schema.colbert_quantization else ''}"
-                f"{' in memory' if not schema.colbert_on_disk else ''}: convert it "
+                f"{exc}. {src} stores ColBERT as {stored.colbert_dtype!r}"
+                f"{f' with a {stored.colbert_quantization!r} copy' if stored.colbert_quantization else ''}"
+                f"{' in memory' if not stored.colbert_on_disk else ''}: convert it "
                 f"on the way with layout={ {k: v for k, (v, _) in change.items()} } "
                 f"(CLI: {' '.join(flag for _, flag in change.values())})"
             ) from None

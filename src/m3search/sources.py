@@ -131,7 +131,7 @@ def read_jsonl(
         number += 1
         where = f"{path.name}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.rstrip("\r\n"))  # (with its line break, an error at the line's end said column 1)
         except json.JSONDecodeError as e:
             if number == 1 and line.lstrip().startswith("["):
                 raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
