@@ -666,6 +666,25 @@ def test_a_server_record_is_believed_for_its_own_collection_only(indexed, tmp_pa
         fake.close()
 
 
+def test_tune_and_eval_on_a_served_collection_say_to_stop_the_server(indexed, demo_data):
+    """tune -c and eval -c open the collection themselves: they failed with the lock's "in use by process N
+    ... send requests to it, e.g. through `m3search serve`", where process N is that server."""
+    from m3search import serverfile
+
+    st = os.stat(indexed)
+    fake = _FakeServer(identity=[st.st_dev, st.st_ino])
+    try:
+        serverfile.write(str(indexed), host="127.0.0.1", port=fake.port, url=fake.url, api_key_required=False)
+        with _holding(indexed):  # as the server holds it
+            for args in (["tune", str(demo_data)], ["tune", "--reset"], ["eval", str(demo_data)]):
+                p = cli(*args, "-c", str(indexed), check=False)
+                assert p.returncode == 1 and "opens the collection itself: stop that server" in p.stderr, p.stderr
+        assert all(method == "GET" for method, _ in fake.requests), fake.requests
+    finally:
+        (indexed / "server.json").unlink()
+        fake.close()
+
+
 def test_an_older_record_is_believed_only_while_the_collection_is_held(indexed, tmp_path):
     """A record from before records named their collection (a server started by an older m3search): a copy of
     its folder is held by nobody, so the copy's commands stay here; while the folder is held, its server is

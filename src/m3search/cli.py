@@ -80,6 +80,20 @@ def _emit(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
+def _refuse_served(command: str, *collections: str | None) -> None:
+    """Commands that open a collection themselves (no HTTP route does their work) stop at a served one with
+    what to do: the lock's own "in use by process N ... send requests to it" named the server as if it
+    could take them."""
+    for end in collections:
+        record = None if end is None else _answering(end)
+        if record is not None:
+            raise click.ClickException(
+                f"collection {end} is served by process {record.get('pid')} at {record.get('url')}; "
+                f"{command} opens the collection itself: stop that server (Ctrl-C, or kill "
+                f"{record.get('pid')}), run {command}, then serve again"
+            )
+
+
 def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, float, float] | None:
     """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4)."""
     if value is None:
@@ -994,6 +1008,7 @@ def eval_(
 ):
     """Evaluate every mode on a BEIR folder: nDCG@k, Recall@100, MRR@k as table, JSON, Markdown and PNG."""
     with _errors():
+        _refuse_served("eval --collection", tuned_collection)
         from .eval import check_installed, evaluate, format_table, report_dir, write_reports
 
         check_installed()
@@ -1065,6 +1080,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     say otherwise (library, CLI, HTTP).
     """
     with _errors():
+        _refuse_served("tune", collection)
         if reset:
             if collection is None or data_dir is not None:
                 raise click.UsageError("--reset takes --collection and no DATA_DIR")
@@ -1237,14 +1253,7 @@ def migrate(
         colbert_in_ram=colbert_in_ram,
     )
     with _errors():
-        for end in (src, dst):
-            record = _answering(end)
-            if record is not None:
-                raise click.ClickException(
-                    f"collection {end} is served by process {record.get('pid')} at {record.get('url')}; "
-                    "migrate opens the folder itself: stop that server (Ctrl-C, or kill "
-                    f"{record.get('pid')}), run migrate, then serve again"
-                )
+        _refuse_served("migrate", src, dst)
         from .migrate import migrate as run_migrate
 
         out = run_migrate(src, dst, batch_size=batch_size, layout=layout)
