@@ -319,6 +319,20 @@ def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def test_cli_tune_that_adopts_nothing_does_not_say_stored(indexed, beir, monkeypatch):
+    """A tune that kept the defaults printed its best setting '(stored as the search defaults of C)'."""
+    from m3search import tuning
+
+    monkeypatch.setattr(tuning, "paired_bootstrap", lambda *a, **kw: (-1.0, 1.0))  # nothing beats the defaults
+    try:
+        out = _run("tune", str(beir), "--collection", str(indexed), "--folds", "3")
+        assert out.exit_code == 0, out.output
+        assert f"(not adopted: {indexed} keeps its search defaults" in out.output, out.output
+        assert "stored as the search defaults" not in out.output
+    finally:
+        assert _run("tune", "--reset", "--collection", str(indexed)).exit_code == 0
+
+
 def test_cli_tune_stores_shows_and_resets(indexed, beir, tiny_model_path, tmp_path, monkeypatch):
     out = _run("tune", str(beir), "--collection", str(indexed), "--folds", "3", "--json")
     assert out.exit_code == 0, out.output

@@ -1115,9 +1115,14 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
         )
     else:
         click.echo(out["summary"])
+        stored = ""
+        if out.get("saved"):
+            stored = f" (stored as the search defaults of {collection})"
+            if not out["adopted"]:
+                stored = f" (not adopted: {collection} keeps its search defaults; this tuning is recorded)"
         click.echo(
-            f"setting: mode {out['mode']}, fusion {out['fusion']}, weights {out['weights']}, candidates {out['candidates']}"
-            + (f" (stored as the search defaults of {collection})" if out.get("saved") else "")
+            f"setting: mode {out['mode']}, fusion {out['fusion']}, weights {out['weights']}, "
+            f"candidates {out['candidates']}{stored}"
         )
 
 
