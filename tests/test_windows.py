@@ -9,6 +9,7 @@ and a kill -9 during such a write leaves the old or the new document whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -120,6 +121,20 @@ def vector_points(col, doc_id: str) -> int:
         return sum(1 for h in hits if h["entity"]["doc_id"] == doc_id)
     hits = eng._nearest("dense", [probe], 10_000, None, True)[0]
     return sum(1 for p in hits if p.payload["id"] == doc_id)
+
+
+@contextlib.contextmanager
+def two_clients(engine, folder, encoder, texts):
+    """``[A, B]``: A made the collection and wrote two one-window documents (s1, s2), then B opened it. A test
+    may append more clients; all are closed at the end."""
+    opened = [create(engine, folder, encoder)]
+    try:
+        opened[0].add(texts[:2], ids=["s1", "s2"])
+        opened.append(Collection.open(location(engine, folder), model=encoder))
+        yield opened
+    finally:
+        for col in opened:
+            col.close()
 
 
 def stop_long_writes(monkeypatch, col, pieces: int = 2, error: BaseException | None = None):
@@ -256,11 +271,8 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
     import m3search.collection as collection
 
     texts, *_ = corpus
-    a = create(engine, tmp_path, tiny_encoder)
-    b = c = None
-    try:
-        a.add(texts[:2], ids=["s1", "s2"])
-        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as opened:
+        a, b = opened
         tuned = {"mode": "dense", "fusion": "rrf", "weights": [1, 1, 1], "candidates": 50}
         a.set_search_defaults(tuned, tuning={"by": "a"})
         b.add([texts[20]], ids=["x"])  # b's first long document: b records the bound
@@ -277,6 +289,7 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
         assert pending(a) == ["L"]  # b kept a's mark
         assert vector_points(b, "L") > 0 and b.get("L") == [None]  # stray windows, no document
         c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        opened.append(c)
         with monkeypatch.context() as server:  # as on a server, where other processes write: the lease decides
             server.setattr(type(c.engine), "process_store", None)
             c.add([texts[0]], ids=["z"])
@@ -284,10 +297,65 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
             server.setattr(collection, "PENDING_LEASE_S", 0)  # a's mark is older than the lease now
             c.add([texts[1]], ids=["z2"])
             assert pending(a) == [] and vector_points(c, "L") == 0
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_raise_of_the_window_bound_survives_another_client_s_manifest_write(
+    tmp_path, tiny_encoder, corpus, engine, monkeypatch
+):
+    """A reads the manifest (window bound 1) to change its search defaults; before A writes its copy back, B
+    stores a 3-window document (bound 3). A's write puts the manifest's bound back to 1, yet a third client
+    still reads 3: its hit names the window that matched best, and its delete of B's document leaves none of
+    its windows (it used to name window 0, and on Qdrant delete window 0 only: search still found the others)."""
+    texts, *_ = corpus
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as opened:
+        a, b = opened
+        real, raced = a.engine.write_manifest, []
+
+        def late(manifest):  # A's copy was read before B's raise; it lands after it
+            if not raced:
+                raced.append(manifest["max_windows_stored"])
+                b.add([texts[20]], ids=["x"])
+            real(manifest)
+
+        monkeypatch.setattr(a.engine, "write_manifest", late)
+        a.set_search_defaults({"mode": "all", "fusion": "weighted", "weights": [1, 1, 1], "candidates": 50})
+        assert raced == [1] and vector_points(b, "x") == 3
+        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        opened.append(c)
+        q = " ".join(texts[20].split()[-8:])  # the end of x: its last window matches best
+        best = b.search(q, k=1)[0]
+        assert best.id == "x" and best.window["start"] > 0 and c.search(q, k=1)[0].window == best.window
+        c.delete(["x"])
+        assert c.count() == 2 and raw_points(c) == 2 and vector_points(c, "x") == 0
+        assert sorted(h.id for h in c.search(texts[20], k=3, mode="dense", exact=True)) == ["s1", "s2"]
+        assert c.settings["candidates"] == 50 and c.manifest["max_windows_stored"] == 3  # A's edit landed
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_window_bound_records_keep_the_largest(tmp_path, tiny_encoder, engine):
+    """Raisers at once may land in any order: a raiser removes only the records below its own, so the largest
+    stays; the manifest's own key is the floor, and a client opened later holds the largest bound."""
+    from m3search.engines.base import bound_records
+
+    col = create(engine, tmp_path, tiny_encoder)
+    try:
+        eng = col.engine
+        for most in (2, 5, 3):  # 3: a raiser that read 2, landing after another's raise to 5
+            eng.record_window_bound(most)
+        names = (
+            eng._metadata()
+            if engine == "qdrant-local"
+            else eng._manifest_rows(eng.client, eng.meta_collection, eng.timeout)
+        )
+        assert sorted(bound_records(names)) == [3, 5] and col.manifest["max_windows_stored"] == 1
+        assert eng.read_manifest()["max_windows_stored"] == 5
+        with Collection.open(location(engine, tmp_path), model=tiny_encoder) as other:
+            assert other.engine.max_windows == 5
+        eng.write_manifest({**col.manifest, "max_windows_stored": 7})
+        assert eng.read_manifest()["max_windows_stored"] == 7
     finally:
-        for col in (a, b, c):
-            if col is not None:
-                col.close()
+        col.close()
 
 
 _KILLED_DURING_A_LONG_WRITE = """
@@ -925,7 +993,8 @@ CHILD = textwrap.dedent(
     import sys
     import numpy as np, scipy.sparse as sp
     from m3search.engines import resolve_engine
-    from m3search.engines.shapes import PointBatch
+    from m3search.engines.base import bound_records
+from m3search.engines.shapes import PointBatch
 
     path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)

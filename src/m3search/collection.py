@@ -923,8 +923,11 @@ class Collection:
 
     def _note_windows(self, most: int) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have
-        (engines read that many window points per document on delete; 1 skips all window work)."""
+        (engines read that many window points per document on delete; 1 skips all window work). Where
+        others write the manifest too, also as a record of its own: a client that read the manifest
+        before this raise and writes its copy back after it sets the manifest's key back."""
         if most > self._manifest.get("max_windows_stored", 1):
+            self._engine.record_window_bound(most)
             self._write_manifest(lambda m: m.update(max_windows_stored=max(m.get("max_windows_stored", 1), most)))
         self._engine.max_windows = max(self._engine.max_windows, most)
 

@@ -41,6 +41,9 @@ in ``tests/test_engine_protocol.py``. Every method keeps these rules:
    sets :attr:`shared`: the Collection then re-reads the manifest's window bound
    (:attr:`max_windows`) before each call, since another client may have stored longer documents,
    and takes another client's pending long write for a crashed one's only when its lease has run out.
+   Every manifest change is a read-modify-write, so a client holding an older copy could write a raised
+   bound back down: such an engine also keeps each raise as a record of its own, named by its value
+   (:meth:`record_window_bound`, :func:`with_bound`), which no manifest write touches.
    Where those clients can only be other handles in this process (the storage is locked against other
    processes: Milvus Lite's file, qdrant-client local mode's folder), the engine names the storage in
    :attr:`process_store`: a pending long write of a client that is no open handle of this process on it
@@ -78,7 +81,10 @@ from m3search.plan import MODES  # the three representations, in the order weigh
 
 __all__ = [  # and, for an engine's author, the shapes and errors its methods take and raise
     "ID_NAMESPACE",
+    "BOUND_RECORD",
     "Engine",
+    "bound_records",
+    "with_bound",
     "point_uuid",
     "allocated_bytes",
     "lock_exclusive",
@@ -98,6 +104,25 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
 ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")
+#: Name prefix of the window-bound records of shared storage (rule 7): ``max_windows_stored:3`` says a
+#: stored document may have 3 rows. One record per value: two raisers never overwrite each other's.
+BOUND_RECORD = "max_windows_stored:"
+
+
+def bound_records(names: Iterable[str]) -> list[int]:
+    """The values of the window-bound records among ``names`` (other names are ignored)."""
+    cut = len(BOUND_RECORD)
+    return [int(n[cut:]) for n in names if n.startswith(BOUND_RECORD) and n[cut:].isdigit()]
+
+
+def with_bound(manifest: dict | None, names: Iterable[str]) -> dict | None:
+    """``manifest`` with ``max_windows_stored`` raised to the largest bound record among ``names``: another
+    client's manifest write may have put back an older, lower value. The manifest's own value is the floor
+    (a collection from before the records has none)."""
+    most = max(bound_records(names), default=0)
+    if manifest is not None and most > int(manifest.get("max_windows_stored", 1)):
+        manifest["max_windows_stored"] = most
+    return manifest
 
 
 def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:
@@ -244,11 +269,17 @@ class Engine(ABC):
     # --- manifest --------------------------------------------------------------------
     @abstractmethod
     def read_manifest(self) -> dict | None:
-        """The manifest dict last written, or None."""
+        """The manifest dict last written, or None (raised by the bound records, :meth:`record_window_bound`)."""
 
     @abstractmethod
     def write_manifest(self, manifest: dict) -> None:
         """Replace the manifest atomically (JSON-able dict)."""
+
+    def record_window_bound(self, most: int) -> None:  # noqa: B027 (an optional hook, a no-op by default)
+        """Where other clients write the manifest too (``shared``): record, where no manifest write reaches,
+        that a stored document may take ``most`` rows, so :meth:`read_manifest` returns at least that bound
+        (:func:`with_bound`; records below ``most`` may go). Default: nothing, the manifest's key is enough
+        (one writer)."""
 
     # --- writes ----------------------------------------------------------------------
     @abstractmethod

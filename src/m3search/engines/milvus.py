@@ -50,7 +50,9 @@ named ``m3search``):
     Milvus requires.
 ``NAME_manifest``
     the manifest as a JSON string in the row ``key == "manifest"`` (Milvus Lite has
-    no ``alter_collection_properties``, so collection properties cannot hold it).
+    no ``alter_collection_properties``, so collection properties cannot hold it), and a row per
+    raise of the window bound, ``key == "max_windows_stored:N"``, that no manifest write touches
+    (:meth:`MilvusEngine.record_window_bound`).
 
 ColBERT representation. Milvus >= 2.6.4 can store a list of vectors per row and
 compute MaxSim; Milvus Lite 2.5 (and servers before 2.6.4) cannot. Token vectors in a
@@ -159,7 +161,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines import lite_file, lite_lock_path
-from m3search.engines.base import ID_NAMESPACE, Engine, lock_exclusive
+from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, lock_exclusive, with_bound
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -802,11 +804,19 @@ class MilvusEngine(Engine):
 
     # ------------------------------------------------------------------ manifest
     @staticmethod
-    def _read_manifest(client: MilvusClient, coll: str, timeout: float) -> dict | None:
+    def _manifest_rows(client: MilvusClient, coll: str, timeout: float) -> dict[str, str] | None:
+        """``{key: value}`` of every row (the manifest and the bound records), None without the collection."""
         if not client.has_collection(coll, timeout=timeout):
             return None
-        rows = client.query(coll, filter=f'key == "{_MANIFEST_KEY}"', output_fields=["value"], limit=1, timeout=timeout)
-        return json.loads(rows[0]["value"]) if rows else None
+        rows = client.query(
+            coll, filter='key != ""', output_fields=["key", "value"], limit=MAX_RESULTS, timeout=timeout
+        )
+        return {r["key"]: r["value"] for r in rows}
+
+    @classmethod
+    def _read_manifest(cls, client: MilvusClient, coll: str, timeout: float) -> dict | None:
+        rows = cls._manifest_rows(client, coll, timeout) or {}
+        return with_bound(json.loads(rows[_MANIFEST_KEY]), rows) if _MANIFEST_KEY in rows else None
 
     def read_manifest(self) -> dict | None:
         return self._read_manifest(self.client, self.meta_collection, self.timeout)
@@ -818,6 +828,15 @@ class MilvusEngine(Engine):
         self.client.upsert(
             self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout
         )
+
+    def record_window_bound(self, most: int) -> None:
+        """A row of its own; then the lower records go (written first: the largest record is never missing)."""
+        row = {"key": f"{BOUND_RECORD}{most}", "value": str(most), "v": [0.0, 0.0]}
+        self.client.upsert(self.meta_collection, [row], timeout=self.timeout)
+        rows = self._manifest_rows(self.client, self.meta_collection, self.timeout) or {}
+        lower = [f"{BOUND_RECORD}{n}" for n in bound_records(rows) if n < most]
+        if lower:
+            self.client.delete(self.meta_collection, ids=lower, timeout=self.timeout)
 
     # ------------------------------------------------------------------- rows
     def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:

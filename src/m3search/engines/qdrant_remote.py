@@ -9,7 +9,9 @@ queries return the same hits, and ``m3search migrate`` copies points between the
 Where the manifest lives: in the collection's own metadata (``metadata["m3search"]``,
 Qdrant >= 1.16; qdrant-client local mode keeps it in its ``meta.json``). It travels with
 the collection (snapshots, cluster moves) and needs no reserved point that searches
-would have to skip. ``create`` first writes ``metadata["m3search_schema"]``, so a create
+would have to skip. A raise of the window bound is also a key of its own there
+(``max_windows_stored:N``, :meth:`~QdrantRemoteEngine.record_window_bound`): Qdrant merges a
+metadata update into the stored keys, so another client's manifest write never removes it. ``create`` first writes ``metadata["m3search_schema"]``, so a create
 that died before its manifest is recognised (and replaced when it holds no points). A
 server that drops collection metadata (older than 1.16) is refused with a clear error.
 
@@ -59,6 +61,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
 from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
@@ -83,6 +86,12 @@ DEFAULT_COLLECTION = "m3search"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 T = TypeVar("T")
+
+
+def _manifest(meta: dict) -> dict | None:
+    """The manifest kept in collection metadata ``meta`` (a copy), raised by the bound records beside it."""
+    m = meta.get(META_KEY)
+    return None if m is None else with_bound(json.loads(json.dumps(m)), meta)
 
 
 def _quantization(name: str | None) -> qm.QuantizationConfig | None:
@@ -448,7 +457,7 @@ class QdrantRemoteEngine(QdrantEngine):
             schema = Schema.from_dict(meta[META_KEY]["schema"])
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
             engine._check_schema(info)
-            engine._opened(int(meta[META_KEY].get("max_windows_stored", 1)))
+            engine._opened(int(_manifest(meta).get("max_windows_stored", 1)))
         except BaseException:
             _release(client)
             raise
@@ -508,14 +517,21 @@ class QdrantRemoteEngine(QdrantEngine):
         return _with_retries(once, what=what, where=self.where, retries=self.retries, backoff=self.backoff)
 
     # ------------------------------------------------------------------ manifest
+    def _metadata(self) -> dict:
+        return self._call("read manifest", lambda: self.client.get_collection(self.collection)).config.metadata or {}
+
     def read_manifest(self) -> dict | None:
-        meta = self._call("read manifest", lambda: self.client.get_collection(self.collection)).config.metadata or {}
-        m = meta.get(META_KEY)
-        return json.loads(json.dumps(m)) if m is not None else None
+        return _manifest(self._metadata())
 
     def write_manifest(self, manifest: dict) -> None:
         value = json.loads(json.dumps(manifest))
         self._call("write manifest", lambda: self.client.update_collection(self.collection, metadata={META_KEY: value}))
+
+    def record_window_bound(self, most: int) -> None:
+        """A metadata key of its own, in one update with the removal (a null) of the lower records."""
+        lower = {f"{BOUND_RECORD}{n}": None for n in bound_records(self._metadata()) if n < most}
+        metadata = {f"{BOUND_RECORD}{most}": most, **lower}
+        self._call("write manifest", lambda: self.client.update_collection(self.collection, metadata=metadata))
 
     # -------------------------------------------------------------- client hooks
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
