@@ -12,15 +12,31 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pytest
 
 from m3search.fusion import RRF_K
 from m3search.plan import DEFAULT_WEIGHTS, MODES, PRESETS
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
+#: The engines every windowed suite runs on (their collections at :func:`location`).
+ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
 #: Every named mode, and the representations each one fuses.
 ALL_MODES = list(PRESETS)
 MODE_PARTS: dict[str, tuple[str, ...]] = {"all": MODES, **{m: tuple(m.split("+")) for m in ALL_MODES if m != "all"}}
+
+
+def location(engine: str, folder) -> str:
+    """Where ``engine`` keeps a collection under ``folder`` (the test skips when its client is not installed)."""
+    if engine == "qdrant-edge":
+        return str(folder / "col")
+    if engine == "qdrant-local":
+        pytest.importorskip("qdrant_client")
+        return f"qdrant+local://{folder}/store/col"
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    folder.mkdir(parents=True, exist_ok=True)  # a Milvus Lite file's folder must exist
+    return str(folder / "col.db")
 
 
 def random_corpus(n: int, seed: int = 0, max_words: int = 60) -> list[str]:

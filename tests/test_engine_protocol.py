@@ -159,6 +159,8 @@ def test_defaults_serve_passages_filters_and_writes(memory_collection, tiny_enco
     assert all(h.metadata["lang"] == "de" for h in col.search(queries[0], k=5, mode="all", filter={"lang": "de"}))
     with pytest.raises(ValueError):
         col.add([texts[0]], ids=[ids[0]])  # `existing` (a default over `get`) finds it
+    assert [[r.id for r in ws] for ws in col.engine.get_windows(ids[:2], windows=range(2))] == [ids[:1], ids[1:2]]
+    assert col.engine.get_windows(ids[:2], windows=range(1, 4)) == [[], []]  # a range of windows past the one
     col.update_metadata(ids[0], {"lang": "fr"})
     col.delete(ids[1])
     assert col.get(ids[0])[0].metadata == {"lang": "fr"} and col.get(ids[1]) == [None]

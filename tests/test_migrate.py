@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import fail_second_upsert
+from helpers import ENGINES, fail_second_upsert, location
 
 from m3search.collection import Collection
 from m3search.errors import CollectionExistsError, CollectionNotFoundError
@@ -78,12 +78,13 @@ def stored(col: Collection) -> dict:
     return out
 
 
-def windows(col: Collection, ids: list[str]) -> list:
-    """Per document, every window's text, metadata, spans and vectors as bytes (bit-exact comparison)."""
+def windows(col: Collection, ids: list[str], **read) -> list:
+    """Per document, every window's (``read``: get_windows' options) text, metadata, spans and vectors as
+    bytes (bit-exact comparison)."""
     return [
         [(r.text, repr(r.metadata), r.spans, r.dense.tobytes(), r.colbert.astype(np.float32).tobytes(), r.sparse[0].tobytes(),
           r.sparse[1].tobytes()) for r in doc]
-        for doc in col.engine.get_windows(ids, with_vectors=True)
+        for doc in col.engine.get_windows(ids, with_vectors=True, **read)
     ]  # fmt: skip
 
 
@@ -250,31 +251,47 @@ def test_migrate_refuses_what_open_refuses(tmp_path, source, change, error, matc
     assert not (tmp_path / "dst").exists()
 
 
-def test_migrate_holds_a_piece_of_vectors_at_a_time(tmp_path, tiny_encoder, monkeypatch):
-    """migrate read and wrote whole batches with all their windows' vectors (memory grew with batch_size x
-    document length, no bound); it now reads and writes about PIECE_BYTES of token vectors at a time, a
-    larger document through upsert_long, and the copy is the same."""
+def long_source(folder, encoder, engine: str = "qdrant-edge"):
+    """A collection of 16-token windows holding short documents, one of ~7 windows (its characters estimate
+    it past the piece :func:`piece_of` gives, its tokens fit) and one of ~70 (several pieces): its location,
+    ids, queries, every window (:func:`windows`) and the hits of every mode (:func:`snapshot`)."""
+    texts, ids, meta = corpus(12)
+    texts += [" ".join(BUILTIN_TEXTS[:2]), " ".join(BUILTIN_TEXTS[k % len(BUILTIN_TEXTS)] for k in range(24))]
+    ids += ["medium", "long"]
+    meta += [{"i": 12, "lang": "de", "nested": {"k": 1}}, {"i": 13, "lang": "de", "nested": {"k": 2}}]
+    loc = location(engine, folder)
+    with Collection.create(loc, model=encoder, colbert_dtype="float16", window=16, stride=12) as col:
+        col.add(texts, ids=ids, metadata=meta)
+        queries = [BUILTIN_TEXTS[1][:30], " ".join(texts[3].split()[:4]) or "x"]
+        return loc, ids, queries, windows(col, ids), snapshot(col, queries)
+
+
+def piece_of(col_windows: list, encoder) -> int:
+    """PIECE_BYTES for :func:`long_source`: 150 tokens, past the medium document's character estimate
+    (so it is read in ranges) and its tokens (so it is written whole), a fraction of the long one's."""
+    per_token = 4 * encoder.colbert_dim
+    tokens = [sum(len(w[4]) // per_token for w in doc) for doc in col_windows]
+    piece = 150 * per_token
+    assert sorted(tokens)[-2] <= 150 < 4 * 150 < tokens[-1] and len(col_windows[-1]) > 50, tokens
+    return piece
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_migrate_holds_a_piece_of_vectors_at_a_time(tmp_path, tiny_encoder, monkeypatch, engine):
+    """migrate read a document whole, every window's vectors at once (a 10 MB text that ingest wrote a piece
+    at a time needed 10 GB); it reads a range of windows estimated to fit PIECE_BYTES at a time (get_windows'
+    ``windows``, on every engine) and writes a document larger than a piece through upsert_long, a smaller one
+    in one upsert as before; the copy is the same, window for window, and scores the same in every mode."""
     import m3search.collection
+    from m3search.engines import resolve_engine
     from m3search.engines.qdrant_edge import QdrantEdgeEngine
 
-    src = tmp_path / "src"
-    with Collection.create(src, model=tiny_encoder, colbert_dtype="float16", window=16, stride=12) as col:
-        texts = [" ".join(BUILTIN_TEXTS[i % len(BUILTIN_TEXTS)] for i in range(k, k + n)) for k, n in
-                 [(0, 1), (1, 1), (2, 9), (3, 1), (4, 2), (5, 1)]]  # fmt: skip
-        ids = [f"d{i}" for i in range(len(texts))]
-        col.add(texts, ids=ids)
-        before = windows(col, ids)
-    per_token = 4 * col.schema.colbert_dim
-    piece = 100 * per_token  # a few short documents, a fraction of the long one
-    tokens = [sum(len(w[4]) // per_token for w in doc) for doc in before]
-    assert max(tokens) > 3 * 100 and sorted(tokens)[-2] < 100, tokens  # the long one spans pieces
+    src, ids, queries, before, hits = long_source(tmp_path / "src", tiny_encoder, engine)
+    piece, per_token = piece_of(before, tiny_encoder), 4 * tiny_encoder.colbert_dim
     monkeypatch.setattr(m3search.collection, "PIECE_BYTES", piece)
-    seen: dict[str, list[int]] = {"read": [], "write": [], "long": []}
-    orig_get, orig_upsert, orig_long = (
-        QdrantEdgeEngine.get_windows,
-        QdrantEdgeEngine.upsert,
-        QdrantEdgeEngine.upsert_long,
-    )
+    seen: dict[str, list] = {"read": [], "write": [], "long": [], "whole": []}
+    src_cls = resolve_engine(src)
+    orig_get, orig_upsert, orig_long = src_cls.get_windows, QdrantEdgeEngine.upsert, QdrantEdgeEngine.upsert_long
 
     def get_windows(self, ids, **kw):
         out = orig_get(self, ids, **kw)
@@ -282,6 +299,7 @@ def test_migrate_holds_a_piece_of_vectors_at_a_time(tmp_path, tiny_encoder, monk
         return out
 
     def upsert(self, batch):
+        seen["whole"] += batch.ids
         seen["write"].append(len(batch.colbert) * per_token)
         return orig_upsert(self, batch)
 
@@ -293,11 +311,62 @@ def test_migrate_holds_a_piece_of_vectors_at_a_time(tmp_path, tiny_encoder, monk
 
         return orig_long(self, (note(p) for p in pieces))
 
-    monkeypatch.setattr(QdrantEdgeEngine, "get_windows", get_windows)
+    monkeypatch.setattr(src_cls, "get_windows", get_windows)
     monkeypatch.setattr(QdrantEdgeEngine, "upsert", upsert)
     monkeypatch.setattr(QdrantEdgeEngine, "upsert_long", upsert_long)
-    assert migrate(src, tmp_path / "dst", batch_size=256)["copied"] == len(texts)
-    assert max(seen["write"]) <= piece and max(seen["read"]) <= 4 * piece and seen["long"].count("d2") >= 4, seen
+    assert migrate(src, tmp_path / "dst", batch_size=256)["copied"] == len(ids)
+    assert max(seen["write"]) <= piece and max(seen["read"]) <= piece, seen
+    assert set(seen["long"]) == {"long"} and len(seen["long"]) >= 4 and "medium" in seen["whole"], seen
     monkeypatch.undo()
-    with Collection.open(tmp_path / "dst") as copy:
+    with Collection.open(tmp_path / "dst", model=tiny_encoder) as copy:
         assert windows(copy, ids) == before
+        (identical if engine == "qdrant-edge" else close_to)(hits, snapshot(copy, queries))
+    with Collection.open(src, model=tiny_encoder) as col:  # a range of windows is that part of the whole
+        assert windows(col, ids, windows=range(3, 9)) == [doc[3:9] for doc in before]
+        assert windows(col, ids, windows=range(1, 2)) == [doc[1:2] for doc in before]
+
+
+def test_an_interrupted_long_copy_leaves_no_collection(tmp_path, tiny_encoder, monkeypatch):
+    """A migration stopped part-way through a long document (its upsert_long after two pieces, or its source
+    document rewritten between two reads of its windows: WriteConflictError, not a copy of two versions)
+    leaves a destination that does not open; the rerun copies it whole."""
+    import m3search.collection
+    from m3search.engines.qdrant_edge import QdrantEdgeEngine
+    from m3search.errors import WriteConflictError
+
+    src, ids, queries, before, hits = long_source(tmp_path / "src", tiny_encoder)
+    monkeypatch.setattr(m3search.collection, "PIECE_BYTES", piece_of(before, tiny_encoder))
+    dst = tmp_path / "dst"
+    real_long, real_get = QdrantEdgeEngine.upsert_long, QdrantEdgeEngine.get_windows
+
+    def stopped(self, pieces):
+        def two_then_stop():
+            it = iter(pieces)
+            yield next(it)
+            yield next(it)
+            raise KeyboardInterrupt("stopped")
+
+        real_long(self, two_then_stop())
+
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert_long", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(src, dst)
+    with pytest.raises(CollectionNotFoundError):
+        Collection.open(dst, model=tiny_encoder)
+    monkeypatch.setattr(QdrantEdgeEngine, "upsert_long", real_long)
+
+    def rewritten_meanwhile(self, ids, *, windows=None, **kw):
+        out = real_get(self, ids, windows=windows, **kw)
+        return [ws[:-1] if i == "long" and windows and windows.start else ws for i, ws in zip(ids, out)]
+
+    monkeypatch.setattr(QdrantEdgeEngine, "get_windows", rewritten_meanwhile)
+    with pytest.raises(WriteConflictError, match="'long' changed while migrate copied it") as err:
+        migrate(src, dst)
+    assert err.value.ids == ["long"]
+    with pytest.raises(CollectionNotFoundError):
+        Collection.open(dst, model=tiny_encoder)
+    monkeypatch.setattr(QdrantEdgeEngine, "get_windows", real_get)
+    assert migrate(src, dst)["copied"] == len(ids)
+    with Collection.open(dst, model=tiny_encoder) as copy:
+        assert windows(copy, ids) == before
+        identical(hits, snapshot(copy, queries))

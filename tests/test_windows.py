@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import ENGINES, location
 
 from m3search.collection import Collection
 from m3search.engines.shapes import PointBatch
@@ -26,21 +27,8 @@ from m3search.plan import MODES
 from m3search.scoring import colbert_scores, dense_scores, lexical_scores
 from m3search.testing import BUILTIN_TEXTS
 
-ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
 WINDOW, STRIDE = 16, 12
 TOL = 1e-4
-
-
-def location(engine: str, folder) -> str:
-    if engine == "qdrant-edge":
-        return str(folder / "col")
-    if engine == "qdrant-local":
-        pytest.importorskip("qdrant_client")
-        return f"qdrant+local://{folder}/store/col"
-    pytest.importorskip("pymilvus")
-    pytest.importorskip("milvus_lite")
-    folder.mkdir(parents=True, exist_ok=True)  # a Milvus Lite file's folder must exist
-    return str(folder / "col.db")
 
 
 def n_windows(encoder, text: str) -> int:

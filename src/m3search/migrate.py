@@ -3,9 +3,11 @@ re-encoding: stored vectors, texts, metadata and the manifest move as they are.
 
 Why no re-encoding: encoding is the expensive part of ingest (a GPU hour for a few
 million passages), and the stored vectors are all the destination needs. Batches go
-through the engine protocol (:meth:`~m3search.engines.base.Engine.iter_batches` on the
-source, one atomic :meth:`~m3search.engines.base.Engine.upsert` per batch on the
-destination), so any pair of engines works.
+through the engine protocol (:meth:`~m3search.engines.base.Engine.iter_batches` and
+:meth:`~m3search.engines.base.Engine.get_windows` on the source, one atomic
+:meth:`~m3search.engines.base.Engine.upsert` per batch on the destination, a document longer
+than a piece through :meth:`~m3search.engines.base.Engine.upsert_long`, read a range of its
+windows at a time), so any pair of engines works, in the memory ingest needs.
 
 Order of writes: the destination's manifest is written LAST, after the point count
 was checked, so an interrupted migration never looks like a complete collection
@@ -30,13 +32,16 @@ re-indexed. A lossy source (turbo codecs) migrated to float16/float32 keeps its 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from m3search.engines import resolve_engine, taken
 from m3search.engines.shapes import (
@@ -48,6 +53,7 @@ from m3search.engines.shapes import (
     Schema,
     check_manifest,
 )
+from m3search.errors import WriteConflictError
 from m3search.plan import check_int
 from m3search.pooling import pool_tokens
 
@@ -99,7 +105,8 @@ def migrate(
     """Copy the collection at ``src_location`` to a new one at ``dst_location``.
 
     ``batch_size``: documents per read of ids; their vectors are read and written in groups of about
-    ``PIECE_BYTES`` of token vectors (a larger document through the engine's long write).
+    ``PIECE_BYTES`` of token vectors (a larger document a range of its windows at a time, written through the
+    engine's long write).
     ``src_options`` / ``dst_options``: engine options (e.g. ``{"shards": 3}`` for a new
     Qdrant collection, ``{"api_key": ...}``). ``layout``: ColBERT layout settings of the
     destination (:data:`LAYOUT_SETTINGS`, e.g. ``{"colbert_dtype": "turbo4",
@@ -207,9 +214,12 @@ def _copy(
 ) -> tuple[int, bool]:
     """Copy every document (returns how many, and whether one was written in pieces), about :data:`~m3search.collection.PIECE_BYTES` of token vectors at a time (what
     ingest holds): the ids first (a read without vectors), then the vectors of groups of documents estimated
-    to fit a piece, written in groups that do (a larger document through :meth:`Engine.upsert_long`, in
-    pieces of its windows). Reading whole batches of ``batch_size`` documents with every window held ~6.6
-    bytes of memory per stored byte of the batch, without bound.
+    to fit a piece, written in groups that do. A document estimated past a piece alone is read a range of its
+    windows at a time (each estimated to fit a piece); one larger than a piece is written through
+    :meth:`Engine.upsert_long` in pieces of its windows, so the copy is whole or absent after a crash, as a
+    long ingest is. Reading whole batches of ``batch_size`` documents with every window held ~6.6 bytes of
+    memory per stored byte of the batch, without bound, and reading a long document whole held all its
+    token vectors (10 GB for a text of 2.5M tokens that ingest had written a piece at a time).
 
     The estimate: a window's tokens are at most its characters + 3 for text the model cut into windows, but
     not for vectors given with ``add(embeddings=...)``; so it is the larger of that and the most tokens of a
@@ -228,25 +238,67 @@ def _copy(
     most = 0  # tokens of the longest window read so far
     in_pieces = False
 
-    def copy_group(ids: list[str]) -> None:
-        nonlocal most, in_pieces
-        docs = [ws for ws in source.get_windows(ids, with_vectors=True) if ws]
+    def estimate(doc: Record) -> np.ndarray:
+        """Bytes of token vectors of each of ``doc``'s windows, at most (see above)."""
+        spans = np.asarray(doc.window_spans, dtype=np.int64).reshape(-1, 2)
+        return np.maximum(spans[:, 1] - spans[:, 0] + 3, most) * per_token
+
+    def read(doc_ids: list[str], windows: range | None = None) -> list[list[Record]]:
+        nonlocal most
+        docs = source.get_windows(doc_ids, with_vectors=True, windows=windows)
         most = max([most, *(len(r.colbert) for ws in docs for r in ws)])
+        return docs
+
+    def upsert(records: list[Record]) -> None:
+        target.upsert(_pooled(PointBatch.from_records(records, source.schema.vocab_size), pool_factor))
+
+    def write(docs: Iterable[tuple[Record, Iterator[Record]]]) -> None:
+        """Documents (each its head and its window records) in upserts of whole documents within a piece, one
+        larger than a piece through upsert_long (its windows taken as they come)."""
+        nonlocal in_pieces
         whole: list[Record] = []
         held = 0
-        for ws in docs:
-            size = sum(len(r.colbert) for r in ws) * per_token
+        for head, windows in docs:
+            first: list[Record] = []
+            size = 0
+            for rec in windows:  # up to the first window past a piece
+                first.append(rec)
+                size += len(rec.colbert) * per_token
+                if size > piece:
+                    break
             if whole and held + size > piece:
-                target.upsert(_pooled(PointBatch.from_records(whole, source.schema.vocab_size), pool_factor))
+                upsert(whole)
                 whole, held = [], 0
             if size > piece:
                 in_pieces = True
-                target.upsert_long(_pooled(p, pool_factor) for p in _window_pieces(ws, piece, per_token, source.schema))
+                rest = _groups(itertools.chain(_handed_on(first), windows), piece, per_token)
+                target.upsert_long(_pooled(_piece(head, ws, source.schema), pool_factor) for ws in rest)
             else:
-                whole += ws
+                whole += first
                 held += size
         if whole:
-            target.upsert(_pooled(PointBatch.from_records(whole, source.schema.vocab_size), pool_factor))
+            upsert(whole)
+
+    def copy_group(ids: list[str]) -> None:
+        write((ws[0], iter(ws)) for ws in read(ids) if ws)  # [] for one deleted meanwhile: the count check says so
+
+    def read_windows(doc: Record) -> Iterator[Record]:
+        """``doc``'s window records, read a range estimated to fit a piece (one window at least) at a time."""
+        n, start = doc.windows, 0
+        while start < n:
+            stop = start + max(1, int(np.searchsorted(np.cumsum(estimate(doc)[start:]), piece, side="right")))
+            ws = read([doc.id], range(start, stop))[0]
+            if not ws and not start:
+                return  # deleted meanwhile: the count check after the copy says so
+            if len(ws) != stop - start:
+                raise WriteConflictError(
+                    f"document {doc.id!r} changed while migrate copied it (windows {start}-{stop - 1} of {n} read "
+                    f"as {len(ws)}); its copy was not written. The source must not be written to while it is "
+                    "copied: remove the destination and rerun",
+                    [doc.id],
+                )
+            yield from ws
+            start = stop
 
     copied = 0
     try:
@@ -256,10 +308,13 @@ def _copy(
             for doc in source.get(heads.ids):  # every window's span (a batch without vectors has heads only)
                 if doc is None:
                     continue  # deleted meanwhile: the count check after the copy says so
-                size = sum(max(b - a + 3, most) for a, b in doc.window_spans) * per_token
+                size = int(estimate(doc).sum())
                 if group and (held + size > piece or not most):
                     copy_group(group)
                     group, held = [], 0
+                if size > piece:  # alone: its windows read a range at a time
+                    write([(doc, read_windows(doc))])
+                    continue
                 group.append(doc.id)
                 held += size
             if group:
@@ -273,18 +328,28 @@ def _copy(
     return copied, in_pieces
 
 
-def _window_pieces(recs: list[Record], piece: int, per_token: int, schema: Schema) -> Iterator[PointBatch]:
-    """One document's window records as one-document batches of consecutive windows of about ``piece``
-    bytes of token vectors each (at least one window), window 0 first: what ``upsert_long`` takes."""
-    head = recs[0]
-    start, held = 0, 0
-    for j, rec in enumerate(recs):
+def _handed_on(records: list[Record]) -> Iterator[Record]:
+    """The records of ``records``, each dropped from the list as it is handed on (the list holds none of a
+    piece already written)."""
+    records.reverse()
+    while records:
+        yield records.pop()
+
+
+def _groups(windows: Iterable[Record], piece: int, per_token: int) -> Iterator[list[Record]]:
+    """Consecutive window records in groups of about ``piece`` bytes of token vectors each (at least one
+    window), in order: the windows of the pieces ``upsert_long`` takes."""
+    group: list[Record] = []
+    held = 0
+    for rec in windows:
         size = len(rec.colbert) * per_token
-        if j > start and held + size > piece:
-            yield _piece(head, recs[start:j], schema)
-            start, held = j, 0
+        if group and held + size > piece:
+            yield group
+            group, held = [], 0
+        group.append(rec)
         held += size
-    yield _piece(head, recs[start:], schema)
+    if group:
+        yield group
 
 
 def _piece(head: Record, windows: list[Record], schema: Schema) -> PointBatch:

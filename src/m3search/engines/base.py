@@ -336,9 +336,14 @@ class Engine(ABC):
         """The subset of ``ids`` that is stored. Default: :meth:`get` (reads the texts too)."""
         return {r.id for r in self.get(list(ids)) if r is not None}
 
-    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
-        """All window records of each document, in window order ([] for unknown ids). Default
-        for one-window engines: the document's own record."""
+    def get_windows(
+        self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True, windows: range | None = None
+    ) -> list[list[Record]]:
+        """All window records of each document, in window order ([] for unknown ids); ``windows``: only
+        those whose index it holds (a long document read a piece at a time: migrate). Default for
+        one-window engines: the document's own record."""
+        if windows is not None and 0 not in windows:
+            return [[] for _ in ids]
         return [[r] if r is not None else [] for r in self.get(ids, with_vectors=with_vectors)]
 
     @abstractmethod

@@ -881,11 +881,12 @@ class MilvusEngine(Engine):
         row_bytes: int = 64,
         live: bool = True,
         with_heads: bool = False,
+        windows: range | None = None,
     ) -> list[dict]:
         """Rows whose ``doc`` is one of the values ``docs`` lists per document (its slots' values, or its
         head's key alone): their live windows (``live=False``: tombstones and stray windows too), any
         order, each with ``doc`` and ``win``; ``with_heads``: also the rows whose ``pk`` is a document's
-        first value (its head, in any slot)."""
+        first value (its head, in any slot); ``windows``: only window 0 and those whose index it holds."""
         if not self.window_rows:
             heads = [d[0] for d in docs]
             rows = self._rows_by_pk(heads, [f for f in fields if f in self._fields] + ["pk"], row_bytes)
@@ -899,6 +900,8 @@ class MilvusEngine(Engine):
         for a in range(0, len(docs), step):
             chunk = docs[a : a + step]
             expr = f"doc in {_ints([v for d in chunk for v in d])}"
+            if windows is not None:
+                expr += f" and win in {_ints([0, *(w for w in range(1, per_doc) if w in windows)])}"
             if with_heads:
                 expr += f" or pk in {_ints([d[0] for d in chunk])}"
             out += self._query(
@@ -907,12 +910,17 @@ class MilvusEngine(Engine):
         return out
 
     def _windows_of(
-        self, ids: Sequence[str], fields: list[str], vectors: Sequence[str] = (), whole_text: bool = True
+        self,
+        ids: Sequence[str],
+        fields: list[str],
+        vectors: Sequence[str] = (),
+        whole_text: bool = True,
+        windows: range | None = None,
     ) -> list[list[dict]]:
-        """Per document, its window rows in window order: those of the slot its head names ([] when it
-        has no head: not stored, or the windows of an interrupted long write), with ``colbert`` matrices
-        if asked, and the head's whole text (``whole_text``; False: the stored field, "" for a text kept
-        in ``NAME_text``)."""
+        """Per document, its window rows in window order (``windows``: those whose index it holds): those
+        of the slot its head names ([] when it has no head: not stored, or the windows of an interrupted
+        long write), with ``colbert`` matrices if asked, and the head's whole text (``whole_text``; False:
+        the stored field, "" for a text kept in ``NAME_text``)."""
         want = list(
             dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
         )
@@ -923,7 +931,7 @@ class MilvusEngine(Engine):
         owner = {v: i for i, d in zip(uniq, docs) for v in d}
         by_doc: dict[int, dict[int, dict]] = {}
         heads: dict[str, dict] = {}
-        for r in self._doc_rows(docs, want, self._row_bytes(vectors)):
+        for r in self._doc_rows(docs, want, self._row_bytes(vectors), windows=windows):
             if r["doc_id"] != owner.get(r["doc"]):
                 continue  # another document's row under a colliding 64-bit value: not this one's
             by_doc.setdefault(r["doc"], {})[r["win"]] = r
@@ -934,11 +942,11 @@ class MilvusEngine(Engine):
             head = heads.get(i)
             rows = by_doc.get(head["doc"], {}) if head is not None else {}  # the head's slot only
             n = max(1, len(head.get("spans") or [])) if head is not None else 0
-            out.append([rows[w] for w in range(n) if w in rows])
+            out.append([rows[w] for w in range(n) if w in rows and (windows is None or w in windows)])
         if "colbert" in vectors:
             self._attach_colbert([r for rows in out for r in rows])
         if "text" in fields and whole_text:
-            self._fill_texts([rows[0] for rows in out if rows])
+            self._fill_texts([rows[0] for rows in out if rows and rows[0]["win"] == 0])
         return out
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
@@ -1416,9 +1424,11 @@ class MilvusEngine(Engine):
         self._fill_texts([r for r in out if r is not None])
         return [None if r is None else self._record(r) for r in out]
 
-    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
+    def get_windows(
+        self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True, windows: range | None = None
+    ) -> list[list[Record]]:
         vectors = self._modes(with_vectors)
-        docs = self._windows_of(ids, ["text", "meta"], vectors)
+        docs = self._windows_of(ids, ["text", "meta"], vectors, windows=windows)
         return [[self._record(r) for r in rows] for rows in docs]
 
     def count(self, filter: Filter | None = None) -> int:

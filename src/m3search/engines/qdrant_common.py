@@ -595,19 +595,23 @@ class QdrantEngine(Engine):
                 rec.text = "".join(got[text_uuid(rec.id, c, g)] for c in range(k))
         return recs
 
-    def get_windows(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True) -> list[list[Record]]:
-        """All window records of each document, in window order ([] for unknown ids); a window
-        stored in parts comes back whole (its token vectors concatenated)."""
+    def get_windows(
+        self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True, windows: range | None = None
+    ) -> list[list[Record]]:
+        """All window records of each document, in window order ([] for unknown ids), or those whose index
+        ``windows`` holds; a window stored in parts comes back whole (its token vectors concatenated)."""
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
-        layout = self._layout(ids)
-        uuids = [part_uuid(i, w, p, g) for i, (ps, g) in zip(ids, layout) for w, n in enumerate(ps) for p in range(n)]
+        layout = [
+            ([(w, n) for w, n in enumerate(ps) if windows is None or w in windows], g) for ps, g in self._layout(ids)
+        ]
+        uuids = [part_uuid(i, w, p, g) for i, (ps, g) in zip(ids, layout) for w, n in ps for p in range(n)]
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
         heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
         texts = {r.id: r.text for r in self._records(heads)}
         out = []
         for doc_id, (parts, g) in zip(ids, layout):
             recs = []
-            for w, n in enumerate(parts):
+            for w, n in parts:
                 r = by_uuid.get(window_uuid(doc_id, w, g))
                 if r is None:
                     continue
