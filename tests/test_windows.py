@@ -993,8 +993,7 @@ CHILD = textwrap.dedent(
     import sys
     import numpy as np, scipy.sparse as sp
     from m3search.engines import resolve_engine
-    from m3search.engines.base import bound_records
-from m3search.engines.shapes import PointBatch
+    from m3search.engines.shapes import PointBatch
 
     path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)
@@ -1024,6 +1023,12 @@ from m3search.engines.shapes import PointBatch
         i += 1
     """
 )
+
+
+def test_the_kill_loops_child_script_compiles():
+    """The kill -9 loop below is heavy (``make test-heavy`` only), so a child script that stopped compiling
+    (an import pasted into it unindented) failed there alone, every run, as "not enough values to unpack"."""
+    compile(CHILD, "CHILD", "exec")
 
 
 def gone(pids: list[str], deadline: float = 30.0) -> None:
