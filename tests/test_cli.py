@@ -354,6 +354,13 @@ def test_errors_are_one_line_without_traceback(
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_path):
+    """Another model given by M3SEARCH_MODEL (the --model option's variable) was refused saying to open the
+    collection with "no --model", which the command had not passed."""
+    proc = cli("search", "x", "-c", str(indexed), env={"M3SEARCH_MODEL": str(tiny_alt_model_path)}, check=False)
+    assert proc.returncode == 1 and "identity" in proc.stderr and "M3SEARCH_MODEL" in proc.stderr, proc.stderr
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"
