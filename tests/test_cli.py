@@ -354,6 +354,13 @@ def test_errors_are_one_line_without_traceback(
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_path):
+    """Another model given by M3SEARCH_MODEL (the --model option's variable) was refused saying to open the
+    collection with "no --model", which the command had not passed."""
+    proc = cli("search", "x", "-c", str(indexed), env={"M3SEARCH_MODEL": str(tiny_alt_model_path)}, check=False)
+    assert proc.returncode == 1 and "identity" in proc.stderr and "M3SEARCH_MODEL" in proc.stderr, proc.stderr
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"
@@ -733,13 +740,17 @@ def test_a_keyed_servers_record_is_checked_with_the_key_or_by_the_lock(indexed, 
 
 def test_a_stale_keyed_record_does_not_ask_search_info_delete_for_a_key(indexed):
     """search, info and delete without a key stopped at a keyed server's record with "needs an API key" even
-    when nobody held the collection (a stale record after a kill -9, its port taken by another keyed server)."""
+    when nobody held the collection (a stale record after a kill -9, its port taken by another keyed server);
+    with a key, at that other server's "missing or wrong API key"."""
     from m3search import serverfile
 
     fake = _FakeServer(identity=None, api_key="k")
     try:
         serverfile.write(str(indexed), host="127.0.0.1", port=fake.port, url=fake.url, api_key_required=True)
         info = one_json(cli("info", "-c", str(indexed), "--json"))
+        assert info["served_by"] is None and info["count"] == N_DOCS
+        # with a key that server refuses (the dead server's own): it answered 401, "missing or wrong API key"
+        info = one_json(cli("info", "-c", str(indexed), "--api-key", "mine", "--json"))
         assert info["served_by"] is None and info["count"] == N_DOCS
         assert one_json(cli("delete", "no-such-id", "-c", str(indexed), "--json"))["missing"] == ["no-such-id"]
         with _holding(indexed):  # held: it is served, and the key is what is missing

@@ -470,6 +470,8 @@ def test_token_id_inputs_are_refused_saying_so(app_and_collection):
         message = _error(client.post(route, json=body), 422, "invalid_request")
         assert "token-id arrays are not supported" in message and "check_embedding_ctx_length" in message, route
     assert client.post("/v1/embeddings", json={"input": ["a", "b"]}).status_code == 200
+    for body in ({"input": [True]}, {"input": [[False]]}):  # booleans are no token ids (bool is an int in Python)
+        assert "token-id" not in _error(client.post("/v1/embeddings", json=body), 422, "invalid_request"), body
 
 
 def test_a_search_waiting_for_the_encoder_stops_at_its_time_limit(stored, tiny_encoder):

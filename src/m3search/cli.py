@@ -336,9 +336,9 @@ def _open_target(
             # Opening the folder below tells which (the lock is free, or "in use" is reported).
             not_answering = f"m3search serve at {url} (pid {pid}) does not answer: {exc}"
             record = None
-    if record is not None and record.get("api_key_required") and not api_key and not serverfile.held(collection):
-        # Without a key the server cannot be asked which collection it serves; nobody holding the lock
-        # means the record is stale (its port reused by another keyed server).
+    if record is not None and record.get("api_key_required") and not serverfile.held(collection):
+        # A keyed server answers only the right key which collection it serves; nobody holding the lock
+        # means the record is stale (its port reused by another keyed server), whatever key this command has.
         not_answering = f"m3search serve at {url} (pid {pid}) is not this collection's server (its lock is free)"
         record = None
     if record is not None:

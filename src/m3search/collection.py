@@ -546,7 +546,7 @@ class Collection:
             f"collection at {self.location} was built with model {rec['name_or_path']!r} "
             f"(identity {rec['identity'][:12]}); {what} has identity {identity[:12]}. "
             "Open it with the same model, or with none to use the recorded one (model=None; on the command "
-            "line, no --model)."
+            "line, neither --model nor M3SEARCH_MODEL)."
         )
 
     def _check_model(self, model: Any) -> None:

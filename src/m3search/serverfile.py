@@ -5,7 +5,8 @@ While ``m3search serve`` holds one, it writes its address here, so the other CLI
 send their work to that server instead of failing on the lock. A server location
 (``qdrant://``, ``milvus://``, ...) has no record: no process owns it, every command opens
 it itself. The server writes and removes the record (:mod:`m3search.server`); the CLI reads
-it (:mod:`m3search.cli`). Neither imports the other: both import this module.
+it (:mod:`m3search.cli`). The server does not import the CLI (the CLI imports it only to serve):
+the record's format is here, once.
 
 Record: ``{"pid", "host", "port", "url", "api_key_required", "started", "path", "identity"}``.
 

@@ -34,12 +34,17 @@ def _no_token_ids(value: Any) -> Any:
     message saying so, since OpenAI clients send them unasked (LangChain's ``OpenAIEmbeddings`` tokenizes
     with tiktoken unless ``check_embedding_ctx_length=False``)."""
     items = value if isinstance(value, list) else ()
-    if any(isinstance(x, int) or (isinstance(x, list) and any(isinstance(y, int) for y in x)) for x in items):
+    if any(_is_id(x) or (isinstance(x, list) and any(_is_id(y) for y in x)) for x in items):
         raise ValueError(
             "token-id arrays are not supported: send texts (for LangChain's OpenAIEmbeddings, set "
             "check_embedding_ctx_length=False)"
         )
     return value
+
+
+def _is_id(x: Any) -> bool:
+    """A token id: an integer that is not a JSON ``true`` / ``false`` (Python's bool is an int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 #: A request's text input: one text or a list of texts.

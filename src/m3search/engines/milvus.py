@@ -218,6 +218,12 @@ _LITE_USERS: dict[str, int] = {}
 #: This process's fd of each open Lite file's m3search lock (:func:`m3search.engines.lite_lock_path`), closed with the last user.
 _LITE_FDS: dict[str, int] = {}
 _LITE_LOCK = threading.Lock()
+#: Each read and write of manifest rows in this process, one at a time: Milvus Lite applies an upsert as a delete,
+#: then an insert (module docstring), and another handle's read between the two found no manifest (its
+#: ``Collection._sync`` then saw no pending marks, a manifest edit wrote its whole held copy back, and an open
+#: said "no m3search manifest"). Lite is shared by this process's handles only; on a server, which applies an
+#: upsert under one timestamp, the lock only takes this process's short manifest calls in turn.
+_MANIFEST_IO = threading.Lock()
 
 
 # ------------------------------------------------------------------------- helpers
@@ -808,9 +814,10 @@ class MilvusEngine(Engine):
         """``{key: value}`` of every row (the manifest and the bound records), None without the collection."""
         if not client.has_collection(coll, timeout=timeout):
             return None
-        rows = client.query(
-            coll, filter='key != ""', output_fields=["key", "value"], limit=MAX_RESULTS, timeout=timeout
-        )
+        with _MANIFEST_IO:
+            rows = client.query(
+                coll, filter='key != ""', output_fields=["key", "value"], limit=MAX_RESULTS, timeout=timeout
+            )
         return {r["key"]: r["value"] for r in rows}
 
     @classmethod
@@ -825,18 +832,20 @@ class MilvusEngine(Engine):
         value = json.dumps(manifest, sort_keys=True)
         if len(value.encode("utf-8")) > TEXT_MAX_BYTES:
             raise ValueError(f"manifest is {len(value.encode())} bytes; Milvus stores at most {TEXT_MAX_BYTES}")
-        self.client.upsert(
-            self.meta_collection, [{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}], timeout=self.timeout
-        )
+        self._write_rows([{"key": _MANIFEST_KEY, "value": value, "v": [0.0, 0.0]}])
 
     def record_window_bound(self, most: int) -> None:
         """A row of its own; then the lower records go (written first: the largest record is never missing)."""
-        row = {"key": f"{BOUND_RECORD}{most}", "value": str(most), "v": [0.0, 0.0]}
-        self.client.upsert(self.meta_collection, [row], timeout=self.timeout)
+        self._write_rows([{"key": f"{BOUND_RECORD}{most}", "value": str(most), "v": [0.0, 0.0]}])
         rows = self._manifest_rows(self.client, self.meta_collection, self.timeout) or {}
         lower = [f"{BOUND_RECORD}{n}" for n in bound_records(rows) if n < most]
         if lower:
             self.client.delete(self.meta_collection, ids=lower, timeout=self.timeout)
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        """Upsert manifest rows, no reader of this process between Lite's delete and insert (:data:`_MANIFEST_IO`)."""
+        with _MANIFEST_IO:
+            self.client.upsert(self.meta_collection, rows, timeout=self.timeout)
 
     # ------------------------------------------------------------------- rows
     def _query(self, coll: str, expr: str, fields: list[str], limit: int) -> list[dict]:
