@@ -11,11 +11,15 @@ What it measures, and why this way:
   ``--piece-mb`` sets the piece size; the default here, 16 MiB, is 65,536 tokens of the tiny
   model's 64-d vectors: the token count a 1024-d model (bge-m3) gets from the library's
   default of 256 MiB, so the number of pieces is bge-m3's.
-* Memory: ``VmRSS`` sampled every 0.2 s by a thread during the call; the peak is
-  ``getrusage``'s ``ru_maxrss`` of the whole process (this script runs alone in its
-  process). What the same document would take held whole is computed from the stored counts.
+* Memory: ``VmRSS`` and ``RssAnon`` (the heap, without Qdrant Edge's memory-mapped files)
+  sampled every 0.2 s by a thread during the call; the peak is ``getrusage``'s ``ru_maxrss``
+  of the whole process (this script runs alone in its process). What the same document would
+  take held whole is computed from the stored counts.
+* ``--migrate``: then ``m3search.migrate`` copies the collection to a new folder from its
+  stored vectors, sampled the same way: its heap growth beside the ingest's, same document,
+  same run (migrate reads a long document a range of windows at a time).
 
-Usage: ``nice -n 5 python benchmarks/huge_text.py [--mb 10] [--no-write]``
+Usage: ``nice -n 5 python benchmarks/huge_text.py [--mb 10] [--migrate] [--no-write]``
 """
 
 from __future__ import annotations
@@ -35,12 +39,30 @@ REPO = Path(__file__).resolve().parents[1]
 from results import publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
-def _rss_mib() -> float:
+def _rss_mib(key: str = "VmRSS") -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _sampled(call) -> tuple[float, float, float]:
+    """Run ``call()``: (seconds, max VmRSS, max RssAnon growth over its start), sampled every 0.2 s."""
+    anon0, samples, stop = _rss_mib("RssAnon"), [], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            samples.append((_rss_mib(), _rss_mib("RssAnon")))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    return seconds, max((v for v, _ in samples), default=0), max((a for _, a in samples), default=anon0) - anon0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=446, help="content tokens between window starts (default 446)")
     ap.add_argument("--piece-mb", type=float, default=16.0, help="ColBERT MiB per written piece (default 16)")
+    ap.add_argument("--migrate", action="store_true", help="also migrate the collection, memory sampled alike")
     ap.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -75,19 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         enc.encode(["warm-up"])
         col = Collection.create(Path(tmp) / "col", model=enc, window=args.window, stride=args.stride)
         col.add(["warm-up"], ids=["warm-up"])
-        rss_loaded, samples, stop = _rss_mib(), [], threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.2):
-                samples.append(_rss_mib())
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t0 = time.perf_counter()
-        col.add([text], ids=["huge"], show_progress=True)
-        total_s = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
+        rss_loaded = _rss_mib()
+        total_s, max_rss, add_heap = _sampled(lambda: col.add([text], ids=["huge"], show_progress=True))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rec = col.get("huge")[0]
         windows, stored = rec.windows, col.engine._count(None, docs_only=False)
@@ -97,6 +109,14 @@ def main(argv: list[str] | None = None) -> None:
         assert rec.text == text and first[0] == 0 and last[1] >= len(text.rstrip()) - 1, "stored text or spans wrong"
         n_tokens = len(enc.tokenizer.encode(text, add_special_tokens=False).ids)  # after the peak is read
         col.close()
+        if args.migrate:
+            from m3search.migrate import migrate
+
+            moved: dict = {}
+            migrate_s, migrate_rss, migrate_heap = _sampled(
+                lambda: moved.update(migrate(Path(tmp) / "col", Path(tmp) / "copy"))
+            )
+            assert moved["copied"] == 2, moved
     tokens = n_tokens + 2 * windows  # content and specials of every window, overlap counted once per window
     tokens += (windows - 1) * (args.window - 2 - args.stride)
     whole = (tokens * per_token + windows * (enc.hidden_size * 4 + 12 * args.window)) / 2**20
@@ -114,10 +134,20 @@ def main(argv: list[str] | None = None) -> None:
         "max RSS during add | peak RSS | the document's outputs if held whole (estimated) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {windows:,} | {stored:,} | {tokens:,} | {-(-tokens // piece_tokens)} | {total_s:.0f} | "
-        f"{windows / total_s:.1f} | {rss_loaded:.0f} MiB | {max(samples, default=0):.0f} MiB | {peak:.0f} MiB | "
+        f"{windows / total_s:.1f} | {rss_loaded:.0f} MiB | {max_rss:.0f} MiB | {peak:.0f} MiB | "
         f"{whole:.0f} MiB |",
         "",
     ]
+    if args.migrate:
+        lines += [
+            "Same document, same run: heap (`RssAnon`) growth over the call's start, sampled every 0.2 s.",
+            "",
+            "| call | seconds | max RSS | heap growth |",
+            "|---|---|---|---|",
+            f"| `Collection.add` | {total_s:.0f} | {max_rss:.0f} MiB | {add_heap:.0f} MiB |",
+            f"| `migrate` to a new folder | {migrate_s:.0f} | {migrate_rss:.0f} MiB | {migrate_heap:.0f} MiB |",
+            "",
+        ]
     publish(
         "huge_text.py",
         "One huge text through Collection.add (`benchmarks/huge_text.py`)",
