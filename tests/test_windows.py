@@ -783,6 +783,45 @@ def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_en
                 col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """A's long write of L stopped (A closed: its mark is a dead writer's). C's next write clears it: C finds L
+    not stored and purges it; between that finding and the purge, B (which cleared L itself) writes L whole in
+    one write. C's purge removed every point of L, B's acknowledged document with them. A purge now removes only
+    what long writes leave (Qdrant: points of a generation; Milvus: rows of slots 1 and 2)."""
+    import m3search.collection as collection
+
+    texts, *_ = corpus
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    a = create(engine, tmp_path, tiny_encoder)
+    b = c = None
+    try:
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        a.close()
+        assert pending(c) == ["L"] and vector_points(c, "L") > 0
+        monkeypatch.setattr(collection, "PIECE_BYTES", 256 << 20)  # B's write of L is one write
+        real = c.engine.purge
+
+        def b_writes_first(ids):
+            if "L" in ids:
+                b.upsert([texts[25]], ids=["L"])
+            return real(ids)
+
+        monkeypatch.setattr(c.engine, "purge", b_writes_first)
+        c.add([texts[1]], ids=["t"])
+        one_version(c, tiny_encoder, "L", [texts[25]])
+        assert c.count() == 3 and pending(c) == []
+    finally:
+        for col in (a, b, c):
+            if col is not None:
+                col.close()
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

@@ -903,6 +903,9 @@ class Collection:
         stray = [i for i in pending if i not in stored]
         if stray:
             self._engine.purge(stray)
+            # a plain-id mark is an older release's, whose long writes could leave windows without a generation,
+            # which a purge keeps (a write in one request makes those) and a delete names
+            self._engine.delete([i for i in stray if i in stale])
         if stored:
             self._engine.tidy(sorted(stored))
         self._write_manifest(lambda m: m.update(pending=[x for x in m.get("pending") or [] if x not in stale]))

@@ -312,10 +312,11 @@ class Engine(ABC):
     def delete(self, ids: Sequence[str]) -> None:
         """Delete the documents (all windows) that exist among ``ids`` (unknown ids are ignored)."""
 
-    def purge(self, ids: Sequence[str]) -> None:
-        """Delete the documents and every row an interrupted write of theirs left (crash recovery, rare:
-        may scan the storage). Default: :meth:`delete`."""
-        self.delete(ids)
+    def purge(self, ids: Sequence[str]) -> None:  # noqa: B027 (an optional hook, a no-op by default)
+        """Remove what interrupted long writes of documents NOT stored left (crash recovery, rare: may scan the
+        storage), but nothing an :meth:`upsert` writes: where others write (``shared``), another client may have
+        written such a document whole since the caller found it absent. Default: nothing (the default
+        ``upsert_long`` is one :meth:`upsert`: it leaves nothing)."""
 
     def tidy(self, ids: Sequence[str]) -> None:
         """Remove what an interrupted long write left beside STORED documents, hidden from every read (crash

@@ -1187,12 +1187,23 @@ class MilvusEngine(Engine):
             raise RuntimeError(f"the head row of {doc_id!r} names no slot of it (doc {doc}): not an m3search row")
         return keys.index(doc)
 
+    def _drop(self, keys: Sequence[int]) -> None:
+        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys`` (slot values)."""
+        for a in range(0, len(keys), 3 * 4096):
+            chunk = _ints(keys[a : a + 3 * 4096])
+            for coll in (self.collection, self.tokens, self.texts):
+                self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
+
     def _drop_slots(self, doc_id: str, keep: int | None) -> None:
-        """Every row (windows, tombstones; token and text rows) of a document's slots but ``keep``
-        (None: all of them)."""
-        other = _ints([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
-        for coll in (self.collection, self.tokens, self.texts):
-            self.client.delete(coll, filter=f"doc in {other}", timeout=self.timeout)
+        """Every row of a document's slots but ``keep`` (None: all of them)."""
+        self._drop([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
+
+    def purge(self, ids: Sequence[str]) -> None:
+        """The rows of the documents' interrupted long writes: those of slots 1 and 2 (token and text rows too).
+        Not slot 0's, which only ``upsert`` writes: another client may have written the document whole there
+        since the caller found it absent."""
+        if self.window_rows:  # (else a long write is one upsert: it leaves nothing)
+            self._drop([_slot_key(i, s) for i in ids for s in range(1, SLOTS)])
 
     def tidy(self, ids: Sequence[str]) -> None:
         """Step (3) of ``upsert_long`` for stored documents whose long write stopped before it: every row
@@ -1284,17 +1295,12 @@ class MilvusEngine(Engine):
     def delete(self, ids: Sequence[str]) -> None:
         """Every row of the documents in every slot (windows, tombstones, strays), then their token and
         text rows."""
-        if not ids:
-            return
+        if self.window_rows:
+            return self._drop([v for i in ids for v in _slot_keys(i)])
         for a in range(0, len(ids), 4096):
-            if not self.window_rows:
-                chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
-                self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
-                self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
-                continue
-            chunk = _ints([v for i in ids[a : a + 4096] for v in _slot_keys(i)])
-            for coll in (self.collection, self.tokens, self.texts):
-                self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
+            chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
+            self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
+            self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:

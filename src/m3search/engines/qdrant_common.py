@@ -18,9 +18,9 @@ long text, text points):
 * window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "m": [metadata], "window": w}``
   (metadata on every window: filters run inside the vector queries; a metadata update sets the head's
   ``"m"`` and ``"meta"`` on every point, so that one dict is one operation);
-* text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}``
-  holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``: :meth:`QdrantEngine.get`
-  joins them.
+* text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}`` (and
+  ``"gen"`` in a generation, below) holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``:
+  :meth:`QdrantEngine.get` joins them.
 
 Why: Qdrant Edge deserializes a point's whole payload once per filter condition no payload
 index answers (benchmarks/RESULTS.md, "Hostile input"). A filter is sent as ``HasVector("dense")``
@@ -214,27 +214,27 @@ class QdrantEngine(Engine):
         """Delete every point the client's ``filter`` matches."""
         raise NotImplementedError
 
-    def _delete_documents(self, ids: list[str], tombstones_only: bool = False) -> None:
-        """Delete every point whose payload ``id`` is among ``ids`` (by filter: a scan where ``id`` has no
-        index); ``tombstones_only``: their tombstones alone (no vector, no text: text points have no vector)."""
+    def _delete_documents(self, ids: list[str], must: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> None:
+        """Delete every point whose payload ``id`` is among ``ids`` and that meets ``must`` and none of ``must_not``
+        (by filter: a scan where ``id`` has no index)."""
         d = self._dialect
-        if not tombstones_only:
-            return self._delete_where(d.filter(must=[d.match_any("id", ids)]))
-        dead = d.filter(must=[d.match_any("id", ids), d.is_empty("text")], must_not=[d.has_vector("colbert")])
-        self._delete_where(dead)
+        self._delete_where(d.filter(must=[d.match_any("id", ids), *must], must_not=list(must_not) or None))
 
     def purge(self, ids: Sequence[str]) -> None:
-        """Every point of the documents, whatever generation an interrupted long write gave it (text points
-        included, which no head names)."""
+        """The points of the documents' interrupted long writes: every point with a generation (text points
+        included, which no head names). Not one of generation 0, which only a write in one request (``upsert``)
+        makes: another client may have written the document whole since the caller found it absent."""
         if ids:
-            self._delete_documents(list(ids))
+            self._delete_documents(list(ids), must_not=[self._dialect.is_empty("gen")])
 
     def tidy(self, ids: Sequence[str]) -> None:
-        """The tombstones of stored documents: a long write stopped after its switch leaves those over the
-        old generation, which no later write or delete of the document names (their ids are the old
-        generation's). Deleting a tombstone is always safe: no read follows one, even mid-write."""
+        """The tombstones of stored documents (no vector, no text: text points have no vector): a long write
+        stopped after its switch leaves those over the old generation, which no later write or delete of the
+        document names (their ids are the old generation's). Deleting a tombstone is always safe: no read
+        follows one, even mid-write."""
         if ids:
-            self._delete_documents(list(ids), tombstones_only=True)
+            d = self._dialect
+            self._delete_documents(list(ids), must=[d.is_empty("text")], must_not=[d.has_vector("colbert")])
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
@@ -446,7 +446,7 @@ class QdrantEngine(Engine):
                     sizes.append(14 * chunk.size + meta_bytes + 512)
             for c in range(chunks):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
-                points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece}))
+                points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece, **tag}))
                 sizes.append(2 * len(piece.encode("utf-8")) + 256)
             dead = self._tombstones(doc_id, was_parts, was_chunks, g_id, parts, chunks)  # past the new layout
             points += dead
