@@ -63,7 +63,9 @@ piece, written with memory bounded by the piece). Over a stored document, every 
 head is written under the NEXT GENERATION ``g`` (ids :func:`part_uuid` / :func:`text_uuid` with
 ``g``, payload ``"gen": g``) as each piece is encoded; no read follows those ids until the head
 names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
-(:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen``). The
+(:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen`` or, on
+storage other clients write, is a window past the head, which another client's write may have left
+beside a long write's switch). The
 switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
 with tombstones over every point of the old version; the tombstones are deleted after. A crash
 between the two leaves them, invisible, under ids of the old generation that no later write or delete
@@ -666,12 +668,21 @@ class QdrantEngine(Engine):
 
     def _committed(self, results: list[list]) -> list[list]:
         """The scored points without those of a generation their document's head does not name (a long
-        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation."""
-        tagged = {p.payload["id"] for pts in results for p in pts if p.payload.get("gen")}
-        if not tagged:
+        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation or,
+        where others write (``shared``), is a window past the head: another client's write in one request may
+        have stored windows of generation 0 just before a long write's switch, which tombstones only the version
+        it read when it began."""
+
+        def unsure(p: Any) -> bool:
+            return bool(p.payload.get("gen") or (self.shared and p.payload.get("window")))
+
+        asked = {p.payload["id"] for pts in results for p in pts if unsure(p)}
+        if not asked:
             return results
-        live = {d: g for d, (_, _, g) in self._stored(list(tagged)).items()}
-        return [[p for p in pts if p.payload.get("gen", 0) in (0, live.get(p.payload["id"]))] for pts in results]
+        live = {d: g for d, (_, _, g) in self._stored(list(asked)).items()}
+        return [
+            [p for p in pts if not unsure(p) or p.payload.get("gen", 0) == live.get(p.payload["id"])] for pts in results
+        ]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
