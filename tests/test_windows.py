@@ -130,17 +130,44 @@ def stop_long_writes(monkeypatch, col, pieces: int = 2, error: BaseException | N
     ``error`` (default KeyboardInterrupt: a crash, as far as the write can tell). Returns the real method."""
     real = col.engine.upsert_long
 
-    def stops(parts):
+    def stops(parts, **kw):
         def some():
             it = iter(parts)
             for _ in range(pieces):
                 yield next(it)
             raise error or KeyboardInterrupt("stopped")
 
-        real(some())
+        real(some(), **kw)
 
     monkeypatch.setattr(col.engine, "upsert_long", stops)
     return real
+
+
+@contextlib.contextmanager
+def a_stopped_long_write(engine, folder, encoder, texts, monkeypatch, aged: bool = False):
+    """``(B, C)``: A made the collection, wrote s and stopped its long write of L with two pieces written (window 1;
+    the head, last, not); B and C opened, then A closed (its mark is a dead writer's). ``aged``: A's mark is also
+    older than the lease. Pieces are ~one window; all are closed at the end."""
+    import m3search.collection as collection
+
+    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * encoder.colbert_dim)
+    opened = [create(engine, folder, encoder)]
+    try:
+        a = opened[0]
+        a.add([texts[0]], ids=["s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([texts[29]], ids=["L"])
+        if aged:
+            manifest = a.engine.read_manifest()
+            manifest["pending"] = [{**m, "at": m["at"] - collection.PENDING_LEASE_S - 1} for m in manifest["pending"]]
+            a.engine.write_manifest(manifest)
+        opened += [Collection.open(location(engine, folder), model=encoder) for _ in range(2)]
+        a.close()
+        yield opened[1], opened[2]
+    finally:
+        for col in opened:
+            col.close()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -356,14 +383,14 @@ col = Collection.open(location, model=model, dtype="float32")
 collection.PIECE_BYTES = 20 * 4 * col.schema.colbert_dim  # ~one window a piece
 real = col.engine.upsert_long
 
-def killed(pieces):
+def killed(pieces, **kw):
     def two():  # two pieces written (window 1; the head comes last), then kill -9
         it = iter(pieces)
         yield next(it)
         yield next(it)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    real(two())
+    real(two(), **kw)
 
 col.engine.upsert_long = killed
 col.add([text], ids=["L"])
@@ -444,7 +471,7 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
         a.add([texts[0]], ids=["s"])
         real = a.engine.upsert_long
 
-        def meanwhile(pieces):
+        def meanwhile(pieces, **kw):
             def two_then_b():  # a's first two pieces written (window 1; the head comes last), then b
                 nonlocal b
                 it = iter(pieces)
@@ -454,7 +481,7 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
                 b.add([texts[1]], ids=["t"])
                 yield from it
 
-            real(two_then_b())
+            real(two_then_b(), **kw)
 
         monkeypatch.setattr(a.engine, "upsert_long", meanwhile)
         a.add([texts[29]], ids=["L"])
@@ -499,23 +526,8 @@ def test_a_long_write_begun_during_another_client_s_recovery_is_left_alone(
     L for a stray still and removed B's windows: B's document would have lacked them. Re-reading the marks
     right before purging, C sees B's live mark and leaves L to it. ``server``: as on a server (the lease
     rule)."""
-    import m3search.collection as collection
-
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
-    a = create(engine, tmp_path, tiny_encoder)
-    b = c = None
-    try:
-        a.add([texts[0]], ids=["s"])
-        stop_long_writes(monkeypatch, a)
-        with pytest.raises(KeyboardInterrupt):
-            a.add([texts[29]], ids=["L"])
-        manifest = a.engine.read_manifest()  # A stopped longer ago than the lease
-        manifest["pending"] = [{**m, "at": m["at"] - collection.PENDING_LEASE_S - 1} for m in manifest["pending"]]
-        a.engine.write_manifest(manifest)
-        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        a.close()
+    with a_stopped_long_write(engine, tmp_path, tiny_encoder, texts, monkeypatch, aged=True) as (b, c):
         if server:
             monkeypatch.setattr(type(c.engine), "process_store", None)
         stop_long_writes(monkeypatch, b)
@@ -532,10 +544,6 @@ def test_a_long_write_begun_during_another_client_s_recovery_is_left_alone(
         c.add([texts[1]], ids=["t"])
         assert began[0] > 0 and vector_points(c, "L") == began[0]  # B's windows, whole
         assert [m["client"] for m in c.engine.read_manifest()["pending"]] == [b._client]
-    finally:
-        for col in (a, b, c):
-            if col is not None:
-                col.close()
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
@@ -560,7 +568,7 @@ def test_a_document_another_client_is_writing_is_not_written_or_deleted(
         b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
         real = a.engine.upsert_long
 
-        def meanwhile(pieces):
+        def meanwhile(pieces, **kw):
             def two_then_b():  # a's first two pieces written, then b
                 it = iter(pieces)
                 yield next(it)
@@ -572,7 +580,7 @@ def test_a_document_another_client_is_writing_is_not_written_or_deleted(
                 b.add([texts[1]], ids=["t"])  # other ids are written as before
                 yield from it
 
-            real(two_then_b())
+            real(two_then_b(), **kw)
 
         monkeypatch.setattr(a.engine, "upsert_long", meanwhile)
         a.upsert([texts[29]], ids=["X"])
@@ -691,16 +699,16 @@ def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
         assert score == pytest.approx(float((want @ probe).max()), abs=1e-5)
 
 
-#: Why the race-1 reproductions fail still (a generation / slot of its own per write would close them).
+#: Why the race-1 reproductions fail on Milvus still (a slot of its own per write would close them).
 RACE_1 = (
-    "open: two writes of one document that both passed the pending-mark check share its next generation's "
-    "point ids (Milvus: slots, and a short write removes slots 1 and 2), so the document can end mixed"
+    "open on Milvus: two writes of one document that both passed the pending-mark check share its free slot, "
+    "and a write in one request removes slots 1 and 2, so the document can end mixed"
 )
+#: The engines of the race-1 reproductions: Milvus fails them still.
+RACE_1_ENGINES = ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.xfail(strict=True, reason=RACE_1))]
 
 
-@pytest.mark.parametrize(
-    "engine", ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.xfail(strict=True, reason=RACE_1))]
-)
+@pytest.mark.parametrize("engine", RACE_1_ENGINES)
 def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):
@@ -712,11 +720,8 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
     import m3search.collection as collection
 
     texts, *_ = corpus
-    a = create(engine, tmp_path, tiny_encoder)
-    b = None
-    try:
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[0]], ids=["X"])
-        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
         real_b, real_a, held, landed = b.engine.upsert, a.engine.upsert_long, [], []
 
         def b_lands_before_a_s_switch(pieces):
@@ -727,37 +732,32 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
         def a_begins(batch):  # B has checked the marks: A marks X and writes it long
             held.append(batch)
             monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
-            monkeypatch.setattr(a.engine, "upsert_long", lambda pieces: real_a(b_lands_before_a_s_switch(pieces)))
+            monkeypatch.setattr(
+                a.engine, "upsert_long", lambda pieces, **kw: real_a(b_lands_before_a_s_switch(pieces), **kw)
+            )
             a.upsert([texts[28]], ids=["X"])
 
         monkeypatch.setattr(b.engine, "upsert", a_begins)
         b.upsert([texts[29]], ids=["X"])
         assert landed
         one_version(b, tiny_encoder, "X", [texts[28], texts[29]])
-    finally:
-        for col in (a, b):
-            if col is not None:
-                col.close()
 
 
-@pytest.mark.xfail(strict=True, reason=RACE_1)
-@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+@pytest.mark.parametrize("engine", RACE_1_ENGINES)
 def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A checked the marks of X (none) and wrote its mark over a manifest read before B's (a manifest write has no
     compare-and-set: B's mark was lost), after B had checked its own. Both wrote X's next generation (Milvus: its
     free slot): A's start removed B's windows so far, B's later windows overwrote A's, and B's head then named
-    windows of both versions."""
+    windows of both versions. On Qdrant each long write now has a generation of its own (drawn at random,
+    recorded in its mark): B's switch, the last, names B's version whole; A's points are hidden leftovers."""
     import json
 
     import m3search.collection as collection
 
     texts, *_ = corpus
     monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
-    a = create(engine, tmp_path, tiny_encoder)
-    b = None
-    try:
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[0]], ids=["X"])
-        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
         older, real_read, real_write = a.engine.read_manifest(), a.engine.read_manifest, a.engine.write_manifest
         marked = []
 
@@ -779,14 +779,10 @@ def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_en
             a.upsert([texts[28]], ids=["X"])
             yield from it
 
-        monkeypatch.setattr(b.engine, "upsert_long", lambda pieces: real_b(a_meanwhile(pieces)))
+        monkeypatch.setattr(b.engine, "upsert_long", lambda pieces, **kw: real_b(a_meanwhile(pieces), **kw))
         b.upsert([texts[20]], ids=["X"])
         assert marked
         one_version(b, tiny_encoder, "X", [texts[28], texts[20]])
-    finally:
-        for col in (a, b):
-            if col is not None:
-                col.close()
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
@@ -798,17 +794,7 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
     import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
-    a = create(engine, tmp_path, tiny_encoder)
-    b = c = None
-    try:
-        a.add([texts[0]], ids=["s"])
-        stop_long_writes(monkeypatch, a)
-        with pytest.raises(KeyboardInterrupt):
-            a.add([texts[29]], ids=["L"])
-        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        c = Collection.open(location(engine, tmp_path), model=tiny_encoder)
-        a.close()
+    with a_stopped_long_write(engine, tmp_path, tiny_encoder, texts, monkeypatch) as (b, c):
         assert pending(c) == ["L"] and vector_points(c, "L") > 0
         monkeypatch.setattr(collection, "PIECE_BYTES", 256 << 20)  # B's write of L is one write
         real = c.engine.purge
@@ -822,10 +808,6 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
         c.add([texts[1]], ids=["t"])
         one_version(c, tiny_encoder, "L", [texts[25]])
         assert c.count() == 3 and pending(c) == []
-    finally:
-        for col in (a, b, c):
-            if col is not None:
-                col.close()
 
 
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
@@ -1399,7 +1381,7 @@ def test_documents_longer_than_a_piece_are_streamed_and_stored_whole(
     calls = []
     col = create(engine, tmp_path / "col", tiny_encoder)
     monkeypatch.setattr(
-        col.engine, "upsert_long", lambda pieces, f=col.engine.upsert_long: calls.append(1) or f(pieces)
+        col.engine, "upsert_long", lambda pieces, f=col.engine.upsert_long, **kw: calls.append(1) or f(pieces, **kw)
     )
     try:
         col.add(texts, ids=ids, metadata=meta, batch_size=12)

@@ -1205,7 +1205,7 @@ class MilvusEngine(Engine):
         if self.window_rows:  # (else a long write is one upsert: it leaves nothing)
             self._drop([_slot_key(i, s) for i in ids for s in range(1, SLOTS)])
 
-    def tidy(self, ids: Sequence[str]) -> None:
+    def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """Step (3) of ``upsert_long`` for stored documents whose long write stopped before it: every row
         (tombstones, the old version's windows), token and text row of the slots their head does not name."""
         if not self.window_rows or not ids:
@@ -1215,11 +1215,11 @@ class MilvusEngine(Engine):
             if doc_id in heads:  # (a head under a colliding key is another document's: left alone)
                 self._drop_slots(doc_id, keep=self._slot_of(doc_id, heads[doc_id]))
 
-    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+    def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
         """Long writes (module docstring): each piece's windows written as it comes (token rows first) in
         the slot the stored head does not name, then ONE request (the switch): window 0 (text,
         metadata, every window's span, the new slot) with tombstones over the old version's slot-0 rows;
-        then the other slots' rows removed."""
+        then the other slots' rows removed. (``gen`` is not used: two writes begun at once share the slot.)"""
         if not self.window_rows:
             return super().upsert_long(pieces)
         head, spans, head_size = None, [], 0

@@ -59,23 +59,25 @@ tombstoned alike (the head's ``chunks`` names the ones that count). So every wri
 old or the new document whole.
 
 Long writes (:meth:`QdrantEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece). Over a stored document, every point but the
-head is written under the NEXT GENERATION ``g`` (ids :func:`part_uuid` / :func:`text_uuid` with
-``g``, payload ``"gen": g``) as each piece is encoded; no read follows those ids until the head
-names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
-(:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen`` or, on
-storage other clients write, is a window past the head, which another client's write may have left
-beside a long write's switch). The
-switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
-with tombstones over every point of the old version; the tombstones are deleted after. A crash
-between the two leaves them, invisible, under ids of the old generation that no later write or delete
-of the document names: the Collection, which records the document being written in its manifest,
-deletes them before its next write (:meth:`QdrantEngine.tidy`, by filter). A crash
-before the switch leaves the old version whole (its stray points of generation ``g`` are deleted
-by the document's next long write or delete). A document not stored is written the same way in
-generation 1: a crash leaves it absent, its stray points hidden from every query (no head names
-them) until its next write or delete removes them (the manifest's window count, which bounds the
-ids to remove, is raised before each piece).
+piece, written with memory bounded by the piece). Every point but the head is written under the
+write's OWN GENERATION ``g`` (drawn at random by the Collection and recorded in its pending mark; ids
+:func:`part_uuid` / :func:`text_uuid` with ``g``, payload ``"gen": g``) as each piece is encoded, so
+two clients' writes of one document begun at the same moment never share a point id; no read
+follows those ids until the head names ``g``, and a vector query drops a hit whose ``gen`` its head
+does not name (:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a
+``gen`` or, on storage other clients write, is a window past the head, which another client's write
+may have left beside a long write's switch). The switch is ONE write: the new head (text, metadata,
+every window's span and parts, ``"gen": g``) with tombstones over every point of the old version; the
+tombstones are deleted after. Of two writes begun at once, the last switch wins whole; the other's
+points stay hidden until the document's delete. A crash between the two leaves the tombstones,
+invisible, under ids of the old generation that no later write or delete of the document names: the
+Collection, which records the document being written in its manifest, deletes them before its next
+write (:meth:`QdrantEngine.tidy`, by filter). A crash before the switch leaves the old version whole,
+and its points of generation ``g`` hidden until that next write deletes them (``tidy``, by the
+mark's ``g``). A document not stored is written the same way: a crash leaves it absent, its stray
+points hidden from every query (no head names them) until the next write removes them
+(:meth:`QdrantEngine.purge`). A write by an older release used the NEXT generation (1 for a document
+not stored): its leftovers go with the document's next long write or delete.
 """
 
 from __future__ import annotations
@@ -229,14 +231,18 @@ class QdrantEngine(Engine):
         if ids:
             self._delete_documents(list(ids), must_not=[self._dialect.is_empty("gen")])
 
-    def tidy(self, ids: Sequence[str]) -> None:
+    def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """The tombstones of stored documents (no vector, no text: text points have no vector): a long write
         stopped after its switch leaves those over the old generation, which no later write or delete of the
         document names (their ids are the old generation's). Deleting a tombstone is always safe: no read
-        follows one, even mid-write."""
+        follows one, even mid-write. And the points of the stopped writes ``gens`` that no head names: a write
+        stopped before its switch leaves them under its own generation, which no other write uses."""
         if ids:
             d = self._dialect
             self._delete_documents(list(ids), must=[d.is_empty("text")], must_not=[d.has_vector("colbert")])
+            named = {g for _, _, g in self._stored(ids).values()}
+            if dead := [g for g in gens if g not in named]:
+                self._delete_documents(list(ids), must=[d.match_any("gen", dead)])
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
@@ -471,11 +477,12 @@ class QdrantEngine(Engine):
         if tombs:
             self._delete_points(tombs)  # a crash before this leaves invisible tombstones
 
-    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
-        """Long writes (module docstring): each piece's points written as it comes under the next
-        generation, then ONE write of the head (text, metadata, every window's span and parts, the
-        generation) with tombstones over the old version's points: the switch."""
-        head, spans, parts, done, old, gen = None, [], [], 0, None, 0
+    def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
+        """Long writes (module docstring): each piece's points written as it comes under the write's own
+        generation ``gen`` (0: the next after the stored one), then ONE write of the head (text, metadata,
+        every window's span and parts, the generation) with tombstones over the old version's points: the
+        switch."""
+        head, spans, parts, done, old = None, [], [], 0, None
         for piece in pieces:
             piece.validate(self.schema)
             if not piece.has_vectors or len(piece) != 1:
@@ -483,12 +490,11 @@ class QdrantEngine(Engine):
             doc_id = piece.ids[0]
             if head is None:
                 old = self._stored([doc_id]).get(doc_id)
-                if old is None:  # nothing to keep: generation 1 (hidden until its head names it), over
-                    self.delete([doc_id])  # the points of an interrupted write (generations 0 and 1)
-                    gen = 1
-                else:  # the old version stays whole until the switch; points of an interrupted write go
-                    gen = old[2] + 1
-                    self._delete_points(self._slots(doc_id, gen))
+                if old is None:  # nothing to keep (hidden until its head names the generation), over the
+                    self.delete([doc_id])  # points of an interrupted write of an older release (generations 0, 1)
+                else:  # the old version stays whole until the switch; an older release's interrupted write's go
+                    self._delete_points(self._slots(doc_id, old[2] + 1))
+                gen = gen or (old[2] + 1 if old else 1)
             self.max_windows = max(self.max_windows, done + self.stored_units(piece))
             points, sizes, _ = self._points(piece, {}, first=len(spans), gen=gen)
             parts += self._parts(piece)
