@@ -699,12 +699,12 @@ def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
         assert score == pytest.approx(float((want @ probe).max()), abs=1e-5)
 
 
-#: Why the race-1 reproductions fail on Milvus still (a slot of its own per write would close them).
+#: Why the race reproductions fail on Milvus still (a slot of its own per write would close them).
 RACE_1 = (
-    "open on Milvus: two writes of one document that both passed the pending-mark check share its free slot, "
-    "and a write in one request removes slots 1 and 2, so the document can end mixed"
+    "open on Milvus: a long write's rows are told apart by slot (1 or 2), not by write, so another write or a "
+    "recovery of the document that passed the pending-mark check overwrites or removes them: it can end mixed"
 )
-#: The engines of the race-1 reproductions: Milvus fails them still.
+#: The engines of the race reproductions: Milvus fails them still.
 RACE_1_ENGINES = ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.xfail(strict=True, reason=RACE_1))]
 
 
@@ -799,15 +799,44 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
         monkeypatch.setattr(collection, "PIECE_BYTES", 256 << 20)  # B's write of L is one write
         real = c.engine.purge
 
-        def b_writes_first(ids):
+        def b_writes_first(ids, *gens):
             if "L" in ids:
                 b.upsert([texts[25]], ids=["L"])
-            return real(ids)
+            return real(ids, *gens)
 
         monkeypatch.setattr(c.engine, "purge", b_writes_first)
         c.add([texts[1]], ids=["t"])
         one_version(c, tiny_encoder, "L", [texts[25]])
         assert c.count() == 3 and pending(c) == []
+
+
+@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """As above, but B's write of L is long and its purge lands after B's window 1: C's purge removed every
+    point of L with a generation, B's window 1 with them, and B's head then named a window that was gone. A
+    purge now removes only the generations of the stopped writes' marks (each long write has its own)."""
+    texts, *_ = corpus
+    with a_stopped_long_write(engine, tmp_path, tiny_encoder, texts, monkeypatch) as (b, c):
+        real_purge, real_long, landed = c.engine.purge, b.engine.upsert_long, []
+
+        def c_s_purge_lands(pieces, purged):
+            it = iter(pieces)
+            yield next(it)
+            yield next(it)  # B's window 1 written
+            real_purge(*purged)
+            landed.append(True)
+            yield from it
+
+        def b_writes_first(*purged):
+            monkeypatch.setattr(
+                b.engine, "upsert_long", lambda pieces, **kw: real_long(c_s_purge_lands(pieces, purged), **kw)
+            )
+            b.upsert([texts[25]], ids=["L"])
+
+        monkeypatch.setattr(c.engine, "purge", b_writes_first)
+        c.add([texts[1]], ids=["t"])
+        assert landed
+        one_version(c, tiny_encoder, "L", [texts[25]])
 
 
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):

@@ -908,13 +908,14 @@ class Collection:
             pending = sorted({_marked(m) for m in stale})
             stored &= set(pending)
         stray = [i for i in pending if i not in stored]
-        if stray:
-            self._engine.purge(stray)
+        gens = [m["gen"] for m in stale if isinstance(m, dict) and m.get("gen")]
+        if stray:  # (all generations while a mark has none: an older release's)
+            self._engine.purge(stray, gens if len(gens) == len(stale) else ())
             # a plain-id mark is an older release's, whose long writes could leave windows without a generation,
             # which a purge keeps (a write in one request makes those) and a delete names
             self._engine.delete([i for i in stray if i in stale])
         if stored:
-            self._engine.tidy(sorted(stored), [m["gen"] for m in stale if isinstance(m, dict) and m.get("gen")])
+            self._engine.tidy(sorted(stored), gens)
         self._write_manifest(lambda m: m.update(pending=[x for x in m.get("pending") or [] if x not in stale]))
 
     def _sync(self) -> None:

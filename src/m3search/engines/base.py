@@ -315,11 +315,12 @@ class Engine(ABC):
     def delete(self, ids: Sequence[str]) -> None:
         """Delete the documents (all windows) that exist among ``ids`` (unknown ids are ignored)."""
 
-    def purge(self, ids: Sequence[str]) -> None:  # noqa: B027 (an optional hook, a no-op by default)
-        """Remove what interrupted long writes of documents NOT stored left (crash recovery, rare: may scan the
-        storage), but nothing an :meth:`upsert` writes: where others write (``shared``), another client may have
-        written such a document whole since the caller found it absent. Default: nothing (the default
-        ``upsert_long`` is one :meth:`upsert`: it leaves nothing)."""
+    def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:  # noqa: B027 (optional, no-op by default)
+        """Remove what interrupted long writes (``gens``: theirs, see :meth:`upsert_long`; empty: any) of documents
+        NOT stored left (crash recovery, rare: may scan the storage), but nothing an :meth:`upsert` or another
+        long write writes: where others write (``shared``), another client may have begun writing such a document
+        since the caller found it absent. Default: nothing (the default ``upsert_long`` is one :meth:`upsert`: it
+        leaves nothing)."""
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """Remove what interrupted long writes (``gens``: those of their pending marks that had one) left beside

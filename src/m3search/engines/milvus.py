@@ -1198,7 +1198,7 @@ class MilvusEngine(Engine):
         """Every row of a document's slots but ``keep`` (None: all of them)."""
         self._drop([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
 
-    def purge(self, ids: Sequence[str]) -> None:
+    def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """The rows of the documents' interrupted long writes: those of slots 1 and 2 (token and text rows too).
         Not slot 0's, which only ``upsert`` writes: another client may have written the document whole there
         since the caller found it absent."""

@@ -224,12 +224,17 @@ class QdrantEngine(Engine):
         d = self._dialect
         self._delete_where(d.filter(must=[d.match_any("id", ids), *must], must_not=list(must_not) or None))
 
-    def purge(self, ids: Sequence[str]) -> None:
-        """The points of the documents' interrupted long writes: every point with a generation (text points
-        included, which no head names). Not one of generation 0, which only a write in one request (``upsert``)
-        makes: another client may have written the document whole since the caller found it absent."""
+    def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
+        """The points of the documents' interrupted long writes: those of generations ``gens`` (text points
+        included, which no head names), or, not given, every point with a generation. Not one of generation 0,
+        which only a write in one request (``upsert``) makes, nor (given ``gens``) another long write's: another
+        client may have begun writing the document since the caller found it absent."""
         if ids:
-            self._delete_documents(list(ids), must_not=[self._dialect.is_empty("gen")])
+            d = self._dialect
+            if gens:
+                self._delete_documents(list(ids), must=[d.match_any("gen", list(gens))])
+            else:
+                self._delete_documents(list(ids), must_not=[d.is_empty("gen")])
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """The tombstones of stored documents (no vector, no text: text points have no vector): a long write
