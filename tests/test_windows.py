@@ -1146,7 +1146,7 @@ CHILD = textwrap.dedent(
     import numpy as np, scipy.sparse as sp
     from m3search.engines import resolve_engine
     from m3search.engines.base import bound_records
-from m3search.engines.shapes import PointBatch
+    from m3search.engines.shapes import PointBatch
 
     path, f, long = sys.argv[1], sys.argv[2], sys.argv[3] == "long"
     z = np.load(f, allow_pickle=True)
