@@ -119,7 +119,11 @@ slot 0 with more windows than fit as tombstones of ``4 * dense_dim + 256`` bytes
 1,024-d under the default 48 MiB), the old version's slot-0 rows, head included, are deleted
 in one request just before the head is written: a crash between the two leaves the document
 ABSENT, as for a document not stored (never a mix). Weaker, as for ``upsert``: if the Milvus
-Lite process itself dies inside request (2), the document is absent.
+Lite process itself dies inside request (2), the document is absent. Open: two writes of one document
+that both passed the Collection's pending-mark check (a write checked before a long write began, or two
+marks written at the same moment) share the free slot, and ``upsert``'s step (3) and a recovery remove
+slots 1 and 2, so the document can end mixed (tests/test_windows.py, xfail); Qdrant gives each long
+write a generation of its own instead.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
