@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -804,11 +805,14 @@ class Collection:
                 whole.append(batch)
                 continue
 
-            def rest(sl: PointBatch = batch, last: bool = last):  # the pieces of one document, noted before each write
+            doc = batch.ids[0]
+            gen = secrets.randbits(62) + 1  # this write's own: no other write of the document names its points
+
+            def rest(sl: PointBatch = batch, last: bool = last, gen: int = gen):  # one document's pieces, each noted
                 done = 0
                 while True:
                     if done and self._engine.shared:
-                        self._mark_pending(sl.ids[0], True)  # the lease, renewed
+                        self._mark_pending(sl.ids[0], True, gen=gen)  # the lease, renewed
                     done += self._engine.stored_units(sl)
                     self._note_windows(done)
                     yield sl
@@ -816,8 +820,7 @@ class Collection:
                         return
                     _, last, sl, _ = next(slices)  # (``cut`` is the first piece's: counted above)
 
-            doc = batch.ids[0]
-            self._mark_pending(doc, True)  # a crash before the end leaves windows without a head
+            self._mark_pending(doc, True, gen=gen)  # a crash before the end leaves windows without a head
             try:  # another client may have begun writing it since this call's check: the STORED marks say
                 self._sync()
                 outcome = f"{doc!r} was not written (documents before it in this call may have been)"
@@ -831,21 +834,24 @@ class Collection:
                 self._mark_pending(doc, False)
                 raise
             try:
-                self._engine.upsert_long(rest())
+                self._engine.upsert_long(rest(), gen=gen)
             except Exception:  # failed, not crashed: other clients must not wait out a lease for it
                 with contextlib.suppress(Exception):  # (the write's own error is the one to report)
-                    self._mark_pending(doc, True, stopped=True)
+                    self._mark_pending(doc, True, gen=gen, stopped=True)
                 raise
             self._mark_pending(doc, False)
         if whole:
             self._write(PointBatch.join(whole))
         return cut
 
-    def _mark_pending(self, doc_id: str, writing: bool, *, stopped: bool = False) -> None:
-        """Record in the manifest that this client's long write of ``doc_id`` is under way, as of now (again:
-        renewed), or done: if it stops part-way, the next write clears what it left (:meth:`_clear_pending`).
-        ``stopped``: it failed part-way (an error, not a crash), so its mark is no live writer's to anyone."""
-        mark = {"id": doc_id, "client": self._client, "at": time.time(), **({"stopped": True} if stopped else {})}
+    def _mark_pending(self, doc_id: str, writing: bool, *, gen: int = 0, stopped: bool = False) -> None:
+        """Record in the manifest that this client's long write of ``doc_id`` (its generation ``gen``) is under
+        way, as of now (again: renewed), or done: if it stops part-way, the next write clears what it left
+        (:meth:`_clear_pending`). ``stopped``: it failed part-way (an error, not a crash), so its mark is no live
+        writer's to anyone."""
+        mark = {"id": doc_id, "client": self._client, "at": time.time(), "gen": gen}
+        if stopped:
+            mark["stopped"] = True
 
         def edit(manifest: dict) -> None:
             others = [m for m in manifest.get("pending") or [] if not self._mine(m, doc_id)]
@@ -885,7 +891,8 @@ class Collection:
     def _clear_pending(self) -> None:
         """After a crash during a long write, before anything else is written: remove that document's stray
         windows when it has no head (it is not stored), else what the write left beside the version its
-        head names (``Engine.tidy``: a write stopped after its switch leaves the old version's tombstones).
+        head names (``Engine.tidy``: its generation's points, or, stopped after its switch, the old version's
+        tombstones).
         Not for a document another client is writing now (its mark is live): its windows are not strays, and
         a stopped write's mark of it stays for a later write. Where others write, the marks are read again
         right before removing anything: one may have begun writing such a document since (its mark comes
@@ -901,10 +908,14 @@ class Collection:
             pending = sorted({_marked(m) for m in stale})
             stored &= set(pending)
         stray = [i for i in pending if i not in stored]
-        if stray:
-            self._engine.purge(stray)
+        gens = [m["gen"] for m in stale if isinstance(m, dict) and m.get("gen")]
+        if stray:  # (all generations while a mark has none: an older release's)
+            self._engine.purge(stray, gens if len(gens) == len(stale) else ())
+            # a plain-id mark is an older release's, whose long writes could leave windows without a generation,
+            # which a purge keeps (a write in one request makes those) and a delete names
+            self._engine.delete([i for i in stray if i in stale])
         if stored:
-            self._engine.tidy(sorted(stored))
+            self._engine.tidy(sorted(stored), gens)
         self._write_manifest(lambda m: m.update(pending=[x for x in m.get("pending") or [] if x not in stale]))
 
     def _sync(self) -> None:

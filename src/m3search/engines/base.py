@@ -289,9 +289,12 @@ class Engine(ABC):
         A document stored before with more windows than now must not keep any of them visible.
         """
 
-    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
+    def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
         """Insert or replace ONE document whose windows arrive in pieces (one-document batches of
         consecutive windows, window 0 in the first), so memory is bounded by a piece, not the text.
+        ``gen``: a number of this write's own (the Collection draws it at random and records it in its pending
+        mark; 0: none), so an engine can keep its points apart from those of any other write of the document
+        (another client's, begun at the same moment), and :meth:`tidy` can find them after a crash.
 
         Contract: count, get and search never see part of the new version; after a crash the
         document is its old version (or, where the engine says so, absent), never a mix. Default:
@@ -312,15 +315,18 @@ class Engine(ABC):
     def delete(self, ids: Sequence[str]) -> None:
         """Delete the documents (all windows) that exist among ``ids`` (unknown ids are ignored)."""
 
-    def purge(self, ids: Sequence[str]) -> None:
-        """Delete the documents and every row an interrupted write of theirs left (crash recovery, rare:
-        may scan the storage). Default: :meth:`delete`."""
-        self.delete(ids)
+    def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:  # noqa: B027 (optional, no-op by default)
+        """Remove what interrupted long writes (``gens``: theirs, see :meth:`upsert_long`; empty: any) of documents
+        NOT stored left (crash recovery, rare: may scan the storage), but nothing an :meth:`upsert` or another
+        long write writes: where others write (``shared``), another client may have begun writing such a document
+        since the caller found it absent. Default: nothing (the default ``upsert_long`` is one :meth:`upsert`: it
+        leaves nothing)."""
 
-    def tidy(self, ids: Sequence[str]) -> None:
-        """Remove what an interrupted long write left beside STORED documents, hidden from every read (crash
-        recovery, rare: may scan the storage), such as the tombstones of a write stopped after its switch.
-        Default: nothing (an engine whose ``upsert_long`` leaves nothing behind)."""
+    def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
+        """Remove what interrupted long writes (``gens``: those of their pending marks that had one) left beside
+        STORED documents, hidden from every read (crash recovery, rare: may scan the storage), such as the
+        tombstones of a write stopped after its switch. Default: nothing (an engine whose ``upsert_long`` leaves
+        nothing behind)."""
         return None
 
     # --- reads -----------------------------------------------------------------------

@@ -18,9 +18,9 @@ long text, text points):
 * window ``w > 0``: id = :func:`window_uuid`, payload ``{"id", "m": [metadata], "window": w}``
   (metadata on every window: filters run inside the vector queries; a metadata update sets the head's
   ``"m"`` and ``"meta"`` on every point, so that one dict is one operation);
-* text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}``
-  holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``: :meth:`QdrantEngine.get`
-  joins them.
+* text point ``j < c``: id = :func:`text_uuid`, NO vectors, payload ``{"id", "chunk": j, "text"}`` (and
+  ``"gen"`` in a generation, below) holding characters ``[j * TEXT_CHUNK, (j + 1) * TEXT_CHUNK)``:
+  :meth:`QdrantEngine.get` joins them.
 
 Why: Qdrant Edge deserializes a point's whole payload once per filter condition no payload
 index answers (benchmarks/RESULTS.md, "Hostile input"). A filter is sent as ``HasVector("dense")``
@@ -59,21 +59,25 @@ tombstoned alike (the head's ``chunks`` names the ones that count). So every wri
 old or the new document whole.
 
 Long writes (:meth:`QdrantEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece). Over a stored document, every point but the
-head is written under the NEXT GENERATION ``g`` (ids :func:`part_uuid` / :func:`text_uuid` with
-``g``, payload ``"gen": g``) as each piece is encoded; no read follows those ids until the head
-names ``g``, and a vector query drops a hit whose ``gen`` its head does not name
-(:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a ``gen``). The
-switch is ONE write: the new head (text, metadata, every window's span and parts, ``"gen": g``)
-with tombstones over every point of the old version; the tombstones are deleted after. A crash
-between the two leaves them, invisible, under ids of the old generation that no later write or delete
-of the document names: the Collection, which records the document being written in its manifest,
-deletes them before its next write (:meth:`QdrantEngine.tidy`, by filter). A crash
-before the switch leaves the old version whole (its stray points of generation ``g`` are deleted
-by the document's next long write or delete). A document not stored is written the same way in
-generation 1: a crash leaves it absent, its stray points hidden from every query (no head names
-them) until its next write or delete removes them (the manifest's window count, which bounds the
-ids to remove, is raised before each piece).
+piece, written with memory bounded by the piece). Every point but the head is written under the
+write's OWN GENERATION ``g`` (drawn at random by the Collection and recorded in its pending mark; ids
+:func:`part_uuid` / :func:`text_uuid` with ``g``, payload ``"gen": g``) as each piece is encoded, so
+two clients' writes of one document begun at the same moment never share a point id; no read
+follows those ids until the head names ``g``, and a vector query drops a hit whose ``gen`` its head
+does not name (:meth:`QdrantEngine._committed`: one read of those heads, only when a hit has a
+``gen`` or, on storage other clients write, is a window past the head, which another client's write
+may have left beside a long write's switch). The switch is ONE write: the new head (text, metadata,
+every window's span and parts, ``"gen": g``) with tombstones over every point of the old version; the
+tombstones are deleted after. Of two writes begun at once, the last switch wins whole; the other's
+points stay hidden until the document's delete. A crash between the two leaves the tombstones,
+invisible, under ids of the old generation that no later write or delete of the document names: the
+Collection, which records the document being written in its manifest, deletes them before its next
+write (:meth:`QdrantEngine.tidy`, by filter). A crash before the switch leaves the old version whole,
+and its points of generation ``g`` hidden until that next write deletes them (``tidy``, by the
+mark's ``g``). A document not stored is written the same way: a crash leaves it absent, its stray
+points hidden from every query (no head names them) until the next write removes them
+(:meth:`QdrantEngine.purge`). A write by an older release used the NEXT generation (1 for a document
+not stored): its leftovers go with the document's next long write or delete.
 """
 
 from __future__ import annotations
@@ -214,27 +218,36 @@ class QdrantEngine(Engine):
         """Delete every point the client's ``filter`` matches."""
         raise NotImplementedError
 
-    def _delete_documents(self, ids: list[str], tombstones_only: bool = False) -> None:
-        """Delete every point whose payload ``id`` is among ``ids`` (by filter: a scan where ``id`` has no
-        index); ``tombstones_only``: their tombstones alone (no vector, no text: text points have no vector)."""
+    def _delete_documents(self, ids: list[str], must: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> None:
+        """Delete every point whose payload ``id`` is among ``ids`` and that meets ``must`` and none of ``must_not``
+        (by filter: a scan where ``id`` has no index)."""
         d = self._dialect
-        if not tombstones_only:
-            return self._delete_where(d.filter(must=[d.match_any("id", ids)]))
-        dead = d.filter(must=[d.match_any("id", ids), d.is_empty("text")], must_not=[d.has_vector("colbert")])
-        self._delete_where(dead)
+        self._delete_where(d.filter(must=[d.match_any("id", ids), *must], must_not=list(must_not) or None))
 
-    def purge(self, ids: Sequence[str]) -> None:
-        """Every point of the documents, whatever generation an interrupted long write gave it (text points
-        included, which no head names)."""
+    def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
+        """The points of the documents' interrupted long writes: those of generations ``gens`` (text points
+        included, which no head names), or, not given, every point with a generation. Not one of generation 0,
+        which only a write in one request (``upsert``) makes, nor (given ``gens``) another long write's: another
+        client may have begun writing the document since the caller found it absent."""
         if ids:
-            self._delete_documents(list(ids))
+            d = self._dialect
+            if gens:
+                self._delete_documents(list(ids), must=[d.match_any("gen", list(gens))])
+            else:
+                self._delete_documents(list(ids), must_not=[d.is_empty("gen")])
 
-    def tidy(self, ids: Sequence[str]) -> None:
-        """The tombstones of stored documents: a long write stopped after its switch leaves those over the
-        old generation, which no later write or delete of the document names (their ids are the old
-        generation's). Deleting a tombstone is always safe: no read follows one, even mid-write."""
+    def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
+        """The tombstones of stored documents (no vector, no text: text points have no vector): a long write
+        stopped after its switch leaves those over the old generation, which no later write or delete of the
+        document names (their ids are the old generation's). Deleting a tombstone is always safe: no read
+        follows one, even mid-write. And the points of the stopped writes ``gens`` that no head names: a write
+        stopped before its switch leaves them under its own generation, which no other write uses."""
         if ids:
-            self._delete_documents(list(ids), tombstones_only=True)
+            d = self._dialect
+            self._delete_documents(list(ids), must=[d.is_empty("text")], must_not=[d.has_vector("colbert")])
+            named = {g for _, _, g in self._stored(ids).values()}
+            if dead := [g for g in gens if g not in named]:
+                self._delete_documents(list(ids), must=[d.match_any("gen", dead)])
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
@@ -446,7 +459,7 @@ class QdrantEngine(Engine):
                     sizes.append(14 * chunk.size + meta_bytes + 512)
             for c in range(chunks):
                 piece = text[c * TEXT_CHUNK : (c + 1) * TEXT_CHUNK]
-                points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece}))
+                points.append((text_uuid(doc_id, c, g_id), None, {"id": doc_id, "chunk": c, "text": piece, **tag}))
                 sizes.append(2 * len(piece.encode("utf-8")) + 256)
             dead = self._tombstones(doc_id, was_parts, was_chunks, g_id, parts, chunks)  # past the new layout
             points += dead
@@ -469,11 +482,12 @@ class QdrantEngine(Engine):
         if tombs:
             self._delete_points(tombs)  # a crash before this leaves invisible tombstones
 
-    def upsert_long(self, pieces: Iterable[PointBatch]) -> None:
-        """Long writes (module docstring): each piece's points written as it comes under the next
-        generation, then ONE write of the head (text, metadata, every window's span and parts, the
-        generation) with tombstones over the old version's points: the switch."""
-        head, spans, parts, done, old, gen = None, [], [], 0, None, 0
+    def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
+        """Long writes (module docstring): each piece's points written as it comes under the write's own
+        generation ``gen`` (0: the next after the stored one), then ONE write of the head (text, metadata,
+        every window's span and parts, the generation) with tombstones over the old version's points: the
+        switch."""
+        head, spans, parts, done, old = None, [], [], 0, None
         for piece in pieces:
             piece.validate(self.schema)
             if not piece.has_vectors or len(piece) != 1:
@@ -481,12 +495,11 @@ class QdrantEngine(Engine):
             doc_id = piece.ids[0]
             if head is None:
                 old = self._stored([doc_id]).get(doc_id)
-                if old is None:  # nothing to keep: generation 1 (hidden until its head names it), over
-                    self.delete([doc_id])  # the points of an interrupted write (generations 0 and 1)
-                    gen = 1
-                else:  # the old version stays whole until the switch; points of an interrupted write go
-                    gen = old[2] + 1
-                    self._delete_points(self._slots(doc_id, gen))
+                if old is None:  # nothing to keep (hidden until its head names the generation), over the
+                    self.delete([doc_id])  # points of an interrupted write of an older release (generations 0, 1)
+                else:  # the old version stays whole until the switch; an older release's interrupted write's go
+                    self._delete_points(self._slots(doc_id, old[2] + 1))
+                gen = gen or (old[2] + 1 if old else 1)
             self.max_windows = max(self.max_windows, done + self.stored_units(piece))
             points, sizes, _ = self._points(piece, {}, first=len(spans), gen=gen)
             parts += self._parts(piece)
@@ -666,12 +679,21 @@ class QdrantEngine(Engine):
 
     def _committed(self, results: list[list]) -> list[list]:
         """The scored points without those of a generation their document's head does not name (a long
-        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation."""
-        tagged = {p.payload["id"] for pts in results for p in pts if p.payload.get("gen")}
-        if not tagged:
+        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation or,
+        where others write (``shared``), is a window past the head: another client's write in one request may
+        have stored windows of generation 0 just before a long write's switch, which tombstones only the version
+        it read when it began."""
+
+        def unsure(p: Any) -> bool:
+            return bool(p.payload.get("gen") or (self.shared and p.payload.get("window")))
+
+        asked = {p.payload["id"] for pts in results for p in pts if unsure(p)}
+        if not asked:
             return results
-        live = {d: g for d, (_, _, g) in self._stored(list(tagged)).items()}
-        return [[p for p in pts if p.payload.get("gen", 0) in (0, live.get(p.payload["id"]))] for pts in results]
+        live = {d: g for d, (_, _, g) in self._stored(list(asked)).items()}
+        return [
+            [p for p in pts if not unsure(p) or p.payload.get("gen", 0) == live.get(p.payload["id"])] for pts in results
+        ]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)

@@ -615,7 +615,7 @@ class QdrantRemoteEngine(QdrantEngine):
         return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
-        payload = ["id", "gen"] if with_id else False
+        payload = ["id", "gen", "window"] if with_id else False  # (QdrantEngine._committed)
         return qm.QueryRequest(
             query=vector, using=mode, limit=limit, filter=filter, params=params, with_payload=payload
         )
