@@ -126,6 +126,11 @@ def two_clients(engine, folder, encoder, texts):
             col.close()
 
 
+def one_window_pieces(monkeypatch, encoder) -> None:
+    """Long writes in pieces of ~one window (20 tokens of ColBERT output): a few windows make many pieces."""
+    monkeypatch.setattr("m3search.collection.PIECE_BYTES", 20 * 4 * encoder.colbert_dim)
+
+
 def stop_long_writes(monkeypatch, col, pieces: int = 2, error: BaseException | None = None):
     """``col``'s long writes stop after ``pieces`` pieces (2: window 1 written, the head, last, not), raising
     ``error`` (default KeyboardInterrupt: a crash, as far as the write can tell). Returns the real method."""
@@ -151,7 +156,7 @@ def a_stopped_long_write(engine, folder, encoder, texts, monkeypatch, aged: bool
     older than the lease. Pieces are ~one window; all are closed at the end."""
     import m3search.collection as collection
 
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * encoder.colbert_dim)
+    one_window_pieces(monkeypatch, encoder)
     opened = [create(engine, folder, encoder)]
     try:
         a = opened[0]
@@ -296,7 +301,7 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
         assert stored["settings"]["mode"] == "dense" and stored["tuning"] == {"by": "a"}
         assert stored["max_windows_stored"] == 3
 
-        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+        one_window_pieces(monkeypatch, tiny_encoder)
         real = stop_long_writes(monkeypatch, a, pieces=1)  # the first piece written, then killed
         with pytest.raises(KeyboardInterrupt):
             a.add([texts[29]], ids=["L"])
@@ -459,7 +464,7 @@ def test_a_live_handle_s_long_write_is_left_alone_in_its_process(tmp_path, tiny_
     import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     monkeypatch.setattr(collection, "PENDING_LEASE_S", 0)  # every mark older than the lease
     a = create(engine, tmp_path, tiny_encoder)
     b = None
@@ -486,10 +491,9 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
     """Two clients of one server collection: B opens while A's long write is under way (its windows written
     so far have no head yet) and writes. B took A's pending mark for a crashed run's and removed those
     windows: A's document lost them. A's mark is live (its lease renewed): B leaves it alone."""
-    import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     a = create(engine, tmp_path, tiny_encoder)
     b = None
     try:
@@ -522,10 +526,9 @@ def test_a_client_opened_during_a_long_write_leaves_it_alone(tmp_path, tiny_enco
 def test_each_pending_mark_is_judged_once_per_write(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A write's recovery (``_clear_pending``) asked ``_stale`` twice about every pending mark, once to find
     the live ones and again for the stopped ones: once is enough, and one answer cannot disagree with itself."""
-    import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     with create("qdrant-local", tmp_path, tiny_encoder) as a:
         stop_long_writes(monkeypatch, a)
         with pytest.raises(KeyboardInterrupt):
@@ -580,11 +583,10 @@ def test_a_document_another_client_is_writing_is_not_written_or_deleted(
     through: on Qdrant the two writes shared a generation's point ids (X's text A's, its windows partly
     B's), on Milvus a slot, and every later search failed ("ColBERT blocks missing"); a delete meanwhile
     left the head naming windows that were gone. X ends as A's version, whole, and B writes it after."""
-    import m3search.collection as collection
     from m3search.errors import WriteConflictError
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     a = create(engine, tmp_path, tiny_encoder)
     b = None
     refused = []
@@ -627,11 +629,10 @@ def test_a_long_writer_that_finds_another_writers_mark_withdraws(tmp_path, tiny_
     """Two clients of one server collection start long writes of X at once: B's mark lands after A checked
     the marks and before A's own. A finds it beside its own, removes its mark and raises WriteConflictError
     without writing a window (both used to write X's next generation, over each other's points)."""
-    import m3search.collection as collection
     from m3search.errors import WriteConflictError
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     with create("qdrant-local", tmp_path, tiny_encoder) as a:
         a.add([texts[25]], ids=["X"])
         with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
@@ -656,11 +657,10 @@ def test_a_mark_lost_to_another_writers_at_the_same_moment_withdraws_the_write(
     mark, so the stored marks keep only A's. B's check after its mark read its own copy, so both went on
     writing X (B's windows then had no mark: never cleared if B crashed). B now reads the stored marks, finds
     its own gone and withdraws without writing a window."""
-    import m3search.collection as collection
     from m3search.errors import WriteConflictError
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     with create("qdrant-local", tmp_path, tiny_encoder) as a:
         a.add([texts[25]], ids=["X"])
         with Collection.open(location("qdrant-local", tmp_path), model=tiny_encoder) as b:
@@ -686,10 +686,9 @@ def test_a_long_write_that_failed_blocks_no_other_client(tmp_path, tiny_encoder,
     """A's long overwrite of X fails part-way with an error (not a crash) and A stays open: its mark stayed
     live, so every other client's write or delete of X was refused (on a server for the 6 h lease). A marks
     its write stopped: B writes X, and the leftovers are cleared."""
-    import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     a = create(engine, tmp_path, tiny_encoder)
     b = None
     try:
@@ -742,7 +741,6 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
     without asking the head) stayed searchable beside A's head; a search on a server collection now asks the
     head about every window past it. Milvus (open): B's write removes the rows of slots 1 and 2 (A's windows so
     far), so A's head names windows that are gone, and B's slot-0 windows stay searchable."""
-    import m3search.collection as collection
 
     texts, *_ = corpus
     with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
@@ -756,7 +754,7 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
 
         def a_begins(batch):  # B has checked the marks: A marks X and writes it long
             held.append(batch)
-            monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+            one_window_pieces(monkeypatch, tiny_encoder)
             monkeypatch.setattr(
                 a.engine, "upsert_long", lambda pieces, **kw: real_a(b_lands_before_a_s_switch(pieces), **kw)
             )
@@ -777,10 +775,8 @@ def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_en
     recorded in its mark): B's switch, the last, names B's version whole; A's points are hidden leftovers."""
     import json
 
-    import m3search.collection as collection
-
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[0]], ids=["X"])
         older, real_read, real_write = a.engine.read_manifest(), a.engine.read_manifest, a.engine.write_manifest
@@ -867,10 +863,9 @@ def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""
-    import m3search.collection as collection
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     with create("qdrant-local", tmp_path, tiny_encoder) as a:
         stop_long_writes(monkeypatch, a)  # two pieces written (window 1; the head comes last), then killed
         with pytest.raises(KeyboardInterrupt):
@@ -1431,12 +1426,11 @@ def test_documents_longer_than_a_piece_are_streamed_and_stored_whole(
 ):
     """With pieces of ~one window, three-window documents go through Engine.upsert_long: stored
     exactly as a one-write batch stores them (windows, spans, vectors, counts, scores)."""
-    import m3search.collection as collection
 
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
     ref = create(engine, tmp_path / "ref", tiny_encoder)
     ref.add(texts, ids=ids, metadata=meta)
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~20 tokens a piece
+    one_window_pieces(monkeypatch, tiny_encoder)
     calls = []
     col = create(engine, tmp_path / "col", tiny_encoder)
     monkeypatch.setattr(
@@ -1470,10 +1464,9 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
     """upsert_long writes window 0 last: stopped before it, the document is absent to count, get
     and every search (its stray windows take no place among the k hits), and writing it again
     leaves no stray window."""
-    import m3search.collection as collection
 
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+    one_window_pieces(monkeypatch, tiny_encoder)
     col = create(engine, tmp_path, tiny_encoder)
     try:
         col.add([texts[10], texts[1], texts[2]], ids=["y", "y1", "y2"])
@@ -1517,11 +1510,10 @@ def test_a_crash_before_the_head_window_leaves_the_document_absent(tmp_path, tin
 def test_an_interrupted_long_write_leaves_nothing_once_cleared(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A long write of a long text stopped after its first piece: its windows AND its text points (which no
     head names) go when the next write clears it, so deleting the document then leaves no point behind."""
-    import m3search.collection as collection
     import m3search.engines.qdrant_common as qc
 
     texts, *_ = corpus
-    monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)
+    one_window_pieces(monkeypatch, tiny_encoder)
     monkeypatch.setattr(qc, "TEXT_CHUNK", 40)  # the text is kept on text points
     col = create(engine, tmp_path, tiny_encoder)
     try:
@@ -1626,7 +1618,6 @@ def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
     under the next generation; Milvus: in the other slot) and switches with one write of the head:
     stopped before it, count, get, get_windows and every search give the OLD document whole; the
     next write leaves no stray point."""
-    import m3search.collection as collection
 
     texts, ids, meta, queries, qemb, *_ = corpus
     old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
@@ -1635,7 +1626,7 @@ def test_an_interrupted_long_overwrite_keeps_the_old_document_whole(
     try:
         if old_write == "batch":  # Milvus: slot 0, whose old windows the switch tombstones
             col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
-        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        one_window_pieces(monkeypatch, tiny_encoder)
         if old_write == "long":  # Milvus: slot 1, the new version goes to slot 2
             col.add([texts[10], old], ids=["y", "x"], metadata=[{"v": 0}, {"v": 1}])
         eng = col.engine
@@ -1710,7 +1701,6 @@ def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
     slot 0, or the old slot's rows): the new version is whole, and the next write, of another document,
     removes the leftovers as it clears the pending long write (Qdrant: the texts on text points, tombstoned
     too, and the new version's kept)."""
-    import m3search.collection as collection
     import m3search.engines.qdrant_common as qc
 
     texts = corpus[0]
@@ -1721,7 +1711,7 @@ def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
     try:
         if old_write == "batch":  # Milvus: slot 0, whose old windows the switch tombstones
             col.add([texts[10], old], ids=["y", "x"])
-        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        one_window_pieces(monkeypatch, tiny_encoder)
         if old_write == "long":
             col.add([texts[10], old], ids=["y", "x"])
         eng = col.engine
@@ -1758,14 +1748,13 @@ def test_milvus_switch_over_the_request_limit_deletes_the_old_version_first(
     """A long overwrite of a document stored in slot 0 whose switch (head + tombstones over the old
     windows) exceeds ``max_request_bytes`` deletes the old version first: stopped at the switch, the
     document is ABSENT (never a mix; its new windows hidden), and the next write leaves no stray row."""
-    import m3search.collection as collection
 
     texts = corpus[0]
     old, new = texts[20], " ".join(texts[21:24])  # 3 windows, then more
     col = create("milvus-lite", tmp_path, tiny_encoder)
     try:
         col.add([texts[10], old], ids=["y", "x"])  # one batch: slot 0
-        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        one_window_pieces(monkeypatch, tiny_encoder)
         eng = col.engine
         eng.max_request_bytes = 1  # no switch fits (window rows go one a request)
         target, name, real, crash, writes = long_write_hook(eng, lambda w: w[-1])
@@ -1808,7 +1797,7 @@ def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
     with create(engine, tmp_path, tiny_encoder) as col:
         col.add(texts[:2], ids=["s1", "s2"])
         assert col.engine.read_manifest()["schema_version"] == 3
-        monkeypatch.setattr(collection, "PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~one window a piece
+        one_window_pieces(monkeypatch, tiny_encoder)
         col.add([texts[29]], ids=["L"])
         stored = col.engine.read_manifest()
         assert stored["schema_version"] == 4 and stored["pending"] == [] and col.count() == 3

@@ -245,9 +245,10 @@ class QdrantEngine(Engine):
         if ids:
             d = self._dialect
             self._delete_documents(list(ids), must=[d.is_empty("text")], must_not=[d.has_vector("colbert")])
-            named = {g for _, _, g in self._stored(ids).values()}
-            if dead := [g for g in gens if g not in named]:
-                self._delete_documents(list(ids), must=[d.match_any("gen", dead)])
+            if gens:  # (the heads read only when a stopped write named its generation)
+                named = {g for _, _, g in self._stored(ids).values()}
+                if dead := [g for g in gens if g not in named]:
+                    self._delete_documents(list(ids), must=[d.match_any("gen", dead)])
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
