@@ -227,6 +227,23 @@ def test_jsonl_errors_name_the_line(tmp_path):
         read_jsonl_examples(_jsonl(tmp_path / "neg.jsonl", [{"query": "q", "pos": ["a"], "neg": "b"}]))
 
 
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"query": "q", "pos": ["a"], "n": ' + "9" * 5000 + "}", r"bad.jsonl:2: invalid JSON \(Exceeds the limit"),
+        ('{"query": "q", "pos": ["a"], "n": ' + "[" * 100_000 + "]" * 100_000 + "}", r"bad.jsonl:2: invalid JSON"),
+        ('{"query": "q\\ud800", "pos": ["a"]}', r"bad.jsonl:2: query: not valid Unicode text \(lone surrogate"),
+        ('{"query": "q", "pos": ["a"], "neg": ["b", "\\udc00"]}', r"bad.jsonl:2: neg\[1\]: not valid Unicode"),
+    ],
+)
+def test_jsonl_any_parse_or_text_error_names_the_line(tmp_path, line, words):
+    """The JSON parser's ValueError / RecursionError escaped without a line; a lone surrogate reached the
+    tokenizer ("TextEncodeInput must be Union[...]")."""
+    (tmp_path / "bad.jsonl").write_text('{"query": "q0", "pos": ["a"]}\n' + line + "\n")
+    with pytest.raises(FinetuneInputError, match=words):
+        read_jsonl_examples(tmp_path / "bad.jsonl")
+
+
 def test_jsonl_bom_and_bad_bytes(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"query": "q1", "pos": ["a"]}\r\n{"query": "q2", "pos": ["b"]}\r\n')

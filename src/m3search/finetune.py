@@ -119,41 +119,46 @@ class Example:
 def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
     """FlagEmbedding's training format: one ``{"query": str, "pos": [str], "neg": [str]}`` per line.
 
-    Read as ``m3search index`` reads JSONL (``sources._utf8_lines``): a UTF-8 BOM is skipped, a bad byte names its line.
+    Read as ``m3search index`` reads JSONL (``sources``): a UTF-8 BOM is skipped, and every error (a byte
+    that is not UTF-8, JSON the parser refuses, a text UTF-8 cannot encode) names its line.
     """
     path = Path(path)
-    examples = []
-    for lineno, line in _text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FinetuneInputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"].strip():
-            raise FinetuneInputError(f'{where}: expected an object with a non-empty string "query"')
-        pos, neg = obj.get("pos", []), obj.get("neg", [])
-        for name, texts in (("pos", pos), ("neg", neg)):
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise FinetuneInputError(f'{where}: "{name}" must be a list of strings')
-        pos = [t for t in pos if t.strip()]
-        if not pos:
-            raise FinetuneInputError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
-        examples.append(Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno)))
+    try:
+        examples = list(_jsonl_examples(path))
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
     if not examples:
         raise FinetuneInputError(f"{path}: no training examples")
     return examples
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``sources._utf8_lines``, its error (a byte that is not UTF-8, named by file:line) a FinetuneInputError."""
-    from .sources import _utf8_lines
+def _jsonl_examples(path: Path) -> Iterator[Example]:
+    """The examples of ``path``; each error a ValueError naming its line."""
+    from .plan import check_text
+    from .sources import _utf8_lines, json_object
 
-    try:
-        yield from _utf8_lines(path)
-    except ValueError as e:
-        raise FinetuneInputError(str(e)) from None
+    first = True
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{lineno}"
+        obj = json_object(line, where, first=first)
+        first = False
+        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            raise ValueError(f'{where}: expected an object with a non-empty string "query"')
+        pos, neg = obj.get("pos", []), obj.get("neg", [])
+        for name, texts in (("pos", pos), ("neg", neg)):
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f'{where}: "{name}" must be a list of strings')
+        named = [("query", obj["query"])] + [
+            (f"{k}[{i}]", t) for k, ts in (("pos", pos), ("neg", neg)) for i, t in enumerate(ts)
+        ]
+        for name, text in named:
+            check_text(text, f"{where}: {name}")  # the tokenizer's own error named neither line nor text
+        pos = [t for t in pos if t.strip()]
+        if not pos:
+            raise ValueError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
+        yield Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno))
 
 
 @dataclass

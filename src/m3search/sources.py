@@ -130,21 +130,32 @@ def read_jsonl(
             continue
         number += 1
         where = f"{path.name}:{lineno}"
-        try:
-            obj = json.loads(line.rstrip("\r\n"))  # (with its line break, an error at the line's end said column 1)
-        except json.JSONDecodeError as e:
-            if number == 1 and line.lstrip().startswith("["):
-                raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
-        if number == 1 and isinstance(obj, list):
-            raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, where, first=number == 1)
         yield _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
+
+
+def json_object(line: str, where: str, *, first: bool = False) -> dict[str, Any]:
+    """One JSON Lines record, which must be an object; every way it can fail is a ValueError naming ``where``.
+
+    Why one function: the parser's errors name no file, and not all are ``JSONDecodeError`` (an integer of
+    more than 4300 digits is a plain ValueError, deep nesting a RecursionError). ``first``: the file's first
+    record, where a ``[`` means a JSON array was given instead of JSON Lines.
+    """
+    try:
+        obj = json.loads(line.rstrip("\r\n"))  # (with its line break, an error at the line's end said column 1)
+    except json.JSONDecodeError as e:
+        if first and line.lstrip().startswith("["):
+            raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+    if first and isinstance(obj, list):
+        raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
