@@ -417,6 +417,27 @@ def test_beir_with_nothing_to_contrast_is_refused_before_mining(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beir"]
 
 
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ({"max_steps": 0}, "max_steps must be a positive integer"),  # exported the base model untrained
+        ({"lr": math.inf}, "lr and temperature must be finite"),  # exported NaN weights
+        ({"temperature": math.inf}, "lr and temperature must be finite"),
+        ({"weight_decay": -0.1}, "weight_decay must be finite and >= 0"),
+        ({"weight_decay": math.nan}, "weight_decay must be finite and >= 0"),  # "the sparse head collapsed"
+        ({"seed": -1}, "seed must be an integer >= 0"),  # NumPy's "expected non-negative integer"
+        ({"epochs": 1.5}, "epochs must be a positive integer"),  # "'float' object cannot be interpreted ..."
+        ({"passage_max_length": -1}, "passage_max_length must be an integer >= 2"),  # OverflowError
+        ({"query_max_length": 0}, "query_max_length must be an integer >= 2"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_first(tmp_path, setting, words):
+    """Checked before the data and the base model (here: neither exists), each naming the setting."""
+    with pytest.raises(FinetuneInputError, match=words):
+        _run(tmp_path, tmp_path / "no-model", tmp_path / "no-data.jsonl", **setting)
+
+
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
     from m3search.eval import evaluate

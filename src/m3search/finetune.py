@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .errors import M3SearchError
-from .plan import MODES
+from .plan import MODES, check_int
 
 __all__ = [
     "MODES",
@@ -648,17 +648,39 @@ class FinetuneConfig:
     max_steps: int | None = None
 
 
-def _check_config(cfg: FinetuneConfig) -> None:
+def _check_config(cfg: FinetuneConfig, checkpoint_every: int) -> None:
+    """Refuse settings that cannot train, before any model is loaded. Why every one: an unchecked one failed
+    deep inside (a negative seed in NumPy, a float epoch count in ``range``), trained a model of NaN weights
+    (lr=inf) or exported the base model untrained (max_steps=0)."""
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise FinetuneInputError(f"unknown mode(s) {bad}; choose a subset of {', '.join(MODES)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise FinetuneInputError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.negatives < 0:
-        raise FinetuneInputError(f"negatives must be >= 0, got {cfg.negatives}")
-    if not (cfg.lr > 0 and cfg.temperature > 0 and 0 <= cfg.warmup < 1):
-        raise FinetuneInputError("lr and temperature must be > 0 and warmup in [0, 1)")
+    counts = [
+        ("epochs", cfg.epochs, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("negatives", cfg.negatives, 0),
+        ("query_max_length", cfg.query_max_length, 2),  # [CLS] and [SEP]
+        ("passage_max_length", cfg.passage_max_length, 2),
+        ("seed", cfg.seed, 0),
+        ("checkpoint_every", checkpoint_every, 0),
+        *(
+            (name, v, 1)
+            for name, v in (("token_budget", cfg.token_budget), ("max_steps", cfg.max_steps))
+            if v is not None
+        ),
+    ]
+    try:
+        for name, value, least in counts:
+            check_int(name, value, least)
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
+    if not (0 < cfg.lr < math.inf and 0 < cfg.temperature < math.inf and 0 <= cfg.warmup < 1):
+        raise FinetuneInputError(
+            f"lr and temperature must be finite and > 0, warmup in [0, 1); got lr={cfg.lr}, "
+            f"temperature={cfg.temperature}, warmup={cfg.warmup}"
+        )
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise FinetuneInputError(f"weight_decay must be finite and >= 0, got {cfg.weight_decay}")
 
 
 def _check_installed() -> None:
@@ -731,7 +753,7 @@ def finetune(
         seed=seed,
         max_steps=max_steps,
     )
-    _check_config(cfg)
+    _check_config(cfg, checkpoint_every)
     _check_installed()
     out = Path(out)
     if out.exists():
