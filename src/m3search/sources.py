@@ -339,6 +339,10 @@ def _to_record(
         if k in used or not metadata:
             continue
         if k == "metadata" and isinstance(v, dict):
+            if twice := sorted(
+                set(v) & (set(obj) - used - {"metadata"})
+            ):  # else one of the two values was dropped, silently
+                raise ValueError(f"{where}: field(s) {twice} given both at the top level and in 'metadata'")
             meta.update(v)
         else:
             meta[k] = _parse_number(v) if cells else v
