@@ -212,6 +212,16 @@ def test_check_source_reads_to_the_end_without_keeping(tmp_path):
         check_source(read_source(p), 3)
 
 
+def test_jsonl_with_bare_carriage_returns_says_so(tmp_path):
+    """Classic Mac line endings made the whole file one line: the error was 'Extra data at column 26'."""
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"id": "x", "text": "t"}\r{"id": "y", "text": "u"}\r', newline="")
+    with pytest.raises(ValueError, match=r"^f.jsonl:1: invalid JSON Lines \(lines end with a bare carriage return"):
+        list(read_source(p))
+    p.write_text('{"id": "x", "text": "t"}\r\n{"id": "y", "text": "u"}\r\n', newline="")  # CRLF is fine
+    assert [r.id for r in read_source(p)] == ["x", "y"]
+
+
 @pytest.mark.parametrize(
     "name, content, match",
     [  # read leniently, the first swallowed every later record; the second dropped the quotes from the text

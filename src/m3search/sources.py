@@ -49,6 +49,7 @@ __all__ = [
 FOLDER_SUFFIXES = (".txt", ".md")
 _DEFAULT_ID_FIELDS = ("_id", "id")
 _NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
+_BARE_CR = "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
 #: What csv.DictReader puts in the columns a short row lacks (told apart from an empty cell).
 _MISSING = object()
 _DEFAULT_TEXT_FIELDS = ("title", "text")
@@ -146,6 +147,8 @@ def json_object(line: str, where: str, *, first: bool = False) -> dict[str, Any]
     except json.JSONDecodeError as e:
         if first and line.lstrip().startswith("["):
             raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
+        if "\r" in line.rstrip("\r\n"):  # JSON strings hold no raw CR: these are records on one \n-line
+            raise ValueError(f"{where}: invalid JSON Lines ({_BARE_CR})") from None
         raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
@@ -224,7 +227,7 @@ def _csv_problem(message: str) -> str:
     if "expected after" in message:
         return 'a field that starts with a double quote must be quoted as a whole, inner quotes doubled ("")'
     if "new-line character seen in unquoted field" in message:
-        return "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
+        return _BARE_CR
     return message
 
 
