@@ -547,12 +547,23 @@ def test_every_epoch_runs_all_its_batches(tmp_path, tiny_model_path, tiny_encode
     def counts(budget: int) -> list[int]:
         return [len(_epoch_batches(plan, 1, 4, budget, 0, e)) for e in range(2)]
 
-    budget = next((b for b in range(200, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
+    alone = int(plan.queries.lengths.max() + 2 * plan.passages.lengths.max())  # every query alone fits
+    budget = next((b for b in range(alone, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
     assert budget is not None, "no token budget gives epoch 2 more batches: a weak test"
     report = _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), epochs=2, negatives=1,
                   token_budget=budget)  # fmt: skip
     assert [e["steps"] for e in report["epochs"]] == counts(budget)
     assert report["steps"] == sum(counts(budget))
+
+
+def test_a_query_whose_group_alone_exceeds_the_token_budget_is_refused(tmp_path, tiny_model_path):
+    """Such a query made a batch of its own, over the budget: --negatives 100000 on two JSONL lines (each
+    negative repeated to fill the group) trained on 22 GB for two steps, and a budget too small for any batch
+    was ignored without a word."""
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    with pytest.raises(FinetuneInputError, match=r"negatives is \d+ padded tokens, more than the token budget of 20"):
+        _run(tmp_path, tiny_model_path, data, token_budget=20)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_model_path, monkeypatch):

@@ -451,6 +451,12 @@ def _epoch_batches(
     batches, current = [], []
     q_len = p_len = 0
     for i, group in groups:
+        alone = int(plan.queries.lengths[i]) + len(group) * int(plan.passages.lengths[group].max())
+        if alone > token_budget:  # a batch of this query alone: it was run anyway (--negatives 100000: 22 GB)
+            raise FinetuneInputError(
+                f"one query with its positive and {negatives} negatives is {alone} padded tokens, more than the "
+                f"token budget of {token_budget} per batch: lower --negatives or raise --token-budget"
+            )
         new_q = max(q_len, int(plan.queries.lengths[i]))
         new_p = max(p_len, int(plan.passages.lengths[group].max()))
         size = len(current) + 1
