@@ -216,6 +216,9 @@ def test_a_lone_string_is_one_text_or_id_not_its_letters(tmp_path, tiny_encoder)
     assert store.add_texts("hello", ids=["h"]) == ["h"] and col.get("h")[0].text == "hello"
     assert col.count() == 4  # one document, not five of one letter each
     assert len(store.embeddings.embed_documents("hello")) == 1
+    with pytest.raises(ValueError, match="2 texts but 1 ids"):  # the ids were "p" and "q"
+        store.add_texts(["one", "two"], ids="pq")
+    assert col.count() == 4
 
 
 def test_vector_store_over_http(col):

@@ -217,9 +217,8 @@ class M3SearchVectorStore(VectorStore):
         if kwargs:
             raise TypeError(f"add_texts got unsupported argument(s) {sorted(kwargs)}")
         texts = as_list(texts)
-        if ids is None:
-            ids = [None] * len(texts)
-        elif len(ids) != len(texts):
+        ids = [None] * len(texts) if ids is None else as_list(ids)
+        if len(ids) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
         ids = [i if i else uuid.uuid4().hex for i in ids]
         if not texts:
