@@ -170,7 +170,9 @@ def test_load_beir_refuses_what_it_would_read_two_ways(tmp_path):
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\t2\n")  # the same judgement twice: one
     assert load_beir(tmp_path).qrels == {"q1": {"d1": 2}}
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\t0\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(qrels))}:3: query 'q1' judges document 'd1' 0, an earlier"):
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(qrels))}:3: query 'q1', document 'd1': grade 0 here, 2 on an earlier line"
+    ):
         load_beir(tmp_path)
     qrels.write_text("qid\tdocid\trel\nq1\td1\t1\n")  # a header of other names
     with pytest.raises(ValueError, match=r":1: relevance 'rel' is not an integer \(a header row reads query-id"):

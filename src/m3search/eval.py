@@ -210,8 +210,8 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
         judged = qrels.setdefault(parts[0], {})
         if judged.setdefault(parts[1], score) != score:  # else the later line's grade was used, silently
             raise ValueError(
-                f"{path}:{lineno}: query {parts[0]!r} judges document {parts[1]!r} {score}, an earlier line "
-                f"{judged[parts[1]]}: keep one judgement per pair"
+                f"{path}:{lineno}: query {parts[0]!r}, document {parts[1]!r}: grade {score} here, "
+                f"{judged[parts[1]]} on an earlier line; keep one judgement per pair"
             )
     return qrels
 
