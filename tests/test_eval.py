@@ -157,6 +157,28 @@ def test_load_beir_refuses_an_empty_judged_query(tmp_path):
     assert load_beir(tmp_path).queries == {"q1": "x"}
 
 
+def test_load_beir_refuses_what_it_would_read_two_ways(tmp_path):
+    """A query id given twice (two texts) or a pair judged twice with two grades: the later one was used,
+    silently, so a run scored other queries or grades than the file shows."""
+    queries_path = _beir_folder(tmp_path, '{"_id": "q1", "text": "x"}\n{"_id": "q1", "text": "y"}\n') / "queries.jsonl"
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(queries_path))}: 1 query id\(s\) occur more than once: \['q1'\]"
+    ):
+        load_beir(tmp_path)
+    queries_path.write_text('{"_id": "q1", "text": "x"}\n')
+    qrels = tmp_path / "qrels" / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\t2\n")  # the same judgement twice: one
+    assert load_beir(tmp_path).qrels == {"q1": {"d1": 2}}
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\t0\n")
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(qrels))}:3: query 'q1', document 'd1': grade 0 here, 2 on an earlier line"
+    ):
+        load_beir(tmp_path)
+    qrels.write_text("qid\tdocid\trel\nq1\td1\t1\n")  # a header of other names
+    with pytest.raises(ValueError, match=r":1: relevance 'rel' is not an integer \(a header row reads query-id"):
+        load_beir(tmp_path)
+
+
 def test_reference_table_parses_proxy_readme(proxy_model_path):
     ref = reference_table(proxy_model_path / "README.md")
     assert set(ref) == {"cranfield", "time", "xquad-r/en"}

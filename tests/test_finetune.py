@@ -227,6 +227,23 @@ def test_jsonl_errors_name_the_line(tmp_path):
         read_jsonl_examples(_jsonl(tmp_path / "neg.jsonl", [{"query": "q", "pos": ["a"], "neg": "b"}]))
 
 
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"query": "q", "pos": ["a"], "n": ' + "9" * 5000 + "}", r"bad.jsonl:2: invalid JSON \(Exceeds the limit"),
+        ('{"query": "q", "pos": ["a"], "n": ' + "[" * 100_000 + "]" * 100_000 + "}", r"bad.jsonl:2: invalid JSON"),
+        ('{"query": "q\\ud800", "pos": ["a"]}', r"bad.jsonl:2: query: not valid Unicode text \(lone surrogate"),
+        ('{"query": "q", "pos": ["a"], "neg": ["b", "\\udc00"]}', r"bad.jsonl:2: neg\[1\]: not valid Unicode"),
+    ],
+)
+def test_jsonl_any_parse_or_text_error_names_the_line(tmp_path, line, words):
+    """The JSON parser's ValueError / RecursionError escaped without a line; a lone surrogate reached the
+    tokenizer ("TextEncodeInput must be Union[...]")."""
+    (tmp_path / "bad.jsonl").write_text('{"query": "q0", "pos": ["a"]}\n' + line + "\n")
+    with pytest.raises(FinetuneInputError, match=words):
+        read_jsonl_examples(tmp_path / "bad.jsonl")
+
+
 def test_jsonl_bom_and_bad_bytes(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"query": "q1", "pos": ["a"]}\r\n{"query": "q2", "pos": ["b"]}\r\n')
@@ -400,6 +417,27 @@ def test_beir_with_nothing_to_contrast_is_refused_before_mining(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beir"]
 
 
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ({"max_steps": 0}, "max_steps must be a positive integer"),  # exported the base model untrained
+        ({"lr": math.inf}, "lr and temperature must be finite"),  # exported NaN weights
+        ({"temperature": math.inf}, "lr and temperature must be finite"),
+        ({"weight_decay": -0.1}, "weight_decay must be finite and >= 0"),
+        ({"weight_decay": math.nan}, "weight_decay must be finite and >= 0"),  # "the sparse head collapsed"
+        ({"seed": -1}, "seed must be an integer >= 0"),  # NumPy's "expected non-negative integer"
+        ({"epochs": 1.5}, "epochs must be a positive integer"),  # "'float' object cannot be interpreted ..."
+        ({"passage_max_length": -1}, "passage_max_length must be an integer >= 2"),  # OverflowError
+        ({"query_max_length": 0}, "query_max_length must be an integer >= 2"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_first(tmp_path, setting, words):
+    """Checked before the data and the base model (here: neither exists), each naming the setting."""
+    with pytest.raises(FinetuneInputError, match=words):
+        _run(tmp_path, tmp_path / "no-model", tmp_path / "no-data.jsonl", **setting)
+
+
 def test_beir_run_mines_negatives_and_reports_heldout_metrics(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
     from m3search.eval import evaluate
@@ -509,12 +547,23 @@ def test_every_epoch_runs_all_its_batches(tmp_path, tiny_model_path, tiny_encode
     def counts(budget: int) -> list[int]:
         return [len(_epoch_batches(plan, 1, 4, budget, 0, e)) for e in range(2)]
 
-    budget = next((b for b in range(200, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
+    alone = int(plan.queries.lengths.max() + 2 * plan.passages.lengths.max())  # every query alone fits
+    budget = next((b for b in range(alone, 2000, 50) if counts(b)[1] > counts(b)[0]), None)
     assert budget is not None, "no token budget gives epoch 2 more batches: a weak test"
     report = _run(tmp_path, tiny_model_path, _jsonl(tmp_path / "train.jsonl", rows), epochs=2, negatives=1,
                   token_budget=budget)  # fmt: skip
     assert [e["steps"] for e in report["epochs"]] == counts(budget)
     assert report["steps"] == sum(counts(budget))
+
+
+def test_a_query_whose_group_alone_exceeds_the_token_budget_is_refused(tmp_path, tiny_model_path):
+    """Such a query made a batch of its own, over the budget: --negatives 100000 on two JSONL lines (each
+    negative repeated to fill the group) trained on 22 GB for two steps, and a budget too small for any batch
+    was ignored without a word."""
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    with pytest.raises(FinetuneInputError, match=r"negatives is \d+ padded tokens, more than the token budget of 20"):
+        _run(tmp_path, tiny_model_path, data, token_budget=20)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_model_path, monkeypatch):

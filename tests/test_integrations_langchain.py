@@ -206,6 +206,21 @@ def test_vector_store_writes_are_visible_in_the_collection(tmp_path, tiny_encode
     assert col.count() == 0
 
 
+def test_a_lone_string_is_one_text_or_id_not_its_letters(tmp_path, tiny_encoder):
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
+    col = store.collection
+    store.add_texts(["one", "two", "three", "all"], ids=["a", "b", "c", "abc"])
+    store.delete("abc")
+    assert [r and r.id for r in col.get(["a", "b", "c", "abc"])] == ["a", "b", "c", None]  # not a, b and c
+    assert [d.id for d in store.get_by_ids("a")] == ["a"]
+    assert store.add_texts("hello", ids=["h"]) == ["h"] and col.get("h")[0].text == "hello"
+    assert col.count() == 4  # one document, not five of one letter each
+    assert len(store.embeddings.embed_documents("hello")) == 1
+    with pytest.raises(ValueError, match="2 texts but 1 ids"):  # the ids were "p" and "q"
+        store.add_texts(["one", "two"], ids="pq")
+    assert col.count() == 4
+
+
 def test_vector_store_over_http(col):
     with served(col) as client:
         store = M3SearchVectorStore(client, mode="dense+sparse")

@@ -363,6 +363,15 @@ def test_vector_store_index_inserts_and_deletes_reach_the_collection(tmp_path, t
         store.client.close()
 
 
+def test_get_nodes_takes_a_lone_string_as_one_id(tmp_path, tiny_encoder):
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
+    try:
+        store.add([TextNode(text=t, id_=i) for t, i in (("one", "a"), ("two", "b"), ("both", "ab"))])
+        assert [n.node_id for n in store.get_nodes("ab")] == ["ab"]  # not the nodes a and b
+    finally:
+        store.client.close()
+
+
 def test_vector_store_index_over_http(tmp_path, tiny_encoder):
     col = make_collection(tmp_path / "c", tiny_encoder, docs=False)
     try:

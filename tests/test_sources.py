@@ -42,6 +42,21 @@ def test_jsonl_fields_and_metadata(tmp_path):
         list(read_source(p, id_field="key", text_fields=["body"]))
 
 
+def test_a_field_given_twice_is_refused_not_one_value_dropped(tmp_path):
+    """A top-level field also in the record's "metadata" object: the later of the two in the record was kept,
+    the other dropped without a word."""
+    p = tmp_path / "docs.jsonl"
+    p.write_text(
+        '{"id": "a", "text": "t", "metadata": {"lang": "en"}}\n{"id": "b", "text": "t", "year": 1, "metadata": {"year": 2}}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r"docs.jsonl:2: field\(s\) \['year'\] given both at the top level and in 'metadata'"
+    ):
+        list(read_source(p))
+    p.write_text('{"id": "a", "text": "t", "metadata": {"id": "x", "text": "y", "metadata": 1}}\n')  # no clash
+    assert list(read_source(p)) == [Record("a", "t", {"id": "x", "text": "y", "metadata": 1})]
+
+
 def test_jsonl_without_ids_numbers_records(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
@@ -195,6 +210,16 @@ def test_check_source_reads_to_the_end_without_keeping(tmp_path):
     p.write_text(p.read_text() + '{"_id": \n')
     with pytest.raises(ValueError, match="c.jsonl:8: invalid JSON"):
         check_source(read_source(p), 3)
+
+
+def test_jsonl_with_bare_carriage_returns_says_so(tmp_path):
+    """Classic Mac line endings made the whole file one line: the error was 'Extra data at column 26'."""
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"id": "x", "text": "t"}\r{"id": "y", "text": "u"}\r', newline="")
+    with pytest.raises(ValueError, match=r"^f.jsonl:1: invalid JSON Lines \(lines end with a bare carriage return"):
+        list(read_source(p))
+    p.write_text('{"id": "x", "text": "t"}\r\n{"id": "y", "text": "u"}\r\n', newline="")  # CRLF is fine
+    assert [r.id for r in read_source(p)] == ["x", "y"]
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,8 @@ def test_parse_metric_errors():
     for bad in ("ndcg", "map@10", "ndcg@0", "recall@x"):
         with pytest.raises(ValueError, match="unknown metric"):
             parse_metric(bad)
+    with pytest.raises(ValueError, match=r"^metric 'ndcg@100000000000': K must be at most 100000"):
+        parse_metric("ndcg@100000000000")  # said "candidates=100000000000 exceeds the limit", after indexing
 
 
 def test_choice_is_cross_validated_deterministic_and_adopted_only_beyond_noise():

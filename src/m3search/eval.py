@@ -115,16 +115,17 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     for rec in read_jsonl(corpus_path, id_field="_id", metadata=False):  # eval stores no metadata
         doc_ids.append(rec.id)
         doc_texts.append(rec.text)  # (title + " " + text).strip(), by sources' default text fields
-    if len(set(doc_ids)) != len(doc_ids):
-        raise ValueError(f"{corpus_path}: duplicate document ids")
+    _refuse_repeated(doc_ids, corpus_path, "document")
 
     qdir = Path(queries_dir) if queries_dir is not None else data_dir
     queries_path = qdir / "queries.jsonl"
     if not queries_path.is_file():
         raise ValueError(f"{str(qdir)!r}: queries.jsonl missing")
-    all_queries = {
-        rec.id: rec.text for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
-    }
+    read = [
+        (rec.id, rec.text) for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
+    ]
+    _refuse_repeated([q for q, _ in read], queries_path, "query")  # else the last text of an id was judged, silently
+    all_queries = dict(read)
 
     corpus_set = set(doc_ids)
     candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []
@@ -164,6 +165,14 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     )
 
 
+def _refuse_repeated(ids: Sequence[str], path: Path, what: str) -> None:
+    """A ``what`` id that occurs twice in ``path`` is an error naming the first few."""
+    from .plan import repeated
+
+    if dup := repeated(ids):
+        raise ValueError(f"{path}: {len(dup)} {what} id(s) occur more than once: {dup[:5]}; each id must be unique")
+
+
 def _check_queries(path: Path, queries: Mapping[str, str]) -> None:
     """Refuse a judged query that no search accepts (an empty text) now, naming it, not after indexing the corpus."""
     from .plan import check_query
@@ -174,8 +183,8 @@ def _check_queries(path: Path, queries: Mapping[str, str]) -> None:
         except ValueError as e:
             from .sources import _utf8_lines
 
-            # the line of the record that holds it (the last with this id: it is the one loaded)
-            lineno = max(n for n, line in _utf8_lines(path) if line.strip() and str(json.loads(line)["_id"]) == qid)
+            # the line of the record that holds it (ids are unique)
+            lineno = next(n for n, line in _utf8_lines(path) if line.strip() and str(json.loads(line)["_id"]) == qid)
             raise ValueError(f"{path}:{lineno}: query {qid!r}: {e}") from None
 
 
@@ -195,9 +204,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
         try:
             score = int(parts[2])
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer") from None
+            header = " (a header row reads query-id, corpus-id, score)" if lineno == 1 else ""
+            raise ValueError(f"{path}:{lineno}: relevance {parts[2]!r} is not an integer{header}") from None
         _check_grade(score, f"{path}:{lineno}")
-        qrels.setdefault(parts[0], {})[parts[1]] = score
+        judged = qrels.setdefault(parts[0], {})
+        if judged.setdefault(parts[1], score) != score:  # else the later line's grade was used, silently
+            raise ValueError(
+                f"{path}:{lineno}: query {parts[0]!r}, document {parts[1]!r}: grade {score} here, "
+                f"{judged[parts[1]]} on an earlier line; keep one judgement per pair"
+            )
     return qrels
 
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .errors import M3SearchError
-from .plan import MODES
+from .plan import MODES, check_int
 
 __all__ = [
     "MODES",
@@ -119,41 +119,46 @@ class Example:
 def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
     """FlagEmbedding's training format: one ``{"query": str, "pos": [str], "neg": [str]}`` per line.
 
-    Read as ``m3search index`` reads JSONL (``sources._utf8_lines``): a UTF-8 BOM is skipped, a bad byte names its line.
+    Read as ``m3search index`` reads JSONL (``sources``): a UTF-8 BOM is skipped, and every error (a byte
+    that is not UTF-8, JSON the parser refuses, a text UTF-8 cannot encode) names its line.
     """
     path = Path(path)
-    examples = []
-    for lineno, line in _text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FinetuneInputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"].strip():
-            raise FinetuneInputError(f'{where}: expected an object with a non-empty string "query"')
-        pos, neg = obj.get("pos", []), obj.get("neg", [])
-        for name, texts in (("pos", pos), ("neg", neg)):
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise FinetuneInputError(f'{where}: "{name}" must be a list of strings')
-        pos = [t for t in pos if t.strip()]
-        if not pos:
-            raise FinetuneInputError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
-        examples.append(Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno)))
+    try:
+        examples = list(_jsonl_examples(path))
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
     if not examples:
         raise FinetuneInputError(f"{path}: no training examples")
     return examples
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``sources._utf8_lines``, its error (a byte that is not UTF-8, named by file:line) a FinetuneInputError."""
-    from .sources import _utf8_lines
+def _jsonl_examples(path: Path) -> Iterator[Example]:
+    """The examples of ``path``; each error a ValueError naming its line."""
+    from .plan import check_text
+    from .sources import _utf8_lines, json_object
 
-    try:
-        yield from _utf8_lines(path)
-    except ValueError as e:
-        raise FinetuneInputError(str(e)) from None
+    first = True
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{lineno}"
+        obj = json_object(line, where, first=first)
+        first = False
+        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            raise ValueError(f'{where}: expected an object with a non-empty string "query"')
+        pos, neg = obj.get("pos", []), obj.get("neg", [])
+        for name, texts in (("pos", pos), ("neg", neg)):
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f'{where}: "{name}" must be a list of strings')
+        named = [("query", obj["query"])] + [
+            (f"{k}[{i}]", t) for k, ts in (("pos", pos), ("neg", neg)) for i, t in enumerate(ts)
+        ]
+        for name, text in named:
+            check_text(text, f"{where}: {name}")  # the tokenizer's own error named neither line nor text
+        pos = [t for t in pos if t.strip()]
+        if not pos:
+            raise ValueError(f"{where}: query {obj['query'][:60]!r} has no positive passage")
+        yield Example(obj["query"], pos, [t for t in neg if t.strip()], qid=str(lineno))
 
 
 @dataclass
@@ -446,6 +451,12 @@ def _epoch_batches(
     batches, current = [], []
     q_len = p_len = 0
     for i, group in groups:
+        alone = int(plan.queries.lengths[i]) + len(group) * int(plan.passages.lengths[group].max())
+        if alone > token_budget:  # a batch of this query alone: it was run anyway (--negatives 100000: 22 GB)
+            raise FinetuneInputError(
+                f"one query with its positive and {negatives} negatives is {alone} padded tokens, more than the "
+                f"token budget of {token_budget} per batch: lower --negatives or raise --token-budget"
+            )
         new_q = max(q_len, int(plan.queries.lengths[i]))
         new_p = max(p_len, int(plan.passages.lengths[group].max()))
         size = len(current) + 1
@@ -643,17 +654,39 @@ class FinetuneConfig:
     max_steps: int | None = None
 
 
-def _check_config(cfg: FinetuneConfig) -> None:
+def _check_config(cfg: FinetuneConfig, checkpoint_every: int) -> None:
+    """Refuse settings that cannot train, before any model is loaded. Why every one: an unchecked one failed
+    deep inside (a negative seed in NumPy, a float epoch count in ``range``), trained a model of NaN weights
+    (lr=inf) or exported the base model untrained (max_steps=0)."""
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise FinetuneInputError(f"unknown mode(s) {bad}; choose a subset of {', '.join(MODES)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise FinetuneInputError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.negatives < 0:
-        raise FinetuneInputError(f"negatives must be >= 0, got {cfg.negatives}")
-    if not (cfg.lr > 0 and cfg.temperature > 0 and 0 <= cfg.warmup < 1):
-        raise FinetuneInputError("lr and temperature must be > 0 and warmup in [0, 1)")
+    counts = [
+        ("epochs", cfg.epochs, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("negatives", cfg.negatives, 0),
+        ("query_max_length", cfg.query_max_length, 2),  # [CLS] and [SEP]
+        ("passage_max_length", cfg.passage_max_length, 2),
+        ("seed", cfg.seed, 0),
+        ("checkpoint_every", checkpoint_every, 0),
+        *(
+            (name, v, 1)
+            for name, v in (("token_budget", cfg.token_budget), ("max_steps", cfg.max_steps))
+            if v is not None
+        ),
+    ]
+    try:
+        for name, value, least in counts:
+            check_int(name, value, least)
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
+    if not (0 < cfg.lr < math.inf and 0 < cfg.temperature < math.inf and 0 <= cfg.warmup < 1):
+        raise FinetuneInputError(
+            f"lr and temperature must be finite and > 0, warmup in [0, 1); got lr={cfg.lr}, "
+            f"temperature={cfg.temperature}, warmup={cfg.warmup}"
+        )
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise FinetuneInputError(f"weight_decay must be finite and >= 0, got {cfg.weight_decay}")
 
 
 def _check_installed() -> None:
@@ -726,7 +759,7 @@ def finetune(
         seed=seed,
         max_steps=max_steps,
     )
-    _check_config(cfg)
+    _check_config(cfg, checkpoint_every)
     _check_installed()
     out = Path(out)
     if out.exists():

@@ -49,6 +49,7 @@ __all__ = [
 FOLDER_SUFFIXES = (".txt", ".md")
 _DEFAULT_ID_FIELDS = ("_id", "id")
 _NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
+_BARE_CR = "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
 #: What csv.DictReader puts in the columns a short row lacks (told apart from an empty cell).
 _MISSING = object()
 _DEFAULT_TEXT_FIELDS = ("title", "text")
@@ -130,21 +131,34 @@ def read_jsonl(
             continue
         number += 1
         where = f"{path.name}:{lineno}"
-        try:
-            obj = json.loads(line.rstrip("\r\n"))  # (with its line break, an error at the line's end said column 1)
-        except json.JSONDecodeError as e:
-            if number == 1 and line.lstrip().startswith("["):
-                raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
-        if number == 1 and isinstance(obj, list):
-            raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, where, first=number == 1)
         yield _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
+
+
+def json_object(line: str, where: str, *, first: bool = False) -> dict[str, Any]:
+    """One JSON Lines record, which must be an object; every way it can fail is a ValueError naming ``where``.
+
+    Why one function: the parser's errors name no file, and not all are ``JSONDecodeError`` (an integer of
+    more than 4300 digits is a plain ValueError, deep nesting a RecursionError). ``first``: the file's first
+    record, where a ``[`` means a JSON array was given instead of JSON Lines.
+    """
+    try:
+        obj = json.loads(line.rstrip("\r\n"))  # (with its line break, an error at the line's end said column 1)
+    except json.JSONDecodeError as e:
+        if first and line.lstrip().startswith("["):
+            raise ValueError(f"{where}: {_NOT_AN_ARRAY}") from None
+        if "\r" in line.rstrip("\r\n"):  # JSON strings hold no raw CR: these are records on one \n-line
+            raise ValueError(f"{where}: invalid JSON Lines ({_BARE_CR})") from None
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{where}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+    if first and isinstance(obj, list):
+        raise ValueError(f"{where}: {_NOT_AN_ARRAY}")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
@@ -213,7 +227,7 @@ def _csv_problem(message: str) -> str:
     if "expected after" in message:
         return 'a field that starts with a double quote must be quoted as a whole, inner quotes doubled ("")'
     if "new-line character seen in unquoted field" in message:
-        return "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
+        return _BARE_CR
     return message
 
 
@@ -328,6 +342,10 @@ def _to_record(
         if k in used or not metadata:
             continue
         if k == "metadata" and isinstance(v, dict):
+            if twice := sorted(
+                set(v) & (set(obj) - used - {"metadata"})
+            ):  # else one of the two values was dropped, silently
+                raise ValueError(f"{where}: field(s) {twice} given both at the top level and in 'metadata'")
             meta.update(v)
         else:
             meta[k] = _parse_number(v) if cells else v

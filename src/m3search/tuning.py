@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from m3search.fusion import FUSIONS, RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, MODES, parse_mode
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, MAX_CANDIDATES, MODES, parse_mode
 
 __all__ = [
     "CANDIDATE_GRID",
@@ -93,6 +93,8 @@ def parse_metric(metric: str) -> tuple[str, int]:
     name, _, cut = str(metric).strip().lower().partition("@")
     if name not in METRICS or not cut.isdigit() or int(cut) < 1:
         raise ValueError(f"unknown metric {metric!r}: use ndcg@K, recall@K or mrr@K (e.g. ndcg@10)")
+    if int(cut) > MAX_CANDIDATES:  # (the lists scored are that deep: it was refused as "candidates=...")
+        raise ValueError(f"metric {metric!r}: K must be at most {MAX_CANDIDATES}, the deepest list a search scores")
     return name, int(cut)
 
 

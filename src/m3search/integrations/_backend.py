@@ -9,7 +9,7 @@ integrations never ask which one they hold.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,12 +120,20 @@ def hit_details(hit: Any) -> dict[str, Any]:
     return out
 
 
-def dense_vectors(backend: Any, texts: Sequence[str]) -> np.ndarray:
+def as_list(values: str | Iterable[Any]) -> list[Any]:
+    """Texts or ids as a list, a lone string as one item, as the library takes it. Why: ``list("abc")`` is
+    ``["a", "b", "c"]``, so ``delete("abc")`` deleted documents ``a``, ``b`` and ``c``, and ``add_texts("hi")``
+    stored two one-letter documents."""
+    return [values] if isinstance(values, str) else list(values)
+
+
+def dense_vectors(backend: Any, texts: str | Sequence[str]) -> np.ndarray:
     """Dense vectors ``(n, d)`` float32, from the backend's model (loaded here or on the server)."""
+    texts = as_list(texts)
     if hasattr(backend, "embed"):  # M3SearchClient: POST /v1/embeddings
-        return backend.embed(list(texts))
+        return backend.embed(texts)
     encoder = getattr(backend, "encoder", backend)  # a Collection, or an M3Encoder itself
-    return encoder.encode(list(texts), dense=True, sparse=False, colbert=False).dense
+    return encoder.encode(texts, dense=True, sparse=False, colbert=False).dense
 
 
 def delete_matching(backend: Any, filter: Any) -> list[str]:

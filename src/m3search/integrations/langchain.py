@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from m3search.integrations._backend import (
     SCORES_KEY,
+    as_list,
     check_search_args,
     delete_matching,
     dense_vectors,
@@ -215,10 +216,9 @@ class M3SearchVectorStore(VectorStore):
         """Encode and store ``texts`` (upsert by id); ids missing or None are generated."""
         if kwargs:
             raise TypeError(f"add_texts got unsupported argument(s) {sorted(kwargs)}")
-        texts = list(texts)
-        if ids is None:
-            ids = [None] * len(texts)
-        elif len(ids) != len(texts):
+        texts = as_list(texts)
+        ids = [None] * len(texts) if ids is None else as_list(ids)
+        if len(ids) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
         ids = [i if i else uuid.uuid4().hex for i in ids]
         if not texts:
@@ -232,13 +232,13 @@ class M3SearchVectorStore(VectorStore):
         if ids is None:
             delete_matching(self.collection, None)
         elif ids:
-            self.collection.delete(list(ids))
+            self.collection.delete(as_list(ids))
         return True
 
     # --------------------------------------------------------------------- reads
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         return [
-            Document(page_content=r.text, metadata=r.metadata, id=r.id) for r in self.collection.get(list(ids)) if r
+            Document(page_content=r.text, metadata=r.metadata, id=r.id) for r in self.collection.get(as_list(ids)) if r
         ]
 
     def _search(self, query: str, k: int, kwargs: dict[str, Any]) -> list[Any]:

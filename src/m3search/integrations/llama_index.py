@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from m3search.integrations._backend import (
     SCORES_KEY,
+    as_list,
     check_search_args,
     delete_matching,
     dense_vectors,
@@ -392,7 +393,7 @@ class M3SearchVectorStore(BasePydanticVectorStore):
                 "get_nodes needs node_ids: m3search's public API cannot list the documents matching a filter"
             )
         keep = parse_filter(to_m3search_filter(filters))
-        return [_node_of_record(r) for r in self._collection.get(list(node_ids)) if r and matches(keep, r.metadata)]
+        return [_node_of_record(r) for r in self._collection.get(as_list(node_ids)) if r and matches(keep, r.metadata)]
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         if kwargs:
