@@ -869,3 +869,38 @@ def test_ctrl_c_keeps_the_json_error_and_the_resume_hint(tmp_path, corpus, tiny_
     proc = run(opening, "info", "-c", str(col), "--json")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert one_json(proc) == {"error": {"type": "error", "message": "interrupted", "exit_code": 1}}
+
+
+def test_recover_lists_and_clears_a_crashed_writer_s_mark(tmp_path, tiny_encoder, monkeypatch):
+    """`m3search recover` on a collection whose long write of L stopped as a crash does, its writer's handle still
+    open (live, as a crashed server client is within its lease): it prints the mark (id, client, age) and keeps
+    it; with --force it clears it and the write's leftovers, so another client's write of L goes through."""
+    from click.testing import CliRunner
+    from helpers import location
+    from test_windows import create, one_window_pieces, stop_long_writes
+
+    from m3search import Collection
+    from m3search.cli import main
+    from m3search.testing import BUILTIN_TEXTS
+
+    one_window_pieces(monkeypatch, tiny_encoder)
+    loc, long = location("qdrant-local", tmp_path), " ".join(BUILTIN_TEXTS)
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([long], ids=["L"])
+
+        def recover(*args: str):
+            result = CliRunner().invoke(main, ["recover", "--collection", loc, *args])
+            assert result.exit_code == 0, result.output
+            return result.stdout
+
+        kept = recover()
+        assert kept.startswith(f"L  client {a._client}  age ") and kept.rstrip().endswith("(--force clears it)")
+        assert recover("--id", "other") == "no pending writes\n"
+        [mark] = json.loads(recover("--id", "L", "--force", "--json"))["marks"]
+        assert (mark["id"], mark["client"], mark["live"], mark["cleared"]) == ("L", a._client, True, True)
+        assert a.engine.read_manifest()["pending"] == []
+        with Collection.open(loc, model=tiny_encoder) as b:
+            b.add([long], ids=["L"])
+            assert b.get("L")[0].text == long and b.count() == 1
