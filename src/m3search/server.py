@@ -35,7 +35,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -804,6 +804,23 @@ def _check_batch(n: int, settings: Settings, what: str) -> None:
         raise HTTPException(413, f"{n} {what} in one request exceed the limit of {settings.max_batch}")
 
 
+async def _to_the_end(request: Request, work: Awaitable[Any]) -> Any:
+    """``work`` (a write in a worker thread) awaited to its end, even when the server's shutdown cancels this
+    request (uvicorn does once its graceful-shutdown period is over): the thread goes on either way, and a long
+    document's write ends whole, so its client gets the write's own answer, not uvicorn's plain-text 500. The
+    lifespan waits for such answers (``app.state.answering``) before the server stops."""
+    job = asyncio.ensure_future(work)
+    task = asyncio.current_task()
+    request.app.state.answering.add(task)
+    task.add_done_callback(request.app.state.answering.discard)  # once the answer is sent
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        if hasattr(task, "uncancel"):  # Python >= 3.11: the cancellation is handled here
+            task.uncancel()
+        return await job
+
+
 async def _encode(request: Request, texts: list[str], **options: Any):
     """Encode through the app's batching worker; the work is cancelled if the client disconnects."""
 
@@ -848,6 +865,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         # Writes wait their turn here, in the event loop: a write waiting on the collection's lock in a
         # worker thread holds that thread, and 40 waiting deletes took every one (/health, /search hung).
         app.state.write_gate = asyncio.Lock()
+        app.state.answering = set()  # /documents requests that answer after a shutdown cancelled them
         app.state.stopping.clear()
         if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
             res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
@@ -868,6 +886,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             app.state.batcher.close()
             app.state.resources = None
             res.close()
+            if app.state.answering:  # their writes ended (indexer.close): their answers go out before the loop ends
+                await asyncio.wait(app.state.answering)
 
     from . import __version__
 
@@ -1030,13 +1050,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                     optimize=False,
                     stop=request.app.state.stopping.is_set,  # shutdown: IngestInterrupted (503) at the next batch
                 )
-            return DocumentsResponse(ids=list(out), count=coll.count())
+                return DocumentsResponse(ids=list(out), count=coll.count())  # (the collection closes after)
 
         # The collection encodes (windows included) through the batching worker at ingest priority
         # (its encoder is a BatchedEncoder, see lifespan); this thread only waits and writes, in
         # small batches, each when no query is in flight; indexes are built when ingest pauses.
         async with request.app.state.write_gate:
-            return await run_in_threadpool(store)
+            return await _to_the_end(request, run_in_threadpool(store))
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_errors(409, 507))
     async def delete_documents(
@@ -1179,7 +1199,8 @@ def _uvicorn_server() -> type:
 
         Why: uvicorn tells an app nothing until the requests in progress have ended or, ``timeout_graceful_shutdown``
         later, been cancelled: a client then got uvicorn's plain-text 500 while its write went on in its thread.
-        ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503.
+        ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503; one
+        batch that outlasts the grace period (a long document) ends whole and is answered (:func:`_to_the_end`).
         """
 
         def __init__(self, config: Any, stopping: threading.Event) -> None:
@@ -1217,7 +1238,8 @@ def serve(
     before uvicorn starts so that a bad model or a held collection is a one-line error, not
     a lifespan traceback. ``on_ready(url)`` is called when requests are about to be served.
     At SIGINT / SIGTERM no new request is taken; a ``/documents`` write in progress stops at its next batch
-    (503 naming the documents it wrote), the collection closes after it, and this returns (exit 0).
+    (503 naming the documents it wrote; a long document's write ends whole and is answered), the collection
+    closes after it, and this returns (exit 0).
     """
     import uvicorn
 
