@@ -18,7 +18,7 @@ its limit -> 413; each route's OpenAPI entry lists the statuses it returns (``_e
 are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug still answers the same shape with
 500 and no stack trace (the log keeps it).
 
-One process owns an embedded collection. ``serve`` records its address in
+One process owns an embedded collection. ``serve`` (or uvicorn running the app itself) records its address in
 ``<collection>/server.json`` (pid, host, port, url, whether a key is needed) so the CLI
 can route other commands through this server while it runs.
 """
@@ -867,6 +867,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         app.state.write_gate = asyncio.Lock()
         app.state.answering = set()  # /documents requests that answer after a shutdown cancelled them
         app.state.stopping.clear()
+        recording = None
+        if resources is None and s.collection and serverfile.record_path(s.collection):  # not serve's: uvicorn's
+            recording = asyncio.create_task(_record_when_listening(s, res))
         if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
             res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
             app.state.indexer = DeferredOptimize(
@@ -878,6 +881,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         try:
             yield
         finally:
+            if recording is not None:
+                recording.cancel()
             app.state.stopping.set()  # (already set by serve's signal handler) a write in progress stops
             if app.state.indexer is not None:  # waits for it: uvicorn may have cancelled its request, not its thread
                 await run_in_threadpool(app.state.indexer.close)
@@ -1188,6 +1193,48 @@ def limit_malloc_arenas(n: int = 2) -> bool:
         return False
 
 
+def _url(host: str, port: int) -> str:
+    """Where clients on this machine reach a server bound to ``host:port`` (an any-address bind: loopback)."""
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{url_host}]:{port}" if ":" in url_host else f"http://{url_host}:{port}"
+
+
+def _record(settings: Settings, resources: Resources, host: str, port: int) -> None:
+    """Record this process as the server of ``settings.collection`` (``server.json``, removed when ``resources``
+    close), so the CLI sends that collection's commands here: nothing to record for a bare encoder or a server
+    location."""
+    url, keyed = _url(host, port), settings.api_key is not None
+    if settings.collection and serverfile.write(
+        settings.collection, host=host, port=port, url=url, api_key_required=keyed
+    ):
+        resources.server_record = settings.collection
+
+
+async def _record_when_listening(settings: Settings, resources: Resources) -> None:
+    """The app started by uvicorn itself (``uvicorn --factory m3search.server:create_app``), not by :func:`serve`:
+    record its address once uvicorn listens, as ``serve`` does, else the CLI found the collection "in use".
+    uvicorn tells an app nothing of its address: its server is the owner of the SIGTERM handler (uvicorn
+    >= 0.29 installs its ``handle_exit`` in the main thread). Elsewhere a warning says what is lost."""
+    import signal
+
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    address = None
+    if hasattr(server, "started") and hasattr(server, "config"):
+        while not server.started:
+            await asyncio.sleep(0.05)
+        sockets = [s for srv in getattr(server, "servers", ()) for s in srv.sockets]
+        address = next((s.getsockname()[:2] for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)), None)
+    if address is None:
+        log.warning(
+            "no server.json for %s (this server's address is unknown here): m3search commands on it say it is in "
+            "use; serve it with `m3search serve -c %s` to have them sent to the server",
+            settings.collection,
+            settings.collection,
+        )
+        return
+    _record(settings, resources, *address)
+
+
 def _uvicorn_server() -> type:
     """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
     import signal
@@ -1249,16 +1296,11 @@ def serve(
     resources: Resources | None = None
     try:
         actual = sock.getsockname()[1]
-        url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-        url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
         resources = open_resources(settings)
-        if settings.collection and serverfile.write(
-            settings.collection, host=host, port=actual, url=url, api_key_required=settings.api_key is not None
-        ):
-            resources.server_record = settings.collection
+        _record(settings, resources, host, actual)
         _ = resources.encoder  # load the model now
         if on_ready is not None:
-            on_ready(url)
+            on_ready(_url(host, actual))
         app = create_app(settings, resources=resources)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
         _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
