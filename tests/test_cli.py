@@ -412,12 +412,13 @@ def test_collection_in_use_by_another_process(indexed, corpus):
 
 
 def _start_server(
-    args: list[str], coll: Path, env: dict | None = None, timeout: float = 120
+    args: list[str], coll: Path, env: dict | None = None, timeout: float = 120, argv: list[str] | None = None
 ) -> tuple[subprocess.Popen, dict]:
+    """Start ``m3search serve -c COLL ... ARGS`` (or ``argv``); return it and its server.json once it answers."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     log = open(coll.parent / "server.log", "w")
     proc = subprocess.Popen(
-        cmd + ["serve", "-c", str(coll), "--port", "0", "--log-level", "warning", *args],
+        argv or cmd + ["serve", "-c", str(coll), "--port", "0", "--log-level", "warning", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -519,6 +520,23 @@ def test_commands_route_through_running_server(
         _stop(proc)
     assert not (indexed / "server.json").exists()  # removed on shutdown
     assert one_json(cli("info", "-c", str(indexed), "--json"))["served_by"] is None
+
+
+def test_the_app_started_by_uvicorn_is_found_by_the_cli(indexed):
+    """`uvicorn --factory m3search.server:create_app` (the documented app, settings from M3SEARCH_*) wrote no
+    server.json, so the CLI's commands on its collection failed with "in use by process N". It records its address
+    once uvicorn listens, as `m3search serve` does, the CLI goes through it, and the record goes at shutdown."""
+    pytest.importorskip("uvicorn")
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "m3search.server:create_app", "--port", "0"]
+    env = {"M3SEARCH_COLLECTION": str(indexed), "M3SEARCH_DTYPE": "float32"}
+    proc, record = _start_server([], indexed, env=env, argv=[*argv, "--log-level", "warning"])
+    try:
+        assert record["pid"] == proc.pid and record["api_key_required"] is False
+        info = one_json(cli("info", "-c", str(indexed), "--json"))
+        assert info["count"] == N_DOCS and info["served_by"] == f"server {record['url']} (pid {proc.pid})"
+    finally:
+        _stop(proc)
+    assert not (indexed / "server.json").exists()  # (uvicorn itself dies by the SIGTERM it stopped for)
 
 
 def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
@@ -869,3 +887,38 @@ def test_ctrl_c_keeps_the_json_error_and_the_resume_hint(tmp_path, corpus, tiny_
     proc = run(opening, "info", "-c", str(col), "--json")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert one_json(proc) == {"error": {"type": "error", "message": "interrupted", "exit_code": 1}}
+
+
+def test_recover_lists_and_clears_a_crashed_writer_s_mark(tmp_path, tiny_encoder, monkeypatch):
+    """`m3search recover` on a collection whose long write of L stopped as a crash does, its writer's handle still
+    open (live, as a crashed server client is within its lease): it prints the mark (id, client, age) and keeps
+    it; with --force it clears it and the write's leftovers, so another client's write of L goes through."""
+    from click.testing import CliRunner
+    from helpers import location
+    from test_windows import create, one_window_pieces, stop_long_writes
+
+    from m3search import Collection
+    from m3search.cli import main
+    from m3search.testing import BUILTIN_TEXTS
+
+    one_window_pieces(monkeypatch, tiny_encoder)
+    loc, long = location("qdrant-local", tmp_path), " ".join(BUILTIN_TEXTS)
+    with create("qdrant-local", tmp_path, tiny_encoder) as a:
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.add([long], ids=["L"])
+
+        def recover(*args: str):
+            result = CliRunner().invoke(main, ["recover", "--collection", loc, *args])
+            assert result.exit_code == 0, result.output
+            return result.stdout
+
+        kept = recover()
+        assert kept.startswith(f"L  client {a._client}  age ") and kept.rstrip().endswith("(--force clears it)")
+        assert recover("--id", "other") == "no pending writes\n"
+        [mark] = json.loads(recover("--id", "L", "--force", "--json"))["marks"]
+        assert (mark["id"], mark["client"], mark["live"], mark["cleared"]) == ("L", a._client, True, True)
+        assert a.engine.read_manifest()["pending"] == []
+        with Collection.open(loc, model=tiny_encoder) as b:
+            b.add([long], ids=["L"])
+            assert b.get("L")[0].text == long and b.count() == 1

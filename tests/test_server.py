@@ -369,6 +369,66 @@ def test_schemathesis_long_run(fuzz_server):
     _check_fuzz(proc)
 
 
+def test_a_write_longer_than_the_grace_period_is_answered_at_shutdown(tmp_path, tiny_encoder, monkeypatch):
+    """SIGTERM while one document is written in pieces for longer than uvicorn's graceful-shutdown period (5 s in
+    `serve`; 0.3 s here, the write at least 0.9 s): uvicorn cancelled the request, so its client got uvicorn's plain-text
+    500 while the write went on and ended whole. Now the client gets the write's own answer, the server stops
+    after it, and the document is stored whole."""
+    import signal
+    import threading
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from m3search import Collection
+    from m3search.server import Resources, Settings, _bind, _uvicorn_server, create_app
+    from m3search.testing import BUILTIN_TEXTS
+
+    monkeypatch.setattr("m3search.collection.PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~a window a piece
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder, window=16, stride=12)
+    real, writing = coll.engine.upsert_long, threading.Event()
+
+    def slowly(pieces, **kw):
+        def each():
+            for piece in pieces:
+                writing.set()
+                time.sleep(0.3)
+                yield piece
+
+        real(each(), **kw)
+
+    monkeypatch.setattr(coll.engine, "upsert_long", slowly)
+    app = create_app(Settings(), resources=Resources(collection=coll))
+    sock = _bind("127.0.0.1", 0)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=0.3)
+    server = _uvicorn_server()(config, app.state.stopping)
+    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    text, answer = " ".join(BUILTIN_TEXTS * 10), {}  # pieces are the server's ingest rounds (1,024 tokens)
+
+    def post() -> None:
+        body = {"documents": [{"id": "L", "text": text}]}
+        answer["response"] = httpx.post(url + "/documents", json=body, timeout=60)
+
+    try:
+        while not server.started and serving.is_alive():
+            time.sleep(0.01)
+        client = threading.Thread(target=post)
+        client.start()
+        assert writing.wait(30), answer
+        server.handle_exit(signal.SIGTERM, None)
+        client.join(60)
+        serving.join(60)
+    finally:
+        server.should_exit = True
+        sock.close()
+    r = answer["response"]
+    assert r.status_code == 200 and r.json() == {"ids": ["L"], "count": 1}, (r.status_code, r.text)
+    assert not serving.is_alive()
+    with Collection.open(tmp_path / "coll") as c:
+        [doc] = c.get(["L"])
+        assert doc.text == text and doc.windows > 20 and c.count() == 1
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
     """``serve`` caps glibc's arenas (memory flat under load) but never overrides MALLOC_ARENA_MAX."""

@@ -707,6 +707,42 @@ def test_a_long_write_that_failed_blocks_no_other_client(tmp_path, tiny_encoder,
                 col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_a_crashed_writer_s_mark_is_cleared_on_demand(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """A's long overwrite of X stopped part-way as a crash does (no error to mark it stopped) while A's handle
+    stays open, as a crashed writer on a server stays within its lease: B's write of X is refused, for up to
+    PENDING_LEASE_S on a server, and the error names the way out. ``recover`` lists the mark and keeps it (it may
+    be a live write's); forced, it clears it and what A wrote: B's write goes through and X ends whole."""
+    from m3search.errors import WriteConflictError
+
+    texts, *_ = corpus
+    one_window_pieces(monkeypatch, tiny_encoder)
+    a = create(engine, tmp_path, tiny_encoder)
+    b = None
+    try:
+        a.add([texts[25], texts[0]], ids=["X", "s"])
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.upsert([texts[29]], ids=["X"])
+        b = Collection.open(location(engine, tmp_path), model=tiny_encoder)
+        with pytest.raises(WriteConflictError, match=r"m3search recover --collection \S+ --id ID --force"):
+            b.upsert([texts[28]], ids=["X"])
+        [mark] = b.recover()
+        assert (mark["id"], mark["client"], mark["live"], mark["cleared"]) == ("X", a._client, True, False)
+        assert 0 <= mark["age_s"] < 600 and pending(b) == ["X"] and b.recover("s") == []
+        [forced] = b.recover(["X"], force=True)
+        assert (forced["id"], forced["client"], forced["live"], forced["cleared"]) == ("X", a._client, True, True)
+        assert pending(b) == [] and vector_points(b, "X") == n_windows(tiny_encoder, texts[25])  # A's windows gone
+        one_version(b, tiny_encoder, "X", [texts[25]])
+        b.upsert([texts[28]], ids=["X"])
+        assert b.get("X")[0].text == texts[28] and b.count() == 2
+        one_version(b, tiny_encoder, "X", [texts[25], texts[29], texts[28]])
+    finally:
+        for col in (a, b):
+            if col is not None:
+                col.close()
+
+
 def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
     """``doc_id`` is one of ``texts`` whole: that text, as many windows as it has, each with that text's vectors,
     and a search scores it by those windows alone: probed with every window of every text in ``texts``, its

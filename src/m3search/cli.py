@@ -1,4 +1,4 @@
-"""The ``m3search`` command: index, search, serve, eval, tune, finetune, info, delete (and migrate).
+"""The ``m3search`` command: index, search, serve, eval, tune, finetune, info, delete (and migrate, recover).
 
 A thin shell over the library (datasette's rule): options are parsed here, the work is
 done by :mod:`m3search.collection`, :mod:`m3search.server` and :mod:`m3search.eval`, each
@@ -822,6 +822,37 @@ def delete(ids, collection, api_key, as_json):
         click.echo(
             f"deleted {len(out['deleted'])}" + (f"; not found: {', '.join(out['missing'])}" if out["missing"] else "")
         )
+
+
+@main.command()
+@collection_option
+@click.option("--id", "ids", multiple=True, metavar="ID", help="Only this document's marks (repeat for more).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Clear live marks too. Only when their writer is known to be dead: a live write's document ends broken.",
+)
+@json_option
+def recover(collection, ids, force, as_json):
+    """List other clients' pending long writes and clear the stopped ones' marks and leftovers.
+
+    On a Qdrant server or Milvus, a long write that crashed (kill -9, a machine lost) keeps its document from
+    every other client's writes and deletes (409) until its lease runs out; --force clears it now."""
+    with _errors():
+        _refuse_served("recover", collection)
+        from . import Collection
+
+        with Collection.open(collection) as col:
+            marks = col.recover(list(ids) or None, force=force)
+    if as_json:
+        _emit({"marks": marks})
+        return
+    for m in marks:
+        state = "cleared" if m["cleared"] else "kept: may be a live write (--force clears it)"
+        age = "?" if m["age_s"] is None else f"{m['age_s']:.0f} s"
+        click.echo(f"{m['id']}  client {m['client']}  age {age}  {state}")
+    if not marks:
+        click.echo("no pending writes")
 
 
 @main.command()

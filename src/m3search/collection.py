@@ -314,6 +314,11 @@ def _marked(mark: Any) -> str:
     return mark if isinstance(mark, str) else mark["id"]
 
 
+def _writer(mark: Any) -> tuple[str, str | None]:
+    """A pending mark's document id and client (None: a plain id, written before leases)."""
+    return _marked(mark), mark.get("client") if isinstance(mark, dict) else None
+
+
 class Collection:
     """A BGE-M3 hybrid collection. Build with :meth:`create` or :meth:`open`.
 
@@ -918,6 +923,44 @@ class Collection:
             self._engine.tidy(sorted(stored), gens)
         self._write_manifest(lambda m: m.update(pending=[x for x in m.get("pending") or [] if x not in stale]))
 
+    def recover(self, ids: str | Sequence[str] | None = None, *, force: bool = False) -> list[dict[str, Any]]:
+        """Clear other clients' pending long-write marks now (``m3search recover``), as ``terraform force-unlock``
+        does: on a server collection a crashed writer's mark (kill -9, a machine lost) refuses every write and
+        delete of its document (:class:`WriteConflictError`) until its lease, :data:`PENDING_LEASE_S`, runs out.
+
+        Returns the pending marks of ``ids`` (default: all) as ``{"id", "client", "age_s", "live", "cleared"}``.
+        A stopped write's mark is cleared with what it left, as the next write would; a live one (its writer may
+        still be writing) only with ``force``, which takes it for a stopped write's.
+        WARNING: forcing the mark of a write that IS still under way removes the windows it wrote so far, and
+        its document ends broken (upsert it again to repair): force only when its writer is known to be dead."""
+        wanted = None if ids is None else set(_as_id_list(ids))
+        with self._lock:
+            self._sync()
+            now = time.time()
+            marks = [m for m in self._manifest.get("pending") or [] if wanted is None or _marked(m) in wanted]
+            live = [not self._stale(m, now) for m in marks]
+            chosen = {_writer(m) for m, s in zip(marks, live) if s} if force else set()
+
+            def stop(manifest: dict) -> None:  # those live marks, as their writers would mark them had they failed
+                manifest["pending"] = [
+                    {**m, "stopped": True} if _writer(m) in chosen else m for m in manifest.get("pending") or []
+                ]
+
+            if chosen:
+                self._write_manifest(stop)
+            self._clear_pending()
+            left = {_writer(m) for m in self._manifest.get("pending") or []}
+        return [
+            {
+                "id": _marked(m),
+                "client": _writer(m)[1],
+                "age_s": round(now - float(m["at"]), 1) if isinstance(m, dict) and "at" in m else None,
+                "live": s,
+                "cleared": _writer(m) not in left,
+            }
+            for m, s in zip(marks, live)
+        ]
+
     def _sync(self) -> None:
         """On storage other clients write (a server), their pending marks, and the window bound they may have
         raised: engines read that many points per document, and a stale 1 would treat another client's long
@@ -971,7 +1014,9 @@ class Collection:
             raise WriteConflictError(
                 f"{len(taken)} id(s) are being written by another client of this collection: "
                 f"{taken[:10]}{' ...' if len(taken) > 10 else ''}; {outcome} (retry when that write has "
-                f"ended; a stopped writer's mark expires after {PENDING_LEASE_S} s)",
+                f"ended; a crashed writer's mark expires after {PENDING_LEASE_S} s, or, once that writer is known "
+                f"to be dead, clear it now: m3search recover --collection {self.location} --id ID --force, "
+                "or Collection.recover(ids, force=True))",
                 taken,
             )
 

@@ -18,7 +18,7 @@ its limit -> 413; each route's OpenAPI entry lists the statuses it returns (``_e
 are strict (``true`` is not an integer, ``"yes"`` not a boolean). A bug still answers the same shape with
 500 and no stack trace (the log keeps it).
 
-One process owns an embedded collection. ``serve`` records its address in
+One process owns an embedded collection. ``serve`` (or uvicorn running the app itself) records its address in
 ``<collection>/server.json`` (pid, host, port, url, whether a key is needed) so the CLI
 can route other commands through this server while it runs.
 """
@@ -35,7 +35,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -804,6 +804,23 @@ def _check_batch(n: int, settings: Settings, what: str) -> None:
         raise HTTPException(413, f"{n} {what} in one request exceed the limit of {settings.max_batch}")
 
 
+async def _to_the_end(request: Request, work: Awaitable[Any]) -> Any:
+    """``work`` (a write in a worker thread) awaited to its end, even when the server's shutdown cancels this
+    request (uvicorn does once its graceful-shutdown period is over): the thread goes on either way, and a long
+    document's write ends whole, so its client gets the write's own answer, not uvicorn's plain-text 500. The
+    lifespan waits for such answers (``app.state.answering``) before the server stops."""
+    job = asyncio.ensure_future(work)
+    task = asyncio.current_task()
+    request.app.state.answering.add(task)
+    task.add_done_callback(request.app.state.answering.discard)  # once the answer is sent
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        if hasattr(task, "uncancel"):  # Python >= 3.11: the cancellation is handled here
+            task.uncancel()
+        return await job
+
+
 async def _encode(request: Request, texts: list[str], **options: Any):
     """Encode through the app's batching worker; the work is cancelled if the client disconnects."""
 
@@ -848,7 +865,11 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         # Writes wait their turn here, in the event loop: a write waiting on the collection's lock in a
         # worker thread holds that thread, and 40 waiting deletes took every one (/health, /search hung).
         app.state.write_gate = asyncio.Lock()
+        app.state.answering = set()  # /documents requests that answer after a shutdown cancelled them
         app.state.stopping.clear()
+        recording = None
+        if resources is None and s.collection and serverfile.record_path(s.collection):  # not serve's: uvicorn's
+            recording = asyncio.create_task(_record_when_listening(s, res))
         if res.collection is not None:  # its ingest (/documents) runs on the worker too, behind queries
             res.collection.use_encoder(BatchedEncoder(app.state.batcher, BACKGROUND))
             app.state.indexer = DeferredOptimize(
@@ -860,6 +881,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         try:
             yield
         finally:
+            if recording is not None:
+                recording.cancel()
             app.state.stopping.set()  # (already set by serve's signal handler) a write in progress stops
             if app.state.indexer is not None:  # waits for it: uvicorn may have cancelled its request, not its thread
                 await run_in_threadpool(app.state.indexer.close)
@@ -868,6 +891,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             app.state.batcher.close()
             app.state.resources = None
             res.close()
+            if app.state.answering:  # their writes ended (indexer.close): their answers go out before the loop ends
+                await asyncio.wait(app.state.answering)
 
     from . import __version__
 
@@ -1030,13 +1055,13 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
                     optimize=False,
                     stop=request.app.state.stopping.is_set,  # shutdown: IngestInterrupted (503) at the next batch
                 )
-            return DocumentsResponse(ids=list(out), count=coll.count())
+                return DocumentsResponse(ids=list(out), count=coll.count())  # (the collection closes after)
 
         # The collection encodes (windows included) through the batching worker at ingest priority
         # (its encoder is a BatchedEncoder, see lifespan); this thread only waits and writes, in
         # small batches, each when no query is in flight; indexes are built when ingest pauses.
         async with request.app.state.write_gate:
-            return await run_in_threadpool(store)
+            return await _to_the_end(request, run_in_threadpool(store))
 
     @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_errors(409, 507))
     async def delete_documents(
@@ -1168,6 +1193,48 @@ def limit_malloc_arenas(n: int = 2) -> bool:
         return False
 
 
+def _url(host: str, port: int) -> str:
+    """Where clients on this machine reach a server bound to ``host:port`` (an any-address bind: loopback)."""
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{url_host}]:{port}" if ":" in url_host else f"http://{url_host}:{port}"
+
+
+def _record(settings: Settings, resources: Resources, host: str, port: int) -> None:
+    """Record this process as the server of ``settings.collection`` (``server.json``, removed when ``resources``
+    close), so the CLI sends that collection's commands here: nothing to record for a bare encoder or a server
+    location."""
+    url, keyed = _url(host, port), settings.api_key is not None
+    if settings.collection and serverfile.write(
+        settings.collection, host=host, port=port, url=url, api_key_required=keyed
+    ):
+        resources.server_record = settings.collection
+
+
+async def _record_when_listening(settings: Settings, resources: Resources) -> None:
+    """The app started by uvicorn itself (``uvicorn --factory m3search.server:create_app``), not by :func:`serve`:
+    record its address once uvicorn listens, as ``serve`` does, else the CLI found the collection "in use".
+    uvicorn tells an app nothing of its address: its server is the owner of the SIGTERM handler (uvicorn
+    >= 0.29 installs its ``handle_exit`` in the main thread). Elsewhere a warning says what is lost."""
+    import signal
+
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    address = None
+    if hasattr(server, "started") and hasattr(server, "config"):
+        while not server.started:
+            await asyncio.sleep(0.05)
+        sockets = [s for srv in getattr(server, "servers", ()) for s in srv.sockets]
+        address = next((s.getsockname()[:2] for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)), None)
+    if address is None:
+        log.warning(
+            "no server.json for %s (this server's address is unknown here): m3search commands on it say it is in "
+            "use; serve it with `m3search serve -c %s` to have them sent to the server",
+            settings.collection,
+            settings.collection,
+        )
+        return
+    _record(settings, resources, *address)
+
+
 def _uvicorn_server() -> type:
     """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
     import signal
@@ -1179,7 +1246,8 @@ def _uvicorn_server() -> type:
 
         Why: uvicorn tells an app nothing until the requests in progress have ended or, ``timeout_graceful_shutdown``
         later, been cancelled: a client then got uvicorn's plain-text 500 while its write went on in its thread.
-        ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503.
+        ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503; one
+        batch that outlasts the grace period (a long document) ends whole and is answered (:func:`_to_the_end`).
         """
 
         def __init__(self, config: Any, stopping: threading.Event) -> None:
@@ -1217,7 +1285,8 @@ def serve(
     before uvicorn starts so that a bad model or a held collection is a one-line error, not
     a lifespan traceback. ``on_ready(url)`` is called when requests are about to be served.
     At SIGINT / SIGTERM no new request is taken; a ``/documents`` write in progress stops at its next batch
-    (503 naming the documents it wrote), the collection closes after it, and this returns (exit 0).
+    (503 naming the documents it wrote; a long document's write ends whole and is answered), the collection
+    closes after it, and this returns (exit 0).
     """
     import uvicorn
 
@@ -1227,16 +1296,11 @@ def serve(
     resources: Resources | None = None
     try:
         actual = sock.getsockname()[1]
-        url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-        url = f"http://[{url_host}]:{actual}" if ":" in url_host else f"http://{url_host}:{actual}"
         resources = open_resources(settings)
-        if settings.collection and serverfile.write(
-            settings.collection, host=host, port=actual, url=url, api_key_required=settings.api_key is not None
-        ):
-            resources.server_record = settings.collection
+        _record(settings, resources, host, actual)
         _ = resources.encoder  # load the model now
         if on_ready is not None:
-            on_ready(url)
+            on_ready(_url(host, actual))
         app = create_app(settings, resources=resources)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
         _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
