@@ -926,6 +926,46 @@ def test_a_write_landing_between_a_long_write_s_switch_and_its_tombstones_delete
         one_version(a, tiny_encoder, "X", [texts[28], texts[29]])
 
 
+@pytest.mark.parametrize("lands", ["between its pieces", "after its switch"])
+def test_a_delete_checked_before_another_client_s_long_write_leaves_it_whole(
+    tmp_path, tiny_encoder, corpus, monkeypatch, lands
+):
+    """A's delete of X passed the pending-mark check (none) and read X; B then began writing X long, and A's delete
+    landed ``between its pieces``: it removed every point of X, B's window 1 with them, and B's switch then made
+    B's write acknowledged with a head naming a window that was gone. A delete now removes only the points of the
+    generation it read in X's head (and those without one): B's long write, of its own generation, ends whole.
+    ``after its switch``: X ends B's version whole, or absent with no point left."""
+    texts, *_ = corpus
+    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])
+        real_delete, real_long, landed = a.engine._delete_where, b.engine.upsert_long, []
+
+        def a_lands(pieces, flt):
+            it = iter(pieces)
+            yield next(it)
+            if lands == "between its pieces":
+                yield next(it)  # B's window 1 written
+                real_delete(flt)
+                landed.append(True)
+            yield from it
+
+        def b_writes_long(flt):  # A's delete is built: B begins its long write of X before it lands
+            one_window_pieces(monkeypatch, tiny_encoder)
+            monkeypatch.setattr(b.engine, "upsert_long", lambda pieces, **kw: real_long(a_lands(pieces, flt), **kw))
+            b.upsert([texts[28]], ids=["X"])
+            if not landed:
+                real_delete(flt)
+                landed.append(True)
+
+        monkeypatch.setattr(a.engine, "_delete_where", b_writes_long)
+        assert a.delete(["X"]) == {"deleted": ["X"], "missing": []}
+        assert landed
+        if lands == "between its pieces" or a.get("X")[0] is not None:
+            one_version(a, tiny_encoder, "X", [texts[28]])
+        else:
+            assert raw_points(a) == 2  # s1 and s2 alone
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

@@ -69,7 +69,7 @@ does not name (:meth:`QdrantEngine._committed`: one read of those heads, only wh
 may have left beside a long write's switch). The switch is ONE write: the new head (text, metadata,
 every window's span and parts, ``"gen": g``) with tombstones over every point of the old version; the
 tombstones are deleted after. Of two writes begun at once, the last switch wins whole; the other's
-points stay hidden until the document's delete. A crash between the two leaves the tombstones,
+points stay hidden (Several clients, below). A crash between the two leaves the tombstones,
 invisible, under ids of the old generation that no later write or delete of the document names: the
 Collection, which records the document being written in its manifest, deletes them before its next
 write (:meth:`QdrantEngine.tidy`, by filter). A crash before the switch leaves the old version whole,
@@ -85,7 +85,13 @@ was written still lands, and writes in one request never wait for each other. Ea
 the same, and the last to land wins: a write deletes its tombstones by filter, only points that are
 tombstones still (:meth:`QdrantEngine._delete_tombstones`), so a longer version another client wrote over
 them since stays; a search drops a window past its head's window count (:meth:`QdrantEngine._committed`):
-a write tombstones only the version it read, not a longer one written between its read and its write.
+a write tombstones only the version it read, not a longer one written between its read and its write; a
+delete removes only the points without a generation and those of the generation it read in the head, the
+head included (:meth:`QdrantEngine._generations_read`), so a long write that began after the delete's
+checks ends whole (a delete landing before its switch removes none of its points, one landing after it
+removes them all). Left over: the points of a long write whose switch another long write's overwrote (their
+marks written at once: the manifest has no compare-and-set) stay hidden, and no delete removes them (it
+cannot tell them from a long write under way).
 """
 
 from __future__ import annotations
@@ -515,7 +521,7 @@ class QdrantEngine(Engine):
             if head is None:
                 old = self._stored([doc_id]).get(doc_id)
                 if old is None:  # nothing to keep (hidden until its head names the generation), over the
-                    self.delete([doc_id])  # points of an interrupted write of an older release (generations 0, 1)
+                    self._delete([doc_id], {})  # points of an interrupted write of an older release (generations 0, 1)
                 else:  # the old version stays whole until the switch; an older release's interrupted write's go
                     self._delete_points(self._slots(doc_id, old[2] + 1))
                 gen = gen or (old[2] + 1 if old else 1)
@@ -587,15 +593,34 @@ class QdrantEngine(Engine):
     def delete(self, ids: Sequence[str]) -> None:
         """Every point a document may have, in one write: all windows (and parts) up to the most points
         any document had, in its generation and the next (points of an interrupted long write), and the
-        text points its head names (this also removes tombstones left by a crash)."""
+        text points its head names (this also removes tombstones left by a crash). Where others write
+        (``shared``), only those of the generations read here (:meth:`_generations_read`)."""
         if ids:
-            stored = self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {}
-            uuids = dict.fromkeys(point_uuid(i) for i in ids)
-            for i in ids:
-                _, chunks, gen = stored.get(i, ([], 0, 0))
-                uuids.update(dict.fromkeys(self._slots(i, gen) + self._slots(i, gen + 1)))
-                uuids.update(dict.fromkeys(text_uuid(i, c, gen) for c in range(chunks)))
+            self._delete(ids, self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {})
+
+    def _delete(self, ids: Sequence[str], stored: Mapping[str, Stored]) -> None:
+        """:meth:`delete` of the documents as read (``stored``: :meth:`_stored`)."""
+        uuids = dict.fromkeys(point_uuid(i) for i in ids)
+        for i in ids:
+            _, chunks, gen = stored.get(i, ([], 0, 0))
+            uuids.update(dict.fromkeys(self._slots(i, gen) + self._slots(i, gen + 1)))
+            uuids.update(dict.fromkeys(text_uuid(i, c, gen) for c in range(chunks)))
+        if self.shared:
+            d = self._dialect
+            self._delete_where(d.filter(must=[self._has_ids(list(uuids)), self._generations_read(stored)]))
+        else:
             self._delete_points(list(uuids))
+
+    def _generations_read(self, stored: Mapping[str, Stored]) -> Any:
+        """The client's condition on the points a delete removes where others write: those without a generation
+        (tombstones included) and those of the generation a head named when read (``stored``; 0 for a document
+        not stored), or the next (an older release's long write), the head included. Not another: a long write
+        that another client begins after the delete's checks (``Collection._refuse_others_writes``) has a
+        generation of its own (one in 2**62, drawn at random), so it ends whole, switched before the delete
+        lands (it then deletes nothing of it) or after."""
+        d = self._dialect
+        gens = sorted({0, 1} | {g + k for _, _, g in stored.values() for k in (0, 1)})
+        return d.filter(should=[d.is_empty("gen"), d.match_any("gen", gens)])
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
