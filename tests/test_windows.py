@@ -896,6 +896,112 @@ def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny
         one_version(c, tiny_encoder, "L", [texts[25]])
 
 
+@pytest.mark.parametrize(
+    "stored, shorter, lands",
+    [(20, 0, "before A's tombstones are deleted"), (1, 10, "between A's read and its write")],
+)
+def test_two_writes_in_one_request_of_one_document_leave_one_version(
+    tmp_path, tiny_encoder, corpus, monkeypatch, stored, shorter, lands
+):
+    """Two clients of one server collection write X at once, each in one request: A a shorter version than B's
+    three windows. ``before A's tombstones are deleted``: B's write landed after A's (A's head, tombstones over
+    the old windows 1-2) and before A deleted those tombstones, by point id: B's fresh windows 1-2 with them, so
+    B's head named windows that were gone. A now deletes only points that are tombstones still. ``between A's
+    read and its write``: A read X as one window and so tombstoned nothing; B's window 2 stayed beside A's head
+    of two, and searches found X by it. A search now drops a window past its head's count."""
+    texts, *_ = corpus
+    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[stored]], ids=["X"])
+        hook = "_write" if lands.startswith("before") else "_stored"
+        real, landed = getattr(a.engine, hook), []
+
+        def then_b(*args):
+            out = real(*args)
+            if not landed:
+                landed.append(True)
+                b.upsert([texts[28]], ids=["X"])
+            return out
+
+        monkeypatch.setattr(a.engine, hook, then_b)
+        a.upsert([texts[shorter]], ids=["X"])
+        assert landed
+        one_version(b, tiny_encoder, "X", [texts[shorter], texts[28]])
+
+
+def test_a_write_landing_between_a_long_write_s_switch_and_its_tombstones_delete_is_kept(
+    tmp_path, tiny_encoder, corpus, monkeypatch
+):
+    """B checked the marks of X (none) and read X's stored version; A then wrote X long up to its switch (its head
+    and tombstones over the old version's windows 1-2); B's write of X in one request landed over them (it read
+    generation 0: the same point ids); A deleted its tombstones by point id, B's fresh windows with them, so B's
+    head named windows that were gone. A now deletes only points that are tombstones still."""
+    from m3search.engines.base import point_uuid
+
+    texts, *_ = corpus
+    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])
+        real_b, real_read, real_write, landed = b.engine.upsert, b.engine._stored, a.engine._write, []
+
+        def a_begins(batch):  # B has checked the marks and read X: A marks X and writes it long
+            seen = real_read(batch.ids)
+
+            def b_lands_after_a_s_switch(points, sizes):
+                real_write(points, sizes)
+                if not landed and any(uid == point_uuid("X") for uid, _, _ in points):  # (only the switch has it)
+                    monkeypatch.setattr(b.engine, "_stored", lambda ids: seen)
+                    real_b(batch)
+                    landed.append(True)
+
+            one_window_pieces(monkeypatch, tiny_encoder)
+            monkeypatch.setattr(a.engine, "_write", b_lands_after_a_s_switch)
+            a.upsert([texts[28]], ids=["X"])
+
+        monkeypatch.setattr(b.engine, "upsert", a_begins)
+        b.upsert([texts[29]], ids=["X"])
+        assert landed
+        one_version(a, tiny_encoder, "X", [texts[28], texts[29]])
+
+
+@pytest.mark.parametrize("lands", ["between its pieces", "after its switch"])
+def test_a_delete_checked_before_another_client_s_long_write_leaves_it_whole(
+    tmp_path, tiny_encoder, corpus, monkeypatch, lands
+):
+    """A's delete of X passed the pending-mark check (none) and read X; B then began writing X long, and A's delete
+    landed ``between its pieces``: it removed every point of X, B's window 1 with them, and B's switch then made
+    B's write acknowledged with a head naming a window that was gone. A delete now removes only the points of the
+    generation it read in X's head (and those without one): B's long write, of its own generation, ends whole.
+    ``after its switch``: X ends B's version whole, or absent with no point left."""
+    texts, *_ = corpus
+    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])
+        real_delete, real_long, landed = a.engine._delete_where, b.engine.upsert_long, []
+
+        def a_lands(pieces, flt):
+            it = iter(pieces)
+            yield next(it)
+            if lands == "between its pieces":
+                yield next(it)  # B's window 1 written
+                real_delete(flt)
+                landed.append(True)
+            yield from it
+
+        def b_writes_long(flt):  # A's delete is built: B begins its long write of X before it lands
+            one_window_pieces(monkeypatch, tiny_encoder)
+            monkeypatch.setattr(b.engine, "upsert_long", lambda pieces, **kw: real_long(a_lands(pieces, flt), **kw))
+            b.upsert([texts[28]], ids=["X"])
+            if not landed:
+                real_delete(flt)
+                landed.append(True)
+
+        monkeypatch.setattr(a.engine, "_delete_where", b_writes_long)
+        assert a.delete(["X"]) == {"deleted": ["X"], "missing": []}
+        assert landed
+        if lands == "between its pieces" or a.get("X")[0] is not None:
+            one_version(a, tiny_encoder, "X", [texts[28]])
+        else:
+            assert raw_points(a) == 2  # s1 and s2 alone
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""
@@ -1752,7 +1858,7 @@ def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
             col.add([texts[10], old], ids=["y", "x"])
         eng = col.engine
         target, name, real, hook, writes = long_write_hook(eng, lambda w: False)
-        removal = "_drop_slots" if eng.name == "milvus" else "_delete_points"
+        removal = "_drop_slots" if eng.name == "milvus" else "_delete_where"
         real_removal = getattr(eng, removal)
 
         def stops(*a, **kw):  # the removal after the switch (x's head written) is killed

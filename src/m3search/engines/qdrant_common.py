@@ -69,7 +69,7 @@ does not name (:meth:`QdrantEngine._committed`: one read of those heads, only wh
 may have left beside a long write's switch). The switch is ONE write: the new head (text, metadata,
 every window's span and parts, ``"gen": g``) with tombstones over every point of the old version; the
 tombstones are deleted after. Of two writes begun at once, the last switch wins whole; the other's
-points stay hidden until the document's delete. A crash between the two leaves the tombstones,
+points stay hidden (Several clients, below). A crash between the two leaves the tombstones,
 invisible, under ids of the old generation that no later write or delete of the document names: the
 Collection, which records the document being written in its manifest, deletes them before its next
 write (:meth:`QdrantEngine.tidy`, by filter). A crash before the switch leaves the old version whole,
@@ -78,6 +78,20 @@ mark's ``g``). A document not stored is written the same way: a crash leaves it 
 points hidden from every query (no head names them) until the next write removes them
 (:meth:`QdrantEngine.purge`). A write by an older release used the NEXT generation (1 for a document
 not stored): its leftovers go with the document's next long write or delete.
+
+Several clients (``shared``: a server collection). The Collection refuses to write or delete a document
+that another client is writing long (its pending mark), but a call that passed that check before the mark
+was written still lands, and writes in one request never wait for each other. Each write stays whole all
+the same, and the last to land wins: a write deletes its tombstones by filter, only points that are
+tombstones still (:meth:`QdrantEngine._delete_tombstones`), so a longer version another client wrote over
+them since stays; a search drops a window past its head's window count (:meth:`QdrantEngine._committed`):
+a write tombstones only the version it read, not a longer one written between its read and its write; a
+delete removes only the points without a generation and those of the generation it read in the head, the
+head included (:meth:`QdrantEngine._generations_read`), so a long write that began after the delete's
+checks ends whole (a delete landing before its switch removes none of its points, one landing after it
+removes them all). Left over: the points of a long write whose switch another long write's overwrote (their
+marks written at once: the manifest has no compare-and-set) stay hidden, and no delete removes them (it
+cannot tell them from a long write under way).
 """
 
 from __future__ import annotations
@@ -109,6 +123,9 @@ TEXT_CHUNK = 16_384
 LAYOUT = 3
 #: First-stage queries on a windowed collection over-fetch windows to find k documents.
 OVERFETCH = 2
+#: A stored document as its head names it (:meth:`QdrantEngine._stored`): its windows' part counts, its text
+#: point count and its generation.
+Stored = tuple[list[int], int, int]
 
 
 def window_uuid(doc_id: str, window: int, gen: int = 0) -> str:
@@ -244,11 +261,18 @@ class QdrantEngine(Engine):
         stopped before its switch leaves them under its own generation, which no other write uses."""
         if ids:
             d = self._dialect
-            self._delete_documents(list(ids), must=[d.is_empty("text")], must_not=[d.has_vector("colbert")])
+            self._delete_tombstones(d.match_any("id", list(ids)))
             if gens:  # (the heads read only when a stopped write named its generation)
                 named = {g for _, _, g in self._stored(ids).values()}
                 if dead := [g for g in gens if g not in named]:
                     self._delete_documents(list(ids), must=[d.match_any("gen", dead)])
+
+    def _delete_tombstones(self, where: Any) -> None:
+        """Delete the tombstones (no vector, no text: text points have no vector) among the points the client's
+        condition ``where`` matches, by filter: where others write, one may have written a fresh point over a
+        tombstone since (a longer version of the document, in one request), which has vectors or text and stays."""
+        d = self._dialect
+        self._delete_where(d.filter(must=[where, d.is_empty("text")], must_not=[d.has_vector("colbert")]))
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
         raise NotImplementedError
@@ -372,7 +396,7 @@ class QdrantEngine(Engine):
         stored = self._stored(ids)
         return [stored[i][::2] if i in stored else ([], 0) for i in ids]
 
-    def _stored(self, ids: Sequence[str]) -> dict[str, tuple[list[int], int, int]]:
+    def _stored(self, ids: Sequence[str]) -> dict[str, Stored]:
         """Stored documents among ``ids``: their windows' part counts, text point count and generation."""
         back = {point_uuid(i): i for i in ids}
         got = {}
@@ -403,7 +427,7 @@ class QdrantEngine(Engine):
         return {"m": [meta], "meta": json.dumps(meta)} if head else {"m": [meta]}
 
     def _points(
-        self, batch: PointBatch, old: Mapping[str, tuple[list[int], int, int]], first: int = 0, gen: int | None = None
+        self, batch: PointBatch, old: Mapping[str, Stored], first: int = 0, gen: int | None = None
     ) -> tuple[list[tuple[str, dict | None, dict]], list[int], list[str]]:
         """Window (part and text) points of ``batch``, tombstones over every old point past the
         new layout, their approximate JSON sizes, and the tombstones' ids. ``first``: the window
@@ -473,7 +497,7 @@ class QdrantEngine(Engine):
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        old: dict[str, tuple[list[int], int, int]] = {}
+        old: dict[str, Stored] = {}
         if self.max_windows > 1 or self.layout >= 3:  # a stored document may have points past the new layout
             old = self._stored(batch.ids)
         self.max_windows = max(self.max_windows, self.stored_units(batch))
@@ -481,7 +505,7 @@ class QdrantEngine(Engine):
         if points:
             self._write(points, sizes)  # old or new documents whole
         if tombs:
-            self._delete_points(tombs)  # a crash before this leaves invisible tombstones
+            self._delete_tombstones(self._has_ids(tombs))  # a crash before this leaves invisible tombstones
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
         """Long writes (module docstring): each piece's points written as it comes under the write's own
@@ -497,7 +521,7 @@ class QdrantEngine(Engine):
             if head is None:
                 old = self._stored([doc_id]).get(doc_id)
                 if old is None:  # nothing to keep (hidden until its head names the generation), over the
-                    self.delete([doc_id])  # points of an interrupted write of an older release (generations 0, 1)
+                    self._delete([doc_id], {})  # points of an interrupted write of an older release (generations 0, 1)
                 else:  # the old version stays whole until the switch; an older release's interrupted write's go
                     self._delete_points(self._slots(doc_id, old[2] + 1))
                 gen = gen or (old[2] + 1 if old else 1)
@@ -522,7 +546,7 @@ class QdrantEngine(Engine):
         tombs = self._tombstones(doc_id, *old) if old else []
         self._write([(uid, vec, payload), *tombs], [size + 16 * len(spans)] + [256] * len(tombs))  # the switch
         if tombs:
-            self._delete_points([t[0] for t in tombs])  # a crash before this leaves invisible tombstones
+            self._delete_tombstones(self._has_ids([t[0] for t in tombs]))  # a crash before this leaves them, invisible
 
     def _slots(self, doc_id: str, gen: int) -> list[str]:
         """Every point id but the head's that a version of generation ``gen`` may have had: windows and
@@ -569,15 +593,34 @@ class QdrantEngine(Engine):
     def delete(self, ids: Sequence[str]) -> None:
         """Every point a document may have, in one write: all windows (and parts) up to the most points
         any document had, in its generation and the next (points of an interrupted long write), and the
-        text points its head names (this also removes tombstones left by a crash)."""
+        text points its head names (this also removes tombstones left by a crash). Where others write
+        (``shared``), only those of the generations read here (:meth:`_generations_read`)."""
         if ids:
-            stored = self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {}
-            uuids = dict.fromkeys(point_uuid(i) for i in ids)
-            for i in ids:
-                _, chunks, gen = stored.get(i, ([], 0, 0))
-                uuids.update(dict.fromkeys(self._slots(i, gen) + self._slots(i, gen + 1)))
-                uuids.update(dict.fromkeys(text_uuid(i, c, gen) for c in range(chunks)))
+            self._delete(ids, self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {})
+
+    def _delete(self, ids: Sequence[str], stored: Mapping[str, Stored]) -> None:
+        """:meth:`delete` of the documents as read (``stored``: :meth:`_stored`)."""
+        uuids = dict.fromkeys(point_uuid(i) for i in ids)
+        for i in ids:
+            _, chunks, gen = stored.get(i, ([], 0, 0))
+            uuids.update(dict.fromkeys(self._slots(i, gen) + self._slots(i, gen + 1)))
+            uuids.update(dict.fromkeys(text_uuid(i, c, gen) for c in range(chunks)))
+        if self.shared:
+            d = self._dialect
+            self._delete_where(d.filter(must=[self._has_ids(list(uuids)), self._generations_read(stored)]))
+        else:
             self._delete_points(list(uuids))
+
+    def _generations_read(self, stored: Mapping[str, Stored]) -> Any:
+        """The client's condition on the points a delete removes where others write: those without a generation
+        (tombstones included) and those of the generation a head named when read (``stored``; 0 for a document
+        not stored), or the next (an older release's long write), the head included. Not another: a long write
+        that another client begins after the delete's checks (``Collection._refuse_others_writes``) has a
+        generation of its own (one in 2**62, drawn at random), so it ends whole, switched before the delete
+        lands (it then deletes nothing of it) or after."""
+        d = self._dialect
+        gens = sorted({0, 1} | {g + k for _, _, g in stored.values() for k in (0, 1)})
+        return d.filter(should=[d.is_empty("gen"), d.match_any("gen", gens)])
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -679,11 +722,12 @@ class QdrantEngine(Engine):
         return out
 
     def _committed(self, results: list[list]) -> list[list]:
-        """The scored points without those of a generation their document's head does not name (a long
-        write not switched yet, or interrupted): one read of those heads, only when a hit has a generation or,
-        where others write (``shared``), is a window past the head: another client's write in one request may
-        have stored windows of generation 0 just before a long write's switch, which tombstones only the version
-        it read when it began."""
+        """The scored points without those their document's head does not name: of another generation (a long
+        write not switched yet, or interrupted), or past its window count. One read of those heads, only when a
+        hit has a generation or, where others write (``shared``), is a window past the head: another client's
+        write may have stored windows that the last write does not tombstone, as it tombstones only the version
+        it read (a write in one request of generation 0 just before a long write's switch; a longer version in
+        one request between another write's read and its write)."""
 
         def unsure(p: Any) -> bool:
             return bool(p.payload.get("gen") or (self.shared and p.payload.get("window")))
@@ -691,10 +735,13 @@ class QdrantEngine(Engine):
         asked = {p.payload["id"] for pts in results for p in pts if unsure(p)}
         if not asked:
             return results
-        live = {d: g for d, (_, _, g) in self._stored(list(asked)).items()}
-        return [
-            [p for p in pts if not unsure(p) or p.payload.get("gen", 0) == live.get(p.payload["id"])] for pts in results
-        ]
+        live = self._stored(list(asked))
+
+        def named(p: Any) -> bool:
+            parts, _, gen = live.get(p.payload["id"], ([], 0, None))
+            return p.payload.get("gen", 0) == gen and p.payload.get("window", 0) < len(parts)
+
+        return [[p for p in pts if not unsure(p) or named(p)] for pts in results]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)

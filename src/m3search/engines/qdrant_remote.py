@@ -54,7 +54,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
-from m3search.engines.qdrant_common import QdrantEngine, is_head, record_from_point, split_requests
+from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 from m3search.filters import Filter
@@ -548,13 +548,14 @@ class QdrantRemoteEngine(QdrantEngine):
         for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
-    def delete(self, ids: Sequence[str]) -> None:
+    def _delete(self, ids: Sequence[str], stored: Mapping[str, Stored]) -> None:
         """Documents stored as several points: every point carrying their id, by filter, in one
-        request (windows, parts and tombstones alike). Else by point id (a filter on ``id`` scans every
-        point); the bound is current, as the Collection re-reads it before each call (``shared``)."""
-        if self.max_windows <= 1 or not ids:
-            return super().delete(ids)
-        self._delete_documents(list(ids))
+        request (windows, parts and tombstones alike), of the generations read in their heads (one read
+        first: :meth:`_generations_read`). Else by point id (a filter on ``id`` scans every point); the bound
+        is current, as the Collection re-reads it before each call (``shared``)."""
+        if self.max_windows <= 1:
+            return super()._delete(ids, stored)
+        self._delete_documents(list(ids), must=[self._generations_read(stored)])
 
     def _delete_where(self, filter: qm.Filter) -> None:
         sel = qm.FilterSelector(filter=filter)
