@@ -723,24 +723,17 @@ def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
         assert score == pytest.approx(float((want @ probe).max()), abs=1e-5)
 
 
-#: Why the race reproductions fail on Milvus still (a slot of its own per write would close them).
-RACE_1 = (
-    "open on Milvus: a long write's rows are told apart by slot (1 or 2), not by write, so another write or a "
-    "recovery of the document that passed the pending-mark check overwrites or removes them: it can end mixed"
-)
-#: The engines of the race reproductions: Milvus fails them still.
-RACE_1_ENGINES = ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.xfail(strict=True, reason=RACE_1))]
-
-
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):
     """B checked the marks of X (none) and encoded its new version; A then marked X and wrote its long version
     up to the switch; B's one write landed; A switched. Qdrant: B's windows (generation 0, which a search took
     without asking the head) stayed searchable beside A's head; a search on a server collection now asks the
-    head about every window past it. Milvus (open): B's write removes the rows of slots 1 and 2 (A's windows so
-    far), so A's head names windows that are gone, and B's slot-0 windows stay searchable."""
+    head about every window past it. Milvus: B's write removed the rows of slots 1 and 2 (A's windows so far),
+    so A's head named windows that were gone; A's rows are now its generation's, which B's write does not
+    touch, and A's switch tombstones the version stored then (B's), whose windows a search also checks against
+    the head."""
 
     texts, *_ = corpus
     with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
@@ -766,13 +759,14 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
         one_version(b, tiny_encoder, "X", [texts[28], texts[29]])
 
 
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A checked the marks of X (none) and wrote its mark over a manifest read before B's (a manifest write has no
     compare-and-set: B's mark was lost), after B had checked its own. Both wrote X's next generation (Milvus: its
     free slot): A's start removed B's windows so far, B's later windows overwrote A's, and B's head then named
-    windows of both versions. On Qdrant each long write now has a generation of its own (drawn at random,
-    recorded in its mark): B's switch, the last, names B's version whole; A's points are hidden leftovers."""
+    windows of both versions. Each long write now has a generation of its own (drawn at random, recorded in its
+    mark): B's switch, the last, names B's version whole; A's points are hidden leftovers (Milvus: B's switch
+    tombstones A's version, the one stored then)."""
     import json
 
     texts, *_ = corpus
@@ -811,7 +805,7 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
     """A's long write of L stopped (A closed: its mark is a dead writer's). C's next write clears it: C finds L
     not stored and purges it; between that finding and the purge, B (which cleared L itself) writes L whole in
     one write. C's purge removed every point of L, B's acknowledged document with them. A purge now removes only
-    what long writes leave (Qdrant: points of a generation; Milvus: rows of slots 1 and 2)."""
+    what long writes leave (points, or Milvus rows, of a generation)."""
     import m3search.collection as collection
 
     texts, *_ = corpus
@@ -831,7 +825,7 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
         assert c.count() == 3 and pending(c) == []
 
 
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """As above, but B's write of L is long and its purge lands after B's window 1: C's purge removed every
     point of L with a generation, B's window 1 with them, and B's head then named a window that was gone. A
@@ -1716,7 +1710,7 @@ def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
             col.add([texts[10], old], ids=["y", "x"])
         eng = col.engine
         target, name, real, hook, writes = long_write_hook(eng, lambda w: False)
-        removal = "_drop_slots" if eng.name == "milvus" else "_delete_points"
+        removal = "_drop" if eng.name == "milvus" else "_delete_points"
         real_removal = getattr(eng, removal)
 
         def stops(*a, **kw):  # the removal after the switch (x's head written) is killed
@@ -1781,13 +1775,14 @@ def test_a_long_text_shows_window_progress(tmp_path, tiny_encoder, corpus, capsy
         assert col.get("long")[0].windows > 3
 
 
-@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
 def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):
     """A document written in pieces leaves points with a generation and pending marks with a lease, which an
     m3search reading up to schema 3 misread (wrong hits, a delete that left the document; a TypeError on its
-    next write). That write raises the collection to schema 4, which they refuse; a collection without one
+    next write), and on Milvus rows keyed by its generation, which one reading up to 4 misreads (it looks in
+    slots 1 and 2). That write raises the collection to schema 5, which they refuse; a collection without one
     stays at 3, readable by them, and so does its migrated copy."""
     import m3search.collection as collection
     import m3search.engines.shapes as shapes
@@ -1800,10 +1795,10 @@ def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
         one_window_pieces(monkeypatch, tiny_encoder)
         col.add([texts[29]], ids=["L"])
         stored = col.engine.read_manifest()
-        assert stored["schema_version"] == 4 and stored["pending"] == [] and col.count() == 3
-    with monkeypatch.context() as older:  # an m3search that reads up to 3 refuses it with its own clear error
-        older.setattr(shapes, "SCHEMA_VERSION", 3)
-        with pytest.raises(ValueError, match="schema version 4; this m3search reads up to 3"):
+        assert stored["schema_version"] == 5 and stored["pending"] == [] and col.count() == 3
+    with monkeypatch.context() as older:  # an m3search that reads up to 4 refuses it with its own clear error
+        older.setattr(shapes, "SCHEMA_VERSION", 4)
+        with pytest.raises(ValueError, match="schema version 5; this m3search reads up to 4"):
             shapes.check_manifest(stored, "col")
     with Collection.open(location(engine, tmp_path), model=tiny_encoder) as col:  # this one reads it
         assert col.get("L")[0].text == texts[29]
