@@ -800,6 +800,38 @@ def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_en
         one_version(b, tiny_encoder, "X", [texts[28], texts[20]])
 
 
+def test_a_milvus_write_landing_between_a_long_write_s_switch_and_its_removal_is_kept(
+    tmp_path, tiny_encoder, corpus, monkeypatch
+):
+    """X is stored by one write (slot 0). B checked the marks of X (none); A then marked X and wrote it long up to
+    its switch; B's one write landed after A's switch, before A removed the version it replaced. That removal
+    deleted every row of slot 0, B's head and windows with them: X, which B's write had stored last, was gone.
+    A now removes only the rows of the version it replaced (by key and generation): X is B's version whole."""
+    texts, *_ = corpus
+    with two_clients("milvus-lite", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])  # 3 windows, in slot 0
+        real_b, client = b.engine.upsert, a.engine.client
+        real_a, held = client.upsert, []
+
+        def b_lands_after_a_s_switch(coll, rows, **kw):
+            out = real_a(coll, rows, **kw)
+            if coll == a.engine.collection and any(r["doc_id"] == "X" and r["win"] == 0 for r in rows) and held:
+                real_b(held.pop())
+            return out
+
+        def a_begins(batch):  # B has checked the marks: A marks X and writes it long
+            held.append(batch)
+            one_window_pieces(monkeypatch, tiny_encoder)
+            monkeypatch.setattr(client, "upsert", b_lands_after_a_s_switch)
+            a.upsert([texts[28]], ids=["X"])
+
+        monkeypatch.setattr(b.engine, "upsert", a_begins)
+        b.upsert([texts[10]], ids=["X"])  # 2 windows
+        assert not held
+        one_version(b, tiny_encoder, "X", [texts[10], texts[28]])
+        assert b.get("X")[0].text == texts[10] and vector_points(b, "X") == 2 and b.count() == 3
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A's long write of L stopped (A closed: its mark is a dead writer's). C's next write clears it: C finds L
