@@ -1162,6 +1162,70 @@ def test_milvus_collection_made_before_windows_keeps_its_layout(tmp_path, tiny_e
         assert col.count() == 4
 
 
+def as_slot(eng, doc_id: str, key: int, slot: int) -> None:
+    """The rows of ``doc_id``'s version ``key`` (its ``doc``; token rows too) moved to ``slot`` 1 or 2, where
+    schema 4 kept long writes (its ``doc`` values and window keys, pinned by test_engines.py)."""
+    import hashlib
+
+    from m3search.engines.milvus import _SLOT_SALT, _legacy_keys, _pk
+
+    def wpk(w: int) -> int:
+        digest = hashlib.sha1(_SLOT_SALT + f"w{slot}\x00{w}\x00{doc_id}".encode()).digest()
+        return _pk(doc_id) if w == 0 else int.from_bytes(digest[:8], "big", signed=True)
+
+    c, doc = eng.client, _legacy_keys(doc_id)[slot - 1]
+    rows = c.query(eng.collection, filter=f"doc == {key}", output_fields=["*"])
+    tokens = c.query(eng.tokens, filter=f"doc == {key}", output_fields=["gen", "blk", "vec"])
+    assert rows and tokens
+    for coll in (eng.collection, eng.tokens):
+        c.delete(coll, filter=f"doc == {key}")
+    c.upsert(eng.collection, [{**r, "pk": wpk(r["win"]), "doc": doc} for r in rows])
+    c.insert(eng.tokens, [{**t, "doc": doc} for t in tokens])
+
+
+def test_a_milvus_collection_of_schema_4_reads_recovers_and_rewrites(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """Schema 4 kept a long write's rows in slot 1 or 2 (``doc`` a hash of slot and id), told apart by slot, not
+    by write. Such a collection (X long-written in slot 1, a long rewrite of X stopped in slot 2 with its pending
+    mark) reads X whole, clears the stopped write's rows on the next write, rewrites X long and short, and a
+    delete leaves no row, token or text row behind (as a reference collection written anew)."""
+    from m3search.engines.milvus import _doc_key
+
+    texts, *_ = corpus
+    one_window_pieces(monkeypatch, tiny_encoder)
+    with create("milvus-lite", tmp_path / "col", tiny_encoder) as a:
+        a.add([texts[0]], ids=["s"])
+        a.add([texts[20]], ids=["X"])
+        eng = a.engine
+        as_slot(eng, "X", eng._heads(["X"], ["doc_id"])["X"]["doc"], 1)
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.upsert([texts[29]], ids=["X"])
+        (mark,) = eng.read_manifest()["pending"]
+        as_slot(eng, "X", _doc_key("X", mark["gen"]), 2)
+        eng.write_manifest({**eng.read_manifest(), "schema_version": 4})
+    with (
+        Collection.open(location("milvus-lite", tmp_path / "col"), model=tiny_encoder) as b,
+        create("milvus-lite", tmp_path / "ref", tiny_encoder) as ref,
+    ):
+        one_version(b, tiny_encoder, "X", [texts[20], texts[29]])
+        assert b.get("X")[0].text == texts[20] and b.count() == 2
+        b.add([texts[1]], ids=["t"])  # clears the stopped write: its rows in slot 2 go
+        ref.add([texts[0], texts[20], texts[1]], ids=["s", "X", "t"])
+        assert stored_rows(b) == stored_rows(ref) and pending(b) == []
+        for text, long in ((texts[28], True), (texts[10], False), (texts[21], True)):
+            monkeypatch.setattr(
+                "m3search.collection.PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim if long else 1 << 28
+            )
+            b.upsert([text], ids=["X"])
+            ref.upsert([text], ids=["X"])
+            one_version(b, tiny_encoder, "X", [text, texts[20]])
+            assert stored_rows(b) == stored_rows(ref)
+        assert b.engine.read_manifest()["schema_version"] == 5
+        b.delete(["X"])
+        ref.delete(["X"])
+        assert stored_rows(b) == stored_rows(ref) and b.count() == 2
+
+
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
     """A schema-1 collection (no window settings, points without window keys) keeps cutting long texts."""
     import json
