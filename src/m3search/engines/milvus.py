@@ -18,8 +18,8 @@ named ``m3search``):
     strings in a Milvus expression; ``doc`` INT64 (the row's VERSION key, :func:`_doc_key`:
     the head's ``pk`` for ``upsert``'s rows ("slot 0", where every row was before long
     writes), a salted hash of ``(g, id)`` for a long write's; the head's ``doc`` names the
-    version that is its document; tombstones hold the head's ``pk``) and ``win`` INT32 (window number, -1
-    for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
+    version that is its document; a tombstone's is the head's ``pk``) and ``win`` INT32
+    (window number, -1 for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
     hash collision is detected on write and refused); ``text`` VARCHAR (the whole text on
     the head when it fits Milvus's VARCHAR limit of 65,535 UTF-8 bytes, else "" and
     ``tparts`` INT32 says how many ``NAME_text`` rows hold it; "" on other windows);
@@ -87,8 +87,8 @@ over a head that named a long write's version, every row of that version (its ``
 generations are random, keys hashes: one is never the other). So, when OUR process is killed
 (Milvus Lite, or a server applying each request whole), every document is its old or its new
 version whole, never a mix: before (2) its old rows are untouched, after it the new ones are
-complete; leftovers of (1) and (3) are invisible and removed by the document's next write or
-delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
+complete; leftovers of (1) and (3) are invisible and removed by the document's next ``upsert``
+or delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
 a loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
 that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a reader
 concurrent with request (2) can see them absent for its duration. On a server the rule rests
