@@ -371,21 +371,24 @@ def test_milvus_filter_expressions():
 
 
 def test_milvus_keys_are_those_stored_collections_hold():
-    """Row keys are part of the stored layout: the head's is the first 8 bytes of the id's UUID5 and a
-    window's a fixed hash, as collections already written hold them (values pinned); slots 1 and 2 (long
-    writes) have keys of their own but the head's."""
+    """Row keys are part of the stored layout: the head's is the first 8 bytes of the id's UUID5, a window's a
+    fixed hash, and slots 1 and 2 (where long writes went before generations) have ``doc`` values of their own,
+    as collections already written hold them (values pinned); a long write's generation has keys of its own
+    but the head's."""
     pytest.importorskip("pymilvus")
     import uuid
 
     from m3search.engines.base import point_uuid
-    from m3search.engines.milvus import _pk, _slot_keys, _wpk
+    from m3search.engines.milvus import _doc_key, _legacy_keys, _pk, _wpk
 
     for doc_id in ["x", "d00", "é€😀 id", "a" * 300]:
         assert _pk(doc_id) == int.from_bytes(uuid.UUID(point_uuid(doc_id)).bytes[:8], "big", signed=True)
-        assert _wpk(doc_id, 0, 1) == _wpk(doc_id, 0, 2) == _slot_keys(doc_id)[0] == _pk(doc_id)
-        keys = _slot_keys(doc_id) + [_wpk(doc_id, w, s) for w in (1, 2) for s in range(3)]
+        assert _wpk(doc_id, 0, 7) == _wpk(doc_id, 0) == _doc_key(doc_id) == _pk(doc_id)
+        keys = [_doc_key(doc_id, g) for g in (0, 7, 8)] + _legacy_keys(doc_id)
+        keys += [_wpk(doc_id, w, g) for w in (1, 2) for g in (0, 7, 8)]
         assert len(set(keys)) == len(keys)
     assert (_pk("x"), _wpk("x", 0), _wpk("x", 1)) == (-7852439790244310166, -7852439790244310166, 6224255388276491760)
+    assert _legacy_keys("x") == [-7651544018683321281, 2828727562363043857]
 
 
 def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, tiny_encoder):

@@ -759,24 +759,17 @@ def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
         assert score == pytest.approx(float((want @ probe).max()), abs=1e-5)
 
 
-#: Why the race reproductions fail on Milvus still (a slot of its own per write would close them).
-RACE_1 = (
-    "open on Milvus: a long write's rows are told apart by slot (1 or 2), not by write, so another write or a "
-    "recovery of the document that passed the pending-mark check overwrites or removes them: it can end mixed"
-)
-#: The engines of the race reproductions: Milvus fails them still.
-RACE_1_ENGINES = ["qdrant-local", pytest.param("milvus-lite", marks=pytest.mark.xfail(strict=True, reason=RACE_1))]
-
-
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):
     """B checked the marks of X (none) and encoded its new version; A then marked X and wrote its long version
     up to the switch; B's one write landed; A switched. Qdrant: B's windows (generation 0, which a search took
     without asking the head) stayed searchable beside A's head; a search on a server collection now asks the
-    head about every window past it. Milvus (open): B's write removes the rows of slots 1 and 2 (A's windows so
-    far), so A's head names windows that are gone, and B's slot-0 windows stay searchable."""
+    head about every window past it. Milvus: B's write removed the rows of slots 1 and 2 (A's windows so far),
+    so A's head named windows that were gone; A's rows are now its generation's, which B's write does not
+    touch, and A's switch tombstones the version stored then (B's), whose windows a search also checks against
+    the head."""
 
     texts, *_ = corpus
     with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
@@ -802,13 +795,14 @@ def test_a_write_checked_before_another_client_s_long_write_leaves_one_version(
         one_version(b, tiny_encoder, "X", [texts[28], texts[29]])
 
 
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A checked the marks of X (none) and wrote its mark over a manifest read before B's (a manifest write has no
     compare-and-set: B's mark was lost), after B had checked its own. Both wrote X's next generation (Milvus: its
     free slot): A's start removed B's windows so far, B's later windows overwrote A's, and B's head then named
-    windows of both versions. On Qdrant each long write now has a generation of its own (drawn at random,
-    recorded in its mark): B's switch, the last, names B's version whole; A's points are hidden leftovers."""
+    windows of both versions. Each long write now has a generation of its own (drawn at random, recorded in its
+    mark): B's switch, the last, names B's version whole; A's points are hidden leftovers (Milvus: B's switch
+    tombstones A's version, the one stored then)."""
     import json
 
     texts, *_ = corpus
@@ -842,12 +836,44 @@ def test_two_long_writes_whose_marks_crossed_leave_one_version(tmp_path, tiny_en
         one_version(b, tiny_encoder, "X", [texts[28], texts[20]])
 
 
+def test_a_milvus_write_landing_between_a_long_write_s_switch_and_its_removal_is_kept(
+    tmp_path, tiny_encoder, corpus, monkeypatch
+):
+    """X is stored by one write (slot 0). B checked the marks of X (none); A then marked X and wrote it long up to
+    its switch; B's one write landed after A's switch, before A removed the version it replaced. That removal
+    deleted every row of slot 0, B's head and windows with them: X, which B's write had stored last, was gone.
+    A now removes only the rows of the version it replaced (by key and generation): X is B's version whole."""
+    texts, *_ = corpus
+    with two_clients("milvus-lite", tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])  # 3 windows, in slot 0
+        real_b, client = b.engine.upsert, a.engine.client
+        real_a, held = client.upsert, []
+
+        def b_lands_after_a_s_switch(coll, rows, **kw):
+            out = real_a(coll, rows, **kw)
+            if coll == a.engine.collection and any(r["doc_id"] == "X" and r["win"] == 0 for r in rows) and held:
+                real_b(held.pop())
+            return out
+
+        def a_begins(batch):  # B has checked the marks: A marks X and writes it long
+            held.append(batch)
+            one_window_pieces(monkeypatch, tiny_encoder)
+            monkeypatch.setattr(client, "upsert", b_lands_after_a_s_switch)
+            a.upsert([texts[28]], ids=["X"])
+
+        monkeypatch.setattr(b.engine, "upsert", a_begins)
+        b.upsert([texts[10]], ids=["X"])  # 2 windows
+        assert not held
+        one_version(b, tiny_encoder, "X", [texts[10], texts[28]])
+        assert b.get("X")[0].text == texts[10] and vector_points(b, "X") == 2 and b.count() == 3
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """A's long write of L stopped (A closed: its mark is a dead writer's). C's next write clears it: C finds L
     not stored and purges it; between that finding and the purge, B (which cleared L itself) writes L whole in
     one write. C's purge removed every point of L, B's acknowledged document with them. A purge now removes only
-    what long writes leave (Qdrant: points of a generation; Milvus: rows of slots 1 and 2)."""
+    what long writes leave (points, or Milvus rows, of a generation)."""
     import m3search.collection as collection
 
     texts, *_ = corpus
@@ -867,7 +893,7 @@ def test_a_write_landing_during_another_client_s_purge_is_kept(tmp_path, tiny_en
         assert c.count() == 3 and pending(c) == []
 
 
-@pytest.mark.parametrize("engine", RACE_1_ENGINES)
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
     """As above, but B's write of L is long and its purge lands after B's window 1: C's purge removed every
     point of L with a generation, B's window 1 with them, and B's head then named a window that was gone. A
@@ -1276,6 +1302,70 @@ def test_milvus_collection_made_before_windows_keeps_its_layout(tmp_path, tiny_e
         with pytest.raises(ValueError, match="created before documents could have several windows"):
             col.engine.upsert(batch)
         assert col.count() == 4
+
+
+def as_slot(eng, doc_id: str, key: int, slot: int) -> None:
+    """The rows of ``doc_id``'s version ``key`` (its ``doc``; token rows too) moved to ``slot`` 1 or 2, where
+    schema 4 kept long writes (its ``doc`` values and window keys, pinned by test_engines.py)."""
+    import hashlib
+
+    from m3search.engines.milvus import _SLOT_SALT, _legacy_keys, _pk
+
+    def wpk(w: int) -> int:
+        digest = hashlib.sha1(_SLOT_SALT + f"w{slot}\x00{w}\x00{doc_id}".encode()).digest()
+        return _pk(doc_id) if w == 0 else int.from_bytes(digest[:8], "big", signed=True)
+
+    c, doc = eng.client, _legacy_keys(doc_id)[slot - 1]
+    rows = c.query(eng.collection, filter=f"doc == {key}", output_fields=["*"])
+    tokens = c.query(eng.tokens, filter=f"doc == {key}", output_fields=["gen", "blk", "vec"])
+    assert rows and tokens
+    for coll in (eng.collection, eng.tokens):
+        c.delete(coll, filter=f"doc == {key}")
+    c.upsert(eng.collection, [{**r, "pk": wpk(r["win"]), "doc": doc} for r in rows])
+    c.insert(eng.tokens, [{**t, "doc": doc} for t in tokens])
+
+
+def test_a_milvus_collection_of_schema_4_reads_recovers_and_rewrites(tmp_path, tiny_encoder, corpus, monkeypatch):
+    """Schema 4 kept a long write's rows in slot 1 or 2 (``doc`` a hash of slot and id), told apart by slot, not
+    by write. Such a collection (X long-written in slot 1, a long rewrite of X stopped in slot 2 with its pending
+    mark) reads X whole, clears the stopped write's rows on the next write, rewrites X long and short, and a
+    delete leaves no row, token or text row behind (as a reference collection written anew)."""
+    from m3search.engines.milvus import _doc_key
+
+    texts, *_ = corpus
+    one_window_pieces(monkeypatch, tiny_encoder)
+    with create("milvus-lite", tmp_path / "col", tiny_encoder) as a:
+        a.add([texts[0]], ids=["s"])
+        a.add([texts[20]], ids=["X"])
+        eng = a.engine
+        as_slot(eng, "X", eng._heads(["X"], ["doc_id"])["X"]["doc"], 1)
+        stop_long_writes(monkeypatch, a)
+        with pytest.raises(KeyboardInterrupt):
+            a.upsert([texts[29]], ids=["X"])
+        (mark,) = eng.read_manifest()["pending"]
+        as_slot(eng, "X", _doc_key("X", mark["gen"]), 2)
+        eng.write_manifest({**eng.read_manifest(), "schema_version": 4})
+    with (
+        Collection.open(location("milvus-lite", tmp_path / "col"), model=tiny_encoder) as b,
+        create("milvus-lite", tmp_path / "ref", tiny_encoder) as ref,
+    ):
+        one_version(b, tiny_encoder, "X", [texts[20], texts[29]])
+        assert b.get("X")[0].text == texts[20] and b.count() == 2
+        b.add([texts[1]], ids=["t"])  # clears the stopped write: its rows in slot 2 go
+        ref.add([texts[0], texts[20], texts[1]], ids=["s", "X", "t"])
+        assert stored_rows(b) == stored_rows(ref) and pending(b) == []
+        for text, long in ((texts[28], True), (texts[10], False), (texts[21], True)):
+            monkeypatch.setattr(
+                "m3search.collection.PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim if long else 1 << 28
+            )
+            b.upsert([text], ids=["X"])
+            ref.upsert([text], ids=["X"])
+            one_version(b, tiny_encoder, "X", [text, texts[20]])
+            assert stored_rows(b) == stored_rows(ref)
+        assert b.engine.read_manifest()["schema_version"] == 5
+        b.delete(["X"])
+        ref.delete(["X"])
+        assert stored_rows(b) == stored_rows(ref) and b.count() == 2
 
 
 def test_collection_made_before_windows_opens_and_cuts(tmp_path, tiny_encoder, corpus):
@@ -1858,7 +1948,7 @@ def test_a_long_overwrite_stopped_after_its_switch_leaves_nothing_once_cleared(
             col.add([texts[10], old], ids=["y", "x"])
         eng = col.engine
         target, name, real, hook, writes = long_write_hook(eng, lambda w: False)
-        removal = "_drop_slots" if eng.name == "milvus" else "_delete_where"
+        removal = "_drop" if eng.name == "milvus" else "_delete_where"
         real_removal = getattr(eng, removal)
 
         def stops(*a, **kw):  # the removal after the switch (x's head written) is killed
@@ -1923,13 +2013,14 @@ def test_a_long_text_shows_window_progress(tmp_path, tiny_encoder, corpus, capsy
         assert col.get("long")[0].windows > 3
 
 
-@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local"])
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
 def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):
     """A document written in pieces leaves points with a generation and pending marks with a lease, which an
     m3search reading up to schema 3 misread (wrong hits, a delete that left the document; a TypeError on its
-    next write). That write raises the collection to schema 4, which they refuse; a collection without one
+    next write), and on Milvus rows keyed by its generation, which one reading up to 4 misreads (it looks in
+    slots 1 and 2). That write raises the collection to schema 5, which they refuse; a collection without one
     stays at 3, readable by them, and so does its migrated copy."""
     import m3search.collection as collection
     import m3search.engines.shapes as shapes
@@ -1942,10 +2033,10 @@ def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
         one_window_pieces(monkeypatch, tiny_encoder)
         col.add([texts[29]], ids=["L"])
         stored = col.engine.read_manifest()
-        assert stored["schema_version"] == 4 and stored["pending"] == [] and col.count() == 3
-    with monkeypatch.context() as older:  # an m3search that reads up to 3 refuses it with its own clear error
-        older.setattr(shapes, "SCHEMA_VERSION", 3)
-        with pytest.raises(ValueError, match="schema version 4; this m3search reads up to 3"):
+        assert stored["schema_version"] == 5 and stored["pending"] == [] and col.count() == 3
+    with monkeypatch.context() as older:  # an m3search that reads up to 4 refuses it with its own clear error
+        older.setattr(shapes, "SCHEMA_VERSION", 4)
+        with pytest.raises(ValueError, match="schema version 5; this m3search reads up to 4"):
             shapes.check_manifest(stored, "col")
     with Collection.open(location(engine, tmp_path), model=tiny_encoder) as col:  # this one reads it
         assert col.get("L")[0].text == texts[29]

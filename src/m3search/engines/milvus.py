@@ -13,12 +13,13 @@ named ``m3search``):
 ``NAME`` (one row per WINDOW of a document: a document of ``n`` windows is ``n`` rows)
     ``pk`` INT64 primary key: window 0 (the HEAD) = the first 8 bytes of the id's UUID5
     (:func:`~m3search.engines.base.point_uuid`, as on Qdrant), window ``w > 0`` = a salted
-    hash of ``(w, id)`` in slot 0, of ``(slot, w, id)`` in slots 1 and 2 (:func:`_wpk`;
-    slots: "Long writes", below), so lookups never embed caller strings in a Milvus
-    expression; ``doc`` INT64 (the row's SLOT value, :func:`_slot_key`: the head's ``pk`` in
-    slot 0, where every row was before slots; a salted hash of ``(slot, id)`` in slots 1 and
-    2; the head's ``doc`` names its document's slot) and ``win`` INT32 (window number, -1
-    for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
+    hash of ``(w, id)`` when ``upsert`` wrote it, of ``(g, w, id)`` when the long write of
+    generation ``g`` did (:func:`_wpk`; "Long writes", below), so lookups never embed caller
+    strings in a Milvus expression; ``doc`` INT64 (the row's VERSION key, :func:`_doc_key`:
+    the head's ``pk`` for ``upsert``'s rows ("slot 0", where every row was before long
+    writes), a salted hash of ``(g, id)`` for a long write's; the head's ``doc`` names the
+    version that is its document; a tombstone's is the head's ``pk``) and ``win`` INT32
+    (window number, -1 for a tombstone, below), both INVERTED-indexed; ``doc_id`` VARCHAR (the caller's id; a
     hash collision is detected on write and refused); ``text`` VARCHAR (the whole text on
     the head when it fits Milvus's VARCHAR limit of 65,535 UTF-8 bytes, else "" and
     ``tparts`` INT32 says how many ``NAME_text`` rows hold it; "" on other windows);
@@ -30,8 +31,8 @@ named ``m3search``):
     pruning: ``drop_ratio_build = drop_ratio_search = 0``, so sparse top-k is exact);
     ``gen`` INT64 (the window's ColBERT generation) and ``ntok`` INT32 (its token count).
     Every query reads ``win >= 0`` (windows), counts read ``win == 0`` (documents);
-    first-stage searches group by ``doc`` (Milvus's grouping search: each document's slot
-    once, at its best window; a slot its head does not name is dropped). A collection
+    first-stage searches group by ``doc`` (Milvus's grouping search: each version once, at
+    its best window; a window of a version its head does not name is dropped). A collection
     created before windows has no ``doc`` / ``win`` / ``spans`` / ``tparts`` nor
     ``NAME_text`` (one row per document, texts up to a VARCHAR): it is read and written as
     it is, one window each.
@@ -72,58 +73,66 @@ re-inserted). A Milvus server writes one upsert request's deletes and inserts to
 logs under one timestamp, and a Strong-consistency read sees all of them or none; Milvus
 documents no atomicity across shards or for a proxy failing mid-request.
 
-Writes (``upsert``, in slot 0), in this order: (0) read the documents' stored rows, of every
-slot (refusing a key collision); (1) insert the new windows' token rows (and long texts'
+Writes (``upsert``, in slot 0), in this order: (0) read the documents' heads and slot-0 rows
+(refusing a key collision); (1) insert the new windows' token rows (and long texts'
 ``NAME_text`` rows) under fresh ``gen`` values (no row points at them yet: invisible); (2)
-upsert each document's rows in ONE request: its new windows, and a TOMBSTONE over every old
+upsert each document's rows in ONE request: its new windows, a TOMBSTONE over every old
 slot-0 window past the new count (same ``pk``, ``win = -1``, zero vectors: no query, count
-or get reads it; rows of slots 1 and 2 need none: the new head names slot 0); documents are
-grouped into requests under ``max_request_bytes``, never split; (3) delete the tombstones,
-the token and text rows of other generations, and the rows of slots 1 and 2 of the documents
-that had some. So, when OUR process is killed (Milvus Lite, or a server applying each
-request whole), every document is its old or its new version whole, never a mix: before (2)
-its old rows are untouched, after it the new ones are complete; leftovers of (1) and (3) are
-invisible and removed by the document's next write or delete (tests/test_windows.py stops a
-rewrite at each step, and kills a writer with SIGKILL in a loop). Weaker, stated as it is:
-if the Milvus Lite process itself dies inside request (2), that request's documents are
-ABSENT (old rows deleted, new not inserted), and on Lite a reader concurrent with request
-(2) can see them absent for its duration. On a server the rule rests on a request being
-applied whole or not at all, which Milvus does not document: a server failing mid-request
-may keep part of it, and a document's rows (different keys) are routed to different shards
-unless the collection has one (``shards=1``).
+or get reads it) and, when the head named a long write's version, one over that head (below);
+documents are grouped into requests under ``max_request_bytes``, never split; (3) delete the
+tombstones with what goes with them and slot 0's token rows of other generations. A
+tombstone's ``doc`` is the head's key (a document's tombstones are one query) and its ``gen``
+names what goes with it: the token and text rows of that generation (the row it replaced), or,
+over a head that named a long write's version, every row of that version (its ``doc``;
+generations are random, keys hashes: one is never the other). So, when OUR process is killed
+(Milvus Lite, or a server applying each request whole), every document is its old or its new
+version whole, never a mix: before (2) its old rows are untouched, after it the new ones are
+complete; leftovers of (1) and (3) are invisible and removed by the document's next ``upsert``
+or delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
+a loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
+that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a reader
+concurrent with request (2) can see them absent for its duration. On a server the rule rests
+on a request being applied whole or not at all, which Milvus does not document: a server
+failing mid-request may keep part of it, and a document's rows (different keys) are routed to
+different shards unless the collection has one (``shards=1``).
 
 Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
-piece, written with memory bounded by the piece). A document's rows are in one of three
-SLOTS, told apart by ``doc``: ``upsert`` writes slot 0, ``upsert_long`` slot 1, or slot 2
-when the stored version is in slot 1. The head (the same ``pk`` in every slot) names the
-slot that is its document: count, get and existing read heads; the reads of a document's
-windows (get_windows, score_windows, set_metadata, iter_batches) ask for the three slots'
-``doc`` values at once and keep the head's; a search hit outside slot 0 costs one read of
-its head and is dropped unless the head names its slot (a query that lost hits asks again
-for more), while a slot-0 hit is taken as it is, so no write leaves a live slot-0 row its
-head does not name. In this order: (0) read the head (refusing a key collision) and delete
-every row, token and text row of the slots but the stored one (an interrupted write's,
-hidden); (1) each piece's windows ``w >= 1``, as they are encoded (token rows first), in the
-new slot: hidden; (2) the SWITCH, ONE request: the new head (text, metadata, every window's
-span, ``doc`` = the new slot) and, when the old version is in slot 0, a tombstone over each
-of its windows ``w >= 1`` (an old version in slot 1 or 2 needs none: the head hides it); (3)
-delete the rows, token and text rows of the other slots. So, when our process is killed (as
-for ``upsert``, above), a long write over a stored document leaves the old version whole
-before (2) and the new one whole after it; the stray rows of (1) and (3) are hidden, and
-removed by the document's next write (``upsert``'s step 3, ``upsert_long``'s step 0) or
-delete, and after a crash by the Collection's next write, which runs step (3) for the documents its
-manifest records as being written (:meth:`MilvusEngine.tidy`). A document not stored has no head until (2): a crash leaves it absent, and the
-Collection, which records the document being written in its manifest, removes its stray rows
-before its next write. When the switch does not fit ``max_request_bytes`` (an old version in
-slot 0 with more windows than fit as tombstones of ``4 * dense_dim + 256`` bytes: ~11,500 at
-1,024-d under the default 48 MiB), the old version's slot-0 rows, head included, are deleted
-in one request just before the head is written: a crash between the two leaves the document
-ABSENT, as for a document not stored (never a mix). Weaker, as for ``upsert``: if the Milvus
-Lite process itself dies inside request (2), the document is absent. Open: two writes of one document
-that both passed the Collection's pending-mark check (a write checked before a long write began, or two
-marks written at the same moment) share the free slot, and ``upsert``'s step (3) and a recovery remove
-slots 1 and 2, so the document can end mixed (tests/test_windows.py, xfail); Qdrant gives each long
-write a generation of its own instead.
+piece, written with memory bounded by the piece). Each has a GENERATION ``g`` of its own
+(drawn at random by the Collection and recorded in its pending mark): its rows' ``doc`` is
+:func:`_doc_key` of ``g`` and their keys are ``g``'s, so no other write of the document
+(another client's, begun at the same moment) shares a row. The head (the same ``pk`` for
+every version) names the version that is its document: count, get and existing read heads;
+the reads of a document's windows (get_windows, score_windows, set_metadata, iter_batches)
+read its head, then the windows of the version it names (again, when a switch replaced it
+between the two); a search hit past a head costs one read of its head and is dropped unless
+the head names its version (a query that lost hits asks again for more). In this order: (0)
+read the head (refusing a key collision); (1) each piece's windows ``w >= 1``, as they are
+encoded (token rows first), under ``g``: hidden; (2) the SWITCH, ONE request: the new head
+(text, metadata, every window's span, ``doc`` = ``g``'s) with tombstones over the version
+stored THEN (read just before: a write may have landed since (0)): over its head, under a key
+of its own, and, in slot 0, over each of its windows (which the head does not hide); (3)
+delete the tombstones with what goes with them. No step removes rows by version but those
+of a replaced version and of a stopped write's ``g``, so a write that passed the
+Collection's pending-mark check beside another (a write checked before a long write began,
+two marks written at the same moment, a recovery's purge) never removes the other's rows: the
+last switch or ``upsert`` wins whole (tests/test_windows.py, the race reproductions). When our
+process is killed (as for ``upsert``, above), a long write over a stored document leaves the
+old version whole before (2) and the new one whole after it; a document not stored has no
+head until (2), so a crash leaves it absent. The Collection, which records each long write
+and its ``g`` in its manifest, clears a stopped one before its next write: the rows of ``g``
+that no head names (:meth:`MilvusEngine.purge`, :meth:`MilvusEngine.tidy`) and the
+document's tombstones with what goes with them (``tidy``). When the switch does not fit
+``max_request_bytes`` (an old version in slot 0 with more windows than fit as tombstones of
+``4 * dense_dim + 256`` bytes: ~11,500 at 1,024-d under the default 48 MiB), the old
+version's rows, head included, are deleted in one request just before the head is written: a
+crash between the two leaves the document ABSENT (never a mix). Weaker, as for ``upsert``: if
+the Milvus Lite process itself dies inside request (2), the document is absent. Left hidden
+for good: a version whose switch landed between another write's read of the head and that
+write's own request, which so did not know to remove it. Collections of schema 4 kept long
+writes in slots 1 and 2 (``doc`` = :func:`_legacy_keys`): read as any version a head names,
+and removed by recoveries and deletes; a long write raises the schema version to 5, so that
+releases reading up to 4, which look in those slots only, refuse the collection rather than
+misread it.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
@@ -203,18 +212,21 @@ CHUNK_BYTES = 1 << 19
 BLOCK_BYTES = 8192
 #: Parallel token queries per read (Milvus Lite serves them ~1.3-2x faster together).
 READ_THREADS = 4
+#: Reads of a document's windows before its windows are taken as they are (each read after the first follows a
+#: head that a long write's switch replaced meanwhile).
+READ_TRIES = 3
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _LITE_FILE = re.compile(r"^[A-Za-z0-9.\-_]{1,36}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MANIFEST_KEY = "manifest"
-#: Salt of window rows' keys past window 0.
+#: Salt of the keys of ``upsert``'s window rows past window 0.
 _WINDOW_SALT = b"m3search-milvus-window\x00"
 #: Namespace of the ids' UUID5 (:func:`_pk`).
 _ID_NAMESPACE = ID_NAMESPACE.bytes
-#: Salt of the ``doc`` values of slots 1 and 2, and of their window rows' keys (Long writes, module docstring).
+#: Salt of a long write's ``doc`` value and window keys (its generation's), and of a tombstone over a head.
+_GEN_SALT = b"m3search-milvus-gen\x00"
+#: Salt of the ``doc`` values of slots 1 and 2, where long writes went before generations (schema 4).
 _SLOT_SALT = b"m3search-milvus-slot\x00"
-#: Versions a document's rows can be written in: slot 0 (``upsert``), slots 1 and 2 (``upsert_long``, alternately).
-SLOTS = 3
 
 
 #: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
@@ -288,29 +300,34 @@ def _pk(doc_id: str) -> int:
     return int.from_bytes(h, "big", signed=True)
 
 
-def _slot_key(doc_id: str, slot: int) -> int:
-    """The ``doc`` value of a document's rows written in ``slot`` (0: :func:`_pk`, the value rows had before slots)."""
-    if slot == 0:
-        return _pk(doc_id)
-    digest = hashlib.sha1(_SLOT_SALT + f"d{slot}\x00{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+def _hash(salt: bytes, text: str) -> int:
+    return int.from_bytes(hashlib.sha1(salt + text.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
-def _slot_keys(doc_id: str) -> list[int]:
-    """The ``doc`` values a document's rows can hold, slot 0 first."""
-    return [_slot_key(doc_id, s) for s in range(SLOTS)]
+def _doc_key(doc_id: str, gen: int = 0) -> int:
+    """The ``doc`` value of the rows a write of ``doc_id`` makes: ``upsert``'s (``gen`` 0) the head's key
+    (:func:`_pk`), a long write's that of its generation ``gen``."""
+    return _pk(doc_id) if gen == 0 else _hash(_GEN_SALT, f"d{gen}\x00{doc_id}")
 
 
-def _wpk(doc_id: str, window: int, slot: int = 0) -> int:
-    """Primary key of a document's window row in ``slot`` (window 0: :func:`_pk` in every slot; slot 0:
-    the keys rows had before slots)."""
+def _legacy_keys(doc_id: str) -> list[int]:
+    """The ``doc`` values of slots 1 and 2, where long writes went before generations: read, and removed."""
+    return [_hash(_SLOT_SALT, f"d{slot}\x00{doc_id}") for slot in (1, 2)]
+
+
+def _wpk(doc_id: str, window: int, gen: int = 0) -> int:
+    """Primary key of a document's window row written by ``upsert`` (``gen`` 0: the keys rows had before
+    generations) or by the long write of generation ``gen``; window 0 (the head): :func:`_pk` in every one."""
     if window == 0:
         return _pk(doc_id)
-    if slot == 0:
-        digest = hashlib.sha1(_WINDOW_SALT + f"{window}\x00{doc_id}".encode()).digest()
-    else:
-        digest = hashlib.sha1(_SLOT_SALT + f"w{slot}\x00{window}\x00{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    if gen == 0:
+        return _hash(_WINDOW_SALT, f"{window}\x00{doc_id}")
+    return _hash(_GEN_SALT, f"w{gen}\x00{window}\x00{doc_id}")
+
+
+def _head_tombstone_key(doc_id: str, gen: int) -> int:
+    """Primary key of the tombstone over a replaced head whose row had generation ``gen``."""
+    return _hash(_GEN_SALT, f"t{gen}\x00{doc_id}")
 
 
 def _lit(s: str, what: str = "string") -> str:
@@ -871,13 +888,34 @@ class MilvusEngine(Engine):
             it.close()
         return rows
 
-    def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
-        per = max(1, min(MAX_RESULTS, CHUNK_BYTES // max(row_bytes, 1)))
+    def _rows_where(
+        self, keys: Sequence[int], expr: Callable[[str], str], fields: list[str], per_key: int = 1, row_bytes: int = 64
+    ) -> list[dict]:
+        """Every row matching ``expr(keys)``, asked for chunks of ``keys`` (``per_key``: rows a key may match)."""
+        per_key = max(1, per_key)
+        step = max(1, min(MAX_RESULTS // per_key, CHUNK_BYTES // max(row_bytes * per_key, 1)))
         out: list[dict] = []
-        for a in range(0, len(pks), per):
-            chunk = pks[a : a + per]
-            out += self._query(self.collection, f"pk in {_ints(chunk)}", fields, len(chunk))
+        for a in range(0, len(keys), step):
+            chunk = keys[a : a + step]
+            out += self._query(self.collection, expr(_ints(chunk)), fields, len(chunk) * per_key)
         return out
+
+    def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
+        return self._rows_where(pks, lambda keys: f"pk in {keys}", fields, 1, row_bytes)
+
+    def _heads(self, ids: Sequence[str], fields: list[str], row_bytes: int = 64) -> dict[str, dict]:
+        """The stored heads of the documents, by id (a head under a colliding key is another's: left out), each
+        with ``doc`` and ``win`` (rows written before windows: their own key, 0)."""
+        wanted = set(ids)
+        if not self.window_rows:
+            rows = self._rows_by_pk(
+                [_pk(i) for i in wanted], [f for f in fields if f in self._fields] + ["pk"], row_bytes
+            )
+            for r in rows:
+                r["doc"], r["win"] = r["pk"], 0
+        else:
+            rows = self._rows_by_pk([_pk(i) for i in wanted], list(dict.fromkeys([*fields, "doc", "win"])), row_bytes)
+        return {r["doc_id"]: r for r in rows if r["doc_id"] in wanted}
 
     def _where(self, expr: str, rows: str) -> str:
         """``expr`` restricted to ``rows``: "live" (windows a query may return: no tombstone) or "heads"
@@ -887,41 +925,6 @@ class MilvusEngine(Engine):
         cond = "win >= 0" if rows == "live" else "win == 0"
         return f"{cond} and ({expr})" if expr else cond
 
-    def _doc_rows(
-        self,
-        docs: Sequence[Sequence[int]],
-        fields: list[str],
-        row_bytes: int = 64,
-        live: bool = True,
-        with_heads: bool = False,
-        windows: range | None = None,
-    ) -> list[dict]:
-        """Rows whose ``doc`` is one of the values ``docs`` lists per document (its slots' values, or its
-        head's key alone): their live windows (``live=False``: tombstones and stray windows too), any
-        order, each with ``doc`` and ``win``; ``with_heads``: also the rows whose ``pk`` is a document's
-        first value (its head, in any slot); ``windows``: only window 0 and those whose index it holds."""
-        if not self.window_rows:
-            heads = [d[0] for d in docs]
-            rows = self._rows_by_pk(heads, [f for f in fields if f in self._fields] + ["pk"], row_bytes)
-            for r in rows:
-                r["doc"], r["win"] = r["pk"], 0
-            return rows
-        fields = list(dict.fromkeys([*fields, "doc", "win"]))
-        per_doc = max(1, self.max_windows)  # rows per document at most (one per window key)
-        step = max(1, min(MAX_RESULTS // per_doc, CHUNK_BYTES // max(row_bytes * per_doc, 1)))
-        out: list[dict] = []
-        for a in range(0, len(docs), step):
-            chunk = docs[a : a + step]
-            expr = f"doc in {_ints([v for d in chunk for v in d])}"
-            if windows is not None:
-                expr += f" and win in {_ints([0, *(w for w in range(1, per_doc) if w in windows)])}"
-            if with_heads:
-                expr += f" or pk in {_ints([d[0] for d in chunk])}"
-            out += self._query(
-                self.collection, self._where(expr, "live") if live else expr, fields, len(chunk) * per_doc
-            )
-        return out
-
     def _windows_of(
         self,
         ids: Sequence[str],
@@ -930,32 +933,51 @@ class MilvusEngine(Engine):
         whole_text: bool = True,
         windows: range | None = None,
     ) -> list[list[dict]]:
-        """Per document, its window rows in window order (``windows``: those whose index it holds): those
-        of the slot its head names ([] when it has no head: not stored, or the windows of an interrupted
-        long write), with ``colbert`` matrices if asked, and the head's whole text (``whole_text``; False:
-        the stored field, "" for a text kept in ``NAME_text``)."""
+        """Per document, its window rows in window order (``windows``: those whose index it holds): its head,
+        then the windows of the version the head names ([] when it has no head: not stored, or the windows of
+        an interrupted long write), with ``colbert`` matrices if asked, and the head's whole text
+        (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``). A document whose
+        version was replaced between the two reads (a long write's switch) is read again."""
         want = list(
             dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
         )
         if self.window_rows:
             want += ["spans", "tparts"]
-        uniq = list(dict.fromkeys(ids))
-        docs = [_slot_keys(i) if self.window_rows else [_pk(i)] for i in uniq]
-        owner = {v: i for i, d in zip(uniq, docs) for v in d}
-        by_doc: dict[int, dict[int, dict]] = {}
-        heads: dict[str, dict] = {}
-        for r in self._doc_rows(docs, want, self._row_bytes(vectors), windows=windows):
-            if r["doc_id"] != owner.get(r["doc"]):
-                continue  # another document's row under a colliding 64-bit value: not this one's
-            by_doc.setdefault(r["doc"], {})[r["win"]] = r
-            if r["win"] == 0:
-                heads[r["doc_id"]] = r
-        out = []
-        for i in ids:
-            head = heads.get(i)
-            rows = by_doc.get(head["doc"], {}) if head is not None else {}  # the head's slot only
-            n = max(1, len(head.get("spans") or [])) if head is not None else 0
-            out.append([rows[w] for w in range(n) if w in rows and (windows is None or w in windows)])
+        row_bytes = self._row_bytes(vectors)
+        found: dict[str, list[dict]] = {}
+        todo = list(dict.fromkeys(ids))
+        for _ in range(READ_TRIES):
+            heads = self._heads(todo, want, row_bytes)
+            wins = {h["doc"]: range(1, len(h.get("spans") or [])) for h in heads.values()}
+            wins = {k: [w for w in ws if windows is None or w in windows] for k, ws in wins.items()}
+            rows: dict[int, dict[int, dict]] = {}
+            keys = [k for k, ws in wins.items() if ws]
+            if keys:
+                cond = "" if windows is None else f" and win in {_ints(sorted({w for k in keys for w in wins[k]}))}"
+                owner = {h["doc"]: i for i, h in heads.items()}
+                for r in self._rows_where(
+                    keys,
+                    lambda c, cond=cond: f"doc in {c} and win > 0{cond}",
+                    want + ["doc", "win"],
+                    self.max_windows,
+                    row_bytes,
+                ):
+                    if r["doc_id"] == owner[r["doc"]]:  # (not another document's row under a colliding key)
+                        rows.setdefault(r["doc"], {})[r["win"]] = r
+            again = []
+            for i in todo:
+                head = heads.get(i)
+                if head is None:
+                    found[i] = []
+                    continue
+                got = rows.get(head["doc"], {})
+                found[i] = [head] * (windows is None or 0 in windows) + [got[w] for w in wins[head["doc"]] if w in got]
+                if any(w not in got for w in wins[head["doc"]]):
+                    again.append(i)
+            if not again:
+                break
+            todo = again
+        out = [found[i] for i in ids]
         if "colbert" in vectors:
             self._attach_colbert([r for rows in out for r in rows])
         if "text" in fields and whole_text:
@@ -1026,35 +1048,30 @@ class MilvusEngine(Engine):
             ids = list(dict.fromkeys(batch.ids[int(o)] for o in owner))
             raise ValueError(f"documents {ids[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
 
-    def _stored_rows(
-        self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]
-    ) -> tuple[dict[int, list[int]], set[str]]:
-        """Per document head, the keys of its stored LIVE rows in slot 0 (those a rewrite in slot 0 must
-        overwrite or tombstone: rows of slots 1 and 2 are hidden by the new head, module docstring), and
-        the documents that have rows in slots 1 or 2; refuses (before any write) a 64-bit key that another
+    def _stored_rows(self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]) -> dict[int, list[dict]]:
+        """Per document head, the rows ``upsert`` replaces (``pk``, ``doc``, ``win``, ``gen``): its head, its rows
+        in slot 0 (windows to overwrite or tombstone, tombstones) and, when its head names a version outside slot
+        0, that head (whose ``doc`` the new head hides). Refuses (before any write) a 64-bit key that another
         document's row holds."""
-        docs = [_slot_keys(i) if self.window_rows else [h] for i, h in zip(ids, heads)]
-        want = {v: i for i, d in zip(ids, docs) for v in d}
-        rows = self._doc_rows(docs, ["pk", "doc_id"], live=False, with_heads=True)
+        fields = ["pk", "doc_id", "doc", "win", "gen"]
+        if self.window_rows:
+            rows = self._rows_where(list(heads), lambda c: f"doc in {c} or pk in {c}", fields, self.max_windows)
+        else:
+            rows = [{**r, "doc": r["pk"], "win": 0} for r in self._rows_by_pk(list(heads), ["pk", "doc_id", "gen"])]
         extra = sorted(set(pks) - set(heads))  # window keys past 0: another document's row could hold one
         if extra and self.window_rows:
-            rows += self._rows_by_pk(extra, ["pk", "doc_id", "doc", "win"])
-        # a row's owner: the document its ``doc`` names, else the one whose head key it has; a window key
-        # past 0 held by another document's row is a collision
-        owner = [want.get(r["doc"], want.get(r["pk"], "?")) for r in rows]
-        clash = [(r["doc_id"], o) for r, o in zip(rows, owner) if r["doc_id"] != o]
+            rows += self._rows_by_pk(extra, fields)
+        # a row's owner: the document whose head key is its ``doc`` or its own key; a window key past 0 held by
+        # another document's row is a collision
+        want = dict(zip(heads, ids))
+        owner = [r["doc"] if r["doc"] in want else r["pk"] for r in rows]
+        clash = [(r["doc_id"], want.get(o, "?")) for r, o in zip(rows, owner) if r["doc_id"] != want.get(o)]
         if clash:
             raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
-        live: dict[int, list[int]] = {}
-        slotted: set[str] = set()
-        first = set(heads)
-        for r in rows:
-            if r["doc"] in first:
-                if r["win"] >= 0:
-                    live.setdefault(r["doc"], []).append(r["pk"])
-            elif r["doc"] in want:
-                slotted.add(r["doc_id"])
-        return live, slotted
+        out: dict[int, dict[int, dict]] = {}
+        for r, o in zip(rows, owner):
+            out.setdefault(o, {})[r["pk"]] = r
+        return {o: list(rs.values()) for o, rs in out.items()}
 
     def _rows(
         self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
@@ -1103,12 +1120,13 @@ class MilvusEngine(Engine):
             self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
         return docs, sizes
 
-    def _tombstone(self, pk: int, head: int, doc_id: str) -> dict:
-        """A row over an old window past a document's new window count: no query returns it (``win`` -1,
-        zero vectors), and no count or get reads it."""
+    def _tombstone(self, doc_id: str, pk: int, gen: int) -> dict:
+        """A row over a replaced row (key ``pk``; ``gen``: what goes with it, :meth:`_drop`): no query returns it
+        (``win`` -1, zero vectors), no count or get reads it, and its ``doc`` is the head's key, so a document's
+        tombstones are found by one query."""
         return {
             "pk": int(pk),
-            "doc": int(head),
+            "doc": _pk(doc_id),
             "win": -1,
             "doc_id": doc_id,
             "text": "",
@@ -1118,9 +1136,13 @@ class MilvusEngine(Engine):
             "tparts": 0,
             "dense": np.zeros(self.schema.dense_dim, dtype=np.float32),
             "sparse": {},
-            "gen": 0,
+            "gen": int(gen),
             "ntok": 0,
         }
+
+    @property
+    def _tombstone_bytes(self) -> int:
+        return 4 * self.schema.dense_dim + 256
 
     def _upsert_docs(self, docs: list[list[dict]], sizes: list[int]) -> None:
         """Every row of each document in ONE request; documents grouped under ``max_request_bytes``."""
@@ -1145,7 +1167,7 @@ class MilvusEngine(Engine):
         heads = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
-        live, slotted = self._stored_rows(batch.ids, heads.tolist(), pks)
+        stored = self._stored_rows(batch.ids, heads.tolist(), pks)
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         # (1) token rows under fresh generations: invisible until a window row points at them
@@ -1154,103 +1176,105 @@ class MilvusEngine(Engine):
             self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
             self._block_bytes,
         )
-        # (2) each document's new rows, with tombstones over its old windows past the new count, in one request
+        # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one request
         docs, sizes = self._rows(batch, heads, pks, gens)
         for i, rows in enumerate(docs):
-            new = {r["pk"] for r in rows}
-            for pk in live.get(int(heads[i]), []):
-                if pk not in new:
-                    rows.append(self._tombstone(pk, heads[i], batch.ids[i]))
-                    sizes[i] += 4 * self.schema.dense_dim + 256
+            h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
+            old = stored.setdefault(h, [])
+            tombs = [self._over_head(doc_id, r) for r in old if r["pk"] == h and r["doc"] != h]  # a long write's
+            tombs += [self._tombstone(doc_id, r["pk"], r["gen"]) for r in old if r["doc"] == h and r["win"] >= 0]
+            tombs = [t for t in tombs if t["pk"] not in new]
+            rows += tombs
+            old += tombs
+            sizes[i] += len(tombs) * self._tombstone_bytes
         self._upsert_docs(docs, sizes)
-        # (3) the tombstones, the token rows of older generations, the rows of slots 1 and 2 (a long-written
-        # version, now hidden by the new head, or an interrupted long write's)
-        self._remove_leftovers(batch.ids, heads, gens, batch.window_offsets, slotted)
-
-    def _remove_leftovers(
-        self, ids: Sequence[str], heads: np.ndarray, gens: np.ndarray, offsets: np.ndarray, slotted: set[str]
-    ) -> None:
-        """Step (3) of ``upsert``: tombstones, token and text rows of other generations, and every row of
-        slots 1 and 2 of the documents that had some (``slotted``)."""
+        # (3) the tombstones, with what goes with them, and the token rows of slot 0's other generations
+        offsets = batch.window_offsets
         for a in range(0, len(heads), 1024):
             b = min(a + 1024, len(heads))
-            chunk = _ints(heads[a:b])
-            other = [_slot_key(i, s) for i in ids[a:b] if i in slotted for s in range(1, SLOTS)]
-            slots = f" or doc in {_ints(other)}" if other else ""  # ("and" binds first)
-            if self.window_rows:
-                self.client.delete(self.collection, filter=f"doc in {chunk} and win < 0{slots}", timeout=self.timeout)
-            keep = _ints(gens[offsets[a] : offsets[b]])
-            for coll in (self.tokens, self.texts) if self.window_rows else (self.tokens,):
-                self.client.delete(coll, filter=f"doc in {chunk} and gen not in {keep}{slots}", timeout=self.timeout)
+            self._drop(
+                tombs=[r for h in heads[a:b].tolist() for r in stored[h] if r["win"] < 0],
+                tokens=f"doc in {_ints(heads[a:b])} and gen not in {_ints(gens[offsets[a] : offsets[b]])}",
+            )
+
+    def _drop(self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), tokens: str = "") -> None:
+        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys``; the tombstones
+        ``tombs`` (rows: ``pk``, ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of
+        a replaced row) or ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen``
+        (generations are random, keys hashes: neither is ever the other); and the token and text rows that the
+        expression ``tokens`` matches."""
+        per = 3 * 4096
+        for a in range(0, max(len(keys), len(tombs), 1), per):
+            t = tombs[a : a + per]
+            k = [*keys[a : a + per], *(r["gen"] for r in t)]
+            main = [f"doc in {_ints(k)}"] if k else []
+            side = list(main)
+            if t:
+                main.append(f"(pk in {_ints([r['pk'] for r in t])} and win < 0)")
+                side.append(f"gen in {_ints([r['gen'] for r in t])}")
+            if a == 0 and tokens:
+                side.append(f"({tokens})")
+            for coll, expr in ((self.collection, main), (self.tokens, side), (self.texts, side)):
+                if expr and (self.window_rows or coll == self.tokens):
+                    self.client.delete(coll, filter=" or ".join(expr), timeout=self.timeout)
 
     def _head_row(self, doc_id: str) -> dict | None:
-        """A document's stored head (``doc``: the slot it names; ``spans``), None when not stored; refuses a
+        """A document's stored head (``doc``: the version it names; ``gen``), None when not stored; refuses a
         head key another document holds."""
-        rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "win", "spans"])
+        rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "gen"])
         if rows and rows[0]["doc_id"] != doc_id:
             raise ValueError(
                 f"id hash collision in Milvus (64-bit key): {(rows[0]['doc_id'], doc_id)}; nothing was written"
             )
         return rows[0] if rows else None
 
+    def _tombstones(self, ids: Sequence[str]) -> list[dict]:
+        """The documents' tombstones (``pk``, ``gen``): those of a write stopped before its removal among them."""
+        return self._rows_where(
+            [_pk(i) for i in ids], lambda c: f"doc in {c} and win < 0", ["pk", "gen"], self.max_windows
+        )
+
     @staticmethod
-    def _slot_of(doc_id: str, doc: int) -> int:
-        keys = _slot_keys(doc_id)
-        if doc not in keys:
-            raise RuntimeError(f"the head row of {doc_id!r} names no slot of it (doc {doc}): not an m3search row")
-        return keys.index(doc)
-
-    def _drop(self, keys: Sequence[int]) -> None:
-        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys`` (slot values)."""
-        for a in range(0, len(keys), 3 * 4096):
-            chunk = _ints(keys[a : a + 3 * 4096])
-            for coll in (self.collection, self.tokens, self.texts):
-                self.client.delete(coll, filter=f"doc in {chunk}", timeout=self.timeout)
-
-    def _drop_slots(self, doc_id: str, keep: int | None) -> None:
-        """Every row of a document's slots but ``keep`` (None: all of them)."""
-        self._drop([v for s, v in enumerate(_slot_keys(doc_id)) if s != keep])
+    def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
+        """Per document, the ``doc`` values that the stopped long writes ``gens`` wrote, and slots 1 and 2."""
+        return {i: [*(_doc_key(i, g) for g in gens if g), *_legacy_keys(i)] for i in ids}
 
     def purge(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
-        """The rows of the documents' interrupted long writes: those of slots 1 and 2 (token and text rows too).
-        Not slot 0's, which only ``upsert`` writes: another client may have written the document whole there
-        since the caller found it absent."""
+        """The rows of the documents' interrupted long writes: those of generations ``gens`` (token and text rows
+        too) and of slots 1 and 2 (an older release's). Not slot 0's, which only ``upsert`` writes, nor another
+        long write's: another client may have begun writing the document since the caller found it absent."""
         if self.window_rows:  # (else a long write is one upsert: it leaves nothing)
-            self._drop([_slot_key(i, s) for i in ids for s in range(1, SLOTS)])
+            self._drop([k for keys in self._stray_keys(ids, gens).values() for k in keys])
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
-        """Step (3) of ``upsert_long`` for stored documents whose long write stopped before it: every row
-        (tombstones, the old version's windows), token and text row of the slots their head does not name."""
+        """What long writes that stopped left beside stored documents: the rows of the generations ``gens`` (and
+        slots 1 and 2) that their head does not name (stopped before the switch), and the documents' tombstones
+        with the token and text rows of what they replaced (stopped after it: step 3 of ``upsert_long``)."""
         if not self.window_rows or not ids:
             return
-        heads = {r["doc_id"]: r["doc"] for r in self._rows_by_pk([_pk(i) for i in ids], ["doc_id", "doc"])}
-        for doc_id in dict.fromkeys(ids):
-            if doc_id in heads:  # (a head under a colliding key is another document's: left alone)
-                self._drop_slots(doc_id, keep=self._slot_of(doc_id, heads[doc_id]))
+        heads = self._heads(list(dict.fromkeys(ids)), ["doc_id"])
+        keys = [k for i, ks in self._stray_keys(list(heads), gens).items() for k in ks if k != heads[i]["doc"]]
+        self._drop(keys, self._tombstones(list(heads)))
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
-        """Long writes (module docstring): each piece's windows written as it comes (token rows first) in
-        the slot the stored head does not name, then ONE request (the switch): window 0 (text,
-        metadata, every window's span, the new slot) with tombstones over the old version's slot-0 rows;
-        then the other slots' rows removed. (``gen`` is not used: two writes begun at once share the slot.)"""
+        """Long writes (module docstring): each piece's windows written as it comes (token rows first) under
+        the write's generation ``gen`` (0: one drawn here), then ONE request (the switch): window 0 (text,
+        metadata, every window's span, the generation's ``doc``) with tombstones over the rows of the version
+        stored then; then the tombstones and what they replaced removed."""
         if not self.window_rows:
             return super().upsert_long(pieces)
-        head, spans, head_size = None, [], 0
-        doc_id, slot, key, old, cur = "", 0, 0, None, None
+        gen = gen or int(self._new_gens(1)[0])
+        head, spans, head_size, doc_id, key = None, [], 0, "", 0
         for piece in pieces:
             self._check_batch(piece)
             if len(piece) != 1 or head is not None and piece.ids[0] != doc_id:
                 raise ValueError("upsert_long takes one-document pieces with vectors")
             first = len(spans)
             if head is None:
-                doc_id = piece.ids[0]
-                old = self._head_row(doc_id)
-                cur = None if old is None else self._slot_of(doc_id, old["doc"])
-                slot = 2 if cur == 1 else 1  # never the stored version's slot, never slot 0 (read without a check)
-                key = _slot_key(doc_id, slot)
-                self._drop_slots(doc_id, keep=cur)  # an interrupted write's rows (hidden), or a document's strays
+                doc_id, key = piece.ids[0], _doc_key(piece.ids[0], gen)
+                self._head_row(doc_id)  # a key collision is refused before anything is written
             n = int(piece.window_offsets[-1])
-            pks = [_wpk(doc_id, first + w, slot) for w in range(n)]
+            pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
             self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
             self._insert_chunked(
@@ -1270,16 +1294,36 @@ class MilvusEngine(Engine):
         if head is None:
             raise ValueError("upsert_long needs at least one piece")
         head["spans"] = spans if len(spans) > 1 else []
-        switch = [head]
-        if cur == 0:  # rows of slot 0 are read without a look at their head: the old ones are tombstoned
-            h, n_old = _pk(doc_id), max(1, len(old["spans"] or []))
-            switch += [self._tombstone(_wpk(doc_id, w), h, doc_id) for w in range(1, n_old)]
-            if head_size + 16 * len(spans) + (n_old - 1) * (4 * self.schema.dense_dim + 256) > self.max_request_bytes:
-                # too many for one request: the old version is deleted first (a crash here leaves it absent)
-                self.client.delete(self.collection, filter=f"doc == {h}", timeout=self.timeout)
-                switch = [head]
+        tombs = self._replaced(doc_id)
+        switch = [head, *tombs]
+        if head_size + 16 * len(spans) + len(tombs) * self._tombstone_bytes > self.max_request_bytes:
+            # too many for one request (an old version in slot 0): it is deleted first (a crash here leaves it absent)
+            old = _ints([_pk(doc_id), *(t["pk"] for t in tombs)])
+            self.client.delete(self.collection, filter=f"pk in {old}", timeout=self.timeout)
+            switch = [head]
         self.client.upsert(self.collection, switch, timeout=self.timeout)  # the switch: the new version whole
-        self._drop_slots(doc_id, keep=slot)  # the old version's rows, tombstones, token and text rows
+        self._drop(tombs=tombs)  # the tombstones, with what goes with them
+
+    def _replaced(self, doc_id: str) -> list[dict]:
+        """Tombstones over the version stored now (read right before the switch: another write may have landed
+        since the long write began): over its head, and, in slot 0, over each of its windows (which the new
+        head does not hide)."""
+        old = self._head_row(doc_id)
+        if old is None or old["doc"] != _pk(doc_id):
+            return [] if old is None else [self._over_head(doc_id, old)]
+        rows = self._rows_where(
+            [old["doc"]], lambda c: f"doc in {c} and win > 0", ["pk", "doc_id", "gen"], self.max_windows
+        )
+        return [
+            *(self._tombstone(doc_id, r["pk"], r["gen"]) for r in rows if r["doc_id"] == doc_id),
+            self._over_head(doc_id, old),
+        ]
+
+    def _over_head(self, doc_id: str, old: dict) -> dict:
+        """The tombstone over a replaced head (``doc``, ``gen``), under a key of its own (the new head takes its
+        ``pk``): its ``gen`` is the head's in slot 0, else the version's ``doc`` (what goes with it, :meth:`_drop`)."""
+        gen = old["gen"] if old["doc"] == _pk(doc_id) else old["doc"]
+        return self._tombstone(doc_id, _head_tombstone_key(doc_id, gen), gen)
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
         """Rewrites every window row of the documents in one request (Milvus 2.5 has no partial update;
@@ -1306,14 +1350,20 @@ class MilvusEngine(Engine):
         self.client.upsert(self.collection, out, timeout=self.timeout)
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Every row of the documents in every slot (windows, tombstones, strays), then their token and
-        text rows."""
-        if self.window_rows:
-            return self._drop([v for i in ids for v in _slot_keys(i)])
-        for a in range(0, len(ids), 4096):
-            chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
-            self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
-            self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+        """Every row of the documents: the version each head names, slot 0 (windows, tombstones, strays), slots 1
+        and 2, and the token and text rows of what the tombstones replaced."""
+        if not self.window_rows:
+            for a in range(0, len(ids), 4096):
+                chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
+                self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
+                self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
+            return
+        ids = list(dict.fromkeys(ids))
+        heads = self._heads(ids, ["doc_id"])
+        named = [h["doc"] for h in heads.values()]
+        self._drop(
+            list(dict.fromkeys([*named, *(k for i in ids for k in (_pk(i), *_legacy_keys(i)))])), self._tombstones(ids)
+        )
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -1530,7 +1580,7 @@ class MilvusEngine(Engine):
                 anns_field=field,
                 limit=limit,
                 filter=self._where(expr, "live"),
-                output_fields=["doc_id", "doc"] if self.window_rows else ["doc_id"],
+                output_fields=["doc_id", "doc", "win"] if self.window_rows else ["doc_id"],
                 search_params=params,
                 timeout=self.timeout,
                 **group,
@@ -1544,18 +1594,19 @@ class MilvusEngine(Engine):
         return out
 
     def _committed(self, results: list) -> list[Hits]:
-        """The hits without those of a slot their document's head does not name (a long write not switched
-        yet, or interrupted; a version replaced): a hit in slot 0 (``doc`` = its head's key) is its
-        document's (module docstring, "Long writes"); the others cost one read of their heads."""
-        hits = [[(h["entity"]["doc_id"], float(h["distance"]), h["entity"].get("doc")) for h in r] for r in results]
-        if not self.window_rows:
-            return [[(i, d) for i, d, _ in r] for r in hits]
-        heads = {i: _pk(i) for i in {i for r in hits for i, _, _ in r}}
-        tagged = sorted({i for r in hits for i, _, doc in r if doc != heads[i]})
-        named = {}
-        if tagged:
-            named = {h["doc_id"]: h["doc"] for h in self._rows_by_pk([heads[i] for i in tagged], ["doc_id", "doc"])}
-        return [[(i, d) for i, d, doc in r if doc == heads[i] or named.get(i) == doc] for r in hits]
+        """The hits without those of a version their document's head does not name (a long write not switched
+        yet, or interrupted; a version replaced; a short write's windows that a long write's switch landed
+        over): a head is its document's own; a window past it costs one read of its head (all of them at once)."""
+        hits = [
+            [
+                (h["entity"]["doc_id"], float(h["distance"]), h["entity"].get("doc"), h["entity"].get("win", 0))
+                for h in r
+            ]
+            for r in results
+        ]
+        asked = sorted({i for r in hits for i, _, _, win in r if win})
+        named = {i: h["doc"] for i, h in self._heads(asked, ["doc_id"]).items()}
+        return [[(i, d) for i, d, doc, win in r if not win or named.get(i) == doc] for r in hits]
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)

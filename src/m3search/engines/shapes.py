@@ -65,7 +65,10 @@ __all__ = [
 #: m3search releases reading up to 3 misread (wrong hits, a delete that leaves the document) or fail on
 #: (a TypeError on their next write). Raised by the first such write, not at creation, so a collection
 #: without one stays readable by them (:data:`CREATED_SCHEMA_VERSION`).
-SCHEMA_VERSION = 4
+#: 5: a Milvus long write's rows are keyed by its generation (engines/milvus.py, "Long writes"), not by slot
+#: 1 or 2, where releases reading up to 4 look for them (windows missing, NaN scores). Raised as 4 was, by
+#: a write in pieces (on every engine: the Collection raises it before the engine is asked).
+SCHEMA_VERSION = 5
 #: The version a collection is created (or migrated) with, until its first write in pieces raises it to
 #: :data:`SCHEMA_VERSION`.
 CREATED_SCHEMA_VERSION = 3
