@@ -186,6 +186,69 @@ def test_reference_table_parses_proxy_readme(proxy_model_path):
     assert set(ref["time"]["recall@100"]) == set(MODES)
 
 
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _results(ndcg: float, **extra) -> dict:
+    """A minimal ``evaluate`` result: what the three reports are made from."""
+    metrics = ["ndcg@10", "recall@100", "mrr@10"]
+    return {
+        "dataset": "toy", "model": "tiny", "model_identity": "0" * 16, "dtype": "float32", "fusion": "weighted",
+        "weights": None, "candidates": 200, "k": 10, "n_docs": 3, "n_queries": 2, "split": "test",
+        "metrics": metrics, "modes": {"dense": dict.fromkeys(metrics, ndcg), "all": dict.fromkeys(metrics, ndcg)},
+        **extra,
+    }  # fmt: skip
+
+
+def _report_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_reports_interrupted_while_drawing_are_left_as_they_were(tmp_path, monkeypatch):
+    """Ctrl-C while the chart was drawn left results.json and results.md new beside the old results.png."""
+    from matplotlib.figure import Figure
+
+    from m3search.eval import write_reports
+
+    out = tmp_path / "reports"
+    write_reports(_results(0.25), out)
+    before = _report_bytes(out)
+    assert set(before) == {"results.json", "results.md", "results.png"}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_reports(_results(0.75), out)
+    assert _report_bytes(out) == before  # the old three, and no temporary left
+
+
+def test_reports_on_a_full_disk_are_left_as_they_were(tmp_path):
+    """A write cut short by the file-size limit (a full disk as a process sees it) truncated results.json."""
+    from m3search.eval import write_reports
+
+    out = tmp_path / "reports"
+    write_reports(_results(0.25), out)
+    before = _report_bytes(out)
+    big = tmp_path / "big.json"  # results.json past the limit, the chart and results.md within it
+    big.write_text(json.dumps(_results(0.75, note="x" * 400_000)))
+    script = f"""
+import errno, json, resource, signal, sys
+import matplotlib.pyplot  # its font cache, before the limit
+from m3search.eval import write_reports
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    write_reports(json.load(open({str(big)!r})), {str(out)!r})
+except OSError as e:
+    sys.exit(3 if e.errno == errno.EFBIG else 4)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert _report_bytes(out) == before  # the old three, and no temporary left
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 BIN = Path(sys.executable).with_name("m3search")

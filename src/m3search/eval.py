@@ -678,7 +678,17 @@ def to_markdown(results: Mapping[str, Any]) -> str:
 
 
 def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Grouped bar chart (modes on x, one bar per metric) as PNG, drawn with matplotlib's Agg backend."""
+    """Grouped bar chart (modes on x, one bar per metric) as PNG at ``path``, written atomically."""
+    from .engines.base import write_durably
+
+    path = Path(path)
+    write_durably(path, _chart_png(results))
+    return path
+
+
+def _chart_png(results: Mapping[str, Any]) -> bytes:
+    """:func:`plot_results`' chart as PNG bytes, drawn with matplotlib's Agg backend. Why bytes: the chart is
+    drawn before any report is written (a failure while drawing leaves the old reports as they were)."""
     try:
         import matplotlib
 
@@ -686,6 +696,8 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         raise ImportError("the PNG chart needs matplotlib: pip install 'm3search[eval]'") from None
+    import io
+
     import numpy as np
 
     modes = list(results["modes"])
@@ -704,11 +716,11 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_title(_title(results), fontsize=9)
         ax.legend(loc="upper center", ncols=len(metrics), fontsize=8, frameon=False)
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-    return path
+    return png.getvalue()
 
 
 def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: str | Path | None = None) -> Path:
@@ -738,13 +750,24 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
 
 
 def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths."""
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths.
+
+    Why all three at once (:func:`~m3search.engines.base.write_files_durably`): an interrupted run (Ctrl-C, a full
+    disk) left a truncated report or new ones beside old ones; now each is old or new, and all three new
+    unless a crash falls between two renames. ``results.json`` is renamed last: when it is new, so are the others.
+    """
+    from .engines.base import write_files_durably
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "results.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(to_markdown(results), encoding="utf-8")
-    plot_results(results, paths["png"])
+    write_files_durably(
+        {
+            paths["markdown"]: to_markdown(results),
+            paths["png"]: _chart_png(results),
+            paths["json"]: json.dumps(results, indent=2) + "\n",
+        }
+    )
     return paths
 
 
