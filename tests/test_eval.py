@@ -61,6 +61,22 @@ def test_metrics_match_hand_computed_values():
     assert m12["per_query"]["q1"]["recall@2"] == 0.5
 
 
+def test_a_query_judged_without_a_relevant_document_counts_as_0_as_in_beir():
+    """BEIR's mean is over trec_eval's per-query values, which include judged queries with no grade > 0 (each 0);
+    eval's means are the same numbers (tune leaves such queries out, and both say so)."""
+    import pytrec_eval
+
+    qrels = {"q1": {"a": 1}, "q2": {"b": 2, "c": 1}, "q3": {"c": 0}, "q4": {"a": -1}}
+    run = {"q1": {"a": 0.9, "b": 0.5}, "q2": {"c": 0.8, "a": 0.7, "b": 0.6}, "q3": {"c": 0.9}, "q4": {"a": 0.9}}
+    scores = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    assert set(scores) == set(qrels)  # trec_eval scores q3 and q4 too
+    beir_ndcg = sum(v["ndcg_cut_10"] for v in scores.values()) / len(scores)
+    beir_recall = sum(v["recall_100"] for v in scores.values()) / len(scores)
+    m = compute_metrics(run, qrels)
+    assert m["ndcg@10"] == pytest.approx(beir_ndcg, abs=1e-12) and m["recall@100"] == pytest.approx(beir_recall)
+    assert m["per_query"]["q3"] == m["per_query"]["q4"] == {"ndcg@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+
+
 def test_mrr_cuts_in_trec_eval_order():
     # trec_eval holds scores as C floats: these two tie, and 'b' (doc id descending) ranks first for every metric
     run = {"q": {"b": 0.5, "a": 0.5 + 1e-10, "c": 0.25}}
@@ -202,6 +218,21 @@ def _results(ndcg: float, **extra) -> dict:
 
 def _report_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_evaluate_reports_the_judged_queries_without_a_relevant_document(tmp_path, tiny_encoder):
+    """They count as 0 in every mean (BEIR's way) while tune leaves them out: the reports said neither."""
+    from m3search.eval import evaluate, format_table, to_markdown
+
+    data = _word_beir(tmp_path / "data", n_docs=20, n_queries=4)
+    rows = (data / "qrels" / "test.tsv").read_text().splitlines()
+    rows = [r if not r.startswith("q0\t") else r.rsplit("\t", 1)[0] + "\t0" for r in rows]  # q0: grades 0
+    (data / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
+    res = evaluate(data, model=tiny_encoder, modes=["dense"], cache_dir=tmp_path / "c", progress=False)
+    assert res["n_queries"] == 4 and res["n_queries_without_relevant"] == 1
+    note = "1 of the 4 judged queries have no relevant document (no grade > 0): they score 0 and count in every mean"
+    assert note in format_table(res) and f"- {note}" in to_markdown(res)
+    assert "no relevant document" not in format_table({**res, "n_queries_without_relevant": 0})
 
 
 def test_reports_interrupted_while_drawing_are_left_as_they_were(tmp_path, monkeypatch):
