@@ -61,6 +61,22 @@ def test_metrics_match_hand_computed_values():
     assert m12["per_query"]["q1"]["recall@2"] == 0.5
 
 
+def test_a_query_judged_without_a_relevant_document_counts_as_0_as_in_beir():
+    """BEIR's mean is over trec_eval's per-query values, which include judged queries with no grade > 0 (each 0);
+    eval's means are the same numbers (tune leaves such queries out, and both say so)."""
+    import pytrec_eval
+
+    qrels = {"q1": {"a": 1}, "q2": {"b": 2, "c": 1}, "q3": {"c": 0}, "q4": {"a": -1}}
+    run = {"q1": {"a": 0.9, "b": 0.5}, "q2": {"c": 0.8, "a": 0.7, "b": 0.6}, "q3": {"c": 0.9}, "q4": {"a": 0.9}}
+    scores = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    assert set(scores) == set(qrels)  # trec_eval scores q3 and q4 too
+    beir_ndcg = sum(v["ndcg_cut_10"] for v in scores.values()) / len(scores)
+    beir_recall = sum(v["recall_100"] for v in scores.values()) / len(scores)
+    m = compute_metrics(run, qrels)
+    assert m["ndcg@10"] == pytest.approx(beir_ndcg, abs=1e-12) and m["recall@100"] == pytest.approx(beir_recall)
+    assert m["per_query"]["q3"] == m["per_query"]["q4"] == {"ndcg@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+
+
 def test_mrr_cuts_in_trec_eval_order():
     # trec_eval holds scores as C floats: these two tie, and 'b' (doc id descending) ranks first for every metric
     run = {"q": {"b": 0.5, "a": 0.5 + 1e-10, "c": 0.25}}
@@ -184,6 +200,84 @@ def test_reference_table_parses_proxy_readme(proxy_model_path):
     assert set(ref) == {"cranfield", "time", "xquad-r/en"}
     assert ref["cranfield"]["ndcg@10"]["all"] == 0.3864
     assert set(ref["time"]["recall@100"]) == set(MODES)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _results(ndcg: float, **extra) -> dict:
+    """A minimal ``evaluate`` result: what the three reports are made from."""
+    metrics = ["ndcg@10", "recall@100", "mrr@10"]
+    return {
+        "dataset": "toy", "model": "tiny", "model_identity": "0" * 16, "dtype": "float32", "fusion": "weighted",
+        "weights": None, "candidates": 200, "k": 10, "n_docs": 3, "n_queries": 2, "split": "test",
+        "metrics": metrics, "modes": {"dense": dict.fromkeys(metrics, ndcg), "all": dict.fromkeys(metrics, ndcg)},
+        **extra,
+    }  # fmt: skip
+
+
+def _report_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_evaluate_reports_the_judged_queries_without_a_relevant_document(tmp_path, tiny_encoder):
+    """They count as 0 in every mean (BEIR's way) while tune leaves them out: the reports said neither."""
+    from m3search.eval import evaluate, format_table, to_markdown
+
+    data = _word_beir(tmp_path / "data", n_docs=20, n_queries=4)
+    rows = (data / "qrels" / "test.tsv").read_text().splitlines()
+    rows = [r if not r.startswith("q0\t") else r.rsplit("\t", 1)[0] + "\t0" for r in rows]  # q0: grades 0
+    (data / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
+    res = evaluate(data, model=tiny_encoder, modes=["dense"], cache_dir=tmp_path / "c", progress=False)
+    assert res["n_queries"] == 4 and res["n_queries_without_relevant"] == 1
+    note = "1 of the 4 judged queries have no relevant document (no grade > 0): they score 0 and count in every mean"
+    assert note in format_table(res) and f"- {note}" in to_markdown(res)
+    assert "no relevant document" not in format_table({**res, "n_queries_without_relevant": 0})
+
+
+def test_reports_interrupted_while_drawing_are_left_as_they_were(tmp_path, monkeypatch):
+    """Ctrl-C while the chart was drawn left results.json and results.md new beside the old results.png."""
+    from matplotlib.figure import Figure
+
+    from m3search.eval import write_reports
+
+    out = tmp_path / "reports"
+    write_reports(_results(0.25), out)
+    before = _report_bytes(out)
+    assert set(before) == {"results.json", "results.md", "results.png"}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_reports(_results(0.75), out)
+    assert _report_bytes(out) == before  # the old three, and no temporary left
+
+
+def test_reports_on_a_full_disk_are_left_as_they_were(tmp_path):
+    """A write cut short by the file-size limit (a full disk as a process sees it) truncated results.json."""
+    from m3search.eval import write_reports
+
+    out = tmp_path / "reports"
+    write_reports(_results(0.25), out)
+    before = _report_bytes(out)
+    big = tmp_path / "big.json"  # results.json past the limit, the chart and results.md within it
+    big.write_text(json.dumps(_results(0.75, note="x" * 400_000)))
+    script = f"""
+import errno, json, resource, signal, sys
+import matplotlib.pyplot  # its font cache, before the limit
+from m3search.eval import write_reports
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    write_reports(json.load(open({str(big)!r})), {str(out)!r})
+except OSError as e:
+    sys.exit(3 if e.errno == errno.EFBIG else 4)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert _report_bytes(out) == before  # the old three, and no temporary left
 
 
 # ---------------------------------------------------------------------------------------------- end to end

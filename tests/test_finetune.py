@@ -641,6 +641,25 @@ def test_sparse_collapse_stops_without_output(tmp_path, tiny_model_path, monkeyp
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_a_sparse_head_zero_before_training_is_not_called_collapsed(tmp_path, tiny_model_path):
+    """A base model whose sparse head gives every token weight 0 (as the tiny model did on one-word passages):
+    the run stopped saying training collapsed it and to lower --lr, which cannot help. It now says so."""
+    import shutil
+
+    base = tmp_path / "dead-sparse"
+    shutil.copytree(tiny_model_path, base)
+    head = torch.load(base / "sparse_linear.pt")
+    head["bias"] = torch.full_like(head["bias"], -1e4)  # relu(w.h - 1e4) = 0 for every token
+    torch.save(head, base / "sparse_linear.pt")
+    data = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    with pytest.raises(SparseCollapseError) as err:
+        _run(tmp_path, base, data)
+    assert "weight 0 after epoch 1, as the base model's did before training" in str(err.value)
+    assert "lower --lr cannot revive it" in str(err.value) and "--modes dense,colbert" in str(err.value)
+    assert "collapsed in epoch" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_export_leaves_no_folder(tmp_path, tiny_model_path, monkeypatch):
     from m3search import finetune as ft
 

@@ -421,6 +421,20 @@ def test_tune_split_takes_another_qrels_file(tmp_path, small, tiny_encoder):
     assert got.exit_code == 0 and json.loads(got.output)["split"] == "dev"
 
 
+def test_tune_says_it_left_out_queries_without_a_relevant_document(tmp_path, small, tiny_encoder):
+    """eval scores a judged query whose grades are all 0 as 0 in its means (BEIR's way); tune leaves it out, and
+    said nothing about it: its means were over fewer queries than eval's, silently."""
+    from m3search.tuning import tune
+
+    qrels = ["q1\td1\t1", "q2\td2\t1", "q3\td3\t0", "q4\td1\t-1"]
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b", "q3": "c", "q4": "d"}, qrels)
+    out = tune(data, collection=small, model=tiny_encoder, folds=2, progress=False)
+    assert out["n_queries"] == 2 and out["n_queries_without_relevant"] == 2
+    assert "over 2 queries" in out["summary"]
+    assert "2 judged queries without a relevant document (no grade > 0) left out" in out["summary"]
+    assert "m3search eval counts them as 0" in out["summary"]
+
+
 def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):
     from m3search.tuning import tune
 

@@ -37,6 +37,7 @@ __all__ = [
     "MODES",
     "BeirData",
     "load_beir",
+    "has_relevant",
     "compute_metrics",
     "evaluate",
     "format_table",
@@ -216,6 +217,16 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def has_relevant(grades: Mapping[str, int]) -> bool:
+    """Whether a query's judgements hold a relevant document (grade > 0, trec_eval's relevance level 1).
+
+    Why it matters: a judged query without one scores 0 in every metric; eval's means count it, as BEIR's
+    do (the mean of trec_eval's per-query values), while tune leaves it out (it scores 0 under every setting,
+    so it cannot tell settings apart). Both report how many there were.
+    """
+    return any(g > 0 for g in grades.values())
+
+
 def _check_grade(grade: int, where: str) -> None:
     """Refuse a relevance grade outside ``[-MAX_GRADE, MAX_GRADE]`` (see :data:`MAX_GRADE`), naming ``where``."""
     if not -MAX_GRADE <= grade <= MAX_GRADE:
@@ -379,6 +390,7 @@ def evaluate(
         "recall_at": RECALL_AT,
         "n_docs": len(data.doc_ids),
         "n_queries": len(qids),
+        "n_queries_without_relevant": sum(not has_relevant(rel) for rel in data.qrels.values()),
         "split": split,
         "index": index_info,
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
@@ -621,11 +633,25 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    if results.get("tuned"):
-        lines.append(_tuned_line(results["tuned"]))
-    if _recall_note(results):
-        lines.append(_recall_note(results))
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(results))
+
+
+def _notes(results: Mapping[str, Any]) -> list[str]:
+    """The lines under the table (terminal and Markdown): the tuned row's setting, where Recall@N came from, and
+    the judged queries without a relevant document."""
+    notes = [_tuned_line(results["tuned"])] if results.get("tuned") else []
+    return notes + [note for note in (_recall_note(results), _without_relevant_note(results)) if note]
+
+
+def _without_relevant_note(results: Mapping[str, Any]) -> str | None:
+    """How many judged queries have no relevant document, where there are some (see :func:`has_relevant`)."""
+    n = results.get("n_queries_without_relevant")
+    if not n:
+        return None
+    return (
+        f"{n} of the {results['n_queries']} judged queries have no relevant document (no grade > 0): they score 0 "
+        "and count in every mean, as in BEIR (m3search tune leaves them out)"
+    )
 
 
 def _recall_note(results: Mapping[str, Any]) -> str | None:
@@ -670,15 +696,23 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     ]
     for mode, m in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(f"{m[x]:.4f}" for x in metrics) + " |")
-    if results.get("tuned"):
-        lines += ["", f"- {_tuned_line(results['tuned'])}"]
-    if _recall_note(results):
-        lines += ["", f"- {_recall_note(results)}"]
+    for note in _notes(results):
+        lines += ["", f"- {note}"]
     return "\n".join(lines) + "\n"
 
 
 def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Grouped bar chart (modes on x, one bar per metric) as PNG, drawn with matplotlib's Agg backend."""
+    """Grouped bar chart (modes on x, one bar per metric) as PNG at ``path``, written atomically."""
+    from .engines.base import write_durably
+
+    path = Path(path)
+    write_durably(path, _chart_png(results))
+    return path
+
+
+def _chart_png(results: Mapping[str, Any]) -> bytes:
+    """:func:`plot_results`' chart as PNG bytes, drawn with matplotlib's Agg backend. Why bytes: the chart is
+    drawn before any report is written (a failure while drawing leaves the old reports as they were)."""
     try:
         import matplotlib
 
@@ -686,6 +720,8 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         raise ImportError("the PNG chart needs matplotlib: pip install 'm3search[eval]'") from None
+    import io
+
     import numpy as np
 
     modes = list(results["modes"])
@@ -704,11 +740,11 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_title(_title(results), fontsize=9)
         ax.legend(loc="upper center", ncols=len(metrics), fontsize=8, frameon=False)
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-    return path
+    return png.getvalue()
 
 
 def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: str | Path | None = None) -> Path:
@@ -738,13 +774,24 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
 
 
 def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths."""
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths.
+
+    Why all three at once (:func:`~m3search.engines.base.write_files_durably`): an interrupted run (Ctrl-C, a full
+    disk) left a truncated report or new ones beside old ones; now each is old or new, and all three new
+    unless a crash falls between two renames. ``results.json`` is renamed last: when it is new, so are the others.
+    """
+    from .engines.base import write_files_durably
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "results.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(to_markdown(results), encoding="utf-8")
-    plot_results(results, paths["png"])
+    write_files_durably(
+        {
+            paths["markdown"]: to_markdown(results),
+            paths["png"]: _chart_png(results),
+            paths["json"]: json.dumps(results, indent=2) + "\n",
+        }
+    )
     return paths
 
 

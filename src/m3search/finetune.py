@@ -95,7 +95,8 @@ class FinetuneInputError(M3SearchError, ValueError):
 
 
 class SparseCollapseError(M3SearchError, RuntimeError):
-    """The sparse head's weights collapsed towards zero during training."""
+    """The sparse head's weights are (nearly) all zero after an epoch: collapsed in training, or zero before it
+    (the message says which)."""
 
 
 class OutputTakenError(M3SearchError, FileExistsError):
@@ -562,6 +563,27 @@ def _collapsed(stats: Mapping[str, float], before: Mapping[str, float]) -> bool:
     return stats["max"] == 0.0 or stats["nonzero"] < COLLAPSE_RATIO * before["nonzero"]
 
 
+def _collapse_message(
+    stats: Mapping[str, float], before: Mapping[str, float], epoch: int, out: Path, work: Path
+) -> str:
+    """Why the run stopped, against the probe's weights before training. Why two wordings: a head that gave
+    every probe token weight 0 before the first step was not collapsed by training, and no lower ``--lr``
+    revives it (its ReLU passes no gradient to weights at 0)."""
+    end = f"nothing was written to {out}. Delete {work} and "
+    if before["max"] == 0.0:
+        return (
+            f"the sparse head gives every probe token weight 0 after epoch {epoch}, as the base model's did before "
+            "training: training did not collapse it, and a lower --lr cannot revive it (its ReLU passes no gradient "
+            f"to weights at 0); {end}leave sparse out with --modes dense,colbert, or start from a model whose "
+            "sparse head weighs these passages"
+        )
+    return (
+        f"the sparse head collapsed in epoch {epoch}: {stats['nonzero']:.1%} of probe tokens keep a nonzero weight "
+        f"(before training {before['nonzero']:.1%}), max {stats['max']:.4g} (before {before['max']:.4g}); "
+        f"{end}lower --lr, or leave sparse out with --modes dense,colbert"
+    )
+
+
 def _peak_memory_mib(device: Any) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -951,13 +973,7 @@ def finetune(
         )
         state.update(epoch=epoch + 1, batch=0, seconds=0.0, cpu_seconds=0.0)
         if "sparse" in cfg.modes and _collapsed(stats, state["sparse_before"]):
-            before = state["sparse_before"]
-            raise SparseCollapseError(
-                f"the sparse head collapsed in epoch {epoch + 1}: {stats['nonzero']:.1%} of probe tokens keep a "
-                f"nonzero weight (before training {before['nonzero']:.1%}), max {stats['max']:.4g} "
-                f"(before {before['max']:.4g}); nothing was written to {out}. Delete {work} and lower --lr, or "
-                "leave sparse out with --modes dense,colbert"
-            )
+            raise SparseCollapseError(_collapse_message(stats, state["sparse_before"], epoch + 1, out, work))
         save_checkpoint()
 
     report.update(

@@ -438,14 +438,14 @@ def tune(
     when nothing beat them) as ``collection``'s search defaults. Returns ``{"mode", "fusion",
     "weights", "candidates", "adopted", "best", "cv": {...}, ...}``.
     """
-    from m3search.eval import _cached_index, default_cache_dir, load_beir, load_encoder
+    from m3search.eval import _cached_index, default_cache_dir, has_relevant, load_beir, load_encoder
 
     parse_metric(metric)
     if save and collection is None:
         raise ValueError("save=True needs a collection to store the setting in")
     t_start = time.perf_counter()
     data = load_beir(data_dir, queries_dir=queries_dir, split=split)
-    judged = {q: rel for q, rel in data.qrels.items() if any(g > 0 for g in rel.values())}
+    judged = {q: rel for q, rel in data.qrels.items() if has_relevant(rel)}  # eval counts the others as 0
     if not judged:
         raise ValueError(f"no query of {data.name} has a relevant (grade > 0) judgement to tune on")
     if len(judged) < 2:  # cross-validation holds out at least one query per fold, and --folds is at least 2
@@ -494,6 +494,7 @@ def tune(
             "queries_dir": str(Path(queries_dir).resolve()) if queries_dir is not None else None,
             "split": split,
             "n_queries": len(queries),
+            "n_queries_without_relevant": len(data.qrels) - len(judged),
             "n_settings": len(settings),
             "collection": str(collection) if collection is not None else info.get("path"),
             "seconds": {
@@ -546,6 +547,11 @@ def _summary(out: Mapping[str, Any]) -> str:
         f"defaults {cv['default']:.4f}, gain {cv['gain']:+.4f} ({cv['confidence']:.0%} interval {lo:+.4f} .. {hi:+.4f})"
     )
     best = Setting(out["best"]["mode"], out["best"]["fusion"], tuple(out["best"]["weights"]), out["best"]["candidates"])
+    if out["n_queries_without_relevant"]:
+        head += (
+            f"\n{out['n_queries_without_relevant']} judged queries without a relevant document (no grade > 0) left "
+            "out: they score 0 under every setting (m3search eval counts them as 0 in its means)"
+        )
     if out["adopted"]:
         return f"{head}\nadopted: {best}"
     if out["best"] == out["default"]:

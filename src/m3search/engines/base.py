@@ -89,6 +89,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "allocated_bytes",
     "lock_exclusive",
     "write_durably",
+    "write_files_durably",
     "Schema",
     "PointBatch",
     "Record",
@@ -180,23 +181,39 @@ def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None
     return fd
 
 
-def write_durably(path: Path, data: str) -> None:
+def write_durably(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(path.name + ".tmp")
+    write_files_durably({path: data})
+
+
+def write_files_durably(files: Mapping[Path, str | bytes]) -> None:
+    """Write each ``path: data`` of ``files`` atomically and durably: every ``<path>.tmp`` written and fsynced
+    first, then each renamed over its path in ``files``' order, then the folders fsynced.
+
+    Why all temporaries before the first rename: a failure while writing (a full disk, Ctrl-C) leaves every file
+    as it was and no temporary behind, never a truncated file or a mix; only a crash between two renames (no
+    I/O between them) leaves the files before it new and those after it old, so put last the one that vouches
+    for the others.
+    """
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            with open(tmps[path], "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # disk full: no half-written file left for the next create to refuse
+        for tmp in tmps.values():  # disk full: no half-written file left for the next create to refuse
+            tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    for folder in dict.fromkeys(path.parent for path in files):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 class Engine(ABC):
