@@ -369,21 +369,63 @@ def test_schemathesis_long_run(fuzz_server):
     _check_fuzz(proc)
 
 
-def test_a_write_longer_than_the_grace_period_is_answered_at_shutdown(tmp_path, tiny_encoder, monkeypatch):
-    """SIGTERM while one document is written in pieces for longer than uvicorn's graceful-shutdown period (5 s in
-    `serve`; 0.3 s here, the write at least 0.9 s): uvicorn cancelled the request, so its client got uvicorn's plain-text
-    500 while the write went on and ended whole. Now the client gets the write's own answer, the server stops
-    after it, and the document is stored whole."""
-    import signal
+class _Stoppable:
+    """`serve`'s uvicorn Server class in a thread, in process (so a test can slow the collection down), with a
+    short graceful-shutdown period; :meth:`stop` is SIGTERM."""
+
+    def __init__(self, coll, grace: float = 0.3) -> None:
+        import threading
+
+        uvicorn = pytest.importorskip("uvicorn")
+        from m3search.server import Resources, Settings, _bind, _uvicorn_server, create_app
+
+        self.app = create_app(Settings(), resources=Resources(collection=coll))
+        self.sock = _bind("127.0.0.1", 0)
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=grace)
+        self.server = _uvicorn_server()(config, self.app.state.stopping)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answers: dict = {}
+        self.clients: list = []
+
+    def __enter__(self) -> _Stoppable:
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.01)
+        return self
+
+    def send(self, name: str, method: str, path: str, body: dict) -> None:
+        """``method path`` with the JSON ``body`` in a thread of its own; its response lands in ``answers[name]``."""
+        import threading
+
+        def request() -> None:
+            self.answers[name] = httpx.request(method, self.url + path, json=body, timeout=60)
+
+        self.clients.append(threading.Thread(target=request))
+        self.clients[-1].start()
+
+    def stop(self) -> None:
+        import signal
+
+        self.server.handle_exit(signal.SIGTERM, None)
+        for client in self.clients:
+            client.join(60)
+        self.thread.join(60)
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.sock.close()
+
+
+def _slow_long_write(coll, monkeypatch, encoder):
+    """Make ``coll`` write a long document in pieces of about a window, each 0.3 s; returns the event set when
+    it writes and a text long enough to be written for several seconds (the server's ingest rounds of 1,024
+    tokens are its pieces)."""
     import threading
 
-    uvicorn = pytest.importorskip("uvicorn")
-    from m3search import Collection
-    from m3search.server import Resources, Settings, _bind, _uvicorn_server, create_app
     from m3search.testing import BUILTIN_TEXTS
 
-    monkeypatch.setattr("m3search.collection.PIECE_BYTES", 20 * 4 * tiny_encoder.colbert_dim)  # ~a window a piece
-    coll = Collection.create(tmp_path / "coll", model=tiny_encoder, window=16, stride=12)
+    monkeypatch.setattr("m3search.collection.PIECE_BYTES", 20 * 4 * encoder.colbert_dim)
     real, writing = coll.engine.upsert_long, threading.Event()
 
     def slowly(pieces, **kw):
@@ -396,37 +438,126 @@ def test_a_write_longer_than_the_grace_period_is_answered_at_shutdown(tmp_path, 
         real(each(), **kw)
 
     monkeypatch.setattr(coll.engine, "upsert_long", slowly)
-    app = create_app(Settings(), resources=Resources(collection=coll))
-    sock = _bind("127.0.0.1", 0)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=0.3)
-    server = _uvicorn_server()(config, app.state.stopping)
-    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    serving.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    text, answer = " ".join(BUILTIN_TEXTS * 10), {}  # pieces are the server's ingest rounds (1,024 tokens)
+    return writing, " ".join(BUILTIN_TEXTS * 10)
 
-    def post() -> None:
-        body = {"documents": [{"id": "L", "text": text}]}
-        answer["response"] = httpx.post(url + "/documents", json=body, timeout=60)
 
-    try:
-        while not server.started and serving.is_alive():
-            time.sleep(0.01)
-        client = threading.Thread(target=post)
-        client.start()
-        assert writing.wait(30), answer
-        server.handle_exit(signal.SIGTERM, None)
-        client.join(60)
-        serving.join(60)
-    finally:
-        server.should_exit = True
-        sock.close()
-    r = answer["response"]
+def test_a_write_longer_than_the_grace_period_is_answered_at_shutdown(tmp_path, tiny_encoder, monkeypatch):
+    """SIGTERM while one document is written in pieces for longer than uvicorn's graceful-shutdown period (5 s in
+    `serve`; 0.3 s here, the write at least 0.9 s): uvicorn cancelled the request, so its client got uvicorn's plain-text
+    500 while the write went on and ended whole. Now the client gets the write's own answer, the server stops
+    after it, and the document is stored whole."""
+    from m3search import Collection
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder, window=16, stride=12)
+    writing, text = _slow_long_write(coll, monkeypatch, tiny_encoder)
+    with _Stoppable(coll) as served:
+        served.send("long", "POST", "/documents", {"documents": [{"id": "L", "text": text}]})
+        assert writing.wait(30), served.answers
+        served.stop()
+    r = served.answers["long"]
     assert r.status_code == 200 and r.json() == {"ids": ["L"], "count": 1}, (r.status_code, r.text)
-    assert not serving.is_alive()
+    assert not served.thread.is_alive()
     with Collection.open(tmp_path / "coll") as c:
         [doc] = c.get(["L"])
         assert doc.text == text and doc.windows > 20 and c.count() == 1
+
+
+@pytest.mark.parametrize(
+    "method, body",
+    [("POST", {"documents": [{"id": "Q", "text": "queued behind the long write"}]}), ("DELETE", {"ids": ["A"]})],
+)
+def test_a_write_queued_behind_a_long_write_is_refused_cleanly_at_shutdown(
+    tmp_path, tiny_encoder, monkeypatch, method, body
+):
+    """SIGTERM while a long write is in progress and another write (a POST or a DELETE /documents) waits for its
+    turn: uvicorn cancelled the waiting one after its grace period, and its client got uvicorn's plain-text 500.
+    Now it gets our 503 with ``Retry-After``, saying nothing of it was done, and nothing of it was; the long write
+    is answered and stored whole."""
+    import asyncio
+    import threading
+
+    from m3search import Collection
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder, window=16, stride=12)
+    coll.add(["a short document"], ids=["A"])
+    writing, text = _slow_long_write(coll, monkeypatch, tiny_encoder)
+
+    class Gate(asyncio.Lock):  # the server's write gate, telling when a write waits for its turn
+        queued = threading.Event()
+
+        async def acquire(self) -> bool:
+            if self.locked():
+                self.queued.set()
+            return await super().acquire()
+
+    with _Stoppable(coll) as served:
+        served.app.state.write_gate = gate = Gate()
+        served.send("long", "POST", "/documents", {"documents": [{"id": "L", "text": text}]})
+        assert writing.wait(30), served.answers
+        served.send("queued", method, "/documents", body)
+        assert gate.queued.wait(30), served.answers
+        served.stop()
+    r = served.answers["queued"]
+    assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["type"] == "unavailable", error
+    assert "shutting down" in error["message"] and "nothing of it was" in error["message"], error
+    assert served.answers["long"].status_code == 200, served.answers["long"].text
+    with Collection.open(tmp_path / "coll") as c:
+        long, short, queued = c.get(["L", "A", "Q"])
+        assert long.text == text and short is not None and queued is None and c.count() == 2
+
+
+def test_a_delete_in_progress_at_shutdown_is_answered_whole(tmp_path, tiny_encoder, monkeypatch):
+    """SIGTERM while a DELETE /documents takes longer than the grace period: uvicorn cancelled it (plain-text 500)
+    and the server closed the collection under the delete still running in its thread. Now the delete ends whole,
+    its client gets its answer, and the collection closes after it."""
+    import threading
+
+    from m3search import Collection
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder)
+    coll.add(["one", "two", "three"], ids=["a", "b", "c"])
+    real, deleting = coll.engine.delete, threading.Event()
+
+    def slowly(ids):
+        deleting.set()
+        time.sleep(1.0)
+        return real(ids)
+
+    monkeypatch.setattr(coll.engine, "delete", slowly)
+    with _Stoppable(coll) as served:
+        served.send("delete", "DELETE", "/documents", {"ids": ["a", "c", "x"]})
+        assert deleting.wait(30), served.answers
+        served.stop()
+    r = served.answers["delete"]
+    assert r.status_code == 200 and r.json() == {"deleted": ["a", "c"], "missing": ["x"]}, (r.status_code, r.text)
+    with Collection.open(tmp_path / "coll") as c:
+        assert [d is not None for d in c.get(["a", "b", "c"])] == [False, True, False] and c.count() == 1
+
+
+def test_a_write_after_the_shutdown_began_is_refused_before_it_starts(tmp_path, tiny_encoder):
+    """A DELETE or POST /documents that comes to its turn once the shutdown began (``stopping``) is refused whole
+    with our 503 and ``Retry-After`` (the delete used to run, on a collection about to close under it)."""
+    from fastapi.testclient import TestClient
+
+    from m3search import Collection
+    from m3search.server import Resources, Settings, create_app
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder)
+    coll.add(["one"], ids=["a"])
+    app = create_app(Settings(), resources=Resources(collection=coll))
+    with TestClient(app) as client:
+        app.state.stopping.set()
+        answers = [
+            client.request("DELETE", "/documents", json={"ids": ["a"]}),
+            client.post("/documents", json={"documents": [{"id": "b", "text": "two"}]}),
+        ]
+    for r in answers:
+        assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+        assert "shutting down; nothing of it was" in r.json()["error"]["message"], r.text
+    with Collection.open(tmp_path / "coll") as c:
+        assert [d is not None for d in c.get(["a", "b"])] == [True, False]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

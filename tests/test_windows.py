@@ -321,6 +321,24 @@ def test_a_client_writes_only_its_own_manifest_keys(tmp_path, tiny_encoder, corp
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
+def test_info_shows_what_another_client_stored(tmp_path, tiny_encoder, corpus, engine, monkeypatch):
+    """Two clients of one server collection: after A tunes the search defaults and stores a 3-window document,
+    B's info shows A's defaults and tuning, counts A's document and B holds the raised window bound, all from
+    one manifest read (B's info showed the copy B read at open: the built-in defaults, no tuning)."""
+    texts, *_ = corpus
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
+        tuned = {"mode": "dense", "fusion": "rrf", "weights": [1.0, 1.0, 1.0], "candidates": 50}
+        a.set_search_defaults(tuned, tuning={"by": "a"})
+        a.add([texts[20]], ids=["x"])
+        reads = []
+        real = b.engine.read_manifest
+        monkeypatch.setattr(b.engine, "read_manifest", lambda: reads.append(1) or real())
+        info = b.info()
+        assert {k: info["settings"].get(k) for k in tuned} == tuned and info["tuning"] == {"by": "a"}, info
+        assert info["count"] == 3 and b.engine.max_windows == 3 and len(reads) == 1
+
+
+@pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_a_raise_of_the_window_bound_survives_another_client_s_manifest_write(
     tmp_path, tiny_encoder, corpus, engine, monkeypatch
 ):

@@ -501,12 +501,13 @@ class Collection:
     def info(self) -> dict[str, Any]:
         """What ``m3search info`` and ``GET /info`` show: location, engine, count, model,
         settings, schema, dates and, where the engine can tell, ``disk_bytes`` per part
-        (dense / sparse / colbert / payload / wal / other / total)."""
-        m = self.manifest  # a copy
+        (dense / sparse / colbert / payload / wal / other / total). Where other clients write (a server), what
+        is stored there: another client's search defaults and tuning show at once (one manifest read)."""
+        m = self._sync() or self._manifest  # (_plain copies what is shown)
         out: dict[str, Any] = {
             "location": str(self.location),
             "engine": m.get("engine"),
-            "count": int(self.count()),
+            "count": int(self._engine.count(None)),  # (synced above)
             "model": m.get("model"),
             "settings": self._shown_settings(m.get("settings") or {}),
             "tuning": m.get("tuning"),  # how `m3search tune` chose the search defaults (None: built-in)
@@ -961,19 +962,21 @@ class Collection:
             for m, s in zip(marks, live)
         ]
 
-    def _sync(self) -> None:
+    def _sync(self) -> dict | None:
         """On storage other clients write (a server), their pending marks, and the window bound they may have
         raised: engines read that many points per document, and a stale 1 would treat another client's long
         documents as one window (stale metadata on their windows, windows left behind by a delete, window 0
-        scored alone)."""
-        if self._engine.shared:
-            manifest = self._engine.read_manifest() or {}
-            stored = int(manifest.get("max_windows_stored", 1))
-            if stored > self._manifest.get("max_windows_stored", 1):
-                self._manifest["max_windows_stored"] = stored
-            self._engine.max_windows = max(self._engine.max_windows, stored)
-            if "pending" in manifest or "pending" in self._manifest:  # other clients' long writes (_clear_pending)
-                self._manifest["pending"] = manifest.get("pending") or []
+        scored alone). Returns the manifest read there (None: none to read, the held one is what is stored)."""
+        if not self._engine.shared:
+            return None
+        manifest = self._engine.read_manifest() or {}
+        stored = int(manifest.get("max_windows_stored", 1))
+        if stored > self._manifest.get("max_windows_stored", 1):
+            self._manifest["max_windows_stored"] = stored
+        self._engine.max_windows = max(self._engine.max_windows, stored)
+        if "pending" in manifest or "pending" in self._manifest:  # other clients' long writes (_clear_pending)
+            self._manifest["pending"] = manifest.get("pending") or []
+        return manifest
 
     def _note_windows(self, most: int) -> None:
         """Record in the manifest, BEFORE the write, the most windows a stored document may have

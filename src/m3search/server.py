@@ -35,10 +35,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Annotated, Any, Literal
 
 try:
@@ -208,6 +208,10 @@ _STATUS_TYPES = {
 }
 
 
+#: ``Retry-After`` of a write refused or stopped by the server shutting down: a restart takes about this long.
+SHUTDOWN_RETRY_AFTER_S = 5
+
+
 #: The library's typed errors as HTTP statuses: the one place they are mapped (anything else
 #: the library rejects with ValueError / TypeError is a 400).
 _ERROR_STATUS: dict[type[Exception], int] = {
@@ -244,8 +248,9 @@ _ERROR_MEANINGS = {
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
     500: "Internal error (a bug)",
-    503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down, and a write "
-    "stopped between its batches (`error.ids`: the documents written, each whole; the others were not)",
+    503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
+    "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
+    "write or delete refused before it started (nothing done)",
     504: "The search ran over its time limit",
     507: "Too little free disk for the write (embedded collection)",
 }
@@ -311,15 +316,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("unavailable", f"request {exc}"), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(IngestInterrupted)
-    async def shutting_down(request: Request, exc: IngestInterrupted):
-        written = len(exc.ids)
-        done = (
-            f"the first {written} of {exc.total} documents were written (error.ids)"
-            if written
-            else "no document was written"
-        )
-        message = f"the server is shutting down; {done}, the others not at all: send them again once it is back"
-        return JSONResponse(error_body("unavailable", message, exc.ids), status_code=503)
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, exc: IngestInterrupted | ShuttingDown):
+        ids = getattr(exc, "ids", None)
+        if ids:
+            done = f"the first {len(ids)} of {exc.total} documents were written (error.ids), the others not at all"
+        else:
+            done = str(exc) if isinstance(exc, ShuttingDown) else "no document was written"
+        message = f"the server is shutting down; {done}: send them again once it is back"
+        headers = {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+        return JSONResponse(error_body("unavailable", message, ids), status_code=503, headers=headers)
 
     @app.exception_handler(DeadlineExceeded)
     async def over_time(request: Request, exc: DeadlineExceeded):
@@ -804,21 +810,51 @@ def _check_batch(n: int, settings: Settings, what: str) -> None:
         raise HTTPException(413, f"{n} {what} in one request exceed the limit of {settings.max_batch}")
 
 
-async def _to_the_end(request: Request, work: Awaitable[Any]) -> Any:
-    """``work`` (a write in a worker thread) awaited to its end, even when the server's shutdown cancels this
-    request (uvicorn does once its graceful-shutdown period is over): the thread goes on either way, and a long
-    document's write ends whole, so its client gets the write's own answer, not uvicorn's plain-text 500. The
-    lifespan waits for such answers (``app.state.answering``) before the server stops."""
-    job = asyncio.ensure_future(work)
+class ShuttingDown(Exception):
+    """A write refused because the server is shutting down (its message says what was not done): it came to its
+    turn after the shutdown began, or the shutdown cancelled it while it waited for its turn. Nothing of it was done."""
+
+
+def _handled(task: asyncio.Task) -> None:
+    """Tell ``task`` its cancellation is handled: the request goes on to send our answer (Python >= 3.11 counts
+    cancellations until then; 3.10 does not)."""
+    if hasattr(task, "uncancel"):
+        task.uncancel()
+
+
+async def _write(request: Request, work: Callable[[], Any], *, documents: int, refused: str) -> Any:
+    """``work()`` (a write of ``documents``; a delete: 0) in a worker thread, in its turn at the write gate, and to
+    its end even when the server's shutdown cancels the request: the thread goes on either way (a long
+    document's write ends whole), so its client gets the write's own answer, not uvicorn's plain-text 500.
+    Refused cleanly with :class:`ShuttingDown` (``refused``: what was not done) when the shutdown cancels it
+    while it waits, or began before its turn. The indexer counts it as in progress, so the lifespan closes the
+    collection only after it; the lifespan also waits for its answer (``app.state.answering``) before the
+    server stops."""
+    state = request.app.state
     task = asyncio.current_task()
-    request.app.state.answering.add(task)
-    task.add_done_callback(request.app.state.answering.discard)  # once the answer is sent
+    state.answering.add(task)
+    task.add_done_callback(state.answering.discard)  # once the answer is sent
+
+    def guarded() -> Any:
+        with state.indexer.writing(documents):  # (the lifespan sets stopping before it waits for the writes)
+            if state.stopping.is_set():
+                raise ShuttingDown(refused)
+            return work()
+
     try:
-        return await asyncio.shield(job)
+        await state.write_gate.acquire()  # a write waiting on the collection's lock would hold a thread
     except asyncio.CancelledError:
-        if hasattr(task, "uncancel"):  # Python >= 3.11: the cancellation is handled here
-            task.uncancel()
-        return await job
+        _handled(task)
+        raise ShuttingDown(refused) from None
+    try:
+        job = asyncio.ensure_future(run_in_threadpool(guarded))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            _handled(task)
+            return await job
+    finally:
+        state.write_gate.release()
 
 
 async def _encode(request: Request, texts: list[str], **options: Any):
@@ -865,7 +901,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         # Writes wait their turn here, in the event loop: a write waiting on the collection's lock in a
         # worker thread holds that thread, and 40 waiting deletes took every one (/health, /search hung).
         app.state.write_gate = asyncio.Lock()
-        app.state.answering = set()  # /documents requests that answer after a shutdown cancelled them
+        app.state.answering = set()  # write requests, answered even after a shutdown cancelled them (_write)
         app.state.stopping.clear()
         recording = None
         if resources is None and s.collection and serverfile.record_path(s.collection):  # not serve's: uvicorn's
@@ -1042,35 +1078,31 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         metadata = [d.metadata or {} for d in body.documents]
         coll = res.collection
 
-        indexer: DeferredOptimize = request.app.state.indexer
-
         def store() -> DocumentsResponse:
             write = coll.upsert if body.upsert else coll.add  # add: DuplicateIdError (409) when an id exists
-            with indexer.writing(len(texts)):
-                out = write(
-                    texts,
-                    ids=None if ids[0] is None else ids,
-                    metadata=metadata,
-                    batch_size=INGEST_WRITE_BATCH,
-                    optimize=False,
-                    stop=request.app.state.stopping.is_set,  # shutdown: IngestInterrupted (503) at the next batch
-                )
-                return DocumentsResponse(ids=list(out), count=coll.count())  # (the collection closes after)
+            out = write(
+                texts,
+                ids=None if ids[0] is None else ids,
+                metadata=metadata,
+                batch_size=INGEST_WRITE_BATCH,
+                optimize=False,
+                stop=request.app.state.stopping.is_set,  # shutdown: IngestInterrupted (503) at the next batch
+            )
+            return DocumentsResponse(ids=list(out), count=coll.count())  # (the collection closes after)
 
         # The collection encodes (windows included) through the batching worker at ingest priority
         # (its encoder is a BatchedEncoder, see lifespan); this thread only waits and writes, in
         # small batches, each when no query is in flight; indexes are built when ingest pauses.
-        async with request.app.state.write_gate:
-            return await _to_the_end(request, run_in_threadpool(store))
+        return await _write(request, store, documents=len(texts), refused="nothing of it was written")
 
-    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_errors(409, 507))
+    @api.delete("/documents", response_model=DeleteResponse, tags=["documents"], responses=_errors(409, 503, 507))
     async def delete_documents(
         body: DeleteRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> DeleteResponse:
         """Delete by id; unknown ids are reported in ``missing``."""
         _check_batch(len(body.ids), settings, "ids")
-        async with request.app.state.write_gate:  # one write at a time holds a thread (see lifespan)
-            out = await run_in_threadpool(res.collection.delete, body.ids)
+        delete = partial(res.collection.delete, body.ids)
+        out = await _write(request, delete, documents=0, refused="nothing of it was deleted")
         return DeleteResponse(deleted=list(out["deleted"]), missing=list(out["missing"]))
 
     @api.get(
@@ -1247,7 +1279,8 @@ def _uvicorn_server() -> type:
         Why: uvicorn tells an app nothing until the requests in progress have ended or, ``timeout_graceful_shutdown``
         later, been cancelled: a client then got uvicorn's plain-text 500 while its write went on in its thread.
         ``stopping``, set at the signal, stops a ``/documents`` write at its next batch, answered with our 503; one
-        batch that outlasts the grace period (a long document) ends whole and is answered (:func:`_to_the_end`).
+        batch that outlasts the grace period (a long document) ends whole and is answered, as does a delete, and a
+        write still waiting for its turn is refused whole (:func:`_write`).
         """
 
         def __init__(self, config: Any, stopping: threading.Event) -> None:
