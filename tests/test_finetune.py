@@ -566,6 +566,21 @@ def test_a_query_whose_group_alone_exceeds_the_token_budget_is_refused(tmp_path,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_the_default_budget_runs_an_oversized_group_alone_with_a_warning(tiny_encoder):
+    """Only a budget the user asked for refuses a query whose group alone is over it: the device's default
+    (8,192 tokens on a CPU) refused BGE-M3's own long-passage settings (--passage-max-length 1024 with 7
+    negatives is 64 + 8 x 1024 = 8,256 tokens). With the default, such a query trains alone, as before the
+    refusal, and a warning says so."""
+    from m3search.finetune import FinetuneConfig, _contrasting_batches
+
+    examples = [Example(r["query"], r["pos"], r["neg"]) for r in _train_rows(4)]
+    with pytest.warns(UserWarning, match=r"up to \d+ padded tokens, over this device's default token budget of 20"):
+        _, schedule = _contrasting_batches(tiny_encoder, examples, FinetuneConfig(negatives=2), 20)
+    assert all(len(q) == 1 for q, _ in schedule[0]) and len(schedule[0]) == 4  # every query alone
+    with pytest.raises(FinetuneInputError, match="more than the token budget of 20"):
+        _contrasting_batches(tiny_encoder, examples, FinetuneConfig(negatives=2, token_budget=20), 20)
+
+
 def test_resume_restores_generator_states_loaded_onto_the_device(tmp_path, tiny_model_path, monkeypatch):
     """``torch.load(map_location=device)`` puts the saved generator state on the GPU, where
     ``torch.set_rng_state`` refuses it. On a CPU-only machine: the state comes back as an object standing for

@@ -1188,7 +1188,12 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     type=click.FloatRange(0, 1, max_open=True),
     help="BEIR only: fraction of judged queries held out and scored before/after.",
 )
-@click.option("--token-budget", default=None, type=click.IntRange(1), help="Padded tokens per batch.")
+@click.option(
+    "--token-budget",
+    default=None,
+    type=click.IntRange(1),
+    help="Padded tokens per batch; a query whose passages alone exceed it is refused [default: 8192 on CPU, 32768 on GPU; a query over the default trains alone, with a warning].",
+)
 @click.option(
     "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time."
 )

@@ -47,6 +47,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -425,13 +426,15 @@ def _plan(encoder: Any, examples: list[Example], query_max_length: int, passage_
 
 
 def _epoch_batches(
-    plan: _Plan, negatives: int, batch_size: int, token_budget: int, seed: int, epoch: int
+    plan: _Plan, negatives: int, batch_size: int, token_budget: int, seed: int, epoch: int, strict: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """One epoch's batches: (query indices, passage indices as (B, 1 + negatives)), column 0 the positive.
 
     Deterministic in (seed, epoch), so a resumed run rebuilds the same batches. A query with fewer
     negatives than asked repeats them; one with none takes random passages of the data (as FlagEmbedding
-    repeats, and as in-batch negatives are random passages anyway).
+    repeats, and as in-batch negatives are random passages anyway). A query whose group alone is over the
+    budget is refused when the budget was asked for (``strict``), else it makes a batch of its own: the
+    device's default budget must not refuse BGE-M3's own long-passage settings (1,024 tokens x 8 passages).
     """
     rng = np.random.default_rng([seed, epoch])
     n_passages = len(plan.passages.ids)
@@ -453,7 +456,7 @@ def _epoch_batches(
     q_len = p_len = 0
     for i, group in groups:
         alone = int(plan.queries.lengths[i]) + len(group) * int(plan.passages.lengths[group].max())
-        if alone > token_budget:  # a batch of this query alone: it was run anyway (--negatives 100000: 22 GB)
+        if alone > token_budget and strict:  # run alone, over the budget the user set (--negatives 100000: 22 GB)
             raise FinetuneInputError(
                 f"one query with its positive and {negatives} negatives is {alone} padded tokens, more than the "
                 f"token budget of {token_budget} per batch: lower --negatives or raise --token-budget"
@@ -477,9 +480,26 @@ def _contrasting_batches(
     """The data as indices and every epoch's batches (each epoch packs a new order under the token budget, so
     their counts differ); refused when no batch has anything to contrast (:func:`_has_contrast`)."""
     plan = _plan(encoder, examples, cfg.query_max_length, cfg.passage_max_length)
+    strict = cfg.token_budget is not None
     schedule = [
-        _epoch_batches(plan, cfg.negatives, cfg.batch_size, token_budget, cfg.seed, e) for e in range(cfg.epochs)
+        _epoch_batches(plan, cfg.negatives, cfg.batch_size, token_budget, cfg.seed, e, strict)
+        for e in range(cfg.epochs)
     ]
+    padded = max(  # a batch over the budget is one query's, run alone (not strict)
+        (
+            len(q) * (int(plan.queries.lengths[q].max()) + p.shape[1] * int(plan.passages.lengths[p].max()))
+            for batches in schedule
+            for q, p in batches
+        ),
+        default=0,
+    )
+    if padded > token_budget:
+        warnings.warn(
+            f"one query with its positive and {cfg.negatives} negatives is up to {padded} padded tokens, over this "
+            f"device's default token budget of {token_budget} per batch: such queries train one to a batch, "
+            "with memory to match (give --token-budget to refuse them instead)",
+            stacklevel=2,
+        )
     if not _has_contrast(plan, schedule):
         raise FinetuneInputError(
             "nothing to contrast: no batch holds a passage besides its queries' judged positives (one query and "
