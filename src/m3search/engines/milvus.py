@@ -103,8 +103,8 @@ piece, written with memory bounded by the piece). Each has a GENERATION ``g`` of
 (another client's, begun at the same moment) shares a row. The head (the same ``pk`` for
 every version) names the version that is its document: count, get and existing read heads;
 the reads of a document's windows (get_windows, score_windows, set_metadata, iter_batches)
-read its head, then the windows of the version it names (again, when a switch replaced it
-between the two); a search hit past a head costs one read of its head and is dropped unless
+read its head with slot 0's windows in one query, then, when the head names a long write's
+version, that version's windows (all again, when a switch replaced it between the two); a search hit past a head costs one read of its head and is dropped unless
 the head names its version (a query that lost hits asks again for more). In this order: (0)
 read the head (refusing a key collision); (1) each piece's windows ``w >= 1``, as they are
 encoded (token rows first), under ``g``: hidden; (2) the SWITCH, ONE request: the new head
@@ -925,6 +925,31 @@ class MilvusEngine(Engine):
         cond = "win >= 0" if rows == "live" else "win == 0"
         return f"{cond} and ({expr})" if expr else cond
 
+    def _versions(
+        self, ids: Sequence[str], fields: list[str], row_bytes: int, windows: range | None
+    ) -> tuple[dict[str, dict], dict[int, dict[int, dict]]]:
+        """The documents' heads (:meth:`_heads`) and the window rows past 0 that could be of the versions they
+        name, by ``doc`` then window (``windows``: only those whose index it holds). Why the heads and slot 0's
+        windows in one read: ``upsert`` writes slot 0, so a document written in one request costs no second
+        read; only the versions of long writes, whose ``doc`` the head gives, are read after it."""
+        if not self.window_rows:
+            return self._heads(ids, fields, row_bytes), {}
+        fields = list(dict.fromkeys([*fields, "pk", "doc", "win"]))
+        cond = "" if windows is None else f" and win >= {min(windows, default=1)} and win <= {max(windows, default=0)}"
+        wanted, heads, rows = set(ids), {}, {}
+
+        def read(owner: dict[int, str], expr: str) -> None:
+            for r in self._rows_where(list(owner), lambda c: expr.format(c), fields, self.max_windows, row_bytes):
+                if r["win"] == 0 and r["doc_id"] in wanted:  # (a head under a colliding key is another's)
+                    heads[r["doc_id"]] = r
+                elif r["win"] > 0 and r["doc_id"] == owner.get(r["doc"]):  # (not another's row under such a key)
+                    rows.setdefault(r["doc"], {})[r["win"]] = r
+
+        read({_pk(i): i for i in wanted}, f"pk in {{0}} or (doc in {{0}} and win > 0{cond})")
+        if long := {h["doc"]: i for i, h in heads.items() if h["doc"] != h["pk"] and len(h.get("spans") or []) > 1}:
+            read(long, f"doc in {{0}} and win > 0{cond}")
+        return heads, rows
+
     def _windows_of(
         self,
         ids: Sequence[str],
@@ -947,23 +972,9 @@ class MilvusEngine(Engine):
         found: dict[str, list[dict]] = {}
         todo = list(dict.fromkeys(ids))
         for _ in range(READ_TRIES):
-            heads = self._heads(todo, want, row_bytes)
+            heads, rows = self._versions(todo, want, row_bytes, windows)
             wins = {h["doc"]: range(1, len(h.get("spans") or [])) for h in heads.values()}
             wins = {k: [w for w in ws if windows is None or w in windows] for k, ws in wins.items()}
-            rows: dict[int, dict[int, dict]] = {}
-            keys = [k for k, ws in wins.items() if ws]
-            if keys:
-                cond = "" if windows is None else f" and win in {_ints(sorted({w for k in keys for w in wins[k]}))}"
-                owner = {h["doc"]: i for i, h in heads.items()}
-                for r in self._rows_where(
-                    keys,
-                    lambda c, cond=cond: f"doc in {c} and win > 0{cond}",
-                    want + ["doc", "win"],
-                    self.max_windows,
-                    row_bytes,
-                ):
-                    if r["doc_id"] == owner[r["doc"]]:  # (not another document's row under a colliding key)
-                        rows.setdefault(r["doc"], {})[r["win"]] = r
             again = []
             for i in todo:
                 head = heads.get(i)
@@ -1228,11 +1239,18 @@ class MilvusEngine(Engine):
             )
         return rows[0] if rows else None
 
-    def _tombstones(self, ids: Sequence[str]) -> list[dict]:
-        """The documents' tombstones (``pk``, ``gen``): those of a write stopped before its removal among them."""
-        return self._rows_where(
-            [_pk(i) for i in ids], lambda c: f"doc in {c} and win < 0", ["pk", "gen"], self.max_windows
+    def _heads_and_tombstones(self, ids: Sequence[str]) -> tuple[dict[str, dict], list[dict]]:
+        """The documents' heads (``doc``: the version each names), by id, and their tombstones (``pk``, ``gen``;
+        those of a write stopped before its removal among them), in one read."""
+        wanted = set(ids)
+        rows = self._rows_where(
+            [_pk(i) for i in wanted],
+            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
+            ["pk", "doc_id", "doc", "win", "gen"],
+            self.max_windows + 1,
         )
+        heads = {r["doc_id"]: r for r in rows if r["win"] >= 0 and r["doc_id"] in wanted}  # (not a colliding key's)
+        return heads, [r for r in rows if r["win"] < 0]
 
     @staticmethod
     def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
@@ -1252,9 +1270,9 @@ class MilvusEngine(Engine):
         with the token and text rows of what they replaced (stopped after it: step 3 of ``upsert_long``)."""
         if not self.window_rows or not ids:
             return
-        heads = self._heads(list(dict.fromkeys(ids)), ["doc_id"])
+        heads, tombs = self._heads_and_tombstones(ids)
         keys = [k for i, ks in self._stray_keys(list(heads), gens).items() for k in ks if k != heads[i]["doc"]]
-        self._drop(keys, self._tombstones(list(heads)))
+        self._drop(keys, [t for t in tombs if t["doc_id"] in heads])
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
         """Long writes (module docstring): each piece's windows written as it comes (token rows first) under
@@ -1359,11 +1377,9 @@ class MilvusEngine(Engine):
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
         ids = list(dict.fromkeys(ids))
-        heads = self._heads(ids, ["doc_id"])
+        heads, tombs = self._heads_and_tombstones(ids)
         named = [h["doc"] for h in heads.values()]
-        self._drop(
-            list(dict.fromkeys([*named, *(k for i in ids for k in (_pk(i), *_legacy_keys(i)))])), self._tombstones(ids)
-        )
+        self._drop(list(dict.fromkeys([*named, *(k for i in ids for k in (_pk(i), *_legacy_keys(i)))])), tombs)
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
