@@ -1073,6 +1073,35 @@ def test_a_delete_checked_before_another_client_s_long_write_leaves_it_whole(
             assert raw_points(a) == 2  # s1 and s2 alone
 
 
+@pytest.mark.parametrize("engine", list(RACE_HOOKS))
+def test_a_delete_landing_inside_another_client_s_write_in_one_request_leaves_it_whole(
+    tmp_path, tiny_encoder, corpus, monkeypatch, engine
+):
+    """A's delete of X passed its checks and read X; B's write of X in one request began, and A's delete landed
+    before B's request of rows. Milvus: B had inserted its token rows first, and the delete removed every token
+    row of X's slot 0, B's with them: B's acknowledged version had no ColBERT vectors. It now removes those of
+    the generations it read."""
+    texts, *_ = corpus
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])
+        removal, write = RACE_HOOKS[engine]["removal"], RACE_HOOKS[engine]["write"]
+        real_delete, real_write, landed = getattr(a.engine, removal), getattr(b.engine, write), []
+
+        def b_writes(*args, **kw):  # A's delete is built: B's write begins before it lands
+            def a_lands_first(*rows, **o):
+                real_delete(*args, **kw)
+                landed.append(True)
+                return real_write(*rows, **o)
+
+            monkeypatch.setattr(b.engine, write, a_lands_first)
+            b.upsert([texts[28]], ids=["X"])
+
+        monkeypatch.setattr(a.engine, removal, b_writes)
+        assert a.delete(["X"]) == {"deleted": ["X"], "missing": []}
+        assert landed
+        one_version(a, tiny_encoder, "X", [texts[28]])
+
+
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):
     """A manifest whose pending list holds plain ids (written before marks had a client and a lease) opens,
     and the next write, on a server collection too, clears those long writes' stray windows."""

@@ -136,14 +136,16 @@ and removed by recoveries and deletes; a long write raises the schema version to
 releases reading up to 4, which look in those slots only, refuse the collection rather than
 misread it.
 
-Several clients. Two writes in one request of one document that passed the Collection's
-pending-mark check at once end whole all the same, and the last to land wins: an ``upsert``
-removes token and text rows only by the generations it read, so the other's, inserted before
-its rows, stay; a write tombstones only the slot-0 windows it read, so a longer version landed
-between its read and its request leaves windows past the new head's count, which searches drop
-(asking again without them: they hid the document's other windows in its group) and the
-document's next write or delete removes. Left hidden: the token rows of the loser (written over
-by the winner's rows).
+Several clients. A write in one request that passed the Collection's pending-mark check beside
+another write or delete of the document ends whole all the same, and the last to land wins: no
+step removes token or text rows but by the generations it read (a delete: those of the version
+the head names and of slot 0's rows, whose window rows it removes by ``doc``), so another write's,
+inserted before its rows, stay; a write tombstones only the slot-0 windows it read, so a longer
+version landed between its read and its request leaves windows past the new head's count, which
+searches drop (asking again without them: they hid the document's other windows in its group)
+and the document's next write or delete removes. Left hidden: the token rows of the loser of two
+writes in one request (written over by the winner's rows) and of a version that a delete which
+read the document before it landed removed.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
@@ -1207,18 +1209,20 @@ class MilvusEngine(Engine):
             dead = [g for h in chunk for g in overwritten[h]]
             self._drop(tombs=[r for h in chunk for r in stored[h] if r["win"] < 0], gens=dead)
 
-    def _drop(self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), gens: Sequence[int] = ()) -> None:
-        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys``; the tombstones
-        ``tombs`` (rows: ``pk``, ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of
-        a replaced row) or ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen``
-        (generations are random, keys hashes: neither is ever the other); and the token and text rows of the
-        generations ``gens``."""
+    def _drop(
+        self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), gens: Sequence[int] = (), rows: Sequence[int] = ()
+    ) -> None:
+        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys``; the window rows
+        (not the token and text rows) whose ``doc`` is among ``rows``; the tombstones ``tombs`` (rows: ``pk``,
+        ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of a replaced row) or
+        ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen`` (generations are
+        random, keys hashes: neither is ever the other); and the token and text rows of the generations ``gens``."""
         per = 3 * 4096
-        for a in range(0, max(len(keys), len(tombs), len(gens), 1), per):
+        for a in range(0, max(len(keys), len(tombs), len(gens), len(rows), 1), per):
             t = tombs[a : a + per]
             k = [*keys[a : a + per], *(r["gen"] for r in t)]
-            main = [f"doc in {_ints(k)}"] if k else []
-            side = list(main)
+            side = [f"doc in {_ints(k)}"] if k else []
+            main = [f"doc in {_ints([*k, *rows[a : a + per]])}"] if k or rows[a : a + per] else []
             if t:
                 main.append(f"(pk in {_ints([r['pk'] for r in t])} and win < 0)")
             if dead := [*(r["gen"] for r in t), *gens[a : a + per]]:
@@ -1360,7 +1364,8 @@ class MilvusEngine(Engine):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every row of the documents: the version each head names, slot 0 (windows, tombstones, strays), slots 1
-        and 2, and the token and text rows of what the tombstones replaced."""
+        and 2, and the token and text rows of what the tombstones replaced; slot 0's token and text rows by the
+        generations read (one read), not by ``doc``: an ``upsert`` under way inserted its own before its rows."""
         if not self.window_rows:
             for a in range(0, len(ids), 4096):
                 chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
@@ -1368,10 +1373,18 @@ class MilvusEngine(Engine):
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
         ids = list(dict.fromkeys(ids))
-        heads = self._heads(ids, ["doc_id"])
-        named = [h["doc"] for h in heads.values()]
+        heads = [_pk(i) for i in ids]
+        rows = [r for rs in self._stored_rows(ids, heads, []).values() for r in rs]
+        own = set(heads)
+        slot = [r for r in rows if r["doc"] in own]
         self._drop(
-            list(dict.fromkeys([*named, *(k for i in ids for k in (_pk(i), *_legacy_keys(i)))])), self._tombstones(ids)
+            [
+                *{r["doc"] for r in rows if r["pk"] in own and r["doc"] not in own},
+                *(k for i in ids for k in _legacy_keys(i)),
+            ],
+            tombs=[r for r in slot if r["win"] < 0],
+            gens=[r["gen"] for r in slot if r["win"] >= 0],
+            rows=heads,
         )
 
     # --------------------------------------------------------------------- reads
