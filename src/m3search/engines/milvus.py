@@ -91,7 +91,8 @@ version whole, never a mix: before (2) its old rows are untouched, after it the 
 complete; leftovers of (3) are invisible and removed by the document's next ``upsert`` or
 delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
 a loop); those of (1), token and text rows no row points at, stay (invisible: nothing can tell
-them from a write under way). Weaker, stated as it is: if the Milvus Lite process itself dies
+them from a write under way), but for a write that failed with an error: the same handle's next
+``upsert`` or delete of the document removes them. Weaker, stated as it is: if the Milvus Lite process itself dies
 inside request (2), that request's documents are ABSENT (old rows deleted, new not inserted),
 and on Lite a reader concurrent with request (2) can see them absent for its duration. On a
 server the rule rests on a request being applied whole or not at all, which Milvus does not
@@ -579,6 +580,10 @@ class MilvusEngine(Engine):
         #: before windows (every row a whole document), which open() detects.
         self.window_rows = True
         self._fields: tuple[str, ...] = (*self._LEGACY_FIELDS, "doc", "win", "spans", "tparts")
+        #: Per head key, the generations of this handle's upserts that failed before their rows request was
+        #: answered: their token and text rows go with the document's next upsert or delete here (nothing else
+        #: can tell them from another write's under way).
+        self._failed: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------- connection
     @classmethod
@@ -1183,26 +1188,34 @@ class MilvusEngine(Engine):
         stored = self._stored_rows(batch.ids, heads.tolist(), pks)
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
-        # (1) token rows under fresh generations: invisible until a window row points at them
-        self._insert_chunked(
-            self.tokens,
-            self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
-            self._block_bytes,
-        )
-        # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one request
-        docs, sizes = self._rows(batch, heads, pks, gens)
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
-        for i, rows in enumerate(docs):
-            h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
-            old = stored.setdefault(h, [])
-            overwritten[h] = [r["gen"] for r in old if r["doc"] == h and r["win"] >= 0 and r["pk"] in new]
-            tombs = [self._over_head(doc_id, r) for r in old if r["pk"] == h and r["doc"] != h]  # a long write's
-            tombs += [self._tombstone(doc_id, r["pk"], r["gen"]) for r in old if r["doc"] == h and r["win"] >= 0]
-            tombs = [t for t in tombs if t["pk"] not in new]
-            rows += tombs
-            old += tombs
-            sizes[i] += len(tombs) * self._tombstone_bytes
-        self._upsert_docs(docs, sizes)
+        try:
+            # (1) token rows under fresh generations: invisible until a window row points at them
+            self._insert_chunked(
+                self.tokens,
+                self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
+                self._block_bytes,
+            )
+            # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
+            # request
+            docs, sizes = self._rows(batch, heads, pks, gens)
+            for i, rows in enumerate(docs):
+                h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
+                old = stored.setdefault(h, [])
+                overwritten[h] = [r["gen"] for r in old if r["doc"] == h and r["win"] >= 0 and r["pk"] in new]
+                tombs = [self._over_head(doc_id, r) for r in old if r["pk"] == h and r["doc"] != h]  # a long write's
+                tombs += [self._tombstone(doc_id, r["pk"], r["gen"]) for r in old if r["doc"] == h and r["win"] >= 0]
+                tombs = [t for t in tombs if t["pk"] not in new]
+                rows += tombs
+                old += tombs
+                sizes[i] += len(tombs) * self._tombstone_bytes
+            self._upsert_docs(docs, sizes)
+        except BaseException:
+            for h, mine in zip(heads.tolist(), np.split(gens, batch.window_offsets[1:-1])):
+                self._failed.setdefault(h, []).extend(mine.tolist())
+            raise
+        for h in overwritten:
+            overwritten[h] += self._failed.pop(h, [])
         # (3) the tombstones, with what goes with them, and the token and text rows of the rows written over
         for a in range(0, len(heads), 1024):
             chunk = heads[a : a + 1024].tolist()
@@ -1383,7 +1396,7 @@ class MilvusEngine(Engine):
                 *(k for i in ids for k in _legacy_keys(i)),
             ],
             tombs=[r for r in slot if r["win"] < 0],
-            gens=[r["gen"] for r in slot if r["win"] >= 0],
+            gens=[*(r["gen"] for r in slot if r["win"] >= 0), *(g for h in heads for g in self._failed.pop(h, []))],
             rows=heads,
         )
 
