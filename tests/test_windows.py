@@ -762,18 +762,23 @@ def test_a_crashed_writer_s_mark_is_cleared_on_demand(tmp_path, tiny_encoder, co
 
 
 def one_version(col, encoder, doc_id: str, texts: list[str]) -> None:
-    """``doc_id`` is one of ``texts`` whole: that text, as many windows as it has, each with that text's vectors,
-    and a search scores it by those windows alone: probed with every window of every text in ``texts``, its
-    dense score is the best of its stored version's (exact; a stray window of another version scores 1)."""
+    """``doc_id`` is one of ``texts`` whole: that text, as many windows as it has, each with that text's vectors
+    (ColBERT's too: Milvus keeps them in rows of their own), and a search scores it by those windows alone: probed
+    with every window of every text in ``texts``, its dense score is the best of its stored version's (exact; a
+    stray window of another version scores 1)."""
     doc = col.get(doc_id)[0]
     assert doc is not None and doc.text in texts
-    dense = {t: encoder.encode_windows([t], window=WINDOW, stride=STRIDE).embeddings.dense for t in texts}
+    encoded = {t: encoder.encode_windows([t], window=WINDOW, stride=STRIDE).embeddings for t in texts}
+    dense = {t: e.dense for t, e in encoded.items()}
     want = dense[doc.text]
-    got = col.engine.get_windows([doc_id], with_vectors=["dense"])[0]
+    got = col.engine.get_windows([doc_id], with_vectors=["dense", "colbert"])[0]
     assert doc.windows == len(got) == len(want)
     np.testing.assert_allclose(np.stack([r.dense for r in got]), want, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([r.colbert for r in got]), encoded[doc.text].colbert, atol=1e-5)
     for probe in np.concatenate(list(dense.values())):
-        score = dict(col.engine.search_dense(probe[None], k=col.count(), exact=True)[0])[doc_id]
+        score = dict(col.engine.search_dense(probe[None], k=col.count() + 1, exact=True)[0])[
+            doc_id
+        ]  # (more than stored)
         assert score == pytest.approx(float((want @ probe).max()), abs=1e-5)
 
 
@@ -940,23 +945,35 @@ def test_a_long_write_begun_during_another_client_s_purge_is_kept(tmp_path, tiny
         one_version(c, tiny_encoder, "L", [texts[25]])
 
 
+#: Per engine, the hooks of the race reproductions: a write's one request, its read of the stored version, and a
+#: delete's removal (the engine call made after every read).
+RACE_HOOKS = {
+    "qdrant-local": {"write": "_write", "read": "_stored", "removal": "_delete_where"},
+    "milvus-lite": {"write": "_upsert_docs", "read": "_stored_rows", "removal": "_drop"},
+}
+
+
+@pytest.mark.parametrize("engine", list(RACE_HOOKS))
 @pytest.mark.parametrize(
     "stored, shorter, lands",
     [(20, 0, "before A's tombstones are deleted"), (1, 10, "between A's read and its write")],
 )
 def test_two_writes_in_one_request_of_one_document_leave_one_version(
-    tmp_path, tiny_encoder, corpus, monkeypatch, stored, shorter, lands
+    tmp_path, tiny_encoder, corpus, monkeypatch, engine, stored, shorter, lands
 ):
     """Two clients of one server collection write X at once, each in one request: A a shorter version than B's
     three windows. ``before A's tombstones are deleted``: B's write landed after A's (A's head, tombstones over
     the old windows 1-2) and before A deleted those tombstones, by point id: B's fresh windows 1-2 with them, so
     B's head named windows that were gone. A now deletes only points that are tombstones still. ``between A's
     read and its write``: A read X as one window and so tombstoned nothing; B's window 2 stayed beside A's head
-    of two, and searches found X by it. A search now drops a window past its head's count."""
+    of two, and searches found X by it. A search now drops a window past its head's count (Milvus: and asks
+    again without it, as it hid the document's other windows). Milvus: A then deleted the token rows of every
+    generation of X but its own, B's with them (B's version had no ColBERT vectors when B's write landed last);
+    it now deletes those of the rows it wrote over only."""
     texts, *_ = corpus
-    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[stored]], ids=["X"])
-        hook = "_write" if lands.startswith("before") else "_stored"
+        hook = RACE_HOOKS[engine]["write" if lands.startswith("before") else "read"]
         real, landed = getattr(a.engine, hook), []
 
         def then_b(*args):
@@ -972,32 +989,55 @@ def test_two_writes_in_one_request_of_one_document_leave_one_version(
         one_version(b, tiny_encoder, "X", [texts[shorter], texts[28]])
 
 
+def stale_read(eng, batch):
+    """What ``eng.upsert(batch)`` reads of the stored documents (:data:`RACE_HOOKS`), read now, and the hook's name."""
+    name = RACE_HOOKS["milvus-lite" if eng.name == "milvus" else "qdrant-local"]["read"]
+    if eng.name != "milvus":
+        return getattr(eng, name)(batch.ids), name
+    from m3search.engines.milvus import _pk, _wpk
+
+    counts = np.diff(batch.window_offsets).tolist()
+    keys = [_wpk(i, w) for i, c in zip(batch.ids, counts) for w in range(c)]
+    return getattr(eng, name)(batch.ids, [_pk(i) for i in batch.ids], keys), name
+
+
+def is_switch(eng, args) -> bool:
+    """Whether a row write (Qdrant: ``_write``'s points; Milvus: ``client.upsert``'s arguments) holds X's head."""
+    if eng.name == "milvus":
+        return args[0] == eng.collection and any(r["doc_id"] == "X" and r["win"] == 0 for r in args[1])
+    from m3search.engines.base import point_uuid
+
+    return any(uid == point_uuid("X") for uid, _, _ in args[0])
+
+
+@pytest.mark.parametrize("engine", list(RACE_HOOKS))
 def test_a_write_landing_between_a_long_write_s_switch_and_its_tombstones_delete_is_kept(
-    tmp_path, tiny_encoder, corpus, monkeypatch
+    tmp_path, tiny_encoder, corpus, monkeypatch, engine
 ):
     """B checked the marks of X (none) and read X's stored version; A then wrote X long up to its switch (its head
     and tombstones over the old version's windows 1-2); B's write of X in one request landed over them (it read
     generation 0: the same point ids); A deleted its tombstones by point id, B's fresh windows with them, so B's
-    head named windows that were gone. A now deletes only points that are tombstones still."""
-    from m3search.engines.base import point_uuid
-
+    head named windows that were gone. A now deletes only points that are tombstones still. (Milvus: A's removal
+    deletes rows of the old version by key and generation, which B's rows are not.)"""
     texts, *_ = corpus
-    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[20]], ids=["X"])
-        real_b, real_read, real_write, landed = b.engine.upsert, b.engine._stored, a.engine._write, []
+        target, name = (a.engine.client, "upsert") if engine == "milvus-lite" else (a.engine, "_write")
+        real_b, real_write, landed = b.engine.upsert, getattr(target, name), []
 
         def a_begins(batch):  # B has checked the marks and read X: A marks X and writes it long
-            seen = real_read(batch.ids)
+            seen, read = stale_read(b.engine, batch)
 
-            def b_lands_after_a_s_switch(points, sizes):
-                real_write(points, sizes)
-                if not landed and any(uid == point_uuid("X") for uid, _, _ in points):  # (only the switch has it)
-                    monkeypatch.setattr(b.engine, "_stored", lambda ids: seen)
+            def b_lands_after_a_s_switch(*args, **kw):
+                out = real_write(*args, **kw)
+                if not landed and is_switch(a.engine, args):
+                    monkeypatch.setattr(b.engine, read, lambda *_: seen)
                     real_b(batch)
                     landed.append(True)
+                return out
 
             one_window_pieces(monkeypatch, tiny_encoder)
-            monkeypatch.setattr(a.engine, "_write", b_lands_after_a_s_switch)
+            monkeypatch.setattr(target, name, b_lands_after_a_s_switch)
             a.upsert([texts[28]], ids=["X"])
 
         monkeypatch.setattr(b.engine, "upsert", a_begins)
@@ -1006,44 +1046,78 @@ def test_a_write_landing_between_a_long_write_s_switch_and_its_tombstones_delete
         one_version(a, tiny_encoder, "X", [texts[28], texts[29]])
 
 
+@pytest.mark.parametrize("engine", list(RACE_HOOKS))
 @pytest.mark.parametrize("lands", ["between its pieces", "after its switch"])
 def test_a_delete_checked_before_another_client_s_long_write_leaves_it_whole(
-    tmp_path, tiny_encoder, corpus, monkeypatch, lands
+    tmp_path, tiny_encoder, corpus, monkeypatch, engine, lands
 ):
     """A's delete of X passed the pending-mark check (none) and read X; B then began writing X long, and A's delete
     landed ``between its pieces``: it removed every point of X, B's window 1 with them, and B's switch then made
     B's write acknowledged with a head naming a window that was gone. A delete now removes only the points of the
     generation it read in X's head (and those without one): B's long write, of its own generation, ends whole.
-    ``after its switch``: X ends B's version whole, or absent with no point left."""
+    ``after its switch``: X ends B's version whole, or absent with no point left. (Milvus: a delete removes the
+    rows of the version the head named when read, and of slot 0: never a long write's under way.)"""
     texts, *_ = corpus
-    with two_clients("qdrant-local", tmp_path, tiny_encoder, texts) as (a, b):
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
         a.add([texts[20]], ids=["X"])
-        real_delete, real_long, landed = a.engine._delete_where, b.engine.upsert_long, []
+        removal = RACE_HOOKS[engine]["removal"]
+        real_delete, real_long, landed = getattr(a.engine, removal), b.engine.upsert_long, []
 
-        def a_lands(pieces, flt):
+        def a_lands(pieces, built):
             it = iter(pieces)
             yield next(it)
             if lands == "between its pieces":
                 yield next(it)  # B's window 1 written
-                real_delete(flt)
+                real_delete(*built[0], **built[1])
                 landed.append(True)
             yield from it
 
-        def b_writes_long(flt):  # A's delete is built: B begins its long write of X before it lands
+        def b_writes_long(*args, **kw):  # A's delete is built: B begins its long write of X before it lands
             one_window_pieces(monkeypatch, tiny_encoder)
-            monkeypatch.setattr(b.engine, "upsert_long", lambda pieces, **kw: real_long(a_lands(pieces, flt), **kw))
+            monkeypatch.setattr(
+                b.engine, "upsert_long", lambda pieces, **o: real_long(a_lands(pieces, (args, kw)), **o)
+            )
             b.upsert([texts[28]], ids=["X"])
             if not landed:
-                real_delete(flt)
+                real_delete(*args, **kw)
                 landed.append(True)
 
-        monkeypatch.setattr(a.engine, "_delete_where", b_writes_long)
+        monkeypatch.setattr(a.engine, removal, b_writes_long)
         assert a.delete(["X"]) == {"deleted": ["X"], "missing": []}
         assert landed
         if lands == "between its pieces" or a.get("X")[0] is not None:
             one_version(a, tiny_encoder, "X", [texts[28]])
         else:
             assert raw_points(a) == 2  # s1 and s2 alone
+
+
+@pytest.mark.parametrize("engine", list(RACE_HOOKS))
+def test_a_delete_landing_inside_another_client_s_write_in_one_request_leaves_it_whole(
+    tmp_path, tiny_encoder, corpus, monkeypatch, engine
+):
+    """A's delete of X passed its checks and read X; B's write of X in one request began, and A's delete landed
+    before B's request of rows. Milvus: B had inserted its token rows first, and the delete removed every token
+    row of X's slot 0, B's with them: B's acknowledged version had no ColBERT vectors. It now removes those of
+    the generations it read."""
+    texts, *_ = corpus
+    with two_clients(engine, tmp_path, tiny_encoder, texts) as (a, b):
+        a.add([texts[20]], ids=["X"])
+        removal, write = RACE_HOOKS[engine]["removal"], RACE_HOOKS[engine]["write"]
+        real_delete, real_write, landed = getattr(a.engine, removal), getattr(b.engine, write), []
+
+        def b_writes(*args, **kw):  # A's delete is built: B's write begins before it lands
+            def a_lands_first(*rows, **o):
+                real_delete(*args, **kw)
+                landed.append(True)
+                return real_write(*rows, **o)
+
+            monkeypatch.setattr(b.engine, write, a_lands_first)
+            b.upsert([texts[28]], ids=["X"])
+
+        monkeypatch.setattr(a.engine, removal, b_writes)
+        assert a.delete(["X"]) == {"deleted": ["X"], "missing": []}
+        assert landed
+        one_version(a, tiny_encoder, "X", [texts[28]])
 
 
 def test_pending_marks_of_an_older_version_count_as_expired(tmp_path, tiny_encoder, corpus, monkeypatch):

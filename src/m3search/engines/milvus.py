@@ -80,21 +80,24 @@ upsert each document's rows in ONE request: its new windows, a TOMBSTONE over ev
 slot-0 window past the new count (same ``pk``, ``win = -1``, zero vectors: no query, count
 or get reads it) and, when the head named a long write's version, one over that head (below);
 documents are grouped into requests under ``max_request_bytes``, never split; (3) delete the
-tombstones with what goes with them and slot 0's token rows of other generations. A
+tombstones with what goes with them and the token and text rows of the rows (2) wrote over in
+place (their generations, read in (0): never another write's, under way or landed since). A
 tombstone's ``doc`` is the head's key (a document's tombstones are one query) and its ``gen``
 names what goes with it: the token and text rows of that generation (the row it replaced), or,
 over a head that named a long write's version, every row of that version (its ``doc``;
 generations are random, keys hashes: one is never the other). So, when OUR process is killed
 (Milvus Lite, or a server applying each request whole), every document is its old or its new
 version whole, never a mix: before (2) its old rows are untouched, after it the new ones are
-complete; leftovers of (1) and (3) are invisible and removed by the document's next ``upsert``
-or delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
-a loop). Weaker, stated as it is: if the Milvus Lite process itself dies inside request (2),
-that request's documents are ABSENT (old rows deleted, new not inserted), and on Lite a reader
-concurrent with request (2) can see them absent for its duration. On a server the rule rests
-on a request being applied whole or not at all, which Milvus does not document: a server
-failing mid-request may keep part of it, and a document's rows (different keys) are routed to
-different shards unless the collection has one (``shards=1``).
+complete; leftovers of (3) are invisible and removed by the document's next ``upsert`` or
+delete (tests/test_windows.py stops a rewrite at each step, and kills a writer with SIGKILL in
+a loop); those of (1), token and text rows no row points at, stay (invisible: nothing can tell
+them from a write under way), but for a write that failed with an error: the same handle's next
+``upsert`` or delete of the document removes them. Weaker, stated as it is: if the Milvus Lite process itself dies
+inside request (2), that request's documents are ABSENT (old rows deleted, new not inserted),
+and on Lite a reader concurrent with request (2) can see them absent for its duration. On a
+server the rule rests on a request being applied whole or not at all, which Milvus does not
+document: a server failing mid-request may keep part of it, and a document's rows (different
+keys) are routed to different shards unless the collection has one (``shards=1``).
 
 Long writes (:meth:`MilvusEngine.upsert_long`: a document whose windows exceed one ingest
 piece, written with memory bounded by the piece). Each has a GENERATION ``g`` of its own
@@ -133,6 +136,17 @@ writes in slots 1 and 2 (``doc`` = :func:`_legacy_keys`): read as any version a 
 and removed by recoveries and deletes; a long write raises the schema version to 5, so that
 releases reading up to 4, which look in those slots only, refuse the collection rather than
 misread it.
+
+Several clients. A write in one request that passed the Collection's pending-mark check beside
+another write or delete of the document ends whole all the same, and the last to land wins: no
+step removes token or text rows but by the generations it read (a delete: those of the version
+the head names and of slot 0's rows, whose window rows it removes by ``doc``), so another write's,
+inserted before its rows, stay; a write tombstones only the slot-0 windows it read, so a longer
+version landed between its read and its request leaves windows past the new head's count, which
+searches drop (asking again without them: they hid the document's other windows in its group)
+and the document's next write or delete removes. Left hidden: the token rows of the loser of two
+writes in one request (written over by the winner's rows) and of a version that a delete which
+read the document before it landed removed.
 
 Filters. The :mod:`m3search.filters` AST becomes a Milvus boolean expression over the
 ``meta`` JSON field (``{"a.b": 1}`` -> ``meta["a"]["b"] == 1 or json_contains(...)``).
@@ -566,6 +580,10 @@ class MilvusEngine(Engine):
         #: before windows (every row a whole document), which open() detects.
         self.window_rows = True
         self._fields: tuple[str, ...] = (*self._LEGACY_FIELDS, "doc", "win", "spans", "tparts")
+        #: Per head key, the generations of this handle's upserts that failed before their rows request was
+        #: answered: their token and text rows go with the document's next upsert or delete here (nothing else
+        #: can tell them from another write's under way).
+        self._failed: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------- connection
     @classmethod
@@ -1181,50 +1199,58 @@ class MilvusEngine(Engine):
         stored = self._stored_rows(batch.ids, heads.tolist(), pks)
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
-        # (1) token rows under fresh generations: invisible until a window row points at them
-        self._insert_chunked(
-            self.tokens,
-            self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
-            self._block_bytes,
-        )
-        # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one request
-        docs, sizes = self._rows(batch, heads, pks, gens)
-        for i, rows in enumerate(docs):
-            h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
-            old = stored.setdefault(h, [])
-            tombs = [self._over_head(doc_id, r) for r in old if r["pk"] == h and r["doc"] != h]  # a long write's
-            tombs += [self._tombstone(doc_id, r["pk"], r["gen"]) for r in old if r["doc"] == h and r["win"] >= 0]
-            tombs = [t for t in tombs if t["pk"] not in new]
-            rows += tombs
-            old += tombs
-            sizes[i] += len(tombs) * self._tombstone_bytes
-        self._upsert_docs(docs, sizes)
-        # (3) the tombstones, with what goes with them, and the token rows of slot 0's other generations
-        offsets = batch.window_offsets
-        for a in range(0, len(heads), 1024):
-            b = min(a + 1024, len(heads))
-            self._drop(
-                tombs=[r for h in heads[a:b].tolist() for r in stored[h] if r["win"] < 0],
-                tokens=f"doc in {_ints(heads[a:b])} and gen not in {_ints(gens[offsets[a] : offsets[b]])}",
+        overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
+        try:
+            # (1) token rows under fresh generations: invisible until a window row points at them
+            self._insert_chunked(
+                self.tokens,
+                self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
+                self._block_bytes,
             )
+            # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
+            # request
+            docs, sizes = self._rows(batch, heads, pks, gens)
+            for i, rows in enumerate(docs):
+                h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
+                old = stored.setdefault(h, [])
+                overwritten[h] = [r["gen"] for r in old if r["doc"] == h and r["win"] >= 0 and r["pk"] in new]
+                tombs = [self._over_head(doc_id, r) for r in old if r["pk"] == h and r["doc"] != h]  # a long write's
+                tombs += [self._tombstone(doc_id, r["pk"], r["gen"]) for r in old if r["doc"] == h and r["win"] >= 0]
+                tombs = [t for t in tombs if t["pk"] not in new]
+                rows += tombs
+                old += tombs
+                sizes[i] += len(tombs) * self._tombstone_bytes
+            self._upsert_docs(docs, sizes)
+        except BaseException:
+            for h, mine in zip(heads.tolist(), np.split(gens, batch.window_offsets[1:-1])):
+                self._failed.setdefault(h, []).extend(mine.tolist())
+            raise
+        for h in overwritten:
+            overwritten[h] += self._failed.pop(h, [])
+        # (3) the tombstones, with what goes with them, and the token and text rows of the rows written over
+        for a in range(0, len(heads), 1024):
+            chunk = heads[a : a + 1024].tolist()
+            dead = [g for h in chunk for g in overwritten[h]]
+            self._drop(tombs=[r for h in chunk for r in stored[h] if r["win"] < 0], gens=dead)
 
-    def _drop(self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), tokens: str = "") -> None:
-        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys``; the tombstones
-        ``tombs`` (rows: ``pk``, ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of
-        a replaced row) or ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen``
-        (generations are random, keys hashes: neither is ever the other); and the token and text rows that the
-        expression ``tokens`` matches."""
+    def _drop(
+        self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), gens: Sequence[int] = (), rows: Sequence[int] = ()
+    ) -> None:
+        """Every row (windows, tombstones; token and text rows) whose ``doc`` is among ``keys``; the window rows
+        (not the token and text rows) whose ``doc`` is among ``rows``; the tombstones ``tombs`` (rows: ``pk``,
+        ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of a replaced row) or
+        ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen`` (generations are
+        random, keys hashes: neither is ever the other); and the token and text rows of the generations ``gens``."""
         per = 3 * 4096
-        for a in range(0, max(len(keys), len(tombs), 1), per):
+        for a in range(0, max(len(keys), len(tombs), len(gens), len(rows), 1), per):
             t = tombs[a : a + per]
             k = [*keys[a : a + per], *(r["gen"] for r in t)]
-            main = [f"doc in {_ints(k)}"] if k else []
-            side = list(main)
+            side = [f"doc in {_ints(k)}"] if k else []
+            main = [f"doc in {_ints([*k, *rows[a : a + per]])}"] if k or rows[a : a + per] else []
             if t:
                 main.append(f"(pk in {_ints([r['pk'] for r in t])} and win < 0)")
-                side.append(f"gen in {_ints([r['gen'] for r in t])}")
-            if a == 0 and tokens:
-                side.append(f"({tokens})")
+            if dead := [*(r["gen"] for r in t), *gens[a : a + per]]:
+                side.append(f"gen in {_ints(dead)}")
             for coll, expr in ((self.collection, main), (self.tokens, side), (self.texts, side)):
                 if expr and (self.window_rows or coll == self.tokens):
                     self.client.delete(coll, filter=" or ".join(expr), timeout=self.timeout)
@@ -1369,7 +1395,8 @@ class MilvusEngine(Engine):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every row of the documents: the version each head names, slot 0 (windows, tombstones, strays), slots 1
-        and 2, and the token and text rows of what the tombstones replaced."""
+        and 2, and the token and text rows of what the tombstones replaced; slot 0's token and text rows by the
+        generations read (one read), not by ``doc``: an ``upsert`` under way inserted its own before its rows."""
         if not self.window_rows:
             for a in range(0, len(ids), 4096):
                 chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
@@ -1377,9 +1404,19 @@ class MilvusEngine(Engine):
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
         ids = list(dict.fromkeys(ids))
-        heads, tombs = self._heads_and_tombstones(ids)
-        named = [h["doc"] for h in heads.values()]
-        self._drop(list(dict.fromkeys([*named, *(k for i in ids for k in (_pk(i), *_legacy_keys(i)))])), tombs)
+        heads = [_pk(i) for i in ids]
+        rows = [r for rs in self._stored_rows(ids, heads, []).values() for r in rs]
+        own = set(heads)
+        slot = [r for r in rows if r["doc"] in own]
+        self._drop(
+            [
+                *{r["doc"] for r in rows if r["pk"] in own and r["doc"] not in own},
+                *(k for i in ids for k in _legacy_keys(i)),
+            ],
+            tombs=[r for r in slot if r["win"] < 0],
+            gens=[*(r["gen"] for r in slot if r["win"] >= 0), *(g for h in heads for g in self._failed.pop(h, []))],
+            rows=heads,
+        )
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -1581,48 +1618,65 @@ class MilvusEngine(Engine):
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
         """Top-k DOCUMENTS: Milvus's grouping search returns each group (``doc``: a document's slot) once, at
         its best window; a group its document's head does not name is dropped (:meth:`_committed`), and a
-        query that lost hits so asks again for more."""
+        query that lost hits so asks again for more. A hit on a window past its head's count (a concurrent
+        write's, module docstring) hid the group's other windows: the query asks again without that row."""
         k = self._limit(k)
         group = {"group_by_field": "doc"} if self.window_rows else {}
         out: list[Hits] = [[] for _ in data]
-        todo, limit = list(range(len(data))), k
+        todo, limit, skip = list(range(len(data))), k, set()
         while todo:
             ef = params.get("params", {}).get("ef")
             if ef is not None and ef < limit:  # HNSW (a server) needs ef >= limit
                 params = {**params, "params": {**params["params"], "ef": limit}}
+            where = self._where(expr, "live")
             res = self.client.search(
                 self.collection,
                 data=[data[i] for i in todo],
                 anns_field=field,
                 limit=limit,
-                filter=self._where(expr, "live"),
+                filter=f"{where} and pk not in {_ints(sorted(skip))}" if skip else where,
                 output_fields=["doc_id", "doc", "win"] if self.window_rows else ["doc_id"],
                 search_params=params,
                 timeout=self.timeout,
                 **group,
             )
             again = []
-            for i, hits, raw in zip(todo, self._committed(res), res):
+            for i, (hits, strays), raw in zip(todo, self._committed(res), res):
                 out[i] = hits[:k]
-                if len(hits) < k and len(raw) == limit and limit < MAX_RESULTS:
+                skip |= strays
+                if strays or (len(hits) < k and len(raw) == limit and limit < MAX_RESULTS):
                     again.append(i)
             todo, limit = again, min(2 * limit, MAX_RESULTS)
         return out
 
-    def _committed(self, results: list) -> list[Hits]:
+    def _committed(self, results: list) -> list[tuple[Hits, set[int]]]:
         """The hits without those of a version their document's head does not name (a long write not switched
         yet, or interrupted; a version replaced; a short write's windows that a long write's switch landed
-        over): a head is its document's own; a window past it costs one read of its head (all of them at once)."""
+        over) or past its window count (a longer version's, written after the last write read the document),
+        with the keys of the latter: a head is its document's own; a window past it costs one read of its head
+        (all of them at once)."""
         hits = [
             [
-                (h["entity"]["doc_id"], float(h["distance"]), h["entity"].get("doc"), h["entity"].get("win", 0))
+                (
+                    h["entity"]["doc_id"],
+                    float(h["distance"]),
+                    h["entity"].get("doc"),
+                    h["entity"].get("win", 0),
+                    h["id"],
+                )
                 for h in r
             ]
             for r in results
         ]
-        asked = sorted({i for r in hits for i, _, _, win in r if win})
-        named = {i: h["doc"] for i, h in self._heads(asked, ["doc_id"]).items()}
-        return [[(i, d) for i, d, doc, win in r if not win or named.get(i) == doc] for r in hits]
+        asked = sorted({i for r in hits for i, _, _, win, _ in r if win})
+        named = {
+            (i, h["doc"]): max(1, len(h.get("spans") or [])) for i, h in self._heads(asked, ["doc_id", "spans"]).items()
+        }
+        out = []
+        for r in hits:
+            past = {pk for i, _, doc, win, pk in r if win >= named.get((i, doc), win + 1)}
+            out.append(([(i, d) for i, d, doc, win, _ in r if not win or win < named.get((i, doc), 0)], past))
+        return out
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
