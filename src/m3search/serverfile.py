@@ -86,7 +86,7 @@ def live(collection: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_key_required: bool) -> Path | None:
-    """Record this process as the collection's server (atomically: tmp + rename); returns the path
+    """Record this process as the collection's server (atomically, :func:`write_durably`); returns the path
     (None: a server location, nothing written)."""
     path = record_path(collection)
     if path is None:
@@ -101,9 +101,9 @@ def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_
         "path": str(Path(os.fspath(collection)).resolve()),
         "identity": identity(collection),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    from .engines.base import write_durably  # (here: the CLI reads records without NumPy and SciPy loaded)
+
+    write_durably(path, json.dumps(record, indent=2))
     return path
 
 
