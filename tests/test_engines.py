@@ -816,7 +816,7 @@ def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
     import os
     import threading
 
-    from m3search.engines.base import lock_exclusive
+    from m3search.engines.files import lock_exclusive
 
     path = tmp_path / "lock"
     held = lock_exclusive(path, wait=True, waiting="not said: the lock is free")
@@ -885,7 +885,7 @@ def test_milvus_lite_refuses_other_processes_through_a_symlink(tmp_path, tiny_en
 def test_allocated_bytes_counts_no_blocks_for_a_file_with_none(tmp_path):
     """A sparse file with no allocated block was counted at its apparent size (``0 * 512 or st_size``), so
     info's disk_bytes overstated disk use."""
-    from m3search.engines.base import allocated_bytes
+    from m3search.engines.files import allocated_bytes
 
     hole = tmp_path / "sparse"
     with open(hole, "wb") as fh:

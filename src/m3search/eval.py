@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m3search.engines.files import lock_exclusive, write_durably, write_files_durably
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
 from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
 from m3search.plan import MODES as REPRESENTATIONS
@@ -531,7 +532,6 @@ def _cached_index(
 ):
     """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
     from . import Collection
-    from .engines.base import write_durably
 
     settings = dict(settings or {})
     dtype = str(getattr(encoder, "dtype", "")).replace("torch.", "")
@@ -597,8 +597,6 @@ def _open_cached(path: Path, encoder: Any, *, progress: bool) -> Any:
 def _locked(lock_path: Path, *, progress: bool) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, saying so). Why: two evals (or eval and
     tune) of one dataset deleted each other's index being built; the second now waits for the first."""
-    from .engines.base import lock_exclusive
-
     waiting = f"waiting for another process building or opening {lock_path.stem} ..." if progress else None
     fd = lock_exclusive(lock_path, wait=True, waiting=waiting)
     try:
@@ -703,8 +701,6 @@ def to_markdown(results: Mapping[str, Any]) -> str:
 
 def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
     """Grouped bar chart (modes on x, one bar per metric) as PNG at ``path``, written atomically."""
-    from .engines.base import write_durably
-
     path = Path(path)
     write_durably(path, _chart_png(results))
     return path
@@ -776,12 +772,10 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
 def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``; return their paths.
 
-    Why all three at once (:func:`~m3search.engines.base.write_files_durably`): an interrupted run (Ctrl-C, a full
+    Why all three at once (:func:`~m3search.engines.files.write_files_durably`): an interrupted run (Ctrl-C, a full
     disk) left a truncated report or new ones beside old ones; now each is old or new, and all three new
     unless a crash falls between two renames. ``results.json`` is renamed last: when it is new, so are the others.
     """
-    from .engines.base import write_files_durably
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "results.png"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .engines import holder_lock_path, lite_file, location_scheme
+from .engines.files import write_durably
 
 __all__ = ["SERVER_FILE", "record_path", "identity", "read", "live", "held", "write", "remove"]
 
@@ -101,8 +102,6 @@ def write(collection: str | os.PathLike, *, host: str, port: int, url: str, api_
         "path": str(Path(os.fspath(collection)).resolve()),
         "identity": identity(collection),
     }
-    from .engines.base import write_durably  # (here: the CLI reads records without NumPy and SciPy loaded)
-
     write_durably(path, json.dumps(record, indent=2))
     return path
 

@@ -188,7 +188,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines import lite_file, lite_lock_path
-from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, lock_exclusive, with_bound
+from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, with_bound
+from m3search.engines.files import lock_exclusive
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,

@@ -52,7 +52,7 @@ import qdrant_edge as qe
 import scipy.sparse as sp
 
 from m3search.engines import FOLDER_LOCK
-from m3search.engines.base import allocated_bytes, lock_exclusive, write_durably
+from m3search.engines.files import allocated_bytes, lock_exclusive, write_durably
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (

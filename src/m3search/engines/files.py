@@ -1,0 +1,91 @@
+"""File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes.
+
+Standard library only, so the CLI's location rules and the running-server record
+(:mod:`m3search.serverfile`) use them without loading NumPy or an engine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["allocated_bytes", "lock_exclusive", "write_durably", "write_files_durably"]
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated on disk for a file or everything under a folder: what ``du`` counts, so a sparse file
+    (a preallocated segment, a mmap) counts only its written blocks, none when it has none. The apparent size
+    stands in only where the platform has no ``st_blocks``."""
+    files = [path] if path.is_file() else (Path(d) / f for d, _, names in os.walk(path) for f in names)
+    total = 0
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:  # removed while walking
+            continue
+        blocks = getattr(st, "st_blocks", None)
+        total += st.st_size if blocks is None else blocks * 512
+    return total
+
+
+def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its fd, or None when another open file
+    description (another process, or another open in this one) holds it. With ``wait``, a held lock is waited
+    for instead (``waiting``, if given, printed to stderr first, so a caller that blocks says why) and the fd
+    is always returned: one helper for the collection locks that refuse at once and eval's cache lock that
+    queues. The file is never deleted: unlinking a lock file lets the next process lock a new file of the
+    same name while the holder still has the old one (how milvus-lite's own lock let a second process in).
+    Closing the fd releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:  # Ctrl-C while waiting: no fd left open
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_durably(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
+    write_files_durably({path: data})
+
+
+def write_files_durably(files: Mapping[Path, str | bytes]) -> None:
+    """Write each ``path: data`` of ``files`` atomically and durably: every ``<path>.tmp`` written and fsynced
+    first, then each renamed over its path in ``files``' order, then the folders fsynced.
+
+    Why all temporaries before the first rename: a failure while writing (a full disk, Ctrl-C) leaves every file
+    as it was and no temporary behind, never a truncated file or a mix; only a crash between two renames (no
+    I/O between them) leaves the files before it new and those after it old, so put last the one that vouches
+    for the others.
+    """
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
+    try:
+        for path, data in files.items():
+            with open(tmps[path], "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():  # disk full: no half-written file left for the next create to refuse
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in dict.fromkeys(path.parent for path in files):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
