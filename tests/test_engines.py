@@ -106,15 +106,15 @@ def build(engine, folder, encoder, corpus, dtype="float32"):
 
 @pytest.fixture(scope="module")
 def cols(tmp_path_factory, tiny_encoder, corpus):
-    """engine name -> float32 collection over the corpus (built on first use, closed at the end)."""
-    built: dict[str, Collection] = {}
+    """engine name -> float32 collection over the corpus (built on first use, shared by the module, closed at the end;
+    tests must not change it)."""
 
     class Lazy(dict):
         def __missing__(self, engine):
-            built[engine] = build(engine, tmp_path_factory.mktemp(engine), tiny_encoder, corpus)
-            return built[engine]
+            self[engine] = build(engine, tmp_path_factory.mktemp(engine), tiny_encoder, corpus)
+            return self[engine]
 
-    yield Lazy()
+    yield (built := Lazy())
     for col in built.values():
         col.close()
 
