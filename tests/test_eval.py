@@ -280,6 +280,36 @@ except OSError as e:
     assert _report_bytes(out) == before  # the old three, and no temporary left
 
 
+def test_two_writers_of_one_report_each_land_whole(tmp_path, monkeypatch):
+    """Two evals given one ``--out``: the second's write ran while the first's temporaries waited for their
+    rename, and both used ``<file>.tmp``: the first then renamed the second's file, or found none to rename."""
+    import threading
+
+    from m3search.engines import files
+
+    out = tmp_path / "reports"
+    first, second = _results(0.25, note="first"), _results(0.75, note="second")
+    real_fsync, ran = files.os.fsync, []
+
+    def second_writer_meanwhile(fd):  # after the first writer's first temporary is written
+        real_fsync(fd)
+        if not ran:
+            ran.append(1)
+            t = threading.Thread(target=write_reports_of, args=(second,))  # another writer (thread: its own names)
+            t.start()
+            t.join()
+
+    def write_reports_of(results):
+        from m3search.eval import write_reports
+
+        write_reports(results, out)
+
+    monkeypatch.setattr(files.os, "fsync", second_writer_meanwhile)
+    write_reports_of(first)
+    assert json.loads((out / "results.json").read_text())["note"] == first["note"]  # the last rename wins, whole
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 BIN = Path(sys.executable).with_name("m3search")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["allocated_bytes", "lock_exclusive", "write_durably", "write_files_durably"]
+__all__ = ["allocated_bytes", "lock_exclusive", "temporary", "write_durably", "write_files_durably"]
 
 
 def allocated_bytes(path: Path) -> int:
@@ -56,21 +57,28 @@ def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None
     return fd
 
 
+def temporary(path: Path) -> Path:
+    """``<path>.tmp-<pid>-<thread>``: where a write of ``path`` goes before its rename. Why per writer: with one
+    ``<path>.tmp`` for all, two processes writing one file (two evals given one ``--out``) truncated and renamed
+    each other's temporary, and a whole write could land as the other's half."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def write_durably(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
     write_files_durably({path: data})
 
 
 def write_files_durably(files: Mapping[Path, str | bytes]) -> None:
-    """Write each ``path: data`` of ``files`` atomically and durably: every ``<path>.tmp`` written and fsynced
-    first, then each renamed over its path in ``files``' order, then the folders fsynced.
+    """Write each ``path: data`` of ``files`` atomically and durably: every temporary (:func:`temporary`) written
+    and fsynced first, then each renamed over its path in ``files``' order, then the folders fsynced.
 
     Why all temporaries before the first rename: a failure while writing (a full disk, Ctrl-C) leaves every file
     as it was and no temporary behind, never a truncated file or a mix; only a crash between two renames (no
     I/O between them) leaves the files before it new and those after it old, so put last the one that vouches
     for the others.
     """
-    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
+    tmps = {path: temporary(path) for path in files}
     try:
         for path, data in files.items():
             with open(tmps[path], "wb") as fh:

@@ -294,8 +294,11 @@ class QdrantEdgeEngine(QdrantEngine):
             raise CollectionExistsError(f"{root} exists and is not a folder")
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
         # a folder without our lock file holds someone else's files, whatever their names
-        leftovers = (PIDFILE, FOLDER_LOCK, SHARD, MANIFEST + ".tmp") if (root / FOLDER_LOCK).is_file() else ()
-        if root.is_dir() and any(p.name not in leftovers for p in root.iterdir()):
+        ours = (root / FOLDER_LOCK).is_file()
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+        if any(  # (the manifest's temporaries: files.temporary's names)
+            not ours or (n not in (PIDFILE, FOLDER_LOCK, SHARD) and not n.startswith(f"{MANIFEST}.tmp-")) for n in names
+        ):
             raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
