@@ -423,6 +423,8 @@ def test_beir_with_nothing_to_contrast_is_refused_before_mining(
         ({"max_steps": 0}, "max_steps must be a positive integer"),  # exported the base model untrained
         ({"lr": math.inf}, "lr and temperature must be finite"),  # exported NaN weights
         ({"temperature": math.inf}, "lr and temperature must be finite"),
+        ({"lr": "1e-5"}, r"lr='1e-5': must be a number"),  # the Python API: TypeError from a comparison
+        ({"warmup": None}, r"warmup=None: must be a number"),
         ({"weight_decay": -0.1}, "weight_decay must be finite and >= 0"),
         ({"weight_decay": math.nan}, "weight_decay must be finite and >= 0"),  # "the sparse head collapsed"
         ({"seed": -1}, "seed must be an integer >= 0"),  # NumPy's "expected non-negative integer"

@@ -50,6 +50,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -722,6 +723,9 @@ def _check_config(cfg: FinetuneConfig, checkpoint_every: int) -> None:
             check_int(name, value, least)
     except ValueError as e:
         raise FinetuneInputError(str(e)) from None
+    reals = {"lr": cfg.lr, "temperature": cfg.temperature, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay}
+    if not_numbers := [f"{k}={v!r}" for k, v in reals.items() if isinstance(v, bool) or not isinstance(v, Real)]:
+        raise FinetuneInputError(f"{', '.join(not_numbers)}: must be a number")  # (not "'<' not supported ...")
     if not (0 < cfg.lr < math.inf and 0 < cfg.temperature < math.inf and 0 <= cfg.warmup < 1):
         raise FinetuneInputError(
             f"lr and temperature must be finite and > 0, warmup in [0, 1); got lr={cfg.lr}, "
