@@ -18,6 +18,7 @@ then go through that server over HTTP, or say which process holds the collection
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -459,7 +460,14 @@ device_option = click.option(
 
 def layout_options(f: Any) -> Any:
     """``--colbert-dtype``, ``--colbert-quantization``, ``--[no-]colbert-rescore``, ``--colbert-pool-factor``,
-    ``--colbert-in-ram/--colbert-on-disk``."""
+    ``--colbert-in-ram/--colbert-on-disk``, handed to the command as one ``layout`` (:func:`_layout_settings`),
+    checked before the command runs."""
+
+    @functools.wraps(f)
+    def command(**params: Any) -> Any:
+        given = {name: params.pop(name) for name in list(params) if name.startswith("colbert_")}
+        return f(**params, layout=_layout_settings(**given))
+
     options = [
         click.option(
             "--colbert-dtype",
@@ -494,8 +502,8 @@ def layout_options(f: Any) -> Any:
         ),
     ]
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
 
 
 def _layout_settings(colbert_in_ram: bool | None = None, **given: Any) -> dict[str, Any]:
@@ -568,11 +576,7 @@ def index(
     window,
     stride,
     max_windows,
-    colbert_dtype,
-    colbert_quantization,
-    colbert_rescore,
-    colbert_pool_factor,
-    colbert_in_ram,
+    layout,
     dtype,
     device,
     api_key,
@@ -587,13 +591,6 @@ def index(
     The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
     one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
-    layout = _layout_settings(
-        colbert_dtype=colbert_dtype,
-        colbert_quantization=colbert_quantization,
-        colbert_rescore=colbert_rescore,
-        colbert_pool_factor=colbert_pool_factor,
-        colbert_in_ram=colbert_in_ram,
-    )
     with _errors():
         from tqdm import tqdm
 
@@ -1266,17 +1263,7 @@ def finetune_(
 )
 @layout_options
 @json_option
-def migrate(
-    src,
-    dst,
-    batch_size,
-    colbert_dtype,
-    colbert_quantization,
-    colbert_rescore,
-    colbert_pool_factor,
-    colbert_in_ram,
-    as_json,
-):
+def migrate(src, dst, batch_size, layout, as_json):
     """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
     Examples: runs/cran -> qdrant://localhost:6333/cran; runs/cran -> runs/cran.db --colbert-dtype float16
@@ -1286,13 +1273,6 @@ def migrate(
     fixed at creation: migrate, check DST, then replace SRC with it). DST's manifest is written last, so an
     interrupted migration leaves no collection at DST and SRC unchanged.
     """
-    layout = _layout_settings(
-        colbert_dtype=colbert_dtype,
-        colbert_quantization=colbert_quantization,
-        colbert_rescore=colbert_rescore,
-        colbert_pool_factor=colbert_pool_factor,
-        colbert_in_ram=colbert_in_ram,
-    )
     with _errors():
         _refuse_served("migrate", src, dst)
         from .migrate import migrate as run_migrate
