@@ -438,6 +438,19 @@ split_option = click.option(
     show_default=True,
     help="Judgements used: qrels/<SPLIT>.tsv of the BEIR folder (e.g. dev).",
 )
+queries_option = click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
+)
+cache_dir_option = click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
+)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
     "--dtype",
@@ -977,13 +990,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
 )
 @dtype_option
 @device_option
-@click.option(
-    "--queries",
-    "queries_dir",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
-)
+@queries_option
 @split_option
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
 @click.option(
@@ -993,12 +1000,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     type=click.Path(file_okay=False),
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
-)
+@cache_dir_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
 @click.option(
     "--max-windows",
@@ -1069,13 +1071,7 @@ def eval_(
 
 @main.command("tune")
 @click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--queries",
-    "queries_dir",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
-)
+@queries_option
 @click.option(
     "--collection",
     "-c",
@@ -1093,12 +1089,7 @@ def eval_(
 )
 @dtype_option
 @device_option
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
-)
+@cache_dir_option
 @json_option
 def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset, dtype, device, cache_dir, as_json):
     """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
