@@ -18,6 +18,7 @@ then go through that server over HTTP, or say which process holds the collection
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -437,6 +438,19 @@ split_option = click.option(
     show_default=True,
     help="Judgements used: qrels/<SPLIT>.tsv of the BEIR folder (e.g. dev).",
 )
+queries_option = click.option(
+    "--queries",
+    "queries_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
+)
+cache_dir_option = click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
+)
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
     "--dtype",
@@ -459,7 +473,14 @@ device_option = click.option(
 
 def layout_options(f: Any) -> Any:
     """``--colbert-dtype``, ``--colbert-quantization``, ``--[no-]colbert-rescore``, ``--colbert-pool-factor``,
-    ``--colbert-in-ram/--colbert-on-disk``."""
+    ``--colbert-in-ram/--colbert-on-disk``, handed to the command as one ``layout`` (:func:`_layout_settings`),
+    checked before the command runs."""
+
+    @functools.wraps(f)
+    def command(**params: Any) -> Any:
+        given = {name: params.pop(name) for name in list(params) if name.startswith("colbert_")}
+        return f(**params, layout=_layout_settings(**given))
+
     options = [
         click.option(
             "--colbert-dtype",
@@ -494,8 +515,8 @@ def layout_options(f: Any) -> Any:
         ),
     ]
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
 
 
 def _layout_settings(colbert_in_ram: bool | None = None, **given: Any) -> dict[str, Any]:
@@ -568,11 +589,7 @@ def index(
     window,
     stride,
     max_windows,
-    colbert_dtype,
-    colbert_quantization,
-    colbert_rescore,
-    colbert_pool_factor,
-    colbert_in_ram,
+    layout,
     dtype,
     device,
     api_key,
@@ -587,13 +604,6 @@ def index(
     The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
     one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
-    layout = _layout_settings(
-        colbert_dtype=colbert_dtype,
-        colbert_quantization=colbert_quantization,
-        colbert_rescore=colbert_rescore,
-        colbert_pool_factor=colbert_pool_factor,
-        colbert_in_ram=colbert_in_ram,
-    )
     with _errors():
         from tqdm import tqdm
 
@@ -980,13 +990,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
 )
 @dtype_option
 @device_option
-@click.option(
-    "--queries",
-    "queries_dir",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
-)
+@queries_option
 @split_option
 @click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
 @click.option(
@@ -996,12 +1000,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     type=click.Path(file_okay=False),
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
-)
+@cache_dir_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
 @click.option(
     "--max-windows",
@@ -1072,13 +1071,7 @@ def eval_(
 
 @main.command("tune")
 @click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--queries",
-    "queries_dir",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Take queries (and qrels) from this BEIR folder: cross-lingual runs.",
-)
+@queries_option
 @click.option(
     "--collection",
     "-c",
@@ -1096,12 +1089,7 @@ def eval_(
 )
 @dtype_option
 @device_option
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
-)
+@cache_dir_option
 @json_option
 def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset, dtype, device, cache_dir, as_json):
     """Choose mode, fusion, weights and candidates from DATA_DIR's judged queries (BEIR), cross-validated.
@@ -1266,17 +1254,7 @@ def finetune_(
 )
 @layout_options
 @json_option
-def migrate(
-    src,
-    dst,
-    batch_size,
-    colbert_dtype,
-    colbert_quantization,
-    colbert_rescore,
-    colbert_pool_factor,
-    colbert_in_ram,
-    as_json,
-):
+def migrate(src, dst, batch_size, layout, as_json):
     """Copy the collection SRC to a new one at DST without re-encoding (folders or engine URLs).
 
     Examples: runs/cran -> qdrant://localhost:6333/cran; runs/cran -> runs/cran.db --colbert-dtype float16
@@ -1286,13 +1264,6 @@ def migrate(
     fixed at creation: migrate, check DST, then replace SRC with it). DST's manifest is written last, so an
     interrupted migration leaves no collection at DST and SRC unchanged.
     """
-    layout = _layout_settings(
-        colbert_dtype=colbert_dtype,
-        colbert_quantization=colbert_quantization,
-        colbert_rescore=colbert_rescore,
-        colbert_pool_factor=colbert_pool_factor,
-        colbert_in_ram=colbert_in_ram,
-    )
     with _errors():
         _refuse_served("migrate", src, dst)
         from .migrate import migrate as run_migrate
