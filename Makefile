@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL      ?= $(or $(M3SEARCH_MODEL),BAAI/bge-m3)
 # A real corpus shipped with the repository: 300 Cranfield abstracts in BEIR format (source, licence: data/README.md).
 DATA       ?= data/cranfield-demo
-COLLECTION ?= runs/demo-collection
+# One collection per corpus: another DATA is never added to the demo's collection.
+COLLECTION ?= runs/demo-$(notdir $(abspath $(DATA)))
 QUERY      ?= what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft
 FLAG_VENV  ?= .venv-flag
 

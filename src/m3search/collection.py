@@ -3,7 +3,7 @@
 Why one facade: like ``QdrantClient``, one class serves every backend; the location
 string picks the engine (:mod:`m3search.engines`): a plain folder is the embedded Qdrant
 Edge engine, ``qdrant://``, ``qdrant+local://``, ``milvus://`` and ``*.db`` go to the
-optional remote engines. The collection owns ids, the manifest, encoding, the search
+engines over the optional clients (qdrant-client, pymilvus). The collection owns ids, the manifest, encoding, the search
 plan, fusion and explanations; engines only store points and answer queries.
 
 Guarantees:
@@ -202,7 +202,7 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (what ``--json`` and the HTTP API send):
-        ``{"id", "score", "scores", "text", "metadata"[, "explain"]}``."""
+        ``{"id", "score", "scores", "text", "metadata"[, "window"][, "explain"]}``."""
         d: dict[str, Any] = {
             "id": self.id,
             "score": float(self.score),
