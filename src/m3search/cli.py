@@ -493,7 +493,7 @@ def layout_options(f: Any) -> Any:
             "--colbert-quantization",
             default=None,
             help="A quantized copy of the token vectors in RAM, scored first (Qdrant only): binary1, binary1.5, "
-            "binary2, turbo1-turbo8, int8, pq4-pq64; 'none' for no copy [default: none].",
+            "binary2, turbo1, turbo1.5, turbo2, turbo4, turbo8, int8, pq4-pq64; 'none' for no copy [default: none].",
         ),
         click.option(
             "--colbert-rescore/--no-colbert-rescore",
