@@ -710,6 +710,15 @@ class MilvusEngine(Engine):
 
     def _create_collections(self, *, shards: int, replicas: int) -> None:
         c, s, t = self.client, self.schema, self.timeout
+
+        def make(name: str, schema: Any, idx: Any, **kw: Any) -> None:
+            """create_collection(index_params=...) without its wait: pymilvus sleeps 0.5 s before it first asks
+            whether an index is built, once per index (11 here: 5.5 s of a 6.4 s create), though the indexes
+            of an empty collection are built at once; loading waits for what it needs."""
+            c.create_collection(name, schema=schema, timeout=t, **kw)
+            c.create_index(name, idx, timeout=t, sync=False)
+            c.load_collection(name, timeout=t)
+
         extra: dict[str, Any] = {"consistency_level": "Strong"}
         if not self.lite:
             extra["num_shards"] = int(shards)
@@ -740,7 +749,7 @@ class MilvusEngine(Engine):
         idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
         idx.add_index("doc", index_type="INVERTED")
         idx.add_index("win", index_type="INVERTED")
-        c.create_collection(self.collection, schema=main, index_params=idx, timeout=t, **extra)
+        make(self.collection, main, idx, **extra)
 
         tok = MilvusClient.create_schema(
             auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors"
@@ -755,7 +764,7 @@ class MilvusEngine(Engine):
         idx.add_index("vec", index_type="FLAT", metric_type="IP")
         idx.add_index("gen", index_type="INVERTED")
         idx.add_index("doc", index_type="INVERTED")
-        c.create_collection(self.tokens, schema=tok, index_params=idx, timeout=t, **extra)
+        make(self.tokens, tok, idx, **extra)
 
         txt = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search long texts")
         txt.add_field("tid", DataType.INT64, is_primary=True)
@@ -768,7 +777,7 @@ class MilvusEngine(Engine):
         idx.add_index("v", index_type="FLAT", metric_type="L2")
         idx.add_index("gen", index_type="INVERTED")
         idx.add_index("doc", index_type="INVERTED")
-        c.create_collection(self.texts, schema=txt, index_params=idx, timeout=t, **extra)
+        make(self.texts, txt, idx, **extra)
 
         man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
         man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -776,7 +785,7 @@ class MilvusEngine(Engine):
         man.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
         idx = c.prepare_index_params()
         idx.add_index("v", index_type="FLAT", metric_type="L2")
-        c.create_collection(self.meta_collection, schema=man, index_params=idx, timeout=t, consistency_level="Strong")
+        make(self.meta_collection, man, idx, consistency_level="Strong")
         if not self.lite and replicas > 1:
             for name in (self.collection, self.tokens, self.texts):
                 c.release_collection(name, timeout=t)
