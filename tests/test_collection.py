@@ -548,6 +548,16 @@ def test_a_create_that_failed_writing_its_manifest_can_be_retried(tmp_path, tiny
     Collection.create(tmp_path / "c", model=tiny_encoder).close()
 
 
+def test_opening_removes_the_manifest_temporary_of_a_killed_writer(tmp_path, tiny_encoder):
+    """A writer killed between its temporary and the rename leaves ``manifest.json.tmp-<pid>-<thread>``; a
+    temporary per writer is never written over again, so the next holder removes it."""
+    Collection.create(tmp_path / "c", model=tiny_encoder).close()
+    left = tmp_path / "c" / "manifest.json.tmp-999999-1"
+    left.write_text("{")
+    Collection.open(tmp_path / "c", model=tiny_encoder).close()
+    assert not left.exists()
+
+
 def test_a_nearly_full_disk_refuses_writes_and_keeps_what_is_stored(tmp_path, tiny_encoder, monkeypatch):
     """Qdrant Edge writes through mmap: on a full disk the process died by SIGBUS. Each write (add, upsert, delete,
     update_metadata, optimize, create) now checks the free space first and refuses with InsufficientStorageError,

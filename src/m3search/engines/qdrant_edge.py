@@ -336,6 +336,8 @@ class QdrantEdgeEngine(QdrantEngine):
             if "WouldBlock" in str(exc):  # a holder without our lock file (an older m3search)
                 raise _in_use(root) from None
             raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
+        for tmp in root.glob(f"{MANIFEST}.tmp-*"):  # a writer killed mid-write left it (the lock: none is alive)
+            tmp.unlink(missing_ok=True)
         engine = cls(root, shard, schema, lock=lock, **options)
         engine._started(int(manifest.get("max_windows_stored", 1)))
         return engine
