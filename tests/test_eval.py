@@ -310,6 +310,20 @@ def test_two_writers_of_one_report_each_land_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
 
 
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
+    """kill -9 between a temporary and its rename leaves ``results.json.tmp-<pid>-<thread>``; per-writer names are
+    never written over, so the next write removes those of processes that are gone (and only those)."""
+    from m3search.eval import write_reports
+
+    out = tmp_path / "reports"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone, alive = out / f"results.json.tmp-{int(dead.stdout)}-7", out / f"results.md.tmp-{os.getpid()}-1"
+    gone.write_text("{"), alive.write_text("#")
+    write_reports(_results(0.25), out)
+    assert not gone.exists() and alive.exists()  # a live process's temporary may still be renamed
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 BIN = Path(sys.executable).with_name("m3search")

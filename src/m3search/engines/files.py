@@ -7,13 +7,21 @@ Standard library only, so the CLI's location rules and the running-server record
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["allocated_bytes", "lock_exclusive", "temporary", "write_durably", "write_files_durably"]
+__all__ = [
+    "allocated_bytes",
+    "lock_exclusive",
+    "temporary",
+    "remove_dead_temporaries",
+    "write_durably",
+    "write_files_durably",
+]
 
 
 def allocated_bytes(path: Path) -> int:
@@ -64,6 +72,19 @@ def temporary(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
+def remove_dead_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` whose writer process is gone (killed between its write and its rename):
+    a temporary per writer is never written over again, so without this they would pile up."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name[len(path.name) + 5 :].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not one of ours, or a live process of another user
+            continue
+
+
 def write_durably(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
     write_files_durably({path: data})
@@ -78,6 +99,8 @@ def write_files_durably(files: Mapping[Path, str | bytes]) -> None:
     I/O between them) leaves the files before it new and those after it old, so put last the one that vouches
     for the others.
     """
+    for path in files:
+        remove_dead_temporaries(path)
     tmps = {path: temporary(path) for path in files}
     try:
         for path, data in files.items():

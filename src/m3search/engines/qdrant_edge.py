@@ -52,7 +52,7 @@ import qdrant_edge as qe
 import scipy.sparse as sp
 
 from m3search.engines import FOLDER_LOCK
-from m3search.engines.files import allocated_bytes, lock_exclusive, write_durably
+from m3search.engines.files import allocated_bytes, lock_exclusive, remove_dead_temporaries, write_durably
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (
@@ -336,8 +336,7 @@ class QdrantEdgeEngine(QdrantEngine):
             if "WouldBlock" in str(exc):  # a holder without our lock file (an older m3search)
                 raise _in_use(root) from None
             raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
-        for tmp in root.glob(f"{MANIFEST}.tmp-*"):  # a writer killed mid-write left it (the lock: none is alive)
-            tmp.unlink(missing_ok=True)
+        remove_dead_temporaries(root / MANIFEST)
         engine = cls(root, shard, schema, lock=lock, **options)
         engine._started(int(manifest.get("max_windows_stored", 1)))
         return engine
