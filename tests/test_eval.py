@@ -319,9 +319,12 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone, alive = out / f"results.json.tmp-{int(dead.stdout)}-7", out / f"results.md.tmp-{os.getpid()}-1"
-    gone.write_text("{"), alive.write_text("#")
+    others = [out / f"results.png.tmp-{name}" for name in ("9" * 30 + "-1", "x-1", "-1-2", "0-1")]  # not a pid
+    for f in (gone, alive, *others):
+        f.write_text("")
     write_reports(_results(0.25), out)
     assert not gone.exists() and alive.exists()  # a live process's temporary may still be renamed
+    assert all(f.exists() for f in others)  # not ours to judge: left, and no error
 
 
 # ---------------------------------------------------------------------------------------------- end to end

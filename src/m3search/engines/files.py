@@ -81,7 +81,7 @@ def remove_dead_temporaries(path: Path) -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
-        except (ValueError, OSError):  # not one of ours, or a live process of another user
+        except (ValueError, OverflowError, OSError):  # not one of ours, or a live process of another user
             continue
 
 
