@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "TEMPORARY",
     "allocated_bytes",
     "lock_exclusive",
     "temporary",
@@ -65,18 +66,23 @@ def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None
     return fd
 
 
+#: What a temporary's name adds to its file's: ``<name>.tmp-<pid>-<thread>`` (:func:`temporary`).
+TEMPORARY = ".tmp-"
+
+
 def temporary(path: Path) -> Path:
     """``<path>.tmp-<pid>-<thread>``: where a write of ``path`` goes before its rename. Why per writer: with one
     ``<path>.tmp`` for all, two processes writing one file (two evals given one ``--out``) truncated and renamed
     each other's temporary, and a whole write could land as the other's half."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    return path.with_name(f"{path.name}{TEMPORARY}{os.getpid()}-{threading.get_ident()}")
 
 
 def remove_dead_temporaries(path: Path) -> None:
     """Remove the temporaries of ``path`` whose writer process is gone (killed between its write and its rename):
     a temporary per writer is never written over again, so without this they would pile up."""
-    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
-        pid = tmp.name[len(path.name) + 5 :].split("-")[0]
+    prefix = path.name + TEMPORARY
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix) :].split("-")[0]
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

@@ -52,7 +52,13 @@ import qdrant_edge as qe
 import scipy.sparse as sp
 
 from m3search.engines import FOLDER_LOCK
-from m3search.engines.files import allocated_bytes, lock_exclusive, remove_dead_temporaries, write_durably
+from m3search.engines.files import (
+    TEMPORARY,
+    allocated_bytes,
+    lock_exclusive,
+    remove_dead_temporaries,
+    write_durably,
+)
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (
@@ -295,10 +301,11 @@ class QdrantEdgeEngine(QdrantEngine):
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
         # a folder without our lock file holds someone else's files, whatever their names
         ours = (root / FOLDER_LOCK).is_file()
-        names = [p.name for p in root.iterdir()] if root.is_dir() else []
-        if any(  # (the manifest's temporaries: files.temporary's names)
-            not ours or (n not in (PIDFILE, FOLDER_LOCK, SHARD) and not n.startswith(f"{MANIFEST}.tmp-")) for n in names
-        ):
+
+        def leftover(name: str) -> bool:
+            return ours and (name in (PIDFILE, FOLDER_LOCK, SHARD) or name.startswith(MANIFEST + TEMPORARY))
+
+        if root.is_dir() and not all(leftover(p.name) for p in root.iterdir()):
             raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
