@@ -713,8 +713,8 @@ class MilvusEngine(Engine):
 
         def make(name: str, schema: Any, idx: Any, **kw: Any) -> None:
             """create_collection(index_params=...) without its wait: pymilvus sleeps 0.5 s before it first asks
-            whether an index is built, once per index (11 here: 5.5 s of a 6.4 s create), though the indexes
-            of an empty collection are built at once; loading waits for what it needs."""
+            whether an index is built, once per index (11 here: 5.5 s of a ~6.1 s create; 0.7 s without,
+            benchmarks/milvus_create.py), though an empty collection's are built at once; loading waits."""
             c.create_collection(name, schema=schema, timeout=t, **kw)
             c.create_index(name, idx, timeout=t, sync=False)
             c.load_collection(name, timeout=t)
