@@ -440,6 +440,20 @@ def _start_server(
     raise AssertionError("server did not come up")
 
 
+def _wait_indexed(url: str, api_key: str, timeout: float = 120) -> None:
+    """Until the server reports no unindexed documents: its deferred index build (2 s after the last write)
+    has run, so the collection's files stay as they are while nothing is written."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"}, timeout=30).text
+        if any(line.split() == ["m3search_unindexed_documents", "0.0"] for line in text.splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server's index build did not end")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -504,6 +518,7 @@ def test_commands_route_through_running_server(
         # a copy of the served folder (cp -r, a backup) carries server.json along: its commands, this delete
         # among them, went to the ORIGINAL's server
         backup = tmp_path / "backup"
+        _wait_indexed(record["url"], "s3cret")  # (a copy during the build found segment files gone: shutil.Error)
         shutil.copytree(indexed, backup)
         first = corpus_texts[0][0]
         assert one_json(cli("delete", first, "-c", str(backup), "--json", env=env))["deleted"] == [first]
