@@ -5,6 +5,7 @@ destination that opens as a collection."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -39,15 +40,17 @@ def snapshot(col: Collection, queries) -> list:
 
 
 def close_to(before: list, after: list, tol: float = 1e-4) -> None:
-    """Same hits in the same order (a swap only between near-equal scores), scores within
-    ``tol`` relative to max(1, |score|): float32 scores are compared, and the sparse scores of
-    random heads reach ~30, where one ulp is 4e-6."""
+    """Same hits in the same order (a swap only between documents the source scored near-equal: the corpus's
+    identical documents tie exactly, and another engine may order them either way while its scores differ from
+    the source's by more than the tie), scores within ``tol`` relative to max(1, |score|): float32 scores are
+    compared, and the sparse scores of random heads reach ~30, where one ulp is 4e-6."""
     assert len(before) == len(after)
     for a, b in zip(before, after):
         assert len(a) == len(b)
+        source = {h[0]: h[1] for h in a}
         for x, y in zip(a, b):
             scale = max(1.0, abs(x[1]))
-            assert x[0] == y[0] or abs(x[1] - y[1]) <= 1e-6 * scale, (x[:2], y[:2])
+            assert x[0] == y[0] or abs(x[1] - source.get(y[0], math.inf)) <= 1e-6 * scale, (x[:2], y[:2])
             assert abs(x[1] - y[1]) <= tol * scale
 
 
@@ -267,13 +270,15 @@ def long_source(folder, encoder, engine: str = "qdrant-edge"):
 
 
 def piece_of(col_windows: list, encoder) -> int:
-    """PIECE_BYTES for :func:`long_source`: 150 tokens, past the medium document's character estimate
-    (so it is read in ranges) and its tokens (so it is written whole), a fraction of the long one's."""
+    """PIECE_BYTES for :func:`long_source`: 150 tokens, or the medium document's tokens where the tokenizer cuts
+    it into more (the built-in texts' tokenizer of a clone without ../shared: 178); past the medium document's
+    character estimate (so it is read in ranges) and its tokens (so it is written whole), a fraction of the long
+    one's."""
     per_token = 4 * encoder.colbert_dim
     tokens = [sum(len(w[4]) // per_token for w in doc) for doc in col_windows]
-    piece = 150 * per_token
-    assert sorted(tokens)[-2] <= 150 < 4 * 150 < tokens[-1] and len(col_windows[-1]) > 50, tokens
-    return piece
+    piece_tokens = max(150, sorted(tokens)[-2])
+    assert sorted(tokens)[-2] <= piece_tokens < 4 * piece_tokens < tokens[-1] and len(col_windows[-1]) > 50, tokens
+    return piece_tokens * per_token
 
 
 @pytest.mark.parametrize("engine", ENGINES)
