@@ -309,6 +309,15 @@ def test_a_number_matches_the_booleans_python_equates_with_it(tmp_path, tiny_enc
         store.client.close()
 
 
+def test_hybrid_top_k_is_the_k_of_hybrid_queries_only(col):
+    """VectorStoreQuery.hybrid_top_k is "top k results from hybrid search": a default query returned
+    hybrid_top_k hits, where LlamaIndex's reference store returns similarity_top_k."""
+    store = M3SearchVectorStore(col, mode="all")
+    for qmode, want in [("default", 2), ("sparse", 2), ("hybrid", 5)]:
+        query = VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=2, hybrid_top_k=5, mode=qmode)
+        assert len(store.query(query).ids) == want, qmode
+
+
 def test_unsupported_query_options_raise(col):
     store = M3SearchVectorStore(col)
     with pytest.raises(NotImplementedError, match="MMR"):

@@ -327,8 +327,9 @@ class M3SearchVectorStore(BasePydanticVectorStore):
 
     Query modes: ``default`` and ``hybrid`` search with ``mode``; ``sparse`` and ``text_search``
     with m3search's sparse (lexical) mode; ``hybrid`` with ``alpha`` weighs dense ``alpha`` and
-    sparse ``1 - alpha`` (mode ``dense+sparse``). ``hybrid_top_k`` sets k and ``sparse_top_k``
-    the candidates per first-stage list. MMR and the learner modes raise ``NotImplementedError``.
+    sparse ``1 - alpha`` (mode ``dense+sparse``). ``hybrid_top_k`` sets a hybrid query's k and
+    ``sparse_top_k`` the candidates per first-stage list. MMR and the learner modes raise
+    ``NotImplementedError``.
     """
 
     stores_text: bool = True
@@ -442,7 +443,7 @@ class M3SearchVectorStore(BasePydanticVectorStore):
                 "M3SearchVectorStore searches by query text (its model encodes all three representations): "
                 "VectorStoreQuery.query_str is required"
             )
-        if query.node_ids:
+        if query.node_ids:  # [] is no restriction: VectorStoreIndex.as_retriever's, for a store keeping the text
             raise NotImplementedError("restricting a query to node_ids is not supported; filter on metadata instead")
         if query.output_fields or query.embedding_field:
             raise NotImplementedError("output_fields / embedding_field are not supported by M3SearchVectorStore")
@@ -455,7 +456,7 @@ class M3SearchVectorStore(BasePydanticVectorStore):
             mode, weights = "dense+sparse", (float(query.alpha), 1.0 - float(query.alpha), 0.0)
         doc_filter = {"ref_doc_id": {"in": list(query.doc_ids)}} if query.doc_ids else None
         return {
-            "k": query.hybrid_top_k or query.similarity_top_k,
+            "k": (qmode == VectorStoreQueryMode.HYBRID and query.hybrid_top_k) or query.similarity_top_k,
             "mode": mode,
             "fusion": self.fusion,
             "weights": weights,
