@@ -328,6 +328,8 @@ def test_unsupported_query_options_raise(col):
         store.query(VectorStoreQuery(query_embedding=[0.0] * 64))
     with pytest.raises(NotImplementedError, match="node_ids"):
         store.query(VectorStoreQuery(query_str="flow", node_ids=["d1"]))
+    with pytest.raises(ValueError, match="give node_ids and/or filters"):  # SimpleVectorStore deletes everything
+        store.delete_nodes()
 
 
 def test_query_modes_map_to_search_modes(col):
