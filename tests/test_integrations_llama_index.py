@@ -330,6 +330,9 @@ def test_unsupported_query_options_raise(col):
         store.query(VectorStoreQuery(query_str="flow", node_ids=["d1"]))
     with pytest.raises(ValueError, match="give node_ids and/or filters"):  # SimpleVectorStore deletes everything
         store.delete_nodes()
+    for qmode in ("default", "sparse", "text_search"):  # a sparse query ignored alpha, where a default one raised
+        with pytest.raises(ValueError, match="alpha applies to mode='hybrid' only"):
+            store.query(VectorStoreQuery(query_str="flow", mode=qmode, alpha=0.5))
 
 
 def test_query_modes_map_to_search_modes(col):

@@ -447,12 +447,12 @@ class M3SearchVectorStore(BasePydanticVectorStore):
             raise NotImplementedError("restricting a query to node_ids is not supported; filter on metadata instead")
         if query.output_fields or query.embedding_field:
             raise NotImplementedError("output_fields / embedding_field are not supported by M3SearchVectorStore")
+        if query.alpha is not None and qmode != VectorStoreQueryMode.HYBRID:
+            raise ValueError(f"alpha applies to mode='hybrid' only, not {qmode.value!r}")
         mode, weights = self.mode, self.weights
         if qmode in _TEXT_MODES:
             mode = "sparse"
         elif query.alpha is not None:
-            if qmode != VectorStoreQueryMode.HYBRID:
-                raise ValueError("alpha applies to mode='hybrid' only")
             mode, weights = "dense+sparse", (float(query.alpha), 1.0 - float(query.alpha), 0.0)
         doc_filter = {"ref_doc_id": {"in": list(query.doc_ids)}} if query.doc_ids else None
         return {
