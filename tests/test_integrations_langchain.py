@@ -275,6 +275,8 @@ def test_unsupported_options_raise(col):
         store.similarity_search_by_vector([0.0] * 64)
     with pytest.raises(TypeError, match="unsupported argument"):
         store.similarity_search(QUERIES[0], where={"a": 1})
+    with pytest.raises(TypeError, match=r"filter must be a JSON object \(dict\), got function"):
+        store.similarity_search(QUERIES[0], filter=lambda doc: True)  # InMemoryVectorStore's kind of filter
 
 
 def test_missing_framework_gives_the_install_hint(monkeypatch):

@@ -267,20 +267,55 @@ def test_contains_any_all_on_a_string_field_are_equality_as_documented(col):
     [
         (F(key="topic", value="flo", operator="text_match"), "'text_match' is not supported"),
         (F(key="topic", value="flo", operator="text_match_insensitive"), "not supported"),
-        (F(key="topic", value=None, operator="is_empty"), "None value"),
+        (F(key="topic", value=None, operator="is_empty"), "'is_empty' is not supported"),  # was: "a None value"
         (F(key="year", value="1950", operator=">"), "compares numbers"),
         (F(key="year", value=[1950], operator="=="), "takes one value"),
-        (F(key="year", value=[1950.5, 1951.5], operator="in"), "all strings or all integers"),
         # m3search's logical keys: {"not": {"eq": 2}} was a different, always-true filter
         (F(key="not", value=2), "on 'not': the name is reserved"),
         (F(key="and", value=[1, 2], operator="any"), "on 'and': the name is reserved"),
         (F(key="or", value=1, operator="!="), "on 'or': the name is reserved"),
+        # LlamaIndex looks the key up as it is, m3search's grammar as a path: {"a.b": 1} was missed, {"a": {"b": 1}} found
+        (F(key="author.name", value="Ada"), "a key with '.' cannot be filtered on"),
+        # an empty group was dropped: "year == 1950 or <no condition>" became "year == 1950"
+        (
+            MetadataFilters(filters=[F(key="year", value=1950), MetadataFilters(filters=[])], condition="or"),
+            "no filters",
+        ),
     ],
 )
 def test_unsupported_filters_raise_value_error(col, bad, match):
     store = M3SearchVectorStore(col)
     with pytest.raises(ValueError, match=match):
         store.query(VectorStoreQuery(query_str="flow", filters=MetadataFilters(filters=[bad])))
+
+
+def test_a_number_matches_the_booleans_python_equates_with_it(tmp_path, tiny_encoder):
+    """MetadataFilter refuses a bool value, so ``== 1`` is how LlamaIndex filters a boolean field, and its
+    reference keeps True there (True == 1 in Python). m3search's grammar keeps booleans apart: == 1 found no
+    boolean, and != 1 returned the True documents the caller excluded. A list of floats for ``in`` raised."""
+    metadata = {"t": {"flag": True}, "f": {"flag": False}, "one": {"flag": 1}, "zero": {"flag": 0.0}}
+    metadata |= {"two": {"flag": 2}, "none": {}}
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder, mode="dense")
+    try:
+        store.add([TextNode(text=f"note {i}", id_=i, metadata=m) for i, m in metadata.items()])
+        for op, value in [
+            *[("==", 1), ("!=", 1), ("==", 0), ("!=", 0.0), (">", 0), ("<=", 0.5), ("<", 2)],
+            *[("in", [1, 2]), ("nin", [0, 2]), ("in", [0.0, 2.5]), ("nin", [1.0, 2.5])],
+        ]:
+            filters = MetadataFilters(filters=[F(key="flag", value=value, operator=op)])
+            res = store.query(VectorStoreQuery(query_str="note", similarity_top_k=10, filters=filters))
+            assert set(res.ids) == _oracle(filters, metadata), (op, value)
+    finally:
+        store.client.close()
+
+
+def test_hybrid_top_k_is_the_k_of_hybrid_queries_only(col):
+    """VectorStoreQuery.hybrid_top_k is "top k results from hybrid search": a default query returned
+    hybrid_top_k hits, where LlamaIndex's reference store returns similarity_top_k."""
+    store = M3SearchVectorStore(col, mode="all")
+    for qmode, want in [("default", 2), ("sparse", 2), ("hybrid", 5)]:
+        query = VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=2, hybrid_top_k=5, mode=qmode)
+        assert len(store.query(query).ids) == want, qmode
 
 
 def test_unsupported_query_options_raise(col):
@@ -293,6 +328,11 @@ def test_unsupported_query_options_raise(col):
         store.query(VectorStoreQuery(query_embedding=[0.0] * 64))
     with pytest.raises(NotImplementedError, match="node_ids"):
         store.query(VectorStoreQuery(query_str="flow", node_ids=["d1"]))
+    with pytest.raises(ValueError, match="give node_ids and/or filters"):  # SimpleVectorStore deletes everything
+        store.delete_nodes()
+    for qmode in ("default", "sparse", "text_search"):  # a sparse query ignored alpha, where a default one raised
+        with pytest.raises(ValueError, match="alpha applies to mode='hybrid' only"):
+            store.query(VectorStoreQuery(query_str="flow", mode=qmode, alpha=0.5))
 
 
 def test_query_modes_map_to_search_modes(col):

@@ -17,6 +17,7 @@ operators, as LlamaIndex's own stores do; ``NotImplementedError`` for MMR and le
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +62,22 @@ __all__ = ["M3SearchEmbedding", "M3SearchRetriever", "M3SearchVectorStore", "to_
 # ---------------------------------------------------------------------------------------------- filters
 
 _RANGE = {FilterOperator.GT: "gt", FilterOperator.GTE: "gte", FilterOperator.LT: "lt", FilterOperator.LTE: "lte"}
-_UNSUPPORTED_HINT = "supported: ==, !=, >, >=, <, <=, in, nin, any, all, contains"
+_SUPPORTED = (FilterOperator.EQ, FilterOperator.NE, *_RANGE, FilterOperator.IN, FilterOperator.NIN)
+_SUPPORTED += (FilterOperator.ANY, FilterOperator.ALL, FilterOperator.CONTAINS)
+#: m3search's comparisons as Python makes them, which is how LlamaIndex's reference filter compares.
+_PYTHON = {"eq": operator.eq, "gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+
+
+def _cond(key: str, op: str, value: Any) -> dict:
+    """``{key: {op: value}}``, also holding for the booleans it holds for in Python (``True == 1``,
+    ``False < 0.5``), as in LlamaIndex's reference filter. Why: ``MetadataFilter`` refuses a bool value,
+    so ``== 1`` is the only way to filter a boolean field, and m3search's grammar keeps booleans apart."""
+    if op == "in" and any(isinstance(v, float) for v in value):  # m3search's "in" takes strings or integers
+        return {"or": [_cond(key, "eq", v) for v in value]}
+    holds = (lambda b: b in value) if op == "in" else (lambda b: _PYTHON[op](b, value))
+    leaf = {key: {op: value}}
+    bools = [{key: {"eq": b}} for b in (False, True) if holds(b)]
+    return {"or": [leaf, *bools]} if bools else leaf
 
 
 def _leaf(f: MetadataFilter) -> dict:
@@ -69,30 +85,36 @@ def _leaf(f: MetadataFilter) -> dict:
 
     key, op, value = f.key, FilterOperator(f.operator), f.value
     many = isinstance(value, list)
+    if op not in _SUPPORTED:
+        names = ", ".join(o.value for o in _SUPPORTED)
+        raise ValueError(f"filter on {key!r}: operator {op.value!r} is not supported by m3search (supported: {names})")
     if key in LOGICAL_KEYS:  # {"not": {"eq": 2}} would parse as a logical "not", a different filter
         raise ValueError(
             f"filter on {key!r}: the name is reserved in m3search filters ({', '.join(LOGICAL_KEYS)}), "
             "so a metadata field of that name cannot be filtered on"
+        )
+    if "." in key:  # LlamaIndex's reference looks up the key as it is; m3search's grammar splits it
+        raise ValueError(
+            f"filter on {key!r}: m3search reads '.' as a path into nested metadata, where LlamaIndex names one "
+            "top-level key, so a key with '.' cannot be filtered on (use M3SearchRetriever's filter grammar)"
         )
     if value is None:
         raise ValueError(f"filter on {key!r}: a None value cannot be matched (m3search filters have no null)")
     if op in (FilterOperator.EQ, FilterOperator.NE, FilterOperator.CONTAINS):
         if many:
             raise ValueError(f"filter on {key!r}: operator {op.value!r} takes one value, got a list (use 'in')")
-        leaf = {key: {"eq": value}}
+        leaf = _cond(key, "eq", value)
         return {"not": leaf} if op == FilterOperator.NE else leaf
     if op in _RANGE:
         if many or isinstance(value, str):
             raise ValueError(f"filter on {key!r}: operator {op.value!r} compares numbers, got {value!r}")
-        return {key: {_RANGE[op]: value}}
-    if op in (FilterOperator.IN, FilterOperator.NIN, FilterOperator.ANY, FilterOperator.ALL):
-        if not many or not value:
-            raise ValueError(f"filter on {key!r}: operator {op.value!r} needs a non-empty list, got {value!r}")
-        if op == FilterOperator.ALL:  # a list-valued field holding every value
-            return {"and": [{key: {"eq": v}} for v in value]}
-        leaf = {key: {"in": list(value)}}  # ANY: a list-valued field holding one of them (same grammar)
-        return {"not": leaf} if op == FilterOperator.NIN else leaf
-    raise ValueError(f"filter on {key!r}: operator {op.value!r} is not supported by m3search ({_UNSUPPORTED_HINT})")
+        return _cond(key, _RANGE[op], value)
+    if not many or not value:
+        raise ValueError(f"filter on {key!r}: operator {op.value!r} needs a non-empty list, got {value!r}")
+    if op == FilterOperator.ALL:  # a list-valued field holding every value
+        return {"and": [_cond(key, "eq", v) for v in value]}
+    leaf = _cond(key, "in", list(value))  # ANY: a list-valued field holding one of them (same grammar)
+    return {"not": leaf} if op == FilterOperator.NIN else leaf
 
 
 def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
@@ -101,10 +123,11 @@ def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
     ``==`` / ``!=`` / ``>`` / ``>=`` / ``<`` / ``<=`` / ``in`` / ``nin`` map one to one, ``any``
     to ``in`` and ``contains`` to ``eq`` (a condition on a list-valued field holds when an element
     satisfies it), ``all`` to an ``and`` of ``eq``: on a string field these test equality, not
-    substrings as LlamaIndex's reference filter does (engines have no substring match); conditions ``and`` / ``or`` / ``not`` (none
-    of the filters holds) nest. ``!=`` and ``nin`` hold for documents without the field, as in
-    LlamaIndex's own store. Text match, ``is_empty`` and a field named ``and`` / ``or`` / ``not``
-    (m3search's logical keys) raise ``ValueError``.
+    substrings as LlamaIndex's reference filter does (engines have no substring match). A number
+    also matches the booleans Python equates with it (``== 1`` holds for ``True``). Conditions
+    ``and`` / ``or`` / ``not`` (none of the filters holds) nest; a nested group must not be empty.
+    ``!=`` and ``nin`` hold for documents without the field, as in LlamaIndex's own store. Text
+    match, ``is_empty``, and a key with ``.`` or named ``and`` / ``or`` / ``not`` raise ``ValueError``.
     """
     from m3search.filters import parse_filter
 
@@ -113,17 +136,18 @@ def to_m3search_filter(filters: MetadataFilters | None) -> dict | None:
     if not isinstance(filters, MetadataFilters):
         raise TypeError(f"filters must be llama_index MetadataFilters, not {type(filters).__name__}")
 
-    def group(fs: MetadataFilters) -> dict | None:
-        parts = [group(f) if isinstance(f, MetadataFilters) else _leaf(f) for f in fs.filters]
-        parts = [p for p in parts if p]
+    def group(fs: MetadataFilters, nested: bool) -> dict | None:
+        parts = [group(f, True) if isinstance(f, MetadataFilters) else _leaf(f) for f in fs.filters]
         if not parts:
+            if nested:  # "no filter" at the top; inside and / or / not it has no one meaning
+                raise ValueError("a nested MetadataFilters has no filters: leave it out")
             return None
         cond = FilterCondition(fs.condition or FilterCondition.AND)
         if cond == FilterCondition.NOT:
             return {"not": {"or": parts}}
         return parts[0] if len(parts) == 1 else {cond.value: parts}
 
-    out = group(filters)
+    out = group(filters, False)
     parse_filter(out)  # m3search's own checks (e.g. an 'in' list mixing strings and numbers)
     return out
 
@@ -303,8 +327,9 @@ class M3SearchVectorStore(BasePydanticVectorStore):
 
     Query modes: ``default`` and ``hybrid`` search with ``mode``; ``sparse`` and ``text_search``
     with m3search's sparse (lexical) mode; ``hybrid`` with ``alpha`` weighs dense ``alpha`` and
-    sparse ``1 - alpha`` (mode ``dense+sparse``). ``hybrid_top_k`` sets k and ``sparse_top_k``
-    the candidates per first-stage list. MMR and the learner modes raise ``NotImplementedError``.
+    sparse ``1 - alpha`` (mode ``dense+sparse``). ``hybrid_top_k`` sets a hybrid query's k and
+    ``sparse_top_k`` the candidates per first-stage list. MMR and the learner modes raise
+    ``NotImplementedError``.
     """
 
     stores_text: bool = True
@@ -418,20 +443,20 @@ class M3SearchVectorStore(BasePydanticVectorStore):
                 "M3SearchVectorStore searches by query text (its model encodes all three representations): "
                 "VectorStoreQuery.query_str is required"
             )
-        if query.node_ids:
+        if query.node_ids:  # [] is no restriction: VectorStoreIndex.as_retriever's, for a store keeping the text
             raise NotImplementedError("restricting a query to node_ids is not supported; filter on metadata instead")
         if query.output_fields or query.embedding_field:
             raise NotImplementedError("output_fields / embedding_field are not supported by M3SearchVectorStore")
+        if query.alpha is not None and qmode != VectorStoreQueryMode.HYBRID:
+            raise ValueError(f"alpha applies to mode='hybrid' only, not {qmode.value!r}")
         mode, weights = self.mode, self.weights
         if qmode in _TEXT_MODES:
             mode = "sparse"
         elif query.alpha is not None:
-            if qmode != VectorStoreQueryMode.HYBRID:
-                raise ValueError("alpha applies to mode='hybrid' only")
             mode, weights = "dense+sparse", (float(query.alpha), 1.0 - float(query.alpha), 0.0)
         doc_filter = {"ref_doc_id": {"in": list(query.doc_ids)}} if query.doc_ids else None
         return {
-            "k": query.hybrid_top_k or query.similarity_top_k,
+            "k": (qmode == VectorStoreQueryMode.HYBRID and query.hybrid_top_k) or query.similarity_top_k,
             "mode": mode,
             "fusion": self.fusion,
             "weights": weights,
