@@ -595,7 +595,7 @@ def index(
     api_key,
     as_json,
 ):
-    """Index SOURCE (JSONL, CSV/TSV, either gzip-compressed as .gz, or a folder of .txt/.md) into the collection.
+    """Index SOURCE (JSONL or CSV/TSV, plain or gzip-compressed .gz; or a folder of .txt/.md) into the collection.
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
 
