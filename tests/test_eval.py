@@ -775,3 +775,18 @@ def test_a_gzipped_beir_file_reads_as_the_plain_one_errors_included(tmp_path):
     corpus.rename(folder / "corpus.jsonl.gz")
     with pytest.raises(SourceError, match=r"^corpus.jsonl.gz: not a valid gzip file \("):
         load_beir(folder)
+
+
+def test_load_beir_reads_the_variants_real_sets_have(tmp_path):
+    """Checked while adding .gz: JSON number ids judged by string ids in qrels, a null title, a query with a
+    metadata object, qrels without the header row (BEIR's own loader skips line 1 unconditionally: it would drop
+    the first judgement) and with Windows line endings all read as BEIR means them. A pin: no bug found here."""
+    folder = _beir_folder(tmp_path)
+    (folder / "corpus.jsonl").write_text(
+        '{"_id": 123, "title": null, "text": "x"}\n{"_id": "d2", "title": "T", "text": "y", "metadata": {}}\n'
+    )
+    (folder / "queries.jsonl").write_text('{"_id": 7, "text": "q", "metadata": {"lang": "en", "n": 1e999}}\n')
+    (folder / "qrels" / "test.tsv").write_bytes(b"7\t123\t2\r\n7\td2\t0\r\n")
+    data = load_beir(folder)
+    assert (data.doc_ids, data.doc_texts, data.queries) == (["123", "d2"], ["x", "T y"], {"7": "q"})
+    assert data.qrels == {"7": {"123": 2, "d2": 0}}
