@@ -354,6 +354,33 @@ def test_errors_are_one_line_without_traceback(
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_a_gzipped_source_indexes_as_the_plain_one_and_a_truncated_one_writes_nothing(
+    tmp_path, corpus, corpus_texts, tiny_model_path
+):
+    """`m3search index corpus.jsonl.gz` said "unknown file type '.gz'"; a damaged .gz must fail in the check pass,
+    naming the file, before the first write (gzip meets truncation only when a read reaches it)."""
+    import gzip
+
+    n = 20
+    packed = tmp_path / "corpus.jsonl.gz"
+    packed.write_bytes(gzip.compress("".join(corpus.read_text(encoding="utf-8").splitlines(True)[:n]).encode()))
+    coll = tmp_path / "coll"
+    out = one_json(cli("index", str(packed), "-c", str(coll), "-m", str(tiny_model_path), "--json"))
+    assert out["indexed"] == n == out["count"]
+    hits = one_json(cli("search", "wing", "-c", str(coll), "--mode", "dense", "-k", str(n), "--json"))["hits"]
+    assert {h["id"]: h["text"] for h in hits} == dict(zip(corpus_texts[0][:n], corpus_texts[1][:n]))
+    # other ids, cut half-way: refused before any write, into the existing collection and into a new one
+    other = "".join(json.dumps({"_id": f"new{i}", "text": f"text {i}"}) + "\n" for i in range(2000)).encode()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(other)[:-100])
+    for target in (coll, tmp_path / "fresh"):
+        proc = cli("index", str(cut), "-c", str(target), "-m", str(tiny_model_path), check=False)
+        assert proc.returncode == 1 and "Error: cut.jsonl.gz: not a valid gzip file (" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert one_json(cli("info", "-c", str(coll), "--json"))["count"] == n
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_path):
     """Another model given by M3SEARCH_MODEL (the --model option's variable) was refused saying to open the
     collection with "no --model", which the command had not passed."""

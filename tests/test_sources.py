@@ -296,3 +296,93 @@ def test_table_cells_longer_than_the_csv_default_limit_are_read(tmp_path, name, 
         assert rec.id == "1" and rec.text == text.strip()
     finally:
         csv.field_size_limit(max(default, csv.field_size_limit()))
+
+
+# ---------------------------------------------------------------- gzip-compressed sources
+
+
+def _outcome(path) -> tuple[str, object]:
+    """What reading and checking ``path`` to its end gives (as `m3search index` does): its records, or the error."""
+    try:
+        check_source(read_source(path), 2)
+        return "records", list(read_source(path))
+    except ValueError as e:
+        return "error", str(e)
+
+
+_PLAIN_SOURCES = [
+    ("x.jsonl", b'\xef\xbb\xbf{"_id": "a", "text": "t"}\r\n\n{"id": 7, "text": "u", "year": 2020}\n'),
+    ("x.ndjson", b'{"text": "a"}\n{"text": "b"}\n'),
+    ("x.jsonl", b'{"_id": "a", "text": "t"}\n{"_id": "b", "text": "caf\xe9"}\n'),  # not UTF-8 at line 2
+    ("x.jsonl", b'{"id": "x", "text": "t"}\r{"id": "y", "text": "u"}\r'),  # bare CR
+    ("x.jsonl", b'{"text": "a"}\n\n{"text": \n'),  # invalid JSON at line 3
+    ("x.jsonl", b'{"_id": "a", "text": "t"}\n{"_id": "a", "text": "u"}\n'),  # a repeated id (check_source)
+    ("x.csv", b'id,text,price\nA1,"two\nlines",3.5\nA2,plain,007\n'),
+    ("x.csv", b'id,text\n1,"two\nlines"\n2,caf\xe9\n'),  # not UTF-8 at line 4
+    ("x.csv", b'id,text\n1,ok\n2,"To be\n3,third\n'),  # a quote never closed, from line 3
+    ("x.TSV", b"id\ttext\r\nx\thello world\r\n"),
+    ("x.tsv", b"id\ttext\tprice\n1\ta\n"),  # fewer cells
+]
+
+
+@pytest.mark.parametrize("name, content", _PLAIN_SOURCES)
+def test_a_gzipped_source_reads_as_the_plain_file(tmp_path, name, content):
+    """`m3search index corpus.jsonl.gz` said "unknown file type '.gz'". Now a .gz reads as the file named without
+    it: the same records and ids, or the same error at the same line (naming the .gz)."""
+    import gzip
+
+    plain, packed = tmp_path / name, tmp_path / f"{name}.gz"
+    plain.write_bytes(content)
+    packed.write_bytes(gzip.compress(content))
+    want = _outcome(plain)
+    got = _outcome(packed)
+    if want[0] == "error":
+        want = ("error", want[1].replace(name, packed.name))
+    assert got == want
+    assert count_records(packed) == count_records(plain)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda b: b[: len(b) // 2], "Compressed file ended before the end-of-stream marker was reached"),
+        (lambda b: b[:-4] + b"\0\0\0\0", "Incorrect length of data produced"),  # the trailer's length field
+        (lambda b: b"not gzip at all\n", "Not a gzipped file"),
+        (lambda b: b[:20] + bytes(40) + b[60:], ""),  # deflate data overwritten
+    ],
+)
+def test_a_damaged_gzip_source_is_a_clear_error_naming_it(tmp_path, damage, reason):
+    """gzip reports damage only when a read reaches it, as BadGzipFile / EOFError / zlib.error naming no file;
+    check_source must meet it before `m3search index` writes anything."""
+    import gzip
+
+    from m3search.errors import SourceError
+
+    body = "".join(f'{{"_id": "{i}", "text": "word {i}"}}\n' for i in range(400)).encode()
+    p = tmp_path / "corpus.jsonl.gz"
+    p.write_bytes(damage(gzip.compress(body)))
+    with pytest.raises(SourceError, match=rf"^corpus.jsonl.gz: not a valid gzip file \(.*{reason}"):
+        check_source(read_source(p), 50)
+
+
+def test_locate_takes_the_plain_or_the_compressed_file_and_refuses_both(tmp_path):
+    from m3search.errors import SourceError
+    from m3search.sources import locate
+
+    assert locate(tmp_path, "corpus.jsonl") is None
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"")
+    assert locate(tmp_path, "corpus.jsonl") == tmp_path / "corpus.jsonl.gz"
+    (tmp_path / "corpus.jsonl").write_bytes(b"")
+    with pytest.raises(SourceError, match="holds both corpus.jsonl and corpus.jsonl.gz: remove one"):
+        locate(tmp_path, "corpus.jsonl")
+    (tmp_path / "corpus.jsonl.gz").unlink()
+    assert locate(tmp_path, "corpus.jsonl") == tmp_path / "corpus.jsonl"
+
+
+def test_a_beir_folder_with_a_gzipped_corpus_is_refused_naming_it(tmp_path):
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a BEIR folder \(it holds corpus.jsonl.gz\): pass '.*corpus.jsonl.gz'"):
+        read_source(tmp_path)
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown file type '.parquet.gz' \(expected .jsonl, .csv, .tsv, each"):
+        read_source(tmp_path / "x.parquet.gz")

@@ -436,7 +436,7 @@ split_option = click.option(
     "--split",
     default="test",
     show_default=True,
-    help="Judgements used: qrels/<SPLIT>.tsv of the BEIR folder (e.g. dev).",
+    help="Judgements used: qrels/<SPLIT>.tsv (or .tsv.gz) of the BEIR folder (e.g. dev).",
 )
 queries_option = click.option(
     "--queries",
@@ -595,7 +595,7 @@ def index(
     api_key,
     as_json,
 ):
-    """Index SOURCE (JSONL, CSV/TSV or a folder of .txt/.md) into the collection.
+    """Index SOURCE (JSONL or CSV/TSV, plain or gzip-compressed .gz; or a folder of .txt/.md) into the collection.
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
 

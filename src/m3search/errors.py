@@ -24,6 +24,7 @@ __all__ = [
     "WriteConflictError",
     "IngestInterrupted",
     "RequestTooLargeError",
+    "SourceError",
 ]
 
 
@@ -95,3 +96,8 @@ class RequestTooLargeError(M3SearchError, ValueError):
     """One document (or text) is larger as JSON than a server accepts in one request (``max_body_bytes``): it
     can never be sent to that server as it is, so trying again cannot help; nothing of it was sent. Raised by
     :class:`m3search.client.M3SearchClient` before the request."""
+
+
+class SourceError(M3SearchError, ValueError):
+    """A source file cannot be read as given (a damaged .gz, or both ``NAME`` and ``NAME.gz`` where one is
+    looked for): the message names the file; nothing was written from it."""

@@ -8,8 +8,8 @@ formulas. MRR@k is trec_eval's ``recip_rank`` over each ranking cut at ``k`` in
 trec_eval's own order.
 
 A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
-(``_id``, ``text``) and ``qrels/test.tsv`` (``query-id``, ``corpus-id``, ``score``).
-Each document is ``(title + " " + text).strip()``.
+(``_id``, ``text``) and ``qrels/test.tsv`` (``query-id``, ``corpus-id``, ``score``); each file may be
+gzip-compressed instead (``corpus.jsonl.gz``, ...). Each document is ``(title + " " + text).strip()``.
 """
 
 from __future__ import annotations
@@ -107,10 +107,11 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     data_dir = Path(data_dir)
     if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", split):
         raise ValueError(f"split must be a qrels file name such as 'test' or 'dev' (qrels/<split>.tsv), got {split!r}")
-    corpus_path = data_dir / "corpus.jsonl"
-    if not corpus_path.is_file():
-        raise ValueError(f"{str(data_dir)!r} is not a BEIR folder: corpus.jsonl missing")
-    from .sources import read_jsonl
+    from .sources import locate, read_jsonl
+
+    corpus_path = locate(data_dir, "corpus.jsonl")
+    if corpus_path is None:
+        raise ValueError(f"{str(data_dir)!r} is not a BEIR folder: corpus.jsonl missing (and no corpus.jsonl.gz)")
 
     doc_ids: list[str] = []
     doc_texts: list[str] = []
@@ -120,9 +121,9 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     _refuse_repeated(doc_ids, corpus_path, "document")
 
     qdir = Path(queries_dir) if queries_dir is not None else data_dir
-    queries_path = qdir / "queries.jsonl"
-    if not queries_path.is_file():
-        raise ValueError(f"{str(qdir)!r}: queries.jsonl missing")
+    queries_path = locate(qdir, "queries.jsonl")
+    if queries_path is None:
+        raise ValueError(f"{str(qdir)!r}: queries.jsonl missing (and no queries.jsonl.gz)")
     read = [
         (rec.id, rec.text) for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
     ]
@@ -130,13 +131,13 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     all_queries = dict(read)
 
     corpus_set = set(doc_ids)
-    candidates = [qdir / "qrels" / f"{split}.tsv"] if queries_dir is not None else []
-    candidates.append(data_dir / "qrels" / f"{split}.tsv")
+    folders = [qdir, data_dir] if queries_dir is not None else [data_dir]
     qrels: dict[str, dict[str, int]] | None = None
     problems = []  # why each qrels file was not used, for the error
-    for path in candidates:
-        if not path.is_file():
-            problems.append(f"{path} does not exist")
+    for folder in folders:
+        path = locate(folder / "qrels", f"{split}.tsv")
+        if path is None:
+            problems.append(f"{folder / 'qrels' / split}.tsv does not exist")
             continue
         loaded = _read_qrels(path)
         docs = {d for rel in loaded.values() for d in rel}
@@ -246,8 +247,11 @@ def _dataset_name(data_dir: Path, queries_dir: str | Path | None) -> str:
 
 
 def _file_sha256(path: Path) -> str:
+    """Of the content (a .gz's decompressed): a compressed copy of a corpus is the same corpus to the cache."""
+    from .sources import open_bytes
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_bytes(path, str(path)) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -1,7 +1,8 @@
 """Read documents to index from the files people already have.
 
 Three shapes cover most corpora: JSON Lines (a BEIR ``corpus.jsonl`` works as is),
-CSV/TSV with a header row, and a folder of ``.txt``/``.md`` files. Every reader
+CSV/TSV with a header row, and a folder of ``.txt``/``.md`` files. A JSON Lines or CSV/TSV file
+may be gzip-compressed (``corpus.jsonl.gz``: read as the file named without ``.gz``). Every reader
 yields :class:`Record` objects in file order, so ``m3search index`` can stream a
 source of any size in batches, and a re-run with the same source produces the
 same ids (the CLI upserts, so a re-run updates instead of duplicating).
@@ -23,15 +24,19 @@ its content: ``m3search index`` does that before its first write.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from m3search.errors import SourceError
 from m3search.filters import INT64_MAX, INT64_MIN
 
 __all__ = [
@@ -43,10 +48,17 @@ __all__ = [
     "iter_batches",
     "count_records",
     "check_source",
+    "open_bytes",
+    "locate",
 ]
 
 #: File suffixes read from a folder source.
 FOLDER_SUFFIXES = (".txt", ".md")
+#: File suffixes read as JSON Lines / as CSV (comma) or TSV (tab) tables.
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TABLE_SUFFIXES = (".csv", ".tsv")
+#: A file whose name ends so is gzip-compressed, and read as the file named without it.
+GZIP_SUFFIX = ".gz"
 _DEFAULT_ID_FIELDS = ("_id", "id")
 _NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
 _BARE_CR = "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
@@ -78,9 +90,9 @@ def read_source(
     """Yield the records of ``path``; the reader is chosen by suffix (or folder)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "corpus.jsonl").is_file():  # read as a folder, only its README.md was indexed
+        if corpus := locate(path, "corpus.jsonl"):  # read as a folder, only its README.md was indexed
             raise ValueError(
-                f"{str(path)!r} is a BEIR folder (it holds corpus.jsonl): pass {str(path / 'corpus.jsonl')!r}; "
+                f"{str(path)!r} is a BEIR folder (it holds {corpus.name}): pass {str(corpus)!r}; "
                 "a folder source is read as its .txt/.md files"
             )
         if id_field or text_fields:
@@ -88,13 +100,14 @@ def read_source(
         return read_folder(path)
     if not path.is_file():
         raise ValueError(f"source {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
+    suffix = _file_type(path)
+    if suffix in JSONL_SUFFIXES:
         return read_jsonl(path, id_field=id_field, text_fields=text_fields)
-    if suffix in (".csv", ".tsv"):
+    if suffix in TABLE_SUFFIXES:
         return read_table(path, id_field=id_field, text_fields=text_fields)
     raise ValueError(
-        f"source {str(path)!r}: unknown file type {suffix!r} (expected .jsonl, .csv, .tsv or a folder of .txt/.md)"
+        f"source {str(path)!r}: unknown file type {suffix + _gz(path)!r} "
+        "(expected .jsonl, .csv, .tsv, each optionally .gz, or a folder of .txt/.md)"
     )
 
 
@@ -103,13 +116,51 @@ def count_records(path: str | Path) -> int | None:
     path = Path(path)
     if path.is_dir():
         return sum(1 for _ in _folder_files(path))
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    if path.suffix.lower() in (".csv", ".tsv"):
+    if not path.is_file() or _file_type(path) in TABLE_SUFFIXES:
         return None  # quoted fields may span lines; the header is not a record
-    return lines
+    with open_bytes(path) as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _gz(path: Path) -> str:
+    """``GZIP_SUFFIX`` if ``path`` is gzip-compressed, else ``""``: the one place that tells."""
+    return GZIP_SUFFIX if path.name.lower().endswith(GZIP_SUFFIX) else ""
+
+
+def _file_type(path: Path) -> str:
+    """The suffix that says how ``path`` is read (lower case): its own, or a .gz file's inner one."""
+    return Path(path.name[: len(path.name) - len(_gz(path))]).suffix.lower()
+
+
+@contextlib.contextmanager
+def open_bytes(path: Path, name: str | None = None) -> Iterator[BinaryIO]:
+    """``path`` opened for reading bytes, a .gz decompressed on the way: the opener every reader uses.
+
+    Why: gzip reports a damaged file only when a read reaches the damage, as ``BadGzipFile``, ``EOFError``
+    or ``zlib.error``, naming no file; a read in this block raises :class:`SourceError` naming ``name``
+    (default: the file name) instead.
+    """
+    if not _gz(path):
+        with open(path, "rb") as f:
+            yield f
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            yield f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise SourceError(f"{name or path.name}: not a valid gzip file ({e}); compress or download it again") from None
+
+
+def locate(folder: Path, name: str) -> Path | None:
+    """``folder/name`` or its compressed ``folder/name.gz``, whichever exists; None if neither does.
+
+    Both present is a :class:`SourceError`: they may differ (an edited or re-downloaded copy), and which one
+    is read must not be a guess.
+    """
+    found = [p for p in (folder / name, folder / (name + GZIP_SUFFIX)) if p.is_file()]
+    if len(found) == 2:
+        raise SourceError(f"{folder} holds both {name} and {name}{GZIP_SUFFIX}: remove one (they may differ)")
+    return found[0] if found else None
 
 
 def read_jsonl(
@@ -164,11 +215,12 @@ def json_object(line: str, where: str, *, first: bool = False) -> dict[str, Any]
 def _utf8_lines(path: Path, name: str | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file, read as bytes so that a bad byte names its line.
 
-    A UTF-8 BOM is skipped; line endings are kept (the csv module needs them). ``name``: the
-    file as errors name it (default: its file name).
+    A UTF-8 BOM is skipped; line endings are kept (the csv module needs them); a .gz is read decompressed
+    (:func:`open_bytes`), its lines and bytes counted as the plain file's. ``name``: the file as errors name
+    it (default: its file name).
     """
     offset = 0
-    with open(path, "rb") as f:
+    with open_bytes(path, name) as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, offset = raw[3:], 3
@@ -193,8 +245,8 @@ def read_table(
     dropped the quotes from the text).
     """
     path = Path(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    kind = path.suffix[1:].upper()
+    kind = _file_type(path)[1:].upper()
+    delimiter = "\t" if kind == "TSV" else ","
     if csv.field_size_limit() < CSV_FIELD_LIMIT:  # process-wide: raised, never lowered
         csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.DictReader((line for _, line in _utf8_lines(path)), delimiter=delimiter, strict=True, restval=_MISSING)
