@@ -235,6 +235,23 @@ def test_evaluate_reports_the_judged_queries_without_a_relevant_document(tmp_pat
     assert "no relevant document" not in format_table({**res, "n_queries_without_relevant": 0})
 
 
+def test_evaluate_reports_judged_queries_the_queries_file_lacks(tmp_path, tiny_encoder):
+    """A judged query id absent from queries.jsonl was dropped from every mean without a word (BEIR's loader
+    fails on it): a cut-down queries file is fine, but the reports must say the means are over fewer queries."""
+    from m3search.eval import evaluate, format_table, load_beir, to_markdown
+
+    data = _word_beir(tmp_path / "data", n_docs=20, n_queries=4)
+    lines = (data / "queries.jsonl").read_text().splitlines()
+    (data / "queries.jsonl").write_text("\n".join(lines[:2]) + "\n")  # q2 and q3 judged, without a text
+    assert load_beir(data).unqueried == ["q2", "q3"]
+    res = evaluate(data, model=tiny_encoder, modes=["dense"], cache_dir=tmp_path / "c", progress=False)
+    assert res["n_queries"] == 2 and res["n_unqueried"] == 2
+    note = "2 judged query id(s) of qrels/test.tsv are not in the queries file ('q2', 'q3'): left out of every mean"
+    assert note in format_table(res) and f"- {note}" in to_markdown(res)
+    (data / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    assert load_beir(data).unqueried == [] and "queries file" not in format_table({**res, "n_unqueried": 0})
+
+
 def test_reports_interrupted_while_drawing_are_left_as_they_were(tmp_path, monkeypatch):
     """Ctrl-C while the chart was drawn left results.json and results.md new beside the old results.png."""
     from matplotlib.figure import Figure

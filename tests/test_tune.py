@@ -435,6 +435,17 @@ def test_tune_says_it_left_out_queries_without_a_relevant_document(tmp_path, sma
     assert "m3search eval counts them as 0" in out["summary"]
 
 
+def test_tune_says_it_left_out_judged_queries_without_a_text(tmp_path, small, tiny_encoder):
+    """Judged query ids absent from queries.jsonl were left out of tune's means without a word."""
+    from m3search.tuning import tune
+
+    qrels = ["q1\td1\t1", "q2\td2\t1", "q3\td3\t1"]
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, qrels)
+    out = tune(data, collection=small, model=tiny_encoder, folds=2, progress=False)
+    assert out["n_queries"] == 2 and out["n_unqueried"] == 1
+    assert "1 judged query id(s) of qrels/test.tsv are not in the queries file ('q3'): left out" in out["summary"]
+
+
 def test_tune_judged_ids_absent_from_the_collection(tmp_path, small, tiny_encoder):
     from m3search.tuning import tune
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class BeirData:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     corpus_sha256: str
+    #: Judged query ids that the queries file lacks: left out of every mean, and said so in the reports.
+    unqueried: list[str] = field(default_factory=list)
 
 
 def _require_pytrec_eval():
@@ -156,6 +158,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
     if not queries:
         raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
+    unqueried = [qid for qid in qrels if qid not in all_queries]  # a queries file cut down on purpose, or a mistake
     qrels = {qid: qrels[qid] for qid in queries}
     _check_queries(queries_path, queries)
     return BeirData(
@@ -165,6 +168,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
         queries=queries,
         qrels=qrels,
         corpus_sha256=_file_sha256(corpus_path),
+        unqueried=unqueried,
     )
 
 
@@ -396,6 +400,8 @@ def evaluate(
         "n_docs": len(data.doc_ids),
         "n_queries": len(qids),
         "n_queries_without_relevant": sum(not has_relevant(rel) for rel in data.qrels.values()),
+        "n_unqueried": len(data.unqueried),
+        "unqueried": data.unqueried[:5],
         "split": split,
         "index": index_info,
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
@@ -639,10 +645,22 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def _notes(results: Mapping[str, Any]) -> list[str]:
-    """The lines under the table (terminal and Markdown): the tuned row's setting, where Recall@N came from, and
-    the judged queries without a relevant document."""
+    """The lines under the table (terminal and Markdown): the tuned row's setting, where Recall@N came from, the
+    judged queries without a relevant document and those without a text."""
     notes = [_tuned_line(results["tuned"])] if results.get("tuned") else []
-    return notes + [note for note in (_recall_note(results), _without_relevant_note(results)) if note]
+    notes += [_recall_note(results), _without_relevant_note(results), unqueried_note(results)]
+    return [note for note in notes if note]
+
+
+def unqueried_note(results: Mapping[str, Any]) -> str | None:
+    """How many judged queries have no text in the queries file (left out of every mean), where there are some."""
+    n, ids = results.get("n_unqueried"), results.get("unqueried", [])
+    if not n:
+        return None
+    return (
+        f"{n} judged query id(s) of qrels/{results.get('split', 'test')}.tsv are not in the queries file "
+        f"({', '.join(map(repr, ids))}{' ...' if n > len(ids) else ''}): left out of every mean"
+    )
 
 
 def _without_relevant_note(results: Mapping[str, Any]) -> str | None:

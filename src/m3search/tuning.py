@@ -495,6 +495,8 @@ def tune(
             "split": split,
             "n_queries": len(queries),
             "n_queries_without_relevant": len(data.qrels) - len(judged),
+            "n_unqueried": len(data.unqueried),
+            "unqueried": data.unqueried[:5],
             "n_settings": len(settings),
             "collection": str(collection) if collection is not None else info.get("path"),
             "seconds": {
@@ -540,6 +542,8 @@ def _check_judged_present(col: Any, qrels: Mapping[str, Mapping[str, int]]) -> N
 
 
 def _summary(out: Mapping[str, Any]) -> str:
+    from m3search.eval import unqueried_note
+
     cv = out["cv"]
     lo, hi = cv["interval"]
     head = (
@@ -552,6 +556,8 @@ def _summary(out: Mapping[str, Any]) -> str:
             f"\n{out['n_queries_without_relevant']} judged queries without a relevant document (no grade > 0) left "
             "out: they score 0 under every setting (m3search eval counts them as 0 in its means)"
         )
+    if note := unqueried_note(out):
+        head += f"\n{note}"
     if out["adopted"]:
         return f"{head}\nadopted: {best}"
     if out["best"] == out["default"]:
