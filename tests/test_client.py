@@ -106,7 +106,7 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             assert err.value.ids == [IDS[0]]
         with pytest.raises(ValueError, match="unknown operator"):  # checked before any request
             client.search("q", filter={"year": {"between": 1}})
-        with pytest.raises(ValueError, match="HTTP 422"):
+        with pytest.raises(ValueError, match="unknown mode 'bm25'"):  # the library's error, before any request
             client.search("q", mode="bm25")
         with pytest.raises(ValueError, match="filter is not available over HTTP"):
             client.count(filter={"year": 1950})
@@ -121,6 +121,62 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             M3SearchClient(client.url, http_client=client._http).search("q")  # so a client without one has none
     with pytest.raises(ConnectionError, match="did not answer"):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
+
+
+def _same_error(library, client) -> None:
+    """``client()`` raises what ``library()`` raises: the same class and message."""
+    with pytest.raises(Exception) as want:
+        library()
+    with pytest.raises(Exception) as got:
+        client()
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
+
+
+BAD_SEARCHES = [
+    dict(query=""),
+    dict(query=None),
+    dict(query="a\ud800"),
+    dict(k=0),
+    dict(k=2.0),
+    dict(k=True),
+    dict(k=10**6),
+    dict(candidates=-1),
+    dict(mode="bm25"),
+    dict(mode=["dense", "sparse"]),
+    dict(fusion="RRF"),
+    dict(weights=5),
+    dict(weights=[1, 1]),
+    dict(weights=[-1, 1, 1]),
+    dict(weights=[float("nan"), 1, 1]),
+    dict(weights={"dense": 1, "sparse": 1, "colbert": 1}),
+    dict(mode="dense", weights=[0, 1, 1]),
+    dict(explain="yes"),
+    dict(group="chapter"),
+    dict(group="passage", explain=True),
+    dict(filter={"year": {"between": 1}}),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_SEARCHES, ids=[str(b)[:40] for b in BAD_SEARCHES])
+def test_a_bad_search_gets_the_librarys_error_before_any_request(col, bad):
+    """Only the filter was checked before the request: a bad k, mode, fusion, explain, group or query came back as
+    the server's 422 wording in a ValueError (the library raises TypeError for a wrong type), and weights=5, a NaN
+    weight or a lone surrogate in the query failed inside the client (list(), json.dumps, str.encode)."""
+    bad = dict(bad)
+    query = bad.pop("query", QUERIES[0])
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        _same_error(lambda: col.search(query, **bad), lambda: client.search(query, **bad))
+        assert sent == []
+
+
+def test_numpy_counts_search_as_in_the_library(col):
+    """The client put k and candidates into the JSON body as given: NumPy integers, which the library takes, failed
+    in json.dumps ("Object of type int64 is not JSON serializable")."""
+    with served(col) as client:
+        want = col.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))
+        same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))], want)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

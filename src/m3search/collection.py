@@ -82,6 +82,7 @@ from m3search.plan import (
     MODES,
     SearchPlan,
     check_deadline,
+    check_group,
     check_int,
     check_query,
     check_text,
@@ -1143,10 +1144,7 @@ class Collection:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
-        if group not in ("document", "passage"):
-            raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
-        if group == "passage" and explain:
-            raise ValueError("explain is given for documents only (group='document')")
+        check_group(group, explain)
         if not isinstance(exact, bool):  # as explain (plan.py)
             raise TypeError(f"exact must be true or false, not {type(exact).__name__}")
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)

@@ -68,6 +68,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
     DEFAULT_SEARCH_TIMEOUT,
     FUSIONS,
+    GROUPS,
     MAX_CANDIDATES,
     MAX_K,
     MODES,
@@ -769,7 +770,7 @@ class SearchRequest(_Strict):
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
-    group: Literal["document", "passage"] = Field(
+    group: Literal[GROUPS] = Field(  # type: ignore[valid-type]
         "document", description="document: documents with their best window; passage: the best windows themselves."
     )
 
