@@ -179,6 +179,20 @@ def test_numpy_counts_search_as_in_the_library(col):
         same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))], want)
 
 
+def test_every_mode_spelling_the_library_takes_searches_over_http(col):
+    """The server's pattern for mode took lower case without spaces only: "ALL" or "Dense + Sparse", which
+    Collection.search takes (and so `m3search search --mode` on a collection opened in-process), were 422s
+    through the server. Any other mode is the library's error there too (400), no longer the pattern's (422)."""
+    with served(col) as client:
+        for mode in ("ALL", " dense ", "Dense + Sparse", "colbert+sparse"):
+            want = col.search(QUERIES[0], k=3, mode=mode)
+            same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=3, mode=mode)], want)
+            raw = client._http.post("/search", json={"query": QUERIES[0], "k": 3, "mode": mode})
+            same_hits([(h["id"], h["score"]) for h in raw.json()["hits"]], want)
+        raw = client._http.post("/search", json={"query": QUERIES[0], "mode": "fuzzy"})
+        assert raw.status_code == 400 and "unknown mode 'fuzzy': use one of" in raw.json()["error"]["message"]
+
+
 def test_only_the_unknown_id_answer_reads_as_missing(col):
     """Every 404 read as "unknown id": a client at a wrong base URL (".../v1", the base OpenAI clients
     get) had get() answer None for every id, silently. Only the server's unknown-id answer (it names the
