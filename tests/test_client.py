@@ -3,6 +3,8 @@ at the server's max_batch, and the library's error types."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -191,6 +193,30 @@ def test_every_mode_spelling_the_library_takes_searches_over_http(col):
             same_hits([(h["id"], h["score"]) for h in raw.json()["hits"]], want)
         raw = client._http.post("/search", json={"query": QUERIES[0], "mode": "fuzzy"})
         assert raw.status_code == 400 and "unknown mode 'fuzzy': use one of" in raw.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "texts, ids, metadata",
+    [
+        (["t"], [""], None),
+        (["a\ud800"], ["s1"], None),
+        (["t"], ["m1"], [{"f": float("nan")}]),
+        (["t", "u"], ["m1", "m2"], [{}, {"big": 2**63}]),
+        (["t"], ["m1"], [{1: "x"}]),
+        (["t"], ["m1"], ["nested"]),
+    ],
+)
+def test_a_bad_write_gets_the_librarys_error_naming_the_document(col, texts, ids, metadata):
+    """The client checked a write's arguments by its own copy of the library's checks: an empty id was the
+    server's 422 ("documents.0.id: String should have at least 1 character"), and errors in a text or in
+    metadata named texts[0] / metadata[0] where Collection.add names the document ('metadata of document 'm1'')."""
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        for write in ("add", "upsert"):
+            library, remote = (partial(getattr(c, write), texts, ids=ids, metadata=metadata) for c in (col, client))
+            _same_error(library, remote)
+        assert sent == [] and col.get(ids) == [None] * len(ids)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

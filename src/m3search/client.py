@@ -10,8 +10,8 @@ Requests larger than the server's ``max_batch`` (items) or ``max_body_bytes`` (J
 split; each part is one server write, so a failure part-way leaves the earlier parts stored (an
 embedded ``Collection.add`` batch has the same grain). A document too large for any request is
 refused before anything is sent (:class:`~m3search.errors.RequestTooLargeError`, a ``ValueError``).
-A search's arguments are checked by the library's own checks before any request, so a bad one raises
-exactly what :class:`~m3search.Collection` raises. Errors keep the library's types: a bad value is
+A search's or a write's arguments are checked by the library's own checks before any request, so a bad one
+raises exactly what :class:`~m3search.Collection` raises. Errors keep the library's types: a bad value is
 ``ValueError``, an existing id
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
 another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
@@ -325,16 +325,10 @@ class M3SearchClient:
         return self._write(texts, ids, metadata, upsert=True)
 
     def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
-        from m3search.collection import _as_id_list, _check_metadata, _check_unique
-        from m3search.plan import check_texts
+        from m3search.collection import _check_documents
 
-        texts = check_texts(texts)
-        meta = _check_metadata(metadata, len(texts))
-        if ids is not None:
-            ids = _as_id_list(ids)
-            if len(ids) != len(texts):
-                raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
-            _check_unique(ids)  # the whole call, as Collection does: the server sees one part at a time
+        # the library's errors, for the whole call before anything is sent: the server sees one part at a time
+        texts, ids, meta = _check_documents(texts, ids, metadata)
         docs = [
             {"text": t, "metadata": m, **({"id": ids[j]} if ids is not None else {})}
             for j, (t, m) in enumerate(zip(texts, meta))

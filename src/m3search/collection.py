@@ -252,6 +252,25 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
     return ids
 
 
+def _check_documents(texts: Any, ids: Any, metadata: Any) -> tuple[list[str], list[str] | None, list[dict]]:
+    """An add / upsert's texts, ids (None: none given) and metadata as lists, or the error naming the document
+    (its id when ids are given, else its position). Why one function: ``M3SearchClient`` refuses, before it sends
+    anything, what ``Collection.add`` refuses, with the same errors."""
+    texts = check_texts(texts, unicode=False)  # checked below, naming each document
+    n = len(texts)
+    if ids is not None:
+        ids = _as_id_list(ids)
+        if len(ids) != n:
+            raise ValueError(f"{n} texts but {len(ids)} ids")
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"ids must be non-empty strings; item {empty[0]} is empty")
+        _check_unique(ids)
+    for i, text in enumerate(texts):  # the tokenizer's own error names neither
+        check_text(text, f"text of document {ids[i]!r}" if ids is not None else f"texts[{i}]")
+    return texts, ids, _check_metadata(metadata, n, ids)
+
+
 #: Deepest nesting of objects and lists in one document's metadata. Qdrant stores deeper
 #: values but then fails to read *any* payload back (serde_json's recursion limit, 128).
 MAX_METADATA_DEPTH = 32
@@ -677,22 +696,10 @@ class Collection:
     def _ingest(
         self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, stop, *, overwrite: bool
     ) -> list[str]:
-        texts = check_texts(texts, unicode=False)  # checked below, naming each document
+        texts, ids, meta = _check_documents(texts, ids, metadata)
         n = len(texts)
-        named = ids is not None  # errors name the caller's ids, else the position
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(n)]
-        else:
-            ids = _as_id_list(ids)
-            if len(ids) != n:
-                raise ValueError(f"{n} texts but {len(ids)} ids")
-            empty = [i for i, x in enumerate(ids) if not x]
-            if empty:
-                raise ValueError(f"ids must be non-empty strings; item {empty[0]} is empty")
-            _check_unique(ids)
-        for i, (doc_id, text) in enumerate(zip(ids, texts)):  # the tokenizer's own error names neither
-            check_text(text, f"text of document {doc_id!r}" if named else f"texts[{i}]")
-        meta = _check_metadata(metadata, n, ids if named else None)
         if embeddings is not None:
             if len(embeddings) != n:
                 raise ValueError(f"{n} texts but embeddings for {len(embeddings)}")
