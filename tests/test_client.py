@@ -99,8 +99,9 @@ def test_errors_keep_the_library_types(col, monkeypatch):
         raise WriteConflictError(f"1 id(s) are being written by another client of this collection: {ids}", ids)
 
     with served(col) as client:
-        with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)
+        with pytest.raises(DuplicateIdError, match="already exist") as taken:  # as Collection.add (was ValueError)
             client.add(["x"], ids=[IDS[0]])
+        assert taken.value.ids == [IDS[0]]  # as Collection.add's (the client's had none)
         with monkeypatch.context() as busy:  # another client of a server collection is writing the id
             busy.setattr(col, "_refuse_others_writes", conflict)
             with pytest.raises(WriteConflictError, match="being written by another client") as err:
@@ -217,6 +218,18 @@ def test_a_bad_write_gets_the_librarys_error_naming_the_document(col, texts, ids
             library, remote = (partial(getattr(c, write), texts, ids=ids, metadata=metadata) for c in (col, client))
             _same_error(library, remote)
         assert sent == [] and col.get(ids) == [None] * len(ids)
+
+
+def test_a_search_over_the_servers_limit_is_a_limit_error(col):
+    """A k or candidates over the server's (lower) limits came back as a plain ValueError: the library's
+    LimitExceededError, which the server raised and answered with 413, was lost on the way."""
+    from m3search.plan import LimitExceededError
+
+    with served(col, max_k=3, max_candidates=5) as client:
+        with pytest.raises(LimitExceededError, match=r"k=4 exceeds the limit of 3 \(HTTP 413\)"):
+            client.search(QUERIES[0], k=4)
+        with pytest.raises(LimitExceededError, match="candidates=6 exceeds the limit of 5"):
+            client.search(QUERIES[0], k=3, candidates=6)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

@@ -12,7 +12,7 @@ embedded ``Collection.add`` batch has the same grain). A document too large for 
 refused before anything is sent (:class:`~m3search.errors.RequestTooLargeError`, a ``ValueError``).
 A search's or a write's arguments are checked by the library's own checks before any request, so a bad one
 raises exactly what :class:`~m3search.Collection` raises. Errors keep the library's types: a bad value is
-``ValueError``, an existing id
+``ValueError``, a ``k`` or ``candidates`` over the server's (lower) limit ``LimitExceededError``, an existing id
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
 another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
 wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a 404 that is not the
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from m3search.errors import DuplicateIdError, RequestTooLargeError, WriteConflictError
+from m3search.plan import LimitExceededError
 
 __all__ = ["M3SearchClient"]
 
@@ -158,10 +159,13 @@ class M3SearchClient:
             raise PermissionError(message)
         if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
+        ids = error.get("ids") if isinstance(error.get("ids"), list) else None
         if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
-            raise DuplicateIdError(message)
+            raise DuplicateIdError(message, ids)
         if response.status_code == 409 and "being written by another client" in message:  # and its other 409
-            raise WriteConflictError(message, error.get("ids") if isinstance(error.get("ids"), list) else None)
+            raise WriteConflictError(message, ids)
+        if response.status_code == 413:  # k or candidates over the server's limit (the library's error there)
+            raise LimitExceededError(message)
         if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)

@@ -133,7 +133,8 @@ MAX_CANDIDATES = 100_000
 
 
 class LimitExceededError(ValueError):
-    """``k`` or ``candidates`` above its limit (HTTP answers 413, like any other size limit)."""
+    """``k`` or ``candidates`` above its limit (HTTP answers 413, like any other size limit; ``M3SearchClient``
+    raises this for a 413 too)."""
 
 
 def parse_mode(mode: Any) -> tuple[str, ...]:
