@@ -584,7 +584,7 @@ def test_the_app_started_by_uvicorn_is_found_by_the_cli(indexed):
 def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
     """Every search option and the text output through a server: the CLI shows the server's own hits,
     unchanged (JSON) and laid out as a local search's (text); a request the server refuses is one line
-    naming it."""
+    naming it. A mode written as --mode takes it locally ("Dense + Sparse") failed through the server."""
     import httpx
 
     from m3search.cli import format_hit
@@ -602,6 +602,8 @@ def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
                 + ["--explain"],
             ),
             ({"k": 5, "filter": {"year": 2024}}, ["-k", "5", "--filter", '{"year": 2024}']),
+            # a mode as the library spells it, which --mode takes: the server refused it (422, its own pattern)
+            ({"k": 3, "mode": "dense+sparse"}, ["-k", "3", "--mode", "Dense + Sparse"]),
         ):
             served = httpx.post(record["url"] + "/search", json={"query": query, **body}, timeout=60).json()["hits"]
             assert served

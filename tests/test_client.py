@@ -3,6 +3,8 @@ at the server's max_batch, and the library's error types."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -97,8 +99,9 @@ def test_errors_keep_the_library_types(col, monkeypatch):
         raise WriteConflictError(f"1 id(s) are being written by another client of this collection: {ids}", ids)
 
     with served(col) as client:
-        with pytest.raises(DuplicateIdError, match="already exist"):  # as Collection.add raises (was ValueError)
+        with pytest.raises(DuplicateIdError, match="already exist") as taken:  # as Collection.add (was ValueError)
             client.add(["x"], ids=[IDS[0]])
+        assert taken.value.ids == [IDS[0]]  # as Collection.add's (the client's had none)
         with monkeypatch.context() as busy:  # another client of a server collection is writing the id
             busy.setattr(col, "_refuse_others_writes", conflict)
             with pytest.raises(WriteConflictError, match="being written by another client") as err:
@@ -106,7 +109,7 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             assert err.value.ids == [IDS[0]]
         with pytest.raises(ValueError, match="unknown operator"):  # checked before any request
             client.search("q", filter={"year": {"between": 1}})
-        with pytest.raises(ValueError, match="HTTP 422"):
+        with pytest.raises(ValueError, match="unknown mode 'bm25'"):  # the library's error, before any request
             client.search("q", mode="bm25")
         with pytest.raises(ValueError, match="filter is not available over HTTP"):
             client.count(filter={"year": 1950})
@@ -121,6 +124,112 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             M3SearchClient(client.url, http_client=client._http).search("q")  # so a client without one has none
     with pytest.raises(ConnectionError, match="did not answer"):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
+
+
+def _same_error(library, client) -> None:
+    """``client()`` raises what ``library()`` raises: the same class and message."""
+    with pytest.raises(Exception) as want:
+        library()
+    with pytest.raises(Exception) as got:
+        client()
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
+
+
+BAD_SEARCHES = [
+    dict(query=""),
+    dict(query=None),
+    dict(query="a\ud800"),
+    dict(k=0),
+    dict(k=2.0),
+    dict(k=True),
+    dict(k=10**6),
+    dict(candidates=-1),
+    dict(mode="bm25"),
+    dict(mode=["dense", "sparse"]),
+    dict(fusion="RRF"),
+    dict(weights=5),
+    dict(weights=[1, 1]),
+    dict(weights=[-1, 1, 1]),
+    dict(weights=[float("nan"), 1, 1]),
+    dict(weights={"dense": 1, "sparse": 1, "colbert": 1}),
+    dict(mode="dense", weights=[0, 1, 1]),
+    dict(explain="yes"),
+    dict(group="chapter"),
+    dict(group="passage", explain=True),
+    dict(filter={"year": {"between": 1}}),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_SEARCHES, ids=[str(b)[:40] for b in BAD_SEARCHES])
+def test_a_bad_search_gets_the_librarys_error_before_any_request(col, bad):
+    """Only the filter was checked before the request: a bad k, mode, fusion, explain, group or query came back as
+    the server's 422 wording in a ValueError (the library raises TypeError for a wrong type), and weights=5, a NaN
+    weight or a lone surrogate in the query failed inside the client (list(), json.dumps, str.encode)."""
+    bad = dict(bad)
+    query = bad.pop("query", QUERIES[0])
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        _same_error(lambda: col.search(query, **bad), lambda: client.search(query, **bad))
+        assert sent == []
+
+
+def test_numpy_counts_search_as_in_the_library(col):
+    """The client put k and candidates into the JSON body as given: NumPy integers, which the library takes, failed
+    in json.dumps ("Object of type int64 is not JSON serializable")."""
+    with served(col) as client:
+        want = col.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))
+        same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))], want)
+
+
+def test_every_mode_spelling_the_library_takes_searches_over_http(col):
+    """The server's pattern for mode took lower case without spaces only: "ALL" or "Dense + Sparse", which
+    Collection.search takes (and so `m3search search --mode` on a collection opened in-process), were 422s
+    through the server. Any other mode is the library's error there too (400), no longer the pattern's (422)."""
+    with served(col) as client:
+        for mode in ("ALL", " dense ", "Dense + Sparse", "colbert+sparse"):
+            want = col.search(QUERIES[0], k=3, mode=mode)
+            same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=3, mode=mode)], want)
+            raw = client._http.post("/search", json={"query": QUERIES[0], "k": 3, "mode": mode})
+            same_hits([(h["id"], h["score"]) for h in raw.json()["hits"]], want)
+        raw = client._http.post("/search", json={"query": QUERIES[0], "mode": "fuzzy"})
+        assert raw.status_code == 400 and "unknown mode 'fuzzy': use one of" in raw.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "texts, ids, metadata",
+    [
+        (["t"], [""], None),
+        (["a\ud800"], ["s1"], None),
+        (["t"], ["m1"], [{"f": float("nan")}]),
+        (["t", "u"], ["m1", "m2"], [{}, {"big": 2**63}]),
+        (["t"], ["m1"], [{1: "x"}]),
+        (["t"], ["m1"], ["nested"]),
+    ],
+)
+def test_a_bad_write_gets_the_librarys_error_naming_the_document(col, texts, ids, metadata):
+    """The client checked a write's arguments by its own copy of the library's checks: an empty id was the
+    server's 422 ("documents.0.id: String should have at least 1 character"), and errors in a text or in
+    metadata named texts[0] / metadata[0] where Collection.add names the document ('metadata of document 'm1'')."""
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        for write in ("add", "upsert"):
+            library, remote = (partial(getattr(c, write), texts, ids=ids, metadata=metadata) for c in (col, client))
+            _same_error(library, remote)
+        assert sent == [] and col.get(ids) == [None] * len(ids)
+
+
+def test_a_search_over_the_servers_limit_is_a_limit_error(col):
+    """A k or candidates over the server's (lower) limits came back as a plain ValueError: the library's
+    LimitExceededError, which the server raised and answered with 413, was lost on the way."""
+    from m3search.plan import LimitExceededError
+
+    with served(col, max_k=3, max_candidates=5) as client:
+        with pytest.raises(LimitExceededError, match=r"k=4 exceeds the limit of 3 \(HTTP 413\)"):
+            client.search(QUERIES[0], k=4)
+        with pytest.raises(LimitExceededError, match="candidates=6 exceeds the limit of 5"):
+            client.search(QUERIES[0], k=3, candidates=6)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

@@ -244,7 +244,7 @@ def test_documents_lifecycle_and_search(server, tiny_encoder, docs):
     "method, path, payload, status",
     [
         ("POST", "/search", {"query": "x", "k": 0}, 422),
-        ("POST", "/search", {"query": "x", "mode": "fuzzy"}, 422),
+        ("POST", "/search", {"query": "x", "mode": "fuzzy"}, 400),  # the library's check, as dense+dense
         ("POST", "/search", {"query": "x", "mode": "dense+dense"}, 400),
         ("POST", "/search", {"query": "x", "weights": [1, 2]}, 422),
         ("POST", "/search", {"query": "x", "weights": [-1, 0, 0]}, 422),

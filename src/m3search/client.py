@@ -10,7 +10,9 @@ Requests larger than the server's ``max_batch`` (items) or ``max_body_bytes`` (J
 split; each part is one server write, so a failure part-way leaves the earlier parts stored (an
 embedded ``Collection.add`` batch has the same grain). A document too large for any request is
 refused before anything is sent (:class:`~m3search.errors.RequestTooLargeError`, a ``ValueError``).
-Errors keep the library's types: a bad value is ``ValueError``, an existing id
+A search's or a write's arguments are checked by the library's own checks before any request, so a bad one
+raises exactly what :class:`~m3search.Collection` raises. Errors keep the library's types: a bad value is
+``ValueError``, a ``k`` or ``candidates`` over the server's (lower) limit ``LimitExceededError``, an existing id
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
 another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
 wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a 404 that is not the
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from m3search.errors import DuplicateIdError, RequestTooLargeError, WriteConflictError
+from m3search.plan import LimitExceededError
 
 __all__ = ["M3SearchClient"]
 
@@ -156,10 +159,13 @@ class M3SearchClient:
             raise PermissionError(message)
         if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
+        ids = error.get("ids") if isinstance(error.get("ids"), list) else None
         if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
-            raise DuplicateIdError(message)
+            raise DuplicateIdError(message, ids)
         if response.status_code == 409 and "being written by another client" in message:  # and its other 409
-            raise WriteConflictError(message, error.get("ids") if isinstance(error.get("ids"), list) else None)
+            raise WriteConflictError(message, ids)
+        if response.status_code == 413:  # k or candidates over the server's limit (the library's error there)
+            raise LimitExceededError(message)
         if response.status_code < 500 and response.status_code != 429:
             raise ValueError(message)
         raise RuntimeError(message)
@@ -277,15 +283,21 @@ class M3SearchClient:
         """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`
         (mode, fusion, weights, candidates left None: the served collection's defaults)."""
         from m3search.collection import Hit
-        from m3search.filters import parse_filter, to_json
+        from m3search.filters import to_json
+        from m3search.plan import SearchPlan, check_group, check_query
 
-        body: dict[str, Any] = {"query": query, "k": k, "explain": explain, "group": group}
-        for key, value in (("mode", mode), ("fusion", fusion), ("weights", weights), ("candidates", candidates)):
-            if value is not None:  # left out: the server applies the collection's defaults
-                body[key] = list(value) if key == "weights" else value
-        parsed = parse_filter(filter)  # the library's errors, before any request
-        if parsed is not None:
-            body["filter"] = to_json(parsed)
+        check_query(query)  # the library's errors, in its order, before any request
+        check_group(group, explain)
+        given = {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
+        given = {key: value for key, value in given.items() if value is not None}  # left out: the server's defaults
+        plan = SearchPlan.build(k=k, filter=filter, explain=explain, **given)
+        body: dict[str, Any] = {"query": query, "k": plan.k, "explain": explain, "group": group, **given}
+        if weights is not None:  # as checked: plain floats and ints (NumPy's are not JSON)
+            body["weights"] = list(plan.weights)
+        if candidates is not None:
+            body["candidates"] = int(candidates)
+        if plan.filter is not None:
+            body["filter"] = to_json(plan.filter)
         hits = []
         for h in self._call("POST", "/search", json=body, idempotent=True)["hits"]:
             hit = Hit(
@@ -317,16 +329,10 @@ class M3SearchClient:
         return self._write(texts, ids, metadata, upsert=True)
 
     def _write(self, texts: Any, ids: Any, metadata: Any, *, upsert: bool) -> list[str]:
-        from m3search.collection import _as_id_list, _check_metadata, _check_unique
-        from m3search.plan import check_texts
+        from m3search.collection import _check_documents
 
-        texts = check_texts(texts)
-        meta = _check_metadata(metadata, len(texts))
-        if ids is not None:
-            ids = _as_id_list(ids)
-            if len(ids) != len(texts):
-                raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
-            _check_unique(ids)  # the whole call, as Collection does: the server sees one part at a time
+        # the library's errors, for the whole call before anything is sent: the server sees one part at a time
+        texts, ids, meta = _check_documents(texts, ids, metadata)
         docs = [
             {"text": t, "metadata": m, **({"id": ids[j]} if ids is not None else {})}
             for j, (t, m) in enumerate(zip(texts, meta))

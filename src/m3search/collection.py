@@ -82,6 +82,7 @@ from m3search.plan import (
     MODES,
     SearchPlan,
     check_deadline,
+    check_group,
     check_int,
     check_query,
     check_text,
@@ -249,6 +250,25 @@ def _as_id_list(ids: Any, name: str = "ids") -> list[str]:
     for i in ids:
         check_text(i, f"id {i!r}")
     return ids
+
+
+def _check_documents(texts: Any, ids: Any, metadata: Any) -> tuple[list[str], list[str] | None, list[dict]]:
+    """An add / upsert's texts, ids (None: none given) and metadata as lists, or the error naming the document
+    (its id when ids are given, else its position). Why one function: ``M3SearchClient`` refuses, before it sends
+    anything, what ``Collection.add`` refuses, with the same errors."""
+    texts = check_texts(texts, unicode=False)  # checked below, naming each document
+    n = len(texts)
+    if ids is not None:
+        ids = _as_id_list(ids)
+        if len(ids) != n:
+            raise ValueError(f"{n} texts but {len(ids)} ids")
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"ids must be non-empty strings; item {empty[0]} is empty")
+        _check_unique(ids)
+    for i, text in enumerate(texts):  # the tokenizer's own error names neither
+        check_text(text, f"text of document {ids[i]!r}" if ids is not None else f"texts[{i}]")
+    return texts, ids, _check_metadata(metadata, n, ids)
 
 
 #: Deepest nesting of objects and lists in one document's metadata. Qdrant stores deeper
@@ -676,22 +696,10 @@ class Collection:
     def _ingest(
         self, texts, ids, metadata, embeddings, batch_size, show_progress, optimize, stop, *, overwrite: bool
     ) -> list[str]:
-        texts = check_texts(texts, unicode=False)  # checked below, naming each document
+        texts, ids, meta = _check_documents(texts, ids, metadata)
         n = len(texts)
-        named = ids is not None  # errors name the caller's ids, else the position
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(n)]
-        else:
-            ids = _as_id_list(ids)
-            if len(ids) != n:
-                raise ValueError(f"{n} texts but {len(ids)} ids")
-            empty = [i for i, x in enumerate(ids) if not x]
-            if empty:
-                raise ValueError(f"ids must be non-empty strings; item {empty[0]} is empty")
-            _check_unique(ids)
-        for i, (doc_id, text) in enumerate(zip(ids, texts)):  # the tokenizer's own error names neither
-            check_text(text, f"text of document {doc_id!r}" if named else f"texts[{i}]")
-        meta = _check_metadata(metadata, n, ids if named else None)
         if embeddings is not None:
             if len(embeddings) != n:
                 raise ValueError(f"{n} texts but embeddings for {len(embeddings)}")
@@ -1143,10 +1151,7 @@ class Collection:
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use search() for one)")
         queries = [check_query(q) for q in queries]
-        if group not in ("document", "passage"):
-            raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
-        if group == "passage" and explain:
-            raise ValueError("explain is given for documents only (group='document')")
+        check_group(group, explain)
         if not isinstance(exact, bool):  # as explain (plan.py)
             raise TypeError(f"exact must be true or false, not {type(exact).__name__}")
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)

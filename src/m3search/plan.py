@@ -44,6 +44,7 @@ __all__ = [
     "MODES",
     "PRESETS",
     "FUSIONS",
+    "GROUPS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_CANDIDATES",
     "MAX_K",
@@ -58,6 +59,7 @@ __all__ = [
     "check_weights",
     "check_mode_total",
     "check_query",
+    "check_group",
     "check_text",
     "check_texts",
     "repeated",
@@ -78,6 +80,9 @@ PRESETS: dict[str, str] = {
 
 #: Fusion methods (:mod:`m3search.fusion`): BGE-M3's weighted sum, reciprocal rank, distribution-based.
 FUSIONS: tuple[str, ...] = ("weighted", "rrf", "dbsf")
+
+#: What a search returns: documents, each at its best window, or the best windows themselves (passages).
+GROUPS: tuple[str, ...] = ("document", "passage")
 
 #: BGE-M3's paper weights (dense, sparse, colbert); FlagEmbedding's ``compute_score`` defaults to (1, 1, 1).
 DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)
@@ -128,7 +133,8 @@ MAX_CANDIDATES = 100_000
 
 
 class LimitExceededError(ValueError):
-    """``k`` or ``candidates`` above its limit (HTTP answers 413, like any other size limit)."""
+    """``k`` or ``candidates`` above its limit (HTTP answers 413, like any other size limit; ``M3SearchClient``
+    raises this for a 413 too)."""
 
 
 def parse_mode(mode: Any) -> tuple[str, ...]:
@@ -198,6 +204,14 @@ def check_query(query: Any) -> str:
         raise ValueError("query is empty")
     check_text(query, "query")
     return query
+
+
+def check_group(group: Any, explain: Any) -> None:
+    """``group`` is one of :data:`GROUPS`; ``explain`` is given for documents only."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
+    if group == "passage" and explain:
+        raise ValueError("explain is given for documents only (group='document')")
 
 
 def check_texts(texts: Any, *, unicode: bool = True) -> list[str]:

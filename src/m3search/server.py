@@ -68,9 +68,9 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
     DEFAULT_SEARCH_TIMEOUT,
     FUSIONS,
+    GROUPS,
     MAX_CANDIDATES,
     MAX_K,
-    MODES,
     PRESETS,
     DeadlineExceeded,
     LimitExceededError,
@@ -744,17 +744,12 @@ class DocumentOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-_MODE_PATTERN = rf"^(all|({'|'.join(MODES)})(\+({'|'.join(MODES)})){{0,2}})$"
-
-
 class SearchRequest(_Strict):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, description=f"Hits to return (at most {MAX_K}; the server may set a lower limit: 413).")
     # mode / fusion / weights / candidates left out: the collection's defaults (`m3search tune` may set them)
-    mode: str | None = Field(
-        None,
-        pattern=_MODE_PATTERN,
-        description=f"{', '.join(PRESETS)} (or any '+'-joined subset); default: the collection's (all).",
+    mode: str | None = Field(  # checked by the library (parse_mode): "ALL" and "dense + sparse" are modes there too
+        None, description=f"{', '.join(PRESETS)} (or any '+'-joined subset); default: the collection's (all)."
     )
     fusion: Literal[FUSIONS] | None = Field(  # type: ignore[valid-type]
         None, description=f"{', '.join(FUSIONS)} (default: the collection's, weighted)."
@@ -769,7 +764,7 @@ class SearchRequest(_Strict):
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
-    group: Literal["document", "passage"] = Field(
+    group: Literal[GROUPS] = Field(  # type: ignore[valid-type]
         "document", description="document: documents with their best window; passage: the best windows themselves."
     )
 
