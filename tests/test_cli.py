@@ -117,6 +117,32 @@ def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder,
     assert out["indexed"] == 2 and out["count"] == N_DOCS
 
 
+def test_search_group_passage(tmp_path, corpus, tiny_encoder, tiny_model_path):
+    """``--group passage`` returns the library's passage hits (the CLI had no way to ask for them); the terminal
+    shows each passage with its characters in the document (it printed a long document's window slice of the
+    passage's own text instead)."""
+    from m3search import Collection
+
+    coll = tmp_path / "coll"
+    cli("index", str(corpus), "-c", str(coll), "-m", str(tiny_model_path), "--window", "32", "--stride", "24")
+    query = "pressure distribution on a wing in supersonic flow"
+    args = ("search", query, "-c", str(coll), "--mode", "dense", "-k", "6", "--group", "passage")
+    got = one_json(cli(*args, "--json"))["hits"]
+    with Collection.open(coll, model=tiny_encoder) as col:
+        want = [h.to_dict() for h in col.search(query, k=6, mode="dense", group="passage")]
+        docs = {r.id: r.text for r in col.get([h["id"] for h in want])}
+    assert [(h["id"], h["window"]) for h in got] == [(h["id"], h["window"]) for h in want]
+    assert [h["text"] for h in got] == [h["text"] for h in want]
+    assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    assert len({h["id"] for h in want}) < len(want) or any(h["window"]["start"] > 0 for h in want)  # windows, really
+    text = cli(*args).stdout
+    for h in want:
+        w = h["window"]
+        assert h["text"] == docs[h["id"]][w["start"] : w["end"]]
+        assert f"(chars {w['start']}-{w['end']})" in text
+        assert "[" + " ".join(h["text"].split())[:20] in text
+
+
 @pytest.mark.heavy
 def test_reindex_upserts_and_text_output(indexed, corpus, corpus_texts, tiny_encoder):
     query = "pressure distribution on a wing in supersonic flow"

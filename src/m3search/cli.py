@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from . import serverfile
-from .plan import DEFAULT_CANDIDATES, FUSIONS, PRESETS, parse_mode
+from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 
@@ -717,12 +717,33 @@ def index(
     help='Metadata filter as JSON (or @file), e.g. \'{"year": {"gte": 2000}}\'.',
 )
 @click.option("--explain", is_flag=True, help="Show matched tokens and each mode's contribution.")
+@click.option(
+    "--group",
+    default="document",
+    show_default=True,
+    type=click.Choice(GROUPS),
+    help="document: documents, each at its best window; passage: the best windows themselves.",
+)
 @dtype_option
 @device_option
 @api_key_option
 @json_option
 def search(
-    query, collection, model, mode, fusion, k, weights, candidates, filter_, explain, dtype, device, api_key, as_json
+    query,
+    collection,
+    model,
+    mode,
+    fusion,
+    k,
+    weights,
+    candidates,
+    filter_,
+    explain,
+    group,
+    dtype,
+    device,
+    api_key,
+    as_json,
 ):
     """Search the collection for QUERY."""
     with _errors():
@@ -737,6 +758,7 @@ def search(
                 candidates=candidates,
                 filter=filter_,
                 explain=explain,
+                group=group,
             )
         finally:
             target.close()
@@ -746,7 +768,7 @@ def search(
     if not hits:
         click.echo("no hits")
     for rank, h in enumerate(hits, 1):
-        click.echo("\n".join(format_hit(rank, h)))
+        click.echo("\n".join(format_hit(rank, h, passage=group == "passage")))
 
 
 #: Terminal output is laid out for this many columns.
@@ -759,11 +781,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH) -> list[str]:
+def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH, *, passage: bool = False) -> list[str]:
     """One hit (``Hit.to_dict()`` form) as terminal lines no wider than ``width``.
 
     Rank, fused score, id and the three exact scores; the text and metadata clipped to
-    one line each; with ``explain``, a table of each mode's score, weight, contribution
+    one line each (a long document's best window, or with ``passage`` the hit's passage, in brackets with its
+    characters in the document); with ``explain``, a table of each mode's score, weight, contribution
     to the fused score and rank among the candidates, then the matched lexical tokens
     with their query and document weights (largest product first).
     """
@@ -772,7 +795,10 @@ def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH) -> list[str]:
     head = f"{rank:>3}. {hit['score']:.4f}  "
     lines = [_clip(head + str(hit["id"]), width - len(scores) - 2) + (f"  {scores}" if scores else "")]
     full, window = hit.get("text") or "", hit.get("window")
-    if window and (window["start"] > 0 or window["end"] < len(full)):  # a long document: its best window
+    if window and passage:  # the text is the window's own: its span is in the document
+        where = f"  (chars {window['start']}-{window['end']})"
+        lines.append(pad + "[" + _clip(" ".join(full.split()), width - len(pad) - len(where) - 2) + "]" + where)
+    elif window and (window["start"] > 0 or window["end"] < len(full)):  # a long document: its best window
         where = f"  (chars {window['start']}-{window['end']} of {len(full)})"
         span = " ".join(full[window["start"] : window["end"]].split())
         lines.append(pad + "[" + _clip(span, width - len(pad) - len(where) - 2) + "]" + where)
