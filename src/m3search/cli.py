@@ -968,9 +968,11 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
             click.echo(f"m3search: serving {what} at {url} (docs at {url}/docs)", err=True)
 
         try:
-            run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
+            served = run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
         except CollectionInUseError as exc:
             raise click.ClickException(str(exc)) from None
+        if not served:
+            click.echo(f"m3search: stopped before serving {what}", err=True)
 
 
 @main.command("eval")
