@@ -329,6 +329,16 @@ def test_cli_usage_errors_exit_2_with_json_error(tmp_path):
     assert proc.returncode == 2 and "finite number" in _one_error_line(proc) and proc.stdout == ""
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--max-body-mb"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_serve_refuses_a_number_that_is_not_finite_as_a_usage_error(tmp_path, option, value):
+    """click's float range let nan through (every comparison with it is false) and inf too: --timeout nan failed
+    later without naming the option, --max-body-mb inf in an OverflowError."""
+    proc = cli("serve", "--model", str(tmp_path / "no-model"), "--port", "0", option, value)
+    assert proc.returncode == 2, proc.stderr
+    assert f"Invalid value for '{option}': '{value}' is not a finite number" in _one_error_line(proc)
+
+
 def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
     src = tmp_path / "c.jsonl"
     src.write_text('{"_id": "a", "text": "t", "n": 5}\n')

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -109,6 +110,17 @@ def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, floa
         return check_weights(weights)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+class _FiniteRange(click.FloatRange):
+    """click's FloatRange refusing nan and inf: every comparison with nan is false, so the range let it through
+    (``serve --timeout nan`` failed later without naming the option, ``--max-body-mb inf`` with an OverflowError)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _divisor_at_most(size: int, limit: int) -> int:
@@ -917,12 +929,12 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health and the API docs (/docs, /redoc, /openapi.json).",
 )
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
-@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(0.001), help="Largest body.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest body.")
 @click.option(
     "--timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=_FiniteRange(0, min_open=True),
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
 )
 @dtype_option
@@ -1167,7 +1179,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     help="Take queries (and qrels) from this BEIR folder: cross-lingual training.",
 )
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-5, show_default=True, type=_FiniteRange(min=0, min_open=True))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Queries per batch (at most).")
 @click.option("--negatives", default=7, show_default=True, type=click.IntRange(0), help="Hard negatives per query.")
 @click.option("--modes", default="dense,sparse,colbert", show_default=True, help="Modes to train (a subset).")
@@ -1175,7 +1187,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     "--holdout",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0, 1, max_open=True),
+    type=_FiniteRange(0, 1, max_open=True),
     help="BEIR only: fraction of judged queries held out and scored before/after.",
 )
 @click.option(
