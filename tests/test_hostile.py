@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -353,6 +354,23 @@ def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
         assert words in json.loads(proc.stdout)["error"]["message"]
     proc = cli("search", "q", "-c", str(coll), "-k", "1000000000")
     assert proc.returncode == 1 and f"exceeds the limit of {MAX_K}" in _one_error_line(proc)
+
+
+def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):
+    """A model folder whose config.json is not JSON or whose head file is cut short: the error names the file
+    (json's and torch's own messages named none: "Expecting value: line 1 column 1 (char 0)")."""
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": "a", "text": "t"}\n')
+    coll = tmp_path / "coll"
+    assert cli("index", str(src), "-c", str(coll), "-m", str(tiny_model_path)).returncode == 0
+    for name, words in [("config.json", "is not valid JSON"), ("sparse_linear.pt", "could not read")]:
+        model = tmp_path / f"bad-{name}"
+        shutil.copytree(tiny_model_path, model)
+        with open(model / name, "r+b") as f:
+            f.truncate(20)
+        proc = cli("search", "q", "-c", str(coll), "-m", str(model))
+        assert proc.returncode == 1 and f"{model / name}" in _one_error_line(proc)
+        assert words in _one_error_line(proc)
 
 
 def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
