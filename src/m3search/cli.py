@@ -40,6 +40,11 @@ DEFAULT_MODEL = "BAAI/bge-m3"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def _debug() -> bool:
+    """Whether ``M3SEARCH_DEBUG`` asks for tracebacks: set and not 0 / false / no / off (``=0`` turned them on)."""
+    return os.environ.get("M3SEARCH_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line ClickException (M3SEARCH_DEBUG=1 re-raises)."""
@@ -48,7 +53,7 @@ def _errors() -> Iterator[None]:
     except (click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:
-        if os.environ.get("M3SEARCH_DEBUG"):
+        if _debug():
             raise
         message = " ".join((str(exc) or type(exc).__name__).split())  # one line, whatever the library said
         if not isinstance(exc, (ValueError, TypeError, OSError, ImportError, RuntimeError, LookupError)):
@@ -661,7 +666,7 @@ def index(
                     bar.update(len(batch))
             total = target.count()
         except (Exception, KeyboardInterrupt) as exc:  # pass 2 failed or was stopped: say what is in the collection
-            if os.environ.get("M3SEARCH_DEBUG"):
+            if _debug():
                 raise
             message = (
                 "interrupted"
