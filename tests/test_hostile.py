@@ -321,6 +321,16 @@ def test_index_validates_whole_source_before_writing(tmp_path, tiny_model_path):
     assert not coll.exists()
 
 
+def test_index_from_a_pipe_says_it_needs_a_file(tmp_path):
+    """``index /dev/stdin`` fed by a pipe, or a named pipe: "does not exist" sent the operator looking for a
+    missing file; index reads its source twice, so it needs a file."""
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    proc = cli("index", str(fifo), "-c", str(tmp_path / "coll"))
+    assert proc.returncode == 1 and "is not a regular file (a pipe or a device)" in _one_error_line(proc)
+    assert not (tmp_path / "coll").exists()
+
+
 def test_cli_usage_errors_exit_2_with_json_error(tmp_path):
     proc = cli("search", "q", "-c", str(tmp_path), "--weights", "-1,0.5,0.5", "--json")
     assert proc.returncode == 2, proc.stderr
