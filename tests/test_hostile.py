@@ -350,11 +350,17 @@ def test_serve_refuses_a_number_that_is_not_finite_as_a_usage_error(tmp_path, op
     assert f"Invalid value for '{option}': '{value}' is not a finite number" in _one_error_line(proc)
 
 
-def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
+def _indexed_by_cli(tmp_path: Path, model: Path, record: str = '{"_id": "a", "text": "t"}') -> Path:
+    """A collection of one document, made by ``m3search index``."""
     src = tmp_path / "c.jsonl"
-    src.write_text('{"_id": "a", "text": "t", "n": 5}\n')
+    src.write_text(record + "\n")
     coll = tmp_path / "coll"
-    assert cli("index", str(src), "-c", str(coll), "-m", str(tiny_model_path)).returncode == 0
+    assert cli("index", str(src), "-c", str(coll), "-m", str(model)).returncode == 0
+    return coll
+
+
+def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
+    coll = _indexed_by_cli(tmp_path, tiny_model_path, '{"_id": "a", "text": "t", "n": 5}')
     for flt, words in [
         ('{"n": 1000000000000000000000000000000}', "filter.n: integer out of range"),
         ('{"n": {"gte": ' + "9" * 400 + "}}", "filter.n.gte: integer out of range"),
@@ -370,10 +376,7 @@ def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):
     """A model folder whose config.json is not JSON or whose head file is cut short: the error names the file
     (json's and torch's own messages named none: "Expecting value: line 1 column 1 (char 0)"), and does not
     ask to pass the model that was passed."""
-    src = tmp_path / "c.jsonl"
-    src.write_text('{"_id": "a", "text": "t"}\n')
-    coll = tmp_path / "coll"
-    assert cli("index", str(src), "-c", str(coll), "-m", str(tiny_model_path)).returncode == 0
+    coll = _indexed_by_cli(tmp_path, tiny_model_path)
     for name, words in [
         ("config.json", " is not valid JSON: "),
         ("sparse_linear.pt", " (truncated or not a torch state dict): "),
