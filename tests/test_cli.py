@@ -407,6 +407,14 @@ def test_a_gzipped_source_indexes_as_the_plain_one_and_a_truncated_one_writes_no
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.parametrize(("debug", "traceback"), [("0", False), ("false", False), ("", False), ("1", True)])
+def test_m3search_debug_0_keeps_the_one_line_error(tmp_path, debug, traceback):
+    """``M3SEARCH_DEBUG=1`` shows the traceback; ``=0`` (or false) did too: any non-empty value counted."""
+    proc = cli("info", "-c", str(tmp_path / "none"), env={"M3SEARCH_DEBUG": debug}, check=False)
+    assert proc.returncode == 1 and ("Traceback" in proc.stderr) == traceback, proc.stderr
+    assert traceback or proc.stderr.splitlines() == [f"Error: no collection at {tmp_path / 'none'} (no manifest.json)"]
+
+
 def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_path):
     """Another model given by M3SEARCH_MODEL (the --model option's variable) was refused saying to open the
     collection with "no --model", which the command had not passed."""

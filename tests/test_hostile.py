@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -320,6 +321,16 @@ def test_index_validates_whole_source_before_writing(tmp_path, tiny_model_path):
     assert not coll.exists()
 
 
+def test_index_from_a_pipe_says_it_needs_a_file(tmp_path):
+    """``index /dev/stdin`` fed by a pipe, or a named pipe: "does not exist" sent the operator looking for a
+    missing file; index reads its source twice, so it needs a file."""
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    proc = cli("index", str(fifo), "-c", str(tmp_path / "coll"))
+    assert proc.returncode == 1 and "is not a regular file (a pipe or a device)" in _one_error_line(proc)
+    assert not (tmp_path / "coll").exists()
+
+
 def test_cli_usage_errors_exit_2_with_json_error(tmp_path):
     proc = cli("search", "q", "-c", str(tmp_path), "--weights", "-1,0.5,0.5", "--json")
     assert proc.returncode == 2, proc.stderr
@@ -329,11 +340,27 @@ def test_cli_usage_errors_exit_2_with_json_error(tmp_path):
     assert proc.returncode == 2 and "finite number" in _one_error_line(proc) and proc.stdout == ""
 
 
-def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("option", ["--timeout", "--max-body-mb"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_serve_refuses_a_number_that_is_not_finite_as_a_usage_error(tmp_path, option, value):
+    """click's float range let nan through (every comparison with it is false) and inf too: --timeout nan failed
+    later without naming the option, --max-body-mb inf in an OverflowError."""
+    proc = cli("serve", "--model", str(tmp_path / "no-model"), "--port", "0", option, value)
+    assert proc.returncode == 2, proc.stderr
+    assert f"Invalid value for '{option}': '{value}' is not a finite number" in _one_error_line(proc)
+
+
+def _indexed_by_cli(tmp_path: Path, model: Path, record: str = '{"_id": "a", "text": "t"}') -> Path:
+    """A collection of one document, made by ``m3search index``."""
     src = tmp_path / "c.jsonl"
-    src.write_text('{"_id": "a", "text": "t", "n": 5}\n')
+    src.write_text(record + "\n")
     coll = tmp_path / "coll"
-    assert cli("index", str(src), "-c", str(coll), "-m", str(tiny_model_path)).returncode == 0
+    assert cli("index", str(src), "-c", str(coll), "-m", str(model)).returncode == 0
+    return coll
+
+
+def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
+    coll = _indexed_by_cli(tmp_path, tiny_model_path, '{"_id": "a", "text": "t", "n": 5}')
     for flt, words in [
         ('{"n": 1000000000000000000000000000000}', "filter.n: integer out of range"),
         ('{"n": {"gte": ' + "9" * 400 + "}}", "filter.n.gte: integer out of range"),
@@ -343,6 +370,26 @@ def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
         assert words in json.loads(proc.stdout)["error"]["message"]
     proc = cli("search", "q", "-c", str(coll), "-k", "1000000000")
     assert proc.returncode == 1 and f"exceeds the limit of {MAX_K}" in _one_error_line(proc)
+
+
+def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):
+    """A model folder whose config.json is not JSON or whose head file is cut short: the error names the file
+    (json's and torch's own messages named none: "Expecting value: line 1 column 1 (char 0)"), and does not
+    ask to pass the model that was passed."""
+    coll = _indexed_by_cli(tmp_path, tiny_model_path)
+    for name, words in [
+        ("config.json", " is not valid JSON: "),
+        ("sparse_linear.pt", " (truncated or not a torch state dict): "),
+        ("model.safetensors", ": "),  # not in the identity: found at loading, "could not load ... weights in DIR"
+    ]:
+        model = tmp_path / f"bad-{name}"
+        shutil.copytree(tiny_model_path, model)
+        with open(model / name, "r+b") as f:
+            f.truncate(20)
+        proc = cli("search", "q", "-c", str(coll), "-m", str(model))
+        named = model if name == "model.safetensors" else model / name
+        assert proc.returncode == 1 and f"{named}{words}" in _one_error_line(proc)
+        assert "Pass model=" not in proc.stderr  # it was passed
 
 
 def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):

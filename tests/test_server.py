@@ -626,3 +626,36 @@ def test_sigterm_during_a_long_write_answers_what_was_written_and_stops_cleanly(
         assert [d is not None for d in stored] == [i < len(written) for i in range(n)]
         for i, d in enumerate(stored[: len(written)]):
             assert (d.text, d.metadata) == (texts[i], {"i": i})
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_model_loads_stops_cleanly(tmp_path, tiny_model_path, sig):
+    """SIGTERM (or Ctrl-C) to `m3search serve` before it serves, while it loads its model: the collection closes,
+    its server.json goes, exit 0 with one line (SIGTERM killed the process there: exit 143, server.json left)."""
+    from m3search import Collection
+
+    coll = tmp_path / "coll"
+    Collection.create(coll, model=str(tiny_model_path), dtype="float32").close()
+    script = f"""
+import os, signal, sys, time
+from m3search import encoder
+from m3search.cli import main
+
+def loading(*args, **kwargs):  # the signal comes while the model loads
+    assert os.path.exists(sys.argv[1] + "/server.json")
+    os.kill(os.getpid(), signal.{sig})
+    time.sleep(60)
+
+encoder.M3Encoder.from_pretrained = loading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+main(["serve", "-c", sys.argv[1], "--port", "0"])
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(coll)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stderr.strip().splitlines() == [f"m3search: stopped before serving collection {coll}"], proc.stderr
+    assert not (coll / "server.json").exists()
+    with Collection.open(coll) as c:  # the lock is free, the collection whole
+        assert c.count() == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -39,6 +40,11 @@ DEFAULT_MODEL = "BAAI/bge-m3"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def _debug() -> bool:
+    """Whether ``M3SEARCH_DEBUG`` asks for tracebacks: set and not 0 / false / no / off (``=0`` turned them on)."""
+    return os.environ.get("M3SEARCH_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line ClickException (M3SEARCH_DEBUG=1 re-raises)."""
@@ -47,7 +53,7 @@ def _errors() -> Iterator[None]:
     except (click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:
-        if os.environ.get("M3SEARCH_DEBUG"):
+        if _debug():
             raise
         message = " ".join((str(exc) or type(exc).__name__).split())  # one line, whatever the library said
         if not isinstance(exc, (ValueError, TypeError, OSError, ImportError, RuntimeError, LookupError)):
@@ -109,6 +115,17 @@ def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, floa
         return check_weights(weights)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+class _FiniteRange(click.FloatRange):
+    """click's FloatRange refusing nan and inf: every comparison with nan is false, so the range let it through
+    (``serve --timeout nan`` failed later without naming the option, ``--max-body-mb inf`` with an OverflowError)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _divisor_at_most(size: int, limit: int) -> int:
@@ -649,7 +666,7 @@ def index(
                     bar.update(len(batch))
             total = target.count()
         except (Exception, KeyboardInterrupt) as exc:  # pass 2 failed or was stopped: say what is in the collection
-            if os.environ.get("M3SEARCH_DEBUG"):
+            if _debug():
                 raise
             message = (
                 "interrupted"
@@ -943,12 +960,12 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health and the API docs (/docs, /redoc, /openapi.json).",
 )
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
-@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(0.001), help="Largest body.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest body.")
 @click.option(
     "--timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=_FiniteRange(0, min_open=True),
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
 )
 @dtype_option
@@ -994,9 +1011,11 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
             click.echo(f"m3search: serving {what} at {url} (docs at {url}/docs)", err=True)
 
         try:
-            run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
+            served = run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
         except CollectionInUseError as exc:
             raise click.ClickException(str(exc)) from None
+        if not served:
+            click.echo(f"m3search: stopped before serving {what}", err=True)
 
 
 @main.command("eval")
@@ -1191,7 +1210,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     help="Take queries (and qrels) from this BEIR folder: cross-lingual training.",
 )
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-5, show_default=True, type=_FiniteRange(min=0, min_open=True))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Queries per batch (at most).")
 @click.option("--negatives", default=7, show_default=True, type=click.IntRange(0), help="Hard negatives per query.")
 @click.option("--modes", default="dense,sparse,colbert", show_default=True, help="Modes to train (a subset).")
@@ -1199,7 +1218,7 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     "--holdout",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0, 1, max_open=True),
+    type=_FiniteRange(0, 1, max_open=True),
     help="BEIR only: fraction of judged queries held out and scored before/after.",
 )
 @click.option(

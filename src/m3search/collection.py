@@ -642,7 +642,9 @@ class Collection:
                 return enc
             raise ModelMismatchError(
                 f"cannot load the model of collection {self.location} ({rec['name_or_path']!r}, identity "
-                f"{rec['identity'][:12]}): " + "; ".join(errors) + ". Pass model=<path> to Collection.open."
+                f"{rec['identity'][:12]}): "
+                + "; ".join(errors)
+                + ("" if spec is not None else ". Pass model=<path> to Collection.open.")  # unless it was
             )
 
     # ------------------------------------------------------------------- writes

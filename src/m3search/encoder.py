@@ -317,18 +317,32 @@ def _check_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def _read_head(path: Path) -> dict:
+    """A head's state dict. A file torch cannot read is a ModelLoadError naming it: torch's own message
+    ("PytorchStreamReader failed reading zip archive ...") names no file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read {path} (truncated or not a torch state dict): {exc}") from None
+
+
 def model_identity(folder: str | os.PathLike) -> str:
     """sha256 over config.json, both heads' tensors and tokenizer.json (not the path)."""
     import torch
 
     folder = _check_checkpoint(Path(folder))
     h = hashlib.sha256()
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as exc:  # bad JSON or not UTF-8: json's message names no file
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
     cfg.pop("_name_or_path", None)
     cfg.pop("transformers_version", None)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for name in _HEAD_FILES:
-        state = torch.load(folder / name, map_location="cpu", weights_only=True)
+        state = _read_head(folder / name)
         for key in sorted(state):
             h.update(key.encode())
             h.update(state[key].detach().to(torch.float32).contiguous().numpy().tobytes())
@@ -436,7 +450,7 @@ class M3Encoder:
         hidden = int(model.config.hidden_size)
         heads = []
         for name in ("colbert_linear.pt", "sparse_linear.pt"):
-            state = torch.load(folder / name, map_location="cpu", weights_only=True)
+            state = _read_head(folder / name)
             if "weight" not in state or state["weight"].ndim != 2 or state["weight"].shape[1] != hidden:
                 raise ModelLoadError(f"{folder / name} is not a Linear({hidden}, n) state dict")
             layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)

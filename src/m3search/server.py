@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -1242,8 +1243,6 @@ async def _record_when_listening(settings: Settings, resources: Resources) -> No
     record its address once uvicorn listens, as ``serve`` does, else the CLI found the collection "in use".
     uvicorn tells an app nothing of its address: its server is the owner of the SIGTERM handler (uvicorn
     >= 0.29 installs its ``handle_exit`` in the main thread). Elsewhere a warning says what is lost."""
-    import signal
-
     server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
     address = None
     if hasattr(server, "started") and hasattr(server, "config"):
@@ -1264,8 +1263,6 @@ async def _record_when_listening(settings: Settings, resources: Resources) -> No
 
 def _uvicorn_server() -> type:
     """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
-    import signal
-
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -1290,21 +1287,30 @@ def _uvicorn_server() -> type:
             """Around uvicorn's run, SIGINT / SIGTERM go to :meth:`handle_exit` too: uvicorn raises the signal it
             stopped for again once its own handlers are gone, and with Python's back, that killed the process by
             SIGTERM (Ctrl-C: "Aborted!", exit 1) after a clean stop. A stop asked for is a success: exit 0."""
-            if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
-                return super().run(sockets=sockets)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
+            with _stop_signals_to(self.handle_exit):
                 super().run(sockets=sockets)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
 
     return Server
 
 
+@contextmanager
+def _stop_signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` inside the block (signals are the main thread's: elsewhere nothing
+    changes), and back to what they were after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
 def serve(
     settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready: Any = None
-) -> None:
+) -> bool:
     """Bind ``host:port`` (0 = any free port), open the collection, load the model, serve until SIGINT/SIGTERM.
 
     Order matters: the address is recorded in ``<collection>/server.json`` as soon as the
@@ -1314,7 +1320,8 @@ def serve(
     a lifespan traceback. ``on_ready(url)`` is called when requests are about to be served.
     At SIGINT / SIGTERM no new request is taken; a ``/documents`` write in progress stops at its next batch
     (503 naming the documents it wrote; a long document's write ends whole and is answered), the collection
-    closes after it, and this returns (exit 0).
+    closes after it, and this returns True (exit 0). Either signal before serving began closes the collection
+    (removing its server.json) and returns False.
     """
     import uvicorn
 
@@ -1322,16 +1329,33 @@ def serve(
     limit_malloc_arenas()
     sock = _bind(host, port)
     resources: Resources | None = None
+    stopped: list[int] = []
+
+    def stop(sig: int, frame: Any) -> None:
+        """SIGTERM's default killed the process while it loaded its model: server.json stayed, exit 143. Both
+        signals end the startup through the ``finally`` below; ``stopped`` also tells of a KeyboardInterrupt
+        that Python swallowed (raised inside a ``__del__``)."""
+        stopped.append(sig)
+        raise KeyboardInterrupt
+
     try:
-        actual = sock.getsockname()[1]
-        resources = open_resources(settings)
-        _record(settings, resources, host, actual)
-        _ = resources.encoder  # load the model now
+        with _stop_signals_to(stop):
+            try:
+                actual = sock.getsockname()[1]
+                resources = open_resources(settings)
+                _record(settings, resources, host, actual)
+                _ = resources.encoder  # load the model now
+            except KeyboardInterrupt:
+                if not stopped:
+                    raise
+        if stopped:
+            return False
         if on_ready is not None:
             on_ready(_url(host, actual))
         app = create_app(settings, resources=resources)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
         _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
+        return True
     finally:
         if resources is not None:
             resources.close()

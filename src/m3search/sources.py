@@ -98,8 +98,13 @@ def read_source(
         if id_field or text_fields:
             raise ValueError("--id-field/--text-field do not apply to a folder source (id = relative path)")
         return read_folder(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"source {str(path)!r} does not exist")
+    if not path.is_file():  # a pipe (/dev/stdin, <(...)) was said not to exist
+        raise ValueError(
+            f"source {str(path)!r} is not a regular file (a pipe or a device): it is read twice, checked whole "
+            "before the first write; save it to a .jsonl, .csv or .tsv file and index that"
+        )
     suffix = _file_type(path)
     if suffix in JSONL_SUFFIXES:
         return read_jsonl(path, id_field=id_field, text_fields=text_fields)
