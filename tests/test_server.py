@@ -24,6 +24,7 @@ KEY = "test-key-123"
 N_DOCS = 60
 MAX_BATCH = 16
 MAX_BODY_MB = 0.25
+MAX_QUEUE = 1000  # not the default (2048): serve --max-queue reaches the server
 
 
 def _start(args: list[str], workdir: Path, collection: Path | None = None, timeout: float = 180):
@@ -103,6 +104,8 @@ def server(tmp_path_factory, tiny_model_path, docs):
             str(MAX_BATCH),
             "--max-body-mb",
             str(MAX_BODY_MB),
+            "--max-queue",
+            str(MAX_QUEUE),
         ],
         work,
         collection=coll,
@@ -142,6 +145,7 @@ def test_health_open_everything_else_needs_the_key(server):
     info = server.get("/info").json()
     assert info["api_key_required"] is True and info["collection"]["count"] == N_DOCS
     assert info["limits"]["max_batch"] == MAX_BATCH and info["model"]["dtype"] == "float32"
+    assert info["limits"]["max_queue"] == MAX_QUEUE
     assert server.get("/docs").status_code == 200 and "/v1/embeddings" in server.get("/openapi.json").json()["paths"]
 
 

@@ -968,6 +968,15 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     type=_FiniteRange(0, min_open=True),
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
 )
+@click.option(
+    "--max-queue",
+    envvar="M3SEARCH_MAX_QUEUE",
+    show_envvar=True,
+    default=None,
+    type=click.IntRange(1),
+    help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After "
+    "[default: the server's, shown under limits by GET /info].",
+)
 @dtype_option
 @device_option
 @click.option(
@@ -976,7 +985,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
-def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeout, dtype, device, log_level):
+def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeout, max_queue, dtype, device, log_level):
     """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     with _errors():
         if collection is None and model is None:
@@ -1004,6 +1013,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
             max_batch=max_batch,
             max_body_bytes=int(max_body_mb * (1 << 20)),
             search_timeout=timeout,
+            **({} if max_queue is None else {"max_queue": max_queue}),
         )
         what = f"collection {collection}" if collection else f"model {model}"
 
