@@ -156,7 +156,9 @@ def test_defaults_serve_passages_filters_and_writes(memory_collection, tiny_enco
     documents = col.search(queries[0], k=5, mode="all")
     assert [h.id for h in passages] == [h.id for h in documents]  # one window each: a passage is its document
     assert col.count({"lang": "de"}) == N_DOCS // 2
-    assert all(h.metadata["lang"] == "de" for h in col.search(queries[0], k=5, mode="all", filter={"lang": "de"}))
+    fused, german = fused_oracle(oracle, 0, "all", "weighted", ids), [m["lang"] == "de" for m in meta]
+    hits = col.search(queries[0], k=5, mode="all", filter={"lang": "de"})
+    check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, 5, allowed=german), tie_tol=EXACT_TOL)
     with pytest.raises(ValueError):
         col.add([texts[0]], ids=[ids[0]])  # `existing` (a default over `get`) finds it
     assert [[r.id for r in ws] for ws in col.engine.get_windows(ids[:2], windows=range(2))] == [ids[:1], ids[1:2]]

@@ -2087,8 +2087,9 @@ def test_milvus_switch_over_the_request_limit_deletes_the_old_version_first(
         monkeypatch.setattr(target, name, real)
         assert writes[-1] and not any(writes[:-1]) and vector_points(col, "x") == len(writes) - 1
         assert col.count() == 1 and col.get("x") == [None] and eng.get_windows(["x"]) == [[]]
-        for mode in ("dense", "sparse", "colbert", "all"):
-            assert all(h.id == "y" for h in col.search(new, k=5, mode=mode, exact=True))
+        for mode in ("dense", "sparse", "colbert", "all"):  # y is found (sparse: when they share a token), x is not
+            hits = [h.id for h in col.search(new, k=5, mode=mode, exact=True)]
+            assert hits == ["y"] or (mode == "sparse" and hits == []), (mode, hits)
         col.upsert([new], ids=["x"])
         n = col.get("x")[0].windows
         assert n > 3 and col.count() == 2 and vector_points(col, "x") == n and raw_points(col) == 2 + n
