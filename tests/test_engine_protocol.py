@@ -12,7 +12,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
-from helpers import ALL_MODES, EXACT_TOL, check_ranking, fused_oracle, oracle_scores, random_corpus, random_queries
+from helpers import (
+    ALL_MODES,
+    EXACT_TOL,
+    check_ranking,
+    exact,
+    fused_oracle,
+    oracle_scores,
+    random_corpus,
+    random_queries,
+)
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
@@ -145,8 +154,8 @@ def test_defaults_give_the_oracle_in_every_mode(memory_collection, mode):
         fused = fused_oracle(oracle, qi, mode, "weighted", ids)
         check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, K, positive_only=(mode == "sparse")))
         for h in hits:
-            assert abs(h.score - fused[pos[h.id]]) <= EXACT_TOL
-            assert all(abs(h.scores[m] - oracle[m][qi, pos[h.id]]) <= EXACT_TOL for m in MODES)
+            assert h.score == exact(fused[pos[h.id]])
+            assert [h.scores[m] for m in MODES] == exact([oracle[m][qi, pos[h.id]] for m in MODES])
             assert h.text == texts[pos[h.id]] and h.metadata == meta[pos[h.id]]
 
 

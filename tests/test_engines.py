@@ -26,7 +26,17 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import ALL_MODES, EXACT_TOL, check_ranking, fused_oracle, oracle_scores, random_corpus, random_queries
+from helpers import (
+    ALL_MODES,
+    DBSF_TOL,
+    EXACT_TOL,
+    check_ranking,
+    exact,
+    fused_oracle,
+    oracle_scores,
+    random_corpus,
+    random_queries,
+)
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
@@ -41,9 +51,6 @@ K = 20
 #: float16 ColBERT storage against a NumPy oracle over the same rounded vectors (measured: Qdrant Edge 1.6e-5,
 #: local mode and Milvus Lite 0).
 FLOAT16_TOL = 1e-4
-#: DBSF divides each list by six standard deviations, which magnifies the per-mode scores' float32 noise in the
-#: fused score (measured 1.1e-6 between engines).
-DBSF_TOL = 10 * EXACT_TOL
 
 
 def needs(engine: str) -> None:
@@ -145,9 +152,9 @@ def test_every_mode_equals_oracle(cols, corpus, engine, mode):
         check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, K, positive_only=(mode == "sparse")))
         for h in hits:
             j = pos[h.id]
-            assert abs(h.score - fused[j]) <= EXACT_TOL
+            assert h.score == exact(fused[j])
             for m in MODES:
-                assert abs(h.scores[m] - oracle[m][qi, j]) <= EXACT_TOL, (m, h.id)
+                assert h.scores[m] == exact(oracle[m][qi, j]), (m, h.id)
             assert h.text == texts[j] and h.metadata == meta[j]
 
 
@@ -181,9 +188,9 @@ def test_engines_return_same_hits(cols, corpus, mode, fusion):
             for r, (ha, hb) in enumerate(zip(a, b)):
                 if ha.id != hb.id:  # only a tie may swap places
                     assert abs(ha.score - hb.score) <= 1e-6 and hb.id in sa, (engine, qi, r, ha.id, hb.id)
-                assert abs(ha.score - hb.score) <= (DBSF_TOL if fusion == "dbsf" else EXACT_TOL), (engine, qi, r)
+                assert ha.score == exact(hb.score, DBSF_TOL if fusion == "dbsf" else EXACT_TOL), (engine, qi, r)
                 for m in MODES:
-                    assert abs(sa.get(hb.id, hb).scores[m] - hb.scores[m]) <= EXACT_TOL, (engine, qi, m)
+                    assert sa.get(hb.id, hb).scores[m] == exact(hb.scores[m]), (engine, qi, m)
 
 
 def test_stored_records_round_trip(cols, corpus):
@@ -531,7 +538,7 @@ def test_writes_and_reopen(tmp_path, tiny_encoder, engine):
         d = tiny_encoder.encode([long_text])
         want = colbert_scores(q.colbert, q.colbert_offsets, d.colbert, d.colbert_offsets)[0, 0]
         hit = {h.id: h for h in col.search("replacement tokens", k=4, mode="colbert", candidates=10)}["c"]
-        assert abs(hit.scores["colbert"] - want) <= EXACT_TOL
+        assert hit.scores["colbert"] == exact(want)
         assert col.engine.get(["c"], with_vectors=["colbert"])[0].colbert.shape[0] == d.colbert.shape[0]
         col.update_metadata(["a", "b"], {"n": 7, "tag": "t"})
         assert col.count({"n": 7}) == 2 and col.get(["b"])[0].metadata == {"n": 7, "tag": "t"}

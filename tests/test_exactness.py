@@ -17,7 +17,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import ALL_MODES, EXACT_TOL, check_ranking, expected_ranking, oracle_scores, random_corpus, random_queries
+from helpers import (
+    ALL_MODES,
+    DBSF_TOL,
+    EXACT_TOL,
+    check_ranking,
+    exact,
+    expected_ranking,
+    oracle_scores,
+    random_corpus,
+    random_queries,
+)
 from helpers import fused_oracle as oracle_fused
 
 from m3search.collection import Collection
@@ -80,9 +90,9 @@ def test_float32_storage_equals_oracle(col32, corpus, mode):
         check_ranking([h.id for h in hits], fused, ids, expected, tie_tol=1e-6)
         for h in hits:
             j = ids.index(h.id)
-            assert abs(h.score - fused[j]) <= EXACT_TOL
+            assert h.score == exact(fused[j])
             for m in MODES:  # every hit carries all three exact scores
-                assert abs(h.scores[m] - oracle[m][qi, j]) <= EXACT_TOL, (m, h.id)
+                assert h.scores[m] == exact(oracle[m][qi, j]), (m, h.id)
             assert h.text == texts[j] and h.metadata == {"i": j}
 
 
@@ -105,7 +115,7 @@ def test_rank_fusions_equal_oracle(col32, corpus, mode, fusion):
         expected = expected_ranking(fused, ids, K)
         check_ranking([h.id for h in hits], fused, ids, expected, tie_tol=1e-9 if fusion == "rrf" else 1e-6)
         for h in hits:
-            assert abs(h.score - fused[ids.index(h.id)]) <= EXACT_TOL
+            assert h.score == exact(fused[ids.index(h.id)], DBSF_TOL if fusion == "dbsf" else EXACT_TOL)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -121,7 +131,7 @@ def test_float16_storage_keeps_rankings(col16, corpus, mode):
             j = ids.index(h.id)
             worst = max(worst, abs(h.score - fused[j]))
             for m in ("dense", "sparse"):  # stored in float32 whatever the ColBERT layout
-                assert abs(h.scores[m] - oracle[m][qi, j]) <= EXACT_TOL, (m, h.id)
+                assert h.scores[m] == exact(oracle[m][qi, j]), (m, h.id)
     print(f"\nfloat16 ColBERT storage, mode={mode}: largest fused-score error {worst:.2e}")
     assert worst < 2e-3
 
@@ -140,8 +150,10 @@ def test_engine_score_equals_numpy_fallback(col32, corpus):
         got, ref = eng.score(cand, qv), score_records(recs, qv)
         for m in MODES:
             assert np.isnan(got[m][-1]) and np.isnan(ref[m][-1])
-            np.testing.assert_allclose(got[m][:-1], ref[m][:-1], atol=EXACT_TOL)
-            np.testing.assert_allclose(got[m][:-1], oracle[m][qi, [ids.index(c) for c in cand[:-1]]], atol=EXACT_TOL)
+            np.testing.assert_allclose(got[m][:-1], ref[m][:-1], atol=EXACT_TOL, rtol=EXACT_TOL)
+            np.testing.assert_allclose(
+                got[m][:-1], oracle[m][qi, [ids.index(c) for c in cand[:-1]]], atol=EXACT_TOL, rtol=EXACT_TOL
+            )
 
 
 def test_iter_batches_round_trips_vectors(col32, corpus):
