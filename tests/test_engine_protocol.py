@@ -12,16 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
-from helpers import (
-    ALL_MODES,
-    EXACT_TOL,
-    check_ranking,
-    exact,
-    fused_oracle,
-    oracle_scores,
-    random_corpus,
-    random_queries,
-)
+from helpers import ALL_MODES, check_ranking, exact, fused_oracle, oracle_scores, random_corpus, random_queries
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
@@ -167,7 +158,7 @@ def test_defaults_serve_passages_filters_and_writes(memory_collection, tiny_enco
     assert col.count({"lang": "de"}) == N_DOCS // 2
     fused, german = fused_oracle(oracle, 0, "all", "weighted", ids), [m["lang"] == "de" for m in meta]
     hits = col.search(queries[0], k=5, mode="all", filter={"lang": "de"})
-    check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, 5, allowed=german), tie_tol=EXACT_TOL)
+    check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, 5, allowed=german))
     with pytest.raises(ValueError):
         col.add([texts[0]], ids=[ids[0]])  # `existing` (a default over `get`) finds it
     assert [[r.id for r in ws] for ws in col.engine.get_windows(ids[:2], windows=range(2))] == [ids[:1], ids[1:2]]
