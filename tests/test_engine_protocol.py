@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
-from helpers import ALL_MODES, check_ranking, fused_oracle, oracle_scores, random_corpus, random_queries
+from helpers import ALL_MODES, check_ranking, exact, fused_oracle, oracle_scores, random_corpus, random_queries
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
@@ -23,7 +23,7 @@ from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.filters import Filter, matches
 from m3search.plan import MODES
 
-N_DOCS, K, TOL = 60, 10, 1e-4
+N_DOCS, K = 60, 10
 
 
 class MemoryEngine(Engine):
@@ -145,8 +145,8 @@ def test_defaults_give_the_oracle_in_every_mode(memory_collection, mode):
         fused = fused_oracle(oracle, qi, mode, "weighted", ids)
         check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, K, positive_only=(mode == "sparse")))
         for h in hits:
-            assert abs(h.score - fused[pos[h.id]]) <= TOL
-            assert all(abs(h.scores[m] - oracle[m][qi, pos[h.id]]) <= TOL for m in MODES)
+            assert h.score == exact(fused[pos[h.id]])
+            assert [h.scores[m] for m in MODES] == exact([oracle[m][qi, pos[h.id]] for m in MODES])
             assert h.text == texts[pos[h.id]] and h.metadata == meta[pos[h.id]]
 
 
@@ -156,7 +156,9 @@ def test_defaults_serve_passages_filters_and_writes(memory_collection, tiny_enco
     documents = col.search(queries[0], k=5, mode="all")
     assert [h.id for h in passages] == [h.id for h in documents]  # one window each: a passage is its document
     assert col.count({"lang": "de"}) == N_DOCS // 2
-    assert all(h.metadata["lang"] == "de" for h in col.search(queries[0], k=5, mode="all", filter={"lang": "de"}))
+    fused, german = fused_oracle(oracle, 0, "all", "weighted", ids), [m["lang"] == "de" for m in meta]
+    hits = col.search(queries[0], k=5, mode="all", filter={"lang": "de"})
+    check_ranking([h.id for h in hits], fused, ids, expected(fused, ids, 5, allowed=german))
     with pytest.raises(ValueError):
         col.add([texts[0]], ids=[ids[0]])  # `existing` (a default over `get`) finds it
     assert [[r.id for r in ws] for ws in col.engine.get_windows(ids[:2], windows=range(2))] == [ids[:1], ids[1:2]]

@@ -209,6 +209,11 @@ def _exact(emb, qemb) -> dict[str, float]:
     return {i: _exact_colbert(q, emb.colbert[o[j] : o[j + 1]]) for j, i in enumerate(IDS)}
 
 
+def _colbert_config(path) -> dict:
+    """The ColBERT vector config Qdrant Edge recorded for the collection at ``path``."""
+    return json.loads((path / "shard" / "edge_config.json").read_text())["vectors"]["colbert"]
+
+
 def _quantized_files(path) -> list:
     return list((path / "shard" / "segments").glob("*/vector_storage-colbert/quantized*"))
 
@@ -221,7 +226,7 @@ def test_edge_config_and_manifest_record_the_layout(tmp_path, tiny_encoder, embe
         col.add(TEXTS, ids=IDS, embeddings=emb)
         # the quantized copy is on disk after add (which optimizes; appendable segments keep one too)
         assert any(f.name.startswith("quantized") and "data" in f.name for f in _quantized_files(path))
-    cfg = json.loads((path / "shard" / "edge_config.json").read_text())["vectors"]["colbert"]
+    cfg = _colbert_config(path)
     assert cfg["datatype"] == "turbo8" and cfg["quantization_config"]["binary"]["encoding"] == "two_bits"
     m = json.loads((path / "manifest.json").read_text())["schema"]
     assert {k: m[k] for k in settings} == settings and m["colbert_pool_factor"] == 2
@@ -232,10 +237,13 @@ def test_edge_config_and_manifest_record_the_layout(tmp_path, tiny_encoder, embe
 def test_lossy_storage_stays_close_to_exact(tmp_path, tiny_encoder, embeddings):
     emb, qemb = embeddings
     want = _exact(emb, qemb)
+    # measured: turbo16 5.6e-7, turbo8 2.8e-4; these bounds also hold float16 (4.5e-5) and turbo4 (5.5e-3),
+    # so which codec Qdrant Edge applies is read from its config
     for dtype, tol in (("turbo16", 1e-3), ("turbo8", 2e-2)):
         with Collection.create(tmp_path / dtype, model=tiny_encoder, colbert_dtype=dtype) as col:
             col.add(TEXTS, ids=IDS, embeddings=emb)
             got = _colbert_scores(col, qemb)
+        assert _colbert_config(tmp_path / dtype)["datatype"] == dtype
         assert set(got) == set(IDS)
         err = max(abs(got[i] - want[i]) for i in IDS)
         assert 1e-7 < err < tol, (dtype, err)  # lossy (the codec is applied), but close
