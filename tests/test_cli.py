@@ -659,8 +659,6 @@ def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
 
 
 def test_migrate_copies_without_reencoding(indexed, tmp_path):
-    if not (Path(__file__).parents[1] / "src" / "m3search" / "migrate.py").exists():
-        pytest.skip("m3search.migrate is not there")
     dst = tmp_path / "copy"
     out = one_json(cli("migrate", str(indexed), str(dst), "--batch-size", "64", "--json"))
     assert out["copied"] == N_DOCS
