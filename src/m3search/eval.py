@@ -400,8 +400,7 @@ def evaluate(
         "n_docs": len(data.doc_ids),
         "n_queries": len(qids),
         "n_queries_without_relevant": sum(not has_relevant(rel) for rel in data.qrels.values()),
-        "n_unqueried": len(data.unqueried),
-        "unqueried": data.unqueried[:5],
+        **unqueried_fields(data),
         "split": split,
         "index": index_info,
         "metrics": [f"ndcg@{k}", f"recall@{RECALL_AT}", f"mrr@{k}"],
@@ -650,6 +649,11 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     notes = [_tuned_line(results["tuned"])] if results.get("tuned") else []
     notes += [_recall_note(results), _without_relevant_note(results), unqueried_note(results)]
     return [note for note in notes if note]
+
+
+def unqueried_fields(data: BeirData) -> dict[str, Any]:
+    """What eval's and tune's results keep of :attr:`BeirData.unqueried`: the count and the first few ids."""
+    return {"n_unqueried": len(data.unqueried), "unqueried": data.unqueried[:5]}
 
 
 def unqueried_note(results: Mapping[str, Any]) -> str | None:

@@ -438,7 +438,14 @@ def tune(
     when nothing beat them) as ``collection``'s search defaults. Returns ``{"mode", "fusion",
     "weights", "candidates", "adopted", "best", "cv": {...}, ...}``.
     """
-    from m3search.eval import _cached_index, default_cache_dir, has_relevant, load_beir, load_encoder
+    from m3search.eval import (
+        _cached_index,
+        default_cache_dir,
+        has_relevant,
+        load_beir,
+        load_encoder,
+        unqueried_fields,
+    )
 
     parse_metric(metric)
     if save and collection is None:
@@ -495,8 +502,7 @@ def tune(
             "split": split,
             "n_queries": len(queries),
             "n_queries_without_relevant": len(data.qrels) - len(judged),
-            "n_unqueried": len(data.unqueried),
-            "unqueried": data.unqueried[:5],
+            **unqueried_fields(data),
             "n_settings": len(settings),
             "collection": str(collection) if collection is not None else info.get("path"),
             "seconds": {
