@@ -209,7 +209,7 @@ def check_query(query: Any) -> str:
 def check_group(group: Any, explain: Any) -> None:
     """``group`` is one of :data:`GROUPS`; ``explain`` is given for documents only."""
     if group not in GROUPS:
-        raise ValueError(f"group must be 'document' or 'passage', got {group!r}")
+        raise ValueError(f"group must be {' or '.join(map(repr, GROUPS))}, got {group!r}")
     if group == "passage" and explain:
         raise ValueError("explain is given for documents only (group='document')")
 
