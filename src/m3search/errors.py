@@ -20,6 +20,7 @@ __all__ = [
     "CollectionNotFoundError",
     "CollectionExistsError",
     "CollectionReadOnlyError",
+    "EngineUnreachableError",
     "ModelMismatchError",
     "InsufficientStorageError",
     "WriteConflictError",
@@ -68,6 +69,11 @@ class CollectionReadOnlyError(M3SearchError, PermissionError):
     ``chmod a-w``), and its engine must write there to open it: Qdrant Edge (qdrant-edge-py 0.9) has no read-only
     mode (it maps its segments for writing even to search). Nothing was changed; copy the folder to a writable
     place and open the copy."""
+
+
+class EngineUnreachableError(M3SearchError, ConnectionError):
+    """The server behind a collection location (Qdrant, Milvus) refused the connection or did not answer in time:
+    nothing was read or written. The message names its address."""
 
 
 class ModelMismatchError(M3SearchError, ValueError):
