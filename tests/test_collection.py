@@ -285,6 +285,55 @@ def test_second_process_gets_in_use_error(col):
     assert res.returncode == 0 and "opened" in res.stdout, res.stderr + res.stdout
 
 
+def _open_unwritable(path, part) -> str:
+    """``Collection.open(path)`` in a child process that cannot write ``part`` (the folder or a folder in it): a
+    read-only bind mount in a mount namespace of its own where this runs as root (root ignores permissions, not a
+    read-only mount), else ``chmod -R a-w``. Returns what the child says: "opened", or "ErrorType: message"."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from m3search import Collection
+        try:
+            Collection.open(sys.argv[1]).close()
+            print("RESULT opened")
+        except Exception as exc:
+            print("RESULT", f"{type(exc).__name__}: {exc}")
+        """
+    )
+    child = [sys.executable, "-c", code, str(path)]
+    if os.geteuid() == 0:
+        mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+        res = subprocess.run(
+            ["unshare", "-m", "sh", "-c", mount, str(part), *child], capture_output=True, text=True, timeout=120
+        )
+        if "RESULT" not in res.stdout and ("unshare" in res.stderr or "mount" in res.stderr):
+            pytest.skip(f"running as root without a read-only mount to test with: {res.stderr.strip()}")
+    else:
+        subprocess.run(["chmod", "-R", "a-w", str(part)], check=True)
+        try:
+            res = subprocess.run(child, capture_output=True, text=True, timeout=120)
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", str(part)], check=True)
+    assert "RESULT" in res.stdout, res.stderr
+    return res.stdout.split("RESULT ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("part", [".", "shard"])
+def test_a_folder_this_process_cannot_write_is_a_clear_error(tmp_path, tiny_encoder, part):
+    """Qdrant Edge has no read-only mode (it maps its segments for writing even to search), so a collection on a
+    read-only mount or in another user's folder cannot be opened. Whichever write fails first (our lock file: was a
+    bare OSError; Qdrant Edge's files: was "could not open the Qdrant Edge shard"), the error says why and what to
+    do, and the collection is as it was."""
+    path = tmp_path / "c"
+    with Collection.create(path, model=tiny_encoder) as c:
+        c.add(TEXTS, ids=IDS)
+    said = _open_unwritable(path, path / part)
+    assert said.startswith(f"CollectionReadOnlyError: collection at {path} cannot be opened"), said
+    assert "copy the folder to a writable place" in said
+    with Collection.open(path, model=tiny_encoder) as c:
+        assert c.count() == len(TEXTS)
+
+
 def test_shards_and_replicas_are_for_distributed_engines(tiny_encoder, tmp_path):
     from m3search import Collection
 

@@ -20,9 +20,11 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -589,14 +591,21 @@ def test_float16_storage_engines_agree(tmp_path_factory, tiny_encoder, corpus):
 
 
 # ----------------------------------------------------------------- Qdrant specifics
-def test_qdrant_unreachable_server_is_a_clear_error():
-    pytest.importorskip("qdrant_client")
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then let go)."""
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConnectionError, match=f"cannot reach Qdrant at http://127.0.0.1:{port}"):
+        return s.getsockname()[1]
+
+
+def test_qdrant_unreachable_server_is_a_clear_error():
+    pytest.importorskip("qdrant_client")
+    from m3search.errors import EngineUnreachableError
+
+    port = closed_port()
+    with pytest.raises(EngineUnreachableError, match=f"cannot reach Qdrant at http://127.0.0.1:{port}"):
         Collection.open(f"qdrant://127.0.0.1:{port}/docs")
 
 
@@ -755,15 +764,23 @@ def test_milvus_interrupted_upsert_keeps_documents_whole(tmp_path, tiny_encoder,
         col.close()
 
 
-def test_milvus_unreachable_server_is_a_clear_error():
+def test_milvus_unreachable_server_is_a_clear_error(tiny_encoder):
+    """Nothing listening: pymilvus retries until its connect timeout, which was the 60 s call timeout (open and
+    create waited a minute); now CONNECT_TIMEOUT_S, or ``connect_timeout`` to wait longer."""
     needs("milvus-lite")
-    import socket
+    from m3search.engines.milvus import CONNECT_TIMEOUT_S
+    from m3search.errors import EngineUnreachableError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConnectionError, match=f"cannot reach Milvus at http://127.0.0.1:{port}"):
-        Collection.open(f"milvus://127.0.0.1:{port}/docs", engine_options={"timeout": 2})
+    port = closed_port()
+    start = time.monotonic()
+    said = f"cannot reach Milvus at http://127.0.0.1:{port} (waited {CONNECT_TIMEOUT_S:g} s"
+    with pytest.raises(EngineUnreachableError, match=re.escape(said)):
+        Collection.open(f"milvus://127.0.0.1:{port}/docs")
+    assert time.monotonic() - start < 30  # loose (a loaded machine); was 60
+    with pytest.raises(EngineUnreachableError, match="waited 0.5 s; engine option connect_timeout waits longer"):
+        Collection.create(
+            f"milvus://127.0.0.1:{port}/docs", model=tiny_encoder, engine_options={"connect_timeout": 0.5}
+        )
 
 
 def test_milvus_bad_locations_are_clear():

@@ -221,6 +221,50 @@ def test_a_lone_string_is_one_text_or_id_not_its_letters(tmp_path, tiny_encoder)
     assert col.count() == 4
 
 
+def test_empty_ids_are_none_given_as_in_langchains_own_store(tmp_path, tiny_encoder):
+    """``ids=[]`` is "no ids" to LangChain's InMemoryVectorStore (generated, or each Document's own id in
+    add_documents), and ``ids=None`` in add_documents keeps the Documents' ids too; was: "2 texts but 0 ids",
+    and add_documents(ids=[] or None) dropped the Documents' ids. Each store's outcome, with ids it generated
+    written "new", is compared with the reference's."""
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    def outcome(store) -> list:
+        got = []
+        for write in (
+            lambda: store.add_texts([], ids=[]),
+            lambda: store.add_texts(["one", "two"], ids=[]),
+            lambda: store.add_documents([Document("kept", id="d1"), Document("no id")], ids=[]),
+            lambda: store.add_documents([Document("kept too", id="d2")], ids=None),
+            lambda: store.add_texts([], ids=["x"]),
+        ):
+            try:
+                ids = write()
+            except ValueError:
+                got.append("ValueError")
+                continue
+            texts = [d.page_content for d in store.get_by_ids(ids)]
+            got.append([(i if i in ("d1", "d2") else "new", t) for i, t in zip(ids, texts, strict=True)])
+        return got
+
+    ours = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
+    try:
+        assert (
+            outcome(ours)
+            == outcome(InMemoryVectorStore(DeterministicFakeEmbedding(size=8)))
+            == [
+                [],
+                [("new", "one"), ("new", "two")],
+                [("d1", "kept"), ("new", "no id")],
+                [("d2", "kept too")],
+                "ValueError",
+            ]
+        )
+        assert ours.collection.count() == 5
+    finally:
+        ours.collection.close()
+
+
 def test_vector_store_over_http(col):
     with served(col) as client:
         store = M3SearchVectorStore(client, mode="dense+sparse")

@@ -19,6 +19,8 @@ __all__ = [
     "CollectionInUseError",
     "CollectionNotFoundError",
     "CollectionExistsError",
+    "CollectionReadOnlyError",
+    "EngineUnreachableError",
     "ModelMismatchError",
     "InsufficientStorageError",
     "WriteConflictError",
@@ -60,6 +62,18 @@ class CollectionNotFoundError(M3SearchError, FileNotFoundError):
 
 class CollectionExistsError(M3SearchError, FileExistsError):
     """``create`` was asked for a location that already holds a collection."""
+
+
+class CollectionReadOnlyError(M3SearchError, PermissionError):
+    """An embedded collection's folder cannot be written by this process (a read-only mount, another user's folder,
+    ``chmod a-w``), and its engine must write there to open it: Qdrant Edge (qdrant-edge-py 0.9) has no read-only
+    mode (it maps its segments for writing even to search). Nothing was changed; copy the folder to a writable
+    place and open the copy."""
+
+
+class EngineUnreachableError(M3SearchError, ConnectionError):
+    """The server behind a collection location (Qdrant, Milvus) refused the connection or did not answer in time:
+    nothing was read or written. The message names its address."""
 
 
 class ModelMismatchError(M3SearchError, ValueError):

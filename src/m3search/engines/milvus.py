@@ -166,7 +166,8 @@ anything on HNSW (a server), where it raises ``ef`` to the maximum.
 Connection: ``milvus://host:port/name`` (``milvus+https://`` isn't a registered scheme:
 pass ``engine_options={"secure": True}``); a token from ``engine_options["token"]`` or
 the ``MILVUS_TOKEN`` environment variable (``user:password`` or an API key). Every call
-has a ``timeout`` (default 60 s) so pymilvus's own retries end.
+has a ``timeout`` (:data:`TIMEOUT_S`) so pymilvus's own retries end; connecting to a server
+waits ``connect_timeout`` (:data:`CONNECT_TIMEOUT_S`), then raises EngineUnreachableError.
 """
 
 from __future__ import annotations
@@ -200,7 +201,12 @@ from m3search.engines.shapes import (
     WindowScores,
     score_records,
 )
-from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
+from m3search.errors import (
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    EngineUnreachableError,
+)
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
 from m3search.plan import MODES
 
@@ -218,6 +224,12 @@ MAX_RESULTS = 16384
 TEXT_MAX_BYTES = 65535
 ID_MAX_BYTES = 4096
 LITE_COLLECTION = "m3search"
+#: Seconds each call may take (pymilvus retries a failing call until then).
+TIMEOUT_S = 60.0
+#: Seconds a new connection to a server waits for it to answer. pymilvus retries until this timeout, so a port
+#: nothing listens on took the whole call timeout (60 s); a server that answers does so well within it. A Milvus
+#: Lite file's server, started for the call, is given :data:`TIMEOUT_S`.
+CONNECT_TIMEOUT_S = 5.0
 #: Milvus Lite 2.5 answers a query in time superlinear in its size (measured: 2,000
 #: rows of 1024-d float32 (8 MB) in 23 s, 128 rows (0.5 MB) in 14 ms). Reads and token
 #: inserts are chunked to this many bytes; the document rows of one batch still go in
@@ -560,7 +572,7 @@ class MilvusEngine(Engine):
         lite: bool,
         schema: Schema,
         *,
-        timeout: float = 60.0,
+        timeout: float = TIMEOUT_S,
         max_request_bytes: int = 48 << 20,
     ) -> None:
         self._client: MilvusClient | None = client
@@ -589,7 +601,14 @@ class MilvusEngine(Engine):
     # ---------------------------------------------------------------- connection
     @classmethod
     def _connect(
-        cls, location: str, *, create_file: bool, token: str | None = None, secure: bool = False, timeout: float = 60.0
+        cls,
+        location: str,
+        *,
+        create_file: bool,
+        token: str | None = None,
+        secure: bool = False,
+        timeout: float,
+        connect_timeout: float,
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
@@ -631,12 +650,15 @@ class MilvusEngine(Engine):
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         try:
-            client = MilvusClient(uri, token=token, timeout=timeout, alias=_alias())
+            client = MilvusClient(uri, token=token, timeout=connect_timeout, alias=_alias())
         except MilvusException as exc:
-            raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from None
+            raise EngineUnreachableError(
+                f"cannot reach Milvus at {uri} (waited {connect_timeout:g} s; engine option connect_timeout "
+                f"waits longer): {exc}"
+            ) from None
         return client, uri, name, False
 
-    _CONNECT_OPTS = ("token", "secure", "timeout")
+    _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
 
     @classmethod
@@ -645,9 +667,10 @@ class MilvusEngine(Engine):
         if unknown:
             allowed = ", ".join(cls._CONNECT_OPTS + cls._ENGINE_OPTS + ("shards", "replicas"))
             raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {allowed}")
-        connect = {k: options[k] for k in cls._CONNECT_OPTS if k in options}
+        connect = {k: options[k] for k in ("token", "secure") if k in options}
         engine = {k: options[k] for k in cls._ENGINE_OPTS if k in options}
-        engine["timeout"] = float(options.get("timeout", 60.0))
+        connect["timeout"] = engine["timeout"] = float(options.get("timeout", TIMEOUT_S))
+        connect["connect_timeout"] = float(options.get("connect_timeout", CONNECT_TIMEOUT_S))
         return connect, engine
 
     @classmethod

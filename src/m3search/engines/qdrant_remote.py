@@ -28,7 +28,7 @@ Connection: ``qdrant://host[:port]/name`` (port 6333 by default); ``engine_optio
 ``api_key`` (default: the ``QDRANT_API_KEY`` environment variable), ``https``,
 ``prefer_grpc``, ``timeout``, ``retries``, ``backoff``, ``max_request_bytes``, and at
 create ``shards`` / ``replicas`` (``shard_number`` / ``replication_factor``). An
-unreachable server raises ConnectionError naming the URL; a collection whose vectors do
+unreachable server raises EngineUnreachableError (a ConnectionError) naming the URL; a collection whose vectors do
 not match the manifest's schema raises ValueError.
 
 Local mode (``qdrant+local://PATH/name``; the last segment is the collection name, or
@@ -64,7 +64,12 @@ import numpy as np
 from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
-from m3search.errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
+from m3search.errors import (
+    CollectionExistsError,
+    CollectionInUseError,
+    CollectionNotFoundError,
+    EngineUnreachableError,
+)
 from m3search.filters import Filter
 from m3search.plan import check_deadline
 
@@ -355,7 +360,7 @@ class QdrantRemoteEngine(QdrantEngine):
                 raise PermissionError(
                     f"Qdrant at {url} refused the API key (HTTP {exc.status_code}); set QDRANT_API_KEY"
                 ) from None
-            raise ConnectionError(f"cannot reach Qdrant at {url}: {exc}") from None
+            raise EngineUnreachableError(f"cannot reach Qdrant at {url}: {exc}") from None
         return client, name, False, url
 
     @classmethod

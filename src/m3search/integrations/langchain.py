@@ -213,17 +213,26 @@ class M3SearchVectorStore(VectorStore):
         ids: list[str | None] | None = None,
         **kwargs: Any,
     ) -> list[str]:
-        """Encode and store ``texts`` (upsert by id); ids missing or None are generated."""
+        """Encode and store ``texts`` (upsert by id); ids missing, None or ``[]`` (none given, as LangChain's
+        ``InMemoryVectorStore`` reads it) are generated."""
         if kwargs:
             raise TypeError(f"add_texts got unsupported argument(s) {sorted(kwargs)}")
         texts = as_list(texts)
-        ids = [None] * len(texts) if ids is None else as_list(ids)
+        ids = _given(ids) or [None] * len(texts)
         if len(ids) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
         ids = [i if i else uuid.uuid4().hex for i in ids]
         if not texts:
             return []
         return list(self.collection.upsert(texts, ids=ids, metadata=metadatas))
+
+    def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
+        """LangChain's, but ``ids=None`` or ``[]`` is none given, so each document's own ``id`` is used (or one
+        generated), as ``InMemoryVectorStore`` does; the base class passed them on and dropped the documents' ids."""
+        ids = _given(kwargs.pop("ids", None))
+        if ids:
+            kwargs["ids"] = ids
+        return super().add_documents(documents, **kwargs)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
         """Delete by id (unknown ids are ignored); ``ids=None`` deletes every document."""
@@ -342,6 +351,12 @@ class M3SearchVectorStore(VectorStore):
         store = cls(collection, location=location, model=model, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
+
+
+def _given(ids: str | Iterable[str | None] | None) -> list[str | None]:
+    """The ids a write was given as a list; ``[]`` for None or an empty list, both "no ids" to LangChain's own
+    ``InMemoryVectorStore`` (it generates them, or takes each document's)."""
+    return [] if ids is None else as_list(ids)
 
 
 def _model_of(embedding: M3SearchEmbeddings) -> Any:
