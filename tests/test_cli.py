@@ -881,8 +881,9 @@ def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_pa
     made = {p.name for p in work.iterdir()}
     lite = {"col.db", ".col.db.m3search-lock"}  # the file and its holder's lock (kept: docs/usage.md)
     assert made == (lite if kind == "milvus-lite" else set()), made  # no folder named after the scheme
-    p = cli("serve", "-c", location.replace("docs", "nothing").replace("col.db", "none.db"), check=False, cwd=work)
-    assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    none = location.replace("docs", "nothing").replace("col.db", "none.db")
+    p, said = cli("serve", "-c", none, check=False, cwd=work), cli("info", "-c", none, check=False, cwd=work)
+    assert p.returncode == 1 and p.stderr == said.stderr and "Traceback" not in p.stderr  # the one message for it
 
 
 def test_server_records_live_where_a_process_owns_the_collection(tmp_path):
@@ -998,3 +999,22 @@ def test_recover_lists_and_clears_a_crashed_writer_s_mark(tmp_path, tiny_encoder
         with Collection.open(loc, model=tiny_encoder) as b:
             b.add([long], ids=["L"])
             assert b.get("L")[0].text == long and b.count() == 1
+
+
+def _invoke(*args: str):
+    """The CLI in this process (monkeypatches apply)."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path):
+    """`serve -c notes.txt` said the collection "does not exist", search and info "no collection at ... (no
+    manifest.json)": every command now says it is a file, in the one message the engine gives."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a collection\n")
+    for args in (["serve", "-c", str(plain)], ["search", "q", "-c", str(plain)], ["info", "-c", str(plain)]):
+        got = _invoke(*args)
+        assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args

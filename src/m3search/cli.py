@@ -998,8 +998,8 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
                 )
             from . import Collection
 
-            if not Collection.exists(collection):
-                raise click.ClickException(f"collection {collection} does not exist (create it with `m3search index`)")
+            if not Collection.exists(collection):  # the error every command gives for it: no collection, or why
+                Collection.open(collection).close()
         from .errors import CollectionInUseError
         from .server import Settings
         from .server import serve as run_server
