@@ -1001,6 +1001,11 @@ def test_recover_lists_and_clears_a_crashed_writer_s_mark(tmp_path, tiny_encoder
             assert b.get("L")[0].text == long and b.count() == 1
 
 
+def _short_corpus(n: int) -> bytes:
+    """``n`` one-line JSONL records with ids d0, d1, ... (fast to encode)."""
+    return "".join(json.dumps({"_id": f"d{i}", "text": f"note {i} on wings"}) + "\n" for i in range(n)).encode()
+
+
 def _invoke(*args: str):
     """The CLI in this process (monkeypatches apply)."""
     from click.testing import CliRunner
@@ -1008,6 +1013,48 @@ def _invoke(*args: str):
     from m3search.cli import main
 
     return CliRunner().invoke(main, list(args))
+
+
+def _stored_ids(location: Path) -> set[str]:
+    from m3search import Collection
+
+    with Collection.open(location) as col:
+        return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
+
+
+def _interrupt_after_upsert(monkeypatch, call: int) -> None:
+    """Ctrl-C landing as the CLI's ``call``-th ``Collection.upsert`` returns: its documents are stored."""
+    from m3search import Collection
+
+    calls: list[int] = []
+    upsert = Collection.upsert
+
+    def interrupted(self, *args, **kwargs):
+        out = upsert(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Collection, "upsert", interrupted)
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_an_interrupted_index_claims_no_fewer_records_than_are_stored(tmp_path, tiny_model_path, monkeypatch, call):
+    """Ctrl-C said "the first 32 records ... were written" with 40 stored: the batch the engine had written when
+    the interrupt landed was not counted. The message now bounds what is stored: the first N whole, perhaps some
+    of the next batch."""
+    _interrupt_after_upsert(monkeypatch, call)
+    (tmp_path / "c.jsonl").write_bytes(_short_corpus(30))
+    coll = tmp_path / "coll"
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "10")
+    assert got.exit_code == 1, got.output
+    whole = re.search(r"; the first (\d+) records of \S+ were written", got.output)
+    perhaps = re.search(r"perhaps some of the (?:first|next) (\d+)", got.output)
+    n, more = int(whole[1]) if whole else 0, int(perhaps[1]) if perhaps else 0
+    stored = _stored_ids(coll)
+    assert {f"d{i}" for i in range(n)} <= stored <= {f"d{i}" for i in range(n + more)}, got.output
+    assert len(stored) == 10 * call and "run the same command again to finish" in got.output
 
 
 def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path):

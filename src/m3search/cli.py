@@ -329,6 +329,16 @@ def _truncation_summary() -> Iterator[dict]:
         )
 
 
+def _written(n: int, pending: int, source: str) -> str:
+    """What a stopped write pass wrote: records 1..n whole; of the ``pending`` next ones (the batch being written
+    when it stopped: the engine may have stored part of it, or all, before the error or Ctrl-C) perhaps some."""
+    if not pending:
+        return f"the first {n} records of {source} were written" if n else "nothing was written"
+    if not n:
+        return f"perhaps some of the first {pending} records of {source} were written"
+    return f"the first {n} records of {source} were written, and perhaps some of the next {pending}"
+
+
 def _open_target(
     collection: str,
     *,
@@ -643,7 +653,7 @@ def index(
             dtype=dtype,
             settings={**fixed, **layout},
         )
-        n = 0
+        n = pending = 0  # records written whole / records of the batch being written
         try:
             if isinstance(target, _Remote):
                 target.info()
@@ -660,8 +670,9 @@ def index(
                 _truncation_summary() as tally,
             ):
                 for batch in iter_batches(records(), batch_size):
+                    pending = len(batch)
                     target.upsert(batch)
-                    n += len(batch)
+                    n, pending = n + pending, 0
                     tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
@@ -675,14 +686,16 @@ def index(
             )
             from .errors import RequestTooLargeError
 
-            done = f"the first {n} records of {source} were written" if n else "nothing was written"
-            # a document over the server's body limit fails the same way every time: running again cannot finish
+            # a document over the server's body limit fails the same way every time: running again cannot finish;
+            # it is refused before any of its batch is sent
+            too_large = isinstance(exc, RequestTooLargeError)
             again = (
                 "that document never fits in a request to this server: serve with a larger --max-body-mb (or "
                 "stop the server and index here), then run the same command again to finish"
-                if isinstance(exc, RequestTooLargeError)
+                if too_large
                 else "run the same command again to finish (it overwrites by id)"
             )
+            done = _written(n, 0 if too_large else pending, source)
             raise click.ClickException(f"{message}; {done}; {again}") from None
         finally:
             target.close()
