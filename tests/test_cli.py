@@ -1057,6 +1057,41 @@ def test_an_interrupted_index_claims_no_fewer_records_than_are_stored(tmp_path, 
     assert len(stored) == 10 * call and "run the same command again to finish" in got.output
 
 
+def test_ctrl_c_swallowed_inside_a_del_still_stops_index(tmp_path, tiny_model_path, monkeypatch):
+    """Ctrl-C landing in a ``__del__`` is swallowed by Python ("Exception ignored in ..."): `m3search index` ran on
+    to the end and exited 0. The interrupt is recorded; the next batch stops, with the usual message, exit 1."""
+    import signal
+
+    from m3search import Collection
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler in this test run")
+    swallowed: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+
+    class Ctrl:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    upsert = Collection.upsert
+
+    def upsert_then_ctrl_c_in_a_del(self, *args, **kwargs):
+        out = upsert(self, *args, **kwargs)
+        if not swallowed:
+            Ctrl()  # collected at once: the interrupt is raised inside its __del__
+        return out
+
+    monkeypatch.setattr(Collection, "upsert", upsert_then_ctrl_c_in_a_del)
+    (tmp_path / "c.jsonl").write_bytes(_short_corpus(30))
+    coll = tmp_path / "coll"
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "10")
+    assert [type(e) for e in swallowed] == [KeyboardInterrupt]
+    assert got.exit_code == 1, got.output
+    assert f"Error: interrupted; the first 10 records of {tmp_path / 'c.jsonl'} were written; run the" in got.output
+    assert _stored_ids(coll) == {f"d{i}" for i in range(10)}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path):
     """`serve -c notes.txt` said the collection "does not exist", search and info "no collection at ... (no
     manifest.json)": every command now says it is a file, in the one message the engine gives."""

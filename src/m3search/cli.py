@@ -22,10 +22,12 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +329,34 @@ def _truncation_summary() -> Iterator[dict]:
             f"only their first {unit} are indexed",
             err=True,
         )
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C in the block raises KeyboardInterrupt as always, and is also recorded: the yielded check raises it
+    again where Python swallowed it. Raised inside a ``__del__`` ("Exception ignored in ..."), it let ``index``
+    run on to the end and exit 0. Only where Ctrl-C is Python's own (the main thread, not ignored); restored after.
+    """
+    seen: list[int] = []
+
+    def check() -> None:
+        if seen:
+            raise KeyboardInterrupt
+
+    def record(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _written(n: int, pending: int, source: str) -> str:
@@ -631,7 +661,7 @@ def index(
     The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
     one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
-    with _errors():
+    with _errors(), _interrupts() as interrupted:
         from tqdm import tqdm
 
         from .sources import check_source, count_records, iter_batches, read_source
@@ -641,6 +671,7 @@ def index(
 
         t0 = time.perf_counter()
         check_source(records(), batch_size)  # pass 1: every record parsed and checked, none kept
+        interrupted()
         fixed = {
             k: v for k, v in (("window", window), ("stride", stride), ("max_windows", max_windows)) if v is not None
         }
@@ -670,12 +701,14 @@ def index(
                 _truncation_summary() as tally,
             ):
                 for batch in iter_batches(records(), batch_size):
+                    interrupted()
                     pending = len(batch)
                     target.upsert(batch)
                     n, pending = n + pending, 0
                     tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
+            interrupted()
         except (Exception, KeyboardInterrupt) as exc:  # pass 2 failed or was stopped: say what is in the collection
             if _debug():
                 raise
