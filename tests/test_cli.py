@@ -24,13 +24,20 @@ N_DOCS = 200
 
 
 def cli(
-    *args: str, env: dict | None = None, timeout: float = 300, check: bool = True, cwd: Path | None = None
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    cwd: Path | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the installed console script (``python -m m3search`` if it is not installed)."""
+    """Run the installed console script (``python -m m3search`` if it is not installed), ``stdin`` piped in."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
     full_env.update({"M3SEARCH_DTYPE": "float32", **(env or {})})  # fp32: scores comparable to the oracle
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    proc = subprocess.run(
+        cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"m3search {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -1006,13 +1013,13 @@ def _short_corpus(n: int) -> bytes:
     return "".join(json.dumps({"_id": f"d{i}", "text": f"note {i} on wings"}) + "\n" for i in range(n)).encode()
 
 
-def _invoke(*args: str):
-    """The CLI in this process (monkeypatches apply)."""
+def _invoke(*args: str, stdin: bytes | None = None):
+    """The CLI in this process (monkeypatches apply), standard input given."""
     from click.testing import CliRunner
 
     from m3search.cli import main
 
-    return CliRunner().invoke(main, list(args))
+    return CliRunner().invoke(main, list(args), input=stdin)
 
 
 def _stored_ids(location: Path) -> set[str]:
@@ -1020,6 +1027,45 @@ def _stored_ids(location: Path) -> set[str]:
 
     with Collection.open(location) as col:
         return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
+
+
+def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_path, monkeypatch):
+    """`cat corpus.jsonl | m3search index - -c ...` failed ("Path '-' does not exist"): the source is read twice,
+    so standard input is spooled to a temporary file, plain or gzip (told by its first bytes), then removed."""
+    import gzip
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    data = _short_corpus(12)
+    args = ("-m", str(tiny_model_path), "--json")
+    for name, piped in (("plain", data), ("gz", gzip.compress(data))):
+        got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / name), *args, stdin=piped)
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.stdout)["indexed"] == 12 and _stored_ids(tmp_path / name) == {f"d{i}" for i in range(12)}
+    tsv = b"id\ttext\tyear\nt1\tfirst row\t1990\n"
+    got = _invoke("index", "-", "--format", "tsv", "-c", str(tmp_path / "tsv"), *args, stdin=tsv)
+    assert got.exit_code == 0 and json.loads(got.stdout)["indexed"] == 1, got.output
+    # a bad record: named in the copy, nothing written (not even a collection); the copy removed, as always
+    bad = data + b'{"_id": \n'
+    got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / "bad"), "-m", str(tiny_model_path), stdin=bad)
+    assert got.exit_code == 1 and "Error: stdin.jsonl:13: invalid JSON" in got.output, got.output
+    assert not (tmp_path / "bad").exists() and list((tmp_path / "tmp").iterdir()) == []
+    # --format: needed for standard input, refused for a file (its suffix says)
+    got = _invoke("index", "-", "-c", str(tmp_path / "none"), stdin=data)
+    assert got.exit_code == 2 and "SOURCE - (standard input) needs --format jsonl|csv|tsv" in got.output, got.output
+    (tmp_path / "c.jsonl").write_bytes(data)
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "--format", "csv", "-c", str(tmp_path / "none"))
+    assert got.exit_code == 2 and "--format applies to standard input (-) only" in got.output, got.output
+    assert not (tmp_path / "none").exists()
+    # Ctrl-C during the writes: the copy is removed too
+    _interrupt_after_upsert(monkeypatch, 1)
+    got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / "cut"), *args, stdin=data)
+    assert got.exit_code == 1 and "perhaps some of the first 12 records of standard input" in got.output, got.output
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # a real pipe, into a process of its own
+    env = {"TMPDIR": str(tmp_path / "tmp")}
+    proc = cli("index", "-", "--format", "jsonl", "-c", str(tmp_path / "piped"), *args, stdin=data.decode(), env=env)
+    assert one_json(proc)["indexed"] == 12 and list((tmp_path / "tmp").iterdir()) == []
 
 
 def _interrupt_after_upsert(monkeypatch, call: int) -> None:

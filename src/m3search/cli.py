@@ -35,6 +35,7 @@ import click
 
 from . import serverfile
 from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
+from .sources import STDIN, STREAM_FORMATS
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 
@@ -359,14 +360,32 @@ def _interrupts() -> Iterator[Callable[[], None]]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _source_path(source: str, fmt: str | None) -> Iterator[str | Path]:
+    """SOURCE as a path that can be read twice: standard input (``-``, read as ``fmt``) spooled to a temporary
+    file for the block (:func:`~m3search.sources.spooled`)."""
+    if source != STDIN:
+        if fmt is not None:
+            raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
+        yield source
+        return
+    if fmt is None:
+        raise click.UsageError(f"SOURCE {STDIN} (standard input) needs --format {'|'.join(STREAM_FORMATS)}")
+    from .sources import spooled
+
+    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt) as path:
+        yield path
+
+
 def _written(n: int, pending: int, source: str) -> str:
     """What a stopped write pass wrote: records 1..n whole; of the ``pending`` next ones (the batch being written
     when it stopped: the engine may have stored part of it, or all, before the error or Ctrl-C) perhaps some."""
+    name = "standard input" if source == STDIN else source
     if not pending:
-        return f"the first {n} records of {source} were written" if n else "nothing was written"
+        return f"the first {n} records of {name} were written" if n else "nothing was written"
     if not n:
-        return f"perhaps some of the first {pending} records of {source} were written"
-    return f"the first {n} records of {source} were written, and perhaps some of the next {pending}"
+        return f"perhaps some of the first {pending} records of {name} were written"
+    return f"the first {n} records of {name} were written, and perhaps some of the next {pending}"
 
 
 def _open_target(
@@ -602,9 +621,17 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=click.Path(exists=True, allow_dash=True))
 @collection_option
 @model_option
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    type=click.Choice(STREAM_FORMATS),
+    help=f"Format of standard input (SOURCE {STDIN}), plain or gzip (told by its first bytes); "
+    "only for standard input: a file's suffix says its type.",
+)
 @click.option("--id-field", default=None, help="Id field (default: _id or id, else the record number).")
 @click.option(
     "--text-field",
@@ -640,6 +667,7 @@ def index(
     source,
     collection,
     model,
+    fmt,
     id_field,
     text_fields,
     batch_size,
@@ -656,18 +684,21 @@ def index(
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
 
+    SOURCE - reads standard input, in the --format given; it is copied to a temporary file (under $TMPDIR, removed
+    afterwards) since the source is read twice.
+
     The whole source is read and checked before the first write, so a bad record leaves the collection as it was.
 
     The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
     one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
-    with _errors(), _interrupts() as interrupted:
+    with _errors(), _interrupts() as interrupted, _source_path(source, fmt) as path:
         from tqdm import tqdm
 
         from .sources import check_source, count_records, iter_batches, read_source
 
         def records():
-            return read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
+            return read_source(path, id_field=id_field, text_fields=list(text_fields) or None)
 
         t0 = time.perf_counter()
         check_source(records(), batch_size)  # pass 1: every record parsed and checked, none kept
@@ -691,7 +722,7 @@ def index(
                 batch_size = _divisor_at_most(batch_size, int(target.limits.get("max_batch", batch_size)))
             with (
                 tqdm(
-                    total=count_records(source),
+                    total=count_records(path),
                     unit="doc",
                     desc="index",
                     file=sys.stderr,
