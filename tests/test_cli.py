@@ -24,13 +24,20 @@ N_DOCS = 200
 
 
 def cli(
-    *args: str, env: dict | None = None, timeout: float = 300, check: bool = True, cwd: Path | None = None
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    cwd: Path | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the installed console script (``python -m m3search`` if it is not installed)."""
+    """Run the installed console script (``python -m m3search`` if it is not installed), ``stdin`` piped in."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
     full_env.update({"M3SEARCH_DTYPE": "float32", **(env or {})})  # fp32: scores comparable to the oracle
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    proc = subprocess.run(
+        cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"m3search {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -881,8 +888,9 @@ def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_pa
     made = {p.name for p in work.iterdir()}
     lite = {"col.db", ".col.db.m3search-lock"}  # the file and its holder's lock (kept: docs/usage.md)
     assert made == (lite if kind == "milvus-lite" else set()), made  # no folder named after the scheme
-    p = cli("serve", "-c", location.replace("docs", "nothing").replace("col.db", "none.db"), check=False, cwd=work)
-    assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    none = location.replace("docs", "nothing").replace("col.db", "none.db")
+    p, said = cli("serve", "-c", none, check=False, cwd=work), cli("info", "-c", none, check=False, cwd=work)
+    assert p.returncode == 1 and p.stderr == said.stderr and "Traceback" not in p.stderr  # the one message for it
 
 
 def test_server_records_live_where_a_process_owns_the_collection(tmp_path):
@@ -998,3 +1006,143 @@ def test_recover_lists_and_clears_a_crashed_writer_s_mark(tmp_path, tiny_encoder
         with Collection.open(loc, model=tiny_encoder) as b:
             b.add([long], ids=["L"])
             assert b.get("L")[0].text == long and b.count() == 1
+
+
+def _short_corpus(n: int) -> bytes:
+    """``n`` one-line JSONL records with ids d0, d1, ... (fast to encode)."""
+    return "".join(json.dumps({"_id": f"d{i}", "text": f"note {i} on wings"}) + "\n" for i in range(n)).encode()
+
+
+def _invoke(*args: str, stdin: bytes | None = None):
+    """The CLI in this process (monkeypatches apply), standard input given."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    return CliRunner().invoke(main, list(args), input=stdin)
+
+
+def _stored_ids(location: Path) -> set[str]:
+    from m3search import Collection
+
+    with Collection.open(location) as col:
+        return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
+
+
+def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_path, monkeypatch):
+    """`cat corpus.jsonl | m3search index - -c ...` failed ("Path '-' does not exist"): the source is read twice,
+    so standard input is spooled to a temporary file, plain or gzip (told by its first bytes), then removed."""
+    import gzip
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    data = _short_corpus(12)
+    args = ("-m", str(tiny_model_path), "--json")
+    for name, piped in (("plain", data), ("gz", gzip.compress(data))):
+        got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / name), *args, stdin=piped)
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.stdout)["indexed"] == 12 and _stored_ids(tmp_path / name) == {f"d{i}" for i in range(12)}
+    tsv = b"id\ttext\tyear\nt1\tfirst row\t1990\n"
+    got = _invoke("index", "-", "--format", "tsv", "-c", str(tmp_path / "tsv"), *args, stdin=tsv)
+    assert got.exit_code == 0 and json.loads(got.stdout)["indexed"] == 1, got.output
+    # a bad record: named in the copy, nothing written (not even a collection); the copy removed, as always
+    bad = data + b'{"_id": \n'
+    got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / "bad"), "-m", str(tiny_model_path), stdin=bad)
+    assert got.exit_code == 1 and "Error: stdin.jsonl:13: invalid JSON" in got.output, got.output
+    assert not (tmp_path / "bad").exists() and list((tmp_path / "tmp").iterdir()) == []
+    # --format: needed for standard input, refused for a file (its suffix says)
+    got = _invoke("index", "-", "-c", str(tmp_path / "none"), stdin=data)
+    assert got.exit_code == 2 and "SOURCE - (standard input) needs --format jsonl|csv|tsv" in got.output, got.output
+    (tmp_path / "c.jsonl").write_bytes(data)
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "--format", "csv", "-c", str(tmp_path / "none"))
+    assert got.exit_code == 2 and "--format applies to standard input (-) only" in got.output, got.output
+    assert not (tmp_path / "none").exists()
+    # Ctrl-C during the writes: the copy is removed too
+    _interrupt_after_upsert(monkeypatch, 1)
+    got = _invoke("index", "-", "--format", "jsonl", "-c", str(tmp_path / "cut"), *args, stdin=data)
+    assert got.exit_code == 1 and "perhaps some of the first 12 records of standard input" in got.output, got.output
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # a real pipe, into a process of its own
+    env = {"TMPDIR": str(tmp_path / "tmp")}
+    proc = cli("index", "-", "--format", "jsonl", "-c", str(tmp_path / "piped"), *args, stdin=data.decode(), env=env)
+    assert one_json(proc)["indexed"] == 12 and list((tmp_path / "tmp").iterdir()) == []
+
+
+def _interrupt_after_upsert(monkeypatch, call: int) -> None:
+    """Ctrl-C landing as the CLI's ``call``-th ``Collection.upsert`` returns: its documents are stored."""
+    from m3search import Collection
+
+    calls: list[int] = []
+    upsert = Collection.upsert
+
+    def interrupted(self, *args, **kwargs):
+        out = upsert(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Collection, "upsert", interrupted)
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_an_interrupted_index_claims_no_fewer_records_than_are_stored(tmp_path, tiny_model_path, monkeypatch, call):
+    """Ctrl-C said "the first 32 records ... were written" with 40 stored: the batch the engine had written when
+    the interrupt landed was not counted. The message now bounds what is stored: the first N whole, perhaps some
+    of the next batch."""
+    _interrupt_after_upsert(monkeypatch, call)
+    (tmp_path / "c.jsonl").write_bytes(_short_corpus(30))
+    coll = tmp_path / "coll"
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "10")
+    assert got.exit_code == 1, got.output
+    whole = re.search(r"; the first (\d+) records of \S+ were written", got.output)
+    perhaps = re.search(r"perhaps some of the (?:first|next) (\d+)", got.output)
+    n, more = int(whole[1]) if whole else 0, int(perhaps[1]) if perhaps else 0
+    stored = _stored_ids(coll)
+    assert {f"d{i}" for i in range(n)} <= stored <= {f"d{i}" for i in range(n + more)}, got.output
+    assert len(stored) == 10 * call and "run the same command again to finish" in got.output
+
+
+def test_ctrl_c_swallowed_inside_a_del_still_stops_index(tmp_path, tiny_model_path, monkeypatch):
+    """Ctrl-C landing in a ``__del__`` is swallowed by Python ("Exception ignored in ..."): `m3search index` ran on
+    to the end and exited 0. The interrupt is recorded; the next batch stops, with the usual message, exit 1."""
+    import signal
+
+    from m3search import Collection
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler in this test run")
+    swallowed: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+
+    class Ctrl:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    upsert = Collection.upsert
+
+    def upsert_then_ctrl_c_in_a_del(self, *args, **kwargs):
+        out = upsert(self, *args, **kwargs)
+        if not swallowed:
+            Ctrl()  # collected at once: the interrupt is raised inside its __del__
+        return out
+
+    monkeypatch.setattr(Collection, "upsert", upsert_then_ctrl_c_in_a_del)
+    (tmp_path / "c.jsonl").write_bytes(_short_corpus(30))
+    coll = tmp_path / "coll"
+    got = _invoke("index", str(tmp_path / "c.jsonl"), "-c", str(coll), "-m", str(tiny_model_path), "--batch-size", "10")
+    assert [type(e) for e in swallowed] == [KeyboardInterrupt]
+    assert got.exit_code == 1, got.output
+    assert f"Error: interrupted; the first 10 records of {tmp_path / 'c.jsonl'} were written; run the" in got.output
+    assert _stored_ids(coll) == {f"d{i}" for i in range(10)}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path):
+    """`serve -c notes.txt` said the collection "does not exist", search and info "no collection at ... (no
+    manifest.json)": every command now says it is a file, in the one message the engine gives."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a collection\n")
+    for args in (["serve", "-c", str(plain)], ["search", "q", "-c", str(plain)], ["info", "-c", str(plain)]):
+        got = _invoke(*args)
+        assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args

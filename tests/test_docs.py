@@ -44,11 +44,12 @@ def code_blocks(text: str, langs: tuple[str, ...] = ("bash", "sh", "")) -> list[
 
 
 def command_lines(text: str) -> list[list[str]]:
-    """``m3search ...`` invocations in the bash blocks (continuations joined, comments dropped)."""
+    """``m3search ...`` invocations in the bash blocks (continuations joined, comments dropped; of a pipeline,
+    its last command)."""
     out = []
     for block in code_blocks(text):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
+            line = line.split("  #")[0].strip().rsplit(" | ", 1)[-1]
             if line.startswith("m3search "):
                 out.append(shlex.split(line.rstrip("&").strip(), comments=True))
     return out
@@ -70,7 +71,7 @@ def test_every_documented_command_and_option_exists(doc):
         assert name in main.commands, f"{doc}: `m3search {name}` is not a command ({' '.join(argv)})"
         known = options_of(main.commands[name]) | {"--help": None, "-h": None}
         for word in argv[2:]:
-            if word.startswith("-") and not re.fullmatch(r"-\d.*", word):
+            if word.startswith("-") and not re.fullmatch(r"-|-\d.*", word):  # (- : standard input)
                 assert word.split("=")[0] in known, f"{doc}: `m3search {name}` has no option {word}"
 
 

@@ -22,10 +22,12 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import click
 
 from . import serverfile
 from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
+from .sources import STDIN, STREAM_FORMATS
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 
@@ -329,6 +332,62 @@ def _truncation_summary() -> Iterator[dict]:
         )
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C in the block raises KeyboardInterrupt as always, and is also recorded: the yielded check raises it
+    again where Python swallowed it. Raised inside a ``__del__`` ("Exception ignored in ..."), it let ``index``
+    run on to the end and exit 0. Only where Ctrl-C is Python's own (the main thread, not ignored); restored after.
+    """
+    seen: list[int] = []
+
+    def check() -> None:
+        if seen:
+            raise KeyboardInterrupt
+
+    def record(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _source_path(source: str, fmt: str | None) -> Iterator[str | Path]:
+    """SOURCE as a path that can be read twice: standard input (``-``, read as ``fmt``) spooled to a temporary
+    file for the block (:func:`~m3search.sources.spooled`)."""
+    if source != STDIN:
+        if fmt is not None:
+            raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
+        yield source
+        return
+    if fmt is None:
+        raise click.UsageError(f"SOURCE {STDIN} (standard input) needs --format {'|'.join(STREAM_FORMATS)}")
+    from .sources import spooled
+
+    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt) as path:
+        yield path
+
+
+def _written(n: int, pending: int, source: str) -> str:
+    """What a stopped write pass wrote: records 1..n whole; of the ``pending`` next ones (the batch being written
+    when it stopped: the engine may have stored part of it, or all, before the error or Ctrl-C) perhaps some."""
+    name = "standard input" if source == STDIN else source
+    if not pending:
+        return f"the first {n} records of {name} were written" if n else "nothing was written"
+    if not n:
+        return f"perhaps some of the first {pending} records of {name} were written"
+    return f"the first {n} records of {name} were written, and perhaps some of the next {pending}"
+
+
 def _open_target(
     collection: str,
     *,
@@ -562,9 +621,17 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=click.Path(exists=True, allow_dash=True))
 @collection_option
 @model_option
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    type=click.Choice(STREAM_FORMATS),
+    help=f"Format of standard input (SOURCE {STDIN}), plain or gzip (told by its first bytes); "
+    "only for standard input: a file's suffix says its type.",
+)
 @click.option("--id-field", default=None, help="Id field (default: _id or id, else the record number).")
 @click.option(
     "--text-field",
@@ -600,6 +667,7 @@ def index(
     source,
     collection,
     model,
+    fmt,
     id_field,
     text_fields,
     batch_size,
@@ -616,21 +684,25 @@ def index(
 
     JSONL: one object per line; a BEIR corpus.jsonl (_id, title, text) works as is. Creates the collection if needed; re-running upserts (same ids are overwritten).
 
+    SOURCE - reads standard input, in the --format given; it is copied to a temporary file (under $TMPDIR, removed
+    afterwards) since the source is read twice.
+
     The whole source is read and checked before the first write, so a bad record leaves the collection as it was.
 
     The --window/--stride/--max-windows and --colbert-* options apply to a new collection; given for an existing
     one, they must match what it was created with (`m3search migrate` converts a collection to another layout).
     """
-    with _errors():
+    with _errors(), _interrupts() as interrupted, _source_path(source, fmt) as path:
         from tqdm import tqdm
 
         from .sources import check_source, count_records, iter_batches, read_source
 
         def records():
-            return read_source(source, id_field=id_field, text_fields=list(text_fields) or None)
+            return read_source(path, id_field=id_field, text_fields=list(text_fields) or None)
 
         t0 = time.perf_counter()
         check_source(records(), batch_size)  # pass 1: every record parsed and checked, none kept
+        interrupted()
         fixed = {
             k: v for k, v in (("window", window), ("stride", stride), ("max_windows", max_windows)) if v is not None
         }
@@ -643,14 +715,14 @@ def index(
             dtype=dtype,
             settings={**fixed, **layout},
         )
-        n = 0
+        n = pending = 0  # records written whole / records of the batch being written
         try:
             if isinstance(target, _Remote):
                 target.info()
                 batch_size = _divisor_at_most(batch_size, int(target.limits.get("max_batch", batch_size)))
             with (
                 tqdm(
-                    total=count_records(source),
+                    total=count_records(path),
                     unit="doc",
                     desc="index",
                     file=sys.stderr,
@@ -660,11 +732,14 @@ def index(
                 _truncation_summary() as tally,
             ):
                 for batch in iter_batches(records(), batch_size):
+                    interrupted()
+                    pending = len(batch)
                     target.upsert(batch)
-                    n += len(batch)
+                    n, pending = n + pending, 0
                     tally["documents"] = n
                     bar.update(len(batch))
             total = target.count()
+            interrupted()
         except (Exception, KeyboardInterrupt) as exc:  # pass 2 failed or was stopped: say what is in the collection
             if _debug():
                 raise
@@ -675,14 +750,16 @@ def index(
             )
             from .errors import RequestTooLargeError
 
-            done = f"the first {n} records of {source} were written" if n else "nothing was written"
-            # a document over the server's body limit fails the same way every time: running again cannot finish
+            # a document over the server's body limit fails the same way every time: running again cannot finish;
+            # it is refused before any of its batch is sent
+            too_large = isinstance(exc, RequestTooLargeError)
             again = (
                 "that document never fits in a request to this server: serve with a larger --max-body-mb (or "
                 "stop the server and index here), then run the same command again to finish"
-                if isinstance(exc, RequestTooLargeError)
+                if too_large
                 else "run the same command again to finish (it overwrites by id)"
             )
+            done = _written(n, 0 if too_large else pending, source)
             raise click.ClickException(f"{message}; {done}; {again}") from None
         finally:
             target.close()
@@ -998,8 +1075,8 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
                 )
             from . import Collection
 
-            if not Collection.exists(collection):
-                raise click.ClickException(f"collection {collection} does not exist (create it with `m3search index`)")
+            if not Collection.exists(collection):  # the error every command gives for it: no collection, or why
+                Collection.open(collection).close()
         from .errors import CollectionInUseError
         from .server import Settings
         from .server import serve as run_server

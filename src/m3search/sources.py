@@ -2,7 +2,8 @@
 
 Three shapes cover most corpora: JSON Lines (a BEIR ``corpus.jsonl`` works as is),
 CSV/TSV with a header row, and a folder of ``.txt``/``.md`` files. A JSON Lines or CSV/TSV file
-may be gzip-compressed (``corpus.jsonl.gz``: read as the file named without ``.gz``). Every reader
+may be gzip-compressed (``corpus.jsonl.gz``: read as the file named without ``.gz``). Standard input
+(``m3search index -``) is copied to a temporary file first (:func:`spooled`). Every reader
 yields :class:`Record` objects in file order, so ``m3search index`` can stream a
 source of any size in batches, and a re-run with the same source produces the
 same ids (the CLI upserts, so a re-run updates instead of duplicating).
@@ -30,6 +31,8 @@ import gzip
 import json
 import math
 import re
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +53,7 @@ __all__ = [
     "check_source",
     "open_bytes",
     "locate",
+    "spooled",
 ]
 
 #: File suffixes read from a folder source.
@@ -59,6 +63,12 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TABLE_SUFFIXES = (".csv", ".tsv")
 #: A file whose name ends so is gzip-compressed, and read as the file named without it.
 GZIP_SUFFIX = ".gz"
+#: The source that names standard input, and the formats it is read as (it has no suffix to say).
+STDIN = "-"
+STREAM_FORMATS = tuple(suffix[1:] for suffix in (JSONL_SUFFIXES[0], *TABLE_SUFFIXES))
+#: The first bytes of every gzip stream (RFC 1952): how compressed standard input is told.
+GZIP_MAGIC = b"\x1f\x8b"
+_SPOOL_CHUNK = 1 << 20
 _DEFAULT_ID_FIELDS = ("_id", "id")
 _NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
 _BARE_CR = "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
@@ -103,7 +113,7 @@ def read_source(
     if not path.is_file():  # a pipe (/dev/stdin, <(...)) was said not to exist
         raise ValueError(
             f"source {str(path)!r} is not a regular file (a pipe or a device): it is read twice, checked whole "
-            "before the first write; save it to a .jsonl, .csv or .tsv file and index that"
+            f"before the first write; give it as standard input ({STDIN}, with --format), which is copied first"
         )
     suffix = _file_type(path)
     if suffix in JSONL_SUFFIXES:
@@ -154,6 +164,25 @@ def open_bytes(path: Path, name: str | None = None) -> Iterator[BinaryIO]:
             yield f
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise SourceError(f"{name or path.name}: not a valid gzip file ({e}); compress or download it again") from None
+
+
+@contextlib.contextmanager
+def spooled(stream: BinaryIO, fmt: str) -> Iterator[Path]:
+    """``stream`` copied, in chunks, to a temporary file read as ``fmt`` (one of :data:`STREAM_FORMATS`) and as
+    gzip when it starts with :data:`GZIP_MAGIC`; the file is removed when the block ends, also on an error or Ctrl-C.
+
+    Why: ``m3search index`` reads its source twice (checked whole before the first write), a pipe only once.
+    The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it.
+    """
+    if fmt not in STREAM_FORMATS:
+        raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(STREAM_FORMATS)})")
+    with tempfile.TemporaryDirectory(prefix="m3search-stdin-") as folder:
+        head = stream.read(len(GZIP_MAGIC))
+        path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head == GZIP_MAGIC else ''}"
+        with open(path, "wb") as f:
+            f.write(head)
+            shutil.copyfileobj(stream, f, _SPOOL_CHUNK)
+        yield path
 
 
 def locate(folder: Path, name: str) -> Path | None:

@@ -236,6 +236,12 @@ def _load_manifest(root: Path) -> dict:
     return manifest
 
 
+def _refuse_a_file(root: Path, error: type[Exception]) -> None:
+    """A location that is a file holds no collection: create and open (so every command) refuse it alike."""
+    if root.exists() and not root.is_dir():
+        raise error(f"{root} is a file, not a collection folder")
+
+
 def _damaged(root: Path, why: str) -> ValueError:
     return ValueError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
 
@@ -330,8 +336,7 @@ class QdrantEdgeEngine(QdrantEngine):
         root = Path(location).expanduser()
         if (root / MANIFEST).is_file():
             raise CollectionExistsError(f"a collection already exists at {root}")
-        if root.exists() and not root.is_dir():
-            raise CollectionExistsError(f"{root} exists and is not a folder")
+        _refuse_a_file(root, CollectionExistsError)
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
         # a folder without our lock file holds someone else's files, whatever their names
         ours = (root / FOLDER_LOCK).is_file()
@@ -359,6 +364,7 @@ class QdrantEdgeEngine(QdrantEngine):
     def open(cls, location: str, **options: Any) -> QdrantEdgeEngine:
         root = Path(location).expanduser()
         if not (root / MANIFEST).is_file():
+            _refuse_a_file(root, CollectionNotFoundError)
             if (root / SHARD).is_dir():
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
