@@ -893,6 +893,21 @@ def test_collection_locations_reach_their_engine(tmp_path, corpus, tiny_model_pa
     assert p.returncode == 1 and p.stderr == said.stderr and "Traceback" not in p.stderr  # the one message for it
 
 
+def test_a_server_location_carries_engine_options_in_its_query():
+    """The CLI has no engine_options: a server location's URL query gives them (https for a cloud cluster,
+    timeouts); before, `-c qdrant://host/x?https=true` named a collection 'x?https=true'."""
+    pytest.importorskip("qdrant_client")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = cli("info", "-c", f"qdrant://127.0.0.1:{port}/docs?https=true&timeout=2", check=False)
+    assert p.returncode == 1 and p.stderr.startswith(f"Error: cannot reach Qdrant at https://127.0.0.1:{port}")
+    p = cli("info", "-c", f"qdrant://127.0.0.1:{port}/docs?api_key=s3cret", check=False)
+    assert p.returncode == 1 and "set QDRANT_API_KEY in the environment" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_server_records_live_where_a_process_owns_the_collection(tmp_path):
     """A folder keeps its record inside, a Milvus Lite file beside it; a server location has none (no process
     owns it, so nothing is written for it and every command opens it itself)."""

@@ -609,6 +609,54 @@ def test_qdrant_unreachable_server_is_a_clear_error():
         Collection.open(f"qdrant://127.0.0.1:{port}/docs")
 
 
+def test_location_options_are_read_from_a_server_url_only():
+    """A server location's URL query gives engine options (the CLI has no other way); typed like JSON scalars."""
+    from m3search.engines import location_options
+
+    loc, opts = location_options("qdrant://h:6333/docs?https=true&timeout=30&backoff=0.5&prefer_grpc=False&x=a")
+    assert loc == "qdrant://h:6333/docs"
+    assert opts == {"https": True, "timeout": 30, "backoff": 0.5, "prefer_grpc": False, "x": "a"}
+    assert type(opts["timeout"]) is int and type(opts["backoff"]) is float
+    assert location_options("MILVUS://h/docs?connect_timeout=2", {"secure": True}) == (
+        "MILVUS://h/docs",
+        {"secure": True, "connect_timeout": 2},
+    )
+    for loc in ("runs/a?b=c", "qdrant+local:///tmp/s?x=1/docs", "runs/a?b.db"):  # paths may hold a '?'
+        assert location_options(loc) == (loc, {})
+    refused = {
+        "qdrant://h/d?api_key=s3cret": "set QDRANT_API_KEY in the environment",
+        "milvus://h/d?token=u:p": "set MILVUS_TOKEN in the environment",
+        "qdrant://h/d?timeout=1&timeout=2": "'timeout' is given twice",
+        "qdrant://h/d?timeout=": "'timeout' in 'qdrant://h/d?timeout=' has no value",
+        "qdrant://h/d?timeout=nan": "'timeout' must be a finite number, got 'nan'",
+        "qdrant://h/d?https": "must be key=value pairs joined by '&'",
+    }
+    for loc, why in refused.items():
+        with pytest.raises(ValueError, match=re.escape(why)):
+            location_options(loc)
+    with pytest.raises(ValueError, match="'https' is given twice"):
+        location_options("qdrant://h/d?https=true", {"https": False})
+
+
+def test_location_options_reach_the_engine(tiny_encoder, tmp_path):
+    """Through Collection.open/create/exists: https changes the URL dialled, an unknown name is the engine's
+    error, and a folder with '?' in its name is still a folder."""
+    pytest.importorskip("qdrant_client")
+    from m3search.errors import EngineUnreachableError
+
+    port = closed_port()
+    with pytest.raises(EngineUnreachableError, match=f"cannot reach Qdrant at https://127.0.0.1:{port}"):
+        Collection.open(f"qdrant://127.0.0.1:{port}/docs?https=true&timeout=2")
+    with pytest.raises(TypeError, match=r"unknown Qdrant engine option\(s\) \['nope'\]"):
+        Collection.exists(f"qdrant://127.0.0.1:{port}/docs?nope=1")
+    with pytest.raises(TypeError, match=r"unknown Qdrant engine option\(s\) \['nope'\]"):
+        Collection.create(f"qdrant://127.0.0.1:{port}/docs?nope=1", model=tiny_encoder)
+    folder = tmp_path / "a?b=c"
+    Collection.create(folder, model=tiny_encoder).close()
+    with Collection.open(str(folder)) as col:
+        assert col.count() == 0
+
+
 def test_qdrant_schema_mismatch_is_a_clear_error(tmp_path, tiny_encoder):
     pytest.importorskip("qdrant_client")
     from qdrant_client import QdrantClient
@@ -777,10 +825,12 @@ def test_milvus_unreachable_server_is_a_clear_error(tiny_encoder):
     with pytest.raises(EngineUnreachableError, match=re.escape(said)):
         Collection.open(f"milvus://127.0.0.1:{port}/docs")
     assert time.monotonic() - start < 30  # loose (a loaded machine); was 60
-    with pytest.raises(EngineUnreachableError, match="waited 0.5 s; engine option connect_timeout waits longer"):
+    with pytest.raises(EngineUnreachableError, match="waited 0.5 s; engine option connect_timeout, e.g."):
         Collection.create(
             f"milvus://127.0.0.1:{port}/docs", model=tiny_encoder, engine_options={"connect_timeout": 0.5}
         )
+    with pytest.raises(EngineUnreachableError, match="waited 0.5 s; engine option connect_timeout, e.g."):
+        Collection.open(f"milvus://127.0.0.1:{port}/docs?connect_timeout=0.5")  # the CLI's way
 
 
 def test_milvus_bad_locations_are_clear():

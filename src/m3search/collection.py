@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.engines import resolve_engine, taken
+from m3search.engines import location_options, resolve_engine, taken
 from m3search.engines.base import Engine
 from m3search.engines.shapes import (
     CREATED_SCHEMA_VERSION,
@@ -370,7 +370,8 @@ class Collection:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def exists(cls, path: str | os.PathLike, **engine_options: Any) -> bool:
-        return resolve_engine(path).exists(os.fspath(path), **engine_options)
+        location, engine_options = location_options(path, engine_options)
+        return resolve_engine(location).exists(location, **engine_options)
 
     @classmethod
     def create(
@@ -409,14 +410,13 @@ class Collection:
         if unknown:
             allowed = ", ".join(sorted(set(_SCHEMA_SETTINGS) | set(_SETTINGS_DEFAULTS)))
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
-        engine_cls = resolve_engine(path)
-        location = os.fspath(path)
-        engine_options = dict(engine_options or {})
+        location, engine_options = location_options(path, engine_options)
+        engine_cls = resolve_engine(location)
         for key, value in (("shards", shards), ("replicas", replicas)):
             if value is not None:
                 engine_options[key] = check_int(key, value)
-        if engine_cls.exists(location, **(engine_options or {})):
-            raise taken(engine_cls, location, engine_options or {})
+        if engine_cls.exists(location, **engine_options):
+            raise taken(engine_cls, location, engine_options)
         encoder = cls._load_encoder(model, device, dtype)
         run = {**_SETTINGS_DEFAULTS, **{k: v for k, v in settings.items() if k in _SETTINGS_DEFAULTS}}
         run["weights"] = list(check_weights(run["weights"]))
@@ -451,7 +451,7 @@ class Collection:
             "settings": run,
             "max_windows_stored": 1,
         }
-        engine = engine_cls.create(location, schema, **(engine_options or {}))
+        engine = engine_cls.create(location, schema, **engine_options)
         try:
             engine.write_manifest(manifest)
         except BaseException:
@@ -477,8 +477,8 @@ class Collection:
         ``$M3SEARCH_MODEL``), loaded on the first encode. A model whose identity differs
         from the manifest's raises :class:`ModelMismatchError`.
         """
-        location = os.fspath(path)
-        engine = resolve_engine(location).open(location, **(engine_options or {}))
+        location, engine_options = location_options(path, engine_options)
+        engine = resolve_engine(location).open(location, **engine_options)
         try:
             manifest = engine.read_manifest()
             check_manifest(manifest, location)

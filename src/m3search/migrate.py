@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.engines import resolve_engine, taken
+from m3search.engines import location_options, resolve_engine, taken
 from m3search.engines.shapes import (
     CREATED_SCHEMA_VERSION,
     LOSSLESS_COLBERT_DTYPES,
@@ -117,7 +117,8 @@ def migrate(
     """
     check_int("batch_size", batch_size)
     layout = check_layout(dict(layout or {}))
-    src, dst = os.fspath(src_location), os.fspath(dst_location)
+    src, src_options = location_options(src_location, src_options)
+    dst, dst_options = location_options(dst_location, dst_options)
     remote = "://" in src or "://" in dst
     if (src == dst) if remote else os.path.abspath(src) == os.path.abspath(dst):
         if layout:
@@ -129,7 +130,6 @@ def migrate(
     if not remote and Path(dst).resolve().is_relative_to(Path(src).resolve()):  # the copy would be in what it copies
         raise ValueError(f"the destination {dst!r} is inside the source {src!r}; choose a location outside it")
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
-    src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     if dst_cls.exists(dst, **dst_options):
         raise taken(dst_cls, dst, dst_options)
 

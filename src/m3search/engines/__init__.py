@@ -21,6 +21,7 @@ the protocol is :class:`m3search.engines.base.Engine`.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ __all__ = [
     "register_engine",
     "resolve_engine",
     "location_scheme",
+    "location_options",
     "lite_file",
     "holder_lock_path",
     "lite_lock_path",
@@ -73,6 +75,58 @@ def location_scheme(location: str | os.PathLike) -> str:
     if loc.endswith(".db"):
         return ".db"
     return ""
+
+
+#: Server locations whose URL may carry engine options as a query, the CLI's only way to give them:
+#: ``qdrant://host/name?https=true&timeout=30``, ``milvus://host/name?connect_timeout=30``.
+QUERY_OPTION_SCHEMES = ("qdrant", "milvus")
+#: Options a URL must not carry (they would land in shell history, logs and error messages), and where they come from.
+_SECRET_OPTIONS = {"api_key": "QDRANT_API_KEY", "token": "MILVUS_TOKEN"}
+
+
+def location_options(location: str | os.PathLike, options: dict | None = None) -> tuple[str, dict]:
+    """``location`` without its URL query, and ``options`` with the query's ``key=value`` pairs added
+    (``true``/``false``, integers and finite decimals read as such). Only :data:`QUERY_OPTION_SCHEMES`
+    locations carry a query (a folder may have a ``?`` in its name). An option given twice, or both in the
+    URL and in ``options``, or a secret in the URL, is a ValueError; unknown names are the engine's to refuse."""
+    loc, options = os.fspath(location), dict(options or {})
+    if location_scheme(loc) not in QUERY_OPTION_SCHEMES or "?" not in loc:
+        return loc, options
+    from urllib.parse import parse_qsl
+
+    loc, _, query = loc.partition("?")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"the options in {os.fspath(location)!r} must be key=value pairs joined by '&'") from None
+    given: set[str] = set()
+    for key, raw in pairs:
+        if key in _SECRET_OPTIONS:
+            raise ValueError(
+                f"{key} does not go in a location (it would be kept in shell history and logs): "
+                f"set {_SECRET_OPTIONS[key]} in the environment"
+            )
+        if key in given or key in options:
+            raise ValueError(f"engine option {key!r} is given twice (in {os.fspath(location)!r})")
+        if not raw:
+            raise ValueError(f"engine option {key!r} in {os.fspath(location)!r} has no value")
+        given.add(key)
+        options[key] = _option_value(key, raw)
+    return loc, options
+
+
+def _option_value(key: str, raw: str) -> bool | int | float | str:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"engine option {key!r} must be a finite number, got {raw!r}")
+        return value
+    return raw
 
 
 def lite_file(location: str | os.PathLike) -> Path:

@@ -653,8 +653,8 @@ class MilvusEngine(Engine):
             client = MilvusClient(uri, token=token, timeout=connect_timeout, alias=_alias())
         except MilvusException as exc:
             raise EngineUnreachableError(
-                f"cannot reach Milvus at {uri} (waited {connect_timeout:g} s; engine option connect_timeout "
-                f"waits longer): {exc}"
+                f"cannot reach Milvus at {uri} (waited {connect_timeout:g} s; engine option connect_timeout, "
+                f"e.g. ?connect_timeout=30 after the location, waits longer): {exc}"
             ) from None
         return client, uri, name, False
 

@@ -27,7 +27,9 @@ are idempotent, so a retry never duplicates. Other errors are raised at once.
 Connection: ``qdrant://host[:port]/name`` (port 6333 by default); ``engine_options``:
 ``api_key`` (default: the ``QDRANT_API_KEY`` environment variable), ``https``,
 ``prefer_grpc``, ``timeout``, ``retries``, ``backoff``, ``max_request_bytes``, and at
-create ``shards`` / ``replicas`` (``shard_number`` / ``replication_factor``). An
+create ``shards`` / ``replicas`` (``shard_number`` / ``replication_factor``); all but the
+API key may also follow the location as a query (``qdrant://host/name?https=true&timeout=30``,
+:func:`m3search.engines.location_options`: the CLI's way to give them). An
 unreachable server raises EngineUnreachableError (a ConnectionError) naming the URL; a collection whose vectors do
 not match the manifest's schema raises ValueError.
 
@@ -342,7 +344,8 @@ class QdrantRemoteEngine(QdrantEngine):
             import warnings
 
             warnings.warn(
-                f"sending a Qdrant API key over plain http to {url}; pass engine_options={{'https': True}}",
+                f"sending a Qdrant API key over plain http to {url}; pass engine_options={{'https': True}} "
+                "(or add ?https=true to the location)",
                 stacklevel=4,
             )
         client = QdrantClient(
