@@ -83,6 +83,39 @@ def test_exact_search_and_search_batch_equal_the_collection(col, monkeypatch):
         assert client.search_batch([], k=3) == col.search_batch([], k=3) == [] and len(sent) == 6  # nothing sent
 
 
+def test_count_with_a_filter_equals_the_collection(col):
+    """client.count(filter=...) raised "counting with a filter is not available over HTTP", where Collection.count
+    counts the matches. It asks POST /count; without a filter it still reads GET /info, which every server has."""
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(lambda r: sent.append(r.url.path))
+        flowing = {"topic": "flow"}
+        for flt in (flowing, {"year": {"gte": 1959}}, '{"tags": {"in": ["a"]}}', {"not": flowing}, {"year": 1}):
+            assert client.count(flt) == col.count(flt)
+        assert sent == ["/count"] * 5 and col.count(flowing) == len(TEXTS) // 2 and col.count({"year": 1}) == 0
+        sent.clear()
+        assert client.count() == client.count({}) == client.count(None) == len(TEXTS) and sent == ["/info"] * 3
+        r = client._http.post("/count", json={"filter": flowing})
+        assert r.json() == {"count": len(TEXTS) // 2}
+        assert client._http.post("/count", json={}).json() == {"count": len(TEXTS)}
+
+
+def test_count_without_a_filter_still_reads_an_older_servers_info():
+    import httpx
+
+    def older(request):  # a server from before POST /count
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"collection": {"count": 7}})
+        return httpx.Response(404, json={"error": {"type": "not_found", "message": "Not Found"}})
+
+    client = M3SearchClient(
+        "http://m3", http_client=httpx.Client(transport=httpx.MockTransport(older), base_url="http://m3")
+    )
+    assert client.count() == len(client) == 7
+    with pytest.raises(ConnectionError, match="POST http://m3/count answered 'Not Found'.*older than this client"):
+        client.count({"year": 1})
+
+
 def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
     with served(col, max_batch=2) as client:
         ids = client.add([f"new text {i}" for i in range(5)], ids=[f"n{i}" for i in range(5)])
@@ -151,8 +184,6 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             client.search("q", filter={"year": {"between": 1}})
         with pytest.raises(ValueError, match="unknown mode 'bm25'"):  # the library's error, before any request
             client.search("q", mode="bm25")
-        with pytest.raises(ValueError, match="filter is not available over HTTP"):
-            client.count(filter={"year": 1950})
         with pytest.raises(TypeError, match="strings"):
             client.add([1, 2])
     with served(col, api_key="secret") as client:
@@ -218,6 +249,24 @@ def test_a_bad_search_gets_the_librarys_error_before_any_request(col, bad):
             lambda: col.search_batch([QUERIES[1], query], **bad),
             lambda: client.search_batch([QUERIES[1], query], **bad),
         )
+        assert sent == []
+
+
+BAD_COUNTS = [
+    {"year": {"between": 1}},
+    {"or": [{f"f{i}": i} for i in range(65)]},  # FilterTooComplexError
+    ["year"],
+    "{not json",
+    {"year": 2**63},
+]
+
+
+@pytest.mark.parametrize("flt", BAD_COUNTS, ids=[str(f)[:30] for f in BAD_COUNTS])
+def test_a_bad_count_gets_the_librarys_error_before_any_request(col, flt):
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        _same_error(lambda: col.count(flt), lambda: client.count(flt))
         assert sent == []
 
 
@@ -318,6 +367,25 @@ def test_search_batch_answers_the_search_routes_statuses(col):
         assert post("/search/batch", json={"queries": [], "k": 11}).status_code == 413  # checked with no query too
         with pytest.raises(ValueError, match=r"queries\[1\] is [\d,]+ bytes as JSON.*max_body_bytes 2,000"):
             client.search_batch(["q", "wing " * 500])  # fits in no request: refused before anything is sent
+
+
+def test_count_answers_the_search_routes_filter_statuses(col):
+    """POST /count refuses a filter as POST /search does: 413 over the filter's limits, 400 a bad value, 422 a
+    malformed request."""
+    from m3search.filters import MAX_FILTER_CONDITIONS
+
+    wide = {"or": [{f"f{i}": i} for i in range(MAX_FILTER_CONDITIONS + 1)]}
+    with served(col) as client:
+        for body, status, says in (
+            ({"filter": wide}, 413, "at most 64 field conditions"),
+            ({"filter": {"year": {"between": 1}}}, 400, "unknown operator"),
+            ({"filter": {"year": 10**30}}, 400, "integer out of range"),
+            ({"filter": ["year"]}, 422, "filter"),
+            ({"where": {}}, 422, "where"),
+        ):
+            for path in ("/count", "/search"):
+                r = client._http.post(path, json={"query": "q", **body} if path == "/search" else body)
+                assert r.status_code == status and says in r.json()["error"]["message"], (path, body, r.text)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

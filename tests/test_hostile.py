@@ -55,7 +55,7 @@ def client(col):
 
 
 #: Each route that takes a filter, and the rest of a request to it.
-FILTERED = {"/search": {"query": "pumps"}, "/search/batch": {"queries": ["pumps"]}}
+FILTERED = {"/search": {"query": "pumps"}, "/search/batch": {"queries": ["pumps"]}, "/count": {}}
 
 
 def _error(response, status: int) -> str:

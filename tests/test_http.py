@@ -136,6 +136,7 @@ REQUESTS = {
     ("DELETE", "/documents"): ("/documents", {"ids": ["x2"]}),
     ("POST", "/search"): ("/search", {"query": "boundary layer", "k": 2}),
     ("POST", "/search/batch"): ("/search/batch", {"queries": ["boundary layer", "wing"], "k": 2, "exact": True}),
+    ("POST", "/count"): ("/count", {"filter": {"n": {"gte": 2}}}),
     ("POST", "/v1/embeddings"): ("/v1/embeddings", {"input": ["boundary layer"]}),
     ("POST", "/embed"): ("/embed", {"input": ["boundary layer"]}),
     ("GET", "/tei/info"): ("/tei/info", None),
@@ -273,6 +274,8 @@ def test_answers_are_the_library_objects(app_and_collection):
     body = {"queries": ["boundary layer", "Grenzschicht"], "k": 2, "exact": True, "filter": {"n": {"lt": 4}}}
     lists = client.post("/search/batch", json=body).json()["hits"]
     assert lists == [[h.to_dict() for h in hits] for hits in col.search_batch(**body)] and all(lists)
+    assert client.post("/count", json={"filter": body["filter"]}).json() == {"count": col.count(body["filter"])}
+    assert col.count(body["filter"]) == 4
     info = client.get("/info").json()["collection"]
     assert info == col.info()
     assert info["count"] == len(TEXTS) and set(info) >= {"count", "disk_bytes", "settings", "schema", "model"}

@@ -20,7 +20,7 @@ API's unknown-id answer (it names the ids): a wrong base URL such as ``.../v1``,
 this client (its unknown-id answer named none); the message says which route answered what.
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
-read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
+read (search, count, get, embed) in time (503), never a write, which may have stored part of its documents.
 """
 
 from __future__ import annotations
@@ -275,9 +275,13 @@ class M3SearchClient:
         return self._call("GET", "/info")
 
     def count(self, filter: Any = None) -> int:
-        """Number of documents. The HTTP API counts the whole collection only."""
-        if filter:
-            raise ValueError("counting with a filter is not available over HTTP (GET /info counts all documents)")
+        """Number of documents (matching ``filter``: ``POST /count``). Without a filter ``GET /info`` counts them,
+        so an older server, which has no ``/count``, still answers."""
+        from m3search.filters import parse_filter, to_json
+
+        checked = parse_filter(filter)  # the library's errors, before any request
+        if checked is not None:
+            return int(self._call("POST", "/count", json={"filter": to_json(checked)}, idempotent=True)["count"])
         collection = self.info().get("collection")
         if collection is None:
             raise ValueError(f"the server at {self.url} serves no collection (start it with --collection DIR)")

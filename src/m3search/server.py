@@ -784,6 +784,10 @@ class BatchSearchRequest(_SearchOptions):
     )
 
 
+class CountRequest(_Strict):
+    filter: dict[str, Any] | None = Field(None, description="Count the documents it matches (none: all).")
+
+
 class HitOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -802,6 +806,10 @@ class SearchResponse(BaseModel):
 
 class BatchSearchResponse(BaseModel):
     hits: list[list[HitOut]] = Field(description="One hit list per query, in the order of `queries`.")
+
+
+class CountResponse(BaseModel):
+    count: int
 
 
 class Health(BaseModel):
@@ -1189,6 +1197,11 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         (at most ``max_batch``; the search's time limit is the whole batch's)."""
         _check_batch(len(body.queries), settings, "queries")
         return BatchSearchResponse(hits=await _search(request, res, settings, body, body.queries))
+
+    @api.post("/count", response_model=CountResponse, tags=["search"], responses=_errors(409))
+    def count(body: CountRequest, res: CollectionDep) -> CountResponse:
+        """Documents matching ``filter`` (``Collection.count``; without one, ``GET /info`` counts them too)."""
+        return CountResponse(count=res.collection.count(body.filter))
 
     @api.get("/metrics", tags=["service"], response_class=Response)
     def prometheus_metrics() -> Response:
