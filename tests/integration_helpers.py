@@ -56,6 +56,20 @@ def served(collection, *, api_key: str | None = None, **settings):
         yield M3SearchClient("http://m3search.test", api_key=api_key, http_client=http)
 
 
+def exact_seen(monkeypatch, owner) -> list[bool]:
+    """The ``exact`` of every search with queries that reaches ``owner``'s ``search_batch`` (a Collection, or the
+    class: every one), in order; a server's check of a search's options (no query) is not counted."""
+    seen, real = [], owner.search_batch
+
+    def spy(*args, **kwargs):
+        if args[-1]:  # the queries
+            seen.append(kwargs.get("exact", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, "search_batch", spy)
+    return seen
+
+
 def told_apart(a: list, b: list) -> bool:
     """Whether two hit lists differ clearly: other ids, or a score off by more than 1e-6 relative (1000x the
     tolerance of :func:`same_hits`, so float noise between two runs of one ranking never counts).

@@ -124,6 +124,25 @@ def test_index_search_delete_search(indexed, corpus, corpus_texts, tiny_encoder,
     assert out["indexed"] == 2 and out["count"] == N_DOCS
 
 
+def test_search_exact_reaches_the_collection(indexed, corpus_texts, tiny_encoder, monkeypatch):
+    """`m3search search` had no --exact, which Collection.search has (a full scan for the dense candidates)."""
+    from click.testing import CliRunner
+    from integration_helpers import exact_seen
+
+    from m3search import Collection
+    from m3search.cli import main
+
+    seen = exact_seen(monkeypatch, Collection)
+    query = "pressure distribution on a wing in supersonic flow"
+    order, _ = _dense_oracle(tiny_encoder, corpus_texts, query, indexed)
+    for flag in (["--exact"], []):
+        args = ["search", query, "-c", str(indexed), "--mode", "dense", "-k", "5", "--json", *flag]
+        result = CliRunner().invoke(main, args, env={"M3SEARCH_DTYPE": "float32"})
+        assert result.exit_code == 0, result.output
+        assert [h["id"] for h in json.loads(result.stdout)["hits"]] == order[:5]
+    assert seen == [True, False]
+
+
 def test_search_group_passage(tmp_path, corpus, tiny_encoder, tiny_model_path):
     """``--group passage`` returns the library's passage hits (the CLI had no way to ask for them); the terminal
     shows each passage with its characters in the document (it printed a long document's window slice of the
@@ -645,6 +664,7 @@ def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
             ({"k": 5, "filter": {"year": 2024}}, ["-k", "5", "--filter", '{"year": 2024}']),
             # a mode as the library spells it, which --mode takes: the server refused it (422, its own pattern)
             ({"k": 3, "mode": "dense+sparse"}, ["-k", "3", "--mode", "Dense + Sparse"]),
+            ({"k": 3, "mode": "dense", "exact": True}, ["-k", "3", "--mode", "dense", "--exact"]),  # neither had it
         ):
             served = httpx.post(record["url"] + "/search", json={"query": query, **body}, timeout=60).json()["hits"]
             assert served

@@ -10,7 +10,17 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from integration_helpers import IDS, META, MODES, QUERIES, TEXTS, make_collection, same_hits, served  # noqa: E402
+from integration_helpers import (  # noqa: E402
+    IDS,
+    META,
+    MODES,
+    QUERIES,
+    TEXTS,
+    exact_seen,
+    make_collection,
+    same_hits,
+    served,
+)
 
 from m3search.client import M3SearchClient  # noqa: E402
 from m3search.errors import DuplicateIdError, WriteConflictError  # noqa: E402
@@ -41,6 +51,69 @@ def test_reads_equal_the_collection(col, tiny_encoder):
         ]
         want = tiny_encoder.encode(TEXTS, sparse=False, colbert=False).dense
         np.testing.assert_allclose(client.embed(TEXTS), want, atol=1e-6)  # 8 texts in 3 requests
+
+
+def test_exact_search_and_search_batch_equal_the_collection(col, monkeypatch):
+    """The client had no exact (TypeError) and no search_batch (AttributeError), nor the server a way to ask for
+    either: a program written against Collection failed against a server. Each now answers the library's answer
+    (POST /search with exact, POST /search/batch), and batches are cut at the server's max_batch."""
+    from helpers import exact
+
+    with served(col, max_batch=2) as client:
+        sent = []
+        client._http.event_hooks["request"].append(lambda r: sent.append(r.url.path))
+        seen = exact_seen(monkeypatch, col)
+        for mode in MODES:
+            want = col.search(QUERIES[0], k=4, mode=mode, filter={"topic": "flow"}, exact=True)
+            got = client.search(QUERIES[0], k=4, mode=mode, filter={"topic": "flow"}, exact=True)
+            same_hits([(h.id, h.score) for h in got], want)
+            assert [h.scores for h in got] == [h.scores for h in want]
+        assert seen == [True, True] * len(MODES)  # the library's, then the server's: exact reached the collection
+        assert client.max_batch == 2  # (read once, from GET /info)
+        sent.clear()
+        for options in ({"k": 3}, {"k": 2, "mode": "dense", "exact": True}, {"k": 3, "group": "passage"}):
+            want = col.search_batch(QUERIES, **options)
+            got = client.search_batch(QUERIES, **options)
+            assert [[h.id for h in hits] for hits in got] == [[h.id for h in hits] for hits in want]
+            for g, w in zip(got, want):  # encoded in other batches (max_batch 2): float32 noise at most
+                assert [(h.score, h.scores, h.text) for h in g] == [
+                    (exact(h.score), exact(h.scores), h.text) for h in w
+                ]
+        assert sent == ["/search/batch"] * 6  # 3 queries at max_batch 2: 2 requests each
+        assert client.search_batch([], k=3) == col.search_batch([], k=3) == [] and len(sent) == 6  # nothing sent
+
+
+def test_count_with_a_filter_equals_the_collection(col):
+    """client.count(filter=...) raised "counting with a filter is not available over HTTP", where Collection.count
+    counts the matches. It asks POST /count; without a filter it still reads GET /info, which every server has."""
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(lambda r: sent.append(r.url.path))
+        flowing = {"topic": "flow"}
+        for flt in (flowing, {"year": {"gte": 1959}}, '{"tags": {"in": ["a"]}}', {"not": flowing}, {"year": 1}):
+            assert client.count(flt) == col.count(flt)
+        assert sent == ["/count"] * 5 and col.count(flowing) == len(TEXTS) // 2 and col.count({"year": 1}) == 0
+        sent.clear()
+        assert client.count() == client.count({}) == client.count(None) == len(TEXTS) and sent == ["/info"] * 3
+        r = client._http.post("/count", json={"filter": flowing})
+        assert r.json() == {"count": len(TEXTS) // 2}
+        assert client._http.post("/count", json={}).json() == {"count": len(TEXTS)}
+
+
+def test_count_without_a_filter_still_reads_an_older_servers_info():
+    import httpx
+
+    def older(request):  # a server from before POST /count
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"collection": {"count": 7}})
+        return httpx.Response(404, json={"error": {"type": "not_found", "message": "Not Found"}})
+
+    client = M3SearchClient(
+        "http://m3", http_client=httpx.Client(transport=httpx.MockTransport(older), base_url="http://m3")
+    )
+    assert client.count() == len(client) == 7
+    with pytest.raises(ConnectionError, match="POST http://m3/count answered 'Not Found'.*older than this client"):
+        client.count({"year": 1})
 
 
 def test_writes_are_split_at_max_batch_and_land_in_the_collection(col):
@@ -111,8 +184,6 @@ def test_errors_keep_the_library_types(col, monkeypatch):
             client.search("q", filter={"year": {"between": 1}})
         with pytest.raises(ValueError, match="unknown mode 'bm25'"):  # the library's error, before any request
             client.search("q", mode="bm25")
-        with pytest.raises(ValueError, match="filter is not available over HTTP"):
-            client.count(filter={"year": 1950})
         with pytest.raises(TypeError, match="strings"):
             client.add([1, 2])
     with served(col, api_key="secret") as client:
@@ -154,6 +225,8 @@ BAD_SEARCHES = [
     dict(weights={"dense": 1, "sparse": 1, "colbert": 1}),
     dict(mode="dense", weights=[0, 1, 1]),
     dict(explain="yes"),
+    dict(exact="yes"),
+    dict(exact=1),
     dict(group="chapter"),
     dict(group="passage", explain=True),
     dict(filter={"year": {"between": 1}}),
@@ -164,13 +237,45 @@ BAD_SEARCHES = [
 def test_a_bad_search_gets_the_librarys_error_before_any_request(col, bad):
     """Only the filter was checked before the request: a bad k, mode, fusion, explain, group or query came back as
     the server's 422 wording in a ValueError (the library raises TypeError for a wrong type), and weights=5, a NaN
-    weight or a lone surrogate in the query failed inside the client (list(), json.dumps, str.encode)."""
+    weight or a lone surrogate in the query failed inside the client (list(), json.dumps, str.encode).
+    search_batch (new) checks as the library's does."""
     bad = dict(bad)
     query = bad.pop("query", QUERIES[0])
     with served(col) as client:
         sent = []
         client._http.event_hooks["request"].append(sent.append)
         _same_error(lambda: col.search(query, **bad), lambda: client.search(query, **bad))
+        _same_error(
+            lambda: col.search_batch([QUERIES[1], query], **bad),
+            lambda: client.search_batch([QUERIES[1], query], **bad),
+        )
+        assert sent == []
+
+
+BAD_COUNTS = [
+    {"year": {"between": 1}},
+    {"or": [{f"f{i}": i} for i in range(65)]},  # FilterTooComplexError
+    ["year"],
+    "{not json",
+    {"year": 2**63},
+]
+
+
+@pytest.mark.parametrize("flt", BAD_COUNTS, ids=[str(f)[:30] for f in BAD_COUNTS])
+def test_a_bad_count_gets_the_librarys_error_before_any_request(col, flt):
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        _same_error(lambda: col.count(flt), lambda: client.count(flt))
+        assert sent == []
+
+
+def test_bad_batch_queries_get_the_librarys_error_before_any_request(col):
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(sent.append)
+        for queries in ("one query", None, [QUERIES[0], 5], [QUERIES[0], " "], iter(QUERIES)):
+            _same_error(partial(col.search_batch, queries), partial(client.search_batch, queries))
         assert sent == []
 
 
@@ -230,6 +335,57 @@ def test_a_search_over_the_servers_limit_is_a_limit_error(col):
             client.search(QUERIES[0], k=4)
         with pytest.raises(LimitExceededError, match="candidates=6 exceeds the limit of 5"):
             client.search(QUERIES[0], k=3, candidates=6)
+        with pytest.raises(LimitExceededError, match=r"k=4 exceeds the limit of 3 \(HTTP 413\)"):
+            client.search_batch(QUERIES, k=4)
+
+
+def test_search_batch_answers_the_search_routes_statuses(col):
+    """POST /search/batch refuses what POST /search refuses, with its statuses: 413 over a limit (k, the batch, the
+    body, a filter), 400 a bad value, 422 a malformed request; exact is strict in both."""
+    from m3search.filters import MAX_FILTER_CONDITIONS
+
+    wide = {"or": [{f"f{i}": i} for i in range(MAX_FILTER_CONDITIONS + 1)]}
+    with served(col, max_k=10, max_batch=2, max_body_bytes=2_000) as client:
+        post = client._http.post
+        for path, body in (("/search", {"query": "q"}), ("/search/batch", {"queries": ["q"]})):
+            for extra, status, says in (
+                ({"k": 11}, 413, "k=11 exceeds the limit of 10"),
+                ({"filter": wide}, 413, "at most 64 field conditions"),
+                ({"filter": {"year": {"between": 1}}}, 400, "unknown operator"),
+                ({"exact": "yes"}, 422, "exact: Input should be a valid boolean"),
+                ({"mode": "fuzzy"}, 400, "unknown mode 'fuzzy'"),
+            ):
+                r = post(path, json={**body, **extra})
+                assert r.status_code == status and says in r.json()["error"]["message"], (path, extra, r.text)
+        r = post("/search/batch", json={"queries": ["a", "b", "c"]})
+        assert r.status_code == 413 and "3 queries in one request exceed the limit of 2" in r.text
+        r = post("/search/batch", json={"queries": ["q" * 3_000]})
+        assert r.status_code == 413 and "exceeds the limit of 2000 bytes" in r.text
+        for body, status in (({"queries": ["q", ""]}, 422), ({"queries": ["q", "  "]}, 400), ({"queries": "q"}, 422)):
+            assert post("/search/batch", json=body).status_code == status, body
+        assert post("/search/batch", json={"queries": [], "k": 2}).json() == {"hits": []}
+        assert post("/search/batch", json={"queries": [], "k": 11}).status_code == 413  # checked with no query too
+        with pytest.raises(ValueError, match=r"queries\[1\] is [\d,]+ bytes as JSON.*max_body_bytes 2,000"):
+            client.search_batch(["q", "wing " * 500])  # fits in no request: refused before anything is sent
+
+
+def test_count_answers_the_search_routes_filter_statuses(col):
+    """POST /count refuses a filter as POST /search does: 413 over the filter's limits, 400 a bad value, 422 a
+    malformed request."""
+    from m3search.filters import MAX_FILTER_CONDITIONS
+
+    wide = {"or": [{f"f{i}": i} for i in range(MAX_FILTER_CONDITIONS + 1)]}
+    with served(col) as client:
+        for body, status, says in (
+            ({"filter": wide}, 413, "at most 64 field conditions"),
+            ({"filter": {"year": {"between": 1}}}, 400, "unknown operator"),
+            ({"filter": {"year": 10**30}}, 400, "integer out of range"),
+            ({"filter": ["year"]}, 422, "filter"),
+            ({"where": {}}, 422, "where"),
+        ):
+            for path in ("/count", "/search"):
+                r = client._http.post(path, json={"query": "q", **body} if path == "/search" else body)
+                assert r.status_code == status and says in r.json()["error"]["message"], (path, body, r.text)
 
 
 def test_only_the_unknown_id_answer_reads_as_missing(col):

@@ -54,6 +54,10 @@ def client(col):
         yield c
 
 
+#: Each route that takes a filter, and the rest of a request to it.
+FILTERED = {"/search": {"query": "pumps"}, "/search/batch": {"queries": ["pumps"]}, "/count": {}}
+
+
 def _error(response, status: int) -> str:
     assert response.status_code == status, response.text
     body = response.json()
@@ -80,8 +84,9 @@ def test_unrepresentable_filter_values_are_400_naming_the_place(client, col, flt
         parse_filter(flt)
     with pytest.raises(ValueError, match=words):
         col.search("pumps", filter=flt)
-    body = json.dumps({"query": "pumps", "filter": flt})
-    assert words in _error(client.post("/search", content=body, headers=JSON), 400)
+    for path, rest in FILTERED.items():
+        body = json.dumps({**rest, "filter": flt})
+        assert words in _error(client.post(path, content=body, headers=JSON), 400)
 
 
 def test_int64_edges_filter_exactly(col):
@@ -102,7 +107,8 @@ def test_int64_edges_filter_exactly(col):
 def test_filter_limits(client, flt, words):
     with pytest.raises(FilterTooComplexError, match=words):
         parse_filter(flt)
-    assert words in _error(client.post("/search", json={"query": "pumps", "filter": flt}), 413)
+    for path, rest in FILTERED.items():
+        assert words in _error(client.post(path, json={**rest, "filter": flt}), 413)
 
 
 def test_filter_depth_limit_and_the_largest_allowed_filter(client, col):

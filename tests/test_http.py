@@ -135,6 +135,8 @@ REQUESTS = {
     ("POST", "/documents"): ("/documents", {"documents": [{"id": "x1", "text": "a new note"}]}),
     ("DELETE", "/documents"): ("/documents", {"ids": ["x2"]}),
     ("POST", "/search"): ("/search", {"query": "boundary layer", "k": 2}),
+    ("POST", "/search/batch"): ("/search/batch", {"queries": ["boundary layer", "wing"], "k": 2, "exact": True}),
+    ("POST", "/count"): ("/count", {"filter": {"n": {"gte": 2}}}),
     ("POST", "/v1/embeddings"): ("/v1/embeddings", {"input": ["boundary layer"]}),
     ("POST", "/embed"): ("/embed", {"input": ["boundary layer"]}),
     ("GET", "/tei/info"): ("/tei/info", None),
@@ -269,6 +271,11 @@ def test_answers_are_the_library_objects(app_and_collection):
     hits = client.post("/search", json=body).json()["hits"]
     assert hits == [h.to_dict() for h in col.search(**body)]
     assert set(hits[0]["explain"]) >= {"contributions", "weights", "ranks", "matched_tokens"}
+    body = {"queries": ["boundary layer", "Grenzschicht"], "k": 2, "exact": True, "filter": {"n": {"lt": 4}}}
+    lists = client.post("/search/batch", json=body).json()["hits"]
+    assert lists == [[h.to_dict() for h in hits] for hits in col.search_batch(**body)] and all(lists)
+    assert client.post("/count", json={"filter": body["filter"]}).json() == {"count": col.count(body["filter"])}
+    assert col.count(body["filter"]) == 4
     info = client.get("/info").json()["collection"]
     assert info == col.info()
     assert info["count"] == len(TEXTS) and set(info) >= {"count", "disk_bytes", "settings", "schema", "model"}

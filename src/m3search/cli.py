@@ -812,6 +812,9 @@ def index(
 )
 @click.option("--explain", is_flag=True, help="Show matched tokens and each mode's contribution.")
 @click.option(
+    "--exact", is_flag=True, help="Find the dense candidates by a full scan, not the HNSW index (slower, misses none)."
+)
+@click.option(
     "--group",
     default="document",
     show_default=True,
@@ -833,6 +836,7 @@ def search(
     candidates,
     filter_,
     explain,
+    exact,
     group,
     dtype,
     device,
@@ -852,6 +856,7 @@ def search(
                 candidates=candidates,
                 filter=filter_,
                 explain=explain,
+                exact=exact,
                 group=group,
             )
         finally:

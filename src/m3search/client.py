@@ -20,7 +20,7 @@ API's unknown-id answer (it names the ids): a wrong base URL such as ``.../v1``,
 this client (its unknown-id answer named none); the message says which route answered what.
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
 ``Retry-After``, ``retries`` times, then ``RuntimeError``; so is one whose encoder did not start a
-read (search, get, embed) in time (503), never a write, which may have stored part of its documents.
+read (search, count, get, embed) in time (503), never a write, which may have stored part of its documents.
 """
 
 from __future__ import annotations
@@ -55,6 +55,53 @@ def _retry_after(value: str | None) -> float:
         return min(30.0, max(0.05, float(value)))
     except (TypeError, ValueError):
         return 1.0
+
+
+def _search_options(
+    k: Any, mode: Any, fusion: Any, weights: Any, candidates: Any, filter: Any, explain: Any, exact: Any, group: Any
+) -> dict[str, Any]:
+    """A search's arguments checked by the library's checks, in its order, as the JSON the server takes (mode,
+    fusion, weights, candidates left None are left out: the served collection's defaults)."""
+    from m3search.filters import to_json
+    from m3search.plan import SearchPlan, check_bool, check_group
+
+    check_group(group, explain)
+    check_bool("exact", exact)
+    given = {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
+    given = {key: value for key, value in given.items() if value is not None}
+    plan = SearchPlan.build(k=k, filter=filter, explain=explain, **given)
+    body: dict[str, Any] = {"k": plan.k, "explain": explain, "group": group, **given}
+    if exact:  # only when asked: a server older than exact refuses the field (422)
+        body["exact"] = True
+    if weights is not None:  # as checked: plain floats and ints (NumPy's are not JSON)
+        body["weights"] = list(plan.weights)
+    if candidates is not None:
+        body["candidates"] = int(candidates)
+    if plan.filter is not None:
+        body["filter"] = to_json(plan.filter)
+    return body
+
+
+def _hits(answer: list[dict]) -> list:
+    """A search answer's hits as the library's :class:`~m3search.Hit` objects."""
+    from m3search.collection import Hit
+
+    hits = []
+    for h in answer:
+        hit = Hit(
+            id=h["id"],
+            score=h["score"],
+            text=h.get("text") or "",
+            metadata=h.get("metadata") or {},
+            scores=h.get("scores") or {},
+            explain=h.get("explain"),
+            window=h.get("window"),
+        )
+        for key, value in h.items():  # fields a newer server adds stay readable
+            if not hasattr(hit, key):
+                setattr(hit, key, value)
+        hits.append(hit)
+    return hits
 
 
 class M3SearchClient:
@@ -228,9 +275,13 @@ class M3SearchClient:
         return self._call("GET", "/info")
 
     def count(self, filter: Any = None) -> int:
-        """Number of documents. The HTTP API counts the whole collection only."""
-        if filter:
-            raise ValueError("counting with a filter is not available over HTTP (GET /info counts all documents)")
+        """Number of documents (matching ``filter``: ``POST /count``). Without a filter ``GET /info`` counts them,
+        so an older server, which has no ``/count``, still answers."""
+        from m3search.filters import parse_filter, to_json
+
+        checked = parse_filter(filter)  # the library's errors, before any request
+        if checked is not None:
+            return int(self._call("POST", "/count", json={"filter": to_json(checked)}, idempotent=True)["count"])
         collection = self.info().get("collection")
         if collection is None:
             raise ValueError(f"the server at {self.url} serves no collection (start it with --collection DIR)")
@@ -278,42 +329,44 @@ class M3SearchClient:
         candidates: int | None = None,
         filter: Any = None,
         explain: bool = False,
+        exact: bool = False,
         group: str = "document",
     ) -> list:
         """``POST /search``; the same arguments and hits as :meth:`m3search.Collection.search`
         (mode, fusion, weights, candidates left None: the served collection's defaults)."""
-        from m3search.collection import Hit
-        from m3search.filters import to_json
-        from m3search.plan import SearchPlan, check_group, check_query
+        from m3search.plan import check_query
 
         check_query(query)  # the library's errors, in its order, before any request
-        check_group(group, explain)
-        given = {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
-        given = {key: value for key, value in given.items() if value is not None}  # left out: the server's defaults
-        plan = SearchPlan.build(k=k, filter=filter, explain=explain, **given)
-        body: dict[str, Any] = {"query": query, "k": plan.k, "explain": explain, "group": group, **given}
-        if weights is not None:  # as checked: plain floats and ints (NumPy's are not JSON)
-            body["weights"] = list(plan.weights)
-        if candidates is not None:
-            body["candidates"] = int(candidates)
-        if plan.filter is not None:
-            body["filter"] = to_json(plan.filter)
-        hits = []
-        for h in self._call("POST", "/search", json=body, idempotent=True)["hits"]:
-            hit = Hit(
-                id=h["id"],
-                score=h["score"],
-                text=h.get("text") or "",
-                metadata=h.get("metadata") or {},
-                scores=h.get("scores") or {},
-                explain=h.get("explain"),
-                window=h.get("window"),
-            )
-            for key, value in h.items():  # fields a newer server adds stay readable
-                if not hasattr(hit, key):
-                    setattr(hit, key, value)
-            hits.append(hit)
-        return hits
+        options = _search_options(k, mode, fusion, weights, candidates, filter, explain, exact, group)
+        return _hits(self._call("POST", "/search", json={"query": query, **options}, idempotent=True)["hits"])
+
+    def search_batch(
+        self,
+        queries: Sequence[str],
+        *,
+        k: int = 10,
+        mode: str | None = None,
+        fusion: str | None = None,
+        weights: Sequence[float] | None = None,
+        candidates: int | None = None,
+        filter: Any = None,
+        explain: bool = False,
+        exact: bool = False,
+        group: str = "document",
+    ) -> list[list]:
+        """``POST /search/batch``; one hit list per query, as :meth:`m3search.Collection.search_batch` (queries
+        over the server's ``max_batch`` or ``max_body_bytes`` are sent in parts, each encoded together)."""
+        from m3search.plan import check_queries
+
+        queries = check_queries(queries)
+        options = _search_options(k, mode, fusion, weights, candidates, filter, explain, exact, group)
+        if not queries:  # as the library: the arguments checked, nothing to search
+            return []
+        out: list[list] = []
+        for part in self._parts(queries, options, "queries", lambda j: f"queries[{j}]"):
+            answer = self._call("POST", "/search/batch", json={**options, "queries": part}, idempotent=True)
+            out += [_hits(hits) for hits in answer["hits"]]
+        return out
 
     # ---------------------------------------------------------------------- writes
     def add(

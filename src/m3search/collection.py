@@ -81,9 +81,11 @@ from m3search.plan import (
     DEFAULT_WEIGHTS,
     MODES,
     SearchPlan,
+    check_bool,
     check_deadline,
     check_group,
     check_int,
+    check_queries,
     check_query,
     check_text,
     check_texts,
@@ -1150,12 +1152,9 @@ class Collection:
 
         ``query_embeddings``: precomputed M3Embeddings of ``queries`` (skips encoding).
         """
-        if isinstance(queries, str) or not isinstance(queries, Sequence):
-            raise TypeError("queries must be a list of strings (use search() for one)")
-        queries = [check_query(q) for q in queries]
+        queries = check_queries(queries)
         check_group(group, explain)
-        if not isinstance(exact, bool):  # as explain (plan.py)
-            raise TypeError(f"exact must be true or false, not {type(exact).__name__}")
+        check_bool("exact", exact)
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,

@@ -59,7 +59,9 @@ __all__ = [
     "check_weights",
     "check_mode_total",
     "check_query",
+    "check_queries",
     "check_group",
+    "check_bool",
     "check_text",
     "check_texts",
     "repeated",
@@ -206,6 +208,20 @@ def check_query(query: Any) -> str:
     return query
 
 
+def check_queries(queries: Any) -> list[str]:
+    """A list of queries (any sequence but a string: one query is ``search``'s), each a :func:`check_query`."""
+    if isinstance(queries, str) or not isinstance(queries, Sequence):
+        raise TypeError("queries must be a list of strings (use search() for one)")
+    return [check_query(q) for q in queries]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (a string such as ``"no"`` would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, not {type(value).__name__}")
+    return value
+
+
 def check_group(group: Any, explain: Any) -> None:
     """``group`` is one of :data:`GROUPS`; ``explain`` is given for documents only."""
     if group not in GROUPS:
@@ -299,8 +315,7 @@ class SearchPlan:
         default_weights: Sequence[float] = DEFAULT_WEIGHTS,
     ) -> SearchPlan:
         modes = parse_mode(mode)
-        if not isinstance(explain, bool):
-            raise TypeError(f"explain must be true or false, not {type(explain).__name__}")
+        check_bool("explain", explain)
         if not isinstance(fusion, str) or fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         w = check_weights(default_weights if weights is None else weights)

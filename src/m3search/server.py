@@ -76,7 +76,7 @@ from .plan import (
     DeadlineExceeded,
     LimitExceededError,
     check_limit,
-    check_query,
+    check_queries,
     check_text,
     deadline,
     repeated,
@@ -108,7 +108,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     api_key: str | None = None
-    #: Most texts (or documents, or ids) in one request.
+    #: Most texts (or queries, documents, ids) in one request.
     max_batch: int = 256
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = 16 * _MB
@@ -745,8 +745,9 @@ class DocumentOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class SearchRequest(_Strict):
-    query: str = Field(min_length=1)
+class _SearchOptions(_Strict):
+    """Every argument of ``Collection.search`` but the query: ``/search`` and ``/search/batch`` share them."""
+
     k: int = Field(10, ge=1, description=f"Hits to return (at most {MAX_K}; the server may set a lower limit: 413).")
     # mode / fusion / weights / candidates left out: the collection's defaults (`m3search tune` may set them)
     mode: str | None = Field(  # checked by the library (parse_mode): "ALL" and "dense + sparse" are modes there too
@@ -765,9 +766,26 @@ class SearchRequest(_Strict):
     )
     filter: dict[str, Any] | None = Field(None, description='e.g. {"lang": "en", "year": {"gte": 2020}}')
     explain: bool = False
+    exact: bool = Field(
+        False, description="Find the dense candidates by a full scan, not the HNSW index (slower, never misses one)."
+    )
     group: Literal[GROUPS] = Field(  # type: ignore[valid-type]
         "document", description="document: documents with their best window; passage: the best windows themselves."
     )
+
+
+class SearchRequest(_SearchOptions):
+    query: str = Field(min_length=1)
+
+
+class BatchSearchRequest(_SearchOptions):
+    queries: list[Annotated[str, Field(min_length=1)]] = Field(
+        description="Encoded together; at most the server's max_batch (413)."
+    )
+
+
+class CountRequest(_Strict):
+    filter: dict[str, Any] | None = Field(None, description="Count the documents it matches (none: all).")
 
 
 class HitOut(BaseModel):
@@ -784,6 +802,14 @@ class HitOut(BaseModel):
 
 class SearchResponse(BaseModel):
     hits: list[HitOut]
+
+
+class BatchSearchResponse(BaseModel):
+    hits: list[list[HitOut]] = Field(description="One hit list per query, in the order of `queries`.")
+
+
+class CountResponse(BaseModel):
+    count: int
 
 
 class Health(BaseModel):
@@ -863,6 +889,45 @@ async def _encode(request: Request, texts: list[str], **options: Any):
     batcher = request.app.state.batcher
     with batcher.foreground():
         return await batcher.encode_async(texts, gone=gone, **options)
+
+
+async def _search(
+    request: Request, res: Resources, settings: Settings, body: _SearchOptions, queries: list[str]
+) -> list[list[HitOut]]:
+    """``Collection.search_batch`` of ``queries`` with ``body``'s options: the one path of both search routes.
+    Every argument is checked before the queries are queued; the queries are encoded together, at query
+    priority, and no ingest round or write starts until the hits are ready."""
+    check_limit("k", body.k, settings.max_k)
+    if body.candidates is not None:
+        check_limit("candidates", body.candidates, settings.max_candidates)
+    coll = res.collection
+    options = body.model_dump(include=set(_SearchOptions.model_fields))
+    check_queries(queries)
+    coll.search_batch([], **options)  # checks every option (no query: no work) before the queries are queued
+    if not queries:
+        return []
+    started = time.monotonic()  # the encoding's wait and work count too
+
+    def run(emb: Any) -> list[list]:
+        with deadline(settings.search_timeout, since=started):
+            return coll.search_batch(queries, query_embeddings=emb, **options)
+
+    with request.app.state.batcher.foreground():
+        try:  # the search's time limit bounds the wait for the encoder too
+            emb = await _encode(
+                request,
+                queries,
+                max_length=coll.settings["query_max_length"],
+                timeout=min(settings.request_timeout, settings.search_timeout),
+            )
+        except RequestTimeout:
+            if settings.request_timeout < settings.search_timeout:
+                raise  # the server's queue bound came first: 503, busy
+            raise DeadlineExceeded(
+                f"search stopped before encoding: it ran over its time limit of {settings.search_timeout:g} s"
+            ) from None
+        lists = await run_in_threadpool(run, emb)
+    return [[HitOut(**_finite(h.to_dict())) for h in hits] for hits in lists]
 
 
 def _b64(rows: Any) -> str:
@@ -1118,45 +1183,25 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     async def search(
         body: SearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
     ) -> SearchResponse:
-        """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain, group)."""
-        check_limit("k", body.k, settings.max_k)
-        if body.candidates is not None:
-            check_limit("candidates", body.candidates, settings.max_candidates)
-        coll = res.collection
-        options = dict(
-            k=body.k,
-            mode=body.mode,
-            fusion=body.fusion,
-            weights=tuple(body.weights) if body.weights is not None else None,
-            candidates=body.candidates,
-            filter=body.filter,
-            explain=body.explain,
-            group=body.group,
-        )
-        check_query(body.query)
-        coll.search_batch([], **options)  # checks every option (no query: no work) before the query is queued
-        started = time.monotonic()  # the encoding's wait and work count too
+        """Hybrid search: every argument of ``Collection.search`` (mode, fusion, weights, candidates, filter, explain,
+        exact, group)."""
+        return SearchResponse(hits=(await _search(request, res, settings, body, [body.query]))[0])
 
-        def run(emb: Any) -> list:
-            with deadline(settings.search_timeout, since=started):
-                return coll.search_batch([body.query], query_embeddings=emb, **options)[0]
+    @api.post(
+        "/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=_errors(409, *_ENCODING, 504)
+    )
+    async def search_batch(
+        body: BatchSearchRequest, request: Request, res: CollectionDep, settings: SettingsDep
+    ) -> BatchSearchResponse:
+        """``Collection.search_batch``: several queries with one set of ``/search``'s arguments, encoded together
+        (at most ``max_batch``; the search's time limit is the whole batch's)."""
+        _check_batch(len(body.queries), settings, "queries")
+        return BatchSearchResponse(hits=await _search(request, res, settings, body, body.queries))
 
-        with request.app.state.batcher.foreground():  # no ingest round or write starts until the hits are ready
-            try:  # the search's time limit bounds the wait for the encoder too
-                emb = await _encode(
-                    request,
-                    [body.query],
-                    max_length=coll.settings["query_max_length"],
-                    timeout=min(settings.request_timeout, settings.search_timeout),
-                )
-            except RequestTimeout:
-                if settings.request_timeout < settings.search_timeout:
-                    raise  # the server's queue bound came first: 503, busy
-                raise DeadlineExceeded(
-                    f"search stopped before encoding: it ran over its time limit of {settings.search_timeout:g} s"
-                ) from None
-            hits = await run_in_threadpool(run, emb)
-        return SearchResponse(hits=[HitOut(**_finite(h.to_dict())) for h in hits])
+    @api.post("/count", response_model=CountResponse, tags=["search"], responses=_errors(409))
+    def count(body: CountRequest, res: CollectionDep) -> CountResponse:
+        """Documents matching ``filter`` (``Collection.count``; without one, ``GET /info`` counts them too)."""
+        return CountResponse(count=res.collection.count(body.filter))
 
     @api.get("/metrics", tags=["service"], response_class=Response)
     def prometheus_metrics() -> Response:

@@ -140,16 +140,14 @@ def delete_matching(backend: Any, filter: Any) -> list[str]:
     """Delete every document matching ``filter`` (None: all); returns their ids.
 
     The public API has no "ids matching a filter" (no scroll, no delete by filter), so this
-    deletes the hits of filtered dense searches until one finds nothing. On a Collection the
-    search is exact (a full scan), so each round finds up to ``_ROUND`` matches.
+    deletes the hits of filtered dense searches until one finds nothing. The search is exact
+    (a full scan), so each round finds up to ``_ROUND`` matches (fewer on a server whose ``max_k`` is lower).
     """
     gone: list[str] = []
     seen: set[str] = set()
-    extra, k = {"exact": True}, _ROUND
-    if is_remote(backend):  # a server searches as it is set up, and may take less than _ROUND at once
-        extra, k = {}, min(_ROUND, int(backend.limits.get("max_k", _ROUND)))
+    k = min(_ROUND, int(backend.limits.get("max_k", _ROUND))) if is_remote(backend) else _ROUND
     while True:
-        hits = backend.search("*", k=k, mode="dense", filter=filter, **extra)
+        hits = backend.search("*", k=k, mode="dense", filter=filter, exact=True)
         ids = [h.id for h in hits if h.id not in seen]
         if not ids:
             if hits:
