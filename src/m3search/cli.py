@@ -1041,7 +1041,13 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     default=None,
     help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health and the API docs (/docs, /redoc, /openapi.json).",
 )
-@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1), help="Most texts per request.")
+@click.option(
+    "--max-batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most texts (or queries, documents, ids) per request.",
+)
 @click.option("--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest body.")
 @click.option(
     "--timeout",

@@ -235,7 +235,7 @@ class M3SearchClient:
 
     @property
     def max_batch(self) -> int:
-        """Most texts / documents / ids per request, as the server reports it."""
+        """Most texts / queries / documents / ids per request, as the server reports it."""
         return int(self.limits.get("max_batch", _DEFAULT_MAX_BATCH))
 
     @property
