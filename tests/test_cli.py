@@ -672,6 +672,12 @@ def test_search_through_a_server_prints_the_servers_hits(indexed, tmp_path):
             assert hits == served
             text = cli("search", query, "-c", str(indexed), *opts).stdout
             assert text == "".join(line + "\n" for rank, h in enumerate(served, 1) for line in format_hit(rank, h))
+        # --queries goes through the server too (POST /search/batch): the server's hits for every query
+        body = {"queries": RUN_QUERIES, "k": 3, "fusion": "rrf", "filter": {"not": {"year": 2024}}}
+        served = httpx.post(record["url"] + "/search/batch", json=body, timeout=60).json()["hits"]
+        opts = ["-k", "3", "--fusion", "rrf", "--filter", '{"not": {"year": 2024}}', "--json"]
+        got = one_json(cli("search", "--queries", str(_queries_file(tmp_path)), "-c", str(indexed), *opts))["results"]
+        assert [(r["id"], r["hits"]) for r in got] == list(zip(RUN_IDS, served)) and all(served)
         # the server refuses k above its max_k (1,000): its message, on one line, naming it
         p = cli("search", query, "-c", str(indexed), "-k", "5000", check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
@@ -1182,3 +1188,163 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
     for args in (["serve", "-c", str(plain)], ["search", "q", "-c", str(plain)], ["info", "-c", str(plain)]):
         got = _invoke(*args)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
+
+
+# ---------------------------------------------------------------------------------------------- search --queries
+
+RUN_QUERIES = [
+    "pressure distribution on a wing in supersonic flow",
+    "heat transfer in laminar flow",
+    "boundary layer transition",
+    "buckling of thin cylindrical shells",
+    "flutter of panels",
+]
+#: Their ids in run_queries.txt: line numbers (line 2 is blank).
+RUN_IDS = ["1", "3", "4", "5", "6"]
+RUN_OPTS = ["-k", "4", "--mode", "all", "--weights", "0.5,0.2,0.3", "--candidates", "30", "--dtype", "float32"]
+
+
+def _queries_file(folder: Path) -> Path:
+    path = folder / "run_queries.txt"
+    path.write_text(RUN_QUERIES[0] + "\n\n" + "\n".join(RUN_QUERIES[1:]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_search_queries_gives_each_query_its_own_search(indexed, tiny_encoder, tmp_path, monkeypatch):
+    """`m3search search` took one QUERY: a query set had no command giving its hits or a TREC run. --queries
+    searches every query of a file in batches (three here, the last one short), each as Collection.search
+    would with the same options; --json is one object, --trec a run trec_eval reads."""
+    from helpers import exact
+
+    from m3search import Collection
+    from m3search.cli import format_hit
+
+    monkeypatch.setattr("m3search.cli.QUERY_BATCH", 2)
+    queries = _queries_file(tmp_path)
+    run = _invoke("search", "--queries", str(queries), "-c", str(indexed), *RUN_OPTS, "--json")
+    assert run.exit_code == 0, run.output
+    got = json.loads(run.stdout)["results"]
+    assert [(r["id"], r["query"]) for r in got] == list(zip(RUN_IDS, RUN_QUERIES))
+    with Collection.open(indexed, model=tiny_encoder) as col:
+        options = {"k": 4, "mode": "all", "weights": (0.5, 0.2, 0.3), "candidates": 30}
+        want = [[h.to_dict() for h in col.search(q, **options)] for q in RUN_QUERIES]
+    for r, w in zip(got, want):
+        assert [h["id"] for h in r["hits"]] == [h["id"] for h in w] and len(w) == 4
+        assert [h["score"] for h in r["hits"]] == exact([h["score"] for h in w])
+        assert [h["text"] for h in r["hits"]] == [h["text"] for h in w]
+
+    text = _invoke("search", "--queries", str(queries), "-c", str(indexed), *RUN_OPTS)
+    assert text.exit_code == 0, text.output
+    blocks = text.stdout.split("\n\n")
+    assert len(blocks) == len(RUN_IDS) + 1 and blocks[-1] == ""
+    for block, r in zip(blocks, got):
+        lines = [line for rank, h in enumerate(r["hits"], 1) for line in format_hit(rank, h)]
+        assert block.splitlines() == [f"query {r['id']}: {r['query']}", *lines]
+
+    trec = _invoke("search", "--queries", str(queries), "-c", str(indexed), *RUN_OPTS, "--trec", "m3-all")
+    assert trec.exit_code == 0, trec.output
+    rows = [line.split(" ") for line in trec.stdout.splitlines()]
+    assert all(len(row) == 6 and row[1] == "Q0" and row[5] == "m3-all" for row in rows)
+    for r in got:
+        mine = [row for row in rows if row[0] == r["id"]]
+        assert [row[2] for row in mine] == [h["id"] for h in r["hits"]]
+        assert [int(row[3]) for row in mine] == list(range(1, len(r["hits"]) + 1))
+        scores = [float(row[4]) for row in mine]
+        assert scores == [h["score"] for h in r["hits"]] and scores == sorted(scores, reverse=True)
+    assert [row[0] for row in rows] == [q for q in RUN_IDS for _ in range(4)]
+
+
+def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_path):
+    """`--queries -` reads standard input as `index -` does (spooled; --format txt or jsonl, plain or gzip)."""
+    import gzip
+
+    plain = _queries_file(tmp_path).read_bytes()
+    want = _invoke("search", "--queries", str(tmp_path / "run_queries.txt"), "-c", str(indexed), *RUN_OPTS, "--json")
+    assert want.exit_code == 0, want.output
+    for piped in (plain, gzip.compress(plain)):
+        got = _invoke(
+            "search", "--queries", "-", "--format", "txt", "-c", str(indexed), *RUN_OPTS, "--json", stdin=piped
+        )
+        assert got.exit_code == 0, got.output
+        assert got.stdout == want.stdout
+    beir = "".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n" for i, q in zip(RUN_IDS, RUN_QUERIES)).encode()
+    got = _invoke("search", "--queries", "-", "--format", "jsonl", "-c", str(indexed), *RUN_OPTS, "--json", stdin=beir)
+    assert got.exit_code == 0, got.output
+    results = json.loads(got.stdout)["results"]
+    assert [r["id"] for r in results] == [f"q{i}" for i in RUN_IDS]
+    assert [r["hits"] for r in results] == [r["hits"] for r in json.loads(want.stdout)["results"]]
+
+
+@pytest.mark.parametrize(
+    "args, stdin, code, message",
+    [
+        (["x", "--queries", "<txt>"], None, 2, "give QUERY or --queries FILE, not both"),
+        ([], None, 2, "missing QUERY (or --queries FILE)"),
+        (["--queries", "<txt>", "--trec", "r", "--json"], None, 2, "--trec and --json are two outputs"),
+        (["--queries", "<txt>", "--trec", "r", "--group", "passage"], None, 2, "--group passage gives passages"),
+        (["--queries", "<txt>", "--trec", "r", "--explain"], None, 2, "no place for --explain"),
+        (["--queries", "<txt>", "--trec", "my run"], None, 2, "run name 'my run' cannot be a column of a TREC"),
+        (["x", "--trec", "r"], None, 2, "--trec writes the run of --queries FILE"),
+        (["x", "--format", "txt"], None, 2, "--format applies to standard input (--queries -) only"),
+        (["--queries", "<txt>", "--format", "txt"], None, 2, "--format applies to standard input (-) only"),
+        (["--queries", "-"], b"a\n", 2, "--queries - (standard input) needs --format txt|jsonl"),
+        (["--queries", "<missing>"], None, 2, "does not exist"),
+        (["--queries", "<dup>"], None, 1, "duplicate ids in source: ['q1']"),
+        (["--queries", "<empty_query>"], None, 1, "bad.jsonl:2: query 'q2': query is empty"),
+        (["--queries", "-", "--format", "txt"], b"\n \n", 1, "standard input holds no query"),
+    ],
+)
+def test_search_queries_errors_are_clear(tmp_path, args, stdin, code, message):
+    """Usage errors exit 2, a bad query file 1, each naming the problem, without a traceback and before any
+    collection opens (there is none here); with --json, the error is the one JSON object on stdout."""
+    (tmp_path / "dup.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": ""}\n')
+    fill = {"<txt>": _queries_file(tmp_path), "<missing>": tmp_path / "none.txt"}
+    fill |= {"<dup>": tmp_path / "dup.jsonl", "<empty_query>": tmp_path / "bad.jsonl"}
+    argv = ["search", *(str(fill.get(a, a)) for a in args), "-c", str(tmp_path / "no-collection")]
+    got = _invoke(*argv, stdin=stdin)
+    assert got.exit_code == code and isinstance(got.exception, SystemExit), got.output
+    assert message in " ".join(got.stderr.split()), got.stderr
+    assert got.stdout == "" or "--json" in argv
+    if "--trec" in argv and "--json" not in argv:
+        return  # (with --json, another usage error: the case above)
+    as_json = got if "--json" in argv else _invoke(*argv, "--json", stdin=stdin)
+    error = json.loads(as_json.stdout)["error"]
+    assert error["exit_code"] == code and message in " ".join(error["message"].split())
+
+
+def test_search_queries_prints_nothing_but_the_error_when_a_batch_fails(indexed, tmp_path, monkeypatch):
+    """A failure after some batches were searched leaves no partial output: a run file that looks whole, or a
+    --json that is not the one object promised (a part of the results followed by the error object)."""
+    from m3search.cli import _Local
+
+    monkeypatch.setattr("m3search.cli.QUERY_BATCH", 2)
+    search_batch, calls = _Local.search_batch, []
+
+    def failing(self, queries, **kwargs):
+        calls.append(len(queries))
+        if len(calls) == 2:
+            raise RuntimeError("the engine went away")
+        return search_batch(self, queries, **kwargs)
+
+    monkeypatch.setattr(_Local, "search_batch", failing)
+    for output in (["--json"], ["--trec", "r"], []):
+        calls.clear()
+        got = _invoke("search", "--queries", str(_queries_file(tmp_path)), "-c", str(indexed), *output)
+        assert got.exit_code == 1 and calls == [2, 2] and "the engine went away" in got.stderr, got.output
+        if output == ["--json"]:
+            assert list(json.loads(got.stdout)) == ["error"]
+        else:
+            assert got.stdout == ""
+
+
+def test_a_trec_column_holds_no_whitespace():
+    """trec_eval splits a run's lines at whitespace: an id holding some would shift every column after it."""
+    from m3search.cli import trec_lines
+
+    hits = [{"id": "d1", "score": 0.5}, {"id": "notes/a b.txt", "score": 0.25}]
+    assert trec_lines("q1", hits[:1], "run") == ["q1 Q0 d1 1 0.5 run"]
+    with pytest.raises(ValueError, match="document id 'notes/a b.txt' cannot be a column of a TREC run"):
+        trec_lines("q1", hits, "run")
+    with pytest.raises(ValueError, match="query id 'q 1' cannot"):
+        trec_lines("q 1", hits[:1], "run")

@@ -249,3 +249,10 @@ def test_the_filter_nesting_limit_is_stated_exactly():
     parse_filter(nested)
     with pytest.raises(ValueError, match=f"at most {levels} levels"):
         parse_filter({"not": nested})
+
+
+def test_the_query_batch_is_the_documented_one():
+    from m3search.cli import QUERY_BATCH
+
+    said = re.findall(r"searched (\d+) at a time\s+\(`m3search.cli.QUERY_BATCH`", DOCS["docs/usage.md"])
+    assert said == [str(QUERY_BATCH)]

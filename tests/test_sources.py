@@ -386,3 +386,56 @@ def test_a_beir_folder_with_a_gzipped_corpus_is_refused_naming_it(tmp_path):
     (tmp_path / "x.parquet.gz").write_bytes(b"")
     with pytest.raises(ValueError, match=r"unknown file type '.parquet.gz' \(expected .jsonl, .csv, .tsv, each"):
         read_source(tmp_path / "x.parquet.gz")
+
+
+# ---------------------------------------------------------------- query files (search --queries)
+
+
+def test_query_files_are_text_lines_or_beir_queries(tmp_path):
+    """`search --queries` reads a .txt file (one query per line, id = its line number, blank lines skipped) or
+    BEIR's queries.jsonl (``_id`` or ``id``, ``text``; also its folder), each optionally .gz, as the corpus readers
+    do (a BOM skipped)."""
+    import gzip
+
+    from m3search.sources import read_queries
+
+    (tmp_path / "q.txt").write_bytes(b"\xef\xbb\xbfwing flutter\n\n  heat transfer \r\nshells\n")
+    assert [(r.id, r.text) for r in read_queries(tmp_path / "q.txt")] == [
+        ("1", "wing flutter"),
+        ("3", "heat transfer"),
+        ("4", "shells"),
+    ]
+    (tmp_path / "q.txt.gz").write_bytes(gzip.compress(b"a\n\nb\n"))
+    assert [(r.id, r.text) for r in read_queries(tmp_path / "q.txt.gz")] == [("1", "a"), ("3", "b")]
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    lines = '{"_id": "q1", "text": "wing flutter", "metadata": {"x": 1}}\n\n{"id": 7, "text": "shells"}\n'
+    (beir / "queries.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    for path in (beir, beir / "queries.jsonl.gz"):
+        got = list(read_queries(path))
+        assert [(r.id, r.text, r.metadata) for r in got] == [("q1", "wing flutter", {}), ("7", "shells", {})]
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        (
+            "q.jsonl",
+            b'{"_id": "q1", "text": "a"}\n\n{"_id": "q2", "text": " "}\n',
+            "q.jsonl:3: query 'q2': query is empty",
+        ),
+        ("q.jsonl", b'{"_id": "q1", "text": null}\n', "q.jsonl:1: query 'q1': query is empty"),
+        ("q.jsonl", b'{"_id": "q1", "title": "a"}\n', r"q.jsonl:1: text field\(s\) \['text'\] missing"),
+        ("q.txt", b"a\n\xff\n", "q.txt:2: not UTF-8 text"),
+        ("q.csv", b"id,text\n1,a\n", r"unknown file type '.csv' \(expected .txt"),
+        ("none", None, "holds queries.jsonl"),
+    ],
+)
+def test_query_file_errors_name_their_place(tmp_path, name, content, match):
+    """An empty query is refused as a search refuses it, naming its line and id (before any search)."""
+    from m3search.sources import read_queries
+
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        list(read_queries(path))

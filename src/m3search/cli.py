@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -35,7 +36,7 @@ import click
 
 from . import serverfile
 from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
-from .sources import STDIN, STREAM_FORMATS
+from .sources import QUERY_FORMATS, STDIN, STREAM_FORMATS
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 
@@ -248,6 +249,9 @@ class _Local:
     def search(self, query: str, **kwargs: Any) -> list[dict]:
         return [h.to_dict() for h in self.collection.search(query, **kwargs)]
 
+    def search_batch(self, queries: list[str], **kwargs: Any) -> list[list[dict]]:
+        return [[h.to_dict() for h in hits] for hits in self.collection.search_batch(queries, **kwargs)]
+
     def upsert(self, records: Sequence[Any]) -> None:
         self.collection.upsert(
             [r.text for r in records],
@@ -287,6 +291,9 @@ class _Remote:
 
     def search(self, query: str, **kwargs: Any) -> list[dict]:
         return [h.to_dict() for h in self.client.search(query, **kwargs)]
+
+    def search_batch(self, queries: list[str], **kwargs: Any) -> list[list[dict]]:
+        return [[h.to_dict() for h in hits] for hits in self.client.search_batch(queries, **kwargs)]
 
     def upsert(self, records: Sequence[Any]) -> None:
         self.client.upsert(
@@ -361,19 +368,21 @@ def _interrupts() -> Iterator[Callable[[], None]]:
 
 
 @contextlib.contextmanager
-def _source_path(source: str, fmt: str | None) -> Iterator[str | Path]:
-    """SOURCE as a path that can be read twice: standard input (``-``, read as ``fmt``) spooled to a temporary
-    file for the block (:func:`~m3search.sources.spooled`)."""
+def _source_path(
+    source: str, fmt: str | None, what: str = "SOURCE", formats: Sequence[str] = STREAM_FORMATS
+) -> Iterator[str | Path]:
+    """``what`` (SOURCE) as a path that can be read twice: standard input (``-``, read as ``fmt``, one of
+    ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`)."""
     if source != STDIN:
         if fmt is not None:
             raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
         yield source
         return
     if fmt is None:
-        raise click.UsageError(f"SOURCE {STDIN} (standard input) needs --format {'|'.join(STREAM_FORMATS)}")
+        raise click.UsageError(f"{what} {STDIN} (standard input) needs --format {'|'.join(formats)}")
     from .sources import spooled
 
-    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt) as path:
+    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt, formats) as path:
         yield path
 
 
@@ -777,8 +786,52 @@ def index(
         click.echo(f"indexed {n} documents into {collection} ({total} in total) in {seconds:.1f} s via {target.via}")
 
 
+#: Queries read, searched (encoded together) and written out at a time by ``search --queries``: memory holds one
+#: batch's hits, whatever the number of queries.
+QUERY_BATCH = 64
+
+
+def _trec_word(value: str, what: str) -> str:
+    """``value`` if it can be a column of a TREC run (columns are split at whitespace), else a ValueError naming it."""
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"{what} {value!r} cannot be a column of a TREC run (empty, or holds whitespace)")
+    return value
+
+
+def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
+    """click callback: a run name is one TREC column."""
+    try:
+        return None if value is None else _trec_word(value, "run name")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
-@click.argument("query")
+@click.argument("query", required=False)
+@click.option(
+    "--queries",
+    "queries_file",
+    default=None,
+    metavar="FILE",
+    type=click.Path(exists=True, allow_dash=True),
+    help="Search every query of FILE instead of QUERY: .txt (one query per line, id = line number) or BEIR's "
+    f"queries.jsonl (_id, text) or its folder, plain or .gz; {STDIN}: standard input, in the --format given.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    type=click.Choice(QUERY_FORMATS),
+    help=f"Format of standard input (--queries {STDIN}): txt, one query per line, or jsonl; plain or gzip.",
+)
+@click.option(
+    "--trec",
+    "run_name",
+    default=None,
+    metavar="RUN_NAME",
+    callback=_parse_run_name,
+    help="With --queries: print a TREC run (qid Q0 docid rank score RUN_NAME) for trec_eval or ranx.",
+)
 @collection_option
 @model_option
 @click.option(
@@ -827,6 +880,9 @@ def index(
 @json_option
 def search(
     query,
+    queries_file,
+    fmt,
+    run_name,
     collection,
     model,
     mode,
@@ -843,31 +899,104 @@ def search(
     api_key,
     as_json,
 ):
-    """Search the collection for QUERY."""
+    """Search the collection for QUERY, or for each query of --queries FILE (in batches, each query with every
+    option given; printed once all are searched: with --json as {"results": [{"id", "query", "hits"}, ...]})."""
+    refused = (
+        (fmt is not None and queries_file is None, f"--format applies to standard input (--queries {STDIN}) only"),
+        (run_name is not None and queries_file is None, "--trec writes the run of --queries FILE"),
+        (run_name is not None and as_json, "--trec and --json are two outputs: give one"),
+        (run_name is not None and group == "passage", "--trec lists documents: --group passage gives passages"),
+        (run_name is not None and explain, "a TREC run has no place for --explain's details: leave one out"),
+    )
+    if (query is None) == (queries_file is None):
+        raise click.UsageError(
+            "give QUERY or --queries FILE, not both" if query is not None else "missing QUERY (or --queries FILE)"
+        )
+    for bad, message in refused:
+        if bad:
+            raise click.UsageError(message)
+    options = {"k": k, "mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
+    options |= {"filter": filter_, "explain": explain, "exact": exact, "group": group}
+    open_target = functools.partial(_open_target, collection, model=model, api_key=api_key, device=device, dtype=dtype)
     with _errors():
-        target = _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype)
+        if queries_file is not None:
+            return _search_queries(open_target, queries_file, fmt, options, run_name=run_name, as_json=as_json)
+        target = open_target()
         try:
-            hits = target.search(
-                query,
-                k=k,
-                mode=mode,
-                fusion=fusion,
-                weights=weights,
-                candidates=candidates,
-                filter=filter_,
-                explain=explain,
-                exact=exact,
-                group=group,
-            )
+            hits = target.search(query, **options)
         finally:
             target.close()
     if as_json:
         _emit({"hits": hits})
-        return
-    if not hits:
-        click.echo("no hits")
-    for rank, h in enumerate(hits, 1):
-        click.echo("\n".join(format_hit(rank, h, passage=group == "passage")))
+    else:
+        click.echo("\n".join(_hit_lines(hits, group == "passage")))
+
+
+def _search_queries(
+    open_target: Callable[[], Any],
+    source: str,
+    fmt: str | None,
+    options: dict[str, Any],
+    *,
+    run_name: str | None,
+    as_json: bool,
+) -> None:
+    """``search --queries``: every query is read and checked first (ids unique, none empty: an error before any
+    search), then searched QUERY_BATCH at a time. The output waits in a temporary file until the last query is
+    searched: ``--json`` stays one JSON object, and a failure part-way prints nothing (no run that looks whole)."""
+    from tqdm import tqdm
+
+    from .sources import check_source, iter_batches, read_queries
+
+    with _source_path(source, fmt, "--queries", QUERY_FORMATS) as path:
+        n = check_source(read_queries(path), QUERY_BATCH)
+        if not n:
+            raise click.ClickException(f"{'standard input' if source == STDIN else source} holds no query")
+        target = open_target()
+        try:
+            with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as out:
+                written = 0
+                progress = None if n > QUERY_BATCH else True  # (None: a bar where stderr is a terminal)
+                with tqdm(total=n, unit="query", desc="search", file=sys.stderr, disable=progress) as bar:
+                    for batch in iter_batches(read_queries(path), QUERY_BATCH):
+                        for rec, hits in zip(batch, target.search_batch([r.text for r in batch], **options)):
+                            entry = _run_entry(rec.id, rec.text, hits, run_name, as_json, options["group"])
+                            out.write(("," if as_json and written else "") + entry)
+                            written += 1
+                        bar.update(len(batch))
+                out.seek(0)
+                head, tail = ('{"results": [', "]}\n") if as_json else ("", "")
+                click.echo(head, nl=False)
+                for chunk in iter(lambda: out.read(1 << 16), ""):
+                    click.echo(chunk, nl=False)
+                click.echo(tail, nl=False)
+        finally:
+            target.close()
+
+
+def _run_entry(qid: str, text: str, hits: list[dict], run_name: str | None, as_json: bool, group: str) -> str:
+    """One query's part of ``search --queries``' output: a JSON object, its TREC lines, or its id, text and hits."""
+    if as_json:
+        return json.dumps({"id": qid, "query": text, "hits": hits}, ensure_ascii=False)
+    if run_name is not None:
+        return "".join(line + "\n" for line in trec_lines(qid, hits, run_name))
+    head = _clip(f"query {qid}: {' '.join(text.split())}", WIDTH)
+    return "\n".join([head, *_hit_lines(hits, group == "passage"), "", ""])
+
+
+def trec_lines(qid: str, hits: Sequence[dict], run_name: str) -> list[str]:
+    """One query's hits (``Hit.to_dict()`` form) as TREC run lines, ``qid Q0 docid rank score run_name``: rank from 1
+    in the order returned, the score in full. (trec_eval orders by score itself, ties by document id descending.)"""
+    qid = _trec_word(qid, "query id")
+    return [
+        f"{qid} Q0 {_trec_word(h['id'], 'document id')} {rank} {float(h['score'])!r} {run_name}"
+        for rank, h in enumerate(hits, 1)
+    ]
+
+
+def _hit_lines(hits: Sequence[dict], passage: bool) -> list[str]:
+    """A search's hits as terminal lines (:func:`format_hit`), or that there are none."""
+    return [line for rank, h in enumerate(hits, 1) for line in format_hit(rank, h, passage=passage)] or ["no hits"]
 
 
 #: Terminal output is laid out for this many columns.

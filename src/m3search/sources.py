@@ -6,7 +6,9 @@ may be gzip-compressed (``corpus.jsonl.gz``: read as the file named without ``.g
 (``m3search index -``) is copied to a temporary file first (:func:`spooled`). Every reader
 yields :class:`Record` objects in file order, so ``m3search index`` can stream a
 source of any size in batches, and a re-run with the same source produces the
-same ids (the CLI upserts, so a re-run updates instead of duplicating).
+same ids (the CLI upserts, so a re-run updates instead of duplicating). The query files that
+``m3search search --queries`` reads (a .txt file, one query per line, or BEIR's queries.jsonl) are read by the
+same readers (:func:`read_queries`).
 
 Field rules (JSONL and CSV alike):
 
@@ -54,6 +56,7 @@ __all__ = [
     "open_bytes",
     "locate",
     "spooled",
+    "read_queries",
 ]
 
 #: File suffixes read from a folder source.
@@ -66,6 +69,10 @@ GZIP_SUFFIX = ".gz"
 #: The source that names standard input, and the formats it is read as (it has no suffix to say).
 STDIN = "-"
 STREAM_FORMATS = tuple(suffix[1:] for suffix in (JSONL_SUFFIXES[0], *TABLE_SUFFIXES))
+#: File suffixes of a query file read as one query per line (the others are JSON Lines: BEIR's queries.jsonl),
+#: and the formats standard input is read as for ``m3search search --queries -``.
+QUERY_LINE_SUFFIXES = (".txt",)
+QUERY_FORMATS = tuple(suffix[1:] for suffix in (*QUERY_LINE_SUFFIXES, JSONL_SUFFIXES[0]))
 #: The first bytes of every gzip stream (RFC 1952): how compressed standard input is told.
 GZIP_MAGIC = b"\x1f\x8b"
 _SPOOL_CHUNK = 1 << 20
@@ -167,15 +174,16 @@ def open_bytes(path: Path, name: str | None = None) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def spooled(stream: BinaryIO, fmt: str) -> Iterator[Path]:
-    """``stream`` copied, in chunks, to a temporary file read as ``fmt`` (one of :data:`STREAM_FORMATS`) and as
+def spooled(stream: BinaryIO, fmt: str, formats: Sequence[str] = STREAM_FORMATS) -> Iterator[Path]:
+    """``stream`` copied, in chunks, to a temporary file read as ``fmt`` (one of ``formats``) and as
     gzip when it starts with :data:`GZIP_MAGIC`; the file is removed when the block ends, also on an error or Ctrl-C.
 
-    Why: ``m3search index`` reads its source twice (checked whole before the first write), a pipe only once.
+    Why: ``m3search index`` reads its source twice (checked whole before the first write), a pipe only once
+    (``search --queries`` too, with :data:`QUERY_FORMATS`).
     The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it.
     """
-    if fmt not in STREAM_FORMATS:
-        raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(STREAM_FORMATS)})")
+    if fmt not in formats:
+        raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(formats)})")
     with tempfile.TemporaryDirectory(prefix="m3search-stdin-") as folder:
         head = stream.read(len(GZIP_MAGIC))
         path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head == GZIP_MAGIC else ''}"
@@ -209,7 +217,13 @@ def read_jsonl(
     ``metadata=False``: records carry none, and none is checked (eval stores no metadata: a value no
     collection stores, e.g. an integer beyond int64, refused a corpus it would never write).
     """
-    path = Path(path)
+    return (rec for _, rec in _placed_jsonl(Path(path), id_field, text_fields, metadata))
+
+
+def _placed_jsonl(
+    path: Path, id_field: str | None, text_fields: Sequence[str] | None, metadata: bool
+) -> Iterator[tuple[str, Record]]:
+    """:func:`read_jsonl`'s records, each with its place (``file:line``) for a later check to name."""
     number = 0
     for lineno, line in _utf8_lines(path):
         if not line.strip():
@@ -217,7 +231,46 @@ def read_jsonl(
         number += 1
         where = f"{path.name}:{lineno}"
         obj = json_object(line, where, first=number == 1)
-        yield _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
+        yield where, _to_record(obj, number, where, id_field, text_fields, metadata=metadata)
+
+
+def read_queries(path: str | Path) -> Iterator[Record]:
+    """The queries of a query file, in file order, as records (id, text; no metadata), each optionally .gz:
+
+    * ``.txt``: one query per line, stripped; blank lines are skipped; id = the line number;
+    * JSON Lines (BEIR's ``queries.jsonl``): id = ``_id`` or ``id`` (else the record number), text = ``text``;
+    * a BEIR folder: its ``queries.jsonl`` (or ``.gz``).
+
+    Each query is checked as a search checks one: an empty one is a :class:`SourceError` naming its line and id.
+    Ids are not checked for repeats here (:func:`check_source` does, over the whole file).
+    """
+    from m3search.plan import check_query
+
+    path = Path(path)
+    if path.is_dir():
+        if (found := locate(path, "queries.jsonl")) is None:
+            raise SourceError(
+                f"{path}: a folder of queries holds queries.jsonl (or queries.jsonl.gz); this one does not"
+            )
+        path = found
+    kind = _file_type(path)
+    if kind in QUERY_LINE_SUFFIXES:
+        placed = (
+            (f"{path.name}:{n}", Record(id=str(n), text=line.strip())) for n, line in _utf8_lines(path) if line.strip()
+        )
+    elif kind in JSONL_SUFFIXES:
+        placed = _placed_jsonl(path, None, ["text"], metadata=False)
+    else:
+        raise SourceError(
+            f"queries {str(path)!r}: unknown file type {kind + _gz(path)!r} (expected .txt, one query per line, or "
+            ".jsonl, BEIR's queries.jsonl; each optionally .gz)"
+        )
+    for where, rec in placed:
+        try:
+            check_query(rec.text)
+        except ValueError as exc:
+            raise SourceError(f"{where}: query {rec.id!r}: {exc}") from None
+        yield rec
 
 
 def json_object(line: str, where: str, *, first: bool = False) -> dict[str, Any]:
