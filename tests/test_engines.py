@@ -613,9 +613,9 @@ def test_location_options_are_read_from_a_server_url_only():
     """A server location's URL query gives engine options (the CLI has no other way); typed like JSON scalars."""
     from m3search.engines import location_options
 
-    loc, opts = location_options("qdrant://h:6333/docs?https=true&timeout=30&backoff=0.5&prefer_grpc=False&x=a")
+    loc, opts = location_options("qdrant://h:6333/docs?https=true&timeout=30&backoff=0.5&prefer_grpc=False&x=1")
     assert loc == "qdrant://h:6333/docs"
-    assert opts == {"https": True, "timeout": 30, "backoff": 0.5, "prefer_grpc": False, "x": "a"}
+    assert opts == {"https": True, "timeout": 30, "backoff": 0.5, "prefer_grpc": False, "x": 1}
     assert type(opts["timeout"]) is int and type(opts["backoff"]) is float
     assert location_options("MILVUS://h/docs?connect_timeout=2", {"secure": True}) == (
         "MILVUS://h/docs",
@@ -636,6 +636,27 @@ def test_location_options_are_read_from_a_server_url_only():
             location_options(loc)
     with pytest.raises(ValueError, match="'https' is given twice"):
         location_options("qdrant://h/d?https=true", {"https": False})
+
+
+@pytest.mark.parametrize(
+    "query, raw",
+    [
+        ("https=no", "no"),  # bool("no") is True: https was on
+        ("secure=off", "off"),
+        ("https=true?timeout=2", "true?timeout=2"),  # a second '?' for '&': https on, the timeout lost
+        ("https=true#top", "true#top"),
+        ("timeout=3%20s", "3 s"),
+        ("timeout=1+2", "1 2"),
+    ],
+)
+def test_a_location_option_is_true_false_or_a_number(query, raw):
+    """Every engine option a URL may carry is a flag or a number, but a value that was neither reached the engine
+    as a string, which Qdrant and Milvus read as true (https=no dialled https); refused, naming it."""
+    from m3search.engines import location_options
+
+    for scheme in ("qdrant", "milvus"):
+        with pytest.raises(ValueError, match=re.escape(f"must be true, false or a number, got {raw!r}")):
+            location_options(f"{scheme}://h/docs?{query}")
 
 
 def test_location_options_reach_the_engine(tiny_encoder, tmp_path):
