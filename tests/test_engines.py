@@ -678,6 +678,19 @@ def test_location_options_reach_the_engine(tiny_encoder, tmp_path):
         assert col.count() == 0
 
 
+def test_shards_given_twice_are_refused(tiny_encoder):
+    """create(shards=3) on a location whose query says shards=2 (or engine_options={"shards": 2}) replaced the
+    other value silently: a cluster collection got a shard count its user had not chosen. Refused, before any
+    connection."""
+    port = closed_port()
+    for where in (f"qdrant://127.0.0.1:{port}/docs?shards=2", f"milvus://127.0.0.1:{port}/docs?shards=2"):
+        with pytest.raises(ValueError, match=r"shards is given twice: shards=3 and in the location"):
+            Collection.create(where, model=tiny_encoder, shards=3)
+    where = f"qdrant://127.0.0.1:{port}/docs"
+    with pytest.raises(ValueError, match=r"replicas is given twice: replicas=2 and in the location or engine_"):
+        Collection.create(where, model=tiny_encoder, engine_options={"replicas": 2}, replicas=2)
+
+
 def test_qdrant_schema_mismatch_is_a_clear_error(tmp_path, tiny_encoder):
     pytest.importorskip("qdrant_client")
     from qdrant_client import QdrantClient
