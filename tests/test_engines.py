@@ -691,6 +691,23 @@ def test_shards_given_twice_are_refused(tiny_encoder):
         Collection.create(where, model=tiny_encoder, engine_options={"replicas": 2}, replicas=2)
 
 
+def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):
+    """Qdrant's open refused shards and replicas ("unknown Qdrant engine option(s)"), which Milvus's open and
+    exists ignore: `m3search index` created a collection at -c "qdrant://h/x?shards=2", and every later command
+    with that same -c (M3SEARCH_COLLECTION) failed. Creation settings are ignored where nothing is created."""
+    pytest.importorskip("qdrant_client")
+    from m3search.migrate import migrate
+
+    loc, options = location("qdrant-local", tmp_path), {"shards": 2, "replicas": 1}
+    Collection.create(loc, model=tiny_encoder, engine_options=options).close()
+    with Collection.open(loc, engine_options=options) as col:
+        col.add(["wing flow"], ids=["a"])
+    copy = tmp_path / "copy"
+    migrate(loc, copy, src_options=options)
+    with Collection.open(copy) as col:
+        assert col.get("a")[0].text == "wing flow"
+
+
 def test_qdrant_schema_mismatch_is_a_clear_error(tmp_path, tiny_encoder):
     pytest.importorskip("qdrant_client")
     from qdrant_client import QdrantClient
