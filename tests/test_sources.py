@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -439,3 +441,23 @@ def test_query_file_errors_name_their_place(tmp_path, name, content, match):
     path.mkdir() if content is None else path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
         list(read_queries(path))
+
+
+def test_a_full_temporary_folder_is_named(tmp_path, monkeypatch):
+    """A full $TMPDIR said only "[Errno 28] No space left on device", not that standard input is copied there."""
+    import builtins
+    import tempfile
+    from io import BytesIO
+
+    from m3search import sources
+    from m3search.errors import SourceError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sources, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    why = rf"standard input could not be copied to {re.escape(str(tmp_path))} \(No space left on device\).*set TMPDIR"
+    with pytest.raises(SourceError, match=why):
+        with sources.spooled(BytesIO(b'{"_id": "a", "text": "x"}\n' * 100_000), "jsonl"):
+            pass
+    assert list(tmp_path.iterdir()) == []  # the copy's folder is removed

@@ -180,16 +180,24 @@ def spooled(stream: BinaryIO, fmt: str, formats: Sequence[str] = STREAM_FORMATS)
 
     Why: ``m3search index`` reads its source twice (checked whole before the first write), a pipe only once
     (``search --queries`` too, with :data:`QUERY_FORMATS`).
-    The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it.
+    The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it. A copy that cannot
+    be written (a full disk) is a :class:`SourceError` naming its folder: the system's "No space left on device"
+    alone did not say that the disk was $TMPDIR's.
     """
     if fmt not in formats:
         raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(formats)})")
     with tempfile.TemporaryDirectory(prefix="m3search-stdin-") as folder:
         head = stream.read(len(GZIP_MAGIC))
         path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head == GZIP_MAGIC else ''}"
-        with open(path, "wb") as f:
-            f.write(head)
-            shutil.copyfileobj(stream, f, _SPOOL_CHUNK)
+        try:
+            with open(path, "wb") as f:
+                f.write(head)
+                shutil.copyfileobj(stream, f, _SPOOL_CHUNK)
+        except OSError as exc:
+            raise SourceError(
+                f"standard input could not be copied to {Path(folder).parent} ({exc.strerror or exc}): it is read "
+                "twice, so it is copied first; set TMPDIR to a folder with room for it"
+            ) from None
         yield path
 
 
