@@ -1109,6 +1109,39 @@ def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_pat
     assert one_json(proc)["indexed"] == 12 and list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
+    """`m3search search --queries - --format txt` typed in a terminal seemed to hang, and one Ctrl-D did not end
+    it (a second one did): a line on stderr says it reads the terminal, and one Ctrl-D ends it. A closed standard
+    input (`<&-`) said click's "Was not able to determine binary stream for sys.stdin"."""
+    import pty
+
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    search = [*cmd, "search", "--queries", "-", "--format", "txt", "-c", str(indexed), "-k", "1", "--trec", "r"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    master, terminal = pty.openpty()
+    try:
+        with subprocess.Popen(search, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+            os.write(master, b"boundary layer\n\x04")  # one line, then Ctrl-D
+            try:
+                out, err = proc.communicate(timeout=120)  # (before: no end without a second Ctrl-D)
+            finally:
+                proc.kill()
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert proc.returncode == 0 and out.decode().startswith("1 Q0 "), err.decode()
+    assert "reading txt from the terminal (--queries -); end it with Ctrl-D" in err.decode()
+    for args in (search, [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "new")]):
+        closed = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_close_stdin)
+        assert closed.returncode == 1 and closed.stderr.endswith("standard input, which is closed\n"), closed.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def _close_stdin() -> None:
+    """In a child process before it runs: standard input closed, as by the shell's `<&-`."""
+    os.close(0)
+
+
 def _interrupt_after_upsert(monkeypatch, call: int) -> None:
     """Ctrl-C landing as the CLI's ``call``-th ``Collection.upsert`` returns: its documents are stored."""
     from m3search import Collection

@@ -372,7 +372,9 @@ def _source_path(
     source: str, fmt: str | None, what: str = "SOURCE", formats: Sequence[str] = STREAM_FORMATS
 ) -> Iterator[str | Path]:
     """``what`` (SOURCE) as a path that can be read twice: standard input (``-``, read as ``fmt``, one of
-    ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`)."""
+    ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`). A terminal is read
+    as any pipe, to its end, after a line on stderr saying so (the command seemed to hang); a closed standard input
+    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not)."""
     if source != STDIN:
         if fmt is not None:
             raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
@@ -380,10 +382,15 @@ def _source_path(
         return
     if fmt is None:
         raise click.UsageError(f"{what} {STDIN} (standard input) needs --format {'|'.join(formats)}")
+    if sys.stdin is None:
+        raise click.ClickException(f"{what} {STDIN} reads standard input, which is closed")
     from .sources import spooled
 
-    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt, formats) as path:
-        yield path
+    with click.open_file(STDIN, "rb") as stream:
+        if stream.isatty():
+            click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
+        with spooled(stream, fmt, formats) as path:
+            yield path
 
 
 def _written(n: int, pending: int, source: str) -> str:

@@ -33,7 +33,6 @@ import gzip
 import json
 import math
 import re
-import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -187,18 +186,30 @@ def spooled(stream: BinaryIO, fmt: str, formats: Sequence[str] = STREAM_FORMATS)
     if fmt not in formats:
         raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(formats)})")
     with tempfile.TemporaryDirectory(prefix="m3search-stdin-") as folder:
-        head = stream.read(len(GZIP_MAGIC))
-        path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head == GZIP_MAGIC else ''}"
+        chunks, head = _chunks(stream), b""
+        for chunk in chunks:  # enough to tell gzip
+            head += chunk
+            if len(head) >= len(GZIP_MAGIC):
+                break
+        path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head.startswith(GZIP_MAGIC) else ''}"
         try:
             with open(path, "wb") as f:
                 f.write(head)
-                shutil.copyfileobj(stream, f, _SPOOL_CHUNK)
+                f.writelines(chunks)
         except OSError as exc:
             raise SourceError(
                 f"standard input could not be copied to {Path(folder).parent} ({exc.strerror or exc}): it is read "
                 "twice, so it is copied first; set TMPDIR to a folder with room for it"
             ) from None
         yield path
+
+
+def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """``stream``'s bytes as they come, to its end, one read each (``read1``). A terminal's Ctrl-D ends one read
+    only: ``read(n)`` (and so ``shutil.copyfileobj``) read on after it, and a second Ctrl-D was needed."""
+    read = getattr(stream, "read1", stream.read)
+    while chunk := read(_SPOOL_CHUNK):
+        yield chunk
 
 
 def locate(folder: Path, name: str) -> Path | None:
