@@ -1324,16 +1324,24 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
         (["--queries", "<missing>"], None, 2, "does not exist"),
         (["--queries", "<dup>"], None, 1, "duplicate ids in source: ['q1']"),
         (["--queries", "<empty_query>"], None, 1, "bad.jsonl:2: query 'q2': query is empty"),
+        (["--queries", "<spaced>", "--trec", "r"], None, 1, "query id 'q 2' cannot be a column of a TREC run"),
         (["--queries", "-", "--format", "txt"], b"\n \n", 1, "standard input holds no query"),
     ],
 )
 def test_search_queries_errors_are_clear(tmp_path, args, stdin, code, message):
     """Usage errors exit 2, a bad query file 1, each naming the problem, without a traceback and before any
-    collection opens (there is none here); with --json, the error is the one JSON object on stdout."""
+    collection opens (there is none here: a query id that no TREC column can hold said "no collection at ..."
+    first, and was found only after the queries before it were searched); with --json, the error is the one JSON
+    object on stdout."""
     (tmp_path / "dup.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n')
     (tmp_path / "bad.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": ""}\n')
+    (tmp_path / "spaced.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q 2", "text": "b"}\n')
     fill = {"<txt>": _queries_file(tmp_path), "<missing>": tmp_path / "none.txt"}
-    fill |= {"<dup>": tmp_path / "dup.jsonl", "<empty_query>": tmp_path / "bad.jsonl"}
+    fill |= {
+        "<dup>": tmp_path / "dup.jsonl",
+        "<empty_query>": tmp_path / "bad.jsonl",
+        "<spaced>": tmp_path / "spaced.jsonl",
+    }
     argv = ["search", *(str(fill.get(a, a)) for a in args), "-c", str(tmp_path / "no-collection")]
     got = _invoke(*argv, stdin=stdin)
     assert got.exit_code == code and isinstance(got.exception, SystemExit), got.output

@@ -948,15 +948,18 @@ def _search_queries(
     run_name: str | None,
     as_json: bool,
 ) -> None:
-    """``search --queries``: every query is read and checked first (ids unique, none empty: an error before any
-    search), then searched QUERY_BATCH at a time. The output waits in a temporary file until the last query is
+    """``search --queries``: every query is read and checked first (ids unique, none empty, with ``--trec`` none
+    holding whitespace: an error before the collection opens), then searched QUERY_BATCH at a time. The output waits in a temporary file until the last query is
     searched: ``--json`` stays one JSON object, and a failure part-way prints nothing (no run that looks whole)."""
     from tqdm import tqdm
 
     from .sources import check_source, iter_batches, read_queries
 
     with _source_path(source, fmt, "--queries", QUERY_FORMATS) as path:
-        n = check_source(read_queries(path), QUERY_BATCH)
+        checked = read_queries(path)
+        if run_name is not None:  # (an id that no TREC column can hold was found in the run, after searching)
+            checked = (rec for rec in checked if _trec_word(rec.id, "query id"))
+        n = check_source(checked, QUERY_BATCH)
         if not n:
             raise click.ClickException(f"{'standard input' if source == STDIN else source} holds no query")
         target = open_target()
