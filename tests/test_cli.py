@@ -1109,6 +1109,39 @@ def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_pat
     assert one_json(proc)["indexed"] == 12 and list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
+    """`m3search search --queries - --format txt` typed in a terminal seemed to hang, and one Ctrl-D did not end
+    it (a second one did): a line on stderr says it reads the terminal, and one Ctrl-D ends it. A closed standard
+    input (`<&-`) said click's "Was not able to determine binary stream for sys.stdin"."""
+    import pty
+
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    search = [*cmd, "search", "--queries", "-", "--format", "txt", "-c", str(indexed), "-k", "1", "--trec", "r"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    master, terminal = pty.openpty()
+    try:
+        with subprocess.Popen(search, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+            os.write(master, b"boundary layer\n\x04")  # one line, then Ctrl-D
+            try:
+                out, err = proc.communicate(timeout=120)  # (before: no end without a second Ctrl-D)
+            finally:
+                proc.kill()
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert proc.returncode == 0 and out.decode().startswith("1 Q0 "), err.decode()
+    assert "reading txt from the terminal (--queries -); end it with Ctrl-D" in err.decode()
+    for args in (search, [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "new")]):
+        closed = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_close_stdin)
+        assert closed.returncode == 1 and closed.stderr.endswith("standard input, which is closed\n"), closed.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def _close_stdin() -> None:
+    """In a child process before it runs: standard input closed, as by the shell's `<&-`."""
+    os.close(0)
+
+
 def _interrupt_after_upsert(monkeypatch, call: int) -> None:
     """Ctrl-C landing as the CLI's ``call``-th ``Collection.upsert`` returns: its documents are stored."""
     from m3search import Collection
@@ -1291,16 +1324,24 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
         (["--queries", "<missing>"], None, 2, "does not exist"),
         (["--queries", "<dup>"], None, 1, "duplicate ids in source: ['q1']"),
         (["--queries", "<empty_query>"], None, 1, "bad.jsonl:2: query 'q2': query is empty"),
+        (["--queries", "<spaced>", "--trec", "r"], None, 1, "query id 'q 2' cannot be a column of a TREC run"),
         (["--queries", "-", "--format", "txt"], b"\n \n", 1, "standard input holds no query"),
     ],
 )
 def test_search_queries_errors_are_clear(tmp_path, args, stdin, code, message):
     """Usage errors exit 2, a bad query file 1, each naming the problem, without a traceback and before any
-    collection opens (there is none here); with --json, the error is the one JSON object on stdout."""
+    collection opens (there is none here: a query id that no TREC column can hold said "no collection at ..."
+    first, and was found only after the queries before it were searched); with --json, the error is the one JSON
+    object on stdout."""
     (tmp_path / "dup.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n')
     (tmp_path / "bad.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": ""}\n')
+    (tmp_path / "spaced.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q 2", "text": "b"}\n')
     fill = {"<txt>": _queries_file(tmp_path), "<missing>": tmp_path / "none.txt"}
-    fill |= {"<dup>": tmp_path / "dup.jsonl", "<empty_query>": tmp_path / "bad.jsonl"}
+    fill |= {
+        "<dup>": tmp_path / "dup.jsonl",
+        "<empty_query>": tmp_path / "bad.jsonl",
+        "<spaced>": tmp_path / "spaced.jsonl",
+    }
     argv = ["search", *(str(fill.get(a, a)) for a in args), "-c", str(tmp_path / "no-collection")]
     got = _invoke(*argv, stdin=stdin)
     assert got.exit_code == code and isinstance(got.exception, SystemExit), got.output

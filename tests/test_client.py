@@ -367,6 +367,12 @@ def test_search_batch_answers_the_search_routes_statuses(col):
         assert post("/search/batch", json={"queries": [], "k": 11}).status_code == 413  # checked with no query too
         with pytest.raises(ValueError, match=r"queries\[1\] is [\d,]+ bytes as JSON.*max_body_bytes 2,000"):
             client.search_batch(["q", "wing " * 500])  # fits in no request: refused before anything is sent
+        # a filter too large for the body: the query was blamed alone ("queries[0] is 3 bytes ... more than ...")
+        tags = {"tags": {"in": [f"tag number {i}" for i in range(120)]}}
+        with pytest.raises(
+            ValueError, match=r"queries\[0\] is 3 bytes as JSON \(2,[\d]{3} with the rest of its request"
+        ):
+            client.search_batch(["q"], k=2, filter=tags)
 
 
 def test_count_answers_the_search_routes_filter_statuses(col):

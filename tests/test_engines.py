@@ -613,9 +613,9 @@ def test_location_options_are_read_from_a_server_url_only():
     """A server location's URL query gives engine options (the CLI has no other way); typed like JSON scalars."""
     from m3search.engines import location_options
 
-    loc, opts = location_options("qdrant://h:6333/docs?https=true&timeout=30&backoff=0.5&prefer_grpc=False&x=a")
+    loc, opts = location_options("qdrant://h:6333/docs?https=true&timeout=30&backoff=0.5&prefer_grpc=False&x=1")
     assert loc == "qdrant://h:6333/docs"
-    assert opts == {"https": True, "timeout": 30, "backoff": 0.5, "prefer_grpc": False, "x": "a"}
+    assert opts == {"https": True, "timeout": 30, "backoff": 0.5, "prefer_grpc": False, "x": 1}
     assert type(opts["timeout"]) is int and type(opts["backoff"]) is float
     assert location_options("MILVUS://h/docs?connect_timeout=2", {"secure": True}) == (
         "MILVUS://h/docs",
@@ -638,6 +638,27 @@ def test_location_options_are_read_from_a_server_url_only():
         location_options("qdrant://h/d?https=true", {"https": False})
 
 
+@pytest.mark.parametrize(
+    "query, raw",
+    [
+        ("https=no", "no"),  # bool("no") is True: https was on
+        ("secure=off", "off"),
+        ("https=true?timeout=2", "true?timeout=2"),  # a second '?' for '&': https on, the timeout lost
+        ("https=true#top", "true#top"),
+        ("timeout=3%20s", "3 s"),
+        ("timeout=1+2", "1 2"),
+    ],
+)
+def test_a_location_option_is_true_false_or_a_number(query, raw):
+    """Every engine option a URL may carry is a flag or a number, but a value that was neither reached the engine
+    as a string, which Qdrant and Milvus read as true (https=no dialled https); refused, naming it."""
+    from m3search.engines import location_options
+
+    for scheme in ("qdrant", "milvus"):
+        with pytest.raises(ValueError, match=re.escape(f"must be true, false or a number, got {raw!r}")):
+            location_options(f"{scheme}://h/docs?{query}")
+
+
 def test_location_options_reach_the_engine(tiny_encoder, tmp_path):
     """Through Collection.open/create/exists: https changes the URL dialled, an unknown name is the engine's
     error, and a folder with '?' in its name is still a folder."""
@@ -655,6 +676,36 @@ def test_location_options_reach_the_engine(tiny_encoder, tmp_path):
     Collection.create(folder, model=tiny_encoder).close()
     with Collection.open(str(folder)) as col:
         assert col.count() == 0
+
+
+def test_shards_given_twice_are_refused(tiny_encoder):
+    """create(shards=3) on a location whose query says shards=2 (or engine_options={"shards": 2}) replaced the
+    other value silently: a cluster collection got a shard count its user had not chosen. Refused, before any
+    connection."""
+    port = closed_port()
+    for where in (f"qdrant://127.0.0.1:{port}/docs?shards=2", f"milvus://127.0.0.1:{port}/docs?shards=2"):
+        with pytest.raises(ValueError, match=r"shards is given twice: shards=3 and in the location"):
+            Collection.create(where, model=tiny_encoder, shards=3)
+    where = f"qdrant://127.0.0.1:{port}/docs"
+    with pytest.raises(ValueError, match=r"replicas is given twice: replicas=2 and in the location or engine_"):
+        Collection.create(where, model=tiny_encoder, engine_options={"replicas": 2}, replicas=2)
+
+
+def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):
+    """Qdrant's open refused shards and replicas ("unknown Qdrant engine option(s)"), which Milvus's open and
+    exists ignore: `m3search index` created a collection at -c "qdrant://h/x?shards=2", and every later command
+    with that same -c (M3SEARCH_COLLECTION) failed. Creation settings are ignored where nothing is created."""
+    pytest.importorskip("qdrant_client")
+    from m3search.migrate import migrate
+
+    loc, options = location("qdrant-local", tmp_path), {"shards": 2, "replicas": 1}
+    Collection.create(loc, model=tiny_encoder, engine_options=options).close()
+    with Collection.open(loc, engine_options=options) as col:
+        col.add(["wing flow"], ids=["a"])
+    copy = tmp_path / "copy"
+    migrate(loc, copy, src_options=options)
+    with Collection.open(copy) as col:
+        assert col.get("a")[0].text == "wing flow"
 
 
 def test_qdrant_schema_mismatch_is_a_clear_error(tmp_path, tiny_encoder):

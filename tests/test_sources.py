@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 
 import pytest
 
@@ -439,3 +442,49 @@ def test_query_file_errors_name_their_place(tmp_path, name, content, match):
     path.mkdir() if content is None else path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
         list(read_queries(path))
+
+
+class _Terminal(io.RawIOBase):
+    """Standard input from a terminal: each Ctrl-D ends one read (it returns b"") and the next read waits for more
+    typing (here: fails the test)."""
+
+    def __init__(self, *lines: bytes) -> None:
+        self.reads = [*lines, b""]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        assert self.reads, "read on after the Ctrl-D: the user must press it again"
+        data = self.reads.pop(0)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("lines", [[b"wing\n"], [b"w", b"ing\n", b"flow\n"], [b"\n"], []])
+def test_standard_input_from_a_terminal_ends_at_one_ctrl_d(lines):
+    """spooled read standard input with read(n), which reads on after a read that returned nothing: a terminal's
+    Ctrl-D ends one read only, so `m3search index -` typed into waited for a second Ctrl-D. It reads once per chunk."""
+    from m3search.sources import QUERY_FORMATS, spooled
+
+    with spooled(io.BufferedReader(_Terminal(*lines)), "txt", QUERY_FORMATS) as path:
+        assert path.read_bytes() == b"".join(lines)
+
+
+def test_a_full_temporary_folder_is_named(tmp_path, monkeypatch):
+    """A full $TMPDIR said only "[Errno 28] No space left on device", not that standard input is copied there."""
+    import builtins
+    import tempfile
+
+    from m3search import sources
+    from m3search.errors import SourceError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sources, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    why = rf"standard input could not be copied to {re.escape(str(tmp_path))} \(No space left on device\).*set TMPDIR"
+    with pytest.raises(SourceError, match=why):
+        with sources.spooled(io.BytesIO(b'{"_id": "a", "text": "x"}\n' * 100_000), "jsonl"):
+            pass
+    assert list(tmp_path.iterdir()) == []  # the copy's folder is removed

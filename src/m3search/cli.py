@@ -372,7 +372,9 @@ def _source_path(
     source: str, fmt: str | None, what: str = "SOURCE", formats: Sequence[str] = STREAM_FORMATS
 ) -> Iterator[str | Path]:
     """``what`` (SOURCE) as a path that can be read twice: standard input (``-``, read as ``fmt``, one of
-    ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`)."""
+    ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`). A terminal is read
+    as any pipe, to its end, after a line on stderr saying so (the command seemed to hang); a closed standard input
+    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not)."""
     if source != STDIN:
         if fmt is not None:
             raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
@@ -380,10 +382,15 @@ def _source_path(
         return
     if fmt is None:
         raise click.UsageError(f"{what} {STDIN} (standard input) needs --format {'|'.join(formats)}")
+    if sys.stdin is None:
+        raise click.ClickException(f"{what} {STDIN} reads standard input, which is closed")
     from .sources import spooled
 
-    with click.open_file(STDIN, "rb") as stream, spooled(stream, fmt, formats) as path:
-        yield path
+    with click.open_file(STDIN, "rb") as stream:
+        if stream.isatty():
+            click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
+        with spooled(stream, fmt, formats) as path:
+            yield path
 
 
 def _written(n: int, pending: int, source: str) -> str:
@@ -941,15 +948,18 @@ def _search_queries(
     run_name: str | None,
     as_json: bool,
 ) -> None:
-    """``search --queries``: every query is read and checked first (ids unique, none empty: an error before any
-    search), then searched QUERY_BATCH at a time. The output waits in a temporary file until the last query is
+    """``search --queries``: every query is read and checked first (ids unique, none empty, with ``--trec`` none
+    holding whitespace: an error before the collection opens), then searched QUERY_BATCH at a time. The output waits in a temporary file until the last query is
     searched: ``--json`` stays one JSON object, and a failure part-way prints nothing (no run that looks whole)."""
     from tqdm import tqdm
 
     from .sources import check_source, iter_batches, read_queries
 
     with _source_path(source, fmt, "--queries", QUERY_FORMATS) as path:
-        n = check_source(read_queries(path), QUERY_BATCH)
+        checked = read_queries(path)
+        if run_name is not None:  # (an id that no TREC column can hold was found in the run, after searching)
+            checked = (rec for rec in checked if _trec_word(rec.id, "query id"))
+        n = check_source(checked, QUERY_BATCH)
         if not n:
             raise click.ClickException(f"{'standard input' if source == STDIN else source} holds no query")
         target = open_target()

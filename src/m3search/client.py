@@ -247,7 +247,8 @@ class M3SearchClient:
         """``items`` cut into consecutive parts, each sent as ``{**envelope, key: part}`` within the
         server's ``max_batch`` and ``max_body_bytes`` (a count alone let 256 documents of 70 KB
         fail with 413, after earlier parts were stored). An item that fits in no request is a
-        :class:`~m3search.errors.RequestTooLargeError` (a ``ValueError``) naming it (``name(i)``), raised before anything is sent."""
+        :class:`~m3search.errors.RequestTooLargeError` (a ``ValueError``) naming it (``name(i)``) and the size of the
+        rest of its request (a search's filter can be most of it), raised before anything is sent."""
         batch, limit = self.max_batch, self.max_body_bytes
         base = len(_json_bytes({**envelope, key: []}))
         parts: list[list] = []
@@ -257,8 +258,8 @@ class M3SearchClient:
             n = len(_json_bytes(item))
             if base + n > limit:
                 raise RequestTooLargeError(
-                    f"{name(i)} is {n:,} bytes as JSON: more than the server at {self.url} accepts in one request "
-                    f"(max_body_bytes {limit:,}); nothing was sent"
+                    f"{name(i)} is {n:,} bytes as JSON ({base + n:,} with the rest of its request): more than the "
+                    f"server at {self.url} accepts in one request (max_body_bytes {limit:,}); nothing was sent"
                 )
             if part and (len(part) >= batch or size + 1 + n > limit):  # + 1: the comma
                 parts.append(part)

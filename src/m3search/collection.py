@@ -413,10 +413,12 @@ class Collection:
             allowed = ", ".join(sorted(set(_SCHEMA_SETTINGS) | set(_SETTINGS_DEFAULTS)))
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
         location, engine_options = location_options(path, engine_options)
-        engine_cls = resolve_engine(location)
         for key, value in (("shards", shards), ("replicas", replicas)):
             if value is not None:
+                if key in engine_options:  # (from the location's query too) one of the two would be dropped
+                    raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
                 engine_options[key] = check_int(key, value)
+        engine_cls = resolve_engine(location)
         if engine_cls.exists(location, **engine_options):
             raise taken(engine_cls, location, engine_options)
         encoder = cls._load_encoder(model, device, dtype)

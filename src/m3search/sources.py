@@ -33,7 +33,6 @@ import gzip
 import json
 import math
 import re
-import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -180,17 +179,37 @@ def spooled(stream: BinaryIO, fmt: str, formats: Sequence[str] = STREAM_FORMATS)
 
     Why: ``m3search index`` reads its source twice (checked whole before the first write), a pipe only once
     (``search --queries`` too, with :data:`QUERY_FORMATS`).
-    The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it.
+    The copy is named ``stdin.<fmt>`` (``.gz`` added), the name errors give for a place in it. A copy that cannot
+    be written (a full disk) is a :class:`SourceError` naming its folder: the system's "No space left on device"
+    alone did not say that the disk was $TMPDIR's.
     """
     if fmt not in formats:
         raise SourceError(f"standard input: unknown format {fmt!r} (expected one of {', '.join(formats)})")
     with tempfile.TemporaryDirectory(prefix="m3search-stdin-") as folder:
-        head = stream.read(len(GZIP_MAGIC))
-        path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head == GZIP_MAGIC else ''}"
-        with open(path, "wb") as f:
-            f.write(head)
-            shutil.copyfileobj(stream, f, _SPOOL_CHUNK)
+        chunks, head = _chunks(stream), b""
+        for chunk in chunks:  # enough to tell gzip
+            head += chunk
+            if len(head) >= len(GZIP_MAGIC):
+                break
+        path = Path(folder) / f"stdin.{fmt}{GZIP_SUFFIX if head.startswith(GZIP_MAGIC) else ''}"
+        try:
+            with open(path, "wb") as f:
+                f.write(head)
+                f.writelines(chunks)
+        except OSError as exc:
+            raise SourceError(
+                f"standard input could not be copied to {Path(folder).parent} ({exc.strerror or exc}): it is read "
+                "twice, so it is copied first; set TMPDIR to a folder with room for it"
+            ) from None
         yield path
+
+
+def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """``stream``'s bytes as they come, to its end, one read each (``read1``). A terminal's Ctrl-D ends one read
+    only: ``read(n)`` (and so ``shutil.copyfileobj``) read on after it, and a second Ctrl-D was needed."""
+    read = getattr(stream, "read1", stream.read)
+    while chunk := read(_SPOOL_CHUNK):
+        yield chunk
 
 
 def locate(folder: Path, name: str) -> Path | None:

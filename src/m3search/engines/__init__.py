@@ -86,9 +86,9 @@ _SECRET_OPTIONS = {"api_key": "QDRANT_API_KEY", "token": "MILVUS_TOKEN"}
 
 def location_options(location: str | os.PathLike, options: dict | None = None) -> tuple[str, dict]:
     """``location`` without its URL query, and ``options`` with the query's ``key=value`` pairs added
-    (``true``/``false``, integers and finite decimals read as such). Only :data:`QUERY_OPTION_SCHEMES`
-    locations carry a query (a folder may have a ``?`` in its name). An option given twice, or both in the
-    URL and in ``options``, or a secret in the URL, is a ValueError; unknown names are the engine's to refuse."""
+    (:func:`_option_value`). Only :data:`QUERY_OPTION_SCHEMES` locations carry a query (a folder may have a
+    ``?`` in its name). An option given twice, or both in the URL and in ``options``, or a secret in the URL,
+    is a ValueError; unknown names are the engine's to refuse."""
     loc, options = os.fspath(location), dict(options or {})
     if location_scheme(loc) not in QUERY_OPTION_SCHEMES or "?" not in loc:
         return loc, options
@@ -115,7 +115,10 @@ def location_options(location: str | os.PathLike, options: dict | None = None) -
     return loc, options
 
 
-def _option_value(key: str, raw: str) -> bool | int | float | str:
+def _option_value(key: str, raw: str) -> bool | int | float:
+    """A URL option's value: ``true``/``false``, an integer or a finite decimal, as every option a URL may carry
+    is. Anything else is a ValueError: kept as a string, ``https=no`` was true to the engine, and so were
+    ``https=true?timeout=30`` (a second ``?``, not ``&``) and ``https=true#x``, the timeout lost."""
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     for kind in (int, float):
@@ -126,7 +129,7 @@ def _option_value(key: str, raw: str) -> bool | int | float | str:
         if not math.isfinite(value):
             raise ValueError(f"engine option {key!r} must be a finite number, got {raw!r}")
         return value
-    return raw
+    raise ValueError(f"engine option {key!r} must be true, false or a number, got {raw!r}")
 
 
 def lite_file(location: str | os.PathLike) -> Path:

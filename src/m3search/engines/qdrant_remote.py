@@ -318,12 +318,15 @@ class QdrantRemoteEngine(QdrantEngine):
     # ----------------------------------------------------------------- connection
     _ENGINE_OPTS = ("retries", "backoff", "max_request_bytes", "hnsw_ef", "server_scoring", "multivector_limit")
     _CLIENT_OPTS = ("api_key", "https", "prefer_grpc", "timeout")
+    #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
+    #: collection, its query included (``?shards=2``), opens it too.
+    _CREATE_OPTS = ("shards", "replicas")
 
     @classmethod
     def _split_options(cls, options: dict) -> tuple[dict, dict]:
-        unknown = set(options) - set(cls._ENGINE_OPTS) - set(cls._CLIENT_OPTS)
+        unknown = set(options) - set(cls._ENGINE_OPTS) - set(cls._CLIENT_OPTS) - set(cls._CREATE_OPTS)
         if unknown:
-            allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + ("shards", "replicas"))
+            allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + cls._CREATE_OPTS)
             raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
         return (
             {k: options[k] for k in cls._ENGINE_OPTS if k in options},
@@ -368,7 +371,6 @@ class QdrantRemoteEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
-        options = {k: v for k, v in options.items() if k not in ("shards", "replicas")}
         _, client_opts = cls._split_options(options)
         kind, target, name = parse_qdrant_location(location)
         if kind == "local" and not (Path(target) / "meta.json").is_file():
