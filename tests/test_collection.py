@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from m3search import Collection, Hit
@@ -231,6 +232,8 @@ def test_explain(col):
         (dict(fusion="max"), ValueError, "unknown fusion"),
         (dict(filter={"x": {"bad": 1}}), ValueError, "unknown operator"),
         (dict(exact=1), TypeError, "exact must be true or false"),
+        # NumPy's bool is named bool too: the message said "must be true or false, not bool"
+        (dict(exact=np.bool_(True)), TypeError, r"exact must be true or false \(a Python bool\), not numpy\.bool"),
     ],
 )
 def test_bad_search_arguments(col, kwargs, exc, words):

@@ -216,9 +216,12 @@ def check_queries(queries: Any) -> list[str]:
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (a string such as ``"no"`` would be true)."""
+    """``value`` if it is a bool (a string such as ``"no"`` would be true). The type is named in full: NumPy's
+    bool is also called ``bool``, and "must be true or false, not bool" said nothing."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be true or false, not {type(value).__name__}")
+        kind = type(value)
+        named = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be true or false (a Python bool), not {named}")
     return value
 
 
