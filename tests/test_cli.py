@@ -1137,6 +1137,39 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path):
+    """A plain `kill` (SIGTERM) ended `index -` at once: its copy of standard input stayed in $TMPDIR. It now stops
+    as Ctrl-C does: the copy removed, no collection created, exit 1, no traceback."""
+    import signal
+
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")} | {"TMPDIR": str(tmp_path / "tmp")}
+    args = [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "-m", str(tiny_model_path)]
+    # SIGTERM at its default in the child, as from a shell (this test run may have it set otherwise)
+    with subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+    ) as proc:
+        try:
+            proc.stdin.write(_short_corpus(3))  # standard input left open: the copy waits for its end
+            proc.stdin.flush()
+            deadline = time.monotonic() + 120
+            while not list((tmp_path / "tmp").glob("m3search-stdin-*/stdin.jsonl")):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.05)
+            proc.terminate()
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err.decode(), (proc.returncode, err.decode())
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "c").exists()
+
+
 def _close_stdin() -> None:
     """In a child process before it runs: standard input closed, as by the shell's `<&-`."""
     os.close(0)

@@ -341,10 +341,11 @@ def _truncation_summary() -> Iterator[dict]:
 
 @contextlib.contextmanager
 def _interrupts() -> Iterator[Callable[[], None]]:
-    """Ctrl-C in the block raises KeyboardInterrupt as always, and is also recorded: the yielded check raises it
-    again where Python swallowed it. Raised inside a ``__del__`` ("Exception ignored in ..."), it let ``index``
-    run on to the end and exit 0. Only where Ctrl-C is Python's own (the main thread, not ignored); restored after.
-    """
+    """Ctrl-C (and a plain ``kill``, SIGTERM) in the block raise KeyboardInterrupt, and are also recorded: the
+    yielded check raises it again where Python swallowed it. Raised inside a ``__del__`` ("Exception ignored in
+    ..."), Ctrl-C let ``index`` run on to the end and exit 0; SIGTERM ended the process at once, leaving standard
+    input's temporary copy behind and saying nothing of what was written. Only signals at their default handler
+    (not ignored, not taken by the caller), in the main thread; restored after."""
     seen: list[int] = []
 
     def check() -> None:
@@ -355,16 +356,18 @@ def _interrupts() -> Iterator[Callable[[], None]]:
         seen.append(signum)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield check
-        return
-    previous = signal.signal(signal.SIGINT, record)
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = (
+        [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
+        if threading.current_thread() is threading.main_thread()
+        else []
+    )
+    previous = {sig: signal.signal(sig, record) for sig in ours}
     try:
         yield check
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
