@@ -5,16 +5,21 @@ options; every "``--option`` ... default N" must be the CLI's default; the mode 
 lists, the paper weights, the RRF constant and the candidates default must be the code's
 constants; every ``M3SEARCH_*`` variable must be read somewhere in the code; every HTTP
 route in the docs must exist; the Makefile targets and the demo corpus the README
-promises must be there.
+promises must be there. Across all four docs (ARCHITECTURE.md and docs/integrations.md too),
+the commands and options of their inline code, the repository files they name and the dotted
+code names they give (``collection.PENDING_LEASE_S``) must exist, and the README's library
+example runs.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -25,6 +30,9 @@ from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, FUSIONS, PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = {name: (REPO / name).read_text(encoding="utf-8") for name in ("README.md", "docs/usage.md")}
+ALL_DOCS = DOCS | {
+    name: (REPO / name).read_text(encoding="utf-8") for name in ("ARCHITECTURE.md", "docs/integrations.md")
+}
 
 
 def code_blocks(text: str, langs: tuple[str, ...] = ("bash", "sh", "")) -> list[str]:
@@ -59,6 +67,21 @@ def options_of(command: click.Command) -> dict[str, click.Parameter]:
     return {opt: p for p in command.params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("-")}
 
 
+def check_options(words: list[str], known: Any, where: str) -> int:
+    """Every option among ``words`` is in ``known``; returns how many were checked (``-`` is standard input,
+    ``-1`` a value, ``--colbert-...`` and ``--colbert-*`` elided names)."""
+    options = [w.split("=")[0] for w in words if w.startswith("-") and not re.fullmatch(r"-|-\d.*|.*(\.\.\.|\*)", w)]
+    for option in options:
+        assert option in known, f"{where} has no option {option}"
+    return len(options)
+
+
+def inline_code(text: str) -> list[str]:
+    """The inline code spans of a document's prose (fenced blocks left out), whitespace made single spaces."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+
+
 @pytest.mark.parametrize("doc", sorted(DOCS))
 def test_every_documented_command_and_option_exists(doc):
     lines = command_lines(DOCS[doc])
@@ -70,9 +93,26 @@ def test_every_documented_command_and_option_exists(doc):
             continue
         assert name in main.commands, f"{doc}: `m3search {name}` is not a command ({' '.join(argv)})"
         known = options_of(main.commands[name]) | {"--help": None, "-h": None}
-        for word in argv[2:]:
-            if word.startswith("-") and not re.fullmatch(r"-|-\d.*", word):  # (- : standard input)
-                assert word.split("=")[0] in known, f"{doc}: `m3search {name}` has no option {word}"
+        check_options(argv[2:], known, f"{doc}: `m3search {name}`")
+
+
+def test_every_command_and_option_in_the_prose_exists():
+    """Inline code names commands and options too (`m3search recover -c LOCATION`, `search --explain`,
+    `--colbert-in-ram/--colbert-on-disk`): each must be a command, and each option one of that command's (an
+    option alone: of some command)."""
+    everyone = {opt for cmd in main.commands.values() for opt in options_of(cmd)}
+    checked = 0
+    for doc, text in ALL_DOCS.items():
+        for span in inline_code(text):
+            words = span.split()
+            if words[:1] == ["m3search"]:
+                words = words[1:]
+                assert not words or words[0] in main.commands or words[0] == "--help", f"{doc}: `{span}`"
+            if words and words[0] in main.commands:
+                checked += check_options(words[1:], options_of(main.commands[words[0]]), f"{doc}: `{span}`")
+            elif words and words[0].startswith("--"):
+                checked += check_options(re.split(r"[/ ]", span), everyone, f"{doc}: `{span}`: the CLI")
+    assert checked >= 40  # the spans are still found
 
 
 def _format_default(value) -> set[str]:
@@ -140,21 +180,31 @@ def test_environment_variables_exist_in_the_code():
 
 
 def test_documented_routes_exist():
+    """The routes usage.md's table and the README's prose name, the curl examples' (``-d``: POST, ``-X DELETE``)
+    and every path in inline code (`/tei/embed_sparse`: any method) are served."""
     pytest.importorskip("fastapi")
     from m3search.server import Settings, create_app
 
-    paths = create_app(Settings()).openapi()["paths"]
-    routes = {(m.upper(), path) for path, ops in paths.items() for m in ops} | {
-        ("GET", "/docs"),
-        ("GET", "/openapi.json"),
-    }
+    app = create_app(Settings())
+    paths = app.openapi()["paths"]
+    routes = {(m.upper(), path.replace("{doc_id}", "{id}")) for path, ops in paths.items() for m in ops}
+    routes |= {(m, r.path) for r in app.routes for m in getattr(r, "methods", ())}  # the API's own docs
     table = re.findall(r"^\| `(GET|POST|DELETE|PUT) (/[^`]*)`", DOCS["docs/usage.md"], flags=re.M)
     assert len(table) >= 7
-    for method, path in table:
-        path = path.replace("{id}", "{doc_id}")
-        assert (method, path) in routes, f"docs/usage.md lists {method} {path}; the app has no such route"
-    for method, path in re.findall(r"\b(GET|POST|DELETE) (/[a-z0-9/{}]+)", DOCS["README.md"]):
-        assert (method, path.replace("{id}", "{doc_id}")) in routes, f"README lists {method} {path}"
+    said = [("docs/usage.md", method, path) for method, path in table]
+    said += [
+        ("README.md", m, path) for m, path in re.findall(r"\b(GET|POST|DELETE) (/[a-z0-9/{}]+)", DOCS["README.md"])
+    ]
+    for doc, text in ALL_DOCS.items():
+        for line in text.replace("\\\n", " ").splitlines():
+            if url := re.search(r"curl .*?localhost:\d+(/\S*)", line):
+                said.append((doc, "DELETE" if "-X DELETE" in line else "POST" if " -d " in line else "GET", url[1]))
+        said += [(doc, None, span) for span in inline_code(text) if re.fullmatch(r"/[\w{}.-][\w/{}.-]*", span)]
+    assert len(said) >= 50  # the patterns still find what they are meant to
+    for doc, method, path in said:
+        assert any(path == p and method in (None, m) for m, p in routes), (
+            f"{doc} names {method or 'any method of'} {path}: no route"
+        )
 
 
 def test_quick_start_needs_nothing_beside_the_clone():
@@ -196,6 +246,90 @@ def test_architecture_names_every_module():
     missing = {m for m in modules if m not in named and not any(n.endswith("/") and m.startswith(n) for n in named)}
     assert not missing, f"ARCHITECTURE.md names no row for {sorted(missing)}"
     assert not {n for n in named if not (package / n).exists()}, "ARCHITECTURE.md names a module that is gone"
+
+
+def test_every_file_the_docs_name_exists():
+    """A path into the repository (`tests/test_http.py`, `benchmarks/RESULTS.md`, `.ci/run`, a relative link) must
+    be there: a renamed test or script left the docs pointing at nothing."""
+    checked = 0
+    for doc, text in ALL_DOCS.items():
+        rooted = re.findall(r"(?<![\w./-])((?:tests|benchmarks|docs|data|src|\.ci)/[\w./-]*\w|[A-Z]+\.md)\b", text)
+        linked = [(Path(doc).parent / link).as_posix() for link in re.findall(r"\]\(([^):#]+)\)", text)]
+        for path in rooted + linked:
+            assert (REPO / path).exists(), f"{doc} names {path}, which is not in the repository"
+            checked += 1
+    assert checked >= 40
+
+
+def _definitions(tree: ast.AST) -> dict[str, dict]:
+    """Top-level functions, classes (with their own definitions) and assigned names of a module body."""
+    out: dict[str, dict] = {}
+    for node in getattr(tree, "body", []):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out[node.name] = _definitions(node) if isinstance(node, ast.ClassDef) else {}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            out |= {t.id: {} for t in targets if isinstance(t, ast.Name)}
+    return out
+
+
+def test_every_dotted_code_name_in_the_docs_exists():
+    """`collection.PENDING_LEASE_S`, `engines.milvus.CONNECT_TIMEOUT_S`, `Collection.set_search_defaults`,
+    ARCHITECTURE's `encoder.M3Encoder.encode_windows`: a module of the package (or one of its classes) followed
+    by names each defined in the one before (read from the source: nothing is imported)."""
+    package = REPO / "src" / "m3search"
+    modules = {}
+    for p in package.rglob("*.py"):
+        name = ".".join(p.relative_to(package).with_suffix("").parts).removesuffix("__init__").rstrip(".")
+        modules[name] = _definitions(ast.parse(p.read_text(encoding="utf-8")))
+    classes: dict[str, dict] = {}  # a class named first: the definitions of every class of that name
+    for defs in modules.values():
+        for name, body in defs.items():
+            if body:
+                classes.setdefault(name, {name: {}})[name].update(body)
+    checked = 0
+    for doc, text in ALL_DOCS.items():
+        text = re.sub(r"^```\w.*?^```", "", text, flags=re.S | re.M)  # (an example's own variables)
+        for dotted in sorted(set(re.findall(r"(?<![\w./-])(?:m3search\.)?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)", text))):
+            parts = dotted.split(".")
+            if parts[-1] in ("py", "md", "json", "jsonl", "db", "tsv", "csv", "gz", "txt"):
+                continue  # a file name
+            i = next((i for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in modules), 0)
+            scope, names = (modules[".".join(parts[:i])], parts[i:]) if i else (classes.get(parts[0]), parts)
+            if scope is None:
+                continue  # not the package's (`OpenAI(...).embeddings.create`)
+            for name in names:
+                assert name in scope, f"{doc} names {dotted}: no {name} there"
+                scope = scope[name]
+            checked += 1
+    assert checked >= 25
+
+
+def test_the_readme_library_example_runs(tmp_path, monkeypatch, tiny_model_path):
+    """The README's Python block, as written, with the tiny model in place of BAAI/bge-m3."""
+    code = code_blocks(DOCS["README.md"], ("python",))[0]
+    assert '"BAAI/bge-m3"' in code
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(code.replace('"BAAI/bge-m3"', repr(str(tiny_model_path))), "README.md", "exec"), scope)
+    with scope["col"] as reopened:
+        assert [h.id for h in scope["hits"]] == ["b"] and reopened.count() == 2  # the filter kept year 2024
+
+
+def test_the_base64_colbert_size_is_the_documented_fraction(tiny_encoder):
+    """The README said base64 ColBERT vectors were a fifth of the JSON size: a float32 is ~5.3 base64 characters,
+    a JSON float (its shortest repr as a Python float) ~20 with its comma, so a quarter."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from m3search.server import Resources, Settings, create_app
+
+    said = re.search(r'`"colbert_format": "base64"`, a (\w+) of the JSON size', DOCS["README.md"])[1]
+    body = {"input": ["the boundary layer of a swept wing"] * 4, "dense": False, "sparse": False, "colbert": True}
+    with TestClient(create_app(Settings(), resources=Resources(encoder=tiny_encoder))) as client:
+        size = {f: len(client.post("/embed", json={**body, "colbert_format": f}).content) for f in ("float", "base64")}
+    fraction = {"half": 1 / 2, "third": 1 / 3, "quarter": 1 / 4, "fifth": 1 / 5}[said]
+    assert size["base64"] / size["float"] == pytest.approx(fraction, rel=0.1), size
 
 
 def test_the_commands_said_to_read_m3search_collection_are_those_that_do():

@@ -658,7 +658,14 @@ def main() -> None:
     multiple=True,
     help="Text field(s), joined with a space; repeat for several [default: title + text].",
 )
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Documents per write.")
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Documents handed to the collection at a time (through a server: per request, fewer where its limits "
+    "need); the collection, not this option, sizes each write.",
+)
 @click.option(
     "--window",
     default=None,
@@ -1190,7 +1197,9 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     type=click.IntRange(1),
     help="Most texts (or queries, documents, ids) per request.",
 )
-@click.option("--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest body.")
+@click.option(
+    "--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest request body, in MiB."
+)
 @click.option(
     "--timeout",
     default=30.0,
