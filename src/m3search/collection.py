@@ -372,6 +372,8 @@ class Collection:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def exists(cls, path: str | os.PathLike, **engine_options: Any) -> bool:
+        """Whether a collection is stored at ``path`` (any engine's location), without opening it: no lock is
+        taken and no model is loaded."""
         location, engine_options = location_options(path, engine_options)
         return resolve_engine(location).exists(location, **engine_options)
 
@@ -496,6 +498,8 @@ class Collection:
         return col
 
     def close(self) -> None:
+        """Write what is buffered and release the storage (an embedded collection's lock, a server's
+        connection); a ``with`` block does it on the way out."""
         try:
             self._engine.close()
         finally:
@@ -512,14 +516,19 @@ class Collection:
 
     @property
     def location(self) -> str:
+        """Where the collection is stored, as its engine names it."""
         return self._engine.location
 
     @property
     def manifest(self) -> dict:
+        """A copy of the collection's settings as stored (model, schema, windows, fusion): changing it changes
+        nothing stored."""
         return json.loads(json.dumps(self._manifest))
 
     @property
     def engine(self) -> Engine:
+        """The storage backend (:class:`~m3search.engines.base.Engine`), for its own settings and tests; writes
+        through it bypass the collection's checks."""
         return self._engine
 
     def info(self) -> dict[str, Any]:
