@@ -20,6 +20,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -689,6 +690,45 @@ def test_shards_given_twice_are_refused(tiny_encoder):
     where = f"qdrant://127.0.0.1:{port}/docs"
     with pytest.raises(ValueError, match=r"replicas is given twice: replicas=2 and in the location or engine_"):
         Collection.create(where, model=tiny_encoder, engine_options={"replicas": 2}, replicas=2)
+
+
+@pytest.mark.parametrize(
+    "where, option, said",
+    [
+        ("qdrant://127.0.0.1:{port}/docs?timeout=2.5", "timeout", "must be a positive integer, got 2.5"),  # was 2
+        ("qdrant://127.0.0.1:{port}/docs?timeout=0", "timeout", "must be a positive integer, got 0"),
+        ("qdrant://127.0.0.1:{port}/docs?retries=-1", "retries", "must be an integer >= 0, got -1"),
+        ("qdrant://127.0.0.1:{port}/docs?backoff=-1", "backoff", "must be a finite number >= 0, got -1"),
+        ("qdrant://127.0.0.1:{port}/docs?max_request_bytes=0", "max_request_bytes", "must be a positive integer"),
+        ("qdrant://127.0.0.1:{port}/docs?hnsw_ef=1.5", "hnsw_ef", "must be a positive integer, got 1.5"),
+        ("qdrant://127.0.0.1:{port}/docs?multivector_limit=-5", "multivector_limit", "must be a positive integer"),
+        ("milvus://127.0.0.1:{port}/docs?timeout=0", "timeout", "must be a finite number > 0, got 0"),
+        ("milvus://127.0.0.1:{port}/docs?connect_timeout=-2.5", "connect_timeout", "must be a finite number > 0"),
+        ("milvus://127.0.0.1:{port}/docs?max_request_bytes=1.5", "max_request_bytes", "must be a positive integer"),
+    ],
+)
+def test_a_numeric_engine_option_out_of_its_range_is_refused(tiny_encoder, where, option, said):
+    """Qdrant's ``int(timeout)`` cut 2.5 to 2, and 0, negative or fractional values of every numeric option went on
+    to the client (retries=-1 ended in an AssertionError, the others waited on an unreachable server to fail):
+    refused by open, exists and create before any connection, naming the option."""
+    needs("qdrant-local" if where.startswith("qdrant") else "milvus-lite")
+    where = where.format(port=closed_port())
+    message = re.escape(f"engine option {option!r} {said}")
+    for call in (Collection.open, Collection.exists, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(ValueError, match=message):
+            call(where)
+
+
+def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder):
+    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked."""
+    needs("qdrant-local")
+    port = closed_port()
+    for where, said in (
+        (f"qdrant://127.0.0.1:{port}/d?shards=0", "shards"),
+        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", "replicas"),
+    ):
+        with pytest.raises(ValueError, match=f"{said} must be a positive integer"):
+            Collection.create(where, model=tiny_encoder)
 
 
 def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):

@@ -183,7 +183,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -208,7 +208,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
-from m3search.plan import MODES
+from m3search.plan import MODES, check_numbers
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -660,6 +660,12 @@ class MilvusEngine(Engine):
 
     _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
+    #: The numeric options, as :func:`~m3search.plan.check_numbers` checks them.
+    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+        "timeout": {},
+        "connect_timeout": {},
+        "max_request_bytes": {"integer": True},
+    }
 
     @classmethod
     def _split_options(cls, options: dict) -> tuple[dict, dict]:
@@ -667,10 +673,11 @@ class MilvusEngine(Engine):
         if unknown:
             allowed = ", ".join(cls._CONNECT_OPTS + cls._ENGINE_OPTS + ("shards", "replicas"))
             raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {allowed}")
+        options = check_numbers(options, cls._NUMBERS)
         connect = {k: options[k] for k in ("token", "secure") if k in options}
         engine = {k: options[k] for k in cls._ENGINE_OPTS if k in options}
-        connect["timeout"] = engine["timeout"] = float(options.get("timeout", TIMEOUT_S))
-        connect["connect_timeout"] = float(options.get("connect_timeout", CONNECT_TIMEOUT_S))
+        connect["timeout"] = engine["timeout"] = options.get("timeout", TIMEOUT_S)
+        connect["connect_timeout"] = options.get("connect_timeout", CONNECT_TIMEOUT_S)
         return connect, engine
 
     @classmethod

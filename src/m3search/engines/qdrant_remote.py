@@ -59,7 +59,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -73,7 +73,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import Filter
-from m3search.plan import check_deadline
+from m3search.plan import check_deadline, check_numbers
 
 try:
     from qdrant_client import QdrantClient
@@ -321,6 +321,16 @@ class QdrantRemoteEngine(QdrantEngine):
     #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
+    #: The numeric options, as :func:`~m3search.plan.check_numbers` checks them: ``timeout`` in whole seconds, as
+    #: qdrant-client takes it; None means Qdrant's own ``hnsw_ef``, and no limit for the other two.
+    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+        "timeout": {"integer": True},
+        "retries": {"integer": True, "zero": True},
+        "backoff": {"zero": True},
+        "max_request_bytes": {"integer": True, "none": True},
+        "hnsw_ef": {"integer": True, "none": True},
+        "multivector_limit": {"integer": True, "none": True},
+    }
 
     @classmethod
     def _split_options(cls, options: dict) -> tuple[dict, dict]:
@@ -328,6 +338,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if unknown:
             allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + cls._CREATE_OPTS)
             raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
+        options = check_numbers(options, cls._NUMBERS)
         return (
             {k: options[k] for k in cls._ENGINE_OPTS if k in options},
             {k: options[k] for k in cls._CLIENT_OPTS if k in options},
@@ -355,7 +366,7 @@ class QdrantRemoteEngine(QdrantEngine):
             url=url,
             api_key=api_key,
             prefer_grpc=bool(client_opts.get("prefer_grpc", False)),
-            timeout=int(client_opts.get("timeout", 60)),
+            timeout=client_opts.get("timeout", 60),
             check_compatibility=False,
         )
         try:
