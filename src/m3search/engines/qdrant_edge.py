@@ -74,7 +74,7 @@ from m3search.errors import (
     InsufficientStorageError,
 )
 from m3search.filters import Filter
-from m3search.plan import MODES, check_deadline
+from m3search.plan import MODES, check_deadline, check_numbers
 
 __all__ = ["QdrantEdgeEngine"]
 
@@ -326,13 +326,21 @@ class QdrantEdgeEngine(QdrantEngine):
         return (Path(location) / MANIFEST).is_file()
 
     @classmethod
-    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:
+    def _options(cls, options: dict) -> dict:
+        """The one engine option (``hnsw_ef``), checked before anything is opened: given to open, an unknown one
+        failed in the constructor with the lock taken and the shard loaded, both left held (the next open in this
+        process: "in use by another process")."""
         unknown = set(options) - {"hnsw_ef"}
         if unknown:
             raise ValueError(
                 f"the embedded engine does not take {sorted(unknown)} (one folder, one shard); "
                 "shards and replicas apply to qdrant:// locations"
             )
+        return check_numbers(options, cls._NUMBERS)
+
+    @classmethod
+    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:
+        options = cls._options(options)
         root = Path(location).expanduser()
         if (root / MANIFEST).is_file():
             raise CollectionExistsError(f"a collection already exists at {root}")
@@ -362,6 +370,7 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def open(cls, location: str, **options: Any) -> QdrantEdgeEngine:
+        options = cls._options(options)
         root = Path(location).expanduser()
         if not (root / MANIFEST).is_file():
             _refuse_a_file(root, CollectionNotFoundError)

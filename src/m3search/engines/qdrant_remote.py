@@ -321,14 +321,13 @@ class QdrantRemoteEngine(QdrantEngine):
     #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
-    #: The numeric options, as :func:`~m3search.plan.check_numbers` checks them: ``timeout`` in whole seconds, as
-    #: qdrant-client takes it; None means Qdrant's own ``hnsw_ef``, and no limit for the other two.
+    #: ``timeout`` in whole seconds, as qdrant-client takes it; None: no limit.
     _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+        **QdrantEngine._NUMBERS,
         "timeout": {"integer": True},
         "retries": {"integer": True, "zero": True},
         "backoff": {"zero": True},
         "max_request_bytes": {"integer": True, "none": True},
-        "hnsw_ef": {"integer": True, "none": True},
         "multivector_limit": {"integer": True, "none": True},
     }
 
