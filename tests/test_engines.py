@@ -924,6 +924,30 @@ def test_milvus_unreachable_server_is_a_clear_error(tiny_encoder):
         Collection.open(f"milvus://127.0.0.1:{port}/docs?connect_timeout=0.5")  # the CLI's way
 
 
+def test_a_failed_milvus_connect_is_reported_once():
+    """pymilvus logged its own ERROR line ("Failed to create new connection using: ...") to stderr beside our
+    EngineUnreachableError: its logger is silenced for the connect only, and reports again after it."""
+    needs("milvus-lite")
+    import logging
+
+    from m3search.errors import EngineUnreachableError
+
+    log = logging.getLogger("pymilvus.milvus_client._utils")
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    filters = list(log.filters)
+    log.addHandler(handler)
+    try:
+        with pytest.raises(EngineUnreachableError, match="cannot reach Milvus"):
+            Collection.open(f"milvus://127.0.0.1:{closed_port()}/docs?connect_timeout=0.5")
+        assert heard == [] and log.filters == filters
+        log.error("after the connect")
+        assert heard == ["after the connect"]
+    finally:
+        log.removeHandler(handler)
+
+
 def test_milvus_bad_locations_are_clear():
     needs("milvus-lite")
     from m3search.engines.milvus import parse_milvus_location

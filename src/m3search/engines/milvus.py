@@ -174,6 +174,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -270,10 +271,25 @@ _MANIFEST_IO = threading.Lock()
 
 
 # ------------------------------------------------------------------------- helpers
-def _alias() -> str:
-    """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
-    for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
-    return f"m3search-{uuid.uuid4().hex}"
+#: pymilvus's logger that reports a failed connect ("Failed to create new connection using: ..." at ERROR).
+_CONNECT_LOG = logging.getLogger("pymilvus.milvus_client._utils")
+
+
+def _client(uri: str, **kwargs: Any) -> MilvusClient:
+    """A MilvusClient on a connection of its own: pymilvus shares one per URI, and closing any client closed it
+    for every other handle on the same collection in this process (``Collection.exists`` broke an open one).
+    pymilvus's own report of a failed connect is dropped for this call only (a filter on its logger, removed
+    after; logging's configuration is left alone): printed beside the error raised for it, which names the
+    address and what to do, its ERROR line was a second, vaguer report of the same failure."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    _CONNECT_LOG.addFilter(drop)
+    try:
+        return MilvusClient(uri, alias=f"m3search-{uuid.uuid4().hex}", **kwargs)
+    finally:
+        _CONNECT_LOG.removeFilter(drop)
 
 
 def _lite_tables(uri: str) -> bool:
@@ -635,7 +651,7 @@ class MilvusEngine(Engine):
                     if fd is None:
                         raise in_use
                 try:
-                    client = MilvusClient(uri, timeout=timeout, alias=_alias())
+                    client = _client(uri, timeout=timeout)
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
@@ -650,7 +666,7 @@ class MilvusEngine(Engine):
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         try:
-            client = MilvusClient(uri, token=token, timeout=connect_timeout, alias=_alias())
+            client = _client(uri, token=token, timeout=connect_timeout)
         except MilvusException as exc:
             raise EngineUnreachableError(
                 f"cannot reach Milvus at {uri} (waited {connect_timeout:g} s; engine option connect_timeout, "
