@@ -1259,6 +1259,22 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
 
 
+def test_a_collection_this_process_may_not_read_is_said_to_be_so_by_every_command(indexed, corpus, monkeypatch):
+    """A collection folder this process may not look into was "no collection at ... (no manifest.json)" (Python
+    3.13) or a bare "[Errno 13]" (3.11), and `index` would create one there when told there was none: every command
+    now says it cannot be read, naming the path, and nothing is created or changed."""
+    from helpers import deny_inside
+
+    said = f"Error: collection at {indexed} cannot be read: Permission denied ({indexed / 'manifest.json'}); "
+    commands = (["search", "q"], ["info"], ["delete", "x"], ["serve", "--port", "0"], ["index", str(corpus)])
+    with monkeypatch.context() as patched:
+        deny_inside(patched, indexed)
+        for args in commands:
+            got = _invoke(*args, "-c", str(indexed))
+            assert got.exit_code == 1 and got.output.startswith(said), (args, got.output)
+    assert one_json(cli("info", "--collection", str(indexed), "--json"))["count"] == N_DOCS
+
+
 # ---------------------------------------------------------------------------------------------- search --queries
 
 RUN_QUERIES = [

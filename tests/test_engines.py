@@ -959,6 +959,61 @@ def test_milvus_bad_locations_are_clear():
     assert parse_milvus_location("milvus://db.example:19531/docs") == ("http://db.example:19531", "docs", False)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_collection_this_process_may_not_read_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch, engine):
+    """A collection in a folder this process may not look into was "no collection at ..." (Python 3.13's
+    ``Path.is_file`` answers False there; 3.11's raised a bare PermissionError): the user thought the data gone, and
+    ``exists`` answering False let a create go on. open, exists and create all say it cannot be read, naming the
+    path, and the collection is as it was."""
+    from helpers import deny_inside
+
+    from m3search.errors import CollectionUnreadableError
+
+    needs(engine)
+    loc = location(engine, tmp_path / "d")
+    (tmp_path / "d").mkdir()
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    with monkeypatch.context() as patched:
+        deny_inside(patched, tmp_path / "d")
+        said = re.escape(f"cannot be read: Permission denied ({tmp_path / 'd'}")
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            with pytest.raises(CollectionUnreadableError, match=said):
+                call(loc)
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
+
+
+def test_an_unreadable_manifest_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch):
+    """A manifest this process may not read (its folder readable) was a bare PermissionError; ``create`` there
+    says the collection exists."""
+    import builtins
+    import errno
+
+    from m3search.errors import CollectionExistsError, CollectionUnreadableError
+
+    loc = tmp_path / "col"
+    Collection.create(loc, model=tiny_encoder).close()
+    manifest = str(loc / "manifest.json")
+    real_open = builtins.open
+
+    def guarded(path, *args, **kwargs):
+        if str(path) == manifest:
+            raise PermissionError(errno.EACCES, "Permission denied", manifest)
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("io.open", guarded)
+        with pytest.raises(
+            CollectionUnreadableError, match=re.escape(f"cannot be read: Permission denied ({manifest})")
+        ):
+            Collection.open(loc)
+        assert Collection.exists(loc)
+        with pytest.raises(CollectionExistsError):
+            Collection.create(loc, model=tiny_encoder)
+    Collection.open(loc).close()
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     needs(engine)

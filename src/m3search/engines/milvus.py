@@ -191,7 +191,7 @@ import scipy.sparse as sp
 
 from m3search.engines import lite_file, lite_lock_path
 from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, with_bound
-from m3search.engines.files import lock_exclusive
+from m3search.engines.files import has_file, lock_exclusive, readable
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -628,12 +628,14 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
-            if not Path(uri).parent.is_dir():
+            with readable(uri):
+                present = has_file(Path(uri))
+            if not present and not Path(uri).parent.is_dir():
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
-            if not create_file and not Path(uri).is_file():
+            if not create_file and not present:
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-            if Path(uri).is_file() and Path(uri).stat().st_size:
-                with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
+            if present and Path(uri).stat().st_size:
+                with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     if fh.read(16) != b"SQLite format 3\x00":
                         raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 if not _lite_tables(uri):
@@ -700,8 +702,9 @@ class MilvusEngine(Engine):
     def exists(cls, location: str, **options: Any) -> bool:
         connect, engine = cls._split_options(options)
         uri, name, lite = parse_milvus_location(location)
-        if lite and not Path(uri).is_file():
-            return False
+        with readable(uri):
+            if lite and not has_file(Path(uri)):
+                return False
         client, uri, name, lite = cls._connect(location, create_file=False, **connect)
         try:
             return bool(client.has_collection(name, timeout=engine["timeout"]))

@@ -64,6 +64,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
+from m3search.engines.files import has_file, readable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -347,8 +348,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple[QdrantClient, str, bool, str]:
         kind, target, name = parse_qdrant_location(location)
         if kind == "local":
-            if must_exist and not (Path(target) / "meta.json").is_file():
-                raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
+            with readable(target):
+                if must_exist and not has_file(Path(target) / "meta.json"):
+                    raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
             return _local_client(target), name, True, target
         https = bool(client_opts.get("https", False))
         url = ("https://" if https else "http://") + target
@@ -383,8 +385,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def exists(cls, location: str, **options: Any) -> bool:
         _, client_opts = cls._split_options(options)
         kind, target, name = parse_qdrant_location(location)
-        if kind == "local" and not (Path(target) / "meta.json").is_file():
-            return False
+        with readable(target):
+            if kind == "local" and not has_file(Path(target) / "meta.json"):
+                return False
         client, name, _, _ = cls._connect(location, client_opts, must_exist=False)
         try:
             return bool(client.collection_exists(name))
