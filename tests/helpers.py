@@ -165,3 +165,23 @@ def fail_second_upsert(monkeypatch, engine_cls=None) -> None:
         return real(self, batch)
 
     monkeypatch.setattr(engine_cls, "upsert", failing)
+
+
+def deny_inside(monkeypatch, folder) -> None:
+    """Make every path strictly inside ``folder`` one this process may not look at (stat, list: EACCES), as in a
+    folder of another user's with mode 700. Simulated: these tests may run as root, whom permissions do not stop."""
+    import errno
+    import os
+
+    inside = os.path.join(os.fspath(folder), "")
+
+    def denied(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(inside):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    for name in ("stat", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, denied(getattr(os, name)))

@@ -1259,6 +1259,72 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
 
 
+def test_a_collection_this_process_may_not_read_is_said_to_be_so_by_every_command(indexed, corpus, monkeypatch):
+    """A collection folder this process may not look into was "no collection at ... (no manifest.json)" (Python
+    3.13) or a bare "[Errno 13]" (3.11), and `index` would create one there when told there was none: every command
+    now says it cannot be read, naming the path, and nothing is created or changed."""
+    from helpers import deny_inside
+
+    said = f"Error: collection at {indexed} cannot be read: Permission denied ({indexed / 'manifest.json'}); "
+    commands = (["search", "q"], ["info"], ["delete", "x"], ["serve", "--port", "0"], ["index", str(corpus)])
+    with monkeypatch.context() as patched:
+        deny_inside(patched, indexed)
+        for args in commands:
+            got = _invoke(*args, "-c", str(indexed))
+            assert got.exit_code == 1 and got.output.startswith(said), (args, got.output)
+    assert one_json(cli("info", "--collection", str(indexed), "--json"))["count"] == N_DOCS
+
+
+def _run_into(stdout, *args: str) -> subprocess.CompletedProcess:
+    """The console script with its standard output on ``stdout`` (a file object or descriptor), stderr captured."""
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    return subprocess.run(cmd + list(args), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+
+
+def _output_commands(indexed: Path, tmp_path: Path, tiny_model_path: Path) -> dict[str, list[str]]:
+    queries = tmp_path / "q.txt"
+    queries.write_text("boundary layer\nheat transfer\n", encoding="utf-8")
+    source = tmp_path / "one.jsonl"
+    source.write_text('{"_id": "n1", "text": "a new note"}\n', encoding="utf-8")
+    new = ["-c", str(tmp_path / "new"), "--model", str(tiny_model_path)]
+    return {
+        "search": ["search", "boundary layer", "-c", str(indexed)],
+        "search --queries --json": ["search", "--queries", str(queries), "-c", str(indexed), "--json"],
+        "search --queries": ["search", "--queries", str(queries), "-c", str(indexed)],
+        "info": ["info", "-c", str(indexed)],
+        "index --json": ["index", str(source), *new, "--json"],
+        "--help": ["--help"],
+    }
+
+
+def test_output_to_a_full_disk_is_one_clear_line(indexed, tmp_path, tiny_model_path):
+    """`m3search search ... > /dev/full` ended in a traceback (OSError: [Errno 28]), with --json two, chained.
+    Every command now says it in one line and exits 1; what the command did (index: the documents) stays done."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    for name, args in _output_commands(indexed, tmp_path, tiny_model_path).items():
+        with open("/dev/full", "w") as full:
+            got = _run_into(full, *args)
+        assert (got.returncode, got.stderr) == (1, "Error: cannot write the output: No space left on device\n"), name
+    assert one_json(cli("info", "-c", str(tmp_path / "new"), "--json"))["count"] == 1
+
+
+def test_output_to_a_closed_pipe_ends_quietly(indexed, tmp_path, tiny_model_path):
+    """`m3search search --queries ... | head -1` said "Error: [Errno 32] Broken pipe" once the reader had gone. A
+    reader that has what it wanted is no error to report: every command ends with status 1 (click's, and Python's
+    advice for SIGPIPE), nothing on stderr."""
+    commands = _output_commands(indexed, tmp_path, tiny_model_path)
+    for name in ("search", "search --queries", "search --queries --json", "info"):  # (index: the same handler)
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first write
+        try:
+            got = _run_into(write, *commands[name])
+        finally:
+            os.close(write)
+        assert (got.returncode, got.stderr) == (1, ""), name
+
+
 # ---------------------------------------------------------------------------------------------- search --queries
 
 RUN_QUERIES = [

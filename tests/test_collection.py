@@ -352,6 +352,19 @@ def test_shards_and_replicas_are_for_distributed_engines(tiny_encoder, tmp_path)
         col.close()
 
 
+def test_an_embedded_open_with_a_bad_engine_option_keeps_nothing_held(tiny_encoder, tmp_path):
+    """An unknown option given to open failed in the engine's constructor (a TypeError) after the lock was taken
+    and the shard loaded, both left held: the next open in this process said "in use by another process". Refused
+    first now, as create refuses it; ``hnsw_ef`` is a positive integer (2.5 failed only at search)."""
+    path = tmp_path / "c"
+    Collection.create(path, model=tiny_encoder).close()
+    for options, said in (({"bogus": 1}, r"does not take \['bogus'\]"), ({"hnsw_ef": 2.5}, "'hnsw_ef' must be")):
+        with pytest.raises(ValueError, match=said):
+            Collection.open(path, engine_options=options)
+    with Collection.open(path, engine_options={"hnsw_ef": 64}) as c:
+        assert c.count() == 0
+
+
 def test_truncation_is_reported_once_per_call(tmp_path, tiny_encoder):
     import warnings
 

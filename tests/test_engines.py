@@ -20,6 +20,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -691,6 +692,45 @@ def test_shards_given_twice_are_refused(tiny_encoder):
         Collection.create(where, model=tiny_encoder, engine_options={"replicas": 2}, replicas=2)
 
 
+@pytest.mark.parametrize(
+    "where, option, said",
+    [
+        ("qdrant://127.0.0.1:{port}/docs?timeout=2.5", "timeout", "must be a positive integer, got 2.5"),  # was 2
+        ("qdrant://127.0.0.1:{port}/docs?timeout=0", "timeout", "must be a positive integer, got 0"),
+        ("qdrant://127.0.0.1:{port}/docs?retries=-1", "retries", "must be an integer >= 0, got -1"),
+        ("qdrant://127.0.0.1:{port}/docs?backoff=-1", "backoff", "must be a finite number >= 0, got -1"),
+        ("qdrant://127.0.0.1:{port}/docs?max_request_bytes=0", "max_request_bytes", "must be a positive integer"),
+        ("qdrant://127.0.0.1:{port}/docs?hnsw_ef=1.5", "hnsw_ef", "must be a positive integer, got 1.5"),
+        ("qdrant://127.0.0.1:{port}/docs?multivector_limit=-5", "multivector_limit", "must be a positive integer"),
+        ("milvus://127.0.0.1:{port}/docs?timeout=0", "timeout", "must be a finite number > 0, got 0"),
+        ("milvus://127.0.0.1:{port}/docs?connect_timeout=-2.5", "connect_timeout", "must be a finite number > 0"),
+        ("milvus://127.0.0.1:{port}/docs?max_request_bytes=1.5", "max_request_bytes", "must be a positive integer"),
+    ],
+)
+def test_a_numeric_engine_option_out_of_its_range_is_refused(tiny_encoder, where, option, said):
+    """Qdrant's ``int(timeout)`` cut 2.5 to 2, and 0, negative or fractional values of every numeric option went on
+    to the client (retries=-1 ended in an AssertionError, the others waited on an unreachable server to fail):
+    refused by open, exists and create before any connection, naming the option."""
+    needs("qdrant-local" if where.startswith("qdrant") else "milvus-lite")
+    where = where.format(port=closed_port())
+    message = re.escape(f"engine option {option!r} {said}")
+    for call in (Collection.open, Collection.exists, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(ValueError, match=message):
+            call(where)
+
+
+def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder):
+    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked."""
+    needs("qdrant-local")
+    port = closed_port()
+    for where, said in (
+        (f"qdrant://127.0.0.1:{port}/d?shards=0", "shards"),
+        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", "replicas"),
+    ):
+        with pytest.raises(ValueError, match=f"{said} must be a positive integer"):
+            Collection.create(where, model=tiny_encoder)
+
+
 def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):
     """Qdrant's open refused shards and replicas ("unknown Qdrant engine option(s)"), which Milvus's open and
     exists ignore: `m3search index` created a collection at -c "qdrant://h/x?shards=2", and every later command
@@ -884,6 +924,30 @@ def test_milvus_unreachable_server_is_a_clear_error(tiny_encoder):
         Collection.open(f"milvus://127.0.0.1:{port}/docs?connect_timeout=0.5")  # the CLI's way
 
 
+def test_a_failed_milvus_connect_is_reported_once():
+    """pymilvus logged its own ERROR line ("Failed to create new connection using: ...") to stderr beside our
+    EngineUnreachableError: its logger is silenced for the connect only, and reports again after it."""
+    needs("milvus-lite")
+    import logging
+
+    from m3search.errors import EngineUnreachableError
+
+    log = logging.getLogger("pymilvus.milvus_client._utils")
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    filters = list(log.filters)
+    log.addHandler(handler)
+    try:
+        with pytest.raises(EngineUnreachableError, match="cannot reach Milvus"):
+            Collection.open(f"milvus://127.0.0.1:{closed_port()}/docs?connect_timeout=0.5")
+        assert heard == [] and log.filters == filters
+        log.error("after the connect")
+        assert heard == ["after the connect"]
+    finally:
+        log.removeHandler(handler)
+
+
 def test_milvus_bad_locations_are_clear():
     needs("milvus-lite")
     from m3search.engines.milvus import parse_milvus_location
@@ -893,6 +957,61 @@ def test_milvus_bad_locations_are_clear():
     with pytest.raises(ValueError, match="milvus://host:port/name"):
         parse_milvus_location("milvus://host:19530")
     assert parse_milvus_location("milvus://db.example:19531/docs") == ("http://db.example:19531", "docs", False)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_collection_this_process_may_not_read_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch, engine):
+    """A collection in a folder this process may not look into was "no collection at ..." (Python 3.13's
+    ``Path.is_file`` answers False there; 3.11's raised a bare PermissionError): the user thought the data gone, and
+    ``exists`` answering False let a create go on. open, exists and create all say it cannot be read, naming the
+    path, and the collection is as it was."""
+    from helpers import deny_inside
+
+    from m3search.errors import CollectionUnreadableError
+
+    needs(engine)
+    loc = location(engine, tmp_path / "d")
+    (tmp_path / "d").mkdir()
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    with monkeypatch.context() as patched:
+        deny_inside(patched, tmp_path / "d")
+        said = re.escape(f"cannot be read: Permission denied ({tmp_path / 'd'}")
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            with pytest.raises(CollectionUnreadableError, match=said):
+                call(loc)
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
+
+
+def test_an_unreadable_manifest_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch):
+    """A manifest this process may not read (its folder readable) was a bare PermissionError; ``create`` there
+    says the collection exists."""
+    import builtins
+    import errno
+
+    from m3search.errors import CollectionExistsError, CollectionUnreadableError
+
+    loc = tmp_path / "col"
+    Collection.create(loc, model=tiny_encoder).close()
+    manifest = str(loc / "manifest.json")
+    real_open = builtins.open
+
+    def guarded(path, *args, **kwargs):
+        if str(path) == manifest:
+            raise PermissionError(errno.EACCES, "Permission denied", manifest)
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("io.open", guarded)
+        with pytest.raises(
+            CollectionUnreadableError, match=re.escape(f"cannot be read: Permission denied ({manifest})")
+        ):
+            Collection.open(loc)
+        assert Collection.exists(loc)
+        with pytest.raises(CollectionExistsError):
+            Collection.create(loc, model=tiny_encoder)
+    Collection.open(loc).close()
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])

@@ -8,7 +8,8 @@ Output: human-readable text on stdout, progress bars on stderr, and with ``--jso
 exactly one JSON object on stdout. Errors end the command with one ``Error: ...`` line on
 stderr (exit code 1; 2 for a bad option) instead of a traceback, and with ``--json`` also
 ``{"error": {"type", "message", "exit_code"}}`` on stdout; set ``M3SEARCH_DEBUG=1`` to see the
-traceback.
+traceback. Standard output that cannot be written (a full disk, ``> /dev/full``) is one ``Error: cannot write
+the output: ...`` line; a reader that went away (``| head -1``) ends the command quietly, as click does (exit 1).
 
 One process owns an embedded collection. While ``m3search serve`` holds one, it records
 its address in ``<collection>/server.json``; ``search``, ``index``, ``delete`` and ``info``
@@ -65,8 +66,61 @@ def _errors() -> Iterator[None]:
         raise click.ClickException(message) from None
 
 
+class _OutputError(click.ClickException):
+    """Standard output could not be written. A closed pipe (``| head -1``: the reader has what it wanted) is said
+    by the exit status alone, 1, as click itself and Python's documentation (the SIGPIPE note of :mod:`signal`)
+    end a command; dying by SIGPIPE as C tools do (141 in a shell) would skip closing the collection."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"cannot write the output: {exc.strerror or exc}")
+        self.quiet = isinstance(exc, BrokenPipeError)
+
+    def show(self, file: Any = None) -> None:
+        if not self.quiet:
+            super().show(file)
+
+
+class _Stdout:
+    """Standard output while a command runs: a write or flush that fails raises :class:`_OutputError` (for every
+    command, here; it was a traceback, or "Error: [Errno 32] Broken pipe"), and so does every one
+    after it: click's own probe of the stream (a write of "") swallows the first. The file descriptor then points
+    at /dev/null, so Python's flush at exit does not meet the broken output again."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._failed: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        return self._guarded(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
+        if self._failed is None:
+            try:
+                return call(*args)
+            except OSError as exc:
+                self._failed = exc
+                with contextlib.suppress(OSError, ValueError):  # no descriptor (a test's stream): nothing to move
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, self._stream.fileno())
+                    os.close(devnull)
+        raise _OutputError(self._failed) from None
+
+
 class _Main(click.Group):
     """The command group; with ``--json`` among the arguments, an error is also a JSON object on stdout."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            sys.stdout = stdout
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["m3search.json"] = "--json" in args
@@ -76,14 +130,20 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            if ctx.meta.get("m3search.json"):
-                kind = "usage" if isinstance(exc, click.UsageError) else "error"
-                _emit({"error": {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code}})
+            kind = "usage" if isinstance(exc, click.UsageError) else "error"
+            _emit_error(ctx, {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code})
             raise
         except (click.Abort, KeyboardInterrupt):  # Ctrl-C: click says "Aborted!" and exits 1
-            if ctx.meta.get("m3search.json"):
-                _emit({"error": {"type": "error", "message": "interrupted", "exit_code": 1}})
+            _emit_error(ctx, {"type": "error", "message": "interrupted", "exit_code": 1})
             raise
+
+
+def _emit_error(ctx: click.Context, error: dict[str, Any]) -> None:
+    """With ``--json``, the error as the one JSON object on stdout too. Where stdout cannot be written, the error
+    itself (a usage error, exit 2) still ends the command, said on stderr, not the output's failure."""
+    if ctx.meta.get("m3search.json"):
+        with contextlib.suppress(_OutputError):
+            _emit({"error": error})
 
 
 def _emit(obj: dict[str, Any]) -> None:

@@ -416,9 +416,10 @@ class Collection:
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
         location, engine_options = location_options(path, engine_options)
         for key, value in (("shards", shards), ("replicas", replicas)):
+            if value is not None and key in engine_options:  # (from the location's query too) one would be dropped
+                raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
+            value = engine_options.get(key) if value is None else value  # ?shards=0 went on to the engine unchecked
             if value is not None:
-                if key in engine_options:  # (from the location's query too) one of the two would be dropped
-                    raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
                 engine_options[key] = check_int(key, value)
         engine_cls = resolve_engine(location)
         if engine_cls.exists(location, **engine_options):

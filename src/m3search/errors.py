@@ -20,6 +20,7 @@ __all__ = [
     "CollectionNotFoundError",
     "CollectionExistsError",
     "CollectionReadOnlyError",
+    "CollectionUnreadableError",
     "EngineUnreachableError",
     "ModelMismatchError",
     "InsufficientStorageError",
@@ -69,6 +70,12 @@ class CollectionReadOnlyError(M3SearchError, PermissionError):
     ``chmod a-w``), and its engine must write there to open it: Qdrant Edge (qdrant-edge-py 0.9) has no read-only
     mode (it maps its segments for writing even to search). Nothing was changed; copy the folder to a writable
     place and open the copy."""
+
+
+class CollectionUnreadableError(M3SearchError, PermissionError):
+    """This process may not read a collection's folder or files (another user's folder, ``chmod``): whether a
+    collection is there cannot be told, so it is neither opened nor created over, and nothing was changed. The
+    message names the path; run as a user who may read it, or give this one read access."""
 
 
 class EngineUnreachableError(M3SearchError, ConnectionError):

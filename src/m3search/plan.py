@@ -279,6 +279,35 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
     return int(v)
 
 
+def check_numbers(options: dict[str, Any], rules: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """``options`` with each one that ``rules`` names checked, else ValueError naming it: a number above 0 (at least
+    0 with ``zero``), an integer with ``integer`` (:func:`check_int`), else a finite int or float; never a bool;
+    None too with ``none`` (where None means something). The one check of the engines' numeric options (their
+    ``_NUMBERS``): ``int()`` cut a Qdrant timeout of 2.5 to 2, and 0, -1 or nan went on to the client."""
+    out = dict(options)
+    for key in sorted(rules.keys() & out.keys()):
+        v, rule, name = out[key], rules[key], f"engine option {key!r}"
+        least = 0 if rule.get("zero") else 1
+        if v is None and rule.get("none"):
+            continue
+        if rule.get("integer"):
+            out[key] = check_int(name, v, least)
+            continue
+        try:
+            ok = (
+                isinstance(v, numbers.Real)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and (v > 0 if least else v >= 0)
+            )
+        except OverflowError:  # an int too large for a float
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number {'> 0' if least else '>= 0'}, got {v!r}"[:200])
+        out[key] = float(v)
+    return out
+
+
 def _positive_int(name: str, v: Any, limit: int) -> int:
     return check_limit(name, check_int(name, v), limit)
 

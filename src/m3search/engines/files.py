@@ -1,23 +1,29 @@
-"""File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes.
+"""File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes, files
+this process may not read.
 
-Standard library only, so the CLI's location rules and the running-server record
-(:mod:`m3search.serverfile`) use them without loading NumPy or an engine.
+Standard library only (:mod:`m3search.errors`, which imports nothing, only to raise one), so the CLI's
+location rules and the running-server record (:mod:`m3search.serverfile`) use them without loading NumPy or an
+engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
+import stat
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
     "TEMPORARY",
     "allocated_bytes",
+    "has_file",
     "lock_exclusive",
+    "readable",
     "temporary",
     "remove_dead_temporaries",
     "write_durably",
@@ -39,6 +45,35 @@ def allocated_bytes(path: Path) -> int:
         blocks = getattr(st, "st_blocks", None)
         total += st.st_size if blocks is None else blocks * 512
     return total
+
+
+def has_file(path: Path) -> bool:
+    """Whether ``path`` is a file (or a link to one), as ``Path.is_file`` says, except that a path this process
+    may not look at raises PermissionError (wrap the caller in :func:`readable`): Python 3.13's ``is_file`` answers
+    False there, which said "no collection" of a collection in a folder this user may not read, and let a create
+    go on; 3.11's raised a bare PermissionError."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except PermissionError:
+        raise
+    except (OSError, ValueError):  # nothing there, a file on the way, a name the system refuses
+        return False
+
+
+@contextlib.contextmanager
+def readable(location: str | os.PathLike) -> Iterator[None]:
+    """Reads of the collection at ``location``, where "permission denied" becomes one
+    :class:`~m3search.errors.CollectionUnreadableError` naming the path, not "no collection" or a bare
+    PermissionError. (The error is imported on the way out: this module loads nothing else of m3search.)"""
+    try:
+        yield
+    except PermissionError as exc:
+        from m3search.errors import CollectionUnreadableError
+
+        raise CollectionUnreadableError(
+            f"collection at {location} cannot be read: {exc.strerror} ({exc.filename or location}); nothing was "
+            "opened or changed: run as a user who may read it, or give this one read access"
+        ) from None
 
 
 def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None) -> int | None:

@@ -174,6 +174,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -183,14 +184,14 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines import lite_file, lite_lock_path
 from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, with_bound
-from m3search.engines.files import lock_exclusive
+from m3search.engines.files import has_file, lock_exclusive, readable
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -208,7 +209,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
-from m3search.plan import MODES
+from m3search.plan import MODES, check_numbers
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -270,10 +271,25 @@ _MANIFEST_IO = threading.Lock()
 
 
 # ------------------------------------------------------------------------- helpers
-def _alias() -> str:
-    """A connection of its own for each client: pymilvus shares one per URI, and closing any client closed it
-    for every other handle on the same collection in this process (``Collection.exists`` broke an open one)."""
-    return f"m3search-{uuid.uuid4().hex}"
+#: pymilvus's logger that reports a failed connect ("Failed to create new connection using: ..." at ERROR).
+_CONNECT_LOG = logging.getLogger("pymilvus.milvus_client._utils")
+
+
+def _client(uri: str, **kwargs: Any) -> MilvusClient:
+    """A MilvusClient on a connection of its own: pymilvus shares one per URI, and closing any client closed it
+    for every other handle on the same collection in this process (``Collection.exists`` broke an open one).
+    pymilvus's own report of a failed connect is dropped for this call only (a filter on its logger, removed
+    after; logging's configuration is left alone): printed beside the error raised for it, which names the
+    address and what to do, its ERROR line was a second, vaguer report of the same failure."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    _CONNECT_LOG.addFilter(drop)
+    try:
+        return MilvusClient(uri, alias=f"m3search-{uuid.uuid4().hex}", **kwargs)
+    finally:
+        _CONNECT_LOG.removeFilter(drop)
 
 
 def _lite_tables(uri: str) -> bool:
@@ -612,12 +628,14 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
-            if not Path(uri).parent.is_dir():
+            with readable(uri):
+                present = has_file(Path(uri))
+            if not present and not Path(uri).parent.is_dir():
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
-            if not create_file and not Path(uri).is_file():
+            if not create_file and not present:
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-            if Path(uri).is_file() and Path(uri).stat().st_size:
-                with open(uri, "rb") as fh:  # milvus-lite keeps an SQLite database; anything else is not ours
+            if present and Path(uri).stat().st_size:
+                with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     if fh.read(16) != b"SQLite format 3\x00":
                         raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 if not _lite_tables(uri):
@@ -635,7 +653,7 @@ class MilvusEngine(Engine):
                     if fd is None:
                         raise in_use
                 try:
-                    client = MilvusClient(uri, timeout=timeout, alias=_alias())
+                    client = _client(uri, timeout=timeout)
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
@@ -650,7 +668,7 @@ class MilvusEngine(Engine):
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
         try:
-            client = MilvusClient(uri, token=token, timeout=connect_timeout, alias=_alias())
+            client = _client(uri, token=token, timeout=connect_timeout)
         except MilvusException as exc:
             raise EngineUnreachableError(
                 f"cannot reach Milvus at {uri} (waited {connect_timeout:g} s; engine option connect_timeout, "
@@ -660,6 +678,12 @@ class MilvusEngine(Engine):
 
     _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
+    #: The numeric options, as :func:`~m3search.plan.check_numbers` checks them.
+    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+        "timeout": {},
+        "connect_timeout": {},
+        "max_request_bytes": {"integer": True},
+    }
 
     @classmethod
     def _split_options(cls, options: dict) -> tuple[dict, dict]:
@@ -667,18 +691,20 @@ class MilvusEngine(Engine):
         if unknown:
             allowed = ", ".join(cls._CONNECT_OPTS + cls._ENGINE_OPTS + ("shards", "replicas"))
             raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {allowed}")
+        options = check_numbers(options, cls._NUMBERS)
         connect = {k: options[k] for k in ("token", "secure") if k in options}
         engine = {k: options[k] for k in cls._ENGINE_OPTS if k in options}
-        connect["timeout"] = engine["timeout"] = float(options.get("timeout", TIMEOUT_S))
-        connect["connect_timeout"] = float(options.get("connect_timeout", CONNECT_TIMEOUT_S))
+        connect["timeout"] = engine["timeout"] = options.get("timeout", TIMEOUT_S)
+        connect["connect_timeout"] = options.get("connect_timeout", CONNECT_TIMEOUT_S)
         return connect, engine
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
         connect, engine = cls._split_options(options)
         uri, name, lite = parse_milvus_location(location)
-        if lite and not Path(uri).is_file():
-            return False
+        with readable(uri):
+            if lite and not has_file(Path(uri)):
+                return False
         client, uri, name, lite = cls._connect(location, create_file=False, **connect)
         try:
             return bool(client.has_collection(name, timeout=engine["timeout"]))

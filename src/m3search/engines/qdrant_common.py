@@ -99,7 +99,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -212,6 +212,8 @@ class QdrantEngine(Engine):
 
     #: Requests of one write stay under this many bytes of JSON (None: no limit; see :func:`split_requests`).
     max_request_bytes: int | None = None
+    #: The numeric engine options, as :func:`~m3search.plan.check_numbers` checks them (None: Qdrant's own ef).
+    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {"hnsw_ef": {"integer": True, "none": True}}
     #: The client's filter classes (:class:`~m3search.engines.qdrant_filter.Dialect`).
     _dialect: Any = None
 

@@ -60,7 +60,9 @@ from m3search.engines import FOLDER_LOCK
 from m3search.engines.files import (
     TEMPORARY,
     allocated_bytes,
+    has_file,
     lock_exclusive,
+    readable,
     remove_dead_temporaries,
     write_durably,
 )
@@ -74,7 +76,7 @@ from m3search.errors import (
     InsufficientStorageError,
 )
 from m3search.filters import Filter
-from m3search.plan import MODES, check_deadline
+from m3search.plan import MODES, check_deadline, check_numbers
 
 __all__ = ["QdrantEdgeEngine"]
 
@@ -224,11 +226,19 @@ def wait_until_free(root: Path, waiting: str | None = None) -> None:
     os.close(lock_exclusive(root / FOLDER_LOCK, wait=True, waiting=waiting))
 
 
+def _has_manifest(root: Path) -> bool:
+    """Whether ``root`` holds a manifest; where this process may not look, :class:`CollectionUnreadableError`, not
+    False: that said "no collection at ..." of another user's collection, and let a create go on there."""
+    with readable(root):
+        return has_file(root / MANIFEST)
+
+
 def _load_manifest(root: Path) -> dict:
     """The manifest, or an error saying it is damaged (a hand edit, a disk fault) rather than the JSON
-    parser's or a KeyError's words."""
+    parser's or a KeyError's words, or that it may not be read."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        with readable(root):
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _damaged(root, str(exc)) from None
     if not isinstance(manifest, dict):
@@ -323,18 +333,26 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
-        return (Path(location) / MANIFEST).is_file()
+        return _has_manifest(Path(location))
 
     @classmethod
-    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:
+    def _options(cls, options: dict) -> dict:
+        """The one engine option (``hnsw_ef``), checked before anything is opened: given to open, an unknown one
+        failed in the constructor with the lock taken and the shard loaded, both left held (the next open in this
+        process: "in use by another process")."""
         unknown = set(options) - {"hnsw_ef"}
         if unknown:
             raise ValueError(
                 f"the embedded engine does not take {sorted(unknown)} (one folder, one shard); "
                 "shards and replicas apply to qdrant:// locations"
             )
+        return check_numbers(options, cls._NUMBERS)
+
+    @classmethod
+    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:
+        options = cls._options(options)
         root = Path(location).expanduser()
-        if (root / MANIFEST).is_file():
+        if _has_manifest(root):
             raise CollectionExistsError(f"a collection already exists at {root}")
         _refuse_a_file(root, CollectionExistsError)
         # what a create that died before its manifest leaves (its lock file first): removed, no collection yet;
@@ -344,8 +362,9 @@ class QdrantEdgeEngine(QdrantEngine):
         def leftover(name: str) -> bool:
             return ours and (name in (PIDFILE, FOLDER_LOCK, SHARD) or name.startswith(MANIFEST + TEMPORARY))
 
-        if root.is_dir() and not all(leftover(p.name) for p in root.iterdir()):
-            raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
+        with readable(root):  # a folder this process may not list may hold anything: never created over
+            if root.is_dir() and not all(leftover(p.name) for p in root.iterdir()):
+                raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:
@@ -362,8 +381,9 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def open(cls, location: str, **options: Any) -> QdrantEdgeEngine:
+        options = cls._options(options)
         root = Path(location).expanduser()
-        if not (root / MANIFEST).is_file():
+        if not _has_manifest(root):
             _refuse_a_file(root, CollectionNotFoundError)
             if (root / SHARD).is_dir():
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
@@ -475,7 +495,7 @@ class QdrantEdgeEngine(QdrantEngine):
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:
-        return _load_manifest(self.root) if (self.root / MANIFEST).is_file() else None
+        return _load_manifest(self.root) if _has_manifest(self.root) else None
 
     def write_manifest(self, manifest: dict) -> None:
         write_durably(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -59,11 +59,12 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
+from m3search.engines.files import has_file, readable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -73,7 +74,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import Filter
-from m3search.plan import check_deadline
+from m3search.plan import check_deadline, check_numbers
 
 try:
     from qdrant_client import QdrantClient
@@ -321,6 +322,15 @@ class QdrantRemoteEngine(QdrantEngine):
     #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
+    #: ``timeout`` in whole seconds, as qdrant-client takes it; None: no limit.
+    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+        **QdrantEngine._NUMBERS,
+        "timeout": {"integer": True},
+        "retries": {"integer": True, "zero": True},
+        "backoff": {"zero": True},
+        "max_request_bytes": {"integer": True, "none": True},
+        "multivector_limit": {"integer": True, "none": True},
+    }
 
     @classmethod
     def _split_options(cls, options: dict) -> tuple[dict, dict]:
@@ -328,6 +338,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if unknown:
             allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + cls._CREATE_OPTS)
             raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
+        options = check_numbers(options, cls._NUMBERS)
         return (
             {k: options[k] for k in cls._ENGINE_OPTS if k in options},
             {k: options[k] for k in cls._CLIENT_OPTS if k in options},
@@ -337,8 +348,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple[QdrantClient, str, bool, str]:
         kind, target, name = parse_qdrant_location(location)
         if kind == "local":
-            if must_exist and not (Path(target) / "meta.json").is_file():
-                raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
+            with readable(target):
+                if must_exist and not has_file(Path(target) / "meta.json"):
+                    raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
             return _local_client(target), name, True, target
         https = bool(client_opts.get("https", False))
         url = ("https://" if https else "http://") + target
@@ -355,7 +367,7 @@ class QdrantRemoteEngine(QdrantEngine):
             url=url,
             api_key=api_key,
             prefer_grpc=bool(client_opts.get("prefer_grpc", False)),
-            timeout=int(client_opts.get("timeout", 60)),
+            timeout=client_opts.get("timeout", 60),
             check_compatibility=False,
         )
         try:
@@ -373,8 +385,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def exists(cls, location: str, **options: Any) -> bool:
         _, client_opts = cls._split_options(options)
         kind, target, name = parse_qdrant_location(location)
-        if kind == "local" and not (Path(target) / "meta.json").is_file():
-            return False
+        with readable(target):
+            if kind == "local" and not has_file(Path(target) / "meta.json"):
+                return False
         client, name, _, _ = cls._connect(location, client_opts, must_exist=False)
         try:
             return bool(client.collection_exists(name))
