@@ -719,6 +719,26 @@ def test_a_numeric_engine_option_out_of_its_range_is_refused(tiny_encoder, where
             call(where)
 
 
+@pytest.mark.parametrize(
+    "where, option",
+    [
+        ("qdrant://127.0.0.1:{port}/docs", "https"),
+        ("qdrant://127.0.0.1:{port}/docs", "prefer_grpc"),
+        ("qdrant://127.0.0.1:{port}/docs", "server_scoring"),
+        ("milvus://127.0.0.1:{port}/docs", "secure"),
+    ],
+)
+def test_an_engine_switch_must_be_a_bool(tiny_encoder, where, option):
+    """The switches went through ``bool()``: ``engine_options={"https": "false"}`` turned https on (a location's
+    ``?https=false`` is read as False; a dict from a config file keeps the string). Refused before any connection."""
+    needs("qdrant-local" if where.startswith("qdrant") else "milvus-lite")
+    where = where.format(port=closed_port())
+    message = re.escape(f"engine option {option!r} must be true or false (a Python bool), not str")
+    for call in (Collection.open, Collection.exists, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(TypeError, match=message):
+            call(where, engine_options={option: "false"})
+
+
 def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder):
     """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked."""
     needs("qdrant-local")
@@ -1156,3 +1176,13 @@ def test_point_uuid_is_rfc4122_uuid5():
     alphabet = list("abcXYZ019 _-./\\\"'\n\täöüß€漢字😀")
     ids = ["", "a", "x" * 5000] + ["".join(rng.choice(alphabet, size=int(rng.integers(1, 40)))) for _ in range(2000)]
     assert [point_uuid(i) for i in ids] == [str(uuid.uuid5(ID_NAMESPACE, i)) for i in ids]
+
+
+def test_exists_reads_an_embedded_location_as_open_does(tmp_path, tiny_encoder, monkeypatch):
+    """``Collection.exists("~/c")`` said False of a collection that ``open("~/c")`` opened (no ``~`` expansion), and
+    an embedded ``exists`` took any engine option unchecked, which open refuses."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Collection.create("~/c", model=tiny_encoder).close()
+    assert Collection.exists("~/c") and Collection.exists(tmp_path / "c")
+    with pytest.raises(ValueError, match="hnsw_eff"):
+        Collection.exists("~/c", engine_options={"hnsw_eff": 8})

@@ -371,9 +371,10 @@ class Collection:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def exists(cls, path: str | os.PathLike, **engine_options: Any) -> bool:
+    def exists(cls, path: str | os.PathLike, *, engine_options: dict | None = None) -> bool:
         """Whether a collection is stored at ``path`` (any engine's location), without opening it: no lock is
-        taken and no model is loaded."""
+        taken and no model is loaded. ``engine_options`` as for :meth:`open` (they took ``**options`` here, so
+        ``exists(loc, engine_options={...})``, written as for open, was "unknown engine option 'engine_options'")."""
         location, engine_options = location_options(path, engine_options)
         return resolve_engine(location).exists(location, **engine_options)
 

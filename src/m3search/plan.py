@@ -279,16 +279,21 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
     return int(v)
 
 
-def check_numbers(options: dict[str, Any], rules: dict[str, dict[str, bool]]) -> dict[str, Any]:
-    """``options`` with each one that ``rules`` names checked, else ValueError naming it: a number above 0 (at least
-    0 with ``zero``), an integer with ``integer`` (:func:`check_int`), else a finite int or float; never a bool;
-    None too with ``none`` (where None means something). The one check of the engines' numeric options (their
-    ``_NUMBERS``): ``int()`` cut a Qdrant timeout of 2.5 to 2, and 0, -1 or nan went on to the client."""
+def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """``options`` with each one that ``rules`` names checked, else ValueError (TypeError for a switch) naming it:
+    with ``bool`` a Python bool (:func:`check_bool`: ``bool("false")`` is true); otherwise a number above 0 (at
+    least 0 with ``zero``), an integer with ``integer`` (:func:`check_int`), else a finite int or float; never a
+    bool; None too with ``none`` (where None means something). The one check of the engines' options (their
+    ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or nan went on to the client, and
+    ``engine_options={"https": "false"}`` turned https on."""
     out = dict(options)
     for key in sorted(rules.keys() & out.keys()):
         v, rule, name = out[key], rules[key], f"engine option {key!r}"
         least = 0 if rule.get("zero") else 1
         if v is None and rule.get("none"):
+            continue
+        if rule.get("bool"):
+            out[key] = check_bool(name, v)
             continue
         if rule.get("integer"):
             out[key] = check_int(name, v, least)

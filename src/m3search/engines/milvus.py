@@ -209,7 +209,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
-from m3search.plan import MODES, check_numbers
+from m3search.plan import MODES, check_options
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -678,11 +678,12 @@ class MilvusEngine(Engine):
 
     _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
-    #: The numeric options, as :func:`~m3search.plan.check_numbers` checks them.
-    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
+    #: The numeric options and the switch, as :func:`~m3search.plan.check_options` checks them.
+    _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
         "timeout": {},
         "connect_timeout": {},
         "max_request_bytes": {"integer": True},
+        "secure": {"bool": True},
     }
 
     @classmethod
@@ -691,7 +692,7 @@ class MilvusEngine(Engine):
         if unknown:
             allowed = ", ".join(cls._CONNECT_OPTS + cls._ENGINE_OPTS + ("shards", "replicas"))
             raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {allowed}")
-        options = check_numbers(options, cls._NUMBERS)
+        options = check_options(options, cls._OPTION_RULES)
         connect = {k: options[k] for k in ("token", "secure") if k in options}
         engine = {k: options[k] for k in cls._ENGINE_OPTS if k in options}
         connect["timeout"] = engine["timeout"] = options.get("timeout", TIMEOUT_S)

@@ -212,8 +212,8 @@ class QdrantEngine(Engine):
 
     #: Requests of one write stay under this many bytes of JSON (None: no limit; see :func:`split_requests`).
     max_request_bytes: int | None = None
-    #: The numeric engine options, as :func:`~m3search.plan.check_numbers` checks them (None: Qdrant's own ef).
-    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {"hnsw_ef": {"integer": True, "none": True}}
+    #: The numeric engine options, as :func:`~m3search.plan.check_options` checks them (None: Qdrant's own ef).
+    _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {"hnsw_ef": {"integer": True, "none": True}}
     #: The client's filter classes (:class:`~m3search.engines.qdrant_filter.Dialect`).
     _dialect: Any = None
 

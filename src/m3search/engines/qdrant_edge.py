@@ -76,7 +76,7 @@ from m3search.errors import (
     InsufficientStorageError,
 )
 from m3search.filters import Filter
-from m3search.plan import MODES, check_deadline, check_numbers
+from m3search.plan import MODES, check_deadline, check_options
 
 __all__ = ["QdrantEdgeEngine"]
 
@@ -333,7 +333,8 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
-        return _has_manifest(Path(location))
+        cls._options(options)
+        return _has_manifest(Path(location).expanduser())  # as open reads it: "~/c" was False, open found it
 
     @classmethod
     def _options(cls, options: dict) -> dict:
@@ -346,7 +347,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 f"the embedded engine does not take {sorted(unknown)} (one folder, one shard); "
                 "shards and replicas apply to qdrant:// locations"
             )
-        return check_numbers(options, cls._NUMBERS)
+        return check_options(options, cls._OPTION_RULES)
 
     @classmethod
     def create(cls, location: str, schema: Schema, **options: Any) -> QdrantEdgeEngine:

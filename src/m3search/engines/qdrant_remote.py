@@ -74,7 +74,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import Filter
-from m3search.plan import check_deadline, check_numbers
+from m3search.plan import check_deadline, check_options
 
 try:
     from qdrant_client import QdrantClient
@@ -312,7 +312,7 @@ class QdrantRemoteEngine(QdrantEngine):
         # Local mode computes a filtered MaxSim over EVERY stored point before filtering
         # (seconds per query at a few hundred documents); there, candidates are scored
         # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
-        self.server_scoring = (not local) if server_scoring is None else bool(server_scoring)
+        self.server_scoring = (not local) if server_scoring is None else server_scoring
         # Local mode stands in for a server, so it splits long windows into parts just the same.
         self.multivector_limit = multivector_limit
 
@@ -322,14 +322,17 @@ class QdrantRemoteEngine(QdrantEngine):
     #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
-    #: ``timeout`` in whole seconds, as qdrant-client takes it; None: no limit.
-    _NUMBERS: ClassVar[dict[str, dict[str, bool]]] = {
-        **QdrantEngine._NUMBERS,
+    #: ``timeout`` in whole seconds, as qdrant-client takes it; the switches Python bools.
+    _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
+        **QdrantEngine._OPTION_RULES,
         "timeout": {"integer": True},
         "retries": {"integer": True, "zero": True},
         "backoff": {"zero": True},
         "max_request_bytes": {"integer": True, "none": True},
         "multivector_limit": {"integer": True, "none": True},
+        "https": {"bool": True},
+        "prefer_grpc": {"bool": True},
+        "server_scoring": {"bool": True, "none": True},
     }
 
     @classmethod
@@ -338,7 +341,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if unknown:
             allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + cls._CREATE_OPTS)
             raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
-        options = check_numbers(options, cls._NUMBERS)
+        options = check_options(options, cls._OPTION_RULES)
         return (
             {k: options[k] for k in cls._ENGINE_OPTS if k in options},
             {k: options[k] for k in cls._CLIENT_OPTS if k in options},
@@ -352,7 +355,7 @@ class QdrantRemoteEngine(QdrantEngine):
                 if must_exist and not has_file(Path(target) / "meta.json"):
                     raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
             return _local_client(target), name, True, target
-        https = bool(client_opts.get("https", False))
+        https = client_opts.get("https", False)
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
         if api_key and not https and target.split(":")[0] not in ("localhost", "127.0.0.1"):
@@ -366,7 +369,7 @@ class QdrantRemoteEngine(QdrantEngine):
         client = QdrantClient(
             url=url,
             api_key=api_key,
-            prefer_grpc=bool(client_opts.get("prefer_grpc", False)),
+            prefer_grpc=client_opts.get("prefer_grpc", False),
             timeout=client_opts.get("timeout", 60),
             check_compatibility=False,
         )
