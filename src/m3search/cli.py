@@ -84,39 +84,53 @@ class _Stdout:
     """Standard output while a command runs: a write or flush that fails raises :class:`_OutputError` (for every
     command, here; it was a traceback, or "Error: [Errno 32] Broken pipe"), and so does every one
     after it: click's own probe of the stream (a write of "") swallows the first. The file descriptor then points
-    at /dev/null, so Python's flush at exit does not meet the broken output again."""
+    at /dev/null, so Python's flush at exit does not meet the broken output again.
 
-    def __init__(self, stream: Any) -> None:
+    Its ``buffer`` is guarded alike, sharing the failure: click writes the text of an ASCII standard output
+    (``PYTHONIOENCODING=ascii``, a C locale) as UTF-8 to the buffer, which went past this guard (output lost with
+    exit 0, or a traceback). No ``__weakref__`` slot: click caches the stream it writes to in a
+    WeakKeyDictionary whose value is that stream itself, an entry that never dies, so the wrapper (with the
+    failure's traceback, the command's frames) outlived the command; unreferenceable weakly, it is not cached."""
+
+    __slots__ = ("_stream", "_failed")
+
+    def __init__(self, stream: Any, failed: list[OSError] | None = None) -> None:
         self._stream = stream
-        self._failed: OSError | None = None
+        self._failed: list[OSError] = [] if failed is None else failed  # the first failure, shared with buffer's
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
-    def write(self, text: str) -> int:
-        return self._guarded(self._stream.write, text)
+    @property
+    def buffer(self) -> _Stdout:
+        return _Stdout(self._stream.buffer, self._failed)
+
+    def write(self, data: Any) -> int:
+        return self._guarded(self._stream.write, data)
 
     def flush(self) -> None:
         self._guarded(self._stream.flush)
 
     def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
-        if self._failed is None:
+        if not self._failed:
             try:
                 return call(*args)
             except OSError as exc:
-                self._failed = exc
+                self._failed.append(exc.with_traceback(None))
                 with contextlib.suppress(OSError, ValueError):  # no descriptor (a test's stream): nothing to move
                     devnull = os.open(os.devnull, os.O_WRONLY)
                     os.dup2(devnull, self._stream.fileno())
                     os.close(devnull)
-        raise _OutputError(self._failed) from None
+        raise _OutputError(self._failed[0]) from None
 
 
 class _Main(click.Group):
     """The command group; with ``--json`` among the arguments, an error is also a JSON object on stdout."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+        stdout = sys.stdout
+        if stdout is not None:  # closed (>&-): click writes nothing, as without the guard (it was a traceback)
+            sys.stdout = _Stdout(stdout)
         try:
             return super().main(*args, **kwargs)
         finally:
