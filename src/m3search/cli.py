@@ -1331,14 +1331,21 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
         what = f"collection {collection}" if collection else f"model {model}"
 
         def ready(url: str) -> None:
-            click.echo(f"m3search: serving {what} at {url} (docs at {url}/docs)", err=True)
+            _note(f"m3search: serving {what} at {url} (docs at {url}/docs)")
 
         try:
             served = run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
         except CollectionInUseError as exc:
             raise click.ClickException(str(exc)) from None
         if not served:
-            click.echo(f"m3search: stopped before serving {what}", err=True)
+            _note(f"m3search: stopped before serving {what}")
+
+
+def _note(line: str) -> None:
+    """``serve``'s own lines on stderr. One that cannot be written (``2>/dev/full``) ends nothing: the server
+    exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike)."""
+    with contextlib.suppress(OSError):
+        click.echo(line, err=True)
 
 
 @main.command("eval")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1306,6 +1308,30 @@ async def _record_when_listening(settings: Settings, resources: Resources) -> No
     _record(settings, resources, *address)
 
 
+class _AccessLog(logging.Handler):
+    """uvicorn's access lines, on standard output as uvicorn writes them. Where it cannot be written (a full disk,
+    a reader gone), one warning says so and the lines are dropped from then on: logging reported each failure
+    with a traceback of its own, some 100 lines on stderr per request. The stream is ``sys.stdout`` at each line,
+    not the one of the moment logging was configured (uvicorn's handler kept the CLI's output guard after the
+    command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.dropped:
+            return
+        line = self.format(record) + "\n"
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except Exception as exc:  # OSError, the CLI's output error; AttributeError where stdout is closed (None)
+            self.dropped = True
+            why = "it is closed" if sys.stdout is None else exc
+            log.warning("the access log cannot be written to standard output (%s); its lines are dropped", why)
+
+
 def _uvicorn_server() -> type:
     """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
     import uvicorn
@@ -1398,7 +1424,16 @@ def serve(
         if on_ready is not None:
             on_ready(_url(host, actual))
         app = create_app(settings, resources=resources)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+        logs = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        logs["handlers"]["access"] = {"()": _AccessLog, "formatter": "access"}
+        config = uvicorn.Config(
+            app,
+            log_config=logs,
+            log_level=log_level,
+            use_colors=False if sys.stdout is None else None,  # uvicorn asks a closed stdout (None) isatty()
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
         _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
         return True
     finally:
