@@ -21,6 +21,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -1032,6 +1033,37 @@ def test_an_unreadable_manifest_is_said_to_be_so(tmp_path, tiny_encoder, monkeyp
         with pytest.raises(CollectionExistsError):
             Collection.create(loc, model=tiny_encoder)
     Collection.open(loc).close()
+
+
+@pytest.mark.parametrize("engine, stored", [("qdrant-local", "store/meta.json"), ("milvus-lite", "col.db")])
+def test_a_storage_file_this_process_may_not_open_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch, engine, stored):
+    """A file the folder shows (stat answers) but this process may not open: qdrant-client local mode's meta.json
+    was a bare "[Errno 13] Permission denied" from inside the client for exists, open and create alike (Milvus Lite's
+    file was already said to be unreadable). Now CollectionUnreadableError naming it, the collection as it was."""
+    import builtins
+    import errno
+
+    from m3search.errors import CollectionUnreadableError
+
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    denied, real_open = str(tmp_path / stored), builtins.open
+
+    def guarded(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", denied)
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("io.open", guarded)
+        patched.setattr("builtins.open", guarded)
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            with pytest.raises(CollectionUnreadableError, match=re.escape(f"Permission denied ({denied})")):
+                call(loc)
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])

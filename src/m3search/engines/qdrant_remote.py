@@ -351,10 +351,10 @@ class QdrantRemoteEngine(QdrantEngine):
     def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple[QdrantClient, str, bool, str]:
         kind, target, name = parse_qdrant_location(location)
         if kind == "local":
-            with readable(target):
+            with readable(target):  # the client's own reads too: a meta.json stat shows but open refuses
                 if must_exist and not has_file(Path(target) / "meta.json"):
                     raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
-            return _local_client(target), name, True, target
+                return _local_client(target), name, True, target
         https = client_opts.get("https", False)
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
