@@ -52,6 +52,7 @@ import numpy as np
 
 from m3search.engines import location_options, resolve_engine, taken
 from m3search.engines.base import Engine
+from m3search.engines.files import readable
 from m3search.engines.shapes import (
     CREATED_SCHEMA_VERSION,
     MANIFEST_FORMAT,
@@ -550,7 +551,8 @@ class Collection:
             "created": m.get("created"),
             "schema_version": m.get("schema_version"),
         }
-        disk = self._engine.disk_usage()
+        with readable(self.location):  # made unreadable while open (a served folder chmod-ed): said, not 0 bytes
+            disk = self._engine.disk_usage()
         if disk is not None:
             out["disk_bytes"] = disk
         return _plain(out)

@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    CollectionUnreadableError,
     DuplicateIdError,
     IngestInterrupted,
     InsufficientStorageError,
@@ -205,6 +206,7 @@ _STATUS_TYPES = {
     422: "invalid_request",
     429: "overloaded",
     499: "client_closed_request",
+    500: "internal_error",
     503: "unavailable",
     504: "timeout",
     507: "insufficient_storage",
@@ -222,6 +224,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     WriteConflictError: 409,
     UnknownIdError: 404,
     InsufficientStorageError: 507,
+    CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
 }
 
 
@@ -250,7 +253,8 @@ _ERROR_MEANINGS = {
     413: "Body, batch, input, `k`, `candidates` or filter over its limit",
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
-    500: "Internal error (a bug)",
+    500: "Internal error: a bug, or the collection's files can no longer be read by the server (the message names "
+    "them)",
     503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
     "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
     "write or delete refused before it started (nothing done)",
@@ -343,6 +347,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TypeError)
     async def library_error(request: Request, exc: Exception):
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+        if status >= 500:  # the operator's to fix: in the server's log too
+            log.error("%s %s: %s", request.method, request.url.path, exc)
         ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError, WriteConflictError)) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
