@@ -740,16 +740,28 @@ def test_an_engine_switch_must_be_a_bool(tiny_encoder, where, option):
             call(where, engine_options={option: "false"})
 
 
-def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder):
-    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked."""
+def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder, tmp_path):
+    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked; and
+    migrate, which creates its destination through the engine, checked neither: ``migrate(src,
+    "qdrant://host/d?shards=0")`` dialled the server, ``dst_options={"shards": "2"}`` (or -1, True, 2.5) was
+    taken. The engines check them as their other options, before any connection, on every way to a create."""
     needs("qdrant-local")
+    needs("milvus-lite")
+    from m3search.migrate import migrate
+
     port = closed_port()
-    for where, said in (
-        (f"qdrant://127.0.0.1:{port}/d?shards=0", "shards"),
-        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", "replicas"),
+    src = tmp_path / "src"
+    Collection.create(src, model=tiny_encoder, colbert_dtype="float16").close()
+    for where, options, said in (
+        (f"qdrant://127.0.0.1:{port}/d?shards=0", {}, "'shards' must be a positive integer, got 0"),
+        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", {}, "'replicas' must be a positive integer, got 1.5"),
+        (location("qdrant-local", tmp_path / "q"), {"shards": "2"}, "'shards' must be a positive integer, got '2'"),
+        (location("milvus-lite", tmp_path / "m"), {"replicas": True}, "'replicas' must be a positive integer"),
     ):
-        with pytest.raises(ValueError, match=f"{said} must be a positive integer"):
-            Collection.create(where, model=tiny_encoder)
+        with pytest.raises(ValueError, match=re.escape(f"engine option {said}")):
+            Collection.create(where, model=tiny_encoder, engine_options=options)
+        with pytest.raises(ValueError, match=re.escape(f"engine option {said}")):
+            migrate(src, where, dst_options=options)
 
 
 def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):

@@ -417,12 +417,11 @@ class Collection:
             allowed = ", ".join(sorted(set(_SCHEMA_SETTINGS) | set(_SETTINGS_DEFAULTS)))
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
         location, engine_options = location_options(path, engine_options)
-        for key, value in (("shards", shards), ("replicas", replicas)):
-            if value is not None and key in engine_options:  # (from the location's query too) one would be dropped
-                raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
-            value = engine_options.get(key) if value is None else value  # ?shards=0 went on to the engine unchecked
+        for key, value in (("shards", shards), ("replicas", replicas)):  # checked by the engine, as its options
             if value is not None:
-                engine_options[key] = check_int(key, value)
+                if key in engine_options:  # (from the location's query too) one would be dropped
+                    raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
+                engine_options[key] = value
         engine_cls = resolve_engine(location)
         if engine_cls.exists(location, **engine_options):
             raise taken(engine_cls, location, engine_options)
