@@ -740,6 +740,30 @@ def test_an_engine_switch_must_be_a_bool(tiny_encoder, where, option):
             call(where, engine_options={option: "false"})
 
 
+@pytest.mark.parametrize(
+    "engine, where, options, error, said",
+    [
+        ("qdrant-edge", "", {"hnsw_ef": 2**64}, ValueError, "'hnsw_ef'=18446744073709551616 exceeds the limit of"),
+        ("milvus-lite", "", {"timeout": 1e20}, ValueError, "'timeout'=1e+20 exceeds the limit of 2147483647"),
+        ("qdrant-local", "qdrant://127.0.0.1:{port}/d?timeout=" + "9" * 31, {}, ValueError, "'timeout'=a number wi"),
+        ("milvus-lite", "milvus://127.0.0.1:{port}/d", {"connect_timeout": 10**30}, ValueError, "'connect_timeout'="),
+        ("qdrant-local", "qdrant://127.0.0.1:{port}/d", {"api_key": 123}, TypeError, "'api_key' must be a string, not"),
+        ("milvus-lite", "milvus://127.0.0.1:{port}/d", {"token": b"u:p"}, TypeError, "'token' must be a string, not"),
+    ],
+)
+def test_an_engine_option_is_bounded_and_typed(tmp_path, tiny_encoder, engine, where, options, error, said):
+    """Numbers past what the clients take went on: ``hnsw_ef=2**64`` opened and failed at the first search
+    (OverflowError), a Milvus ``timeout`` of 1e20 or ``connect_timeout`` of 10**30 in the client ("timestamp out
+    of range"), a Qdrant ``timeout`` of 31 digits as "cannot reach Qdrant"; an ``api_key`` that is no string was
+    httpx's "Header value must be str or bytes" after connecting. Refused before any connection, naming it."""
+    needs(engine)
+    loc = where.format(port=closed_port()) if where else location(engine, tmp_path)
+    if not where:
+        Collection.create(loc, model=tiny_encoder, colbert_dtype="float16").close()
+    with pytest.raises(error, match=re.escape(f"engine option {said}")):
+        Collection.open(loc, engine_options=options).close()
+
+
 def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder, tmp_path):
     """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked; and
     migrate, which creates its destination through the engine, checked neither: ``migrate(src,

@@ -686,13 +686,14 @@ class MilvusEngine(Engine):
     _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
     _CREATE_OPTS = tuple(CREATE_OPTION_RULES)
-    #: The numeric options and the switch, as :func:`~m3search.plan.check_options` checks them.
+    #: The numeric options, the switch and the token, as :func:`~m3search.plan.check_options` checks them.
     _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
         **CREATE_OPTION_RULES,
         "timeout": {},
         "connect_timeout": {},
         "max_request_bytes": {"integer": True},
         "secure": {"bool": True},
+        "token": {"text": True, "none": True},
     }
 
     @classmethod

@@ -323,7 +323,7 @@ class QdrantRemoteEngine(QdrantEngine):
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
     _OPTION_GROUPS = (_ENGINE_OPTS, _CLIENT_OPTS, _CREATE_OPTS)
-    #: ``timeout`` in whole seconds, as qdrant-client takes it; the switches Python bools.
+    #: ``timeout`` in whole seconds, as qdrant-client takes it; the switches Python bools; the key a string.
     _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
         **QdrantEngine._OPTION_RULES,
         **CREATE_OPTION_RULES,
@@ -334,6 +334,7 @@ class QdrantRemoteEngine(QdrantEngine):
         "multivector_limit": {"integer": True, "none": True},
         "https": {"bool": True},
         "prefer_grpc": {"bool": True},
+        "api_key": {"text": True, "none": True},
         "server_scoring": {"bool": True, "none": True},
     }
 
