@@ -36,7 +36,18 @@ from typing import Any
 import click
 
 from . import serverfile
-from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
+from .filters import parse_filter
+from .plan import (
+    DEFAULT_CANDIDATES,
+    FUSIONS,
+    GROUPS,
+    MAX_CANDIDATES,
+    MAX_K,
+    PRESETS,
+    check_limit,
+    check_weights,
+    parse_mode,
+)
 from .sources import QUERY_FORMATS, STDIN, STREAM_FORMATS
 
 DEFAULT_MODEL = "BAAI/bge-m3"
@@ -179,20 +190,49 @@ def _refuse_served(command: str, *collections: str | None) -> None:
             )
 
 
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """A click callback: the option's value, when given, through one of the library's own checks, whose refusal
+    is a usage error naming the option (exit 2, as click's own checks are). `eval --modes foo`, `tune --metric
+    foo`, `search --k 20000` and a filter's unknown operator exited 1, some once a model was loaded or a
+    collection opened. The value goes on as given (the library checks it again where it is used)."""
+
+    def callback(ctx: Any, param: Any, value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as exc:
+                raise click.BadParameter(" ".join(str(exc).split())) from None
+        return value
+
+    return callback
+
+
+#: ``--k`` and ``--candidates``: the library's limits (a server may set lower ones, which it says).
+_k_limit = _checked(functools.partial(check_limit, "k", limit=MAX_K))
+_candidates_limit = _checked(functools.partial(check_limit, "candidates", limit=MAX_CANDIDATES))
+
+
+def _eval_modes(value: str) -> None:
+    from .eval import check_modes  # (the command imports it anyway; --help does not)
+
+    check_modes(value)
+
+
+def _tune_metric(value: str) -> None:
+    from .tuning import parse_metric
+
+    parse_metric(value)
+
+
 def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, float, float] | None:
-    """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4)."""
+    """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4), by the library's rule (:func:`~m3search.plan.check_weights`)."""
     if value is None:
         return None
     try:
         weights = tuple(float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
-    from .plan import check_weights  # the library's rule, as a usage error (exit 2)
-
-    try:
-        return check_weights(weights)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return _checked(check_weights)(ctx, param, weights)
 
 
 class _FiniteRange(click.FloatRange):
@@ -230,18 +270,7 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
         raise click.BadParameter(f"not valid JSON ({exc.msg} at char {exc.pos}): {text!r}") from None
     if not isinstance(obj, dict):
         raise click.BadParameter('a filter is a JSON object, e.g. \'{"lang": "en"}\'')
-    return obj
-
-
-def _parse_mode(ctx: Any, param: Any, value: str | None) -> str | None:
-    """click callback: a preset or any '+'-joined modes (what ``m3search tune`` may choose and store)."""
-    if value is None:
-        return None
-    try:
-        parse_mode(value)
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
+    return _checked(parse_filter)(ctx, param, obj)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -889,14 +918,6 @@ def _trec_word(value: str, what: str) -> str:
     return value
 
 
-def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
-    """click callback: a run name is one TREC column."""
-    try:
-        return None if value is None else _trec_word(value, "run name")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.command()
 @click.argument("query", required=False)
 @click.option(
@@ -920,7 +941,7 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
     "run_name",
     default=None,
     metavar="RUN_NAME",
-    callback=_parse_run_name,
+    callback=_checked(functools.partial(_trec_word, what="run name")),
     help="With --queries: print a TREC run (qid Q0 docid rank score RUN_NAME) for trec_eval or ranx.",
 )
 @collection_option
@@ -928,13 +949,15 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
 @click.option(
     "--mode",
     default=None,
-    callback=_parse_mode,
+    callback=_checked(parse_mode),
     help=f"Search mode: {', '.join(PRESETS)}, or any '+'-joined modes (sparse+colbert) [default: the collection's, all].",
 )
 @click.option(
     "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
 )
-@click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
+@click.option(
+    "--k", "-k", default=10, show_default=True, type=click.IntRange(1), callback=_k_limit, help="Hits to return."
+)
 @click.option(
     "--weights",
     default=None,
@@ -945,6 +968,7 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
     "--candidates",
     default=None,
     type=click.IntRange(1),
+    callback=_candidates_limit,
     help="Dense and sparse candidates per query for re-ranking modes [default: the collection's].",
 )
 @click.option(
@@ -1351,7 +1375,13 @@ def _note(line: str) -> None:
 @main.command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--modes", default=",".join(PRESETS), show_default=True, help="Comma-separated modes.")
+@click.option(
+    "--modes",
+    default=",".join(PRESETS),
+    show_default=True,
+    callback=_checked(_eval_modes),
+    help="Comma-separated modes.",
+)
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
 @click.option(
     "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
@@ -1361,13 +1391,22 @@ def _note(line: str) -> None:
     default=DEFAULT_CANDIDATES,
     show_default=True,
     type=click.IntRange(1),
+    callback=_candidates_limit,
     help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).",
 )
 @dtype_option
 @device_option
 @queries_option
 @split_option
-@click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
+@click.option(
+    "--k",
+    "-k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    callback=_k_limit,
+    help="Cutoff of nDCG and MRR.",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -1456,7 +1495,9 @@ def eval_(
     "[default: eval's cached index of DATA_DIR, nothing stored].",
 )
 @model_option
-@click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
+@click.option(
+    "--metric", default="ndcg@10", show_default=True, callback=_checked(_tune_metric), help="ndcg@K, recall@K or mrr@K."
+)
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
 @split_option
 @click.option(
