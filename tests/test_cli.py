@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -371,11 +372,20 @@ def test_truncation_is_one_warning_line_per_file(tmp_path, tiny_model_path):
         (["search", "x", "-c", "<missing>"], 1, "no collection at"),
         (["search", "x", "-c", "<coll>", "--weights", "1,2"], 2, "Invalid value for '--weights'"),
         (["search", "x", "-c", "<coll>", "--filter", "{bad"], 2, "Invalid value for '--filter'"),
-        (["search", "x", "-c", "<coll>", "--filter", '{"a": {"near": 1}}'], 1, "unknown operator 'near'"),
+        (
+            ["search", "x", "-c", "<coll>", "--filter", '{"a": {"near": 1}}'],
+            2,
+            "'--filter': filter.a: unknown operator",
+        ),
         (["search", "x", "-c", "<coll>", "--mode", "fuzzy"], 2, "Invalid value for '--mode'"),
         (["search", "x", "-c", "<coll>", "--filter", "@<latin1>"], 2, "is not UTF-8 text"),
         (["search", "   ", "-c", "<coll>"], 1, "query is empty"),
         (["search", "x", "-c", "<coll>", "--k", "0"], 2, "Invalid value for '--k'"),
+        (["search", "x", "-c", "<coll>", "--k", "20000"], 2, "'--k' / '-k': k=20000 exceeds the limit of 10000"),
+        (["search", "x", "-c", "<coll>", "--candidates", "200000"], 2, "'--candidates': candidates=200000 exceeds"),
+        (["eval", "<empty>", "--modes", "dense,foo"], 2, "Invalid value for '--modes': unknown mode(s) ['foo']"),
+        (["eval", "<empty>", "--k", "20000"], 2, "Invalid value for '--k' / '-k': k=20000 exceeds the limit"),
+        (["tune", "<empty>", "--metric", "foo"], 2, "Invalid value for '--metric': unknown metric 'foo'"),
         (["index", "<empty>/nope.parquet", "-c", "<coll>"], 2, "does not exist"),
         (["index", "<bad_jsonl>", "-c", "<coll>"], 1, "bad.jsonl:2: invalid JSON"),
         (["search", "x", "-c", "<coll>", "-m", "<other_model>"], 1, "identity"),
@@ -1275,11 +1285,13 @@ def test_a_collection_this_process_may_not_read_is_said_to_be_so_by_every_comman
     assert one_json(cli("info", "--collection", str(indexed), "--json"))["count"] == N_DOCS
 
 
-def _run_into(stdout, *args: str) -> subprocess.CompletedProcess:
+def _run_into(stdout, *args: str, env: dict | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
     """The console script with its standard output on ``stdout`` (a file object or descriptor), stderr captured."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
-    return subprocess.run(cmd + list(args), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")} | (env or {})
+    return subprocess.run(
+        cmd + list(args), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300, env=env, **kwargs
+    )
 
 
 def _output_commands(indexed: Path, tmp_path: Path, tiny_model_path: Path) -> dict[str, list[str]]:
@@ -1323,6 +1335,51 @@ def test_output_to_a_closed_pipe_ends_quietly(indexed, tmp_path, tiny_model_path
         finally:
             os.close(write)
         assert (got.returncode, got.stderr) == (1, ""), name
+
+
+def test_output_to_a_full_disk_through_an_ascii_stdout_is_said_too(indexed, tmp_path, tiny_model_path):
+    """Where standard output's encoding is ASCII (PYTHONIOENCODING=ascii, a C locale), click writes UTF-8 to its
+    binary buffer, which went past the output guard: `search ... > /dev/full` exited 0 having written nothing
+    (unbuffered) or ended in a traceback with exit 120. The buffer is guarded too: one line, exit 1."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    commands = _output_commands(indexed, tmp_path, tiny_model_path)
+    for name in ("search", "search --queries --json", "--help"):
+        for unbuffered in ("1", ""):
+            with open("/dev/full", "w") as full:
+                got = _run_into(
+                    full, *commands[name], env={"PYTHONIOENCODING": "ascii", "PYTHONUNBUFFERED": unbuffered}
+                )
+            said = (got.returncode, got.stderr)
+            assert said == (1, "Error: cannot write the output: No space left on device\n"), (name, unbuffered)
+
+
+def test_a_closed_stdout_is_no_traceback(indexed):
+    """With standard output closed (`>&-`, Python's sys.stdout None), the guard wrapped None: every command ended
+    in an AttributeError traceback. Nothing is written there, as click does without the guard, and the command
+    runs (exit 0; an error still exits 1 with its line on stderr)."""
+    closed = {"preexec_fn": lambda: os.close(1)}
+    got = _run_into(subprocess.DEVNULL, "search", "boundary layer", "-c", str(indexed), **closed)
+    assert (got.returncode, got.stderr) == (0, "")
+    got = _run_into(subprocess.DEVNULL, "info", "-c", str(indexed / "nowhere"), "--json", **closed)
+    assert (got.returncode, got.stderr) == (1, f"Error: no collection at {indexed / 'nowhere'} (no manifest.json)\n")
+
+
+def test_nothing_holds_the_output_guard_once_main_returns(monkeypatch):
+    """Called in-process (a library user, a test), main puts sys.stdout back, and no reference to its wrapper is
+    left: click's stream cache (a WeakKeyDictionary whose value was the wrapper itself) kept every one, and with it
+    a failed write's traceback, the command's frames."""
+    import gc
+    import io
+
+    from m3search import cli as cli_module
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli_module.main(["--version"], standalone_mode=False)
+    assert sys.stdout is out and out.getvalue().startswith("m3search, version ")
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is cli_module._Stdout]
 
 
 # ---------------------------------------------------------------------------------------------- search --queries

@@ -21,6 +21,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -739,16 +740,52 @@ def test_an_engine_switch_must_be_a_bool(tiny_encoder, where, option):
             call(where, engine_options={option: "false"})
 
 
-def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder):
-    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked."""
+@pytest.mark.parametrize(
+    "engine, where, options, error, said",
+    [
+        ("qdrant-edge", "", {"hnsw_ef": 2**64}, ValueError, "'hnsw_ef'=18446744073709551616 exceeds the limit of"),
+        ("milvus-lite", "", {"timeout": 1e20}, ValueError, "'timeout'=1e+20 exceeds the limit of 2147483647"),
+        ("qdrant-local", "qdrant://127.0.0.1:{port}/d?timeout=" + "9" * 31, {}, ValueError, "'timeout'=a number wi"),
+        ("milvus-lite", "milvus://127.0.0.1:{port}/d", {"connect_timeout": 10**30}, ValueError, "'connect_timeout'="),
+        ("qdrant-local", "qdrant://127.0.0.1:{port}/d", {"api_key": 123}, TypeError, "'api_key' must be a string, not"),
+        ("milvus-lite", "milvus://127.0.0.1:{port}/d", {"token": b"u:p"}, TypeError, "'token' must be a string, not"),
+    ],
+)
+def test_an_engine_option_is_bounded_and_typed(tmp_path, tiny_encoder, engine, where, options, error, said):
+    """Numbers past what the clients take went on: ``hnsw_ef=2**64`` opened and failed at the first search
+    (OverflowError), a Milvus ``timeout`` of 1e20 or ``connect_timeout`` of 10**30 in the client ("timestamp out
+    of range"), a Qdrant ``timeout`` of 31 digits as "cannot reach Qdrant"; an ``api_key`` that is no string was
+    httpx's "Header value must be str or bytes" after connecting. Refused before any connection, naming it."""
+    needs(engine)
+    loc = where.format(port=closed_port()) if where else location(engine, tmp_path)
+    if not where:
+        Collection.create(loc, model=tiny_encoder, colbert_dtype="float16").close()
+    with pytest.raises(error, match=re.escape(f"engine option {said}")):
+        Collection.open(loc, engine_options=options).close()
+
+
+def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder, tmp_path):
+    """``create(shards=0)`` was refused, but ``?shards=0`` in the location went on to the engine unchecked; and
+    migrate, which creates its destination through the engine, checked neither: ``migrate(src,
+    "qdrant://host/d?shards=0")`` dialled the server, ``dst_options={"shards": "2"}`` (or -1, True, 2.5) was
+    taken. The engines check them as their other options, before any connection, on every way to a create."""
     needs("qdrant-local")
+    needs("milvus-lite")
+    from m3search.migrate import migrate
+
     port = closed_port()
-    for where, said in (
-        (f"qdrant://127.0.0.1:{port}/d?shards=0", "shards"),
-        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", "replicas"),
+    src = tmp_path / "src"
+    Collection.create(src, model=tiny_encoder, colbert_dtype="float16").close()
+    for where, options, said in (
+        (f"qdrant://127.0.0.1:{port}/d?shards=0", {}, "'shards' must be a positive integer, got 0"),
+        (f"milvus://127.0.0.1:{port}/d?replicas=1.5", {}, "'replicas' must be a positive integer, got 1.5"),
+        (location("qdrant-local", tmp_path / "q"), {"shards": "2"}, "'shards' must be a positive integer, got '2'"),
+        (location("milvus-lite", tmp_path / "m"), {"replicas": True}, "'replicas' must be a positive integer"),
     ):
-        with pytest.raises(ValueError, match=f"{said} must be a positive integer"):
-            Collection.create(where, model=tiny_encoder)
+        with pytest.raises(ValueError, match=re.escape(f"engine option {said}")):
+            Collection.create(where, model=tiny_encoder, engine_options=options)
+        with pytest.raises(ValueError, match=re.escape(f"engine option {said}")):
+            migrate(src, where, dst_options=options)
 
 
 def test_the_location_that_created_a_qdrant_collection_opens_it(tmp_path, tiny_encoder):
@@ -1032,6 +1069,37 @@ def test_an_unreadable_manifest_is_said_to_be_so(tmp_path, tiny_encoder, monkeyp
         with pytest.raises(CollectionExistsError):
             Collection.create(loc, model=tiny_encoder)
     Collection.open(loc).close()
+
+
+@pytest.mark.parametrize("engine, stored", [("qdrant-local", "store/meta.json"), ("milvus-lite", "col.db")])
+def test_a_storage_file_this_process_may_not_open_is_said_to_be_so(tmp_path, tiny_encoder, monkeypatch, engine, stored):
+    """A file the folder shows (stat answers) but this process may not open: qdrant-client local mode's meta.json
+    was a bare "[Errno 13] Permission denied" from inside the client for exists, open and create alike (Milvus Lite's
+    file was already said to be unreadable). Now CollectionUnreadableError naming it, the collection as it was."""
+    import builtins
+    import errno
+
+    from m3search.errors import CollectionUnreadableError
+
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    denied, real_open = str(tmp_path / stored), builtins.open
+
+    def guarded(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", denied)
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("io.open", guarded)
+        patched.setattr("builtins.open", guarded)
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            with pytest.raises(CollectionUnreadableError, match=re.escape(f"Permission denied ({denied})")):
+                call(loc)
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])

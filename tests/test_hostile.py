@@ -371,11 +371,13 @@ def test_cli_library_errors_are_one_line(tmp_path, tiny_model_path):
         ('{"n": 1000000000000000000000000000000}', "filter.n: integer out of range"),
         ('{"n": {"gte": ' + "9" * 400 + "}}", "filter.n.gte: integer out of range"),
     ]:
-        proc = cli("search", "q", "-c", str(coll), "--filter", flt, "--json")
-        assert proc.returncode == 1 and words in _one_error_line(proc)
-        assert words in json.loads(proc.stdout)["error"]["message"]
+        proc = cli("search", "q", "-c", str(coll), "--filter", flt, "--json")  # a bad option value: usage, exit 2
+        assert proc.returncode == 2 and words in _one_error_line(proc)
+        assert (
+            json.loads(proc.stdout)["error"]["type"] == "usage" and words in json.loads(proc.stdout)["error"]["message"]
+        )
     proc = cli("search", "q", "-c", str(coll), "-k", "1000000000")
-    assert proc.returncode == 1 and f"exceeds the limit of {MAX_K}" in _one_error_line(proc)
+    assert proc.returncode == 2 and f"exceeds the limit of {MAX_K}" in _one_error_line(proc)
 
 
 def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):

@@ -26,6 +26,7 @@ from m3search import Collection  # noqa: E402
 from m3search.batching import INTERACTIVE, Batcher, QueueFull, RequestTimeout  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
+    CollectionUnreadableError,
     DuplicateIdError,
     IngestInterrupted,
     InsufficientStorageError,
@@ -80,6 +81,7 @@ def test_typed_errors_are_mapped_in_one_place():
         WriteConflictError: 409,
         UnknownIdError: 404,
         InsufficientStorageError: 507,
+        CollectionUnreadableError: 500,
     }
     # the typed errors stay the built-in kinds older callers catch
     assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
@@ -126,6 +128,23 @@ def test_a_nearly_full_disk_is_507(app_and_collection, monkeypatch):
     assert "507" in spec["post"]["responses"] and "507" in spec["delete"]["responses"]
 
 
+def test_a_served_collection_that_becomes_unreadable_is_said_to_be_so(app_and_collection, stored, monkeypatch):
+    """A served collection whose files this process may no longer read (chmod-ed while served): GET /info was a
+    bare PermissionError, answered as a bug (500 "internal server error", a traceback in the log), or 200 with
+    every size 0 where the folder itself could not be listed (the walk skipped it). Now 500 naming the path, said
+    in the server's log too; what works from the open storage (search) still does. Permissions simulated (these
+    tests may run as root)."""
+    from helpers import deny_inside
+
+    _, client, _ = app_and_collection
+    with monkeypatch.context() as patched:
+        deny_inside(patched, stored)
+        message = _error(client.get("/info"), 500, "internal_error")
+        assert message.startswith(f"collection at {stored} cannot be read: Permission denied ("), message
+        assert client.post("/search", json={"query": "wing", "k": 1}).status_code == 200
+    assert client.get("/info").json()["collection"]["disk_bytes"]["total"] > 0
+
+
 #: A valid request to each route of the schema (a route added without one fails the schema test below).
 REQUESTS = {
     ("GET", "/health"): ("/health", None),
@@ -148,6 +167,7 @@ FAULTS = {
     "add": (DuplicateIdError, WriteConflictError, IngestInterrupted, InsufficientStorageError),
     "delete": (WriteConflictError, InsufficientStorageError),
     "search_batch": (DeadlineExceeded,),
+    "info": (CollectionUnreadableError,),
 }
 
 

@@ -27,21 +27,24 @@ MAX_BODY_MB = 0.25
 MAX_QUEUE = 1000  # not the default (2048): serve --max-queue reaches the server
 
 
-def _start(args: list[str], workdir: Path, collection: Path | None = None, timeout: float = 180):
-    """Start `python -m m3search serve ... --port 0`; return (process, base url) once /health answers."""
+def _start(
+    args: list[str], workdir: Path, collection: Path | None = None, timeout: float = 180, stdout=None, stderr=None
+):
+    """Start `python -m m3search serve ... --port 0`; return (process, base url) once /health answers. Its output
+    goes to ``workdir/server.log`` unless ``stdout`` / ``stderr`` say otherwise."""
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "m3search", "serve", "--port", "0", "--log-level", "warning", *args],
-        stdout=open(log_path, "w"),
-        stderr=subprocess.STDOUT,
+        stdout=open(log_path, "w") if stdout is None else stdout,
+        stderr=subprocess.STDOUT if stderr is None else stderr,
         env=env,
     )
     deadline = time.monotonic() + timeout
     url = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError("server exited:\n" + log_path.read_text()[-3000:])
+            raise AssertionError(f"server exited ({proc.returncode}):\n" + _tail(log_path))
         if url is None:
             if collection is not None:
                 try:
@@ -60,7 +63,11 @@ def _start(args: list[str], workdir: Path, collection: Path | None = None, timeo
                 pass
         time.sleep(0.2)
     proc.kill()
-    raise AssertionError("server did not come up:\n" + log_path.read_text()[-3000:])
+    raise AssertionError("server did not come up:\n" + _tail(log_path))
+
+
+def _tail(log_path: Path) -> str:
+    return log_path.read_text()[-3000:] if log_path.exists() else "(its output went elsewhere)"
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -663,3 +670,37 @@ main(["serve", "-c", sys.argv[1], "--port", "0"])
     assert not (coll / "server.json").exists()
     with Collection.open(coll) as c:  # the lock is free, the collection whole
         assert c.count() == 0
+
+
+@pytest.mark.parametrize("unwritable", ["stdout full", "stdout closed pipe", "stderr full"])
+def test_a_server_whose_output_cannot_be_written_serves_and_stops_cleanly(tmp_path, tiny_model_path, unwritable):
+    """`m3search serve > /dev/full` (or into a pipe whose reader has gone) served, but each request's access line
+    failed and logging printed a traceback for it, some 100 lines on stderr per request; `2>/dev/full` exited 1
+    before serving (its "serving at" line could not be written). Now the access log says once that it cannot be
+    written and is dropped, and a server whose stderr is full serves all the same; both stop with exit 0."""
+    from m3search import Collection
+
+    if "full" in unwritable and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    coll = tmp_path / "coll"
+    Collection.create(coll, model=str(tiny_model_path), dtype="float32").close()
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    bad = write if "pipe" in unwritable else open("/dev/full", "w")
+    log = open(tmp_path / "log", "w")
+    streams = {"stderr": bad, "stdout": log} if unwritable.startswith("stderr") else {"stdout": bad, "stderr": log}
+    try:
+        proc, url = _start(["-c", str(coll), "--log-level", "info"], tmp_path, collection=coll, **streams)
+    finally:
+        os.close(write)
+    try:
+        assert [httpx.get(url + "/health", timeout=30).status_code for _ in range(3)] == [200] * 3
+    finally:
+        _stop(proc)
+    said = (tmp_path / "log").read_text()
+    assert proc.returncode == 0, said[-3000:]
+    if unwritable.startswith("stderr"):
+        assert said.count('"GET /health HTTP/1.1" 200') >= 3, said  # the access log, on stdout
+    else:
+        assert "Logging error" not in said and "Traceback" not in said, said[-3000:]
+        assert said.count("the access log cannot be written to standard output") == 1, said

@@ -36,7 +36,18 @@ from typing import Any
 import click
 
 from . import serverfile
-from .plan import DEFAULT_CANDIDATES, FUSIONS, GROUPS, PRESETS, parse_mode
+from .filters import parse_filter
+from .plan import (
+    DEFAULT_CANDIDATES,
+    FUSIONS,
+    GROUPS,
+    MAX_CANDIDATES,
+    MAX_K,
+    PRESETS,
+    check_limit,
+    check_weights,
+    parse_mode,
+)
 from .sources import QUERY_FORMATS, STDIN, STREAM_FORMATS
 
 DEFAULT_MODEL = "BAAI/bge-m3"
@@ -84,39 +95,53 @@ class _Stdout:
     """Standard output while a command runs: a write or flush that fails raises :class:`_OutputError` (for every
     command, here; it was a traceback, or "Error: [Errno 32] Broken pipe"), and so does every one
     after it: click's own probe of the stream (a write of "") swallows the first. The file descriptor then points
-    at /dev/null, so Python's flush at exit does not meet the broken output again."""
+    at /dev/null, so Python's flush at exit does not meet the broken output again.
 
-    def __init__(self, stream: Any) -> None:
+    Its ``buffer`` is guarded alike, sharing the failure: click writes the text of an ASCII standard output
+    (``PYTHONIOENCODING=ascii``, a C locale) as UTF-8 to the buffer, which went past this guard (output lost with
+    exit 0, or a traceback). No ``__weakref__`` slot: click caches the stream it writes to in a
+    WeakKeyDictionary whose value is that stream itself, an entry that never dies, so the wrapper (with the
+    failure's traceback, the command's frames) outlived the command; unreferenceable weakly, it is not cached."""
+
+    __slots__ = ("_stream", "_failed")
+
+    def __init__(self, stream: Any, failed: list[OSError] | None = None) -> None:
         self._stream = stream
-        self._failed: OSError | None = None
+        self._failed: list[OSError] = [] if failed is None else failed  # the first failure, shared with buffer's
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
-    def write(self, text: str) -> int:
-        return self._guarded(self._stream.write, text)
+    @property
+    def buffer(self) -> _Stdout:
+        return _Stdout(self._stream.buffer, self._failed)
+
+    def write(self, data: Any) -> int:
+        return self._guarded(self._stream.write, data)
 
     def flush(self) -> None:
         self._guarded(self._stream.flush)
 
     def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
-        if self._failed is None:
+        if not self._failed:
             try:
                 return call(*args)
             except OSError as exc:
-                self._failed = exc
+                self._failed.append(exc.with_traceback(None))
                 with contextlib.suppress(OSError, ValueError):  # no descriptor (a test's stream): nothing to move
                     devnull = os.open(os.devnull, os.O_WRONLY)
                     os.dup2(devnull, self._stream.fileno())
                     os.close(devnull)
-        raise _OutputError(self._failed) from None
+        raise _OutputError(self._failed[0]) from None
 
 
 class _Main(click.Group):
     """The command group; with ``--json`` among the arguments, an error is also a JSON object on stdout."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+        stdout = sys.stdout
+        if stdout is not None:  # closed (>&-): click writes nothing, as without the guard (it was a traceback)
+            sys.stdout = _Stdout(stdout)
         try:
             return super().main(*args, **kwargs)
         finally:
@@ -165,20 +190,49 @@ def _refuse_served(command: str, *collections: str | None) -> None:
             )
 
 
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """A click callback: the option's value, when given, through one of the library's own checks, whose refusal
+    is a usage error naming the option (exit 2, as click's own checks are). `eval --modes foo`, `tune --metric
+    foo`, `search --k 20000` and a filter's unknown operator exited 1, some once a model was loaded or a
+    collection opened. The value goes on as given (the library checks it again where it is used)."""
+
+    def callback(ctx: Any, param: Any, value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as exc:
+                raise click.BadParameter(" ".join(str(exc).split())) from None
+        return value
+
+    return callback
+
+
+#: ``--k`` and ``--candidates``: the library's limits (a server may set lower ones, which it says).
+_k_limit = _checked(functools.partial(check_limit, "k", limit=MAX_K))
+_candidates_limit = _checked(functools.partial(check_limit, "candidates", limit=MAX_CANDIDATES))
+
+
+def _eval_modes(value: str) -> None:
+    from .eval import check_modes  # (the command imports it anyway; --help does not)
+
+    check_modes(value)
+
+
+def _tune_metric(value: str) -> None:
+    from .tuning import parse_metric
+
+    parse_metric(value)
+
+
 def _parse_weights(ctx: Any, param: Any, value: str | None) -> tuple[float, float, float] | None:
-    """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4)."""
+    """click callback: '0.4,0.2,0.4' -> (0.4, 0.2, 0.4), by the library's rule (:func:`~m3search.plan.check_weights`)."""
     if value is None:
         return None
     try:
         weights = tuple(float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
-    from .plan import check_weights  # the library's rule, as a usage error (exit 2)
-
-    try:
-        return check_weights(weights)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return _checked(check_weights)(ctx, param, weights)
 
 
 class _FiniteRange(click.FloatRange):
@@ -216,18 +270,7 @@ def _parse_filter(ctx: Any, param: Any, value: str | None) -> dict | None:
         raise click.BadParameter(f"not valid JSON ({exc.msg} at char {exc.pos}): {text!r}") from None
     if not isinstance(obj, dict):
         raise click.BadParameter('a filter is a JSON object, e.g. \'{"lang": "en"}\'')
-    return obj
-
-
-def _parse_mode(ctx: Any, param: Any, value: str | None) -> str | None:
-    """click callback: a preset or any '+'-joined modes (what ``m3search tune`` may choose and store)."""
-    if value is None:
-        return None
-    try:
-        parse_mode(value)
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
+    return _checked(parse_filter)(ctx, param, obj)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -875,14 +918,6 @@ def _trec_word(value: str, what: str) -> str:
     return value
 
 
-def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
-    """click callback: a run name is one TREC column."""
-    try:
-        return None if value is None else _trec_word(value, "run name")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.command()
 @click.argument("query", required=False)
 @click.option(
@@ -906,7 +941,7 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
     "run_name",
     default=None,
     metavar="RUN_NAME",
-    callback=_parse_run_name,
+    callback=_checked(functools.partial(_trec_word, what="run name")),
     help="With --queries: print a TREC run (qid Q0 docid rank score RUN_NAME) for trec_eval or ranx.",
 )
 @collection_option
@@ -914,13 +949,15 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
 @click.option(
     "--mode",
     default=None,
-    callback=_parse_mode,
+    callback=_checked(parse_mode),
     help=f"Search mode: {', '.join(PRESETS)}, or any '+'-joined modes (sparse+colbert) [default: the collection's, all].",
 )
 @click.option(
     "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
 )
-@click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Hits to return.")
+@click.option(
+    "--k", "-k", default=10, show_default=True, type=click.IntRange(1), callback=_k_limit, help="Hits to return."
+)
 @click.option(
     "--weights",
     default=None,
@@ -931,6 +968,7 @@ def _parse_run_name(ctx: Any, param: Any, value: str | None) -> str | None:
     "--candidates",
     default=None,
     type=click.IntRange(1),
+    callback=_candidates_limit,
     help="Dense and sparse candidates per query for re-ranking modes [default: the collection's].",
 )
 @click.option(
@@ -1317,20 +1355,33 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
         what = f"collection {collection}" if collection else f"model {model}"
 
         def ready(url: str) -> None:
-            click.echo(f"m3search: serving {what} at {url} (docs at {url}/docs)", err=True)
+            _note(f"m3search: serving {what} at {url} (docs at {url}/docs)")
 
         try:
             served = run_server(settings, host=host, port=port, log_level=log_level, on_ready=ready)
         except CollectionInUseError as exc:
             raise click.ClickException(str(exc)) from None
         if not served:
-            click.echo(f"m3search: stopped before serving {what}", err=True)
+            _note(f"m3search: stopped before serving {what}")
+
+
+def _note(line: str) -> None:
+    """``serve``'s own lines on stderr. One that cannot be written (``2>/dev/full``) ends nothing: the server
+    exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike)."""
+    with contextlib.suppress(OSError):
+        click.echo(line, err=True)
 
 
 @main.command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--modes", default=",".join(PRESETS), show_default=True, help="Comma-separated modes.")
+@click.option(
+    "--modes",
+    default=",".join(PRESETS),
+    show_default=True,
+    callback=_checked(_eval_modes),
+    help="Comma-separated modes.",
+)
 @click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
 @click.option(
     "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
@@ -1340,13 +1391,22 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
     default=DEFAULT_CANDIDATES,
     show_default=True,
     type=click.IntRange(1),
+    callback=_candidates_limit,
     help="Dense and sparse candidates per query in re-ranking modes (the paper re-ranks the dense top-200).",
 )
 @dtype_option
 @device_option
 @queries_option
 @split_option
-@click.option("--k", "-k", default=10, show_default=True, type=click.IntRange(1), help="Cutoff of nDCG and MRR.")
+@click.option(
+    "--k",
+    "-k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    callback=_k_limit,
+    help="Cutoff of nDCG and MRR.",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -1435,7 +1495,9 @@ def eval_(
     "[default: eval's cached index of DATA_DIR, nothing stored].",
 )
 @model_option
-@click.option("--metric", default="ndcg@10", show_default=True, help="ndcg@K, recall@K or mrr@K.")
+@click.option(
+    "--metric", default="ndcg@10", show_default=True, callback=_checked(_tune_metric), help="ndcg@K, recall@K or mrr@K."
+)
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
 @split_option
 @click.option(

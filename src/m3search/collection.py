@@ -52,6 +52,7 @@ import numpy as np
 
 from m3search.engines import location_options, resolve_engine, taken
 from m3search.engines.base import Engine
+from m3search.engines.files import readable
 from m3search.engines.shapes import (
     CREATED_SCHEMA_VERSION,
     MANIFEST_FORMAT,
@@ -416,12 +417,11 @@ class Collection:
             allowed = ", ".join(sorted(set(_SCHEMA_SETTINGS) | set(_SETTINGS_DEFAULTS)))
             raise TypeError(f"unknown collection setting(s) {sorted(unknown)}; allowed: {allowed}")
         location, engine_options = location_options(path, engine_options)
-        for key, value in (("shards", shards), ("replicas", replicas)):
-            if value is not None and key in engine_options:  # (from the location's query too) one would be dropped
-                raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
-            value = engine_options.get(key) if value is None else value  # ?shards=0 went on to the engine unchecked
+        for key, value in (("shards", shards), ("replicas", replicas)):  # checked by the engine, as its options
             if value is not None:
-                engine_options[key] = check_int(key, value)
+                if key in engine_options:  # (from the location's query too) one would be dropped
+                    raise ValueError(f"{key} is given twice: {key}={value!r} and in the location or engine_options")
+                engine_options[key] = value
         engine_cls = resolve_engine(location)
         if engine_cls.exists(location, **engine_options):
             raise taken(engine_cls, location, engine_options)
@@ -550,7 +550,8 @@ class Collection:
             "created": m.get("created"),
             "schema_version": m.get("schema_version"),
         }
-        disk = self._engine.disk_usage()
+        with readable(self.location):  # made unreadable while open (a served folder chmod-ed): said, not 0 bytes
+            disk = self._engine.disk_usage()
         if disk is not None:
             out["disk_bytes"] = disk
         return _plain(out)

@@ -359,7 +359,7 @@ def evaluate(
     Returns a JSON-ready dict (see ``write_reports``), with ``modes[mode]`` holding the means.
     """
     _require_pytrec_eval()  # before encoding a corpus whose runs could not be scored
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     depth = max(k, RECALL_AT)
@@ -520,7 +520,8 @@ def _in_sample(tuning: Mapping[str, Any] | None, results: Mapping[str, Any]) -> 
     return tuning.get("dataset") == results["dataset"]
 
 
-def _check_modes(modes: Sequence[str] | str) -> list[str]:
+def check_modes(modes: Sequence[str] | str) -> list[str]:
+    """The modes to evaluate (a list, or a comma-separated string), each a preset, once each; else ValueError."""
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
     modes = list(dict.fromkeys(modes))

@@ -219,10 +219,13 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a bool (a string such as ``"no"`` would be true). The type is named in full: NumPy's
     bool is also called ``bool``, and "must be true or false, not bool" said nothing."""
     if not isinstance(value, bool):
-        kind = type(value)
-        named = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise TypeError(f"{name} must be true or false (a Python bool), not {named}")
+        raise TypeError(f"{name} must be true or false (a Python bool), not {_type_name(value)}")
     return value
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def check_group(group: Any, explain: Any) -> None:
@@ -279,13 +282,20 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
     return int(v)
 
 
+#: The largest number an engine option may be, an int32's: every client takes it (gRPC's message size, a deadline's
+#: seconds). Beyond, ``hnsw_ef=2**64`` failed at the first search (OverflowError) and a Milvus ``connect_timeout`` of
+#: 1e30 at connect ("timestamp out of range"), a Qdrant ``timeout`` of 10**30 as "cannot reach Qdrant".
+OPTION_MOST = 2**31 - 1
+
+
 def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) -> dict[str, Any]:
-    """``options`` with each one that ``rules`` names checked, else ValueError (TypeError for a switch) naming it:
-    with ``bool`` a Python bool (:func:`check_bool`: ``bool("false")`` is true); otherwise a number above 0 (at
-    least 0 with ``zero``), an integer with ``integer`` (:func:`check_int`), else a finite int or float; never a
-    bool; None too with ``none`` (where None means something). The one check of the engines' options (their
-    ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or nan went on to the client, and
-    ``engine_options={"https": "false"}`` turned https on."""
+    """``options`` with each one that ``rules`` names checked, else ValueError (TypeError for a switch or a text)
+    naming it: with ``bool`` a Python bool (:func:`check_bool`: ``bool("false")`` is true); with ``text`` a string
+    (a secret: a number was the client's error, after connecting); otherwise a number above 0 (at least 0 with
+    ``zero``) and at most :data:`OPTION_MOST`, an integer with ``integer`` (:func:`check_int`), else a finite int or
+    float; never a bool; None too with ``none`` (where None means something). The one check of the engines'
+    options (their ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or nan went on to the
+    client, and ``engine_options={"https": "false"}`` turned https on."""
     out = dict(options)
     for key in sorted(rules.keys() & out.keys()):
         v, rule, name = out[key], rules[key], f"engine option {key!r}"
@@ -295,8 +305,12 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
         if rule.get("bool"):
             out[key] = check_bool(name, v)
             continue
+        if rule.get("text"):
+            if not isinstance(v, str):
+                raise TypeError(f"{name} must be a string, not {_type_name(v)}")
+            continue
         if rule.get("integer"):
-            out[key] = check_int(name, v, least)
+            out[key] = check_limit(name, check_int(name, v, least), OPTION_MOST)
             continue
         try:
             ok = (
@@ -309,7 +323,7 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
             ok = False
         if not ok:
             raise ValueError(f"{name} must be a finite number {'> 0' if least else '>= 0'}, got {v!r}"[:200])
-        out[key] = float(v)
+        out[key] = check_limit(name, float(v), OPTION_MOST)
     return out
 
 

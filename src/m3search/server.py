@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    CollectionUnreadableError,
     DuplicateIdError,
     IngestInterrupted,
     InsufficientStorageError,
@@ -203,6 +206,7 @@ _STATUS_TYPES = {
     422: "invalid_request",
     429: "overloaded",
     499: "client_closed_request",
+    500: "internal_error",
     503: "unavailable",
     504: "timeout",
     507: "insufficient_storage",
@@ -220,6 +224,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     WriteConflictError: 409,
     UnknownIdError: 404,
     InsufficientStorageError: 507,
+    CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
 }
 
 
@@ -248,7 +253,8 @@ _ERROR_MEANINGS = {
     413: "Body, batch, input, `k`, `candidates` or filter over its limit",
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
-    500: "Internal error (a bug)",
+    500: "Internal error: a bug, or the collection's files can no longer be read by the server (the message names "
+    "them)",
     503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
     "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
     "write or delete refused before it started (nothing done)",
@@ -341,6 +347,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TypeError)
     async def library_error(request: Request, exc: Exception):
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+        if status >= 500:  # the operator's to fix: in the server's log too
+            log.error("%s %s: %s", request.method, request.url.path, exc)
         ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError, WriteConflictError)) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
@@ -1306,6 +1314,30 @@ async def _record_when_listening(settings: Settings, resources: Resources) -> No
     _record(settings, resources, *address)
 
 
+class _AccessLog(logging.Handler):
+    """uvicorn's access lines, on standard output as uvicorn writes them. Where it cannot be written (a full disk,
+    a reader gone), one warning says so and the lines are dropped from then on: logging reported each failure
+    with a traceback of its own, some 100 lines on stderr per request. The stream is ``sys.stdout`` at each line,
+    not the one of the moment logging was configured (uvicorn's handler kept the CLI's output guard after the
+    command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.dropped:
+            return
+        line = self.format(record) + "\n"
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except Exception as exc:  # OSError, the CLI's output error; AttributeError where stdout is closed (None)
+            self.dropped = True
+            why = "it is closed" if sys.stdout is None else exc
+            log.warning("the access log cannot be written to standard output (%s); its lines are dropped", why)
+
+
 def _uvicorn_server() -> type:
     """uvicorn's ``Server`` class, adapted (uvicorn is imported only to serve)."""
     import uvicorn
@@ -1398,7 +1430,16 @@ def serve(
         if on_ready is not None:
             on_ready(_url(host, actual))
         app = create_app(settings, resources=resources)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False)
+        logs = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        logs["handlers"]["access"] = {"()": _AccessLog, "formatter": "access"}
+        config = uvicorn.Config(
+            app,
+            log_config=logs,
+            log_level=log_level,
+            use_colors=False if sys.stdout is None else None,  # uvicorn asks a closed stdout (None) isatty()
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
         _uvicorn_server()(config, app.state.stopping).run(sockets=[sock])
         return True
     finally:

@@ -99,6 +99,13 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
 
 #: Namespace for mapping caller string ids to UUIDs (engines that only take UUID/int ids).
 ID_NAMESPACE = uuid.UUID("6b1f3a52-7c1e-5b8e-9a43-2f0d9e3c1a77")
+#: The creation options of a distributed engine (Qdrant server, Milvus), as :func:`~m3search.plan.check_options`
+#: checks them: shard and replica counts, None for the engine's default. In each engine's rules, so that every
+#: way to a create (Collection.create, migrate's destination) checks them alike.
+CREATE_OPTION_RULES: dict[str, dict[str, bool]] = {
+    "shards": {"integer": True, "none": True},
+    "replicas": {"integer": True, "none": True},
+}
 #: Name prefix of the window-bound records of shared storage (rule 7): ``max_windows_stored:3`` says a
 #: stored document may have 3 rows. One record per value: two raisers never overwrite each other's.
 BOUND_RECORD = "max_windows_stored:"

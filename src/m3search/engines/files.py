@@ -26,6 +26,7 @@ __all__ = [
     "readable",
     "temporary",
     "remove_dead_temporaries",
+    "walk",
     "write_durably",
     "write_files_durably",
 ]
@@ -34,12 +35,15 @@ __all__ = [
 def allocated_bytes(path: Path) -> int:
     """Bytes allocated on disk for a file or everything under a folder: what ``du`` counts, so a sparse file
     (a preallocated segment, a mmap) counts only its written blocks, none when it has none. The apparent size
-    stands in only where the platform has no ``st_blocks``."""
-    files = [path] if path.is_file() else (Path(d) / f for d, _, names in os.walk(path) for f in names)
+    stands in only where the platform has no ``st_blocks``. What this process may not look at raises
+    PermissionError (wrap the caller in :func:`readable`), as in :func:`walk`."""
+    files = [path] if has_file(path) else (Path(d) / f for d, _, names in walk(path) for f in names)
     total = 0
     for f in files:
         try:
             st = f.stat()
+        except PermissionError:
+            raise
         except OSError:  # removed while walking
             continue
         blocks = getattr(st, "st_blocks", None)
@@ -58,6 +62,17 @@ def has_file(path: Path) -> bool:
         raise
     except (OSError, ValueError):  # nothing there, a file on the way, a name the system refuses
         return False
+
+
+def walk(path: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk``, except that a folder this process may not list raises PermissionError: skipped, it made the
+    sizes of a collection that became unreadable while served read as 0 bytes."""
+
+    def denied(exc: OSError) -> None:
+        if isinstance(exc, PermissionError):
+            raise exc
+
+    return os.walk(path, onerror=denied)
 
 
 @contextlib.contextmanager

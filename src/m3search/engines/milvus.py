@@ -190,7 +190,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from m3search.engines import lite_file, lite_lock_path
-from m3search.engines.base import BOUND_RECORD, ID_NAMESPACE, Engine, bound_records, with_bound
+from m3search.engines.base import (
+    BOUND_RECORD,
+    CREATE_OPTION_RULES,
+    ID_NAMESPACE,
+    Engine,
+    bound_records,
+    with_bound,
+)
 from m3search.engines.files import has_file, lock_exclusive, readable
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
@@ -678,30 +685,35 @@ class MilvusEngine(Engine):
 
     _CONNECT_OPTS = ("token", "secure", "timeout", "connect_timeout")
     _ENGINE_OPTS = ("max_request_bytes",)
-    #: The numeric options and the switch, as :func:`~m3search.plan.check_options` checks them.
+    _CREATE_OPTS = tuple(CREATE_OPTION_RULES)
+    #: The numeric options, the switch and the token, as :func:`~m3search.plan.check_options` checks them.
     _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
+        **CREATE_OPTION_RULES,
         "timeout": {},
         "connect_timeout": {},
         "max_request_bytes": {"integer": True},
         "secure": {"bool": True},
+        "token": {"text": True, "none": True},
     }
 
     @classmethod
-    def _split_options(cls, options: dict) -> tuple[dict, dict]:
-        unknown = set(options) - set(cls._CONNECT_OPTS) - set(cls._ENGINE_OPTS) - {"shards", "replicas"}
+    def _split_options(cls, options: dict) -> tuple[dict, dict, dict]:
+        """``options`` checked, as the connection's, the engine's and create's (shards, replicas: 1 by default;
+        read by create only, ignored elsewhere, so the location that created a collection opens it)."""
+        known = cls._CONNECT_OPTS + cls._ENGINE_OPTS + cls._CREATE_OPTS
+        unknown = set(options) - set(known)
         if unknown:
-            allowed = ", ".join(cls._CONNECT_OPTS + cls._ENGINE_OPTS + ("shards", "replicas"))
-            raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {allowed}")
+            raise TypeError(f"unknown Milvus engine option(s) {sorted(unknown)}; allowed: {', '.join(known)}")
         options = check_options(options, cls._OPTION_RULES)
         connect = {k: options[k] for k in ("token", "secure") if k in options}
         engine = {k: options[k] for k in cls._ENGINE_OPTS if k in options}
         connect["timeout"] = engine["timeout"] = options.get("timeout", TIMEOUT_S)
         connect["connect_timeout"] = options.get("connect_timeout", CONNECT_TIMEOUT_S)
-        return connect, engine
+        return connect, engine, {k: options.get(k) or 1 for k in cls._CREATE_OPTS}
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
-        connect, engine = cls._split_options(options)
+        connect, engine, _ = cls._split_options(options)
         uri, name, lite = parse_milvus_location(location)
         with readable(uri):
             if lite and not has_file(Path(uri)):
@@ -732,9 +744,7 @@ class MilvusEngine(Engine):
                             os.close(fd)  # releases our lock, after the server (and its file lock) is gone
 
     @classmethod
-    def create(
-        cls, location: str, schema: Schema, *, shards: int = 1, replicas: int = 1, **options: Any
-    ) -> MilvusEngine:
+    def create(cls, location: str, schema: Schema, **options: Any) -> MilvusEngine:
         if schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None:
             raise ValueError(
                 f"Milvus stores ColBERT token vectors as float16 or float32 only; colbert_dtype="
@@ -746,13 +756,13 @@ class MilvusEngine(Engine):
                 "Milvus keeps ColBERT token vectors where its server puts them (read per candidate); "
                 "colbert_on_disk=False cannot be honoured (use a Qdrant location to keep them in memory)"
             )
-        connect, opts = cls._split_options(options)
+        connect, opts, create_opts = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=True, **connect)
         try:
             if client.has_collection(name, timeout=opts["timeout"]):
                 raise CollectionExistsError(f"Milvus collection {name!r} already exists at {uri}")
             engine = cls(client, location, uri, name, lite, schema, **opts)
-            engine._create_collections(shards=shards, replicas=replicas)
+            engine._create_collections(**create_opts)
         except BaseException:
             cls._release(client, uri, lite)
             raise
@@ -843,7 +853,7 @@ class MilvusEngine(Engine):
 
     @classmethod
     def open(cls, location: str, **options: Any) -> MilvusEngine:
-        connect, opts = cls._split_options({k: v for k, v in options.items() if k not in ("shards", "replicas")})
+        connect, opts, _ = cls._split_options(options)
         client, uri, name, lite = cls._connect(location, create_file=False, **connect)
         try:
             if not client.has_collection(name, timeout=opts["timeout"]):

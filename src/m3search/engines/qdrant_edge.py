@@ -64,6 +64,7 @@ from m3search.engines.files import (
     lock_exclusive,
     readable,
     remove_dead_temporaries,
+    walk,
     write_durably,
 )
 from m3search.engines.qdrant_common import QdrantEngine
@@ -484,7 +485,7 @@ class QdrantEdgeEngine(QdrantEngine):
         texts and metadata, ``wal`` the write-ahead log; the rest (manifest, lock, id
         trackers) is ``other``; plus ``total``."""
         parts = dict.fromkeys((*MODES, "payload", "wal", "other", "total"), 0)
-        for dirpath, _, names in os.walk(self.root):
+        for dirpath, _, names in walk(self.root):
             rel = Path(dirpath).relative_to(self.root).parts
             part = next((m for m in MODES for d in rel if d.endswith(f"-{m}")), None)
             if part is None:

@@ -63,7 +63,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from m3search.engines.base import BOUND_RECORD, bound_records, with_bound
+from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
 from m3search.engines.files import has_file, readable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
@@ -322,9 +322,11 @@ class QdrantRemoteEngine(QdrantEngine):
     #: Read by create only (its arguments), ignored elsewhere as Milvus does: the location that created a
     #: collection, its query included (``?shards=2``), opens it too.
     _CREATE_OPTS = ("shards", "replicas")
-    #: ``timeout`` in whole seconds, as qdrant-client takes it; the switches Python bools.
+    _OPTION_GROUPS = (_ENGINE_OPTS, _CLIENT_OPTS, _CREATE_OPTS)
+    #: ``timeout`` in whole seconds, as qdrant-client takes it; the switches Python bools; the key a string.
     _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {
         **QdrantEngine._OPTION_RULES,
+        **CREATE_OPTION_RULES,
         "timeout": {"integer": True},
         "retries": {"integer": True, "zero": True},
         "backoff": {"zero": True},
@@ -332,29 +334,29 @@ class QdrantRemoteEngine(QdrantEngine):
         "multivector_limit": {"integer": True, "none": True},
         "https": {"bool": True},
         "prefer_grpc": {"bool": True},
+        "api_key": {"text": True, "none": True},
         "server_scoring": {"bool": True, "none": True},
     }
 
     @classmethod
-    def _split_options(cls, options: dict) -> tuple[dict, dict]:
-        unknown = set(options) - set(cls._ENGINE_OPTS) - set(cls._CLIENT_OPTS) - set(cls._CREATE_OPTS)
+    def _split_options(cls, options: dict) -> tuple[dict, dict, dict]:
+        """``options`` checked, as the engine's, the client's and create's."""
+        known = [k for names in cls._OPTION_GROUPS for k in names]
+        unknown = set(options) - set(known)
         if unknown:
-            allowed = ", ".join(cls._ENGINE_OPTS + cls._CLIENT_OPTS + cls._CREATE_OPTS)
-            raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {allowed}")
+            raise TypeError(f"unknown Qdrant engine option(s) {sorted(unknown)}; allowed: {', '.join(known)}")
         options = check_options(options, cls._OPTION_RULES)
-        return (
-            {k: options[k] for k in cls._ENGINE_OPTS if k in options},
-            {k: options[k] for k in cls._CLIENT_OPTS if k in options},
-        )
+        engine, client, create = ({k: options[k] for k in names if k in options} for names in cls._OPTION_GROUPS)
+        return engine, client, create
 
     @classmethod
     def _connect(cls, location: str, client_opts: dict, *, must_exist: bool) -> tuple[QdrantClient, str, bool, str]:
         kind, target, name = parse_qdrant_location(location)
         if kind == "local":
-            with readable(target):
+            with readable(target):  # the client's own reads too: a meta.json stat shows but open refuses
                 if must_exist and not has_file(Path(target) / "meta.json"):
                     raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
-            return _local_client(target), name, True, target
+                return _local_client(target), name, True, target
         https = client_opts.get("https", False)
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
@@ -386,7 +388,7 @@ class QdrantRemoteEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
-        _, client_opts = cls._split_options(options)
+        _, client_opts, _ = cls._split_options(options)
         kind, target, name = parse_qdrant_location(location)
         with readable(target):
             if kind == "local" and not has_file(Path(target) / "meta.json"):
@@ -420,10 +422,8 @@ class QdrantRemoteEngine(QdrantEngine):
         }
 
     @classmethod
-    def create(
-        cls, location: str, schema: Schema, *, shards: int | None = None, replicas: int | None = None, **options: Any
-    ) -> QdrantRemoteEngine:
-        engine_opts, client_opts = cls._split_options(options)
+    def create(cls, location: str, schema: Schema, **options: Any) -> QdrantRemoteEngine:
+        engine_opts, client_opts, create_opts = cls._split_options(options)
         if parse_qdrant_location(location)[0] == "local" and (
             schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None
         ):
@@ -448,8 +448,8 @@ class QdrantRemoteEngine(QdrantEngine):
                     name,
                     vectors_config=engine._vectors_config(),
                     sparse_vectors_config={"sparse": qm.SparseVectorParams(index=qm.SparseIndexParams(on_disk=False))},
-                    shard_number=shards,
-                    replication_factor=replicas,
+                    shard_number=create_opts.get("shards"),
+                    replication_factor=create_opts.get("replicas"),
                     metadata={SCHEMA_KEY: schema.to_dict()},
                 ),
             )
@@ -466,7 +466,7 @@ class QdrantRemoteEngine(QdrantEngine):
 
     @classmethod
     def open(cls, location: str, **options: Any) -> QdrantRemoteEngine:
-        engine_opts, client_opts = cls._split_options(options)
+        engine_opts, client_opts, _ = cls._split_options(options)
         client, name, local, where = cls._connect(location, client_opts, must_exist=True)
         try:
             if not client.collection_exists(name):
