@@ -1102,6 +1102,74 @@ def test_a_storage_file_this_process_may_not_open_is_said_to_be_so(tmp_path, tin
         assert col.get(["a"])[0].text == "kept text"
 
 
+def _as_a_user_permissions_stop(code: str, *args: str) -> str:
+    """``python -c code *args`` where permissions apply (root without its power to override them: these tests may
+    run as root) and what it prints after "RESULT". Real permissions, as no monkeypatch reaches the engines' own
+    Rust (Qdrant Edge) or C (sqlite) file access."""
+    child = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        child = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *child]
+    try:
+        res = subprocess.run(child, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("running as root without setpriv to drop the power to override permissions")
+    assert "RESULT" in res.stdout, res.stderr
+    return res.stdout.split("RESULT ", 1)[1].strip()
+
+
+@pytest.mark.parametrize(
+    "engine, part, mode, unreadable",
+    [
+        ("qdrant-edge", "col/shard/wal", 0o000, True),
+        ("qdrant-local", "store/collection/col/storage.sqlite", 0o000, True),
+        ("milvus-lite", ".col.db.m3search-lock", 0o444, False),
+        ("milvus-lite", ".", 0o555, False),
+    ],
+)
+def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
+    tmp_path, tiny_encoder, engine, part, mode, unreadable
+):
+    """A part of a collection's storage this process may not read (or, for a lock file, write) was the engine's own
+    words, bare: Qdrant Edge's RuntimeError "Can't init WAL: Custom { kind: PermissionDenied, .. }" (a segment
+    file's "(os error 13)" said the folder was not writable), sqlite3.OperationalError "unable to open database
+    file", Milvus Lite's "[Errno 13] Permission denied" (our lock file; milvus-lite's own in the folder). Now the
+    unreadable collection's error naming the path, or the unwritable one's; the collection is as it was."""
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    store = {"qdrant-edge": tmp_path / "col", "qdrant-local": tmp_path / "store"}.get(engine, loc)
+    code = textwrap.dedent(
+        """
+        import sys
+        from m3search import Collection
+        for call in (Collection.exists, Collection.open):
+            try:
+                call(sys.argv[1])
+                print("RESULT", call.__name__, "answered")
+            except Exception as exc:
+                print("RESULT", f"{type(exc).__name__}: {exc}")
+        """
+    )
+    denied = tmp_path / part
+    kept = denied.stat().st_mode
+    denied.chmod(mode)
+    try:
+        got = _as_a_user_permissions_stop(code, loc)
+    finally:
+        denied.chmod(kept)
+    outcomes = got.split("\nRESULT ")
+    opened = outcomes[-1]
+    if unreadable:
+        said = f"CollectionUnreadableError: collection at {store} cannot be read: Permission denied ({denied})"
+    else:
+        said = f"CollectionReadOnlyError: collection at {store} cannot be opened: this process cannot write"
+    assert opened.startswith(said), got
+    assert outcomes[0] in ("exists answered", opened), got  # Qdrant Edge: exists reads the manifest only
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     needs(engine)

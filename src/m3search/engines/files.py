@@ -1,5 +1,5 @@
 """File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes, files
-this process may not read.
+this process may not read or write.
 
 Standard library only (:mod:`m3search.errors`, which imports nothing, only to raise one), so the CLI's
 location rules and the running-server record (:mod:`m3search.serverfile`) use them without loading NumPy or an
@@ -9,6 +9,7 @@ engine.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -24,9 +25,11 @@ __all__ = [
     "has_file",
     "lock_exclusive",
     "readable",
+    "refuse_unreadable",
     "temporary",
     "remove_dead_temporaries",
     "walk",
+    "writable",
     "write_durably",
     "write_files_durably",
 ]
@@ -83,12 +86,55 @@ def readable(location: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except PermissionError as exc:
-        from m3search.errors import CollectionUnreadableError
+        from m3search.errors import CollectionUnreadableError, M3SearchError
 
+        if isinstance(exc, M3SearchError):  # said already (an inner readable, a read-only collection)
+            raise
         raise CollectionUnreadableError(
             f"collection at {location} cannot be read: {exc.strerror} ({exc.filename or location}); nothing was "
             "opened or changed: run as a user who may read it, or give this one read access"
         ) from None
+
+
+def refuse_unreadable(location: str | os.PathLike, path: Path) -> None:
+    """:class:`~m3search.errors.CollectionUnreadableError` naming the first file or folder at or under ``path`` this
+    process may not read (or list and enter), if any: for an engine's own failure that does not say so clearly
+    (Qdrant Edge's Rust ``PermissionDenied`` debug text, sqlite's "unable to open database file")."""
+    with readable(location):
+        for top, folders, names in walk(path):  # a folder it may not list: PermissionError naming it
+            for entry in (os.path.join(top, name) for name in (*folders, *names)):
+                if not os.access(entry, os.R_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), entry)
+
+
+#: The system's "this process may not write here" (permissions, a read-only mount); an engine's Rust errors carry
+#: it as "(os error N)".
+_CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def writable(location: str | os.PathLike, engine: str, copy: str, command: str) -> Iterator[None]:
+    """Opening an embedded collection, which writes to its folder even to search (lock files, and the engine's:
+    Qdrant Edge maps its segments for writing). Where this process cannot write, whichever write fails first becomes
+    one :class:`~m3search.errors.CollectionReadOnlyError` saying what to do (copy ``copy``, "the folder", with
+    ``command``), not a bare OSError about a lock file."""
+    try:
+        yield
+    except Exception as exc:
+        code = (
+            exc.errno
+            if isinstance(exc, OSError)
+            else next((e for e in _CANNOT_WRITE if f"(os error {e})" in str(exc)), None)
+        )
+        if code not in _CANNOT_WRITE:
+            raise
+        from m3search.errors import CollectionReadOnlyError
+
+        raise CollectionReadOnlyError(
+            f"collection at {location} cannot be opened: this process cannot write to its folder "
+            f"({os.strerror(code)}), and the embedded engine ({engine}) writes there even to search; copy {copy} "
+            f"to a writable place ({command}) and open the copy"
+        ) from exc
 
 
 def lock_exclusive(path: Path, *, wait: bool = False, waiting: str | None = None) -> int | None:

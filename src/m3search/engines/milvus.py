@@ -198,7 +198,7 @@ from m3search.engines.base import (
     bound_records,
     with_bound,
 )
-from m3search.engines.files import has_file, lock_exclusive, readable
+from m3search.engines.files import has_file, lock_exclusive, readable, writable
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -653,7 +653,7 @@ class MilvusEngine(Engine):
                 f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
                 "open it from one process, e.g. through `m3search serve`)"
             )
-            with _LITE_LOCK:
+            with _LITE_LOCK, writable(uri, "Milvus Lite", "the file", "cp"):  # its lock files beside it
                 fd = None
                 if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
                     fd = lock_exclusive(lite_lock_path(uri))

@@ -38,17 +38,16 @@ process, Qdrant Edge serves concurrent reads; writes should come from one thread
 
 NO READ-ONLY OPEN. Qdrant Edge maps its segments for writing even to search (qdrant-edge-py 0.9 has no
 read-only mode), so a folder this process cannot write is refused at open with
-:class:`CollectionReadOnlyError` (``_writable``): search a copy in a writable place.
+:class:`CollectionReadOnlyError` (:func:`~m3search.engines.files.writable`): search a copy in a writable place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,10 @@ from m3search.engines.files import (
     has_file,
     lock_exclusive,
     readable,
+    refuse_unreadable,
     remove_dead_temporaries,
     walk,
+    writable,
     write_durably,
 )
 from m3search.engines.qdrant_common import QdrantEngine
@@ -73,7 +74,6 @@ from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
-    CollectionReadOnlyError,
     InsufficientStorageError,
 )
 from m3search.filters import Filter
@@ -187,34 +187,6 @@ def _lock(root: Path) -> int:
     if fd is None:
         raise _in_use(root)
     return fd
-
-
-#: The system's "this process may not write here" (permissions, a read-only mount); Qdrant Edge's errors carry
-#: it as "(os error N)".
-_CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-@contextlib.contextmanager
-def _writable(root: Path) -> Iterator[None]:
-    """Opening writes to the folder (NO READ-ONLY OPEN, above): our lock file and pid, and Qdrant Edge's files (on a
-    read-only mount: "Failed to open mmap payload storage: Read-only file system (os error 30)"). Where this process
-    cannot write, whichever fails first becomes one :class:`CollectionReadOnlyError` saying what to do, not a bare
-    OSError about the lock file."""
-    try:
-        yield
-    except Exception as exc:
-        code = (
-            exc.errno
-            if isinstance(exc, OSError)
-            else next((e for e in _CANNOT_WRITE if f"(os error {e})" in str(exc)), None)
-        )
-        if code not in _CANNOT_WRITE:
-            raise
-        raise CollectionReadOnlyError(
-            f"collection at {root} cannot be opened: this process cannot write to its folder "
-            f"({os.strerror(code)}), and the embedded engine (Qdrant Edge) writes there even to search; copy the "
-            "folder to a writable place (cp -r) and open the copy"
-        ) from exc
 
 
 def wait_until_free(root: Path, waiting: str | None = None) -> None:
@@ -397,7 +369,7 @@ class QdrantEdgeEngine(QdrantEngine):
             raise _damaged(root, "no schema") from None
         except (TypeError, ValueError) as exc:
             raise _damaged(root, f"schema: {exc}") from None
-        with _writable(root):
+        with writable(root, "Qdrant Edge", "the folder", "cp -r"):
             lock = _lock(root)
             try:
                 shard = qe.EdgeShard.load(str(root / SHARD))
@@ -405,6 +377,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 os.close(lock)
                 if "WouldBlock" in str(exc):  # a holder without our lock file (an older m3search)
                     raise _in_use(root) from None
+                refuse_unreadable(root, root / SHARD)  # Qdrant's words for it: a Rust PermissionDenied, os error 13
                 raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
             remove_dead_temporaries(root / MANIFEST)
             engine = cls(root, shard, schema, lock=lock, **options)

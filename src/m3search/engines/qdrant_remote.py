@@ -53,6 +53,7 @@ import json
 import os
 import random
 import re
+import sqlite3
 import threading
 import time
 import weakref
@@ -64,7 +65,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
-from m3search.engines.files import has_file, readable
+from m3search.engines.files import has_file, readable, refuse_unreadable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -209,6 +210,9 @@ def _local_client(target: str) -> QdrantClient:
         if client is None:
             try:
                 client = QdrantClient(path=target, force_disable_check_same_thread=True)
+            except sqlite3.OperationalError:  # "unable to open database file": a storage.sqlite it may not read?
+                refuse_unreadable(target, Path(target))
+                raise
             except RuntimeError as exc:
                 if "already accessed" in str(exc):
                     raise CollectionInUseError(
