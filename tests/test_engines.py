@@ -1076,8 +1076,7 @@ def test_a_storage_file_this_process_may_not_open_is_said_to_be_so(tmp_path, tin
     """A file the folder shows (stat answers) but this process may not open: qdrant-client local mode's meta.json
     was a bare "[Errno 13] Permission denied" from inside the client for exists, open and create alike (Milvus Lite's
     file was already said to be unreadable). Now CollectionUnreadableError naming it, the collection as it was."""
-    import builtins
-    import errno
+    from helpers import deny_opening
 
     from m3search.errors import CollectionUnreadableError
 
@@ -1085,18 +1084,34 @@ def test_a_storage_file_this_process_may_not_open_is_said_to_be_so(tmp_path, tin
     loc = location(engine, tmp_path)
     with Collection.create(loc, model=tiny_encoder) as col:
         col.add(["kept text"], ids=["a"])
-    denied, real_open = str(tmp_path / stored), builtins.open
-
-    def guarded(path, *args, **kwargs):
-        if isinstance(path, (str, os.PathLike)) and os.fspath(path) == denied:
-            raise PermissionError(errno.EACCES, "Permission denied", denied)
-        return real_open(path, *args, **kwargs)
-
+    denied = tmp_path / stored
     with monkeypatch.context() as patched:
-        patched.setattr("io.open", guarded)
-        patched.setattr("builtins.open", guarded)
+        deny_opening(patched, denied)
         for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
             with pytest.raises(CollectionUnreadableError, match=re.escape(f"Permission denied ({denied})")):
+                call(loc)
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
+
+
+def test_a_qdrant_local_lock_file_this_process_may_not_write_is_a_read_only_collection(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    """qdrant-client local mode opens its folder's ``.lock`` to write even to search; where it may not (another
+    user's storage, mode 644), exists, open and create said CollectionUnreadableError "cannot be read" of a file it
+    may read. Now CollectionReadOnlyError, as Qdrant Edge and Milvus Lite say it, and the collection as it was."""
+    from helpers import deny_opening
+
+    from m3search.errors import CollectionReadOnlyError
+
+    loc = location("qdrant-local", tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    said = f"collection at {tmp_path / 'store'} cannot be opened: this process cannot write to its folder"
+    with monkeypatch.context() as patched:
+        deny_opening(patched, tmp_path / "store" / ".lock", writing=True)
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            with pytest.raises(CollectionReadOnlyError, match=re.escape(said)):
                 call(loc)
     with Collection.open(loc) as col:
         assert col.get(["a"])[0].text == "kept text"
@@ -1124,6 +1139,7 @@ def _as_a_user_permissions_stop(code: str, *args: str) -> str:
     [
         ("qdrant-edge", "col/shard/wal", 0o000, True),
         ("qdrant-local", "store/collection/col/storage.sqlite", 0o000, True),
+        ("qdrant-local", "store/.lock", 0o444, False),
         ("milvus-lite", ".col.db.m3search-lock", 0o444, False),
         ("milvus-lite", ".", 0o555, False),
     ],
