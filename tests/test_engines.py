@@ -1188,6 +1188,70 @@ def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
         assert col.get(["a"])[0].text == "kept text"
 
 
+def test_a_qdrant_edge_part_made_unreadable_after_open_is_said_to_be_so(tmp_path, tiny_encoder):
+    """A shard file this process may no longer read once the collection is open (another user's ``chmod``) failed
+    the next flush with Qdrant's bare Exception, "Service runtime error: Failed to flush id_tracker mapping: ...
+    Permission denied (os error 13)" (the probe ran only when a load failed). Now CollectionUnreadableError naming
+    the file; the collection opens afterwards with its document."""
+    loc = tmp_path / "col"
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+    denied = sorted(map(str, loc.glob("shard/segments/*/mutable_id_tracker.mappings")))
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from m3search import Collection
+        col = Collection.open(sys.argv[1])
+        for path in sys.argv[2:]:
+            os.chmod(path, 0)
+        try:
+            col.add(["new text"], ids=["b"])
+            print("RESULT added")
+        except Exception as exc:
+            print("RESULT", f"{type(exc).__name__}: {exc}")
+        finally:
+            for path in sys.argv[2:]:
+                os.chmod(path, 0o644)
+            col.close()
+        """
+    )
+    got = _as_a_user_permissions_stop(code, str(loc), *denied)
+    said = re.match(rf"CollectionUnreadableError: collection at {re.escape(str(loc))} cannot be read: .*\((.*)\)", got)
+    assert said and said.group(1) in denied, got
+    with Collection.open(loc) as col:
+        assert col.get(["a"])[0].text == "kept text"
+
+
+def test_a_failed_qdrant_edge_call_is_probed_for_unreadable_parts(tmp_path, tiny_encoder, monkeypatch):
+    """The probe of a failed call on an open Qdrant Edge collection (simulated, where setpriv is not at hand): a
+    part this process may not read is named; with none, Qdrant's own error goes on unchanged."""
+    from helpers import deny_opening
+
+    from m3search.errors import CollectionUnreadableError
+
+    col = Collection.create(tmp_path / "col", model=tiny_encoder)
+    try:
+        col.add(["kept text"], ids=["a"])
+        engine = col.engine
+
+        class Failing:
+            def optimize(self):
+                raise Exception("Service runtime error: ... Permission denied (os error 13)")
+
+        monkeypatch.setattr(engine, "_shard", Failing())
+        with pytest.raises(Exception, match=re.escape("Permission denied (os error 13)")) as raised:
+            engine.optimize()
+        assert type(raised.value) is Exception  # nothing unreadable: Qdrant's error, as before
+        denied = tmp_path / "col" / "shard" / "edge_config.json"
+        with monkeypatch.context() as patched:
+            deny_opening(patched, denied)
+            with pytest.raises(CollectionUnreadableError, match=re.escape(f"Permission denied ({denied})")):
+                engine.optimize()
+    finally:
+        monkeypatch.undo()
+        col.close()
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     needs(engine)
