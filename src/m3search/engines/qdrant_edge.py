@@ -330,6 +330,9 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
+        """Whether ``location`` holds a manifest, which is what makes a collection there: True even where a part of
+        it this process may not read (the manifest itself, a shard file), which opening says, naming it. Raises
+        :class:`CollectionUnreadableError` only where it cannot tell (a folder it may not look into)."""
         cls._options(options)
         return _has_manifest(Path(location).expanduser())  # as open reads it: "~/c" was False, open found it
 
