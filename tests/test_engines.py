@@ -740,6 +740,52 @@ def test_an_engine_switch_must_be_a_bool(tiny_encoder, where, option):
             call(where, engine_options={option: "false"})
 
 
+def test_numpy_scalars_are_engine_options_too(tmp_path, tiny_encoder):
+    """A config read with NumPy gives ``np.bool_`` / ``np.int64`` / ``np.float32`` values: the switches were refused
+    ("must be true or false (a Python bool), not numpy.bool"). Each counts as the Python value it holds, and reaches
+    the client as that."""
+    needs("qdrant-local")
+    from m3search.errors import EngineUnreachableError
+
+    loc = location("qdrant-local", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    options = {
+        "server_scoring": np.bool_(True),
+        "retries": np.int64(2),
+        "backoff": np.float32(0.5),
+        "hnsw_ef": np.int32(64),
+    }
+    with Collection.open(loc, engine_options=options) as col:
+        got = {key: getattr(col.engine, key) for key in options}
+    assert got == {"server_scoring": True, "retries": 2, "backoff": 0.5, "hnsw_ef": 64}
+    assert [type(value) for value in got.values()] == [bool, int, float, int]
+    with pytest.raises(EngineUnreachableError, match="cannot reach Qdrant at https://"):
+        Collection.open(f"qdrant://127.0.0.1:{closed_port()}/docs", engine_options={"https": np.bool_(True)})
+
+
+@pytest.mark.parametrize(
+    "options, error, said",
+    [
+        (
+            {"timeout": "30"},
+            ValueError,
+            "'timeout' must be a positive integer, got the string '30' (a number is needed",
+        ),
+        ({"backoff": "0.5"}, ValueError, "'backoff' must be a finite number >= 0, got the string '0.5' (a number is"),
+        ({"timeout": None}, ValueError, "'timeout' may not be None: leave it out for its default"),
+        ({"https": None}, TypeError, "'https' may not be None: leave it out for its default"),
+    ],
+)
+def test_a_string_or_none_for_an_engine_option_says_what_to_give(options, error, said):
+    """``{"timeout": "30"}`` (a config file's string) was "must be a positive integer, got '30'", which reads as if
+    30 were refused; ``timeout=None`` was "must be a positive integer, got None". A string is said to be one, and None
+    to be left out: it is "no timeout" to some clients and "the default" to others, so neither is guessed."""
+    needs("qdrant-local")
+    for call in (Collection.open, Collection.exists):
+        with pytest.raises(error, match=re.escape(f"engine option {said}")):
+            call(f"qdrant://127.0.0.1:{closed_port()}/docs", engine_options=options)
+
+
 @pytest.mark.parametrize(
     "engine, where, options, error, said",
     [
@@ -779,7 +825,11 @@ def test_shards_and_replicas_from_a_location_are_checked(tiny_encoder, tmp_path)
     for where, options, said in (
         (f"qdrant://127.0.0.1:{port}/d?shards=0", {}, "'shards' must be a positive integer, got 0"),
         (f"milvus://127.0.0.1:{port}/d?replicas=1.5", {}, "'replicas' must be a positive integer, got 1.5"),
-        (location("qdrant-local", tmp_path / "q"), {"shards": "2"}, "'shards' must be a positive integer, got '2'"),
+        (
+            location("qdrant-local", tmp_path / "q"),
+            {"shards": "2"},
+            "'shards' must be a positive integer, got the string '2'",
+        ),
         (location("milvus-lite", tmp_path / "m"), {"replicas": True}, "'replicas' must be a positive integer"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"engine option {said}")):
