@@ -458,6 +458,27 @@ def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_
     assert proc.returncode == 1 and "identity" in proc.stderr and "M3SEARCH_MODEL" in proc.stderr, proc.stderr
 
 
+def test_serve_help_shows_the_servers_defaults():
+    """``serve --max-queue``'s help said "[default: the server's, shown under limits by GET /info]", not the number,
+    and the other limits' defaults were the server's numbers written again in the CLI. Every serve option with a
+    default shows it, and it is the one the server takes (``Settings``: one definition of each, in ``plan``)."""
+    pytest.importorskip("fastapi")
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+    from m3search.server import Settings
+
+    options = {p.opts[-1]: p for p in main.commands["serve"].params if p.name != "help"}
+    settings = Settings()
+    assert options["--max-batch"].default == settings.max_batch
+    assert options["--max-body-mb"].default * 2**20 == settings.max_body_bytes
+    assert options["--max-queue"].default == settings.max_queue
+    assert options["--timeout"].default == settings.search_timeout
+    assert [n for n, p in options.items() if p.default is not None and not p.show_default] == []
+    shown = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    assert f"default: {settings.max_queue};" in shown and "the server's" not in shown
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"

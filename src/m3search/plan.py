@@ -53,6 +53,9 @@ __all__ = [
     "LimitExceededError",
     "DeadlineExceeded",
     "DEFAULT_SEARCH_TIMEOUT",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_QUEUE",
     "deadline",
     "check_deadline",
     "SearchPlan",
@@ -100,6 +103,12 @@ DEFAULT_CANDIDATES = 200
 
 #: Seconds one HTTP search may take before it stops at its next stage (``serve --timeout``).
 DEFAULT_SEARCH_TIMEOUT = 30.0
+#: An HTTP server's limits where none is set (``serve --max-batch`` / ``--max-body-mb`` / ``--max-queue``, their
+#: ``M3SEARCH_*`` variables): texts (or queries, documents, ids) per request, bytes of a request body, texts waiting
+#: for the encoder. Here, not in the server, so that the CLI's help and the client show them without loading it.
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_QUEUE = 2048
 
 _DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)
 
