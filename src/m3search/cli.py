@@ -251,6 +251,23 @@ class _FiniteRange(click.FloatRange):
 
 
 _MIB = 1 << 20
+#: ``serve``'s body limit from the environment: in bytes, as the server's own settings read it (``uvicorn --factory``).
+_MAX_BODY_ENV = "M3SEARCH_MAX_BODY_BYTES"
+
+
+def _max_body_bytes(ctx: click.Context, param: click.Parameter, mib: float) -> int:
+    """``--max-body-mb`` in bytes; where it is not given, :data:`_MAX_BODY_ENV` (bytes: the flag's unit is not the
+    variable's, so click's ``envvar`` cannot read it), else the default."""
+    raw = os.environ.get(_MAX_BODY_ENV, "")
+    if not raw or ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT:
+        return int(mib * _MIB)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise click.BadParameter(f"{raw!r} is not a positive integer (bytes)", ctx, param_hint=_MAX_BODY_ENV)
+    return value
 
 
 def _divisor_at_most(size: int, limit: int) -> int:
@@ -1297,6 +1314,8 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option(
     "--max-batch",
+    envvar="M3SEARCH_MAX_BATCH",
+    show_envvar=True,
     default=DEFAULT_MAX_BATCH,
     show_default=True,
     type=click.IntRange(1),
@@ -1304,10 +1323,12 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option(
     "--max-body-mb",
+    "max_body_bytes",
     default=DEFAULT_MAX_BODY_BYTES / _MIB,
     show_default=True,
     type=_FiniteRange(0.001),
-    help="Largest request body, in MiB.",
+    callback=_max_body_bytes,
+    help=f"Largest request body, in MiB (env var {_MAX_BODY_ENV}: in bytes).",
 )
 @click.option(
     "--timeout",
@@ -1334,7 +1355,9 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="uvicorn's log level: the least severe of its lines printed.",
 )
-def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeout, max_queue, dtype, device, log_level):
+def serve(
+    collection, model, host, port, api_key, max_batch, max_body_bytes, timeout, max_queue, dtype, device, log_level
+):
     """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     with _errors():
         if collection is None and model is None:
@@ -1360,7 +1383,7 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
             dtype=dtype,
             api_key=api_key,
             max_batch=max_batch,
-            max_body_bytes=int(max_body_mb * _MIB),
+            max_body_bytes=max_body_bytes,
             search_timeout=timeout,
             max_queue=max_queue,
         )
