@@ -185,3 +185,33 @@ def deny_inside(monkeypatch, folder) -> None:
 
     for name in ("stat", "listdir", "scandir"):
         monkeypatch.setattr(os, name, denied(getattr(os, name)))
+
+
+def deny_opening(monkeypatch, path, *, writing: bool = False) -> None:
+    """Make the file ``path`` one this process may not open (with ``writing``, may not open to write), as a file
+    of another user's: ``open`` fails with EACCES and ``os.access`` says so, while ``stat`` still answers.
+    Simulated, as :func:`deny_inside`."""
+    import builtins
+    import errno
+    import os
+
+    denied, real_open, real_access = os.fspath(path), builtins.open, os.access
+    refused = os.W_OK if writing else os.R_OK | os.W_OK
+
+    def guarded(file, mode="r", *args, **kwargs):
+        if (
+            isinstance(file, (str, os.PathLike))
+            and os.fspath(file) == denied
+            and (not writing or set(mode) & set("wa+"))
+        ):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+        return real_open(file, mode, *args, **kwargs)
+
+    def access(file, mode, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == denied and mode & refused:
+            return False
+        return real_access(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("io.open", guarded)
+    monkeypatch.setattr("builtins.open", guarded)
+    monkeypatch.setattr(os, "access", access)

@@ -458,6 +458,53 @@ def test_a_model_mismatch_from_the_environment_names_it(indexed, tiny_alt_model_
     assert proc.returncode == 1 and "identity" in proc.stderr and "M3SEARCH_MODEL" in proc.stderr, proc.stderr
 
 
+def test_serve_help_shows_the_servers_defaults():
+    """``serve --max-queue``'s help said "[default: the server's, shown under limits by GET /info]", not the number,
+    and the other limits' defaults were the server's numbers written again in the CLI. Every serve option with a
+    default shows it, and it is the one the server takes (``Settings``: one definition of each, in ``plan``)."""
+    pytest.importorskip("fastapi")
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+    from m3search.server import Settings
+
+    options = {p.opts[-1]: p for p in main.commands["serve"].params if p.name != "help"}
+    settings = Settings()
+    assert options["--max-batch"].default == settings.max_batch
+    assert options["--max-body-mb"].default * 2**20 == settings.max_body_bytes
+    assert options["--max-queue"].default == settings.max_queue
+    assert options["--timeout"].default == settings.search_timeout
+    assert [n for n, p in options.items() if p.default is not None and not p.show_default] == []
+    shown = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    assert f"default: {settings.max_queue};" in shown and "the server's" not in shown
+
+
+def test_serve_reads_its_limits_from_the_environment(monkeypatch):
+    """``M3SEARCH_MAX_BATCH`` and ``M3SEARCH_MAX_BODY_BYTES`` were read by ``uvicorn --factory`` only
+    (``Settings.from_env``): ``serve`` served its own defaults. It reads them as the server does (the body in
+    bytes, though its flag is in MiB), and a flag given wins, as for ``M3SEARCH_MAX_QUEUE``."""
+    pytest.importorskip("fastapi")
+    from click.testing import CliRunner
+
+    import m3search.server
+    from m3search.cli import main
+
+    served: list = []
+    monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
+    env = {"M3SEARCH_MAX_BATCH": "7", "M3SEARCH_MAX_BODY_BYTES": "12345", "M3SEARCH_MAX_QUEUE": "99"}
+    flags = ["--max-batch", "8", "--max-body-mb", "0.5", "--max-queue", "100"]
+    for given, want in (([], (7, 12345, 99)), (flags, (8, 2**19, 100))):
+        result = CliRunner().invoke(main, ["serve", "-m", "m", *given], env={**env, "M3SEARCH_COLLECTION": None})
+        assert result.exit_code == 0, result.output
+        assert (served[-1].max_batch, served[-1].max_body_bytes, served[-1].max_queue) == want
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    factory = m3search.server.Settings.from_env()  # what `uvicorn --factory` serves
+    assert (factory.max_batch, factory.max_body_bytes, factory.max_queue) == (7, 12345, 99)
+    result = CliRunner().invoke(main, ["serve", "-m", "m"], env={"M3SEARCH_MAX_BODY_BYTES": "0.5"})
+    assert result.exit_code == 2 and "M3SEARCH_MAX_BODY_BYTES: '0.5' is not a positive integer" in result.output
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"

@@ -337,6 +337,20 @@ def test_a_folder_this_process_cannot_write_is_a_clear_error(tmp_path, tiny_enco
         assert c.count() == len(TEXTS)
 
 
+def test_a_qdrant_local_storage_this_process_cannot_write_is_a_clear_error(tmp_path, tiny_encoder):
+    """qdrant-client local mode opens its folder's ``.lock`` to write even to search: on a read-only mount that was a
+    bare "OSError: [Errno 30] Read-only file system: '.../.lock'". Now CollectionReadOnlyError, as Qdrant Edge says
+    it, and the collection is as it was."""
+    pytest.importorskip("qdrant_client")
+    store, loc = tmp_path / "store", f"qdrant+local://{tmp_path}/store/col"
+    with Collection.create(loc, model=tiny_encoder) as c:
+        c.add(TEXTS, ids=IDS)
+    said = _open_unwritable(loc, store)
+    assert said.startswith(f"CollectionReadOnlyError: collection at {store} cannot be opened"), said
+    with Collection.open(loc, model=tiny_encoder) as c:
+        assert c.count() == len(TEXTS)
+
+
 def test_shards_and_replicas_are_for_distributed_engines(tiny_encoder, tmp_path):
     from m3search import Collection
 

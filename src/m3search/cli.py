@@ -39,6 +39,10 @@ from . import serverfile
 from .filters import parse_filter
 from .plan import (
     DEFAULT_CANDIDATES,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_SEARCH_TIMEOUT,
     FUSIONS,
     GROUPS,
     MAX_CANDIDATES,
@@ -244,6 +248,26 @@ class _FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+_MIB = 1 << 20
+#: ``serve``'s body limit from the environment: in bytes, as the server's own settings read it (``uvicorn --factory``).
+_MAX_BODY_ENV = "M3SEARCH_MAX_BODY_BYTES"
+
+
+def _max_body_bytes(ctx: click.Context, param: click.Parameter, mib: float) -> int:
+    """``--max-body-mb`` in bytes; where it is not given, :data:`_MAX_BODY_ENV` (bytes: the flag's unit is not the
+    variable's, so click's ``envvar`` cannot read it), else the default."""
+    raw = os.environ.get(_MAX_BODY_ENV, "")
+    if not raw or ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT:
+        return int(mib * _MIB)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise click.BadParameter(f"{raw!r} is not a positive integer (bytes)", ctx, param_hint=_MAX_BODY_ENV)
+    return value
 
 
 def _divisor_at_most(size: int, limit: int) -> int:
@@ -1290,17 +1314,25 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option(
     "--max-batch",
-    default=256,
+    envvar="M3SEARCH_MAX_BATCH",
+    show_envvar=True,
+    default=DEFAULT_MAX_BATCH,
     show_default=True,
     type=click.IntRange(1),
     help="Most texts (or queries, documents, ids) per request.",
 )
 @click.option(
-    "--max-body-mb", default=16.0, show_default=True, type=_FiniteRange(0.001), help="Largest request body, in MiB."
+    "--max-body-mb",
+    "max_body_bytes",
+    default=DEFAULT_MAX_BODY_BYTES / _MIB,
+    show_default=True,
+    type=_FiniteRange(0.001),
+    callback=_max_body_bytes,
+    help=f"Largest request body, in MiB (env var {_MAX_BODY_ENV}: in bytes).",
 )
 @click.option(
     "--timeout",
-    default=30.0,
+    default=DEFAULT_SEARCH_TIMEOUT,
     show_default=True,
     type=_FiniteRange(0, min_open=True),
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
@@ -1309,10 +1341,10 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     "--max-queue",
     envvar="M3SEARCH_MAX_QUEUE",
     show_envvar=True,
-    default=None,
+    default=DEFAULT_MAX_QUEUE,
+    show_default=True,
     type=click.IntRange(1),
-    help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After "
-    "[default: the server's, shown under limits by GET /info].",
+    help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After.",
 )
 @dtype_option
 @device_option
@@ -1321,8 +1353,11 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     default="info",
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="uvicorn's log level: the least severe of its lines printed.",
 )
-def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeout, max_queue, dtype, device, log_level):
+def serve(
+    collection, model, host, port, api_key, max_batch, max_body_bytes, timeout, max_queue, dtype, device, log_level
+):
     """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     with _errors():
         if collection is None and model is None:
@@ -1348,9 +1383,9 @@ def serve(collection, model, host, port, api_key, max_batch, max_body_mb, timeou
             dtype=dtype,
             api_key=api_key,
             max_batch=max_batch,
-            max_body_bytes=int(max_body_mb * (1 << 20)),
+            max_body_bytes=max_body_bytes,
             search_timeout=timeout,
-            **({} if max_queue is None else {"max_queue": max_queue}),
+            max_queue=max_queue,
         )
         what = f"collection {collection}" if collection else f"model {model}"
 

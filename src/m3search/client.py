@@ -35,12 +35,9 @@ from typing import Any
 import numpy as np
 
 from m3search.errors import DuplicateIdError, RequestTooLargeError, WriteConflictError
-from m3search.plan import LimitExceededError
+from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceededError
 
 __all__ = ["M3SearchClient"]
-
-_DEFAULT_MAX_BATCH = 256  # the server's defaults; /info tells the real ones
-_DEFAULT_MAX_BODY_BYTES = 16 << 20
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -236,12 +233,12 @@ class M3SearchClient:
     @property
     def max_batch(self) -> int:
         """Most texts / queries / documents / ids per request, as the server reports it."""
-        return int(self.limits.get("max_batch", _DEFAULT_MAX_BATCH))
+        return int(self.limits.get("max_batch", DEFAULT_MAX_BATCH))
 
     @property
     def max_body_bytes(self) -> int:
         """Largest request body, in bytes, as the server reports it."""
-        return int(self.limits.get("max_body_bytes", _DEFAULT_MAX_BODY_BYTES))
+        return int(self.limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
 
     def _parts(self, items: list, envelope: dict[str, Any], key: str, name: Callable[[int], str]) -> list[list]:
         """``items`` cut into consecutive parts, each sent as ``{**envelope, key: part}`` within the

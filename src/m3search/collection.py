@@ -375,7 +375,10 @@ class Collection:
     def exists(cls, path: str | os.PathLike, *, engine_options: dict | None = None) -> bool:
         """Whether a collection is stored at ``path`` (any engine's location), without opening it: no lock is
         taken and no model is loaded. ``engine_options`` as for :meth:`open` (they took ``**options`` here, so
-        ``exists(loc, engine_options={...})``, written as for open, was "unknown engine option 'engine_options'")."""
+        ``exists(loc, engine_options={...})``, written as for open, was "unknown engine option 'engine_options'").
+        Where this process may not read the storage: :class:`~m3search.errors.CollectionUnreadableError` when that
+        hides whether a collection is there; an embedded folder whose manifest is there answers True (open names
+        the part it may not read)."""
         location, engine_options = location_options(path, engine_options)
         return resolve_engine(location).exists(location, **engine_options)
 

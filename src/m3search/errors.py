@@ -75,7 +75,8 @@ class CollectionReadOnlyError(M3SearchError, PermissionError):
 class CollectionUnreadableError(M3SearchError, PermissionError):
     """This process may not read a collection's folder or files (another user's folder, ``chmod``): whether a
     collection is there cannot be told, so it is neither opened nor created over, and nothing was changed. The
-    message names the path; run as a user who may read it, or give this one read access."""
+    message names the path; run as a user who may read it, or give this one read access. Also raised by a call on an
+    open embedded collection that fails on a part made unreadable since (it says so; what it wrote may be stored)."""
 
 
 class EngineUnreachableError(M3SearchError, ConnectionError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,6 +53,9 @@ __all__ = [
     "LimitExceededError",
     "DeadlineExceeded",
     "DEFAULT_SEARCH_TIMEOUT",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_QUEUE",
     "deadline",
     "check_deadline",
     "SearchPlan",
@@ -99,6 +103,12 @@ DEFAULT_CANDIDATES = 200
 
 #: Seconds one HTTP search may take before it stops at its next stage (``serve --timeout``).
 DEFAULT_SEARCH_TIMEOUT = 30.0
+#: An HTTP server's limits where none is set (``serve --max-batch`` / ``--max-body-mb`` / ``--max-queue``, their
+#: ``M3SEARCH_*`` variables): texts (or queries, documents, ids) per request, bytes of a request body, texts waiting
+#: for the encoder. Here, not in the server, so that the CLI's help and the client show them without loading it.
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_QUEUE = 2048
 
 _DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)
 
@@ -278,8 +288,13 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
     ``minimum``, else ValueError naming ``name``: the one check for every count and size argument."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {what}, got {v!r}"[:200])
+        raise ValueError(f"{name} must be {what}, got {_shown(v)}"[:200])
     return int(v)
+
+
+def _shown(v: Any) -> str:
+    """``v`` as a refused number shows it: a string says it is one ("got '30'" read as if 30 were refused)."""
+    return f"the string {v!r} (a number is needed, not text)" if isinstance(v, str) else repr(v)
 
 
 #: The largest number an engine option may be, an int32's: every client takes it (gRPC's message size, a deadline's
@@ -293,15 +308,23 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
     naming it: with ``bool`` a Python bool (:func:`check_bool`: ``bool("false")`` is true); with ``text`` a string
     (a secret: a number was the client's error, after connecting); otherwise a number above 0 (at least 0 with
     ``zero``) and at most :data:`OPTION_MOST`, an integer with ``integer`` (:func:`check_int`), else a finite int or
-    float; never a bool; None too with ``none`` (where None means something). The one check of the engines'
-    options (their ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or nan went on to the
-    client, and ``engine_options={"https": "false"}`` turned https on."""
+    float; never a bool; None too with ``none`` (where None means something), else refused: None is "no limit"
+    to some clients and "the default" to others, so the default is had by leaving the option out. NumPy scalars
+    count as the Python values they hold (a config read with NumPy) and reach the clients as those. The one
+    check of the engines' options (their ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or
+    nan went on to the client, and ``engine_options={"https": "false"}`` turned https on."""
     out = dict(options)
+    numpy = sys.modules.get("numpy")  # loaded by whoever made a NumPy scalar: none can be given without it
     for key in sorted(rules.keys() & out.keys()):
         v, rule, name = out[key], rules[key], f"engine option {key!r}"
         least = 0 if rule.get("zero") else 1
-        if v is None and rule.get("none"):
-            continue
+        if numpy is not None and isinstance(v, numpy.generic):
+            out[key] = v = v.item()
+        if v is None:
+            if rule.get("none"):
+                continue
+            error = TypeError if rule.get("bool") or rule.get("text") else ValueError
+            raise error(f"{name} may not be None: leave it out for its default")
         if rule.get("bool"):
             out[key] = check_bool(name, v)
             continue
@@ -322,7 +345,7 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
         except OverflowError:  # an int too large for a float
             ok = False
         if not ok:
-            raise ValueError(f"{name} must be a finite number {'> 0' if least else '>= 0'}, got {v!r}"[:200])
+            raise ValueError(f"{name} must be a finite number {'> 0' if least else '>= 0'}, got {_shown(v)}"[:200])
         out[key] = check_limit(name, float(v), OPTION_MOST)
     return out
 

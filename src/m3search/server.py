@@ -70,6 +70,9 @@ from .errors import (
 from .filters import FilterTooComplexError
 from .metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from .plan import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_SEARCH_TIMEOUT,
     FUSIONS,
     GROUPS,
@@ -92,7 +95,6 @@ __all__ = ["Settings", "get_settings", "create_app", "serve", "error_body"]
 log = logging.getLogger("m3search.server")
 
 
-_MB = 1 << 20
 #: Documents per engine write of a /documents request: a query arriving mid-write waits for it (measured
 #: without flush: 8 proxy documents 34 ms, the GIL held for up to 13 ms of it; 4 vs 8 with 20 vs 30 ms
 #: background rounds: /search p95 during a 2,000-document ingest 154 vs 192 ms at the same ingest rate).
@@ -112,14 +114,14 @@ class Settings:
     dtype: str = "auto"
     api_key: str | None = None
     #: Most texts (or queries, documents, ids) in one request.
-    max_batch: int = 256
+    max_batch: int = DEFAULT_MAX_BATCH
     #: Largest request body accepted, in bytes.
-    max_body_bytes: int = 16 * _MB
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Largest ``k`` / ``candidates`` a search may ask for.
     max_k: int = 1000
     max_candidates: int = 100_000
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
-    max_queue: int = 2048
+    max_queue: int = DEFAULT_MAX_QUEUE
     #: Seconds a request may wait for its encoding to start (beyond it: 503).
     request_timeout: float = 60.0
     #: Seconds one search may take, from arrival to answer (beyond it: 504, the work stops at its next stage).

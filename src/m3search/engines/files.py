@@ -78,11 +78,16 @@ def walk(path: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     return os.walk(path, onerror=denied)
 
 
+#: What :func:`readable` says was done, by default: the path could not be read before anything was opened.
+_UNTOUCHED = "nothing was opened or changed"
+
+
 @contextlib.contextmanager
-def readable(location: str | os.PathLike) -> Iterator[None]:
+def readable(location: str | os.PathLike, outcome: str = _UNTOUCHED) -> Iterator[None]:
     """Reads of the collection at ``location``, where "permission denied" becomes one
-    :class:`~m3search.errors.CollectionUnreadableError` naming the path, not "no collection" or a bare
-    PermissionError. (The error is imported on the way out: this module loads nothing else of m3search.)"""
+    :class:`~m3search.errors.CollectionUnreadableError` naming the path and saying ``outcome``, not "no
+    collection" or a bare PermissionError. (The error is imported on the way out: this module loads nothing else
+    of m3search.)"""
     try:
         yield
     except PermissionError as exc:
@@ -91,16 +96,16 @@ def readable(location: str | os.PathLike) -> Iterator[None]:
         if isinstance(exc, M3SearchError):  # said already (an inner readable, a read-only collection)
             raise
         raise CollectionUnreadableError(
-            f"collection at {location} cannot be read: {exc.strerror} ({exc.filename or location}); nothing was "
-            "opened or changed: run as a user who may read it, or give this one read access"
+            f"collection at {location} cannot be read: {exc.strerror} ({exc.filename or location}); {outcome}: "
+            "run as a user who may read it, or give this one read access"
         ) from None
 
 
-def refuse_unreadable(location: str | os.PathLike, path: Path) -> None:
+def refuse_unreadable(location: str | os.PathLike, path: Path, outcome: str = _UNTOUCHED) -> None:
     """:class:`~m3search.errors.CollectionUnreadableError` naming the first file or folder at or under ``path`` this
     process may not read (or list and enter), if any: for an engine's own failure that does not say so clearly
     (Qdrant Edge's Rust ``PermissionDenied`` debug text, sqlite's "unable to open database file")."""
-    with readable(location):
+    with readable(location, outcome):
         for top, folders, names in walk(path):  # a folder it may not list: PermissionError naming it
             for entry in (os.path.join(top, name) for name in (*folders, *names)):
                 if not os.access(entry, os.R_OK):

@@ -285,16 +285,18 @@ _CONNECT_LOG = logging.getLogger("pymilvus.milvus_client._utils")
 def _client(uri: str, **kwargs: Any) -> MilvusClient:
     """A MilvusClient on a connection of its own: pymilvus shares one per URI, and closing any client closed it
     for every other handle on the same collection in this process (``Collection.exists`` broke an open one).
-    pymilvus's own report of a failed connect is dropped for this call only (a filter on its logger, removed
-    after; logging's configuration is left alone): printed beside the error raised for it, which names the
-    address and what to do, its ERROR line was a second, vaguer report of the same failure."""
+    pymilvus's own report of this connect's failure is dropped (a filter on its logger for this call only,
+    logging's configuration left alone): printed beside the error raised for it, which names the address and what
+    to do, its ERROR line was a second, vaguer report of the same failure. Only that record, told by its level and
+    this connection's alias: the logger's other records, this call's or another thread's, go on as before."""
+    alias = f"m3search-{uuid.uuid4().hex}"
 
     def drop(record: logging.LogRecord) -> bool:
-        return False
+        return not (record.levelno == logging.ERROR and record.args == (alias,))
 
     _CONNECT_LOG.addFilter(drop)
     try:
-        return MilvusClient(uri, alias=f"m3search-{uuid.uuid4().hex}", **kwargs)
+        return MilvusClient(uri, alias=alias, **kwargs)
     finally:
         _CONNECT_LOG.removeFilter(drop)
 

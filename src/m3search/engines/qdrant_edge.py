@@ -164,6 +164,30 @@ class _EdgeDialect:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
+class _Probed:
+    """An open shard whose failed calls first look for a part of it this process may not read: one made unreadable
+    after open fails later (a flush opens the id tracker's files) as Qdrant's bare Exception, its Rust text the only
+    sign ("Permission denied (os error 13)"); :func:`~m3search.engines.files.refuse_unreadable` names it instead, as
+    it does when a load fails. Any other failure goes on as it was."""
+
+    def __init__(self, shard: qe.EdgeShard, root: Path) -> None:
+        self._shard, self._root = shard, root
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._shard, name)
+        if not callable(call):
+            return call
+
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return call(*args, **kwargs)
+            except Exception:
+                refuse_unreadable(self._root, self._root / SHARD, "a call on the open collection failed")
+                raise
+
+        return probed
+
+
 def _holder(root: Path) -> int | None:
     """The pid the process holding the collection wrote, or None when there is none to read."""
     try:
@@ -306,6 +330,9 @@ class QdrantEdgeEngine(QdrantEngine):
 
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
+        """Whether ``location`` holds a manifest, which is what makes a collection there: True even where a part of
+        it this process may not read (the manifest itself, a shard file), which opening says, naming it. Raises
+        :class:`CollectionUnreadableError` only where it cannot tell (a folder it may not look into)."""
         cls._options(options)
         return _has_manifest(Path(location).expanduser())  # as open reads it: "~/c" was False, open found it
 
@@ -404,7 +431,7 @@ class QdrantEdgeEngine(QdrantEngine):
             return
         shard, self._shard = self._shard, None
         try:
-            shard.flush()
+            _Probed(shard, self.root).flush()
         finally:
             shard.close()
             try:
@@ -420,7 +447,7 @@ class QdrantEdgeEngine(QdrantEngine):
     def shard(self) -> qe.EdgeShard:
         if self._shard is None:
             raise RuntimeError(f"collection at {self.location} is closed")
-        return self._shard
+        return _Probed(self._shard, self.root)  # type: ignore[return-value]  # the shard's calls, probed
 
     def optimize(self) -> bool:
         """Run Qdrant's segment optimizers (builds the dense HNSW graph); True if anything changed.

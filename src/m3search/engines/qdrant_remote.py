@@ -65,7 +65,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
-from m3search.engines.files import has_file, readable, refuse_unreadable
+from m3search.engines.files import has_file, readable, refuse_unreadable, writable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -209,10 +209,12 @@ def _local_client(target: str) -> QdrantClient:
         client = _LOCAL.get(key)
         if client is None:
             try:
-                client = QdrantClient(path=target, force_disable_check_same_thread=True)
-            except sqlite3.OperationalError:  # "unable to open database file": a storage.sqlite it may not read?
-                refuse_unreadable(target, Path(target))
-                raise
+                with writable(target, "qdrant-client local mode", "the folder", "cp -r"):  # it opens .lock to write
+                    try:
+                        client = QdrantClient(path=target, force_disable_check_same_thread=True)
+                    except (sqlite3.OperationalError, OSError):  # sqlite's "unable to open database file"
+                        refuse_unreadable(target, Path(target))  # a file it may not read, else one it may not write
+                        raise
             except RuntimeError as exc:
                 if "already accessed" in str(exc):
                     raise CollectionInUseError(
