@@ -286,6 +286,7 @@ class QdrantRemoteEngine(QdrantEngine):
     name = "qdrant"
     shared = True  # a server's collection has other clients (local mode: other handles in this process)
     _dialect = _ClientDialect
+    _sparse_vector = qm.SparseVector
 
     def __init__(
         self,
@@ -567,14 +568,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
         """Requests of at most ``max_request_bytes``, cut only between documents (every other
         point of a document, tombstones included, stays with its head before it)."""
-        structs = []
-        for uid, vec, payload in points:
-            if vec is not None:
-                vec = {
-                    k: (qm.SparseVector(indices=v[0].tolist(), values=v[1].tolist()) if k == "sparse" else v.tolist())
-                    for k, v in vec.items()
-                }
-            structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
+        structs = [
+            qm.PointStruct(id=uid, vector=self._point_vectors(vec), payload=payload) for uid, vec, payload in points
+        ]
         for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
@@ -650,14 +646,6 @@ class QdrantRemoteEngine(QdrantEngine):
         return qm.QueryRequest(
             query=vector, using=mode, limit=limit, filter=filter, params=params, with_payload=payload
         )
-
-    def _vector(self, mode: str, v: Any) -> Any:
-        if mode == "sparse":
-            ind, val = v
-            return qm.SparseVector(
-                indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist()
-            )
-        return np.asarray(v, dtype=np.float32).tolist()
 
     def _has_ids(self, uuids: list[str]) -> qm.Filter:
         return qm.Filter(must=[qm.HasIdCondition(has_id=uuids)])
