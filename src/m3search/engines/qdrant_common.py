@@ -310,12 +310,9 @@ class QdrantEngine(Engine):
         """A filter matching exactly the points ``uuids``."""
         raise NotImplementedError
 
-    def _params(self, exact: bool) -> Any:
-        """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan)."""
-        raise NotImplementedError
-
-    def _quantized_params(self, rescore: bool) -> Any:
-        """Search params that score on the quantized copy (``rescore``: again on the stored vectors)."""
+    def _params(self, exact: bool, rescore: bool | None = None) -> Any:
+        """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan); given ``rescore``, those that
+        score on the quantized copy instead (``rescore``: again on the stored vectors)."""
         raise NotImplementedError
 
     # ------------------------------------------------------- requests over the hooks
@@ -334,9 +331,7 @@ class QdrantEngine(Engine):
         graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
         the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
         """
-        if self.schema.colbert_quantization is None:
-            return self._params(True)
-        return self._quantized_params(self.schema.colbert_rescore)
+        return self._params(True, None if self.schema.colbert_quantization is None else self.schema.colbert_rescore)
 
     def _maxsim_scale(self, query: QueryVectors) -> float:
         """Qdrant's MaxSim score to M3's: Qdrant sums over query vectors, M3 averages. Binary codes scored

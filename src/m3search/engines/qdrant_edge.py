@@ -534,10 +534,9 @@ class QdrantEdgeEngine(QdrantEngine):
     def _has_ids(self, uuids: list[str]) -> qe.Filter:
         return qe.Filter(must=[qe.HasIdCondition(set(uuids))])
 
-    def _params(self, exact: bool) -> qe.SearchParams:
-        return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-
-    def _quantized_params(self, rescore: bool) -> qe.SearchParams:
+    def _params(self, exact: bool, rescore: bool | None = None) -> qe.SearchParams:
+        if rescore is None:
+            return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
         return qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     # ------------------------------------------------------------------- queries

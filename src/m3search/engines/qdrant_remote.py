@@ -631,14 +631,11 @@ class QdrantRemoteEngine(QdrantEngine):
         res = self._call("query", lambda: self.client.query_batch_points(self.collection, requests=requests))
         return [r.points for r in res]
 
-    def _params(self, exact: bool) -> qm.SearchParams | None:
+    def _params(self, exact: bool, rescore: bool | None = None) -> qm.SearchParams | None:
         if self.local:  # local mode always scans exactly (and warns about any params)
             return None
-        return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-
-    def _quantized_params(self, rescore: bool) -> qm.SearchParams | None:
-        if self.local:  # local mode always scans exactly (and warns about any params)
-            return None
+        if rescore is None:
+            return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
         return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
