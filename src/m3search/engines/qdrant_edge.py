@@ -147,17 +147,9 @@ class _EdgeDialect:
     def match_any(key: str, values: list) -> qe.FieldCondition:
         return qe.FieldCondition(key, match=qe.MatchAny(values))
 
-    @staticmethod
-    def has_vector(name: str) -> qe.HasVectorCondition:
-        return qe.HasVectorCondition(name)
-
-    @staticmethod
-    def is_empty(key: str) -> qe.IsEmptyCondition:
-        return qe.IsEmptyCondition(key)
-
-    @staticmethod
-    def nested(key: str, filter: qe.Filter) -> qe.NestedCondition:
-        return qe.NestedCondition(key, filter)
+    has_vector = staticmethod(qe.HasVectorCondition)
+    is_empty = staticmethod(qe.IsEmptyCondition)
+    nested = staticmethod(qe.NestedCondition)
 
     @staticmethod
     def range(key: str, **bounds: float | None) -> qe.FieldCondition:
@@ -408,11 +400,9 @@ class QdrantEdgeEngine(QdrantEngine):
             shard.flush()
         finally:
             shard.close()
-            try:
-                if (self.root / PIDFILE).read_text().strip() == str(os.getpid()):
+            with contextlib.suppress(OSError):
+                if _holder(self.root) == os.getpid():
                     (self.root / PIDFILE).unlink()
-            except OSError:
-                pass
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
