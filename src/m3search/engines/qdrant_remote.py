@@ -38,8 +38,8 @@ Local mode (``qdrant+local://PATH/name``; the last segment is the collection nam
 them all in memory: for tests and small collections. It locks ``PATH`` (a second
 process gets CollectionInUseError) and ignores float16 storage, so token vectors are
 rounded to float16 on our side before they are sent: local mode and a server then
-score the same values. Its filtered queries score every stored point before filtering,
-so in local mode candidates are scored in NumPy from their fetched vectors
+score the same values. Its filtered queries score every stored point before filtering (seconds per
+query at a few hundred documents), so in local mode candidates are scored in NumPy from their fetched vectors
 (``score_records``); a server scores them itself (one ``exact`` query per mode
 filtered to the candidate ids, as the embedded engine does). ``server_scoring=True``
 runs the server path in local mode too (the tests check both agree). No Qdrant server binary can be installed on the machines this
@@ -314,9 +314,6 @@ class QdrantRemoteEngine(QdrantEngine):
         self.backoff = backoff
         self.max_request_bytes = max_request_bytes
         self.hnsw_ef = hnsw_ef
-        # Local mode computes a filtered MaxSim over EVERY stored point before filtering
-        # (seconds per query at a few hundred documents); there, candidates are scored
-        # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
         self.server_scoring = (not local) if server_scoring is None else server_scoring
         # Local mode stands in for a server, so it splits long windows into parts just the same.
         self.multivector_limit = multivector_limit
@@ -496,23 +493,22 @@ class QdrantRemoteEngine(QdrantEngine):
 
     def _check_schema(self, info: Any) -> None:
         """Refuse a collection whose vectors do not match the manifest's schema."""
-        vectors = info.config.params.vectors or {}
-        sparse = info.config.params.sparse_vectors or {}
+        vectors = info.config.params.vectors
+        vectors = vectors if isinstance(vectors, dict) else {}  # (one unnamed vector: not ours)
         problems = []
         want = self._vectors_config()
         for vname in ("dense", "colbert"):
-            got = vectors.get(vname) if isinstance(vectors, dict) else None
+            got = vectors.get(vname)
             if got is None:
                 problems.append(f"no {vname!r} vector")
-                continue
-            if got.size != want[vname].size or got.distance != qm.Distance.DOT:
+            elif got.size != want[vname].size or got.distance != qm.Distance.DOT:
                 problems.append(f"{vname!r} is {got.size}-d {got.distance}, expected {want[vname].size}-d Dot")
-        col = vectors.get("colbert") if isinstance(vectors, dict) else None
+        col = vectors.get("colbert")
         if col is not None and (
             col.multivector_config is None or col.multivector_config.comparator != qm.MultiVectorComparator.MAX_SIM
         ):
             problems.append("'colbert' is not a MaxSim multivector")
-        if "sparse" not in sparse:
+        if "sparse" not in (info.config.params.sparse_vectors or {}):
             problems.append("no 'sparse' sparse vector")
         if problems:
             raise ValueError(
