@@ -340,17 +340,14 @@ class Engine(ABC):
         """
         dense_lists = self.search_dense(dense, depth, filter, exact=exact)
         sparse_lists = self.search_sparse(sparse, depth, filter, exact=exact)
-        pools = []
-        for d, s in zip(dense_lists, sparse_lists):
-            ids = list(dict.fromkeys([i for i, _ in d] + [i for i, _ in s]))
-            pools.append(
-                Pool(
-                    ids,
-                    {"dense": dict(d), "sparse": dict(s)},
-                    found_by={"dense": {i for i, _ in d}, "sparse": {i for i, _ in s}},
-                )
+        return [
+            Pool(
+                list(dict.fromkeys(i for i, _ in [*d, *s])),
+                {"dense": dict(d), "sparse": dict(s)},
+                found_by={"dense": {i for i, _ in d}, "sparse": {i for i, _ in s}},
             )
-        return pools
+            for d, s in zip(dense_lists, sparse_lists)
+        ]
 
     def score(
         self,

@@ -33,7 +33,7 @@ values by 1-2 ULP; JSON text comes back exactly. Filters evaluate the parsed ``"
 (documented in docs/usage.md, "Filters").
 
 Schema 1-2 layout (collections written before schema 3; read and written as they are, see
-:meth:`QdrantEngine._stored_layout`): window 0 ``{"id", "text", "metadata"}`` (+ ``windows`` /
+:meth:`QdrantEngine._opened`): window 0 ``{"id", "text", "metadata"}`` (+ ``windows`` /
 ``spans`` / ``parts``), window ``w > 0`` ``{"id", "metadata", "window": w}``; filters as flat
 conditions over ``metadata.<field>``; a version-1 point (no ``window`` / ``windows`` keys)
 reads as window 0 of 1. ``m3search migrate`` copies one into the schema-3 layout.
@@ -216,10 +216,13 @@ class QdrantEngine(Engine):
     _OPTION_RULES: ClassVar[dict[str, dict[str, bool]]] = {"hnsw_ef": {"integer": True, "none": True}}
     #: The client's filter classes (:class:`~m3search.engines.qdrant_filter.Dialect`).
     _dialect: Any = None
+    #: The client's sparse vector class (keywords ``indices``, ``values``).
+    _sparse_vector: Any = None
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
-        """Stored points among ``uuids`` (any order): objects with ``.id``, ``.payload``, ``.vector``."""
+        """Stored points among ``uuids`` (any order): objects with ``.id``, ``.payload``, ``.vector`` (no request
+        for no ``uuids``)."""
         raise NotImplementedError
 
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
@@ -256,11 +259,11 @@ class QdrantEngine(Engine):
                 self._delete_documents(list(ids), must_not=[d.is_empty("gen")])
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
-        """The tombstones of stored documents (no vector, no text: text points have no vector): a long write
-        stopped after its switch leaves those over the old generation, which no later write or delete of the
-        document names (their ids are the old generation's). Deleting a tombstone is always safe: no read
-        follows one, even mid-write. And the points of the stopped writes ``gens`` that no head names: a write
-        stopped before its switch leaves them under its own generation, which no other write uses."""
+        """The tombstones of stored documents (:meth:`_delete_tombstones`): a long write stopped after its switch
+        leaves those over the old generation, which no later write or delete of the document names (their ids
+        are the old generation's). Deleting a tombstone is always safe: no read follows one, even mid-write. And
+        the points of the stopped writes ``gens`` that no head names: a write stopped before its switch leaves
+        them under its own generation, which no other write uses."""
         if ids:
             d = self._dialect
             self._delete_tombstones(d.match_any("id", list(ids)))
@@ -291,19 +294,26 @@ class QdrantEngine(Engine):
         raise NotImplementedError
 
     def _vector(self, mode: str, v: Any) -> Any:
-        """A query vector in the client's form (dense / colbert: float32 array; sparse: ``(indices, values)``)."""
-        raise NotImplementedError
+        """A vector in the client's form (dense / colbert: float32 rows; sparse: ``(indices, values)``), as Python
+        lists made by ``ndarray.tolist()`` (C): pyo3 reads a NumPy array element by element through NumPy scalars,
+        ~1.8x the CPU per point (9.1 vs 5.1 ms for 136 x 1024 tokens, alternating rounds, qdrant-edge-py 0.9;
+        benchmarks/RESULTS.md, ColBERT layouts)."""
+        if mode == "sparse":
+            ind, val = np.asarray(v[0], np.int64), np.asarray(v[1], np.float32)
+            return self._sparse_vector(indices=ind.tolist(), values=val.tolist())
+        return np.asarray(v, dtype=np.float32).tolist()
+
+    def _point_vectors(self, vec: dict | None) -> dict:
+        """A point's vectors (:meth:`_points`' float32 arrays; None: a tombstone's, none) in the client's form."""
+        return {k: self._vector(k, v) if k == "sparse" else v.tolist() for k, v in (vec or {}).items()}
 
     def _has_ids(self, uuids: list[str]) -> Any:
         """A filter matching exactly the points ``uuids``."""
         raise NotImplementedError
 
-    def _params(self, exact: bool) -> Any:
-        """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan)."""
-        raise NotImplementedError
-
-    def _quantized_params(self, rescore: bool) -> Any:
-        """Search params that score on the quantized copy (``rescore``: again on the stored vectors)."""
+    def _params(self, exact: bool, rescore: bool | None = None) -> Any:
+        """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan); given ``rescore``, those that
+        score on the quantized copy instead (``rescore``: again on the stored vectors)."""
         raise NotImplementedError
 
     # ------------------------------------------------------- requests over the hooks
@@ -322,9 +332,7 @@ class QdrantEngine(Engine):
         graph (m=0), so the query still scans every candidate, on the quantized copy, rescored on
         the stored vectors when ``colbert_rescore`` (the limit covers all candidates: all are rescored).
         """
-        if self.schema.colbert_quantization is None:
-            return self._params(True)
-        return self._quantized_params(self.schema.colbert_rescore)
+        return self._params(True, None if self.schema.colbert_quantization is None else self.schema.colbert_rescore)
 
     def _maxsim_scale(self, query: QueryVectors) -> float:
         """Qdrant's MaxSim score to M3's: Qdrant sums over query vectors, M3 averages. Binary codes scored
@@ -367,22 +375,19 @@ class QdrantEngine(Engine):
             need = [j for j in todo["sparse"] if np.isnan(out["sparse"][j])]
             proof = [out[m] for m in ("dense", "colbert") if m in out]
             unsure = [j for j in need if not any(np.isfinite(p[j]) for p in proof)]
-            stored = {str(r.id) for r in self._retrieve([uuids[j] for j in unsure], False, False)} if unsure else set()
+            stored = {str(r.id) for r in self._retrieve([uuids[j] for j in unsure], False, False)}
             zero = [j for j in need if any(np.isfinite(p[j]) for p in proof) or uuids[j] in stored]
             out["sparse"][zero] = 0.0
         return out
 
     def _opened(self, max_windows_stored: int) -> None:
-        """State read once when a collection is opened: the window count and the point layout."""
+        """State read once when a collection is opened: the window count and the layout of the stored points (a
+        head with ``metadata`` is schema 1-2, kept as it is: filters and writes follow it; an empty collection
+        takes :data:`LAYOUT`)."""
         self.max_windows = max_windows_stored
-        self.layout = self._stored_layout()
-
-    def _stored_layout(self) -> int:
-        """The layout of the stored points: a head with ``metadata`` is schema 1-2 (kept as it is:
-        filters and writes follow it); an empty collection takes :data:`LAYOUT`."""
         self.layout = LAYOUT  # the scroll's filter: heads of either layout have a dense vector
         heads, _ = self._scroll(None, 1, True, False)
-        return 2 if heads and "metadata" in (heads[0].payload or {}) else LAYOUT
+        self.layout = 2 if heads and "metadata" in (heads[0].payload or {}) else LAYOUT
 
     # ------------------------------------------------------------------- windows
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
@@ -499,9 +504,7 @@ class QdrantEngine(Engine):
         batch.validate(self.schema)
         if not batch.has_vectors:
             raise ValueError("upsert needs a batch with vectors")
-        old: dict[str, Stored] = {}
-        if self.max_windows > 1 or self.layout >= 3:  # a stored document may have points past the new layout
-            old = self._stored(batch.ids)
+        old = self._stored(batch.ids) if self._beside_heads else {}  # points past the new version: tombstoned
         self.max_windows = max(self.max_windows, self.stored_units(batch))
         points, sizes, tombs = self._points(batch, old)
         if points:
@@ -598,7 +601,7 @@ class QdrantEngine(Engine):
         text points its head names (this also removes tombstones left by a crash). Where others write
         (``shared``), only those of the generations read here (:meth:`_generations_read`)."""
         if ids:
-            self._delete(ids, self._stored(ids) if self.max_windows > 1 or self.layout >= 3 else {})
+            self._delete(ids, self._stored(ids) if self._beside_heads else {})
 
     def _delete(self, ids: Sequence[str], stored: Mapping[str, Stored]) -> None:
         """:meth:`delete` of the documents as read (``stored``: :meth:`_stored`)."""
@@ -626,14 +629,10 @@ class QdrantEngine(Engine):
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
         back = {point_uuid(i): i for i in ids}
         return {back[str(r.id)] for r in self._retrieve(list(back), False, False)}
 
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
-        if not ids:
-            return []
         vec = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
         found = self._retrieve([point_uuid(i) for i in ids], True, vec)
         by_id = {r.id: r for r in self._records(found)}
@@ -647,11 +646,10 @@ class QdrantEngine(Engine):
             for rec, r in zip(recs, heads)
             if r.payload.get("chunks")
         ]
-        if want:
-            uuids = [text_uuid(rec.id, c, g) for rec, k, g in want for c in range(k)]
-            got = {str(r.id): r.payload["text"] for r in self._retrieve(uuids, True, False)}
-            for rec, k, g in want:
-                rec.text = "".join(got[text_uuid(rec.id, c, g)] for c in range(k))
+        uuids = [text_uuid(rec.id, c, g) for rec, k, g in want for c in range(k)]
+        got = {str(r.id): r.payload["text"] for r in self._retrieve(uuids, True, False)}
+        for rec, k, g in want:
+            rec.text = "".join(got[text_uuid(rec.id, c, g)] for c in range(k))
         return recs
 
     def get_windows(
@@ -664,7 +662,7 @@ class QdrantEngine(Engine):
             ([(w, n) for w, n in enumerate(ps) if windows is None or w in windows], g) for ps, g in self._layout(ids)
         ]
         uuids = [part_uuid(i, w, p, g) for i, (ps, g) in zip(ids, layout) for w, n in ps for p in range(n)]
-        by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)} if uuids else {}
+        by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)}
         heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
         texts = {r.id: r.text for r in self._records(heads)}
         out = []
@@ -685,17 +683,18 @@ class QdrantEngine(Engine):
         return out
 
     def count(self, filter: Filter | None = None) -> int:
-        return self._count(filter, docs_only=self._docs_only)
+        return self._count(filter, docs_only=self._beside_heads)
 
     @property
-    def _docs_only(self) -> bool:
-        """Whether a count or scroll must skip points that are not documents (windows, text points)."""
+    def _beside_heads(self) -> bool:
+        """Whether a document may have points beside its head (windows, text points): a count or scroll skips
+        them, a write or delete reads the heads first (for those past the new version, or to remove)."""
         return self.max_windows > 1 or self.layout >= 3
 
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
         offset, windowed = None, self.max_windows > 1
         while True:
-            raw, offset = self._scroll(offset, batch_size, self._docs_only, with_vectors)
+            raw, offset = self._scroll(offset, batch_size, self._beside_heads, with_vectors)
             if raw:
                 docs = self._records(raw)
                 if windowed and with_vectors and any(d.windows > 1 for d in docs):
@@ -758,7 +757,7 @@ class QdrantEngine(Engine):
         ]
         live = [i for i, (ind, _) in enumerate(rows) if len(ind)]  # an empty query shares no token with anything
         out: list[Hits] = [[] for _ in rows]
-        for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact) if live else []):
+        for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact)):
             out[i] = hits
         return out
 

@@ -147,17 +147,9 @@ class _EdgeDialect:
     def match_any(key: str, values: list) -> qe.FieldCondition:
         return qe.FieldCondition(key, match=qe.MatchAny(values))
 
-    @staticmethod
-    def has_vector(name: str) -> qe.HasVectorCondition:
-        return qe.HasVectorCondition(name)
-
-    @staticmethod
-    def is_empty(key: str) -> qe.IsEmptyCondition:
-        return qe.IsEmptyCondition(key)
-
-    @staticmethod
-    def nested(key: str, filter: qe.Filter) -> qe.NestedCondition:
-        return qe.NestedCondition(key, filter)
+    has_vector = staticmethod(qe.HasVectorCondition)
+    is_empty = staticmethod(qe.IsEmptyCondition)
+    nested = staticmethod(qe.NestedCondition)
 
     @staticmethod
     def range(key: str, **bounds: float | None) -> qe.FieldCondition:
@@ -284,6 +276,7 @@ class QdrantEdgeEngine(QdrantEngine):
     #: fidelity targets on every proxy collection (benchmarks/RESULTS.md, "ColBERT layouts").
     default_colbert_dtype = "turbo8"
     _dialect = _EdgeDialect
+    _sparse_vector = qe.SparseVector
 
     def __init__(
         self, root: Path, shard: qe.EdgeShard, schema: Schema, *, lock: int | None = None, hnsw_ef: int | None = None
@@ -434,11 +427,9 @@ class QdrantEdgeEngine(QdrantEngine):
             _Probed(shard, self.root).flush()
         finally:
             shard.close()
-            try:
-                if (self.root / PIDFILE).read_text().strip() == str(os.getpid()):
+            with contextlib.suppress(OSError):
+                if _holder(self.root) == os.getpid():
                     (self.root / PIDFILE).unlink()
-            except OSError:
-                pass
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -504,19 +495,9 @@ class QdrantEdgeEngine(QdrantEngine):
 
     # -------------------------------------------------------------- client hooks
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
-        # Vectors cross into Rust as Python lists made by ``ndarray.tolist()`` (C): pyo3 reads a NumPy
-        # array element by element through NumPy scalars, ~1.8x the CPU per point (9.1 vs 5.1 ms for
-        # 136 x 1024 tokens, alternating rounds, qdrant-edge-py 0.9; benchmarks/RESULTS.md, ColBERT layouts).
         nbytes = sum(sizes) // 3  # ~bytes of float32 vectors and payload
         _check_free(self.root, f"writing {len(points)} points", nbytes)
-        out = []
-        for uid, vec, payload in points:
-            if vec is not None:
-                vec = {
-                    k: qe.SparseVector(v[0].tolist(), v[1].tolist()) if k == "sparse" else v.tolist()
-                    for k, v in vec.items()
-                }
-            out.append(qe.Point(uid, vec or {}, payload))
+        out = [qe.Point(uid, self._point_vectors(vec), payload) for uid, vec, payload in points]
         self.shard.update(qe.UpdateOperation.upsert_points(out))  # one WAL record: all or nothing
         self._unflushed += nbytes
         if self._unflushed >= WAL_FLUSH_BYTES:  # bound the WAL during long ingests
@@ -563,20 +544,16 @@ class QdrantEdgeEngine(QdrantEngine):
         return qe.QueryRequest(limit=limit, query=query, filter=filter, params=params, with_payload=payload)
 
     def _vector(self, mode: str, v: Any) -> Any:
-        if mode == "sparse":
-            return qe.SparseVector(np.asarray(v[0], np.int64).tolist(), np.asarray(v[1], np.float32).tolist())
-        if mode == "dense":
-            return np.ascontiguousarray(v, dtype=np.float32)
-        # qdrant-edge takes nested lists of a multivector in half the time of a 2-D array (0.45 vs 0.98 ms at 11 x 1024)
-        return np.asarray(v, dtype=np.float32).tolist()
+        # a dense query as an array; a multivector as nested lists, taken in half the time of a 2-D array (0.45
+        # vs 0.98 ms at 11 x 1024)
+        return np.ascontiguousarray(v, dtype=np.float32) if mode == "dense" else super()._vector(mode, v)
 
     def _has_ids(self, uuids: list[str]) -> qe.Filter:
         return qe.Filter(must=[qe.HasIdCondition(set(uuids))])
 
-    def _params(self, exact: bool) -> qe.SearchParams:
-        return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-
-    def _quantized_params(self, rescore: bool) -> qe.SearchParams:
+    def _params(self, exact: bool, rescore: bool | None = None) -> qe.SearchParams:
+        if rescore is None:
+            return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
         return qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     # ------------------------------------------------------------------- queries

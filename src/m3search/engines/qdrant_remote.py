@@ -38,8 +38,8 @@ Local mode (``qdrant+local://PATH/name``; the last segment is the collection nam
 them all in memory: for tests and small collections. It locks ``PATH`` (a second
 process gets CollectionInUseError) and ignores float16 storage, so token vectors are
 rounded to float16 on our side before they are sent: local mode and a server then
-score the same values. Its filtered queries score every stored point before filtering,
-so in local mode candidates are scored in NumPy from their fetched vectors
+score the same values. Its filtered queries score every stored point before filtering (seconds per
+query at a few hundred documents), so in local mode candidates are scored in NumPy from their fetched vectors
 (``score_records``); a server scores them itself (one ``exact`` query per mode
 filtered to the candidate ids, as the embedded engine does). ``server_scoring=True``
 runs the server path in local mode too (the tests check both agree). No Qdrant server binary can be installed on the machines this
@@ -288,6 +288,7 @@ class QdrantRemoteEngine(QdrantEngine):
     name = "qdrant"
     shared = True  # a server's collection has other clients (local mode: other handles in this process)
     _dialect = _ClientDialect
+    _sparse_vector = qm.SparseVector
 
     def __init__(
         self,
@@ -315,9 +316,6 @@ class QdrantRemoteEngine(QdrantEngine):
         self.backoff = backoff
         self.max_request_bytes = max_request_bytes
         self.hnsw_ef = hnsw_ef
-        # Local mode computes a filtered MaxSim over EVERY stored point before filtering
-        # (seconds per query at a few hundred documents); there, candidates are scored
-        # from their fetched vectors instead. ``server_scoring=True`` forces the server path.
         self.server_scoring = (not local) if server_scoring is None else server_scoring
         # Local mode stands in for a server, so it splits long windows into parts just the same.
         self.multivector_limit = multivector_limit
@@ -497,23 +495,22 @@ class QdrantRemoteEngine(QdrantEngine):
 
     def _check_schema(self, info: Any) -> None:
         """Refuse a collection whose vectors do not match the manifest's schema."""
-        vectors = info.config.params.vectors or {}
-        sparse = info.config.params.sparse_vectors or {}
+        vectors = info.config.params.vectors
+        vectors = vectors if isinstance(vectors, dict) else {}  # (one unnamed vector: not ours)
         problems = []
         want = self._vectors_config()
         for vname in ("dense", "colbert"):
-            got = vectors.get(vname) if isinstance(vectors, dict) else None
+            got = vectors.get(vname)
             if got is None:
                 problems.append(f"no {vname!r} vector")
-                continue
-            if got.size != want[vname].size or got.distance != qm.Distance.DOT:
+            elif got.size != want[vname].size or got.distance != qm.Distance.DOT:
                 problems.append(f"{vname!r} is {got.size}-d {got.distance}, expected {want[vname].size}-d Dot")
-        col = vectors.get("colbert") if isinstance(vectors, dict) else None
+        col = vectors.get("colbert")
         if col is not None and (
             col.multivector_config is None or col.multivector_config.comparator != qm.MultiVectorComparator.MAX_SIM
         ):
             problems.append("'colbert' is not a MaxSim multivector")
-        if "sparse" not in sparse:
+        if "sparse" not in (info.config.params.sparse_vectors or {}):
             problems.append("no 'sparse' sparse vector")
         if problems:
             raise ValueError(
@@ -569,14 +566,9 @@ class QdrantRemoteEngine(QdrantEngine):
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
         """Requests of at most ``max_request_bytes``, cut only between documents (every other
         point of a document, tombstones included, stays with its head before it)."""
-        structs = []
-        for uid, vec, payload in points:
-            if vec is not None:
-                vec = {
-                    k: (qm.SparseVector(indices=v[0].tolist(), values=v[1].tolist()) if k == "sparse" else v.tolist())
-                    for k, v in vec.items()
-                }
-            structs.append(qm.PointStruct(id=uid, vector=vec or {}, payload=payload))
+        structs = [
+            qm.PointStruct(id=uid, vector=self._point_vectors(vec), payload=payload) for uid, vec, payload in points
+        ]
         for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
@@ -637,14 +629,11 @@ class QdrantRemoteEngine(QdrantEngine):
         res = self._call("query", lambda: self.client.query_batch_points(self.collection, requests=requests))
         return [r.points for r in res]
 
-    def _params(self, exact: bool) -> qm.SearchParams | None:
+    def _params(self, exact: bool, rescore: bool | None = None) -> qm.SearchParams | None:
         if self.local:  # local mode always scans exactly (and warns about any params)
             return None
-        return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-
-    def _quantized_params(self, rescore: bool) -> qm.SearchParams | None:
-        if self.local:  # local mode always scans exactly (and warns about any params)
-            return None
+        if rescore is None:
+            return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
         return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
@@ -652,14 +641,6 @@ class QdrantRemoteEngine(QdrantEngine):
         return qm.QueryRequest(
             query=vector, using=mode, limit=limit, filter=filter, params=params, with_payload=payload
         )
-
-    def _vector(self, mode: str, v: Any) -> Any:
-        if mode == "sparse":
-            ind, val = v
-            return qm.SparseVector(
-                indices=np.asarray(ind, np.int64).tolist(), values=np.asarray(val, np.float32).tolist()
-            )
-        return np.asarray(v, dtype=np.float32).tolist()
 
     def _has_ids(self, uuids: list[str]) -> qm.Filter:
         return qm.Filter(must=[qm.HasIdCondition(has_id=uuids)])

@@ -359,12 +359,9 @@ class PointBatch:
         if not records or records[0].dense is None:
             return cls(ids, texts, meta, windows=windows, spans=spans)
         dense = np.stack([r.dense for r in records]).astype(np.float32, copy=False)
-        lens = [len(r.sparse[0]) for r in records]
-        indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        ind = np.concatenate([r.sparse[0] for r in records]).astype(np.int64) if indptr[-1] else np.zeros(0, np.int64)
-        val = (
-            np.concatenate([r.sparse[1] for r in records]).astype(np.float32) if indptr[-1] else np.zeros(0, np.float32)
-        )
+        indptr = np.cumsum([0] + [len(r.sparse[0]) for r in records], dtype=np.int64)
+        ind = np.concatenate([np.zeros(0, np.int64)] + [r.sparse[0] for r in records]).astype(np.int64)
+        val = np.concatenate([np.zeros(0, np.float32)] + [r.sparse[1] for r in records]).astype(np.float32)
         sparse = sp.csr_matrix((val, ind, indptr), shape=(len(records), vocab_size))
         offs = np.concatenate([[0], np.cumsum([len(r.colbert) for r in records])]).astype(np.int64)
         colbert = np.concatenate([r.colbert for r in records]).astype(np.float32, copy=False)
