@@ -2136,3 +2136,37 @@ def test_a_write_in_pieces_raises_the_schema_version_older_releases_read(
     assert migrate(location(engine, tmp_path), str(tmp_path / "copy"))["copied"] == 3  # whole documents only
     with Collection.open(tmp_path / "copy", model=tiny_encoder) as copy:
         assert copy.engine.read_manifest()["schema_version"] == 3 and copy.get("L")[0].text == texts[29]
+
+
+def test_a_window_in_parts_is_scored_with_its_own_tokens_when_another_window_is_missing(tmp_path, tiny_encoder, corpus):
+    """Whole-window MaxSim on the server engine matched token vectors to windows by their position in
+    ``get_windows``' answer, which skips a window whose point is not there (a write not yet applied on every
+    shard): the windows after it were scored with the next window's tokens, and the hit named the wrong span."""
+    from m3search.engines.qdrant_common import window_uuid
+    from m3search.engines.shapes import QueryVectors
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    loc = location("qdrant-local", tmp_path / "q")
+    col = Collection.create(
+        loc,
+        model=tiny_encoder,
+        colbert_dtype="float32",
+        window=WINDOW,
+        stride=STRIDE,
+        engine_options={"multivector_limit": LIMIT},
+    )
+    try:
+        enforce_server_limit(col.engine, LIMIT)
+        col.add(texts, ids=ids, metadata=meta, batch_size=8)
+        eng = col.engine
+        doc = next(i for i in ids if len(eng._layout([i])[0][0]) == 3 and eng._layout([i])[0][0][2] > 1)
+        ((parts, gen),) = eng._layout([doc])
+        whole = eng.get_windows([doc], with_vectors=["colbert"])[0]
+        eng.client.delete(eng.collection, points_selector=[window_uuid(doc, 1, gen)])  # window 1 goes missing
+        q = QueryVectors(colbert=qemb.colbert[qemb.colbert_offsets[0] : qemb.colbert_offsets[1]])
+        got = eng.score_windows([doc], q, ["colbert"]).scores["colbert"]
+        expect = float((q.colbert @ whole[2].colbert.T).max(axis=1).mean())
+        assert got[2] == pytest.approx(expect, abs=1e-6)  # window 2 with its own tokens
+        assert np.isnan(got[1])  # window 1: not there, not scored
+    finally:
+        col.close()

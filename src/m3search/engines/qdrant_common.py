@@ -815,7 +815,7 @@ class QdrantEngine(Engine):
                     out[m][todo[m]] = got[m][todo[m]]
         if split:  # per query token the maximum over EVERY token of the window, all parts together
             recs = self.get_windows(list(dict.fromkeys(d for _, d, _ in split)), with_vectors=["colbert"])
-            tokens = {(r.id, k): r.colbert for rs in recs for k, r in enumerate(rs)}
+            tokens = {(r.id, r.window): r.colbert for rs in recs for r in rs}  # a missing window is skipped there
             q = np.asarray(query.colbert, dtype=np.float32)
             for j, doc_id, w in split:
                 t = tokens.get((doc_id, w))
