@@ -425,16 +425,9 @@ def _scalar(v: Any) -> str:
 
 
 def _kind(v: Any) -> str:
-    if v is None:
-        return "z"
-    if isinstance(v, bool):
-        return "b"
-    if isinstance(v, (int, float)):
-        return "n"
-    if isinstance(v, str):
-        return "s"
-    if isinstance(v, (list, tuple)):
-        return "l"
+    for kind, types in (("z", type(None)), ("b", bool), ("n", (int, float)), ("s", str), ("l", (list, tuple))):
+        if isinstance(v, types):
+            return kind
     return "o"
 
 
@@ -489,6 +482,12 @@ def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> li
 
 def _ints(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(int(x)) for x in xs) + "]"
+
+
+def _sparse_dict(m: sp.csr_matrix, i: int) -> dict[int, float]:
+    """Row ``i`` of a CSR matrix as pymilvus's sparse vector, ``{index: float32 value}``."""
+    a, b = m.indptr[i], m.indptr[i + 1]
+    return dict(zip(m.indices[a:b].tolist(), m.data[a:b].astype(np.float32).tolist()))
 
 
 class _ExprBuilder:
@@ -572,10 +571,6 @@ def to_milvus_expr(
     return _ExprBuilder(has_lists, allow_not).build(f)
 
 
-def _is_lite_lock_error(exc: BaseException) -> bool:
-    return "Open local milvus failed" in str(exc)
-
-
 # -------------------------------------------------------------------------- engine
 class MilvusEngine(Engine):
     """A collection in Milvus or Milvus Lite (layout and limits in the module docstring)."""
@@ -610,6 +605,7 @@ class MilvusEngine(Engine):
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         self._vec_dtype = np.float16 if schema.colbert_dtype == "float16" else np.float32
+        self._vec_type = DataType.FLOAT16_VECTOR if schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
         # tokens per block row; open() checks it against the stored vector width
         self.block = max(1, BLOCK_BYTES // (schema.colbert_dim * np.dtype(self._vec_dtype).itemsize))
         #: Whether rows are windows (``doc`` / ``win`` / ``spans`` fields); False for a collection created
@@ -664,7 +660,7 @@ class MilvusEngine(Engine):
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
-                    if _is_lite_lock_error(exc):  # a holder without our lock (an older m3search)
+                    if "Open local milvus failed" in str(exc):  # a holder without our lock (an older m3search)
                         raise in_use from None
                     raise
                 if fd is not None:
@@ -818,8 +814,7 @@ class MilvusEngine(Engine):
         tok.add_field("gen", DataType.INT64)
         tok.add_field("doc", DataType.INT64)
         tok.add_field("blk", DataType.INT32)
-        vtype = DataType.FLOAT16_VECTOR if s.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
-        tok.add_field("vec", vtype, dim=self.block * s.colbert_dim)
+        tok.add_field("vec", self._vec_type, dim=self.block * s.colbert_dim)
         idx = c.prepare_index_params()
         idx.add_index("vec", index_type="FLAT", metric_type="IP")
         idx.add_index("gen", index_type="INVERTED")
@@ -873,10 +868,9 @@ class MilvusEngine(Engine):
     def _check_layout(self) -> None:
         """Refuse a collection whose fields do not match the manifest's schema."""
         want = {"dense": (DataType.FLOAT_VECTOR, self.schema.dense_dim), "sparse": (DataType.SPARSE_FLOAT_VECTOR, None)}
-        vtype = DataType.FLOAT16_VECTOR if self.schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
         for coll, fields in (
             (self.collection, want),
-            (self.tokens, {"vec": (vtype, self.block * self.schema.colbert_dim)}),
+            (self.tokens, {"vec": (self._vec_type, self.block * self.schema.colbert_dim)}),
         ):
             if not self.client.has_collection(coll, timeout=self.timeout):
                 raise ValueError(
@@ -994,15 +988,12 @@ class MilvusEngine(Engine):
     def _heads(self, ids: Sequence[str], fields: list[str], row_bytes: int = 64) -> dict[str, dict]:
         """The stored heads of the documents, by id (a head under a colliding key is another's: left out), each
         with ``doc`` and ``win`` (rows written before windows: their own key, 0)."""
-        wanted = set(ids)
+        wanted, more = set(ids), ["doc", "win"] if self.window_rows else ["pk"]
+        fields = list(dict.fromkeys([*(f for f in fields if f in self._fields), *more]))
+        rows = self._rows_by_pk([_pk(i) for i in wanted], fields, row_bytes)
         if not self.window_rows:
-            rows = self._rows_by_pk(
-                [_pk(i) for i in wanted], [f for f in fields if f in self._fields] + ["pk"], row_bytes
-            )
             for r in rows:
                 r["doc"], r["win"] = r["pk"], 0
-        else:
-            rows = self._rows_by_pk([_pk(i) for i in wanted], list(dict.fromkeys([*fields, "doc", "win"])), row_bytes)
         return {r["doc_id"]: r for r in rows if r["doc_id"] in wanted}
 
     def _where(self, expr: str, rows: str) -> str:
@@ -1061,8 +1052,6 @@ class MilvusEngine(Engine):
         todo = list(dict.fromkeys(ids))
         for _ in range(READ_TRIES):
             heads, rows = self._versions(todo, want, row_bytes, windows)
-            wins = {h["doc"]: range(1, len(h.get("spans") or [])) for h in heads.values()}
-            wins = {k: [w for w in ws if windows is None or w in windows] for k, ws in wins.items()}
             again = []
             for i in todo:
                 head = heads.get(i)
@@ -1070,8 +1059,9 @@ class MilvusEngine(Engine):
                     found[i] = []
                     continue
                 got = rows.get(head["doc"], {})
-                found[i] = [head] * (windows is None or 0 in windows) + [got[w] for w in wins[head["doc"]] if w in got]
-                if any(w not in got for w in wins[head["doc"]]):
+                wins = [w for w in range(1, len(head.get("spans") or [])) if windows is None or w in windows]
+                found[i] = [head] * (windows is None or 0 in windows) + [got[w] for w in wins if w in got]
+                if any(w not in got for w in wins):
                     again.append(i)
             if not again:
                 break
@@ -1090,12 +1080,7 @@ class MilvusEngine(Engine):
         return np.array([max(1, len(heads[i].get("spans") or [])) if i in heads else 0 for i in ids], dtype=np.int64)
 
     def _row_bytes(self, vectors: Sequence[str]) -> int:
-        b = 256
-        if "dense" in vectors:
-            b += 4 * self.schema.dense_dim + 64
-        if "sparse" in vectors:
-            b += 2048
-        return b
+        return 256 + ("dense" in vectors) * (4 * self.schema.dense_dim + 64) + ("sparse" in vectors) * 2048
 
     # -------------------------------------------------------------------- writes
     def _token_rows(
@@ -1183,28 +1168,24 @@ class MilvusEngine(Engine):
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         docs, sizes, text_rows = [], [], []
         for i, doc_id in enumerate(batch.ids):
-            meta = batch.metadata[i] or {}
+            meta, lo, hi = batch.metadata[i] or {}, int(wo[i]), int(wo[i + 1])
             parts = _text_parts(batch.texts[i]) if first == 0 else [""]
             if len(parts) > 1:  # the text goes to NAME_text, under the head window's generation
                 text_rows += [
                     {"gen": int(gens[wo[i]]), "doc": int(heads[i]), "part": c, "text": t, "v": [0.0, 0.0]}
                     for c, t in enumerate(parts)
                 ]
-            kinds, spans = metadata_kinds(meta), batch.recorded_spans(i) or []
-            rows, size = [], 0
-            meta_bytes = len(json.dumps(meta)) * 2
-            for j in range(int(wo[i]), int(wo[i + 1])):
-                a, b = sparse.indptr[j], sparse.indptr[j + 1]
-                w = first + j - int(wo[i])
-                text = parts[0] if w == 0 and len(parts) == 1 else ""
+            kinds, spans, rows = metadata_kinds(meta), batch.recorded_spans(i) or [], []
+            for j in range(lo, hi):
+                w = first + j - lo
                 row = {
                     "pk": int(pks[j]),
                     "doc_id": doc_id,
-                    "text": text,
+                    "text": parts[0] if w == 0 and len(parts) == 1 else "",
                     "meta": meta,
                     "kinds": kinds,
                     "dense": dense[j],
-                    "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
+                    "sparse": _sparse_dict(sparse, j),
                     "gen": int(gens[j]),
                     "ntok": int(co[j + 1] - co[j]),
                 }
@@ -1212,32 +1193,24 @@ class MilvusEngine(Engine):
                     row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 else [])
                     row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
                 rows.append(row)
-                size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256
             docs.append(rows)
-            sizes.append(size + 16 * len(spans))
+            sizes.append(self._bytes(rows, int(sparse.indptr[hi] - sparse.indptr[lo])) + 16 * len(spans))
         if text_rows:
             self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
         return docs, sizes
+
+    def _bytes(self, rows: list[dict], nnz: int) -> int:
+        """About the request bytes of window rows of one document (``nnz``: their sparse entries)."""
+        per_row = 4 * self.schema.dense_dim + 2 * len(json.dumps(rows[0]["meta"])) + 256
+        return sum(2 * len(r["text"]) for r in rows) + len(rows) * per_row + 12 * nnz
 
     def _tombstone(self, doc_id: str, pk: int, gen: int) -> dict:
         """A row over a replaced row (key ``pk``; ``gen``: what goes with it, :meth:`_drop`): no query returns it
         (``win`` -1, zero vectors), no count or get reads it, and its ``doc`` is the head's key, so a document's
         tombstones are found by one query."""
-        return {
-            "pk": int(pk),
-            "doc": _pk(doc_id),
-            "win": -1,
-            "doc_id": doc_id,
-            "text": "",
-            "meta": {},
-            "kinds": {},
-            "spans": [],
-            "tparts": 0,
-            "dense": np.zeros(self.schema.dense_dim, dtype=np.float32),
-            "sparse": {},
-            "gen": int(gen),
-            "ntok": 0,
-        }
+        blank = {"win": -1, "text": "", "meta": {}, "kinds": {}, "spans": [], "tparts": 0, "sparse": {}, "ntok": 0}
+        dense = np.zeros(self.schema.dense_dim, dtype=np.float32)
+        return {**blank, "pk": int(pk), "doc": _pk(doc_id), "doc_id": doc_id, "dense": dense, "gen": int(gen)}
 
     @property
     def _tombstone_bytes(self) -> int:
@@ -1335,19 +1308,6 @@ class MilvusEngine(Engine):
             )
         return rows[0] if rows else None
 
-    def _heads_and_tombstones(self, ids: Sequence[str]) -> tuple[dict[str, dict], list[dict]]:
-        """The documents' heads (``doc``: the version each names), by id, and their tombstones (``pk``, ``gen``;
-        those of a write stopped before its removal among them), in one read."""
-        wanted = set(ids)
-        rows = self._rows_where(
-            [_pk(i) for i in wanted],
-            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
-            ["pk", "doc_id", "doc", "win", "gen"],
-            self.max_windows + 1,
-        )
-        heads = {r["doc_id"]: r for r in rows if r["win"] >= 0 and r["doc_id"] in wanted}  # (not a colliding key's)
-        return heads, [r for r in rows if r["win"] < 0]
-
     @staticmethod
     def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
         """Per document, the ``doc`` values that the stopped long writes ``gens`` wrote, and slots 1 and 2."""
@@ -1366,9 +1326,16 @@ class MilvusEngine(Engine):
         with the token and text rows of what they replaced (stopped after it: step 3 of ``upsert_long``)."""
         if not self.window_rows or not ids:
             return
-        heads, tombs = self._heads_and_tombstones(ids)
+        wanted = set(ids)
+        rows = self._rows_where(  # the heads (the version each names) and tombstones, in one read
+            [_pk(i) for i in wanted],
+            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
+            ["pk", "doc_id", "doc", "win", "gen"],
+            self.max_windows + 1,
+        )
+        heads = {r["doc_id"]: r for r in rows if r["win"] >= 0 and r["doc_id"] in wanted}  # (not a colliding key's)
         keys = [k for i, ks in self._stray_keys(list(heads), gens).items() for k in ks if k != heads[i]["doc"]]
-        self._drop(keys, [t for t in tombs if t["doc_id"] in heads])
+        self._drop(keys, [t for t in rows if t["win"] < 0 and t["doc_id"] in heads])
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
         """Long writes (module docstring): each piece's windows written as it comes (token rows first) under
@@ -1399,8 +1366,7 @@ class MilvusEngine(Engine):
             (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
-                meta_bytes = 2 * len(json.dumps(head["meta"]))
-                head_size = 2 * len(head["text"]) + 4 * len(head["dense"]) + 12 * len(head["sparse"]) + meta_bytes + 256
+                head_size = self._bytes([head], len(head["sparse"]))
             spans += piece.doc_spans(0)
             per = max(1, len(rows) * self.max_request_bytes // max(size, 1))  # windows may go in several requests
             for a in range(0, len(rows), per):
@@ -1446,11 +1412,7 @@ class MilvusEngine(Engine):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         if not ids:
             return
-        fields = [
-            f
-            for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans", "tparts")
-            if f in self._fields
-        ]
+        fields = [f for f in self._fields if f not in ("meta", "kinds")]
         docs = self._windows_of(ids, fields, ("dense", "sparse"), whole_text=False)
         out = []
         for doc_id, meta, rows in zip(ids, metadata, docs):
@@ -1520,12 +1482,8 @@ class MilvusEngine(Engine):
         per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
         parts = {}
         for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
-            parts.update(
-                {
-                    (r["gen"], r["part"]): r["text"]
-                    for r in self._query(self.texts, expr, ["gen", "part", "text"], limit)
-                }
-            )
+            for r in self._query(self.texts, expr, ["gen", "part", "text"], limit):
+                parts[(r["gen"], r["part"])] = r["text"]
         for r in heads:
             r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
@@ -1546,19 +1504,17 @@ class MilvusEngine(Engine):
         else:
             with ThreadPoolExecutor(min(READ_THREADS, len(reads))) as pool:
                 pages = list(pool.map(lambda r: self._query(self.tokens, r[0], fields, r[1]), reads))
-        got_gen = [r["gen"] for page in pages for r in page]
-        got_blk = [r["blk"] for page in pages for r in page]
-        got_vec = [r["vec"] for page in pages for r in page]
+        got = [r for page in pages for r in page]
         order_of = {g: j for j, g in enumerate(gens)}
-        doc = np.array([order_of[g] for g in got_gen], dtype=np.int64)
-        order = np.lexsort((np.asarray(got_blk, dtype=np.int64), doc))
+        doc = np.array([order_of[r["gen"]] for r in got], dtype=np.int64)
+        order = np.lexsort((np.array([r["blk"] for r in got], dtype=np.int64), doc))
         counts = np.bincount(doc, minlength=len(gens))
         if not np.array_equal(counts, np.asarray(nblk)):
             bad = [int(g) for g, c, t in zip(gens, counts, nblk) if c != t]
             raise RuntimeError(
                 f"Milvus collection {self.collection!r}: ColBERT blocks missing for generations {bad[:5]}"
             )
-        blocks = self._decode_vectors([got_vec[i] for i in order]).reshape(-1, d)  # (sum blocks * B, d)
+        blocks = self._decode_vectors([got[i]["vec"] for i in order]).reshape(-1, d)  # (sum blocks * B, d)
         starts = np.concatenate([[0], np.cumsum(nblk)])[:-1] * B
         return [blocks[s : s + int(t)] for s, t in zip(starts, ntoks)]
 
@@ -1593,15 +1549,8 @@ class MilvusEngine(Engine):
         return rec
 
     def _head_fields(self, vectors: Sequence[str]) -> list[str]:
-        return [
-            "doc_id",
-            "text",
-            "meta",
-            "gen",
-            "ntok",
-            *(["spans", "tparts"] if self.window_rows else []),
-            *[v for v in ("dense", "sparse") if v in vectors],
-        ]
+        spans = ["spans", "tparts"] if self.window_rows else []
+        return ["doc_id", "text", "meta", "gen", "ntok", *spans, *[v for v in ("dense", "sparse") if v in vectors]]
 
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
         """Documents (window 0's row: text, metadata, every window's span; vectors of window 0)."""
@@ -1667,14 +1616,10 @@ class MilvusEngine(Engine):
 
     # ------------------------------------------------------------------- queries
     def _has_lists(self, field: str) -> bool:
-        rows = self.client.query(
-            self.collection,
-            filter=f'kinds[{_lit(field, "field name")}] == "l"',
-            output_fields=["pk"],
-            limit=1,
-            timeout=self.timeout,
+        expr = f'kinds[{_lit(field, "field name")}] == "l"'
+        return bool(
+            self.client.query(self.collection, filter=expr, output_fields=["pk"], limit=1, timeout=self.timeout)
         )
-        return bool(rows)
 
     def _expr(self, filter: Filter | None) -> str:
         return to_milvus_expr(filter, self._has_lists, allow_not=not self.lite)
@@ -1725,27 +1670,20 @@ class MilvusEngine(Engine):
         over) or past its window count (a longer version's, written after the last write read the document),
         with the keys of the latter: a head is its document's own; a window past it costs one read of its head
         (all of them at once)."""
-        hits = [
-            [
-                (
-                    h["entity"]["doc_id"],
-                    float(h["distance"]),
-                    h["entity"].get("doc"),
-                    h["entity"].get("win", 0),
-                    h["id"],
-                )
-                for h in r
-            ]
-            for r in results
-        ]
-        asked = sorted({i for r in hits for i, _, _, win, _ in r if win})
-        named = {
-            (i, h["doc"]): max(1, len(h.get("spans") or [])) for i, h in self._heads(asked, ["doc_id", "spans"]).items()
-        }
+        asked = sorted({h["entity"]["doc_id"] for r in results for h in r if h["entity"].get("win", 0)})
+        heads = self._heads(asked, ["doc_id", "spans"])
+        named = {(i, h["doc"]): max(1, len(h.get("spans") or [])) for i, h in heads.items()}
         out = []
-        for r in hits:
-            past = {pk for i, _, doc, win, pk in r if win >= named.get((i, doc), win + 1)}
-            out.append(([(i, d) for i, d, doc, win, _ in r if not win or win < named.get((i, doc), 0)], past))
+        for r in results:
+            kept, past = [], set()
+            for h in r:
+                e, win = h["entity"], h["entity"].get("win", 0)
+                n = named.get((e["doc_id"], e.get("doc")))
+                if not win or (n is not None and win < n):
+                    kept.append((e["doc_id"], float(h["distance"])))
+                elif n is not None:
+                    past.add(h["id"])
+            out.append((kept, past))
         return out
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
@@ -1763,17 +1701,10 @@ class MilvusEngine(Engine):
         rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
         if not rows:
             return out
-        data = [
-            dict(
-                zip(
-                    q.indices[q.indptr[i] : q.indptr[i + 1]].tolist(),
-                    q.data[q.indptr[i] : q.indptr[i + 1]].astype(np.float32).tolist(),
-                )
-            )
-            for i in rows
-        ]
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        for i, hits in zip(rows, self._search(data, "sparse", k, self._expr(filter), params)):
+        for i, hits in zip(
+            rows, self._search([_sparse_dict(q, i) for i in rows], "sparse", k, self._expr(filter), params)
+        ):
             out[i] = hits
         return out
 
