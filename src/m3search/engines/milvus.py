@@ -216,7 +216,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
-from m3search.plan import MODES, check_options
+from m3search.plan import MODES, check_int, check_options
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -807,31 +807,28 @@ class MilvusEngine(Engine):
         idx.add_index("win", index_type="INVERTED")
         make(self.collection, main, idx, **extra)
 
-        tok = MilvusClient.create_schema(
-            auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors"
-        )
-        tok.add_field("tid", DataType.INT64, is_primary=True)
-        tok.add_field("gen", DataType.INT64)
-        tok.add_field("doc", DataType.INT64)
+        def side(about: str, vec: str, metric: str) -> tuple[Any, Any]:
+            """A companion collection's schema (``tid`` auto id, ``gen``, ``doc``; the caller adds the rest) and
+            indexes (its vector ``vec``: FLAT, never searched; ``gen`` and ``doc``: INVERTED)."""
+            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description=about)
+            schema.add_field("tid", DataType.INT64, is_primary=True)
+            schema.add_field("gen", DataType.INT64)
+            schema.add_field("doc", DataType.INT64)
+            idx = c.prepare_index_params()
+            idx.add_index(vec, index_type="FLAT", metric_type=metric)
+            idx.add_index("gen", index_type="INVERTED")
+            idx.add_index("doc", index_type="INVERTED")
+            return schema, idx
+
+        tok, idx = side("m3search ColBERT token vectors", "vec", "IP")
         tok.add_field("blk", DataType.INT32)
         tok.add_field("vec", self._vec_type, dim=self.block * s.colbert_dim)
-        idx = c.prepare_index_params()
-        idx.add_index("vec", index_type="FLAT", metric_type="IP")
-        idx.add_index("gen", index_type="INVERTED")
-        idx.add_index("doc", index_type="INVERTED")
         make(self.tokens, tok, idx, **extra)
 
-        txt = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search long texts")
-        txt.add_field("tid", DataType.INT64, is_primary=True)
-        txt.add_field("gen", DataType.INT64)
-        txt.add_field("doc", DataType.INT64)
+        txt, idx = side("m3search long texts", "v", "L2")
         txt.add_field("part", DataType.INT32)
         txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        idx = c.prepare_index_params()
-        idx.add_index("v", index_type="FLAT", metric_type="L2")
-        idx.add_index("gen", index_type="INVERTED")
-        idx.add_index("doc", index_type="INVERTED")
         make(self.texts, txt, idx, **extra)
 
         man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
@@ -1083,23 +1080,23 @@ class MilvusEngine(Engine):
         return 256 + ("dense" in vectors) * (4 * self.schema.dense_dim + 64) + ("sparse" in vectors) * 2048
 
     # -------------------------------------------------------------------- writes
-    def _token_rows(
-        self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray
-    ) -> list[dict]:
-        """Block rows of a batch: each window's tokens in blocks of ``self.block``, zero-padded."""
-        B, d = self.block, self.schema.colbert_dim
+    def _insert_tokens(self, batch: PointBatch, gens: np.ndarray, docs: np.ndarray) -> None:
+        """Each window's tokens (window j: generation ``gens[j]``, ``doc`` ``docs[j]``) as block rows of
+        ``self.block`` tokens, zero-padded, inserted in chunks."""
+        B, d, offsets = self.block, self.schema.colbert_dim, batch.colbert_offsets
         lens = np.diff(offsets)
         nblk = -(-lens // B)  # ceil
         blk_start = np.concatenate([[0], np.cumsum(nblk)])
         packed = np.zeros((int(blk_start[-1]) * B, d), dtype=self._vec_dtype)
         within = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lens)
-        packed[np.repeat(blk_start[:-1] * B, lens) + within] = colbert
+        packed[np.repeat(blk_start[:-1] * B, lens) + within] = batch.colbert
         packed = packed.reshape(-1, B * d)
         blk = (np.arange(int(blk_start[-1])) - np.repeat(blk_start[:-1], nblk)).tolist()
-        return [
+        rows = [
             {"gen": g, "doc": p, "blk": b, "vec": v}
-            for g, p, b, v in zip(np.repeat(gens, nblk).tolist(), np.repeat(doc_pks, nblk).tolist(), blk, packed)
+            for g, p, b, v in zip(np.repeat(gens, nblk).tolist(), np.repeat(docs, nblk).tolist(), blk, packed)
         ]
+        self._insert_chunked(self.tokens, rows, self._block_bytes)
 
     def _insert_chunked(self, coll: str, rows: list[dict], row_bytes: int) -> None:
         per = max(1, CHUNK_BYTES // row_bytes)
@@ -1245,11 +1242,7 @@ class MilvusEngine(Engine):
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
         try:
             # (1) token rows under fresh generations: invisible until a window row points at them
-            self._insert_chunked(
-                self.tokens,
-                self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
-                self._block_bytes,
-            )
+            self._insert_tokens(batch, gens, np.repeat(heads, counts))
             # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
             # request
             docs, sizes = self._rows(batch, heads, pks, gens)
@@ -1338,10 +1331,8 @@ class MilvusEngine(Engine):
         self._drop(keys, [t for t in rows if t["win"] < 0 and t["doc_id"] in heads])
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
-        """Long writes (module docstring): each piece's windows written as it comes (token rows first) under
-        the write's generation ``gen`` (0: one drawn here), then ONE request (the switch): window 0 (text,
-        metadata, every window's span, the generation's ``doc``) with tombstones over the rows of the version
-        stored then; then the tombstones and what they replaced removed."""
+        """Long writes, steps (0)-(3) of the module docstring, under the write's generation ``gen`` (0: one drawn
+        here): each piece's windows as it comes, then the switch, then the tombstones' removal."""
         if not self.window_rows:
             return super().upsert_long(pieces)
         gen = gen or int(self._new_gens(1)[0])
@@ -1358,11 +1349,7 @@ class MilvusEngine(Engine):
             pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
             self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
-            self._insert_chunked(
-                self.tokens,
-                self._token_rows(gens, np.full(n, key), piece.colbert_offsets, piece.colbert),
-                self._block_bytes,
-            )
+            self._insert_tokens(piece, gens, np.full(n, key))
             (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
@@ -1626,9 +1613,7 @@ class MilvusEngine(Engine):
 
     @staticmethod
     def _limit(k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        return int(min(k, MAX_RESULTS))
+        return min(check_int("k", k), MAX_RESULTS)
 
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
         """Top-k DOCUMENTS: Milvus's grouping search returns each group (``doc``: a document's slot) once, at
@@ -1718,8 +1703,6 @@ class MilvusEngine(Engine):
             raise ValueError(f"unknown mode(s) {bad}")
         ids = list(ids)
         docs = self._windows_of(ids, [], tuple(modes)) if ids and modes else [[] for _ in ids]
-        records: list[Record | None] = []
-        for rows in docs:
-            records += [self._record(r) for r in rows] or [None]
-        offsets = np.concatenate([[0], np.cumsum([max(1, len(rows)) for rows in docs])]).astype(np.int64)
+        records = [rec for rows in docs for rec in [self._record(r) for r in rows] or [None]]
+        offsets = np.cumsum([0] + [max(1, len(rows)) for rows in docs], dtype=np.int64)
         return WindowScores(offsets, score_records(records, query, modes))
