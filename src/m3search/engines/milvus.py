@@ -216,7 +216,7 @@ from m3search.errors import (
     EngineUnreachableError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
-from m3search.plan import MODES, check_options
+from m3search.plan import MODES, check_int, check_options
 
 # milvus-lite 2.5 imports pkg_resources, whose deprecation warning would end every command on a .db file
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -427,16 +427,9 @@ def _scalar(v: Any) -> str:
 
 
 def _kind(v: Any) -> str:
-    if v is None:
-        return "z"
-    if isinstance(v, bool):
-        return "b"
-    if isinstance(v, (int, float)):
-        return "n"
-    if isinstance(v, str):
-        return "s"
-    if isinstance(v, (list, tuple)):
-        return "l"
+    for kind, types in (("z", type(None)), ("b", bool), ("n", (int, float)), ("s", str), ("l", (list, tuple))):
+        if isinstance(v, types):
+            return kind
     return "o"
 
 
@@ -491,6 +484,12 @@ def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> li
 
 def _ints(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(int(x)) for x in xs) + "]"
+
+
+def _sparse_dict(m: sp.csr_matrix, i: int) -> dict[int, float]:
+    """Row ``i`` of a CSR matrix as pymilvus's sparse vector, ``{index: float32 value}``."""
+    a, b = m.indptr[i], m.indptr[i + 1]
+    return dict(zip(m.indices[a:b].tolist(), m.data[a:b].astype(np.float32).tolist()))
 
 
 class _ExprBuilder:
@@ -574,10 +573,6 @@ def to_milvus_expr(
     return _ExprBuilder(has_lists, allow_not).build(f)
 
 
-def _is_lite_lock_error(exc: BaseException) -> bool:
-    return "Open local milvus failed" in str(exc)
-
-
 # -------------------------------------------------------------------------- engine
 class MilvusEngine(Engine):
     """A collection in Milvus or Milvus Lite (layout and limits in the module docstring)."""
@@ -612,6 +607,7 @@ class MilvusEngine(Engine):
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         self._vec_dtype = np.float16 if schema.colbert_dtype == "float16" else np.float32
+        self._vec_type = DataType.FLOAT16_VECTOR if schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
         # tokens per block row; open() checks it against the stored vector width
         self.block = max(1, BLOCK_BYTES // (schema.colbert_dim * np.dtype(self._vec_dtype).itemsize))
         #: Whether rows are windows (``doc`` / ``win`` / ``spans`` fields); False for a collection created
@@ -666,7 +662,7 @@ class MilvusEngine(Engine):
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
-                    if _is_lite_lock_error(exc):  # a holder without our lock (an older m3search)
+                    if "Open local milvus failed" in str(exc):  # a holder without our lock (an older m3search)
                         raise in_use from None
                     raise
                 if fd is not None:
@@ -813,32 +809,28 @@ class MilvusEngine(Engine):
         idx.add_index("win", index_type="INVERTED")
         make(self.collection, main, idx, **extra)
 
-        tok = MilvusClient.create_schema(
-            auto_id=True, enable_dynamic_field=False, description="m3search ColBERT token vectors"
-        )
-        tok.add_field("tid", DataType.INT64, is_primary=True)
-        tok.add_field("gen", DataType.INT64)
-        tok.add_field("doc", DataType.INT64)
+        def side(about: str, vec: str, metric: str) -> tuple[Any, Any]:
+            """A companion collection's schema (``tid`` auto id, ``gen``, ``doc``; the caller adds the rest) and
+            indexes (its vector ``vec``: FLAT, never searched; ``gen`` and ``doc``: INVERTED)."""
+            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description=about)
+            schema.add_field("tid", DataType.INT64, is_primary=True)
+            schema.add_field("gen", DataType.INT64)
+            schema.add_field("doc", DataType.INT64)
+            idx = c.prepare_index_params()
+            idx.add_index(vec, index_type="FLAT", metric_type=metric)
+            idx.add_index("gen", index_type="INVERTED")
+            idx.add_index("doc", index_type="INVERTED")
+            return schema, idx
+
+        tok, idx = side("m3search ColBERT token vectors", "vec", "IP")
         tok.add_field("blk", DataType.INT32)
-        vtype = DataType.FLOAT16_VECTOR if s.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
-        tok.add_field("vec", vtype, dim=self.block * s.colbert_dim)
-        idx = c.prepare_index_params()
-        idx.add_index("vec", index_type="FLAT", metric_type="IP")
-        idx.add_index("gen", index_type="INVERTED")
-        idx.add_index("doc", index_type="INVERTED")
+        tok.add_field("vec", self._vec_type, dim=self.block * s.colbert_dim)
         make(self.tokens, tok, idx, **extra)
 
-        txt = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description="m3search long texts")
-        txt.add_field("tid", DataType.INT64, is_primary=True)
-        txt.add_field("gen", DataType.INT64)
-        txt.add_field("doc", DataType.INT64)
+        txt, idx = side("m3search long texts", "v", "L2")
         txt.add_field("part", DataType.INT32)
         txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        idx = c.prepare_index_params()
-        idx.add_index("v", index_type="FLAT", metric_type="L2")
-        idx.add_index("gen", index_type="INVERTED")
-        idx.add_index("doc", index_type="INVERTED")
         make(self.texts, txt, idx, **extra)
 
         man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
@@ -875,10 +867,9 @@ class MilvusEngine(Engine):
     def _check_layout(self) -> None:
         """Refuse a collection whose fields do not match the manifest's schema."""
         want = {"dense": (DataType.FLOAT_VECTOR, self.schema.dense_dim), "sparse": (DataType.SPARSE_FLOAT_VECTOR, None)}
-        vtype = DataType.FLOAT16_VECTOR if self.schema.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
         for coll, fields in (
             (self.collection, want),
-            (self.tokens, {"vec": (vtype, self.block * self.schema.colbert_dim)}),
+            (self.tokens, {"vec": (self._vec_type, self.block * self.schema.colbert_dim)}),
         ):
             if not self.client.has_collection(coll, timeout=self.timeout):
                 raise ValueError(
@@ -996,15 +987,12 @@ class MilvusEngine(Engine):
     def _heads(self, ids: Sequence[str], fields: list[str], row_bytes: int = 64) -> dict[str, dict]:
         """The stored heads of the documents, by id (a head under a colliding key is another's: left out), each
         with ``doc`` and ``win`` (rows written before windows: their own key, 0)."""
-        wanted = set(ids)
+        wanted, more = set(ids), ["doc", "win"] if self.window_rows else ["pk"]
+        fields = list(dict.fromkeys([*(f for f in fields if f in self._fields), *more]))
+        rows = self._rows_by_pk([_pk(i) for i in wanted], fields, row_bytes)
         if not self.window_rows:
-            rows = self._rows_by_pk(
-                [_pk(i) for i in wanted], [f for f in fields if f in self._fields] + ["pk"], row_bytes
-            )
             for r in rows:
                 r["doc"], r["win"] = r["pk"], 0
-        else:
-            rows = self._rows_by_pk([_pk(i) for i in wanted], list(dict.fromkeys([*fields, "doc", "win"])), row_bytes)
         return {r["doc_id"]: r for r in rows if r["doc_id"] in wanted}
 
     def _where(self, expr: str, rows: str) -> str:
@@ -1063,8 +1051,6 @@ class MilvusEngine(Engine):
         todo = list(dict.fromkeys(ids))
         for _ in range(READ_TRIES):
             heads, rows = self._versions(todo, want, row_bytes, windows)
-            wins = {h["doc"]: range(1, len(h.get("spans") or [])) for h in heads.values()}
-            wins = {k: [w for w in ws if windows is None or w in windows] for k, ws in wins.items()}
             again = []
             for i in todo:
                 head = heads.get(i)
@@ -1072,8 +1058,9 @@ class MilvusEngine(Engine):
                     found[i] = []
                     continue
                 got = rows.get(head["doc"], {})
-                found[i] = [head] * (windows is None or 0 in windows) + [got[w] for w in wins[head["doc"]] if w in got]
-                if any(w not in got for w in wins[head["doc"]]):
+                wins = [w for w in range(1, len(head.get("spans") or [])) if windows is None or w in windows]
+                found[i] = [head] * (windows is None or 0 in windows) + [got[w] for w in wins if w in got]
+                if any(w not in got for w in wins):
                     again.append(i)
             if not again:
                 break
@@ -1092,31 +1079,26 @@ class MilvusEngine(Engine):
         return np.array([max(1, len(heads[i].get("spans") or [])) if i in heads else 0 for i in ids], dtype=np.int64)
 
     def _row_bytes(self, vectors: Sequence[str]) -> int:
-        b = 256
-        if "dense" in vectors:
-            b += 4 * self.schema.dense_dim + 64
-        if "sparse" in vectors:
-            b += 2048
-        return b
+        return 256 + ("dense" in vectors) * (4 * self.schema.dense_dim + 64) + ("sparse" in vectors) * 2048
 
     # -------------------------------------------------------------------- writes
-    def _token_rows(
-        self, gens: np.ndarray, doc_pks: np.ndarray, offsets: np.ndarray, colbert: np.ndarray
-    ) -> list[dict]:
-        """Block rows of a batch: each window's tokens in blocks of ``self.block``, zero-padded."""
-        B, d = self.block, self.schema.colbert_dim
+    def _insert_tokens(self, batch: PointBatch, gens: np.ndarray, docs: np.ndarray) -> None:
+        """Each window's tokens (window j: generation ``gens[j]``, ``doc`` ``docs[j]``) as block rows of
+        ``self.block`` tokens, zero-padded, inserted in chunks."""
+        B, d, offsets = self.block, self.schema.colbert_dim, batch.colbert_offsets
         lens = np.diff(offsets)
         nblk = -(-lens // B)  # ceil
         blk_start = np.concatenate([[0], np.cumsum(nblk)])
         packed = np.zeros((int(blk_start[-1]) * B, d), dtype=self._vec_dtype)
         within = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lens)
-        packed[np.repeat(blk_start[:-1] * B, lens) + within] = colbert
+        packed[np.repeat(blk_start[:-1] * B, lens) + within] = batch.colbert
         packed = packed.reshape(-1, B * d)
         blk = (np.arange(int(blk_start[-1])) - np.repeat(blk_start[:-1], nblk)).tolist()
-        return [
+        rows = [
             {"gen": g, "doc": p, "blk": b, "vec": v}
-            for g, p, b, v in zip(np.repeat(gens, nblk).tolist(), np.repeat(doc_pks, nblk).tolist(), blk, packed)
+            for g, p, b, v in zip(np.repeat(gens, nblk).tolist(), np.repeat(docs, nblk).tolist(), blk, packed)
         ]
+        self._insert_chunked(self.tokens, rows, self._block_bytes)
 
     def _insert_chunked(self, coll: str, rows: list[dict], row_bytes: int) -> None:
         per = max(1, CHUNK_BYTES // row_bytes)
@@ -1185,28 +1167,24 @@ class MilvusEngine(Engine):
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         docs, sizes, text_rows = [], [], []
         for i, doc_id in enumerate(batch.ids):
-            meta = batch.metadata[i] or {}
+            meta, lo, hi = batch.metadata[i] or {}, int(wo[i]), int(wo[i + 1])
             parts = _text_parts(batch.texts[i]) if first == 0 else [""]
             if len(parts) > 1:  # the text goes to NAME_text, under the head window's generation
                 text_rows += [
                     {"gen": int(gens[wo[i]]), "doc": int(heads[i]), "part": c, "text": t, "v": [0.0, 0.0]}
                     for c, t in enumerate(parts)
                 ]
-            kinds, spans = metadata_kinds(meta), batch.recorded_spans(i) or []
-            rows, size = [], 0
-            meta_bytes = len(json.dumps(meta)) * 2
-            for j in range(int(wo[i]), int(wo[i + 1])):
-                a, b = sparse.indptr[j], sparse.indptr[j + 1]
-                w = first + j - int(wo[i])
-                text = parts[0] if w == 0 and len(parts) == 1 else ""
+            kinds, spans, rows = metadata_kinds(meta), batch.recorded_spans(i) or [], []
+            for j in range(lo, hi):
+                w = first + j - lo
                 row = {
                     "pk": int(pks[j]),
                     "doc_id": doc_id,
-                    "text": text,
+                    "text": parts[0] if w == 0 and len(parts) == 1 else "",
                     "meta": meta,
                     "kinds": kinds,
                     "dense": dense[j],
-                    "sparse": dict(zip(sparse.indices[a:b].tolist(), sparse.data[a:b].astype(np.float32).tolist())),
+                    "sparse": _sparse_dict(sparse, j),
                     "gen": int(gens[j]),
                     "ntok": int(co[j + 1] - co[j]),
                 }
@@ -1214,32 +1192,24 @@ class MilvusEngine(Engine):
                     row.update(doc=int(heads[i]), win=w, spans=spans if w == 0 else [])
                     row["tparts"] = len(parts) if w == 0 and len(parts) > 1 else 0
                 rows.append(row)
-                size += 2 * len(text) + 4 * dense.shape[1] + 12 * int(b - a) + meta_bytes + 256
             docs.append(rows)
-            sizes.append(size + 16 * len(spans))
+            sizes.append(self._bytes(rows, int(sparse.indptr[hi] - sparse.indptr[lo])) + 16 * len(spans))
         if text_rows:
             self._insert_chunked(self.texts, text_rows, TEXT_MAX_BYTES + 64)
         return docs, sizes
+
+    def _bytes(self, rows: list[dict], nnz: int) -> int:
+        """About the request bytes of window rows of one document (``nnz``: their sparse entries)."""
+        per_row = 4 * self.schema.dense_dim + 2 * len(json.dumps(rows[0]["meta"])) + 256
+        return sum(2 * len(r["text"]) for r in rows) + len(rows) * per_row + 12 * nnz
 
     def _tombstone(self, doc_id: str, pk: int, gen: int) -> dict:
         """A row over a replaced row (key ``pk``; ``gen``: what goes with it, :meth:`_drop`): no query returns it
         (``win`` -1, zero vectors), no count or get reads it, and its ``doc`` is the head's key, so a document's
         tombstones are found by one query."""
-        return {
-            "pk": int(pk),
-            "doc": _pk(doc_id),
-            "win": -1,
-            "doc_id": doc_id,
-            "text": "",
-            "meta": {},
-            "kinds": {},
-            "spans": [],
-            "tparts": 0,
-            "dense": np.zeros(self.schema.dense_dim, dtype=np.float32),
-            "sparse": {},
-            "gen": int(gen),
-            "ntok": 0,
-        }
+        blank = {"win": -1, "text": "", "meta": {}, "kinds": {}, "spans": [], "tparts": 0, "sparse": {}, "ntok": 0}
+        dense = np.zeros(self.schema.dense_dim, dtype=np.float32)
+        return {**blank, "pk": int(pk), "doc": _pk(doc_id), "doc_id": doc_id, "dense": dense, "gen": int(gen)}
 
     @property
     def _tombstone_bytes(self) -> int:
@@ -1274,11 +1244,7 @@ class MilvusEngine(Engine):
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
         try:
             # (1) token rows under fresh generations: invisible until a window row points at them
-            self._insert_chunked(
-                self.tokens,
-                self._token_rows(gens, np.repeat(heads, counts), batch.colbert_offsets, batch.colbert),
-                self._block_bytes,
-            )
+            self._insert_tokens(batch, gens, np.repeat(heads, counts))
             # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
             # request
             docs, sizes = self._rows(batch, heads, pks, gens)
@@ -1337,19 +1303,6 @@ class MilvusEngine(Engine):
             )
         return rows[0] if rows else None
 
-    def _heads_and_tombstones(self, ids: Sequence[str]) -> tuple[dict[str, dict], list[dict]]:
-        """The documents' heads (``doc``: the version each names), by id, and their tombstones (``pk``, ``gen``;
-        those of a write stopped before its removal among them), in one read."""
-        wanted = set(ids)
-        rows = self._rows_where(
-            [_pk(i) for i in wanted],
-            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
-            ["pk", "doc_id", "doc", "win", "gen"],
-            self.max_windows + 1,
-        )
-        heads = {r["doc_id"]: r for r in rows if r["win"] >= 0 and r["doc_id"] in wanted}  # (not a colliding key's)
-        return heads, [r for r in rows if r["win"] < 0]
-
     @staticmethod
     def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
         """Per document, the ``doc`` values that the stopped long writes ``gens`` wrote, and slots 1 and 2."""
@@ -1368,15 +1321,20 @@ class MilvusEngine(Engine):
         with the token and text rows of what they replaced (stopped after it: step 3 of ``upsert_long``)."""
         if not self.window_rows or not ids:
             return
-        heads, tombs = self._heads_and_tombstones(ids)
+        wanted = set(ids)
+        rows = self._rows_where(  # the heads (the version each names) and tombstones, in one read
+            [_pk(i) for i in wanted],
+            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
+            ["pk", "doc_id", "doc", "win", "gen"],
+            self.max_windows + 1,
+        )
+        heads = {r["doc_id"]: r for r in rows if r["win"] >= 0 and r["doc_id"] in wanted}  # (not a colliding key's)
         keys = [k for i, ks in self._stray_keys(list(heads), gens).items() for k in ks if k != heads[i]["doc"]]
-        self._drop(keys, [t for t in tombs if t["doc_id"] in heads])
+        self._drop(keys, [t for t in rows if t["win"] < 0 and t["doc_id"] in heads])
 
     def upsert_long(self, pieces: Iterable[PointBatch], gen: int = 0) -> None:
-        """Long writes (module docstring): each piece's windows written as it comes (token rows first) under
-        the write's generation ``gen`` (0: one drawn here), then ONE request (the switch): window 0 (text,
-        metadata, every window's span, the generation's ``doc``) with tombstones over the rows of the version
-        stored then; then the tombstones and what they replaced removed."""
+        """Long writes, steps (0)-(3) of the module docstring, under the write's generation ``gen`` (0: one drawn
+        here): each piece's windows as it comes, then the switch, then the tombstones' removal."""
         if not self.window_rows:
             return super().upsert_long(pieces)
         gen = gen or int(self._new_gens(1)[0])
@@ -1393,16 +1351,11 @@ class MilvusEngine(Engine):
             pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
             self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
-            self._insert_chunked(
-                self.tokens,
-                self._token_rows(gens, np.full(n, key), piece.colbert_offsets, piece.colbert),
-                self._block_bytes,
-            )
+            self._insert_tokens(piece, gens, np.full(n, key))
             (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
-                meta_bytes = 2 * len(json.dumps(head["meta"]))
-                head_size = 2 * len(head["text"]) + 4 * len(head["dense"]) + 12 * len(head["sparse"]) + meta_bytes + 256
+                head_size = self._bytes([head], len(head["sparse"]))
             spans += piece.doc_spans(0)
             per = max(1, len(rows) * self.max_request_bytes // max(size, 1))  # windows may go in several requests
             for a in range(0, len(rows), per):
@@ -1448,11 +1401,7 @@ class MilvusEngine(Engine):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         if not ids:
             return
-        fields = [
-            f
-            for f in ("pk", "doc_id", "text", "dense", "sparse", "gen", "ntok", "doc", "win", "spans", "tparts")
-            if f in self._fields
-        ]
+        fields = [f for f in self._fields if f not in ("meta", "kinds")]
         docs = self._windows_of(ids, fields, ("dense", "sparse"), whole_text=False)
         out = []
         for doc_id, meta, rows in zip(ids, metadata, docs):
@@ -1522,12 +1471,8 @@ class MilvusEngine(Engine):
         per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
         parts = {}
         for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
-            parts.update(
-                {
-                    (r["gen"], r["part"]): r["text"]
-                    for r in self._query(self.texts, expr, ["gen", "part", "text"], limit)
-                }
-            )
+            for r in self._query(self.texts, expr, ["gen", "part", "text"], limit):
+                parts[(r["gen"], r["part"])] = r["text"]
         for r in heads:
             r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
@@ -1548,19 +1493,17 @@ class MilvusEngine(Engine):
         else:
             with ThreadPoolExecutor(min(READ_THREADS, len(reads))) as pool:
                 pages = list(pool.map(lambda r: self._query(self.tokens, r[0], fields, r[1]), reads))
-        got_gen = [r["gen"] for page in pages for r in page]
-        got_blk = [r["blk"] for page in pages for r in page]
-        got_vec = [r["vec"] for page in pages for r in page]
+        got = [r for page in pages for r in page]
         order_of = {g: j for j, g in enumerate(gens)}
-        doc = np.array([order_of[g] for g in got_gen], dtype=np.int64)
-        order = np.lexsort((np.asarray(got_blk, dtype=np.int64), doc))
+        doc = np.array([order_of[r["gen"]] for r in got], dtype=np.int64)
+        order = np.lexsort((np.array([r["blk"] for r in got], dtype=np.int64), doc))
         counts = np.bincount(doc, minlength=len(gens))
         if not np.array_equal(counts, np.asarray(nblk)):
             bad = [int(g) for g, c, t in zip(gens, counts, nblk) if c != t]
             raise RuntimeError(
                 f"Milvus collection {self.collection!r}: ColBERT blocks missing for generations {bad[:5]}"
             )
-        blocks = self._decode_vectors([got_vec[i] for i in order]).reshape(-1, d)  # (sum blocks * B, d)
+        blocks = self._decode_vectors([got[i]["vec"] for i in order]).reshape(-1, d)  # (sum blocks * B, d)
         starts = np.concatenate([[0], np.cumsum(nblk)])[:-1] * B
         return [blocks[s : s + int(t)] for s, t in zip(starts, ntoks)]
 
@@ -1595,15 +1538,8 @@ class MilvusEngine(Engine):
         return rec
 
     def _head_fields(self, vectors: Sequence[str]) -> list[str]:
-        return [
-            "doc_id",
-            "text",
-            "meta",
-            "gen",
-            "ntok",
-            *(["spans", "tparts"] if self.window_rows else []),
-            *[v for v in ("dense", "sparse") if v in vectors],
-        ]
+        spans = ["spans", "tparts"] if self.window_rows else []
+        return ["doc_id", "text", "meta", "gen", "ntok", *spans, *[v for v in ("dense", "sparse") if v in vectors]]
 
     def get(self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = False) -> list[Record | None]:
         """Documents (window 0's row: text, metadata, every window's span; vectors of window 0)."""
@@ -1669,23 +1605,17 @@ class MilvusEngine(Engine):
 
     # ------------------------------------------------------------------- queries
     def _has_lists(self, field: str) -> bool:
-        rows = self.client.query(
-            self.collection,
-            filter=f'kinds[{_lit(field, "field name")}] == "l"',
-            output_fields=["pk"],
-            limit=1,
-            timeout=self.timeout,
+        expr = f'kinds[{_lit(field, "field name")}] == "l"'
+        return bool(
+            self.client.query(self.collection, filter=expr, output_fields=["pk"], limit=1, timeout=self.timeout)
         )
-        return bool(rows)
 
     def _expr(self, filter: Filter | None) -> str:
         return to_milvus_expr(filter, self._has_lists, allow_not=not self.lite)
 
     @staticmethod
     def _limit(k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        return int(min(k, MAX_RESULTS))
+        return min(check_int("k", k), MAX_RESULTS)
 
     def _search(self, data: list, field: str, k: int, expr: str, params: dict) -> list[Hits]:
         """Top-k DOCUMENTS: Milvus's grouping search returns each group (``doc``: a document's slot) once, at
@@ -1727,27 +1657,20 @@ class MilvusEngine(Engine):
         over) or past its window count (a longer version's, written after the last write read the document),
         with the keys of the latter: a head is its document's own; a window past it costs one read of its head
         (all of them at once)."""
-        hits = [
-            [
-                (
-                    h["entity"]["doc_id"],
-                    float(h["distance"]),
-                    h["entity"].get("doc"),
-                    h["entity"].get("win", 0),
-                    h["id"],
-                )
-                for h in r
-            ]
-            for r in results
-        ]
-        asked = sorted({i for r in hits for i, _, _, win, _ in r if win})
-        named = {
-            (i, h["doc"]): max(1, len(h.get("spans") or [])) for i, h in self._heads(asked, ["doc_id", "spans"]).items()
-        }
+        asked = sorted({h["entity"]["doc_id"] for r in results for h in r if h["entity"].get("win", 0)})
+        heads = self._heads(asked, ["doc_id", "spans"])
+        named = {(i, h["doc"]): max(1, len(h.get("spans") or [])) for i, h in heads.items()}
         out = []
-        for r in hits:
-            past = {pk for i, _, doc, win, pk in r if win >= named.get((i, doc), win + 1)}
-            out.append(([(i, d) for i, d, doc, win, _ in r if not win or win < named.get((i, doc), 0)], past))
+        for r in results:
+            kept, past = [], set()
+            for h in r:
+                e, win = h["entity"], h["entity"].get("win", 0)
+                n = named.get((e["doc_id"], e.get("doc")))
+                if not win or (n is not None and win < n):
+                    kept.append((e["doc_id"], float(h["distance"])))
+                elif n is not None:
+                    past.add(h["id"])
+            out.append((kept, past))
         return out
 
     def search_dense(self, q: np.ndarray, k: int, filter: Filter | None = None, *, exact: bool = False) -> list[Hits]:
@@ -1765,17 +1688,10 @@ class MilvusEngine(Engine):
         rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
         if not rows:
             return out
-        data = [
-            dict(
-                zip(
-                    q.indices[q.indptr[i] : q.indptr[i + 1]].tolist(),
-                    q.data[q.indptr[i] : q.indptr[i + 1]].astype(np.float32).tolist(),
-                )
-            )
-            for i in rows
-        ]
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        for i, hits in zip(rows, self._search(data, "sparse", k, self._expr(filter), params)):
+        for i, hits in zip(
+            rows, self._search([_sparse_dict(q, i) for i in rows], "sparse", k, self._expr(filter), params)
+        ):
             out[i] = hits
         return out
 
@@ -1789,8 +1705,6 @@ class MilvusEngine(Engine):
             raise ValueError(f"unknown mode(s) {bad}")
         ids = list(ids)
         docs = self._windows_of(ids, [], tuple(modes)) if ids and modes else [[] for _ in ids]
-        records: list[Record | None] = []
-        for rows in docs:
-            records += [self._record(r) for r in rows] or [None]
-        offsets = np.concatenate([[0], np.cumsum([max(1, len(rows)) for rows in docs])]).astype(np.int64)
+        records = [rec for rows in docs for rec in [self._record(r) for r in rows] or [None]]
+        offsets = np.cumsum([0] + [max(1, len(rows)) for rows in docs], dtype=np.int64)
         return WindowScores(offsets, score_records(records, query, modes))
