@@ -1311,6 +1311,51 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unreadable_parts(tmp_path, tiny
         col.close()
 
 
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
+@pytest.mark.parametrize("real", [True, False], ids=["setpriv", "simulated"])
+def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writing(
+    tmp_path, tiny_encoder, tiny_model_path, monkeypatch, engine, real
+):
+    """A create in a folder this process may not write (mode 555: here the one its collection's folder or file
+    would be made in) was a bare PermissionError on Qdrant Edge, and on Milvus Lite and qdrant-client local mode
+    said the collection "cannot be opened ... copy the file/folder", of one not there yet. Now the one
+    CollectionReadOnlyError on every embedded engine, naming the folder and saying nothing was created, refused
+    before anything is written (simulated: where root could write, the folder is still empty)."""
+    from helpers import deny_opening
+
+    from m3search.errors import CollectionReadOnlyError
+
+    needs(engine)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    loc = location(engine, parent)
+    if real:
+        code = textwrap.dedent(
+            """
+            import sys
+            from m3search import Collection
+            try:
+                Collection.create(sys.argv[1], model=sys.argv[2], dtype="float32").close()
+                print("RESULT created")
+            except Exception as exc:
+                print("RESULT", f"{type(exc).__name__}: {exc}")
+            """
+        )
+        parent.chmod(0o555)
+        try:
+            got = _as_a_user_permissions_stop(code, loc, str(tiny_model_path))
+        finally:
+            parent.chmod(0o755)
+    else:
+        with monkeypatch.context() as patched, pytest.raises(CollectionReadOnlyError) as raised:
+            deny_opening(patched, parent, writing=True)
+            Collection.create(loc, model=tiny_encoder)
+        got = f"{type(raised.value).__name__}: {raised.value}"
+    said = f"cannot create a collection at {loc}: this process may not write in the folder {parent} (Permission denied)"
+    assert got.startswith(f"CollectionReadOnlyError: {said}; nothing was created: "), got
+    assert list(parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     needs(engine)

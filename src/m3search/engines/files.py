@@ -25,6 +25,7 @@ __all__ = [
     "has_file",
     "lock_exclusive",
     "readable",
+    "refuse_uncreatable",
     "refuse_unreadable",
     "temporary",
     "remove_dead_temporaries",
@@ -115,6 +116,28 @@ def refuse_unreadable(location: str | os.PathLike, path: Path, outcome: str = _U
 #: The system's "this process may not write here" (permissions, a read-only mount); an engine's Rust errors carry
 #: it as "(os error N)".
 _CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _cannot_write(path: str | os.PathLike) -> str:
+    """Why this process may not write ``path``, in the system's words: a read-only mount, else permissions."""
+    return os.strerror(errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES)
+
+
+def refuse_uncreatable(location: str | os.PathLike, path: Path) -> None:
+    """:class:`~m3search.errors.CollectionReadOnlyError` unless this process may write in ``path``, the folder a new
+    collection at ``location`` is made in (or, where it is missing, the nearest folder above it, where it would be
+    made). Checked before anything is written, so a refused create leaves nothing behind: the first write's own
+    failure was a bare PermissionError (Qdrant Edge's mkdir), or said "cannot be opened ... copy the folder" of a
+    collection not yet there (Milvus Lite's and qdrant-client's lock files)."""
+    path = path.absolute()
+    folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        from m3search.errors import CollectionReadOnlyError
+
+        raise CollectionReadOnlyError(
+            f"cannot create a collection at {location}: this process may not write in the folder {folder} "
+            f"({_cannot_write(folder)}); nothing was created: choose a folder it may write, or give it write access"
+        )
 
 
 @contextlib.contextmanager

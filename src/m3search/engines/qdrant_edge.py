@@ -62,6 +62,7 @@ from m3search.engines.files import (
     has_file,
     lock_exclusive,
     readable,
+    refuse_uncreatable,
     refuse_unreadable,
     remove_dead_temporaries,
     walk,
@@ -366,6 +367,7 @@ class QdrantEdgeEngine(QdrantEngine):
         with readable(root):  # a folder this process may not list may hold anything: never created over
             if root.is_dir() and not all(leftover(p.name) for p in root.iterdir()):
                 raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
+        refuse_uncreatable(root, root)
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:
