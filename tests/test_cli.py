@@ -1332,6 +1332,32 @@ def test_a_collection_this_process_may_not_read_is_said_to_be_so_by_every_comman
     assert one_json(cli("info", "--collection", str(indexed), "--json"))["count"] == N_DOCS
 
 
+def test_index_and_migrate_into_a_folder_this_process_may_not_write_say_so(
+    indexed, corpus, tmp_path, tiny_model_path, monkeypatch
+):
+    """`index` and `migrate` to a new collection in a folder this process may not write said "Error: [Errno 13]
+    Permission denied: 'DIR/c'" (Qdrant Edge), or that the collection "cannot be opened ... copy the file" (Milvus
+    Lite): now one line naming the folder, saying nothing was created, exit 1; the folder stays empty (simulated:
+    these tests may run as root, whom permissions do not stop; tests/test_engines.py has the real denial)."""
+    import importlib.util
+
+    from helpers import deny_opening
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    runs = [["index", str(corpus), "-m", str(tiny_model_path), "-c"], ["migrate", str(indexed)]]
+    ends = [parent / "c"] + ([parent / "c.db"] if importlib.util.find_spec("milvus_lite") else [])
+    with monkeypatch.context() as patched:
+        deny_opening(patched, parent, writing=True)
+        for args, end in ((args, end) for args in runs for end in ends):
+            extra = ["--colbert-dtype", "float16"] if args[0] == "migrate" and end.suffix else []  # Lite's layout
+            got = _invoke(*args, str(end), *extra)
+            said = f"Error: cannot create a collection at {end}: this process may not write in the folder {parent} "
+            assert got.exit_code == 1 and got.output.startswith(said), (args, got.output)
+            assert "nothing was created" in got.output and got.output.count("\n") == 1, got.output
+    assert list(parent.iterdir()) == []
+
+
 def _run_into(stdout, *args: str, env: dict | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
     """The console script with its standard output on ``stdout`` (a file object or descriptor), stderr captured."""
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]

@@ -1247,46 +1247,69 @@ def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
         assert col.get(["a"])[0].text == "kept text"
 
 
-def test_a_qdrant_edge_part_made_unreadable_after_open_is_said_to_be_so(tmp_path, tiny_encoder):
-    """A shard file this process may no longer read once the collection is open (another user's ``chmod``) failed
-    the next flush with Qdrant's bare Exception, "Service runtime error: Failed to flush id_tracker mapping: ...
-    Permission denied (os error 13)" (the probe ran only when a load failed). Now CollectionUnreadableError naming
-    the file; the collection opens afterwards with its document."""
+#: What the probe says of a flush that failed on a shard part this process may not use (``_LEFT`` in qdrant_edge.py).
+_FLUSH_FAILED = (
+    "Qdrant Edge's flush failed, not the writes before it: they are stored in its write-ahead log, and the "
+    "collection has them when opened again where this process may write"
+)
+
+
+@pytest.mark.parametrize(
+    "parts, mode, said",
+    [
+        ("segments/*/mutable_id_tracker.mappings", 0o000, "CollectionUnreadableError: {} cannot be read: Permission denied ({})"),
+        ("segments/*/mutable_id_tracker.mappings", 0o444, "CollectionReadOnlyError: {} cannot be written: this process may not write {} (Permission denied)"),
+        ("segments/*", 0o555, "CollectionReadOnlyError: {} cannot be written: this process may not write {} (Permission denied)"),
+    ],
+    ids=["unreadable-file", "read-only-file", "read-only-folder"],
+)  # fmt: skip
+def test_a_qdrant_edge_part_made_unusable_after_open_is_said_to_be_so(tmp_path, tiny_encoder, parts, mode, said):
+    """A shard part this process may no longer read, or write (mode 444 / a folder's 555), once the collection is
+    open (another user's ``chmod``) failed the flush that ends ``add`` with Qdrant's bare Exception, "Service runtime
+    error: Failed to flush id_tracker mapping: ... Permission denied (os error 13)" (the probe ran only when a load
+    failed, then looked for unreadable parts only), though the add's document was stored. Now the unreadable or
+    read-only collection's error naming the part and saying the writes before the flush are stored, the close's
+    failing flush alike; opened again once the part is usable, the collection has the document."""
     loc = tmp_path / "col"
     with Collection.create(loc, model=tiny_encoder) as col:
         col.add(["kept text"], ids=["a"])
-    denied = sorted(map(str, loc.glob("shard/segments/*/mutable_id_tracker.mappings")))
+    denied = sorted(map(str, loc.glob(f"shard/{parts}")))
     code = textwrap.dedent(
         """
         import os, sys
         from m3search import Collection
         col = Collection.open(sys.argv[1])
-        for path in sys.argv[2:]:
-            os.chmod(path, 0)
+        kept = {path: os.stat(path).st_mode for path in sys.argv[3:]}
+        for path in kept:
+            os.chmod(path, int(sys.argv[2], 8))
         try:
-            col.add(["new text"], ids=["b"])
-            print("RESULT added")
-        except Exception as exc:
-            print("RESULT", f"{type(exc).__name__}: {exc}")
+            for call in (lambda: col.add(["new text"], ids=["b"]), col.close):
+                try:
+                    call()
+                    print("RESULT done")
+                except Exception as exc:
+                    print("RESULT", f"{type(exc).__name__}: {exc}")
         finally:
-            for path in sys.argv[2:]:
-                os.chmod(path, 0o644)
-            col.close()
+            for path, mode in kept.items():
+                os.chmod(path, mode)
         """
     )
-    got = _as_a_user_permissions_stop(code, str(loc), *denied)
-    said = re.match(rf"CollectionUnreadableError: collection at {re.escape(str(loc))} cannot be read: .*\((.*)\)", got)
-    assert said and said.group(1) in denied, got
+    got = _as_a_user_permissions_stop(code, str(loc), oct(mode), *denied).split("\nRESULT ")
+    assert len(got) == 2, got
+    for outcome in got:  # add's flush, then close's
+        assert any(outcome.startswith(said.format(f"collection at {loc}", path)) for path in denied), got
+        assert outcome.split("; ", 1)[1].startswith(_FLUSH_FAILED), got
     with Collection.open(loc) as col:
-        assert col.get(["a"])[0].text == "kept text"
+        assert [r.text for r in col.get(["a", "b"])] == ["kept text", "new text"]
 
 
-def test_a_failed_qdrant_edge_call_is_probed_for_unreadable_parts(tmp_path, tiny_encoder, monkeypatch):
+def test_a_failed_qdrant_edge_call_is_probed_for_unusable_parts(tmp_path, tiny_encoder, monkeypatch):
     """The probe of a failed call on an open Qdrant Edge collection (simulated, where setpriv is not at hand): a
-    part this process may not read is named; with none, Qdrant's own error goes on unchanged."""
+    part this process may not read is named, and for a call that writes one it may not write; with none (a read
+    beside a read-only part too), Qdrant's own error goes on unchanged."""
     from helpers import deny_opening
 
-    from m3search.errors import CollectionUnreadableError
+    from m3search.errors import CollectionReadOnlyError, CollectionUnreadableError
 
     col = Collection.create(tmp_path / "col", model=tiny_encoder)
     try:
@@ -1294,8 +1317,11 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unreadable_parts(tmp_path, tiny
         engine = col.engine
 
         class Failing:
-            def optimize(self):
-                raise Exception("Service runtime error: ... Permission denied (os error 13)")
+            def __getattr__(self, name):
+                def call(*args, **kwargs):
+                    raise Exception(f"Service runtime error: {name} ... Permission denied (os error 13)")
+
+                return call
 
         monkeypatch.setattr(engine, "_shard", Failing())
         with pytest.raises(Exception, match=re.escape("Permission denied (os error 13)")) as raised:
@@ -1306,9 +1332,61 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unreadable_parts(tmp_path, tiny
             deny_opening(patched, denied)
             with pytest.raises(CollectionUnreadableError, match=re.escape(f"Permission denied ({denied})")):
                 engine.optimize()
+        with monkeypatch.context() as patched:
+            deny_opening(patched, denied, writing=True)
+            with pytest.raises(CollectionReadOnlyError, match=re.escape(f"may not write {denied} (Permission denied)")):
+                engine.optimize()
+            with pytest.raises(Exception, match=re.escape("count ... Permission denied")) as raised:
+                engine.count()
+            assert type(raised.value) is Exception  # a read: not a read-only part's doing
     finally:
         monkeypatch.undo()
         col.close()
+
+
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
+@pytest.mark.parametrize("real", [True, False], ids=["setpriv", "simulated"])
+def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writing(
+    tmp_path, tiny_encoder, tiny_model_path, monkeypatch, engine, real
+):
+    """A create in a folder this process may not write (mode 555: here the one its collection's folder or file
+    would be made in) was a bare PermissionError on Qdrant Edge, and on Milvus Lite and qdrant-client local mode
+    said the collection "cannot be opened ... copy the file/folder", of one not there yet. Now the one
+    CollectionReadOnlyError on every embedded engine, naming the folder and saying nothing was created, refused
+    before anything is written (simulated: where root could write, the folder is still empty)."""
+    from helpers import deny_opening
+
+    from m3search.errors import CollectionReadOnlyError
+
+    needs(engine)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    loc = location(engine, parent)
+    if real:
+        code = textwrap.dedent(
+            """
+            import sys
+            from m3search import Collection
+            try:
+                Collection.create(sys.argv[1], model=sys.argv[2], dtype="float32").close()
+                print("RESULT created")
+            except Exception as exc:
+                print("RESULT", f"{type(exc).__name__}: {exc}")
+            """
+        )
+        parent.chmod(0o555)
+        try:
+            got = _as_a_user_permissions_stop(code, loc, str(tiny_model_path))
+        finally:
+            parent.chmod(0o755)
+    else:
+        with monkeypatch.context() as patched, pytest.raises(CollectionReadOnlyError) as raised:
+            deny_opening(patched, parent, writing=True)
+            Collection.create(loc, model=tiny_encoder)
+        got = f"{type(raised.value).__name__}: {raised.value}"
+    said = f"cannot create a collection at {loc}: this process may not write in the folder {parent} (Permission denied)"
+    assert got.startswith(f"CollectionReadOnlyError: {said}; nothing was created: "), got
+    assert list(parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])

@@ -26,6 +26,7 @@ from m3search import Collection  # noqa: E402
 from m3search.batching import INTERACTIVE, Batcher, QueueFull, RequestTimeout  # noqa: E402
 from m3search.errors import (  # noqa: E402
     CollectionInUseError,
+    CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
     IngestInterrupted,
@@ -82,6 +83,7 @@ def test_typed_errors_are_mapped_in_one_place():
         UnknownIdError: 404,
         InsufficientStorageError: 507,
         CollectionUnreadableError: 500,
+        CollectionReadOnlyError: 500,
     }
     # the typed errors stay the built-in kinds older callers catch
     assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
@@ -164,8 +166,8 @@ REQUESTS = {
 }
 #: What each collection method the server calls may raise (the library's typed errors, and a search's deadline).
 FAULTS = {
-    "add": (DuplicateIdError, WriteConflictError, IngestInterrupted, InsufficientStorageError),
-    "delete": (WriteConflictError, InsufficientStorageError),
+    "add": (DuplicateIdError, WriteConflictError, IngestInterrupted, InsufficientStorageError, CollectionReadOnlyError),
+    "delete": (WriteConflictError, InsufficientStorageError, CollectionReadOnlyError),
     "search_batch": (DeadlineExceeded,),
     "info": (CollectionUnreadableError,),
 }

@@ -69,7 +69,9 @@ class CollectionReadOnlyError(M3SearchError, PermissionError):
     """An embedded collection's folder cannot be written by this process (a read-only mount, another user's folder,
     ``chmod a-w``), and its engine must write there to open it: Qdrant Edge (qdrant-edge-py 0.9) has no read-only
     mode (it maps its segments for writing even to search), Milvus Lite's lock files sit beside its file. Nothing was
-    changed; copy the folder (or the Milvus Lite file) to a writable place and open the copy."""
+    changed; copy the folder (or the Milvus Lite file) to a writable place and open the copy. Also raised by a create
+    in a folder this process cannot write (before anything is written: nothing was created), and by a call on an open
+    embedded collection that fails on a part made read-only since (the message names it and says what was stored)."""
 
 
 class CollectionUnreadableError(M3SearchError, PermissionError):

@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
     IngestInterrupted,
@@ -227,6 +228,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     UnknownIdError: 404,
     InsufficientStorageError: 507,
     CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
+    CollectionReadOnlyError: 500,  # the same (a part made read-only while served; the message says what was stored)
 }
 
 
@@ -255,8 +257,8 @@ _ERROR_MEANINGS = {
     413: "Body, batch, input, `k`, `candidates` or filter over its limit",
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
-    500: "Internal error: a bug, or the collection's files can no longer be read by the server (the message names "
-    "them)",
+    500: "Internal error: a bug, or the collection's files can no longer be read or written by the server (the "
+    "message names them, and what a failed write left stored)",
     503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
     "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
     "write or delete refused before it started (nothing done)",

@@ -25,7 +25,9 @@ __all__ = [
     "has_file",
     "lock_exclusive",
     "readable",
+    "refuse_uncreatable",
     "refuse_unreadable",
+    "refuse_unwritable",
     "temporary",
     "remove_dead_temporaries",
     "walk",
@@ -101,20 +103,65 @@ def readable(location: str | os.PathLike, outcome: str = _UNTOUCHED) -> Iterator
         ) from None
 
 
+def _denied(path: Path, mode: int) -> Iterator[str]:
+    """Each file or folder under ``path`` that ``os.access`` says this process may not use for ``mode``; a folder
+    it may not list raises PermissionError naming it (:func:`walk`)."""
+    for top, folders, names in walk(path):
+        for entry in (os.path.join(top, name) for name in (*folders, *names)):
+            if not os.access(entry, mode):
+                yield entry
+
+
 def refuse_unreadable(location: str | os.PathLike, path: Path, outcome: str = _UNTOUCHED) -> None:
     """:class:`~m3search.errors.CollectionUnreadableError` naming the first file or folder at or under ``path`` this
     process may not read (or list and enter), if any: for an engine's own failure that does not say so clearly
     (Qdrant Edge's Rust ``PermissionDenied`` debug text, sqlite's "unable to open database file")."""
     with readable(location, outcome):
-        for top, folders, names in walk(path):  # a folder it may not list: PermissionError naming it
-            for entry in (os.path.join(top, name) for name in (*folders, *names)):
-                if not os.access(entry, os.R_OK):
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), entry)
+        for entry in _denied(path, os.R_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), entry)
 
 
 #: The system's "this process may not write here" (permissions, a read-only mount); an engine's Rust errors carry
 #: it as "(os error N)".
 _CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _cannot_write(path: str | os.PathLike) -> str:
+    """Why this process may not write ``path``, in the system's words: a read-only mount, else permissions."""
+    return os.strerror(errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES)
+
+
+def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str) -> None:
+    """:class:`~m3search.errors.CollectionReadOnlyError` naming ``path`` or the first file or folder under it this
+    process may not write, if any: a part of an open collection made read-only since (mode 444) fails the engine's
+    next write of it (Qdrant Edge's flush) with the engine's own words ("Permission denied (os error 13)") only.
+    ``outcome`` says what the failed call left stored."""
+    with readable(location, outcome):
+        denied = path if not os.access(path, os.W_OK) else next(_denied(path, os.W_OK), None)
+    if denied is not None:
+        from m3search.errors import CollectionReadOnlyError
+
+        raise CollectionReadOnlyError(
+            f"collection at {location} cannot be written: this process may not write {denied} "
+            f"({_cannot_write(denied)}); {outcome}: run as a user who may write it, or give this one write access"
+        )
+
+
+def refuse_uncreatable(location: str | os.PathLike, path: Path) -> None:
+    """:class:`~m3search.errors.CollectionReadOnlyError` unless this process may write in ``path``, the folder a new
+    collection at ``location`` is made in (or, where it is missing, the nearest folder above it, where it would be
+    made). Checked before anything is written, so a refused create leaves nothing behind: the first write's own
+    failure was a bare PermissionError (Qdrant Edge's mkdir), or said "cannot be opened ... copy the folder" of a
+    collection not yet there (Milvus Lite's and qdrant-client's lock files)."""
+    path = path.absolute()
+    folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        from m3search.errors import CollectionReadOnlyError
+
+        raise CollectionReadOnlyError(
+            f"cannot create a collection at {location}: this process may not write in the folder {folder} "
+            f"({_cannot_write(folder)}); nothing was created: choose a folder it may write, or give it write access"
+        )
 
 
 @contextlib.contextmanager

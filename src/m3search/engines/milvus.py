@@ -198,7 +198,7 @@ from m3search.engines.base import (
     bound_records,
     with_bound,
 )
-from m3search.engines.files import has_file, lock_exclusive, readable, writable
+from m3search.engines.files import has_file, lock_exclusive, readable, refuse_uncreatable, writable
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -639,6 +639,8 @@ class MilvusEngine(Engine):
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
             if not create_file and not present:
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+            if not present:
+                refuse_uncreatable(uri, Path(uri).parent)
             if present and Path(uri).stat().st_size:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     if fh.read(16) != b"SQLite format 3\x00":

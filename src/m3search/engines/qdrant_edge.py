@@ -62,7 +62,9 @@ from m3search.engines.files import (
     has_file,
     lock_exclusive,
     readable,
+    refuse_uncreatable,
     refuse_unreadable,
+    refuse_unwritable,
     remove_dead_temporaries,
     walk,
     writable,
@@ -156,11 +158,26 @@ class _EdgeDialect:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
+#: What a failed call that writes left stored, by the shard's method (a read's: nothing changed), said by the probe's
+#: errors. Measured: a flush failing after an ``add`` (a segment file made 444) left the add's documents
+#: searchable, and in the collection opened again once write access was back, though the close's flush had failed
+#: too: Qdrant Edge's write-ahead log keeps every update that returned until a flush succeeds.
+_LEFT = {
+    "update": "Qdrant Edge's update failed: what it was changing may have been stored, the writes before it are",
+    **{
+        name: f"Qdrant Edge's {name} failed, not the writes before it: they are stored in its write-ahead log, and "
+        "the collection has them when opened again where this process may write"
+        for name in ("flush", "optimize")
+    },
+}
+
+
 class _Probed:
-    """An open shard whose failed calls first look for a part of it this process may not read: one made unreadable
-    after open fails later (a flush opens the id tracker's files) as Qdrant's bare Exception, its Rust text the only
-    sign ("Permission denied (os error 13)"); :func:`~m3search.engines.files.refuse_unreadable` names it instead, as
-    it does when a load fails. Any other failure goes on as it was."""
+    """An open shard whose failed calls first look for a part of it this process may not read, then (a call that
+    writes) for one it may not write: one made unreadable or read-only after open fails later (a flush opens the id tracker's files to
+    write) as Qdrant's bare Exception, its Rust text the only sign ("Permission denied (os error 13)");
+    :func:`~m3search.engines.files.refuse_unreadable` / :func:`~m3search.engines.files.refuse_unwritable` name it
+    instead, saying what the call left stored (:data:`_LEFT`). Any other failure goes on as it was."""
 
     def __init__(self, shard: qe.EdgeShard, root: Path) -> None:
         self._shard, self._root = shard, root
@@ -174,7 +191,10 @@ class _Probed:
             try:
                 return call(*args, **kwargs)
             except Exception:
-                refuse_unreadable(self._root, self._root / SHARD, "a call on the open collection failed")
+                left = _LEFT.get(name, f"Qdrant Edge's {name} failed; nothing was changed")
+                refuse_unreadable(self._root, self._root / SHARD, left)
+                if name in _LEFT:  # a call that writes (a read's failure is not a read-only file's)
+                    refuse_unwritable(self._root, self._root / SHARD, left)
                 raise
 
         return probed
@@ -359,6 +379,7 @@ class QdrantEdgeEngine(QdrantEngine):
         with readable(root):  # a folder this process may not list may hold anything: never created over
             if root.is_dir() and not all(leftover(p.name) for p in root.iterdir()):
                 raise CollectionExistsError(f"{root} is not empty; choose a new folder for a collection")
+        refuse_uncreatable(root, root)
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:

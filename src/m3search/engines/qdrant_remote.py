@@ -65,7 +65,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
-from m3search.engines.files import has_file, readable, refuse_unreadable, writable
+from m3search.engines.files import has_file, readable, refuse_uncreatable, refuse_unreadable, writable
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -428,14 +428,15 @@ class QdrantRemoteEngine(QdrantEngine):
     @classmethod
     def create(cls, location: str, schema: Schema, **options: Any) -> QdrantRemoteEngine:
         engine_opts, client_opts, create_opts = cls._split_options(options)
-        if parse_qdrant_location(location)[0] == "local" and (
-            schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None
-        ):
-            raise ValueError(
-                "qdrant-client local mode keeps float32 vectors and scores them in NumPy: it cannot honour "
-                f"colbert_dtype={schema.colbert_dtype!r} / colbert_quantization={schema.colbert_quantization!r} "
-                "(a Qdrant server or the embedded engine can)"
-            )
+        kind, target, _ = parse_qdrant_location(location)
+        if kind == "local":
+            if schema.colbert_dtype not in LOSSLESS_COLBERT_DTYPES or schema.colbert_quantization is not None:
+                raise ValueError(
+                    "qdrant-client local mode keeps float32 vectors and scores them in NumPy: it cannot honour "
+                    f"colbert_dtype={schema.colbert_dtype!r} / colbert_quantization={schema.colbert_quantization!r} "
+                    "(a Qdrant server or the embedded engine can)"
+                )
+            refuse_uncreatable(location, Path(target))
         client, name, local, where = cls._connect(location, client_opts, must_exist=False)
         engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
         try:
