@@ -287,6 +287,24 @@ def test_numpy_counts_search_as_in_the_library(col):
         same_hits([(h.id, h.score) for h in client.search(QUERIES[0], k=np.int64(2), candidates=np.int32(5))], want)
 
 
+def test_numpy_bools_search_as_in_the_library(col, monkeypatch):
+    """exact / explain given as NumPy bools (taken by the library) were refused by the client's check, and sent
+    as given they fail in json.dumps ("Object of type bool is not JSON serializable"): the Python bool is sent."""
+    flags = {"explain": np.bool_(True), "exact": np.bool_(True)}
+    with served(col) as client:
+        seen = exact_seen(monkeypatch, col)
+        want = col.search(QUERIES[0], k=3, explain=True, exact=True)
+        got = client.search(QUERIES[0], k=3, **flags)
+        same_hits([(h.id, h.score) for h in got], want)
+        assert all(h.explain for h in got)
+        batch = client.search_batch(QUERIES[:2], k=3, **flags)
+        assert [[h.id for h in hits] for hits in batch] == [
+            [h.id for h in hits] for hits in col.search_batch(QUERIES[:2], k=3)
+        ]
+        assert all(h.explain for hits in batch for h in hits)
+        assert seen == [True, True, True, False]  # the library's, the server's (twice), then the plain batch
+
+
 def test_every_mode_spelling_the_library_takes_searches_over_http(col):
     """The server's pattern for mode took lower case without spaces only: "ALL" or "Dense + Sparse", which
     Collection.search takes (and so `m3search search --mode` on a collection opened in-process), were 422s

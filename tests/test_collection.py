@@ -13,6 +13,7 @@ import pytest
 
 from m3search import Collection, Hit
 from m3search.collection import CollectionExistsError, CollectionInUseError, CollectionNotFoundError, ModelMismatchError
+from m3search.plan import SearchPlan
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -232,13 +233,32 @@ def test_explain(col):
         (dict(fusion="max"), ValueError, "unknown fusion"),
         (dict(filter={"x": {"bad": 1}}), ValueError, "unknown operator"),
         (dict(exact=1), TypeError, "exact must be true or false"),
-        # NumPy's bool is named bool too: the message said "must be true or false, not bool"
-        (dict(exact=np.bool_(True)), TypeError, r"exact must be true or false \(a Python bool\), not numpy\.bool"),
+        (dict(explain="no"), TypeError, "explain must be true or false"),
+        # NumPy's int is named int too: the message said "must be true or false, not int"
+        (dict(exact=np.int64(1)), TypeError, r"exact must be true or false \(a Python bool\), not numpy\.int64"),
     ],
 )
 def test_bad_search_arguments(col, kwargs, exc, words):
     with pytest.raises(exc, match=words):
         col.search("brown fox", **kwargs)
+
+
+def test_numpy_bools_search_as_python_bools(col, monkeypatch):
+    """``exact=np.bool_(True)`` / ``explain=np.bool_(True)`` (a flag computed with NumPy) were refused with a
+    TypeError, where engine options take NumPy's bool. Each counts as the Python bool it holds, and that is what
+    reaches the engine and the plan."""
+    seen = []
+    for name in ("search_dense", "candidates_batch"):
+        real = getattr(col._engine, name)
+        monkeypatch.setattr(col._engine, name, lambda *a, _real=real, **kw: seen.append(kw["exact"]) or _real(*a, **kw))
+    for mode in ("dense", "all"):
+        want = col.search("brown fox", k=3, mode=mode, explain=True, exact=True)
+        got = col.search("brown fox", k=3, mode=mode, explain=np.bool_(True), exact=np.bool_(True))
+        assert [(h.id, h.score, h.explain) for h in got] == [(h.id, h.score, h.explain) for h in want]
+        assert all(h.explain for h in got)
+    assert len(seen) == 4 and all(e is True for e in seen)
+    assert SearchPlan.build(explain=np.bool_(True)).explain is True
+    assert SearchPlan.build(explain=np.bool_(False)).explain is False
 
 
 def test_bad_queries(col):

@@ -407,6 +407,55 @@ def test_milvus_keys_are_those_stored_collections_hold():
     assert _legacy_keys("x") == [-7651544018683321281, 2828727562363043857]
 
 
+def test_a_milvus_key_collision_is_refused_naming_both_ids_and_keeps_the_stored_document(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    """Two ids whose 64-bit row keys collide (forced here): a write of the second is refused before anything is
+    changed, and the stored document stays whole. The refusal was a bare ValueError, shaped one way for a write
+    in one request (a list of pairs, "?" for an id whose window key collided) and another for a long write; it is
+    one IdCollisionError naming both ids, its ``ids`` the new and the stored one."""
+    needs("milvus-lite")
+    from m3search import collection
+    from m3search.engines import milvus
+    from m3search.errors import IdCollisionError
+    from m3search.testing import BUILTIN_TEXTS
+
+    text = " ".join(BUILTIN_TEXTS[:4])  # several windows of 16 tokens
+    col = Collection.create(location("milvus-lite", tmp_path), model=tiny_encoder, window=16, stride=12)
+    col.add([text], ids=["a"], metadata=[{"n": 1}])
+
+    def stored():
+        hits = [(h.id, h.score) for h in col.search("wing flow", k=2, mode="all")]
+        return col.count(), col.get(["a", "b"]), col.engine.window_counts(["a"]).tolist(), hits
+
+    before = stored()
+    assert before[2][0] > 1 and before[1][1] is None
+    pk, wpk = milvus._pk, milvus._wpk
+    piece = 20 * 4 * tiny_encoder.colbert_dim  # about a window a piece: a long write
+    cases = [  # (what collides, the patch, the write's PIECE_BYTES, the method that refuses it)
+        ("head key", "_pk", lambda i: pk("a" if i == "b" else i), 256 << 20, "_stored_rows"),
+        (
+            "window 1's key",
+            "_wpk",
+            lambda i, w, g=0: wpk("a", 1) if (i, w) == ("b", 1) else wpk(i, w, g),
+            256 << 20,
+            "_stored_rows",
+        ),
+        ("head key, long write", "_pk", lambda i: pk("a" if i == "b" else i), piece, "_head_row"),
+    ]
+    for what, name, fake, piece_bytes, where in cases:
+        with monkeypatch.context() as m:
+            m.setattr(milvus, name, fake)
+            m.setattr(collection, "PIECE_BYTES", piece_bytes)
+            with pytest.raises(IdCollisionError) as err:
+                col.upsert([text + " more"], ids=["b"], metadata=[{"n": 2}])
+        assert any(entry.name == where for entry in err.traceback), what
+        assert err.value.ids == ["b", "a"], what
+        assert "a 64-bit row key of 'b' is held by the stored document 'a'" in str(err.value), what
+        assert stored() == before, what
+    col.close()
+
+
 def test_milvus_lite_handles_of_one_process_do_not_close_each_other(tmp_path, tiny_encoder):
     """pymilvus shares one connection per URI: closing any client closed it for every other handle, so
     ``Collection.exists`` (the integrations call it) broke an open collection. The file's lock still goes

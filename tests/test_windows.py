@@ -996,7 +996,7 @@ def stale_read(eng, batch):
     from m3search.engines.milvus import _pk, _wpk
 
     counts = np.diff(batch.window_offsets).tolist()
-    keys = [_wpk(i, w) for i, c in zip(batch.ids, counts) for w in range(c)]
+    keys = {_wpk(i, w): i for i, c in zip(batch.ids, counts) for w in range(c)}
     return getattr(eng, name)(batch.ids, [_pk(i) for i in batch.ids], keys), name
 
 

@@ -63,11 +63,11 @@ def _search_options(
     from m3search.plan import SearchPlan, check_bool, check_group
 
     check_group(group, explain)
-    check_bool("exact", exact)
+    exact = check_bool("exact", exact)
     given = {"mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
     given = {key: value for key, value in given.items() if value is not None}
     plan = SearchPlan.build(k=k, filter=filter, explain=explain, **given)
-    body: dict[str, Any] = {"k": plan.k, "explain": explain, "group": group, **given}
+    body: dict[str, Any] = {"k": plan.k, "explain": plan.explain, "group": group, **given}
     if exact:  # only when asked: a server older than exact refuses the field (422)
         body["exact"] = True
     if weights is not None:  # as checked: plain floats and ints (NumPy's are not JSON)

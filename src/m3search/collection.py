@@ -1171,7 +1171,7 @@ class Collection:
         """
         queries = check_queries(queries)
         check_group(group, explain)
-        check_bool("exact", exact)
+        exact = check_bool("exact", exact)
         mode, fusion, weights = self._request_defaults(mode, fusion, weights)
         plan = SearchPlan.build(
             k=k,

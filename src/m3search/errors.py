@@ -25,6 +25,7 @@ __all__ = [
     "ModelMismatchError",
     "InsufficientStorageError",
     "WriteConflictError",
+    "IdCollisionError",
     "IngestInterrupted",
     "RequestTooLargeError",
     "SourceError",
@@ -104,6 +105,16 @@ class WriteConflictError(M3SearchError, RuntimeError):
     def __init__(self, message: str, ids: list[str] | None = None) -> None:
         super().__init__(message)
         self.ids = list(ids or [])
+
+
+class IdCollisionError(M3SearchError, ValueError):
+    """An id whose 64-bit row key (a hash of it: Milvus keys rows by integers) is held by another stored document:
+    refused before anything was changed, so the stored one stays whole; ``ids`` are the new id and the stored
+    one. Another id is needed (one pair in about 2**64)."""
+
+    def __init__(self, message: str, ids: list[str]) -> None:
+        super().__init__(message)
+        self.ids = list(ids)
 
 
 class IngestInterrupted(M3SearchError, RuntimeError):

@@ -226,11 +226,20 @@ def check_queries(queries: Any) -> list[str]:
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (a string such as ``"no"`` would be true). The type is named in full: NumPy's
-    bool is also called ``bool``, and "must be true or false, not bool" said nothing."""
-    if not isinstance(value, bool):
+    """``value`` as a Python bool if it is a bool or NumPy's (a flag computed with NumPy; the Python one is what
+    goes on: ``json.dumps`` refuses NumPy's), else TypeError: a string such as ``"no"`` would be true, and 0 / 1
+    are refused too. The type is named in full: NumPy's types are called ``bool``, ``int`` too."""
+    plain = _python_value(value)
+    if not isinstance(plain, bool):
         raise TypeError(f"{name} must be true or false (a Python bool), not {_type_name(value)}")
-    return value
+    return plain
+
+
+def _python_value(v: Any) -> Any:
+    """The Python value a NumPy scalar holds, else ``v``. NumPy is not imported here: whoever made a NumPy scalar
+    loaded it."""
+    numpy = sys.modules.get("numpy")
+    return v.item() if numpy is not None and isinstance(v, numpy.generic) else v
 
 
 def _type_name(value: Any) -> str:
@@ -314,12 +323,10 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
     check of the engines' options (their ``_OPTION_RULES``): ``int()`` cut a Qdrant timeout of 2.5 to 2, 0, -1 or
     nan went on to the client, and ``engine_options={"https": "false"}`` turned https on."""
     out = dict(options)
-    numpy = sys.modules.get("numpy")  # loaded by whoever made a NumPy scalar: none can be given without it
     for key in sorted(rules.keys() & out.keys()):
         v, rule, name = out[key], rules[key], f"engine option {key!r}"
         least = 0 if rule.get("zero") else 1
-        if numpy is not None and isinstance(v, numpy.generic):
-            out[key] = v = v.item()
+        out[key] = v = _python_value(v)
         if v is None:
             if rule.get("none"):
                 continue
@@ -389,7 +396,7 @@ class SearchPlan:
         default_weights: Sequence[float] = DEFAULT_WEIGHTS,
     ) -> SearchPlan:
         modes = parse_mode(mode)
-        check_bool("explain", explain)
+        explain = check_bool("explain", explain)
         if not isinstance(fusion, str) or fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         w = check_weights(default_weights if weights is None else weights)

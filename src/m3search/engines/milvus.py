@@ -181,7 +181,7 @@ import sqlite3
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -214,6 +214,7 @@ from m3search.errors import (
     CollectionInUseError,
     CollectionNotFoundError,
     EngineUnreachableError,
+    IdCollisionError,
 )
 from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, Not, Or, Range
 from m3search.plan import MODES, check_int, check_options
@@ -375,6 +376,15 @@ def _wpk(doc_id: str, window: int, gen: int = 0) -> int:
     if gen == 0:
         return _hash(_WINDOW_SALT, f"{window}\x00{doc_id}")
     return _hash(_GEN_SALT, f"w{gen}\x00{window}\x00{doc_id}")
+
+
+def _collision(new: str, stored: str) -> IdCollisionError:
+    """The one refusal of a key collision (``upsert``'s, ``upsert_long``'s, ``delete``'s), before any change."""
+    return IdCollisionError(
+        f"id hash collision in Milvus: a 64-bit row key of {new!r} is held by the stored document {stored!r}; "
+        f"nothing was changed (store {new!r} under another id)",
+        [new, stored],
+    )
 
 
 def _head_tombstone_key(doc_id: str, gen: int) -> int:
@@ -1133,11 +1143,11 @@ class MilvusEngine(Engine):
             ids = list(dict.fromkeys(batch.ids[int(o)] for o in owner))
             raise ValueError(f"documents {ids[:5]} have no ColBERT vectors (every encoded text has at least </s>)")
 
-    def _stored_rows(self, ids: Sequence[str], heads: Sequence[int], pks: Sequence[int]) -> dict[int, list[dict]]:
+    def _stored_rows(self, ids: Sequence[str], heads: Sequence[int], pks: Mapping[int, str]) -> dict[int, list[dict]]:
         """Per document head, the rows ``upsert`` replaces (``pk``, ``doc``, ``win``, ``gen``): its head, its rows
         in slot 0 (windows to overwrite or tombstone, tombstones) and, when its head names a version outside slot
-        0, that head (whose ``doc`` the new head hides). Refuses (before any write) a 64-bit key that another
-        document's row holds."""
+        0, that head (whose ``doc`` the new head hides). Refuses (before any write) a 64-bit key of the new rows
+        (``pks``: each one's document) that another document's row holds."""
         fields = ["pk", "doc_id", "doc", "win", "gen"]
         if self.window_rows:
             rows = self._rows_where(list(heads), lambda c: f"doc in {c} or pk in {c}", fields, self.max_windows)
@@ -1148,11 +1158,11 @@ class MilvusEngine(Engine):
             rows += self._rows_by_pk(extra, fields)
         # a row's owner: the document whose head key is its ``doc`` or its own key; a window key past 0 held by
         # another document's row is a collision
-        want = dict(zip(heads, ids))
+        want = {**pks, **dict(zip(heads, ids))}
         owner = [r["doc"] if r["doc"] in want else r["pk"] for r in rows]
-        clash = [(r["doc_id"], want.get(o, "?")) for r, o in zip(rows, owner) if r["doc_id"] != want.get(o)]
-        if clash:
-            raise ValueError(f"id hash collision in Milvus (64-bit key): {clash[:3]}; nothing was written")
+        for r, o in zip(rows, owner):
+            if r["doc_id"] != want[o]:
+                raise _collision(want[o], r["doc_id"])
         out: dict[int, dict[int, dict]] = {}
         for r, o in zip(rows, owner):
             out.setdefault(o, {})[r["pk"]] = r
@@ -1240,7 +1250,7 @@ class MilvusEngine(Engine):
         heads = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
-        stored = self._stored_rows(batch.ids, heads.tolist(), pks)
+        stored = self._stored_rows(batch.ids, heads.tolist(), dict(zip(pks, np.repeat(batch.ids, counts).tolist())))
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
@@ -1300,9 +1310,7 @@ class MilvusEngine(Engine):
         head key another document holds."""
         rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "gen"])
         if rows and rows[0]["doc_id"] != doc_id:
-            raise ValueError(
-                f"id hash collision in Milvus (64-bit key): {(rows[0]['doc_id'], doc_id)}; nothing was written"
-            )
+            raise _collision(doc_id, rows[0]["doc_id"])
         return rows[0] if rows else None
 
     @staticmethod
@@ -1428,7 +1436,7 @@ class MilvusEngine(Engine):
             return
         ids = list(dict.fromkeys(ids))
         heads = [_pk(i) for i in ids]
-        rows = [r for rs in self._stored_rows(ids, heads, []).values() for r in rs]
+        rows = [r for rs in self._stored_rows(ids, heads, {}).values() for r in rs]
         own = set(heads)
         slot = [r for r in rows if r["doc"] in own]
         self._drop(
