@@ -1438,6 +1438,25 @@ def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writi
     assert list(parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
+def test_a_location_through_a_file_is_said_to_be_no_collection(tmp_path, tiny_encoder, engine):
+    """A location whose folder is a plain file (``<tmp>/afile/col``) made create a bare NotADirectoryError on Qdrant
+    Edge and qdrant-client local mode (making the folder through the file), and Milvus Lite said the folder "does not
+    exist". Now open and create, on every embedded engine, name the file in the way as "no collection", as for a
+    missing folder exists answers False, and the file is as it was."""
+    needs(engine)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    loc = location(engine, afile)
+    said = f"{afile} is a file, not a folder: no collection can be at {loc}"
+    assert Collection.exists(loc) is False
+    for call in (Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(CollectionNotFoundError) as raised:
+            call(loc)
+        assert str(raised.value) == said
+    assert afile.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])
 def test_storage_in_use_by_another_process(tmp_path, tiny_encoder, engine):
     needs(engine)

@@ -62,6 +62,7 @@ from m3search.engines.files import (
     has_file,
     lock_exclusive,
     readable,
+    refuse_a_file_in_the_way,
     refuse_uncreatable,
     refuse_unreadable,
     refuse_unwritable,
@@ -400,6 +401,7 @@ class QdrantEdgeEngine(QdrantEngine):
         root = Path(location).expanduser()
         if not _has_manifest(root):
             _refuse_a_file(root, CollectionNotFoundError)
+            refuse_a_file_in_the_way(root, root)
             if (root / SHARD).is_dir():
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
