@@ -1393,6 +1393,21 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unusable_parts(tmp_path, tiny_e
         col.close()
 
 
+def test_the_probed_qdrant_edge_shard_copies_and_answers_hasattr(tmp_path, tiny_encoder):
+    """``copy.copy(engine.shard)`` (the probed shard) recursed until RecursionError: the copy, made without
+    ``__init__``, looked up ``__setstate__``, and the wrapper's ``__getattr__`` read ``self._shard``, missing, through
+    itself again. Now the wrapper's own underscored names are plain AttributeErrors: the copy is made and calls the
+    same shard, and ``hasattr`` of a name it lacks answers False."""
+    import copy
+
+    with Collection.create(tmp_path / "col", model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+        probed = col.engine.shard
+        copied = copy.copy(probed)
+        assert copied._shard is probed._shard and copied.info().points_count == probed.info().points_count > 0
+        assert not hasattr(copied, "_no_such_part") and not hasattr(copied, "no_such_call")
+
+
 @pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
 @pytest.mark.parametrize("real", [True, False], ids=["setpriv", "simulated"])
 def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writing(

@@ -184,6 +184,8 @@ class _Probed:
         self._shard, self._root = shard, root
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the shard's calls: a copy (made without __init__) looking for _shard or
+            raise AttributeError(name)  # __setstate__ came back here for _shard, for ever (RecursionError)
         call = getattr(self._shard, name)
         if not callable(call):
             return call
