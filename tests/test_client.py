@@ -197,6 +197,34 @@ def test_errors_keep_the_library_types(col, monkeypatch):
         M3SearchClient("http://127.0.0.1:9", timeout=2).search("q")
 
 
+def test_a_milvus_key_collision_keeps_its_type_and_ids_over_http(col, monkeypatch):
+    """A Milvus row-key collision (IdCollisionError, naming the new id and the stored one) was a 400 whose body had
+    no ``error.ids``, and the client raised a bare ValueError: the ids only in the message. Now the body carries
+    both ids as the other id errors' do, and the client raises IdCollisionError with them (the collision forced:
+    the engine's write raises Milvus's own refusal); nothing was written."""
+    pytest.importorskip("pymilvus")
+    from m3search.engines import milvus
+    from m3search.errors import IdCollisionError
+
+    refusal = milvus._collision("new", IDS[0])
+
+    def collide(batch):
+        raise refusal
+
+    monkeypatch.setattr(col.engine, "upsert", collide)
+    with served(col) as client:
+        answer = client._http.post("/documents", json={"documents": [{"id": "new", "text": "x"}], "upsert": True})
+        assert answer.status_code == 400 and answer.json()["error"] == {
+            "type": "invalid_request",
+            "message": str(refusal),
+            "ids": ["new", IDS[0]],
+        }
+        with pytest.raises(IdCollisionError) as err:
+            client.upsert(["x"], ids=["new"])
+        assert err.value.ids == ["new", IDS[0]] and str(refusal) in str(err.value)
+    assert col.get(["new"]) == [None]
+
+
 def _same_error(library, client) -> None:
     """``client()`` raises what ``library()`` raises: the same class and message."""
     with pytest.raises(Exception) as want:

@@ -1393,6 +1393,21 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unusable_parts(tmp_path, tiny_e
         col.close()
 
 
+def test_the_probed_qdrant_edge_shard_copies_and_answers_hasattr(tmp_path, tiny_encoder):
+    """``copy.copy(engine.shard)`` (the probed shard) recursed until RecursionError: the copy, made without
+    ``__init__``, looked up ``__setstate__``, and the wrapper's ``__getattr__`` read ``self._shard``, missing, through
+    itself again. Now the wrapper's own underscored names are plain AttributeErrors: the copy is made and calls the
+    same shard, and ``hasattr`` of a name it lacks answers False."""
+    import copy
+
+    with Collection.create(tmp_path / "col", model=tiny_encoder) as col:
+        col.add(["kept text"], ids=["a"])
+        probed = col.engine.shard
+        copied = copy.copy(probed)
+        assert copied._shard is probed._shard and copied.info().points_count == probed.info().points_count > 0
+        assert not hasattr(copied, "_no_such_part") and not hasattr(copied, "no_such_call")
+
+
 @pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
 @pytest.mark.parametrize("real", [True, False], ids=["setpriv", "simulated"])
 def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writing(
@@ -1436,6 +1451,25 @@ def test_a_create_in_a_folder_this_process_may_not_write_is_refused_before_writi
     said = f"cannot create a collection at {loc}: this process may not write in the folder {parent} (Permission denied)"
     assert got.startswith(f"CollectionReadOnlyError: {said}; nothing was created: "), got
     assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-local", "milvus-lite"])
+def test_a_location_through_a_file_is_said_to_be_no_collection(tmp_path, tiny_encoder, engine):
+    """A location whose folder is a plain file (``<tmp>/afile/col``) made create a bare NotADirectoryError on Qdrant
+    Edge and qdrant-client local mode (making the folder through the file), and Milvus Lite said the folder "does not
+    exist". Now open and create, on every embedded engine, name the file in the way as "no collection", as for a
+    missing folder exists answers False, and the file is as it was."""
+    needs(engine)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    loc = location(engine, afile)
+    said = f"{afile} is a file, not a folder: no collection can be at {loc}"
+    assert Collection.exists(loc) is False
+    for call in (Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(CollectionNotFoundError) as raised:
+            call(loc)
+        assert str(raised.value) == said
+    assert afile.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("engine", ["qdrant-local", "milvus-lite"])

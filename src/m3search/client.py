@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.errors import DuplicateIdError, RequestTooLargeError, WriteConflictError
+from m3search.errors import DuplicateIdError, IdCollisionError, RequestTooLargeError, WriteConflictError
 from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceededError
 
 __all__ = ["M3SearchClient"]
@@ -208,6 +208,8 @@ class M3SearchClient:
             raise DuplicateIdError(message, ids)
         if response.status_code == 409 and "being written by another client" in message:  # and its other 409
             raise WriteConflictError(message, ids)
+        if response.status_code == 400 and "id hash collision" in message:  # Milvus's IdCollisionError
+            raise IdCollisionError(message, ids or [])
         if response.status_code == 413:  # k or candidates over the server's limit (the library's error there)
             raise LimitExceededError(message)
         if response.status_code < 500 and response.status_code != 429:

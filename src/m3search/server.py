@@ -62,6 +62,7 @@ from .errors import (
     CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
+    IdCollisionError,
     IngestInterrupted,
     InsufficientStorageError,
     M3SearchError,
@@ -230,6 +231,8 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
     CollectionReadOnlyError: 500,  # the same (a part made read-only while served; the message says what was stored)
 }
+#: The library errors whose ``ids`` the error body carries (``error.ids``), so a client need not parse the message.
+_ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
 
 
 class ErrorDetail(BaseModel):
@@ -237,8 +240,9 @@ class ErrorDetail(BaseModel):
     message: str
     ids: list[str] | None = Field(
         None,
-        description="The ids an unknown-id (404) or existing-id (409) error is about; for a write stopped by "
-        "the server shutting down (503), the documents it wrote.",
+        description="The ids an unknown-id (404) or existing-id (409) error is about; for a Milvus row-key "
+        "collision (400), the new id and the stored one; for a write stopped by the server shutting down (503), the "
+        "documents it wrote.",
     )
 
 
@@ -353,7 +357,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
         if status >= 500:  # the operator's to fix: in the server's log too
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        ids = exc.ids if isinstance(exc, (DuplicateIdError, UnknownIdError, WriteConflictError)) else None
+        ids = exc.ids if isinstance(exc, _ID_ERRORS) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
 
     @app.exception_handler(Exception)

@@ -1,5 +1,5 @@
 """File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes, files
-this process may not read or write.
+this process may not read or write, a file where a collection's folder should be.
 
 Standard library only (:mod:`m3search.errors`, which imports nothing, only to raise one), so the CLI's
 location rules and the running-server record (:mod:`m3search.serverfile`) use them without loading NumPy or an
@@ -25,6 +25,7 @@ __all__ = [
     "has_file",
     "lock_exclusive",
     "readable",
+    "refuse_a_file_in_the_way",
     "refuse_uncreatable",
     "refuse_unreadable",
     "refuse_unwritable",
@@ -147,14 +148,29 @@ def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str) -> 
         )
 
 
+def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
+    """``path``, the folder a collection at ``location`` is or would be in, or else the nearest folder above it that
+    exists (made absolute); :class:`~m3search.errors.CollectionNotFoundError` naming it where that is a file, not a
+    folder: no collection can be there, and making its folder through a file was a bare NotADirectoryError (a
+    FileExistsError for ``path`` itself) from every embedded engine's create. As for a missing folder, ``exists``
+    answers False there."""
+    path = path.absolute()
+    nearest = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not os.path.isdir(nearest):
+        from m3search.errors import CollectionNotFoundError
+
+        raise CollectionNotFoundError(f"{nearest} is a file, not a folder: no collection can be at {location}")
+    return nearest
+
+
 def refuse_uncreatable(location: str | os.PathLike, path: Path) -> None:
     """:class:`~m3search.errors.CollectionReadOnlyError` unless this process may write in ``path``, the folder a new
     collection at ``location`` is made in (or, where it is missing, the nearest folder above it, where it would be
-    made). Checked before anything is written, so a refused create leaves nothing behind: the first write's own
-    failure was a bare PermissionError (Qdrant Edge's mkdir), or said "cannot be opened ... copy the folder" of a
-    collection not yet there (Milvus Lite's and qdrant-client's lock files)."""
-    path = path.absolute()
-    folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
+    made; a file there is :func:`refuse_a_file_in_the_way`'s error). Checked before anything is written, so a
+    refused create leaves nothing behind: the first write's own failure was a bare PermissionError (Qdrant Edge's
+    mkdir), or said "cannot be opened ... copy the folder" of a collection not yet there (Milvus Lite's and
+    qdrant-client's lock files)."""
+    folder = refuse_a_file_in_the_way(location, path)
     if not os.access(folder, os.W_OK | os.X_OK):
         from m3search.errors import CollectionReadOnlyError
 

@@ -198,7 +198,14 @@ from m3search.engines.base import (
     bound_records,
     with_bound,
 )
-from m3search.engines.files import has_file, lock_exclusive, readable, refuse_uncreatable, writable
+from m3search.engines.files import (
+    has_file,
+    lock_exclusive,
+    readable,
+    refuse_a_file_in_the_way,
+    refuse_uncreatable,
+    writable,
+)
 from m3search.engines.shapes import (
     LOSSLESS_COLBERT_DTYPES,
     Hits,
@@ -646,6 +653,7 @@ class MilvusEngine(Engine):
             with readable(uri):
                 present = has_file(Path(uri))
             if not present and not Path(uri).parent.is_dir():
+                refuse_a_file_in_the_way(uri, Path(uri).parent)
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
             if not create_file and not present:
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")

@@ -62,6 +62,7 @@ from m3search.engines.files import (
     has_file,
     lock_exclusive,
     readable,
+    refuse_a_file_in_the_way,
     refuse_uncreatable,
     refuse_unreadable,
     refuse_unwritable,
@@ -183,6 +184,8 @@ class _Probed:
         self._shard, self._root = shard, root
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the shard's calls: a copy (made without __init__) looking for _shard or
+            raise AttributeError(name)  # __setstate__ came back here for _shard, for ever (RecursionError)
         call = getattr(self._shard, name)
         if not callable(call):
             return call
@@ -400,6 +403,7 @@ class QdrantEdgeEngine(QdrantEngine):
         root = Path(location).expanduser()
         if not _has_manifest(root):
             _refuse_a_file(root, CollectionNotFoundError)
+            refuse_a_file_in_the_way(root, root)
             if (root / SHARD).is_dir():
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")

@@ -65,7 +65,14 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
-from m3search.engines.files import has_file, readable, refuse_uncreatable, refuse_unreadable, writable
+from m3search.engines.files import (
+    has_file,
+    readable,
+    refuse_a_file_in_the_way,
+    refuse_uncreatable,
+    refuse_unreadable,
+    writable,
+)
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
 from m3search.errors import (
@@ -359,6 +366,7 @@ class QdrantRemoteEngine(QdrantEngine):
         if kind == "local":
             with readable(target):  # the client's own reads too: a meta.json stat shows but open refuses
                 if must_exist and not has_file(Path(target) / "meta.json"):
+                    refuse_a_file_in_the_way(location, Path(target))
                     raise CollectionNotFoundError(f"no qdrant-client local storage at {target}")
                 return _local_client(target), name, True, target
         https = client_opts.get("https", False)
