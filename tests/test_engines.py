@@ -441,7 +441,7 @@ def test_a_milvus_key_collision_is_refused_naming_both_ids_and_keeps_the_stored_
             256 << 20,
             "_stored_rows",
         ),
-        ("head key, long write", "_pk", lambda i: pk("a" if i == "b" else i), piece, "_head_row"),
+        ("head key, long write", "_pk", lambda i: pk("a" if i == "b" else i), piece, "upsert_long"),
     ]
     for what, name, fake, piece_bytes, where in cases:
         with monkeypatch.context() as m:
@@ -452,6 +452,65 @@ def test_a_milvus_key_collision_is_refused_naming_both_ids_and_keeps_the_stored_
         assert any(entry.name == where for entry in err.traceback), what
         assert err.value.ids == ["b", "a"], what
         assert "a 64-bit row key of 'b' is held by the stored document 'a'" in str(err.value), what
+        assert stored() == before, what
+    col.close()
+
+
+def test_a_milvus_key_collision_inside_one_write_or_past_a_long_writes_head_is_refused(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    """Key collisions only a stored document's rows were checked for: two ids of ONE batch sharing a row key (the
+    second's rows overwrote the first's in the same request) and a long write's window keys past window 0 (its
+    piece overwrote another stored document's row). Each is one IdCollisionError, before anything is written."""
+    needs("milvus-lite")
+    from m3search import collection
+    from m3search.engines import milvus
+    from m3search.errors import IdCollisionError
+    from m3search.testing import BUILTIN_TEXTS
+
+    text = " ".join(BUILTIN_TEXTS[:4])  # several windows of 16 tokens
+    col = Collection.create(location("milvus-lite", tmp_path), model=tiny_encoder, window=16, stride=12)
+    col.add([text], ids=["a"], metadata=[{"n": 1}])
+    raw = col.engine.client
+
+    def stored():
+        hits = [(h.id, h.score) for h in col.search("wing flow", k=2, mode="all")]
+        rows = raw.query(col.engine.collection, filter="win >= 0", output_fields=["pk", "doc_id", "win", "gen"])
+        rows = sorted((r["pk"], r["doc_id"], r["win"], r["gen"]) for r in rows if r["doc_id"] == "a")
+        return col.count(), col.get(["a", "b", "c"]), col.engine.window_counts(["a", "b", "c"]).tolist(), hits, rows
+
+    before = stored()
+    assert before[2][0] >= 3 and before[1][1:] == [None, None]
+    pk, wpk = milvus._pk, milvus._wpk
+    piece = 20 * 4 * tiny_encoder.colbert_dim  # about a window a piece: a long write
+    cases = [  # (what collides, the patch, the write's ids, PIECE_BYTES, the refusal's ids, where it is refused)
+        ("head keys in one batch", "_pk", lambda i: pk("b" if i == "c" else i), ["b", "c"], 256 << 20, ["c", "b"]),
+        (
+            "window 1's keys in one batch",
+            "_wpk",
+            lambda i, w, g=0: wpk("b", 1) if (i, w) == ("c", 1) else wpk(i, w, g),
+            ["b", "c"],
+            256 << 20,
+            ["c", "b"],
+        ),
+        (
+            "a long write's window 2 and the stored window 1",
+            "_wpk",
+            lambda i, w, g=0: wpk("a", 1) if (i, w) == ("b", 2) else wpk(i, w, g),
+            ["b"],
+            piece,
+            ["b", "a"],
+        ),
+    ]
+    for what, name, fake, ids, piece_bytes, refused in cases:
+        with monkeypatch.context() as m:
+            m.setattr(milvus, name, fake)
+            m.setattr(collection, "PIECE_BYTES", piece_bytes)
+            with pytest.raises(IdCollisionError) as err:
+                col.upsert([text + " more", text + " other"][: len(ids)], ids=ids, metadata=[{"n": 2}] * len(ids))
+        assert err.value.ids == refused, what
+        other = "held by the stored document 'a'" if refused[1] == "a" else "also one of 'b', written with it"
+        assert f"a 64-bit row key of {refused[0]!r} is {other}" in str(err.value), what
         assert stored() == before, what
     col.close()
 

@@ -1711,6 +1711,52 @@ def test_windows_over_the_server_limit_are_stored_in_parts(tmp_path, tiny_encode
         ref.close()
 
 
+def test_a_window_in_parts_scores_exactly_as_the_window_stored_whole(tmp_path, tiny_encoder, corpus):
+    """The server engine scored a window stored in parts with a MaxSim formula of its own (a float32 mean: ~1e-7
+    off, and NaN for a query with no token vectors); it is scoring's one definition (``score_records``), so a
+    document in parts scores bit for bit as the same document stored whole, and the embedded engine agrees."""
+    from m3search.engines.shapes import QueryVectors
+
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    opts = {"parts": {"multivector_limit": LIMIT}, "whole": {"multivector_limit": None}}
+    cols = {
+        k: Collection.create(
+            location("qdrant-local", tmp_path / k),
+            model=tiny_encoder,
+            colbert_dtype="float32",
+            window=WINDOW,
+            stride=STRIDE,
+            engine_options=o,
+        )
+        for k, o in opts.items()
+    }
+    ref = create("qdrant-edge", tmp_path / "e", tiny_encoder)
+    try:
+        for col in [*cols.values(), ref]:
+            col.add(texts, ids=ids, metadata=meta, batch_size=8)
+        parts, whole = cols["parts"].engine, cols["whole"].engine
+        whole.server_scoring = False  # NumPy over the fetched vectors: scoring's definition
+        split = [i for i, (ps, _) in zip(ids, parts._layout(ids)) if min(ps) > 1]  # every window in parts
+        assert len(split) >= 10 and max(len(p) for p, _ in parts._layout(split)) == 3
+        o = qemb.colbert_offsets
+        empty = QueryVectors(colbert=np.zeros((0, tiny_encoder.colbert_dim), np.float32))
+        for q in [QueryVectors(colbert=qemb.colbert[o[i] : o[i + 1]]) for i in range(len(queries))] + [empty]:
+            want = whole.score_windows(split, q, ["colbert"])
+            for server_scoring in (False, True):
+                parts.server_scoring = server_scoring
+                got = parts.score_windows(split, q, ["colbert"])
+                np.testing.assert_array_equal(got.windows, want.windows)
+                np.testing.assert_array_equal(got.scores["colbert"], want.scores["colbert"])
+            if len(q.colbert):
+                edge = ref.engine.score_windows(split, q, ["colbert"]).scores["colbert"]
+                np.testing.assert_allclose(got.scores["colbert"], edge, rtol=0, atol=1e-6)
+            else:
+                assert not got.scores["colbert"].any()  # no token vectors: 0, as everywhere in scoring
+    finally:
+        for col in [*cols.values(), ref]:
+            col.close()
+
+
 def test_passage_search_returns_windows(tmp_path, tiny_encoder, corpus):
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
     with create("qdrant-edge", tmp_path, tiny_encoder) as col:

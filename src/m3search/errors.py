@@ -108,9 +108,9 @@ class WriteConflictError(M3SearchError, RuntimeError):
 
 
 class IdCollisionError(M3SearchError, ValueError):
-    """An id whose 64-bit row key (a hash of it: Milvus keys rows by integers) is held by another stored document:
-    refused before anything was changed, so the stored one stays whole; ``ids`` are the new id and the stored
-    one. Another id is needed (one pair in about 2**64)."""
+    """An id whose 64-bit row key (a hash of it: Milvus keys rows by integers) is held by another stored document,
+    or by another id written with it: refused before anything was changed, so the stored one stays whole; ``ids``
+    are the new id and the other one. Another id is needed (one pair in about 2**64)."""
 
     def __init__(self, message: str, ids: list[str]) -> None:
         super().__init__(message)

@@ -109,7 +109,8 @@ the reads of a document's windows (get_windows, score_windows, set_metadata, ite
 read its head with slot 0's windows in one query, then, when the head names a long write's
 version, that version's windows (all again, when a switch replaced it between the two); a search hit past a head costs one read of its head and is dropped unless
 the head names its version (a query that lost hits asks again for more). In this order: (0)
-read the head (refusing a key collision); (1) each piece's windows ``w >= 1``, as they are
+before each piece, read the rows under its keys (the first's: the head's too), refusing a key
+another document holds; (1) each piece's windows ``w >= 1``, as they are
 encoded (token rows first), under ``g``: hidden; (2) the SWITCH, ONE request: the new head
 (text, metadata, every window's span, ``doc`` = ``g``'s) with tombstones over the version
 stored THEN (read just before: a write may have landed since (0)): over its head, under a key
@@ -385,13 +386,25 @@ def _wpk(doc_id: str, window: int, gen: int = 0) -> int:
     return _hash(_GEN_SALT, f"w{gen}\x00{window}\x00{doc_id}")
 
 
-def _collision(new: str, stored: str) -> IdCollisionError:
-    """The one refusal of a key collision (``upsert``'s, ``upsert_long``'s, ``delete``'s), before any change."""
+def _collision(new: str, other: str, stored: bool = True) -> IdCollisionError:
+    """The one refusal of a key collision (``upsert``'s, ``upsert_long``'s, ``delete``'s), before any change:
+    with a row of the ``stored`` document ``other``, or (False) with a row of ``other`` in the same write."""
+    held = f"held by the stored document {other!r}" if stored else f"also one of {other!r}, written with it"
     return IdCollisionError(
-        f"id hash collision in Milvus: a 64-bit row key of {new!r} is held by the stored document {stored!r}; "
+        f"id hash collision in Milvus: a 64-bit row key of {new!r} is {held}; "
         f"nothing was changed (store {new!r} under another id)",
-        [new, stored],
+        [new, other],
     )
+
+
+def _batch_keys(pks: Sequence[int], owners: Sequence[str]) -> dict[int, str]:
+    """The row keys of one write with their documents; refuses two documents sharing one (one would overwrite
+    the other's row in the same request)."""
+    keys: dict[int, str] = {}
+    for k, doc_id in zip(pks, owners):
+        if (held := keys.setdefault(k, doc_id)) != doc_id:
+            raise _collision(doc_id, held, stored=False)
+    return keys
 
 
 def _head_tombstone_key(doc_id: str, gen: int) -> int:
@@ -1258,7 +1271,7 @@ class MilvusEngine(Engine):
         heads = np.array([_pk(i) for i in batch.ids], dtype=np.int64)
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
-        stored = self._stored_rows(batch.ids, heads.tolist(), dict(zip(pks, np.repeat(batch.ids, counts).tolist())))
+        stored = self._stored_rows(batch.ids, heads.tolist(), _batch_keys(pks, np.repeat(batch.ids, counts).tolist()))
         self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
@@ -1364,9 +1377,11 @@ class MilvusEngine(Engine):
             first = len(spans)
             if head is None:
                 doc_id, key = piece.ids[0], _doc_key(piece.ids[0], gen)
-                self._head_row(doc_id)  # a key collision is refused before anything is written
             n = int(piece.window_offsets[-1])
             pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
+            # a key another document's row holds is refused before the piece is written (the head: the first's)
+            if held := [r["doc_id"] for r in self._rows_by_pk(pks, ["doc_id"]) if r["doc_id"] != doc_id]:
+                raise _collision(doc_id, held[0])
             self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
             self._insert_tokens(piece, gens, np.full(n, key))

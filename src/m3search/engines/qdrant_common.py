@@ -106,7 +106,7 @@ import scipy.sparse as sp
 
 from m3search.engines.base import Engine, point_uuid
 from m3search.engines.qdrant_filter import engine_filter
-from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, WindowScores
+from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, WindowScores, score_records
 from m3search.filters import Filter
 from m3search.plan import MODES
 
@@ -815,10 +815,7 @@ class QdrantEngine(Engine):
                     out[m][todo[m]] = got[m][todo[m]]
         if split:  # per query token the maximum over EVERY token of the window, all parts together
             recs = self.get_windows(list(dict.fromkeys(d for _, d, _ in split)), with_vectors=["colbert"])
-            tokens = {(r.id, r.window): r.colbert for rs in recs for r in rs}  # a missing window is skipped there
-            q = np.asarray(query.colbert, dtype=np.float32)
-            for j, doc_id, w in split:
-                t = tokens.get((doc_id, w))
-                if t is not None and len(q):
-                    out["colbert"][j] = float((q @ t.T).max(axis=1).mean())
+            whole = {(r.id, r.window): r for rs in recs for r in rs}  # a missing window is skipped there: NaN
+            got = score_records([whole.get((d, w)) for _, d, w in split], query, ["colbert"])
+            out["colbert"][[j for j, _, _ in split]] = got["colbert"]
         return WindowScores(offsets, out)
