@@ -218,11 +218,42 @@ def test_a_milvus_key_collision_keeps_its_type_and_ids_over_http(col, monkeypatc
             "type": "invalid_request",
             "message": str(refusal),
             "ids": ["new", IDS[0]],
+            "code": "IdCollisionError",
         }
         with pytest.raises(IdCollisionError) as err:
             client.upsert(["x"], ids=["new"])
         assert err.value.ids == ["new", IDS[0]] and str(refusal) in str(err.value)
     assert col.get(["new"]) == [None]
+
+
+def test_the_client_types_library_errors_by_their_code_not_their_words(col, monkeypatch):
+    """The client told a 409's DuplicateIdError from its WriteConflictError (and a 400's IdCollisionError from any
+    bad value) by words of the message: reworded, the error came back a bare ValueError. The body now names the
+    library error's class (``error.code``), which the client reads; an error the library did not raise on purpose
+    has none."""
+
+    def busy(ids, outcome):
+        raise WriteConflictError("busy elsewhere, reworded", list(ids))
+
+    def taken(ids):
+        raise DuplicateIdError("taken, reworded", ["d"])
+
+    with served(col) as client:
+        with monkeypatch.context() as m:
+            m.setattr(col, "_refuse_others_writes", busy)
+            answer = client._http.post("/documents", json={"documents": [{"id": "n", "text": "x"}], "upsert": True})
+            assert answer.status_code == 409 and answer.json()["error"]["code"] == "WriteConflictError"
+            with pytest.raises(WriteConflictError, match="busy elsewhere, reworded") as err:
+                client.upsert(["x"], ids=["n"])
+            assert err.value.ids == ["n"]
+        with monkeypatch.context() as m:
+            m.setattr(col, "_existing", taken)
+            with pytest.raises(DuplicateIdError, match="taken, reworded") as dup:
+                client.add(["x"], ids=["n"])
+            assert dup.value.ids == ["d"]
+        bad = client._http.post("/search", json={"query": "q", "mode": "bm25"})
+        assert bad.status_code == 400 and "code" not in bad.json()["error"]  # a plain ValueError: no code
+    assert col.get(["n"]) == [None]
 
 
 def _same_error(library, client) -> None:

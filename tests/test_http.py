@@ -196,7 +196,7 @@ def _check_declared(client, *, body: bool = True) -> set[int]:
             assert op["responses"][str(r.status_code)]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/ErrorResponse"
             }
-            assert set(r.json()["error"]) <= {"type", "message", "ids"}, r.text
+            assert set(r.json()["error"]) <= {"type", "message", "ids", "code"}, r.text
     return seen
 
 

@@ -46,7 +46,9 @@ def serving(resources: Resources, **settings):
 def _error(r, status: int) -> dict:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) - {"ids"} == {"type", "message"}, body  # ids: id errors
+    assert set(body) == {"error"} and set(body["error"]) - {"ids", "code"} == {"type", "message"}, (
+        body
+    )  # ids, code: id errors
     return body["error"]
 
 

@@ -128,7 +128,9 @@ def server(tmp_path_factory, tiny_model_path, docs):
 def _is_error(r, status: int) -> dict:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) - {"ids"} == {"type", "message"}, body  # ids: id errors
+    assert set(body) == {"error"} and set(body["error"]) - {"ids", "code"} == {"type", "message"}, (
+        body
+    )  # ids, code: id errors
     assert body["error"]["message"] and "Traceback" not in r.text
     return body["error"]
 

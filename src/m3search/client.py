@@ -39,6 +39,9 @@ from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceed
 
 __all__ = ["M3SearchClient"]
 
+#: The library's id errors a 400 or 409 answer names (``error.code``), raised again as they are, ``ids`` included.
+_ID_ERRORS: dict[Any, type] = {c.__name__: c for c in (DuplicateIdError, WriteConflictError, IdCollisionError)}
+
 
 def _json_bytes(value: Any) -> bytes:
     """``value`` as the request body sent (what the server's ``max_body_bytes`` counts): one
@@ -204,12 +207,8 @@ class M3SearchClient:
         if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
         ids = error.get("ids") if isinstance(error.get("ids"), list) else None
-        if response.status_code == 409 and "already exist" in message:  # Collection.add's DuplicateIdError
-            raise DuplicateIdError(message, ids)
-        if response.status_code == 409 and "being written by another client" in message:  # and its other 409
-            raise WriteConflictError(message, ids)
-        if response.status_code == 400 and "id hash collision" in message:  # Milvus's IdCollisionError
-            raise IdCollisionError(message, ids or [])
+        if (typed := _ID_ERRORS.get(error.get("code"))) is not None:  # the library's own error, by its name
+            raise typed(message, ids or [])
         if response.status_code == 413:  # k or candidates over the server's limit (the library's error there)
             raise LimitExceededError(message)
         if response.status_code < 500 and response.status_code != 429:

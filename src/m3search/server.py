@@ -188,13 +188,16 @@ async def _request_settings(request: Request) -> Settings:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def error_body(type_: str, message: str, ids: list[str] | None = None) -> dict:
+def error_body(type_: str, message: str, ids: list[str] | None = None, code: str | None = None) -> dict:
     """The one JSON error shape of this API. ``ids``: the ids a library id error (unknown: 404,
     already stored: 409) is about, so a client tells "no such document" from "no such route"
-    (both 404) without reading the message."""
+    (both 404) without reading the message. ``code``: the library error's class name, so a client tells
+    errors of one status apart (409: an id stored, or being written) without reading the message either."""
     detail: dict[str, Any] = {"type": type_, "message": message}
     if ids is not None:
         detail["ids"] = list(ids)
+    if code is not None:
+        detail["code"] = code
     return {"error": detail}
 
 
@@ -243,6 +246,11 @@ class ErrorDetail(BaseModel):
         description="The ids an unknown-id (404) or existing-id (409) error is about; for a Milvus row-key "
         "collision (400), the new id and the stored one; for a write stopped by the server shutting down (503), the "
         "documents it wrote.",
+    )
+    code: str | None = Field(
+        None,
+        description="For an error the library raised on purpose, its class in `m3search.errors` (e.g. "
+        "`DuplicateIdError`, `WriteConflictError`, `IdCollisionError`): what tells apart errors of one status.",
     )
 
 
@@ -358,7 +366,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status >= 500:  # the operator's to fix: in the server's log too
             log.error("%s %s: %s", request.method, request.url.path, exc)
         ids = exc.ids if isinstance(exc, _ID_ERRORS) else None
-        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids), status_code=status)
+        code = type(exc).__name__ if isinstance(exc, M3SearchError) else None
+        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, code), status_code=status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition
