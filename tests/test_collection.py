@@ -500,6 +500,40 @@ def test_query_embeddings_are_checked_against_the_collection(col, tiny_encoder, 
     assert [h.id for h in col.search_batch(q, query_embeddings=full)[0]] == [h.id for h in col.search(q[0])]
 
 
+def test_query_embeddings_that_are_no_encoding_are_refused(col, tiny_encoder):
+    """Embeddings of the right widths but not one encoding of the queries: a query without ColBERT vectors (a real
+    encoding has </s> at least) failed inside Qdrant Edge ("Vector dimension error: expected dim: 64, got 0") and
+    scored 0 on the other engines; rows or offsets that do not add up, or NaN, read other rows or ranked NaN."""
+    import numpy as np
+
+    from m3search.encoder import M3Embeddings
+
+    q = ["alpha beta", "gamma"]
+    e = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
+
+    def like(**change):
+        parts = {k: getattr(e, k) for k in ("dense", "sparse", "colbert", "colbert_offsets", "n_tokens")}
+        return M3Embeddings(**{**parts, **change})
+
+    cut = e.colbert_offsets[1]
+    no_tokens = like(colbert=e.colbert[cut:], colbert_offsets=np.array([0, 0, len(e.colbert) - cut]))
+    short = like(colbert_offsets=e.colbert_offsets[:2])
+    past = like(colbert_offsets=np.array([0, cut, len(e.colbert) + 5]))
+    nan = like(dense=np.where(np.arange(e.dense.shape[1]) == 0, np.nan, e.dense).astype(np.float32))
+    for bad, says in [
+        (no_tokens, "at least one vector per query"),
+        (short, "not one encoding of 2 queries"),
+        (past, "from 0 to the number of ColBERT vectors"),
+        (nan, "NaN or infinite"),
+    ]:
+        for mode in ("dense", "colbert", "all"):
+            with pytest.raises(ValueError, match=says):
+                col.search_batch(q, mode=mode, query_embeddings=bad)
+    assert [[h.id for h in hits] for hits in col.search_batch(q, query_embeddings=e)] == [
+        [h.id for h in col.search(text)] for text in q
+    ]
+
+
 def test_a_device_that_is_not_here_is_named_not_blamed_on_the_model(tmp_path, tiny_encoder):
     """--device cuda on a CPU machine said "cannot load the model of collection ...: Torch not compiled with
     CUDA enabled. Pass model=<path> to Collection.open": the advice of a missing model."""

@@ -1250,6 +1250,20 @@ class Collection:
                 f"query_embeddings do not come from this collection's model (dense {got[0]}, colbert {got[1]}, "
                 f"vocabulary {got[2]}; the collection: {s.dense_dim}, {s.colbert_dim}, {s.vocab_size})"
             )
+        offsets = np.asarray(emb.colbert_offsets)
+        if emb.dense.shape[0] != n or emb.sparse.shape[0] != n or offsets.shape != (n + 1,):
+            raise ValueError(
+                f"query_embeddings are not one encoding of {n} queries (dense rows {emb.dense.shape[0]}, sparse rows "
+                f"{emb.sparse.shape[0]}, colbert offsets {offsets.shape[0] if offsets.ndim == 1 else offsets.shape})"
+            )
+        if offsets[0] != 0 or offsets[-1] != len(emb.colbert) or (np.diff(offsets) < 1).any():
+            # a real encoding gives each query one token vector at least (</s>); none made Qdrant Edge fail deep inside
+            raise ValueError(
+                "query_embeddings.colbert_offsets must run from 0 to the number of ColBERT vectors, at least one vector "
+                "per query"
+            )
+        if not (np.isfinite(emb.dense).all() and np.isfinite(emb.colbert).all() and np.isfinite(emb.sparse.data).all()):
+            raise ValueError("query_embeddings hold NaN or infinite values")
         return emb
 
     # ------------------------------------------------------------ search defaults
