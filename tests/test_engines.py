@@ -52,9 +52,14 @@ from m3search.scoring import colbert_scores
 ENGINES = ["qdrant-edge", "qdrant-local", "milvus-lite"]
 N_DOCS = 160
 K = 20
-#: float16 ColBERT storage against a NumPy oracle over the same rounded vectors (measured: Qdrant Edge 1.6e-5,
-#: local mode and Milvus Lite 0).
-FLOAT16_TOL = 1e-4
+#: float16 ColBERT storage against a NumPy oracle over the same rounded vectors, per engine (measured 2026-12-06:
+#: Qdrant Edge 1.6e-5, its own float16 arithmetic; local mode and Milvus Lite 0, NumPy over the stored vectors).
+FLOAT16_TOL = {"qdrant-edge": 5e-5, "qdrant-local": 1e-6, "milvus-lite": 1e-6}
+#: ... and against the float32 oracle: float16 keeps 11 significant bits, so each rounded component is within
+#: 2**-11 of its value relative to it, and a dot product of unit vectors (so MaxSim, a mean of maxima of such)
+#: within 2**-11 per rounded side (Cauchy-Schwarz): the stored vectors, and the query's where the engine computes in
+#: float16 (Qdrant Edge). Measured: 6.5e-5 to 7.1e-5 (the bound was 2e-3).
+FLOAT16_BOUND = 2 * 2.0**-11
 
 
 def needs(engine: str) -> None:
@@ -673,7 +678,8 @@ def test_writes_and_reopen(tmp_path, tiny_encoder, engine):
 def test_float16_storage_engines_agree(tmp_path_factory, tiny_encoder, corpus):
     """Every engine scores the same float16-rounded token vectors (qdrant-client local
     mode keeps float32, so the engine rounds before sending): ColBERT scores equal a
-    NumPy oracle over the rounded vectors within ``FLOAT16_TOL``, and rankings agree up to ties within it."""
+    NumPy oracle over the rounded vectors within ``FLOAT16_TOL``, and rankings agree up to ties within it; the
+    float32 oracle within what float16 can lose (``FLOAT16_BOUND``)."""
     texts, ids, meta, emb, queries, qemb, oracle = corpus
     rounded = emb.colbert.astype(np.float16).astype(np.float32)
     ref16 = colbert_scores(qemb.colbert, qemb.colbert_offsets, rounded, emb.colbert_offsets).astype(np.float64)
@@ -687,7 +693,9 @@ def test_float16_storage_engines_agree(tmp_path_factory, tiny_encoder, corpus):
             col.close()
         pos = {d: j for j, d in enumerate(ids)}
         for qi, hits in enumerate(res):
-            check_ranking([h.id for h in hits], ref16[qi], ids, expected(ref16[qi], ids, K), tie_tol=FLOAT16_TOL)
+            check_ranking(
+                [h.id for h in hits], ref16[qi], ids, expected(ref16[qi], ids, K), tie_tol=FLOAT16_TOL[engine]
+            )
         worst16[engine] = max(abs(h.scores["colbert"] - ref16[qi, pos[h.id]]) for qi, hs in enumerate(res) for h in hs)
         worst[engine] = max(
             abs(h.scores["colbert"] - oracle["colbert"][qi, pos[h.id]]) for qi, hs in enumerate(res) for h in hs
@@ -696,8 +704,8 @@ def test_float16_storage_engines_agree(tmp_path_factory, tiny_encoder, corpus):
         "\nfloat16 ColBERT storage, largest error vs rounded / fp32 oracle:",
         {e: f"{worst16[e]:.1e} / {worst[e]:.1e}" for e in worst},
     )
-    assert max(worst16.values()) <= FLOAT16_TOL
-    assert max(worst.values()) < 2e-3
+    assert all(worst16[e] <= FLOAT16_TOL[e] for e in worst16), worst16
+    assert max(worst.values()) <= FLOAT16_BOUND
 
 
 # ----------------------------------------------------------------- Qdrant specifics
