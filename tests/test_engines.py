@@ -44,7 +44,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
-from m3search.errors import CollectionNotFoundError
+from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
 from m3search.scoring import colbert_scores
@@ -551,6 +551,29 @@ def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
         with pytest.raises(CollectionNotFoundError, match="is not a Milvus Lite file"):
             call()
     assert path.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_db_location_that_is_a_folder_is_said_to_be_one(tmp_path, tiny_encoder, link):
+    """A folder named like a Milvus Lite file (``mkdir adir.db``, or a link to one) was "in use by another process"
+    on create (milvus-lite's failed start: "unable to open database file") and "no Milvus Lite file" on open. Now
+    both say it is a folder, with the error a file in a Qdrant Edge location gets; exists answers False, as for a
+    missing file, and nothing is made in the folder or beside it (no lock file)."""
+    needs("milvus-lite")
+    folder = tmp_path / "adir.db"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("kept")
+    loc = tmp_path / "ln.db" if link else folder
+    if link:
+        loc.symlink_to(folder)
+    before = sorted(tmp_path.rglob("*"))
+    said = f"{folder} is a folder, not a Milvus Lite file"
+    assert Collection.exists(str(loc)) is False
+    for call, error in ((Collection.open, CollectionNotFoundError), (Collection.create, CollectionExistsError)):
+        with pytest.raises(error) as raised:
+            call(str(loc), model=tiny_encoder)
+        assert str(raised.value) == said
+    assert sorted(tmp_path.rglob("*")) == before and (folder / "mine.txt").read_text() == "kept"
 
 
 def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_encoder):

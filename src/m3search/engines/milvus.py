@@ -203,6 +203,7 @@ from m3search.engines.files import (
     lock_exclusive,
     readable,
     refuse_a_file_in_the_way,
+    refuse_the_wrong_kind,
     refuse_uncreatable,
     writable,
 )
@@ -652,6 +653,9 @@ class MilvusEngine(Engine):
         if lite:
             with readable(uri):
                 present = has_file(Path(uri))
+            if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
+                error = CollectionExistsError if create_file else CollectionNotFoundError
+                refuse_the_wrong_kind(Path(uri), error, folder=False, what="a Milvus Lite file")
             if not present and not Path(uri).parent.is_dir():
                 refuse_a_file_in_the_way(uri, Path(uri).parent)
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
