@@ -1539,6 +1539,52 @@ def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
     assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
 
 
+def test_a_milvus_lite_holder_without_our_lock_is_in_use_to_every_call_and_keeps_its_lock(tmp_path, tiny_encoder):
+    """A process holding a Milvus Lite file through milvus-lite alone (pymilvus itself, an older m3search) was told
+    only by milvus-lite's failed start, and that start, refused, unlinked the holder's lock file on its way out: the
+    next call in this process started a second server on the same file. Now its lock is asked first: every call is
+    "in use", and the holder's lock file stays."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    hold = "import sys, time; from pymilvus import MilvusClient; MilvusClient(sys.argv[1]); print('READY', flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; time.sleep(120)", loc], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "READY"
+        got = []
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            try:
+                result = call(loc)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                result = exc
+            if isinstance(result, Collection):
+                result.close()
+            got.append(type(result).__name__)
+        assert got == ["CollectionInUseError"] * 3
+        assert (tmp_path / ".col.db.lock").exists()
+    finally:
+        holder.terminate()
+        holder.wait(30)
+
+
+def test_a_damaged_milvus_lite_file_is_not_said_to_be_in_use(tmp_path, tiny_encoder):
+    """Every failure of milvus-lite's start was "in use by another process", a damaged file's too (milvus-lite's own
+    words, printed: "database disk image is malformed"). Now it is said that milvus-lite could not open it."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept"], ids=["a"])
+    with open(loc, "r+b") as fh:  # SQLite's second page, after its schema's: milvus-lite's collection_meta table
+        fh.seek(4096)
+        fh.write(bytes(4096))
+    said = f"Milvus Lite could not open {loc}: milvus-lite failed to start (its reason is printed above; "
+    for call in (Collection.exists, Collection.open):
+        with pytest.raises(RuntimeError, match=re.escape(said)):
+            call(loc)
+
+
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
     """One flock helper serves the collection locks (refused at once: None) and eval's cache lock (with
     ``wait``: blocks until the holder lets go, after printing the caller's message, only when it must wait)."""

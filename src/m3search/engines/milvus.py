@@ -172,6 +172,8 @@ waits ``connect_timeout`` (:data:`CONNECT_TIMEOUT_S`), then raises EngineUnreach
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -322,6 +324,27 @@ def _lite_tables(uri: str) -> bool:
     except sqlite3.Error:
         return False
     return not tables or "collection_meta" in tables
+
+
+def _held_without_our_lock(uri: str) -> bool:
+    """Whether a process holds milvus-lite's own lock on the file (``lockf`` on ``.<name>.lock`` beside it) without
+    m3search's (an older m3search, pymilvus itself): the one failure of milvus-lite's start that means "in use".
+    Asked before the start, not read from its failure: every failure to start ("unable to open database file": a
+    damaged file) was said to be "in use", and a start refused by the holder unlinks that holder's lock file on its
+    way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest."""
+    try:
+        fd = os.open(Path(uri).with_name(f".{Path(uri).name}.lock"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # lets the probe's own lock go
+    return False
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -681,13 +704,19 @@ class MilvusEngine(Engine):
                     fd = lock_exclusive(lite_lock_path(uri))
                     if fd is None:
                         raise in_use
+                    if _held_without_our_lock(uri):
+                        os.close(fd)
+                        raise in_use
                 try:
                     client = _client(uri, timeout=timeout)
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
-                    if "Open local milvus failed" in str(exc):  # a holder without our lock (an older m3search)
-                        raise in_use from None
+                    if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
+                        raise RuntimeError(
+                            f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
+                            "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
+                        ) from None
                     raise
                 if fd is not None:
                     _LITE_FDS[uri] = fd
