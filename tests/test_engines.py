@@ -1319,6 +1319,36 @@ def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
         assert col.get(["a"])[0].text == "kept text"
 
 
+@pytest.mark.parametrize(
+    "mode, said",
+    [
+        (0o000, "CollectionUnreadableError: collection at {loc} cannot be read: Permission denied ({loc}); "),
+        (0o444, "CollectionReadOnlyError: collection at {loc} cannot be written: this process may not write {loc} "),
+    ],
+)
+def test_an_empty_milvus_lite_file_this_process_may_not_use_is_said_to_be_so(tmp_path, tiny_model_path, mode, said):
+    """An empty .db (``touch``ed) skipped the read of its header, so one this process may not read, or may not write
+    (milvus-lite writes its tables in), failed milvus-lite's start: "in use by another process". Now every call
+    names the file and what this process may not do with it, before anything is made (no lock file)."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    (tmp_path / "col.db").touch(mode)
+    code = textwrap.dedent(
+        """
+        import functools, sys
+        from m3search import Collection
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=sys.argv[2])):
+            try:
+                call(sys.argv[1])
+            except Exception as exc:
+                print("RESULT", f"{type(exc).__name__}: {exc}")
+        """
+    )
+    got = _as_a_user_permissions_stop(code, loc, str(tiny_model_path)).split("\nRESULT ")
+    assert len(got) == 3 and all(g.startswith(said.format(loc=loc)) for g in got), got
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("col.db", 0)]
+
+
 #: What the probe says of a flush that failed on a shard part this process may not use (``_LEFT`` in qdrant_edge.py).
 _FLUSH_FAILED = (
     "Qdrant Edge's flush failed, not the writes before it: they are stored in its write-ahead log, and the "

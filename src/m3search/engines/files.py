@@ -133,7 +133,7 @@ def _cannot_write(path: str | os.PathLike) -> str:
     return os.strerror(errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES)
 
 
-def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str) -> None:
+def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str = _UNTOUCHED) -> None:
     """:class:`~m3search.errors.CollectionReadOnlyError` naming ``path`` or the first file or folder under it this
     process may not write, if any: a part of an open collection made read-only since (mode 444) fails the engine's
     next write of it (Qdrant Edge's flush) with the engine's own words ("Permission denied (os error 13)") only.

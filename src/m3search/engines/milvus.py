@@ -207,6 +207,7 @@ from m3search.engines.files import (
     refuse_a_file_in_the_way,
     refuse_the_wrong_kind,
     refuse_uncreatable,
+    refuse_unwritable,
     writable,
 )
 from m3search.engines.shapes import (
@@ -686,11 +687,14 @@ class MilvusEngine(Engine):
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
             if not present:
                 refuse_uncreatable(uri, Path(uri).parent)
-            if present and Path(uri).stat().st_size:
+            if present:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
-                    if fh.read(16) != b"SQLite format 3\x00":
-                        raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-                if not _lite_tables(uri):
+                    head = fh.read(16)
+                if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
+                    refuse_unwritable(uri, Path(uri))
+                elif head != b"SQLite format 3\x00":
+                    raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+                elif not _lite_tables(uri):
                     raise CollectionNotFoundError(
                         f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
                     )
