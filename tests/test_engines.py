@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1599,18 +1600,29 @@ def test_a_milvus_lite_holder_without_our_lock_is_in_use_to_every_call_and_keeps
         holder.wait(30)
 
 
-def test_a_damaged_milvus_lite_file_is_not_said_to_be_in_use(tmp_path, tiny_encoder):
-    """Every failure of milvus-lite's start was "in use by another process", a damaged file's too (milvus-lite's own
-    words, printed: "database disk image is malformed"). Now it is said that milvus-lite could not open it."""
+def _zero_second_page(path: Path) -> str:
+    with open(path, "r+b") as fh:  # SQLite's second page, after its schema's: milvus-lite's collection_meta table
+        fh.seek(4096)
+        fh.write(bytes(4096))
+    return f"Milvus Lite could not open {path}: milvus-lite failed to start (its reason is printed above; "
+
+
+def _truncate(path: Path) -> str:
+    os.truncate(path, path.stat().st_size // 2)
+    return f"{path} is damaged (SQLite: database disk image is malformed); restore it from a copy"
+
+
+@pytest.mark.parametrize("damage", [_zero_second_page, _truncate])
+def test_a_damaged_milvus_lite_file_is_said_to_be_damaged(tmp_path, tiny_encoder, damage):
+    """A damaged Milvus Lite file was "in use by another process" (milvus-lite's failed start, its own words printed:
+    "database disk image is malformed") or, where SQLite's read of its tables failed, "an SQLite database, not a
+    Milvus Lite file". Now every call says that it could not be opened, or that it is damaged."""
     needs("milvus-lite")
     loc = location("milvus-lite", tmp_path)
     with Collection.create(loc, model=tiny_encoder) as col:
         col.add(["kept"], ids=["a"])
-    with open(loc, "r+b") as fh:  # SQLite's second page, after its schema's: milvus-lite's collection_meta table
-        fh.seek(4096)
-        fh.write(bytes(4096))
-    said = f"Milvus Lite could not open {loc}: milvus-lite failed to start (its reason is printed above; "
-    for call in (Collection.exists, Collection.open):
+    said = damage(tmp_path / "col.db")
+    for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
         with pytest.raises(RuntimeError, match=re.escape(said)):
             call(loc)
 

@@ -315,14 +315,17 @@ def _client(uri: str, **kwargs: Any) -> MilvusClient:
 
 def _lite_tables(uri: str) -> bool:
     """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
-    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command."""
+    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command. A file SQLite
+    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
     try:
         con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
-    except sqlite3.Error:
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            raise RuntimeError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
         return False
     return not tables or "collection_meta" in tables
 
