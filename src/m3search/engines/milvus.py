@@ -333,19 +333,17 @@ def _lite_tables(uri: str) -> bool:
 def _held_without_our_lock(uri: str) -> bool:
     """Whether a process holds milvus-lite's own lock on the file (``lockf`` on ``.<name>.lock`` beside it) without
     m3search's (an older m3search, pymilvus itself): the one failure of milvus-lite's start that means "in use".
-    Asked before the start, not read from its failure: every failure to start ("unable to open database file": a
-    damaged file) was said to be "in use", and a start refused by the holder unlinks that holder's lock file on its
-    way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest."""
+    Asked before the start, not read from its failure: every failure to start (a folder's "unable to open database
+    file", a damaged file's "malformed") was said to be "in use", and a start refused by the holder unlinks that
+    holder's lock file on its way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest."""
     try:
         fd = os.open(Path(uri).with_name(f".{Path(uri).name}.lock"), os.O_RDWR)
     except OSError:
         return False
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return True
-        raise
+    except OSError as exc:  # held: EAGAIN or EACCES; else (no locks on this file system) no holder it can see
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
     finally:
         os.close(fd)  # lets the probe's own lock go
     return False
