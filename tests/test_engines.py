@@ -1600,6 +1600,39 @@ def test_a_milvus_lite_holder_without_our_lock_is_in_use_to_every_call_and_keeps
         holder.wait(30)
 
 
+def test_a_milvus_lite_server_this_process_runs_keeps_its_lock(tmp_path, tiny_encoder):
+    """The probe of milvus-lite's lock opens and closes its lock file, and closing any descriptor of a file drops
+    every POSIX lock this process holds on it: where this process already runs milvus-lite on the file (a pymilvus
+    client of the caller's own), the probe released that server's lock, which stops the server (milvus-lite watches
+    it) and lets another process start a second one on the file. That server is left alone: the collection shares
+    it, as before, and while the collection is open the caller's client answers and the lock holds."""
+    needs("milvus-lite")
+    from pymilvus import MilvusClient
+
+    loc = location("milvus-lite", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    own = MilvusClient(loc)
+    try:
+        with Collection.open(loc, model=tiny_encoder) as col:
+            col.add(["alpha"], ids=["a"])
+            assert col.count() == 1
+            held = subprocess.run(  # another process may not take milvus-lite's lock while this one runs it
+                [sys.executable, "-c", LOCKF_PROBE, str(tmp_path / ".col.db.lock")], capture_output=True, text=True
+            )
+            assert held.stdout.strip() == "held", held
+            assert own.list_collections()  # the caller's client: its server still answers
+    finally:
+        own.close()
+
+
+#: Prints whether another process holds a lockf lock on the file argv[1].
+LOCKF_PROBE = (
+    "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+    "except OSError:\n    print('held')"
+)
+
+
 def _zero_second_page(path: Path) -> str:
     with open(path, "r+b") as fh:  # SQLite's second page, after its schema's: milvus-lite's collection_meta table
         fh.seek(4096)

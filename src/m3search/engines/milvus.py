@@ -335,7 +335,15 @@ def _held_without_our_lock(uri: str) -> bool:
     m3search's (an older m3search, pymilvus itself): the one failure of milvus-lite's start that means "in use".
     Asked before the start, not read from its failure: every failure to start (a folder's "unable to open database
     file", a damaged file's "malformed") was said to be "in use", and a start refused by the holder unlinks that
-    holder's lock file on its way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest."""
+    holder's lock file on its way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest.
+    Not asked where this process runs milvus-lite on the file itself (a pymilvus client of the caller's; or when
+    milvus-lite's list of servers cannot be read): closing the probe's descriptor would drop that server's POSIX
+    lock, which stops it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    running = getattr(server_manager_instance, "_servers", None)
+    if not isinstance(running, dict) or str(Path(uri).absolute().resolve()) in running:
+        return False
     try:
         fd = os.open(Path(uri).with_name(f".{Path(uri).name}.lock"), os.O_RDWR)
     except OSError:
