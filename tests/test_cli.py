@@ -1316,6 +1316,23 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
 
 
+def test_a_db_folder_given_as_collection_is_said_to_be_one_by_every_command(tmp_path, corpus, tiny_model_path):
+    """`index -c adir.db` on a folder said "in use by another process" (milvus-lite's failed start), search and info
+    "no Milvus Lite file": every command now says it is a folder, and nothing is made in it or beside it."""
+    pytest.importorskip("milvus_lite")
+    folder = tmp_path / "adir.db"
+    folder.mkdir()
+    said = f"Error: {folder} is a folder, not a Milvus Lite file\n"
+    for args in (
+        ["index", str(corpus), "-c", str(folder), "-m", str(tiny_model_path)],
+        ["search", "q", "-c", str(folder)],
+        ["info", "-c", str(folder)],
+    ):
+        got = _invoke(*args)
+        assert got.exit_code == 1 and got.output.endswith(said), (args, got.output)
+    assert [p.name for p in tmp_path.rglob("*")] == ["adir.db"]
+
+
 def test_a_collection_this_process_may_not_read_is_said_to_be_so_by_every_command(indexed, corpus, monkeypatch):
     """A collection folder this process may not look into was "no collection at ... (no manifest.json)" (Python
     3.13) or a bare "[Errno 13]" (3.11), and `index` would create one there when told there was none: every command

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
-from m3search.errors import CollectionNotFoundError
+from m3search.errors import CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
 from m3search.scoring import colbert_scores
@@ -615,6 +616,29 @@ def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
         with pytest.raises(CollectionNotFoundError, match="is not a Milvus Lite file"):
             call()
     assert path.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_db_location_that_is_a_folder_is_said_to_be_one(tmp_path, tiny_encoder, link):
+    """A folder named like a Milvus Lite file (``mkdir adir.db``, or a link to one) was "in use by another process"
+    on create (milvus-lite's failed start: "unable to open database file") and "no Milvus Lite file" on open. Now
+    both say it is a folder, with the error a file in a Qdrant Edge location gets; exists answers False, as for a
+    missing file, and nothing is made in the folder or beside it (no lock file)."""
+    needs("milvus-lite")
+    folder = tmp_path / "adir.db"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("kept")
+    loc = tmp_path / "ln.db" if link else folder
+    if link:
+        loc.symlink_to(folder)
+    before = sorted(tmp_path.rglob("*"))
+    said = f"{folder} is a folder, not a Milvus Lite file"
+    assert Collection.exists(str(loc)) is False
+    for call, error in ((Collection.open, CollectionNotFoundError), (Collection.create, CollectionExistsError)):
+        with pytest.raises(error) as raised:
+            call(str(loc), model=tiny_encoder)
+        assert str(raised.value) == said
+    assert sorted(tmp_path.rglob("*")) == before and (folder / "mine.txt").read_text() == "kept"
 
 
 def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_encoder):
@@ -1363,6 +1387,36 @@ def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
         assert col.get(["a"])[0].text == "kept text"
 
 
+@pytest.mark.parametrize(
+    "mode, said",
+    [
+        (0o000, "CollectionUnreadableError: collection at {loc} cannot be read: Permission denied ({loc}); "),
+        (0o444, "CollectionReadOnlyError: collection at {loc} cannot be written: this process may not write {loc} "),
+    ],
+)
+def test_an_empty_milvus_lite_file_this_process_may_not_use_is_said_to_be_so(tmp_path, tiny_model_path, mode, said):
+    """An empty .db (``touch``ed) skipped the read of its header, so one this process may not read, or may not write
+    (milvus-lite writes its tables in), failed milvus-lite's start: "in use by another process". Now every call
+    names the file and what this process may not do with it, before anything is made (no lock file)."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    (tmp_path / "col.db").touch(mode)
+    code = textwrap.dedent(
+        """
+        import functools, sys
+        from m3search import Collection
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=sys.argv[2])):
+            try:
+                call(sys.argv[1])
+            except Exception as exc:
+                print("RESULT", f"{type(exc).__name__}: {exc}")
+        """
+    )
+    got = _as_a_user_permissions_stop(code, loc, str(tiny_model_path)).split("\nRESULT ")
+    assert len(got) == 3 and all(g.startswith(said.format(loc=loc)) for g in got), got
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("col.db", 0)]
+
+
 #: What the probe says of a flush that failed on a shard part this process may not use (``_LEFT`` in qdrant_edge.py).
 _FLUSH_FAILED = (
     "Qdrant Edge's flush failed, not the writes before it: they are stored in its write-ahead log, and the "
@@ -1581,6 +1635,96 @@ def test_milvus_lite_refuses_every_other_process(tmp_path, tiny_encoder):
         assert col.count() == 1
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "OPENED" in out.stdout, out.stdout + out.stderr[-2000:]  # released when the holder closed
+
+
+def test_a_milvus_lite_holder_without_our_lock_is_in_use_to_every_call_and_keeps_its_lock(tmp_path, tiny_encoder):
+    """A process holding a Milvus Lite file through milvus-lite alone (pymilvus itself, an older m3search) was told
+    only by milvus-lite's failed start, and that start, refused, unlinked the holder's lock file on its way out: the
+    next call in this process started a second server on the same file. Now its lock is asked first: every call is
+    "in use", and the holder's lock file stays."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    hold = "import sys, time; from pymilvus import MilvusClient; MilvusClient(sys.argv[1]); print('READY', flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; time.sleep(120)", loc], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "READY"
+        got = []
+        for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+            try:
+                result = call(loc)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                result = exc
+            if isinstance(result, Collection):
+                result.close()
+            got.append(type(result).__name__)
+        assert got == ["CollectionInUseError"] * 3
+        assert (tmp_path / ".col.db.lock").exists()
+    finally:
+        holder.terminate()
+        holder.wait(30)
+
+
+def test_a_milvus_lite_server_this_process_runs_keeps_its_lock(tmp_path, tiny_encoder):
+    """The probe of milvus-lite's lock opens and closes its lock file, and closing any descriptor of a file drops
+    every POSIX lock this process holds on it: where this process already runs milvus-lite on the file (a pymilvus
+    client of the caller's own), the probe released that server's lock, which stops the server (milvus-lite watches
+    it) and lets another process start a second one on the file. That server is left alone: the collection shares
+    it, as before, and while the collection is open the caller's client answers and the lock holds."""
+    needs("milvus-lite")
+    from pymilvus import MilvusClient
+
+    loc = location("milvus-lite", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    own = MilvusClient(loc)
+    try:
+        with Collection.open(loc, model=tiny_encoder) as col:
+            col.add(["alpha"], ids=["a"])
+            assert col.count() == 1
+            held = subprocess.run(  # another process may not take milvus-lite's lock while this one runs it
+                [sys.executable, "-c", LOCKF_PROBE, str(tmp_path / ".col.db.lock")], capture_output=True, text=True
+            )
+            assert held.stdout.strip() == "held", held
+            assert own.list_collections()  # the caller's client: its server still answers
+    finally:
+        own.close()
+
+
+#: Prints whether another process holds a lockf lock on the file argv[1].
+LOCKF_PROBE = (
+    "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+    "except OSError:\n    print('held')"
+)
+
+
+def _zero_second_page(path: Path) -> str:
+    with open(path, "r+b") as fh:  # SQLite's second page, after its schema's: milvus-lite's collection_meta table
+        fh.seek(4096)
+        fh.write(bytes(4096))
+    return f"Milvus Lite could not open {path}: milvus-lite failed to start (its reason is printed above; "
+
+
+def _truncate(path: Path) -> str:
+    os.truncate(path, path.stat().st_size // 2)
+    return f"{path} is damaged (SQLite: database disk image is malformed); restore it from a copy"
+
+
+@pytest.mark.parametrize("damage", [_zero_second_page, _truncate])
+def test_a_damaged_milvus_lite_file_is_said_to_be_damaged(tmp_path, tiny_encoder, damage):
+    """A damaged Milvus Lite file was "in use by another process" (milvus-lite's failed start, its own words printed:
+    "database disk image is malformed") or, where SQLite's read of its tables failed, "an SQLite database, not a
+    Milvus Lite file". Now every call says that it could not be opened, or that it is damaged."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept"], ids=["a"])
+    said = damage(tmp_path / "col.db")
+    for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
+        with pytest.raises(RuntimeError, match=re.escape(said)):
+            call(loc)
 
 
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):

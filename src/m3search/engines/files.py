@@ -1,5 +1,5 @@
 """File rules every engine keeps: disk usage as ``du`` counts it, exclusive locks, atomic durable writes, files
-this process may not read or write, a file where a collection's folder should be.
+this process may not read or write, a file where a collection's folder should be, a folder where its file should be.
 
 Standard library only (:mod:`m3search.errors`, which imports nothing, only to raise one), so the CLI's
 location rules and the running-server record (:mod:`m3search.serverfile`) use them without loading NumPy or an
@@ -26,6 +26,7 @@ __all__ = [
     "lock_exclusive",
     "readable",
     "refuse_a_file_in_the_way",
+    "refuse_the_wrong_kind",
     "refuse_uncreatable",
     "refuse_unreadable",
     "refuse_unwritable",
@@ -132,7 +133,7 @@ def _cannot_write(path: str | os.PathLike) -> str:
     return os.strerror(errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES)
 
 
-def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str) -> None:
+def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str = _UNTOUCHED) -> None:
     """:class:`~m3search.errors.CollectionReadOnlyError` naming ``path`` or the first file or folder under it this
     process may not write, if any: a part of an open collection made read-only since (mode 444) fails the engine's
     next write of it (Qdrant Edge's flush) with the engine's own words ("Permission denied (os error 13)") only.
@@ -161,6 +162,15 @@ def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
 
         raise CollectionNotFoundError(f"{nearest} is a file, not a folder: no collection can be at {location}")
     return nearest
+
+
+def refuse_the_wrong_kind(path: Path, error: type[Exception], *, folder: bool, what: str) -> None:
+    """``error`` saying ``path``, a collection's location, is not ``what`` where it is there as the other kind: a
+    file where a collection folder must be (Qdrant Edge, ``folder``), a folder where a file must be (Milvus Lite).
+    No collection can be there, so create and open (so every command) refuse it alike, before anything is made or
+    changed: milvus-lite's failure on a folder read as "in use by another process"."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise error(f"{path} is a {'file' if folder else 'folder'}, not {what}")
 
 
 def refuse_uncreatable(location: str | os.PathLike, path: Path) -> None:

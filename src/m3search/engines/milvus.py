@@ -173,6 +173,8 @@ waits ``connect_timeout`` (:data:`CONNECT_TIMEOUT_S`), then raises EngineUnreach
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -204,7 +206,9 @@ from m3search.engines.files import (
     lock_exclusive,
     readable,
     refuse_a_file_in_the_way,
+    refuse_the_wrong_kind,
     refuse_uncreatable,
+    refuse_unwritable,
     writable,
 )
 from m3search.engines.shapes import (
@@ -312,16 +316,46 @@ def _client(uri: str, **kwargs: Any) -> MilvusClient:
 
 def _lite_tables(uri: str) -> bool:
     """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
-    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command."""
+    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command. A file SQLite
+    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
     try:
         con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
-    except sqlite3.Error:
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            raise RuntimeError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
         return False
     return not tables or "collection_meta" in tables
+
+
+def _held_without_our_lock(uri: str) -> bool:
+    """Whether a process holds milvus-lite's own lock on the file (``lockf`` on ``.<name>.lock`` beside it) without
+    m3search's (an older m3search, pymilvus itself): the one failure of milvus-lite's start that means "in use".
+    Asked before the start, not read from its failure: every failure to start (a folder's "unable to open database
+    file", a damaged file's "malformed") was said to be "in use", and a start refused by the holder unlinks that
+    holder's lock file on its way out. No lock file, or one this process may not open: no holder it can see, and the start says the rest.
+    Not asked where this process runs milvus-lite on the file itself (a pymilvus client of the caller's; or when
+    milvus-lite's list of servers cannot be read): closing the probe's descriptor would drop that server's POSIX
+    lock, which stops it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    running = getattr(server_manager_instance, "_servers", None)
+    if not isinstance(running, dict) or str(Path(uri).absolute().resolve()) in running:
+        return False
+    try:
+        fd = os.open(Path(uri).with_name(f".{Path(uri).name}.lock"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:  # held: EAGAIN or EACCES; else (no locks on this file system) no holder it can see
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # lets the probe's own lock go
+    return False
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -665,6 +699,9 @@ class MilvusEngine(Engine):
         if lite:
             with readable(uri):
                 present = has_file(Path(uri))
+            if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
+                error = CollectionExistsError if create_file else CollectionNotFoundError
+                refuse_the_wrong_kind(Path(uri), error, folder=False, what="a Milvus Lite file")
             if not present and not Path(uri).parent.is_dir():
                 refuse_a_file_in_the_way(uri, Path(uri).parent)
                 raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
@@ -672,11 +709,14 @@ class MilvusEngine(Engine):
                 raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
             if not present:
                 refuse_uncreatable(uri, Path(uri).parent)
-            if present and Path(uri).stat().st_size:
+            if present:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
-                    if fh.read(16) != b"SQLite format 3\x00":
-                        raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-                if not _lite_tables(uri):
+                    head = fh.read(16)
+                if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
+                    refuse_unwritable(uri, Path(uri))
+                elif head != b"SQLite format 3\x00":
+                    raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+                elif not _lite_tables(uri):
                     raise CollectionNotFoundError(
                         f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
                     )
@@ -690,13 +730,19 @@ class MilvusEngine(Engine):
                     fd = lock_exclusive(lite_lock_path(uri))
                     if fd is None:
                         raise in_use
+                    if _held_without_our_lock(uri):
+                        os.close(fd)
+                        raise in_use
                 try:
                     client = _client(uri, timeout=timeout)
                 except Exception as exc:
                     if fd is not None:
                         os.close(fd)
-                    if "Open local milvus failed" in str(exc):  # a holder without our lock (an older m3search)
-                        raise in_use from None
+                    if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
+                        raise RuntimeError(
+                            f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
+                            "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
+                        ) from None
                     raise
                 if fd is not None:
                     _LITE_FDS[uri] = fd

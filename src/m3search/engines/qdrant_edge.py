@@ -63,6 +63,7 @@ from m3search.engines.files import (
     lock_exclusive,
     readable,
     refuse_a_file_in_the_way,
+    refuse_the_wrong_kind,
     refuse_uncreatable,
     refuse_unreadable,
     refuse_unwritable,
@@ -259,9 +260,8 @@ def _load_manifest(root: Path) -> dict:
 
 
 def _refuse_a_file(root: Path, error: type[Exception]) -> None:
-    """A location that is a file holds no collection: create and open (so every command) refuse it alike."""
-    if root.exists() and not root.is_dir():
-        raise error(f"{root} is a file, not a collection folder")
+    """A location that is a file holds no collection (:func:`~m3search.engines.files.refuse_the_wrong_kind`)."""
+    refuse_the_wrong_kind(root, error, folder=True, what="a collection folder")
 
 
 def _damaged(root: Path, why: str) -> ValueError:
