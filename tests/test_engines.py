@@ -1387,6 +1387,42 @@ def test_storage_parts_this_process_may_not_use_are_said_to_be_so(
         assert col.get(["a"])[0].text == "kept text"
 
 
+def test_a_read_only_milvus_lite_file_is_searched_and_its_writes_are_refused_clearly(tmp_path, tiny_model_path):
+    """A Milvus Lite file this process may read but not write (mode 444) opens and searches; its first write failed
+    as pymilvus's bare MilvusException "internal error" (milvus-lite printing "attempt to write a readonly
+    database"). Now every write says the file may not be written, naming it; the stored documents are unchanged."""
+    needs("milvus-lite")
+    loc = location("milvus-lite", tmp_path)
+    with Collection.create(loc, model=str(tiny_model_path)) as col:
+        col.add(["kept text", "other text"], ids=["a", "b"])
+    code = textwrap.dedent(
+        """
+        import sys
+        from m3search import Collection
+        with Collection.open(sys.argv[1], model=sys.argv[2]) as col:
+            print("RESULT", "found", [h.id for h in col.search("kept", k=2)])
+            for call in (lambda: col.add(["new"], ids=["c"]), lambda: col.upsert(["x"], ids=["a"]),
+                         lambda: col.delete(["b"]), lambda: col.update_metadata(["a"], [{"k": 1}])):
+                try:
+                    call()
+                    print("RESULT", "written")
+                except Exception as exc:
+                    print("RESULT", f"{type(exc).__name__}: {exc}")
+        """
+    )
+    Path(loc).chmod(0o444)
+    try:
+        got = _as_a_user_permissions_stop(code, loc, str(tiny_model_path)).split("\nRESULT ")
+    finally:
+        Path(loc).chmod(0o644)
+    assert got[0] == "found ['a', 'b']", got
+    said = f"CollectionReadOnlyError: collection at {loc} cannot be written: this process may not write {loc} "
+    assert len(got) == 5 and all(g.startswith(said) for g in got[1:]), got
+    with Collection.open(loc) as col:
+        assert [r.text for r in col.get(["a", "b", "c"])[:2]] == ["kept text", "other text"]
+        assert col.count() == 2 and col.get(["a"])[0].metadata == {}
+
+
 @pytest.mark.parametrize(
     "mode, said",
     [
