@@ -1,5 +1,5 @@
-"""What the Qdrant Edge probe (``qdrant_edge._Probed``, every shard call wrapped so that a failure caused by a part
-this process may not read or write is named) costs: one shard call raw vs through ``engine.shard``, side by side in
+"""What the Qdrant Edge probe (``files.Probed`` over the shard: every shard call wrapped so that a failure caused by a
+part this process may not read or write is named) costs: one shard call raw vs through ``engine.shard``, side by side in
 one process; shard calls per ``all`` search; and the walk a failed call runs. Tiny random model, offline.
 
     PYTHONPATH=src python benchmarks/probe_cost.py [--docs 3000]

@@ -1552,8 +1552,8 @@ def test_a_failed_qdrant_edge_call_is_probed_for_unusable_parts(tmp_path, tiny_e
 
 def test_the_probed_qdrant_edge_shard_copies_and_answers_hasattr(tmp_path, tiny_encoder):
     """``copy.copy(engine.shard)`` (the probed shard) recursed until RecursionError: the copy, made without
-    ``__init__``, looked up ``__setstate__``, and the wrapper's ``__getattr__`` read ``self._shard``, missing, through
-    itself again. Now the wrapper's own underscored names are plain AttributeErrors: the copy is made and calls the
+    ``__init__``, looked up ``__setstate__``, and the wrapper's ``__getattr__`` read ``self._shard`` (now
+    ``files.Probed``'s ``_target``), missing, through itself again. Now the wrapper's own underscored names are plain AttributeErrors: the copy is made and calls the
     same shard, and ``hasattr`` of a name it lacks answers False."""
     import copy
 
@@ -1561,7 +1561,7 @@ def test_the_probed_qdrant_edge_shard_copies_and_answers_hasattr(tmp_path, tiny_
         col.add(["kept text"], ids=["a"])
         probed = col.engine.shard
         copied = copy.copy(probed)
-        assert copied._shard is probed._shard and copied.info().points_count == probed.info().points_count > 0
+        assert copied._target is probed._target and copied.info().points_count == probed.info().points_count > 0
         assert not hasattr(copied, "_no_such_part") and not hasattr(copied, "no_such_call")
 
 

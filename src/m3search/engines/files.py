@@ -21,6 +21,7 @@ from pathlib import Path
 
 __all__ = [
     "TEMPORARY",
+    "Probed",
     "allocated_bytes",
     "has_file",
     "lock_exclusive",
@@ -147,6 +148,52 @@ def refuse_unwritable(location: str | os.PathLike, path: Path, outcome: str = _U
             f"collection at {location} cannot be written: this process may not write {denied} "
             f"({_cannot_write(denied)}); {outcome}: run as a user who may write it, or give this one write access"
         )
+
+
+class Probed:
+    """``target``, an engine's open handle (a Qdrant Edge shard, a Milvus Lite client), whose failed calls first look
+    for a part of the collection at ``location`` (``path``, or under it) this process may not read or write, and name
+    it (:func:`refuse_unreadable`, :func:`refuse_unwritable`) instead of the engine's own words, saying what the call
+    left stored; any other failure goes on as it was. A part made unreadable or read-only after open fails a later
+    call with only the engine's text (Qdrant Edge: "Permission denied (os error 13)"; Milvus Lite: "internal error").
+
+    ``writes``: the calls that write, each with what its failure left stored (a part this process may not write is
+    looked for after those only: a read's failure is not a read-only file's). ``reads``: what any other failed call
+    left (``{}`` for its name), its failure then looked into too; None: only writes are. ``errors``: the failures
+    looked into."""
+
+    def __init__(
+        self,
+        target: object,
+        location: str | os.PathLike,
+        path: Path,
+        writes: Mapping[str, str],
+        *,
+        reads: str | None = None,
+        errors: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    ) -> None:
+        self._target, self._location, self._path = target, location, path
+        self._writes, self._reads, self._errors = writes, reads, errors
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("_"):  # not the target's calls: a copy (made without __init__) looked for _target here,
+            raise AttributeError(name)  # and for __setstate__, for ever (RecursionError)
+        call = getattr(self._target, name)
+        if not callable(call) or (self._reads is None and name not in self._writes):
+            return call
+
+        def probed(*args: object, **kwargs: object) -> object:
+            try:
+                return call(*args, **kwargs)
+            except self._errors:
+                left = self._writes.get(name) or str(self._reads).format(name)
+                if self._reads is not None:
+                    refuse_unreadable(self._location, self._path, left)
+                if name in self._writes:
+                    refuse_unwritable(self._location, self._path, left)
+                raise
+
+        return probed
 
 
 def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:

@@ -202,6 +202,7 @@ from m3search.engines.base import (
     with_bound,
 )
 from m3search.engines.files import (
+    Probed,
     has_file,
     lock_exclusive,
     readable,
@@ -314,38 +315,14 @@ def _client(uri: str, **kwargs: Any) -> MilvusClient:
         _CONNECT_LOG.removeFilter(drop)
 
 
-class _LiteWrites:
-    """A Milvus Lite client whose failed writes first look whether this process may write the file: a file made
-    read-only (mode 444, a read-only mount) opens and searches, and its first write failed as pymilvus's bare
-    "internal error" (milvus-lite printing "attempt to write a readonly database");
-    :func:`~m3search.engines.files.refuse_unwritable` names it instead. Any other failure goes on as it was."""
-
-    #: What a refused write left: a failed request stops the write as a crash there would (module docstring).
-    LEFT = "the write stopped at its first refused request, as a crash there would have stopped it"
-
-    def __init__(self, client: MilvusClient, uri: str) -> None:
-        self._client, self._uri = client, uri
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # (a copy looks for _client before __init__ set it)
-            raise AttributeError(name)
-        return getattr(self._client, name)
-
-    def _write(self, call: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return getattr(self._client, call)(*args, **kwargs)
-        except MilvusException:
-            refuse_unwritable(self._uri, Path(self._uri), self.LEFT)
-            raise
-
-    def insert(self, *args: Any, **kwargs: Any) -> Any:
-        return self._write("insert", *args, **kwargs)
-
-    def upsert(self, *args: Any, **kwargs: Any) -> Any:
-        return self._write("upsert", *args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        return self._write("delete", *args, **kwargs)
+#: A Milvus Lite client's calls that write, with what a refused one left (a failed request stops the write as a crash
+#: there would: module docstring). A file made read-only (mode 444, a read-only mount) opens and searches, and its
+#: writes failed as pymilvus's bare "internal error" (milvus-lite printing "attempt to write a readonly database"):
+#: probed (:class:`~m3search.engines.files.Probed`), they name the file.
+_LITE_WRITES = dict.fromkeys(
+    ("insert", "upsert", "delete"),
+    "the write stopped at its first refused request, as a crash there would have stopped it",
+)
 
 
 def _lite_tables(uri: str) -> bool:
@@ -781,7 +758,7 @@ class MilvusEngine(Engine):
                 if fd is not None:
                     _LITE_FDS[uri] = fd
                 _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            return _LiteWrites(client, uri), uri, name, True
+            return Probed(client, uri, Path(uri), _LITE_WRITES, errors=MilvusException), uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")

@@ -58,6 +58,7 @@ import scipy.sparse as sp
 from m3search.engines import FOLDER_LOCK
 from m3search.engines.files import (
     TEMPORARY,
+    Probed,
     allocated_bytes,
     has_file,
     lock_exclusive,
@@ -66,7 +67,6 @@ from m3search.engines.files import (
     refuse_the_wrong_kind,
     refuse_uncreatable,
     refuse_unreadable,
-    refuse_unwritable,
     remove_dead_temporaries,
     walk,
     writable,
@@ -160,10 +160,11 @@ class _EdgeDialect:
         return qe.FieldCondition(key, range=qe.RangeFloat(**bounds))
 
 
-#: What a failed call that writes left stored, by the shard's method (a read's: nothing changed), said by the probe's
-#: errors. Measured: a flush failing after an ``add`` (a segment file made 444) left the add's documents
-#: searchable, and in the collection opened again once write access was back, though the close's flush had failed
-#: too: Qdrant Edge's write-ahead log keeps every update that returned until a flush succeeds.
+#: What a failed call that writes left stored, by the shard's method (a read's: :data:`_READ_LEFT`), said by the
+#: probe's errors (:meth:`QdrantEdgeEngine._probed`). Measured: a flush failing after an ``add`` (a segment file made
+#: 444) left the add's documents searchable, and in the collection opened again once write access was back, though
+#: the close's flush had failed too: Qdrant Edge's write-ahead log keeps every update that returned until a flush
+#: succeeds.
 _LEFT = {
     "update": "Qdrant Edge's update failed: what it was changing may have been stored, the writes before it are",
     **{
@@ -172,36 +173,7 @@ _LEFT = {
         for name in ("flush", "optimize")
     },
 }
-
-
-class _Probed:
-    """An open shard whose failed calls first look for a part of it this process may not read, then (a call that
-    writes) for one it may not write: one made unreadable or read-only after open fails later (a flush opens the id tracker's files to
-    write) as Qdrant's bare Exception, its Rust text the only sign ("Permission denied (os error 13)");
-    :func:`~m3search.engines.files.refuse_unreadable` / :func:`~m3search.engines.files.refuse_unwritable` name it
-    instead, saying what the call left stored (:data:`_LEFT`). Any other failure goes on as it was."""
-
-    def __init__(self, shard: qe.EdgeShard, root: Path) -> None:
-        self._shard, self._root = shard, root
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # not the shard's calls: a copy (made without __init__) looking for _shard or
-            raise AttributeError(name)  # __setstate__ came back here for _shard, for ever (RecursionError)
-        call = getattr(self._shard, name)
-        if not callable(call):
-            return call
-
-        def probed(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return call(*args, **kwargs)
-            except Exception:
-                left = _LEFT.get(name, f"Qdrant Edge's {name} failed; nothing was changed")
-                refuse_unreadable(self._root, self._root / SHARD, left)
-                if name in _LEFT:  # a call that writes (a read's failure is not a read-only file's)
-                    refuse_unwritable(self._root, self._root / SHARD, left)
-                raise
-
-        return probed
+_READ_LEFT = "Qdrant Edge's {} failed; nothing was changed"
 
 
 def _holder(root: Path) -> int | None:
@@ -311,6 +283,7 @@ class QdrantEdgeEngine(QdrantEngine):
         self.schema = schema
         self.hnsw_ef = hnsw_ef
         self._unflushed = 0  # vector bytes written since the last flush (the WAL holds them)
+        self._shard_dir = root / SHARD  # made once: joined at every shard access, it doubled a probed call's cost
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
@@ -449,7 +422,7 @@ class QdrantEdgeEngine(QdrantEngine):
             return
         shard, self._shard = self._shard, None
         try:
-            _Probed(shard, self.root).flush()
+            self._probed(shard).flush()
         finally:
             shard.close()
             with contextlib.suppress(OSError):
@@ -463,7 +436,12 @@ class QdrantEdgeEngine(QdrantEngine):
     def shard(self) -> qe.EdgeShard:
         if self._shard is None:
             raise RuntimeError(f"collection at {self.location} is closed")
-        return _Probed(self._shard, self.root)  # type: ignore[return-value]  # the shard's calls, probed
+        return self._probed(self._shard)
+
+    def _probed(self, shard: qe.EdgeShard) -> qe.EdgeShard:
+        """The shard with every call probed (:class:`~m3search.engines.files.Probed`): a part of it made unreadable
+        or read-only after open is named, not left to Qdrant's bare Exception, its Rust text the only sign."""
+        return Probed(shard, self.root, self._shard_dir, _LEFT, reads=_READ_LEFT)  # type: ignore[return-value]
 
     def optimize(self) -> bool:
         """Run Qdrant's segment optimizers (builds the dense HNSW graph); True if anything changed.
