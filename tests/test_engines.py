@@ -1728,6 +1728,34 @@ def test_a_milvus_lite_server_this_process_runs_keeps_its_lock(tmp_path, tiny_en
         own.close()
 
 
+@pytest.mark.parametrize("caller_first", [True, False])
+def test_closing_a_collection_leaves_the_callers_milvus_lite_client_working(tmp_path, tiny_encoder, caller_first):
+    """pymilvus runs one milvus-lite server per file in a process, shared by every client of it. Closing the
+    collection's last handle stopped that server, and the caller's own pymilvus client of the file (opened before
+    or after the collection) failed on its next call. It is stopped once no client of the process is left: then
+    the file is free for another process (milvus-lite's lock let go)."""
+    needs("milvus-lite")
+    from pymilvus import MilvusClient
+
+    loc = location("milvus-lite", tmp_path)
+    Collection.create(loc, model=tiny_encoder).close()
+    own = MilvusClient(loc) if caller_first else None
+    with Collection.open(loc, model=tiny_encoder) as col:
+        own = own or MilvusClient(loc)
+        col.add(["alpha"], ids=["a"])
+    try:
+        assert own.list_collections(timeout=10)  # the caller's client still answers (10 s: pymilvus retries)
+    finally:
+        own.close()
+    with Collection.open(loc, model=tiny_encoder) as col:  # and the collection opens again, whole
+        assert col.count() == 1
+    lock = tmp_path / ".col.db.lock"  # milvus-lite's: unlinked when its server stops
+    free = lock.exists() and subprocess.run(
+        [sys.executable, "-c", LOCKF_PROBE, str(lock)], capture_output=True, text=True
+    )
+    assert not lock.exists() or free.stdout.strip() == "free", free  # nothing of this process runs on the file
+
+
 #: Prints whether another process holds a lockf lock on the file argv[1].
 LOCKF_PROBE = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"

@@ -278,7 +278,8 @@ _GEN_SALT = b"m3search-milvus-gen\x00"
 _SLOT_SALT = b"m3search-milvus-slot\x00"
 
 
-#: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes.
+#: Open clients per Milvus Lite file in this process: its subprocess is stopped when the last one closes (unless a
+#: pymilvus client of the caller's still uses it: :func:`_lite_served_to_others`).
 _LITE_USERS: dict[str, int] = {}
 #: This process's fd of each open Lite file's m3search lock (:func:`m3search.engines.lite_lock_path`), closed with the last user.
 _LITE_FDS: dict[str, int] = {}
@@ -367,6 +368,22 @@ def _held_without_our_lock(uri: str) -> bool:
     finally:
         os.close(fd)  # lets the probe's own lock go
     return False
+
+
+def _lite_served_to_others(uri: str) -> bool:
+    """Whether a pymilvus client of this process that is not m3search's is connected to milvus-lite's server of the
+    file (the caller's own ``MilvusClient``, opened before or after the collection): stopping the server when the
+    collection's last handle closed broke that client's next call. pymilvus itself never stops a server before
+    the process ends; m3search stops it when no client of the process is left, so the file is free for another."""
+    from milvus_lite.server_manager import server_manager_instance
+    from pymilvus import connections
+
+    server = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).absolute().resolve()))
+    address = getattr(server, "uds_path", None)
+    return address is not None and any(
+        handler is not None and connections.get_connection_addr(alias).get("address") == address
+        for alias, handler in connections.list_connections()
+    )
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -825,7 +842,8 @@ class MilvusEngine(Engine):
                 if _LITE_USERS[uri] <= 0:
                     del _LITE_USERS[uri]
                     try:
-                        server_manager_instance.release_server(uri)
+                        if not _lite_served_to_others(uri):
+                            server_manager_instance.release_server(uri)
                     finally:
                         fd = _LITE_FDS.pop(uri, None)
                         if fd is not None:
