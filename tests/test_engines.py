@@ -45,7 +45,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
-from m3search.errors import CollectionExistsError, CollectionNotFoundError
+from m3search.errors import CollectionDamagedError, CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
 from m3search.scoring import colbert_scores
@@ -1759,8 +1759,46 @@ def test_a_damaged_milvus_lite_file_is_said_to_be_damaged(tmp_path, tiny_encoder
         col.add(["kept"], ids=["a"])
     said = damage(tmp_path / "col.db")
     for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
-        with pytest.raises(RuntimeError, match=re.escape(said)):
+        with pytest.raises(RuntimeError, match=re.escape(said)) as raised:
             call(loc)
+        assert isinstance(raised.value, CollectionDamagedError), repr(raised.value)  # was a plain RuntimeError
+
+
+def test_a_failed_milvus_lite_start_on_an_intact_file_is_not_called_damaged(tmp_path, monkeypatch):
+    """milvus-lite's start fails on a damaged file (above: CollectionDamagedError) but also for reasons of its own
+    (its own words are printed): where SQLite's quick_check finds the file intact, that stays a RuntimeError."""
+    needs("milvus-lite")
+    import sqlite3
+
+    import m3search.engines.milvus as milvus
+
+    path = tmp_path / "col.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE collection_meta(x)")  # what marks milvus-lite's file
+    con.close()
+
+    def failed_start(*args, **kwargs):
+        raise RuntimeError("Open local milvus failed")
+
+    monkeypatch.setattr(milvus, "_client", failed_start)
+    said = f"Milvus Lite could not open {path}: milvus-lite failed to start"
+    with pytest.raises(RuntimeError, match=re.escape(said)) as raised:
+        Collection.open(str(path))
+    assert not isinstance(raised.value, CollectionDamagedError)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_damaged_manifest_record_is_collection_damaged_error(tmp_path, tiny_encoder, engine):
+    """The manifest's schema version and model record are checked on every engine (``check_manifest``): damaged,
+    they were a plain ValueError (HTTP 400, blaming the request); now CollectionDamagedError naming the location."""
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.engine.write_manifest({**col.manifest, "schema_version": "x"})
+    with pytest.raises(CollectionDamagedError) as raised:
+        Collection.open(loc)
+    said = f"the manifest of the collection at {loc} is damaged (schema_version 'x' is not an integer)"
+    assert str(raised.value) == said
 
 
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):

@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    CollectionDamagedError,
     CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
@@ -233,6 +234,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     InsufficientStorageError: 507,
     CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
     CollectionReadOnlyError: 500,  # the same (a part made read-only while served; the message says what was stored)
+    CollectionDamagedError: 500,  # the same: the operator restores the named file from a copy
 }
 #: The library errors whose ``ids`` the error body carries (``error.ids``), so a client need not parse the message.
 _ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
@@ -269,8 +271,8 @@ _ERROR_MEANINGS = {
     413: "Body, batch, input, `k`, `candidates` or filter over its limit",
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
-    500: "Internal error: a bug, or the collection's files can no longer be read or written by the server (the "
-    "message names them, and what a failed write left stored)",
+    500: "Internal error: a bug, or the collection's files can no longer be read or written by the server, or are "
+    "damaged (the message names them, and what a failed write left stored)",
     503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
     "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
     "write or delete refused before it started (nothing done)",

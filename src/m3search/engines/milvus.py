@@ -223,6 +223,7 @@ from m3search.engines.shapes import (
     score_records,
 )
 from m3search.errors import (
+    CollectionDamagedError,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
@@ -325,21 +326,41 @@ _LITE_WRITES = dict.fromkeys(
 )
 
 
-def _lite_tables(uri: str) -> bool:
-    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
-    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command. A file SQLite
-    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
+def _read_only(uri: str, sql: str) -> list[tuple]:
+    """``sql``'s rows from the SQLite file ``uri``, opened read-only: milvus-lite adds its tables to any SQLite file
+    it opens, even for a read-only command. :class:`CollectionDamagedError` where SQLite finds the file damaged."""
     try:
         con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return con.execute(sql).fetchall()
         finally:
             con.close()
     except sqlite3.Error as exc:
         if getattr(exc, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-            raise RuntimeError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
+            raise CollectionDamagedError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
+        raise
+
+
+def _lite_tables(uri: str) -> bool:
+    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. A file SQLite
+    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
+    try:
+        tables = {r[0] for r in _read_only(uri, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
         return False
     return not tables or "collection_meta" in tables
+
+
+def _sqlite_finds_damage(uri: str) -> bool:
+    """Whether SQLite's ``quick_check`` finds the file damaged (past its table list, which :func:`_lite_tables`
+    read). Asked only once milvus-lite failed to start on it, so that its failure is
+    :class:`CollectionDamagedError` where the file is damaged, and only there: a start may fail for other reasons."""
+    try:
+        return _read_only(uri, "PRAGMA quick_check") != [("ok",)]
+    except CollectionDamagedError:
+        return True
+    except sqlite3.Error:
+        return False
 
 
 def _held_without_our_lock(uri: str) -> bool:
@@ -750,7 +771,8 @@ class MilvusEngine(Engine):
                     if fd is not None:
                         os.close(fd)
                     if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
-                        raise RuntimeError(
+                        error = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
+                        raise error(
                             f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
                             "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
                         ) from None
