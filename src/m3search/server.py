@@ -240,6 +240,11 @@ _ERROR_STATUS: dict[type[Exception], int] = {
 _ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
 
 
+def _code(exc: Exception) -> str | None:
+    """``error.code``: the class name of an error the library raised on purpose; None for any other."""
+    return type(exc).__name__ if isinstance(exc, M3SearchError) else None
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -350,7 +355,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             done = str(exc) if isinstance(exc, ShuttingDown) else "no document was written"
         message = f"the server is shutting down; {done}: send them again once it is back"
         headers = {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-        return JSONResponse(error_body("unavailable", message, ids), status_code=503, headers=headers)
+        return JSONResponse(error_body("unavailable", message, ids, _code(exc)), status_code=503, headers=headers)
 
     @app.exception_handler(DeadlineExceeded)
     async def over_time(request: Request, exc: DeadlineExceeded):
@@ -368,8 +373,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status >= 500:  # the operator's to fix: in the server's log too
             log.error("%s %s: %s", request.method, request.url.path, exc)
         ids = exc.ids if isinstance(exc, _ID_ERRORS) else None
-        code = type(exc).__name__ if isinstance(exc, M3SearchError) else None
-        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, code), status_code=status)
+        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, _code(exc)), status_code=status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition
