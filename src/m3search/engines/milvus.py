@@ -744,14 +744,14 @@ class MilvusEngine(Engine):
             if present:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     head = fh.read(16)
+                # another program's file: no collection to open, and something else already there to create over
+                error = CollectionExistsError if create_file else CollectionNotFoundError
                 if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
                     refuse_unwritable(uri, Path(uri))
                 elif head != b"SQLite format 3\x00":
-                    raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+                    raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 elif not _lite_tables(uri):
-                    raise CollectionNotFoundError(
-                        f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
-                    )
+                    raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
             in_use = CollectionInUseError(
                 f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
                 "open it from one process, e.g. through `m3search serve`)"
@@ -828,7 +828,10 @@ class MilvusEngine(Engine):
         with readable(uri):
             if lite and not has_file(Path(uri)):
                 return False
-        client, uri, name, lite = cls._connect(location, create_file=False, **connect)
+        try:
+            client, uri, name, lite = cls._connect(location, create_file=False, **connect)
+        except CollectionNotFoundError:  # another program's file at a .db location: no collection (create refuses it)
+            return False
         try:
             return bool(client.has_collection(name, timeout=engine["timeout"]))
         finally:
