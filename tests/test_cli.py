@@ -1316,6 +1316,26 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
 
 
+def test_a_damaged_collection_is_said_to_be_by_every_command(tmp_path, tiny_model_path):
+    """A collection whose manifest is damaged is CollectionDamagedError (a library error): every command, serve
+    included (it opens the collection before serving), prints its one line, no traceback, and serves nothing."""
+    from m3search import Collection
+
+    coll = tmp_path / "coll"
+    Collection.create(coll, model=str(tiny_model_path)).close()
+    (coll / "manifest.json").write_text('{"schema": ')
+    why = "Expecting value: line 1 column 12 (char 11)"
+    said = f"Error: manifest.json of the collection at {coll} is damaged ({why}); restore it from a copy\n"
+    for args in (
+        ["serve", "-c", str(coll), "--port", "0"],
+        ["search", "q", "-c", str(coll)],
+        ["info", "-c", str(coll)],
+    ):
+        got = _invoke(*args)
+        assert got.exit_code == 1 and got.output.endswith(said), (args, got.output)
+        assert "Traceback" not in got.output
+
+
 def test_a_db_folder_given_as_collection_is_said_to_be_one_by_every_command(tmp_path, corpus, tiny_model_path):
     """`index -c adir.db` on a folder said "in use by another process" (milvus-lite's failed start), search and info
     "no Milvus Lite file": every command now says it is a folder, and nothing is made in it or beside it."""

@@ -477,6 +477,38 @@ def test_a_damaged_manifest_says_so(tmp_path, tiny_encoder, text):
         Collection.open(path, model=tiny_encoder)
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"schema": ', "(Expecting value: line 1 column 12 (char 11))"),
+        ("[]", "(a JSON list, not an object)"),
+        ("{}", "(no schema)"),
+        ('{"schema_version": "x"}', "(schema_version 'x' is not an integer)"),
+        ('{"model": null}', "(no model record)"),
+    ],
+)
+def test_a_damaged_manifest_is_collection_damaged_error_naming_it(tmp_path, tiny_encoder, text, why):
+    """A damaged manifest was a plain ValueError: over HTTP a 400 that blamed the request for the server's own
+    files. Now CollectionDamagedError (still a ValueError) naming the collection; a newer schema version is not
+    damage (a newer m3search reads it) and stays a plain ValueError."""
+    from m3search.errors import CollectionDamagedError
+
+    path = tmp_path / "c"
+    Collection.create(path, model=tiny_encoder).close()
+    manifest = path / "manifest.json"
+    good = json.loads(manifest.read_text())
+    if text.startswith('{"') and text.endswith("}"):  # a field of a whole manifest damaged
+        text = json.dumps({**good, **json.loads(text)})
+    manifest.write_text(text)
+    with pytest.raises(CollectionDamagedError) as raised:
+        Collection.open(path, model=tiny_encoder)
+    assert str(path) in str(raised.value) and str(raised.value).split(" is damaged ")[1].startswith(why)
+    manifest.write_text(json.dumps({**good, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema version 99") as raised:
+        Collection.open(path, model=tiny_encoder)
+    assert not isinstance(raised.value, CollectionDamagedError)
+
+
 def test_query_embeddings_are_checked_against_the_collection(col, tiny_encoder, tiny_alt_model_path):
     """A dense-only encode failed deep inside the engine ("failed to extract enum Helper"), another model's
     vectors raised Qdrant's dimension error, and in sparse mode silently matched nothing."""

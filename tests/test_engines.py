@@ -45,7 +45,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
-from m3search.errors import CollectionExistsError, CollectionNotFoundError
+from m3search.errors import CollectionDamagedError, CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
 from m3search.scoring import colbert_scores
@@ -608,13 +608,21 @@ def test_ties_at_the_cut_go_by_id_like_the_order_within(tmp_path, tiny_encoder, 
 
 
 def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
-    """A notes.db of the user's was reported "in use by another process" (milvus-lite's open failed); untouched."""
+    """A notes.db of the user's was reported "in use by another process" (milvus-lite's open failed); untouched.
+    Create says something else is already there (CollectionExistsError, as over a folder at a .db location or a
+    file at a Qdrant Edge one), open that no collection is (it was CollectionNotFoundError for both, and exists
+    raised it too: create asks exists first)."""
     needs("milvus-lite")
     path = tmp_path / "notes.db"
     path.write_text("my notes")
-    for call in (lambda: Collection.create(str(path), model=tiny_encoder), lambda: Collection.open(str(path))):
-        with pytest.raises(CollectionNotFoundError, match="is not a Milvus Lite file"):
+    assert Collection.exists(str(path)) is False
+    for call, error in (
+        (lambda: Collection.create(str(path), model=tiny_encoder), CollectionExistsError),
+        (lambda: Collection.open(str(path)), CollectionNotFoundError),
+    ):
+        with pytest.raises(error) as raised:
             call()
+        assert str(raised.value) == f"{path} is not a Milvus Lite file (a .db location must be one)"
     assert path.read_text() == "my notes"
 
 
@@ -653,10 +661,31 @@ def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_enc
     con.commit()
     con.close()
     before = path.read_bytes()
-    for call in (lambda: Collection.open(str(path)), lambda: Collection.create(str(path), model=tiny_encoder)):
-        with pytest.raises(CollectionNotFoundError, match="is an SQLite database, not a Milvus Lite file"):
+    assert Collection.exists(str(path)) is False
+    for call, error in (
+        (lambda: Collection.open(str(path)), CollectionNotFoundError),
+        (lambda: Collection.create(str(path), model=tiny_encoder), CollectionExistsError),  # was CollectionNotFound
+    ):
+        with pytest.raises(error) as raised:
             call()
+        assert str(raised.value) == f"{path} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
     assert path.read_bytes() == before
+
+
+def test_a_plain_file_at_a_qdrant_edge_location_is_refused_alike(tmp_path, tiny_encoder):
+    """What the Milvus Lite tests above match: a file where the collection folder should be is CollectionExistsError
+    on create (something else is there) and CollectionNotFoundError on open, untouched."""
+    path = tmp_path / "notes"
+    path.write_text("my notes")
+    assert Collection.exists(str(path)) is False
+    for call, error in (
+        (lambda: Collection.create(str(path), model=tiny_encoder), CollectionExistsError),
+        (lambda: Collection.open(str(path)), CollectionNotFoundError),
+    ):
+        with pytest.raises(error) as raised:
+            call()
+        assert str(raised.value) == f"{path} is a file, not a collection folder"
+    assert path.read_text() == "my notes"
 
 
 # ---------------------------------------------------------------------------- writes
@@ -1787,8 +1816,46 @@ def test_a_damaged_milvus_lite_file_is_said_to_be_damaged(tmp_path, tiny_encoder
         col.add(["kept"], ids=["a"])
     said = damage(tmp_path / "col.db")
     for call in (Collection.exists, Collection.open, functools.partial(Collection.create, model=tiny_encoder)):
-        with pytest.raises(RuntimeError, match=re.escape(said)):
+        with pytest.raises(RuntimeError, match=re.escape(said)) as raised:
             call(loc)
+        assert isinstance(raised.value, CollectionDamagedError), repr(raised.value)  # was a plain RuntimeError
+
+
+def test_a_failed_milvus_lite_start_on_an_intact_file_is_not_called_damaged(tmp_path, monkeypatch):
+    """milvus-lite's start fails on a damaged file (above: CollectionDamagedError) but also for reasons of its own
+    (its own words are printed): where SQLite's quick_check finds the file intact, that stays a RuntimeError."""
+    needs("milvus-lite")
+    import sqlite3
+
+    import m3search.engines.milvus as milvus
+
+    path = tmp_path / "col.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE collection_meta(x)")  # what marks milvus-lite's file
+    con.close()
+
+    def failed_start(*args, **kwargs):
+        raise RuntimeError("Open local milvus failed")
+
+    monkeypatch.setattr(milvus, "_client", failed_start)
+    said = f"Milvus Lite could not open {path}: milvus-lite failed to start"
+    with pytest.raises(RuntimeError, match=re.escape(said)) as raised:
+        Collection.open(str(path))
+    assert not isinstance(raised.value, CollectionDamagedError)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_damaged_manifest_record_is_collection_damaged_error(tmp_path, tiny_encoder, engine):
+    """The manifest's schema version and model record are checked on every engine (``check_manifest``): damaged,
+    they were a plain ValueError (HTTP 400, blaming the request); now CollectionDamagedError naming the location."""
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.engine.write_manifest({**col.manifest, "schema_version": "x"})
+    with pytest.raises(CollectionDamagedError) as raised:
+        Collection.open(loc)
+    said = f"the manifest of the collection at {loc} is damaged (schema_version 'x' is not an integer)"
+    assert str(raised.value) == said
 
 
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):

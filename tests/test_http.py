@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from m3search import Collection  # noqa: E402
 from m3search.batching import INTERACTIVE, Batcher, QueueFull, RequestTimeout  # noqa: E402
 from m3search.errors import (  # noqa: E402
+    CollectionDamagedError,
     CollectionInUseError,
     CollectionReadOnlyError,
     CollectionUnreadableError,
@@ -84,8 +85,10 @@ def test_typed_errors_are_mapped_in_one_place():
         InsufficientStorageError: 507,
         CollectionUnreadableError: 500,
         CollectionReadOnlyError: 500,
+        CollectionDamagedError: 500,
     }
     # the typed errors stay the built-in kinds older callers catch
+    assert issubclass(CollectionDamagedError, ValueError) and issubclass(CollectionDamagedError, RuntimeError)
     assert issubclass(DuplicateIdError, ValueError) and issubclass(UnknownIdError, LookupError)
     assert issubclass(UnknownIdError, ValueError) and issubclass(ModelMismatchError, ValueError)
     assert issubclass(CollectionInUseError, RuntimeError) and issubclass(DuplicateIdError, M3SearchError)
@@ -145,6 +148,27 @@ def test_a_served_collection_that_becomes_unreadable_is_said_to_be_so(app_and_co
         assert message.startswith(f"collection at {stored} cannot be read: Permission denied ("), message
         assert client.post("/search", json={"query": "wing", "k": 1}).status_code == 200
     assert client.get("/info").json()["collection"]["disk_bytes"]["total"] > 0
+
+
+def test_a_damaged_collection_is_500_with_its_code(app_and_collection, tmp_path, tiny_encoder, monkeypatch, caplog):
+    """What opening a damaged collection raises was a ValueError: a served call raising it answered 400
+    "invalid_request", blaming the client for the server's files. Now 500 with error.code CollectionDamagedError,
+    in the server's log too. A damaged collection cannot be served (the server opens it before serving: see
+    test_cli's serve test), so the real error of opening one is raised by a served call here."""
+    _, client, col = app_and_collection
+    damaged = tmp_path / "damaged"
+    Collection.create(damaged, model=tiny_encoder).close()
+    (damaged / "manifest.json").write_text("[]")
+    with pytest.raises(ValueError) as opened:
+        Collection.open(damaged)
+    monkeypatch.setattr(col, "info", _raising(opened.value))
+    with caplog.at_level("ERROR", logger="m3search.server"):
+        r = client.get("/info")
+    message = _error(r, 500, "internal_error")
+    said = f"manifest.json of the collection at {damaged} is damaged (a JSON list, not an object)"
+    assert message == f"{said}; restore it from a copy"
+    assert r.json()["error"]["code"] == "CollectionDamagedError"
+    assert message in caplog.text
 
 
 #: A valid request to each route of the schema (a route added without one fails the schema test below).
@@ -211,7 +235,9 @@ def test_every_error_a_route_returns_is_in_its_openapi_entry(app_and_collection,
         with monkeypatch.context() as m:
             m.setattr(app.state.batcher, "encode_async", _raising(fault))
             assert _check_declared(client) > {404}
-    assert set(_ERROR_STATUS) - {UnknownIdError} <= {cls for faults in FAULTS.values() for cls in faults}
+    # (a damaged collection fails the server's start, not a served call: test_cli)
+    raised = {cls for faults in FAULTS.values() for cls in faults}
+    assert set(_ERROR_STATUS) - {UnknownIdError, CollectionDamagedError} <= raised
     for method, faults in FAULTS.items():
         for cls in faults:
             with monkeypatch.context() as m:

@@ -573,6 +573,40 @@ def test_a_write_after_the_shutdown_began_is_refused_before_it_starts(tmp_path, 
         assert [d is not None for d in c.get(["a", "b"])] == [True, False]
 
 
+def test_a_write_stopped_by_the_shutdown_carries_its_library_code(tmp_path, tiny_encoder, monkeypatch):
+    """The 503 of a write stopped between its batches (the library's IngestInterrupted) had no error.code, unlike
+    every other library error: now "IngestInterrupted". A write refused before it started (the server's own
+    ShuttingDown, no library error) still has none. M3SearchClient raises it as the RuntimeError it was."""
+    from fastapi.testclient import TestClient
+
+    from m3search import Collection
+    from m3search.client import M3SearchClient
+    from m3search.server import INGEST_WRITE_BATCH, Resources, Settings, create_app
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder)
+    app = create_app(Settings(), resources=Resources(collection=coll))
+    real = coll.engine.upsert
+
+    def then_stop(*args, **kwargs):  # the shutdown begins during the first batch's write
+        out = real(*args, **kwargs)
+        app.state.stopping.set()
+        return out
+
+    monkeypatch.setattr(coll.engine, "upsert", then_stop)
+    docs = [{"id": f"d{i}", "text": f"note {i}"} for i in range(INGEST_WRITE_BATCH + 2)]
+    with TestClient(app) as client:
+        r = client.post("/documents", json={"documents": docs})
+        refused = client.post("/documents", json={"documents": docs[:1]})
+        app.state.stopping.clear()
+        with pytest.raises(RuntimeError, match="shutting down; the first 4 of 5 documents were written") as raised:
+            M3SearchClient("http://testserver", http_client=client).add(["a", "b", "c", "d", "e"])
+    assert type(raised.value) is RuntimeError
+    assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["code"] == "IngestInterrupted" and error["ids"] == [d["id"] for d in docs[:INGEST_WRITE_BATCH]], error
+    assert refused.status_code == 503 and "code" not in refused.json()["error"], refused.text
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
     """``serve`` caps glibc's arenas (memory flat under load) but never overrides MALLOC_ARENA_MAX."""

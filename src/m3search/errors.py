@@ -5,7 +5,8 @@ Why typed: callers (the CLI, the HTTP service, your code) tell "this id is taken
 parsing messages. Each one also subclasses the built-in error it used to be
 (``ValueError``, ``LookupError``, ``FileNotFoundError``, ...), so ``except ValueError``
 code keeps working. The HTTP service maps them to statuses in one place
-(``m3search.server._ERROR_STATUS``: 409 duplicate or write conflict, 404 unknown, 507 insufficient storage).
+(``m3search.server._ERROR_STATUS``: 409 duplicate or write conflict, 404 unknown, 507 insufficient storage,
+500 the server's own files: unreadable, read-only, damaged).
 
 This module imports nothing, so every layer (engines included) can raise these.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "CollectionExistsError",
     "CollectionReadOnlyError",
     "CollectionUnreadableError",
+    "CollectionDamagedError",
     "EngineUnreachableError",
     "ModelMismatchError",
     "InsufficientStorageError",
@@ -80,6 +82,14 @@ class CollectionUnreadableError(M3SearchError, PermissionError):
     collection is there cannot be told, so it is neither opened nor created over, and nothing was changed. The
     message names the path; run as a user who may read it, or give this one read access. Also raised by a call on an
     open embedded collection that fails on a part made unreadable since (it says so; what it wrote may be stored)."""
+
+
+class CollectionDamagedError(M3SearchError, ValueError, RuntimeError):
+    """A collection's stored files are damaged (a hand edit, a truncated copy, a disk fault): its manifest cannot be
+    read as one, or SQLite finds its Milvus Lite file malformed. Nothing was read from it or written to it; the
+    message names the file: restore it from a copy. Not the caller's input, so the HTTP service answers 500 (the
+    operator's to fix, in its log). It is both the ``ValueError`` (a damaged manifest) and the ``RuntimeError`` (a
+    damaged Milvus Lite file) that these were raised as before it existed."""
 
 
 class EngineUnreachableError(M3SearchError, ConnectionError):

@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    CollectionDamagedError,
     CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
@@ -233,9 +234,15 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     InsufficientStorageError: 507,
     CollectionUnreadableError: 500,  # the server's files, not the request: nothing the client can change
     CollectionReadOnlyError: 500,  # the same (a part made read-only while served; the message says what was stored)
+    CollectionDamagedError: 500,  # the same: the operator restores the named file from a copy
 }
 #: The library errors whose ``ids`` the error body carries (``error.ids``), so a client need not parse the message.
 _ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
+
+
+def _code(exc: Exception) -> str | None:
+    """``error.code``: the class name of an error the library raised on purpose; None for any other."""
+    return type(exc).__name__ if isinstance(exc, M3SearchError) else None
 
 
 class ErrorDetail(BaseModel):
@@ -269,8 +276,8 @@ _ERROR_MEANINGS = {
     413: "Body, batch, input, `k`, `candidates` or filter over its limit",
     422: "Malformed request",
     429: "Queue full, nothing was done: retry after `Retry-After`",
-    500: "Internal error: a bug, or the collection's files can no longer be read or written by the server (the "
-    "message names them, and what a failed write left stored)",
+    500: "Internal error: a bug, or the collection's files can no longer be read or written by the server, or are "
+    "damaged (the message names them, and what a failed write left stored)",
     503: "Busy: the encoding did not start in time (`Retry-After`); or the server is shutting down (`Retry-After`): a "
     "write stopped between its batches (`error.ids`: the documents written, each whole; the others were not), or a "
     "write or delete refused before it started (nothing done)",
@@ -348,7 +355,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             done = str(exc) if isinstance(exc, ShuttingDown) else "no document was written"
         message = f"the server is shutting down; {done}: send them again once it is back"
         headers = {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-        return JSONResponse(error_body("unavailable", message, ids), status_code=503, headers=headers)
+        return JSONResponse(error_body("unavailable", message, ids, _code(exc)), status_code=503, headers=headers)
 
     @app.exception_handler(DeadlineExceeded)
     async def over_time(request: Request, exc: DeadlineExceeded):
@@ -366,8 +373,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status >= 500:  # the operator's to fix: in the server's log too
             log.error("%s %s: %s", request.method, request.url.path, exc)
         ids = exc.ids if isinstance(exc, _ID_ERRORS) else None
-        code = type(exc).__name__ if isinstance(exc, M3SearchError) else None
-        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, code), status_code=status)
+        return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, _code(exc)), status_code=status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # pragma: no cover - a bug by definition

@@ -223,6 +223,7 @@ from m3search.engines.shapes import (
     score_records,
 )
 from m3search.errors import (
+    CollectionDamagedError,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
@@ -326,21 +327,41 @@ _LITE_WRITES = dict.fromkeys(
 )
 
 
-def _lite_tables(uri: str) -> bool:
-    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. Read
-    read-only: milvus-lite adds its tables to any SQLite file it opens, even for a read-only command. A file SQLite
-    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
+def _read_only(uri: str, sql: str) -> list[tuple]:
+    """``sql``'s rows from the SQLite file ``uri``, opened read-only: milvus-lite adds its tables to any SQLite file
+    it opens, even for a read-only command. :class:`CollectionDamagedError` where SQLite finds the file damaged."""
     try:
         con = sqlite3.connect(f"{Path(uri).as_uri()}?mode=ro", uri=True)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return con.execute(sql).fetchall()
         finally:
             con.close()
     except sqlite3.Error as exc:
         if getattr(exc, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-            raise RuntimeError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
+            raise CollectionDamagedError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
+        raise
+
+
+def _lite_tables(uri: str) -> bool:
+    """Whether an SQLite file may be milvus-lite's: no tables yet, or its ``collection_meta`` table. A file SQLite
+    finds damaged is said to be (it was "an SQLite database, not a Milvus Lite file")."""
+    try:
+        tables = {r[0] for r in _read_only(uri, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
         return False
     return not tables or "collection_meta" in tables
+
+
+def _sqlite_finds_damage(uri: str) -> bool:
+    """Whether SQLite's ``quick_check`` finds the file damaged (past its table list, which :func:`_lite_tables`
+    read). Asked only once milvus-lite failed to start on it, so that its failure is
+    :class:`CollectionDamagedError` where the file is damaged, and only there: a start may fail for other reasons."""
+    try:
+        return _read_only(uri, "PRAGMA quick_check") != [("ok",)]
+    except CollectionDamagedError:
+        return True
+    except sqlite3.Error:
+        return False
 
 
 def _held_without_our_lock(uri: str) -> bool:
@@ -740,14 +761,14 @@ class MilvusEngine(Engine):
             if present:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     head = fh.read(16)
+                # another program's file: no collection to open, and something else already there to create over
+                error = CollectionExistsError if create_file else CollectionNotFoundError
                 if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
                     refuse_unwritable(uri, Path(uri))
                 elif head != b"SQLite format 3\x00":
-                    raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+                    raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 elif not _lite_tables(uri):
-                    raise CollectionNotFoundError(
-                        f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
-                    )
+                    raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
             in_use = CollectionInUseError(
                 f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
                 "open it from one process, e.g. through `m3search serve`)"
@@ -767,7 +788,8 @@ class MilvusEngine(Engine):
                     if fd is not None:
                         os.close(fd)
                     if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
-                        raise RuntimeError(
+                        error = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
+                        raise error(
                             f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
                             "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
                         ) from None
@@ -823,7 +845,10 @@ class MilvusEngine(Engine):
         with readable(uri):
             if lite and not has_file(Path(uri)):
                 return False
-        client, uri, name, lite = cls._connect(location, create_file=False, **connect)
+        try:
+            client, uri, name, lite = cls._connect(location, create_file=False, **connect)
+        except CollectionNotFoundError:  # another program's file at a .db location: no collection (create refuses it)
+            return False
         try:
             return bool(client.has_collection(name, timeout=engine["timeout"]))
         finally:

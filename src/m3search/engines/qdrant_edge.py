@@ -75,6 +75,7 @@ from m3search.engines.files import (
 from m3search.engines.qdrant_common import QdrantEngine
 from m3search.engines.shapes import Pool, QueryVectors, Schema
 from m3search.errors import (
+    CollectionDamagedError,
     CollectionExistsError,
     CollectionInUseError,
     CollectionNotFoundError,
@@ -236,8 +237,8 @@ def _refuse_a_file(root: Path, error: type[Exception]) -> None:
     refuse_the_wrong_kind(root, error, folder=True, what="a collection folder")
 
 
-def _damaged(root: Path, why: str) -> ValueError:
-    return ValueError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
+def _damaged(root: Path, why: str) -> CollectionDamagedError:
+    return CollectionDamagedError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
 
 
 def free_bytes(path: Path) -> int:

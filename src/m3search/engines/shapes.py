@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.errors import CollectionNotFoundError
+from m3search.errors import CollectionDamagedError, CollectionNotFoundError
 from m3search.plan import MODES, repeated  # MODES: the three representations, in the order weights are given
 from m3search.pooling import check_pool_factor
 from m3search.scoring import colbert_scores
@@ -81,13 +81,13 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
     """``manifest`` if this m3search can read the collection it describes. The one check before anything
     reads a collection (``Collection.open``, so ``info``, and ``migrate``, which would otherwise copy what
     it cannot read and relabel it with this version): CollectionNotFoundError without an m3search
-    manifest, ValueError for a newer schema version, or a damaged one (a version that is not an integer,
-    no model record)."""
+    manifest, ValueError for a newer schema version (not damage: a newer m3search reads it), CollectionDamagedError
+    for a damaged one (a version that is not an integer, no model record)."""
     if not manifest or manifest.get("format") != MANIFEST_FORMAT:
         raise CollectionNotFoundError(f"{location} has no m3search manifest")
     version = manifest.get("schema_version", 0)  # absent in the first manifests
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(
+        raise CollectionDamagedError(
             f"the manifest of the collection at {location} is damaged (schema_version {version!r} is not an integer)"
         )
     if version > SCHEMA_VERSION:
@@ -96,7 +96,7 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
             f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
         )
     if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
-        raise ValueError(f"the manifest of the collection at {location} is damaged (no model record)")
+        raise CollectionDamagedError(f"the manifest of the collection at {location} is damaged (no model record)")
     return manifest
 
 
