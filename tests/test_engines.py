@@ -1858,6 +1858,42 @@ def test_a_damaged_manifest_record_is_collection_damaged_error(tmp_path, tiny_en
     assert str(raised.value) == said
 
 
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [(None, "no schema"), ([1, 2], "schema: a list, not an object"), ({"dense_dim": 8, "typo": 1}, "schema: unknown")],
+)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_manifest_without_a_readable_schema_is_collection_damaged_error(tmp_path, tiny_encoder, engine, schema, why):
+    """Each engine's open reads the manifest's schema: on the Qdrant server (local mode) and Milvus a manifest
+    whose schema was missing or not an object was a bare KeyError / TypeError from inside; now every engine says
+    the manifest is damaged, naming the collection (as Qdrant Edge did), and leaves the collection as it was."""
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        col.add(["kept"], ids=["a"])
+        manifest = {key: value for key, value in col.manifest.items() if key != "schema"}
+        col.engine.write_manifest(manifest if schema is None else {**manifest, "schema": schema})
+    with pytest.raises(CollectionDamagedError) as raised:
+        Collection.open(loc)
+    said = str(raised.value)
+    assert f" is damaged ({why}" in said and said.endswith("; restore it from a copy"), said
+    assert str(tmp_path) in said or loc in said, said
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_newer_manifest_with_a_schema_this_version_cannot_read_says_upgrade(tmp_path, tiny_encoder, engine):
+    """A newer m3search's manifest may hold schema keys this one does not know: that is not damage (Qdrant Edge
+    said "damaged ... restore it from a copy", sending the operator to replace a good collection)."""
+    needs(engine)
+    loc = location(engine, tmp_path)
+    with Collection.create(loc, model=tiny_encoder) as col:
+        newer = {**col.manifest, "schema_version": 99, "schema": {**col.manifest["schema"], "from_the_future": 1}}
+        col.engine.write_manifest(newer)
+    with pytest.raises(ValueError, match=r"has schema version 99; .*\(upgrade m3search\)$") as raised:
+        Collection.open(loc)
+    assert not isinstance(raised.value, CollectionDamagedError)
+
+
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
     """One flock helper serves the collection locks (refused at once: None) and eval's cache lock (with
     ``wait``: blocks until the holder lets go, after printing the caller's message, only when it must wait)."""

@@ -220,6 +220,7 @@ from m3search.engines.shapes import (
     Record,
     Schema,
     WindowScores,
+    schema_of,
     score_records,
 )
 from m3search.errors import (
@@ -988,7 +989,7 @@ class MilvusEngine(Engine):
             raw = cls._read_manifest(client, f"{name}_manifest", opts["timeout"])
             if raw is None:
                 raise CollectionNotFoundError(f"Milvus collection {name!r} at {uri} has no m3search manifest")
-            schema = Schema.from_dict(raw["schema"])
+            schema = schema_of(raw, location)
             engine = cls(client, location, uri, name, lite, schema, **opts)
             engine._check_layout()
             engine.max_windows = max(1, int(raw.get("max_windows_stored", 1)))

@@ -73,7 +73,7 @@ from m3search.engines.files import (
     write_durably,
 )
 from m3search.engines.qdrant_common import QdrantEngine
-from m3search.engines.shapes import Pool, QueryVectors, Schema
+from m3search.engines.shapes import Pool, QueryVectors, Schema, schema_of
 from m3search.errors import (
     CollectionDamagedError,
     CollectionExistsError,
@@ -382,12 +382,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
         manifest = _load_manifest(root)
-        try:
-            schema = Schema.from_dict(manifest["schema"])
-        except KeyError:
-            raise _damaged(root, "no schema") from None
-        except (TypeError, ValueError) as exc:
-            raise _damaged(root, f"schema: {exc}") from None
+        schema = schema_of(manifest, str(root), MANIFEST)
         with writable(root, "Qdrant Edge", "the folder", "cp -r"):
             lock = _lock(root)
             try:

@@ -74,7 +74,7 @@ from m3search.engines.files import (
     writable,
 )
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
-from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, score_records
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, schema_of, score_records
 from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
@@ -493,7 +493,7 @@ class QdrantRemoteEngine(QdrantEngine):
                     else "not an m3search collection"
                 )
                 raise CollectionNotFoundError(f"Qdrant collection {name!r} at {where} is {what}")
-            schema = Schema.from_dict(meta[META_KEY]["schema"])
+            schema = schema_of(meta[META_KEY], location)
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
             engine._check_schema(info)
             engine._opened(int(_manifest(meta).get("max_windows_stored", 1)))

@@ -91,10 +91,7 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
             f"the manifest of the collection at {location} is damaged (schema_version {version!r} is not an integer)"
         )
     if version > SCHEMA_VERSION:
-        raise ValueError(
-            f"collection at {location} has schema version {version}; "
-            f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
-        )
+        raise _newer(version, location)
     if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
         raise CollectionDamagedError(f"the manifest of the collection at {location} is damaged (no model record)")
     return manifest
@@ -214,6 +211,34 @@ class Schema:
             elif f.type == "int" and type(v) is float and v.is_integer():
                 d[f.name] = int(v)
         return cls(**d)
+
+
+def schema_of(manifest: Any, location: str, name: str = "the manifest") -> Schema:
+    """The schema a stored manifest records, read the same way by every engine's open: where it records none that
+    reads (a hand edit, a disk fault), :class:`~m3search.errors.CollectionDamagedError` saying ``name`` (the
+    manifest, as the engine calls it) of the collection at ``location`` is damaged, not a KeyError or TypeError
+    from inside; where a newer m3search wrote it, the ValueError of :func:`check_manifest` (upgrade m3search)."""
+    raw = manifest.get("schema") if isinstance(manifest, Mapping) else None
+    try:
+        if not isinstance(raw, Mapping):
+            raise ValueError("no schema" if raw is None else f"schema: a {type(raw).__name__}, not an object")
+        return Schema.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        version = manifest.get("schema_version") if isinstance(manifest, Mapping) else None
+        if type(version) is int and version > SCHEMA_VERSION:
+            raise _newer(version, location) from None
+        why = str(exc) if str(exc).startswith(("no schema", "schema: ")) else f"schema: {exc}"
+        raise CollectionDamagedError(
+            f"{name} of the collection at {location} is damaged ({why}); restore it from a copy"
+        ) from None
+
+
+def _newer(version: int, location: str) -> ValueError:
+    """Not damage: a newer m3search reads it."""
+    return ValueError(
+        f"collection at {location} has schema version {version}; "
+        f"this m3search reads up to {SCHEMA_VERSION} (upgrade m3search)"
+    )
 
 
 #: Per-query ranked list: ``[(id, score), ...]``, best first.
