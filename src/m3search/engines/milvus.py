@@ -1164,8 +1164,7 @@ class MilvusEngine(Engine):
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
         """How many windows each stored document has (0: not stored)."""
-        fields = ["doc_id"] + (["spans"] if self.window_rows else [])
-        heads = {r["doc_id"]: r for r in self._rows_by_pk([_pk(i) for i in ids], fields)}
+        heads = self._heads(ids, ["doc_id", "spans"])
         return np.array([max(1, len(heads[i].get("spans") or [])) if i in heads else 0 for i in ids], dtype=np.int64)
 
     def _row_bytes(self, vectors: Sequence[str]) -> int:
@@ -1531,10 +1530,7 @@ class MilvusEngine(Engine):
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        wanted = set(ids)
-        return {r["doc_id"] for r in self._rows_by_pk([_pk(i) for i in ids], ["doc_id"]) if r["doc_id"] in wanted}
+        return set(self._heads(ids, ["doc_id"]))
 
     @staticmethod
     def _modes(with_vectors: bool | Sequence[str]) -> tuple[str, ...]:
@@ -1636,9 +1632,8 @@ class MilvusEngine(Engine):
         if not ids:
             return []
         vectors = self._modes(with_vectors)
-        rows = self._rows_by_pk([_pk(i) for i in ids], self._head_fields(vectors), self._row_bytes(vectors))
-        by_id = {r["doc_id"]: r for r in rows}
-        out = [by_id.get(i) for i in ids]
+        heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
+        out = [heads.get(i) for i in ids]
         if "colbert" in vectors:
             self._attach_colbert([r for r in out if r is not None])
         self._fill_texts([r for r in out if r is not None])
