@@ -199,6 +199,7 @@ from m3search.engines.base import (
     ID_NAMESPACE,
     Engine,
     bound_records,
+    split_requests,
     with_bound,
 )
 from m3search.engines.files import (
@@ -1306,14 +1307,8 @@ class MilvusEngine(Engine):
 
     def _upsert_docs(self, docs: list[list[dict]], sizes: list[int]) -> None:
         """Every row of each document in ONE request; documents grouped under ``max_request_bytes``."""
-        start, acc = 0, 0
-        for j, size in enumerate([*sizes, self.max_request_bytes + 1]):
-            if j == len(docs) or (acc + size > self.max_request_bytes and j > start):
-                rows = [r for d in docs[start:j] for r in d]
-                if rows:
-                    self.client.upsert(self.collection, rows, timeout=self.timeout)
-                start, acc = j, 0
-            acc += size
+        for part in split_requests(sizes, [True] * len(docs), self.max_request_bytes):
+            self.client.upsert(self.collection, [r for d in docs[part] for r in d], timeout=self.timeout)
 
     def _new_gens(self, n: int) -> np.ndarray:
         return np.random.default_rng().integers(1, 2**62, size=n, dtype=np.int64)
