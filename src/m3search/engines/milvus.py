@@ -186,6 +186,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1049,16 +1050,16 @@ class MilvusEngine(Engine):
         rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
         if len(rows) < ask:
             return rows
-        it = self.client.query_iterator(
-            coll, batch_size=max(1, min(MAX_RESULTS, limit)), filter=expr, output_fields=fields, timeout=self.timeout
-        )
-        rows = []
+        return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
+
+    def _pages(self, coll: str, step: int, expr: str, fields: list[str]) -> Iterator[list[dict]]:
+        """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
+        it = self.client.query_iterator(coll, batch_size=step, filter=expr, output_fields=fields, timeout=self.timeout)
         try:
             while page := it.next():
-                rows += page
+                yield page
         finally:
             it.close()
-        return rows
 
     def _rows_where(
         self, keys: Sequence[int], expr: Callable[[str], str], fields: list[str], per_key: int = 1, row_bytes: int = 64
@@ -1651,25 +1652,15 @@ class MilvusEngine(Engine):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         vectors = MODES if with_vectors else ()
         step = max(1, min(batch_size, CHUNK_BYTES // self._row_bytes(vectors)))
-        it = self.client.query_iterator(
-            self.collection,
-            batch_size=step,
-            filter=self._where("", "heads"),
-            output_fields=self._head_fields(vectors),
-            timeout=self.timeout,
-        )
         pending: list[dict] = []
-        try:
-            while True:
-                page = it.next()
-                pending += list(page)
-                while len(pending) >= batch_size or (not page and pending):
+        with closing(self._pages(self.collection, step, self._where("", "heads"), self._head_fields(vectors))) as pages:
+            for page in pages:
+                pending += page
+                while len(pending) >= batch_size:
                     chunk, pending = pending[:batch_size], pending[batch_size:]
                     yield self._batch(chunk, vectors)
-                if not page:
-                    return
-        finally:
-            it.close()
+        if pending:
+            yield self._batch(pending, vectors)
 
     def _batch(self, heads: list[dict], vectors: Sequence[str]) -> PointBatch:
         """Stored documents as a batch: every window when vectors are asked for, else the heads."""
