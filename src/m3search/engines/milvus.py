@@ -710,23 +710,23 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
+            path = Path(uri)
             with readable(uri):
-                present = has_file(Path(uri))
+                present = has_file(path)
             if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
                 error = CollectionExistsError if create_file else CollectionNotFoundError
-                refuse_the_wrong_kind(Path(uri), error, folder=False, what="a Milvus Lite file")
-            if not present and not Path(uri).parent.is_dir():
-                refuse_a_file_in_the_way(uri, Path(uri).parent)
-                raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
-            if not create_file and not present:
-                raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-            if not present:
-                refuse_uncreatable(uri, Path(uri).parent)
-            if present:
+                refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
+                if not path.parent.is_dir():
+                    refuse_a_file_in_the_way(uri, path.parent)
+                    raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
+                if not create_file:
+                    raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+                refuse_uncreatable(uri, path.parent)
+            else:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     head = fh.read(16)
                 if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
-                    refuse_unwritable(uri, Path(uri))
+                    refuse_unwritable(uri, path)
                 elif head != b"SQLite format 3\x00":
                     raise CollectionNotFoundError(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 elif not _lite_tables(uri):
@@ -760,7 +760,7 @@ class MilvusEngine(Engine):
                 if fd is not None:
                     _LITE_FDS[uri] = fd
                 _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            return Probed(client, uri, Path(uri), _LITE_WRITES, errors=MilvusException), uri, name, True
+            return Probed(client, uri, path, _LITE_WRITES, errors=MilvusException), uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
