@@ -607,9 +607,8 @@ class _ExprBuilder:
         p, k = self.path(f.field), self.kinds(f.field)
         if isinstance(f, Eq) and not _wide(f.value):
             return f'({k} != "l" and {p} != {_scalar(f.value)})'
-        if isinstance(f, Eq):
-            return f'({k} != "l" and {p} not in [{_scalar(f.value)}])'
-        return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in f.values)}])'
+        values = [f.value] if isinstance(f, Eq) else f.values
+        return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in values)}])'
 
     def _positive(self, f: Filter) -> str:
         p = self.path(f.field)
@@ -1062,19 +1061,20 @@ class MilvusEngine(Engine):
             it.close()
 
     def _rows_where(
-        self, keys: Sequence[int], expr: Callable[[str], str], fields: list[str], per_key: int = 1, row_bytes: int = 64
+        self, keys: Sequence[int], expr: str, fields: list[str], per_key: int = 1, row_bytes: int = 64
     ) -> list[dict]:
-        """Every row matching ``expr(keys)``, asked for chunks of ``keys`` (``per_key``: rows a key may match)."""
+        """Every row matching ``expr`` with ``{0}`` a chunk of ``keys``, asked chunk by chunk (``per_key``: rows a
+        key may match)."""
         per_key = max(1, per_key)
         step = max(1, min(MAX_RESULTS // per_key, CHUNK_BYTES // max(row_bytes * per_key, 1)))
         out: list[dict] = []
         for a in range(0, len(keys), step):
             chunk = keys[a : a + step]
-            out += self._query(self.collection, expr(_ints(chunk)), fields, len(chunk) * per_key)
+            out += self._query(self.collection, expr.format(_ints(chunk)), fields, len(chunk) * per_key)
         return out
 
     def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
-        return self._rows_where(pks, lambda keys: f"pk in {keys}", fields, 1, row_bytes)
+        return self._rows_where(pks, "pk in {0}", fields, 1, row_bytes)
 
     def _heads(self, ids: Sequence[str], fields: list[str], row_bytes: int = 64) -> dict[str, dict]:
         """The stored heads of the documents, by id (a head under a colliding key is another's: left out), each
@@ -1109,7 +1109,7 @@ class MilvusEngine(Engine):
         wanted, heads, rows = set(ids), {}, {}
 
         def read(owner: dict[int, str], expr: str) -> None:
-            for r in self._rows_where(list(owner), lambda c: expr.format(c), fields, self.max_windows, row_bytes):
+            for r in self._rows_where(list(owner), expr, fields, self.max_windows, row_bytes):
                 if r["win"] == 0 and r["doc_id"] in wanted:  # (a head under a colliding key is another's)
                     heads[r["doc_id"]] = r
                 elif r["win"] > 0 and r["doc_id"] == owner.get(r["doc"]):  # (not another's row under such a key)
@@ -1133,11 +1133,8 @@ class MilvusEngine(Engine):
         an interrupted long write), with ``colbert`` matrices if asked, and the head's whole text
         (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``). A document whose
         version was replaced between the two reads (a long write's switch) is read again."""
-        want = list(
-            dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
-        )
-        if self.window_rows:
-            want += ["spans", "tparts"]
+        more = [v for v in ("dense", "sparse") if v in vectors]  # (spans, tparts: not read from rows before windows)
+        want = list(dict.fromkeys([*fields, "doc_id", "gen", "ntok", "spans", "tparts", *more]))
         row_bytes = self._row_bytes(vectors)
         found: dict[str, list[dict]] = {}
         todo = list(dict.fromkeys(ids))
@@ -1229,7 +1226,7 @@ class MilvusEngine(Engine):
         (``pks``: each one's document) that another document's row holds."""
         fields = ["pk", "doc_id", "doc", "win", "gen"]
         if self.window_rows:
-            rows = self._rows_where(list(heads), lambda c: f"doc in {c} or pk in {c}", fields, self.max_windows)
+            rows = self._rows_where(list(heads), "doc in {0} or pk in {0}", fields, self.max_windows)
         else:
             rows = [{**r, "doc": r["pk"], "win": 0} for r in self._rows_by_pk(list(heads), ["pk", "doc_id", "gen"])]
         extra = sorted(set(pks) - set(heads))  # window keys past 0: another document's row could hold one
@@ -1407,7 +1404,7 @@ class MilvusEngine(Engine):
         wanted = set(ids)
         rows = self._rows_where(  # the heads (the version each names) and tombstones, in one read
             [_pk(i) for i in wanted],
-            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
+            "pk in {0} or (doc in {0} and win < 0)",
             ["pk", "doc_id", "doc", "win", "gen"],
             self.max_windows + 1,
         )
@@ -1465,9 +1462,7 @@ class MilvusEngine(Engine):
         old = self._head_row(doc_id)
         if old is None or old["doc"] != _pk(doc_id):
             return [] if old is None else [self._over_head(doc_id, old)]
-        rows = self._rows_where(
-            [old["doc"]], lambda c: f"doc in {c} and win > 0", ["pk", "doc_id", "gen"], self.max_windows
-        )
+        rows = self._rows_where([old["doc"]], "doc in {0} and win > 0", ["pk", "doc_id", "gen"], self.max_windows)
         return [
             *(self._tombstone(doc_id, r["pk"], r["gen"]) for r in rows if r["doc_id"] == doc_id),
             self._over_head(doc_id, old),
