@@ -1586,8 +1586,6 @@ class MilvusEngine(Engine):
 
     def _decode_vectors(self, raw: list) -> np.ndarray:
         width = self.block * self.schema.colbert_dim
-        if not raw:
-            return np.zeros((0, width), dtype=np.float32)
         if self._vec_dtype == np.float16:
             # pymilvus returns FLOAT16_VECTOR rows as [bytes]
             buf = b"".join(r[0] if isinstance(r, list) else bytes(r) for r in raw)
@@ -1596,8 +1594,6 @@ class MilvusEngine(Engine):
 
     @staticmethod
     def _sparse_pair(s: dict) -> tuple[np.ndarray, np.ndarray]:
-        if not s:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         idx = np.fromiter(s.keys(), dtype=np.int64, count=len(s))
         val = np.fromiter(s.values(), dtype=np.float32, count=len(s))
         order = np.argsort(idx)
