@@ -83,6 +83,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "Engine",
     "bound_records",
     "with_bound",
+    "split_requests",
     "point_uuid",
     "Schema",
     "PointBatch",
@@ -125,6 +126,19 @@ def with_bound(manifest: dict | None, names: Iterable[str]) -> dict | None:
     if manifest is not None and most > int(manifest.get("max_windows_stored", 1)):
         manifest["max_windows_stored"] = most
     return manifest
+
+
+def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None) -> Iterator[slice]:
+    """Consecutive slices of points for requests of about ``limit`` bytes at most (None: one request),
+    cut only before a point where ``cut`` is True (so a request may exceed ``limit`` until the next cut)."""
+    start, acc = 0, 0
+    for j, size in enumerate(sizes):
+        if limit is not None and j > start and cut[j] and acc + size > limit:
+            yield slice(start, j)
+            start, acc = j, 0
+        acc += size
+    if start < len(sizes):
+        yield slice(start, len(sizes))
 
 
 def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:

@@ -186,6 +186,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -199,6 +200,7 @@ from m3search.engines.base import (
     ID_NAMESPACE,
     Engine,
     bound_records,
+    split_requests,
     with_bound,
 )
 from m3search.engines.files import (
@@ -644,9 +646,8 @@ class _ExprBuilder:
         p, k = self.path(f.field), self.kinds(f.field)
         if isinstance(f, Eq) and not _wide(f.value):
             return f'({k} != "l" and {p} != {_scalar(f.value)})'
-        if isinstance(f, Eq):
-            return f'({k} != "l" and {p} not in [{_scalar(f.value)}])'
-        return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in f.values)}])'
+        values = [f.value] if isinstance(f, Eq) else f.values
+        return f'({k} != "l" and {p} not in [{", ".join(_scalar(v) for v in values)}])'
 
     def _positive(self, f: Filter) -> str:
         p = self.path(f.field)
@@ -747,25 +748,25 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
+            path = Path(uri)
             with readable(uri):
-                present = has_file(Path(uri))
+                present = has_file(path)
             if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
                 error = CollectionExistsError if create_file else CollectionNotFoundError
-                refuse_the_wrong_kind(Path(uri), error, folder=False, what="a Milvus Lite file")
-            if not present and not Path(uri).parent.is_dir():
-                refuse_a_file_in_the_way(uri, Path(uri).parent)
-                raise CollectionNotFoundError(f"folder {Path(uri).parent} does not exist (for Milvus Lite file {uri})")
-            if not create_file and not present:
-                raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-            if not present:
-                refuse_uncreatable(uri, Path(uri).parent)
-            if present:
+                refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
+                if not path.parent.is_dir():
+                    refuse_a_file_in_the_way(uri, path.parent)
+                    raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
+                if not create_file:
+                    raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+                refuse_uncreatable(uri, path.parent)
+            else:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     head = fh.read(16)
                 # another program's file: no collection to open, and something else already there to create over
                 error = CollectionExistsError if create_file else CollectionNotFoundError
                 if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
-                    refuse_unwritable(uri, Path(uri))
+                    refuse_unwritable(uri, path)
                 elif head != b"SQLite format 3\x00":
                     raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
                 elif not _lite_tables(uri):
@@ -798,7 +799,7 @@ class MilvusEngine(Engine):
                 if fd is not None:
                     _LITE_FDS[uri] = fd
                 _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            return Probed(client, uri, Path(uri), _LITE_WRITES, errors=MilvusException), uri, name, True
+            return Probed(client, uri, path, _LITE_WRITES, errors=MilvusException), uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
@@ -1092,31 +1093,32 @@ class MilvusEngine(Engine):
         rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
         if len(rows) < ask:
             return rows
-        it = self.client.query_iterator(
-            coll, batch_size=max(1, min(MAX_RESULTS, limit)), filter=expr, output_fields=fields, timeout=self.timeout
-        )
-        rows = []
+        return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
+
+    def _pages(self, coll: str, step: int, expr: str, fields: list[str]) -> Iterator[list[dict]]:
+        """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
+        it = self.client.query_iterator(coll, batch_size=step, filter=expr, output_fields=fields, timeout=self.timeout)
         try:
             while page := it.next():
-                rows += page
+                yield page
         finally:
             it.close()
-        return rows
 
     def _rows_where(
-        self, keys: Sequence[int], expr: Callable[[str], str], fields: list[str], per_key: int = 1, row_bytes: int = 64
+        self, keys: Sequence[int], expr: str, fields: list[str], per_key: int = 1, row_bytes: int = 64
     ) -> list[dict]:
-        """Every row matching ``expr(keys)``, asked for chunks of ``keys`` (``per_key``: rows a key may match)."""
+        """Every row matching ``expr`` with ``{0}`` a chunk of ``keys``, asked chunk by chunk (``per_key``: rows a
+        key may match)."""
         per_key = max(1, per_key)
         step = max(1, min(MAX_RESULTS // per_key, CHUNK_BYTES // max(row_bytes * per_key, 1)))
         out: list[dict] = []
         for a in range(0, len(keys), step):
             chunk = keys[a : a + step]
-            out += self._query(self.collection, expr(_ints(chunk)), fields, len(chunk) * per_key)
+            out += self._query(self.collection, expr.format(_ints(chunk)), fields, len(chunk) * per_key)
         return out
 
     def _rows_by_pk(self, pks: Sequence[int], fields: list[str], row_bytes: int = 64) -> list[dict]:
-        return self._rows_where(pks, lambda keys: f"pk in {keys}", fields, 1, row_bytes)
+        return self._rows_where(pks, "pk in {0}", fields, 1, row_bytes)
 
     def _heads(self, ids: Sequence[str], fields: list[str], row_bytes: int = 64) -> dict[str, dict]:
         """The stored heads of the documents, by id (a head under a colliding key is another's: left out), each
@@ -1151,7 +1153,7 @@ class MilvusEngine(Engine):
         wanted, heads, rows = set(ids), {}, {}
 
         def read(owner: dict[int, str], expr: str) -> None:
-            for r in self._rows_where(list(owner), lambda c: expr.format(c), fields, self.max_windows, row_bytes):
+            for r in self._rows_where(list(owner), expr, fields, self.max_windows, row_bytes):
                 if r["win"] == 0 and r["doc_id"] in wanted:  # (a head under a colliding key is another's)
                     heads[r["doc_id"]] = r
                 elif r["win"] > 0 and r["doc_id"] == owner.get(r["doc"]):  # (not another's row under such a key)
@@ -1175,11 +1177,8 @@ class MilvusEngine(Engine):
         an interrupted long write), with ``colbert`` matrices if asked, and the head's whole text
         (``whole_text``; False: the stored field, "" for a text kept in ``NAME_text``). A document whose
         version was replaced between the two reads (a long write's switch) is read again."""
-        want = list(
-            dict.fromkeys([*fields, "doc_id", "gen", "ntok", *[v for v in ("dense", "sparse") if v in vectors]])
-        )
-        if self.window_rows:
-            want += ["spans", "tparts"]
+        more = [v for v in ("dense", "sparse") if v in vectors]  # (spans, tparts: not read from rows before windows)
+        want = list(dict.fromkeys([*fields, "doc_id", "gen", "ntok", "spans", "tparts", *more]))
         row_bytes = self._row_bytes(vectors)
         found: dict[str, list[dict]] = {}
         todo = list(dict.fromkeys(ids))
@@ -1208,8 +1207,7 @@ class MilvusEngine(Engine):
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
         """How many windows each stored document has (0: not stored)."""
-        fields = ["doc_id"] + (["spans"] if self.window_rows else [])
-        heads = {r["doc_id"]: r for r in self._rows_by_pk([_pk(i) for i in ids], fields)}
+        heads = self._heads(ids, ["doc_id", "spans"])
         return np.array([max(1, len(heads[i].get("spans") or [])) if i in heads else 0 for i in ids], dtype=np.int64)
 
     def _row_bytes(self, vectors: Sequence[str]) -> int:
@@ -1272,7 +1270,7 @@ class MilvusEngine(Engine):
         (``pks``: each one's document) that another document's row holds."""
         fields = ["pk", "doc_id", "doc", "win", "gen"]
         if self.window_rows:
-            rows = self._rows_where(list(heads), lambda c: f"doc in {c} or pk in {c}", fields, self.max_windows)
+            rows = self._rows_where(list(heads), "doc in {0} or pk in {0}", fields, self.max_windows)
         else:
             rows = [{**r, "doc": r["pk"], "win": 0} for r in self._rows_by_pk(list(heads), ["pk", "doc_id", "gen"])]
         extra = sorted(set(pks) - set(heads))  # window keys past 0: another document's row could hold one
@@ -1351,14 +1349,8 @@ class MilvusEngine(Engine):
 
     def _upsert_docs(self, docs: list[list[dict]], sizes: list[int]) -> None:
         """Every row of each document in ONE request; documents grouped under ``max_request_bytes``."""
-        start, acc = 0, 0
-        for j, size in enumerate([*sizes, self.max_request_bytes + 1]):
-            if j == len(docs) or (acc + size > self.max_request_bytes and j > start):
-                rows = [r for d in docs[start:j] for r in d]
-                if rows:
-                    self.client.upsert(self.collection, rows, timeout=self.timeout)
-                start, acc = j, 0
-            acc += size
+        for part in split_requests(sizes, [True] * len(docs), self.max_request_bytes):
+            self.client.upsert(self.collection, [r for d in docs[part] for r in d], timeout=self.timeout)
 
     def _new_gens(self, n: int) -> np.ndarray:
         return np.random.default_rng().integers(1, 2**62, size=n, dtype=np.int64)
@@ -1456,7 +1448,7 @@ class MilvusEngine(Engine):
         wanted = set(ids)
         rows = self._rows_where(  # the heads (the version each names) and tombstones, in one read
             [_pk(i) for i in wanted],
-            lambda c: f"pk in {c} or (doc in {c} and win < 0)",
+            "pk in {0} or (doc in {0} and win < 0)",
             ["pk", "doc_id", "doc", "win", "gen"],
             self.max_windows + 1,
         )
@@ -1514,9 +1506,7 @@ class MilvusEngine(Engine):
         old = self._head_row(doc_id)
         if old is None or old["doc"] != _pk(doc_id):
             return [] if old is None else [self._over_head(doc_id, old)]
-        rows = self._rows_where(
-            [old["doc"]], lambda c: f"doc in {c} and win > 0", ["pk", "doc_id", "gen"], self.max_windows
-        )
+        rows = self._rows_where([old["doc"]], "doc in {0} and win > 0", ["pk", "doc_id", "gen"], self.max_windows)
         return [
             *(self._tombstone(doc_id, r["pk"], r["gen"]) for r in rows if r["doc_id"] == doc_id),
             self._over_head(doc_id, old),
@@ -1575,10 +1565,7 @@ class MilvusEngine(Engine):
 
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
-        if not ids:
-            return set()
-        wanted = set(ids)
-        return {r["doc_id"] for r in self._rows_by_pk([_pk(i) for i in ids], ["doc_id"]) if r["doc_id"] in wanted}
+        return set(self._heads(ids, ["doc_id"]))
 
     @staticmethod
     def _modes(with_vectors: bool | Sequence[str]) -> tuple[str, ...]:
@@ -1643,8 +1630,6 @@ class MilvusEngine(Engine):
 
     def _decode_vectors(self, raw: list) -> np.ndarray:
         width = self.block * self.schema.colbert_dim
-        if not raw:
-            return np.zeros((0, width), dtype=np.float32)
         if self._vec_dtype == np.float16:
             # pymilvus returns FLOAT16_VECTOR rows as [bytes]
             buf = b"".join(r[0] if isinstance(r, list) else bytes(r) for r in raw)
@@ -1653,8 +1638,6 @@ class MilvusEngine(Engine):
 
     @staticmethod
     def _sparse_pair(s: dict) -> tuple[np.ndarray, np.ndarray]:
-        if not s:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         idx = np.fromiter(s.keys(), dtype=np.int64, count=len(s))
         val = np.fromiter(s.values(), dtype=np.float32, count=len(s))
         order = np.argsort(idx)
@@ -1680,9 +1663,8 @@ class MilvusEngine(Engine):
         if not ids:
             return []
         vectors = self._modes(with_vectors)
-        rows = self._rows_by_pk([_pk(i) for i in ids], self._head_fields(vectors), self._row_bytes(vectors))
-        by_id = {r["doc_id"]: r for r in rows}
-        out = [by_id.get(i) for i in ids]
+        heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
+        out = [heads.get(i) for i in ids]
         if "colbert" in vectors:
             self._attach_colbert([r for r in out if r is not None])
         self._fill_texts([r for r in out if r is not None])
@@ -1705,25 +1687,15 @@ class MilvusEngine(Engine):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         vectors = MODES if with_vectors else ()
         step = max(1, min(batch_size, CHUNK_BYTES // self._row_bytes(vectors)))
-        it = self.client.query_iterator(
-            self.collection,
-            batch_size=step,
-            filter=self._where("", "heads"),
-            output_fields=self._head_fields(vectors),
-            timeout=self.timeout,
-        )
         pending: list[dict] = []
-        try:
-            while True:
-                page = it.next()
-                pending += list(page)
-                while len(pending) >= batch_size or (not page and pending):
+        with closing(self._pages(self.collection, step, self._where("", "heads"), self._head_fields(vectors))) as pages:
+            for page in pages:
+                pending += page
+                while len(pending) >= batch_size:
                     chunk, pending = pending[:batch_size], pending[batch_size:]
                     yield self._batch(chunk, vectors)
-                if not page:
-                    return
-        finally:
-            it.close()
+        if pending:
+            yield self._batch(pending, vectors)
 
     def _batch(self, heads: list[dict], vectors: Sequence[str]) -> PointBatch:
         """Stored documents as a batch: every window when vectors are asked for, else the heads."""

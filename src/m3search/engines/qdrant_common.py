@@ -104,7 +104,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import Engine, point_uuid
+from m3search.engines.base import Engine, point_uuid, split_requests
 from m3search.engines.qdrant_filter import engine_filter
 from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, WindowScores, score_records
 from m3search.filters import Filter
@@ -186,19 +186,6 @@ def collapse(points: Sequence[Any], k: int) -> Hits:
             if len(out) == k:
                 break
     return list(out.items())
-
-
-def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None) -> Iterator[slice]:
-    """Consecutive slices of points for requests of about ``limit`` bytes at most (None: one request),
-    cut only before a point where ``cut`` is True (so a request may exceed ``limit`` until the next cut)."""
-    start, acc = 0, 0
-    for j, size in enumerate(sizes):
-        if limit is not None and j > start and cut[j] and acc + size > limit:
-            yield slice(start, j)
-            start, acc = j, 0
-        acc += size
-    if start < len(sizes):
-        yield slice(start, len(sizes))
 
 
 class QdrantEngine(Engine):

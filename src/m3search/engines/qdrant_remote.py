@@ -64,7 +64,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, with_bound
+from m3search.engines.base import BOUND_RECORD, CREATE_OPTION_RULES, bound_records, split_requests, with_bound
 from m3search.engines.files import (
     has_file,
     readable,
@@ -73,7 +73,7 @@ from m3search.engines.files import (
     refuse_unreadable,
     writable,
 )
-from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point, split_requests
+from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point
 from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, schema_of, score_records
 from m3search.errors import (
     CollectionExistsError,
