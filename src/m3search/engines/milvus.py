@@ -751,8 +751,9 @@ class MilvusEngine(Engine):
             path = Path(uri)
             with readable(uri):
                 present = has_file(path)
+            # something not ours at the location: no collection to open, and something already there to create over
+            error = CollectionExistsError if create_file else CollectionNotFoundError
             if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
-                error = CollectionExistsError if create_file else CollectionNotFoundError
                 refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
                 if not path.parent.is_dir():
                     refuse_a_file_in_the_way(uri, path.parent)
@@ -763,8 +764,6 @@ class MilvusEngine(Engine):
             else:
                 with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
                     head = fh.read(16)
-                # another program's file: no collection to open, and something else already there to create over
-                error = CollectionExistsError if create_file else CollectionNotFoundError
                 if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
                     refuse_unwritable(uri, path)
                 elif head != b"SQLite format 3\x00":
@@ -790,8 +789,8 @@ class MilvusEngine(Engine):
                     if fd is not None:
                         os.close(fd)
                     if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
-                        error = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
-                        raise error(
+                        failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
+                        raise failed(
                             f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
                             "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
                         ) from None
