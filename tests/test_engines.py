@@ -365,7 +365,7 @@ def test_milvus_lite_refuses_filters_it_cannot_express(cols, spec):
 
 def test_milvus_filter_expressions():
     pytest.importorskip("pymilvus")
-    from m3search.engines.milvus import to_milvus_expr
+    from m3search.engines.milvus_filter import to_milvus_expr
 
     assert (
         to_milvus_expr(parse_filter({"a.b": 'x"y'}))
