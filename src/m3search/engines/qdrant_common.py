@@ -197,6 +197,8 @@ class QdrantEngine(Engine):
     #: Point layout of this collection: :data:`LAYOUT` when created, the stored one when opened.
     layout: int = LAYOUT
 
+    #: HNSW ``ef`` of the first-stage queries (None: Qdrant's own).
+    hnsw_ef: int | None = None
     #: Requests of one write stay under this many bytes of JSON (None: no limit; see :func:`split_requests`).
     max_request_bytes: int | None = None
     #: The numeric engine options, as :func:`~m3search.plan.check_options` checks them (None: Qdrant's own ef).
@@ -205,6 +207,9 @@ class QdrantEngine(Engine):
     _dialect: Any = None
     #: The client's sparse vector class (keywords ``indices``, ``values``).
     _sparse_vector: Any = None
+    #: The client's search-param classes (keywords ``hnsw_ef``, ``exact``, ``quantization``; ``ignore``, ``rescore``).
+    _search_params: Any = None
+    _quantization_params: Any = None
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
@@ -301,7 +306,9 @@ class QdrantEngine(Engine):
     def _params(self, exact: bool, rescore: bool | None = None) -> Any:
         """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan); given ``rescore``, those that
         score on the quantized copy instead (``rescore``: again on the stored vectors)."""
-        raise NotImplementedError
+        if rescore is None:
+            return self._search_params(hnsw_ef=self.hnsw_ef, exact=exact)
+        return self._search_params(exact=False, quantization=self._quantization_params(ignore=False, rescore=rescore))
 
     # ------------------------------------------------------- requests over the hooks
     def _filter(self, f: Filter | None, docs_only: bool = False) -> Any:

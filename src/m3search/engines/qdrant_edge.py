@@ -273,6 +273,7 @@ class QdrantEdgeEngine(QdrantEngine):
     default_colbert_dtype = "turbo8"
     _dialect = _EdgeDialect
     _sparse_vector = qe.SparseVector
+    _search_params, _quantization_params = qe.SearchParams, qe.QuantizationSearchParams
 
     def __init__(
         self, root: Path, shard: qe.EdgeShard, schema: Schema, *, lock: int | None = None, hnsw_ef: int | None = None
@@ -549,11 +550,6 @@ class QdrantEdgeEngine(QdrantEngine):
 
     def _has_ids(self, uuids: list[str]) -> qe.Filter:
         return qe.Filter(must=[qe.HasIdCondition(set(uuids))])
-
-    def _params(self, exact: bool, rescore: bool | None = None) -> qe.SearchParams:
-        if rescore is None:
-            return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-        return qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=rescore))
 
     # ------------------------------------------------------------------- queries
     def candidates_batch(

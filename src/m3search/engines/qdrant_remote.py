@@ -296,6 +296,7 @@ class QdrantRemoteEngine(QdrantEngine):
     shared = True  # a server's collection has other clients (local mode: other handles in this process)
     _dialect = _ClientDialect
     _sparse_vector = qm.SparseVector
+    _search_params, _quantization_params = qm.SearchParams, qm.QuantizationSearchParams
 
     def __init__(
         self,
@@ -639,11 +640,8 @@ class QdrantRemoteEngine(QdrantEngine):
         return [r.points for r in res]
 
     def _params(self, exact: bool, rescore: bool | None = None) -> qm.SearchParams | None:
-        if self.local:  # local mode always scans exactly (and warns about any params)
-            return None
-        if rescore is None:
-            return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-        return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
+        # local mode always scans exactly (and warns about any params)
+        return None if self.local else super()._params(exact, rescore)
 
     def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
         payload = ["id", "gen", "window"] if with_id else False  # (QdrantEngine._committed)
