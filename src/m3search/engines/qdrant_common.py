@@ -316,9 +316,8 @@ class QdrantEngine(Engine):
         return engine_filter(f, self._dialect, nested=self.layout >= 3, docs_only=docs_only)
 
     def _query_vector(self, query: QueryVectors, mode: str) -> Any:
-        return self._vector(
-            mode, (query.sparse_indices, query.sparse_values) if mode == "sparse" else getattr(query, mode)
-        )
+        v = (query.sparse_indices, query.sparse_values) if mode == "sparse" else getattr(query, mode)
+        return self._vector(mode, v)
 
     def _colbert_params(self) -> Any:
         """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
@@ -690,11 +689,9 @@ class QdrantEngine(Engine):
         while True:
             raw, offset = self._scroll(offset, batch_size, self._beside_heads, with_vectors)
             if raw:
-                docs = self._records(raw)
-                if windowed and with_vectors and any(d.windows > 1 for d in docs):
-                    recs = [w for ws in self.get_windows([d.id for d in docs], with_vectors=True) for w in ws]
-                else:
-                    recs = docs
+                recs = self._records(raw)
+                if windowed and with_vectors and any(d.windows > 1 for d in recs):
+                    recs = [w for ws in self.get_windows([d.id for d in recs], with_vectors=True) for w in ws]
                 yield PointBatch.from_records(recs, self.schema.vocab_size)
             if offset is None or not raw:
                 return
@@ -746,9 +743,7 @@ class QdrantEngine(Engine):
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
         q = sp.csr_matrix(q)
-        rows = [
-            (q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]) for i in range(q.shape[0])
-        ]
+        rows = [(q.indices[a:b], q.data[a:b]) for a, b in zip(q.indptr[:-1], q.indptr[1:])]
         live = [i for i, (ind, _) in enumerate(rows) if len(ind)]  # an empty query shares no token with anything
         out: list[Hits] = [[] for _ in rows]
         for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact)):

@@ -616,17 +616,9 @@ class QdrantRemoteEngine(QdrantEngine):
         )
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
-        flt = self._filter(None, docs_only)
+        args = {"scroll_filter": self._filter(None, docs_only), "limit": limit, "offset": offset}
         return self._call(
-            "scroll",
-            lambda: self.client.scroll(
-                self.collection,
-                scroll_filter=flt,
-                limit=limit,
-                offset=offset,
-                with_payload=True,
-                with_vectors=with_vectors,
-            ),
+            "scroll", lambda: self.client.scroll(self.collection, **args, with_payload=True, with_vectors=with_vectors)
         )
 
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
