@@ -264,11 +264,8 @@ def _transient(exc: BaseException) -> bool:
         import grpc
 
         if isinstance(exc, grpc.RpcError):
-            return exc.code() in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+            code = grpc.StatusCode
+            return exc.code() in (code.UNAVAILABLE, code.DEADLINE_EXCEEDED, code.RESOURCE_EXHAUSTED)
     except ImportError:  # pragma: no cover
         pass
     return isinstance(exc, (ConnectionError, TimeoutError))
@@ -576,9 +573,7 @@ class QdrantRemoteEngine(QdrantEngine):
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
         """Requests of at most ``max_request_bytes``, cut only between documents (every other
         point of a document, tombstones included, stays with its head before it)."""
-        structs = [
-            qm.PointStruct(id=uid, vector=self._point_vectors(vec), payload=payload) for uid, vec, payload in points
-        ]
+        structs = [qm.PointStruct(id=u, vector=self._point_vectors(v), payload=p) for u, v, p in points]
         for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
@@ -600,9 +595,7 @@ class QdrantRemoteEngine(QdrantEngine):
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
-        ops = [
-            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=payload, points=uuids)) for payload, uuids in ops
-        ]
+        ops = [qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=p, points=u)) for p, u in ops]
         self._call(  # one request: applied together
             "set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True)
         )
