@@ -99,18 +99,16 @@ def location_options(location: str | os.PathLike, options: dict | None = None) -
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise ValueError(f"the options in {os.fspath(location)!r} must be key=value pairs joined by '&'") from None
-    given: set[str] = set()
     for key, raw in pairs:
         if key in _SECRET_OPTIONS:
             raise ValueError(
                 f"{key} does not go in a location (it would be kept in shell history and logs): "
                 f"set {_SECRET_OPTIONS[key]} in the environment"
             )
-        if key in given or key in options:
+        if key in options:  # given before, in the URL or in options
             raise ValueError(f"engine option {key!r} is given twice (in {os.fspath(location)!r})")
         if not raw:
             raise ValueError(f"engine option {key!r} in {os.fspath(location)!r} has no value")
-        given.add(key)
         options[key] = _option_value(key, raw)
     return loc, options
 

@@ -197,6 +197,8 @@ class QdrantEngine(Engine):
     #: Point layout of this collection: :data:`LAYOUT` when created, the stored one when opened.
     layout: int = LAYOUT
 
+    #: HNSW ``ef`` of the first-stage queries (None: Qdrant's own).
+    hnsw_ef: int | None = None
     #: Requests of one write stay under this many bytes of JSON (None: no limit; see :func:`split_requests`).
     max_request_bytes: int | None = None
     #: The numeric engine options, as :func:`~m3search.plan.check_options` checks them (None: Qdrant's own ef).
@@ -205,6 +207,9 @@ class QdrantEngine(Engine):
     _dialect: Any = None
     #: The client's sparse vector class (keywords ``indices``, ``values``).
     _sparse_vector: Any = None
+    #: The client's search-param classes (keywords ``hnsw_ef``, ``exact``, ``quantization``; ``ignore``, ``rescore``).
+    _search_params: Any = None
+    _quantization_params: Any = None
 
     # ----------------------------------------------------------------- client hooks
     def _retrieve(self, uuids: list[str], payload: bool | list[str], vectors: bool | list[str]) -> list[Any]:
@@ -301,7 +306,9 @@ class QdrantEngine(Engine):
     def _params(self, exact: bool, rescore: bool | None = None) -> Any:
         """Search params: the HNSW ``ef`` of this engine, and ``exact`` (a full scan); given ``rescore``, those that
         score on the quantized copy instead (``rescore``: again on the stored vectors)."""
-        raise NotImplementedError
+        if rescore is None:
+            return self._search_params(hnsw_ef=self.hnsw_ef, exact=exact)
+        return self._search_params(exact=False, quantization=self._quantization_params(ignore=False, rescore=rescore))
 
     # ------------------------------------------------------- requests over the hooks
     def _filter(self, f: Filter | None, docs_only: bool = False) -> Any:
@@ -309,9 +316,8 @@ class QdrantEngine(Engine):
         return engine_filter(f, self._dialect, nested=self.layout >= 3, docs_only=docs_only)
 
     def _query_vector(self, query: QueryVectors, mode: str) -> Any:
-        return self._vector(
-            mode, (query.sparse_indices, query.sparse_values) if mode == "sparse" else getattr(query, mode)
-        )
+        v = (query.sparse_indices, query.sparse_values) if mode == "sparse" else getattr(query, mode)
+        return self._vector(mode, v)
 
     def _colbert_params(self) -> Any:
         """MaxSim search params. Without a quantized copy: ``exact``. With one: NOT ``exact``, which
@@ -683,11 +689,9 @@ class QdrantEngine(Engine):
         while True:
             raw, offset = self._scroll(offset, batch_size, self._beside_heads, with_vectors)
             if raw:
-                docs = self._records(raw)
-                if windowed and with_vectors and any(d.windows > 1 for d in docs):
-                    recs = [w for ws in self.get_windows([d.id for d in docs], with_vectors=True) for w in ws]
-                else:
-                    recs = docs
+                recs = self._records(raw)
+                if windowed and with_vectors and any(d.windows > 1 for d in recs):
+                    recs = [w for ws in self.get_windows([d.id for d in recs], with_vectors=True) for w in ws]
                 yield PointBatch.from_records(recs, self.schema.vocab_size)
             if offset is None or not raw:
                 return
@@ -739,9 +743,7 @@ class QdrantEngine(Engine):
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
         q = sp.csr_matrix(q)
-        rows = [
-            (q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]) for i in range(q.shape[0])
-        ]
+        rows = [(q.indices[a:b], q.data[a:b]) for a, b in zip(q.indptr[:-1], q.indptr[1:])]
         live = [i for i, (ind, _) in enumerate(rows) if len(ind)]  # an empty query shares no token with anything
         out: list[Hits] = [[] for _ in rows]
         for i, hits in zip(live, self._search("sparse", [rows[i] for i in live], k, filter, exact)):

@@ -273,6 +273,7 @@ class QdrantEdgeEngine(QdrantEngine):
     default_colbert_dtype = "turbo8"
     _dialect = _EdgeDialect
     _sparse_vector = qe.SparseVector
+    _search_params, _quantization_params = qe.SearchParams, qe.QuantizationSearchParams
 
     def __init__(
         self, root: Path, shard: qe.EdgeShard, schema: Schema, *, lock: int | None = None, hnsw_ef: int | None = None
@@ -289,9 +290,10 @@ class QdrantEdgeEngine(QdrantEngine):
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
     def _config(schema: Schema) -> qe.EdgeConfig:
-        dense_hnsw = qe.HnswIndexConfig(
-            m=schema.hnsw_m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
-        )
+        def hnsw(m: int) -> qe.HnswIndexConfig:
+            return qe.HnswIndexConfig(m=m, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000)
+
+        dense_hnsw = hnsw(schema.hnsw_m)
         return qe.EdgeConfig(
             vectors={
                 "dense": qe.EdgeVectorParams(
@@ -308,9 +310,7 @@ class QdrantEdgeEngine(QdrantEngine):
                     datatype=_COLBERT_DTYPES[schema.colbert_dtype],
                     quantization_config=_quantization(schema.colbert_quantization),
                     # m=0: no graph over token vectors; they are read only to re-rank candidates.
-                    hnsw_config=qe.HnswIndexConfig(
-                        m=0, ef_construct=schema.hnsw_ef_construct, full_scan_threshold=10000
-                    ),
+                    hnsw_config=hnsw(0),
                     memory=qe.Memory.Cold if schema.colbert_on_disk else qe.Memory.Cached,
                 ),
             },
@@ -550,11 +550,6 @@ class QdrantEdgeEngine(QdrantEngine):
     def _has_ids(self, uuids: list[str]) -> qe.Filter:
         return qe.Filter(must=[qe.HasIdCondition(set(uuids))])
 
-    def _params(self, exact: bool, rescore: bool | None = None) -> qe.SearchParams:
-        if rescore is None:
-            return qe.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-        return qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(ignore=False, rescore=rescore))
-
     # ------------------------------------------------------------------- queries
     def candidates_batch(
         self,
@@ -573,7 +568,7 @@ class QdrantEdgeEngine(QdrantEngine):
         Only while every document is one window (a window's MaxSim is then its document's)."""
         if not colbert or self.max_windows > 1:
             return super().candidates_batch(dense, sparse, queries, depth, filter, exact=exact)
-        flt, params = self._filter(filter), self._params(exact)
+        flt, params, maxsim = self._filter(filter), self._params(exact), self._colbert_params()
         reqs = []
         for qv in queries:
             first = ("dense", "sparse") if qv.sparse_indices is not None and len(qv.sparse_indices) else ("dense",)
@@ -581,11 +576,7 @@ class QdrantEdgeEngine(QdrantEngine):
             pre = [qe.Prefetch(limit=depth, query=near[m], params=params, filter=flt) for m in first]
             reqs.append(
                 qe.QueryRequest(
-                    limit=2 * depth,
-                    prefetches=pre,
-                    params=self._colbert_params(),
-                    with_payload=_ID_ONLY,
-                    query=near["colbert"],
+                    limit=2 * depth, prefetches=pre, params=maxsim, with_payload=_ID_ONLY, query=near["colbert"]
                 )
             )
         pools = []

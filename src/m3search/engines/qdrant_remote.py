@@ -264,11 +264,8 @@ def _transient(exc: BaseException) -> bool:
         import grpc
 
         if isinstance(exc, grpc.RpcError):
-            return exc.code() in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+            code = grpc.StatusCode
+            return exc.code() in (code.UNAVAILABLE, code.DEADLINE_EXCEEDED, code.RESOURCE_EXHAUSTED)
     except ImportError:  # pragma: no cover
         pass
     return isinstance(exc, (ConnectionError, TimeoutError))
@@ -296,6 +293,7 @@ class QdrantRemoteEngine(QdrantEngine):
     shared = True  # a server's collection has other clients (local mode: other handles in this process)
     _dialect = _ClientDialect
     _sparse_vector = qm.SparseVector
+    _search_params, _quantization_params = qm.SearchParams, qm.QuantizationSearchParams
 
     def __init__(
         self,
@@ -575,9 +573,7 @@ class QdrantRemoteEngine(QdrantEngine):
     def _write(self, points: list[tuple[str, dict | None, dict]], sizes: list[int]) -> None:
         """Requests of at most ``max_request_bytes``, cut only between documents (every other
         point of a document, tombstones included, stays with its head before it)."""
-        structs = [
-            qm.PointStruct(id=uid, vector=self._point_vectors(vec), payload=payload) for uid, vec, payload in points
-        ]
+        structs = [qm.PointStruct(id=u, vector=self._point_vectors(v), payload=p) for u, v, p in points]
         for r in split_requests(sizes, [is_head(payload) for _, _, payload in points], self.max_request_bytes):
             self._call("upload", lambda r=r: self.client.upsert(self.collection, points=structs[r], wait=True))
 
@@ -599,9 +595,7 @@ class QdrantRemoteEngine(QdrantEngine):
         self._call("delete", lambda: self.client.delete(self.collection, points_selector=sel, wait=True))
 
     def _set_payload(self, ops: list[tuple[dict, list[str]]]) -> None:
-        ops = [
-            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=payload, points=uuids)) for payload, uuids in ops
-        ]
+        ops = [qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=p, points=u)) for p, u in ops]
         self._call(  # one request: applied together
             "set metadata", lambda: self.client.batch_update_points(self.collection, update_operations=ops, wait=True)
         )
@@ -615,17 +609,9 @@ class QdrantRemoteEngine(QdrantEngine):
         )
 
     def _scroll(self, offset: Any, limit: int, docs_only: bool, with_vectors: bool) -> tuple[list[Any], Any]:
-        flt = self._filter(None, docs_only)
+        args = {"scroll_filter": self._filter(None, docs_only), "limit": limit, "offset": offset}
         return self._call(
-            "scroll",
-            lambda: self.client.scroll(
-                self.collection,
-                scroll_filter=flt,
-                limit=limit,
-                offset=offset,
-                with_payload=True,
-                with_vectors=with_vectors,
-            ),
+            "scroll", lambda: self.client.scroll(self.collection, **args, with_payload=True, with_vectors=with_vectors)
         )
 
     def _count(self, filter: Filter | None, docs_only: bool) -> int:
@@ -639,11 +625,8 @@ class QdrantRemoteEngine(QdrantEngine):
         return [r.points for r in res]
 
     def _params(self, exact: bool, rescore: bool | None = None) -> qm.SearchParams | None:
-        if self.local:  # local mode always scans exactly (and warns about any params)
-            return None
-        if rescore is None:
-            return qm.SearchParams(hnsw_ef=self.hnsw_ef, exact=exact)
-        return qm.SearchParams(exact=False, quantization=qm.QuantizationSearchParams(ignore=False, rescore=rescore))
+        # local mode always scans exactly (and warns about any params)
+        return None if self.local else super()._params(exact, rescore)
 
     def _request(self, mode: str, vector: Any, limit: int, filter: Any, params: Any, with_id: bool) -> qm.QueryRequest:
         payload = ["id", "gen", "window"] if with_id else False  # (QdrantEngine._committed)
