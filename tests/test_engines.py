@@ -1894,6 +1894,27 @@ def test_a_newer_manifest_with_a_schema_this_version_cannot_read_says_upgrade(tm
     assert not isinstance(raised.value, CollectionDamagedError)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_scores_an_id_given_twice_at_both_places(tmp_path, tiny_encoder, engine):
+    """``score`` / ``score_windows`` return scores aligned with the ids given: an id given twice scores at both
+    places. The Qdrant engines kept only its last place and left NaN at the first (dense and ColBERT), as if the
+    document were not stored."""
+    from m3search.engines.shapes import QueryVectors
+
+    needs(engine)
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add(["wing flow over a plate", "heat transfer in a duct"], ids=["a", "b"])
+        qv = QueryVectors.from_embeddings(tiny_encoder.encode(["wing flow"], max_length=64))
+        ids = ["b", "a", "b", "missing", "a"]
+        once = col.engine.score(["a", "b"], qv)
+        got = col.engine.score(ids, qv)
+        windows = col.engine.score_windows(ids, qv).doc_max()
+        for m in MODES:
+            want = [once[m][1], once[m][0], once[m][1], np.nan, once[m][0]]
+            np.testing.assert_array_equal(got[m], want, err_msg=m)
+            np.testing.assert_array_equal(windows[m], want, err_msg=m)
+
+
 def test_lock_exclusive_refuses_at_once_or_waits_saying_so(tmp_path, capfd):
     """One flock helper serves the collection locks (refused at once: None) and eval's cache lock (with
     ``wait``: blocks until the holder lets go, after printing the caller's message, only when it must wait)."""

@@ -358,10 +358,12 @@ class QdrantEngine(Engine):
                 only[need] = self._has_ids([uuids[j] for j in need])
             params = colbert if m == "colbert" else exact
             reqs.append(self._request(m, self._query_vector(query, m), len(need), only[need], params, False))
-        pos = {u: j for j, u in enumerate(uuids)}
-        for (m, _), res in zip(jobs, self._run(reqs)):
-            if res:
-                out[m][[pos[str(p.id)] for p in res]] = [p.score for p in res]
+        for (m, need), res in zip(jobs, self._run(reqs)):
+            at: dict[str, list[int]] = {}  # every place of each point (an id may be given twice)
+            for j in need:
+                at.setdefault(uuids[j], []).append(j)
+            for p in res:
+                out[m][at[str(p.id)]] = p.score
         if "colbert" in out:
             out["colbert"] *= self._maxsim_scale(query)
         if "sparse" in out:  # a sparse query does not return points sharing no token with it: 0 if they exist
