@@ -607,13 +607,20 @@ def test_ties_at_the_cut_go_by_id_like_the_order_within(tmp_path, tiny_encoder, 
                 assert (one, two, three) == (["a"], ["a", "b"], ["a", "b", "c"]), (mode, exact)
 
 
-def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
+@pytest.mark.parametrize(
+    ("engine", "name", "said"),
+    [
+        ("milvus-lite", "notes.db", "is not a Milvus Lite file (a .db location must be one)"),
+        ("qdrant-edge", "notes", "is a file, not a collection folder"),
+    ],
+)
+def test_a_file_of_the_users_at_the_location_is_named_so(tmp_path, tiny_encoder, engine, name, said):
     """A notes.db of the user's was reported "in use by another process" (milvus-lite's open failed); untouched.
-    Create says something else is already there (CollectionExistsError, as over a folder at a .db location or a
-    file at a Qdrant Edge one), open that no collection is (it was CollectionNotFoundError for both, and exists
-    raised it too: create asks exists first)."""
-    needs("milvus-lite")
-    path = tmp_path / "notes.db"
+    Create says something else is already there (CollectionExistsError, as over a folder at a .db location, and as
+    Qdrant Edge says of a file where its folder should be), open that no collection is (it was
+    CollectionNotFoundError for both on Milvus Lite, and exists raised it too: create asks exists first)."""
+    needs(engine)
+    path = tmp_path / name
     path.write_text("my notes")
     assert Collection.exists(str(path)) is False
     for call, error in (
@@ -622,7 +629,7 @@ def test_a_db_file_that_is_not_milvus_lite_is_named_so(tmp_path, tiny_encoder):
     ):
         with pytest.raises(error) as raised:
             call()
-        assert str(raised.value) == f"{path} is not a Milvus Lite file (a .db location must be one)"
+        assert str(raised.value) == f"{path} {said}"
     assert path.read_text() == "my notes"
 
 
@@ -670,22 +677,6 @@ def test_an_sqlite_db_of_another_program_is_refused_untouched(tmp_path, tiny_enc
             call()
         assert str(raised.value) == f"{path} is an SQLite database, not a Milvus Lite file (a .db location must be one)"
     assert path.read_bytes() == before
-
-
-def test_a_plain_file_at_a_qdrant_edge_location_is_refused_alike(tmp_path, tiny_encoder):
-    """What the Milvus Lite tests above match: a file where the collection folder should be is CollectionExistsError
-    on create (something else is there) and CollectionNotFoundError on open, untouched."""
-    path = tmp_path / "notes"
-    path.write_text("my notes")
-    assert Collection.exists(str(path)) is False
-    for call, error in (
-        (lambda: Collection.create(str(path), model=tiny_encoder), CollectionExistsError),
-        (lambda: Collection.open(str(path)), CollectionNotFoundError),
-    ):
-        with pytest.raises(error) as raised:
-            call()
-        assert str(raised.value) == f"{path} is a file, not a collection folder"
-    assert path.read_text() == "my notes"
 
 
 # ---------------------------------------------------------------------------- writes
