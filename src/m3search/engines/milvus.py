@@ -215,7 +215,8 @@ from m3search.engines.shapes import (
     Record,
     Schema,
     WindowScores,
-    schema_of,
+    damaged,
+    read_stored,
     score_records,
 )
 from m3search.errors import (
@@ -832,13 +833,13 @@ class MilvusEngine(Engine):
         try:
             if not client.has_collection(name, timeout=opts["timeout"]):
                 raise CollectionNotFoundError(f"no Milvus collection {name!r} at {uri}")
-            raw = cls._read_manifest(client, f"{name}_manifest", opts["timeout"])
+            raw = cls._read_manifest(client, f"{name}_manifest", opts["timeout"], location)
             if raw is None:
                 raise CollectionNotFoundError(f"Milvus collection {name!r} at {uri} has no m3search manifest")
-            schema = schema_of(raw, location)
+            schema, bound = read_stored(raw, location)
             engine = cls(client, location, uri, name, lite, schema, **opts)
             engine._check_layout()
-            engine.max_windows = max(1, int(raw.get("max_windows_stored", 1)))
+            engine.max_windows = bound
         except BaseException:
             cls._release(client, uri, lite)
             raise
@@ -903,12 +904,17 @@ class MilvusEngine(Engine):
         return {r["key"]: r["value"] for r in rows}
 
     @classmethod
-    def _read_manifest(cls, client: MilvusClient, coll: str, timeout: float) -> dict | None:
+    def _read_manifest(cls, client: MilvusClient, coll: str, timeout: float, location: str) -> dict | None:
         rows = cls._manifest_rows(client, coll, timeout) or {}
-        return with_bound(json.loads(rows[_MANIFEST_KEY]), rows) if _MANIFEST_KEY in rows else None
+        if _MANIFEST_KEY not in rows:
+            return None
+        try:
+            return with_bound(json.loads(rows[_MANIFEST_KEY]), rows)
+        except ValueError as exc:  # not JSON (a hand edit): what Qdrant Edge says of its manifest file
+            raise damaged(location, f"not JSON: {exc}") from None
 
     def read_manifest(self) -> dict | None:
-        return self._read_manifest(self.client, self.meta_collection, self.timeout)
+        return self._read_manifest(self.client, self.meta_collection, self.timeout, self.location)
 
     def write_manifest(self, manifest: dict) -> None:
         value = json.dumps(manifest, sort_keys=True)
