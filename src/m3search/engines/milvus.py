@@ -390,17 +390,27 @@ def _held_without_our_lock(uri: str) -> bool:
 def _lite_served_to_others(uri: str) -> bool:
     """Whether a pymilvus client of this process that is not m3search's is connected to milvus-lite's server of the
     file (the caller's own ``MilvusClient``, opened before or after the collection): stopping the server when the
-    collection's last handle closed broke that client's next call. pymilvus itself never stops a server before
-    the process ends; m3search stops it when no client of the process is left, so the file is free for another."""
+    collection's last handle closed broke that client's next call. Such a server is left running, as pymilvus
+    leaves every server it starts, until the process ends (closing that client later does not stop it: pymilvus
+    tells nobody); with no such client, the collection's last handle stops it, so the file is free for another
+    process. pymilvus's registry of connections is read without its lock (a dict another thread may change
+    meanwhile): read again, and where it never reads whole, the server is left running, the safe side."""
     from milvus_lite.server_manager import server_manager_instance
     from pymilvus import connections
 
     server = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).absolute().resolve()))
     address = getattr(server, "uds_path", None)
-    return address is not None and any(
-        handler is not None and connections.get_connection_addr(alias).get("address") == address
-        for alias, handler in connections.list_connections()
-    )
+    if address is None:
+        return False
+    for _ in range(READ_TRIES):
+        try:
+            return any(
+                handler is not None and connections.get_connection_addr(alias).get("address") == address
+                for alias, handler in connections.list_connections()
+            )
+        except RuntimeError:  # "dictionary changed size during iteration": a connection made or closed meanwhile
+            continue
+    return True
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
