@@ -123,7 +123,10 @@ def with_bound(manifest: dict | None, names: Iterable[str]) -> dict | None:
     client's manifest write may have put back an older, lower value. The manifest's own value is the floor
     (a collection from before the records has none)."""
     most = max(bound_records(names), default=0)
-    if manifest is not None and most > int(manifest.get("max_windows_stored", 1)):
+    floor = manifest.get("max_windows_stored", 1) if isinstance(manifest, dict) else None
+    if (
+        isinstance(floor, (int, float)) and not isinstance(floor, bool) and most > floor
+    ):  # another value: damage, which the open names (shapes.read_stored)
         manifest["max_windows_stored"] = most
     return manifest
 

@@ -215,7 +215,8 @@ from m3search.engines.shapes import (
     Record,
     Schema,
     WindowScores,
-    schema_of,
+    damaged,
+    read_stored,
     score_records,
 )
 from m3search.errors import (
@@ -389,17 +390,27 @@ def _held_without_our_lock(uri: str) -> bool:
 def _lite_served_to_others(uri: str) -> bool:
     """Whether a pymilvus client of this process that is not m3search's is connected to milvus-lite's server of the
     file (the caller's own ``MilvusClient``, opened before or after the collection): stopping the server when the
-    collection's last handle closed broke that client's next call. pymilvus itself never stops a server before
-    the process ends; m3search stops it when no client of the process is left, so the file is free for another."""
+    collection's last handle closed broke that client's next call. Such a server is left running, as pymilvus
+    leaves every server it starts, until the process ends (closing that client later does not stop it: pymilvus
+    tells nobody); with no such client, the collection's last handle stops it, so the file is free for another
+    process. pymilvus's registry of connections is read without its lock (a dict another thread may change
+    meanwhile): read again, and where it never reads whole, the server is left running, the safe side."""
     from milvus_lite.server_manager import server_manager_instance
     from pymilvus import connections
 
     server = getattr(server_manager_instance, "_servers", {}).get(str(Path(uri).absolute().resolve()))
     address = getattr(server, "uds_path", None)
-    return address is not None and any(
-        handler is not None and connections.get_connection_addr(alias).get("address") == address
-        for alias, handler in connections.list_connections()
-    )
+    if address is None:
+        return False
+    for _ in range(READ_TRIES):
+        try:
+            return any(
+                handler is not None and connections.get_connection_addr(alias).get("address") == address
+                for alias, handler in connections.list_connections()
+            )
+        except RuntimeError:  # "dictionary changed size during iteration": a connection made or closed meanwhile
+            continue
+    return True
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -832,13 +843,13 @@ class MilvusEngine(Engine):
         try:
             if not client.has_collection(name, timeout=opts["timeout"]):
                 raise CollectionNotFoundError(f"no Milvus collection {name!r} at {uri}")
-            raw = cls._read_manifest(client, f"{name}_manifest", opts["timeout"])
+            raw = cls._read_manifest(client, f"{name}_manifest", opts["timeout"], location)
             if raw is None:
                 raise CollectionNotFoundError(f"Milvus collection {name!r} at {uri} has no m3search manifest")
-            schema = schema_of(raw, location)
+            schema, bound = read_stored(raw, location)
             engine = cls(client, location, uri, name, lite, schema, **opts)
             engine._check_layout()
-            engine.max_windows = max(1, int(raw.get("max_windows_stored", 1)))
+            engine.max_windows = bound
         except BaseException:
             cls._release(client, uri, lite)
             raise
@@ -903,12 +914,17 @@ class MilvusEngine(Engine):
         return {r["key"]: r["value"] for r in rows}
 
     @classmethod
-    def _read_manifest(cls, client: MilvusClient, coll: str, timeout: float) -> dict | None:
+    def _read_manifest(cls, client: MilvusClient, coll: str, timeout: float, location: str) -> dict | None:
         rows = cls._manifest_rows(client, coll, timeout) or {}
-        return with_bound(json.loads(rows[_MANIFEST_KEY]), rows) if _MANIFEST_KEY in rows else None
+        if _MANIFEST_KEY not in rows:
+            return None
+        try:
+            return with_bound(json.loads(rows[_MANIFEST_KEY]), rows)
+        except ValueError as exc:  # not JSON (a hand edit): what Qdrant Edge says of its manifest file
+            raise damaged(location, f"not JSON: {exc}") from None
 
     def read_manifest(self) -> dict | None:
-        return self._read_manifest(self.client, self.meta_collection, self.timeout)
+        return self._read_manifest(self.client, self.meta_collection, self.timeout, self.location)
 
     def write_manifest(self, manifest: dict) -> None:
         value = json.dumps(manifest, sort_keys=True)

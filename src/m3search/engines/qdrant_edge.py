@@ -73,7 +73,7 @@ from m3search.engines.files import (
     write_durably,
 )
 from m3search.engines.qdrant_common import QdrantEngine
-from m3search.engines.shapes import Pool, QueryVectors, Schema, schema_of
+from m3search.engines.shapes import Pool, QueryVectors, Schema, damaged, read_stored
 from m3search.errors import (
     CollectionDamagedError,
     CollectionExistsError,
@@ -238,7 +238,7 @@ def _refuse_a_file(root: Path, error: type[Exception]) -> None:
 
 
 def _damaged(root: Path, why: str) -> CollectionDamagedError:
-    return CollectionDamagedError(f"{MANIFEST} of the collection at {root} is damaged ({why}); restore it from a copy")
+    return damaged(str(root), why, MANIFEST)
 
 
 def free_bytes(path: Path) -> int:
@@ -382,7 +382,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 raise CollectionNotFoundError(f"{root} holds an incomplete collection (no {MANIFEST}); create it again")
             raise CollectionNotFoundError(f"no collection at {root} (no {MANIFEST})")
         manifest = _load_manifest(root)
-        schema = schema_of(manifest, str(root), MANIFEST)
+        schema, bound = read_stored(manifest, str(root), MANIFEST)
         with writable(root, "Qdrant Edge", "the folder", "cp -r"):
             lock = _lock(root)
             try:
@@ -395,7 +395,7 @@ class QdrantEdgeEngine(QdrantEngine):
                 raise RuntimeError(f"could not open the Qdrant Edge shard at {root / SHARD}: {exc}") from exc
             remove_dead_temporaries(root / MANIFEST)
             engine = cls(root, shard, schema, lock=lock, **options)
-            engine._started(int(manifest.get("max_windows_stored", 1)))
+            engine._started(bound)
         return engine
 
     def _started(self, max_windows_stored: int | None = None) -> None:

@@ -74,7 +74,7 @@ from m3search.engines.files import (
     writable,
 )
 from m3search.engines.qdrant_common import QdrantEngine, Stored, is_head, record_from_point
-from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, schema_of, score_records
+from m3search.engines.shapes import LOSSLESS_COLBERT_DTYPES, QueryVectors, Schema, read_stored, score_records
 from m3search.errors import (
     CollectionExistsError,
     CollectionInUseError,
@@ -491,10 +491,10 @@ class QdrantRemoteEngine(QdrantEngine):
                     else "not an m3search collection"
                 )
                 raise CollectionNotFoundError(f"Qdrant collection {name!r} at {where} is {what}")
-            schema = schema_of(meta[META_KEY], location)
+            schema, bound = read_stored(_manifest(meta), location)
             engine = cls(client, location, name, schema, local=local, where=where, **engine_opts)
             engine._check_schema(info)
-            engine._opened(int(_manifest(meta).get("max_windows_stored", 1)))
+            engine._opened(bound)
         except BaseException:
             _release(client)
             raise

@@ -213,24 +213,34 @@ class Schema:
         return cls(**d)
 
 
-def schema_of(manifest: Any, location: str, name: str = "the manifest") -> Schema:
-    """The schema a stored manifest records, read the same way by every engine's open: where it records none that
-    reads (a hand edit, a disk fault), :class:`~m3search.errors.CollectionDamagedError` saying ``name`` (the
-    manifest, as the engine calls it) of the collection at ``location`` is damaged, not a KeyError or TypeError
-    from inside; where a newer m3search wrote it, the ValueError of :func:`check_manifest` (upgrade m3search)."""
-    raw = manifest.get("schema") if isinstance(manifest, Mapping) else None
+def read_stored(manifest: Any, location: str, name: str = "the manifest") -> tuple[Schema, int]:
+    """The schema and the window bound (``max_windows_stored``) a stored manifest records, read the same way by every
+    engine's open: where it records none that reads (a hand edit, a disk fault), :class:`CollectionDamagedError`
+    (:func:`damaged`), not a KeyError, TypeError or AttributeError from inside; where a newer m3search wrote it, the
+    ValueError of :func:`check_manifest` (upgrade m3search)."""
+    if not isinstance(manifest, Mapping):
+        raise damaged(location, f"a JSON {type(manifest).__name__}, not an object", name)
+    raw = manifest.get("schema")
     try:
         if not isinstance(raw, Mapping):
             raise ValueError("no schema" if raw is None else f"schema: a {type(raw).__name__}, not an object")
-        return Schema.from_dict(raw)
+        schema = Schema.from_dict(raw)
     except (TypeError, ValueError) as exc:
-        version = manifest.get("schema_version") if isinstance(manifest, Mapping) else None
+        version = manifest.get("schema_version")
         if type(version) is int and version > SCHEMA_VERSION:
             raise _newer(version, location) from None
         why = str(exc) if str(exc).startswith(("no schema", "schema: ")) else f"schema: {exc}"
-        raise CollectionDamagedError(
-            f"{name} of the collection at {location} is damaged ({why}); restore it from a copy"
-        ) from None
+        raise damaged(location, why, name) from None
+    bound = manifest.get("max_windows_stored", 1)  # absent before windows: one window each
+    if isinstance(bound, bool) or not (isinstance(bound, int) or (isinstance(bound, float) and bound.is_integer())):
+        raise damaged(location, f"max_windows_stored {bound!r} is not a whole number", name)
+    return schema, max(1, int(bound))
+
+
+def damaged(location: str, why: str, name: str = "the manifest") -> CollectionDamagedError:
+    """The one message of a damaged manifest: ``name`` (the manifest, as the engine calls it) of the collection at
+    ``location`` is damaged (``why``)."""
+    return CollectionDamagedError(f"{name} of the collection at {location} is damaged ({why}); restore it from a copy")
 
 
 def _newer(version: int, location: str) -> ValueError:
