@@ -351,19 +351,19 @@ class QdrantEngine(Engine):
         out = {m: np.full(len(uuids), np.nan) for m in todo}
         no_tokens = query.sparse_indices is None or len(query.sparse_indices) == 0  # shares no token: all 0
         jobs = [(m, tuple(need)) for m, need in todo.items() if need and not (m == "sparse" and no_tokens)]
-        exact, colbert, only = self._params(True), self._colbert_params(), {}
+        exact, colbert, only, places = self._params(True), self._colbert_params(), {}, {}
         reqs = []
         for m, need in jobs:
             if need not in only:  # one filter per distinct candidate set (~0.5 ms each at 400 ids)
                 only[need] = self._has_ids([uuids[j] for j in need])
+                places[need] = at = {}  # every place of each point (an id may be given twice)
+                for j in need:
+                    at.setdefault(uuids[j], []).append(j)
             params = colbert if m == "colbert" else exact
             reqs.append(self._request(m, self._query_vector(query, m), len(need), only[need], params, False))
         for (m, need), res in zip(jobs, self._run(reqs)):
-            at: dict[str, list[int]] = {}  # every place of each point (an id may be given twice)
-            for j in need:
-                at.setdefault(uuids[j], []).append(j)
-            for p in res:
-                out[m][at[str(p.id)]] = p.score
+            at = places[need]
+            out[m][[j for p in res for j in at[str(p.id)]]] = [p.score for p in res for _ in at[str(p.id)]]
         if "colbert" in out:
             out["colbert"] *= self._maxsim_scale(query)
         if "sparse" in out:  # a sparse query does not return points sharing no token with it: 0 if they exist
