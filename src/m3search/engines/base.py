@@ -124,9 +124,8 @@ def with_bound(manifest: dict | None, names: Iterable[str]) -> dict | None:
     (a collection from before the records has none)."""
     most = max(bound_records(names), default=0)
     floor = manifest.get("max_windows_stored", 1) if isinstance(manifest, dict) else None
-    if (
-        isinstance(floor, (int, float)) and not isinstance(floor, bool) and most > floor
-    ):  # another value: damage, which the open names (shapes.read_stored)
+    readable = isinstance(floor, (int, float)) and not isinstance(floor, bool)  # else damage: the open names it
+    if readable and most > floor:  # (shapes.read_stored)
         manifest["max_windows_stored"] = most
     return manifest
 

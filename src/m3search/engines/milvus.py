@@ -919,9 +919,10 @@ class MilvusEngine(Engine):
         if _MANIFEST_KEY not in rows:
             return None
         try:
-            return with_bound(json.loads(rows[_MANIFEST_KEY]), rows)
+            manifest = json.loads(rows[_MANIFEST_KEY])
         except ValueError as exc:  # not JSON (a hand edit): what Qdrant Edge says of its manifest file
             raise damaged(location, f"not JSON: {exc}") from None
+        return with_bound(manifest, rows)
 
     def read_manifest(self) -> dict | None:
         return self._read_manifest(self.client, self.meta_collection, self.timeout, self.location)

@@ -220,17 +220,21 @@ def read_stored(manifest: Any, location: str, name: str = "the manifest") -> tup
     ValueError of :func:`check_manifest` (upgrade m3search)."""
     if not isinstance(manifest, Mapping):
         raise damaged(location, f"a JSON {type(manifest).__name__}, not an object", name)
-    raw = manifest.get("schema")
-    try:
-        if not isinstance(raw, Mapping):
-            raise ValueError("no schema" if raw is None else f"schema: a {type(raw).__name__}, not an object")
-        schema = Schema.from_dict(raw)
-    except (TypeError, ValueError) as exc:
+    raw, schema = manifest.get("schema"), None
+    if raw is None:
+        why = "no schema"
+    elif not isinstance(raw, Mapping):
+        why = f"schema: a {type(raw).__name__}, not an object"
+    else:
+        try:
+            schema = Schema.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            why = f"schema: {exc}"
+    if schema is None:
         version = manifest.get("schema_version")
         if type(version) is int and version > SCHEMA_VERSION:
-            raise _newer(version, location) from None
-        why = str(exc) if str(exc).startswith(("no schema", "schema: ")) else f"schema: {exc}"
-        raise damaged(location, why, name) from None
+            raise _newer(version, location)
+        raise damaged(location, why, name)
     bound = manifest.get("max_windows_stored", 1)  # absent before windows: one window each
     if isinstance(bound, bool) or not (isinstance(bound, int) or (isinstance(bound, float) and bound.is_integer())):
         raise damaged(location, f"max_windows_stored {bound!r} is not a whole number", name)
