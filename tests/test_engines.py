@@ -1832,7 +1832,7 @@ def _zero_second_page(path: Path) -> str:
 
 def _truncate(path: Path) -> str:
     os.truncate(path, path.stat().st_size // 2)
-    return f"{path} is damaged (SQLite: database disk image is malformed); restore it from a copy"
+    return f"the Milvus Lite file of the collection at {path} is damaged (SQLite: database disk image is malformed); restore it from a copy"
 
 
 @pytest.mark.parametrize("damage", [_zero_second_page, _truncate])
@@ -1884,7 +1884,7 @@ def test_a_damaged_manifest_record_is_collection_damaged_error(tmp_path, tiny_en
         col.engine.write_manifest({**col.manifest, "schema_version": "x"})
     with pytest.raises(CollectionDamagedError) as raised:
         Collection.open(loc)
-    said = f"the manifest of the collection at {loc} is damaged (schema_version 'x' is not an integer)"
+    said = f"the manifest of the collection at {loc} is damaged (schema_version 'x' is not an integer); restore it from a copy"
     assert str(raised.value) == said
 
 

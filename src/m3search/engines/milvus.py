@@ -334,7 +334,7 @@ def _read_only(uri: str, sql: str) -> list[tuple]:
             con.close()
     except sqlite3.Error as exc:
         if getattr(exc, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-            raise CollectionDamagedError(f"{uri} is damaged (SQLite: {exc}); restore it from a copy") from None
+            raise damaged(uri, f"SQLite: {exc}", "the Milvus Lite file") from None
         raise
 
 

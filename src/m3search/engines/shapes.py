@@ -87,13 +87,11 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
         raise CollectionNotFoundError(f"{location} has no m3search manifest")
     version = manifest.get("schema_version", 0)  # absent in the first manifests
     if isinstance(version, bool) or not isinstance(version, int):
-        raise CollectionDamagedError(
-            f"the manifest of the collection at {location} is damaged (schema_version {version!r} is not an integer)"
-        )
+        raise damaged(location, f"schema_version {version!r} is not an integer")
     if version > SCHEMA_VERSION:
         raise _newer(version, location)
     if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
-        raise CollectionDamagedError(f"the manifest of the collection at {location} is damaged (no model record)")
+        raise damaged(location, "no model record")
     return manifest
 
 
