@@ -190,6 +190,21 @@ def test_weights_whose_sum_overflows_are_refused(client):
     assert "sum must be a finite number" in msg
 
 
+@pytest.mark.parametrize(
+    "extreme, plain",
+    [([1.0, 1e308, 1.0], [0, 1, 0]), ([5e-324, 0, 0], [1, 0, 0])],
+)
+def test_weights_near_floats_limits_rank_as_their_ratios(client, col, extreme, plain):
+    """Weighted fusion multiplied the scores by the weights before dividing by their sum: 1e308 made every score
+    inf (the library's hits all tied; over HTTP a 400 quoting pydantic's "1 validation error for HitOut"), and
+    5e-324 rounded every score to one value. Weights are relative: these rank as their ratios do."""
+    want = [(h.id, h.score) for h in col.search("pumps", k=5, weights=plain)]
+    assert [(h.id, h.score) for h in col.search("pumps", k=5, weights=extreme)] == want
+    r = client.post("/search", json={"query": "pumps", "k": 5, "weights": extreme, "explain": True})
+    assert r.status_code == 200, r.text
+    assert [(h["id"], h["score"]) for h in r.json()["hits"]] == want
+
+
 def test_an_api_key_no_client_can_send_is_refused_at_start():
     with pytest.raises(ValueError, match="printable ASCII"):
         Settings(api_key="sécret").check()
