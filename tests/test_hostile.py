@@ -205,6 +205,17 @@ def test_weights_near_floats_limits_rank_as_their_ratios(client, col, extreme, p
     assert [(h["id"], h["score"]) for h in r.json()["hits"]] == want
 
 
+def test_invented_methods_cannot_grow_the_metrics(client):
+    """Each method a client made up (a server takes any token: 405, or 404 off the routes) became a series of its
+    own in /metrics, with no key needed: a scanner grew the server's memory and every scrape without bound."""
+    for i in range(3):
+        assert client.request(f"SCAN{i}", "/search").status_code == 405
+        assert client.request(f"SCAN{i}", "/nowhere").status_code == 404
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith("m3search_requests_total")]
+    assert not [x for x in lines if "SCAN" in x]
+    assert 'm3search_requests_total{method="other",route="/search",status="405"} 3.0' in lines
+
+
 def test_an_api_key_no_client_can_send_is_refused_at_start():
     with pytest.raises(ValueError, match="printable ASCII"):
         Settings(api_key="sécret").check()
