@@ -184,6 +184,13 @@ def test_embedding_routes_name_a_lone_surrogate(client):
         assert "input[1]: not valid Unicode text" in msg, msg
 
 
+def test_an_openai_model_name_with_a_lone_surrogate_is_named_before_encoding(client):
+    """``model`` (any string, echoed in the answer) was taken with a lone surrogate: the texts were encoded, then
+    the answer failed to serialize, a 400 saying "Error serializing to JSON: UnicodeEncodeError"."""
+    msg = _error(client.post("/v1/embeddings", content='{"input": "x", "model": "m\\ud800"}', headers=JSON), 400)
+    assert msg.startswith("model: not valid Unicode text (lone surrogate"), msg
+
+
 def test_weights_whose_sum_overflows_are_refused(client):
     """Fusion divides by the weights' sum: 3 x 1e308 is inf, which once made every score 0 (hits in id order)."""
     msg = _error(client.post("/search", json={"query": "q", "weights": [1e308, 1e308, 1e308]}), 400)

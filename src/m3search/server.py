@@ -1092,6 +1092,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     ) -> EmbeddingsResponse:
         """OpenAI-compatible dense embeddings (existing OpenAI clients work unchanged)."""
         texts = _texts(body.input, settings)
+        model = check_text(body.model, "model")  # echoed in the answer: JSON cannot carry a lone surrogate
         enc = res.encoder
         if body.dimensions is not None and body.dimensions != enc.hidden_size:
             raise HTTPException(
@@ -1106,7 +1107,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         tokens = int(emb.n_tokens.sum())
         return EmbeddingsResponse(
             data=[EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vectors)],
-            model=body.model,
+            model=model,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
