@@ -167,6 +167,17 @@ def test_malformed_json_body_says_so(client, raw):
     assert msg.startswith("body is not valid JSON:") and "at character" in msg
 
 
+@pytest.mark.parametrize(
+    "headers, sent",
+    [({"content-type": "application/x-www-form-urlencoded"}, "not 'application/x-www-form-urlencoded'"), ({}, "none")],
+)
+def test_a_json_body_sent_as_another_type_is_told_its_content_type(client, headers, sent):
+    """``curl -d '{"query": "q"}'`` (sent as a form) or no Content-Type: FastAPI does not read the body as JSON, and
+    the 422 said "body: Input should be a valid dictionary", of a body that is one."""
+    msg = _error(client.post("/search", content='{"query": "pumps"}', headers=headers), 422)
+    assert msg.startswith(f"body: send it as JSON, with 'Content-Type: application/json' ({sent}"), msg
+
+
 def test_embed_requests_are_strict(client):
     assert "dense" in _error(client.post("/embed", json={"input": "x", "dense": "yes"}), 422)
     assert "max_length" in _error(client.post("/embed", json={"input": "x", "max_length": True}), 422)

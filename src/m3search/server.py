@@ -325,6 +325,11 @@ def _install_error_handlers(app: FastAPI) -> None:
                 reason = (err.get("ctx") or {}).get("error", "invalid JSON")
                 parts.append(f"body is not valid JSON: {reason} at character {where}")
                 continue
+            if isinstance(err.get("input"), bytes):  # FastAPI reads a body as JSON only when its Content-Type says so
+                given = request.headers.get("content-type")
+                sent = f"not {given[:100]!r}" if given else "none was given"
+                parts.append(f"body: send it as JSON, with 'Content-Type: application/json' ({sent})")
+                continue
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         more = len(exc.errors()) - 5
