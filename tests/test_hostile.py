@@ -167,6 +167,17 @@ def test_malformed_json_body_says_so(client, raw):
     assert msg.startswith("body is not valid JSON:") and "at character" in msg
 
 
+@pytest.mark.parametrize(
+    "headers, sent",
+    [({"content-type": "application/x-www-form-urlencoded"}, "not 'application/x-www-form-urlencoded'"), ({}, "none")],
+)
+def test_a_json_body_sent_as_another_type_is_told_its_content_type(client, headers, sent):
+    """``curl -d '{"query": "q"}'`` (sent as a form) or no Content-Type: FastAPI does not read the body as JSON, and
+    the 422 said "body: Input should be a valid dictionary", of a body that is one."""
+    msg = _error(client.post("/search", content='{"query": "pumps"}', headers=headers), 422)
+    assert msg.startswith(f"body: send it as JSON, with 'Content-Type: application/json' ({sent}"), msg
+
+
 def test_embed_requests_are_strict(client):
     assert "dense" in _error(client.post("/embed", json={"input": "x", "dense": "yes"}), 422)
     assert "max_length" in _error(client.post("/embed", json={"input": "x", "max_length": True}), 422)
@@ -184,10 +195,43 @@ def test_embedding_routes_name_a_lone_surrogate(client):
         assert "input[1]: not valid Unicode text" in msg, msg
 
 
+def test_an_openai_model_name_with_a_lone_surrogate_is_named_before_encoding(client):
+    """``model`` (any string, echoed in the answer) was taken with a lone surrogate: the texts were encoded, then
+    the answer failed to serialize, a 400 saying "Error serializing to JSON: UnicodeEncodeError"."""
+    msg = _error(client.post("/v1/embeddings", content='{"input": "x", "model": "m\\ud800"}', headers=JSON), 400)
+    assert msg.startswith("model: not valid Unicode text (lone surrogate"), msg
+
+
 def test_weights_whose_sum_overflows_are_refused(client):
     """Fusion divides by the weights' sum: 3 x 1e308 is inf, which once made every score 0 (hits in id order)."""
     msg = _error(client.post("/search", json={"query": "q", "weights": [1e308, 1e308, 1e308]}), 400)
     assert "sum must be a finite number" in msg
+
+
+@pytest.mark.parametrize(
+    "extreme, plain",
+    [([1.0, 1e308, 1.0], [0, 1, 0]), ([5e-324, 0, 0], [1, 0, 0])],
+)
+def test_weights_near_floats_limits_rank_as_their_ratios(client, col, extreme, plain):
+    """Weighted fusion multiplied the scores by the weights before dividing by their sum: 1e308 made every score
+    inf (the library's hits all tied; over HTTP a 400 quoting pydantic's "1 validation error for HitOut"), and
+    5e-324 rounded every score to one value. Weights are relative: these rank as their ratios do."""
+    want = [(h.id, h.score) for h in col.search("pumps", k=5, weights=plain)]
+    assert [(h.id, h.score) for h in col.search("pumps", k=5, weights=extreme)] == want
+    r = client.post("/search", json={"query": "pumps", "k": 5, "weights": extreme, "explain": True})
+    assert r.status_code == 200, r.text
+    assert [(h["id"], h["score"]) for h in r.json()["hits"]] == want
+
+
+def test_invented_methods_cannot_grow_the_metrics(client):
+    """Each method a client made up (a server takes any token: 405, or 404 off the routes) became a series of its
+    own in /metrics, with no key needed: a scanner grew the server's memory and every scrape without bound."""
+    for i in range(3):
+        assert client.request(f"SCAN{i}", "/search").status_code == 405
+        assert client.request(f"SCAN{i}", "/nowhere").status_code == 404
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith("m3search_requests_total")]
+    assert not [x for x in lines if "SCAN" in x]
+    assert 'm3search_requests_total{method="other",route="/search",status="405"} 3.0' in lines
 
 
 def test_an_api_key_no_client_can_send_is_refused_at_start():

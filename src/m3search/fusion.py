@@ -49,11 +49,18 @@ def ranks(ids: Sequence[str], s: np.ndarray) -> np.ndarray:
 def weighted(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> np.ndarray:
     """``Σ w_m · s_m / Σ w_m`` over the modes in ``scores`` (weights must not sum to 0)."""
     arrs = _as_arrays(scores)
-    total = float(sum(weights[m] for m in arrs))
+    shares = _shares(weights, arrs)
+    return np.asarray(sum(shares[m] * arrs[m] for m in arrs), dtype=np.float64)
+
+
+def _shares(weights: Mapping[str, float], modes: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each used mode's ``w_m / Σ w_m``. Divided before the scores are multiplied: ``w_m · s_m`` overflowed to inf
+    for weights near float's largest (1e308, every hit's score inf) and lost the scores to rounding for subnormal
+    ones (5e-324, every hit's score equal)."""
+    total = float(sum(weights[m] for m in modes))
     if total <= 0:
         raise ValueError("the weights of the modes used sum to 0")
-    out = sum(weights[m] * arrs[m] for m in arrs)
-    return np.asarray(out, dtype=np.float64) / total
+    return {m: weights[m] / total for m in modes}
 
 
 def rrf(
@@ -107,10 +114,8 @@ def contributions(
     """Each mode's additive share of the fused score (they sum to :func:`fuse`'s result, up to rounding)."""
     arrs = _as_arrays(scores)
     if method == "weighted":
-        total = float(sum(weights[m] for m in arrs))
-        if total <= 0:
-            raise ValueError("the weights of the modes used sum to 0")
-        return {m: weights[m] * s / total for m, s in arrs.items()}
+        shares = _shares(weights, arrs)
+        return {m: shares[m] * s for m, s in arrs.items()}
     if method == "rrf":
         return {m: weights[m] / (RRF_K + ranks(ids, s)) for m, s in arrs.items()}
     if method == "dbsf":

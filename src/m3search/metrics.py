@@ -25,6 +25,8 @@ __all__ = ["Metrics", "MetricsMiddleware", "CONTENT_TYPE_LATEST"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _PRIORITY_NAMES = {0: "interactive", 1: "background"}
+#: HTTP's methods (RFC 9110, and PATCH); any other a client sends is counted as ``other``.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class Metrics:
@@ -86,7 +88,8 @@ class Metrics:
 class MetricsMiddleware:
     """Pure ASGI middleware: count and time every HTTP request by its route template.
 
-    Unmatched paths share one label (``unmatched``), so scanners cannot grow the series.
+    Unmatched paths share one label (``unmatched``), and methods that HTTP does not define one (``other``; a server
+    takes any token as a method), so scanners cannot grow the series.
     """
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
@@ -110,5 +113,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
+            method = scope.get("method", "")
+            self.metrics.requests.labels(name, method if method in _METHODS else "other", str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)

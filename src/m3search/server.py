@@ -325,6 +325,11 @@ def _install_error_handlers(app: FastAPI) -> None:
                 reason = (err.get("ctx") or {}).get("error", "invalid JSON")
                 parts.append(f"body is not valid JSON: {reason} at character {where}")
                 continue
+            if isinstance(err.get("input"), bytes):  # FastAPI reads a body as JSON only when its Content-Type says so
+                given = request.headers.get("content-type")
+                sent = f"not {given[:100]!r}" if given else "none was given"
+                parts.append(f"body: send it as JSON, with 'Content-Type: application/json' ({sent})")
+                continue
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         more = len(exc.errors()) - 5
@@ -1092,6 +1097,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     ) -> EmbeddingsResponse:
         """OpenAI-compatible dense embeddings (existing OpenAI clients work unchanged)."""
         texts = _texts(body.input, settings)
+        model = check_text(body.model, "model")  # echoed in the answer: JSON cannot carry a lone surrogate
         enc = res.encoder
         if body.dimensions is not None and body.dimensions != enc.hidden_size:
             raise HTTPException(
@@ -1106,7 +1112,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         tokens = int(emb.n_tokens.sum())
         return EmbeddingsResponse(
             data=[EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vectors)],
-            model=body.model,
+            model=model,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
