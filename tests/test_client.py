@@ -256,6 +256,70 @@ def test_the_client_types_library_errors_by_their_code_not_their_words(col, monk
     assert col.get(["n"]) == [None]
 
 
+@pytest.mark.parametrize(
+    "raised",
+    [
+        "CollectionDamagedError",
+        "CollectionReadOnlyError",
+        "CollectionUnreadableError",
+        "InsufficientStorageError",
+        "ModelMismatchError",
+    ],
+)
+def test_the_servers_own_failures_keep_the_library_types(col, monkeypatch, raised):
+    """Errors of the server's files (damaged, read-only, unreadable: 500; too little disk: 507) came back from the
+    client a bare RuntimeError (a 400's ModelMismatchError a bare ValueError), though the body names the library's
+    class (``error.code``): code written against Collection (``except InsufficientStorageError``) missed them. Now
+    the client raises the class the body names, the server's message in it."""
+    from m3search import errors
+
+    cls = getattr(errors, raised)
+
+    def fail(*args, **kwargs):
+        raise cls(f"the server's own {raised}")
+
+    monkeypatch.setattr(col.engine, "upsert", fail)
+    with served(col) as client:
+        with pytest.raises(cls, match=f"the server's own {raised}") as err:
+            client.upsert(["x"], ids=["n"])
+    assert type(err.value) is cls
+
+
+def test_a_write_the_server_stopped_says_what_the_whole_call_wrote(tmp_path, tiny_encoder, monkeypatch):
+    """A write stopped by the server's shutdown (503, ``error.code`` IngestInterrupted, ``error.ids`` the documents
+    it wrote) came back a bare RuntimeError: its ids only in the body, which its message sends the caller to. Now
+    IngestInterrupted (still a RuntimeError), whose ``ids`` are what the whole call wrote: the parts sent before the
+    stopped one too (a call is split at the server's max_batch)."""
+    from fastapi.testclient import TestClient
+
+    from m3search import Collection
+    from m3search.errors import IngestInterrupted
+    from m3search.server import INGEST_WRITE_BATCH, Resources, Settings, create_app
+
+    coll = Collection.create(tmp_path / "coll", model=tiny_encoder)
+    app = create_app(Settings(max_batch=INGEST_WRITE_BATCH + 2), resources=Resources(collection=coll))
+    real, writes = coll.engine.upsert, []
+
+    def stop_in_second_part(*args, **kwargs):  # the shutdown begins during the second part's first batch
+        out = real(*args, **kwargs)
+        writes.append(1)
+        if len(writes) == 3:
+            app.state.stopping.set()
+        return out
+
+    monkeypatch.setattr(coll.engine, "upsert", stop_in_second_part)
+    ids = [f"d{i}" for i in range(2 * (INGEST_WRITE_BATCH + 2))]
+    with TestClient(app) as http:
+        with pytest.raises(IngestInterrupted) as raised:
+            M3SearchClient("http://testserver", http_client=http).add([f"note {i}" for i in ids], ids=ids)
+        app.state.stopping.clear()
+        stored = [r is not None for r in coll.get(ids)]  # the server closes the collection as it stops
+    written = INGEST_WRITE_BATCH + 2 + INGEST_WRITE_BATCH  # the first part, then the second's first batch
+    assert raised.value.ids == ids[:written] and raised.value.total == len(ids), (raised.value.ids, raised.value.total)
+    assert f"of this call's {len(ids)} documents, the first {written} were written" in str(raised.value)
+    assert stored == [i < written for i in range(len(ids))]
+
+
 def _same_error(library, client) -> None:
     """``client()`` raises what ``library()`` raises: the same class and message."""
     with pytest.raises(Exception) as want:

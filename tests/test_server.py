@@ -576,11 +576,12 @@ def test_a_write_after_the_shutdown_began_is_refused_before_it_starts(tmp_path, 
 def test_a_write_stopped_by_the_shutdown_carries_its_library_code(tmp_path, tiny_encoder, monkeypatch):
     """The 503 of a write stopped between its batches (the library's IngestInterrupted) had no error.code, unlike
     every other library error: now "IngestInterrupted". A write refused before it started (the server's own
-    ShuttingDown, no library error) still has none. M3SearchClient raises it as the RuntimeError it was."""
+    ShuttingDown, no library error) still has none. M3SearchClient raises it as the library's IngestInterrupted."""
     from fastapi.testclient import TestClient
 
     from m3search import Collection
     from m3search.client import M3SearchClient
+    from m3search.errors import IngestInterrupted
     from m3search.server import INGEST_WRITE_BATCH, Resources, Settings, create_app
 
     coll = Collection.create(tmp_path / "coll", model=tiny_encoder)
@@ -600,7 +601,7 @@ def test_a_write_stopped_by_the_shutdown_carries_its_library_code(tmp_path, tiny
         app.state.stopping.clear()
         with pytest.raises(RuntimeError, match="shutting down; the first 4 of 5 documents were written") as raised:
             M3SearchClient("http://testserver", http_client=client).add(["a", "b", "c", "d", "e"])
-    assert type(raised.value) is RuntimeError
+    assert type(raised.value) is IngestInterrupted and (len(raised.value.ids), raised.value.total) == (4, 5)
     assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
     error = r.json()["error"]
     assert error["code"] == "IngestInterrupted" and error["ids"] == [d["id"] for d in docs[:INGEST_WRITE_BATCH]], error

@@ -14,7 +14,9 @@ A search's or a write's arguments are checked by the library's own checks before
 raises exactly what :class:`~m3search.Collection` raises. Errors keep the library's types: a bad value is
 ``ValueError``, a ``k`` or ``candidates`` over the server's (lower) limit ``LimitExceededError``, an existing id
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
-another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, a
+another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, every other
+error the answer names by its library class (``error.code``: the server's damaged, unreadable or read-only files,
+too little disk, a write stopped by its shutdown) that class, a
 wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a 404 that is not the
 API's unknown-id answer (it names the ids): a wrong base URL such as ``.../v1``, or a server older than
 this client (its unknown-id answer named none); the message says which route answered what.
@@ -34,13 +36,23 @@ from typing import Any
 
 import numpy as np
 
-from m3search.errors import DuplicateIdError, IdCollisionError, RequestTooLargeError, WriteConflictError
+from m3search import errors
+from m3search.errors import ID_ERRORS, IngestInterrupted, RequestTooLargeError
 from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceededError
 
 __all__ = ["M3SearchClient"]
 
-#: The library's id errors a 400 or 409 answer names (``error.code``), raised again as they are, ``ids`` included.
-_ID_ERRORS: dict[Any, type] = {c.__name__: c for c in (DuplicateIdError, WriteConflictError, IdCollisionError)}
+#: The library's errors an answer names (``error.code``: the class's name), raised again as the same class.
+_LIBRARY_ERRORS: dict[Any, type] = {name: getattr(errors, name) for name in errors.__all__}  # every error class
+
+
+def _library_error(cls: type, message: str, ids: list | None) -> Exception:
+    """The library's error ``cls`` as the server raised it: with its ``ids`` where it carries them."""
+    if cls is IngestInterrupted:
+        return cls(message, ids or [], len(ids or []))  # the call's total: :meth:`M3SearchClient._write` knows it
+    if cls in ID_ERRORS:
+        return cls(message, ids or [])
+    return cls(message)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -207,8 +219,8 @@ class M3SearchClient:
         if response.status_code == 404:  # the unknown-id answer (get turns it into None)
             raise KeyError(message)
         ids = error.get("ids") if isinstance(error.get("ids"), list) else None
-        if (typed := _ID_ERRORS.get(error.get("code"))) is not None:  # the library's own error, by its name
-            raise typed(message, ids or [])
+        if (typed := _LIBRARY_ERRORS.get(error.get("code"))) is not None:  # the library's own error, by its name
+            raise _library_error(typed, message, ids)
         if response.status_code == 413:  # k or candidates over the server's limit (the library's error there)
             raise LimitExceededError(message)
         if response.status_code < 500 and response.status_code != 429:
@@ -393,7 +405,15 @@ class M3SearchClient:
         name = (lambda j: f"document {ids[j]!r}") if ids is not None else (lambda j: f"document {j} (texts[{j}])")
         out: list[str] = []
         for part in self._parts(docs, envelope, "documents", name):
-            out += self._call("POST", "/documents", json={**envelope, "documents": part})["ids"]
+            try:
+                out += self._call("POST", "/documents", json={**envelope, "documents": part})["ids"]
+            except IngestInterrupted as exc:  # what the whole call wrote: the earlier parts too
+                written = out + exc.ids
+                raise IngestInterrupted(
+                    f"{exc} (of this call's {len(docs)} documents, the first {len(written)} were written)",
+                    written,
+                    len(docs),
+                ) from None
         return out
 
     def delete(self, ids: str | Sequence[str]) -> dict[str, list[str]]:

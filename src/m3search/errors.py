@@ -137,6 +137,10 @@ class IngestInterrupted(M3SearchError, RuntimeError):
         self.total = total
 
 
+#: The errors about given ids, which carry them (``ids``; the HTTP service's ``error.ids``).
+ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
+
+
 class RequestTooLargeError(M3SearchError, ValueError):
     """One document (or text) is larger as JSON than a server accepts in one request (``max_body_bytes``): it
     can never be sent to that server as it is, so trying again cannot help; nothing of it was sent. Raised by

@@ -59,11 +59,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import serverfile
 from .batching import BACKGROUND, BatchedEncoder, Batcher, ClientGone, QueueFull, RequestTimeout
 from .errors import (
+    ID_ERRORS,
     CollectionDamagedError,
     CollectionReadOnlyError,
     CollectionUnreadableError,
     DuplicateIdError,
-    IdCollisionError,
     IngestInterrupted,
     InsufficientStorageError,
     M3SearchError,
@@ -236,8 +236,6 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     CollectionReadOnlyError: 500,  # the same (a part made read-only while served; the message says what was stored)
     CollectionDamagedError: 500,  # the same: the operator restores the named file from a copy
 }
-#: The library errors whose ``ids`` the error body carries (``error.ids``), so a client need not parse the message.
-_ID_ERRORS = (DuplicateIdError, UnknownIdError, WriteConflictError, IdCollisionError)
 
 
 def _code(exc: Exception) -> str | None:
@@ -377,7 +375,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
         if status >= 500:  # the operator's to fix: in the server's log too
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        ids = exc.ids if isinstance(exc, _ID_ERRORS) else None
+        ids = exc.ids if isinstance(exc, ID_ERRORS) else None
         return JSONResponse(error_body(_STATUS_TYPES[status], str(exc), ids, _code(exc)), status_code=status)
 
     @app.exception_handler(Exception)
