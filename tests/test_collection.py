@@ -817,3 +817,25 @@ def test_update_metadata_refuses_a_string_and_counts_ids(tmp_path, tiny_encoder)
         with pytest.raises(TypeError, match="one dict per text .*not a str"):
             col.add(["gamma", "delta"], ids=["c", "d"], metadata="cd")
         assert [r.metadata for r in col.get(["a", "b"])] == [{}, {}] and col.count() == 2
+
+
+def test_dbsf_weights_that_overflow_a_score_are_a_clear_error(tmp_path, tiny_encoder, monkeypatch):
+    """DBSF's scores grow with its weights: one candidate far past 3 sigma (here dense scores 0 but one 1, over 30
+    candidates: it maps to 1 + 1.77) times a weight near float's largest (their sum finite, as the plan checks)
+    was an inf score: the library's hit said inf, and HTTP answered a 400 quoting pydantic's answer model. Now a
+    ValueError naming the weights; the same weights a tenth as large rank as before."""
+    with Collection.create(tmp_path / "c", model=tiny_encoder) as c:
+        c.add([f"note {i} on pumps" for i in range(30)], ids=[f"d{i:02d}" for i in range(30)])
+        real = c.engine.score
+
+        def outlier(ids, qv, modes, **kwargs):
+            out = real(ids, qv, modes, **kwargs)
+            if "dense" in out:
+                out["dense"] = np.where(np.asarray(ids) == "d07", 1.0, 0.0)
+            return out
+
+        monkeypatch.setattr(c.engine, "score", outlier)
+        hits = c.search("pumps", k=3, fusion="dbsf", weights=(1.7e307, 0, 0), candidates=30)
+        assert hits[0].id == "d07" and np.isfinite(hits[0].score)
+        with pytest.raises(ValueError, match=r"weights \(dense=1\.7e\+308, .*\) are too large: dbsf scores overflow"):
+            c.search("pumps", k=3, fusion="dbsf", weights=(1.7e308, 0, 0), candidates=30)

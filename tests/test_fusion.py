@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m3search.fusion import RRF_K, contributions, dbsf, fuse, order, ranks, rrf, weighted
+from m3search.fusion import RRF_K, contributions, dbsf, fuse, order, ranks, rrf, total, weighted
 
 W = {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
 
@@ -76,3 +76,16 @@ def test_congruent_with_qdrant_client():
     lists = [_scored(models, ids, s[m]) for m in s]
     ref = {p.id: p.score for p in qc.distribution_based_score_fusion(lists, limit=n)}
     np.testing.assert_allclose(dbsf(s, ones), [ref[i] for i in ids], rtol=1e-9)
+
+
+def test_weights_that_overflow_a_fused_score_are_a_clear_error():
+    """DBSF's scores grow with its weights (a candidate far past 3 sigma maps above 2): a weight near float's largest
+    (their sum finite, which the plan checks) made that score inf, which the HTTP answer's model then refused (a 400
+    quoting pydantic's "1 validation error for HitOut"). Now the fused total's own ValueError naming the weights."""
+    ids = [f"d{i:03d}" for i in range(100)]
+    scores = {"dense": [0.0] * 99 + [1.0]}  # the outlier maps to (1 - (0.01 - 0.3)) / 0.6 = 2.15
+    fine = contributions("dbsf", scores, {"dense": 1e307}, ids)
+    assert np.array_equal(total("dbsf", fine, {"dense": 1e307}), fuse("dbsf", scores, {"dense": 1e307}, ids))
+    parts = contributions("dbsf", scores, {"dense": 1e308}, ids)
+    with pytest.raises(ValueError, match=r"^weights \(dense=1e\+308\) are too large: dbsf scores overflow"):
+        total("dbsf", parts, {"dense": 1e308})

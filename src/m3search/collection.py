@@ -76,7 +76,7 @@ from m3search.errors import (
     WriteConflictError,
 )
 from m3search.filters import INT64_MAX, INT64_MIN, parse_filter
-from m3search.fusion import contributions, order, ranks
+from m3search.fusion import contributions, order, ranks, total
 from m3search.plan import (
     DEFAULT_CANDIDATES,
     DEFAULT_WEIGHTS,
@@ -1411,11 +1411,11 @@ class Collection:
             o = ws.windows
             labels = [f"{cand[d]}\x00{w:09d}" for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
             wparts = contributions(plan.fusion, {m: ws.scores[m] for m in plan.modes}, weights, labels)
-            fused = np.maximum.reduceat(np.sum(list(wparts.values()), axis=0), o[:-1])
+            fused = np.maximum.reduceat(total(plan.fusion, wparts, weights), o[:-1])
             parts = {m: np.maximum.reduceat(p, o[:-1]) for m, p in wparts.items()}  # for explain
         else:
             parts = contributions(plan.fusion, scores, weights, cand)
-            fused = np.sum(list(parts.values()), axis=0)
+            fused = total(plan.fusion, parts, weights)
         vectors = ["sparse"] if plan.explain else False
         top = order(cand, fused)[: plan.k]
         top_ids = [cand[j] for j in top]
@@ -1482,7 +1482,7 @@ class Collection:
             return []
         labels = [f"{cand[where[j][0]]}\x00{where[j][1]:09d}" for j in live]
         parts = contributions(plan.fusion, {m: ws.scores[m][live] for m in plan.modes}, plan.weight_map(), labels)
-        fused = np.sum(list(parts.values()), axis=0)
+        fused = total(plan.fusion, parts, plan.weight_map())
         top = order(labels, fused)[: plan.k]
         docs = list(dict.fromkeys(cand[where[live[t]][0]] for t in top))
         recs = dict(zip(docs, self._engine.get(docs)))

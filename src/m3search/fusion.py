@@ -23,7 +23,7 @@ import numpy as np
 
 from m3search.plan import FUSIONS
 
-__all__ = ["RRF_K", "FUSIONS", "weighted", "rrf", "dbsf", "fuse", "contributions", "ranks", "order"]
+__all__ = ["RRF_K", "FUSIONS", "weighted", "rrf", "dbsf", "fuse", "contributions", "total", "ranks", "order"]
 
 #: The RRF constant used by m3search (qdrant-client uses 2 by default).
 RRF_K = 60
@@ -98,7 +98,8 @@ def dbsf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) ->
 def fuse(
     method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]
 ) -> np.ndarray:
-    """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`)."""
+    """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`): the formulas as written, the oracle
+    of :func:`contributions` (which the Collection sums with :func:`total`)."""
     if method == "weighted":
         return weighted(scores, weights)
     if method == "rrf":
@@ -106,6 +107,19 @@ def fuse(
     if method == "dbsf":
         return dbsf(scores, weights)
     raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")
+
+
+def total(method: str, parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """The fused scores: the sum of :func:`contributions`' ``parts``. A ValueError where weights near float's
+    largest (their sum finite) make one overflow: RRF's and DBSF's scores grow with the weights (a DBSF candidate far
+    past 3 sigma maps above 2), and an inf score is no ranking (over HTTP it was a 400 quoting pydantic's answer
+    model). Their ratios alone decide the ranking, so smaller weights in the same ratios rank the same."""
+    with np.errstate(over="ignore", invalid="ignore"):  # told below, in words
+        out = np.sum(list(parts.values()), axis=0)
+    if not np.isfinite(out).all():
+        used = ", ".join(f"{m}={weights[m]:g}" for m in parts)
+        raise ValueError(f"weights ({used}) are too large: {method} scores overflow; scale them down (same ratios)")
+    return out
 
 
 def contributions(
@@ -119,5 +133,6 @@ def contributions(
     if method == "rrf":
         return {m: weights[m] / (RRF_K + ranks(ids, s)) for m, s in arrs.items()}
     if method == "dbsf":
-        return {m: weights[m] * _dbsf_normalize(s) for m, s in arrs.items()}
+        with np.errstate(over="ignore"):  # an inf part: :func:`total` says so
+            return {m: weights[m] * _dbsf_normalize(s) for m, s in arrs.items()}
     raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")
