@@ -550,6 +550,27 @@ def test_only_the_unknown_id_answer_reads_as_missing(col):
                 call()
 
 
+def test_get_reads_many_ids_per_request_and_ids_too_long_for_a_url(col):
+    """get() sent one GET /documents/{id} per id: a request per document (LangChain's get_by_ids, LlamaIndex's
+    get_nodes), and an id longer than a URL may be (stored all the same) raised httpx's InvalidURL. Now POST
+    /documents/get, ids in the body, in parts of the server's max_batch; a server older than the route answers
+    405 and is asked one id at a time as before (test below)."""
+    long_id = "é" * 30_000  # 180,000 characters once percent-encoded
+    col.add(["a very long name"], ids=[long_id], metadata=[{"n": 1}])
+    asked = []
+    with served(col, max_batch=3) as client:
+        client._http.event_hooks["request"].append(lambda request: asked.append((request.method, request.url.path)))
+        recs = client.get([IDS[2], long_id, "nope", IDS[0], IDS[1]])
+    assert [r and (r.id, r.text, r.metadata) for r in recs] == [
+        (IDS[2], TEXTS[2], META[2]),
+        (long_id, "a very long name", {"n": 1}),
+        None,
+        (IDS[0], TEXTS[0], META[0]),
+        (IDS[1], TEXTS[1], META[1]),
+    ]
+    assert [a for a in asked if a[1] != "/info"] == [("POST", "/documents/get")] * 2, asked
+
+
 def test_an_older_servers_unknown_id_answer_says_so():
     """A server from before the unknown-id answer named its ids (error.ids) answers an unknown id with a 404 in
     the API's error shape and no ids; get() raised "no m3search API at URL" (checked against a server of
@@ -558,6 +579,10 @@ def test_an_older_servers_unknown_id_answer_says_so():
     import httpx
 
     def older(request):
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"limits": {}})
+        if request.method == "POST":  # POST /documents/get: its path is GET /documents/{id}'s, so 405
+            return httpx.Response(405, json={"error": {"type": "method_not_allowed", "message": "Method Not Allowed"}})
         if request.url.path == "/documents/d0":
             return httpx.Response(200, json={"id": "d0", "text": "t", "metadata": {}})
         return httpx.Response(404, json={"error": {"type": "not_found", "message": "no document with id 'ghost'"}})

@@ -177,6 +177,7 @@ REQUESTS = {
     ("GET", "/info"): ("/info", None),
     ("GET", "/metrics"): ("/metrics", None),
     ("GET", "/documents/{doc_id}"): ("/documents/ghost", None),  # unknown: 404
+    ("POST", "/documents/get"): ("/documents/get", {"ids": ["ghost", "x1"]}),
     ("POST", "/documents"): ("/documents", {"documents": [{"id": "x1", "text": "a new note"}]}),
     ("DELETE", "/documents"): ("/documents", {"ids": ["x2"]}),
     ("POST", "/search"): ("/search", {"query": "boundary layer", "k": 2}),

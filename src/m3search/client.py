@@ -46,6 +46,13 @@ __all__ = ["M3SearchClient"]
 _LIBRARY_ERRORS: dict[Any, type] = {name: getattr(errors, name) for name in errors.__all__}  # every error class
 
 
+def _record(d: dict) -> Any:
+    """A document of an answer as the library's Record."""
+    from m3search.collection import Record
+
+    return Record(id=d["id"], text=d["text"], metadata=d.get("metadata") or {})
+
+
 def _library_error(cls: type, message: str, ids: list | None) -> Exception:
     """The library's error ``cls`` as the server raised it: with its ``ids`` where it carries them."""
     if cls is IngestInterrupted:
@@ -166,11 +173,12 @@ class M3SearchClient:
         self.close()
 
     # ---------------------------------------------------------------------- transport
-    def _call(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, *, idempotent: bool = False, new: bool = False, **kwargs: Any) -> Any:
         """One API call; busy answers are asked again after their ``Retry-After``, ``retries`` times:
         429 (the queue was full: nothing was done) always; 503 (the encoding did not start in time)
         only for an ``idempotent`` call (GET, search, embed), since a write may have stored part of
-        its documents before the batch that timed out."""
+        its documents before the batch that timed out. ``new``: a route older servers lack, None where the
+        server answers 405 (so the caller can ask as older servers are asked)."""
         import httpx
 
         kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth}
@@ -188,6 +196,8 @@ class M3SearchClient:
             if not busy or attempt == self.retries:
                 break
             time.sleep(_retry_after(response.headers.get("Retry-After")))
+        if new and response.status_code == 405:
+            return None
         if response.status_code < 400:
             try:
                 answer = response.json()
@@ -313,20 +323,33 @@ class M3SearchClient:
         return self.count()
 
     def get(self, ids: str | Sequence[str]) -> list:
-        """Stored documents in input order; None for unknown ids (one ``GET /documents/{id}`` each)."""
-        from urllib.parse import quote
-
+        """Stored documents in input order; None for unknown ids (``POST /documents/get``, in parts of the server's
+        ``max_batch``; a server older than it: one ``GET /documents/{id}`` each)."""
         from m3search.collection import Record, _as_id_list
 
+        ids = _as_id_list(ids)
         out: list[Record | None] = []
-        for doc_id in _as_id_list(ids):
+        if not ids:
+            return out
+        for part in self._parts(ids, {}, "ids", lambda j: f"id {ids[j][:80]!r}"):
+            answer = self._call("POST", "/documents/get", json={"ids": part}, idempotent=True, new=True)
+            if answer is None:  # an older server
+                return out + self._get_each(ids[len(out) :])
+            out += [None if d is None else _record(d) for d in answer["documents"]]
+        return out
+
+    def _get_each(self, ids: list[str]) -> list:
+        from urllib.parse import quote
+
+        out: list = []
+        for doc_id in ids:
             try:
                 # dots escaped too: an id "." or ".." would otherwise be a dot segment, removed from the path
                 d = self._call("GET", f"/documents/{quote(doc_id, safe='').replace('.', '%2E')}")
             except KeyError:
                 out.append(None)
                 continue
-            out.append(Record(id=d["id"], text=d["text"], metadata=d.get("metadata") or {}))
+            out.append(_record(d))
         return out
 
     def search(

@@ -779,6 +779,18 @@ class DocumentOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class GetRequest(_Strict):
+    ids: list[str] = Field(min_length=1, description="At most the server's max_batch (413).")
+
+
+class GetResponse(BaseModel):
+    documents: list[DocumentOut | None] = Field(description="In the order of ids; null for an id not stored.")
+
+
+def _document_out(doc: Any) -> DocumentOut:
+    return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
+
+
 class _SearchOptions(_Strict):
     """Every argument of ``Collection.search`` but the query: ``/search`` and ``/search/batch`` share them."""
 
@@ -1212,7 +1224,14 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         doc = res.collection.get([doc_id])[0]
         if doc is None:
             raise UnknownIdError(f"no document with id {doc_id!r}", [doc_id])
-        return DocumentOut(id=str(doc.id), text=doc.text or "", metadata=doc.metadata or {})
+        return _document_out(doc)
+
+    @api.post("/documents/get", response_model=GetResponse, tags=["documents"], responses=_errors(409))
+    def get_documents(body: GetRequest, res: CollectionDep, settings: SettingsDep) -> GetResponse:
+        """Stored documents in the order of ``ids``, null for one not stored: many in one request, and ids too long
+        for a URL (``GET /documents/{id}`` puts the id in the path)."""
+        _check_batch(len(body.ids), settings, "ids")
+        return GetResponse(documents=[None if d is None else _document_out(d) for d in res.collection.get(body.ids)])
 
     @api.post("/search", response_model=SearchResponse, tags=["search"], responses=_errors(409, *_ENCODING, 504))
     async def search(
