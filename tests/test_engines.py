@@ -306,6 +306,21 @@ def test_a_key_with_a_dot_is_not_the_nested_path(tmp_path, tiny_encoder, engine)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_number_in_a_path_is_a_key_not_a_list_index(tmp_path, tiny_encoder, engine):
+    """A filter's "a.0" is key "0" inside object a; Milvus once read it as a JSON pointer, where "0" indexes a list,
+    so {"a.0": 6} matched {"a": [6]} (and its negation dropped it)."""
+    needs(engine)
+    meta = [{"a": {"0": 6}}, {"a": [6]}, {"a": [[6]]}, {"a": [{"1": 6}]}, {"a": [[0, 6]]}, {"a": {"0": {"1": 6}}}, {}]
+    specs = [{"a.0": 6}, {"a.0": {"in": [6]}}, {"a.0": {"gte": 6}}, {"a.0.1": 6}]
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add([f"t{i}" for i in range(len(meta))], ids=[str(i) for i in range(len(meta))], metadata=meta)
+        for spec in specs + [{"not": s} for s in specs]:
+            want = {str(i) for i, m in enumerate(meta) if matches(parse_filter(spec), m)}
+            assert col.count(spec) == len(want), spec
+            assert {h.id for h in col.search("t0", k=len(meta), filter=spec, mode="dense")} == want, spec
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_numbers_beyond_2_to_the_53_compare_as_documented(tmp_path, tiny_encoder, engine):
     """From 2**53 on, float64 merges neighbouring integers. The rule (filters.matches, docs/usage.md): an integer
     filter value equals only integers, exactly; a float filter value compares in float64. Milvus's list
