@@ -21,6 +21,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -1130,6 +1131,30 @@ def test_qdrant_requests_stay_under_the_limit_with_large_metadata(tmp_path, tiny
         col.engine.max_request_bytes = 2_000  # small dicts, one each: the operations' own JSON counts too
         col.update_metadata(ids, [{"i": i} for i in range(len(ids))])
         assert len(sent) > 1 and max(size for _, size in sent) <= 2_000, sent
+    finally:
+        col.close()
+
+
+def test_milvus_metadata_updates_stay_under_the_request_limit(tmp_path, tiny_encoder, monkeypatch):
+    """update_metadata rewrites every row of its documents: grouped under ``max_request_bytes`` as writes are, each
+    document whole in one request (it sent all of them in one, which a server over its gRPC limit refuses)."""
+    needs("milvus-lite")
+    col = Collection.create(location("milvus-lite", tmp_path), model=tiny_encoder)
+    try:
+        ids = [f"d{i}" for i in range(40)]
+        col.add([f"document {i}" for i in range(40)], ids=ids)
+        client, sent = col.engine.client, []
+        real = client.upsert
+
+        def measured(collection, rows, **kw):
+            sent.append(sum(len(json.dumps(r["meta"])) for r in rows))
+            return real(collection, rows, **kw)
+
+        monkeypatch.setattr(client, "upsert", measured)
+        limit = col.engine.max_request_bytes = 200_000
+        col.update_metadata(ids, [{"summary": f"{i} " + "x" * 20_000} for i in range(40)])
+        assert len(sent) > 1 and max(sent) <= limit, sent
+        assert col.get("d7")[0].metadata == {"summary": "7 " + "x" * 20_000} and col.count() == 40
     finally:
         col.close()
 
