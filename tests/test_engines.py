@@ -307,6 +307,22 @@ def test_a_key_with_a_dot_is_not_the_nested_path(tmp_path, tiny_encoder, engine)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_filter_built_in_python_gets_the_same_answer_everywhere(cols, corpus, engine):
+    """An empty ``Or`` built in Python matched nothing on Qdrant Edge, everything in local mode and was a Milvus
+    parse error; a NaN value or a range without bounds went to the engine too. Now each is the grammar's error."""
+    from m3search.filters import Eq, Or, Range
+
+    needs(engine)
+    col = cols[engine]
+    for bad in (Or(()), Eq("lang", float("nan")), Range("year")):
+        with pytest.raises(ValueError, match=r"^filter"):
+            col.count(bad)
+        with pytest.raises(ValueError, match=r"^filter"):
+            col.search_batch(["q"], k=3, filter=bad, query_embeddings=corpus[5][:1])
+    assert col.count(Or((Eq("lang", "en"), Eq("lang", "de")))) == col.count({"lang": {"in": ["en", "de"]}})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_metadata_keeps_its_key_order_through_an_update(tmp_path, tiny_encoder, engine):
     """Equal dicts in another key order are each document's own: Qdrant's update grouped documents by their
     dict with sorted keys, and the second came back in the first's order."""
