@@ -21,6 +21,7 @@ through qdrant-client's local mode (``qdrant+local://``), which speaks the same 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -303,6 +304,49 @@ def test_a_key_with_a_dot_is_not_the_nested_path(tmp_path, tiny_encoder, engine)
         col.add(["w", "x", "y", "z"], ids=list("wxyz"), metadata=meta)
         for spec in ({"a.b": 5}, {"not": {"a.b": {"gt": 1}}}, {"a.b": {"gte": 0}}, {"not": {"a.b": 5}}):
             assert col.count(spec) == sum(matches(parse_filter(spec), m) for m in meta), spec
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_filter_built_in_python_gets_the_same_answer_everywhere(cols, corpus, engine):
+    """An empty ``Or`` built in Python matched nothing on Qdrant Edge, everything in local mode and was a Milvus
+    parse error; a NaN value or a range without bounds went to the engine too. Now each is the grammar's error."""
+    from m3search.filters import Eq, Or, Range
+
+    needs(engine)
+    col = cols[engine]
+    for bad in (Or(()), Eq("lang", float("nan")), Range("year")):
+        with pytest.raises(ValueError, match=r"^filter"):
+            col.count(bad)
+        with pytest.raises(ValueError, match=r"^filter"):
+            col.search_batch(["q"], k=3, filter=bad, query_embeddings=corpus[5][:1])
+    assert col.count(Or((Eq("lang", "en"), Eq("lang", "de")))) == col.count({"lang": {"in": ["en", "de"]}})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_metadata_keeps_its_key_order_through_an_update(tmp_path, tiny_encoder, engine):
+    """Equal dicts in another key order are each document's own: Qdrant's update grouped documents by their
+    dict with sorted keys, and the second came back in the first's order."""
+    needs(engine)
+    meta = [{"x": 1, "n": {"b": 1, "a": 2}}, {"n": {"a": 2, "b": 1}, "x": 1}]
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add(["a", "b"], ids=["a", "b"], metadata=meta[::-1])
+        col.update_metadata(["a", "b"], meta)
+        assert [json.dumps(r.metadata) for r in col.get(["a", "b"])] == [json.dumps(m) for m in meta]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_number_in_a_path_is_a_key_not_a_list_index(tmp_path, tiny_encoder, engine):
+    """A filter's "a.0" is key "0" inside object a; Milvus once read it as a JSON pointer, where "0" indexes a list,
+    so {"a.0": 6} matched {"a": [6]} (and its negation dropped it)."""
+    needs(engine)
+    meta = [{"a": {"0": 6}}, {"a": [6]}, {"a": [[6]]}, {"a": [{"1": 6}]}, {"a": [[0, 6]]}, {"a": {"0": {"1": 6}}}, {}]
+    specs = [{"a.0": 6}, {"a.0": {"in": [6]}}, {"a.0": {"gte": 6}}, {"a.0.1": 6}]
+    with Collection.create(location(engine, tmp_path), model=tiny_encoder) as col:
+        col.add([f"t{i}" for i in range(len(meta))], ids=[str(i) for i in range(len(meta))], metadata=meta)
+        for spec in specs + [{"not": s} for s in specs]:
+            want = {str(i) for i, m in enumerate(meta) if matches(parse_filter(spec), m)}
+            assert col.count(spec) == len(want), spec
+            assert {h.id for h in col.search("t0", k=len(meta), filter=spec, mode="dense")} == want, spec
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -1115,6 +1159,30 @@ def test_qdrant_requests_stay_under_the_limit_with_large_metadata(tmp_path, tiny
         col.engine.max_request_bytes = 2_000  # small dicts, one each: the operations' own JSON counts too
         col.update_metadata(ids, [{"i": i} for i in range(len(ids))])
         assert len(sent) > 1 and max(size for _, size in sent) <= 2_000, sent
+    finally:
+        col.close()
+
+
+def test_milvus_metadata_updates_stay_under_the_request_limit(tmp_path, tiny_encoder, monkeypatch):
+    """update_metadata rewrites every row of its documents: grouped under ``max_request_bytes`` as writes are, each
+    document whole in one request (it sent all of them in one, which a server over its gRPC limit refuses)."""
+    needs("milvus-lite")
+    col = Collection.create(location("milvus-lite", tmp_path), model=tiny_encoder)
+    try:
+        ids = [f"d{i}" for i in range(40)]
+        col.add([f"document {i}" for i in range(40)], ids=ids)
+        client, sent = col.engine.client, []
+        real = client.upsert
+
+        def measured(collection, rows, **kw):
+            sent.append(sum(len(json.dumps(r["meta"])) for r in rows))
+            return real(collection, rows, **kw)
+
+        monkeypatch.setattr(client, "upsert", measured)
+        limit = col.engine.max_request_bytes = 200_000
+        col.update_metadata(ids, [{"summary": f"{i} " + "x" * 20_000} for i in range(40)])
+        assert len(sent) > 1 and max(sent) <= limit, sent
+        assert col.get("d7")[0].metadata == {"summary": "7 " + "x" * 20_000} and col.count() == 40
     finally:
         col.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +61,34 @@ def test_malformed_filters_name_the_problem(bad, words):
     with pytest.raises(ValueError) as exc:
         parse_filter(bad)
     assert words in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (Eq("x", float("nan")), "filter.x.eq: value must be finite"),
+        (Eq("x", None), "string, number or boolean"),
+        (Eq("x", [1]), "use {'in'"),
+        (Eq("x", 2**70), "integer out of range"),
+        (Eq("", 1), "invalid field name"),
+        (Eq('a"b', 1), "invalid field name"),
+        (Range("x"), "empty operator"),
+        (Range("x", gt="a"), "finite number"),
+        (Range("x", gt=1, gte=2), "at most one lower bound"),
+        (Or(()), "non-empty list"),
+        (And(()), "non-empty list"),
+        (Not(None), "empty object"),
+        (Not(Eq("x", "\ud800")), "not valid Unicode"),
+    ],
+)
+def test_a_filter_built_in_python_is_checked_as_its_json_is(bad, words):
+    """An AST built in Python was checked for its limits only: Or(()) matched nothing on Qdrant Edge, everything in
+    qdrant-client's local mode and failed inside Milvus; Eq("x", nan) was a Milvus parse error, Range("x") one too."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_filter(bad)
+    assert parse_filter(Or((Eq("a", 1), In("b", (1, 2)), Range("c", lt=3.5)))) == parse_filter(
+        {"or": [{"a": 1}, {"b": {"in": [1, 2]}}, {"c": {"lt": 3.5}}]}
+    )
 
 
 def test_non_object_is_type_error():

@@ -1063,7 +1063,8 @@ class Collection:
 
         ``metadata``: one dict for all ``ids``, or a list of dicts. Unknown ids raise
         :class:`~m3search.errors.UnknownIdError` and nothing is changed. Atomicity: one dict for all
-        ids is one durable engine write; with a list, each distinct dict is one write (Qdrant's payload update
+        ids is one durable engine write while it fits one request (the engine's ``max_request_bytes``; each
+        document is in one); with a list, each distinct dict is one write (Qdrant's payload update
         takes one value per call), so a crash part-way leaves some documents updated.
         """
         ids = _as_id_list(ids)

@@ -141,8 +141,9 @@ def parse_filter(obj: Any) -> Filter | None:
     """
     if obj is None:
         return None
-    if isinstance(obj, _NODES):
-        _Parser().check_ast(obj, 1)
+    if isinstance(obj, _NODES):  # built in Python: checked as its JSON form is (names, values, bounds, limits)
+        _check_depth(obj, 1)  # (before to_json recurses into it)
+        _Parser().object(to_json(obj), "filter", 1)
         return obj
     if isinstance(obj, str):
         if not obj.strip():
@@ -176,19 +177,6 @@ class _Parser:
     def _depth(depth: int, where: str) -> None:
         if depth > MAX_FILTER_DEPTH:
             raise FilterTooComplexError(f"{where}: a filter may nest at most {MAX_FILTER_DEPTH} levels")
-
-    def check_ast(self, f: Filter, depth: int) -> None:
-        """Apply the limits to an AST built in Python (it skipped :meth:`object`)."""
-        self._depth(depth, "filter")
-        if isinstance(f, (And, Or)):
-            for x in f.items:
-                self.check_ast(x, depth + 1)
-        elif isinstance(f, Not):
-            self.check_ast(f.item, depth + 1)
-        else:
-            if isinstance(f, In):
-                _check_in(f.values, f"filter.{f.field}.in")
-            self._count("filter", _weight(f))
 
     def object(self, obj: Any, where: str, depth: int) -> Filter:
         if not isinstance(obj, Mapping):
@@ -240,6 +228,13 @@ class _Parser:
             self._count(at)
             parts.append(Range(field, **bounds))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def _check_depth(f: Filter, depth: int) -> None:
+    """An AST's nesting of ``and`` / ``or`` / ``not`` against :data:`MAX_FILTER_DEPTH`."""
+    _Parser._depth(depth, "filter")
+    for x in f.items if isinstance(f, (And, Or)) else (f.item,) if isinstance(f, Not) else ():
+        _check_depth(x, depth + 1)
 
 
 def _weight(f: Filter) -> int:

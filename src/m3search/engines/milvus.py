@@ -1381,24 +1381,27 @@ class MilvusEngine(Engine):
         return self._tombstone(doc_id, _head_tombstone_key(doc_id, gen), gen)
 
     def set_metadata(self, ids: Sequence[str], metadata: Sequence[dict]) -> None:
-        """Rewrites every window row of the documents in one request (Milvus 2.5 has no partial update;
-        token rows untouched)."""
+        """Rewrites every window row of the documents (Milvus 2.5 has no partial update; token rows untouched),
+        each document in one request, documents grouped under ``max_request_bytes`` as writes are."""
         if len(ids) != len(metadata):
             raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts")
         if not ids:
             return
         fields = [f for f in self._fields if f not in ("meta", "kinds")]
         docs = self._windows_of(ids, fields, ("dense", "sparse"), whole_text=False)
-        out = []
+        out, sizes = [], []
         for doc_id, meta, rows in zip(ids, metadata, docs):
             if not rows:
                 raise ValueError(f"unknown id {doc_id!r}; no metadata was changed")
+            kinds, new = metadata_kinds(meta), []
             for r in rows:
                 r = {f: r[f] for f in fields}
                 r["dense"] = np.asarray(r["dense"], dtype=np.float32)
-                r["meta"], r["kinds"] = meta, metadata_kinds(meta)
-                out.append(r)
-        self.client.upsert(self.collection, out, timeout=self.timeout)
+                r["meta"], r["kinds"] = meta, kinds
+                new.append(r)
+            out.append(new)
+            sizes.append(self._bytes(new, sum(len(r["sparse"]) for r in new)) + 16 * len(new[0].get("spans") or []))
+        self._upsert_docs(out, sizes)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Every row of the documents: the version each head names, slot 0 (windows, tombstones, strays), slots 1

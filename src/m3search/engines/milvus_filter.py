@@ -26,6 +26,8 @@ from m3search.filters import FLOAT_EXACT_INT, INT64_MIN, And, Eq, Filter, In, No
 __all__ = ["to_milvus_expr", "metadata_kinds", "kinds_path"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: A JSON-pointer array index (RFC 6901): Milvus reads such a path segment as one where the value is a list.
+_INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
 def _lit(s: str, what: str = "string") -> str:
@@ -112,8 +114,10 @@ class _ExprBuilder:
         if isinstance(f, (And, Or)):
             joiner = " and " if isinstance(f, And) != neg else " or "
             return "(" + joiner.join(self.build(x, neg) for x in f.items) + ")"
-        if isinstance(f, Range):
-            return self._range(f, neg)
+        leaf = self._range(f, neg) if isinstance(f, Range) else self._leaf(f, neg)
+        return _in_objects(f.field, leaf, neg)
+
+    def _leaf(self, f: Eq | In, neg: bool) -> str:
         pos = self._positive(f)
         if not neg:
             return pos
@@ -154,6 +158,19 @@ class _ExprBuilder:
         alts = [f'{kinds_path(f.field)} != "n"']
         alts += [f"{p} {nop} {_num(b, bound=True)}" for b, _, nop in ops if b is not None]
         return "(" + " or ".join(alts) + ")"
+
+
+def _in_objects(field: str, leaf: str, neg: bool) -> str:
+    """``leaf`` (negated: ``neg``) holding only where each index-like segment of ``field`` is a key of an object.
+    Why: Milvus reads ``meta["a"]["0"]`` as the JSON pointer /a/0, where "0" indexes a list, so {"a.0": 6} matched
+    {"a": [6]}; in the grammar "a.0" is key "0" inside object a (:func:`m3search.filters.matches`)."""
+    segments = field.split(".")
+    parents = [".".join(segments[:j]) for j in range(1, len(segments)) if _INDEX.fullmatch(segments[j])]
+    if not parents:
+        return leaf
+    if neg:  # (a missing kind differs from "o": the negation holds there, as for a missing field)
+        return "(" + " or ".join([*(f'{kinds_path(p)} != "o"' for p in parents), leaf]) + ")"
+    return "(" + " and ".join([*(f'{kinds_path(p)} == "o"' for p in parents), leaf]) + ")"
 
 
 def to_milvus_expr(

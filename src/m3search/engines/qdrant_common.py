@@ -577,7 +577,7 @@ class QdrantEngine(Engine):
         groups: dict[str, tuple[dict, list[str]]] = {}  # one operation per distinct payload
         size = 0  # the request's JSON: each distinct payload once (~3 times its JSON: "m" and "meta"), ~40 B an id
         for doc_id, meta, (parts, gen) in zip(ids, metadata, layout):
-            key = json.dumps(meta, sort_keys=True)
+            key = json.dumps(meta)  # (keys unsorted: an equal dict in another order is its document's own)
             points = [part_uuid(doc_id, w, p, gen) for w, n in enumerate(parts or [1]) for p in range(n)]
             payload = 3 * len(key) + 96  # "m", "meta" (escaped) and the operation's own JSON
             if limit is not None and groups and size + 40 * len(points) + payload > limit:
