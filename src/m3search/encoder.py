@@ -456,7 +456,10 @@ class M3Encoder:
             layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)
             layer.load_state_dict(state)
             heads.append(layer.to(dev).eval())  # heads stay float32: cheap, and keeps weights exact
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers' own message ("EOF while parsing ...") names no file
+            raise ModelLoadError(f"could not read {folder / 'tokenizer.json'} (not a tokenizers file): {exc}") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return cls(
