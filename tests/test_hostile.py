@@ -415,6 +415,17 @@ def test_a_model_whose_tokenizer_json_is_damaged_is_named(tmp_path, tiny_model_p
         assert not (tmp_path / "coll").exists()
 
 
+def test_a_model_given_as_a_file_is_said_to_be_one(tmp_path):
+    """``--model`` naming a file (a weights file, say) said "model folder ... does not exist" of a file that exists."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not a folder")
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": "a", "text": "t"}\n')
+    proc = cli("index", str(src), "-c", str(tmp_path / "coll"), "-m", str(model))
+    assert proc.returncode == 1 and f"Error: model {str(model)!r} is not a folder (expected " in _one_error_line(proc)
+    assert not (tmp_path / "coll").exists()
+
+
 def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
     import http.server
     import threading

@@ -278,8 +278,8 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(
-            f"model folder {name!r} does not exist (expected a local folder in BAAI/bge-m3's layout "
-            "or a Hugging Face Hub id such as 'BAAI/bge-m3')"
+            (f"model {name!r} is not a folder" if path.exists() else f"model folder {name!r} does not exist")
+            + " (expected a local folder in BAAI/bge-m3's layout or a Hugging Face Hub id such as 'BAAI/bge-m3')"
         )
     try:
         from huggingface_hub import snapshot_download
