@@ -1127,6 +1127,29 @@ def _stored_ids(location: Path) -> set[str]:
         return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
 
 
+def test_index_opens_a_collection_another_process_created_since_it_looked(tmp_path, tiny_model_path, monkeypatch):
+    """Two `index` runs started together into a new folder: one found no collection, the other then created it,
+    and the first's create failed "a collection already exists at ..." (exit 1), though `index` writes into an
+    existing collection. It now opens the one created meanwhile (in use, said so, while its creator holds it)."""
+    from m3search import Collection
+    from m3search.errors import CollectionNotFoundError
+
+    location = tmp_path / "coll"
+    real_open = Collection.open.__func__
+
+    def open_as_another_creates(cls, path, *args, **kwargs):
+        if not location.exists():  # the other `index`, between this one's open and its create
+            Collection.create(location, model=str(tiny_model_path)).close()
+            raise CollectionNotFoundError(f"no collection at {path}")
+        return real_open(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "open", classmethod(open_as_another_creates))
+    args = ("-c", str(location), "-m", str(tiny_model_path), "--format", "jsonl")
+    got = _invoke("index", "-", *args, stdin=_short_corpus(3))
+    assert got.exit_code == 0, got.output
+    assert _stored_ids(location) == {"d0", "d1", "d2"}
+
+
 def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_path, monkeypatch):
     """`cat corpus.jsonl | m3search index - -c ...` failed ("Path '-' does not exist"): the source is read twice,
     so standard input is spooled to a temporary file, plain or gzip (told by its first bytes), then removed."""

@@ -582,7 +582,7 @@ def _open_target(
             _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
             return target
     from . import Collection
-    from .errors import CollectionInUseError, CollectionNotFoundError
+    from .errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 
     try:
         col = Collection.open(collection, model=model, device=device, dtype=dtype)
@@ -598,9 +598,17 @@ def _open_target(
             col.close()
             raise
         return _Local(col)
-    return _Local(
-        Collection.create(collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {}))
-    )
+    try:
+        col = Collection.create(
+            collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})
+        )
+    except CollectionExistsError:
+        if not Collection.exists(collection):  # a folder of other files: said as create says it
+            raise
+        # created by another process since the open above (two `index` at once): "a collection already exists"
+        # failed this one; it is opened as any existing one (in use while that process holds it)
+        return _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings)
+    return _Local(col)
 
 
 def _fixed(settings: dict[str, Any] | None, schema: dict[str, Any] | None) -> dict[str, Any]:
