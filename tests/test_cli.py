@@ -1455,6 +1455,30 @@ def test_output_to_a_full_disk_is_one_clear_line(indexed, tmp_path, tiny_model_p
     assert one_json(cli("info", "-c", str(tmp_path / "new"), "--json"))["count"] == 1
 
 
+def test_a_note_on_a_full_stderr_ends_nothing(tmp_path, tiny_model_path, demo_data):
+    """Standard error on a full disk, standard output fine: index, its documents all written, failed on its truncation
+    warning (exit 1: "the first 1 records ... were written; run the same command again", which failed alike), and
+    eval exited 1 on its "reports:" line (a traceback no one could read) once its reports were written."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    source = tmp_path / "long.jsonl"
+    source.write_text(json.dumps({"_id": "long", "text": "wing " * 3000}) + "\n", encoding="utf-8")
+    model = ["--model", str(tiny_model_path)]
+    commands = {
+        "index": ["index", str(source), "-c", str(tmp_path / "coll"), *model, "--max-windows", "1", "--json"],
+        "eval": ["eval", str(demo_data), *model, "--modes", "dense", "--out", str(tmp_path / "out")]
+        + ["--cache-dir", str(tmp_path / "cache")],
+    }
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    for name, args in commands.items():
+        with open("/dev/full", "w") as full:
+            got = subprocess.run(cmd + args, stdout=subprocess.PIPE, stderr=full, text=True, timeout=300, env=env)
+        assert got.returncode == 0, (name, got.stdout[-2000:])
+    assert one_json(cli("info", "-c", str(tmp_path / "coll"), "--json"))["count"] == 1
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_output_to_a_closed_pipe_ends_quietly(indexed, tmp_path, tiny_model_path):
     """`m3search search --queries ... | head -1` said "Error: [Errno 32] Broken pipe" once the reader had gone. A
     reader that has what it wanted is no error to report: every command ends with status 1 (click's, and Python's

@@ -459,10 +459,9 @@ def _truncation_summary() -> Iterator[dict]:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for unit, limit, setting in dict.fromkeys((m.unit, m.max_length, m.setting) for m in cut):
         count = sum(m.count for m in cut if (m.unit, m.max_length, m.setting) == (unit, limit, setting))
-        click.echo(
+        _note(
             f"Warning: {count} of {tally['documents']} documents exceeded {setting}={limit} {unit}; "
-            f"only their first {unit} are indexed",
-            err=True,
+            f"only their first {unit} are indexed"
         )
 
 
@@ -1409,8 +1408,10 @@ def serve(
 
 
 def _note(line: str) -> None:
-    """``serve``'s own lines on stderr. One that cannot be written (``2>/dev/full``) ends nothing: the server
-    exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike)."""
+    """A line on stderr beside a command's work. One that cannot be written (``2>/dev/full``) ends nothing: the
+    server exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike), an
+    index whose documents were all written failed on its truncation warning ("run the same command again", to fail
+    alike), and eval exited 1 on its "reports:" line once the reports were written."""
     with contextlib.suppress(OSError):
         click.echo(line, err=True)
 
@@ -1523,7 +1524,7 @@ def eval_(
         _emit(results)
     else:
         click.echo(format_table(results))
-        click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
+        _note(f"reports: {', '.join(str(p) for p in paths.values())}")
 
 
 @main.command("tune")
