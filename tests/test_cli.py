@@ -1220,15 +1220,20 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path):
-    """A plain `kill` (SIGTERM) ended `index -` at once: its copy of standard input stayed in $TMPDIR. It now stops
-    as Ctrl-C does: the copy removed, no collection created, exit 1, no traceback."""
+@pytest.mark.parametrize("command", ["index", "search --queries"])
+def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path, request, command):
+    """A plain `kill` (SIGTERM) ended `index -` (and `search --queries -`) at once: its copy of standard input stayed
+    in $TMPDIR. It now stops as Ctrl-C does: the copy removed, no collection created, exit 1, no traceback."""
     import signal
 
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     (tmp_path / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")} | {"TMPDIR": str(tmp_path / "tmp")}
-    args = [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "-m", str(tiny_model_path)]
+    fmt = "jsonl"
+    args = [*cmd, "index", "-", "--format", fmt, "-c", str(tmp_path / "c"), "-m", str(tiny_model_path)]
+    if command == "search --queries":
+        fmt = "txt"
+        args = [*cmd, "search", "--queries", "-", "--format", fmt, "-c", str(request.getfixturevalue("indexed"))]
     # SIGTERM at its default in the child, as from a shell (this test run may have it set otherwise)
     with subprocess.Popen(
         args,
@@ -1242,7 +1247,7 @@ def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_pat
             proc.stdin.write(_short_corpus(3))  # standard input left open: the copy waits for its end
             proc.stdin.flush()
             deadline = time.monotonic() + 120
-            while not list((tmp_path / "tmp").glob("m3search-stdin-*/stdin.jsonl")):
+            while not list((tmp_path / "tmp").glob(f"m3search-stdin-*/stdin.{fmt}")):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
                 time.sleep(0.05)
             proc.terminate()

@@ -503,7 +503,8 @@ def _source_path(
     """``what`` (SOURCE) as a path that can be read twice: standard input (``-``, read as ``fmt``, one of
     ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`). A terminal is read
     as any pipe, to its end, after a line on stderr saying so (the command seemed to hang); a closed standard input
-    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not)."""
+    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not). SIGTERM
+    stops the block as Ctrl-C does (:func:`_interrupts`): `search --queries -` left its copy behind."""
     if source != STDIN:
         if fmt is not None:
             raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
@@ -515,7 +516,7 @@ def _source_path(
         raise click.ClickException(f"{what} {STDIN} reads standard input, which is closed")
     from .sources import spooled
 
-    with click.open_file(STDIN, "rb") as stream:
+    with _interrupts(), click.open_file(STDIN, "rb") as stream:  # a plain `kill` too removes the copy
         if stream.isatty():
             click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
         with spooled(stream, fmt, formats) as path:
