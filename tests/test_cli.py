@@ -1127,6 +1127,29 @@ def _stored_ids(location: Path) -> set[str]:
         return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
 
 
+def test_index_opens_a_collection_another_process_created_since_it_looked(tmp_path, tiny_model_path, monkeypatch):
+    """Two `index` runs started together into a new folder: one found no collection, the other then created it,
+    and the first's create failed "a collection already exists at ..." (exit 1), though `index` writes into an
+    existing collection. It now opens the one created meanwhile (in use, said so, while its creator holds it)."""
+    from m3search import Collection
+    from m3search.errors import CollectionNotFoundError
+
+    location = tmp_path / "coll"
+    real_open = Collection.open.__func__
+
+    def open_as_another_creates(cls, path, *args, **kwargs):
+        if not location.exists():  # the other `index`, between this one's open and its create
+            Collection.create(location, model=str(tiny_model_path)).close()
+            raise CollectionNotFoundError(f"no collection at {path}")
+        return real_open(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "open", classmethod(open_as_another_creates))
+    args = ("-c", str(location), "-m", str(tiny_model_path), "--format", "jsonl")
+    got = _invoke("index", "-", *args, stdin=_short_corpus(3))
+    assert got.exit_code == 0, got.output
+    assert _stored_ids(location) == {"d0", "d1", "d2"}
+
+
 def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_path, monkeypatch):
     """`cat corpus.jsonl | m3search index - -c ...` failed ("Path '-' does not exist"): the source is read twice,
     so standard input is spooled to a temporary file, plain or gzip (told by its first bytes), then removed."""
@@ -1197,15 +1220,20 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path):
-    """A plain `kill` (SIGTERM) ended `index -` at once: its copy of standard input stayed in $TMPDIR. It now stops
-    as Ctrl-C does: the copy removed, no collection created, exit 1, no traceback."""
+@pytest.mark.parametrize("command", ["index", "search --queries"])
+def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path, request, command):
+    """A plain `kill` (SIGTERM) ended `index -` (and `search --queries -`) at once: its copy of standard input stayed
+    in $TMPDIR. It now stops as Ctrl-C does: the copy removed, no collection created, exit 1, no traceback."""
     import signal
 
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     (tmp_path / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")} | {"TMPDIR": str(tmp_path / "tmp")}
-    args = [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "-m", str(tiny_model_path)]
+    fmt = "jsonl"
+    args = [*cmd, "index", "-", "--format", fmt, "-c", str(tmp_path / "c"), "-m", str(tiny_model_path)]
+    if command == "search --queries":
+        fmt = "txt"
+        args = [*cmd, "search", "--queries", "-", "--format", fmt, "-c", str(request.getfixturevalue("indexed"))]
     # SIGTERM at its default in the child, as from a shell (this test run may have it set otherwise)
     with subprocess.Popen(
         args,
@@ -1219,7 +1247,7 @@ def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_pat
             proc.stdin.write(_short_corpus(3))  # standard input left open: the copy waits for its end
             proc.stdin.flush()
             deadline = time.monotonic() + 120
-            while not list((tmp_path / "tmp").glob("m3search-stdin-*/stdin.jsonl")):
+            while not list((tmp_path / "tmp").glob(f"m3search-stdin-*/stdin.{fmt}")):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
                 time.sleep(0.05)
             proc.terminate()
@@ -1430,6 +1458,30 @@ def test_output_to_a_full_disk_is_one_clear_line(indexed, tmp_path, tiny_model_p
             got = _run_into(full, *args)
         assert (got.returncode, got.stderr) == (1, "Error: cannot write the output: No space left on device\n"), name
     assert one_json(cli("info", "-c", str(tmp_path / "new"), "--json"))["count"] == 1
+
+
+def test_a_note_on_a_full_stderr_ends_nothing(tmp_path, tiny_model_path, demo_data):
+    """Standard error on a full disk, standard output fine: index, its documents all written, failed on its truncation
+    warning (exit 1: "the first 1 records ... were written; run the same command again", which failed alike), and
+    eval exited 1 on its "reports:" line (a traceback no one could read) once its reports were written."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    source = tmp_path / "long.jsonl"
+    source.write_text(json.dumps({"_id": "long", "text": "wing " * 3000}) + "\n", encoding="utf-8")
+    model = ["--model", str(tiny_model_path)]
+    commands = {
+        "index": ["index", str(source), "-c", str(tmp_path / "coll"), *model, "--max-windows", "1", "--json"],
+        "eval": ["eval", str(demo_data), *model, "--modes", "dense", "--out", str(tmp_path / "out")]
+        + ["--cache-dir", str(tmp_path / "cache")],
+    }
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    for name, args in commands.items():
+        with open("/dev/full", "w") as full:
+            got = subprocess.run(cmd + args, stdout=subprocess.PIPE, stderr=full, text=True, timeout=300, env=env)
+        assert got.returncode == 0, (name, got.stdout[-2000:])
+    assert one_json(cli("info", "-c", str(tmp_path / "coll"), "--json"))["count"] == 1
+    assert (tmp_path / "out" / "results.json").is_file()
 
 
 def test_output_to_a_closed_pipe_ends_quietly(indexed, tmp_path, tiny_model_path):

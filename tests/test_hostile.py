@@ -444,6 +444,32 @@ def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):
         assert "Pass model=" not in proc.stderr  # it was passed
 
 
+def test_a_model_whose_tokenizer_json_is_damaged_is_named(tmp_path, tiny_model_path):
+    """tokenizer.json cut short or not UTF-8: "Error: Exception: EOF while parsing an object at line 2 column 18"
+    named no file (tokenizers' message); it names the file now, and no collection is created."""
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": "a", "text": "t"}\n')
+    model = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_model_path, model)
+    for damage in (b'{"version": "1.0", "tr', b"\xff\xfe"):
+        (model / "tokenizer.json").write_bytes(damage)
+        proc = cli("index", str(src), "-c", str(tmp_path / "coll"), "-m", str(model))
+        line = _one_error_line(proc)
+        assert proc.returncode == 1 and f"could not read {model / 'tokenizer.json'} (not a tokenizers file): " in line
+        assert not (tmp_path / "coll").exists()
+
+
+def test_a_model_given_as_a_file_is_said_to_be_one(tmp_path):
+    """``--model`` naming a file (a weights file, say) said "model folder ... does not exist" of a file that exists."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not a folder")
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": "a", "text": "t"}\n')
+    proc = cli("index", str(src), "-c", str(tmp_path / "coll"), "-m", str(model))
+    assert proc.returncode == 1 and f"Error: model {str(model)!r} is not a folder (expected " in _one_error_line(proc)
+    assert not (tmp_path / "coll").exists()
+
+
 def test_migrate_of_a_served_collection_says_to_stop_the_server(tmp_path):
     import http.server
     import threading

@@ -459,10 +459,9 @@ def _truncation_summary() -> Iterator[dict]:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for unit, limit, setting in dict.fromkeys((m.unit, m.max_length, m.setting) for m in cut):
         count = sum(m.count for m in cut if (m.unit, m.max_length, m.setting) == (unit, limit, setting))
-        click.echo(
+        _note(
             f"Warning: {count} of {tally['documents']} documents exceeded {setting}={limit} {unit}; "
-            f"only their first {unit} are indexed",
-            err=True,
+            f"only their first {unit} are indexed"
         )
 
 
@@ -504,7 +503,8 @@ def _source_path(
     """``what`` (SOURCE) as a path that can be read twice: standard input (``-``, read as ``fmt``, one of
     ``formats``) spooled to a temporary file for the block (:func:`~m3search.sources.spooled`). A terminal is read
     as any pipe, to its end, after a line on stderr saying so (the command seemed to hang); a closed standard input
-    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not)."""
+    (``<&-``) is said to be one (click's "Was not able to determine binary stream for sys.stdin" did not). SIGTERM
+    stops the block as Ctrl-C does (:func:`_interrupts`): `search --queries -` left its copy behind."""
     if source != STDIN:
         if fmt is not None:
             raise click.UsageError(f"--format applies to standard input ({STDIN}) only: a file's suffix says its type")
@@ -516,7 +516,7 @@ def _source_path(
         raise click.ClickException(f"{what} {STDIN} reads standard input, which is closed")
     from .sources import spooled
 
-    with click.open_file(STDIN, "rb") as stream:
+    with _interrupts(), click.open_file(STDIN, "rb") as stream:  # a plain `kill` too removes the copy
         if stream.isatty():
             click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
         with spooled(stream, fmt, formats) as path:
@@ -582,7 +582,7 @@ def _open_target(
             _check_settings(_fixed(info.get("settings"), info.get("schema")), settings, collection)
             return target
     from . import Collection
-    from .errors import CollectionInUseError, CollectionNotFoundError
+    from .errors import CollectionExistsError, CollectionInUseError, CollectionNotFoundError
 
     try:
         col = Collection.open(collection, model=model, device=device, dtype=dtype)
@@ -598,9 +598,17 @@ def _open_target(
             col.close()
             raise
         return _Local(col)
-    return _Local(
-        Collection.create(collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {}))
-    )
+    try:
+        col = Collection.create(
+            collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})
+        )
+    except CollectionExistsError:
+        if not Collection.exists(collection):  # a folder of other files: said as create says it
+            raise
+        # created by another process since the open above (two `index` at once): "a collection already exists"
+        # failed this one; it is opened as any existing one (in use while that process holds it)
+        return _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings)
+    return _Local(col)
 
 
 def _fixed(settings: dict[str, Any] | None, schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -1401,8 +1409,10 @@ def serve(
 
 
 def _note(line: str) -> None:
-    """``serve``'s own lines on stderr. One that cannot be written (``2>/dev/full``) ends nothing: the server
-    exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike)."""
+    """A line on stderr beside a command's work. One that cannot be written (``2>/dev/full``) ends nothing: the
+    server exited 1 before serving for its "serving at" line (uvicorn's log lines to stderr are dropped alike), an
+    index whose documents were all written failed on its truncation warning ("run the same command again", to fail
+    alike), and eval exited 1 on its "reports:" line once the reports were written."""
     with contextlib.suppress(OSError):
         click.echo(line, err=True)
 
@@ -1515,7 +1525,7 @@ def eval_(
         _emit(results)
     else:
         click.echo(format_table(results))
-        click.echo(f"reports: {', '.join(str(p) for p in paths.values())}", err=True)
+        _note(f"reports: {', '.join(str(p) for p in paths.values())}")
 
 
 @main.command("tune")

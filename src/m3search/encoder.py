@@ -278,8 +278,8 @@ def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(
-            f"model folder {name!r} does not exist (expected a local folder in BAAI/bge-m3's layout "
-            "or a Hugging Face Hub id such as 'BAAI/bge-m3')"
+            (f"model {name!r} is not a folder" if path.exists() else f"model folder {name!r} does not exist")
+            + " (expected a local folder in BAAI/bge-m3's layout or a Hugging Face Hub id such as 'BAAI/bge-m3')"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -456,7 +456,10 @@ class M3Encoder:
             layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)
             layer.load_state_dict(state)
             heads.append(layer.to(dev).eval())  # heads stay float32: cheap, and keeps weights exact
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers' own message ("EOF while parsing ...") names no file
+            raise ModelLoadError(f"could not read {folder / 'tokenizer.json'} (not a tokenizers file): {exc}") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return cls(
