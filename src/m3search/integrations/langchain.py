@@ -266,9 +266,13 @@ class M3SearchVectorStore(VectorStore):
     def _relevance_fn(self, kwargs: dict[str, Any]) -> Callable[[float], float]:
         """Scores -> relevance in [0, 1] for a search with ``kwargs``: the cosine itself for dense mode
         with weighted fusion (LangChain's 1 - cosine distance); any other mode or fusion has no bound."""
+        from m3search.collection import SEARCH_DEFAULTS
+
         defaults = self.collection.search_defaults()
         mode = kwargs.get("mode") or self.mode or defaults["mode"]
-        fusion = kwargs.get("fusion") or self.fusion or defaults["fusion"]
+        # a tuned fusion belongs to the tuned mode: a search in another mode gets the untuned one (built-in)
+        own = defaults if mode == defaults["mode"] else SEARCH_DEFAULTS
+        fusion = kwargs.get("fusion") or self.fusion or own["fusion"]
         if mode == "dense" and fusion == "weighted":
             return lambda score: score
         raise NotImplementedError(
