@@ -346,6 +346,16 @@ def test_query_modes_map_to_search_modes(col):
         same_hits(list(zip(res.ids, res.similarities)), want)
 
 
+def test_text_query_modes_on_a_store_whose_weights_leave_out_sparse(col):
+    """The store's weights belong to its mode: a store for dense+colbert with weights (0.5, 0, 0.5) refused
+    LlamaIndex's sparse / text_search queries (zero total weight for 'sparse'), a mode the store chose itself."""
+    store = M3SearchVectorStore(col, mode="dense+colbert", weights=(0.5, 0.0, 0.5))
+    want = col.search(QUERIES[0], k=3, mode="sparse")
+    for qmode in ("sparse", "text_search"):
+        res = store.query(VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=3, mode=qmode))
+        same_hits(list(zip(res.ids, res.similarities)), want)
+
+
 # ------------------------------------------------------------------------------ VectorStoreIndex round trip
 
 

@@ -450,8 +450,8 @@ class M3SearchVectorStore(BasePydanticVectorStore):
         if query.alpha is not None and qmode != VectorStoreQueryMode.HYBRID:
             raise ValueError(f"alpha applies to mode='hybrid' only, not {qmode.value!r}")
         mode, weights = self.mode, self.weights
-        if qmode in _TEXT_MODES:
-            mode = "sparse"
+        if qmode in _TEXT_MODES:  # the store's weights belong to its mode: (0.5, 0, 0.5) would refuse sparse
+            mode, weights = "sparse", None
         elif query.alpha is not None:
             mode, weights = "dense+sparse", (float(query.alpha), 1.0 - float(query.alpha), 0.0)
         doc_filter = {"ref_doc_id": {"in": list(query.doc_ids)}} if query.doc_ids else None
