@@ -333,6 +333,9 @@ def test_unsupported_query_options_raise(col):
     for qmode in ("default", "sparse", "text_search"):  # a sparse query ignored alpha, where a default one raised
         with pytest.raises(ValueError, match="alpha applies to mode='hybrid' only"):
             store.query(VectorStoreQuery(query_str="flow", mode=qmode, alpha=0.5))
+    for alpha in (1.5, -0.2, float("nan")):  # was "weight for sparse must not be negative", a weight never given
+        with pytest.raises(ValueError, match=r"alpha .* in \[0, 1\]"):
+            store.query(VectorStoreQuery(query_str="flow", mode="hybrid", alpha=alpha))
 
 
 def test_query_modes_map_to_search_modes(col):
