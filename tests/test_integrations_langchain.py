@@ -471,6 +471,7 @@ def test_relevance_scores_in_dense_mode_on_a_collection_tuned_to_another_fusion(
                 for store, args in [
                     (M3SearchVectorStore(backend), {"mode": "dense"}),
                     (M3SearchVectorStore(backend, mode="dense"), {}),
+                    (M3SearchVectorStore(backend), {"mode": "Dense"}),  # the search reads it as dense
                 ]:
                     got = store.similarity_search_with_relevance_scores(QUERIES[0], k=3, **args)
                     assert [(d.id, s) for d, s in got] == [(h.id, h.score) for h in want]
