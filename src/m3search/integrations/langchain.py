@@ -270,11 +270,12 @@ class M3SearchVectorStore(VectorStore):
         from m3search.plan import parse_mode
 
         defaults = self.collection.search_defaults()
-        mode = kwargs.get("mode") or self.mode or defaults["mode"]
+        given = {"mode": self.mode, "fusion": self.fusion, **kwargs}  # as _search merges them: None per call wins
+        mode = given["mode"] or defaults["mode"]
         modes = parse_mode(mode)  # as the search reads it: "DENSE" is dense
         # a tuned fusion belongs to the tuned mode: a search in another mode gets the untuned one (built-in)
         own = defaults if modes == parse_mode(defaults["mode"]) else SEARCH_DEFAULTS
-        fusion = kwargs.get("fusion") or self.fusion or own["fusion"]
+        fusion = given["fusion"] or own["fusion"]
         if modes == ("dense",) and fusion == "weighted":
             return lambda score: score
         raise NotImplementedError(
