@@ -459,6 +459,40 @@ def test_async_relevance_scores_follow_the_search_actually_run(tmp_path, tiny_en
             asyncio.run(retriever.ainvoke(QUERIES[0]))
 
 
+def test_relevance_scores_in_dense_mode_on_a_collection_tuned_to_another_fusion(tmp_path, tiny_encoder):
+    """A tuned fusion belongs to the tuned mode, so mode='dense' on a collection tuned to all / rrf is a
+    weighted (cosine) search; the relevance check took the tuned 'rrf' and refused it, over HTTP too,
+    telling the caller to use mode='dense', which they had."""
+    with make_collection(tmp_path / "c", tiny_encoder) as col:
+        col.set_search_defaults({**TUNED, "mode": "all", "fusion": "rrf"})
+        want = col.search(QUERIES[0], k=3, mode="dense")
+        with served(col) as client:
+            for backend in (col, client):
+                for store, args in [
+                    (M3SearchVectorStore(backend), {"mode": "dense"}),
+                    (M3SearchVectorStore(backend, mode="dense"), {}),
+                    (M3SearchVectorStore(backend), {"mode": "Dense"}),  # the search reads it as dense
+                ]:
+                    got = store.similarity_search_with_relevance_scores(QUERIES[0], k=3, **args)
+                    assert [(d.id, s) for d, s in got] == [(h.id, h.score) for h in want]
+                with pytest.raises(NotImplementedError, match="fusion='rrf'"):  # the tuned mode keeps its fusion
+                    M3SearchVectorStore(backend).similarity_search_with_relevance_scores(QUERIES[0], k=3)
+
+
+def test_relevance_scores_with_a_per_call_none(tmp_path, tiny_encoder):
+    """A per-call None is the collection's default in the search (as filter=None clears the filter), but the
+    relevance check took the store's value instead: mode=None on a dense store passed the fused 'all' scores
+    (4.98) off as relevances in [0, 1], and fusion=None on a dense / rrf store refused a cosine search."""
+    with make_collection(tmp_path / "c", tiny_encoder) as col:  # mode "all", fusion "weighted"
+        with pytest.raises(NotImplementedError, match="mode='all'"):
+            M3SearchVectorStore(col, mode="dense").similarity_search_with_relevance_scores(QUERIES[0], k=3, mode=None)
+        got = M3SearchVectorStore(col, mode="dense", fusion="rrf").similarity_search_with_relevance_scores(
+            QUERIES[0], k=3, fusion=None
+        )
+        want = col.search(QUERIES[0], k=3, mode="dense")
+        assert [(d.id, s) for d, s in got] == [(h.id, h.score) for h in want]
+
+
 def test_a_bad_search_argument_creates_no_collection(tmp_path, tiny_encoder):
     with pytest.raises(ValueError, match="unknown mode"):
         M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder, mode="bogus")

@@ -333,6 +333,9 @@ def test_unsupported_query_options_raise(col):
     for qmode in ("default", "sparse", "text_search"):  # a sparse query ignored alpha, where a default one raised
         with pytest.raises(ValueError, match="alpha applies to mode='hybrid' only"):
             store.query(VectorStoreQuery(query_str="flow", mode=qmode, alpha=0.5))
+    for alpha in (1.5, -0.2, float("nan")):  # was "weight for sparse must not be negative", a weight never given
+        with pytest.raises(ValueError, match=r"alpha .* in \[0, 1\]"):
+            store.query(VectorStoreQuery(query_str="flow", mode="hybrid", alpha=alpha))
 
 
 def test_query_modes_map_to_search_modes(col):
@@ -343,6 +346,16 @@ def test_query_modes_map_to_search_modes(col):
         ("hybrid", {"alpha": 0.7}, col.search(QUERIES[0], k=3, mode="dense+sparse", weights=(0.7, 0.3, 0.0))),
     ]:
         res = store.query(VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=3, mode=qmode, **kwargs))
+        same_hits(list(zip(res.ids, res.similarities)), want)
+
+
+def test_text_query_modes_on_a_store_whose_weights_leave_out_sparse(col):
+    """The store's weights belong to its mode: a store for dense+colbert with weights (0.5, 0, 0.5) refused
+    LlamaIndex's sparse / text_search queries (zero total weight for 'sparse'), a mode the store chose itself."""
+    store = M3SearchVectorStore(col, mode="dense+colbert", weights=(0.5, 0.0, 0.5))
+    want = col.search(QUERIES[0], k=3, mode="sparse")
+    for qmode in ("sparse", "text_search"):
+        res = store.query(VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=3, mode=qmode))
         same_hits(list(zip(res.ids, res.similarities)), want)
 
 

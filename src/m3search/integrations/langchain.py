@@ -266,10 +266,17 @@ class M3SearchVectorStore(VectorStore):
     def _relevance_fn(self, kwargs: dict[str, Any]) -> Callable[[float], float]:
         """Scores -> relevance in [0, 1] for a search with ``kwargs``: the cosine itself for dense mode
         with weighted fusion (LangChain's 1 - cosine distance); any other mode or fusion has no bound."""
+        from m3search.collection import SEARCH_DEFAULTS
+        from m3search.plan import parse_mode
+
         defaults = self.collection.search_defaults()
-        mode = kwargs.get("mode") or self.mode or defaults["mode"]
-        fusion = kwargs.get("fusion") or self.fusion or defaults["fusion"]
-        if mode == "dense" and fusion == "weighted":
+        given = {"mode": self.mode, "fusion": self.fusion, **kwargs}  # as _search merges them: None per call wins
+        mode = given["mode"] or defaults["mode"]
+        modes = parse_mode(mode)  # as the search reads it: "DENSE" is dense
+        # a tuned fusion belongs to the tuned mode: a search in another mode gets the untuned one (built-in)
+        own = defaults if modes == parse_mode(defaults["mode"]) else SEARCH_DEFAULTS
+        fusion = given["fusion"] or own["fusion"]
+        if modes == ("dense",) and fusion == "weighted":
             return lambda score: score
         raise NotImplementedError(
             f"relevance scores in [0, 1] exist for mode='dense' with fusion='weighted' (cosine) only; mode={mode!r}, "

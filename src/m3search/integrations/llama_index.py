@@ -449,9 +449,11 @@ class M3SearchVectorStore(BasePydanticVectorStore):
             raise NotImplementedError("output_fields / embedding_field are not supported by M3SearchVectorStore")
         if query.alpha is not None and qmode != VectorStoreQueryMode.HYBRID:
             raise ValueError(f"alpha applies to mode='hybrid' only, not {qmode.value!r}")
+        if query.alpha is not None and not 0.0 <= query.alpha <= 1.0:  # else a "negative weight" it did not give
+            raise ValueError(f"alpha weighs dense against sparse, so it is in [0, 1]; got {query.alpha}")
         mode, weights = self.mode, self.weights
-        if qmode in _TEXT_MODES:
-            mode = "sparse"
+        if qmode in _TEXT_MODES:  # the store's weights belong to its mode: (0.5, 0, 0.5) would refuse sparse
+            mode, weights = "sparse", None
         elif query.alpha is not None:
             mode, weights = "dense+sparse", (float(query.alpha), 1.0 - float(query.alpha), 0.0)
         doc_filter = {"ref_doc_id": {"in": list(query.doc_ids)}} if query.doc_ids else None
