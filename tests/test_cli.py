@@ -1344,6 +1344,42 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
 
 
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["index", "<src>", "-c", ""], "'--collection' / '-c'"),
+        (["index", "<src>", "-c", "coll", "-m", ""], "'--model' / '-m'"),
+        (["search", "q", "-c", ""], "'--collection' / '-c'"),
+        (["delete", "a", "-c", ""], "'--collection' / '-c'"),
+        (["info", "-c", ""], "'--collection' / '-c'"),
+        (["recover", "-c", ""], "'--collection' / '-c'"),
+        (["serve", "-c", ""], "'--collection' / '-c'"),
+        (["eval", "<dir>", "--out", ""], "'--out'"),
+        (["eval", "<dir>", "--cache-dir", ""], "'--cache-dir'"),
+        (["eval", "<dir>", "-c", ""], "'--collection' / '-c'"),
+        (["tune", "<dir>", "-c", ""], "'--collection' / '-c'"),
+        (["finetune", "<src>", "--out", ""], "'--out' / '-o'"),
+        (["finetune", "<src>", "--out", "ft", "-m", ""], "'--model' / '-m'"),
+        (["finetune", "<src>", "--out", "ft", "--cache-dir", ""], "'--cache-dir'"),
+        (["migrate", "", "dst"], "'SRC'"),
+        (["migrate", "coll", ""], "'DST'"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_naming_its_option(tmp_path, monkeypatch, args, option):
+    """An empty location, folder or model is refused before anything runs: Path("") is the current folder, so
+    `index -c ""` created a collection in it, `eval --out ""` and `finetune --out ""` wrote there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "src.jsonl").write_text('{"_id": "a", "text": "t"}\n')
+    monkeypatch.chdir(work)
+    fill = {"<src>": str(tmp_path / "src.jsonl"), "<dir>": str(tmp_path / "data")}
+    got = _invoke(*(fill.get(a, a) for a in args))
+    assert got.exit_code == 2, got.output
+    assert f"Invalid value for {option}" in got.stderr and "must not be empty" in got.stderr, got.stderr
+    assert list(work.iterdir()) == []
+
+
 def test_a_damaged_collection_is_said_to_be_by_every_command(tmp_path, tiny_model_path):
     """A collection whose manifest is damaged is CollectionDamagedError (a library error): every command, serve
     included (it opens the collection before serving), prints its one line, no traceback, and serves nothing."""

@@ -211,6 +211,14 @@ def _checked(check: Callable[[Any], Any]) -> Callable[[Any, Any, Any], Any]:
     return callback
 
 
+def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
+    """A click callback refusing an empty location, folder or file (a usage error naming the option): ``Path("")``
+    is the current folder, so ``-c ""`` created a collection in it and ``--out ""`` wrote there."""
+    if value == "":
+        raise click.BadParameter("must not be empty ('.' names the current folder)")
+    return value
+
+
 #: ``--k`` and ``--candidates``: the library's limits (a server may set lower ones, which it says).
 _k_limit = _checked(functools.partial(check_limit, "k", limit=MAX_K))
 _candidates_limit = _checked(functools.partial(check_limit, "candidates", limit=MAX_CANDIDATES))
@@ -641,6 +649,7 @@ collection_option = click.option(
     "--collection",
     "-c",
     required=True,
+    callback=_not_empty,
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
     metavar="LOCATION",
@@ -649,6 +658,7 @@ collection_option = click.option(
 model_option = click.option(
     "--model",
     "-m",
+    callback=_not_empty,
     envvar="M3SEARCH_MODEL",
     show_envvar=True,
     default=None,
@@ -678,6 +688,7 @@ queries_option = click.option(
 cache_dir_option = click.option(
     "--cache-dir",
     default=None,
+    callback=_not_empty,
     type=click.Path(file_okay=False),
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
@@ -1307,6 +1318,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help=f"{COLLECTION_HELP} Served (without one: embeddings only).",
 )
@@ -1457,6 +1469,7 @@ def _note(line: str) -> None:
     "out_dir",
     default=None,
     type=click.Path(file_okay=False),
+    callback=_not_empty,
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
 @cache_dir_option
@@ -1472,6 +1485,7 @@ def _note(line: str) -> None:
     "-c",
     "tuned_collection",
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help="Also evaluate this collection's search defaults (set by `m3search tune`) as the row 'tuned'.",
 )
@@ -1535,6 +1549,7 @@ def eval_(
     "--collection",
     "-c",
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help="Tune this collection (it must hold the judged documents) and store the setting as its search defaults "
     "[default: eval's cached index of DATA_DIR, nothing stored].",
@@ -1615,9 +1630,12 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     show_envvar=True,
     default=DEFAULT_MODEL,
     show_default=True,
+    callback=_not_empty,
     help="Base model name or folder (bge-m3's layout).",
 )
-@click.option("--out", "-o", required=True, type=click.Path(), help="New folder for the fine-tuned model.")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(), callback=_not_empty, help="New folder for the fine-tuned model."
+)
 @click.option(
     "--queries",
     "queries_dir",
@@ -1648,7 +1666,13 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
 )
 @dtype_option
 @device_option
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Index cache (mining, held-out).")
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    callback=_not_empty,
+    help="Index cache (mining, held-out).",
+)
 @json_option
 def finetune_(
     data,
@@ -1704,8 +1728,8 @@ def finetune_(
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", callback=_not_empty)
+@click.argument("dst", callback=_not_empty)
 @click.option(
     "--batch-size",
     default=256,
