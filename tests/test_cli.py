@@ -1127,6 +1127,18 @@ def _stored_ids(location: Path) -> set[str]:
         return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
 
 
+def test_delete_refuses_an_empty_id_before_deleting_anything(tmp_path, tiny_encoder):
+    """No document has an empty id (add refuses one): `delete d0 ""` printed "deleted 1; not found: " with a blank
+    name and exit 0. It is a usage error naming the argument, and nothing is deleted."""
+    from m3search import Collection
+
+    with Collection.create(tmp_path / "c", model=tiny_encoder) as col:
+        col.add(["one", "two"], ids=["d0", "d1"])
+    got = _invoke("delete", "d0", "", "-c", str(tmp_path / "c"))
+    assert got.exit_code == 2 and "Invalid value for 'IDS...': an id is never empty" in got.stderr, got.output
+    assert _stored_ids(tmp_path / "c") == {"d0", "d1"}
+
+
 def test_index_opens_a_collection_another_process_created_since_it_looked(tmp_path, tiny_model_path, monkeypatch):
     """Two `index` runs started together into a new folder: one found no collection, the other then created it,
     and the first's create failed "a collection already exists at ..." (exit 1), though `index` writes into an

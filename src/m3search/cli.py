@@ -1228,8 +1228,17 @@ def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH, *, passage: b
     return lines
 
 
+def _no_empty_id(ctx: Any, param: Any, ids: tuple[str, ...]) -> tuple[str, ...]:
+    """click callback: an empty ID is refused before the collection opens. No document has one (``add`` refuses
+    it), so it was reported as not found with a blank name ("deleted 0; not found: "); it is an empty shell
+    variable, not an unknown id."""
+    if "" in ids:
+        raise click.BadParameter("an id is never empty (no document can have one)")
+    return ids
+
+
 @main.command()
-@click.argument("ids", nargs=-1, required=True)
+@click.argument("ids", nargs=-1, required=True, callback=_no_empty_id)
 @collection_option
 @api_key_option
 @json_option
