@@ -1688,6 +1688,8 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
         (["--queries", "<txt>", "--trec", "my run"], None, 2, "run name 'my run' cannot be a column of a TREC"),
         (["x", "--trec", "r"], None, 2, "--trec writes the run of --queries FILE"),
         (["x", "--format", "txt"], None, 2, "--format applies to standard input (--queries -) only"),
+        (["x", "--mode", "dense", "--weights", "0,1,0"], None, 2, "give zero total weight to the modes of 'dense'"),
+        (["x", "--group", "passage", "--explain"], None, 2, "explain is given for documents only"),
         (["--queries", "<txt>", "--format", "txt"], None, 2, "--format applies to standard input (-) only"),
         (["--queries", "-"], b"a\n", 2, "--queries - (standard input) needs --format txt|jsonl"),
         (["--queries", "<missing>"], None, 2, "does not exist"),

@@ -48,7 +48,9 @@ from .plan import (
     MAX_CANDIDATES,
     MAX_K,
     PRESETS,
+    check_group,
     check_limit,
+    check_mode_total,
     check_weights,
     parse_mode,
 )
@@ -1073,6 +1075,12 @@ def search(
     for bad, message in refused:
         if bad:
             raise click.UsageError(message)
+    try:  # the library's checks of what the options decide alone (it failed them once the model was loaded)
+        check_group(group, explain)
+        if mode is not None and weights is not None:  # (else the collection's default decides)
+            check_mode_total(weights, mode)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     options = {"k": k, "mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
     options |= {"filter": filter_, "explain": explain, "exact": exact, "group": group}
     open_target = functools.partial(_open_target, collection, model=model, api_key=api_key, device=device, dtype=dtype)
