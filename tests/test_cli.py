@@ -1677,6 +1677,10 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
     assert [r["hits"] for r in results] == [r["hits"] for r in json.loads(want.stdout)["results"]]
 
 
+#: Queries whose id repeats: the error names the file (it said "duplicate ids in source", index's wording).
+_DUP = b'{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n'
+
+
 @pytest.mark.parametrize(
     "args, stdin, code, message",
     [
@@ -1693,7 +1697,8 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
         (["--queries", "<txt>", "--format", "txt"], None, 2, "--format applies to standard input (-) only"),
         (["--queries", "-"], b"a\n", 2, "--queries - (standard input) needs --format txt|jsonl"),
         (["--queries", "<missing>"], None, 2, "does not exist"),
-        (["--queries", "<dup>"], None, 1, "duplicate ids in source: ['q1']"),
+        (["--queries", "<dup>"], None, 1, "dup.jsonl: ['q1']"),
+        (["--queries", "-", "--format", "jsonl"], _DUP, 1, "duplicate ids in standard input: ['q1']"),
         (["--queries", "<empty_query>"], None, 1, "bad.jsonl:2: query 'q2': query is empty"),
         (["--queries", "<spaced>", "--trec", "r"], None, 1, "query id 'q 2' cannot be a column of a TREC run"),
         (["--queries", "-", "--format", "txt"], b"\n \n", 1, "standard input holds no query"),
@@ -1704,7 +1709,7 @@ def test_search_queries_errors_are_clear(tmp_path, args, stdin, code, message):
     collection opens (there is none here: a query id that no TREC column can hold said "no collection at ..."
     first, and was found only after the queries before it were searched); with --json, the error is the one JSON
     object on stdout."""
-    (tmp_path / "dup.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n')
+    (tmp_path / "dup.jsonl").write_bytes(_DUP)
     (tmp_path / "bad.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": ""}\n')
     (tmp_path / "spaced.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q 2", "text": "b"}\n')
     fill = {"<txt>": _queries_file(tmp_path), "<missing>": tmp_path / "none.txt"}

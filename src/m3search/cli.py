@@ -1114,13 +1114,14 @@ def _search_queries(
 
     from .sources import check_source, iter_batches, read_queries
 
+    name = "standard input" if source == STDIN else source
     with _source_path(source, fmt, "--queries", QUERY_FORMATS) as path:
         checked = read_queries(path)
         if run_name is not None:  # (an id that no TREC column can hold was found in the run, after searching)
             checked = (rec for rec in checked if _trec_word(rec.id, "query id"))
-        n = check_source(checked, QUERY_BATCH)
+        n = check_source(checked, QUERY_BATCH, name)  # (index's wording, "in source", named no queries file)
         if not n:
-            raise click.ClickException(f"{'standard input' if source == STDIN else source} holds no query")
+            raise click.ClickException(f"{name} holds no query")
         target = open_target()
         try:
             with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as out:
