@@ -1232,6 +1232,36 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_terminal_standard_input_with_a_full_stderr_is_read(tmp_path, tiny_model_path):
+    """The "reading ... from the terminal" line on a full standard error (``2>/dev/full``) ended `index -` with
+    exit 1 before it read anything; it is a note (:func:`m3search.cli._note`): the documents are indexed."""
+    import pty
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    args = ["index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "--model", str(tiny_model_path), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    try:
+        master, terminal = pty.openpty()
+    except OSError as exc:  # a container without /dev/pts
+        pytest.skip(f"no pseudo-terminal here: {exc}")
+    try:
+        with (
+            open("/dev/full", "w") as full,
+            subprocess.Popen(cmd + args, stdin=terminal, stdout=subprocess.PIPE, stderr=full, env=env) as proc,
+        ):
+            os.write(master, b'{"_id": "a", "text": "wings"}\n\x04')  # one record, then Ctrl-D
+            try:
+                out, _ = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert proc.returncode == 0 and json.loads(out)["count"] == 1, out
+
+
 @pytest.mark.parametrize("command", ["index", "search --queries"])
 def test_sigterm_while_reading_standard_input_cleans_up(tmp_path, tiny_model_path, request, command):
     """A plain `kill` (SIGTERM) ended `index -` (and `search --queries -`) at once: its copy of standard input stayed

@@ -528,7 +528,7 @@ def _source_path(
 
     with _interrupts(), click.open_file(STDIN, "rb") as stream:  # a plain `kill` too removes the copy
         if stream.isatty():
-            click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
+            _note(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D")
         with spooled(stream, fmt, formats) as path:
             yield path
 
