@@ -1127,6 +1127,18 @@ def _stored_ids(location: Path) -> set[str]:
         return {r.id for r in col.get([f"d{i}" for i in range(100)]) if r is not None}
 
 
+def test_delete_refuses_an_empty_id_before_deleting_anything(tmp_path, tiny_encoder):
+    """No document has an empty id (add refuses one): `delete d0 ""` printed "deleted 1; not found: " with a blank
+    name and exit 0. It is a usage error naming the argument, and nothing is deleted."""
+    from m3search import Collection
+
+    with Collection.create(tmp_path / "c", model=tiny_encoder) as col:
+        col.add(["one", "two"], ids=["d0", "d1"])
+    got = _invoke("delete", "d0", "", "-c", str(tmp_path / "c"))
+    assert got.exit_code == 2 and "Invalid value for 'IDS...': an id is never empty" in got.stderr, got.output
+    assert _stored_ids(tmp_path / "c") == {"d0", "d1"}
+
+
 def test_index_opens_a_collection_another_process_created_since_it_looked(tmp_path, tiny_model_path, monkeypatch):
     """Two `index` runs started together into a new folder: one found no collection, the other then created it,
     and the first's create failed "a collection already exists at ..." (exit 1), though `index` writes into an
@@ -1218,6 +1230,36 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
         closed = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_close_stdin)
         assert closed.returncode == 1 and closed.stderr.endswith("standard input, which is closed\n"), closed.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_terminal_standard_input_with_a_full_stderr_is_read(tmp_path, tiny_model_path):
+    """The "reading ... from the terminal" line on a full standard error (``2>/dev/full``) ended `index -` with
+    exit 1 before it read anything; it is a note (:func:`m3search.cli._note`): the documents are indexed."""
+    import pty
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    args = ["index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "--model", str(tiny_model_path), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    try:
+        master, terminal = pty.openpty()
+    except OSError as exc:  # a container without /dev/pts
+        pytest.skip(f"no pseudo-terminal here: {exc}")
+    try:
+        with (
+            open("/dev/full", "w") as full,
+            subprocess.Popen(cmd + args, stdin=terminal, stdout=subprocess.PIPE, stderr=full, env=env) as proc,
+        ):
+            os.write(master, b'{"_id": "a", "text": "wings"}\n\x04')  # one record, then Ctrl-D
+            try:
+                out, _ = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert proc.returncode == 0 and json.loads(out)["count"] == 1, out
 
 
 @pytest.mark.parametrize("command", ["index", "search --queries"])
@@ -1342,6 +1384,42 @@ def test_a_file_given_as_collection_is_said_to_be_one_by_every_command(tmp_path)
     for args in (["serve", "-c", str(plain)], ["search", "q", "-c", str(plain)], ["info", "-c", str(plain)]):
         got = _invoke(*args)
         assert got.exit_code == 1 and got.output == f"Error: {plain} is a file, not a collection folder\n", args
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["index", "<src>", "-c", ""], "'--collection' / '-c'"),
+        (["index", "<src>", "-c", "coll", "-m", ""], "'--model' / '-m'"),
+        (["search", "q", "-c", ""], "'--collection' / '-c'"),
+        (["delete", "a", "-c", ""], "'--collection' / '-c'"),
+        (["info", "-c", ""], "'--collection' / '-c'"),
+        (["recover", "-c", ""], "'--collection' / '-c'"),
+        (["serve", "-c", ""], "'--collection' / '-c'"),
+        (["eval", "<dir>", "--out", ""], "'--out'"),
+        (["eval", "<dir>", "--cache-dir", ""], "'--cache-dir'"),
+        (["eval", "<dir>", "-c", ""], "'--collection' / '-c'"),
+        (["tune", "<dir>", "-c", ""], "'--collection' / '-c'"),
+        (["finetune", "<src>", "--out", ""], "'--out' / '-o'"),
+        (["finetune", "<src>", "--out", "ft", "-m", ""], "'--model' / '-m'"),
+        (["finetune", "<src>", "--out", "ft", "--cache-dir", ""], "'--cache-dir'"),
+        (["migrate", "", "dst"], "'SRC'"),
+        (["migrate", "coll", ""], "'DST'"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_naming_its_option(tmp_path, monkeypatch, args, option):
+    """An empty location, folder or model is refused before anything runs: Path("") is the current folder, so
+    `index -c ""` created a collection in it, `eval --out ""` and `finetune --out ""` wrote there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "src.jsonl").write_text('{"_id": "a", "text": "t"}\n')
+    monkeypatch.chdir(work)
+    fill = {"<src>": str(tmp_path / "src.jsonl"), "<dir>": str(tmp_path / "data")}
+    got = _invoke(*(fill.get(a, a) for a in args))
+    assert got.exit_code == 2, got.output
+    assert f"Invalid value for {option}" in got.stderr and "must not be empty" in got.stderr, got.stderr
+    assert list(work.iterdir()) == []
 
 
 def test_a_damaged_collection_is_said_to_be_by_every_command(tmp_path, tiny_model_path):
@@ -1629,6 +1707,10 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
     assert [r["hits"] for r in results] == [r["hits"] for r in json.loads(want.stdout)["results"]]
 
 
+#: Queries whose id repeats: the error names the file (it said "duplicate ids in source", index's wording).
+_DUP = b'{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n'
+
+
 @pytest.mark.parametrize(
     "args, stdin, code, message",
     [
@@ -1640,10 +1722,13 @@ def test_search_queries_reads_standard_input_in_the_format_given(indexed, tmp_pa
         (["--queries", "<txt>", "--trec", "my run"], None, 2, "run name 'my run' cannot be a column of a TREC"),
         (["x", "--trec", "r"], None, 2, "--trec writes the run of --queries FILE"),
         (["x", "--format", "txt"], None, 2, "--format applies to standard input (--queries -) only"),
+        (["x", "--mode", "dense", "--weights", "0,1,0"], None, 2, "give zero total weight to the modes of 'dense'"),
+        (["x", "--group", "passage", "--explain"], None, 2, "explain is given for documents only"),
         (["--queries", "<txt>", "--format", "txt"], None, 2, "--format applies to standard input (-) only"),
         (["--queries", "-"], b"a\n", 2, "--queries - (standard input) needs --format txt|jsonl"),
         (["--queries", "<missing>"], None, 2, "does not exist"),
-        (["--queries", "<dup>"], None, 1, "duplicate ids in source: ['q1']"),
+        (["--queries", "<dup>"], None, 1, "dup.jsonl: ['q1']"),
+        (["--queries", "-", "--format", "jsonl"], _DUP, 1, "duplicate ids in standard input: ['q1']"),
         (["--queries", "<empty_query>"], None, 1, "bad.jsonl:2: query 'q2': query is empty"),
         (["--queries", "<spaced>", "--trec", "r"], None, 1, "query id 'q 2' cannot be a column of a TREC run"),
         (["--queries", "-", "--format", "txt"], b"\n \n", 1, "standard input holds no query"),
@@ -1654,7 +1739,7 @@ def test_search_queries_errors_are_clear(tmp_path, args, stdin, code, message):
     collection opens (there is none here: a query id that no TREC column can hold said "no collection at ..."
     first, and was found only after the queries before it were searched); with --json, the error is the one JSON
     object on stdout."""
-    (tmp_path / "dup.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n')
+    (tmp_path / "dup.jsonl").write_bytes(_DUP)
     (tmp_path / "bad.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": ""}\n')
     (tmp_path / "spaced.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q 2", "text": "b"}\n')
     fill = {"<txt>": _queries_file(tmp_path), "<missing>": tmp_path / "none.txt"}

@@ -48,7 +48,9 @@ from .plan import (
     MAX_CANDIDATES,
     MAX_K,
     PRESETS,
+    check_group,
     check_limit,
+    check_mode_total,
     check_weights,
     parse_mode,
 )
@@ -209,6 +211,14 @@ def _checked(check: Callable[[Any], Any]) -> Callable[[Any, Any, Any], Any]:
         return value
 
     return callback
+
+
+def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
+    """A click callback refusing an empty location, folder or file (a usage error naming the option): ``Path("")``
+    is the current folder, so ``-c ""`` created a collection in it and ``--out ""`` wrote there."""
+    if value == "":
+        raise click.BadParameter("must not be empty ('.' names the current folder)")
+    return value
 
 
 #: ``--k`` and ``--candidates``: the library's limits (a server may set lower ones, which it says).
@@ -518,7 +528,7 @@ def _source_path(
 
     with _interrupts(), click.open_file(STDIN, "rb") as stream:  # a plain `kill` too removes the copy
         if stream.isatty():
-            click.echo(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D", err=True)
+            _note(f"reading {fmt} from the terminal ({what} {STDIN}); end it with Ctrl-D")
         with spooled(stream, fmt, formats) as path:
             yield path
 
@@ -641,6 +651,7 @@ collection_option = click.option(
     "--collection",
     "-c",
     required=True,
+    callback=_not_empty,
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
     metavar="LOCATION",
@@ -649,6 +660,7 @@ collection_option = click.option(
 model_option = click.option(
     "--model",
     "-m",
+    callback=_not_empty,
     envvar="M3SEARCH_MODEL",
     show_envvar=True,
     default=None,
@@ -678,6 +690,7 @@ queries_option = click.option(
 cache_dir_option = click.option(
     "--cache-dir",
     default=None,
+    callback=_not_empty,
     type=click.Path(file_okay=False),
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
@@ -1062,6 +1075,12 @@ def search(
     for bad, message in refused:
         if bad:
             raise click.UsageError(message)
+    try:  # the library's checks of what the options decide alone (it failed them once the model was loaded)
+        check_group(group, explain)
+        if mode is not None and weights is not None:  # (else the collection's default decides)
+            check_mode_total(weights, mode)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     options = {"k": k, "mode": mode, "fusion": fusion, "weights": weights, "candidates": candidates}
     options |= {"filter": filter_, "explain": explain, "exact": exact, "group": group}
     open_target = functools.partial(_open_target, collection, model=model, api_key=api_key, device=device, dtype=dtype)
@@ -1095,13 +1114,14 @@ def _search_queries(
 
     from .sources import check_source, iter_batches, read_queries
 
+    name = "standard input" if source == STDIN else source
     with _source_path(source, fmt, "--queries", QUERY_FORMATS) as path:
         checked = read_queries(path)
         if run_name is not None:  # (an id that no TREC column can hold was found in the run, after searching)
             checked = (rec for rec in checked if _trec_word(rec.id, "query id"))
-        n = check_source(checked, QUERY_BATCH)
+        n = check_source(checked, QUERY_BATCH, name)  # (index's wording, "in source", named no queries file)
         if not n:
-            raise click.ClickException(f"{'standard input' if source == STDIN else source} holds no query")
+            raise click.ClickException(f"{name} holds no query")
         target = open_target()
         try:
             with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as out:
@@ -1217,8 +1237,17 @@ def format_hit(rank: int, hit: dict[str, Any], width: int = WIDTH, *, passage: b
     return lines
 
 
+def _no_empty_id(ctx: Any, param: Any, ids: tuple[str, ...]) -> tuple[str, ...]:
+    """click callback: an empty ID is refused before the collection opens. No document has one (``add`` refuses
+    it), so it was reported as not found with a blank name ("deleted 0; not found: "); it is an empty shell
+    variable, not an unknown id."""
+    if "" in ids:
+        raise click.BadParameter("an id is never empty (no document can have one)")
+    return ids
+
+
 @main.command()
-@click.argument("ids", nargs=-1, required=True)
+@click.argument("ids", nargs=-1, required=True, callback=_no_empty_id)
 @collection_option
 @api_key_option
 @json_option
@@ -1307,6 +1336,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     envvar="M3SEARCH_COLLECTION",
     show_envvar=True,
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help=f"{COLLECTION_HELP} Served (without one: embeddings only).",
 )
@@ -1457,6 +1487,7 @@ def _note(line: str) -> None:
     "out_dir",
     default=None,
     type=click.Path(file_okay=False),
+    callback=_not_empty,
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
 @cache_dir_option
@@ -1472,6 +1503,7 @@ def _note(line: str) -> None:
     "-c",
     "tuned_collection",
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help="Also evaluate this collection's search defaults (set by `m3search tune`) as the row 'tuned'.",
 )
@@ -1535,6 +1567,7 @@ def eval_(
     "--collection",
     "-c",
     default=None,
+    callback=_not_empty,
     metavar="LOCATION",
     help="Tune this collection (it must hold the judged documents) and store the setting as its search defaults "
     "[default: eval's cached index of DATA_DIR, nothing stored].",
@@ -1615,9 +1648,12 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     show_envvar=True,
     default=DEFAULT_MODEL,
     show_default=True,
+    callback=_not_empty,
     help="Base model name or folder (bge-m3's layout).",
 )
-@click.option("--out", "-o", required=True, type=click.Path(), help="New folder for the fine-tuned model.")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(), callback=_not_empty, help="New folder for the fine-tuned model."
+)
 @click.option(
     "--queries",
     "queries_dir",
@@ -1648,7 +1684,13 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
 )
 @dtype_option
 @device_option
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Index cache (mining, held-out).")
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    callback=_not_empty,
+    help="Index cache (mining, held-out).",
+)
 @json_option
 def finetune_(
     data,
@@ -1704,8 +1746,8 @@ def finetune_(
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", callback=_not_empty)
+@click.argument("dst", callback=_not_empty)
 @click.option(
     "--batch-size",
     default=256,

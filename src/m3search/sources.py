@@ -406,44 +406,45 @@ def read_folder(path: str | Path) -> Iterator[Record]:
         yield _checked(Record(id=rel, text=text, metadata={"path": rel}), rel)
 
 
-def check_source(records: Iterable[Record], batch_size: int) -> int:
+def check_source(records: Iterable[Record], batch_size: int, where: str = "source") -> int:
     """Read every record (and batch) to the end, keeping none; returns how many there are.
 
     The first pass of ``m3search index``: any error it raises would have stopped the
     write pass part-way, so running it first means an error leaves the collection as it was.
     Ids are checked across the whole source (the write pass sees one batch at a time, where a
-    repeated id would silently replace the first document).
+    repeated id would silently replace the first document). ``where``: what the error names them in.
     """
     seen: set[str] = set()
     n = 0
-    for batch in iter_batches(records, batch_size):
-        _check_unique(batch, seen)
+    for batch in iter_batches(records, batch_size, where):
+        _check_unique(batch, seen, where)
         n += len(batch)
     return n
 
 
-def iter_batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    """Group records into lists of ``size`` (the last may be shorter); duplicate ids in one batch are an error."""
+def iter_batches(records: Iterable[Record], size: int, where: str = "source") -> Iterator[list[Record]]:
+    """Group records into lists of ``size`` (the last may be shorter); duplicate ids in one batch are an error
+    naming ``where``."""
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     batch: list[Record] = []
     for rec in records:
         batch.append(rec)
         if len(batch) == size:
-            _check_unique(batch)
+            _check_unique(batch, where=where)
             yield batch
             batch = []
     if batch:
-        _check_unique(batch)
+        _check_unique(batch, where=where)
         yield batch
 
 
-def _check_unique(batch: list[Record], seen: set[str] | None = None) -> None:
+def _check_unique(batch: list[Record], seen: set[str] | None = None, where: str = "source") -> None:
     """Duplicate ids in ``batch``, or between it and the ids in ``seen`` (which it then joins), are an error."""
     seen = set() if seen is None else seen
     dups = {r.id for r in batch if r.id in seen or seen.add(r.id)}
     if dups:
-        raise ValueError(f"duplicate ids in source: {sorted(dups)[:10]}")
+        raise ValueError(f"duplicate ids in {where}: {sorted(dups)[:10]}")
 
 
 def _folder_files(path: Path) -> Iterator[Path]:
