@@ -839,3 +839,23 @@ def test_dbsf_weights_that_overflow_a_score_are_a_clear_error(tmp_path, tiny_enc
         assert hits[0].id == "d07" and np.isfinite(hits[0].score)
         with pytest.raises(ValueError, match=r"weights \(dense=1\.7e\+308, .*\) are too large: dbsf scores overflow"):
             c.search("pumps", k=3, fusion="dbsf", weights=(1.7e308, 0, 0), candidates=30)
+
+
+def test_an_empty_location_is_refused_before_anything_is_written(tmp_path, tiny_encoder, monkeypatch):
+    """``Collection.create("")`` made a collection in the current folder (a path of "" is "."), and open / exists /
+    migrate read it there: an empty location is an unset variable, not a place. ValueError, nothing written
+    ("." still names the current folder)."""
+    from m3search.migrate import migrate
+
+    monkeypatch.chdir(tmp_path)
+    for call in (
+        lambda: Collection.create("", model=tiny_encoder),
+        lambda: Collection.open(""),
+        lambda: Collection.exists(""),
+        lambda: migrate("", str(tmp_path / "copy")),
+    ):
+        with pytest.raises(ValueError, match="collection location is empty; '.' names the current folder"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    Collection.create(".", model=tiny_encoder).close()
+    assert Collection.exists(".")

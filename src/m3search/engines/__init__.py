@@ -88,8 +88,11 @@ def location_options(location: str | os.PathLike, options: dict | None = None) -
     """``location`` without its URL query, and ``options`` with the query's ``key=value`` pairs added
     (:func:`_option_value`). Only :data:`QUERY_OPTION_SCHEMES` locations carry a query (a folder may have a
     ``?`` in its name). An option given twice, or both in the URL and in ``options``, or a secret in the URL,
-    is a ValueError; unknown names are the engine's to refuse."""
+    is a ValueError; unknown names are the engine's to refuse. So is an empty location: as a path it is the current
+    folder, where ``Collection.create("")`` made a collection (an unset variable, not a place)."""
     loc, options = os.fspath(location), dict(options or {})
+    if loc == "":
+        raise ValueError("collection location is empty; '.' names the current folder")
     if location_scheme(loc) not in QUERY_OPTION_SCHEMES or "?" not in loc:
         return loc, options
     from urllib.parse import parse_qsl
