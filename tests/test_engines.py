@@ -636,6 +636,23 @@ def test_a_cut_documents_window_is_the_part_that_was_read(tmp_path, tiny_encoder
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_an_uncut_documents_window_is_the_same_at_max_windows_1(tmp_path, tiny_encoder, engine):
+    """A window's span runs from its first token to its last (the Hit docstring: spaces around the text fall
+    outside), and so it did with windows; max_windows=1 gave an uncut text's whole length, spaces included."""
+    needs(engine)
+    text = "  pumps and valves \n"
+    spans = {}
+    for max_windows in (None, 1):
+        (tmp_path / f"w{max_windows}").mkdir()
+        where = location(engine, tmp_path / f"w{max_windows}")
+        with Collection.create(where, model=tiny_encoder, **({"max_windows": 1} if max_windows else {})) as col:
+            col.add([text, "short doc"], ids=["padded", "short"])
+            hits = {h.id: h for h in col.search("pumps", k=2)}
+            spans[max_windows] = (hits["padded"].window, hits["short"].window, hits["padded"].passage)
+    assert spans[1] == spans[None] == ({"start": 2, "end": 18}, {"start": 0, "end": 9}, "pumps and valves"), spans
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_ties_at_the_cut_go_by_id_like_the_order_within(tmp_path, tiny_encoder, engine):
     """Duplicate documents tie; the engine's own order chose which one a top-k cut kept, so search(k=1)
     returned a document that search(k=2) ranked second (paging disagreed with itself)."""
