@@ -231,6 +231,18 @@ def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
         migrate(src, tmp_path / "dst", batch_size=0)
 
 
+def test_a_symlink_to_the_source_is_the_same_location(tmp_path, source):
+    """A destination that is a symlink to the source (or the source reached through one) is the source itself:
+    it was refused as "inside the source", as if the copy went into a folder of it."""
+    src, *_ = source
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    for a, b in ((src, tmp_path / "link"), (tmp_path / "link", src)):
+        with pytest.raises(ValueError, match="same location"):
+            migrate(a, b)
+    with pytest.raises(ValueError, match="cannot change in place"):
+        migrate(src, tmp_path / "link", layout={"colbert_dtype": "float32"})
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [

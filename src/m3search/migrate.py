@@ -120,7 +120,8 @@ def migrate(
     src, src_options = location_options(src_location, src_options)
     dst, dst_options = location_options(dst_location, dst_options)
     remote = "://" in src or "://" in dst
-    if (src == dst) if remote else os.path.abspath(src) == os.path.abspath(dst):
+    # resolved: a symlink to the source is the source (it was called "inside the source")
+    if (src == dst) if remote else Path(src).resolve() == Path(dst).resolve():
         if layout:
             raise ValueError(
                 f"the ColBERT layout of {src!r} cannot change in place (it is fixed when a collection is created): "
