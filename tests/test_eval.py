@@ -711,6 +711,28 @@ def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
     assert (tmp_path / "new" / "reports" / "results.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_a_cache_dir_that_cannot_be_made_is_named_as_the_cache(tmp_path, tiny_model_path, monkeypatch, command):
+    """A --cache-dir under a file (or $M3SEARCH_CACHE_DIR naming a file) failed with only
+    "[Errno 20] Not a directory: '.../file/c'", once the model was loaded, not saying that it was the cache."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=3)
+    (tmp_path / "file").write_text("")
+    args = [command, str(data), "-m", str(tmp_path / "no-model")]  # refused before the model is looked for
+    args += ["--modes", "dense", "--out", str(tmp_path / "o")] if command == "eval" else ["--folds", "2"]
+    got = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "file" / "c")])
+    assert got.exit_code == 1
+    assert f"cannot make the index cache folder '{tmp_path / 'file' / 'c'}' (--cache-dir" in got.output
+    assert "Not a directory" in got.output
+    monkeypatch.setenv("M3SEARCH_CACHE_DIR", str(tmp_path / "file"))
+    got = CliRunner().invoke(main, args)
+    assert got.exit_code == 1 and f"index cache folder '{tmp_path / 'file' / 'eval'}'" in got.output
+    assert "$M3SEARCH_CACHE_DIR/eval" in got.output
+
+
 def test_eval_split_scores_another_qrels_file(tmp_path, tiny_model_path):
     """load_beir(split=) was not exposed: a BEIR set with only qrels/dev.tsv could not be evaluated."""
     from click.testing import CliRunner

@@ -323,6 +323,21 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "m3search") / "eval"
 
 
+def cache_folder(cache_dir: str | Path | None) -> Path:
+    """The index cache folder (``cache_dir``, else :func:`default_cache_dir`), created; a ValueError naming it
+    when it cannot be. Why: a cache under a file failed with only "[Errno 20] Not a directory: 'afile/c'", after
+    the model was loaded, not saying that the folder was the cache."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot make the index cache folder {str(path)!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): "
+            f"{e.strerror or e}"
+        ) from None
+    return path
+
+
 def evaluate(
     data_dir: str | Path,
     *,
@@ -368,6 +383,7 @@ def evaluate(
         (mode, _mode_setting(mode, fusion, weights, candidates, depth, default_weights)) for mode in modes
     ]
     data = load_beir(data_dir, queries_dir=queries_dir, split=split)
+    cache = cache_folder(cache_dir)  # before a model is loaded
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
         tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
@@ -376,7 +392,7 @@ def evaluate(
     index, index_info = _cached_index(
         data,
         encoder,
-        Path(cache_dir) if cache_dir else default_cache_dir(),
+        cache,
         batch_size=batch_size,
         progress=progress,
         settings=dict(settings or {}),
@@ -559,7 +575,7 @@ def _cached_index(
     slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
     path = cache_dir / f"{slug}-{key}"
     done = path.with_name(path.name + ".done.json")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_folder(cache_dir)
     with _locked(path.with_name(path.name + ".lock"), progress=progress):
         info = _read_done(done) if path.exists() else None
         if info is not None:
