@@ -243,6 +243,19 @@ def test_a_symlink_to_the_source_is_the_same_location(tmp_path, source):
         migrate(src, tmp_path / "link", layout={"colbert_dtype": "float32"})
 
 
+def test_a_home_relative_location_is_compared_where_the_engine_puts_it(tmp_path, source, monkeypatch):
+    """The engines expand "~", the checks did not: migrate("~/src", "<home>/src/sub") wrote the copy inside the
+    source's folder, and "~/src" to "<home>/src" was refused as an existing collection, not as the source."""
+    src, *_ = source
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for a, b in (("~/src", src / "sub"), (src, "~/src/sub")):
+        with pytest.raises(ValueError, match="is inside the source"):
+            migrate(a, b)
+    assert not (src / "sub").exists()
+    with pytest.raises(ValueError, match="same location"):
+        migrate("~/src", src)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
