@@ -693,6 +693,21 @@ def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
     )
 
 
+def test_a_moved_cache_reports_where_its_index_is_now(tmp_path, tiny_encoder):
+    """A cache moved to another folder (another $M3SEARCH_CACHE_DIR) is used where it is, but the index path
+    reported (results["index"]["path"], tune's "collection") was read from its .done.json: the old folder."""
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    col, info = _cached_index(data, tiny_encoder, tmp_path / "old", batch_size=None, progress=False)
+    col.close()
+    (tmp_path / "old").rename(tmp_path / "new")
+    col, again = _cached_index(data, tiny_encoder, tmp_path / "new", batch_size=None, progress=False)
+    with col:
+        assert again["cached"] is True and again["key"] == info["key"]
+        assert again["path"] == str(tmp_path / "new" / Path(info["path"]).name) == str(col.location)
+
+
 def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
     """An --out that cannot be written was found only after indexing and searching every mode."""
     from click.testing import CliRunner

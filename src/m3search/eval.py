@@ -578,8 +578,8 @@ def _cached_index(
     cache_folder(cache_dir)
     with _locked(path.with_name(path.name + ".lock"), progress=progress):
         info = _read_done(done) if path.exists() else None
-        if info is not None:
-            info["cached"] = True
+        if info is not None:  # (where it is now: a cache may have been moved since it was built)
+            info.update(path=str(path), cached=True)
             return _open_cached(path, encoder, progress=progress), info
         # absent, or a build that stopped part-way (no readable .done.json): start over. Nobody else is
         # building it (the lock), so its folder and any temporary one left by a killed build can go.
