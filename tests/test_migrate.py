@@ -256,6 +256,20 @@ def test_a_home_relative_location_is_compared_where_the_engine_puts_it(tmp_path,
         migrate("~/src", src)
 
 
+def test_a_destination_through_a_symlink_to_nothing_says_so(tmp_path, source):
+    """A link made ahead to where the copy should live (ln -s /big/disk/cran dst) before that folder exists:
+    migrate failed with "[Errno 17] File exists: 'dst'" (a Milvus Lite file there said its folder is missing)."""
+    src, *_ = source
+    link, target = tmp_path / "link", tmp_path / "big" / "cran"
+    link.symlink_to(target, target_is_directory=True)
+    for dst in (link, link / "sub"):
+        with pytest.raises(CollectionNotFoundError, match=rf"{link} is a symlink to {target}, which does not exist"):
+            migrate(src, dst)
+    assert not target.exists()
+    target.mkdir(parents=True)  # as the error says to
+    assert migrate(src, link)["copied"] == 90
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
