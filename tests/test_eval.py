@@ -748,6 +748,20 @@ def test_a_cache_dir_that_cannot_be_made_is_named_as_the_cache(tmp_path, tiny_mo
     assert "$M3SEARCH_CACHE_DIR/eval" in got.output
 
 
+def test_a_report_folder_through_a_symlink_to_nothing_is_refused_before_any_work(tmp_path):
+    """--out naming a link made ahead of its folder passed the check, and the reports' mkdir failed with
+    "[Errno 17] File exists: 'out'" once the corpus was indexed and every mode searched."""
+    from m3search.eval import report_dir
+
+    link, target = tmp_path / "out", tmp_path / "big" / "reports"
+    link.symlink_to(target, target_is_directory=True)
+    for out in (link, link / "cran"):
+        with pytest.raises(ValueError, match=rf"'{link}' is a symlink to {target}, which does not exist"):
+            report_dir(out, tmp_path)
+    target.mkdir(parents=True)  # as the error says to
+    assert report_dir(link / "cran", tmp_path) == link / "cran"
+
+
 def test_eval_split_scores_another_qrels_file(tmp_path, tiny_model_path):
     """load_beir(split=) was not exposed: a BEIR set with only qrels/dev.tsv could not be evaluated."""
     from click.testing import CliRunner

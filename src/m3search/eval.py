@@ -800,8 +800,13 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
         )
     out = Path(out_dir)
     there = out
-    while not there.exists() and there != there.parent:
+    while not os.path.lexists(there) and there != there.parent:
         there = there.parent
+    if not there.exists():  # a symlink to nothing: the reports' mkdir failed "[Errno 17] File exists", after the work
+        raise ValueError(
+            f"cannot write reports into {str(out)!r}: {str(there)!r} is a symlink to {os.readlink(there)}, which "
+            "does not exist (make that folder, or remove the link)"
+        )
     if not there.is_dir():
         raise ValueError(f"cannot write reports into {str(out)!r}: {str(there)!r} is not a folder")
     try:
