@@ -693,6 +693,21 @@ def test_cache_unreadable_done_record_is_rebuilt(tmp_path, tiny_encoder):
     )
 
 
+def test_a_moved_cache_reports_where_its_index_is_now(tmp_path, tiny_encoder):
+    """A cache moved to another folder (another $M3SEARCH_CACHE_DIR) is used where it is, but the index path
+    reported (results["index"]["path"], tune's "collection") was read from its .done.json: the old folder."""
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    col, info = _cached_index(data, tiny_encoder, tmp_path / "old", batch_size=None, progress=False)
+    col.close()
+    (tmp_path / "old").rename(tmp_path / "new")
+    col, again = _cached_index(data, tiny_encoder, tmp_path / "new", batch_size=None, progress=False)
+    with col:
+        assert again["cached"] is True and again["key"] == info["key"]
+        assert again["path"] == str(tmp_path / "new" / Path(info["path"]).name) == str(col.location)
+
+
 def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
     """An --out that cannot be written was found only after indexing and searching every mode."""
     from click.testing import CliRunner
@@ -709,6 +724,42 @@ def test_eval_checks_out_before_any_work(tmp_path, tiny_model_path):
     got = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "new" / "reports"), "--json"])
     assert got.exit_code == 0, got.output
     assert (tmp_path / "new" / "reports" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_a_cache_dir_that_cannot_be_made_is_named_as_the_cache(tmp_path, tiny_model_path, monkeypatch, command):
+    """A --cache-dir under a file (or $M3SEARCH_CACHE_DIR naming a file) failed with only
+    "[Errno 20] Not a directory: '.../file/c'", once the model was loaded, not saying that it was the cache."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    data = _word_beir(tmp_path / "data", n_docs=12, n_queries=3)
+    (tmp_path / "file").write_text("")
+    args = [command, str(data), "-m", str(tmp_path / "no-model")]  # refused before the model is looked for
+    args += ["--modes", "dense", "--out", str(tmp_path / "o")] if command == "eval" else ["--folds", "2"]
+    got = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "file" / "c")])
+    assert got.exit_code == 1
+    assert f"cannot make the index cache folder '{tmp_path / 'file' / 'c'}' (--cache-dir" in got.output
+    assert "Not a directory" in got.output
+    monkeypatch.setenv("M3SEARCH_CACHE_DIR", str(tmp_path / "file"))
+    got = CliRunner().invoke(main, args)
+    assert got.exit_code == 1 and f"index cache folder '{tmp_path / 'file' / 'eval'}'" in got.output
+    assert "$M3SEARCH_CACHE_DIR/eval" in got.output
+
+
+def test_a_report_folder_through_a_symlink_to_nothing_is_refused_before_any_work(tmp_path):
+    """--out naming a link made ahead of its folder passed the check, and the reports' mkdir failed with
+    "[Errno 17] File exists: 'out'" once the corpus was indexed and every mode searched."""
+    from m3search.eval import report_dir
+
+    link, target = tmp_path / "out", tmp_path / "big" / "reports"
+    link.symlink_to(target, target_is_directory=True)
+    for out in (link, link / "cran"):
+        with pytest.raises(ValueError, match=rf"'{link}' is a symlink to {target}, which does not exist"):
+            report_dir(out, tmp_path)
+    target.mkdir(parents=True)  # as the error says to
+    assert report_dir(link / "cran", tmp_path) == link / "cran"
 
 
 def test_eval_split_scores_another_qrels_file(tmp_path, tiny_model_path):

@@ -231,6 +231,45 @@ def test_migrate_refuses_bad_targets(tmp_path, tiny_encoder, source):
         migrate(src, tmp_path / "dst", batch_size=0)
 
 
+def test_a_symlink_to_the_source_is_the_same_location(tmp_path, source):
+    """A destination that is a symlink to the source (or the source reached through one) is the source itself:
+    it was refused as "inside the source", as if the copy went into a folder of it."""
+    src, *_ = source
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    for a, b in ((src, tmp_path / "link"), (tmp_path / "link", src)):
+        with pytest.raises(ValueError, match="same location"):
+            migrate(a, b)
+    with pytest.raises(ValueError, match="cannot change in place"):
+        migrate(src, tmp_path / "link", layout={"colbert_dtype": "float32"})
+
+
+def test_a_home_relative_location_is_compared_where_the_engine_puts_it(tmp_path, source, monkeypatch):
+    """The engines expand "~", the checks did not: migrate("~/src", "<home>/src/sub") wrote the copy inside the
+    source's folder, and "~/src" to "<home>/src" was refused as an existing collection, not as the source."""
+    src, *_ = source
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for a, b in (("~/src", src / "sub"), (src, "~/src/sub")):
+        with pytest.raises(ValueError, match="is inside the source"):
+            migrate(a, b)
+    assert not (src / "sub").exists()
+    with pytest.raises(ValueError, match="same location"):
+        migrate("~/src", src)
+
+
+def test_a_destination_through_a_symlink_to_nothing_says_so(tmp_path, source):
+    """A link made ahead to where the copy should live (ln -s /big/disk/cran dst) before that folder exists:
+    migrate failed with "[Errno 17] File exists: 'dst'" (a Milvus Lite file there said its folder is missing)."""
+    src, *_ = source
+    link, target = tmp_path / "link", tmp_path / "big" / "cran"
+    link.symlink_to(target, target_is_directory=True)
+    for dst in (link, link / "sub"):
+        with pytest.raises(CollectionNotFoundError, match=rf"{link} is a symlink to {target}, which does not exist"):
+            migrate(src, dst)
+    assert not target.exists()
+    target.mkdir(parents=True)  # as the error says to
+    assert migrate(src, link)["copied"] == 90
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [

@@ -323,6 +323,21 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "m3search") / "eval"
 
 
+def cache_folder(cache_dir: str | Path | None) -> Path:
+    """The index cache folder (``cache_dir``, else :func:`default_cache_dir`), created; a ValueError naming it
+    when it cannot be. Why: a cache under a file failed with only "[Errno 20] Not a directory: 'afile/c'", after
+    the model was loaded, not saying that the folder was the cache."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot make the index cache folder {str(path)!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): "
+            f"{e.strerror or e}"
+        ) from None
+    return path
+
+
 def evaluate(
     data_dir: str | Path,
     *,
@@ -368,6 +383,7 @@ def evaluate(
         (mode, _mode_setting(mode, fusion, weights, candidates, depth, default_weights)) for mode in modes
     ]
     data = load_beir(data_dir, queries_dir=queries_dir, split=split)
+    cache = cache_folder(cache_dir)  # before a model is loaded
     tuned = encoder = None
     if collection is not None:  # its defaults were tuned for its own model: that model unless one is named
         tuned, encoder = _search_defaults_of(collection, load_model=model is None, device=device, dtype=dtype)
@@ -376,7 +392,7 @@ def evaluate(
     index, index_info = _cached_index(
         data,
         encoder,
-        Path(cache_dir) if cache_dir else default_cache_dir(),
+        cache,
         batch_size=batch_size,
         progress=progress,
         settings=dict(settings or {}),
@@ -559,11 +575,11 @@ def _cached_index(
     slug = "".join(c if c.isalnum() else "-" for c in data.name.split(" -> ")[-1]).strip("-")
     path = cache_dir / f"{slug}-{key}"
     done = path.with_name(path.name + ".done.json")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_folder(cache_dir)
     with _locked(path.with_name(path.name + ".lock"), progress=progress):
         info = _read_done(done) if path.exists() else None
-        if info is not None:
-            info["cached"] = True
+        if info is not None:  # (where it is now: a cache may have been moved since it was built)
+            info.update(path=str(path), cached=True)
             return _open_cached(path, encoder, progress=progress), info
         # absent, or a build that stopped part-way (no readable .done.json): start over. Nobody else is
         # building it (the lock), so its folder and any temporary one left by a killed build can go.
@@ -784,8 +800,13 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
         )
     out = Path(out_dir)
     there = out
-    while not there.exists() and there != there.parent:
+    while not os.path.lexists(there) and there != there.parent:
         there = there.parent
+    if not there.exists():  # a symlink to nothing: the reports' mkdir failed "[Errno 17] File exists", after the work
+        raise ValueError(
+            f"cannot write reports into {str(out)!r}: {str(there)!r} is a symlink to {os.readlink(there)}, which "
+            "does not exist (make that folder, or remove the link)"
+        )
     if not there.is_dir():
         raise ValueError(f"cannot write reports into {str(out)!r}: {str(there)!r} is not a folder")
     try:

@@ -119,15 +119,19 @@ def migrate(
     layout = check_layout(dict(layout or {}))
     src, src_options = location_options(src_location, src_options)
     dst, dst_options = location_options(dst_location, dst_options)
-    remote = "://" in src or "://" in dst
-    if (src == dst) if remote else os.path.abspath(src) == os.path.abspath(dst):
+    if "://" in src or "://" in dst:
+        same, inside = src == dst, False
+    else:  # where the engines put them: "~" expanded, symlinks followed (a link to the source is the source)
+        here, there = (Path(p).expanduser().resolve() for p in (src, dst))
+        same, inside = here == there, there.is_relative_to(here)
+    if same:
         if layout:
             raise ValueError(
                 f"the ColBERT layout of {src!r} cannot change in place (it is fixed when a collection is created): "
                 "migrate into a new location, check it, then replace the old collection with it"
             )
         raise ValueError(f"source and destination are the same location: {src!r}")
-    if not remote and Path(dst).resolve().is_relative_to(Path(src).resolve()):  # the copy would be in what it copies
+    if inside:  # the copy would be in what it copies
         raise ValueError(f"the destination {dst!r} is inside the source {src!r}; choose a location outside it")
     src_cls, dst_cls = resolve_engine(src), resolve_engine(dst)
     if dst_cls.exists(dst, **dst_options):

@@ -440,7 +440,7 @@ def tune(
     """
     from m3search.eval import (
         _cached_index,
-        default_cache_dir,
+        cache_folder,
         has_relevant,
         load_beir,
         load_encoder,
@@ -464,6 +464,7 @@ def tune(
             f"{len(judged)} judged queries are fewer than the {folds} folds; use --folds {max(2, len(judged))} or more queries"
         )
     queries = {q: data.queries[q] for q in judged}
+    cache = cache_folder(cache_dir) if collection is None else None  # before a model is loaded
     col = _open(collection, model, dtype, device) if collection is not None else None
     info: dict[str, Any] = {}
     try:
@@ -474,9 +475,7 @@ def tune(
         depth = max(*candidates, baseline.candidates, DEFAULT_CANDIDATES, parse_metric(metric)[1])
         if col is None:
             encoder = load_encoder(model, device=device, dtype=dtype)
-            col, info = _cached_index(
-                data, encoder, Path(cache_dir) if cache_dir else default_cache_dir(), batch_size=None, progress=progress
-            )
+            col, info = _cached_index(data, encoder, cache, batch_size=None, progress=progress)
         else:
             _check_judged_present(col, judged)
         t0 = time.perf_counter()

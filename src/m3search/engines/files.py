@@ -202,11 +202,16 @@ def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
     folder: no collection can be there, and making its folder through a file was a bare NotADirectoryError (a
     FileExistsError for ``path`` itself) from every embedded engine's create. As for a missing folder, ``exists``
     answers False there."""
-    path = path.absolute()
-    nearest = next(p for p in (path, *path.parents) if os.path.exists(p))
-    if not os.path.isdir(nearest):
-        from m3search.errors import CollectionNotFoundError
+    from m3search.errors import CollectionNotFoundError
 
+    path = path.absolute()
+    nearest = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not os.path.exists(nearest):  # a symlink to nothing: making a folder through it was "[Errno 17] File exists"
+        raise CollectionNotFoundError(
+            f"{nearest} is a symlink to {os.readlink(nearest)}, which does not exist: no collection can be at "
+            f"{location} until the folder it points to is made (or the link removed)"
+        )
+    if not os.path.isdir(nearest):
         raise CollectionNotFoundError(f"{nearest} is a file, not a folder: no collection can be at {location}")
     return nearest
 
