@@ -1205,26 +1205,12 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     """`m3search search --queries - --format txt` typed in a terminal seemed to hang, and one Ctrl-D did not end
     it (a second one did): a line on stderr says it reads the terminal, and one Ctrl-D ends it. A closed standard
     input (`<&-`) said click's "Was not able to determine binary stream for sys.stdin"."""
-    import pty
-
     cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
     search = [*cmd, "search", "--queries", "-", "--format", "txt", "-c", str(indexed), "-k", "1", "--trec", "r"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
-    try:
-        master, terminal = pty.openpty()
-    except OSError as exc:  # a container without /dev/pts
-        pytest.skip(f"no pseudo-terminal here: {exc}")
-    try:
-        with subprocess.Popen(search, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
-            os.write(master, b"boundary layer\n\x04")  # one line, then Ctrl-D
-            try:
-                out, err = proc.communicate(timeout=120)  # (before: no end without a second Ctrl-D)
-            finally:
-                proc.kill()
-    finally:
-        os.close(terminal)
-        os.close(master)
-    assert proc.returncode == 0 and out.decode().startswith("1 Q0 "), err.decode()
+    # one line, then Ctrl-D (before: no end without a second Ctrl-D)
+    code, out, err = _typed_in_a_terminal(search, b"boundary layer\n\x04", env, subprocess.PIPE)
+    assert code == 0 and out.decode().startswith("1 Q0 "), err.decode()
     assert "reading txt from the terminal (--queries -); end it with Ctrl-D" in err.decode()
     for args in (search, [*cmd, "index", "-", "--format", "jsonl", "-c", str(tmp_path / "new")]):
         closed = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_close_stdin)
@@ -1232,34 +1218,39 @@ def test_standard_input_from_a_terminal_or_closed(indexed, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_a_terminal_standard_input_with_a_full_stderr_is_read(tmp_path, tiny_model_path):
-    """The "reading ... from the terminal" line on a full standard error (``2>/dev/full``) ended `index -` with
-    exit 1 before it read anything; it is a note (:func:`m3search.cli._note`): the documents are indexed."""
+def _typed_in_a_terminal(argv: list[str], typed: bytes, env: dict, stderr) -> tuple[int, bytes, bytes | None]:
+    """Run ``argv`` with a pseudo-terminal as standard input and ``typed`` typed into it: (exit code, stdout,
+    stderr when ``stderr`` is a pipe). Skips where there is no pseudo-terminal."""
     import pty
 
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
-    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
-    args = ["index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "--model", str(tiny_model_path), "--json"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
     try:
         master, terminal = pty.openpty()
     except OSError as exc:  # a container without /dev/pts
         pytest.skip(f"no pseudo-terminal here: {exc}")
     try:
-        with (
-            open("/dev/full", "w") as full,
-            subprocess.Popen(cmd + args, stdin=terminal, stdout=subprocess.PIPE, stderr=full, env=env) as proc,
-        ):
-            os.write(master, b'{"_id": "a", "text": "wings"}\n\x04')  # one record, then Ctrl-D
+        with subprocess.Popen(argv, stdin=terminal, stdout=subprocess.PIPE, stderr=stderr, env=env) as proc:
+            os.write(master, typed)
             try:
-                out, _ = proc.communicate(timeout=120)
+                out, err = proc.communicate(timeout=120)
             finally:
                 proc.kill()
     finally:
         os.close(terminal)
         os.close(master)
-    assert proc.returncode == 0 and json.loads(out)["count"] == 1, out
+    return proc.returncode, out, err
+
+
+def test_a_terminal_standard_input_with_a_full_stderr_is_read(tmp_path, tiny_model_path):
+    """The "reading ... from the terminal" line on a full standard error (``2>/dev/full``) ended `index -` with
+    exit 1 before it read anything; it is a note (:func:`m3search.cli._note`): the documents are indexed."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "m3search"]
+    args = ["index", "-", "--format", "jsonl", "-c", str(tmp_path / "c"), "--model", str(tiny_model_path), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M3SEARCH_")}
+    with open("/dev/full", "w") as full:  # one record, then Ctrl-D
+        code, out, _ = _typed_in_a_terminal(cmd + args, b'{"_id": "a", "text": "wings"}\n\x04', env, full)
+    assert code == 0 and json.loads(out)["count"] == 1, out
 
 
 @pytest.mark.parametrize("command", ["index", "search --queries"])
