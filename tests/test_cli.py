@@ -1162,6 +1162,29 @@ def test_index_opens_a_collection_another_process_created_since_it_looked(tmp_pa
     assert _stored_ids(location) == {"d0", "d1", "d2"}
 
 
+def test_index_over_what_an_interrupted_create_left_keeps_creates_message(tmp_path, tiny_model_path, monkeypatch):
+    """On a server engine, what an interrupted create or migrate left (the engine's collection, no manifest) exists
+    to ``Collection.exists`` but is not found by open: create says so and how to remove it. Opening it again (as a
+    collection another `index` created meanwhile) replaced that with "has no m3search manifest"."""
+    from m3search import Collection
+    from m3search.errors import CollectionExistsError, CollectionNotFoundError
+
+    location = tmp_path / "coll"
+    said = f"{location} holds what an interrupted create or migrate left: remove it, then run again"
+
+    def no_manifest(cls, path, *args, **kwargs):
+        raise CollectionNotFoundError(f"{path} has no m3search manifest")
+
+    def left(cls, path, *args, **kwargs):
+        raise CollectionExistsError(said)
+
+    monkeypatch.setattr(Collection, "open", classmethod(no_manifest))
+    monkeypatch.setattr(Collection, "create", classmethod(left))
+    monkeypatch.setattr(Collection, "exists", classmethod(lambda cls, path, **kwargs: True))
+    got = _invoke("index", "-", "-c", str(location), "-m", str(tiny_model_path), "--format", "jsonl", stdin=b"")
+    assert got.exit_code == 1 and said in got.output, got.output
+
+
 def test_index_reads_standard_input_in_the_format_given(tmp_path, tiny_model_path, monkeypatch):
     """`cat corpus.jsonl | m3search index - -c ...` failed ("Path '-' does not exist"): the source is read twice,
     so standard input is spooled to a temporary file, plain or gzip (told by its first bytes), then removed."""

@@ -612,12 +612,19 @@ def _open_target(
         col = Collection.create(
             collection, model=model or DEFAULT_MODEL, device=device, dtype=dtype, **(settings or {})
         )
-    except CollectionExistsError:
+    except CollectionExistsError as exists:
         if not Collection.exists(collection):  # a folder of other files: said as create says it
             raise
         # created by another process since the open above (two `index` at once): "a collection already exists"
-        # failed this one; it is opened as any existing one (in use while that process holds it)
-        return _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings)
+        # failed this one; it is opened as any existing one (in use while that process holds it). What an
+        # interrupted create left on a server (no manifest: "not found" to open) keeps create's message, which
+        # says how to remove it.
+        try:
+            return _open_target(
+                collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings
+            )
+        except CollectionNotFoundError:
+            raise exists from None
     return _Local(col)
 
 
