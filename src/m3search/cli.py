@@ -620,9 +620,7 @@ def _open_target(
         # interrupted create left on a server (no manifest: "not found" to open) keeps create's message, which
         # says how to remove it.
         try:
-            return _open_target(
-                collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings
-            )
+            return _open_target(collection, model=model, api_key=api_key, device=device, dtype=dtype, settings=settings)
         except CollectionNotFoundError:
             raise exists from None
     return _Local(col)

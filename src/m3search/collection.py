@@ -774,7 +774,7 @@ class Collection:
                         if emb is None:  # one window, the text's start, as before windows
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
-                            spans = self._read_spans(texts[start:end], one)
+                            spans = self._read_spans(texts[start:end], one, bool(emb.truncated))
                         vectors = _vectors(emb, self.schema.colbert_pool_factor)
                         batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
                         self._write(batch)
@@ -1205,15 +1205,21 @@ class Collection:
             for qv, hits in zip(qvs, lists)
         ]
 
-    def _read_spans(self, texts: Sequence[str], limit: int) -> np.ndarray:
+    def _read_spans(self, texts: Sequence[str], limit: int, cut: bool) -> np.ndarray:
         """Character ``[start, end)`` of what a one-window write reads of each text: its first token to the last
         one kept at ``limit`` tokens, as a window's span is (spaces around the text fall outside). Why: a hit's
         ``window`` / ``passage`` of a cut document was the whole text, most of which the model never read, and
-        ``max_windows=1`` gave an uncut text's spaces where windows left them out."""
-        _, bounds, spans_of = self.encoder._tokenize_content(list(texts))
-        keep = min(limit, self.encoder.max_length) - 2  # content tokens: <s> and </s> take two
-        n = len(texts)
-        return spans_of(np.arange(n), np.zeros(n, np.int64), np.minimum(np.diff(bounds), keep))
+        ``max_windows=1`` gave an uncut text's spaces where windows left them out. Only the texts it may differ
+        for are tokenized again: all of a batch with a ``cut`` text, else those with a space at either end (a
+        text without is read whole)."""
+        spans = np.array([[0, len(t)] for t in texts], dtype=np.int64).reshape(-1, 2)
+        redo = [i for i, t in enumerate(texts) if cut or t[:1].isspace() or t[-1:].isspace()]
+        if redo:
+            _, bounds, spans_of = self.encoder._tokenize_content([texts[i] for i in redo])
+            keep = min(limit, self.encoder.max_length) - 2  # content tokens: <s> and </s> take two
+            n = len(redo)
+            spans[redo] = spans_of(np.arange(n), np.zeros(n, np.int64), np.minimum(np.diff(bounds), keep))
+        return spans
 
     def _one_list(self, mode: str, emb: Any, k: int, filter: Any, exact: bool) -> list[list[tuple[str, float]]]:
         """Each query's top ``k`` of the dense or sparse list, ties at the cut broken by id ascending as fusion
