@@ -235,6 +235,18 @@ def test_compute_score_keys_and_weights(tiny_encoder):
         tiny_encoder.compute_score(pairs, weights=(1, -1, 1))
 
 
+def test_compute_score_weights_near_floats_limits_are_their_ratios(tiny_encoder):
+    """compute_score multiplied the scores by the weights before dividing by their sum, as searches did until
+    7ab7ba3: weights of 5e-324 each (valid: positive, finite) gave NaN means, 1e308 each inf. Now the one weighted
+    formula of fusion.weighted: the same means as weights (1, 1, 1)."""
+    pairs = [(TEXTS[0], TEXTS[2])]
+    plain = tiny_encoder.compute_score(pairs, weights=(1, 1, 1))
+    for tiny in ((5e-324,) * 3, (1e307,) * 3):
+        s = tiny_encoder.compute_score(pairs, weights=tiny)
+        for key in ("sparse+dense", "colbert+sparse+dense"):
+            assert s[key][0] == pytest.approx(plain[key][0], rel=1e-6, abs=1e-6), (tiny, key, s[key])
+
+
 def test_compute_score_refuses_a_mean_without_weight(tiny_encoder):
     """Weights (0, 0, 1) gave 'sparse+dense' = 0/0 = NaN (FlagEmbedding's formula); refused as a search in those
     modes is, naming the key. Zero weight on one of its modes is a plain mean."""

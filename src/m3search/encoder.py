@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .plan import DEFAULT_WEIGHTS, check_int, check_mode_total, check_texts, check_weights
+from .fusion import weighted
+from .plan import DEFAULT_WEIGHTS, MODES, check_int, check_mode_total, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 from .windows import check_windows, plan_windows
 
@@ -917,8 +918,11 @@ class M3Encoder:
             "colbert": s_colbert,
             "sparse": s_sparse,
             "dense": s_dense,
-            "sparse+dense": (w[0] * s_dense + w[1] * s_sparse) / (w[0] + w[1]),
-            "colbert+sparse+dense": (w[0] * s_dense + w[1] * s_sparse + w[2] * s_colbert) / sum(w),
+            # fusion.weighted, as a search's: the weights divided by their sum first (5e-324 each was NaN here)
+            "sparse+dense": weighted({"dense": s_dense, "sparse": s_sparse}, {"dense": w[0], "sparse": w[1]}),
+            "colbert+sparse+dense": weighted(
+                {"dense": s_dense, "sparse": s_sparse, "colbert": s_colbert}, dict(zip(MODES, w))
+            ),
         }
         if single:
             return {k: float(v[0]) for k, v in out.items()}
