@@ -223,3 +223,13 @@ def test_integers_at_2_to_the_53_match_only_themselves(tmp_path, tiny_model_path
             want = sum(matches(parse_filter({"n": v}), {"n": x}) for x in vals)
             assert c.count({"n": v}) == want == 1, v
             assert c.count({"n": {"in": [v]}}) == want, v
+
+
+def test_a_python_built_filter_on_a_field_named_like_a_logical_key_is_checked_as_a_field():
+    """f49cd35 checked an AST through its JSON form, where a field named "and", "or" or "not" reads as the logical
+    key: Eq("and", 1) was refused ("'and' needs a non-empty list of filters"), and Eq("not", x) checked as the
+    filter Not(Eq("eq", x)). Each leaf is checked as a field now (accepted before f49cd35 too)."""
+    for node in (Eq("and", 1), In("or", (1, 2)), Range("not", gte=0), Not(Eq("and", "x"))):
+        assert parse_filter(node) is node
+    with pytest.raises(ValueError, match=re.escape("filter.not.eq: value must be finite")):
+        parse_filter(Eq("not", float("nan")))

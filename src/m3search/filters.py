@@ -142,8 +142,7 @@ def parse_filter(obj: Any) -> Filter | None:
     if obj is None:
         return None
     if isinstance(obj, _NODES):  # built in Python: checked as its JSON form is (names, values, bounds, limits)
-        _check_depth(obj, 1)  # (before to_json recurses into it)
-        _Parser().object(to_json(obj), "filter", 1)
+        _Parser().ast(obj, "filter", 1)
         return obj
     if isinstance(obj, str):
         if not obj.strip():
@@ -199,6 +198,23 @@ class _Parser:
                 parts.append(self.field(key, value, where))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
 
+    def ast(self, f: Any, where: str, depth: int) -> None:
+        """Check an AST built in Python as :meth:`object` checks its JSON form, node by node: each leaf's JSON
+        through :meth:`field`, so a field named like a logical key (``Eq("and", 1)``) is still a field."""
+        self._depth(depth, where)
+        if f is None:
+            raise ValueError(f"{where}: empty object inside a filter")
+        if isinstance(f, (And, Or)):
+            key = "and" if isinstance(f, And) else "or"
+            if not f.items:
+                raise ValueError(f"{where}: '{key}' needs a non-empty list of filters, got {_short(f.items)}")
+            for i, x in enumerate(f.items):
+                self.ast(x, f"{where}.{key}[{i}]", depth + 1)
+        elif isinstance(f, Not):
+            self.ast(f.item, f"{where}.not", depth + 1)
+        else:
+            self.field(f.field, to_json(f)[f.field], where)  # to_json: TypeError for what is no filter node
+
     def field(self, field: str, spec: Any, where: str) -> Filter:
         _check_field(field, where)
         at = f"{where}.{field}"
@@ -228,13 +244,6 @@ class _Parser:
             self._count(at)
             parts.append(Range(field, **bounds))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
-
-
-def _check_depth(f: Filter, depth: int) -> None:
-    """An AST's nesting of ``and`` / ``or`` / ``not`` against :data:`MAX_FILTER_DEPTH`."""
-    _Parser._depth(depth, "filter")
-    for x in f.items if isinstance(f, (And, Or)) else (f.item,) if isinstance(f, Not) else ():
-        _check_depth(x, depth + 1)
 
 
 def _weight(f: Filter) -> int:
