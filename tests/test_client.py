@@ -578,10 +578,13 @@ def test_an_older_servers_unknown_id_answer_says_so():
     the server may be older than this client."""
     import httpx
 
+    posted = []
+
     def older(request):
         if request.url.path == "/info":
             return httpx.Response(200, json={"limits": {}})
         if request.method == "POST":  # POST /documents/get: its path is GET /documents/{id}'s, so 405
+            posted.append(request.url.path)
             return httpx.Response(405, json={"error": {"type": "method_not_allowed", "message": "Method Not Allowed"}})
         if request.url.path == "/documents/d0":
             return httpx.Response(200, json={"id": "d0", "text": "t", "metadata": {}})
@@ -594,6 +597,7 @@ def test_an_older_servers_unknown_id_answer_says_so():
         client.get(["d0", "ghost"])
     assert "GET http://m3/documents/ghost answered \"no document with id 'ghost'\" (HTTP 404)" in str(err.value)
     assert "the server is older than this client" in str(err.value)
+    assert posted == ["/documents/get"]  # asked once: the client remembers the server has no such route
 
 
 def test_hits_windows_passages_and_odd_ids_come_through(tmp_path, tiny_encoder):

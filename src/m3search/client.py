@@ -16,8 +16,9 @@ raises exactly what :class:`~m3search.Collection` raises. Errors keep the librar
 :class:`~m3search.errors.DuplicateIdError` (a ``ValueError``, as from ``Collection.add``), an id
 another client of a server collection is writing :class:`~m3search.errors.WriteConflictError`, every other
 error the answer names by its library class (``error.code``: the server's damaged, unreadable or read-only files,
-too little disk, a write stopped by its shutdown) that class, a
-wrong key ``PermissionError``, an unreachable server ``ConnectionError``, as is a 404 that is not the
+too little disk, a write stopped by its shutdown) that class (so a server's read-only or unreadable collection is
+a ``PermissionError`` too, as in-process, and too little disk an ``OSError``: a RuntimeError before), a
+wrong key ``PermissionError`` without a library class, an unreachable server ``ConnectionError``, as is a 404 that is not the
 API's unknown-id answer (it names the ids): a wrong base URL such as ``.../v1``, or a server older than
 this client (its unknown-id answer named none); the message says which route answered what.
 A server that is busy (429: its queue is full, nothing was done) is asked again after its
@@ -158,6 +159,7 @@ class M3SearchClient:
             http_client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
         self._http = http_client
         self._limits: dict[str, Any] | None = None
+        self._get_route = True  # POST /documents/get: False once a server older than it answered 405
         self.retries = int(retries)
 
     def __repr__(self) -> str:
@@ -331,9 +333,12 @@ class M3SearchClient:
         out: list[Record | None] = []
         if not ids:
             return out
+        if not self._get_route:
+            return self._get_each(ids)
         for part in self._parts(ids, {}, "ids", lambda j: f"id {ids[j][:80]!r}"):
             answer = self._call("POST", "/documents/get", json={"ids": part}, idempotent=True, new=True)
-            if answer is None:  # an older server
+            if answer is None:  # an older server: asked as before, from now on
+                self._get_route = False
                 return out + self._get_each(ids[len(out) :])
             out += [None if d is None else _record(d) for d in answer["documents"]]
         return out

@@ -111,12 +111,12 @@ def fuse(
 
 def total(method: str, parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """The fused scores: the sum of :func:`contributions`' ``parts``. A ValueError where weights near float's
-    largest (their sum finite) make one overflow: RRF's and DBSF's scores grow with the weights (a DBSF candidate far
-    past 3 sigma maps above 2), and an inf score is no ranking (over HTTP it was a 400 quoting pydantic's answer
-    model). Their ratios alone decide the ranking, so smaller weights in the same ratios rank the same."""
+    largest (their sum finite) make one infinite: DBSF's scores grow with its weights (a candidate far past 3 sigma
+    maps above 2), and an inf score is no ranking (over HTTP it was a 400 quoting pydantic's answer model). Only
+    the weights' ratios decide the ranking, so smaller ones in the same ratios rank the same."""
     with np.errstate(over="ignore", invalid="ignore"):  # told below, in words
         out = np.sum(list(parts.values()), axis=0)
-    if not np.isfinite(out).all():
+    if np.isinf(out).any():
         used = ", ".join(f"{m}={weights[m]:g}" for m in parts)
         raise ValueError(f"weights ({used}) are too large: {method} scores overflow; scale them down (same ratios)")
     return out
