@@ -165,6 +165,25 @@ def _search_base(manifest: Mapping[str, Any], settings: Mapping[str, Any] | None
     return {key: json.loads(json.dumps(held[key])) for key in SEARCH_DEFAULTS}
 
 
+def request_defaults(
+    defaults: Mapping[str, Any], base: Callable[[], Mapping[str, Any]], mode: Any, fusion: Any, weights: Any
+) -> tuple[Any, Any, Any]:
+    """A search request's mode / fusion / weights, each None taken from ``defaults`` (the collection's search
+    defaults), or from ``base()`` (those it had before tuning, :func:`_search_base`) for fusion and weights where
+    the request names another mode. One rule for the search and for what integrations say of its scores
+    (LangChain's relevance). Details: :meth:`Collection._request_defaults`."""
+    mode = defaults["mode"] if mode is None else mode
+    modes = parse_mode(mode)
+    own = defaults if modes == parse_mode(defaults["mode"]) else base()
+    if fusion is None:
+        fusion = own["fusion"]
+    if weights is None:
+        weights = own["weights"]
+        if sum(weights[MODES.index(m)] for m in modes) <= 0:
+            weights = SEARCH_DEFAULTS["weights"]
+    return mode, fusion, weights
+
+
 _SCHEMA_SETTINGS = (
     "colbert_dtype",
     "colbert_on_disk",
@@ -1329,17 +1348,9 @@ class Collection:
         dense+colbert give sparse zero weight). A default never fails a request: weights that
         give the requested modes zero total give way to the built-in ones.
         """
-        s = self.settings
-        mode = s["mode"] if mode is None else mode
-        modes = parse_mode(mode)
-        own = s if modes == parse_mode(s["mode"]) else _search_base(self._manifest, s)
-        if fusion is None:
-            fusion = own["fusion"]
-        if weights is None:
-            weights = own["weights"]
-            if sum(weights[MODES.index(m)] for m in modes) <= 0:
-                weights = SEARCH_DEFAULTS["weights"]
-        return mode, fusion, weights
+        return request_defaults(
+            self.settings, lambda: _search_base(self._manifest, self.settings), mode, fusion, weights
+        )
 
     def candidate_scores(
         self,
