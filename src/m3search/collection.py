@@ -703,7 +703,10 @@ class Collection:
         Raises :class:`~m3search.errors.DuplicateIdError` (a ValueError), writing nothing, if any
         id already exists; an empty list is a ValueError. Each batch of ``batch_size`` documents
         is encoded and written as one atomic unit.
-        ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding).
+        ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding). Each text is
+        stored as one window spanning all of it (a hit's ``window`` / ``passage``), also where the caller's encode
+        cut it: the embeddings count the tokens read (``n_tokens``), not the characters they cover, and finding
+        those takes the tokenizer, so the model, which this path never loads.
         ``optimize=False`` leaves building indexes and flushing segments to a later :meth:`optimize`:
         for many small ingest calls, where doing both after each one costs more than the writes (the
         server defers them until ingest pauses). Search stays exact meanwhile (unindexed points are
