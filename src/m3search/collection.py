@@ -165,6 +165,25 @@ def _search_base(manifest: Mapping[str, Any], settings: Mapping[str, Any] | None
     return {key: json.loads(json.dumps(held[key])) for key in SEARCH_DEFAULTS}
 
 
+def request_defaults(
+    defaults: Mapping[str, Any], base: Callable[[], Mapping[str, Any]], mode: Any, fusion: Any, weights: Any
+) -> tuple[Any, Any, Any]:
+    """A search request's mode / fusion / weights, each None taken from ``defaults`` (the collection's search
+    defaults), or from ``base()`` (those it had before tuning, :func:`_search_base`) for fusion and weights where
+    the request names another mode. One rule for the search and for what integrations say of its scores
+    (LangChain's relevance). Details: :meth:`Collection._request_defaults`."""
+    mode = defaults["mode"] if mode is None else mode
+    modes = parse_mode(mode)
+    own = defaults if modes == parse_mode(defaults["mode"]) else base()
+    if fusion is None:
+        fusion = own["fusion"]
+    if weights is None:
+        weights = own["weights"]
+        if sum(weights[MODES.index(m)] for m in modes) <= 0:
+            weights = SEARCH_DEFAULTS["weights"]
+    return mode, fusion, weights
+
+
 _SCHEMA_SETTINGS = (
     "colbert_dtype",
     "colbert_on_disk",
@@ -684,7 +703,10 @@ class Collection:
         Raises :class:`~m3search.errors.DuplicateIdError` (a ValueError), writing nothing, if any
         id already exists; an empty list is a ValueError. Each batch of ``batch_size`` documents
         is encoded and written as one atomic unit.
-        ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding).
+        ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding). Each text is
+        stored as one window spanning all of it (a hit's ``window`` / ``passage``), also where the caller's encode
+        cut it: the embeddings count the tokens read (``n_tokens``), not the characters they cover, and finding
+        those takes the tokenizer, so the model, which this path never loads.
         ``optimize=False`` leaves building indexes and flushing segments to a later :meth:`optimize`:
         for many small ingest calls, where doing both after each one costs more than the writes (the
         server defers them until ingest pauses). Search stays exact meanwhile (unindexed points are
@@ -1329,17 +1351,9 @@ class Collection:
         dense+colbert give sparse zero weight). A default never fails a request: weights that
         give the requested modes zero total give way to the built-in ones.
         """
-        s = self.settings
-        mode = s["mode"] if mode is None else mode
-        modes = parse_mode(mode)
-        own = s if modes == parse_mode(s["mode"]) else _search_base(self._manifest, s)
-        if fusion is None:
-            fusion = own["fusion"]
-        if weights is None:
-            weights = own["weights"]
-            if sum(weights[MODES.index(m)] for m in modes) <= 0:
-                weights = SEARCH_DEFAULTS["weights"]
-        return mode, fusion, weights
+        return request_defaults(
+            self.settings, lambda: _search_base(self._manifest, self.settings), mode, fusion, weights
+        )
 
     def candidate_scores(
         self,

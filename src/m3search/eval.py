@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m3search.engines.files import lock_exclusive, write_durably, write_files_durably
+from m3search.engines.files import lock_exclusive, nearest_existing, write_durably, write_files_durably
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
 from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
 from m3search.plan import MODES as REPRESENTATIONS
@@ -799,14 +799,13 @@ def report_dir(out_dir: str | Path | None, data_dir: str | Path, queries_dir: st
             c if c.isalnum() or c in "-_" else "-" for c in name.replace(" -> ", "--")
         )
     out = Path(out_dir)
-    there = out
-    while not os.path.lexists(there) and there != there.parent:
-        there = there.parent
-    if not there.exists():  # a symlink to nothing: the reports' mkdir failed "[Errno 17] File exists", after the work
-        raise ValueError(
-            f"cannot write reports into {str(out)!r}: {str(there)!r} is a symlink to {os.readlink(there)}, which "
-            "does not exist (make that folder, or remove the link)"
-        )
+    there = nearest_existing(  # the reports' mkdir through a dangling link failed only after the work
+        out,
+        lambda link, target: ValueError(
+            f"cannot write reports into {str(out)!r}: {str(link)!r} is a symlink to {target}, which does not exist "
+            "(make that folder, or remove the link)"
+        ),
+    )
     if not there.is_dir():
         raise ValueError(f"cannot write reports into {str(out)!r}: {str(there)!r} is not a folder")
     try:

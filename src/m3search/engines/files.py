@@ -16,7 +16,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "allocated_bytes",
     "has_file",
     "lock_exclusive",
+    "nearest_existing",
     "readable",
     "refuse_a_file_in_the_way",
     "refuse_the_wrong_kind",
@@ -196,6 +197,16 @@ class Probed:
         return probed
 
 
+def nearest_existing(path: Path, dangling: Callable[[Path, str], Exception]) -> Path:
+    """``path`` or the nearest path above it that is there (``.`` at last for a relative one), of whatever kind;
+    ``dangling(link, target)`` raised where that is a symlink to nothing: making a folder through one failed late
+    and oddly, "[Errno 17] File exists" from ``mkdir(parents=True)``. One check for every caller's own error."""
+    nearest = next(p for p in (path, *path.parents) if os.path.lexists(p))  # "/" and "." are always there
+    if not os.path.exists(nearest):
+        raise dangling(nearest, os.readlink(nearest))
+    return nearest
+
+
 def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
     """``path``, the folder a collection at ``location`` is or would be in, or else the nearest folder above it that
     exists (made absolute); :class:`~m3search.errors.CollectionNotFoundError` naming it where that is a file, not a
@@ -204,13 +215,13 @@ def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
     answers False there."""
     from m3search.errors import CollectionNotFoundError
 
-    path = path.absolute()
-    nearest = next(p for p in (path, *path.parents) if os.path.lexists(p))
-    if not os.path.exists(nearest):  # a symlink to nothing: making a folder through it was "[Errno 17] File exists"
-        raise CollectionNotFoundError(
-            f"{nearest} is a symlink to {os.readlink(nearest)}, which does not exist: no collection can be at "
+    nearest = nearest_existing(
+        path.absolute(),
+        lambda link, target: CollectionNotFoundError(
+            f"{link} is a symlink to {target}, which does not exist: no collection can be at "
             f"{location} until the folder it points to is made (or the link removed)"
-        )
+        ),
+    )
     if not os.path.isdir(nearest):
         raise CollectionNotFoundError(f"{nearest} is a file, not a folder: no collection can be at {location}")
     return nearest

@@ -266,17 +266,16 @@ class M3SearchVectorStore(VectorStore):
     def _relevance_fn(self, kwargs: dict[str, Any]) -> Callable[[float], float]:
         """Scores -> relevance in [0, 1] for a search with ``kwargs``: the cosine itself for dense mode
         with weighted fusion (LangChain's 1 - cosine distance); any other mode or fusion has no bound."""
-        from m3search.collection import SEARCH_DEFAULTS
+        from m3search.collection import SEARCH_DEFAULTS, request_defaults
         from m3search.plan import parse_mode
 
-        defaults = self.collection.search_defaults()
-        given = {"mode": self.mode, "fusion": self.fusion, **kwargs}  # as _search merges them: None per call wins
-        mode = given["mode"] or defaults["mode"]
-        modes = parse_mode(mode)  # as the search reads it: "DENSE" is dense
-        # a tuned fusion belongs to the tuned mode: a search in another mode gets the untuned one (built-in)
-        own = defaults if modes == parse_mode(defaults["mode"]) else SEARCH_DEFAULTS
-        fusion = given["fusion"] or own["fusion"]
-        if modes == ("dense",) and fusion == "weighted":
+        given = {"mode": self.mode, "fusion": self.fusion, "weights": self.weights, **kwargs}  # None per call wins
+        # the search's own rule; the untuned fusion is the built-in one (create takes none; a server's /info
+        # does not show what the collection had before tuning)
+        mode, fusion, _ = request_defaults(
+            self.collection.search_defaults(), lambda: SEARCH_DEFAULTS, given["mode"], given["fusion"], given["weights"]
+        )
+        if parse_mode(mode) == ("dense",) and fusion == "weighted":  # as the search reads it: "DENSE" is dense
             return lambda score: score
         raise NotImplementedError(
             f"relevance scores in [0, 1] exist for mode='dense' with fusion='weighted' (cosine) only; mode={mode!r}, "
