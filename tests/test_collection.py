@@ -187,6 +187,19 @@ def test_weights_change_the_fusion(col):
         assert h.score == pytest.approx(h.scores["colbert"], abs=1e-6)
 
 
+def test_weights_computed_with_numpy_are_taken_as_their_values(col):
+    """An array, or NumPy scalars that are not Python floats (float32, int64), was refused: "must be three
+    numbers, got array([...])", "weight for dense must be a finite number, got np.float32(0.5)"."""
+    expected = [(h.id, h.score) for h in col.search("brown fox", k=5, weights=(0.5, 0.25, 1))]
+    for weights in (
+        np.array([0.5, 0.25, 1.0], np.float32),
+        [np.float32(0.5), np.float16(0.25), np.int64(1)],
+    ):
+        assert [(h.id, h.score) for h in col.search("brown fox", k=5, weights=weights)] == expected
+    with pytest.raises(ValueError, match="weight for sparse must be a finite number"):
+        col.search("brown fox", weights=[np.float32(1), np.bool_(True), 1])
+
+
 def test_filter_inside_candidate_queries(col):
     hits = col.search("brown fox", k=2, filter={"topic": "aero"})
     assert {h.id for h in hits} == {"d3", "d4"}  # k hits even though they rank low without the filter

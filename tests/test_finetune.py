@@ -813,3 +813,12 @@ def test_flagembedding_loads_the_output(tmp_path, tiny_model_path):
     for ref, got in zip(lexical_dicts(flag), ours.lexical_weights):
         assert set(got) == {str(k) for k in ref}
         assert all(abs(v - got[str(k)]) <= 1e-5 for k, v in ref.items())
+
+
+def test_holdout_that_rounds_to_no_query_is_refused(tmp_path):
+    """--holdout 0.1 of 4 judged queries held none out: the run trained on all of them and reported no held-out
+    metrics, without a word."""
+    folder = _beir(tmp_path / "beir", n_queries=4)
+    with pytest.raises(FinetuneInputError, match=r"holdout 0.1 of 4 judged queries holds out none.*more than 0.125"):
+        read_beir_examples(folder, holdout=0.1)
+    assert len(read_beir_examples(folder, holdout=0.2).heldout.queries) == 1  # 0.8 rounds to 1

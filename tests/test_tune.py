@@ -551,3 +551,29 @@ def test_a_kept_tuning_changes_no_search_and_other_modes_keep_the_creation_defau
     with Collection.open(path, model=tiny_encoder) as col:
         assert col.search_defaults() == own and "tuning" not in col.manifest
     assert searches() == before
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ({"folds": 1}, "folds must be an integer >= 2, got 1"),
+        ({"folds": 2.5}, "folds must be an integer >= 2, got 2.5"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"step": 0}, r"step must be a number in \(0, 1\] that divides 1, got 0"),
+        ({"step": float("nan")}, "step must be a number"),
+        ({"candidates": (0, 50)}, "candidates must be a positive integer, got 0"),
+        ({"candidates": (10**6,)}, "candidates=1000000 exceeds the limit of 100000"),
+    ],
+)
+def test_tune_refuses_bad_arguments_before_any_work(tmp_path, small, tiny_encoder, monkeypatch, arg, message):
+    """Library arguments the CLI does not take were not checked: folds=1 failed after the queries were encoded and
+    every pool scored, step=0 as a ZeroDivisionError, a depth of 0 was tuned (and refused only when stored)."""
+    import m3search.tuning as tuning
+
+    def opened(*a, **k):
+        raise AssertionError("the collection was opened")
+
+    monkeypatch.setattr(tuning, "_open", opened)
+    data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t1"])
+    with pytest.raises(ValueError, match=message):
+        tuning.tune(data, collection=small, model=tiny_encoder, **{"folds": 2, **arg})

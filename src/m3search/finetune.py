@@ -175,12 +175,18 @@ class BeirSplit:
 
 
 def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
-    """A fixed split: the same ids, fraction and seed always give the same halves."""
+    """A fixed split: the same ids, fraction and seed always give the same halves. A holdout that rounds to no
+    query is refused: the run went on with nothing held out, and its report had no held-out metrics, unsaid."""
     if not 0.0 <= holdout < 1.0:
         raise FinetuneInputError(f"holdout must be in [0, 1), got {holdout}")
     order = sorted(qids)
     np.random.default_rng(seed).shuffle(order)
     n_out = int(round(len(order) * holdout))
+    if holdout and not n_out:
+        raise FinetuneInputError(
+            f"holdout {holdout} of {len(order)} judged queries holds out none (it rounds to 0): give more than "
+            f"{0.5 / len(order):.3g}, or 0 for no held-out evaluation"
+        )
     return sorted(order[n_out:]), sorted(order[:n_out])
 
 

@@ -169,10 +169,14 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     """Validate the (dense, sparse, colbert) weights: three finite, non-negative numbers, not all zero.
 
     All-zero weights are refused here (they fuse nothing, in any mode); whether the modes
-    of one search get a positive total is :func:`check_mode_total`'s.
+    of one search get a positive total is :func:`check_mode_total`'s. NumPy's arrays and scalars count as the
+    Python values they hold (weights computed with NumPy were refused as "must be a finite number").
     """
     if weights is None:
         return DEFAULT_WEIGHTS
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(weights, numpy.ndarray):
+        weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"[:200])
     if len(weights) != 3:
@@ -180,7 +184,7 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
             f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}"
         )
     out = []
-    for name, w in zip(MODES, weights):
+    for name, w in zip(MODES, map(_python_value, weights)):
         try:
             ok = not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w)
         except OverflowError:  # an int too large for a float

@@ -26,13 +26,22 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m3search.fusion import FUSIONS, RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, MAX_CANDIDATES, MODES, parse_mode
+from m3search.plan import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_WEIGHTS,
+    MAX_CANDIDATES,
+    MODES,
+    check_int,
+    check_limit,
+    parse_mode,
+)
 
 __all__ = [
     "CANDIDATE_GRID",
@@ -116,9 +125,7 @@ def settings_grid(
     over the simplex (zero weights = fewer modes) x fusion x candidate depth, without duplicates (``dense``
     and ``sparse`` alone do not re-rank, so fusion and depth do not matter to them; ``colbert`` alone ranks
     alike in every fusion)."""
-    n = round(1 / step)
-    if n < 1 or not math.isclose(n * step, 1.0):
-        raise ValueError(f"step must divide 1, got {step}")
+    n = _check_grid(step, candidates)
     simplex = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
     # dense / sparse alone keep the default depth: it does not change their ranking
     out = [baseline, DEFAULT_SETTING] + [
@@ -130,6 +137,20 @@ def settings_grid(
             out.extend(Setting(_mode_of(w), fusion, w, c) for w in simplex if sum(x > 0 for x in w) >= 2)
     seen: set[Setting] = set()
     return [s for s in out if not (s in seen or seen.add(s))]
+
+
+def _check_grid(step: Any, candidates: Sequence[Any]) -> int:
+    """``1 / step``, the weight grid's steps, once ``step`` (a number dividing 1) and ``candidates`` (depths a
+    search takes) are checked. Why: step=0 failed deep inside (ZeroDivisionError), and a depth of 0 was tuned,
+    then refused only when stored."""
+    if isinstance(step, bool) or not isinstance(step, Real) or not 0 < step <= 1:
+        raise ValueError(f"step must be a number in (0, 1] that divides 1, got {step!r}")
+    n = round(1 / step)
+    if not math.isclose(n * step, 1.0):
+        raise ValueError(f"step must divide 1, got {step}")
+    for c in candidates:
+        check_limit("candidates", check_int("candidates", c), MAX_CANDIDATES)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -447,7 +468,10 @@ def tune(
         unqueried_fields,
     )
 
-    parse_metric(metric)
+    parse_metric(metric)  # every argument checked before the data is read and the queries encoded
+    check_int("folds", folds, 2)
+    check_int("seed", seed, 0)
+    _check_grid(step, candidates)
     if save and collection is None:
         raise ValueError("save=True needs a collection to store the setting in")
     t_start = time.perf_counter()
