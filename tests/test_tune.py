@@ -559,7 +559,8 @@ def test_a_kept_tuning_changes_no_search_and_other_modes_keep_the_creation_defau
         ({"folds": 1}, "folds must be an integer >= 2, got 1"),
         ({"folds": 2.5}, "folds must be an integer >= 2, got 2.5"),
         ({"seed": -1}, "seed must be an integer >= 0, got -1"),
-        ({"step": 0}, r"step must be a number in \(0, 1\] that divides 1, got 0"),
+        ({"step": 0}, r"step must be a number in \[0.01, 1\] that divides 1, got 0"),
+        ({"step": 1e-300}, r"step must be a number in \[0.01, 1\]"),  # a grid of 1e600 points: it never ended
         ({"step": float("nan")}, "step must be a number"),
         ({"candidates": (0, 50)}, "candidates must be a positive integer, got 0"),
         ({"candidates": (10**6,)}, "candidates=1000000 exceeds the limit of 100000"),

@@ -61,6 +61,8 @@ __all__ = [
 CANDIDATE_GRID = (50, 100, 200, 400)
 #: Weight grid step over the simplex (0.1: 66 points, the 3 single modes and 27 two-mode mixes included).
 WEIGHT_STEP = 0.1
+#: Finest weight step (0.01: 5,151 weight points): the grid grows with 1 / step squared, a step of 1e-300 never ended.
+MIN_WEIGHT_STEP = 0.01
 FOLDS = 5
 SEED = 0
 BOOTSTRAP = 2000
@@ -143,8 +145,8 @@ def _check_grid(step: Any, candidates: Sequence[Any]) -> int:
     """``1 / step``, the weight grid's steps, once ``step`` (a number dividing 1) and ``candidates`` (depths a
     search takes) are checked. Why: step=0 failed deep inside (ZeroDivisionError), and a depth of 0 was tuned,
     then refused only when stored."""
-    if isinstance(step, bool) or not isinstance(step, Real) or not 0 < step <= 1:
-        raise ValueError(f"step must be a number in (0, 1] that divides 1, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, Real) or not MIN_WEIGHT_STEP <= step <= 1:
+        raise ValueError(f"step must be a number in [{MIN_WEIGHT_STEP}, 1] that divides 1, got {step!r}")
     n = round(1 / step)
     if not math.isclose(n * step, 1.0):
         raise ValueError(f"step must divide 1, got {step}")
