@@ -98,11 +98,13 @@ def test_grid_holds_defaults_first_presets_and_no_duplicates():
 
 def test_parse_metric_errors():
     assert parse_metric("NDCG@10") == ("ndcg", 10)
-    for bad in ("ndcg", "map@10", "ndcg@0", "recall@x"):
+    for bad in ("ndcg", "map@10", "ndcg@0", "ndcg@00", "recall@x", "ndcg@²", "ndcg@١٠"):  # no int() of "²"
         with pytest.raises(ValueError, match="unknown metric"):
             parse_metric(bad)
     with pytest.raises(ValueError, match=r"^metric 'ndcg@100000000000': K must be at most 100000"):
         parse_metric("ndcg@100000000000")  # said "candidates=100000000000 exceeds the limit", after indexing
+    with pytest.raises(ValueError, match=r"K must be at most 100000"):
+        parse_metric("ndcg@" + "9" * 5000)  # int() refused it: "Exceeds the limit (4300 digits)"
 
 
 def test_choice_is_cross_validated_deterministic_and_adopted_only_beyond_noise():
