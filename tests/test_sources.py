@@ -233,6 +233,11 @@ def test_jsonl_with_bare_carriage_returns_says_so(tmp_path):
         ("s.tsv", 'id\ttext\n1\t"Hello," she said\n', r"s.tsv:2: .*quoted as a whole"),
         ("cr.csv", "id,text\r1,a\r2,b\r", r"cr.csv:1: .*bare carriage return"),
         ("dh.csv", "id,text,text\n1,a,b\n", r"dh.csv:1: header names column\(s\) \['text'\] more than once"),
+        (
+            "un.csv",
+            "id,text,\n1,a,\n2,b,x\n",
+            r"^un.csv:3 \(record 2\): a value in column 3, which the header leaves unnamed$",
+        ),
         # a short row was padded with empty cells (a long one is an error): both are misread rows
         (
             "sh.csv",
@@ -488,3 +493,14 @@ def test_a_full_temporary_folder_is_named(tmp_path, monkeypatch):
         with sources.spooled(io.BytesIO(b'{"_id": "a", "text": "x"}\n' * 100_000), "jsonl"):
             pass
     assert list(tmp_path.iterdir()) == []  # the copy's folder is removed
+
+
+def test_columns_the_header_leaves_unnamed_are_not_metadata(tmp_path):
+    """A trailing delimiter (spreadsheets export one) stored the metadata key "" in every record; two of them were
+    refused as the header naming '' twice."""
+    p = tmp_path / "t.csv"
+    p.write_text("id,text,kind,,\n1,a,x,,\n2,b,y, ,\n", encoding="utf-8")
+    assert [(r.id, r.text, r.metadata) for r in read_source(p)] == [
+        ("1", "a", {"kind": "x"}),
+        ("2", "b", {"kind": "y"}),
+    ]

@@ -78,6 +78,8 @@ _SPOOL_CHUNK = 1 << 20
 _DEFAULT_ID_FIELDS = ("_id", "id")
 _NOT_AN_ARRAY = "expected JSON Lines (one object per line), not a JSON array"
 _BARE_CR = "lines end with a bare carriage return; save the file with \\n or \\r\\n line endings"
+#: The key of a column the header leaves unnamed, with its 1-based position (no column name can equal it).
+_UNNAMED = object()
 #: What csv.DictReader puts in the columns a short row lacks (told apart from an empty cell).
 _MISSING = object()
 _DEFAULT_TEXT_FIELDS = ("title", "text")
@@ -360,9 +362,14 @@ def read_table(
     try:
         if not reader.fieldnames:
             raise ValueError(f"{path.name}: empty file (a header row is required)")
-        dup = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+        # a column with no name (a trailing delimiter, as spreadsheets export) was the metadata key "" of every
+        # record: one told apart by its position, its cells required empty
+        unnamed = [(_UNNAMED, i + 1) for i, c in enumerate(reader.fieldnames) if not c.strip()]
+        named = [c for c in reader.fieldnames if c.strip()]
+        dup = sorted({c for c in named if named.count(c) > 1})
         if dup:
             raise ValueError(f"{path.name}:1: header names column(s) {dup} more than once")
+        reader.fieldnames = [c if c.strip() else (_UNNAMED, i + 1) for i, c in enumerate(reader.fieldnames)]
         start = reader.line_num + 1
         for number, row in enumerate(reader, 1):
             where = f"{path.name}:{start} (record {number})"
@@ -371,6 +378,9 @@ def read_table(
             if _MISSING in row.values():  # as an extra cell is: a misread row, not empty cells
                 n = sum(v is not _MISSING for v in row.values())
                 raise ValueError(f"{where}: fewer cells than header columns ({n} of {len(row)})")
+            for key in unnamed:
+                if row.pop(key).strip():
+                    raise ValueError(f"{where}: a value in column {key[1]}, which the header leaves unnamed")
             obj = dict(row)
             yield _to_record(obj, number, where, id_field, text_fields, cells=True)
             start = reader.line_num + 1
