@@ -513,6 +513,17 @@ def test_tei_tokenize_refuses_prompt_name_like_embed_and_health_answers_head(app
     assert head.status_code == 200 and head.content == b""
 
 
+def test_tei_truncate_false_says_which_inputs_are_over_the_limit(app_and_collection):
+    """The 413 added "longest at least N tokens", N always the limit itself (tokenize stops there): a length
+    that told nothing, read as the input's."""
+    _, client, col = app_and_collection
+    limit = col.encoder.max_length
+    body = {"inputs": ["wing " * (2 * limit), "wing"], "truncate": False}
+    message = _error(client.post("/tei/embed", json=body), 413, "too_large")
+    assert message == f"1 input(s) exceed the limit of {limit} tokens (send truncate: true to cut them)", message
+    assert client.post("/tei/embed", json={**body, "truncate": True}).status_code == 200
+
+
 def test_token_id_inputs_are_refused_saying_so(app_and_collection):
     """OpenAI clients send tiktoken ids unasked (LangChain's OpenAIEmbeddings): the refusal named only
     pydantic's 'input.str: Input should be a valid string; input.list[str].0: ...'."""

@@ -112,13 +112,11 @@ def make_router(
             raise HTTPException(400, 'truncation_direction "Left" is not supported (inputs are cut at the end)')
         enc = res.encoder
         if not body.truncate:
-            ids, cut = await run_in_threadpool(enc.tokenize, texts, enc.max_length)
-            if cut:
-                longest = max(len(x) for x in ids)
+            _, cut = await run_in_threadpool(enc.tokenize, texts, enc.max_length)
+            if cut:  # (how long they are is not known: tokenize stops at the limit)
                 raise HTTPException(
                     413,
-                    f"{cut} input(s) exceed the limit of {enc.max_length} tokens (send truncate: true to cut them); "
-                    f"longest at least {longest} tokens",
+                    f"{cut} input(s) exceed the limit of {enc.max_length} tokens (send truncate: true to cut them)",
                 )
         return texts, enc.max_length
 
