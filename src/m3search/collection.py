@@ -76,7 +76,7 @@ from m3search.errors import (
     WriteConflictError,
 )
 from m3search.filters import INT64_MAX, INT64_MIN, parse_filter
-from m3search.fusion import contributions, order, ranks, total
+from m3search.fusion import contributions, order, ranks, total, weighted
 from m3search.plan import (
     DEFAULT_CANDIDATES,
     DEFAULT_WEIGHTS,
@@ -1651,10 +1651,9 @@ def _version() -> str:
 
 
 def _best_windows(ws: WindowScores, modes: Sequence[str], weights: dict[str, float]) -> list[int]:
-    """Each document's best window: the highest weighted sum of the modes' per-window scores
-    (a window's fused score under the weighted formula; rank-based fusions use it too)."""
-    total = np.zeros(int(ws.windows[-1]))
-    for m in modes:
-        total += (weights.get(m, 1.0) if len(modes) > 1 else 1.0) * np.nan_to_num(ws.scores[m], nan=-np.inf)
+    """Each document's best window: the highest of the modes' per-window scores fused by the weighted formula
+    (:func:`~m3search.fusion.weighted`; rank-based fusions use it too). Its shares of the weights, as the search
+    fuses: raw weights of 5e-324 rounded every window's sum to a few steps of it, and window 0 won the ties."""
+    total = weighted({m: np.nan_to_num(ws.scores[m], nan=-np.inf) for m in modes}, weights)
     o = ws.windows
     return [int(np.argmax(total[o[d] : o[d + 1]])) for d in range(len(o) - 1)]
