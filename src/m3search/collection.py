@@ -1414,7 +1414,7 @@ class Collection:
         check_deadline("fusion")
         if ws is not None and WINDOW_RULE == "fuse":  # fusion per window, then each document's best window
             o = ws.windows
-            labels = [f"{cand[d]}\x00{w:09d}" for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
+            labels = [(cand[d], w) for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
             wparts = contributions(plan.fusion, {m: ws.scores[m] for m in plan.modes}, weights, labels)
             fused = np.maximum.reduceat(total(plan.fusion, wparts, weights), o[:-1])
             parts = {m: np.maximum.reduceat(p, o[:-1]) for m, p in wparts.items()}  # for explain
@@ -1485,7 +1485,7 @@ class Collection:
         live = np.flatnonzero(np.all([np.isfinite(ws.scores[m]) for m in plan.modes], axis=0))
         if not len(live):
             return []
-        labels = [f"{cand[where[j][0]]}\x00{where[j][1]:09d}" for j in live]
+        labels = [(cand[where[j][0]], where[j][1]) for j in live]  # (no copy of a long id per window)
         parts = contributions(plan.fusion, {m: ws.scores[m][live] for m in plan.modes}, plan.weight_map(), labels)
         fused = total(plan.fusion, parts, plan.weight_map())
         top = order(labels, fused)[: plan.k]
