@@ -1355,7 +1355,7 @@ class Collection:
         Why: every search setting of a re-ranking mode ranks a subset of this pool with these
         scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tuning`).
         """
-        queries = [check_query(q) for q in queries]
+        queries = check_queries(queries)  # (a string is one query's, not a list of its characters)
         plan = SearchPlan.build(k=1, candidates=candidates, filter=filter, default_weights=DEFAULT_WEIGHTS)
         if not queries:
             return []
