@@ -178,6 +178,14 @@ def test_search_results_shape_and_order(col):
     assert batch[1][0].id == col.search("brown fox", k=1)[0].id
 
 
+def test_candidate_scores_takes_a_list_of_queries_as_search_batch_does(col):
+    """A string was taken as its characters, each one query ("brown" scored five pools, one per letter)."""
+    with pytest.raises(TypeError, match="queries must be a list of strings"):
+        col.candidate_scores("brown", candidates=5)
+    ((ids, scores),) = col.candidate_scores(["brown fox"], candidates=5)
+    assert ids and all(len(scores[m]) == len(ids) for m in ("dense", "sparse", "colbert"))
+
+
 def test_weights_change_the_fusion(col):
     only_dense = col.search("brown fox", k=5, mode="all", weights=(1, 0, 0))
     for h in only_dense:

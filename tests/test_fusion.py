@@ -37,6 +37,31 @@ def test_ties_break_by_id():
     assert ranks(ids, fused).tolist() == [4, 2, 1, 3]
 
 
+def test_ties_break_by_the_ids_as_python_orders_them():
+    """NumPy's string array drops trailing NULs, so "a" and "a\x00" (two documents) tied, and the order among
+    them was the engine's; ties go by id as Python's ``sorted`` (and the search's first stage) orders them."""
+    ids = ["a\x00", "b", "a"]
+    assert [ids[i] for i in order(ids, np.zeros(3))] == ["a", "a\x00", "b"]
+    assert ranks(ids, np.zeros(3)).tolist() == [2, 3, 1]
+    keys = [("d", 1), ("c", 10), ("d", 0)]  # a passage's (id, window)
+    assert [keys[i] for i in order(keys, np.zeros(3))] == [("c", 10), ("d", 0), ("d", 1)]
+
+
+def test_a_long_id_costs_its_own_length_only():
+    """Ordering held every candidate's id padded to the longest one's length (NumPy's fixed-width strings): one
+    document with an id of a million characters made each search that found it hold gigabytes."""
+    import tracemalloc
+
+    ids = ["x" * 100_000] + [f"d{i}" for i in range(400)]
+    tracemalloc.start()
+    try:
+        order(ids, np.zeros(len(ids)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # the padded array: 401 x 100,000 x 4 bytes = 160 MB
+
+
 def test_contributions_sum_to_fused():
     rng = np.random.default_rng(0)
     ids = [f"d{i}" for i in range(30)]

@@ -222,6 +222,23 @@ def test_long_documents_score_as_their_best_window(tmp_path, tiny_encoder, corpu
         col.close()
 
 
+def test_a_hit_s_best_window_depends_on_the_weights_ratios_only(tmp_path, tiny_encoder, corpus):
+    """Weights of the smallest subnormal float (valid, and fused as their ratios: fusion divides them by their sum
+    first) picked window 0 as every document's best: each score times 5e-324 rounded to a few steps of it, so the
+    windows tied. The best window shown (``window``, ``explain["window"]``) is the one equal unit weights pick."""
+    texts, ids, _, queries, qemb, *_ = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids)
+        args = {"k": len(texts), "candidates": len(texts), "explain": True, "query_embeddings": qemb}
+        unit = col.search_batch(queries, weights=(1, 1, 1), **args)
+        scaled = col.search_batch(queries, weights=(5e-324,) * 3, **args)
+        assert any(h.explain["window"] for hs in unit for h in hs)  # (a window past the first is best somewhere)
+        for want, got in zip(unit, scaled):
+            assert [(h.id, h.window, h.explain["window"]) for h in got] == [
+                (h.id, h.window, h.explain["window"]) for h in want
+            ]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rewrites_that_change_the_window_count_leave_no_orphan(tmp_path, tiny_encoder, corpus, engine):
     texts, ids, meta, queries, qemb, win, per_window, oracle = corpus

@@ -76,7 +76,7 @@ from m3search.errors import (
     WriteConflictError,
 )
 from m3search.filters import INT64_MAX, INT64_MIN, parse_filter
-from m3search.fusion import contributions, order, ranks, total
+from m3search.fusion import contributions, order, ranks, total, weighted
 from m3search.plan import (
     DEFAULT_CANDIDATES,
     DEFAULT_WEIGHTS,
@@ -1369,7 +1369,7 @@ class Collection:
         Why: every search setting of a re-ranking mode ranks a subset of this pool with these
         scores, so tuning scores the pool once and tries settings on arrays (:mod:`m3search.tuning`).
         """
-        queries = [check_query(q) for q in queries]
+        queries = check_queries(queries)  # (a string is one query's, not a list of its characters)
         plan = SearchPlan.build(k=1, candidates=candidates, filter=filter, default_weights=DEFAULT_WEIGHTS)
         if not queries:
             return []
@@ -1428,7 +1428,7 @@ class Collection:
         check_deadline("fusion")
         if ws is not None and WINDOW_RULE == "fuse":  # fusion per window, then each document's best window
             o = ws.windows
-            labels = [f"{cand[d]}\x00{w:09d}" for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
+            labels = [(cand[d], w) for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
             wparts = contributions(plan.fusion, {m: ws.scores[m] for m in plan.modes}, weights, labels)
             fused = np.maximum.reduceat(total(plan.fusion, wparts, weights), o[:-1])
             parts = {m: np.maximum.reduceat(p, o[:-1]) for m, p in wparts.items()}  # for explain
@@ -1499,7 +1499,7 @@ class Collection:
         live = np.flatnonzero(np.all([np.isfinite(ws.scores[m]) for m in plan.modes], axis=0))
         if not len(live):
             return []
-        labels = [f"{cand[where[j][0]]}\x00{where[j][1]:09d}" for j in live]
+        labels = [(cand[where[j][0]], where[j][1]) for j in live]  # (no copy of a long id per window)
         parts = contributions(plan.fusion, {m: ws.scores[m][live] for m in plan.modes}, plan.weight_map(), labels)
         fused = total(plan.fusion, parts, plan.weight_map())
         top = order(labels, fused)[: plan.k]
@@ -1665,10 +1665,9 @@ def _version() -> str:
 
 
 def _best_windows(ws: WindowScores, modes: Sequence[str], weights: dict[str, float]) -> list[int]:
-    """Each document's best window: the highest weighted sum of the modes' per-window scores
-    (a window's fused score under the weighted formula; rank-based fusions use it too)."""
-    total = np.zeros(int(ws.windows[-1]))
-    for m in modes:
-        total += (weights.get(m, 1.0) if len(modes) > 1 else 1.0) * np.nan_to_num(ws.scores[m], nan=-np.inf)
+    """Each document's best window: the highest of the modes' per-window scores fused by the weighted formula
+    (:func:`~m3search.fusion.weighted`; rank-based fusions use it too). Its shares of the weights, as the search
+    fuses: raw weights of 5e-324 rounded every window's sum to a few steps of it, and window 0 won the ties."""
+    total = weighted({m: np.nan_to_num(ws.scores[m], nan=-np.inf) for m in modes}, weights)
     o = ws.windows
     return [int(np.argmax(total[o[d] : o[d + 1]])) for d in range(len(o) - 1)]

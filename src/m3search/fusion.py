@@ -18,6 +18,7 @@ Ranks and final order break ties by id (ascending), so results are deterministic
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +34,19 @@ def _as_arrays(scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
     return {m: np.asarray(s, dtype=np.float64) for m, s in scores.items()}
 
 
-def order(ids: Sequence[str], fused: np.ndarray) -> np.ndarray:
-    """Indices sorting candidates by fused score descending, then id ascending."""
-    # lexsort's last key is primary; ids (as a unicode array) break ties.
-    return np.lexsort((np.asarray(list(ids), dtype=str), -np.asarray(fused, np.float64)))
+def order(ids: Sequence[Any], fused: np.ndarray) -> np.ndarray:
+    """Indices sorting candidates by fused score descending, then id ascending (ids: strings, or any values
+    Python orders, such as a passage's ``(id, window)``). The ids are ranked by Python's sort: a NumPy string
+    array padded each to the longest (an id of a million characters made a search hold gigabytes) and dropped
+    trailing NULs ("a" and "a\x00" tied)."""
+    ids = list(ids)
+    by_id = np.empty(len(ids), dtype=np.int64)
+    by_id[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+    # lexsort's last key is primary; the ids' ranks break ties.
+    return np.lexsort((by_id, -np.asarray(fused, np.float64)))
 
 
-def ranks(ids: Sequence[str], s: np.ndarray) -> np.ndarray:
+def ranks(ids: Sequence[Any], s: np.ndarray) -> np.ndarray:
     """1-based rank of each candidate in one mode's list (score desc, then id)."""
     r = np.empty(len(s), dtype=np.int64)
     r[order(ids, s)] = np.arange(1, len(s) + 1)
@@ -64,7 +71,7 @@ def _shares(weights: Mapping[str, float], modes: Mapping[str, np.ndarray]) -> di
 
 
 def rrf(
-    scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str], k: int = RRF_K
+    scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[Any], k: int = RRF_K
 ) -> np.ndarray:
     """Weighted reciprocal rank fusion over the candidates: ``Σ w_m / (k + rank_m)``."""
     arrs = _as_arrays(scores)
@@ -96,7 +103,7 @@ def dbsf(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) ->
 
 
 def fuse(
-    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]
+    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[Any]
 ) -> np.ndarray:
     """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`): the formulas as written, the oracle
     of :func:`contributions` (which the Collection sums with :func:`total`)."""
@@ -123,7 +130,7 @@ def total(method: str, parts: Mapping[str, np.ndarray], weights: Mapping[str, fl
 
 
 def contributions(
-    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[str]
+    method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[Any]
 ) -> dict[str, np.ndarray]:
     """Each mode's additive share of the fused score (they sum to :func:`fuse`'s result, up to rounding)."""
     arrs = _as_arrays(scores)
