@@ -822,3 +822,42 @@ def test_holdout_that_rounds_to_no_query_is_refused(tmp_path):
     with pytest.raises(FinetuneInputError, match=r"holdout 0.1 of 4 judged queries holds out none.*more than 0.125"):
         read_beir_examples(folder, holdout=0.1)
     assert len(read_beir_examples(folder, holdout=0.2).heldout.queries) == 1  # 0.8 rounds to 1
+
+
+def test_a_beir_folder_trains_on_its_train_split_where_it_has_one(tmp_path):
+    """finetune always read qrels/test.tsv: on a BEIR set that ships qrels/train.tsv (scifact, fiqa, nfcorpus) it
+    trained on the judgements a later eval measures with, inflating its scores unsaid."""
+    folder = _beir(tmp_path / "beir", n_queries=8)  # test.tsv judges q0..q7
+    assert read_beir_examples(folder).qrels_split == "test"
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
+    train = read_beir_examples(folder)
+    assert train.qrels_split == "train" and sorted(e.qid for e in train.examples) == ["q1", "q2"]
+    test = read_beir_examples(folder, split="test")
+    assert test.qrels_split == "test" and len(test.examples) == 8
+    with pytest.raises(FinetuneInputError, match=r"no qrels/dev.tsv"):
+        read_beir_examples(folder, split="dev")
+
+
+def test_cli_finetune_split(tmp_path, tiny_model_path):
+    """--split picks the judgements; the report and the summary say which were trained on."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    folder = _beir(tmp_path / "beir", n_queries=8)
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in (1, 2, 3, 4))
+    )
+    args = ["finetune", str(folder), "--model", str(tiny_model_path), "--dtype", "float32", "--negatives", "1"]
+    args += ["--batch-size", "4", "--cache-dir", str(tmp_path / "cache")]
+    runner = CliRunner()
+    ok = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert ok.exit_code == 0, ok.output
+    assert "trained on qrels/train.tsv (4 queries)" in ok.output
+    ok = runner.invoke(main, [*args, "--out", str(tmp_path / "b"), "--split", "test", "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    assert report["split"] == "test" and report["n_train_queries"] == 8
+    jsonl = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
+    bad = runner.invoke(main, [*args[:1], str(jsonl), *args[2:], "--out", str(tmp_path / "c"), "--split", "test"])
+    assert bad.exit_code == 2 and "apply to a BEIR folder" in bad.output, bad.output

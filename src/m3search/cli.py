@@ -1679,6 +1679,11 @@ def tune_(data_dir, queries_dir, collection, model, metric, folds, split, reset,
     help="BEIR only: fraction of judged queries held out and scored before/after.",
 )
 @click.option(
+    "--split",
+    default=None,
+    help="BEIR only: judgements trained on, qrels/<SPLIT>.tsv [default: train where qrels/train.tsv exists, else test].",
+)
+@click.option(
     "--token-budget",
     default=None,
     type=click.IntRange(1),
@@ -1708,6 +1713,7 @@ def finetune_(
     negatives,
     modes,
     holdout,
+    split,
     token_budget,
     gradient_checkpointing,
     dtype,
@@ -1734,6 +1740,7 @@ def finetune_(
                 batch_size=batch_size,
                 negatives=negatives,
                 holdout=holdout,
+                split=split,
                 token_budget=token_budget,
                 gradient_checkpointing=gradient_checkpointing,
                 dtype=dtype,

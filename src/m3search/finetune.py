@@ -172,6 +172,7 @@ class BeirSplit:
     heldout: Any | None  # eval.BeirData of the held-out queries (same corpus), or None
     examples: list[Example]
     empty_positives_dropped: int = 0  # judged positives with no text, left out as JSONL's are
+    qrels_split: str = "test"  # the qrels/<split>.tsv read
 
 
 def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
@@ -190,28 +191,41 @@ def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[
     return sorted(order[n_out:]), sorted(order[:n_out])
 
 
+def training_split(data_dir: str | os.PathLike, queries_dir: str | os.PathLike | None = None) -> str:
+    """The qrels a BEIR folder trains on by default: ``train`` where the folder (or the queries' one) has
+    ``qrels/train.tsv``, else ``test``. Why: always ``test`` trained on the judgements a later eval measures
+    with (scifact, fiqa, nfcorpus ship a train split), inflating its scores unsaid."""
+    from .sources import locate
+
+    folders = [Path(data_dir)] + ([Path(queries_dir)] if queries_dir is not None else [])
+    return "train" if any(locate(f / "qrels", "train.tsv") for f in folders) else "test"
+
+
 def read_beir_examples(
     data_dir: str | os.PathLike,
     *,
     queries_dir: str | os.PathLike | None = None,
     holdout: float = 0.0,
     seed: int = 0,
+    split: str | None = None,
 ) -> BeirSplit:
-    """Load a BEIR folder; every training query needs a positive (qrels score > 0) in the corpus.
+    """Load a BEIR folder's ``qrels/<split>.tsv`` (None: :func:`training_split`); every training query needs a
+    positive (qrels score > 0) in the corpus.
 
     Negatives are left empty: :func:`mine_negatives` fills them with the base model.
     """
     from .eval import BeirData, load_beir
 
+    split = training_split(data_dir, queries_dir) if split is None else split
     try:
-        data = load_beir(data_dir, queries_dir=queries_dir)
+        data = load_beir(data_dir, queries_dir=queries_dir, split=split)
     except ValueError as e:
         raise FinetuneInputError(str(e)) from None
     no_positive = sorted(q for q, rel in data.qrels.items() if not any(s > 0 for s in rel.values()))
     if no_positive:
         raise FinetuneInputError(
             f"{len(no_positive)} judged quer{'y has' if len(no_positive) == 1 else 'ies have'} no positive "
-            f"(qrels score > 0): {no_positive[:5]}; remove them from qrels/test.tsv"
+            f"(qrels score > 0): {no_positive[:5]}; remove them from qrels/{split}.tsv"
         )
     train_ids, held_ids = split_queries(list(data.queries), holdout, seed)
     if not train_ids:
@@ -237,7 +251,7 @@ def read_beir_examples(
             f"no text in corpus.jsonl: {only_empty[:5]}"
         )
     dropped = sum(len(judged[q]) for q in train_ids) - sum(len(e.positives) for e in examples)
-    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples, dropped)
+    return BeirSplit(subset(train_ids), subset(held_ids) if held_ids else None, examples, dropped, split)
 
 
 def mine_negatives(
@@ -770,6 +784,7 @@ def finetune(
     self_distill: bool = True,
     gradient_checkpointing: bool = False,
     holdout: float = 0.0,
+    split: str | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     device: str = "auto",
@@ -782,7 +797,9 @@ def finetune(
 
     ``data``: a BEIR folder (``queries_dir`` takes the queries from another one: cross-lingual) or a
     FlagEmbedding JSONL file. ``holdout`` (BEIR only): this fraction of the judged queries (a fixed split by
-    ``seed``) is never trained on; nDCG@10 per mode on it, before and after, goes into the report.
+    ``seed``) is never trained on; nDCG@10 per mode on it, before and after, goes into the report. ``split``
+    (BEIR only): the judgements trained on, ``qrels/<split>.tsv``; None: ``train`` where there is one, else
+    ``test`` (:func:`training_split`; the report says which).
     ``dtype="auto"``: bf16 autocast on CPUs with bf16 units, fp16 on CUDA (bf16 where supported); master
     weights stay float32. ``token_budget``: padded tokens per batch (queries + passages).
     Interrupted? Run the same call again: it continues from ``<out>.partial/checkpoint.pt``.
@@ -829,13 +846,13 @@ def finetune(
     data = Path(data)
 
     # ---- data and base model, all checked before any training
-    split = None
+    beir = None
     if data.is_dir():
-        split = read_beir_examples(data, queries_dir=queries_dir, holdout=holdout, seed=seed)
-        examples = split.examples
+        beir = read_beir_examples(data, queries_dir=queries_dir, holdout=holdout, seed=seed, split=split)
+        examples = beir.examples
     elif data.is_file():
-        if queries_dir is not None or holdout:
-            raise FinetuneInputError("queries_dir and holdout apply to a BEIR folder, not a JSONL file")
+        if queries_dir is not None or holdout or split is not None:
+            raise FinetuneInputError("queries_dir, holdout and split apply to a BEIR folder, not a JSONL file")
         examples = read_jsonl_examples(data)
     else:
         raise FinetuneInputError(f"training data {str(data)!r} does not exist")
@@ -847,14 +864,14 @@ def finetune(
     # Data that cannot train is refused before mining when mining cannot change it (JSONL is never mined). The
     # trainee below tokenizes alike (same checkpoint) and has this budget: the same device's default unless given.
     known = None
-    if split is None or _mining_adds_nothing(split, negatives):
+    if beir is None or _mining_adds_nothing(beir, negatives):
         known = _contrasting_batches(base, examples, cfg, token_budget or base.token_budget)
 
     report: dict[str, Any] = {
         "base_model": str(model),
         "base_identity": base.identity,
         "data": str(data.resolve()),
-        "data_sha256": _data_sha256(examples, split.data.corpus_sha256 if split else None),  # before mining
+        "data_sha256": _data_sha256(examples, beir.data.corpus_sha256 if beir else None),  # before mining
         "queries_dir": str(Path(queries_dir).resolve()) if queries_dir else None,
         "config": asdict(cfg),
         "device": str(dev),
@@ -862,14 +879,15 @@ def finetune(
         "n_train_queries": len(examples),
     }
     started = time.perf_counter()
-    if split is not None:
+    if beir is not None:
         mine_t0 = time.perf_counter()
-        mine_negatives(split, base, negatives, cache_dir=cache, seed=seed, progress=progress)
+        mine_negatives(beir, base, negatives, cache_dir=cache, seed=seed, progress=progress)
         report["mining_seconds"] = round(time.perf_counter() - mine_t0, 2)
-        report["empty_positives_dropped"] = split.empty_positives_dropped
-        if split.heldout is not None:
-            report["n_heldout_queries"] = len(split.heldout.queries)
-            report["heldout_before"] = _heldout_metrics(split.heldout, base, cache, progress)
+        report["empty_positives_dropped"] = beir.empty_positives_dropped
+        report["split"] = beir.qrels_split
+        if beir.heldout is not None:
+            report["n_heldout_queries"] = len(beir.heldout.queries)
+            report["heldout_before"] = _heldout_metrics(beir.heldout, base, cache, progress)
     del base
 
     # ---- training (fp32 master weights; autocast in amp_dtype)
@@ -1024,9 +1042,9 @@ def finetune(
     shutil.rmtree(export, ignore_errors=True)  # a killed export's (checked as this command's at the start)
     try:
         export_model(net, trainee.folder, export)
-        if split is not None and split.heldout is not None:
+        if beir is not None and beir.heldout is not None:
             tuned = M3Encoder.from_pretrained(export, device=device, dtype=dtype)
-            report["heldout_after"] = _heldout_metrics(split.heldout, tuned, cache, progress)
+            report["heldout_after"] = _heldout_metrics(beir.heldout, tuned, cache, progress)
             del tuned
         report["total_seconds"] = round(time.perf_counter() - started, 2)
         write_report(report, export)
@@ -1114,6 +1132,8 @@ def write_report(report: Mapping[str, Any], folder: Path) -> None:
 def summary(report: Mapping[str, Any]) -> Iterator[str]:
     """Human-readable lines of a report (the CLI prints them)."""
     yield f"{report['out']}: {report['steps']} steps in {report['train_seconds']} s on {report['device']}"
+    if "split" in report:
+        yield f"  trained on qrels/{report['split']}.tsv ({report['n_train_queries']} queries)"
     for e in report["epochs"]:
         s = e["sparse_weights"]
         yield (
