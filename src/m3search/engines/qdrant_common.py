@@ -467,12 +467,7 @@ class QdrantEngine(Engine):
                 if g == 0:
                     payload = {"id": doc_id, **self._meta(meta, True), **tag}
                     payload.update({"chunks": chunks} if chunks else {"text": text})
-                    if n > 1:
-                        payload["windows"] = n
-                    if (spans := batch.recorded_spans(i)) is not None:
-                        payload["spans"] = spans
-                    if max(parts) > 1:
-                        payload["parts"] = parts
+                    payload.update(self._window_keys(parts, batch.recorded_spans(i)))
                 else:
                     payload = {"id": doc_id, **self._meta(meta, False), "window": g, **tag}
                 points.append((window_uuid(doc_id, g, g_id), vec, payload))
@@ -493,6 +488,13 @@ class QdrantEngine(Engine):
             sizes += [256] * len(dead)
             tombs += [t[0] for t in dead]
         return points, sizes, tombs
+
+    @staticmethod
+    def _window_keys(parts: list[int], spans: list[list[int]] | None) -> dict:
+        """A head's ``windows``, ``spans`` and ``parts`` keys (Point layout and Parts in the module docstring), each
+        only where it says more than one whole window of one point (``spans``: None)."""
+        keys = {"windows": len(parts)} if len(parts) > 1 else {}
+        return keys | ({"spans": spans} if spans is not None else {}) | ({"parts": parts} if max(parts) > 1 else {})
 
     # -------------------------------------------------------------------- writes
     def upsert(self, batch: PointBatch) -> None:
@@ -537,12 +539,9 @@ class QdrantEngine(Engine):
                 self._write(points[r], sizes[r])
         if head is None:
             raise ValueError("upsert_long needs at least one piece")
-        (uid, vec, payload), size = head
-        if len(spans) > 1:
-            payload.update(windows=len(spans), spans=spans)
-        payload.pop("parts", None)
-        if max(parts) > 1:
-            payload["parts"] = parts
+        (uid, vec, first_piece), size = head  # window keys: the whole document's, not its first piece's
+        payload = {k: v for k, v in first_piece.items() if k not in ("windows", "spans", "parts")}
+        payload |= self._window_keys(parts, spans if len(spans) > 1 else first_piece.get("spans"))
         tombs = self._tombstones(doc_id, *old) if old else []
         self._write([(uid, vec, payload), *tombs], [size + 16 * len(spans)] + [256] * len(tombs))  # the switch
         if tombs:
