@@ -659,22 +659,21 @@ class QdrantEngine(Engine):
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)}
         heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
         texts = {r.id: r.text for r in self._records(heads)}
-        out = []
-        for doc_id, (parts, g) in zip(ids, layout):
-            recs = []
-            for w, n in parts:
-                r = by_uuid.get(window_uuid(doc_id, w, g))
-                if r is None:
-                    continue
-                rec = record_from_point(r)
-                if w == 0:
-                    rec.text = texts[doc_id]
-                if n > 1 and rec.colbert is not None:
-                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p, g)]).colbert for p in range(1, n)]
-                    rec.colbert = np.concatenate([rec.colbert, *more])
-                recs.append(rec)
-            out.append(recs)
-        return out
+
+        def whole(doc_id: str, w: int, n: int, g: int) -> Record:
+            """Window ``w`` of ``n`` parts: the head's text, every part's token vectors."""
+            rec = record_from_point(by_uuid[window_uuid(doc_id, w, g)])
+            if w == 0:
+                rec.text = texts[doc_id]
+            if n > 1 and rec.colbert is not None:
+                more = [record_from_point(by_uuid[part_uuid(doc_id, w, p, g)]).colbert for p in range(1, n)]
+                rec.colbert = np.concatenate([rec.colbert, *more])
+            return rec
+
+        return [
+            [whole(i, w, n, g) for w, n in parts if window_uuid(i, w, g) in by_uuid]
+            for i, (parts, g) in zip(ids, layout)
+        ]
 
     def count(self, filter: Filter | None = None) -> int:
         return self._count(filter, docs_only=self._beside_heads)
@@ -783,21 +782,13 @@ class QdrantEngine(Engine):
             split = [(offsets[d] + w, ids[d], w) for d, ps in enumerate(layout) for w, n in enumerate(ps) if n > 1]
         uuids = [window_uuid(i, w, g) for i, n, g in zip(ids, counts.tolist(), gens) for w in range(n)]
         out = {m: np.full(len(uuids), np.nan) for m in modes}
-        todo: dict[str, list[int]] = {}
-        single = counts == 1
+        skip = {j for j, _, _ in split}
+        todo: dict[str, list[int]] = {}  # per mode, the windows to score: not known, not split (ColBERT)
         for m in modes:
             have = (known or {}).get(m) or {}
-            need = []
-            for i, doc_id in enumerate(ids):
-                v = have.get(doc_id) if single[i] else None
-                if v is None:
-                    need.extend(range(offsets[i], offsets[i + 1]))
-                else:
-                    out[m][offsets[i]] = v
-            todo[m] = need
-        if split:
-            skip = {j for j, _, _ in split}
-            todo["colbert"] = [j for j in todo["colbert"] if j not in skip]
+            given = {int(offsets[i]): have[d] for i, d in enumerate(ids) if counts[i] == 1 and have.get(d) is not None}
+            out[m][list(given)] = list(given.values())
+            todo[m] = [j for j in range(len(uuids)) if j not in given and (m != "colbert" or j not in skip)]
         if uuids and any(todo.values()):
             got = self._exact_scores(uuids, todo, query)
             for m in modes:
