@@ -245,10 +245,8 @@ class QdrantEngine(Engine):
         client may have begun writing the document since the caller found it absent."""
         if ids:
             d = self._dialect
-            if gens:
-                self._delete_documents(list(ids), must=[d.match_any("gen", list(gens))])
-            else:
-                self._delete_documents(list(ids), must_not=[d.is_empty("gen")])
+            which = {"must": [d.match_any("gen", list(gens))]} if gens else {"must_not": [d.is_empty("gen")]}
+            self._delete_documents(list(ids), **which)
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """The tombstones of stored documents (:meth:`_delete_tombstones`): a long write stopped after its switch
