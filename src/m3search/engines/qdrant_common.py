@@ -512,24 +512,18 @@ class QdrantEngine(Engine):
         generation ``gen`` (0: the next after the stored one), then ONE write of the head (text, metadata,
         every window's span and parts, the generation) with tombstones over the old version's points: the
         switch."""
-        head, spans, parts, done, old = None, [], [], 0, None
+        head, spans, parts, old = None, [], [], None
         for piece in pieces:
             piece.validate(self.schema)
             if not piece.has_vectors or len(piece) != 1:
                 raise ValueError("upsert_long takes one-document pieces with vectors")
             doc_id = piece.ids[0]
             if head is None:
-                old = self._stored([doc_id]).get(doc_id)
-                if old is None:  # nothing to keep (hidden until its head names the generation), over the
-                    self._delete([doc_id], {})  # points of an interrupted write of an older release (generations 0, 1)
-                else:  # the old version stays whole until the switch; an older release's interrupted write's go
-                    self._delete_points(self._slots(doc_id, old[2] + 1))
-                gen = gen or (old[2] + 1 if old else 1)
-            self.max_windows = max(self.max_windows, done + self.stored_units(piece))
+                old, gen = self._begin_long(doc_id, gen)
+            parts += self._parts(piece)  # every window's point count so far
+            self.max_windows = max(self.max_windows, sum(parts))
             points, sizes, _ = self._points(piece, {}, first=len(spans), gen=gen)
-            parts += self._parts(piece)
             spans += piece.doc_spans(0)
-            done += self.stored_units(piece)
             if head is None:
                 head, points, sizes = (points[0], sizes[0]), points[1:], sizes[1:]
             cut = ["part" not in payload for _, _, payload in points]  # between windows: none is read yet
@@ -544,6 +538,18 @@ class QdrantEngine(Engine):
         self._write([(uid, vec, payload), *tombs], [size + 16 * len(spans)] + [256] * len(tombs))  # the switch
         if tombs:
             self._delete_tombstones(self._has_ids([t[0] for t in tombs]))  # a crash before this leaves them, invisible
+
+    def _begin_long(self, doc_id: str, gen: int) -> tuple[Stored | None, int]:
+        """The stored version of the document a long write begins (None: not stored) and the generation the write
+        takes (``gen``; 0: the next after the stored one's), once the points of an older release's interrupted
+        write are gone: beside a stored version, those of its next generation (the old version stays whole until
+        the switch); else those of generations 0 and 1 (no head names them: nothing to keep)."""
+        old = self._stored([doc_id]).get(doc_id)
+        if old is None:
+            self._delete([doc_id], {})
+        else:
+            self._delete_points(self._slots(doc_id, old[2] + 1))
+        return old, gen or (old[2] + 1 if old else 1)
 
     def _slots(self, doc_id: str, gen: int) -> list[str]:
         """Every point id but the head's that a version of generation ``gen`` may have had: windows and
