@@ -245,10 +245,8 @@ class QdrantEngine(Engine):
         client may have begun writing the document since the caller found it absent."""
         if ids:
             d = self._dialect
-            if gens:
-                self._delete_documents(list(ids), must=[d.match_any("gen", list(gens))])
-            else:
-                self._delete_documents(list(ids), must_not=[d.is_empty("gen")])
+            which = {"must": [d.match_any("gen", list(gens))]} if gens else {"must_not": [d.is_empty("gen")]}
+            self._delete_documents(list(ids), **which)
 
     def tidy(self, ids: Sequence[str], gens: Sequence[int] = ()) -> None:
         """The tombstones of stored documents (:meth:`_delete_tombstones`): a long write stopped after its switch
@@ -467,12 +465,7 @@ class QdrantEngine(Engine):
                 if g == 0:
                     payload = {"id": doc_id, **self._meta(meta, True), **tag}
                     payload.update({"chunks": chunks} if chunks else {"text": text})
-                    if n > 1:
-                        payload["windows"] = n
-                    if (spans := batch.recorded_spans(i)) is not None:
-                        payload["spans"] = spans
-                    if max(parts) > 1:
-                        payload["parts"] = parts
+                    payload.update(self._window_keys(parts, batch.recorded_spans(i)))
                 else:
                     payload = {"id": doc_id, **self._meta(meta, False), "window": g, **tag}
                 points.append((window_uuid(doc_id, g, g_id), vec, payload))
@@ -494,6 +487,13 @@ class QdrantEngine(Engine):
             tombs += [t[0] for t in dead]
         return points, sizes, tombs
 
+    @staticmethod
+    def _window_keys(parts: list[int], spans: list[list[int]] | None) -> dict:
+        """A head's ``windows``, ``spans`` and ``parts`` keys (Point layout and Parts in the module docstring), each
+        only where it says more than one whole window of one point (``spans``: None)."""
+        keys = {"windows": len(parts)} if len(parts) > 1 else {}
+        return keys | ({"spans": spans} if spans is not None else {}) | ({"parts": parts} if max(parts) > 1 else {})
+
     # -------------------------------------------------------------------- writes
     def upsert(self, batch: PointBatch) -> None:
         batch.validate(self.schema)
@@ -512,24 +512,18 @@ class QdrantEngine(Engine):
         generation ``gen`` (0: the next after the stored one), then ONE write of the head (text, metadata,
         every window's span and parts, the generation) with tombstones over the old version's points: the
         switch."""
-        head, spans, parts, done, old = None, [], [], 0, None
+        head, spans, parts, old = None, [], [], None
         for piece in pieces:
             piece.validate(self.schema)
             if not piece.has_vectors or len(piece) != 1:
                 raise ValueError("upsert_long takes one-document pieces with vectors")
             doc_id = piece.ids[0]
             if head is None:
-                old = self._stored([doc_id]).get(doc_id)
-                if old is None:  # nothing to keep (hidden until its head names the generation), over the
-                    self._delete([doc_id], {})  # points of an interrupted write of an older release (generations 0, 1)
-                else:  # the old version stays whole until the switch; an older release's interrupted write's go
-                    self._delete_points(self._slots(doc_id, old[2] + 1))
-                gen = gen or (old[2] + 1 if old else 1)
-            self.max_windows = max(self.max_windows, done + self.stored_units(piece))
+                old, gen = self._begin_long(doc_id, gen)
+            parts += self._parts(piece)  # every window's point count so far
+            self.max_windows = max(self.max_windows, sum(parts))
             points, sizes, _ = self._points(piece, {}, first=len(spans), gen=gen)
-            parts += self._parts(piece)
             spans += piece.doc_spans(0)
-            done += self.stored_units(piece)
             if head is None:
                 head, points, sizes = (points[0], sizes[0]), points[1:], sizes[1:]
             cut = ["part" not in payload for _, _, payload in points]  # between windows: none is read yet
@@ -537,16 +531,25 @@ class QdrantEngine(Engine):
                 self._write(points[r], sizes[r])
         if head is None:
             raise ValueError("upsert_long needs at least one piece")
-        (uid, vec, payload), size = head
-        if len(spans) > 1:
-            payload.update(windows=len(spans), spans=spans)
-        payload.pop("parts", None)
-        if max(parts) > 1:
-            payload["parts"] = parts
+        (uid, vec, first_piece), size = head  # window keys: the whole document's, not its first piece's
+        payload = {k: v for k, v in first_piece.items() if k not in ("windows", "spans", "parts")}
+        payload |= self._window_keys(parts, spans if len(spans) > 1 else first_piece.get("spans"))
         tombs = self._tombstones(doc_id, *old) if old else []
         self._write([(uid, vec, payload), *tombs], [size + 16 * len(spans)] + [256] * len(tombs))  # the switch
         if tombs:
             self._delete_tombstones(self._has_ids([t[0] for t in tombs]))  # a crash before this leaves them, invisible
+
+    def _begin_long(self, doc_id: str, gen: int) -> tuple[Stored | None, int]:
+        """The stored version of the document a long write begins (None: not stored) and the generation the write
+        takes (``gen``; 0: the next after the stored one's), once the points of an older release's interrupted
+        write are gone: beside a stored version, those of its next generation (the old version stays whole until
+        the switch); else those of generations 0 and 1 (no head names them: nothing to keep)."""
+        old = self._stored([doc_id]).get(doc_id)
+        if old is None:
+            self._delete([doc_id], {})
+        else:
+            self._delete_points(self._slots(doc_id, old[2] + 1))
+        return old, gen or (old[2] + 1 if old else 1)
 
     def _slots(self, doc_id: str, gen: int) -> list[str]:
         """Every point id but the head's that a version of generation ``gen`` may have had: windows and
@@ -660,22 +663,21 @@ class QdrantEngine(Engine):
         by_uuid = {str(r.id): r for r in self._retrieve(uuids, True, vec)}
         heads = [by_uuid[u] for u in map(point_uuid, ids) if u in by_uuid]
         texts = {r.id: r.text for r in self._records(heads)}
-        out = []
-        for doc_id, (parts, g) in zip(ids, layout):
-            recs = []
-            for w, n in parts:
-                r = by_uuid.get(window_uuid(doc_id, w, g))
-                if r is None:
-                    continue
-                rec = record_from_point(r)
-                if w == 0:
-                    rec.text = texts[doc_id]
-                if n > 1 and rec.colbert is not None:
-                    more = [record_from_point(by_uuid[part_uuid(doc_id, w, p, g)]).colbert for p in range(1, n)]
-                    rec.colbert = np.concatenate([rec.colbert, *more])
-                recs.append(rec)
-            out.append(recs)
-        return out
+
+        def whole(doc_id: str, w: int, n: int, g: int) -> Record:
+            """Window ``w`` of ``n`` parts: the head's text, every part's token vectors."""
+            rec = record_from_point(by_uuid[window_uuid(doc_id, w, g)])
+            if w == 0:
+                rec.text = texts[doc_id]
+            if n > 1 and rec.colbert is not None:
+                more = [record_from_point(by_uuid[part_uuid(doc_id, w, p, g)]).colbert for p in range(1, n)]
+                rec.colbert = np.concatenate([rec.colbert, *more])
+            return rec
+
+        return [
+            [whole(i, w, n, g) for w, n in parts if window_uuid(i, w, g) in by_uuid]
+            for i, (parts, g) in zip(ids, layout)
+        ]
 
     def count(self, filter: Filter | None = None) -> int:
         return self._count(filter, docs_only=self._beside_heads)
@@ -784,21 +786,13 @@ class QdrantEngine(Engine):
             split = [(offsets[d] + w, ids[d], w) for d, ps in enumerate(layout) for w, n in enumerate(ps) if n > 1]
         uuids = [window_uuid(i, w, g) for i, n, g in zip(ids, counts.tolist(), gens) for w in range(n)]
         out = {m: np.full(len(uuids), np.nan) for m in modes}
-        todo: dict[str, list[int]] = {}
-        single = counts == 1
+        skip = {j for j, _, _ in split}
+        todo: dict[str, list[int]] = {}  # per mode, the windows to score: not known, not split (ColBERT)
         for m in modes:
             have = (known or {}).get(m) or {}
-            need = []
-            for i, doc_id in enumerate(ids):
-                v = have.get(doc_id) if single[i] else None
-                if v is None:
-                    need.extend(range(offsets[i], offsets[i + 1]))
-                else:
-                    out[m][offsets[i]] = v
-            todo[m] = need
-        if split:
-            skip = {j for j, _, _ in split}
-            todo["colbert"] = [j for j in todo["colbert"] if j not in skip]
+            given = {int(offsets[i]): have[d] for i, d in enumerate(ids) if counts[i] == 1 and have.get(d) is not None}
+            out[m][list(given)] = list(given.values())
+            todo[m] = [j for j in range(len(uuids)) if j not in given and (m != "colbert" or j not in skip)]
         if uuids and any(todo.values()):
             got = self._exact_scores(uuids, todo, query)
             for m in modes:

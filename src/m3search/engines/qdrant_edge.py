@@ -582,6 +582,6 @@ class QdrantEdgeEngine(QdrantEngine):
         pools = []
         for qv, res in zip(queries, self._run(reqs)):
             ids = [p.payload["id"] for p in res]
-            maxsim = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
-            pools.append(Pool(ids, colbert=maxsim * self._maxsim_scale(qv)))
+            scores = np.fromiter((p.score for p in res), dtype=np.float64, count=len(res))
+            pools.append(Pool(ids, colbert=scores * self._maxsim_scale(qv)))
         return pools

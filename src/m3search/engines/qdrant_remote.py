@@ -56,6 +56,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -151,12 +152,8 @@ def parse_qdrant_location(location: str) -> tuple[str, str, str]:
         path = rest.rstrip("/")
         if not path:
             raise ValueError(f"Qdrant local location needs a path: qdrant+local://PATH[/name], got {loc!r}")
-        if "/" in path.strip("/"):
-            head, _, name = path.rpartition("/")
-            kind, target = "local", head
-        else:
-            kind, target, name = "local", path, DEFAULT_COLLECTION
-        target = str(Path(target).expanduser())
+        target, _, name = path.rpartition("/") if "/" in path.strip("/") else (path, "", DEFAULT_COLLECTION)
+        kind, target = "local", str(Path(target).expanduser())
     if not _NAME.match(name):
         raise ValueError(f"Qdrant collection name {name!r} must be 1-255 letters, digits, '_', '-' or '.'")
     return kind, target, name
@@ -371,8 +368,6 @@ class QdrantRemoteEngine(QdrantEngine):
         url = ("https://" if https else "http://") + target
         api_key = client_opts.get("api_key", os.environ.get("QDRANT_API_KEY") or None)
         if api_key and not https and target.split(":")[0] not in ("localhost", "127.0.0.1"):
-            import warnings
-
             warnings.warn(
                 f"sending a Qdrant API key over plain http to {url}; pass engine_options={{'https': True}} "
                 "(or add ?https=true to the location)",
@@ -399,7 +394,7 @@ class QdrantRemoteEngine(QdrantEngine):
     @classmethod
     def exists(cls, location: str, **options: Any) -> bool:
         _, client_opts, _ = cls._split_options(options)
-        kind, target, name = parse_qdrant_location(location)
+        kind, target, _ = parse_qdrant_location(location)
         with readable(target):
             if kind == "local" and not has_file(Path(target) / "meta.json"):
                 return False
