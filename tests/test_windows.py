@@ -1257,6 +1257,9 @@ def test_settings_are_checked_at_creation(tmp_path, tiny_encoder):
         Collection.create(tmp_path / "b", model=tiny_encoder, window=1024)
     with pytest.raises(ValueError, match="stride=0 must be at least 1 token"):
         Collection.create(tmp_path / "c", model=tiny_encoder, stride=0)
+    # a window past max_length was one read of max_length tokens at max_windows=1, of window tokens with more
+    with pytest.raises(ValueError, match="window=32 is larger than max_length=16, the tokens the model reads"):
+        Collection.create(tmp_path / "b2", model=tiny_encoder, window=32, max_length=16, max_windows=2)
     with pytest.raises(ValueError, match="window must be an integer"):
         Collection.create(tmp_path / "c2", model=tiny_encoder, window="64")
     with pytest.raises(ValueError, match="max_windows must be a positive integer"):

@@ -430,7 +430,7 @@ class Collection:
         ``hnsw_ef_construct`` (100), ``max_length`` (8192), ``query_max_length`` (512),
         ``batch_size`` (128 documents per write), ``candidates`` (search default),
         ``weights`` (search default), ``window`` (tokens per window of a long text: default
-        ``max_length``, at most the model's positions), ``stride`` (tokens from one window's
+        ``max_length``, at most ``max_length`` and the model's positions), ``stride`` (tokens from one window's
         start to the next: default ``window - min(128, window // 4)``), ``max_windows`` (None: every window;
         1: one window, the rest cut as before windows existed).
         """
@@ -1650,6 +1650,11 @@ def _window_settings(run: dict, positions: int, engine_cls: type[Engine]) -> dic
         # at most the window's content tokens (window - 2 specials): below 12 tokens the overlap is 0
         stride = min(max(1, window - min(DEFAULT_OVERLAP, window // 4)), max(1, window - 2))
     check_windows(window, stride, cap, max_length=positions)  # the encoder's own rule: no text skipped
+    if window > run["max_length"]:  # a window is one read: max_windows=1 cut at max_length, more windows at window
+        raise ValueError(
+            f"window={window} is larger than max_length={run['max_length']}, the tokens the model reads at once "
+            "(a window is one read): give a window of at most max_length, or a larger max_length"
+        )
     if not engine_cls.windowed:
         if cap not in (None, 1):
             raise ValueError(f"the {engine_cls.name} engine stores one window per document: max_windows must be 1")
