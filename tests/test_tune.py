@@ -580,3 +580,12 @@ def test_tune_refuses_bad_arguments_before_any_work(tmp_path, small, tiny_encode
     data = _beir(tmp_path / "beir", {"q1": "a", "q2": "b"}, ["q1\td1\t1", "q2\td2\t1"])
     with pytest.raises(ValueError, match=message):
         tuning.tune(data, collection=small, model=tiny_encoder, **{"folds": 2, **arg})
+
+
+def test_tuning_breaks_ties_by_id_as_the_search_does():
+    """The score cache ranked ids as a NumPy string array: "a" and "a\\x00" were equal there (trailing NULs
+    dropped), while the search orders them by Python's sort; a tuned tie-break then differed from the search's."""
+    ids = ["a\x00", "b", "a"]
+    s = {m: np.zeros(3) for m in ("dense", "sparse", "colbert")}
+    cache = ScoreCache.from_pools(["q"], [(ids, s)], {"q": {}}, depth=3)
+    assert cache.idrank[0].tolist() == np.argsort(order(ids, np.zeros(3))).tolist() == [1, 2, 0]

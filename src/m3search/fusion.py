@@ -24,7 +24,19 @@ import numpy as np
 
 from m3search.plan import FUSIONS
 
-__all__ = ["RRF_K", "FUSIONS", "weighted", "rrf", "dbsf", "fuse", "contributions", "total", "ranks", "order"]
+__all__ = [
+    "RRF_K",
+    "FUSIONS",
+    "weighted",
+    "rrf",
+    "dbsf",
+    "fuse",
+    "contributions",
+    "total",
+    "ranks",
+    "order",
+    "id_ranks",
+]
 
 #: The RRF constant used by m3search (qdrant-client uses 2 by default).
 RRF_K = 60
@@ -39,11 +51,17 @@ def order(ids: Sequence[Any], fused: np.ndarray) -> np.ndarray:
     Python orders, such as a passage's ``(id, window)``). The ids are ranked by Python's sort: a NumPy string
     array padded each to the longest (an id of a million characters made a search hold gigabytes) and dropped
     trailing NULs ("a" and "a\x00" tied)."""
-    ids = list(ids)
-    by_id = np.empty(len(ids), dtype=np.int64)
-    by_id[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
     # lexsort's last key is primary; the ids' ranks break ties.
-    return np.lexsort((by_id, -np.asarray(fused, np.float64)))
+    return np.lexsort((id_ranks(ids), -np.asarray(fused, np.float64)))
+
+
+def id_ranks(ids: Sequence[Any]) -> np.ndarray:
+    """Each id's place among ``ids`` sorted (0-based; equal ids keep their order): the tie-break of every ranking
+    here and in :mod:`m3search.tuning`, by Python's sort (see :func:`order`)."""
+    ids = list(ids)
+    out = np.empty(len(ids), dtype=np.int64)
+    out[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+    return out
 
 
 def ranks(ids: Sequence[Any], s: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.fusion import FUSIONS, RRF_K
+from m3search.fusion import FUSIONS, RRF_K, id_ranks
 from m3search.plan import (
     DEFAULT_CANDIDATES,
     DEFAULT_WEIGHTS,
@@ -222,7 +222,7 @@ class ScoreCache:
             for j, mode in enumerate(MODES):
                 scores[j, i, :m] = s[mode]
             valid[i, :m] = True
-            idrank[i, :m] = np.argsort(np.argsort(np.asarray(ids, dtype=str), kind="stable"), kind="stable")
+            idrank[i, :m] = id_ranks(ids)  # as the search breaks ties
             idrank[i, m:] = np.arange(m, idrank.shape[1])  # padding after every real id
             rel = qrels.get(qid, {})
             gains[i, :m] = [rel.get(d, 0) for d in ids]
