@@ -2236,3 +2236,23 @@ def test_a_window_in_parts_is_scored_with_its_own_tokens_when_another_window_is_
         assert np.isnan(got[1])  # window 1: not there, not scored
     finally:
         col.close()
+
+
+def test_sparse_passages_are_the_windows_that_match(tmp_path, tiny_encoder, corpus):
+    """A sparse passage search returned, after the matching windows, the other windows of their documents with
+    sparse score 0 (no query token in them), where the document search returns only documents that match; and
+    passage hits of one document shared one metadata dict (editing one hit's changed the others')."""
+    texts, ids, meta, queries, qemb, win, per_window, oracle = corpus
+    with create("qdrant-edge", tmp_path, tiny_encoder) as col:
+        col.add(texts, ids=ids, metadata=meta)
+        hits = col.search_batch(
+            queries, k=1000, mode="sparse", candidates=1000, exact=True, query_embeddings=qemb, group="passage"
+        )
+        for qi, hs in enumerate(hits):
+            want = np.sort(per_window["sparse"][qi][per_window["sparse"][qi] > 0])[::-1]
+            assert [h.score for h in hs] == exact(want), qi
+        hs = next(hs for hs in hits if len({h.id for h in hs}) < len(hs))  # one query's, a document twice in it
+        twice = next(h.id for h in hs if [g.id for g in hs].count(h.id) > 1)
+        first, other = [h for h in hs if h.id == twice][:2]
+        first.metadata["edited"] = True
+        assert "edited" not in other.metadata

@@ -32,6 +32,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -1496,7 +1497,10 @@ class Collection:
         ws = self._engine.score_windows(cand, qv, MODES)
         o = ws.windows
         where = [(d, w) for d in range(len(cand)) for w in range(o[d + 1] - o[d])]
-        live = np.flatnonzero(np.all([np.isfinite(ws.scores[m]) for m in plan.modes], axis=0))
+        live = np.all([np.isfinite(ws.scores[m]) for m in plan.modes], axis=0)
+        if plan.modes == ("sparse",):  # a window with no query token does not match, as no document without does
+            live &= ws.scores["sparse"] > 0
+        live = np.flatnonzero(live)
         if not len(live):
             return []
         labels = [(cand[where[j][0]], where[j][1]) for j in live]  # (no copy of a long id per window)
@@ -1505,19 +1509,21 @@ class Collection:
         top = order(labels, fused)[: plan.k]
         docs = list(dict.fromkeys(cand[where[live[t]][0]] for t in top))
         recs = dict(zip(docs, self._engine.get(docs)))
-        hits = []
+        hits, shown = [], set()
         for t in top:
             d, w = where[live[t]]
             rec = recs.get(cand[d])
             if rec is None:  # deleted concurrently
                 continue
             start, end = rec.window_spans[min(w, rec.windows - 1)]
+            first = cand[d] not in shown  # a document's later passages get copies of its metadata: one hit each
+            shown.add(cand[d])
             hits.append(
                 Hit(
                     id=cand[d],
                     score=float(fused[t]),
                     text=rec.text[start:end],
-                    metadata=rec.metadata,
+                    metadata=rec.metadata if first else copy.deepcopy(rec.metadata),
                     scores={m: float(ws.scores[m][live[t]]) for m in MODES},
                     window={"start": int(start), "end": int(end)},
                 )
