@@ -861,3 +861,20 @@ def test_cli_finetune_split(tmp_path, tiny_model_path):
     jsonl = _jsonl(tmp_path / "train.jsonl", _train_rows(4))
     bad = runner.invoke(main, [*args[:1], str(jsonl), *args[2:], "--out", str(tmp_path / "c"), "--split", "test"])
     assert bad.exit_code == 2 and "apply to a BEIR folder" in bad.output, bad.output
+
+
+def test_a_cache_dir_that_cannot_be_made_is_said_before_the_model_loads(tmp_path):
+    """finetune named a --cache-dir under a file only after loading the base model (eval and tune say it first)."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    folder = _beir(tmp_path / "beir")
+    (tmp_path / "file").write_text("")
+    args = ["finetune", str(folder), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")]
+    got = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "file" / "c")])
+    assert got.exit_code == 2, got.output
+    assert (
+        f"cannot make the index cache folder '{tmp_path / 'file' / 'c'}'" in got.output
+        and "base model" not in got.output
+    )

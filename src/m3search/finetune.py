@@ -806,7 +806,7 @@ def finetune(
     Returns the report (also ``out/report.json``).
     """
     from .encoder import M3Encoder, ModelLoadError
-    from .eval import default_cache_dir
+    from .eval import cache_folder, default_cache_dir
 
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
@@ -850,6 +850,11 @@ def finetune(
     if data.is_dir():
         beir = read_beir_examples(data, queries_dir=queries_dir, holdout=holdout, seed=seed, split=split)
         examples = beir.examples
+        if negatives or beir.heldout is not None:  # mining and held-out metrics index the corpus in the cache:
+            try:  # a folder that cannot be made is said before the model loads, as eval and tune say it
+                cache = cache_folder(cache)
+            except ValueError as e:
+                raise FinetuneInputError(str(e)) from None
     elif data.is_file():
         if queries_dir is not None or holdout or split is not None:
             raise FinetuneInputError("queries_dir, holdout and split apply to a BEIR folder, not a JSONL file")
