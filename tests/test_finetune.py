@@ -878,3 +878,17 @@ def test_a_cache_dir_that_cannot_be_made_is_said_before_the_model_loads(tmp_path
         f"cannot make the index cache folder '{tmp_path / 'file' / 'c'}'" in got.output
         and "base model" not in got.output
     )
+
+
+def test_jsonl_prompts_are_refused_and_teacher_scores_said_unused(tmp_path):
+    """FlagEmbedding's "prompt", "pos_scores" and "neg_scores" were dropped without a word: training went on
+    without the prompt the data asks for, and without the teacher's scores (m3search distils from its own
+    ensemble). A prompt is refused (as TEI's prompt_name is); teacher scores are read and said unused, once."""
+    rows = [{"query": "q1", "pos": ["a"], "neg": ["b"], "pos_scores": [0.9], "neg_scores": [0.1]}]
+    rows.append({"query": "q2", "pos": ["c"], "pos_scores": [0.8]})
+    with pytest.warns(UserWarning, match=r'teacher.jsonl:1: "pos_scores" / "neg_scores" .* are not used') as caught:
+        assert len(read_jsonl_examples(_jsonl(tmp_path / "teacher.jsonl", rows))) == 2
+    assert len([w for w in caught if "pos_scores" in str(w.message)]) == 1
+    rows = [{"query": "q1", "pos": ["a"], "prompt": ""}, {"query": "q2", "pos": ["b"], "prompt": "Represent: "}]
+    with pytest.raises(FinetuneInputError, match=r'prompt.jsonl:2: "prompt" is not supported'):
+        read_jsonl_examples(_jsonl(tmp_path / "prompt.jsonl", rows))

@@ -126,17 +126,25 @@ def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
     that is not UTF-8, JSON the parser refuses, a text UTF-8 cannot encode) names its line.
     """
     path = Path(path)
+    teacher: list[str] = []  # the first line with teacher scores, if any
     try:
-        examples = list(_jsonl_examples(path))
+        examples = list(_jsonl_examples(path, teacher))
     except ValueError as e:
         raise FinetuneInputError(str(e)) from None
     if not examples:
         raise FinetuneInputError(f"{path}: no training examples")
+    if teacher:  # FlagEmbedding's knowledge distillation from them; ours distils from the model's own ensemble
+        warnings.warn(
+            f'{teacher[0]}: "pos_scores" / "neg_scores" (a teacher\'s scores) are not used: m3search trains with '
+            "BGE-M3's self-knowledge distillation from its own ensemble score",
+            stacklevel=2,
+        )
     return examples
 
 
-def _jsonl_examples(path: Path) -> Iterator[Example]:
-    """The examples of ``path``; each error a ValueError naming its line."""
+def _jsonl_examples(path: Path, teacher: list[str]) -> Iterator[Example]:
+    """The examples of ``path``; each error a ValueError naming its line. ``teacher`` gets the place of the first
+    line with teacher scores (read, not used)."""
     from .plan import check_text
     from .sources import _utf8_lines, json_object
 
@@ -149,6 +157,10 @@ def _jsonl_examples(path: Path) -> Iterator[Example]:
         first = False
         if not isinstance(obj.get("query"), str) or not obj["query"].strip():
             raise ValueError(f'{where}: expected an object with a non-empty string "query"')
+        if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():  # refused, not dropped: as TEI's prompt_name
+            raise ValueError(f'{where}: "prompt" is not supported: BGE-M3 uses no prompts (queries train as written)')
+        if not teacher and ("pos_scores" in obj or "neg_scores" in obj):
+            teacher.append(where)
         pos, neg = obj.get("pos", []), obj.get("neg", [])
         for name, texts in (("pos", pos), ("neg", neg)):
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
