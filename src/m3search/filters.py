@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,7 @@ def parse_filter(obj: Any) -> Filter | None:
     if obj is None:
         return None
     if isinstance(obj, _NODES):  # built in Python: checked as its JSON form is (names, values, bounds, limits)
-        _Parser().ast(obj, "filter", 1)
-        return obj
+        return _Parser().ast(obj, "filter", 1)
     if isinstance(obj, str):
         if not obj.strip():
             return None
@@ -198,9 +198,10 @@ class _Parser:
                 parts.append(self.field(key, value, where))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
 
-    def ast(self, f: Any, where: str, depth: int) -> None:
+    def ast(self, f: Any, where: str, depth: int) -> Filter:
         """Check an AST built in Python as :meth:`object` checks its JSON form, node by node: each leaf's JSON
-        through :meth:`field`, so a field named like a logical key (``Eq("and", 1)``) is still a field."""
+        through :meth:`field`, so a field named like a logical key (``Eq("and", 1)``) is still a field. Returns
+        the tree rebuilt of the checked leaves (NumPy values as the Python ones they hold)."""
         self._depth(depth, where)
         if f is None:
             raise ValueError(f"{where}: empty object inside a filter")
@@ -208,12 +209,10 @@ class _Parser:
             key = "and" if isinstance(f, And) else "or"
             if not f.items:
                 raise ValueError(f"{where}: '{key}' needs a non-empty list of filters, got {_short(f.items)}")
-            for i, x in enumerate(f.items):
-                self.ast(x, f"{where}.{key}[{i}]", depth + 1)
-        elif isinstance(f, Not):
-            self.ast(f.item, f"{where}.not", depth + 1)
-        else:
-            self.field(f.field, to_json(f)[f.field], where)  # to_json: TypeError for what is no filter node
+            return type(f)(tuple(self.ast(x, f"{where}.{key}[{i}]", depth + 1) for i, x in enumerate(f.items)))
+        if isinstance(f, Not):
+            return Not(self.ast(f.item, f"{where}.not", depth + 1))
+        return self.field(f.field, to_json(f)[f.field], where)  # to_json: TypeError for what is no filter node
 
     def field(self, field: str, spec: Any, where: str) -> Filter:
         _check_field(field, where)
@@ -282,7 +281,15 @@ def _check_int(value: int, where: str) -> int:
     return value
 
 
+def python_value(v: Any) -> Any:
+    """The Python value a NumPy scalar holds (a list for an array), else ``v``: values computed with NumPy or read
+    with pandas are numbers to the caller. NumPy is not imported here: whoever made one loaded it."""
+    numpy = sys.modules.get("numpy")
+    return v.tolist() if numpy is not None and isinstance(v, (numpy.generic, numpy.ndarray)) else v
+
+
 def _check_scalar(value: Any, where: str) -> Scalar:
+    value = python_value(value)
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -301,6 +308,7 @@ def _check_scalar(value: Any, where: str) -> Scalar:
 
 
 def _check_bound(b: Any, where: str) -> int | float:
+    b = python_value(b)
     if isinstance(b, bool) or not isinstance(b, (int, float)):
         raise ValueError(f"{where}: range bound must be a finite number, got {_short(b)}")
     if isinstance(b, int):
@@ -311,8 +319,10 @@ def _check_bound(b: Any, where: str) -> int | float:
 
 
 def _check_in(values: Any, where: str) -> tuple:
+    values = python_value(values)
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"{where}: 'in' needs a list, got {type(values).__name__}: {_short(values)}")
+    values = [python_value(v) for v in values]
     if not values:
         raise ValueError(f"{where}: 'in' needs a non-empty list")
     if len(values) > MAX_IN_VALUES:

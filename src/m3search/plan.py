@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,7 +38,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from m3search.filters import Filter, parse_filter
+from m3search.filters import Filter, parse_filter, python_value
 
 __all__ = [
     "MODES",
@@ -174,9 +173,7 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
     """
     if weights is None:
         return DEFAULT_WEIGHTS
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(weights, numpy.ndarray):
-        weights = weights.tolist()
+    weights = python_value(weights)
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise ValueError(f"weights must be three numbers (dense, sparse, colbert), got {weights!r}"[:200])
     if len(weights) != 3:
@@ -184,7 +181,7 @@ def check_weights(weights: Any) -> tuple[float, float, float]:
             f"weights must be three numbers (dense, sparse, colbert), got {len(weights)}: {list(weights)!r}"
         )
     out = []
-    for name, w in zip(MODES, map(_python_value, weights)):
+    for name, w in zip(MODES, map(python_value, weights)):
         try:
             ok = not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w)
         except OverflowError:  # an int too large for a float
@@ -233,17 +230,10 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` as a Python bool if it is a bool or NumPy's (a flag computed with NumPy; the Python one is what
     goes on: ``json.dumps`` refuses NumPy's), else TypeError: a string such as ``"no"`` would be true, and 0 / 1
     are refused too. The type is named in full: NumPy's types are called ``bool``, ``int`` too."""
-    plain = _python_value(value)
+    plain = python_value(value)
     if not isinstance(plain, bool):
         raise TypeError(f"{name} must be true or false (a Python bool), not {_type_name(value)}")
     return plain
-
-
-def _python_value(v: Any) -> Any:
-    """The Python value a NumPy scalar holds, else ``v``. NumPy is not imported here: whoever made a NumPy scalar
-    loaded it."""
-    numpy = sys.modules.get("numpy")
-    return v.item() if numpy is not None and isinstance(v, numpy.generic) else v
 
 
 def _type_name(value: Any) -> str:
@@ -330,7 +320,7 @@ def check_options(options: dict[str, Any], rules: dict[str, dict[str, bool]]) ->
     for key in sorted(rules.keys() & out.keys()):
         v, rule, name = out[key], rules[key], f"engine option {key!r}"
         least = 0 if rule.get("zero") else 1
-        out[key] = v = _python_value(v)
+        out[key] = v = python_value(v)
         if v is None:
             if rule.get("none"):
                 continue
