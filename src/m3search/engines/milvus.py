@@ -535,6 +535,11 @@ def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> li
     return reads
 
 
+def _inverted(*fields: str) -> list[tuple[str, str, dict]]:
+    """INVERTED indexes of ``fields``, as :meth:`MilvusEngine._create_collections` lists indexes."""
+    return [(f, "INVERTED", {}) for f in fields]
+
+
 def _ints(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(int(x)) for x in xs) + "]"
 
@@ -758,79 +763,58 @@ class MilvusEngine(Engine):
         return engine
 
     def _create_collections(self, *, shards: int, replicas: int) -> None:
-        c, s, t = self.client, self.schema, self.timeout
+        c, s, t, D = self.client, self.schema, self.timeout, DataType
+        strong: dict[str, Any] = {"consistency_level": "Strong"}
+        extra = strong if self.lite else {**strong, "num_shards": int(shards)}
 
-        def make(name: str, schema: Any, idx: Any, **kw: Any) -> None:
-            """create_collection(index_params=...) without its wait: pymilvus sleeps 0.5 s before it first asks
-            whether an index is built, once per index (11 here: 5.5 s of a ~6.1 s create; 0.7 s without,
-            benchmarks/milvus_create.py), though an empty collection's are built at once; loading waits."""
-            c.create_collection(name, schema=schema, timeout=t, **kw)
+        def make(name: str, about: str, fields: list[tuple], indexes: list[tuple], **kw: Any) -> None:
+            """A collection of ``fields`` (``(name, type, options)``, the primary key first: an auto id when it is
+            ``tid``) and ``indexes`` (``(field, type, options)``), created without create_collection(index_params=
+            ...)'s wait: pymilvus sleeps 0.5 s before it first asks whether an index is built, once per index (11
+            here: 5.5 s of a ~6.1 s create; 0.7 s without, benchmarks/milvus_create.py), though an empty
+            collection's are built at once; loading waits."""
+            sch = MilvusClient.create_schema(
+                auto_id=fields[0][0] == "tid", enable_dynamic_field=False, description=about
+            )
+            for field, dtype, opts in fields:
+                sch.add_field(field, dtype, **opts)
+            idx = c.prepare_index_params()
+            for field, kind, opts in indexes:
+                idx.add_index(field, index_type=kind, **opts)
+            c.create_collection(name, schema=sch, timeout=t, **kw)
             c.create_index(name, idx, timeout=t, sync=False)
             c.load_collection(name, timeout=t)
 
-        extra: dict[str, Any] = {"consistency_level": "Strong"}
-        if not self.lite:
-            extra["num_shards"] = int(shards)
-        main = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search documents")
-        main.add_field("pk", DataType.INT64, is_primary=True)
-        main.add_field("doc", DataType.INT64)  # the document's key (its window 0's pk)
-        main.add_field("win", DataType.INT32)  # window number; -1: tombstone
-        main.add_field("spans", DataType.JSON)  # window 0: every window's [start, end) when there are several
-        main.add_field("tparts", DataType.INT32)  # window 0: 0 = text inline, else its number of NAME_text rows
-        main.add_field("doc_id", DataType.VARCHAR, max_length=ID_MAX_BYTES)
-        main.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        main.add_field("meta", DataType.JSON)
-        main.add_field("kinds", DataType.JSON)
-        main.add_field("dense", DataType.FLOAT_VECTOR, dim=s.dense_dim)
-        main.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-        main.add_field("gen", DataType.INT64)
-        main.add_field("ntok", DataType.INT32)
-        idx = c.prepare_index_params()
-        if self.lite or s.hnsw_m == 0:
-            idx.add_index("dense", index_type="FLAT", metric_type="IP")
-        else:
-            idx.add_index(
-                "dense",
-                index_type="HNSW",
-                metric_type="IP",
-                params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct},
-            )
-        idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
-        idx.add_index("doc", index_type="INVERTED")
-        idx.add_index("win", index_type="INVERTED")
-        make(self.collection, main, idx, **extra)
-
-        def side(about: str, vec: str, metric: str) -> tuple[Any, Any]:
-            """A companion collection's schema (``tid`` auto id, ``gen``, ``doc``; the caller adds the rest) and
-            indexes (its vector ``vec``: FLAT, never searched; ``gen`` and ``doc``: INVERTED)."""
-            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description=about)
-            schema.add_field("tid", DataType.INT64, is_primary=True)
-            schema.add_field("gen", DataType.INT64)
-            schema.add_field("doc", DataType.INT64)
-            idx = c.prepare_index_params()
-            idx.add_index(vec, index_type="FLAT", metric_type=metric)
-            idx.add_index("gen", index_type="INVERTED")
-            idx.add_index("doc", index_type="INVERTED")
-            return schema, idx
-
-        tok, idx = side("m3search ColBERT token vectors", "vec", "IP")
-        tok.add_field("blk", DataType.INT32)
-        tok.add_field("vec", self._vec_type, dim=self.block * s.colbert_dim)
-        make(self.tokens, tok, idx, **extra)
-
-        txt, idx = side("m3search long texts", "v", "L2")
-        txt.add_field("part", DataType.INT32)
-        txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        make(self.texts, txt, idx, **extra)
-
-        man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
-        man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-        man.add_field("value", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        man.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        idx = c.prepare_index_params()
-        idx.add_index("v", index_type="FLAT", metric_type="L2")
-        make(self.meta_collection, man, idx, consistency_level="Strong")
+        key, text = {"is_primary": True}, ("text", D.VARCHAR, {"max_length": TEXT_MAX_BYTES})
+        v, flat_v = ("v", D.FLOAT_VECTOR, {"dim": 2}), ("v", "FLAT", {"metric_type": "L2"})  # Milvus needs a vector
+        hnsw = not self.lite and s.hnsw_m > 0  # FLAT on Milvus Lite
+        graph = {"params": {"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct}} if hnsw else {}
+        dense = ("dense", "HNSW" if hnsw else "FLAT", {"metric_type": "IP", **graph})
+        sparse = ("sparse", "SPARSE_INVERTED_INDEX", {"metric_type": "IP", "params": {"drop_ratio_build": 0.0}})
+        main = [
+            ("pk", D.INT64, key),
+            ("doc", D.INT64, {}),  # the document's key (its window 0's pk)
+            ("win", D.INT32, {}),  # window number; -1: tombstone
+            ("spans", D.JSON, {}),  # window 0: every window's [start, end) when there are several
+            ("tparts", D.INT32, {}),  # window 0: 0 = text inline, else its number of NAME_text rows
+            ("doc_id", D.VARCHAR, {"max_length": ID_MAX_BYTES}),
+            text,
+            ("meta", D.JSON, {}),
+            ("kinds", D.JSON, {}),
+            ("dense", D.FLOAT_VECTOR, {"dim": s.dense_dim}),
+            ("sparse", D.SPARSE_FLOAT_VECTOR, {}),
+            ("gen", D.INT64, {}),
+            ("ntok", D.INT32, {}),
+        ]
+        make(self.collection, "m3search documents", main, [dense, sparse, *_inverted("doc", "win")], **extra)
+        # the companions: ``tid`` (auto id), ``gen`` and ``doc`` (INVERTED), the rest; their vector FLAT, never searched
+        side, side_idx = [("tid", D.INT64, key), ("gen", D.INT64, {}), ("doc", D.INT64, {})], _inverted("gen", "doc")
+        vec = ("vec", self._vec_type, {"dim": self.block * s.colbert_dim})
+        tok_idx = [("vec", "FLAT", {"metric_type": "IP"}), *side_idx]
+        make(self.tokens, "m3search ColBERT token vectors", [*side, ("blk", D.INT32, {}), vec], tok_idx, **extra)
+        make(self.texts, "m3search long texts", [*side, ("part", D.INT32, {}), text, v], [flat_v, *side_idx], **extra)
+        man = [("key", D.VARCHAR, {**key, "max_length": 64}), ("value", D.VARCHAR, {"max_length": TEXT_MAX_BYTES}), v]
+        make(self.meta_collection, "m3search manifest", man, [flat_v], **strong)
         if not self.lite and replicas > 1:
             for name in (self.collection, self.tokens, self.texts):
                 c.release_collection(name, timeout=t)
