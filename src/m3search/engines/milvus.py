@@ -413,6 +413,64 @@ def _lite_served_to_others(uri: str) -> bool:
     return True
 
 
+def _refuse_not_lite(uri: str, create_file: bool) -> None:
+    """Refuse what is at a ``.db`` location but a Milvus Lite file (or, for ``create_file``, a place to make one),
+    before milvus-lite starts on it: its failed start read as "in use". Something not ours there: no collection to
+    open, and something already there to create over."""
+    path = Path(uri)
+    with readable(uri):
+        present = has_file(path)
+    error = CollectionExistsError if create_file else CollectionNotFoundError
+    if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
+        refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
+        if not path.parent.is_dir():
+            refuse_a_file_in_the_way(uri, path.parent)
+            raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
+        if not create_file:
+            raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+        refuse_uncreatable(uri, path.parent)
+        return
+    with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
+        head = fh.read(16)
+    if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
+        refuse_unwritable(uri, path)
+    elif head != b"SQLite format 3\x00":
+        raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+    elif not _lite_tables(uri):
+        raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
+
+
+def _lite_client(uri: str, timeout: float) -> MilvusClient:
+    """A client of milvus-lite's server of the file, counted in :data:`_LITE_USERS`; this process's first takes
+    m3search's lock on the file (:data:`_LITE_FDS`), refusing a file another process holds."""
+    with _LITE_LOCK, writable(uri, "Milvus Lite", "the file", "cp"):  # its lock files beside it
+        first = uri not in _LITE_FDS
+        fd = lock_exclusive(lite_lock_path(uri)) if first else None
+        if first and (fd is None or _held_without_our_lock(uri)):
+            if fd is not None:
+                os.close(fd)
+            raise CollectionInUseError(
+                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
+                "open it from one process, e.g. through `m3search serve`)"
+            )
+        try:
+            client = _client(uri, timeout=timeout)
+        except Exception as exc:
+            if fd is not None:
+                os.close(fd)
+            if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
+                failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
+                raise failed(
+                    f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
+                    "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
+                ) from None
+            raise
+        if fd is not None:
+            _LITE_FDS[uri] = fd
+        _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
+    return client
+
+
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
@@ -610,57 +668,9 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
-            path = Path(uri)
-            with readable(uri):
-                present = has_file(path)
-            # something not ours at the location: no collection to open, and something already there to create over
-            error = CollectionExistsError if create_file else CollectionNotFoundError
-            if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
-                refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
-                if not path.parent.is_dir():
-                    refuse_a_file_in_the_way(uri, path.parent)
-                    raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
-                if not create_file:
-                    raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-                refuse_uncreatable(uri, path.parent)
-            else:
-                with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
-                    head = fh.read(16)
-                if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
-                    refuse_unwritable(uri, path)
-                elif head != b"SQLite format 3\x00":
-                    raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-                elif not _lite_tables(uri):
-                    raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
-            in_use = CollectionInUseError(
-                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
-                "open it from one process, e.g. through `m3search serve`)"
-            )
-            with _LITE_LOCK, writable(uri, "Milvus Lite", "the file", "cp"):  # its lock files beside it
-                fd = None
-                if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
-                    fd = lock_exclusive(lite_lock_path(uri))
-                    if fd is None:
-                        raise in_use
-                    if _held_without_our_lock(uri):
-                        os.close(fd)
-                        raise in_use
-                try:
-                    client = _client(uri, timeout=timeout)
-                except Exception as exc:
-                    if fd is not None:
-                        os.close(fd)
-                    if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
-                        failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
-                        raise failed(
-                            f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
-                            "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
-                        ) from None
-                    raise
-                if fd is not None:
-                    _LITE_FDS[uri] = fd
-                _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            return Probed(client, uri, path, _LITE_WRITES, errors=MilvusException), uri, name, True
+            _refuse_not_lite(uri, create_file)
+            client = _lite_client(uri, timeout)
+            return Probed(client, uri, Path(uri), _LITE_WRITES, errors=MilvusException), uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
