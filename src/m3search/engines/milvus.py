@@ -856,10 +856,7 @@ class MilvusEngine(Engine):
             (self.collection, want),
             (self.tokens, {"vec": (self._vec_type, self.block * self.schema.colbert_dim)}),
         ):
-            if not self.client.has_collection(coll, timeout=self.timeout):
-                raise ValueError(
-                    f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
-                )
+            self._require(coll)
             desc = {f["name"]: f for f in self.client.describe_collection(coll, timeout=self.timeout)["fields"]}
             if coll == self.collection:
                 self._fields = tuple(desc)
@@ -873,9 +870,13 @@ class MilvusEngine(Engine):
                         f"{ftype.name}{'' if dim is None else f'({dim})'}, found "
                         f"{'nothing' if f is None else f['type'].name + ('' if got_dim is None else f'({got_dim})')}"
                     )
-        if self.window_rows and not self.client.has_collection(self.texts, timeout=self.timeout):
+        if self.window_rows:  # (none before windows)
+            self._require(self.texts)
+
+    def _require(self, coll: str) -> None:
+        if not self.client.has_collection(coll, timeout=self.timeout):
             raise ValueError(
-                f"Milvus collection {self.texts!r} is missing: {self.collection!r} is not a complete m3search collection"
+                f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
             )
 
     @property
@@ -950,6 +951,13 @@ class MilvusEngine(Engine):
         if len(rows) < ask:
             return rows
         return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
+
+    def _read(self, coll: str, reads: list[tuple[str, int]], fields: list[str], threads: int = 1) -> list[dict]:
+        """The rows of the ``(expression, limit)`` queries ``reads`` (:func:`_reads`), ``threads`` at a time."""
+        if threads == 1 or len(reads) <= 1:
+            return [r for expr, limit in reads for r in self._query(coll, expr, fields, limit)]
+        with ThreadPoolExecutor(min(threads, len(reads))) as pool:
+            return [r for page in pool.map(lambda q: self._query(coll, q[0], fields, q[1]), reads) for r in page]
 
     def _pages(self, coll: str, step: int, expr: str, fields: list[str]) -> Iterator[list[dict]]:
         """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
@@ -1055,10 +1063,7 @@ class MilvusEngine(Engine):
                 break
             todo = again
         out = [found[i] for i in ids]
-        if "colbert" in vectors:
-            self._attach_colbert([r for rows in out for r in rows])
-        if "text" in fields and whole_text:
-            self._fill_texts([rows[0] for rows in out if rows and rows[0]["win"] == 0])
+        self._complete([r for rows in out for r in rows], vectors, "text" in fields and whole_text)
         return out
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
@@ -1387,12 +1392,8 @@ class MilvusEngine(Engine):
         for doc_id, meta, rows in zip(ids, metadata, docs):
             if not rows:
                 raise ValueError(f"unknown id {doc_id!r}; no metadata was changed")
-            kinds, new = metadata_kinds(meta), []
-            for r in rows:
-                r = {f: r[f] for f in fields}
-                r["dense"] = np.asarray(r["dense"], dtype=np.float32)
-                r["meta"], r["kinds"] = meta, kinds
-                new.append(r)
+            kinds, dense = metadata_kinds(meta), [np.asarray(r["dense"], dtype=np.float32) for r in rows]
+            new = [{**{f: r[f] for f in fields}, "dense": d, "meta": meta, "kinds": kinds} for r, d in zip(rows, dense)]
             out.append(new)
             sizes.append(self._bytes(new, sum(len(r["sparse"]) for r in new)) + 16 * len(new[0].get("spans") or []))
         self._upsert_docs(out, sizes)
@@ -1437,22 +1438,20 @@ class MilvusEngine(Engine):
             raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
         return tuple(with_vectors)
 
-    def _attach_colbert(self, rows: list[dict]) -> None:
-        """Each row's token matrix as ``row["colbert"]`` (a row listed twice, for a repeated id, read once)."""
+    def _complete(self, rows: list[dict], vectors: Sequence[str], texts: bool = True) -> None:
+        """Rows as read, completed (a row listed twice, for a repeated id, once): each one's token matrix as
+        ``row["colbert"]`` when ``vectors`` asks for it, and (``texts``) the whole text of heads whose text is in
+        ``NAME_text`` rows (joined in part order)."""
         rows = list({id(r): r for r in rows}.values())
-        for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
-            r["colbert"] = m
-
-    def _fill_texts(self, heads: list[dict]) -> None:
-        """The whole text of heads whose text is in ``NAME_text`` rows (joined in part order)."""
-        heads = [r for r in {id(r): r for r in heads}.values() if r.get("tparts")]
+        if "colbert" in vectors:
+            for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
+                r["colbert"] = m
+        heads = [r for r in rows if r.get("tparts")] if texts else []
         if not heads:
             return
         per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
-        parts = {}
-        for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
-            for r in self._query(self.texts, expr, ["gen", "part", "text"], limit):
-                parts[(r["gen"], r["part"])] = r["text"]
+        reads = _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part")
+        parts = {(r["gen"], r["part"]): r["text"] for r in self._read(self.texts, reads, ["gen", "part", "text"])}
         for r in heads:
             r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
@@ -1467,13 +1466,7 @@ class MilvusEngine(Engine):
         B, d = self.block, self.schema.colbert_dim
         nblk = [-(-int(t) // B) for t in ntoks]
         reads = _reads(gens, nblk, max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes)), "blk")
-        fields = ["gen", "blk", "vec"]
-        if len(reads) == 1:
-            pages = [self._query(self.tokens, reads[0][0], fields, reads[0][1])]
-        else:
-            with ThreadPoolExecutor(min(READ_THREADS, len(reads))) as pool:
-                pages = list(pool.map(lambda r: self._query(self.tokens, r[0], fields, r[1]), reads))
-        got = [r for page in pages for r in page]
+        got = self._read(self.tokens, reads, ["gen", "blk", "vec"], READ_THREADS)
         order_of = {g: j for j, g in enumerate(gens)}
         doc = np.array([order_of[r["gen"]] for r in got], dtype=np.int64)
         order = np.lexsort((np.array([r["blk"] for r in got], dtype=np.int64), doc))
@@ -1524,9 +1517,7 @@ class MilvusEngine(Engine):
         vectors = self._modes(with_vectors)
         heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
         out = [heads.get(i) for i in ids]
-        if "colbert" in vectors:
-            self._attach_colbert([r for r in out if r is not None])
-        self._fill_texts([r for r in out if r is not None])
+        self._complete([r for r in out if r is not None], vectors)
         return [None if r is None else self._record(r) for r in out]
 
     def get_windows(
@@ -1563,9 +1554,7 @@ class MilvusEngine(Engine):
             rows = [r for d in docs for r in d]
         else:
             rows = heads
-            if "colbert" in vectors:
-                self._attach_colbert(rows)
-            self._fill_texts(rows)
+            self._complete(rows, vectors)
         return PointBatch.from_records([self._record(r) for r in rows], self.schema.vocab_size)
 
     # ------------------------------------------------------------------- queries
