@@ -1149,13 +1149,17 @@ class MilvusEngine(Engine):
             out.setdefault(o, {})[r["pk"]] = r
         return {o: list(rs.values()) for o, rs in out.items()}
 
-    def _rows(
+    def _window_rows(
         self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
     ) -> tuple[list[list[dict]], list[int]]:
-        """Each document's window rows (window ``first + j`` for its row j; text on window 0 only,
-        metadata on every window: filters run inside the vector queries) and their approximate sizes.
-        A text over Milvus's VARCHAR limit is INSERTED here into ``NAME_text`` under the head's
-        generation (invisible until the head row that points at it is written)."""
+        """Each document's window rows (window ``first + j`` for its row j, ``doc`` ``heads[i]``; text on window 0
+        only, metadata on every window: filters run inside the vector queries) and their approximate sizes, after
+        :attr:`max_windows` is raised to them and what they point at is INSERTED under the generations ``gens``
+        (invisible until a window row points at it): their token rows, then the ``NAME_text`` rows of a text over
+        Milvus's VARCHAR limit (under the head's)."""
+        counts = np.diff(batch.window_offsets)
+        self.max_windows = max(self.max_windows, first + int(counts.max()))
+        self._insert_tokens(batch, gens, np.repeat(heads, counts))
         sparse, wo, co = batch.sparse.tocsr(), batch.window_offsets, batch.colbert_offsets
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         docs, sizes, text_rows = [], [], []
@@ -1226,15 +1230,13 @@ class MilvusEngine(Engine):
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
         stored = self._stored_rows(batch.ids, heads.tolist(), _batch_keys(pks, np.repeat(batch.ids, counts).tolist()))
-        self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
         try:
-            # (1) token rows under fresh generations: invisible until a window row points at them
-            self._insert_tokens(batch, gens, np.repeat(heads, counts))
+            # (1) token (and text) rows under fresh generations: invisible until a window row points at them
+            docs, sizes = self._window_rows(batch, heads, pks, gens)
             # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
             # request
-            docs, sizes = self._rows(batch, heads, pks, gens)
             for i, rows in enumerate(docs):
                 h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
                 old = stored.setdefault(h, [])
@@ -1336,10 +1338,8 @@ class MilvusEngine(Engine):
             # a key another document's row holds is refused before the piece is written (the head: the first's)
             if held := [r["doc_id"] for r in self._rows_by_pk(pks, ["doc_id"]) if r["doc_id"] != doc_id]:
                 raise _collision(doc_id, held[0])
-            self.max_windows = max(self.max_windows, first + n)
             gens = self._new_gens(n)
-            self._insert_tokens(piece, gens, np.full(n, key))
-            (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
+            (rows,), (size,) = self._window_rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
                 head_size = self._bytes([head], len(head["sparse"]))
