@@ -471,6 +471,25 @@ def _lite_client(uri: str, timeout: float) -> MilvusClient:
     return client
 
 
+def _lite_release(uri: str) -> None:
+    """A Milvus Lite client closed (:func:`_lite_client`): pymilvus keeps one milvus-lite subprocess per file for
+    the whole process; stop it when the last client of this process lets go (so the file lock is released), not
+    under another's feet."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    with _LITE_LOCK:
+        _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
+        if _LITE_USERS[uri] <= 0:
+            del _LITE_USERS[uri]
+            try:
+                if not _lite_served_to_others(uri):
+                    server_manager_instance.release_server(uri)
+            finally:
+                fd = _LITE_FDS.pop(uri, None)
+                if fd is not None:
+                    os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+
+
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
@@ -731,21 +750,7 @@ class MilvusEngine(Engine):
     def _release(client: MilvusClient, uri: str, lite: bool) -> None:
         client.close()
         if lite:
-            # pymilvus keeps one milvus-lite subprocess per file for the whole process; stop it when the
-            # last client of this process lets go (so the file lock is released), not under another's feet
-            from milvus_lite.server_manager import server_manager_instance
-
-            with _LITE_LOCK:
-                _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
-                if _LITE_USERS[uri] <= 0:
-                    del _LITE_USERS[uri]
-                    try:
-                        if not _lite_served_to_others(uri):
-                            server_manager_instance.release_server(uri)
-                    finally:
-                        fd = _LITE_FDS.pop(uri, None)
-                        if fd is not None:
-                            os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+            _lite_release(uri)
 
     @classmethod
     def create(cls, location: str, schema: Schema, **options: Any) -> MilvusEngine:
@@ -1638,16 +1643,11 @@ class MilvusEngine(Engine):
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
         q = sp.csr_matrix(q)
-        out: list[Hits] = [[] for _ in range(q.shape[0])]
         rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
-        if not rows:
-            return out
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        for i, hits in zip(
-            rows, self._search([_sparse_dict(q, i) for i in rows], "sparse", k, self._expr(filter), params)
-        ):
-            out[i] = hits
-        return out
+        asked = [_sparse_dict(q, i) for i in rows]
+        hits = dict(zip(rows, self._search(asked, "sparse", k, self._expr(filter), params))) if rows else {}
+        return [hits.get(i, []) for i in range(q.shape[0])]
 
     def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
         """Exact scores of every window of the documents, from the fetched vectors (:func:`score_records`);
