@@ -1144,13 +1144,11 @@ class MilvusEngine(Engine):
             rows += self._rows_by_pk(extra, fields)
         # a row's owner: the document whose head key is its ``doc`` or its own key; a window key past 0 held by
         # another document's row is a collision
-        want = {**pks, **dict(zip(heads, ids))}
-        owner = [r["doc"] if r["doc"] in want else r["pk"] for r in rows]
-        for r, o in zip(rows, owner):
+        want, out = {**pks, **dict(zip(heads, ids))}, {}  # out: owner -> {pk: row}
+        for r in rows:
+            o = r["doc"] if r["doc"] in want else r["pk"]
             if r["doc_id"] != want[o]:
                 raise _collision(want[o], r["doc_id"])
-        out: dict[int, dict[int, dict]] = {}
-        for r, o in zip(rows, owner):
             out.setdefault(o, {})[r["pk"]] = r
         return {o: list(rs.values()) for o, rs in out.items()}
 
@@ -1287,13 +1285,13 @@ class MilvusEngine(Engine):
                 if expr and (self.window_rows or coll == self.tokens):
                     self.client.delete(coll, filter=" or ".join(expr), timeout=self.timeout)
 
-    def _head_row(self, doc_id: str) -> dict | None:
-        """A document's stored head (``doc``: the version it names; ``gen``), None when not stored; refuses a
-        head key another document holds."""
-        rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "gen"])
-        if rows and rows[0]["doc_id"] != doc_id:
-            raise _collision(doc_id, rows[0]["doc_id"])
-        return rows[0] if rows else None
+    def _own_rows(self, doc_id: str, pks: Sequence[int], fields: list[str]) -> list[dict]:
+        """The stored rows under keys of ``doc_id``'s rows (``fields``, ``doc_id`` among them); refuses a key
+        another document's row holds."""
+        rows = self._rows_by_pk(pks, fields)
+        if held := [r["doc_id"] for r in rows if r["doc_id"] != doc_id]:
+            raise _collision(doc_id, held[0])
+        return rows
 
     @staticmethod
     def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
@@ -1341,8 +1339,7 @@ class MilvusEngine(Engine):
             n = int(piece.window_offsets[-1])
             pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
             # a key another document's row holds is refused before the piece is written (the head: the first's)
-            if held := [r["doc_id"] for r in self._rows_by_pk(pks, ["doc_id"]) if r["doc_id"] != doc_id]:
-                raise _collision(doc_id, held[0])
+            self._own_rows(doc_id, pks, ["doc_id"])
             gens = self._new_gens(n)
             (rows,), (size,) = self._window_rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
@@ -1369,7 +1366,7 @@ class MilvusEngine(Engine):
         """Tombstones over the version stored now (read right before the switch: another write may have landed
         since the long write began): over its head, and, in slot 0, over each of its windows (which the new
         head does not hide)."""
-        old = self._head_row(doc_id)
+        old, *_ = self._own_rows(doc_id, [_pk(doc_id)], ["pk", "doc_id", "doc", "gen"]) or [None]  # the head
         if old is None or old["doc"] != _pk(doc_id):
             return [] if old is None else [self._over_head(doc_id, old)]
         rows = self._rows_where([old["doc"]], "doc in {0} and win > 0", ["pk", "doc_id", "gen"], self.max_windows)
