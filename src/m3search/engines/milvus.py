@@ -413,6 +413,83 @@ def _lite_served_to_others(uri: str) -> bool:
     return True
 
 
+def _refuse_not_lite(uri: str, create_file: bool) -> None:
+    """Refuse what is at a ``.db`` location but a Milvus Lite file (or, for ``create_file``, a place to make one),
+    before milvus-lite starts on it: its failed start read as "in use". Something not ours there: no collection to
+    open, and something already there to create over."""
+    path = Path(uri)
+    with readable(uri):
+        present = has_file(path)
+    error = CollectionExistsError if create_file else CollectionNotFoundError
+    if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
+        refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
+        if not path.parent.is_dir():
+            refuse_a_file_in_the_way(uri, path.parent)
+            raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
+        if not create_file:
+            raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
+        refuse_uncreatable(uri, path.parent)
+        return
+    with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
+        head = fh.read(16)
+    if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
+        refuse_unwritable(uri, path)
+    elif head != b"SQLite format 3\x00":
+        raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
+    elif not _lite_tables(uri):
+        raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
+
+
+def _lite_client(uri: str, timeout: float) -> MilvusClient:
+    """A client of milvus-lite's server of the file, counted in :data:`_LITE_USERS`; this process's first takes
+    m3search's lock on the file (:data:`_LITE_FDS`), refusing a file another process holds."""
+    with _LITE_LOCK, writable(uri, "Milvus Lite", "the file", "cp"):  # its lock files beside it
+        first = uri not in _LITE_FDS
+        fd = lock_exclusive(lite_lock_path(uri)) if first else None
+        if first and (fd is None or _held_without_our_lock(uri)):
+            if fd is not None:
+                os.close(fd)
+            raise CollectionInUseError(
+                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
+                "open it from one process, e.g. through `m3search serve`)"
+            )
+        try:
+            client = _client(uri, timeout=timeout)
+        except Exception as exc:
+            if fd is not None:
+                os.close(fd)
+            if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
+                failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
+                raise failed(
+                    f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
+                    "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
+                ) from None
+            raise
+        if fd is not None:
+            _LITE_FDS[uri] = fd
+        _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
+    return client
+
+
+def _lite_release(uri: str) -> None:
+    """A Milvus Lite client closed (:func:`_lite_client`): pymilvus keeps one milvus-lite subprocess per file for
+    the whole process; stop it when the last client of this process lets go (so the file lock is released), not
+    under another's feet."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    with _LITE_LOCK:
+        _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
+        if _LITE_USERS[uri] <= 0:
+            del _LITE_USERS[uri]
+            try:
+                if not _lite_served_to_others(uri):
+                    server_manager_instance.release_server(uri)
+            finally:
+                fd = _LITE_FDS.pop(uri, None)
+                if fd is not None:
+                    os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+
+
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
     """``(uri, collection name, is_lite)`` for ``milvus://host:port/name`` or ``file.db``."""
     loc = os.fspath(location)
@@ -535,6 +612,11 @@ def _reads(gens: Sequence[int], sizes: Sequence[int], per: int, unit: str) -> li
     return reads
 
 
+def _inverted(*fields: str) -> list[tuple[str, str, dict]]:
+    """INVERTED indexes of ``fields``, as :meth:`MilvusEngine._create_collections` lists indexes."""
+    return [(f, "INVERTED", {}) for f in fields]
+
+
 def _ints(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(int(x)) for x in xs) + "]"
 
@@ -605,57 +687,9 @@ class MilvusEngine(Engine):
     ) -> tuple[MilvusClient, str, str, bool]:
         uri, name, lite = parse_milvus_location(location)
         if lite:
-            path = Path(uri)
-            with readable(uri):
-                present = has_file(path)
-            # something not ours at the location: no collection to open, and something already there to create over
-            error = CollectionExistsError if create_file else CollectionNotFoundError
-            if not present:  # a folder there (or a link to one) failed milvus-lite's start: read as "in use"
-                refuse_the_wrong_kind(path, error, folder=False, what="a Milvus Lite file")
-                if not path.parent.is_dir():
-                    refuse_a_file_in_the_way(uri, path.parent)
-                    raise CollectionNotFoundError(f"folder {path.parent} does not exist (for Milvus Lite file {uri})")
-                if not create_file:
-                    raise CollectionNotFoundError(f"no Milvus Lite file at {uri}")
-                refuse_uncreatable(uri, path.parent)
-            else:
-                with readable(uri), open(uri, "rb") as fh:  # milvus-lite's SQLite database, or not ours
-                    head = fh.read(16)
-                if not head:  # milvus-lite writes its tables in; where it may not, its failed start read as in use
-                    refuse_unwritable(uri, path)
-                elif head != b"SQLite format 3\x00":
-                    raise error(f"{uri} is not a Milvus Lite file (a .db location must be one)")
-                elif not _lite_tables(uri):
-                    raise error(f"{uri} is an SQLite database, not a Milvus Lite file (a .db location must be one)")
-            in_use = CollectionInUseError(
-                f"Milvus Lite file {uri} is in use by another process (milvus-lite locks its file; "
-                "open it from one process, e.g. through `m3search serve`)"
-            )
-            with _LITE_LOCK, writable(uri, "Milvus Lite", "the file", "cp"):  # its lock files beside it
-                fd = None
-                if uri not in _LITE_FDS:  # this process's first user of the file takes the lock
-                    fd = lock_exclusive(lite_lock_path(uri))
-                    if fd is None:
-                        raise in_use
-                    if _held_without_our_lock(uri):
-                        os.close(fd)
-                        raise in_use
-                try:
-                    client = _client(uri, timeout=timeout)
-                except Exception as exc:
-                    if fd is not None:
-                        os.close(fd)
-                    if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
-                        failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
-                        raise failed(
-                            f"Milvus Lite could not open {uri}: milvus-lite failed to start (its reason is printed "
-                            "above; 'database disk image is malformed': the file is damaged, restore it from a copy)"
-                        ) from None
-                    raise
-                if fd is not None:
-                    _LITE_FDS[uri] = fd
-                _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
-            return Probed(client, uri, path, _LITE_WRITES, errors=MilvusException), uri, name, True
+            _refuse_not_lite(uri, create_file)
+            client = _lite_client(uri, timeout)
+            return Probed(client, uri, Path(uri), _LITE_WRITES, errors=MilvusException), uri, name, True
         if secure:
             uri = "https://" + uri[len("http://") :]
         token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
@@ -716,21 +750,7 @@ class MilvusEngine(Engine):
     def _release(client: MilvusClient, uri: str, lite: bool) -> None:
         client.close()
         if lite:
-            # pymilvus keeps one milvus-lite subprocess per file for the whole process; stop it when the
-            # last client of this process lets go (so the file lock is released), not under another's feet
-            from milvus_lite.server_manager import server_manager_instance
-
-            with _LITE_LOCK:
-                _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
-                if _LITE_USERS[uri] <= 0:
-                    del _LITE_USERS[uri]
-                    try:
-                        if not _lite_served_to_others(uri):
-                            server_manager_instance.release_server(uri)
-                    finally:
-                        fd = _LITE_FDS.pop(uri, None)
-                        if fd is not None:
-                            os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+            _lite_release(uri)
 
     @classmethod
     def create(cls, location: str, schema: Schema, **options: Any) -> MilvusEngine:
@@ -758,79 +778,58 @@ class MilvusEngine(Engine):
         return engine
 
     def _create_collections(self, *, shards: int, replicas: int) -> None:
-        c, s, t = self.client, self.schema, self.timeout
+        c, s, t, D = self.client, self.schema, self.timeout, DataType
+        strong: dict[str, Any] = {"consistency_level": "Strong"}
+        extra = strong if self.lite else {**strong, "num_shards": int(shards)}
 
-        def make(name: str, schema: Any, idx: Any, **kw: Any) -> None:
-            """create_collection(index_params=...) without its wait: pymilvus sleeps 0.5 s before it first asks
-            whether an index is built, once per index (11 here: 5.5 s of a ~6.1 s create; 0.7 s without,
-            benchmarks/milvus_create.py), though an empty collection's are built at once; loading waits."""
-            c.create_collection(name, schema=schema, timeout=t, **kw)
+        def make(name: str, about: str, fields: list[tuple], indexes: list[tuple], **kw: Any) -> None:
+            """A collection of ``fields`` (``(name, type, options)``, the primary key first: an auto id when it is
+            ``tid``) and ``indexes`` (``(field, type, options)``), created without create_collection(index_params=
+            ...)'s wait: pymilvus sleeps 0.5 s before it first asks whether an index is built, once per index (11
+            here: 5.5 s of a ~6.1 s create; 0.7 s without, benchmarks/milvus_create.py), though an empty
+            collection's are built at once; loading waits."""
+            sch = MilvusClient.create_schema(
+                auto_id=fields[0][0] == "tid", enable_dynamic_field=False, description=about
+            )
+            for field, dtype, opts in fields:
+                sch.add_field(field, dtype, **opts)
+            idx = c.prepare_index_params()
+            for field, kind, opts in indexes:
+                idx.add_index(field, index_type=kind, **opts)
+            c.create_collection(name, schema=sch, timeout=t, **kw)
             c.create_index(name, idx, timeout=t, sync=False)
             c.load_collection(name, timeout=t)
 
-        extra: dict[str, Any] = {"consistency_level": "Strong"}
-        if not self.lite:
-            extra["num_shards"] = int(shards)
-        main = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search documents")
-        main.add_field("pk", DataType.INT64, is_primary=True)
-        main.add_field("doc", DataType.INT64)  # the document's key (its window 0's pk)
-        main.add_field("win", DataType.INT32)  # window number; -1: tombstone
-        main.add_field("spans", DataType.JSON)  # window 0: every window's [start, end) when there are several
-        main.add_field("tparts", DataType.INT32)  # window 0: 0 = text inline, else its number of NAME_text rows
-        main.add_field("doc_id", DataType.VARCHAR, max_length=ID_MAX_BYTES)
-        main.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        main.add_field("meta", DataType.JSON)
-        main.add_field("kinds", DataType.JSON)
-        main.add_field("dense", DataType.FLOAT_VECTOR, dim=s.dense_dim)
-        main.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-        main.add_field("gen", DataType.INT64)
-        main.add_field("ntok", DataType.INT32)
-        idx = c.prepare_index_params()
-        if self.lite or s.hnsw_m == 0:
-            idx.add_index("dense", index_type="FLAT", metric_type="IP")
-        else:
-            idx.add_index(
-                "dense",
-                index_type="HNSW",
-                metric_type="IP",
-                params={"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct},
-            )
-        idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0.0})
-        idx.add_index("doc", index_type="INVERTED")
-        idx.add_index("win", index_type="INVERTED")
-        make(self.collection, main, idx, **extra)
-
-        def side(about: str, vec: str, metric: str) -> tuple[Any, Any]:
-            """A companion collection's schema (``tid`` auto id, ``gen``, ``doc``; the caller adds the rest) and
-            indexes (its vector ``vec``: FLAT, never searched; ``gen`` and ``doc``: INVERTED)."""
-            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False, description=about)
-            schema.add_field("tid", DataType.INT64, is_primary=True)
-            schema.add_field("gen", DataType.INT64)
-            schema.add_field("doc", DataType.INT64)
-            idx = c.prepare_index_params()
-            idx.add_index(vec, index_type="FLAT", metric_type=metric)
-            idx.add_index("gen", index_type="INVERTED")
-            idx.add_index("doc", index_type="INVERTED")
-            return schema, idx
-
-        tok, idx = side("m3search ColBERT token vectors", "vec", "IP")
-        tok.add_field("blk", DataType.INT32)
-        tok.add_field("vec", self._vec_type, dim=self.block * s.colbert_dim)
-        make(self.tokens, tok, idx, **extra)
-
-        txt, idx = side("m3search long texts", "v", "L2")
-        txt.add_field("part", DataType.INT32)
-        txt.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        txt.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        make(self.texts, txt, idx, **extra)
-
-        man = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="m3search manifest")
-        man.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-        man.add_field("value", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        man.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
-        idx = c.prepare_index_params()
-        idx.add_index("v", index_type="FLAT", metric_type="L2")
-        make(self.meta_collection, man, idx, consistency_level="Strong")
+        key, text = {"is_primary": True}, ("text", D.VARCHAR, {"max_length": TEXT_MAX_BYTES})
+        v, flat_v = ("v", D.FLOAT_VECTOR, {"dim": 2}), ("v", "FLAT", {"metric_type": "L2"})  # Milvus needs a vector
+        hnsw = not self.lite and s.hnsw_m > 0  # FLAT on Milvus Lite
+        graph = {"params": {"M": s.hnsw_m, "efConstruction": s.hnsw_ef_construct}} if hnsw else {}
+        dense = ("dense", "HNSW" if hnsw else "FLAT", {"metric_type": "IP", **graph})
+        sparse = ("sparse", "SPARSE_INVERTED_INDEX", {"metric_type": "IP", "params": {"drop_ratio_build": 0.0}})
+        main = [
+            ("pk", D.INT64, key),
+            ("doc", D.INT64, {}),  # the document's key (its window 0's pk)
+            ("win", D.INT32, {}),  # window number; -1: tombstone
+            ("spans", D.JSON, {}),  # window 0: every window's [start, end) when there are several
+            ("tparts", D.INT32, {}),  # window 0: 0 = text inline, else its number of NAME_text rows
+            ("doc_id", D.VARCHAR, {"max_length": ID_MAX_BYTES}),
+            text,
+            ("meta", D.JSON, {}),
+            ("kinds", D.JSON, {}),
+            ("dense", D.FLOAT_VECTOR, {"dim": s.dense_dim}),
+            ("sparse", D.SPARSE_FLOAT_VECTOR, {}),
+            ("gen", D.INT64, {}),
+            ("ntok", D.INT32, {}),
+        ]
+        make(self.collection, "m3search documents", main, [dense, sparse, *_inverted("doc", "win")], **extra)
+        # the companions: ``tid`` (auto id), ``gen`` and ``doc`` (INVERTED), the rest; their vector FLAT, never searched
+        side, side_idx = [("tid", D.INT64, key), ("gen", D.INT64, {}), ("doc", D.INT64, {})], _inverted("gen", "doc")
+        vec = ("vec", self._vec_type, {"dim": self.block * s.colbert_dim})
+        tok_idx = [("vec", "FLAT", {"metric_type": "IP"}), *side_idx]
+        make(self.tokens, "m3search ColBERT token vectors", [*side, ("blk", D.INT32, {}), vec], tok_idx, **extra)
+        make(self.texts, "m3search long texts", [*side, ("part", D.INT32, {}), text, v], [flat_v, *side_idx], **extra)
+        man = [("key", D.VARCHAR, {**key, "max_length": 64}), ("value", D.VARCHAR, {"max_length": TEXT_MAX_BYTES}), v]
+        make(self.meta_collection, "m3search manifest", man, [flat_v], **strong)
         if not self.lite and replicas > 1:
             for name in (self.collection, self.tokens, self.texts):
                 c.release_collection(name, timeout=t)
@@ -862,10 +861,7 @@ class MilvusEngine(Engine):
             (self.collection, want),
             (self.tokens, {"vec": (self._vec_type, self.block * self.schema.colbert_dim)}),
         ):
-            if not self.client.has_collection(coll, timeout=self.timeout):
-                raise ValueError(
-                    f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
-                )
+            self._require(coll)
             desc = {f["name"]: f for f in self.client.describe_collection(coll, timeout=self.timeout)["fields"]}
             if coll == self.collection:
                 self._fields = tuple(desc)
@@ -879,9 +875,13 @@ class MilvusEngine(Engine):
                         f"{ftype.name}{'' if dim is None else f'({dim})'}, found "
                         f"{'nothing' if f is None else f['type'].name + ('' if got_dim is None else f'({got_dim})')}"
                     )
-        if self.window_rows and not self.client.has_collection(self.texts, timeout=self.timeout):
+        if self.window_rows:  # (none before windows)
+            self._require(self.texts)
+
+    def _require(self, coll: str) -> None:
+        if not self.client.has_collection(coll, timeout=self.timeout):
             raise ValueError(
-                f"Milvus collection {self.texts!r} is missing: {self.collection!r} is not a complete m3search collection"
+                f"Milvus collection {coll!r} is missing: {self.collection!r} is not a complete m3search collection"
             )
 
     @property
@@ -956,6 +956,13 @@ class MilvusEngine(Engine):
         if len(rows) < ask:
             return rows
         return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
+
+    def _read(self, coll: str, reads: list[tuple[str, int]], fields: list[str], threads: int = 1) -> list[dict]:
+        """The rows of the ``(expression, limit)`` queries ``reads`` (:func:`_reads`), ``threads`` at a time."""
+        if threads == 1 or len(reads) <= 1:
+            return [r for expr, limit in reads for r in self._query(coll, expr, fields, limit)]
+        with ThreadPoolExecutor(min(threads, len(reads))) as pool:
+            return [r for page in pool.map(lambda q: self._query(coll, q[0], fields, q[1]), reads) for r in page]
 
     def _pages(self, coll: str, step: int, expr: str, fields: list[str]) -> Iterator[list[dict]]:
         """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
@@ -1061,10 +1068,7 @@ class MilvusEngine(Engine):
                 break
             todo = again
         out = [found[i] for i in ids]
-        if "colbert" in vectors:
-            self._attach_colbert([r for rows in out for r in rows])
-        if "text" in fields and whole_text:
-            self._fill_texts([rows[0] for rows in out if rows and rows[0]["win"] == 0])
+        self._complete([r for rows in out for r in rows], vectors, "text" in fields and whole_text)
         return out
 
     def window_counts(self, ids: Sequence[str]) -> np.ndarray:
@@ -1140,23 +1144,25 @@ class MilvusEngine(Engine):
             rows += self._rows_by_pk(extra, fields)
         # a row's owner: the document whose head key is its ``doc`` or its own key; a window key past 0 held by
         # another document's row is a collision
-        want = {**pks, **dict(zip(heads, ids))}
-        owner = [r["doc"] if r["doc"] in want else r["pk"] for r in rows]
-        for r, o in zip(rows, owner):
+        want, out = {**pks, **dict(zip(heads, ids))}, {}  # out: owner -> {pk: row}
+        for r in rows:
+            o = r["doc"] if r["doc"] in want else r["pk"]
             if r["doc_id"] != want[o]:
                 raise _collision(want[o], r["doc_id"])
-        out: dict[int, dict[int, dict]] = {}
-        for r, o in zip(rows, owner):
             out.setdefault(o, {})[r["pk"]] = r
         return {o: list(rs.values()) for o, rs in out.items()}
 
-    def _rows(
+    def _window_rows(
         self, batch: PointBatch, heads: np.ndarray, pks: Sequence[int], gens: np.ndarray, first: int = 0
     ) -> tuple[list[list[dict]], list[int]]:
-        """Each document's window rows (window ``first + j`` for its row j; text on window 0 only,
-        metadata on every window: filters run inside the vector queries) and their approximate sizes.
-        A text over Milvus's VARCHAR limit is INSERTED here into ``NAME_text`` under the head's
-        generation (invisible until the head row that points at it is written)."""
+        """Each document's window rows (window ``first + j`` for its row j, ``doc`` ``heads[i]``; text on window 0
+        only, metadata on every window: filters run inside the vector queries) and their approximate sizes, after
+        :attr:`max_windows` is raised to them and what they point at is INSERTED under the generations ``gens``
+        (invisible until a window row points at it): their token rows, then the ``NAME_text`` rows of a text over
+        Milvus's VARCHAR limit (under the head's)."""
+        counts = np.diff(batch.window_offsets)
+        self.max_windows = max(self.max_windows, first + int(counts.max()))
+        self._insert_tokens(batch, gens, np.repeat(heads, counts))
         sparse, wo, co = batch.sparse.tocsr(), batch.window_offsets, batch.colbert_offsets
         dense = np.ascontiguousarray(batch.dense, dtype=np.float32)
         docs, sizes, text_rows = [], [], []
@@ -1227,15 +1233,13 @@ class MilvusEngine(Engine):
         counts = np.diff(batch.window_offsets)
         pks = [_wpk(i, w) for i, c in zip(batch.ids, counts.tolist()) for w in range(c)]
         stored = self._stored_rows(batch.ids, heads.tolist(), _batch_keys(pks, np.repeat(batch.ids, counts).tolist()))
-        self.max_windows = max(self.max_windows, int(counts.max()))
         gens = self._new_gens(len(pks))
         overwritten: dict[int, list[int]] = {}  # per head, the generations of the slot-0 rows written over in place
         try:
-            # (1) token rows under fresh generations: invisible until a window row points at them
-            self._insert_tokens(batch, gens, np.repeat(heads, counts))
+            # (1) token (and text) rows under fresh generations: invisible until a window row points at them
+            docs, sizes = self._window_rows(batch, heads, pks, gens)
             # (2) each document's new rows, with tombstones over its old slot-0 windows past the new count, in one
             # request
-            docs, sizes = self._rows(batch, heads, pks, gens)
             for i, rows in enumerate(docs):
                 h, doc_id, new = int(heads[i]), batch.ids[i], {r["pk"] for r in rows}
                 old = stored.setdefault(h, [])
@@ -1281,13 +1285,13 @@ class MilvusEngine(Engine):
                 if expr and (self.window_rows or coll == self.tokens):
                     self.client.delete(coll, filter=" or ".join(expr), timeout=self.timeout)
 
-    def _head_row(self, doc_id: str) -> dict | None:
-        """A document's stored head (``doc``: the version it names; ``gen``), None when not stored; refuses a
-        head key another document holds."""
-        rows = self._rows_by_pk([_pk(doc_id)], ["pk", "doc_id", "doc", "gen"])
-        if rows and rows[0]["doc_id"] != doc_id:
-            raise _collision(doc_id, rows[0]["doc_id"])
-        return rows[0] if rows else None
+    def _own_rows(self, doc_id: str, pks: Sequence[int], fields: list[str]) -> list[dict]:
+        """The stored rows under keys of ``doc_id``'s rows (``fields``, ``doc_id`` among them); refuses a key
+        another document's row holds."""
+        rows = self._rows_by_pk(pks, fields)
+        if held := [r["doc_id"] for r in rows if r["doc_id"] != doc_id]:
+            raise _collision(doc_id, held[0])
+        return rows
 
     @staticmethod
     def _stray_keys(ids: Sequence[str], gens: Sequence[int]) -> dict[str, list[int]]:
@@ -1335,12 +1339,9 @@ class MilvusEngine(Engine):
             n = int(piece.window_offsets[-1])
             pks = [_wpk(doc_id, first + w, gen) for w in range(n)]
             # a key another document's row holds is refused before the piece is written (the head: the first's)
-            if held := [r["doc_id"] for r in self._rows_by_pk(pks, ["doc_id"]) if r["doc_id"] != doc_id]:
-                raise _collision(doc_id, held[0])
-            self.max_windows = max(self.max_windows, first + n)
+            self._own_rows(doc_id, pks, ["doc_id"])
             gens = self._new_gens(n)
-            self._insert_tokens(piece, gens, np.full(n, key))
-            (rows,), (size,) = self._rows(piece, np.array([key]), pks, gens, first=first)
+            (rows,), (size,) = self._window_rows(piece, np.array([key]), pks, gens, first=first)
             if head is None:
                 head, rows = rows[0], rows[1:]
                 head_size = self._bytes([head], len(head["sparse"]))
@@ -1365,7 +1366,7 @@ class MilvusEngine(Engine):
         """Tombstones over the version stored now (read right before the switch: another write may have landed
         since the long write began): over its head, and, in slot 0, over each of its windows (which the new
         head does not hide)."""
-        old = self._head_row(doc_id)
+        old, *_ = self._own_rows(doc_id, [_pk(doc_id)], ["pk", "doc_id", "doc", "gen"]) or [None]  # the head
         if old is None or old["doc"] != _pk(doc_id):
             return [] if old is None else [self._over_head(doc_id, old)]
         rows = self._rows_where([old["doc"]], "doc in {0} and win > 0", ["pk", "doc_id", "gen"], self.max_windows)
@@ -1393,12 +1394,8 @@ class MilvusEngine(Engine):
         for doc_id, meta, rows in zip(ids, metadata, docs):
             if not rows:
                 raise ValueError(f"unknown id {doc_id!r}; no metadata was changed")
-            kinds, new = metadata_kinds(meta), []
-            for r in rows:
-                r = {f: r[f] for f in fields}
-                r["dense"] = np.asarray(r["dense"], dtype=np.float32)
-                r["meta"], r["kinds"] = meta, kinds
-                new.append(r)
+            kinds, dense = metadata_kinds(meta), [np.asarray(r["dense"], dtype=np.float32) for r in rows]
+            new = [{**{f: r[f] for f in fields}, "dense": d, "meta": meta, "kinds": kinds} for r, d in zip(rows, dense)]
             out.append(new)
             sizes.append(self._bytes(new, sum(len(r["sparse"]) for r in new)) + 16 * len(new[0].get("spans") or []))
         self._upsert_docs(out, sizes)
@@ -1443,22 +1440,20 @@ class MilvusEngine(Engine):
             raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
         return tuple(with_vectors)
 
-    def _attach_colbert(self, rows: list[dict]) -> None:
-        """Each row's token matrix as ``row["colbert"]`` (a row listed twice, for a repeated id, read once)."""
+    def _complete(self, rows: list[dict], vectors: Sequence[str], texts: bool = True) -> None:
+        """Rows as read, completed (a row listed twice, for a repeated id, once): each one's token matrix as
+        ``row["colbert"]`` when ``vectors`` asks for it, and (``texts``) the whole text of heads whose text is in
+        ``NAME_text`` rows (joined in part order)."""
         rows = list({id(r): r for r in rows}.values())
-        for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
-            r["colbert"] = m
-
-    def _fill_texts(self, heads: list[dict]) -> None:
-        """The whole text of heads whose text is in ``NAME_text`` rows (joined in part order)."""
-        heads = [r for r in {id(r): r for r in heads}.values() if r.get("tparts")]
+        if "colbert" in vectors:
+            for r, m in zip(rows, self._colbert_of([r["gen"] for r in rows], [r["ntok"] for r in rows])):
+                r["colbert"] = m
+        heads = [r for r in rows if r.get("tparts")] if texts else []
         if not heads:
             return
         per = max(1, CHUNK_BYTES // TEXT_MAX_BYTES)
-        parts = {}
-        for expr, limit in _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part"):
-            for r in self._query(self.texts, expr, ["gen", "part", "text"], limit):
-                parts[(r["gen"], r["part"])] = r["text"]
+        reads = _reads([r["gen"] for r in heads], [r["tparts"] for r in heads], per, "part")
+        parts = {(r["gen"], r["part"]): r["text"] for r in self._read(self.texts, reads, ["gen", "part", "text"])}
         for r in heads:
             r["text"] = "".join(parts[(r["gen"], c)] for c in range(r["tparts"]))
 
@@ -1473,13 +1468,7 @@ class MilvusEngine(Engine):
         B, d = self.block, self.schema.colbert_dim
         nblk = [-(-int(t) // B) for t in ntoks]
         reads = _reads(gens, nblk, max(1, min(MAX_RESULTS, CHUNK_BYTES // self._block_bytes)), "blk")
-        fields = ["gen", "blk", "vec"]
-        if len(reads) == 1:
-            pages = [self._query(self.tokens, reads[0][0], fields, reads[0][1])]
-        else:
-            with ThreadPoolExecutor(min(READ_THREADS, len(reads))) as pool:
-                pages = list(pool.map(lambda r: self._query(self.tokens, r[0], fields, r[1]), reads))
-        got = [r for page in pages for r in page]
+        got = self._read(self.tokens, reads, ["gen", "blk", "vec"], READ_THREADS)
         order_of = {g: j for j, g in enumerate(gens)}
         doc = np.array([order_of[r["gen"]] for r in got], dtype=np.int64)
         order = np.lexsort((np.array([r["blk"] for r in got], dtype=np.int64), doc))
@@ -1530,9 +1519,7 @@ class MilvusEngine(Engine):
         vectors = self._modes(with_vectors)
         heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
         out = [heads.get(i) for i in ids]
-        if "colbert" in vectors:
-            self._attach_colbert([r for r in out if r is not None])
-        self._fill_texts([r for r in out if r is not None])
+        self._complete([r for r in out if r is not None], vectors)
         return [None if r is None else self._record(r) for r in out]
 
     def get_windows(
@@ -1569,9 +1556,7 @@ class MilvusEngine(Engine):
             rows = [r for d in docs for r in d]
         else:
             rows = heads
-            if "colbert" in vectors:
-                self._attach_colbert(rows)
-            self._fill_texts(rows)
+            self._complete(rows, vectors)
         return PointBatch.from_records([self._record(r) for r in rows], self.schema.vocab_size)
 
     # ------------------------------------------------------------------- queries
@@ -1655,16 +1640,11 @@ class MilvusEngine(Engine):
         self, q: sp.csr_matrix, k: int, filter: Filter | None = None, *, exact: bool = False
     ) -> list[Hits]:
         q = sp.csr_matrix(q)
-        out: list[Hits] = [[] for _ in range(q.shape[0])]
         rows = [i for i in range(q.shape[0]) if q.indptr[i + 1] > q.indptr[i]]  # an empty query matches nothing
-        if not rows:
-            return out
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        for i, hits in zip(
-            rows, self._search([_sparse_dict(q, i) for i in rows], "sparse", k, self._expr(filter), params)
-        ):
-            out[i] = hits
-        return out
+        asked = [_sparse_dict(q, i) for i in rows]
+        hits = dict(zip(rows, self._search(asked, "sparse", k, self._expr(filter), params))) if rows else {}
+        return [hits.get(i, []) for i in range(q.shape[0])]
 
     def score_windows(self, ids: Sequence[str], query: QueryVectors, modes: Sequence[str] = MODES) -> WindowScores:
         """Exact scores of every window of the documents, from the fetched vectors (:func:`score_records`);

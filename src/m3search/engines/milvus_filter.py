@@ -168,9 +168,9 @@ def _in_objects(field: str, leaf: str, neg: bool) -> str:
     parents = [".".join(segments[:j]) for j in range(1, len(segments)) if _INDEX.fullmatch(segments[j])]
     if not parents:
         return leaf
-    if neg:  # (a missing kind differs from "o": the negation holds there, as for a missing field)
-        return "(" + " or ".join([*(f'{kinds_path(p)} != "o"' for p in parents), leaf]) + ")"
-    return "(" + " and ".join([*(f'{kinds_path(p)} == "o"' for p in parents), leaf]) + ")"
+    # (negated: a missing kind differs from "o", so the negation holds there, as for a missing field)
+    op, join = ("!=", " or ") if neg else ("==", " and ")
+    return "(" + join.join([*(f'{kinds_path(p)} {op} "o"' for p in parents), leaf]) + ")"
 
 
 def to_milvus_expr(
