@@ -122,7 +122,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Largest ``k`` / ``candidates`` a search may ask for.
     max_k: int = 1000
-    max_candidates: int = 100_000
+    max_candidates: int = MAX_CANDIDATES
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = DEFAULT_MAX_QUEUE
     #: Seconds a request may wait for its encoding to start (beyond it: 503).
