@@ -783,6 +783,8 @@ def test_cli_finetune(tmp_path, tiny_model_path):
     assert report["autocast"] == "bfloat16" and math.isfinite(report["epochs"][0]["mean_loss"]["total"])
     again = runner.invoke(main, [*args, "--out", str(tmp_path / "out")])
     assert again.exit_code == 2 and "exists" in again.output and "Traceback" not in again.output
+    again = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--json"])  # the type follows the code
+    assert json.loads(again.stdout)["error"]["type"] == "usage" and again.exit_code == 2, again.output
     bad = runner.invoke(main, [*args, "--out", str(tmp_path / "o2"), "--model", str(tmp_path)])
     assert bad.exit_code == 2 and "not a BGE-M3 checkpoint" in bad.output
 

@@ -161,7 +161,7 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            kind = "usage" if isinstance(exc, click.UsageError) else "error"
+            kind = "usage" if exc.exit_code == 2 else "error"  # the type follows the code (finetune's bad input)
             _emit_error(ctx, {"type": kind, "message": exc.format_message(), "exit_code": exc.exit_code})
             raise
         except (click.Abort, KeyboardInterrupt):  # Ctrl-C: click says "Aborted!" and exits 1
