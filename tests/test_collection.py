@@ -240,7 +240,7 @@ def test_explain(col):
     "kwargs, exc, words",
     [
         (dict(mode="hybrid"), ValueError, "unknown mode 'hybrid'"),
-        (dict(mode="dense+dense"), ValueError, "unknown mode"),
+        (dict(mode="dense+dense"), ValueError, "mode 'dense\\+dense' names dense more than once"),
         (dict(mode=3), TypeError, "mode must be a string"),
         (dict(weights=(1, 1)), ValueError, "three numbers"),
         (dict(weights=(1, -1, 1)), ValueError, "must not be negative"),

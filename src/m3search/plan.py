@@ -157,7 +157,10 @@ def parse_mode(mode: Any) -> tuple[str, ...]:
         return MODES
     parts = [p.strip() for p in name.split("+")]
     bad = [p for p in parts if p not in MODES]
-    if bad or not parts or len(set(parts)) != len(parts):
+    twice = sorted({p for p in parts if parts.count(p) > 1} - set(bad))
+    if twice and not bad:
+        raise ValueError(f"mode {mode!r} names {', '.join(twice)} more than once: name each mode once")
+    if bad or not parts:
         raise ValueError(
             f"unknown mode {mode!r}: use one of {', '.join(PRESETS)} (or a '+'-joined subset of dense, sparse, colbert)"
         )
