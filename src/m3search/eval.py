@@ -323,13 +323,21 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "m3search") / "eval"
 
 
-def cache_folder(cache_dir: str | Path | None) -> Path:
-    """The index cache folder (``cache_dir``, else :func:`default_cache_dir`), created; a ValueError naming it
+def cache_folder(cache_dir: str | Path | None, *, make: bool = True) -> Path:
+    """The index cache folder (``cache_dir``, else :func:`default_cache_dir`), created (``make=False``: only
+    checked that it can be, for a run that may still be refused and then leaves nothing); a ValueError naming it
     when it cannot be. Why: a cache under a file failed with only "[Errno 20] Not a directory: 'afile/c'", after
     the model was loaded, not saying that the folder was the cache."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if make:
+            path.mkdir(parents=True, exist_ok=True)
+        else:  # what mkdir(parents=True) would meet: a file or a link to nothing on the way, or no right to write
+            there = nearest_existing(path, lambda link, target: NotADirectoryError(f"{link} is a link to nothing"))
+            if not there.is_dir():
+                raise NotADirectoryError(f"Not a directory: {str(there)!r}")
+            if there != path and not os.access(there, os.W_OK | os.X_OK):
+                raise PermissionError(f"Permission denied: {str(there)!r}")
     except OSError as e:
         raise ValueError(
             f"cannot make the index cache folder {str(path)!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): "

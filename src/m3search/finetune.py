@@ -864,7 +864,7 @@ def finetune(
         examples = beir.examples
         if negatives or beir.heldout is not None:  # mining and held-out metrics index the corpus in the cache:
             try:  # a folder that cannot be made is said before the model loads, as eval and tune say it
-                cache = cache_folder(cache)
+                cache_folder(cache, make=False)  # made when used: a run refused below leaves nothing
             except ValueError as e:
                 raise FinetuneInputError(str(e)) from None
     elif data.is_file():
