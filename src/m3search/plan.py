@@ -104,10 +104,12 @@ DEFAULT_CANDIDATES = 200
 DEFAULT_SEARCH_TIMEOUT = 30.0
 #: An HTTP server's limits where none is set (``serve --max-batch`` / ``--max-body-mb`` / ``--max-queue``, their
 #: ``M3SEARCH_*`` variables): texts (or queries, documents, ids) per request, bytes of a request body, texts waiting
-#: for the encoder. Here, not in the server, so that the CLI's help and the client show them without loading it.
+#: for the encoder; and the largest ``k`` one HTTP search may ask for (below :data:`MAX_K`). Here, not in the
+#: server, so that the CLI's help and the client show them without loading it.
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_QUEUE = 2048
+DEFAULT_SERVER_MAX_K = 1000
 
 _DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)
 

@@ -77,6 +77,7 @@ from .plan import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SEARCH_TIMEOUT,
+    DEFAULT_SERVER_MAX_K,
     FUSIONS,
     GROUPS,
     MAX_CANDIDATES,
@@ -121,7 +122,7 @@ class Settings:
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Largest ``k`` / ``candidates`` a search may ask for.
-    max_k: int = 1000
+    max_k: int = DEFAULT_SERVER_MAX_K
     max_candidates: int = MAX_CANDIDATES
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = DEFAULT_MAX_QUEUE
