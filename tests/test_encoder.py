@@ -362,3 +362,16 @@ def test_encode_does_not_change_model_state(tiny_encoder):
     tiny_encoder.encode(["a", "b"])
     assert (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype) == before
     assert isinstance(tiny_encoder.encode("x").sparse, sp.csr_matrix)
+
+
+def test_swapped_head_files_are_refused_at_loading(tiny_model_path, tmp_path):
+    """colbert_linear.pt and sparse_linear.pt swapped (both are Linear(hidden, n)): the folder loaded, a dense +
+    ColBERT encode gave 1-dimensional ColBERT vectors, and any sparse encode failed deep in torch ("The size of
+    tensor a (32) must match the size of tensor b (64)")."""
+    model = tmp_path / "swapped"
+    shutil.copytree(tiny_model_path, model)
+    (model / "colbert_linear.pt").rename(model / "tmp.pt")
+    (model / "sparse_linear.pt").rename(model / "colbert_linear.pt")
+    (model / "tmp.pt").rename(model / "sparse_linear.pt")
+    with pytest.raises(ModelLoadError, match=r"sparse_linear\.pt is not a Linear\(64, 1\) state dict"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")

@@ -450,11 +450,17 @@ class M3Encoder:
 
         hidden = int(model.config.hidden_size)
         heads = []
-        for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        # The sparse head gives one weight per token: checking it also catches the two files swapped.
+        for name, outputs in (("colbert_linear.pt", None), ("sparse_linear.pt", 1)):
             state = _read_head(folder / name)
-            if "weight" not in state or state["weight"].ndim != 2 or state["weight"].shape[1] != hidden:
-                raise ModelLoadError(f"{folder / name} is not a Linear({hidden}, n) state dict")
-            layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)
+            shape = tuple(getattr(state.get("weight") if isinstance(state, dict) else None, "shape", ()))
+            if len(shape) != 2 or shape[1] != hidden or outputs not in (None, shape[0]):
+                swapped = outputs and shape[1:] == (hidden,)
+                raise ModelLoadError(
+                    f"{folder / name} is not a Linear({hidden}, {outputs or 'n'}) state dict (weight shape {shape})"
+                    + (": are colbert_linear.pt and sparse_linear.pt swapped?" if swapped else "")
+                )
+            layer = torch.nn.Linear(hidden, shape[0], bias="bias" in state)
             layer.load_state_dict(state)
             heads.append(layer.to(dev).eval())  # heads stay float32: cheap, and keeps weights exact
         try:
