@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -374,4 +375,30 @@ def test_swapped_head_files_are_refused_at_loading(tiny_model_path, tmp_path):
     (model / "sparse_linear.pt").rename(model / "colbert_linear.pt")
     (model / "tmp.pt").rename(model / "sparse_linear.pt")
     with pytest.raises(ModelLoadError, match=r"sparse_linear\.pt is not a Linear\(64, 1\) state dict"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_loading(
+    tiny_model_path, proxy_model_path, tmp_path
+):
+    """Another model's tokenizer.json in the folder (the proxy's 30522 tokens over the tiny model's embeddings):
+    it loaded, and the first text with a token id past the embeddings failed in torch ("index out of range in
+    self")."""
+    model = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_path, model)
+    shutil.copy(proxy_model_path / "tokenizer.json", model / "tokenizer.json")
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json has 30522 tokens, more than the model's vocab_size"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_a_tokenizer_that_adds_no_leading_special_is_refused_at_loading(tiny_model_path, tmp_path):
+    """A tokenizer.json without its post-processor (no <s> ... </s>): it loaded, the dense vector was the first
+    word's hidden state instead of [CLS]'s, ColBERT dropped the first word, and the empty text failed deep in
+    NumPy ("repeats may not contain negative values")."""
+    model = tmp_path / "no-specials"
+    shutil.copytree(tiny_model_path, model)
+    config = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    config["post_processor"] = None
+    (model / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="adds no special token before a text"):
         M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")

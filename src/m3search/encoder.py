@@ -467,6 +467,12 @@ class M3Encoder:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # tokenizers' own message ("EOF while parsing ...") names no file
             raise ModelLoadError(f"could not read {folder / 'tokenizer.json'} (not a tokenizers file): {exc}") from None
+        vocab = int(model.config.vocab_size)
+        if tokenizer.get_vocab_size() > vocab:  # its later ids would index past the embeddings, deep in torch
+            raise ModelLoadError(
+                f"{folder / 'tokenizer.json'} has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                f"vocab_size {vocab} (config.json): the tokenizer is another model's"
+            )
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return cls(
@@ -942,6 +948,11 @@ def _template_specials(tokenizer) -> tuple[list[int], list[int]]:
     content = [i for i, m in enumerate(mask) if not m]
     if not content:
         raise ModelLoadError("the tokenizer gives no content token for the text 'a'; cannot place its special tokens")
+    if not content[0]:  # BGE-M3's dense vector is the first position's, and its ColBERT vectors follow it
+        raise ModelLoadError(
+            "the tokenizer adds no special token before a text (tokenizer.json lacks BAAI/bge-m3's post_processor "
+            "<s> ... </s>): the dense vector would be the first word's, not [CLS]'s"
+        )
     return probe.ids[: content[0]], probe.ids[content[-1] + 1 :]
 
 
