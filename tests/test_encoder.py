@@ -311,6 +311,21 @@ def test_devices_torch_names_but_the_encoder_cannot_use_are_refused(tiny_model_p
         M3Encoder.from_pretrained(tiny_model_path, device=device, dtype="float32")
 
 
+def test_a_cuda_device_number_this_machine_lacks_is_refused(monkeypatch):
+    """device='cuda:1' on a one-GPU machine was taken, and loading failed in model.to() with torch's
+    "CUDA error: invalid device ordinal" traceback."""
+    import torch
+
+    from m3search.encoder import resolve_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device_dtype("cuda:0", "float32")[0] == torch.device("cuda:0")
+    for device in ("cuda:1", "cuda:7"):
+        with pytest.raises(DeviceError, match=f"device {device!r}: this machine has 1 CUDA device\\(s\\), from cuda:0"):
+            resolve_device_dtype(device, "float32")
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_encoder):
     """-1 raised OverflowError inside tokenizers; an id past the vocabulary decoded to ''."""
     for bad in (-1, tiny_encoder.vocab_size, [3, -2], {tiny_encoder.vocab_size + 5: 0.5}):

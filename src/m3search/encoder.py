@@ -247,6 +247,10 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
         raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: this torch has no CUDA device (use 'cpu' or 'auto')")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():  # else torch's "invalid device ordinal"
+        raise DeviceError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0"
+        )
     names = {
         "float32": torch.float32,
         "fp32": torch.float32,
