@@ -440,3 +440,22 @@ def test_pair_colbert_scores_do_not_pad_every_pair_to_the_longest_document():
     assert peak < 300e6
     pairs = zip(np.split(q, q_off[1:-1]), np.split(d, d_off[1:-1]))
     assert np.allclose(got, [colbert_score(a, b) for a, b in pairs], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["prefixed", "one_missing"])
+def test_weights_that_miss_the_models_tensors_are_refused_at_loading(tiny_model_path, tmp_path, damage):
+    """model.safetensors whose names carry another prefix ("model.embeddings...", as a training wrapper saves
+    them), or that lacks a tensor: transformers filled what it did not find with random values, and its warning
+    was silenced by the loader, so every vector was random (dense 0.88 off) without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / damage
+    shutil.copytree(tiny_model_path, model)
+    weights = load_file(model / "model.safetensors")
+    if damage == "prefixed":
+        weights = {f"model.{k}": v for k, v in weights.items()}
+    else:
+        del weights["encoder.layer.1.output.dense.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors lacks .* of the model's tensors"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")

@@ -443,13 +443,22 @@ class M3Encoder:
         try:
             # Load straight into the target dtype: no transient fp32 copy of a bf16/fp16 model.
             dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-            model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, **{dtype_kw: dt})
+            model, info = AutoModel.from_pretrained(
+                str(folder), add_pooling_layer=False, output_loading_info=True, **{dtype_kw: dt}
+            )
         except Exception as exc:
             raise ModelLoadError(f"could not load the transformer weights in {folder}: {exc}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        if info["missing_keys"]:  # transformers fills them with random values (its warning is silenced above)
+            missing = sorted(info["missing_keys"])
+            weights = next(folder / f for f in _WEIGHT_FILES if (folder / f).is_file())
+            raise ModelLoadError(
+                f"{weights} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): they would be random, and so every vector"
+            )
         model = model.to(device=dev, dtype=dt).eval()
 
         hidden = int(model.config.hidden_size)
