@@ -183,6 +183,13 @@ def test_subsets_by_slice_equal_fancy_indexing(embedded, key):
         assert np.array_equal(a, embedded.colbert_vecs[r])
 
 
+@pytest.mark.parametrize("key", [[], slice(2, 2), np.zeros(0, np.int64)])
+def test_an_empty_selection_has_no_colbert_vectors(embedded, key):
+    """colbert_vecs of no texts was a list of one empty array (np.split of nothing), unlike lexical_weights."""
+    empty = embedded[key]
+    assert len(empty) == 0 and empty.colbert_vecs == [] and empty.lexical_weights == []
+
+
 def test_convert_id_to_token(tiny_encoder, embedded):
     weights = embedded.lexical_weights[0]
     readable = tiny_encoder.convert_id_to_token(weights)

@@ -194,7 +194,8 @@ class M3Embeddings:
         """FlagEmbedding's view: one ``(tokens, hidden)`` array per text (views, no copy)."""
         if self.colbert is None:
             raise ValueError("colbert output was not requested (encode(..., colbert=True))")
-        return np.split(self.colbert, self.colbert_offsets[1:-1])
+        o = self.colbert_offsets.tolist()
+        return [self.colbert[a:b] for a, b in zip(o[:-1], o[1:])]  # np.split of no texts gave one array
 
 
 @dataclass(frozen=True)
