@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -182,6 +183,13 @@ def test_subsets_by_slice_equal_fancy_indexing(embedded, key):
         assert np.array_equal(a, embedded.colbert_vecs[r])
 
 
+@pytest.mark.parametrize("key", [[], slice(2, 2), np.zeros(0, np.int64)])
+def test_an_empty_selection_has_no_colbert_vectors(embedded, key):
+    """colbert_vecs of no texts was a list of one empty array (np.split of nothing), unlike lexical_weights."""
+    empty = embedded[key]
+    assert len(empty) == 0 and empty.colbert_vecs == [] and empty.lexical_weights == []
+
+
 def test_convert_id_to_token(tiny_encoder, embedded):
     weights = embedded.lexical_weights[0]
     readable = tiny_encoder.convert_id_to_token(weights)
@@ -310,6 +318,21 @@ def test_devices_torch_names_but_the_encoder_cannot_use_are_refused(tiny_model_p
         M3Encoder.from_pretrained(tiny_model_path, device=device, dtype="float32")
 
 
+def test_a_cuda_device_number_this_machine_lacks_is_refused(monkeypatch):
+    """device='cuda:1' on a one-GPU machine was taken, and loading failed in model.to() with torch's
+    "CUDA error: invalid device ordinal" traceback."""
+    import torch
+
+    from m3search.encoder import resolve_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device_dtype("cuda:0", "float32")[0] == torch.device("cuda:0")
+    for device in ("cuda:1", "cuda:7"):
+        with pytest.raises(DeviceError, match=f"device {device!r}: this machine has 1 CUDA device\\(s\\), from cuda:0"):
+            resolve_device_dtype(device, "float32")
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_encoder):
     """-1 raised OverflowError inside tokenizers; an id past the vocabulary decoded to ''."""
     for bad in (-1, tiny_encoder.vocab_size, [3, -2], {tiny_encoder.vocab_size + 5: 0.5}):
@@ -362,3 +385,84 @@ def test_encode_does_not_change_model_state(tiny_encoder):
     tiny_encoder.encode(["a", "b"])
     assert (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype) == before
     assert isinstance(tiny_encoder.encode("x").sparse, sp.csr_matrix)
+
+
+def test_swapped_head_files_are_refused_at_loading(tiny_model_path, tmp_path):
+    """colbert_linear.pt and sparse_linear.pt swapped (both are Linear(hidden, n)): the folder loaded, a dense +
+    ColBERT encode gave 1-dimensional ColBERT vectors, and any sparse encode failed deep in torch ("The size of
+    tensor a (32) must match the size of tensor b (64)")."""
+    model = tmp_path / "swapped"
+    shutil.copytree(tiny_model_path, model)
+    (model / "colbert_linear.pt").rename(model / "tmp.pt")
+    (model / "sparse_linear.pt").rename(model / "colbert_linear.pt")
+    (model / "tmp.pt").rename(model / "sparse_linear.pt")
+    with pytest.raises(ModelLoadError, match=r"sparse_linear\.pt is not a Linear\(64, 1\) state dict"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_loading(
+    tiny_model_path, proxy_model_path, tmp_path
+):
+    """Another model's tokenizer.json in the folder (the proxy's 30522 tokens over the tiny model's embeddings):
+    it loaded, and the first text with a token id past the embeddings failed in torch ("index out of range in
+    self")."""
+    model = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_path, model)
+    shutil.copy(proxy_model_path / "tokenizer.json", model / "tokenizer.json")
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json has 30522 tokens, more than the model's vocab_size"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_a_tokenizer_that_adds_no_leading_special_is_refused_at_loading(tiny_model_path, tmp_path):
+    """A tokenizer.json without its post-processor (no <s> ... </s>): it loaded, the dense vector was the first
+    word's hidden state instead of [CLS]'s, ColBERT dropped the first word, and the empty text failed deep in
+    NumPy ("repeats may not contain negative values")."""
+    model = tmp_path / "no-specials"
+    shutil.copytree(tiny_model_path, model)
+    config = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    config["post_processor"] = None
+    (model / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="adds no special token before a text"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_pair_colbert_scores_do_not_pad_every_pair_to_the_longest_document():
+    """compute_score over many pairs, one passage long: every pair was padded to that passage (400 pairs, one of
+    8192 tokens, 64 dims: 840 MB of zeros for 0.3 MB of vectors; bge-m3's 1024 dims: 13 GB). Scores stay exact."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    d_len = rng.integers(0, 12, 400)
+    d_len[7] = 8192
+    q_len = rng.integers(0, 9, 400)
+    d_off, q_off = (np.concatenate([[0], np.cumsum(n)]) for n in (d_len, q_len))
+    d = rng.normal(size=(int(d_off[-1]), 64)).astype(np.float32)
+    q = rng.normal(size=(int(q_off[-1]), 64)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        got = pair_colbert_scores(q, q_off, d, d_off)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 300e6
+    pairs = zip(np.split(q, q_off[1:-1]), np.split(d, d_off[1:-1]))
+    assert np.allclose(got, [colbert_score(a, b) for a, b in pairs], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["prefixed", "one_missing"])
+def test_weights_that_miss_the_models_tensors_are_refused_at_loading(tiny_model_path, tmp_path, damage):
+    """model.safetensors whose names carry another prefix ("model.embeddings...", as a training wrapper saves
+    them), or that lacks a tensor: transformers filled what it did not find with random values, and its warning
+    was silenced by the loader, so every vector was random (dense 0.88 off) without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / damage
+    shutil.copytree(tiny_model_path, model)
+    weights = load_file(model / "model.safetensors")
+    if damage == "prefixed":
+        weights = {f"model.{k}": v for k, v in weights.items()}
+    else:
+        del weights["encoder.layer.1.output.dense.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors lacks .* of the model's tensors"):
+        M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")

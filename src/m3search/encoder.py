@@ -194,7 +194,8 @@ class M3Embeddings:
         """FlagEmbedding's view: one ``(tokens, hidden)`` array per text (views, no copy)."""
         if self.colbert is None:
             raise ValueError("colbert output was not requested (encode(..., colbert=True))")
-        return np.split(self.colbert, self.colbert_offsets[1:-1])
+        o = self.colbert_offsets.tolist()
+        return [self.colbert[a:b] for a, b in zip(o[:-1], o[1:])]  # np.split of no texts gave one array
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,10 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
         raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: this torch has no CUDA device (use 'cpu' or 'auto')")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():  # else torch's "invalid device ordinal"
+        raise DeviceError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0"
+        )
     names = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -439,28 +444,49 @@ class M3Encoder:
         try:
             # Load straight into the target dtype: no transient fp32 copy of a bf16/fp16 model.
             dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-            model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, **{dtype_kw: dt})
+            model, info = AutoModel.from_pretrained(
+                str(folder), add_pooling_layer=False, output_loading_info=True, **{dtype_kw: dt}
+            )
         except Exception as exc:
             raise ModelLoadError(f"could not load the transformer weights in {folder}: {exc}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        if info["missing_keys"]:  # transformers fills them with random values (its warning is silenced above)
+            missing = sorted(info["missing_keys"])
+            weights = next(folder / f for f in _WEIGHT_FILES if (folder / f).is_file())
+            raise ModelLoadError(
+                f"{weights} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): they would be random, and so every vector"
+            )
         model = model.to(device=dev, dtype=dt).eval()
 
         hidden = int(model.config.hidden_size)
         heads = []
-        for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        # The sparse head gives one weight per token: checking it also catches the two files swapped.
+        for name, outputs in (("colbert_linear.pt", None), ("sparse_linear.pt", 1)):
             state = _read_head(folder / name)
-            if "weight" not in state or state["weight"].ndim != 2 or state["weight"].shape[1] != hidden:
-                raise ModelLoadError(f"{folder / name} is not a Linear({hidden}, n) state dict")
-            layer = torch.nn.Linear(hidden, state["weight"].shape[0], bias="bias" in state)
+            shape = tuple(getattr(state.get("weight") if isinstance(state, dict) else None, "shape", ()))
+            if len(shape) != 2 or shape[1] != hidden or outputs not in (None, shape[0]):
+                swapped = outputs and shape[1:] == (hidden,)
+                raise ModelLoadError(
+                    f"{folder / name} is not a Linear({hidden}, {outputs or 'n'}) state dict (weight shape {shape})"
+                    + (": are colbert_linear.pt and sparse_linear.pt swapped?" if swapped else "")
+                )
+            layer = torch.nn.Linear(hidden, shape[0], bias="bias" in state)
             layer.load_state_dict(state)
             heads.append(layer.to(dev).eval())  # heads stay float32: cheap, and keeps weights exact
         try:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # tokenizers' own message ("EOF while parsing ...") names no file
             raise ModelLoadError(f"could not read {folder / 'tokenizer.json'} (not a tokenizers file): {exc}") from None
+        vocab = int(model.config.vocab_size)
+        if tokenizer.get_vocab_size() > vocab:  # its later ids would index past the embeddings, deep in torch
+            raise ModelLoadError(
+                f"{folder / 'tokenizer.json'} has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                f"vocab_size {vocab} (config.json): the tokenizer is another model's"
+            )
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return cls(
@@ -936,6 +962,11 @@ def _template_specials(tokenizer) -> tuple[list[int], list[int]]:
     content = [i for i, m in enumerate(mask) if not m]
     if not content:
         raise ModelLoadError("the tokenizer gives no content token for the text 'a'; cannot place its special tokens")
+    if not content[0]:  # BGE-M3's dense vector is the first position's, and its ColBERT vectors follow it
+        raise ModelLoadError(
+            "the tokenizer adds no special token before a text (tokenizer.json lacks BAAI/bge-m3's post_processor "
+            "<s> ... </s>): the dense vector would be the first word's, not [CLS]'s"
+        )
     return probe.ids[: content[0]], probe.ids[content[-1] + 1 :]
 
 

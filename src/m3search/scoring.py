@@ -126,41 +126,53 @@ def pair_lexical_scores(queries: sp.spmatrix, docs: sp.spmatrix) -> np.ndarray:
 
 
 def pair_colbert_scores(
-    q_vecs: np.ndarray, q_offsets: np.ndarray, d_vecs: np.ndarray, d_offsets: np.ndarray
+    q_vecs: np.ndarray,
+    q_offsets: np.ndarray,
+    d_vecs: np.ndarray,
+    d_offsets: np.ndarray,
+    *,
+    block_elems: int = 1 << 25,
 ) -> np.ndarray:
     """Row-wise ColBERT scores of aligned ragged arrays (pair i = query i, document i).
 
-    Pads both sides into ``(n, L, d)`` blocks and runs one batched matmul; padded
-    document positions are masked to -inf so only real tokens can be the max.
+    Pairs go longest document first in blocks, each padded into ``(m, L, d)`` arrays of at
+    most about ``block_elems`` floats (with its similarities) and run as one batched matmul;
+    padded document positions are masked to -inf so only real tokens can be the max. Why
+    blocks: padding every pair to the call's longest document cost ``n x 8192 x d`` floats
+    when one passage of ``compute_score``'s many was long.
     """
     import torch
 
     q_offsets = np.asarray(q_offsets, np.int64)
     d_offsets = np.asarray(d_offsets, np.int64)
     q_len, d_len = np.diff(q_offsets), np.diff(d_offsets)
-    n = len(q_len)
-    if n == 0:
-        return np.zeros(0, np.float32)
-    q = _pad(q_vecs, q_offsets)
-    d = _pad(d_vecs, d_offsets)
-    sims = torch.bmm(torch.from_numpy(q), torch.from_numpy(d).transpose(1, 2))  # (n, Lq, Ld)
-    d_mask = torch.from_numpy(np.arange(d.shape[1])[None, :] < d_len[:, None])
-    sims = sims.masked_fill(~d_mask[:, None, :], float("-inf"))
-    best = sims.max(dim=2).values if d.shape[1] else torch.zeros(q.shape[:2])
-    q_mask = torch.from_numpy(np.arange(q.shape[1])[None, :] < q_len[:, None])
-    best = torch.where(q_mask & torch.isfinite(best), best, torch.zeros(()))
-    denom = torch.from_numpy(np.maximum(q_len, 1).astype(np.float32))
-    return (best.sum(dim=1) / denom).numpy().astype(np.float32)
+    out = np.zeros(len(q_len), np.float32)
+    order = np.argsort(-d_len, kind="stable")
+    dim = q_vecs.shape[1] if q_vecs.ndim == 2 else 0
+    lq = int(q_len.max(initial=0))
+    i = 0
+    while i < len(order):
+        ld = int(d_len[order[i]])  # the longest document left: this block's width
+        rows = order[i : i + max(1, block_elems // max((lq + ld) * dim + lq * ld, 1))]
+        i += len(rows)
+        q, d = _pad(q_vecs, q_offsets, rows), _pad(d_vecs, d_offsets, rows)
+        sims = torch.bmm(torch.from_numpy(q), torch.from_numpy(d).transpose(1, 2))  # (m, Lq, Ld)
+        d_mask = torch.from_numpy(np.arange(d.shape[1])[None, :] < d_len[rows, None])
+        sims = sims.masked_fill(~d_mask[:, None, :], float("-inf"))
+        best = sims.max(dim=2).values if d.shape[1] else torch.zeros(q.shape[:2])
+        q_mask = torch.from_numpy(np.arange(q.shape[1])[None, :] < q_len[rows, None])
+        best = torch.where(q_mask & torch.isfinite(best), best, torch.zeros(()))
+        out[rows] = (best.sum(dim=1) / torch.from_numpy(np.maximum(q_len[rows], 1).astype(np.float32))).numpy()
+    return out
 
 
-def _pad(vecs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Ragged ``(T, d)`` + offsets -> zero-padded ``(n, L_max, d)`` without a per-row loop."""
-    lengths = np.diff(offsets)
-    n, width = len(lengths), int(lengths.max(initial=0))
-    dim = vecs.shape[1] if vecs.ndim == 2 else 0
-    out = np.zeros((n, width, dim), dtype=np.float32)
-    if lengths.sum():
-        rows = np.repeat(np.arange(n), lengths)
-        cols = np.arange(int(lengths.sum())) - np.repeat(offsets[:-1] - offsets[0], lengths)
-        out[rows, cols] = vecs[offsets[0] : offsets[-1]]
+def _pad(vecs: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Segments ``rows`` of ragged ``(T, d)`` + offsets -> zero-padded ``(len(rows), L_max, d)``, no per-row loop."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    total = int(lengths.sum())
+    out = np.zeros((len(rows), int(lengths.max(initial=0)), vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
+    if total:
+        cols = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[np.repeat(np.arange(len(rows)), lengths), cols] = vecs[np.repeat(starts, lengths) + cols]
     return out
