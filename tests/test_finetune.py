@@ -838,6 +838,14 @@ def test_a_beir_folder_trains_on_its_train_split_where_it_has_one(tmp_path):
     assert test.qrels_split == "test" and len(test.examples) == 8
     with pytest.raises(FinetuneInputError, match=r"no qrels/dev.tsv"):
         read_beir_examples(folder, split="dev")
+    # a queries folder of another corpus with its own train.tsv: not this corpus's, so test.tsv, as before, said
+    other = _beir(tmp_path / "other", n_queries=8)
+    (other / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tx1\t1\n")
+    only_test = _beir(tmp_path / "only-test", n_queries=8)
+    with pytest.warns(UserWarning, match=r"training on qrels/test.tsv: qrels/train.tsv is not usable here"):
+        assert read_beir_examples(only_test, queries_dir=other).qrels_split == "test"
+    with pytest.raises(FinetuneInputError, match=r"no qrels/train.tsv whose corpus ids"):
+        read_beir_examples(only_test, queries_dir=other, split="train")  # asked for: its error
 
 
 def test_cli_finetune_split(tmp_path, tiny_model_path):

@@ -198,19 +198,9 @@ def split_queries(qids: Sequence[str], holdout: float, seed: int) -> tuple[list[
     if holdout and not n_out:
         raise FinetuneInputError(
             f"holdout {holdout} of {len(order)} judged queries holds out none (it rounds to 0): give more than "
-            f"{0.5 / len(order):.3g}, or 0 for no held-out evaluation"
+            f"{0.5 / max(len(order), 1):.3g}, or 0 for no held-out evaluation"
         )
     return sorted(order[n_out:]), sorted(order[:n_out])
-
-
-def training_split(data_dir: str | os.PathLike, queries_dir: str | os.PathLike | None = None) -> str:
-    """The qrels a BEIR folder trains on by default: ``train`` where the folder (or the queries' one) has
-    ``qrels/train.tsv``, else ``test``. Why: always ``test`` trained on the judgements a later eval measures
-    with (scifact, fiqa, nfcorpus ship a train split), inflating its scores unsaid."""
-    from .sources import locate
-
-    folders = [Path(data_dir)] + ([Path(queries_dir)] if queries_dir is not None else [])
-    return "train" if any(locate(f / "qrels", "train.tsv") for f in folders) else "test"
 
 
 def read_beir_examples(
@@ -221,18 +211,30 @@ def read_beir_examples(
     seed: int = 0,
     split: str | None = None,
 ) -> BeirSplit:
-    """Load a BEIR folder's ``qrels/<split>.tsv`` (None: :func:`training_split`); every training query needs a
-    positive (qrels score > 0) in the corpus.
+    """Load a BEIR folder's ``qrels/<split>.tsv``; every training query needs a positive (qrels score > 0) in the
+    corpus. ``split=None``: ``train`` where the folders have a ``qrels/train.tsv`` this corpus and queries can use,
+    else ``test`` (with a warning naming why where a ``train.tsv`` is there but not usable: the run is what it was
+    before this default). Why: always ``test`` trained on the judgements a later eval measures with (scifact,
+    fiqa, nfcorpus ship a train split), inflating its scores unsaid.
 
     Negatives are left empty: :func:`mine_negatives` fills them with the base model.
     """
     from .eval import BeirData, load_beir
+    from .sources import locate
 
-    split = training_split(data_dir, queries_dir) if split is None else split
+    folders = [Path(data_dir)] + ([Path(queries_dir)] if queries_dir is not None else [])
+    auto = split is None and any(locate(f / "qrels", "train.tsv") for f in folders)
+    split = "train" if auto else split or "test"
     try:
         data = load_beir(data_dir, queries_dir=queries_dir, split=split)
     except ValueError as e:
-        raise FinetuneInputError(str(e)) from None
+        if not auto:
+            raise FinetuneInputError(str(e)) from None
+        try:
+            data, split = load_beir(data_dir, queries_dir=queries_dir, split="test"), "test"
+        except ValueError:
+            raise FinetuneInputError(str(e)) from None  # neither: the train split's reason
+        warnings.warn(f"training on qrels/test.tsv: qrels/train.tsv is not usable here ({e})", stacklevel=2)
     no_positive = sorted(q for q, rel in data.qrels.items() if not any(s > 0 for s in rel.values()))
     if no_positive:
         raise FinetuneInputError(
@@ -811,7 +813,7 @@ def finetune(
     FlagEmbedding JSONL file. ``holdout`` (BEIR only): this fraction of the judged queries (a fixed split by
     ``seed``) is never trained on; nDCG@10 per mode on it, before and after, goes into the report. ``split``
     (BEIR only): the judgements trained on, ``qrels/<split>.tsv``; None: ``train`` where there is one, else
-    ``test`` (:func:`training_split`; the report says which).
+    ``test`` (the report says which).
     ``dtype="auto"``: bf16 autocast on CPUs with bf16 units, fp16 on CUDA (bf16 where supported); master
     weights stay float32. ``token_budget``: padded tokens per batch (queries + passages).
     Interrupted? Run the same call again: it continues from ``<out>.partial/checkpoint.pt``.
@@ -950,9 +952,11 @@ def finetune(
                 "delete that folder to start over"
             )
         if saved["fingerprint"] != fingerprint:
+            split = report.get("split")  # (BEIR's default judgements became train.tsv where there is one)
             raise FinetuneInputError(
                 f"{work} holds a checkpoint of a different run (other settings, data or base model); "
                 "run the same command as before to resume it, or delete that folder to start over"
+                + (f" (this run trains on qrels/{split}.tsv: --split picks the judgements)" if split else "")
             )
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
