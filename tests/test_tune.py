@@ -566,6 +566,7 @@ def test_a_kept_tuning_changes_no_search_and_other_modes_keep_the_creation_defau
         ({"step": float("nan")}, "step must be a number"),
         ({"candidates": (0, 50)}, "candidates must be a positive integer, got 0"),
         ({"candidates": (10**6,)}, "candidates=1000000 exceeds the limit of 100000"),
+        ({"candidates": 50}, r"candidates must be a list of depths"),  # was "'int' object is not iterable"
     ],
 )
 def test_tune_refuses_bad_arguments_before_any_work(tmp_path, small, tiny_encoder, monkeypatch, arg, message):
@@ -589,3 +590,10 @@ def test_tuning_breaks_ties_by_id_as_the_search_does():
     s = {m: np.zeros(3) for m in ("dense", "sparse", "colbert")}
     cache = ScoreCache.from_pools(["q"], [(ids, s)], {"q": {}}, depth=3)
     assert cache.idrank[0].tolist() == np.argsort(order(ids, np.zeros(3))).tolist() == [1, 2, 0]
+
+
+def test_numpy_depths_tune_as_the_ints_they_hold():
+    """Depths checked as integers stayed NumPy's in the grid: a tuned setting then failed json.dumps when stored."""
+    grid = settings_grid(0.5, candidates=np.array([50, 100]))
+    assert {s.candidates for s in grid} >= {50, 100} and all(type(s.candidates) is int for s in grid)
+    json.dumps([s.to_dict() for s in grid])

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from m3search.filters import python_value
 from m3search.fusion import FUSIONS, RRF_K, id_ranks
 from m3search.plan import (
     DEFAULT_CANDIDATES,
@@ -129,7 +130,7 @@ def settings_grid(
     over the simplex (zero weights = fewer modes) x fusion x candidate depth, without duplicates (``dense``
     and ``sparse`` alone do not re-rank, so fusion and depth do not matter to them; ``colbert`` alone ranks
     alike in every fusion)."""
-    n = _check_grid(step, candidates)
+    n, candidates = _check_grid(step, candidates)
     simplex = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
     # dense / sparse alone keep the default depth: it does not change their ranking
     out = [baseline, DEFAULT_SETTING] + [
@@ -143,18 +144,19 @@ def settings_grid(
     return [s for s in out if not (s in seen or seen.add(s))]
 
 
-def _check_grid(step: Any, candidates: Sequence[Any]) -> int:
-    """``1 / step``, the weight grid's steps, once ``step`` (a number dividing 1) and ``candidates`` (depths a
-    search takes) are checked. Why: step=0 failed deep inside (ZeroDivisionError), and a depth of 0 was tuned,
-    then refused only when stored."""
+def _check_grid(step: Any, candidates: Sequence[Any]) -> tuple[int, tuple[int, ...]]:
+    """``1 / step``, the weight grid's steps, and ``candidates`` as Python ints, once ``step`` (a number dividing
+    1) and the depths (a search's) are checked. Why: step=0 failed deep inside (ZeroDivisionError), a depth of 0
+    was tuned, then refused only when stored, and a NumPy depth failed the stored setting's JSON."""
     if isinstance(step, bool) or not isinstance(step, Real) or not MIN_WEIGHT_STEP <= step <= 1:
         raise ValueError(f"step must be a number in [{MIN_WEIGHT_STEP}, 1] that divides 1, got {step!r}")
     n = round(1 / step)
     if not math.isclose(n * step, 1.0):
         raise ValueError(f"step must divide 1, got {step}")
-    for c in candidates:
-        check_limit("candidates", check_int("candidates", c), MAX_CANDIDATES)
-    return n
+    candidates = python_value(candidates)  # a NumPy array of depths: a list
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+        raise ValueError(f"candidates must be a list of depths such as (50, 100, 200), got {candidates!r}"[:200])
+    return n, tuple(check_limit("candidates", check_int("candidates", c), MAX_CANDIDATES) for c in candidates)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -475,7 +477,7 @@ def tune(
     parse_metric(metric)  # every argument checked before the data is read and the queries encoded
     check_int("folds", folds, 2)
     check_int("seed", seed, 0)
-    _check_grid(step, candidates)
+    _, candidates = _check_grid(step, candidates)
     if save and collection is None:
         raise ValueError("save=True needs a collection to store the setting in")
     t_start = time.perf_counter()
