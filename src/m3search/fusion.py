@@ -47,8 +47,8 @@ def _as_arrays(scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
 
 
 def order(ids: Sequence[Any], fused: np.ndarray) -> np.ndarray:
-    """Indices sorting candidates by fused score descending, then id ascending (ids: strings, or any values
-    Python orders, such as a passage's ``(id, window)``). The ids are ranked by Python's sort: a NumPy string
+    """Indices sorting candidates by fused score descending, then id ascending (ids: strings, or tuples Python
+    orders, such as a passage's ``(id, window)``; one kind per call). The ids are ranked by Python's sort: a NumPy string
     array padded each to the longest (an id of a million characters made a search hold gigabytes) and dropped
     trailing NULs ("a" and "a\x00" tied)."""
     # lexsort's last key is primary; the ids' ranks break ties.

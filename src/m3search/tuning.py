@@ -103,12 +103,13 @@ def setting_of(defaults: Mapping[str, Any]) -> Setting:
 def parse_metric(metric: str) -> tuple[str, int]:
     """``"ndcg@10"`` -> ``("ndcg", 10)``; also ``recall@K`` and ``mrr@K``."""
     name, _, cut = str(metric).strip().lower().partition("@")
-    # ASCII digits, few: "²".isdigit() and a 5000-digit K failed in int() with Python's own message
+    shown = repr(metric) if len(str(metric)) <= 40 else repr(str(metric)[:40]) + "..."
+    # ASCII digits ("²".isdigit() failed in int() with Python's own message)
     if name not in METRICS or not (cut.isascii() and cut.isdigit()) or not cut.strip("0"):
-        raise ValueError(f"unknown metric {metric!r}: use ndcg@K, recall@K or mrr@K (e.g. ndcg@10)")
-    # (the lists scored are that deep: it was refused as "candidates=..."; int() of 4,301 digits is Python's error)
+        raise ValueError(f"unknown metric {shown}: use ndcg@K, recall@K or mrr@K (e.g. ndcg@10)")
+    # the lists scored are that deep (it was refused as "candidates=..."); int() refuses over 4,300 digits
     if len(cut.lstrip("0")) > len(str(MAX_CANDIDATES)) or int(cut) > MAX_CANDIDATES:
-        raise ValueError(f"metric {metric!r}: K must be at most {MAX_CANDIDATES}, the deepest list a search scores")
+        raise ValueError(f"metric {shown}: K must be at most {MAX_CANDIDATES}, the deepest list a search scores")
     return name, int(cut)
 
 
