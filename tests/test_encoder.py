@@ -237,6 +237,8 @@ def test_compute_score_keys_and_weights(tiny_encoder):
         )
     one = tiny_encoder.compute_score(pairs[0], weights=(1, 2, 3))
     assert one["dense"] == pytest.approx(s["dense"][0], rel=1e-6, abs=1e-6)
+    # FlagEmbedding takes a list of two strings as one pair too (it was a TypeError here: "each pair must be")
+    assert tiny_encoder.compute_score(list(pairs[0]), weights=(1, 2, 3)) == one
     with pytest.raises(ValueError):
         tiny_encoder.compute_score(pairs, weights=(1, 2))
     with pytest.raises(ValueError):

@@ -907,7 +907,7 @@ class M3Encoder:
 
     def compute_score(
         self,
-        pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        pairs: Sequence[tuple[str, str]] | tuple[str, str] | list[str],
         weights: Sequence[float] = DEFAULT_WEIGHTS,
         *,
         max_query_length: int = 512,
@@ -925,7 +925,8 @@ class M3Encoder:
         ``sparse+dense`` would be 0/0, NaN in FlagEmbedding) are refused with ValueError, as a search
         in those modes is. A single pair gives floats, a list of pairs lists of floats.
         """
-        single = isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs)
+        # one pair as a tuple or, as FlagEmbedding takes it, a list of two strings (a list of pairs holds none)
+        single = isinstance(pairs, (tuple, list)) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs)
         pairs = [pairs] if single else list(pairs)
         if not pairs:
             raise ValueError("pairs is empty")
