@@ -468,3 +468,18 @@ def test_weights_that_miss_the_models_tensors_are_refused_at_loading(tiny_model_
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"model\.safetensors lacks .* of the model's tensors"):
         M3Encoder.from_pretrained(str(model), device="cpu", dtype="float32")
+
+
+def test_no_stderr_is_no_progress_bar(tiny_encoder, tmp_path, monkeypatch):
+    """A process without stderr (pythonw, a daemon with fd 2 closed) has sys.stderr None: encode_windows and
+    Collection.add asked it isatty() whether to show progress, an AttributeError from deep inside."""
+    import sys
+
+    from m3search import Collection
+
+    monkeypatch.setattr(sys, "stderr", None)
+    out = tiny_encoder.encode_windows(["word " * 100], window=16, stride=10)
+    assert len(out.spans) > 1
+    with Collection.create(tmp_path / "c", model=tiny_encoder, batch_size=1) as col:
+        col.add(["one text", "another text"], ids=["a", "b"])
+        assert col.count() == 2

@@ -772,7 +772,9 @@ class Collection:
                     )
             progress, windows_progress = None, show_progress
             if show_progress is None:
-                show_progress = n > bs and sys.stderr.isatty()
+                from m3search.encoder import stderr_is_terminal
+
+                show_progress = n > bs and stderr_is_terminal()
             if show_progress:
                 from tqdm.auto import tqdm
 

@@ -234,6 +234,12 @@ def _cpu_has_bf16() -> bool:
     return False
 
 
+def stderr_is_terminal() -> bool:
+    """Whether progress bars are shown by default: stderr is a terminal. Why a function: a process started without
+    one (pythonw, a daemon with fd 2 closed) has ``sys.stderr`` None, and ``isatty()`` on it failed every encode."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
     """Pick ``(torch.device, torch.dtype)``: CUDA -> fp16; CPU with bf16 units -> bf16; else fp32."""
     import torch
@@ -707,7 +713,7 @@ class M3Encoder:
         if chunk_tokens is not None and total > chunk_tokens:
             ends = np.searchsorted(np.cumsum(lengths), np.arange(chunk_tokens, total, chunk_tokens), side="left") + 1
             edges = [0, *np.unique(ends[ends < len(lengths)]).tolist(), len(lengths)]
-        show = show_progress or (show_progress is None and sys.stderr.isatty() and total > self.token_budget)
+        show = show_progress or (show_progress is None and stderr_is_terminal() and total > self.token_budget)
         count = np.bincount(plan.doc, minlength=len(texts)).astype(np.int64)
         index = np.arange(len(plan.doc), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
         return self._window_chunks(

@@ -232,7 +232,9 @@ def _copy(
 
     progress = None
     if show_progress is None:
-        show_progress = total > batch_size and sys.stderr.isatty()
+        from m3search.encoder import stderr_is_terminal
+
+        show_progress = total > batch_size and stderr_is_terminal()
     if show_progress:
         from tqdm.auto import tqdm
 
