@@ -364,12 +364,12 @@ def read_table(
             raise ValueError(f"{path.name}: empty file (a header row is required)")
         # a column with no name (a trailing delimiter, as spreadsheets export) was the metadata key "" of every
         # record: one told apart by its position, its cells required empty
-        unnamed = [(_UNNAMED, i + 1) for i, c in enumerate(reader.fieldnames) if c == ""]
-        named = [c for c in reader.fieldnames if c != ""]
-        dup = sorted({c for c in named if named.count(c) > 1})
+        names = reader.fieldnames
+        dup = sorted({c for c in names if c and names.count(c) > 1})
         if dup:
             raise ValueError(f"{path.name}:1: header names column(s) {dup} more than once")
-        reader.fieldnames = [c if c != "" else (_UNNAMED, i + 1) for i, c in enumerate(reader.fieldnames)]
+        reader.fieldnames = [c or (_UNNAMED, i + 1) for i, c in enumerate(names)]
+        unnamed = [c for c in reader.fieldnames if isinstance(c, tuple)]
         start = reader.line_num + 1
         for number, row in enumerate(reader, 1):
             where = f"{path.name}:{start} (record {number})"
