@@ -159,7 +159,7 @@ def parse_mode(mode: Any) -> tuple[str, ...]:
         return MODES
     parts = [p.strip() for p in name.split("+")]
     bad = [p for p in parts if p not in MODES]
-    twice = sorted({p for p in parts if parts.count(p) > 1} - set(bad))
+    twice = sorted({p for p in parts if parts.count(p) > 1})
     if twice and not bad:
         raise ValueError(f"mode {mode!r} names {', '.join(twice)} more than once: name each mode once")
     if bad or not parts:
