@@ -1496,7 +1496,12 @@ def _note(line: str) -> None:
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
 @cache_dir_option
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(1),
+    help="Documents per encode and write while the index is built [default: the collection's, 128].",
+)
 @click.option(
     "--max-windows",
     default=None,
