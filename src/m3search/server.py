@@ -108,6 +108,11 @@ INGEST_WRITE_BATCH = 4
 # ---------------------------------------------------------------------------------------------- settings
 
 
+class EnvironmentSettingError(ValueError):
+    """An ``M3SEARCH_*`` variable holds a value its setting cannot take (``m3search serve``: a usage error, as a bad
+    option value is)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Server settings. ``from_env`` reads ``M3SEARCH_*`` variables; CLI options override them."""
@@ -121,8 +126,9 @@ class Settings:
     max_batch: int = DEFAULT_MAX_BATCH
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Largest ``k`` / ``candidates`` a search may ask for.
+    #: Largest ``k`` a search may ask for.
     max_k: int = DEFAULT_SERVER_MAX_K
+    #: Largest ``candidates`` a search may ask for.
     max_candidates: int = MAX_CANDIDATES
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = DEFAULT_MAX_QUEUE
@@ -133,6 +139,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
+        """The settings of ``uvicorn --factory`` and ``m3search serve`` alike: the one place ``M3SEARCH_*``
+        variables become settings. ``overrides`` (``serve``'s options given on its command line; None: not given)
+        win over the variables, the variables over the defaults. A variable that is set but empty counts as unset.
+        """
         env = os.environ
         values: dict[str, Any] = {
             "collection": env.get("M3SEARCH_COLLECTION") or None,
@@ -141,15 +151,17 @@ class Settings:
             "dtype": env.get("M3SEARCH_DTYPE") or "auto",
             "api_key": env.get("M3SEARCH_API_KEY") or None,
         }
+        given = {k: v for k, v in overrides.items() if v is not None}
         for name in ("max_batch", "max_body_bytes", "max_queue"):
-            raw = env.get(f"M3SEARCH_{name.upper()}")
-            if raw:
+            var = f"M3SEARCH_{name.upper()}"
+            if name not in given and (raw := env.get(var)):
                 try:
                     values[name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"M3SEARCH_{name.upper()} must be an integer, got {raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+                    values[name] = 0
+                if values[name] < 1:
+                    raise EnvironmentSettingError(f"{var}: {raw!r} is not a positive integer")
+        settings = cls(**(values | given))
         settings.check()
         return settings
 
