@@ -530,6 +530,41 @@ def test_serve_settings_are_the_factorys_flag_over_variable_over_default(tmp_pat
     assert serve(flags, {**env, "M3SEARCH_MAX_BATCH": "x", "M3SEARCH_MAX_BODY_BYTES": "x"}) == from_flags
 
 
+def test_serve_max_k_is_an_option_and_a_variable(monkeypatch):
+    """The server's largest k (``Settings.max_k``) could be set only in code: ``serve`` had no option for it and
+    ``uvicorn --factory`` no variable. ``--max-k`` wins over ``M3SEARCH_MAX_K``, which wins over the default; a
+    value that is not from 1 to ``MAX_K`` (above it no search asks: 400 before the server's 413) is refused,
+    naming the option or the variable."""
+    pytest.importorskip("fastapi")
+    from click.testing import CliRunner
+
+    import m3search.server
+    from m3search.cli import main
+    from m3search.plan import DEFAULT_SERVER_MAX_K, MAX_K
+    from m3search.server import Settings
+
+    for name in ("M3SEARCH_COLLECTION", "M3SEARCH_MAX_K"):
+        monkeypatch.delenv(name, raising=False)
+    served: list = []
+    monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
+    for args, env, want in (([], {}, DEFAULT_SERVER_MAX_K), ([], {"M3SEARCH_MAX_K": "50"}, 50)):
+        assert CliRunner().invoke(main, ["serve", "-m", "m", *args], env=env).exit_code == 0
+        assert served[-1].max_k == want
+    result = CliRunner().invoke(main, ["serve", "-m", "m", "--max-k", "60"], env={"M3SEARCH_MAX_K": "50"})
+    assert result.exit_code == 0 and served[-1].max_k == 60
+    monkeypatch.setenv("M3SEARCH_MAX_K", "70")
+    assert Settings.from_env().max_k == 70  # what `uvicorn --factory` serves
+    monkeypatch.delenv("M3SEARCH_MAX_K")
+    for bad in ("0", "-1", str(MAX_K + 1), "x"):
+        result = CliRunner().invoke(main, ["serve", "-m", "m", "--max-k", bad])
+        assert result.exit_code == 2 and "Invalid value for '--max-k'" in result.output, result.output
+        result = CliRunner().invoke(main, ["serve", "-m", "m"], env={"M3SEARCH_MAX_K": bad})
+        assert result.exit_code == 2 and f"M3SEARCH_MAX_K: {bad!r} is " in result.output, result.output
+    with pytest.raises(ValueError, match=f"max_k is over {MAX_K}"):
+        Settings(max_k=MAX_K + 1).check()
+    assert len(served) == 3
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"

@@ -45,6 +45,7 @@ from .plan import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SEARCH_TIMEOUT,
+    DEFAULT_SERVER_MAX_K,
     FUSIONS,
     GROUPS,
     MAX_CANDIDATES,
@@ -1371,6 +1372,13 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     type=click.IntRange(1),
     help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After "
     "(env var M3SEARCH_MAX_QUEUE).",
+)
+@click.option(
+    "--max-k",
+    default=DEFAULT_SERVER_MAX_K,
+    show_default=True,
+    type=click.IntRange(1, MAX_K),
+    help="Largest k a search may ask for; beyond it: 413 (env var M3SEARCH_MAX_K).",
 )
 @dtype_option
 @device_option

@@ -108,6 +108,24 @@ INGEST_WRITE_BATCH = 4
 # ---------------------------------------------------------------------------------------------- settings
 
 
+#: The integer limits of :class:`Settings`: each from 1 to this (None: no bound of its own). ``from_env`` reads all but
+#: ``max_candidates`` from ``M3SEARCH_<NAME>``.
+_LIMITS: dict[str, int | None] = {
+    "max_batch": None,
+    "max_body_bytes": None,
+    "max_k": MAX_K,
+    "max_candidates": None,
+    "max_queue": None,
+}
+
+
+def _out_of_range(value: int, most: int | None) -> str | None:
+    """What makes ``value`` no limit of at most ``most``, or None."""
+    if value < 1:
+        return "is not a positive integer"
+    return f"is over {most}" if most is not None and value > most else None
+
+
 class EnvironmentSettingError(ValueError):
     """An ``M3SEARCH_*`` variable holds a value its setting cannot take (``m3search serve``: a usage error, as a bad
     option value is)."""
@@ -126,7 +144,7 @@ class Settings:
     max_batch: int = DEFAULT_MAX_BATCH
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Largest ``k`` a search may ask for.
+    #: Largest ``k`` a search may ask for (at most :data:`~m3search.plan.MAX_K`).
     max_k: int = DEFAULT_SERVER_MAX_K
     #: Largest ``candidates`` a search may ask for.
     max_candidates: int = MAX_CANDIDATES
@@ -152,23 +170,23 @@ class Settings:
             "api_key": env.get("M3SEARCH_API_KEY") or None,
         }
         given = {k: v for k, v in overrides.items() if v is not None}
-        for name in ("max_batch", "max_body_bytes", "max_queue"):
+        for name in ("max_batch", "max_body_bytes", "max_k", "max_queue"):
             var = f"M3SEARCH_{name.upper()}"
             if name not in given and (raw := env.get(var)):
                 try:
                     values[name] = int(raw)
                 except ValueError:
                     values[name] = 0
-                if values[name] < 1:
-                    raise EnvironmentSettingError(f"{var}: {raw!r} is not a positive integer")
+                if wrong := _out_of_range(values[name], _LIMITS[name]):
+                    raise EnvironmentSettingError(f"{var}: {raw!r} {wrong}")
         settings = cls(**(values | given))
         settings.check()
         return settings
 
     def check(self) -> None:
-        for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in _LIMITS.items():
+            if wrong := _out_of_range(getattr(self, name), most):
+                raise ValueError(f"{name} {wrong}: {getattr(self, name)}")
         for name in ("request_timeout", "search_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
