@@ -1390,7 +1390,8 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     help="uvicorn's log level: the least severe of its lines printed.",
 )
 def serve(host: str, port: int, log_level: str, **options: Any) -> None:
-    """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
+    """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C. Every option but where to listen and the log level
+    is a server setting of the same name."""
     with _errors():
         from .errors import CollectionInUseError
         from .server import EnvironmentSettingError, Settings
@@ -1398,7 +1399,9 @@ def serve(host: str, port: int, log_level: str, **options: Any) -> None:
 
         ctx = click.get_current_context()
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
-        try:  # the variables as `uvicorn --factory` reads them (click's own reading of those it shares: unused)
+        # the variables as `uvicorn --factory` reads them, under the options given (the variables click reads for
+        # the options serve shares with the other commands, -c, -m, --api-key, --dtype, --device, only checked here)
+        try:
             settings = Settings.from_env(**given)
         except EnvironmentSettingError as exc:
             raise click.UsageError(str(exc), ctx) from None
@@ -1485,7 +1488,7 @@ def _note(line: str) -> None:
     "--batch-size",
     default=None,
     type=click.IntRange(1),
-    help="Documents per encode and write while the index is built [default: the collection's, 128].",
+    help="Documents per encode and write while the index is built [default: the collection's batch_size].",
 )
 @click.option(
     "--max-windows",
