@@ -479,30 +479,90 @@ def test_serve_help_shows_the_servers_defaults():
     assert f"default: {settings.max_queue};" in shown and "the server's" not in shown
 
 
-def test_serve_reads_its_limits_from_the_environment(monkeypatch):
-    """``M3SEARCH_MAX_BATCH`` and ``M3SEARCH_MAX_BODY_BYTES`` were read by ``uvicorn --factory`` only
-    (``Settings.from_env``): ``serve`` served its own defaults. It reads them as the server does (the body in
-    bytes, though its flag is in MiB), and a flag given wins, as for ``M3SEARCH_MAX_QUEUE``."""
+def test_serve_settings_are_the_factorys_flag_over_variable_over_default(tmp_path, monkeypatch):
+    """``serve`` read its variables itself (click's ``envvar``, ``M3SEARCH_MAX_BODY_BYTES`` by hand) beside
+    ``Settings.from_env``, which ``uvicorn --factory`` serves: one reading of them now, the order kept. For every
+    setting ``serve`` takes, a flag given wins over its variable and a variable over the default; with variables
+    alone ``serve`` serves the factory's settings; a variable its setting cannot take is a usage error naming it
+    (exit code 2), and is not read where the flag is given."""
+    pytest.importorskip("fastapi")
+    from click.testing import CliRunner
+
+    import m3search.collection
+    import m3search.server
+    from m3search.cli import main
+    from m3search.server import Settings
+
+    served: list = []
+    monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
+    monkeypatch.setattr(m3search.collection.Collection, "exists", classmethod(lambda cls, path: True))
+    names = ("collection", "model", "device", "dtype", "api_key", "max_batch", "max_body_bytes", "max_queue")
+    env = dict(zip([f"M3SEARCH_{n.upper()}" for n in names], [str(tmp_path / "e"), "em", "cpu", "float32", "ek"]))
+    env |= {"M3SEARCH_MAX_BATCH": "7", "M3SEARCH_MAX_BODY_BYTES": "12345", "M3SEARCH_MAX_QUEUE": "99"}
+    flags = ["-c", str(tmp_path / "f"), "-m", "fm", "--device", "cuda:1", "--dtype", "bfloat16", "--api-key", "fk"]
+    flags += ["--max-batch", "8", "--max-body-mb", "0.5", "--max-queue", "100", "--timeout", "5"]
+    unset = dict.fromkeys(env)
+
+    def serve(args: list[str], variables: dict) -> Settings:
+        result = CliRunner().invoke(main, ["serve", *args], env={**unset, **variables})
+        assert result.exit_code == 0, result.output
+        return served[-1]
+
+    assert serve([], {}) == Settings(model="BAAI/bge-m3")
+    from_variables = serve([], env)
+    with monkeypatch.context() as variables:
+        for name, value in env.items():
+            variables.setenv(name, value)
+        assert from_variables == Settings.from_env()
+    assert [getattr(from_variables, n) for n in names] == [*list(env.values())[:5], 7, 12345, 99]
+    from_flags = serve(flags, env)
+    assert [getattr(from_flags, n) for n in (*names, "search_timeout")] == [
+        *flags[1:10:2],
+        8,
+        2**19,
+        100,
+        5,
+    ]
+    for name in ("M3SEARCH_MAX_BATCH", "M3SEARCH_MAX_BODY_BYTES", "M3SEARCH_MAX_QUEUE"):
+        for bad in ("0", "0.5", "x"):
+            result = CliRunner().invoke(main, ["serve", "-m", "m"], env={**unset, name: bad})
+            assert result.exit_code == 2 and f"{name}: {bad!r} is not a positive integer" in result.output
+    assert serve(flags, {**env, "M3SEARCH_MAX_BATCH": "x", "M3SEARCH_MAX_BODY_BYTES": "x"}) == from_flags
+
+
+def test_serve_max_k_is_an_option_and_a_variable(monkeypatch):
+    """The server's largest k (``Settings.max_k``) could be set only in code: ``serve`` had no option for it and
+    ``uvicorn --factory`` no variable. ``--max-k`` wins over ``M3SEARCH_MAX_K``, which wins over the default; a
+    value that is not from 1 to ``MAX_K`` (above it no search asks: 400 before the server's 413) is refused,
+    naming the option or the variable."""
     pytest.importorskip("fastapi")
     from click.testing import CliRunner
 
     import m3search.server
     from m3search.cli import main
+    from m3search.plan import DEFAULT_SERVER_MAX_K, MAX_K
+    from m3search.server import Settings
 
+    for name in ("M3SEARCH_COLLECTION", "M3SEARCH_MAX_K"):
+        monkeypatch.delenv(name, raising=False)
     served: list = []
     monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
-    env = {"M3SEARCH_MAX_BATCH": "7", "M3SEARCH_MAX_BODY_BYTES": "12345", "M3SEARCH_MAX_QUEUE": "99"}
-    flags = ["--max-batch", "8", "--max-body-mb", "0.5", "--max-queue", "100"]
-    for given, want in (([], (7, 12345, 99)), (flags, (8, 2**19, 100))):
-        result = CliRunner().invoke(main, ["serve", "-m", "m", *given], env={**env, "M3SEARCH_COLLECTION": None})
-        assert result.exit_code == 0, result.output
-        assert (served[-1].max_batch, served[-1].max_body_bytes, served[-1].max_queue) == want
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    factory = m3search.server.Settings.from_env()  # what `uvicorn --factory` serves
-    assert (factory.max_batch, factory.max_body_bytes, factory.max_queue) == (7, 12345, 99)
-    result = CliRunner().invoke(main, ["serve", "-m", "m"], env={"M3SEARCH_MAX_BODY_BYTES": "0.5"})
-    assert result.exit_code == 2 and "M3SEARCH_MAX_BODY_BYTES: '0.5' is not a positive integer" in result.output
+    for args, env, want in (([], {}, DEFAULT_SERVER_MAX_K), ([], {"M3SEARCH_MAX_K": "50"}, 50)):
+        assert CliRunner().invoke(main, ["serve", "-m", "m", *args], env=env).exit_code == 0
+        assert served[-1].max_k == want
+    result = CliRunner().invoke(main, ["serve", "-m", "m", "--max-k", "60"], env={"M3SEARCH_MAX_K": "50"})
+    assert result.exit_code == 0 and served[-1].max_k == 60
+    monkeypatch.setenv("M3SEARCH_MAX_K", "70")
+    assert Settings.from_env().max_k == 70  # what `uvicorn --factory` serves
+    monkeypatch.delenv("M3SEARCH_MAX_K")
+    for bad in ("0", "-1", str(MAX_K + 1), "x"):
+        result = CliRunner().invoke(main, ["serve", "-m", "m", "--max-k", bad])
+        assert result.exit_code == 2 and "Invalid value for '--max-k'" in result.output, result.output
+        result = CliRunner().invoke(main, ["serve", "-m", "m"], env={"M3SEARCH_MAX_K": bad})
+        assert result.exit_code == 2 and f"M3SEARCH_MAX_K: {bad!r} is " in result.output, result.output
+    with pytest.raises(ValueError, match=f"max_k is over {MAX_K}"):
+        Settings(max_k=MAX_K + 1).check()
+    assert len(served) == 3
 
 
 def test_help_is_fast_and_lazy():

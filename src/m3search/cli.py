@@ -19,6 +19,7 @@ then go through that server over HTTP, or say which process holds the collection
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from . import serverfile
 from .filters import parse_filter
@@ -43,6 +45,7 @@ from .plan import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SEARCH_TIMEOUT,
+    DEFAULT_SERVER_MAX_K,
     FUSIONS,
     GROUPS,
     MAX_CANDIDATES,
@@ -261,23 +264,6 @@ class _FiniteRange(click.FloatRange):
 
 
 _MIB = 1 << 20
-#: ``serve``'s body limit from the environment: in bytes, as the server's own settings read it (``uvicorn --factory``).
-_MAX_BODY_ENV = "M3SEARCH_MAX_BODY_BYTES"
-
-
-def _max_body_bytes(ctx: click.Context, param: click.Parameter, mib: float) -> int:
-    """``--max-body-mb`` in bytes; where it is not given, :data:`_MAX_BODY_ENV` (bytes: the flag's unit is not the
-    variable's, so click's ``envvar`` cannot read it), else the default."""
-    raw = os.environ.get(_MAX_BODY_ENV, "")
-    if not raw or ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT:
-        return int(mib * _MIB)
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise click.BadParameter(f"{raw!r} is not a positive integer (bytes)", ctx, param_hint=_MAX_BODY_ENV)
-    return value
 
 
 def _divisor_at_most(size: int, limit: int) -> int:
@@ -1357,12 +1343,10 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option(
     "--max-batch",
-    envvar="M3SEARCH_MAX_BATCH",
-    show_envvar=True,
     default=DEFAULT_MAX_BATCH,
     show_default=True,
     type=click.IntRange(1),
-    help="Most texts (or queries, documents, ids) per request.",
+    help="Most texts (or queries, documents, ids) per request (env var M3SEARCH_MAX_BATCH).",
 )
 @click.option(
     "--max-body-mb",
@@ -1370,11 +1354,12 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     default=DEFAULT_MAX_BODY_BYTES / _MIB,
     show_default=True,
     type=_FiniteRange(0.001),
-    callback=_max_body_bytes,
-    help=f"Largest request body, in MiB (env var {_MAX_BODY_ENV}: in bytes).",
+    callback=lambda ctx, param, mib: int(mib * _MIB),
+    help="Largest request body, in MiB (env var M3SEARCH_MAX_BODY_BYTES: in bytes).",
 )
 @click.option(
     "--timeout",
+    "search_timeout",
     default=DEFAULT_SEARCH_TIMEOUT,
     show_default=True,
     type=_FiniteRange(0, min_open=True),
@@ -1382,12 +1367,18 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
 )
 @click.option(
     "--max-queue",
-    envvar="M3SEARCH_MAX_QUEUE",
-    show_envvar=True,
     default=DEFAULT_MAX_QUEUE,
     show_default=True,
     type=click.IntRange(1),
-    help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After.",
+    help="Most texts waiting for the encoder, all requests together; beyond it: 429 with Retry-After "
+    "(env var M3SEARCH_MAX_QUEUE).",
+)
+@click.option(
+    "--max-k",
+    default=DEFAULT_SERVER_MAX_K,
+    show_default=True,
+    type=click.IntRange(1, MAX_K),
+    help="Largest k a search may ask for; beyond it: 413 (env var M3SEARCH_MAX_K).",
 )
 @dtype_option
 @device_option
@@ -1398,15 +1389,27 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="uvicorn's log level: the least severe of its lines printed.",
 )
-def serve(
-    collection, model, host, port, api_key, max_batch, max_body_bytes, timeout, max_queue, dtype, device, log_level
-):
-    """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
+def serve(host: str, port: int, log_level: str, **options: Any) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs) until Ctrl-C. Every option but where to listen and the log level
+    is a server setting of the same name."""
     with _errors():
-        if collection is None and model is None:
-            model = DEFAULT_MODEL
+        from .errors import CollectionInUseError
+        from .server import EnvironmentSettingError, Settings
+        from .server import serve as run_server
+
+        ctx = click.get_current_context()
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+        # the variables as `uvicorn --factory` reads them, under the options given (the variables click reads for
+        # the options serve shares with the other commands, -c, -m, --api-key, --dtype, --device, only checked here)
+        try:
+            settings = Settings.from_env(**given)
+        except EnvironmentSettingError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        if settings.collection is None and settings.model is None:
+            settings = dataclasses.replace(settings, model=DEFAULT_MODEL)
+        collection, model = settings.collection, settings.model
         if collection is not None:
-            record = _answering(collection, api_key)
+            record = _answering(collection, settings.api_key)
             if record is not None:
                 raise click.ClickException(
                     f"collection {collection} is already served by process {record.get('pid')} at {record.get('url')}"
@@ -1415,21 +1418,6 @@ def serve(
 
             if not Collection.exists(collection):  # the error every command gives for it: no collection, or why
                 Collection.open(collection).close()
-        from .errors import CollectionInUseError
-        from .server import Settings
-        from .server import serve as run_server
-
-        settings = Settings(
-            collection=collection,
-            model=model,
-            device=device,
-            dtype=dtype,
-            api_key=api_key,
-            max_batch=max_batch,
-            max_body_bytes=max_body_bytes,
-            search_timeout=timeout,
-            max_queue=max_queue,
-        )
         what = f"collection {collection}" if collection else f"model {model}"
 
         def ready(url: str) -> None:
@@ -1496,7 +1484,12 @@ def _note(line: str) -> None:
     help="Report folder [default: ./m3search-eval/<dataset>].",
 )
 @cache_dir_option
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Texts per encoder batch.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(1),
+    help="Documents per encode and write while the index is built [default: the collection's batch_size].",
+)
 @click.option(
     "--max-windows",
     default=None,

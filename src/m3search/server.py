@@ -108,6 +108,29 @@ INGEST_WRITE_BATCH = 4
 # ---------------------------------------------------------------------------------------------- settings
 
 
+#: The integer limits of :class:`Settings`: each from 1 to this (None: no bound of its own). ``from_env`` reads all but
+#: ``max_candidates`` from ``M3SEARCH_<NAME>``.
+_LIMITS: dict[str, int | None] = {
+    "max_batch": None,
+    "max_body_bytes": None,
+    "max_k": MAX_K,
+    "max_candidates": None,
+    "max_queue": None,
+}
+
+
+def _out_of_range(value: int, most: int | None) -> str | None:
+    """What makes ``value`` no limit of at most ``most``, or None."""
+    if value < 1:
+        return "is not a positive integer"
+    return f"is over {most}" if most is not None and value > most else None
+
+
+class EnvironmentSettingError(ValueError):
+    """An ``M3SEARCH_*`` variable holds a value its setting cannot take (``m3search serve``: a usage error, as a bad
+    option value is)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Server settings. ``from_env`` reads ``M3SEARCH_*`` variables; CLI options override them."""
@@ -121,8 +144,9 @@ class Settings:
     max_batch: int = DEFAULT_MAX_BATCH
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    #: Largest ``k`` / ``candidates`` a search may ask for.
+    #: Largest ``k`` a search may ask for (at most :data:`~m3search.plan.MAX_K`).
     max_k: int = DEFAULT_SERVER_MAX_K
+    #: Largest ``candidates`` a search may ask for.
     max_candidates: int = MAX_CANDIDATES
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = DEFAULT_MAX_QUEUE
@@ -133,6 +157,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
+        """The settings of ``uvicorn --factory`` and ``m3search serve`` alike: the one place ``M3SEARCH_*``
+        variables become settings. ``overrides`` (``serve``'s options given on its command line; None: not given)
+        win over the variables, the variables over the defaults. A variable that is set but empty counts as unset.
+        """
         env = os.environ
         values: dict[str, Any] = {
             "collection": env.get("M3SEARCH_COLLECTION") or None,
@@ -141,22 +169,24 @@ class Settings:
             "dtype": env.get("M3SEARCH_DTYPE") or "auto",
             "api_key": env.get("M3SEARCH_API_KEY") or None,
         }
-        for name in ("max_batch", "max_body_bytes", "max_queue"):
-            raw = env.get(f"M3SEARCH_{name.upper()}")
-            if raw:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for name in ("max_batch", "max_body_bytes", "max_k", "max_queue"):
+            var = f"M3SEARCH_{name.upper()}"
+            if name not in given and (raw := env.get(var)):
                 try:
                     values[name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"M3SEARCH_{name.upper()} must be an integer, got {raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+                    values[name] = 0
+                if wrong := _out_of_range(values[name], _LIMITS[name]):
+                    raise EnvironmentSettingError(f"{var}: {raw!r} {wrong}")
+        settings = cls(**(values | given))
         settings.check()
         return settings
 
     def check(self) -> None:
-        for name in ("max_batch", "max_body_bytes", "max_k", "max_candidates", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in _LIMITS.items():
+            if wrong := _out_of_range(getattr(self, name), most):
+                raise ValueError(f"{name} {wrong}: {getattr(self, name)}")
         for name in ("request_timeout", "search_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
