@@ -46,6 +46,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
+from m3search.engines.shapes import QueryVectors
 from m3search.errors import CollectionDamagedError, CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
@@ -1898,6 +1899,37 @@ def test_the_check_for_a_callers_milvus_lite_client_reads_pymilvus_registry_agai
         from milvus_lite.server_manager import server_manager_instance
 
         server_manager_instance.release_server(loc)
+
+
+def bare_milvus_lite(folder):
+    """A Milvus Lite engine with nothing written (no Collection, no model: the engine's own reads)."""
+    needs("milvus-lite")
+    from m3search.engines.milvus import MilvusEngine
+    from m3search.engines.shapes import Schema
+
+    return MilvusEngine.create(str(folder / "bare.db"), Schema(dense_dim=8, colbert_dim=8, vocab_size=100))
+
+
+def test_milvus_names_an_unknown_mode_as_every_engine_does(tmp_path):
+    """An unknown mode name was "unknown vector name(s) ['x']; choose from (...)" through ``with_vectors`` and
+    "unknown mode(s) ['x']" through ``score_windows``: one check now, the one the Qdrant engines use."""
+    said = "unknown mode 'bm25': choose from dense, sparse, colbert"
+    engine = bare_milvus_lite(tmp_path)
+    try:
+        for call in (
+            lambda: engine.get(["a"], with_vectors=["dense", "bm25"]),
+            lambda: engine.get_windows(["a"], with_vectors=["dense", "bm25"]),
+            lambda: engine.score_windows(["a"], QueryVectors(dense=np.ones(8, np.float32)), ["dense", "bm25"]),
+        ):
+            with pytest.raises(ValueError) as got:
+                call()
+            assert str(got.value) == said
+    finally:
+        engine.close()
+    from m3search.engines.base import wanted_modes
+
+    with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+        wanted_modes(["dense", "bm25"])
 
 
 #: Prints whether another process holds a lockf lock on the file argv[1].

@@ -143,6 +143,20 @@ def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None)
         yield slice(start, len(sizes))
 
 
+def wanted_modes(modes: bool | Iterable[str]) -> tuple[str, ...]:
+    """The modes a ``with_vectors`` or ``score_windows`` argument names (True: all, falsy: none), each checked
+    against :data:`MODES`: one message for an unknown name, whichever engine and call it came through."""
+    if modes is True:
+        return MODES
+    if not modes:
+        return ()
+    modes = tuple(modes)
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    return modes
+
+
 def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:
     """Deterministic UUID5 of a caller id (same in every engine and process), in ``namespace``.
 

@@ -193,6 +193,7 @@ from m3search.engines.base import (
     Engine,
     bound_records,
     split_requests,
+    wanted_modes,
     with_bound,
 )
 from m3search.engines.files import (
@@ -1429,17 +1430,6 @@ class MilvusEngine(Engine):
     def existing(self, ids: Sequence[str]) -> set[str]:
         return set(self._heads(ids, ["doc_id"]))
 
-    @staticmethod
-    def _modes(with_vectors: bool | Sequence[str]) -> tuple[str, ...]:
-        if with_vectors is True:
-            return MODES
-        if not with_vectors:
-            return ()
-        bad = [m for m in with_vectors if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
-        return tuple(with_vectors)
-
     def _complete(self, rows: list[dict], vectors: Sequence[str], texts: bool = True) -> None:
         """Rows as read, completed (a row listed twice, for a repeated id, once): each one's token matrix as
         ``row["colbert"]`` when ``vectors`` asks for it, and (``texts``) the whole text of heads whose text is in
@@ -1516,7 +1506,7 @@ class MilvusEngine(Engine):
         """Documents (window 0's row: text, metadata, every window's span; vectors of window 0)."""
         if not ids:
             return []
-        vectors = self._modes(with_vectors)
+        vectors = wanted_modes(with_vectors)
         heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
         out = [heads.get(i) for i in ids]
         self._complete([r for r in out if r is not None], vectors)
@@ -1525,7 +1515,7 @@ class MilvusEngine(Engine):
     def get_windows(
         self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True, windows: range | None = None
     ) -> list[list[Record]]:
-        vectors = self._modes(with_vectors)
+        vectors = wanted_modes(with_vectors)
         docs = self._windows_of(ids, ["text", "meta"], vectors, windows=windows)
         return [[self._record(r) for r in rows] for rows in docs]
 
@@ -1651,11 +1641,8 @@ class MilvusEngine(Engine):
         a document that is not stored is one NaN window. ``score`` is the base's (their per-document
         maximum): ``known`` is not used, as the vectors are fetched for ColBERT anyway, and the dense
         and sparse products over them cost less than splitting the fetch."""
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown mode(s) {bad}")
-        ids = list(ids)
-        docs = self._windows_of(ids, [], tuple(modes)) if ids and modes else [[] for _ in ids]
+        ids, modes = list(ids), wanted_modes(modes)
+        docs = self._windows_of(ids, [], modes) if ids and modes else [[] for _ in ids]
         records = [rec for rows in docs for rec in [self._record(r) for r in rows] or [None]]
         offsets = np.cumsum([0] + [max(1, len(rows)) for rows in docs], dtype=np.int64)
         return WindowScores(offsets, score_records(records, query, modes))
