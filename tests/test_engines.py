@@ -1932,6 +1932,27 @@ def test_milvus_names_an_unknown_mode_as_every_engine_does(tmp_path):
         wanted_modes(["dense", "bm25"])
 
 
+def test_an_empty_milvus_lite_collection_reads_as_empty(tmp_path):
+    """Milvus Lite 2.5 fails a read of the sparse vectors of a collection no row was ever written to ("Growing
+    segment loss raw data", an assert deep in its segcore): ``iter_batches(with_vectors=True)`` raised it where an
+    empty collection has no batches, and so did ``get`` with vectors, ``get_windows`` and ``score_windows``."""
+    engine = bare_milvus_lite(tmp_path)
+    try:
+        q = QueryVectors(
+            dense=np.ones(8, np.float32),
+            sparse_indices=np.array([1]),
+            sparse_values=np.array([1.0], np.float32),
+            colbert=np.ones((2, 8), np.float32),
+        )
+        assert list(engine.iter_batches(with_vectors=True)) == []
+        assert engine.get(["a"], with_vectors=True) == [None]
+        assert engine.get_windows(["a"]) == [[]]
+        ws = engine.score_windows(["a"], q)
+        assert ws.windows.tolist() == [0, 1] and all(np.isnan(ws.scores[m]).all() for m in MODES)
+    finally:
+        engine.close()
+
+
 #: Prints whether another process holds a lockf lock on the file argv[1].
 LOCKF_PROBE = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"

@@ -176,7 +176,7 @@ import sqlite3
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -266,6 +266,9 @@ READ_TRIES = 3
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _LITE_FILE = re.compile(r"^[A-Za-z0-9.\-_]{1,36}$")
 _MANIFEST_KEY = "manifest"
+#: Milvus Lite 2.5's failure (an assert in its segcore) to read the sparse vectors of a collection no row was ever
+#: written to (after a row is written, even once deleted, the same read answers).
+_NEVER_WRITTEN = "Growing segment loss raw data"
 #: Salt of the keys of ``upsert``'s window rows past window 0.
 _WINDOW_SALT = b"m3search-milvus-window\x00"
 #: Namespace of the ids' UUID5 (:func:`_pk`).
@@ -953,7 +956,7 @@ class MilvusEngine(Engine):
         reads on with an iterator (so a stale bound, e.g. another writer's longer documents, costs time,
         never rows)."""
         ask = min(max(1, limit) + 1, MAX_RESULTS)
-        rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
+        rows = self._unless_empty(coll, lambda: self.client.query(coll, expr, fields, limit=ask, timeout=self.timeout))
         if len(rows) < ask:
             return rows
         return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
@@ -969,10 +972,21 @@ class MilvusEngine(Engine):
         """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
         it = self.client.query_iterator(coll, batch_size=step, filter=expr, output_fields=fields, timeout=self.timeout)
         try:
-            while page := it.next():
+            while page := self._unless_empty(coll, it.next):
                 yield page
         finally:
             it.close()
+
+    def _unless_empty(self, coll: str, read: Callable[[], list[dict]]) -> list[dict]:
+        """``read()``'s rows; none where it failed as Milvus Lite 2.5 fails a read of the sparse vectors of a
+        collection no row was ever written to (:data:`_NEVER_WRITTEN`), so that an empty collection reads as
+        empty. That failure where ``coll`` has rows, and any other, is raised."""
+        try:
+            return list(read())
+        except MilvusException as exc:
+            if _NEVER_WRITTEN not in str(exc) or self._count_rows(coll, ""):
+                raise
+            return []
 
     def _rows_where(
         self, keys: Sequence[int], expr: str, fields: list[str], per_key: int = 1, row_bytes: int = 64
@@ -1520,8 +1534,10 @@ class MilvusEngine(Engine):
         return [[self._record(r) for r in rows] for rows in docs]
 
     def count(self, filter: Filter | None = None) -> int:
-        expr = self._where(self._expr(filter), "heads")
-        rows = self.client.query(self.collection, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
+        return self._count_rows(self.collection, self._where(self._expr(filter), "heads"))
+
+    def _count_rows(self, coll: str, expr: str) -> int:
+        rows = self.client.query(coll, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
         return int(rows[0]["count(*)"])
 
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
