@@ -1953,6 +1953,42 @@ def test_an_empty_milvus_lite_collection_reads_as_empty(tmp_path):
         engine.close()
 
 
+def test_milvus_deletes_in_chunks_of_delete_keys_leave_nothing_behind(tmp_path, monkeypatch):
+    """The keys of one delete were bare numbers in three places (1,024 heads, 3 * 4,096 keys, 4,096 ids); one
+    constant now, ``DELETE_KEYS``. At 2 keys a delete, rewriting five three-window documents as one window each
+    (ten tombstones and five overwritten generations to remove) and deleting them remove every row they had."""
+    from m3search.engines import milvus
+    from m3search.engines.shapes import PointBatch, Record
+
+    monkeypatch.setattr(milvus, "DELETE_KEYS", 2)
+    engine = bare_milvus_lite(tmp_path)
+
+    def docs(windows: int) -> PointBatch:
+        out = []
+        for d in range(5):
+            for w in range(windows):
+                r = Record(f"d{d}", "abc", {"d": d}, spans=[[w, w + 1] for w in range(windows)], window=w)
+                r.dense, r.colbert = np.ones(8, np.float32), np.ones((2, 8), np.float32)
+                r.sparse = (np.array([d + 1]), np.array([1.0], np.float32))
+                out.append(r)
+        return PointBatch.from_records(out, 100)
+
+    try:
+        engine.upsert(docs(3))
+        rows = [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)]
+        assert rows == [15, 15]  # a window a row, a block of token vectors a window
+        real, calls = engine.client.delete, []
+        monkeypatch.setattr(engine.client, "delete", lambda *a, **kw: calls.append(kw["filter"]) or real(*a, **kw))
+        engine.upsert(docs(1))
+        assert len(calls) >= 5 * 2  # (in chunks: 10 tombstones, 2 a request, each in the main and token collections)
+        assert [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)] == [5, 5]
+        assert [len(ws) for ws in engine.get_windows([f"d{d}" for d in range(5)])] == [1] * 5
+        engine.delete([f"d{d}" for d in range(5)])
+        assert [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)] == [0, 0]
+    finally:
+        engine.close()
+
+
 #: Prints whether another process holds a lockf lock on the file argv[1].
 LOCKF_PROBE = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"

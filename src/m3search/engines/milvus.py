@@ -256,6 +256,12 @@ CONNECT_TIMEOUT_S = 5.0
 #: inserts are chunked to this many bytes; the document rows of one batch still go in
 #: one request (atomicity).
 CHUNK_BYTES = 1 << 19
+#: Keys in one delete's ``in [...]`` lists (document keys, generations, tombstones' keys). Milvus deletes by
+#: expression as a query for the rows, then their removal, so this bounds the expression (~21 bytes a key as text:
+#: ~260 KB a list, far under a server's 64 MB gRPC message) and, as :data:`CHUNK_BYTES` does for reads, the rows
+#: Milvus Lite matches at once. 3 * 4,096: three keys per document (slots 0-2) for 4,096 documents, the size deletes
+#: have had since they were first chunked; not tuned.
+DELETE_KEYS = 3 * 4096
 #: Bytes of token vectors per stored block row (see ``NAME_colbert`` above).
 BLOCK_BYTES = 8192
 #: Parallel token queries per read (Milvus Lite serves them ~1.3-2x faster together).
@@ -1270,13 +1276,9 @@ class MilvusEngine(Engine):
             for h, mine in zip(heads.tolist(), np.split(gens, batch.window_offsets[1:-1])):
                 self._failed.setdefault(h, []).extend(mine.tolist())
             raise
-        for h in overwritten:
-            overwritten[h] += self._failed.pop(h, [])
         # (3) the tombstones, with what goes with them, and the token and text rows of the rows written over
-        for a in range(0, len(heads), 1024):
-            chunk = heads[a : a + 1024].tolist()
-            dead = [g for h in chunk for g in overwritten[h]]
-            self._drop(tombs=[r for h in chunk for r in stored[h] if r["win"] < 0], gens=dead)
+        dead = [g for h, gs in overwritten.items() for g in (*gs, *self._failed.pop(h, []))]
+        self._drop(tombs=[r for h in heads.tolist() for r in stored[h] if r["win"] < 0], gens=dead)
 
     def _drop(
         self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), gens: Sequence[int] = (), rows: Sequence[int] = ()
@@ -1286,7 +1288,7 @@ class MilvusEngine(Engine):
         ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of a replaced row) or
         ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen`` (generations are
         random, keys hashes: neither is ever the other); and the token and text rows of the generations ``gens``."""
-        per = 3 * 4096
+        per = DELETE_KEYS
         for a in range(0, max(len(keys), len(tombs), len(gens), len(rows), 1), per):
             t = tombs[a : a + per]
             k = [*keys[a : a + per], *(r["gen"] for r in t)]
@@ -1420,8 +1422,8 @@ class MilvusEngine(Engine):
         and 2, and the token and text rows of what the tombstones replaced; slot 0's token and text rows by the
         generations read (one read), not by ``doc``: an ``upsert`` under way inserted its own before its rows."""
         if not self.window_rows:
-            for a in range(0, len(ids), 4096):
-                chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
+            for a in range(0, len(ids), DELETE_KEYS):
+                chunk = _ints([_pk(i) for i in ids[a : a + DELETE_KEYS]])
                 self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
