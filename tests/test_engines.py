@@ -1989,6 +1989,31 @@ def test_milvus_deletes_in_chunks_of_delete_keys_leave_nothing_behind(tmp_path, 
         engine.close()
 
 
+def test_the_last_close_of_a_milvus_lite_file_in_this_process_stops_its_server(tmp_path):
+    """pymilvus starts one milvus-lite subprocess per file and never stops it; m3search stops it when this process's
+    last handle of the file closes (not before: another handle's close leaves it running), so no process is left."""
+    engine = bare_milvus_lite(tmp_path)  # (imports m3search's milvus first: it quiets milvus-lite's import warning)
+    from milvus_lite.server_manager import server_manager_instance
+
+    from m3search.engines.milvus import MilvusEngine
+
+    pid = server_manager_instance._servers[str((tmp_path / "bare.db").resolve())]._p.pid
+
+    def running() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    try:
+        assert MilvusEngine.exists(str(tmp_path / "bare.db"))  # a second handle of the file, opened and closed
+        assert running()
+    finally:
+        engine.close()
+    assert not running()
+
+
 #: Prints whether another process holds a lockf lock on the file argv[1].
 LOCKF_PROBE = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
