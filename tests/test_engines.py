@@ -2014,6 +2014,29 @@ def test_the_last_close_of_a_milvus_lite_file_in_this_process_stops_its_server(t
     assert not running()
 
 
+def test_a_milvus_lite_open_whose_connect_fails_leaves_no_server_running(tmp_path, monkeypatch):
+    """pymilvus starts milvus-lite's server of the file, then connects to it: a connect that failed there left the
+    server running until the process ended, holding milvus-lite's lock with m3search's let go, so another process
+    was refused the file as "in use". It is stopped with the failed open."""
+    bare_milvus_lite(tmp_path).close()
+    from milvus_lite.server_manager import server_manager_instance
+    from pymilvus import MilvusException
+    from pymilvus.client.grpc_handler import GrpcHandler
+
+    from m3search.engines.milvus import MilvusEngine
+
+    def refused(self, timeout=None) -> None:
+        raise MilvusException(message="the channel never got ready (simulated)")
+
+    monkeypatch.setattr(GrpcHandler, "_wait_for_channel_ready", refused)
+    with pytest.raises(MilvusException, match="simulated"):
+        MilvusEngine.open(str(tmp_path / "bare.db"))
+    assert str((tmp_path / "bare.db").resolve()) not in server_manager_instance._servers
+    other = "import sys; from m3search.engines.milvus import MilvusEngine; print(MilvusEngine.exists(sys.argv[1]))"
+    run = subprocess.run([sys.executable, "-c", other, str(tmp_path / "bare.db")], capture_output=True, text=True)
+    assert run.stdout.strip() == "True", run.stderr[-500:]  # another process opens the file
+
+
 #: Prints whether another process holds a lockf lock on the file argv[1].
 LOCKF_PROBE = (
     "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"

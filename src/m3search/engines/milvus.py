@@ -466,8 +466,8 @@ def _lite_client(uri: str, timeout: float) -> MilvusClient:
         try:
             client = _client(uri, timeout=timeout)
         except Exception as exc:
-            if fd is not None:
-                os.close(fd)
+            if fd is not None:  # milvus-lite may have started (a connect that failed after): not left running
+                _stop_server(uri, fd)
             if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
                 failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
                 raise failed(
@@ -485,19 +485,25 @@ def _lite_release(uri: str) -> None:
     """A Milvus Lite client closed (:func:`_lite_client`): pymilvus keeps one milvus-lite subprocess per file for
     the whole process; stop it when the last client of this process lets go (so the file lock is released), not
     under another's feet."""
-    from milvus_lite.server_manager import server_manager_instance
-
     with _LITE_LOCK:
         _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
         if _LITE_USERS[uri] <= 0:
             del _LITE_USERS[uri]
-            try:
-                if not _lite_served_to_others(uri):
-                    server_manager_instance.release_server(uri)
-            finally:
-                fd = _LITE_FDS.pop(uri, None)
-                if fd is not None:
-                    os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+            _stop_server(uri, _LITE_FDS.pop(uri, None))
+
+
+def _stop_server(uri: str, fd: int | None) -> None:
+    """Stop milvus-lite's server of the file, if one runs and no client of the caller's uses it; then close ``fd``,
+    m3search's lock (after the server and its file lock are gone)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    try:
+        running = getattr(server_manager_instance, "_servers", {})
+        if str(Path(uri).absolute().resolve()) in running and not _lite_served_to_others(uri):
+            server_manager_instance.release_server(uri)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
