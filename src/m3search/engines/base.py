@@ -84,6 +84,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "bound_records",
     "with_bound",
     "split_requests",
+    "wanted_modes",
     "point_uuid",
     "Schema",
     "PointBatch",
