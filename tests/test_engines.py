@@ -46,6 +46,7 @@ from helpers import (
 from helpers import expected_ranking as expected
 
 from m3search.collection import Collection
+from m3search.engines.shapes import QueryVectors
 from m3search.errors import CollectionDamagedError, CollectionExistsError, CollectionNotFoundError
 from m3search.filters import matches, parse_filter
 from m3search.plan import MODES
@@ -1898,6 +1899,142 @@ def test_the_check_for_a_callers_milvus_lite_client_reads_pymilvus_registry_agai
         from milvus_lite.server_manager import server_manager_instance
 
         server_manager_instance.release_server(loc)
+
+
+def bare_milvus_lite(folder):
+    """A Milvus Lite engine with nothing written (no Collection, no model: the engine's own reads)."""
+    needs("milvus-lite")
+    from m3search.engines.milvus import MilvusEngine
+    from m3search.engines.shapes import Schema
+
+    return MilvusEngine.create(str(folder / "bare.db"), Schema(dense_dim=8, colbert_dim=8, vocab_size=100))
+
+
+def test_milvus_names_an_unknown_mode_as_every_engine_does(tmp_path):
+    """An unknown mode name was "unknown vector name(s) ['x']; choose from (...)" through ``with_vectors`` and
+    "unknown mode(s) ['x']" through ``score_windows``: one check now, the one the Qdrant engines use."""
+    said = "unknown mode 'bm25': choose from dense, sparse, colbert"
+    engine = bare_milvus_lite(tmp_path)
+    try:
+        for call in (
+            lambda: engine.get(["a"], with_vectors=["dense", "bm25"]),
+            lambda: engine.get_windows(["a"], with_vectors=["dense", "bm25"]),
+            lambda: engine.score_windows(["a"], QueryVectors(dense=np.ones(8, np.float32)), ["dense", "bm25"]),
+        ):
+            with pytest.raises(ValueError) as got:
+                call()
+            assert str(got.value) == said
+    finally:
+        engine.close()
+    from m3search.engines.base import wanted_modes
+
+    with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+        wanted_modes(["dense", "bm25"])
+
+
+def test_an_empty_milvus_lite_collection_reads_as_empty(tmp_path):
+    """Milvus Lite 2.5 fails a read of the sparse vectors of a collection no row was ever written to ("Growing
+    segment loss raw data", an assert deep in its segcore): ``iter_batches(with_vectors=True)`` raised it where an
+    empty collection has no batches, and so did ``get`` with vectors, ``get_windows`` and ``score_windows``."""
+    engine = bare_milvus_lite(tmp_path)
+    try:
+        q = QueryVectors(
+            dense=np.ones(8, np.float32),
+            sparse_indices=np.array([1]),
+            sparse_values=np.array([1.0], np.float32),
+            colbert=np.ones((2, 8), np.float32),
+        )
+        assert list(engine.iter_batches(with_vectors=True)) == []
+        assert engine.get(["a"], with_vectors=True) == [None]
+        assert engine.get_windows(["a"]) == [[]]
+        ws = engine.score_windows(["a"], q)
+        assert ws.windows.tolist() == [0, 1] and all(np.isnan(ws.scores[m]).all() for m in MODES)
+    finally:
+        engine.close()
+
+
+def test_milvus_deletes_in_chunks_of_delete_keys_leave_nothing_behind(tmp_path, monkeypatch):
+    """The keys of one delete were bare numbers in three places (1,024 heads, 3 * 4,096 keys, 4,096 ids); one
+    constant now, ``DELETE_KEYS``. At 2 keys a delete, rewriting five three-window documents as one window each
+    (ten tombstones and five overwritten generations to remove) and deleting them remove every row they had."""
+    from m3search.engines import milvus
+    from m3search.engines.shapes import PointBatch, Record
+
+    monkeypatch.setattr(milvus, "DELETE_KEYS", 2)
+    engine = bare_milvus_lite(tmp_path)
+
+    def docs(windows: int) -> PointBatch:
+        out = []
+        for d in range(5):
+            for w in range(windows):
+                r = Record(f"d{d}", "abc", {"d": d}, spans=[[w, w + 1] for w in range(windows)], window=w)
+                r.dense, r.colbert = np.ones(8, np.float32), np.ones((2, 8), np.float32)
+                r.sparse = (np.array([d + 1]), np.array([1.0], np.float32))
+                out.append(r)
+        return PointBatch.from_records(out, 100)
+
+    try:
+        engine.upsert(docs(3))
+        rows = [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)]
+        assert rows == [15, 15]  # a window a row, a block of token vectors a window
+        real, calls = engine.client.delete, []
+        monkeypatch.setattr(engine.client, "delete", lambda *a, **kw: calls.append(kw["filter"]) or real(*a, **kw))
+        engine.upsert(docs(1))
+        assert len(calls) >= 5 * 2  # (in chunks: 10 tombstones, 2 a request, each in the main and token collections)
+        assert [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)] == [5, 5]
+        assert [len(ws) for ws in engine.get_windows([f"d{d}" for d in range(5)])] == [1] * 5
+        engine.delete([f"d{d}" for d in range(5)])
+        assert [engine._count_rows(c, "") for c in (engine.collection, engine.tokens)] == [0, 0]
+    finally:
+        engine.close()
+
+
+def test_the_last_close_of_a_milvus_lite_file_in_this_process_stops_its_server(tmp_path):
+    """pymilvus starts one milvus-lite subprocess per file and never stops it; m3search stops it when this process's
+    last handle of the file closes (not before: another handle's close leaves it running), so no process is left."""
+    engine = bare_milvus_lite(tmp_path)  # (imports m3search's milvus first: it quiets milvus-lite's import warning)
+    from milvus_lite.server_manager import server_manager_instance
+
+    from m3search.engines.milvus import MilvusEngine
+
+    pid = server_manager_instance._servers[str((tmp_path / "bare.db").resolve())]._p.pid
+
+    def running() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    try:
+        assert MilvusEngine.exists(str(tmp_path / "bare.db"))  # a second handle of the file, opened and closed
+        assert running()
+    finally:
+        engine.close()
+    assert not running()
+
+
+def test_a_milvus_lite_open_whose_connect_fails_leaves_no_server_running(tmp_path, monkeypatch):
+    """pymilvus starts milvus-lite's server of the file, then connects to it: a connect that failed there left the
+    server running until the process ended, holding milvus-lite's lock with m3search's let go, so another process
+    was refused the file as "in use". It is stopped with the failed open."""
+    bare_milvus_lite(tmp_path).close()
+    from milvus_lite.server_manager import server_manager_instance
+    from pymilvus import MilvusException
+    from pymilvus.client.grpc_handler import GrpcHandler
+
+    from m3search.engines.milvus import MilvusEngine
+
+    def refused(self, timeout=None) -> None:
+        raise MilvusException(message="the channel never got ready (simulated)")
+
+    monkeypatch.setattr(GrpcHandler, "_wait_for_channel_ready", refused)
+    with pytest.raises(MilvusException, match="simulated"):
+        MilvusEngine.open(str(tmp_path / "bare.db"))
+    assert str((tmp_path / "bare.db").resolve()) not in server_manager_instance._servers
+    other = "import sys; from m3search.engines.milvus import MilvusEngine; print(MilvusEngine.exists(sys.argv[1]))"
+    run = subprocess.run([sys.executable, "-c", other, str(tmp_path / "bare.db")], capture_output=True, text=True)
+    assert run.stdout.strip() == "True", run.stderr[-500:]  # another process opens the file
 
 
 #: Prints whether another process holds a lockf lock on the file argv[1].

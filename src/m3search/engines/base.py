@@ -84,6 +84,7 @@ __all__ = [  # and, for an engine's author, the shapes and errors its methods ta
     "bound_records",
     "with_bound",
     "split_requests",
+    "wanted_modes",
     "point_uuid",
     "Schema",
     "PointBatch",
@@ -141,6 +142,20 @@ def split_requests(sizes: Sequence[int], cut: Sequence[bool], limit: int | None)
         acc += size
     if start < len(sizes):
         yield slice(start, len(sizes))
+
+
+def wanted_modes(modes: bool | Iterable[str]) -> tuple[str, ...]:
+    """The modes a ``with_vectors`` or ``score_windows`` argument names (True: all, falsy: none), each checked
+    against :data:`MODES`: one message for an unknown name, whichever engine and call it came through."""
+    if modes is True:
+        return MODES
+    if not modes:
+        return ()
+    modes = tuple(modes)
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    return modes
 
 
 def point_uuid(id: str, namespace: bytes = ID_NAMESPACE.bytes) -> str:

@@ -176,7 +176,7 @@ import sqlite3
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -193,6 +193,7 @@ from m3search.engines.base import (
     Engine,
     bound_records,
     split_requests,
+    wanted_modes,
     with_bound,
 )
 from m3search.engines.files import (
@@ -255,6 +256,12 @@ CONNECT_TIMEOUT_S = 5.0
 #: inserts are chunked to this many bytes; the document rows of one batch still go in
 #: one request (atomicity).
 CHUNK_BYTES = 1 << 19
+#: Keys in one delete's ``in [...]`` lists (document keys, generations, tombstones' keys). Milvus deletes by
+#: expression as a query for the rows, then their removal, so this bounds the expression (~21 bytes a key as text:
+#: ~260 KB a list, far under a server's 64 MB gRPC message) and, as :data:`CHUNK_BYTES` does for reads, the rows
+#: Milvus Lite matches at once. 3 * 4,096: three keys per document (slots 0-2) for 4,096 documents, the size deletes
+#: have had since they were first chunked; not tuned.
+DELETE_KEYS = 3 * 4096
 #: Bytes of token vectors per stored block row (see ``NAME_colbert`` above).
 BLOCK_BYTES = 8192
 #: Parallel token queries per read (Milvus Lite serves them ~1.3-2x faster together).
@@ -265,6 +272,9 @@ READ_TRIES = 3
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _LITE_FILE = re.compile(r"^[A-Za-z0-9.\-_]{1,36}$")
 _MANIFEST_KEY = "manifest"
+#: Milvus Lite 2.5's failure (an assert in its segcore) to read the sparse vectors of a collection no row was ever
+#: written to (after a row is written, even once deleted, the same read answers).
+_NEVER_WRITTEN = "Growing segment loss raw data"
 #: Salt of the keys of ``upsert``'s window rows past window 0.
 _WINDOW_SALT = b"m3search-milvus-window\x00"
 #: Namespace of the ids' UUID5 (:func:`_pk`).
@@ -456,8 +466,8 @@ def _lite_client(uri: str, timeout: float) -> MilvusClient:
         try:
             client = _client(uri, timeout=timeout)
         except Exception as exc:
-            if fd is not None:
-                os.close(fd)
+            if fd is not None:  # milvus-lite may have started (a connect that failed after): not left running
+                _stop_server(uri, fd)
             if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
                 failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
                 raise failed(
@@ -475,19 +485,25 @@ def _lite_release(uri: str) -> None:
     """A Milvus Lite client closed (:func:`_lite_client`): pymilvus keeps one milvus-lite subprocess per file for
     the whole process; stop it when the last client of this process lets go (so the file lock is released), not
     under another's feet."""
-    from milvus_lite.server_manager import server_manager_instance
-
     with _LITE_LOCK:
         _LITE_USERS[uri] = _LITE_USERS.get(uri, 1) - 1
         if _LITE_USERS[uri] <= 0:
             del _LITE_USERS[uri]
-            try:
-                if not _lite_served_to_others(uri):
-                    server_manager_instance.release_server(uri)
-            finally:
-                fd = _LITE_FDS.pop(uri, None)
-                if fd is not None:
-                    os.close(fd)  # releases our lock, after the server (and its file lock) is gone
+            _stop_server(uri, _LITE_FDS.pop(uri, None))
+
+
+def _stop_server(uri: str, fd: int | None) -> None:
+    """Stop milvus-lite's server of the file, if one runs and no client of the caller's uses it; then close ``fd``,
+    m3search's lock (after the server and its file lock are gone)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    try:
+        running = getattr(server_manager_instance, "_servers", {})
+        if str(Path(uri).absolute().resolve()) in running and not _lite_served_to_others(uri):
+            server_manager_instance.release_server(uri)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def parse_milvus_location(location: str) -> tuple[str, str, bool]:
@@ -952,7 +968,7 @@ class MilvusEngine(Engine):
         reads on with an iterator (so a stale bound, e.g. another writer's longer documents, costs time,
         never rows)."""
         ask = min(max(1, limit) + 1, MAX_RESULTS)
-        rows = list(self.client.query(coll, filter=expr, output_fields=fields, limit=ask, timeout=self.timeout))
+        rows = self._unless_empty(coll, lambda: self.client.query(coll, expr, fields, limit=ask, timeout=self.timeout))
         if len(rows) < ask:
             return rows
         return [r for page in self._pages(coll, max(1, min(MAX_RESULTS, limit)), expr, fields) for r in page]
@@ -968,10 +984,21 @@ class MilvusEngine(Engine):
         """The rows matching ``expr`` in pages of at most ``step`` (pymilvus's query iterator, closed after)."""
         it = self.client.query_iterator(coll, batch_size=step, filter=expr, output_fields=fields, timeout=self.timeout)
         try:
-            while page := it.next():
+            while page := self._unless_empty(coll, it.next):
                 yield page
         finally:
             it.close()
+
+    def _unless_empty(self, coll: str, read: Callable[[], list[dict]]) -> list[dict]:
+        """``read()``'s rows; none where it failed as Milvus Lite 2.5 fails a read of the sparse vectors of a
+        collection no row was ever written to (:data:`_NEVER_WRITTEN`), so that an empty collection reads as
+        empty. That failure where ``coll`` has rows, and any other, is raised."""
+        try:
+            return list(read())
+        except MilvusException as exc:
+            if _NEVER_WRITTEN not in str(exc) or self._count_rows(coll, ""):
+                raise
+            return []
 
     def _rows_where(
         self, keys: Sequence[int], expr: str, fields: list[str], per_key: int = 1, row_bytes: int = 64
@@ -1255,13 +1282,9 @@ class MilvusEngine(Engine):
             for h, mine in zip(heads.tolist(), np.split(gens, batch.window_offsets[1:-1])):
                 self._failed.setdefault(h, []).extend(mine.tolist())
             raise
-        for h in overwritten:
-            overwritten[h] += self._failed.pop(h, [])
         # (3) the tombstones, with what goes with them, and the token and text rows of the rows written over
-        for a in range(0, len(heads), 1024):
-            chunk = heads[a : a + 1024].tolist()
-            dead = [g for h in chunk for g in overwritten[h]]
-            self._drop(tombs=[r for h in chunk for r in stored[h] if r["win"] < 0], gens=dead)
+        dead = [g for h, gs in overwritten.items() for g in (*gs, *self._failed.pop(h, []))]
+        self._drop(tombs=[r for h in heads.tolist() for r in stored[h] if r["win"] < 0], gens=dead)
 
     def _drop(
         self, keys: Sequence[int] = (), tombs: Sequence[dict] = (), gens: Sequence[int] = (), rows: Sequence[int] = ()
@@ -1271,7 +1294,7 @@ class MilvusEngine(Engine):
         ``gen``) with what goes with them: the rows whose ``gen`` (token and text rows of a replaced row) or
         ``doc`` (a replaced long write's version: :meth:`_over_head`) is a tombstone's ``gen`` (generations are
         random, keys hashes: neither is ever the other); and the token and text rows of the generations ``gens``."""
-        per = 3 * 4096
+        per = DELETE_KEYS
         for a in range(0, max(len(keys), len(tombs), len(gens), len(rows), 1), per):
             t = tombs[a : a + per]
             k = [*keys[a : a + per], *(r["gen"] for r in t)]
@@ -1405,8 +1428,8 @@ class MilvusEngine(Engine):
         and 2, and the token and text rows of what the tombstones replaced; slot 0's token and text rows by the
         generations read (one read), not by ``doc``: an ``upsert`` under way inserted its own before its rows."""
         if not self.window_rows:
-            for a in range(0, len(ids), 4096):
-                chunk = _ints([_pk(i) for i in ids[a : a + 4096]])
+            for a in range(0, len(ids), DELETE_KEYS):
+                chunk = _ints([_pk(i) for i in ids[a : a + DELETE_KEYS]])
                 self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
@@ -1428,17 +1451,6 @@ class MilvusEngine(Engine):
     # --------------------------------------------------------------------- reads
     def existing(self, ids: Sequence[str]) -> set[str]:
         return set(self._heads(ids, ["doc_id"]))
-
-    @staticmethod
-    def _modes(with_vectors: bool | Sequence[str]) -> tuple[str, ...]:
-        if with_vectors is True:
-            return MODES
-        if not with_vectors:
-            return ()
-        bad = [m for m in with_vectors if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown vector name(s) {bad}; choose from {MODES}")
-        return tuple(with_vectors)
 
     def _complete(self, rows: list[dict], vectors: Sequence[str], texts: bool = True) -> None:
         """Rows as read, completed (a row listed twice, for a repeated id, once): each one's token matrix as
@@ -1516,7 +1528,7 @@ class MilvusEngine(Engine):
         """Documents (window 0's row: text, metadata, every window's span; vectors of window 0)."""
         if not ids:
             return []
-        vectors = self._modes(with_vectors)
+        vectors = wanted_modes(with_vectors)
         heads = self._heads(ids, self._head_fields(vectors), self._row_bytes(vectors))
         out = [heads.get(i) for i in ids]
         self._complete([r for r in out if r is not None], vectors)
@@ -1525,13 +1537,15 @@ class MilvusEngine(Engine):
     def get_windows(
         self, ids: Sequence[str], *, with_vectors: bool | Sequence[str] = True, windows: range | None = None
     ) -> list[list[Record]]:
-        vectors = self._modes(with_vectors)
+        vectors = wanted_modes(with_vectors)
         docs = self._windows_of(ids, ["text", "meta"], vectors, windows=windows)
         return [[self._record(r) for r in rows] for rows in docs]
 
     def count(self, filter: Filter | None = None) -> int:
-        expr = self._where(self._expr(filter), "heads")
-        rows = self.client.query(self.collection, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
+        return self._count_rows(self.collection, self._where(self._expr(filter), "heads"))
+
+    def _count_rows(self, coll: str, expr: str) -> int:
+        rows = self.client.query(coll, filter=expr, output_fields=["count(*)"], timeout=self.timeout)
         return int(rows[0]["count(*)"])
 
     def iter_batches(self, batch_size: int = 256, *, with_vectors: bool = True) -> Iterator[PointBatch]:
@@ -1651,11 +1665,8 @@ class MilvusEngine(Engine):
         a document that is not stored is one NaN window. ``score`` is the base's (their per-document
         maximum): ``known`` is not used, as the vectors are fetched for ColBERT anyway, and the dense
         and sparse products over them cost less than splitting the fetch."""
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown mode(s) {bad}")
-        ids = list(ids)
-        docs = self._windows_of(ids, [], tuple(modes)) if ids and modes else [[] for _ in ids]
+        ids, modes = list(ids), wanted_modes(modes)
+        docs = self._windows_of(ids, [], modes) if ids and modes else [[] for _ in ids]
         records = [rec for rows in docs for rec in [self._record(r) for r in rows] or [None]]
         offsets = np.cumsum([0] + [max(1, len(rows)) for rows in docs], dtype=np.int64)
         return WindowScores(offsets, score_records(records, query, modes))

@@ -104,7 +104,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from m3search.engines.base import Engine, point_uuid, split_requests
+from m3search.engines.base import Engine, point_uuid, split_requests, wanted_modes
 from m3search.engines.qdrant_filter import engine_filter
 from m3search.engines.shapes import Hits, PointBatch, QueryVectors, Record, WindowScores, score_records
 from m3search.filters import Filter
@@ -770,9 +770,7 @@ class QdrantEngine(Engine):
         self, ids: list[str], query: QueryVectors, modes: Sequence[str], known: Mapping[str, Mapping[str, float]] | None
     ) -> WindowScores:
         """Every window of each candidate, exact; ``known`` document scores fill one-window documents."""
-        for m in modes:
-            if m not in MODES:
-                raise ValueError(f"unknown mode {m!r}")
+        modes = wanted_modes(modes)
         if known and "colbert" in known:
             raise ValueError("known scores are for dense and sparse only (ColBERT is always computed)")
         if self.max_windows <= 1:
