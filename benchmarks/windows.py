@@ -50,6 +50,13 @@ def main() -> None:
     )
     ap.add_argument("--no-table", action="store_true", help="only --diagnose (indexes from the cache)")
     ap.add_argument(
+        "--last-window",
+        choices=["rest", "end"],
+        default="rest",
+        help="rest: a text's last window holds what is left (m3search's layout); end: it is a full window ending "
+        "at the text's end (an experiment: indexes cached under <cache-dir>/last-window-end)",
+    )
+    ap.add_argument(
         "--fetch-checks",
         type=int,
         default=3,
@@ -79,6 +86,11 @@ def main() -> None:
         return out
 
     collection._document_maxsim = timed
+    if args.last_window == "end":
+        import m3search.encoder
+
+        m3search.encoder.plan_windows = plan_windows_end
+        args.cache_dir = str(Path(args.cache_dir) / "last-window-end")  # the cache's key does not see the layout
     encoder = M3Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
     modes = args.modes
     if args.diagnose:
@@ -101,6 +113,7 @@ def main() -> None:
         runs = [] if args.no_truncation else [("truncation", {"max_windows": 1}, "max", "window")]
         for stride in ([] if args.no_default else [None]) + args.stride:
             label, settings = ("windows", {}) if stride is None else (f"windows, stride {stride}", {"stride": stride})
+            label += ", last window at the end" if args.last_window == "end" else ""
             runs += [(label, settings, "max", rule) for rule in args.rules]
             if k == 0 and args.fuse and stride is None:
                 runs.append(("windows, fuse then max", settings, "fuse", "window"))
@@ -140,6 +153,18 @@ def main() -> None:
             f"whole-document MaxSim of {n} documents: engine (one-token queries) {engine_s:.3f} s, "
             f"fetched token vectors + NumPy {fetch_s:.3f} s ({fetch_s / engine_s:.0f}x), max |difference| {diff:.2e}"
         )
+
+
+def plan_windows_end(n_content, span: int, stride: int, max_windows: int | None = None):
+    """``--last-window end``: m3search's windows, but a text's last window (where ``max_windows`` did not cap it)
+    moved back to end at the text's end, so that it holds ``span`` tokens instead of what is left."""
+    from m3search.windows import WindowPlan, plan_windows
+
+    p = plan_windows(n_content, span, stride, max_windows)
+    n = np.asarray(n_content, dtype=np.int64)[p.doc]
+    last = np.r_[p.doc[1:] != p.doc[:-1], True] & (p.start + p.length == n)  # the text's own end: not capped
+    start = np.where(last, np.maximum(n - span, 0), p.start)
+    return WindowPlan(p.doc, start, np.minimum(start + span, n) - start, p.cut)
 
 
 def per_query_runs(col, qtexts: list[str], qids: list[str], emb, mode: str, candidates: int) -> dict[str, dict]:

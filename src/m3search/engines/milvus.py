@@ -498,8 +498,9 @@ def _stop_server(uri: str, fd: int | None) -> None:
     from milvus_lite.server_manager import server_manager_instance
 
     try:
-        running = getattr(server_manager_instance, "_servers", {})
-        if str(Path(uri).absolute().resolve()) in running and not _lite_served_to_others(uri):
+        running = getattr(server_manager_instance, "_servers", None)  # unreadable: released, as before
+        started = not isinstance(running, dict) or str(Path(uri).absolute().resolve()) in running
+        if started and not _lite_served_to_others(uri):
             server_manager_instance.release_server(uri)
     finally:
         if fd is not None:
