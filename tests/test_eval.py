@@ -885,3 +885,38 @@ def test_a_backbone_only_fine_tune_does_not_reuse_its_base_models_cached_index(t
     col, again = _cached_index(data, encoder, cache, batch_size=None, progress=False)
     with col:
         assert again["cached"] is False and again["key"] != info["key"] and col.count() == 12
+
+
+def test_a_cache_folder_checked_before_making_it_says_what_is_in_the_way(tmp_path, monkeypatch):
+    """cache_folder(make=False) (finetune's early check) walked up and checked the folder itself, beside the
+    collections' own check (engines.files.refuse_uncreatable); it now uses that one, with the cache's words: these
+    are the messages as they were. Nothing is made, and an existing folder passes as mkdir(exist_ok) would."""
+    from helpers import deny_opening
+
+    from m3search.eval import cache_folder
+
+    monkeypatch.chdir(tmp_path)
+    Path("file").write_text("")
+    Path("link").symlink_to("nowhere")
+    Path("ro").mkdir()
+    said = "cannot make the index cache folder {!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): {}"
+    cases = {
+        "file/c": "Not a directory: 'file'",  # as given: a relative folder is named relative
+        "file": "Not a directory: 'file'",
+        "link/c": "link is a link to nothing",
+        "link": "link is a link to nothing",
+        "ro/c/d": "Permission denied: 'ro'",
+    }
+    deny_opening(monkeypatch, "ro", writing=True)  # as for another user's folder (these tests run as root too)
+    for cache, reason in cases.items():
+        with pytest.raises(ValueError) as raised:
+            cache_folder(cache, make=False)
+        assert str(raised.value) == said.format(cache, reason)
+    with pytest.raises(ValueError) as raised:
+        cache_folder(tmp_path / "file" / "c", make=False)
+    assert str(raised.value) == said.format(
+        str(tmp_path / "file" / "c"), f"Not a directory: {str(tmp_path / 'file')!r}"
+    )
+    assert cache_folder("ro", make=False) == Path("ro")  # there already: mkdir(exist_ok=True) would pass too
+    assert cache_folder("new/c", make=False) == Path("new/c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "ro"]

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m3search.engines.files import lock_exclusive, nearest_existing, write_durably, write_files_durably
+from m3search.engines.files import (
+    lock_exclusive,
+    nearest_existing,
+    refuse_uncreatable,
+    write_durably,
+    write_files_durably,
+)
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
 from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
 from m3search.plan import MODES as REPRESENTATIONS
@@ -329,20 +335,26 @@ def cache_folder(cache_dir: str | Path | None, *, make: bool = True) -> Path:
     when it cannot be. Why: a cache under a file failed with only "[Errno 20] Not a directory: 'afile/c'", after
     the model was loaded, not saying that the folder was the cache."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        if make:
-            path.mkdir(parents=True, exist_ok=True)
-        else:  # what mkdir(parents=True) would meet: a file or a link to nothing on the way, or no right to write
-            there = nearest_existing(path, lambda link, target: NotADirectoryError(f"{link} is a link to nothing"))
-            if not there.is_dir():
-                raise NotADirectoryError(f"Not a directory: {str(there)!r}")
-            if there != path and not os.access(there, os.W_OK | os.X_OK):
-                raise PermissionError(f"Permission denied: {str(there)!r}")
-    except OSError as e:
-        raise ValueError(
+
+    def refused(reason: str) -> ValueError:
+        return ValueError(
             f"cannot make the index cache folder {str(path)!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): "
-            f"{e.strerror or e}"
-        ) from None
+            f"{reason}"
+        )
+
+    if make:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise refused(e.strerror or str(e)) from None
+    elif not path.is_dir():  # what mkdir(parents=True) would meet: a file or a link to nothing, or no right to write
+        refuse_uncreatable(
+            path,
+            path,
+            lambda why, where, detail: refused(
+                f"{where} is a link to nothing" if why == "link" else f"{detail}: {str(where)!r}"
+            ),
+        )
     return path
 
 
