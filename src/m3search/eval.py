@@ -15,6 +15,7 @@ gzip-compressed instead (``corpus.jsonl.gz``, ...). Each document is ``(title + 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -112,9 +113,83 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     into this corpus: ``queries_dir``'s own if its corpus ids are ours (e.g. a folder that
     holds only translated queries and the original qrels), else ``data_dir``'s.
     """
-    data_dir = Path(data_dir)
+    _check_split(split)
+    return _read_beir_texts(Path(data_dir), queries_dir).judged(split)
+
+
+def _check_split(split: Any) -> None:
+    """Refuse a split that is no qrels file name (``qrels/<split>.tsv``)."""
     if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", split):
         raise ValueError(f"split must be a qrels file name such as 'test' or 'dev' (qrels/<split>.tsv), got {split!r}")
+
+
+@dataclass
+class _BeirTexts:
+    """A BEIR folder's corpus and queries, read once for any of its splits (:meth:`judged`). Why: finetune's
+    fallback from an unusable ``train.tsv`` to ``test.tsv`` read the whole corpus a second time."""
+
+    data_dir: Path
+    queries_dir: str | Path | None
+    corpus_path: Path
+    doc_ids: list[str]
+    doc_texts: list[str]
+    queries_path: Path
+    all_queries: dict[str, str]
+
+    def judged(self, split: str) -> BeirData:
+        """The corpus with the queries and qrels of ``qrels/<split>.tsv`` (see :func:`load_beir`)."""
+        from .sources import locate
+
+        qdir = Path(self.queries_dir) if self.queries_dir is not None else self.data_dir
+        corpus_set = set(self.doc_ids)
+        folders = [qdir, self.data_dir] if self.queries_dir is not None else [self.data_dir]
+        qrels: dict[str, dict[str, int]] | None = None
+        problems = []  # why each qrels file was not used, for the error
+        for folder in folders:
+            path = locate(folder / "qrels", f"{split}.tsv")
+            if path is None:
+                problems.append(f"{folder / 'qrels' / split}.tsv does not exist")
+                continue
+            loaded = _read_qrels(path)
+            docs = {d for rel in loaded.values() for d in rel}
+            if docs and docs <= corpus_set:
+                qrels = loaded
+                break
+            absent = sorted(docs - corpus_set)
+            problems.append(
+                f"{path} is empty"
+                if not docs
+                else f"{path} judges {len(absent)} document id(s) absent from the corpus: {absent[:5]}"
+                + (" ..." if len(absent) > 5 else "")
+            )
+        if qrels is None:
+            raise ValueError(f"no qrels/{split}.tsv whose corpus ids are in {self.corpus_path}: " + "; ".join(problems))
+        queries = {qid: self.all_queries[qid] for qid in qrels if qid in self.all_queries}
+        if not queries:
+            raise ValueError(
+                f"no judged query of qrels/{split}.tsv is in {self.queries_path} (are the query ids shared?)"
+            )
+        unqueried = [qid for qid in qrels if qid not in self.all_queries]  # a queries file cut down, or a mistake
+        qrels = {qid: qrels[qid] for qid in queries}
+        _check_queries(self.queries_path, queries)
+        return BeirData(
+            name=_dataset_name(self.data_dir, self.queries_dir),
+            doc_ids=self.doc_ids,
+            doc_texts=self.doc_texts,
+            queries=queries,
+            qrels=qrels,
+            corpus_sha256=self.corpus_sha256,
+            unqueried=unqueried,
+        )
+
+    @functools.cached_property
+    def corpus_sha256(self) -> str:
+        """Hashed when a split is first judged usable, once."""
+        return _file_sha256(self.corpus_path)
+
+
+def _read_beir_texts(data_dir: Path, queries_dir: str | Path | None) -> _BeirTexts:
+    """Read ``data_dir``'s corpus and the queries (from ``queries_dir`` where given), refusing repeated ids."""
     from .sources import locate, read_jsonl
 
     corpus_path = locate(data_dir, "corpus.jsonl")
@@ -136,46 +211,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
         (rec.id, rec.text) for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
     ]
     _refuse_repeated([q for q, _ in read], queries_path, "query")  # else the last text of an id was judged, silently
-    all_queries = dict(read)
-
-    corpus_set = set(doc_ids)
-    folders = [qdir, data_dir] if queries_dir is not None else [data_dir]
-    qrels: dict[str, dict[str, int]] | None = None
-    problems = []  # why each qrels file was not used, for the error
-    for folder in folders:
-        path = locate(folder / "qrels", f"{split}.tsv")
-        if path is None:
-            problems.append(f"{folder / 'qrels' / split}.tsv does not exist")
-            continue
-        loaded = _read_qrels(path)
-        docs = {d for rel in loaded.values() for d in rel}
-        if docs and docs <= corpus_set:
-            qrels = loaded
-            break
-        absent = sorted(docs - corpus_set)
-        problems.append(
-            f"{path} is empty"
-            if not docs
-            else f"{path} judges {len(absent)} document id(s) absent from the corpus: {absent[:5]}"
-            + (" ..." if len(absent) > 5 else "")
-        )
-    if qrels is None:
-        raise ValueError(f"no qrels/{split}.tsv whose corpus ids are in {corpus_path}: " + "; ".join(problems))
-    queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
-    if not queries:
-        raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
-    unqueried = [qid for qid in qrels if qid not in all_queries]  # a queries file cut down on purpose, or a mistake
-    qrels = {qid: qrels[qid] for qid in queries}
-    _check_queries(queries_path, queries)
-    return BeirData(
-        name=_dataset_name(data_dir, queries_dir),
-        doc_ids=doc_ids,
-        doc_texts=doc_texts,
-        queries=queries,
-        qrels=qrels,
-        corpus_sha256=_file_sha256(corpus_path),
-        unqueried=unqueried,
-    )
+    return _BeirTexts(data_dir, queries_dir, corpus_path, doc_ids, doc_texts, queries_path, dict(read))
 
 
 def _refuse_repeated(ids: Sequence[str], path: Path, what: str) -> None:
