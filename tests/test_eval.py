@@ -858,3 +858,65 @@ def test_load_beir_reads_the_variants_real_sets_have(tmp_path):
     data = load_beir(folder)
     assert (data.doc_ids, data.doc_texts, data.queries) == (["123", "d2"], ["x", "T y"], {"7": "q"})
     assert data.qrels == {"7": {"123": 2, "d2": 0}}
+
+
+def test_a_backbone_only_fine_tune_does_not_reuse_its_base_models_cached_index(tmp_path, tiny_model_path, tiny_encoder):
+    """The cache key's model identity hashes config, heads and tokenizer, not model.safetensors: a fine-tune of the
+    backbone alone made elsewhere (same config, heads, tokenizer) opened its base model's index, silently searching
+    with the base model's document vectors. Here even size and mtime are the base's: only the weights differ."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from m3search import M3Encoder
+    from m3search.eval import _cached_index
+
+    data = load_beir(_word_beir(tmp_path / "data", n_docs=12, n_queries=2))
+    cache = tmp_path / "cache"
+    col, info = _cached_index(data, tiny_encoder, cache, batch_size=None, progress=False)
+    col.close()
+    tuned = shutil.copytree(tiny_model_path, tmp_path / "tuned")
+    weights, base = tuned / "model.safetensors", tiny_model_path / "model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns))
+    assert weights.stat().st_size == base.stat().st_size and weights.read_bytes() != base.read_bytes()
+    encoder = M3Encoder.from_pretrained(str(tuned), device="cpu", dtype="float32")
+    assert encoder.identity == tiny_encoder.identity  # what the key had to tell them apart by
+    col, again = _cached_index(data, encoder, cache, batch_size=None, progress=False)
+    with col:
+        assert again["cached"] is False and again["key"] != info["key"] and col.count() == 12
+
+
+def test_a_cache_folder_checked_before_making_it_says_what_is_in_the_way(tmp_path, monkeypatch):
+    """cache_folder(make=False) (finetune's early check) walked up and checked the folder itself, beside the
+    collections' own check (engines.files.refuse_uncreatable); it now uses that one, with the cache's words: these
+    are the messages as they were. Nothing is made, and an existing folder passes as mkdir(exist_ok) would."""
+    from helpers import deny_opening
+
+    from m3search.eval import cache_folder
+
+    monkeypatch.chdir(tmp_path)
+    Path("file").write_text("")
+    Path("link").symlink_to("nowhere")
+    Path("ro").mkdir()
+    said = "cannot make the index cache folder {!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): {}"
+    cases = {
+        "file/c": "Not a directory: 'file'",  # as given: a relative folder is named relative
+        "file": "Not a directory: 'file'",
+        "link/c": "link is a link to nothing",
+        "link": "link is a link to nothing",
+        "ro/c/d": "Permission denied: 'ro'",
+    }
+    deny_opening(monkeypatch, "ro", writing=True)  # as for another user's folder (these tests run as root too)
+    for cache, reason in cases.items():
+        with pytest.raises(ValueError) as raised:
+            cache_folder(cache, make=False)
+        assert str(raised.value) == said.format(cache, reason)
+    with pytest.raises(ValueError) as raised:
+        cache_folder(tmp_path / "file" / "c", make=False)
+    assert str(raised.value) == said.format(
+        str(tmp_path / "file" / "c"), f"Not a directory: {str(tmp_path / 'file')!r}"
+    )
+    assert cache_folder("ro", make=False) == Path("ro")  # there already: mkdir(exist_ok=True) would pass too
+    assert cache_folder("new/c", make=False) == Path("new/c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "ro"]

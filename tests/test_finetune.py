@@ -848,6 +848,27 @@ def test_a_beir_folder_trains_on_its_train_split_where_it_has_one(tmp_path):
         read_beir_examples(only_test, queries_dir=other, split="train")  # asked for: its error
 
 
+def test_the_fallback_from_an_unusable_train_split_reads_the_corpus_once(tmp_path, monkeypatch):
+    """The fallback from a qrels/train.tsv this corpus cannot use to test.tsv loaded the whole folder again:
+    the corpus read and hashed twice (a large corpus: minutes). The data is what the test split gives alone."""
+    import m3search.eval
+    import m3search.sources
+
+    folder = _beir(tmp_path / "beir", n_queries=8)
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tnot-in-corpus\t1\n")
+    read, real_read, hashed, real_hash = [], m3search.sources.read_jsonl, [], m3search.eval._file_sha256
+    monkeypatch.setattr(
+        m3search.sources, "read_jsonl", lambda path, **kw: read.append(Path(path).name) or real_read(path, **kw)
+    )
+    monkeypatch.setattr(m3search.eval, "_file_sha256", lambda path: hashed.append(path) or real_hash(path))
+    with pytest.warns(UserWarning, match=r"qrels/train.tsv is not usable here .*absent from the corpus"):
+        got = read_beir_examples(folder)
+    assert read.count("corpus.jsonl") == 1 and len(hashed) == 1
+    monkeypatch.undo()
+    want = read_beir_examples(folder, split="test")
+    assert got.qrels_split == "test" and got.data == want.data and got.examples == want.examples
+
+
 def test_cli_finetune_split(tmp_path, tiny_model_path):
     """--split picks the judgements; the report and the summary say which were trained on."""
     from click.testing import CliRunner

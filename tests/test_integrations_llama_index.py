@@ -470,6 +470,26 @@ def test_from_documents_through_a_storage_context(tmp_path, tiny_encoder):
         store.client.close()
 
 
+def test_an_index_keeping_its_own_copy_of_the_nodes_is_told_why_its_queries_are_refused(tmp_path, tiny_encoder):
+    """VectorStoreIndex(store_nodes_override=True) keeps every node in its docstore too and sends all their ids with
+    each query: retrieval then failed "restricting a query to node_ids is not supported; filter on metadata
+    instead", naming nothing the user had done. The refusal now names the option (the inserts themselves work)."""
+    store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
+    try:
+        index = VectorStoreIndex.from_documents(
+            _documents(),
+            storage_context=StorageContext.from_defaults(vector_store=store),
+            embed_model=M3SearchEmbedding(encoder=tiny_encoder),
+            transformations=[_splitter()],
+            store_nodes_override=True,
+        )
+        assert store.client.count() == len(index.docstore.docs) >= len(_documents())
+        with pytest.raises(NotImplementedError, match=r"node_ids .* store_nodes_override=True \(leave that out"):
+            index.as_retriever(similarity_top_k=2).retrieve(QUERIES[0])
+    finally:
+        store.client.close()
+
+
 # ------------------------------------------------------------------------------ a tuned collection's defaults
 
 

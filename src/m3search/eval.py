@@ -15,6 +15,7 @@ gzip-compressed instead (``corpus.jsonl.gz``, ...). Each document is ``(title + 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -29,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m3search.engines.files import lock_exclusive, nearest_existing, write_durably, write_files_durably
+from m3search.engines.files import (
+    lock_exclusive,
+    nearest_existing,
+    refuse_uncreatable,
+    write_durably,
+    write_files_durably,
+)
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
 from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
 from m3search.plan import MODES as REPRESENTATIONS
@@ -106,9 +113,83 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
     into this corpus: ``queries_dir``'s own if its corpus ids are ours (e.g. a folder that
     holds only translated queries and the original qrels), else ``data_dir``'s.
     """
-    data_dir = Path(data_dir)
+    _check_split(split)
+    return _read_beir_texts(Path(data_dir), queries_dir).judged(split)
+
+
+def _check_split(split: Any) -> None:
+    """Refuse a split that is no qrels file name (``qrels/<split>.tsv``)."""
     if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", split):
         raise ValueError(f"split must be a qrels file name such as 'test' or 'dev' (qrels/<split>.tsv), got {split!r}")
+
+
+@dataclass
+class _BeirTexts:
+    """A BEIR folder's corpus and queries, read once for any of its splits (:meth:`judged`). Why: finetune's
+    fallback from an unusable ``train.tsv`` to ``test.tsv`` read the whole corpus a second time."""
+
+    data_dir: Path
+    queries_dir: str | Path | None
+    corpus_path: Path
+    doc_ids: list[str]
+    doc_texts: list[str]
+    queries_path: Path
+    all_queries: dict[str, str]
+
+    def judged(self, split: str) -> BeirData:
+        """The corpus with the queries and qrels of ``qrels/<split>.tsv`` (see :func:`load_beir`)."""
+        from .sources import locate
+
+        qdir = Path(self.queries_dir) if self.queries_dir is not None else self.data_dir
+        corpus_set = set(self.doc_ids)
+        folders = [qdir, self.data_dir] if self.queries_dir is not None else [self.data_dir]
+        qrels: dict[str, dict[str, int]] | None = None
+        problems = []  # why each qrels file was not used, for the error
+        for folder in folders:
+            path = locate(folder / "qrels", f"{split}.tsv")
+            if path is None:
+                problems.append(f"{folder / 'qrels' / split}.tsv does not exist")
+                continue
+            loaded = _read_qrels(path)
+            docs = {d for rel in loaded.values() for d in rel}
+            if docs and docs <= corpus_set:
+                qrels = loaded
+                break
+            absent = sorted(docs - corpus_set)
+            problems.append(
+                f"{path} is empty"
+                if not docs
+                else f"{path} judges {len(absent)} document id(s) absent from the corpus: {absent[:5]}"
+                + (" ..." if len(absent) > 5 else "")
+            )
+        if qrels is None:
+            raise ValueError(f"no qrels/{split}.tsv whose corpus ids are in {self.corpus_path}: " + "; ".join(problems))
+        queries = {qid: self.all_queries[qid] for qid in qrels if qid in self.all_queries}
+        if not queries:
+            raise ValueError(
+                f"no judged query of qrels/{split}.tsv is in {self.queries_path} (are the query ids shared?)"
+            )
+        unqueried = [qid for qid in qrels if qid not in self.all_queries]  # a queries file cut down, or a mistake
+        qrels = {qid: qrels[qid] for qid in queries}
+        _check_queries(self.queries_path, queries)
+        return BeirData(
+            name=_dataset_name(self.data_dir, self.queries_dir),
+            doc_ids=self.doc_ids,
+            doc_texts=self.doc_texts,
+            queries=queries,
+            qrels=qrels,
+            corpus_sha256=self.corpus_sha256,
+            unqueried=unqueried,
+        )
+
+    @functools.cached_property
+    def corpus_sha256(self) -> str:
+        """Hashed when a split is first judged usable, once."""
+        return _file_sha256(self.corpus_path)
+
+
+def _read_beir_texts(data_dir: Path, queries_dir: str | Path | None) -> _BeirTexts:
+    """Read ``data_dir``'s corpus and the queries (from ``queries_dir`` where given), refusing repeated ids."""
     from .sources import locate, read_jsonl
 
     corpus_path = locate(data_dir, "corpus.jsonl")
@@ -130,46 +211,7 @@ def load_beir(data_dir: str | Path, *, queries_dir: str | Path | None = None, sp
         (rec.id, rec.text) for rec in read_jsonl(queries_path, id_field="_id", text_fields=["text"], metadata=False)
     ]
     _refuse_repeated([q for q, _ in read], queries_path, "query")  # else the last text of an id was judged, silently
-    all_queries = dict(read)
-
-    corpus_set = set(doc_ids)
-    folders = [qdir, data_dir] if queries_dir is not None else [data_dir]
-    qrels: dict[str, dict[str, int]] | None = None
-    problems = []  # why each qrels file was not used, for the error
-    for folder in folders:
-        path = locate(folder / "qrels", f"{split}.tsv")
-        if path is None:
-            problems.append(f"{folder / 'qrels' / split}.tsv does not exist")
-            continue
-        loaded = _read_qrels(path)
-        docs = {d for rel in loaded.values() for d in rel}
-        if docs and docs <= corpus_set:
-            qrels = loaded
-            break
-        absent = sorted(docs - corpus_set)
-        problems.append(
-            f"{path} is empty"
-            if not docs
-            else f"{path} judges {len(absent)} document id(s) absent from the corpus: {absent[:5]}"
-            + (" ..." if len(absent) > 5 else "")
-        )
-    if qrels is None:
-        raise ValueError(f"no qrels/{split}.tsv whose corpus ids are in {corpus_path}: " + "; ".join(problems))
-    queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
-    if not queries:
-        raise ValueError(f"no judged query of qrels/{split}.tsv is in {queries_path} (are the query ids shared?)")
-    unqueried = [qid for qid in qrels if qid not in all_queries]  # a queries file cut down on purpose, or a mistake
-    qrels = {qid: qrels[qid] for qid in queries}
-    _check_queries(queries_path, queries)
-    return BeirData(
-        name=_dataset_name(data_dir, queries_dir),
-        doc_ids=doc_ids,
-        doc_texts=doc_texts,
-        queries=queries,
-        qrels=qrels,
-        corpus_sha256=_file_sha256(corpus_path),
-        unqueried=unqueried,
-    )
+    return _BeirTexts(data_dir, queries_dir, corpus_path, doc_ids, doc_texts, queries_path, dict(read))
 
 
 def _refuse_repeated(ids: Sequence[str], path: Path, what: str) -> None:
@@ -329,20 +371,26 @@ def cache_folder(cache_dir: str | Path | None, *, make: bool = True) -> Path:
     when it cannot be. Why: a cache under a file failed with only "[Errno 20] Not a directory: 'afile/c'", after
     the model was loaded, not saying that the folder was the cache."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        if make:
-            path.mkdir(parents=True, exist_ok=True)
-        else:  # what mkdir(parents=True) would meet: a file or a link to nothing on the way, or no right to write
-            there = nearest_existing(path, lambda link, target: NotADirectoryError(f"{link} is a link to nothing"))
-            if not there.is_dir():
-                raise NotADirectoryError(f"Not a directory: {str(there)!r}")
-            if there != path and not os.access(there, os.W_OK | os.X_OK):
-                raise PermissionError(f"Permission denied: {str(there)!r}")
-    except OSError as e:
-        raise ValueError(
+
+    def refused(reason: str) -> ValueError:
+        return ValueError(
             f"cannot make the index cache folder {str(path)!r} (--cache-dir, default $M3SEARCH_CACHE_DIR/eval): "
-            f"{e.strerror or e}"
-        ) from None
+            f"{reason}"
+        )
+
+    if make:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise refused(e.strerror or str(e)) from None
+    elif not path.is_dir():  # what mkdir(parents=True) would meet: a file or a link to nothing, or no right to write
+        refuse_uncreatable(
+            path,
+            path,
+            lambda why, where, detail: refused(
+                f"{where} is a link to nothing" if why == "link" else f"{detail}: {str(where)!r}"
+            ),
+        )
     return path
 
 
@@ -564,7 +612,8 @@ def _cached_index(
     progress: bool,
     settings: Mapping[str, Any] | None = None,
 ):
-    """Open the cached index for (model identity, corpus, dtype, settings), building it when absent or incomplete."""
+    """Open the cached index for (model identity and weights, corpus, dtype, settings), building it when absent
+    or incomplete."""
     from . import Collection
 
     settings = dict(settings or {})
@@ -573,6 +622,7 @@ def _cached_index(
         {
             "v": _CACHE_VERSION,
             "model": encoder.identity,
+            "weights": _weights_fingerprint(Path(encoder.folder)),
             "corpus": data.corpus_sha256,
             "dtype": dtype,
             "settings": settings,
@@ -609,6 +659,36 @@ def _cached_index(
         info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
         write_durably(done, json.dumps(info, indent=2))
         return Collection.open(path, model=encoder), info
+
+
+#: How much of a weights file :func:`_weights_fingerprint` hashes: ``_SAMPLE_CHUNKS + 1`` chunks of
+#: ``_SAMPLE_BYTES``, evenly spaced from its head (safetensors' header: tensor names, shapes, offsets) to its end.
+_SAMPLE_CHUNKS = 64
+_SAMPLE_BYTES = 1 << 16
+
+
+def _weights_fingerprint(folder: Path) -> dict[str, list]:
+    """Each transformer weights file's size, ``st_mtime_ns`` and sha256 of a bounded sample (65 chunks of 64 KiB
+    from head to end: ~4 MiB of a 2.3 GB model.safetensors, where hashing it all would cost ~1.5 s a GB every
+    run). Why: the model identity hashes config, heads and tokenizer but not the backbone, so a backbone-only
+    fine-tune made elsewhere reused its base model's cached index, silently giving the base model's results.
+    Trade-off: a copy that does not keep the mtime builds its index again (time, never a wrong result); weights
+    changed with size and mtime_ns kept (set back on purpose, or a store that fixes mtimes) are caught only
+    where a sampled chunk changed, which a full fine-tune always does."""
+    from .encoder import _WEIGHT_FILES
+
+    out = {}
+    for name in _WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        st, h = path.stat(), hashlib.sha256()
+        with open(path, "rb") as f:
+            for i in range(_SAMPLE_CHUNKS + 1):
+                f.seek(i * max(st.st_size - _SAMPLE_BYTES, 0) // _SAMPLE_CHUNKS)
+                h.update(f.read(_SAMPLE_BYTES))
+        out[name] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return out
 
 
 def _open_cached(path: Path, encoder: Any, *, progress: bool) -> Any:

@@ -219,19 +219,24 @@ def read_beir_examples(
 
     Negatives are left empty: :func:`mine_negatives` fills them with the base model.
     """
-    from .eval import BeirData, load_beir
+    from .eval import BeirData, _check_split, _read_beir_texts
     from .sources import locate
 
     folders = [Path(data_dir)] + ([Path(queries_dir)] if queries_dir is not None else [])
     auto = split is None and any(locate(f / "qrels", "train.tsv") for f in folders)
     split = "train" if auto else split or "test"
     try:
-        data = load_beir(data_dir, queries_dir=queries_dir, split=split)
+        _check_split(split)
+        texts = _read_beir_texts(Path(data_dir), queries_dir)  # read once, for either split
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
+    try:
+        data = texts.judged(split)
     except ValueError as e:
         if not auto:
             raise FinetuneInputError(str(e)) from None
         try:
-            data, split = load_beir(data_dir, queries_dir=queries_dir, split="test"), "test"
+            data, split = texts.judged("test"), "test"
         except ValueError:
             raise FinetuneInputError(str(e)) from None  # neither: the train split's reason
         warnings.warn(f"training on qrels/test.tsv: qrels/train.tsv is not usable here ({e})", stacklevel=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = [
     "TEMPORARY",
     "Probed",
+    "Refusal",
     "allocated_bytes",
     "has_file",
     "lock_exclusive",
@@ -207,24 +208,51 @@ def nearest_existing(path: Path, dangling: Callable[[Path, str], Exception]) -> 
     return nearest
 
 
+#: A caller's own error for what keeps a folder from being made at or in a path: ``refusal(why, where, detail)``,
+#: ``why`` one of "link" (``where``, on the way, is a symlink to ``detail``, which does not exist), "file" (``where``
+#: is a file; ``detail`` is "Not a directory") or "unwritable" (this process may not write in the folder ``where``;
+#: ``detail`` says why, in the system's words).
+Refusal = Callable[[str, Path, str], Exception]
+
+
+def _refused_collection(location: str | os.PathLike) -> Refusal:
+    """The collection's errors (:data:`Refusal`): no collection can be at ``location``, or none can be created."""
+
+    def refusal(why: str, where: Path, detail: str) -> Exception:
+        from m3search.errors import CollectionNotFoundError, CollectionReadOnlyError
+
+        where = where.absolute()
+        if why == "link":
+            return CollectionNotFoundError(
+                f"{where} is a symlink to {detail}, which does not exist: no collection can be at "
+                f"{location} until the folder it points to is made (or the link removed)"
+            )
+        if why == "file":
+            return CollectionNotFoundError(f"{where} is a file, not a folder: no collection can be at {location}")
+        return CollectionReadOnlyError(
+            f"cannot create a collection at {location}: this process may not write in the folder {where} "
+            f"({detail}); nothing was created: choose a folder it may write, or give it write access"
+        )
+
+    return refusal
+
+
+def _folder_or_above(path: Path, refusal: Refusal) -> Path:
+    """``path`` or the nearest folder above it that exists, as given (relative stays relative); ``refusal``'s
+    error where a symlink to nothing or a file is in the way."""
+    nearest = nearest_existing(path, lambda link, target: refusal("link", link, target))
+    if not os.path.isdir(nearest):
+        raise refusal("file", nearest, os.strerror(errno.ENOTDIR))
+    return nearest
+
+
 def refuse_a_file_in_the_way(location: str | os.PathLike, path: Path) -> Path:
     """``path``, the folder a collection at ``location`` is or would be in, or else the nearest folder above it that
     exists (made absolute); :class:`~m3search.errors.CollectionNotFoundError` naming it where that is a file, not a
     folder: no collection can be there, and making its folder through a file was a bare NotADirectoryError (a
     FileExistsError for ``path`` itself) from every embedded engine's create. As for a missing folder, ``exists``
     answers False there."""
-    from m3search.errors import CollectionNotFoundError
-
-    nearest = nearest_existing(
-        path.absolute(),
-        lambda link, target: CollectionNotFoundError(
-            f"{link} is a symlink to {target}, which does not exist: no collection can be at "
-            f"{location} until the folder it points to is made (or the link removed)"
-        ),
-    )
-    if not os.path.isdir(nearest):
-        raise CollectionNotFoundError(f"{nearest} is a file, not a folder: no collection can be at {location}")
-    return nearest
+    return _folder_or_above(path, _refused_collection(location)).absolute()
 
 
 def refuse_the_wrong_kind(path: Path, error: type[Exception], *, folder: bool, what: str) -> None:
@@ -236,21 +264,17 @@ def refuse_the_wrong_kind(path: Path, error: type[Exception], *, folder: bool, w
         raise error(f"{path} is a {'file' if folder else 'folder'}, not {what}")
 
 
-def refuse_uncreatable(location: str | os.PathLike, path: Path) -> None:
+def refuse_uncreatable(location: str | os.PathLike, path: Path, refusal: Refusal | None = None) -> None:
     """:class:`~m3search.errors.CollectionReadOnlyError` unless this process may write in ``path``, the folder a new
     collection at ``location`` is made in (or, where it is missing, the nearest folder above it, where it would be
     made; a file there is :func:`refuse_a_file_in_the_way`'s error). Checked before anything is written, so a
     refused create leaves nothing behind: the first write's own failure was a bare PermissionError (Qdrant Edge's
     mkdir), or said "cannot be opened ... copy the folder" of a collection not yet there (Milvus Lite's and
-    qdrant-client's lock files)."""
-    folder = refuse_a_file_in_the_way(location, path)
+    qdrant-client's lock files). ``refusal``: another caller's own errors (:data:`Refusal`; eval's index cache)."""
+    refusal = refusal or _refused_collection(location)
+    folder = _folder_or_above(path, refusal)
     if not os.access(folder, os.W_OK | os.X_OK):
-        from m3search.errors import CollectionReadOnlyError
-
-        raise CollectionReadOnlyError(
-            f"cannot create a collection at {location}: this process may not write in the folder {folder} "
-            f"({_cannot_write(folder)}); nothing was created: choose a folder it may write, or give it write access"
-        )
+        raise refusal("unwritable", folder, _cannot_write(folder))
 
 
 @contextlib.contextmanager

@@ -444,7 +444,12 @@ class M3SearchVectorStore(BasePydanticVectorStore):
                 "VectorStoreQuery.query_str is required"
             )
         if query.node_ids:  # [] is no restriction: VectorStoreIndex.as_retriever's, for a store keeping the text
-            raise NotImplementedError("restricting a query to node_ids is not supported; filter on metadata instead")
+            raise NotImplementedError(
+                "restricting a query to node_ids is not supported; filter on metadata instead. A VectorStoreIndex "
+                "sends the ids of the nodes it also keeps in its own docstore: all of them where it was made with "
+                "store_nodes_override=True (leave that out: this store keeps each node whole), and any IndexNode or "
+                "ImageNode inserted"
+            )
         if query.output_fields or query.embedding_field:
             raise NotImplementedError("output_fields / embedding_field are not supported by M3SearchVectorStore")
         if query.alpha is not None and qmode != VectorStoreQueryMode.HYBRID:
