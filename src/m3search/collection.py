@@ -85,6 +85,7 @@ from m3search.plan import (
     SearchPlan,
     check_bool,
     check_deadline,
+    check_fusion,
     check_group,
     check_int,
     check_queries,
@@ -172,7 +173,8 @@ def request_defaults(
     """A search request's mode / fusion / weights, each None taken from ``defaults`` (the collection's search
     defaults), or from ``base()`` (those it had before tuning, :func:`_search_base`) for fusion and weights where
     the request names another mode. One rule for the search and for what integrations say of its scores
-    (LangChain's relevance). Details: :meth:`Collection._request_defaults`."""
+    (LangChain's relevance), so the fusion comes back by its lower-case name. Details:
+    :meth:`Collection._request_defaults`."""
     mode = defaults["mode"] if mode is None else mode
     modes = parse_mode(mode)
     own = defaults if modes == parse_mode(defaults["mode"]) else base()
@@ -182,7 +184,7 @@ def request_defaults(
         weights = own["weights"]
         if sum(weights[MODES.index(m)] for m in modes) <= 0:
             weights = SEARCH_DEFAULTS["weights"]
-    return mode, fusion, weights
+    return mode, check_fusion(fusion), weights
 
 
 _SCHEMA_SETTINGS = (
