@@ -802,7 +802,7 @@ class Collection:
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
                             spans = self._read_spans(texts[start:end], one, bool(emb.truncated))
-                        vectors = _vectors(emb, self.schema.colbert_pool_factor)
+                        vectors = _vectors(emb, self.schema.colbert_pool_factor, ids[start:end])
                         batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
                         self._write(batch)
                     if progress is not None:
@@ -1584,10 +1584,10 @@ class Collection:
         ]
 
 
-def _vectors(emb: Any, pool_factor: int = 1) -> tuple:
+def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
     """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
-    before the write (queries are untouched)."""
-    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor)
+    before the write (queries are untouched); ``names``: each window's document id, for pooling's errors."""
+    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor, names=names)
     return emb.dense, emb.sparse, colbert, offsets
 
 
@@ -1602,7 +1602,12 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
         d = int(doc[a])
         rows = e[a:b]
         batch = PointBatch(
-            [ids[d]], [texts[d]], [meta[d]], *_vectors(rows, pool_factor), np.array([0, b - a]), piece.spans[a:b]
+            [ids[d]],
+            [texts[d]],
+            [meta[d]],
+            *_vectors(rows, pool_factor, [ids[d]] * (b - a)),
+            np.array([0, b - a]),
+            piece.spans[a:b],
         )
         first, last = piece.index[a] == 0, piece.index[b - 1] == piece.count[d] - 1
         yield bool(first), bool(last), batch, piece.cut if k == 0 else None
