@@ -259,9 +259,16 @@ def test_bad_arguments_are_refused_before_queueing(tiny_encoder):
         for kwargs in ({"dense": False, "sparse": False, "colbert": False}, {"max_length": 1}, {"priority": 7}):
             with pytest.raises(ValueError):
                 b.submit(["x"], **kwargs)
-        with pytest.raises(TypeError):
-            b.submit([])
+        for bad, exc in (([], ValueError), (None, TypeError), (["a", 3], TypeError)):  # encode's own check
+            with pytest.raises(exc, match="texts"):
+                b.submit(bad)
         assert b.depth == 0
+
+
+def test_a_string_is_one_text_as_in_encode(tiny_encoder):
+    """A bare string was queued as one text per character (nine rows for "some text")."""
+    with Batcher(tiny_encoder) as b:
+        _same(b.encode("some text"), tiny_encoder.encode("some text"))
 
 
 def test_concat_embeddings_matches_one_encode(tiny_encoder):

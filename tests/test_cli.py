@@ -144,6 +144,29 @@ def test_search_exact_reaches_the_collection(indexed, corpus_texts, tiny_encoder
     assert seen == [True, False]
 
 
+def test_search_fusion_in_any_case_as_the_library_takes_it(tmp_path, tiny_encoder, tiny_model_path):
+    """`search --fusion RRF` was a usage error (click's case-sensitive choice) while `--mode Dense` is taken."""
+    from click.testing import CliRunner
+
+    from m3search import Collection
+    from m3search.cli import main
+
+    path = tmp_path / "c"
+    with Collection.create(path, model=tiny_encoder) as col:
+        col.add([f"document {i} about pumps and {w}" for i, w in enumerate(["valves", "flow", "heat"] * 3)])
+    base = ["search", "pumps and heat", "-c", str(path), "-m", str(tiny_model_path), "-k", "4", "--json"]
+
+    def hits(*args: str) -> list:
+        result = CliRunner().invoke(main, [*base, *args], env={"M3SEARCH_DTYPE": "float32"})
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["hits"]
+
+    for fusion in ("rrf", "dbsf"):
+        assert hits("--fusion", fusion.upper()) == hits("--fusion", fusion) != hits()
+    result = CliRunner().invoke(main, [*base, "--fusion", "max"])
+    assert result.exit_code == 2 and all(name in result.output for name in ("weighted", "rrf", "dbsf"))
+
+
 def test_search_group_passage(tmp_path, corpus, tiny_encoder, tiny_model_path):
     """``--group passage`` returns the library's passage hits (the CLI had no way to ask for them); the terminal
     shows each passage with its characters in the document (it printed a long document's window slice of the

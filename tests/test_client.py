@@ -3,6 +3,7 @@ at the server's max_batch, and the library's error types."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import numpy as np
@@ -340,7 +341,7 @@ BAD_SEARCHES = [
     dict(candidates=-1),
     dict(mode="bm25"),
     dict(mode=["dense", "sparse"]),
-    dict(fusion="RRF"),
+    dict(fusion="max"),
     dict(weights=5),
     dict(weights=[1, 1]),
     dict(weights=[-1, 1, 1]),
@@ -440,6 +441,27 @@ def test_every_mode_spelling_the_library_takes_searches_over_http(col):
             same_hits([(h["id"], h["score"]) for h in raw.json()["hits"]], want)
         raw = client._http.post("/search", json={"query": QUERIES[0], "mode": "fuzzy"})
         assert raw.status_code == 400 and "unknown mode 'fuzzy': use one of" in raw.json()["error"]["message"]
+
+
+def test_every_fusion_spelling_the_library_takes_searches_over_http(col):
+    """fusion="RRF" was refused by the library, the client and the server (pydantic's Literal: 422) while
+    mode="Dense" is taken. Each now takes a fusion in any case; the client sends the lower-case name (which a
+    server older than this takes too), and an unknown one is still a 422 naming the choices."""
+    with served(col) as client:
+        sent = []
+        client._http.event_hooks["request"].append(lambda request: sent.append(json.loads(request.content)))
+        for fusion in ("RRF", "Dbsf", "WEIGHTED"):
+            want = col.search(QUERIES[0], k=3, mode="dense+sparse", fusion=fusion.lower())
+            got = client.search(QUERIES[0], k=3, mode="dense+sparse", fusion=fusion)
+            same_hits([(h.id, h.score) for h in got], want)
+            assert sent.pop()["fusion"] == fusion.lower()
+            for route, body in (("/search", {"query": QUERIES[0]}), ("/search/batch", {"queries": [QUERIES[0]]})):
+                raw = client._http.post(route, json={**body, "k": 3, "mode": "dense+sparse", "fusion": fusion})
+                hits = raw.json()["hits"] if route == "/search" else raw.json()["hits"][0]
+                same_hits([(h["id"], h["score"]) for h in hits], want)
+        raw = client._http.post("/search", json={"query": QUERIES[0], "fusion": "max"})
+        assert raw.status_code == 422
+        assert "unknown fusion 'max' (choose from weighted, rrf, dbsf)" in raw.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -287,6 +287,14 @@ def test_bad_texts(tiny_encoder, bad, exc):
         tiny_encoder.encode(bad)
 
 
+def test_tokenize_takes_a_string_as_one_text_as_encode_does(tiny_encoder):
+    """A bare string was tokenized as a list of its characters: nine rows for "some text"."""
+    assert tiny_encoder.tokenize("some text", 64) == tiny_encoder.tokenize(["some text"], 64)
+    for bad, exc in ((None, TypeError), ([], ValueError), (["a", 3], TypeError), (b"x", TypeError)):
+        with pytest.raises(exc, match="texts"):
+            tiny_encoder.tokenize(bad, 64)
+
+
 def test_bad_arguments(tiny_encoder):
     with pytest.raises(ValueError):
         tiny_encoder.encode("x", dense=False, sparse=False, colbert=False)

@@ -73,6 +73,27 @@ def test_contributions_sum_to_fused():
         fuse("max", s, W, ids)
 
 
+def test_fusion_names_are_taken_in_any_case_as_mode_names_are():
+    """fusion="RRF" was refused while mode="Dense" is a mode: every fusion name is now read by one check
+    (plan.check_fusion) in any case, and anything else is still refused naming the choices."""
+    from m3search.plan import SearchPlan
+
+    rng = np.random.default_rng(1)
+    ids = [f"d{i}" for i in range(12)]
+    s = {m: rng.random(12) for m in W}
+    for method in ("weighted", "rrf", "dbsf"):
+        for spelled in (method.upper(), method.capitalize()):
+            assert SearchPlan.build(fusion=spelled).fusion == method
+            np.testing.assert_array_equal(fuse(spelled, s, W, ids), fuse(method, s, W, ids))
+            for m, part in contributions(spelled, s, W, ids).items():
+                np.testing.assert_array_equal(part, contributions(method, s, W, ids)[m])
+    for bad in ("max", " rrf", "", None, 3, ["rrf"]):
+        with pytest.raises(ValueError, match=r"unknown fusion .* \(choose from weighted, rrf, dbsf\)"):
+            SearchPlan.build(fusion=bad)
+        with pytest.raises(ValueError, match=r"unknown fusion .* \(choose from weighted, rrf, dbsf\)"):
+            fuse(bad, s, W, ids)
+
+
 def test_dbsf_degenerate_lists():
     assert dbsf({"dense": [0.3]}, {"dense": 1.0}).tolist() == [0.5]
     assert dbsf({"dense": [0.3, 0.3]}, {"dense": 1.0}).tolist() == [0.5, 0.5]

@@ -96,9 +96,53 @@ def test_empty_batch():
     assert px.shape == (0, 8) and po.tolist() == [0]
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_vectors_are_refused_naming_the_document(value):
+    """SciPy's "The condensed distance matrix must contain only finite values" was the whole message."""
+    x, o = _batch([3, 1, 5, 4])
+    x[6, 2] = value  # document 2 (rows 4:9)
+    with pytest.raises(ValueError, match="ColBERT vectors of document 2 hold NaN or infinite values"):
+        pool_tokens(x, o, 2)
+    with pytest.raises(ValueError, match="ColBERT vectors of document 'c' hold NaN or infinite"):
+        pool_tokens(x, o, 2, names=["a", "b", "c", "d"])
+    assert pool_tokens(x, o, 1)[0] is x  # no pooling: nothing to refuse
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
 def test_bad_pool_factor(bad):
     with pytest.raises(ValueError, match="colbert_pool_factor must be an integer >= 1"):
         check_pool_factor(bad)
     with pytest.raises(ValueError, match="colbert_pool_factor"):
         pool_tokens(np.zeros((2, 4), np.float32), np.array([0, 2]), bad)
+
+
+@pytest.mark.parametrize("max_windows", [1, None])  # one window per text / windowed ingest
+def test_a_collection_names_the_document_and_writes_nothing(tmp_path, tiny_encoder, monkeypatch, max_windows):
+    """A model whose ColBERT output holds NaN (fp16 overflow) failed a pooled ingest with SciPy's message."""
+    from m3search import Collection, M3Encoder
+
+    encode_rows = M3Encoder._encode_rows
+
+    def overflowing(self, *args, **kwargs):
+        emb = encode_rows(self, *args, **kwargs)
+        emb.colbert[:] = np.nan
+        return emb
+
+    with Collection.create(tmp_path / "c", model=tiny_encoder, colbert_pool_factor=2, max_windows=max_windows) as col:
+        col.add(["a document stored before"], ids=["kept"])
+        monkeypatch.setattr(M3Encoder, "_encode_rows", overflowing)
+        with pytest.raises(ValueError, match="ColBERT vectors of document 'x' hold NaN or infinite values"):
+            col.add(["pumps and valves", "heat flow"], ids=["x", "y"])
+        assert col.count() == 1 and col.get(["x", "y"]) == [None, None]
+
+
+def test_migrate_names_the_stored_document_whose_vectors_cannot_be_pooled():
+    """Stored vectors (rows are windows) pooled by a migration: the error names the document owning the window."""
+    from m3search.engines.shapes import PointBatch
+    from m3search.migrate import _pooled
+
+    x, o = _batch([2, 3, 4])  # windows 0:2, 2:5, 5:9
+    x[5, 0] = np.nan  # window 2: document "b"'s second
+    batch = PointBatch(["a", "b"], ["", ""], [{}, {}], colbert=x, colbert_offsets=o, windows=np.array([0, 1, 3]))
+    with pytest.raises(ValueError, match="ColBERT vectors of document 'b' hold NaN or infinite values"):
+        _pooled(batch, 2)

@@ -228,6 +228,20 @@ def test_cached_settings_equal_real_searches(indexed, beir, tiny_encoder):
             np.testing.assert_allclose(got[i], [want[q]["ndcg@10"] for q in qids], atol=1e-9, err_msg=str(s))
 
 
+def test_a_setting_holds_its_fusion_by_the_lower_case_name():
+    """Setting("all", "RRF", ...) was scored as dbsf (the branch no other name took), and any unknown name too."""
+    cache = ScoreCache.from_pools(*_synthetic(3), depth=40)
+    w = (0.4, 0.2, 0.4)
+    for method in ("weighted", "rrf", "dbsf"):
+        loud = Setting("all", method.upper(), w, 20)
+        assert loud == Setting("all", method, w, 20) and loud.to_dict()["fusion"] == method
+        np.testing.assert_array_equal(
+            evaluate_settings(cache, [loud]), evaluate_settings(cache, [Setting("all", method, w, 20)])
+        )
+    with pytest.raises(ValueError, match="unknown fusion 'max' \\(choose from weighted, rrf, dbsf\\)"):
+        Setting("all", "max", w, 20)
+
+
 # ---------------------------------------------------------------------------------------------- stored defaults
 
 TUNED = {"mode": "dense+colbert", "fusion": "rrf", "weights": [0.7, 0.0, 0.3], "candidates": 30}
@@ -290,6 +304,27 @@ def test_search_defaults_stored_used_reset_and_atomic(small, tiny_encoder):
         assert col.search_defaults() == builtin and "tuning" not in col.manifest
         assert _ranked(col.search("heat flow", k=8)) == plain
         assert [(r.id, r.text) for r in col.get([f"d{i}" for i in range(40)])] == before_docs
+
+
+def test_a_fusion_in_any_case_searches_and_is_stored_by_its_lower_case_name(small, tiny_encoder):
+    """Collection.search(fusion="RRF") and set_search_defaults with it were refused ("unknown fusion"), while
+    mode="Dense" is taken; the manifest (what another process and `info` read) keeps the lower-case name, and
+    the rule integrations read a search's fusion by (LangChain's relevance) gives it too."""
+    from m3search import Collection
+    from m3search.collection import request_defaults
+
+    with Collection.open(small, model=tiny_encoder) as col:
+        for method in ("weighted", "rrf", "dbsf"):
+            want = _ranked(col.search("heat flow", k=8, mode="dense+sparse", fusion=method))
+            assert _ranked(col.search("heat flow", k=8, mode="Dense+Sparse", fusion=method.upper())) == want
+            assert (
+                request_defaults(col.search_defaults(), col.search_defaults, "dense", method.title(), None)[1] == method
+            )
+        assert col.set_search_defaults(dict(TUNED, fusion="RRF")) == TUNED
+    with Collection.open(small, model=tiny_encoder) as col:
+        assert col.search_defaults() == TUNED and col.manifest["settings"]["fusion"] == "rrf"
+        with pytest.raises(ValueError, match="unknown fusion 'max' \\(choose from weighted, rrf, dbsf\\)"):
+            col.search("heat flow", fusion="max")
 
 
 def test_http_search_falls_through_to_the_collection_defaults(small, tiny_encoder, tiny_model_path):

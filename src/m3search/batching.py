@@ -225,7 +225,7 @@ class Batcher:
     # ---------------------------------------------------------------------------- callers
     def submit(
         self,
-        texts: Sequence[str],
+        texts: str | Sequence[str],
         *,
         dense: bool = True,
         sparse: bool = True,
@@ -234,13 +234,12 @@ class Batcher:
         priority: int = INTERACTIVE,
         timeout: float | None = None,
     ) -> _Request:
-        """Queue texts; the returned ticket's ``future`` gives their :class:`M3Embeddings`.
+        """Queue texts (a single string is one text, as in :meth:`M3Encoder.encode`); the returned ticket's
+        ``future`` gives their :class:`M3Embeddings`.
 
         Raises :class:`QueueFull` when the queue is full (an empty queue takes any size).
         """
-        texts = list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a non-empty list of strings")
+        texts = check_texts(texts, unicode=False)
         if not (dense or sparse or colbert):
             raise ValueError("request at least one of dense, sparse, colbert")
         if priority not in _PRIORITIES:
@@ -339,7 +338,7 @@ class Batcher:
             budget = max(1, min(budget, int(self._token_rate * self.background_round)))
         return budget
 
-    def encode(self, texts: Sequence[str], **kwargs: Any) -> M3Embeddings:
+    def encode(self, texts: str | Sequence[str], **kwargs: Any) -> M3Embeddings:
         """Blocking :meth:`submit` + wait (``timeout`` as in submit)."""
         return self.result(self.submit(texts, **kwargs))
 
@@ -354,7 +353,7 @@ class Batcher:
         return req.future.result()
 
     async def encode_async(
-        self, texts: Sequence[str], *, gone: Callable[[], Awaitable[Any]] | None = None, **kwargs: Any
+        self, texts: str | Sequence[str], *, gone: Callable[[], Awaitable[Any]] | None = None, **kwargs: Any
     ) -> M3Embeddings:
         """:meth:`submit` + await. ``gone()`` is awaited alongside: when it returns first (the
         client disconnected), the request is cancelled and :class:`ClientGone` raised."""

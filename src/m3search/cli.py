@@ -989,7 +989,10 @@ def _trec_word(value: str, what: str) -> str:
     help=f"Search mode: {', '.join(PRESETS)}, or any '+'-joined modes (sparse+colbert) [default: the collection's, all].",
 )
 @click.option(
-    "--fusion", default=None, type=click.Choice(FUSIONS), help="Fusion method [default: the collection's, weighted]."
+    "--fusion",
+    default=None,
+    type=click.Choice(FUSIONS, case_sensitive=False),
+    help="Fusion method [default: the collection's, weighted].",
 )
 @click.option(
     "--k", "-k", default=10, show_default=True, type=click.IntRange(1), callback=_k_limit, help="Hits to return."
@@ -1450,7 +1453,7 @@ def _note(line: str) -> None:
     callback=_checked(_eval_modes),
     help="Comma-separated modes.",
 )
-@click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS))
+@click.option("--fusion", default="weighted", show_default=True, type=click.Choice(FUSIONS, case_sensitive=False))
 @click.option(
     "--weights", default=None, callback=_parse_weights, help="dense,sparse,colbert weights [default: 0.4,0.2,0.4]."
 )

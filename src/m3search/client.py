@@ -93,6 +93,8 @@ def _search_options(
     body: dict[str, Any] = {"k": plan.k, "explain": plan.explain, "group": group, **given}
     if exact:  # only when asked: a server older than exact refuses the field (422)
         body["exact"] = True
+    if fusion is not None:  # by its lower-case name, which a server older than any case takes too
+        body["fusion"] = plan.fusion
     if weights is not None:  # as checked: plain floats and ints (NumPy's are not JSON)
         body["weights"] = list(plan.weights)
     if candidates is not None:

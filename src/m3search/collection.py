@@ -85,6 +85,7 @@ from m3search.plan import (
     SearchPlan,
     check_bool,
     check_deadline,
+    check_fusion,
     check_group,
     check_int,
     check_queries,
@@ -172,7 +173,8 @@ def request_defaults(
     """A search request's mode / fusion / weights, each None taken from ``defaults`` (the collection's search
     defaults), or from ``base()`` (those it had before tuning, :func:`_search_base`) for fusion and weights where
     the request names another mode. One rule for the search and for what integrations say of its scores
-    (LangChain's relevance). Details: :meth:`Collection._request_defaults`."""
+    (LangChain's relevance), so the fusion comes back by its lower-case name. Details:
+    :meth:`Collection._request_defaults`."""
     mode = defaults["mode"] if mode is None else mode
     modes = parse_mode(mode)
     own = defaults if modes == parse_mode(defaults["mode"]) else base()
@@ -182,7 +184,7 @@ def request_defaults(
         weights = own["weights"]
         if sum(weights[MODES.index(m)] for m in modes) <= 0:
             weights = SEARCH_DEFAULTS["weights"]
-    return mode, fusion, weights
+    return mode, check_fusion(fusion), weights
 
 
 _SCHEMA_SETTINGS = (
@@ -800,7 +802,7 @@ class Collection:
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
                             spans = self._read_spans(texts[start:end], one, bool(emb.truncated))
-                        vectors = _vectors(emb, self.schema.colbert_pool_factor)
+                        vectors = _vectors(emb, self.schema.colbert_pool_factor, ids[start:end])
                         batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
                         self._write(batch)
                     if progress is not None:
@@ -1582,10 +1584,10 @@ class Collection:
         ]
 
 
-def _vectors(emb: Any, pool_factor: int = 1) -> tuple:
+def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
     """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
-    before the write (queries are untouched)."""
-    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor)
+    before the write (queries are untouched); ``names``: each window's document id, for pooling's errors."""
+    colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor, names=names)
     return emb.dense, emb.sparse, colbert, offsets
 
 
@@ -1600,7 +1602,12 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
         d = int(doc[a])
         rows = e[a:b]
         batch = PointBatch(
-            [ids[d]], [texts[d]], [meta[d]], *_vectors(rows, pool_factor), np.array([0, b - a]), piece.spans[a:b]
+            [ids[d]],
+            [texts[d]],
+            [meta[d]],
+            *_vectors(rows, pool_factor, [ids[d]] * (b - a)),
+            np.array([0, b - a]),
+            piece.spans[a:b],
         )
         first, last = piece.index[a] == 0, piece.index[b - 1] == piece.count[d] - 1
         yield bool(first), bool(last), batch, piece.cut if k == 0 else None

@@ -524,12 +524,14 @@ class M3Encoder:
         )
 
     # ------------------------------------------------------------ tokenization
-    def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-        """Token ids of each text (specials included), cut at ``max_length``; and how many were cut."""
+    def tokenize(self, texts: str | Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+        """Token ids of each text (specials included), cut at ``max_length``; and how many were cut.
+        A single string is one text, as in :meth:`encode` (it was split into characters)."""
+        texts = check_texts(texts, unicode=False)
         with self._tok_lock:
             self.tokenizer.enable_truncation(max_length)
             try:
-                encodings = self.tokenizer.encode_batch(list(texts))
+                encodings = self.tokenizer.encode_batch(texts)
             finally:
                 self.tokenizer.no_truncation()
         truncated = sum(1 for e in encodings if e.overflowing)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from m3search.plan import FUSIONS
+from m3search.plan import FUSIONS, check_fusion
 
 __all__ = [
     "RRF_K",
@@ -125,13 +125,12 @@ def fuse(
 ) -> np.ndarray:
     """Fused score of each candidate with ``method`` (one of :data:`FUSIONS`): the formulas as written, the oracle
     of :func:`contributions` (which the Collection sums with :func:`total`)."""
+    method = check_fusion(method)
     if method == "weighted":
         return weighted(scores, weights)
     if method == "rrf":
         return rrf(scores, weights, ids)
-    if method == "dbsf":
-        return dbsf(scores, weights)
-    raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")
+    return dbsf(scores, weights)
 
 
 def total(method: str, parts: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -151,13 +150,12 @@ def contributions(
     method: str, scores: Mapping[str, Sequence[float]], weights: Mapping[str, float], ids: Sequence[Any]
 ) -> dict[str, np.ndarray]:
     """Each mode's additive share of the fused score (they sum to :func:`fuse`'s result, up to rounding)."""
+    method = check_fusion(method)
     arrs = _as_arrays(scores)
     if method == "weighted":
         shares = _shares(weights, arrs)
         return {m: shares[m] * s for m, s in arrs.items()}
     if method == "rrf":
         return {m: weights[m] / (RRF_K + ranks(ids, s)) for m, s in arrs.items()}
-    if method == "dbsf":
-        with np.errstate(over="ignore"):  # an inf part: :func:`total` says so
-            return {m: weights[m] * _dbsf_normalize(s) for m, s in arrs.items()}
-    raise ValueError(f"unknown fusion {method!r} (choose from {', '.join(FUSIONS)})")
+    with np.errstate(over="ignore"):  # dbsf; an inf part: :func:`total` says so
+        return {m: weights[m] * _dbsf_normalize(s) for m, s in arrs.items()}

@@ -209,7 +209,8 @@ def _pooled(batch: PointBatch, pool_factor: int) -> PointBatch:
     """``batch`` with each window's stored token vectors pooled (a new batch; the input is not changed)."""
     if pool_factor == 1 or batch.colbert is None:
         return batch
-    colbert, offsets = pool_tokens(batch.colbert, batch.colbert_offsets, pool_factor)
+    names = [i for i, n in zip(batch.ids, np.diff(batch.window_offsets).tolist()) for _ in range(n)]  # per window
+    colbert, offsets = pool_tokens(batch.colbert, batch.colbert_offsets, pool_factor, names=names)
     return dataclasses.replace(batch, colbert=colbert, colbert_offsets=offsets)
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "check_deadline",
     "SearchPlan",
     "parse_mode",
+    "check_fusion",
     "check_weights",
     "check_mode_total",
     "check_query",
@@ -167,6 +168,14 @@ def parse_mode(mode: Any) -> tuple[str, ...]:
             f"unknown mode {mode!r}: use one of {', '.join(PRESETS)} (or a '+'-joined subset of dense, sparse, colbert)"
         )
     return tuple(m for m in MODES if m in parts)
+
+
+def check_fusion(fusion: Any) -> str:
+    """``fusion``'s name as stored and compared, lower-case: one of :data:`FUSIONS` in any case, as a mode's
+    name is (``"RRF"`` was refused while ``mode="Dense"`` was taken); ValueError naming them otherwise."""
+    if not isinstance(fusion, str) or fusion.lower() not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+    return fusion.lower()
 
 
 def check_weights(weights: Any) -> tuple[float, float, float]:
@@ -396,8 +405,7 @@ class SearchPlan:
     ) -> SearchPlan:
         modes = parse_mode(mode)
         explain = check_bool("explain", explain)
-        if not isinstance(fusion, str) or fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+        fusion = check_fusion(fusion)
         w = check_weights(default_weights if weights is None else weights)
         check_mode_total(w, mode)
         k = _positive_int("k", k, MAX_K)

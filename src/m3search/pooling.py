@@ -30,6 +30,7 @@ cluster means are one small matrix product per document.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.cluster.hierarchy import linkage
@@ -77,19 +78,27 @@ def _labels(x: np.ndarray, k: int) -> np.ndarray:
     return rank[inverse]
 
 
-def pool_tokens(colbert: np.ndarray, offsets: np.ndarray, pool_factor: int) -> tuple[np.ndarray, np.ndarray]:
+def pool_tokens(
+    colbert: np.ndarray, offsets: np.ndarray, pool_factor: int, *, names: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pool each document's token vectors into ``ceil(n / pool_factor)`` cluster means.
 
     ``colbert`` float32 ``(T, d)`` with ``offsets`` int64 ``(n_docs + 1,)`` (document i =
     ``colbert[offsets[i]:offsets[i + 1]]``), the layout of :class:`m3search.M3Embeddings`.
     Returns ``(pooled (T', d) float32, offsets' (n_docs + 1,) int64)``. ``pool_factor=1``
-    returns the input unchanged (no copy).
+    returns the input unchanged (no copy). A NaN or infinite value is a ValueError naming its
+    document (``names[i]`` where given: the caller's id), not SciPy's "condensed distance matrix".
     """
     pool_factor = check_pool_factor(pool_factor)
     offsets = np.asarray(offsets, dtype=np.int64)
     if pool_factor == 1:
         return colbert, offsets
     x = np.ascontiguousarray(colbert, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        i = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+        doc = f"document {i}" if names is None else f"document {names[i]!r}"
+        raise ValueError(f"the ColBERT vectors of {doc} hold NaN or infinite values: they cannot be pooled")
     parts, counts = [], np.zeros(len(offsets) - 1, dtype=np.int64)
     for i, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
         doc = x[a:b]

@@ -50,7 +50,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
     from starlette.convertors import PathConvertor, register_url_convertor
     from starlette.exceptions import HTTPException
 except ImportError:  # pragma: no cover - depends on the environment
@@ -85,6 +85,7 @@ from .plan import (
     PRESETS,
     DeadlineExceeded,
     LimitExceededError,
+    check_fusion,
     check_limit,
     check_queries,
     check_text,
@@ -830,7 +831,8 @@ class _SearchOptions(_Strict):
     mode: str | None = Field(  # checked by the library (parse_mode): "ALL" and "dense + sparse" are modes there too
         None, description=f"{', '.join(PRESETS)} (or any '+'-joined subset); default: the collection's (all)."
     )
-    fusion: Literal[FUSIONS] | None = Field(  # type: ignore[valid-type]
+    # any case, through the library's check: "RRF" goes on as rrf (as "Dense" is a mode)
+    fusion: Annotated[Literal[FUSIONS], BeforeValidator(check_fusion)] | None = Field(  # type: ignore[valid-type]
         None, description=f"{', '.join(FUSIONS)} (default: the collection's, weighted)."
     )
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(

@@ -39,6 +39,7 @@ from m3search.plan import (
     DEFAULT_WEIGHTS,
     MAX_CANDIDATES,
     MODES,
+    check_fusion,
     check_int,
     check_limit,
     parse_mode,
@@ -79,6 +80,9 @@ class Setting:
     fusion: str
     weights: tuple[float, float, float]
     candidates: int
+
+    def __post_init__(self) -> None:  # "RRF" was scored as dbsf (the fusion no other branch names)
+        object.__setattr__(self, "fusion", check_fusion(self.fusion))
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "fusion": self.fusion, "weights": list(self.weights), "candidates": self.candidates}
