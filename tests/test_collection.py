@@ -83,6 +83,83 @@ def test_open_with_other_model_is_clear_error(tmp_path, tiny_encoder, tiny_alt_m
     Collection.open(path).close()
 
 
+def _backbone_tuned(base, folder):
+    """A copy of the model in ``base`` whose model.safetensors alone differs (a backbone-only fine-tune): same
+    size, even the same mtime."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = shutil.copytree(base, folder)
+    weights, was = tuned / "model.safetensors", base / "model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(was.stat().st_atime_ns, was.stat().st_mtime_ns))
+    assert weights.stat().st_size == was.stat().st_size and weights.read_bytes() != was.read_bytes()
+    return tuned
+
+
+OTHER_WEIGHTS = "has the same config, heads and tokenizer but other transformer weights"
+
+
+def test_a_backbone_only_fine_tune_is_refused_and_a_copy_of_the_model_is_not(tmp_path, tiny_encoder, tiny_model_path):
+    """The identity hashes config, heads and tokenizer, not model.safetensors: a backbone-only fine-tune made
+    elsewhere opened its base model's collection and searched the vectors the base model stored, silently. The
+    manifest records the weights fingerprint too: such a model is refused however it comes (a path, an encoder,
+    a served encoder, the recorded folder overwritten), while a copy of the same model elsewhere (other path,
+    other mtimes) opens."""
+    import shutil
+
+    from m3search import M3Encoder
+
+    base = shutil.copytree(tiny_model_path, tmp_path / "base")
+    path = tmp_path / "c"
+    with Collection.create(path, model=str(base), device="cpu", dtype="float32") as c:
+        c.add(TEXTS, ids=IDS)
+    tuned = _backbone_tuned(base, tmp_path / "tuned")
+    encoder = M3Encoder.from_pretrained(str(tuned), device="cpu", dtype="float32")
+    assert encoder.identity == tiny_encoder.identity  # what the check had to tell them apart by
+    for model in (str(tuned), encoder):
+        with pytest.raises(ModelMismatchError, match=OTHER_WEIGHTS):
+            Collection.open(path, model=model)
+    with Collection.open(path) as c:
+        with pytest.raises(ModelMismatchError, match=OTHER_WEIGHTS):
+            c.use_encoder(encoder)  # as the server hands its encoder over
+
+    copy = shutil.copytree(base, tmp_path / "copy")
+    for f in copy.iterdir():
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    for model in (str(copy), M3Encoder.from_pretrained(str(copy), device="cpu", dtype="float32")):
+        with Collection.open(path, model=model) as c:
+            assert c.search("brown fox", k=1)[0].id == "d0"
+
+    shutil.copy(tuned / "model.safetensors", base / "model.safetensors")  # the recorded folder overwritten
+    with Collection.open(path) as c, pytest.raises(ModelMismatchError, match="different model \\(the same config"):
+        c.search("brown fox", k=1)
+
+
+def test_a_collection_made_before_weights_fingerprints_opens_as_before(tmp_path, tiny_encoder, tiny_model_path):
+    """A manifest without the weights fingerprint (a collection made by an older m3search) is checked by identity
+    alone, as it was, and opening it writes nothing; a fingerprint that is not a string is damage."""
+    from m3search.errors import CollectionDamagedError
+
+    path = tmp_path / "c"
+    with Collection.create(path, model=tiny_encoder) as c:
+        c.add(TEXTS, ids=IDS)
+    manifest = path / "manifest.json"
+    good = json.loads(manifest.read_text())
+    assert good["model"]["weights_fingerprint"] == tiny_encoder.weights_fingerprint
+    del good["model"]["weights_fingerprint"]
+    manifest.write_text(json.dumps(good))
+    before = manifest.read_bytes()
+    tuned = _backbone_tuned(tiny_model_path, tmp_path / "tuned")
+    with Collection.open(path, model=str(tuned), device="cpu", dtype="float32") as c:
+        assert len(c.search("brown fox", k=1)) == 1
+    assert manifest.read_bytes() == before
+    manifest.write_text(json.dumps({**good, "model": {**good["model"], "weights_fingerprint": 5}}))
+    with pytest.raises(CollectionDamagedError, match=r"damaged \(model weights_fingerprint 5 is not a string\)"):
+        Collection.open(path)
+
+
 def test_open_missing_and_model_from_env(tmp_path, tiny_model_path, monkeypatch):
     with pytest.raises(CollectionNotFoundError, match="no collection"):
         Collection.open(tmp_path / "nothing")

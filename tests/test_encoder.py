@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 
@@ -382,8 +383,10 @@ def test_missing_local_folder_and_offline_hub(tmp_path, monkeypatch):
 def test_identity_is_stable_and_path_independent(tiny_encoder, tiny_model_path, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_path, copy)
+    os.utime(copy / "model.safetensors", ns=(1_000_000_000, 1_000_000_000))
     other = M3Encoder.from_pretrained(str(copy), dtype="float32")
     assert other.identity == tiny_encoder.identity
+    assert other.weights_fingerprint == tiny_encoder.weights_fingerprint  # not the path, nor the mtime
     sp_state = __import__("torch").load(copy / "sparse_linear.pt")
     sp_state["bias"] += 1
     __import__("torch").save(sp_state, copy / "sparse_linear.pt")

@@ -885,6 +885,12 @@ def test_a_backbone_only_fine_tune_does_not_reuse_its_base_models_cached_index(t
     col, again = _cached_index(data, encoder, cache, batch_size=None, progress=False)
     with col:
         assert again["cached"] is False and again["key"] != info["key"] and col.count() == 12
+    copy = shutil.copytree(tiny_model_path, tmp_path / "copy")  # the base model elsewhere, other mtimes: the same
+    os.utime(copy / "model.safetensors", ns=(1_000_000_000, 1_000_000_000))
+    encoder = M3Encoder.from_pretrained(str(copy), device="cpu", dtype="float32")
+    col, same = _cached_index(data, encoder, cache, batch_size=None, progress=False)
+    with col:
+        assert same["cached"] is True and same["path"] == info["path"]
 
 
 def test_a_cache_folder_checked_before_making_it_says_what_is_in_the_way(tmp_path, monkeypatch):

@@ -432,7 +432,8 @@ def test_a_corrupt_model_file_is_named(tmp_path, tiny_model_path):
     for name, words in [
         ("config.json", " is not valid JSON: "),
         ("sparse_linear.pt", " (truncated or not a torch state dict): "),
-        ("model.safetensors", ": "),  # not in the identity: found at loading, "could not load ... weights in DIR"
+        # not in the identity, but its weights fingerprint is not the collection's model's: refused before loading
+        ("model.safetensors", "' has the same config, heads and tokenizer but other transformer weights"),
     ]:
         model = tmp_path / f"bad-{name}"
         shutil.copytree(tiny_model_path, model)

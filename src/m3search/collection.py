@@ -22,8 +22,9 @@ Guarantees:
   one-window behaviour of m3search before windows: the rest of a long text is cut.
 * Re-ranking modes take the union of the dense and sparse top-``candidates`` lists and
   compute every score of every candidate exactly (no "missing = 0").
-* The manifest records the model identity (hash of config, heads and tokenizer.json),
-  dimensions, schema version and settings; opening with another model is an error.
+* The manifest records the model identity (hash of config, heads and tokenizer.json) and
+  its weights fingerprint (:func:`~m3search.encoder.weights_fingerprint`), dimensions, schema
+  version and settings; opening with another model is an error.
 * ONE PROCESS PER EMBEDDED COLLECTION: a second process opening the folder gets
   :class:`CollectionInUseError` ("collection at X is in use by process N"). Within a
   process, searches may run concurrently; writes are serialized by a lock.
@@ -57,6 +58,7 @@ from m3search.engines.files import readable
 from m3search.engines.shapes import (
     CREATED_SCHEMA_VERSION,
     MANIFEST_FORMAT,
+    MODEL_WEIGHTS_KEY,
     SCHEMA_VERSION,
     PointBatch,
     Pool,
@@ -473,6 +475,7 @@ class Collection:
             "m3search_version": _version(),
             "model": {
                 "identity": encoder.identity,
+                MODEL_WEIGHTS_KEY: encoder.weights_fingerprint,
                 "name_or_path": str(encoder.name_or_path),
                 "folder": str(Path(encoder.folder).resolve()),
                 "hidden_size": encoder.hidden_size,
@@ -608,36 +611,54 @@ class Collection:
             raise TypeError(f"model must be a name, a path or an M3Encoder, not {type(model).__name__}")
         return M3Encoder.from_pretrained(os.fspath(model), device=device, dtype=dtype)
 
-    def _mismatch(self, what: str, identity: str) -> ModelMismatchError:
+    def _difference(self, identity: str, fingerprint: str) -> str | None:
+        """How a model (its identity and weights fingerprint) differs from the one the collection was built
+        with; None: it is that model. The fingerprint is compared where the manifest records one (collections
+        made before it are checked by identity alone). Why: the identity leaves the transformer weights out,
+        so a backbone-only fine-tune passed and searched the vectors its base model stored."""
+        rec = self._manifest["model"]
+        if identity != rec["identity"]:
+            return f"identity {identity[:12]}"
+        want = rec.get(MODEL_WEIGHTS_KEY)
+        if want is not None and fingerprint != want:
+            return (
+                f"the same config, heads and tokenizer but other transformer weights (weights fingerprint "
+                f"{fingerprint[:12]}, recorded {want[:12]})"
+            )
+        return None
+
+    def _refuse_other(self, what: str, identity: str, fingerprint: str) -> None:
+        """ModelMismatchError unless ``what`` (identity, weights fingerprint) is the collection's model."""
+        difference = self._difference(identity, fingerprint)
+        if difference is not None:
+            raise self._mismatch(what, difference)
+
+    def _mismatch(self, what: str, difference: str) -> ModelMismatchError:
         rec = self._manifest["model"]
         return ModelMismatchError(
             f"collection at {self.location} was built with model {rec['name_or_path']!r} "
-            f"(identity {rec['identity'][:12]}); {what} has identity {identity[:12]}. "
+            f"(identity {rec['identity'][:12]}); {what} has {difference}. "
             "Open it with the same model, or with none to use the recorded one (model=None; on the command "
             "line, neither --model nor M3SEARCH_MODEL)."
         )
 
     def _check_model(self, model: Any) -> None:
-        from m3search.encoder import M3Encoder, _resolve_folder, model_identity
+        from m3search.encoder import M3Encoder, _resolve_folder, model_identity, weights_fingerprint
 
-        want = self._manifest["model"]["identity"]
         if isinstance(model, M3Encoder):
-            if model.identity != want:
-                raise self._mismatch(f"the encoder {model.name_or_path!r}", model.identity)
+            self._refuse_other(f"the encoder {model.name_or_path!r}", model.identity, model.weights_fingerprint)
             self._encoder = model
             return
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a name, a path or an M3Encoder, not {type(model).__name__}")
-        ident = model_identity(_resolve_folder(os.fspath(model)))
-        if ident != want:
-            raise self._mismatch(f"model {os.fspath(model)!r}", ident)
+        folder = _resolve_folder(os.fspath(model))
+        self._refuse_other(f"model {os.fspath(model)!r}", model_identity(folder), weights_fingerprint(folder))
 
     def use_encoder(self, encoder: Any) -> None:
         """Encode with ``encoder`` from now on: this collection's model behind another scheduler
         (the server passes a :class:`~m3search.batching.BatchedEncoder`, so ingest is batched
         behind queries on its one worker). A different model is refused."""
-        if encoder.identity != self._manifest["model"]["identity"]:
-            raise self._mismatch("the encoder", encoder.identity)
+        self._refuse_other("the encoder", encoder.identity, encoder.weights_fingerprint)
         self._encoder = encoder
 
     @property
@@ -674,10 +695,11 @@ class Collection:
                 except Exception as exc:  # try the next recorded location
                     errors.append(f"{cand!r}: {exc}")
                     continue
-                if enc.identity != rec["identity"]:
+                difference = self._difference(enc.identity, enc.weights_fingerprint)
+                if difference is not None:
                     if spec is not None:
-                        raise self._mismatch(f"model {cand!r}", enc.identity)
-                    errors.append(f"{cand!r}: different model (identity {enc.identity[:12]})")
+                        raise self._mismatch(f"model {cand!r}", difference)
+                    errors.append(f"{cand!r}: different model ({difference})")
                     continue
                 self._encoder = enc
                 return enc

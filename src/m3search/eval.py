@@ -425,7 +425,7 @@ def evaluate(
     ``model`` is a name/path or a loaded ``M3Encoder`` (default: ``collection``'s model when one is
     given, else ``$M3SEARCH_MODEL``, else BAAI/bge-m3). ``candidates``: per first-stage list in re-ranking modes (default 200, see
     ``DEFAULT_CANDIDATES``; None = the collection's own default). The index is cached under
-    ``cache_dir`` keyed by model identity, corpus bytes and encoder dtype, so re-runs with
+    ``cache_dir`` keyed by model identity and weights fingerprint, corpus bytes and encoder dtype, so re-runs with
     other modes/fusion/candidates only search.
     Returns a JSON-ready dict (see ``write_reports``), with ``modes[mode]`` holding the means.
     """
@@ -622,7 +622,7 @@ def _cached_index(
         {
             "v": _CACHE_VERSION,
             "model": encoder.identity,
-            "weights": _weights_fingerprint(Path(encoder.folder)),
+            "weights": encoder.weights_fingerprint,
             "corpus": data.corpus_sha256,
             "dtype": dtype,
             "settings": settings,
@@ -659,36 +659,6 @@ def _cached_index(
         info = {"path": str(path), "key": key, "index_seconds": round(time.perf_counter() - t0, 3), "cached": False}
         write_durably(done, json.dumps(info, indent=2))
         return Collection.open(path, model=encoder), info
-
-
-#: How much of a weights file :func:`_weights_fingerprint` hashes: ``_SAMPLE_CHUNKS + 1`` chunks of
-#: ``_SAMPLE_BYTES``, evenly spaced from its head (safetensors' header: tensor names, shapes, offsets) to its end.
-_SAMPLE_CHUNKS = 64
-_SAMPLE_BYTES = 1 << 16
-
-
-def _weights_fingerprint(folder: Path) -> dict[str, list]:
-    """Each transformer weights file's size, ``st_mtime_ns`` and sha256 of a bounded sample (65 chunks of 64 KiB
-    from head to end: ~4 MiB of a 2.3 GB model.safetensors, where hashing it all would cost ~1.5 s a GB every
-    run). Why: the model identity hashes config, heads and tokenizer but not the backbone, so a backbone-only
-    fine-tune made elsewhere reused its base model's cached index, silently giving the base model's results.
-    Trade-off: a copy that does not keep the mtime builds its index again (time, never a wrong result); weights
-    changed with size and mtime_ns kept (set back on purpose, or a store that fixes mtimes) are caught only
-    where a sampled chunk changed, which a full fine-tune always does."""
-    from .encoder import _WEIGHT_FILES
-
-    out = {}
-    for name in _WEIGHT_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        st, h = path.stat(), hashlib.sha256()
-        with open(path, "rb") as f:
-            for i in range(_SAMPLE_CHUNKS + 1):
-                f.seek(i * max(st.st_size - _SAMPLE_BYTES, 0) // _SAMPLE_CHUNKS)
-                h.update(f.read(_SAMPLE_BYTES))
-        out[name] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-    return out
 
 
 def _open_cached(path: Path, encoder: Any, *, progress: bool) -> Any:

@@ -38,6 +38,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CREATED_SCHEMA_VERSION",
     "MANIFEST_FORMAT",
+    "MODEL_WEIGHTS_KEY",
     "check_manifest",
     "COLBERT_DTYPES",
     "LOSSLESS_COLBERT_DTYPES",
@@ -75,6 +76,8 @@ CREATED_SCHEMA_VERSION = 3
 
 #: The manifest's ``format``: what marks stored data as an m3search collection.
 MANIFEST_FORMAT = "m3search-collection"
+#: The model record's key for :func:`m3search.encoder.weights_fingerprint` (absent in collections made before it).
+MODEL_WEIGHTS_KEY = "weights_fingerprint"
 
 
 def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping[str, Any]:
@@ -82,7 +85,7 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
     reads a collection (``Collection.open``, so ``info``, and ``migrate``, which would otherwise copy what
     it cannot read and relabel it with this version): CollectionNotFoundError without an m3search
     manifest, ValueError for a newer schema version (not damage: a newer m3search reads it), CollectionDamagedError
-    for a damaged one (a version that is not an integer, no model record)."""
+    for a damaged one (a version that is not an integer, no model record, a weights fingerprint not a string)."""
     if not manifest or manifest.get("format") != MANIFEST_FORMAT:
         raise CollectionNotFoundError(f"{location} has no m3search manifest")
     version = manifest.get("schema_version", 0)  # absent in the first manifests
@@ -92,6 +95,8 @@ def check_manifest(manifest: Mapping[str, Any] | None, location: str) -> Mapping
         raise _newer(version, location)
     if not isinstance(manifest.get("model"), dict) or not isinstance(manifest["model"].get("identity"), str):
         raise damaged(location, "no model record")
+    if not isinstance(manifest["model"].get(MODEL_WEIGHTS_KEY, ""), str):
+        raise damaged(location, f"model {MODEL_WEIGHTS_KEY} {manifest['model'][MODEL_WEIGHTS_KEY]!r} is not a string")
     return manifest
 
 
