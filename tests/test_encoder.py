@@ -393,6 +393,32 @@ def test_identity_is_stable_and_path_independent(tiny_encoder, tiny_model_path, 
     assert M3Encoder.from_pretrained(str(copy), dtype="float32").identity != tiny_encoder.identity
 
 
+def test_weights_fingerprint_sees_one_small_tensor_changed_in_a_large_file(tiny_model_path, tmp_path):
+    """A fine-tune that changed one small tensor (a LoRA merged into a few matrices, a bias) between large ones:
+    chunks sampled evenly over the file (65 of 64 KiB) missed it, so the collection opened with the other model;
+    every tensor's ends are hashed (the safetensors header says where each lies)."""
+    from safetensors.torch import load_file, save_file
+
+    from m3search.encoder import weights_fingerprint
+
+    def folder(name: str, bump: bool):
+        out = tmp_path / name
+        shutil.copytree(tiny_model_path, out)
+        state = load_file(out / "model.safetensors")
+        for pad in ("a.pad", "zz.pad"):  # 32 MB before and after the model's own tensors
+            state[pad] = __import__("torch").zeros(8_000_000)
+        if bump:
+            key = next(k for k in sorted(state) if k.endswith("LayerNorm.bias"))
+            state[key] = state[key] + 1e-3
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return out
+
+    base, tuned = folder("base", False), folder("tuned", True)
+    assert (base / "model.safetensors").stat().st_size == (tuned / "model.safetensors").stat().st_size
+    assert weights_fingerprint(base) != weights_fingerprint(tuned)
+    assert weights_fingerprint(base) == weights_fingerprint(folder("copy", False))
+
+
 def test_encode_does_not_change_model_state(tiny_encoder):
     before = (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype)
     tiny_encoder.encode(["a", "b"])

@@ -362,29 +362,55 @@ def model_identity(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-#: How much of the weights file :func:`weights_fingerprint` hashes: ``_SAMPLE_CHUNKS + 1`` chunks of
-#: ``_SAMPLE_BYTES``, evenly spaced from its head (safetensors' header: tensor names, shapes, offsets) to its end.
-_SAMPLE_CHUNKS = 64
-_SAMPLE_BYTES = 1 << 16
+#: :func:`weights_fingerprint`'s sample: this many bytes at each end of every tensor of a model.safetensors (its
+#: header gives where each lies), or of each of ``_SAMPLE_CHUNKS + 1`` evenly spaced chunks of another weights file.
+_SAMPLE_BYTES = 1 << 12
+_SAMPLE_CHUNKS = 1024
 
 
 def weights_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of the transformer weights file transformers loads (model.safetensors before pytorch_model.bin):
-    its name, size and a bounded sample (65 chunks of 64 KiB from head to end: ~4 MiB of a 2.3 GB
-    model.safetensors, where hashing it all costs ~1.5 s a GB). Why: :func:`model_identity` leaves the
-    backbone out, so a backbone-only fine-tune made elsewhere passed for its base model (eval's index cache,
-    collection manifests). Not the path nor the mtime: a copied or re-downloaded model is the same model.
-    Trade-off: weights changed only between the sampled chunks (same size) pass; a fine-tune changes every
-    trained tensor, and the chunks are ~36 MB apart in bge-m3's file, closer than one layer's ~50 MB."""
+    its name, size and a bounded sample, where hashing all of bge-m3's 2.3 GB would cost ~1.5 s a GB. In a
+    model.safetensors the sample is its header (every tensor's name, dtype, shape and place) and the first and last
+    4 KiB of every tensor (~3 MiB for bge-m3's ~390 tensors), so a fine-tune that changed any one tensor, a LoRA
+    merged into a few matrices included, is seen; in another file, 1,025 evenly spaced chunks of 4 KiB. Why:
+    :func:`model_identity` leaves the backbone out, so a backbone-only fine-tune made elsewhere passed for its
+    base model (eval's index cache, collection manifests). Not the path nor the mtime: a copied or re-downloaded
+    model is the same model. Trade-off: a tensor changed only between its sampled ends passes."""
     folder = _check_checkpoint(Path(folder))
     path = next(folder / f for f in _WEIGHT_FILES if (folder / f).is_file())
     size = path.stat().st_size
     h = hashlib.sha256(f"{path.name}:{size}:".encode())
     with open(path, "rb") as f:
-        for i in range(_SAMPLE_CHUNKS + 1):
-            f.seek(i * max(size - _SAMPLE_BYTES, 0) // _SAMPLE_CHUNKS)
-            h.update(f.read(_SAMPLE_BYTES))
+        places = _safetensors_places(f, size) if path.suffix == ".safetensors" else None
+        if places is None:  # not safetensors, or a header that does not read: evenly spaced chunks
+            places = [
+                (i * max(size - _SAMPLE_BYTES, 0) // _SAMPLE_CHUNKS, _SAMPLE_BYTES) for i in range(_SAMPLE_CHUNKS + 1)
+            ]
+        for start, n in places:
+            f.seek(start)
+            h.update(f.read(n))
     return h.hexdigest()
+
+
+def _safetensors_places(f: Any, size: int) -> list[tuple[int, int]] | None:
+    """(offset, bytes) to hash in an open model.safetensors: its header, then both ends of each tensor's data;
+    None where the header does not read (the file is then sampled evenly, and loading names what is wrong)."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= size - 8:
+        return None
+    places = [(0, 8 + n)]
+    try:
+        tensors = [t for k, t in json.loads(f.read(n)).items() if k != "__metadata__"]
+        for a, b in sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors):
+            a = min(max(8 + n + a, 8 + n), size)
+            b = min(max(8 + n + b, a), size)
+            tail = max(a, b - _SAMPLE_BYTES)
+            places += [(a, min(_SAMPLE_BYTES, b - a)), (tail, b - tail)]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return places
 
 
 #: What one more forward pass costs, in padded tokens (the batch planner's exchange rate):
