@@ -588,6 +588,101 @@ def test_serve_max_k_is_an_option_and_a_variable(monkeypatch):
     assert len(served) == 3
 
 
+@pytest.fixture
+def serve_settings(monkeypatch) -> list:
+    """``m3search serve``'s settings, one per run, none served; no ``M3SEARCH_*`` variable of serve's set."""
+    pytest.importorskip("fastapi")
+    import m3search.server
+
+    for name in ("COLLECTION", "API_KEY", "DTYPE", "SEARCH_TIMEOUT"):
+        monkeypatch.delenv(f"M3SEARCH_{name}", raising=False)
+    served: list = []
+    monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
+    return served
+
+
+def _serve(*args: str, env: dict | None = None) -> Any:
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+
+    return CliRunner().invoke(main, ["serve", "-m", "m", *args], env=env)
+
+
+def test_serve_search_timeout_is_a_variable_too(serve_settings, monkeypatch):
+    """``serve --timeout`` (``Settings.search_timeout``) had no variable, so ``uvicorn --factory`` could not set it.
+    ``M3SEARCH_SEARCH_TIMEOUT`` is read as the other limits are: under the flag (a bad one unread there), over the
+    default; a value that is not a finite number above 0 (the flag's rule) is a usage error naming the variable. The
+    time limits given in code follow that rule too (an infinite one passed ``check``)."""
+    import math
+
+    from m3search.server import EnvironmentSettingError, Settings
+
+    assert _serve(env={"M3SEARCH_SEARCH_TIMEOUT": "2.5"}).exit_code == 0
+    assert serve_settings[-1].search_timeout == 2.5
+    assert _serve("--timeout", "4", env={"M3SEARCH_SEARCH_TIMEOUT": "x"}).exit_code == 0
+    assert serve_settings[-1].search_timeout == 4
+    monkeypatch.setenv("M3SEARCH_SEARCH_TIMEOUT", "7")
+    assert Settings.from_env().search_timeout == 7  # what `uvicorn --factory` serves
+    for bad in ("0", "-1", "nan", "inf", "1e999", "x"):
+        monkeypatch.setenv("M3SEARCH_SEARCH_TIMEOUT", bad)
+        said = f"M3SEARCH_SEARCH_TIMEOUT: {bad!r} is not a finite number > 0"
+        with pytest.raises(EnvironmentSettingError, match=re.escape(said)):
+            Settings.from_env()
+        result = _serve()
+        assert result.exit_code == 2 and said in result.output, result.output
+    for name in ("request_timeout", "search_timeout"):
+        with pytest.raises(ValueError, match=f"{name} is not a finite number > 0"):
+            Settings(**{name: math.inf}).check()
+    assert len(serve_settings) == 2
+
+
+def test_dtype_names_are_the_encoders_everywhere(serve_settings, monkeypatch):
+    """``--dtype`` refused ``fp32``, ``bf16`` and ``fp16``, which the encoder takes, and ``Settings.from_env`` did not
+    check ``M3SEARCH_DTYPE``: a bad one under ``uvicorn --factory`` failed only as the model loaded. One list now
+    (``plan.ENCODER_DTYPES``): the CLI takes exactly the names the encoder takes; ``from_env`` refuses any other
+    naming the variable; a short name goes on as torch's (the name a server reports, which the CLI compares)."""
+    pytest.importorskip("torch")
+    from m3search.cli import main
+    from m3search.encoder import resolve_device_dtype
+    from m3search.server import EnvironmentSettingError, Settings
+
+    choices = {name: p.type.choices for name, c in main.commands.items() for p in c.params if p.name == "dtype"}
+    assert len(choices) >= 5
+    tried = {"auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half", "float64", "FP32", "float", ""}
+    for name in tried:
+        try:
+            resolve_device_dtype("cpu", name)
+            takes = True
+        except ValueError:
+            takes = False
+        assert {command: name in names for command, names in choices.items()} == dict.fromkeys(choices, takes), name
+    assert _serve("--dtype", "bf16").exit_code == 0 and serve_settings[-1].dtype == "bfloat16"
+    monkeypatch.setenv("M3SEARCH_DTYPE", "fp16")
+    assert Settings.from_env().dtype == "float16"
+    monkeypatch.setenv("M3SEARCH_DTYPE", "half")
+    with pytest.raises(EnvironmentSettingError, match="M3SEARCH_DTYPE: dtype must be one of auto, float32, fp32"):
+        Settings.from_env()
+
+
+def test_serve_api_key_no_client_can_send_is_a_usage_error(serve_settings):
+    """``serve --api-key ""`` exited 1 (the server's check of its settings, after click's), where a bad option value
+    is a usage error naming the option (exit 2); a blank key or one no HTTP header carries alike. The same value of
+    ``M3SEARCH_API_KEY`` exited 1 naming nothing: now a usage error naming it (the key not written out), unread where
+    the flag is given. An empty variable is no key, as before."""
+    for bad in ("", " ", "sécret", "a\nb"):
+        result = _serve("--api-key", bad)
+        assert result.exit_code == 2 and "Invalid value for '--api-key'" in result.output, bad
+        assert "): the API key must" in result.output, result.output
+    for bad in (" ", "sécret"):
+        result = _serve(env={"M3SEARCH_API_KEY": bad})
+        assert result.exit_code == 2 and "M3SEARCH_API_KEY: the API key must" in result.output, result.output
+        assert "sécret" not in result.output
+    assert _serve("--api-key", "k", env={"M3SEARCH_API_KEY": " "}).exit_code == 0
+    assert _serve(env={"M3SEARCH_API_KEY": ""}).exit_code == 0
+    assert [s.api_key for s in serve_settings] == ["k", None]
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"

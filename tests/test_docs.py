@@ -26,7 +26,7 @@ import pytest
 
 from m3search.cli import main
 from m3search.fusion import RRF_K
-from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, FUSIONS, PRESETS
+from m3search.plan import DEFAULT_CANDIDATES, DEFAULT_WEIGHTS, ENCODER_DTYPES, FUSIONS, PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = {name: (REPO / name).read_text(encoding="utf-8") for name in ("README.md", "docs/usage.md")}
@@ -190,6 +190,21 @@ def test_mode_and_fusion_lists_and_constants():
     assert f"`({w})`" in readme and f"default `{w.replace(', ', ',')}`" in usage
     mode_option = next(p for p in main.commands["search"].params if p.name == "mode")
     assert ", ".join(PRESETS) in mode_option.help
+
+
+def test_dtype_names_are_the_encoders():
+    """usage.md names the ``--dtype`` values the CLI and the encoder take (one list: ``plan.ENCODER_DTYPES``)."""
+    said = re.search(r"`--dtype ([a-z0-9|]+)` \(or ([^;]+);", DOCS["docs/usage.md"])
+    assert sorted([*said[1].split("|"), *re.findall(r"`(\w+)`", said[2])]) == sorted(["auto", *ENCODER_DTYPES])
+
+
+def test_the_factorys_variables_are_documented():
+    """The variables ``uvicorn --factory`` reads (``Settings.from_env``) are the ones usage.md lists for it."""
+    pytest.importorskip("fastapi")
+    from m3search.server import _VARIABLES
+
+    listed = re.search(r"`uvicorn --factory m3search.server:create_app`\s+reads (.*?);", DOCS["docs/usage.md"], re.S)
+    assert sorted(re.findall(r"`(M3SEARCH_\w+)`", listed[1])) == sorted(f"M3SEARCH_{n.upper()}" for n in _VARIABLES)
 
 
 def test_environment_variables_exist_in_the_code():

@@ -46,11 +46,13 @@ from .plan import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_SEARCH_TIMEOUT,
     DEFAULT_SERVER_MAX_K,
+    ENCODER_DTYPES,
     FUSIONS,
     GROUPS,
     MAX_CANDIDATES,
     MAX_K,
     PRESETS,
+    check_dtype,
     check_group,
     check_limit,
     check_mode_total,
@@ -222,6 +224,20 @@ def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
     if value == "":
         raise click.BadParameter("must not be empty ('.' names the current folder)")
     return value
+
+
+def _served_api_key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
+    """``serve --api-key``: a key no client can send is a usage error naming the option (it was exit code 1). The
+    server's rule (:func:`~m3search.server.check_api_key`); ``M3SEARCH_API_KEY`` is ``Settings.from_env``'s to
+    check, naming it."""
+    if key is not None and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+        from .server import check_api_key
+
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return key
 
 
 #: ``--k`` and ``--candidates``: the library's limits (a server may set lower ones, which it says).
@@ -685,14 +701,14 @@ cache_dir_option = click.option(
     type=click.Path(file_okay=False),
     help="Index cache [default: $M3SEARCH_CACHE_DIR/eval or ~/.cache/m3search/eval].",
 )
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
 dtype_option = click.option(
     "--dtype",
     envvar="M3SEARCH_DTYPE",
     show_envvar=True,
     default="auto",
     show_default=True,
-    type=click.Choice(DTYPES),
+    type=click.Choice(["auto", *ENCODER_DTYPES]),
+    callback=lambda ctx, param, dtype: check_dtype(dtype),  # torch's name on (bf16: bfloat16), as a server reports it
     help="Encoder dtype (auto: fp16 on CUDA, bf16 on CPUs with bf16 units, else fp32; float32 for exact scores).",
 )
 device_option = click.option(
@@ -1342,6 +1358,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     envvar="M3SEARCH_API_KEY",
     show_envvar=True,
     default=None,
+    callback=_served_api_key,
     help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health and the API docs (/docs, /redoc, /openapi.json).",
 )
 @click.option(
@@ -1366,7 +1383,8 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     default=DEFAULT_SEARCH_TIMEOUT,
     show_default=True,
     type=_FiniteRange(0, min_open=True),
-    help="Seconds a search may take; past it the work stops at its next stage and the answer is 504.",
+    help="Seconds a search may take; past it the work stops at its next stage and the answer is 504 (env var "
+    "M3SEARCH_SEARCH_TIMEOUT).",
 )
 @click.option(
     "--max-queue",

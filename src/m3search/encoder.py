@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .fusion import weighted
-from .plan import DEFAULT_WEIGHTS, MODES, check_int, check_mode_total, check_texts, check_weights
+from .plan import DEFAULT_WEIGHTS, MODES, check_dtype, check_int, check_mode_total, check_texts, check_weights
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 from .windows import check_windows, plan_windows
 
@@ -258,27 +258,16 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
         raise DeviceError(
             f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0"
         )
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dt = torch.float16
-        elif dev.type == "cpu" and _cpu_has_bf16():
-            dt = torch.bfloat16
-        else:
-            dt = torch.float32
-    elif isinstance(dtype, str) and dtype in names:
-        dt = names[dtype]
-    elif isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype):
         dt = dtype
+    elif (name := check_dtype(dtype)) != "auto":
+        dt = getattr(torch, name)
+    elif dev.type == "cuda":
+        dt = torch.float16
+    elif dev.type == "cpu" and _cpu_has_bf16():
+        dt = torch.bfloat16
     else:
-        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', not {dtype!r}")
+        dt = torch.float32
     return dev, dt
 
 

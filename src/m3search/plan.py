@@ -55,6 +55,8 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_QUEUE",
+    "ENCODER_DTYPES",
+    "check_dtype",
     "deadline",
     "check_deadline",
     "SearchPlan",
@@ -111,6 +113,25 @@ DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_QUEUE = 2048
 DEFAULT_SERVER_MAX_K = 1000
+
+#: The encoder's dtypes by each name it takes (besides ``"auto"``, its own pick), with torch's name for it: the one
+#: list of the encoder, the CLI's ``--dtype`` choices and the server's ``M3SEARCH_DTYPE``.
+ENCODER_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def check_dtype(dtype: Any) -> str:
+    """``dtype``'s torch name (``"auto"`` kept), by any name in :data:`ENCODER_DTYPES`; ValueError naming them."""
+    if dtype == "auto" or (isinstance(dtype, str) and dtype in ENCODER_DTYPES):
+        return ENCODER_DTYPES.get(dtype, dtype)
+    raise ValueError(f"dtype must be one of auto, {', '.join(ENCODER_DTYPES)}; not {dtype!r}")
+
 
 _DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)
 

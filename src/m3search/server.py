@@ -85,6 +85,7 @@ from .plan import (
     PRESETS,
     DeadlineExceeded,
     LimitExceededError,
+    check_dtype,
     check_fusion,
     check_limit,
     check_queries,
@@ -120,11 +121,53 @@ _LIMITS: dict[str, int | None] = {
 }
 
 
-def _out_of_range(value: int, most: int | None) -> str | None:
-    """What makes ``value`` no limit of at most ``most``, or None."""
+#: The time limits of :class:`Settings`, in seconds: each a finite number above 0.
+_TIMEOUTS = ("request_timeout", "search_timeout")
+
+
+def _wrong(name: str, value: Any) -> str | None:
+    """What makes ``value`` no value of the limit or time limit ``name``, or None."""
+    if name in _TIMEOUTS:
+        return None if value > 0 and math.isfinite(value) else "is not a finite number > 0"
     if value < 1:
         return "is not a positive integer"
+    most = _LIMITS[name]
     return f"is over {most}" if most is not None and value > most else None
+
+
+def check_api_key(key: str) -> str:
+    """``key`` as a key the server can require: ValueError unless some client can send it."""
+    if not key.strip():
+        raise ValueError("the API key must not be empty")
+    if not (key.isascii() and key.isprintable()):
+        # HTTP header values are bytes that clients send as ASCII: any other key could never be matched
+        raise ValueError("the API key must be printable ASCII (clients send it in an HTTP header)")
+    return key
+
+
+def _number(name: str, raw: str) -> int | float:
+    """A limit or time limit from its variable's text: ValueError quoting the text, unless it is one."""
+    try:
+        value = (float if name in _TIMEOUTS else int)(raw)
+    except ValueError:
+        value = 0
+    if wrong := _wrong(name, value):
+        raise ValueError(f"{raw!r} {wrong}")
+    return value
+
+
+#: The settings ``from_env`` reads, each from ``M3SEARCH_<NAME>``, with how the variable's text becomes its value (a
+#: ValueError: the variable is refused, named). ``request_timeout`` and ``max_candidates`` are set in code only.
+_VARIABLES: dict[str, Callable[[str], Any]] = {
+    "collection": str,
+    "model": str,
+    "device": str,
+    "dtype": check_dtype,
+    "api_key": check_api_key,
+    **{
+        name: partial(_number, name) for name in ("max_batch", "max_body_bytes", "max_k", "max_queue", "search_timeout")
+    },
+}
 
 
 class EnvironmentSettingError(ValueError):
@@ -162,40 +205,26 @@ class Settings:
         variables become settings. ``overrides`` (``serve``'s options given on its command line; None: not given)
         win over the variables, the variables over the defaults. A variable that is set but empty counts as unset.
         """
-        env = os.environ
-        values: dict[str, Any] = {
-            "collection": env.get("M3SEARCH_COLLECTION") or None,
-            "model": env.get("M3SEARCH_MODEL") or None,
-            "device": env.get("M3SEARCH_DEVICE") or "auto",
-            "dtype": env.get("M3SEARCH_DTYPE") or "auto",
-            "api_key": env.get("M3SEARCH_API_KEY") or None,
-        }
         given = {k: v for k, v in overrides.items() if v is not None}
-        for name in ("max_batch", "max_body_bytes", "max_k", "max_queue"):
+        values: dict[str, Any] = {}
+        for name, read in _VARIABLES.items():
             var = f"M3SEARCH_{name.upper()}"
-            if name not in given and (raw := env.get(var)):
+            if name not in given and (raw := os.environ.get(var)):
                 try:
-                    values[name] = int(raw)
-                except ValueError:
-                    values[name] = 0
-                if wrong := _out_of_range(values[name], _LIMITS[name]):
-                    raise EnvironmentSettingError(f"{var}: {raw!r} {wrong}")
+                    values[name] = read(raw)
+                except ValueError as exc:
+                    raise EnvironmentSettingError(f"{var}: {exc}") from None
         settings = cls(**(values | given))
         settings.check()
         return settings
 
     def check(self) -> None:
-        for name, most in _LIMITS.items():
-            if wrong := _out_of_range(getattr(self, name), most):
+        for name in (*_LIMITS, *_TIMEOUTS):
+            if wrong := _wrong(name, getattr(self, name)):
                 raise ValueError(f"{name} {wrong}: {getattr(self, name)}")
-        for name in ("request_timeout", "search_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key must not be empty")
-        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
-            # HTTP header values are bytes that clients send as ASCII: any other key could never be matched
-            raise ValueError("the API key must be printable ASCII (clients send it in an HTTP header)")
+        check_dtype(self.dtype)
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
 
 @lru_cache
