@@ -1206,6 +1206,31 @@ def test_a_hub_id_matches_the_model_its_collection_recorded():
         _check_served_model(served, "other/model", "auto", "auto", "served", recorded="BAAI/bge-m3")
 
 
+def test_a_served_model_with_other_weights_is_not_taken_for_the_one_asked(tiny_model_path, tmp_path):
+    """A server's /info identity leaves the transformer weights out: `--model <backbone-only fine-tune>` through a
+    server of its base model searched with the base model, silently. Compared by weights fingerprint as well."""
+    import click
+    from safetensors.torch import load_file, save_file
+
+    from m3search.cli import _check_served_model
+    from m3search.encoder import model_identity, weights_fingerprint
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_path, tuned)
+    state = load_file(tuned / "model.safetensors")
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}, tuned / "model.safetensors")
+    served = {
+        "name_or_path": str(tiny_model_path),
+        "identity": model_identity(tiny_model_path),
+        "weights_fingerprint": weights_fingerprint(tiny_model_path),
+    }
+    assert model_identity(tuned) == served["identity"]
+    _check_served_model(served, str(tiny_model_path), "auto", "auto", "served")
+    with pytest.raises(click.ClickException, match="stop the server to use another model"):
+        _check_served_model(served, str(tuned), "auto", "auto", "served")
+    _check_served_model({**served, "weights_fingerprint": None}, str(tuned), "auto", "auto", "served")  # older server
+
+
 def test_finetune_creates_the_parent_folders_of_out(tmp_path, tiny_model_path):
     """`index` creates a new collection's parent folders; `finetune --out runs/cran-ft` stopped with "the parent of
     the output folder, 'runs', does not exist" in a fresh clone. Here it goes on to check the data (which is bad, so

@@ -455,10 +455,11 @@ def test_evaluate_zero_weights(tmp_path, tiny_encoder):
     single = ["dense", "sparse", "colbert"]
     run = dict(model=tiny_encoder, fusion="rrf", cache_dir=cache, progress=False)
     zero = evaluate(data, modes=[*single, "dense+colbert"], weights=(1, 0, 1), **run)
-    one = evaluate(data, modes=single, weights=(1, 1, 1), **run)
+    one = evaluate(data, modes=single, weights=(1, 1, 1), **{**run, "fusion": "RRF"})  # any case, as search takes it
     for mode in single:
         assert zero["modes"][mode]["ndcg@10"] == one["modes"][mode]["ndcg@10"]
     assert zero["modes"]["sparse"]["mrr@10"] > 0.5 and zero["weights"] == [1, 0, 1]
+    assert one["fusion"] == "rrf"  # recorded by the name it searched with, not as given
 
 
 @pytest.mark.heavy

@@ -318,15 +318,18 @@ def _check_served_model(
     """``--model`` / ``--dtype`` / ``--device`` name how THIS process encodes; through a server they would be
     ignored silently (a served search in float32 "for exact scores" ran in the server's bf16), so a value the
     server does not match is an error. A folder is compared by identity; a Hub id with the name the server
-    loaded or the one the collection recorded (a server loads a Hub model from its local snapshot folder)."""
+    loaded or the one the collection recorded (a server loads a Hub model from its local snapshot folder), and by
+    weights fingerprint where the server reports one (the identity leaves the transformer weights out)."""
     if model:
-        from .encoder import model_identity
+        from .encoder import model_identity, weights_fingerprint
 
-        same = (
-            model_identity(model) == served.get("identity")
-            if Path(model).is_dir() and (Path(model) / "config.json").is_file()
-            else model in (served.get("name_or_path"), recorded)
-        )
+        if Path(model).is_dir() and (Path(model) / "config.json").is_file():
+            same = model_identity(model) == served.get("identity") and served.get("weights_fingerprint") in (
+                None,
+                weights_fingerprint(model),
+            )
+        else:
+            same = model in (served.get("name_or_path"), recorded)
         if not same:
             raise click.ClickException(
                 f"{where} with model {served.get('name_or_path')}, not {model}: stop the server to use another model "

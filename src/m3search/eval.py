@@ -38,7 +38,7 @@ from m3search.engines.files import (
     write_files_durably,
 )
 from m3search.plan import DEFAULT_CANDIDATES as PLAN_DEFAULT_CANDIDATES
-from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_weights, parse_mode
+from m3search.plan import DEFAULT_WEIGHTS, PRESETS, SearchPlan, check_fusion, check_weights, parse_mode
 from m3search.plan import MODES as REPRESENTATIONS
 
 __all__ = [
@@ -430,7 +430,7 @@ def evaluate(
     Returns a JSON-ready dict (see ``write_reports``), with ``modes[mode]`` holding the means.
     """
     _require_pytrec_eval()  # before encoding a corpus whose runs could not be scored
-    modes = check_modes(modes)
+    modes, fusion = check_modes(modes), check_fusion(fusion)  # recorded as searched: "RRF" as rrf
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     depth = max(k, RECALL_AT)

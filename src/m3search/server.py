@@ -1139,6 +1139,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             "model": {
                 "name_or_path": str(enc.name_or_path),
                 "identity": enc.identity,
+                "weights_fingerprint": enc.weights_fingerprint,
                 "hidden_size": enc.hidden_size,
                 "vocab_size": enc.vocab_size,
                 "max_length": enc.max_length,
