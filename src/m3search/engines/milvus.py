@@ -178,7 +178,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -467,7 +467,8 @@ def _lite_client(uri: str, timeout: float) -> MilvusClient:
             client = _client(uri, timeout=timeout)
         except Exception as exc:
             if fd is not None:  # milvus-lite may have started (a connect that failed after): not left running
-                _stop_server(uri, fd)
+                with suppress(Exception):  # the connect's error is the one to report
+                    _stop_server(uri, fd)
             if "Open local milvus failed" in str(exc):  # not in use (above): milvus-lite's reason is printed
                 failed = CollectionDamagedError if _sqlite_finds_damage(uri) else RuntimeError
                 raise failed(
@@ -1429,8 +1430,9 @@ class MilvusEngine(Engine):
         and 2, and the token and text rows of what the tombstones replaced; slot 0's token and text rows by the
         generations read (one read), not by ``doc``: an ``upsert`` under way inserted its own before its rows."""
         if not self.window_rows:
-            for a in range(0, len(ids), DELETE_KEYS):
-                chunk = _ints([_pk(i) for i in ids[a : a + DELETE_KEYS]])
+            per = DELETE_KEYS // 3  # documents per delete, as in a windowed collection (three keys each)
+            for a in range(0, len(ids), per):
+                chunk = _ints([_pk(i) for i in ids[a : a + per]])
                 self.client.delete(self.collection, filter=f"pk in {chunk}", timeout=self.timeout)
                 self.client.delete(self.tokens, filter=f"doc in {chunk}", timeout=self.timeout)
             return
