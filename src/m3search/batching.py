@@ -69,7 +69,7 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from .encoder import M3Embeddings, TruncationWarning, WindowedEmbeddings
+from .encoder import MIN_MAX_LENGTH, M3Embeddings, TruncationWarning, WindowedEmbeddings
 from .plan import check_int, check_texts
 
 __all__ = [
@@ -246,7 +246,7 @@ class Batcher:
             raise ValueError(f"priority must be one of {_PRIORITIES}, not {priority!r}")
         limit = self.encoder.max_length
         if max_length is not None:
-            check_int("max_length", max_length, 2)
+            check_int("max_length", max_length, MIN_MAX_LENGTH)
         return self._enqueue(
             _Request(
                 texts=texts,
