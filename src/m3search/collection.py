@@ -93,6 +93,7 @@ from m3search.plan import (
     check_text,
     check_texts,
     check_weights,
+    mode_name,
     parse_mode,
     repeated,
 )
@@ -1323,7 +1324,7 @@ class Collection:
             # the errors a search request with these values would get (k=1: a depth below 10 is kept as given)
             plan = SearchPlan.build(**setting, k=1)
             setting = {
-                "mode": "all" if plan.modes == MODES else "+".join(plan.modes),
+                "mode": mode_name(plan.modes),
                 "fusion": plan.fusion,
                 "weights": list(plan.weights),
                 "candidates": plan.candidates,
