@@ -203,6 +203,25 @@ def test_async_waiter_cancels_when_the_client_goes(tiny_encoder):
     assert not any("abandoned" in c or "too slow" in c for c in slow.calls)
 
 
+def test_a_timeout_that_could_never_be_met_is_refused(tiny_encoder):
+    """A negative, zero or NaN timeout timed the request out before it could start ("not started within 60 s",
+    the default's), inf failed in the wait (OverflowError), "5" in a sum (TypeError): each is refused at submit,
+    and at construction; None is the batcher's default."""
+    bad = (-1.0, 0, 0.0, float("nan"), float("inf"), 1e300, "5", True, None)
+    with Batcher(tiny_encoder) as b:
+        for timeout in bad[:-1]:
+            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+                b.submit(["x"], timeout=timeout)
+            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+                b.submit_job(lambda: (None, 0, 0), timeout=timeout)
+        assert b.depth == 0
+        _same(b.encode(["x"], timeout=None), tiny_encoder.encode(["x"]))
+        _same(b.encode(["x"], timeout=5), tiny_encoder.encode(["x"]))
+    for timeout in bad:
+        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            Batcher(tiny_encoder, timeout=timeout).close()
+
+
 def test_a_started_request_is_not_cut_off_by_its_timeout(tiny_encoder):
     slow = SlowEncoder(tiny_encoder, delay=0.3)
     with Batcher(slow, background_tokens=8) as b:

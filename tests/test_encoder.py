@@ -296,6 +296,20 @@ def test_tokenize_takes_a_string_as_one_text_as_encode_does(tiny_encoder):
             tiny_encoder.tokenize(bad, 64)
 
 
+def test_tokenize_checks_max_length_as_encode_does(tiny_encoder):
+    """0 and 1 cut nothing (a 202-token text came back whole), -1 was an OverflowError from tokenizers, True read
+    as 1 and 3.5 a TypeError: each is the ValueError encode gives. Not capped at the model's limit (counting)."""
+    long = "word " * 50
+    for bad in (0, 1, -1, True, 3.5, "64"):
+        with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+            tiny_encoder.tokenize([long], bad)
+        with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+            tiny_encoder.encode([long], max_length=bad)
+    (ids,), cut = tiny_encoder.tokenize([long], 2)
+    assert len(ids) == 2 and cut == 1
+    assert tiny_encoder.tokenize([long], 10**6)[1] == 0
+
+
 def test_bad_arguments(tiny_encoder):
     with pytest.raises(ValueError):
         tiny_encoder.encode("x", dense=False, sparse=False, colbert=False)

@@ -818,3 +818,35 @@ def test_nested_filters_follow_the_grammar_on_odd_metadata(tmp_path, tiny_encode
         c.add([f"t{i}" for i in range(len(metas))], ids=[str(i) for i in range(len(metas))], metadata=metas)
         for f in flts + [{"not": f} for f in flts]:
             assert c.count(f) == sum(matches(parse_filter(f), m) for m in metas), f
+
+
+@pytest.mark.parametrize("max_windows", [1, None])  # one window per text / windowed ingest
+@pytest.mark.parametrize("output", ["dense", "sparse", "colbert"])
+def test_nan_out_of_the_model_is_refused_naming_the_document(tmp_path, tiny_encoder, monkeypatch, output, max_windows):
+    """A model's NaN / inf (a float16 overflow) was written silently (only given ``embeddings=`` were checked): a
+    NaN dense vector dropped its document from every list. Refused naming it, nothing of its batch written."""
+    import numpy as np
+
+    from m3search import M3Encoder
+
+    encode_rows = M3Encoder._encode_rows
+
+    def overflowing(self, *args, **kwargs):
+        emb = encode_rows(self, *args, **kwargs)
+        values = emb.sparse.data if output == "sparse" else getattr(emb, output)
+        values[:] = np.inf if output == "sparse" else np.nan
+        return emb
+
+    label = {"dense": "dense vectors", "sparse": "sparse weights", "colbert": "ColBERT vectors"}[output]
+    with Collection.create(tmp_path / "c", model=tiny_encoder, max_windows=max_windows) as col:
+        col.add(["a document stored before"], ids=["kept"])
+        given = tiny_encoder.encode(["pumps and valves", "heat flow"])
+        monkeypatch.setattr(M3Encoder, "_encode_rows", overflowing)
+        with pytest.raises(ValueError, match=f"the {label} of document 'x' hold NaN or infinite values"):
+            col.add(["pumps and valves", "heat flow"], ids=["x", "y"])
+        assert col.count() == 1 and col.get(["x", "y"]) == [None, None]
+        values = given.sparse.data if output == "sparse" else getattr(given, output)
+        values[-1] = np.nan  # the last row's: document "y"
+        with pytest.raises(ValueError, match=f"embeddings.{output} holds NaN or infinite values \\(document 'y'\\)"):
+            col.add(["pumps and valves", "heat flow"], ids=["x", "y"], embeddings=given)
+        assert col.count() == 1

@@ -108,6 +108,16 @@ def test_non_finite_vectors_are_refused_naming_the_document(value):
     assert pool_tokens(x, o, 1)[0] is x  # no pooling: nothing to refuse
 
 
+def test_huge_finite_vectors_are_pooled_as_their_scaled_down_copies():
+    """Values ~1e20 (vectors a caller gave) overflowed float32's squares: SciPy's "condensed distance matrix must
+    contain only finite values". Ward is scale-free, so they pool as the unit vectors do, scaled (2**66: exact)."""
+    x, o = _batch([3, 1, 9, 40], d=64)
+    px, po = pool_tokens(x, o, 2)
+    big_x, big_o = pool_tokens(x * np.float32(2.0**66), o, 2)
+    assert np.array_equal(big_o, po) and np.array_equal(big_x, px * np.float32(2.0**66))
+    assert np.isfinite(pool_tokens(np.full((4, 8), 3e38, np.float32), np.array([0, 4]), 2)[0]).all()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
 def test_bad_pool_factor(bad):
     with pytest.raises(ValueError, match="colbert_pool_factor must be an integer >= 1"):

@@ -242,6 +242,36 @@ def test_a_setting_holds_its_fusion_by_the_lower_case_name():
         Setting("all", "max", w, 20)
 
 
+def test_a_setting_holds_its_mode_by_the_stored_name():
+    """Setting("Dense", ...) went down the re-ranking branch of evaluate_settings ("dense" takes the top k of the
+    dense list: refused below as needing lists deeper than the cache's), and was stored and shown as given: a mode
+    is held by the name set_search_defaults stores."""
+    cache = ScoreCache.from_pools(*_synthetic(3), depth=40)
+    np.testing.assert_array_equal(
+        evaluate_settings(cache, [Setting("Dense", "weighted", (1.0, 0.0, 0.0), 50)]),
+        evaluate_settings(cache, [Setting("dense", "weighted", (1.0, 0.0, 0.0), 50)]),
+    )
+    for given, name, w in (
+        ("Dense", "dense", (1.0, 0.0, 0.0)),
+        (" SPARSE ", "sparse", (0.0, 1.0, 0.0)),
+        ("colbert+Dense", "dense+colbert", (0.5, 0.0, 0.5)),
+        ("dense+sparse+colbert", "all", (0.4, 0.2, 0.4)),
+        ("ALL", "all", (0.4, 0.2, 0.4)),
+    ):
+        loud = Setting(given, "weighted", w, 20)
+        assert (
+            loud == Setting(name, "weighted", w, 20)
+            and loud.to_dict()["mode"] == name
+            and str(loud).startswith(name + " ")
+        )
+        np.testing.assert_array_equal(
+            evaluate_settings(cache, [loud]), evaluate_settings(cache, [Setting(name, "weighted", w, 20)])
+        )
+    for bad, exc in (("max", ValueError), ("dense+dense", ValueError), (None, TypeError)):
+        with pytest.raises(exc, match="mode"):
+            Setting(bad, "weighted", (1.0, 0.0, 0.0), 20)
+
+
 # ---------------------------------------------------------------------------------------------- stored defaults
 
 TUNED = {"mode": "dense+colbert", "fusion": "rrf", "weights": [0.7, 0.0, 0.3], "candidates": 30}

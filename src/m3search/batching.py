@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import numbers
 import threading
 import time
 import warnings
@@ -69,7 +70,7 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from .encoder import M3Embeddings, TruncationWarning, WindowedEmbeddings
+from .encoder import MIN_MAX_LENGTH, M3Embeddings, TruncationWarning, WindowedEmbeddings
 from .plan import check_int, check_texts
 
 __all__ = [
@@ -113,6 +114,16 @@ def release_openmp_pool() -> bool:
         return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft: frees this thread's idle pool
     except OSError:
         return False
+
+
+def _check_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds, a number > 0 and at most ``threading.TIMEOUT_MAX`` (~292 years), else ValueError:
+    a negative or NaN one timed every request out before it could start (as 0 would: a request never starts at
+    its submission), a larger or infinite one failed in the wait (OverflowError), a string in the sum."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout <= threading.TIMEOUT_MAX:
+        most = f"{threading.TIMEOUT_MAX:g}"
+        raise ValueError(f"timeout must be a number of seconds > 0 (at most {most}), got {timeout!r}"[:200])
+    return float(timeout)
 
 
 class QueueFull(Exception):
@@ -190,15 +201,13 @@ class Batcher:
         max_defer: float = 1.0,
         observer: BatchObserver | None = None,
     ) -> None:
-        if max_queue < 1 or timeout <= 0 or max_wait < 0 or background_tokens < 1 or background_round <= 0:
-            raise ValueError(
-                "max_queue and background_tokens must be >= 1, timeout and background_round > 0, max_wait >= 0"
-            )
+        if max_queue < 1 or max_wait < 0 or background_tokens < 1 or background_round <= 0:
+            raise ValueError("max_queue and background_tokens must be >= 1, background_round > 0, max_wait >= 0")
         if max_defer < 0:
             raise ValueError("max_defer must be >= 0")
         self.encoder = encoder
         self.max_queue = int(max_queue)
-        self.timeout = float(timeout)
+        self.timeout = _check_timeout(timeout)
         self.max_wait = float(max_wait)
         self.budgets = {
             INTERACTIVE: int(interactive_tokens or encoder.token_budget),
@@ -246,14 +255,14 @@ class Batcher:
             raise ValueError(f"priority must be one of {_PRIORITIES}, not {priority!r}")
         limit = self.encoder.max_length
         if max_length is not None:
-            check_int("max_length", max_length, 2)
+            check_int("max_length", max_length, MIN_MAX_LENGTH)
         return self._enqueue(
             _Request(
                 texts=texts,
                 outputs=(bool(dense), bool(sparse), bool(colbert)),
                 max_length=limit if max_length is None else min(int(max_length), limit),
                 priority=priority,
-                deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+                deadline=time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout)),
             )
         )
 
@@ -272,7 +281,7 @@ class Batcher:
                 outputs=(True, True, True),
                 max_length=0,
                 priority=priority,
-                deadline=time.monotonic() + (self.timeout if timeout is None else timeout),
+                deadline=time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout)),
                 job=job,
             )
         )

@@ -415,6 +415,10 @@ FORWARD_TOKENS = 64
 #: bf16: within its rounding, as a different batch would); AMX computes 16-row tiles anyway.
 PAD_MULTIPLE = 16
 
+#: The least ``max_length`` (``encode``, ``tokenize``, the batcher): a text's two specials; below it tokenizers
+#: cuts nothing (0 and 1 read as no limit) or fails (-1, OverflowError).
+MIN_MAX_LENGTH = 2
+
 
 class M3Encoder:
     """BGE-M3 encoder: dense, lexical and ColBERT outputs from one forward pass.
@@ -574,8 +578,10 @@ class M3Encoder:
     # ------------------------------------------------------------ tokenization
     def tokenize(self, texts: str | Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
         """Token ids of each text (specials included), cut at ``max_length``; and how many were cut.
-        A single string is one text, as in :meth:`encode` (it was split into characters)."""
+        A single string is one text, as in :meth:`encode` (it was split into characters). ``max_length`` is
+        checked as :meth:`encode`'s (0 and 1 cut nothing, -1 failed in tokenizers) but not capped at the model's."""
         texts = check_texts(texts, unicode=False)
+        max_length = check_int("max_length", max_length, MIN_MAX_LENGTH)
         with self._tok_lock:
             self.tokenizer.enable_truncation(max_length)
             try:
@@ -882,7 +888,7 @@ class M3Encoder:
     def _check_max_length(self, max_length: int | None) -> int:
         if max_length is None:
             return self.max_length
-        return min(check_int("max_length", max_length, 2), self.max_length)
+        return min(check_int("max_length", max_length, MIN_MAX_LENGTH), self.max_length)
 
     def _pad(self, ids: list[list[int]], batch: np.ndarray, width: int):
         import torch

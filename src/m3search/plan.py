@@ -61,6 +61,7 @@ __all__ = [
     "check_deadline",
     "SearchPlan",
     "parse_mode",
+    "mode_name",
     "check_fusion",
     "check_weights",
     "check_mode_total",
@@ -189,6 +190,12 @@ def parse_mode(mode: Any) -> tuple[str, ...]:
             f"unknown mode {mode!r}: use one of {', '.join(PRESETS)} (or a '+'-joined subset of dense, sparse, colbert)"
         )
     return tuple(m for m in MODES if m in parts)
+
+
+def mode_name(modes: Sequence[str]) -> str:
+    """The name a mode is stored and shown by: ``"all"`` for all three, else its modes ``+``-joined in the order
+    given (:func:`parse_mode`'s canonical one), which :func:`parse_mode` reads back."""
+    return "all" if tuple(modes) == MODES else "+".join(modes)
 
 
 def check_fusion(fusion: Any) -> str:

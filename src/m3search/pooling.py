@@ -50,6 +50,15 @@ def pooled_length(n_tokens: int, pool_factor: int) -> int:
     return math.ceil(n_tokens / pool_factor)
 
 
+def _distances(x: np.ndarray) -> np.ndarray:
+    """Condensed Euclidean distances between the rows of ``x`` (one Gram matrix), float64, in ``x``'s precision."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows in the result: _labels redoes it in float64
+        g = x @ x.T
+        sq = np.diag(g)
+        iu = np.triu_indices(len(x), 1)
+        return np.sqrt(np.maximum(sq[iu[0]] + sq[iu[1]] - 2.0 * g[iu], 0.0), dtype=np.float64)
+
+
 def _labels(x: np.ndarray, k: int) -> np.ndarray:
     """Cluster ids 0..k-1 of the rows of ``x`` (Ward, cut at k clusters), numbered by first appearance."""
     n = len(x)
@@ -57,10 +66,9 @@ def _labels(x: np.ndarray, k: int) -> np.ndarray:
         return np.arange(n)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
-    g = x @ x.T
-    sq = np.diag(g)
-    iu = np.triu_indices(n, 1)
-    dist = np.sqrt(np.maximum(sq[iu[0]] + sq[iu[1]] - 2.0 * g[iu], 0.0), dtype=np.float64)
+    dist = _distances(x)
+    if not np.isfinite(dist).all():  # squares past float32's range (vectors given with values ~1e19 and up)
+        dist = _distances(x.astype(np.float64))  # (only then: float64 breaks ties of equal tokens differently)
     z = linkage(dist, method="ward")
     # The k-cluster cut is the first n - k merges (Ward's merge heights never decrease). Each
     # merged node points at the node it became; pointer jumping finds every leaf's root.

@@ -42,6 +42,7 @@ from m3search.plan import (
     check_fusion,
     check_int,
     check_limit,
+    mode_name,
     parse_mode,
 )
 
@@ -81,7 +82,8 @@ class Setting:
     weights: tuple[float, float, float]
     candidates: int
 
-    def __post_init__(self) -> None:  # "RRF" was scored as dbsf (the fusion no other branch names)
+    def __post_init__(self) -> None:  # "RRF" was scored as dbsf (the fusion no other branch names), "Dense" re-ranked
+        object.__setattr__(self, "mode", mode_name(parse_mode(self.mode)))
         object.__setattr__(self, "fusion", check_fusion(self.fusion))
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,8 +120,7 @@ def parse_metric(metric: str) -> tuple[str, int]:
 
 
 def _mode_of(weights: Sequence[float]) -> str:
-    used = tuple(m for m, w in zip(MODES, weights) if w > 0)
-    return "all" if used == MODES else "+".join(used)
+    return mode_name([m for m, w in zip(MODES, weights) if w > 0])
 
 
 _SINGLE_LISTS = {"dense": (1.0, 0.0, 0.0), "sparse": (0.0, 1.0, 0.0)}
