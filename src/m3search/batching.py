@@ -156,7 +156,7 @@ class _Request:
     outputs: tuple[bool, bool, bool]  # dense, sparse, colbert
     max_length: int
     priority: int
-    deadline: float
+    timeout: float  # seconds it may wait to start (its error says so)
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     lengths: np.ndarray | None = None  # token counts, set by the worker
@@ -167,6 +167,9 @@ class _Request:
     finished: bool = False  # its texts no longer count against max_queue
     job: Callable[[], tuple[Any, int, int]] | None = None  # a job instead of texts (see Batcher.submit_job)
 
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
     @property
     def size(self) -> int:
         """What it counts against ``max_queue``: its texts (a job: 1)."""
@@ -176,6 +179,10 @@ class _Request:
         """Stop this request costing work: dropped before (or between) its rounds."""
         self.cancelled = True
         self.future.cancel()
+
+    def timed_out(self) -> RequestTimeout:
+        """Its own timeout in the error, not the batcher's default (a 0.05 s request said "not started within 60 s")."""
+        return RequestTimeout(f"not started within {self.timeout:g} s: the server is busy")
 
 
 class Batcher:
@@ -262,7 +269,7 @@ class Batcher:
                 outputs=(bool(dense), bool(sparse), bool(colbert)),
                 max_length=limit if max_length is None else min(int(max_length), limit),
                 priority=priority,
-                deadline=time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout)),
+                timeout=self.timeout if timeout is None else _check_timeout(timeout),
             )
         )
 
@@ -281,7 +288,7 @@ class Batcher:
                 outputs=(True, True, True),
                 max_length=0,
                 priority=priority,
-                deadline=time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout)),
+                timeout=self.timeout if timeout is None else _check_timeout(timeout),
                 job=job,
             )
         )
@@ -358,7 +365,7 @@ class Batcher:
         except TimeoutError:
             if not req.taken:
                 req.cancel()
-                raise self._timeout_error() from None
+                raise req.timed_out() from None
         return req.future.result()
 
     async def encode_async(
@@ -387,10 +394,7 @@ class Batcher:
         req.cancel()
         if watch is not None and watch in done:
             raise ClientGone("the client disconnected")
-        raise self._timeout_error()
-
-    def _timeout_error(self) -> RequestTimeout:
-        return RequestTimeout(f"not started within {self.timeout:g} s: the server is busy")
+        raise req.timed_out()
 
     @property
     def depth(self) -> int:
@@ -466,7 +470,7 @@ class Batcher:
         for queue in self._ready.values():  # drop cancelled and expired requests before they cost work
             for req in [r for r in queue if r.cancelled or (r.deadline <= now and not r.taken)]:
                 queue.remove(req)
-                self._fail(req, None if req.cancelled else self._timeout_error())
+                self._fail(req, None if req.cancelled else req.timed_out())
         priority = next((p for p in _PRIORITIES if self._ready[p]), None)
         if priority is None:
             return
