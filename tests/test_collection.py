@@ -155,6 +155,15 @@ def test_a_collection_made_before_weights_fingerprints_opens_as_before(tmp_path,
     with Collection.open(path, model=str(tuned), device="cpu", dtype="float32") as c:
         assert len(c.search("brown fox", k=1)) == 1
     assert manifest.read_bytes() == before
+    # nor are its weights read: a model file it does not fingerprint cannot fail an open that never needed it
+    import m3search.encoder
+
+    def unread(folder):
+        raise AssertionError("fingerprinted")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(m3search.encoder, "weights_fingerprint", unread)
+        Collection.open(path, model=str(tuned)).close()
     manifest.write_text(json.dumps({**good, "model": {**good["model"], "weights_fingerprint": 5}}))
     with pytest.raises(CollectionDamagedError, match=r"damaged \(model weights_fingerprint 5 is not a string\)"):
         Collection.open(path)

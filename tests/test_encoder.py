@@ -433,6 +433,33 @@ def test_weights_fingerprint_sees_one_small_tensor_changed_in_a_large_file(tiny_
     assert weights_fingerprint(base) == weights_fingerprint(folder("copy", False))
 
 
+def test_weights_fingerprint_names_a_damaged_safetensors_file(tiny_model_path, tmp_path):
+    """A model.safetensors whose header does not read (an offset of 1e400, a length past the file, JSON that is
+    no table of tensors, nested past Python's recursion limit) was an OverflowError or RecursionError from the
+    fingerprint, or hashed as a file of another format; the error names the file."""
+    from m3search.encoder import weights_fingerprint
+
+    bodies = {
+        "inf": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [1e400, 2]}}',
+        "list": b"[1, 2]",
+        "deep": b"[" * 100_000 + b"]" * 100_000,
+        "reversed": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}',
+    }
+    for name, header in [*bodies.items(), ("long", None), ("short", b"")]:
+        model = tmp_path / name
+        shutil.copytree(tiny_model_path, model)
+        blob = (
+            (10**9).to_bytes(8, "little") + b"{}"
+            if header is None
+            else b"\x01\x02"
+            if not header
+            else len(header).to_bytes(8, "little") + header + b"\0" * 8
+        )
+        (model / "model.safetensors").write_bytes(blob)
+        with pytest.raises(ModelLoadError, match=r"model\.safetensors is not a readable safetensors file"):
+            weights_fingerprint(model)
+
+
 def test_encode_does_not_change_model_state(tiny_encoder):
     before = (tiny_encoder.model.training, next(tiny_encoder.model.parameters()).dtype)
     tiny_encoder.encode(["a", "b"])

@@ -324,9 +324,9 @@ def _check_served_model(
         from .encoder import model_identity, weights_fingerprint
 
         if Path(model).is_dir() and (Path(model) / "config.json").is_file():
-            same = model_identity(model) == served.get("identity") and served.get("weights_fingerprint") in (
-                None,
-                weights_fingerprint(model),
+            recorded_weights = served.get("weights_fingerprint")  # None: a server from before fingerprints
+            same = model_identity(model) == served.get("identity") and (
+                recorded_weights is None or recorded_weights == weights_fingerprint(model)
             )
         else:
             same = model in (served.get("name_or_path"), recorded)

@@ -612,23 +612,24 @@ class Collection:
             raise TypeError(f"model must be a name, a path or an M3Encoder, not {type(model).__name__}")
         return M3Encoder.from_pretrained(os.fspath(model), device=device, dtype=dtype)
 
-    def _difference(self, identity: str, fingerprint: str) -> str | None:
+    def _difference(self, identity: str, fingerprint: Callable[[], str]) -> str | None:
         """How a model (its identity and weights fingerprint) differs from the one the collection was built
-        with; None: it is that model. The fingerprint is compared where the manifest records one (collections
-        made before it are checked by identity alone). Why: the identity leaves the transformer weights out,
-        so a backbone-only fine-tune passed and searched the vectors its base model stored."""
+        with; None: it is that model. The fingerprint is computed and compared only where the manifest records
+        one (collections made before it are checked by identity alone). Why: the identity leaves the transformer
+        weights out, so a backbone-only fine-tune passed and searched the vectors its base model stored."""
         rec = self._manifest["model"]
         if identity != rec["identity"]:
             return f"identity {identity[:12]}"
         want = rec.get(MODEL_WEIGHTS_KEY)
-        if want is not None and fingerprint != want:
+        if want is not None and (got := fingerprint()) != want:
             return (
                 f"the same config, heads and tokenizer but other transformer weights (weights fingerprint "
-                f"{fingerprint[:12]}, recorded {want[:12]})"
+                f"{got[:12]}, recorded {want[:12]}; the same weights in the other file format, model.safetensors "
+                "or pytorch_model.bin, count as other)"
             )
         return None
 
-    def _refuse_other(self, what: str, identity: str, fingerprint: str) -> None:
+    def _refuse_other(self, what: str, identity: str, fingerprint: Callable[[], str]) -> None:
         """ModelMismatchError unless ``what`` (identity, weights fingerprint) is the collection's model."""
         difference = self._difference(identity, fingerprint)
         if difference is not None:
@@ -647,19 +648,19 @@ class Collection:
         from m3search.encoder import M3Encoder, _resolve_folder, model_identity, weights_fingerprint
 
         if isinstance(model, M3Encoder):
-            self._refuse_other(f"the encoder {model.name_or_path!r}", model.identity, model.weights_fingerprint)
+            self._refuse_other(f"the encoder {model.name_or_path!r}", model.identity, lambda: model.weights_fingerprint)
             self._encoder = model
             return
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a name, a path or an M3Encoder, not {type(model).__name__}")
         folder = _resolve_folder(os.fspath(model))
-        self._refuse_other(f"model {os.fspath(model)!r}", model_identity(folder), weights_fingerprint(folder))
+        self._refuse_other(f"model {os.fspath(model)!r}", model_identity(folder), lambda: weights_fingerprint(folder))
 
     def use_encoder(self, encoder: Any) -> None:
         """Encode with ``encoder`` from now on: this collection's model behind another scheduler
         (the server passes a :class:`~m3search.batching.BatchedEncoder`, so ingest is batched
         behind queries on its one worker). A different model is refused."""
-        self._refuse_other("the encoder", encoder.identity, encoder.weights_fingerprint)
+        self._refuse_other("the encoder", encoder.identity, lambda: encoder.weights_fingerprint)
         self._encoder = encoder
 
     @property
@@ -696,7 +697,7 @@ class Collection:
                 except Exception as exc:  # try the next recorded location
                     errors.append(f"{cand!r}: {exc}")
                     continue
-                difference = self._difference(enc.identity, enc.weights_fingerprint)
+                difference = self._difference(enc.identity, lambda enc=enc: enc.weights_fingerprint)
                 if difference is not None:
                     if spec is not None:
                         raise self._mismatch(f"model {cand!r}", difference)

@@ -355,6 +355,8 @@ def model_identity(folder: str | os.PathLike) -> str:
 #: header gives where each lies), or of each of ``_SAMPLE_CHUNKS + 1`` evenly spaced chunks of another weights file.
 _SAMPLE_BYTES = 1 << 12
 _SAMPLE_CHUNKS = 1024
+#: The largest safetensors header read (the safetensors library's own limit).
+_MAX_HEADER = 100 << 20
 
 
 def weights_fingerprint(folder: str | os.PathLike) -> str:
@@ -365,40 +367,45 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
     merged into a few matrices included, is seen; in another file, 1,025 evenly spaced chunks of 4 KiB. Why:
     :func:`model_identity` leaves the backbone out, so a backbone-only fine-tune made elsewhere passed for its
     base model (eval's index cache, collection manifests). Not the path nor the mtime: a copied or re-downloaded
-    model is the same model. Trade-off: a tensor changed only between its sampled ends passes."""
+    model is the same model; the same weights in the other file format are not (a tensor changed only between its
+    sampled ends passes too). :class:`ModelLoadError` names a file that cannot be read or whose header is damaged."""
     folder = _check_checkpoint(Path(folder))
     path = next(folder / f for f in _WEIGHT_FILES if (folder / f).is_file())
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}:".encode())
-    with open(path, "rb") as f:
-        places = _safetensors_places(f, size) if path.suffix == ".safetensors" else None
-        if places is None:  # not safetensors, or a header that does not read: evenly spaced chunks
-            places = [
-                (i * max(size - _SAMPLE_BYTES, 0) // _SAMPLE_CHUNKS, _SAMPLE_BYTES) for i in range(_SAMPLE_CHUNKS + 1)
-            ]
-        for start, n in places:
-            f.seek(start)
-            h.update(f.read(n))
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if path.suffix == ".safetensors":
+                places = _safetensors_places(f, size, path)
+            else:
+                step = max(size - _SAMPLE_BYTES, 0) / _SAMPLE_CHUNKS
+                places = [(int(i * step), _SAMPLE_BYTES) for i in range(_SAMPLE_CHUNKS + 1)]
+            h = hashlib.sha256(f"{path.name}:{size}:".encode())
+            for start, n in places:
+                f.seek(start)
+                h.update(f.read(n))
+    except OSError as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     return h.hexdigest()
 
 
-def _safetensors_places(f: Any, size: int) -> list[tuple[int, int]] | None:
-    """(offset, bytes) to hash in an open model.safetensors: its header, then both ends of each tensor's data;
-    None where the header does not read (the file is then sampled evenly, and loading names what is wrong)."""
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < n <= size - 8:
-        return None
+def _safetensors_places(f: Any, size: int, path: Path) -> list[tuple[int, int]]:
+    """(offset, bytes) to hash in an open model.safetensors: its header, then both ends of each tensor's data."""
+    n = int.from_bytes(f.read(8), "little")
+    damaged = ModelLoadError(f"{path} is not a readable safetensors file (its header is damaged or cut short)")
+    if not 0 < n <= min(size - 8, _MAX_HEADER):
+        raise damaged
     places = [(0, 8 + n)]
     try:
         tensors = [t for k, t in json.loads(f.read(n)).items() if k != "__metadata__"]
         for a, b in sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors):
-            a = min(max(8 + n + a, 8 + n), size)
-            b = min(max(8 + n + b, a), size)
-            tail = max(a, b - _SAMPLE_BYTES)
-            places += [(a, min(_SAMPLE_BYTES, b - a)), (tail, b - tail)]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
+            if not 0 <= a <= b <= size - 8 - n:
+                raise ValueError(a, b)
+            tail = max(8 + n + a, 8 + n + b - _SAMPLE_BYTES)
+            places += [(8 + n + a, min(_SAMPLE_BYTES, b - a)), (tail, 8 + n + b - tail)]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
+        raise damaged from None
     return places
 
 
