@@ -453,15 +453,21 @@ def test_missing_framework_gives_the_install_hint(monkeypatch):
         import m3search.integrations.llama_index  # noqa: F401
 
 
+def _index_of_documents(store: M3SearchVectorStore, encoder, **options) -> VectorStoreIndex:
+    """``_documents()`` split and indexed into ``store`` through a storage context."""
+    return VectorStoreIndex.from_documents(
+        _documents(),
+        storage_context=StorageContext.from_defaults(vector_store=store),
+        embed_model=M3SearchEmbedding(encoder=encoder),
+        transformations=[_splitter()],
+        **options,
+    )
+
+
 def test_from_documents_through_a_storage_context(tmp_path, tiny_encoder):
     store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
     try:
-        index = VectorStoreIndex.from_documents(
-            _documents(),
-            storage_context=StorageContext.from_defaults(vector_store=store),
-            embed_model=M3SearchEmbedding(encoder=tiny_encoder),
-            transformations=[_splitter()],
-        )
+        index = _index_of_documents(store, tiny_encoder)
         col = store.client
         assert col.count() >= len(_documents())
         got = index.as_retriever(similarity_top_k=2).retrieve(QUERIES[0])
@@ -476,13 +482,7 @@ def test_an_index_keeping_its_own_copy_of_the_nodes_is_told_why_its_queries_are_
     instead", naming nothing the user had done. The refusal now names the option (the inserts themselves work)."""
     store = M3SearchVectorStore(location=tmp_path / "c", model=tiny_encoder)
     try:
-        index = VectorStoreIndex.from_documents(
-            _documents(),
-            storage_context=StorageContext.from_defaults(vector_store=store),
-            embed_model=M3SearchEmbedding(encoder=tiny_encoder),
-            transformations=[_splitter()],
-            store_nodes_override=True,
-        )
+        index = _index_of_documents(store, tiny_encoder, store_nodes_override=True)
         assert store.client.count() == len(index.docstore.docs) >= len(_documents())
         with pytest.raises(NotImplementedError, match=r"node_ids .* store_nodes_override=True \(leave that out"):
             index.as_retriever(similarity_top_k=2).retrieve(QUERIES[0])
