@@ -683,6 +683,33 @@ def test_serve_api_key_no_client_can_send_is_a_usage_error(serve_settings):
     assert [s.api_key for s in serve_settings] == ["k", None]
 
 
+def test_a_client_commands_api_key_no_server_can_take_is_a_usage_error(tmp_path):
+    """``search`` / ``info`` / ``delete`` / ``index --api-key " "`` (or the variable) sent ``Authorization: Bearer  ``
+    to a served collection, and a key no HTTP header carries failed inside httpx: refused as ``serve`` refuses it
+    (exit 2, naming the option or its variable; the key not written out), before anything is opened. The Python
+    client refuses it too."""
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+    from m3search.client import M3SearchClient
+
+    where = str(tmp_path / "c")
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "text": "t"}\n')
+    commands = (["search", "q"], ["info"], ["delete", "x"], ["index", str(tmp_path / "docs.jsonl")])
+    for command in commands:
+        for bad in (" ", "sécret"):
+            for args, env in (
+                ([*command, "-c", where, "--api-key", bad], {}),
+                ([*command, "-c", where], {"M3SEARCH_API_KEY": bad}),
+            ):
+                result = CliRunner().invoke(main, args, env=env)
+                assert result.exit_code == 2 and "Invalid value for '--api-key'" in result.output, (args, result.output)
+                assert "the API key must" in result.output and "sécret" not in result.output
+    assert CliRunner().invoke(main, ["info", "-c", where], env={"M3SEARCH_API_KEY": ""}).exit_code == 1  # no key
+    with pytest.raises(ValueError, match="the API key must not be empty"):
+        M3SearchClient("http://127.0.0.1:9", api_key=" ")
+
+
 def test_help_is_fast_and_lazy():
     code = (
         "import sys; from click.testing import CliRunner; from m3search.cli import main\n"

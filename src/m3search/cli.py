@@ -52,6 +52,7 @@ from .plan import (
     MAX_CANDIDATES,
     MAX_K,
     PRESETS,
+    check_api_key,
     check_dtype,
     check_group,
     check_limit,
@@ -226,13 +227,12 @@ def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
     return value
 
 
-def _served_api_key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
-    """``serve --api-key``: a key no client can send is a usage error naming the option (it was exit code 1). The
-    server's rule (:func:`~m3search.server.check_api_key`); ``M3SEARCH_API_KEY`` is ``Settings.from_env``'s to
-    check, naming it."""
-    if key is not None and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
-        from .server import check_api_key
-
+def _api_key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
+    """``--api-key``: a key no client can send (blank, not printable ASCII) is a usage error naming the option
+    (serve: it was exit code 1; the other commands sent ``Bearer  ``). :func:`~m3search.plan.check_api_key`; for
+    ``serve``, ``M3SEARCH_API_KEY`` is ``Settings.from_env``'s to check, naming it."""
+    source = ctx.get_parameter_source(param.name)
+    if key is not None and (source is ParameterSource.COMMANDLINE or ctx.command.name != "serve"):
         try:
             check_api_key(key)
         except ValueError as exc:
@@ -681,6 +681,7 @@ api_key_option = click.option(
     envvar="M3SEARCH_API_KEY",
     show_envvar=True,
     default=None,
+    callback=_api_key,
     help="API key of a running server (used when the collection is served).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -1361,7 +1362,7 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     envvar="M3SEARCH_API_KEY",
     show_envvar=True,
     default=None,
-    callback=_served_api_key,
+    callback=_api_key,
     help="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health and the API docs (/docs, /redoc, /openapi.json).",
 )
 @click.option(

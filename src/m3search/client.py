@@ -39,7 +39,7 @@ import numpy as np
 
 from m3search import errors
 from m3search.errors import ID_ERRORS, IngestInterrupted, RequestTooLargeError
-from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceededError
+from m3search.plan import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, LimitExceededError, check_api_key
 
 __all__ = ["M3SearchClient"]
 
@@ -156,7 +156,7 @@ class M3SearchClient:
             raise ValueError(f"retries must be an integer >= 0, got {retries}")
         self.url = url.rstrip("/")
         # sent with each request: a caller's http_client is borrowed, its own headers are not ours to change
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._auth = {"Authorization": f"Bearer {check_api_key(api_key)}"} if api_key else {}
         if http_client is None:
             http_client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
         self._http = http_client

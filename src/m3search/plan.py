@@ -63,6 +63,7 @@ __all__ = [
     "parse_mode",
     "mode_name",
     "check_fusion",
+    "check_api_key",
     "check_weights",
     "check_mode_total",
     "check_query",
@@ -204,6 +205,17 @@ def check_fusion(fusion: Any) -> str:
     if not isinstance(fusion, str) or fusion.lower() not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
     return fusion.lower()
+
+
+def check_api_key(key: str) -> str:
+    """``key`` as a key a server can require and a client send: ValueError unless it is printable ASCII and not
+    blank (HTTP header values are bytes clients send as ASCII: a blank key was sent as ``Bearer  ``, another one
+    could never be matched)."""
+    if not key.strip():
+        raise ValueError("the API key must not be empty")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError("the API key must be printable ASCII (clients send it in an HTTP header)")
+    return key
 
 
 def check_weights(weights: Any) -> tuple[float, float, float]:

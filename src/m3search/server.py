@@ -85,6 +85,7 @@ from .plan import (
     PRESETS,
     DeadlineExceeded,
     LimitExceededError,
+    check_api_key,
     check_dtype,
     check_fusion,
     check_limit,
@@ -133,16 +134,6 @@ def _wrong(name: str, value: Any) -> str | None:
         return "is not a positive integer"
     most = _LIMITS[name]
     return f"is over {most}" if most is not None and value > most else None
-
-
-def check_api_key(key: str) -> str:
-    """``key`` as a key the server can require: ValueError unless some client can send it."""
-    if not key.strip():
-        raise ValueError("the API key must not be empty")
-    if not (key.isascii() and key.isprintable()):
-        # HTTP header values are bytes that clients send as ASCII: any other key could never be matched
-        raise ValueError("the API key must be printable ASCII (clients send it in an HTTP header)")
-    return key
 
 
 def _number(name: str, raw: str) -> int | float:
