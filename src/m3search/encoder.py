@@ -361,8 +361,9 @@ _MAX_HEADER = 100 << 20
 
 def weights_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of the transformer weights file transformers loads (model.safetensors before pytorch_model.bin):
-    its name, size and a bounded sample, where hashing all of bge-m3's 2.3 GB would cost ~1.5 s a GB. In a
-    model.safetensors the sample is its header (every tensor's name, dtype, shape and place) and the first and last
+    its name, size and a bounded sample, where hashing all of bge-m3's 2.3 GB costs ~1 s a GB (the proxy's 87 MiB,
+    page cache warm: 62x the sample's time, ``benchmarks/check_cost.py``). In a model.safetensors the sample is its
+    header (every tensor's name, dtype, shape and place) and the first and last
     4 KiB of every tensor (~3 MiB for bge-m3's ~390 tensors), so a fine-tune that changed any one tensor, a LoRA
     merged into a few matrices included, is seen; in another file, 1,025 evenly spaced chunks of 4 KiB. Why:
     :func:`model_identity` leaves the backbone out, so a backbone-only fine-tune made elsewhere passed for its
