@@ -827,6 +827,7 @@ class Collection:
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
                             spans = self._read_spans(texts[start:end], one, bool(emb.truncated))
+                            _refuse_non_finite_output(emb, ids[start:end])
                         vectors = _vectors(emb, self.schema.colbert_pool_factor, ids[start:end])
                         batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
                         self._write(batch)
@@ -1621,17 +1622,20 @@ def _non_finite(emb: Any) -> tuple[str, int] | None:
     ):
         finite = np.isfinite(values)
         if not finite.all():
-            first = int(np.argmin(finite.all(axis=1) if values.ndim == 2 else finite))
-            row = first if starts is None else int(np.searchsorted(starts, first, side="right")) - 1
-            return name, row
+            return name, _row_of(int(np.argmin(finite.all(axis=1) if values.ndim == 2 else finite)), starts)
     return None
 
 
-def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
-    """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
-    before the write (queries are untouched); ``names``: each window's document id, for the errors.
-    A NaN or infinity (a model's float16 overflow) is refused before its document's write, as given
-    ``embeddings`` are: it would drop the document from every list, or pass for any score."""
+def _row_of(i: int, starts: Any) -> int:
+    """The text (row of the embeddings) that value or vector ``i`` of an output belongs to: ``i`` itself where
+    each text has one (dense), else found in the output's per-text ``starts`` (sparse ``indptr``, ColBERT offsets)."""
+    return i if starts is None else int(np.searchsorted(starts, i, side="right")) - 1
+
+
+def _refuse_non_finite_output(emb: Any, names: Sequence[str]) -> None:
+    """The model's NaN or infinity (a float16 overflow) refused before its document's write: it would drop the
+    document from every list, or pass for any score. Only the model's output: given ``embeddings`` are checked
+    once, whole, in ``_ingest`` before anything is written. ``names``: each row's document id."""
     if bad := _non_finite(emb):
         doc = names[bad[1]]
         label = {"dense": "dense vectors", "sparse": "sparse weights", "colbert": "ColBERT vectors"}[bad[0]]
@@ -1639,6 +1643,11 @@ def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
             f"the {label} of document {doc!r} hold NaN or infinite values (the model's output: a float16 overflow?); "
             f"{doc!r} was not written (documents before it in this call may have been)"
         )
+
+
+def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
+    """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
+    before the write (queries are untouched); ``names``: each window's document id, for the errors."""
     colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor, names=names)
     return emb.dense, emb.sparse, colbert, offsets
 
@@ -1653,11 +1662,13 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
     for k, (a, b) in enumerate(zip([0, *bounds.tolist()], [*bounds.tolist(), len(doc)])):
         d = int(doc[a])
         rows = e[a:b]
+        names = [ids[d]] * (b - a)
+        _refuse_non_finite_output(rows, names)
         batch = PointBatch(
             [ids[d]],
             [texts[d]],
             [meta[d]],
-            *_vectors(rows, pool_factor, [ids[d]] * (b - a)),
+            *_vectors(rows, pool_factor, names),
             np.array([0, b - a]),
             piece.spans[a:b],
         )
