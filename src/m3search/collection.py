@@ -782,6 +782,7 @@ class Collection:
                 raise ValueError(
                     f"embeddings.{name} holds NaN or infinite values (document {ids[row]!r}); nothing was written"
                 )
+            _check_unit_norm(embeddings, "embeddings", lambda row: f"document {ids[row]!r}", "; nothing was written")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
         bs = check_int("batch_size", bs)
         with self._lock:
@@ -1322,6 +1323,7 @@ class Collection:
             )
         if not (np.isfinite(emb.dense).all() and np.isfinite(emb.colbert).all() and np.isfinite(emb.sparse.data).all()):
             raise ValueError("query_embeddings hold NaN or infinite values")
+        _check_unit_norm(emb, "query_embeddings", lambda row: f"query {row}")
         return emb
 
     # ------------------------------------------------------------ search defaults
@@ -1643,6 +1645,31 @@ def _refuse_non_finite_output(emb: Any, names: Sequence[str]) -> None:
             f"the {label} of document {doc!r} hold NaN or infinite values (the model's output: a float16 overflow?); "
             f"{doc!r} was not written (documents before it in this call may have been)"
         )
+
+
+#: Largest ``|L2 norm - 1|`` accepted in given dense and ColBERT vectors (``embeddings=``, ``query_embeddings=``).
+#: The encoder's own output is within 2e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
+#: of it within 2e-3, random 1024-wide vectors normalized in bfloat16 (FlagEmbedding's half precision) within
+#: 4.4e-3 (measured with m3search.testing's tiny model and the proxy); raw [CLS] or token vectors are far off.
+UNIT_NORM_TOLERANCE = 2e-2
+
+
+def _check_unit_norm(emb: Any, what: str, text: Callable[[int], str], note: str = "") -> None:
+    """Refuse given dense or ColBERT vectors that are not L2-normalized (ValueError naming the field and the text).
+    Why: BGE-M3's are, and every score (inner product, MaxSim, their weighted sum) assumes it, so raw vectors
+    ranked silently wrong. ``what``: the argument's name; ``text(row)``: the row's text for the message; ``note``:
+    appended to it. One pass over the values (finite: checked before)."""
+    for name, values, starts in (("dense", emb.dense, None), ("colbert", emb.colbert, emb.colbert_offsets)):
+        x = np.asarray(values, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        off = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
+        if off.any():
+            first = int(np.argmax(off))
+            raise ValueError(
+                f"{what}.{name} of {text(_row_of(first, starts))} are not L2-normalized (a vector of norm "
+                f"{norms[first]:.4g}): BGE-M3's dense and ColBERT vectors have norm 1 and every score assumes it; "
+                f"divide each vector by its L2 norm{note}"
+            )
 
 
 def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
