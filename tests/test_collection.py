@@ -758,6 +758,37 @@ def test_precomputed_embeddings_must_be_finite(col, tiny_encoder):
     assert col.get(["n1", "n2"]) == [None, None]
 
 
+@pytest.mark.parametrize("part", ["dense", "colbert"])
+def test_precomputed_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
+    """Raw (unnormalized) vectors were stored silently and ranked wrong: every score (inner product, MaxSim, their
+    weighted sum) assumes BGE-M3's unit vectors. Refused naming the document and the field, nothing written, also
+    where the vector is in a later batch; a bfloat16 round trip of real vectors (|norm - 1| ~ 2e-3) still passes."""
+    import torch
+
+    texts, ids = ["a new text", "another"], ["n1", "n2"]
+    before = col.count()
+    emb = tiny_encoder.encode(texts)
+    getattr(emb, part)[-1] *= 3  # the last row's: document "n2"
+    with pytest.raises(ValueError, match=f"embeddings.{part} of document 'n2' are not L2-normalized"):
+        col.add(texts, ids=ids, embeddings=emb, batch_size=1)
+    assert col.count() == before and col.get(ids) == [None, None]
+    rounded = tiny_encoder.encode(texts)
+    for name in ("dense", "colbert"):
+        setattr(rounded, name, torch.from_numpy(getattr(rounded, name)).to(torch.bfloat16).float().numpy())
+    assert col.add(texts, ids=ids, embeddings=rounded) == ids and col.count() == before + 2
+
+
+@pytest.mark.parametrize("part", ["dense", "colbert"])
+def test_query_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
+    """Raw query vectors scaled every score of their query: refused naming the query and the field, as given
+    document embeddings are (one check)."""
+    q = ["alpha beta", "gamma"]
+    emb = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
+    getattr(emb, part)[-1] *= 0.5  # the last row's: query 1
+    with pytest.raises(ValueError, match=f"query_embeddings.{part} of query 1 are not L2-normalized"):
+        col.search_batch(q, query_embeddings=emb)
+
+
 def test_update_metadata_with_a_repeated_id(col):
     with pytest.raises(ValueError, match="duplicate ids in one call: \\['d1'\\]"):
         col.update_metadata(["d1", "d1"], [{"a": 1}, {"a": 2}])

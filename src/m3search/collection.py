@@ -782,6 +782,7 @@ class Collection:
                 raise ValueError(
                     f"embeddings.{name} holds NaN or infinite values (document {ids[row]!r}); nothing was written"
                 )
+            _check_unit_norm(embeddings, "embeddings", lambda row: f"document {ids[row]!r}", "; nothing was written")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
         bs = check_int("batch_size", bs)
         with self._lock:
@@ -827,6 +828,7 @@ class Collection:
                             emb = self.encoder.encode(texts[start:end], max_length=one, warn_truncation=False)
                             truncated += emb.truncated
                             spans = self._read_spans(texts[start:end], one, bool(emb.truncated))
+                            _refuse_non_finite_output(emb, ids[start:end])
                         vectors = _vectors(emb, self.schema.colbert_pool_factor, ids[start:end])
                         batch = PointBatch(ids[start:end], texts[start:end], meta[start:end], *vectors, spans=spans)
                         self._write(batch)
@@ -1321,6 +1323,7 @@ class Collection:
             )
         if not (np.isfinite(emb.dense).all() and np.isfinite(emb.colbert).all() and np.isfinite(emb.sparse.data).all()):
             raise ValueError("query_embeddings hold NaN or infinite values")
+        _check_unit_norm(emb, "query_embeddings", lambda row: f"query {row}")
         return emb
 
     # ------------------------------------------------------------ search defaults
@@ -1621,17 +1624,20 @@ def _non_finite(emb: Any) -> tuple[str, int] | None:
     ):
         finite = np.isfinite(values)
         if not finite.all():
-            first = int(np.argmin(finite.all(axis=1) if values.ndim == 2 else finite))
-            row = first if starts is None else int(np.searchsorted(starts, first, side="right")) - 1
-            return name, row
+            return name, _row_of(int(np.argmin(finite.all(axis=1) if values.ndim == 2 else finite)), starts)
     return None
 
 
-def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
-    """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
-    before the write (queries are untouched); ``names``: each window's document id, for the errors.
-    A NaN or infinity (a model's float16 overflow) is refused before its document's write, as given
-    ``embeddings`` are: it would drop the document from every list, or pass for any score."""
+def _row_of(i: int, starts: Any) -> int:
+    """The text (row of the embeddings) that value or vector ``i`` of an output belongs to: ``i`` itself where
+    each text has one (dense), else found in the output's per-text ``starts`` (sparse ``indptr``, ColBERT offsets)."""
+    return i if starts is None else int(np.searchsorted(starts, i, side="right")) - 1
+
+
+def _refuse_non_finite_output(emb: Any, names: Sequence[str]) -> None:
+    """The model's NaN or infinity (a float16 overflow) refused before its document's write: it would drop the
+    document from every list, or pass for any score. Only the model's output: given ``embeddings`` are checked
+    once, whole, in ``_ingest`` before anything is written. ``names``: each row's document id."""
     if bad := _non_finite(emb):
         doc = names[bad[1]]
         label = {"dense": "dense vectors", "sparse": "sparse weights", "colbert": "ColBERT vectors"}[bad[0]]
@@ -1639,6 +1645,36 @@ def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
             f"the {label} of document {doc!r} hold NaN or infinite values (the model's output: a float16 overflow?); "
             f"{doc!r} was not written (documents before it in this call may have been)"
         )
+
+
+#: Largest ``|L2 norm - 1|`` accepted in given dense and ColBERT vectors (``embeddings=``, ``query_embeddings=``).
+#: The encoder's own output is within 2e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
+#: of it within 2e-3, random 1024-wide vectors normalized in bfloat16 (FlagEmbedding's half precision) within
+#: 4.4e-3 (measured with m3search.testing's tiny model and the proxy); raw [CLS] or token vectors are far off.
+UNIT_NORM_TOLERANCE = 2e-2
+
+
+def _check_unit_norm(emb: Any, what: str, text: Callable[[int], str], note: str = "") -> None:
+    """Refuse given dense or ColBERT vectors that are not L2-normalized (ValueError naming the field and the text).
+    Why: BGE-M3's are, and every score (inner product, MaxSim, their weighted sum) assumes it, so raw vectors
+    ranked silently wrong. ``what``: the argument's name; ``text(row)``: the row's text for the message; ``note``:
+    appended to it. One pass over the values (finite: checked before)."""
+    for name, values, starts in (("dense", emb.dense, None), ("colbert", emb.colbert, emb.colbert_offsets)):
+        x = np.asarray(values, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        off = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
+        if off.any():
+            first = int(np.argmax(off))
+            raise ValueError(
+                f"{what}.{name} of {text(_row_of(first, starts))} are not L2-normalized (a vector of norm "
+                f"{norms[first]:.4g}): BGE-M3's dense and ColBERT vectors have norm 1 and every score assumes it; "
+                f"divide each vector by its L2 norm{note}"
+            )
+
+
+def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
+    """``(dense, sparse, colbert, colbert_offsets)`` of embeddings, ColBERT pooled once per window
+    before the write (queries are untouched); ``names``: each window's document id, for the errors."""
     colbert, offsets = pool_tokens(emb.colbert, emb.colbert_offsets, pool_factor, names=names)
     return emb.dense, emb.sparse, colbert, offsets
 
@@ -1653,11 +1689,13 @@ def _doc_slices(piece: Any, ids: list[str], texts: list[str], meta: list[dict], 
     for k, (a, b) in enumerate(zip([0, *bounds.tolist()], [*bounds.tolist(), len(doc)])):
         d = int(doc[a])
         rows = e[a:b]
+        names = [ids[d]] * (b - a)
+        _refuse_non_finite_output(rows, names)
         batch = PointBatch(
             [ids[d]],
             [texts[d]],
             [meta[d]],
-            *_vectors(rows, pool_factor, [ids[d]] * (b - a)),
+            *_vectors(rows, pool_factor, names),
             np.array([0, b - a]),
             piece.spans[a:b],
         )

@@ -589,7 +589,11 @@ class M3Encoder:
         A single string is one text, as in :meth:`encode` (it was split into characters). ``max_length`` is
         checked as :meth:`encode`'s (0 and 1 cut nothing, -1 failed in tokenizers) but not capped at the model's."""
         texts = check_texts(texts, unicode=False)
-        max_length = check_int("max_length", max_length, MIN_MAX_LENGTH)
+        return self._token_ids(texts, check_int("max_length", max_length, MIN_MAX_LENGTH))
+
+    def _token_ids(self, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+        """:meth:`tokenize` of texts and ``max_length`` already checked: :meth:`encode` checks them itself (also
+        each text's Unicode), so checking them again here was a second pass over the same list."""
         with self._tok_lock:
             self.tokenizer.enable_truncation(max_length)
             try:
@@ -662,7 +666,7 @@ class M3Encoder:
         _check_request(dense, sparse, colbert, batch_size)
         max_length = self._check_max_length(max_length)
 
-        ids, truncated = self.tokenize(texts, max_length)
+        ids, truncated = self._token_ids(texts, max_length)
         if truncated and warn_truncation:
             warnings.warn(
                 TruncationWarning(
