@@ -778,6 +778,33 @@ def test_precomputed_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
     assert col.add(texts, ids=ids, embeddings=rounded) == ids and col.count() == before + 2
 
 
+def test_precomputed_embeddings_that_are_no_encoding_are_refused(col, tiny_encoder):
+    """Given document embeddings that cannot be these texts' encoding were checked less than query embeddings: a 1-D
+    dense array failed inside NumPy's einsum, offsets one short with an IndexError from the encoder module. Each is
+    now the query check's ValueError (one check for both), naming ``embeddings``, and nothing is written."""
+    import numpy as np
+
+    from m3search.encoder import M3Embeddings
+
+    texts, ids = ["a new text", "another"], ["n1", "n2"]
+    e = tiny_encoder.encode(texts)
+
+    def like(**change):
+        parts = {k: getattr(e, k) for k in ("dense", "sparse", "colbert", "colbert_offsets", "n_tokens")}
+        return M3Embeddings(**{**parts, **change})
+
+    before = col.count()
+    for bad, says in [
+        (like(dense=e.dense[0]), "embeddings are not an M3Embeddings encoding: dense and colbert must be 2-D"),
+        (like(colbert_offsets=e.colbert_offsets[:-1]), "embeddings are not one encoding of 2 documents"),
+        (like(dense=np.hstack([e.dense, e.dense])), "embeddings do not come from this collection's model"),
+        (like(colbert_offsets=np.array([0, 0, len(e.colbert)])), "at least one vector per document"),
+    ]:
+        with pytest.raises(ValueError, match=f"{says}.*; nothing was written"):
+            col.add(texts, ids=ids, embeddings=bad)
+    assert col.count() == before and col.get(ids) == [None, None]
+
+
 @pytest.mark.parametrize("part", ["dense", "colbert"])
 def test_query_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
     """Raw query vectors scaled every score of their query: refused naming the query and the field, as given

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from m3search.engines import location_options, resolve_engine, taken
 from m3search.engines.base import Engine
@@ -771,18 +772,9 @@ class Collection:
         if ids is None:
             ids = [uuid.uuid4().hex for _ in range(n)]
         if embeddings is not None:
-            if len(embeddings) != n:
-                raise ValueError(f"{n} texts but embeddings for {len(embeddings)}")
             if hasattr(embeddings, "doc"):
                 raise TypeError("embeddings must be M3Embeddings with one row per text (windows are encoded here)")
-            if embeddings.dense is None or embeddings.sparse is None or embeddings.colbert is None:
-                raise ValueError("embeddings must hold dense, sparse and colbert outputs")
-            if bad := _non_finite(embeddings):  # a NaN dense score drops a document from every list
-                name, row = bad
-                raise ValueError(
-                    f"embeddings.{name} holds NaN or infinite values (document {ids[row]!r}); nothing was written"
-                )
-            _check_unit_norm(embeddings, "embeddings", lambda row: f"document {ids[row]!r}", "; nothing was written")
+            _check_given(embeddings, n, self.schema, "embeddings", lambda row: f"document {ids[row]!r}")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
         bs = check_int("batch_size", bs)
         with self._lock:
@@ -1292,38 +1284,8 @@ class Collection:
         return [sorted(hits, key=lambda h: (-h[1], h[0]))[:k] for hits in lists]
 
     def _check_query_embeddings(self, emb: Any, n: int) -> Any:
-        """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries.
-        Why: another model's (or a partial encode's) vectors failed deep in the engine, or matched nothing."""
-        if len(emb) != n:
-            raise ValueError(f"{n} queries but embeddings for {len(emb)}")
-        missing = [name for name in MODES if getattr(emb, name, None) is None]
-        if missing:
-            raise ValueError(
-                f"query_embeddings lack {', '.join(missing)}: every hit carries all three scores, so encode "
-                "queries with dense, sparse and colbert"
-            )
-        s = self.schema
-        got = (emb.dense.shape[1], emb.colbert.shape[1], emb.sparse.shape[1])
-        if got[0] != s.dense_dim or got[1] != s.colbert_dim or got[2] > s.vocab_size:
-            raise ValueError(
-                f"query_embeddings do not come from this collection's model (dense {got[0]}, colbert {got[1]}, "
-                f"vocabulary {got[2]}; the collection: {s.dense_dim}, {s.colbert_dim}, {s.vocab_size})"
-            )
-        offsets = np.asarray(emb.colbert_offsets)
-        if emb.dense.shape[0] != n or emb.sparse.shape[0] != n or offsets.shape != (n + 1,):
-            raise ValueError(
-                f"query_embeddings are not one encoding of {n} queries (dense rows {emb.dense.shape[0]}, sparse rows "
-                f"{emb.sparse.shape[0]}, colbert offsets {offsets.shape[0] if offsets.ndim == 1 else offsets.shape})"
-            )
-        if offsets[0] != 0 or offsets[-1] != len(emb.colbert) or (np.diff(offsets) < 1).any():
-            # a real encoding gives each query one token vector at least (</s>); none made Qdrant Edge fail deep inside
-            raise ValueError(
-                "query_embeddings.colbert_offsets must run from 0 to the number of ColBERT vectors, at least one vector "
-                "per query"
-            )
-        if not (np.isfinite(emb.dense).all() and np.isfinite(emb.colbert).all() and np.isfinite(emb.sparse.data).all()):
-            raise ValueError("query_embeddings hold NaN or infinite values")
-        _check_unit_norm(emb, "query_embeddings", lambda row: f"query {row}")
+        """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries."""
+        _check_given(emb, n, self.schema, "query_embeddings", lambda row: f"query {row}")
         return emb
 
     # ------------------------------------------------------------ search defaults
@@ -1624,8 +1586,73 @@ def _non_finite(emb: Any) -> tuple[str, int] | None:
     ):
         finite = np.isfinite(values)
         if not finite.all():
-            return name, _row_of(int(np.argmin(finite.all(axis=1) if values.ndim == 2 else finite)), starts)
+            return name, _row_of(int(np.argmin(finite.all(axis=1) if finite.ndim == 2 else finite)), starts)
     return None
+
+
+#: Largest ``|L2 norm - 1|`` accepted in given dense and ColBERT vectors (``embeddings=``, ``query_embeddings=``).
+#: The encoder's own output is within 2e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
+#: of it within 2e-3, random 1024-wide vectors normalized in bfloat16 (FlagEmbedding's half precision) within
+#: 4.4e-3 (measured with m3search.testing's tiny model and the proxy); raw [CLS] or token vectors are far off.
+UNIT_NORM_TOLERANCE = 2e-2
+
+
+#: The texts given embeddings stand for, as the messages of :func:`_check_given` name them (singular, plural).
+_GIVEN_FOR = {"embeddings": ("document", "documents"), "query_embeddings": ("query", "queries")}
+
+
+def _check_given(emb: Any, n: int, schema: Schema, what: str, text: Callable[[int], str]) -> None:
+    """Refuse (ValueError naming the argument, the field and the text) given embeddings that cannot stand for this
+    collection's encoding of ``n`` texts: another model's, a partial encode's or a malformed one failed deep in the
+    engine (NumPy's or Qdrant's words), matched nothing, or read other rows; non-finite values drop a document from
+    every list; raw (unnormalized) vectors rank silently wrong, since every score assumes BGE-M3's unit vectors.
+    ``what``: the argument (a key of ``_GIVEN_FOR``); ``text(row)``: row ``row``'s text for the message. One pass
+    over the values, before anything is written."""
+    one, many = _GIVEN_FOR[what]
+
+    def refuse(message: str) -> ValueError:
+        return ValueError(message + ("; nothing was written" if what == "embeddings" else ""))
+
+    if len(emb) != n:
+        raise refuse(f"{n} {many} but {what} for {len(emb)}")
+    missing = [name for name in MODES if getattr(emb, name, None) is None]
+    if missing:
+        raise refuse(f"{what} lack {', '.join(missing)}: every hit carries all three scores, so encode with all three")
+    dense, colbert, offsets = (np.asarray(x) for x in (emb.dense, emb.colbert, emb.colbert_offsets))
+    if dense.ndim != 2 or colbert.ndim != 2 or not sp.issparse(emb.sparse):
+        raise refuse(
+            f"{what} are not an M3Embeddings encoding: dense and colbert must be 2-D arrays (shapes {dense.shape}, "
+            f"{colbert.shape}), sparse a SciPy sparse matrix (got {type(emb.sparse).__name__})"
+        )
+    got = (dense.shape[1], colbert.shape[1], emb.sparse.shape[1])
+    if got[0] != schema.dense_dim or got[1] != schema.colbert_dim or got[2] > schema.vocab_size:
+        raise refuse(
+            f"{what} do not come from this collection's model (dense {got[0]}, colbert {got[1]}, vocabulary "
+            f"{got[2]}; the collection: {schema.dense_dim}, {schema.colbert_dim}, {schema.vocab_size})"
+        )
+    if dense.shape[0] != n or emb.sparse.shape[0] != n or offsets.shape != (n + 1,):
+        raise refuse(
+            f"{what} are not one encoding of {n} {many} (dense rows {dense.shape[0]}, sparse rows "
+            f"{emb.sparse.shape[0]}, colbert offsets {offsets.shape[0] if offsets.ndim == 1 else offsets.shape})"
+        )
+    if offsets[0] != 0 or offsets[-1] != len(colbert) or (np.diff(offsets) < 1).any():
+        # a real encoding gives each text one token vector at least (</s>); none made Qdrant Edge fail deep inside
+        raise refuse(
+            f"{what}.colbert_offsets must run from 0 to the number of ColBERT vectors, at least one vector per {one}"
+        )
+    if bad := _non_finite(emb):
+        raise refuse(f"{what}.{bad[0]} holds NaN or infinite values ({text(bad[1])})")
+    for name, values, starts in (("dense", dense, None), ("colbert", colbert, offsets)):
+        x = values.astype(np.float32, copy=False)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        off = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
+        if off.any():
+            first = int(np.argmax(off))
+            raise refuse(
+                f"{what}.{name} of {text(_row_of(first, starts))} are not L2-normalized (a vector of norm "
+                f"{norms[first]:.4g}): BGE-M3's dense and ColBERT vectors have norm 1 and every score assumes it; "
+                "divide each vector by its L2 norm"
+            )
 
 
 def _row_of(i: int, starts: Any) -> int:
@@ -1645,31 +1672,6 @@ def _refuse_non_finite_output(emb: Any, names: Sequence[str]) -> None:
             f"the {label} of document {doc!r} hold NaN or infinite values (the model's output: a float16 overflow?); "
             f"{doc!r} was not written (documents before it in this call may have been)"
         )
-
-
-#: Largest ``|L2 norm - 1|`` accepted in given dense and ColBERT vectors (``embeddings=``, ``query_embeddings=``).
-#: The encoder's own output is within 2e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
-#: of it within 2e-3, random 1024-wide vectors normalized in bfloat16 (FlagEmbedding's half precision) within
-#: 4.4e-3 (measured with m3search.testing's tiny model and the proxy); raw [CLS] or token vectors are far off.
-UNIT_NORM_TOLERANCE = 2e-2
-
-
-def _check_unit_norm(emb: Any, what: str, text: Callable[[int], str], note: str = "") -> None:
-    """Refuse given dense or ColBERT vectors that are not L2-normalized (ValueError naming the field and the text).
-    Why: BGE-M3's are, and every score (inner product, MaxSim, their weighted sum) assumes it, so raw vectors
-    ranked silently wrong. ``what``: the argument's name; ``text(row)``: the row's text for the message; ``note``:
-    appended to it. One pass over the values (finite: checked before)."""
-    for name, values, starts in (("dense", emb.dense, None), ("colbert", emb.colbert, emb.colbert_offsets)):
-        x = np.asarray(values, dtype=np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-        off = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
-        if off.any():
-            first = int(np.argmax(off))
-            raise ValueError(
-                f"{what}.{name} of {text(_row_of(first, starts))} are not L2-normalized (a vector of norm "
-                f"{norms[first]:.4g}): BGE-M3's dense and ColBERT vectors have norm 1 and every score assumes it; "
-                f"divide each vector by its L2 norm{note}"
-            )
 
 
 def _vectors(emb: Any, pool_factor: int, names: Sequence[str]) -> tuple:
