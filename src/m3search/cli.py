@@ -44,6 +44,7 @@ from .plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SEARCH_TIMEOUT,
     DEFAULT_SERVER_MAX_K,
     ENCODER_DTYPES,
@@ -59,6 +60,7 @@ from .plan import (
     check_mode_total,
     check_weights,
     parse_mode,
+    timeout_fault,
 )
 from .sources import QUERY_FORMATS, STDIN, STREAM_FORMATS
 
@@ -277,6 +279,14 @@ class _FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+def _timeout(ctx: Any, param: Any, seconds: float) -> float:
+    """``serve --timeout`` / ``--request-timeout``: a usage error naming the option unless the server takes it (the
+    batcher's rule, :func:`~m3search.plan.timeout_fault`; one over its bound stopped the server, exit 1)."""
+    if wrong := timeout_fault(seconds):
+        raise click.BadParameter(f"{seconds:g} {wrong}")
+    return seconds
 
 
 _MIB = 1 << 20
@@ -1386,9 +1396,19 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     "search_timeout",
     default=DEFAULT_SEARCH_TIMEOUT,
     show_default=True,
-    type=_FiniteRange(0, min_open=True),
+    type=_FiniteRange(),
+    callback=_timeout,
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504 (env var "
     "M3SEARCH_SEARCH_TIMEOUT).",
+)
+@click.option(
+    "--request-timeout",
+    default=DEFAULT_REQUEST_TIMEOUT,
+    show_default=True,
+    type=_FiniteRange(),
+    callback=_timeout,
+    help="Seconds a request may wait for its encoding to start; past it the answer is 503 with Retry-After (env var "
+    "M3SEARCH_REQUEST_TIMEOUT).",
 )
 @click.option(
     "--max-queue",
