@@ -230,11 +230,9 @@ def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
 
 
 def _api_key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
-    """``--api-key``: a key no client can send (blank, not printable ASCII) is a usage error naming the option
-    (serve: it was exit code 1; the other commands sent ``Bearer  ``). :func:`~m3search.plan.check_api_key`; for
-    ``serve``, ``M3SEARCH_API_KEY`` is ``Settings.from_env``'s to check, naming it."""
-    source = ctx.get_parameter_source(param.name)
-    if key is not None and (source is ParameterSource.COMMANDLINE or ctx.command.name != "serve"):
+    """``--api-key`` or its variable: a key no client can send (blank, not printable ASCII) is a usage error naming
+    both (serve: it was exit code 1; the other commands sent ``Bearer  ``). :func:`~m3search.plan.check_api_key`."""
+    if key is not None:
         try:
             check_api_key(key)
         except ValueError as exc:
