@@ -7,6 +7,7 @@ batching must not change a single number (beyond float rounding of different pad
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
@@ -210,15 +211,15 @@ def test_a_timeout_that_could_never_be_met_is_refused(tiny_encoder):
     bad = (-1.0, 0, 0.0, float("nan"), float("inf"), 1e300, "5", True, None)
     with Batcher(tiny_encoder) as b:
         for timeout in bad[:-1]:
-            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            with pytest.raises(ValueError, match="timeout is not a number of seconds > 0"):
                 b.submit(["x"], timeout=timeout)
-            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            with pytest.raises(ValueError, match="timeout is not a number of seconds > 0"):
                 b.submit_job(lambda: (None, 0, 0), timeout=timeout)
         assert b.depth == 0
         _same(b.encode(["x"], timeout=None), tiny_encoder.encode(["x"]))
         _same(b.encode(["x"], timeout=5), tiny_encoder.encode(["x"]))
     for timeout in bad:
-        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        with pytest.raises(ValueError, match="timeout is not a number of seconds > 0"):
             Batcher(tiny_encoder, timeout=timeout).close()
 
 
@@ -530,3 +531,33 @@ def test_a_request_split_over_rounds_shared_with_other_outputs_gets_its_own(tiny
         np.testing.assert_allclose(got.dense, want.dense, atol=1e-5)
     if second[1]:
         np.testing.assert_allclose(got.sparse.toarray(), want.sparse.toarray(), atol=1e-5)
+
+
+def test_the_servers_time_limits_follow_the_batchers_rule():
+    """``Settings(request_timeout=1e12)`` passed the server's check (a finite number above 0) and was then refused
+    by the batcher as the model loaded, naming ``timeout``, a name the user never set; ``True`` passed too. One rule
+    now (:func:`m3search.plan.timeout_fault`): a value is refused when the settings are checked, before any batcher,
+    naming the setting, exactly when the batcher would refuse it."""
+    pytest.importorskip("fastapi")
+    from types import SimpleNamespace
+
+    from m3search.server import Settings, create_app
+
+    def batcher_takes(seconds) -> bool:
+        try:
+            Batcher(SimpleNamespace(token_budget=64), timeout=seconds).close()
+        except ValueError:
+            return False
+        return True
+
+    for seconds in (1e12, threading.TIMEOUT_MAX * 2, math.inf, math.nan, 0, -1, True, 0.001, 60, threading.TIMEOUT_MAX):
+        for name in ("request_timeout", "search_timeout"):
+            try:
+                Settings(**{name: seconds}).check()
+                settings_take = True
+            except ValueError as exc:
+                assert str(exc).startswith(f"{name} is not a number of seconds > 0 and at most"), exc
+                settings_take = False
+            assert settings_take == batcher_takes(seconds), (name, seconds)
+    with pytest.raises(ValueError, match="^request_timeout is not a number of seconds > 0 and at most"):
+        create_app(Settings(request_timeout=1e12))

@@ -594,7 +594,7 @@ def serve_settings(monkeypatch) -> list:
     pytest.importorskip("fastapi")
     import m3search.server
 
-    for name in ("COLLECTION", "API_KEY", "DTYPE", "SEARCH_TIMEOUT"):
+    for name in ("COLLECTION", "API_KEY", "DTYPE", "DEVICE", "SEARCH_TIMEOUT", "REQUEST_TIMEOUT"):
         monkeypatch.delenv(f"M3SEARCH_{name}", raising=False)
     served: list = []
     monkeypatch.setattr(m3search.server, "serve", lambda settings, **kwargs: served.append(settings) or True)
@@ -626,15 +626,49 @@ def test_serve_search_timeout_is_a_variable_too(serve_settings, monkeypatch):
     assert Settings.from_env().search_timeout == 7  # what `uvicorn --factory` serves
     for bad in ("0", "-1", "nan", "inf", "1e999", "x"):
         monkeypatch.setenv("M3SEARCH_SEARCH_TIMEOUT", bad)
-        said = f"M3SEARCH_SEARCH_TIMEOUT: {bad!r} is not a finite number > 0"
+        said = f"M3SEARCH_SEARCH_TIMEOUT: {bad!r} is not a number of seconds > 0"
         with pytest.raises(EnvironmentSettingError, match=re.escape(said)):
             Settings.from_env()
         result = _serve()
         assert result.exit_code == 2 and said in result.output, result.output
     for name in ("request_timeout", "search_timeout"):
-        with pytest.raises(ValueError, match=f"{name} is not a finite number > 0"):
+        with pytest.raises(ValueError, match=f"{name} is not a number of seconds > 0"):
             Settings(**{name: math.inf}).check()
     assert len(serve_settings) == 2
+
+
+def test_serve_request_timeout_is_an_option_and_a_variable(serve_settings, monkeypatch):
+    """``Settings.request_timeout`` (seconds a request may wait for its encoding to start) could be set in code only.
+    ``serve --request-timeout`` and ``M3SEARCH_REQUEST_TIMEOUT`` set it as ``--timeout`` and its variable set
+    ``search_timeout``: the flag over the variable (a bad one unread there), the variable over the default; a value
+    the server cannot take is a usage error naming the option or the variable."""
+    from m3search.server import Settings
+
+    assert _serve().exit_code == 0 and serve_settings[-1].request_timeout == Settings().request_timeout
+    assert _serve(env={"M3SEARCH_REQUEST_TIMEOUT": "2.5"}).exit_code == 0
+    assert serve_settings[-1].request_timeout == 2.5
+    assert _serve("--request-timeout", "4", env={"M3SEARCH_REQUEST_TIMEOUT": "x"}).exit_code == 0
+    assert serve_settings[-1].request_timeout == 4
+    monkeypatch.setenv("M3SEARCH_REQUEST_TIMEOUT", "7")
+    assert Settings.from_env().request_timeout == 7  # what `uvicorn --factory` serves
+    monkeypatch.delenv("M3SEARCH_REQUEST_TIMEOUT")
+    for bad in ("0", "-1", "nan", "inf", "1e12", "x"):
+        result = _serve(env={"M3SEARCH_REQUEST_TIMEOUT": bad})
+        said = f"M3SEARCH_REQUEST_TIMEOUT: {bad!r} is not a number of seconds > 0"
+        assert result.exit_code == 2 and said in result.output, result.output
+        result = _serve("--request-timeout", bad)
+        assert result.exit_code == 2 and "Invalid value for '--request-timeout'" in result.output, result.output
+    assert len(serve_settings) == 3
+
+
+def test_serve_time_limits_over_the_batchers_bound_are_usage_errors(serve_settings):
+    """The options take what the server's settings take (one rule, the batcher's): a time limit over its bound is a
+    usage error naming the option, not a ValueError of the settings naming ``search_timeout`` (exit code 1)."""
+    for option in ("--timeout", "--request-timeout"):
+        result = _serve(option, "1e12")
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{option}': 1e+12 is not a number of seconds > 0 and at most" in result.output
+    assert serve_settings == []
 
 
 def test_dtype_names_are_the_encoders_everywhere(serve_settings, monkeypatch):
@@ -676,7 +710,8 @@ def test_serve_api_key_no_client_can_send_is_a_usage_error(serve_settings):
         assert "): the API key must" in result.output, result.output
     for bad in (" ", "sécret"):
         result = _serve(env={"M3SEARCH_API_KEY": bad})
-        assert result.exit_code == 2 and "M3SEARCH_API_KEY: the API key must" in result.output, result.output
+        said = "Invalid value for '--api-key' (env var: 'M3SEARCH_API_KEY'): the API key must"
+        assert result.exit_code == 2 and said in result.output, result.output
         assert "sécret" not in result.output
     assert _serve("--api-key", "k", env={"M3SEARCH_API_KEY": " "}).exit_code == 0
     assert _serve(env={"M3SEARCH_API_KEY": ""}).exit_code == 0

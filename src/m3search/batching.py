@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import numbers
 import threading
 import time
 import warnings
@@ -71,7 +70,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .encoder import MIN_MAX_LENGTH, M3Embeddings, TruncationWarning, WindowedEmbeddings
-from .plan import check_int, check_texts
+from .plan import DEFAULT_REQUEST_TIMEOUT, check_int, check_texts, check_timeout
 
 __all__ = [
     "Batcher",
@@ -114,16 +113,6 @@ def release_openmp_pool() -> bool:
         return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft: frees this thread's idle pool
     except OSError:
         return False
-
-
-def _check_timeout(timeout: Any) -> float:
-    """``timeout`` as seconds, a number > 0 and at most ``threading.TIMEOUT_MAX`` (~292 years), else ValueError:
-    a negative or NaN one timed every request out before it could start (as 0 would: a request never starts at
-    its submission), a larger or infinite one failed in the wait (OverflowError), a string in the sum."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout <= threading.TIMEOUT_MAX:
-        most = f"{threading.TIMEOUT_MAX:g}"
-        raise ValueError(f"timeout must be a number of seconds > 0 (at most {most}), got {timeout!r}"[:200])
-    return float(timeout)
 
 
 class QueueFull(Exception):
@@ -200,7 +189,7 @@ class Batcher:
         encoder: Any,
         *,
         max_queue: int = 2048,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_wait: float = 0.05,
         interactive_tokens: int | None = None,
         background_tokens: int = 1024,
@@ -214,7 +203,7 @@ class Batcher:
             raise ValueError("max_defer must be >= 0")
         self.encoder = encoder
         self.max_queue = int(max_queue)
-        self.timeout = _check_timeout(timeout)
+        self.timeout = check_timeout("timeout", timeout)
         self.max_wait = float(max_wait)
         self.budgets = {
             INTERACTIVE: int(interactive_tokens or encoder.token_budget),
@@ -269,7 +258,7 @@ class Batcher:
                 outputs=(bool(dense), bool(sparse), bool(colbert)),
                 max_length=limit if max_length is None else min(int(max_length), limit),
                 priority=priority,
-                timeout=self.timeout if timeout is None else _check_timeout(timeout),
+                timeout=self.timeout if timeout is None else check_timeout("timeout", timeout),
             )
         )
 
@@ -288,7 +277,7 @@ class Batcher:
                 outputs=(True, True, True),
                 max_length=0,
                 priority=priority,
-                timeout=self.timeout if timeout is None else _check_timeout(timeout),
+                timeout=self.timeout if timeout is None else check_timeout("timeout", timeout),
                 job=job,
             )
         )

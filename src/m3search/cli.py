@@ -44,6 +44,7 @@ from .plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SEARCH_TIMEOUT,
     DEFAULT_SERVER_MAX_K,
     ENCODER_DTYPES,
@@ -59,6 +60,7 @@ from .plan import (
     check_mode_total,
     check_weights,
     parse_mode,
+    timeout_fault,
 )
 from .sources import QUERY_FORMATS, STDIN, STREAM_FORMATS
 
@@ -228,11 +230,9 @@ def _not_empty(ctx: Any, param: Any, value: Any) -> Any:
 
 
 def _api_key(ctx: click.Context, param: click.Parameter, key: str | None) -> str | None:
-    """``--api-key``: a key no client can send (blank, not printable ASCII) is a usage error naming the option
-    (serve: it was exit code 1; the other commands sent ``Bearer  ``). :func:`~m3search.plan.check_api_key`; for
-    ``serve``, ``M3SEARCH_API_KEY`` is ``Settings.from_env``'s to check, naming it."""
-    source = ctx.get_parameter_source(param.name)
-    if key is not None and (source is ParameterSource.COMMANDLINE or ctx.command.name != "serve"):
+    """``--api-key`` or its variable: a key no client can send (blank, not printable ASCII) is a usage error naming
+    both (serve: it was exit code 1; the other commands sent ``Bearer  ``). :func:`~m3search.plan.check_api_key`."""
+    if key is not None:
         try:
             check_api_key(key)
         except ValueError as exc:
@@ -277,6 +277,14 @@ class _FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+def _timeout(ctx: Any, param: Any, seconds: float) -> float:
+    """``serve --timeout`` / ``--request-timeout``: a usage error naming the option unless the server takes it (the
+    batcher's rule, :func:`~m3search.plan.timeout_fault`; one over its bound stopped the server, exit 1)."""
+    if wrong := timeout_fault(seconds):
+        raise click.BadParameter(f"{seconds:g} {wrong}")
+    return seconds
 
 
 _MIB = 1 << 20
@@ -1386,9 +1394,19 @@ def _print_tree(obj: Any, indent: int = 0) -> None:
     "search_timeout",
     default=DEFAULT_SEARCH_TIMEOUT,
     show_default=True,
-    type=_FiniteRange(0, min_open=True),
+    type=_FiniteRange(),
+    callback=_timeout,
     help="Seconds a search may take; past it the work stops at its next stage and the answer is 504 (env var "
     "M3SEARCH_SEARCH_TIMEOUT).",
+)
+@click.option(
+    "--request-timeout",
+    default=DEFAULT_REQUEST_TIMEOUT,
+    show_default=True,
+    type=_FiniteRange(),
+    callback=_timeout,
+    help="Seconds a request may wait for its encoding to start; past it the answer is 503 with Retry-After (env var "
+    "M3SEARCH_REQUEST_TIMEOUT).",
 )
 @click.option(
     "--max-queue",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,6 +53,10 @@ __all__ = [
     "LimitExceededError",
     "DeadlineExceeded",
     "DEFAULT_SEARCH_TIMEOUT",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "MAX_TIMEOUT",
+    "check_timeout",
+    "timeout_fault",
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_QUEUE",
@@ -107,6 +112,11 @@ DEFAULT_CANDIDATES = 200
 
 #: Seconds one HTTP search may take before it stops at its next stage (``serve --timeout``).
 DEFAULT_SEARCH_TIMEOUT = 30.0
+#: Seconds an HTTP request may wait for its encoding to start (``serve --request-timeout``; beyond it: 503).
+DEFAULT_REQUEST_TIMEOUT = 60.0
+#: The longest time limit, in seconds: ``threading.TIMEOUT_MAX`` (~292 years), the longest wait a request can make
+#: (a longer or infinite one failed in the wait with an OverflowError).
+MAX_TIMEOUT = threading.TIMEOUT_MAX
 #: An HTTP server's limits where none is set (``serve --max-batch`` / ``--max-body-mb`` / ``--max-queue``, their
 #: ``M3SEARCH_*`` variables): texts (or queries, documents, ids) per request, bytes of a request body, texts waiting
 #: for the encoder; and the largest ``k`` one HTTP search may ask for (below :data:`MAX_K`). Here, not in the
@@ -197,6 +207,23 @@ def mode_name(modes: Sequence[str]) -> str:
     """The name a mode is stored and shown by: ``"all"`` for all three, else its modes ``+``-joined in the order
     given (:func:`parse_mode`'s canonical one), which :func:`parse_mode` reads back."""
     return "all" if tuple(modes) == MODES else "+".join(modes)
+
+
+def timeout_fault(seconds: Any) -> str | None:
+    """What makes ``seconds`` no time limit, or None: the one rule of the server's time limits and the batcher's
+    (``Settings(request_timeout=1e12)`` passed the server's and was refused by the batcher, naming ``timeout``). A
+    negative, zero or NaN one timed every request out before it could start (a request never starts at its
+    submission), a longer or infinite one failed in the wait, a string in the sum; a bool is no number of seconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds <= MAX_TIMEOUT:
+        return f"is not a number of seconds > 0 and at most {MAX_TIMEOUT:g}"
+    return None
+
+
+def check_timeout(name: str, seconds: Any) -> float:
+    """``seconds`` as a float if it is a time limit (:func:`timeout_fault`), else ValueError naming ``name``."""
+    if wrong := timeout_fault(seconds):
+        raise ValueError(f"{name} {wrong}: {seconds!r}"[:200])
+    return float(seconds)
 
 
 def check_fusion(fusion: Any) -> str:

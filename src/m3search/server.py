@@ -76,6 +76,7 @@ from .plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SEARCH_TIMEOUT,
     DEFAULT_SERVER_MAX_K,
     FUSIONS,
@@ -93,6 +94,7 @@ from .plan import (
     check_text,
     deadline,
     repeated,
+    timeout_fault,
 )
 from .tei import TextOrTexts
 from .tei import make_router as tei_router
@@ -122,14 +124,14 @@ _LIMITS: dict[str, int | None] = {
 }
 
 
-#: The time limits of :class:`Settings`, in seconds: each a finite number above 0.
+#: The time limits of :class:`Settings`, in seconds: each by the batcher's rule (:func:`~m3search.plan.timeout_fault`).
 _TIMEOUTS = ("request_timeout", "search_timeout")
 
 
 def _wrong(name: str, value: Any) -> str | None:
     """What makes ``value`` no value of the limit or time limit ``name``, or None."""
     if name in _TIMEOUTS:
-        return None if value > 0 and math.isfinite(value) else "is not a finite number > 0"
+        return timeout_fault(value)
     if value < 1:
         return "is not a positive integer"
     most = _LIMITS[name]
@@ -148,7 +150,7 @@ def _number(name: str, raw: str) -> int | float:
 
 
 #: The settings ``from_env`` reads, each from ``M3SEARCH_<NAME>``, with how the variable's text becomes its value (a
-#: ValueError: the variable is refused, named). ``request_timeout`` and ``max_candidates`` are set in code only.
+#: ValueError: the variable is refused, named). ``max_candidates`` is set in code only.
 _VARIABLES: dict[str, Callable[[str], Any]] = {
     "collection": str,
     "model": str,
@@ -156,7 +158,8 @@ _VARIABLES: dict[str, Callable[[str], Any]] = {
     "dtype": check_dtype,
     "api_key": check_api_key,
     **{
-        name: partial(_number, name) for name in ("max_batch", "max_body_bytes", "max_k", "max_queue", "search_timeout")
+        name: partial(_number, name)
+        for name in ("max_batch", "max_body_bytes", "max_k", "max_queue", "request_timeout", "search_timeout")
     },
 }
 
@@ -186,7 +189,7 @@ class Settings:
     #: Most texts waiting for the encoder (beyond it: 429 with Retry-After).
     max_queue: int = DEFAULT_MAX_QUEUE
     #: Seconds a request may wait for its encoding to start (beyond it: 503).
-    request_timeout: float = 60.0
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: Seconds one search may take, from arrival to answer (beyond it: 504, the work stops at its next stage).
     search_timeout: float = DEFAULT_SEARCH_TIMEOUT
 

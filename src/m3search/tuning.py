@@ -42,6 +42,8 @@ from m3search.plan import (
     check_fusion,
     check_int,
     check_limit,
+    check_mode_total,
+    check_weights,
     mode_name,
     parse_mode,
 )
@@ -83,8 +85,19 @@ class Setting:
     candidates: int
 
     def __post_init__(self) -> None:  # "RRF" was scored as dbsf (the fusion no other branch names), "Dense" re-ranked
-        object.__setattr__(self, "mode", mode_name(parse_mode(self.mode)))
+        modes = parse_mode(self.mode)
+        object.__setattr__(self, "mode", mode_name(modes))
         object.__setattr__(self, "fusion", check_fusion(self.fusion))
+        # a setting's weights say which scores it fuses (evaluate_settings fuses all three by them): a weight on a
+        # mode the setting leaves out was scored, but a search with the setting drops it
+        weights = check_weights(self.weights)
+        if extra := [m for m, w in zip(MODES, weights) if w > 0 and m not in modes]:
+            raise ValueError(
+                f"weights {weights} give weight to {', '.join(extra)}, which mode {self.mode!r} leaves out "
+                "(a setting's weights say which scores it fuses: give it 0)"
+            )
+        check_mode_total(weights, self.mode)
+        object.__setattr__(self, "weights", weights)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "fusion": self.fusion, "weights": list(self.weights), "candidates": self.candidates}
