@@ -699,6 +699,42 @@ def test_dtype_names_are_the_encoders_everywhere(serve_settings, monkeypatch):
         Settings.from_env()
 
 
+def test_device_names_are_checked_where_they_are_set(serve_settings, monkeypatch, tmp_path):
+    """``--device gpu`` / ``M3SEARCH_DEVICE=gpu`` was found only when the model loaded (``serve``: exit 1 after
+    start-up; ``search``: "no collection" first, the device never named; ``uvicorn --factory``: at load). One rule
+    (``plan.check_device``, no torch import) refuses it where it is set, naming the option or the variable, and
+    takes exactly the names the encoder takes (whether this machine has that CUDA device stays the encoder's)."""
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from m3search.cli import main
+    from m3search.encoder import DeviceError, resolve_device_dtype
+    from m3search.plan import check_device
+    from m3search.server import EnvironmentSettingError, Settings
+
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "cpu:0", "gpu", "cuda:x", "meta", "mps", "CUDA", ""):
+        try:
+            resolve_device_dtype(name, "float32")
+            encoder_takes = True
+        except DeviceError as exc:
+            encoder_takes = "not supported" not in str(exc)  # a CUDA device this machine lacks is a name it takes
+        try:
+            check_device(name)
+            takes = True
+        except ValueError:
+            takes = False
+        assert takes == encoder_takes, name
+    said = "Invalid value for '--device' (env var: 'M3SEARCH_DEVICE'): device 'gpu' is not supported"
+    result = CliRunner().invoke(main, ["search", "x", "-c", str(tmp_path / "none")], env={"M3SEARCH_DEVICE": "gpu"})
+    assert result.exit_code == 2 and said in result.output, result.output
+    result = _serve("--device", "cuda:x")
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output, result.output
+    assert serve_settings == []
+    monkeypatch.setenv("M3SEARCH_DEVICE", "gpu")
+    with pytest.raises(EnvironmentSettingError, match="M3SEARCH_DEVICE: device 'gpu' is not supported"):
+        Settings.from_env()
+
+
 def test_serve_api_key_no_client_can_send_is_a_usage_error(serve_settings):
     """``serve --api-key ""`` exited 1 (the server's check of its settings, after click's), where a bad option value
     is a usage error naming the option (exit 2); a blank key or one no HTTP header carries alike. The same value of

@@ -54,6 +54,7 @@ from .plan import (
     MAX_K,
     PRESETS,
     check_api_key,
+    check_device,
     check_dtype,
     check_group,
     check_limit,
@@ -729,6 +730,7 @@ device_option = click.option(
     show_envvar=True,
     default="auto",
     show_default=True,
+    callback=_checked(check_device),  # not first when the model loads
     help="Encoder device (auto, cpu, cuda, cuda:1, ...).",
 )
 

@@ -37,7 +37,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from .fusion import weighted
-from .plan import DEFAULT_WEIGHTS, MODES, check_dtype, check_int, check_mode_total, check_texts, check_weights
+from .plan import (
+    DEFAULT_WEIGHTS,
+    MODES,
+    check_device,
+    check_dtype,
+    check_int,
+    check_mode_total,
+    check_texts,
+    check_weights,
+)
 from .scoring import pair_colbert_scores, pair_dense_scores, pair_lexical_scores
 from .windows import check_windows, plan_windows
 
@@ -244,14 +253,13 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
     """Pick ``(torch.device, torch.dtype)``: CUDA -> fp16; CPU with bf16 units -> bf16; else fp32."""
     import torch
 
+    try:
+        device = check_device(device if isinstance(device, str) else str(device))  # a torch.device by its name
+    except ValueError as exc:
+        raise DeviceError(str(exc)) from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):  # torch names more (meta, mps, xla): the encoder runs on these two
-        raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: this torch has no CUDA device (use 'cpu' or 'auto')")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():  # else torch's "invalid device ordinal"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import threading
 import time
 from collections import Counter
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_QUEUE",
     "ENCODER_DTYPES",
+    "check_device",
     "check_dtype",
     "deadline",
     "check_deadline",
@@ -143,6 +145,19 @@ def check_dtype(dtype: Any) -> str:
     if dtype == "auto" or (isinstance(dtype, str) and dtype in ENCODER_DTYPES):
         return ENCODER_DTYPES.get(dtype, dtype)
     raise ValueError(f"dtype must be one of auto, {', '.join(ENCODER_DTYPES)}; not {dtype!r}")
+
+
+#: The devices the encoder runs on, by name (torch names more: meta, mps, xla).
+_DEVICE = re.compile(r"auto|(cpu|cuda)(:\d+)?")
+
+
+def check_device(device: Any) -> str:
+    """``device`` if the encoder can run on a device of that name, else ValueError naming the choices. Why here:
+    ``--device`` / ``M3SEARCH_DEVICE`` are checked where they are set (a bad one was found only when the model
+    loaded) without importing torch; whether this machine has that CUDA device is the encoder's to check."""
+    if isinstance(device, str) and _DEVICE.fullmatch(device):
+        return device
+    raise ValueError(f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 _DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("m3search_deadline", default=None)

@@ -87,6 +87,7 @@ from .plan import (
     DeadlineExceeded,
     LimitExceededError,
     check_api_key,
+    check_device,
     check_dtype,
     check_fusion,
     check_limit,
@@ -154,7 +155,7 @@ def _number(name: str, raw: str) -> int | float:
 _VARIABLES: dict[str, Callable[[str], Any]] = {
     "collection": str,
     "model": str,
-    "device": str,
+    "device": check_device,
     "dtype": check_dtype,
     "api_key": check_api_key,
     **{
