@@ -704,7 +704,7 @@ def test_device_names_are_checked_where_they_are_set(serve_settings, monkeypatch
     start-up; ``search``: "no collection" first, the device never named; ``uvicorn --factory``: at load). One rule
     (``plan.check_device``, no torch import) refuses it where it is set, naming the option or the variable, and
     takes exactly the names the encoder takes (whether this machine has that CUDA device stays the encoder's)."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from click.testing import CliRunner
 
     from m3search.cli import main
@@ -712,18 +712,21 @@ def test_device_names_are_checked_where_they_are_set(serve_settings, monkeypatch
     from m3search.plan import check_device
     from m3search.server import EnvironmentSettingError, Settings
 
-    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "cpu:0", "gpu", "cuda:x", "meta", "mps", "CUDA", ""):
-        try:
-            resolve_device_dtype(name, "float32")
-            encoder_takes = True
-        except DeviceError as exc:
-            encoder_takes = "not supported" not in str(exc)  # a CUDA device this machine lacks is a name it takes
+    names = ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "cpu:0", "cuda:00", "cuda:-1", "gpu", "cuda:x", "meta", "mps")
+    for name in (*names, "CUDA", "", " cpu"):
+        try:  # the encoder runs on torch's CPU and CUDA devices
+            torch_takes = name == "auto" or torch.device(name).type in ("cpu", "cuda")
+        except (RuntimeError, TypeError):
+            torch_takes = False
         try:
             check_device(name)
             takes = True
         except ValueError:
             takes = False
-        assert takes == encoder_takes, name
+        assert takes == torch_takes, name
+        if not takes:
+            with pytest.raises(DeviceError, match=f"device {name!r} is not supported"):
+                resolve_device_dtype(name, "float32")
     said = "Invalid value for '--device' (env var: 'M3SEARCH_DEVICE'): device 'gpu' is not supported"
     result = CliRunner().invoke(main, ["search", "x", "-c", str(tmp_path / "none")], env={"M3SEARCH_DEVICE": "gpu"})
     assert result.exit_code == 2 and said in result.output, result.output
@@ -733,6 +736,8 @@ def test_device_names_are_checked_where_they_are_set(serve_settings, monkeypatch
     monkeypatch.setenv("M3SEARCH_DEVICE", "gpu")
     with pytest.raises(EnvironmentSettingError, match="M3SEARCH_DEVICE: device 'gpu' is not supported"):
         Settings.from_env()
+    with pytest.raises(ValueError, match="device 'cuda:00' is not supported"):
+        Settings(device="cuda:00").check()  # create_app's check, for settings made in code
 
 
 def test_serve_api_key_no_client_can_send_is_a_usage_error(serve_settings):

@@ -805,6 +805,49 @@ def test_precomputed_embeddings_that_are_no_encoding_are_refused(col, tiny_encod
     assert col.count() == before and col.get(ids) == [None, None]
 
 
+def test_given_embeddings_at_the_tolerance_and_in_other_sparse_formats(col, tiny_encoder):
+    """The unit-norm bound is UNIT_NORM_TOLERANCE (a norm of 1.01 is taken, 1.03 is not; a zero vector is named as
+    one). A sparse matrix in another SciPy format was taken and then misread: CSC rows sliced per batch came out
+    empty (wrong sparse weights written), a NaN in it named "query 2063" of 2 queries or failed with an IndexError,
+    COO failed with an AttributeError. Given sparse matrices are read as CSR, rows named right."""
+    import numpy as np
+
+    from m3search.collection import UNIT_NORM_TOLERANCE
+
+    assert 0.01 < UNIT_NORM_TOLERANCE < 0.03
+    texts, ids = ["a new text", "another text here"], ["n1", "n2"]
+    near = tiny_encoder.encode(texts)
+    near.dense[1] *= 1.01
+    far = tiny_encoder.encode(texts)
+    far.dense[1] *= 1.03
+    zero = tiny_encoder.encode(texts)
+    zero.colbert[-1] = 0
+    with pytest.raises(ValueError, match="embeddings.dense of document 'n2' are not L2-normalized"):
+        col.add(texts, ids=ids, embeddings=far)
+    with pytest.raises(ValueError, match=r"of document 'n2' are not L2-normalized \(a vector of norm 0: a zero vector"):
+        col.add(texts, ids=ids, embeddings=zero)
+    csc = tiny_encoder.encode(texts)
+    csc.sparse = csc.sparse.tocsc()
+    assert col.add(texts, ids=ids, embeddings=csc, batch_size=1) == ids
+    want = tiny_encoder.encode(texts).sparse
+    for i, rec in enumerate(col._engine.get(ids, with_vectors=["sparse"])):
+        got = dict(zip(*(part.tolist() for part in rec.sparse)))
+        assert got == pytest.approx(dict(zip(want[i].indices.tolist(), want[i].data.tolist())), rel=1e-6)
+    assert col.add(texts, ids=["m1", "m2"], embeddings=near) == ["m1", "m2"]
+    q = ["alpha beta", "gamma"]
+    for fmt in ("tocsc", "tocoo"):
+        emb = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
+        emb.sparse = getattr(emb.sparse, fmt)()
+        assert [h.id for h in col.search_batch(q, query_embeddings=emb)[1]] == [h.id for h in col.search(q[1])]
+        emb.sparse = emb.sparse.tocsr()
+        emb.sparse.data[-1] = np.nan  # query 1's last weight
+        emb.sparse = getattr(emb.sparse, fmt)()
+        with pytest.raises(
+            ValueError, match=r"query_embeddings.sparse holds NaN or infinite values \(query 1 \(from 0"
+        ):
+            col.search_batch(q, query_embeddings=emb)
+
+
 @pytest.mark.parametrize("part", ["dense", "colbert"])
 def test_query_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
     """Raw query vectors scaled every score of their query: refused naming the query and the field, as given
@@ -812,7 +855,7 @@ def test_query_embeddings_must_be_l2_normalized(col, tiny_encoder, part):
     q = ["alpha beta", "gamma"]
     emb = tiny_encoder.encode(q, max_length=col.settings["query_max_length"])
     getattr(emb, part)[-1] *= 0.5  # the last row's: query 1
-    with pytest.raises(ValueError, match=f"query_embeddings.{part} of query 1 are not L2-normalized"):
+    with pytest.raises(ValueError, match=f"query_embeddings.{part} of query 1 \\(from 0\\) are not L2-normalized"):
         col.search_batch(q, query_embeddings=emb)
 
 

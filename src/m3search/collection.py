@@ -734,7 +734,9 @@ class Collection:
         ``embeddings``: precomputed :class:`~m3search.M3Embeddings` of ``texts`` (skips encoding). Each text is
         stored as one window spanning all of it (a hit's ``window`` / ``passage``), also where the caller's encode
         cut it: the embeddings count the tokens read (``n_tokens``), not the characters they cover, and finding
-        those takes the tokenizer, so the model, which this path never loads.
+        those takes the tokenizer, so the model, which this path never loads. They must be one encoding of
+        ``texts`` by this collection's model, dense and ColBERT vectors L2-normalized (within
+        ``UNIT_NORM_TOLERANCE``, as the model's are), all values finite: else a ValueError, nothing written.
         ``optimize=False`` leaves building indexes and flushing segments to a later :meth:`optimize`:
         for many small ingest calls, where doing both after each one costs more than the writes (the
         server defers them until ingest pauses). Search stays exact meanwhile (unindexed points are
@@ -774,7 +776,7 @@ class Collection:
         if embeddings is not None:
             if hasattr(embeddings, "doc"):
                 raise TypeError("embeddings must be M3Embeddings with one row per text (windows are encoded here)")
-            _check_given(embeddings, n, self.schema, "embeddings", lambda row: f"document {ids[row]!r}")
+            embeddings = _check_given(embeddings, n, self.schema, "embeddings", lambda row: f"document {ids[row]!r}")
         bs = self.settings["batch_size"] if batch_size is None else batch_size
         bs = check_int("batch_size", bs)
         with self._lock:
@@ -1214,7 +1216,8 @@ class Collection:
     ) -> list[list[Hit]]:
         """:meth:`search` for several queries (one encoder pass, batched first-stage queries).
 
-        ``query_embeddings``: precomputed M3Embeddings of ``queries`` (skips encoding).
+        ``query_embeddings``: precomputed M3Embeddings of ``queries`` (skips encoding), checked as
+        :meth:`add`'s ``embeddings`` are (a ValueError naming the query, counted from 0).
         """
         queries = check_queries(queries)
         check_group(group, explain)
@@ -1285,8 +1288,7 @@ class Collection:
 
     def _check_query_embeddings(self, emb: Any, n: int) -> Any:
         """Precomputed query embeddings, if they can stand for this collection's encoding of ``n`` queries."""
-        _check_given(emb, n, self.schema, "query_embeddings", lambda row: f"query {row}")
-        return emb
+        return _check_given(emb, n, self.schema, "query_embeddings", lambda row: f"query {row} (from 0)")
 
     # ------------------------------------------------------------ search defaults
     def search_defaults(self) -> dict[str, Any]:
@@ -1601,13 +1603,14 @@ UNIT_NORM_TOLERANCE = 2e-2
 _GIVEN_FOR = {"embeddings": ("document", "documents"), "query_embeddings": ("query", "queries")}
 
 
-def _check_given(emb: Any, n: int, schema: Schema, what: str, text: Callable[[int], str]) -> None:
-    """Refuse (ValueError naming the argument, the field and the text) given embeddings that cannot stand for this
-    collection's encoding of ``n`` texts: another model's, a partial encode's or a malformed one failed deep in the
-    engine (NumPy's or Qdrant's words), matched nothing, or read other rows; non-finite values drop a document from
-    every list; raw (unnormalized) vectors rank silently wrong, since every score assumes BGE-M3's unit vectors.
-    ``what``: the argument (a key of ``_GIVEN_FOR``); ``text(row)``: row ``row``'s text for the message. One pass
-    over the values, before anything is written."""
+def _check_given(emb: Any, n: int, schema: Schema, what: str, text: Callable[[int], str]) -> Any:
+    """``emb`` as the engines read it (arrays, CSR sparse), if it can stand for this collection's encoding of ``n``
+    texts; else a ValueError naming the argument, the field and the text. Why: another model's, a partial encode's
+    or a malformed one failed deep in the engine (NumPy's or Qdrant's words), matched nothing, or read other rows
+    (a CSC matrix sliced by rows); non-finite values drop a document from every list; raw (unnormalized) vectors
+    rank silently wrong, since every score assumes BGE-M3's unit vectors. ``what``: the argument (a key of
+    ``_GIVEN_FOR``); ``text(row)``: row ``row``'s text for the message. One pass over the values (the norms find
+    NaN and infinity too), before anything is written."""
     one, many = _GIVEN_FOR[what]
 
     def refuse(message: str) -> ValueError:
@@ -1624,35 +1627,42 @@ def _check_given(emb: Any, n: int, schema: Schema, what: str, text: Callable[[in
             f"{what} are not an M3Embeddings encoding: dense and colbert must be 2-D arrays (shapes {dense.shape}, "
             f"{colbert.shape}), sparse a SciPy sparse matrix (got {type(emb.sparse).__name__})"
         )
-    got = (dense.shape[1], colbert.shape[1], emb.sparse.shape[1])
+    sparse = sp.csr_matrix(emb.sparse)
+    got = (dense.shape[1], colbert.shape[1], sparse.shape[1])
     if got[0] != schema.dense_dim or got[1] != schema.colbert_dim or got[2] > schema.vocab_size:
         raise refuse(
             f"{what} do not come from this collection's model (dense {got[0]}, colbert {got[1]}, vocabulary "
             f"{got[2]}; the collection: {schema.dense_dim}, {schema.colbert_dim}, {schema.vocab_size})"
         )
-    if dense.shape[0] != n or emb.sparse.shape[0] != n or offsets.shape != (n + 1,):
+    if dense.shape[0] != n or sparse.shape[0] != n or offsets.shape != (n + 1,):
         raise refuse(
             f"{what} are not one encoding of {n} {many} (dense rows {dense.shape[0]}, sparse rows "
-            f"{emb.sparse.shape[0]}, colbert offsets {offsets.shape[0] if offsets.ndim == 1 else offsets.shape})"
+            f"{sparse.shape[0]}, colbert offsets {offsets.shape[0] if offsets.ndim == 1 else offsets.shape})"
         )
     if offsets[0] != 0 or offsets[-1] != len(colbert) or (np.diff(offsets) < 1).any():
         # a real encoding gives each text one token vector at least (</s>); none made Qdrant Edge fail deep inside
         raise refuse(
             f"{what}.colbert_offsets must run from 0 to the number of ColBERT vectors, at least one vector per {one}"
         )
-    if bad := _non_finite(emb):
-        raise refuse(f"{what}.{bad[0]} holds NaN or infinite values ({text(bad[1])})")
+    if not np.isfinite(sparse.data).all():
+        row = _row_of(int(np.argmin(np.isfinite(sparse.data))), sparse.indptr)
+        raise refuse(f"{what}.sparse holds NaN or infinite values ({text(row)})")
     for name, values, starts in (("dense", dense, None), ("colbert", colbert, offsets)):
-        x = values.astype(np.float32, copy=False)
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-        off = np.abs(norms - 1) > UNIT_NORM_TOLERANCE
+        norms = np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float32, casting="same_kind"))
+        off = ~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE)  # NaN and infinity too
         if off.any():
             first = int(np.argmax(off))
+            row = text(_row_of(first, starts))
+            if not np.isfinite(values[first]).all():
+                raise refuse(f"{what}.{name} holds NaN or infinite values ({row})")
             raise refuse(
-                f"{what}.{name} of {text(_row_of(first, starts))} are not L2-normalized (a vector of norm "
-                f"{norms[first]:.4g}): BGE-M3's dense and ColBERT vectors have norm 1 and every score assumes it; "
-                "divide each vector by its L2 norm"
+                f"{what}.{name} of {row} are not L2-normalized (a vector of norm {norms[first]:.4g}"
+                f"{': a zero vector' if norms[first] == 0 else ''}): BGE-M3's dense and ColBERT vectors have norm 1 "
+                "and every score assumes it; give each vector divided by its L2 norm"
             )
+    out = copy.copy(emb)
+    out.dense, out.sparse, out.colbert, out.colbert_offsets = dense, sparse, colbert, offsets
+    return out
 
 
 def _row_of(i: int, starts: Any) -> int:

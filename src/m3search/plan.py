@@ -148,7 +148,7 @@ def check_dtype(dtype: Any) -> str:
 
 
 #: The devices the encoder runs on, by name (torch names more: meta, mps, xla).
-_DEVICE = re.compile(r"auto|(cpu|cuda)(:\d+)?")
+_DEVICE = re.compile(r"auto|(cpu|cuda)(:(0|[1-9]\d*))?")  # torch refuses "cuda:00"
 
 
 def check_device(device: Any) -> str:

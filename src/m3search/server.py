@@ -218,6 +218,7 @@ class Settings:
             if wrong := _wrong(name, getattr(self, name)):
                 raise ValueError(f"{name} {wrong}: {getattr(self, name)}")
         check_dtype(self.dtype)
+        check_device(self.device)
         if self.api_key is not None:
             check_api_key(self.api_key)
 
