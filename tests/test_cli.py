@@ -609,55 +609,42 @@ def _serve(*args: str, env: dict | None = None) -> Any:
     return CliRunner().invoke(main, ["serve", "-m", "m", *args], env=env)
 
 
-def test_serve_search_timeout_is_a_variable_too(serve_settings, monkeypatch):
-    """``serve --timeout`` (``Settings.search_timeout``) had no variable, so ``uvicorn --factory`` could not set it.
-    ``M3SEARCH_SEARCH_TIMEOUT`` is read as the other limits are: under the flag (a bad one unread there), over the
-    default; a value that is not a finite number above 0 (the flag's rule) is a usage error naming the variable. The
-    time limits given in code follow that rule too (an infinite one passed ``check``)."""
+@pytest.mark.parametrize(
+    "option, variable, name",
+    [
+        ("--timeout", "M3SEARCH_SEARCH_TIMEOUT", "search_timeout"),
+        ("--request-timeout", "M3SEARCH_REQUEST_TIMEOUT", "request_timeout"),
+    ],
+)
+def test_serve_time_limits_are_options_and_variables(serve_settings, monkeypatch, option, variable, name):
+    """``serve --timeout`` (``Settings.search_timeout``) had no variable, so ``uvicorn --factory`` could not set it;
+    ``Settings.request_timeout`` (seconds a request may wait for its encoding to start) could be set in code only.
+    Each time limit is read as the other limits are: the flag over the variable (a bad one unread there), the
+    variable over the default; a value the server cannot take is a usage error naming the option or the variable.
+    The time limits given in code follow that rule too (an infinite one passed ``check``)."""
     import math
 
     from m3search.server import EnvironmentSettingError, Settings
 
-    assert _serve(env={"M3SEARCH_SEARCH_TIMEOUT": "2.5"}).exit_code == 0
-    assert serve_settings[-1].search_timeout == 2.5
-    assert _serve("--timeout", "4", env={"M3SEARCH_SEARCH_TIMEOUT": "x"}).exit_code == 0
-    assert serve_settings[-1].search_timeout == 4
-    monkeypatch.setenv("M3SEARCH_SEARCH_TIMEOUT", "7")
-    assert Settings.from_env().search_timeout == 7  # what `uvicorn --factory` serves
-    for bad in ("0", "-1", "nan", "inf", "1e999", "x"):
-        monkeypatch.setenv("M3SEARCH_SEARCH_TIMEOUT", bad)
-        said = f"M3SEARCH_SEARCH_TIMEOUT: {bad!r} is not a number of seconds > 0"
+    assert _serve().exit_code == 0 and getattr(serve_settings[-1], name) == getattr(Settings(), name)
+    assert _serve(env={variable: "2.5"}).exit_code == 0
+    assert getattr(serve_settings[-1], name) == 2.5
+    assert _serve(option, "4", env={variable: "x"}).exit_code == 0
+    assert getattr(serve_settings[-1], name) == 4
+    monkeypatch.setenv(variable, "7")
+    assert getattr(Settings.from_env(), name) == 7  # what `uvicorn --factory` serves
+    for bad in ("0", "-1", "nan", "inf", "1e999", "1e12", "x"):
+        monkeypatch.setenv(variable, bad)
+        said = f"{variable}: {bad!r} is not a number of seconds > 0"
         with pytest.raises(EnvironmentSettingError, match=re.escape(said)):
             Settings.from_env()
         result = _serve()
         assert result.exit_code == 2 and said in result.output, result.output
-    for name in ("request_timeout", "search_timeout"):
-        with pytest.raises(ValueError, match=f"{name} is not a number of seconds > 0"):
-            Settings(**{name: math.inf}).check()
-    assert len(serve_settings) == 2
-
-
-def test_serve_request_timeout_is_an_option_and_a_variable(serve_settings, monkeypatch):
-    """``Settings.request_timeout`` (seconds a request may wait for its encoding to start) could be set in code only.
-    ``serve --request-timeout`` and ``M3SEARCH_REQUEST_TIMEOUT`` set it as ``--timeout`` and its variable set
-    ``search_timeout``: the flag over the variable (a bad one unread there), the variable over the default; a value
-    the server cannot take is a usage error naming the option or the variable."""
-    from m3search.server import Settings
-
-    assert _serve().exit_code == 0 and serve_settings[-1].request_timeout == Settings().request_timeout
-    assert _serve(env={"M3SEARCH_REQUEST_TIMEOUT": "2.5"}).exit_code == 0
-    assert serve_settings[-1].request_timeout == 2.5
-    assert _serve("--request-timeout", "4", env={"M3SEARCH_REQUEST_TIMEOUT": "x"}).exit_code == 0
-    assert serve_settings[-1].request_timeout == 4
-    monkeypatch.setenv("M3SEARCH_REQUEST_TIMEOUT", "7")
-    assert Settings.from_env().request_timeout == 7  # what `uvicorn --factory` serves
-    monkeypatch.delenv("M3SEARCH_REQUEST_TIMEOUT")
-    for bad in ("0", "-1", "nan", "inf", "1e12", "x"):
-        result = _serve(env={"M3SEARCH_REQUEST_TIMEOUT": bad})
-        said = f"M3SEARCH_REQUEST_TIMEOUT: {bad!r} is not a number of seconds > 0"
-        assert result.exit_code == 2 and said in result.output, result.output
-        result = _serve("--request-timeout", bad)
-        assert result.exit_code == 2 and "Invalid value for '--request-timeout'" in result.output, result.output
+        monkeypatch.delenv(variable)
+        result = _serve(option, bad)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    with pytest.raises(ValueError, match=f"{name} is not a number of seconds > 0"):
+        Settings(**{name: math.inf}).check()
     assert len(serve_settings) == 3
 
 
