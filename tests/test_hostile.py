@@ -242,6 +242,17 @@ def test_an_api_key_no_client_can_send_is_refused_at_start():
     Settings(api_key="s3cret-Key_1").check()
 
 
+def test_an_api_key_that_is_no_string_is_a_type_error():
+    """``api_key=123`` failed in ``check_api_key`` with "'int' object has no attribute 'strip'" (the server's
+    settings, and the client since it checks its key too): a TypeError naming what a key must be."""
+    from m3search.client import M3SearchClient
+
+    with pytest.raises(TypeError, match="the API key must be a string, not int"):
+        Settings(api_key=123).check()
+    with pytest.raises(TypeError, match="the API key must be a string, not bytes"):
+        M3SearchClient("http://127.0.0.1:9", api_key=b"key")
+
+
 def test_library_is_as_strict(col):
     with pytest.raises(ValueError, match="k must be a positive integer"):
         col.search("q", k=True)

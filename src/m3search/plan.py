@@ -249,10 +249,12 @@ def check_fusion(fusion: Any) -> str:
     return fusion.lower()
 
 
-def check_api_key(key: str) -> str:
+def check_api_key(key: Any) -> str:
     """``key`` as a key a server can require and a client send: ValueError unless it is printable ASCII and not
     blank (HTTP header values are bytes clients send as ASCII: a blank key was sent as ``Bearer  ``, another one
-    could never be matched)."""
+    could never be matched); TypeError for another type (``.strip`` of an int was an AttributeError)."""
+    if not isinstance(key, str):
+        raise TypeError(f"the API key must be a string, not {type(key).__name__}")
     if not key.strip():
         raise ValueError("the API key must not be empty")
     if not (key.isascii() and key.isprintable()):
