@@ -1593,9 +1593,9 @@ def _non_finite(emb: Any) -> tuple[str, int] | None:
 
 
 #: Largest ``|L2 norm - 1|`` accepted in given dense and ColBERT vectors (``embeddings=``, ``query_embeddings=``).
-#: The encoder's own output is within 2e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
+#: The encoder's own output is within 2.3e-7 (fp32 and bf16 models: it normalizes in fp32), a bfloat16 round trip
 #: of it within 2e-3, random 1024-wide vectors normalized in bfloat16 (FlagEmbedding's half precision) within
-#: 4.4e-3 (measured with m3search.testing's tiny model and the proxy); raw [CLS] or token vectors are far off.
+#: 4.4e-3 (``benchmarks/unit_norm.py``, RESULTS.md); raw [CLS] or token vectors are far off.
 UNIT_NORM_TOLERANCE = 2e-2
 
 
